@@ -1,1 +1,128 @@
-//! placeholder
+//! The `weft` CNI plugin (CNI spec 1.1; also accepts 0.3.x, 0.4.0 and 1.0.0 configurations).
+//!
+//! `stdout` is the protocol: only [`reply`] writes to it. Logs go to stderr and, when the
+//! network configuration names one, to `logFile`.
+
+#![deny(clippy::print_stdout)]
+
+pub mod attach;
+pub mod conf;
+pub mod error;
+pub mod gc;
+pub mod reply;
+
+use conf::{Command, Invocation};
+use error::CniError;
+use std::io::Read;
+use std::sync::Mutex;
+use tracing::error;
+
+/// Reads the invocation from the process environment and stdin.
+pub fn read_invocation() -> Result<Invocation, CniError> {
+    let get = |k: &str| std::env::var(k).ok();
+    let command = conf::command_from_env(&get)?;
+    let env = conf::env_from(&get)?;
+    if command == Command::Version {
+        return Ok(Invocation {
+            command,
+            env,
+            conf: None,
+        });
+    }
+    let mut stdin = Vec::new();
+    std::io::stdin().read_to_end(&mut stdin).map_err(|e| {
+        CniError::new(
+            error::IO_FAILURE,
+            "cannot read the network configuration",
+            format!("stdin: {e}"),
+        )
+    })?;
+    let conf = conf::parse_conf(&stdin, &env)?;
+    Ok(Invocation {
+        command,
+        env,
+        conf: Some(conf),
+    })
+}
+
+fn init_logging(conf: &conf::Conf) {
+    let file = conf.log_file.as_ref().and_then(|p| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .ok()
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_max_level(conf.log_level)
+        .with_ansi(false)
+        .with_target(false);
+    let _ = match file {
+        Some(f) => builder.with_writer(Mutex::new(f)).try_init(),
+        None => builder.with_writer(std::io::stderr).try_init(),
+    };
+}
+
+/// Runs one CNI invocation: prints the result or the error object, returns the exit status.
+pub fn run() -> i32 {
+    let invocation = match read_invocation() {
+        Ok(i) => i,
+        Err(e) => {
+            reply::print_raw(&reply::error_json(conf::CURRENT_VERSION, &e));
+            return 1;
+        }
+    };
+    if invocation.command == Command::Version {
+        reply::print_json(&reply::VersionReply {
+            cni_version: conf::CURRENT_VERSION.to_string(),
+            supported_versions: conf::SUPPORTED_VERSIONS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        });
+        return 0;
+    }
+    let Some(conf) = invocation.conf else {
+        return 1;
+    };
+    init_logging(&conf);
+    let env = &invocation.env;
+    let span = tracing::info_span!(
+        "cni",
+        command = ?invocation.command,
+        container_id = env.container_id.as_deref().unwrap_or(""),
+        ifname = env.ifname.as_deref().unwrap_or(""),
+        netns = env.netns.as_deref().unwrap_or(""),
+    );
+    let _guard = span.enter();
+    let outcome = match invocation.command {
+        Command::Add => attach::add(&conf, env).map(|r| {
+            reply::print_json(&r.for_version(&conf.cni_version));
+        }),
+        Command::Del => attach::del(&conf, env),
+        Command::Check => attach::check(&conf, env),
+        Command::Gc => gc::gc(&conf),
+        Command::Status => gc::status(&conf),
+        Command::Version => Ok(()),
+    };
+    match outcome {
+        Ok(()) => 0,
+        Err(e) => {
+            error!(code = e.code, msg = %e.msg, details = %e.details, "failed");
+            reply::print_raw(&reply::error_json(&conf.cni_version, &e));
+            1
+        }
+    }
+}
+
+/// Installs a panic hook that prints a spec-shaped error (weft code 100) instead of a bare panic.
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let e = CniError::new(
+            error::INTERNAL,
+            "the weft plugin crashed (a bug: please report it)",
+            info.to_string(),
+        );
+        reply::print_raw(&reply::error_json(conf::CURRENT_VERSION, &e));
+    }));
+}

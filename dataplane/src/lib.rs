@@ -13,3 +13,4 @@ pub mod plan;
 pub mod proto;
 pub mod state;
 pub mod sysctl;
+pub mod tap;

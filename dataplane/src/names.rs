@@ -1,1 +1,183 @@
-//! names
+//! Names, paths and constants that the agent, the CNI binary and the lab must agree on.
+//!
+//! Host-side link names are derived from a hash of what identifies them (container id and
+//! interface name, or the network name), so DEL and cleanup need no state to find them.
+
+use sha2::{Digest, Sha256};
+use std::net::IpAddr;
+
+/// Every link weft creates carries an alias (IFLA_IFALIAS) starting with this prefix.
+pub const ALIAS_PREFIX: &str = "weft:";
+/// The nftables table (family `inet`) that weft owns on every node.
+pub const NFT_TABLE: &str = "weft";
+/// Prefix of host-side veth names.
+pub const HOST_VETH_PREFIX: &str = "wf";
+/// Prefix of the bridges weft creates for its networks.
+pub const BRIDGE_PREFIX: &str = "wn-";
+/// The CNI `type` of weft's plugin, and the name of its binary.
+pub const CNI_TYPE: &str = "weft";
+/// File name of the conflist the agent writes into the CNI conf dir.
+pub const CONFLIST_NAME: &str = "10-weft.conflist";
+/// Default directory of weft's node state (IPAM store, runtime network state).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/weft";
+/// Default path of the agent's CNI socket.
+pub const DEFAULT_AGENT_SOCKET: &str = "/run/weft/agent.sock";
+/// Default CNI binary directory.
+pub const DEFAULT_CNI_BIN_DIR: &str = "/opt/cni/bin";
+/// Default CNI configuration directory.
+pub const DEFAULT_CNI_CONF_DIR: &str = "/etc/cni/net.d";
+/// Linux' IFNAMSIZ minus the trailing NUL.
+pub const IFNAME_MAX: usize = 15;
+
+fn hex_digest(parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            h.update([0u8]);
+        }
+        h.update(p.as_bytes());
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The host-side veth name of one attachment: `wf` + 11 hex digits of
+/// sha256(container id, ifname). 13 bytes, stable across weft versions.
+pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
+    let d = hex_digest(&[container_id, ifname]);
+    format!("{HOST_VETH_PREFIX}{}", &d[..11])
+}
+
+/// The alias weft puts on a host-side veth: names the network and the attachment.
+pub fn host_veth_alias(network: &str, container_id: &str, ifname: &str) -> String {
+    // IFLA_IFALIAS holds up to 128 bytes: keep the container id short enough.
+    let cid: String = container_id.chars().take(64).collect();
+    format!("{ALIAS_PREFIX}ep:{network}:{cid}:{ifname}")
+        .chars()
+        .take(127)
+        .collect()
+}
+
+/// The alias weft puts on a network's bridge.
+pub fn bridge_alias(network: &str) -> String {
+    format!("{ALIAS_PREFIX}net:{network}")
+        .chars()
+        .take(127)
+        .collect()
+}
+
+/// The bridge name of a network: `wn-<name>` when that fits in IFNAMSIZ and is a valid
+/// interface name, else `wn-` + 12 hex digits of the name's hash.
+pub fn bridge_name(network: &str) -> String {
+    let candidate = format!("{BRIDGE_PREFIX}{network}");
+    if candidate.len() <= IFNAME_MAX && is_valid_ifname(&candidate) {
+        candidate
+    } else {
+        let d = hex_digest(&[network]);
+        format!("{BRIDGE_PREFIX}{}", &d[..12])
+    }
+}
+
+/// Whether `name` is a valid Linux interface name.
+pub fn is_valid_ifname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= IFNAME_MAX
+        && name != "."
+        && name != ".."
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c == '\0')
+}
+
+/// A locally administered unicast MAC derived from the given seed strings.
+pub fn hashed_mac(parts: &[&str]) -> [u8; 6] {
+    let d = hex_digest(parts);
+    let mut mac = [0u8; 6];
+    for (i, byte) in mac.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&d[i * 2..i * 2 + 2], 16).unwrap_or(0);
+    }
+    mac[0] = (mac[0] & 0xfe) | 0x02;
+    mac
+}
+
+/// The MAC of a workload interface: `0a:58:` + its IPv4 address when it has one (the
+/// convention of OVN-Kubernetes, readable in packet captures), else a hash of the attachment.
+pub fn workload_mac(ips: &[IpAddr], container_id: &str, ifname: &str) -> [u8; 6] {
+    for ip in ips {
+        if let IpAddr::V4(v4) = ip {
+            let o = v4.octets();
+            return [0x0a, 0x58, o[0], o[1], o[2], o[3]];
+        }
+    }
+    hashed_mac(&[container_id, ifname])
+}
+
+/// The fixed MAC of a network's bridge, so it does not change as ports come and go.
+pub fn bridge_mac(network: &str) -> [u8; 6] {
+    hashed_mac(&["bridge", network])
+}
+
+/// Formats a MAC as lowercase `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff` (or with dashes).
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = s.split([':', '-']).collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (i, p) in parts.iter().enumerate() {
+        if p.len() != 2 {
+            return None;
+        }
+        mac[i] = u8::from_str_radix(p, 16).ok()?;
+    }
+    Some(mac)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_veth_name_is_short_stable_and_distinct() {
+        let a = host_veth_name("abc", "eth0");
+        assert_eq!(a.len(), 13);
+        assert!(a.starts_with("wf"));
+        assert_eq!(a, host_veth_name("abc", "eth0"));
+        assert_ne!(a, host_veth_name("abc", "net1"));
+        assert_ne!(a, host_veth_name("abd", "eth0"));
+        // The separator keeps ("ab","ceth0") and ("abc","eth0") apart.
+        assert_ne!(host_veth_name("ab", "ceth0"), a);
+    }
+
+    #[test]
+    fn bridge_names_fit_ifnamsiz() {
+        assert_eq!(bridge_name("nat-demo"), "wn-nat-demo");
+        let long = bridge_name("a-very-long-network-name");
+        assert!(long.len() <= IFNAME_MAX);
+        assert!(long.starts_with("wn-"));
+        assert_ne!(long, bridge_name("a-very-long-network-name2"));
+    }
+
+    #[test]
+    fn workload_mac_embeds_ipv4() {
+        let mac = workload_mac(&["10.1.2.3".parse().unwrap()], "c", "eth0");
+        assert_eq!(format_mac(mac), "0a:58:0a:01:02:03");
+        let v6only = workload_mac(&["fd00::5".parse().unwrap()], "c", "eth0");
+        assert_eq!(v6only[0] & 0x03, 0x02, "locally administered unicast");
+    }
+
+    #[test]
+    fn mac_round_trips() {
+        let m = parse_mac("0A:58:0a:01:02:03").unwrap();
+        assert_eq!(format_mac(m), "0a:58:0a:01:02:03");
+        assert!(parse_mac("0a:58:0a:01:02").is_none());
+        assert!(parse_mac("zz:58:0a:01:02:03").is_none());
+    }
+}

@@ -1,1 +1,556 @@
-//! plan
+//! The node plan (what the kernel of one node should hold for weft) and its idempotent apply.
+//!
+//! The agent computes a [`NodePlan`] with a pure function from the resources; [`apply`] makes
+//! the kernel match it through two small I/O traits ([`Links`] and [`crate::nft::Firewall`]), so
+//! the same code drives a real node, a lab node namespace, and the fakes of the unit tests.
+//! Applying the same plan twice changes nothing the second time: the report is empty, no link is
+//! touched and no nftables transaction is sent.
+
+use crate::names;
+use crate::netlink::{Netlink, NetlinkError};
+use crate::nft::{self, Firewall, Table};
+use crate::state::{self, NetworkState};
+use ipnet::IpNet;
+use std::collections::BTreeSet;
+use std::path::Path;
+
+/// One Linux bridge weft owns for a network, with the gateway addresses on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BridgePlan {
+    /// The network it belongs to.
+    pub network: String,
+    /// The link name.
+    pub name: String,
+    /// Its MTU.
+    pub mtu: u32,
+    /// Its fixed MAC.
+    pub mac: [u8; 6],
+    /// Gateway addresses, with the subnet's prefix length.
+    pub addresses: Vec<IpNet>,
+}
+
+/// A sysctl the node needs (forwarding).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SysctlPlan {
+    /// Dotted key, e.g. `net.ipv4.ip_forward`.
+    pub key: String,
+    /// Value.
+    pub value: String,
+}
+
+/// Everything weft wants on one node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodePlan {
+    /// The node.
+    pub node: String,
+    /// The bridges of the networks that select this node.
+    pub bridges: Vec<BridgePlan>,
+    /// Sysctls.
+    pub sysctls: Vec<SysctlPlan>,
+    /// weft's nftables table.
+    pub firewall: Table,
+    /// Runtime state for the CNI, one per network.
+    pub networks: Vec<NetworkState>,
+}
+
+/// Errors applying a plan.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// A netlink operation failed.
+    #[error("{op} failed")]
+    Link {
+        /// What was being done.
+        op: String,
+        /// The cause.
+        #[source]
+        source: NetlinkError,
+    },
+    /// A link with weft's name exists but is not weft's.
+    #[error(
+        "link {name} exists but was not created by weft (alias {alias:?}); rename or remove it, or choose another network name"
+    )]
+    ForeignLink {
+        /// The link.
+        name: String,
+        /// Its alias.
+        alias: Option<String>,
+    },
+    /// The nftables transaction failed.
+    #[error("nftables transaction failed")]
+    Firewall(#[source] nft::NftError),
+    /// A sysctl could not be set.
+    #[error("cannot set sysctl {key}")]
+    Sysctl {
+        /// The key.
+        key: String,
+        /// The cause.
+        #[source]
+        source: crate::sysctl::SysctlError,
+    },
+    /// A state file could not be written.
+    #[error("cannot write runtime state")]
+    State(#[source] state::StateError),
+}
+
+/// What a link looks like to [`apply`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkView {
+    /// Index.
+    pub index: u32,
+    /// Name.
+    pub name: String,
+    /// Kind (`bridge`, `veth`, `tun`, …).
+    pub kind: Option<String>,
+    /// MAC.
+    pub mac: Option<[u8; 6]>,
+    /// MTU.
+    pub mtu: u32,
+    /// Administratively up.
+    pub up: bool,
+    /// Alias (weft marks its links with `weft:`).
+    pub alias: Option<String>,
+}
+
+/// The link operations [`apply`] needs (real: [`Netlink`]; fake: `FakeLinks` in tests).
+pub trait Links {
+    /// All links of the namespace.
+    fn list(&mut self) -> Result<Vec<LinkView>, ApplyError>;
+    /// Creates a bridge, returns its index.
+    fn create_bridge(
+        &mut self,
+        name: &str,
+        mtu: u32,
+        mac: [u8; 6],
+        alias: &str,
+    ) -> Result<u32, ApplyError>;
+    /// Sets a link up.
+    fn set_up(&mut self, index: u32) -> Result<(), ApplyError>;
+    /// Sets the MTU.
+    fn set_mtu(&mut self, index: u32, mtu: u32) -> Result<(), ApplyError>;
+    /// Sets the MAC.
+    fn set_mac(&mut self, index: u32, mac: [u8; 6]) -> Result<(), ApplyError>;
+    /// Addresses of a link.
+    fn addresses(&mut self, index: u32) -> Result<Vec<IpNet>, ApplyError>;
+    /// Adds an address.
+    fn add_address(&mut self, index: u32, addr: IpNet) -> Result<(), ApplyError>;
+    /// Removes an address.
+    fn del_address(&mut self, index: u32, addr: IpNet) -> Result<(), ApplyError>;
+    /// Deletes a link.
+    fn delete_link(&mut self, index: u32) -> Result<(), ApplyError>;
+}
+
+fn link_err(op: impl Into<String>) -> impl FnOnce(NetlinkError) -> ApplyError {
+    let op = op.into();
+    move |source| ApplyError::Link { op, source }
+}
+
+impl Links for Netlink {
+    fn list(&mut self) -> Result<Vec<LinkView>, ApplyError> {
+        let links = self.links().map_err(link_err("list links"))?;
+        Ok(links
+            .into_iter()
+            .map(|l| LinkView {
+                index: l.index,
+                name: l.name,
+                kind: l.kind,
+                mac: l.mac,
+                mtu: l.mtu,
+                up: l.up,
+                alias: l.alias,
+            })
+            .collect())
+    }
+    fn create_bridge(
+        &mut self,
+        name: &str,
+        mtu: u32,
+        mac: [u8; 6],
+        alias: &str,
+    ) -> Result<u32, ApplyError> {
+        Netlink::create_bridge(self, name, Some(mtu), Some(mac), Some(alias))
+            .map_err(link_err(format!("create bridge {name}")))
+    }
+    fn set_up(&mut self, index: u32) -> Result<(), ApplyError> {
+        Netlink::set_up(self, index).map_err(link_err(format!("set link {index} up")))
+    }
+    fn set_mtu(&mut self, index: u32, mtu: u32) -> Result<(), ApplyError> {
+        Netlink::set_mtu(self, index, mtu).map_err(link_err(format!("set mtu of link {index}")))
+    }
+    fn set_mac(&mut self, index: u32, mac: [u8; 6]) -> Result<(), ApplyError> {
+        Netlink::set_mac(self, index, mac).map_err(link_err(format!("set mac of link {index}")))
+    }
+    fn addresses(&mut self, index: u32) -> Result<Vec<IpNet>, ApplyError> {
+        Ok(Netlink::addresses(self, Some(index))
+            .map_err(link_err(format!("list addresses of link {index}")))?
+            .into_iter()
+            .map(|a| a.addr)
+            .collect())
+    }
+    fn add_address(&mut self, index: u32, addr: IpNet) -> Result<(), ApplyError> {
+        Netlink::add_address(self, index, addr, true)
+            .map(|_| ())
+            .map_err(link_err(format!("add {addr} to link {index}")))
+    }
+    fn del_address(&mut self, index: u32, addr: IpNet) -> Result<(), ApplyError> {
+        Netlink::del_address(self, index, addr)
+            .map(|_| ())
+            .map_err(link_err(format!("remove {addr} from link {index}")))
+    }
+    fn delete_link(&mut self, index: u32) -> Result<(), ApplyError> {
+        Netlink::delete_link(self, index)
+            .map(|_| ())
+            .map_err(link_err(format!("delete link {index}")))
+    }
+}
+
+/// Sets sysctls (real: /proc/sys; fake in tests).
+pub trait Sysctls {
+    /// Sets `key` to `value`; returns whether it changed.
+    fn set(&mut self, key: &str, value: &str) -> Result<bool, ApplyError>;
+}
+
+/// The real sysctls of the calling thread's network namespace.
+#[derive(Debug, Default)]
+pub struct ProcSysctls;
+
+impl Sysctls for ProcSysctls {
+    fn set(&mut self, key: &str, value: &str) -> Result<bool, ApplyError> {
+        crate::sysctl::set_if_different(key, value).map_err(|source| ApplyError::Sysctl {
+            key: key.to_string(),
+            source,
+        })
+    }
+}
+
+/// What an apply changed; empty when the node already matched the plan.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// One line per change, for logs and the lab's output.
+    pub changes: Vec<String>,
+}
+
+impl ApplyReport {
+    /// True when nothing changed.
+    pub fn is_noop(&self) -> bool {
+        self.changes.is_empty()
+    }
+}
+
+/// Is an address one the kernel manages by itself (IPv6 link-local)?
+fn kernel_managed(addr: &IpNet) -> bool {
+    match addr {
+        IpNet::V6(n) => (n.addr().segments()[0] & 0xffc0) == 0xfe80,
+        IpNet::V4(_) => false,
+    }
+}
+
+/// Makes the node match `plan`: sysctls, bridges and their addresses, the nftables table (an
+/// element-only transaction when only elements differ, an atomic table replace otherwise, nothing
+/// when equal) and the runtime state files. Links and state of networks no longer in the plan are
+/// removed. Only links carrying weft's alias and weft's own table are ever touched.
+pub fn apply(
+    plan: &NodePlan,
+    links: &mut dyn Links,
+    firewall: &mut dyn Firewall,
+    sysctls: &mut dyn Sysctls,
+    state_dir: &Path,
+) -> Result<ApplyReport, ApplyError> {
+    let mut report = ApplyReport::default();
+    for s in &plan.sysctls {
+        if sysctls.set(&s.key, &s.value)? {
+            report.changes.push(format!("sysctl {}={}", s.key, s.value));
+        }
+    }
+    apply_bridges(plan, links, &mut report)?;
+    apply_firewall(&plan.firewall, firewall, &mut report)?;
+    apply_state(plan, state_dir, &mut report)?;
+    Ok(report)
+}
+
+fn apply_bridges(
+    plan: &NodePlan,
+    links: &mut dyn Links,
+    report: &mut ApplyReport,
+) -> Result<(), ApplyError> {
+    let existing = links.list()?;
+    for bridge in &plan.bridges {
+        let alias = names::bridge_alias(&bridge.network);
+        let index = match existing.iter().find(|l| l.name == bridge.name) {
+            Some(link) => {
+                if link.alias.as_deref() != Some(alias.as_str())
+                    || link.kind.as_deref() != Some("bridge")
+                {
+                    return Err(ApplyError::ForeignLink {
+                        name: link.name.clone(),
+                        alias: link.alias.clone(),
+                    });
+                }
+                if link.mtu != bridge.mtu {
+                    links.set_mtu(link.index, bridge.mtu)?;
+                    report
+                        .changes
+                        .push(format!("bridge {} mtu {}", bridge.name, bridge.mtu));
+                }
+                if link.mac != Some(bridge.mac) {
+                    links.set_mac(link.index, bridge.mac)?;
+                    report.changes.push(format!(
+                        "bridge {} mac {}",
+                        bridge.name,
+                        names::format_mac(bridge.mac)
+                    ));
+                }
+                if !link.up {
+                    links.set_up(link.index)?;
+                    report.changes.push(format!("bridge {} up", bridge.name));
+                }
+                link.index
+            }
+            None => {
+                let index = links.create_bridge(&bridge.name, bridge.mtu, bridge.mac, &alias)?;
+                links.set_up(index)?;
+                report
+                    .changes
+                    .push(format!("created bridge {}", bridge.name));
+                index
+            }
+        };
+        let have: BTreeSet<IpNet> = links.addresses(index)?.into_iter().collect();
+        let want: BTreeSet<IpNet> = bridge.addresses.iter().copied().collect();
+        for addr in want.difference(&have) {
+            links.add_address(index, *addr)?;
+            report
+                .changes
+                .push(format!("bridge {} address {addr}", bridge.name));
+        }
+        for addr in have.difference(&want) {
+            if kernel_managed(addr) {
+                continue;
+            }
+            links.del_address(index, *addr)?;
+            report
+                .changes
+                .push(format!("bridge {} removed address {addr}", bridge.name));
+        }
+    }
+    let wanted: BTreeSet<&str> = plan.bridges.iter().map(|b| b.name.as_str()).collect();
+    for link in &existing {
+        let ours = link
+            .alias
+            .as_deref()
+            .is_some_and(|a| a.starts_with(&format!("{}net:", names::ALIAS_PREFIX)));
+        if ours && !wanted.contains(link.name.as_str()) {
+            links.delete_link(link.index)?;
+            report
+                .changes
+                .push(format!("deleted bridge {} (network removed)", link.name));
+        }
+    }
+    Ok(())
+}
+
+/// Brings weft's table to `desired`: nothing if equal, element changes if only elements
+/// differ, one atomic replace otherwise (the table's comment carries its structure hash).
+pub fn apply_firewall(
+    desired: &Table,
+    firewall: &mut dyn Firewall,
+    report: &mut ApplyReport,
+) -> Result<(), ApplyError> {
+    let mut desired = desired.clone();
+    desired.comment = None;
+    let hash = nft::structure_hash(&desired);
+    desired.comment = Some(format!("weft structure {hash}"));
+    let current = firewall
+        .list_table(desired.family, &desired.name)
+        .map_err(ApplyError::Firewall)?;
+    let tx = match current {
+        Some(state) if state.comment.as_deref() == desired.comment.as_deref() => {
+            nft::diff(&state.to_table(&desired), &desired)
+        }
+        _ => nft::Transaction(vec![nft::Change::ReplaceTable(desired.clone())]),
+    };
+    if tx.0.is_empty() {
+        return Ok(());
+    }
+    firewall.apply(&tx).map_err(ApplyError::Firewall)?;
+    for change in &tx.0 {
+        report.changes.push(change.summary());
+    }
+    Ok(())
+}
+
+fn apply_state(
+    plan: &NodePlan,
+    state_dir: &Path,
+    report: &mut ApplyReport,
+) -> Result<(), ApplyError> {
+    for net in &plan.networks {
+        let current = NetworkState::read(state_dir, &net.name).ok();
+        if current.as_ref() != Some(net) {
+            net.write(state_dir).map_err(ApplyError::State)?;
+            report
+                .changes
+                .push(format!("runtime state of network {}", net.name));
+        }
+    }
+    let wanted: BTreeSet<&str> = plan.networks.iter().map(|n| n.name.as_str()).collect();
+    for name in NetworkState::list(state_dir).map_err(ApplyError::State)? {
+        if !wanted.contains(name.as_str()) {
+            state::remove_file(&NetworkState::path(state_dir, &name)).map_err(ApplyError::State)?;
+            report
+                .changes
+                .push(format!("removed runtime state of network {name}"));
+        }
+    }
+    Ok(())
+}
+
+/// Removes everything weft created on this node: its links (bridges and host-side ports, found
+/// by their `weft:` alias), its nftables table and the runtime state files. Idempotent.
+pub fn cleanup(
+    links: &mut dyn Links,
+    firewall: &mut dyn Firewall,
+    state_dir: &Path,
+) -> Result<ApplyReport, ApplyError> {
+    let mut report = ApplyReport::default();
+    for link in links.list()? {
+        if link
+            .alias
+            .as_deref()
+            .is_some_and(|a| a.starts_with(names::ALIAS_PREFIX))
+        {
+            links.delete_link(link.index)?;
+            report.changes.push(format!("deleted link {}", link.name));
+        }
+    }
+    if firewall
+        .list_table(nft::Family::Inet, names::NFT_TABLE)
+        .map_err(ApplyError::Firewall)?
+        .is_some()
+    {
+        let tx = nft::Transaction(vec![nft::Change::DeleteTable {
+            family: nft::Family::Inet,
+            name: names::NFT_TABLE.to_string(),
+        }]);
+        firewall.apply(&tx).map_err(ApplyError::Firewall)?;
+        report
+            .changes
+            .push(format!("deleted nftables table inet {}", names::NFT_TABLE));
+    }
+    for name in NetworkState::list(state_dir).map_err(ApplyError::State)? {
+        state::remove_file(&NetworkState::path(state_dir, &name)).map_err(ApplyError::State)?;
+        report
+            .changes
+            .push(format!("removed runtime state of network {name}"));
+    }
+    if state::remove_file(&state::NodeState::path(state_dir)).map_err(ApplyError::State)? {
+        report.changes.push("removed node state".to_string());
+    }
+    Ok(report)
+}
+
+/// An in-memory [`Links`] for tests: records every mutating call.
+#[cfg(any(test, feature = "testing"))]
+#[derive(Debug, Default)]
+pub struct FakeLinks {
+    /// Current links.
+    pub links: Vec<LinkView>,
+    /// Addresses per link index.
+    pub addrs: std::collections::BTreeMap<u32, BTreeSet<IpNet>>,
+    /// Mutating calls, in order.
+    pub calls: Vec<String>,
+    next_index: u32,
+}
+
+#[cfg(any(test, feature = "testing"))]
+impl Links for FakeLinks {
+    fn list(&mut self) -> Result<Vec<LinkView>, ApplyError> {
+        Ok(self.links.clone())
+    }
+    fn create_bridge(
+        &mut self,
+        name: &str,
+        mtu: u32,
+        mac: [u8; 6],
+        alias: &str,
+    ) -> Result<u32, ApplyError> {
+        self.next_index += 1;
+        let index = self.next_index + 100;
+        self.links.push(LinkView {
+            index,
+            name: name.into(),
+            kind: Some("bridge".into()),
+            mac: Some(mac),
+            mtu,
+            up: false,
+            alias: Some(alias.into()),
+        });
+        self.calls.push(format!("create_bridge {name}"));
+        Ok(index)
+    }
+    fn set_up(&mut self, index: u32) -> Result<(), ApplyError> {
+        for l in &mut self.links {
+            if l.index == index {
+                l.up = true;
+            }
+        }
+        self.calls.push(format!("set_up {index}"));
+        Ok(())
+    }
+    fn set_mtu(&mut self, index: u32, mtu: u32) -> Result<(), ApplyError> {
+        for l in &mut self.links {
+            if l.index == index {
+                l.mtu = mtu;
+            }
+        }
+        self.calls.push(format!("set_mtu {index} {mtu}"));
+        Ok(())
+    }
+    fn set_mac(&mut self, index: u32, mac: [u8; 6]) -> Result<(), ApplyError> {
+        for l in &mut self.links {
+            if l.index == index {
+                l.mac = Some(mac);
+            }
+        }
+        self.calls.push(format!("set_mac {index}"));
+        Ok(())
+    }
+    fn addresses(&mut self, index: u32) -> Result<Vec<IpNet>, ApplyError> {
+        Ok(self
+            .addrs
+            .get(&index)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default())
+    }
+    fn add_address(&mut self, index: u32, addr: IpNet) -> Result<(), ApplyError> {
+        self.addrs.entry(index).or_default().insert(addr);
+        self.calls.push(format!("add_address {index} {addr}"));
+        Ok(())
+    }
+    fn del_address(&mut self, index: u32, addr: IpNet) -> Result<(), ApplyError> {
+        self.addrs.entry(index).or_default().remove(&addr);
+        self.calls.push(format!("del_address {index} {addr}"));
+        Ok(())
+    }
+    fn delete_link(&mut self, index: u32) -> Result<(), ApplyError> {
+        self.links.retain(|l| l.index != index);
+        self.addrs.remove(&index);
+        self.calls.push(format!("delete_link {index}"));
+        Ok(())
+    }
+}
+
+/// An in-memory [`Sysctls`] for tests.
+#[cfg(any(test, feature = "testing"))]
+#[derive(Debug, Default)]
+pub struct FakeSysctls {
+    /// Current values.
+    pub values: std::collections::BTreeMap<String, String>,
+}
+
+#[cfg(any(test, feature = "testing"))]
+impl Sysctls for FakeSysctls {
+    fn set(&mut self, key: &str, value: &str) -> Result<bool, ApplyError> {
+        let old = self.values.insert(key.to_string(), value.to_string());
+        Ok(old.as_deref() != Some(value))
+    }
+}

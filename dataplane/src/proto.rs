@@ -1,1 +1,206 @@
-//! proto
+//! The protocol between the `weft` CNI binary and the node agent: one JSON request and one
+//! JSON reply, each a single line, over the agent's Unix socket.
+//!
+//! ADD registers the endpoint and waits for the agent to confirm that the node's rules for it
+//! are in force; DEL unregisters it. The CNI gives the agent a short deadline: an agent that does
+//! not answer makes ADD fail closed (CNI code 11, try again later).
+
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Write};
+use std::net::IpAddr;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// One workload attachment on one network, as the CNI registers it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    /// The weft network.
+    pub network: String,
+    /// `CNI_CONTAINERID`.
+    pub container_id: String,
+    /// `CNI_IFNAME` inside the workload.
+    pub ifname: String,
+    /// The host side of the attachment (veth or tap).
+    pub host_ifname: String,
+    /// The workload's MAC.
+    pub mac: String,
+    /// The workload's addresses.
+    pub ips: Vec<IpAddr>,
+    /// Kubernetes namespace of the workload (`K8S_POD_NAMESPACE`), when known.
+    #[serde(default)]
+    pub pod_namespace: Option<String>,
+    /// Kubernetes name of the workload (`K8S_POD_NAME`), when known.
+    #[serde(default)]
+    pub pod_name: Option<String>,
+    /// `CNI_NETNS`.
+    #[serde(default)]
+    pub netns: Option<String>,
+}
+
+/// A request from the CNI to the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "camelCase")]
+pub enum Request {
+    /// Is the agent up and has it reconciled the node?
+    Ping,
+    /// A new endpoint: put the node's rules for it in force, then answer.
+    Register {
+        /// The endpoint.
+        endpoint: Endpoint,
+    },
+    /// An endpoint is gone.
+    Unregister {
+        /// The network.
+        network: String,
+        /// `CNI_CONTAINERID`.
+        container_id: String,
+        /// `CNI_IFNAME`.
+        ifname: String,
+    },
+}
+
+/// The agent's reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Reply {
+    /// The request was carried out.
+    pub ok: bool,
+    /// The agent has reconciled the node at least once.
+    #[serde(default)]
+    pub ready: bool,
+    /// What went wrong, when `ok` is false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Reply {
+    /// A success reply.
+    pub fn ok(ready: bool) -> Self {
+        Reply {
+            ok: true,
+            ready,
+            error: None,
+        }
+    }
+    /// A failure reply.
+    pub fn error(ready: bool, msg: impl Into<String>) -> Self {
+        Reply {
+            ok: false,
+            ready,
+            error: Some(msg.into()),
+        }
+    }
+}
+
+/// Errors talking to the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtoError {
+    /// The socket could not be reached (agent not running, or not yet).
+    #[error("cannot connect to the weft agent at {path}")]
+    Connect {
+        /// The socket path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The request could not be sent or the reply not read in time.
+    #[error("no answer from the weft agent at {path}")]
+    Exchange {
+        /// The socket path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The reply was not valid.
+    #[error("the weft agent at {path} sent an invalid reply")]
+    Decode {
+        /// The socket path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Sends one request and waits up to `timeout` for the reply.
+pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Reply, ProtoError> {
+    let stream = UnixStream::connect(socket).map_err(|source| ProtoError::Connect {
+        path: socket.to_path_buf(),
+        source,
+    })?;
+    let ex = |source| ProtoError::Exchange {
+        path: socket.to_path_buf(),
+        source,
+    };
+    stream.set_read_timeout(Some(timeout)).map_err(ex)?;
+    stream.set_write_timeout(Some(timeout)).map_err(ex)?;
+    let mut line = serde_json::to_vec(req).map_err(|source| ProtoError::Decode {
+        path: socket.to_path_buf(),
+        source,
+    })?;
+    line.push(b'\n');
+    (&stream).write_all(&line).map_err(ex)?;
+    let mut reader = BufReader::new(&stream);
+    let mut reply = String::new();
+    reader.read_line(&mut reply).map_err(ex)?;
+    if reply.is_empty() {
+        return Err(ex(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the agent closed the connection without a reply",
+        )));
+    }
+    serde_json::from_str(&reply).map_err(|source| ProtoError::Decode {
+        path: socket.to_path_buf(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn request_wire_format_is_tagged() {
+        let r = Request::Unregister {
+            network: "n".into(),
+            container_id: "c".into(),
+            ifname: "eth0".into(),
+        };
+        let s = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            s,
+            r#"{"op":"unregister","network":"n","containerId":"c","ifname":"eth0"}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
+    }
+
+    #[test]
+    fn call_round_trips_and_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("a.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let t = std::thread::spawn(move || {
+            // First connection: answer. Second: stay silent.
+            let (s, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line).unwrap();
+            assert!(line.contains("ping"));
+            (&s).write_all(b"{\"ok\":true,\"ready\":true}\n").unwrap();
+            let (s2, _) = listener.accept().unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            drop(s2);
+        });
+        let reply = call(&sock, &Request::Ping, Duration::from_secs(2)).unwrap();
+        assert_eq!(reply, Reply::ok(true));
+        let err = call(&sock, &Request::Ping, Duration::from_millis(50)).unwrap_err();
+        assert!(matches!(err, ProtoError::Exchange { .. }), "{err:?}");
+        t.join().unwrap();
+        let gone = call(&dir.path().join("none.sock"), &Request::Ping, Duration::from_millis(50));
+        assert!(matches!(gone, Err(ProtoError::Connect { .. })));
+    }
+}

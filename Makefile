@@ -1,0 +1,36 @@
+# One command per task. Network namespaces and nftables need root.
+CARGO ?= cargo
+DEB_PACKAGES := nftables iproute2 iputils-ping
+
+.PHONY: lab test deps build fmt lint generate check-generated
+
+## lab: run the lab on the NAT example (no cluster needed)
+lab: deps build
+	target/debug/weft-operator lab examples/lab/nat.yaml
+
+## test: unit, privileged (network namespaces) and end-to-end tests
+test: deps build
+	$(CARGO) test --workspace --locked
+
+## deps: install the kernel tools the dataplane and the tests use (Debian/Ubuntu, as root)
+deps:
+	@missing=""; \
+	command -v nft >/dev/null 2>&1 || missing="$$missing nftables"; \
+	command -v ip >/dev/null 2>&1 || missing="$$missing iproute2"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEB_PACKAGES) >/dev/null; \
+	fi
+
+build:
+	$(CARGO) build --workspace --locked
+
+fmt:
+	$(CARGO) fmt --all -- --check
+
+lint:
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+## generate: regenerate the CRD YAML from the Rust types
+generate:
+	$(CARGO) run -q -p weft-crds --bin crdgen -- --write crds/generated

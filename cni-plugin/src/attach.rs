@@ -1,0 +1,450 @@
+//! ADD, DEL and CHECK: a veth whose peer is born inside the workload's namespace, attached to
+//! the network's bridge, with an address from the node's block.
+
+use crate::conf::{Conf, Env};
+use crate::error::{self, CniError};
+use crate::reply::{CniResult, Dns, Interface, IpConfig, Route};
+use ipnet::IpNet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::Path;
+use tracing::{debug, info, warn};
+use weft_dataplane::ipam::{AllocRequest, Allocation, Attachment, IpamStore, Pool};
+use weft_dataplane::names;
+use weft_dataplane::netlink::{Netlink, RouteSpec, VethSpec};
+use weft_dataplane::netns::Netns;
+use weft_dataplane::proto::{self, Endpoint, Request};
+use weft_dataplane::state::{NetworkState, StateError};
+
+/// The IPAM pool of a network on this node.
+pub fn pool_of(net: &NetworkState) -> Pool {
+    let mut gateways = Vec::new();
+    if let Some(g) = net.gateway_v4 {
+        gateways.push(IpAddr::V4(g));
+    }
+    if let Some(g) = net.gateway_v6 {
+        gateways.push(IpAddr::V6(g));
+    }
+    Pool {
+        block_v4: net.block_v4,
+        block_v6: net.block_v6,
+        subnet_v4: net.subnet_v4,
+        subnet_v6: net.subnet_v6,
+        gateways,
+        exclude: net.exclude.clone(),
+    }
+}
+
+fn read_network(conf: &Conf, network: &str) -> Result<NetworkState, CniError> {
+    NetworkState::read(&conf.state_dir, network).map_err(|e| match e {
+        StateError::Read { .. } if e.is_not_found() => CniError::new(
+            error::TRY_AGAIN_LATER,
+            format!("network {network} is not ready on this node"),
+            format!(
+                "no runtime state at {}: the weft agent writes it once the Network {network} exists and its nodeSelector selects this node",
+                NetworkState::path(&conf.state_dir, network).display()
+            ),
+        ),
+        other => CniError::from_chain(error::IO_FAILURE, "cannot read network state", &other),
+    })
+}
+
+fn prefixed(ip: IpAddr, net: &NetworkState) -> IpNet {
+    match ip {
+        IpAddr::V4(a) => {
+            let len = net.subnet_v4.map(|s| s.prefix_len()).unwrap_or(32);
+            IpNet::new(IpAddr::V4(a), len).unwrap_or(IpNet::from(IpAddr::V4(a)))
+        }
+        IpAddr::V6(a) => {
+            let len = net.subnet_v6.map(|s| s.prefix_len()).unwrap_or(128);
+            IpNet::new(IpAddr::V6(a), len).unwrap_or(IpNet::from(IpAddr::V6(a)))
+        }
+    }
+}
+
+fn gateway_for(ip: &IpAddr, net: &NetworkState) -> Option<IpAddr> {
+    match ip {
+        IpAddr::V4(_) => net.gateway_v4.map(IpAddr::V4),
+        IpAddr::V6(_) => net.gateway_v6.map(IpAddr::V6),
+    }
+}
+
+/// What ADD did so far, undone in reverse if a later step fails.
+struct Rollback<'a> {
+    store: &'a IpamStore,
+    att: Attachment,
+    host_index: Option<u32>,
+    armed: bool,
+}
+
+impl Drop for Rollback<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Some(index) = self.host_index
+            && let Ok(mut nl) = Netlink::new()
+            && let Err(e) = nl.delete_link(index)
+        {
+            warn!(error = %e, "rollback: cannot delete host veth");
+        }
+        if let Err(e) = self.store.release(&self.att) {
+            warn!(error = %e, "rollback: cannot release addresses");
+        }
+    }
+}
+
+/// ADD.
+pub fn add(conf: &Conf, env: &Env) -> Result<CniResult, CniError> {
+    let network = conf.require_network()?;
+    let container_id = env.container_id()?;
+    let ifname = env.ifname()?;
+    let netns_path = env.netns()?;
+    let net = read_network(conf, network)?;
+    let ns = Netns::open(Path::new(netns_path)).map_err(|e| {
+        CniError::from_chain(
+            error::INVALID_ENV,
+            format!("cannot open CNI_NETNS {netns_path}"),
+            &e,
+        )
+    })?;
+    let mut host = Netlink::new()?;
+    let bridge = host.link_by_name(&net.bridge)?.ok_or_else(|| {
+        CniError::new(
+            error::TRY_AGAIN_LATER,
+            format!("bridge {} of network {network} is missing", net.bridge),
+            "the weft agent creates it; check that the agent runs on this node",
+        )
+    })?;
+    let store = IpamStore::open(&conf.state_dir, network)?;
+    let att = Attachment {
+        container_id: container_id.to_string(),
+        ifname: ifname.to_string(),
+    };
+    let host_name = names::host_veth_name(container_id, ifname);
+    let (pod_namespace, pod_name) = env.pod();
+    let alloc = store.allocate(
+        &pool_of(&net),
+        AllocRequest {
+            attachment: att.clone(),
+            static_ips: conf.static_ips.clone(),
+            mac: conf.static_mac.map(names::format_mac),
+            host_ifname: Some(host_name.clone()),
+            pod_namespace: pod_namespace.clone(),
+            pod_name: pod_name.clone(),
+            netns: Some(netns_path.to_string()),
+        },
+    )?;
+    let mut rollback = Rollback {
+        store: &store,
+        att: att.clone(),
+        host_index: None,
+        armed: true,
+    };
+    let mac = conf
+        .static_mac
+        .or_else(|| alloc.mac.as_deref().and_then(names::parse_mac))
+        .unwrap_or_else(|| names::workload_mac(&alloc.ips, container_id, ifname));
+
+    // A previous ADD of the same attachment that crashed half-way may have left its veth.
+    if let Some(stale) = host.link_by_name(&host_name)? {
+        debug!(link = %host_name, "removing a stale host veth of an interrupted ADD");
+        host.delete_link(stale.index)?;
+    }
+    let mut inner = Netlink::in_netns(&ns)?;
+    if inner.link_by_name(ifname)?.is_some() {
+        return Err(CniError::new(
+            error::IFNAME_TAKEN,
+            format!("interface {ifname} already exists in the container"),
+            format!("CNI_IFNAME {ifname} is taken in {netns_path}; choose another interface name"),
+        ));
+    }
+    let alias = names::host_veth_alias(network, container_id, ifname);
+    let host_index = host.create_veth_into_netns(&VethSpec {
+        host_name: &host_name,
+        host_alias: Some(&alias),
+        host_master: Some(bridge.index),
+        peer_name: ifname,
+        peer_netns: ns.fd(),
+        peer_mac: Some(mac),
+        mtu: Some(net.mtu),
+    })?;
+    rollback.host_index = Some(host_index);
+
+    let peer = inner.link_by_name(ifname)?.ok_or_else(|| {
+        CniError::new(
+            error::LINK_FAILED,
+            format!("interface {ifname} did not appear in the container"),
+            "the kernel accepted the veth but its peer is missing",
+        )
+    })?;
+    if let Some(lo) = inner.link_by_name("lo")?
+        && !lo.up
+    {
+        inner.set_up(lo.index)?;
+    }
+    let mut ips = Vec::new();
+    for ip in &alloc.ips {
+        let addr = prefixed(*ip, &net);
+        inner.add_address(peer.index, addr, true)?;
+        ips.push(addr);
+    }
+    inner.set_up(peer.index)?;
+    let mut routes = Vec::new();
+    if conf.default_route {
+        for ip in &alloc.ips {
+            if let Some(gw) = gateway_for(ip, &net) {
+                let dst: IpNet = match ip {
+                    IpAddr::V4(_) => IpNet::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+                    IpAddr::V6(_) => IpNet::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
+                }
+                .map_err(|e| CniError::new(error::INTERNAL, "route", e.to_string()))?;
+                inner.replace_route(&RouteSpec {
+                    dst,
+                    gateway: Some(gw),
+                    oif: Some(peer.index),
+                    src: None,
+                })?;
+                routes.push(Route {
+                    dst: dst.to_string(),
+                    gw: Some(gw.to_string()),
+                });
+            }
+        }
+    }
+
+    register(
+        conf,
+        Endpoint {
+            network: network.to_string(),
+            container_id: container_id.to_string(),
+            ifname: ifname.to_string(),
+            host_ifname: host_name.clone(),
+            mac: names::format_mac(mac),
+            ips: alloc.ips.clone(),
+            pod_namespace,
+            pod_name,
+            netns: Some(netns_path.to_string()),
+        },
+    )?;
+    rollback.armed = false;
+    info!(%network, %container_id, %ifname, ips = ?alloc.ips, "attached");
+
+    Ok(CniResult {
+        cni_version: conf.cni_version.clone(),
+        interfaces: vec![
+            Interface {
+                name: net.bridge.clone(),
+                mac: bridge.mac.map(names::format_mac),
+                mtu: None,
+                sandbox: None,
+            },
+            Interface {
+                name: host_name,
+                mac: None,
+                mtu: Some(net.mtu),
+                sandbox: None,
+            },
+            Interface {
+                name: ifname.to_string(),
+                mac: Some(names::format_mac(mac)),
+                mtu: Some(net.mtu),
+                sandbox: Some(netns_path.to_string()),
+            },
+        ],
+        ips: ips
+            .iter()
+            .map(|a| IpConfig {
+                version: None,
+                address: a.to_string(),
+                gateway: gateway_for(&a.addr(), &net).map(|g| g.to_string()),
+                interface: Some(2),
+            })
+            .collect(),
+        routes,
+        dns: Dns::default(),
+    })
+}
+
+fn register(conf: &Conf, endpoint: Endpoint) -> Result<(), CniError> {
+    let reply = proto::call(
+        &conf.agent_socket,
+        &Request::Register { endpoint },
+        conf.agent_timeout,
+    )
+    .map_err(|e| CniError::from_chain(error::TRY_AGAIN_LATER, "the weft agent is not reachable", &e))?;
+    if !reply.ok {
+        return Err(CniError::new(
+            error::AGENT_REFUSED,
+            "the weft agent refused the endpoint",
+            reply.error.unwrap_or_default(),
+        ));
+    }
+    Ok(())
+}
+
+/// DEL: best effort and idempotent; a missing netns, link or allocation is success.
+pub fn del(conf: &Conf, env: &Env) -> Result<(), CniError> {
+    let container_id = env.container_id()?;
+    let ifname = env.ifname()?;
+    let Some(network) = conf.network.as_deref() else {
+        // Nothing of weft's can exist for a configuration without a network.
+        return Ok(());
+    };
+    let mut errors: Vec<String> = Vec::new();
+    // 1. The agent forgets the endpoint (its rules go first).
+    let unregister = Request::Unregister {
+        network: network.to_string(),
+        container_id: container_id.to_string(),
+        ifname: ifname.to_string(),
+    };
+    if let Err(e) = proto::call(&conf.agent_socket, &unregister, conf.agent_timeout) {
+        debug!(error = %error::chain(&e), "agent not reachable for unregister; it resyncs from the IPAM store");
+    }
+    // 2. The link (deleting the host end removes the peer in the container too).
+    let host_name = names::host_veth_name(container_id, ifname);
+    match Netlink::new().and_then(|mut nl| {
+        if let Some(l) = nl.link_by_name(&host_name)? {
+            nl.delete_link(l.index)?;
+        }
+        Ok(())
+    }) {
+        Ok(()) => {}
+        Err(e) => errors.push(format!("delete {host_name}: {}", error::chain(&e))),
+    }
+    // 3. The addresses.
+    match IpamStore::open(&conf.state_dir, network).and_then(|s| {
+        s.release(&Attachment {
+            container_id: container_id.to_string(),
+            ifname: ifname.to_string(),
+        })
+    }) {
+        Ok(_) => {}
+        Err(e) => errors.push(format!("release addresses: {}", error::chain(&e))),
+    }
+    if errors.is_empty() {
+        info!(%network, %container_id, %ifname, "detached");
+        Ok(())
+    } else {
+        Err(CniError::new(
+            error::IO_FAILURE,
+            "DEL could not remove everything",
+            errors.join("; "),
+        ))
+    }
+}
+
+/// CHECK: the attachment is still as ADD left it.
+pub fn check(conf: &Conf, env: &Env) -> Result<(), CniError> {
+    let network = conf.require_network()?;
+    let container_id = env.container_id()?;
+    let ifname = env.ifname()?;
+    let netns_path = env.netns()?;
+    let mismatch = |what: String| {
+        CniError::new(
+            error::CHECK_MISMATCH,
+            "the attachment differs from what ADD created",
+            what,
+        )
+    };
+    let prev: CniResult = match &conf.prev_result {
+        Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
+            CniError::new(
+                error::DECODE,
+                "cannot decode prevResult",
+                format!("prevResult: {e}"),
+            )
+        })?,
+        None => {
+            return Err(CniError::new(
+                error::INVALID_CONFIG,
+                "CHECK needs prevResult",
+                "prevResult: missing; the runtime passes the result of ADD",
+            ));
+        }
+    };
+    let net = read_network(conf, network)?;
+    let store = IpamStore::open(&conf.state_dir, network)?;
+    let alloc: Allocation = store
+        .get(&Attachment {
+            container_id: container_id.to_string(),
+            ifname: ifname.to_string(),
+        })?
+        .ok_or_else(|| mismatch(format!("no address is allocated to {container_id}/{ifname}")))?;
+    let mut host = Netlink::new()?;
+    let host_name = names::host_veth_name(container_id, ifname);
+    let host_link = host
+        .link_by_name(&host_name)?
+        .ok_or_else(|| mismatch(format!("host veth {host_name} is missing")))?;
+    let bridge = host
+        .link_by_name(&net.bridge)?
+        .ok_or_else(|| mismatch(format!("bridge {} is missing", net.bridge)))?;
+    if host_link.master != Some(bridge.index) {
+        return Err(mismatch(format!(
+            "host veth {host_name} is not attached to bridge {}",
+            net.bridge
+        )));
+    }
+    let ns = Netns::open(Path::new(netns_path)).map_err(|e| {
+        CniError::from_chain(
+            error::INVALID_ENV,
+            format!("cannot open CNI_NETNS {netns_path}"),
+            &e,
+        )
+    })?;
+    let mut inner = Netlink::in_netns(&ns)?;
+    let link = inner
+        .link_by_name(ifname)?
+        .ok_or_else(|| mismatch(format!("interface {ifname} is missing in the container")))?;
+    if !link.up {
+        return Err(mismatch(format!("interface {ifname} is down")));
+    }
+    if let Some(iface) = prev.interfaces.iter().find(|i| i.sandbox.is_some())
+        && let Some(mac) = &iface.mac
+        && link.mac.map(names::format_mac).as_deref() != Some(mac.as_str())
+    {
+        return Err(mismatch(format!("interface {ifname} MAC is not {mac}")));
+    }
+    let have: Vec<IpNet> = inner
+        .addresses(Some(link.index))?
+        .into_iter()
+        .map(|a| a.addr)
+        .collect();
+    for ip in &prev.ips {
+        let want: IpNet = ip.address.parse().map_err(|_| {
+            CniError::new(
+                error::DECODE,
+                "cannot decode prevResult",
+                format!("prevResult.ips: {:?} is not a CIDR", ip.address),
+            )
+        })?;
+        if !have.contains(&want) {
+            return Err(mismatch(format!("address {want} is missing on {ifname}")));
+        }
+        if !alloc.ips.contains(&want.addr()) {
+            return Err(mismatch(format!("address {want} is not allocated to this attachment")));
+        }
+    }
+    for route in &prev.routes {
+        let dst: IpNet = route.dst.parse().map_err(|_| {
+            CniError::new(
+                error::DECODE,
+                "cannot decode prevResult",
+                format!("prevResult.routes: {:?} is not a CIDR", route.dst),
+            )
+        })?;
+        let family = if dst.addr().is_ipv4() {
+            weft_dataplane::netlink::Family::V4
+        } else {
+            weft_dataplane::netlink::Family::V6
+        };
+        let gw: Option<IpAddr> = route.gw.as_deref().and_then(|g| g.parse().ok());
+        let found = inner
+            .routes(family)?
+            .iter()
+            .any(|r| r.dst == dst && (gw.is_none() || r.gateway == gw));
+        if !found {
+            return Err(mismatch(format!("route to {dst} is missing in the container")));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,564 @@
+//! Parsing the CNI environment and network configuration into a validated [`Invocation`].
+//!
+//! The netconf is read once from stdin into serde structs and validated once: a bad value is
+//! CNI code 7 naming the field, undecodable JSON is code 6, a missing or bad `CNI_*` variable is
+//! code 4. Unknown keys are ignored (the spec allows runtimes and Multus to add their own).
+
+use crate::error::{self, CniError};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use weft_dataplane::names;
+
+/// The CNI spec versions this plugin accepts and can answer in.
+pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+/// The newest supported spec version.
+pub const CURRENT_VERSION: &str = "1.1.0";
+
+/// The CNI command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Attach.
+    Add,
+    /// Detach.
+    Del,
+    /// Verify an attachment.
+    Check,
+    /// Report supported versions.
+    Version,
+    /// Garbage-collect attachments not in the valid list.
+    Gc,
+    /// Is the plugin ready for ADD?
+    Status,
+}
+
+impl Command {
+    fn parse(s: &str) -> Result<Self, CniError> {
+        Ok(match s {
+            "ADD" => Command::Add,
+            "DEL" => Command::Del,
+            "CHECK" => Command::Check,
+            "VERSION" => Command::Version,
+            "GC" => Command::Gc,
+            "STATUS" => Command::Status,
+            other => {
+                return Err(CniError::new(
+                    error::INVALID_ENV,
+                    "unknown CNI_COMMAND",
+                    format!(
+                        "CNI_COMMAND={other:?}; expected one of ADD, DEL, CHECK, VERSION, GC, STATUS"
+                    ),
+                ));
+            }
+        })
+    }
+}
+
+/// A `{containerID, ifname}` pair from `cni.dev/valid-attachments`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ValidAttachment {
+    /// Container id.
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    /// Interface name.
+    pub ifname: String,
+}
+
+/// Addresses requested by the runtime (`runtimeConfig.ips` or `args.cni.ips`): plain addresses or
+/// CIDRs (Multus passes CIDRs; only the address part counts).
+#[derive(Debug, Default, Clone, Deserialize)]
+struct RuntimeConfig {
+    #[serde(default)]
+    ips: Vec<String>,
+    #[serde(default)]
+    mac: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+struct Args {
+    #[serde(default)]
+    cni: Option<RuntimeConfig>,
+}
+
+/// The raw network configuration, as the runtime sends it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawConf {
+    cni_version: Option<String>,
+    name: Option<String>,
+    #[serde(rename = "type")]
+    plugin_type: Option<String>,
+    network: Option<String>,
+    state_dir: Option<PathBuf>,
+    agent_socket: Option<PathBuf>,
+    log_file: Option<PathBuf>,
+    log_level: Option<String>,
+    default_route: Option<bool>,
+    agent_timeout_ms: Option<u64>,
+    #[serde(default)]
+    runtime_config: Option<RuntimeConfig>,
+    #[serde(default)]
+    args: Option<Args>,
+    prev_result: Option<serde_json::Value>,
+    #[serde(rename = "cni.dev/valid-attachments")]
+    valid_attachments: Option<Vec<ValidAttachment>>,
+}
+
+/// The validated network configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Conf {
+    /// The spec version the runtime speaks; results are given in it.
+    pub cni_version: String,
+    /// The network configuration's name.
+    pub name: String,
+    /// The weft network to attach to.
+    pub network: Option<String>,
+    /// weft's state dir on the node.
+    pub state_dir: PathBuf,
+    /// The agent's socket.
+    pub agent_socket: PathBuf,
+    /// Log file (stderr only when absent).
+    pub log_file: Option<PathBuf>,
+    /// Log level.
+    pub log_level: tracing::Level,
+    /// Whether to install default routes via the network's gateway.
+    pub default_route: bool,
+    /// How long to wait for the agent.
+    pub agent_timeout: std::time::Duration,
+    /// Requested static addresses.
+    pub static_ips: Vec<IpAddr>,
+    /// Requested MAC.
+    pub static_mac: Option<[u8; 6]>,
+    /// The previous result (CHECK, DEL).
+    pub prev_result: Option<serde_json::Value>,
+    /// GC: the attachments that must be kept.
+    pub valid_attachments: Option<Vec<ValidAttachment>>,
+}
+
+/// The `CNI_*` environment.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Env {
+    /// `CNI_CONTAINERID`.
+    pub container_id: Option<String>,
+    /// `CNI_NETNS`.
+    pub netns: Option<String>,
+    /// `CNI_IFNAME`.
+    pub ifname: Option<String>,
+    /// `CNI_ARGS` as key/value pairs.
+    pub args: BTreeMap<String, String>,
+}
+
+/// Everything one invocation needs.
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    /// The command.
+    pub command: Command,
+    /// The environment.
+    pub env: Env,
+    /// The configuration (absent for VERSION).
+    pub conf: Option<Conf>,
+}
+
+/// Reads the command from the environment (`CNI_COMMAND`).
+pub fn command_from_env(get: &dyn Fn(&str) -> Option<String>) -> Result<Command, CniError> {
+    match get("CNI_COMMAND") {
+        Some(c) => Command::parse(&c),
+        None => Err(CniError::new(
+            error::INVALID_ENV,
+            "CNI_COMMAND is not set",
+            "the weft CNI plugin is run by a container runtime with CNI_COMMAND set to ADD, DEL, CHECK, VERSION, GC or STATUS",
+        )),
+    }
+}
+
+/// Parses `CNI_ARGS` (`K=V;K=V`).
+pub fn parse_cni_args(s: &str) -> Result<BTreeMap<String, String>, CniError> {
+    let mut out = BTreeMap::new();
+    for pair in s.split(';').filter(|p| !p.is_empty()) {
+        let Some((k, v)) = pair.split_once('=') else {
+            return Err(CniError::new(
+                error::INVALID_ENV,
+                "invalid CNI_ARGS",
+                format!("CNI_ARGS entry {pair:?} is not KEY=VALUE"),
+            ));
+        };
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
+}
+
+/// Reads the `CNI_*` variables.
+pub fn env_from(get: &dyn Fn(&str) -> Option<String>) -> Result<Env, CniError> {
+    let non_empty = |k: &str| get(k).filter(|v| !v.is_empty());
+    Ok(Env {
+        container_id: non_empty("CNI_CONTAINERID"),
+        netns: non_empty("CNI_NETNS"),
+        ifname: non_empty("CNI_IFNAME"),
+        args: parse_cni_args(&get("CNI_ARGS").unwrap_or_default())?,
+    })
+}
+
+fn parse_ip_or_cidr(s: &str) -> Option<IpAddr> {
+    let addr = s.split('/').next().unwrap_or(s);
+    addr.parse().ok()
+}
+
+fn parse_level(s: &str) -> Option<tracing::Level> {
+    match s.to_ascii_lowercase().as_str() {
+        "error" => Some(tracing::Level::ERROR),
+        "warn" | "warning" => Some(tracing::Level::WARN),
+        "info" => Some(tracing::Level::INFO),
+        "debug" => Some(tracing::Level::DEBUG),
+        "trace" => Some(tracing::Level::TRACE),
+        _ => None,
+    }
+}
+
+fn invalid(field: &str, msg: impl std::fmt::Display) -> CniError {
+    CniError::new(
+        error::INVALID_CONFIG,
+        format!("invalid network configuration field {field}"),
+        format!("{field}: {msg}"),
+    )
+}
+
+/// Decodes and validates the network configuration.
+pub fn parse_conf(stdin: &[u8], env: &Env) -> Result<Conf, CniError> {
+    let raw: RawConf = serde_json::from_slice(stdin).map_err(|e| {
+        CniError::new(
+            error::DECODE,
+            "cannot decode the network configuration",
+            format!("stdin is not a valid CNI network configuration: {e}"),
+        )
+    })?;
+    let cni_version = raw
+        .cni_version
+        .ok_or_else(|| invalid("cniVersion", "missing; set it to \"1.1.0\""))?;
+    if !SUPPORTED_VERSIONS.contains(&cni_version.as_str()) {
+        return Err(CniError::new(
+            error::INCOMPATIBLE_VERSION,
+            "incompatible CNI version",
+            format!(
+                "cniVersion {cni_version:?} is not supported; weft supports {}",
+                SUPPORTED_VERSIONS.join(", ")
+            ),
+        ));
+    }
+    let name = raw
+        .name
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| invalid("name", "missing; give the network configuration a name"))?;
+    match raw.plugin_type.as_deref() {
+        Some(names::CNI_TYPE) => {}
+        Some(other) => {
+            return Err(invalid(
+                "type",
+                format!("{other:?} given to the weft binary; set it to \"weft\""),
+            ));
+        }
+        None => return Err(invalid("type", "missing; set it to \"weft\"")),
+    }
+    if let Some(n) = &raw.network
+        && (n.is_empty()
+            || n.len() > 253
+            || !n
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.'))
+    {
+        return Err(invalid(
+            "network",
+            format!("{n:?} is not a valid Network name (lowercase RFC 1123 subdomain)"),
+        ));
+    }
+    let log_level = match raw.log_level.as_deref() {
+        None => {
+            if cfg!(debug_assertions) {
+                tracing::Level::DEBUG
+            } else {
+                tracing::Level::WARN
+            }
+        }
+        Some(l) => parse_level(l).ok_or_else(|| {
+            invalid(
+                "logLevel",
+                format!("{l:?}; use error, warn, info, debug or trace"),
+            )
+        })?,
+    };
+    let mut static_ips = Vec::new();
+    let mut static_mac = None;
+    let mut take = |field: &str, rc: &RuntimeConfig| -> Result<(), CniError> {
+        for ip in &rc.ips {
+            let parsed = parse_ip_or_cidr(ip).ok_or_else(|| {
+                invalid(&format!("{field}.ips"), format!("{ip:?} is not an IP address"))
+            })?;
+            if !static_ips.contains(&parsed) {
+                static_ips.push(parsed);
+            }
+        }
+        if let Some(mac) = &rc.mac {
+            static_mac = Some(names::parse_mac(mac).ok_or_else(|| {
+                invalid(&format!("{field}.mac"), format!("{mac:?} is not a MAC address"))
+            })?);
+        }
+        Ok(())
+    };
+    if let Some(rc) = &raw.runtime_config {
+        take("runtimeConfig", rc)?;
+    }
+    if let Some(rc) = raw.args.as_ref().and_then(|a| a.cni.as_ref()) {
+        take("args.cni", rc)?;
+    }
+    if let Some(ips) = env.args.get("IP") {
+        for ip in ips.split(',').filter(|s| !s.is_empty()) {
+            let parsed = parse_ip_or_cidr(ip).ok_or_else(|| {
+                CniError::new(
+                    error::INVALID_ENV,
+                    "invalid CNI_ARGS",
+                    format!("CNI_ARGS IP={ip:?} is not an IP address"),
+                )
+            })?;
+            if !static_ips.contains(&parsed) {
+                static_ips.push(parsed);
+            }
+        }
+    }
+    if let Some(mac) = env.args.get("MAC") {
+        static_mac = Some(names::parse_mac(mac).ok_or_else(|| {
+            CniError::new(
+                error::INVALID_ENV,
+                "invalid CNI_ARGS",
+                format!("CNI_ARGS MAC={mac:?} is not a MAC address"),
+            )
+        })?);
+    }
+    if let Some(mac) = static_mac
+        && mac[0] & 1 == 1
+    {
+        return Err(invalid(
+            "mac",
+            format!(
+                "{} is a multicast address; use a unicast MAC",
+                names::format_mac(mac)
+            ),
+        ));
+    }
+    let timeout_ms = raw.agent_timeout_ms.unwrap_or(5000);
+    if !(10..=60_000).contains(&timeout_ms) {
+        return Err(invalid(
+            "agentTimeoutMs",
+            format!("{timeout_ms} is out of range; use 10 to 60000"),
+        ));
+    }
+    Ok(Conf {
+        cni_version,
+        name,
+        network: raw.network,
+        state_dir: raw
+            .state_dir
+            .unwrap_or_else(|| PathBuf::from(names::DEFAULT_STATE_DIR)),
+        agent_socket: raw
+            .agent_socket
+            .unwrap_or_else(|| PathBuf::from(names::DEFAULT_AGENT_SOCKET)),
+        log_file: raw.log_file,
+        log_level,
+        default_route: raw.default_route.unwrap_or(true),
+        agent_timeout: std::time::Duration::from_millis(timeout_ms),
+        static_ips,
+        static_mac,
+        prev_result: raw.prev_result,
+        valid_attachments: raw.valid_attachments,
+    })
+}
+
+impl Conf {
+    /// The weft network, or code 7 naming the field.
+    pub fn require_network(&self) -> Result<&str, CniError> {
+        self.network.as_deref().ok_or_else(|| {
+            invalid(
+                "network",
+                "missing; name the weft Network to attach to (e.g. \"network\": \"nat-demo\")",
+            )
+        })
+    }
+}
+
+impl Env {
+    /// A required variable, or code 4 naming it.
+    pub fn require<'a>(&self, name: &str, value: &'a Option<String>) -> Result<&'a str, CniError> {
+        value.as_deref().ok_or_else(|| {
+            CniError::new(
+                error::INVALID_ENV,
+                format!("{name} is not set"),
+                format!("{name} is required for this command; the container runtime sets it"),
+            )
+        })
+    }
+
+    /// `CNI_CONTAINERID`, validated.
+    pub fn container_id(&self) -> Result<&str, CniError> {
+        let id = self.require("CNI_CONTAINERID", &self.container_id)?;
+        if !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '-')
+        {
+            return Err(CniError::new(
+                error::INVALID_ENV,
+                "invalid CNI_CONTAINERID",
+                format!(
+                    "CNI_CONTAINERID {id:?} may only contain letters, digits, '_', '.' and '-'"
+                ),
+            ));
+        }
+        Ok(id)
+    }
+
+    /// `CNI_IFNAME`, validated as a Linux interface name.
+    pub fn ifname(&self) -> Result<&str, CniError> {
+        let name = self.require("CNI_IFNAME", &self.ifname)?;
+        if !names::is_valid_ifname(name) {
+            return Err(CniError::new(
+                error::INVALID_ENV,
+                "invalid CNI_IFNAME",
+                format!(
+                    "CNI_IFNAME {name:?} is not a valid interface name (1-15 bytes, no '/', ':' or spaces)"
+                ),
+            ));
+        }
+        Ok(name)
+    }
+
+    /// `CNI_NETNS`.
+    pub fn netns(&self) -> Result<&str, CniError> {
+        self.require("CNI_NETNS", &self.netns)
+    }
+
+    /// The Kubernetes namespace and name of the pod, from kubelet's `CNI_ARGS`.
+    pub fn pod(&self) -> (Option<String>, Option<String>) {
+        (
+            self.args.get("K8S_POD_NAMESPACE").cloned(),
+            self.args.get("K8S_POD_NAME").cloned(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env() -> Env {
+        Env {
+            container_id: Some("c1".into()),
+            netns: Some("/run/netns/x".into()),
+            ifname: Some("eth0".into()),
+            args: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn parses_every_supported_version() {
+        for v in SUPPORTED_VERSIONS {
+            let c = parse_conf(
+                format!(r#"{{"cniVersion":"{v}","name":"n","type":"weft","network":"nat-demo"}}"#)
+                    .as_bytes(),
+                &env(),
+            )
+            .unwrap();
+            assert_eq!(c.cni_version, *v);
+            assert_eq!(c.network.as_deref(), Some("nat-demo"));
+            assert!(c.default_route);
+        }
+    }
+
+    #[test]
+    fn bad_json_is_code_6() {
+        let e = parse_conf(b"{", &env()).unwrap_err();
+        assert_eq!(e.code, 6);
+    }
+
+    #[test]
+    fn unsupported_version_is_code_1() {
+        let e = parse_conf(br#"{"cniVersion":"9.9.9","name":"n","type":"weft"}"#, &env())
+            .unwrap_err();
+        assert_eq!(e.code, 1);
+        assert!(e.details.contains("1.1.0"));
+    }
+
+    #[test]
+    fn wrong_type_and_bad_fields_are_code_7_naming_the_field() {
+        let e = parse_conf(br#"{"cniVersion":"1.1.0","name":"n","type":"bridge"}"#, &env())
+            .unwrap_err();
+        assert_eq!(e.code, 7);
+        assert!(e.details.starts_with("type:"), "{}", e.details);
+        let e = parse_conf(
+            br#"{"cniVersion":"1.1.0","name":"n","type":"weft","network":"Bad_Name"}"#,
+            &env(),
+        )
+        .unwrap_err();
+        assert!(e.details.starts_with("network:"), "{}", e.details);
+        let e = parse_conf(
+            br#"{"cniVersion":"1.1.0","name":"n","type":"weft","runtimeConfig":{"ips":["nope"]}}"#,
+            &env(),
+        )
+        .unwrap_err();
+        assert_eq!(e.code, 7);
+        assert!(e.details.starts_with("runtimeConfig.ips:"), "{}", e.details);
+        let e = parse_conf(
+            br#"{"cniVersion":"1.1.0","name":"n","type":"weft","logLevel":"loud"}"#,
+            &env(),
+        )
+        .unwrap_err();
+        assert!(e.details.starts_with("logLevel:"), "{}", e.details);
+    }
+
+    #[test]
+    fn static_ips_and_mac_come_from_runtime_config_and_cni_args() {
+        let mut e = env();
+        e.args = parse_cni_args("IgnoreUnknown=1;IP=10.0.0.9;MAC=0a:58:0a:00:00:09").unwrap();
+        let c = parse_conf(
+            br#"{"cniVersion":"1.1.0","name":"n","type":"weft","runtimeConfig":{"ips":["fd00::9/64"],"mac":"02:00:00:00:00:01"}}"#,
+            &e,
+        )
+        .unwrap();
+        assert_eq!(
+            c.static_ips,
+            vec![
+                "fd00::9".parse::<IpAddr>().unwrap(),
+                "10.0.0.9".parse().unwrap()
+            ]
+        );
+        // CNI_ARGS MAC wins over runtimeConfig (it is the more specific request).
+        assert_eq!(names::format_mac(c.static_mac.unwrap()), "0a:58:0a:00:00:09");
+    }
+
+    #[test]
+    fn env_errors_are_code_4_naming_the_variable() {
+        assert_eq!(parse_cni_args("novalue").unwrap_err().code, 4);
+        let mut e = env();
+        e.ifname = Some("this-name-is-too-long".into());
+        let err = e.ifname().unwrap_err();
+        assert_eq!(err.code, 4);
+        assert!(err.details.contains("CNI_IFNAME"));
+        e.container_id = None;
+        assert!(e.container_id().unwrap_err().msg.contains("CNI_CONTAINERID"));
+        let cmd = command_from_env(&|_| Some("FROB".into())).unwrap_err();
+        assert_eq!(cmd.code, 4);
+    }
+
+    #[test]
+    fn valid_attachments_are_read_for_gc() {
+        let c = parse_conf(
+            br#"{"cniVersion":"1.1.0","name":"n","type":"weft","cni.dev/valid-attachments":[{"containerID":"a","ifname":"eth0"}]}"#,
+            &env(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.valid_attachments.unwrap(),
+            vec![ValidAttachment {
+                container_id: "a".into(),
+                ifname: "eth0".into()
+            }]
+        );
+    }
+}

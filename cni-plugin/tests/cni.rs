@@ -1,0 +1,519 @@
+//! The real `weft` binary, driven from outside exactly as a container runtime drives it.
+//!
+//! Each test unshares its own network namespace (the "node") on its thread, creates its own
+//! bridge and named workload namespaces with unique names, and a stand-in agent on a socket in a
+//! temp dir. Nothing outside the test's namespaces is touched; named namespaces are removed by a
+//! guard even when the test fails.
+
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+use weft_dataplane::ipam::{Attachment, IpamStore};
+use weft_dataplane::names;
+use weft_dataplane::netlink::Netlink;
+use weft_dataplane::netns::{self, Netns};
+use weft_dataplane::state::{NetworkMode, NetworkState, NodeState};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root (CAP_NET_ADMIN) to create network namespaces; run the tests as root"
+    );
+}
+
+/// A node namespace for this test thread, a state dir, a bridge and a stand-in agent.
+struct Node {
+    dir: tempfile::TempDir,
+    namespaces: Vec<String>,
+    agent: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        for ns in &self.namespaces {
+            let _ = netns::delete_named(ns);
+        }
+    }
+}
+
+enum Agent {
+    Answers,
+    Silent,
+    None,
+}
+
+impl Node {
+    fn new(agent: Agent) -> Node {
+        require_root();
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
+        let dir = tempfile::tempdir().unwrap();
+        let mut nl = Netlink::new().unwrap();
+        if let Some(lo) = nl.link_by_name("lo").unwrap() {
+            nl.set_up(lo.index).unwrap();
+        }
+        let br = nl
+            .create_bridge("wn-test", Some(1500), None, Some("weft:net:test"))
+            .unwrap();
+        nl.set_up(br).unwrap();
+        nl.add_address(br, "10.77.0.1/16".parse().unwrap(), true).unwrap();
+        nl.add_address(br, "fd77::1/64".parse().unwrap(), true).unwrap();
+        NetworkState {
+            name: "test".into(),
+            mode: NetworkMode::Nat,
+            bridge: "wn-test".into(),
+            mtu: 1400,
+            subnet_v4: Some("10.77.0.0/16".parse().unwrap()),
+            subnet_v6: Some("fd77::/64".parse().unwrap()),
+            gateway_v4: Some("10.77.0.1".parse().unwrap()),
+            gateway_v6: Some("fd77::1".parse().unwrap()),
+            block_v4: Some("10.77.0.0/24".parse().unwrap()),
+            block_v6: Some("fd77::/120".parse().unwrap()),
+            exclude: vec!["10.77.0.2/32".parse().unwrap()],
+            anti_spoofing: true,
+        }
+        .write(dir.path())
+        .unwrap();
+        let socket = dir.path().join("agent.sock");
+        let handle = match agent {
+            Agent::None => None,
+            Agent::Answers | Agent::Silent => {
+                let listener = UnixListener::bind(&socket).unwrap();
+                let silent = matches!(agent, Agent::Silent);
+                Some(std::thread::spawn(move || {
+                    for s in listener.incoming() {
+                        let Ok(s) = s else { return };
+                        let mut line = String::new();
+                        let _ = BufReader::new(&s).read_line(&mut line);
+                        if silent {
+                            std::thread::sleep(Duration::from_secs(30));
+                            continue;
+                        }
+                        let _ = (&s).write_all(b"{\"ok\":true,\"ready\":true}\n");
+                    }
+                }))
+            }
+        };
+        if matches!(agent, Agent::Answers) {
+            NodeState {
+                node: "n".into(),
+                agent_socket: socket,
+                ready: true,
+                reconciled_at: 0,
+                version: "test".into(),
+            }
+            .write(dir.path())
+            .unwrap();
+        }
+        Node {
+            dir,
+            namespaces: Vec::new(),
+            agent: handle,
+        }
+    }
+
+    fn state_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn workload(&mut self) -> (String, PathBuf) {
+        let name = format!(
+            "weft-cnitest-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        netns::create_named(&name).unwrap();
+        self.namespaces.push(name.clone());
+        (name.clone(), netns::named_path(&name))
+    }
+
+    fn conf(&self, version: &str) -> Value {
+        json!({
+            "cniVersion": version,
+            "name": "weft",
+            "type": "weft",
+            "network": "test",
+            "stateDir": self.state_dir(),
+            "agentSocket": self.state_dir().join("agent.sock"),
+            "agentTimeoutMs": 500,
+        })
+    }
+}
+
+struct Out {
+    ok: bool,
+    json: Value,
+    stderr: String,
+}
+
+fn weft(command: &str, conf: &Value, env: &[(&str, &str)]) -> Out {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .env_clear()
+        .env("CNI_COMMAND", command)
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    Out {
+        ok: out.status.success(),
+        json: serde_json::from_str(&stdout).unwrap_or(Value::String(stdout)),
+        stderr: String::from_utf8_lossy(&out.stderr).to_string(),
+    }
+}
+
+fn env<'a>(cid: &'a str, netns: &'a str, ifname: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("CNI_CONTAINERID", cid),
+        ("CNI_NETNS", netns),
+        ("CNI_IFNAME", ifname),
+        ("CNI_PATH", "/opt/cni/bin"),
+        (
+            "CNI_ARGS",
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=pod",
+        ),
+    ]
+}
+
+fn host_link_exists(cid: &str, ifname: &str) -> bool {
+    Netlink::new()
+        .unwrap()
+        .link_by_name(&names::host_veth_name(cid, ifname))
+        .unwrap()
+        .is_some()
+}
+
+#[test]
+fn version_lists_1_1_0() {
+    let out = weft("VERSION", &json!({"cniVersion": "1.1.0"}), &[]);
+    assert!(out.ok);
+    assert_eq!(out.json["cniVersion"], "1.1.0");
+    let versions: Vec<&str> = out.json["supportedVersions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    for v in ["0.4.0", "1.0.0", "1.1.0"] {
+        assert!(versions.contains(&v), "{versions:?}");
+    }
+}
+
+#[test]
+fn add_check_del_round_trip() {
+    let mut node = Node::new(Agent::Answers);
+    let (_, ns_path) = node.workload();
+    let ns = ns_path.to_str().unwrap();
+    let conf = node.conf("1.1.0");
+    let add = weft("ADD", &conf, &env("c1", ns, "eth0"));
+    assert!(add.ok, "{} {}", add.json, add.stderr);
+    let r = &add.json;
+    assert_eq!(r["cniVersion"], "1.1.0");
+    let ifaces = r["interfaces"].as_array().unwrap();
+    assert_eq!(ifaces[2]["name"], "eth0");
+    assert_eq!(ifaces[2]["sandbox"], ns);
+    assert_eq!(ifaces[2]["mtu"], 1400);
+    // .0 is the network, .1 the gateway, .2 is excluded: the first address is .3.
+    assert_eq!(r["ips"][0]["address"], "10.77.0.3/16");
+    assert_eq!(r["ips"][0]["gateway"], "10.77.0.1");
+    assert_eq!(r["ips"][0]["interface"], 2);
+    assert!(r["ips"][0].get("version").is_none());
+    assert_eq!(r["ips"][1]["address"], "fd77::2/64");
+    assert_eq!(r["routes"][0]["dst"], "0.0.0.0/0");
+    assert_eq!(ifaces[2]["mac"], "0a:58:0a:4d:00:03");
+
+    // Inside the workload: eth0 up, with the addresses, MTU and default routes.
+    let mut inner = Netlink::in_netns(&Netns::open(&ns_path).unwrap()).unwrap();
+    let eth0 = inner.link_by_name("eth0").unwrap().unwrap();
+    assert!(eth0.up);
+    assert_eq!(eth0.mtu, 1400);
+    let addrs: Vec<String> = inner
+        .addresses(Some(eth0.index))
+        .unwrap()
+        .iter()
+        .map(|a| a.addr.to_string())
+        .collect();
+    assert!(addrs.contains(&"10.77.0.3/16".to_string()), "{addrs:?}");
+    let routes = inner.routes(weft_dataplane::netlink::Family::V4).unwrap();
+    assert!(routes.iter().any(|r| r.dst.prefix_len() == 0
+        && r.gateway == Some("10.77.0.1".parse().unwrap())));
+    // The host side is on the bridge.
+    let mut host = Netlink::new().unwrap();
+    let hl = host
+        .link_by_name(&names::host_veth_name("c1", "eth0"))
+        .unwrap()
+        .unwrap();
+    let br = host.link_by_name("wn-test").unwrap().unwrap();
+    assert_eq!(hl.master, Some(br.index));
+
+    let mut check_conf = conf.clone();
+    check_conf["prevResult"] = add.json.clone();
+    let check = weft("CHECK", &check_conf, &env("c1", ns, "eth0"));
+    assert!(check.ok, "{}", check.json);
+
+    // CHECK notices a missing address.
+    inner
+        .del_address(eth0.index, "10.77.0.3/16".parse().unwrap())
+        .unwrap();
+    let check = weft("CHECK", &check_conf, &env("c1", ns, "eth0"));
+    assert!(!check.ok);
+    assert_eq!(check.json["code"], 106);
+
+    let del = weft("DEL", &check_conf, &env("c1", ns, "eth0"));
+    assert!(del.ok, "{}", del.json);
+    assert!(!host_link_exists("c1", "eth0"));
+    assert!(inner.link_by_name("eth0").unwrap().is_none());
+    let store = IpamStore::open(node.state_dir(), "test").unwrap();
+    assert!(store.list().unwrap().is_empty());
+    let again = weft("DEL", &check_conf, &env("c1", ns, "eth0"));
+    assert!(again.ok, "DEL twice succeeds: {}", again.json);
+}
+
+#[test]
+fn legacy_0_4_0_result_has_ip_versions() {
+    let mut node = Node::new(Agent::Answers);
+    let (_, ns_path) = node.workload();
+    let ns = ns_path.to_str().unwrap();
+    let add = weft("ADD", &node.conf("0.4.0"), &env("c04", ns, "eth0"));
+    assert!(add.ok, "{}", add.json);
+    assert_eq!(add.json["cniVersion"], "0.4.0");
+    assert_eq!(add.json["ips"][0]["version"], "4");
+    assert_eq!(add.json["ips"][1]["version"], "6");
+    assert!(weft("DEL", &node.conf("0.4.0"), &env("c04", ns, "eth0")).ok);
+}
+
+#[test]
+fn del_succeeds_when_the_netns_is_gone() {
+    let mut node = Node::new(Agent::Answers);
+    let (name, ns_path) = node.workload();
+    let ns = ns_path.to_str().unwrap().to_string();
+    assert!(weft("ADD", &node.conf("1.1.0"), &env("gone", &ns, "eth0")).ok);
+    netns::delete_named(&name).unwrap();
+    let del = weft("DEL", &node.conf("1.1.0"), &env("gone", &ns, "eth0"));
+    assert!(del.ok, "{}", del.json);
+    assert!(!host_link_exists("gone", "eth0"));
+    let store = IpamStore::open(node.state_dir(), "test").unwrap();
+    assert!(store.list().unwrap().is_empty());
+}
+
+#[test]
+fn static_ip_and_mac_from_cni_args_are_honoured_and_checked() {
+    let mut node = Node::new(Agent::Answers);
+    let (_, ns_path) = node.workload();
+    let ns = ns_path.to_str().unwrap();
+    let mut e = env("static", ns, "eth0");
+    e[4] = ("CNI_ARGS", "IgnoreUnknown=1;IP=10.77.0.50;MAC=02:00:00:00:00:50");
+    let add = weft("ADD", &node.conf("1.1.0"), &e);
+    assert!(add.ok, "{}", add.json);
+    assert_eq!(add.json["ips"][0]["address"], "10.77.0.50/16");
+    assert_eq!(add.json["interfaces"][2]["mac"], "02:00:00:00:00:50");
+    // Outside this node's block: a clear invalid-config error, nothing left behind.
+    let (_, ns2) = node.workload();
+    let mut e2 = env("static2", ns2.to_str().unwrap(), "eth0");
+    e2[4] = ("CNI_ARGS", "IgnoreUnknown=1;IP=10.77.9.9");
+    let bad = weft("ADD", &node.conf("1.1.0"), &e2);
+    assert!(!bad.ok);
+    assert_eq!(bad.json["code"], 7, "{}", bad.json);
+    assert!(bad.json["details"].as_str().unwrap().contains("10.77.9.9"));
+    assert!(!host_link_exists("static2", "eth0"));
+    assert!(weft("DEL", &node.conf("1.1.0"), &e).ok);
+}
+
+#[test]
+fn add_fails_closed_and_undoes_everything_when_the_agent_does_not_answer() {
+    let mut node = Node::new(Agent::Silent);
+    let (_, ns_path) = node.workload();
+    let ns = ns_path.to_str().unwrap();
+    let add = weft("ADD", &node.conf("1.1.0"), &env("silent", ns, "eth0"));
+    assert!(!add.ok);
+    assert_eq!(add.json["code"], 11, "{}", add.json);
+    assert!(!host_link_exists("silent", "eth0"));
+    let store = IpamStore::open(node.state_dir(), "test").unwrap();
+    assert!(store.list().unwrap().is_empty(), "the address was released");
+    let mut inner = Netlink::in_netns(&Netns::open(&ns_path).unwrap()).unwrap();
+    assert!(inner.link_by_name("eth0").unwrap().is_none());
+    drop(node.agent.take());
+}
+
+#[test]
+fn a_killed_add_is_repaired_by_del_and_by_gc() {
+    let mut node = Node::new(Agent::Silent);
+    for (cid, repair) in [("killed-del", "DEL"), ("killed-gc", "GC")] {
+        let (_, ns_path) = node.workload();
+        let ns = ns_path.to_str().unwrap().to_string();
+        let conf = node.conf("1.1.0");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_weft"))
+            .env_clear()
+            .env("CNI_COMMAND", "ADD")
+            .envs(env(cid, &ns, "eth0"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(conf.to_string().as_bytes())
+            .unwrap();
+        // Wait until the link exists (ADD is now waiting for the silent agent), then kill -9.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !host_link_exists(cid, "eth0") {
+            assert!(std::time::Instant::now() < deadline, "ADD never created its link");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let store = IpamStore::open(node.state_dir(), "test").unwrap();
+        assert!(
+            store
+                .get(&Attachment {
+                    container_id: cid.into(),
+                    ifname: "eth0".into()
+                })
+                .unwrap()
+                .is_some(),
+            "the allocation survived the crash"
+        );
+        let out = if repair == "DEL" {
+            weft("DEL", &conf, &env(cid, &ns, "eth0"))
+        } else {
+            let mut gc = conf.clone();
+            gc["cni.dev/valid-attachments"] = json!([]);
+            weft("GC", &gc, &[])
+        };
+        assert!(out.ok, "{repair}: {}", out.json);
+        assert!(!host_link_exists(cid, "eth0"), "{repair} removed the link");
+        assert!(store.list().unwrap().is_empty(), "{repair} released the address");
+    }
+}
+
+#[test]
+fn gc_keeps_valid_attachments_and_removes_the_rest() {
+    let mut node = Node::new(Agent::Answers);
+    let conf = node.conf("1.1.0");
+    let (_, a) = node.workload();
+    let (_, b) = node.workload();
+    assert!(weft("ADD", &conf, &env("keep", a.to_str().unwrap(), "eth0")).ok);
+    assert!(weft("ADD", &conf, &env("drop", b.to_str().unwrap(), "eth0")).ok);
+    let mut gc = conf.clone();
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": "keep", "ifname": "eth0"}]);
+    let out = weft("GC", &gc, &[]);
+    assert!(out.ok, "{}", out.json);
+    assert!(host_link_exists("keep", "eth0"));
+    assert!(!host_link_exists("drop", "eth0"));
+    let store = IpamStore::open(node.state_dir(), "test").unwrap();
+    let left: Vec<String> = store
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|a| a.container_id)
+        .collect();
+    assert_eq!(left, vec!["keep"]);
+    assert!(weft("DEL", &conf, &env("keep", a.to_str().unwrap(), "eth0")).ok);
+}
+
+#[test]
+fn status_is_50_until_the_agent_has_prepared_the_node() {
+    let node = Node::new(Agent::None);
+    let out = weft("STATUS", &node.conf("1.1.0"), &[]);
+    assert!(!out.ok);
+    assert_eq!(out.json["code"], 50, "{}", out.json);
+    drop(node);
+    let node = Node::new(Agent::Answers);
+    let out = weft("STATUS", &node.conf("1.1.0"), &[]);
+    assert!(out.ok, "{}", out.json);
+}
+
+#[test]
+fn fifty_concurrent_adds_get_distinct_addresses() {
+    let mut node = Node::new(Agent::Answers);
+    let conf = node.conf("1.1.0");
+    let workloads: Vec<String> = (0..50)
+        .map(|_| node.workload().1.to_str().unwrap().to_string())
+        .collect();
+    let results: Vec<Out> = std::thread::scope(|s| {
+        let handles: Vec<_> = workloads
+            .iter()
+            .enumerate()
+            .map(|(i, ns)| {
+                let conf = &conf;
+                s.spawn(move || {
+                    let cid = format!("par{i}");
+                    weft("ADD", conf, &env(&cid, ns, "eth0"))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut addrs = std::collections::BTreeSet::new();
+    for r in &results {
+        assert!(r.ok, "{} {}", r.json, r.stderr);
+        assert!(addrs.insert(r.json["ips"][0]["address"].as_str().unwrap().to_string()));
+    }
+    assert_eq!(addrs.len(), 50);
+    for (i, ns) in workloads.iter().enumerate() {
+        let cid = format!("par{i}");
+        assert!(weft("DEL", &conf, &env(&cid, ns, "eth0")).ok);
+    }
+}
+
+#[test]
+fn bad_input_gets_coded_errors_naming_the_field() {
+    let node = Node::new(Agent::Answers);
+    // Missing CNI_COMMAND: code 4.
+    let out = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .env_clear()
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["code"], 4);
+    // Undecodable configuration: code 6.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .env_clear()
+        .env("CNI_COMMAND", "ADD")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"{nope").unwrap();
+    let v: Value = serde_json::from_slice(&child.wait_with_output().unwrap().stdout).unwrap();
+    assert_eq!(v["code"], 6);
+    // Missing network: code 7 naming the field.
+    let mut conf = node.conf("1.1.0");
+    conf.as_object_mut().unwrap().remove("network");
+    let out = weft("ADD", &conf, &env("x", "/run/netns/none", "eth0"));
+    assert_eq!(out.json["code"], 7);
+    assert!(out.json["details"].as_str().unwrap().starts_with("network:"));
+    // Missing CNI_NETNS on ADD: code 4 naming it.
+    let out = weft(
+        "ADD",
+        &node.conf("1.1.0"),
+        &[("CNI_CONTAINERID", "x"), ("CNI_IFNAME", "eth0")],
+    );
+    assert_eq!(out.json["code"], 4);
+    assert!(out.json["msg"].as_str().unwrap().contains("CNI_NETNS"));
+    // A network this node does not have: try again later.
+    let mut conf = node.conf("1.1.0");
+    conf["network"] = json!("absent");
+    let out = weft("ADD", &conf, &env("x", "/run/netns/none", "eth0"));
+    assert_eq!(out.json["code"], 11);
+    // Nothing was written on stdout but the error object.
+    assert!(out.json.is_object());
+}

@@ -1,0 +1,316 @@
+//! The CEL validation rules (`x-kubernetes-validations`) of the CRDs.
+//!
+//! Every rule lives here once, as a constant, and is attached to the schema from there (the
+//! `#[x_kube(validation = ...)]` attributes and the address newtypes' schemas), so the tests can
+//! check that each one is present in the generated YAML. The same checks are written in Rust in
+//! `NetworkSpec::validate` and `PortForwardSpec::validate`.
+//!
+//! The rules use only the standard CEL environment of Kubernetes 1.31+ (its `ip`/`cidr`
+//! libraries included). `cidr.containsCIDR()` is avoided on purpose: before
+//! kubernetes/kubernetes#130450 it wrongly returned false for a sub-CIDR whose address differs from
+//! the outer one, so containment is written with `containsIP` plus a prefix-length comparison.
+//! A rule that depends on another field guards against values that a field-level rule already
+//! rejects (`!isCIDR(s) || ...`), so a bad value yields one clear message, not an evaluation error.
+
+use serde_json::{Value, json};
+
+/// One CEL validation rule as it appears in the CRD.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CelRule {
+    /// The CEL expression; `self` is the value of the schema node that carries the rule.
+    pub rule: &'static str,
+    /// The message the apiserver returns when the rule fails: which field, and the fix.
+    pub message: &'static str,
+    /// The field the error is reported on, relative to the node that carries the rule
+    /// (for rules on an object that check one of its fields), e.g. `.bridge`.
+    pub field_path: Option<&'static str>,
+}
+
+impl CelRule {
+    /// The rule as a `x-kubernetes-validations` entry.
+    pub fn to_json(&self) -> Value {
+        let mut v = json!({ "rule": self.rule, "message": self.message });
+        if let (Some(path), Value::Object(map)) = (self.field_path, &mut v) {
+            map.insert("fieldPath".into(), Value::String(path.into()));
+        }
+        v
+    }
+}
+
+impl From<&CelRule> for kube::core::Rule {
+    fn from(r: &CelRule) -> Self {
+        let rule = kube::core::Rule::new(r.rule).message(r.message);
+        match r.field_path {
+            Some(path) => rule.field_path(path),
+            None => rule,
+        }
+    }
+}
+
+// ---- address strings (attached to every field of that type) ----
+
+/// A [`Cidr`](crate::Cidr) must parse as a CIDR.
+pub const CIDR_VALID: CelRule = CelRule {
+    rule: "isCIDR(self)",
+    message: "must be a CIDR (address/prefix-length) such as 10.10.0.0/16 or fd10::/64",
+    field_path: None,
+};
+
+/// A [`Cidr`](crate::Cidr) must be in canonical form (host bits zero).
+pub const CIDR_CANONICAL: CelRule = CelRule {
+    rule: "!isCIDR(self) || cidr(self) == cidr(self).masked()",
+    message: "must be in canonical form with the host bits zero, e.g. 10.10.0.0/16 rather than 10.10.0.1/16",
+    field_path: None,
+};
+
+/// An [`IpAddress`](crate::IpAddress) must parse as an IP address.
+pub const IP_VALID: CelRule = CelRule {
+    rule: "isIP(self)",
+    message: "must be an IPv4 or IPv6 address such as 10.10.0.1 or fd10::1",
+    field_path: None,
+};
+
+/// An [`IpOrCidr`](crate::IpOrCidr) must be an address or a CIDR.
+pub const IP_OR_CIDR_VALID: CelRule = CelRule {
+    rule: "isIP(self) || isCIDR(self)",
+    message: "must be an IP address such as 10.10.0.5 or a CIDR such as 10.10.0.0/28",
+    field_path: None,
+};
+
+/// An [`IpOrCidr`](crate::IpOrCidr) that is a CIDR must be in canonical form.
+pub const IP_OR_CIDR_CANONICAL: CelRule = CelRule {
+    rule: "!isCIDR(self) || cidr(self) == cidr(self).masked()",
+    message: "a CIDR must have its host bits zero, e.g. 10.10.0.0/28 rather than 10.10.0.5/28",
+    field_path: None,
+};
+
+// ---- Network: spec.subnets ----
+
+/// `spec.subnets`: at most one IPv4 subnet.
+pub const SUBNETS_ONE_V4: CelRule = CelRule {
+    rule: "self.filter(s, isCIDR(s) && cidr(s).ip().family() == 4).size() <= 1",
+    message: "subnets may hold at most one IPv4 CIDR (and one IPv6 CIDR for dual-stack); remove the extra one",
+    field_path: None,
+};
+
+/// `spec.subnets`: at most one IPv6 subnet.
+pub const SUBNETS_ONE_V6: CelRule = CelRule {
+    rule: "self.filter(s, isCIDR(s) && cidr(s).ip().family() == 6).size() <= 1",
+    message: "subnets may hold at most one IPv6 CIDR (and one IPv4 CIDR for dual-stack); remove the extra one",
+    field_path: None,
+};
+
+/// `spec.subnets`: room for a gateway and workloads.
+pub const SUBNETS_LARGE_ENOUGH: CelRule = CelRule {
+    rule: "self.all(s, !isCIDR(s) || cidr(s).prefixLength() <= (cidr(s).ip().family() == 4 ? 30 : 126))",
+    message: "a subnet needs room for a gateway and workloads: use an IPv4 prefix of /30 or shorter and an IPv6 prefix of /126 or shorter",
+    field_path: None,
+};
+
+// ---- Network: spec.gateway ----
+
+/// `spec.gateway`: at most one IPv4 gateway.
+pub const GATEWAY_ONE_V4: CelRule = CelRule {
+    rule: "self.filter(g, isIP(g) && ip(g).family() == 4).size() <= 1",
+    message: "gateway may hold at most one IPv4 address (and one IPv6 address); remove the extra one",
+    field_path: None,
+};
+
+/// `spec.gateway`: at most one IPv6 gateway.
+pub const GATEWAY_ONE_V6: CelRule = CelRule {
+    rule: "self.filter(g, isIP(g) && ip(g).family() == 6).size() <= 1",
+    message: "gateway may hold at most one IPv6 address (and one IPv4 address); remove the extra one",
+    field_path: None,
+};
+
+// ---- Network: spec ----
+
+/// `spec.bridge` only with mode Bridge.
+pub const NETWORK_BRIDGE_ONLY_IN_BRIDGE_MODE: CelRule = CelRule {
+    rule: "!has(self.bridge) || self.mode == 'Bridge'",
+    message: "spec.bridge is only allowed when spec.mode is Bridge; remove spec.bridge or set mode: Bridge",
+    field_path: Some(".bridge"),
+};
+
+/// Mode Bridge needs `spec.bridge` (whose `uplink` is required).
+pub const NETWORK_BRIDGE_REQUIRED: CelRule = CelRule {
+    rule: "self.mode != 'Bridge' || has(self.bridge)",
+    message: "spec.mode Bridge needs spec.bridge with the uplink interface, e.g. bridge: {uplink: eth1}",
+    field_path: Some(".bridge"),
+};
+
+/// `spec.nat` only with mode NAT.
+pub const NETWORK_NAT_ONLY_IN_NAT_MODE: CelRule = CelRule {
+    rule: "!has(self.nat) || self.mode == 'NAT'",
+    message: "spec.nat is only allowed when spec.mode is NAT; remove spec.nat or set mode: NAT",
+    field_path: Some(".nat"),
+};
+
+/// Every gateway lies inside the subnet of its family.
+pub const NETWORK_GATEWAY_IN_SUBNET: CelRule = CelRule {
+    rule: "!has(self.gateway) || self.gateway.all(g, !isIP(g) || self.subnets.exists(s, isCIDR(s) && cidr(s).containsIP(g)))",
+    message: "each spec.gateway address must lie inside the spec.subnets entry of its family; fix the address or add that family's subnet",
+    field_path: Some(".gateway"),
+};
+
+/// No gateway is its subnet's network address. (The IPv4 broadcast address cannot be expressed
+/// in CEL; `NetworkSpec::validate` checks it.)
+pub const NETWORK_GATEWAY_NOT_NETWORK_ADDRESS: CelRule = CelRule {
+    rule: "!has(self.gateway) || self.gateway.all(g, !isIP(g) || self.subnets.all(s, !isCIDR(s) || cidr(s).ip() != ip(g)))",
+    message: "a spec.gateway address must not be its subnet's network address; use a host address such as the first usable one (the default)",
+    field_path: Some(".gateway"),
+};
+
+/// The IPv4 node block is not larger than the IPv4 subnet.
+pub const NETWORK_NODE_BLOCK_PREFIX_V4: CelRule = CelRule {
+    rule: "!has(self.ipam) || !has(self.ipam.nodeBlockPrefix) || self.subnets.all(s, !isCIDR(s) || cidr(s).ip().family() != 4 || cidr(s).prefixLength() <= self.ipam.nodeBlockPrefix)",
+    message: "spec.ipam.nodeBlockPrefix must be at least the IPv4 subnet's prefix length (a node block cannot be larger than the subnet); raise it or widen the subnet",
+    field_path: Some(".ipam.nodeBlockPrefix"),
+};
+
+/// The IPv6 node block is not larger than the IPv6 subnet.
+pub const NETWORK_NODE_BLOCK_PREFIX_V6: CelRule = CelRule {
+    rule: "!has(self.ipam) || !has(self.ipam.nodeBlockPrefixV6) || self.subnets.all(s, !isCIDR(s) || cidr(s).ip().family() != 6 || cidr(s).prefixLength() <= self.ipam.nodeBlockPrefixV6)",
+    message: "spec.ipam.nodeBlockPrefixV6 must be at least the IPv6 subnet's prefix length (a node block cannot be larger than the subnet); raise it or widen the subnet",
+    field_path: Some(".ipam.nodeBlockPrefixV6"),
+};
+
+/// Every excluded address or CIDR lies inside one of the subnets.
+pub const NETWORK_EXCLUDE_IN_SUBNET: CelRule = CelRule {
+    rule: "!has(self.ipam) || !has(self.ipam.exclude) || self.ipam.exclude.all(e, !(isIP(e) || isCIDR(e)) || self.subnets.exists(s, isCIDR(s) && (isIP(e) ? cidr(s).containsIP(e) : (cidr(s).containsIP(cidr(e).ip()) && cidr(e).prefixLength() >= cidr(s).prefixLength()))))",
+    message: "each spec.ipam.exclude entry must lie inside one of spec.subnets; fix or remove it",
+    field_path: Some(".ipam.exclude"),
+};
+
+// ---- PortForward ----
+
+/// `spec.target`: exactly one of workload and selector.
+pub const PORT_FORWARD_TARGET_EXACTLY_ONE: CelRule = CelRule {
+    rule: "has(self.workload) != has(self.selector)",
+    message: "spec.target needs exactly one of workload (a pod or VM name) or selector (labels of pods in this namespace)",
+    field_path: None,
+};
+
+/// `spec.ports`: names are unique.
+pub const PORT_FORWARD_PORT_NAMES_UNIQUE: CelRule = CelRule {
+    rule: "self.all(p, !has(p.name) || self.exists_one(q, has(q.name) && q.name == p.name))",
+    message: "spec.ports names must be unique; rename or drop the duplicate name",
+    field_path: None,
+};
+
+/// `spec.ports[]`: exactly one of port and portRange.
+pub const PORT_FORWARD_PORT_OR_RANGE: CelRule = CelRule {
+    rule: "has(self.port) != has(self.portRange)",
+    message: "set exactly one of port (a single node port) or portRange (a range of node ports)",
+    field_path: None,
+};
+
+/// `spec.ports[]`: targetPort only with port.
+pub const PORT_FORWARD_TARGET_PORT_NEEDS_PORT: CelRule = CelRule {
+    rule: "!has(self.targetPort) || has(self.port)",
+    message: "targetPort is only allowed with port; a portRange forwards to the same port numbers on the target, so remove targetPort",
+    field_path: Some(".targetPort"),
+};
+
+/// `spec.ports[].portRange`: start <= end.
+pub const PORT_RANGE_ORDERED: CelRule = CelRule {
+    rule: "self.start <= self.end",
+    message: "portRange.start must not be greater than portRange.end; swap them",
+    field_path: None,
+};
+
+/// Where each rule is attached: the schema location (from `openAPIV3Schema`, `[]` for list
+/// items) in the CRD named, and the rule. Used by the tests of the generated schema.
+pub const ATTACHED: &[(&str, &str, &CelRule)] = &[
+    (
+        "networks.weft.dev",
+        "spec",
+        &NETWORK_BRIDGE_ONLY_IN_BRIDGE_MODE,
+    ),
+    ("networks.weft.dev", "spec", &NETWORK_BRIDGE_REQUIRED),
+    ("networks.weft.dev", "spec", &NETWORK_NAT_ONLY_IN_NAT_MODE),
+    ("networks.weft.dev", "spec", &NETWORK_GATEWAY_IN_SUBNET),
+    (
+        "networks.weft.dev",
+        "spec",
+        &NETWORK_GATEWAY_NOT_NETWORK_ADDRESS,
+    ),
+    ("networks.weft.dev", "spec", &NETWORK_NODE_BLOCK_PREFIX_V4),
+    ("networks.weft.dev", "spec", &NETWORK_NODE_BLOCK_PREFIX_V6),
+    ("networks.weft.dev", "spec", &NETWORK_EXCLUDE_IN_SUBNET),
+    ("networks.weft.dev", "spec.subnets", &SUBNETS_ONE_V4),
+    ("networks.weft.dev", "spec.subnets", &SUBNETS_ONE_V6),
+    ("networks.weft.dev", "spec.subnets", &SUBNETS_LARGE_ENOUGH),
+    ("networks.weft.dev", "spec.subnets[]", &CIDR_VALID),
+    ("networks.weft.dev", "spec.subnets[]", &CIDR_CANONICAL),
+    ("networks.weft.dev", "spec.gateway", &GATEWAY_ONE_V4),
+    ("networks.weft.dev", "spec.gateway", &GATEWAY_ONE_V6),
+    ("networks.weft.dev", "spec.gateway[]", &IP_VALID),
+    (
+        "networks.weft.dev",
+        "spec.ipam.exclude[]",
+        &IP_OR_CIDR_VALID,
+    ),
+    (
+        "networks.weft.dev",
+        "spec.ipam.exclude[]",
+        &IP_OR_CIDR_CANONICAL,
+    ),
+    (
+        "portforwards.weft.dev",
+        "spec.target",
+        &PORT_FORWARD_TARGET_EXACTLY_ONE,
+    ),
+    (
+        "portforwards.weft.dev",
+        "spec.ports",
+        &PORT_FORWARD_PORT_NAMES_UNIQUE,
+    ),
+    (
+        "portforwards.weft.dev",
+        "spec.ports[]",
+        &PORT_FORWARD_PORT_OR_RANGE,
+    ),
+    (
+        "portforwards.weft.dev",
+        "spec.ports[]",
+        &PORT_FORWARD_TARGET_PORT_NEEDS_PORT,
+    ),
+    (
+        "portforwards.weft.dev",
+        "spec.ports[].portRange",
+        &PORT_RANGE_ORDERED,
+    ),
+    ("portforwards.weft.dev", "spec.allowFrom[]", &CIDR_VALID),
+    ("portforwards.weft.dev", "spec.allowFrom[]", &CIDR_CANONICAL),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_serialize_with_message_and_field_path() {
+        let v = NETWORK_BRIDGE_REQUIRED.to_json();
+        assert_eq!(v["rule"], NETWORK_BRIDGE_REQUIRED.rule);
+        assert_eq!(v["message"], NETWORK_BRIDGE_REQUIRED.message);
+        assert_eq!(v["fieldPath"], ".bridge");
+        assert!(CIDR_VALID.to_json().get("fieldPath").is_none());
+        let kube_rule =
+            serde_json::to_value(kube::core::Rule::from(&NETWORK_BRIDGE_REQUIRED)).unwrap();
+        assert_eq!(kube_rule, v);
+    }
+
+    #[test]
+    fn messages_are_single_lines() {
+        // The apiserver requires a message for rules with line breaks and refuses messages with them.
+        for (_, _, r) in ATTACHED {
+            assert!(
+                !r.rule.contains('\n') && !r.message.contains('\n'),
+                "{}",
+                r.rule
+            );
+            assert!(!r.message.is_empty());
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! Validation errors and the checks shared by the resources.
+//!
+//! The apiserver enforces the CRD schema and its CEL rules; the standalone node agent and
+//! `weft lab` read YAML without an apiserver, so every rule is also written here in Rust
+//! (`NetworkSpec::validate`, `PortForwardSpec::validate`).
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use std::fmt;
+
+/// One invalid field: where (`spec.subnets[1]`) and what is wrong, with the fix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// The field's path from the object root, as the apiserver writes it, e.g. `spec.subnets[1]`.
+    pub field: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+impl FieldError {
+    /// A new error for `field`.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        FieldError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+impl std::error::Error for FieldError {}
+
+/// Collects field errors.
+#[derive(Debug, Default)]
+pub(crate) struct Errors(Vec<FieldError>);
+
+impl Errors {
+    pub(crate) fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.0.push(FieldError::new(field, message));
+    }
+
+    pub(crate) fn finish(self) -> Result<(), Vec<FieldError>> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(self.0)
+        }
+    }
+}
+
+/// Pattern of a Linux interface name as weft accepts it (a conservative subset of what the
+/// kernel allows: no `/`, `:`, whitespace, and not `.` or `..`).
+pub const IFNAME_PATTERN: &str = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$";
+
+/// Pattern of a DNS-1123 subdomain: the names of Networks, Pods and VirtualMachines.
+pub const DNS1123_SUBDOMAIN_PATTERN: &str =
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+
+/// Pattern of a port name (a DNS-1123 label of at most 15 characters, like a container port name).
+pub const PORT_NAME_PATTERN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
+
+/// Does `name` match [`IFNAME_PATTERN`]?
+pub fn is_valid_ifname(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= crate::constants::MAX_IFNAME_LEN
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+fn is_dns1123_label_like(label: &str) -> bool {
+    let bytes = label.as_bytes();
+    let ok = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    match (bytes.first(), bytes.last()) {
+        (Some(first), Some(last)) => {
+            ok(first) && ok(last) && bytes.iter().all(|b| ok(b) || *b == b'-')
+        }
+        _ => false,
+    }
+}
+
+/// Does `name` match [`DNS1123_SUBDOMAIN_PATTERN`] and fit in 253 characters?
+pub fn is_dns1123_subdomain(name: &str) -> bool {
+    name.len() <= 253 && name.split('.').all(is_dns1123_label_like)
+}
+
+/// Does `name` match [`PORT_NAME_PATTERN`] and fit in 15 characters?
+pub fn is_valid_port_name(name: &str) -> bool {
+    name.len() <= 15 && is_dns1123_label_like(name)
+}
+
+/// Checks the structure of a label selector the way Kubernetes does when it turns one into a
+/// selector: known operators, values for `In`/`NotIn` only, and non-empty keys.
+pub(crate) fn check_selector(selector: &LabelSelector, field: &str, errors: &mut Errors) {
+    if let Some(labels) = &selector.match_labels {
+        for key in labels.keys() {
+            if key.is_empty() {
+                errors.push(
+                    format!("{field}.matchLabels"),
+                    "a label key must not be empty",
+                );
+            }
+        }
+    }
+    for (i, expr) in selector.match_expressions.iter().flatten().enumerate() {
+        let at = format!("{field}.matchExpressions[{i}]");
+        if expr.key.is_empty() {
+            errors.push(format!("{at}.key"), "must not be empty; name a label key");
+        }
+        let has_values = expr.values.as_ref().is_some_and(|v| !v.is_empty());
+        match expr.operator.as_str() {
+            "In" | "NotIn" if !has_values => errors.push(
+                format!("{at}.values"),
+                format!(
+                    "operator {} needs at least one value; list the label values to match",
+                    expr.operator
+                ),
+            ),
+            "Exists" | "DoesNotExist" if has_values => errors.push(
+                format!("{at}.values"),
+                format!(
+                    "operator {} takes no values; remove values or use In/NotIn",
+                    expr.operator
+                ),
+            ),
+            "In" | "NotIn" | "Exists" | "DoesNotExist" => {}
+            other => errors.push(
+                format!("{at}.operator"),
+                format!("unknown operator {other:?}; use In, NotIn, Exists or DoesNotExist"),
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn field_error_displays_field_then_message() {
+        let e = FieldError::new("spec.subnets[1]", "must be a CIDR");
+        assert_eq!(e.to_string(), "spec.subnets[1]: must be a CIDR");
+    }
+
+    #[test]
+    fn ifnames_follow_the_pattern() {
+        for ok in [
+            "eth1",
+            "ens3f0",
+            "bond0.100",
+            "br-lan",
+            "veth_x",
+            "a",
+            "abcdefghijklmno",
+        ] {
+            assert!(is_valid_ifname(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "-eth",
+            "eth 1",
+            "eth/1",
+            "eth:1",
+            "abcdefghijklmnop",
+            "ëth0",
+        ] {
+            assert!(!is_valid_ifname(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn dns_subdomains_follow_the_pattern() {
+        for ok in ["nat-demo", "a", "web-1.example", "0abc"] {
+            assert!(is_dns1123_subdomain(ok), "{ok}");
+        }
+        for bad in ["", "Nat", "-a", "a-", "a..b", ".a", "a_b", &"a".repeat(254)] {
+            assert!(!is_dns1123_subdomain(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn port_names_follow_the_pattern() {
+        assert!(is_valid_port_name("http"));
+        assert!(is_valid_port_name("rtp-media"));
+        assert!(!is_valid_port_name("HTTP"));
+        assert!(!is_valid_port_name("a.b"));
+        assert!(!is_valid_port_name("sixteen-chars-xx"));
+    }
+}

@@ -1,0 +1,509 @@
+//! The node-local IPAM store: one per network per node, file-locked and crash-safe (like the
+//! host-local plugin, with round-robin allocation and idempotent ADD).
+//!
+//! Layout: `<state_dir>/ipam/<network>/`
+//! - `lock`: every read-modify-write holds an exclusive `flock` on it for its whole duration,
+//!   so concurrent CNI processes (each with its own file descriptor) are serialized;
+//! - `allocations.json`: the allocations and the last address handed out per family, replaced
+//!   atomically (written to `allocations.json.tmp`, fsynced, renamed over, directory fsynced), so
+//!   a crash leaves either the old or the new file, never a torn one. A stale
+//!   `allocations.json.tmp` left by a crash is ignored and overwritten by the next write.
+//!
+//! Reads ([`IpamStore::get`], [`IpamStore::list`]) take no lock: the rename makes every state
+//! they can see a complete one.
+//!
+//! Allocation rules are in [`IpamStore::allocate`].
+
+mod alloc;
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tracing::{debug, info};
+
+pub use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+/// Name of the lock file in a store's directory.
+pub const LOCK_FILE: &str = "lock";
+/// Name of the allocations file in a store's directory.
+pub const ALLOCATIONS_FILE: &str = "allocations.json";
+/// Name of the temporary file the allocations are written to before the rename.
+pub const ALLOCATIONS_TMP_FILE: &str = "allocations.json.tmp";
+
+/// The addresses one network may hand out on this node.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Pool {
+    /// This node's IPv4 block of the network (addresses are allocated from it only).
+    pub block_v4: Option<Ipv4Net>,
+    /// This node's IPv6 block.
+    pub block_v6: Option<Ipv6Net>,
+    /// The network's IPv4 subnet (its broadcast address is never handed out).
+    pub subnet_v4: Option<Ipv4Net>,
+    /// The network's IPv6 subnet.
+    pub subnet_v6: Option<Ipv6Net>,
+    /// Gateway addresses, never handed out.
+    pub gateways: Vec<IpAddr>,
+    /// Ranges never handed out.
+    pub exclude: Vec<IpNet>,
+}
+
+/// What identifies one attachment of a workload (CNI: container id + interface name).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize)]
+pub struct Attachment {
+    /// `CNI_CONTAINERID`.
+    pub container_id: String,
+    /// `CNI_IFNAME`.
+    pub ifname: String,
+}
+
+/// One attachment's addresses and what weft knows about it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Allocation {
+    /// One address per family of the pool (IPv4 first).
+    pub ips: Vec<IpAddr>,
+    /// `CNI_CONTAINERID`.
+    pub container_id: String,
+    /// `CNI_IFNAME`.
+    pub ifname: String,
+    /// The workload interface's MAC, when fixed.
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// The host-side interface.
+    #[serde(default)]
+    pub host_ifname: Option<String>,
+    /// The pod's namespace.
+    #[serde(default)]
+    pub pod_namespace: Option<String>,
+    /// The pod's name.
+    #[serde(default)]
+    pub pod_name: Option<String>,
+    /// `CNI_NETNS`.
+    #[serde(default)]
+    pub netns: Option<String>,
+    /// When it was allocated (unix seconds).
+    #[serde(default)]
+    pub created: u64,
+}
+
+impl Allocation {
+    /// The attachment it belongs to.
+    pub fn attachment(&self) -> Attachment {
+        Attachment {
+            container_id: self.container_id.clone(),
+            ifname: self.ifname.clone(),
+        }
+    }
+
+    fn is(&self, att: &Attachment) -> bool {
+        self.container_id == att.container_id && self.ifname == att.ifname
+    }
+}
+
+/// An allocation request.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AllocRequest {
+    /// Who asks.
+    pub attachment: Attachment,
+    /// Wanted addresses (at most one per family); families without one get a dynamic address.
+    pub static_ips: Vec<IpAddr>,
+    /// Recorded as is.
+    pub mac: Option<String>,
+    /// Recorded as is.
+    pub host_ifname: Option<String>,
+    /// Recorded as is.
+    pub pod_namespace: Option<String>,
+    /// Recorded as is.
+    pub pod_name: Option<String>,
+    /// Recorded as is.
+    pub netns: Option<String>,
+}
+
+/// An IP family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum IpFamily {
+    /// IPv4.
+    V4,
+    /// IPv6.
+    V6,
+}
+
+impl IpFamily {
+    /// The family of `ip`.
+    pub fn of(ip: &IpAddr) -> IpFamily {
+        if ip.is_ipv4() {
+            IpFamily::V4
+        } else {
+            IpFamily::V6
+        }
+    }
+}
+
+impl fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IpFamily::V4 => "IPv4",
+            IpFamily::V6 => "IPv6",
+        })
+    }
+}
+
+/// Errors of the IPAM store.
+///
+/// [`IpamError::cni_code`] maps each to a CNI error code (spec 1.1, plus weft's own ≥ 100, see
+/// `cni-plugin/README.md`):
+///
+/// | code | errors |
+/// |---|---|
+/// | 5 (I/O) | [`IpamError::Io`], [`IpamError::Lock`], [`IpamError::Corrupt`] |
+/// | 7 (invalid config) | [`IpamError::InvalidNetwork`], [`IpamError::StaticOutOfBlock`], [`IpamError::StaticExcluded`], [`IpamError::StaticInUse`], [`IpamError::StaticFamilyTwice`] |
+/// | 11 (try again later) | [`IpamError::NoBlock`]: the controller has not given this node a block yet |
+/// | 104 (weft: pool exhausted) | [`IpamError::Exhausted`] |
+#[derive(Debug, thiserror::Error)]
+pub enum IpamError {
+    /// The network name cannot be a directory name.
+    #[error(
+        "network name {network:?} cannot name an IPAM store directory: use a non-empty name without '/' that is not '.' or '..'"
+    )]
+    InvalidNetwork {
+        /// The name.
+        network: String,
+    },
+    /// A file operation failed.
+    #[error("cannot {op} {path}")]
+    Io {
+        /// What was being done (`create`, `read`, `write`, `rename to`, `sync`).
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The store's lock could not be taken.
+    #[error("cannot lock {path}")]
+    Lock {
+        /// The lock file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The allocations file does not parse.
+    #[error(
+        "{path} is corrupt: fix it by hand, or move it aside to start an empty store (every address of this network on this node then counts as free, so run CNI GC or restart the workloads)"
+    )]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// No free address is left.
+    #[error(
+        "no free {family} address left in block {block} of network {network} on this node: release unused attachments (CNI GC), shrink the network's exclude list, or give the network larger node blocks"
+    )]
+    Exhausted {
+        /// The network.
+        network: String,
+        /// The family.
+        family: IpFamily,
+        /// The node's block.
+        block: IpNet,
+    },
+    /// The pool has no block at all.
+    #[error(
+        "network {network} has no address block on this node yet: the weft controller assigns one when the Network selects the node; retry later"
+    )]
+    NoBlock {
+        /// The network.
+        network: String,
+    },
+    /// A static address outside the node's block.
+    #[error("static address {ip} is outside this node's {} of network {network}: ask for an address inside the block, or run the workload on the node that owns that address", block.map_or_else(|| format!("{} block (there is none)", IpFamily::of(ip)), |b| format!("block {b}")))]
+    StaticOutOfBlock {
+        /// The address.
+        ip: IpAddr,
+        /// The node's block of that family, if any.
+        block: Option<IpNet>,
+        /// The network.
+        network: String,
+    },
+    /// A static address that is reserved or excluded.
+    #[error("static address {ip} cannot be handed out: it is {reason}; ask for another address")]
+    StaticExcluded {
+        /// The address.
+        ip: IpAddr,
+        /// Why (`the gateway`, `inside exclude 10.0.0.0/28`, …).
+        reason: String,
+    },
+    /// A static address another attachment holds.
+    #[error(
+        "static address {ip} is already used by container {container_id} interface {ifname}: ask for another address, or remove that workload first"
+    )]
+    StaticInUse {
+        /// The address.
+        ip: IpAddr,
+        /// The holder.
+        container_id: String,
+        /// The holder's interface.
+        ifname: String,
+    },
+    /// Two static addresses of one family.
+    #[error(
+        "static addresses {first} and {second} are both {family}: ask for at most one address per family"
+    )]
+    StaticFamilyTwice {
+        /// The family.
+        family: IpFamily,
+        /// The first address.
+        first: IpAddr,
+        /// The second address.
+        second: IpAddr,
+    },
+}
+
+impl IpamError {
+    /// The CNI error code (see the table on [`IpamError`]).
+    pub fn cni_code(&self) -> u32 {
+        match self {
+            IpamError::Io { .. } | IpamError::Lock { .. } | IpamError::Corrupt { .. } => 5,
+            IpamError::InvalidNetwork { .. }
+            | IpamError::StaticOutOfBlock { .. }
+            | IpamError::StaticExcluded { .. }
+            | IpamError::StaticInUse { .. }
+            | IpamError::StaticFamilyTwice { .. } => 7,
+            IpamError::NoBlock { .. } => 11,
+            IpamError::Exhausted { .. } => 104,
+        }
+    }
+}
+
+fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> IpamError {
+    let path = path.to_path_buf();
+    move |source| IpamError::Io { op, path, source }
+}
+
+/// The content of `allocations.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+struct StoreFile {
+    /// Format version (1).
+    #[serde(default)]
+    version: u32,
+    /// The last IPv4 address handed out dynamically (round-robin continues after it).
+    #[serde(default)]
+    last_v4: Option<Ipv4Addr>,
+    /// The last IPv6 address handed out dynamically.
+    #[serde(default)]
+    last_v6: Option<Ipv6Addr>,
+    /// The allocations.
+    #[serde(default)]
+    allocations: Vec<Allocation>,
+}
+
+/// The IPAM store of one network on this node. Cheap to open; every operation opens its own
+/// file descriptors, so one handle may be shared by threads and many processes may open the
+/// same store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpamStore {
+    dir: PathBuf,
+    network: String,
+}
+
+impl IpamStore {
+    /// Opens (creating its directories) the store of `network` under `state_dir`.
+    pub fn open(state_dir: &Path, network: &str) -> Result<Self, IpamError> {
+        if network.is_empty() || network == "." || network == ".." || network.contains(['/', '\0'])
+        {
+            return Err(IpamError::InvalidNetwork {
+                network: network.to_string(),
+            });
+        }
+        let dir = state_dir.join("ipam").join(network);
+        fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+        Ok(IpamStore {
+            dir,
+            network: network.to_string(),
+        })
+    }
+
+    /// The store's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The network.
+    pub fn network(&self) -> &str {
+        &self.network
+    }
+
+    /// Allocates addresses for `req.attachment`, or returns its existing allocation unchanged
+    /// (an ADD retried after a crash is idempotent).
+    ///
+    /// One address per family the pool has a block for. A dynamic address comes from the
+    /// node's block only and is never: the block's network address, the subnet's network
+    /// address, the IPv4 subnet's broadcast address (the block's when there is no subnet), a
+    /// gateway, inside an `exclude` range, or in use. Allocation is round-robin per family: it
+    /// continues after the last address handed out, wrapping around, so a just-released
+    /// address is not reused at once. A static address (at most one per family) must be in
+    /// the node's block, not reserved or excluded as above, and not held by another
+    /// attachment.
+    pub fn allocate(&self, pool: &Pool, req: AllocRequest) -> Result<Allocation, IpamError> {
+        self.modify(|state| {
+            if let Some(existing) = state.allocations.iter().find(|a| a.is(&req.attachment)) {
+                debug!(network = %self.network, container_id = %req.attachment.container_id, ifname = %req.attachment.ifname, "attachment already has addresses");
+                return Ok((existing.clone(), false));
+            }
+            let ips = alloc::choose(&self.network, pool, &req.static_ips, state)?;
+            let allocation = Allocation {
+                ips,
+                container_id: req.attachment.container_id,
+                ifname: req.attachment.ifname,
+                mac: req.mac,
+                host_ifname: req.host_ifname,
+                pod_namespace: req.pod_namespace,
+                pod_name: req.pod_name,
+                netns: req.netns,
+                created: SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+            };
+            info!(network = %self.network, container_id = %allocation.container_id, ifname = %allocation.ifname, ips = ?allocation.ips, "allocated");
+            state.allocations.push(allocation.clone());
+            Ok((allocation, true))
+        })
+    }
+
+    /// Releases the attachment's addresses; `Ok(None)` when it had none (release is
+    /// idempotent).
+    pub fn release(&self, att: &Attachment) -> Result<Option<Allocation>, IpamError> {
+        self.modify(|state| {
+            let Some(i) = state.allocations.iter().position(|a| a.is(att)) else {
+                return Ok((None, false));
+            };
+            let gone = state.allocations.remove(i);
+            info!(network = %self.network, container_id = %gone.container_id, ifname = %gone.ifname, ips = ?gone.ips, "released");
+            Ok((Some(gone), true))
+        })
+    }
+
+    /// The attachment's allocation.
+    pub fn get(&self, att: &Attachment) -> Result<Option<Allocation>, IpamError> {
+        Ok(self.read()?.allocations.into_iter().find(|a| a.is(att)))
+    }
+
+    /// Every allocation, in allocation order.
+    pub fn list(&self) -> Result<Vec<Allocation>, IpamError> {
+        Ok(self.read()?.allocations)
+    }
+
+    /// Releases every allocation whose attachment is not in `valid`; returns the released ones.
+    pub fn gc(&self, valid: &[Attachment]) -> Result<Vec<Allocation>, IpamError> {
+        let valid: std::collections::BTreeSet<&Attachment> = valid.iter().collect();
+        self.modify(|state| {
+            let (keep, gone): (Vec<Allocation>, Vec<Allocation>) = std::mem::take(
+                &mut state.allocations,
+            )
+            .into_iter()
+            .partition(|a| valid.contains(&a.attachment()));
+            state.allocations = keep;
+            for a in &gone {
+                info!(network = %self.network, container_id = %a.container_id, ifname = %a.ifname, ips = ?a.ips, "gc released");
+            }
+            let changed = !gone.is_empty();
+            Ok((gone, changed))
+        })
+    }
+
+    /// Changes the metadata of the attachment's allocation under the lock (e.g. records its
+    /// `host_ifname`); returns the result, `Ok(None)` when there is no such allocation. The
+    /// addresses and the attachment itself cannot change: `f`'s edits of `ips`,
+    /// `container_id` and `ifname` are ignored.
+    pub fn update<F>(&self, att: &Attachment, f: F) -> Result<Option<Allocation>, IpamError>
+    where
+        F: FnOnce(&mut Allocation),
+    {
+        self.modify(|state| {
+            let Some(a) = state.allocations.iter_mut().find(|a| a.is(att)) else {
+                return Ok((None, false));
+            };
+            let before = a.clone();
+            f(a);
+            a.ips = before.ips.clone();
+            a.container_id = before.container_id.clone();
+            a.ifname = before.ifname.clone();
+            let changed = *a != before;
+            Ok((Some(a.clone()), changed))
+        })
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.join(ALLOCATIONS_FILE)
+    }
+
+    fn read(&self) -> Result<StoreFile, IpamError> {
+        let path = self.path();
+        match fs::read(&path) {
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes).map_err(|source| IpamError::Corrupt { path, source })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StoreFile::default()),
+            Err(e) => Err(io("read", &path)(e)),
+        }
+    }
+
+    /// Read-modify-write under the exclusive lock; `f` returns its result and whether it
+    /// changed the state (nothing is written otherwise).
+    fn modify<T>(
+        &self,
+        f: impl FnOnce(&mut StoreFile) -> Result<(T, bool), IpamError>,
+    ) -> Result<T, IpamError> {
+        let lock_path = self.dir.join(LOCK_FILE);
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| IpamError::Lock {
+                path: lock_path.clone(),
+                source,
+            })?;
+        lock.lock().map_err(|source| IpamError::Lock {
+            path: lock_path,
+            source,
+        })?;
+        let mut state = self.read()?;
+        let (out, changed) = f(&mut state)?;
+        if changed {
+            state.version = 1;
+            self.write(&state)?;
+        }
+        // Closing the descriptor releases the lock, after the rename.
+        drop(lock);
+        Ok(out)
+    }
+
+    fn write(&self, state: &StoreFile) -> Result<(), IpamError> {
+        let tmp = self.dir.join(ALLOCATIONS_TMP_FILE);
+        let path = self.path();
+        let bytes = serde_json::to_vec_pretty(state)
+            .map_err(|e| io("encode", &path)(std::io::Error::other(e)))?;
+        let mut file = File::create(&tmp).map_err(io("create", &tmp))?;
+        file.write_all(&bytes).map_err(io("write", &tmp))?;
+        file.sync_all().map_err(io("sync", &tmp))?;
+        drop(file);
+        fs::rename(&tmp, &path).map_err(io("rename to", &path))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("sync", &self.dir))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

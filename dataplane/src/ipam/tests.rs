@@ -1,0 +1,523 @@
+//! Unit tests of the IPAM store, one per rule.
+
+use super::*;
+use tempfile::TempDir;
+
+fn store() -> (TempDir, IpamStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = IpamStore::open(dir.path(), "net").unwrap();
+    (dir, s)
+}
+
+fn att(id: &str) -> Attachment {
+    Attachment {
+        container_id: id.into(),
+        ifname: "eth0".into(),
+    }
+}
+
+fn req(id: &str) -> AllocRequest {
+    AllocRequest {
+        attachment: att(id),
+        ..AllocRequest::default()
+    }
+}
+
+fn with_static(id: &str, ips: &[&str]) -> AllocRequest {
+    AllocRequest {
+        static_ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
+        ..req(id)
+    }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// 10.0.0.0/16 network; this node has 10.0.1.0/29 (first block: .0 is not the subnet's network
+/// address); gateway 10.0.0.1 (outside the block).
+fn v4_pool() -> Pool {
+    Pool {
+        block_v4: Some("10.0.1.0/29".parse().unwrap()),
+        subnet_v4: Some("10.0.0.0/16".parse().unwrap()),
+        gateways: vec![ip("10.0.0.1")],
+        ..Pool::default()
+    }
+}
+
+fn dual_pool() -> Pool {
+    Pool {
+        block_v4: Some("10.0.0.0/24".parse().unwrap()),
+        block_v6: Some("fd00::/120".parse().unwrap()),
+        subnet_v4: Some("10.0.0.0/16".parse().unwrap()),
+        subnet_v6: Some("fd00::/64".parse().unwrap()),
+        gateways: vec![ip("10.0.0.1"), ip("fd00::1")],
+        exclude: vec![],
+    }
+}
+
+#[test]
+fn open_creates_the_store_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = IpamStore::open(dir.path(), "nat-demo").unwrap();
+    assert_eq!(s.dir(), dir.path().join("ipam").join("nat-demo"));
+    assert!(s.dir().is_dir());
+    assert_eq!(s.network(), "nat-demo");
+    assert!(s.list().unwrap().is_empty());
+}
+
+#[test]
+fn network_names_that_escape_the_directory_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    for bad in ["", ".", "..", "a/b", "../x"] {
+        let e = IpamStore::open(dir.path(), bad).unwrap_err();
+        assert!(matches!(e, IpamError::InvalidNetwork { .. }), "{bad}");
+        assert_eq!(e.cni_code(), 7);
+    }
+}
+
+#[test]
+fn skips_the_block_network_address_and_the_subnet_broadcast() {
+    let (_d, s) = store();
+    // Block 10.0.255.248/29 is the last of the subnet: .248 is its network address, .255 the
+    // subnet's broadcast.
+    let pool = Pool {
+        block_v4: Some("10.0.255.248/29".parse().unwrap()),
+        subnet_v4: Some("10.0.0.0/16".parse().unwrap()),
+        ..Pool::default()
+    };
+    let got: Vec<IpAddr> = (0..6)
+        .map(|i| s.allocate(&pool, req(&format!("c{i}"))).unwrap().ips[0])
+        .collect();
+    let want: Vec<IpAddr> = (249..=254).map(|n| ip(&format!("10.0.255.{n}"))).collect();
+    assert_eq!(got, want);
+    let e = s.allocate(&pool, req("full")).unwrap_err();
+    assert!(matches!(
+        e,
+        IpamError::Exhausted {
+            family: IpFamily::V4,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn a_block_inside_the_subnet_hands_out_its_last_address() {
+    let (_d, s) = store();
+    let ips: Vec<IpAddr> = (0..7)
+        .map(|i| s.allocate(&v4_pool(), req(&format!("c{i}"))).unwrap().ips[0])
+        .collect();
+    // .0 is the block's network address; .7 is not the subnet's broadcast, so it is used.
+    assert_eq!(ips.first(), Some(&ip("10.0.1.1")));
+    assert_eq!(ips.last(), Some(&ip("10.0.1.7")));
+}
+
+#[test]
+fn without_a_subnet_the_block_broadcast_is_skipped() {
+    let (_d, s) = store();
+    let pool = Pool {
+        block_v4: Some("192.168.5.0/30".parse().unwrap()),
+        ..Pool::default()
+    };
+    let a = s.allocate(&pool, req("a")).unwrap();
+    let b = s.allocate(&pool, req("b")).unwrap();
+    assert_eq!((a.ips[0], b.ips[0]), (ip("192.168.5.1"), ip("192.168.5.2")));
+    assert!(matches!(
+        s.allocate(&pool, req("c")),
+        Err(IpamError::Exhausted { .. })
+    ));
+}
+
+#[test]
+fn skips_gateways_and_excluded_ranges() {
+    let (_d, s) = store();
+    let pool = Pool {
+        block_v4: Some("10.0.0.0/28".parse().unwrap()),
+        subnet_v4: Some("10.0.0.0/24".parse().unwrap()),
+        gateways: vec![ip("10.0.0.1")],
+        exclude: vec![
+            "10.0.0.2/31".parse().unwrap(),
+            "10.0.0.4/30".parse().unwrap(),
+            "10.0.0.9/32".parse().unwrap(),
+            "fd00::/64".parse().unwrap(),
+        ],
+        ..Pool::default()
+    };
+    let got: Vec<IpAddr> = (0..5)
+        .map(|i| s.allocate(&pool, req(&format!("c{i}"))).unwrap().ips[0])
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "10.0.0.8",
+            "10.0.0.10",
+            "10.0.0.11",
+            "10.0.0.12",
+            "10.0.0.13"
+        ]
+        .map(ip)
+        .to_vec()
+    );
+}
+
+#[test]
+fn a_huge_excluded_range_is_skipped_in_one_step() {
+    let (_d, s) = store();
+    let pool = Pool {
+        block_v6: Some("fd00::/64".parse().unwrap()),
+        exclude: vec!["fd00::/65".parse().unwrap()],
+        ..Pool::default()
+    };
+    let a = s.allocate(&pool, req("a")).unwrap();
+    assert_eq!(a.ips, vec![ip("fd00::8000:0:0:0")]);
+}
+
+#[test]
+fn dual_stack_gets_one_address_per_family_ipv4_first() {
+    let (_d, s) = store();
+    let a = s.allocate(&dual_pool(), req("a")).unwrap();
+    assert_eq!(a.ips, vec![ip("10.0.0.2"), ip("fd00::2")]);
+    let v6_only = Pool {
+        block_v6: Some("fd00:1::/120".parse().unwrap()),
+        ..Pool::default()
+    };
+    let b = s.allocate(&v6_only, req("b")).unwrap();
+    // The block's network address (the subnet-router anycast) is skipped.
+    assert_eq!(b.ips, vec![ip("fd00:1::1")]);
+}
+
+#[test]
+fn allocation_is_round_robin_so_a_freed_address_is_not_reused_at_once() {
+    let (_d, s) = store();
+    let a = s.allocate(&v4_pool(), req("a")).unwrap();
+    s.release(&att("a")).unwrap();
+    let b = s.allocate(&v4_pool(), req("b")).unwrap();
+    assert_ne!(a.ips, b.ips);
+    assert_eq!(b.ips, vec![ip("10.0.1.2")]);
+    // Wraps around to the freed addresses once the end of the block is reached.
+    for i in 0..5 {
+        s.allocate(&v4_pool(), req(&format!("c{i}"))).unwrap();
+    }
+    let wrapped = s.allocate(&v4_pool(), req("wrap")).unwrap();
+    assert_eq!(wrapped.ips, vec![ip("10.0.1.1")]);
+}
+
+#[test]
+fn a_changed_block_starts_from_its_beginning() {
+    let (_d, s) = store();
+    s.allocate(&v4_pool(), req("a")).unwrap();
+    let other = Pool {
+        block_v4: Some("10.0.2.0/29".parse().unwrap()),
+        ..v4_pool()
+    };
+    assert_eq!(
+        s.allocate(&other, req("b")).unwrap().ips,
+        vec![ip("10.0.2.1")]
+    );
+}
+
+#[test]
+fn exhaustion_names_network_family_and_block() {
+    let (_d, s) = store();
+    for i in 0..7 {
+        s.allocate(&v4_pool(), req(&format!("c{i}"))).unwrap();
+    }
+    let e = s.allocate(&v4_pool(), req("one-too-many")).unwrap_err();
+    assert_eq!(e.cni_code(), 104);
+    let msg = e.to_string();
+    assert!(
+        msg.contains("IPv4") && msg.contains("10.0.1.0/29") && msg.contains("net"),
+        "{msg}"
+    );
+    assert!(s.get(&att("one-too-many")).unwrap().is_none());
+}
+
+#[test]
+fn exhausting_one_family_allocates_nothing_in_the_other() {
+    let (_d, s) = store();
+    let pool = Pool {
+        block_v4: Some("10.0.0.0/30".parse().unwrap()),
+        block_v6: Some("fd00::/64".parse().unwrap()),
+        ..Pool::default()
+    };
+    s.allocate(&pool, req("a")).unwrap();
+    s.allocate(&pool, req("b")).unwrap();
+    assert!(s.allocate(&pool, req("c")).is_err());
+    assert_eq!(s.list().unwrap().len(), 2);
+}
+
+#[test]
+fn a_pool_without_blocks_asks_to_retry_later() {
+    let (_d, s) = store();
+    let e = s.allocate(&Pool::default(), req("a")).unwrap_err();
+    assert!(matches!(e, IpamError::NoBlock { .. }));
+    assert_eq!(e.cni_code(), 11);
+}
+
+#[test]
+fn a_static_address_inside_the_block_is_granted() {
+    let (_d, s) = store();
+    let a = s
+        .allocate(&dual_pool(), with_static("a", &["10.0.0.77"]))
+        .unwrap();
+    // The family without a static address gets a dynamic one.
+    assert_eq!(a.ips, vec![ip("10.0.0.77"), ip("fd00::2")]);
+    let b = s
+        .allocate(&dual_pool(), with_static("b", &["fd00::99", "10.0.0.78"]))
+        .unwrap();
+    assert_eq!(b.ips, vec![ip("10.0.0.78"), ip("fd00::99")]);
+    // Dynamic allocation never hands out a static address.
+    let dynamic: Vec<IpAddr> = (0..100)
+        .flat_map(|i| s.allocate(&dual_pool(), req(&format!("d{i}"))).unwrap().ips)
+        .collect();
+    assert!(!dynamic.contains(&ip("10.0.0.77")) && !dynamic.contains(&ip("10.0.0.78")));
+}
+
+#[test]
+fn a_static_address_outside_the_block_names_address_and_block() {
+    let (_d, s) = store();
+    // Inside the subnet but in another node's block.
+    let e = s
+        .allocate(&v4_pool(), with_static("a", &["10.0.2.5"]))
+        .unwrap_err();
+    assert!(matches!(e, IpamError::StaticOutOfBlock { .. }));
+    assert_eq!(e.cni_code(), 7);
+    let msg = e.to_string();
+    assert!(
+        msg.contains("10.0.2.5") && msg.contains("10.0.1.0/29"),
+        "{msg}"
+    );
+    // A family the pool has no block for.
+    let e = s
+        .allocate(&v4_pool(), with_static("a", &["fd00::5"]))
+        .unwrap_err();
+    assert!(e.to_string().contains("IPv6 block (there is none)"), "{e}");
+    assert!(s.list().unwrap().is_empty());
+}
+
+#[test]
+fn a_static_address_that_is_reserved_or_excluded_is_refused() {
+    let (_d, s) = store();
+    let pool = Pool {
+        block_v4: Some("10.0.0.0/24".parse().unwrap()),
+        subnet_v4: Some("10.0.0.0/24".parse().unwrap()),
+        gateways: vec![ip("10.0.0.1")],
+        exclude: vec!["10.0.0.16/28".parse().unwrap()],
+        ..Pool::default()
+    };
+    for (addr, why) in [
+        ("10.0.0.1", "gateway"),
+        ("10.0.0.0", "network address"),
+        ("10.0.0.255", "broadcast"),
+        ("10.0.0.20", "exclude 10.0.0.16/28"),
+    ] {
+        let e = s.allocate(&pool, with_static("a", &[addr])).unwrap_err();
+        assert!(matches!(e, IpamError::StaticExcluded { .. }), "{addr}");
+        assert_eq!(e.cni_code(), 7);
+        let msg = e.to_string();
+        assert!(msg.contains(addr) && msg.contains(why), "{msg}");
+    }
+}
+
+#[test]
+fn a_static_address_in_use_names_its_holder() {
+    let (_d, s) = store();
+    s.allocate(&v4_pool(), with_static("first", &["10.0.1.5"]))
+        .unwrap();
+    let e = s
+        .allocate(&v4_pool(), with_static("second", &["10.0.1.5"]))
+        .unwrap_err();
+    assert!(matches!(e, IpamError::StaticInUse { .. }));
+    assert_eq!(e.cni_code(), 7);
+    assert!(e.to_string().contains("first"), "{e}");
+}
+
+#[test]
+fn two_static_addresses_of_one_family_are_refused() {
+    let (_d, s) = store();
+    let e = s
+        .allocate(&v4_pool(), with_static("a", &["10.0.1.2", "10.0.1.3"]))
+        .unwrap_err();
+    assert!(matches!(e, IpamError::StaticFamilyTwice { .. }));
+    assert_eq!(e.cni_code(), 7);
+}
+
+#[test]
+fn allocating_again_for_the_same_attachment_returns_the_same_allocation() {
+    let (_d, s) = store();
+    let first = s
+        .allocate(
+            &v4_pool(),
+            AllocRequest {
+                pod_name: Some("p".into()),
+                ..req("a")
+            },
+        )
+        .unwrap();
+    // Even with other metadata or a static wish, a retried ADD gets what it already has.
+    let again = s
+        .allocate(&v4_pool(), with_static("a", &["10.0.1.6"]))
+        .unwrap();
+    assert_eq!(first, again);
+    assert_eq!(s.list().unwrap().len(), 1);
+    // Another interface of the same container is another attachment.
+    let other = s
+        .allocate(
+            &v4_pool(),
+            AllocRequest {
+                attachment: Attachment {
+                    container_id: "a".into(),
+                    ifname: "net1".into(),
+                },
+                ..AllocRequest::default()
+            },
+        )
+        .unwrap();
+    assert_ne!(other.ips, first.ips);
+}
+
+#[test]
+fn allocation_records_the_request_metadata() {
+    let (_d, s) = store();
+    let a = s
+        .allocate(
+            &v4_pool(),
+            AllocRequest {
+                attachment: att("c1"),
+                static_ips: vec![],
+                mac: Some("02:00:00:00:00:01".into()),
+                host_ifname: Some("wf0123".into()),
+                pod_namespace: Some("default".into()),
+                pod_name: Some("web".into()),
+                netns: Some("/var/run/netns/x".into()),
+            },
+        )
+        .unwrap();
+    assert!(a.created > 1_700_000_000);
+    assert_eq!(s.get(&att("c1")).unwrap(), Some(a.clone()));
+    assert_eq!(a.attachment(), att("c1"));
+    assert_eq!(a.host_ifname.as_deref(), Some("wf0123"));
+}
+
+#[test]
+fn release_is_idempotent() {
+    let (_d, s) = store();
+    let a = s.allocate(&v4_pool(), req("a")).unwrap();
+    assert_eq!(s.release(&att("a")).unwrap(), Some(a));
+    assert_eq!(s.release(&att("a")).unwrap(), None);
+    assert_eq!(s.release(&att("never")).unwrap(), None);
+    assert!(s.get(&att("a")).unwrap().is_none());
+}
+
+#[test]
+fn gc_releases_everything_not_in_the_valid_list() {
+    let (_d, s) = store();
+    for id in ["a", "b", "c", "d"] {
+        s.allocate(&v4_pool(), req(id)).unwrap();
+    }
+    let released = s.gc(&[att("b"), att("d"), att("unknown")]).unwrap();
+    let mut gone: Vec<String> = released.into_iter().map(|a| a.container_id).collect();
+    gone.sort();
+    assert_eq!(gone, vec!["a", "c"]);
+    let kept: Vec<String> = s
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|a| a.container_id)
+        .collect();
+    assert_eq!(kept, vec!["b", "d"]);
+    assert!(s.gc(&[att("b"), att("d")]).unwrap().is_empty());
+    assert_eq!(s.gc(&[]).unwrap().len(), 2);
+    assert!(s.list().unwrap().is_empty());
+}
+
+#[test]
+fn update_changes_metadata_but_never_addresses_or_identity() {
+    let (_d, s) = store();
+    let a = s.allocate(&v4_pool(), req("a")).unwrap();
+    let updated = s
+        .update(&att("a"), |alloc| {
+            alloc.host_ifname = Some("wfabc".into());
+            alloc.ips = vec![ip("10.9.9.9")];
+            alloc.container_id = "hijack".into();
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(updated.host_ifname.as_deref(), Some("wfabc"));
+    assert_eq!(updated.ips, a.ips);
+    assert_eq!(s.get(&att("a")).unwrap(), Some(updated));
+    assert_eq!(s.update(&att("none"), |_| {}).unwrap(), None);
+}
+
+#[test]
+fn a_stale_temp_file_from_a_crash_is_ignored() {
+    let (_d, s) = store();
+    let a = s.allocate(&v4_pool(), req("a")).unwrap();
+    // A crash between writing the temp file and the rename leaves it behind, torn.
+    fs::write(
+        s.dir().join(ALLOCATIONS_TMP_FILE),
+        b"{\"allocations\": [{\"ips\": [",
+    )
+    .unwrap();
+    assert_eq!(s.list().unwrap(), vec![a.clone()]);
+    let b = s.allocate(&v4_pool(), req("b")).unwrap();
+    assert_eq!(s.list().unwrap(), vec![a, b]);
+    assert!(!s.dir().join(ALLOCATIONS_TMP_FILE).exists());
+}
+
+#[test]
+fn the_store_survives_being_reopened() {
+    let (d, s) = store();
+    let a = s.allocate(&dual_pool(), req("a")).unwrap();
+    drop(s);
+    let s = IpamStore::open(d.path(), "net").unwrap();
+    assert_eq!(s.list().unwrap(), vec![a]);
+    // And the round-robin position survived too.
+    let b = s.allocate(&dual_pool(), req("b")).unwrap();
+    assert_eq!(b.ips, vec![ip("10.0.0.3"), ip("fd00::3")]);
+}
+
+#[test]
+fn a_corrupt_allocations_file_is_an_io_error_naming_the_file() {
+    let (_d, s) = store();
+    fs::write(s.dir().join(ALLOCATIONS_FILE), b"{ not json").unwrap();
+    let e = s.allocate(&v4_pool(), req("a")).unwrap_err();
+    assert!(matches!(e, IpamError::Corrupt { .. }));
+    assert_eq!(e.cni_code(), 5);
+    assert!(e.to_string().contains("allocations.json"), "{e}");
+    assert!(matches!(s.list(), Err(IpamError::Corrupt { .. })));
+}
+
+#[test]
+fn the_file_format_is_stable_json() {
+    let (_d, s) = store();
+    s.allocate(&v4_pool(), req("a")).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_slice(&fs::read(s.dir().join(ALLOCATIONS_FILE)).unwrap()).unwrap();
+    assert_eq!(v["version"], 1);
+    assert_eq!(v["last_v4"], "10.0.1.1");
+    assert_eq!(v["allocations"][0]["container_id"], "a");
+    assert_eq!(v["allocations"][0]["ips"][0], "10.0.1.1");
+    // Files written by an older weft with fewer fields still load.
+    fs::write(
+        s.dir().join(ALLOCATIONS_FILE),
+        br#"{"allocations": [{"ips": ["10.0.1.3"], "container_id": "old", "ifname": "eth0"}]}"#,
+    )
+    .unwrap();
+    assert_eq!(s.list().unwrap()[0].ips, vec![ip("10.0.1.3")]);
+}
+
+#[test]
+fn io_errors_map_to_code_5() {
+    let e = IpamError::Lock {
+        path: "/x/lock".into(),
+        source: std::io::Error::other("boom"),
+    };
+    assert_eq!(e.cni_code(), 5);
+    let e = IpamError::Io {
+        op: "write",
+        path: "/x".into(),
+        source: std::io::Error::other("boom"),
+    };
+    assert_eq!(e.cni_code(), 5);
+}

@@ -1,0 +1,392 @@
+//! weft's nftables tables as data: a model of one table, its rendering to nft text, the
+//! element-level diff between two tables, and the I/O edge that applies transactions.
+//!
+//! There is no nftables crate here (see `shared/deps.md`, A3):
+//! - [`render_table`] and [`Transaction::render`] produce nft *text*, a pure function;
+//! - [`NftCli`] applies a whole [`Transaction`] with one `nft -f -`, which the kernel commits
+//!   atomically (a failing batch commits nothing);
+//! - [`NftCli::list_table`] reads the kernel's table back with `nft -j list table` into our own
+//!   tolerant serde structs ([`TableState`]), rendering set and map elements in the same text form
+//!   the renderer takes, so desired and actual element sets compare directly;
+//! - [`diff`] turns "current" and "desired" into the smallest transaction: element adds and
+//!   deletes when only elements changed ([`structure_hash`] is equal), one atomic table replace
+//!   otherwise.
+//!
+//! Set and map names must not be nft keywords (a map named `policy` is a syntax error): prefer
+//! plural nouns such as `verdicts` or `bridges`.
+//!
+//! Element text is written the way nft lists it: prefixes as `10.0.0.0/8`, host addresses bare
+//! (`10.0.0.1`, not `10.0.0.1/32`), ranges as `8000-8010`, concatenations as `a . b . c`,
+//! interface names quoted (`"br0"`), protocols by name (`tcp`), ports as numbers. [`diff`]
+//! compares elements through [`canonical_element`], so a desired `10.0.0.1/32` or
+//! `fd00:0::/64` does not churn against the kernel's `10.0.0.1` or `fd00::/64`.
+
+mod cli;
+mod diff;
+#[cfg(any(test, feature = "testing"))]
+mod fake;
+mod render;
+mod state;
+
+pub use cli::NftCli;
+pub use diff::{canonical_element, diff};
+#[cfg(any(test, feature = "testing"))]
+pub use fake::FakeFirewall;
+pub use render::{render_table, structure_hash};
+pub use state::{BaseChainState, ChainState, MapState, SetState, TableState};
+
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::PathBuf;
+
+/// An nftables address family.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// `inet`: IPv4 and IPv6.
+    #[default]
+    Inet,
+    /// `ip`: IPv4.
+    Ip,
+    /// `ip6`: IPv6.
+    Ip6,
+    /// `bridge`: frames crossing a Linux bridge.
+    Bridge,
+    /// `netdev`: ingress/egress of one device.
+    Netdev,
+}
+
+impl Family {
+    /// The keyword nft uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Family::Inet => "inet",
+            Family::Ip => "ip",
+            Family::Ip6 => "ip6",
+            Family::Bridge => "bridge",
+            Family::Netdev => "netdev",
+        }
+    }
+
+    /// Parses nft's keyword.
+    pub fn parse(s: &str) -> Option<Family> {
+        Some(match s {
+            "inet" => Family::Inet,
+            "ip" => Family::Ip,
+            "ip6" => Family::Ip6,
+            "bridge" => Family::Bridge,
+            "netdev" => Family::Netdev,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One nftables table, everything in it included.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Table {
+    /// Address family.
+    pub family: Family,
+    /// Table name.
+    pub name: String,
+    /// Table comment (`comment "…"`); a `"` in it is rendered as `'`.
+    pub comment: Option<String>,
+    /// Named sets, rendered in this order.
+    pub sets: Vec<Set>,
+    /// Named maps, rendered after the sets in this order.
+    pub maps: Vec<Map>,
+    /// Chains, rendered after the maps in this order.
+    pub chains: Vec<Chain>,
+}
+
+/// A named set.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Set {
+    /// Name (not an nft keyword).
+    pub name: String,
+    /// Key type, e.g. `ipv4_addr`, `ifname` or `ipv4_addr . inet_proto . inet_service`.
+    pub key_type: String,
+    /// Flags, e.g. `interval`.
+    pub flags: Vec<String>,
+    /// Elements in nft's text form, e.g. `10.0.0.0/8 . tcp . 8080`.
+    pub elements: BTreeSet<String>,
+}
+
+/// A named map (a verdict map when `value_type` is `verdict`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Map {
+    /// Name (not an nft keyword).
+    pub name: String,
+    /// Key type.
+    pub key_type: String,
+    /// Value type, e.g. `verdict` or `ipv4_addr . inet_service`.
+    pub value_type: String,
+    /// Flags, e.g. `interval`.
+    pub flags: Vec<String>,
+    /// Key text → value text.
+    pub elements: BTreeMap<String, String>,
+}
+
+/// A chain.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Chain {
+    /// Name.
+    pub name: String,
+    /// Hook registration; `None` for a regular chain (a jump target).
+    pub base: Option<BaseChain>,
+    /// Rules in nft text, e.g. `ip saddr @nat4 oifname != @bridges masquerade`.
+    pub rules: Vec<String>,
+}
+
+/// The hook registration of a base chain.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct BaseChain {
+    /// `filter`, `nat` or `route`.
+    pub kind: String,
+    /// `prerouting`, `input`, `forward`, `output`, `postrouting`, `ingress`, …
+    pub hook: String,
+    /// A number (`-100`) or a standard name, optionally with an offset (`dstnat`, `filter + 5`).
+    pub priority: String,
+    /// `accept` or `drop`; `None` leaves nft's default (`accept`).
+    pub policy: Option<String>,
+}
+
+impl BaseChain {
+    /// The numeric priority, resolving nft's standard names for `family` (`None` when the text is
+    /// neither a number nor a known name with an optional `+ n`/`- n` offset).
+    pub fn priority_value(&self, family: Family) -> Option<i32> {
+        priority_value(&self.priority, family)
+    }
+}
+
+/// Resolves an nft priority (`-100`, `dstnat`, `filter + 5`) to its number for `family`.
+pub fn priority_value(text: &str, family: Family) -> Option<i32> {
+    let text = text.trim();
+    if let Ok(n) = text.parse::<i32>() {
+        return Some(n);
+    }
+    let (name, offset) = match text.find(['+', '-']) {
+        Some(i) => {
+            let n: i32 = text[i + 1..].trim().parse().ok()?;
+            let n = if text[i..].starts_with('-') { -n } else { n };
+            (text[..i].trim(), n)
+        }
+        None => (text, 0),
+    };
+    let base: i32 = if family == Family::Bridge {
+        match name {
+            "dstnat" => -300,
+            "filter" => -200,
+            "out" => 100,
+            "srcnat" => 300,
+            _ => return None,
+        }
+    } else {
+        match name {
+            "raw" => -300,
+            "mangle" => -150,
+            "dstnat" => -100,
+            "filter" => 0,
+            "security" => 50,
+            "srcnat" => 100,
+            _ => return None,
+        }
+    };
+    base.checked_add(offset)
+}
+
+/// One step of a [`Transaction`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Change {
+    /// Replace the whole table atomically, whether or not it exists:
+    /// `add table F N`, `delete table F N`, then the full table.
+    ReplaceTable(Table),
+    /// Delete the table; fine when it does not exist (`add table` first).
+    DeleteTable {
+        /// Family.
+        family: Family,
+        /// Table name.
+        name: String,
+    },
+    /// Add elements to a set (adding an existing element is a no-op in nft).
+    AddElements {
+        /// Family.
+        family: Family,
+        /// Table name.
+        table: String,
+        /// Set name.
+        set: String,
+        /// Element text.
+        elements: Vec<String>,
+    },
+    /// Delete elements from a set (nft fails the batch if one is missing).
+    DeleteElements {
+        /// Family.
+        family: Family,
+        /// Table name.
+        table: String,
+        /// Set name.
+        set: String,
+        /// Element text.
+        elements: Vec<String>,
+    },
+    /// Add key → value elements to a map (nft fails if a key exists with another value).
+    AddMapElements {
+        /// Family.
+        family: Family,
+        /// Table name.
+        table: String,
+        /// Map name.
+        map: String,
+        /// (key, value) text.
+        elements: Vec<(String, String)>,
+    },
+    /// Delete map elements by key.
+    DeleteMapElements {
+        /// Family.
+        family: Family,
+        /// Table name.
+        table: String,
+        /// Map name.
+        map: String,
+        /// Key text.
+        keys: Vec<String>,
+    },
+}
+
+impl Change {
+    /// A one-line description for logs and apply reports.
+    pub fn summary(&self) -> String {
+        let plural = |n: usize| if n == 1 { "" } else { "s" };
+        match self {
+            Change::ReplaceTable(t) => format!("replaced nftables table {} {}", t.family, t.name),
+            Change::DeleteTable { family, name } => {
+                format!("deleted nftables table {family} {name}")
+            }
+            Change::AddElements {
+                family,
+                table,
+                set,
+                elements,
+            } => format!(
+                "added {} element{} to set {family} {table} {set}",
+                elements.len(),
+                plural(elements.len())
+            ),
+            Change::DeleteElements {
+                family,
+                table,
+                set,
+                elements,
+            } => format!(
+                "deleted {} element{} from set {family} {table} {set}",
+                elements.len(),
+                plural(elements.len())
+            ),
+            Change::AddMapElements {
+                family,
+                table,
+                map,
+                elements,
+            } => format!(
+                "added {} element{} to map {family} {table} {map}",
+                elements.len(),
+                plural(elements.len())
+            ),
+            Change::DeleteMapElements {
+                family,
+                table,
+                map,
+                keys,
+            } => format!(
+                "deleted {} element{} from map {family} {table} {map}",
+                keys.len(),
+                plural(keys.len())
+            ),
+        }
+    }
+}
+
+/// An ordered list of changes, applied as ONE atomic nft batch.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Transaction(pub Vec<Change>);
+
+impl Transaction {
+    /// True when there is nothing to apply (no process is spawned for it).
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|c| match c {
+            Change::ReplaceTable(_) | Change::DeleteTable { .. } => false,
+            Change::AddElements { elements, .. } | Change::DeleteElements { elements, .. } => {
+                elements.is_empty()
+            }
+            Change::AddMapElements { elements, .. } => elements.is_empty(),
+            Change::DeleteMapElements { keys, .. } => keys.is_empty(),
+        })
+    }
+
+    /// The nft script of the whole batch (empty for an empty transaction; element changes with
+    /// no elements render nothing).
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for change in &self.0 {
+            render::render_change(change, &mut out);
+        }
+        out
+    }
+}
+
+/// The I/O edge to the kernel's nftables (real: [`NftCli`]; fake: `FakeFirewall` under
+/// `cfg(any(test, feature = "testing"))`).
+pub trait Firewall {
+    /// Applies the whole transaction atomically; an empty transaction does nothing.
+    fn apply(&mut self, tx: &Transaction) -> Result<(), NftError>;
+    /// Reads one table back; `Ok(None)` when it does not exist.
+    fn list_table(&mut self, family: Family, name: &str) -> Result<Option<TableState>, NftError>;
+}
+
+/// Errors talking to nftables.
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    /// The `nft` binary could not be run (or talked to).
+    #[error(
+        "cannot run {binary}: install nftables (Debian: apt-get install nftables) or set the path of nft"
+    )]
+    Spawn {
+        /// The binary.
+        binary: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// nft rejected the batch; nothing of it was committed.
+    #[error("nft rejected the transaction, nothing was applied: {}{}", cli::shorten(stderr), line.as_deref().map(|l| format!(" (batch line {l})")).unwrap_or_default())]
+    Apply {
+        /// nft's error output (shortened in the message; nft echoes whole batch lines).
+        stderr: String,
+        /// The offending line of the batch (`N: text`, shortened), when nft named one.
+        line: Option<String>,
+    },
+    /// nft could not list a table.
+    #[error("nft could not list {what}: {}", cli::shorten(stderr))]
+    List {
+        /// What was listed, e.g. `table inet weft`.
+        what: String,
+        /// nft's error output.
+        stderr: String,
+    },
+    /// nft's JSON listing did not parse.
+    #[error("cannot parse the JSON of nft -j list")]
+    Parse {
+        /// The cause.
+        #[source]
+        source: serde_json::Error,
+    },
+}

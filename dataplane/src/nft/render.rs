@@ -1,0 +1,403 @@
+//! Rendering tables and transactions to nft text (pure).
+
+use super::{Change, Family, Table};
+use sha2::{Digest, Sha256};
+use std::fmt::Write as _;
+
+/// Renders `table <family> <name> { … }` in a deterministic layout: the comment, then sets, maps
+/// and chains in the given order; set and map elements sorted (one per line), and no
+/// `elements = …` line for an empty set or map.
+pub fn render_table(table: &Table) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "table {} {} {{", table.family, table.name);
+    if let Some(comment) = &table.comment {
+        let _ = writeln!(out, "\tcomment \"{}\"", comment.replace('"', "'"));
+    }
+    let mut first = true;
+    let mut separate = |out: &mut String| {
+        if !first {
+            out.push('\n');
+        }
+        first = false;
+    };
+    for set in &table.sets {
+        separate(&mut out);
+        let _ = writeln!(out, "\tset {} {{", set.name);
+        let _ = writeln!(out, "\t\ttype {}", set.key_type);
+        render_flags(&set.flags, &mut out);
+        render_elements(set.elements.iter().map(String::as_str), &mut out);
+        out.push_str("\t}\n");
+    }
+    for map in &table.maps {
+        separate(&mut out);
+        let _ = writeln!(out, "\tmap {} {{", map.name);
+        let _ = writeln!(out, "\t\ttype {} : {}", map.key_type, map.value_type);
+        render_flags(&map.flags, &mut out);
+        let pairs: Vec<String> = map
+            .elements
+            .iter()
+            .map(|(k, v)| format!("{k} : {v}"))
+            .collect();
+        render_elements(pairs.iter().map(String::as_str), &mut out);
+        out.push_str("\t}\n");
+    }
+    for chain in &table.chains {
+        separate(&mut out);
+        let _ = writeln!(out, "\tchain {} {{", chain.name);
+        if let Some(base) = &chain.base {
+            let _ = write!(
+                out,
+                "\t\ttype {} hook {} priority {};",
+                base.kind, base.hook, base.priority
+            );
+            if let Some(policy) = &base.policy {
+                let _ = write!(out, " policy {policy};");
+            }
+            out.push('\n');
+        }
+        for rule in &chain.rules {
+            let _ = writeln!(out, "\t\t{rule}");
+        }
+        out.push_str("\t}\n");
+    }
+    out.push_str("}\n");
+    out
+}
+
+fn render_flags(flags: &[String], out: &mut String) {
+    if !flags.is_empty() {
+        let _ = writeln!(out, "\t\tflags {}", flags.join(","));
+    }
+}
+
+fn render_elements<'a>(elements: impl ExactSizeIterator<Item = &'a str>, out: &mut String) {
+    let n = elements.len();
+    if n == 0 {
+        return;
+    }
+    out.push_str("\t\telements = {\n");
+    for (i, e) in elements.enumerate() {
+        let _ = writeln!(out, "\t\t\t{e}{}", if i + 1 < n { "," } else { "" });
+    }
+    out.push_str("\t\t}\n");
+}
+
+/// sha256 (hex, first 16 characters) of the table rendered with every set and map emptied:
+/// equal hashes mean the two tables differ at most in their elements.
+pub fn structure_hash(table: &Table) -> String {
+    let mut skeleton = table.clone();
+    for set in &mut skeleton.sets {
+        set.elements.clear();
+    }
+    for map in &mut skeleton.maps {
+        map.elements.clear();
+    }
+    let digest = Sha256::digest(render_table(&skeleton).as_bytes());
+    let mut hex = String::with_capacity(16);
+    for b in digest.iter().take(8) {
+        let _ = write!(hex, "{b:02x}");
+    }
+    hex
+}
+
+fn element_line<'a>(
+    verb: &str,
+    family: Family,
+    table: &str,
+    name: &str,
+    items: impl Iterator<Item = &'a str>,
+    out: &mut String,
+) {
+    let items: Vec<&str> = items.collect();
+    if items.is_empty() {
+        return;
+    }
+    // One element per line: nft then blames the exact element when it rejects one.
+    let _ = writeln!(out, "{verb} element {family} {table} {name} {{");
+    for (i, item) in items.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "\t{item}{}",
+            if i + 1 < items.len() { "," } else { "" }
+        );
+    }
+    out.push_str("}\n");
+}
+
+pub(super) fn render_change(change: &Change, out: &mut String) {
+    match change {
+        Change::ReplaceTable(t) => {
+            let _ = writeln!(out, "add table {} {}", t.family, t.name);
+            let _ = writeln!(out, "delete table {} {}", t.family, t.name);
+            out.push_str(&render_table(t));
+        }
+        Change::DeleteTable { family, name } => {
+            let _ = writeln!(out, "add table {family} {name}");
+            let _ = writeln!(out, "delete table {family} {name}");
+        }
+        Change::AddElements {
+            family,
+            table,
+            set,
+            elements,
+        } => element_line(
+            "add",
+            *family,
+            table,
+            set,
+            elements.iter().map(String::as_str),
+            out,
+        ),
+        Change::DeleteElements {
+            family,
+            table,
+            set,
+            elements,
+        } => element_line(
+            "delete",
+            *family,
+            table,
+            set,
+            elements.iter().map(String::as_str),
+            out,
+        ),
+        Change::AddMapElements {
+            family,
+            table,
+            map,
+            elements,
+        } => {
+            let pairs: Vec<String> = elements.iter().map(|(k, v)| format!("{k} : {v}")).collect();
+            element_line(
+                "add",
+                *family,
+                table,
+                map,
+                pairs.iter().map(String::as_str),
+                out,
+            );
+        }
+        Change::DeleteMapElements {
+            family,
+            table,
+            map,
+            keys,
+        } => element_line(
+            "delete",
+            *family,
+            table,
+            map,
+            keys.iter().map(String::as_str),
+            out,
+        ),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::super::{BaseChain, Chain, Map, Set, Transaction};
+    use super::*;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    fn strings(items: &[&str]) -> BTreeSet<String> {
+        items.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn pairs(items: &[(&str, &str)]) -> BTreeMap<String, String> {
+        items
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn base(kind: &str, hook: &str, priority: &str, policy: Option<&str>) -> Option<BaseChain> {
+        Some(BaseChain {
+            kind: kind.into(),
+            hook: hook.into(),
+            priority: priority.into(),
+            policy: policy.map(Into::into),
+        })
+    }
+
+    /// A realistic NAT table: masquerade by sets, DNAT through an interval + concatenation map,
+    /// isolation through a verdict map.
+    pub(crate) fn nat_table() -> Table {
+        Table {
+            family: Family::Inet,
+            name: "weft".into(),
+            comment: Some("managed by weft".into()),
+            sets: vec![
+                Set {
+                    name: "bridges".into(),
+                    key_type: "ifname".into(),
+                    flags: vec![],
+                    elements: strings(&["\"wn-blue\"", "\"wn-red\""]),
+                },
+                Set {
+                    name: "nat4".into(),
+                    key_type: "ipv4_addr".into(),
+                    flags: vec!["interval".into()],
+                    elements: strings(&["10.20.0.0/16", "10.10.0.0/16"]),
+                },
+                Set {
+                    name: "empty".into(),
+                    key_type: "ipv6_addr".into(),
+                    flags: vec!["interval".into()],
+                    elements: BTreeSet::new(),
+                },
+            ],
+            maps: vec![
+                Map {
+                    name: "fwd4".into(),
+                    key_type: "ipv4_addr . inet_proto . inet_service".into(),
+                    value_type: "ipv4_addr . inet_service".into(),
+                    flags: vec!["interval".into()],
+                    elements: pairs(&[
+                        ("0.0.0.0/0 . tcp . 8080", "10.10.0.5 . 80"),
+                        ("192.168.0.0/16 . udp . 5353", "10.10.0.6 . 53"),
+                        ("10.0.0.0/8 . tcp . 8000-8010", "10.20.0.7 . 8000"),
+                    ]),
+                },
+                Map {
+                    name: "verdicts".into(),
+                    key_type: "ipv4_addr . ipv4_addr".into(),
+                    value_type: "verdict".into(),
+                    flags: vec![],
+                    elements: pairs(&[
+                        ("10.10.0.5 . 10.20.0.7", "accept"),
+                        ("10.10.0.6 . 10.20.0.7", "jump isolate"),
+                    ]),
+                },
+            ],
+            chains: vec![
+                Chain {
+                    name: "isolate".into(),
+                    base: None,
+                    rules: vec!["counter drop".into()],
+                },
+                Chain {
+                    name: "prerouting".into(),
+                    base: base("nat", "prerouting", "dstnat", Some("accept")),
+                    rules: vec![
+                        "meta l4proto { tcp, udp } fib daddr type local dnat ip addr . port to ip saddr . meta l4proto . th dport map @fwd4"
+                            .into(),
+                    ],
+                },
+                Chain {
+                    name: "postrouting".into(),
+                    base: base("nat", "postrouting", "srcnat", Some("accept")),
+                    rules: vec!["ip saddr @nat4 oifname != @bridges masquerade".into()],
+                },
+                Chain {
+                    name: "forward".into(),
+                    base: base("filter", "forward", "filter", None),
+                    rules: vec![
+                        "ct state established,related accept".into(),
+                        "iifname @bridges ip saddr . ip daddr vmap @verdicts".into(),
+                    ],
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn nat_table_renders_as_golden_text() {
+        insta::assert_snapshot!(render_table(&nat_table()));
+    }
+
+    #[test]
+    fn transaction_renders_as_golden_text() {
+        let tx = Transaction(vec![
+            Change::DeleteElements {
+                family: Family::Inet,
+                table: "weft".into(),
+                set: "nat4".into(),
+                elements: vec!["10.20.0.0/16".into()],
+            },
+            Change::DeleteMapElements {
+                family: Family::Inet,
+                table: "weft".into(),
+                map: "fwd4".into(),
+                keys: vec!["0.0.0.0/0 . tcp . 8080".into()],
+            },
+            Change::AddElements {
+                family: Family::Inet,
+                table: "weft".into(),
+                set: "bridges".into(),
+                elements: vec!["\"wn-green\"".into(), "\"wn-pink\"".into()],
+            },
+            Change::AddMapElements {
+                family: Family::Inet,
+                table: "weft".into(),
+                map: "verdicts".into(),
+                elements: vec![("10.30.0.2 . 10.30.0.3".into(), "drop".into())],
+            },
+            Change::DeleteTable {
+                family: Family::Bridge,
+                name: "weft".into(),
+            },
+        ]);
+        insta::assert_snapshot!(tx.render());
+    }
+
+    #[test]
+    fn replace_table_adds_and_deletes_before_the_table() {
+        let tx = Transaction(vec![Change::ReplaceTable(nat_table())]);
+        let text = tx.render();
+        assert!(
+            text.starts_with("add table inet weft\ndelete table inet weft\ntable inet weft {\n")
+        );
+    }
+
+    #[test]
+    fn empty_transaction_and_empty_element_changes_render_nothing() {
+        assert_eq!(Transaction::default().render(), "");
+        let tx = Transaction(vec![Change::AddElements {
+            family: Family::Inet,
+            table: "weft".into(),
+            set: "bridges".into(),
+            elements: vec![],
+        }]);
+        assert!(tx.is_empty());
+    }
+
+    #[test]
+    fn rendering_sorts_elements_whatever_the_insertion_order() {
+        let a = nat_table();
+        let mut b = nat_table();
+        b.sets[1].elements = strings(&["10.10.0.0/16", "10.20.0.0/16"]);
+        assert_eq!(render_table(&a), render_table(&b));
+    }
+
+    #[test]
+    fn structure_hash_ignores_elements_only() {
+        let a = nat_table();
+        let mut b = nat_table();
+        b.sets[0].elements.insert("\"wn-new\"".into());
+        b.maps[1].elements.clear();
+        assert_eq!(structure_hash(&a), structure_hash(&b));
+        assert_eq!(structure_hash(&a).len(), 16);
+        let mut c = nat_table();
+        c.chains[2].rules.push("counter".into());
+        assert_ne!(structure_hash(&a), structure_hash(&c));
+        let mut d = nat_table();
+        d.comment = None;
+        assert_ne!(structure_hash(&a), structure_hash(&d));
+        let mut e = nat_table();
+        e.sets[1].flags.clear();
+        assert_ne!(structure_hash(&a), structure_hash(&e));
+    }
+
+    #[test]
+    fn comment_quotes_cannot_break_the_syntax() {
+        let t = Table {
+            comment: Some("say \"hi\"".into()),
+            name: "t".into(),
+            ..Table::default()
+        };
+        assert_eq!(
+            render_table(&t),
+            "table inet t {\n\tcomment \"say 'hi'\"\n}\n"
+        );
+    }
+}

@@ -1,0 +1,692 @@
+//! What the kernel holds: `nft -j list table` parsed tolerantly into [`TableState`].
+//!
+//! nft 1.0.6 lists a table as `{"nftables": [{"metainfo": …}, {"table": …}, {"set": …},
+//! {"map": …}, {"chain": …}, {"rule": …}, …]}`. Only what weft compares is kept; every object
+//! or value this module does not know falls back to [`serde_json::Value`] instead of failing.
+//! Elements come back as JSON values (`"10.0.0.1"`, `80`, `{"prefix": {"addr", "len"}}`,
+//! `{"range": [a, b]}`, `{"concat": [..]}`, `{"elem": {"val": ..}}`, verdicts such as
+//! `{"accept": null}` or `{"jump": {"target": "x"}}`) and are rendered back into the text the
+//! renderer takes (`10.0.0.0/8 . tcp . 8080-8090`, `jump x`, `"br0"`).
+
+use super::{BaseChain, Chain, Family, Map, Set, Table};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// One table as the kernel has it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct TableState {
+    /// Family.
+    pub family: Family,
+    /// Name.
+    pub name: String,
+    /// The table comment. nft 1.0.6 leaves it out of its JSON, so [`super::NftCli`] reads it from
+    /// the terse text listing.
+    pub comment: Option<String>,
+    /// Sets, in the kernel's order.
+    pub sets: Vec<SetState>,
+    /// Maps, in the kernel's order.
+    pub maps: Vec<MapState>,
+    /// Chains, in the kernel's order.
+    pub chains: Vec<ChainState>,
+}
+
+/// A set as the kernel has it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct SetState {
+    /// Name.
+    pub name: String,
+    /// Key type, concatenations joined with ` . `.
+    pub key_type: String,
+    /// Flags.
+    pub flags: Vec<String>,
+    /// Elements in the renderer's text form.
+    pub elements: BTreeSet<String>,
+}
+
+/// A map as the kernel has it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct MapState {
+    /// Name.
+    pub name: String,
+    /// Key type.
+    pub key_type: String,
+    /// Value type (`verdict`, `ipv4_addr . inet_service`, …).
+    pub value_type: String,
+    /// Flags.
+    pub flags: Vec<String>,
+    /// Key text → value text.
+    pub elements: BTreeMap<String, String>,
+}
+
+/// A chain as the kernel has it (rules are only counted: nft prints them back differently from
+/// how they were written).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ChainState {
+    /// Name.
+    pub name: String,
+    /// Hook registration of a base chain.
+    pub base: Option<BaseChainState>,
+    /// Number of rules.
+    pub rules: usize,
+}
+
+/// A base chain's hook registration as the kernel has it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct BaseChainState {
+    /// `filter`, `nat`, `route`.
+    pub kind: String,
+    /// The hook.
+    pub hook: String,
+    /// Numeric priority.
+    pub priority: i32,
+    /// Policy (`accept`/`drop`).
+    pub policy: Option<String>,
+}
+
+impl TableState {
+    /// Parses the output of `nft -j list table <family> <name>`. `Ok(None)` when the listing holds
+    /// no such table.
+    pub fn from_json(
+        json: &str,
+        family: Family,
+        name: &str,
+    ) -> Result<Option<Self>, serde_json::Error> {
+        let listing: Listing = serde_json::from_str(json)?;
+        let mut found = false;
+        let mut state = TableState {
+            family,
+            name: name.to_string(),
+            ..TableState::default()
+        };
+        let ours = |f: &Option<String>, t: &str| {
+            t == name && f.as_deref().is_none_or(|f| f == family.as_str())
+        };
+        for item in listing.nftables {
+            match item {
+                Item::Table { table } => {
+                    if ours(&table.family, &table.name) {
+                        found = true;
+                        state.comment = table.comment;
+                    }
+                }
+                Item::Set { set } => {
+                    if ours(&set.family, set.table.as_deref().unwrap_or(name)) {
+                        let key_types = type_list(&set.key_type);
+                        state.sets.push(SetState {
+                            name: set.name,
+                            key_type: key_types.join(" . "),
+                            flags: flag_list(set.flags),
+                            elements: set
+                                .elem
+                                .iter()
+                                .map(|e| element_text(e, &key_types))
+                                .collect(),
+                        });
+                    }
+                }
+                Item::Map { map } => {
+                    if ours(&map.family, map.table.as_deref().unwrap_or(name)) {
+                        let key_types = type_list(&map.key_type);
+                        let value_types = type_list(&map.map);
+                        let elements = map
+                            .elem
+                            .iter()
+                            .filter_map(|e| map_element(e, &key_types, &value_types))
+                            .collect();
+                        state.maps.push(MapState {
+                            name: map.name,
+                            key_type: key_types.join(" . "),
+                            value_type: value_types.join(" . "),
+                            flags: flag_list(map.flags),
+                            elements,
+                        });
+                    }
+                }
+                Item::Chain { chain } => {
+                    if ours(&chain.family, chain.table.as_deref().unwrap_or(name)) {
+                        let base = match (chain.kind, chain.hook) {
+                            (Some(kind), Some(hook)) => Some(BaseChainState {
+                                kind,
+                                hook,
+                                priority: chain
+                                    .prio
+                                    .as_ref()
+                                    .and_then(Value::as_i64)
+                                    .and_then(|p| i32::try_from(p).ok())
+                                    .unwrap_or(0),
+                                policy: chain.policy,
+                            }),
+                            _ => None,
+                        };
+                        state.chains.push(ChainState {
+                            name: chain.name,
+                            base,
+                            rules: 0,
+                        });
+                    }
+                }
+                Item::Rule { rule } => {
+                    if ours(&rule.family, rule.table.as_deref().unwrap_or(name))
+                        && let Some(c) = state.chains.iter_mut().find(|c| c.name == rule.chain)
+                    {
+                        c.rules += 1;
+                    }
+                }
+                Item::Other(_) => {}
+            }
+        }
+        Ok(found.then_some(state))
+    }
+
+    /// The kernel view of a [`Table`] (what the kernel would list after applying it, modulo
+    /// element spelling). Priorities nft cannot resolve count as 0.
+    pub fn from_table(table: &Table) -> Self {
+        TableState {
+            family: table.family,
+            name: table.name.clone(),
+            comment: table.comment.clone(),
+            sets: table
+                .sets
+                .iter()
+                .map(|s| SetState {
+                    name: s.name.clone(),
+                    key_type: normalize_type(&s.key_type),
+                    flags: s.flags.clone(),
+                    elements: s.elements.clone(),
+                })
+                .collect(),
+            maps: table
+                .maps
+                .iter()
+                .map(|m| MapState {
+                    name: m.name.clone(),
+                    key_type: normalize_type(&m.key_type),
+                    value_type: normalize_type(&m.value_type),
+                    flags: m.flags.clone(),
+                    elements: m.elements.clone(),
+                })
+                .collect(),
+            chains: table
+                .chains
+                .iter()
+                .map(|c| ChainState {
+                    name: c.name.clone(),
+                    base: c.base.as_ref().map(|b| BaseChainState {
+                        kind: b.kind.clone(),
+                        hook: b.hook.clone(),
+                        priority: b.priority_value(table.family).unwrap_or(0),
+                        policy: Some(b.policy.clone().unwrap_or_else(|| "accept".into())),
+                    }),
+                    rules: c.rules.len(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The set named `name`.
+    pub fn set(&self, name: &str) -> Option<&SetState> {
+        self.sets.iter().find(|s| s.name == name)
+    }
+
+    /// The map named `name`.
+    pub fn map(&self, name: &str) -> Option<&MapState> {
+        self.maps.iter().find(|m| m.name == name)
+    }
+
+    /// The chain named `name`.
+    pub fn chain(&self, name: &str) -> Option<&ChainState> {
+        self.chains.iter().find(|c| c.name == name)
+    }
+
+    /// The elements of set `set` (empty when there is no such set).
+    pub fn elements_of(&self, set: &str) -> BTreeSet<String> {
+        self.set(set)
+            .map(|s| s.elements.clone())
+            .unwrap_or_default()
+    }
+
+    /// The elements of map `map` (empty when there is no such map).
+    pub fn map_elements_of(&self, map: &str) -> BTreeMap<String, String> {
+        self.map(map)
+            .map(|m| m.elements.clone())
+            .unwrap_or_default()
+    }
+
+    /// The number of rules in chain `chain`, `None` when there is no such chain.
+    pub fn rule_count(&self, chain: &str) -> Option<usize> {
+        self.chain(chain).map(|c| c.rules)
+    }
+
+    /// The kernel's table in `desired`'s terms, for [`super::diff`]: sets, maps and chains that
+    /// match `desired` in everything nft lets us read back (types, flags, hook, numeric
+    /// priority, policy, rule count) are spelled exactly as in `desired` and carry the kernel's
+    /// elements, so [`super::structure_hash`] is equal when only elements differ. Anything that
+    /// differs (a missing or extra set, another type, a changed rule count) is spelled the
+    /// kernel's way, so the hashes differ and the diff replaces the table. Rules are never
+    /// compared one by one: a rule rewritten with the same count is not detected; the table
+    /// comment (see `plan::apply_firewall`) covers that.
+    pub fn to_table(&self, desired: &Table) -> Table {
+        let mut out = Table {
+            family: self.family,
+            name: self.name.clone(),
+            comment: self.comment.clone(),
+            sets: Vec::new(),
+            maps: Vec::new(),
+            chains: Vec::new(),
+        };
+        for set in ordered(&self.sets, &desired.sets, |s| &s.name, |s| &s.name) {
+            let want = desired.sets.iter().find(|d| d.name == set.name);
+            let same = want.filter(|d| {
+                normalize_type(&d.key_type) == set.key_type && same_flags(&d.flags, &set.flags)
+            });
+            out.sets.push(Set {
+                name: set.name.clone(),
+                key_type: same.map_or_else(|| set.key_type.clone(), |d| d.key_type.clone()),
+                flags: same.map_or_else(|| set.flags.clone(), |d| d.flags.clone()),
+                elements: set.elements.clone(),
+            });
+        }
+        for map in ordered(&self.maps, &desired.maps, |m| &m.name, |m| &m.name) {
+            let want = desired.maps.iter().find(|d| d.name == map.name);
+            let same = want.filter(|d| {
+                normalize_type(&d.key_type) == map.key_type
+                    && normalize_type(&d.value_type) == map.value_type
+                    && same_flags(&d.flags, &map.flags)
+            });
+            out.maps.push(Map {
+                name: map.name.clone(),
+                key_type: same.map_or_else(|| map.key_type.clone(), |d| d.key_type.clone()),
+                value_type: same.map_or_else(|| map.value_type.clone(), |d| d.value_type.clone()),
+                flags: same.map_or_else(|| map.flags.clone(), |d| d.flags.clone()),
+                elements: map.elements.clone(),
+            });
+        }
+        for chain in ordered(&self.chains, &desired.chains, |c| &c.name, |c| &c.name) {
+            let want = desired.chains.iter().find(|d| d.name == chain.name);
+            let base = match (&chain.base, want.and_then(|d| d.base.as_ref())) {
+                (Some(k), Some(d)) if same_base(k, d, self.family) => Some(d.clone()),
+                (Some(k), _) => Some(BaseChain {
+                    kind: k.kind.clone(),
+                    hook: k.hook.clone(),
+                    priority: k.priority.to_string(),
+                    policy: k.policy.clone(),
+                }),
+                (None, _) => None,
+            };
+            let rules = match want {
+                Some(d) if d.rules.len() == chain.rules => d.rules.clone(),
+                _ => (1..=chain.rules)
+                    .map(|i| format!("# kernel rule {i} of {} (not read back)", chain.rules))
+                    .collect(),
+            };
+            out.chains.push(Chain {
+                name: chain.name.clone(),
+                base,
+                rules,
+            });
+        }
+        out
+    }
+}
+
+/// The kernel's items in `desired`'s order first, then the kernel's extra ones.
+fn ordered<'a, K, D>(
+    kernel: &'a [K],
+    desired: &[D],
+    kname: impl Fn(&K) -> &String,
+    dname: impl Fn(&D) -> &String,
+) -> Vec<&'a K> {
+    let mut out: Vec<&K> = desired
+        .iter()
+        .filter_map(|d| kernel.iter().find(|k| kname(k) == dname(d)))
+        .collect();
+    out.extend(
+        kernel
+            .iter()
+            .filter(|k| !desired.iter().any(|d| dname(d) == kname(k))),
+    );
+    out
+}
+
+fn same_flags(a: &[String], b: &[String]) -> bool {
+    let a: BTreeSet<&str> = a.iter().map(|s| s.trim()).collect();
+    let b: BTreeSet<&str> = b.iter().map(|s| s.trim()).collect();
+    a == b
+}
+
+fn same_base(kernel: &BaseChainState, desired: &BaseChain, family: Family) -> bool {
+    kernel.kind == desired.kind
+        && kernel.hook == desired.hook
+        && desired.priority_value(family) == Some(kernel.priority)
+        && kernel.policy.as_deref().unwrap_or("accept")
+            == desired.policy.as_deref().unwrap_or("accept")
+}
+
+fn normalize_type(t: &str) -> String {
+    t.split('.').map(str::trim).collect::<Vec<_>>().join(" . ")
+}
+
+// ---- the JSON listing ------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct Listing {
+    #[serde(default)]
+    nftables: Vec<Item>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Item {
+    Table { table: JsonTable },
+    Set { set: JsonSet },
+    Map { map: JsonSet },
+    Chain { chain: JsonChain },
+    Rule { rule: JsonRule },
+    Other(serde::de::IgnoredAny),
+}
+
+#[derive(Deserialize)]
+struct JsonTable {
+    #[serde(default)]
+    family: Option<String>,
+    name: String,
+    #[serde(default)]
+    comment: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct JsonSet {
+    #[serde(default)]
+    family: Option<String>,
+    #[serde(default)]
+    table: Option<String>,
+    name: String,
+    #[serde(rename = "type", default)]
+    key_type: Value,
+    /// The value type of a map.
+    #[serde(default)]
+    map: Value,
+    #[serde(default)]
+    flags: Value,
+    #[serde(default)]
+    elem: Vec<Value>,
+}
+
+#[derive(Deserialize)]
+struct JsonChain {
+    #[serde(default)]
+    family: Option<String>,
+    #[serde(default)]
+    table: Option<String>,
+    name: String,
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+    #[serde(default)]
+    hook: Option<String>,
+    #[serde(default)]
+    prio: Option<Value>,
+    #[serde(default)]
+    policy: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct JsonRule {
+    #[serde(default)]
+    family: Option<String>,
+    #[serde(default)]
+    table: Option<String>,
+    chain: String,
+}
+
+/// `"ipv4_addr"`, `["ipv4_addr", "inet_service"]` or `"ipv4_addr . inet_service"` → the parts.
+fn type_list(v: &Value) -> Vec<String> {
+    match v {
+        Value::String(s) => s.split('.').map(|p| p.trim().to_string()).collect(),
+        Value::Array(items) => items.iter().flat_map(type_list).collect(),
+        Value::Null => Vec::new(),
+        other => vec![other.to_string()],
+    }
+}
+
+fn flag_list(v: Value) -> Vec<String> {
+    match v {
+        Value::String(s) => vec![s],
+        Value::Array(items) => items
+            .into_iter()
+            .map(|i| match i {
+                Value::String(s) => s,
+                other => other.to_string(),
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Types whose values nft prints as quoted strings.
+fn is_string_type(t: Option<&String>) -> bool {
+    matches!(t.map(String::as_str), Some("ifname" | "string"))
+}
+
+/// One element (or key) in the renderer's text form; `types` are the key's concatenated types.
+fn element_text(v: &Value, types: &[String]) -> String {
+    match v {
+        Value::Object(o) => {
+            if let Some(inner) = o.get("elem") {
+                // {"elem": {"val": …, "timeout": …, "comment": …}}
+                return element_text(inner.get("val").unwrap_or(inner), types);
+            }
+            if let Some(Value::Array(parts)) = o.get("concat") {
+                return parts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| atom_text(p, types.get(i)))
+                    .collect::<Vec<_>>()
+                    .join(" . ");
+            }
+            atom_text(v, types.first())
+        }
+        _ => atom_text(v, types.first()),
+    }
+}
+
+fn atom_text(v: &Value, ty: Option<&String>) -> String {
+    match v {
+        Value::String(s) if is_string_type(ty) => format!("\"{s}\""),
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        Value::Bool(b) => b.to_string(),
+        Value::Null => String::new(),
+        Value::Array(items) => items
+            .iter()
+            .map(|i| atom_text(i, ty))
+            .collect::<Vec<_>>()
+            .join(", "),
+        Value::Object(o) => {
+            if let Some(p) = o.get("prefix") {
+                let addr = p.get("addr").map(|a| atom_text(a, ty)).unwrap_or_default();
+                let len = p.get("len").map(|l| atom_text(l, None)).unwrap_or_default();
+                return format!("{addr}/{len}");
+            }
+            if let Some(Value::Array(r)) = o.get("range")
+                && let [a, b] = r.as_slice()
+            {
+                return format!("{}-{}", atom_text(a, ty), atom_text(b, ty));
+            }
+            if let Some(inner) = o.get("elem") {
+                return atom_text(inner.get("val").unwrap_or(inner), ty);
+            }
+            if let Some(Value::Array(parts)) = o.get("concat") {
+                return parts
+                    .iter()
+                    .map(|p| atom_text(p, ty))
+                    .collect::<Vec<_>>()
+                    .join(" . ");
+            }
+            if let Some(Value::Array(items)) = o.get("set") {
+                let items: Vec<String> = items.iter().map(|i| atom_text(i, ty)).collect();
+                return format!("{{ {} }}", items.join(", "));
+            }
+            // A verdict: {"accept": null}, {"jump": {"target": "x"}}, {"goto": {"target": "x"}}.
+            if o.len() == 1
+                && let Some((verb, arg)) = o.iter().next()
+            {
+                return match arg {
+                    Value::Null => verb.clone(),
+                    Value::Object(a) => match a.get("target") {
+                        Some(Value::String(t)) => format!("{verb} {t}"),
+                        _ => v.to_string(),
+                    },
+                    _ => v.to_string(),
+                };
+            }
+            v.to_string()
+        }
+    }
+}
+
+/// `[key, value]` (or an `elem` wrapper around the key) → (key text, value text).
+fn map_element(
+    v: &Value,
+    key_types: &[String],
+    value_types: &[String],
+) -> Option<(String, String)> {
+    match v {
+        Value::Array(kv) => match kv.as_slice() {
+            [k, val] => Some((element_text(k, key_types), element_text(val, value_types))),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::render::tests::nat_table;
+    use super::super::{diff, structure_hash};
+    use super::*;
+
+    /// Captured from nft 1.0.6 (`nft -j list table inet weft`).
+    const LISTING: &str = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}}, {"table": {"family": "inet", "name": "weft", "handle": 2}}, {"set": {"family": "inet", "name": "bridges", "table": "weft", "type": "ifname", "handle": 5, "elem": ["br0", "weft-x"]}}, {"set": {"family": "inet", "name": "intra", "table": "weft", "type": ["ifname", "ifname"], "handle": 6, "elem": [{"concat": ["br0", "br0"]}]}}, {"set": {"family": "inet", "name": "nets4", "table": "weft", "type": "ipv4_addr", "handle": 7, "flags": ["interval"], "elem": [{"prefix": {"addr": "10.0.0.0", "len": 8}}, {"range": ["172.16.0.1", "172.16.0.9"]}, "192.168.1.5"]}}, {"set": {"family": "inet", "name": "ports", "table": "weft", "type": "inet_service", "handle": 9, "flags": ["interval"], "elem": [80, {"range": [8000, 8010]}]}}, {"map": {"family": "inet", "name": "fwd4", "table": "weft", "type": ["ipv4_addr", "inet_proto", "inet_service"], "handle": 10, "map": "ipv4_addr . inet_service", "flags": ["interval"], "elem": [[{"concat": [{"prefix": {"addr": "10.0.0.0", "len": 8}}, "tcp", {"range": [8080, 8090]}]}, {"concat": ["10.1.0.2", 80]}], [{"concat": [{"prefix": {"addr": "0.0.0.0", "len": 0}}, "udp", 53]}, {"concat": ["10.1.0.3", 5353]}], [{"concat": ["1.2.3.4", "tcp", 22]}, {"concat": ["10.1.0.4", 2222]}]]}}, {"map": {"family": "inet", "name": "verdicts", "table": "weft", "type": ["ipv4_addr", "ipv4_addr"], "handle": 12, "map": "verdict", "elem": [[{"concat": ["10.0.0.1", "10.0.0.2"]}, {"accept": null}], [{"concat": ["10.0.0.1", "10.0.0.3"]}, {"drop": null}], [{"concat": ["10.0.0.1", "10.0.0.4"]}, {"jump": {"target": "forward_x"}}], [{"concat": ["10.0.0.1", "10.0.0.5"]}, {"goto": {"target": "forward_x"}}]]}}, {"chain": {"family": "inet", "table": "weft", "name": "forward_x", "handle": 1}}, {"chain": {"family": "inet", "table": "weft", "name": "prerouting", "handle": 2, "type": "nat", "hook": "prerouting", "prio": -100, "policy": "accept"}}, {"rule": {"family": "inet", "table": "weft", "chain": "forward_x", "handle": 14, "expr": [{"counter": {"packets": 0, "bytes": 0}}, {"accept": null}]}}, {"rule": {"family": "inet", "table": "weft", "chain": "prerouting", "handle": 16, "expr": [{"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": {"set": ["tcp", "udp"]}}}]}}, {"rule": {"family": "inet", "table": "weft", "chain": "prerouting", "handle": 17, "expr": []}}, {"flowtable": {"family": "inet", "name": "ft", "table": "weft"}}]}"#;
+
+    fn strings(items: &[&str]) -> BTreeSet<String> {
+        items.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn parses_nft_1_0_6_listing_into_renderer_text() {
+        let s = TableState::from_json(LISTING, Family::Inet, "weft")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            s.elements_of("bridges"),
+            strings(&["\"br0\"", "\"weft-x\""])
+        );
+        assert_eq!(s.elements_of("intra"), strings(&["\"br0\" . \"br0\""]));
+        assert_eq!(s.set("intra").unwrap().key_type, "ifname . ifname");
+        assert_eq!(
+            s.elements_of("nets4"),
+            strings(&["10.0.0.0/8", "172.16.0.1-172.16.0.9", "192.168.1.5"])
+        );
+        assert_eq!(s.set("nets4").unwrap().flags, vec!["interval".to_string()]);
+        assert_eq!(s.elements_of("ports"), strings(&["80", "8000-8010"]));
+        let fwd = s.map("fwd4").unwrap();
+        assert_eq!(fwd.key_type, "ipv4_addr . inet_proto . inet_service");
+        assert_eq!(fwd.value_type, "ipv4_addr . inet_service");
+        assert_eq!(
+            fwd.elements
+                .get("10.0.0.0/8 . tcp . 8080-8090")
+                .map(String::as_str),
+            Some("10.1.0.2 . 80")
+        );
+        assert_eq!(
+            fwd.elements.get("0.0.0.0/0 . udp . 53").map(String::as_str),
+            Some("10.1.0.3 . 5353")
+        );
+        let v = s.map_elements_of("verdicts");
+        assert_eq!(v["10.0.0.1 . 10.0.0.2"], "accept");
+        assert_eq!(v["10.0.0.1 . 10.0.0.3"], "drop");
+        assert_eq!(v["10.0.0.1 . 10.0.0.4"], "jump forward_x");
+        assert_eq!(v["10.0.0.1 . 10.0.0.5"], "goto forward_x");
+        assert_eq!(s.rule_count("forward_x"), Some(1));
+        assert_eq!(s.rule_count("prerouting"), Some(2));
+        assert_eq!(s.rule_count("nope"), None);
+        let pre = s.chain("prerouting").unwrap().base.clone().unwrap();
+        assert_eq!((pre.kind.as_str(), pre.priority), ("nat", -100));
+        assert!(s.chain("forward_x").unwrap().base.is_none());
+    }
+
+    #[test]
+    fn a_listing_without_the_table_is_none() {
+        assert_eq!(
+            TableState::from_json(LISTING, Family::Ip, "weft").unwrap(),
+            None
+        );
+        assert_eq!(
+            TableState::from_json(r#"{"nftables": []}"#, Family::Inet, "weft").unwrap(),
+            None
+        );
+        assert!(TableState::from_json("not json", Family::Inet, "weft").is_err());
+    }
+
+    #[test]
+    fn elements_with_options_and_unknown_shapes_do_not_fail() {
+        let json = r#"{"nftables": [{"table": {"family": "inet", "name": "t", "comment": "c"}},
+            {"set": {"family": "inet", "name": "s", "table": "t", "type": "ipv4_addr", "flags": "timeout",
+              "elem": [{"elem": {"val": "10.0.0.1", "timeout": 30, "expires": 10}}, {"weird": [1, 2]}]}},
+            {"map": {"family": "inet", "name": "m", "table": "t", "type": "inet_service", "map": "verdict",
+              "elem": [[{"elem": {"val": 80, "counter": {"packets": 0, "bytes": 0}}}, {"return": null}], "garbage"]}},
+            {"somethingnew": {"x": 1}}]}"#;
+        let s = TableState::from_json(json, Family::Inet, "t")
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.comment.as_deref(), Some("c"));
+        let set = s.set("s").unwrap();
+        assert_eq!(set.flags, vec!["timeout".to_string()]);
+        assert!(set.elements.contains("10.0.0.1"));
+        assert_eq!(set.elements.len(), 2);
+        assert_eq!(s.map_elements_of("m")["80"], "return");
+    }
+
+    #[test]
+    fn to_table_of_an_equal_kernel_diffs_to_nothing() {
+        let desired = nat_table();
+        let kernel = TableState::from_table(&desired);
+        let current = kernel.to_table(&desired);
+        assert_eq!(structure_hash(&current), structure_hash(&desired));
+        assert!(diff(&current, &desired).0.is_empty());
+    }
+
+    #[test]
+    fn to_table_carries_the_kernel_elements_and_detects_structure_drift() {
+        let desired = nat_table();
+        let mut kernel = TableState::from_table(&desired);
+        kernel.sets[0].elements.insert("\"wn-old\"".into());
+        let tx = diff(&kernel.to_table(&desired), &desired);
+        assert!(matches!(
+            tx.0.as_slice(),
+            [super::super::Change::DeleteElements { .. }]
+        ));
+
+        let mut fewer_rules = TableState::from_table(&desired);
+        fewer_rules.chains[3].rules = 1;
+        let mut other_prio = TableState::from_table(&desired);
+        other_prio.chains[1].base.as_mut().unwrap().priority = -90;
+        let mut missing_set = TableState::from_table(&desired);
+        missing_set.sets.remove(1);
+        let mut extra_map = TableState::from_table(&desired);
+        extra_map.maps.push(MapState {
+            name: "stale".into(),
+            key_type: "ipv4_addr".into(),
+            value_type: "verdict".into(),
+            ..MapState::default()
+        });
+        for drift in [fewer_rules, other_prio, missing_set, extra_map] {
+            let tx = diff(&drift.to_table(&desired), &desired);
+            assert_eq!(
+                tx.0,
+                vec![super::super::Change::ReplaceTable(desired.clone())]
+            );
+        }
+    }
+}

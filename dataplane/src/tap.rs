@@ -1,0 +1,235 @@
+//! Persistent TAP devices for VMs, made through `/dev/net/tun`.
+//!
+//! A persistent TAP outlives the file descriptor that created it; the VMM (running as
+//! `owner`/`group`) opens it later by name. The device is created in the network namespace of
+//! the calling **thread** (the kernel takes the namespace of whoever opens `/dev/net/tun`), so
+//! to make one in another namespace call [`create_persistent_tap`] inside
+//! [`crate::netns::run_in`].
+#![allow(unsafe_code)] // ioctls on /dev/net/tun; each block has its SAFETY comment
+
+use crate::netlink::{MAX_IFNAME_LEN, Netlink, NetlinkError};
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use tracing::debug;
+
+/// The TUN/TAP clone device.
+pub const TUN_DEVICE: &str = "/dev/net/tun";
+
+/// Raw ioctls of `<linux/if_tun.h>`. The kernel declares them `_IOW('T', n, int)`;
+/// `TUNSETIFF` really takes a pointer to a `struct ifreq`, which is passed as the integer
+/// argument (as the kernel headers and every tun user do).
+mod ioctls {
+    nix::ioctl_write_int!(tun_set_iff, b'T', 202);
+    nix::ioctl_write_int!(tun_set_persist, b'T', 203);
+    nix::ioctl_write_int!(tun_set_owner, b'T', 204);
+    nix::ioctl_write_int!(tun_set_group, b'T', 206);
+}
+
+/// What TAP to make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TapSpec<'a> {
+    /// Interface name (at most 15 bytes).
+    pub name: &'a str,
+    /// User allowed to attach to it (`TUNSETOWNER`); `None`: only CAP_NET_ADMIN.
+    pub owner: Option<u32>,
+    /// Group allowed to attach to it (`TUNSETGROUP`).
+    pub group: Option<u32>,
+    /// Number of queues the VMM will open: more than 1 makes the device multi-queue
+    /// (`IFF_MULTI_QUEUE`); the VMM then attaches one file descriptor per queue.
+    pub queues: u32,
+    /// Prepend a `virtio_net_hdr` to frames (`IFF_VNET_HDR`), as vhost-net and QEMU expect.
+    pub vnet_hdr: bool,
+    /// MTU to set.
+    pub mtu: Option<u32>,
+    /// MAC to set.
+    pub mac: Option<[u8; 6]>,
+}
+
+/// Errors creating a TAP.
+#[derive(Debug, thiserror::Error)]
+pub enum TapError {
+    /// The name cannot be an interface name.
+    #[error("invalid tap name {name:?}: {reason}")]
+    InvalidName {
+        /// The name.
+        name: String,
+        /// Why.
+        reason: &'static str,
+    },
+    /// A link of that name already exists.
+    #[error("cannot create tap {name}: a link of that name exists")]
+    Exists {
+        /// The name.
+        name: String,
+    },
+    /// `/dev/net/tun` could not be opened.
+    #[error("cannot open {TUN_DEVICE} to create tap {name}")]
+    OpenTun {
+        /// The tap.
+        name: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An ioctl on `/dev/net/tun` failed.
+    #[error("cannot create tap {name}: {ioctl} failed")]
+    Ioctl {
+        /// The tap.
+        name: String,
+        /// Which ioctl (`TUNSETIFF`, `TUNSETOWNER`…).
+        ioctl: &'static str,
+        /// The cause.
+        #[source]
+        source: nix::errno::Errno,
+    },
+    /// Looking the new device up or setting its MTU or MAC failed.
+    #[error("cannot configure tap {name}")]
+    Configure {
+        /// The tap.
+        name: String,
+        /// The cause.
+        #[source]
+        source: NetlinkError,
+    },
+}
+
+impl TapError {
+    /// True when the name was taken.
+    pub fn is_exists(&self) -> bool {
+        matches!(self, TapError::Exists { .. })
+    }
+}
+
+fn ifreq_for(name: &str, flags: libc::c_int) -> Result<libc::ifreq, TapError> {
+    let invalid = |reason| TapError::InvalidName {
+        name: name.to_string(),
+        reason,
+    };
+    if name.is_empty() {
+        return Err(invalid("empty"));
+    }
+    if name.len() > MAX_IFNAME_LEN {
+        return Err(invalid("longer than 15 bytes"));
+    }
+    if name.bytes().any(|b| b == 0 || b == b'/' || b.is_ascii_whitespace()) {
+        return Err(invalid("contains NUL, '/' or whitespace"));
+    }
+    let flags = libc::c_short::try_from(flags).map_err(|_| invalid("flags overflow"))?;
+    // SAFETY: `ifreq` is a plain C struct (a byte array and a union of plain integers,
+    // sockaddrs and a pointer); all-zero bytes are a valid value of every field.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_flags = flags;
+    Ok(ifr)
+}
+
+/// Creates a persistent TAP in the calling thread's network namespace, owned by
+/// `owner`/`group`, with the MTU and MAC of `spec`, and returns its index. It starts down.
+///
+/// Fails with [`TapError::is_exists`] when a link of that name exists (the kernel would
+/// otherwise silently attach to an existing TAP). If anything fails the device is gone.
+pub fn create_persistent_tap(spec: &TapSpec<'_>) -> Result<u32, TapError> {
+    let name = spec.name;
+    let mut flags = libc::IFF_TAP | libc::IFF_NO_PI;
+    if spec.vnet_hdr {
+        flags |= libc::IFF_VNET_HDR;
+    }
+    if spec.queues > 1 {
+        flags |= libc::IFF_MULTI_QUEUE;
+    }
+    let mut ifr = ifreq_for(name, flags)?;
+    let configure = |source| TapError::Configure {
+        name: name.to_string(),
+        source,
+    };
+    let mut nl = Netlink::new().map_err(configure)?;
+    if nl.link_by_name(name).map_err(configure)?.is_some() {
+        return Err(TapError::Exists {
+            name: name.to_string(),
+        });
+    }
+    let tun: File = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(TUN_DEVICE)
+        .map_err(|source| TapError::OpenTun {
+            name: name.to_string(),
+            source,
+        })?;
+    let fd = tun.as_raw_fd();
+    let ioctl_err = |ioctl| {
+        move |source| TapError::Ioctl {
+            name: name.to_string(),
+            ioctl,
+            source,
+        }
+    };
+    // SAFETY: `fd` is an open /dev/net/tun descriptor owned by `tun`, alive for the call;
+    // TUNSETIFF reads and writes a `struct ifreq`, and `ifr` is one, valid and exclusively
+    // borrowed for the duration of the call.
+    unsafe { ioctls::tun_set_iff(fd, std::ptr::from_mut(&mut ifr) as libc::c_ulong) }
+        .map_err(ioctl_err("TUNSETIFF"))?;
+    // From here on the device exists; it disappears when `tun` closes unless persisted.
+    if let Some(uid) = spec.owner {
+        // SAFETY: `fd` is the open tun descriptor; TUNSETOWNER takes the uid by value.
+        unsafe { ioctls::tun_set_owner(fd, libc::c_ulong::from(uid)) }
+            .map_err(ioctl_err("TUNSETOWNER"))?;
+    }
+    if let Some(gid) = spec.group {
+        // SAFETY: `fd` is the open tun descriptor; TUNSETGROUP takes the gid by value.
+        unsafe { ioctls::tun_set_group(fd, libc::c_ulong::from(gid)) }
+            .map_err(ioctl_err("TUNSETGROUP"))?;
+    }
+    let index = match nl.link_by_name(name).map_err(configure)? {
+        Some(l) => l.index,
+        None => {
+            return Err(configure(NetlinkError::Vanished {
+                op: "create tap",
+                target: name.to_string(),
+            }));
+        }
+    };
+    if let Some(mtu) = spec.mtu {
+        nl.set_mtu(index, mtu).map_err(configure)?;
+    }
+    if let Some(mac) = spec.mac {
+        nl.set_mac(index, mac).map_err(configure)?;
+    }
+    // SAFETY: `fd` is the open tun descriptor; TUNSETPERSIST takes a boolean by value.
+    unsafe { ioctls::tun_set_persist(fd, 1) }.map_err(ioctl_err("TUNSETPERSIST"))?;
+    drop(tun);
+    debug!(tap = %name, index, queues = spec.queues, "created persistent tap");
+    Ok(index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ifreq_carries_name_and_flags() {
+        let ifr = ifreq_for("tap0", libc::IFF_TAP | libc::IFF_NO_PI).unwrap();
+        let name: Vec<u8> = ifr
+            .ifr_name
+            .iter()
+            .take_while(|c| **c != 0)
+            .map(|c| *c as u8)
+            .collect();
+        assert_eq!(name, b"tap0");
+        // SAFETY: ifreq_for wrote the flags member of the union.
+        let flags = unsafe { ifr.ifr_ifru.ifru_flags };
+        assert_eq!(i32::from(flags), libc::IFF_TAP | libc::IFF_NO_PI);
+    }
+
+    #[test]
+    fn bad_tap_names_are_rejected() {
+        for bad in ["", "a-name-that-is-too-long", "a/b", "a b"] {
+            assert!(matches!(
+                ifreq_for(bad, libc::IFF_TAP),
+                Err(TapError::InvalidName { .. })
+            ));
+        }
+    }
+}

@@ -1,0 +1,463 @@
+//! Tier-3 tests of `weft_dataplane::nft` against the real `nft` binary and kernel.
+//!
+//! Every test runs on its own thread that first moves into a fresh network namespace
+//! (`unshare(CLONE_NEWNET)`); the `nft` processes it spawns inherit that namespace, so the host's
+//! tables are never touched. The tests need root (CAP_SYS_ADMIN for unshare, CAP_NET_ADMIN for
+//! nft) and fail, never skip, without it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] fns
+
+use nix::sched::{CloneFlags, unshare};
+use std::collections::{BTreeMap, BTreeSet};
+use weft_dataplane::nft::{
+    BaseChain, Chain, Change, Family, Firewall, Map, NftCli, NftError, Set, Table, Transaction,
+    diff, structure_hash,
+};
+
+/// Runs `f` on a new thread inside a new, empty network namespace.
+fn in_netns<F: FnOnce() + Send + 'static>(f: F) {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "privileged nft test: run as root (it needs CAP_SYS_ADMIN to unshare a network namespace and CAP_NET_ADMIN for nft), e.g. sudo or `unshare -rn`"
+    );
+    let handle = std::thread::spawn(move || {
+        unshare(CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| {
+            panic!("privileged nft test: unshare(CLONE_NEWNET) failed ({e}); it needs root/CAP_SYS_ADMIN")
+        });
+        f();
+    });
+    if let Err(panic) = handle.join() {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+fn strings(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+fn pairs(items: &[(&str, &str)]) -> BTreeMap<String, String> {
+    items
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn set(name: &str, key_type: &str, interval: bool, elements: &[&str]) -> Set {
+    Set {
+        name: name.into(),
+        key_type: key_type.into(),
+        flags: if interval {
+            vec!["interval".into()]
+        } else {
+            vec![]
+        },
+        elements: strings(elements),
+    }
+}
+
+fn map(name: &str, key: &str, value: &str, interval: bool, elements: &[(&str, &str)]) -> Map {
+    Map {
+        name: name.into(),
+        key_type: key.into(),
+        value_type: value.into(),
+        flags: if interval {
+            vec!["interval".into()]
+        } else {
+            vec![]
+        },
+        elements: pairs(elements),
+    }
+}
+
+fn base(name: &str, kind: &str, hook: &str, priority: &str, rules: &[&str]) -> Chain {
+    Chain {
+        name: name.into(),
+        base: Some(BaseChain {
+            kind: kind.into(),
+            hook: hook.into(),
+            priority: priority.into(),
+            policy: Some("accept".into()),
+        }),
+        rules: rules.iter().map(|r| r.to_string()).collect(),
+    }
+}
+
+/// The same kind of table the agent builds: NAT by sets, DNAT by an interval + concatenation
+/// map, isolation by a verdict map.
+fn nat_table() -> Table {
+    Table {
+        family: Family::Inet,
+        name: "weft".into(),
+        comment: Some("weft test".into()),
+        sets: vec![
+            set("bridges", "ifname", false, &["\"wn-blue\"", "\"wn-red\""]),
+            set(
+                "intra",
+                "ifname . ifname",
+                false,
+                &["\"wn-blue\" . \"wn-blue\""],
+            ),
+            set("nat4", "ipv4_addr", true, &["10.10.0.0/16", "10.20.0.0/16"]),
+            set("nat6", "ipv6_addr", true, &["fd00:10::/64"]),
+            set("ports", "inet_service", true, &["80", "8000-8010"]),
+        ],
+        maps: vec![
+            map(
+                "fwd4",
+                "ipv4_addr . inet_proto . inet_service",
+                "ipv4_addr . inet_service",
+                true,
+                &[
+                    ("10.0.0.0/8 . tcp . 8080-8090", "10.10.0.5 . 80"),
+                    ("0.0.0.0/0 . udp . 53", "10.10.0.6 . 5353"),
+                    ("192.168.1.7 . tcp . 22", "10.20.0.7 . 2222"),
+                ],
+            ),
+            map(
+                "fwdr4",
+                "ipv4_addr . inet_proto . inet_service",
+                "ipv4_addr",
+                true,
+                &[("172.16.0.0/12 . sctp . 9000-9100", "10.10.0.8")],
+            ),
+            map(
+                "fwd6",
+                "ipv6_addr . inet_proto . inet_service",
+                "ipv6_addr . inet_service",
+                true,
+                &[("::/0 . tcp . 443", "fd00:10::5 . 8443")],
+            ),
+            map(
+                "verdicts",
+                "ipv4_addr . ipv4_addr",
+                "verdict",
+                false,
+                &[
+                    ("10.10.0.5 . 10.20.0.7", "accept"),
+                    ("10.10.0.6 . 10.20.0.7", "drop"),
+                    ("10.10.0.7 . 10.20.0.7", "jump isolate"),
+                    ("10.10.0.8 . 10.20.0.7", "goto isolate"),
+                ],
+            ),
+        ],
+        chains: vec![
+            Chain {
+                name: "isolate".into(),
+                base: None,
+                rules: vec!["counter drop".into()],
+            },
+            base(
+                "prerouting",
+                "nat",
+                "prerouting",
+                "dstnat",
+                &[
+                    "meta l4proto { tcp, udp, sctp } fib daddr type local dnat ip addr . port to ip saddr . meta l4proto . th dport map @fwd4",
+                    "meta l4proto { tcp, udp, sctp } fib daddr type local dnat ip to ip saddr . meta l4proto . th dport map @fwdr4",
+                    "meta l4proto { tcp, udp, sctp } fib daddr type local dnat ip6 addr . port to ip6 saddr . meta l4proto . th dport map @fwd6",
+                ],
+            ),
+            base(
+                "postrouting",
+                "nat",
+                "postrouting",
+                "srcnat",
+                &[
+                    "ip saddr @nat4 oifname != @bridges masquerade",
+                    "ip6 saddr @nat6 oifname != @bridges masquerade",
+                ],
+            ),
+            base(
+                "forward",
+                "filter",
+                "forward",
+                "filter",
+                &[
+                    "ct state established,related accept",
+                    "iifname . oifname @intra accept",
+                    "ip saddr . ip daddr vmap @verdicts",
+                ],
+            ),
+        ],
+    }
+}
+
+fn replace(t: &Table) -> Transaction {
+    Transaction(vec![Change::ReplaceTable(t.clone())])
+}
+
+#[test]
+fn replacing_twice_gives_the_same_listing() {
+    in_netns(|| {
+        let mut nft = NftCli::default();
+        assert_eq!(nft.list_table_text(Family::Inet, "weft").unwrap(), None);
+        nft.apply(&replace(&nat_table())).unwrap();
+        let first = nft.list_table_text(Family::Inet, "weft").unwrap().unwrap();
+        nft.apply(&replace(&nat_table())).unwrap();
+        let second = nft.list_table_text(Family::Inet, "weft").unwrap().unwrap();
+        assert_eq!(first, second);
+        assert!(first.contains("comment \"weft test\""), "{first}");
+    });
+}
+
+#[test]
+fn listing_round_trips_every_element_in_renderer_text() {
+    in_netns(|| {
+        let mut nft = NftCli::default();
+        let desired = nat_table();
+        nft.apply(&replace(&desired)).unwrap();
+        let state = nft.list_table(Family::Inet, "weft").unwrap().unwrap();
+        assert_eq!(state.comment.as_deref(), Some("weft test"));
+        for s in &desired.sets {
+            assert_eq!(state.elements_of(&s.name), s.elements, "set {}", s.name);
+            let got = state.set(&s.name).unwrap();
+            assert_eq!((&got.key_type, &got.flags), (&s.key_type, &s.flags));
+        }
+        for m in &desired.maps {
+            assert_eq!(state.map_elements_of(&m.name), m.elements, "map {}", m.name);
+            assert_eq!(state.map(&m.name).unwrap().value_type, m.value_type);
+        }
+        for c in &desired.chains {
+            assert_eq!(
+                state.rule_count(&c.name),
+                Some(c.rules.len()),
+                "chain {}",
+                c.name
+            );
+        }
+        let current = state.to_table(&desired);
+        assert_eq!(structure_hash(&current), structure_hash(&desired));
+        assert_eq!(current, desired);
+        assert!(diff(&current, &desired).is_empty());
+    });
+}
+
+#[test]
+fn a_verdict_map_on_an_address_pair_round_trips() {
+    in_netns(|| {
+        let mut nft = NftCli::default();
+        let t = Table {
+            family: Family::Ip,
+            name: "weftvm".into(),
+            comment: None,
+            sets: vec![],
+            maps: vec![map(
+                "verdicts",
+                "ipv4_addr . ipv4_addr",
+                "verdict",
+                false,
+                &[
+                    ("10.0.0.1 . 10.0.0.2", "accept"),
+                    ("10.0.0.1 . 10.0.0.3", "drop"),
+                    ("10.0.0.1 . 10.0.0.4", "jump policy_a"),
+                    ("10.0.0.1 . 10.0.0.5", "goto policy_a"),
+                    ("10.0.0.1 . 10.0.0.6", "return"),
+                ],
+            )],
+            chains: vec![
+                Chain {
+                    name: "policy_a".into(),
+                    base: None,
+                    rules: vec!["tcp dport 80 accept".into(), "drop".into()],
+                },
+                base(
+                    "forward",
+                    "filter",
+                    "forward",
+                    "filter - 5",
+                    &["ip saddr . ip daddr vmap @verdicts"],
+                ),
+            ],
+        };
+        nft.apply(&replace(&t)).unwrap();
+        let state = nft.list_table(Family::Ip, "weftvm").unwrap().unwrap();
+        assert_eq!(state.comment, None);
+        assert_eq!(state.map_elements_of("verdicts"), t.maps[0].elements);
+        let fwd = state.chain("forward").unwrap().base.clone().unwrap();
+        assert_eq!(fwd.priority, -5);
+        assert!(diff(&state.to_table(&t), &t).is_empty());
+    });
+}
+
+#[test]
+fn element_changes_go_through_diff_without_a_replace() {
+    in_netns(|| {
+        let mut nft = NftCli::default();
+        let before = nat_table();
+        nft.apply(&replace(&before)).unwrap();
+        let mut after = nat_table();
+        after.sets[0].elements.insert("\"wn-green\"".into());
+        after.sets[2].elements.remove("10.20.0.0/16");
+        after.sets[2].elements.insert("10.30.0.0/16".into());
+        let fwd4 = &mut after.maps[0].elements;
+        fwd4.remove("0.0.0.0/0 . udp . 53");
+        fwd4.insert(
+            "0.0.0.0/0 . udp . 5300-5310".into(),
+            "10.10.0.9 . 53".into(),
+        );
+        fwd4.insert(
+            "10.0.0.0/8 . tcp . 8080-8090".into(),
+            "10.10.0.50 . 80".into(),
+        );
+        after.maps[3]
+            .elements
+            .insert("10.10.0.5 . 10.20.0.7".into(), "jump isolate".into());
+
+        let state = nft.list_table(Family::Inet, "weft").unwrap().unwrap();
+        let tx = diff(&state.to_table(&after), &after);
+        assert!(
+            tx.0.iter().all(|c| !matches!(c, Change::ReplaceTable(_))),
+            "{tx:?}"
+        );
+        nft.apply(&tx).unwrap();
+        let state = nft.list_table(Family::Inet, "weft").unwrap().unwrap();
+        assert_eq!(state.elements_of("bridges"), after.sets[0].elements);
+        assert_eq!(state.elements_of("nat4"), after.sets[2].elements);
+        assert_eq!(state.map_elements_of("fwd4"), after.maps[0].elements);
+        assert_eq!(state.map_elements_of("verdicts"), after.maps[3].elements);
+        assert!(diff(&state.to_table(&after), &after).is_empty());
+
+        // And back, deletes included.
+        let tx = diff(&state.to_table(&before), &before);
+        nft.apply(&tx).unwrap();
+        let state = nft.list_table(Family::Inet, "weft").unwrap().unwrap();
+        assert_eq!(state.to_table(&before), before);
+    });
+}
+
+#[test]
+fn a_changed_rule_replaces_the_table_in_one_batch() {
+    in_netns(|| {
+        let mut nft = NftCli::default();
+        nft.apply(&replace(&nat_table())).unwrap();
+        let mut desired = nat_table();
+        desired.chains[3].rules.pop();
+        let state = nft.list_table(Family::Inet, "weft").unwrap().unwrap();
+        let tx = diff(&state.to_table(&desired), &desired);
+        assert!(matches!(tx.0.as_slice(), [Change::ReplaceTable(_)]));
+        nft.apply(&tx).unwrap();
+        let state = nft.list_table(Family::Inet, "weft").unwrap().unwrap();
+        assert_eq!(state.rule_count("forward"), Some(2));
+    });
+}
+
+#[test]
+fn a_failing_batch_commits_nothing() {
+    in_netns(|| {
+        let mut nft = NftCli::default();
+        // A syntax error in the last command: the new table must not appear.
+        let mut tx = replace(&nat_table());
+        tx.0.push(Change::AddElements {
+            family: Family::Inet,
+            table: "weft".into(),
+            set: "nat4".into(),
+            elements: vec!["10.99.0.0/16 } garbage {".into()],
+        });
+        let err = nft.apply(&tx).unwrap_err();
+        match &err {
+            NftError::Apply { stderr, line } => {
+                assert!(stderr.contains("syntax error"), "{stderr}");
+                assert!(
+                    line.as_deref().is_some_and(|l| l.contains("garbage")),
+                    "{line:?}"
+                );
+            }
+            other => panic!("expected Apply, got {other:?}"),
+        }
+        assert!(err.to_string().contains("nothing was applied"));
+        assert!(nft.list_table(Family::Inet, "weft").unwrap().is_none());
+
+        // A kernel-side failure later in the batch (deleting a missing element) also rolls
+        // back the earlier element add.
+        nft.apply(&replace(&nat_table())).unwrap();
+        let tx = Transaction(vec![
+            Change::AddElements {
+                family: Family::Inet,
+                table: "weft".into(),
+                set: "bridges".into(),
+                elements: vec!["\"wn-new\"".into()],
+            },
+            Change::DeleteElements {
+                family: Family::Inet,
+                table: "weft".into(),
+                set: "nat4".into(),
+                elements: vec!["10.99.0.0/16".into()],
+            },
+        ]);
+        match nft.apply(&tx) {
+            Err(NftError::Apply { line, .. }) => {
+                assert!(
+                    line.as_deref().is_some_and(|l| l.contains("10.99.0.0/16")),
+                    "{line:?}"
+                );
+            }
+            other => panic!("expected Apply, got {other:?}"),
+        }
+        let state = nft.list_table(Family::Inet, "weft").unwrap().unwrap();
+        assert_eq!(state.elements_of("bridges"), nat_table().sets[0].elements);
+    });
+}
+
+#[test]
+fn deleting_an_absent_table_is_fine() {
+    in_netns(|| {
+        let mut nft = NftCli::default();
+        let delete = Transaction(vec![Change::DeleteTable {
+            family: Family::Inet,
+            name: "weft".into(),
+        }]);
+        nft.apply(&delete).unwrap();
+        nft.apply(&replace(&nat_table())).unwrap();
+        assert!(nft.list_table(Family::Inet, "weft").unwrap().is_some());
+        nft.apply(&delete).unwrap();
+        assert!(nft.list_table(Family::Inet, "weft").unwrap().is_none());
+        nft.apply(&delete).unwrap();
+        assert_eq!(nft.list_table_text(Family::Inet, "weft").unwrap(), None);
+    });
+}
+
+#[test]
+fn the_structure_hash_comment_is_read_back() {
+    in_netns(|| {
+        let mut nft = NftCli::default();
+        let mut t = nat_table();
+        t.comment = None;
+        let hash = structure_hash(&t);
+        t.comment = Some(format!("weft structure {hash}"));
+        nft.apply(&replace(&t)).unwrap();
+        let state = nft.list_table(Family::Inet, "weft").unwrap().unwrap();
+        assert_eq!(state.comment, t.comment);
+    });
+}
+
+#[test]
+fn a_bridge_family_table_applies_and_lists() {
+    in_netns(|| {
+        let mut nft = NftCli::default();
+        let t = Table {
+            family: Family::Bridge,
+            name: "weft".into(),
+            comment: None,
+            sets: vec![set(
+                "ports",
+                "ifname . ether_addr . ipv4_addr",
+                false,
+                &["\"wf0123\" . 02:00:00:00:00:01 . 10.0.0.2"],
+            )],
+            maps: vec![],
+            chains: vec![base(
+                "forward",
+                "filter",
+                "forward",
+                "filter",
+                &["ether type ip iifname . ether saddr . ip saddr != @ports drop"],
+            )],
+        };
+        nft.apply(&replace(&t)).unwrap();
+        let state = nft.list_table(Family::Bridge, "weft").unwrap().unwrap();
+        assert_eq!(state.elements_of("ports"), t.sets[0].elements);
+        assert!(diff(&state.to_table(&t), &t).is_empty());
+        // The inet table of the same name is another table.
+        assert!(nft.list_table(Family::Inet, "weft").unwrap().is_none());
+    });
+}

@@ -1,0 +1,228 @@
+//! The lab on every topology in `examples/lab/`, and on topologies written here that are not in
+//! the examples. Each lab runs the real agent per node namespace and the real `weft` binary, and
+//! checks its expectations with real packets; afterwards nothing of it may be left on the machine.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// `target/<profile>/weft-operator`, next to the `weft` binary; both are built by
+/// `cargo build --workspace` (and by `cargo test --workspace`, since their crates have tests).
+fn operator_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>");
+    let bin = dir.join("weft-operator");
+    assert!(
+        bin.exists() && dir.join("weft").exists(),
+        "{} and weft are missing: run `cargo build --workspace` first (make test does)",
+        bin.display()
+    );
+    bin
+}
+
+fn require_root() {
+    assert!(
+        nix_is_root(),
+        "the lab needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN) for network namespaces: run the tests as root"
+    );
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+fn leftovers(lab_prefix: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/run/netns") {
+        for e in entries.flatten() {
+            let n = e.file_name().to_string_lossy().to_string();
+            if n.starts_with(lab_prefix) {
+                out.push(n);
+            }
+        }
+    }
+    out
+}
+
+fn run_lab(file: &Path, name: &str) -> String {
+    require_root();
+    let out = Command::new(operator_binary())
+        .args(["lab", "--name", name])
+        .arg(file)
+        .output()
+        .expect("run the lab");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let left = leftovers(&format!("wl-{name}-"));
+    assert!(
+        out.status.success(),
+        "lab {} failed:\n{stdout}\n{stderr}",
+        file.display()
+    );
+    assert!(left.is_empty(), "the lab left namespaces behind: {left:?}");
+    assert!(
+        !Path::new("/run/weft-lab").join(name).exists(),
+        "the lab left its directory behind"
+    );
+    stdout
+}
+
+#[test]
+fn every_example_lab_passes() {
+    let dir = workspace().join("examples/lab");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("examples/lab")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty());
+    for (i, f) in files.iter().enumerate() {
+        let out = run_lab(f, &format!("ex{i}-{}", std::process::id() % 10000));
+        assert!(out.contains("all expectations hold"), "{out}");
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn three_networks_port_ranges_allow_from_and_static_addresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let resources = write(
+        dir.path(),
+        "nets.yaml",
+        r#"
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: blue}
+spec: {mode: NAT, subnets: [172.30.0.0/24], ipam: {nodeBlockPrefix: 26}, mtu: 1400}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: green}
+spec: {mode: NAT, subnets: [172.31.0.0/16, "fd31::/64"]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: red}
+spec: {mode: NAT, subnets: [172.29.0.0/16], nodeSelector: {matchLabels: {red: "yes"}}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: PortForward
+metadata: {name: range, namespace: team-a}
+spec:
+  network: blue
+  target: {selector: {matchExpressions: [{key: tier, operator: In, values: [front]}]}}
+  ports: [{protocol: TCP, portRange: {start: 7000, end: 7100}}, {protocol: UDP, port: 7053, targetPort: 53}]
+  allowFrom: [10.99.0.0/24]
+"#,
+    );
+    let lab = write(
+        dir.path(),
+        "lab.yaml",
+        &format!(
+            r#"
+lan: {{gateway: 10.99.0.1/24, gateway6: "fd99::1/64"}}
+nodes:
+  - {{name: n1, address: 10.99.0.21/24, address6: "fd99::21/64", labels: {{red: "yes"}}}}
+  - {{name: n2, address: 10.99.0.22/24, address6: "fd99::22/64"}}
+resourceFiles: [{}]
+workloads:
+  - {{name: front, namespace: team-a, node: n2, labels: {{tier: front}}, networks: [blue], listen: [7050/tcp, 53/udp]}}
+  - {{name: back, namespace: team-a, node: n2, networks: [blue], listen: [80/tcp], ips: [172.30.0.100]}}
+  - {{name: g1, node: n1, networks: [green], listen: [80/tcp]}}
+  - {{name: g2, node: n1, networks: [green], listen: [80/tcp]}}
+  - {{name: r1, node: n1, networks: [red], listen: [80/tcp]}}
+expect:
+  - {{from: outside, to: n2, port: 7050, protocol: tcp, result: allow, answeredBy: front, sourceSeenAs: self}}
+  - {{from: outside, to: n2, port: 7053, protocol: udp, result: allow, answeredBy: front}}
+  - {{from: n1, to: n2, port: 7050, protocol: tcp, result: allow, answeredBy: front}}
+  - {{from: outside, to: n1, port: 7050, protocol: tcp, result: deny}}
+  - {{from: front, to: back, port: 80, protocol: tcp, result: allow, sourceSeenAs: self}}
+  - {{from: g1, to: g2, port: 80, protocol: tcp, result: allow}}
+  - {{from: g1, to: g2, port: 80, protocol: tcp, family: ipv6, result: allow, sourceSeenAs: self}}
+  - {{from: g1, to: outside, port: 443, protocol: tcp, family: ipv6, result: allow, sourceSeenAs: node}}
+  - {{from: r1, to: outside, port: 443, protocol: tcp, result: allow, sourceSeenAs: node}}
+  - {{from: r1, to: g1, port: 80, protocol: tcp, result: deny}}
+  - {{from: g1, to: r1, port: 80, protocol: tcp, result: deny}}
+  - {{from: back, to: outside, port: 443, protocol: tcp, result: allow, sourceSeenAs: node}}
+"#,
+            resources.display()
+        ),
+    );
+    let out = run_lab(&lab, &format!("t3n-{}", std::process::id() % 10000));
+    assert!(out.contains("all expectations hold"), "{out}");
+    // The static address was honoured, and blue's /24 was cut into /26 blocks per node.
+    assert!(out.contains("172.30.0.100"), "{out}");
+}
+
+#[test]
+fn a_failing_expectation_fails_the_lab_and_still_cleans_up() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let lab = write(
+        dir.path(),
+        "lab.yaml",
+        r#"
+lan: {gateway: 10.98.0.1/24}
+nodes: [{name: n1, address: 10.98.0.21/24}]
+resources:
+  - {apiVersion: weft.dev/v1alpha1, kind: Network, metadata: {name: a}, spec: {mode: NAT, subnets: [172.28.0.0/24]}}
+  - {apiVersion: weft.dev/v1alpha1, kind: Network, metadata: {name: b}, spec: {mode: NAT, subnets: [172.27.0.0/24]}}
+workloads:
+  - {name: wa, node: n1, networks: [a], listen: [80/tcp]}
+  - {name: wb, node: n1, networks: [b], listen: [80/tcp]}
+expect:
+  - {from: wa, to: wb, port: 80, protocol: tcp, result: allow}
+"#,
+    );
+    let name = format!("fail-{}", std::process::id() % 10000);
+    let out = Command::new(operator_binary())
+        .args(["lab", "--name", &name])
+        .arg(&lab)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "isolated networks must not reach each other: {stdout}");
+    assert!(stdout.contains("FAIL"), "{stdout}");
+    assert!(leftovers(&format!("wl-{name}-")).is_empty());
+}
+
+#[test]
+fn an_invalid_lab_file_is_rejected_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = write(
+        dir.path(),
+        "lab.yaml",
+        "lan: {gateway: 10.97.0.1/24}\nnodes: [{name: n1, address: 10.97.0.21/24}]\nworkloads: [{name: w, node: n9, networks: [x]}]\n",
+    );
+    let out = Command::new(operator_binary())
+        .args(["lab"])
+        .arg(&lab)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("workloads[0].node"), "{stderr}");
+}

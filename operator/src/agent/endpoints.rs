@@ -1,0 +1,174 @@
+//! The endpoints on this node: registered by the CNI, and rebuilt from the IPAM store (which
+//! survives agent restarts) at start and on every resync.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tracing::warn;
+use weft_dataplane::ipam::{Allocation, IpamStore};
+use weft_dataplane::proto::Endpoint;
+use weft_dataplane::state::NetworkState;
+
+type Key = (String, String, String);
+
+/// How long an unregistered endpoint stays out even if a resync still finds its allocation
+/// (DEL unregisters before it releases the addresses).
+const TOMBSTONE: Duration = Duration::from_secs(120);
+
+/// The endpoints of this node.
+#[derive(Debug, Default)]
+pub struct EndpointStore {
+    endpoints: BTreeMap<Key, Endpoint>,
+    gone: BTreeMap<Key, Instant>,
+}
+
+fn key(network: &str, container_id: &str, ifname: &str) -> Key {
+    (network.into(), container_id.into(), ifname.into())
+}
+
+fn from_allocation(network: &str, a: Allocation) -> Endpoint {
+    Endpoint {
+        network: network.to_string(),
+        host_ifname: a.host_ifname.clone().unwrap_or_else(|| {
+            weft_dataplane::names::host_veth_name(&a.container_id, &a.ifname)
+        }),
+        mac: a.mac.clone().unwrap_or_default(),
+        ips: a.ips,
+        container_id: a.container_id,
+        ifname: a.ifname,
+        pod_namespace: a.pod_namespace,
+        pod_name: a.pod_name,
+        netns: a.netns,
+    }
+}
+
+impl EndpointStore {
+    /// Loads every allocation of every network from the IPAM store.
+    pub fn load(state_dir: &Path) -> Self {
+        let mut s = EndpointStore::default();
+        s.resync(state_dir);
+        s
+    }
+
+    /// Re-reads the IPAM store: adds what it holds (unless recently unregistered), drops what it
+    /// no longer holds.
+    pub fn resync(&mut self, state_dir: &Path) {
+        let now = Instant::now();
+        self.gone.retain(|_, t| now.duration_since(*t) < TOMBSTONE);
+        let mut fresh = BTreeMap::new();
+        let networks = NetworkState::list(state_dir).unwrap_or_default();
+        let mut names: Vec<String> = networks;
+        if let Ok(dir) = std::fs::read_dir(state_dir.join("ipam")) {
+            for e in dir.flatten() {
+                let n = e.file_name().to_string_lossy().to_string();
+                if !names.contains(&n) {
+                    names.push(n);
+                }
+            }
+        }
+        for network in names {
+            let Ok(store) = IpamStore::open(state_dir, &network) else {
+                continue;
+            };
+            match store.list() {
+                Ok(allocs) => {
+                    for a in allocs {
+                        let k = key(&network, &a.container_id, &a.ifname);
+                        if self.gone.contains_key(&k) {
+                            continue;
+                        }
+                        let ep = self
+                            .endpoints
+                            .get(&k)
+                            .cloned()
+                            .unwrap_or_else(|| from_allocation(&network, a));
+                        fresh.insert(k, ep);
+                    }
+                }
+                Err(e) => warn!(%network, error = %crate::error_chain(&e), "cannot read IPAM store"),
+            }
+        }
+        self.endpoints = fresh;
+    }
+
+    /// Adds or replaces an endpoint.
+    pub fn register(&mut self, ep: Endpoint) {
+        let k = key(&ep.network, &ep.container_id, &ep.ifname);
+        self.gone.remove(&k);
+        self.endpoints.insert(k, ep);
+    }
+
+    /// Removes an endpoint.
+    pub fn unregister(&mut self, network: &str, container_id: &str, ifname: &str) {
+        let k = key(network, container_id, ifname);
+        self.endpoints.remove(&k);
+        self.gone.insert(k, Instant::now());
+    }
+
+    /// All endpoints, in a stable order.
+    pub fn list(&self) -> Vec<Endpoint> {
+        self.endpoints.values().cloned().collect()
+    }
+
+    /// How many.
+    pub fn len(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    /// None?
+    pub fn is_empty(&self) -> bool {
+        self.endpoints.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_dataplane::ipam::{AllocRequest, Attachment, Pool};
+
+    #[test]
+    fn resync_reads_ipam_and_respects_unregister() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = IpamStore::open(dir.path(), "nat-demo").unwrap();
+        let pool = Pool {
+            block_v4: Some("10.10.0.0/26".parse().unwrap()),
+            block_v6: None,
+            subnet_v4: Some("10.10.0.0/16".parse().unwrap()),
+            subnet_v6: None,
+            gateways: vec!["10.10.0.1".parse().unwrap()],
+            exclude: vec![],
+        };
+        for c in ["a", "b"] {
+            store
+                .allocate(
+                    &pool,
+                    AllocRequest {
+                        attachment: Attachment {
+                            container_id: c.into(),
+                            ifname: "eth0".into(),
+                        },
+                        static_ips: vec![],
+                        mac: None,
+                        host_ifname: None,
+                        pod_namespace: Some("default".into()),
+                        pod_name: Some(format!("pod-{c}")),
+                        netns: None,
+                    },
+                )
+                .unwrap();
+        }
+        let mut eps = EndpointStore::load(dir.path());
+        assert_eq!(eps.len(), 2);
+        eps.unregister("nat-demo", "a", "eth0");
+        eps.resync(dir.path());
+        assert_eq!(eps.len(), 1, "an unregistered endpoint stays out until released");
+        store
+            .release(&Attachment {
+                container_id: "b".into(),
+                ifname: "eth0".into(),
+            })
+            .unwrap();
+        eps.resync(dir.path());
+        assert_eq!(eps.len(), 0);
+    }
+}

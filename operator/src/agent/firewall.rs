@@ -1,0 +1,288 @@
+//! weft's nftables table for NAT networks, as data.
+//!
+//! The rules are fixed; networks and port forwards only add set and map elements, so adding a
+//! forward or a network never adds a rule:
+//! - `prerouting`/`output` (nat): traffic to one of the node's own addresses whose
+//!   source . protocol . port is in `fwd4`/`fwd6` (single ports, with target port) or
+//!   `fwdr4`/`fwdr6` (port ranges, port kept) is DNATed to the workload;
+//! - `postrouting` (nat): a NAT network's traffic leaving through a non-weft interface is
+//!   masqueraded (never traffic that stays inside a network), and forwarded traffic a workload
+//!   sends to a port forward of its own network is masqueraded so the reply comes back the same
+//!   way (hairpin);
+//! - `forward` (filter): traffic between two different weft networks is dropped (isolation),
+//!   except connections a port forward let in.
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use weft_dataplane::names;
+use weft_dataplane::nft::{BaseChain, Chain, Family, Map, Set, Table};
+
+/// What the table needs to know of one network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetRules {
+    /// The bridge.
+    pub bridge: String,
+    /// IPv4 subnet.
+    pub subnet_v4: Option<Ipv4Net>,
+    /// IPv6 subnet.
+    pub subnet_v6: Option<Ipv6Net>,
+    /// Masquerade egress.
+    pub masquerade: bool,
+}
+
+/// One forwarded node port (or range) for one source CIDR.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    /// Allowed source.
+    pub source: IpNet,
+    /// `tcp`, `udp` or `sctp`.
+    pub protocol: &'static str,
+    /// Node port range (start == end for a single port).
+    pub node_ports: (u16, u16),
+    /// The workload address.
+    pub target: IpAddr,
+    /// Target port for single ports; `None` keeps the port (ranges).
+    pub target_port: Option<u16>,
+    /// The PortForward it comes from (`namespace/name`).
+    pub owner: String,
+}
+
+impl Forward {
+    /// Would both forwards claim the same packets?
+    pub fn overlaps(&self, other: &Forward) -> bool {
+        self.protocol == other.protocol
+            && self.target.is_ipv4() == other.target.is_ipv4()
+            && self.node_ports.0 <= other.node_ports.1
+            && other.node_ports.0 <= self.node_ports.1
+            && (self.source.contains(&other.source.network())
+                || other.source.contains(&self.source.network()))
+    }
+}
+
+/// `8080` or `8000-8010`.
+pub fn port_text(ports: (u16, u16)) -> String {
+    if ports.0 == ports.1 {
+        ports.0.to_string()
+    } else {
+        format!("{}-{}", ports.0, ports.1)
+    }
+}
+
+/// A CIDR as nft prints it in interval sets: a host prefix is the bare address.
+pub fn cidr_text(net: &IpNet) -> String {
+    let net = net.trunc();
+    if net.prefix_len() == net.max_prefix_len() {
+        net.addr().to_string()
+    } else {
+        net.to_string()
+    }
+}
+
+fn set(name: &str, key_type: &str, interval: bool, elements: BTreeSet<String>) -> Set {
+    Set {
+        name: name.into(),
+        key_type: key_type.into(),
+        flags: if interval {
+            vec!["interval".into()]
+        } else {
+            vec![]
+        },
+        elements,
+    }
+}
+
+fn map(name: &str, key: &str, value: &str, elements: BTreeMap<String, String>) -> Map {
+    Map {
+        name: name.into(),
+        key_type: key.into(),
+        value_type: value.into(),
+        flags: vec!["interval".into()],
+        elements,
+    }
+}
+
+fn base(name: &str, kind: &str, hook: &str, priority: &str, rules: Vec<String>) -> Chain {
+    Chain {
+        name: name.into(),
+        base: Some(BaseChain {
+            kind: kind.into(),
+            hook: hook.into(),
+            priority: priority.into(),
+            policy: Some("accept".into()),
+        }),
+        rules,
+    }
+}
+
+/// Builds weft's `inet weft` table.
+pub fn table(nets: &[NetRules], forwards: &[Forward]) -> Table {
+    let quoted = |s: &str| format!("\"{s}\"");
+    let bridges: BTreeSet<String> = nets.iter().map(|n| quoted(&n.bridge)).collect();
+    let intra: BTreeSet<String> = nets
+        .iter()
+        .map(|n| format!("{} . {}", quoted(&n.bridge), quoted(&n.bridge)))
+        .collect();
+    let v4 = |only_masq: bool| -> BTreeSet<String> {
+        nets.iter()
+            .filter(|n| !only_masq || n.masquerade)
+            .filter_map(|n| n.subnet_v4)
+            .map(|s| cidr_text(&IpNet::V4(s)))
+            .collect()
+    };
+    let v6 = |only_masq: bool| -> BTreeSet<String> {
+        nets.iter()
+            .filter(|n| !only_masq || n.masquerade)
+            .filter_map(|n| n.subnet_v6)
+            .map(|s| cidr_text(&IpNet::V6(s)))
+            .collect()
+    };
+    let mut fwd = [
+        BTreeMap::new(),
+        BTreeMap::new(),
+        BTreeMap::new(),
+        BTreeMap::new(),
+    ];
+    for f in forwards {
+        let key = format!(
+            "{} . {} . {}",
+            cidr_text(&f.source),
+            f.protocol,
+            port_text(f.node_ports)
+        );
+        let v6 = usize::from(f.target.is_ipv6());
+        match f.target_port {
+            Some(p) => {
+                fwd[v6].insert(key, format!("{} . {p}", f.target));
+            }
+            None => {
+                fwd[2 + v6].insert(key, f.target.to_string());
+            }
+        }
+    }
+    let [fwd4, fwd6, fwdr4, fwdr6] = fwd;
+    let l4 = "meta l4proto { tcp, udp, sctp }";
+    let dnat_rules = |local4: &str, local6: &str| -> Vec<String> {
+        vec![
+            format!("{l4} {local4} dnat ip addr . port to ip saddr . meta l4proto . th dport map @fwd4"),
+            format!("{l4} {local4} dnat ip to ip saddr . meta l4proto . th dport map @fwdr4"),
+            format!("{l4} {local6} dnat ip6 addr . port to ip6 saddr . meta l4proto . th dport map @fwd6"),
+            format!("{l4} {local6} dnat ip6 to ip6 saddr . meta l4proto . th dport map @fwdr6"),
+        ]
+    };
+    Table {
+        family: Family::Inet,
+        name: names::NFT_TABLE.into(),
+        comment: None,
+        sets: vec![
+            set("bridges", "ifname", false, bridges),
+            set("intra", "ifname . ifname", false, intra),
+            set("nets4", "ipv4_addr", true, v4(false)),
+            set("nets6", "ipv6_addr", true, v6(false)),
+            set("masq4", "ipv4_addr", true, v4(true)),
+            set("masq6", "ipv6_addr", true, v6(true)),
+        ],
+        maps: vec![
+            map(
+                "fwd4",
+                "ipv4_addr . inet_proto . inet_service",
+                "ipv4_addr . inet_service",
+                fwd4,
+            ),
+            map(
+                "fwdr4",
+                "ipv4_addr . inet_proto . inet_service",
+                "ipv4_addr",
+                fwdr4,
+            ),
+            map(
+                "fwd6",
+                "ipv6_addr . inet_proto . inet_service",
+                "ipv6_addr . inet_service",
+                fwd6,
+            ),
+            map(
+                "fwdr6",
+                "ipv6_addr . inet_proto . inet_service",
+                "ipv6_addr",
+                fwdr6,
+            ),
+        ],
+        chains: vec![
+            base(
+                "prerouting",
+                "nat",
+                "prerouting",
+                "dstnat",
+                dnat_rules("fib daddr type local", "fib daddr type local"),
+            ),
+            // Node-local clients reaching a forward on one of the node's own addresses
+            // (loopback excluded: DNAT from 127.0.0.0/8 would need route_localnet).
+            base(
+                "output",
+                "nat",
+                "output",
+                // The `dstnat` keyword is only defined for prerouting; -100 is its value.
+                "-100",
+                dnat_rules(
+                    "fib daddr type local ip daddr != 127.0.0.0/8",
+                    "fib daddr type local ip6 daddr != ::1",
+                ),
+            ),
+            base(
+                "postrouting",
+                "nat",
+                "postrouting",
+                "srcnat",
+                vec![
+                    "ip saddr @masq4 oifname != @bridges masquerade".into(),
+                    "ip6 saddr @masq6 oifname != @bridges masquerade".into(),
+                    "ct status dnat ip saddr @nets4 oifname @bridges masquerade".into(),
+                    "ct status dnat ip6 saddr @nets6 oifname @bridges masquerade".into(),
+                ],
+            ),
+            base(
+                "forward",
+                "filter",
+                "forward",
+                "filter",
+                vec![
+                    "ct status dnat accept".into(),
+                    "iifname @bridges oifname @bridges iifname . oifname != @intra drop".into(),
+                ],
+            ),
+        ],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_prefixes_render_like_nft() {
+        assert_eq!(cidr_text(&"1.2.3.4/32".parse().unwrap()), "1.2.3.4");
+        assert_eq!(cidr_text(&"10.0.0.0/8".parse().unwrap()), "10.0.0.0/8");
+        assert_eq!(cidr_text(&"::/0".parse().unwrap()), "::/0");
+        assert_eq!(cidr_text(&"10.1.2.3/8".parse().unwrap()), "10.0.0.0/8");
+    }
+
+    #[test]
+    fn overlap_needs_same_protocol_family_ports_and_sources() {
+        let f = |src: &str, proto, a, b, target: &str| Forward {
+            source: src.parse().unwrap(),
+            protocol: proto,
+            node_ports: (a, b),
+            target: target.parse().unwrap(),
+            target_port: None,
+            owner: "x".into(),
+        };
+        let base = f("0.0.0.0/0", "tcp", 8000, 8010, "10.0.0.2");
+        assert!(base.overlaps(&f("10.0.0.0/8", "tcp", 8010, 8010, "10.0.0.3")));
+        assert!(!base.overlaps(&f("0.0.0.0/0", "udp", 8000, 8010, "10.0.0.3")));
+        assert!(!base.overlaps(&f("0.0.0.0/0", "tcp", 8011, 8020, "10.0.0.3")));
+        assert!(!base.overlaps(&f("::/0", "tcp", 8000, 8000, "fd00::3")));
+        let narrow = f("192.168.1.0/24", "tcp", 80, 80, "10.0.0.2");
+        assert!(!narrow.overlaps(&f("192.168.2.0/24", "tcp", 80, 80, "10.0.0.3")));
+    }
+}

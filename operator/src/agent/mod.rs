@@ -1,0 +1,364 @@
+//! The node agent: turns the resources that select this node into bridges, addresses and
+//! nftables rules, installs the CNI binary and conflist, and serves the CNI on a Unix socket.
+
+pub mod cni_server;
+pub mod endpoints;
+pub mod firewall;
+pub mod install;
+pub mod plan;
+pub mod source;
+
+use endpoints::EndpointStore;
+use install::CniInstall;
+use plan::{NodeBlocks, NodeContext, PlanOutput};
+use serde::Serialize;
+use source::ResourceSource;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{error, info, warn};
+use weft_dataplane::netlink::Netlink;
+use weft_dataplane::nft::NftCli;
+use weft_dataplane::plan::{self as dplan, ApplyReport, ProcSysctls};
+use weft_dataplane::proto::{Reply, Request};
+use weft_dataplane::state::{self, NodeState};
+
+/// The agent's settings.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// This node.
+    pub node: NodeContext,
+    /// All nodes of the cluster (standalone block assignment).
+    pub nodes: Vec<String>,
+    /// weft's state dir.
+    pub state_dir: PathBuf,
+    /// The CNI socket.
+    pub socket: PathBuf,
+    /// CNI installation.
+    pub cni: CniInstall,
+    /// The network named in the conflist (default: the only network on the node).
+    pub default_network: Option<String>,
+    /// Full resync period (repairs drift: a table or bridge deleted by hand).
+    pub resync: Duration,
+    /// How often the source is polled for changes.
+    pub poll: Duration,
+}
+
+/// What the agent reports after each reconcile (`<state>/status.json`).
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentStatus {
+    /// The node.
+    pub node: String,
+    /// Reconciles so far.
+    pub generation: u64,
+    /// Bridges in the plan.
+    pub bridges: Vec<String>,
+    /// Endpoints known.
+    pub endpoints: usize,
+    /// Port forwards realized: `namespace/name` → target addresses.
+    pub forwards: BTreeMap<String, Vec<std::net::IpAddr>>,
+    /// Problems with resources.
+    pub problems: Vec<String>,
+    /// The last apply error, if the last reconcile failed.
+    pub last_error: Option<String>,
+    /// What the last apply changed.
+    pub last_changes: Vec<String>,
+}
+
+/// A request from the socket server to the reconciler.
+pub struct Message {
+    /// The request.
+    pub request: Request,
+    /// Where the reply goes.
+    pub reply: oneshot::Sender<Reply>,
+}
+
+/// Computes the plan for the current resources and endpoints.
+pub fn compute(
+    cfg: &AgentConfig,
+    res: &source::Resources,
+    endpoints: &EndpointStore,
+) -> PlanOutput {
+    let mut blocks: BTreeMap<String, NodeBlocks> = BTreeMap::new();
+    let mut block_problems = Vec::new();
+    let mut nodes = cfg.nodes.clone();
+    if !nodes.contains(&cfg.node.name) {
+        nodes.push(cfg.node.name.clone());
+    }
+    for net in &res.networks {
+        let name = net.metadata.name.clone().unwrap_or_default();
+        match plan::standalone_blocks(net, &nodes, &cfg.node.name) {
+            Ok(b) => {
+                blocks.insert(name, b);
+            }
+            Err(message) => block_problems.push(plan::Problem {
+                kind: "Network",
+                object: name,
+                message,
+            }),
+        }
+    }
+    let mut out = plan::plan(&cfg.node, res, &blocks, &endpoints.list());
+    for p in block_problems {
+        if !out.problems.contains(&p) {
+            out.problems.push(p);
+        }
+    }
+    out
+}
+
+/// Applies a plan to this node's kernel (blocking: call from `spawn_blocking`).
+pub fn apply_blocking(
+    plan: &dplan::NodePlan,
+    state_dir: &std::path::Path,
+) -> Result<ApplyReport, dplan::ApplyError> {
+    let mut links = Netlink::new().map_err(|source| dplan::ApplyError::Link {
+        op: "open netlink socket".into(),
+        source,
+    })?;
+    let mut fw = NftCli::default();
+    let mut sysctls = ProcSysctls;
+    dplan::apply(plan, &mut links, &mut fw, &mut sysctls, state_dir)
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+struct Reconciler {
+    cfg: AgentConfig,
+    source: Box<dyn ResourceSource>,
+    endpoints: EndpointStore,
+    ready: Arc<AtomicBool>,
+    status: AgentStatus,
+    last_problems: Vec<String>,
+    networks: Vec<String>,
+}
+
+impl Reconciler {
+    async fn reconcile(&mut self, reason: &str) -> Result<(), String> {
+        let res = self.source.snapshot().map_err(|e| format!("{e}"))?;
+        let out = compute(&self.cfg, &res, &self.endpoints);
+        let mut problems: Vec<String> = res.problems.clone();
+        problems.extend(out.problems.iter().map(|p| p.to_string()));
+        if problems != self.last_problems {
+            for p in &problems {
+                warn!(problem = %p, "resource problem");
+            }
+            self.last_problems = problems.clone();
+        }
+        let plan = out.plan.clone();
+        let state_dir = self.cfg.state_dir.clone();
+        let result = tokio::task::spawn_blocking(move || apply_blocking(&plan, &state_dir))
+            .await
+            .map_err(|e| format!("apply task failed: {e}"))?;
+        self.status.generation += 1;
+        self.status.node = self.cfg.node.name.clone();
+        self.status.bridges = out.plan.bridges.iter().map(|b| b.name.clone()).collect();
+        self.status.endpoints = self.endpoints.len();
+        self.status.forwards = out.forwards.clone();
+        self.status.problems = problems;
+        self.networks = out.plan.networks.iter().map(|n| n.name.clone()).collect();
+        let outcome = match result {
+            Ok(report) => {
+                if !report.is_noop() {
+                    info!(reason, changes = ?report.changes, "applied node plan");
+                }
+                self.status.last_error = None;
+                self.status.last_changes = report.changes;
+                let default = self.cfg.default_network.clone().or_else(|| {
+                    (self.networks.len() == 1).then(|| self.networks[0].clone())
+                });
+                if let Err(e) = self.cfg.cni.install(default.as_deref()) {
+                    warn!(error = %crate::error_chain(&e), "cannot install the CNI binary and conflist");
+                }
+                if !self.ready.swap(true, Ordering::SeqCst) {
+                    info!(node = %self.cfg.node.name, "node ready");
+                }
+                let node_state = NodeState {
+                    node: self.cfg.node.name.clone(),
+                    agent_socket: self.cfg.socket.clone(),
+                    ready: true,
+                    reconciled_at: now(),
+                    version: env!("CARGO_PKG_VERSION").to_string(),
+                };
+                if NodeState::read(&self.cfg.state_dir)
+                    .ok()
+                    .is_none_or(|s| !s.ready || s.agent_socket != node_state.agent_socket)
+                    && let Err(e) = node_state.write(&self.cfg.state_dir)
+                {
+                    warn!(error = %crate::error_chain(&e), "cannot write node state");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let msg = crate::error_chain(&e);
+                if self.status.last_error.as_deref() != Some(msg.as_str()) {
+                    error!(error = %msg, "applying the node plan failed; retrying with backoff");
+                }
+                self.status.last_error = Some(msg.clone());
+                Err(msg)
+            }
+        };
+        if let Err(e) = state::write_json(&self.cfg.state_dir.join("status.json"), &self.status) {
+            warn!(error = %crate::error_chain(&e), "cannot write status");
+        }
+        outcome
+    }
+
+    fn handle(&mut self, req: &Request) -> Option<Reply> {
+        let ready = self.ready.load(Ordering::SeqCst);
+        match req {
+            Request::Ping => Some(Reply::ok(ready)),
+            Request::Register { endpoint } => {
+                if !self.networks.contains(&endpoint.network) {
+                    return Some(Reply::error(
+                        ready,
+                        format!(
+                            "network {} is not realized on node {}",
+                            endpoint.network, self.cfg.node.name
+                        ),
+                    ));
+                }
+                self.endpoints.register(endpoint.clone());
+                None
+            }
+            Request::Unregister {
+                network,
+                container_id,
+                ifname,
+            } => {
+                self.endpoints.unregister(network, container_id, ifname);
+                None
+            }
+        }
+    }
+}
+
+/// Exponential backoff (1 s to 30 s) for retrying a failed reconcile.
+#[derive(Debug)]
+struct Retry {
+    at: Option<std::time::Instant>,
+    backoff: Duration,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            at: None,
+            backoff: Duration::from_secs(1),
+        }
+    }
+}
+
+impl Retry {
+    fn record(&mut self, ok: bool) {
+        if ok {
+            *self = Retry::default();
+        } else {
+            self.at = Some(std::time::Instant::now() + self.backoff);
+            self.backoff = (self.backoff * 2).min(Duration::from_secs(30));
+        }
+    }
+
+    fn due(&self) -> bool {
+        self.at.is_some_and(|t| std::time::Instant::now() >= t)
+    }
+}
+
+/// Runs the agent until SIGINT/SIGTERM.
+pub async fn run(cfg: AgentConfig, source: Box<dyn ResourceSource>) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.state_dir)?;
+    let ready = Arc::new(AtomicBool::new(false));
+    let (tx, mut rx) = mpsc::channel::<Message>(1024);
+    let listener = cni_server::bind(&cfg.socket)?;
+    let server = tokio::spawn(cni_server::serve(listener, tx, ready.clone()));
+    let mut rec = Reconciler {
+        endpoints: EndpointStore::load(&cfg.state_dir),
+        cfg: cfg.clone(),
+        source,
+        ready,
+        status: AgentStatus::default(),
+        last_problems: Vec::new(),
+        networks: Vec::new(),
+    };
+    info!(node = %cfg.node.name, socket = %cfg.socket.display(), endpoints = rec.endpoints.len(), "weft agent starting");
+    let mut fingerprint = rec.source.fingerprint().ok();
+    let mut retry = Retry::default();
+    retry.record(rec.reconcile("start").await.is_ok());
+    let mut poll = tokio::time::interval(cfg.poll);
+    let mut resync = tokio::time::interval(cfg.resync);
+    resync.tick().await;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            Some(first) = rx.recv() => {
+                // Batch every queued request into one reconcile.
+                let mut batch = vec![first];
+                while let Ok(m) = rx.try_recv() {
+                    batch.push(m);
+                }
+                let mut pending = Vec::new();
+                for m in batch {
+                    match rec.handle(&m.request) {
+                        Some(reply) => { let _ = m.reply.send(reply); }
+                        None => pending.push(m),
+                    }
+                }
+                if !pending.is_empty() {
+                    let result = rec.reconcile("endpoints").await;
+                    retry.record(result.is_ok());
+                    let ready = rec.ready.load(Ordering::SeqCst);
+                    for m in pending {
+                        let reply = match &result {
+                            Ok(()) => Reply::ok(ready),
+                            Err(e) => Reply::error(ready, e.clone()),
+                        };
+                        let _ = m.reply.send(reply);
+                    }
+                }
+            }
+            _ = poll.tick() => {
+                let fp = rec.source.fingerprint().ok();
+                if fp != fingerprint {
+                    fingerprint = fp;
+                    retry.record(rec.reconcile("resources changed").await.is_ok());
+                } else if retry.due() {
+                    retry.record(rec.reconcile("retry").await.is_ok());
+                }
+            }
+            _ = resync.tick() => {
+                rec.endpoints.resync(&cfg.state_dir);
+                retry.record(rec.reconcile("resync").await.is_ok());
+            }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+        }
+    }
+    info!("weft agent stopping; workloads keep their network");
+    server.abort();
+    let _ = std::fs::remove_file(&cfg.socket);
+    Ok(())
+}
+
+/// Removes everything weft created on this node (`weft-operator agent cleanup`).
+pub fn cleanup(cfg: &AgentConfig) -> anyhow::Result<Vec<String>> {
+    let mut links = Netlink::new()?;
+    let mut fw = NftCli::default();
+    let mut report = dplan::cleanup(&mut links, &mut fw, &cfg.state_dir)?;
+    report.changes.extend(cfg.cni.uninstall()?);
+    let ipam = cfg.state_dir.join("ipam");
+    if ipam.exists() {
+        std::fs::remove_dir_all(&ipam)?;
+        report.changes.push(format!("removed {}", ipam.display()));
+    }
+    let _ = state::remove_file(&cfg.state_dir.join("status.json"));
+    Ok(report.changes)
+}

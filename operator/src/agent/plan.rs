@@ -1,0 +1,570 @@
+//! The node plan: a pure function from resources, this node's blocks and its endpoints to the
+//! kernel state weft wants on the node ([`NodePlan`]), plus the problems found on the way
+//! (reported in status and logs; a bad resource never stops the others).
+
+use super::firewall::{self, Forward, NetRules};
+use super::source::{Resources, WorkloadMeta};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use weft_crds::{Network, NetworkMode, PortForward};
+use weft_dataplane::names;
+use weft_dataplane::plan::{BridgePlan, NodePlan, SysctlPlan};
+use weft_dataplane::proto::Endpoint;
+use weft_dataplane::state::{self, NetworkState};
+
+/// The node the plan is for.
+#[derive(Debug, Clone, Default)]
+pub struct NodeContext {
+    /// The node's name.
+    pub name: String,
+    /// The node's labels (matched against `Network.spec.nodeSelector`).
+    pub labels: BTreeMap<String, String>,
+}
+
+/// This node's address blocks of one network.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeBlocks {
+    /// IPv4 block.
+    pub v4: Option<Ipv4Net>,
+    /// IPv6 block.
+    pub v6: Option<Ipv6Net>,
+}
+
+/// A problem with one resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// `Network` or `PortForward`.
+    pub kind: &'static str,
+    /// `namespace/name` or `name`.
+    pub object: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.kind, self.object, self.message)
+    }
+}
+
+/// The plan and what was wrong on the way.
+#[derive(Debug, Clone)]
+pub struct PlanOutput {
+    /// The plan.
+    pub plan: NodePlan,
+    /// Problems, one per rejected resource or part of one.
+    pub problems: Vec<Problem>,
+    /// Port forwards realized: `namespace/name` → target addresses.
+    pub forwards: BTreeMap<String, Vec<IpAddr>>,
+}
+
+/// Does the network select this node?
+pub fn selects(net: &Network, node: &NodeContext) -> bool {
+    match &net.spec.node_selector {
+        None => true,
+        Some(sel) => weft_crds::selector_matches(sel, &node.labels),
+    }
+}
+
+/// The standalone block assignment: node `i` of the sorted cluster node list gets the `i`-th
+/// block of each subnet. The controller replaces this with allocations it records in the API.
+pub fn standalone_blocks(
+    net: &Network,
+    nodes: &[String],
+    node: &str,
+) -> Result<NodeBlocks, String> {
+    let mut sorted: Vec<&String> = nodes.iter().collect();
+    sorted.sort();
+    sorted.dedup();
+    let index = sorted
+        .iter()
+        .position(|n| n.as_str() == node)
+        .unwrap_or(sorted.len());
+    let mut blocks = NodeBlocks::default();
+    if let Some(s) = net.spec.subnet_v4() {
+        let prefix = net.spec.block_prefix_v4();
+        blocks.v4 = Some(
+            s.subnets(prefix)
+                .ok()
+                .and_then(|mut it| it.nth(index))
+                .ok_or_else(|| {
+                    format!(
+                        "spec.ipam.nodeBlockPrefix: {s} has too few /{prefix} blocks for node number {} of {}; use a longer prefix or a larger subnet",
+                        index + 1,
+                        sorted.len().max(index + 1)
+                    )
+                })?,
+        );
+    }
+    if let Some(s) = net.spec.subnet_v6() {
+        let prefix = net.spec.block_prefix_v6();
+        blocks.v6 = Some(
+            s.subnets(prefix)
+                .ok()
+                .and_then(|mut it| it.nth(index))
+                .ok_or_else(|| {
+                    format!(
+                        "spec.ipam.nodeBlockPrefixV6: {s} has too few /{prefix} blocks for node number {} of {}",
+                        index + 1,
+                        sorted.len().max(index + 1)
+                    )
+                })?,
+        );
+    }
+    Ok(blocks)
+}
+
+fn workload_labels<'a>(
+    workloads: &'a [WorkloadMeta],
+    namespace: &str,
+    name: &str,
+) -> Option<&'a BTreeMap<String, String>> {
+    workloads
+        .iter()
+        .find(|w| w.namespace == namespace && w.name == name)
+        .map(|w| &w.labels)
+}
+
+/// Computes the node plan.
+pub fn plan(
+    node: &NodeContext,
+    res: &Resources,
+    blocks: &BTreeMap<String, NodeBlocks>,
+    endpoints: &[Endpoint],
+) -> PlanOutput {
+    let mut problems = Vec::new();
+    let mut bridges = Vec::new();
+    let mut states = Vec::new();
+    let mut rules = Vec::new();
+    let mut any_v6 = false;
+    let mut networks: Vec<&Network> = res.networks.iter().collect();
+    networks.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    let mut seen = BTreeSet::new();
+    let mut accepted: BTreeMap<String, &Network> = BTreeMap::new();
+    for net in networks {
+        let name = net.metadata.name.clone().unwrap_or_default();
+        let problem = |message: String| Problem {
+            kind: "Network",
+            object: name.clone(),
+            message,
+        };
+        if !seen.insert(name.clone()) {
+            problems.push(problem(
+                "defined twice; the first definition is used".into(),
+            ));
+            continue;
+        }
+        if let Err(errs) = net.spec.validate() {
+            for e in errs {
+                problems.push(problem(e.to_string()));
+            }
+            continue;
+        }
+        if !selects(net, node) {
+            continue;
+        }
+        if net.spec.mode != NetworkMode::Nat {
+            problems.push(problem(
+                "spec.mode: Bridge networks are not realized by this agent version yet; the network is skipped".into(),
+            ));
+            continue;
+        }
+        let Some(b) = blocks.get(&name).copied() else {
+            problems.push(problem(format!(
+                "no address block is assigned to node {} yet",
+                node.name
+            )));
+            continue;
+        };
+        let bridge = names::bridge_name(&name);
+        let mut addresses = Vec::new();
+        if let (Some(s), Some(g)) = (net.spec.subnet_v4(), net.spec.gateway_v4())
+            && let Ok(a) = IpNet::new(IpAddr::V4(g), s.prefix_len())
+        {
+            addresses.push(a);
+        }
+        if let (Some(s), Some(g)) = (net.spec.subnet_v6(), net.spec.gateway_v6())
+            && let Ok(a) = IpNet::new(IpAddr::V6(g), s.prefix_len())
+        {
+            addresses.push(a);
+            any_v6 = true;
+        }
+        bridges.push(BridgePlan {
+            network: name.clone(),
+            name: bridge.clone(),
+            mtu: net.spec.mtu(),
+            mac: names::bridge_mac(&name),
+            addresses,
+        });
+        states.push(NetworkState {
+            name: name.clone(),
+            mode: state::NetworkMode::Nat,
+            bridge: bridge.clone(),
+            mtu: net.spec.mtu(),
+            subnet_v4: net.spec.subnet_v4(),
+            subnet_v6: net.spec.subnet_v6(),
+            gateway_v4: net.spec.gateway_v4(),
+            gateway_v6: net.spec.gateway_v6(),
+            block_v4: b.v4,
+            block_v6: b.v6,
+            exclude: net.spec.excludes(),
+            anti_spoofing: net.spec.anti_spoofing(),
+        });
+        rules.push(NetRules {
+            bridge,
+            subnet_v4: net.spec.subnet_v4(),
+            subnet_v6: net.spec.subnet_v6(),
+            masquerade: net.spec.masquerade(),
+        });
+        accepted.insert(name, net);
+    }
+
+    let (forwards, realized) = plan_forwards(res, &accepted, endpoints, &mut problems);
+    let mut sysctls = Vec::new();
+    if !bridges.is_empty() {
+        sysctls.push(SysctlPlan {
+            key: "net.ipv4.ip_forward".into(),
+            value: "1".into(),
+        });
+        if any_v6 {
+            sysctls.push(SysctlPlan {
+                key: "net.ipv6.conf.all.forwarding".into(),
+                value: "1".into(),
+            });
+        }
+    }
+    PlanOutput {
+        plan: NodePlan {
+            node: node.name.clone(),
+            bridges,
+            sysctls,
+            firewall: firewall::table(&rules, &forwards),
+            networks: states,
+        },
+        problems,
+        forwards: realized,
+    }
+}
+
+fn plan_forwards(
+    res: &Resources,
+    networks: &BTreeMap<String, &Network>,
+    endpoints: &[Endpoint],
+    problems: &mut Vec<Problem>,
+) -> (Vec<Forward>, BTreeMap<String, Vec<IpAddr>>) {
+    let mut out: Vec<Forward> = Vec::new();
+    let mut realized = BTreeMap::new();
+    let mut pfs: Vec<&PortForward> = res.port_forwards.iter().collect();
+    pfs.sort_by_key(|p| {
+        (
+            p.metadata.namespace.clone().unwrap_or_default(),
+            p.metadata.name.clone().unwrap_or_default(),
+        )
+    });
+    for pf in pfs {
+        let namespace = pf
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let object = format!(
+            "{namespace}/{}",
+            pf.metadata.name.clone().unwrap_or_default()
+        );
+        let problem = |message: String| Problem {
+            kind: "PortForward",
+            object: object.clone(),
+            message,
+        };
+        if let Err(errs) = pf.spec.validate() {
+            for e in errs {
+                problems.push(problem(e.to_string()));
+            }
+            continue;
+        }
+        if !networks.contains_key(&pf.spec.network) {
+            if !res
+                .networks
+                .iter()
+                .any(|n| n.metadata.name.as_deref() == Some(pf.spec.network.as_str()))
+            {
+                problems.push(problem(format!(
+                    "spec.network: Network {} does not exist; create it or fix the name",
+                    pf.spec.network
+                )));
+            }
+            // A network that does not select this node: nothing to forward here.
+            continue;
+        }
+        let mut targets: Vec<&Endpoint> = endpoints
+            .iter()
+            .filter(|e| e.network == pf.spec.network)
+            .filter(|e| e.pod_namespace.as_deref().unwrap_or("default") == namespace)
+            .filter(|e| {
+                let Some(pod) = e.pod_name.as_deref() else {
+                    return false;
+                };
+                if let Some(w) = &pf.spec.target.workload {
+                    return w == pod;
+                }
+                if let Some(sel) = &pf.spec.target.selector {
+                    return workload_labels(&res.workloads, &namespace, pod)
+                        .is_some_and(|labels| weft_crds::selector_matches(sel, labels));
+                }
+                false
+            })
+            .collect();
+        targets.sort_by(|a, b| (&a.pod_name, &a.container_id).cmp(&(&b.pod_name, &b.container_id)));
+        let Some(target) = targets.first() else {
+            // No target on this node (yet): nothing to forward here.
+            continue;
+        };
+        if targets.len() > 1 {
+            problems.push(problem(format!(
+                "spec.target matches {} workloads on this node; forwarding to {} only (narrow the selector)",
+                targets.len(),
+                target.pod_name.clone().unwrap_or_default()
+            )));
+        }
+        let allow: Vec<IpNet> = match &pf.spec.allow_from {
+            Some(list) if !list.is_empty() => list.iter().filter_map(|c| c.parse().ok()).collect(),
+            _ => vec![
+                "0.0.0.0/0".parse().unwrap_or(IpNet::V4(Ipv4Net::default())),
+                "::/0".parse().unwrap_or(IpNet::V6(Ipv6Net::default())),
+            ],
+        };
+        let mut used = Vec::new();
+        for port in pf.spec.forward_ports() {
+            for ip in &target.ips {
+                for src in allow.iter().filter(|s| s.addr().is_ipv4() == ip.is_ipv4()) {
+                    let fwd = Forward {
+                        source: *src,
+                        protocol: port.protocol.nft_name(),
+                        node_ports: port.node_ports,
+                        target: *ip,
+                        target_port: if port.node_ports.0 == port.node_ports.1 {
+                            Some(port.target_port.unwrap_or(port.node_ports.0))
+                        } else {
+                            None
+                        },
+                        owner: object.clone(),
+                    };
+                    if let Some(clash) = out.iter().find(|o| o.overlaps(&fwd)) {
+                        problems.push(problem(format!(
+                            "spec.ports: {} port {} is already forwarded by PortForward {}; choose another node port",
+                            fwd.protocol,
+                            firewall::port_text(fwd.node_ports),
+                            clash.owner
+                        )));
+                        continue;
+                    }
+                    if !used.contains(ip) {
+                        used.push(*ip);
+                    }
+                    out.push(fwd);
+                }
+            }
+        }
+        realized.insert(object, used);
+    }
+    (out, realized)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::source::parse_manifests;
+
+    fn resources(yaml: &str) -> Resources {
+        let mut r = Resources::default();
+        parse_manifests(yaml, "test", &mut r);
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+        r
+    }
+
+    fn endpoint(network: &str, pod: &str, ips: &[&str]) -> Endpoint {
+        Endpoint {
+            network: network.into(),
+            container_id: format!("cid-{pod}"),
+            ifname: "eth0".into(),
+            host_ifname: names::host_veth_name(&format!("cid-{pod}"), "eth0"),
+            mac: "0a:58:0a:0a:00:02".into(),
+            ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
+            pod_namespace: Some("default".into()),
+            pod_name: Some(pod.into()),
+            netns: None,
+        }
+    }
+
+    const NETS: &str = r#"
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: nat-demo}
+spec: {mode: NAT, subnets: [10.10.0.0/16, "fd10::/64"], ipam: {nodeBlockPrefix: 24}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: other}
+spec: {mode: NAT, subnets: [10.20.0.0/24], nat: {masquerade: false}, nodeSelector: {matchLabels: {zone: a}}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: PortForward
+metadata: {name: web, namespace: default}
+spec:
+  network: nat-demo
+  target: {selector: {matchLabels: {app: web}}}
+  ports: [{port: 8080, targetPort: 80}, {protocol: UDP, portRange: {start: 5000, end: 5010}}]
+  allowFrom: [192.168.50.0/24]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: default, labels: {app: web}}
+"#;
+
+    fn node(labels: &[(&str, &str)]) -> NodeContext {
+        NodeContext {
+            name: "node-a".into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    fn all_blocks(res: &Resources, nodes: &[&str]) -> BTreeMap<String, NodeBlocks> {
+        let nodes: Vec<String> = nodes.iter().map(|s| s.to_string()).collect();
+        res.networks
+            .iter()
+            .map(|n| {
+                (
+                    n.metadata.name.clone().unwrap(),
+                    standalone_blocks(n, &nodes, "node-a").unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn standalone_blocks_are_distinct_per_node() {
+        let res = resources(NETS);
+        let nodes: Vec<String> = vec!["node-b".into(), "node-a".into()];
+        let a = standalone_blocks(&res.networks[0], &nodes, "node-a").unwrap();
+        let b = standalone_blocks(&res.networks[0], &nodes, "node-b").unwrap();
+        assert_eq!(a.v4.unwrap().to_string(), "10.10.0.0/24");
+        assert_eq!(b.v4.unwrap().to_string(), "10.10.1.0/24");
+        assert_eq!(a.v6.unwrap().to_string(), "fd10::/122");
+        assert_eq!(b.v6.unwrap().to_string(), "fd10::40/122");
+        // A /24 with /26 blocks holds four nodes, not five.
+        let many: Vec<String> = (0..5).map(|i| format!("n{i}")).collect();
+        assert!(standalone_blocks(&res.networks[1], &many, "n3").is_ok());
+        let err = standalone_blocks(&res.networks[1], &many, "n4").unwrap_err();
+        assert!(err.contains("nodeBlockPrefix"), "{err}");
+    }
+
+    #[test]
+    fn plan_has_one_bridge_per_selected_nat_network_with_gateways() {
+        let res = resources(NETS);
+        let out = plan(&node(&[]), &res, &all_blocks(&res, &["node-a"]), &[]);
+        assert!(out.problems.is_empty(), "{:?}", out.problems);
+        assert_eq!(out.plan.bridges.len(), 1, "other does not select this node");
+        let b = &out.plan.bridges[0];
+        assert_eq!(b.name, "wn-nat-demo");
+        assert_eq!(
+            b.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            vec!["10.10.0.1/16", "fd10::1/64"]
+        );
+        assert_eq!(out.plan.networks[0].block_v4.unwrap().to_string(), "10.10.0.0/24");
+        assert!(out.plan.sysctls.iter().any(|s| s.key == "net.ipv6.conf.all.forwarding"));
+
+        let out = plan(&node(&[("zone", "a")]), &res, &all_blocks(&res, &["node-a"]), &[]);
+        assert_eq!(out.plan.bridges.len(), 2);
+    }
+
+    #[test]
+    fn masquerade_set_holds_only_masquerading_networks() {
+        let res = resources(NETS);
+        let out = plan(&node(&[("zone", "a")]), &res, &all_blocks(&res, &["node-a"]), &[]);
+        let fw = &out.plan.firewall;
+        let masq4 = fw.sets.iter().find(|s| s.name == "masq4").unwrap();
+        assert_eq!(masq4.elements.iter().cloned().collect::<Vec<_>>(), vec!["10.10.0.0/16"]);
+        let nets4 = fw.sets.iter().find(|s| s.name == "nets4").unwrap();
+        assert_eq!(nets4.elements.len(), 2);
+    }
+
+    #[test]
+    fn port_forwards_become_map_elements_not_rules() {
+        let res = resources(NETS);
+        let blocks = all_blocks(&res, &["node-a"]);
+        let empty = plan(&node(&[]), &res, &blocks, &[]);
+        let eps = [endpoint("nat-demo", "web-1", &["10.10.0.2", "fd10::2"])];
+        let with = plan(&node(&[]), &res, &blocks, &eps);
+        assert!(with.problems.is_empty(), "{:?}", with.problems);
+        let rules = |p: &PlanOutput| -> usize { p.plan.firewall.chains.iter().map(|c| c.rules.len()).sum() };
+        assert_eq!(rules(&empty), rules(&with), "forwards add elements only");
+        let fwd4 = with.plan.firewall.maps.iter().find(|m| m.name == "fwd4").unwrap();
+        assert_eq!(
+            fwd4.elements.iter().map(|(k, v)| format!("{k} : {v}")).collect::<Vec<_>>(),
+            vec!["192.168.50.0/24 . tcp . 8080 : 10.10.0.2 . 80"]
+        );
+        let fwdr4 = with.plan.firewall.maps.iter().find(|m| m.name == "fwdr4").unwrap();
+        assert_eq!(
+            fwdr4.elements.iter().map(|(k, v)| format!("{k} : {v}")).collect::<Vec<_>>(),
+            vec!["192.168.50.0/24 . udp . 5000-5010 : 10.10.0.2"]
+        );
+        // allowFrom has no IPv6 source: no IPv6 forward.
+        let fwd6 = with.plan.firewall.maps.iter().find(|m| m.name == "fwd6").unwrap();
+        assert!(fwd6.elements.is_empty());
+        assert_eq!(with.forwards["default/web"], vec!["10.10.0.2".parse::<IpAddr>().unwrap()]);
+    }
+
+    #[test]
+    fn clashing_node_ports_are_reported_and_the_first_wins() {
+        let mut res = resources(NETS);
+        let extra = resources(
+            r#"
+apiVersion: weft.dev/v1alpha1
+kind: PortForward
+metadata: {name: zz-clash, namespace: default}
+spec: {network: nat-demo, target: {workload: web-1}, ports: [{port: 8080}]}
+"#,
+        );
+        res.port_forwards.extend(extra.port_forwards);
+        let eps = [endpoint("nat-demo", "web-1", &["10.10.0.2"])];
+        let out = plan(&node(&[]), &res, &all_blocks(&res, &["node-a"]), &eps);
+        assert_eq!(out.problems.len(), 1, "{:?}", out.problems);
+        assert_eq!(out.problems[0].object, "default/zz-clash");
+        assert!(out.problems[0].message.contains("already forwarded by PortForward default/web"));
+    }
+
+    #[test]
+    fn invalid_resources_are_reported_not_planned() {
+        let res = resources(
+            r#"
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: bad}
+spec: {mode: NAT, subnets: [10.0.0.0/8, 11.0.0.0/8]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: PortForward
+metadata: {name: lost, namespace: default}
+spec: {network: nowhere, target: {workload: x}, ports: [{port: 80}]}
+"#,
+        );
+        let out = plan(&node(&[]), &res, &BTreeMap::new(), &[]);
+        assert!(out.plan.bridges.is_empty());
+        assert!(out.problems.iter().any(|p| p.object == "bad" && p.message.contains("spec.subnets")), "{:?}", out.problems);
+        assert!(out.problems.iter().any(|p| p.object == "default/lost" && p.message.contains("spec.network")));
+    }
+
+    #[test]
+    fn plan_is_deterministic() {
+        let res = resources(NETS);
+        let blocks = all_blocks(&res, &["node-a"]);
+        let eps = [endpoint("nat-demo", "web-1", &["10.10.0.2"])];
+        let a = plan(&node(&[]), &res, &blocks, &eps);
+        let b = plan(&node(&[]), &res, &blocks, &eps);
+        assert_eq!(a.plan, b.plan);
+    }
+}

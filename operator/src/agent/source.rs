@@ -1,0 +1,267 @@
+//! Where the agent's resources come from. The standalone source reads the YAML files that
+//! `kubectl apply` takes from a directory and re-reads them when they change; the Kubernetes API
+//! source plugs in behind the same trait.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use weft_crds::{Network, PortForward};
+
+/// A workload's identity and labels (a Pod; for KubeVirt, the virt-launcher pod).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadMeta {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Everything the node plan is computed from, besides the node's own endpoints.
+#[derive(Debug, Clone, Default)]
+pub struct Resources {
+    /// Networks.
+    pub networks: Vec<Network>,
+    /// Port forwards.
+    pub port_forwards: Vec<PortForward>,
+    /// Workloads (pods) known to the source, for label selectors.
+    pub workloads: Vec<WorkloadMeta>,
+    /// Documents that could not be read, with the reason (reported, never fatal).
+    pub problems: Vec<String>,
+}
+
+/// Errors of a source.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The directory could not be read.
+    #[error("cannot read manifests from {path}")]
+    Read {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A source of resources.
+pub trait ResourceSource: Send {
+    /// The current resources.
+    fn snapshot(&mut self) -> Result<Resources, SourceError>;
+    /// A fingerprint that changes whenever the resources may have changed (cheap to compute).
+    fn fingerprint(&mut self) -> Result<u64, SourceError>;
+}
+
+/// Reads `*.yaml`, `*.yml` and `*.json` files (multi-document YAML allowed) from a directory.
+#[derive(Debug, Clone)]
+pub struct ManifestSource {
+    dir: PathBuf,
+}
+
+impl ManifestSource {
+    /// A source on `dir`.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        ManifestSource { dir: dir.into() }
+    }
+
+    fn files(&self) -> Result<Vec<PathBuf>, SourceError> {
+        let entries = std::fs::read_dir(&self.dir).map_err(|source| SourceError::Read {
+            path: self.dir.clone(),
+            source,
+        })?;
+        let mut files: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.is_file()
+                    && matches!(
+                        p.extension().and_then(|e| e.to_str()),
+                        Some("yaml" | "yml" | "json")
+                    )
+            })
+            .collect();
+        files.sort();
+        Ok(files)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TypeMeta {
+    api_version: Option<String>,
+    kind: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct PodLike {
+    metadata: PodMeta,
+}
+
+#[derive(Deserialize)]
+struct PodMeta {
+    name: String,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+/// Parses one manifest text (YAML, possibly several documents, or a `List`) into resources.
+pub fn parse_manifests(text: &str, origin: &str, into: &mut Resources) {
+    let docs: Vec<serde_json::Value> = match serde_saphyr::from_multiple(text) {
+        Ok(d) => d,
+        Err(e) => {
+            into.problems.push(format!("{origin}: not valid YAML: {e}"));
+            return;
+        }
+    };
+    for (i, doc) in docs.into_iter().enumerate() {
+        add_document(doc, &format!("{origin} document {}", i + 1), into);
+    }
+}
+
+/// Adds one decoded object (or the items of a `List`).
+pub fn add_document(doc: serde_json::Value, origin: &str, into: &mut Resources) {
+    if doc.is_null() {
+        return;
+    }
+    let tm: TypeMeta = match serde_json::from_value(doc.clone()) {
+        Ok(t) => t,
+        Err(e) => {
+            into.problems.push(format!("{origin}: {e}"));
+            return;
+        }
+    };
+    let kind = tm.kind.unwrap_or_default();
+    let api = tm.api_version.unwrap_or_default();
+    match (api.as_str(), kind.as_str()) {
+        (_, "List") => {
+            if let Some(items) = doc.get("items").and_then(|i| i.as_array()) {
+                for (j, item) in items.iter().enumerate() {
+                    add_document(item.clone(), &format!("{origin} item {}", j + 1), into);
+                }
+            }
+        }
+        ("weft.dev/v1alpha1", "Network") => match serde_json::from_value::<Network>(doc) {
+            Ok(n) => into.networks.push(n),
+            Err(e) => into
+                .problems
+                .push(format!("{origin}: invalid Network: {e}")),
+        },
+        ("weft.dev/v1alpha1", "PortForward") => match serde_json::from_value::<PortForward>(doc) {
+            Ok(mut p) => {
+                if p.metadata.namespace.is_none() {
+                    p.metadata.namespace = Some("default".into());
+                }
+                into.port_forwards.push(p)
+            }
+            Err(e) => into
+                .problems
+                .push(format!("{origin}: invalid PortForward: {e}")),
+        },
+        ("v1", "Pod") => match serde_json::from_value::<PodLike>(doc) {
+            Ok(p) => into.workloads.push(WorkloadMeta {
+                namespace: p.metadata.namespace.unwrap_or_else(|| "default".into()),
+                name: p.metadata.name,
+                labels: p.metadata.labels,
+            }),
+            Err(e) => into.problems.push(format!("{origin}: invalid Pod: {e}")),
+        },
+        (api, kind) if api.starts_with("weft.dev/") => into.problems.push(format!(
+            "{origin}: unsupported kind {kind} of {api}; this agent knows Network and PortForward of weft.dev/v1alpha1"
+        )),
+        _ => {} // other kinds are someone else's business
+    }
+}
+
+impl ResourceSource for ManifestSource {
+    fn snapshot(&mut self) -> Result<Resources, SourceError> {
+        let mut res = Resources::default();
+        for file in self.files()? {
+            match std::fs::read_to_string(&file) {
+                Ok(text) => parse_manifests(&text, &file.display().to_string(), &mut res),
+                Err(e) => res
+                    .problems
+                    .push(format!("{}: cannot read: {e}", file.display())),
+            }
+        }
+        Ok(res)
+    }
+
+    fn fingerprint(&mut self) -> Result<u64, SourceError> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for file in self.files()? {
+            file.hash(&mut h);
+            if let Ok(bytes) = std::fs::read(&file) {
+                bytes.hash(&mut h);
+            }
+        }
+        Ok(h.finish())
+    }
+}
+
+/// Reads one manifest file (used by the lab for `resourceFiles`).
+pub fn read_manifest_file(path: &Path, into: &mut Resources) -> Result<(), SourceError> {
+    let text = std::fs::read_to_string(path).map_err(|source| SourceError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_manifests(&text, &path.display().to_string(), into);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_networks_portforwards_and_pods_and_reports_bad_documents() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("a.yaml"),
+            r#"
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: nat-demo}
+spec: {mode: NAT, subnets: [10.10.0.0/16]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, labels: {app: web}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: PortForward
+metadata: {name: web}
+spec: {network: nat-demo, target: {workload: web-1}, ports: [{port: 8080, targetPort: 80}]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: broken}
+spec: {mode: Sideways}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: ignored}
+"#,
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "not a manifest").unwrap();
+        let mut src = ManifestSource::new(dir.path());
+        let res = src.snapshot().unwrap();
+        assert_eq!(res.networks.len(), 1);
+        assert_eq!(res.port_forwards.len(), 1);
+        assert_eq!(
+            res.port_forwards[0].metadata.namespace.as_deref(),
+            Some("default")
+        );
+        assert_eq!(res.workloads[0].labels["app"], "web");
+        assert_eq!(res.problems.len(), 1, "{:?}", res.problems);
+        assert!(res.problems[0].contains("invalid Network"));
+        let f1 = src.fingerprint().unwrap();
+        assert_eq!(f1, src.fingerprint().unwrap());
+        std::fs::write(dir.path().join("b.yaml"), "").unwrap();
+        assert_ne!(f1, src.fingerprint().unwrap());
+    }
+}

@@ -1,0 +1,256 @@
+//! Command-line interface of `weft-operator`.
+
+use crate::agent::{self, AgentConfig, install::CniInstall, plan::NodeContext};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use weft_dataplane::names;
+
+/// weft: NAT and bridge networks for pods and VMs, with microsegmentation.
+#[derive(Debug, Parser)]
+#[command(name = "weft-operator", version, about)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Plain, env = "WEFT_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log formats.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Plain,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node agent (or `agent cleanup` to remove everything weft created on the node).
+    Agent(AgentArgs),
+    /// Run the lab: nodes, workloads and the outside as network namespaces, checked with real
+    /// packets. `lab FILE` runs it; `lab down FILE` removes a lab left up with `--keep`.
+    Lab(LabArgs),
+}
+
+/// Agent flags.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct AgentArgs {
+    /// `cleanup`: remove everything weft created on this node.
+    #[command(subcommand)]
+    pub action: Option<AgentAction>,
+    /// Shared agent settings.
+    #[command(flatten)]
+    pub opts: AgentOpts,
+}
+
+/// Agent sub-actions.
+#[derive(Debug, Subcommand)]
+pub enum AgentAction {
+    /// Remove every link, rule, state file and CNI file weft created on this node.
+    Cleanup(AgentOpts),
+}
+
+/// Settings of the agent.
+#[derive(Debug, Args, Clone)]
+pub struct AgentOpts {
+    /// This node's name.
+    #[arg(long, env = "WEFT_NODE_NAME", default_value_t = default_hostname())]
+    pub node_name: String,
+    /// This node's labels (`k=v,k2=v2`), matched against Network nodeSelectors.
+    #[arg(long, env = "WEFT_NODE_LABELS", default_value = "")]
+    pub node_labels: String,
+    /// All nodes of the cluster (comma-separated), for the standalone address-block assignment.
+    #[arg(long, env = "WEFT_NODES", value_delimiter = ',')]
+    pub nodes: Vec<String>,
+    /// Directory of YAML manifests (what `kubectl apply` takes), re-read on change.
+    #[arg(long, env = "WEFT_MANIFESTS")]
+    pub manifests: Option<PathBuf>,
+    /// weft's state dir.
+    #[arg(long, env = "WEFT_STATE_DIR", default_value = names::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// The agent's CNI socket.
+    #[arg(long, env = "WEFT_AGENT_SOCKET", default_value = names::DEFAULT_AGENT_SOCKET)]
+    pub socket: PathBuf,
+    /// CNI binary directory.
+    #[arg(long, env = "WEFT_CNI_BIN_DIR", default_value = names::DEFAULT_CNI_BIN_DIR)]
+    pub cni_bin_dir: PathBuf,
+    /// CNI configuration directory.
+    #[arg(long, env = "WEFT_CNI_CONF_DIR", default_value = names::DEFAULT_CNI_CONF_DIR)]
+    pub cni_conf_dir: PathBuf,
+    /// The `weft` binary to install (default: next to this executable).
+    #[arg(long, env = "WEFT_CNI_BINARY")]
+    pub cni_binary: Option<PathBuf>,
+    /// The network named in the conflist (default: the only network on the node).
+    #[arg(long, env = "WEFT_DEFAULT_NETWORK")]
+    pub default_network: Option<String>,
+    /// Full resync period in seconds.
+    #[arg(long, env = "WEFT_RESYNC_SECONDS", default_value_t = 30)]
+    pub resync_seconds: u64,
+    /// Enter this network namespace before anything else (the lab runs one agent per node
+    /// namespace this way).
+    #[arg(long, env = "WEFT_NETNS")]
+    pub netns: Option<PathBuf>,
+}
+
+/// Lab flags.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct LabArgs {
+    /// `down FILE`: remove a lab left up with `--keep`.
+    #[command(subcommand)]
+    pub action: Option<LabAction>,
+    /// The lab file.
+    pub file: Option<PathBuf>,
+    /// Leave the lab up for exploration.
+    #[arg(long)]
+    pub keep: bool,
+    /// Name of the lab (default: derived from the file path); namespaces are `wl-<name>-…`.
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+/// Lab sub-actions.
+#[derive(Debug, Subcommand)]
+pub enum LabAction {
+    /// Remove a lab left up with `--keep`.
+    Down {
+        /// The lab file.
+        file: PathBuf,
+        /// Name of the lab, when it was started with `--name`.
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+fn default_hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Sets up tracing from `WEFT_LOG` (default `info`).
+pub fn init_tracing(cli: &Cli) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| {
+        EnvFilter::new(match cli.command {
+            Command::Lab(_) => "warn",
+            Command::Agent(_) => "info",
+        })
+    });
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    let _ = match cli.log_format {
+        LogFormat::Plain => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Parses `k=v,k2=v2`.
+pub fn parse_labels(s: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for pair in s.split(',').filter(|p| !p.trim().is_empty()) {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--node-labels: {pair:?} is not key=value"))?;
+        out.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    Ok(out)
+}
+
+impl AgentOpts {
+    /// The agent configuration.
+    pub fn config(&self) -> anyhow::Result<AgentConfig> {
+        Ok(AgentConfig {
+            node: NodeContext {
+                name: self.node_name.clone(),
+                labels: parse_labels(&self.node_labels)?,
+            },
+            nodes: self.nodes.clone(),
+            state_dir: self.state_dir.clone(),
+            socket: self.socket.clone(),
+            cni: CniInstall {
+                bin_dir: self.cni_bin_dir.clone(),
+                conf_dir: self.cni_conf_dir.clone(),
+                binary: self
+                    .cni_binary
+                    .clone()
+                    .unwrap_or_else(agent::install::default_cni_binary),
+                state_dir: self.state_dir.clone(),
+                socket: self.socket.clone(),
+            },
+            default_network: self.default_network.clone(),
+            resync: Duration::from_secs(self.resync_seconds.max(1)),
+            poll: Duration::from_millis(500),
+        })
+    }
+}
+
+fn enter_netns(path: &Option<PathBuf>) -> anyhow::Result<()> {
+    if let Some(p) = path {
+        // Before any runtime thread exists: every thread the agent starts inherits it.
+        let ns = weft_dataplane::netns::Netns::open(p)?;
+        std::mem::forget(weft_dataplane::netns::enter(&ns)?);
+    }
+    Ok(())
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Agent(args) => match args.action {
+            Some(AgentAction::Cleanup(opts)) => {
+                enter_netns(&opts.netns)?;
+                for line in agent::cleanup(&opts.config()?)? {
+                    eprintln!("{line}");
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            None => {
+                let opts = args.opts;
+                enter_netns(&opts.netns)?;
+                let cfg = opts.config()?;
+                let manifests = opts.manifests.clone().ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--manifests DIR is required: the Kubernetes API source arrives with cluster mode"
+                    )
+                })?;
+                let source = Box::new(agent::source::ManifestSource::new(manifests));
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()?;
+                rt.block_on(agent::run(cfg, source))?;
+                Ok(ExitCode::SUCCESS)
+            }
+        },
+        Command::Lab(args) => match args.action {
+            Some(LabAction::Down { file, name }) => {
+                crate::lab::down(&file, name.as_deref())?;
+                Ok(ExitCode::SUCCESS)
+            }
+            None => {
+                let file = args.file.ok_or_else(|| {
+                    anyhow::anyhow!("usage: weft-operator lab FILE [--keep] | lab down FILE")
+                })?;
+                let ok = crate::lab::run(&file, args.name.as_deref(), args.keep)?;
+                Ok(if ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
+            }
+        },
+    }
+}

@@ -1,0 +1,343 @@
+//! The lab file: a LAN with an outside host, nodes, resources (exactly what `kubectl apply`
+//! takes), workloads and the expectations checked with real packets.
+
+use crate::agent::source::{self, Resources};
+use ipnet::IpNet;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LabFile {
+    /// The LAN and its outside host.
+    pub lan: Lan,
+    /// The nodes.
+    pub nodes: Vec<Node>,
+    /// Resources inline.
+    #[serde(default)]
+    pub resources: Vec<serde_json::Value>,
+    /// Resource files, relative to the lab file.
+    #[serde(default)]
+    pub resource_files: Vec<PathBuf>,
+    /// Workloads.
+    #[serde(default)]
+    pub workloads: Vec<Workload>,
+    /// Expectations.
+    #[serde(default)]
+    pub expect: Vec<Expectation>,
+}
+
+/// The LAN: a switch with the outside host on it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Lan {
+    /// The outside host's IPv4 address with the LAN prefix; the nodes' default gateway.
+    pub gateway: IpNet,
+    /// The outside host's IPv6 address, for dual-stack labs.
+    #[serde(default)]
+    pub gateway6: Option<IpNet>,
+    /// Extra listeners on the outside host (`80/tcp`); the ports of expectations that target
+    /// `outside` are always listened on.
+    #[serde(default)]
+    pub listen: Vec<String>,
+}
+
+/// A node.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Node {
+    /// Its name.
+    pub name: String,
+    /// Its LAN address with prefix.
+    pub address: IpNet,
+    /// Its IPv6 LAN address.
+    #[serde(default)]
+    pub address6: Option<IpNet>,
+    /// Its labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A workload.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Workload {
+    /// Name (the pod or VM name).
+    pub name: String,
+    /// Kubernetes namespace.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// The node it runs on.
+    pub node: String,
+    /// `Pod` (a VM kind arrives with VM support).
+    #[serde(default = "default_kind")]
+    pub kind: String,
+    /// Labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// weft networks, one interface each: `eth0`, `net1`, …
+    pub networks: Vec<String>,
+    /// Listeners (`80/tcp`, `53/udp`).
+    #[serde(default)]
+    pub listen: Vec<String>,
+    /// Static addresses (CNI_ARGS `IP=`).
+    #[serde(default)]
+    pub ips: Vec<std::net::IpAddr>,
+    /// Static MAC (CNI_ARGS `MAC=`).
+    #[serde(default)]
+    pub mac: Option<String>,
+}
+
+fn default_namespace() -> String {
+    "default".into()
+}
+fn default_kind() -> String {
+    "Pod".into()
+}
+
+/// The expected outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// The target answers.
+    Allow,
+    /// The target does not answer.
+    Deny,
+}
+
+/// Address family of a probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// IPv4.
+    #[default]
+    Ipv4,
+    /// IPv6.
+    Ipv6,
+}
+
+/// One expectation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Expectation {
+    /// `outside`, a node name or a workload name.
+    pub from: String,
+    /// `outside`, a node name (reaching its port forwards) or a workload name.
+    pub to: String,
+    /// Destination port.
+    pub port: u16,
+    /// `tcp` or `udp`.
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+    /// Expected outcome.
+    pub result: Outcome,
+    /// Address family.
+    #[serde(default)]
+    pub family: Family,
+    /// When allowed: the workload (or `outside`) that must answer.
+    #[serde(default)]
+    pub answered_by: Option<String>,
+    /// When allowed: the source address the target must see: `node` (masqueraded to the
+    /// source's node), `self` (the source's own address) or a literal address.
+    #[serde(default)]
+    pub source_seen_as: Option<String>,
+}
+
+fn default_protocol() -> String {
+    "tcp".into()
+}
+
+/// A listener spec `port/proto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Listen {
+    /// Port.
+    pub port: u16,
+    /// UDP (else TCP).
+    pub udp: bool,
+}
+
+impl Listen {
+    /// Parses `80/tcp`, `53/udp` or `80` (TCP).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (port, proto) = s.split_once('/').unwrap_or((s, "tcp"));
+        let port: u16 = port
+            .trim()
+            .parse()
+            .map_err(|_| format!("listen {s:?}: the port is not a number 1-65535"))?;
+        let udp = match proto.trim().to_ascii_lowercase().as_str() {
+            "tcp" => false,
+            "udp" => true,
+            other => return Err(format!("listen {s:?}: protocol {other:?} is not tcp or udp")),
+        };
+        Ok(Listen { port, udp })
+    }
+}
+
+impl LabFile {
+    /// Reads and checks a lab file; resources from `resourceFiles` are resolved relative to it.
+    pub fn load(path: &Path) -> anyhow::Result<(LabFile, Resources, Vec<serde_json::Value>)> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read lab file {}: {e}", path.display()))?;
+        let lab: LabFile = serde_saphyr::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let mut docs = lab.resources.clone();
+        let base = path.parent().unwrap_or(Path::new("."));
+        for f in &lab.resource_files {
+            let p = base.join(f);
+            let text = std::fs::read_to_string(&p).map_err(|e| {
+                anyhow::anyhow!("resourceFiles: cannot read {}: {e}", p.display())
+            })?;
+            let more: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text)
+                .map_err(|e| anyhow::anyhow!("resourceFiles: {}: {e}", p.display()))?;
+            docs.extend(more.into_iter().filter(|d| !d.is_null()));
+        }
+        let mut res = Resources::default();
+        for (i, d) in docs.iter().enumerate() {
+            source::add_document(d.clone(), &format!("resource {}", i + 1), &mut res);
+        }
+        lab.check()?;
+        Ok((lab, res, docs))
+    }
+
+    /// Cross-checks names and specs; errors name the field.
+    pub fn check(&self) -> anyhow::Result<()> {
+        let mut errors = Vec::new();
+        if self.nodes.is_empty() {
+            errors.push("nodes: at least one node is needed".to_string());
+        }
+        let mut names: Vec<&str> = vec!["outside"];
+        for (i, n) in self.nodes.iter().enumerate() {
+            if names.contains(&n.name.as_str()) {
+                errors.push(format!("nodes[{i}].name: {:?} is used twice", n.name));
+            }
+            if !valid_name(&n.name) {
+                errors.push(format!(
+                    "nodes[{i}].name: {:?} must be lowercase letters, digits and '-', at most 20 characters",
+                    n.name
+                ));
+            }
+            if !self.lan.gateway.contains(&n.address.addr()) {
+                errors.push(format!(
+                    "nodes[{i}].address: {} is not on the LAN {}",
+                    n.address,
+                    self.lan.gateway.trunc()
+                ));
+            }
+            names.push(&n.name);
+        }
+        for (i, w) in self.workloads.iter().enumerate() {
+            if names.contains(&w.name.as_str()) {
+                errors.push(format!("workloads[{i}].name: {:?} is used twice", w.name));
+            }
+            if !valid_name(&w.name) {
+                errors.push(format!(
+                    "workloads[{i}].name: {:?} must be lowercase letters, digits and '-', at most 20 characters",
+                    w.name
+                ));
+            }
+            if !self.nodes.iter().any(|n| n.name == w.node) {
+                errors.push(format!("workloads[{i}].node: no node named {:?}", w.node));
+            }
+            if w.networks.is_empty() {
+                errors.push(format!("workloads[{i}].networks: name at least one network"));
+            }
+            if w.kind != "Pod" {
+                errors.push(format!(
+                    "workloads[{i}].kind: {:?} is not supported yet; use Pod",
+                    w.kind
+                ));
+            }
+            for l in &w.listen {
+                if let Err(e) = Listen::parse(l) {
+                    errors.push(format!("workloads[{i}].{e}"));
+                }
+            }
+            names.push(&w.name);
+        }
+        for l in &self.lan.listen {
+            if let Err(e) = Listen::parse(l) {
+                errors.push(format!("lan.{e}"));
+            }
+        }
+        for (i, e) in self.expect.iter().enumerate() {
+            for (field, v) in [("from", &e.from), ("to", &e.to)] {
+                if !names.contains(&v.as_str()) {
+                    errors.push(format!(
+                        "expect[{i}].{field}: {v:?} is not outside, a node or a workload"
+                    ));
+                }
+            }
+            if e.protocol != "tcp" && e.protocol != "udp" {
+                errors.push(format!(
+                    "expect[{i}].protocol: {:?} is not tcp or udp",
+                    e.protocol
+                ));
+            }
+            if e.family == Family::Ipv6 && self.lan.gateway6.is_none() {
+                errors.push(format!(
+                    "expect[{i}].family: ipv6 needs lan.gateway6 and node address6"
+                ));
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(anyhow::anyhow!(
+                "invalid lab file:\n  {}",
+                errors.join("\n  ")
+            ))
+        }
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 20
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_specs_parse() {
+        assert_eq!(Listen::parse("80/tcp").unwrap(), Listen { port: 80, udp: false });
+        assert_eq!(Listen::parse("53/UDP").unwrap(), Listen { port: 53, udp: true });
+        assert_eq!(Listen::parse("8080").unwrap(), Listen { port: 8080, udp: false });
+        assert!(Listen::parse("x/tcp").is_err());
+        assert!(Listen::parse("80/icmp").is_err());
+    }
+
+    #[test]
+    fn bad_names_and_references_are_reported_by_field() {
+        let lab: LabFile = serde_saphyr::from_str(
+            r#"
+lan: {gateway: 192.168.50.1/24}
+nodes: [{name: node-a, address: 10.0.0.5/24}]
+workloads:
+  - {name: w, node: node-z, networks: []}
+expect:
+  - {from: w, to: nowhere, port: 80, result: allow, family: ipv6}
+"#,
+        )
+        .unwrap();
+        let e = lab.check().unwrap_err().to_string();
+        assert!(e.contains("nodes[0].address"), "{e}");
+        assert!(e.contains("workloads[0].node"), "{e}");
+        assert!(e.contains("workloads[0].networks"), "{e}");
+        assert!(e.contains("expect[0].to"), "{e}");
+        assert!(e.contains("expect[0].family"), "{e}");
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let r: Result<LabFile, _> = serde_saphyr::from_str(
+            "lan: {gateway: 192.168.50.1/24}\nnodes: []\nworkloadz: []\n",
+        );
+        assert!(r.is_err());
+    }
+}

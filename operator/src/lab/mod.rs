@@ -1,0 +1,379 @@
+//! The lab: the embedded default. Network namespaces stand in for a LAN with an outside host,
+//! for nodes (each runs the real agent) and for workloads (each started by invoking the real
+//! `weft` CNI binary exactly as a container runtime does); every expectation is checked with
+//! real packets, and everything is removed afterwards (also on failure and Ctrl-C).
+
+pub mod file;
+pub mod probe;
+pub mod topology;
+
+use file::{Family, LabFile, Listen, Outcome};
+use probe::{Listeners, ProbeResult};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::Duration;
+use topology::Lab;
+
+/// Runs the lab on `file`; returns whether every expectation held.
+pub fn run(path: &Path, name: Option<&str>, keep: bool) -> anyhow::Result<bool> {
+    let (spec, resources, docs) = LabFile::load(path)?;
+    for p in &resources.problems {
+        eprintln!("warning: {p}");
+    }
+    for n in &resources.networks {
+        if let Err(errs) = n.spec.validate() {
+            for e in errs {
+                eprintln!(
+                    "warning: Network {}: {e}",
+                    n.metadata.name.as_deref().unwrap_or("")
+                );
+            }
+        }
+    }
+    for p in &resources.port_forwards {
+        if let Err(errs) = p.spec.validate() {
+            for e in errs {
+                eprintln!(
+                    "warning: PortForward {}: {e}",
+                    p.metadata.name.as_deref().unwrap_or("")
+                );
+            }
+        }
+    }
+    let lab_name = topology::lab_name(path, name);
+    // A lab of the same name left behind (a --keep run, or a killed one) is removed first.
+    topology::down_by_name(&lab_name)?;
+    let lab = Lab::new(&lab_name, spec, docs)?;
+    let guard_name = lab_name.clone();
+    let _ = ctrlc::set_handler(move || {
+        eprintln!("\ninterrupted: removing lab {guard_name}");
+        let _ = topology::down_by_name(&guard_name);
+        std::process::exit(130);
+    });
+    let result = run_lab(&lab);
+    if keep && result.is_ok() {
+        println!(
+            "\nlab {lab_name} is up: `ip netns list | grep wl-{lab_name}`; remove it with `weft-operator lab down {}`",
+            path.display()
+        );
+        std::mem::forget(lab);
+    } else {
+        lab.teardown();
+    }
+    result
+}
+
+/// Removes a lab left up.
+pub fn down(path: &Path, name: Option<&str>) -> anyhow::Result<()> {
+    let lab_name = topology::lab_name(path, name);
+    if topology::down_by_name(&lab_name)? {
+        println!("removed lab {lab_name}");
+    } else {
+        println!("no lab named {lab_name} is up");
+    }
+    Ok(())
+}
+
+fn run_lab(lab: &Lab) -> anyhow::Result<bool> {
+    let spec = &lab.spec;
+    println!("weft lab {}", lab.name);
+    lab.build_network()?;
+    lab.start_agents()?;
+    lab.wait_ready(Duration::from_secs(20))?;
+    let attached = lab.start_workloads()?;
+    let listeners = Listeners::default();
+    // Listeners: every workload's, and the outside host's.
+    for w in &spec.workloads {
+        let ns = lab.workload_ns(&w.name)?;
+        for l in &w.listen {
+            let l = Listen::parse(l).map_err(anyhow::Error::msg)?;
+            listeners.start(&ns, &w.name, l.port, l.udp)?;
+        }
+    }
+    let mut outside_ports: Vec<Listen> = spec
+        .lan
+        .listen
+        .iter()
+        .filter_map(|l| Listen::parse(l).ok())
+        .collect();
+    for e in spec.expect.iter().filter(|e| e.to == "outside") {
+        outside_ports.push(Listen {
+            port: e.port,
+            udp: e.protocol == "udp",
+        });
+    }
+    outside_ports.sort();
+    outside_ports.dedup();
+    let lan_ns = lab.lan_ns()?;
+    for l in &outside_ports {
+        listeners.start(&lan_ns, "outside", l.port, l.udp)?;
+    }
+
+    print_built(lab, &attached);
+    let ok = check_expectations(lab, &attached)?;
+    print_matrix(lab, &attached, &outside_ports);
+    Ok(ok)
+}
+
+/// Where a name is, and its address of a family.
+fn address_of(
+    lab: &Lab,
+    attached: &BTreeMap<String, Vec<IpAddr>>,
+    name: &str,
+    family: Family,
+) -> Option<IpAddr> {
+    let want_v4 = family == Family::Ipv4;
+    if name == "outside" {
+        return if want_v4 {
+            Some(lab.spec.lan.gateway.addr())
+        } else {
+            lab.spec.lan.gateway6.map(|g| g.addr())
+        };
+    }
+    if let Some(n) = lab.spec.nodes.iter().find(|n| n.name == name) {
+        return if want_v4 {
+            Some(n.address.addr())
+        } else {
+            n.address6.map(|a| a.addr())
+        };
+    }
+    attached
+        .get(name)?
+        .iter()
+        .find(|ip| ip.is_ipv4() == want_v4)
+        .copied()
+}
+
+fn node_of<'a>(lab: &'a Lab, name: &str) -> Option<&'a file::Node> {
+    let node = lab
+        .spec
+        .workloads
+        .iter()
+        .find(|w| w.name == name)
+        .map(|w| w.node.as_str())
+        .unwrap_or(name);
+    lab.spec.nodes.iter().find(|n| n.name == node)
+}
+
+fn print_built(lab: &Lab, attached: &BTreeMap<String, Vec<IpAddr>>) {
+    println!("\nbuilt:");
+    println!(
+        "  lan     outside host {}{}",
+        lab.spec.lan.gateway,
+        lab.spec
+            .lan
+            .gateway6
+            .map(|g| format!(", {g}"))
+            .unwrap_or_default()
+    );
+    for n in &lab.spec.nodes {
+        let status = lab.agent_status(&n.name);
+        let bridges = status
+            .as_ref()
+            .and_then(|s| s.get("bridges"))
+            .and_then(|b| b.as_array())
+            .map(|b| {
+                b.iter()
+                    .filter_map(|x| x.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default();
+        println!(
+            "  node    {:<12} {}{}  bridges: {}",
+            n.name,
+            n.address,
+            n.address6.map(|a| format!(", {a}")).unwrap_or_default(),
+            if bridges.is_empty() { "-" } else { &bridges }
+        );
+        if let Some(s) = &status {
+            if let Some(f) = s.get("forwards").and_then(|f| f.as_object()) {
+                for (pf, targets) in f {
+                    println!("          port forward {pf} -> {targets}");
+                }
+            }
+            if let Some(p) = s.get("problems").and_then(|p| p.as_array()) {
+                for problem in p.iter().filter_map(|x| x.as_str()) {
+                    println!("          problem: {problem}");
+                }
+            }
+        }
+    }
+    for w in &lab.spec.workloads {
+        let ips = attached
+            .get(&w.name)
+            .map(|v| {
+                v.iter()
+                    .map(|i| i.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default();
+        println!(
+            "  {:<7} {:<12} on {:<10} {} [{}]",
+            w.kind.to_ascii_lowercase(),
+            w.name,
+            w.node,
+            ips,
+            w.networks.join(", ")
+        );
+    }
+}
+
+fn check_expectations(
+    lab: &Lab,
+    attached: &BTreeMap<String, Vec<IpAddr>>,
+) -> anyhow::Result<bool> {
+    let mut all_ok = true;
+    if lab.spec.expect.is_empty() {
+        return Ok(true);
+    }
+    println!("\nexpectations:");
+    for e in &lab.spec.expect {
+        let fam = if e.family == Family::Ipv6 { "v6" } else { "v4" };
+        let label = format!(
+            "{} -> {} {}/{} {}",
+            e.from, e.to, e.port, e.protocol, fam
+        );
+        let Some(target) = address_of(lab, attached, &e.to, e.family) else {
+            println!("  FAIL  {label}: {} has no {fam} address", e.to);
+            all_ok = false;
+            continue;
+        };
+        let ns = lab.ns_of(&e.from)?;
+        let got = probe::probe(
+            &ns,
+            target,
+            e.port,
+            e.protocol == "udp",
+            Duration::from_millis(1500),
+        );
+        let mut ok = got.allowed() == (e.result == Outcome::Allow);
+        let mut why = String::new();
+        if ok && let ProbeResult::Answered { by, seen } = &got {
+            if let Some(want) = &e.answered_by
+                && want != by
+            {
+                ok = false;
+                why = format!(" (expected an answer from {want})");
+            }
+            if let Some(want) = &e.source_seen_as {
+                let expected: Option<IpAddr> = match want.as_str() {
+                    "node" => node_of(lab, &e.from).and_then(|n| {
+                        if e.family == Family::Ipv4 {
+                            Some(n.address.addr())
+                        } else {
+                            n.address6.map(|a| a.addr())
+                        }
+                    }),
+                    "self" => address_of(lab, attached, &e.from, e.family),
+                    literal => literal.parse().ok(),
+                };
+                if expected != Some(*seen) {
+                    ok = false;
+                    why = format!(
+                        " (expected the source to be seen as {want} = {})",
+                        expected
+                            .map(|a| a.to_string())
+                            .unwrap_or_else(|| "?".into())
+                    );
+                }
+            }
+        }
+        let expected = match e.result {
+            Outcome::Allow => "allow",
+            Outcome::Deny => "deny",
+        };
+        println!(
+            "  {}  {label} ({target}): expected {expected}, {}{why}",
+            if ok { "ok  " } else { "FAIL" },
+            got.describe()
+        );
+        all_ok &= ok;
+    }
+    println!(
+        "\n{}",
+        if all_ok {
+            "all expectations hold"
+        } else {
+            "SOME EXPECTATIONS FAILED"
+        }
+    );
+    let _ = std::io::stdout().flush();
+    Ok(all_ok)
+}
+
+fn print_matrix(lab: &Lab, attached: &BTreeMap<String, Vec<IpAddr>>, outside: &[Listen]) {
+    // Who reaches whom over IPv4 on each target's first listener.
+    let mut targets: Vec<(String, Listen)> = Vec::new();
+    for w in &lab.spec.workloads {
+        if let Some(l) = w.listen.first().and_then(|l| Listen::parse(l).ok()) {
+            targets.push((w.name.clone(), l));
+        }
+    }
+    if let Some(l) = outside.first() {
+        targets.push(("outside".into(), *l));
+    }
+    if targets.is_empty() {
+        return;
+    }
+    let mut sources: Vec<String> = lab.spec.workloads.iter().map(|w| w.name.clone()).collect();
+    sources.push("outside".into());
+    let cells: Vec<Vec<String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = sources
+            .iter()
+            .map(|src| {
+                let targets = &targets;
+                s.spawn(move || {
+                    targets
+                        .iter()
+                        .map(|(t, l)| {
+                            if t == src {
+                                return "-".to_string();
+                            }
+                            let Some(addr) = address_of(lab, attached, t, Family::Ipv4) else {
+                                return "?".to_string();
+                            };
+                            let Ok(ns) = lab.ns_of(src) else {
+                                return "?".to_string();
+                            };
+                            match probe::probe(&ns, addr, l.port, l.udp, Duration::from_millis(700))
+                            {
+                                r if r.allowed() => "yes".to_string(),
+                                _ => "no".to_string(),
+                            }
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    println!("\nconnectivity (IPv4, each target's first listener; rows reach columns):");
+    let width = targets
+        .iter()
+        .map(|(t, _)| t.len())
+        .chain(sources.iter().map(|s| s.len()))
+        .max()
+        .unwrap_or(8)
+        .max(8);
+    print!("  {:width$}", "");
+    for (t, l) in &targets {
+        let head = format!("{t}:{}", l.port);
+        print!(" {head:>w$}", w = width.max(head.len()));
+    }
+    println!();
+    for (src, row) in sources.iter().zip(cells) {
+        print!("  {src:width$}");
+        for ((t, l), cell) in targets.iter().zip(row) {
+            let head = format!("{t}:{}", l.port);
+            print!(" {cell:>w$}", w = width.max(head.len()));
+        }
+        println!();
+    }
+}

@@ -1,0 +1,209 @@
+//! Echo listeners and probes with real packets, each socket created inside the namespace it
+//! belongs to (the socket stays there; the thread that serves it does not need to).
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use weft_dataplane::netns::{self, Netns};
+
+/// What a probe saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeResult {
+    /// The target answered: who it is and which source address it saw.
+    Answered {
+        /// The answering host's lab name.
+        by: String,
+        /// The source address the listener saw.
+        seen: IpAddr,
+    },
+    /// Connection refused (a RST or ICMP unreachable came back).
+    Refused,
+    /// Nothing came back in time.
+    Timeout,
+    /// The probe could not be sent (no route, …).
+    Error(String),
+}
+
+impl ProbeResult {
+    /// Did the target answer?
+    pub fn allowed(&self) -> bool {
+        matches!(self, ProbeResult::Answered { .. })
+    }
+
+    /// A short description.
+    pub fn describe(&self) -> String {
+        match self {
+            ProbeResult::Answered { by, seen } => format!("answered by {by}, saw {seen}"),
+            ProbeResult::Refused => "refused".into(),
+            ProbeResult::Timeout => "no answer (dropped)".into(),
+            ProbeResult::Error(e) => format!("error: {e}"),
+        }
+    }
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_canonical(),
+        v4 => v4,
+    }
+}
+
+/// Keeps listener threads alive; they stop when it is dropped.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Listeners {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Listeners {
+    /// Starts a dual-stack echo listener in `ns` answering `weft-lab <name> <source>`.
+    pub fn start(&self, ns: &Netns, name: &str, port: u16, udp: bool) -> anyhow::Result<()> {
+        let addr: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, port).into();
+        let stop = self.stop.clone();
+        let name = name.to_string();
+        if udp {
+            let sock = netns::run_in(ns, move || UdpSocket::bind(addr))??;
+            sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 512];
+                while !stop.load(Ordering::SeqCst) {
+                    if let Ok((_, peer)) = sock.recv_from(&mut buf) {
+                        let reply = format!("weft-lab {name} {}\n", canonical(peer.ip()));
+                        let _ = sock.send_to(reply.as_bytes(), peer);
+                    }
+                }
+            });
+        } else {
+            let listener = netns::run_in(ns, move || TcpListener::bind(addr))??;
+            listener.set_nonblocking(true)?;
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    match listener.accept() {
+                        Ok((mut s, peer)) => {
+                            let _ = s.set_nonblocking(false);
+                            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                            let name = name.clone();
+                            std::thread::spawn(move || {
+                                let mut line = String::new();
+                                let _ = BufReader::new(&s).read_line(&mut line);
+                                let reply =
+                                    format!("weft-lab {name} {}\n", canonical(peer.ip()));
+                                let _ = s.write_all(reply.as_bytes());
+                            });
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                    }
+                }
+            });
+        }
+        Ok(())
+    }
+}
+
+fn parse_reply(line: &str) -> Option<ProbeResult> {
+    let mut parts = line.split_whitespace();
+    if parts.next()? != "weft-lab" {
+        return None;
+    }
+    let by = parts.next()?.to_string();
+    let seen: IpAddr = parts.next()?.parse().ok()?;
+    Some(ProbeResult::Answered { by, seen })
+}
+
+/// Probes `target:port` from inside `ns`.
+pub fn probe(ns: &Netns, target: IpAddr, port: u16, udp: bool, timeout: Duration) -> ProbeResult {
+    let addr = SocketAddr::new(target, port);
+    if udp {
+        let bind: SocketAddr = if target.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let sock = match netns::run_in(ns, move || UdpSocket::bind(bind)) {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return ProbeResult::Error(e.to_string()),
+            Err(e) => return ProbeResult::Error(e.to_string()),
+        };
+        if let Err(e) = sock.connect(addr) {
+            return ProbeResult::Error(e.to_string());
+        }
+        let _ = sock.set_read_timeout(Some(timeout / 3));
+        let mut buf = [0u8; 512];
+        // UDP may lose the first datagram while neighbours resolve: try three times.
+        for _ in 0..3 {
+            if let Err(e) = sock.send(b"probe\n") {
+                return match e.kind() {
+                    std::io::ErrorKind::ConnectionRefused => ProbeResult::Refused,
+                    _ => ProbeResult::Error(e.to_string()),
+                };
+            }
+            match sock.recv(&mut buf) {
+                Ok(n) => {
+                    return parse_reply(&String::from_utf8_lossy(&buf[..n]))
+                        .unwrap_or_else(|| ProbeResult::Error("unexpected reply".into()));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    return ProbeResult::Refused;
+                }
+                Err(_) => continue,
+            }
+        }
+        ProbeResult::Timeout
+    } else {
+        let stream = match netns::run_in(ns, move || TcpStream::connect_timeout(&addr, timeout)) {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return match e.kind() {
+                    std::io::ErrorKind::ConnectionRefused => ProbeResult::Refused,
+                    std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => {
+                        ProbeResult::Timeout
+                    }
+                    _ if e.raw_os_error() == Some(libc_ehostunreach()) => ProbeResult::Timeout,
+                    _ => ProbeResult::Error(e.to_string()),
+                };
+            }
+            Err(e) => return ProbeResult::Error(e.to_string()),
+        };
+        let _ = stream.set_read_timeout(Some(timeout));
+        let mut s = &stream;
+        if let Err(e) = s.write_all(b"probe\n") {
+            return ProbeResult::Error(e.to_string());
+        }
+        let mut line = String::new();
+        match BufReader::new(&stream).read_line(&mut line) {
+            Ok(n) if n > 0 => parse_reply(&line)
+                .unwrap_or_else(|| ProbeResult::Error(format!("unexpected reply {line:?}"))),
+            Ok(_) => ProbeResult::Error("connection closed without a reply".into()),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => ProbeResult::Refused,
+            Err(_) => ProbeResult::Timeout,
+        }
+    }
+}
+
+const fn libc_ehostunreach() -> i32 {
+    113
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_parse() {
+        assert_eq!(
+            parse_reply("weft-lab web-1 192.168.50.11\n"),
+            Some(ProbeResult::Answered {
+                by: "web-1".into(),
+                seen: "192.168.50.11".parse().unwrap()
+            })
+        );
+        assert_eq!(parse_reply("HTTP/1.1 200 OK"), None);
+    }
+}

@@ -1,0 +1,530 @@
+//! Building and removing the lab's namespaces, links, agents and workloads.
+//!
+//! Everything the lab creates is recorded in `/run/weft-lab/<name>/lab.json` as it is created,
+//! so `lab down`, a Ctrl-C and the next run can remove it even after a crash.
+
+use super::file::{LabFile, Workload};
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use weft_dataplane::netlink::{Netlink, RouteSpec};
+use weft_dataplane::netns::{self, Netns};
+use weft_dataplane::names;
+
+/// Root of the lab's files.
+pub const LAB_ROOT: &str = "/run/weft-lab";
+
+/// What the lab has created so far (persisted).
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Record {
+    /// Named network namespaces.
+    pub namespaces: Vec<String>,
+    /// Agent process ids.
+    pub agents: Vec<u32>,
+}
+
+/// A running lab.
+pub struct Lab {
+    /// Its name.
+    pub name: String,
+    /// The lab file.
+    pub spec: LabFile,
+    /// Resource documents, written into every node's manifests dir.
+    pub docs: Vec<serde_json::Value>,
+    /// Its directory.
+    pub dir: PathBuf,
+    record: Mutex<Record>,
+    /// Workload name → (node, [(network, ifname)]).
+    attachments: Mutex<BTreeMap<String, Vec<(String, String)>>>,
+}
+
+/// A lab's name: the file stem plus a hash of its path, so two files never collide.
+pub fn lab_name(path: &Path, name: Option<&str>) -> String {
+    if let Some(n) = name {
+        return sanitize(n, 16);
+    }
+    let canonical = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let digest = Sha256::digest(canonical.to_string_lossy().as_bytes());
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "lab".into());
+    format!("{}-{:02x}{:02x}", sanitize(&stem, 10), digest[0], digest[1])
+}
+
+fn sanitize(s: &str, max: usize) -> String {
+    let out: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .take(max)
+        .collect();
+    if out.is_empty() { "lab".into() } else { out }
+}
+
+fn lab_dir(name: &str) -> PathBuf {
+    Path::new(LAB_ROOT).join(name)
+}
+
+/// Removes a lab by name; returns whether there was one.
+pub fn down_by_name(name: &str) -> anyhow::Result<bool> {
+    let dir = lab_dir(name);
+    let record: Option<Record> = std::fs::read(dir.join("lab.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let mut found = dir.exists();
+    if let Some(r) = &record {
+        stop_agents(&r.agents);
+    }
+    // Namespaces named after the lab are removed even when the record is lost.
+    let prefix = format!("wl-{name}-");
+    let mut namespaces: Vec<String> = record.map(|r| r.namespaces).unwrap_or_default();
+    if let Ok(entries) = std::fs::read_dir("/run/netns") {
+        for e in entries.flatten() {
+            let n = e.file_name().to_string_lossy().to_string();
+            if n.starts_with(&prefix) && !namespaces.contains(&n) {
+                namespaces.push(n);
+            }
+        }
+    }
+    for ns in namespaces {
+        if netns::delete_named(&ns).unwrap_or(false) {
+            found = true;
+        }
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    Ok(found)
+}
+
+fn stop_agents(pids: &[u32]) {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    for pid in pids {
+        let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    for pid in pids {
+        let p = Pid::from_raw(*pid as i32);
+        while kill(p, None).is_ok() && Instant::now() < deadline {
+            // Reap it if it is our child.
+            let _ = nix::sys::wait::waitpid(p, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if kill(p, None).is_ok() {
+            let _ = kill(p, Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(p, None);
+        }
+    }
+}
+
+impl Lab {
+    /// Prepares a lab (creates its directory and record; builds nothing yet).
+    pub fn new(name: &str, spec: LabFile, docs: Vec<serde_json::Value>) -> anyhow::Result<Self> {
+        let dir = lab_dir(name);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let lab = Lab {
+            name: name.to_string(),
+            spec,
+            docs,
+            dir,
+            record: Mutex::new(Record::default()),
+            attachments: Mutex::new(BTreeMap::new()),
+        };
+        lab.save()?;
+        Ok(lab)
+    }
+
+    fn save(&self) -> anyhow::Result<()> {
+        let record = self
+            .record
+            .lock()
+            .map_err(|_| anyhow::anyhow!("lab record poisoned"))?
+            .clone();
+        weft_dataplane::state::write_json(&self.dir.join("lab.json"), &record)?;
+        Ok(())
+    }
+
+    fn ns_name(&self, role: &str, name: &str) -> String {
+        format!("wl-{}-{role}-{name}", self.name)
+    }
+
+    fn create_ns(&self, role: &str, name: &str) -> anyhow::Result<Netns> {
+        let ns_name = self.ns_name(role, name);
+        {
+            let mut r = self
+                .record
+                .lock()
+                .map_err(|_| anyhow::anyhow!("lab record poisoned"))?;
+            r.namespaces.push(ns_name.clone());
+        }
+        self.save()?;
+        let ns = netns::create_named(&ns_name)
+            .with_context(|| format!("creating network namespace {ns_name}"))?;
+        netns::run_in(&ns, || weft_dataplane::sysctl::set("net.ipv6.conf.all.accept_dad", "0"))??;
+        netns::run_in(&ns, || {
+            weft_dataplane::sysctl::set("net.ipv6.conf.default.accept_dad", "0")
+        })??;
+        let mut nl = Netlink::in_netns(&ns)?;
+        if let Some(lo) = nl.link_by_name("lo")? {
+            nl.set_up(lo.index)?;
+        }
+        Ok(ns)
+    }
+
+    fn open_ns(&self, role: &str, name: &str) -> anyhow::Result<Netns> {
+        let ns_name = self.ns_name(role, name);
+        Ok(Netns::open(&netns::named_path(&ns_name))
+            .with_context(|| format!("opening network namespace {ns_name}"))?)
+    }
+
+    /// The LAN namespace (the outside host lives on its bridge).
+    pub fn lan_ns(&self) -> anyhow::Result<Netns> {
+        self.open_ns("lan", "0")
+    }
+
+    /// A node's namespace.
+    pub fn node_ns(&self, node: &str) -> anyhow::Result<Netns> {
+        self.open_ns("n", node)
+    }
+
+    /// A workload's namespace.
+    pub fn workload_ns(&self, w: &str) -> anyhow::Result<Netns> {
+        self.open_ns("w", w)
+    }
+
+    /// The namespace of `outside`, a node or a workload.
+    pub fn ns_of(&self, name: &str) -> anyhow::Result<Netns> {
+        if name == "outside" {
+            self.lan_ns()
+        } else if self.spec.nodes.iter().any(|n| n.name == name) {
+            self.node_ns(name)
+        } else {
+            self.workload_ns(name)
+        }
+    }
+
+    fn node_dir(&self, node: &str) -> PathBuf {
+        self.dir.join(node)
+    }
+
+    /// The LAN, the outside host and the nodes' uplinks.
+    pub fn build_network(&self) -> anyhow::Result<()> {
+        let lan = self.create_ns("lan", "0")?;
+        let mut lan_nl = Netlink::in_netns(&lan)?;
+        let bridge = lan_nl.create_bridge("lan0", None, None, None)?;
+        lan_nl.set_up(bridge)?;
+        lan_nl.add_address(bridge, self.spec.lan.gateway, true)?;
+        if let Some(g6) = self.spec.lan.gateway6 {
+            lan_nl.add_address(bridge, g6, true)?;
+        }
+        for (i, node) in self.spec.nodes.iter().enumerate() {
+            let ns = self.create_ns("n", &node.name)?;
+            let mut nl = Netlink::in_netns(&ns)?;
+            let lan_side = format!("n{i}-{}", sanitize(&node.name, 10));
+            nl.create_veth_pair("eth0", &lan_side, Some(lan.fd()), None)
+                .with_context(|| format!("wiring node {} to the LAN", node.name))?;
+            let peer = lan_nl
+                .link_by_name(&lan_side)?
+                .ok_or_else(|| anyhow::anyhow!("LAN side {lan_side} missing"))?;
+            lan_nl.set_master(peer.index, Some(bridge))?;
+            lan_nl.set_up(peer.index)?;
+            let eth0 = nl
+                .link_by_name("eth0")?
+                .ok_or_else(|| anyhow::anyhow!("eth0 of node {} missing", node.name))?;
+            nl.add_address(eth0.index, node.address, true)?;
+            if let Some(a6) = node.address6 {
+                nl.add_address(eth0.index, a6, true)?;
+            }
+            nl.set_up(eth0.index)?;
+            nl.replace_route(&RouteSpec {
+                dst: "0.0.0.0/0".parse()?,
+                gateway: Some(self.spec.lan.gateway.addr()),
+                oif: Some(eth0.index),
+                src: None,
+            })?;
+            if let (Some(g6), Some(_)) = (self.spec.lan.gateway6, node.address6) {
+                nl.replace_route(&RouteSpec {
+                    dst: "::/0".parse()?,
+                    gateway: Some(g6.addr()),
+                    oif: Some(eth0.index),
+                    src: None,
+                })?;
+            }
+            // The node's manifests: the resources, plus a Pod per workload of this node (labels).
+            let manifests = self.node_dir(&node.name).join("manifests");
+            std::fs::create_dir_all(&manifests)?;
+            let mut items = self.docs.clone();
+            for w in self.spec.workloads.iter().filter(|w| w.node == node.name) {
+                items.push(json!({
+                    "apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": w.name, "namespace": w.namespace, "labels": w.labels},
+                }));
+            }
+            let list = json!({"apiVersion": "v1", "kind": "List", "items": items});
+            std::fs::write(
+                manifests.join("lab.json"),
+                serde_json::to_vec_pretty(&list)?,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Starts the real agent in every node namespace.
+    pub fn start_agents(&self) -> anyhow::Result<()> {
+        let exe = std::env::current_exe()?;
+        let weft = exe
+            .parent()
+            .map(|d| d.join(names::CNI_TYPE))
+            .ok_or_else(|| anyhow::anyhow!("cannot locate the weft binary"))?;
+        if !weft.exists() {
+            anyhow::bail!(
+                "the weft CNI binary is missing at {}: build the workspace (`cargo build --workspace`)",
+                weft.display()
+            );
+        }
+        let nodes: Vec<String> = self.spec.nodes.iter().map(|n| n.name.clone()).collect();
+        for node in &self.spec.nodes {
+            let dir = self.node_dir(&node.name);
+            let log = std::fs::File::create(dir.join("agent.log"))?;
+            let labels: Vec<String> = node.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let child = Command::new(&exe)
+                .arg("agent")
+                .arg("--netns")
+                .arg(netns::named_path(&self.ns_name("n", &node.name)))
+                .arg("--node-name")
+                .arg(&node.name)
+                .arg("--node-labels")
+                .arg(labels.join(","))
+                .arg("--nodes")
+                .arg(nodes.join(","))
+                .arg("--manifests")
+                .arg(dir.join("manifests"))
+                .arg("--state-dir")
+                .arg(dir.join("state"))
+                .arg("--socket")
+                .arg(dir.join("agent.sock"))
+                .arg("--cni-bin-dir")
+                .arg(dir.join("cni-bin"))
+                .arg("--cni-conf-dir")
+                .arg(dir.join("cni-conf"))
+                .arg("--cni-binary")
+                .arg(&weft)
+                .env("WEFT_LOG", std::env::var("WEFT_LOG").unwrap_or_else(|_| "info".into()))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .with_context(|| format!("starting the agent of node {}", node.name))?;
+            {
+                let mut r = self
+                    .record
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("lab record poisoned"))?;
+                r.agents.push(child.id());
+            }
+            self.save()?;
+        }
+        Ok(())
+    }
+
+    /// Runs the `weft` binary in a node's namespace as a container runtime would.
+    fn cni(
+        &self,
+        node: &str,
+        command: &str,
+        w: &Workload,
+        network: &str,
+        ifname: &str,
+    ) -> anyhow::Result<(bool, serde_json::Value)> {
+        let dir = self.node_dir(node);
+        let conflist: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(dir.join("cni-conf").join(names::CONFLIST_NAME))
+                .with_context(|| format!("the agent of {node} has not written its conflist"))?,
+        )?;
+        let mut conf = conflist["plugins"][0].clone();
+        conf["cniVersion"] = conflist["cniVersion"].clone();
+        conf["name"] = conflist["name"].clone();
+        if network.is_empty() {
+            if let Some(o) = conf.as_object_mut() {
+                o.remove("network");
+            }
+        } else {
+            conf["network"] = json!(network);
+        }
+        if ifname != "eth0" {
+            conf["defaultRoute"] = json!(false);
+        }
+        let mut args = format!(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={}",
+            w.namespace, w.name
+        );
+        if ifname == "eth0" {
+            if !w.ips.is_empty() {
+                let ips: Vec<String> = w.ips.iter().map(|i| i.to_string()).collect();
+                args.push_str(&format!(";IP={}", ips.join(",")));
+            }
+            if let Some(mac) = &w.mac {
+                args.push_str(&format!(";MAC={mac}"));
+            }
+        }
+        let container_id = format!("lab-{}-{}", self.name, w.name);
+        let netns_path = netns::named_path(&self.ns_name("w", &w.name));
+        let bin_dir = dir.join("cni-bin");
+        let stdin = serde_json::to_vec(&conf)?;
+        let ns = self.node_ns(node)?;
+        let command = command.to_string();
+        let ifname = ifname.to_string();
+        let output = netns::run_in(&ns, move || -> std::io::Result<std::process::Output> {
+            let mut child = Command::new(bin_dir.join(names::CNI_TYPE))
+                .env_clear()
+                .env("CNI_COMMAND", &command)
+                .env("CNI_CONTAINERID", &container_id)
+                .env("CNI_NETNS", &netns_path)
+                .env("CNI_IFNAME", &ifname)
+                .env("CNI_PATH", &bin_dir)
+                .env("CNI_ARGS", &args)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()?;
+            if let Some(mut s) = child.stdin.take() {
+                s.write_all(&stdin)?;
+            }
+            child.wait_with_output()
+        })??;
+        let value: serde_json::Value =
+            serde_json::from_slice(&output.stdout).unwrap_or(serde_json::Value::Null);
+        if !output.status.success() && value.is_null() {
+            anyhow::bail!(
+                "weft exited with {} and no JSON: {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok((output.status.success(), value))
+    }
+
+    /// Waits until every node's agent answers STATUS.
+    pub fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        for node in &self.spec.nodes {
+            let probe = Workload {
+                name: "status".into(),
+                namespace: "default".into(),
+                node: node.name.clone(),
+                kind: "Pod".into(),
+                labels: BTreeMap::new(),
+                networks: vec![],
+                listen: vec![],
+                ips: vec![],
+                mac: None,
+            };
+            let conflist = self.node_dir(&node.name).join("cni-conf").join(names::CONFLIST_NAME);
+            loop {
+                let last = if conflist.exists() {
+                    match self.cni(&node.name, "STATUS", &probe, "", "eth0") {
+                        Ok((true, _)) => break,
+                        Ok((false, v)) => v.to_string(),
+                        Err(e) => e.to_string(),
+                    }
+                } else {
+                    "no conflist yet".to_string()
+                };
+                if Instant::now() > deadline {
+                    let log = std::fs::read_to_string(self.node_dir(&node.name).join("agent.log"))
+                        .unwrap_or_default();
+                    let lines: Vec<&str> = log.lines().collect();
+                    let log = lines[lines.len().saturating_sub(20)..].join("\n");
+                    anyhow::bail!(
+                        "the agent of node {} did not become ready: {last}\nagent log:\n{log}",
+                        node.name
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates each workload's namespace and runs CNI ADD for each of its networks.
+    pub fn start_workloads(&self) -> anyhow::Result<BTreeMap<String, Vec<IpAddr>>> {
+        let mut out = BTreeMap::new();
+        for w in &self.spec.workloads {
+            self.create_ns("w", &w.name)?;
+            let mut ips = Vec::new();
+            for (i, network) in w.networks.iter().enumerate() {
+                let ifname = if i == 0 {
+                    "eth0".to_string()
+                } else {
+                    format!("net{i}")
+                };
+                {
+                    let mut a = self
+                        .attachments
+                        .lock()
+                        .map_err(|_| anyhow::anyhow!("lab attachments poisoned"))?;
+                    a.entry(w.name.clone())
+                        .or_insert_with(Vec::new)
+                        .push((network.clone(), ifname.clone()));
+                }
+                let (ok, result) = self.cni(&w.node, "ADD", w, network, &ifname)?;
+                if !ok {
+                    anyhow::bail!(
+                        "CNI ADD of workload {} on network {network} failed: {result}",
+                        w.name
+                    );
+                }
+                for ip in result["ips"].as_array().into_iter().flatten() {
+                    if let Some(a) = ip["address"].as_str()
+                        && let Ok(net) = a.parse::<ipnet::IpNet>()
+                    {
+                        ips.push(net.addr());
+                    }
+                }
+            }
+            out.insert(w.name.clone(), ips);
+        }
+        Ok(out)
+    }
+
+    /// The agent's last status of a node.
+    pub fn agent_status(&self, node: &str) -> Option<serde_json::Value> {
+        std::fs::read(self.node_dir(node).join("state").join("status.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+    }
+
+    /// Removes everything: CNI DEL for every attachment, agents, namespaces, files.
+    pub fn teardown(self) {
+        let attachments = self
+            .attachments
+            .lock()
+            .map(|a| a.clone())
+            .unwrap_or_default();
+        for w in &self.spec.workloads {
+            for (network, ifname) in attachments.get(&w.name).into_iter().flatten() {
+                if let Ok((false, v)) = self.cni(&w.node, "DEL", w, network, ifname) {
+                    eprintln!("warning: CNI DEL of {} failed: {v}", w.name);
+                }
+            }
+        }
+        if let Err(e) = down_by_name(&self.name) {
+            eprintln!("warning: removing lab {}: {e:#}", self.name);
+        }
+    }
+}
