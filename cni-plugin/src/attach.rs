@@ -271,7 +271,13 @@ fn register(conf: &Conf, endpoint: Endpoint) -> Result<(), CniError> {
         &Request::Register { endpoint },
         conf.agent_timeout,
     )
-    .map_err(|e| CniError::from_chain(error::TRY_AGAIN_LATER, "the weft agent is not reachable", &e))?;
+    .map_err(|e| {
+        CniError::from_chain(
+            error::TRY_AGAIN_LATER,
+            "the weft agent is not reachable",
+            &e,
+        )
+    })?;
     if !reply.ok {
         return Err(CniError::new(
             error::AGENT_REFUSED,
@@ -369,7 +375,11 @@ pub fn check(conf: &Conf, env: &Env) -> Result<(), CniError> {
             container_id: container_id.to_string(),
             ifname: ifname.to_string(),
         })?
-        .ok_or_else(|| mismatch(format!("no address is allocated to {container_id}/{ifname}")))?;
+        .ok_or_else(|| {
+            mismatch(format!(
+                "no address is allocated to {container_id}/{ifname}"
+            ))
+        })?;
     let mut host = Netlink::new()?;
     let host_name = names::host_veth_name(container_id, ifname);
     let host_link = host
@@ -421,7 +431,9 @@ pub fn check(conf: &Conf, env: &Env) -> Result<(), CniError> {
             return Err(mismatch(format!("address {want} is missing on {ifname}")));
         }
         if !alloc.ips.contains(&want.addr()) {
-            return Err(mismatch(format!("address {want} is not allocated to this attachment")));
+            return Err(mismatch(format!(
+                "address {want} is not allocated to this attachment"
+            )));
         }
     }
     for route in &prev.routes {
@@ -443,7 +455,9 @@ pub fn check(conf: &Conf, env: &Env) -> Result<(), CniError> {
             .iter()
             .any(|r| r.dst == dst && (gw.is_none() || r.gateway == gw));
         if !found {
-            return Err(mismatch(format!("route to {dst} is missing in the container")));
+            return Err(mismatch(format!(
+                "route to {dst} is missing in the container"
+            )));
         }
     }
     Ok(())

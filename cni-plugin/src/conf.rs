@@ -291,7 +291,10 @@ pub fn parse_conf(stdin: &[u8], env: &Env) -> Result<Conf, CniError> {
     let mut take = |field: &str, rc: &RuntimeConfig| -> Result<(), CniError> {
         for ip in &rc.ips {
             let parsed = parse_ip_or_cidr(ip).ok_or_else(|| {
-                invalid(&format!("{field}.ips"), format!("{ip:?} is not an IP address"))
+                invalid(
+                    &format!("{field}.ips"),
+                    format!("{ip:?} is not an IP address"),
+                )
             })?;
             if !static_ips.contains(&parsed) {
                 static_ips.push(parsed);
@@ -299,7 +302,10 @@ pub fn parse_conf(stdin: &[u8], env: &Env) -> Result<Conf, CniError> {
         }
         if let Some(mac) = &rc.mac {
             static_mac = Some(names::parse_mac(mac).ok_or_else(|| {
-                invalid(&format!("{field}.mac"), format!("{mac:?} is not a MAC address"))
+                invalid(
+                    &format!("{field}.mac"),
+                    format!("{mac:?} is not a MAC address"),
+                )
             })?);
         }
         Ok(())
@@ -479,16 +485,22 @@ mod tests {
 
     #[test]
     fn unsupported_version_is_code_1() {
-        let e = parse_conf(br#"{"cniVersion":"9.9.9","name":"n","type":"weft"}"#, &env())
-            .unwrap_err();
+        let e = parse_conf(
+            br#"{"cniVersion":"9.9.9","name":"n","type":"weft"}"#,
+            &env(),
+        )
+        .unwrap_err();
         assert_eq!(e.code, 1);
         assert!(e.details.contains("1.1.0"));
     }
 
     #[test]
     fn wrong_type_and_bad_fields_are_code_7_naming_the_field() {
-        let e = parse_conf(br#"{"cniVersion":"1.1.0","name":"n","type":"bridge"}"#, &env())
-            .unwrap_err();
+        let e = parse_conf(
+            br#"{"cniVersion":"1.1.0","name":"n","type":"bridge"}"#,
+            &env(),
+        )
+        .unwrap_err();
         assert_eq!(e.code, 7);
         assert!(e.details.starts_with("type:"), "{}", e.details);
         let e = parse_conf(
@@ -529,7 +541,10 @@ mod tests {
             ]
         );
         // CNI_ARGS MAC wins over runtimeConfig (it is the more specific request).
-        assert_eq!(names::format_mac(c.static_mac.unwrap()), "0a:58:0a:00:00:09");
+        assert_eq!(
+            names::format_mac(c.static_mac.unwrap()),
+            "0a:58:0a:00:00:09"
+        );
     }
 
     #[test]
@@ -541,7 +556,12 @@ mod tests {
         assert_eq!(err.code, 4);
         assert!(err.details.contains("CNI_IFNAME"));
         e.container_id = None;
-        assert!(e.container_id().unwrap_err().msg.contains("CNI_CONTAINERID"));
+        assert!(
+            e.container_id()
+                .unwrap_err()
+                .msg
+                .contains("CNI_CONTAINERID")
+        );
         let cmd = command_from_env(&|_| Some("FROB".into())).unwrap_err();
         assert_eq!(cmd.code, 4);
     }

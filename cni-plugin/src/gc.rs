@@ -81,12 +81,16 @@ pub fn status(conf: &Conf) -> Result<(), CniError> {
         return Err(CniError::new(
             error::NOT_AVAILABLE,
             "the weft agent has not prepared this node yet",
-            format!("{} says ready=false", NodeState::path(&conf.state_dir).display()),
+            format!(
+                "{} says ready=false",
+                NodeState::path(&conf.state_dir).display()
+            ),
         ));
     }
-    let reply = proto::call(&conf.agent_socket, &Request::Ping, conf.agent_timeout).map_err(|e| {
-        CniError::from_chain(error::NOT_AVAILABLE, "the weft agent does not answer", &e)
-    })?;
+    let reply =
+        proto::call(&conf.agent_socket, &Request::Ping, conf.agent_timeout).map_err(|e| {
+            CniError::from_chain(error::NOT_AVAILABLE, "the weft agent does not answer", &e)
+        })?;
     if !reply.ready {
         return Err(CniError::new(
             error::NOT_AVAILABLE,

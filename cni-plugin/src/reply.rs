@@ -126,7 +126,12 @@ pub fn error_json(version: &str, err: &CniError) -> String {
         msg: &err.msg,
         details: &err.details,
     })
-    .unwrap_or_else(|_| format!(r#"{{"cniVersion":"{version}","code":{},"msg":"error"}}"#, err.code))
+    .unwrap_or_else(|_| {
+        format!(
+            r#"{{"cniVersion":"{version}","code":{},"msg":"error"}}"#,
+            err.code
+        )
+    })
 }
 
 /// Writes a JSON value and a newline to stdout.

@@ -5,6 +5,8 @@
 //! temp dir. Nothing outside the test's namespaces is touched; named namespaces are removed by a
 //! guard even when the test fails.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixListener;
@@ -61,8 +63,10 @@ impl Node {
             .create_bridge("wn-test", Some(1500), None, Some("weft:net:test"))
             .unwrap();
         nl.set_up(br).unwrap();
-        nl.add_address(br, "10.77.0.1/16".parse().unwrap(), true).unwrap();
-        nl.add_address(br, "fd77::1/64".parse().unwrap(), true).unwrap();
+        nl.add_address(br, "10.77.0.1/16".parse().unwrap(), true)
+            .unwrap();
+        nl.add_address(br, "fd77::1/64".parse().unwrap(), true)
+            .unwrap();
         NetworkState {
             name: "test".into(),
             mode: NetworkMode::Nat,
@@ -249,8 +253,11 @@ fn add_check_del_round_trip() {
         .collect();
     assert!(addrs.contains(&"10.77.0.3/16".to_string()), "{addrs:?}");
     let routes = inner.routes(weft_dataplane::netlink::Family::V4).unwrap();
-    assert!(routes.iter().any(|r| r.dst.prefix_len() == 0
-        && r.gateway == Some("10.77.0.1".parse().unwrap())));
+    assert!(
+        routes
+            .iter()
+            .any(|r| r.dst.prefix_len() == 0 && r.gateway == Some("10.77.0.1".parse().unwrap()))
+    );
     // The host side is on the bridge.
     let mut host = Netlink::new().unwrap();
     let hl = host
@@ -316,7 +323,10 @@ fn static_ip_and_mac_from_cni_args_are_honoured_and_checked() {
     let (_, ns_path) = node.workload();
     let ns = ns_path.to_str().unwrap();
     let mut e = env("static", ns, "eth0");
-    e[4] = ("CNI_ARGS", "IgnoreUnknown=1;IP=10.77.0.50;MAC=02:00:00:00:00:50");
+    e[4] = (
+        "CNI_ARGS",
+        "IgnoreUnknown=1;IP=10.77.0.50;MAC=02:00:00:00:00:50",
+    );
     let add = weft("ADD", &node.conf("1.1.0"), &e);
     assert!(add.ok, "{}", add.json);
     assert_eq!(add.json["ips"][0]["address"], "10.77.0.50/16");
@@ -374,7 +384,10 @@ fn a_killed_add_is_repaired_by_del_and_by_gc() {
         // Wait until the link exists (ADD is now waiting for the silent agent), then kill -9.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while !host_link_exists(cid, "eth0") {
-            assert!(std::time::Instant::now() < deadline, "ADD never created its link");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "ADD never created its link"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
         child.kill().unwrap();
@@ -399,7 +412,10 @@ fn a_killed_add_is_repaired_by_del_and_by_gc() {
         };
         assert!(out.ok, "{repair}: {}", out.json);
         assert!(!host_link_exists(cid, "eth0"), "{repair} removed the link");
-        assert!(store.list().unwrap().is_empty(), "{repair} released the address");
+        assert!(
+            store.list().unwrap().is_empty(),
+            "{repair} released the address"
+        );
     }
 }
 
@@ -500,7 +516,12 @@ fn bad_input_gets_coded_errors_naming_the_field() {
     conf.as_object_mut().unwrap().remove("network");
     let out = weft("ADD", &conf, &env("x", "/run/netns/none", "eth0"));
     assert_eq!(out.json["code"], 7);
-    assert!(out.json["details"].as_str().unwrap().starts_with("network:"));
+    assert!(
+        out.json["details"]
+            .as_str()
+            .unwrap()
+            .starts_with("network:")
+    );
     // Missing CNI_NETNS on ADD: code 4 naming it.
     let out = weft(
         "ADD",

@@ -446,17 +446,23 @@ impl NetworkSpec {
             check_selector(sel, "spec.nodeSelector", &mut errors);
         }
         if self.nat.is_some() && self.mode != NetworkMode::Nat {
-            errors.push("spec.nat", cel::NETWORK_NAT_ONLY_IN_NAT_MODE.message);
+            errors.push(
+                "spec.nat",
+                "only allowed when spec.mode is NAT; remove spec.nat or set mode: NAT",
+            );
         }
         match (&self.bridge, self.mode) {
             (Some(_), NetworkMode::Nat) => {
                 errors.push(
                     "spec.bridge",
-                    cel::NETWORK_BRIDGE_ONLY_IN_BRIDGE_MODE.message,
+                    "only allowed when spec.mode is Bridge; remove spec.bridge or set mode: Bridge",
                 );
             }
             (None, NetworkMode::Bridge) => {
-                errors.push("spec.bridge", cel::NETWORK_BRIDGE_REQUIRED.message);
+                errors.push(
+                    "spec.bridge",
+                    "required when spec.mode is Bridge: name the uplink interface, e.g. bridge: {uplink: eth1}",
+                );
             }
             _ => {}
         }
@@ -987,7 +993,7 @@ mod tests {
             bridge: None,
             ..bridge("eth1")
         };
-        assert_invalid(&spec, "spec.bridge", "needs spec.bridge");
+        assert_invalid(&spec, "spec.bridge", "required when spec.mode is Bridge");
     }
 
     #[test]

@@ -324,7 +324,10 @@ impl PortForwardSpec {
         }
         match (&self.target.workload, &self.target.selector) {
             (Some(_), Some(_)) | (None, None) => {
-                errors.push("spec.target", cel::PORT_FORWARD_TARGET_EXACTLY_ONE.message);
+                errors.push(
+                    "spec.target",
+                    "needs exactly one of workload (a pod or VM name) or selector (labels of pods in this namespace)",
+                );
             }
             _ => {}
         }

@@ -23,12 +23,12 @@ use netlink_packet_route::address::{
     AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage,
 };
 use netlink_packet_route::link::{
-    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkExtentMask, LinkFlags,
-    LinkInfo as NlLinkInfo, LinkMessage,
+    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkExtentMask, LinkFlags, LinkInfo as NlLinkInfo,
+    LinkMessage,
 };
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
-    RouteType, RouteVia,
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+    RouteVia,
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 use rtnetlink::{
@@ -548,7 +548,8 @@ impl Netlink {
     ) -> Result<Vec<RouteNetlinkMessage>, NetlinkError> {
         let op = "netlink request";
         let target = format!("(message type {})", msg.message_type());
-        self.exchange(msg, flags).map_err(|f| f.into_error(op, target))
+        self.exchange(msg, flags)
+            .map_err(|f| f.into_error(op, target))
     }
 
     /// [`Netlink::request`] with the operation's context attached to errors.
@@ -559,7 +560,8 @@ impl Netlink {
         msg: RouteNetlinkMessage,
         flags: u16,
     ) -> Result<Vec<RouteNetlinkMessage>, NetlinkError> {
-        self.exchange(msg, flags).map_err(|f| f.into_error(op, target()))
+        self.exchange(msg, flags)
+            .map_err(|f| f.into_error(op, target()))
     }
 
     fn exchange(
@@ -843,7 +845,8 @@ impl Netlink {
         if let Some(mtu) = mtu {
             peer = peer.mtu(mtu);
         }
-        let mut host = LinkVeth::new(a, b).set_info_data(InfoData::Veth(InfoVeth::Peer(peer.build())));
+        let mut host =
+            LinkVeth::new(a, b).set_info_data(InfoData::Veth(InfoVeth::Peer(peer.build())));
         if let Some(mtu) = mtu {
             host = host.mtu(mtu);
         }
@@ -862,13 +865,22 @@ impl Netlink {
         index: u32,
         msg: LinkMessage,
     ) -> Result<(), NetlinkError> {
-        self.call(op, || format!("link {index}"), RouteNetlinkMessage::SetLink(msg), 0)?;
+        self.call(
+            op,
+            || format!("link {index}"),
+            RouteNetlinkMessage::SetLink(msg),
+            0,
+        )?;
         Ok(())
     }
 
     /// Sets a link administratively up.
     pub fn set_up(&mut self, index: u32) -> Result<(), NetlinkError> {
-        self.set_link("set link up", index, LinkUnspec::new_with_index(index).up().build())
+        self.set_link(
+            "set link up",
+            index,
+            LinkUnspec::new_with_index(index).up().build(),
+        )
     }
 
     /// Sets a link administratively down.
@@ -996,7 +1008,12 @@ impl Netlink {
     /// `nodad`, an IPv6 address skips duplicate address detection and is usable at once
     /// (`IFA_F_NODAD`; ignored for IPv4). Returns `Ok(false)` when exactly this address is
     /// already there.
-    pub fn add_address(&mut self, index: u32, addr: IpNet, nodad: bool) -> Result<bool, NetlinkError> {
+    pub fn add_address(
+        &mut self,
+        index: u32,
+        addr: IpNet,
+        nodad: bool,
+    ) -> Result<bool, NetlinkError> {
         let mut msg = Self::address_message(index, addr);
         if nodad && matches!(addr, IpNet::V6(_)) {
             msg.header.flags |= AddressHeaderFlags::Nodad;
@@ -1013,10 +1030,7 @@ impl Netlink {
             Err(e) if e.is_exists() => {
                 // IPv6 keys addresses without their prefix length: the same address with
                 // another prefix is a conflict, not "already present".
-                let present = self
-                    .addresses(Some(index))?
-                    .iter()
-                    .any(|a| a.addr == addr);
+                let present = self.addresses(Some(index))?.iter().any(|a| a.addr == addr);
                 if present { Ok(false) } else { Err(e) }
             }
             Err(e) => Err(e),
@@ -1258,9 +1272,12 @@ mod tests {
         let msg = Netlink::route_message("t", &spec).unwrap();
         assert_eq!(msg.header.destination_prefix_length, 24);
         assert_eq!(msg.header.scope, RouteScope::Link);
-        assert!(msg.attributes.contains(&RouteAttribute::Destination(
-            RouteAddress::Inet("10.1.2.0".parse().unwrap())
-        )));
+        assert!(
+            msg.attributes
+                .contains(&RouteAttribute::Destination(RouteAddress::Inet(
+                    "10.1.2.0".parse().unwrap()
+                )))
+        );
     }
 
     #[test]

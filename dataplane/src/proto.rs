@@ -41,7 +41,7 @@ pub struct Endpoint {
 
 /// A request from the CNI to the agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "camelCase")]
+#[serde(tag = "op", rename_all = "camelCase", rename_all_fields = "camelCase")]
 pub enum Request {
     /// Is the agent up and has it reconciled the node?
     Ping,
@@ -200,7 +200,11 @@ mod tests {
         let err = call(&sock, &Request::Ping, Duration::from_millis(50)).unwrap_err();
         assert!(matches!(err, ProtoError::Exchange { .. }), "{err:?}");
         t.join().unwrap();
-        let gone = call(&dir.path().join("none.sock"), &Request::Ping, Duration::from_millis(50));
+        let gone = call(
+            &dir.path().join("none.sock"),
+            &Request::Ping,
+            Duration::from_millis(50),
+        );
         assert!(matches!(gone, Err(ProtoError::Connect { .. })));
     }
 }

@@ -111,7 +111,10 @@ fn ifreq_for(name: &str, flags: libc::c_int) -> Result<libc::ifreq, TapError> {
     if name.len() > MAX_IFNAME_LEN {
         return Err(invalid("longer than 15 bytes"));
     }
-    if name.bytes().any(|b| b == 0 || b == b'/' || b.is_ascii_whitespace()) {
+    if name
+        .bytes()
+        .any(|b| b == 0 || b == b'/' || b.is_ascii_whitespace())
+    {
         return Err(invalid("contains NUL, '/' or whitespace"));
     }
     let flags = libc::c_short::try_from(flags).map_err(|_| invalid("flags overflow"))?;
@@ -203,6 +206,91 @@ pub fn create_persistent_tap(spec: &TapSpec<'_>) -> Result<u32, TapError> {
     debug!(tap = %name, index, queues = spec.queues, "created persistent tap");
     Ok(index)
 }
+
+/// What the kernel reports about a TAP (the tun driver's `IFLA_INFO_DATA`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TapInfo {
+    /// `IFLA_TUN_OWNER`: the user allowed to attach, if restricted.
+    pub owner: Option<u32>,
+    /// `IFLA_TUN_GROUP`: the group allowed to attach, if restricted.
+    pub group: Option<u32>,
+    /// TAP (ethernet frames) rather than TUN (IP packets).
+    pub tap: bool,
+    /// Frames carry a `virtio_net_hdr`.
+    pub vnet_hdr: bool,
+    /// Survives the closing of its last file descriptor.
+    pub persistent: bool,
+    /// Created with `IFF_MULTI_QUEUE`.
+    pub multi_queue: bool,
+    /// Queues currently attached (file descriptors open on it).
+    pub attached_queues: u32,
+}
+
+/// Reads the TAP/TUN settings of link `index`; `None` when there is no such link or it is
+/// not a tun/tap device.
+pub fn tap_info(nl: &mut Netlink, index: u32) -> Result<Option<TapInfo>, NetlinkError> {
+    use netlink_packet_core::Nla;
+    use netlink_packet_route::RouteNetlinkMessage;
+    use netlink_packet_route::link::{InfoData, InfoTun, LinkAttribute, LinkInfo};
+
+    let msg = rtnetlink::LinkUnspec::new_with_index(index).build();
+    let replies = match nl.request(RouteNetlinkMessage::GetLink(msg), 0) {
+        Ok(r) => r,
+        Err(e) if e.is_not_found() => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut found = None;
+    for reply in replies {
+        let RouteNetlinkMessage::NewLink(link) = reply else {
+            continue;
+        };
+        for attr in link.attributes {
+            let LinkAttribute::LinkInfo(infos) = attr else {
+                continue;
+            };
+            for info in infos {
+                let LinkInfo::Data(InfoData::Tun(nlas)) = info else {
+                    continue;
+                };
+                let mut t = TapInfo::default();
+                for nla in nlas {
+                    let InfoTun::Other(nla) = nla else {
+                        continue;
+                    };
+                    let mut v = vec![0u8; nla.value_len()];
+                    nla.emit_value(&mut v);
+                    let u8v = v.first().copied().unwrap_or(0);
+                    let u32v = <[u8; 4]>::try_from(v.get(..4).unwrap_or_default())
+                        .map(u32::from_ne_bytes)
+                        .ok();
+                    match nla.kind() {
+                        IFLA_TUN_OWNER => t.owner = u32v.filter(|u| *u != u32::MAX),
+                        IFLA_TUN_GROUP => t.group = u32v.filter(|g| *g != u32::MAX),
+                        IFLA_TUN_TYPE => t.tap = u8v == IFF_TAP_TYPE,
+                        IFLA_TUN_VNET_HDR => t.vnet_hdr = u8v != 0,
+                        IFLA_TUN_PERSIST => t.persistent = u8v != 0,
+                        IFLA_TUN_MULTI_QUEUE => t.multi_queue = u8v != 0,
+                        IFLA_TUN_NUM_QUEUES => t.attached_queues = u32v.unwrap_or(0),
+                        _ => {}
+                    }
+                }
+                found = Some(t);
+            }
+        }
+    }
+    Ok(found)
+}
+
+// <linux/if_link.h>, IFLA_TUN_*.
+const IFLA_TUN_OWNER: u16 = 1;
+const IFLA_TUN_GROUP: u16 = 2;
+const IFLA_TUN_TYPE: u16 = 3;
+const IFLA_TUN_VNET_HDR: u16 = 5;
+const IFLA_TUN_PERSIST: u16 = 6;
+const IFLA_TUN_MULTI_QUEUE: u16 = 7;
+const IFLA_TUN_NUM_QUEUES: u16 = 8;
+/// `IFF_TAP` as the one-byte `IFLA_TUN_TYPE` value.
+const IFF_TAP_TYPE: u8 = 2;
 
 #[cfg(test)]
 mod tests {

@@ -2,6 +2,8 @@
 //! the examples. Each lab runs the real agent per node namespace and the real `weft` binary, and
 //! checks its expectations with real packets; afterwards nothing of it may be left on the machine.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -204,7 +206,10 @@ expect:
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success(), "isolated networks must not reach each other: {stdout}");
+    assert!(
+        !out.status.success(),
+        "isolated networks must not reach each other: {stdout}"
+    );
     assert!(stdout.contains("FAIL"), "{stdout}");
     assert!(leftovers(&format!("wl-{name}-")).is_empty());
 }

@@ -1,5 +1,7 @@
 //! The agent's plan applied to a real kernel, in a network namespace of the test's own.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeMap;
 use std::process::Command;
 use weft_dataplane::netlink::Netlink;
@@ -77,9 +79,17 @@ fn apply_is_idempotent_and_removing_a_network_removes_what_it_created() {
 
     let plan = compute(&cfg, &resources(TWO), &eps).plan;
     let first = apply_blocking(&plan, state.path()).unwrap();
-    assert!(first.changes.iter().any(|c| c.contains("created bridge wn-alpha")));
+    assert!(
+        first
+            .changes
+            .iter()
+            .any(|c| c.contains("created bridge wn-alpha"))
+    );
     let mut nl = Netlink::new().unwrap();
-    let alpha = nl.link_by_name("wn-alpha").unwrap().expect("bridge wn-alpha");
+    let alpha = nl
+        .link_by_name("wn-alpha")
+        .unwrap()
+        .expect("bridge wn-alpha");
     assert!(alpha.up);
     let addrs: Vec<String> = nl
         .addresses(Some(alpha.index))
@@ -90,7 +100,9 @@ fn apply_is_idempotent_and_removing_a_network_removes_what_it_created() {
     assert!(addrs.contains(&"10.61.0.1/16".to_string()), "{addrs:?}");
     assert!(addrs.contains(&"fd61::1/64".to_string()), "{addrs:?}");
     assert_eq!(
-        weft_dataplane::sysctl::get("net.ipv4.ip_forward").unwrap().trim(),
+        weft_dataplane::sysctl::get("net.ipv4.ip_forward")
+            .unwrap()
+            .trim(),
         "1"
     );
     let ruleset = nft_list();
@@ -108,20 +120,44 @@ fn apply_is_idempotent_and_removing_a_network_removes_what_it_created() {
 
     // A bridge deleted by hand is restored; a table deleted by hand too.
     nl.delete_link(alpha.index).unwrap();
-    assert!(Command::new("nft").args(["delete", "table", "inet", "weft"]).status().unwrap().success());
+    assert!(
+        Command::new("nft")
+            .args(["delete", "table", "inet", "weft"])
+            .status()
+            .unwrap()
+            .success()
+    );
     let repair = apply_blocking(&plan, state.path()).unwrap();
-    assert!(repair.changes.iter().any(|c| c.contains("created bridge wn-alpha")), "{:?}", repair.changes);
+    assert!(
+        repair
+            .changes
+            .iter()
+            .any(|c| c.contains("created bridge wn-alpha")),
+        "{:?}",
+        repair.changes
+    );
     assert_eq!(nft_list(), ruleset);
 
     // Removing beta: its bridge, set elements and runtime state go; rules stay the same.
     let only_alpha = compute(&cfg, &resources(&TWO[..TWO.find("---").unwrap()]), &eps).plan;
     let report = apply_blocking(&only_alpha, state.path()).unwrap();
-    assert!(report.changes.iter().any(|c| c.contains("deleted bridge wn-beta")), "{:?}", report.changes);
+    assert!(
+        report
+            .changes
+            .iter()
+            .any(|c| c.contains("deleted bridge wn-beta")),
+        "{:?}",
+        report.changes
+    );
     assert!(nl.link_by_name("wn-beta").unwrap().is_none());
     assert!(!state.path().join("networks/beta.json").exists());
     let after = nft_list();
     assert!(!after.contains("10.62.0.0/16"), "{after}");
-    let rules = |s: &str| s.lines().filter(|l| l.contains("masquerade") || l.contains("dnat") || l.contains("drop")).count();
+    let rules = |s: &str| {
+        s.lines()
+            .filter(|l| l.contains("masquerade") || l.contains("dnat") || l.contains("drop"))
+            .count()
+    };
     assert_eq!(rules(&after), rules(&ruleset));
 
     // Cleanup removes everything weft created, and is idempotent.

@@ -29,9 +29,10 @@ fn key(network: &str, container_id: &str, ifname: &str) -> Key {
 fn from_allocation(network: &str, a: Allocation) -> Endpoint {
     Endpoint {
         network: network.to_string(),
-        host_ifname: a.host_ifname.clone().unwrap_or_else(|| {
-            weft_dataplane::names::host_veth_name(&a.container_id, &a.ifname)
-        }),
+        host_ifname: a
+            .host_ifname
+            .clone()
+            .unwrap_or_else(|| weft_dataplane::names::host_veth_name(&a.container_id, &a.ifname)),
         mac: a.mac.clone().unwrap_or_default(),
         ips: a.ips,
         container_id: a.container_id,
@@ -85,7 +86,9 @@ impl EndpointStore {
                         fresh.insert(k, ep);
                     }
                 }
-                Err(e) => warn!(%network, error = %crate::error_chain(&e), "cannot read IPAM store"),
+                Err(e) => {
+                    warn!(%network, error = %crate::error_chain(&e), "cannot read IPAM store")
+                }
             }
         }
         self.endpoints = fresh;
@@ -161,7 +164,11 @@ mod tests {
         assert_eq!(eps.len(), 2);
         eps.unregister("nat-demo", "a", "eth0");
         eps.resync(dir.path());
-        assert_eq!(eps.len(), 1, "an unregistered endpoint stays out until released");
+        assert_eq!(
+            eps.len(),
+            1,
+            "an unregistered endpoint stays out until released"
+        );
         store
             .release(&Attachment {
                 container_id: "b".into(),

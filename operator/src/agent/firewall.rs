@@ -164,9 +164,13 @@ pub fn table(nets: &[NetRules], forwards: &[Forward]) -> Table {
     let l4 = "meta l4proto { tcp, udp, sctp }";
     let dnat_rules = |local4: &str, local6: &str| -> Vec<String> {
         vec![
-            format!("{l4} {local4} dnat ip addr . port to ip saddr . meta l4proto . th dport map @fwd4"),
+            format!(
+                "{l4} {local4} dnat ip addr . port to ip saddr . meta l4proto . th dport map @fwd4"
+            ),
             format!("{l4} {local4} dnat ip to ip saddr . meta l4proto . th dport map @fwdr4"),
-            format!("{l4} {local6} dnat ip6 addr . port to ip6 saddr . meta l4proto . th dport map @fwd6"),
+            format!(
+                "{l4} {local6} dnat ip6 addr . port to ip6 saddr . meta l4proto . th dport map @fwd6"
+            ),
             format!("{l4} {local6} dnat ip6 to ip6 saddr . meta l4proto . th dport map @fwdr6"),
         ]
     };

@@ -173,9 +173,11 @@ impl Reconciler {
                 }
                 self.status.last_error = None;
                 self.status.last_changes = report.changes;
-                let default = self.cfg.default_network.clone().or_else(|| {
-                    (self.networks.len() == 1).then(|| self.networks[0].clone())
-                });
+                let default = self
+                    .cfg
+                    .default_network
+                    .clone()
+                    .or_else(|| (self.networks.len() == 1).then(|| self.networks[0].clone()));
                 if let Err(e) = self.cfg.cni.install(default.as_deref()) {
                     warn!(error = %crate::error_chain(&e), "cannot install the CNI binary and conflist");
                 }

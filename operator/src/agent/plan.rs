@@ -471,23 +471,47 @@ metadata: {name: web-1, namespace: default, labels: {app: web}}
         let b = &out.plan.bridges[0];
         assert_eq!(b.name, "wn-nat-demo");
         assert_eq!(
-            b.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            b.addresses
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>(),
             vec!["10.10.0.1/16", "fd10::1/64"]
         );
-        assert_eq!(out.plan.networks[0].block_v4.unwrap().to_string(), "10.10.0.0/24");
-        assert!(out.plan.sysctls.iter().any(|s| s.key == "net.ipv6.conf.all.forwarding"));
+        assert_eq!(
+            out.plan.networks[0].block_v4.unwrap().to_string(),
+            "10.10.0.0/24"
+        );
+        assert!(
+            out.plan
+                .sysctls
+                .iter()
+                .any(|s| s.key == "net.ipv6.conf.all.forwarding")
+        );
 
-        let out = plan(&node(&[("zone", "a")]), &res, &all_blocks(&res, &["node-a"]), &[]);
+        let out = plan(
+            &node(&[("zone", "a")]),
+            &res,
+            &all_blocks(&res, &["node-a"]),
+            &[],
+        );
         assert_eq!(out.plan.bridges.len(), 2);
     }
 
     #[test]
     fn masquerade_set_holds_only_masquerading_networks() {
         let res = resources(NETS);
-        let out = plan(&node(&[("zone", "a")]), &res, &all_blocks(&res, &["node-a"]), &[]);
+        let out = plan(
+            &node(&[("zone", "a")]),
+            &res,
+            &all_blocks(&res, &["node-a"]),
+            &[],
+        );
         let fw = &out.plan.firewall;
         let masq4 = fw.sets.iter().find(|s| s.name == "masq4").unwrap();
-        assert_eq!(masq4.elements.iter().cloned().collect::<Vec<_>>(), vec!["10.10.0.0/16"]);
+        assert_eq!(
+            masq4.elements.iter().cloned().collect::<Vec<_>>(),
+            vec!["10.10.0.0/16"]
+        );
         let nets4 = fw.sets.iter().find(|s| s.name == "nets4").unwrap();
         assert_eq!(nets4.elements.len(), 2);
     }
@@ -500,22 +524,52 @@ metadata: {name: web-1, namespace: default, labels: {app: web}}
         let eps = [endpoint("nat-demo", "web-1", &["10.10.0.2", "fd10::2"])];
         let with = plan(&node(&[]), &res, &blocks, &eps);
         assert!(with.problems.is_empty(), "{:?}", with.problems);
-        let rules = |p: &PlanOutput| -> usize { p.plan.firewall.chains.iter().map(|c| c.rules.len()).sum() };
+        let rules = |p: &PlanOutput| -> usize {
+            p.plan.firewall.chains.iter().map(|c| c.rules.len()).sum()
+        };
         assert_eq!(rules(&empty), rules(&with), "forwards add elements only");
-        let fwd4 = with.plan.firewall.maps.iter().find(|m| m.name == "fwd4").unwrap();
+        let fwd4 = with
+            .plan
+            .firewall
+            .maps
+            .iter()
+            .find(|m| m.name == "fwd4")
+            .unwrap();
         assert_eq!(
-            fwd4.elements.iter().map(|(k, v)| format!("{k} : {v}")).collect::<Vec<_>>(),
+            fwd4.elements
+                .iter()
+                .map(|(k, v)| format!("{k} : {v}"))
+                .collect::<Vec<_>>(),
             vec!["192.168.50.0/24 . tcp . 8080 : 10.10.0.2 . 80"]
         );
-        let fwdr4 = with.plan.firewall.maps.iter().find(|m| m.name == "fwdr4").unwrap();
+        let fwdr4 = with
+            .plan
+            .firewall
+            .maps
+            .iter()
+            .find(|m| m.name == "fwdr4")
+            .unwrap();
         assert_eq!(
-            fwdr4.elements.iter().map(|(k, v)| format!("{k} : {v}")).collect::<Vec<_>>(),
+            fwdr4
+                .elements
+                .iter()
+                .map(|(k, v)| format!("{k} : {v}"))
+                .collect::<Vec<_>>(),
             vec!["192.168.50.0/24 . udp . 5000-5010 : 10.10.0.2"]
         );
         // allowFrom has no IPv6 source: no IPv6 forward.
-        let fwd6 = with.plan.firewall.maps.iter().find(|m| m.name == "fwd6").unwrap();
+        let fwd6 = with
+            .plan
+            .firewall
+            .maps
+            .iter()
+            .find(|m| m.name == "fwd6")
+            .unwrap();
         assert!(fwd6.elements.is_empty());
-        assert_eq!(with.forwards["default/web"], vec!["10.10.0.2".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            with.forwards["default/web"],
+            vec!["10.10.0.2".parse::<IpAddr>().unwrap()]
+        );
     }
 
     #[test]
@@ -534,7 +588,11 @@ spec: {network: nat-demo, target: {workload: web-1}, ports: [{port: 8080}]}
         let out = plan(&node(&[]), &res, &all_blocks(&res, &["node-a"]), &eps);
         assert_eq!(out.problems.len(), 1, "{:?}", out.problems);
         assert_eq!(out.problems[0].object, "default/zz-clash");
-        assert!(out.problems[0].message.contains("already forwarded by PortForward default/web"));
+        assert!(
+            out.problems[0]
+                .message
+                .contains("already forwarded by PortForward default/web")
+        );
     }
 
     #[test]
@@ -554,8 +612,18 @@ spec: {network: nowhere, target: {workload: x}, ports: [{port: 80}]}
         );
         let out = plan(&node(&[]), &res, &BTreeMap::new(), &[]);
         assert!(out.plan.bridges.is_empty());
-        assert!(out.problems.iter().any(|p| p.object == "bad" && p.message.contains("spec.subnets")), "{:?}", out.problems);
-        assert!(out.problems.iter().any(|p| p.object == "default/lost" && p.message.contains("spec.network")));
+        assert!(
+            out.problems
+                .iter()
+                .any(|p| p.object == "bad" && p.message.contains("spec.subnets")),
+            "{:?}",
+            out.problems
+        );
+        assert!(
+            out.problems
+                .iter()
+                .any(|p| p.object == "default/lost" && p.message.contains("spec.network"))
+        );
     }
 
     #[test]

@@ -169,7 +169,11 @@ impl Listen {
         let udp = match proto.trim().to_ascii_lowercase().as_str() {
             "tcp" => false,
             "udp" => true,
-            other => return Err(format!("listen {s:?}: protocol {other:?} is not tcp or udp")),
+            other => {
+                return Err(format!(
+                    "listen {s:?}: protocol {other:?} is not tcp or udp"
+                ));
+            }
         };
         Ok(Listen { port, udp })
     }
@@ -186,9 +190,8 @@ impl LabFile {
         let base = path.parent().unwrap_or(Path::new("."));
         for f in &lab.resource_files {
             let p = base.join(f);
-            let text = std::fs::read_to_string(&p).map_err(|e| {
-                anyhow::anyhow!("resourceFiles: cannot read {}: {e}", p.display())
-            })?;
+            let text = std::fs::read_to_string(&p)
+                .map_err(|e| anyhow::anyhow!("resourceFiles: cannot read {}: {e}", p.display()))?;
             let more: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text)
                 .map_err(|e| anyhow::anyhow!("resourceFiles: {}: {e}", p.display()))?;
             docs.extend(more.into_iter().filter(|d| !d.is_null()));
@@ -241,7 +244,9 @@ impl LabFile {
                 errors.push(format!("workloads[{i}].node: no node named {:?}", w.node));
             }
             if w.networks.is_empty() {
-                errors.push(format!("workloads[{i}].networks: name at least one network"));
+                errors.push(format!(
+                    "workloads[{i}].networks: name at least one network"
+                ));
             }
             if w.kind != "Pod" {
                 errors.push(format!(
@@ -305,9 +310,27 @@ mod tests {
 
     #[test]
     fn listen_specs_parse() {
-        assert_eq!(Listen::parse("80/tcp").unwrap(), Listen { port: 80, udp: false });
-        assert_eq!(Listen::parse("53/UDP").unwrap(), Listen { port: 53, udp: true });
-        assert_eq!(Listen::parse("8080").unwrap(), Listen { port: 8080, udp: false });
+        assert_eq!(
+            Listen::parse("80/tcp").unwrap(),
+            Listen {
+                port: 80,
+                udp: false
+            }
+        );
+        assert_eq!(
+            Listen::parse("53/UDP").unwrap(),
+            Listen {
+                port: 53,
+                udp: true
+            }
+        );
+        assert_eq!(
+            Listen::parse("8080").unwrap(),
+            Listen {
+                port: 8080,
+                udp: false
+            }
+        );
         assert!(Listen::parse("x/tcp").is_err());
         assert!(Listen::parse("80/icmp").is_err());
     }
@@ -335,9 +358,8 @@ expect:
 
     #[test]
     fn unknown_fields_are_rejected() {
-        let r: Result<LabFile, _> = serde_saphyr::from_str(
-            "lan: {gateway: 192.168.50.1/24}\nnodes: []\nworkloadz: []\n",
-        );
+        let r: Result<LabFile, _> =
+            serde_saphyr::from_str("lan: {gateway: 192.168.50.1/24}\nnodes: []\nworkloadz: []\n");
         assert!(r.is_err());
     }
 }

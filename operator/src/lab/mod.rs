@@ -222,10 +222,7 @@ fn print_built(lab: &Lab, attached: &BTreeMap<String, Vec<IpAddr>>) {
     }
 }
 
-fn check_expectations(
-    lab: &Lab,
-    attached: &BTreeMap<String, Vec<IpAddr>>,
-) -> anyhow::Result<bool> {
+fn check_expectations(lab: &Lab, attached: &BTreeMap<String, Vec<IpAddr>>) -> anyhow::Result<bool> {
     let mut all_ok = true;
     if lab.spec.expect.is_empty() {
         return Ok(true);
@@ -233,10 +230,7 @@ fn check_expectations(
     println!("\nexpectations:");
     for e in &lab.spec.expect {
         let fam = if e.family == Family::Ipv6 { "v6" } else { "v4" };
-        let label = format!(
-            "{} -> {} {}/{} {}",
-            e.from, e.to, e.port, e.protocol, fam
-        );
+        let label = format!("{} -> {} {}/{} {}", e.from, e.to, e.port, e.protocol, fam);
         let Some(target) = address_of(lab, attached, &e.to, e.family) else {
             println!("  FAIL  {label}: {} has no {fam} address", e.to);
             all_ok = false;

@@ -93,8 +93,7 @@ impl Listeners {
                             std::thread::spawn(move || {
                                 let mut line = String::new();
                                 let _ = BufReader::new(&s).read_line(&mut line);
-                                let reply =
-                                    format!("weft-lab {name} {}\n", canonical(peer.ip()));
+                                let reply = format!("weft-lab {name} {}\n", canonical(peer.ip()));
                                 let _ = s.write_all(reply.as_bytes());
                             });
                         }

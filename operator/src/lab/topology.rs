@@ -15,9 +15,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+use weft_dataplane::names;
 use weft_dataplane::netlink::{Netlink, RouteSpec};
 use weft_dataplane::netns::{self, Netns};
-use weft_dataplane::names;
 
 /// Root of the lab's files.
 pub const LAB_ROOT: &str = "/run/weft-lab";
@@ -175,7 +175,9 @@ impl Lab {
         self.save()?;
         let ns = netns::create_named(&ns_name)
             .with_context(|| format!("creating network namespace {ns_name}"))?;
-        netns::run_in(&ns, || weft_dataplane::sysctl::set("net.ipv6.conf.all.accept_dad", "0"))??;
+        netns::run_in(&ns, || {
+            weft_dataplane::sysctl::set("net.ipv6.conf.all.accept_dad", "0")
+        })??;
         netns::run_in(&ns, || {
             weft_dataplane::sysctl::set("net.ipv6.conf.default.accept_dad", "0")
         })??;
@@ -301,7 +303,11 @@ impl Lab {
         for node in &self.spec.nodes {
             let dir = self.node_dir(&node.name);
             let log = std::fs::File::create(dir.join("agent.log"))?;
-            let labels: Vec<String> = node.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let labels: Vec<String> = node
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
             let child = Command::new(&exe)
                 .arg("agent")
                 .arg("--netns")
@@ -324,7 +330,10 @@ impl Lab {
                 .arg(dir.join("cni-conf"))
                 .arg("--cni-binary")
                 .arg(&weft)
-                .env("WEFT_LOG", std::env::var("WEFT_LOG").unwrap_or_else(|_| "info".into()))
+                .env(
+                    "WEFT_LOG",
+                    std::env::var("WEFT_LOG").unwrap_or_else(|_| "info".into()),
+                )
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)
@@ -434,7 +443,10 @@ impl Lab {
                 ips: vec![],
                 mac: None,
             };
-            let conflist = self.node_dir(&node.name).join("cni-conf").join(names::CONFLIST_NAME);
+            let conflist = self
+                .node_dir(&node.name)
+                .join("cni-conf")
+                .join(names::CONFLIST_NAME);
             loop {
                 let last = if conflist.exists() {
                     match self.cni(&node.name, "STATUS", &probe, "", "eth0") {

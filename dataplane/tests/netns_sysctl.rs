@@ -1,0 +1,62 @@
+//! Sysctls follow the network namespace of the calling thread (tier 3).
+
+mod netlink_common;
+
+use netlink_common::{NamedNs, isolate};
+use weft_dataplane::{netns, sysctl};
+
+#[test]
+fn sysctl_set_and_get_in_an_unshared_netns() {
+    let _own = isolate();
+    // A new namespace starts with forwarding off.
+    assert_eq!(sysctl::get("net.ipv4.ip_forward").unwrap(), "0");
+    sysctl::set("net.ipv4.ip_forward", "1").unwrap();
+    assert_eq!(sysctl::get("net.ipv4.ip_forward").unwrap(), "1");
+    assert_eq!(
+        sysctl::get("/proc/sys/net/ipv4/ip_forward").unwrap(),
+        "1",
+        "path form"
+    );
+    assert!(!sysctl::set_if_different("net.ipv4.ip_forward", "1").unwrap());
+    assert!(sysctl::set_if_different("net.ipv4.ip_forward", "0").unwrap());
+    assert_eq!(sysctl::get("net.ipv4.ip_forward").unwrap(), "0");
+}
+
+#[test]
+fn sysctls_belong_to_the_thread_that_reads_them() {
+    let _own = isolate();
+    let other = NamedNs::new("sysctl");
+    sysctl::set("net.ipv6.conf.all.forwarding", "1").unwrap();
+    let there = netns::run_in(&other.ns, || sysctl::get("net.ipv6.conf.all.forwarding"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(there, "0", "the other namespace is untouched");
+
+    netns::run_in(&other.ns, || {
+        sysctl::set("net.ipv6.conf.all.forwarding", "1")
+    })
+    .unwrap()
+    .unwrap();
+    let there = netns::run_in(&other.ns, || sysctl::get("net.ipv6.conf.all.forwarding"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(there, "1");
+}
+
+#[test]
+fn multi_value_sysctls_compare_by_words() {
+    let _own = isolate();
+    let key = "net.ipv4.ip_local_port_range";
+    sysctl::set(key, "20000 30000").unwrap();
+    assert_eq!(sysctl::get(key).unwrap(), "20000\t30000");
+    assert!(!sysctl::set_if_different(key, "20000 30000").unwrap());
+}
+
+#[test]
+fn per_interface_sysctls_of_a_missing_interface_are_not_found() {
+    let _own = isolate();
+    let err = sysctl::get("net.ipv4.conf.nosuchif0.forwarding").unwrap_err();
+    assert!(err.is_not_found(), "{err}");
+    let err = sysctl::set("net/ipv4/conf/nosuch.100/forwarding", "1").unwrap_err();
+    assert!(err.is_not_found(), "{err}");
+}
