@@ -1,4 +1,5 @@
 //! Links through the sync netlink client, each test in its own network namespace (tier 3).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
 
 mod netlink_common;
 

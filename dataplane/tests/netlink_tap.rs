@@ -1,4 +1,5 @@
 //! Persistent TAP devices through /dev/net/tun (tier 3), each test in its own namespace.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
 
 mod netlink_common;
 

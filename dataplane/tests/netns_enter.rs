@@ -1,6 +1,7 @@
 //! Entering, running in, creating and deleting network namespaces (tier 3). Each test first
 //! moves its own thread into a fresh namespace; named namespaces get unique names and are
 //! removed even when a test fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
 
 mod netlink_common;
 
@@ -25,7 +26,7 @@ fn run_in_runs_inside_the_target_and_leaves_the_calling_thread_alone() {
 fn run_in_borrows_from_the_caller_and_returns_values() {
     let _own = isolate();
     let target = NamedNs::new("borrow");
-    let names = vec!["a".to_string(), "b".to_string()];
+    let names = ["a".to_string(), "b".to_string()];
     let joined = netns::run_in(&target.ns, || names.join(",")).unwrap();
     assert_eq!(joined, "a,b");
 }

@@ -1,4 +1,5 @@
 //! Sysctls follow the network namespace of the calling thread (tier 3).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
 
 mod netlink_common;
 

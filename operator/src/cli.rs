@@ -34,6 +34,9 @@ pub enum LogFormat {
 pub enum Command {
     /// Run the node agent (or `agent cleanup` to remove everything weft created on the node).
     Agent(AgentArgs),
+    /// Run the cluster controller: validates resources, allocates per-node address blocks into
+    /// `NodeNetwork`s, writes status (one active replica, through a Lease).
+    Controller(ControllerOpts),
     /// Run the lab: nodes, workloads and the outside as network namespaces, checked with real
     /// packets. `lab FILE` runs it; `lab down FILE` removes a lab left up with `--keep`.
     Lab(LabArgs),
@@ -98,6 +101,34 @@ pub struct AgentOpts {
     /// namespace this way).
     #[arg(long, env = "WEFT_NETNS")]
     pub netns: Option<PathBuf>,
+    /// Read resources from the Kubernetes API (in-cluster config or KUBECONFIG) instead of
+    /// `--manifests`.
+    #[arg(long, env = "WEFT_KUBE", conflicts_with = "manifests")]
+    pub kube: bool,
+    /// Address of the agent's `/metrics`, `/healthz` and `/readyz` (none when absent).
+    #[arg(long, env = "WEFT_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Remove weft's conflist when the agent exits (Helm uninstall must not leave it behind:
+    /// a conflist without a running agent breaks every new pod). Re-written at start.
+    #[arg(long, env = "WEFT_CLEANUP_CONFIG_ON_EXIT")]
+    pub cleanup_config_on_exit: bool,
+}
+
+/// Controller flags.
+#[derive(Debug, Args, Clone)]
+pub struct ControllerOpts {
+    /// Address of `/metrics`, `/healthz` and `/readyz`.
+    #[arg(long, env = "WEFT_METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    pub metrics_addr: std::net::SocketAddr,
+    /// Namespace of the leader-election Lease (default: the pod's namespace).
+    #[arg(long, env = "WEFT_LEASE_NAMESPACE", default_value = "weft-system")]
+    pub lease_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "WEFT_LEASE_NAME", default_value = "weft-controller")]
+    pub lease_name: String,
+    /// This replica's identity in the Lease (default: the pod name / hostname).
+    #[arg(long, env = "POD_NAME", default_value_t = default_hostname())]
+    pub identity: String,
 }
 
 /// Lab flags.
@@ -143,7 +174,7 @@ pub fn init_tracing(cli: &Cli) {
     let filter = EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| {
         EnvFilter::new(match cli.command {
             Command::Lab(_) => "warn",
-            Command::Agent(_) => "info",
+            Command::Agent(_) | Command::Controller(_) => "info",
         })
     });
     use std::io::IsTerminal;
@@ -235,6 +266,14 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
         },
+        Command::Controller(opts) => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(crate::controller::run(opts))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Lab(args) => match args.action {
             Some(LabAction::Down { file, name }) => {
                 crate::lab::down(&file, name.as_deref())?;

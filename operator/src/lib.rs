@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod controller;
 pub mod lab;
 
 /// Renders an error and its sources as `a: b: c`.

@@ -89,17 +89,21 @@ pub fn compute(
     if !nodes.contains(&cfg.node.name) {
         nodes.push(cfg.node.name.clone());
     }
-    for net in &res.networks {
-        let name = net.metadata.name.clone().unwrap_or_default();
-        match plan::standalone_blocks(net, &nodes, &cfg.node.name) {
-            Ok(b) => {
-                blocks.insert(name, b);
+    if let Some(assigned) = &res.node_blocks {
+        blocks = assigned.clone();
+    } else {
+        for net in &res.networks {
+            let name = net.metadata.name.clone().unwrap_or_default();
+            match plan::standalone_blocks(net, &nodes, &cfg.node.name) {
+                Ok(b) => {
+                    blocks.insert(name, b);
+                }
+                Err(message) => block_problems.push(plan::Problem {
+                    kind: "Network",
+                    object: name,
+                    message,
+                }),
             }
-            Err(message) => block_problems.push(plan::Problem {
-                kind: "Network",
-                object: name,
-                message,
-            }),
         }
     }
     let mut out = plan::plan(&cfg.node, res, &blocks, &endpoints.list());
@@ -209,6 +213,7 @@ impl Reconciler {
                 Err(msg)
             }
         };
+        self.source.report(&self.status);
         if let Err(e) = state::write_json(&self.cfg.state_dir.join("status.json"), &self.status) {
             warn!(error = %crate::error_chain(&e), "cannot write status");
         }

@@ -5,6 +5,7 @@
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use super::plan::NodeBlocks;
 use weft_crds::{Network, PortForward};
 
 /// A workload's identity and labels (a Pod; for KubeVirt, the virt-launcher pod).
@@ -29,6 +30,9 @@ pub struct Resources {
     pub workloads: Vec<WorkloadMeta>,
     /// Documents that could not be read, with the reason (reported, never fatal).
     pub problems: Vec<String>,
+    /// This node's address blocks per network, when the source knows them (cluster mode: the
+    /// controller's `NodeNetwork`). `None`: the agent assigns blocks itself (standalone).
+    pub node_blocks: Option<BTreeMap<String, NodeBlocks>>,
 }
 
 /// Errors of a source.
@@ -51,6 +55,9 @@ pub trait ResourceSource: Send {
     fn snapshot(&mut self) -> Result<Resources, SourceError>;
     /// A fingerprint that changes whenever the resources may have changed (cheap to compute).
     fn fingerprint(&mut self) -> Result<u64, SourceError>;
+    /// Reports what the agent realized after a reconcile (cluster mode writes it to the node's
+    /// `NodeNetwork` status). The standalone source has nowhere to write it.
+    fn report(&mut self, _status: &super::AgentStatus) {}
 }
 
 /// Reads `*.yaml`, `*.yml` and `*.json` files (multi-document YAML allowed) from a directory.
