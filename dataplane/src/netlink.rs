@@ -538,9 +538,11 @@ impl Netlink {
     /// Sends one request and collects the kernel's answer.
     ///
     /// `flags` are the `NLM_F_*` request flags beyond `NLM_F_REQUEST` (always set) and
-    /// `NLM_F_ACK` (set unless `flags` asks for a dump): e.g. `NLM_F_DUMP`, or
-    /// `NLM_F_CREATE | NLM_F_EXCL`. Returns the data messages (the dump, or the reply of a
-    /// get); an empty vector for a plain ACK. A kernel refusal is [`NetlinkError::Kernel`].
+    /// `NLM_F_ACK` (set unless the request is a dump: a get with `NLM_F_DUMP`): e.g.
+    /// `NLM_F_DUMP`, or `NLM_F_CREATE | NLM_F_EXCL`. Returns the data messages (the dump, or
+    /// the reply of a get); an empty vector for a plain ACK. A kernel refusal is
+    /// [`NetlinkError::Kernel`]. A dump the kernel flags as inconsistent (`NLM_F_DUMP_INTR`)
+    /// is retried a few times.
     pub fn request(
         &mut self,
         msg: RouteNetlinkMessage,
@@ -569,7 +571,9 @@ impl Netlink {
         msg: RouteNetlinkMessage,
         flags: u16,
     ) -> Result<Vec<RouteNetlinkMessage>, Failure> {
-        let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
+        // Like the kernel: a get (`RTM_GET*`, kind 2 of 4) with NLM_F_ROOT or NLM_F_MATCH is a
+        // dump. The same bits mean REPLACE/EXCL on a new or delete request.
+        let dump = msg.message_type() & 3 == 2 && flags & NLM_F_DUMP != 0;
         let mut attempt = 0;
         loop {
             attempt += 1;

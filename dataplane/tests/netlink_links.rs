@@ -251,3 +251,32 @@ fn opening_a_socket_in_a_deleted_netns_reports_it_gone() {
     let err = weft_dataplane::netns::Netns::open(&path).unwrap_err();
     assert!(err.is_gone(), "{err}");
 }
+
+#[test]
+fn generic_requests_report_the_kernels_extended_ack_text() {
+    use netlink_packet_core::{NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL};
+    use netlink_packet_route::RouteNetlinkMessage;
+    use netlink_packet_route::link::InfoKind;
+    use rtnetlink::{LinkMessageBuilder, LinkUnspec};
+
+    let _ns = isolate();
+    let mut nl = Netlink::new().unwrap();
+    let msg = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Other(
+        "weft-no-such".into(),
+    ))
+    .name("wx0")
+    .build();
+    let err = nl
+        .request(RouteNetlinkMessage::NewLink(msg), NLM_F_CREATE | NLM_F_EXCL)
+        .unwrap_err();
+    assert_eq!(err.errno(), Some(libc::EOPNOTSUPP), "{err}");
+    assert!(err.to_string().contains("Unknown device type"), "{err}");
+
+    let dump = nl
+        .request(
+            RouteNetlinkMessage::GetLink(LinkMessageBuilder::<LinkUnspec>::new().build()),
+            NLM_F_DUMP,
+        )
+        .unwrap();
+    assert_eq!(dump.len(), 1, "only lo");
+}

@@ -144,6 +144,9 @@ struct Reconciler {
     status: AgentStatus,
     last_problems: Vec<String>,
     networks: Vec<String>,
+    /// The plan last applied successfully: a registration that does not change the plan needs
+    /// no kernel work (drift is repaired by the periodic resync, which always applies).
+    last_applied: Option<dplan::NodePlan>,
 }
 
 impl Reconciler {
@@ -158,11 +161,19 @@ impl Reconciler {
             }
             self.last_problems = problems.clone();
         }
-        let plan = out.plan.clone();
-        let state_dir = self.cfg.state_dir.clone();
-        let result = tokio::task::spawn_blocking(move || apply_blocking(&plan, &state_dir))
-            .await
-            .map_err(|e| format!("apply task failed: {e}"))?;
+        let result = if reason == "endpoints" && self.last_applied.as_ref() == Some(&out.plan) {
+            Ok(ApplyReport::default())
+        } else {
+            let plan = out.plan.clone();
+            let state_dir = self.cfg.state_dir.clone();
+            tokio::task::spawn_blocking(move || apply_blocking(&plan, &state_dir))
+                .await
+                .map_err(|e| format!("apply task failed: {e}"))?
+        };
+        self.last_applied = match &result {
+            Ok(_) => Some(out.plan.clone()),
+            Err(_) => None,
+        };
         self.status.generation += 1;
         self.status.node = self.cfg.node.name.clone();
         self.status.bridges = out.plan.bridges.iter().map(|b| b.name.clone()).collect();
@@ -295,6 +306,7 @@ pub async fn run(cfg: AgentConfig, source: Box<dyn ResourceSource>) -> anyhow::R
         status: AgentStatus::default(),
         last_problems: Vec::new(),
         networks: Vec::new(),
+        last_applied: None,
     };
     info!(node = %cfg.node.name, socket = %cfg.socket.display(), endpoints = rec.endpoints.len(), "weft agent starting");
     let mut fingerprint = rec.source.fingerprint().ok();

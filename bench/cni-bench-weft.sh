@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# cni-bench-weft.sh — the same ADD/DEL harness as cni-bench.sh, for weft.
+#
+# usage: bench/cni-bench-weft.sh [cni-bench options: -n N -c C --runs R --modes seq,conc --json F]
+#
+# Builds nothing: run `cargo build --release -p weft-cni -p weft-operator` first (or set
+# WEFT_BIN_DIR to the directory holding `weft` and `weft-operator`).
+# A throw-away "node" namespace gets a running weft agent (from a manifests dir holding one NAT
+# Network, 10.89.0.0/16 with a /16 node block), whose conflist is then driven by lib/cni_bench.py
+# inside that namespace exactly like the reference plugins: a fresh `ip netns add` per pod, ADDs
+# then DELs, sequential and concurrent, with leak checks. Everything is removed on exit.
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/.." && pwd)"
+BIN="${WEFT_BIN_DIR:-$ROOT/target/release}"
+[ "$(id -u)" = 0 ] || { echo "must run as root" >&2; exit 2; }
+for b in weft weft-operator; do
+  [ -x "$BIN/$b" ] || { echo "$BIN/$b missing: cargo build --release -p weft-cni -p weft-operator" >&2; exit 2; }
+done
+
+PREFIX="wfb$$-"
+NODE_NS="${PREFIX}node"
+TMP="$(mktemp -d /tmp/weft-bench.XXXXXX)"
+AGENT_PID=""
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  if [ -n "$AGENT_PID" ]; then kill "$AGENT_PID" 2>/dev/null || true; wait "$AGENT_PID" 2>/dev/null || true; fi
+  for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep "^${PREFIX}" || true); do
+    ip netns del "$ns" 2>/dev/null || true
+  done
+  rm -rf "$TMP"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+ip netns add "$NODE_NS"
+ip -n "$NODE_NS" link set lo up
+mkdir -p "$TMP/manifests"
+cat > "$TMP/manifests/bench.yaml" <<'YAML'
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: bench}
+spec:
+  mode: NAT
+  subnets: [10.89.0.0/16]
+  ipam: {nodeBlockPrefix: 16}
+YAML
+WEFT_LOG=warn "$BIN/weft-operator" agent --netns "/run/netns/$NODE_NS" --node-name bench \
+  --manifests "$TMP/manifests" --state-dir "$TMP/state" --socket "$TMP/agent.sock" \
+  --cni-bin-dir "$TMP/bin" --cni-conf-dir "$TMP/conf" --cni-binary "$BIN/weft" \
+  >"$TMP/agent.log" 2>&1 &
+AGENT_PID=$!
+for _ in $(seq 1 200); do
+  [ -f "$TMP/conf/10-weft.conflist" ] && [ -f "$TMP/state/node.json" ] && break
+  sleep 0.05
+done
+[ -f "$TMP/conf/10-weft.conflist" ] || { cat "$TMP/agent.log" >&2; echo "agent did not start" >&2; exit 1; }
+python3 - "$TMP/conf/10-weft.conflist" "$TMP/bench.conflist" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1]))
+c["plugins"][0]["network"] = "bench"
+c["name"] = "weft-bench"
+json.dump(c, open(sys.argv[2], "w"))
+PY
+echo "weft agent up in $NODE_NS; binary $(stat -c %s "$BIN/weft") bytes" >&2
+ip netns exec "$NODE_NS" python3 "$HERE/lib/cni_bench.py" --prefix "${PREFIX}p" \
+  --ipam-dir "$TMP/ipam" --cni-path "$TMP/bin" "$@" "$TMP/bench.conflist"
