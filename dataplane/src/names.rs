@@ -124,15 +124,16 @@ pub fn format_mac(mac: [u8; 6]) -> String {
         .join(":")
 }
 
-/// Parses `aa:bb:cc:dd:ee:ff` (or with dashes).
+/// Parses `aa:bb:cc:dd:ee:ff` (or with dashes, not mixed), case-insensitive.
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let parts: Vec<&str> = s.split([':', '-']).collect();
+    let sep = if s.contains('-') { '-' } else { ':' };
+    let parts: Vec<&str> = s.split(sep).collect();
     if parts.len() != 6 {
         return None;
     }
     let mut mac = [0u8; 6];
     for (i, p) in parts.iter().enumerate() {
-        if p.len() != 2 {
+        if p.len() != 2 || !p.chars().all(|c| c.is_ascii_hexdigit()) {
             return None;
         }
         mac[i] = u8::from_str_radix(p, 16).ok()?;

@@ -308,31 +308,7 @@ pub struct VethSpec<'a> {
     pub mtu: Option<u32>,
 }
 
-/// Parses `aa:bb:cc:dd:ee:ff` (or with `-`), case-insensitive.
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut out = [0u8; 6];
-    let sep = if s.contains('-') { '-' } else { ':' };
-    let mut parts = s.split(sep);
-    for byte in &mut out {
-        let p = parts.next()?;
-        if p.len() != 2 || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return None;
-        }
-        *byte = u8::from_str_radix(p, 16).ok()?;
-    }
-    if parts.next().is_some() {
-        return None;
-    }
-    Some(out)
-}
-
-/// Formats a MAC as lowercase `aa:bb:cc:dd:ee:ff`.
-pub fn format_mac(mac: [u8; 6]) -> String {
-    format!(
-        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]
-    )
-}
+pub use crate::names::{format_mac, parse_mac};
 
 /// Why `name` cannot be an interface name, if it cannot.
 fn bad_ifname(name: &str) -> Option<String> {

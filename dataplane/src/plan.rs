@@ -554,3 +554,165 @@ impl Sysctls for FakeSysctls {
         Ok(old.as_deref() != Some(value))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nft::{Change, FakeFirewall, Family, Set};
+
+    fn table(elements: &[&str], rule: &str) -> Table {
+        Table {
+            family: Family::Inet,
+            name: "weft".into(),
+            comment: None,
+            sets: vec![Set {
+                name: "nets4".into(),
+                key_type: "ipv4_addr".into(),
+                flags: vec!["interval".into()],
+                elements: elements.iter().map(|e| e.to_string()).collect(),
+            }],
+            maps: vec![],
+            chains: vec![crate::nft::Chain {
+                name: "forward".into(),
+                base: None,
+                rules: vec![rule.into()],
+            }],
+        }
+    }
+
+    fn plan(elements: &[&str], rule: &str, bridges: &[&str]) -> NodePlan {
+        NodePlan {
+            node: "n".into(),
+            bridges: bridges
+                .iter()
+                .map(|b| BridgePlan {
+                    network: b.to_string(),
+                    name: format!("wn-{b}"),
+                    mtu: 1500,
+                    mac: names::bridge_mac(b),
+                    addresses: vec!["10.0.0.1/24".parse().unwrap()],
+                })
+                .collect(),
+            sysctls: vec![SysctlPlan {
+                key: "net.ipv4.ip_forward".into(),
+                value: "1".into(),
+            }],
+            firewall: table(elements, rule),
+            networks: vec![],
+        }
+    }
+
+    struct Node {
+        links: FakeLinks,
+        fw: FakeFirewall,
+        sysctls: FakeSysctls,
+        dir: tempfile::TempDir,
+    }
+
+    impl Node {
+        fn new() -> Self {
+            Node {
+                links: FakeLinks::default(),
+                fw: FakeFirewall::new(),
+                sysctls: FakeSysctls::default(),
+                dir: tempfile::tempdir().unwrap(),
+            }
+        }
+        fn apply(&mut self, p: &NodePlan) -> ApplyReport {
+            apply(
+                p,
+                &mut self.links,
+                &mut self.fw,
+                &mut self.sysctls,
+                self.dir.path(),
+            )
+            .unwrap()
+        }
+    }
+
+    #[test]
+    fn second_apply_of_the_same_plan_changes_nothing() {
+        let mut node = Node::new();
+        let p = plan(&["10.0.0.0/24"], "accept", &["a"]);
+        assert!(!node.apply(&p).is_noop());
+        let calls = node.links.calls.len();
+        let txs = node.fw.applied.len();
+        assert!(node.apply(&p).is_noop());
+        assert_eq!(node.links.calls.len(), calls, "no link churn");
+        assert_eq!(node.fw.applied.len(), txs, "no nftables transaction");
+    }
+
+    #[test]
+    fn element_changes_are_element_transactions_and_rule_changes_replace() {
+        let mut node = Node::new();
+        node.apply(&plan(&["10.0.0.0/24"], "accept", &[]));
+        node.apply(&plan(&["10.0.0.0/24", "10.1.0.0/24"], "accept", &[]));
+        let last = node.fw.applied.last().unwrap();
+        assert!(
+            matches!(last.0.as_slice(), [Change::AddElements { .. }]),
+            "{last:?}"
+        );
+        node.apply(&plan(&["10.1.0.0/24"], "drop", &[]));
+        let last = node.fw.applied.last().unwrap();
+        assert!(
+            matches!(last.0.as_slice(), [Change::ReplaceTable(_)]),
+            "{last:?}"
+        );
+    }
+
+    #[test]
+    fn bridges_of_removed_networks_are_deleted_and_foreign_links_refused() {
+        let mut node = Node::new();
+        node.apply(&plan(&[], "accept", &["a", "b"]));
+        assert_eq!(node.links.links.len(), 2);
+        let r = node.apply(&plan(&[], "accept", &["a"]));
+        assert!(
+            r.changes.iter().any(|c| c.contains("deleted bridge wn-b")),
+            "{r:?}"
+        );
+        assert_eq!(node.links.links.len(), 1);
+        // A link named like weft's bridge but without weft's alias is never adopted.
+        node.links.links.push(LinkView {
+            index: 7,
+            name: "wn-c".into(),
+            kind: Some("bridge".into()),
+            mac: None,
+            mtu: 1500,
+            up: true,
+            alias: None,
+        });
+        let err = apply(
+            &plan(&[], "accept", &["c"]),
+            &mut node.links,
+            &mut node.fw,
+            &mut node.sysctls,
+            node.dir.path(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, ApplyError::ForeignLink { .. }), "{err}");
+    }
+
+    #[test]
+    fn cleanup_removes_weft_links_table_and_state_only() {
+        let mut node = Node::new();
+        node.apply(&plan(&["10.0.0.0/24"], "accept", &["a"]));
+        node.links.links.push(LinkView {
+            index: 9,
+            name: "eth0".into(),
+            kind: None,
+            mac: None,
+            mtu: 1500,
+            up: true,
+            alias: None,
+        });
+        let r = cleanup(&mut node.links, &mut node.fw, node.dir.path()).unwrap();
+        assert!(!r.is_noop());
+        assert_eq!(node.links.links.len(), 1, "eth0 is not weft's");
+        assert!(node.fw.table(Family::Inet, "weft").is_none());
+        assert!(
+            cleanup(&mut node.links, &mut node.fw, node.dir.path())
+                .unwrap()
+                .is_noop()
+        );
+    }
+}

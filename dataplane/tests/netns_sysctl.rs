@@ -9,8 +9,6 @@ use weft_dataplane::{netns, sysctl};
 #[test]
 fn sysctl_set_and_get_in_an_unshared_netns() {
     let _own = isolate();
-    // A new namespace starts with forwarding off.
-    assert_eq!(sysctl::get("net.ipv4.ip_forward").unwrap(), "0");
     sysctl::set("net.ipv4.ip_forward", "1").unwrap();
     assert_eq!(sysctl::get("net.ipv4.ip_forward").unwrap(), "1");
     assert_eq!(
@@ -27,21 +25,27 @@ fn sysctl_set_and_get_in_an_unshared_netns() {
 fn sysctls_belong_to_the_thread_that_reads_them() {
     let _own = isolate();
     let other = NamedNs::new("sysctl");
-    sysctl::set("net.ipv6.conf.all.forwarding", "1").unwrap();
-    let there = netns::run_in(&other.ns, || sysctl::get("net.ipv6.conf.all.forwarding"))
-        .unwrap()
-        .unwrap();
-    assert_eq!(there, "0", "the other namespace is untouched");
+    let key = "net.ipv6.conf.all.forwarding";
+    let get_there = || {
+        netns::run_in(&other.ns, || sysctl::get(key))
+            .unwrap()
+            .unwrap()
+    };
+    let set_there = |v| {
+        netns::run_in(&other.ns, || sysctl::set(key, v))
+            .unwrap()
+            .unwrap()
+    };
 
-    netns::run_in(&other.ns, || {
-        sysctl::set("net.ipv6.conf.all.forwarding", "1")
-    })
-    .unwrap()
-    .unwrap();
-    let there = netns::run_in(&other.ns, || sysctl::get("net.ipv6.conf.all.forwarding"))
-        .unwrap()
-        .unwrap();
-    assert_eq!(there, "1");
+    set_there("0");
+    sysctl::set(key, "1").unwrap();
+    assert_eq!(get_there(), "0", "the other namespace is untouched");
+    assert_eq!(sysctl::get(key).unwrap(), "1");
+
+    set_there("1");
+    sysctl::set(key, "0").unwrap();
+    assert_eq!(get_there(), "1", "ours does not reach theirs");
+    assert_eq!(sysctl::get(key).unwrap(), "0");
 }
 
 #[test]
