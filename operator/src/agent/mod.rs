@@ -147,11 +147,21 @@ struct Reconciler {
     /// The plan last applied successfully: a registration that does not change the plan needs
     /// no kernel work (drift is repaired by the periodic resync, which always applies).
     last_applied: Option<dplan::NodePlan>,
+    /// The last snapshot of the source.
+    resources: Option<source::Resources>,
 }
 
 impl Reconciler {
     async fn reconcile(&mut self, reason: &str) -> Result<(), String> {
-        let res = self.source.snapshot().map_err(|e| format!("{e}"))?;
+        // A registration changes endpoints, not resources: reuse the last snapshot.
+        let res = match (&self.resources, reason) {
+            (Some(r), "endpoints") => r.clone(),
+            _ => {
+                let r = self.source.snapshot().map_err(|e| format!("{e}"))?;
+                self.resources = Some(r.clone());
+                r
+            }
+        };
         let out = compute(&self.cfg, &res, &self.endpoints);
         let mut problems: Vec<String> = res.problems.clone();
         problems.extend(out.problems.iter().map(|p| p.to_string()));
@@ -225,7 +235,7 @@ impl Reconciler {
             }
         };
         self.source.report(&self.status);
-        if let Err(e) = state::write_json(&self.cfg.state_dir.join("status.json"), &self.status) {
+        if let Err(e) = state::write_json_unsynced(&self.cfg.state_dir.join("status.json"), &self.status) {
             warn!(error = %crate::error_chain(&e), "cannot write status");
         }
         outcome
@@ -307,6 +317,7 @@ pub async fn run(cfg: AgentConfig, source: Box<dyn ResourceSource>) -> anyhow::R
         last_problems: Vec::new(),
         networks: Vec::new(),
         last_applied: None,
+        resources: None,
     };
     info!(node = %cfg.node.name, socket = %cfg.socket.display(), endpoints = rec.endpoints.len(), "weft agent starting");
     let mut fingerprint = rec.source.fingerprint().ok();
