@@ -68,17 +68,7 @@ impl CniError {
     }
 }
 
-/// Renders an error and its sources as `a: b: c`.
-pub fn chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        cur = e.source();
-    }
-    out
-}
+pub use weft_dataplane::error_chain as chain;
 
 impl From<weft_dataplane::ipam::IpamError> for CniError {
     fn from(e: weft_dataplane::ipam::IpamError) -> Self {

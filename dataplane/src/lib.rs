@@ -14,3 +14,16 @@ pub mod proto;
 pub mod state;
 pub mod sysctl;
 pub mod tap;
+
+/// Renders an error and its sources as `a: b: c` (messages never repeat their source, so the
+/// chain reads once).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        cur = e.source();
+    }
+    out
+}

@@ -7,7 +7,7 @@
 //! touched and no nftables transaction is sent.
 
 use crate::names;
-use crate::netlink::{Netlink, NetlinkError};
+use crate::netlink::{LinkInfo, Netlink, NetlinkError};
 use crate::nft::{self, Firewall, Table};
 use crate::state::{self, NetworkState};
 use ipnet::IpNet;
@@ -92,29 +92,10 @@ pub enum ApplyError {
     State(#[source] state::StateError),
 }
 
-/// What a link looks like to [`apply`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LinkView {
-    /// Index.
-    pub index: u32,
-    /// Name.
-    pub name: String,
-    /// Kind (`bridge`, `veth`, `tun`, …).
-    pub kind: Option<String>,
-    /// MAC.
-    pub mac: Option<[u8; 6]>,
-    /// MTU.
-    pub mtu: u32,
-    /// Administratively up.
-    pub up: bool,
-    /// Alias (weft marks its links with `weft:`).
-    pub alias: Option<String>,
-}
-
 /// The link operations [`apply`] needs (real: [`Netlink`]; fake: `FakeLinks` in tests).
 pub trait Links {
     /// All links of the namespace.
-    fn list(&mut self) -> Result<Vec<LinkView>, ApplyError>;
+    fn list(&mut self) -> Result<Vec<LinkInfo>, ApplyError>;
     /// Creates a bridge, returns its index.
     fn create_bridge(
         &mut self,
@@ -145,20 +126,8 @@ fn link_err(op: impl Into<String>) -> impl FnOnce(NetlinkError) -> ApplyError {
 }
 
 impl Links for Netlink {
-    fn list(&mut self) -> Result<Vec<LinkView>, ApplyError> {
-        let links = self.links().map_err(link_err("list links"))?;
-        Ok(links
-            .into_iter()
-            .map(|l| LinkView {
-                index: l.index,
-                name: l.name,
-                kind: l.kind,
-                mac: l.mac,
-                mtu: l.mtu,
-                up: l.up,
-                alias: l.alias,
-            })
-            .collect())
+    fn list(&mut self) -> Result<Vec<LinkInfo>, ApplyError> {
+        self.links().map_err(link_err("list links"))
     }
     fn create_bridge(
         &mut self,
@@ -453,7 +422,7 @@ pub fn cleanup(
 #[derive(Debug, Default)]
 pub struct FakeLinks {
     /// Current links.
-    pub links: Vec<LinkView>,
+    pub links: Vec<LinkInfo>,
     /// Addresses per link index.
     pub addrs: std::collections::BTreeMap<u32, BTreeSet<IpNet>>,
     /// Mutating calls, in order.
@@ -463,7 +432,7 @@ pub struct FakeLinks {
 
 #[cfg(any(test, feature = "testing"))]
 impl Links for FakeLinks {
-    fn list(&mut self) -> Result<Vec<LinkView>, ApplyError> {
+    fn list(&mut self) -> Result<Vec<LinkInfo>, ApplyError> {
         Ok(self.links.clone())
     }
     fn create_bridge(
@@ -475,14 +444,16 @@ impl Links for FakeLinks {
     ) -> Result<u32, ApplyError> {
         self.next_index += 1;
         let index = self.next_index + 100;
-        self.links.push(LinkView {
+        self.links.push(LinkInfo {
             index,
             name: name.into(),
             kind: Some("bridge".into()),
             mac: Some(mac),
             mtu,
             up: false,
+            master: None,
             alias: Some(alias.into()),
+            netns_id: None,
         });
         self.calls.push(format!("create_bridge {name}"));
         Ok(index)
@@ -672,14 +643,16 @@ mod tests {
         );
         assert_eq!(node.links.links.len(), 1);
         // A link named like weft's bridge but without weft's alias is never adopted.
-        node.links.links.push(LinkView {
+        node.links.links.push(LinkInfo {
             index: 7,
             name: "wn-c".into(),
             kind: Some("bridge".into()),
             mac: None,
             mtu: 1500,
             up: true,
+            master: None,
             alias: None,
+            netns_id: None,
         });
         let err = apply(
             &plan(&[], "accept", &["c"]),
@@ -696,14 +669,16 @@ mod tests {
     fn cleanup_removes_weft_links_table_and_state_only() {
         let mut node = Node::new();
         node.apply(&plan(&["10.0.0.0/24"], "accept", &["a"]));
-        node.links.links.push(LinkView {
+        node.links.links.push(LinkInfo {
             index: 9,
             name: "eth0".into(),
             kind: None,
             mac: None,
             mtu: 1500,
             up: true,
+            master: None,
             alias: None,
+            netns_id: None,
         });
         let r = cleanup(&mut node.links, &mut node.fw, node.dir.path()).unwrap();
         assert!(!r.is_noop());
