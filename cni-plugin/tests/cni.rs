@@ -2,204 +2,21 @@
 //!
 //! Each test unshares its own network namespace (the "node") on its thread, creates its own
 //! bridge and named workload namespaces with unique names, and a stand-in agent on a socket in a
-//! temp dir. Nothing outside the test's namespaces is touched; named namespaces are removed by a
-//! guard even when the test fails.
+//! temp dir. Nothing outside the test's namespaces is touched.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::{Agent, Node, Out, env, host_link_exists, weft};
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::io::Write;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 use weft_dataplane::ipam::{Attachment, IpamStore};
 use weft_dataplane::names;
 use weft_dataplane::netlink::Netlink;
 use weft_dataplane::netns::{self, Netns};
-use weft_dataplane::state::{NetworkMode, NetworkState, NodeState};
-
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "this test needs root (CAP_NET_ADMIN) to create network namespaces; run the tests as root"
-    );
-}
-
-/// A node namespace for this test thread, a state dir, a bridge and a stand-in agent.
-struct Node {
-    dir: tempfile::TempDir,
-    namespaces: Vec<String>,
-    agent: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        for ns in &self.namespaces {
-            let _ = netns::delete_named(ns);
-        }
-    }
-}
-
-enum Agent {
-    Answers,
-    Silent,
-    None,
-}
-
-impl Node {
-    fn new(agent: Agent) -> Node {
-        require_root();
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
-        let dir = tempfile::tempdir().unwrap();
-        let mut nl = Netlink::new().unwrap();
-        if let Some(lo) = nl.link_by_name("lo").unwrap() {
-            nl.set_up(lo.index).unwrap();
-        }
-        let br = nl
-            .create_bridge("wn-test", Some(1500), None, Some("weft:net:test"))
-            .unwrap();
-        nl.set_up(br).unwrap();
-        nl.add_address(br, "10.77.0.1/16".parse().unwrap(), true)
-            .unwrap();
-        nl.add_address(br, "fd77::1/64".parse().unwrap(), true)
-            .unwrap();
-        NetworkState {
-            name: "test".into(),
-            mode: NetworkMode::Nat,
-            bridge: "wn-test".into(),
-            mtu: 1400,
-            subnet_v4: Some("10.77.0.0/16".parse().unwrap()),
-            subnet_v6: Some("fd77::/64".parse().unwrap()),
-            gateway_v4: Some("10.77.0.1".parse().unwrap()),
-            gateway_v6: Some("fd77::1".parse().unwrap()),
-            block_v4: Some("10.77.0.0/24".parse().unwrap()),
-            block_v6: Some("fd77::/120".parse().unwrap()),
-            exclude: vec!["10.77.0.2/32".parse().unwrap()],
-            anti_spoofing: true,
-        }
-        .write(dir.path())
-        .unwrap();
-        let socket = dir.path().join("agent.sock");
-        let handle = match agent {
-            Agent::None => None,
-            Agent::Answers | Agent::Silent => {
-                let listener = UnixListener::bind(&socket).unwrap();
-                let silent = matches!(agent, Agent::Silent);
-                Some(std::thread::spawn(move || {
-                    for s in listener.incoming() {
-                        let Ok(s) = s else { return };
-                        let mut line = String::new();
-                        let _ = BufReader::new(&s).read_line(&mut line);
-                        if silent {
-                            std::thread::sleep(Duration::from_secs(30));
-                            continue;
-                        }
-                        let _ = (&s).write_all(b"{\"ok\":true,\"ready\":true}\n");
-                    }
-                }))
-            }
-        };
-        if matches!(agent, Agent::Answers) {
-            NodeState {
-                node: "n".into(),
-                agent_socket: socket,
-                ready: true,
-                reconciled_at: 0,
-                version: "test".into(),
-            }
-            .write(dir.path())
-            .unwrap();
-        }
-        Node {
-            dir,
-            namespaces: Vec::new(),
-            agent: handle,
-        }
-    }
-
-    fn state_dir(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn workload(&mut self) -> (String, PathBuf) {
-        let name = format!(
-            "weft-cnitest-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        );
-        netns::create_named(&name).unwrap();
-        self.namespaces.push(name.clone());
-        (name.clone(), netns::named_path(&name))
-    }
-
-    fn conf(&self, version: &str) -> Value {
-        json!({
-            "cniVersion": version,
-            "name": "weft",
-            "type": "weft",
-            "network": "test",
-            "stateDir": self.state_dir(),
-            "agentSocket": self.state_dir().join("agent.sock"),
-            "agentTimeoutMs": 500,
-        })
-    }
-}
-
-struct Out {
-    ok: bool,
-    json: Value,
-    stderr: String,
-}
-
-fn weft(command: &str, conf: &Value, env: &[(&str, &str)]) -> Out {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_weft"))
-        .env_clear()
-        .env("CNI_COMMAND", command)
-        .envs(env.iter().copied())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(conf.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    Out {
-        ok: out.status.success(),
-        json: serde_json::from_str(&stdout).unwrap_or(Value::String(stdout)),
-        stderr: String::from_utf8_lossy(&out.stderr).to_string(),
-    }
-}
-
-fn env<'a>(cid: &'a str, netns: &'a str, ifname: &'a str) -> Vec<(&'a str, &'a str)> {
-    vec![
-        ("CNI_CONTAINERID", cid),
-        ("CNI_NETNS", netns),
-        ("CNI_IFNAME", ifname),
-        ("CNI_PATH", "/opt/cni/bin"),
-        (
-            "CNI_ARGS",
-            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=pod",
-        ),
-    ]
-}
-
-fn host_link_exists(cid: &str, ifname: &str) -> bool {
-    Netlink::new()
-        .unwrap()
-        .link_by_name(&names::host_veth_name(cid, ifname))
-        .unwrap()
-        .is_some()
-}
 
 #[test]
 fn version_lists_1_1_0() {
