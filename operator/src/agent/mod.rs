@@ -194,7 +194,12 @@ impl Reconciler {
         let outcome = match result {
             Ok(report) => {
                 if !report.is_noop() {
-                    info!(reason, changes = ?report.changes, "applied node plan");
+                    if reason == "resync" {
+                        // Nothing in the resources changed: someone changed the kernel under us.
+                        warn!(changes = ?report.changes, "repaired drift: weft's links or rules had been changed by hand");
+                    } else {
+                        info!(reason, changes = ?report.changes, "applied node plan");
+                    }
                 }
                 self.status.last_error = None;
                 self.status.last_changes = report.changes;
