@@ -126,3 +126,31 @@ pub fn install_panic_hook() {
         reply::print_raw(&reply::error_json(conf::CURRENT_VERSION, &e));
     }));
 }
+
+/// Runs the environment and configuration parsers on arbitrary input (the fuzz target and its
+/// corpus regression test use it). Returns the error code, or 0 when the input parsed.
+pub fn fuzz_parse(cni_args: &str, stdin: &[u8]) -> u32 {
+    let args = cni_args.to_string();
+    let get = move |k: &str| match k {
+        "CNI_ARGS" => Some(args.clone()),
+        "CNI_CONTAINERID" => Some("fuzz".to_string()),
+        "CNI_IFNAME" => Some("eth0".to_string()),
+        "CNI_NETNS" => Some("/run/netns/fuzz".to_string()),
+        _ => None,
+    };
+    let env = match conf::env_from(&get) {
+        Ok(e) => e,
+        Err(e) => return e.code,
+    };
+    match conf::parse_conf(stdin, &env) {
+        Ok(c) => {
+            if let Some(prev) = &c.prev_result {
+                let _ = serde_json::from_value::<reply::CniResult>(prev.clone());
+            }
+            let _ = env.container_id();
+            let _ = env.ifname();
+            0
+        }
+        Err(e) => e.code,
+    }
+}

@@ -297,6 +297,15 @@ impl LabFile {
     }
 }
 
+/// Parses and checks a lab file's text (the fuzz target and its corpus regression test use it):
+/// returns whether it was accepted. Never panics.
+pub fn fuzz_parse(text: &str) -> bool {
+    match serde_saphyr::from_str::<LabFile>(text) {
+        Ok(lab) => lab.check().is_ok(),
+        Err(_) => false,
+    }
+}
+
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 20
