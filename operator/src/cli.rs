@@ -33,7 +33,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the node agent (or `agent cleanup` to remove everything weft created on the node).
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Run the cluster controller: validates resources, allocates per-node address blocks into
     /// `NodeNetwork`s, writes status (one active replica, through a Lease).
     Controller(ControllerOpts),

@@ -190,8 +190,8 @@ impl Lab {
 
     fn open_ns(&self, role: &str, name: &str) -> anyhow::Result<Netns> {
         let ns_name = self.ns_name(role, name);
-        Ok(Netns::open(&netns::named_path(&ns_name))
-            .with_context(|| format!("opening network namespace {ns_name}"))?)
+        Netns::open(netns::named_path(&ns_name))
+            .with_context(|| format!("opening network namespace {ns_name}"))
     }
 
     /// The LAN namespace (the outside host lives on its bridge).
