@@ -13,7 +13,10 @@ fn the_cni_conf_fuzz_corpus_never_panics_and_valid_seeds_parse() {
         let split = data.iter().position(|b| *b == b'\n').unwrap_or(data.len());
         let args = String::from_utf8_lossy(&data[..split]);
         let code = weft_cni::fuzz_parse(&args, data.get(split + 1..).unwrap_or_default());
-        let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
         if ["add.txt", "check.txt", "gc.txt"].contains(&name.as_str()) {
             assert_eq!(code, 0, "{name} must parse");
         } else if name == "bad-json.txt" {

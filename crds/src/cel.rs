@@ -222,6 +222,18 @@ pub const PORT_RANGE_ORDERED: CelRule = CelRule {
 /// Where each rule is attached: the schema location (from `openAPIV3Schema`, `[]` for list
 /// items) in the CRD named, and the rule. Used by the tests of the generated schema.
 pub const ATTACHED: &[(&str, &str, &CelRule)] = &[
+    ("nodenetworks.weft.dev", "spec.blocks[].ipv4", &CIDR_VALID),
+    (
+        "nodenetworks.weft.dev",
+        "spec.blocks[].ipv4",
+        &CIDR_CANONICAL,
+    ),
+    ("nodenetworks.weft.dev", "spec.blocks[].ipv6", &CIDR_VALID),
+    (
+        "nodenetworks.weft.dev",
+        "spec.blocks[].ipv6",
+        &CIDR_CANONICAL,
+    ),
     (
         "networks.weft.dev",
         "spec",

@@ -6,6 +6,8 @@
 //!   ([`NetworkSpec::subnet_v4`], [`NetworkSpec::gateway_v4`], [`NetworkSpec::block_prefix_v4`], ...).
 //! - [`PortForward`] (namespaced, `wpf`): node ports forwarded to a workload on a NAT network;
 //!   [`PortForwardSpec::forward_ports`] expands its ports.
+//! - [`NodeNetwork`] (cluster-scoped, `wnn`, one per node, named after it): the address blocks
+//!   the controller assigned to the node (spec) and what the node agent realized (status).
 //!
 //! The apiserver checks the CRD schema and its CEL rules ([`cel`]). Components that read YAML
 //! without an apiserver (the standalone agent, `weft lab`) call [`NetworkSpec::validate`] and
@@ -21,6 +23,7 @@ pub mod cel;
 pub mod cidr;
 pub mod constants;
 pub mod network;
+pub mod nodenetwork;
 pub mod portforward;
 pub mod selector;
 pub mod validate;
@@ -30,6 +33,9 @@ pub use constants::{GROUP, VERSION};
 pub use network::{
     Action, BridgeSpec, IpamSpec, NatSpec, Network, NetworkMode, NetworkSpec, NetworkStatus,
     NodeBlock, SecuritySpec,
+};
+pub use nodenetwork::{
+    NODE_NETWORK_KIND, NodeNetwork, NodeNetworkBlock, NodeNetworkSpec, NodeNetworkStatus,
 };
 pub use portforward::{
     ForwardPort, ForwardedPort, PortForward, PortForwardSpec, PortForwardStatus, PortForwardTarget,
@@ -43,7 +49,7 @@ use kube::CustomResourceExt;
 
 /// The CRDs of every resource in this crate, in a stable order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![Network::crd(), PortForward::crd()]
+    vec![Network::crd(), PortForward::crd(), NodeNetwork::crd()]
 }
 
 /// The first line of every generated CRD file.
@@ -137,11 +143,15 @@ mod tests {
         let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(
             names,
-            ["networks.weft.dev.yaml", "portforwards.weft.dev.yaml"]
+            [
+                "networks.weft.dev.yaml",
+                "portforwards.weft.dev.yaml",
+                "nodenetworks.weft.dev.yaml"
+            ]
         );
         assert!(files.iter().all(|(_, y)| y.starts_with(GENERATED_HEADER)));
         let all = all_crds_yaml().unwrap();
         let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&all).unwrap();
-        assert_eq!(docs.len(), 2);
+        assert_eq!(docs.len(), 3);
     }
 }

@@ -240,7 +240,9 @@ impl Reconciler {
             }
         };
         self.source.report(&self.status);
-        if let Err(e) = state::write_json_unsynced(&self.cfg.state_dir.join("status.json"), &self.status) {
+        if let Err(e) =
+            state::write_json_unsynced(&self.cfg.state_dir.join("status.json"), &self.status)
+        {
             warn!(error = %crate::error_chain(&e), "cannot write status");
         }
         outcome

@@ -2,10 +2,10 @@
 //! `kubectl apply` takes from a directory and re-reads them when they change; the Kubernetes API
 //! source plugs in behind the same trait.
 
+use super::plan::NodeBlocks;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use super::plan::NodeBlocks;
 use weft_crds::{Network, PortForward};
 
 /// A workload's identity and labels (a Pod; for KubeVirt, the virt-launcher pod).

@@ -1,12 +1,337 @@
 //! The cluster controller (`weft-operator controller`).
+//!
+//! Two kube-runtime controllers share one [`Context`]:
+//! - [`network`]: validates Networks, allocates per-node blocks ([`allocator`]) into the
+//!   `NodeNetwork` of every node (server-side apply), writes Network status, and holds the
+//!   `weft.dev/cleanup` finalizer until no agent realizes a deleted Network any more;
+//! - [`portforward`]: validates PortForwards ([`validate`]) and writes their status.
+//!
+//! Every reconcile runs observe (reflector stores) → decide (pure: [`validate`],
+//! [`allocator`]) → act (server-side apply with field manager [`FIELD_MANAGER`], Events).
+//! Every replica computes; only the holder of the Lease ([`leader`]) acts.
+
+pub mod allocator;
+pub mod error;
+pub mod leader;
+pub mod metrics;
+pub mod network;
+pub mod portforward;
+pub mod status;
+pub mod validate;
+
+pub use error::Error;
+pub use leader::Leadership;
+pub use metrics::Metrics;
 
 use crate::cli::ControllerOpts;
+use futures::{FutureExt, StreamExt, channel::mpsc};
+use k8s_openapi::api::core::v1::Node;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{Controller, WatchStreamExt, controller::Action, watcher};
+use kube::{Api, Client, Resource};
+use prometheus_client::registry::Registry;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tracing::{info, warn};
+use weft_crds::{Network, NodeNetwork, NodeNetworkSpec, PortForward};
 
-/// Runs the controller until SIGTERM.
-pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
-    anyhow::bail!(
-        "the controller is not available in this build (lease {}/{})",
-        opts.lease_namespace,
-        opts.lease_name
+/// The field manager of every server-side apply of the controller.
+pub const FIELD_MANAGER: &str = "weft-controller";
+/// The finalizer the controller puts on Networks.
+pub const FINALIZER: &str = "weft.dev/cleanup";
+/// Longest requeue delay after transient errors.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// The reflector stores the controller observes.
+#[derive(Clone)]
+pub struct Stores {
+    /// All Networks.
+    pub networks: Store<Network>,
+    /// All Nodes.
+    pub nodes: Store<Node>,
+    /// All NodeNetworks.
+    pub node_networks: Store<NodeNetwork>,
+    /// All PortForwards.
+    pub port_forwards: Store<PortForward>,
+}
+
+/// Shared state of the reconcilers.
+pub struct Context {
+    /// The API client (used only by the act steps).
+    pub client: Client,
+    /// Publishes Events.
+    pub recorder: Recorder,
+    /// Whether this replica may write.
+    pub leader: Arc<dyn Leadership>,
+    /// What the controller observes.
+    pub stores: Stores,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// NodeNetwork specs this replica applied, newer than the store until its watch catches up.
+    written: Mutex<BTreeMap<String, NodeNetworkSpec>>,
+    /// Serializes allocate + apply, so two reconciles never allocate from the same snapshot.
+    allocation: tokio::sync::Mutex<()>,
+    /// Consecutive transient failures per object, for exponential backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    /// A context; `leader` decides whether this replica writes.
+    pub fn new(
+        client: Client,
+        stores: Stores,
+        leader: Arc<dyn Leadership>,
+        metrics: Metrics,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            leader,
+            stores,
+            metrics,
+            written: Mutex::default(),
+            allocation: tokio::sync::Mutex::new(()),
+            failures: Mutex::default(),
+        }
+    }
+
+    fn is_leader(&self) -> bool {
+        let leader = self.leader.is_leader();
+        self.metrics.set_leader(leader);
+        if !leader {
+            // Another replica writes now; what we wrote may be outdated.
+            if let Ok(mut w) = self.written.lock() {
+                w.clear();
+            }
+        }
+        leader
+    }
+
+    fn succeeded(&self, key: &str) {
+        if let Ok(mut f) = self.failures.lock() {
+            f.remove(key);
+        }
+    }
+
+    /// The delay before retrying `key` after a transient error: 1 s, 2 s, 4 s, ... up to
+    /// [`MAX_BACKOFF`].
+    pub fn backoff(&self, key: &str) -> Duration {
+        let n = match self.failures.lock() {
+            Ok(mut f) => {
+                let n = f.entry(key.to_owned()).or_insert(0);
+                *n = n.saturating_add(1);
+                *n
+            }
+            Err(_) => 1,
+        };
+        Duration::from_secs(1u64 << (n - 1).min(9)).min(MAX_BACKOFF)
+    }
+}
+
+fn object_key<K: Resource>(obj: &K) -> String {
+    format!(
+        "{}/{}",
+        obj.meta().namespace.as_deref().unwrap_or_default(),
+        obj.meta().name.as_deref().unwrap_or_default()
     )
+}
+
+/// `error_policy` of both controllers: transient errors requeue with exponential backoff;
+/// permanent ones were reported (status, Warning event) and wait for a change.
+pub fn error_policy<K: Resource<DynamicType = ()>>(
+    obj: Arc<K>,
+    err: &Error,
+    ctx: Arc<Context>,
+) -> Action {
+    let kind = K::kind(&());
+    warn!(kind = %kind, object = %object_key(obj.as_ref()), reason = err.reason(), error = %crate::error_chain(err), "reconcile failed");
+    if err.is_transient() {
+        Action::requeue(ctx.backoff(&object_key(obj.as_ref())))
+    } else {
+        Action::await_change()
+    }
+}
+
+/// A stream that yields `()` whenever `rx` gets a message (for `reconcile_all_on`).
+fn trigger_stream(rx: mpsc::UnboundedReceiver<()>) -> impl futures::Stream<Item = ()> + Send {
+    rx
+}
+
+/// Runs a reflector for `api` into a new store; every change sends `()` to `triggers`.
+fn reflect<K>(
+    api: Api<K>,
+    triggers: Vec<mpsc::UnboundedSender<()>>,
+) -> (Store<K>, impl Future<Output = ()> + Send)
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
+        .default_backoff()
+        .touched_objects();
+    let fut = async move {
+        futures::pin_mut!(stream);
+        while let Some(item) = stream.next().await {
+            if let Err(e) = item {
+                warn!(error = %crate::error_chain(&e), "watch failed; retrying");
+                continue;
+            }
+            for t in &triggers {
+                let _ = t.unbounded_send(());
+            }
+        }
+    };
+    (reader, fut)
+}
+
+/// Runs the controller until SIGTERM/SIGINT.
+pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
+    let client = Client::try_default().await?;
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let ready = Arc::new(AtomicBool::new(false));
+    let server = tokio::spawn(metrics::serve(
+        opts.metrics_addr,
+        Arc::new(registry),
+        ready.clone(),
+    ));
+
+    let (leader_rx, lease_task) = leader::elect(
+        client.clone(),
+        &opts.lease_namespace,
+        &opts.lease_name,
+        &opts.identity,
+    )
+    .await?;
+    info!(identity = %opts.identity, lease = %format!("{}/{}", opts.lease_namespace, opts.lease_name), leader = *leader_rx.borrow(), "joined leader election");
+
+    let (net_tx, net_rx) = mpsc::unbounded();
+    let (pf_tx, pf_rx) = mpsc::unbounded();
+    // Leadership gained: reconcile everything.
+    let notify = {
+        let mut rx = leader_rx.clone();
+        let (net_tx, pf_tx) = (net_tx.clone(), pf_tx.clone());
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                if *rx.borrow() {
+                    info!("became leader");
+                    let _ = net_tx.unbounded_send(());
+                    let _ = pf_tx.unbounded_send(());
+                } else {
+                    warn!("lost leadership; writes stop");
+                }
+            }
+        })
+    };
+    let (nodes, nodes_fut) = reflect(Api::<Node>::all(client.clone()), vec![net_tx.clone()]);
+    let (node_networks, nn_fut) = reflect(
+        Api::<NodeNetwork>::all(client.clone()),
+        vec![net_tx.clone()],
+    );
+    // Network changes re-check every Network (overlaps) and every PortForward.
+    let (_, net_watch_fut) = reflect(
+        Api::<Network>::all(client.clone()),
+        vec![net_tx.clone(), pf_tx.clone()],
+    );
+    let (_, pf_watch_fut) = reflect(Api::<PortForward>::all(client.clone()), vec![pf_tx.clone()]);
+    tokio::spawn(nodes_fut);
+    tokio::spawn(nn_fut);
+    tokio::spawn(net_watch_fut);
+    tokio::spawn(pf_watch_fut);
+
+    let config = kube::runtime::controller::Config::default().debounce(Duration::from_millis(500));
+    let net_controller = Controller::new(
+        Api::<Network>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .with_config(config.clone());
+    let pf_controller = Controller::new(
+        Api::<PortForward>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .with_config(config);
+    let stores = Stores {
+        networks: net_controller.store(),
+        nodes: nodes.clone(),
+        node_networks: node_networks.clone(),
+        port_forwards: pf_controller.store(),
+    };
+    let ctx = Arc::new(Context::new(
+        client,
+        stores.clone(),
+        Arc::new(leader_rx),
+        metrics,
+    ));
+
+    {
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            let all = futures::future::join4(
+                stores.networks.wait_until_ready(),
+                stores.nodes.wait_until_ready(),
+                stores.node_networks.wait_until_ready(),
+                stores.port_forwards.wait_until_ready(),
+            )
+            .await;
+            if all.0.is_ok() && all.1.is_ok() && all.2.is_ok() && all.3.is_ok() {
+                ready.store(true, Ordering::Relaxed);
+                info!("caches synced; ready");
+            }
+        });
+    }
+
+    let nets = net_controller
+        .reconcile_all_on(trigger_stream(net_rx))
+        .shutdown_on_signal()
+        .run(network::reconcile, error_policy::<Network>, ctx.clone())
+        .for_each(|_| futures::future::ready(()));
+    let pfs = pf_controller
+        .reconcile_all_on(trigger_stream(pf_rx))
+        .shutdown_on_signal()
+        .run(portforward::reconcile, error_policy::<PortForward>, ctx)
+        .for_each(|_| futures::future::ready(()));
+    futures::future::join(nets, pfs).await;
+    info!("controllers stopped");
+    // Dropping the last leadership receiver makes the lease task release the Lease, so
+    // another replica takes over without waiting for it to expire.
+    notify.abort();
+    let _ = notify.await;
+    if tokio::time::timeout(Duration::from_secs(5), lease_task)
+        .await
+        .is_err()
+    {
+        warn!("the Lease was not released within 5 s");
+    }
+    server.abort();
+    let _ = server.now_or_never();
+    Ok(())
+}
+
+/// The name of an object, or [`Error::Unnamed`].
+fn name_of<K: Resource<DynamicType = ()>>(obj: &K) -> Result<String, Error> {
+    obj.meta().name.clone().ok_or(Error::Unnamed {
+        kind: kind_of::<K>(),
+    })
+}
+
+fn kind_of<K: Resource<DynamicType = ()>>() -> &'static str {
+    match K::kind(&()).as_ref() {
+        "Network" => "Network",
+        "PortForward" => "PortForward",
+        "NodeNetwork" => "NodeNetwork",
+        _ => "object",
+    }
 }

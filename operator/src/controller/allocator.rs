@@ -1,0 +1,485 @@
+//! Decide: per-node address blocks (pure).
+//!
+//! Every Network that is not being deleted (and that [`super::validate`] accepted) gives each
+//! node its `nodeSelector` selects one block per family of its subnets, of the Network's block
+//! prefix ([`NetworkSpec::block_prefix_v4`]/[`NetworkSpec::block_prefix_v6`]). Existing
+//! assignments (the NodeNetwork specs) are kept when they are still valid; a block claimed by
+//! two nodes stays with the first node by name and the other gets a new one; blocks of nodes
+//! that are gone or no longer selected are free again. New blocks are the lowest free ones.
+
+use ipnet::IpNet;
+use std::collections::{BTreeMap, BTreeSet};
+use weft_crds::{Cidr, Network, NetworkSpec, NodeNetworkBlock, NodeNetworkSpec, selector_matches};
+
+/// A node as the allocator sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct NodeInfo {
+    /// The Node's name (and its NodeNetwork's).
+    pub name: String,
+    /// The Node's labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl NodeInfo {
+    /// A node with these labels.
+    pub fn new(name: impl Into<String>, labels: &[(&str, &str)]) -> Self {
+        NodeInfo {
+            name: name.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        }
+    }
+}
+
+/// The result of [`allocate`].
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Allocation {
+    /// The desired NodeNetwork spec of every node (also the nodes without blocks).
+    pub nodes: BTreeMap<String, NodeNetworkSpec>,
+    /// Problems per Network name, e.g. an exhausted subnet.
+    pub problems: BTreeMap<String, Vec<String>>,
+}
+
+impl Allocation {
+    /// The blocks of `network`, by node: `(node, [cidr, ...])`, nodes sorted by name.
+    pub fn blocks_of(&self, network: &str) -> Vec<(String, Vec<String>)> {
+        self.nodes
+            .iter()
+            .filter_map(|(node, spec)| {
+                let b = spec.blocks.iter().find(|b| b.network == network)?;
+                let cidrs: Vec<String> = [&b.ipv4, &b.ipv6]
+                    .into_iter()
+                    .flatten()
+                    .map(|c| c.0.clone())
+                    .collect();
+                Some((node.clone(), cidrs))
+            })
+            .collect()
+    }
+}
+
+/// The name of a Network (empty if it has none).
+fn name_of(net: &Network) -> &str {
+    net.metadata.name.as_deref().unwrap_or_default()
+}
+
+/// Whether the Network's `nodeSelector` selects the node (absent or empty selects all).
+pub fn selects(spec: &NetworkSpec, node: &NodeInfo) -> bool {
+    spec.node_selector
+        .as_ref()
+        .is_none_or(|s| selector_matches(s, &node.labels))
+}
+
+/// The blocks of one family of one subnet: block `i` starts at `base + i * size`.
+struct Family {
+    subnet: IpNet,
+    prefix: u8,
+}
+
+impl Family {
+    fn bits(&self) -> u8 {
+        self.subnet.max_prefix_len()
+    }
+
+    /// Number of blocks, saturated at u128::MAX.
+    fn count(&self) -> u128 {
+        let shift = u32::from(self.prefix.saturating_sub(self.subnet.prefix_len()));
+        1u128.checked_shl(shift).unwrap_or(u128::MAX)
+    }
+
+    fn size(&self) -> u128 {
+        1u128
+            .checked_shl(u32::from(self.bits() - self.prefix))
+            .unwrap_or(0)
+    }
+
+    fn base(&self) -> u128 {
+        match self.subnet {
+            IpNet::V4(n) => u128::from(u32::from(n.network())),
+            IpNet::V6(n) => u128::from(n.network()),
+        }
+    }
+
+    /// The index of `cidr` if it is a canonical block of this family.
+    fn index_of(&self, cidr: &Cidr) -> Option<u128> {
+        let net = cidr.net().ok()?;
+        if net.prefix_len() != self.prefix || !self.subnet.contains(&net) {
+            return None;
+        }
+        let addr = match net {
+            IpNet::V4(n) => u128::from(u32::from(n.network())),
+            IpNet::V6(n) => u128::from(n.network()),
+        };
+        let size = self.size();
+        let offset = addr.checked_sub(self.base())?;
+        (size != 0 && offset % size == 0).then(|| offset / size)
+    }
+
+    fn block(&self, index: u128) -> Option<Cidr> {
+        let addr = self.base().checked_add(index.checked_mul(self.size())?)?;
+        let net = match self.subnet {
+            IpNet::V4(_) => {
+                let a = u32::try_from(addr).ok()?;
+                IpNet::V4(ipnet::Ipv4Net::new(a.into(), self.prefix).ok()?)
+            }
+            IpNet::V6(_) => IpNet::V6(ipnet::Ipv6Net::new(addr.into(), self.prefix).ok()?),
+        };
+        Some(Cidr(net.to_string()))
+    }
+
+    /// The lowest index not in `used`, if any block is free.
+    fn lowest_free(&self, used: &BTreeSet<u128>) -> Option<u128> {
+        let mut candidate = 0u128;
+        for &u in used {
+            if u > candidate {
+                break;
+            }
+            if u == candidate {
+                candidate = candidate.checked_add(1)?;
+            }
+        }
+        (candidate < self.count()).then_some(candidate)
+    }
+}
+
+/// Computes every node's blocks. `networks` are the Networks that may hold blocks (the caller
+/// leaves out invalid ones; Networks being deleted are skipped here), `nodes` the Nodes that
+/// exist, `existing` the current NodeNetwork specs by node name.
+pub fn allocate<'a>(
+    networks: impl IntoIterator<Item = &'a Network>,
+    nodes: &[NodeInfo],
+    existing: &BTreeMap<String, NodeNetworkSpec>,
+) -> Allocation {
+    let mut networks: Vec<&Network> = networks
+        .into_iter()
+        .filter(|n| n.metadata.deletion_timestamp.is_none())
+        .collect();
+    networks.sort_by(|a, b| name_of(a).cmp(name_of(b)));
+    networks.dedup_by(|a, b| name_of(a) == name_of(b));
+    let mut nodes: Vec<&NodeInfo> = nodes.iter().collect();
+    nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    nodes.dedup_by(|a, b| a.name == b.name);
+
+    let mut out = Allocation {
+        nodes: nodes
+            .iter()
+            .map(|n| (n.name.clone(), NodeNetworkSpec::default()))
+            .collect(),
+        problems: BTreeMap::new(),
+    };
+    for net in networks {
+        let name = name_of(net);
+        let selected: Vec<&NodeInfo> = nodes
+            .iter()
+            .copied()
+            .filter(|n| selects(&net.spec, n))
+            .collect();
+        let families = [
+            net.spec.subnet_v4().map(|s| Family {
+                subnet: IpNet::V4(s),
+                prefix: net.spec.block_prefix_v4(),
+            }),
+            net.spec.subnet_v6().map(|s| Family {
+                subnet: IpNet::V6(s),
+                prefix: net.spec.block_prefix_v6(),
+            }),
+        ];
+        // Per node: [v4, v6] block.
+        let mut chosen: BTreeMap<&str, [Option<Cidr>; 2]> = BTreeMap::new();
+        for (fi, family) in families.iter().enumerate() {
+            let Some(family) = family else { continue };
+            let mut used = BTreeSet::new();
+            let mut missing = Vec::new();
+            // Keep valid existing assignments, first claimant by node name wins.
+            for node in &selected {
+                let current = existing
+                    .get(&node.name)
+                    .and_then(|s| s.blocks.iter().find(|b| b.network == name))
+                    .and_then(|b| {
+                        if fi == 0 {
+                            b.ipv4.as_ref()
+                        } else {
+                            b.ipv6.as_ref()
+                        }
+                    })
+                    .and_then(|c| family.index_of(c));
+                match current {
+                    Some(i) if used.insert(i) => {
+                        chosen.entry(&node.name).or_default()[fi] = family.block(i);
+                    }
+                    _ => missing.push(node.name.as_str()),
+                }
+            }
+            for node in missing {
+                match family.lowest_free(&used).and_then(|i| Some((i, family.block(i)?))) {
+                    Some((i, block)) => {
+                        used.insert(i);
+                        chosen.entry(node).or_default()[fi] = Some(block);
+                    }
+                    None => out.problems.entry(name.to_owned()).or_default().push(format!(
+                        "subnet {} has no free /{} block left for node {node} ({} blocks, all assigned); use a larger subnet or a longer block prefix",
+                        family.subnet,
+                        family.prefix,
+                        family.count()
+                    )),
+                }
+            }
+        }
+        for (node, [ipv4, ipv6]) in chosen {
+            if (ipv4.is_some() || ipv6.is_some())
+                && let Some(spec) = out.nodes.get_mut(node)
+            {
+                spec.blocks.push(NodeNetworkBlock {
+                    network: name.to_owned(),
+                    ipv4,
+                    ipv6,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Every block assigned twice: `(network, cidr, [nodes])`. Empty for any [`allocate`] result.
+pub fn duplicates(nodes: &BTreeMap<String, NodeNetworkSpec>) -> Vec<(String, String, Vec<String>)> {
+    let mut owners: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    for (node, spec) in nodes {
+        for b in &spec.blocks {
+            for c in [&b.ipv4, &b.ipv6].into_iter().flatten() {
+                owners
+                    .entry((b.network.clone(), c.0.clone()))
+                    .or_default()
+                    .push(node.clone());
+            }
+        }
+    }
+    owners
+        .into_iter()
+        .filter(|(_, n)| n.len() > 1)
+        .map(|((net, cidr), n)| (net, cidr, n))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
+    use weft_crds::IpamSpec;
+
+    fn net(name: &str, subnets: &[&str], prefix_v4: Option<i32>) -> Network {
+        let mut n = Network::new(
+            name,
+            NetworkSpec {
+                subnets: subnets.iter().map(|s| Cidr::from(*s)).collect(),
+                ipam: prefix_v4.map(|p| IpamSpec {
+                    node_block_prefix: Some(p),
+                    ..IpamSpec::default()
+                }),
+                ..NetworkSpec::default()
+            },
+        );
+        n.metadata.name = Some(name.into());
+        n
+    }
+
+    fn with_selector(mut n: Network, k: &str, v: &str) -> Network {
+        n.spec.node_selector = Some(LabelSelector {
+            match_labels: Some([(k.to_owned(), v.to_owned())].into()),
+            ..LabelSelector::default()
+        });
+        n
+    }
+
+    fn nodes(names: &[&str]) -> Vec<NodeInfo> {
+        names.iter().map(|n| NodeInfo::new(*n, &[])).collect()
+    }
+
+    #[test]
+    fn every_selected_node_gets_one_block_per_family() {
+        let n = net("blue", &["10.10.0.0/24", "fd10::/64"], None);
+        let a = allocate([&n], &nodes(&["a", "b"]), &BTreeMap::new());
+        assert_eq!(
+            a.blocks_of("blue"),
+            [
+                ("a".into(), vec!["10.10.0.0/26".into(), "fd10::/122".into()]),
+                (
+                    "b".into(),
+                    vec!["10.10.0.64/26".into(), "fd10::40/122".into()]
+                ),
+            ]
+        );
+        assert!(a.problems.is_empty());
+    }
+
+    #[test]
+    fn existing_assignments_are_kept_and_gone_nodes_free_their_blocks() {
+        let n = net("blue", &["10.10.0.0/24"], None);
+        let first = allocate([&n], &nodes(&["a", "b", "c"]), &BTreeMap::new());
+        // b leaves, d joins: a and c keep theirs, d gets b's old block.
+        let second = allocate([&n], &nodes(&["a", "c", "d"]), &first.nodes);
+        assert_eq!(
+            second.blocks_of("blue"),
+            [
+                ("a".into(), vec!["10.10.0.0/26".into()]),
+                ("c".into(), vec!["10.10.0.128/26".into()]),
+                ("d".into(), vec!["10.10.0.64/26".into()]),
+            ]
+        );
+    }
+
+    #[test]
+    fn unselected_nodes_and_deleted_networks_lose_their_blocks() {
+        let blue = with_selector(net("blue", &["10.10.0.0/24"], None), "pool", "x");
+        let mut red = net("red", &["10.20.0.0/24"], None);
+        let ns = vec![
+            NodeInfo::new("a", &[("pool", "x")]),
+            NodeInfo::new("b", &[]),
+        ];
+        let first = allocate([&blue, &red], &ns, &BTreeMap::new());
+        assert_eq!(first.blocks_of("blue").len(), 1);
+        red.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::UNIX_EPOCH));
+        let second = allocate([&blue, &red], &ns, &first.nodes);
+        assert!(second.blocks_of("red").is_empty());
+        assert_eq!(second.nodes["b"].blocks, []);
+        assert_eq!(second.nodes["a"].blocks.len(), 1);
+    }
+
+    #[test]
+    fn exhaustion_is_reported_for_the_network() {
+        let n = net("tiny", &["10.10.0.0/25"], Some(26));
+        let a = allocate([&n], &nodes(&["a", "b", "c"]), &BTreeMap::new());
+        assert_eq!(a.blocks_of("tiny").len(), 2);
+        let problems = &a.problems["tiny"];
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].contains("node c"), "{problems:?}");
+    }
+
+    #[test]
+    fn a_block_claimed_twice_stays_with_the_first_node_by_name() {
+        let n = net("blue", &["10.10.0.0/24"], None);
+        let claim = |c: &str| NodeNetworkSpec {
+            blocks: vec![NodeNetworkBlock {
+                network: "blue".into(),
+                ipv4: Some(c.into()),
+                ipv6: None,
+            }],
+        };
+        let existing = BTreeMap::from([
+            ("a".to_owned(), claim("10.10.0.64/26")),
+            ("b".to_owned(), claim("10.10.0.64/26")),
+            ("c".to_owned(), claim("10.99.0.0/26")), // outside the subnet
+        ]);
+        let a = allocate([&n], &nodes(&["a", "b", "c"]), &existing);
+        assert_eq!(
+            a.blocks_of("blue"),
+            [
+                ("a".into(), vec!["10.10.0.64/26".into()]),
+                ("b".into(), vec!["10.10.0.0/26".into()]),
+                ("c".into(), vec!["10.10.0.128/26".into()]),
+            ]
+        );
+    }
+
+    /// xorshift64*, enough for a reproducible random walk without a crate.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            usize::try_from(self.next() % n as u64).unwrap()
+        }
+    }
+
+    /// Random node churn, including two allocations computed from the same snapshot whose
+    /// writes then land in either order (per node, last writer wins): no allocation ever
+    /// hands one block to two nodes, and nodes that stay keep their blocks.
+    #[test]
+    fn random_node_churn_never_duplicates_a_block() {
+        let networks = [
+            net("blue", &["10.10.0.0/23", "fd10::/120"], Some(26)),
+            with_selector(net("red", &["10.20.0.0/24"], Some(27)), "pool", "x"),
+            net("tiny", &["10.30.0.0/26"], Some(28)),
+        ];
+        let pool = [
+            "n0", "n1", "n2", "n3", "n4", "n5", "n6", "n7", "n8", "n9", "na", "nb",
+        ];
+        for seed in 1..=200u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+            let mut present: BTreeMap<String, NodeInfo> = BTreeMap::new();
+            let mut state: BTreeMap<String, NodeNetworkSpec> = BTreeMap::new();
+            for _ in 0..40 {
+                let churn = |rng: &mut Rng, present: &mut BTreeMap<String, NodeInfo>| {
+                    let name = pool[rng.below(pool.len())];
+                    match rng.below(3) {
+                        0 => {
+                            present.remove(name);
+                        }
+                        1 => {
+                            present.insert(name.into(), NodeInfo::new(name, &[("pool", "x")]));
+                        }
+                        _ => {
+                            present.insert(name.into(), NodeInfo::new(name, &[]));
+                        }
+                    }
+                };
+                if rng.below(2) == 0 {
+                    churn(&mut rng, &mut present);
+                    let nodes: Vec<NodeInfo> = present.values().cloned().collect();
+                    let a = allocate(&networks, &nodes, &state);
+                    assert_eq!(duplicates(&a.nodes), [], "seed {seed}");
+                    // Stability: nodes present before and after keep valid blocks.
+                    for (node, spec) in &a.nodes {
+                        if let Some(old) = state.get(node) {
+                            for b in &old.blocks {
+                                if let Some(nb) =
+                                    spec.blocks.iter().find(|x| x.network == b.network)
+                                    && nb.ipv4.is_some()
+                                    && b.ipv4.is_some()
+                                    && duplicates(&state).is_empty()
+                                {
+                                    assert_eq!(nb.ipv4, b.ipv4, "seed {seed} node {node}");
+                                }
+                            }
+                        }
+                    }
+                    state = a.nodes;
+                } else {
+                    // Two "concurrent" reconciles from the same snapshot.
+                    let mut view_a = present.clone();
+                    let mut view_b = present.clone();
+                    churn(&mut rng, &mut view_a);
+                    churn(&mut rng, &mut view_b);
+                    let a = allocate(
+                        &networks,
+                        &view_a.values().cloned().collect::<Vec<_>>(),
+                        &state,
+                    );
+                    let b = allocate(
+                        &networks,
+                        &view_b.values().cloned().collect::<Vec<_>>(),
+                        &state,
+                    );
+                    assert_eq!(duplicates(&a.nodes), [], "seed {seed}");
+                    assert_eq!(duplicates(&b.nodes), [], "seed {seed}");
+                    let (first, second) = if rng.below(2) == 0 { (a, b) } else { (b, a) };
+                    let mut merged = state.clone();
+                    merged.extend(first.nodes);
+                    merged.extend(second.nodes);
+                    present = if rng.below(2) == 0 { view_a } else { view_b };
+                    merged.retain(|n, _| present.contains_key(n));
+                    // The stored state may now hold a stale claim; the next allocation repairs it.
+                    let nodes: Vec<NodeInfo> = present.values().cloned().collect();
+                    let repaired = allocate(&networks, &nodes, &merged);
+                    assert_eq!(duplicates(&repaired.nodes), [], "seed {seed}");
+                    state = repaired.nodes;
+                }
+            }
+        }
+    }
+}

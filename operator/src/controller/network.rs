@@ -1,0 +1,469 @@
+//! Reconciles Networks: validation, per-node blocks in every `NodeNetwork`, status, and the
+//! `weft.dev/cleanup` finalizer.
+//!
+//! `status.addressesInUse` is an approximation: the sum of the `endpoints` the agents report
+//! in the NodeNetwork status of the nodes that realize the Network (an agent's count covers all
+//! of its networks, so nodes with several networks are counted in each).
+
+use super::allocator::{self, Allocation, NodeInfo};
+use super::status::{self, READY, VALID};
+use super::validate::{self, Rejection};
+use super::{Context, Error, FIELD_MANAGER, FINALIZER, name_of};
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+use tracing::{info, instrument, warn};
+use weft_crds::{Network, NetworkStatus, NodeBlock, NodeNetwork, NodeNetworkSpec};
+
+/// Reason of `Ready=False` while some selected nodes have not realized the Network.
+pub const REASON_PENDING: &str = "Pending";
+/// Reason of `Ready=False` when a subnet has no free block for a selected node.
+pub const REASON_EXHAUSTED: &str = "BlocksExhausted";
+/// Reason of `Ready=False` when no node is selected.
+pub const REASON_NO_NODES: &str = "NoNodesSelected";
+/// Reason of `Ready=True`.
+pub const REASON_REALIZED: &str = "Realized";
+/// Reason of `Valid=True`.
+pub const REASON_VALID: &str = "Valid";
+
+/// What the reconciler observed: a snapshot of the stores.
+#[derive(Clone, Debug, Default)]
+pub struct Observed {
+    /// Every Network.
+    pub networks: Vec<Arc<Network>>,
+    /// Every Node, with its uid.
+    pub nodes: Vec<(NodeInfo, Option<String>)>,
+    /// Every NodeNetwork by name.
+    pub node_networks: BTreeMap<String, Arc<NodeNetwork>>,
+    /// The current NodeNetwork specs (the store, overlaid with what this replica applied).
+    pub specs: BTreeMap<String, NodeNetworkSpec>,
+}
+
+/// What should be: the verdicts, the blocks of every node, and which specs must be written.
+#[derive(Clone, Debug, Default)]
+pub struct Decision {
+    /// Verdict per Network name (`None`: valid).
+    pub verdicts: BTreeMap<String, Option<Rejection>>,
+    /// Every node's blocks.
+    pub allocation: Allocation,
+    /// The nodes whose NodeNetwork spec differs from the desired one.
+    pub changed: Vec<String>,
+}
+
+/// Observe: a snapshot of the stores.
+pub fn observe(ctx: &Context) -> Observed {
+    let nodes: Vec<(NodeInfo, Option<String>)> = ctx
+        .stores
+        .nodes
+        .state()
+        .iter()
+        .map(|n: &Arc<Node>| {
+            (
+                NodeInfo {
+                    name: n.name_any(),
+                    labels: n.labels().clone(),
+                },
+                n.metadata.uid.clone(),
+            )
+        })
+        .collect();
+    let node_networks: BTreeMap<String, Arc<NodeNetwork>> = ctx
+        .stores
+        .node_networks
+        .state()
+        .into_iter()
+        .map(|nn| (nn.name_any(), nn))
+        .collect();
+    let mut specs: BTreeMap<String, NodeNetworkSpec> = node_networks
+        .iter()
+        .map(|(k, v)| (k.clone(), v.spec.clone()))
+        .collect();
+    if let Ok(written) = ctx.written.lock() {
+        specs.extend(written.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    Observed {
+        networks: ctx.stores.networks.state(),
+        nodes,
+        node_networks,
+        specs,
+    }
+}
+
+/// Decide (pure): validation and allocation over the whole cluster.
+pub fn desired(observed: &Observed) -> Decision {
+    let verdicts = validate::networks(observed.networks.iter().map(AsRef::as_ref));
+    let eligible = observed.networks.iter().map(AsRef::as_ref).filter(|n| {
+        verdicts
+            .get(n.metadata.name.as_deref().unwrap_or_default())
+            .is_some_and(Option::is_none)
+    });
+    let nodes: Vec<NodeInfo> = observed.nodes.iter().map(|(n, _)| n.clone()).collect();
+    let allocation = allocator::allocate(eligible, &nodes, &observed.specs);
+    let changed = allocation
+        .nodes
+        .iter()
+        .filter(|(node, spec)| observed.specs.get(*node) != Some(*spec))
+        .map(|(node, _)| node.clone())
+        .collect();
+    Decision {
+        verdicts,
+        allocation,
+        changed,
+    }
+}
+
+/// Addresses that can be assigned: each subnet without network, broadcast (IPv4), gateway and
+/// excluded addresses, saturated at i64::MAX.
+pub fn addresses_total(net: &Network) -> i64 {
+    let size = |n: IpNet| -> u128 {
+        let host_bits = u32::from(n.max_prefix_len() - n.prefix_len());
+        1u128.checked_shl(host_bits).unwrap_or(u128::MAX)
+    };
+    let mut total: u128 = 0;
+    if let Some(s) = net.spec.subnet_v4() {
+        total = total.saturating_add(size(IpNet::V4(s)).saturating_sub(3));
+    }
+    if let Some(s) = net.spec.subnet_v6() {
+        total = total.saturating_add(size(IpNet::V6(s)).saturating_sub(2));
+    }
+    let excluded: u128 = net
+        .spec
+        .excludes()
+        .into_iter()
+        .fold(0u128, |acc, e| acc.saturating_add(size(e)));
+    i64::try_from(total.saturating_sub(excluded)).unwrap_or(i64::MAX)
+}
+
+/// The status of `net` under `decision` (conditions keep their transition times).
+pub fn desired_status(
+    net: &Network,
+    observed: &Observed,
+    decision: &Decision,
+    now: jiff::Timestamp,
+) -> NetworkStatus {
+    let name = net.name_any();
+    let generation = net.metadata.generation;
+    let previous = net
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    let verdict = decision.verdicts.get(&name).cloned().flatten();
+    let node_blocks: Vec<NodeBlock> = decision
+        .allocation
+        .blocks_of(&name)
+        .into_iter()
+        .map(|(node, blocks)| NodeBlock { node, blocks })
+        .collect();
+    let selected: Vec<&str> = observed
+        .nodes
+        .iter()
+        .filter(|(n, _)| allocator::selects(&net.spec, n))
+        .map(|(n, _)| n.name.as_str())
+        .collect();
+    let realized: Vec<&str> = selected
+        .iter()
+        .copied()
+        .filter(|n| {
+            observed
+                .node_networks
+                .get(*n)
+                .and_then(|nn| nn.status.as_ref())
+                .is_some_and(|s| s.lists_network(&name))
+        })
+        .collect();
+    let in_use: i64 = realized
+        .iter()
+        .filter_map(|n| observed.node_networks.get(*n)?.status.as_ref()?.endpoints)
+        .sum();
+    let (valid, ready) = match &verdict {
+        Some(r) => (
+            status::condition(
+                VALID, false, r.reason, &r.message, generation, previous, now,
+            ),
+            status::condition(
+                READY,
+                false,
+                r.reason,
+                "the Network is not valid; see the Valid condition",
+                generation,
+                previous,
+                now,
+            ),
+        ),
+        None => {
+            let valid = status::condition(
+                VALID,
+                true,
+                REASON_VALID,
+                "the spec passed every check",
+                generation,
+                previous,
+                now,
+            );
+            let ready = if let Some(problems) = decision.allocation.problems.get(&name) {
+                status::condition(
+                    READY,
+                    false,
+                    REASON_EXHAUSTED,
+                    problems.join("; "),
+                    generation,
+                    previous,
+                    now,
+                )
+            } else if selected.is_empty() {
+                status::condition(
+                    READY,
+                    false,
+                    REASON_NO_NODES,
+                    "spec.nodeSelector selects no node",
+                    generation,
+                    previous,
+                    now,
+                )
+            } else if realized.len() == selected.len() {
+                status::condition(
+                    READY,
+                    true,
+                    REASON_REALIZED,
+                    format!("realized on all {} selected nodes", selected.len()),
+                    generation,
+                    previous,
+                    now,
+                )
+            } else {
+                let waiting: Vec<&str> = selected
+                    .iter()
+                    .copied()
+                    .filter(|n| !realized.contains(n))
+                    .collect();
+                status::condition(
+                    READY,
+                    false,
+                    REASON_PENDING,
+                    format!(
+                        "realized on {} of {} selected nodes; waiting for {}",
+                        realized.len(),
+                        selected.len(),
+                        waiting.join(", ")
+                    ),
+                    generation,
+                    previous,
+                    now,
+                )
+            };
+            (valid, ready)
+        }
+    };
+    NetworkStatus {
+        conditions: vec![valid, ready],
+        observed_generation: generation,
+        node_blocks,
+        addresses_in_use: verdict.is_none().then_some(in_use),
+        addresses_total: verdict.is_none().then(|| addresses_total(net)),
+    }
+}
+
+/// Reconciles one Network (the `Controller::run` callback).
+#[instrument(skip(net, ctx), fields(name = %net.name_any()))]
+pub async fn reconcile(net: Arc<Network>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let start = Instant::now();
+    let result = reconcile_inner(net.clone(), &ctx).await;
+    ctx.metrics.reconciled("Network", start.elapsed());
+    match &result {
+        Ok(_) => ctx.succeeded(&super::object_key(net.as_ref())),
+        Err(e) => ctx.metrics.failed("Network", e.reason()),
+    }
+    result
+}
+
+async fn reconcile_inner(net: Arc<Network>, ctx: &Arc<Context>) -> Result<Action, Error> {
+    let name = name_of(net.as_ref())?;
+    if !ctx.is_leader() {
+        // Compute anyway (metrics, warm caches); only the leader writes.
+        let decision = desired(&observe(ctx));
+        record_blocks(ctx, &name, &decision);
+        return Ok(Action::await_change());
+    }
+    let api: Api<Network> = Api::all(ctx.client.clone());
+    finalizer(&api, FINALIZER, net, |event| async {
+        match event {
+            Finalizer::Apply(net) => apply(&net, ctx).await,
+            Finalizer::Cleanup(net) => cleanup(&net, ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer {
+        network: name,
+        source: Box::new(e),
+    })
+}
+
+fn record_blocks(ctx: &Context, name: &str, decision: &Decision) {
+    ctx.metrics.set_blocks_in_use(
+        name,
+        decision
+            .allocation
+            .blocks_of(name)
+            .iter()
+            .map(|(_, b)| b.len())
+            .sum(),
+    );
+}
+
+/// Observe, decide and apply the NodeNetwork specs that changed (under the allocation lock).
+async fn sync_blocks(ctx: &Context) -> Result<(Observed, Decision), Error> {
+    let _guard = ctx.allocation.lock().await;
+    let observed = observe(ctx);
+    let decision = desired(&observed);
+    let api: Api<NodeNetwork> = Api::all(ctx.client.clone());
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    for node in &decision.changed {
+        let Some(spec) = decision.allocation.nodes.get(node) else {
+            continue;
+        };
+        let uid = observed
+            .nodes
+            .iter()
+            .find(|(n, _)| &n.name == node)
+            .and_then(|(_, uid)| uid.clone());
+        let mut metadata = json!({ "name": node });
+        if let Some(uid) = uid {
+            // Garbage-collected with its Node.
+            metadata["ownerReferences"] = json!([{
+                "apiVersion": "v1",
+                "kind": "Node",
+                "name": node,
+                "uid": uid,
+            }]);
+        }
+        let body = json!({
+            "apiVersion": weft_crds::constants::API_VERSION,
+            "kind": weft_crds::NODE_NETWORK_KIND,
+            "metadata": metadata,
+            "spec": spec,
+        });
+        api.patch(node, &params, &Patch::Apply(&body))
+            .await
+            .map_err(|source| Error::Api {
+                action: "apply",
+                kind: "NodeNetwork",
+                name: node.clone(),
+                source,
+            })?;
+        info!(node = %node, blocks = spec.blocks.len(), "applied NodeNetwork spec");
+        if let Ok(mut w) = ctx.written.lock() {
+            w.insert(node.clone(), spec.clone());
+        }
+    }
+    // Nodes that are gone: their NodeNetworks are garbage-collected; forget what we wrote.
+    if let Ok(mut w) = ctx.written.lock() {
+        w.retain(|n, _| decision.allocation.nodes.contains_key(n));
+    }
+    Ok((observed, decision))
+}
+
+async fn publish(
+    ctx: &Context,
+    net: &Network,
+    type_: EventType,
+    reason: &str,
+    note: String,
+    action: &str,
+) {
+    let event = Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note.chars().take(1000).collect()),
+        action: action.to_owned(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &net.object_ref(&())).await {
+        warn!(error = %crate::error_chain(&e), "cannot publish event");
+    }
+}
+
+async fn apply(net: &Network, ctx: &Context) -> Result<Action, Error> {
+    let name = name_of(net)?;
+    let (observed, decision) = sync_blocks(ctx).await?;
+    record_blocks(ctx, &name, &decision);
+    let new = desired_status(net, &observed, &decision, jiff::Timestamp::now());
+    let previous = net.status.clone().unwrap_or_default();
+    if previous != new {
+        let api: Api<Network> = Api::all(ctx.client.clone());
+        let body = json!({
+            "apiVersion": weft_crds::constants::API_VERSION,
+            "kind": weft_crds::constants::NETWORK_KIND,
+            "status": new,
+        });
+        api.patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .map_err(|source| Error::Api {
+            action: "apply status of",
+            kind: "Network",
+            name: name.clone(),
+            source,
+        })?;
+    }
+    for c in &new.conditions {
+        if c.status == "False"
+            && c.reason != REASON_PENDING
+            && c.reason != REASON_NO_NODES
+            && status::changed(&previous.conditions, c)
+        {
+            // Valid=False, or Ready=False for a reason other than "Invalid" (reported by Valid).
+            if c.type_ == READY
+                && status::find(&new.conditions, VALID).is_some_and(|v| v.status == "False")
+            {
+                continue;
+            }
+            warn!(reason = %c.reason, message = %c.message, "network rejected");
+            publish(
+                ctx,
+                net,
+                EventType::Warning,
+                &c.reason,
+                c.message.clone(),
+                "Validate",
+            )
+            .await;
+        }
+    }
+    Ok(Action::await_change())
+}
+
+/// The finalizer's cleanup: the Network's blocks leave every NodeNetwork spec (it is being
+/// deleted, so the allocator skips it); the finalizer goes once no agent of an existing node
+/// still lists it in its NodeNetwork status.
+async fn cleanup(net: &Network, ctx: &Context) -> Result<Action, Error> {
+    let name = name_of(net)?;
+    let (observed, _) = sync_blocks(ctx).await?;
+    let nodes: Vec<String> = observed
+        .node_networks
+        .values()
+        .filter(|nn| observed.nodes.iter().any(|(n, _)| n.name == nn.name_any()))
+        .filter(|nn| nn.status.as_ref().is_some_and(|s| s.lists_network(&name)))
+        .map(|nn| nn.name_any())
+        .collect();
+    if !nodes.is_empty() {
+        return Err(Error::AgentsStillRealize {
+            network: name,
+            nodes,
+        });
+    }
+    info!(network = %name, "no agent realizes the network any more; removing the finalizer");
+    ctx.metrics.forget_network(&name);
+    Ok(Action::await_change())
+}

@@ -1,0 +1,398 @@
+//! Decide: what CEL cannot check (pure).
+//!
+//! - Networks: the Rust [`NetworkSpec::validate`](weft_crds::NetworkSpec::validate) rules
+//!   (`Invalid`) and subnets that overlap another Network's (`SubnetOverlap`): the older Network
+//!   (by creationTimestamp, then name) keeps its subnets, the newer one is rejected.
+//! - PortForwards: the Rust rules (`Invalid`), a target Network that does not exist
+//!   (`NetworkNotFound`) or is not in NAT mode (`NetworkNotNAT`), and node ports that an older
+//!   PortForward on the same Network already forwards for an overlapping set of sources
+//!   (`PortConflict`).
+
+use ipnet::IpNet;
+use std::collections::BTreeMap;
+use weft_crds::{FieldError, ForwardPort, Network, NetworkMode, PortForward};
+
+/// Why a resource is not valid: the condition reason and a message naming the field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    /// The reason of the `Valid=False` condition and the Warning event (PascalCase).
+    pub reason: &'static str,
+    /// What is wrong and how to fix it, naming the field.
+    pub message: String,
+}
+
+/// Reason: the Rust `validate()` found field errors.
+pub const REASON_INVALID: &str = "Invalid";
+/// Reason: a subnet overlaps an older Network's.
+pub const REASON_SUBNET_OVERLAP: &str = "SubnetOverlap";
+/// Reason: the PortForward's Network does not exist.
+pub const REASON_NETWORK_NOT_FOUND: &str = "NetworkNotFound";
+/// Reason: the PortForward's Network is not a NAT network.
+pub const REASON_NETWORK_NOT_NAT: &str = "NetworkNotNAT";
+/// Reason: a node port is already forwarded by another PortForward.
+pub const REASON_PORT_CONFLICT: &str = "PortConflict";
+
+fn field_errors(errors: &[FieldError]) -> String {
+    errors
+        .iter()
+        .map(|e| format!("{}: {}", e.field, e.message))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn invalid(errors: &[FieldError]) -> Rejection {
+    Rejection {
+        reason: REASON_INVALID,
+        message: field_errors(errors),
+    }
+}
+
+fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// Sort key: oldest first, then by name.
+fn age_key(meta: &kube::core::ObjectMeta) -> (Option<jiff::Timestamp>, String, String) {
+    (
+        meta.creation_timestamp.as_ref().map(|t| t.0),
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// The verdict on every Network, by name (`None`: valid).
+pub fn networks<'a>(
+    networks: impl IntoIterator<Item = &'a Network>,
+) -> BTreeMap<String, Option<Rejection>> {
+    let mut all: Vec<&Network> = networks.into_iter().collect();
+    all.sort_by_key(|n| age_key(&n.metadata));
+    let mut out = BTreeMap::new();
+    // The accepted Networks so far (older first) with their subnets.
+    let mut accepted: Vec<(String, Vec<IpNet>)> = Vec::new();
+    for net in all {
+        let name = net.metadata.name.clone().unwrap_or_default();
+        if let Err(errors) = net.spec.validate() {
+            out.insert(name, Some(invalid(&errors)));
+            continue;
+        }
+        let subnets: Vec<(usize, IpNet)> = net
+            .spec
+            .subnets
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| Some((i, s.net().ok()?)))
+            .collect();
+        let clashes: Vec<String> = subnets
+            .iter()
+            .flat_map(|(i, mine)| {
+                accepted.iter().flat_map(move |(other, theirs)| {
+                    theirs.iter().filter(|t| overlaps(mine, t)).map(move |t| {
+                        format!(
+                            "spec.subnets[{i}]: {mine} overlaps {t} of Network {other}, which is older; choose a subnet that does not overlap it"
+                        )
+                    })
+                })
+            })
+            .collect();
+        if clashes.is_empty() {
+            accepted.push((name.clone(), subnets.into_iter().map(|(_, s)| s).collect()));
+            out.insert(name, None);
+        } else {
+            out.insert(
+                name,
+                Some(Rejection {
+                    reason: REASON_SUBNET_OVERLAP,
+                    message: clashes.join("; "),
+                }),
+            );
+        }
+    }
+    out
+}
+
+/// `namespace/name` of a PortForward.
+pub fn port_forward_key(pf: &PortForward) -> String {
+    format!(
+        "{}/{}",
+        pf.metadata.namespace.as_deref().unwrap_or_default(),
+        pf.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+fn sources(pf: &PortForward) -> Vec<IpNet> {
+    pf.spec
+        .allow_from
+        .iter()
+        .flatten()
+        .filter_map(|c| c.net().ok())
+        .collect()
+}
+
+/// Whether two allowFrom lists share a source (empty allows any source).
+fn sources_overlap(a: &[IpNet], b: &[IpNet]) -> bool {
+    a.is_empty() || b.is_empty() || a.iter().any(|x| b.iter().any(|y| overlaps(x, y)))
+}
+
+fn ports_overlap(a: &ForwardPort, b: &ForwardPort) -> bool {
+    a.protocol == b.protocol && a.node_ports.0 <= b.node_ports.1 && b.node_ports.0 <= a.node_ports.1
+}
+
+fn describe(p: &ForwardPort) -> String {
+    if p.node_ports.0 == p.node_ports.1 {
+        format!("{}/{}", p.protocol, p.node_ports.0)
+    } else {
+        format!("{}/{}-{}", p.protocol, p.node_ports.0, p.node_ports.1)
+    }
+}
+
+/// An accepted PortForward: its key, forward ports and allowed sources.
+type Taken = (String, Vec<ForwardPort>, Vec<IpNet>);
+
+/// The verdict on every PortForward, by `namespace/name` (`None`: valid). `networks` are all
+/// Networks (by name) that exist.
+pub fn port_forwards<'a>(
+    port_forwards: impl IntoIterator<Item = &'a PortForward>,
+    networks: &BTreeMap<String, &Network>,
+) -> BTreeMap<String, Option<Rejection>> {
+    let mut all: Vec<&PortForward> = port_forwards.into_iter().collect();
+    all.sort_by_key(|p| age_key(&p.metadata));
+    let mut out = BTreeMap::new();
+    // Accepted forwards per network: (key, ports, sources).
+    let mut taken: BTreeMap<&str, Vec<Taken>> = BTreeMap::new();
+    for pf in all {
+        let key = port_forward_key(pf);
+        if let Err(errors) = pf.spec.validate() {
+            out.insert(key, Some(invalid(&errors)));
+            continue;
+        }
+        let network = pf.spec.network.as_str();
+        match networks.get(network) {
+            None => {
+                out.insert(
+                    key,
+                    Some(Rejection {
+                        reason: REASON_NETWORK_NOT_FOUND,
+                        message: format!(
+                            "spec.network: Network {network:?} does not exist; create it or name an existing NAT Network"
+                        ),
+                    }),
+                );
+                continue;
+            }
+            Some(n) if n.spec.mode != NetworkMode::Nat => {
+                out.insert(
+                    key,
+                    Some(Rejection {
+                        reason: REASON_NETWORK_NOT_NAT,
+                        message: format!(
+                            "spec.network: Network {network:?} is in {} mode; PortForwards need a NAT Network",
+                            n.spec.mode
+                        ),
+                    }),
+                );
+                continue;
+            }
+            Some(_) => {}
+        }
+        let ports = pf.spec.forward_ports();
+        let srcs = sources(pf);
+        let owners = taken.entry(network).or_default();
+        let mut clashes = Vec::new();
+        for (i, p) in ports.iter().enumerate() {
+            for (other, their_ports, their_srcs) in owners.iter() {
+                if !sources_overlap(&srcs, their_srcs) {
+                    continue;
+                }
+                if let Some(t) = their_ports.iter().find(|t| ports_overlap(p, t)) {
+                    clashes.push(format!(
+                        "spec.ports[{i}]: node port {} is already forwarded on Network {network} by PortForward {other} ({}), which is older; use another node port or disjoint allowFrom sources",
+                        describe(p),
+                        describe(t)
+                    ));
+                }
+            }
+        }
+        if clashes.is_empty() {
+            owners.push((key.clone(), ports, srcs));
+            out.insert(key, None);
+        } else {
+            out.insert(
+                key,
+                Some(Rejection {
+                    reason: REASON_PORT_CONFLICT,
+                    message: clashes.join("; "),
+                }),
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use weft_crds::{
+        BridgeSpec, Cidr, ForwardedPort, NetworkSpec, PortForwardSpec, PortForwardTarget,
+        PortRange, Protocol,
+    };
+
+    fn at(secs: i64) -> Option<Time> {
+        Some(Time(jiff::Timestamp::from_second(secs).unwrap()))
+    }
+
+    fn net(name: &str, subnets: &[&str], created: i64) -> Network {
+        let mut n = Network::new(
+            name,
+            NetworkSpec {
+                subnets: subnets.iter().map(|s| Cidr::from(*s)).collect(),
+                ..NetworkSpec::default()
+            },
+        );
+        n.metadata.creation_timestamp = at(created);
+        n
+    }
+
+    #[test]
+    fn the_newer_of_two_overlapping_networks_is_rejected_naming_the_field_and_the_other() {
+        let old = net("old", &["10.10.0.0/16"], 10);
+        let new = net("new", &["fd00::/64", "10.10.5.0/24"], 20);
+        let other = net("other", &["10.20.0.0/16"], 30);
+        let v = networks([&new, &old, &other]);
+        assert_eq!(v["old"], None);
+        assert_eq!(v["other"], None);
+        let r = v["new"].clone().unwrap();
+        assert_eq!(r.reason, REASON_SUBNET_OVERLAP);
+        assert!(
+            r.message
+                .starts_with("spec.subnets[1]: 10.10.5.0/24 overlaps 10.10.0.0/16 of Network old"),
+            "{}",
+            r.message
+        );
+    }
+
+    #[test]
+    fn same_age_networks_are_ordered_by_name_and_rejected_ones_block_nobody() {
+        let a = net("a", &["10.0.0.0/16"], 10);
+        let b = net("b", &["10.0.0.0/8"], 10); // overlaps a (older by name) -> rejected
+        let c = net("c", &["10.1.0.0/16"], 10); // overlaps only b, which is rejected
+        let v = networks([&c, &b, &a]);
+        assert_eq!(v["a"], None);
+        assert_eq!(v["b"].as_ref().unwrap().reason, REASON_SUBNET_OVERLAP);
+        assert_eq!(v["c"], None);
+    }
+
+    #[test]
+    fn rust_validation_errors_are_invalid_with_the_field_errors() {
+        let bad = net("bad", &["10.0.0.1/16"], 10);
+        let r = networks([&bad])["bad"].clone().unwrap();
+        assert_eq!(r.reason, REASON_INVALID);
+        assert!(r.message.starts_with("spec.subnets[0]: "), "{}", r.message);
+    }
+
+    fn pf(
+        ns: &str,
+        name: &str,
+        network: &str,
+        ports: &[(Protocol, i32, i32)],
+        allow: &[&str],
+        created: i64,
+    ) -> PortForward {
+        let mut p = PortForward::new(
+            name,
+            PortForwardSpec {
+                network: network.into(),
+                target: PortForwardTarget {
+                    workload: Some("vm".into()),
+                    selector: None,
+                },
+                ports: ports
+                    .iter()
+                    .map(|&(protocol, s, e)| ForwardedPort {
+                        protocol,
+                        port: (s == e).then_some(s),
+                        port_range: (s != e).then_some(PortRange { start: s, end: e }),
+                        ..ForwardedPort::default()
+                    })
+                    .collect(),
+                allow_from: (!allow.is_empty())
+                    .then(|| allow.iter().map(|c| Cidr::from(*c)).collect()),
+            },
+        );
+        p.metadata.namespace = Some(ns.into());
+        p.metadata.creation_timestamp = at(created);
+        p
+    }
+
+    #[test]
+    fn port_forwards_are_checked_for_network_and_port_conflicts() {
+        let blue = net("blue", &["10.10.0.0/16"], 1);
+        let mut br = net("br", &["10.30.0.0/16"], 1);
+        br.spec.mode = NetworkMode::Bridge;
+        br.spec.bridge = Some(BridgeSpec {
+            uplink: "eth1".into(),
+            ..BridgeSpec::default()
+        });
+        let nets: BTreeMap<String, &Network> =
+            [("blue".to_owned(), &blue), ("br".to_owned(), &br)].into();
+        use Protocol::*;
+        let first = pf("a", "ssh", "blue", &[(Tcp, 2222, 2222)], &[], 10);
+        let range = pf("b", "rtp", "blue", &[(Udp, 2000, 2999)], &[], 11);
+        let clash = pf(
+            "c",
+            "ssh2",
+            "blue",
+            &[(Udp, 53, 53), (Tcp, 2200, 2300)],
+            &[],
+            12,
+        );
+        let udp_ok = pf("c", "dns", "blue", &[(Udp, 3000, 3000)], &[], 13);
+        let disjoint_a = pf(
+            "d",
+            "web1",
+            "blue",
+            &[(Tcp, 8080, 8080)],
+            &["192.168.1.0/24"],
+            14,
+        );
+        let disjoint_b = pf(
+            "d",
+            "web2",
+            "blue",
+            &[(Tcp, 8080, 8080)],
+            &["192.168.2.0/24"],
+            15,
+        );
+        let missing = pf("e", "gone", "nope", &[(Tcp, 1, 1)], &[], 16);
+        let bridge = pf("e", "bridged", "br", &[(Tcp, 1, 1)], &[], 17);
+        let v = port_forwards(
+            [
+                &clash,
+                &first,
+                &range,
+                &udp_ok,
+                &disjoint_a,
+                &disjoint_b,
+                &missing,
+                &bridge,
+            ],
+            &nets,
+        );
+        assert_eq!(v["a/ssh"], None);
+        assert_eq!(v["b/rtp"], None);
+        assert_eq!(v["c/dns"], None);
+        assert_eq!(v["d/web1"], None);
+        assert_eq!(v["d/web2"], None);
+        let r = v["c/ssh2"].clone().unwrap();
+        assert_eq!(r.reason, REASON_PORT_CONFLICT);
+        assert!(r.message.starts_with("spec.ports[1]: node port TCP/2200-2300 is already forwarded on Network blue by PortForward a/ssh"), "{}", r.message);
+        assert_eq!(
+            v["e/gone"].as_ref().unwrap().reason,
+            REASON_NETWORK_NOT_FOUND
+        );
+        assert_eq!(
+            v["e/bridged"].as_ref().unwrap().reason,
+            REASON_NETWORK_NOT_NAT
+        );
+    }
+}

@@ -1,0 +1,583 @@
+//! The controller's act steps against a mocked API server (tower-test), in the style of
+//! kube-rs's controller-rs: each test seeds the reflector stores, runs one reconcile, and a
+//! verifier checks every request the controller sends (method, path, query, body).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use http::{Method, Request, Response};
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::Client;
+use kube::client::Body;
+use kube::runtime::reflector::{self, store::Writer};
+use kube::runtime::watcher;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::Duration;
+use weft_crds::{
+    Cidr, ForwardedPort, Network, NetworkSpec, NodeNetwork, NodeNetworkBlock, NodeNetworkSpec,
+    NodeNetworkStatus, PortForward, PortForwardSpec, PortForwardTarget,
+};
+use weft_operator::controller::leader::Fixed;
+use weft_operator::controller::{Context, FINALIZER, Metrics, Stores, network, portforward};
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+struct World {
+    networks: Writer<Network>,
+    nodes: Writer<Node>,
+    node_networks: Writer<NodeNetwork>,
+    port_forwards: Writer<PortForward>,
+}
+
+impl World {
+    fn net(&mut self, n: &Network) -> &mut Self {
+        self.networks
+            .apply_watcher_event(&watcher::Event::Apply(n.clone()));
+        self
+    }
+    fn node(&mut self, name: &str, labels: &[(&str, &str)]) -> &mut Self {
+        let mut node = Node::default();
+        node.metadata.name = Some(name.into());
+        node.metadata.uid = Some(format!("uid-{name}"));
+        node.metadata.labels = Some(
+            labels
+                .iter()
+                .map(|(k, v)| ((*k).into(), (*v).into()))
+                .collect(),
+        );
+        self.nodes.apply_watcher_event(&watcher::Event::Apply(node));
+        self
+    }
+    fn node_network(
+        &mut self,
+        name: &str,
+        blocks: &[(&str, &str)],
+        realized: &[&str],
+    ) -> &mut Self {
+        let mut nn = NodeNetwork::new(
+            name,
+            NodeNetworkSpec {
+                blocks: blocks
+                    .iter()
+                    .map(|(net, cidr)| NodeNetworkBlock {
+                        network: (*net).into(),
+                        ipv4: Some(Cidr::from(*cidr)),
+                        ipv6: None,
+                    })
+                    .collect(),
+            },
+        );
+        nn.status = Some(NodeNetworkStatus {
+            networks: realized.iter().map(|s| (*s).to_owned()).collect(),
+            endpoints: Some(2),
+            ..NodeNetworkStatus::default()
+        });
+        self.node_networks
+            .apply_watcher_event(&watcher::Event::Apply(nn));
+        self
+    }
+    fn pf(&mut self, pf: &PortForward) -> &mut Self {
+        self.port_forwards
+            .apply_watcher_event(&watcher::Event::Apply(pf.clone()));
+        self
+    }
+}
+
+fn setup(leader: bool) -> (Arc<Context>, Handle, World) {
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(svc, "default");
+    let (networks, nw) = reflector::store();
+    let (nodes, ndw) = reflector::store();
+    let (node_networks, nnw) = reflector::store();
+    let (port_forwards, pfw) = reflector::store();
+    let stores = Stores {
+        networks,
+        nodes,
+        node_networks,
+        port_forwards,
+    };
+    let ctx = Context::new(client, stores, Arc::new(Fixed(leader)), Metrics::default());
+    (
+        Arc::new(ctx),
+        handle,
+        World {
+            networks: nw,
+            nodes: ndw,
+            node_networks: nnw,
+            port_forwards: pfw,
+        },
+    )
+}
+
+fn network(name: &str, subnet: &str, created: i64) -> Network {
+    let mut n = Network::new(
+        name,
+        NetworkSpec {
+            subnets: vec![Cidr::from(subnet)],
+            ..NetworkSpec::default()
+        },
+    );
+    n.metadata.creation_timestamp = Some(Time(jiff::Timestamp::from_second(created).unwrap()));
+    n.metadata.generation = Some(1);
+    n.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    n.metadata.uid = Some(format!("uid-{name}"));
+    n
+}
+
+/// One expected request: what the controller must send.
+struct Expect {
+    method: Method,
+    path: String,
+    /// Query pairs that must be present.
+    query: &'static [&'static str],
+}
+
+/// The request as the verifier saw it.
+struct Seen {
+    body: Value,
+    content_type: String,
+}
+
+const APPLY: &[&str] = &["fieldManager=weft-controller", "force=true"];
+
+/// Waits for the next request, checks it, answers with `reply(body)` and returns what it saw.
+async fn expect(handle: &mut Handle, want: Expect, reply: impl FnOnce(&Value) -> Value) -> Seen {
+    let (request, send) = tokio::time::timeout(Duration::from_secs(1), handle.next_request())
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {} {}", want.method, want.path))
+        .expect("service not called");
+    assert_eq!(request.method(), want.method, "{}", request.uri());
+    assert_eq!(request.uri().path(), want.path);
+    let query = request.uri().query().unwrap_or_default().to_owned();
+    for q in want.query {
+        assert!(
+            query.split('&').any(|p| p == *q),
+            "{} lacks {q}: {query}",
+            want.path
+        );
+    }
+    let content_type = request
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let bytes = request.into_body().collect_bytes().await.unwrap();
+    let body: Value = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap()
+    };
+    let answer = reply(&body);
+    send.send_response(
+        Response::builder()
+            .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+            .unwrap(),
+    );
+    Seen { body, content_type }
+}
+
+fn echo(body: &Value) -> Value {
+    body.clone()
+}
+
+fn network_reply(net: &Network) -> impl FnOnce(&Value) -> Value {
+    let net = net.clone();
+    move |body| {
+        let mut v = serde_json::to_value(&net).unwrap();
+        if let Some(s) = body.get("status") {
+            v["status"] = s.clone();
+        }
+        v
+    }
+}
+
+fn event_reply(body: &Value) -> Value {
+    let mut v = body.clone();
+    v["metadata"]["name"] = json!("ev");
+    v
+}
+
+async fn no_more_requests(handle: &mut Handle) {
+    let next = tokio::time::timeout(Duration::from_millis(200), handle.next_request()).await;
+    if let Ok(Some((req, _))) = next {
+        panic!("unexpected request {} {}", req.method(), req.uri());
+    }
+}
+
+fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
+    status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == type_)
+        .unwrap_or_else(|| panic!("no {type_} condition in {status}"))
+}
+
+#[tokio::test]
+async fn blocks_are_allocated_into_node_networks_with_server_side_apply() {
+    let (ctx, mut handle, mut world) = setup(true);
+    let blue = network("blue", "10.10.0.0/24", 1);
+    world.net(&blue).node("a", &[]).node("b", &[]);
+    let verifier = tokio::spawn(async move {
+        for (node, block) in [("a", "10.10.0.0/26"), ("b", "10.10.0.64/26")] {
+            let seen = expect(
+                &mut handle,
+                Expect {
+                    method: Method::PATCH,
+                    path: format!("/apis/weft.dev/v1alpha1/nodenetworks/{node}"),
+                    query: APPLY,
+                },
+                echo,
+            )
+            .await;
+            assert_eq!(seen.content_type, "application/apply-patch+yaml");
+            assert_eq!(seen.body["kind"], "NodeNetwork");
+            assert_eq!(seen.body["metadata"]["ownerReferences"][0]["kind"], "Node");
+            assert_eq!(
+                seen.body["metadata"]["ownerReferences"][0]["uid"],
+                format!("uid-{node}")
+            );
+            assert_eq!(
+                seen.body["spec"]["blocks"],
+                json!([{"network": "blue", "ipv4": block}])
+            );
+        }
+        let seen = expect(
+            &mut handle,
+            Expect {
+                method: Method::PATCH,
+                path: "/apis/weft.dev/v1alpha1/networks/blue/status".into(),
+                query: APPLY,
+            },
+            network_reply(&blue),
+        )
+        .await;
+        let status = &seen.body["status"];
+        assert_eq!(condition(status, "Valid")["status"], "True");
+        assert_eq!(condition(status, "Ready")["reason"], "Pending");
+        assert_eq!(condition(status, "Ready")["observedGeneration"], 1);
+        assert_eq!(
+            status["nodeBlocks"],
+            json!([{"node": "a", "blocks": ["10.10.0.0/26"]}, {"node": "b", "blocks": ["10.10.0.64/26"]}])
+        );
+        assert_eq!(status["addressesTotal"], 253);
+        no_more_requests(&mut handle).await;
+    });
+    network::reconcile(world_network(&ctx, "blue"), ctx)
+        .await
+        .unwrap();
+    verifier.await.unwrap();
+}
+
+#[tokio::test]
+async fn blocks_of_removed_and_unselected_nodes_are_released() {
+    let (ctx, mut handle, mut world) = setup(true);
+    let mut blue = network("blue", "10.10.0.0/24", 1);
+    blue.spec.node_selector = Some(
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+            match_labels: Some([("pool".to_owned(), "x".to_owned())].into()),
+            ..Default::default()
+        },
+    );
+    // Node b is gone (its NodeNetwork remains until garbage collection), a is no longer
+    // selected, c is new: c gets the lowest free block, which b and a held before.
+    world
+        .net(&blue)
+        .node("a", &[])
+        .node("c", &[("pool", "x")])
+        .node("d", &[("pool", "x")])
+        .node_network("a", &[("blue", "10.10.0.0/26")], &["blue"])
+        .node_network("b", &[("blue", "10.10.0.64/26")], &["blue"])
+        .node_network("d", &[("blue", "10.10.0.128/26")], &["blue"]);
+    let verifier = tokio::spawn(async move {
+        let seen = expect(
+            &mut handle,
+            Expect {
+                method: Method::PATCH,
+                path: "/apis/weft.dev/v1alpha1/nodenetworks/a".into(),
+                query: APPLY,
+            },
+            echo,
+        )
+        .await;
+        assert_eq!(seen.body["spec"]["blocks"], json!([]));
+        let seen = expect(
+            &mut handle,
+            Expect {
+                method: Method::PATCH,
+                path: "/apis/weft.dev/v1alpha1/nodenetworks/c".into(),
+                query: APPLY,
+            },
+            echo,
+        )
+        .await;
+        assert_eq!(
+            seen.body["spec"]["blocks"],
+            json!([{"network": "blue", "ipv4": "10.10.0.0/26"}])
+        );
+        let seen = expect(
+            &mut handle,
+            Expect {
+                method: Method::PATCH,
+                path: "/apis/weft.dev/v1alpha1/networks/blue/status".into(),
+                query: APPLY,
+            },
+            network_reply(&blue),
+        )
+        .await;
+        assert_eq!(
+            seen.body["status"]["nodeBlocks"],
+            json!([{"node": "c", "blocks": ["10.10.0.0/26"]}, {"node": "d", "blocks": ["10.10.0.128/26"]}])
+        );
+        no_more_requests(&mut handle).await;
+    });
+    network::reconcile(world_network(&ctx, "blue"), ctx)
+        .await
+        .unwrap();
+    verifier.await.unwrap();
+}
+
+#[tokio::test]
+async fn an_overlapping_network_gets_valid_false_and_a_warning_event() {
+    let (ctx, mut handle, mut world) = setup(true);
+    let old = network("old", "10.10.0.0/16", 1);
+    let new = network("new", "10.10.5.0/24", 2);
+    world.net(&old).net(&new).node("a", &[]).node_network(
+        "a",
+        &[("old", "10.10.0.0/26")],
+        &["old"],
+    );
+    let verifier = tokio::spawn(async move {
+        let seen = expect(
+            &mut handle,
+            Expect {
+                method: Method::PATCH,
+                path: "/apis/weft.dev/v1alpha1/networks/new/status".into(),
+                query: APPLY,
+            },
+            network_reply(&new),
+        )
+        .await;
+        let valid = condition(&seen.body["status"], "Valid");
+        assert_eq!(valid["status"], "False");
+        assert_eq!(valid["reason"], "SubnetOverlap");
+        let message = valid["message"].as_str().unwrap();
+        assert!(
+            message.contains("spec.subnets[0]") && message.contains("Network old"),
+            "{message}"
+        );
+        assert_eq!(condition(&seen.body["status"], "Ready")["status"], "False");
+        assert!(seen.body["status"].get("nodeBlocks").is_none());
+        let seen = expect(
+            &mut handle,
+            Expect {
+                method: Method::POST,
+                path: "/apis/events.k8s.io/v1/namespaces/default/events".into(),
+                query: &[],
+            },
+            event_reply,
+        )
+        .await;
+        assert_eq!(seen.body["type"], "Warning");
+        assert_eq!(seen.body["reason"], "SubnetOverlap");
+        assert_eq!(seen.body["regarding"]["name"], "new");
+        assert_eq!(seen.body["regarding"]["kind"], "Network");
+        no_more_requests(&mut handle).await;
+    });
+    let new_obj = world_network(&ctx, "new");
+    network::reconcile(new_obj, ctx).await.unwrap();
+    verifier.await.unwrap();
+}
+
+fn world_network(ctx: &Context, name: &str) -> Arc<Network> {
+    ctx.stores
+        .networks
+        .state()
+        .into_iter()
+        .find(|n| n.metadata.name.as_deref() == Some(name))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_finalizer_waits_for_agents_and_is_removed_once_none_realizes_the_network() {
+    let (ctx, mut handle, mut world) = setup(true);
+    let mut blue = network("blue", "10.10.0.0/24", 1);
+    blue.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::from_second(100).unwrap()));
+    world
+        .net(&blue)
+        .node("a", &[])
+        .node("b", &[])
+        .node_network("a", &[("blue", "10.10.0.0/26")], &["blue"])
+        .node_network("b", &[("blue", "10.10.0.64/26")], &[])
+        // The node of "gone" no longer exists: its stale status does not hold the finalizer.
+        .node_network("gone", &[], &["blue"]);
+    // First pass: the blocks leave every spec; agent a still realizes blue.
+    let verifier = tokio::spawn(async move {
+        for node in ["a", "b"] {
+            let seen = expect(
+                &mut handle,
+                Expect {
+                    method: Method::PATCH,
+                    path: format!("/apis/weft.dev/v1alpha1/nodenetworks/{node}"),
+                    query: APPLY,
+                },
+                echo,
+            )
+            .await;
+            assert_eq!(seen.body["spec"]["blocks"], json!([]));
+        }
+        no_more_requests(&mut handle).await;
+        handle
+    });
+    let err = network::reconcile(Arc::new(blue.clone()), ctx.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), "WaitingForAgents");
+    assert!(err.is_transient());
+    let mut handle = verifier.await.unwrap();
+
+    // The agent of a removed the network: the finalizer goes (JSON patch on the Network).
+    world
+        .node_network("a", &[], &[])
+        .node_network("b", &[], &[]);
+    let verifier = tokio::spawn(async move {
+        let seen = expect(
+            &mut handle,
+            Expect {
+                method: Method::PATCH,
+                path: "/apis/weft.dev/v1alpha1/networks/blue".into(),
+                query: &[],
+            },
+            network_reply(&blue),
+        )
+        .await;
+        assert_eq!(seen.content_type, "application/json-patch+json");
+        let ops = seen.body.as_array().unwrap();
+        assert!(
+            ops.iter()
+                .any(|op| op["op"] == "remove" && op["path"] == "/metadata/finalizers/0"),
+            "{}",
+            seen.body
+        );
+        no_more_requests(&mut handle).await;
+    });
+    let blue = world_network(&ctx, "blue");
+    network::reconcile(blue, ctx).await.unwrap();
+    verifier.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_network_without_the_finalizer_gets_it_first() {
+    let (ctx, mut handle, mut world) = setup(true);
+    let mut blue = network("blue", "10.10.0.0/24", 1);
+    blue.metadata.finalizers = None;
+    world.net(&blue);
+    let verifier = tokio::spawn(async move {
+        let seen = expect(
+            &mut handle,
+            Expect {
+                method: Method::PATCH,
+                path: "/apis/weft.dev/v1alpha1/networks/blue".into(),
+                query: &[],
+            },
+            network_reply(&blue),
+        )
+        .await;
+        assert!(seen.body.to_string().contains(FINALIZER), "{}", seen.body);
+        no_more_requests(&mut handle).await;
+    });
+    let blue = world_network(&ctx, "blue");
+    network::reconcile(blue, ctx).await.unwrap();
+    verifier.await.unwrap();
+}
+
+fn port_forward(name: &str, network: &str) -> PortForward {
+    let mut pf = PortForward::new(
+        name,
+        PortForwardSpec {
+            network: network.into(),
+            target: PortForwardTarget {
+                workload: Some("vm1".into()),
+                selector: None,
+            },
+            ports: vec![ForwardedPort {
+                port: Some(2222),
+                ..ForwardedPort::default()
+            }],
+            allow_from: None,
+        },
+    );
+    pf.metadata.namespace = Some("apps".into());
+    pf.metadata.generation = Some(3);
+    pf
+}
+
+#[tokio::test]
+async fn a_port_forward_to_a_missing_network_is_rejected_with_status_and_event() {
+    let (ctx, mut handle, mut world) = setup(true);
+    let pf = port_forward("ssh", "nope");
+    world.pf(&pf);
+    let reply = {
+        let pf = pf.clone();
+        move |body: &Value| {
+            let mut v = serde_json::to_value(&pf).unwrap();
+            v["status"] = body["status"].clone();
+            v
+        }
+    };
+    let verifier = tokio::spawn(async move {
+        let seen = expect(
+            &mut handle,
+            Expect {
+                method: Method::PATCH,
+                path: "/apis/weft.dev/v1alpha1/namespaces/apps/portforwards/ssh/status".into(),
+                query: APPLY,
+            },
+            reply,
+        )
+        .await;
+        let valid = condition(&seen.body["status"], "Valid");
+        assert_eq!(valid["reason"], "NetworkNotFound");
+        assert_eq!(valid["observedGeneration"], 3);
+        assert_eq!(seen.body["status"]["observedGeneration"], 3);
+        let seen = expect(
+            &mut handle,
+            Expect {
+                method: Method::POST,
+                path: "/apis/events.k8s.io/v1/namespaces/apps/events".into(),
+                query: &[],
+            },
+            event_reply,
+        )
+        .await;
+        assert_eq!(seen.body["type"], "Warning");
+        assert_eq!(seen.body["reason"], "NetworkNotFound");
+        no_more_requests(&mut handle).await;
+    });
+    portforward::reconcile(Arc::new(pf), ctx).await.unwrap();
+    verifier.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_replica_that_does_not_hold_the_lease_writes_nothing() {
+    let (ctx, mut handle, mut world) = setup(false);
+    let old = network("old", "10.10.0.0/16", 1);
+    let new = network("new", "10.10.5.0/24", 2);
+    let mut no_finalizer = network("fresh", "10.20.0.0/24", 3);
+    no_finalizer.metadata.finalizers = None;
+    let pf = port_forward("ssh", "nope");
+    world
+        .net(&old)
+        .net(&new)
+        .net(&no_finalizer)
+        .node("a", &[])
+        .pf(&pf);
+    for n in [&old, &new, &no_finalizer] {
+        network::reconcile(Arc::new(n.clone()), ctx.clone())
+            .await
+            .unwrap();
+    }
+    portforward::reconcile(Arc::new(pf), ctx).await.unwrap();
+    no_more_requests(&mut handle).await;
+}
