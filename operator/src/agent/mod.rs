@@ -41,6 +41,8 @@ pub struct AgentConfig {
     pub cni: CniInstall,
     /// The network named in the conflist (default: the only network on the node).
     pub default_network: Option<String>,
+    /// Remove the conflist when the agent exits (links and rules stay).
+    pub cleanup_config_on_exit: bool,
     /// Full resync period (repairs drift: a table or bridge deleted by hand).
     pub resync: Duration,
     /// How often the source is polled for changes.
@@ -380,6 +382,15 @@ pub async fn run(cfg: AgentConfig, source: Box<dyn ResourceSource>) -> anyhow::R
         }
     }
     info!("weft agent stopping; workloads keep their network");
+    if cfg.cleanup_config_on_exit {
+        // Without a running agent the conflist would send every new pod to a CNI that fails;
+        // the next agent writes it again on its first reconcile.
+        match weft_dataplane::state::remove_file(&cfg.cni.conflist_path()) {
+            Ok(true) => info!(path = %cfg.cni.conflist_path().display(), "removed the conflist"),
+            Ok(false) => {}
+            Err(e) => warn!(error = %crate::error_chain(&e), "cannot remove the conflist"),
+        }
+    }
     server.abort();
     let _ = std::fs::remove_file(&cfg.socket);
     Ok(())
