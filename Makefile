@@ -34,3 +34,4 @@ lint:
 ## generate: regenerate the CRD YAML from the Rust types
 generate:
 	$(CARGO) run -q -p weft-crds --bin crdgen -- --write crds/generated
+	cp crds/generated/*.yaml charts/weft/crds/
