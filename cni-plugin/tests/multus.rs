@@ -30,7 +30,10 @@ fn a_multus_delegate_gets_net1_with_the_annotation_s_ip_and_mac_and_no_default_r
     assert!(add.json["routes"].as_array().unwrap().is_empty());
 
     let mut inner = Netlink::in_netns(&Netns::open(&ns_path).unwrap()).unwrap();
-    let net1 = inner.link_by_name("net1").unwrap().expect("net1 in the pod");
+    let net1 = inner
+        .link_by_name("net1")
+        .unwrap()
+        .expect("net1 in the pod");
     assert!(net1.up);
     assert_eq!(
         weft_dataplane::names::format_mac(net1.mac.unwrap()),
@@ -47,7 +50,12 @@ fn a_multus_delegate_gets_net1_with_the_annotation_s_ip_and_mac_and_no_default_r
     let clash = weft("ADD", &conf, &env("multus2", ns2.to_str().unwrap(), "net1"));
     assert!(!clash.ok);
     assert_eq!(clash.json["code"], 7, "{}", clash.json);
-    assert!(clash.json["details"].as_str().unwrap().contains("10.77.0.50"));
+    assert!(
+        clash.json["details"]
+            .as_str()
+            .unwrap()
+            .contains("10.77.0.50")
+    );
 
     let del = weft("DEL", &conf, &env("multus1", ns, "net1"));
     assert!(del.ok, "{}", del.json);

@@ -6,7 +6,10 @@
 use std::path::{Path, PathBuf};
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn chart() -> PathBuf {
@@ -36,7 +39,11 @@ fn chart_crds_are_identical_to_the_generated_ones() {
         );
     }
     let in_chart = std::fs::read_dir(chart().join("crds")).unwrap().count();
-    assert_eq!(in_chart, names.len(), "charts/weft/crds has files crds/generated does not");
+    assert_eq!(
+        in_chart,
+        names.len(),
+        "charts/weft/crds has files crds/generated does not"
+    );
 }
 
 #[derive(serde::Deserialize)]
@@ -53,7 +60,12 @@ fn rbac_rules_have_no_wildcard_and_no_secrets() {
     let mut checked = 0;
     for entry in std::fs::read_dir(&files).unwrap() {
         let path = entry.unwrap().path();
-        if !path.file_name().unwrap().to_string_lossy().ends_with("rules.yaml") {
+        if !path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .ends_with("rules.yaml")
+        {
             continue;
         }
         let rules: Vec<Rule> = serde_saphyr::from_str(&read(&path)).unwrap();
@@ -63,7 +75,9 @@ fn rbac_rules_have_no_wildcard_and_no_secrets() {
                 assert!(!v.contains('*'), "{}: wildcard in {v:?}", path.display());
             }
             assert!(
-                !r.resources.iter().any(|res| res == "secrets" || res.starts_with("secrets/")),
+                !r.resources
+                    .iter()
+                    .any(|res| res == "secrets" || res.starts_with("secrets/")),
                 "{}: access to Secrets",
                 path.display()
             );
@@ -71,18 +85,30 @@ fn rbac_rules_have_no_wildcard_and_no_secrets() {
             checked += 1;
         }
     }
-    assert!(checked >= 8, "expected the controller's and the agent's rules");
+    assert!(
+        checked >= 8,
+        "expected the controller's and the agent's rules"
+    );
     // The templates take their rules from these files only.
     let rbac = read(&chart().join("templates/rbac.yaml"));
-    assert_eq!(rbac.matches("rules:").count(), 3, "every Role/ClusterRole reads files/*rules.yaml");
+    assert_eq!(
+        rbac.matches("rules:").count(),
+        3,
+        "every Role/ClusterRole reads files/*rules.yaml"
+    );
     assert_eq!(rbac.matches(".Files.Get \"files/").count(), 3);
     // The agent never writes what it only reads.
     let agent: Vec<Rule> = serde_saphyr::from_str(&read(&files.join("agent-rules.yaml"))).unwrap();
     for r in &agent {
-        let writes = r.verbs.iter().any(|v| ["create", "update", "patch", "delete"].contains(&v.as_str()));
+        let writes = r
+            .verbs
+            .iter()
+            .any(|v| ["create", "update", "patch", "delete"].contains(&v.as_str()));
         if writes {
             assert!(
-                r.resources.iter().all(|res| res == "nodenetworks/status" || res == "events"),
+                r.resources
+                    .iter()
+                    .all(|res| res == "nodenetworks/status" || res == "events"),
                 "the agent may write only NodeNetwork status and events: {:?}",
                 r.resources
             );
@@ -123,7 +149,10 @@ fn workloads_are_least_privileged() {
     assert!(agent.contains("privileged: false"));
     assert!(!agent.contains("privileged: true"));
     assert!(agent.contains("NET_ADMIN"));
-    assert!(agent.contains("operator: Exists") || read(&chart().join("values.yaml")).contains("operator: Exists"));
+    assert!(
+        agent.contains("operator: Exists")
+            || read(&chart().join("values.yaml")).contains("operator: Exists")
+    );
     assert!(agent.contains("mountPropagation: HostToContainer"));
     assert!(agent.contains("--cleanup-config-on-exit"));
     let controller = read(&chart().join("templates/controller.yaml"));
@@ -131,6 +160,9 @@ fn workloads_are_least_privileged() {
     assert!(controller.contains("runAsNonRoot: true"));
     assert!(read(&chart().join("values.yaml")).contains("replicas: 2"));
     for probe in ["/healthz", "/readyz"] {
-        assert!(controller.contains(probe) && agent.contains(probe), "{probe} probes");
+        assert!(
+            controller.contains(probe) && agent.contains(probe),
+            "{probe} probes"
+        );
     }
 }
