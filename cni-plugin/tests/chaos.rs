@@ -13,7 +13,6 @@ use common::{Agent, Node, env, weft};
 use serde_json::json;
 use std::collections::BTreeSet;
 use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 use weft_dataplane::ipam::IpamStore;
 use weft_dataplane::names;
@@ -58,21 +57,7 @@ fn kill_9_at_random_points_of_add_then_del_and_gc_leave_nothing() {
         let (_, ns) = node.workload();
         let ns = ns.to_str().unwrap().to_string();
         let cid = format!("kill{i}");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_weft"))
-            .env_clear()
-            .env("CNI_COMMAND", "ADD")
-            .envs(env(&cid, &ns, "eth0"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(conf.to_string().as_bytes())
-            .unwrap();
+        let mut child = common::spawn_weft("ADD", &conf, &env(&cid, &ns, "eth0"));
         std::thread::sleep(Duration::from_micros(next() % 12_000));
         let _ = child.kill();
         let status = child.wait().unwrap();

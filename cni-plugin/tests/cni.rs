@@ -183,21 +183,7 @@ fn a_killed_add_is_repaired_by_del_and_by_gc() {
         let (_, ns_path) = node.workload();
         let ns = ns_path.to_str().unwrap().to_string();
         let conf = node.conf("1.1.0");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_weft"))
-            .env_clear()
-            .env("CNI_COMMAND", "ADD")
-            .envs(env(cid, &ns, "eth0"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(conf.to_string().as_bytes())
-            .unwrap();
+        let mut child = common::spawn_weft("ADD", &conf, &env(cid, &ns, "eth0"));
         // Wait until the link exists (ADD is now waiting for the silent agent), then kill -9.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while !host_link_exists(cid, "eth0") {

@@ -160,7 +160,8 @@ pub struct Out {
     pub stderr: String,
 }
 
-pub fn weft(command: &str, conf: &Value, env: &[(&str, &str)]) -> Out {
+/// Starts `weft` as a runtime does (configuration on stdin, closed) without waiting for it.
+pub fn spawn_weft(command: &str, conf: &Value, env: &[(&str, &str)]) -> std::process::Child {
     let mut child = Command::new(env!("CARGO_BIN_EXE_weft"))
         .env_clear()
         .env("CNI_COMMAND", command)
@@ -176,7 +177,12 @@ pub fn weft(command: &str, conf: &Value, env: &[(&str, &str)]) -> Out {
         .unwrap()
         .write_all(conf.to_string().as_bytes())
         .unwrap();
-    let out = child.wait_with_output().unwrap();
+    child
+}
+
+/// Runs `weft` to completion and decodes its answer.
+pub fn weft(command: &str, conf: &Value, env: &[(&str, &str)]) -> Out {
+    let out = spawn_weft(command, conf, env).wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     Out {
         ok: out.status.success(),
