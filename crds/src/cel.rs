@@ -219,6 +219,78 @@ pub const PORT_RANGE_ORDERED: CelRule = CelRule {
     field_path: None,
 };
 
+// ---- ClusterSegmentationPolicy and SegmentationPolicy ----
+
+/// `spec`: ingress rules have no `to`.
+pub const POLICY_INGRESS_NO_TO: CelRule = CelRule {
+    rule: "!has(self.ingress) || self.ingress.all(r, !has(r.to))",
+    message: "ingress rules name their peers in from, not to",
+    field_path: Some(".ingress"),
+};
+
+/// `spec`: egress rules have no `from`.
+pub const POLICY_EGRESS_NO_FROM: CelRule = CelRule {
+    rule: "!has(self.egress) || self.egress.all(r, !has(r.from))",
+    message: "egress rules name their peers in to, not from",
+    field_path: Some(".egress"),
+};
+
+/// `spec` of a ClusterSegmentationPolicy: actions Accept, Deny, Pass.
+pub const CLUSTER_POLICY_ACTIONS: CelRule = CelRule {
+    rule: "(!has(self.ingress) || self.ingress.all(r, r.action in ['Accept', 'Deny', 'Pass'])) && (!has(self.egress) || self.egress.all(r, r.action in ['Accept', 'Deny', 'Pass']))",
+    message: "a ClusterSegmentationPolicy rule's action is Accept, Deny or Pass (Allow is for SegmentationPolicy)",
+    field_path: None,
+};
+
+/// `spec` of a SegmentationPolicy: actions Allow, Deny.
+pub const NAMESPACED_POLICY_ACTIONS: CelRule = CelRule {
+    rule: "(!has(self.ingress) || self.ingress.all(r, r.action in ['Allow', 'Deny'])) && (!has(self.egress) || self.egress.all(r, r.action in ['Allow', 'Deny']))",
+    message: "a SegmentationPolicy rule's action is Allow or Deny (Accept and Pass are for ClusterSegmentationPolicy)",
+    field_path: None,
+};
+
+/// `spec.ingress`/`spec.egress`: rule names are unique.
+pub const POLICY_RULE_NAMES_UNIQUE: CelRule = CelRule {
+    rule: "self.all(r, self.exists_one(q, q.name == r.name))",
+    message: "rule names must be unique within ingress and within egress; rename the duplicate",
+    field_path: None,
+};
+
+/// `spec.subject` of a cluster policy: exactly one of namespaces and pods.
+pub const CLUSTER_SUBJECT_EXACTLY_ONE: CelRule = CelRule {
+    rule: "has(self.namespaces) != has(self.pods)",
+    message: "spec.subject needs exactly one of namespaces (every workload of those namespaces) or pods",
+    field_path: None,
+};
+
+/// A peer: exactly one of namespaces, pods, networks or cidrs (networks may narrow the first two).
+pub const PEER_EXACTLY_ONE: CelRule = CelRule {
+    rule: "[has(self.namespaces), has(self.pods), has(self.cidrs)].filter(x, x).size() + (has(self.networks) && !has(self.namespaces) && !has(self.pods) ? 1 : 0) == 1 && !(has(self.cidrs) && has(self.networks))",
+    message: "a peer has exactly one of namespaces, pods, networks or cidrs (networks may also narrow namespaces or pods)",
+    field_path: None,
+};
+
+/// A protocol entry: at most one of port and portRange.
+pub const PROTOCOL_PORT_OR_RANGE: CelRule = CelRule {
+    rule: "!(has(self.port) && has(self.portRange))",
+    message: "set at most one of port and portRange",
+    field_path: None,
+};
+
+/// A protocol entry: ports only for TCP, UDP, SCTP.
+pub const PROTOCOL_PORTS_NEED_L4: CelRule = CelRule {
+    rule: "!(has(self.port) || has(self.portRange)) || self.protocol in ['TCP', 'UDP', 'SCTP']",
+    message: "port and portRange are only for TCP, UDP and SCTP; use icmpType for ICMP",
+    field_path: None,
+};
+
+/// A protocol entry: icmpType/icmpCode only for ICMP, code only with type.
+pub const PROTOCOL_ICMP_FIELDS: CelRule = CelRule {
+    rule: "(!(has(self.icmpType) || has(self.icmpCode)) || self.protocol in ['ICMP', 'ICMPv6']) && (!has(self.icmpCode) || has(self.icmpType))",
+    message: "icmpType and icmpCode are only for ICMP and ICMPv6, and icmpCode needs icmpType",
+    field_path: None,
+};
+
 /// Where each rule is attached: the schema location (from `openAPIV3Schema`, `[]` for list
 /// items) in the CRD named, and the rule. Used by the tests of the generated schema.
 pub const ATTACHED: &[(&str, &str, &CelRule)] = &[
@@ -295,6 +367,261 @@ pub const ATTACHED: &[(&str, &str, &CelRule)] = &[
     ),
     ("portforwards.weft.dev", "spec.allowFrom[]", &CIDR_VALID),
     ("portforwards.weft.dev", "spec.allowFrom[]", &CIDR_CANONICAL),
+    (
+        "clustersegmentationpolicies.weft.dev",
+        "spec",
+        &POLICY_INGRESS_NO_TO,
+    ),
+    (
+        "clustersegmentationpolicies.weft.dev",
+        "spec",
+        &POLICY_EGRESS_NO_FROM,
+    ),
+    (
+        "clustersegmentationpolicies.weft.dev",
+        "spec",
+        &CLUSTER_POLICY_ACTIONS,
+    ),
+    (
+        "clustersegmentationpolicies.weft.dev",
+        "spec.subject",
+        &CLUSTER_SUBJECT_EXACTLY_ONE,
+    ),
+    (
+        "clustersegmentationpolicies.weft.dev",
+        "spec.ingress",
+        &POLICY_RULE_NAMES_UNIQUE,
+    ),
+    (
+        "clustersegmentationpolicies.weft.dev",
+        "spec.ingress[].from[]",
+        &PEER_EXACTLY_ONE,
+    ),
+    (
+        "clustersegmentationpolicies.weft.dev",
+        "spec.ingress[].from[].cidrs[]",
+        &CIDR_VALID,
+    ),
+    (
+        "clustersegmentationpolicies.weft.dev",
+        "spec.ingress[].from[].cidrs[]",
+        &CIDR_CANONICAL,
+    ),
+    (
+        "clustersegmentationpolicies.weft.dev",
+        "spec.ingress[].to[]",
+        &PEER_EXACTLY_ONE,
+    ),
+    (
+        "clustersegmentationpolicies.weft.dev",
+        "spec.ingress[].to[].cidrs[]",
+        &CIDR_VALID,
+    ),
+    (
+        "clustersegmentationpolicies.weft.dev",
+        "spec.ingress[].to[].cidrs[]",
+        &CIDR_CANONICAL,
+    ),
+    (
+        "clustersegmentationpolicies.weft.dev",
+        "spec.ingress[].protocols[]",
+        &PROTOCOL_PORT_OR_RANGE,
+    ),
+    (
+        "clustersegmentationpolicies.weft.dev",
+        "spec.ingress[].protocols[]",
+        &PROTOCOL_PORTS_NEED_L4,
+    ),
+    (
+        "clustersegmentationpolicies.weft.dev",
+        "spec.ingress[].protocols[]",
+        &PROTOCOL_ICMP_FIELDS,
+    ),
+    (
+        "clustersegmentationpolicies.weft.dev",
+        "spec.ingress[].protocols[].portRange",
+        &PORT_RANGE_ORDERED,
+    ),
+    (
+        "clustersegmentationpolicies.weft.dev",
+        "spec.egress",
+        &POLICY_RULE_NAMES_UNIQUE,
+    ),
+    (
+        "clustersegmentationpolicies.weft.dev",
+        "spec.egress[].from[]",
+        &PEER_EXACTLY_ONE,
+    ),
+    (
+        "clustersegmentationpolicies.weft.dev",
+        "spec.egress[].from[].cidrs[]",
+        &CIDR_VALID,
+    ),
+    (
+        "clustersegmentationpolicies.weft.dev",
+        "spec.egress[].from[].cidrs[]",
+        &CIDR_CANONICAL,
+    ),
+    (
+        "clustersegmentationpolicies.weft.dev",
+        "spec.egress[].to[]",
+        &PEER_EXACTLY_ONE,
+    ),
+    (
+        "clustersegmentationpolicies.weft.dev",
+        "spec.egress[].to[].cidrs[]",
+        &CIDR_VALID,
+    ),
+    (
+        "clustersegmentationpolicies.weft.dev",
+        "spec.egress[].to[].cidrs[]",
+        &CIDR_CANONICAL,
+    ),
+    (
+        "clustersegmentationpolicies.weft.dev",
+        "spec.egress[].protocols[]",
+        &PROTOCOL_PORT_OR_RANGE,
+    ),
+    (
+        "clustersegmentationpolicies.weft.dev",
+        "spec.egress[].protocols[]",
+        &PROTOCOL_PORTS_NEED_L4,
+    ),
+    (
+        "clustersegmentationpolicies.weft.dev",
+        "spec.egress[].protocols[]",
+        &PROTOCOL_ICMP_FIELDS,
+    ),
+    (
+        "clustersegmentationpolicies.weft.dev",
+        "spec.egress[].protocols[].portRange",
+        &PORT_RANGE_ORDERED,
+    ),
+    (
+        "segmentationpolicies.weft.dev",
+        "spec",
+        &POLICY_INGRESS_NO_TO,
+    ),
+    (
+        "segmentationpolicies.weft.dev",
+        "spec",
+        &POLICY_EGRESS_NO_FROM,
+    ),
+    (
+        "segmentationpolicies.weft.dev",
+        "spec",
+        &NAMESPACED_POLICY_ACTIONS,
+    ),
+    (
+        "segmentationpolicies.weft.dev",
+        "spec.ingress",
+        &POLICY_RULE_NAMES_UNIQUE,
+    ),
+    (
+        "segmentationpolicies.weft.dev",
+        "spec.ingress[].from[]",
+        &PEER_EXACTLY_ONE,
+    ),
+    (
+        "segmentationpolicies.weft.dev",
+        "spec.ingress[].from[].cidrs[]",
+        &CIDR_VALID,
+    ),
+    (
+        "segmentationpolicies.weft.dev",
+        "spec.ingress[].from[].cidrs[]",
+        &CIDR_CANONICAL,
+    ),
+    (
+        "segmentationpolicies.weft.dev",
+        "spec.ingress[].to[]",
+        &PEER_EXACTLY_ONE,
+    ),
+    (
+        "segmentationpolicies.weft.dev",
+        "spec.ingress[].to[].cidrs[]",
+        &CIDR_VALID,
+    ),
+    (
+        "segmentationpolicies.weft.dev",
+        "spec.ingress[].to[].cidrs[]",
+        &CIDR_CANONICAL,
+    ),
+    (
+        "segmentationpolicies.weft.dev",
+        "spec.ingress[].protocols[]",
+        &PROTOCOL_PORT_OR_RANGE,
+    ),
+    (
+        "segmentationpolicies.weft.dev",
+        "spec.ingress[].protocols[]",
+        &PROTOCOL_PORTS_NEED_L4,
+    ),
+    (
+        "segmentationpolicies.weft.dev",
+        "spec.ingress[].protocols[]",
+        &PROTOCOL_ICMP_FIELDS,
+    ),
+    (
+        "segmentationpolicies.weft.dev",
+        "spec.ingress[].protocols[].portRange",
+        &PORT_RANGE_ORDERED,
+    ),
+    (
+        "segmentationpolicies.weft.dev",
+        "spec.egress",
+        &POLICY_RULE_NAMES_UNIQUE,
+    ),
+    (
+        "segmentationpolicies.weft.dev",
+        "spec.egress[].from[]",
+        &PEER_EXACTLY_ONE,
+    ),
+    (
+        "segmentationpolicies.weft.dev",
+        "spec.egress[].from[].cidrs[]",
+        &CIDR_VALID,
+    ),
+    (
+        "segmentationpolicies.weft.dev",
+        "spec.egress[].from[].cidrs[]",
+        &CIDR_CANONICAL,
+    ),
+    (
+        "segmentationpolicies.weft.dev",
+        "spec.egress[].to[]",
+        &PEER_EXACTLY_ONE,
+    ),
+    (
+        "segmentationpolicies.weft.dev",
+        "spec.egress[].to[].cidrs[]",
+        &CIDR_VALID,
+    ),
+    (
+        "segmentationpolicies.weft.dev",
+        "spec.egress[].to[].cidrs[]",
+        &CIDR_CANONICAL,
+    ),
+    (
+        "segmentationpolicies.weft.dev",
+        "spec.egress[].protocols[]",
+        &PROTOCOL_PORT_OR_RANGE,
+    ),
+    (
+        "segmentationpolicies.weft.dev",
+        "spec.egress[].protocols[]",
+        &PROTOCOL_PORTS_NEED_L4,
+    ),
+    (
+        "segmentationpolicies.weft.dev",
+        "spec.egress[].protocols[]",
+        &PROTOCOL_ICMP_FIELDS,
+    ),
+    (
+        "segmentationpolicies.weft.dev",
+        "spec.egress[].protocols[].portRange",
+        &PORT_RANGE_ORDERED,
+    ),
 ];
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ pub mod cidr;
 pub mod constants;
 pub mod network;
 pub mod nodenetwork;
+pub mod policy;
 pub mod portforward;
 pub mod selector;
 pub mod validate;
@@ -37,6 +38,11 @@ pub use network::{
 pub use nodenetwork::{
     NODE_NETWORK_KIND, NodeNetwork, NodeNetworkBlock, NodeNetworkSpec, NodeNetworkStatus,
 };
+pub use policy::{
+    ClusterSegmentationPolicy, ClusterSegmentationPolicySpec, ClusterSubject, L4Protocol,
+    NamespacedSubject, Peer, PodsSelector, PolicyRule, PolicyStatus, ProtocolMatch, RuleAction,
+    SegmentationPolicy, SegmentationPolicySpec, Tier,
+};
 pub use portforward::{
     ForwardPort, ForwardedPort, PortForward, PortForwardSpec, PortForwardStatus, PortForwardTarget,
     PortRange, Protocol,
@@ -49,7 +55,13 @@ use kube::CustomResourceExt;
 
 /// The CRDs of every resource in this crate, in a stable order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![Network::crd(), PortForward::crd(), NodeNetwork::crd()]
+    vec![
+        Network::crd(),
+        PortForward::crd(),
+        NodeNetwork::crd(),
+        ClusterSegmentationPolicy::crd(),
+        SegmentationPolicy::crd(),
+    ]
 }
 
 /// The first line of every generated CRD file.
@@ -146,12 +158,14 @@ mod tests {
             [
                 "networks.weft.dev.yaml",
                 "portforwards.weft.dev.yaml",
-                "nodenetworks.weft.dev.yaml"
+                "nodenetworks.weft.dev.yaml",
+                "clustersegmentationpolicies.weft.dev.yaml",
+                "segmentationpolicies.weft.dev.yaml"
             ]
         );
         assert!(files.iter().all(|(_, y)| y.starts_with(GENERATED_HEADER)));
         let all = all_crds_yaml().unwrap();
         let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&all).unwrap();
-        assert_eq!(docs.len(), 3);
+        assert_eq!(docs.len(), 5);
     }
 }
