@@ -47,8 +47,11 @@ pub struct NodePlan {
     pub bridges: Vec<BridgePlan>,
     /// Sysctls.
     pub sysctls: Vec<SysctlPlan>,
-    /// weft's nftables table.
+    /// weft's nftables table (`inet weft`): NAT, port forwards, isolation, policy.
     pub firewall: Table,
+    /// weft's bridge-family table (`bridge weft`): per-port anti-spoofing of bridged frames.
+    /// `None` removes it.
+    pub guard: Option<Table>,
     /// Runtime state for the CNI, one per network.
     pub networks: Vec<NetworkState>,
 }
@@ -231,6 +234,11 @@ pub fn apply(
         }
     }
     apply_bridges(plan, links, &mut report)?;
+    // The guard first: a new port is never bridged before its anti-spoofing is in place.
+    match &plan.guard {
+        Some(guard) => apply_firewall(guard, firewall, &mut report)?,
+        None => delete_table(nft::Family::Bridge, names::NFT_TABLE, firewall, &mut report)?,
+    }
     apply_firewall(&plan.firewall, firewall, &mut report)?;
     apply_state(plan, state_dir, &mut report)?;
     Ok(report)
@@ -347,6 +355,30 @@ pub fn apply_firewall(
     Ok(())
 }
 
+/// Deletes one of weft's tables if it exists.
+fn delete_table(
+    family: nft::Family,
+    name: &str,
+    firewall: &mut dyn Firewall,
+    report: &mut ApplyReport,
+) -> Result<(), ApplyError> {
+    if firewall
+        .list_table(family, name)
+        .map_err(ApplyError::Firewall)?
+        .is_some()
+    {
+        let tx = nft::Transaction(vec![nft::Change::DeleteTable {
+            family,
+            name: name.to_string(),
+        }]);
+        firewall.apply(&tx).map_err(ApplyError::Firewall)?;
+        report
+            .changes
+            .push(format!("deleted nftables table {family} {name}"));
+    }
+    Ok(())
+}
+
 fn apply_state(
     plan: &NodePlan,
     state_dir: &Path,
@@ -391,20 +423,8 @@ pub fn cleanup(
             report.changes.push(format!("deleted link {}", link.name));
         }
     }
-    if firewall
-        .list_table(nft::Family::Inet, names::NFT_TABLE)
-        .map_err(ApplyError::Firewall)?
-        .is_some()
-    {
-        let tx = nft::Transaction(vec![nft::Change::DeleteTable {
-            family: nft::Family::Inet,
-            name: names::NFT_TABLE.to_string(),
-        }]);
-        firewall.apply(&tx).map_err(ApplyError::Firewall)?;
-        report
-            .changes
-            .push(format!("deleted nftables table inet {}", names::NFT_TABLE));
-    }
+    delete_table(nft::Family::Inet, names::NFT_TABLE, firewall, &mut report)?;
+    delete_table(nft::Family::Bridge, names::NFT_TABLE, firewall, &mut report)?;
     for name in NetworkState::list(state_dir).map_err(ApplyError::State)? {
         state::remove_file(&NetworkState::path(state_dir, &name)).map_err(ApplyError::State)?;
         report
@@ -569,6 +589,7 @@ mod tests {
                 value: "1".into(),
             }],
             firewall: table(elements, rule),
+            guard: None,
             networks: vec![],
         }
     }

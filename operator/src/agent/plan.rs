@@ -240,6 +240,7 @@ pub fn plan(
             bridges,
             sysctls,
             firewall: firewall::table(&rules, &forwards),
+            guard: None,
             networks: states,
         },
         problems,
