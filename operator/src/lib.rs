@@ -5,5 +5,6 @@ pub mod agent;
 pub mod cli;
 pub mod controller;
 pub mod lab;
+pub mod policy;
 
 pub use weft_dataplane::error_chain;

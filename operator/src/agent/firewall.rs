@@ -115,8 +115,8 @@ fn base(name: &str, kind: &str, hook: &str, priority: &str, rules: Vec<String>) 
     }
 }
 
-/// Builds weft's `inet weft` table.
-pub fn table(nets: &[NetRules], forwards: &[Forward]) -> Table {
+/// Builds weft's `inet weft` table, with the segmentation policy's sets and chains.
+pub fn table(nets: &[NetRules], forwards: &[Forward], policy: &crate::policy::Compiled) -> Table {
     let quoted = |s: &str| format!("\"{s}\"");
     let bridges: BTreeSet<String> = nets.iter().map(|n| quoted(&n.bridge)).collect();
     let intra: BTreeSet<String> = nets
@@ -178,14 +178,17 @@ pub fn table(nets: &[NetRules], forwards: &[Forward]) -> Table {
         family: Family::Inet,
         name: names::NFT_TABLE.into(),
         comment: None,
-        sets: vec![
+        sets: [
             set("bridges", "ifname", false, bridges),
             set("intra", "ifname . ifname", false, intra),
             set("nets4", "ipv4_addr", true, v4(false)),
             set("nets6", "ipv6_addr", true, v6(false)),
             set("masq4", "ipv4_addr", true, v4(true)),
             set("masq6", "ipv6_addr", true, v6(true)),
-        ],
+        ]
+        .into_iter()
+        .chain(crate::policy::render::sets(policy))
+        .collect(),
         maps: vec![
             map(
                 "fwd4",
@@ -251,11 +254,51 @@ pub fn table(nets: &[NetRules], forwards: &[Forward]) -> Table {
                 "forward",
                 "filter",
                 vec![
+                    "ct state established,related accept".into(),
+                    "iifname @bridges ct state invalid drop".into(),
+                    "oifname @bridges ct state invalid drop".into(),
+                    // Fail closed: from a weft bridge, only registered workload addresses.
+                    "iifname @bridges ip saddr != @local4 drop".into(),
+                    "iifname @bridges ip6 saddr != @local6 drop".into(),
+                    "jump egress".into(),
+                    "jump ingress".into(),
                     "ct status dnat accept".into(),
                     "iifname @bridges oifname @bridges iifname . oifname != @intra drop".into(),
                 ],
             ),
-        ],
+            // Workloads reaching the node itself: their egress policy (cidrs peers).
+            base(
+                "input",
+                "filter",
+                "input",
+                "filter",
+                vec![
+                    "iifname != @bridges accept".into(),
+                    "ct state established,related accept".into(),
+                    "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit } accept".into(),
+                    "ct state invalid drop".into(),
+                    "ip saddr != @local4 drop".into(),
+                    "ip6 saddr != @local6 drop".into(),
+                    "jump egress".into(),
+                ],
+            ),
+            // The node reaching its workloads: their ingress policy (cidrs peers).
+            base(
+                "local_out",
+                "filter",
+                "output",
+                "filter",
+                vec![
+                    "oifname != @bridges accept".into(),
+                    "ct state established,related accept".into(),
+                    "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-advert } accept".into(),
+                    "jump ingress".into(),
+                ],
+            ),
+        ]
+        .into_iter()
+        .chain(crate::policy::render::chains(policy))
+        .collect(),
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod cni_server;
 pub mod endpoints;
 pub mod firewall;
+pub mod guard;
 pub mod install;
 pub mod plan;
 pub mod source;

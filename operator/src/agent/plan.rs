@@ -221,6 +221,19 @@ pub fn plan(
     }
 
     let (forwards, realized) = plan_forwards(res, &accepted, endpoints, &mut problems);
+    let members = members(res, endpoints);
+    let policy = crate::policy::compile(crate::policy::Inputs {
+        cluster: &res.cluster_policies,
+        namespaced: &res.policies,
+        namespaces: &res.namespaces,
+        networks: &res.networks,
+        members: &members,
+    });
+    problems.extend(policy.problems.iter().map(|p| Problem {
+        kind: p.kind,
+        object: p.object.clone(),
+        message: p.message.clone(),
+    }));
     let mut sysctls = Vec::new();
     if !bridges.is_empty() {
         sysctls.push(SysctlPlan {
@@ -239,13 +252,34 @@ pub fn plan(
             node: node.name.clone(),
             bridges,
             sysctls,
-            firewall: firewall::table(&rules, &forwards),
+            firewall: firewall::table(&rules, &forwards, &policy),
             guard: None,
             networks: states,
         },
         problems,
         forwards: realized,
     }
+}
+
+/// The policy members of this node: its endpoints, with their workloads' labels.
+pub fn members(res: &Resources, endpoints: &[Endpoint]) -> Vec<crate::policy::Member> {
+    endpoints
+        .iter()
+        .map(|e| {
+            let namespace = e.pod_namespace.clone().unwrap_or_else(|| "default".into());
+            let name = e.pod_name.clone().unwrap_or_default();
+            crate::policy::Member {
+                labels: workload_labels(&res.workloads, &namespace, &name)
+                    .cloned()
+                    .unwrap_or_default(),
+                namespace,
+                name,
+                network: e.network.clone(),
+                ips: e.ips.clone(),
+                local: true,
+            }
+        })
+        .collect()
 }
 
 fn plan_forwards(

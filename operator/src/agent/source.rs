@@ -6,7 +6,7 @@ use super::plan::NodeBlocks;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use weft_crds::{Network, PortForward};
+use weft_crds::{ClusterSegmentationPolicy, Network, PortForward, SegmentationPolicy};
 
 /// A workload's identity and labels (a Pod; for KubeVirt, the virt-launcher pod).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +28,13 @@ pub struct Resources {
     pub port_forwards: Vec<PortForward>,
     /// Workloads (pods) known to the source, for label selectors.
     pub workloads: Vec<WorkloadMeta>,
+    /// Cluster segmentation policies.
+    pub cluster_policies: Vec<ClusterSegmentationPolicy>,
+    /// Namespaced segmentation policies.
+    pub policies: Vec<SegmentationPolicy>,
+    /// Namespaces' labels (a namespace without a Namespace object has only the automatic
+    /// `kubernetes.io/metadata.name` label).
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     /// Documents that could not be read, with the reason (reported, never fatal).
     pub problems: Vec<String>,
     /// This node's address blocks per network, when the source knows them (cluster mode: the
@@ -167,6 +174,35 @@ pub fn add_document(doc: serde_json::Value, origin: &str, into: &mut Resources) 
                 .problems
                 .push(format!("{origin}: invalid PortForward: {e}")),
         },
+        ("weft.dev/v1alpha1", "ClusterSegmentationPolicy") => {
+            match serde_json::from_value::<ClusterSegmentationPolicy>(doc) {
+                Ok(p) => into.cluster_policies.push(p),
+                Err(e) => into
+                    .problems
+                    .push(format!("{origin}: invalid ClusterSegmentationPolicy: {e}")),
+            }
+        }
+        ("weft.dev/v1alpha1", "SegmentationPolicy") => {
+            match serde_json::from_value::<SegmentationPolicy>(doc) {
+                Ok(mut p) => {
+                    if p.metadata.namespace.is_none() {
+                        p.metadata.namespace = Some("default".into());
+                    }
+                    into.policies.push(p)
+                }
+                Err(e) => into
+                    .problems
+                    .push(format!("{origin}: invalid SegmentationPolicy: {e}")),
+            }
+        }
+        ("v1", "Namespace") => match serde_json::from_value::<PodLike>(doc) {
+            Ok(n) => {
+                into.namespaces.insert(n.metadata.name, n.metadata.labels);
+            }
+            Err(e) => into
+                .problems
+                .push(format!("{origin}: invalid Namespace: {e}")),
+        },
         ("v1", "Pod") => match serde_json::from_value::<PodLike>(doc) {
             Ok(p) => into.workloads.push(WorkloadMeta {
                 namespace: p.metadata.namespace.unwrap_or_else(|| "default".into()),
@@ -176,7 +212,7 @@ pub fn add_document(doc: serde_json::Value, origin: &str, into: &mut Resources) 
             Err(e) => into.problems.push(format!("{origin}: invalid Pod: {e}")),
         },
         (api, kind) if api.starts_with("weft.dev/") => into.problems.push(format!(
-            "{origin}: unsupported kind {kind} of {api}; this agent knows Network and PortForward of weft.dev/v1alpha1"
+            "{origin}: unsupported kind {kind} of {api}; this agent knows Network, PortForward, ClusterSegmentationPolicy and SegmentationPolicy of weft.dev/v1alpha1"
         )),
         _ => {} // other kinds are someone else's business
     }

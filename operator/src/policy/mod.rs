@@ -1,0 +1,793 @@
+//! The segmentation policy compiler: a pure function from policies, namespaces, networks and
+//! workload interfaces to an ordered rule list ([`Compiled`]) whose peers and subjects are
+//! *groups* of addresses. The agent renders it into nftables sets and rules ([`render`]); `trace`
+//! evaluates the very same rule list and group contents ([`Compiled::decide`]), so what `trace`
+//! says is what the packets meet.
+//!
+//! Order of evaluation, per direction (egress of the source, ingress of the destination; a
+//! connection must pass both): Admin tier by priority (Accept and Deny final, Pass skips to the
+//! namespace stage) → the namespace's SegmentationPolicies (a workload selected by a policy with
+//! rules in that direction is isolated: a Deny that matches drops, else an Allow that matches
+//! admits, else it is dropped) → Baseline tier (Accept, Deny, Pass to the default) → the
+//! workload's Network `security.defaultAction`.
+//!
+//! Groups depend on the policies only; workloads only change which addresses are in them, so
+//! adding or removing a workload changes set elements, never rules.
+
+pub mod render;
+
+use ipnet::IpNet;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use weft_crds::{
+    Action, ClusterSegmentationPolicy, L4Protocol, Network, Peer, PodsSelector, PolicyRule,
+    RuleAction, SegmentationPolicy, Tier, selector_matches,
+};
+
+/// The label every namespace carries.
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// One interface of a workload on a weft network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// The workload's namespace.
+    pub namespace: String,
+    /// The workload's name (pod; for KubeVirt VMs the virt-launcher pod).
+    pub name: String,
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+    /// The weft network of this interface.
+    pub network: String,
+    /// The interface's addresses.
+    pub ips: Vec<IpAddr>,
+    /// Does the interface live on this node (its policy is enforced here)?
+    pub local: bool,
+}
+
+/// Which way traffic flows relative to the subject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// Traffic to the subject.
+    Ingress,
+    /// Traffic from the subject.
+    Egress,
+}
+
+impl Direction {
+    /// `ingress` or `egress`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        }
+    }
+}
+
+/// Which workloads a group holds.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupSpec {
+    /// Exactly this namespace (namespace policies' own namespace).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Namespaces by labels (`None`: any).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+    /// Pods by labels (`None`: any).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod_selector: Option<LabelSelector>,
+    /// Only interfaces on these networks (`None`: any).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub networks: Option<Vec<String>>,
+}
+
+impl GroupSpec {
+    fn key(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Does the group hold this interface?
+    pub fn matches(&self, m: &Member, ns_labels: &BTreeMap<String, BTreeMap<String, String>>) -> bool {
+        if let Some(ns) = &self.namespace
+            && ns != &m.namespace
+        {
+            return false;
+        }
+        if let Some(sel) = &self.namespace_selector
+            && !selector_matches(sel, &namespace_labels(ns_labels, &m.namespace))
+        {
+            return false;
+        }
+        if let Some(sel) = &self.pod_selector
+            && !selector_matches(sel, &m.labels)
+        {
+            return false;
+        }
+        if let Some(nets) = &self.networks
+            && !nets.contains(&m.network)
+        {
+            return false;
+        }
+        true
+    }
+}
+
+/// A namespace's labels, with the automatic name label.
+pub fn namespace_labels(
+    all: &BTreeMap<String, BTreeMap<String, String>>,
+    namespace: &str,
+) -> BTreeMap<String, String> {
+    let mut labels = all.get(namespace).cloned().unwrap_or_default();
+    labels.insert(NAMESPACE_NAME_LABEL.into(), namespace.into());
+    labels
+}
+
+/// What a rule's peer side matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerMatch {
+    /// Anything.
+    Any,
+    /// The addresses of a group.
+    Group(usize),
+    /// Addresses in these CIDRs.
+    Cidrs(Vec<IpNet>),
+}
+
+/// One protocol entry of a rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProtoMatch {
+    /// The protocol.
+    pub protocol: L4Protocol,
+    /// Destination ports (inclusive), `None` for all.
+    pub ports: Option<(u16, u16)>,
+    /// ICMP type.
+    pub icmp_type: Option<u8>,
+    /// ICMP code.
+    pub icmp_code: Option<u8>,
+}
+
+/// Where a rule comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Origin {
+    /// `ClusterSegmentationPolicy` or `SegmentationPolicy`.
+    pub kind: &'static str,
+    /// `name` or `namespace/name`.
+    pub policy: String,
+    /// The rule's name.
+    pub rule: String,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} rule {}", self.kind, self.policy, self.rule)
+    }
+}
+
+/// One compiled rule: one peer of one policy rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// A number unique in the compilation (audit records carry it).
+    pub id: u32,
+    /// The policy and rule.
+    pub origin: Origin,
+    /// The subject group.
+    pub subject: usize,
+    /// The peer.
+    pub peer: PeerMatch,
+    /// Protocols (empty: all traffic).
+    pub protocols: Vec<ProtoMatch>,
+    /// What it does.
+    pub action: RuleAction,
+    /// Emit audit records.
+    pub log: bool,
+}
+
+/// The rules of one direction, in evaluation order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DirectionRules {
+    /// Admin tier.
+    pub admin: Vec<Rule>,
+    /// Namespace policies' Deny rules.
+    pub ns_deny: Vec<Rule>,
+    /// Namespace policies' Allow rules.
+    pub ns_allow: Vec<Rule>,
+    /// Groups isolated in this direction (subjects of namespace policies with rules in it).
+    pub isolated: BTreeSet<usize>,
+    /// Baseline tier.
+    pub baseline: Vec<Rule>,
+}
+
+/// A problem with a policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyProblem {
+    /// Kind.
+    pub kind: &'static str,
+    /// `name` or `namespace/name`.
+    pub object: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl std::fmt::Display for PolicyProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.kind, self.object, self.message)
+    }
+}
+
+/// The compiled policy of a node (or, for `trace`, of the whole cluster).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Compiled {
+    /// The groups, by index.
+    pub groups: Vec<GroupSpec>,
+    /// Each group's addresses.
+    pub group_ips: Vec<BTreeSet<IpAddr>>,
+    /// Ingress rules.
+    pub ingress: DirectionRules,
+    /// Egress rules.
+    pub egress: DirectionRules,
+    /// Addresses of the interfaces enforced here.
+    pub local: BTreeSet<IpAddr>,
+    /// Addresses whose network's default action is Deny.
+    pub default_deny: BTreeSet<IpAddr>,
+    /// Address → (network, `namespace/name`) of every known interface.
+    pub owners: BTreeMap<IpAddr, (String, String)>,
+    /// Problems found.
+    pub problems: Vec<PolicyProblem>,
+    /// Per policy (`kind name`): how many interfaces it applies to.
+    pub applies_to: BTreeMap<String, usize>,
+}
+
+/// Everything the compiler reads.
+#[derive(Debug, Clone, Copy)]
+pub struct Inputs<'a> {
+    /// Cluster policies.
+    pub cluster: &'a [ClusterSegmentationPolicy],
+    /// Namespace policies.
+    pub namespaced: &'a [SegmentationPolicy],
+    /// Namespace labels.
+    pub namespaces: &'a BTreeMap<String, BTreeMap<String, String>>,
+    /// Networks (default actions; names for checks).
+    pub networks: &'a [Network],
+    /// Workload interfaces.
+    pub members: &'a [Member],
+}
+
+struct Builder<'a> {
+    inputs: Inputs<'a>,
+    out: Compiled,
+    keys: BTreeMap<String, usize>,
+    next_id: u32,
+}
+
+impl Builder<'_> {
+    fn group(&mut self, spec: GroupSpec) -> usize {
+        let key = spec.key();
+        if let Some(i) = self.keys.get(&key) {
+            return *i;
+        }
+        let i = self.out.groups.len();
+        let ips = self
+            .inputs
+            .members
+            .iter()
+            .filter(|m| spec.matches(m, self.inputs.namespaces))
+            .flat_map(|m| m.ips.iter().copied())
+            .collect();
+        self.out.groups.push(spec);
+        self.out.group_ips.push(ips);
+        self.keys.insert(key, i);
+        i
+    }
+
+    fn check_networks(&mut self, kind: &'static str, object: &str, field: &str, nets: &Option<Vec<String>>) {
+        for n in nets.iter().flatten() {
+            if !self
+                .inputs
+                .networks
+                .iter()
+                .any(|x| x.metadata.name.as_deref() == Some(n.as_str()))
+            {
+                self.out.problems.push(PolicyProblem {
+                    kind,
+                    object: object.into(),
+                    message: format!("{field}: Network {n} does not exist; it matches nothing until it is created"),
+                });
+            }
+        }
+    }
+
+    /// The peers of a rule as matches; `own_namespace` for namespace policies.
+    fn peers(&mut self, peers: &[Peer], own_namespace: Option<&str>) -> Vec<PeerMatch> {
+        if peers.is_empty() {
+            return vec![PeerMatch::Any];
+        }
+        let mut out = Vec::new();
+        for p in peers {
+            if let Some(cidrs) = &p.cidrs {
+                out.push(PeerMatch::Cidrs(
+                    cidrs.iter().filter_map(|c| c.net().ok()).collect(),
+                ));
+                continue;
+            }
+            let spec = if let Some(ns) = &p.namespaces {
+                GroupSpec {
+                    namespace: None,
+                    namespace_selector: Some(ns.clone()),
+                    pod_selector: None,
+                    networks: p.networks.clone(),
+                }
+            } else if let Some(PodsSelector {
+                namespace_selector,
+                pod_selector,
+            }) = &p.pods
+            {
+                GroupSpec {
+                    namespace: match (namespace_selector, own_namespace) {
+                        (None, Some(ns)) => Some(ns.to_string()),
+                        _ => None,
+                    },
+                    namespace_selector: namespace_selector.clone(),
+                    pod_selector: pod_selector.clone(),
+                    networks: p.networks.clone(),
+                }
+            } else {
+                GroupSpec {
+                    namespace: None,
+                    namespace_selector: None,
+                    pod_selector: None,
+                    networks: p.networks.clone(),
+                }
+            };
+            out.push(PeerMatch::Group(self.group(spec)));
+        }
+        out
+    }
+
+    fn rules(
+        &mut self,
+        kind: &'static str,
+        object: &str,
+        subject: usize,
+        rules: &[PolicyRule],
+        dir: Direction,
+        own_namespace: Option<&str>,
+    ) -> Vec<Rule> {
+        let mut out = Vec::new();
+        for (i, r) in rules.iter().enumerate() {
+            let (peers, pf) = match dir {
+                Direction::Ingress => (r.from.as_deref().unwrap_or_default(), "from"),
+                Direction::Egress => (r.to.as_deref().unwrap_or_default(), "to"),
+            };
+            for (j, p) in peers.iter().enumerate() {
+                self.check_networks(
+                    kind,
+                    object,
+                    &format!("spec.{}[{i}].{pf}[{j}].networks", dir.as_str()),
+                    &p.networks,
+                );
+            }
+            let protocols: Vec<ProtoMatch> = r
+                .protocols
+                .iter()
+                .flatten()
+                .map(|p| ProtoMatch {
+                    protocol: p.protocol,
+                    ports: p.ports(),
+                    icmp_type: p.icmp_type.and_then(|t| u8::try_from(t).ok()),
+                    icmp_code: p.icmp_code.and_then(|t| u8::try_from(t).ok()),
+                })
+                .collect();
+            for peer in self.peers(peers, own_namespace) {
+                self.next_id += 1;
+                out.push(Rule {
+                    id: self.next_id,
+                    origin: Origin {
+                        kind,
+                        policy: object.to_string(),
+                        rule: r.name.clone(),
+                    },
+                    subject,
+                    peer,
+                    protocols: protocols.clone(),
+                    action: r.action,
+                    log: r.log,
+                });
+            }
+        }
+        out
+    }
+}
+
+fn object_name(meta: &kube::api::ObjectMeta, namespaced: bool) -> String {
+    let name = meta.name.clone().unwrap_or_default();
+    if namespaced {
+        format!(
+            "{}/{name}",
+            meta.namespace.clone().unwrap_or_else(|| "default".into())
+        )
+    } else {
+        name
+    }
+}
+
+/// Compiles the policies.
+pub fn compile(inputs: Inputs<'_>) -> Compiled {
+    let mut b = Builder {
+        inputs,
+        out: Compiled::default(),
+        keys: BTreeMap::new(),
+        next_id: 0,
+    };
+    for m in inputs.members {
+        for ip in &m.ips {
+            b.out
+                .owners
+                .insert(*ip, (m.network.clone(), format!("{}/{}", m.namespace, m.name)));
+            if m.local {
+                b.out.local.insert(*ip);
+            }
+        }
+        let deny = inputs
+            .networks
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(m.network.as_str()))
+            .is_some_and(|n| n.spec.default_action() == Action::Deny);
+        if deny {
+            b.out.default_deny.extend(m.ips.iter().copied());
+        }
+    }
+
+    // Cluster policies: by tier, priority, name.
+    let mut cluster: Vec<&ClusterSegmentationPolicy> = inputs.cluster.iter().collect();
+    cluster.sort_by(|a, c| {
+        (a.spec.tier, a.spec.priority, &a.metadata.name).cmp(&(
+            c.spec.tier,
+            c.spec.priority,
+            &c.metadata.name,
+        ))
+    });
+    const CLUSTER: &str = "ClusterSegmentationPolicy";
+    const NAMESPACED: &str = "SegmentationPolicy";
+    for p in cluster {
+        let object = object_name(&p.metadata, false);
+        if let Err(errs) = p.spec.validate() {
+            for e in errs {
+                b.out.problems.push(PolicyProblem {
+                    kind: CLUSTER,
+                    object: object.clone(),
+                    message: format!("{e}; the policy is not enforced until it is fixed"),
+                });
+            }
+            continue;
+        }
+        let s = &p.spec.subject;
+        b.check_networks(CLUSTER, &object, "spec.subject.networks", &s.networks);
+        let spec = match (&s.namespaces, &s.pods) {
+            (Some(ns), _) => GroupSpec {
+                namespace: None,
+                namespace_selector: Some(ns.clone()),
+                pod_selector: None,
+                networks: s.networks.clone(),
+            },
+            (None, Some(pods)) => GroupSpec {
+                namespace: None,
+                namespace_selector: pods.namespace_selector.clone(),
+                pod_selector: pods.pod_selector.clone(),
+                networks: s.networks.clone(),
+            },
+            (None, None) => continue,
+        };
+        let subject = b.group(spec);
+        b.out
+            .applies_to
+            .insert(format!("{CLUSTER} {object}"), b.out.group_ips[subject].len());
+        let ingress = b.rules(CLUSTER, &object, subject, &p.spec.ingress, Direction::Ingress, None);
+        let egress = b.rules(CLUSTER, &object, subject, &p.spec.egress, Direction::Egress, None);
+        let (i, e) = match p.spec.tier {
+            Tier::Admin => (&mut b.out.ingress.admin, &mut b.out.egress.admin),
+            Tier::Baseline => (&mut b.out.ingress.baseline, &mut b.out.egress.baseline),
+        };
+        i.extend(ingress);
+        e.extend(egress);
+    }
+
+    let mut namespaced: Vec<&SegmentationPolicy> = inputs.namespaced.iter().collect();
+    namespaced.sort_by(|a, c| {
+        (&a.metadata.namespace, &a.metadata.name).cmp(&(&c.metadata.namespace, &c.metadata.name))
+    });
+    for p in namespaced {
+        let object = object_name(&p.metadata, true);
+        let ns = p
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        if let Err(errs) = p.spec.validate() {
+            for e in errs {
+                b.out.problems.push(PolicyProblem {
+                    kind: NAMESPACED,
+                    object: object.clone(),
+                    message: format!("{e}; the policy is not enforced until it is fixed"),
+                });
+            }
+            continue;
+        }
+        b.check_networks(
+            NAMESPACED,
+            &object,
+            "spec.subject.networks",
+            &p.spec.subject.networks,
+        );
+        let subject = b.group(GroupSpec {
+            namespace: Some(ns.clone()),
+            namespace_selector: None,
+            pod_selector: Some(p.spec.subject.pod_selector.clone()),
+            networks: p.spec.subject.networks.clone(),
+        });
+        b.out
+            .applies_to
+            .insert(format!("{NAMESPACED} {object}"), b.out.group_ips[subject].len());
+        for (dir, rules) in [
+            (Direction::Ingress, &p.spec.ingress),
+            (Direction::Egress, &p.spec.egress),
+        ] {
+            if rules.is_empty() {
+                continue;
+            }
+            let compiled = b.rules(NAMESPACED, &object, subject, rules, dir, Some(&ns));
+            let target = match dir {
+                Direction::Ingress => &mut b.out.ingress,
+                Direction::Egress => &mut b.out.egress,
+            };
+            target.isolated.insert(subject);
+            for r in compiled {
+                if r.action == RuleAction::Deny {
+                    target.ns_deny.push(r);
+                } else {
+                    target.ns_allow.push(r);
+                }
+            }
+        }
+    }
+    b.out
+}
+
+/// A packet (the first of a connection) as `trace` asks about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Packet {
+    /// Source address.
+    pub src: IpAddr,
+    /// Destination address.
+    pub dst: IpAddr,
+    /// Protocol.
+    pub protocol: L4Protocol,
+    /// Destination port (TCP, UDP, SCTP).
+    pub port: Option<u16>,
+    /// ICMP type and code.
+    pub icmp: Option<(u8, u8)>,
+}
+
+/// The verdict of one direction and what decided it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Step {
+    /// Whose policy: `namespace/name` of the workload.
+    pub workload: String,
+    /// Allowed?
+    pub allowed: bool,
+    /// The rule that decided, if a rule did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<Origin>,
+    /// The rule's id (audit records carry it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule_id: Option<u32>,
+    /// In words.
+    pub reason: String,
+}
+
+/// The decision for a packet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Decision {
+    /// Does the connection pass?
+    pub allowed: bool,
+    /// The source workload's egress, if the source is a workload.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress: Option<Step>,
+    /// The destination workload's ingress, if the destination is a workload.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<Step>,
+}
+
+impl Decision {
+    /// One line: the deciding step.
+    pub fn summary(&self) -> String {
+        let step = [&self.egress, &self.ingress]
+            .into_iter()
+            .flatten()
+            .find(|s| !s.allowed)
+            .or_else(|| {
+                // Allowed: name the most specific reason (a rule over a default).
+                [&self.egress, &self.ingress]
+                    .into_iter()
+                    .flatten()
+                    .find(|s| s.rule.is_some())
+            })
+            .or(self.egress.as_ref())
+            .or(self.ingress.as_ref());
+        let verdict = if self.allowed { "accepted" } else { "denied" };
+        match step {
+            Some(s) => format!("{verdict}: {} of {}: {}", direction_word(s, self), s.workload, s.reason),
+            None => format!("{verdict}: neither end is a weft workload"),
+        }
+    }
+}
+
+fn direction_word(s: &Step, d: &Decision) -> &'static str {
+    if d.egress.as_ref() == Some(s) {
+        "egress"
+    } else {
+        "ingress"
+    }
+}
+
+impl ProtoMatch {
+    /// Does the packet match?
+    pub fn matches(&self, p: &Packet) -> bool {
+        if self.protocol != p.protocol {
+            return false;
+        }
+        if let Some((lo, hi)) = self.ports
+            && !p.port.is_some_and(|x| lo <= x && x <= hi)
+        {
+            return false;
+        }
+        if let Some(t) = self.icmp_type
+            && p.icmp.map(|i| i.0) != Some(t)
+        {
+            return false;
+        }
+        if let Some(c) = self.icmp_code
+            && p.icmp.map(|i| i.1) != Some(c)
+        {
+            return false;
+        }
+        true
+    }
+}
+
+impl Compiled {
+    fn in_group(&self, g: usize, ip: &IpAddr) -> bool {
+        self.group_ips.get(g).is_some_and(|s| s.contains(ip))
+    }
+
+    fn rule_matches(&self, r: &Rule, subject: &IpAddr, peer: &IpAddr, p: &Packet) -> bool {
+        self.in_group(r.subject, subject)
+            && match &r.peer {
+                PeerMatch::Any => true,
+                PeerMatch::Group(g) => self.in_group(*g, peer),
+                PeerMatch::Cidrs(c) => c.iter().any(|n| n.contains(peer)),
+            }
+            && (r.protocols.is_empty() || r.protocols.iter().any(|m| m.matches(p)))
+    }
+
+    fn step(&self, workload: &str, allowed: bool, rule: Option<&Rule>, reason: String) -> Step {
+        Step {
+            workload: workload.to_string(),
+            allowed,
+            rule: rule.map(|r| r.origin.clone()),
+            rule_id: rule.map(|r| r.id),
+            reason,
+        }
+    }
+
+    fn evaluate(&self, dir: Direction, subject: &IpAddr, peer: &IpAddr, p: &Packet) -> Step {
+        let rules = match dir {
+            Direction::Ingress => &self.ingress,
+            Direction::Egress => &self.egress,
+        };
+        let workload = self
+            .owners
+            .get(subject)
+            .map(|o| o.1.clone())
+            .unwrap_or_default();
+        let tier = |name: &str, list: &[Rule]| -> Option<Step> {
+            for r in list {
+                if self.rule_matches(r, subject, peer, p) {
+                    let (allowed, word) = match r.action {
+                        RuleAction::Accept | RuleAction::Allow => (true, "Accept"),
+                        RuleAction::Deny => (false, "Deny"),
+                        RuleAction::Pass => return None,
+                    };
+                    return Some(self.step(
+                        &workload,
+                        allowed,
+                        Some(r),
+                        format!("{word} by {} ({name} tier)", r.origin),
+                    ));
+                }
+            }
+            None
+        };
+        if let Some(s) = tier("Admin", &rules.admin) {
+            return s;
+        }
+        if rules.isolated.iter().any(|g| self.in_group(*g, subject)) {
+            if let Some(r) = rules
+                .ns_deny
+                .iter()
+                .find(|r| self.rule_matches(r, subject, peer, p))
+            {
+                return self.step(&workload, false, Some(r), format!("Deny by {}", r.origin));
+            }
+            if let Some(r) = rules
+                .ns_allow
+                .iter()
+                .find(|r| self.rule_matches(r, subject, peer, p))
+            {
+                return self.step(&workload, true, Some(r), format!("Allow by {}", r.origin));
+            }
+            return self.step(
+                &workload,
+                false,
+                None,
+                format!(
+                    "isolated in {} by a SegmentationPolicy of its namespace and no Allow rule matches",
+                    dir.as_str()
+                ),
+            );
+        }
+        if let Some(s) = tier("Baseline", &rules.baseline) {
+            return s;
+        }
+        let network = self.owners.get(subject).map(|o| o.0.clone()).unwrap_or_default();
+        if self.default_deny.contains(subject) {
+            self.step(
+                &workload,
+                false,
+                None,
+                format!("no policy decides; Network {network} security.defaultAction is Deny"),
+            )
+        } else {
+            self.step(
+                &workload,
+                true,
+                None,
+                format!("no policy decides; Network {network} security.defaultAction is Allow"),
+            )
+        }
+    }
+
+    /// Decides a packet the way the node's rules do: the source's egress (if it is a workload)
+    /// and the destination's ingress (if it is one) must both allow it.
+    pub fn decide(&self, p: &Packet) -> Decision {
+        let egress = self
+            .owners
+            .contains_key(&p.src)
+            .then(|| self.evaluate(Direction::Egress, &p.src, &p.dst, p));
+        let ingress = self
+            .owners
+            .contains_key(&p.dst)
+            .then(|| self.evaluate(Direction::Ingress, &p.dst, &p.src, p));
+        Decision {
+            allowed: egress.as_ref().is_none_or(|s| s.allowed)
+                && ingress.as_ref().is_none_or(|s| s.allowed),
+            egress,
+            ingress,
+        }
+    }
+
+    /// The rule with this id.
+    pub fn rule(&self, id: u32) -> Option<&Rule> {
+        [&self.ingress, &self.egress]
+            .into_iter()
+            .flat_map(|d| d.admin.iter().chain(&d.ns_deny).chain(&d.ns_allow).chain(&d.baseline))
+            .find(|r| r.id == id)
+    }
+}
+
+#[cfg(test)]
+mod tests;

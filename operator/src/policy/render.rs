@@ -1,0 +1,239 @@
+//! Renders a [`Compiled`] policy into the sets and chains of weft's `inet weft` table.
+//!
+//! Sets (`ipv4_addr`/`ipv6_addr`, suffix `4`/`6`): `local` (interfaces enforced on this node),
+//! `g<N>` (group N's addresses), `iso_in`/`iso_eg` (isolated by a namespace policy),
+//! `deny` (the network's default action is Deny). Chains per direction `D` (`egress`,
+//! `ingress`): `D` (gate on local addresses, then the Admin tier), `D_ns`, `D_base`,
+//! `D_default`. A rule's Accept is `return` (this direction is done; the other one is still
+//! checked), Deny is `drop`, Pass is a `goto` to the next stage. The base chains jump to
+//! `egress` then `ingress` for every new connection; replies pass by conntrack.
+//!
+//! Only the policies shape the rules; workloads change set elements only.
+
+use super::{Compiled, Direction, PeerMatch, ProtoMatch, Rule};
+use crate::agent::firewall::cidr_text;
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use weft_crds::{L4Protocol, RuleAction};
+use weft_dataplane::nft::{Chain, Set};
+
+/// The NFLOG group of audit records.
+pub const LOG_GROUP: u16 = 2727;
+
+fn set(name: String, v6: bool, elements: BTreeSet<String>) -> Set {
+    Set {
+        name,
+        key_type: if v6 { "ipv6_addr" } else { "ipv4_addr" }.into(),
+        flags: vec![],
+        elements,
+    }
+}
+
+fn elements<'a>(ips: impl IntoIterator<Item = &'a IpAddr>, v6: bool) -> BTreeSet<String> {
+    ips.into_iter()
+        .filter(|ip| ip.is_ipv6() == v6)
+        .map(|ip| ip.to_string())
+        .collect()
+}
+
+/// The sets.
+pub fn sets(c: &Compiled) -> Vec<Set> {
+    let mut out = Vec::new();
+    for v6 in [false, true] {
+        let f = if v6 { "6" } else { "4" };
+        out.push(set(format!("local{f}"), v6, elements(&c.local, v6)));
+        out.push(set(format!("deny{f}"), v6, elements(&c.default_deny, v6)));
+        for (dir, rules) in [("in", &c.ingress), ("eg", &c.egress)] {
+            let ips: BTreeSet<IpAddr> = rules
+                .isolated
+                .iter()
+                .flat_map(|g| c.group_ips[*g].iter().copied())
+                .collect();
+            out.push(set(format!("iso_{dir}{f}"), v6, elements(&ips, v6)));
+        }
+        for (i, ips) in c.group_ips.iter().enumerate() {
+            out.push(set(format!("g{i}_{f}"), v6, elements(ips, v6)));
+        }
+    }
+    out
+}
+
+fn proto_text(p: &ProtoMatch, v6: bool) -> Option<String> {
+    match p.protocol {
+        L4Protocol::Icmp if v6 => None,
+        L4Protocol::Icmpv6 if !v6 => None,
+        L4Protocol::Icmp | L4Protocol::Icmpv6 => {
+            let kw = p.protocol.nft_name();
+            let mut s = format!("meta l4proto {kw}");
+            if let Some(t) = p.icmp_type {
+                s = format!("{kw} type {t}");
+            }
+            if let Some(c) = p.icmp_code {
+                s.push_str(&format!(" {kw} code {c}"));
+            }
+            Some(s)
+        }
+        proto => {
+            let kw = proto.nft_name();
+            Some(match p.ports {
+                Some((lo, hi)) if lo == hi => format!("{kw} dport {lo}"),
+                Some((lo, hi)) => format!("{kw} dport {lo}-{hi}"),
+                None => format!("meta l4proto {kw}"),
+            })
+        }
+    }
+}
+
+/// `ip saddr`, `ip6 daddr`, ...
+fn addr(v6: bool, src: bool) -> &'static str {
+    match (v6, src) {
+        (false, true) => "ip saddr",
+        (false, false) => "ip daddr",
+        (true, true) => "ip6 saddr",
+        (true, false) => "ip6 daddr",
+    }
+}
+
+fn log(prefix: &str) -> String {
+    format!("log prefix \"weft {prefix} \" group {LOG_GROUP}")
+}
+
+/// The nft rules of one compiled rule (one per family and protocol that can match).
+fn rule_lines(r: &Rule, dir: Direction, verdict: &str) -> Vec<String> {
+    let subject_is_src = dir == Direction::Egress;
+    let mut out = Vec::new();
+    for v6 in [false, true] {
+        let f = if v6 { "6" } else { "4" };
+        let mut head = format!("{} @g{}_{f}", addr(v6, subject_is_src), r.subject);
+        match &r.peer {
+            PeerMatch::Any => {}
+            PeerMatch::Group(g) => {
+                head.push_str(&format!(" {} @g{g}_{f}", addr(v6, !subject_is_src)));
+            }
+            PeerMatch::Cidrs(cidrs) => {
+                let list: Vec<String> = cidrs
+                    .iter()
+                    .filter(|c| c.addr().is_ipv6() == v6)
+                    .map(cidr_text)
+                    .collect();
+                if list.is_empty() {
+                    continue;
+                }
+                head.push_str(&format!(
+                    " {} {{ {} }}",
+                    addr(v6, !subject_is_src),
+                    list.join(", ")
+                ));
+            }
+        }
+        let protos: Vec<Option<String>> = if r.protocols.is_empty() {
+            vec![None]
+        } else {
+            r.protocols
+                .iter()
+                .filter_map(|p| proto_text(p, v6))
+                .map(Some)
+                .collect()
+        };
+        for p in protos {
+            let mut line = head.clone();
+            if let Some(p) = p {
+                line.push(' ');
+                line.push_str(&p);
+            }
+            if r.log {
+                line.push(' ');
+                line.push_str(&log(&format!("r{} {}", r.id, verdict_word(r.action))));
+            }
+            line.push(' ');
+            line.push_str(verdict);
+            out.push(line);
+        }
+    }
+    out
+}
+
+fn verdict_word(a: RuleAction) -> &'static str {
+    match a {
+        RuleAction::Accept | RuleAction::Allow => "accept",
+        RuleAction::Deny => "deny",
+        RuleAction::Pass => "pass",
+    }
+}
+
+fn chain(name: String, rules: Vec<String>) -> Chain {
+    Chain {
+        name,
+        base: None,
+        rules,
+    }
+}
+
+/// The policy chains.
+pub fn chains(c: &Compiled) -> Vec<Chain> {
+    let mut out = Vec::new();
+    for (dir, rules, short) in [
+        (Direction::Egress, &c.egress, "eg"),
+        (Direction::Ingress, &c.ingress, "in"),
+    ] {
+        let d = dir.as_str();
+        let src = dir == Direction::Egress;
+        // Stage 1: only interfaces enforced here; the Admin tier.
+        let mut main = vec![
+            format!("{} != @local4 return", addr(false, src)),
+            format!("{} != @local6 return", addr(true, src)),
+        ];
+        for r in &rules.admin {
+            let verdict = match r.action {
+                RuleAction::Deny => "drop".to_string(),
+                RuleAction::Pass => format!("goto {d}_ns"),
+                _ => "return".to_string(),
+            };
+            main.extend(rule_lines(r, dir, &verdict));
+        }
+        main.push(format!("goto {d}_ns"));
+        out.push(chain(d.to_string(), main));
+        // Stage 2: namespace policies.
+        let mut ns = vec![
+            format!("{} != @iso_{short}4 goto {d}_base", addr(false, src)),
+            format!("{} != @iso_{short}6 goto {d}_base", addr(true, src)),
+        ];
+        for r in &rules.ns_deny {
+            ns.extend(rule_lines(r, dir, "drop"));
+        }
+        for r in &rules.ns_allow {
+            ns.extend(rule_lines(r, dir, "return"));
+        }
+        ns.push(format!("{} drop", log(&format!("isolated-{short} deny"))));
+        out.push(chain(format!("{d}_ns"), ns));
+        // Stage 3: Baseline tier.
+        let mut base = Vec::new();
+        for r in &rules.baseline {
+            let verdict = match r.action {
+                RuleAction::Deny => "drop".to_string(),
+                RuleAction::Pass => format!("goto {d}_default"),
+                _ => "return".to_string(),
+            };
+            base.extend(rule_lines(r, dir, &verdict));
+        }
+        base.push(format!("goto {d}_default"));
+        out.push(chain(format!("{d}_base"), base));
+        // Stage 4: the network's default action.
+        out.push(chain(
+            format!("{d}_default"),
+            vec![
+                format!(
+                    "{} @deny4 {} drop",
+                    addr(false, src),
+                    log(&format!("default-{short} deny"))
+                ),
+                format!(
+                    "{} @deny6 {} drop",
+                    addr(true, src),
+                    log(&format!("default-{short} deny"))
+                ),
+            ],
+        ));
+    }
+    out
+}
