@@ -1,0 +1,550 @@
+//! Privileged test of the `bridge weft` anti-spoofing table (`agent::guard`) with real packets.
+//!
+//! Each test builds its own lab of named network namespaces: a "node" with a bridge and one
+//! veth port per "workload" namespace (a, b, the attacker m, and sometimes an unregistered u),
+//! addresses 10.77.0.x/24 and fd77::x/64, and applies the table in the node with `nft`.
+//! Namespace names carry the pid and a counter (tests run in parallel), and [`Lab`]'s `Drop`
+//! deletes them, also when a test panics; deleting a workload namespace deletes its veth pair.
+//! Needs root; fails, never skips, without it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] fns
+#![allow(unsafe_code)] // AF_PACKET sockets for hand-made frames; each block has a SAFETY note
+
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+use weft_dataplane::netlink::{Netlink, VethSpec};
+use weft_dataplane::netns::{self, Netns};
+use weft_dataplane::nft::{Change, Firewall, NftCli, Table, Transaction};
+use weft_operator::agent::guard::{self, PortGuard};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+const BRIDGE: &str = "wn-guard";
+
+/// One workload: its namespace, its host port and its addresses.
+struct Workload {
+    name: String,
+    ns: Netns,
+    port: String,
+    mac: [u8; 6],
+    v4: String,
+    v6: String,
+}
+
+impl Workload {
+    fn guard(&self) -> PortGuard {
+        PortGuard {
+            ifname: self.port.clone(),
+            mac: self.mac,
+            ips: vec![self.v4.parse().unwrap(), self.v6.parse().unwrap()],
+        }
+    }
+}
+
+struct Lab {
+    /// Every named namespace made so far, deleted on drop.
+    made: Vec<String>,
+    node: Netns,
+    node_name: String,
+    bridge: u32,
+    workloads: Vec<Workload>,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for name in &self.made {
+            if let Err(e) = netns::delete_named(name) {
+                eprintln!("cannot delete test netns {name}: {e}");
+            }
+        }
+    }
+}
+
+fn write_sysctl(ns: &Netns, pairs: &[(&str, &str)]) {
+    netns::run_in(ns, || {
+        for (path, value) in pairs {
+            std::fs::write(format!("/proc/sys/{path}"), value)
+                .unwrap_or_else(|e| panic!("write {value} to /proc/sys/{path}: {e}"));
+        }
+    })
+    .unwrap();
+}
+
+fn no_dad(ns: &Netns) {
+    write_sysctl(
+        ns,
+        &[
+            ("net/ipv6/conf/all/accept_dad", "0"),
+            ("net/ipv6/conf/default/accept_dad", "0"),
+        ],
+    );
+}
+
+impl Lab {
+    fn new() -> Lab {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "privileged guard test: run as root (it creates network namespaces, links and nft tables)"
+        );
+        let id = format!(
+            "{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        let node_name = format!("weft-guard-node-{id}");
+        let mut lab = Lab {
+            made: vec![],
+            node: netns::create_named(&node_name).expect("create the node netns"),
+            node_name: node_name.clone(),
+            bridge: 0,
+            workloads: vec![],
+        };
+        lab.made.push(node_name);
+        no_dad(&lab.node);
+        let mut nl = Netlink::in_netns(&lab.node).unwrap();
+        let lo = nl.link_by_name("lo").unwrap().unwrap().index;
+        nl.set_up(lo).unwrap();
+        lab.bridge = nl.create_bridge(BRIDGE, None, None, None).unwrap();
+        nl.set_up(lab.bridge).unwrap();
+        lab
+    }
+
+    /// Adds workload `role` (host port `wf<role>`) with host number `n`.
+    fn add(&mut self, role: &str, n: u8) -> usize {
+        let name = format!("{}-{role}", self.node_name.replace("node", "wl"));
+        let ns = netns::create_named(&name).expect("create a workload netns");
+        self.made.push(name.clone());
+        no_dad(&ns);
+        let mac = [0x0a, 0x58, 10, 77, 0, n];
+        let port = format!("wf{role}");
+        let mut nl = Netlink::in_netns(&self.node).unwrap();
+        let host = nl
+            .create_veth_into_netns(&VethSpec {
+                host_name: &port,
+                host_alias: None,
+                host_master: Some(self.bridge),
+                peer_name: "eth0",
+                peer_netns: ns.fd(),
+                peer_mac: Some(mac),
+                mtu: None,
+            })
+            .unwrap();
+        nl.set_up(host).unwrap();
+        let mut wl = Netlink::in_netns(&ns).unwrap();
+        let lo = wl.link_by_name("lo").unwrap().unwrap().index;
+        wl.set_up(lo).unwrap();
+        let eth = wl.link_by_name("eth0").unwrap().unwrap().index;
+        let v4 = format!("10.77.0.{n}");
+        let v6 = format!("fd77::{n}");
+        wl.add_address(eth, format!("{v4}/24").parse().unwrap(), true)
+            .unwrap();
+        wl.add_address(eth, format!("{v6}/64").parse().unwrap(), true)
+            .unwrap();
+        wl.set_up(eth).unwrap();
+        self.workloads.push(Workload {
+            name,
+            ns,
+            port,
+            mac,
+            v4,
+            v6,
+        });
+        self.workloads.len() - 1
+    }
+
+    fn w(&self, i: usize) -> &Workload {
+        &self.workloads[i]
+    }
+
+    /// Replaces the table in the node namespace.
+    fn apply(&self, t: &Table) {
+        netns::run_in(&self.node, || {
+            NftCli::default()
+                .apply(&Transaction(vec![Change::ReplaceTable(t.clone())]))
+                .unwrap_or_else(|e| panic!("nft must accept the guard table: {e}"))
+        })
+        .unwrap();
+    }
+
+    /// The guard table with `guarded` registered and `open` open.
+    fn table(&self, guarded: &[usize], open: &[usize]) -> Table {
+        let g: Vec<PortGuard> = guarded.iter().map(|&i| self.w(i).guard()).collect();
+        let o: Vec<String> = open.iter().map(|&i| self.w(i).port.clone()).collect();
+        guard::table(&[BRIDGE.to_string()], &g, &o)
+    }
+}
+
+/// `ip netns exec <ns> <args…>`.
+fn exec(ns: &str, args: &[&str]) -> std::process::Output {
+    Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run ip netns exec {ns} {args:?}: {e}"))
+}
+
+/// `ip -n <ns> <args…>`, which must succeed; returns stdout.
+fn ip(ns: &str, args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(["-n", ns])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ip -n {ns} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Pings `dst` from `from` (source address `src` when given): true when a reply came back.
+fn ping(from: &Workload, src: Option<&str>, dst: &str) -> bool {
+    let mut args = vec!["ping", "-c", "2", "-i", "0.2", "-W", "1"];
+    if let Some(src) = src {
+        args.extend(["-I", src]);
+    }
+    args.push(dst);
+    exec(&from.name, &args).status.success()
+}
+
+/// A permanent neighbour entry in `w` (so a test exercises one rule, not ARP).
+fn static_neigh(w: &Workload, addr: &str, mac: [u8; 6]) {
+    ip(
+        &w.name,
+        &[
+            "neigh",
+            "replace",
+            addr,
+            "lladdr",
+            &weft_dataplane::names::format_mac(mac),
+            "nud",
+            "permanent",
+            "dev",
+            "eth0",
+        ],
+    );
+}
+
+fn neigh_entry(w: &Workload, addr: &str) -> String {
+    ip(&w.name, &["neigh", "show", addr, "dev", "eth0"])
+        .trim()
+        .to_string()
+}
+
+/// Sends one raw Ethernet frame out of `eth0` in `w`'s namespace.
+fn send_frame(w: &Workload, frame: &[u8]) {
+    use nix::libc;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let ifindex = Netlink::in_netns(&w.ns)
+        .unwrap()
+        .link_by_name("eth0")
+        .unwrap()
+        .unwrap()
+        .index;
+    netns::run_in(&w.ns, || {
+        // SAFETY: a plain syscall without pointers.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: `fd` is a fresh descriptor nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut addr = libc::sockaddr_ll {
+            sll_family: libc::AF_PACKET as u16,
+            sll_protocol: u16::from_ne_bytes([frame[12], frame[13]]),
+            sll_ifindex: ifindex as i32,
+            sll_hatype: 0,
+            sll_pkttype: 0,
+            sll_halen: 6,
+            sll_addr: [0; 8],
+        };
+        addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+        // SAFETY: `frame` and `addr` are valid for the lengths passed and outlive the call.
+        let sent = unsafe {
+            libc::sendto(
+                fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                std::ptr::from_ref(&addr).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(
+            sent,
+            frame.len() as isize,
+            "sendto: {}",
+            std::io::Error::last_os_error()
+        );
+    })
+    .unwrap();
+}
+
+fn ipv4_octets(s: &str) -> [u8; 4] {
+    s.parse::<std::net::Ipv4Addr>().unwrap().octets()
+}
+
+/// A broadcast ARP request from `mac`/`sender_ip` asking for `target_ip`.
+fn arp_request(mac: [u8; 6], sender_ip: &str, target_ip: &str) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend(mac);
+    f.extend([0x08, 0x06]); // ARP
+    f.extend([0, 1, 0x08, 0x00, 6, 4, 0, 1]); // Ethernet, IPv4, request
+    f.extend(mac);
+    f.extend(ipv4_octets(sender_ip));
+    f.extend([0; 6]);
+    f.extend(ipv4_octets(target_ip));
+    f
+}
+
+/// An unsolicited router advertisement from `mac`'s EUI-64 link-local address to ff02::1,
+/// announcing a default router (lifetime 1800 s).
+fn router_advert(mac: [u8; 6]) -> Vec<u8> {
+    let src = guard::eui64_link_local(mac).octets();
+    let dst: [u8; 16] = "ff02::1".parse::<std::net::Ipv6Addr>().unwrap().octets();
+    // type 134, code 0, checksum, hop limit 64, flags 0, router lifetime 1800, reachable 0,
+    // retrans 0, source link-layer address option.
+    let mut icmp = vec![
+        134, 0, 0, 0, 64, 0, 0x07, 0x08, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1,
+    ];
+    icmp.extend(mac);
+    let mut sum: u32 = 0;
+    let mut add = |bytes: &[u8]| {
+        for pair in bytes.chunks(2) {
+            let hi = u32::from(pair[0]) << 8;
+            let lo = pair.get(1).map_or(0, |b| u32::from(*b));
+            sum += hi | lo;
+        }
+    };
+    add(&src);
+    add(&dst);
+    add(&(icmp.len() as u32).to_be_bytes());
+    add(&[0, 0, 0, 58]);
+    add(&icmp);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let csum = !(sum as u16);
+    icmp[2..4].copy_from_slice(&csum.to_be_bytes());
+
+    let mut f = vec![0x33, 0x33, 0, 0, 0, 1];
+    f.extend(mac);
+    f.extend([0x86, 0xdd]);
+    f.extend([0x60, 0, 0, 0]);
+    f.extend((icmp.len() as u16).to_be_bytes());
+    f.extend([58, 255]); // ICMPv6, hop limit 255
+    f.extend(src);
+    f.extend(dst);
+    f.extend(icmp);
+    f
+}
+
+/// Waits until `cond` holds (true) or 3 s passed (false).
+fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+    for _ in 0..30 {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+#[test]
+fn guarded_workloads_reach_each_other_over_ipv4_and_ipv6() {
+    let mut lab = Lab::new();
+    let a = lab.add("a", 2);
+    let b = lab.add("b", 3);
+    lab.apply(&lab.table(&[a, b], &[]));
+    let (wa, wb) = (lab.w(a), lab.w(b));
+    assert!(
+        ping(wa, None, &wb.v4),
+        "a must reach b over IPv4 through the guards (ARP included)"
+    );
+    assert!(
+        ping(wb, None, &wa.v4),
+        "b must reach a over IPv4 through the guards"
+    );
+    assert!(
+        ping(wa, None, &wb.v6),
+        "a must reach b over IPv6 through the guards (neighbour discovery included)"
+    );
+    let ll_b = format!("{}%eth0", guard::eui64_link_local(wb.mac));
+    assert!(
+        ping(wa, None, &ll_b),
+        "a must reach b's EUI-64 link-local address"
+    );
+}
+
+#[test]
+fn a_foreign_source_address_does_not_reach_the_victim() {
+    let mut lab = Lab::new();
+    let a = lab.add("a", 2);
+    let m = lab.add("m", 4);
+    lab.apply(&lab.table(&[a, m], &[]));
+    let (wa, wm) = (lab.w(a), lab.w(m));
+    ip(&wm.name, &["addr", "add", "10.77.0.99/32", "dev", "eth0"]);
+    // Static neighbours on both sides: only the IPv4 source check can stop the ping.
+    static_neigh(wm, &wa.v4, wa.mac);
+    static_neigh(wa, "10.77.0.99", wm.mac);
+    static_neigh(wa, &wm.v4, wm.mac);
+    assert!(
+        ping(wm, Some(&wm.v4), &wa.v4),
+        "m must reach a from its own address (control)"
+    );
+    assert!(
+        !ping(wm, Some("10.77.0.99"), &wa.v4),
+        "m must NOT reach a from the foreign address 10.77.0.99"
+    );
+    // IPv6 likewise.
+    ip(
+        &wm.name,
+        &["addr", "add", "fd77::99/128", "dev", "eth0", "nodad"],
+    );
+    assert!(
+        ping(wm, Some(&wm.v6), &wa.v6),
+        "m must reach a over IPv6 from its own address (control)"
+    );
+    static_neigh(wa, "fd77::99", wm.mac);
+    assert!(
+        !ping(wm, Some("fd77::99"), &wa.v6),
+        "m must NOT reach a over IPv6 from the foreign address fd77::99"
+    );
+}
+
+#[test]
+fn a_foreign_mac_does_not_reach_the_victim() {
+    let mut lab = Lab::new();
+    let a = lab.add("a", 2);
+    let m = lab.add("m", 4);
+    lab.apply(&lab.table(&[a, m], &[]));
+    let (wa, wm) = (lab.w(a), lab.w(m));
+    assert!(
+        ping(wm, None, &wa.v4),
+        "m must reach a with its own MAC (control)"
+    );
+    let foreign = [0x02, 0, 0, 0, 0, 0x99];
+    let eth = Netlink::in_netns(&wm.ns)
+        .unwrap()
+        .link_by_name("eth0")
+        .unwrap()
+        .unwrap()
+        .index;
+    Netlink::in_netns(&wm.ns)
+        .unwrap()
+        .set_mac(eth, foreign)
+        .unwrap();
+    // a keeps m's IP pointed at the foreign MAC, so ARP plays no part: only the source MAC
+    // check can stop the ping.
+    static_neigh(wa, &wm.v4, foreign);
+    static_neigh(wm, &wa.v4, wa.mac);
+    assert!(
+        !ping(wm, None, &wa.v4),
+        "m must NOT reach a with the foreign MAC 02:00:00:00:00:99"
+    );
+}
+
+#[test]
+fn an_arp_request_with_a_foreign_sender_ip_teaches_the_victim_nothing() {
+    let mut lab = Lab::new();
+    let a = lab.add("a", 2);
+    let m = lab.add("m", 4);
+    lab.apply(&lab.table(&[a, m], &[]));
+    let (wa, wm) = (lab.w(a), lab.w(m));
+    send_frame(wm, &arp_request(wm.mac, "10.77.0.99", &wa.v4));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        neigh_entry(wa, "10.77.0.99"),
+        "",
+        "a must NOT learn a neighbour entry for 10.77.0.99 from m's spoofed ARP request"
+    );
+    // Control: the same request with m's real address does teach a.
+    send_frame(wm, &arp_request(wm.mac, &wm.v4, &wa.v4));
+    assert!(
+        eventually(|| neigh_entry(wa, &wm.v4).contains("0a:58:0a:4d:00:04")),
+        "a must learn m's address from m's genuine ARP request (control), got {:?}",
+        neigh_entry(wa, &wm.v4)
+    );
+}
+
+#[test]
+fn an_unregistered_port_is_dropped_until_it_is_registered() {
+    let mut lab = Lab::new();
+    let a = lab.add("a", 2);
+    let u = lab.add("u", 5);
+    lab.apply(&lab.table(&[a], &[]));
+    assert!(
+        !ping(lab.w(u), None, &lab.w(a).v4),
+        "a port on the bridge but in neither `ports` nor `open` must NOT reach a"
+    );
+    lab.apply(&lab.table(&[a, u], &[]));
+    assert!(
+        ping(lab.w(u), None, &lab.w(a).v4),
+        "the same port must reach a once registered (control)"
+    );
+    // Open ports are not checked: a foreign source gets through.
+    lab.apply(&lab.table(&[a], &[u]));
+    let (wa, wu) = (lab.w(a), lab.w(u));
+    ip(&wu.name, &["addr", "add", "10.77.0.98/32", "dev", "eth0"]);
+    static_neigh(wu, &wa.v4, wa.mac);
+    static_neigh(wa, "10.77.0.98", wu.mac);
+    assert!(
+        ping(wu, Some("10.77.0.98"), &wa.v4),
+        "a port in `open` must reach a even from a foreign address (not checked)"
+    );
+}
+
+#[test]
+fn a_router_advertisement_from_a_workload_is_dropped() {
+    let mut lab = Lab::new();
+    let a = lab.add("a", 2);
+    let m = lab.add("m", 4);
+    write_sysctl(&lab.w(a).ns, &[("net/ipv6/conf/eth0/accept_ra", "2")]);
+    let default_route = |lab: &Lab| ip(&lab.w(a).name, &["-6", "route", "show", "default"]);
+    lab.apply(&lab.table(&[a, m], &[]));
+    send_frame(lab.w(m), &router_advert(lab.w(m).mac));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        default_route(&lab).trim(),
+        "",
+        "a must NOT install a default route from m's router advertisement"
+    );
+    // Control: without the RA rule the same advertisement installs a default route via m.
+    let mut t = lab.table(&[a, m], &[]);
+    t.chains[0]
+        .rules
+        .retain(|r| !r.contains("nd-router-advert"));
+    lab.apply(&t);
+    send_frame(lab.w(m), &router_advert(lab.w(m).mac));
+    let ll_m = guard::eui64_link_local(lab.w(m).mac).to_string();
+    assert!(
+        eventually(|| default_route(&lab).contains(&ll_m)),
+        "without the RA rule, m's advertisement must install a default route via {ll_m} (control), got {:?}",
+        default_route(&lab)
+    );
+}
+
+#[test]
+fn the_table_lists_back_without_a_diff() {
+    let mut lab = Lab::new();
+    let a = lab.add("a", 2);
+    let b = lab.add("b", 3);
+    let t = lab.table(&[a, b], &[]);
+    lab.apply(&t);
+    let state = netns::run_in(&lab.node, || {
+        NftCli::default()
+            .list_table(weft_dataplane::nft::Family::Bridge, "weft")
+            .unwrap()
+            .expect("the bridge weft table exists")
+    })
+    .unwrap();
+    let tx = weft_dataplane::nft::diff(&state.to_table(&t), &t);
+    assert!(
+        tx.is_empty(),
+        "the listed table must equal the desired one (elements in nft's text form), diff: {tx:?}"
+    );
+}
