@@ -90,7 +90,11 @@ impl GroupSpec {
     }
 
     /// Does the group hold this interface?
-    pub fn matches(&self, m: &Member, ns_labels: &BTreeMap<String, BTreeMap<String, String>>) -> bool {
+    pub fn matches(
+        &self,
+        m: &Member,
+        ns_labels: &BTreeMap<String, BTreeMap<String, String>>,
+    ) -> bool {
         if let Some(ns) = &self.namespace
             && ns != &m.namespace
         {
@@ -282,7 +286,13 @@ impl Builder<'_> {
         i
     }
 
-    fn check_networks(&mut self, kind: &'static str, object: &str, field: &str, nets: &Option<Vec<String>>) {
+    fn check_networks(
+        &mut self,
+        kind: &'static str,
+        object: &str,
+        field: &str,
+        nets: &Option<Vec<String>>,
+    ) {
         for n in nets.iter().flatten() {
             if !self
                 .inputs
@@ -423,9 +433,10 @@ pub fn compile(inputs: Inputs<'_>) -> Compiled {
     };
     for m in inputs.members {
         for ip in &m.ips {
-            b.out
-                .owners
-                .insert(*ip, (m.network.clone(), format!("{}/{}", m.namespace, m.name)));
+            b.out.owners.insert(
+                *ip,
+                (m.network.clone(), format!("{}/{}", m.namespace, m.name)),
+            );
             if m.local {
                 b.out.local.insert(*ip);
             }
@@ -481,11 +492,26 @@ pub fn compile(inputs: Inputs<'_>) -> Compiled {
             (None, None) => continue,
         };
         let subject = b.group(spec);
-        b.out
-            .applies_to
-            .insert(format!("{CLUSTER} {object}"), b.out.group_ips[subject].len());
-        let ingress = b.rules(CLUSTER, &object, subject, &p.spec.ingress, Direction::Ingress, None);
-        let egress = b.rules(CLUSTER, &object, subject, &p.spec.egress, Direction::Egress, None);
+        b.out.applies_to.insert(
+            format!("{CLUSTER} {object}"),
+            b.out.group_ips[subject].len(),
+        );
+        let ingress = b.rules(
+            CLUSTER,
+            &object,
+            subject,
+            &p.spec.ingress,
+            Direction::Ingress,
+            None,
+        );
+        let egress = b.rules(
+            CLUSTER,
+            &object,
+            subject,
+            &p.spec.egress,
+            Direction::Egress,
+            None,
+        );
         let (i, e) = match p.spec.tier {
             Tier::Admin => (&mut b.out.ingress.admin, &mut b.out.egress.admin),
             Tier::Baseline => (&mut b.out.ingress.baseline, &mut b.out.egress.baseline),
@@ -527,9 +553,10 @@ pub fn compile(inputs: Inputs<'_>) -> Compiled {
             pod_selector: Some(p.spec.subject.pod_selector.clone()),
             networks: p.spec.subject.networks.clone(),
         });
-        b.out
-            .applies_to
-            .insert(format!("{NAMESPACED} {object}"), b.out.group_ips[subject].len());
+        b.out.applies_to.insert(
+            format!("{NAMESPACED} {object}"),
+            b.out.group_ips[subject].len(),
+        );
         for (dir, rules) in [
             (Direction::Ingress, &p.spec.ingress),
             (Direction::Egress, &p.spec.egress),
@@ -620,7 +647,12 @@ impl Decision {
             .or(self.ingress.as_ref());
         let verdict = if self.allowed { "accepted" } else { "denied" };
         match step {
-            Some(s) => format!("{verdict}: {} of {}: {}", direction_word(s, self), s.workload, s.reason),
+            Some(s) => format!(
+                "{verdict}: {} of {}: {}",
+                direction_word(s, self),
+                s.workload,
+                s.reason
+            ),
             None => format!("{verdict}: neither end is a weft workload"),
         }
     }
@@ -743,7 +775,11 @@ impl Compiled {
         if let Some(s) = tier("Baseline", &rules.baseline) {
             return s;
         }
-        let network = self.owners.get(subject).map(|o| o.0.clone()).unwrap_or_default();
+        let network = self
+            .owners
+            .get(subject)
+            .map(|o| o.0.clone())
+            .unwrap_or_default();
         if self.default_deny.contains(subject) {
             self.step(
                 &workload,
@@ -784,7 +820,13 @@ impl Compiled {
     pub fn rule(&self, id: u32) -> Option<&Rule> {
         [&self.ingress, &self.egress]
             .into_iter()
-            .flat_map(|d| d.admin.iter().chain(&d.ns_deny).chain(&d.ns_allow).chain(&d.baseline))
+            .flat_map(|d| {
+                d.admin
+                    .iter()
+                    .chain(&d.ns_deny)
+                    .chain(&d.ns_allow)
+                    .chain(&d.baseline)
+            })
             .find(|r| r.id == id)
     }
 }

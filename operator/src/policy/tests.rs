@@ -1,0 +1,375 @@
+use super::*;
+use crate::agent::source::{Resources, parse_manifests};
+
+fn resources(yaml: &str) -> Resources {
+    let mut r = Resources::default();
+    parse_manifests(yaml, "test", &mut r);
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    r
+}
+
+fn member(ns: &str, name: &str, labels: &[(&str, &str)], network: &str, ip: &str) -> Member {
+    Member {
+        namespace: ns.into(),
+        name: name.into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        network: network.into(),
+        ips: vec![ip.parse().unwrap()],
+        local: true,
+    }
+}
+
+const BASE: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {env: prod}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: tools, labels: {team: ops}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: net}
+spec: {mode: NAT, subnets: [10.0.0.0/16]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: closed}
+spec: {mode: NAT, subnets: [10.1.0.0/16], security: {defaultAction: Deny}}
+"#;
+
+fn members() -> Vec<Member> {
+    vec![
+        member("shop", "web", &[("tier", "web")], "net", "10.0.0.2"),
+        member("shop", "app", &[("tier", "app")], "net", "10.0.0.3"),
+        member("shop", "db", &[("tier", "db")], "net", "10.0.0.4"),
+        member("tools", "ops", &[], "net", "10.0.0.5"),
+        member("default", "q", &[], "closed", "10.1.0.2"),
+    ]
+}
+
+fn compiled(policies: &str, members: &[Member]) -> Compiled {
+    let res = resources(&format!("{BASE}\n---\n{policies}"));
+    let c = compile(Inputs {
+        cluster: &res.cluster_policies,
+        namespaced: &res.policies,
+        namespaces: &res.namespaces,
+        networks: &res.networks,
+        members,
+    });
+    assert!(c.problems.is_empty(), "{:?}", c.problems);
+    c
+}
+
+fn tcp(src: &str, dst: &str, port: u16) -> Packet {
+    Packet {
+        src: src.parse().unwrap(),
+        dst: dst.parse().unwrap(),
+        protocol: L4Protocol::Tcp,
+        port: Some(port),
+        icmp: None,
+    }
+}
+
+const WEB: &str = "10.0.0.2";
+const APP: &str = "10.0.0.3";
+const DB: &str = "10.0.0.4";
+const OPS: &str = "10.0.0.5";
+const Q: &str = "10.1.0.2";
+const OUTSIDE: &str = "192.168.50.1";
+
+const POLICIES: &str = r#"
+apiVersion: weft.dev/v1alpha1
+kind: ClusterSegmentationPolicy
+metadata: {name: guard-db}
+spec:
+  tier: Admin
+  priority: 10
+  subject: {pods: {podSelector: {matchLabels: {tier: db}}}}
+  ingress:
+    - {name: deny-ops, action: Deny, from: [{namespaces: {matchLabels: {team: ops}}}]}
+    - {name: pass-prod, action: Pass, from: [{namespaces: {matchLabels: {env: prod}}}]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: ClusterSegmentationPolicy
+metadata: {name: lockdown}
+spec:
+  tier: Admin
+  priority: 20
+  subject: {pods: {podSelector: {matchLabels: {tier: db}}}}
+  ingress: [{name: deny-rest, action: Deny}]
+---
+apiVersion: weft.dev/v1alpha1
+kind: ClusterSegmentationPolicy
+metadata: {name: admin-ssh}
+spec:
+  tier: Admin
+  priority: 5
+  subject: {namespaces: {matchLabels: {env: prod}}}
+  ingress:
+    - {name: ssh-from-ops, action: Accept, from: [{namespaces: {matchLabels: {team: ops}}}], protocols: [{protocol: TCP, port: 22}]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: ClusterSegmentationPolicy
+metadata: {name: prod-baseline}
+spec:
+  tier: Baseline
+  priority: 100
+  subject: {namespaces: {matchLabels: {env: prod}}}
+  ingress:
+    - {name: monitoring, action: Accept, protocols: [{protocol: TCP, port: 9100}]}
+    - {name: deny-all, action: Deny}
+---
+apiVersion: weft.dev/v1alpha1
+kind: SegmentationPolicy
+metadata: {name: db-from-app, namespace: shop}
+spec:
+  subject: {podSelector: {matchLabels: {tier: db}}}
+  ingress:
+    - {name: sql, action: Allow, from: [{pods: {podSelector: {matchLabels: {tier: app}}}}], protocols: [{protocol: TCP, port: 5432}]}
+    - {name: not-8, action: Deny, from: [{pods: {podSelector: {matchLabels: {tier: app}}}}], protocols: [{protocol: TCP, portRange: {start: 5433, end: 5440}}]}
+    - {name: sql-8, action: Allow, from: [{pods: {podSelector: {matchLabels: {tier: app}}}}], protocols: [{protocol: TCP, port: 5438}]}
+"#;
+
+fn decide(c: &Compiled, p: Packet) -> Decision {
+    c.decide(&p)
+}
+
+#[test]
+fn admin_deny_is_final_and_names_the_rule() {
+    let c = compiled(POLICIES, &members());
+    let d = decide(&c, tcp(OPS, DB, 5432));
+    assert!(!d.allowed);
+    let step = d.ingress.unwrap();
+    assert_eq!(
+        step.rule.unwrap().to_string(),
+        "ClusterSegmentationPolicy guard-db rule deny-ops"
+    );
+    assert!(step.reason.contains("Admin tier"), "{}", step.reason);
+}
+
+#[test]
+fn admin_accept_skips_namespace_policies_and_baseline() {
+    let c = compiled(POLICIES, &members());
+    // db is isolated by db-from-app, and Baseline denies everything, but Admin Accept wins.
+    let d = decide(&c, tcp(OPS, DB, 22));
+    assert!(d.allowed, "{}", d.summary());
+    assert_eq!(d.ingress.unwrap().rule.unwrap().rule, "ssh-from-ops");
+}
+
+#[test]
+fn pass_hands_over_to_namespace_policies_where_deny_beats_allow() {
+    let c = compiled(POLICIES, &members());
+    // Passed by guard-db (prod), so lockdown's deny-rest never sees it; db-from-app allows sql.
+    let d = decide(&c, tcp(APP, DB, 5432));
+    assert!(d.allowed, "{}", d.summary());
+    assert_eq!(d.ingress.unwrap().rule.unwrap().rule, "sql");
+    // The namespace Deny beats the later Allow, whatever their order.
+    let d = decide(&c, tcp(APP, DB, 5438));
+    assert!(!d.allowed);
+    assert_eq!(d.ingress.unwrap().rule.unwrap().rule, "not-8");
+    // web is passed too, but db is isolated and nothing allows web.
+    let d = decide(&c, tcp(WEB, DB, 5432));
+    assert!(!d.allowed);
+    let step = d.ingress.unwrap();
+    assert!(step.rule.is_none());
+    assert!(step.reason.contains("isolated"), "{}", step.reason);
+}
+
+#[test]
+fn without_pass_the_next_admin_policy_decides() {
+    let c = compiled(POLICIES, &members());
+    // The outside is neither ops nor prod: guard-db does not match, lockdown denies.
+    let d = decide(&c, tcp(OUTSIDE, DB, 5432));
+    assert!(!d.allowed);
+    assert_eq!(d.ingress.unwrap().rule.unwrap().rule, "deny-rest");
+    assert!(d.egress.is_none(), "the outside has no egress policy here");
+}
+
+#[test]
+fn baseline_applies_to_workloads_no_namespace_policy_isolates() {
+    let c = compiled(POLICIES, &members());
+    let d = decide(&c, tcp(OPS, WEB, 80));
+    assert!(!d.allowed);
+    assert_eq!(
+        d.ingress.as_ref().unwrap().rule.as_ref().unwrap().rule,
+        "deny-all"
+    );
+    assert!(d.ingress.unwrap().reason.contains("Baseline"));
+    let d = decide(&c, tcp(OPS, WEB, 9100));
+    assert!(d.allowed);
+    assert_eq!(d.ingress.unwrap().rule.unwrap().rule, "monitoring");
+}
+
+#[test]
+fn the_network_default_decides_last() {
+    let c = compiled(POLICIES, &members());
+    // tools/ops has no policy: egress to the outside falls to net's default Allow.
+    let d = decide(&c, tcp(OPS, OUTSIDE, 80));
+    assert!(d.allowed);
+    assert!(d.egress.unwrap().reason.contains("defaultAction is Allow"));
+    // closed's default is Deny, both ways.
+    let d = decide(&c, tcp(Q, OUTSIDE, 80));
+    assert!(!d.allowed);
+    assert!(d.egress.unwrap().reason.contains("defaultAction is Deny"));
+    let d = decide(&c, tcp(OUTSIDE, Q, 80));
+    assert!(!d.allowed);
+}
+
+#[test]
+fn both_directions_must_allow() {
+    let policies = r#"
+apiVersion: weft.dev/v1alpha1
+kind: SegmentationPolicy
+metadata: {name: web-egress, namespace: shop}
+spec:
+  subject: {podSelector: {matchLabels: {tier: web}}}
+  egress:
+    - {name: to-app, action: Allow, to: [{pods: {podSelector: {matchLabels: {tier: app}}}}]}
+"#;
+    let c = compiled(policies, &members());
+    assert!(decide(&c, tcp(WEB, APP, 8080)).allowed);
+    let d = decide(&c, tcp(WEB, OPS, 22));
+    assert!(!d.allowed);
+    assert!(d.egress.as_ref().is_some_and(|s| !s.allowed));
+    assert!(
+        d.ingress.as_ref().is_some_and(|s| s.allowed),
+        "ops itself would accept"
+    );
+    assert!(
+        d.summary().starts_with("denied: egress of shop/web"),
+        "{}",
+        d.summary()
+    );
+}
+
+#[test]
+fn protocols_ports_and_icmp_match_exactly() {
+    let policies = r#"
+apiVersion: weft.dev/v1alpha1
+kind: ClusterSegmentationPolicy
+metadata: {name: p}
+spec:
+  tier: Admin
+  priority: 1
+  subject: {namespaces: {}}
+  ingress:
+    - name: ping
+      action: Deny
+      protocols: [{protocol: ICMP, icmpType: 8}, {protocol: UDP, portRange: {start: 5000, end: 5010}}]
+"#;
+    let c = compiled(policies, &members());
+    let mut p = tcp(WEB, APP, 5005);
+    assert!(decide(&c, p).allowed, "TCP is not listed");
+    p.protocol = L4Protocol::Udp;
+    assert!(!decide(&c, p).allowed);
+    p.port = Some(5011);
+    assert!(decide(&c, p).allowed);
+    p.protocol = L4Protocol::Icmp;
+    p.port = None;
+    p.icmp = Some((8, 0));
+    assert!(!decide(&c, p).allowed);
+    p.icmp = Some((0, 0));
+    assert!(decide(&c, p).allowed, "an echo reply is not type 8");
+}
+
+#[test]
+fn workloads_change_set_elements_never_rules() {
+    let few = compiled(POLICIES, &members()[..2]);
+    let mut many = members();
+    for i in 0..200 {
+        many.push(member(
+            "shop",
+            &format!("w{i}"),
+            &[("tier", if i % 2 == 0 { "db" } else { "app" })],
+            "net",
+            &format!("10.0.{}.{}", 10 + i / 200, 10 + i % 200),
+        ));
+    }
+    let lots = compiled(POLICIES, &many);
+    assert_eq!(render::chains(&few), render::chains(&lots));
+    let names =
+        |c: &Compiled| -> Vec<String> { render::sets(c).into_iter().map(|s| s.name).collect() };
+    assert_eq!(names(&few), names(&lots));
+    let elements: usize = render::sets(&lots).iter().map(|s| s.elements.len()).sum();
+    assert!(elements > 200);
+}
+
+#[test]
+fn rules_render_per_family_protocol_and_stage() {
+    let c = compiled(POLICIES, &members());
+    let chains = render::chains(&c);
+    let get = |name: &str| {
+        chains
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap()
+            .rules
+            .clone()
+    };
+    let ingress = get("ingress");
+    assert_eq!(ingress[0], "ip daddr != @local4 return");
+    assert!(
+        ingress.iter().any(|r| r.ends_with("tcp dport 22 return")),
+        "{ingress:?}"
+    );
+    assert!(ingress.iter().any(|r| r.ends_with("goto ingress_ns")));
+    let ns = get("ingress_ns");
+    assert!(ns[0].starts_with("ip daddr != @iso_in4 goto ingress_base"));
+    let deny_at = ns
+        .iter()
+        .position(|r| r.contains("5433-5440") && r.ends_with("drop"));
+    let allow_at = ns.iter().position(|r| r.contains("dport 5432 return"));
+    assert!(deny_at < allow_at, "namespace denies come first: {ns:?}");
+    assert!(ns.last().unwrap().ends_with("drop"));
+    let default = get("egress_default");
+    assert!(default[0].starts_with("ip saddr @deny4 log prefix"));
+}
+
+#[test]
+fn unknown_networks_and_invalid_policies_are_reported() {
+    let res = resources(&format!(
+        "{BASE}\n---\n{}",
+        r#"
+apiVersion: weft.dev/v1alpha1
+kind: SegmentationPolicy
+metadata: {name: typo, namespace: shop}
+spec:
+  subject: {podSelector: {}, networks: [nett]}
+  ingress: [{name: a, action: Allow}]
+---
+apiVersion: weft.dev/v1alpha1
+kind: ClusterSegmentationPolicy
+metadata: {name: bad}
+spec:
+  tier: Admin
+  priority: 1
+  subject: {namespaces: {}}
+  egress: [{name: a, action: Allow}]
+"#
+    ));
+    let c = compile(Inputs {
+        cluster: &res.cluster_policies,
+        namespaced: &res.policies,
+        namespaces: &res.namespaces,
+        networks: &res.networks,
+        members: &members(),
+    });
+    let text: Vec<String> = c.problems.iter().map(|p| p.to_string()).collect();
+    assert!(
+        text.iter()
+            .any(|t| t.contains("shop/typo") && t.contains("Network nett does not exist")),
+        "{text:?}"
+    );
+    assert!(
+        text.iter()
+            .any(|t| t.contains("bad") && t.contains("spec.egress[0].action")),
+        "{text:?}"
+    );
+    // The invalid policy is not enforced at all.
+    assert!(c.egress.admin.is_empty());
+}
