@@ -40,6 +40,35 @@ pub enum Command {
     /// Run the lab: nodes, workloads and the outside as network namespaces, checked with real
     /// packets. `lab FILE` runs it; `lab down FILE` removes a lab left up with `--keep`.
     Lab(LabArgs),
+    /// Answer "from A to B on port P: accepted or denied, by which policy and rule" for a lab
+    /// file's resources and workloads, with the compiler the agent uses. Exits 0 when accepted,
+    /// 1 when denied.
+    Trace(TraceArgs),
+}
+
+/// Trace flags.
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    /// The lab file (its resources, namespaces and workloads).
+    pub file: PathBuf,
+    /// Source: a workload, a node or `outside`.
+    #[arg(long)]
+    pub from: String,
+    /// Destination: a workload, a node (its port forwards) or `outside`.
+    #[arg(long)]
+    pub to: String,
+    /// Destination port (ignored for ICMP).
+    #[arg(long, default_value_t = 0)]
+    pub port: u16,
+    /// tcp, udp, sctp, icmp or icmpv6.
+    #[arg(long, default_value = "tcp")]
+    pub protocol: String,
+    /// Trace IPv6 addresses.
+    #[arg(long)]
+    pub ipv6: bool,
+    /// Print the decision as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Agent flags.
@@ -173,7 +202,7 @@ pub fn init_tracing(cli: &Cli) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| {
         EnvFilter::new(match cli.command {
-            Command::Lab(_) => "warn",
+            Command::Lab(_) | Command::Trace(_) => "warn",
             Command::Agent(_) | Command::Controller(_) => "info",
         })
     });
@@ -274,6 +303,27 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .build()?;
             rt.block_on(crate::controller::run(opts))?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Trace(t) => {
+            let family = if t.ipv6 {
+                crate::lab::file::Family::Ipv6
+            } else {
+                crate::lab::file::Family::Ipv4
+            };
+            let ok = crate::lab::run_trace(
+                &t.file,
+                &t.from,
+                &t.to,
+                t.port,
+                &t.protocol,
+                family,
+                t.json,
+            )?;
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Lab(args) => match args.action {
             Some(LabAction::Down { file, name }) => {

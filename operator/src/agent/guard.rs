@@ -107,8 +107,8 @@ fn rules() -> Vec<String> {
         "iifname @open accept",
         // A weft port the agent has not registered (yet): fail closed.
         "iifname != @ports drop",
-        
-        
+        "ether type { 8021q, 8021ad } drop",
+        "ether type != { ip, arp, ip6 } drop",
         "iifname . ether saddr != @macs drop",
         "iifname . arp saddr ether != @macs drop",
         "iifname . arp saddr ip != @ips4 drop",
@@ -116,7 +116,7 @@ fn rules() -> Vec<String> {
         "iifname . ip saddr != @ips4 drop",
         // Duplicate address detection (and the MLD report sent while the address is tentative).
         "ip6 saddr :: icmpv6 type { nd-neighbor-solicit, mld2-listener-report } accept",
-        
+        "iifname . ip6 saddr != @ips6 drop",
         "icmpv6 type { nd-router-advert, nd-redirect } drop",
         "udp sport 547 udp dport 546 drop",
     ]

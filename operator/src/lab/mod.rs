@@ -6,6 +6,7 @@
 pub mod file;
 pub mod probe;
 pub mod topology;
+pub mod trace;
 
 use file::{Family, LabFile, Listen, Outcome};
 use probe::{Listeners, ProbeResult};
@@ -46,13 +47,14 @@ pub fn run(path: &Path, name: Option<&str>, keep: bool) -> anyhow::Result<bool> 
     // A lab of the same name left behind (a --keep run, or a killed one) is removed first.
     topology::down_by_name(&lab_name)?;
     let lab = Lab::new(&lab_name, spec, docs)?;
+    let resources = std::sync::Arc::new(resources);
     let guard_name = lab_name.clone();
     let _ = ctrlc::set_handler(move || {
         eprintln!("\ninterrupted: removing lab {guard_name}");
         let _ = topology::down_by_name(&guard_name);
         std::process::exit(130);
     });
-    let result = run_lab(&lab);
+    let result = run_lab(&lab, &resources);
     if keep && result.is_ok() {
         println!(
             "\nlab {lab_name} is up: `ip netns list | grep wl-{lab_name}`; remove it with `weft-operator lab down {}`",
@@ -63,6 +65,61 @@ pub fn run(path: &Path, name: Option<&str>, keep: bool) -> anyhow::Result<bool> 
         lab.teardown();
     }
     result
+}
+
+/// `trace FILE --from A --to B --port P`: what the policies decide, without running the lab.
+pub fn run_trace(
+    path: &Path,
+    from: &str,
+    to: &str,
+    port: u16,
+    protocol: &str,
+    family: Family,
+    json: bool,
+) -> anyhow::Result<bool> {
+    let (spec, resources, _) = LabFile::load(path)?;
+    let protocol = weft_crds::L4Protocol::parse(protocol).ok_or_else(|| {
+        anyhow::anyhow!("--protocol: {protocol:?} is not tcp, udp, sctp, icmp or icmpv6")
+    })?;
+    let members = trace::members(&spec, &resources, None);
+    let compiled = trace::compile(&resources, &members);
+    for p in &compiled.problems {
+        eprintln!("warning: {p}");
+    }
+    let (decision, note) = trace::decide(
+        &spec, &resources, &members, &compiled, from, to, port, protocol, family,
+    )
+    .map_err(anyhow::Error::msg)?;
+    if json {
+        let mut v = serde_json::to_value(&decision)?;
+        if let Some(n) = &note {
+            v["via"] = serde_json::json!(n);
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "{from} -> {to} {port}/{}: {}",
+            protocol.nft_name(),
+            decision.summary()
+        );
+        if let Some(n) = note {
+            println!("  via {n}");
+        }
+        for (word, step) in [
+            ("egress ", &decision.egress),
+            ("ingress", &decision.ingress),
+        ] {
+            if let Some(s) = step {
+                println!(
+                    "  {word} of {:<20} {}  {}",
+                    s.workload,
+                    if s.allowed { "accept" } else { "deny  " },
+                    s.reason
+                );
+            }
+        }
+    }
+    Ok(decision.allowed)
 }
 
 /// Removes a lab left up.
@@ -76,7 +133,45 @@ pub fn down(path: &Path, name: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_lab(lab: &Lab) -> anyhow::Result<bool> {
+/// The policy view of a running lab: its members with their real addresses, compiled.
+struct PolicyView<'a> {
+    res: &'a crate::agent::source::Resources,
+    members: Vec<crate::policy::Member>,
+    compiled: crate::policy::Compiled,
+}
+
+impl PolicyView<'_> {
+    fn decide(
+        &self,
+        lab: &Lab,
+        from: &str,
+        to: &str,
+        port: u16,
+        udp: bool,
+        family: Family,
+    ) -> Option<crate::policy::Decision> {
+        let protocol = if udp {
+            weft_crds::L4Protocol::Udp
+        } else {
+            weft_crds::L4Protocol::Tcp
+        };
+        trace::decide(
+            &lab.spec,
+            self.res,
+            &self.members,
+            &self.compiled,
+            from,
+            to,
+            port,
+            protocol,
+            family,
+        )
+        .ok()
+        .map(|(d, _)| d)
+    }
+}
+
+fn run_lab(lab: &Lab, res: &crate::agent::source::Resources) -> anyhow::Result<bool> {
     let spec = &lab.spec;
     println!("weft lab {}", lab.name);
     lab.build_network()?;
@@ -111,9 +206,16 @@ fn run_lab(lab: &Lab) -> anyhow::Result<bool> {
         listeners.start(&lan_ns, "outside", l.port, l.udp)?;
     }
 
+    let addresses = lab.addresses();
+    let members = trace::members(spec, res, Some(&addresses));
+    let view = PolicyView {
+        res,
+        compiled: trace::compile(res, &members),
+        members,
+    };
     print_built(lab, &attached);
-    let ok = check_expectations(lab, &attached)?;
-    print_matrix(lab, &attached, &outside_ports);
+    let ok = check_expectations(lab, &attached, &view)?;
+    print_matrix(lab, &attached, &outside_ports, &view);
     Ok(ok)
 }
 
@@ -222,7 +324,11 @@ fn print_built(lab: &Lab, attached: &BTreeMap<String, Vec<IpAddr>>) {
     }
 }
 
-fn check_expectations(lab: &Lab, attached: &BTreeMap<String, Vec<IpAddr>>) -> anyhow::Result<bool> {
+fn check_expectations(
+    lab: &Lab,
+    attached: &BTreeMap<String, Vec<IpAddr>>,
+    view: &PolicyView<'_>,
+) -> anyhow::Result<bool> {
     let mut all_ok = true;
     if lab.spec.expect.is_empty() {
         return Ok(true);
@@ -280,11 +386,27 @@ fn check_expectations(lab: &Lab, attached: &BTreeMap<String, Vec<IpAddr>>) -> an
             Outcome::Allow => "allow",
             Outcome::Deny => "deny",
         };
+        // What the policy compiler says; it must never deny what the packets did.
+        let decision = view.decide(lab, &e.from, &e.to, e.port, e.protocol == "udp", e.family);
+        if let Some(d) = &decision
+            && !d.allowed
+            && got.allowed()
+        {
+            ok = false;
+            why.push_str(" (trace says denied, but the packets passed)");
+        }
         println!(
             "  {}  {label} ({target}): expected {expected}, {}{why}",
             if ok { "ok  " } else { "FAIL" },
             got.describe()
         );
+        if let Some(d) = &decision
+            && (view.compiled.egress != Default::default()
+                || view.compiled.ingress != Default::default()
+                || !view.compiled.default_deny.is_empty())
+        {
+            println!("          policy: {}", d.summary());
+        }
         all_ok &= ok;
     }
     println!(
@@ -299,7 +421,12 @@ fn check_expectations(lab: &Lab, attached: &BTreeMap<String, Vec<IpAddr>>) -> an
     Ok(all_ok)
 }
 
-fn print_matrix(lab: &Lab, attached: &BTreeMap<String, Vec<IpAddr>>, outside: &[Listen]) {
+fn print_matrix(
+    lab: &Lab,
+    attached: &BTreeMap<String, Vec<IpAddr>>,
+    outside: &[Listen],
+    view: &PolicyView<'_>,
+) {
     // Who reaches whom over IPv4 on each target's first listener.
     let mut targets: Vec<(String, Listen)> = Vec::new();
     for w in &lab.spec.workloads {
@@ -362,12 +489,32 @@ fn print_matrix(lab: &Lab, attached: &BTreeMap<String, Vec<IpAddr>>, outside: &[
         print!(" {head:>w$}", w = width.max(head.len()));
     }
     println!();
-    for (src, row) in sources.iter().zip(cells) {
+    for (src, row) in sources.iter().zip(&cells) {
         print!("  {src:width$}");
         for ((t, l), cell) in targets.iter().zip(row) {
             let head = format!("{t}:{}", l.port);
             print!(" {cell:>w$}", w = width.max(head.len()));
         }
         println!();
+    }
+    // Name the deciding rule of every pair the policies deny.
+    let mut denied = Vec::new();
+    for (src, row) in sources.iter().zip(&cells) {
+        for ((t, l), cell) in targets.iter().zip(row) {
+            if cell != "no" {
+                continue;
+            }
+            if let Some(d) = view.decide(lab, src, t, l.port, l.udp, Family::Ipv4)
+                && !d.allowed
+            {
+                denied.push(format!("  {src} -> {t}:{}  {}", l.port, d.summary()));
+            }
+        }
+    }
+    if !denied.is_empty() {
+        println!("\ndenied by policy (the deciding rule):");
+        for line in denied {
+            println!("{line}");
+        }
     }
 }

@@ -44,6 +44,8 @@ pub struct Lab {
     record: Mutex<Record>,
     /// Workload name → (node, [(network, ifname)]).
     attachments: Mutex<BTreeMap<String, Vec<(String, String)>>>,
+    /// Workload name → [(network, addresses)].
+    addresses: Mutex<BTreeMap<String, Vec<(String, Vec<IpAddr>)>>>,
 }
 
 /// A lab's name: the file stem plus a hash of its path, so two files never collide.
@@ -144,6 +146,7 @@ impl Lab {
             dir,
             record: Mutex::new(Record::default()),
             attachments: Mutex::new(BTreeMap::new()),
+            addresses: Mutex::new(BTreeMap::new()),
         };
         lab.save()?;
         Ok(lab)
@@ -501,17 +504,30 @@ impl Lab {
                         w.name
                     );
                 }
+                let mut on_network = Vec::new();
                 for ip in result["ips"].as_array().into_iter().flatten() {
                     if let Some(a) = ip["address"].as_str()
                         && let Ok(net) = a.parse::<ipnet::IpNet>()
                     {
                         ips.push(net.addr());
+                        on_network.push(net.addr());
                     }
                 }
+                self.addresses
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("lab addresses poisoned"))?
+                    .entry(w.name.clone())
+                    .or_default()
+                    .push((network.clone(), on_network));
             }
             out.insert(w.name.clone(), ips);
         }
         Ok(out)
+    }
+
+    /// Each workload's addresses per network.
+    pub fn addresses(&self) -> BTreeMap<String, Vec<(String, Vec<IpAddr>)>> {
+        self.addresses.lock().map(|a| a.clone()).unwrap_or_default()
     }
 
     /// The agent's last status of a node.
