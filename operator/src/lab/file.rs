@@ -143,6 +143,10 @@ pub struct Expectation {
     /// source's node), `self` (the source's own address) or a literal address.
     #[serde(default)]
     pub source_seen_as: Option<String>,
+    /// Probe right after the CNI ADD of the later-started of `from` and `to` returns, before
+    /// any other workload starts: the first packets already meet the policy.
+    #[serde(default)]
+    pub at_start: bool,
 }
 
 fn default_protocol() -> String {
@@ -278,6 +282,15 @@ impl LabFile {
                 errors.push(format!(
                     "expect[{i}].protocol: {:?} is not tcp or udp",
                     e.protocol
+                ));
+            }
+            if e.at_start
+                && [&e.from, &e.to]
+                    .iter()
+                    .any(|n| self.nodes.iter().any(|x| &x.name == *n))
+            {
+                errors.push(format!(
+                    "expect[{i}].atStart: only between workloads and outside, not nodes"
                 ));
             }
             if e.family == Family::Ipv6 && self.lan.gateway6.is_none() {

@@ -177,16 +177,7 @@ fn run_lab(lab: &Lab, res: &crate::agent::source::Resources) -> anyhow::Result<b
     lab.build_network()?;
     lab.start_agents()?;
     lab.wait_ready(Duration::from_secs(20))?;
-    let attached = lab.start_workloads()?;
     let listeners = Listeners::default();
-    // Listeners: every workload's, and the outside host's.
-    for w in &spec.workloads {
-        let ns = lab.workload_ns(&w.name)?;
-        for l in &w.listen {
-            let l = Listen::parse(l).map_err(anyhow::Error::msg)?;
-            listeners.start(&ns, &w.name, l.port, l.udp)?;
-        }
-    }
     let mut outside_ports: Vec<Listen> = spec
         .lan
         .listen
@@ -205,6 +196,50 @@ fn run_lab(lab: &Lab, res: &crate::agent::source::Resources) -> anyhow::Result<b
     for l in &outside_ports {
         listeners.start(&lan_ns, "outside", l.port, l.udp)?;
     }
+    // Each workload's listeners start as soon as it is up; `atStart` expectations are probed
+    // right after the ADD of the later of their two ends returned.
+    let mut started: Vec<String> = vec!["outside".into()];
+    let mut early: BTreeMap<usize, ProbeResult> = BTreeMap::new();
+    let attached = lab.start_workloads(|w| {
+        let ns = lab.workload_ns(&w.name)?;
+        for l in &w.listen {
+            let l = Listen::parse(l).map_err(anyhow::Error::msg)?;
+            listeners.start(&ns, &w.name, l.port, l.udp)?;
+        }
+        started.push(w.name.clone());
+        let addresses = lab.addresses();
+        for (i, e) in spec.expect.iter().enumerate() {
+            let due = e.at_start
+                && !early.contains_key(&i)
+                && (e.from == w.name || e.to == w.name)
+                && started.contains(&e.from)
+                && started.contains(&e.to);
+            if !due {
+                continue;
+            }
+            let flat: BTreeMap<String, Vec<IpAddr>> = addresses
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        v.iter().flat_map(|(_, ips)| ips.clone()).collect(),
+                    )
+                })
+                .collect();
+            let result = match address_of(lab, &flat, &e.to, e.family) {
+                Some(target) => probe::probe(
+                    &lab.ns_of(&e.from)?,
+                    target,
+                    e.port,
+                    e.protocol == "udp",
+                    Duration::from_millis(1500),
+                ),
+                None => ProbeResult::Error(format!("{} has no address", e.to)),
+            };
+            early.insert(i, result);
+        }
+        Ok(())
+    })?;
 
     let addresses = lab.addresses();
     let members = trace::members(spec, res, Some(&addresses));
@@ -214,7 +249,7 @@ fn run_lab(lab: &Lab, res: &crate::agent::source::Resources) -> anyhow::Result<b
         members,
     };
     print_built(lab, &attached);
-    let ok = check_expectations(lab, &attached, &view)?;
+    let ok = check_expectations(lab, &attached, &view, &early)?;
     print_matrix(lab, &attached, &outside_ports, &view);
     Ok(ok)
 }
@@ -328,28 +363,43 @@ fn check_expectations(
     lab: &Lab,
     attached: &BTreeMap<String, Vec<IpAddr>>,
     view: &PolicyView<'_>,
+    early: &BTreeMap<usize, ProbeResult>,
 ) -> anyhow::Result<bool> {
     let mut all_ok = true;
     if lab.spec.expect.is_empty() {
         return Ok(true);
     }
     println!("\nexpectations:");
-    for e in &lab.spec.expect {
+    for (i, e) in lab.spec.expect.iter().enumerate() {
         let fam = if e.family == Family::Ipv6 { "v6" } else { "v4" };
-        let label = format!("{} -> {} {}/{} {}", e.from, e.to, e.port, e.protocol, fam);
+        let label = format!(
+            "{} -> {} {}/{} {}{}",
+            e.from,
+            e.to,
+            e.port,
+            e.protocol,
+            fam,
+            if e.at_start { " at start" } else { "" }
+        );
         let Some(target) = address_of(lab, attached, &e.to, e.family) else {
             println!("  FAIL  {label}: {} has no {fam} address", e.to);
             all_ok = false;
             continue;
         };
-        let ns = lab.ns_of(&e.from)?;
-        let got = probe::probe(
-            &ns,
-            target,
-            e.port,
-            e.protocol == "udp",
-            Duration::from_millis(1500),
-        );
+        let got = if e.at_start {
+            early
+                .get(&i)
+                .cloned()
+                .unwrap_or_else(|| ProbeResult::Error("never probed at start".into()))
+        } else {
+            probe::probe(
+                &lab.ns_of(&e.from)?,
+                target,
+                e.port,
+                e.protocol == "udp",
+                Duration::from_millis(1500),
+            )
+        };
         let mut ok = got.allowed() == (e.result == Outcome::Allow);
         let mut why = String::new();
         if ok && let ProbeResult::Answered { by, seen } = &got {

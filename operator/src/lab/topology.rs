@@ -477,7 +477,11 @@ impl Lab {
     }
 
     /// Creates each workload's namespace and runs CNI ADD for each of its networks.
-    pub fn start_workloads(&self) -> anyhow::Result<BTreeMap<String, Vec<IpAddr>>> {
+    /// `after_each` runs right after a workload's last ADD returned, before the next one starts.
+    pub fn start_workloads(
+        &self,
+        mut after_each: impl FnMut(&Workload) -> anyhow::Result<()>,
+    ) -> anyhow::Result<BTreeMap<String, Vec<IpAddr>>> {
         let mut out = BTreeMap::new();
         for w in &self.spec.workloads {
             self.create_ns("w", &w.name)?;
@@ -521,6 +525,7 @@ impl Lab {
                     .push((network.clone(), on_network));
             }
             out.insert(w.name.clone(), ips);
+            after_each(w)?;
         }
         Ok(out)
     }
