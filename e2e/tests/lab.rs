@@ -231,3 +231,134 @@ fn an_invalid_lab_file_is_rejected_naming_the_field() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("workloads[0].node"), "{stderr}");
 }
+
+#[test]
+fn anti_spoofing_off_lets_forged_macs_and_arp_through_but_never_unknown_addresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = write(
+        dir.path(),
+        "spoof-off.yaml",
+        r#"
+lan: {gateway: 192.168.61.1/24}
+nodes: [{name: node-a, address: 192.168.61.11/24}]
+resources:
+  - apiVersion: weft.dev/v1alpha1
+    kind: Network
+    metadata: {name: open-net}
+    spec: {mode: NAT, subnets: [10.41.0.0/24], security: {antiSpoofing: false}}
+workloads:
+  - {name: a, node: node-a, networks: [open-net], listen: [22/tcp]}
+  - {name: b, node: node-a, networks: [open-net], listen: [22/tcp]}
+expect:
+  - {from: b, to: a, port: 22, result: allow}
+  # Without anti-spoofing a forged MAC and an ARP claim pass: the probes can see both outcomes.
+  - {from: b, to: a, port: 22, spoof: {mac: "02:00:00:00:00:99"}, result: allow}
+  - {from: b, to: a, port: 22, spoof: {arp: 10.41.0.99}, result: allow}
+  # An address no registered workload owns is still dropped (fail closed).
+  - {from: b, to: a, port: 22, spoof: {ip: 10.41.0.99}, result: deny}
+"#,
+    );
+    let out = run_lab(&lab, &format!("spo-{}", std::process::id() % 10000));
+    assert!(out.contains("all expectations hold"), "{out}");
+}
+
+#[test]
+fn dual_stack_udp_egress_tiers_and_default_deny_hold_with_real_packets() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = write(
+        dir.path(),
+        "policy.yaml",
+        r#"
+lan: {gateway: 192.168.62.1/24, gateway6: "fd00:62::1/64", listen: [53/udp, 443/tcp]}
+nodes: [{name: node-a, address: 192.168.62.11/24, address6: "fd00:62::11/64"}]
+resources:
+  - {apiVersion: v1, kind: Namespace, metadata: {name: team-a, labels: {team: a}}}
+  - apiVersion: weft.dev/v1alpha1
+    kind: Network
+    metadata: {name: locked}
+    spec: {mode: NAT, subnets: [10.42.0.0/24, "fd42::/64"], security: {defaultAction: Deny}}
+  # Admin: DNS to the LAN resolver is always fine; nothing else leaves for the LAN but 443.
+  - apiVersion: weft.dev/v1alpha1
+    kind: ClusterSegmentationPolicy
+    metadata: {name: egress-guard}
+    spec:
+      tier: Admin
+      priority: 1
+      subject: {namespaces: {}}
+      egress:
+        - {name: dns, action: Accept, to: [{cidrs: [192.168.62.1/32, "fd00:62::1/128"]}], protocols: [{protocol: UDP, port: 53}]}
+        - {name: https-pass, action: Pass, to: [{cidrs: [192.168.62.0/24, "fd00:62::/64"]}], protocols: [{protocol: TCP, port: 443}]}
+        - {name: no-lan, action: Deny, to: [{cidrs: [192.168.62.0/24, "fd00:62::/64"]}]}
+  # Baseline: team-a may talk among itself on 8000-8001.
+  - apiVersion: weft.dev/v1alpha1
+    kind: ClusterSegmentationPolicy
+    metadata: {name: team-a-internal}
+    spec:
+      tier: Baseline
+      priority: 1
+      subject: {namespaces: {matchLabels: {team: a}}}
+      ingress:
+        - {name: peers, action: Accept, from: [{namespaces: {matchLabels: {team: a}}}], protocols: [{protocol: TCP, portRange: {start: 8000, end: 8001}}]}
+      egress:
+        - {name: peers, action: Accept, to: [{namespaces: {matchLabels: {team: a}}}]}
+        - {name: https, action: Accept, to: [{cidrs: [0.0.0.0/0, "::/0"]}], protocols: [{protocol: TCP, port: 443}]}
+workloads:
+  - {name: a1, namespace: team-a, node: node-a, networks: [locked], listen: [8000/tcp, 9000/tcp]}
+  - {name: a2, namespace: team-a, node: node-a, networks: [locked], listen: [8001/tcp]}
+  - {name: x1, node: node-a, networks: [locked], listen: [8000/tcp]}
+expect:
+  - {from: a1, to: outside, port: 53, protocol: udp, result: allow}
+  - {from: a1, to: outside, port: 53, protocol: udp, family: ipv6, result: allow}
+  - {from: x1, to: outside, port: 53, protocol: udp, result: allow}
+  - {from: a1, to: outside, port: 443, result: allow}
+  - {from: a1, to: outside, port: 443, family: ipv6, result: allow}
+  - {from: x1, to: outside, port: 443, result: deny}
+  - {from: a1, to: outside, port: 80, result: deny}
+  - {from: a1, to: a2, port: 8001, result: allow}
+  - {from: a2, to: a1, port: 8000, family: ipv6, result: allow}
+  - {from: a2, to: a1, port: 9000, result: deny}
+  - {from: x1, to: a1, port: 8000, result: deny}
+  - {from: a1, to: x1, port: 8000, result: deny}
+"#,
+    );
+    let out = run_lab(&lab, &format!("pol-{}", std::process::id() % 10000));
+    assert!(out.contains("all expectations hold"), "{out}");
+    assert!(
+        out.contains("Deny by ClusterSegmentationPolicy egress-guard rule no-lan (Admin tier)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("Network locked security.defaultAction is Deny"),
+        "{out}"
+    );
+}
+
+#[test]
+fn trace_names_the_deciding_rule_and_exits_by_verdict() {
+    let file = workspace().join("examples/lab/segmentation.yaml");
+    let run = |args: &[&str]| {
+        let out = Command::new(operator_binary())
+            .arg("trace")
+            .arg(&file)
+            .args(args)
+            .output()
+            .expect("run trace");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let (code, out) = run(&["--from", "ops-1", "--to", "db-1", "--port", "5432"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("Deny by ClusterSegmentationPolicy guard-db rule deny-ops"),
+        "{out}"
+    );
+    let (code, out) = run(&[
+        "--from", "outside", "--to", "node-a", "--port", "8080", "--json",
+    ]);
+    assert_eq!(code, Some(0), "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["ingress"]["rule"]["rule"], "http-from-lan");
+    assert_eq!(v["via"], "port forward shop/web on node-a to web-1:80");
+}

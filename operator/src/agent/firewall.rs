@@ -257,6 +257,9 @@ pub fn table(nets: &[NetRules], forwards: &[Forward], policy: &crate::policy::Co
                     "ct state established,related accept".into(),
                     "iifname @bridges ct state invalid drop".into(),
                     "oifname @bridges ct state invalid drop".into(),
+                    // Neighbour discovery between two ports of a bridge (seen here through
+                    // br_netfilter) uses link-local addresses; the guard table vets them.
+                    "iifname @bridges icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept".into(),
                     // Fail closed: from a weft bridge, only registered workload addresses.
                     "iifname @bridges ip saddr != @local4 drop".into(),
                     "iifname @bridges ip6 saddr != @local6 drop".into(),

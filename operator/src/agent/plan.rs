@@ -247,18 +247,56 @@ pub fn plan(
             });
         }
     }
+    let guard = guard_table(&bridges, &states, endpoints);
     PlanOutput {
         plan: NodePlan {
             node: node.name.clone(),
             bridges,
             sysctls,
             firewall: firewall::table(&rules, &forwards, &policy),
-            guard: None,
+            guard: Some(guard),
             networks: states,
         },
         problems,
         forwards: realized,
     }
+}
+
+/// The anti-spoofing table: every endpoint of a realized network is a port, guarded unless its
+/// network turned `security.antiSpoofing` off.
+fn guard_table(
+    bridges: &[BridgePlan],
+    networks: &[NetworkState],
+    endpoints: &[Endpoint],
+) -> weft_dataplane::nft::Table {
+    let names: Vec<String> = bridges.iter().map(|b| b.name.clone()).collect();
+    let mut guarded = Vec::new();
+    let mut open = Vec::new();
+    for e in endpoints {
+        let Some(net) = networks.iter().find(|n| n.name == e.network) else {
+            continue;
+        };
+        match parse_mac(&e.mac) {
+            Some(mac) if net.anti_spoofing => guarded.push(super::guard::PortGuard {
+                ifname: e.host_ifname.clone(),
+                mac,
+                ips: e.ips.clone(),
+            }),
+            // An endpoint with an unreadable MAC stays unregistered: its port drops everything.
+            None if net.anti_spoofing => {}
+            _ => open.push(e.host_ifname.clone()),
+        }
+    }
+    super::guard::table(&names, &guarded, &open)
+}
+
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut out {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
 }
 
 /// The policy members of this node: its endpoints, with their workloads' labels.

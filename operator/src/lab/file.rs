@@ -143,10 +143,39 @@ pub struct Expectation {
     /// source's node), `self` (the source's own address) or a literal address.
     #[serde(default)]
     pub source_seen_as: Option<String>,
+    /// Send with a forged identity (anti-spoofing): exactly one of `ip`, `mac`, `arp`.
+    #[serde(default)]
+    pub spoof: Option<Spoof>,
     /// Probe right after the CNI ADD of the later-started of `from` and `to` returns, before
     /// any other workload starts: the first packets already meet the policy.
     #[serde(default)]
     pub at_start: bool,
+}
+
+/// A forged identity for an expectation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Spoof {
+    /// Connect from this address, added to the source's `eth0` for the probe.
+    #[serde(default)]
+    pub ip: Option<std::net::IpAddr>,
+    /// Connect with this MAC on the source's `eth0` for the probe.
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// Instead of connecting, send an ARP request for the target's address claiming this
+    /// sender address; `allow` means the target learned it (a neighbour entry appeared).
+    #[serde(default)]
+    pub arp: Option<std::net::Ipv4Addr>,
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut out {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
 }
 
 fn default_protocol() -> String {
@@ -283,6 +312,30 @@ impl LabFile {
                     "expect[{i}].protocol: {:?} is not tcp or udp",
                     e.protocol
                 ));
+            }
+            if let Some(sp) = &e.spoof {
+                let n = [sp.ip.is_some(), sp.mac.is_some(), sp.arp.is_some()]
+                    .iter()
+                    .filter(|x| **x)
+                    .count();
+                if n != 1 {
+                    errors.push(format!(
+                        "expect[{i}].spoof: set exactly one of ip, mac, arp"
+                    ));
+                }
+                if sp.mac.as_deref().is_some_and(|m| parse_mac(m).is_none()) {
+                    errors.push(format!(
+                        "expect[{i}].spoof.mac: not a MAC address like 02:00:00:00:00:99"
+                    ));
+                }
+                if !self.workloads.iter().any(|w| w.name == e.from) {
+                    errors.push(format!(
+                        "expect[{i}].spoof: from must be a workload (its eth0 sends the forged packets)"
+                    ));
+                }
+                if e.at_start {
+                    errors.push(format!("expect[{i}]: spoof and atStart do not combine"));
+                }
             }
             if e.at_start
                 && [&e.from, &e.to]

@@ -16,6 +16,7 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 use topology::Lab;
+use weft_dataplane::netns;
 
 /// Runs the lab on `file`; returns whether every expectation held.
 pub fn run(path: &Path, name: Option<&str>, keep: bool) -> anyhow::Result<bool> {
@@ -386,7 +387,9 @@ fn check_expectations(
             all_ok = false;
             continue;
         };
-        let got = if e.at_start {
+        let got = if let Some(sp) = &e.spoof {
+            spoofed(lab, e, sp, target)?
+        } else if e.at_start {
             early
                 .get(&i)
                 .cloned()
@@ -469,6 +472,68 @@ fn check_expectations(
     );
     let _ = std::io::stdout().flush();
     Ok(all_ok)
+}
+
+/// A probe with a forged identity from a workload's `eth0`; the identity is restored after.
+fn spoofed(
+    lab: &Lab,
+    e: &file::Expectation,
+    sp: &file::Spoof,
+    target: IpAddr,
+) -> anyhow::Result<ProbeResult> {
+    use weft_dataplane::netlink::Netlink;
+    let ns = lab.workload_ns(&e.from)?;
+    let mut nl = Netlink::in_netns(&ns)?;
+    let eth0 = nl
+        .link_by_name("eth0")?
+        .ok_or_else(|| anyhow::anyhow!("{} has no eth0", e.from))?;
+    let udp = e.protocol == "udp";
+    let timeout = Duration::from_millis(1500);
+    if let Some(ip) = sp.ip {
+        let net = ipnet::IpNet::new(ip, if ip.is_ipv4() { 32 } else { 128 })?;
+        nl.add_address(eth0.index, net, true)?;
+        let got = probe::probe_from(&ns, Some(ip), target, e.port, udp, timeout);
+        nl.del_address(eth0.index, net)?;
+        return Ok(got);
+    }
+    if let Some(mac) = sp.mac.as_deref().and_then(file::parse_mac) {
+        let own = eth0
+            .mac
+            .ok_or_else(|| anyhow::anyhow!("{}'s eth0 has no MAC", e.from))?;
+        nl.set_mac(eth0.index, mac)?;
+        let got = probe::probe(&ns, target, e.port, udp, timeout);
+        nl.set_mac(eth0.index, own)?;
+        return Ok(got);
+    }
+    if let Some(claimed) = sp.arp {
+        let IpAddr::V4(target4) = target else {
+            anyhow::bail!("spoof.arp needs an IPv4 target");
+        };
+        let mac = eth0
+            .mac
+            .ok_or_else(|| anyhow::anyhow!("{}'s eth0 has no MAC", e.from))?;
+        let frame = weft_dataplane::frame::arp_request(mac, claimed, target4);
+        let index = eth0.index;
+        netns::run_in(&ns, move || weft_dataplane::frame::send(index, &frame))??;
+        std::thread::sleep(Duration::from_millis(300));
+        let victim = lab.ns_name_of(&e.to);
+        let out = std::process::Command::new("ip")
+            .args(["-n", &victim, "neigh", "show", &claimed.to_string()])
+            .output()?;
+        let learned = String::from_utf8_lossy(&out.stdout).contains("lladdr");
+        let _ = std::process::Command::new("ip")
+            .args(["-n", &victim, "neigh", "flush", "to", &claimed.to_string()])
+            .output();
+        return Ok(if learned {
+            ProbeResult::Answered {
+                by: e.to.clone(),
+                seen: IpAddr::V4(claimed),
+            }
+        } else {
+            ProbeResult::Timeout
+        });
+    }
+    anyhow::bail!("spoof: set exactly one of ip, mac, arp")
 }
 
 fn print_matrix(

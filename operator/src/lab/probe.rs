@@ -118,12 +118,44 @@ fn parse_reply(line: &str) -> Option<ProbeResult> {
 
 /// Probes `target:port` from inside `ns`.
 pub fn probe(ns: &Netns, target: IpAddr, port: u16, udp: bool, timeout: Duration) -> ProbeResult {
+    probe_from(ns, None, target, port, udp, timeout)
+}
+
+/// A TCP connection from `source` (any port), or from the kernel's choice.
+fn connect(
+    source: Option<IpAddr>,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    let Some(source) = source else {
+        return TcpStream::connect_timeout(&addr, timeout);
+    };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.bind(&SocketAddr::new(source, 0).into())?;
+    socket.connect_timeout(&addr.into(), timeout)?;
+    Ok(socket.into())
+}
+
+/// Probes `target:port` from inside `ns`, from the address `source` if given (which must be
+/// one of the namespace's own addresses).
+pub fn probe_from(
+    ns: &Netns,
+    source: Option<IpAddr>,
+    target: IpAddr,
+    port: u16,
+    udp: bool,
+    timeout: Duration,
+) -> ProbeResult {
     let addr = SocketAddr::new(target, port);
     if udp {
-        let bind: SocketAddr = if target.is_ipv4() {
-            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-        } else {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        let bind: SocketAddr = match source {
+            Some(s) => (s, 0).into(),
+            None if target.is_ipv4() => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+            None => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
         };
         let sock = match netns::run_in(ns, move || UdpSocket::bind(bind)) {
             Ok(Ok(s)) => s,
@@ -156,7 +188,7 @@ pub fn probe(ns: &Netns, target: IpAddr, port: u16, udp: bool, timeout: Duration
         }
         ProbeResult::Timeout
     } else {
-        let stream = match netns::run_in(ns, move || TcpStream::connect_timeout(&addr, timeout)) {
+        let stream = match netns::run_in(ns, move || connect(source, addr, timeout)) {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 return match e.kind() {

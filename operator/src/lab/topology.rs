@@ -212,6 +212,17 @@ impl Lab {
         self.open_ns("w", w)
     }
 
+    /// The namespace name of `outside`, a node or a workload (for `ip -n`).
+    pub fn ns_name_of(&self, name: &str) -> String {
+        if name == "outside" {
+            self.ns_name("lan", "0")
+        } else if self.spec.nodes.iter().any(|n| n.name == name) {
+            self.ns_name("n", name)
+        } else {
+            self.ns_name("w", name)
+        }
+    }
+
     /// The namespace of `outside`, a node or a workload.
     pub fn ns_of(&self, name: &str) -> anyhow::Result<Netns> {
         if name == "outside" {
