@@ -303,10 +303,22 @@ pub struct ProtocolMatch {
 
 /// A protocol a rule can match.
 #[derive(
-    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema,
+    Serialize,
+    Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Default,
+    JsonSchema,
 )]
 pub enum L4Protocol {
     /// TCP.
+    #[default]
     #[serde(rename = "TCP")]
     Tcp,
     /// UDP.
@@ -321,12 +333,6 @@ pub enum L4Protocol {
     /// ICMPv6 (IPv6 only).
     #[serde(rename = "ICMPv6")]
     Icmpv6,
-}
-
-impl Default for L4Protocol {
-    fn default() -> Self {
-        L4Protocol::Tcp
-    }
 }
 
 impl L4Protocol {

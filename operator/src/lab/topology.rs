@@ -19,6 +19,9 @@ use weft_dataplane::names;
 use weft_dataplane::netlink::{Netlink, RouteSpec};
 use weft_dataplane::netns::{self, Netns};
 
+/// Workload name → [(network, addresses on it)].
+pub type Addresses = BTreeMap<String, Vec<(String, Vec<IpAddr>)>>;
+
 /// Root of the lab's files.
 pub const LAB_ROOT: &str = "/run/weft-lab";
 
@@ -45,7 +48,7 @@ pub struct Lab {
     /// Workload name → (node, [(network, ifname)]).
     attachments: Mutex<BTreeMap<String, Vec<(String, String)>>>,
     /// Workload name → [(network, addresses)].
-    addresses: Mutex<BTreeMap<String, Vec<(String, Vec<IpAddr>)>>>,
+    addresses: Mutex<Addresses>,
 }
 
 /// A lab's name: the file stem plus a hash of its path, so two files never collide.
@@ -542,7 +545,7 @@ impl Lab {
     }
 
     /// Each workload's addresses per network.
-    pub fn addresses(&self) -> BTreeMap<String, Vec<(String, Vec<IpAddr>)>> {
+    pub fn addresses(&self) -> Addresses {
         self.addresses.lock().map(|a| a.clone()).unwrap_or_default()
     }
 

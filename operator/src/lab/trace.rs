@@ -14,7 +14,7 @@ use weft_crds::L4Protocol;
 pub fn members(
     lab: &LabFile,
     res: &Resources,
-    addresses: Option<&BTreeMap<String, Vec<(String, Vec<IpAddr>)>>>,
+    addresses: Option<&super::topology::Addresses>,
 ) -> Vec<Member> {
     let mut next: BTreeMap<String, (u128, u128)> = BTreeMap::new();
     let mut out = Vec::new();
