@@ -244,6 +244,53 @@ pub fn apply(
     Ok(report)
 }
 
+/// Like [`apply`], but trusts that the node still holds `previous` (the plan this process applied
+/// last): when only set and map elements differ, both tables go from `previous` to `plan` in
+/// one element-only transaction without listing them first, which keeps a registration cheap
+/// however many elements the tables hold. Anything else (no previous plan, other bridges,
+/// sysctls or table structure) takes the full [`apply`]. A node changed by hand since is repaired
+/// by the next full apply (the agent's periodic resync).
+pub fn apply_since(
+    plan: &NodePlan,
+    previous: Option<&NodePlan>,
+    links: &mut dyn Links,
+    firewall: &mut dyn Firewall,
+    sysctls: &mut dyn Sysctls,
+    state_dir: &Path,
+) -> Result<ApplyReport, ApplyError> {
+    let Some(prev) = previous else {
+        return apply(plan, links, firewall, sysctls, state_dir);
+    };
+    let same_tables = |a: &Table, b: &Table| {
+        a.family == b.family && a.name == b.name && nft::structure_hash(a) == nft::structure_hash(b)
+    };
+    let same_guard = match (&prev.guard, &plan.guard) {
+        (Some(a), Some(b)) => same_tables(a, b),
+        (None, None) => true,
+        _ => false,
+    };
+    if prev.bridges != plan.bridges
+        || prev.sysctls != plan.sysctls
+        || !same_guard
+        || !same_tables(&prev.firewall, &plan.firewall)
+    {
+        return apply(plan, links, firewall, sysctls, state_dir);
+    }
+    let mut changes = Vec::new();
+    if let (Some(a), Some(b)) = (&prev.guard, &plan.guard) {
+        changes.extend(nft::diff(a, b).0);
+    }
+    changes.extend(nft::diff(&prev.firewall, &plan.firewall).0);
+    let mut report = ApplyReport::default();
+    if !changes.is_empty() {
+        let tx = nft::Transaction(changes);
+        firewall.apply(&tx).map_err(ApplyError::Firewall)?;
+        report.changes.extend(tx.0.iter().map(|c| c.summary()));
+    }
+    apply_state(plan, state_dir, &mut report)?;
+    Ok(report)
+}
+
 fn apply_bridges(
     plan: &NodePlan,
     links: &mut dyn Links,
@@ -620,6 +667,50 @@ mod tests {
             )
             .unwrap()
         }
+    }
+
+    #[test]
+    fn apply_since_sends_element_changes_without_listing_and_falls_back_otherwise() {
+        let mut node = Node::new();
+        let first = plan(&["10.0.0.0/24"], "accept", &["a"]);
+        node.apply(&first);
+        let lists = node.fw.lists;
+        let calls = node.links.calls.len();
+        let second = plan(&["10.0.0.0/24", "10.1.0.0/24"], "accept", &["a"]);
+        let report = apply_since(
+            &second,
+            Some(&first),
+            &mut node.links,
+            &mut node.fw,
+            &mut node.sysctls,
+            node.dir.path(),
+        )
+        .unwrap();
+        assert_eq!(node.fw.lists, lists, "no listing of the tables");
+        assert_eq!(node.links.calls.len(), calls, "no link work");
+        assert!(matches!(
+            node.fw.applied.last().unwrap().0.as_slice(),
+            [Change::AddElements { .. }]
+        ));
+        assert_eq!(report.changes.len(), 1);
+        let kernel = &node.fw.tables[&(Family::Inet, "weft".to_string())];
+        assert!(kernel.sets[0].elements.contains("10.1.0.0/24"));
+        // Another rule: the full apply, which lists and replaces.
+        let third = plan(&["10.1.0.0/24"], "drop", &["a"]);
+        apply_since(
+            &third,
+            Some(&second),
+            &mut node.links,
+            &mut node.fw,
+            &mut node.sysctls,
+            node.dir.path(),
+        )
+        .unwrap();
+        assert!(node.fw.lists > lists);
+        assert!(matches!(
+            node.fw.applied.last().unwrap().0.as_slice(),
+            [Change::ReplaceTable(_)]
+        ));
     }
 
     #[test]

@@ -79,7 +79,7 @@ fn apply_is_idempotent_and_removing_a_network_removes_what_it_created() {
     let eps = EndpointStore::default();
 
     let plan = compute(&cfg, &resources(TWO), &eps).plan;
-    let first = apply_blocking(&plan, state.path()).unwrap();
+    let first = apply_blocking(&plan, None, state.path()).unwrap();
     assert!(
         first
             .changes
@@ -111,7 +111,7 @@ fn apply_is_idempotent_and_removing_a_network_removes_what_it_created() {
     assert!(state.path().join("networks/alpha.json").exists());
 
     // Second apply of the same plan: nothing changes, no link churn, same ruleset.
-    let second = apply_blocking(&plan, state.path()).unwrap();
+    let second = apply_blocking(&plan, None, state.path()).unwrap();
     assert!(second.is_noop(), "{:?}", second.changes);
     assert_eq!(nft_list(), ruleset);
     assert_eq!(
@@ -128,7 +128,7 @@ fn apply_is_idempotent_and_removing_a_network_removes_what_it_created() {
             .unwrap()
             .success()
     );
-    let repair = apply_blocking(&plan, state.path()).unwrap();
+    let repair = apply_blocking(&plan, None, state.path()).unwrap();
     assert!(
         repair
             .changes
@@ -141,7 +141,7 @@ fn apply_is_idempotent_and_removing_a_network_removes_what_it_created() {
 
     // Removing beta: its bridge, set elements and runtime state go; rules stay the same.
     let only_alpha = compute(&cfg, &resources(&TWO[..TWO.find("---").unwrap()]), &eps).plan;
-    let report = apply_blocking(&only_alpha, state.path()).unwrap();
+    let report = apply_blocking(&only_alpha, None, state.path()).unwrap();
     assert!(
         report
             .changes
@@ -179,7 +179,7 @@ fn a_foreign_link_with_weft_s_bridge_name_is_never_touched() {
     let mut nl = Netlink::new().unwrap();
     let foreign = nl.create_bridge("wn-alpha", None, None, None).unwrap();
     let plan = compute(&cfg, &resources(TWO), &EndpointStore::default()).plan;
-    let err = apply_blocking(&plan, state.path()).unwrap_err();
+    let err = apply_blocking(&plan, None, state.path()).unwrap_err();
     assert!(err.to_string().contains("not created by weft"), "{err}");
     assert_eq!(nl.link_by_name("wn-alpha").unwrap().unwrap().index, foreign);
 }

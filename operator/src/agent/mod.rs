@@ -118,9 +118,11 @@ pub fn compute(
     out
 }
 
-/// Applies a plan to this node's kernel (blocking: call from `spawn_blocking`).
+/// Applies a plan to this node's kernel (blocking: call from `spawn_blocking`); with the plan
+/// applied last as `previous`, element changes go without listing the tables first.
 pub fn apply_blocking(
     plan: &dplan::NodePlan,
+    previous: Option<&dplan::NodePlan>,
     state_dir: &std::path::Path,
 ) -> Result<ApplyReport, dplan::ApplyError> {
     let mut links = Netlink::new().map_err(|source| dplan::ApplyError::Link {
@@ -129,7 +131,7 @@ pub fn apply_blocking(
     })?;
     let mut fw = NftCli::default();
     let mut sysctls = ProcSysctls;
-    dplan::apply(plan, &mut links, &mut fw, &mut sysctls, state_dir)
+    dplan::apply_since(plan, previous, &mut links, &mut fw, &mut sysctls, state_dir)
 }
 
 fn now() -> u64 {
@@ -179,9 +181,17 @@ impl Reconciler {
         } else {
             let plan = out.plan.clone();
             let state_dir = self.cfg.state_dir.clone();
-            tokio::task::spawn_blocking(move || apply_blocking(&plan, &state_dir))
-                .await
-                .map_err(|e| format!("apply task failed: {e}"))?
+            // A registration trusts the last applied plan; everything else applies in full.
+            let previous = if reason == "endpoints" {
+                self.last_applied.clone()
+            } else {
+                None
+            };
+            tokio::task::spawn_blocking(move || {
+                apply_blocking(&plan, previous.as_ref(), &state_dir)
+            })
+            .await
+            .map_err(|e| format!("apply task failed: {e}"))?
         };
         self.last_applied = match &result {
             Ok(_) => Some(out.plan.clone()),

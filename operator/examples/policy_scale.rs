@@ -1,0 +1,136 @@
+//! Policy scale benchmark: W workloads and P policies on one node. Measures the pure compile,
+//! rendering the `inet weft` table, applying it with nft (one atomic transaction, in a throw-away
+//! network namespace), and adding one more workload (compile + element-only transaction).
+//!
+//!   cargo run --release -p weft-operator --example policy_scale -- [WORKLOADS] [POLICIES]
+//!
+//! Needs root (it unshares a network namespace for nft). Figures: docs/benchmarks.md.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Instant;
+use weft_operator::agent::firewall;
+use weft_operator::agent::source::{Resources, parse_manifests};
+use weft_operator::policy::{self, Member};
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let workloads = args.first().copied().unwrap_or(10_000);
+    let policies = args.get(1).copied().unwrap_or(1_000);
+    let namespaces = 100;
+    let apps = 50;
+
+    let mut yaml = String::from(
+        "apiVersion: weft.dev/v1alpha1\nkind: Network\nmetadata: {name: net}\nspec: {mode: NAT, subnets: [10.0.0.0/8]}\n",
+    );
+    for n in 0..namespaces {
+        yaml.push_str(&format!(
+            "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: ns{n}, labels: {{team: t{}}}}}\n",
+            n % 10
+        ));
+    }
+    for p in 0..policies {
+        if p % 20 == 0 {
+            yaml.push_str(&format!(
+                "---\napiVersion: weft.dev/v1alpha1\nkind: ClusterSegmentationPolicy\nmetadata: {{name: c{p}}}\nspec:\n  tier: {}\n  priority: {}\n  subject: {{namespaces: {{matchLabels: {{team: t{}}}}}}}\n  ingress:\n    - {{name: a, action: Deny, from: [{{namespaces: {{matchLabels: {{team: t{}}}}}}}], protocols: [{{protocol: TCP, port: 22}}]}}\n    - {{name: b, action: Pass, from: [{{cidrs: [192.168.0.0/16]}}]}}\n",
+                if p % 40 == 0 { "Admin" } else { "Baseline" },
+                p % 1000,
+                p % 10,
+                (p + 1) % 10
+            ));
+        } else {
+            yaml.push_str(&format!(
+                "---\napiVersion: weft.dev/v1alpha1\nkind: SegmentationPolicy\nmetadata: {{name: p{p}, namespace: ns{}}}\nspec:\n  subject: {{podSelector: {{matchLabels: {{app: a{}}}}}}}\n  ingress:\n    - {{name: from-peer, action: Allow, from: [{{pods: {{podSelector: {{matchLabels: {{app: a{}}}}}}}}}], protocols: [{{protocol: TCP, port: {}}}]}}\n    - {{name: no-ssh, action: Deny, protocols: [{{protocol: TCP, port: 22}}]}}\n",
+                p % namespaces,
+                p % apps,
+                (p + 1) % apps,
+                8000 + p % 100
+            ));
+        }
+    }
+    let mut res = Resources::default();
+    // One document at a time: the YAML reader caps a single stream at 1024 documents.
+    for doc in yaml.split("---\n") {
+        parse_manifests(doc, "bench", &mut res);
+    }
+    anyhow::ensure!(res.problems.is_empty(), "{:?}", res.problems);
+    let member = |i: usize| Member {
+        namespace: format!("ns{}", i % namespaces),
+        name: format!("w{i}"),
+        labels: BTreeMap::from([("app".to_string(), format!("a{}", i % apps))]),
+        network: "net".into(),
+        ips: vec![IpAddr::V4(Ipv4Addr::from(0x0a00_0000u32 + 2 + i as u32))],
+        local: true,
+    };
+    let mut members: Vec<Member> = (0..workloads).map(member).collect();
+    let compile = |members: &[Member]| {
+        policy::compile(policy::Inputs {
+            cluster: &res.cluster_policies,
+            namespaced: &res.policies,
+            namespaces: &res.namespaces,
+            networks: &res.networks,
+            members,
+        })
+    };
+    let nets = [firewall::NetRules {
+        bridge: "wn-net".into(),
+        subnet_v4: Some("10.0.0.0/8".parse()?),
+        subnet_v6: None,
+        masquerade: true,
+    }];
+
+    let t = Instant::now();
+    let compiled = compile(&members);
+    let compile_ms = t.elapsed().as_secs_f64() * 1e3;
+    let t = Instant::now();
+    let table = firewall::table(&nets, &[], &compiled);
+    let render_ms = t.elapsed().as_secs_f64() * 1e3;
+    let rules: usize = table.chains.iter().map(|c| c.rules.len()).sum();
+    let elements: usize = table.sets.iter().map(|s| s.elements.len()).sum();
+    println!(
+        "{workloads} workloads, {policies} policies: {} groups, {rules} rules, {elements} set elements",
+        compiled.groups.len()
+    );
+    println!("compile            {compile_ms:8.1} ms");
+    println!("render table       {render_ms:8.1} ms");
+
+    // nft runs in a throw-away network namespace: a scoped thread that unshares its own.
+    std::thread::scope(|scope| {
+        let handle = scope.spawn(|| -> anyhow::Result<()> {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
+            let mut nft = weft_dataplane::nft::NftCli::default();
+            let mut report = weft_dataplane::plan::ApplyReport::default();
+            let t = Instant::now();
+            weft_dataplane::plan::apply_firewall(&table, &mut nft, &mut report)?;
+            println!(
+                "apply (nft, atomic) {:8.1} ms",
+                t.elapsed().as_secs_f64() * 1e3
+            );
+            // One more workload, as a registration does: compile again, then one element-only
+            // transaction from the table applied last (`plan::apply_since`), no listing.
+            members.push(member(workloads));
+            let t = Instant::now();
+            let compiled = compile(&members);
+            let compile_ms = t.elapsed().as_secs_f64() * 1e3;
+            let next = firewall::table(&nets, &[], &compiled);
+            let tx = weft_dataplane::nft::diff(&table, &next);
+            use weft_dataplane::nft::Firewall;
+            nft.apply(&tx)?;
+            println!(
+                "add one workload   {:8.1} ms  (compile {compile_ms:.1} ms; {})",
+                t.elapsed().as_secs_f64() * 1e3,
+                tx.0.iter()
+                    .map(|c| c.summary())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
+            Ok(())
+        });
+        handle
+            .join()
+            .map_err(|_| anyhow::anyhow!("the nft thread panicked"))?
+    })
+}
