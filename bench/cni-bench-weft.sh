@@ -7,7 +7,8 @@
 # WEFT_BIN_DIR to the directory holding `weft` and `weft-operator`).
 # A throw-away "node" namespace gets a running weft agent (from a manifests dir holding one NAT
 # Network, 10.89.0.0/16 with a /16 node block), whose conflist is then driven by lib/cni_bench.py
-# inside that namespace exactly like the reference plugins: a fresh `ip netns add` per pod, ADDs
+# inside that namespace exactly like the reference plugins (WEFT_BENCH_MANIFEST=FILE adds a
+# manifest, e.g. bench/confs/policies.yaml, to measure ADD under a policy set): a fresh `ip netns add` per pod, ADDs
 # then DELs, sequential and concurrent, with leak checks. Everything is removed on exit.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -47,6 +48,7 @@ spec:
   subnets: [10.89.0.0/16]
   ipam: {nodeBlockPrefix: 16}
 YAML
+if [ -n "${WEFT_BENCH_MANIFEST:-}" ]; then cp "$WEFT_BENCH_MANIFEST" "$TMP/manifests/extra.yaml"; fi
 WEFT_LOG=warn "$BIN/weft-operator" agent --netns "/run/netns/$NODE_NS" --node-name bench \
   --manifests "$TMP/manifests" --state-dir "$TMP/state" --socket "$TMP/agent.sock" \
   --cni-bin-dir "$TMP/bin" --cni-conf-dir "$TMP/conf" --cni-binary "$BIN/weft" \
