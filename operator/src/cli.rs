@@ -141,6 +141,10 @@ pub struct AgentOpts {
     /// a conflist without a running agent breaks every new pod). Re-written at start.
     #[arg(long, env = "WEFT_CLEANUP_CONFIG_ON_EXIT")]
     pub cleanup_config_on_exit: bool,
+    /// Append audit records (JSON lines: policy decisions of rules with `log: true` and default
+    /// drops) to this file; standard output when absent.
+    #[arg(long, env = "WEFT_AUDIT_LOG")]
+    pub audit_log: Option<PathBuf>,
 }
 
 /// Controller flags.
@@ -254,6 +258,7 @@ impl AgentOpts {
             cleanup_config_on_exit: self.cleanup_config_on_exit,
             resync: Duration::from_secs(self.resync_seconds.max(1)),
             poll: Duration::from_millis(500),
+            audit_log: self.audit_log.clone(),
         })
     }
 }

@@ -41,6 +41,7 @@ fn config(state: &std::path::Path) -> AgentConfig {
         cleanup_config_on_exit: false,
         resync: std::time::Duration::from_secs(30),
         poll: std::time::Duration::from_millis(500),
+        audit_log: None,
     }
 }
 

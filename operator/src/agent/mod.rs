@@ -1,6 +1,7 @@
 //! The node agent: turns the resources that select this node into bridges, addresses and
 //! nftables rules, installs the CNI binary and conflist, and serves the CNI on a Unix socket.
 
+pub mod audit;
 pub mod cni_server;
 pub mod endpoints;
 pub mod firewall;
@@ -48,6 +49,8 @@ pub struct AgentConfig {
     pub resync: Duration,
     /// How often the source is polled for changes.
     pub poll: Duration,
+    /// Where audit records go (JSON lines); `None`: standard output.
+    pub audit_log: Option<PathBuf>,
 }
 
 /// What the agent reports after each reconcile (`<state>/status.json`).
@@ -70,6 +73,8 @@ pub struct AgentStatus {
     pub last_error: Option<String>,
     /// What the last apply changed.
     pub last_changes: Vec<String>,
+    /// Audit records written, by verdict.
+    pub audit: BTreeMap<String, u64>,
 }
 
 /// A request from the socket server to the reconciler.
@@ -154,6 +159,10 @@ struct Reconciler {
     last_applied: Option<dplan::NodePlan>,
     /// The last snapshot of the source.
     resources: Option<source::Resources>,
+    /// The compiled policy the audit reader names rules from.
+    policy: Arc<std::sync::Mutex<crate::policy::Compiled>>,
+    /// Audit counters.
+    audit: audit::Counters,
 }
 
 impl Reconciler {
@@ -202,6 +211,12 @@ impl Reconciler {
         self.status.bridges = out.plan.bridges.iter().map(|b| b.name.clone()).collect();
         self.status.endpoints = self.endpoints.len();
         self.status.forwards = out.forwards.clone();
+        if let Ok(mut p) = self.policy.lock() {
+            *p = out.policy.clone();
+        }
+        if let Ok(a) = self.audit.lock() {
+            self.status.audit = a.clone();
+        }
         self.status.problems = problems;
         self.networks = out.plan.networks.iter().map(|n| n.name.clone()).collect();
         let outcome = match result {
@@ -338,7 +353,10 @@ pub async fn run(cfg: AgentConfig, source: Box<dyn ResourceSource>) -> anyhow::R
         networks: Vec::new(),
         last_applied: None,
         resources: None,
+        policy: Arc::default(),
+        audit: audit::Counters::default(),
     };
+    start_audit(&cfg, rec.policy.clone(), rec.audit.clone());
     info!(node = %cfg.node.name, socket = %cfg.socket.display(), endpoints = rec.endpoints.len(), "weft agent starting");
     let mut fingerprint = rec.source.fingerprint().ok();
     let mut retry = Retry::default();
@@ -405,6 +423,37 @@ pub async fn run(cfg: AgentConfig, source: Box<dyn ResourceSource>) -> anyhow::R
     server.abort();
     let _ = std::fs::remove_file(&cfg.socket);
     Ok(())
+}
+
+/// Starts the audit reader (a thread on NFLOG group 2727); without it the agent still works.
+fn start_audit(
+    cfg: &AgentConfig,
+    policy: Arc<std::sync::Mutex<crate::policy::Compiled>>,
+    counters: audit::Counters,
+) {
+    let out: Box<dyn std::io::Write + Send> = match &cfg.audit_log {
+        None => Box::new(std::io::stdout()),
+        Some(path) => match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            Ok(f) => Box::new(f),
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "cannot open the audit log; audit records are off");
+                return;
+            }
+        },
+    };
+    match audit::bind() {
+        Ok(socket) => {
+            let node = cfg.node.name.clone();
+            std::thread::spawn(move || audit::run(socket, node, policy, out, counters));
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot bind NFLOG group {}; audit records are off", audit::LOG_GROUP)
+        }
+    }
 }
 
 /// Removes everything weft created on this node (`weft-operator agent cleanup`).

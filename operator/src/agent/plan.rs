@@ -57,6 +57,8 @@ pub struct PlanOutput {
     pub problems: Vec<Problem>,
     /// Port forwards realized: `namespace/name` → target addresses.
     pub forwards: BTreeMap<String, Vec<IpAddr>>,
+    /// The compiled segmentation policy (audit records name its rules).
+    pub policy: crate::policy::Compiled,
 }
 
 /// Does the network select this node?
@@ -259,6 +261,7 @@ pub fn plan(
         },
         problems,
         forwards: realized,
+        policy,
     }
 }
 

@@ -448,11 +448,31 @@ fn check_expectations(
             ok = false;
             why.push_str(" (trace says denied, but the packets passed)");
         }
+        // A denial by a logged rule or by a default must have left its audit record.
+        let mut audit_line = None;
+        if let Some(d) = &decision
+            && !d.allowed
+            && !got.allowed()
+            && e.spoof.is_none()
+            && let Some(found) = audit_record_for(lab, view, e, d)
+        {
+            audit_line = Some(match found {
+                Ok(rec) => format!("          audit: {rec}"),
+                Err(wanted) => {
+                    ok = false;
+                    why.push_str(" (no audit record)");
+                    format!("          audit: MISSING a record {wanted}")
+                }
+            });
+        }
         println!(
             "  {}  {label} ({target}): expected {expected}, {}{why}",
             if ok { "ok  " } else { "FAIL" },
             got.describe()
         );
+        if let Some(line) = audit_line {
+            println!("{line}");
+        }
         if let Some(d) = &decision
             && (view.compiled.egress != Default::default()
                 || view.compiled.ingress != Default::default()
@@ -472,6 +492,95 @@ fn check_expectations(
     );
     let _ = std::io::stdout().flush();
     Ok(all_ok)
+}
+
+/// For a denied expectation whose deciding rule logs (a rule with `log: true`, or an isolation
+/// or default drop): `Some(Ok(record))` when a node's audit log has the matching record,
+/// `Some(Err(what))` when none does; `None` when no record is due.
+fn audit_record_for(
+    lab: &Lab,
+    view: &PolicyView<'_>,
+    e: &file::Expectation,
+    d: &crate::policy::Decision,
+) -> Option<Result<String, String>> {
+    let step = [&d.egress, &d.ingress]
+        .into_iter()
+        .flatten()
+        .find(|s| !s.allowed)?;
+    let direction = if d.egress.as_ref() == Some(step) {
+        "egress"
+    } else {
+        "ingress"
+    };
+    let (policy, rule) = match step.rule_id {
+        Some(id) => {
+            let (_, r) = view.compiled.rule_with_direction(id)?;
+            if !r.log {
+                return None;
+            }
+            (
+                Some(format!("{} {}", r.origin.kind, r.origin.policy)),
+                Some(r.origin.rule.clone()),
+            )
+        }
+        None => (None, None),
+    };
+    let protocol = if e.protocol == "udp" {
+        weft_crds::L4Protocol::Udp
+    } else {
+        weft_crds::L4Protocol::Tcp
+    };
+    let src = trace::source_address(&lab.spec, &view.members, &e.from, e.family)?;
+    let (_, dst, port, _) = trace::resolve(
+        &lab.spec,
+        view.res,
+        &view.members,
+        &e.to,
+        e.port,
+        protocol,
+        e.family,
+    )?;
+    let wanted = format!(
+        "{src} -> {dst}:{port} {direction} {}",
+        rule.clone().unwrap_or_else(|| "(default)".into())
+    );
+    let matches = |v: &serde_json::Value| {
+        v["src"].as_str() == Some(src.to_string().as_str())
+            && v["dst"].as_str() == Some(dst.to_string().as_str())
+            && v["port"].as_u64() == Some(u64::from(port))
+            && v["verdict"] == "deny"
+            && v["direction"] == direction
+            && v["policy"].as_str() == policy.as_deref()
+            && v["rule"].as_str() == rule.as_deref()
+    };
+    // The reader writes as packets pass; give it a moment.
+    for _ in 0..10 {
+        for node in &lab.spec.nodes {
+            let path = lab.dir.join(&node.name).join("audit.jsonl");
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            if let Some(v) = text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|v| matches(v))
+            {
+                return Some(Ok(format!(
+                    "{} on {}: {} {} -> {}:{} {}",
+                    v["verdict"].as_str().unwrap_or(""),
+                    node.name,
+                    v["direction"].as_str().unwrap_or(""),
+                    v["srcWorkload"].as_str().unwrap_or(&src.to_string()),
+                    v["dstWorkload"].as_str().unwrap_or(&dst.to_string()),
+                    port,
+                    match (v["policy"].as_str(), v["rule"].as_str()) {
+                        (Some(p), Some(r)) => format!("{p} rule {r}"),
+                        _ => v["reason"].as_str().unwrap_or("").to_string(),
+                    }
+                )));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Some(Err(wanted))
 }
 
 /// A probe with a forged identity from a workload's `eth0`; the identity is restored after.

@@ -347,6 +347,8 @@ impl Lab {
                 .arg(dir.join("cni-conf"))
                 .arg("--cni-binary")
                 .arg(&weft)
+                .arg("--audit-log")
+                .arg(dir.join("audit.jsonl"))
                 .env(
                     "WEFT_LOG",
                     std::env::var("WEFT_LOG").unwrap_or_else(|_| "info".into()),

@@ -816,18 +816,22 @@ impl Compiled {
         }
     }
 
-    /// The rule with this id.
-    pub fn rule(&self, id: u32) -> Option<&Rule> {
-        [&self.ingress, &self.egress]
-            .into_iter()
-            .flat_map(|d| {
-                d.admin
-                    .iter()
-                    .chain(&d.ns_deny)
-                    .chain(&d.ns_allow)
-                    .chain(&d.baseline)
-            })
-            .find(|r| r.id == id)
+    /// The rule with this id, and the direction it belongs to.
+    pub fn rule_with_direction(&self, id: u32) -> Option<(Direction, &Rule)> {
+        [
+            (Direction::Ingress, &self.ingress),
+            (Direction::Egress, &self.egress),
+        ]
+        .into_iter()
+        .flat_map(|(dir, d)| {
+            d.admin
+                .iter()
+                .chain(&d.ns_deny)
+                .chain(&d.ns_allow)
+                .chain(&d.baseline)
+                .map(move |r| (dir, r))
+        })
+        .find(|(_, r)| r.id == id)
     }
 }
 
