@@ -66,15 +66,7 @@ fn main() -> anyhow::Result<()> {
         local: true,
     };
     let mut members: Vec<Member> = (0..workloads).map(member).collect();
-    let compile = |members: &[Member]| {
-        policy::compile(policy::Inputs {
-            cluster: &res.cluster_policies,
-            namespaced: &res.policies,
-            namespaces: &res.namespaces,
-            networks: &res.networks,
-            members,
-        })
-    };
+    let compile = |members: &[Member]| policy::compile_resources(&res, members);
     let nets = [firewall::NetRules {
         bridge: "wn-net".into(),
         subnet_v4: Some("10.0.0.0/8".parse()?),

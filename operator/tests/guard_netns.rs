@@ -235,70 +235,21 @@ fn neigh_entry(w: &Workload, addr: &str) -> String {
 
 /// Sends one raw Ethernet frame out of `eth0` in `w`'s namespace.
 fn send_frame(w: &Workload, frame: &[u8]) {
-    use nix::libc;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let ifindex = Netlink::in_netns(&w.ns)
         .unwrap()
         .link_by_name("eth0")
         .unwrap()
         .unwrap()
         .index;
-    netns::run_in(&w.ns, || {
-        // SAFETY: a plain syscall without pointers.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-        assert!(
-            fd >= 0,
-            "AF_PACKET socket: {}",
-            std::io::Error::last_os_error()
-        );
-        // SAFETY: `fd` is a fresh descriptor nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let mut addr = libc::sockaddr_ll {
-            sll_family: libc::AF_PACKET as u16,
-            sll_protocol: u16::from_ne_bytes([frame[12], frame[13]]),
-            sll_ifindex: ifindex as i32,
-            sll_hatype: 0,
-            sll_pkttype: 0,
-            sll_halen: 6,
-            sll_addr: [0; 8],
-        };
-        addr.sll_addr[..6].copy_from_slice(&frame[..6]);
-        // SAFETY: `frame` and `addr` are valid for the lengths passed and outlive the call.
-        let sent = unsafe {
-            libc::sendto(
-                fd.as_raw_fd(),
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                std::ptr::from_ref(&addr).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        assert_eq!(
-            sent,
-            frame.len() as isize,
-            "sendto: {}",
-            std::io::Error::last_os_error()
-        );
-    })
-    .unwrap();
-}
-
-fn ipv4_octets(s: &str) -> [u8; 4] {
-    s.parse::<std::net::Ipv4Addr>().unwrap().octets()
+    let frame = frame.to_vec();
+    netns::run_in(&w.ns, move || weft_dataplane::frame::send(ifindex, &frame))
+        .unwrap()
+        .unwrap_or_else(|e| panic!("sending a raw frame: {e}"));
 }
 
 /// A broadcast ARP request from `mac`/`sender_ip` asking for `target_ip`.
 fn arp_request(mac: [u8; 6], sender_ip: &str, target_ip: &str) -> Vec<u8> {
-    let mut f = vec![0xff; 6];
-    f.extend(mac);
-    f.extend([0x08, 0x06]); // ARP
-    f.extend([0, 1, 0x08, 0x00, 6, 4, 0, 1]); // Ethernet, IPv4, request
-    f.extend(mac);
-    f.extend(ipv4_octets(sender_ip));
-    f.extend([0; 6]);
-    f.extend(ipv4_octets(target_ip));
-    f
+    weft_dataplane::frame::arp_request(mac, sender_ip.parse().unwrap(), target_ip.parse().unwrap())
 }
 
 /// An unsolicited router advertisement from `mac`'s EUI-64 link-local address to ff02::1,

@@ -344,13 +344,7 @@ spec:
             ips: vec!["10.0.0.2".parse().unwrap()],
             local: true,
         }];
-        let c = crate::policy::compile(crate::policy::Inputs {
-            cluster: &res.cluster_policies,
-            namespaced: &res.policies,
-            namespaces: &res.namespaces,
-            networks: &res.networks,
-            members: &members,
-        });
+        let c = crate::policy::compile_resources(&res, &members);
         let id = c.ingress.admin[0].id;
         let mut payload = Vec::new();
         etherparse::PacketBuilder::ipv4([192, 168, 50, 1], [10, 0, 0, 2], 64)

@@ -224,13 +224,7 @@ pub fn plan(
 
     let (forwards, realized) = plan_forwards(res, &accepted, endpoints, &mut problems);
     let members = members(res, endpoints);
-    let policy = crate::policy::compile(crate::policy::Inputs {
-        cluster: &res.cluster_policies,
-        namespaced: &res.policies,
-        namespaces: &res.namespaces,
-        networks: &res.networks,
-        members: &members,
-    });
+    let policy = crate::policy::compile_resources(res, &members);
     problems.extend(policy.problems.iter().map(|p| Problem {
         kind: p.kind,
         object: p.object.clone(),
@@ -279,7 +273,7 @@ fn guard_table(
         let Some(net) = networks.iter().find(|n| n.name == e.network) else {
             continue;
         };
-        match parse_mac(&e.mac) {
+        match names::parse_mac(&e.mac) {
             Some(mac) if net.anti_spoofing => guarded.push(super::guard::PortGuard {
                 ifname: e.host_ifname.clone(),
                 mac,
@@ -291,15 +285,6 @@ fn guard_table(
         }
     }
     super::guard::table(&names, &guarded, &open)
-}
-
-fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut out = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in &mut out {
-        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
-    }
-    parts.next().is_none().then_some(out)
 }
 
 /// The policy members of this node: its endpoints, with their workloads' labels.

@@ -168,16 +168,6 @@ pub struct Spoof {
     pub arp: Option<std::net::Ipv4Addr>,
 }
 
-/// Parses `aa:bb:cc:dd:ee:ff`.
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut out = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in &mut out {
-        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
-    }
-    parts.next().is_none().then_some(out)
-}
-
 fn default_protocol() -> String {
     "tcp".into()
 }
@@ -323,7 +313,11 @@ impl LabFile {
                         "expect[{i}].spoof: set exactly one of ip, mac, arp"
                     ));
                 }
-                if sp.mac.as_deref().is_some_and(|m| parse_mac(m).is_none()) {
+                if sp
+                    .mac
+                    .as_deref()
+                    .is_some_and(|m| weft_dataplane::names::parse_mac(m).is_none())
+                {
                     errors.push(format!(
                         "expect[{i}].spoof.mac: not a MAC address like 02:00:00:00:00:99"
                     ));

@@ -605,7 +605,7 @@ fn spoofed(
         nl.del_address(eth0.index, net)?;
         return Ok(got);
     }
-    if let Some(mac) = sp.mac.as_deref().and_then(file::parse_mac) {
+    if let Some(mac) = sp.mac.as_deref().and_then(weft_dataplane::names::parse_mac) {
         let own = eth0
             .mac
             .ok_or_else(|| anyhow::anyhow!("{}'s eth0 has no MAC", e.from))?;

@@ -72,13 +72,7 @@ fn stand_in(
 
 /// Compiles the lab's policies over its members.
 pub fn compile(res: &Resources, members: &[Member]) -> Compiled {
-    policy::compile(policy::Inputs {
-        cluster: &res.cluster_policies,
-        namespaced: &res.policies,
-        namespaces: &res.namespaces,
-        networks: &res.networks,
-        members,
-    })
+    policy::compile_resources(res, members)
 }
 
 /// Where a packet to `to:port` really goes: a node's port forward leads to its target.

@@ -582,6 +582,17 @@ pub fn compile(inputs: Inputs<'_>) -> Compiled {
     b.out
 }
 
+/// Compiles the policies of a resource snapshot over `members`.
+pub fn compile_resources(res: &crate::agent::source::Resources, members: &[Member]) -> Compiled {
+    compile(Inputs {
+        cluster: &res.cluster_policies,
+        namespaced: &res.policies,
+        namespaces: &res.namespaces,
+        networks: &res.networks,
+        members,
+    })
+}
+
 /// A packet (the first of a connection) as `trace` asks about it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Packet {

@@ -54,13 +54,7 @@ fn members() -> Vec<Member> {
 
 fn compiled(policies: &str, members: &[Member]) -> Compiled {
     let res = resources(&format!("{BASE}\n---\n{policies}"));
-    let c = compile(Inputs {
-        cluster: &res.cluster_policies,
-        namespaced: &res.policies,
-        namespaces: &res.namespaces,
-        networks: &res.networks,
-        members,
-    });
+    let c = compile_resources(&res, members);
     assert!(c.problems.is_empty(), "{:?}", c.problems);
     c
 }
@@ -352,13 +346,7 @@ spec:
   egress: [{name: a, action: Allow}]
 "#
     ));
-    let c = compile(Inputs {
-        cluster: &res.cluster_policies,
-        namespaced: &res.policies,
-        namespaces: &res.namespaces,
-        networks: &res.networks,
-        members: &members(),
-    });
+    let c = compile_resources(&res, &members());
     let text: Vec<String> = c.problems.iter().map(|p| p.to_string()).collect();
     assert!(
         text.iter()
