@@ -75,6 +75,8 @@ pub struct AgentStatus {
     pub last_changes: Vec<String>,
     /// Audit records written, by verdict.
     pub audit: BTreeMap<String, u64>,
+    /// Segmentation policies in force: `Kind name` → workload interfaces they apply to here.
+    pub policies: BTreeMap<String, usize>,
 }
 
 /// A request from the socket server to the reconciler.
@@ -211,6 +213,7 @@ impl Reconciler {
         self.status.bridges = out.plan.bridges.iter().map(|b| b.name.clone()).collect();
         self.status.endpoints = self.endpoints.len();
         self.status.forwards = out.forwards.clone();
+        self.status.policies = out.policy.applies_to.clone();
         if let Ok(mut p) = self.policy.lock() {
             *p = out.policy.clone();
         }

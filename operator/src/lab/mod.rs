@@ -332,6 +332,11 @@ fn print_built(lab: &Lab, attached: &BTreeMap<String, Vec<IpAddr>>) {
                     println!("          port forward {pf} -> {targets}");
                 }
             }
+            if let Some(p) = s.get("policies").and_then(|p| p.as_object()) {
+                for (policy, n) in p {
+                    println!("          policy {policy} applies to {n} interface(s)");
+                }
+            }
             if let Some(p) = s.get("problems").and_then(|p| p.as_array()) {
                 for problem in p.iter().filter_map(|x| x.as_str()) {
                     println!("          problem: {problem}");

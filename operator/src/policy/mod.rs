@@ -228,6 +228,8 @@ pub struct Compiled {
     pub groups: Vec<GroupSpec>,
     /// Each group's addresses.
     pub group_ips: Vec<BTreeSet<IpAddr>>,
+    /// How many workload interfaces each group holds.
+    pub group_members: Vec<usize>,
     /// Ingress rules.
     pub ingress: DirectionRules,
     /// Egress rules.
@@ -273,15 +275,17 @@ impl Builder<'_> {
             return *i;
         }
         let i = self.out.groups.len();
-        let ips = self
+        let members: Vec<&Member> = self
             .inputs
             .members
             .iter()
             .filter(|m| spec.matches(m, self.inputs.namespaces))
-            .flat_map(|m| m.ips.iter().copied())
             .collect();
+        self.out.group_members.push(members.len());
+        self.out
+            .group_ips
+            .push(members.iter().flat_map(|m| m.ips.iter().copied()).collect());
         self.out.groups.push(spec);
-        self.out.group_ips.push(ips);
         self.keys.insert(key, i);
         i
     }
@@ -492,10 +496,9 @@ pub fn compile(inputs: Inputs<'_>) -> Compiled {
             (None, None) => continue,
         };
         let subject = b.group(spec);
-        b.out.applies_to.insert(
-            format!("{CLUSTER} {object}"),
-            b.out.group_ips[subject].len(),
-        );
+        b.out
+            .applies_to
+            .insert(format!("{CLUSTER} {object}"), b.out.group_members[subject]);
         let ingress = b.rules(
             CLUSTER,
             &object,
@@ -555,7 +558,7 @@ pub fn compile(inputs: Inputs<'_>) -> Compiled {
         });
         b.out.applies_to.insert(
             format!("{NAMESPACED} {object}"),
-            b.out.group_ips[subject].len(),
+            b.out.group_members[subject],
         );
         for (dir, rules) in [
             (Direction::Ingress, &p.spec.ingress),
