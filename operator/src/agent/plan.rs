@@ -31,10 +31,10 @@ pub struct NodeBlocks {
     pub v6: Option<Ipv6Net>,
 }
 
-/// A problem with one resource.
+/// A problem with one resource (also the policy compiler's).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
-    /// `Network` or `PortForward`.
+    /// `Network`, `PortForward`, `ClusterSegmentationPolicy` or `SegmentationPolicy`.
     pub kind: &'static str,
     /// `namespace/name` or `name`.
     pub object: String,
@@ -225,11 +225,7 @@ pub fn plan(
     let (forwards, realized) = plan_forwards(res, &accepted, endpoints, &mut problems);
     let members = members(res, endpoints);
     let policy = crate::policy::compile_resources(res, &members);
-    problems.extend(policy.problems.iter().map(|p| Problem {
-        kind: p.kind,
-        object: p.object.clone(),
-        message: p.message.clone(),
-    }));
+    problems.extend(policy.problems.iter().cloned());
     let mut sysctls = Vec::new();
     if !bridges.is_empty() {
         sysctls.push(SysctlPlan {

@@ -227,6 +227,28 @@ impl LabFile {
         Ok((lab, res, docs))
     }
 
+    /// Is `name` the outside host or a node (not a workload)?
+    pub fn is_host(&self, name: &str) -> bool {
+        name == "outside" || self.nodes.iter().any(|n| n.name == name)
+    }
+
+    /// The address of `outside` or a node in `family`; `None` for any other name or when the
+    /// host has no address of that family.
+    pub fn host_address(&self, name: &str, family: Family) -> Option<std::net::IpAddr> {
+        let v4 = family == Family::Ipv4;
+        let (a4, a6) = if name == "outside" {
+            (self.lan.gateway, self.lan.gateway6)
+        } else {
+            let n = self.nodes.iter().find(|n| n.name == name)?;
+            (n.address, n.address6)
+        };
+        if v4 {
+            Some(a4.addr())
+        } else {
+            a6.map(|a| a.addr())
+        }
+    }
+
     /// Cross-checks names and specs; errors name the field.
     pub fn check(&self) -> anyhow::Result<()> {
         let mut errors = Vec::new();

@@ -48,7 +48,6 @@ pub fn run(path: &Path, name: Option<&str>, keep: bool) -> anyhow::Result<bool> 
     // A lab of the same name left behind (a --keep run, or a killed one) is removed first.
     topology::down_by_name(&lab_name)?;
     let lab = Lab::new(&lab_name, spec, docs)?;
-    let resources = std::sync::Arc::new(resources);
     let guard_name = lab_name.clone();
     let _ = ctrlc::set_handler(move || {
         eprintln!("\ninterrupted: removing lab {guard_name}");
@@ -83,11 +82,15 @@ pub fn run_trace(
         anyhow::anyhow!("--protocol: {protocol:?} is not tcp, udp, sctp, icmp or icmpv6")
     })?;
     let members = trace::members(&spec, &resources, None);
-    let compiled = trace::compile(&resources, &members);
+    let compiled = crate::policy::compile_resources(&resources, &members);
     for p in &compiled.problems {
         eprintln!("warning: {p}");
     }
-    let (decision, note) = trace::decide(
+    let trace::Traced {
+        decision,
+        via: note,
+        ..
+    } = trace::decide(
         &spec, &resources, &members, &compiled, from, to, port, protocol, family,
     )
     .map_err(anyhow::Error::msg)?;
@@ -150,7 +153,7 @@ impl PolicyView<'_> {
         port: u16,
         udp: bool,
         family: Family,
-    ) -> Option<crate::policy::Decision> {
+    ) -> Option<trace::Traced> {
         let protocol = if udp {
             weft_crds::L4Protocol::Udp
         } else {
@@ -168,7 +171,6 @@ impl PolicyView<'_> {
             family,
         )
         .ok()
-        .map(|(d, _)| d)
     }
 }
 
@@ -208,7 +210,11 @@ fn run_lab(lab: &Lab, res: &crate::agent::source::Resources) -> anyhow::Result<b
             listeners.start(&ns, &w.name, l.port, l.udp)?;
         }
         started.push(w.name.clone());
-        let addresses = lab.addresses();
+        let flat: BTreeMap<String, Vec<IpAddr>> = lab
+            .addresses()
+            .into_iter()
+            .map(|(k, v)| (k, v.into_iter().flat_map(|(_, ips)| ips).collect()))
+            .collect();
         for (i, e) in spec.expect.iter().enumerate() {
             let due = e.at_start
                 && !early.contains_key(&i)
@@ -218,15 +224,6 @@ fn run_lab(lab: &Lab, res: &crate::agent::source::Resources) -> anyhow::Result<b
             if !due {
                 continue;
             }
-            let flat: BTreeMap<String, Vec<IpAddr>> = addresses
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.clone(),
-                        v.iter().flat_map(|(_, ips)| ips.clone()).collect(),
-                    )
-                })
-                .collect();
             let result = match address_of(lab, &flat, &e.to, e.family) {
                 Some(target) => probe::probe(
                     &lab.ns_of(&e.from)?,
@@ -246,7 +243,7 @@ fn run_lab(lab: &Lab, res: &crate::agent::source::Resources) -> anyhow::Result<b
     let members = trace::members(spec, res, Some(&addresses));
     let view = PolicyView {
         res,
-        compiled: trace::compile(res, &members),
+        compiled: crate::policy::compile_resources(res, &members),
         members,
     };
     print_built(lab, &attached);
@@ -262,21 +259,10 @@ fn address_of(
     name: &str,
     family: Family,
 ) -> Option<IpAddr> {
+    if lab.spec.is_host(name) {
+        return lab.spec.host_address(name, family);
+    }
     let want_v4 = family == Family::Ipv4;
-    if name == "outside" {
-        return if want_v4 {
-            Some(lab.spec.lan.gateway.addr())
-        } else {
-            lab.spec.lan.gateway6.map(|g| g.addr())
-        };
-    }
-    if let Some(n) = lab.spec.nodes.iter().find(|n| n.name == name) {
-        return if want_v4 {
-            Some(n.address.addr())
-        } else {
-            n.address6.map(|a| a.addr())
-        };
-    }
     attached
         .get(name)?
         .iter()
@@ -445,8 +431,9 @@ fn check_expectations(
             Outcome::Deny => "deny",
         };
         // What the policy compiler says; it must never deny what the packets did.
-        let decision = view.decide(lab, &e.from, &e.to, e.port, e.protocol == "udp", e.family);
-        if let Some(d) = &decision
+        let traced = view.decide(lab, &e.from, &e.to, e.port, e.protocol == "udp", e.family);
+        let decision = traced.as_ref().map(|t| &t.decision);
+        if let Some(d) = decision
             && !d.allowed
             && got.allowed()
         {
@@ -455,11 +442,11 @@ fn check_expectations(
         }
         // A denial by a logged rule or by a default must have left its audit record.
         let mut audit_line = None;
-        if let Some(d) = &decision
-            && !d.allowed
+        if let Some(t) = &traced
+            && !t.decision.allowed
             && !got.allowed()
             && e.spoof.is_none()
-            && let Some(found) = audit_record_for(lab, view, e, d)
+            && let Some(found) = audit_record_for(lab, view, t)
         {
             audit_line = Some(match found {
                 Ok(rec) => format!("          audit: {rec}"),
@@ -478,7 +465,7 @@ fn check_expectations(
         if let Some(line) = audit_line {
             println!("{line}");
         }
-        if let Some(d) = &decision
+        if let Some(d) = decision
             && (view.compiled.egress != Default::default()
                 || view.compiled.ingress != Default::default()
                 || !view.compiled.default_deny.is_empty())
@@ -505,18 +492,10 @@ fn check_expectations(
 fn audit_record_for(
     lab: &Lab,
     view: &PolicyView<'_>,
-    e: &file::Expectation,
-    d: &crate::policy::Decision,
+    t: &trace::Traced,
 ) -> Option<Result<String, String>> {
-    let step = [&d.egress, &d.ingress]
-        .into_iter()
-        .flatten()
-        .find(|s| !s.allowed)?;
-    let direction = if d.egress.as_ref() == Some(step) {
-        "egress"
-    } else {
-        "ingress"
-    };
+    let (direction, step) = t.decision.steps().find(|(_, s)| !s.allowed)?;
+    let direction = direction.as_str();
     let (policy, rule) = match step.rule_id {
         Some(id) => {
             let (_, r) = view.compiled.rule_with_direction(id)?;
@@ -530,21 +509,8 @@ fn audit_record_for(
         }
         None => (None, None),
     };
-    let protocol = if e.protocol == "udp" {
-        weft_crds::L4Protocol::Udp
-    } else {
-        weft_crds::L4Protocol::Tcp
-    };
-    let src = trace::source_address(&lab.spec, &view.members, &e.from, e.family)?;
-    let (_, dst, port, _) = trace::resolve(
-        &lab.spec,
-        view.res,
-        &view.members,
-        &e.to,
-        e.port,
-        protocol,
-        e.family,
-    )?;
+    let (src, dst) = (t.packet.src, t.packet.dst);
+    let port = t.packet.port.unwrap_or(0);
     let wanted = format!(
         "{src} -> {dst}:{port} {direction} {}",
         rule.clone().unwrap_or_else(|| "(default)".into())
@@ -733,10 +699,14 @@ fn print_matrix(
             if cell != "no" {
                 continue;
             }
-            if let Some(d) = view.decide(lab, src, t, l.port, l.udp, Family::Ipv4)
-                && !d.allowed
+            if let Some(traced) = view.decide(lab, src, t, l.port, l.udp, Family::Ipv4)
+                && !traced.decision.allowed
             {
-                denied.push(format!("  {src} -> {t}:{}  {}", l.port, d.summary()));
+                denied.push(format!(
+                    "  {src} -> {t}:{}  {}",
+                    l.port,
+                    traced.decision.summary()
+                ));
             }
         }
     }

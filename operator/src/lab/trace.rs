@@ -3,7 +3,7 @@
 
 use super::file::{Family, LabFile};
 use crate::agent::source::Resources;
-use crate::policy::{self, Compiled, Decision, Member, Packet};
+use crate::policy::{Compiled, Decision, Member, Packet};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use weft_crds::L4Protocol;
@@ -70,13 +70,8 @@ fn stand_in(
     ips
 }
 
-/// Compiles the lab's policies over its members.
-pub fn compile(res: &Resources, members: &[Member]) -> Compiled {
-    policy::compile_resources(res, members)
-}
-
-/// Where a packet to `to:port` really goes: a node's port forward leads to its target.
-/// Returns (destination name, address, port, note).
+/// Where a packet to `to:port` really goes (a node's port forward leads to its target):
+/// (address, port, the forward taken).
 pub fn resolve(
     lab: &LabFile,
     res: &Resources,
@@ -85,22 +80,9 @@ pub fn resolve(
     port: u16,
     protocol: L4Protocol,
     family: Family,
-) -> Option<(String, IpAddr, u16, Option<String>)> {
+) -> Option<(IpAddr, u16, Option<String>)> {
     let v4 = family == Family::Ipv4;
-    if name == "outside" {
-        let a = if v4 {
-            Some(lab.lan.gateway.addr())
-        } else {
-            lab.lan.gateway6.map(|g| g.addr())
-        }?;
-        return Some((name.into(), a, port, None));
-    }
     if let Some(node) = lab.nodes.iter().find(|n| n.name == name) {
-        let addr = if v4 {
-            Some(node.address.addr())
-        } else {
-            node.address6.map(|a| a.addr())
-        }?;
         // A port forward of a workload on this node?
         for pf in &res.port_forwards {
             let ns = pf.metadata.namespace.as_deref().unwrap_or("default");
@@ -131,7 +113,6 @@ pub fn resolve(
                 let ip = member.ips.iter().find(|i| i.is_ipv4() == v4)?;
                 let to_port = fp.target_port.unwrap_or(port);
                 return Some((
-                    target.name.clone(),
                     *ip,
                     to_port,
                     Some(format!(
@@ -143,44 +124,36 @@ pub fn resolve(
                 ));
             }
         }
-        return Some((name.into(), addr, port, None));
     }
-    let m = members.iter().find(|m| m.name == name)?;
-    let ip = m.ips.iter().find(|i| i.is_ipv4() == v4)?;
-    Some((name.into(), *ip, port, None))
+    Some((address(lab, members, name, family)?, port, None))
 }
 
-/// The source address of `name`.
-pub fn source_address(
-    lab: &LabFile,
-    members: &[Member],
-    name: &str,
-    family: Family,
-) -> Option<IpAddr> {
-    let v4 = family == Family::Ipv4;
-    if name == "outside" {
-        return if v4 {
-            Some(lab.lan.gateway.addr())
-        } else {
-            lab.lan.gateway6.map(|g| g.addr())
-        };
-    }
-    if let Some(node) = lab.nodes.iter().find(|n| n.name == name) {
-        return if v4 {
-            Some(node.address.addr())
-        } else {
-            node.address6.map(|a| a.addr())
-        };
+/// The address of `outside`, a node or a workload in `family`.
+pub fn address(lab: &LabFile, members: &[Member], name: &str, family: Family) -> Option<IpAddr> {
+    if lab.is_host(name) {
+        return lab.host_address(name, family);
     }
     members
         .iter()
         .filter(|m| m.name == name)
         .flat_map(|m| m.ips.iter())
-        .find(|i| i.is_ipv4() == v4)
+        .find(|i| i.is_ipv4() == (family == Family::Ipv4))
         .copied()
 }
 
-/// Decides `from -> to:port/protocol`: (the decision, the note on port forwarding).
+/// A traced connection: the first packet as the node sees it (after a port forward) and what
+/// the policies decide for it.
+#[derive(Debug, Clone)]
+pub struct Traced {
+    /// The packet.
+    pub packet: Packet,
+    /// The decision.
+    pub decision: Decision,
+    /// The port forward the packet took, if any.
+    pub via: Option<String>,
+}
+
+/// Decides `from -> to:port/protocol`.
 #[allow(clippy::too_many_arguments)]
 pub fn decide(
     lab: &LabFile,
@@ -192,10 +165,10 @@ pub fn decide(
     port: u16,
     protocol: L4Protocol,
     family: Family,
-) -> Result<(Decision, Option<String>), String> {
-    let src = source_address(lab, members, from, family)
+) -> Result<Traced, String> {
+    let src = address(lab, members, from, family)
         .ok_or_else(|| format!("{from} has no {family:?} address"))?;
-    let (_, dst, dport, note) = resolve(lab, res, members, to, port, protocol, family)
+    let (dst, dport, via) = resolve(lab, res, members, to, port, protocol, family)
         .ok_or_else(|| format!("{to} has no {family:?} address"))?;
     let packet = Packet {
         src,
@@ -204,5 +177,9 @@ pub fn decide(
         port: protocol.has_ports().then_some(dport),
         icmp: (!protocol.has_ports()).then_some((if family == Family::Ipv4 { 8 } else { 128 }, 0)),
     };
-    Ok((compiled.decide(&packet), note))
+    Ok(Traced {
+        decision: compiled.decide(&packet),
+        packet,
+        via,
+    })
 }

@@ -16,6 +16,8 @@
 
 pub mod render;
 
+use crate::agent::plan::Problem;
+
 use ipnet::IpNet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use serde::Serialize;
@@ -204,23 +206,6 @@ pub struct DirectionRules {
     pub baseline: Vec<Rule>,
 }
 
-/// A problem with a policy.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PolicyProblem {
-    /// Kind.
-    pub kind: &'static str,
-    /// `name` or `namespace/name`.
-    pub object: String,
-    /// What is wrong.
-    pub message: String,
-}
-
-impl std::fmt::Display for PolicyProblem {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}: {}", self.kind, self.object, self.message)
-    }
-}
-
 /// The compiled policy of a node (or, for `trace`, of the whole cluster).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Compiled {
@@ -241,7 +226,7 @@ pub struct Compiled {
     /// Address → (network, `namespace/name`) of every known interface.
     pub owners: BTreeMap<IpAddr, (String, String)>,
     /// Problems found.
-    pub problems: Vec<PolicyProblem>,
+    pub problems: Vec<Problem>,
     /// Per policy (`kind name`): how many interfaces it applies to.
     pub applies_to: BTreeMap<String, usize>,
 }
@@ -304,7 +289,7 @@ impl Builder<'_> {
                 .iter()
                 .any(|x| x.metadata.name.as_deref() == Some(n.as_str()))
             {
-                self.out.problems.push(PolicyProblem {
+                self.out.problems.push(Problem {
                     kind,
                     object: object.into(),
                     message: format!("{field}: Network {n} does not exist; it matches nothing until it is created"),
@@ -470,7 +455,7 @@ pub fn compile(inputs: Inputs<'_>) -> Compiled {
         let object = object_name(&p.metadata, false);
         if let Err(errs) = p.spec.validate() {
             for e in errs {
-                b.out.problems.push(PolicyProblem {
+                b.out.problems.push(Problem {
                     kind: CLUSTER,
                     object: object.clone(),
                     message: format!("{e}; the policy is not enforced until it is fixed"),
@@ -536,7 +521,7 @@ pub fn compile(inputs: Inputs<'_>) -> Compiled {
             .unwrap_or_else(|| "default".into());
         if let Err(errs) = p.spec.validate() {
             for e in errs {
-                b.out.problems.push(PolicyProblem {
+                b.out.problems.push(Problem {
                     kind: NAMESPACED,
                     object: object.clone(),
                     message: format!("{e}; the policy is not enforced until it is fixed"),
@@ -644,39 +629,29 @@ pub struct Decision {
 }
 
 impl Decision {
-    /// One line: the deciding step.
+    /// The steps taken: the source's egress, then the destination's ingress.
+    pub fn steps(&self) -> impl Iterator<Item = (Direction, &Step)> {
+        [
+            (Direction::Egress, &self.egress),
+            (Direction::Ingress, &self.ingress),
+        ]
+        .into_iter()
+        .filter_map(|(d, s)| s.as_ref().map(|s| (d, s)))
+    }
+
+    /// One line: the deciding step (a denial; else the most specific reason, a rule over a
+    /// default).
     pub fn summary(&self) -> String {
-        let step = [&self.egress, &self.ingress]
-            .into_iter()
-            .flatten()
-            .find(|s| !s.allowed)
-            .or_else(|| {
-                // Allowed: name the most specific reason (a rule over a default).
-                [&self.egress, &self.ingress]
-                    .into_iter()
-                    .flatten()
-                    .find(|s| s.rule.is_some())
-            })
-            .or(self.egress.as_ref())
-            .or(self.ingress.as_ref());
+        let step = self
+            .steps()
+            .find(|(_, s)| !s.allowed)
+            .or_else(|| self.steps().find(|(_, s)| s.rule.is_some()))
+            .or_else(|| self.steps().next());
         let verdict = if self.allowed { "accepted" } else { "denied" };
         match step {
-            Some(s) => format!(
-                "{verdict}: {} of {}: {}",
-                direction_word(s, self),
-                s.workload,
-                s.reason
-            ),
+            Some((d, s)) => format!("{verdict}: {} of {}: {}", d.as_str(), s.workload, s.reason),
             None => format!("{verdict}: neither end is a weft workload"),
         }
-    }
-}
-
-fn direction_word(s: &Step, d: &Decision) -> &'static str {
-    if d.egress.as_ref() == Some(s) {
-        "egress"
-    } else {
-        "ingress"
     }
 }
 
