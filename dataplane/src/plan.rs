@@ -258,29 +258,23 @@ pub fn apply_since(
     sysctls: &mut dyn Sysctls,
     state_dir: &Path,
 ) -> Result<ApplyReport, ApplyError> {
-    let Some(prev) = previous else {
+    let Some(prev) = previous.filter(|p| p.bridges == plan.bridges && p.sysctls == plan.sysctls)
+    else {
         return apply(plan, links, firewall, sysctls, state_dir);
     };
-    let same_tables = |a: &Table, b: &Table| {
-        a.family == b.family && a.name == b.name && nft::structure_hash(a) == nft::structure_hash(b)
+    // `diff` answers a structure change with a table replace: that takes the full apply.
+    let mut changes = match (&prev.guard, &plan.guard) {
+        (Some(a), Some(b)) => nft::diff(a, b).0,
+        (None, None) => Vec::new(),
+        _ => return apply(plan, links, firewall, sysctls, state_dir),
     };
-    let same_guard = match (&prev.guard, &plan.guard) {
-        (Some(a), Some(b)) => same_tables(a, b),
-        (None, None) => true,
-        _ => false,
-    };
-    if prev.bridges != plan.bridges
-        || prev.sysctls != plan.sysctls
-        || !same_guard
-        || !same_tables(&prev.firewall, &plan.firewall)
+    changes.extend(nft::diff(&prev.firewall, &plan.firewall).0);
+    if changes
+        .iter()
+        .any(|c| matches!(c, nft::Change::ReplaceTable(_)))
     {
         return apply(plan, links, firewall, sysctls, state_dir);
     }
-    let mut changes = Vec::new();
-    if let (Some(a), Some(b)) = (&prev.guard, &plan.guard) {
-        changes.extend(nft::diff(a, b).0);
-    }
-    changes.extend(nft::diff(&prev.firewall, &plan.firewall).0);
     let mut report = ApplyReport::default();
     if !changes.is_empty() {
         let tx = nft::Transaction(changes);
