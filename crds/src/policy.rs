@@ -352,6 +352,19 @@ impl L4Protocol {
         }
     }
 
+    /// The protocol with this IP protocol number, if a rule can match it.
+    pub fn from_number(n: u8) -> Option<L4Protocol> {
+        [
+            L4Protocol::Tcp,
+            L4Protocol::Udp,
+            L4Protocol::Sctp,
+            L4Protocol::Icmp,
+            L4Protocol::Icmpv6,
+        ]
+        .into_iter()
+        .find(|p| p.number() == n)
+    }
+
     /// The name in nftables rules.
     pub fn nft_name(self) -> &'static str {
         match self {

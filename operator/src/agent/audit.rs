@@ -129,14 +129,8 @@ pub fn record(
             .map(|b| u16::from_be_bytes([b[0], b[1]])),
         _ => None,
     };
-    let protocol = match proto {
-        6 => "tcp".to_string(),
-        17 => "udp".to_string(),
-        132 => "sctp".to_string(),
-        1 => "icmp".to_string(),
-        58 => "icmpv6".to_string(),
-        n => n.to_string(),
-    };
+    let protocol = weft_crds::L4Protocol::from_number(proto)
+        .map_or_else(|| proto.to_string(), |p| p.nft_name().to_string());
     let owner = |ip: &IpAddr| compiled.owners.get(ip).map(|o| o.1.clone());
     let mut rec = AuditRecord {
         time,
@@ -185,6 +179,9 @@ pub fn record(
     Some(rec)
 }
 
+/// The policy the reader names rules from, swapped by the agent after each reconcile.
+pub type SharedPolicy = Arc<Mutex<Arc<Compiled>>>;
+
 /// Audit counters by verdict (exported in the agent's status).
 pub type Counters = Arc<Mutex<BTreeMap<String, u64>>>;
 
@@ -232,7 +229,7 @@ pub fn bind() -> std::io::Result<netlink_sys::Socket> {
 pub fn run(
     socket: netlink_sys::Socket,
     node: String,
-    compiled: Arc<Mutex<Compiled>>,
+    compiled: SharedPolicy,
     mut out: Box<dyn Write + Send>,
     counters: Counters,
 ) {
@@ -266,10 +263,8 @@ pub fn run(
                 });
                 if let (Some(prefix), Some(payload)) = (prefix, payload) {
                     let time = jiff::Timestamp::now().to_string();
-                    let rec = compiled
-                        .lock()
-                        .ok()
-                        .and_then(|c| record(&c, &node, time, &prefix, payload));
+                    let current = compiled.lock().map(|c| Arc::clone(&c)).ok();
+                    let rec = current.and_then(|c| record(&c, &node, time, &prefix, payload));
                     if let Some(rec) = rec {
                         if let Ok(mut c) = counters.lock() {
                             *c.entry(rec.verdict.clone()).or_default() += 1;

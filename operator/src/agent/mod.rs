@@ -162,7 +162,7 @@ struct Reconciler {
     /// The last snapshot of the source.
     resources: Option<source::Resources>,
     /// The compiled policy the audit reader names rules from.
-    policy: Arc<std::sync::Mutex<crate::policy::Compiled>>,
+    policy: audit::SharedPolicy,
     /// Audit counters.
     audit: audit::Counters,
 }
@@ -215,7 +215,7 @@ impl Reconciler {
         self.status.forwards = out.forwards.clone();
         self.status.policies = out.policy.applies_to.clone();
         if let Ok(mut p) = self.policy.lock() {
-            *p = out.policy.clone();
+            *p = Arc::clone(&out.policy);
         }
         if let Ok(a) = self.audit.lock() {
             self.status.audit = a.clone();
@@ -429,11 +429,7 @@ pub async fn run(cfg: AgentConfig, source: Box<dyn ResourceSource>) -> anyhow::R
 }
 
 /// Starts the audit reader (a thread on NFLOG group 2727); without it the agent still works.
-fn start_audit(
-    cfg: &AgentConfig,
-    policy: Arc<std::sync::Mutex<crate::policy::Compiled>>,
-    counters: audit::Counters,
-) {
+fn start_audit(cfg: &AgentConfig, policy: audit::SharedPolicy, counters: audit::Counters) {
     let out: Box<dyn std::io::Write + Send> = match &cfg.audit_log {
         None => Box::new(std::io::stdout()),
         Some(path) => match std::fs::OpenOptions::new()

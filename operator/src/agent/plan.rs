@@ -58,7 +58,7 @@ pub struct PlanOutput {
     /// Port forwards realized: `namespace/name` → target addresses.
     pub forwards: BTreeMap<String, Vec<IpAddr>>,
     /// The compiled segmentation policy (audit records name its rules).
-    pub policy: crate::policy::Compiled,
+    pub policy: std::sync::Arc<crate::policy::Compiled>,
 }
 
 /// Does the network select this node?
@@ -251,7 +251,7 @@ pub fn plan(
         },
         problems,
         forwards: realized,
-        policy,
+        policy: std::sync::Arc::new(policy),
     }
 }
 
