@@ -169,6 +169,22 @@ fn chain(name: String, rules: Vec<String>) -> Chain {
     }
 }
 
+/// A tier's rules: Accept returns (the direction is done), Deny drops, Pass and the end of
+/// the tier go on to the `next` stage.
+fn tier(rules: &[Rule], dir: Direction, next: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for r in rules {
+        let verdict = match r.action {
+            RuleAction::Deny => "drop".to_string(),
+            RuleAction::Pass => format!("goto {next}"),
+            _ => "return".to_string(),
+        };
+        out.extend(rule_lines(r, dir, &verdict));
+    }
+    out.push(format!("goto {next}"));
+    out
+}
+
 /// The policy chains.
 pub fn chains(c: &Compiled) -> Vec<Chain> {
     let mut out = Vec::new();
@@ -183,15 +199,7 @@ pub fn chains(c: &Compiled) -> Vec<Chain> {
             format!("{} != @local4 return", addr(false, src)),
             format!("{} != @local6 return", addr(true, src)),
         ];
-        for r in &rules.admin {
-            let verdict = match r.action {
-                RuleAction::Deny => "drop".to_string(),
-                RuleAction::Pass => format!("goto {d}_ns"),
-                _ => "return".to_string(),
-            };
-            main.extend(rule_lines(r, dir, &verdict));
-        }
-        main.push(format!("goto {d}_ns"));
+        main.extend(tier(&rules.admin, dir, &format!("{d}_ns")));
         out.push(chain(d.to_string(), main));
         // Stage 2: namespace policies.
         let mut ns = vec![
@@ -207,17 +215,10 @@ pub fn chains(c: &Compiled) -> Vec<Chain> {
         ns.push(format!("{} drop", log(&format!("isolated-{short} deny"))));
         out.push(chain(format!("{d}_ns"), ns));
         // Stage 3: Baseline tier.
-        let mut base = Vec::new();
-        for r in &rules.baseline {
-            let verdict = match r.action {
-                RuleAction::Deny => "drop".to_string(),
-                RuleAction::Pass => format!("goto {d}_default"),
-                _ => "return".to_string(),
-            };
-            base.extend(rule_lines(r, dir, &verdict));
-        }
-        base.push(format!("goto {d}_default"));
-        out.push(chain(format!("{d}_base"), base));
+        out.push(chain(
+            format!("{d}_base"),
+            tier(&rules.baseline, dir, &format!("{d}_default")),
+        ));
         // Stage 4: the network's default action.
         out.push(chain(
             format!("{d}_default"),
