@@ -62,6 +62,101 @@ pub fn arp_request(mac: [u8; 6], sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> 
     f
 }
 
+/// Is `frame` an ARP reply (or a gratuitous announcement) whose sender is `from`?
+pub fn is_arp_reply_from(frame: &[u8], from: Ipv4Addr) -> bool {
+    frame.len() >= 42
+        && frame[12..14] == [0x08, 0x06]
+        && frame[14..20] == [0, 1, 0x08, 0x00, 6, 4]
+        && frame[21] == 2
+        && frame[28..32] == from.octets()
+}
+
+/// Asks `target` for its MAC from interface `ifindex` (ARP request from `mac`/`sender`, resent
+/// every 250 ms) and waits for its answer: `Ok(true)` when it answered within `timeout`. This is
+/// how weft checks that the node still reaches its gateway after it moved the node's addresses
+/// to a bridge: the kernel's own neighbour cache would answer from stale entries.
+pub fn probe_arp(
+    ifindex: u32,
+    mac: [u8; 6],
+    sender: Ipv4Addr,
+    target: Ipv4Addr,
+    timeout: std::time::Duration,
+) -> std::io::Result<bool> {
+    use std::time::{Duration, Instant};
+    let proto = 0x0806u16.to_be();
+    // SAFETY: a plain syscall without pointers.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let addr = libc::sockaddr_ll {
+        sll_family: libc::AF_PACKET as u16,
+        sll_protocol: proto,
+        sll_ifindex: i32::try_from(ifindex).unwrap_or(0),
+        sll_hatype: 0,
+        sll_pkttype: 0,
+        sll_halen: 0,
+        sll_addr: [0; 8],
+    };
+    // SAFETY: `addr` is a valid sockaddr_ll for the length passed.
+    if unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            std::ptr::from_ref(&addr).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    } < 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
+    let tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 50_000,
+    };
+    // SAFETY: `tv` is a valid timeval for the length passed.
+    if unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            std::ptr::from_ref(&tv).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    } < 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
+    let request = arp_request(mac, sender, target);
+    let deadline = Instant::now() + timeout;
+    let mut next_send = Instant::now();
+    let mut buf = [0u8; 128];
+    while Instant::now() < deadline {
+        if Instant::now() >= next_send {
+            send(ifindex, &request)?;
+            next_send = Instant::now() + Duration::from_millis(250);
+        }
+        // SAFETY: `buf` is valid for writes of its length.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+            ) {
+                continue;
+            }
+            return Err(e);
+        }
+        let n = usize::try_from(n).unwrap_or(0);
+        if is_arp_reply_from(&buf[..n], target) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,5 +174,16 @@ mod tests {
         assert_eq!(&f[28..32], &[10, 0, 0, 99]);
         assert_eq!(&f[38..42], &[10, 0, 0, 2]);
         assert!(send(1, &f[..10]).is_err());
+    }
+
+    #[test]
+    fn only_replies_from_the_target_count() {
+        let gw = Ipv4Addr::new(10, 0, 0, 1);
+        let mut reply = arp_request([2, 0, 0, 0, 0, 9], gw, Ipv4Addr::new(10, 0, 0, 2));
+        assert!(!is_arp_reply_from(&reply, gw), "a request is no answer");
+        reply[21] = 2;
+        assert!(is_arp_reply_from(&reply, gw));
+        assert!(!is_arp_reply_from(&reply, Ipv4Addr::new(10, 0, 0, 3)));
+        assert!(!is_arp_reply_from(&reply[..40], gw));
     }
 }

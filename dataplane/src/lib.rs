@@ -15,6 +15,7 @@ pub mod proto;
 pub mod state;
 pub mod sysctl;
 pub mod tap;
+pub mod uplink;
 
 /// Renders an error and its sources as `a: b: c` (messages never repeat their source, so the
 /// chain reads once).

@@ -32,9 +32,10 @@ use netlink_packet_route::route::{
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 use rtnetlink::{
-    AddressMessageBuilder, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth,
+    AddressMessageBuilder, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVlan,
     RouteMessageBuilder,
 };
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -166,6 +167,13 @@ impl NetlinkError {
         self.errno() == Some(libc::EEXIST)
     }
 
+    /// True when the kernel lacks the feature (`EOPNOTSUPP`, or "Unknown device type" for a
+    /// link kind whose module is not available).
+    pub fn is_not_supported(&self) -> bool {
+        matches!(self.errno(), Some(libc::EOPNOTSUPP))
+            || matches!(self, NetlinkError::Kernel { message: Some(m), .. } if m.contains("Unknown device type"))
+    }
+
     /// True when [`Netlink::in_netns`] failed because the namespace is gone.
     pub fn is_netns_gone(&self) -> bool {
         matches!(self, NetlinkError::OpenInNetns { source, .. } if source.is_gone())
@@ -286,6 +294,45 @@ pub struct RouteSpec {
     pub oif: Option<u32>,
     /// Preferred source address (`src` in `ip route`).
     pub src: Option<IpAddr>,
+}
+
+/// A route of any table, with everything needed to put it back exactly: what weft saves when it
+/// moves a node's routes from an uplink to a bridge, and restores when it gives the uplink back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteEntry {
+    /// Destination.
+    pub dst: IpNet,
+    /// Next hop, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<IpAddr>,
+    /// Routing table id.
+    pub table: u32,
+    /// `rtm_protocol` (3 boot, 4 static, 16 dhcp…).
+    pub protocol: u8,
+    /// `rtm_scope` (0 universe, 253 link).
+    pub scope: u8,
+    /// Metric (`RTA_PRIORITY`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric: Option<u32>,
+    /// Preferred source address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefsrc: Option<IpAddr>,
+}
+
+impl fmt::Display for RouteEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.dst)?;
+        if let Some(g) = self.gateway {
+            write!(f, " via {g}")?;
+        }
+        if let Some(m) = self.metric {
+            write!(f, " metric {m}")?;
+        }
+        if self.table != u32::from(RouteHeader::RT_TABLE_MAIN) {
+            write!(f, " table {}", self.table)?;
+        }
+        Ok(())
+    }
 }
 
 /// A veth pair whose peer is born inside another network namespace, see
@@ -472,6 +519,82 @@ fn route_info(msg: RouteMessage, family: Family) -> Option<RouteInfo> {
         table,
         protocol: u8::from(msg.header.protocol),
     })
+}
+
+/// Reads a route dump message as a [`RouteEntry`] with its output interface (multipath routes
+/// have none).
+fn route_entry(msg: &RouteMessage, family: Family) -> Option<(RouteEntry, Option<u32>)> {
+    let mut dst = None;
+    let mut gateway = None;
+    let mut oif = None;
+    let mut metric = None;
+    let mut prefsrc = None;
+    let mut table = u32::from(msg.header.table);
+    for attr in &msg.attributes {
+        match attr {
+            RouteAttribute::Destination(a) => dst = route_addr(a),
+            RouteAttribute::Gateway(a) => gateway = route_addr(a),
+            RouteAttribute::Via(RouteVia::Inet6(v6)) => gateway = Some(IpAddr::V6(*v6)),
+            RouteAttribute::Via(RouteVia::Inet(v4)) => gateway = Some(IpAddr::V4(*v4)),
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Priority(p) => metric = Some(*p),
+            RouteAttribute::PrefSource(a) => prefsrc = route_addr(a),
+            _ => {}
+        }
+    }
+    let dst = dst.unwrap_or(match family {
+        Family::V4 => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        Family::V6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    });
+    Some((
+        RouteEntry {
+            dst: IpNet::new(dst, msg.header.destination_prefix_length).ok()?,
+            gateway,
+            table,
+            protocol: u8::from(msg.header.protocol),
+            scope: u8::from(msg.header.scope),
+            metric,
+            prefsrc,
+        },
+        oif,
+    ))
+}
+
+/// The `RTM_NEWROUTE` / `RTM_DELROUTE` message of `entry` out of `oif`.
+pub fn route_entry_message(entry: &RouteEntry, oif: u32) -> Result<RouteMessage, NetlinkError> {
+    let invalid = |reason: String| NetlinkError::Invalid {
+        op: "route",
+        target: entry.to_string(),
+        reason,
+    };
+    let dst = entry.dst.trunc();
+    let mut b = RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(dst.addr(), dst.prefix_len())
+        .map_err(|e| invalid(e.to_string()))?
+        .output_interface(oif)
+        .table_id(entry.table)
+        .protocol(RouteProtocol::from(entry.protocol))
+        .scope(RouteScope::from(entry.scope));
+    if let Some(gw) = entry.gateway {
+        b = b.gateway(gw).map_err(|e| invalid(e.to_string()))?;
+    }
+    if let Some(src) = entry.prefsrc {
+        b = b.pref_source(src).map_err(|e| invalid(e.to_string()))?;
+    }
+    if let Some(m) = entry.metric {
+        b = b.priority(m);
+    }
+    Ok(b.build())
+}
+
+/// The `RTM_NEWLINK` message creating VLAN `id` on top of link `parent` (802.1Q).
+pub fn vlan_message(name: &str, parent: u32, id: u16, mtu: Option<u32>) -> LinkMessage {
+    let mut b = LinkVlan::new(name, parent, id);
+    if let Some(mtu) = mtu {
+        b = b.mtu(mtu);
+    }
+    b.build()
 }
 
 /// A blocking rtnetlink socket bound to one network namespace.
@@ -1124,6 +1247,108 @@ impl Netlink {
     }
 }
 
+impl Netlink {
+    /// The unicast routes (every table but `local`) whose output interface is `index`, both IP
+    /// versions, except those the kernel made itself (connected and prefix routes, which follow
+    /// their addresses).
+    pub fn routes_via(&mut self, index: u32) -> Result<Vec<RouteEntry>, NetlinkError> {
+        let mut out = Vec::new();
+        for family in [Family::V4, Family::V6] {
+            let msg = match family {
+                Family::V4 => RouteMessageBuilder::<Ipv4Addr>::new().build(),
+                Family::V6 => RouteMessageBuilder::<Ipv6Addr>::new().build(),
+            };
+            let replies = self.call(
+                "list routes",
+                || format!("via link {index}"),
+                RouteNetlinkMessage::GetRoute(msg),
+                NLM_F_DUMP,
+            )?;
+            for m in replies {
+                let RouteNetlinkMessage::NewRoute(r) = m else {
+                    continue;
+                };
+                if r.header.kind != RouteType::Unicast
+                    || Family::of_header(&r.header) != Some(family)
+                    || r.header.protocol == RouteProtocol::Kernel
+                {
+                    continue;
+                }
+                if let Some((entry, Some(oif))) = route_entry(&r, family)
+                    && oif == index
+                    && entry.table != 255
+                // RT_TABLE_LOCAL
+                {
+                    out.push(entry);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Adds `entry` out of `oif`, replacing a route with the same key (destination, table,
+    /// metric): moving a route between links is one message.
+    pub fn replace_route_entry(
+        &mut self,
+        entry: &RouteEntry,
+        oif: u32,
+    ) -> Result<(), NetlinkError> {
+        let msg = route_entry_message(entry, oif)?;
+        self.call(
+            "replace route",
+            || format!("{entry} dev {oif}"),
+            RouteNetlinkMessage::NewRoute(msg),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )?;
+        Ok(())
+    }
+
+    /// Deletes `entry` out of `oif`; `Ok(false)` when there was none.
+    pub fn del_route_entry(&mut self, entry: &RouteEntry, oif: u32) -> Result<bool, NetlinkError> {
+        let msg = route_entry_message(entry, oif)?;
+        match self.call(
+            "delete route",
+            || format!("{entry} dev {oif}"),
+            RouteNetlinkMessage::DelRoute(msg),
+            0,
+        ) {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Creates VLAN `id` on link `parent` (an 802.1Q sub-interface, down) with an alias;
+    /// returns its index. A kernel without 802.1Q support answers `EOPNOTSUPP`
+    /// ([`NetlinkError::is_not_supported`]).
+    pub fn create_vlan(
+        &mut self,
+        name: &str,
+        parent: u32,
+        id: u16,
+        mtu: Option<u32>,
+        alias: Option<&str>,
+    ) -> Result<u32, NetlinkError> {
+        const OP: &str = "create vlan";
+        let target = || format!("{name} (vlan {id} on link {parent})");
+        check_ifname(OP, &target(), name)?;
+        self.call(
+            OP,
+            target,
+            RouteNetlinkMessage::NewLink(vlan_message(name, parent, id, mtu)),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )?;
+        let index = self.created_index(OP, name, target)?;
+        if let Some(alias) = alias
+            && let Err(e) = self.set_alias(index, alias)
+        {
+            let _ = self.delete_link(index);
+            return Err(e);
+        }
+        Ok(index)
+    }
+}
+
 fn describe_route(spec: &RouteSpec) -> String {
     let mut s = spec.dst.trunc().to_string();
     if let Some(gw) = spec.gateway {
@@ -1258,6 +1483,59 @@ mod tests {
                     "10.1.2.0".parse().unwrap()
                 )))
         );
+    }
+
+    #[test]
+    fn route_entries_keep_table_metric_source_and_protocol() {
+        let entry = RouteEntry {
+            dst: "0.0.0.0/0".parse().unwrap(),
+            gateway: Some("192.168.50.1".parse().unwrap()),
+            table: 254,
+            protocol: 16,
+            scope: 0,
+            metric: Some(100),
+            prefsrc: Some("192.168.50.11".parse().unwrap()),
+        };
+        let msg = route_entry_message(&entry, 7).unwrap();
+        let (back, oif) = route_entry(&msg, Family::V4).unwrap();
+        assert_eq!(back, entry);
+        assert_eq!(oif, Some(7));
+        assert_eq!(entry.to_string(), "0.0.0.0/0 via 192.168.50.1 metric 100");
+        let v6 = RouteEntry {
+            dst: "fd00:1::/64".parse().unwrap(),
+            gateway: Some("fd00::1".parse().unwrap()),
+            table: 100,
+            protocol: 4,
+            scope: 0,
+            metric: None,
+            prefsrc: None,
+        };
+        let (back, _) = route_entry(&route_entry_message(&v6, 3).unwrap(), Family::V6).unwrap();
+        assert_eq!(back, v6);
+        let saved = serde_json::to_string(&v6).unwrap();
+        assert_eq!(serde_json::from_str::<RouteEntry>(&saved).unwrap(), v6);
+    }
+
+    #[test]
+    fn vlan_messages_carry_kind_id_and_parent() {
+        use netlink_packet_route::link::InfoVlan;
+        let msg = vlan_message("eth1.10", 4, 10, Some(1500));
+        assert!(msg.attributes.contains(&LinkAttribute::Link(4)));
+        assert!(msg.attributes.contains(&LinkAttribute::Mtu(1500)));
+        assert!(
+            msg.attributes
+                .contains(&LinkAttribute::IfName("eth1.10".into()))
+        );
+        let info = msg
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::LinkInfo(i) => Some(i.clone()),
+                _ => None,
+            })
+            .unwrap();
+        assert!(info.contains(&NlLinkInfo::Kind(InfoKind::Vlan)));
+        assert!(info.contains(&NlLinkInfo::Data(InfoData::Vlan(vec![InfoVlan::Id(10)]))));
     }
 
     #[test]

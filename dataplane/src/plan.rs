@@ -7,9 +7,10 @@
 //! touched and no nftables transaction is sent.
 
 use crate::names;
-use crate::netlink::{LinkInfo, Netlink, NetlinkError};
+use crate::netlink::{LinkInfo, Netlink, NetlinkError, RouteEntry};
 use crate::nft::{self, Firewall, Table};
 use crate::state::{self, NetworkState};
+use crate::uplink::{self, UplinkPlan};
 use ipnet::IpNet;
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -25,8 +26,12 @@ pub struct BridgePlan {
     pub mtu: u32,
     /// Its fixed MAC.
     pub mac: [u8; 6],
-    /// Gateway addresses, with the subnet's prefix length.
+    /// Gateway addresses, with the subnet's prefix length (NAT mode).
     pub addresses: Vec<IpNet>,
+    /// Bridge mode: the node interface (or VLAN of it) attached to the bridge. The bridge then
+    /// takes that interface's MAC instead of `mac`, and the node's addresses and routes move
+    /// from the interface to the bridge (see [`crate::uplink`]).
+    pub uplink: Option<UplinkPlan>,
 }
 
 /// A sysctl the node needs (forwarding).
@@ -93,6 +98,15 @@ pub enum ApplyError {
     /// A state file could not be written.
     #[error("cannot write runtime state")]
     State(#[source] state::StateError),
+    /// A Bridge network's uplink could not be attached (or was rolled back); the network is not
+    /// realized, the others are.
+    #[error("network {network}: {message}")]
+    Uplink {
+        /// The network.
+        network: String,
+        /// What happened and what to do.
+        message: String,
+    },
 }
 
 /// The link operations [`apply`] needs (real: [`Netlink`]; fake: `FakeLinks` in tests).
@@ -121,6 +135,31 @@ pub trait Links {
     fn del_address(&mut self, index: u32, addr: IpNet) -> Result<(), ApplyError>;
     /// Deletes a link.
     fn delete_link(&mut self, index: u32) -> Result<(), ApplyError>;
+    /// Attaches a link to a bridge (`None`: detaches it).
+    fn set_master(&mut self, index: u32, master: Option<u32>) -> Result<(), ApplyError>;
+    /// The routes out of a link (kernel-made ones excepted).
+    fn routes_via(&mut self, index: u32) -> Result<Vec<RouteEntry>, ApplyError>;
+    /// Adds a route out of `oif`, replacing one with the same key.
+    fn replace_route(&mut self, route: &RouteEntry, oif: u32) -> Result<(), ApplyError>;
+    /// Deletes a route out of `oif` (absent is fine).
+    fn del_route(&mut self, route: &RouteEntry, oif: u32) -> Result<(), ApplyError>;
+    /// Creates VLAN `id` on `parent` with an alias; returns its index.
+    fn create_vlan(
+        &mut self,
+        name: &str,
+        parent: u32,
+        id: u16,
+        alias: &str,
+    ) -> Result<u32, ApplyError>;
+    /// Does `gateway` answer ARP from `src` out of link `index` within `timeout`?
+    fn probe_gateway(
+        &mut self,
+        index: u32,
+        mac: [u8; 6],
+        src: std::net::Ipv4Addr,
+        gateway: std::net::Ipv4Addr,
+        timeout: std::time::Duration,
+    ) -> Result<bool, ApplyError>;
 }
 
 fn link_err(op: impl Into<String>) -> impl FnOnce(NetlinkError) -> ApplyError {
@@ -173,6 +212,51 @@ impl Links for Netlink {
             .map(|_| ())
             .map_err(link_err(format!("delete link {index}")))
     }
+    fn set_master(&mut self, index: u32, master: Option<u32>) -> Result<(), ApplyError> {
+        Netlink::set_master(self, index, master)
+            .map_err(link_err(format!("set master of link {index}")))
+    }
+    fn routes_via(&mut self, index: u32) -> Result<Vec<RouteEntry>, ApplyError> {
+        Netlink::routes_via(self, index).map_err(link_err(format!("list routes of link {index}")))
+    }
+    fn replace_route(&mut self, route: &RouteEntry, oif: u32) -> Result<(), ApplyError> {
+        Netlink::replace_route_entry(self, route, oif)
+            .map_err(link_err(format!("add route {route} dev {oif}")))
+    }
+    fn del_route(&mut self, route: &RouteEntry, oif: u32) -> Result<(), ApplyError> {
+        Netlink::del_route_entry(self, route, oif)
+            .map(|_| ())
+            .map_err(link_err(format!("delete route {route} dev {oif}")))
+    }
+    fn create_vlan(
+        &mut self,
+        name: &str,
+        parent: u32,
+        id: u16,
+        alias: &str,
+    ) -> Result<u32, ApplyError> {
+        Netlink::create_vlan(self, name, parent, id, None, Some(alias))
+            .map_err(link_err(format!("create vlan {name}")))
+    }
+    fn probe_gateway(
+        &mut self,
+        index: u32,
+        mac: [u8; 6],
+        src: std::net::Ipv4Addr,
+        gateway: std::net::Ipv4Addr,
+        timeout: std::time::Duration,
+    ) -> Result<bool, ApplyError> {
+        // The packet socket lives in the calling thread's namespace: the agent's own (the lab's
+        // agents enter their node namespace at start).
+        crate::frame::probe_arp(index, mac, src, gateway, timeout).map_err(|e| ApplyError::Link {
+            op: format!("probe gateway {gateway}"),
+            source: NetlinkError::Io {
+                op: "probe gateway",
+                target: format!("link {index}"),
+                source: e,
+            },
+        })
+    }
 }
 
 /// Sets sysctls (real: /proc/sys; fake in tests).
@@ -199,6 +283,9 @@ impl Sysctls for ProcSysctls {
 pub struct ApplyReport {
     /// One line per change, for logs and the lab's output.
     pub changes: Vec<String>,
+    /// Networks that could not be realized (their uplink), with the reason: the rest of the
+    /// plan is applied, these networks' runtime state is withheld so no workload attaches.
+    pub failed: Vec<(String, String)>,
 }
 
 impl ApplyReport {
@@ -233,7 +320,7 @@ pub fn apply(
             report.changes.push(format!("sysctl {}={}", s.key, s.value));
         }
     }
-    apply_bridges(plan, links, &mut report)?;
+    apply_bridges(plan, links, state_dir, &mut report)?;
     // The guard first: a new port is never bridged before its anti-spoofing is in place.
     match &plan.guard {
         Some(guard) => apply_firewall(guard, firewall, &mut report)?,
@@ -288,9 +375,10 @@ pub fn apply_since(
 fn apply_bridges(
     plan: &NodePlan,
     links: &mut dyn Links,
+    state_dir: &Path,
     report: &mut ApplyReport,
 ) -> Result<(), ApplyError> {
-    let existing = links.list()?;
+    let mut existing = links.list()?;
     for bridge in &plan.bridges {
         let alias = names::bridge_alias(&bridge.network);
         let index = match existing.iter().find(|l| l.name == bridge.name) {
@@ -309,7 +397,8 @@ fn apply_bridges(
                         .changes
                         .push(format!("bridge {} mtu {}", bridge.name, bridge.mtu));
                 }
-                if link.mac != Some(bridge.mac) {
+                // With an uplink the bridge wears the uplink's MAC (set by `uplink::attach`).
+                if bridge.uplink.is_none() && link.mac != Some(bridge.mac) {
                     links.set_mac(link.index, bridge.mac)?;
                     report.changes.push(format!(
                         "bridge {} mac {}",
@@ -329,6 +418,7 @@ fn apply_bridges(
                 report
                     .changes
                     .push(format!("created bridge {}", bridge.name));
+                existing = links.list()?;
                 index
             }
         };
@@ -340,27 +430,59 @@ fn apply_bridges(
                 .changes
                 .push(format!("bridge {} address {addr}", bridge.name));
         }
-        for addr in have.difference(&want) {
-            if kernel_managed(addr) {
-                continue;
+        // A bridge with an uplink carries the node's own addresses: never remove those.
+        if bridge.uplink.is_none() {
+            for addr in have.difference(&want) {
+                if kernel_managed(addr) {
+                    continue;
+                }
+                links.del_address(index, *addr)?;
+                report
+                    .changes
+                    .push(format!("bridge {} removed address {addr}", bridge.name));
             }
-            links.del_address(index, *addr)?;
+        }
+        if bridge.uplink.is_some()
+            && let Err(e) = uplink::attach(bridge, index, &existing, links, state_dir, report)
+        {
             report
-                .changes
-                .push(format!("bridge {} removed address {addr}", bridge.name));
+                .failed
+                .push((bridge.network.clone(), crate::error_chain(&e)));
         }
     }
     let wanted: BTreeSet<&str> = plan.bridges.iter().map(|b| b.name.as_str()).collect();
-    for link in &existing {
+    for link in &links.list()? {
         let ours = link
             .alias
             .as_deref()
             .is_some_and(|a| a.starts_with(&format!("{}net:", names::ALIAS_PREFIX)));
         if ours && !wanted.contains(link.name.as_str()) {
+            // The node's addresses go back to the uplink before its bridge goes.
+            if let Some(record) = uplink::read_record(state_dir, &link.name) {
+                uplink::detach(&record, links, state_dir, report)?;
+            }
             links.delete_link(link.index)?;
             report
                 .changes
                 .push(format!("deleted bridge {} (network removed)", link.name));
+        }
+    }
+    // VLAN sub-interfaces weft made whose bridge is gone.
+    let ports: BTreeSet<String> = plan
+        .bridges
+        .iter()
+        .filter_map(|b| b.uplink.as_ref().map(|u| u.port()))
+        .collect();
+    for link in &links.list()? {
+        let vlan = link
+            .alias
+            .as_deref()
+            .is_some_and(|a| a.starts_with(&format!("{}vlan:", names::ALIAS_PREFIX)));
+        if vlan && !ports.contains(&link.name) {
+            links.delete_link(link.index)?;
+            report
+                .changes
+                .push(format!("deleted vlan {} (network removed)", link.name));
         }
     }
     Ok(())
@@ -425,7 +547,12 @@ fn apply_state(
     state_dir: &Path,
     report: &mut ApplyReport,
 ) -> Result<(), ApplyError> {
-    for net in &plan.networks {
+    let failed: BTreeSet<&str> = report.failed.iter().map(|(n, _)| n.as_str()).collect();
+    for net in plan
+        .networks
+        .iter()
+        .filter(|n| !failed.contains(n.name.as_str()))
+    {
         let current = NetworkState::read(state_dir, &net.name).ok();
         if current.as_ref() != Some(net) {
             net.write(state_dir).map_err(ApplyError::State)?;
@@ -434,7 +561,12 @@ fn apply_state(
                 .push(format!("runtime state of network {}", net.name));
         }
     }
-    let wanted: BTreeSet<&str> = plan.networks.iter().map(|n| n.name.as_str()).collect();
+    let wanted: BTreeSet<&str> = plan
+        .networks
+        .iter()
+        .map(|n| n.name.as_str())
+        .filter(|n| !failed.contains(n))
+        .collect();
     for name in NetworkState::list(state_dir).map_err(ApplyError::State)? {
         if !wanted.contains(name.as_str()) {
             state::remove_file(&NetworkState::path(state_dir, &name)).map_err(ApplyError::State)?;
@@ -454,6 +586,10 @@ pub fn cleanup(
     state_dir: &Path,
 ) -> Result<ApplyReport, ApplyError> {
     let mut report = ApplyReport::default();
+    for record in uplink::records(state_dir) {
+        uplink::detach(&record, links, state_dir, &mut report)?;
+    }
+    uplink::forget_rollbacks(state_dir);
     for link in links.list()? {
         if link
             .alias
@@ -486,6 +622,12 @@ pub struct FakeLinks {
     pub links: Vec<LinkInfo>,
     /// Addresses per link index.
     pub addrs: std::collections::BTreeMap<u32, BTreeSet<IpNet>>,
+    /// Routes per output link index.
+    pub routes: std::collections::BTreeMap<u32, Vec<RouteEntry>>,
+    /// Whether gateways answer [`Links::probe_gateway`].
+    pub gateway_answers: bool,
+    /// Whether the kernel has 802.1Q support.
+    pub no_vlans: bool,
     /// Mutating calls, in order.
     pub calls: Vec<String>,
     next_index: u32,
@@ -566,8 +708,92 @@ impl Links for FakeLinks {
     fn delete_link(&mut self, index: u32) -> Result<(), ApplyError> {
         self.links.retain(|l| l.index != index);
         self.addrs.remove(&index);
+        self.routes.remove(&index);
+        for l in &mut self.links {
+            if l.master == Some(index) {
+                l.master = None;
+            }
+        }
         self.calls.push(format!("delete_link {index}"));
         Ok(())
+    }
+    fn set_master(&mut self, index: u32, master: Option<u32>) -> Result<(), ApplyError> {
+        for l in &mut self.links {
+            if l.index == index {
+                l.master = master;
+            }
+        }
+        self.calls.push(format!("set_master {index} {master:?}"));
+        Ok(())
+    }
+    fn routes_via(&mut self, index: u32) -> Result<Vec<RouteEntry>, ApplyError> {
+        Ok(self.routes.get(&index).cloned().unwrap_or_default())
+    }
+    fn replace_route(&mut self, route: &RouteEntry, oif: u32) -> Result<(), ApplyError> {
+        // Same key (destination, table, metric) anywhere: replaced.
+        for rs in self.routes.values_mut() {
+            rs.retain(|r| (r.dst, r.table, r.metric) != (route.dst, route.table, route.metric));
+        }
+        self.routes.entry(oif).or_default().push(route.clone());
+        self.calls.push(format!("replace_route {route} dev {oif}"));
+        Ok(())
+    }
+    fn del_route(&mut self, route: &RouteEntry, oif: u32) -> Result<(), ApplyError> {
+        if let Some(rs) = self.routes.get_mut(&oif) {
+            rs.retain(|r| r != route);
+        }
+        self.calls.push(format!("del_route {route} dev {oif}"));
+        Ok(())
+    }
+    fn create_vlan(
+        &mut self,
+        name: &str,
+        parent: u32,
+        id: u16,
+        alias: &str,
+    ) -> Result<u32, ApplyError> {
+        if self.no_vlans {
+            return Err(ApplyError::Link {
+                op: format!("create vlan {name}"),
+                source: NetlinkError::Kernel {
+                    op: "create vlan",
+                    target: name.into(),
+                    errno: libc::EOPNOTSUPP,
+                    message: None,
+                },
+            });
+        }
+        self.next_index += 1;
+        let index = self.next_index + 100;
+        let mac = self
+            .links
+            .iter()
+            .find(|l| l.index == parent)
+            .and_then(|l| l.mac);
+        self.links.push(LinkInfo {
+            index,
+            name: name.into(),
+            kind: Some("vlan".into()),
+            mac,
+            mtu: 1500,
+            up: false,
+            master: None,
+            alias: Some(alias.into()),
+            netns_id: None,
+        });
+        self.calls.push(format!("create_vlan {name} {id}"));
+        Ok(index)
+    }
+    fn probe_gateway(
+        &mut self,
+        index: u32,
+        _mac: [u8; 6],
+        _src: std::net::Ipv4Addr,
+        gateway: std::net::Ipv4Addr,
+        _timeout: std::time::Duration,
+    ) -> Result<bool, ApplyError> {
+        self.calls.push(format!("probe_gateway {index} {gateway}"));
+        Ok(self.gateway_answers)
     }
 }
 
@@ -623,6 +849,7 @@ mod tests {
                     mtu: 1500,
                     mac: names::bridge_mac(b),
                     addresses: vec!["10.0.0.1/24".parse().unwrap()],
+                    uplink: None,
                 })
                 .collect(),
             sysctls: vec![SysctlPlan {
@@ -794,6 +1021,270 @@ mod tests {
             cleanup(&mut node.links, &mut node.fw, node.dir.path())
                 .unwrap()
                 .is_noop()
+        );
+    }
+
+    fn add_eth0(node: &mut Node) -> u32 {
+        node.links.links.push(LinkInfo {
+            index: 2,
+            name: "eth0".into(),
+            kind: None,
+            mac: Some([0x52, 0x54, 0, 0, 0, 2]),
+            mtu: 1500,
+            up: true,
+            master: None,
+            alias: None,
+            netns_id: None,
+        });
+        node.links.addrs.entry(2).or_default().extend(
+            ["192.168.50.11/24", "fe80::5054:ff:fe00:2/64"].map(|a| a.parse::<IpNet>().unwrap()),
+        );
+        node.links.routes.insert(
+            2,
+            vec![RouteEntry {
+                dst: "0.0.0.0/0".parse().unwrap(),
+                gateway: Some("192.168.50.1".parse().unwrap()),
+                table: 254,
+                protocol: 16,
+                scope: 0,
+                metric: Some(100),
+                prefsrc: None,
+            }],
+        );
+        2
+    }
+
+    fn lan_plan(vlan: Option<u16>) -> NodePlan {
+        let mut p = plan(&[], "accept", &[]);
+        p.bridges.push(BridgePlan {
+            network: "lan".into(),
+            name: "wn-lan".into(),
+            mtu: 1500,
+            mac: names::bridge_mac("lan"),
+            addresses: vec![],
+            uplink: Some(UplinkPlan {
+                device: "eth0".into(),
+                vlan,
+            }),
+        });
+        p.networks.push(NetworkState {
+            name: "lan".into(),
+            mode: state::NetworkMode::Bridge,
+            bridge: "wn-lan".into(),
+            mtu: 1500,
+            subnet_v4: Some("192.168.50.0/24".parse().unwrap()),
+            subnet_v6: None,
+            gateway_v4: Some("192.168.50.1".parse().unwrap()),
+            gateway_v6: None,
+            block_v4: Some("192.168.50.64/26".parse().unwrap()),
+            block_v6: None,
+            exclude: vec![],
+            anti_spoofing: true,
+        });
+        p
+    }
+
+    fn bridge_index(node: &Node, name: &str) -> u32 {
+        node.links
+            .links
+            .iter()
+            .find(|l| l.name == name)
+            .unwrap()
+            .index
+    }
+
+    #[test]
+    fn uplink_takeover_moves_the_node_addresses_and_routes_and_removal_restores_them() {
+        let mut node = Node::new();
+        node.links.gateway_answers = true;
+        let eth0 = add_eth0(&mut node);
+        let before_addrs = node.links.addrs[&eth0].clone();
+        let before_routes = node.links.routes[&eth0].clone();
+        let report = node.apply(&lan_plan(None));
+        assert!(report.failed.is_empty(), "{report:?}");
+        let br = bridge_index(&node, "wn-lan");
+        let link = |node: &Node, i| {
+            node.links
+                .links
+                .iter()
+                .find(|l| l.index == i)
+                .unwrap()
+                .clone()
+        };
+        assert_eq!(link(&node, eth0).master, Some(br));
+        assert_eq!(
+            link(&node, br).mac,
+            Some([0x52, 0x54, 0, 0, 0, 2]),
+            "the uplink's MAC"
+        );
+        assert!(node.links.addrs[&br].contains(&"192.168.50.11/24".parse().unwrap()));
+        assert!(!node.links.addrs[&eth0].contains(&"192.168.50.11/24".parse().unwrap()));
+        assert_eq!(node.links.routes[&br], before_routes);
+        assert!(node.links.routes[&eth0].is_empty());
+        assert!(
+            node.links
+                .calls
+                .iter()
+                .any(|c| c == &format!("probe_gateway {br} 192.168.50.1"))
+        );
+        assert!(NetworkState::read(node.dir.path(), "lan").is_ok());
+        // Again: nothing to do.
+        let calls = node.links.calls.len();
+        assert!(node.apply(&lan_plan(None)).is_noop());
+        assert_eq!(node.links.calls.len(), calls);
+        // The network goes: everything is back on eth0, exactly.
+        let report = node.apply(&plan(&[], "accept", &[]));
+        assert!(
+            report
+                .changes
+                .iter()
+                .any(|c| c.contains("uplink eth0 detached")),
+            "{report:?}"
+        );
+        assert_eq!(link(&node, eth0).master, None);
+        assert_eq!(node.links.addrs[&eth0], before_addrs);
+        assert_eq!(node.links.routes[&eth0], before_routes);
+        assert!(uplink::records(node.dir.path()).is_empty());
+    }
+
+    #[test]
+    fn an_unreachable_gateway_rolls_the_takeover_back_and_is_not_retried() {
+        let mut node = Node::new();
+        let eth0 = add_eth0(&mut node);
+        let before_addrs = node.links.addrs[&eth0].clone();
+        let before_routes = node.links.routes[&eth0].clone();
+        let report = node.apply(&lan_plan(None));
+        assert_eq!(report.failed.len(), 1, "{report:?}");
+        assert!(
+            report.failed[0].1.contains("rolled back"),
+            "{:?}",
+            report.failed
+        );
+        assert!(
+            report.failed[0].1.contains("192.168.50.1"),
+            "{:?}",
+            report.failed
+        );
+        let l = node.links.links.iter().find(|l| l.index == eth0).unwrap();
+        assert_eq!(l.master, None);
+        assert_eq!(node.links.addrs[&eth0], before_addrs);
+        assert_eq!(node.links.routes[&eth0], before_routes);
+        assert!(
+            NetworkState::read(node.dir.path(), "lan").is_err(),
+            "no runtime state: no workload attaches to a network without its uplink"
+        );
+        // The same plan again: refused without touching eth0.
+        let calls = node.links.calls.len();
+        let report = node.apply(&lan_plan(None));
+        assert!(
+            report.failed[0].1.contains("rolled back earlier"),
+            "{:?}",
+            report.failed
+        );
+        assert!(
+            !node.links.calls[calls..]
+                .iter()
+                .any(|c| c.starts_with("set_master"))
+        );
+        // A changed Network is tried again.
+        node.links.gateway_answers = true;
+        let mut changed = lan_plan(None);
+        changed.bridges[0].mtu = 1400;
+        assert!(node.apply(&changed).failed.is_empty());
+    }
+
+    #[test]
+    fn vlan_networks_attach_a_sub_interface_and_name_missing_kernel_support() {
+        let mut node = Node::new();
+        node.links.gateway_answers = true;
+        let eth0 = add_eth0(&mut node);
+        let report = node.apply(&lan_plan(Some(10)));
+        assert!(report.failed.is_empty(), "{report:?}");
+        let sub = node
+            .links
+            .links
+            .iter()
+            .find(|l| l.name == "eth0.10")
+            .unwrap()
+            .clone();
+        assert_eq!(sub.master, Some(bridge_index(&node, "wn-lan")));
+        assert_eq!(
+            node.links
+                .links
+                .iter()
+                .find(|l| l.index == eth0)
+                .unwrap()
+                .master,
+            None
+        );
+        assert!(
+            node.links.addrs[&eth0].contains(&"192.168.50.11/24".parse().unwrap()),
+            "the node's addresses stay on the untagged interface"
+        );
+        node.apply(&plan(&[], "accept", &[]));
+        assert!(
+            !node.links.links.iter().any(|l| l.name == "eth0.10"),
+            "weft's vlan is removed"
+        );
+
+        let mut node = Node::new();
+        node.links.no_vlans = true;
+        add_eth0(&mut node);
+        let report = node.apply(&lan_plan(Some(10)));
+        assert!(
+            report.failed[0].1.contains("spec.bridge.vlan"),
+            "{:?}",
+            report.failed
+        );
+        assert!(report.failed[0].1.contains("802.1Q"), "{:?}", report.failed);
+    }
+
+    #[test]
+    fn a_missing_or_busy_uplink_fails_only_its_network() {
+        let mut node = Node::new();
+        let mut p = lan_plan(None);
+        p.bridges.push(BridgePlan {
+            network: "a".into(),
+            name: "wn-a".into(),
+            mtu: 1500,
+            mac: names::bridge_mac("a"),
+            addresses: vec!["10.0.0.1/24".parse().unwrap()],
+            uplink: None,
+        });
+        let report = node.apply(&p);
+        assert!(
+            report.failed[0]
+                .1
+                .contains("spec.bridge.uplink: interface eth0 does not exist"),
+            "{:?}",
+            report.failed
+        );
+        assert!(
+            node.links.links.iter().any(|l| l.name == "wn-a"),
+            "the other network is realized"
+        );
+        let eth0 = add_eth0(&mut node);
+        node.links.links.push(LinkInfo {
+            index: 50,
+            name: "docker0".into(),
+            kind: Some("bridge".into()),
+            mac: None,
+            mtu: 1500,
+            up: true,
+            master: None,
+            alias: None,
+            netns_id: None,
+        });
+        for l in &mut node.links.links {
+            if l.index == eth0 {
+                l.master = Some(50);
+            }
+        }
+        let report = node.apply(&lan_plan(None));
+        assert!(
+            report.failed[0].1.contains("already attached to docker0"),
+            "{:?}",
+            report.failed
         );
     }
 }

@@ -72,6 +72,7 @@ fn main() -> anyhow::Result<()> {
         subnet_v4: Some("10.0.0.0/8".parse()?),
         subnet_v6: None,
         masquerade: true,
+        sealed: true,
     }];
 
     let t = Instant::now();

@@ -1,4 +1,4 @@
-//! weft's nftables table for NAT networks, as data.
+//! weft's nftables table, as data.
 //!
 //! The rules are fixed; networks and port forwards only add set and map elements, so adding a
 //! forward or a network never adds a rule:
@@ -9,8 +9,9 @@
 //!   masqueraded (never traffic that stays inside a network), and forwarded traffic a workload
 //!   sends to a port forward of its own network is masqueraded so the reply comes back the same
 //!   way (hairpin);
-//! - `forward` (filter): traffic between two different weft networks is dropped (isolation),
-//!   except connections a port forward let in.
+//! - `forward` (filter): traffic between two different NAT networks is dropped (isolation),
+//!   except connections a port forward let in; a Bridge network's bridge counts as outside (it
+//!   carries the node's uplink), so NAT traffic leaves through it masqueraded.
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::collections::{BTreeMap, BTreeSet};
@@ -29,6 +30,10 @@ pub struct NetRules {
     pub subnet_v6: Option<Ipv6Net>,
     /// Masquerade egress.
     pub masquerade: bool,
+    /// NAT mode: every source on the bridge is a registered workload (fail closed), and the
+    /// bridge is isolated from other NAT networks. A Bridge network's bridge also carries the
+    /// LAN and the node itself, so it is not sealed: its ports are vetted by the guard table.
+    pub sealed: bool,
 }
 
 /// One forwarded node port (or range) for one source CIDR.
@@ -119,6 +124,11 @@ fn base(name: &str, kind: &str, hook: &str, priority: &str, rules: Vec<String>) 
 pub fn table(nets: &[NetRules], forwards: &[Forward], policy: &crate::policy::Compiled) -> Table {
     let quoted = |s: &str| format!("\"{s}\"");
     let bridges: BTreeSet<String> = nets.iter().map(|n| quoted(&n.bridge)).collect();
+    let sealed: BTreeSet<String> = nets
+        .iter()
+        .filter(|n| n.sealed)
+        .map(|n| quoted(&n.bridge))
+        .collect();
     let intra: BTreeSet<String> = nets
         .iter()
         .map(|n| format!("{} . {}", quoted(&n.bridge), quoted(&n.bridge)))
@@ -180,6 +190,7 @@ pub fn table(nets: &[NetRules], forwards: &[Forward], policy: &crate::policy::Co
         comment: None,
         sets: [
             set("bridges", "ifname", false, bridges),
+            set("sealed", "ifname", false, sealed),
             set("intra", "ifname . ifname", false, intra),
             set("nets4", "ipv4_addr", true, v4(false)),
             set("nets6", "ipv6_addr", true, v6(false)),
@@ -242,10 +253,12 @@ pub fn table(nets: &[NetRules], forwards: &[Forward], policy: &crate::policy::Co
                 "postrouting",
                 "srcnat",
                 vec![
-                    "ip saddr @masq4 oifname != @bridges masquerade".into(),
-                    "ip6 saddr @masq6 oifname != @bridges masquerade".into(),
-                    "ct status dnat ip saddr @nets4 oifname @bridges masquerade".into(),
-                    "ct status dnat ip6 saddr @nets6 oifname @bridges masquerade".into(),
+                    // Leaving through a Bridge network's bridge is leaving the node (the node's
+                    // own addresses and routes live there).
+                    "ip saddr @masq4 oifname != @sealed masquerade".into(),
+                    "ip6 saddr @masq6 oifname != @sealed masquerade".into(),
+                    "ct status dnat ip saddr @nets4 oifname @sealed masquerade".into(),
+                    "ct status dnat ip6 saddr @nets6 oifname @sealed masquerade".into(),
                 ],
             ),
             base(
@@ -260,13 +273,14 @@ pub fn table(nets: &[NetRules], forwards: &[Forward], policy: &crate::policy::Co
                     // Neighbour discovery between two ports of a bridge (seen here through
                     // br_netfilter) uses link-local addresses; the guard table vets them.
                     "iifname @bridges icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept".into(),
-                    // Fail closed: from a weft bridge, only registered workload addresses.
-                    "iifname @bridges ip saddr != @local4 drop".into(),
-                    "iifname @bridges ip6 saddr != @local6 drop".into(),
+                    // Fail closed: from a NAT network's bridge, only registered workload
+                    // addresses (a Bridge network's ports are held to theirs by the guard table).
+                    "iifname @sealed ip saddr != @local4 drop".into(),
+                    "iifname @sealed ip6 saddr != @local6 drop".into(),
                     "jump egress".into(),
                     "jump ingress".into(),
                     "ct status dnat accept".into(),
-                    "iifname @bridges oifname @bridges iifname . oifname != @intra drop".into(),
+                    "iifname @sealed oifname @sealed iifname . oifname != @intra drop".into(),
                 ],
             ),
             // Workloads reaching the node itself: their egress policy (cidrs peers).
@@ -279,9 +293,12 @@ pub fn table(nets: &[NetRules], forwards: &[Forward], policy: &crate::policy::Co
                     "iifname != @bridges accept".into(),
                     "ct state established,related accept".into(),
                     "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit } accept".into(),
-                    "ct state invalid drop".into(),
-                    "ip saddr != @local4 drop".into(),
-                    "ip6 saddr != @local6 drop".into(),
+                    "iifname @sealed ct state invalid drop".into(),
+                    "iifname @sealed ip saddr != @local4 drop".into(),
+                    "iifname @sealed ip6 saddr != @local6 drop".into(),
+                    // On a Bridge network's bridge, other sources are the LAN reaching the node.
+                    "ip saddr != @local4 accept".into(),
+                    "ip6 saddr != @local6 accept".into(),
                     "jump egress".into(),
                 ],
             ),

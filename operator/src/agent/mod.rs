@@ -224,6 +224,16 @@ impl Reconciler {
         self.networks = out.plan.networks.iter().map(|n| n.name.clone()).collect();
         let outcome = match result {
             Ok(report) => {
+                // Networks whose uplink could not be attached are not realized here: no
+                // registration is accepted for them, and they are reported like bad resources.
+                for (network, message) in &report.failed {
+                    self.networks.retain(|n| n != network);
+                    let p = format!("Network {network}: {message}");
+                    if !self.status.problems.contains(&p) {
+                        warn!(problem = %p, "network not realized");
+                        self.status.problems.push(p);
+                    }
+                }
                 if !report.is_noop() {
                     if reason == "resync" {
                         // Nothing in the resources changed: someone changed the kernel under us.

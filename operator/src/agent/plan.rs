@@ -4,6 +4,7 @@
 
 use super::firewall::{self, Forward, NetRules};
 use super::source::{Resources, WorkloadMeta};
+use crate::controller::allocator::nth_block;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -12,6 +13,7 @@ use weft_dataplane::names;
 use weft_dataplane::plan::{BridgePlan, NodePlan, SysctlPlan};
 use weft_dataplane::proto::Endpoint;
 use weft_dataplane::state::{self, NetworkState};
+use weft_dataplane::uplink::UplinkPlan;
 
 /// The node the plan is for.
 #[derive(Debug, Clone, Default)]
@@ -84,35 +86,28 @@ pub fn standalone_blocks(
         .position(|n| n.as_str() == node)
         .unwrap_or(sorted.len());
     let mut blocks = NodeBlocks::default();
+    // Blocks wholly inside spec.ipam.exclude are skipped, as the controller does.
+    let excludes = net.spec.excludes();
+    let too_few = |s: IpNet, prefix: u8, field: &str| {
+        format!(
+            "spec.ipam.{field}: {s} has too few /{prefix} blocks outside spec.ipam.exclude for node number {} of {}; use a longer prefix or a larger subnet",
+            index + 1,
+            sorted.len().max(index + 1)
+        )
+    };
     if let Some(s) = net.spec.subnet_v4() {
         let prefix = net.spec.block_prefix_v4();
-        blocks.v4 = Some(
-            s.subnets(prefix)
-                .ok()
-                .and_then(|mut it| it.nth(index))
-                .ok_or_else(|| {
-                    format!(
-                        "spec.ipam.nodeBlockPrefix: {s} has too few /{prefix} blocks for node number {} of {}; use a longer prefix or a larger subnet",
-                        index + 1,
-                        sorted.len().max(index + 1)
-                    )
-                })?,
-        );
+        match nth_block(IpNet::V4(s), prefix, &excludes, index) {
+            Some(IpNet::V4(b)) => blocks.v4 = Some(b),
+            _ => return Err(too_few(IpNet::V4(s), prefix, "nodeBlockPrefix")),
+        }
     }
     if let Some(s) = net.spec.subnet_v6() {
         let prefix = net.spec.block_prefix_v6();
-        blocks.v6 = Some(
-            s.subnets(prefix)
-                .ok()
-                .and_then(|mut it| it.nth(index))
-                .ok_or_else(|| {
-                    format!(
-                        "spec.ipam.nodeBlockPrefixV6: {s} has too few /{prefix} blocks for node number {} of {}",
-                        index + 1,
-                        sorted.len().max(index + 1)
-                    )
-                })?,
-        );
+        match nth_block(IpNet::V6(s), prefix, &excludes, index) {
+            Some(IpNet::V6(b)) => blocks.v6 = Some(b),
+            _ => return Err(too_few(IpNet::V6(s), prefix, "nodeBlockPrefixV6")),
+        }
     }
     Ok(blocks)
 }
@@ -144,6 +139,9 @@ pub fn plan(
     networks.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
     let mut seen = BTreeSet::new();
     let mut accepted: BTreeMap<String, &Network> = BTreeMap::new();
+    // Uplink port → network, bridge name → network: one of each per node.
+    let mut ports: BTreeMap<String, String> = BTreeMap::new();
+    let mut bridge_names: BTreeMap<String, String> = BTreeMap::new();
     for net in networks {
         let name = net.metadata.name.clone().unwrap_or_default();
         let problem = |message: String| Problem {
@@ -166,10 +164,24 @@ pub fn plan(
         if !selects(net, node) {
             continue;
         }
-        if net.spec.mode != NetworkMode::Nat {
-            problems.push(problem(
-                "spec.mode: Bridge networks are not realized by this agent version yet; the network is skipped".into(),
-            ));
+        let bridge_mode = net.spec.mode == NetworkMode::Bridge;
+        let uplink = net
+            .spec
+            .bridge
+            .as_ref()
+            .filter(|_| bridge_mode)
+            .map(|b| UplinkPlan {
+                device: b.uplink.clone(),
+                vlan: net.spec.vlan(),
+            });
+        if let Some(up) = &uplink
+            && let Some(other) = ports.get(&up.port())
+        {
+            problems.push(problem(format!(
+                "spec.bridge: interface {} is already the uplink of network {other} on node {}; give this network another uplink or a spec.bridge.vlan",
+                up.port(),
+                node.name
+            )));
             continue;
         }
         let Some(b) = blocks.get(&name).copied() else {
@@ -179,29 +191,54 @@ pub fn plan(
             )));
             continue;
         };
-        let bridge = names::bridge_name(&name);
+        let bridge = net
+            .spec
+            .bridge
+            .as_ref()
+            .and_then(|b| b.bridge_name.clone())
+            .filter(|_| bridge_mode)
+            .unwrap_or_else(|| names::bridge_name(&name));
+        if let Some(other) = bridge_names.insert(bridge.clone(), name.clone()) {
+            problems.push(problem(format!(
+                "spec.bridge.bridgeName: bridge {bridge} is already network {other}'s; choose another name"
+            )));
+            continue;
+        }
+        if let Some(up) = &uplink {
+            ports.insert(up.port(), name.clone());
+        }
+        // A NAT network's bridge answers on the gateway addresses; a Bridge network's gateway is
+        // the LAN's router, and its bridge carries the node's own addresses (moved from the
+        // uplink when the uplink held them).
         let mut addresses = Vec::new();
-        if let (Some(s), Some(g)) = (net.spec.subnet_v4(), net.spec.gateway_v4())
-            && let Ok(a) = IpNet::new(IpAddr::V4(g), s.prefix_len())
-        {
-            addresses.push(a);
+        if !bridge_mode {
+            if let (Some(s), Some(g)) = (net.spec.subnet_v4(), net.spec.gateway_v4())
+                && let Ok(a) = IpNet::new(IpAddr::V4(g), s.prefix_len())
+            {
+                addresses.push(a);
+            }
+            if let (Some(s), Some(g)) = (net.spec.subnet_v6(), net.spec.gateway_v6())
+                && let Ok(a) = IpNet::new(IpAddr::V6(g), s.prefix_len())
+            {
+                addresses.push(a);
+            }
         }
-        if let (Some(s), Some(g)) = (net.spec.subnet_v6(), net.spec.gateway_v6())
-            && let Ok(a) = IpNet::new(IpAddr::V6(g), s.prefix_len())
-        {
-            addresses.push(a);
-            any_v6 = true;
-        }
+        any_v6 |= !bridge_mode && net.spec.subnet_v6().is_some();
         bridges.push(BridgePlan {
             network: name.clone(),
             name: bridge.clone(),
             mtu: net.spec.mtu(),
             mac: names::bridge_mac(&name),
             addresses,
+            uplink,
         });
         states.push(NetworkState {
             name: name.clone(),
-            mode: state::NetworkMode::Nat,
+            mode: if bridge_mode {
+                state::NetworkMode::Bridge
+            } else {
+                state::NetworkMode::Nat
+            },
             bridge: bridge.clone(),
             mtu: net.spec.mtu(),
             subnet_v4: net.spec.subnet_v4(),
@@ -218,6 +255,7 @@ pub fn plan(
             subnet_v4: net.spec.subnet_v4(),
             subnet_v6: net.spec.subnet_v6(),
             masquerade: net.spec.masquerade(),
+            sealed: !bridge_mode,
         });
         accepted.insert(name, net);
     }
@@ -227,7 +265,8 @@ pub fn plan(
     let policy = crate::policy::compile_resources(res, &members);
     problems.extend(policy.problems.iter().cloned());
     let mut sysctls = Vec::new();
-    if !bridges.is_empty() {
+    // Only NAT networks route: a node with Bridge networks alone stays a host.
+    if bridges.iter().any(|b| b.uplink.is_none()) {
         sysctls.push(SysctlPlan {
             key: "net.ipv4.ip_forward".into(),
             value: "1".into(),
@@ -691,5 +730,98 @@ spec: {network: nowhere, target: {workload: x}, ports: [{port: 80}]}
         let a = plan(&node(&[]), &res, &blocks, &eps);
         let b = plan(&node(&[]), &res, &blocks, &eps);
         assert_eq!(a.plan, b.plan);
+    }
+
+    const LAN: &str = r#"
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: lan}
+spec:
+  mode: Bridge
+  subnets: [192.168.50.0/24]
+  gateway: [192.168.50.1]
+  ipam: {nodeBlockPrefix: 27, exclude: [192.168.50.0/26]}
+  bridge: {uplink: eth0}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: lan-10}
+spec:
+  mode: Bridge
+  subnets: [10.60.0.0/24]
+  bridge: {uplink: eth0, vlan: 10, bridgeName: br-v10}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: lan-dup}
+spec: {mode: Bridge, subnets: [10.61.0.0/24], bridge: {uplink: eth0}}
+"#;
+
+    #[test]
+    fn bridge_networks_attach_their_uplink_carry_no_gateway_and_are_not_sealed() {
+        let mut res = resources(LAN);
+        res.networks.extend(resources(NETS).networks);
+        let out = plan(&node(&[]), &res, &all_blocks(&res, &["node-a"]), &[]);
+        let lan = out
+            .plan
+            .bridges
+            .iter()
+            .find(|b| b.network == "lan")
+            .unwrap();
+        assert_eq!(lan.name, "wn-lan");
+        assert!(lan.addresses.is_empty(), "the LAN router is the gateway");
+        assert_eq!(
+            lan.uplink,
+            Some(UplinkPlan {
+                device: "eth0".into(),
+                vlan: None
+            })
+        );
+        let v10 = out
+            .plan
+            .bridges
+            .iter()
+            .find(|b| b.network == "lan-10")
+            .unwrap();
+        assert_eq!(v10.name, "br-v10");
+        assert_eq!(v10.uplink.as_ref().unwrap().port(), "eth0.10");
+        // Two networks cannot share one untagged uplink.
+        assert!(!out.plan.bridges.iter().any(|b| b.network == "lan-dup"));
+        let dup = out.problems.iter().find(|p| p.object == "lan-dup").unwrap();
+        assert!(
+            dup.message.contains("already the uplink of network lan"),
+            "{dup}"
+        );
+        let st = out.plan.networks.iter().find(|n| n.name == "lan").unwrap();
+        assert_eq!(st.mode, state::NetworkMode::Bridge);
+        assert_eq!(st.gateway_v4, Some("192.168.50.1".parse().unwrap()));
+        let sealed = out
+            .plan
+            .firewall
+            .sets
+            .iter()
+            .find(|s| s.name == "sealed")
+            .unwrap();
+        assert!(sealed.elements.contains("\"wn-nat-demo\""));
+        assert!(
+            !sealed.elements.contains("\"wn-lan\""),
+            "LAN hosts reach bridged workloads"
+        );
+        let masq = out
+            .plan
+            .firewall
+            .sets
+            .iter()
+            .find(|s| s.name == "masq4")
+            .unwrap();
+        assert!(!masq.elements.contains("192.168.50.0/24"));
+    }
+
+    #[test]
+    fn a_node_with_bridge_networks_only_does_not_become_a_router() {
+        let res = resources(LAN);
+        let out = plan(&node(&[]), &res, &all_blocks(&res, &["node-a"]), &[]);
+        assert_eq!(out.plan.bridges.len(), 2);
+        assert!(out.plan.sysctls.is_empty(), "{:?}", out.plan.sysctls);
     }
 }

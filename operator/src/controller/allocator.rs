@@ -129,19 +129,44 @@ impl Family {
         Some(Cidr(net.to_string()))
     }
 
-    /// The lowest index not in `used`, if any block is free.
-    fn lowest_free(&self, used: &BTreeSet<u128>) -> Option<u128> {
-        let mut candidate = 0u128;
-        for &u in used {
-            if u > candidate {
-                break;
+    /// The first block at or after `from` that is neither in `used` nor wholly inside one of
+    /// `excludes` (`spec.ipam.exclude`: a Bridge network's LAN hosts, gateway and DHCP pool).
+    /// Jumps over an excluded range in one step, so a large exclude costs nothing.
+    fn next_free(&self, from: u128, used: &BTreeSet<u128>, excludes: &[IpNet]) -> Option<u128> {
+        let mut c = from;
+        loop {
+            if c >= self.count() {
+                return None;
             }
-            if u == candidate {
-                candidate = candidate.checked_add(1)?;
+            if used.contains(&c) {
+                c = c.checked_add(1)?;
+                continue;
+            }
+            let block: IpNet = self.block(c)?.net().ok()?;
+            match excludes.iter().find(|e| e.contains(&block)) {
+                Some(e) => {
+                    let end = match e.broadcast() {
+                        std::net::IpAddr::V4(a) => u128::from(u32::from(a)),
+                        std::net::IpAddr::V6(a) => u128::from(a),
+                    };
+                    c = (end.checked_add(1)?.checked_sub(self.base())?) / self.size();
+                }
+                None => return Some(c),
             }
         }
-        (candidate < self.count()).then_some(candidate)
     }
+}
+
+/// The `n`-th (0-based) block of `subnet` at `prefix` that is not wholly inside `excludes`: the
+/// standalone agent's assignment for node number `n`.
+pub fn nth_block(subnet: IpNet, prefix: u8, excludes: &[IpNet], n: usize) -> Option<IpNet> {
+    let family = Family { subnet, prefix };
+    let none = BTreeSet::new();
+    let mut c = family.next_free(0, &none, excludes)?;
+    for _ in 0..n {
+        c = family.next_free(c.checked_add(1)?, &none, excludes)?;
+    }
+    family.block(c)?.net().ok()
 }
 
 /// Computes every node's blocks. `networks` are the Networks that may hold blocks (the caller
@@ -212,14 +237,18 @@ pub fn allocate<'a>(
                     _ => missing.push(node.name.as_str()),
                 }
             }
+            let excludes = net.spec.excludes();
             for node in missing {
-                match family.lowest_free(&used).and_then(|i| Some((i, family.block(i)?))) {
+                match family
+                    .next_free(0, &used, &excludes)
+                    .and_then(|i| Some((i, family.block(i)?)))
+                {
                     Some((i, block)) => {
                         used.insert(i);
                         chosen.entry(node).or_default()[fi] = Some(block);
                     }
                     None => out.problems.entry(name.to_owned()).or_default().push(format!(
-                        "subnet {} has no free /{} block left for node {node} ({} blocks, all assigned); use a larger subnet or a longer block prefix",
+                        "subnet {} has no free /{} block left for node {node} ({} blocks, all assigned or excluded); use a larger subnet or a longer block prefix",
                         family.subnet,
                         family.prefix,
                         family.count()
@@ -481,5 +510,39 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn wholly_excluded_blocks_are_skipped_in_one_jump() {
+        let mut lan = net("lan", &["192.168.50.0/24"], Some(27));
+        lan.spec.ipam.as_mut().unwrap().exclude = Some(vec![
+            weft_crds::IpOrCidr::from("192.168.50.0/26"),
+            weft_crds::IpOrCidr::from("192.168.50.100"),
+        ]);
+        let out = allocate([&lan], &nodes(&["a", "b", "c"]), &BTreeMap::new());
+        let got: Vec<_> = ["a", "b", "c"]
+            .iter()
+            .map(|n| out.nodes[*n].blocks[0].ipv4.clone().unwrap().0)
+            .collect();
+        // .96/27 holds one excluded address only: still a block.
+        assert_eq!(
+            got,
+            ["192.168.50.64/27", "192.168.50.96/27", "192.168.50.128/27"]
+        );
+        let v6: IpNet = "fd00::/48".parse().unwrap();
+        let huge: IpNet = "fd00::/49".parse().unwrap();
+        assert_eq!(
+            nth_block(v6, 122, &[huge], 1),
+            Some("fd00:0:0:8000::40/122".parse().unwrap())
+        );
+        assert_eq!(
+            nth_block(
+                "10.0.0.0/30".parse().unwrap(),
+                30,
+                &["10.0.0.0/30".parse().unwrap()],
+                0
+            ),
+            None
+        );
     }
 }

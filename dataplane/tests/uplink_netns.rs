@@ -1,0 +1,234 @@
+//! Bridge mode's uplink takeover on a real kernel: the test thread's own namespace is the node,
+//! a named namespace is the LAN with the default gateway, and a veth pair is the node's uplink.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
+
+mod netlink_common;
+
+use ipnet::IpNet;
+use netlink_common::{NamedNs, isolate};
+use std::process::Command;
+use weft_dataplane::names;
+use weft_dataplane::netlink::{Netlink, RouteEntry};
+use weft_dataplane::nft::{Family, NftCli, Table};
+use weft_dataplane::plan::{self, BridgePlan, NodePlan, ProcSysctls};
+use weft_dataplane::uplink::{self, UplinkPlan};
+
+const NODE_ADDR: &str = "192.168.77.11/24";
+const GATEWAY: &str = "192.168.77.1";
+
+/// The node's uplink `eth0` (address, default route metric 100) wired to a LAN namespace; the
+/// LAN answers on the gateway address when `gateway` is true.
+fn wire(gateway: bool) -> (NamedNs, Netlink) {
+    let lan = NamedNs::new("lan");
+    let mut nl = Netlink::new().unwrap();
+    nl.create_veth_pair("eth0", "lan0", Some(lan.ns.fd()), None)
+        .unwrap();
+    let eth0 = nl.link_by_name("eth0").unwrap().unwrap();
+    nl.add_address(eth0.index, NODE_ADDR.parse().unwrap(), true)
+        .unwrap();
+    nl.set_up(eth0.index).unwrap();
+    let mut lan_nl = Netlink::in_netns(&lan.ns).unwrap();
+    let lan0 = lan_nl.link_by_name("lan0").unwrap().unwrap();
+    if gateway {
+        lan_nl
+            .add_address(lan0.index, format!("{GATEWAY}/24").parse().unwrap(), true)
+            .unwrap();
+    }
+    lan_nl.set_up(lan0.index).unwrap();
+    nl.replace_route_entry(&default_route(), eth0.index)
+        .unwrap();
+    (lan, nl)
+}
+
+fn default_route() -> RouteEntry {
+    RouteEntry {
+        dst: "0.0.0.0/0".parse().unwrap(),
+        gateway: Some(GATEWAY.parse().unwrap()),
+        table: 254,
+        protocol: 4,
+        scope: 0,
+        metric: Some(100),
+        prefsrc: None,
+    }
+}
+
+fn node_plan(with_lan: bool) -> NodePlan {
+    NodePlan {
+        node: "n".into(),
+        bridges: with_lan
+            .then(|| BridgePlan {
+                network: "lan".into(),
+                name: "wn-lan".into(),
+                mtu: 1500,
+                mac: names::bridge_mac("lan"),
+                addresses: vec![],
+                uplink: Some(UplinkPlan {
+                    device: "eth0".into(),
+                    vlan: None,
+                }),
+            })
+            .into_iter()
+            .collect(),
+        sysctls: vec![],
+        firewall: Table {
+            family: Family::Inet,
+            name: names::NFT_TABLE.into(),
+            comment: None,
+            sets: vec![],
+            maps: vec![],
+            chains: vec![],
+        },
+        guard: None,
+        networks: vec![],
+    }
+}
+
+fn apply(p: &NodePlan, dir: &std::path::Path) -> plan::ApplyReport {
+    plan::apply(
+        p,
+        &mut Netlink::new().unwrap(),
+        &mut NftCli::default(),
+        &mut ProcSysctls,
+        dir,
+    )
+    .unwrap()
+}
+
+fn state_of(nl: &mut Netlink, name: &str) -> (Vec<IpNet>, Vec<RouteEntry>, Option<u32>) {
+    let l = nl.link_by_name(name).unwrap().unwrap();
+    let mut addrs: Vec<IpNet> = nl
+        .addresses(Some(l.index))
+        .unwrap()
+        .into_iter()
+        .map(|a| a.addr)
+        .filter(|a| a.addr().is_ipv4())
+        .collect();
+    addrs.sort();
+    (addrs, nl.routes_via(l.index).unwrap(), l.master)
+}
+
+fn ping(target: &str) -> bool {
+    Command::new("ping")
+        .args(["-c1", "-W1", target])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+#[test]
+fn takeover_moves_addresses_and_routes_keeps_the_gateway_and_removal_restores_exactly() {
+    let _ns = isolate();
+    let (_lan, mut nl) = wire(true);
+    let dir = tempfile::tempdir().unwrap();
+    let before = state_of(&mut nl, "eth0");
+    assert!(ping(GATEWAY), "the gateway answers before");
+
+    let report = apply(&node_plan(true), dir.path());
+    assert!(report.failed.is_empty(), "{report:?}");
+    let eth0 = nl.link_by_name("eth0").unwrap().unwrap();
+    let br = nl.link_by_name("wn-lan").unwrap().unwrap();
+    assert_eq!(eth0.master, Some(br.index));
+    assert_eq!(br.mac, eth0.mac, "the bridge wears the uplink's MAC");
+    let (addrs, routes, _) = state_of(&mut nl, "wn-lan");
+    assert_eq!(addrs, before.0);
+    assert_eq!(routes, before.1);
+    let (addrs, routes, _) = state_of(&mut nl, "eth0");
+    assert!(
+        addrs.is_empty() && routes.is_empty(),
+        "{addrs:?} {routes:?}"
+    );
+    assert!(ping(GATEWAY), "the node still reaches its gateway");
+    assert!(uplink::read_record(dir.path(), "wn-lan").is_some());
+
+    // Idempotent.
+    assert!(apply(&node_plan(true), dir.path()).is_noop());
+
+    // The network goes: eth0 is exactly as before.
+    let report = apply(&node_plan(false), dir.path());
+    assert!(
+        report.changes.iter().any(|c| c.contains("detached")),
+        "{report:?}"
+    );
+    assert!(nl.link_by_name("wn-lan").unwrap().is_none());
+    assert_eq!(state_of(&mut nl, "eth0"), before);
+    assert!(ping(GATEWAY), "and reaches its gateway");
+    assert!(uplink::records(dir.path()).is_empty());
+}
+
+#[test]
+fn an_unreachable_gateway_rolls_back_within_seconds_and_leaves_the_uplink_as_it_was() {
+    let _ns = isolate();
+    let (_lan, mut nl) = wire(false);
+    let dir = tempfile::tempdir().unwrap();
+    let before = state_of(&mut nl, "eth0");
+    let started = std::time::Instant::now();
+    let report = apply(&node_plan(true), dir.path());
+    let took = started.elapsed();
+    println!("rollback took {took:?}");
+    assert_eq!(report.failed.len(), 1, "{report:?}");
+    assert!(
+        report.failed[0].1.contains("rolled back"),
+        "{:?}",
+        report.failed
+    );
+    assert!(report.failed[0].1.contains(GATEWAY), "{:?}", report.failed);
+    assert_eq!(state_of(&mut nl, "eth0"), before);
+    // Not retried while the Network is unchanged: eth0 stays untouched.
+    let report = apply(&node_plan(true), dir.path());
+    assert!(report.failed[0].1.contains("rolled back earlier"));
+    assert_eq!(state_of(&mut nl, "eth0"), before);
+    // The agent's cleanup gives everything back and forgets the rollback.
+    plan::cleanup(
+        &mut Netlink::new().unwrap(),
+        &mut NftCli::default(),
+        dir.path(),
+    )
+    .unwrap();
+    assert!(nl.link_by_name("wn-lan").unwrap().is_none());
+    assert_eq!(state_of(&mut nl, "eth0"), before);
+}
+
+#[test]
+fn vlan_sub_interfaces_need_802_1q_and_say_so_when_the_kernel_lacks_it() {
+    let _ns = isolate();
+    let (_lan, mut nl) = wire(true);
+    let eth0 = nl.link_by_name("eth0").unwrap().unwrap();
+    match nl.create_vlan("eth0.10", eth0.index, 10, None, Some("weft:vlan:t")) {
+        Err(e) if e.is_not_supported() => {
+            println!(
+                "NOT SUPPORTED BY THIS KERNEL: 802.1Q VLAN links ({e}); the VLAN attachment was checked by the unit tests only"
+            );
+            let dir = tempfile::tempdir().unwrap();
+            let mut p = node_plan(true);
+            p.bridges[0].uplink = Some(UplinkPlan {
+                device: "eth0".into(),
+                vlan: Some(10),
+            });
+            let report = apply(&p, dir.path());
+            assert!(
+                report.failed[0].1.contains("802.1Q"),
+                "the failure names the missing kernel support: {:?}",
+                report.failed
+            );
+        }
+        Err(e) => panic!("create vlan: {e}"),
+        Ok(index) => {
+            let l = nl.link_by_index(index).unwrap().unwrap();
+            assert_eq!(l.kind.as_deref(), Some("vlan"));
+            nl.delete_link(index).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let mut p = node_plan(true);
+            p.bridges[0].uplink = Some(UplinkPlan {
+                device: "eth0".into(),
+                vlan: Some(10),
+            });
+            let report = apply(&p, dir.path());
+            assert!(report.failed.is_empty(), "{report:?}");
+            let sub = nl.link_by_name("eth0.10").unwrap().unwrap();
+            let br = nl.link_by_name("wn-lan").unwrap().unwrap();
+            assert_eq!(sub.master, Some(br.index));
+            apply(&node_plan(false), dir.path());
+            assert!(nl.link_by_name("eth0.10").unwrap().is_none());
+        }
+    }
+}
