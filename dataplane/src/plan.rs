@@ -445,9 +445,11 @@ fn apply_bridges(
         if bridge.uplink.is_some()
             && let Err(e) = uplink::attach(bridge, index, &existing, links, state_dir, report)
         {
-            report
-                .failed
-                .push((bridge.network.clone(), crate::error_chain(&e)));
+            let message = match e {
+                ApplyError::Uplink { message, .. } => message,
+                other => crate::error_chain(&other),
+            };
+            report.failed.push((bridge.network.clone(), message));
         }
     }
     let wanted: BTreeSet<&str> = plan.bridges.iter().map(|b| b.name.as_str()).collect();

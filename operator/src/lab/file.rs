@@ -58,6 +58,11 @@ pub struct Node {
     /// Its labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The LAN switch shuts this node's port while the node's `eth0` is attached to a bridge
+    /// (what BPDU guard or port security do): a Bridge network's uplink takeover on this node
+    /// must roll back, and the lab checks that it did and that the node still reaches the LAN.
+    #[serde(default)]
+    pub port_guard: bool,
 }
 
 /// A workload.

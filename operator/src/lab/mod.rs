@@ -178,8 +178,13 @@ fn run_lab(lab: &Lab, res: &crate::agent::source::Resources) -> anyhow::Result<b
     let spec = &lab.spec;
     println!("weft lab {}", lab.name);
     lab.build_network()?;
+    let _port_guards = lab.start_port_guards()?;
     lab.start_agents()?;
     lab.wait_ready(Duration::from_secs(20))?;
+    for node in spec.nodes.iter().filter(|n| n.port_guard) {
+        let report = lab.wait_rollback(&node.name, Duration::from_secs(20))?;
+        println!("  {}: the switch shut its port; {report}", node.name);
+    }
     let listeners = Listeners::default();
     let mut outside_ports: Vec<Listen> = spec
         .lan

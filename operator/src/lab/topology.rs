@@ -34,6 +34,15 @@ pub struct Record {
     pub agents: Vec<u32>,
 }
 
+/// The port guards' stop flag: dropping it stops them.
+pub struct PortGuards(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for PortGuards {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// A running lab.
 pub struct Lab {
     /// Its name.
@@ -301,6 +310,67 @@ impl Lab {
             )?;
         }
         Ok(())
+    }
+
+    /// Emulates the LAN switch's port guard of the nodes that ask for it (`portGuard`): while a
+    /// node's `eth0` has a master, its LAN-side port is down. Stops when the returned flag drops.
+    pub fn start_port_guards(&self) -> anyhow::Result<PortGuards> {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        for (i, node) in self.spec.nodes.iter().enumerate() {
+            if !node.port_guard {
+                continue;
+            }
+            let node_ns = self.node_ns(&node.name)?;
+            let lan = self.lan_ns()?;
+            let lan_side = format!("n{i}-{}", sanitize(&node.name, 10));
+            let stop = std::sync::Arc::clone(&stop);
+            std::thread::spawn(move || -> anyhow::Result<()> {
+                let mut node_nl = Netlink::in_netns(&node_ns)?;
+                let mut lan_nl = Netlink::in_netns(&lan)?;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let bridged = node_nl
+                        .link_by_name("eth0")?
+                        .is_some_and(|l| l.master.is_some());
+                    if let Some(port) = lan_nl.link_by_name(&lan_side)?
+                        && port.up == bridged
+                    {
+                        if bridged {
+                            lan_nl.set_down(port.index)?;
+                        } else {
+                            lan_nl.set_up(port.index)?;
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Ok(())
+            });
+        }
+        Ok(PortGuards(stop))
+    }
+
+    /// Waits until the agent of `node` reports a rolled-back uplink change; returns the report.
+    pub fn wait_rollback(&self, node: &str, timeout: Duration) -> anyhow::Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let found = self.agent_status(node).and_then(|s| {
+                s["problems"].as_array().and_then(|ps| {
+                    ps.iter()
+                        .filter_map(|p| p.as_str())
+                        .find(|p| p.contains("rolled back"))
+                        .map(str::to_string)
+                })
+            });
+            if let Some(p) = found {
+                return Ok(p);
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!(
+                    "node {node} has portGuard, but its agent reported no rolled-back uplink change within {}s",
+                    timeout.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Starts the real agent in every node namespace.
