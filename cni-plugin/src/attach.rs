@@ -1,6 +1,7 @@
 //! ADD, DEL and CHECK: a veth whose peer is born inside the workload's namespace, attached to
 //! the network's bridge, with an address from the node's block.
 
+use crate::conf::{AttachmentKind, TapConf};
 use crate::conf::{Conf, Env};
 use crate::error::{self, CniError};
 use crate::reply::{CniResult, Dns, Interface, IpConfig, Route};
@@ -14,6 +15,7 @@ use weft_dataplane::netlink::{Netlink, RouteSpec, VethSpec};
 use weft_dataplane::netns::Netns;
 use weft_dataplane::proto::{self, Endpoint, Request};
 use weft_dataplane::state::{NetworkState, StateError};
+use weft_dataplane::tap::{TapSpec, create_persistent_tap};
 
 /// The IPAM pool of a network on this node.
 pub fn pool_of(net: &NetworkState) -> Pool {
@@ -122,16 +124,30 @@ pub fn add(conf: &Conf, env: &Env) -> Result<CniResult, CniError> {
     };
     let host_name = names::host_veth_name(container_id, ifname);
     let (pod_namespace, pod_name) = env.pod();
+    let tap = match &conf.attachment {
+        AttachmentKind::Tap(t) => Some(t.clone()),
+        AttachmentKind::Veth => None,
+    };
+    // A VM's identity keeps its addresses and MAC across restart and migration.
+    let owner = match (&conf.vm, &tap, &pod_namespace, &pod_name) {
+        (Some(vm), _, _, _) => Some(vm.clone()),
+        (None, Some(_), Some(ns), Some(pod)) => identity(conf, ns, pod)?,
+        _ => None,
+    };
+    let requested_mac = conf
+        .static_mac
+        .or_else(|| owner.as_deref().map(|o| names::vm_mac(o, ifname)));
     let alloc = store.allocate(
         &pool_of(&net),
         AllocRequest {
             attachment: att.clone(),
             static_ips: conf.static_ips.clone(),
-            mac: conf.static_mac.map(names::format_mac),
+            mac: requested_mac.map(names::format_mac),
             host_ifname: Some(host_name.clone()),
             pod_namespace: pod_namespace.clone(),
             pod_name: pod_name.clone(),
             netns: Some(netns_path.to_string()),
+            owner,
         },
     )?;
     let mut rollback = Rollback {
@@ -140,9 +156,11 @@ pub fn add(conf: &Conf, env: &Env) -> Result<CniResult, CniError> {
         host_index: None,
         armed: true,
     };
-    let mac = conf
-        .static_mac
-        .or_else(|| alloc.mac.as_deref().and_then(names::parse_mac))
+    let mac = alloc
+        .mac
+        .as_deref()
+        .and_then(names::parse_mac)
+        .or(conf.static_mac)
         .unwrap_or_else(|| names::workload_mac(&alloc.ips, container_id, ifname));
 
     // A previous ADD of the same attachment that crashed half-way may have left its veth.
@@ -165,10 +183,77 @@ pub fn add(conf: &Conf, env: &Env) -> Result<CniResult, CniError> {
         host_master: Some(bridge.index),
         peer_name: ifname,
         peer_netns: ns.fd(),
-        peer_mac: Some(mac),
+        // A VM's MAC belongs to its tap; the pod's veth end is only a bridge port.
+        peer_mac: Some(if tap.is_some() {
+            names::hashed_mac(&["pod-port", container_id, ifname])
+        } else {
+            mac
+        }),
         mtu: Some(net.mtu),
     })?;
     rollback.host_index = Some(host_index);
+    if let Some(t) = &tap {
+        let result = wire_tap(&ns, &mut inner, ifname, t, mac, &net, network, container_id);
+        let tap_name = match result {
+            Ok(name) => name,
+            Err(e) => {
+                unwire_tap(&mut inner, ifname);
+                return Err(e);
+            }
+        };
+        register(
+            conf,
+            Endpoint {
+                network: network.to_string(),
+                container_id: container_id.to_string(),
+                ifname: ifname.to_string(),
+                host_ifname: host_name.clone(),
+                mac: names::format_mac(mac),
+                ips: alloc.ips.clone(),
+                pod_namespace,
+                pod_name,
+                netns: Some(netns_path.to_string()),
+            },
+        )
+        .inspect_err(|_| unwire_tap(&mut inner, ifname))?;
+        rollback.armed = false;
+        info!(%network, %container_id, %ifname, tap = %tap_name, ips = ?alloc.ips, "attached a VM tap");
+        return Ok(CniResult {
+            cni_version: conf.cni_version.clone(),
+            interfaces: vec![
+                Interface {
+                    name: net.bridge.clone(),
+                    mac: bridge.mac.map(names::format_mac),
+                    mtu: None,
+                    sandbox: None,
+                },
+                Interface {
+                    name: host_name,
+                    mac: None,
+                    mtu: Some(net.mtu),
+                    sandbox: None,
+                },
+                Interface {
+                    name: tap_name,
+                    mac: Some(names::format_mac(mac)),
+                    mtu: Some(net.mtu),
+                    sandbox: Some(netns_path.to_string()),
+                },
+            ],
+            ips: alloc
+                .ips
+                .iter()
+                .map(|ip| IpConfig {
+                    version: None,
+                    address: prefixed(*ip, &net).to_string(),
+                    gateway: gateway_for(ip, &net).map(|g| g.to_string()),
+                    interface: Some(2),
+                })
+                .collect(),
+            routes: Vec::new(),
+            dns: Dns::default(),
+        });
+    }
 
     let peer = inner.link_by_name(ifname)?.ok_or_else(|| {
         CniError::new(
@@ -265,6 +350,94 @@ pub fn add(conf: &Conf, env: &Env) -> Result<CniResult, CniError> {
     })
 }
 
+/// Inside the VM's pod: a bridge joining weft's veth end `ifname` to a persistent tap the VMM
+/// opens (owner, group, queues, vnet header, MTU and the VM's MAC). The guest's NIC carries the
+/// addresses; the pod holds none. Returns the tap's name.
+#[allow(clippy::too_many_arguments)]
+fn wire_tap(
+    ns: &Netns,
+    inner: &mut Netlink,
+    ifname: &str,
+    tap: &TapConf,
+    mac: [u8; 6],
+    net: &NetworkState,
+    network: &str,
+    container_id: &str,
+) -> Result<String, CniError> {
+    let tap_name = names::vm_tap_name(ifname);
+    let bridge_name = names::vm_bridge_name(ifname);
+    unwire_tap(inner, ifname);
+    let port = inner.link_by_name(ifname)?.ok_or_else(|| {
+        CniError::new(
+            error::LINK_FAILED,
+            format!("interface {ifname} did not appear in the container"),
+            "the kernel accepted the veth but its peer is missing",
+        )
+    })?;
+    let alias = format!("{}vm:{network}:{container_id}", names::ALIAS_PREFIX);
+    let alias: String = alias.chars().take(127).collect();
+    let br = inner.create_bridge(
+        &bridge_name,
+        Some(net.mtu),
+        Some(names::hashed_mac(&["pod-bridge", container_id, ifname])),
+        Some(&alias),
+    )?;
+    inner.set_master(port.index, Some(br))?;
+    inner.set_up(port.index)?;
+    let spec = TapSpec {
+        name: &tap_name,
+        owner: tap.owner,
+        group: tap.group,
+        queues: tap.queues,
+        vnet_hdr: tap.vnet_hdr,
+        mtu: Some(net.mtu),
+        mac: Some(mac),
+    };
+    let index = weft_dataplane::netns::run_in(ns, || create_persistent_tap(&spec))
+        .map_err(|e| CniError::from_chain(error::LINK_FAILED, "cannot enter the pod", &e))?
+        .map_err(|e| {
+            CniError::from_chain(
+                error::LINK_FAILED,
+                format!("cannot create tap {tap_name}"),
+                &e,
+            )
+        })?;
+    inner.set_master(index, Some(br))?;
+    inner.set_up(index)?;
+    Ok(tap_name)
+}
+
+/// Removes a VM's tap and in-pod bridge of `ifname` (best effort: absent is fine).
+fn unwire_tap(inner: &mut Netlink, ifname: &str) {
+    for name in [names::vm_tap_name(ifname), names::vm_bridge_name(ifname)] {
+        if let Ok(Some(l)) = inner.link_by_name(&name)
+            && let Err(e) = inner.delete_link(l.index)
+        {
+            debug!(link = %name, error = %error::chain(&e), "cannot remove a VM link");
+        }
+    }
+}
+
+/// Asks the agent which VM a pod runs (`namespace/name`), `None` for a plain pod.
+fn identity(conf: &Conf, namespace: &str, name: &str) -> Result<Option<String>, CniError> {
+    let reply = proto::call(
+        &conf.agent_socket,
+        &Request::Identity {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        },
+        conf.agent_timeout,
+    )
+    .map_err(|e| {
+        CniError::from_chain(
+            error::TRY_AGAIN_LATER,
+            "the weft agent is not reachable",
+            &e,
+        )
+    })?;
+    Ok(reply.vm)
+}
+
 fn register(conf: &Conf, endpoint: Endpoint) -> Result<(), CniError> {
     let reply = proto::call(
         &conf.agent_socket,
@@ -306,7 +479,15 @@ pub fn del(conf: &Conf, env: &Env) -> Result<(), CniError> {
     if let Err(e) = proto::call(&conf.agent_socket, &unregister, conf.agent_timeout) {
         debug!(error = %error::chain(&e), "agent not reachable for unregister; it resyncs from the IPAM store");
     }
-    // 2. The link (deleting the host end removes the peer in the container too).
+    // 2. A VM's tap and in-pod bridge, when the pod's namespace still exists.
+    if matches!(conf.attachment, AttachmentKind::Tap(_))
+        && let Some(path) = env.netns.as_deref()
+        && let Ok(ns) = Netns::open(Path::new(path))
+        && let Ok(mut inner) = Netlink::in_netns(&ns)
+    {
+        unwire_tap(&mut inner, ifname);
+    }
+    // 3. The link (deleting the host end removes the peer in the container too).
     let host_name = names::host_veth_name(container_id, ifname);
     match Netlink::new().and_then(|mut nl| {
         if let Some(l) = nl.link_by_name(&host_name)? {
@@ -317,7 +498,7 @@ pub fn del(conf: &Conf, env: &Env) -> Result<(), CniError> {
         Ok(()) => {}
         Err(e) => errors.push(format!("delete {host_name}: {}", error::chain(&e))),
     }
-    // 3. The addresses.
+    // 4. The addresses.
     match IpamStore::open(&conf.state_dir, network).and_then(|s| {
         s.release(&Attachment {
             container_id: container_id.to_string(),
@@ -402,6 +583,23 @@ pub fn check(conf: &Conf, env: &Env) -> Result<(), CniError> {
         )
     })?;
     let mut inner = Netlink::in_netns(&ns)?;
+    if matches!(conf.attachment, AttachmentKind::Tap(_)) {
+        // A VM's addresses live in the guest: check the wiring up to its tap.
+        let tap = names::vm_tap_name(ifname);
+        let bridge = names::vm_bridge_name(ifname);
+        let br = inner
+            .link_by_name(&bridge)?
+            .ok_or_else(|| mismatch(format!("bridge {bridge} is missing in the pod")))?;
+        for name in [ifname, tap.as_str()] {
+            let l = inner
+                .link_by_name(name)?
+                .ok_or_else(|| mismatch(format!("interface {name} is missing in the pod")))?;
+            if l.master != Some(br.index) {
+                return Err(mismatch(format!("interface {name} is not on {bridge}")));
+            }
+        }
+        return Ok(());
+    }
     let link = inner
         .link_by_name(ifname)?
         .ok_or_else(|| mismatch(format!("interface {ifname} is missing in the container")))?;

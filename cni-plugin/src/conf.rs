@@ -103,6 +103,41 @@ struct RawConf {
     prev_result: Option<serde_json::Value>,
     #[serde(rename = "cni.dev/valid-attachments")]
     valid_attachments: Option<Vec<ValidAttachment>>,
+    attachment: Option<String>,
+    tap: Option<RawTap>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawTap {
+    queues: Option<u32>,
+    owner: Option<u32>,
+    group: Option<u32>,
+    vnet_hdr: Option<bool>,
+}
+
+/// A VM's tap (`"attachment": "tap"`): how the VMM will open it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TapConf {
+    /// Queues (`tap.queues`, or `CNI_ARGS TAP_QUEUES`): more than one makes it multi-queue.
+    pub queues: u32,
+    /// The user allowed to open it (QEMU's, 107 in KubeVirt).
+    pub owner: Option<u32>,
+    /// The group allowed to open it.
+    pub group: Option<u32>,
+    /// Frames carry a virtio-net header (vhost-net).
+    pub vnet_hdr: bool,
+}
+
+/// How the workload is wired to the network's bridge.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum AttachmentKind {
+    /// A veth pair: the workload's end gets the addresses (pods).
+    #[default]
+    Veth,
+    /// A veth pair into the workload's namespace, joined there by a bridge to a tap the VMM
+    /// opens: the guest's NIC wears the MAC and addresses (VMs).
+    Tap(TapConf),
 }
 
 /// The validated network configuration.
@@ -134,6 +169,11 @@ pub struct Conf {
     pub prev_result: Option<serde_json::Value>,
     /// GC: the attachments that must be kept.
     pub valid_attachments: Option<Vec<ValidAttachment>>,
+    /// Veth (pods) or tap (VMs).
+    pub attachment: AttachmentKind,
+    /// The VM's identity given by `CNI_ARGS VM_NAME` (`namespace/name`); otherwise the agent
+    /// is asked for the pod's `vm.kubevirt.io/name` label.
+    pub vm: Option<String>,
 }
 
 /// The `CNI_*` environment.
@@ -350,6 +390,61 @@ pub fn parse_conf(stdin: &[u8], env: &Env) -> Result<Conf, CniError> {
             ),
         ));
     }
+    let attachment = match (raw.attachment.as_deref(), raw.tap) {
+        (None | Some("veth"), None) => AttachmentKind::Veth,
+        (None | Some("veth"), Some(_)) => {
+            return Err(invalid(
+                "tap",
+                "only allowed with \"attachment\": \"tap\"; remove it or set the attachment",
+            ));
+        }
+        (Some("tap"), tap) => {
+            let tap = tap.unwrap_or(RawTap {
+                queues: None,
+                owner: None,
+                group: None,
+                vnet_hdr: None,
+            });
+            let queues = match env.args.get("TAP_QUEUES") {
+                Some(q) => q.parse::<u32>().map_err(|_| {
+                    CniError::new(
+                        error::INVALID_ENV,
+                        "invalid CNI_ARGS",
+                        format!("CNI_ARGS TAP_QUEUES={q:?} is not a number"),
+                    )
+                })?,
+                None => tap.queues.unwrap_or(1),
+            };
+            if !(1..=256).contains(&queues) {
+                return Err(invalid(
+                    "tap.queues",
+                    format!("{queues} is out of range; use 1 to 256 (one per vCPU)"),
+                ));
+            }
+            AttachmentKind::Tap(TapConf {
+                queues,
+                owner: tap.owner,
+                group: tap.group,
+                vnet_hdr: tap.vnet_hdr.unwrap_or(true),
+            })
+        }
+        (Some(other), _) => {
+            return Err(invalid(
+                "attachment",
+                format!("{other:?}; use \"veth\" (pods) or \"tap\" (VMs)"),
+            ));
+        }
+    };
+    let vm = match env.args.get("VM_NAME") {
+        None => None,
+        Some(v) if v.contains('/') => Some(v.clone()),
+        Some(v) => Some(format!(
+            "{}/{v}",
+            env.args
+                .get("K8S_POD_NAMESPACE")
+                .map_or("default", String::as_str)
+        )),
+    };
     let timeout_ms = raw.agent_timeout_ms.unwrap_or(5000);
     if !(10..=60_000).contains(&timeout_ms) {
         return Err(invalid(
@@ -375,6 +470,8 @@ pub fn parse_conf(stdin: &[u8], env: &Env) -> Result<Conf, CniError> {
         static_mac,
         prev_result: raw.prev_result,
         valid_attachments: raw.valid_attachments,
+        attachment,
+        vm,
     })
 }
 
@@ -545,6 +642,59 @@ mod tests {
             names::format_mac(c.static_mac.unwrap()),
             "0a:58:0a:00:00:09"
         );
+    }
+
+    #[test]
+    fn tap_attachments_take_queues_from_the_conf_or_cni_args() {
+        let conf = |j: &str, args: &[(&str, &str)]| {
+            let mut e = env();
+            for (k, v) in args {
+                e.args.insert(k.to_string(), v.to_string());
+            }
+            parse_conf(j.as_bytes(), &e)
+        };
+        let base = r#"{"cniVersion":"1.0.0","name":"n","type":"weft","network":"lan""#;
+        let c = conf(&format!("{base}}}"), &[]).unwrap();
+        assert_eq!(c.attachment, AttachmentKind::Veth);
+        let c = conf(
+            &format!(r#"{base},"attachment":"tap","tap":{{"queues":4,"owner":107,"group":107}}}}"#),
+            &[("VM_NAME", "vm-a"), ("K8S_POD_NAMESPACE", "prod")],
+        )
+        .unwrap();
+        assert_eq!(
+            c.attachment,
+            AttachmentKind::Tap(TapConf {
+                queues: 4,
+                owner: Some(107),
+                group: Some(107),
+                vnet_hdr: true
+            })
+        );
+        assert_eq!(c.vm.as_deref(), Some("prod/vm-a"));
+        let c = conf(
+            &format!(r#"{base},"attachment":"tap"}}"#),
+            &[("TAP_QUEUES", "8")],
+        )
+        .unwrap();
+        assert!(matches!(
+            c.attachment,
+            AttachmentKind::Tap(TapConf { queues: 8, .. })
+        ));
+        for (bad, field) in [
+            (format!(r#"{base},"attachment":"macvtap"}}"#), "attachment"),
+            (format!(r#"{base},"tap":{{"queues":2}}}}"#), "tap"),
+            (
+                format!(r#"{base},"attachment":"tap","tap":{{"queues":0}}}}"#),
+                "tap.queues",
+            ),
+        ] {
+            let e = conf(&bad, &[]).unwrap_err();
+            assert_eq!(e.code, error::INVALID_CONFIG, "{bad}");
+            assert!(
+                e.msg.contains(field) || e.details.contains(field),
+                "{bad}: {e:?}"
+            );
+        }
     }
 
     #[test]

@@ -341,3 +341,85 @@ fn bad_input_gets_coded_errors_naming_the_field() {
     // Nothing was written on stdout but the error object.
     assert!(out.json.is_object());
 }
+
+#[test]
+fn a_vm_gets_a_tap_behind_an_in_pod_bridge_and_keeps_its_address_and_mac_across_restart() {
+    let mut node = Node::new(Agent::Answers);
+    let mut conf = node.conf("1.1.0");
+    conf["attachment"] = json!("tap");
+    conf["tap"] = json!({"queues": 2, "owner": 107, "group": 107});
+    let ifname = "pod16477688c0e";
+    let args = "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=vm-launcher-vm-a";
+    let add_in = |cid: &str, ns: &str| {
+        let mut e = env(cid, ns, ifname);
+        e.retain(|(k, _)| *k != "CNI_ARGS");
+        e.push(("CNI_ARGS", args));
+        weft("ADD", &conf, &e)
+    };
+    let (_, ns1) = node.workload();
+    let ns1 = ns1.to_str().unwrap().to_string();
+    let first = add_in("launcher-1", &ns1);
+    assert!(first.ok, "{} {}", first.json, first.stderr);
+    let tap = &first.json["interfaces"][2];
+    assert_eq!(
+        tap["name"], "tap16477688c0e",
+        "KubeVirt's tap name for {ifname}"
+    );
+    assert_eq!(tap["sandbox"], ns1.as_str());
+    let mac = tap["mac"].as_str().unwrap().to_string();
+    assert_eq!(
+        mac,
+        names::format_mac(names::vm_mac("default/vm-a", ifname)),
+        "the MAC comes from the VM's identity"
+    );
+    assert!(first.json["routes"].as_array().unwrap().is_empty());
+
+    // In the pod: the veth end and the tap on one bridge, no addresses (the guest has them).
+    let pod = Netns::open(&ns1).unwrap();
+    let mut inner = Netlink::in_netns(&pod).unwrap();
+    let br = inner
+        .link_by_name("wb-pod16477688c")
+        .unwrap()
+        .expect("in-pod bridge");
+    let t = inner.link_by_name("tap16477688c0e").unwrap().expect("tap");
+    let port = inner.link_by_name(ifname).unwrap().expect("veth end");
+    assert_eq!(t.master, Some(br.index));
+    assert_eq!(port.master, Some(br.index));
+    assert!(t.up && port.up);
+    assert_eq!(t.mac.map(names::format_mac).as_deref(), Some(mac.as_str()));
+    assert_ne!(port.mac, t.mac, "one MAC per bridge port");
+    let info = weft_dataplane::tap::tap_info(&mut inner, t.index)
+        .unwrap()
+        .expect("tun info");
+    assert!(info.multi_queue, "{info:?}");
+    assert_eq!(info.owner, Some(107));
+    assert!(
+        inner
+            .addresses(None)
+            .unwrap()
+            .iter()
+            .all(|a| a.addr.addr().is_ipv6() || a.addr.addr().is_loopback()),
+        "no IPv4 address in the pod"
+    );
+    let mut check_env = env("launcher-1", &ns1, ifname);
+    check_env.retain(|(k, _)| *k != "CNI_ARGS");
+    check_env.push(("CNI_ARGS", args));
+    let mut check_conf = conf.clone();
+    check_conf["prevResult"] = first.json.clone();
+    let check = weft("CHECK", &check_conf, &check_env);
+    assert!(check.ok, "{} {}", check.json, check.stderr);
+
+    // The VM stops: DEL removes the tap; it starts again in another launcher pod.
+    let del = weft("DEL", &conf, &check_env);
+    assert!(del.ok, "{} {}", del.json, del.stderr);
+    assert!(inner.link_by_name("tap16477688c0e").unwrap().is_none());
+    let (_, ns2) = node.workload();
+    let second = add_in("launcher-2", ns2.to_str().unwrap());
+    assert!(second.ok, "{} {}", second.json, second.stderr);
+    assert_eq!(second.json["ips"], first.json["ips"], "same addresses");
+    assert_eq!(
+        second.json["interfaces"][2]["mac"],
+        mac.as_str(),
+        "same MAC"
+    );
+}

@@ -57,6 +57,32 @@ pub fn host_veth_alias(network: &str, container_id: &str, ifname: &str) -> Strin
         .collect()
 }
 
+/// The tap a VM's NIC opens for the attachment `ifname`, named as KubeVirt's tap domain
+/// attachment looks for it: `pod<hash>` → `tap<hash>`, `eth0` → `tap0`; otherwise `tap-` and
+/// the interface name, cut to 15 bytes.
+pub fn vm_tap_name(ifname: &str) -> String {
+    if let Some(hash) = ifname.strip_prefix("pod")
+        && !hash.is_empty()
+    {
+        return format!("tap{hash}");
+    }
+    if let Some(n) = ifname.strip_prefix("eth") {
+        return format!("tap{n}");
+    }
+    format!("tap-{ifname}").chars().take(IFNAME_MAX).collect()
+}
+
+/// The bridge inside a VM's pod that joins weft's veth end to the VM's tap.
+pub fn vm_bridge_name(ifname: &str) -> String {
+    format!("wb-{ifname}").chars().take(IFNAME_MAX).collect()
+}
+
+/// The MAC of a VM's interface: derived from its stable identity, so it survives restart and
+/// migration.
+pub fn vm_mac(owner: &str, ifname: &str) -> [u8; 6] {
+    hashed_mac(&["vm", owner, ifname])
+}
+
 /// The alias weft puts on a network's bridge.
 pub fn bridge_alias(network: &str) -> String {
     format!("{ALIAS_PREFIX}net:{network}")

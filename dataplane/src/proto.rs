@@ -59,7 +59,18 @@ pub enum Request {
         /// `CNI_IFNAME`.
         ifname: String,
     },
+    /// Which VM does this pod run (KubeVirt's `vm.kubevirt.io/name` label)? The answer's `vm`
+    /// is the VM's stable identity, `namespace/name`, or absent for a plain pod.
+    Identity {
+        /// The pod's namespace.
+        namespace: String,
+        /// The pod's name.
+        name: String,
+    },
 }
+
+/// The label KubeVirt puts on a VM's virt-launcher pod: the VM's name.
+pub const VM_NAME_LABEL: &str = "vm.kubevirt.io/name";
 
 /// The agent's reply.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +84,9 @@ pub struct Reply {
     /// What went wrong, when `ok` is false.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// For [`Request::Identity`]: the VM the pod runs, `namespace/name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
 }
 
 impl Reply {
@@ -82,6 +96,7 @@ impl Reply {
             ok: true,
             ready,
             error: None,
+            vm: None,
         }
     }
     /// A failure reply.
@@ -90,6 +105,7 @@ impl Reply {
             ok: false,
             ready,
             error: Some(msg.into()),
+            vm: None,
         }
     }
 }

@@ -103,7 +103,15 @@ impl Node {
                             std::thread::sleep(Duration::from_secs(30));
                             continue;
                         }
-                        let _ = (&s).write_all(b"{\"ok\":true,\"ready\":true}\n");
+                        // A pod named vm-launcher-<x> runs VM default/<x> (its label).
+                        let reply = match line.split("\"name\":\"vm-launcher-").nth(1) {
+                            Some(rest) if line.contains("\"op\":\"identity\"") => {
+                                let vm = rest.split('"').next().unwrap_or_default();
+                                format!("{{\"ok\":true,\"ready\":true,\"vm\":\"default/{vm}\"}}\n")
+                            }
+                            _ => "{\"ok\":true,\"ready\":true}\n".to_string(),
+                        };
+                        let _ = (&s).write_all(reply.as_bytes());
                     }
                 }))
             }

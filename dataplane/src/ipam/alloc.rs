@@ -168,10 +168,12 @@ pub(super) fn choose(
     }
     let mut ips = Vec::new();
     for space in &spaces {
+        // A stopped VM's reserved addresses are as taken as running workloads' ones.
         let used: BTreeSet<u128> = state
             .allocations
             .iter()
             .flat_map(|a| a.ips.iter())
+            .chain(state.reservations.iter().flat_map(|r| r.ips.iter()))
             .filter(|ip| IpFamily::of(ip) == space.family)
             .map(|ip| num(*ip))
             .collect();
@@ -192,6 +194,13 @@ pub(super) fn choose(
                     ip: *ip,
                     container_id: holder.container_id.clone(),
                     ifname: holder.ifname.clone(),
+                });
+            }
+            if let Some(r) = state.reservations.iter().find(|r| r.ips.contains(ip)) {
+                return Err(IpamError::StaticInUse {
+                    ip: *ip,
+                    container_id: format!("VM {}", r.owner),
+                    ifname: r.ifname.clone(),
                 });
             }
             ips.push(*ip);

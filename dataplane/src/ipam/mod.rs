@@ -87,6 +87,25 @@ pub struct Allocation {
     /// When it was allocated (unix seconds).
     #[serde(default)]
     pub created: u64,
+    /// The VM it belongs to (a stable identity, see [`AllocRequest::owner`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+}
+
+/// Addresses and MAC kept for one interface of a VM across its attachments (restart, live
+/// migration): they go back to the next attachment of the same owner and interface, and to
+/// nobody else.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Reservation {
+    /// The VM identity (`namespace/name`).
+    pub owner: String,
+    /// The interface inside the workload.
+    pub ifname: String,
+    /// The addresses.
+    pub ips: Vec<IpAddr>,
+    /// The MAC.
+    #[serde(default)]
+    pub mac: Option<String>,
 }
 
 impl Allocation {
@@ -120,6 +139,11 @@ pub struct AllocRequest {
     pub pod_name: Option<String>,
     /// Recorded as is.
     pub netns: Option<String>,
+    /// A VM's stable identity (`namespace/name`, e.g. from KubeVirt's `vm.kubevirt.io/name`):
+    /// the first allocation of an owner's interface is reserved for it and every later one
+    /// (after a restart, or the migration target while the source still runs) gets the same
+    /// addresses and MAC.
+    pub owner: Option<String>,
 }
 
 /// An IP family.
@@ -303,6 +327,9 @@ struct StoreFile {
     /// The allocations.
     #[serde(default)]
     allocations: Vec<Allocation>,
+    /// VM reservations.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    reservations: Vec<Reservation>,
 }
 
 /// The IPAM store of one network on this node. Cheap to open; every operation opens its own
@@ -358,12 +385,50 @@ impl IpamStore {
                 debug!(network = %self.network, container_id = %req.attachment.container_id, ifname = %req.attachment.ifname, "attachment already has addresses");
                 return Ok((existing.clone(), false));
             }
-            let ips = alloc::choose(&self.network, pool, &req.static_ips, state)?;
+            let reserved = req.owner.as_ref().and_then(|o| {
+                state
+                    .reservations
+                    .iter()
+                    .find(|r| &r.owner == o && r.ifname == req.attachment.ifname)
+                    .cloned()
+            });
+            let (ips, mac) = match reserved {
+                Some(r) => {
+                    // The owner's addresses; only another attachment of the same owner (a
+                    // migration's source) may hold them meanwhile.
+                    for ip in &r.ips {
+                        if let Some(holder) = state
+                            .allocations
+                            .iter()
+                            .find(|a| a.ips.contains(ip) && a.owner != req.owner)
+                        {
+                            return Err(IpamError::StaticInUse {
+                                ip: *ip,
+                                container_id: holder.container_id.clone(),
+                                ifname: holder.ifname.clone(),
+                            });
+                        }
+                    }
+                    (r.ips, r.mac.or(req.mac))
+                }
+                None => {
+                    let ips = alloc::choose(&self.network, pool, &req.static_ips, state)?;
+                    if let Some(owner) = &req.owner {
+                        state.reservations.push(Reservation {
+                            owner: owner.clone(),
+                            ifname: req.attachment.ifname.clone(),
+                            ips: ips.clone(),
+                            mac: req.mac.clone(),
+                        });
+                    }
+                    (ips, req.mac)
+                }
+            };
             let allocation = Allocation {
                 ips,
                 container_id: req.attachment.container_id,
                 ifname: req.attachment.ifname,
-                mac: req.mac,
+                mac,
                 host_ifname: req.host_ifname,
                 pod_namespace: req.pod_namespace,
                 pod_name: req.pod_name,
@@ -371,6 +436,7 @@ impl IpamStore {
                 created: SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs()),
+                owner: req.owner,
             };
             info!(network = %self.network, container_id = %allocation.container_id, ifname = %allocation.ifname, ips = ?allocation.ips, "allocated");
             state.allocations.push(allocation.clone());
@@ -388,6 +454,22 @@ impl IpamStore {
             let gone = state.allocations.remove(i);
             info!(network = %self.network, container_id = %gone.container_id, ifname = %gone.ifname, ips = ?gone.ips, "released");
             Ok((Some(gone), true))
+        })
+    }
+
+    /// The VM reservations.
+    pub fn reservations(&self) -> Result<Vec<Reservation>, IpamError> {
+        Ok(self.read()?.reservations)
+    }
+
+    /// Drops the reservations of a VM that no longer exists (its addresses become free once
+    /// no attachment holds them); returns how many there were.
+    pub fn forget(&self, owner: &str) -> Result<usize, IpamError> {
+        self.modify(|state| {
+            let before = state.reservations.len();
+            state.reservations.retain(|r| r.owner != owner);
+            let n = before - state.reservations.len();
+            Ok((n, n > 0))
         })
     }
 

@@ -390,6 +390,7 @@ fn allocation_records_the_request_metadata() {
                 pod_namespace: Some("default".into()),
                 pod_name: Some("web".into()),
                 netns: Some("/var/run/netns/x".into()),
+                owner: None,
             },
         )
         .unwrap();
@@ -520,4 +521,50 @@ fn io_errors_map_to_code_5() {
         source: std::io::Error::other("boom"),
     };
     assert_eq!(e.cni_code(), 5);
+}
+
+fn vm(id: &str, owner: &str) -> AllocRequest {
+    AllocRequest {
+        owner: Some(owner.into()),
+        mac: Some("02:00:00:00:00:0a".into()),
+        ..req(id)
+    }
+}
+
+#[test]
+fn a_vm_keeps_its_addresses_and_mac_across_restart_and_nobody_else_gets_them() {
+    let (_d, s) = store();
+    let pool = v4_pool();
+    let first = s.allocate(&pool, vm("launcher-1", "default/vm-a")).unwrap();
+    s.release(&att("launcher-1")).unwrap();
+    // Another workload does not get the stopped VM's address.
+    for i in 0..4 {
+        let other = s.allocate(&pool, req(&format!("pod-{i}"))).unwrap();
+        assert_ne!(other.ips, first.ips);
+    }
+    let err = s
+        .allocate(
+            &pool,
+            with_static("pod-static", &[&first.ips[0].to_string()]),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("VM default/vm-a"), "{err}");
+    // The restarted VM (another launcher pod and container) gets them back, with its MAC.
+    let again = s
+        .allocate(
+            &pool,
+            AllocRequest {
+                mac: Some("02:ff:ff:ff:ff:ff".into()),
+                ..vm("launcher-2", "default/vm-a")
+            },
+        )
+        .unwrap();
+    assert_eq!(again.ips, first.ips);
+    assert_eq!(again.mac.as_deref(), Some("02:00:00:00:00:0a"));
+    // A migration target runs while the source still holds the addresses: same owner, fine.
+    let target = s.allocate(&pool, vm("launcher-3", "default/vm-a")).unwrap();
+    assert_eq!(target.ips, first.ips);
+    // Forgetting the VM frees its addresses once its attachments are gone.
+    assert_eq!(s.forget("default/vm-a").unwrap(), 1);
+    assert!(s.reservations().unwrap().is_empty());
 }

@@ -156,6 +156,7 @@ mod tests {
                         pod_namespace: Some("default".into()),
                         pod_name: Some(format!("pod-{c}")),
                         netns: None,
+                        owner: None,
                     },
                 )
                 .unwrap();

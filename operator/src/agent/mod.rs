@@ -293,6 +293,19 @@ impl Reconciler {
         let ready = self.ready.load(Ordering::SeqCst);
         match req {
             Request::Ping => Some(Reply::ok(ready)),
+            Request::Identity { namespace, name } => {
+                let vm = self.resources.as_ref().and_then(|r| {
+                    r.workloads
+                        .iter()
+                        .find(|w| &w.namespace == namespace && &w.name == name)
+                        .and_then(|w| w.labels.get(weft_dataplane::proto::VM_NAME_LABEL))
+                        .map(|vm| format!("{namespace}/{vm}"))
+                });
+                Some(Reply {
+                    vm,
+                    ..Reply::ok(ready)
+                })
+            }
             Request::Register { endpoint } => {
                 if !self.networks.contains(&endpoint.network) {
                     return Some(Reply::error(
