@@ -183,17 +183,12 @@ pub fn add(conf: &Conf, env: &Env) -> Result<CniResult, CniError> {
         host_master: Some(bridge.index),
         peer_name: ifname,
         peer_netns: ns.fd(),
-        // A VM's MAC belongs to its tap; the pod's veth end is only a bridge port.
-        peer_mac: Some(if tap.is_some() {
-            names::hashed_mac(&["pod-port", container_id, ifname])
-        } else {
-            mac
-        }),
+        peer_mac: Some(mac),
         mtu: Some(net.mtu),
     })?;
     rollback.host_index = Some(host_index);
     if let Some(t) = &tap {
-        let result = wire_tap(&ns, &mut inner, ifname, t, mac, &net, network, container_id);
+        let result = wire_tap(&ns, &mut inner, ifname, t, mac, net.mtu);
         let tap_name = match result {
             Ok(name) => name,
             Err(e) => {
@@ -350,22 +345,20 @@ pub fn add(conf: &Conf, env: &Env) -> Result<CniResult, CniError> {
     })
 }
 
-/// Inside the VM's pod: a bridge joining weft's veth end `ifname` to a persistent tap the VMM
-/// opens (owner, group, queues, vnet header, MTU and the VM's MAC). The guest's NIC carries the
-/// addresses; the pod holds none. Returns the tap's name.
-#[allow(clippy::too_many_arguments)]
+/// Inside the VM's pod: a persistent tap the VMM opens (owner, group, queues, vnet header, MTU
+/// and the VM's MAC), joined to weft's veth end `ifname` by tc redirects both ways (no bridge:
+/// nothing learns MACs, and the VM's MAC may sit on both links, as KubeVirt copies the pod
+/// interface's MAC into the domain). The guest's NIC carries the addresses; the pod holds none.
+/// Returns the tap's name.
 fn wire_tap(
     ns: &Netns,
     inner: &mut Netlink,
     ifname: &str,
     tap: &TapConf,
     mac: [u8; 6],
-    net: &NetworkState,
-    network: &str,
-    container_id: &str,
+    mtu: u32,
 ) -> Result<String, CniError> {
     let tap_name = names::vm_tap_name(ifname);
-    let bridge_name = names::vm_bridge_name(ifname);
     unwire_tap(inner, ifname);
     let port = inner.link_by_name(ifname)?.ok_or_else(|| {
         CniError::new(
@@ -374,23 +367,13 @@ fn wire_tap(
             "the kernel accepted the veth but its peer is missing",
         )
     })?;
-    let alias = format!("{}vm:{network}:{container_id}", names::ALIAS_PREFIX);
-    let alias: String = alias.chars().take(127).collect();
-    let br = inner.create_bridge(
-        &bridge_name,
-        Some(net.mtu),
-        Some(names::hashed_mac(&["pod-bridge", container_id, ifname])),
-        Some(&alias),
-    )?;
-    inner.set_master(port.index, Some(br))?;
-    inner.set_up(port.index)?;
     let spec = TapSpec {
         name: &tap_name,
         owner: tap.owner,
         group: tap.group,
         queues: tap.queues,
         vnet_hdr: tap.vnet_hdr,
-        mtu: Some(net.mtu),
+        mtu: Some(mtu),
         mac: Some(mac),
     };
     let index = weft_dataplane::netns::run_in(ns, || create_persistent_tap(&spec))
@@ -402,19 +385,19 @@ fn wire_tap(
                 &e,
             )
         })?;
-    inner.set_master(index, Some(br))?;
+    inner.join_links(port.index, index)?;
+    inner.set_up(port.index)?;
     inner.set_up(index)?;
     Ok(tap_name)
 }
 
-/// Removes a VM's tap and in-pod bridge of `ifname` (best effort: absent is fine).
+/// Removes a VM's tap of `ifname` (best effort: absent is fine; its tc filters go with it).
 fn unwire_tap(inner: &mut Netlink, ifname: &str) {
-    for name in [names::vm_tap_name(ifname), names::vm_bridge_name(ifname)] {
-        if let Ok(Some(l)) = inner.link_by_name(&name)
-            && let Err(e) = inner.delete_link(l.index)
-        {
-            debug!(link = %name, error = %error::chain(&e), "cannot remove a VM link");
-        }
+    let name = names::vm_tap_name(ifname);
+    if let Ok(Some(l)) = inner.link_by_name(&name)
+        && let Err(e) = inner.delete_link(l.index)
+    {
+        debug!(link = %name, error = %error::chain(&e), "cannot remove a VM tap");
     }
 }
 
@@ -479,7 +462,7 @@ pub fn del(conf: &Conf, env: &Env) -> Result<(), CniError> {
     if let Err(e) = proto::call(&conf.agent_socket, &unregister, conf.agent_timeout) {
         debug!(error = %error::chain(&e), "agent not reachable for unregister; it resyncs from the IPAM store");
     }
-    // 2. A VM's tap and in-pod bridge, when the pod's namespace still exists.
+    // 2. A VM's tap, when the pod's namespace still exists.
     if matches!(conf.attachment, AttachmentKind::Tap(_))
         && let Some(path) = env.netns.as_deref()
         && let Ok(ns) = Netns::open(Path::new(path))
@@ -586,16 +569,12 @@ pub fn check(conf: &Conf, env: &Env) -> Result<(), CniError> {
     if matches!(conf.attachment, AttachmentKind::Tap(_)) {
         // A VM's addresses live in the guest: check the wiring up to its tap.
         let tap = names::vm_tap_name(ifname);
-        let bridge = names::vm_bridge_name(ifname);
-        let br = inner
-            .link_by_name(&bridge)?
-            .ok_or_else(|| mismatch(format!("bridge {bridge} is missing in the pod")))?;
         for name in [ifname, tap.as_str()] {
             let l = inner
                 .link_by_name(name)?
                 .ok_or_else(|| mismatch(format!("interface {name} is missing in the pod")))?;
-            if l.master != Some(br.index) {
-                return Err(mismatch(format!("interface {name} is not on {bridge}")));
+            if !l.up {
+                return Err(mismatch(format!("interface {name} is down")));
             }
         }
         return Ok(());

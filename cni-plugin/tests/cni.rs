@@ -343,7 +343,7 @@ fn bad_input_gets_coded_errors_naming_the_field() {
 }
 
 #[test]
-fn a_vm_gets_a_tap_behind_an_in_pod_bridge_and_keeps_its_address_and_mac_across_restart() {
+fn a_vm_gets_a_tap_joined_by_tc_and_keeps_its_address_and_mac_across_restart() {
     let mut node = Node::new(Agent::Answers);
     let mut conf = node.conf("1.1.0");
     conf["attachment"] = json!("tap");
@@ -374,20 +374,28 @@ fn a_vm_gets_a_tap_behind_an_in_pod_bridge_and_keeps_its_address_and_mac_across_
     );
     assert!(first.json["routes"].as_array().unwrap().is_empty());
 
-    // In the pod: the veth end and the tap on one bridge, no addresses (the guest has them).
+    // In the pod: the veth end and the tap, joined by tc (no bridge), no addresses (the guest
+    // has them); both wear the VM's MAC, as KubeVirt copies the pod interface's MAC.
     let pod = Netns::open(&ns1).unwrap();
     let mut inner = Netlink::in_netns(&pod).unwrap();
-    let br = inner
-        .link_by_name("wb-pod16477688c")
-        .unwrap()
-        .expect("in-pod bridge");
     let t = inner.link_by_name("tap16477688c0e").unwrap().expect("tap");
     let port = inner.link_by_name(ifname).unwrap().expect("veth end");
-    assert_eq!(t.master, Some(br.index));
-    assert_eq!(port.master, Some(br.index));
+    assert_eq!((t.master, port.master), (None, None));
     assert!(t.up && port.up);
     assert_eq!(t.mac.map(names::format_mac).as_deref(), Some(mac.as_str()));
-    assert_ne!(port.mac, t.mac, "one MAC per bridge port");
+    assert_eq!(port.mac, t.mac);
+    let ns_name = ns1.rsplit('/').next().unwrap();
+    let tc = Command::new("ip")
+        .args([
+            "netns", "exec", ns_name, "tc", "filter", "show", "dev", ifname, "ingress",
+        ])
+        .output()
+        .unwrap();
+    let tc = String::from_utf8_lossy(&tc.stdout);
+    assert!(
+        tc.contains("Egress Redirect to device tap16477688c0e"),
+        "{tc}"
+    );
     let info = weft_dataplane::tap::tap_info(&mut inner, t.index)
         .unwrap()
         .expect("tun info");

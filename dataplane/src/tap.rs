@@ -207,6 +207,42 @@ pub fn create_persistent_tap(spec: &TapSpec<'_>) -> Result<u32, TapError> {
     Ok(index)
 }
 
+/// Opens one queue of an existing TAP of the calling thread's namespace, as a VMM does: frames
+/// the bridge sends to the TAP are read from the file, frames written to it enter the bridge.
+/// `vnet_hdr` and `multi_queue` must match how the TAP was created.
+pub fn open_tap(name: &str, vnet_hdr: bool, multi_queue: bool) -> Result<File, TapError> {
+    let mut flags = libc::IFF_TAP | libc::IFF_NO_PI;
+    if vnet_hdr {
+        flags |= libc::IFF_VNET_HDR;
+    }
+    if multi_queue {
+        flags |= libc::IFF_MULTI_QUEUE;
+    }
+    let mut ifr = ifreq_for(name, flags)?;
+    let tun: File = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(TUN_DEVICE)
+        .map_err(|source| TapError::OpenTun {
+            name: name.to_string(),
+            source,
+        })?;
+    // SAFETY: `tun` is an open /dev/net/tun descriptor; TUNSETIFF reads and writes `ifr`, a
+    // valid `struct ifreq` exclusively borrowed for the call.
+    unsafe {
+        ioctls::tun_set_iff(
+            tun.as_raw_fd(),
+            std::ptr::from_mut(&mut ifr) as libc::c_ulong,
+        )
+    }
+    .map_err(|source| TapError::Ioctl {
+        name: name.to_string(),
+        ioctl: "TUNSETIFF",
+        source,
+    })?;
+    Ok(tun)
+}
+
 /// What the kernel reports about a TAP (the tun driver's `IFLA_INFO_DATA`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TapInfo {

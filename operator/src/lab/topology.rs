@@ -219,9 +219,22 @@ impl Lab {
         self.open_ns("n", node)
     }
 
-    /// A workload's namespace.
+    /// A workload's namespace: a pod's own, a VM's guest.
     pub fn workload_ns(&self, w: &str) -> anyhow::Result<Netns> {
-        self.open_ns("w", w)
+        self.open_ns(self.workload_role(w), w)
+    }
+
+    fn workload_role(&self, w: &str) -> &'static str {
+        if self
+            .spec
+            .workloads
+            .iter()
+            .any(|x| x.name == w && x.kind == "VM")
+        {
+            "g"
+        } else {
+            "w"
+        }
     }
 
     /// The namespace name of `outside`, a node or a workload (for `ip -n`).
@@ -231,7 +244,7 @@ impl Lab {
         } else if self.spec.nodes.iter().any(|n| n.name == name) {
             self.ns_name("n", name)
         } else {
-            self.ns_name("w", name)
+            self.ns_name(self.workload_role(name), name)
         }
     }
 
@@ -298,9 +311,17 @@ impl Lab {
             std::fs::create_dir_all(&manifests)?;
             let mut items = self.docs.clone();
             for w in self.spec.workloads.iter().filter(|w| w.node == node.name) {
+                let mut labels = w.labels.clone();
+                if w.kind == "VM" {
+                    // As KubeVirt labels a VM's virt-launcher pod.
+                    labels.insert(
+                        weft_dataplane::proto::VM_NAME_LABEL.to_string(),
+                        w.name.clone(),
+                    );
+                }
                 items.push(json!({
                     "apiVersion": "v1", "kind": "Pod",
-                    "metadata": {"name": w.name, "namespace": w.namespace, "labels": w.labels},
+                    "metadata": {"name": w.name, "namespace": w.namespace, "labels": labels},
                 }));
             }
             let list = json!({"apiVersion": "v1", "kind": "List", "items": items});
@@ -467,6 +488,10 @@ impl Lab {
         if ifname != "eth0" {
             conf["defaultRoute"] = json!(false);
         }
+        if w.kind == "VM" {
+            conf["attachment"] = json!("tap");
+            conf["tap"] = json!({"queues": 1, "vnetHdr": false});
+        }
         let mut args = format!(
             "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={}",
             w.namespace, w.name
@@ -571,6 +596,9 @@ impl Lab {
         let mut out = BTreeMap::new();
         for w in &self.spec.workloads {
             self.create_ns("w", &w.name)?;
+            if w.kind == "VM" {
+                self.create_ns("g", &w.name)?;
+            }
             let mut ips = Vec::new();
             for (i, network) in w.networks.iter().enumerate() {
                 let ifname = if i == 0 {
@@ -594,6 +622,9 @@ impl Lab {
                         w.name
                     );
                 }
+                if w.kind == "VM" {
+                    self.boot_guest(w, &ifname, &result)?;
+                }
                 let mut on_network = Vec::new();
                 for ip in result["ips"].as_array().into_iter().flatten() {
                     if let Some(a) = ip["address"].as_str()
@@ -614,6 +645,83 @@ impl Lab {
             after_each(w)?;
         }
         Ok(out)
+    }
+
+    /// A VM's NIC `ifname`: a tap in the guest namespace with the VM's MAC and the addresses and
+    /// routes of the CNI result, and a VMM stand-in that relays frames between it and the tap
+    /// weft made in the launcher namespace (the guest's traffic flows through weft's tap).
+    fn boot_guest(
+        &self,
+        w: &Workload,
+        ifname: &str,
+        result: &serde_json::Value,
+    ) -> anyhow::Result<()> {
+        let tap = &result["interfaces"][2];
+        let launcher_tap = tap["name"]
+            .as_str()
+            .ok_or_else(|| anyhow::anyhow!("the CNI result of VM {} names no tap", w.name))?
+            .to_string();
+        let mac = tap["mac"]
+            .as_str()
+            .and_then(names::parse_mac)
+            .ok_or_else(|| anyhow::anyhow!("the CNI result of VM {} has no MAC", w.name))?;
+        let mtu = tap["mtu"].as_u64().and_then(|m| u32::try_from(m).ok());
+        let guest = self.open_ns("g", &w.name)?;
+        let launcher = self.open_ns("w", &w.name)?;
+        let nic = ifname.to_string();
+        netns::run_in(&guest, || {
+            weft_dataplane::tap::create_persistent_tap(&weft_dataplane::tap::TapSpec {
+                name: &nic,
+                owner: None,
+                group: None,
+                queues: 1,
+                vnet_hdr: false,
+                mtu,
+                mac: Some(mac),
+            })
+        })??;
+        let inner = netns::run_in(&guest, || weft_dataplane::tap::open_tap(&nic, false, false))??;
+        let outer = netns::run_in(&launcher, || {
+            weft_dataplane::tap::open_tap(&launcher_tap, false, false)
+        })??;
+        for (mut from, mut to) in [(inner.try_clone()?, outer.try_clone()?), (outer, inner)] {
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut buf = vec![0u8; 65_536];
+                // Ends when a tap goes away with its namespace. A frame the other side cannot
+                // take (its link is down: EIO) is dropped, as a NIC would.
+                while let Ok(n) = from.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    let _ = to.write_all(&buf[..n]);
+                }
+            });
+        }
+        let mut nl = Netlink::in_netns(&guest)?;
+        let link = nl
+            .link_by_name(ifname)?
+            .ok_or_else(|| anyhow::anyhow!("guest NIC {ifname} of VM {} missing", w.name))?;
+        for ip in result["ips"].as_array().into_iter().flatten() {
+            if let Some(a) = ip["address"].as_str() {
+                nl.add_address(link.index, a.parse()?, true)?;
+            }
+        }
+        nl.set_up(link.index)?;
+        if ifname == "eth0" {
+            for ip in result["ips"].as_array().into_iter().flatten() {
+                if let Some(gw) = ip["gateway"].as_str() {
+                    let gw: IpAddr = gw.parse()?;
+                    nl.replace_route(&RouteSpec {
+                        dst: if gw.is_ipv4() { "0.0.0.0/0" } else { "::/0" }.parse()?,
+                        gateway: Some(gw),
+                        oif: Some(link.index),
+                        src: None,
+                    })?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Each workload's addresses per network.
