@@ -782,3 +782,78 @@ async fn a_bad_block_in_the_node_network_is_a_problem_and_the_network_has_none()
         res.problems[0]
     );
 }
+
+#[derive(serde::Deserialize)]
+struct Rule {
+    #[serde(rename = "apiGroups")]
+    api_groups: Vec<String>,
+    resources: Vec<String>,
+    verbs: Vec<String>,
+}
+
+/// `(group, resource)` of a request path: `/api/v1/pods` → `("", "pods")`,
+/// `/apis/weft.dev/v1alpha1/nodenetworks/node-a/status` → `("weft.dev", "nodenetworks/status")`.
+fn group_resource(path: &str) -> (String, String) {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let (group, rest) = match parts.as_slice() {
+        ["api", _version, rest @ ..] => ("", rest),
+        ["apis", group, _version, rest @ ..] => (*group, rest),
+        _ => panic!("unexpected path {path}"),
+    };
+    let resource = match rest {
+        [resource] | [resource, _] => (*resource).to_owned(),
+        [resource, _, sub] => format!("{resource}/{sub}"),
+        _ => panic!("unexpected path {path}"),
+    };
+    (group.to_owned(), resource)
+}
+
+#[tokio::test]
+async fn the_charts_agent_rbac_grants_exactly_what_the_source_uses() {
+    let (api, client, mut writes) = FakeApi::start();
+    seed(&api);
+    let mut source = KubeSource::start(client, "node-a");
+    synced(&mut source).await;
+    source.report(&agent_status(None));
+    let w = next_write(&mut writes, Duration::from_secs(1)).await;
+
+    let mut used: HashSet<(String, String, String)> = HashSet::new();
+    for path in ALL {
+        let (group, resource) = group_resource(path);
+        for verb in ["list", "watch"] {
+            used.insert((group.clone(), resource.clone(), verb.to_owned()));
+        }
+    }
+    let (group, resource) = group_resource(&w.path);
+    used.insert((group, resource, "patch".to_owned()));
+
+    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../charts/weft/files/agent-rules.yaml");
+    let rules: Vec<Rule> =
+        serde_saphyr::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let mut granted: HashSet<(String, String, String)> = HashSet::new();
+    for r in &rules {
+        for g in &r.api_groups {
+            for res in &r.resources {
+                for v in &r.verbs {
+                    granted.insert((g.clone(), res.clone(), v.clone()));
+                }
+            }
+        }
+    }
+    let missing: Vec<_> = used.difference(&granted).collect();
+    assert!(missing.is_empty(), "{} lacks {missing:?}", file.display());
+    // Beyond what the agent sends, only `get` on what it watches (for people debugging with
+    // the agent's credentials).
+    let extra: Vec<_> = granted
+        .difference(&used)
+        .filter(|(g, r, v)| {
+            !(v == "get" && used.contains(&(g.clone(), r.clone(), "list".to_owned())))
+        })
+        .collect();
+    assert!(
+        extra.is_empty(),
+        "{} grants unused {extra:?}",
+        file.display()
+    );
+}
