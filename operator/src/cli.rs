@@ -366,3 +366,36 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agent_needs_kube_or_manifests_and_not_both() {
+        let cli = Cli::try_parse_from(["weft-operator", "agent", "--node-name", "a"]).unwrap();
+        let err = run(cli).unwrap_err().to_string();
+        assert!(
+            err.contains("--kube") && err.contains("--manifests"),
+            "{err}"
+        );
+        let both =
+            Cli::try_parse_from(["weft-operator", "agent", "--kube", "--manifests", "/tmp/m"]);
+        assert!(both.is_err(), "--kube and --manifests together");
+        let cli = Cli::try_parse_from([
+            "weft-operator",
+            "agent",
+            "--kube",
+            "--metrics-addr=0.0.0.0:9465",
+        ])
+        .unwrap();
+        let Command::Agent(args) = cli.command else {
+            panic!("not the agent")
+        };
+        assert!(args.opts.kube);
+        assert_eq!(
+            args.opts.metrics_addr,
+            Some("0.0.0.0:9465".parse().unwrap())
+        );
+    }
+}
