@@ -253,7 +253,14 @@ fn seed(api: &FakeApi) {
         NETWORKS,
         vec![
             network("green", "10.20.0.0/16", Some(json!({"matchLabels": {"pool": "x"}}))),
-            network("blue", "10.10.0.0/16", None),
+            {
+                let mut blue = network("blue", "10.10.0.0/16", None);
+                blue["metadata"]["annotations"] =
+                    json!({"kubectl.kubernetes.io/last-applied-configuration": "{}"});
+                blue["metadata"]["managedFields"] =
+                    json!([{"manager": "kubectl", "operation": "Apply", "apiVersion": "weft.dev/v1alpha1"}]);
+                blue
+            },
         ],
     )
     .list(
@@ -391,6 +398,8 @@ async fn snapshot_holds_the_listed_resources_node_labels_and_node_blocks() {
     let res = synced(&mut source).await;
 
     assert_eq!(names(&res.networks), ["blue", "green"], "sorted by name");
+    assert_eq!(res.networks[0].metadata.annotations, None, "not cached");
+    assert_eq!(res.networks[0].metadata.managed_fields, None, "not cached");
     assert_eq!(names(&res.port_forwards), ["web"]);
     assert_eq!(names(&res.cluster_policies), ["lockdown-db"]);
     assert_eq!(names(&res.policies), ["db-from-app"]);

@@ -4,8 +4,9 @@
 //! PortForward, ClusterSegmentationPolicy and SegmentationPolicy; the labels of every
 //! Namespace; this node's Node (for its labels) and NodeNetwork (for its address blocks); and
 //! the Pods scheduled on this node. Namespaces, the Node and Pods are watched as metadata only:
-//! their labels are all the agent needs. Watch errors are logged and retried with
-//! kube-runtime's default backoff.
+//! their labels are all the agent needs; managed fields and annotations are dropped before
+//! they reach the cache. Watch errors are logged and retried with kube-runtime's default
+//! backoff.
 //!
 //! [`ResourceSource::snapshot`] reads the stores without waiting. Until every reflector has
 //! had its first complete list it returns [`SourceError::NotSynced`], so the agent never takes
@@ -281,7 +282,12 @@ where
     let (reader, writer) = reflector::store();
     let synced = Arc::new(AtomicBool::new(false));
     let flag = synced.clone();
-    let stream = reflector::reflector(writer, watcher(api, config)).default_backoff();
+    // The agent never reads managed fields or annotations: keep them out of the cache.
+    let trimmed = watcher(api, config).modify(|o: &mut K| {
+        o.meta_mut().managed_fields = None;
+        o.meta_mut().annotations = None;
+    });
+    let stream = reflector::reflector(writer, trimmed).default_backoff();
     let task = async move {
         futures::pin_mut!(stream);
         while let Some(item) = stream.next().await {
