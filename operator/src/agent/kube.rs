@@ -79,6 +79,7 @@ pub struct KubeSource {
     status: watch::Sender<Option<NodeNetworkStatus>>,
     /// What the last snapshot failed with (logged on change).
     last_error: Option<String>,
+    /// Whether a snapshot ever succeeded.
     listed: bool,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -403,9 +404,10 @@ pub fn node_network_status(
                 .problems
                 .iter()
                 .filter(|p| {
-                    missing
-                        .iter()
-                        .any(|n| p.starts_with(&format!("Network {n}: ")))
+                    missing.iter().any(|n| {
+                        p.starts_with(&format!("Network {n}: "))
+                            || p.contains(&format!("(network {n})"))
+                    })
                 })
                 .map(String::as_str)
                 .collect();
@@ -616,6 +618,7 @@ mod tests {
         let mut a = agent(&["blue"], None);
         a.problems = vec![
             "Network green: spec.mode: Bridge networks are not realized by this agent version yet; the network is skipped".into(),
+            "NodeNetwork node-a: spec.blocks[2].ipv4 (network red): \"x\" is not a CIDR".into(),
             "Network other: unrelated".into(),
         ];
         let s = node_network_status(
@@ -623,6 +626,7 @@ mod tests {
             &spec(&[
                 ("blue", Some("10.10.0.0/26"), None),
                 ("green", Some("10.20.0.0/26"), None),
+                ("red", Some("x"), None),
             ]),
             Some(1),
             &[],
@@ -634,10 +638,11 @@ mod tests {
             ("False", "Pending")
         );
         assert!(
-            ready.message.starts_with("not realized yet: green ("),
+            ready.message.starts_with("not realized yet: green, red ("),
             "{}",
             ready.message
         );
+        assert!(ready.message.contains("is not a CIDR"), "{}", ready.message);
         assert!(
             ready.message.contains("Bridge networks"),
             "{}",
