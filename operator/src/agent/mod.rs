@@ -245,13 +245,6 @@ impl Reconciler {
         }
         self.status.problems = problems;
         self.networks = out.plan.networks.iter().map(|n| n.name.clone()).collect();
-        let mut realized = self.networks.clone();
-        if result.is_err() {
-            realized.extend(self.status.networks.iter().cloned());
-            realized.sort();
-            realized.dedup();
-        }
-        self.status.networks = realized;
         let outcome = match result {
             Ok(report) => {
                 if !report.is_noop() {
@@ -300,6 +293,15 @@ impl Reconciler {
                 Err(msg)
             }
         };
+        // Realized: the networks registrations are accepted for; after a failed apply, also
+        // those realized before (they may still exist).
+        let mut realized = self.networks.clone();
+        if outcome.is_err() {
+            realized.extend(self.status.networks.iter().cloned());
+            realized.sort();
+            realized.dedup();
+        }
+        self.status.networks = realized;
         self.source.report(&self.status);
         if let Err(e) =
             state::write_json_unsynced(&self.cfg.state_dir.join("status.json"), &self.status)
