@@ -96,10 +96,12 @@ pub struct AgentOpts {
     /// This node's name.
     #[arg(long, env = "WEFT_NODE_NAME", default_value_t = default_hostname())]
     pub node_name: String,
-    /// This node's labels (`k=v,k2=v2`), matched against Network nodeSelectors.
+    /// This node's labels (`k=v,k2=v2`), matched against Network nodeSelectors (with
+    /// `--kube`, the labels of the Node object are used instead).
     #[arg(long, env = "WEFT_NODE_LABELS", default_value = "")]
     pub node_labels: String,
-    /// All nodes of the cluster (comma-separated), for the standalone address-block assignment.
+    /// All nodes of the cluster (comma-separated), for the standalone address-block assignment
+    /// (with `--kube`, the controller assigns the blocks).
     #[arg(long, env = "WEFT_NODES", value_delimiter = ',')]
     pub nodes: Vec<String>,
     /// Directory of YAML manifests (what `kubectl apply` takes), re-read on change.
@@ -287,17 +289,32 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let opts = args.opts;
                 enter_netns(&opts.netns)?;
                 let cfg = opts.config()?;
-                let manifests = opts.manifests.clone().ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "--manifests DIR is required: the Kubernetes API source arrives with cluster mode"
-                    )
-                })?;
-                let source = Box::new(agent::source::ManifestSource::new(manifests));
+                let manifests = match (&opts.manifests, opts.kube) {
+                    (Some(dir), false) => Some(dir.clone()),
+                    (None, true) => None,
+                    _ => anyhow::bail!(
+                        "the agent needs one source of resources: --kube (the Kubernetes API) or --manifests DIR (YAML files)"
+                    ),
+                };
                 let rt = tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(2)
                     .enable_all()
                     .build()?;
-                rt.block_on(agent::run(cfg, source))?;
+                rt.block_on(async {
+                    let source: Box<dyn agent::source::ResourceSource> = match manifests {
+                        Some(dir) => Box::new(agent::source::ManifestSource::new(dir)),
+                        None => {
+                            let client = kube::Client::try_default().await.map_err(|e| {
+                                anyhow::anyhow!(
+                                    "--kube: cannot configure the Kubernetes client (in-cluster or KUBECONFIG): {}",
+                                    crate::error_chain(&e)
+                                )
+                            })?;
+                            Box::new(agent::kube::KubeSource::start(client, &cfg.node.name))
+                        }
+                    };
+                    agent::run(cfg, source, opts.metrics_addr).await
+                })?;
                 Ok(ExitCode::SUCCESS)
             }
         },
@@ -347,5 +364,38 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 })
             }
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agent_needs_kube_or_manifests_and_not_both() {
+        let cli = Cli::try_parse_from(["weft-operator", "agent", "--node-name", "a"]).unwrap();
+        let err = run(cli).unwrap_err().to_string();
+        assert!(
+            err.contains("--kube") && err.contains("--manifests"),
+            "{err}"
+        );
+        let both =
+            Cli::try_parse_from(["weft-operator", "agent", "--kube", "--manifests", "/tmp/m"]);
+        assert!(both.is_err(), "--kube and --manifests together");
+        let cli = Cli::try_parse_from([
+            "weft-operator",
+            "agent",
+            "--kube",
+            "--metrics-addr=0.0.0.0:9465",
+        ])
+        .unwrap();
+        let Command::Agent(args) = cli.command else {
+            panic!("not the agent")
+        };
+        assert!(args.opts.kube);
+        assert_eq!(
+            args.opts.metrics_addr,
+            Some("0.0.0.0:9465".parse().unwrap())
+        );
     }
 }

@@ -7,6 +7,8 @@ pub mod endpoints;
 pub mod firewall;
 pub mod guard;
 pub mod install;
+pub mod kube;
+pub mod metrics;
 pub mod plan;
 pub mod source;
 
@@ -16,10 +18,11 @@ use plan::{NodeBlocks, NodeContext, PlanOutput};
 use serde::Serialize;
 use source::ResourceSource;
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 use weft_dataplane::netlink::Netlink;
@@ -63,6 +66,8 @@ pub struct AgentStatus {
     pub generation: u64,
     /// Bridges in the plan.
     pub bridges: Vec<String>,
+    /// Networks realized: those of the plan; after a failed apply, also those realized before.
+    pub networks: Vec<String>,
     /// Endpoints known.
     pub endpoints: usize,
     /// Port forwards realized: `namespace/name` → target addresses.
@@ -116,7 +121,15 @@ pub fn compute(
             }
         }
     }
-    let mut out = plan::plan(&cfg.node, res, &blocks, &endpoints.list());
+    // Cluster mode: the Node object's labels; standalone: the configured ones.
+    let node = match &res.node_labels {
+        Some(labels) => NodeContext {
+            name: cfg.node.name.clone(),
+            labels: labels.clone(),
+        },
+        None => cfg.node.clone(),
+    };
+    let mut out = plan::plan(&node, res, &blocks, &endpoints.list());
     for p in block_problems {
         if !out.problems.contains(&p) {
             out.problems.push(p);
@@ -165,10 +178,20 @@ struct Reconciler {
     policy: audit::SharedPolicy,
     /// Audit counters.
     audit: audit::Counters,
+    /// Metrics.
+    metrics: metrics::AgentMetrics,
 }
 
 impl Reconciler {
     async fn reconcile(&mut self, reason: &str) -> Result<(), String> {
+        let started = Instant::now();
+        let result = self.reconcile_once(reason).await;
+        self.metrics
+            .reconciled(reason, started.elapsed(), result.is_ok(), &self.status);
+        result
+    }
+
+    async fn reconcile_once(&mut self, reason: &str) -> Result<(), String> {
         // A registration changes endpoints, not resources: reuse the last snapshot.
         let res = match (&self.resources, reason) {
             (Some(r), "endpoints") => r.clone(),
@@ -280,6 +303,15 @@ impl Reconciler {
                 Err(msg)
             }
         };
+        // Realized: the networks registrations are accepted for; after a failed apply, also
+        // those realized before (they may still exist).
+        let mut realized = self.networks.clone();
+        if outcome.is_err() {
+            realized.extend(self.status.networks.iter().cloned());
+            realized.sort();
+            realized.dedup();
+        }
+        self.status.networks = realized;
         self.source.report(&self.status);
         if let Err(e) =
             state::write_json_unsynced(&self.cfg.state_dir.join("status.json"), &self.status)
@@ -362,10 +394,32 @@ impl Retry {
     }
 }
 
-/// Runs the agent until SIGINT/SIGTERM.
-pub async fn run(cfg: AgentConfig, source: Box<dyn ResourceSource>) -> anyhow::Result<()> {
+/// Runs the agent until SIGINT/SIGTERM; with `metrics_addr`, serves `/metrics`, `/healthz`
+/// and `/readyz` there.
+pub async fn run(
+    cfg: AgentConfig,
+    source: Box<dyn ResourceSource>,
+    metrics_addr: Option<SocketAddr>,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.state_dir)?;
     let ready = Arc::new(AtomicBool::new(false));
+    let audit_counters = audit::Counters::default();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let agent_metrics = metrics::AgentMetrics::register(&mut registry, audit_counters.clone());
+    let metrics_server = match metrics_addr {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on --metrics-addr {addr}: {e}"))?;
+            let routes = crate::controller::metrics::router(Arc::new(registry), ready.clone());
+            Some(tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, routes).await {
+                    warn!(error = %e, "the metrics server stopped");
+                }
+            }))
+        }
+        None => None,
+    };
     let (tx, mut rx) = mpsc::channel::<Message>(1024);
     let listener = cni_server::bind(&cfg.socket)?;
     let server = tokio::spawn(cni_server::serve(listener, tx, ready.clone()));
@@ -380,7 +434,8 @@ pub async fn run(cfg: AgentConfig, source: Box<dyn ResourceSource>) -> anyhow::R
         last_applied: None,
         resources: None,
         policy: Arc::default(),
-        audit: audit::Counters::default(),
+        audit: audit_counters,
+        metrics: agent_metrics,
     };
     start_audit(&cfg, rec.policy.clone(), rec.audit.clone());
     info!(node = %cfg.node.name, socket = %cfg.socket.display(), endpoints = rec.endpoints.len(), "weft agent starting");
@@ -447,6 +502,9 @@ pub async fn run(cfg: AgentConfig, source: Box<dyn ResourceSource>) -> anyhow::R
         }
     }
     server.abort();
+    if let Some(m) = metrics_server {
+        m.abort();
+    }
     let _ = std::fs::remove_file(&cfg.socket);
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! Where the agent's resources come from. The standalone source reads the YAML files that
 //! `kubectl apply` takes from a directory and re-reads them when they change; the Kubernetes API
-//! source plugs in behind the same trait.
+//! source ([`super::kube::KubeSource`]) plugs in behind the same trait.
 
 use super::plan::NodeBlocks;
 use serde::Deserialize;
@@ -40,6 +40,9 @@ pub struct Resources {
     /// This node's address blocks per network, when the source knows them (cluster mode: the
     /// controller's `NodeNetwork`). `None`: the agent assigns blocks itself (standalone).
     pub node_blocks: Option<BTreeMap<String, NodeBlocks>>,
+    /// This node's labels, when the source knows them (cluster mode: the Node object). `None`:
+    /// the agent uses the labels it was configured with (`--node-labels`).
+    pub node_labels: Option<BTreeMap<String, String>>,
 }
 
 /// Errors of a source.
@@ -53,6 +56,21 @@ pub enum SourceError {
         /// The cause.
         #[source]
         source: std::io::Error,
+    },
+    /// The Kubernetes API source has not had the first complete list of every kind yet; the
+    /// agent waits rather than take an unlisted cluster for an empty one.
+    #[error("waiting for the first list of {what} from the Kubernetes API")]
+    NotSynced {
+        /// The kinds not listed yet, e.g. `pods, nodenetworks`.
+        what: String,
+    },
+    /// This node's Node object is not in the Kubernetes API.
+    #[error(
+        "node {node} is not in the Kubernetes API; the agent's node name (--node-name, WEFT_NODE_NAME) must be the name of its Node"
+    )]
+    NodeNotFound {
+        /// The node name the agent was given.
+        node: String,
     },
 }
 

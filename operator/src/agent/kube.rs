@@ -1,0 +1,686 @@
+//! The agent's resources from the Kubernetes API (`weft-operator agent --kube`).
+//!
+//! [`KubeSource`] runs one reflector per kind on the agent's runtime: every Network,
+//! PortForward, ClusterSegmentationPolicy and SegmentationPolicy; the labels of every
+//! Namespace; this node's Node (for its labels) and NodeNetwork (for its address blocks); and
+//! the Pods scheduled on this node. Namespaces, the Node and Pods are watched as metadata only:
+//! their labels are all the agent needs; managed fields and annotations are dropped before
+//! they reach the cache. Watch errors are logged and retried with kube-runtime's default
+//! backoff.
+//!
+//! [`ResourceSource::snapshot`] reads the stores without waiting. Until every reflector has
+//! had its first complete list it returns [`SourceError::NotSynced`], so the agent never takes
+//! a cluster it has not listed yet for an empty one (and removes nothing at startup).
+//!
+//! [`ResourceSource::report`] turns the agent's status into the NodeNetwork status
+//! ([`node_network_status`]) and hands it to a task that writes it with server-side apply,
+//! field manager [`FIELD_MANAGER`]. Only the newest status is written, an unchanged one is not
+//! written again, and a failed write is retried with backoff.
+
+use super::AgentStatus;
+use super::plan::NodeBlocks;
+use super::source::{ResourceSource, Resources, SourceError, WorkloadMeta};
+use crate::controller::status::{READY, condition};
+use ::kube::api::{Patch, PatchParams};
+use ::kube::core::PartialObjectMeta;
+use ::kube::runtime::reflector::{self, Store};
+use ::kube::runtime::{WatchStreamExt, watcher};
+use ::kube::{Api, Client, Resource, ResourceExt};
+use futures::StreamExt;
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use serde::de::DeserializeOwned;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+use weft_crds::{
+    ClusterSegmentationPolicy, Network, NodeNetwork, NodeNetworkSpec, NodeNetworkStatus,
+    PortForward, SegmentationPolicy,
+};
+
+/// The field manager of the agent's server-side apply of its NodeNetwork status.
+pub const FIELD_MANAGER: &str = "weft-agent";
+/// Condition type: the last apply on the node failed.
+pub const DEGRADED: &str = "Degraded";
+/// Longest delay between retries of a failed status write.
+pub const MAX_STATUS_BACKOFF: Duration = Duration::from_secs(60);
+/// Longest condition message written (the API allows 32768 bytes).
+const MAX_MESSAGE: usize = 4096;
+
+/// The reflector stores the agent reads.
+#[derive(Clone)]
+struct Stores {
+    networks: Store<Network>,
+    port_forwards: Store<PortForward>,
+    cluster_policies: Store<ClusterSegmentationPolicy>,
+    policies: Store<SegmentationPolicy>,
+    namespaces: Store<PartialObjectMeta<Namespace>>,
+    nodes: Store<PartialObjectMeta<Node>>,
+    node_networks: Store<NodeNetwork>,
+    pods: Store<PartialObjectMeta<Pod>>,
+}
+
+/// Resources from the Kubernetes API, for one node.
+pub struct KubeSource {
+    node: String,
+    stores: Stores,
+    /// Per reflector: what it watches, and whether its first list is complete.
+    synced: Vec<(&'static str, Arc<AtomicBool>)>,
+    /// Bumped by every watch event of every reflector.
+    changes: Arc<AtomicU64>,
+    /// The NodeNetwork the last snapshot used (its spec, generation and status).
+    used: Option<Arc<NodeNetwork>>,
+    /// The newest status to write; the writer task writes what it holds.
+    status: watch::Sender<Option<NodeNetworkStatus>>,
+    /// What the last snapshot failed with (logged on change).
+    last_error: Option<String>,
+    /// Whether a snapshot ever succeeded.
+    listed: bool,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl KubeSource {
+    /// Starts the reflectors and the status writer for node `node` on the current tokio
+    /// runtime (call it from within the agent's runtime).
+    pub fn start(client: Client, node: &str) -> Self {
+        let changes = Arc::new(AtomicU64::new(0));
+        let mut synced = Vec::new();
+        let mut tasks = Vec::new();
+        let all = watcher::Config::default().any_semantic();
+        let this_node = all.clone().fields(&format!("metadata.name={node}"));
+        let on_node = all.clone().fields(&format!("spec.nodeName={node}"));
+        let mut spawn = |what: &'static str, task: BoxedTask, flag: Arc<AtomicBool>| {
+            synced.push((what, flag));
+            tasks.push(tokio::spawn(task));
+        };
+        macro_rules! reflect {
+            ($what:literal, $api:expr, $config:expr) => {{
+                let (store, flag, task) = reflect($what, $api, $config.clone(), changes.clone());
+                spawn($what, task, flag);
+                store
+            }};
+        }
+        let stores = Stores {
+            networks: reflect!("networks", Api::all(client.clone()), all),
+            port_forwards: reflect!("portforwards", Api::all(client.clone()), all),
+            cluster_policies: reflect!(
+                "clustersegmentationpolicies",
+                Api::all(client.clone()),
+                all
+            ),
+            policies: reflect!("segmentationpolicies", Api::all(client.clone()), all),
+            namespaces: reflect!("namespaces", Api::all(client.clone()), all),
+            nodes: reflect!("nodes", Api::all(client.clone()), this_node),
+            node_networks: reflect!("nodenetworks", Api::all(client.clone()), this_node),
+            pods: reflect!("pods", Api::all(client.clone()), on_node),
+        };
+        let (status, rx) = watch::channel(None);
+        tasks.push(tokio::spawn(write_status(
+            Api::all(client),
+            node.to_owned(),
+            rx,
+        )));
+        KubeSource {
+            node: node.to_owned(),
+            stores,
+            synced,
+            changes,
+            used: None,
+            status,
+            last_error: None,
+            listed: false,
+            tasks,
+        }
+    }
+
+    fn read(&mut self) -> Result<Resources, SourceError> {
+        let waiting: Vec<&str> = self
+            .synced
+            .iter()
+            .filter(|(_, done)| !done.load(Ordering::Acquire))
+            .map(|(what, _)| *what)
+            .collect();
+        if !waiting.is_empty() {
+            return Err(SourceError::NotSynced {
+                what: waiting.join(", "),
+            });
+        }
+        let named = |meta: &::kube::core::ObjectMeta| meta.name.as_deref() == Some(&self.node);
+        let node = self
+            .stores
+            .nodes
+            .find(|n| named(&n.metadata))
+            .ok_or_else(|| SourceError::NodeNotFound {
+                node: self.node.clone(),
+            })?;
+        let node_network = self.stores.node_networks.find(|n| named(&n.metadata));
+        let mut res = Resources {
+            networks: sorted(&self.stores.networks),
+            port_forwards: sorted(&self.stores.port_forwards),
+            cluster_policies: sorted(&self.stores.cluster_policies),
+            policies: sorted(&self.stores.policies),
+            workloads: sorted(&self.stores.pods)
+                .into_iter()
+                .map(|p| WorkloadMeta {
+                    namespace: p.namespace().unwrap_or_default(),
+                    name: p.name_any(),
+                    labels: p.metadata.labels.unwrap_or_default(),
+                })
+                .collect(),
+            namespaces: self
+                .stores
+                .namespaces
+                .state()
+                .iter()
+                .map(|n| (n.name_any(), n.metadata.labels.clone().unwrap_or_default()))
+                .collect(),
+            node_labels: Some(node.metadata.labels.clone().unwrap_or_default()),
+            ..Resources::default()
+        };
+        let (blocks, problems) = match &node_network {
+            Some(nn) => node_blocks(&self.node, &nn.spec),
+            // The controller has not written this node's NodeNetwork yet: no blocks.
+            None => (BTreeMap::new(), Vec::new()),
+        };
+        res.node_blocks = Some(blocks);
+        res.problems = problems;
+        self.used = node_network;
+        Ok(res)
+    }
+}
+
+impl Drop for KubeSource {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl ResourceSource for KubeSource {
+    fn snapshot(&mut self) -> Result<Resources, SourceError> {
+        let result = self.read();
+        let error = result.as_ref().err().map(ToString::to_string);
+        if error != self.last_error {
+            match &result {
+                Err(SourceError::NotSynced { what }) => {
+                    info!(node = %self.node, waiting_for = %what, "waiting for the first list from the Kubernetes API")
+                }
+                Err(e) => {
+                    warn!(node = %self.node, error = %e, "cannot use the resources of the Kubernetes API")
+                }
+                Ok(_) if !self.listed => {
+                    info!(node = %self.node, "listed every kind from the Kubernetes API")
+                }
+                Ok(_) => info!(node = %self.node, "the Kubernetes API resources are usable again"),
+            }
+            self.last_error = error;
+        }
+        if result.is_ok() {
+            self.listed = true;
+        }
+        result
+    }
+
+    fn fingerprint(&mut self) -> Result<u64, SourceError> {
+        Ok(self.changes.load(Ordering::Acquire))
+    }
+
+    fn report(&mut self, status: &AgentStatus) {
+        let Some(nn) = self.used.clone() else {
+            debug!(node = %self.node, "no NodeNetwork for this node yet; its status is not written");
+            return;
+        };
+        let written = nn.status.as_ref();
+        let previous: Vec<Condition> = match self.status.borrow().as_ref().or(written) {
+            Some(s) => s.conditions.clone(),
+            None => Vec::new(),
+        };
+        let new = node_network_status(
+            status,
+            &nn.spec,
+            nn.metadata.generation,
+            &previous,
+            jiff::Timestamp::now(),
+        );
+        self.status.send_if_modified(|current| {
+            if current.as_ref() == Some(&new) {
+                return false;
+            }
+            // The first status since the agent started needs no write when the NodeNetwork
+            // already has it.
+            let write = current.is_some() || written != Some(&new);
+            *current = Some(new);
+            write
+        });
+    }
+}
+
+type BoxedTask = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A reflector for `api` into a new store: its stream bumps `changes` on every event and sets
+/// the returned flag once the first list is complete; errors are logged and retried.
+fn reflect<K>(
+    what: &'static str,
+    api: Api<K>,
+    config: watcher::Config,
+    changes: Arc<AtomicU64>,
+) -> (Store<K>, Arc<AtomicBool>, BoxedTask)
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let synced = Arc::new(AtomicBool::new(false));
+    let flag = synced.clone();
+    // The agent never reads managed fields or annotations: keep them out of the cache.
+    let trimmed = watcher(api, config).modify(|o: &mut K| {
+        o.meta_mut().managed_fields = None;
+        o.meta_mut().annotations = None;
+    });
+    let stream = reflector::reflector(writer, trimmed).default_backoff();
+    let task = async move {
+        futures::pin_mut!(stream);
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(event) => {
+                    if matches!(event, watcher::Event::InitDone)
+                        && !flag.swap(true, Ordering::AcqRel)
+                    {
+                        debug!(what, "first list complete");
+                    }
+                    changes.fetch_add(1, Ordering::AcqRel);
+                }
+                Err(e) => {
+                    warn!(what, error = %crate::error_chain(&e), "watch failed; retrying with backoff")
+                }
+            }
+        }
+    };
+    (reader, synced, Box::pin(task))
+}
+
+/// The objects of a store, ordered by namespace and name.
+fn sorted<K: Resource + Clone>(store: &Store<K>) -> Vec<K>
+where
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    let mut all: Vec<K> = store.state().iter().map(|o| (**o).clone()).collect();
+    all.sort_by(|a, b| {
+        (a.meta().namespace.as_deref(), a.meta().name.as_deref())
+            .cmp(&(b.meta().namespace.as_deref(), b.meta().name.as_deref()))
+    });
+    all
+}
+
+/// This node's address blocks per network from its NodeNetwork spec, with a problem for each
+/// block that does not parse or is of the wrong family. A network without a usable block is
+/// left out (the plan then reports that no block is assigned).
+pub fn node_blocks(
+    node: &str,
+    spec: &NodeNetworkSpec,
+) -> (BTreeMap<String, NodeBlocks>, Vec<String>) {
+    let mut out = BTreeMap::new();
+    let mut problems = Vec::new();
+    for (i, block) in spec.blocks.iter().enumerate() {
+        let mut blocks = NodeBlocks::default();
+        let mut problem = |field: &str, message: String| {
+            problems.push(format!(
+                "NodeNetwork {node}: spec.blocks[{i}].{field} (network {}): {message}",
+                block.network
+            ));
+        };
+        if let Some(cidr) = &block.ipv4 {
+            match cidr.net() {
+                Ok(IpNet::V4(net)) => blocks.v4 = Some(net),
+                Ok(IpNet::V6(_)) => problem("ipv4", format!("{cidr} is not an IPv4 block")),
+                Err(e) => problem("ipv4", e.to_string()),
+            }
+        }
+        if let Some(cidr) = &block.ipv6 {
+            match cidr.net() {
+                Ok(IpNet::V6(net)) => blocks.v6 = Some(net),
+                Ok(IpNet::V4(_)) => problem("ipv6", format!("{cidr} is not an IPv6 block")),
+                Err(e) => problem("ipv6", e.to_string()),
+            }
+        }
+        if blocks.v4.is_some() || blocks.v6.is_some() {
+            out.insert(block.network.clone(), blocks);
+        }
+    }
+    (out, problems)
+}
+
+fn truncated(text: &str) -> String {
+    if text.len() <= MAX_MESSAGE {
+        return text.to_owned();
+    }
+    let mut end = MAX_MESSAGE;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+/// The NodeNetwork status for what the agent realized: `Ready` when the last apply succeeded
+/// and every network with a block in `spec` is realized, `Degraded` when the last apply
+/// failed. `lastTransitionTime` is kept from `previous` while a condition's status stays.
+pub fn node_network_status(
+    agent: &AgentStatus,
+    spec: &NodeNetworkSpec,
+    generation: Option<i64>,
+    previous: &[Condition],
+    now: jiff::Timestamp,
+) -> NodeNetworkStatus {
+    let missing: Vec<&str> = spec
+        .blocks
+        .iter()
+        .map(|b| b.network.as_str())
+        .filter(|n| !agent.networks.iter().any(|r| r == n))
+        .collect();
+    let ready = match &agent.last_error {
+        Some(e) => condition(
+            READY,
+            false,
+            "ApplyFailed",
+            truncated(e),
+            generation,
+            previous,
+            now,
+        ),
+        None if !missing.is_empty() => {
+            let mut message = format!("not realized yet: {}", missing.join(", "));
+            let why: Vec<&str> = agent
+                .problems
+                .iter()
+                .filter(|p| {
+                    missing.iter().any(|n| {
+                        p.starts_with(&format!("Network {n}: "))
+                            || p.contains(&format!("(network {n})"))
+                    })
+                })
+                .map(String::as_str)
+                .collect();
+            if !why.is_empty() {
+                message.push_str(&format!(" ({})", why.join("; ")));
+            }
+            condition(
+                READY,
+                false,
+                "Pending",
+                truncated(&message),
+                generation,
+                previous,
+                now,
+            )
+        }
+        None => condition(
+            READY,
+            true,
+            "Realized",
+            format!(
+                "every network of the spec is realized ({})",
+                spec.blocks.len()
+            ),
+            generation,
+            previous,
+            now,
+        ),
+    };
+    let degraded = match &agent.last_error {
+        Some(e) => condition(
+            DEGRADED,
+            true,
+            "ApplyFailed",
+            truncated(e),
+            generation,
+            previous,
+            now,
+        ),
+        None => condition(
+            DEGRADED,
+            false,
+            "AsExpected",
+            "the last apply succeeded",
+            generation,
+            previous,
+            now,
+        ),
+    };
+    NodeNetworkStatus {
+        observed_generation: generation,
+        conditions: vec![ready, degraded],
+        networks: agent.networks.clone(),
+        bridges: agent.bridges.clone(),
+        endpoints: Some(i64::try_from(agent.endpoints).unwrap_or(i64::MAX)),
+        last_error: agent.last_error.as_deref().map(truncated),
+    }
+}
+
+/// Writes the newest status from `rx` to the NodeNetwork `node` (server-side apply of the
+/// status subresource) until the sender is dropped.
+async fn write_status(
+    api: Api<NodeNetwork>,
+    node: String,
+    mut rx: watch::Receiver<Option<NodeNetworkStatus>>,
+) {
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    while rx.changed().await.is_ok() {
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            let Some(status) = rx.borrow_and_update().clone() else {
+                break;
+            };
+            let body = serde_json::json!({
+                "apiVersion": NodeNetwork::api_version(&()),
+                "kind": NodeNetwork::kind(&()),
+                "status": status,
+            });
+            match api.patch_status(&node, &params, &Patch::Apply(&body)).await {
+                Ok(_) => {
+                    debug!(node = %node, "wrote the NodeNetwork status");
+                    break;
+                }
+                Err(e) => {
+                    warn!(node = %node, error = %crate::error_chain(&e), retry_in = ?backoff, "cannot write the NodeNetwork status");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        changed = rx.changed() => if changed.is_err() { return },
+                    }
+                    backoff = (backoff * 2).min(MAX_STATUS_BACKOFF);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use weft_crds::{Cidr, NodeNetworkBlock};
+
+    fn spec(blocks: &[(&str, Option<&str>, Option<&str>)]) -> NodeNetworkSpec {
+        NodeNetworkSpec {
+            blocks: blocks
+                .iter()
+                .map(|(network, v4, v6)| NodeNetworkBlock {
+                    network: (*network).into(),
+                    ipv4: v4.map(Cidr::from),
+                    ipv6: v6.map(Cidr::from),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn node_blocks_parse_each_family_and_report_bad_ones() {
+        let (blocks, problems) = node_blocks(
+            "node-a",
+            &spec(&[
+                ("blue", Some("10.10.0.64/26"), Some("fd10::40/122")),
+                ("green", Some("10.20.0.0/26"), None),
+                ("swapped", Some("fd30::/122"), None),
+                ("broken", Some("10.40.0.1/26"), Some("nonsense")),
+                ("empty", None, None),
+            ]),
+        );
+        assert_eq!(
+            blocks["blue"],
+            NodeBlocks {
+                v4: Some("10.10.0.64/26".parse().unwrap()),
+                v6: Some("fd10::40/122".parse().unwrap()),
+            }
+        );
+        assert_eq!(blocks["green"].v4, Some("10.20.0.0/26".parse().unwrap()));
+        assert_eq!(blocks["green"].v6, None);
+        assert_eq!(
+            blocks.keys().collect::<Vec<_>>(),
+            ["blue", "green"],
+            "networks without a usable block have none"
+        );
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(
+            problems[0].starts_with("NodeNetwork node-a: spec.blocks[2].ipv4 (network swapped): ")
+        );
+        assert!(problems[0].contains("not an IPv4 block"));
+        assert!(problems[1].contains("spec.blocks[3].ipv4 (network broken)"));
+        assert!(problems[2].contains("spec.blocks[3].ipv6 (network broken)"));
+    }
+
+    fn agent(networks: &[&str], last_error: Option<&str>) -> AgentStatus {
+        AgentStatus {
+            node: "node-a".into(),
+            networks: networks.iter().map(|s| (*s).to_owned()).collect(),
+            bridges: vec!["wbr-blue".into()],
+            endpoints: 4,
+            last_error: last_error.map(str::to_owned),
+            ..AgentStatus::default()
+        }
+    }
+
+    fn find<'a>(s: &'a NodeNetworkStatus, type_: &str) -> &'a Condition {
+        s.conditions.iter().find(|c| c.type_ == type_).unwrap()
+    }
+
+    #[test]
+    fn status_is_ready_when_every_block_of_the_spec_is_realized() {
+        let t0 = jiff::Timestamp::from_second(100).unwrap();
+        let s = node_network_status(
+            &agent(&["blue"], None),
+            &spec(&[("blue", Some("10.10.0.0/26"), None)]),
+            Some(3),
+            &[],
+            t0,
+        );
+        assert_eq!(s.observed_generation, Some(3));
+        assert_eq!(s.networks, ["blue"]);
+        assert_eq!(s.bridges, ["wbr-blue"]);
+        assert_eq!(s.endpoints, Some(4));
+        assert_eq!(s.last_error, None);
+        let ready = find(&s, READY);
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("True", "Realized")
+        );
+        assert_eq!(ready.observed_generation, Some(3));
+        assert_eq!(ready.last_transition_time, Time(t0));
+        let degraded = find(&s, DEGRADED);
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("False", "AsExpected")
+        );
+
+        // Same outcome later: nothing changes, so the status compares equal (no write).
+        let t1 = jiff::Timestamp::from_second(200).unwrap();
+        let again = node_network_status(
+            &agent(&["blue"], None),
+            &spec(&[("blue", Some("10.10.0.0/26"), None)]),
+            Some(3),
+            &s.conditions,
+            t1,
+        );
+        assert_eq!(again, s);
+    }
+
+    #[test]
+    fn status_is_pending_with_the_reason_while_a_block_is_not_realized() {
+        let mut a = agent(&["blue"], None);
+        a.problems = vec![
+            "Network green: spec.mode: Bridge networks are not realized by this agent version yet; the network is skipped".into(),
+            "NodeNetwork node-a: spec.blocks[2].ipv4 (network red): \"x\" is not a CIDR".into(),
+            "Network other: unrelated".into(),
+        ];
+        let s = node_network_status(
+            &a,
+            &spec(&[
+                ("blue", Some("10.10.0.0/26"), None),
+                ("green", Some("10.20.0.0/26"), None),
+                ("red", Some("x"), None),
+            ]),
+            Some(1),
+            &[],
+            jiff::Timestamp::from_second(100).unwrap(),
+        );
+        let ready = find(&s, READY);
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "Pending")
+        );
+        assert!(
+            ready.message.starts_with("not realized yet: green, red ("),
+            "{}",
+            ready.message
+        );
+        assert!(ready.message.contains("is not a CIDR"), "{}", ready.message);
+        assert!(
+            ready.message.contains("Bridge networks"),
+            "{}",
+            ready.message
+        );
+        assert!(!ready.message.contains("unrelated"), "{}", ready.message);
+        assert_eq!(find(&s, DEGRADED).status, "False");
+    }
+
+    #[test]
+    fn a_failed_apply_is_degraded_and_not_ready_and_keeps_transition_times() {
+        let t0 = jiff::Timestamp::from_second(100).unwrap();
+        let t1 = jiff::Timestamp::from_second(200).unwrap();
+        let ok = node_network_status(
+            &agent(&["blue"], None),
+            &spec(&[("blue", Some("10.10.0.0/26"), None)]),
+            Some(2),
+            &[],
+            t0,
+        );
+        let failed = node_network_status(
+            &agent(&["blue"], Some("nft: syntax error")),
+            &spec(&[("blue", Some("10.10.0.0/26"), None)]),
+            Some(2),
+            &ok.conditions,
+            t1,
+        );
+        assert_eq!(failed.last_error.as_deref(), Some("nft: syntax error"));
+        for type_ in [READY, DEGRADED] {
+            let c = find(&failed, type_);
+            assert_eq!(c.reason, "ApplyFailed");
+            assert_eq!(c.message, "nft: syntax error");
+            assert_eq!(c.last_transition_time, Time(t1), "{type_} flipped");
+        }
+        assert_eq!(find(&failed, READY).status, "False");
+        assert_eq!(find(&failed, DEGRADED).status, "True");
+        let long = "x".repeat(MAX_MESSAGE * 2);
+        let s = node_network_status(&agent(&[], Some(&long)), &spec(&[]), None, &[], t0);
+        assert!(find(&s, READY).message.len() <= MAX_MESSAGE + '…'.len_utf8());
+    }
+}

@@ -1,0 +1,868 @@
+//! The agent's Kubernetes API source against a mocked API server (tower-test): its
+//! reflectors list and watch through a fake apiserver that answers lists from a table, holds
+//! watches open until a test pushes events into them, and hands every write to the test.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use http::{Method, Request, Response, StatusCode};
+use kube::Client;
+use kube::client::Body;
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use weft_crds::NodeNetworkSpec;
+use weft_operator::agent::AgentStatus;
+use weft_operator::agent::kube::{FIELD_MANAGER, KubeSource, node_network_status};
+use weft_operator::agent::source::{ResourceSource, Resources, SourceError};
+
+type Reply = tower_test::mock::SendResponse<Response<Body>>;
+
+const NETWORKS: &str = "/apis/weft.dev/v1alpha1/networks";
+const PORT_FORWARDS: &str = "/apis/weft.dev/v1alpha1/portforwards";
+const CLUSTER_POLICIES: &str = "/apis/weft.dev/v1alpha1/clustersegmentationpolicies";
+const POLICIES: &str = "/apis/weft.dev/v1alpha1/segmentationpolicies";
+const NODE_NETWORKS: &str = "/apis/weft.dev/v1alpha1/nodenetworks";
+const NAMESPACES: &str = "/api/v1/namespaces";
+const NODES: &str = "/api/v1/nodes";
+const PODS: &str = "/api/v1/pods";
+const ALL: [&str; 8] = [
+    NETWORKS,
+    PORT_FORWARDS,
+    CLUSTER_POLICIES,
+    POLICIES,
+    NODE_NETWORKS,
+    NAMESPACES,
+    NODES,
+    PODS,
+];
+
+/// A write the source sent, for the test to check and answer.
+struct Write {
+    method: Method,
+    path: String,
+    query: String,
+    content_type: String,
+    body: Value,
+    reply: Reply,
+}
+
+#[derive(Default)]
+struct State {
+    /// Items of the next list of each collection.
+    lists: HashMap<&'static str, Vec<Value>>,
+    /// Collections whose lists are not answered until released.
+    gated: HashSet<String>,
+    held_lists: HashMap<String, Vec<Reply>>,
+    /// Lists to fail (500) before answering.
+    failures: HashMap<String, u32>,
+    /// Watch bodies not yet asked for, and watches waiting for a body.
+    watch_bodies: HashMap<String, VecDeque<String>>,
+    held_watches: HashMap<String, Vec<Reply>>,
+    /// Every GET: path, query and Accept header.
+    gets: Vec<(String, String, String)>,
+    resource_version: u64,
+}
+
+/// The fake apiserver.
+#[derive(Clone)]
+struct FakeApi(Arc<Mutex<State>>);
+
+fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .body(Body::from(serde_json::to_vec(body).unwrap()))
+        .unwrap()
+}
+
+fn list_body(state: &mut State, path: &str) -> Value {
+    state.resource_version += 1;
+    let items = state.lists.get(path).cloned().unwrap_or_default();
+    json!({
+        "apiVersion": "v1",
+        "kind": "List",
+        "metadata": {"resourceVersion": state.resource_version.to_string()},
+        "items": items,
+    })
+}
+
+impl FakeApi {
+    /// A client whose requests this fake answers, and the channel of the writes it receives.
+    fn start() -> (Self, Client, mpsc::UnboundedReceiver<Write>) {
+        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let api = FakeApi(Arc::default());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let state = api.0.clone();
+        tokio::spawn(async move {
+            while let Some((request, reply)) = handle.next_request().await {
+                let path = request.uri().path().to_owned();
+                let query = request.uri().query().unwrap_or_default().to_owned();
+                if request.method() != Method::GET {
+                    let content_type = request
+                        .headers()
+                        .get(http::header::CONTENT_TYPE)
+                        .map(|v| v.to_str().unwrap().to_owned())
+                        .unwrap_or_default();
+                    let method = request.method().clone();
+                    let bytes = request.into_body().collect_bytes().await.unwrap();
+                    let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                    let _ = tx.send(Write {
+                        method,
+                        path,
+                        query,
+                        content_type,
+                        body,
+                        reply,
+                    });
+                    continue;
+                }
+                let accept = request
+                    .headers()
+                    .get(http::header::ACCEPT)
+                    .map(|v| v.to_str().unwrap().to_owned())
+                    .unwrap_or_default();
+                let mut s = state.lock().unwrap();
+                s.gets.push((path.clone(), query.clone(), accept));
+                if query.split('&').any(|p| p == "watch=true") {
+                    match s.watch_bodies.get_mut(&path).and_then(VecDeque::pop_front) {
+                        Some(body) => {
+                            reply.send_response(Response::new(Body::from(body.into_bytes())))
+                        }
+                        None => s.held_watches.entry(path).or_default().push(reply),
+                    }
+                } else if let Some(n) = s.failures.get_mut(&path).filter(|n| **n > 0) {
+                    *n -= 1;
+                    reply.send_response(json_response(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                "message": "etcd is having a bad day", "reason": "InternalError", "code": 500}),
+                    ));
+                } else if s.gated.contains(&path) {
+                    s.held_lists.entry(path).or_default().push(reply);
+                } else {
+                    let body = list_body(&mut s, &path);
+                    reply.send_response(json_response(StatusCode::OK, &body));
+                }
+            }
+        });
+        let client = Client::new(svc, "default");
+        (api, client, rx)
+    }
+
+    fn list(&self, path: &'static str, items: Vec<Value>) -> &Self {
+        self.0.lock().unwrap().lists.insert(path, items);
+        self
+    }
+
+    fn gate(&self, path: &str) {
+        self.0.lock().unwrap().gated.insert(path.to_owned());
+    }
+
+    fn fail_lists(&self, path: &str, times: u32) {
+        self.0
+            .lock()
+            .unwrap()
+            .failures
+            .insert(path.to_owned(), times);
+    }
+
+    /// Answers the held lists of `path` and stops holding new ones.
+    fn release(&self, path: &str) {
+        let mut s = self.0.lock().unwrap();
+        s.gated.remove(path);
+        for reply in s.held_lists.remove(path).unwrap_or_default() {
+            let body = list_body(&mut s, path);
+            reply.send_response(json_response(StatusCode::OK, &body));
+        }
+    }
+
+    /// Sends watch events (`(type, object)`) on the next watch of `path`; the watch then ends
+    /// and the watcher opens a new one.
+    fn push_watch(&self, path: &str, events: &[(&str, Value)]) {
+        let body: String = events
+            .iter()
+            .map(|(t, o)| format!("{}\n", json!({"type": t, "object": o})))
+            .collect();
+        let mut s = self.0.lock().unwrap();
+        match s.held_watches.get_mut(path).and_then(Vec::pop) {
+            Some(reply) => reply.send_response(Response::new(Body::from(body.into_bytes()))),
+            None => s
+                .watch_bodies
+                .entry(path.to_owned())
+                .or_default()
+                .push_back(body),
+        }
+    }
+
+    fn gets(&self, path: &str) -> Vec<String> {
+        let s = self.0.lock().unwrap();
+        s.gets
+            .iter()
+            .filter(|(p, _, _)| p == path)
+            .map(|(_, q, _)| q.clone())
+            .collect()
+    }
+
+    fn accepts(&self, path: &str) -> Vec<String> {
+        let s = self.0.lock().unwrap();
+        s.gets
+            .iter()
+            .filter(|(p, _, _)| p == path)
+            .map(|(_, _, a)| a.clone())
+            .collect()
+    }
+}
+
+fn meta(name: &str, namespace: Option<&str>, labels: &[(&str, &str)]) -> Value {
+    let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
+    let mut m = json!({"name": name, "resourceVersion": "1", "uid": format!("uid-{name}"), "labels": labels});
+    if let Some(ns) = namespace {
+        m["namespace"] = json!(ns);
+    }
+    m
+}
+
+/// A metadata-only object, as the apiserver returns for `as=PartialObjectMetadata`.
+fn partial(name: &str, namespace: Option<&str>, labels: &[(&str, &str)]) -> Value {
+    json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": meta(name, namespace, labels)})
+}
+
+fn network(name: &str, subnet: &str, node_selector: Option<Value>) -> Value {
+    let mut spec = json!({"mode": "NAT", "subnets": [subnet]});
+    if let Some(sel) = node_selector {
+        spec["nodeSelector"] = sel;
+    }
+    json!({"apiVersion": "weft.dev/v1alpha1", "kind": "Network", "metadata": meta(name, None, &[]), "spec": spec})
+}
+
+fn node_network(node: &str, generation: i64, blocks: Value, status: Option<Value>) -> Value {
+    let mut metadata = meta(node, None, &[]);
+    metadata["generation"] = json!(generation);
+    let mut nn = json!({"apiVersion": "weft.dev/v1alpha1", "kind": "NodeNetwork", "metadata": metadata, "spec": {"blocks": blocks}});
+    if let Some(s) = status {
+        nn["status"] = s;
+    }
+    nn
+}
+
+/// A cluster of one node, `node-a` (labelled `pool=x`), with two Networks: `blue` for every
+/// node, with a block in the NodeNetwork, and `green` for `pool=x` nodes, without a block yet.
+fn seed(api: &FakeApi) {
+    api.list(
+        NETWORKS,
+        vec![
+            network("green", "10.20.0.0/16", Some(json!({"matchLabels": {"pool": "x"}}))),
+            {
+                let mut blue = network("blue", "10.10.0.0/16", None);
+                blue["metadata"]["annotations"] =
+                    json!({"kubectl.kubernetes.io/last-applied-configuration": "{}"});
+                blue["metadata"]["managedFields"] =
+                    json!([{"manager": "kubectl", "operation": "Apply", "apiVersion": "weft.dev/v1alpha1"}]);
+                blue
+            },
+        ],
+    )
+    .list(
+        PORT_FORWARDS,
+        vec![json!({
+            "apiVersion": "weft.dev/v1alpha1", "kind": "PortForward",
+            "metadata": meta("web", Some("shop"), &[]),
+            "spec": {"network": "blue", "target": {"workload": "web-1"}, "ports": [{"port": 8080, "targetPort": 80}]},
+        })],
+    )
+    .list(
+        CLUSTER_POLICIES,
+        vec![json!({
+            "apiVersion": "weft.dev/v1alpha1", "kind": "ClusterSegmentationPolicy",
+            "metadata": meta("lockdown-db", None, &[]),
+            "spec": {"tier": "Admin", "priority": 20, "subject": {"pods": {"podSelector": {"matchLabels": {"tier": "db"}}}},
+                     "ingress": [{"name": "deny-rest", "action": "Deny"}]},
+        })],
+    )
+    .list(
+        POLICIES,
+        vec![json!({
+            "apiVersion": "weft.dev/v1alpha1", "kind": "SegmentationPolicy",
+            "metadata": meta("db-from-app", Some("shop"), &[]),
+            "spec": {"subject": {"podSelector": {"matchLabels": {"tier": "db"}}},
+                     "ingress": [{"name": "sql", "action": "Allow", "from": [{"pods": {"podSelector": {"matchLabels": {"tier": "app"}}}}],
+                                  "protocols": [{"protocol": "TCP", "port": 5432}]}]},
+        })],
+    )
+    .list(
+        NAMESPACES,
+        vec![
+            partial("shop", None, &[("kubernetes.io/metadata.name", "shop"), ("env", "prod")]),
+            partial("default", None, &[("kubernetes.io/metadata.name", "default")]),
+        ],
+    )
+    .list(NODES, vec![partial("node-a", None, &[("pool", "x")])])
+    .list(
+        NODE_NETWORKS,
+        vec![node_network(
+            "node-a",
+            4,
+            json!([{"network": "blue", "ipv4": "10.10.0.64/26"}]),
+            None,
+        )],
+    )
+    .list(
+        PODS,
+        vec![
+            partial("web-1", Some("shop"), &[("tier", "web")]),
+            partial("db-1", Some("shop"), &[("tier", "db")]),
+        ],
+    );
+}
+
+/// Polls `snapshot()` until it succeeds (5 s at most).
+async fn synced(source: &mut KubeSource) -> Resources {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match source.snapshot() {
+            Ok(r) => return r,
+            Err(e) if tokio::time::Instant::now() > deadline => {
+                panic!("not synced after 5 s: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// Polls `snapshot()` until `done` holds (5 s at most), checking `each` on every snapshot.
+async fn until(
+    source: &mut KubeSource,
+    done: impl Fn(&Resources) -> bool,
+    each: impl Fn(&Resources),
+) -> Resources {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = source.snapshot().unwrap();
+        each(&r);
+        if done(&r) {
+            return r;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not reached in 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn workloads(r: &Resources) -> Vec<String> {
+    r.workloads
+        .iter()
+        .map(|w| format!("{}/{}", w.namespace, w.name))
+        .collect()
+}
+
+fn names<T: kube::Resource>(objects: &[T]) -> Vec<String> {
+    objects
+        .iter()
+        .map(|o| o.meta().name.clone().unwrap_or_default())
+        .collect()
+}
+
+fn config() -> weft_operator::agent::AgentConfig {
+    let dir = std::path::PathBuf::from("/nonexistent");
+    weft_operator::agent::AgentConfig {
+        node: weft_operator::agent::plan::NodeContext {
+            name: "node-a".into(),
+            labels: BTreeMap::new(),
+        },
+        nodes: vec![],
+        state_dir: dir.clone(),
+        socket: dir.join("agent.sock"),
+        cni: weft_operator::agent::install::CniInstall {
+            bin_dir: dir.clone(),
+            conf_dir: dir.clone(),
+            binary: dir.join("weft"),
+            state_dir: dir.clone(),
+            socket: dir.join("agent.sock"),
+        },
+        default_network: None,
+        cleanup_config_on_exit: false,
+        resync: Duration::from_secs(30),
+        poll: Duration::from_millis(500),
+        audit_log: None,
+    }
+}
+
+#[tokio::test]
+async fn snapshot_holds_the_listed_resources_node_labels_and_node_blocks() {
+    let (api, client, _writes) = FakeApi::start();
+    seed(&api);
+    let mut source = KubeSource::start(client, "node-a");
+    let res = synced(&mut source).await;
+
+    assert_eq!(names(&res.networks), ["blue", "green"], "sorted by name");
+    assert_eq!(res.networks[0].metadata.annotations, None, "not cached");
+    assert_eq!(res.networks[0].metadata.managed_fields, None, "not cached");
+    assert_eq!(names(&res.port_forwards), ["web"]);
+    assert_eq!(names(&res.cluster_policies), ["lockdown-db"]);
+    assert_eq!(names(&res.policies), ["db-from-app"]);
+    assert_eq!(workloads(&res), ["shop/db-1", "shop/web-1"]);
+    assert_eq!(res.workloads[1].labels["tier"], "web");
+    assert_eq!(res.namespaces["shop"]["env"], "prod");
+    assert_eq!(
+        res.node_labels,
+        Some([("pool".to_owned(), "x".to_owned())].into())
+    );
+    let blocks = res.node_blocks.as_ref().unwrap();
+    assert_eq!(blocks.keys().collect::<Vec<_>>(), ["blue"]);
+    assert_eq!(blocks["blue"].v4, Some("10.10.0.64/26".parse().unwrap()));
+    assert!(res.problems.is_empty(), "{:?}", res.problems);
+
+    // Node-scoped watches: only this node's Node and NodeNetwork, only its Pods; labels-only
+    // kinds as metadata.
+    for (path, selector) in [
+        (NODES, "fieldSelector=metadata.name%3Dnode-a"),
+        (NODE_NETWORKS, "fieldSelector=metadata.name%3Dnode-a"),
+        (PODS, "fieldSelector=spec.nodeName%3Dnode-a"),
+    ] {
+        let gets = api.gets(path);
+        assert!(!gets.is_empty(), "{path} was not listed");
+        for q in gets {
+            assert!(
+                q.split('&').any(|p| p == selector),
+                "{path}?{q} lacks {selector}"
+            );
+        }
+    }
+    for path in [NETWORKS, NAMESPACES] {
+        assert!(api.gets(path).iter().all(|q| !q.contains("fieldSelector")));
+    }
+    for path in ALL {
+        let gets = api.gets(path);
+        let lists = gets.iter().filter(|q| !q.contains("watch=true")).count();
+        assert_eq!(lists, 1, "{path}: {gets:?}");
+        let metadata_only = [NAMESPACES, NODES, PODS].contains(&path);
+        for accept in api.accepts(path) {
+            assert_eq!(
+                accept.contains("as=PartialObjectMetadata"),
+                metadata_only,
+                "{path}: Accept {accept}"
+            );
+        }
+    }
+
+    // The plan: blue gets the NodeNetwork's block; green selects node-a through the Node's
+    // labels (the agent was configured with none) and waits for its block.
+    let out = weft_operator::agent::compute(
+        &config(),
+        &res,
+        &weft_operator::agent::endpoints::EndpointStore::default(),
+    );
+    let planned: Vec<&str> = out.plan.networks.iter().map(|n| n.name.as_str()).collect();
+    assert_eq!(planned, ["blue"]);
+    let problems: Vec<String> = out.problems.iter().map(ToString::to_string).collect();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p == "Network green: no address block is assigned to node node-a yet"),
+        "{problems:?}"
+    );
+
+    // Watch events change the fingerprint and the next snapshot.
+    let before = source.fingerprint().unwrap();
+    api.push_watch(
+        PODS,
+        &[("ADDED", partial("app-1", Some("shop"), &[("tier", "app")]))],
+    );
+    api.push_watch(
+        NODES,
+        &[("MODIFIED", partial("node-a", None, &[("pool", "y")]))],
+    );
+    let mut n = source.fingerprint().unwrap();
+    for _ in 0..250 {
+        if n >= before + 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        n = source.fingerprint().unwrap();
+    }
+    assert!(n >= before + 2, "fingerprint {before} -> {n}");
+    let res = source.snapshot().unwrap();
+    assert_eq!(workloads(&res), ["shop/app-1", "shop/db-1", "shop/web-1"]);
+    assert_eq!(res.node_labels.unwrap()["pool"], "y");
+}
+
+#[tokio::test]
+async fn snapshot_is_an_error_until_every_kind_is_listed() {
+    let (api, client, _writes) = FakeApi::start();
+    seed(&api);
+    api.gate(NODE_NETWORKS);
+    // The first list of namespaces fails: the watcher retries with backoff, nothing crashes.
+    api.fail_lists(NAMESPACES, 1);
+    let mut source = KubeSource::start(client, "node-a");
+    match source.snapshot() {
+        Err(SourceError::NotSynced { what }) => {
+            assert!(
+                what.contains("pods") && what.contains("nodenetworks"),
+                "{what}"
+            )
+        }
+        other => panic!("expected NotSynced, got {other:?}"),
+    }
+    // Everything but the NodeNetworks gets listed; the snapshot still refuses.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match source.snapshot() {
+            Err(SourceError::NotSynced { what }) if what == "nodenetworks" => break,
+            Err(SourceError::NotSynced { .. }) => {}
+            other => panic!("expected NotSynced, got {other:?}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "namespaces never listed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        api.gets(NAMESPACES).len() >= 2,
+        "the failed list was retried"
+    );
+    api.release(NODE_NETWORKS);
+    let res = synced(&mut source).await;
+    assert_eq!(names(&res.networks), ["blue", "green"]);
+    assert!(res.node_blocks.unwrap().contains_key("blue"));
+}
+
+#[tokio::test]
+async fn a_node_missing_from_the_api_is_an_error_not_an_empty_node() {
+    let (api, client, _writes) = FakeApi::start();
+    seed(&api);
+    api.list(NODES, vec![]).list(NODE_NETWORKS, vec![]);
+    let mut source = KubeSource::start(client, "node-a");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match source.snapshot() {
+            Err(SourceError::NodeNotFound { node }) => {
+                assert_eq!(node, "node-a");
+                break;
+            }
+            Err(SourceError::NotSynced { .. }) => {}
+            other => panic!("expected NodeNotFound, got {other:?}"),
+        }
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The Node appears; its NodeNetwork does not exist yet: no blocks at all.
+    api.push_watch(NODES, &[("ADDED", partial("node-a", None, &[]))]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let res = loop {
+        if let Ok(r) = source.snapshot() {
+            break r;
+        }
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(res.node_blocks, Some(BTreeMap::new()));
+}
+
+fn agent_status(last_error: Option<&str>) -> AgentStatus {
+    AgentStatus {
+        node: "node-a".into(),
+        networks: vec!["blue".into()],
+        bridges: vec!["wbr-blue".into()],
+        endpoints: 2,
+        last_error: last_error.map(str::to_owned),
+        ..AgentStatus::default()
+    }
+}
+
+async fn next_write(writes: &mut mpsc::UnboundedReceiver<Write>, within: Duration) -> Write {
+    tokio::time::timeout(within, writes.recv())
+        .await
+        .expect("timed out waiting for a write")
+        .expect("the fake apiserver stopped")
+}
+
+async fn no_write(writes: &mut mpsc::UnboundedReceiver<Write>) {
+    if let Ok(Some(w)) = tokio::time::timeout(Duration::from_millis(300), writes.recv()).await {
+        panic!("unexpected {} {}?{}", w.method, w.path, w.query);
+    }
+}
+
+fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
+    status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == type_)
+        .unwrap_or_else(|| panic!("no {type_} condition in {status}"))
+}
+
+const STATUS_PATH: &str = "/apis/weft.dev/v1alpha1/nodenetworks/node-a/status";
+
+#[tokio::test]
+async fn report_applies_the_node_network_status_once_per_change() {
+    let (api, client, mut writes) = FakeApi::start();
+    seed(&api);
+    let mut source = KubeSource::start(client, "node-a");
+    synced(&mut source).await;
+
+    source.report(&agent_status(None));
+    let w = next_write(&mut writes, Duration::from_secs(1)).await;
+    assert_eq!(w.method, Method::PATCH);
+    assert_eq!(w.path, STATUS_PATH);
+    assert_eq!(w.query, format!("&force=true&fieldManager={FIELD_MANAGER}"));
+    assert_eq!(w.content_type, "application/apply-patch+yaml");
+    assert_eq!(w.body["apiVersion"], "weft.dev/v1alpha1");
+    assert_eq!(w.body["kind"], "NodeNetwork");
+    let status = &w.body["status"];
+    assert_eq!(status["observedGeneration"], 4);
+    assert_eq!(status["networks"], json!(["blue"]));
+    assert_eq!(status["bridges"], json!(["wbr-blue"]));
+    assert_eq!(status["endpoints"], 2);
+    assert!(status.get("lastError").is_none(), "{status}");
+    let ready = condition(status, "Ready");
+    assert_eq!(ready["status"], "True");
+    assert_eq!(ready["reason"], "Realized");
+    assert_eq!(ready["observedGeneration"], 4);
+    assert!(ready["lastTransitionTime"].is_string());
+    let degraded = condition(status, "Degraded");
+    assert_eq!(degraded["status"], "False");
+    assert_eq!(degraded["reason"], "AsExpected");
+    let first_body = w.body.clone();
+    w.reply
+        .send_response(json_response(StatusCode::OK, &w.body));
+
+    // The same outcome again: nothing to write.
+    source.report(&agent_status(None));
+    no_write(&mut writes).await;
+
+    // A failed apply: written; the server refuses once, the write is retried with the same
+    // body after a backoff.
+    source.report(&agent_status(Some("nft: table weft is busy")));
+    let w = next_write(&mut writes, Duration::from_secs(1)).await;
+    let status = w.body["status"].clone();
+    assert_eq!(status["lastError"], "nft: table weft is busy");
+    assert_eq!(condition(&status, "Ready")["status"], "False");
+    assert_eq!(condition(&status, "Ready")["reason"], "ApplyFailed");
+    assert_eq!(condition(&status, "Degraded")["status"], "True");
+    assert_ne!(
+        condition(&status, "Degraded")["lastTransitionTime"],
+        json!(null)
+    );
+    assert_ne!(w.body, first_body);
+    w.reply.send_response(json_response(
+        StatusCode::CONFLICT,
+        &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "conflict", "reason": "Conflict", "code": 409}),
+    ));
+    let retry = next_write(&mut writes, Duration::from_secs(3)).await;
+    assert_eq!(retry.path, STATUS_PATH);
+    assert_eq!(retry.body["status"], status);
+    retry
+        .reply
+        .send_response(json_response(StatusCode::OK, &retry.body));
+    no_write(&mut writes).await;
+}
+
+#[tokio::test]
+async fn report_writes_nothing_when_the_node_network_already_has_the_status() {
+    let (api, client, mut writes) = FakeApi::start();
+    seed(&api);
+    // What an earlier agent on this node wrote (Ready since t=100).
+    let spec: NodeNetworkSpec =
+        serde_json::from_value(json!({"blocks": [{"network": "blue", "ipv4": "10.10.0.64/26"}]}))
+            .unwrap();
+    let earlier = node_network_status(
+        &agent_status(None),
+        &spec,
+        Some(4),
+        &[],
+        jiff::Timestamp::from_second(100).unwrap(),
+    );
+    api.list(
+        NODE_NETWORKS,
+        vec![node_network(
+            "node-a",
+            4,
+            json!([{"network": "blue", "ipv4": "10.10.0.64/26"}]),
+            Some(serde_json::to_value(&earlier).unwrap()),
+        )],
+    );
+    let mut source = KubeSource::start(client, "node-a");
+    synced(&mut source).await;
+    source.report(&agent_status(None));
+    no_write(&mut writes).await;
+    // A change is written, and keeps the Ready transition time of the earlier agent.
+    let mut more = agent_status(None);
+    more.endpoints = 3;
+    source.report(&more);
+    let w = next_write(&mut writes, Duration::from_secs(1)).await;
+    assert_eq!(w.body["status"]["endpoints"], 3);
+    assert_eq!(
+        condition(&w.body["status"], "Ready")["lastTransitionTime"],
+        "1970-01-01T00:01:40Z"
+    );
+}
+
+#[tokio::test]
+async fn report_waits_for_the_node_network_to_exist() {
+    let (api, client, mut writes) = FakeApi::start();
+    seed(&api);
+    api.list(NODE_NETWORKS, vec![]);
+    let mut source = KubeSource::start(client, "node-a");
+    synced(&mut source).await;
+    source.report(&agent_status(None));
+    no_write(&mut writes).await;
+}
+
+#[tokio::test]
+async fn a_watch_restart_relists_and_replaces_the_store_at_once() {
+    let (api, client, _writes) = FakeApi::start();
+    seed(&api);
+    let mut source = KubeSource::start(client, "node-a");
+    let res = synced(&mut source).await;
+    assert_eq!(workloads(&res), ["shop/db-1", "shop/web-1"]);
+    let lists_before = api
+        .gets(PODS)
+        .iter()
+        .filter(|q| !q.contains("watch=true"))
+        .count();
+
+    // The watch expires (410 Gone) while pods changed: web-1 left, cache-1 came. The watcher
+    // backs off, lists again, and the store swaps to the new list in one step.
+    api.list(
+        PODS,
+        vec![
+            partial("db-1", Some("shop"), &[("tier", "db")]),
+            partial("cache-1", Some("shop"), &[("tier", "cache")]),
+        ],
+    );
+    api.push_watch(
+        PODS,
+        &[(
+            "ERROR",
+            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                   "message": "too old resource version: 1 (5)", "reason": "Expired", "code": 410}),
+        )],
+    );
+    let old = vec!["shop/db-1".to_owned(), "shop/web-1".to_owned()];
+    let new = vec!["shop/cache-1".to_owned(), "shop/db-1".to_owned()];
+    let res = until(
+        &mut source,
+        |r| workloads(r) == new,
+        |r| {
+            let w = workloads(r);
+            assert!(
+                w == old || w == new,
+                "inconsistent store during the relist: {w:?}"
+            );
+            // The other kinds are untouched by the pods' restart.
+            assert_eq!(names(&r.networks), ["blue", "green"]);
+        },
+    )
+    .await;
+    assert_eq!(res.workloads[0].labels["tier"], "cache");
+    let lists_after = api
+        .gets(PODS)
+        .iter()
+        .filter(|q| !q.contains("watch=true"))
+        .count();
+    assert_eq!(lists_after, lists_before + 1, "one relist");
+}
+
+#[tokio::test]
+async fn a_bad_block_in_the_node_network_is_a_problem_and_the_network_has_none() {
+    let (api, client, _writes) = FakeApi::start();
+    seed(&api);
+    api.list(
+        NODE_NETWORKS,
+        vec![node_network(
+            "node-a",
+            2,
+            json!([{"network": "blue", "ipv4": "10.10.0.65/26"}, {"network": "green", "ipv4": "10.20.0.0/26"}]),
+            None,
+        )],
+    );
+    let mut source = KubeSource::start(client, "node-a");
+    let res = synced(&mut source).await;
+    let blocks = res.node_blocks.unwrap();
+    assert_eq!(blocks.keys().collect::<Vec<_>>(), ["green"]);
+    assert_eq!(res.problems.len(), 1, "{:?}", res.problems);
+    assert!(
+        res.problems[0].starts_with("NodeNetwork node-a: spec.blocks[0].ipv4 (network blue): "),
+        "{}",
+        res.problems[0]
+    );
+}
+
+#[derive(serde::Deserialize)]
+struct Rule {
+    #[serde(rename = "apiGroups")]
+    api_groups: Vec<String>,
+    resources: Vec<String>,
+    verbs: Vec<String>,
+}
+
+/// `(group, resource)` of a request path: `/api/v1/pods` → `("", "pods")`,
+/// `/apis/weft.dev/v1alpha1/nodenetworks/node-a/status` → `("weft.dev", "nodenetworks/status")`.
+fn group_resource(path: &str) -> (String, String) {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let (group, rest) = match parts.as_slice() {
+        ["api", _version, rest @ ..] => ("", rest),
+        ["apis", group, _version, rest @ ..] => (*group, rest),
+        _ => panic!("unexpected path {path}"),
+    };
+    let resource = match rest {
+        [resource] | [resource, _] => (*resource).to_owned(),
+        [resource, _, sub] => format!("{resource}/{sub}"),
+        _ => panic!("unexpected path {path}"),
+    };
+    (group.to_owned(), resource)
+}
+
+#[tokio::test]
+async fn the_charts_agent_rbac_grants_exactly_what_the_source_uses() {
+    let (api, client, mut writes) = FakeApi::start();
+    seed(&api);
+    let mut source = KubeSource::start(client, "node-a");
+    synced(&mut source).await;
+    source.report(&agent_status(None));
+    let w = next_write(&mut writes, Duration::from_secs(1)).await;
+
+    let mut used: HashSet<(String, String, String)> = HashSet::new();
+    for path in ALL {
+        let (group, resource) = group_resource(path);
+        for verb in ["list", "watch"] {
+            used.insert((group.clone(), resource.clone(), verb.to_owned()));
+        }
+    }
+    let (group, resource) = group_resource(&w.path);
+    used.insert((group, resource, "patch".to_owned()));
+
+    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../charts/weft/files/agent-rules.yaml");
+    let rules: Vec<Rule> =
+        serde_saphyr::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let mut granted: HashSet<(String, String, String)> = HashSet::new();
+    for r in &rules {
+        for g in &r.api_groups {
+            for res in &r.resources {
+                for v in &r.verbs {
+                    granted.insert((g.clone(), res.clone(), v.clone()));
+                }
+            }
+        }
+    }
+    let missing: Vec<_> = used.difference(&granted).collect();
+    assert!(missing.is_empty(), "{} lacks {missing:?}", file.display());
+    // Beyond what the agent sends, only `get` on what it watches (for people debugging with
+    // the agent's credentials).
+    let extra: Vec<_> = granted
+        .difference(&used)
+        .filter(|(g, r, v)| {
+            !(v == "get" && used.contains(&(g.clone(), r.clone(), "list".to_owned())))
+        })
+        .collect();
+    assert!(
+        extra.is_empty(),
+        "{} grants unused {extra:?}",
+        file.display()
+    );
+}
