@@ -617,7 +617,7 @@ mod tests {
     fn status_is_pending_with_the_reason_while_a_block_is_not_realized() {
         let mut a = agent(&["blue"], None);
         a.problems = vec![
-            "Network green: spec.mode: Bridge networks are not realized by this agent version yet; the network is skipped".into(),
+            "Network green: attaching eth0 to wn-green was rolled back: the default gateway did not answer".into(),
             "NodeNetwork node-a: spec.blocks[2].ipv4 (network red): \"x\" is not a CIDR".into(),
             "Network other: unrelated".into(),
         ];
