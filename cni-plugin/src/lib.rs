@@ -65,6 +65,7 @@ fn init_logging(conf: &conf::Conf) {
 
 /// Runs one CNI invocation: prints the result or the error object, returns the exit status.
 pub fn run() -> i32 {
+    let started = std::time::Instant::now();
     let invocation = match read_invocation() {
         Ok(i) => i,
         Err(e) => {
@@ -105,13 +106,39 @@ pub fn run() -> i32 {
         Command::Status => gc::status(&conf),
         Command::Version => Ok(()),
     };
-    match outcome {
+    let status = match &outcome {
         Ok(()) => 0,
         Err(e) => {
             error!(code = e.code, msg = %e.msg, details = %e.details, "failed");
-            reply::print_raw(&reply::error_json(&conf.cni_version, &e));
+            reply::print_raw(&reply::error_json(&conf.cni_version, e));
             1
         }
+    };
+    if matches!(invocation.command, Command::Add | Command::Del) {
+        report(
+            &conf,
+            invocation.command,
+            outcome.is_ok(),
+            started.elapsed(),
+        );
+    }
+    status
+}
+
+/// Tells the agent how an ADD or DEL went, for its metrics (best effort, after the result is
+/// printed: an agent that is not there costs a failed connect).
+fn report(conf: &conf::Conf, command: Command, ok: bool, took: std::time::Duration) {
+    let req = weft_dataplane::proto::Request::Report {
+        command: format!("{command:?}").to_ascii_uppercase(),
+        ok,
+        micros: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+    };
+    if let Err(e) = weft_dataplane::proto::call(
+        &conf.agent_socket,
+        &req,
+        std::time::Duration::from_millis(200),
+    ) {
+        tracing::debug!(error = %error::chain(&e), "cannot report to the agent");
     }
 }
 

@@ -59,6 +59,15 @@ pub enum Request {
         /// `CNI_IFNAME`.
         ifname: String,
     },
+    /// A CNI operation finished (for the agent's metrics; the reply is not waited for long).
+    Report {
+        /// `ADD` or `DEL`.
+        command: String,
+        /// Whether it succeeded.
+        ok: bool,
+        /// How long it took, in microseconds.
+        micros: u64,
+    },
     /// Which VM does this pod run (KubeVirt's `vm.kubevirt.io/name` label)? The answer's `vm`
     /// is the VM's stable identity, `namespace/name`, or absent for a plain pod.
     Identity {

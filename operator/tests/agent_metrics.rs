@@ -165,6 +165,33 @@ fn readyz_turns_ready_after_the_first_successful_reconcile_and_metrics_count_rec
             !metrics.contains(r#"reconciliation_errors_total{trigger="resources changed"}"#),
             "{metrics}"
         );
+        // The weft binary reports each ADD and DEL over the socket when it finishes.
+        let socket = state.path().join("agent.sock");
+        let reply = tokio::task::spawn_blocking(move || {
+            weft_dataplane::proto::call(
+                &socket,
+                &weft_dataplane::proto::Request::Report {
+                    command: "ADD".into(),
+                    ok: true,
+                    micros: 3_500,
+                },
+                std::time::Duration::from_secs(5),
+            )
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(reply.ok, "{reply:?}");
+        let metrics = wait_for(
+            addr,
+            "/metrics",
+            r#"weft_agent_cni_operations_total{command="ADD",result="success"} 1"#,
+        )
+        .await;
+        assert!(
+            metrics.contains(r#"weft_agent_cni_duration_seconds_count{command="ADD"} 1"#),
+            "{metrics}"
+        );
         agent.abort();
     });
 }

@@ -10,7 +10,13 @@
 //! - `endpoints`: workload endpoints known on the node;
 //! - `networks`: networks realized on the node;
 //! - `audit_records_total{verdict}`: audit records written, read from the audit reader's
-//!   counters at each scrape.
+//!   counters at each scrape;
+//! - `cni_operations_total{command,result}` and `cni_duration_seconds{command}`: CNI ADD and
+//!   DEL as the `weft` binary reports them over the agent's socket when it finishes;
+//! - `conntrack_entries` and `conntrack_limit`: the node's connection tracking table
+//!   (`nf_conntrack_count` and `nf_conntrack_max`, read at each scrape). Masquerade and port
+//!   forwards need an entry per connection; alert well before entries reach the limit, e.g.
+//!   `weft_agent_conntrack_entries / weft_agent_conntrack_limit > 0.8`.
 
 use super::AgentStatus;
 use super::audit;
@@ -33,6 +39,12 @@ pub struct AgentMetrics {
     duration: Histogram,
     endpoints: Gauge,
     networks: Gauge,
+    cni_ops: Family<Labels, Counter>,
+    cni_duration: Family<Labels, Histogram, fn() -> Histogram>,
+}
+
+fn cni_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 14))
 }
 
 impl Default for AgentMetrics {
@@ -43,6 +55,8 @@ impl Default for AgentMetrics {
             duration: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
             endpoints: Gauge::default(),
             networks: Gauge::default(),
+            cni_ops: Family::default(),
+            cni_duration: Family::new_with_constructor(cni_histogram),
         }
     }
 }
@@ -51,6 +65,19 @@ impl AgentMetrics {
     /// Creates the metrics and registers them, with the audit counters, under the prefix
     /// `weft_agent`.
     pub fn register(registry: &mut Registry, audit: audit::Counters) -> Self {
+        Self::register_with(
+            registry,
+            audit,
+            std::path::Path::new("/proc/sys/net/netfilter"),
+        )
+    }
+
+    /// [`AgentMetrics::register`], reading conntrack's counters from `conntrack_dir`.
+    pub fn register_with(
+        registry: &mut Registry,
+        audit: audit::Counters,
+        conntrack_dir: &std::path::Path,
+    ) -> Self {
         let m = AgentMetrics::default();
         let r = registry.sub_registry_with_prefix("weft_agent");
         r.register(
@@ -78,8 +105,33 @@ impl AgentMetrics {
             "Networks realized on the node",
             m.networks.clone(),
         );
+        r.register(
+            "cni_operations",
+            "CNI operations reported by the weft binary, by command and result",
+            m.cni_ops.clone(),
+        );
+        r.register(
+            "cni_duration_seconds",
+            "Duration of CNI operations as the weft binary measured them, by command",
+            m.cni_duration.clone(),
+        );
         r.register_collector(Box::new(AuditRecords(audit)));
+        r.register_collector(Box::new(Conntrack(conntrack_dir.to_path_buf())));
         m
+    }
+
+    /// Records one CNI operation the `weft` binary reported.
+    pub fn cni(&self, command: &str, ok: bool, took: Duration) {
+        let command = command.to_ascii_uppercase();
+        self.cni_ops
+            .get_or_create(&vec![
+                ("command", command.clone()),
+                ("result", if ok { "success" } else { "error" }.to_string()),
+            ])
+            .inc();
+        self.cni_duration
+            .get_or_create(&vec![("command", command)])
+            .observe(took.as_secs_f64());
     }
 
     /// Records one reconcile started by `trigger`, its outcome and the status it left.
@@ -119,6 +171,42 @@ impl Collector for AuditRecords {
     }
 }
 
+/// `conntrack_entries` and `conntrack_limit`, read at each scrape (absent when the kernel has
+/// no connection tracking loaded).
+#[derive(Debug)]
+struct Conntrack(std::path::PathBuf);
+
+impl Collector for Conntrack {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let read = |name: &str| -> Option<i64> {
+            std::fs::read_to_string(self.0.join(name))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        };
+        for (file, name, help) in [
+            (
+                "nf_conntrack_count",
+                "conntrack_entries",
+                "Connection tracking entries in use on the node",
+            ),
+            (
+                "nf_conntrack_max",
+                "conntrack_limit",
+                "Connection tracking table size: new connections are dropped beyond it",
+            ),
+        ] {
+            if let Some(v) = read(file) {
+                let gauge = prometheus_client::metrics::gauge::ConstGauge::new(v);
+                let metric = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+                gauge.encode(metric)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,5 +239,28 @@ mod tests {
             assert!(text.contains(want), "missing {want} in\n{text}");
         }
         assert!(!text.contains(r#"reconciliation_errors_total{trigger="start"}"#));
+    }
+
+    #[test]
+    fn cni_reports_and_conntrack_fill_are_exported() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("nf_conntrack_count"), "812\n").unwrap();
+        std::fs::write(dir.path().join("nf_conntrack_max"), "65536\n").unwrap();
+        let mut registry = Registry::default();
+        let m = AgentMetrics::register_with(&mut registry, audit::Counters::default(), dir.path());
+        m.cni("add", true, Duration::from_micros(4200));
+        m.cni("ADD", false, Duration::from_millis(30));
+        m.cni("del", true, Duration::from_micros(900));
+        let text = render(&registry).unwrap();
+        for want in [
+            r#"weft_agent_cni_operations_total{command="ADD",result="success"} 1"#,
+            r#"weft_agent_cni_operations_total{command="ADD",result="error"} 1"#,
+            r#"weft_agent_cni_operations_total{command="DEL",result="success"} 1"#,
+            r#"weft_agent_cni_duration_seconds_count{command="ADD"} 2"#,
+            "weft_agent_conntrack_entries 812",
+            "weft_agent_conntrack_limit 65536",
+        ] {
+            assert!(text.contains(want), "missing {want} in\n{text}");
+        }
     }
 }

@@ -325,6 +325,15 @@ impl Reconciler {
         let ready = self.ready.load(Ordering::SeqCst);
         match req {
             Request::Ping => Some(Reply::ok(ready)),
+            Request::Report {
+                command,
+                ok,
+                micros,
+            } => {
+                self.metrics
+                    .cni(command, *ok, Duration::from_micros(*micros));
+                Some(Reply::ok(ready))
+            }
             Request::Identity { namespace, name } => {
                 let vm = self.resources.as_ref().and_then(|r| {
                     r.workloads
