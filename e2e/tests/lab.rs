@@ -72,6 +72,12 @@ fn run_lab(file: &Path, name: &str) -> String {
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     let left = leftovers(&format!("wl-{name}-"));
+    if out.status.code() == Some(3) && stdout.contains("NOT SUPPORTED BY THIS KERNEL") {
+        // Said, not passed: the lab needs a kernel feature this machine lacks.
+        println!("{}: {stdout}", file.display());
+        assert!(left.is_empty(), "the lab left namespaces behind: {left:?}");
+        return stdout;
+    }
     assert!(
         out.status.success(),
         "lab {} failed:\n{stdout}\n{stderr}",
@@ -98,7 +104,10 @@ fn every_example_lab_passes() {
     assert!(!files.is_empty());
     for (i, f) in files.iter().enumerate() {
         let out = run_lab(f, &format!("ex{i}-{}", std::process::id() % 10000));
-        assert!(out.contains("all expectations hold"), "{out}");
+        assert!(
+            out.contains("all expectations hold") || out.contains("NOT SUPPORTED BY THIS KERNEL"),
+            "{out}"
+        );
     }
 }
 

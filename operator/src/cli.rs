@@ -356,12 +356,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let file = args.file.ok_or_else(|| {
                     anyhow::anyhow!("usage: weft-operator lab FILE [--keep] | lab down FILE")
                 })?;
-                let ok = crate::lab::run(&file, args.name.as_deref(), args.keep)?;
-                Ok(if ok {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
-                })
+                match crate::lab::run(&file, args.name.as_deref(), args.keep) {
+                    Ok(true) => Ok(ExitCode::SUCCESS),
+                    Ok(false) => Ok(ExitCode::FAILURE),
+                    // Said on standard output; 3 tells scripts "not checkable here".
+                    Err(e) if e.is::<crate::lab::NotSupported>() => Ok(ExitCode::from(3)),
+                    Err(e) => Err(e),
+                }
             }
         },
     }

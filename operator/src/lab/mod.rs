@@ -21,6 +21,21 @@ use weft_dataplane::netns;
 /// Runs the lab on `file`; returns whether every expectation held.
 pub fn run(path: &Path, name: Option<&str>, keep: bool) -> anyhow::Result<bool> {
     let (spec, resources, docs) = LabFile::load(path)?;
+    let vlans: Vec<String> = resources
+        .networks
+        .iter()
+        .filter(|n| n.spec.vlan().is_some())
+        .filter_map(|n| n.metadata.name.clone())
+        .collect();
+    if !vlans.is_empty()
+        && let Err(why) = topology::kernel_has_vlans(&topology::lab_name(path, name))
+    {
+        println!(
+            "NOT SUPPORTED BY THIS KERNEL: 802.1Q VLANs ({why}); the VLAN networks of this lab ({}) cannot be built here, so nothing was checked",
+            vlans.join(", ")
+        );
+        return Err(NotSupported.into());
+    }
     for p in &resources.problems {
         eprintln!("warning: {p}");
     }
@@ -66,6 +81,11 @@ pub fn run(path: &Path, name: Option<&str>, keep: bool) -> anyhow::Result<bool> 
     }
     result
 }
+
+/// The lab needs a kernel feature this machine lacks (it says which on standard output).
+#[derive(Debug, thiserror::Error)]
+#[error("the lab needs a kernel feature this machine lacks")]
+pub struct NotSupported;
 
 /// `trace FILE --from A --to B --port P`: what the policies decide, without running the lab.
 pub fn run_trace(

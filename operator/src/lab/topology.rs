@@ -93,6 +93,27 @@ fn lab_dir(name: &str) -> PathBuf {
     Path::new(LAB_ROOT).join(name)
 }
 
+/// Whether the kernel makes 802.1Q sub-interfaces: tries one on a veth in a scratch namespace
+/// (removed again); the error says why not.
+pub fn kernel_has_vlans(lab: &str) -> Result<(), String> {
+    let name = format!("wl-{lab}-vlanprobe");
+    let ns = netns::create_named(&name).map_err(|e| e.to_string())?;
+    let result = (|| -> Result<(), String> {
+        let mut nl = Netlink::in_netns(&ns).map_err(|e| e.to_string())?;
+        nl.create_veth_pair("probe0", "probe1", None, None)
+            .map_err(|e| e.to_string())?;
+        let parent = nl
+            .link_by_name("probe0")
+            .map_err(|e| e.to_string())?
+            .ok_or("probe veth missing")?;
+        nl.create_vlan("probe0.10", parent.index, 10, None, None)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })();
+    let _ = netns::delete_named(&name);
+    result
+}
+
 /// Removes a lab by name; returns whether there was one.
 pub fn down_by_name(name: &str) -> anyhow::Result<bool> {
     let dir = lab_dir(name);
