@@ -33,7 +33,14 @@ fn from_allocation(network: &str, a: Allocation) -> Endpoint {
             .host_ifname
             .clone()
             .unwrap_or_else(|| weft_dataplane::names::host_veth_name(&a.container_id, &a.ifname)),
-        mac: a.mac.clone().unwrap_or_default(),
+        // No recorded MAC: the CNI derived it from the addresses, the same way.
+        mac: a.mac.clone().unwrap_or_else(|| {
+            weft_dataplane::names::format_mac(weft_dataplane::names::workload_mac(
+                &a.ips,
+                &a.container_id,
+                &a.ifname,
+            ))
+        }),
         ips: a.ips,
         container_id: a.container_id,
         ifname: a.ifname,
@@ -163,6 +170,14 @@ mod tests {
         }
         let mut eps = EndpointStore::load(dir.path());
         assert_eq!(eps.len(), 2);
+        // A restarted agent knows each port's MAC again (the guard holds ports to it): the CNI
+        // derived it from the address, and so does the store.
+        let a = eps
+            .list()
+            .into_iter()
+            .find(|e| e.container_id == "a")
+            .unwrap();
+        assert_eq!(a.mac, "0a:58:0a:0a:00:02", "{a:?}");
         eps.unregister("nat-demo", "a", "eth0");
         eps.resync(dir.path());
         assert_eq!(
