@@ -168,7 +168,7 @@ fn restart(lab: &str, node: &str, pid: u32, binary: &Path, log_path: &Path) -> C
         .status()
         .unwrap();
     let log = std::fs::File::create(log_path).unwrap();
-    let child = Command::new(binary)
+    let mut child = Command::new(binary)
         .args(&args[1..])
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
@@ -185,6 +185,8 @@ fn restart(lab: &str, node: &str, pid: u32, binary: &Path, log_path: &Path) -> C
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!(
         "the restarted agent of {node} did not reconcile; its log:\n{}",
         std::fs::read_to_string(log_path).unwrap_or_default()
