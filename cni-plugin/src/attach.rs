@@ -95,11 +95,148 @@ impl Drop for Rollback<'_> {
     }
 }
 
-/// ADD.
+/// What the agent knows of the pod: the VM it runs, the Networks its annotation asks for.
+#[derive(Debug, Default)]
+struct PodIdentity {
+    vm: Option<String>,
+    networks: Option<String>,
+}
+
+/// The Networks of a pod's `weft.dev/networks` annotation, in order, or a code 7 error naming
+/// the annotation.
+fn annotated_networks(value: &str) -> Result<Vec<String>, CniError> {
+    let mut out: Vec<String> = Vec::new();
+    for n in value.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let valid = n.len() <= 253
+            && n.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+        if !valid {
+            return Err(CniError::new(
+                error::INVALID_CONFIG,
+                "invalid pod annotation",
+                format!(
+                    "{}: {n:?} is not a Network name; list Network names separated by commas, e.g. \"nat-demo,lan\"",
+                    proto::NETWORKS_ANNOTATION
+                ),
+            ));
+        }
+        if out.iter().any(|o| o == n) {
+            return Err(CniError::new(
+                error::INVALID_CONFIG,
+                "invalid pod annotation",
+                format!(
+                    "{}: Network {n} is listed twice; one interface per Network",
+                    proto::NETWORKS_ANNOTATION
+                ),
+            ));
+        }
+        out.push(n.to_string());
+    }
+    Ok(out)
+}
+
+/// ADD: one interface on the configuration's Network; or, when the pod's `weft.dev/networks`
+/// annotation lists Networks, one interface on each (`CNI_IFNAME` on the first, with the default
+/// route; `net1`, `net2`… on the others), all or nothing.
 pub fn add(conf: &Conf, env: &Env) -> Result<CniResult, CniError> {
-    let network = conf.require_network()?;
-    let container_id = env.container_id()?;
     let ifname = env.ifname()?;
+    let (pod_namespace, pod_name) = env.pod();
+    let pod = match (&pod_namespace, &pod_name) {
+        (Some(ns), Some(name)) => identity(conf, ns, name)?,
+        _ => PodIdentity::default(),
+    };
+    let vm = conf.vm.clone().or(pod.vm);
+    let Some(list) = pod
+        .networks
+        .as_deref()
+        .map(annotated_networks)
+        .transpose()?
+    else {
+        return add_one(
+            conf,
+            env,
+            conf.require_network()?,
+            ifname,
+            conf.default_route,
+            vm,
+            None,
+        );
+    };
+    if list.is_empty() {
+        return add_one(
+            conf,
+            env,
+            conf.require_network()?,
+            ifname,
+            conf.default_route,
+            vm,
+            None,
+        );
+    }
+    let mut done: Vec<(String, String, CniResult)> = Vec::new();
+    for (i, network) in list.iter().enumerate() {
+        let this_if = if i == 0 {
+            ifname.to_string()
+        } else {
+            format!("net{i}")
+        };
+        let parent = (i > 0).then_some(ifname);
+        match add_one(
+            conf,
+            env,
+            network,
+            &this_if,
+            conf.default_route && i == 0,
+            vm.clone(),
+            parent,
+        ) {
+            Ok(r) => done.push((network.clone(), this_if, r)),
+            Err(mut e) => {
+                for (n, ifn, _) in done.iter().rev() {
+                    if let Err(undo) = del_one(conf, env, n, ifn) {
+                        warn!(network = %n, ifname = %ifn, error = %undo.details, "cannot undo an interface of a failed ADD");
+                    }
+                }
+                e.details = format!(
+                    "{} (interface {this_if} on Network {network} of the pod's {} annotation)",
+                    e.details,
+                    proto::NETWORKS_ANNOTATION
+                );
+                return Err(e);
+            }
+        }
+    }
+    let mut merged = CniResult {
+        cni_version: conf.cni_version.clone(),
+        interfaces: Vec::new(),
+        ips: Vec::new(),
+        routes: Vec::new(),
+        dns: Dns::default(),
+    };
+    for (_, _, r) in done {
+        let offset = merged.interfaces.len();
+        merged.interfaces.extend(r.interfaces);
+        merged.ips.extend(r.ips.into_iter().map(|mut ip| {
+            ip.interface = ip.interface.map(|i| i + offset);
+            ip
+        }));
+        merged.routes.extend(r.routes);
+    }
+    Ok(merged)
+}
+
+/// One interface `ifname` on `network`. `parent`: the `CNI_IFNAME` of the ADD that made this
+/// extra interface (its DEL removes it too). Static addresses and MAC apply to `CNI_IFNAME` only.
+fn add_one(
+    conf: &Conf,
+    env: &Env,
+    network: &str,
+    ifname: &str,
+    default_route: bool,
+    vm: Option<String>,
+    parent: Option<&str>,
+) -> Result<CniResult, CniError> {
+    let container_id = env.container_id()?;
     let netns_path = env.netns()?;
     let net = read_network(conf, network)?;
     let ns = Netns::open(Path::new(netns_path)).map_err(|e| {
@@ -128,26 +265,27 @@ pub fn add(conf: &Conf, env: &Env) -> Result<CniResult, CniError> {
         AttachmentKind::Tap(t) => Some(t.clone()),
         AttachmentKind::Veth => None,
     };
+    let statics = parent.is_none();
     // A VM's identity keeps its addresses and MAC across restart and migration.
-    let owner = match (&conf.vm, &tap, &pod_namespace, &pod_name) {
-        (Some(vm), _, _, _) => Some(vm.clone()),
-        (None, Some(_), Some(ns), Some(pod)) => identity(conf, ns, pod)?,
-        _ => None,
-    };
-    let requested_mac = conf
-        .static_mac
-        .or_else(|| owner.as_deref().map(|o| names::vm_mac(o, ifname)));
+    let owner = vm;
+    let static_mac = conf.static_mac.filter(|_| statics);
+    let requested_mac = static_mac.or_else(|| owner.as_deref().map(|o| names::vm_mac(o, ifname)));
     let alloc = store.allocate(
         &pool_of(&net),
         AllocRequest {
             attachment: att.clone(),
-            static_ips: conf.static_ips.clone(),
+            static_ips: if statics {
+                conf.static_ips.clone()
+            } else {
+                Vec::new()
+            },
             mac: requested_mac.map(names::format_mac),
             host_ifname: Some(host_name.clone()),
             pod_namespace: pod_namespace.clone(),
             pod_name: pod_name.clone(),
             netns: Some(netns_path.to_string()),
             owner,
+            parent: parent.map(str::to_string),
         },
     )?;
     let mut rollback = Rollback {
@@ -160,7 +298,7 @@ pub fn add(conf: &Conf, env: &Env) -> Result<CniResult, CniError> {
         .mac
         .as_deref()
         .and_then(names::parse_mac)
-        .or(conf.static_mac)
+        .or(static_mac)
         .unwrap_or_else(|| names::workload_mac(&alloc.ips, container_id, ifname));
 
     // A previous ADD of the same attachment that crashed half-way may have left its veth.
@@ -270,7 +408,7 @@ pub fn add(conf: &Conf, env: &Env) -> Result<CniResult, CniError> {
     }
     inner.set_up(peer.index)?;
     let mut routes = Vec::new();
-    if conf.default_route {
+    if default_route {
         for ip in &alloc.ips {
             if let Some(gw) = gateway_for(ip, &net) {
                 let dst: IpNet = match ip {
@@ -401,8 +539,9 @@ fn unwire_tap(inner: &mut Netlink, ifname: &str) {
     }
 }
 
-/// Asks the agent which VM a pod runs (`namespace/name`), `None` for a plain pod.
-fn identity(conf: &Conf, namespace: &str, name: &str) -> Result<Option<String>, CniError> {
+/// Asks the agent what it knows of a pod: the VM it runs (`vm.kubevirt.io/name`) and its
+/// `weft.dev/networks` annotation.
+fn identity(conf: &Conf, namespace: &str, name: &str) -> Result<PodIdentity, CniError> {
     let reply = proto::call(
         &conf.agent_socket,
         &Request::Identity {
@@ -418,7 +557,10 @@ fn identity(conf: &Conf, namespace: &str, name: &str) -> Result<Option<String>, 
             &e,
         )
     })?;
-    Ok(reply.vm)
+    Ok(PodIdentity {
+        vm: reply.vm,
+        networks: reply.networks,
+    })
 }
 
 fn register(conf: &Conf, endpoint: Endpoint) -> Result<(), CniError> {
@@ -448,10 +590,58 @@ fn register(conf: &Conf, endpoint: Endpoint) -> Result<(), CniError> {
 pub fn del(conf: &Conf, env: &Env) -> Result<(), CniError> {
     let container_id = env.container_id()?;
     let ifname = env.ifname()?;
-    let Some(network) = conf.network.as_deref() else {
-        // Nothing of weft's can exist for a configuration without a network.
-        return Ok(());
+    let mut errors: Vec<String> = Vec::new();
+    if let Some(network) = conf.network.as_deref()
+        && let Err(e) = del_one(conf, env, network, ifname)
+    {
+        errors.push(e.details);
+    }
+    // The interfaces this ADD made from the pod's weft.dev/networks annotation, wherever they
+    // are: the IPAM stores say (the pod may be gone from the API by now).
+    for (network, extra) in extra_interfaces(conf, container_id, ifname) {
+        if Some(network.as_str()) == conf.network.as_deref() && extra == ifname {
+            continue;
+        }
+        if let Err(e) = del_one(conf, env, &network, &extra) {
+            errors.push(e.details);
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(CniError::new(
+            error::IO_FAILURE,
+            "DEL could not remove everything",
+            errors.join("; "),
+        ))
+    }
+}
+
+/// `(network, ifname)` of every allocation of `container_id` whose interface `ifname`'s ADD made
+/// (the annotation's) or that is `ifname` itself on another network.
+fn extra_interfaces(conf: &Conf, container_id: &str, ifname: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir(conf.state_dir.join("ipam")) else {
+        return out;
     };
+    for entry in dir.flatten() {
+        let network = entry.file_name().to_string_lossy().to_string();
+        let Ok(allocs) = IpamStore::open(&conf.state_dir, &network).and_then(|s| s.list()) else {
+            continue;
+        };
+        for a in allocs {
+            if a.container_id == container_id && a.parent.as_deref() == Some(ifname) {
+                out.push((network.clone(), a.ifname));
+            }
+        }
+    }
+    out
+}
+
+/// Removes one interface: best effort and idempotent; a missing netns, link or allocation is
+/// success.
+fn del_one(conf: &Conf, env: &Env, network: &str, ifname: &str) -> Result<(), CniError> {
+    let container_id = env.container_id()?;
     let mut errors: Vec<String> = Vec::new();
     // 1. The agent forgets the endpoint (its rules go first).
     let unregister = Request::Unregister {
@@ -638,4 +828,66 @@ pub fn check(conf: &Conf, env: &Env) -> Result<(), CniError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_networks_annotation_lists_names_in_order_once_each() {
+        assert_eq!(
+            annotated_networks(" nat-demo, lan ,").unwrap(),
+            ["nat-demo", "lan"]
+        );
+        for bad in ["nat-demo,LAN", "a,b,a", "lan@net1"] {
+            let e = annotated_networks(bad).unwrap_err();
+            assert_eq!(e.code, error::INVALID_CONFIG, "{bad}");
+            assert!(e.details.contains("weft.dev/networks"), "{bad}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn del_finds_the_interfaces_its_add_made_from_the_annotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = crate::conf::Env::default();
+        let conf = crate::conf::parse_conf(
+            format!(
+                r#"{{"cniVersion":"1.0.0","name":"n","type":"weft","network":"nat","stateDir":"{}"}}"#,
+                dir.path().display()
+            )
+            .as_bytes(),
+            &env,
+        )
+        .unwrap();
+        let pool = Pool {
+            block_v4: Some("10.0.0.0/24".parse().unwrap()),
+            subnet_v4: Some("10.0.0.0/16".parse().unwrap()),
+            ..Pool::default()
+        };
+        let alloc = |network: &str, cid: &str, ifname: &str, parent: Option<&str>| {
+            IpamStore::open(dir.path(), network)
+                .unwrap()
+                .allocate(
+                    &pool,
+                    AllocRequest {
+                        attachment: Attachment {
+                            container_id: cid.into(),
+                            ifname: ifname.into(),
+                        },
+                        parent: parent.map(str::to_string),
+                        ..AllocRequest::default()
+                    },
+                )
+                .unwrap();
+        };
+        alloc("nat", "c1", "eth0", None);
+        alloc("lan", "c1", "net1", Some("eth0"));
+        alloc("lan", "c1", "net2", None); // a Multus delegate's own attachment
+        alloc("lan", "c2", "net1", Some("eth0"));
+        assert_eq!(
+            extra_interfaces(&conf, "c1", "eth0"),
+            [("lan".to_string(), "net1".to_string())]
+        );
+    }
 }

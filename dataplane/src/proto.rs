@@ -78,6 +78,10 @@ pub enum Request {
     },
 }
 
+/// The pod annotation naming the weft Networks a pod wants, in order (`"nat-demo,lan"`): one
+/// CNI ADD creates an interface on each, the first with the default route.
+pub const NETWORKS_ANNOTATION: &str = "weft.dev/networks";
+
 /// The label KubeVirt puts on a VM's virt-launcher pod: the VM's name.
 pub const VM_NAME_LABEL: &str = "vm.kubevirt.io/name";
 
@@ -96,6 +100,9 @@ pub struct Reply {
     /// For [`Request::Identity`]: the VM the pod runs, `namespace/name`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<String>,
+    /// For [`Request::Identity`]: the pod's [`NETWORKS_ANNOTATION`], as written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub networks: Option<String>,
 }
 
 impl Reply {
@@ -106,6 +113,7 @@ impl Reply {
             ready,
             error: None,
             vm: None,
+            networks: None,
         }
     }
     /// A failure reply.
@@ -115,6 +123,7 @@ impl Reply {
             ready,
             error: Some(msg.into()),
             vm: None,
+            networks: None,
         }
     }
 }

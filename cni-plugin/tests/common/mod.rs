@@ -97,21 +97,27 @@ impl Node {
                 Some(std::thread::spawn(move || {
                     for s in listener.incoming() {
                         let Ok(s) = s else { return };
-                        let mut line = String::new();
-                        let _ = BufReader::new(&s).read_line(&mut line);
-                        if silent {
-                            std::thread::sleep(Duration::from_secs(30));
-                            continue;
-                        }
-                        // A pod named vm-launcher-<x> runs VM default/<x> (its label).
-                        let reply = match line.split("\"name\":\"vm-launcher-").nth(1) {
-                            Some(rest) if line.contains("\"op\":\"identity\"") => {
-                                let vm = rest.split('"').next().unwrap_or_default();
-                                format!("{{\"ok\":true,\"ready\":true,\"vm\":\"default/{vm}\"}}\n")
+                        std::thread::spawn(move || {
+                            let mut line = String::new();
+                            let _ = BufReader::new(&s).read_line(&mut line);
+                            let identity = line.contains("\"op\":\"identity\"");
+                            // Silent: the agent hangs on registrations (it still knows pods).
+                            if silent && !identity {
+                                std::thread::sleep(Duration::from_secs(30));
+                                return;
                             }
-                            _ => "{\"ok\":true,\"ready\":true}\n".to_string(),
-                        };
-                        let _ = (&s).write_all(reply.as_bytes());
+                            // A pod named vm-launcher-<x> runs VM default/<x> (its label).
+                            let reply = match line.split("\"name\":\"vm-launcher-").nth(1) {
+                                Some(rest) if identity => {
+                                    let vm = rest.split('"').next().unwrap_or_default();
+                                    format!(
+                                        "{{\"ok\":true,\"ready\":true,\"vm\":\"default/{vm}\"}}\n"
+                                    )
+                                }
+                                _ => "{\"ok\":true,\"ready\":true}\n".to_string(),
+                            };
+                            let _ = (&s).write_all(reply.as_bytes());
+                        });
                     }
                 }))
             }
@@ -179,12 +185,12 @@ pub fn spawn_weft(command: &str, conf: &Value, env: &[(&str, &str)]) -> std::pro
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child
+    // VERSION may exit before reading its input: a broken pipe is fine.
+    let _ = child
         .stdin
         .take()
         .unwrap()
-        .write_all(conf.to_string().as_bytes())
-        .unwrap();
+        .write_all(conf.to_string().as_bytes());
     child
 }
 

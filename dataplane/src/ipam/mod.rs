@@ -90,6 +90,9 @@ pub struct Allocation {
     /// The VM it belongs to (a stable identity, see [`AllocRequest::owner`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// See [`AllocRequest::parent`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 /// Addresses and MAC kept for one interface of a VM across its attachments (restart, live
@@ -144,6 +147,9 @@ pub struct AllocRequest {
     /// (after a restart, or the migration target while the source still runs) gets the same
     /// addresses and MAC.
     pub owner: Option<String>,
+    /// The `CNI_IFNAME` of the ADD that made this extra interface (a pod's `weft.dev/networks`
+    /// annotation): that interface's DEL removes it too.
+    pub parent: Option<String>,
 }
 
 /// An IP family.
@@ -437,6 +443,7 @@ impl IpamStore {
                     .duration_since(UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs()),
                 owner: req.owner,
+                parent: req.parent,
             };
             info!(network = %self.network, container_id = %allocation.container_id, ifname = %allocation.ifname, ips = ?allocation.ips, "allocated");
             state.allocations.push(allocation.clone());

@@ -391,6 +391,7 @@ fn allocation_records_the_request_metadata() {
                 pod_name: Some("web".into()),
                 netns: Some("/var/run/netns/x".into()),
                 owner: None,
+                parent: None,
             },
         )
         .unwrap();

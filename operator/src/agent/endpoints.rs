@@ -164,6 +164,7 @@ mod tests {
                         pod_name: Some(format!("pod-{c}")),
                         netns: None,
                         owner: None,
+                        parent: None,
                     },
                 )
                 .unwrap();

@@ -4,7 +4,7 @@
 //! PortForward, ClusterSegmentationPolicy and SegmentationPolicy; the labels of every
 //! Namespace; this node's Node (for its labels) and NodeNetwork (for its address blocks); and
 //! the Pods scheduled on this node. Namespaces, the Node and Pods are watched as metadata only:
-//! their labels are all the agent needs; managed fields and annotations are dropped before
+//! their labels (and a pod's `weft.dev/networks` annotation) are all the agent needs; managed fields and other annotations are dropped before
 //! they reach the cache. Watch errors are logged and retried with kube-runtime's default
 //! backoff.
 //!
@@ -169,6 +169,12 @@ impl KubeSource {
                 .map(|p| WorkloadMeta {
                     namespace: p.namespace().unwrap_or_default(),
                     name: p.name_any(),
+                    networks: p
+                        .metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get(weft_dataplane::proto::NETWORKS_ANNOTATION))
+                        .cloned(),
                     labels: p.metadata.labels.unwrap_or_default(),
                 })
                 .collect(),
@@ -283,10 +289,15 @@ where
     let (reader, writer) = reflector::store();
     let synced = Arc::new(AtomicBool::new(false));
     let flag = synced.clone();
-    // The agent never reads managed fields or annotations: keep them out of the cache.
+    // The agent reads no managed fields and one annotation (a pod's `weft.dev/networks`):
+    // keep the rest out of the cache.
     let trimmed = watcher(api, config).modify(|o: &mut K| {
         o.meta_mut().managed_fields = None;
-        o.meta_mut().annotations = None;
+        let kept = o.meta_mut().annotations.take().and_then(|mut a| {
+            a.remove(weft_dataplane::proto::NETWORKS_ANNOTATION)
+                .map(|v| [(weft_dataplane::proto::NETWORKS_ANNOTATION.to_string(), v)].into())
+        });
+        o.meta_mut().annotations = kept;
     });
     let stream = reflector::reflector(writer, trimmed).default_backoff();
     let task = async move {

@@ -335,15 +335,18 @@ impl Reconciler {
                 Some(Reply::ok(ready))
             }
             Request::Identity { namespace, name } => {
-                let vm = self.resources.as_ref().and_then(|r| {
+                let pod = self.resources.as_ref().and_then(|r| {
                     r.workloads
                         .iter()
                         .find(|w| &w.namespace == namespace && &w.name == name)
-                        .and_then(|w| w.labels.get(weft_dataplane::proto::VM_NAME_LABEL))
-                        .map(|vm| format!("{namespace}/{vm}"))
                 });
+                let vm = pod
+                    .and_then(|w| w.labels.get(weft_dataplane::proto::VM_NAME_LABEL))
+                    .map(|vm| format!("{namespace}/{vm}"));
+                let networks = pod.and_then(|w| w.networks.clone());
                 Some(Reply {
                     vm,
+                    networks,
                     ..Reply::ok(ready)
                 })
             }

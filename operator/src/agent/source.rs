@@ -17,6 +17,8 @@ pub struct WorkloadMeta {
     pub name: String,
     /// Labels.
     pub labels: BTreeMap<String, String>,
+    /// The `weft.dev/networks` annotation: the weft Networks the pod wants, one interface each.
+    pub networks: Option<String>,
 }
 
 /// Everything the node plan is computed from, besides the node's own endpoints.
@@ -137,6 +139,8 @@ struct PodMeta {
     namespace: Option<String>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
 }
 
 /// Parses one manifest text (YAML, possibly several documents, or a `List`) into resources.
@@ -226,6 +230,11 @@ pub fn add_document(doc: serde_json::Value, origin: &str, into: &mut Resources) 
                 namespace: p.metadata.namespace.unwrap_or_else(|| "default".into()),
                 name: p.metadata.name,
                 labels: p.metadata.labels,
+                networks: p
+                    .metadata
+                    .annotations
+                    .get(weft_dataplane::proto::NETWORKS_ANNOTATION)
+                    .cloned(),
             }),
             Err(e) => into.problems.push(format!("{origin}: invalid Pod: {e}")),
         },

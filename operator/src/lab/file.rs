@@ -83,8 +83,14 @@ pub struct Workload {
     /// Labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
-    /// weft networks, one interface each: `eth0`, `net1`, …
+    /// weft networks, one interface each: `eth0`, `net1`, … (one CNI ADD per network, as
+    /// Multus delegates them). Leave out when `annotations` has `weft.dev/networks`.
+    #[serde(default)]
     pub networks: Vec<String>,
+    /// The pod's annotations. `weft.dev/networks: "nat-demo,lan"` makes the lab run a single
+    /// CNI ADD that creates every interface, as kubelet would with weft as the cluster's CNI.
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
     /// Listeners (`80/tcp`, `53/udp`).
     #[serde(default)]
     pub listen: Vec<String>,
@@ -94,6 +100,21 @@ pub struct Workload {
     /// Static MAC (CNI_ARGS `MAC=`).
     #[serde(default)]
     pub mac: Option<String>,
+}
+
+impl Workload {
+    /// The networks of the `weft.dev/networks` annotation, if it has one.
+    pub fn annotated_networks(&self) -> Option<Vec<String>> {
+        self.annotations
+            .get(weft_dataplane::proto::NETWORKS_ANNOTATION)
+            .map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|n| !n.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            })
+    }
 }
 
 fn default_namespace() -> String {
@@ -213,8 +234,19 @@ impl LabFile {
     pub fn load(path: &Path) -> anyhow::Result<(LabFile, Resources, Vec<serde_json::Value>)> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("cannot read lab file {}: {e}", path.display()))?;
-        let lab: LabFile = serde_saphyr::from_str(&text)
+        let mut lab: LabFile = serde_saphyr::from_str(&text)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        for (i, w) in lab.workloads.iter_mut().enumerate() {
+            if let Some(list) = w.annotated_networks() {
+                if !w.networks.is_empty() {
+                    anyhow::bail!(
+                        "workloads[{i}].networks: leave it out when annotations {} lists the networks",
+                        weft_dataplane::proto::NETWORKS_ANNOTATION
+                    );
+                }
+                w.networks = list;
+            }
+        }
         let mut docs = lab.resources.clone();
         let base = path.parent().unwrap_or(Path::new("."));
         for f in &lab.resource_files {

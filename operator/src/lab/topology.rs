@@ -342,7 +342,8 @@ impl Lab {
                 }
                 items.push(json!({
                     "apiVersion": "v1", "kind": "Pod",
-                    "metadata": {"name": w.name, "namespace": w.namespace, "labels": labels},
+                    "metadata": {"name": w.name, "namespace": w.namespace, "labels": labels,
+                                 "annotations": w.annotations},
                 }));
             }
             let list = json!({"apiVersion": "v1", "kind": "List", "items": items});
@@ -574,6 +575,7 @@ impl Lab {
                 kind: "Pod".into(),
                 labels: BTreeMap::new(),
                 networks: vec![],
+                annotations: BTreeMap::new(),
                 listen: vec![],
                 ips: vec![],
                 mac: None,
@@ -621,6 +623,44 @@ impl Lab {
                 self.create_ns("g", &w.name)?;
             }
             let mut ips = Vec::new();
+            if w.annotated_networks().is_some() {
+                // One ADD; the CNI reads the annotation (through the agent) and makes every
+                // interface. Its result lists bridge, host end and pod interface per network.
+                let first = w.networks.first().cloned().unwrap_or_default();
+                self.attachments
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("lab attachments poisoned"))?
+                    .entry(w.name.clone())
+                    .or_default()
+                    .push((first.clone(), "eth0".to_string()));
+                let (ok, result) = self.cni(&w.node, "ADD", w, &first, "eth0")?;
+                if !ok {
+                    anyhow::bail!("CNI ADD of workload {} failed: {result}", w.name);
+                }
+                let mut per: Vec<(String, Vec<IpAddr>)> =
+                    w.networks.iter().map(|n| (n.clone(), Vec::new())).collect();
+                for ip in result["ips"].as_array().into_iter().flatten() {
+                    let index = ip["interface"].as_u64().unwrap_or(0) as usize;
+                    if let (Some(a), Some(slot)) = (
+                        ip["address"]
+                            .as_str()
+                            .and_then(|a| a.parse::<ipnet::IpNet>().ok()),
+                        per.get_mut(index / 3),
+                    ) {
+                        ips.push(a.addr());
+                        slot.1.push(a.addr());
+                    }
+                }
+                self.addresses
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("lab addresses poisoned"))?
+                    .entry(w.name.clone())
+                    .or_default()
+                    .extend(per);
+                out.insert(w.name.clone(), ips);
+                after_each(w)?;
+                continue;
+            }
             for (i, network) in w.networks.iter().enumerate() {
                 let ifname = if i == 0 {
                     "eth0".to_string()
