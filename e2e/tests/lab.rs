@@ -371,3 +371,60 @@ fn trace_names_the_deciding_rule_and_exits_by_verdict() {
     assert_eq!(v["ingress"]["rule"]["rule"], "http-from-lan");
     assert_eq!(v["via"], "port forward shop/web on node-a to web-1:80");
 }
+
+#[test]
+fn a_dual_stack_bridge_network_with_a_port_forward_and_policy_on_one_bridge() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = write(dir.path(), "bridge-extra.yaml", BRIDGE_EXTRA);
+    let out = run_lab(&lab, &format!("bx-{}", std::process::id() % 10000));
+    assert!(out.contains("all expectations hold"), "{out}");
+    // East-west on one bridge and a LAN host both meet the policy; the audit saw the denials.
+    assert!(out.contains("audit: deny on node-a"), "{out}");
+}
+
+const BRIDGE_EXTRA: &str = r#"lan:
+  gateway: 192.168.60.1/24
+  gateway6: "fd00:60::1/64"
+nodes:
+  - {name: node-a, address: 192.168.60.11/24, address6: "fd00:60::11/64"}
+  - {name: node-b, address: 192.168.60.12/24, address6: "fd00:60::12/64"}
+resources:
+  - apiVersion: weft.dev/v1alpha1
+    kind: Network
+    metadata: {name: lan}
+    spec:
+      mode: Bridge
+      subnets: [192.168.60.0/24, "fd00:60::/64"]
+      gateway: [192.168.60.1, "fd00:60::1"]
+      ipam: {nodeBlockPrefix: 27, exclude: [192.168.60.0/26, "fd00:60::/120"]}
+      bridge: {uplink: eth0}
+  - apiVersion: weft.dev/v1alpha1
+    kind: PortForward
+    metadata: {name: web, namespace: default}
+    spec:
+      network: lan
+      target: {workload: web}
+      ports: [{protocol: TCP, port: 8080, targetPort: 80}]
+  - apiVersion: weft.dev/v1alpha1
+    kind: ClusterSegmentationPolicy
+    metadata: {name: protect-db}
+    spec:
+      tier: Admin
+      priority: 10
+      subject: {pods: {podSelector: {matchLabels: {app: db}}}}
+      ingress:
+        - {name: web-only, action: Accept, from: [{pods: {podSelector: {matchLabels: {app: web}}}}]}
+        - {name: rest, action: Deny, from: [{cidrs: ["0.0.0.0/0", "::/0"]}], log: true}
+workloads:
+  - {name: web, node: node-a, labels: {app: web}, networks: [lan], listen: [80/tcp]}
+  - {name: db, node: node-a, labels: {app: db}, networks: [lan], listen: [5432/tcp]}
+  - {name: other, node: node-b, labels: {app: other}, networks: [lan], listen: [80/tcp]}
+expect:
+  - {from: web, to: outside, port: 80, family: ipv6, result: allow, sourceSeenAs: self}
+  - {from: node-a, to: outside, port: 80, family: ipv6, result: allow}
+  - {from: outside, to: node-a, port: 8080, result: allow, answeredBy: web}
+  - {from: web, to: db, port: 5432, result: allow}
+  - {from: other, to: db, port: 5432, result: deny}
+  - {from: outside, to: db, port: 5432, result: deny}
+  - {from: other, to: web, port: 80, family: ipv6, result: allow}
+"#;

@@ -259,6 +259,10 @@ pub fn table(nets: &[NetRules], forwards: &[Forward], policy: &crate::policy::Co
                     "ip6 saddr @masq6 oifname != @sealed masquerade".into(),
                     "ct status dnat ip saddr @nets4 oifname @sealed masquerade".into(),
                     "ct status dnat ip6 saddr @nets6 oifname @sealed masquerade".into(),
+                    // A port forward to a Bridge network's workload: its client is usually on
+                    // the same LAN and would get the answer straight from the workload; the
+                    // node answers instead (the workload sees the node's address).
+                    "ct status dnat oifname @bridges oifname != @sealed masquerade".into(),
                 ],
             ),
             base(

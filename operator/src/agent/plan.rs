@@ -265,18 +265,20 @@ pub fn plan(
     let policy = crate::policy::compile_resources(res, &members);
     problems.extend(policy.problems.iter().cloned());
     let mut sysctls = Vec::new();
-    // Only NAT networks route: a node with Bridge networks alone stays a host.
-    if bridges.iter().any(|b| b.uplink.is_none()) {
+    // Only NAT networks and port forwards route: a node with Bridge networks alone stays a
+    // host (IPv6 forwarding would also stop it from accepting router advertisements).
+    let nat = bridges.iter().any(|b| b.uplink.is_none());
+    if nat || forwards.iter().any(|f| f.target.is_ipv4()) {
         sysctls.push(SysctlPlan {
             key: "net.ipv4.ip_forward".into(),
             value: "1".into(),
         });
-        if any_v6 {
-            sysctls.push(SysctlPlan {
-                key: "net.ipv6.conf.all.forwarding".into(),
-                value: "1".into(),
-            });
-        }
+    }
+    if (nat && any_v6) || forwards.iter().any(|f| f.target.is_ipv6()) {
+        sysctls.push(SysctlPlan {
+            key: "net.ipv6.conf.all.forwarding".into(),
+            value: "1".into(),
+        });
     }
     let guard = guard_table(&bridges, &states, endpoints);
     PlanOutput {
