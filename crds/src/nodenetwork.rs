@@ -95,6 +95,32 @@ pub struct NodeNetworkStatus {
     /// The last error the agent hit while applying the spec, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+
+    /// The workload interfaces on the node (pod or VM, network, labels, addresses): the other
+    /// nodes' agents put them into their policies' groups, so a rule naming pods by label
+    /// matches them wherever they run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 4096))]
+    pub workloads: Vec<NodeWorkload>,
+}
+
+/// One workload interface on a node, as its agent publishes it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeWorkload {
+    /// The weft Network of the interface.
+    pub network: String,
+    /// The pod's namespace.
+    pub namespace: String,
+    /// The pod's name (for a VM, its virt-launcher pod).
+    pub name: String,
+    /// The pod's labels.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    #[schemars(length(max = 64))]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// The interface's addresses.
+    #[schemars(length(max = 2))]
+    pub ips: Vec<String>,
 }
 
 impl NodeNetworkStatus {

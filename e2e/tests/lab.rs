@@ -428,3 +428,50 @@ expect:
   - {from: outside, to: db, port: 5432, result: deny}
   - {from: other, to: web, port: 80, family: ipv6, result: allow}
 "#;
+
+#[test]
+fn policies_match_workloads_on_other_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = write(dir.path(), "cross-node.yaml", CROSS_NODE);
+    let out = run_lab(&lab, &format!("xn-{}", std::process::id() % 10000));
+    assert!(out.contains("all expectations hold"), "{out}");
+}
+
+/// Default deny; web (node-b) may reach db (node-a): node-b's egress rule names db and
+/// node-a's ingress rule names web, each running on the other node.
+const CROSS_NODE: &str = r#"lan: {gateway: 192.168.50.1/24}
+nodes:
+  - {name: node-a, address: 192.168.50.11/24}
+  - {name: node-b, address: 192.168.50.12/24}
+resources:
+  - apiVersion: weft.dev/v1alpha1
+    kind: Network
+    metadata: {name: lan}
+    spec:
+      mode: Bridge
+      subnets: [192.168.50.0/24]
+      ipam: {nodeBlockPrefix: 27, exclude: [192.168.50.0/26]}
+      bridge: {uplink: eth0}
+      security: {defaultAction: Deny}
+  - apiVersion: weft.dev/v1alpha1
+    kind: SegmentationPolicy
+    metadata: {name: db, namespace: default}
+    spec:
+      subject: {podSelector: {matchLabels: {app: db}}}
+      ingress:
+        - {name: web, action: Allow, from: [{pods: {podSelector: {matchLabels: {app: web}}}}]}
+  - apiVersion: weft.dev/v1alpha1
+    kind: SegmentationPolicy
+    metadata: {name: web, namespace: default}
+    spec:
+      subject: {podSelector: {matchLabels: {app: web}}}
+      egress:
+        - {name: db, action: Allow, to: [{pods: {podSelector: {matchLabels: {app: db}}}}]}
+workloads:
+  - {name: db, node: node-a, labels: {app: db}, networks: [lan], listen: [5432/tcp]}
+  - {name: web, node: node-b, labels: {app: web}, networks: [lan], listen: [80/tcp]}
+  - {name: other, node: node-b, labels: {app: other}, networks: [lan], listen: [80/tcp]}
+expect:
+  - {from: web, to: db, port: 5432, result: allow}
+  - {from: other, to: db, port: 5432, result: deny}
+"#;

@@ -147,6 +147,11 @@ pub struct AgentOpts {
     /// drops) to this file; standard output when absent.
     #[arg(long, env = "WEFT_AUDIT_LOG")]
     pub audit_log: Option<PathBuf>,
+    /// Standalone (`--manifests`): a directory the nodes' agents share (e.g. over NFS), where each
+    /// writes its workload interfaces (`<node>.json`) and reads the others', so policies match
+    /// workloads on every node. Cluster mode shares them through the NodeNetwork status.
+    #[arg(long, env = "WEFT_PEERS_DIR", conflicts_with = "kube")]
+    pub peers_dir: Option<PathBuf>,
 }
 
 /// Controller flags.
@@ -302,7 +307,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .build()?;
                 rt.block_on(async {
                     let source: Box<dyn agent::source::ResourceSource> = match manifests {
-                        Some(dir) => Box::new(agent::source::ManifestSource::new(dir)),
+                        Some(dir) => {
+                            let source = agent::source::ManifestSource::new(dir);
+                            Box::new(match &opts.peers_dir {
+                                Some(peers) => source.with_peers(peers, &opts.node_name),
+                                None => source,
+                            })
+                        }
                         None => {
                             let client = kube::Client::try_default().await.map_err(|e| {
                                 anyhow::anyhow!(

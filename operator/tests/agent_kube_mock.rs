@@ -300,12 +300,22 @@ fn seed(api: &FakeApi) {
     .list(NODES, vec![partial("node-a", None, &[("pool", "x")])])
     .list(
         NODE_NETWORKS,
-        vec![node_network(
-            "node-a",
-            4,
-            json!([{"network": "blue", "ipv4": "10.10.0.64/26"}]),
-            None,
-        )],
+        vec![
+            node_network(
+                "node-a",
+                4,
+                json!([{"network": "blue", "ipv4": "10.10.0.64/26"}]),
+                None,
+            ),
+            // Another node's agent published its workloads there: peers for the policies.
+            node_network(
+                "node-b",
+                2,
+                json!([{"network": "blue", "ipv4": "10.10.0.128/26"}]),
+                Some(json!({"workloads": [{"network": "blue", "namespace": "shop", "name": "app-1",
+                                           "labels": {"tier": "app"}, "ips": ["10.10.0.130"]}]})),
+            ),
+        ],
     )
     .list(
         PODS,
@@ -414,12 +424,15 @@ async fn snapshot_holds_the_listed_resources_node_labels_and_node_blocks() {
     assert_eq!(blocks.keys().collect::<Vec<_>>(), ["blue"]);
     assert_eq!(blocks["blue"].v4, Some("10.10.0.64/26".parse().unwrap()));
     assert!(res.problems.is_empty(), "{:?}", res.problems);
+    assert_eq!(res.peers.len(), 1, "{:?}", res.peers);
+    assert_eq!(res.peers[0].node, "node-b");
+    assert_eq!(res.peers[0].workload.ips, ["10.10.0.130"]);
+    assert_eq!(res.peers[0].workload.labels["tier"], "app");
 
-    // Node-scoped watches: only this node's Node and NodeNetwork, only its Pods; labels-only
-    // kinds as metadata.
+    // Node-scoped watches: only this node's Node, only its Pods; every NodeNetwork (the others
+    // carry the peers); labels-only kinds as metadata.
     for (path, selector) in [
         (NODES, "fieldSelector=metadata.name%3Dnode-a"),
-        (NODE_NETWORKS, "fieldSelector=metadata.name%3Dnode-a"),
         (PODS, "fieldSelector=spec.nodeName%3Dnode-a"),
     ] {
         let gets = api.gets(path);
@@ -431,7 +444,7 @@ async fn snapshot_holds_the_listed_resources_node_labels_and_node_blocks() {
             );
         }
     }
-    for path in [NETWORKS, NAMESPACES] {
+    for path in [NETWORKS, NAMESPACES, NODE_NETWORKS] {
         assert!(api.gets(path).iter().all(|q| !q.contains("fieldSelector")));
     }
     for path in ALL {

@@ -19,7 +19,7 @@
 
 use super::AgentStatus;
 use super::plan::NodeBlocks;
-use super::source::{ResourceSource, Resources, SourceError, WorkloadMeta};
+use super::source::{Peer, ResourceSource, Resources, SourceError, WorkloadMeta};
 use crate::controller::status::{READY, condition};
 use ::kube::api::{Patch, PatchParams};
 use ::kube::core::PartialObjectMeta;
@@ -81,6 +81,8 @@ pub struct KubeSource {
     last_error: Option<String>,
     /// Whether a snapshot ever succeeded.
     listed: bool,
+    /// This node's workload interfaces, published in its NodeNetwork status.
+    workloads: Vec<weft_crds::NodeWorkload>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -116,7 +118,8 @@ impl KubeSource {
             policies: reflect!("segmentationpolicies", Api::all(client.clone()), all),
             namespaces: reflect!("namespaces", Api::all(client.clone()), all),
             nodes: reflect!("nodes", Api::all(client.clone()), this_node),
-            node_networks: reflect!("nodenetworks", Api::all(client.clone()), this_node),
+            // Every node's: this node's has its blocks, the others' their workloads (peers).
+            node_networks: reflect!("nodenetworks", Api::all(client.clone()), all),
             pods: reflect!("pods", Api::all(client.clone()), on_node),
         };
         let (status, rx) = watch::channel(None);
@@ -131,6 +134,7 @@ impl KubeSource {
             synced,
             changes,
             used: None,
+            workloads: Vec::new(),
             status,
             last_error: None,
             listed: false,
@@ -186,6 +190,25 @@ impl KubeSource {
                 .map(|n| (n.name_any(), n.metadata.labels.clone().unwrap_or_default()))
                 .collect(),
             node_labels: Some(node.metadata.labels.clone().unwrap_or_default()),
+            // The other nodes' workloads, from their NodeNetwork status.
+            peers: self
+                .stores
+                .node_networks
+                .state()
+                .iter()
+                .filter(|n| !named(&n.metadata))
+                .flat_map(|n| {
+                    let node = n.name_any();
+                    n.status
+                        .iter()
+                        .flat_map(|s| s.workloads.iter())
+                        .map(move |w| Peer {
+                            node: node.clone(),
+                            workload: w.clone(),
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect(),
             ..Resources::default()
         };
         let (blocks, problems) = match &node_network {
@@ -237,6 +260,11 @@ impl ResourceSource for KubeSource {
         Ok(self.changes.load(Ordering::Acquire))
     }
 
+    fn publish(&mut self, workloads: &[weft_crds::NodeWorkload]) {
+        // Written with the next status (the agent publishes before it reports).
+        self.workloads = workloads.to_vec();
+    }
+
     fn report(&mut self, status: &AgentStatus) {
         let Some(nn) = self.used.clone() else {
             debug!(node = %self.node, "no NodeNetwork for this node yet; its status is not written");
@@ -247,13 +275,14 @@ impl ResourceSource for KubeSource {
             Some(s) => s.conditions.clone(),
             None => Vec::new(),
         };
-        let new = node_network_status(
+        let mut new = node_network_status(
             status,
             &nn.spec,
             nn.metadata.generation,
             &previous,
             jiff::Timestamp::now(),
         );
+        new.workloads = self.workloads.clone();
         self.status.send_if_modified(|current| {
             if current.as_ref() == Some(&new) {
                 return false;
@@ -475,6 +504,7 @@ pub fn node_network_status(
         bridges: agent.bridges.clone(),
         endpoints: Some(i64::try_from(agent.endpoints).unwrap_or(i64::MAX)),
         last_error: agent.last_error.as_deref().map(truncated),
+        workloads: Vec::new(),
     }
 }
 
@@ -654,11 +684,7 @@ mod tests {
             ready.message
         );
         assert!(ready.message.contains("is not a CIDR"), "{}", ready.message);
-        assert!(
-            ready.message.contains("Bridge networks"),
-            "{}",
-            ready.message
-        );
+        assert!(ready.message.contains("rolled back"), "{}", ready.message);
         assert!(!ready.message.contains("unrelated"), "{}", ready.message);
         assert_eq!(find(&s, DEGRADED).status, "False");
     }

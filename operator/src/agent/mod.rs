@@ -70,6 +70,9 @@ pub struct AgentStatus {
     pub networks: Vec<String>,
     /// Endpoints known.
     pub endpoints: usize,
+    /// Workload interfaces of other nodes in this node's policy groups.
+    #[serde(default)]
+    pub peers: usize,
     /// Port forwards realized: `namespace/name` → target addresses.
     pub forwards: BTreeMap<String, Vec<std::net::IpAddr>>,
     /// Problems with resources.
@@ -235,6 +238,7 @@ impl Reconciler {
         self.status.node = self.cfg.node.name.clone();
         self.status.bridges = out.plan.bridges.iter().map(|b| b.name.clone()).collect();
         self.status.endpoints = self.endpoints.len();
+        self.status.peers = res.peers.len();
         self.status.forwards = out.forwards.clone();
         self.status.policies = out.policy.applies_to.clone();
         if let Ok(mut p) = self.policy.lock() {
@@ -312,6 +316,8 @@ impl Reconciler {
             realized.dedup();
         }
         self.status.networks = realized;
+        self.source
+            .publish(&plan::published(&res, &self.endpoints.list()));
         self.source.report(&self.status);
         if let Err(e) =
             state::write_json_unsynced(&self.cfg.state_dir.join("status.json"), &self.status)

@@ -326,6 +326,20 @@ fn guard_table(
 
 /// The policy members of this node: its endpoints, with their workloads' labels.
 pub fn members(res: &Resources, endpoints: &[Endpoint]) -> Vec<crate::policy::Member> {
+    // Other nodes' workloads are members of the groups too (their policy is enforced there).
+    let peers = res.peers.iter().map(|p| crate::policy::Member {
+        namespace: p.workload.namespace.clone(),
+        name: p.workload.name.clone(),
+        labels: p.workload.labels.clone(),
+        network: p.workload.network.clone(),
+        ips: p
+            .workload
+            .ips
+            .iter()
+            .filter_map(|ip| ip.parse().ok())
+            .collect(),
+        local: false,
+    });
     endpoints
         .iter()
         .map(|e| {
@@ -342,7 +356,32 @@ pub fn members(res: &Resources, endpoints: &[Endpoint]) -> Vec<crate::policy::Me
                 local: true,
             }
         })
+        .chain(peers)
         .collect()
+}
+
+/// This node's workload interfaces as the other nodes' agents need them (for their groups).
+pub fn published(res: &Resources, endpoints: &[Endpoint]) -> Vec<weft_crds::NodeWorkload> {
+    let mut out: Vec<weft_crds::NodeWorkload> = members(res, endpoints)
+        .into_iter()
+        .filter(|m| m.local)
+        .map(|m| weft_crds::NodeWorkload {
+            network: m.network,
+            namespace: m.namespace,
+            name: m.name,
+            labels: m.labels,
+            ips: m.ips.iter().map(|ip| ip.to_string()).collect(),
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        (&a.network, &a.namespace, &a.name, &a.ips).cmp(&(
+            &b.network,
+            &b.namespace,
+            &b.name,
+            &b.ips,
+        ))
+    });
+    out
 }
 
 fn plan_forwards(

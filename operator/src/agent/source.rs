@@ -21,6 +21,15 @@ pub struct WorkloadMeta {
     pub networks: Option<String>,
 }
 
+/// A workload interface on another node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// The node it runs on.
+    pub node: String,
+    /// What its agent published.
+    pub workload: weft_crds::NodeWorkload,
+}
+
 /// Everything the node plan is computed from, besides the node's own endpoints.
 #[derive(Debug, Clone, Default)]
 pub struct Resources {
@@ -39,6 +48,9 @@ pub struct Resources {
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     /// Documents that could not be read, with the reason (reported, never fatal).
     pub problems: Vec<String>,
+    /// Workload interfaces on other nodes, as their agents published them: members of the
+    /// policies' groups here (a rule naming pods by label matches them wherever they run).
+    pub peers: Vec<Peer>,
     /// This node's address blocks per network, when the source knows them (cluster mode: the
     /// controller's `NodeNetwork`). `None`: the agent assigns blocks itself (standalone).
     pub node_blocks: Option<BTreeMap<String, NodeBlocks>>,
@@ -85,18 +97,54 @@ pub trait ResourceSource: Send {
     /// Reports what the agent realized after a reconcile (cluster mode writes it to the node's
     /// `NodeNetwork` status). The standalone source has nowhere to write it.
     fn report(&mut self, _status: &super::AgentStatus) {}
+    /// Publishes this node's workload interfaces for the other nodes' policies (cluster mode:
+    /// the `NodeNetwork` status; standalone: a file in the shared peers directory, if any).
+    fn publish(&mut self, _workloads: &[weft_crds::NodeWorkload]) {}
 }
 
 /// Reads `*.yaml`, `*.yml` and `*.json` files (multi-document YAML allowed) from a directory.
+/// With a peers directory shared by the nodes' agents, each agent writes its workload interfaces
+/// to `<peers>/<node>.json` and reads the other nodes' files.
 #[derive(Debug, Clone)]
 pub struct ManifestSource {
     dir: PathBuf,
+    peers: Option<(PathBuf, String)>,
+    published: Option<Vec<weft_crds::NodeWorkload>>,
 }
 
 impl ManifestSource {
     /// A source on `dir`.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        ManifestSource { dir: dir.into() }
+        ManifestSource {
+            dir: dir.into(),
+            peers: None,
+            published: None,
+        }
+    }
+
+    /// Shares workload interfaces with the other nodes' agents through `dir`, as node `node`.
+    pub fn with_peers(mut self, dir: impl Into<PathBuf>, node: impl Into<String>) -> Self {
+        self.peers = Some((dir.into(), node.into()));
+        self
+    }
+
+    /// The other nodes' files in the peers directory.
+    fn peer_files(&self) -> Vec<(String, PathBuf)> {
+        let Some((dir, me)) = &self.peers else {
+            return Vec::new();
+        };
+        let mut out: Vec<(String, PathBuf)> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().to_string();
+                let node = name.strip_suffix(".json")?.to_string();
+                (node != *me).then(|| (node, e.path()))
+            })
+            .collect();
+        out.sort();
+        out
     }
 
     fn files(&self) -> Result<Vec<PathBuf>, SourceError> {
@@ -256,19 +304,53 @@ impl ResourceSource for ManifestSource {
                     .push(format!("{}: cannot read: {e}", file.display())),
             }
         }
+        for (node, file) in self.peer_files() {
+            match weft_dataplane::state::read_json::<Vec<weft_crds::NodeWorkload>>(&file) {
+                Ok(list) => res.peers.extend(list.into_iter().map(|workload| Peer {
+                    node: node.clone(),
+                    workload,
+                })),
+                Err(e) => res
+                    .problems
+                    .push(format!("peers of node {node}: {}", crate::error_chain(&e))),
+            }
+        }
         Ok(res)
     }
 
     fn fingerprint(&mut self) -> Result<u64, SourceError> {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        for file in self.files()? {
+        let peers = self.peer_files().into_iter().map(|(_, f)| f);
+        for file in self.files()?.into_iter().chain(peers) {
             file.hash(&mut h);
             if let Ok(bytes) = std::fs::read(&file) {
                 bytes.hash(&mut h);
             }
         }
         Ok(h.finish())
+    }
+
+    fn publish(&mut self, workloads: &[weft_crds::NodeWorkload]) {
+        let Some((dir, me)) = &self.peers else {
+            return;
+        };
+        if self.published.as_deref() == Some(workloads) {
+            return;
+        }
+        let path = dir.join(format!("{me}.json"));
+        let written = std::fs::create_dir_all(dir)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                weft_dataplane::state::write_json_unsynced(&path, &workloads)
+                    .map_err(|e| crate::error_chain(&e))
+            });
+        match written {
+            Ok(()) => self.published = Some(workloads.to_vec()),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot publish the node's workloads")
+            }
+        }
     }
 }
 
@@ -333,5 +415,50 @@ metadata: {name: ignored}
         assert_eq!(f1, src.fingerprint().unwrap());
         std::fs::write(dir.path().join("b.yaml"), "").unwrap();
         assert_ne!(f1, src.fingerprint().unwrap());
+    }
+}
+
+#[cfg(test)]
+mod peer_tests {
+    use super::*;
+
+    #[test]
+    fn agents_sharing_a_peers_directory_see_each_others_workloads_and_not_their_own() {
+        let manifests = tempfile::tempdir().unwrap();
+        let peers = tempfile::tempdir().unwrap();
+        let mut a = ManifestSource::new(manifests.path()).with_peers(peers.path(), "node-a");
+        let mut b = ManifestSource::new(manifests.path()).with_peers(peers.path(), "node-b");
+        let web = weft_crds::NodeWorkload {
+            network: "lan".into(),
+            namespace: "shop".into(),
+            name: "web-1".into(),
+            labels: [("app".to_string(), "web".to_string())].into(),
+            ips: vec!["10.0.0.5".into()],
+        };
+        let before = a.fingerprint().unwrap();
+        b.publish(std::slice::from_ref(&web));
+        assert_ne!(
+            a.fingerprint().unwrap(),
+            before,
+            "a peer's change is a change"
+        );
+        let seen = a.snapshot().unwrap().peers;
+        assert_eq!(
+            seen,
+            [Peer {
+                node: "node-b".into(),
+                workload: web
+            }]
+        );
+        assert!(b.snapshot().unwrap().peers.is_empty(), "not its own");
+        // Unchanged workloads are not rewritten.
+        let file = peers.path().join("node-b.json");
+        let written = std::fs::metadata(&file).unwrap().modified().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        b.publish(&seen.iter().map(|p| p.workload.clone()).collect::<Vec<_>>());
+        assert_eq!(
+            std::fs::metadata(&file).unwrap().modified().unwrap(),
+            written
+        );
     }
 }

@@ -263,6 +263,9 @@ fn run_lab(lab: &Lab, res: &crate::agent::source::Resources) -> anyhow::Result<b
         }
         Ok(())
     })?;
+    // Each agent learns the other nodes' workloads from their published files a moment later:
+    // wait for that, so policies naming pods on other nodes are complete before probing.
+    lab.wait_peers(Duration::from_secs(15))?;
 
     let addresses = lab.addresses();
     let members = trace::members(spec, res, Some(&addresses));

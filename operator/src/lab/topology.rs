@@ -391,6 +391,43 @@ impl Lab {
         Ok(PortGuards(stop))
     }
 
+    /// Waits until every node's agent has every other node's workload interfaces in its policy
+    /// groups (nodes whose uplink change rolled back hold none and are not waited for).
+    pub fn wait_peers(&self, timeout: Duration) -> anyhow::Result<()> {
+        let counts: BTreeMap<String, usize> = {
+            let addresses = self.addresses();
+            let mut c = BTreeMap::new();
+            for w in &self.spec.workloads {
+                *c.entry(w.node.clone()).or_insert(0) +=
+                    addresses.get(&w.name).map_or(0, |nets| nets.len());
+            }
+            c
+        };
+        let total: usize = counts.values().sum();
+        let deadline = Instant::now() + timeout;
+        for node in self.spec.nodes.iter().filter(|n| !n.port_guard) {
+            let want = total - counts.get(&node.name).copied().unwrap_or(0);
+            loop {
+                let have = self
+                    .agent_status(&node.name)
+                    .and_then(|s| s["peers"].as_u64())
+                    .unwrap_or(0) as usize;
+                if have >= want {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    anyhow::bail!(
+                        "the agent of node {} knows {have} of the {want} workload interfaces on other nodes after {}s",
+                        node.name,
+                        timeout.as_secs()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
     /// Waits until the agent of `node` reports a rolled-back uplink change; returns the report.
     pub fn wait_rollback(&self, node: &str, timeout: Duration) -> anyhow::Result<String> {
         let deadline = Instant::now() + timeout;
@@ -462,6 +499,8 @@ impl Lab {
                 .arg(&weft)
                 .arg("--audit-log")
                 .arg(dir.join("audit.jsonl"))
+                .arg("--peers-dir")
+                .arg(self.dir.join("peers"))
                 .env(
                     "WEFT_LOG",
                     std::env::var("WEFT_LOG").unwrap_or_else(|_| "info".into()),
