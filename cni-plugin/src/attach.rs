@@ -100,6 +100,7 @@ impl Drop for Rollback<'_> {
 struct PodIdentity {
     vm: Option<String>,
     networks: Option<String>,
+    migration: std::collections::BTreeMap<String, proto::MigrationSource>,
 }
 
 /// The Networks of a pod's `weft.dev/networks` annotation, in order, or a code 7 error naming
@@ -146,31 +147,36 @@ pub fn add(conf: &Conf, env: &Env) -> Result<CniResult, CniError> {
         _ => PodIdentity::default(),
     };
     let vm = conf.vm.clone().or(pod.vm);
+    let migration = &pod.migration;
     let Some(list) = pod
         .networks
         .as_deref()
         .map(annotated_networks)
         .transpose()?
     else {
+        let network = conf.require_network()?;
         return add_one(
             conf,
             env,
-            conf.require_network()?,
+            network,
             ifname,
             conf.default_route,
             vm,
             None,
+            migration.get(network),
         );
     };
     if list.is_empty() {
+        let network = conf.require_network()?;
         return add_one(
             conf,
             env,
-            conf.require_network()?,
+            network,
             ifname,
             conf.default_route,
             vm,
             None,
+            migration.get(network),
         );
     }
     let mut done: Vec<(String, String, CniResult)> = Vec::new();
@@ -189,6 +195,7 @@ pub fn add(conf: &Conf, env: &Env) -> Result<CniResult, CniError> {
             conf.default_route && i == 0,
             vm.clone(),
             parent,
+            migration.get(network),
         ) {
             Ok(r) => done.push((network.clone(), this_if, r)),
             Err(mut e) => {
@@ -227,6 +234,9 @@ pub fn add(conf: &Conf, env: &Env) -> Result<CniResult, CniError> {
 
 /// One interface `ifname` on `network`. `parent`: the `CNI_IFNAME` of the ADD that made this
 /// extra interface (its DEL removes it too). Static addresses and MAC apply to `CNI_IFNAME` only.
+/// `migration`: the VM runs on another node now; this is its live migration's target, which
+/// keeps the VM's addresses and MAC and stays pending until the VM arrives.
+#[allow(clippy::too_many_arguments)]
 fn add_one(
     conf: &Conf,
     env: &Env,
@@ -235,6 +245,7 @@ fn add_one(
     default_route: bool,
     vm: Option<String>,
     parent: Option<&str>,
+    migration: Option<&proto::MigrationSource>,
 ) -> Result<CniResult, CniError> {
     let container_id = env.container_id()?;
     let netns_path = env.netns()?;
@@ -268,23 +279,28 @@ fn add_one(
     let statics = parent.is_none();
     // A VM's identity keeps its addresses and MAC across restart and migration.
     let owner = vm;
-    let static_mac = conf.static_mac.filter(|_| statics);
+    let migration = migration.filter(|_| tap.is_some() && owner.is_some());
+    let static_mac = match migration {
+        Some(m) => names::parse_mac(&m.mac),
+        None => conf.static_mac.filter(|_| statics),
+    };
     let requested_mac = static_mac.or_else(|| owner.as_deref().map(|o| names::vm_mac(o, ifname)));
     let alloc = store.allocate(
         &pool_of(&net),
         AllocRequest {
             attachment: att.clone(),
-            static_ips: if statics {
-                conf.static_ips.clone()
-            } else {
-                Vec::new()
+            static_ips: match migration {
+                Some(m) => m.ips.clone(),
+                None if statics => conf.static_ips.clone(),
+                None => Vec::new(),
             },
+            adopt: migration.is_some(),
             mac: requested_mac.map(names::format_mac),
             host_ifname: Some(host_name.clone()),
             pod_namespace: pod_namespace.clone(),
             pod_name: pod_name.clone(),
             netns: Some(netns_path.to_string()),
-            owner,
+            owner: owner.clone(),
             parent: parent.map(str::to_string),
         },
     )?;
@@ -346,6 +362,8 @@ fn add_one(
                 pod_namespace,
                 pod_name,
                 netns: Some(netns_path.to_string()),
+                vm: owner.clone(),
+                pending: migration.is_some(),
             },
         )
         .inspect_err(|_| unwire_tap(&mut inner, ifname))?;
@@ -442,6 +460,8 @@ fn add_one(
             pod_namespace,
             pod_name,
             netns: Some(netns_path.to_string()),
+            vm: owner.clone(),
+            pending: migration.is_some(),
         },
     )?;
     rollback.armed = false;
@@ -547,6 +567,7 @@ fn identity(conf: &Conf, namespace: &str, name: &str) -> Result<PodIdentity, Cni
         &Request::Identity {
             namespace: namespace.to_string(),
             name: name.to_string(),
+            vm: conf.vm.clone(),
         },
         conf.agent_timeout,
     )
@@ -560,6 +581,7 @@ fn identity(conf: &Conf, namespace: &str, name: &str) -> Result<PodIdentity, Cni
     Ok(PodIdentity {
         vm: reply.vm,
         networks: reply.networks,
+        migration: reply.migration,
     })
 }
 

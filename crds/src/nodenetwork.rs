@@ -104,8 +104,16 @@ pub struct NodeNetworkStatus {
     pub workloads: Vec<NodeWorkload>,
 }
 
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
 /// One workload interface on a node, as its agent publishes it.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeWorkload {
     /// The weft Network of the interface.
@@ -121,6 +129,16 @@ pub struct NodeWorkload {
     /// The interface's addresses.
     #[schemars(length(max = 2))]
     pub ips: Vec<String>,
+    /// For a VM: its stable identity (`namespace/name`); a live migration's target node keeps
+    /// the VM's addresses and MAC from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
+    /// The interface's MAC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// False for a live migration's target port that waits for the VM to arrive.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub active: bool,
 }
 
 impl NodeNetworkStatus {

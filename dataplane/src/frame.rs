@@ -62,6 +62,20 @@ pub fn arp_request(mac: [u8; 6], sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> 
     f
 }
 
+/// The RARP request a VMM broadcasts from a VM's MAC when the VM resumes after a live migration
+/// (QEMU's `announce-self`): switches learn where the MAC is now.
+pub fn rarp_announce(mac: [u8; 6]) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend(mac);
+    f.extend([0x80, 0x35]); // RARP
+    f.extend([0, 1, 0x08, 0x00, 6, 4, 0, 3]); // Ethernet, IPv4, reverse request
+    f.extend(mac);
+    f.extend([0; 4]);
+    f.extend(mac);
+    f.extend([0; 4]);
+    f
+}
+
 /// Is `frame` an ARP reply (or a gratuitous announcement) whose sender is `from`?
 pub fn is_arp_reply_from(frame: &[u8], from: Ipv4Addr) -> bool {
     frame.len() >= 42

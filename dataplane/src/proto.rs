@@ -37,6 +37,13 @@ pub struct Endpoint {
     /// `CNI_NETNS`.
     #[serde(default)]
     pub netns: Option<String>,
+    /// The VM's stable identity (`namespace/name`), for a VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
+    /// A live migration's target: the port passes nothing until the VM announces itself on it
+    /// (the RARP QEMU sends when it resumes) or the source is gone.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pending: bool,
 }
 
 /// A request from the CNI to the agent.
@@ -75,7 +82,28 @@ pub enum Request {
         namespace: String,
         /// The pod's name.
         name: String,
+        /// The VM identity the runtime gave (`CNI_ARGS VM_NAME`), if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        vm: Option<String>,
     },
+    /// A pending port's VM announced itself there: activate it (sent by the agent's NFLOG
+    /// reader to the agent's own queue).
+    Activate {
+        /// The host-side port.
+        host_ifname: String,
+    },
+}
+
+/// A VM running on another node while its migration target is being attached here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationSource {
+    /// The node the VM runs on now.
+    pub node: String,
+    /// Its addresses on the network, kept.
+    pub ips: Vec<IpAddr>,
+    /// Its MAC, kept.
+    pub mac: String,
 }
 
 /// The pod annotation naming the weft Networks a pod wants, in order (`"nat-demo,lan"`): one
@@ -103,6 +131,10 @@ pub struct Reply {
     /// For [`Request::Identity`]: the pod's [`NETWORKS_ANNOTATION`], as written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub networks: Option<String>,
+    /// For [`Request::Identity`]: the VM runs on other nodes now (a live migration's target),
+    /// by network.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub migration: std::collections::BTreeMap<String, MigrationSource>,
 }
 
 impl Reply {
@@ -114,6 +146,7 @@ impl Reply {
             error: None,
             vm: None,
             networks: None,
+            migration: Default::default(),
         }
     }
     /// A failure reply.
@@ -124,6 +157,7 @@ impl Reply {
             error: Some(msg.into()),
             vm: None,
             networks: None,
+            migration: Default::default(),
         }
     }
 }

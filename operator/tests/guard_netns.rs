@@ -38,6 +38,7 @@ impl Workload {
             ifname: self.port.clone(),
             mac: self.mac,
             ips: vec![self.v4.parse().unwrap(), self.v6.parse().unwrap()],
+            pending: false,
         }
     }
 }

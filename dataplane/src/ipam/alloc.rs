@@ -23,6 +23,8 @@ fn addr(family: IpFamily, n: u128) -> IpAddr {
 struct Space {
     family: IpFamily,
     block: IpNet,
+    /// The network's subnet (a migrating VM keeps an address of another node's block).
+    subnet: Option<IpNet>,
     /// First and last address of the block.
     lo: u128,
     hi: u128,
@@ -68,6 +70,7 @@ impl Space {
         Some(Space {
             family,
             block,
+            subnet,
             lo: num(block.network()),
             hi: num(block.broadcast()),
             reserved,
@@ -132,6 +135,7 @@ pub(super) fn choose(
     network: &str,
     pool: &Pool,
     static_ips: &[IpAddr],
+    adopt: bool,
     state: &mut StoreFile,
 ) -> Result<Vec<IpAddr>, IpamError> {
     let mut wanted: BTreeMap<IpFamily, IpAddr> = BTreeMap::new();
@@ -179,7 +183,14 @@ pub(super) fn choose(
             .collect();
         if let Some(ip) = wanted.get(&space.family) {
             let n = num(*ip);
-            if !space.block.contains(ip) {
+            // An adopted address (a VM migrating in) may lie in another node's block of the
+            // subnet; any other static address must be in this node's block.
+            let inside = if adopt {
+                space.subnet.unwrap_or(space.block).contains(ip)
+            } else {
+                space.block.contains(ip)
+            };
+            if !inside {
                 return Err(IpamError::StaticOutOfBlock {
                     ip: *ip,
                     block: Some(space.block),

@@ -150,6 +150,9 @@ pub struct AllocRequest {
     /// The `CNI_IFNAME` of the ADD that made this extra interface (a pod's `weft.dev/networks`
     /// annotation): that interface's DEL removes it too.
     pub parent: Option<String>,
+    /// `static_ips` are a migrating VM's addresses, kept from the node it comes from: they may
+    /// lie outside this node's block (inside the subnet).
+    pub adopt: bool,
 }
 
 /// An IP family.
@@ -418,7 +421,8 @@ impl IpamStore {
                     (r.ips, r.mac.or(req.mac))
                 }
                 None => {
-                    let ips = alloc::choose(&self.network, pool, &req.static_ips, state)?;
+                    let ips =
+                        alloc::choose(&self.network, pool, &req.static_ips, req.adopt, state)?;
                     if let Some(owner) = &req.owner {
                         state.reservations.push(Reservation {
                             owner: owner.clone(),

@@ -392,6 +392,7 @@ fn allocation_records_the_request_metadata() {
                 netns: Some("/var/run/netns/x".into()),
                 owner: None,
                 parent: None,
+                adopt: false,
             },
         )
         .unwrap();

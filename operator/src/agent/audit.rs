@@ -225,13 +225,16 @@ pub fn bind() -> std::io::Result<netlink_sys::Socket> {
     Ok(socket)
 }
 
-/// Reads the group forever (a dedicated thread), writing records to `out`.
+/// Reads the group forever (a dedicated thread), writing records to `out`. A pending port's
+/// logged announcement ([`super::guard::ACTIVATE_PREFIX`]) goes to `on_activate` with the
+/// index of the port it arrived on.
 pub fn run(
     socket: netlink_sys::Socket,
     node: String,
     compiled: SharedPolicy,
     mut out: Box<dyn Write + Send>,
     counters: Counters,
+    on_activate: Box<dyn Fn(u32) + Send>,
 ) {
     let mut buf = vec![0; 65536];
     loop {
@@ -261,6 +264,26 @@ pub fn run(
                     PacketNla::Payload(p) => Some(p.as_slice()),
                     _ => None,
                 });
+                if prefix.as_deref().map(str::trim) == Some(super::guard::ACTIVATE_PREFIX.trim()) {
+                    // Logged in the bridge family, the port is the physical input device
+                    // (the input device is the bridge) when br_netfilter is loaded.
+                    let physical = nlas.iter().find_map(|n| match n {
+                        PacketNla::IfIndexPhysInDev(i) => Some(*i),
+                        _ => None,
+                    });
+                    let input = nlas.iter().find_map(|n| match n {
+                        PacketNla::IfIndexInDev(i) => Some(*i),
+                        _ => None,
+                    });
+                    if let Some(port) = physical.or(input) {
+                        on_activate(port);
+                    }
+                    if len == 0 {
+                        break;
+                    }
+                    offset += len;
+                    continue;
+                }
                 if let (Some(prefix), Some(payload)) = (prefix, payload) {
                     let time = jiff::Timestamp::now().to_string();
                     let current = compiled.lock().map(|c| Arc::clone(&c)).ok();

@@ -47,6 +47,9 @@ fn from_allocation(network: &str, a: Allocation) -> Endpoint {
         pod_namespace: a.pod_namespace,
         pod_name: a.pod_name,
         netns: a.netns,
+        vm: a.owner,
+        // A restarted agent cannot tell a pending migration target: it takes it as active.
+        pending: false,
     }
 }
 
@@ -99,6 +102,17 @@ impl EndpointStore {
             }
         }
         self.endpoints = fresh;
+    }
+
+    /// Activates a pending port (a live migration's target whose VM arrived); the endpoint, if
+    /// it was pending.
+    pub fn activate(&mut self, host_ifname: &str) -> Option<Endpoint> {
+        let ep = self
+            .endpoints
+            .values_mut()
+            .find(|e| e.host_ifname == host_ifname && e.pending)?;
+        ep.pending = false;
+        Some(ep.clone())
     }
 
     /// Adds or replaces an endpoint.
@@ -165,6 +179,7 @@ mod tests {
                         netns: None,
                         owner: None,
                         parent: None,
+                        adopt: false,
                     },
                 )
                 .unwrap();

@@ -10,6 +10,9 @@
 //! - `ips4` (`ifname . ipv4_addr`), `ips6` (`ifname . ipv6_addr`): its addresses; `ips6` also
 //!   holds the EUI-64 link-local address derived from the MAC.
 //!
+//! - `pending` (`ifname`): live migration targets that wait for their VM (see
+//!   [`PortGuard::pending`]).
+//!
 //! One base chain, `prerouting` (`type filter hook prerouting priority filter`, -200 in the
 //! bridge family, before br_netfilter's hooks at 0), sees every frame a bridge port receives,
 //! in this order:
@@ -50,7 +53,14 @@ pub struct PortGuard {
     /// The workload's addresses on this port; the EUI-64 link-local address is added by
     /// [`table`], do not list it.
     pub ips: Vec<IpAddr>,
+    /// A live migration's target port: nothing passes it, either way, until the VM announces
+    /// itself there (its RARP is logged with [`ACTIVATE_PREFIX`] for the agent) or the agent
+    /// activates it because the source is gone.
+    pub pending: bool,
 }
+
+/// The log prefix of a pending port's RARP (QEMU's announcement when a migrated VM resumes).
+pub const ACTIVATE_PREFIX: &str = "weft activate ";
 
 /// What the first rule uses to tell weft's ports from other bridges' ports.
 ///
@@ -107,6 +117,9 @@ fn rules() -> Vec<String> {
         "iifname @open accept",
         // A weft port the agent has not registered (yet): fail closed.
         "iifname != @ports drop",
+        // A live migration's target: the VM's announcement activates it; nothing else passes.
+        "iifname @pending ether type 0x8035 log prefix \"weft activate \" group 2727 drop",
+        "iifname @pending drop",
         "ether type { 8021q, 8021ad } drop",
         "ether type != { ip, arp, ip6 } drop",
         "iifname . ether saddr != @macs drop",
@@ -137,6 +150,11 @@ pub fn table(bridges: &[String], guarded: &[PortGuard], open: &[String]) -> Tabl
         .map(|p| quoted(p))
         .filter(|p| !guarded_names.contains(p))
         .collect();
+    let pending: BTreeSet<String> = guarded
+        .iter()
+        .filter(|p| p.pending)
+        .map(|p| quoted(&p.ifname))
+        .collect();
     let mut macs = BTreeSet::new();
     let mut ips4 = BTreeSet::new();
     let mut ips6 = BTreeSet::new();
@@ -166,18 +184,33 @@ pub fn table(bridges: &[String], guarded: &[PortGuard], open: &[String]) -> Tabl
             set("macs", "ifname . ether_addr", macs),
             set("ips4", "ifname . ipv4_addr", ips4),
             set("ips6", "ifname . ipv6_addr", ips6),
+            set("pending", "ifname", pending),
         ],
         maps: vec![],
-        chains: vec![Chain {
-            name: "prerouting".into(),
-            base: Some(BaseChain {
-                kind: "filter".into(),
-                hook: "prerouting".into(),
-                priority: "filter".into(),
-                policy: Some("accept".into()),
-            }),
-            rules: rules(),
-        }],
+        chains: vec![
+            Chain {
+                name: "prerouting".into(),
+                base: Some(BaseChain {
+                    kind: "filter".into(),
+                    hook: "prerouting".into(),
+                    priority: "filter".into(),
+                    policy: Some("accept".into()),
+                }),
+                rules: rules(),
+            },
+            // Nothing reaches a pending port: the LAN keeps delivering the VM's MAC to the
+            // node the VM still runs on.
+            Chain {
+                name: "forward".into(),
+                base: Some(BaseChain {
+                    kind: "filter".into(),
+                    hook: "forward".into(),
+                    priority: "filter".into(),
+                    policy: Some("accept".into()),
+                }),
+                rules: vec!["oifname @pending drop".into()],
+            },
+        ],
     }
 }
 
@@ -191,6 +224,7 @@ mod tests {
             ifname: ifname.into(),
             mac,
             ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
+            pending: false,
         }
     }
 

@@ -18,7 +18,7 @@ use plan::{NodeBlocks, NodeContext, PlanOutput};
 use serde::Serialize;
 use source::ResourceSource;
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,7 +28,7 @@ use tracing::{error, info, warn};
 use weft_dataplane::netlink::Netlink;
 use weft_dataplane::nft::NftCli;
 use weft_dataplane::plan::{self as dplan, ApplyReport, ProcSysctls};
-use weft_dataplane::proto::{Reply, Request};
+use weft_dataplane::proto::{Endpoint, Reply, Request};
 use weft_dataplane::state::{self, NodeState};
 
 /// The agent's settings.
@@ -73,6 +73,9 @@ pub struct AgentStatus {
     /// Workload interfaces of other nodes in this node's policy groups.
     #[serde(default)]
     pub peers: usize,
+    /// Live migration targets waiting for their VM.
+    #[serde(default)]
+    pub pending: usize,
     /// Port forwards realized: `namespace/name` → target addresses.
     pub forwards: BTreeMap<String, Vec<std::net::IpAddr>>,
     /// Problems with resources.
@@ -181,6 +184,8 @@ struct Reconciler {
     policy: audit::SharedPolicy,
     /// Audit counters.
     audit: audit::Counters,
+    /// Ports activated since the last apply (their VM is announced on the LAN after it).
+    activated: Vec<Endpoint>,
     /// Metrics.
     metrics: metrics::AgentMetrics,
 }
@@ -204,6 +209,19 @@ impl Reconciler {
                 r
             }
         };
+        // A pending migration target whose VM runs on no other node any more (the source is
+        // gone, or the VM never announced itself): activate it.
+        for ep in self.endpoints.list() {
+            let Some(vm) = ep.vm.as_deref().filter(|_| ep.pending) else {
+                continue;
+            };
+            if plan::migration_sources(&res, vm).is_empty()
+                && let Some(ep) = self.endpoints.activate(&ep.host_ifname)
+            {
+                info!(port = %ep.host_ifname, %vm, "the VM runs on no other node: port activated");
+                self.activated.push(ep);
+            }
+        }
         let out = compute(&self.cfg, &res, &self.endpoints);
         let mut problems: Vec<String> = res.problems.clone();
         problems.extend(out.problems.iter().map(|p| p.to_string()));
@@ -234,11 +252,17 @@ impl Reconciler {
             Ok(_) => Some(out.plan.clone()),
             Err(_) => None,
         };
+        if result.is_ok() {
+            for ep in std::mem::take(&mut self.activated) {
+                announce(&out.plan, &ep);
+            }
+        }
         self.status.generation += 1;
         self.status.node = self.cfg.node.name.clone();
         self.status.bridges = out.plan.bridges.iter().map(|b| b.name.clone()).collect();
         self.status.endpoints = self.endpoints.len();
         self.status.peers = res.peers.len();
+        self.status.pending = self.endpoints.list().iter().filter(|e| e.pending).count();
         self.status.forwards = out.forwards.clone();
         self.status.policies = out.policy.applies_to.clone();
         if let Ok(mut p) = self.policy.lock() {
@@ -340,22 +364,41 @@ impl Reconciler {
                     .cni(command, *ok, Duration::from_micros(*micros));
                 Some(Reply::ok(ready))
             }
-            Request::Identity { namespace, name } => {
+            Request::Identity {
+                namespace,
+                name,
+                vm: given,
+            } => {
                 let pod = self.resources.as_ref().and_then(|r| {
                     r.workloads
                         .iter()
                         .find(|w| &w.namespace == namespace && &w.name == name)
                 });
-                let vm = pod
-                    .and_then(|w| w.labels.get(weft_dataplane::proto::VM_NAME_LABEL))
-                    .map(|vm| format!("{namespace}/{vm}"));
+                let vm = given.clone().or_else(|| {
+                    pod.and_then(|w| w.labels.get(weft_dataplane::proto::VM_NAME_LABEL))
+                        .map(|vm| format!("{namespace}/{vm}"))
+                });
                 let networks = pod.and_then(|w| w.networks.clone());
+                // The VM running on another node: this ADD is a live migration's target.
+                let migration = match (&vm, &self.resources) {
+                    (Some(vm), Some(res)) => plan::migration_sources(res, vm),
+                    _ => Default::default(),
+                };
                 Some(Reply {
                     vm,
                     networks,
+                    migration,
                     ..Reply::ok(ready)
                 })
             }
+            Request::Activate { host_ifname } => match self.endpoints.activate(host_ifname) {
+                Some(ep) => {
+                    info!(port = %host_ifname, vm = ?ep.vm, "the migrated VM announced itself: port activated");
+                    self.activated.push(ep);
+                    None
+                }
+                None => Some(Reply::ok(ready)),
+            },
             Request::Register { endpoint } => {
                 if !self.networks.contains(&endpoint.network) {
                     return Some(Reply::error(
@@ -376,6 +419,29 @@ impl Reconciler {
             } => {
                 self.endpoints.unregister(network, container_id, ifname);
                 None
+            }
+        }
+    }
+}
+
+/// Tells the LAN where a just-activated VM is: a gratuitous ARP per IPv4 address, from the VM's
+/// MAC, sent on its network's bridge (the switches move the MAC to this node's uplink at once).
+fn announce(plan: &dplan::NodePlan, ep: &Endpoint) {
+    let (Some(net), Some(mac)) = (
+        plan.networks.iter().find(|n| n.name == ep.network),
+        weft_dataplane::names::parse_mac(&ep.mac),
+    ) else {
+        return;
+    };
+    let bridge = match Netlink::new().and_then(|mut nl| nl.link_by_name(&net.bridge)) {
+        Ok(Some(l)) => l.index,
+        _ => return,
+    };
+    for ip in &ep.ips {
+        if let IpAddr::V4(v4) = ip {
+            let frame = weft_dataplane::frame::arp_request(mac, *v4, *v4);
+            if let Err(e) = weft_dataplane::frame::send(bridge, &frame) {
+                warn!(error = %e, bridge = %net.bridge, "cannot announce the migrated VM");
             }
         }
     }
@@ -440,7 +506,7 @@ pub async fn run(
     };
     let (tx, mut rx) = mpsc::channel::<Message>(1024);
     let listener = cni_server::bind(&cfg.socket)?;
-    let server = tokio::spawn(cni_server::serve(listener, tx, ready.clone()));
+    let server = tokio::spawn(cni_server::serve(listener, tx.clone(), ready.clone()));
     let mut rec = Reconciler {
         endpoints: EndpointStore::load(&cfg.state_dir),
         cfg: cfg.clone(),
@@ -454,8 +520,9 @@ pub async fn run(
         policy: Arc::default(),
         audit: audit_counters,
         metrics: agent_metrics,
+        activated: Vec::new(),
     };
-    start_audit(&cfg, rec.policy.clone(), rec.audit.clone());
+    start_audit(&cfg, rec.policy.clone(), rec.audit.clone(), tx.clone());
     info!(node = %cfg.node.name, socket = %cfg.socket.display(), endpoints = rec.endpoints.len(), "weft agent starting");
     let mut fingerprint = rec.source.fingerprint().ok();
     let mut retry = Retry::default();
@@ -528,7 +595,12 @@ pub async fn run(
 }
 
 /// Starts the audit reader (a thread on NFLOG group 2727); without it the agent still works.
-fn start_audit(cfg: &AgentConfig, policy: audit::SharedPolicy, counters: audit::Counters) {
+fn start_audit(
+    cfg: &AgentConfig,
+    policy: audit::SharedPolicy,
+    counters: audit::Counters,
+    queue: mpsc::Sender<Message>,
+) {
     let out: Box<dyn std::io::Write + Send> = match &cfg.audit_log {
         None => Box::new(std::io::stdout()),
         Some(path) => match std::fs::OpenOptions::new()
@@ -546,7 +618,21 @@ fn start_audit(cfg: &AgentConfig, policy: audit::SharedPolicy, counters: audit::
     match audit::bind() {
         Ok(socket) => {
             let node = cfg.node.name.clone();
-            std::thread::spawn(move || audit::run(socket, node, policy, out, counters));
+            // A pending port's announcement: the reconciler activates the port.
+            let on_activate = Box::new(move |index: u32| {
+                let Ok(Some(link)) = Netlink::new().and_then(|mut nl| nl.link_by_index(index))
+                else {
+                    return;
+                };
+                let (reply, _) = oneshot::channel();
+                let request = Request::Activate {
+                    host_ifname: link.name,
+                };
+                let _ = queue.blocking_send(Message { request, reply });
+            });
+            std::thread::spawn(move || {
+                audit::run(socket, node, policy, out, counters, on_activate)
+            });
         }
         Err(e) => {
             warn!(error = %e, "cannot bind NFLOG group {}; audit records are off", audit::LOG_GROUP)

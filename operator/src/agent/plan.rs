@@ -315,6 +315,7 @@ fn guard_table(
                 ifname: e.host_ifname.clone(),
                 mac,
                 ips: e.ips.clone(),
+                pending: e.pending,
             }),
             // An endpoint with an unreadable MAC stays unregistered: its port drops everything.
             None if net.anti_spoofing => {}
@@ -360,17 +361,26 @@ pub fn members(res: &Resources, endpoints: &[Endpoint]) -> Vec<crate::policy::Me
         .collect()
 }
 
-/// This node's workload interfaces as the other nodes' agents need them (for their groups).
+/// This node's workload interfaces as the other nodes' agents need them (for their groups, and
+/// a migrating VM's addresses and MAC).
 pub fn published(res: &Resources, endpoints: &[Endpoint]) -> Vec<weft_crds::NodeWorkload> {
-    let mut out: Vec<weft_crds::NodeWorkload> = members(res, endpoints)
-        .into_iter()
-        .filter(|m| m.local)
-        .map(|m| weft_crds::NodeWorkload {
-            network: m.network,
-            namespace: m.namespace,
-            name: m.name,
-            labels: m.labels,
-            ips: m.ips.iter().map(|ip| ip.to_string()).collect(),
+    let mut out: Vec<weft_crds::NodeWorkload> = endpoints
+        .iter()
+        .map(|e| {
+            let namespace = e.pod_namespace.clone().unwrap_or_else(|| "default".into());
+            let name = e.pod_name.clone().unwrap_or_default();
+            weft_crds::NodeWorkload {
+                network: e.network.clone(),
+                labels: workload_labels(&res.workloads, &namespace, &name)
+                    .cloned()
+                    .unwrap_or_default(),
+                namespace,
+                name,
+                ips: e.ips.iter().map(|ip| ip.to_string()).collect(),
+                vm: e.vm.clone(),
+                mac: Some(e.mac.clone()).filter(|m| !m.is_empty()),
+                active: !e.pending,
+            }
         })
         .collect();
     out.sort_by(|a, b| {
@@ -382,6 +392,32 @@ pub fn published(res: &Resources, endpoints: &[Endpoint]) -> Vec<weft_crds::Node
         ))
     });
     out
+}
+
+/// Where VM `vm` runs now on other nodes, by network (a live migration's source).
+pub fn migration_sources(
+    res: &Resources,
+    vm: &str,
+) -> std::collections::BTreeMap<String, weft_dataplane::proto::MigrationSource> {
+    res.peers
+        .iter()
+        .filter(|p| p.workload.active && p.workload.vm.as_deref() == Some(vm))
+        .filter_map(|p| {
+            Some((
+                p.workload.network.clone(),
+                weft_dataplane::proto::MigrationSource {
+                    node: p.node.clone(),
+                    ips: p
+                        .workload
+                        .ips
+                        .iter()
+                        .filter_map(|i| i.parse().ok())
+                        .collect(),
+                    mac: p.workload.mac.clone()?,
+                },
+            ))
+        })
+        .collect()
 }
 
 fn plan_forwards(
@@ -531,6 +567,8 @@ mod tests {
             pod_namespace: Some("default".into()),
             pod_name: Some(pod.into()),
             netns: None,
+            vm: None,
+            pending: false,
         }
     }
 

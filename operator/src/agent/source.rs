@@ -434,6 +434,9 @@ mod peer_tests {
             name: "web-1".into(),
             labels: [("app".to_string(), "web".to_string())].into(),
             ips: vec!["10.0.0.5".into()],
+            vm: None,
+            mac: Some("0a:58:0a:00:00:05".into()),
+            active: true,
         };
         let before = a.fingerprint().unwrap();
         b.publish(std::slice::from_ref(&web));

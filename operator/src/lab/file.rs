@@ -100,6 +100,11 @@ pub struct Workload {
     /// Static MAC (CNI_ARGS `MAC=`).
     #[serde(default)]
     pub mac: Option<String>,
+    /// A VM only: live-migrate it to this node once every workload is up (before the
+    /// expectations): a target launcher is attached there (pending), the guest switches over and
+    /// announces itself, the target activates, the source launcher is removed.
+    #[serde(default)]
+    pub migrate_to: Option<String>,
 }
 
 impl Workload {
@@ -330,6 +335,18 @@ impl LabFile {
                 errors.push(format!(
                     "workloads[{i}].networks: name at least one network"
                 ));
+            }
+            if let Some(to) = &w.migrate_to {
+                if w.kind != "VM" {
+                    errors.push(format!(
+                        "workloads[{i}].migrateTo: only a VM migrates; set kind: VM or remove migrateTo"
+                    ));
+                }
+                if !self.nodes.iter().any(|n| &n.name == to) || to == &w.node {
+                    errors.push(format!(
+                        "workloads[{i}].migrateTo: {to:?} is not another node of the lab"
+                    ));
+                }
             }
             if w.kind != "Pod" && w.kind != "VM" {
                 errors.push(format!("workloads[{i}].kind: {:?}; use Pod or VM", w.kind));

@@ -7,6 +7,7 @@ pub mod file;
 pub mod probe;
 pub mod topology;
 pub mod trace;
+pub mod vmm;
 
 use file::{Family, LabFile, Listen, Outcome};
 use probe::{Listeners, ProbeResult};
@@ -266,6 +267,11 @@ fn run_lab(lab: &Lab, res: &crate::agent::source::Resources) -> anyhow::Result<b
     // Each agent learns the other nodes' workloads from their published files a moment later:
     // wait for that, so policies naming pods on other nodes are complete before probing.
     lab.wait_peers(Duration::from_secs(15))?;
+    for w in &spec.workloads {
+        if let Some(to) = &w.migrate_to {
+            println!("  {}", lab.migrate(w, to)?);
+        }
+    }
 
     let addresses = lab.addresses();
     let members = trace::members(spec, res, Some(&addresses));

@@ -13,7 +13,7 @@ use std::io::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use weft_dataplane::names;
 use weft_dataplane::netlink::{Netlink, RouteSpec};
@@ -58,6 +58,10 @@ pub struct Lab {
     attachments: Mutex<BTreeMap<String, Vec<(String, String)>>>,
     /// Workload name → [(network, addresses)].
     addresses: Mutex<Addresses>,
+    /// (VM, guest NIC) → the relay between the NIC and its launcher taps.
+    relays: Mutex<BTreeMap<(String, String), Arc<super::vmm::Relay>>>,
+    /// VMs migrated: name → the node they run on now (their launcher is `m-`).
+    moved: Mutex<BTreeMap<String, String>>,
 }
 
 /// A lab's name: the file stem plus a hash of its path, so two files never collide.
@@ -180,6 +184,8 @@ impl Lab {
             record: Mutex::new(Record::default()),
             attachments: Mutex::new(BTreeMap::new()),
             addresses: Mutex::new(BTreeMap::new()),
+            relays: Mutex::new(BTreeMap::new()),
+            moved: Mutex::new(BTreeMap::new()),
         };
         lab.save()?;
         Ok(lab)
@@ -531,6 +537,20 @@ impl Lab {
         network: &str,
         ifname: &str,
     ) -> anyhow::Result<(bool, serde_json::Value)> {
+        self.cni_as(node, command, w, network, ifname, "w")
+    }
+
+    /// [`Lab::cni`] for the workload's launcher `role`: `w` (where it started) or `m` (a
+    /// migrated VM's target launcher, another pod with another container id).
+    fn cni_as(
+        &self,
+        node: &str,
+        command: &str,
+        w: &Workload,
+        network: &str,
+        ifname: &str,
+        role: &str,
+    ) -> anyhow::Result<(bool, serde_json::Value)> {
         let dir = self.node_dir(node);
         let conflist: serde_json::Value = serde_json::from_slice(
             &std::fs::read(dir.join("cni-conf").join(names::CONFLIST_NAME))
@@ -566,8 +586,14 @@ impl Lab {
                 args.push_str(&format!(";MAC={mac}"));
             }
         }
-        let container_id = format!("lab-{}-{}", self.name, w.name);
-        let netns_path = netns::named_path(&self.ns_name("w", &w.name));
+        if w.kind == "VM" {
+            args.push_str(&format!(";VM_NAME={}", w.name));
+        }
+        let container_id = match role {
+            "w" => format!("lab-{}-{}", self.name, w.name),
+            other => format!("lab-{}-{}-{other}", self.name, w.name),
+        };
+        let netns_path = netns::named_path(&self.ns_name(role, &w.name));
         let bin_dir = dir.join("cni-bin");
         let stdin = serde_json::to_vec(&conf)?;
         let ns = self.node_ns(node)?;
@@ -618,6 +644,7 @@ impl Lab {
                 listen: vec![],
                 ips: vec![],
                 mac: None,
+                migrate_to: None,
             };
             let conflist = self
                 .node_dir(&node.name)
@@ -784,20 +811,12 @@ impl Lab {
         let outer = netns::run_in(&launcher, || {
             weft_dataplane::tap::open_tap(&launcher_tap, false, false)
         })??;
-        for (mut from, mut to) in [(inner.try_clone()?, outer.try_clone()?), (outer, inner)] {
-            std::thread::spawn(move || {
-                use std::io::{Read, Write};
-                let mut buf = vec![0u8; 65_536];
-                // Ends when a tap goes away with its namespace. A frame the other side cannot
-                // take (its link is down: EIO) is dropped, as a NIC would.
-                while let Ok(n) = from.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    let _ = to.write_all(&buf[..n]);
-                }
-            });
-        }
+        let relay = super::vmm::Relay::new(inner)?;
+        relay.attach(outer)?;
+        self.relays
+            .lock()
+            .map_err(|_| anyhow::anyhow!("lab relays poisoned"))?
+            .insert((w.name.clone(), ifname.to_string()), relay);
         let mut nl = Netlink::in_netns(&guest)?;
         let link = nl
             .link_by_name(ifname)?
@@ -824,6 +843,140 @@ impl Lab {
         Ok(())
     }
 
+    /// Live-migrates VM `w` to node `to`, as KubeVirt does with weft's tap binding: the target
+    /// launcher gets its taps (the VM's addresses and MAC, the ports pending: nothing passes
+    /// them), the guest switches over and announces itself (RARP, as QEMU does when the VM
+    /// resumes), the target's agent activates the ports, then the source launcher is deleted.
+    /// Returns what happened, for the lab's output.
+    pub fn migrate(&self, w: &Workload, to: &str) -> anyhow::Result<String> {
+        let attached = self
+            .attachments
+            .lock()
+            .map_err(|_| anyhow::anyhow!("lab attachments poisoned"))?
+            .get(&w.name)
+            .cloned()
+            .unwrap_or_default();
+        let before = self.addresses();
+        self.create_ns("m", &w.name)?;
+        let target = self.open_ns("m", &w.name)?;
+        let mut switch = Vec::new();
+        let mut kept = Vec::new();
+        for (network, ifname) in &attached {
+            let (ok, result) = self.cni_as(to, "ADD", w, network, ifname, "m")?;
+            if !ok {
+                anyhow::bail!(
+                    "CNI ADD of VM {}'s migration target on {to} failed: {result}",
+                    w.name
+                );
+            }
+            let ips: Vec<IpAddr> = result["ips"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|ip| ip["address"].as_str()?.parse::<ipnet::IpNet>().ok())
+                .map(|n| n.addr())
+                .collect();
+            let had = before
+                .get(&w.name)
+                .and_then(|nets| nets.iter().find(|(n, _)| n == network))
+                .map(|(_, ips)| ips.clone())
+                .unwrap_or_default();
+            if ips != had {
+                anyhow::bail!(
+                    "VM {} did not keep its addresses on {network}: {had:?} on {}, {ips:?} on {to}",
+                    w.name,
+                    w.node
+                );
+            }
+            let tap = result["interfaces"][2]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let mac = result["interfaces"][2]["mac"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let file = netns::run_in(&target, || {
+                weft_dataplane::tap::open_tap(&tap, false, false)
+            })??;
+            let relay = self
+                .relays
+                .lock()
+                .map_err(|_| anyhow::anyhow!("lab relays poisoned"))?
+                .get(&(w.name.clone(), ifname.clone()))
+                .cloned()
+                .ok_or_else(|| anyhow::anyhow!("VM {} has no relay for {ifname}", w.name))?;
+            let (id, writer) = relay.attach_standby(file)?;
+            switch.push((relay, id, writer, ifname.clone(), mac.clone()));
+            kept.push(format!(
+                "{network}: {} {mac}",
+                ips.iter()
+                    .map(|i| i.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        let pending = |node: &str| {
+            self.agent_status(node)
+                .and_then(|s| s["pending"].as_u64())
+                .unwrap_or(0)
+        };
+        let waiting = pending(to);
+        if waiting == 0 {
+            anyhow::bail!(
+                "the migration target of VM {} on {to} is not pending",
+                w.name
+            );
+        }
+        // The switch-over: the guest now runs behind the target's taps and announces itself.
+        let started = Instant::now();
+        let guest = self.open_ns("g", &w.name)?;
+        for (relay, id, writer, ifname, mac) in switch {
+            relay.switch_to(id, writer)?;
+            let mac = names::parse_mac(&mac)
+                .ok_or_else(|| anyhow::anyhow!("VM {} has no MAC on {ifname}", w.name))?;
+            let index = Netlink::in_netns(&guest)?
+                .link_by_name(&ifname)?
+                .ok_or_else(|| anyhow::anyhow!("guest NIC {ifname} missing"))?
+                .index;
+            netns::run_in(&guest, move || {
+                weft_dataplane::frame::send(index, &weft_dataplane::frame::rarp_announce(mac))
+            })??;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pending(to) > 0 {
+            if Instant::now() > deadline {
+                anyhow::bail!(
+                    "the migration target of VM {} on {to} was not activated",
+                    w.name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let activated = started.elapsed();
+        // The source launcher goes, as KubeVirt deletes the source pod.
+        for (network, ifname) in &attached {
+            let (ok, result) = self.cni_as(&w.node, "DEL", w, network, ifname, "w")?;
+            if !ok {
+                anyhow::bail!(
+                    "CNI DEL of VM {}'s migration source failed: {result}",
+                    w.name
+                );
+            }
+        }
+        self.moved
+            .lock()
+            .map_err(|_| anyhow::anyhow!("lab moved poisoned"))?
+            .insert(w.name.clone(), to.to_string());
+        Ok(format!(
+            "{} migrated {} -> {to}: {waiting} target port(s) pending until the VM announced itself, activated {} ms after the switch-over; kept {}",
+            w.name,
+            w.node,
+            activated.as_millis(),
+            kept.join("; ")
+        ))
+    }
+
     /// Each workload's addresses per network.
     pub fn addresses(&self) -> Addresses {
         self.addresses.lock().map(|a| a.clone()).unwrap_or_default()
@@ -843,9 +996,14 @@ impl Lab {
             .lock()
             .map(|a| a.clone())
             .unwrap_or_default();
+        let moved = self.moved.lock().map(|m| m.clone()).unwrap_or_default();
         for w in &self.spec.workloads {
+            let (node, role) = match moved.get(&w.name) {
+                Some(to) => (to.as_str(), "m"),
+                None => (w.node.as_str(), "w"),
+            };
             for (network, ifname) in attachments.get(&w.name).into_iter().flatten() {
-                if let Ok((false, v)) = self.cni(&w.node, "DEL", w, network, ifname) {
+                if let Ok((false, v)) = self.cni_as(node, "DEL", w, network, ifname, role) {
                     eprintln!("warning: CNI DEL of {} failed: {v}", w.name);
                 }
             }
