@@ -614,3 +614,34 @@ fn vlan_tagged_frames_from_a_workload_are_dropped() {
         "without the ethertype rules a must see m's tagged frame (control)"
     );
 }
+
+#[test]
+fn a_pending_migration_target_passes_nothing_either_way_until_activated() {
+    let mut lab = Lab::new();
+    let a = lab.add("a", 2);
+    let t = lab.add("t", 6);
+    let pending = |lab: &Lab, is: bool| {
+        let mut g: Vec<PortGuard> = vec![lab.w(a).guard(), lab.w(t).guard()];
+        g[1].pending = is;
+        guard::table(&[BRIDGE.to_string()], &g, &[])
+    };
+    lab.apply(&pending(&lab, true));
+    // Static neighbours: no ARP needed, so only the pending rules can stop the pings.
+    let (wa, wt) = (lab.w(a), lab.w(t));
+    static_neigh(wa, &wt.v4, wt.mac);
+    static_neigh(wt, &wa.v4, wa.mac);
+    assert!(!ping(wt, None, &wa.v4), "nothing may leave a pending port");
+    assert!(!ping(wa, None, &wt.v4), "nothing may reach a pending port");
+    let listed = exec(
+        &lab.node_name,
+        &["nft", "list", "chain", "bridge", "weft", "prerouting"],
+    );
+    let listed = String::from_utf8_lossy(&listed.stdout).to_string();
+    assert!(
+        listed.contains("ether type 0x8035 log prefix \"weft activate \" group 2727 drop"),
+        "the VM's announcement is logged for the agent:\n{listed}"
+    );
+    // Activated: one element less.
+    lab.apply(&pending(&lab, false));
+    assert!(ping(wt, None, &wa.v4), "an active port passes (control)");
+}
