@@ -37,7 +37,7 @@ pub use network::{
 };
 pub use nodenetwork::{
     NODE_NETWORK_KIND, NodeNetwork, NodeNetworkBlock, NodeNetworkSpec, NodeNetworkStatus,
-    NodeWorkload,
+    NodePolicy, NodeWorkload,
 };
 pub use policy::{
     ClusterSegmentationPolicy, ClusterSegmentationPolicySpec, ClusterSubject, L4Protocol,

@@ -102,6 +102,26 @@ pub struct NodeNetworkStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 4096))]
     pub workloads: Vec<NodeWorkload>,
+
+    /// The segmentation policies enforced on the node: how many of its workload interfaces each
+    /// applies to, and what is wrong with it here. The controller sums them into each policy's
+    /// status.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 4096))]
+    pub policies: Vec<NodePolicy>,
+}
+
+/// One segmentation policy as one node's agent enforces it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodePolicy {
+    /// `ClusterSegmentationPolicy <name>` or `SegmentationPolicy <namespace>/<name>`.
+    pub policy: String,
+    /// Workload interfaces on the node it applies to.
+    pub interfaces: i32,
+    /// What the agent could not enforce (an unknown network, a bad selector), if anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 fn yes() -> bool {

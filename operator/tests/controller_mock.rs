@@ -581,3 +581,80 @@ async fn a_replica_that_does_not_hold_the_lease_writes_nothing() {
     portforward::reconcile(Arc::new(pf), ctx).await.unwrap();
     no_more_requests(&mut handle).await;
 }
+
+#[tokio::test]
+async fn a_policy_status_sums_what_the_agents_report_and_names_their_problems() {
+    let (ctx, mut handle, mut world) = setup(true);
+    for (node, n, error) in [
+        ("node-a", 2, None),
+        (
+            "node-b",
+            1,
+            Some("spec.subject.networks[0]: no Network lan"),
+        ),
+        ("node-c", 0, None),
+    ] {
+        let mut nn = NodeNetwork::new(node, NodeNetworkSpec::default());
+        nn.status = Some(NodeNetworkStatus {
+            policies: vec![weft_crds::NodePolicy {
+                policy: "SegmentationPolicy shop/db".into(),
+                interfaces: n,
+                error: error.map(Into::into),
+            }],
+            ..NodeNetworkStatus::default()
+        });
+        world
+            .node_networks
+            .apply_watcher_event(&watcher::Event::Apply(nn));
+    }
+    let policy: weft_crds::SegmentationPolicy = serde_json::from_value(json!({
+        "apiVersion": "weft.dev/v1alpha1",
+        "kind": "SegmentationPolicy",
+        "metadata": {"name": "db", "namespace": "shop", "generation": 2},
+        "spec": {"subject": {"podSelector": {"matchLabels": {"app": "db"}}},
+                 "ingress": [{"name": "app", "action": "Allow",
+                              "from": [{"pods": {"podSelector": {"matchLabels": {"app": "web"}}}}]}]}
+    }))
+    .unwrap();
+    let reply = {
+        let p = policy.clone();
+        move |body: &Value| {
+            let mut v = serde_json::to_value(&p).unwrap();
+            v["status"] = body["status"].clone();
+            v
+        }
+    };
+    let verifier = tokio::spawn(async move {
+        let seen = expect(
+            &mut handle,
+            Expect {
+                method: Method::PATCH,
+                path: "/apis/weft.dev/v1alpha1/namespaces/shop/segmentationpolicies/db/status"
+                    .into(),
+                query: APPLY,
+            },
+            reply,
+        )
+        .await;
+        let status = &seen.body["status"];
+        assert_eq!(status["workloads"], 3);
+        assert_eq!(status["nodes"], 2);
+        assert_eq!(status["observedGeneration"], 2);
+        let valid = condition(status, "Valid");
+        assert_eq!(valid["status"], "False");
+        assert_eq!(valid["reason"], "NotEnforceable");
+        assert!(
+            valid["message"]
+                .as_str()
+                .unwrap()
+                .contains("node-b: spec.subject.networks[0]: no Network lan"),
+            "{valid}"
+        );
+        assert_eq!(condition(status, "Ready")["status"], "True");
+        no_more_requests(&mut handle).await;
+    });
+    weft_operator::controller::policy::reconcile_namespaced(Arc::new(policy), ctx)
+        .await
+        .unwrap();
+    verifier.await.unwrap();
+}

@@ -505,7 +505,48 @@ pub fn node_network_status(
         endpoints: Some(i64::try_from(agent.endpoints).unwrap_or(i64::MAX)),
         last_error: agent.last_error.as_deref().map(truncated),
         workloads: Vec::new(),
+        policies: node_policies(agent),
     }
+}
+
+/// Each policy the agent enforces, with its interfaces here and its problem here, if any
+/// (problems read `Kind name: message`).
+pub fn node_policies(agent: &AgentStatus) -> Vec<weft_crds::NodePolicy> {
+    let mut out: BTreeMap<String, weft_crds::NodePolicy> = agent
+        .policies
+        .iter()
+        .map(|(policy, n)| {
+            (
+                policy.clone(),
+                weft_crds::NodePolicy {
+                    policy: policy.clone(),
+                    interfaces: i32::try_from(*n).unwrap_or(i32::MAX),
+                    error: None,
+                },
+            )
+        })
+        .collect();
+    for p in &agent.problems {
+        if !(p.starts_with("ClusterSegmentationPolicy ") || p.starts_with("SegmentationPolicy ")) {
+            continue;
+        }
+        let Some((policy, message)) = p.split_once(": ") else {
+            continue;
+        };
+        let entry = out
+            .entry(policy.to_string())
+            .or_insert_with(|| weft_crds::NodePolicy {
+                policy: policy.to_string(),
+                interfaces: 0,
+                error: None,
+            });
+        let error = match entry.error.take() {
+            Some(e) => format!("{e}; {message}"),
+            None => message.to_string(),
+        };
+        entry.error = Some(truncated(&error));
+    }
+    out.into_values().collect()
 }
 
 /// Writes the newest status from `rx` to the NodeNetwork `node` (server-side apply of the

@@ -1,10 +1,12 @@
 //! The cluster controller (`weft-operator controller`).
 //!
-//! Two kube-runtime controllers share one [`Context`]:
+//! Four kube-runtime controllers share one [`Context`]:
 //! - [`network`]: validates Networks, allocates per-node blocks ([`allocator`]) into the
 //!   `NodeNetwork` of every node (server-side apply), writes Network status, and holds the
 //!   `weft.dev/cleanup` finalizer until no agent realizes a deleted Network any more;
-//! - [`portforward`]: validates PortForwards ([`validate`]) and writes their status.
+//! - [`portforward`]: validates PortForwards ([`validate`]) and writes their status;
+//! - [`policy`]: writes the segmentation policies' status from what the agents report in
+//!   their NodeNetwork status (workloads and nodes each applies to, problems).
 //!
 //! Every reconcile runs observe (reflector stores) → decide (pure: [`validate`],
 //! [`allocator`]) → act (server-side apply with field manager [`FIELD_MANAGER`], Events).
@@ -15,6 +17,7 @@ pub mod error;
 pub mod leader;
 pub mod metrics;
 pub mod network;
+pub mod policy;
 pub mod portforward;
 pub mod status;
 pub mod validate;
@@ -36,7 +39,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tracing::{info, warn};
-use weft_crds::{Network, NodeNetwork, NodeNetworkSpec, PortForward};
+use weft_crds::{
+    ClusterSegmentationPolicy, Network, NodeNetwork, NodeNetworkSpec, PortForward,
+    SegmentationPolicy,
+};
 
 /// The field manager of every server-side apply of the controller.
 pub const FIELD_MANAGER: &str = "weft-controller";
@@ -220,16 +226,21 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
 
     let (net_tx, net_rx) = mpsc::unbounded();
     let (pf_tx, pf_rx) = mpsc::unbounded();
+    let (csp_tx, csp_rx) = mpsc::unbounded();
+    let (sp_tx, sp_rx) = mpsc::unbounded();
     // Leadership gained: reconcile everything.
     let notify = {
         let mut rx = leader_rx.clone();
         let (net_tx, pf_tx) = (net_tx.clone(), pf_tx.clone());
+        let (csp_tx, sp_tx) = (csp_tx.clone(), sp_tx.clone());
         tokio::spawn(async move {
             while rx.changed().await.is_ok() {
                 if *rx.borrow() {
                     info!("became leader");
                     let _ = net_tx.unbounded_send(());
                     let _ = pf_tx.unbounded_send(());
+                    let _ = csp_tx.unbounded_send(());
+                    let _ = sp_tx.unbounded_send(());
                 } else {
                     warn!("lost leadership; writes stop");
                 }
@@ -237,9 +248,10 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
         })
     };
     let (nodes, nodes_fut) = reflect(Api::<Node>::all(client.clone()), vec![net_tx.clone()]);
+    // The agents' reports in the NodeNetwork status are the policies' status too.
     let (node_networks, nn_fut) = reflect(
         Api::<NodeNetwork>::all(client.clone()),
-        vec![net_tx.clone()],
+        vec![net_tx.clone(), csp_tx.clone(), sp_tx.clone()],
     );
     // Network changes re-check every Network (overlaps) and every PortForward.
     let (_, net_watch_fut) = reflect(
@@ -301,9 +313,39 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
     let pfs = pf_controller
         .reconcile_all_on(trigger_stream(pf_rx))
         .shutdown_on_signal()
-        .run(portforward::reconcile, error_policy::<PortForward>, ctx)
+        .run(
+            portforward::reconcile,
+            error_policy::<PortForward>,
+            ctx.clone(),
+        )
         .for_each(|_| futures::future::ready(()));
-    futures::future::join(nets, pfs).await;
+    let csps = Controller::new(
+        Api::<ClusterSegmentationPolicy>::all(ctx.client.clone()),
+        watcher::Config::default(),
+    )
+    .with_config(kube::runtime::controller::Config::default().debounce(Duration::from_secs(1)))
+    .reconcile_all_on(trigger_stream(csp_rx))
+    .shutdown_on_signal()
+    .run(
+        policy::reconcile_cluster,
+        error_policy::<ClusterSegmentationPolicy>,
+        ctx.clone(),
+    )
+    .for_each(|_| futures::future::ready(()));
+    let sps = Controller::new(
+        Api::<SegmentationPolicy>::all(ctx.client.clone()),
+        watcher::Config::default(),
+    )
+    .with_config(kube::runtime::controller::Config::default().debounce(Duration::from_secs(1)))
+    .reconcile_all_on(trigger_stream(sp_rx))
+    .shutdown_on_signal()
+    .run(
+        policy::reconcile_namespaced,
+        error_policy::<SegmentationPolicy>,
+        ctx,
+    )
+    .for_each(|_| futures::future::ready(()));
+    futures::future::join4(nets, pfs, csps, sps).await;
     info!("controllers stopped");
     // Dropping the last leadership receiver makes the lease task release the Lease, so
     // another replica takes over without waiting for it to expire.
@@ -332,6 +374,8 @@ fn kind_of<K: Resource<DynamicType = ()>>() -> &'static str {
         "Network" => "Network",
         "PortForward" => "PortForward",
         "NodeNetwork" => "NodeNetwork",
+        "ClusterSegmentationPolicy" => "ClusterSegmentationPolicy",
+        "SegmentationPolicy" => "SegmentationPolicy",
         _ => "object",
     }
 }

@@ -213,7 +213,7 @@ pub struct Compiled {
     pub groups: Vec<GroupSpec>,
     /// Each group's addresses.
     pub group_ips: Vec<BTreeSet<IpAddr>>,
-    /// How many workload interfaces each group holds.
+    /// How many workload interfaces enforced here (local members) each group holds.
     pub group_members: Vec<usize>,
     /// Ingress rules.
     pub ingress: DirectionRules,
@@ -227,7 +227,7 @@ pub struct Compiled {
     pub owners: BTreeMap<IpAddr, (String, String)>,
     /// Problems found.
     pub problems: Vec<Problem>,
-    /// Per policy (`kind name`): how many interfaces it applies to.
+    /// Per policy (`kind name`): how many interfaces enforced here it applies to.
     pub applies_to: BTreeMap<String, usize>,
 }
 
@@ -266,7 +266,9 @@ impl Builder<'_> {
             .iter()
             .filter(|m| spec.matches(m, self.inputs.namespaces))
             .collect();
-        self.out.group_members.push(members.len());
+        self.out
+            .group_members
+            .push(members.iter().filter(|m| m.local).count());
         self.out
             .group_ips
             .push(members.iter().flat_map(|m| m.ips.iter().copied()).collect());

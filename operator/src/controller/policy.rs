@@ -1,0 +1,396 @@
+//! Reconciles ClusterSegmentationPolicies and SegmentationPolicies: their status says how many
+//! workload interfaces and nodes each applies to, summed from what every node's agent reports
+//! in its `NodeNetwork` status (`status.policies`), and whether it is valid: the checks of the
+//! CRD's CEL rules (for objects that reached the API some other way) and the agents' problems
+//! with it (an unknown network, a selector that cannot match).
+
+use super::status::{self, READY, VALID};
+use super::{Context, Error, FIELD_MANAGER, name_of};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Instant;
+use weft_crds::{ClusterSegmentationPolicy, NodeNetwork, PolicyStatus, SegmentationPolicy};
+
+/// Reason of `Valid=True`.
+pub const REASON_ACCEPTED: &str = "Accepted";
+/// Reason of `Valid=False` for a spec the CRD rules reject.
+pub const REASON_INVALID_SPEC: &str = "InvalidSpec";
+/// Reason of `Valid=False` for a problem an agent reported.
+pub const REASON_NOT_ENFORCEABLE: &str = "NotEnforceable";
+/// Reason of `Ready=True`.
+pub const REASON_ENFORCED: &str = "Enforced";
+/// Reason of `Ready=False` while no node enforces the policy on any workload.
+pub const REASON_NO_WORKLOADS: &str = "NoWorkloads";
+
+/// What the nodes report about one policy.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Enforcement {
+    /// Workload interfaces it applies to, all nodes together.
+    pub workloads: i32,
+    /// Nodes with at least one of them.
+    pub nodes: i32,
+    /// The agents' problems with it: `node: message`, sorted.
+    pub errors: Vec<String>,
+}
+
+/// Decide (pure): sums what every NodeNetwork's status says about policy `key` (`Kind name`).
+pub fn enforcement(key: &str, node_networks: &[Arc<NodeNetwork>]) -> Enforcement {
+    let mut out = Enforcement::default();
+    let mut errors = BTreeSet::new();
+    for nn in node_networks {
+        let Some(p) = nn
+            .status
+            .as_ref()
+            .and_then(|s| s.policies.iter().find(|p| p.policy == key))
+        else {
+            continue;
+        };
+        out.workloads = out.workloads.saturating_add(p.interfaces.max(0));
+        if p.interfaces > 0 {
+            out.nodes += 1;
+        }
+        if let Some(e) = &p.error {
+            errors.insert(format!("{}: {e}", nn.name_any()));
+        }
+    }
+    out.errors = errors.into_iter().collect();
+    out
+}
+
+/// Decide (pure): the status of a policy with `generation`, the problems of its spec, and what
+/// the nodes report.
+pub fn desired_status(
+    generation: Option<i64>,
+    previous: &[Condition],
+    spec_errors: &[String],
+    e: &Enforcement,
+    now: jiff::Timestamp,
+) -> PolicyStatus {
+    let valid = if !spec_errors.is_empty() {
+        status::condition(
+            VALID,
+            false,
+            REASON_INVALID_SPEC,
+            spec_errors.join("; "),
+            generation,
+            previous,
+            now,
+        )
+    } else if !e.errors.is_empty() {
+        status::condition(
+            VALID,
+            false,
+            REASON_NOT_ENFORCEABLE,
+            e.errors.join("; "),
+            generation,
+            previous,
+            now,
+        )
+    } else {
+        status::condition(
+            VALID,
+            true,
+            REASON_ACCEPTED,
+            "the spec passed every check and every node enforces it",
+            generation,
+            previous,
+            now,
+        )
+    };
+    let ready = if e.workloads > 0 && spec_errors.is_empty() {
+        status::condition(
+            READY,
+            true,
+            REASON_ENFORCED,
+            format!(
+                "enforced for {} workload interface(s) on {} node(s)",
+                e.workloads, e.nodes
+            ),
+            generation,
+            previous,
+            now,
+        )
+    } else {
+        status::condition(
+            READY,
+            false,
+            REASON_NO_WORKLOADS,
+            "no workload matches its subject on any node yet",
+            generation,
+            previous,
+            now,
+        )
+    };
+    PolicyStatus {
+        conditions: vec![valid, ready],
+        observed_generation: generation,
+        workloads: Some(e.workloads),
+        nodes: Some(e.nodes),
+    }
+}
+
+fn spec_errors(result: Result<(), Vec<weft_crds::FieldError>>) -> Vec<String> {
+    result
+        .err()
+        .unwrap_or_default()
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+/// Whether `new` differs from `old` in what a status write would change.
+fn differs(old: Option<&PolicyStatus>, new: &PolicyStatus) -> bool {
+    old != Some(new)
+}
+
+async fn write<K>(
+    api: Api<K>,
+    name: &str,
+    kind: &'static str,
+    status: &PolicyStatus,
+) -> Result<(), Error>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let body = json!({
+        "apiVersion": weft_crds::constants::API_VERSION,
+        "kind": kind,
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .map(|_| ())
+    .map_err(|source| Error::Api {
+        action: "apply status of",
+        kind,
+        name: name.to_owned(),
+        source,
+    })
+}
+
+/// Reconciles one ClusterSegmentationPolicy.
+pub async fn reconcile_cluster(
+    p: Arc<ClusterSegmentationPolicy>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    const KIND: &str = "ClusterSegmentationPolicy";
+    let start = Instant::now();
+    let result = async {
+        let name = name_of(p.as_ref())?;
+        if p.metadata.deletion_timestamp.is_some() || !ctx.is_leader() {
+            return Ok(Action::await_change());
+        }
+        let e = enforcement(&format!("{KIND} {name}"), &ctx.stores.node_networks.state());
+        let previous = p.status.as_ref().map(|s| s.conditions.as_slice());
+        let new = desired_status(
+            p.metadata.generation,
+            previous.unwrap_or_default(),
+            &spec_errors(p.spec.validate()),
+            &e,
+            jiff::Timestamp::now(),
+        );
+        if differs(p.status.as_ref(), &new) {
+            write(
+                Api::<ClusterSegmentationPolicy>::all(ctx.client.clone()),
+                &name,
+                KIND,
+                &new,
+            )
+            .await?;
+        }
+        Ok(Action::await_change())
+    }
+    .await;
+    finish(&ctx, KIND, &super::object_key(p.as_ref()), start, result)
+}
+
+/// Reconciles one SegmentationPolicy.
+pub async fn reconcile_namespaced(
+    p: Arc<SegmentationPolicy>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    const KIND: &str = "SegmentationPolicy";
+    let start = Instant::now();
+    let result = async {
+        let name = name_of(p.as_ref())?;
+        let namespace = p.namespace().unwrap_or_default();
+        if p.metadata.deletion_timestamp.is_some() || !ctx.is_leader() {
+            return Ok(Action::await_change());
+        }
+        let e = enforcement(
+            &format!("{KIND} {namespace}/{name}"),
+            &ctx.stores.node_networks.state(),
+        );
+        let previous = p.status.as_ref().map(|s| s.conditions.as_slice());
+        let new = desired_status(
+            p.metadata.generation,
+            previous.unwrap_or_default(),
+            &spec_errors(p.spec.validate()),
+            &e,
+            jiff::Timestamp::now(),
+        );
+        if differs(p.status.as_ref(), &new) {
+            write(
+                Api::<SegmentationPolicy>::namespaced(ctx.client.clone(), &namespace),
+                &name,
+                KIND,
+                &new,
+            )
+            .await?;
+        }
+        Ok(Action::await_change())
+    }
+    .await;
+    finish(&ctx, KIND, &super::object_key(p.as_ref()), start, result)
+}
+
+fn finish(
+    ctx: &Context,
+    kind: &'static str,
+    key: &str,
+    start: Instant,
+    result: Result<Action, Error>,
+) -> Result<Action, Error> {
+    ctx.metrics.reconciled(kind, start.elapsed());
+    match &result {
+        Ok(_) => ctx.succeeded(key),
+        Err(e) => ctx.metrics.failed(kind, e.reason()),
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_crds::{NodeNetworkSpec, NodeNetworkStatus, NodePolicy};
+
+    fn node(name: &str, policies: Vec<NodePolicy>) -> Arc<NodeNetwork> {
+        let mut nn = NodeNetwork::new(name, NodeNetworkSpec::default());
+        nn.status = Some(NodeNetworkStatus {
+            policies,
+            ..NodeNetworkStatus::default()
+        });
+        Arc::new(nn)
+    }
+
+    fn p(policy: &str, interfaces: i32, error: Option<&str>) -> NodePolicy {
+        NodePolicy {
+            policy: policy.into(),
+            interfaces,
+            error: error.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn workloads_and_nodes_are_summed_and_errors_name_the_node() {
+        let key = "SegmentationPolicy shop/db";
+        let nodes = [
+            node(
+                "a",
+                vec![p(key, 2, None), p("SegmentationPolicy shop/x", 5, None)],
+            ),
+            node(
+                "b",
+                vec![p(
+                    key,
+                    0,
+                    Some("spec.subject.networks[0]: unknown network lan"),
+                )],
+            ),
+            node("c", vec![p(key, 1, None)]),
+            node("d", vec![]),
+        ];
+        let e = enforcement(key, &nodes);
+        assert_eq!((e.workloads, e.nodes), (3, 2));
+        assert_eq!(
+            e.errors,
+            ["b: spec.subject.networks[0]: unknown network lan"]
+        );
+        let t = jiff::Timestamp::from_second(100).unwrap();
+        let s = desired_status(Some(4), &[], &[], &e, t);
+        assert_eq!(
+            (s.workloads, s.nodes, s.observed_generation),
+            (Some(3), Some(2), Some(4))
+        );
+        let valid = s.conditions.iter().find(|c| c.type_ == VALID).unwrap();
+        assert_eq!(
+            (valid.status.as_str(), valid.reason.as_str()),
+            ("False", REASON_NOT_ENFORCEABLE)
+        );
+        assert!(
+            valid.message.contains("unknown network lan"),
+            "{}",
+            valid.message
+        );
+        let ready = s.conditions.iter().find(|c| c.type_ == READY).unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("True", REASON_ENFORCED)
+        );
+        assert!(
+            ready
+                .message
+                .contains("3 workload interface(s) on 2 node(s)")
+        );
+    }
+
+    #[test]
+    fn an_invalid_spec_is_not_ready_and_an_unmatched_policy_waits() {
+        let t = jiff::Timestamp::from_second(100).unwrap();
+        let e = Enforcement {
+            workloads: 4,
+            nodes: 1,
+            errors: vec![],
+        };
+        let s = desired_status(
+            Some(1),
+            &[],
+            &["spec.priority: 2000 is out of range".into()],
+            &e,
+            t,
+        );
+        let valid = s.conditions.iter().find(|c| c.type_ == VALID).unwrap();
+        assert_eq!(valid.reason, REASON_INVALID_SPEC);
+        assert!(valid.message.contains("spec.priority"));
+        assert_eq!(
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == READY)
+                .unwrap()
+                .status,
+            "False"
+        );
+        let s = desired_status(Some(1), &[], &[], &Enforcement::default(), t);
+        let ready = s.conditions.iter().find(|c| c.type_ == READY).unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", REASON_NO_WORKLOADS)
+        );
+        assert_eq!(
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == VALID)
+                .unwrap()
+                .status,
+            "True"
+        );
+        // The same outcome later writes nothing: equal status, transition times kept.
+        let again = desired_status(
+            Some(1),
+            &s.conditions,
+            &[],
+            &Enforcement::default(),
+            t + jiff::SignedDuration::from_secs(60),
+        );
+        assert_eq!(again, s);
+    }
+}
