@@ -246,8 +246,10 @@ impl Links for Netlink {
         gateway: std::net::Ipv4Addr,
         timeout: std::time::Duration,
     ) -> Result<bool, ApplyError> {
-        // The packet socket lives in the calling thread's namespace: the agent's own (the lab's
-        // agents enter their node namespace at start).
+        // Let the change settle first (see `uplink::SETTLE`). The packet socket lives in the
+        // calling thread's namespace: the agent's own (the lab's agents enter their node
+        // namespace at start).
+        std::thread::sleep(uplink::SETTLE);
         crate::frame::probe_arp(index, mac, src, gateway, timeout).map_err(|e| ApplyError::Link {
             op: format!("probe gateway {gateway}"),
             source: NetlinkError::Io {

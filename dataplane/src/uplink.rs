@@ -25,6 +25,11 @@ use tracing::{info, warn};
 /// back.
 pub const VERIFY_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How long the change settles before the gateway is asked: a switch that reacts to it (port
+/// security on the moved addresses, a BPDU guard, an STP recalculation upstream) does so within
+/// a fraction of a second; asking at once could declare success just before the node is cut off.
+pub const SETTLE: Duration = Duration::from_millis(500);
+
 /// The uplink of a Bridge network on one node.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct UplinkPlan {
