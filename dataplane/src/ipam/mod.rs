@@ -93,6 +93,10 @@ pub struct Allocation {
     /// See [`AllocRequest::parent`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
+    /// A live migration's target that waits for its VM (see `proto::Endpoint::pending`); kept
+    /// here so that an agent restarted meanwhile still holds the port.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pending: bool,
 }
 
 /// Addresses and MAC kept for one interface of a VM across its attachments (restart, live
@@ -151,7 +155,7 @@ pub struct AllocRequest {
     /// annotation): that interface's DEL removes it too.
     pub parent: Option<String>,
     /// `static_ips` are a migrating VM's addresses, kept from the node it comes from: they may
-    /// lie outside this node's block (inside the subnet).
+    /// lie outside this node's block (inside the subnet). The allocation starts pending.
     pub adopt: bool,
 }
 
@@ -394,6 +398,14 @@ impl IpamStore {
                 debug!(network = %self.network, container_id = %req.attachment.container_id, ifname = %req.attachment.ifname, "attachment already has addresses");
                 return Ok((existing.clone(), false));
             }
+            // A migrating VM brings its addresses: they replace what it had reserved here.
+            if req.adopt
+                && let Some(o) = &req.owner
+            {
+                state
+                    .reservations
+                    .retain(|r| !(&r.owner == o && r.ifname == req.attachment.ifname));
+            }
             let reserved = req.owner.as_ref().and_then(|o| {
                 state
                     .reservations
@@ -448,6 +460,7 @@ impl IpamStore {
                     .map_or(0, |d| d.as_secs()),
                 owner: req.owner,
                 parent: req.parent,
+                pending: req.adopt,
             };
             info!(network = %self.network, container_id = %allocation.container_id, ifname = %allocation.ifname, ips = ?allocation.ips, "allocated");
             state.allocations.push(allocation.clone());
@@ -471,6 +484,26 @@ impl IpamStore {
     /// The VM reservations.
     pub fn reservations(&self) -> Result<Vec<Reservation>, IpamError> {
         Ok(self.read()?.reservations)
+    }
+
+    /// The owners of the reservations no allocation of this store uses (VMs stopped here, or
+    /// gone elsewhere).
+    pub fn idle_reservations(&self) -> Result<Vec<String>, IpamError> {
+        let state = self.read()?;
+        let mut owners: Vec<String> = state
+            .reservations
+            .iter()
+            .filter(|r| {
+                !state
+                    .allocations
+                    .iter()
+                    .any(|a| a.owner.as_deref() == Some(r.owner.as_str()))
+            })
+            .map(|r| r.owner.clone())
+            .collect();
+        owners.sort();
+        owners.dedup();
+        Ok(owners)
     }
 
     /// Drops the reservations of a VM that no longer exists (its addresses become free once

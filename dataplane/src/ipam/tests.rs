@@ -570,3 +570,48 @@ fn a_vm_keeps_its_addresses_and_mac_across_restart_and_nobody_else_gets_them() {
     assert_eq!(s.forget("default/vm-a").unwrap(), 1);
     assert!(s.reservations().unwrap().is_empty());
 }
+
+#[test]
+fn a_migrating_vm_adopts_its_addresses_outside_the_block_pending_and_replaces_an_old_reservation() {
+    let (_d, s) = store();
+    let pool = v4_pool();
+    // It ran here before (reserved 10.0.1.x), then elsewhere with another address.
+    let old = s.allocate(&pool, vm("launcher-1", "default/vm-a")).unwrap();
+    s.release(&att("launcher-1")).unwrap();
+    let adopted = s
+        .allocate(
+            &pool,
+            AllocRequest {
+                static_ips: vec![ip("10.0.9.7")],
+                adopt: true,
+                ..vm("launcher-2", "default/vm-a")
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        adopted.ips,
+        [ip("10.0.9.7")],
+        "outside this node's block, inside the subnet"
+    );
+    assert!(adopted.pending);
+    assert_ne!(adopted.ips, old.ips);
+    let r = s.reservations().unwrap();
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].ips, [ip("10.0.9.7")]);
+    // Outside the subnet is still refused.
+    let err = s
+        .allocate(
+            &pool,
+            AllocRequest {
+                static_ips: vec![ip("192.168.0.7")],
+                adopt: true,
+                ..vm("launcher-3", "default/vm-b")
+            },
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("192.168.0.7"), "{err}");
+    // Idle reservations: none while vm-a is attached; after release, vm-a's.
+    assert!(s.idle_reservations().unwrap().is_empty());
+    s.release(&att("launcher-2")).unwrap();
+    assert_eq!(s.idle_reservations().unwrap(), ["default/vm-a"]);
+}

@@ -48,8 +48,7 @@ fn from_allocation(network: &str, a: Allocation) -> Endpoint {
         pod_name: a.pod_name,
         netns: a.netns,
         vm: a.owner,
-        // A restarted agent cannot tell a pending migration target: it takes it as active.
-        pending: false,
+        pending: a.pending,
     }
 }
 
@@ -106,13 +105,48 @@ impl EndpointStore {
 
     /// Activates a pending port (a live migration's target whose VM arrived); the endpoint, if
     /// it was pending.
-    pub fn activate(&mut self, host_ifname: &str) -> Option<Endpoint> {
+    pub fn activate(&mut self, host_ifname: &str, state_dir: &Path) -> Option<Endpoint> {
         let ep = self
             .endpoints
             .values_mut()
             .find(|e| e.host_ifname == host_ifname && e.pending)?;
         ep.pending = false;
+        // Remembered in the IPAM store, so a restarted agent does not hold the port again.
+        let att = weft_dataplane::ipam::Attachment {
+            container_id: ep.container_id.clone(),
+            ifname: ep.ifname.clone(),
+        };
+        if let Err(e) = IpamStore::open(state_dir, &ep.network)
+            .and_then(|s| s.update(&att, |a| a.pending = false))
+        {
+            warn!(port = %host_ifname, error = %crate::error_chain(&e), "cannot record the activation");
+        }
         Some(ep.clone())
+    }
+
+    /// Forgets the reservations of VMs that run on another node now and have no attachment
+    /// here (their live migration went elsewhere); returns `(network, vm)` of each.
+    pub fn forget_migrated(
+        &self,
+        state_dir: &Path,
+        elsewhere: &dyn Fn(&str) -> bool,
+    ) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let Ok(dir) = std::fs::read_dir(state_dir.join("ipam")) else {
+            return out;
+        };
+        for entry in dir.flatten() {
+            let network = entry.file_name().to_string_lossy().to_string();
+            let Ok(store) = IpamStore::open(state_dir, &network) else {
+                continue;
+            };
+            for owner in store.idle_reservations().unwrap_or_default() {
+                if elsewhere(&owner) && store.forget(&owner).unwrap_or(0) > 0 {
+                    out.push((network.clone(), owner));
+                }
+            }
+        }
+        out
     }
 
     /// Adds or replaces an endpoint.

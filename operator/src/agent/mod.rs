@@ -216,7 +216,9 @@ impl Reconciler {
                 continue;
             };
             if plan::migration_sources(&res, vm).is_empty()
-                && let Some(ep) = self.endpoints.activate(&ep.host_ifname)
+                && let Some(ep) = self
+                    .endpoints
+                    .activate(&ep.host_ifname, &self.cfg.state_dir)
             {
                 info!(port = %ep.host_ifname, %vm, "the VM runs on no other node: port activated");
                 self.activated.push(ep);
@@ -391,14 +393,16 @@ impl Reconciler {
                     ..Reply::ok(ready)
                 })
             }
-            Request::Activate { host_ifname } => match self.endpoints.activate(host_ifname) {
-                Some(ep) => {
-                    info!(port = %host_ifname, vm = ?ep.vm, "the migrated VM announced itself: port activated");
-                    self.activated.push(ep);
-                    None
+            Request::Activate { host_ifname } => {
+                match self.endpoints.activate(host_ifname, &self.cfg.state_dir) {
+                    Some(ep) => {
+                        info!(port = %host_ifname, vm = ?ep.vm, "the migrated VM announced itself: port activated");
+                        self.activated.push(ep);
+                        None
+                    }
+                    None => Some(Reply::ok(ready)),
                 }
-                None => Some(Reply::ok(ready)),
-            },
+            }
             Request::Register { endpoint } => {
                 if !self.networks.contains(&endpoint.network) {
                     return Some(Reply::error(
@@ -570,6 +574,16 @@ pub async fn run(
             }
             _ = resync.tick() => {
                 rec.endpoints.resync(&cfg.state_dir);
+                if let Some(res) = &rec.resources {
+                    let elsewhere = |vm: &str| {
+                        res.peers
+                            .iter()
+                            .any(|p| p.workload.active && p.workload.vm.as_deref() == Some(vm))
+                    };
+                    for (network, vm) in rec.endpoints.forget_migrated(&cfg.state_dir, &elsewhere) {
+                        info!(%network, %vm, "forgot the reservation of a VM that runs on another node now");
+                    }
+                }
                 retry.record(rec.reconcile("resync").await.is_ok());
             }
             _ = tokio::signal::ctrl_c() => break,
