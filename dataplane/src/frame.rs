@@ -76,6 +76,48 @@ pub fn rarp_announce(mac: [u8; 6]) -> Vec<u8> {
     f
 }
 
+/// An unsolicited neighbour advertisement (RFC 4861 7.2.6) for `ip` from `mac`, to all nodes,
+/// with the override flag: IPv6's gratuitous ARP, sent after a migrated VM's port is activated.
+pub fn unsolicited_na(mac: [u8; 6], ip: std::net::Ipv6Addr) -> Vec<u8> {
+    let mut icmp = vec![136, 0, 0, 0, 0x20, 0, 0, 0]; // NA, checksum later, flags: override
+    icmp.extend(ip.octets());
+    icmp.extend([2, 1]); // option: target link-layer address, 8 bytes
+    icmp.extend(mac);
+    let dst = std::net::Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+    let sum = icmpv6_checksum(&ip, &dst, &icmp);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    let mut f = vec![0x33, 0x33, 0, 0, 0, 1];
+    f.extend(mac);
+    f.extend([0x86, 0xdd]); // IPv6
+    f.extend([0x60, 0, 0, 0]);
+    f.extend(u16::try_from(icmp.len()).unwrap_or(0).to_be_bytes());
+    f.extend([58, 255]); // ICMPv6, hop limit 255
+    f.extend(ip.octets());
+    f.extend(dst.octets());
+    f.extend(icmp);
+    f
+}
+
+/// The ICMPv6 checksum of `icmp` (its checksum field zero) between `src` and `dst`.
+fn icmpv6_checksum(src: &std::net::Ipv6Addr, dst: &std::net::Ipv6Addr, icmp: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    let mut add = |bytes: &[u8]| {
+        for pair in bytes.chunks(2) {
+            let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
+            sum += u32::from(word);
+        }
+    };
+    add(&src.octets());
+    add(&dst.octets());
+    add(&u32::try_from(icmp.len()).unwrap_or(0).to_be_bytes());
+    add(&[0, 0, 0, 58]);
+    add(icmp);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(u16::try_from(sum).unwrap_or(0))
+}
+
 /// Is `frame` an ARP reply (or a gratuitous announcement) whose sender is `from`?
 pub fn is_arp_reply_from(frame: &[u8], from: Ipv4Addr) -> bool {
     frame.len() >= 42
@@ -188,6 +230,22 @@ mod tests {
         assert_eq!(&f[28..32], &[10, 0, 0, 99]);
         assert_eq!(&f[38..42], &[10, 0, 0, 2]);
         assert!(send(1, &f[..10]).is_err());
+    }
+
+    #[test]
+    fn unsolicited_advertisements_carry_a_valid_checksum_and_the_target() {
+        let ip: std::net::Ipv6Addr = "fd00:70::22".parse().unwrap();
+        let mac = [0x56, 0x99, 0xc4, 0xcd, 0xf8, 0x2a];
+        let f = unsolicited_na(mac, ip);
+        assert_eq!(&f[..6], &[0x33, 0x33, 0, 0, 0, 1]);
+        assert_eq!(&f[12..14], &[0x86, 0xdd]);
+        let icmp = &f[54..];
+        assert_eq!(icmp[0], 136);
+        assert_eq!(&icmp[8..24], &ip.octets());
+        assert_eq!(&icmp[26..32], &mac);
+        // Summing with the checksum in place gives 0xffff (its complement: 0).
+        let dst = std::net::Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+        assert_eq!(icmpv6_checksum(&ip, &dst, icmp), 0);
     }
 
     #[test]

@@ -428,8 +428,9 @@ impl Reconciler {
     }
 }
 
-/// Tells the LAN where a just-activated VM is: a gratuitous ARP per IPv4 address, from the VM's
-/// MAC, sent on its network's bridge (the switches move the MAC to this node's uplink at once).
+/// Tells the LAN where a just-activated VM is: a gratuitous ARP per IPv4 address and an
+/// unsolicited neighbour advertisement per IPv6 address, from the VM's MAC, sent on its
+/// network's bridge (the switches move the MAC to this node's uplink at once).
 fn announce(plan: &dplan::NodePlan, ep: &Endpoint) {
     let (Some(net), Some(mac)) = (
         plan.networks.iter().find(|n| n.name == ep.network),
@@ -442,11 +443,12 @@ fn announce(plan: &dplan::NodePlan, ep: &Endpoint) {
         _ => return,
     };
     for ip in &ep.ips {
-        if let IpAddr::V4(v4) = ip {
-            let frame = weft_dataplane::frame::arp_request(mac, *v4, *v4);
-            if let Err(e) = weft_dataplane::frame::send(bridge, &frame) {
-                warn!(error = %e, bridge = %net.bridge, "cannot announce the migrated VM");
-            }
+        let frame = match ip {
+            IpAddr::V4(v4) => weft_dataplane::frame::arp_request(mac, *v4, *v4),
+            IpAddr::V6(v6) => weft_dataplane::frame::unsolicited_na(mac, *v6),
+        };
+        if let Err(e) = weft_dataplane::frame::send(bridge, &frame) {
+            warn!(error = %e, bridge = %net.bridge, "cannot announce the migrated VM");
         }
     }
 }
