@@ -126,14 +126,15 @@ pub fn run() -> i32 {
 }
 
 /// Tells the agent how an ADD or DEL went, for its metrics (best effort, after the result is
-/// printed: an agent that is not there costs a failed connect).
+/// printed, without waiting for the agent's answer: an agent that is not there costs a failed
+/// connect).
 fn report(conf: &conf::Conf, command: Command, ok: bool, took: std::time::Duration) {
     let req = weft_dataplane::proto::Request::Report {
         command: format!("{command:?}").to_ascii_uppercase(),
         ok,
         micros: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
     };
-    if let Err(e) = weft_dataplane::proto::call(
+    if let Err(e) = weft_dataplane::proto::notify(
         &conf.agent_socket,
         &req,
         std::time::Duration::from_millis(200),
