@@ -27,14 +27,25 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 }
 
 /// Accepts connections forever.
-pub async fn serve(listener: UnixListener, tx: mpsc::Sender<Message>, ready: Arc<AtomicBool>) {
+/// The agent's last snapshot of its resources (none before the first).
+pub type Snapshot = Arc<std::sync::Mutex<Option<Arc<super::source::Resources>>>>;
+
+/// Serves the CNI's requests: identity questions straight from `snapshot`, everything else
+/// through the reconciler's queue `tx`.
+pub async fn serve(
+    listener: UnixListener,
+    tx: mpsc::Sender<Message>,
+    ready: Arc<AtomicBool>,
+    snapshot: Snapshot,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
                 let tx = tx.clone();
                 let ready = ready.clone();
+                let snapshot = snapshot.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = connection(stream, tx, ready).await {
+                    if let Err(e) = connection(stream, tx, ready, snapshot).await {
                         debug!(error = %e, "cni connection ended");
                     }
                 });
@@ -51,12 +62,27 @@ async fn connection(
     stream: UnixStream,
     tx: mpsc::Sender<Message>,
     ready: Arc<AtomicBool>,
+    snapshot: Snapshot,
 ) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     BufReader::new(read).read_line(&mut line).await?;
     let reply = match serde_json::from_str::<Request>(&line) {
         Err(e) => Reply::error(ready.load(Ordering::SeqCst), format!("bad request: {e}")),
+        Ok(Request::Identity {
+            namespace,
+            name,
+            vm,
+        }) => {
+            let res = snapshot.lock().ok().and_then(|s| s.clone());
+            super::identity_reply(
+                res.as_deref(),
+                ready.load(Ordering::SeqCst),
+                &namespace,
+                &name,
+                vm.as_deref(),
+            )
+        }
         Ok(request) => {
             let (reply_tx, reply_rx) = oneshot::channel();
             if tx

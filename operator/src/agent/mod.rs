@@ -180,6 +180,9 @@ struct Reconciler {
     last_applied: Option<dplan::NodePlan>,
     /// The last snapshot of the source.
     resources: Option<source::Resources>,
+    /// The last snapshot, shared with the socket server: it answers identity questions itself,
+    /// so an ADD does not wait behind other pods' registrations in the reconcile queue.
+    shared: cni_server::Snapshot,
     /// The compiled policy the audit reader names rules from.
     policy: audit::SharedPolicy,
     /// Audit counters.
@@ -206,6 +209,9 @@ impl Reconciler {
             _ => {
                 let r = self.source.snapshot().map_err(|e| format!("{e}"))?;
                 self.resources = Some(r.clone());
+                if let Ok(mut shared) = self.shared.lock() {
+                    *shared = Some(Arc::new(r.clone()));
+                }
                 r
             }
         };
@@ -370,29 +376,13 @@ impl Reconciler {
                 namespace,
                 name,
                 vm: given,
-            } => {
-                let pod = self.resources.as_ref().and_then(|r| {
-                    r.workloads
-                        .iter()
-                        .find(|w| &w.namespace == namespace && &w.name == name)
-                });
-                let vm = given.clone().or_else(|| {
-                    pod.and_then(|w| w.labels.get(weft_dataplane::proto::VM_NAME_LABEL))
-                        .map(|vm| format!("{namespace}/{vm}"))
-                });
-                let networks = pod.and_then(|w| w.networks.clone());
-                // The VM running on another node: this ADD is a live migration's target.
-                let migration = match (&vm, &self.resources) {
-                    (Some(vm), Some(res)) => plan::migration_sources(res, vm),
-                    _ => Default::default(),
-                };
-                Some(Reply {
-                    vm,
-                    networks,
-                    migration,
-                    ..Reply::ok(ready)
-                })
-            }
+            } => Some(identity_reply(
+                self.resources.as_ref(),
+                ready,
+                namespace,
+                name,
+                given.as_deref(),
+            )),
             Request::Activate { host_ifname } => {
                 match self.endpoints.activate(host_ifname, &self.cfg.state_dir) {
                     Some(ep) => {
@@ -425,6 +415,38 @@ impl Reconciler {
                 None
             }
         }
+    }
+}
+
+/// The answer to [`Request::Identity`] from the last snapshot: the VM the pod runs (the given
+/// identity, or its `vm.kubevirt.io/name` label), its `weft.dev/networks` annotation, and where
+/// the VM runs now if on other nodes (this ADD is then a live migration's target).
+pub fn identity_reply(
+    res: Option<&source::Resources>,
+    ready: bool,
+    namespace: &str,
+    name: &str,
+    given: Option<&str>,
+) -> Reply {
+    let pod = res.and_then(|r| {
+        r.workloads
+            .iter()
+            .find(|w| w.namespace == namespace && w.name == name)
+    });
+    let vm = given.map(str::to_string).or_else(|| {
+        pod.and_then(|w| w.labels.get(weft_dataplane::proto::VM_NAME_LABEL))
+            .map(|vm| format!("{namespace}/{vm}"))
+    });
+    let networks = pod.and_then(|w| w.networks.clone());
+    let migration = match (&vm, res) {
+        (Some(vm), Some(res)) => plan::migration_sources(res, vm),
+        _ => Default::default(),
+    };
+    Reply {
+        vm,
+        networks,
+        migration,
+        ..Reply::ok(ready)
     }
 }
 
@@ -512,7 +534,13 @@ pub async fn run(
     };
     let (tx, mut rx) = mpsc::channel::<Message>(1024);
     let listener = cni_server::bind(&cfg.socket)?;
-    let server = tokio::spawn(cni_server::serve(listener, tx.clone(), ready.clone()));
+    let shared = cni_server::Snapshot::default();
+    let server = tokio::spawn(cni_server::serve(
+        listener,
+        tx.clone(),
+        ready.clone(),
+        shared.clone(),
+    ));
     let mut rec = Reconciler {
         endpoints: EndpointStore::load(&cfg.state_dir),
         cfg: cfg.clone(),
@@ -523,6 +551,7 @@ pub async fn run(
         networks: Vec::new(),
         last_applied: None,
         resources: None,
+        shared,
         policy: Arc::default(),
         audit: audit_counters,
         metrics: agent_metrics,
