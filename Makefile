@@ -17,6 +17,7 @@ deps:
 	@missing=""; \
 	command -v nft >/dev/null 2>&1 || missing="$$missing nftables"; \
 	command -v ip >/dev/null 2>&1 || missing="$$missing iproute2"; \
+	command -v ping >/dev/null 2>&1 || missing="$$missing iputils-ping"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEB_PACKAGES) >/dev/null; \
