@@ -341,71 +341,89 @@ fn add_one(
         mtu: Some(net.mtu),
     })?;
     rollback.host_index = Some(host_index);
-    if let Some(t) = &tap {
-        let result = wire_tap(&ns, &mut inner, ifname, t, mac, net.mtu);
-        let tap_name = match result {
-            Ok(name) => name,
+    // A pod's interface gets the addresses and routes; a VM's gets a tap (the guest has them).
+    let (sandbox_if, routes) = match &tap {
+        Some(t) => match wire_tap(&ns, &mut inner, ifname, t, mac, net.mtu) {
+            Ok(tap_name) => (tap_name, Vec::new()),
             Err(e) => {
                 unwire_tap(&mut inner, ifname);
                 return Err(e);
             }
-        };
-        register(
-            conf,
-            Endpoint {
-                network: network.to_string(),
-                container_id: container_id.to_string(),
-                ifname: ifname.to_string(),
-                host_ifname: host_name.clone(),
-                mac: names::format_mac(mac),
-                ips: alloc.ips.clone(),
-                pod_namespace,
-                pod_name,
-                netns: Some(netns_path.to_string()),
-                vm: owner.clone(),
-                pending: migration.is_some(),
-            },
-        )
-        .inspect_err(|_| unwire_tap(&mut inner, ifname))?;
-        rollback.armed = false;
-        info!(%network, %container_id, %ifname, tap = %tap_name, ips = ?alloc.ips, "attached a VM tap");
-        return Ok(CniResult {
-            cni_version: conf.cni_version.clone(),
-            interfaces: vec![
-                Interface {
-                    name: net.bridge.clone(),
-                    mac: bridge.mac.map(names::format_mac),
-                    mtu: None,
-                    sandbox: None,
-                },
-                Interface {
-                    name: host_name,
-                    mac: None,
-                    mtu: Some(net.mtu),
-                    sandbox: None,
-                },
-                Interface {
-                    name: tap_name,
-                    mac: Some(names::format_mac(mac)),
-                    mtu: Some(net.mtu),
-                    sandbox: Some(netns_path.to_string()),
-                },
-            ],
-            ips: alloc
-                .ips
-                .iter()
-                .map(|ip| IpConfig {
-                    version: None,
-                    address: prefixed(*ip, &net).to_string(),
-                    gateway: gateway_for(ip, &net).map(|g| g.to_string()),
-                    interface: Some(2),
-                })
-                .collect(),
-            routes: Vec::new(),
-            dns: Dns::default(),
-        });
+        },
+        None => (
+            ifname.to_string(),
+            configure_pod_interface(&mut inner, ifname, &alloc.ips, &net, default_route)?,
+        ),
+    };
+    let registered = register(
+        conf,
+        Endpoint {
+            network: network.to_string(),
+            container_id: container_id.to_string(),
+            ifname: ifname.to_string(),
+            host_ifname: host_name.clone(),
+            mac: names::format_mac(mac),
+            ips: alloc.ips.clone(),
+            pod_namespace,
+            pod_name,
+            netns: Some(netns_path.to_string()),
+            vm: owner.clone(),
+            pending: migration.is_some(),
+        },
+    );
+    if registered.is_err() && tap.is_some() {
+        unwire_tap(&mut inner, ifname);
     }
+    registered?;
+    rollback.armed = false;
+    info!(%network, %container_id, %ifname, interface = %sandbox_if, ips = ?alloc.ips, "attached");
 
+    Ok(CniResult {
+        cni_version: conf.cni_version.clone(),
+        interfaces: vec![
+            Interface {
+                name: net.bridge.clone(),
+                mac: bridge.mac.map(names::format_mac),
+                mtu: None,
+                sandbox: None,
+            },
+            Interface {
+                name: host_name,
+                mac: None,
+                mtu: Some(net.mtu),
+                sandbox: None,
+            },
+            Interface {
+                name: sandbox_if,
+                mac: Some(names::format_mac(mac)),
+                mtu: Some(net.mtu),
+                sandbox: Some(netns_path.to_string()),
+            },
+        ],
+        ips: alloc
+            .ips
+            .iter()
+            .map(|ip| IpConfig {
+                version: None,
+                address: prefixed(*ip, &net).to_string(),
+                gateway: gateway_for(ip, &net).map(|g| g.to_string()),
+                interface: Some(2),
+            })
+            .collect(),
+        routes,
+        dns: Dns::default(),
+    })
+}
+
+/// A pod's interface `ifname` (the veth end): `lo` and it up, its addresses, and the default
+/// routes through the network's gateways when `default_route`; returns the routes.
+fn configure_pod_interface(
+    inner: &mut Netlink,
+    ifname: &str,
+    ips: &[IpAddr],
+    net: &NetworkState,
+    default_route: bool,
+) -> Result<Vec<Route>, CniError> {
     let peer = inner.link_by_name(ifname)?.ok_or_else(|| {
         CniError::new(
             error::LINK_FAILED,
@@ -418,17 +436,14 @@ fn add_one(
     {
         inner.set_up(lo.index)?;
     }
-    let mut ips = Vec::new();
-    for ip in &alloc.ips {
-        let addr = prefixed(*ip, &net);
-        inner.add_address(peer.index, addr, true)?;
-        ips.push(addr);
+    for ip in ips {
+        inner.add_address(peer.index, prefixed(*ip, net), true)?;
     }
     inner.set_up(peer.index)?;
     let mut routes = Vec::new();
     if default_route {
-        for ip in &alloc.ips {
-            if let Some(gw) = gateway_for(ip, &net) {
+        for ip in ips {
+            if let Some(gw) = gateway_for(ip, net) {
                 let dst: IpNet = match ip {
                     IpAddr::V4(_) => IpNet::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
                     IpAddr::V6(_) => IpNet::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
@@ -447,60 +462,7 @@ fn add_one(
             }
         }
     }
-
-    register(
-        conf,
-        Endpoint {
-            network: network.to_string(),
-            container_id: container_id.to_string(),
-            ifname: ifname.to_string(),
-            host_ifname: host_name.clone(),
-            mac: names::format_mac(mac),
-            ips: alloc.ips.clone(),
-            pod_namespace,
-            pod_name,
-            netns: Some(netns_path.to_string()),
-            vm: owner.clone(),
-            pending: migration.is_some(),
-        },
-    )?;
-    rollback.armed = false;
-    info!(%network, %container_id, %ifname, ips = ?alloc.ips, "attached");
-
-    Ok(CniResult {
-        cni_version: conf.cni_version.clone(),
-        interfaces: vec![
-            Interface {
-                name: net.bridge.clone(),
-                mac: bridge.mac.map(names::format_mac),
-                mtu: None,
-                sandbox: None,
-            },
-            Interface {
-                name: host_name,
-                mac: None,
-                mtu: Some(net.mtu),
-                sandbox: None,
-            },
-            Interface {
-                name: ifname.to_string(),
-                mac: Some(names::format_mac(mac)),
-                mtu: Some(net.mtu),
-                sandbox: Some(netns_path.to_string()),
-            },
-        ],
-        ips: ips
-            .iter()
-            .map(|a| IpConfig {
-                version: None,
-                address: a.to_string(),
-                gateway: gateway_for(&a.addr(), &net).map(|g| g.to_string()),
-                interface: Some(2),
-            })
-            .collect(),
-        routes,
-        dns: Dns::default(),
-    })
+    Ok(routes)
 }
 
 /// Inside the VM's pod: a persistent tap the VMM opens (owner, group, queues, vnet header, MTU
