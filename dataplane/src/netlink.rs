@@ -492,32 +492,14 @@ fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
     }
 }
 
-fn route_info(msg: RouteMessage, family: Family) -> Option<RouteInfo> {
-    let mut dst = None;
-    let mut gateway = None;
-    let mut oif = None;
-    let mut table = u32::from(msg.header.table);
-    for attr in &msg.attributes {
-        match attr {
-            RouteAttribute::Destination(a) => dst = route_addr(a),
-            RouteAttribute::Gateway(a) => gateway = route_addr(a),
-            RouteAttribute::Via(RouteVia::Inet6(v6)) => gateway = Some(IpAddr::V6(*v6)),
-            RouteAttribute::Via(RouteVia::Inet(v4)) => gateway = Some(IpAddr::V4(*v4)),
-            RouteAttribute::Oif(i) => oif = Some(*i),
-            RouteAttribute::Table(t) => table = *t,
-            _ => {}
-        }
-    }
-    let dst = dst.unwrap_or(match family {
-        Family::V4 => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        Family::V6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-    });
+fn route_info(msg: &RouteMessage, family: Family) -> Option<RouteInfo> {
+    let (e, oif) = route_entry(msg, family)?;
     Some(RouteInfo {
-        dst: IpNet::new(dst, msg.header.destination_prefix_length).ok()?,
-        gateway,
+        dst: e.dst,
+        gateway: e.gateway,
         oif,
-        table,
-        protocol: u8::from(msg.header.protocol),
+        table: e.table,
+        protocol: e.protocol,
     })
 }
 
@@ -869,13 +851,7 @@ impl Netlink {
             NLM_F_CREATE | NLM_F_EXCL,
         )?;
         let index = self.created_index(OP, name, || name.to_string())?;
-        // The kernel ignores IFLA_IFALIAS when it creates a link: set it in a second step.
-        if let Some(alias) = alias
-            && let Err(e) = self.set_alias(index, alias)
-        {
-            let _ = self.delete_link(index);
-            return Err(e);
-        }
+        self.alias_new_link(index, alias)?;
         debug!(bridge = %name, index, "created bridge");
         Ok(index)
     }
@@ -917,13 +893,7 @@ impl Netlink {
             NLM_F_CREATE | NLM_F_EXCL,
         )?;
         let index = self.created_index(OP, spec.host_name, target)?;
-        // The kernel ignores IFLA_IFALIAS when it creates a link: set it in a second step.
-        if let Some(alias) = spec.host_alias
-            && let Err(e) = self.set_alias(index, alias)
-        {
-            let _ = self.delete_link(index);
-            return Err(e);
-        }
+        self.alias_new_link(index, spec.host_alias)?;
         debug!(host = %spec.host_name, peer = %spec.peer_name, index, "created veth");
         Ok(index)
     }
@@ -1023,6 +993,18 @@ impl Netlink {
                 .address(mac.to_vec())
                 .build(),
         )
+    }
+
+    /// Gives a link just created its alias (the kernel ignores IFLA_IFALIAS when it creates a
+    /// link, so it takes a second step); if that fails the link is deleted again.
+    fn alias_new_link(&mut self, index: u32, alias: Option<&str>) -> Result<(), NetlinkError> {
+        if let Some(alias) = alias
+            && let Err(e) = self.set_alias(index, alias)
+        {
+            let _ = self.delete_link(index);
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Sets a link's alias (`IFLA_IFALIAS`); an empty string removes it.
@@ -1157,6 +1139,16 @@ impl Netlink {
 
     /// The unicast routes of the main table, for one IP version.
     pub fn routes(&mut self, family: Family) -> Result<Vec<RouteInfo>, NetlinkError> {
+        Ok(self
+            .unicast_routes(family)?
+            .iter()
+            .filter_map(|r| route_info(r, family))
+            .filter(|r| r.table == u32::from(RouteHeader::RT_TABLE_MAIN))
+            .collect())
+    }
+
+    /// Every unicast route of one IP version, all tables.
+    fn unicast_routes(&mut self, family: Family) -> Result<Vec<RouteMessage>, NetlinkError> {
         let msg = match family {
             Family::V4 => RouteMessageBuilder::<Ipv4Addr>::new().build(),
             Family::V6 => RouteMessageBuilder::<Ipv6Addr>::new().build(),
@@ -1174,11 +1166,10 @@ impl Netlink {
                     if r.header.kind == RouteType::Unicast
                         && Family::of_header(&r.header) == Some(family) =>
                 {
-                    route_info(r, family)
+                    Some(r)
                 }
                 _ => None,
             })
-            .filter(|r| r.table == u32::from(RouteHeader::RT_TABLE_MAIN))
             .collect())
     }
 
@@ -1252,32 +1243,16 @@ impl Netlink {
     /// versions, except those the kernel made itself (connected and prefix routes, which follow
     /// their addresses).
     pub fn routes_via(&mut self, index: u32) -> Result<Vec<RouteEntry>, NetlinkError> {
+        const RT_TABLE_LOCAL: u32 = 255;
         let mut out = Vec::new();
         for family in [Family::V4, Family::V6] {
-            let msg = match family {
-                Family::V4 => RouteMessageBuilder::<Ipv4Addr>::new().build(),
-                Family::V6 => RouteMessageBuilder::<Ipv6Addr>::new().build(),
-            };
-            let replies = self.call(
-                "list routes",
-                || format!("via link {index}"),
-                RouteNetlinkMessage::GetRoute(msg),
-                NLM_F_DUMP,
-            )?;
-            for m in replies {
-                let RouteNetlinkMessage::NewRoute(r) = m else {
-                    continue;
-                };
-                if r.header.kind != RouteType::Unicast
-                    || Family::of_header(&r.header) != Some(family)
-                    || r.header.protocol == RouteProtocol::Kernel
-                {
+            for r in self.unicast_routes(family)? {
+                if r.header.protocol == RouteProtocol::Kernel {
                     continue;
                 }
                 if let Some((entry, Some(oif))) = route_entry(&r, family)
                     && oif == index
-                    && entry.table != 255
-                // RT_TABLE_LOCAL
+                    && entry.table != RT_TABLE_LOCAL
                 {
                     out.push(entry);
                 }
@@ -1339,12 +1314,7 @@ impl Netlink {
             NLM_F_CREATE | NLM_F_EXCL,
         )?;
         let index = self.created_index(OP, name, target)?;
-        if let Some(alias) = alias
-            && let Err(e) = self.set_alias(index, alias)
-        {
-            let _ = self.delete_link(index);
-            return Err(e);
-        }
+        self.alias_new_link(index, alias)?;
         Ok(index)
     }
 }
