@@ -194,29 +194,8 @@ pub enum ProtoError {
     },
 }
 
-/// Sends one request and waits up to `timeout` for the reply.
-/// Sends `req` without waiting for the reply (the agent's answer goes nowhere): for reports whose
-/// outcome changes nothing for the sender.
-pub fn notify(socket: &Path, req: &Request, timeout: Duration) -> Result<(), ProtoError> {
-    let stream = UnixStream::connect(socket).map_err(|source| ProtoError::Connect {
-        path: socket.to_path_buf(),
-        source,
-    })?;
-    let ex = |source| ProtoError::Exchange {
-        path: socket.to_path_buf(),
-        source,
-    };
-    stream.set_write_timeout(Some(timeout)).map_err(ex)?;
-    let mut line = serde_json::to_vec(req).map_err(|source| ProtoError::Decode {
-        path: socket.to_path_buf(),
-        source,
-    })?;
-    line.push(b'\n');
-    (&stream).write_all(&line).map_err(ex)
-}
-
-/// Sends `req` and waits for the agent's reply, at most `timeout` for each step.
-pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Reply, ProtoError> {
+/// Connects to the agent and sends `req` (one line), each step at most `timeout`.
+fn send(socket: &Path, req: &Request, timeout: Duration) -> Result<UnixStream, ProtoError> {
     let stream = UnixStream::connect(socket).map_err(|source| ProtoError::Connect {
         path: socket.to_path_buf(),
         source,
@@ -233,6 +212,22 @@ pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Reply, Pr
     })?;
     line.push(b'\n');
     (&stream).write_all(&line).map_err(ex)?;
+    Ok(stream)
+}
+
+/// Sends `req` without waiting for the reply (the agent's answer goes nowhere): for reports whose
+/// outcome changes nothing for the sender.
+pub fn notify(socket: &Path, req: &Request, timeout: Duration) -> Result<(), ProtoError> {
+    send(socket, req, timeout).map(drop)
+}
+
+/// Sends `req` and waits for the agent's reply, at most `timeout` for each step.
+pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Reply, ProtoError> {
+    let stream = send(socket, req, timeout)?;
+    let ex = |source| ProtoError::Exchange {
+        path: socket.to_path_buf(),
+        source,
+    };
     let mut reader = BufReader::new(&stream);
     let mut reply = String::new();
     reader.read_line(&mut reply).map_err(ex)?;

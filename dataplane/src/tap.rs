@@ -135,14 +135,6 @@ fn ifreq_for(name: &str, flags: libc::c_int) -> Result<libc::ifreq, TapError> {
 /// otherwise silently attach to an existing TAP). If anything fails the device is gone.
 pub fn create_persistent_tap(spec: &TapSpec<'_>) -> Result<u32, TapError> {
     let name = spec.name;
-    let mut flags = libc::IFF_TAP | libc::IFF_NO_PI;
-    if spec.vnet_hdr {
-        flags |= libc::IFF_VNET_HDR;
-    }
-    if spec.queues > 1 {
-        flags |= libc::IFF_MULTI_QUEUE;
-    }
-    let mut ifr = ifreq_for(name, flags)?;
     let configure = |source| TapError::Configure {
         name: name.to_string(),
         source,
@@ -153,14 +145,8 @@ pub fn create_persistent_tap(spec: &TapSpec<'_>) -> Result<u32, TapError> {
             name: name.to_string(),
         });
     }
-    let tun: File = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(TUN_DEVICE)
-        .map_err(|source| TapError::OpenTun {
-            name: name.to_string(),
-            source,
-        })?;
+    // No such link: TUNSETIFF creates the device.
+    let tun = open_tap(name, spec.vnet_hdr, spec.queues > 1)?;
     let fd = tun.as_raw_fd();
     let ioctl_err = |ioctl| {
         move |source| TapError::Ioctl {
@@ -169,11 +155,6 @@ pub fn create_persistent_tap(spec: &TapSpec<'_>) -> Result<u32, TapError> {
             source,
         }
     };
-    // SAFETY: `fd` is an open /dev/net/tun descriptor owned by `tun`, alive for the call;
-    // TUNSETIFF reads and writes a `struct ifreq`, and `ifr` is one, valid and exclusively
-    // borrowed for the duration of the call.
-    unsafe { ioctls::tun_set_iff(fd, std::ptr::from_mut(&mut ifr) as libc::c_ulong) }
-        .map_err(ioctl_err("TUNSETIFF"))?;
     // From here on the device exists; it disappears when `tun` closes unless persisted.
     if let Some(uid) = spec.owner {
         // SAFETY: `fd` is the open tun descriptor; TUNSETOWNER takes the uid by value.
@@ -207,9 +188,10 @@ pub fn create_persistent_tap(spec: &TapSpec<'_>) -> Result<u32, TapError> {
     Ok(index)
 }
 
-/// Opens one queue of an existing TAP of the calling thread's namespace, as a VMM does: frames
+/// Opens one queue of the TAP `name` of the calling thread's namespace, as a VMM does: frames
 /// the bridge sends to the TAP are read from the file, frames written to it enter the bridge.
-/// `vnet_hdr` and `multi_queue` must match how the TAP was created.
+/// `vnet_hdr` and `multi_queue` must match how the TAP was created. Without a link of that name
+/// the kernel creates the TAP, gone again when the file closes unless made persistent.
 pub fn open_tap(name: &str, vnet_hdr: bool, multi_queue: bool) -> Result<File, TapError> {
     let mut flags = libc::IFF_TAP | libc::IFF_NO_PI;
     if vnet_hdr {
