@@ -143,11 +143,7 @@ fn spec_errors(result: Result<(), Vec<weft_crds::FieldError>>) -> Vec<String> {
         .collect()
 }
 
-/// Whether `new` differs from `old` in what a status write would change.
-fn differs(old: Option<&PolicyStatus>, new: &PolicyStatus) -> bool {
-    old != Some(new)
-}
-
+/// Writes the status of one policy (server-side apply of the status subresource).
 async fn write<K>(
     api: Api<K>,
     name: &str,
@@ -177,40 +173,64 @@ where
     })
 }
 
+/// One policy of either kind: its reports key, its status, its spec's problems, and where its
+/// status is written.
+struct Policy<'a, K> {
+    kind: &'static str,
+    object: &'a K,
+    status: Option<&'a PolicyStatus>,
+    spec_errors: Vec<String>,
+    api: Api<K>,
+    /// `name` or `namespace/name`, as the agents report it after the kind.
+    reported_as: String,
+}
+
+async fn reconcile<K>(p: Policy<'_, K>, ctx: &Context) -> Result<Action, Error>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let start = Instant::now();
+    let result = async {
+        let name = name_of(p.object)?;
+        if p.object.meta().deletion_timestamp.is_some() || !ctx.is_leader() {
+            return Ok(Action::await_change());
+        }
+        let e = enforcement(
+            &format!("{} {}", p.kind, p.reported_as),
+            &ctx.stores.node_networks.state(),
+        );
+        let new = desired_status(
+            p.object.meta().generation,
+            p.status
+                .map(|s| s.conditions.as_slice())
+                .unwrap_or_default(),
+            &p.spec_errors,
+            &e,
+            jiff::Timestamp::now(),
+        );
+        if p.status != Some(&new) {
+            write(p.api, &name, p.kind, &new).await?;
+        }
+        Ok(Action::await_change())
+    }
+    .await;
+    finish(ctx, p.kind, &super::object_key(p.object), start, result)
+}
+
 /// Reconciles one ClusterSegmentationPolicy.
 pub async fn reconcile_cluster(
     p: Arc<ClusterSegmentationPolicy>,
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
-    const KIND: &str = "ClusterSegmentationPolicy";
-    let start = Instant::now();
-    let result = async {
-        let name = name_of(p.as_ref())?;
-        if p.metadata.deletion_timestamp.is_some() || !ctx.is_leader() {
-            return Ok(Action::await_change());
-        }
-        let e = enforcement(&format!("{KIND} {name}"), &ctx.stores.node_networks.state());
-        let previous = p.status.as_ref().map(|s| s.conditions.as_slice());
-        let new = desired_status(
-            p.metadata.generation,
-            previous.unwrap_or_default(),
-            &spec_errors(p.spec.validate()),
-            &e,
-            jiff::Timestamp::now(),
-        );
-        if differs(p.status.as_ref(), &new) {
-            write(
-                Api::<ClusterSegmentationPolicy>::all(ctx.client.clone()),
-                &name,
-                KIND,
-                &new,
-            )
-            .await?;
-        }
-        Ok(Action::await_change())
-    }
-    .await;
-    finish(&ctx, KIND, &super::object_key(p.as_ref()), start, result)
+    let policy = Policy {
+        kind: "ClusterSegmentationPolicy",
+        object: p.as_ref(),
+        status: p.status.as_ref(),
+        spec_errors: spec_errors(p.spec.validate()),
+        api: Api::all(ctx.client.clone()),
+        reported_as: p.name_any(),
+    };
+    reconcile(policy, &ctx).await
 }
 
 /// Reconciles one SegmentationPolicy.
@@ -218,39 +238,16 @@ pub async fn reconcile_namespaced(
     p: Arc<SegmentationPolicy>,
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
-    const KIND: &str = "SegmentationPolicy";
-    let start = Instant::now();
-    let result = async {
-        let name = name_of(p.as_ref())?;
-        let namespace = p.namespace().unwrap_or_default();
-        if p.metadata.deletion_timestamp.is_some() || !ctx.is_leader() {
-            return Ok(Action::await_change());
-        }
-        let e = enforcement(
-            &format!("{KIND} {namespace}/{name}"),
-            &ctx.stores.node_networks.state(),
-        );
-        let previous = p.status.as_ref().map(|s| s.conditions.as_slice());
-        let new = desired_status(
-            p.metadata.generation,
-            previous.unwrap_or_default(),
-            &spec_errors(p.spec.validate()),
-            &e,
-            jiff::Timestamp::now(),
-        );
-        if differs(p.status.as_ref(), &new) {
-            write(
-                Api::<SegmentationPolicy>::namespaced(ctx.client.clone(), &namespace),
-                &name,
-                KIND,
-                &new,
-            )
-            .await?;
-        }
-        Ok(Action::await_change())
-    }
-    .await;
-    finish(&ctx, KIND, &super::object_key(p.as_ref()), start, result)
+    let namespace = p.namespace().unwrap_or_default();
+    let policy = Policy {
+        kind: "SegmentationPolicy",
+        object: p.as_ref(),
+        status: p.status.as_ref(),
+        spec_errors: spec_errors(p.spec.validate()),
+        api: Api::namespaced(ctx.client.clone(), &namespace),
+        reported_as: format!("{namespace}/{}", p.name_any()),
+    };
+    reconcile(policy, &ctx).await
 }
 
 fn finish(
