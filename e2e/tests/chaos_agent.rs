@@ -8,12 +8,13 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use weft_dataplane::netns::{self, Netns};
+use weft_e2e::{operator_binary, require_root};
 
 const LAB: &str = r#"
 lan: {gateway: 192.168.50.1/24}
@@ -42,14 +43,6 @@ expect:
   - {from: w1, to: w2, port: 80, result: allow}
   - {from: l1, to: l2, port: 80, result: allow}
 "#;
-
-fn operator_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent()
-        .and_then(|d| d.parent())
-        .unwrap()
-        .join("weft-operator")
-}
 
 /// The addresses the lab printed under `built:`.
 fn address(stdout: &str, workload: &str) -> IpAddr {
@@ -195,7 +188,7 @@ fn restart(lab: &str, node: &str, pid: u32, binary: &Path, log_path: &Path) -> C
 
 #[test]
 fn agents_killed_and_replaced_under_traffic_lose_no_connection() {
-    assert!(nix_root(), "this test needs root (network namespaces)");
+    require_root();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("chaos.yaml");
     std::fs::write(&file, LAB).unwrap();
@@ -284,15 +277,4 @@ fn agents_killed_and_replaced_under_traffic_lose_no_connection() {
     if let Err(e) = result {
         std::panic::resume_unwind(e);
     }
-}
-
-fn nix_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .map(|u| u.split_whitespace().next() == Some("0"))
-        })
-        .unwrap_or(false)
 }

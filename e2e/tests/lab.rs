@@ -6,47 +6,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use weft_e2e::{operator_binary, require_root};
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("workspace root")
         .to_path_buf()
-}
-
-/// `target/<profile>/weft-operator`, next to the `weft` binary; both are built by
-/// `cargo build --workspace` (and by `cargo test --workspace`, since their crates have tests).
-fn operator_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable");
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target/<profile>");
-    let bin = dir.join("weft-operator");
-    assert!(
-        bin.exists() && dir.join("weft").exists(),
-        "{} and weft are missing: run `cargo build --workspace` first (make test does)",
-        bin.display()
-    );
-    bin
-}
-
-fn require_root() {
-    assert!(
-        nix_is_root(),
-        "the lab needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN) for network namespaces: run the tests as root"
-    );
-}
-
-fn nix_is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
 }
 
 fn leftovers(lab_prefix: &str) -> Vec<String> {
