@@ -179,7 +179,7 @@ struct Reconciler {
     /// no kernel work (drift is repaired by the periodic resync, which always applies).
     last_applied: Option<dplan::NodePlan>,
     /// The last snapshot of the source.
-    resources: Option<source::Resources>,
+    resources: Option<Arc<source::Resources>>,
     /// The last snapshot, shared with the socket server: it answers identity questions itself,
     /// so an ADD does not wait behind other pods' registrations in the reconcile queue.
     shared: cni_server::Snapshot,
@@ -205,12 +205,12 @@ impl Reconciler {
     async fn reconcile_once(&mut self, reason: &str) -> Result<(), String> {
         // A registration changes endpoints, not resources: reuse the last snapshot.
         let res = match (&self.resources, reason) {
-            (Some(r), "endpoints") => r.clone(),
+            (Some(r), "endpoints") => Arc::clone(r),
             _ => {
-                let r = self.source.snapshot().map_err(|e| format!("{e}"))?;
-                self.resources = Some(r.clone());
+                let r = Arc::new(self.source.snapshot().map_err(|e| format!("{e}"))?);
+                self.resources = Some(Arc::clone(&r));
                 if let Ok(mut shared) = self.shared.lock() {
-                    *shared = Some(Arc::new(r.clone()));
+                    *shared = Some(Arc::clone(&r));
                 }
                 r
             }
@@ -270,7 +270,8 @@ impl Reconciler {
         self.status.bridges = out.plan.bridges.iter().map(|b| b.name.clone()).collect();
         self.status.endpoints = self.endpoints.len();
         self.status.peers = res.peers.len();
-        self.status.pending = self.endpoints.list().iter().filter(|e| e.pending).count();
+        let endpoints = self.endpoints.list();
+        self.status.pending = endpoints.iter().filter(|e| e.pending).count();
         self.status.forwards = out.forwards.clone();
         self.status.policies = out.policy.applies_to.clone();
         if let Ok(mut p) = self.policy.lock() {
@@ -348,8 +349,7 @@ impl Reconciler {
             realized.dedup();
         }
         self.status.networks = realized;
-        self.source
-            .publish(&plan::published(&res, &self.endpoints.list()));
+        self.source.publish(&plan::published(&res, &endpoints));
         self.source.report(&self.status);
         if let Err(e) =
             state::write_json_unsynced(&self.cfg.state_dir.join("status.json"), &self.status)
@@ -377,7 +377,7 @@ impl Reconciler {
                 name,
                 vm: given,
             } => Some(identity_reply(
-                self.resources.as_ref(),
+                self.resources.as_deref(),
                 ready,
                 namespace,
                 name,

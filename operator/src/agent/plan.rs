@@ -344,12 +344,9 @@ pub fn members(res: &Resources, endpoints: &[Endpoint]) -> Vec<crate::policy::Me
     endpoints
         .iter()
         .map(|e| {
-            let namespace = e.pod_namespace.clone().unwrap_or_else(|| "default".into());
-            let name = e.pod_name.clone().unwrap_or_default();
+            let (namespace, name, labels) = pod_of(res, e);
             crate::policy::Member {
-                labels: workload_labels(&res.workloads, &namespace, &name)
-                    .cloned()
-                    .unwrap_or_default(),
+                labels,
                 namespace,
                 name,
                 network: e.network.clone(),
@@ -361,19 +358,26 @@ pub fn members(res: &Resources, endpoints: &[Endpoint]) -> Vec<crate::policy::Me
         .collect()
 }
 
+/// An endpoint's pod: namespace (`default` when unknown), name and labels.
+fn pod_of(res: &Resources, e: &Endpoint) -> (String, String, BTreeMap<String, String>) {
+    let namespace = e.pod_namespace.clone().unwrap_or_else(|| "default".into());
+    let name = e.pod_name.clone().unwrap_or_default();
+    let labels = workload_labels(&res.workloads, &namespace, &name)
+        .cloned()
+        .unwrap_or_default();
+    (namespace, name, labels)
+}
+
 /// This node's workload interfaces as the other nodes' agents need them (for their groups, and
 /// a migrating VM's addresses and MAC).
 pub fn published(res: &Resources, endpoints: &[Endpoint]) -> Vec<weft_crds::NodeWorkload> {
     let mut out: Vec<weft_crds::NodeWorkload> = endpoints
         .iter()
         .map(|e| {
-            let namespace = e.pod_namespace.clone().unwrap_or_else(|| "default".into());
-            let name = e.pod_name.clone().unwrap_or_default();
+            let (namespace, name, labels) = pod_of(res, e);
             weft_crds::NodeWorkload {
                 network: e.network.clone(),
-                labels: workload_labels(&res.workloads, &namespace, &name)
-                    .cloned()
-                    .unwrap_or_default(),
+                labels,
                 namespace,
                 name,
                 ips: e.ips.iter().map(|ip| ip.to_string()).collect(),
