@@ -193,18 +193,18 @@ fn vlan_sub_interfaces_need_802_1q_and_say_so_when_the_kernel_lacks_it() {
     let _ns = isolate();
     let (_lan, mut nl) = wire(true);
     let eth0 = nl.link_by_name("eth0").unwrap().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut vlan10 = node_plan(true);
+    vlan10.bridges[0].uplink = Some(UplinkPlan {
+        device: "eth0".into(),
+        vlan: Some(10),
+    });
     match nl.create_vlan("eth0.10", eth0.index, 10, None, Some("weft:vlan:t")) {
         Err(e) if e.is_not_supported() => {
             println!(
                 "NOT SUPPORTED BY THIS KERNEL: 802.1Q VLAN links ({e}); the VLAN attachment was checked by the unit tests only"
             );
-            let dir = tempfile::tempdir().unwrap();
-            let mut p = node_plan(true);
-            p.bridges[0].uplink = Some(UplinkPlan {
-                device: "eth0".into(),
-                vlan: Some(10),
-            });
-            let report = apply(&p, dir.path());
+            let report = apply(&vlan10, dir.path());
             assert!(
                 report.failed[0].1.contains("802.1Q"),
                 "the failure names the missing kernel support: {:?}",
@@ -216,13 +216,7 @@ fn vlan_sub_interfaces_need_802_1q_and_say_so_when_the_kernel_lacks_it() {
             let l = nl.link_by_index(index).unwrap().unwrap();
             assert_eq!(l.kind.as_deref(), Some("vlan"));
             nl.delete_link(index).unwrap();
-            let dir = tempfile::tempdir().unwrap();
-            let mut p = node_plan(true);
-            p.bridges[0].uplink = Some(UplinkPlan {
-                device: "eth0".into(),
-                vlan: Some(10),
-            });
-            let report = apply(&p, dir.path());
+            let report = apply(&vlan10, dir.path());
             assert!(report.failed.is_empty(), "{report:?}");
             let sub = nl.link_by_name("eth0.10").unwrap().unwrap();
             let br = nl.link_by_name("wn-lan").unwrap().unwrap();
