@@ -371,6 +371,18 @@ impl IpamStore {
         })
     }
 
+    /// The networks that have a store under `state_dir`, sorted.
+    pub fn networks(state_dir: &Path) -> Vec<String> {
+        let mut out: Vec<String> = fs::read_dir(state_dir.join("ipam"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        out.sort();
+        out
+    }
+
     /// The store's directory.
     pub fn dir(&self) -> &Path {
         &self.dir

@@ -66,14 +66,10 @@ impl EndpointStore {
         let now = Instant::now();
         self.gone.retain(|_, t| now.duration_since(*t) < TOMBSTONE);
         let mut fresh = BTreeMap::new();
-        let networks = NetworkState::list(state_dir).unwrap_or_default();
-        let mut names: Vec<String> = networks;
-        if let Ok(dir) = std::fs::read_dir(state_dir.join("ipam")) {
-            for e in dir.flatten() {
-                let n = e.file_name().to_string_lossy().to_string();
-                if !names.contains(&n) {
-                    names.push(n);
-                }
+        let mut names: Vec<String> = NetworkState::list(state_dir).unwrap_or_default();
+        for n in IpamStore::networks(state_dir) {
+            if !names.contains(&n) {
+                names.push(n);
             }
         }
         for network in names {
@@ -132,11 +128,7 @@ impl EndpointStore {
         elsewhere: &dyn Fn(&str) -> bool,
     ) -> Vec<(String, String)> {
         let mut out = Vec::new();
-        let Ok(dir) = std::fs::read_dir(state_dir.join("ipam")) else {
-            return out;
-        };
-        for entry in dir.flatten() {
-            let network = entry.file_name().to_string_lossy().to_string();
+        for network in IpamStore::networks(state_dir) {
             let Ok(store) = IpamStore::open(state_dir, &network) else {
                 continue;
             };
