@@ -180,12 +180,8 @@ pub fn add(conf: &Conf, env: &Env) -> Result<CniResult, CniError> {
         );
     }
     let mut done: Vec<(String, String, CniResult)> = Vec::new();
-    for (i, network) in list.iter().enumerate() {
-        let this_if = if i == 0 {
-            ifname.to_string()
-        } else {
-            format!("net{i}")
-        };
+    let ifnames = interface_names(ifname, list.len());
+    for (i, (network, this_if)) in list.iter().zip(ifnames).enumerate() {
         let parent = (i > 0).then_some(ifname);
         match add_one(
             conf,
@@ -230,6 +226,22 @@ pub fn add(conf: &Conf, env: &Env) -> Result<CniResult, CniError> {
         merged.routes.extend(r.routes);
     }
     Ok(merged)
+}
+
+/// The interface names of `count` networks: `primary` (`CNI_IFNAME`) first, then `net1`,
+/// `net2`… without `primary` itself (a Multus delegate's `CNI_IFNAME` may be `net1`).
+fn interface_names(primary: &str, count: usize) -> Vec<String> {
+    let mut out = vec![primary.to_string()];
+    let mut n = 1;
+    while out.len() < count {
+        let name = format!("net{n}");
+        if name != primary {
+            out.push(name);
+        }
+        n += 1;
+    }
+    out.truncate(count);
+    out
 }
 
 /// One interface `ifname` on `network`. `parent`: the `CNI_IFNAME` of the ADD that made this
@@ -583,9 +595,6 @@ pub fn del(conf: &Conf, env: &Env) -> Result<(), CniError> {
     // The interfaces this ADD made from the pod's weft.dev/networks annotation, wherever they
     // are: the IPAM stores say (the pod may be gone from the API by now).
     for (network, extra) in extra_interfaces(conf, container_id, ifname) {
-        if Some(network.as_str()) == conf.network.as_deref() && extra == ifname {
-            continue;
-        }
         if let Err(e) = del_one(conf, env, &network, &extra) {
             errors.push(e.details);
         }
@@ -601,15 +610,11 @@ pub fn del(conf: &Conf, env: &Env) -> Result<(), CniError> {
     }
 }
 
-/// `(network, ifname)` of every allocation of `container_id` whose interface `ifname`'s ADD made
-/// (the annotation's) or that is `ifname` itself on another network.
+/// `(network, ifname)` of every allocation of `container_id` that the ADD of its interface
+/// `ifname` made from the pod's `weft.dev/networks` annotation.
 fn extra_interfaces(conf: &Conf, container_id: &str, ifname: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir(conf.state_dir.join("ipam")) else {
-        return out;
-    };
-    for entry in dir.flatten() {
-        let network = entry.file_name().to_string_lossy().to_string();
+    for network in IpamStore::networks(&conf.state_dir) {
         let Ok(allocs) = IpamStore::open(&conf.state_dir, &network).and_then(|s| s.list()) else {
             continue;
         };
@@ -829,6 +834,13 @@ mod tests {
             assert_eq!(e.code, error::INVALID_CONFIG, "{bad}");
             assert!(e.details.contains("weft.dev/networks"), "{bad}: {e:?}");
         }
+    }
+
+    #[test]
+    fn extra_interfaces_are_named_net_n_and_never_clash_with_cni_ifname() {
+        assert_eq!(interface_names("eth0", 3), ["eth0", "net1", "net2"]);
+        assert_eq!(interface_names("net1", 3), ["net1", "net2", "net3"]);
+        assert_eq!(interface_names("eth0", 1), ["eth0"]);
     }
 
     #[test]
