@@ -262,12 +262,17 @@ pub fn attach(
         }
         None => {}
     }
-    // The Network moved to another interface or VLAN: give the old one back first.
-    if let Some(old) = read_record(state_dir, &bridge.name)
-        && old.port != port.name
-    {
-        detach(&old, links, state_dir, report)?;
-    }
+    // A record of this port is an earlier interrupted attach's (it holds the original state);
+    // one of another port means the Network moved to another interface or VLAN: give that one
+    // back first.
+    let earlier = match read_record(state_dir, &bridge.name) {
+        Some(r) if r.port == port.name => Some(r),
+        Some(old) => {
+            detach(&old, links, state_dir, report)?;
+            None
+        }
+        None => None,
+    };
     let failed = failed_path(state_dir, &bridge.name);
     let text = plan_text(bridge, up);
     if let Ok(prev) = state::read_json::<RollbackRecord>(&failed) {
@@ -285,11 +290,10 @@ pub fn attach(
         state::remove_file(&failed).map_err(ApplyError::State)?;
     }
 
-    // 1. Save what the port holds (an earlier interrupted attach's record wins: it has the
-    //    original state).
-    let record = match read_record(state_dir, &bridge.name) {
-        Some(r) if r.port == port.name => r,
-        _ => {
+    // 1. Save what the port holds (an earlier interrupted attach's record wins).
+    let record = match earlier {
+        Some(r) => r,
+        None => {
             let addresses: Vec<IpNet> = links
                 .addresses(port.index)?
                 .into_iter()
