@@ -1,5 +1,6 @@
-//! Raw Ethernet frames: what the lab and the tests use to send packets a socket never would
-//! (ARP with a foreign sender address, router advertisements) from inside a namespace.
+//! Raw Ethernet frames a socket never would send: the agent's gateway check (ARP) and a
+//! migrated VM's announcements (gratuitous ARP, unsolicited NA), and the lab's and the tests'
+//! forged frames (ARP with a foreign sender address, router advertisements, RARP).
 
 #![allow(unsafe_code)] // AF_PACKET sendto; each block has its SAFETY comment
 
@@ -9,12 +10,6 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 /// Sends one frame (destination MAC first) out of interface `ifindex` of the calling thread's
 /// network namespace.
 pub fn send(ifindex: u32, frame: &[u8]) -> std::io::Result<()> {
-    if frame.len() < 14 {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "an Ethernet frame has at least 14 bytes",
-        ));
-    }
     // SAFETY: a plain syscall without pointers.
     let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
     if fd < 0 {
@@ -22,6 +17,17 @@ pub fn send(ifindex: u32, frame: &[u8]) -> std::io::Result<()> {
     }
     // SAFETY: `fd` is a fresh descriptor nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    send_on(&fd, ifindex, frame)
+}
+
+/// Sends one frame through the packet socket `fd`.
+fn send_on(fd: &OwnedFd, ifindex: u32, frame: &[u8]) -> std::io::Result<()> {
+    if frame.len() < 14 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "an Ethernet frame has at least 14 bytes",
+        ));
+    }
     let mut addr = libc::sockaddr_ll {
         sll_family: libc::AF_PACKET as u16,
         sll_protocol: u16::from_ne_bytes([frame[12], frame[13]]),
@@ -190,7 +196,7 @@ pub fn probe_arp(
     let mut buf = [0u8; 128];
     while Instant::now() < deadline {
         if Instant::now() >= next_send {
-            send(ifindex, &request)?;
+            send_on(&fd, ifindex, &request)?;
             next_send = Instant::now() + Duration::from_millis(250);
         }
         // SAFETY: `buf` is valid for writes of its length.
