@@ -509,44 +509,25 @@ pub fn node_network_status(
     }
 }
 
-/// Each policy the agent enforces, with its interfaces here and its problem here, if any
-/// (problems read `Kind name: message`).
+/// Each policy the agent enforces or could not enforce, with its interfaces and its problems
+/// here.
 pub fn node_policies(agent: &AgentStatus) -> Vec<weft_crds::NodePolicy> {
-    let mut out: BTreeMap<String, weft_crds::NodePolicy> = agent
+    let names: std::collections::BTreeSet<&String> = agent
         .policies
-        .iter()
-        .map(|(policy, n)| {
-            (
-                policy.clone(),
-                weft_crds::NodePolicy {
-                    policy: policy.clone(),
-                    interfaces: i32::try_from(*n).unwrap_or(i32::MAX),
-                    error: None,
-                },
-            )
-        })
+        .keys()
+        .chain(agent.policy_problems.keys())
         .collect();
-    for p in &agent.problems {
-        if !(p.starts_with("ClusterSegmentationPolicy ") || p.starts_with("SegmentationPolicy ")) {
-            continue;
-        }
-        let Some((policy, message)) = p.split_once(": ") else {
-            continue;
-        };
-        let entry = out
-            .entry(policy.to_string())
-            .or_insert_with(|| weft_crds::NodePolicy {
-                policy: policy.to_string(),
-                interfaces: 0,
-                error: None,
-            });
-        let error = match entry.error.take() {
-            Some(e) => format!("{e}; {message}"),
-            None => message.to_string(),
-        };
-        entry.error = Some(truncated(&error));
-    }
-    out.into_values().collect()
+    names
+        .into_iter()
+        .map(|policy| weft_crds::NodePolicy {
+            policy: policy.clone(),
+            interfaces: agent
+                .policies
+                .get(policy)
+                .map_or(0, |n| i32::try_from(*n).unwrap_or(i32::MAX)),
+            error: agent.policy_problems.get(policy).map(|e| truncated(e)),
+        })
+        .collect()
 }
 
 /// Writes the newest status from `rx` to the NodeNetwork `node` (server-side apply of the
@@ -649,6 +630,32 @@ mod tests {
             last_error: last_error.map(str::to_owned),
             ..AgentStatus::default()
         }
+    }
+
+    #[test]
+    fn each_policy_is_reported_with_its_interfaces_and_problems_here() {
+        let mut a = agent(&["blue"], None);
+        a.policies = [
+            ("SegmentationPolicy shop/db".to_string(), 2),
+            ("ClusterSegmentationPolicy lockdown".to_string(), 0),
+        ]
+        .into();
+        a.policy_problems = [(
+            "SegmentationPolicy shop/lost".to_string(),
+            "spec.subject.networks[0]: Network lan does not exist".to_string(),
+        )]
+        .into();
+        let got = node_policies(&a);
+        assert_eq!(
+            got.iter()
+                .map(|p| (p.policy.as_str(), p.interfaces, p.error.is_some()))
+                .collect::<Vec<_>>(),
+            [
+                ("ClusterSegmentationPolicy lockdown", 0, false),
+                ("SegmentationPolicy shop/db", 2, false),
+                ("SegmentationPolicy shop/lost", 0, true),
+            ]
+        );
     }
 
     fn find<'a>(s: &'a NodeNetworkStatus, type_: &str) -> &'a Condition {

@@ -88,6 +88,9 @@ pub struct AgentStatus {
     pub audit: BTreeMap<String, u64>,
     /// Segmentation policies in force: `Kind name` → workload interfaces they apply to here.
     pub policies: BTreeMap<String, usize>,
+    /// What the policy compiler could not enforce here: `Kind name` → its problems, joined.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub policy_problems: BTreeMap<String, String>,
 }
 
 /// A request from the socket server to the reconciler.
@@ -274,6 +277,17 @@ impl Reconciler {
         self.status.pending = endpoints.iter().filter(|e| e.pending).count();
         self.status.forwards = out.forwards.clone();
         self.status.policies = out.policy.applies_to.clone();
+        self.status.policy_problems = BTreeMap::new();
+        for p in &out.policy.problems {
+            self.status
+                .policy_problems
+                .entry(format!("{} {}", p.kind, p.object))
+                .and_modify(|m| {
+                    m.push_str("; ");
+                    m.push_str(&p.message);
+                })
+                .or_insert_with(|| p.message.clone());
+        }
         if let Ok(mut p) = self.policy.lock() {
             *p = Arc::clone(&out.policy);
         }
