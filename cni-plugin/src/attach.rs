@@ -148,37 +148,28 @@ pub fn add(conf: &Conf, env: &Env) -> Result<CniResult, CniError> {
     };
     let vm = conf.vm.clone().or(pod.vm);
     let migration = &pod.migration;
-    let Some(list) = pod
+    // Without the annotation (or with an empty one): the configuration's Network alone.
+    let list = match pod
         .networks
         .as_deref()
         .map(annotated_networks)
         .transpose()?
-    else {
-        let network = conf.require_network()?;
-        return add_one(
-            conf,
-            env,
-            network,
-            ifname,
-            conf.default_route,
-            vm,
-            None,
-            migration.get(network),
-        );
+    {
+        Some(list) if !list.is_empty() => list,
+        _ => {
+            let network = conf.require_network()?;
+            return add_one(
+                conf,
+                env,
+                network,
+                ifname,
+                conf.default_route,
+                vm,
+                None,
+                migration.get(network),
+            );
+        }
     };
-    if list.is_empty() {
-        let network = conf.require_network()?;
-        return add_one(
-            conf,
-            env,
-            network,
-            ifname,
-            conf.default_route,
-            vm,
-            None,
-            migration.get(network),
-        );
-    }
     let mut done: Vec<(String, String, CniResult)> = Vec::new();
     let ifnames = interface_names(ifname, list.len());
     for (i, (network, this_if)) in list.iter().zip(ifnames).enumerate() {
