@@ -866,6 +866,21 @@ mod tests {
         }
     }
 
+    /// A link weft did not make (no alias), up.
+    fn foreign(index: u32, name: &str, kind: Option<&str>, mac: Option<[u8; 6]>) -> LinkInfo {
+        LinkInfo {
+            index,
+            name: name.into(),
+            kind: kind.map(Into::into),
+            mac,
+            mtu: 1500,
+            up: true,
+            master: None,
+            alias: None,
+            netns_id: None,
+        }
+    }
+
     struct Node {
         links: FakeLinks,
         fw: FakeFirewall,
@@ -980,17 +995,9 @@ mod tests {
         );
         assert_eq!(node.links.links.len(), 1);
         // A link named like weft's bridge but without weft's alias is never adopted.
-        node.links.links.push(LinkInfo {
-            index: 7,
-            name: "wn-c".into(),
-            kind: Some("bridge".into()),
-            mac: None,
-            mtu: 1500,
-            up: true,
-            master: None,
-            alias: None,
-            netns_id: None,
-        });
+        node.links
+            .links
+            .push(foreign(7, "wn-c", Some("bridge"), None));
         let err = apply(
             &plan(&[], "accept", &["c"]),
             &mut node.links,
@@ -1006,17 +1013,7 @@ mod tests {
     fn cleanup_removes_weft_links_table_and_state_only() {
         let mut node = Node::new();
         node.apply(&plan(&["10.0.0.0/24"], "accept", &["a"]));
-        node.links.links.push(LinkInfo {
-            index: 9,
-            name: "eth0".into(),
-            kind: None,
-            mac: None,
-            mtu: 1500,
-            up: true,
-            master: None,
-            alias: None,
-            netns_id: None,
-        });
+        node.links.links.push(foreign(9, "eth0", None, None));
         let r = cleanup(&mut node.links, &mut node.fw, node.dir.path()).unwrap();
         assert!(!r.is_noop());
         assert_eq!(node.links.links.len(), 1, "eth0 is not weft's");
@@ -1029,17 +1026,9 @@ mod tests {
     }
 
     fn add_eth0(node: &mut Node) -> u32 {
-        node.links.links.push(LinkInfo {
-            index: 2,
-            name: "eth0".into(),
-            kind: None,
-            mac: Some([0x52, 0x54, 0, 0, 0, 2]),
-            mtu: 1500,
-            up: true,
-            master: None,
-            alias: None,
-            netns_id: None,
-        });
+        node.links
+            .links
+            .push(foreign(2, "eth0", None, Some([0x52, 0x54, 0, 0, 0, 2])));
         node.links.addrs.entry(2).or_default().extend(
             ["192.168.50.11/24", "fe80::5054:ff:fe00:2/64"].map(|a| a.parse::<IpNet>().unwrap()),
         );
@@ -1268,17 +1257,9 @@ mod tests {
             "the other network is realized"
         );
         let eth0 = add_eth0(&mut node);
-        node.links.links.push(LinkInfo {
-            index: 50,
-            name: "docker0".into(),
-            kind: Some("bridge".into()),
-            mac: None,
-            mtu: 1500,
-            up: true,
-            master: None,
-            alias: None,
-            netns_id: None,
-        });
+        node.links
+            .links
+            .push(foreign(50, "docker0", Some("bridge"), None));
         for l in &mut node.links.links {
             if l.index == eth0 {
                 l.master = Some(50);
