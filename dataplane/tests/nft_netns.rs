@@ -10,8 +10,8 @@
 use nix::sched::{CloneFlags, unshare};
 use std::collections::{BTreeMap, BTreeSet};
 use weft_dataplane::nft::{
-    BaseChain, Chain, Change, Family, Firewall, Map, NftCli, NftError, Set, Table, Transaction,
-    diff, structure_hash,
+    BaseChain, Chain, Change, Family, Firewall, Map, NftCli, NftError, Set, SetKey, Table,
+    Transaction, diff, structure_hash,
 };
 
 /// Runs `f` on a new thread inside a new, empty network namespace.
@@ -351,6 +351,10 @@ fn a_failing_batch_commits_nothing() {
             family: Family::Inet,
             table: "weft".into(),
             set: "nat4".into(),
+            key: SetKey {
+                key_type: "ipv4_addr".into(),
+                interval: true,
+            },
             elements: vec!["10.99.0.0/16 } garbage {".into()],
         });
         let err = nft.apply(&tx).unwrap_err();
@@ -375,12 +379,20 @@ fn a_failing_batch_commits_nothing() {
                 family: Family::Inet,
                 table: "weft".into(),
                 set: "bridges".into(),
+                key: SetKey {
+                    key_type: "ifname".into(),
+                    interval: false,
+                },
                 elements: vec!["\"wn-new\"".into()],
             },
             Change::DeleteElements {
                 family: Family::Inet,
                 table: "weft".into(),
                 set: "nat4".into(),
+                key: SetKey {
+                    key_type: "ipv4_addr".into(),
+                    interval: true,
+                },
                 elements: vec!["10.99.0.0/16".into()],
             },
         ]);
@@ -459,5 +471,177 @@ fn a_bridge_family_table_applies_and_lists() {
         assert!(diff(&state.to_table(&t), &t).is_empty());
         // The inet table of the same name is another table.
         assert!(nft.list_table(Family::Inet, "weft").unwrap().is_none());
+    });
+}
+
+/// A table with a plain set of every key type a registration touches.
+fn element_table(family: Family) -> Table {
+    Table {
+        family,
+        name: "weftel".into(),
+        comment: None,
+        sets: vec![
+            set("ports", "ifname", false, &["\"wf0\""]),
+            set("macs", "ifname . ether_addr", false, &[]),
+            set("ips4", "ifname . ipv4_addr", false, &[]),
+            set("ips6", "ifname . ipv6_addr", false, &[]),
+            set("g4", "ipv4_addr", false, &["10.0.0.1"]),
+            set("g6", "ipv6_addr", false, &[]),
+            set("lladdr", "ether_addr", false, &[]),
+            set("svc", "ipv4_addr . inet_proto . inet_service", false, &[]),
+        ],
+        maps: vec![],
+        chains: vec![],
+    }
+}
+
+#[test]
+fn element_changes_go_over_netlink_and_list_as_nft_wrote_them() {
+    in_netns(|| {
+        let mut nft = NftCli::default();
+        // No nft binary at all: only the netlink path can apply element changes.
+        let mut netlink_only = NftCli::new("/nonexistent/nft");
+        for family in [Family::Inet, Family::Bridge] {
+            let before = element_table(family);
+            nft.apply(&replace(&before)).unwrap();
+            let mut after = before.clone();
+            let add = |t: &mut Table, set: usize, items: &[&str]| {
+                t.sets[set]
+                    .elements
+                    .extend(items.iter().map(|s| s.to_string()));
+            };
+            add(&mut after, 0, &["\"wf1\"", "\"eth1.10\""]);
+            add(&mut after, 1, &["\"wf1\" . 0a:58:0a:4d:00:02"]);
+            add(
+                &mut after,
+                2,
+                &["\"wf1\" . 10.77.0.2", "\"eth1.10\" . 192.168.1.9"],
+            );
+            add(
+                &mut after,
+                3,
+                &["\"wf1\" . fd77::2", "\"wf1\" . fe80::858:aff:fe4d:2"],
+            );
+            add(&mut after, 4, &["10.77.0.2", "10.77.0.3"]);
+            add(&mut after, 5, &["fd77::2"]);
+            add(&mut after, 6, &["0a:58:0a:4d:00:02"]);
+            add(
+                &mut after,
+                7,
+                &["10.77.0.2 . tcp . 8080", "10.77.0.2 . udp . 53"],
+            );
+            after.sets[4].elements.remove("10.0.0.1");
+            let tx = diff(&before, &after);
+            netlink_only
+                .apply(&tx)
+                .unwrap_or_else(|e| panic!("{family}: {e:?}"));
+            let state = nft.list_table(family, "weftel").unwrap().unwrap();
+            for s in &after.sets {
+                assert_eq!(
+                    state.elements_of(&s.name),
+                    s.elements,
+                    "{family} set {} as listed by nft",
+                    s.name
+                );
+            }
+            assert!(diff(&state.to_table(&after), &after).is_empty());
+            // Adding what exists is not an error, as with nft.
+            let readd = Transaction(
+                tx.0.iter()
+                    .filter(|c| matches!(c, Change::AddElements { .. }))
+                    .cloned()
+                    .collect(),
+            );
+            netlink_only.apply(&readd).unwrap();
+            // And back.
+            netlink_only.apply(&diff(&after, &before)).unwrap();
+            let state = nft.list_table(family, "weftel").unwrap().unwrap();
+            assert_eq!(state.to_table(&before), before, "{family}");
+        }
+    });
+}
+
+#[test]
+fn a_refused_netlink_batch_commits_nothing() {
+    in_netns(|| {
+        let mut nft = NftCli::default();
+        let t = element_table(Family::Inet);
+        nft.apply(&replace(&t)).unwrap();
+        let key = |key_type: &str| SetKey {
+            key_type: key_type.into(),
+            interval: false,
+        };
+        let tx = Transaction(vec![
+            Change::AddElements {
+                family: Family::Inet,
+                table: "weftel".into(),
+                set: "ports".into(),
+                key: key("ifname"),
+                elements: vec!["\"wf9\"".into()],
+            },
+            Change::DeleteElements {
+                family: Family::Inet,
+                table: "weftel".into(),
+                set: "g4".into(),
+                key: key("ipv4_addr"),
+                elements: vec!["10.99.0.9".into()],
+            },
+        ]);
+        let err = NftCli::new("/nonexistent/nft").apply(&tx).unwrap_err();
+        match &err {
+            NftError::Kernel { what, source } => {
+                assert!(
+                    what.contains("deleted 1 element from set inet weftel g4"),
+                    "{what}"
+                );
+                assert_eq!(source.raw_os_error(), Some(libc::ENOENT), "{source}");
+            }
+            other => panic!("expected Kernel, got {other:?}"),
+        }
+        assert!(err.to_string().contains("nothing was applied"), "{err}");
+        let state = nft.list_table(Family::Inet, "weftel").unwrap().unwrap();
+        assert_eq!(
+            state.elements_of("ports"),
+            t.sets[0].elements,
+            "the add was rolled back"
+        );
+        // A set that does not exist.
+        let missing = Transaction(vec![Change::AddElements {
+            family: Family::Inet,
+            table: "weftel".into(),
+            set: "nosuchset".into(),
+            key: key("ifname"),
+            elements: vec!["\"wf9\"".into()],
+        }]);
+        assert!(matches!(
+            NftCli::default().apply(&missing),
+            Err(NftError::Kernel { .. })
+        ));
+    });
+}
+
+#[test]
+fn the_largest_netlink_batch_applies() {
+    in_netns(|| {
+        let mut nft = NftCli::default();
+        let before = element_table(Family::Inet);
+        nft.apply(&replace(&before)).unwrap();
+        let mut after = before.clone();
+        // 2,000 ports with a MAC each and 2,000 addresses: several messages per set.
+        for i in 0..2000u32 {
+            let [_, _, hi, lo] = i.to_be_bytes();
+            after.sets[1]
+                .elements
+                .insert(format!("\"wf{i}\" . 0a:58:00:00:{hi:02x}:{lo:02x}"));
+            after.sets[4]
+                .elements
+                .insert(std::net::Ipv4Addr::from(0x0a01_0000 + i).to_string());
+        }
+        NftCli::new("/nonexistent/nft")
+            .apply(&diff(&before, &after))
+            .unwrap();
+        let state = nft.list_table(Family::Inet, "weftel").unwrap().unwrap();
+        assert_eq!(state.elements_of("macs"), after.sets[1].elements);
+        assert_eq!(state.elements_of("g4"), after.sets[4].elements);
     });
 }

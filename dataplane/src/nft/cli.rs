@@ -1,5 +1,6 @@
 //! The real [`Firewall`]: the `nft` binary.
 
+use super::netlink::{self, NfTablesSocket};
 use super::{Family, Firewall, NftError, TableState, Transaction};
 use std::io::Write;
 use std::path::PathBuf;
@@ -10,6 +11,8 @@ use tracing::debug;
 const LINE_MAX: usize = 300;
 
 /// Runs `nft`: `nft -f -` for transactions (one atomic batch), `nft -j list table` to read back.
+/// Transactions that only change elements of plain sets go over netlink instead (see
+/// `nft::netlink`), also as one atomic batch.
 ///
 /// The process inherits the calling thread's network namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,6 +155,17 @@ fn blamed_line(stderr: &str, batch: &str) -> Option<String> {
 
 impl Firewall for NftCli {
     fn apply(&mut self, tx: &Transaction) -> Result<(), NftError> {
+        if tx.is_empty() {
+            return Ok(());
+        }
+        // Element-only transactions (registrations) skip the nft process.
+        if let Some(batch) = netlink::element_batch(tx, 1) {
+            debug!(
+                changes = tx.0.len(),
+                "applying nftables element changes over netlink"
+            );
+            return NfTablesSocket::open()?.apply(&batch);
+        }
         let batch = tx.render();
         if batch.is_empty() {
             return Ok(());

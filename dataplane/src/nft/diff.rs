@@ -1,6 +1,6 @@
 //! The element-level diff between two tables.
 
-use super::{Change, Table, Transaction, structure_hash};
+use super::{Change, SetKey, Table, Transaction, structure_hash};
 use ipnet::IpNet;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -39,6 +39,7 @@ pub fn diff(current: &Table, desired: &Table) -> Transaction {
                 family,
                 table: table.clone(),
                 set: want.name.clone(),
+                key: SetKey::of(want),
                 elements: gone,
             });
         }
@@ -47,6 +48,7 @@ pub fn diff(current: &Table, desired: &Table) -> Transaction {
                 family,
                 table: table.clone(),
                 set: want.name.clone(),
+                key: SetKey::of(want),
                 elements: new,
             });
         }

@@ -73,6 +73,7 @@ fn apply_change(
             table,
             set,
             elements,
+            ..
         } => {
             let t = table_mut(tables, *family, table)?;
             let s = t
@@ -87,6 +88,7 @@ fn apply_change(
             table,
             set,
             elements,
+            ..
         } => {
             let t = table_mut(tables, *family, table)?;
             let s = t
@@ -172,8 +174,8 @@ impl Firewall for FakeFirewall {
 
 #[cfg(test)]
 mod tests {
-    use super::super::diff;
     use super::super::render::tests::nat_table;
+    use super::super::{SetKey, diff};
     use super::*;
 
     #[test]
@@ -206,12 +208,20 @@ mod tests {
                 family: Family::Inet,
                 table: "weft".into(),
                 set: "bridges".into(),
+                key: SetKey {
+                    key_type: "ifname".into(),
+                    interval: false,
+                },
                 elements: vec!["\"wn-x\"".into()],
             },
             Change::DeleteElements {
                 family: Family::Inet,
                 table: "weft".into(),
                 set: "bridges".into(),
+                key: SetKey {
+                    key_type: "ifname".into(),
+                    interval: false,
+                },
                 elements: vec!["\"absent\"".into()],
             },
         ]);

@@ -4,7 +4,9 @@
 //! There is no nftables crate here (see `shared/deps.md`, A3):
 //! - [`render_table`] and [`Transaction::render`] produce nft *text*, a pure function;
 //! - [`NftCli`] applies a whole [`Transaction`] with one `nft -f -`, which the kernel commits
-//!   atomically (a failing batch commits nothing);
+//!   atomically (a failing batch commits nothing) — or, when the transaction only changes
+//!   elements of plain sets (a workload's registration), as one nfnetlink batch of its own
+//!   (`netlink`), equally atomic and without nft's per-process ruleset cache refresh;
 //! - [`NftCli::list_table`] reads the kernel's table back with `nft -j list table` into our own
 //!   tolerant serde structs ([`TableState`]), rendering set and map elements in the same text form
 //!   the renderer takes, so desired and actual element sets compare directly;
@@ -25,6 +27,7 @@ mod cli;
 mod diff;
 #[cfg(any(test, feature = "testing"))]
 mod fake;
+mod netlink;
 mod render;
 mod state;
 
@@ -203,6 +206,25 @@ pub fn priority_value(text: &str, family: Family) -> Option<i32> {
     base.checked_add(offset)
 }
 
+/// What an element change needs to know of its set beyond its name.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct SetKey {
+    /// The key type, as in [`Set::key_type`].
+    pub key_type: String,
+    /// Does the set have the `interval` flag?
+    pub interval: bool,
+}
+
+impl SetKey {
+    /// The key of `set`.
+    pub fn of(set: &Set) -> SetKey {
+        SetKey {
+            key_type: set.key_type.clone(),
+            interval: set.flags.iter().any(|f| f == "interval"),
+        }
+    }
+}
+
 /// One step of a [`Transaction`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Change {
@@ -224,6 +246,9 @@ pub enum Change {
         table: String,
         /// Set name.
         set: String,
+        /// The set's key type ([`Set::key_type`]) and whether it has the `interval` flag: what
+        /// the netlink path needs to encode the elements.
+        key: SetKey,
         /// Element text.
         elements: Vec<String>,
     },
@@ -235,6 +260,8 @@ pub enum Change {
         table: String,
         /// Set name.
         set: String,
+        /// As for [`Change::AddElements`].
+        key: SetKey,
         /// Element text.
         elements: Vec<String>,
     },
@@ -276,6 +303,7 @@ impl Change {
                 table,
                 set,
                 elements,
+                ..
             } => format!(
                 "added {} element{} to set {family} {table} {set}",
                 elements.len(),
@@ -286,6 +314,7 @@ impl Change {
                 table,
                 set,
                 elements,
+                ..
             } => format!(
                 "deleted {} element{} from set {family} {table} {set}",
                 elements.len(),
@@ -381,6 +410,23 @@ pub enum NftError {
         what: String,
         /// nft's error output.
         stderr: String,
+    },
+    /// The netfilter netlink socket failed (element changes go over netlink, not `nft`).
+    #[error("cannot talk to nf_tables over netlink")]
+    Netlink {
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel refused an element change sent over netlink; nothing of the batch was
+    /// committed.
+    #[error("the kernel refused the nftables change ({what}), nothing was applied")]
+    Kernel {
+        /// The change, e.g. `added 2 elements to set bridge weft ports`.
+        what: String,
+        /// The kernel's error.
+        #[source]
+        source: std::io::Error,
     },
     /// nft's JSON listing did not parse.
     #[error("cannot parse the JSON of nft -j list")]

@@ -140,6 +140,7 @@ pub(super) fn render_change(change: &Change, out: &mut String) {
             table,
             set,
             elements,
+            ..
         } => element_line(
             "add",
             *family,
@@ -153,6 +154,7 @@ pub(super) fn render_change(change: &Change, out: &mut String) {
             table,
             set,
             elements,
+            ..
         } => element_line(
             "delete",
             *family,
@@ -195,7 +197,7 @@ pub(super) fn render_change(change: &Change, out: &mut String) {
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use super::super::{BaseChain, Chain, Map, Set, Transaction};
+    use super::super::{BaseChain, Chain, Map, Set, SetKey, Transaction};
     use super::*;
     use std::collections::{BTreeMap, BTreeSet};
 
@@ -312,6 +314,10 @@ pub(crate) mod tests {
                 family: Family::Inet,
                 table: "weft".into(),
                 set: "nat4".into(),
+                key: SetKey {
+                    key_type: "ipv4_addr".into(),
+                    interval: true,
+                },
                 elements: vec!["10.20.0.0/16".into()],
             },
             Change::DeleteMapElements {
@@ -324,6 +330,10 @@ pub(crate) mod tests {
                 family: Family::Inet,
                 table: "weft".into(),
                 set: "bridges".into(),
+                key: SetKey {
+                    key_type: "ifname".into(),
+                    interval: false,
+                },
                 elements: vec!["\"wn-green\"".into(), "\"wn-pink\"".into()],
             },
             Change::AddMapElements {
@@ -356,6 +366,10 @@ pub(crate) mod tests {
             family: Family::Inet,
             table: "weft".into(),
             set: "bridges".into(),
+            key: SetKey {
+                key_type: "ifname".into(),
+                interval: false,
+            },
             elements: vec![],
         }]);
         assert!(tx.is_empty());
