@@ -49,7 +49,8 @@ spec:
   ipam: {nodeBlockPrefix: 16}
 YAML
 if [ -n "${WEFT_BENCH_MANIFEST:-}" ]; then cp "$WEFT_BENCH_MANIFEST" "$TMP/manifests/extra.yaml"; fi
-WEFT_LOG=warn "$BIN/weft-operator" agent --netns "/run/netns/$NODE_NS" --node-name bench \
+METRICS_PORT=$((20000 + $$ % 20000))
+WEFT_LOG=warn "$BIN/weft-operator" agent --metrics-addr "127.0.0.1:$METRICS_PORT" --netns "/run/netns/$NODE_NS" --node-name bench \
   --manifests "$TMP/manifests" --state-dir "$TMP/state" --socket "$TMP/agent.sock" \
   --cni-bin-dir "$TMP/bin" --cni-conf-dir "$TMP/conf" --cni-binary "$BIN/weft" \
   >"$TMP/agent.log" 2>&1 &
@@ -69,3 +70,19 @@ PY
 echo "weft agent up in $NODE_NS; binary $(stat -c %s "$BIN/weft") bytes" >&2
 ip netns exec "$NODE_NS" python3 "$HERE/lib/cni_bench.py" --prefix "${PREFIX}p" \
   --ipam-dir "$TMP/ipam" --cni-path "$TMP/bin" "$@" "$TMP/bench.conflist"
+# Where the time went on the agent's side: its reconciles (nearly all of them registrations
+# here) and the ADD/DEL durations the weft binary reported, as means.
+ip netns exec "$NODE_NS" python3 - "http://127.0.0.1:$METRICS_PORT/metrics" <<'PY' || true
+import re, sys, urllib.request
+text = urllib.request.urlopen(sys.argv[1], timeout=5).read().decode()
+def mean(prefix, labels=""):
+    s = re.search(r"^%s_sum%s (\S+)" % (prefix, re.escape(labels)), text, re.M)
+    c = re.search(r"^%s_count%s (\S+)" % (prefix, re.escape(labels)), text, re.M)
+    if not s or not c or float(c.group(1)) == 0:
+        return "n/a"
+    return "%.2f ms over %d" % (1e3 * float(s.group(1)) / float(c.group(1)), float(c.group(1)))
+print("agent: reconcile mean %s; weft ADD mean %s, DEL mean %s" % (
+    mean("weft_agent_reconcile_duration_seconds"),
+    mean("weft_agent_cni_duration_seconds", '{command="ADD"}'),
+    mean("weft_agent_cni_duration_seconds", '{command="DEL"}')))
+PY
