@@ -461,3 +461,64 @@ fn a_bridge_family_table_applies_and_lists() {
         assert!(nft.list_table(Family::Inet, "weft").unwrap().is_none());
     });
 }
+
+#[test]
+fn a_typeof_set_of_raw_payload_round_trips_and_changes_by_element() {
+    in_netns(|| {
+        let mut nft = NftCli::default();
+        let with = |elements: &[&str]| Table {
+            family: Family::Bridge,
+            name: "weft".into(),
+            comment: None,
+            sets: vec![set(
+                "targets6",
+                "typeof iifname . @th,64,128",
+                false,
+                elements,
+            )],
+            maps: vec![],
+            chains: vec![base(
+                "prerouting",
+                "filter",
+                "prerouting",
+                "filter",
+                &["icmpv6 type nd-neighbor-advert iifname . @th,64,128 != @targets6 drop"],
+            )],
+        };
+        let before = with(&[
+            "\"wfa\" . 0xfd770000000000000000000000000002",
+            "\"wfa\" . 0xfe8000000000000008580afffe4d0002",
+            "\"wfb\" . 0x00000000000000000000000000000001",
+        ]);
+        nft.apply(&replace(&before)).unwrap();
+        let text = nft
+            .list_table_text(Family::Bridge, "weft")
+            .unwrap()
+            .unwrap();
+        assert!(
+            text.contains("typeof iifname . @th,64,128"),
+            "nft must keep the typeof key:\n{text}"
+        );
+        let state = nft.list_table(Family::Bridge, "weft").unwrap().unwrap();
+        assert_eq!(state.set("targets6").unwrap().key_type, "ifname . integer");
+        assert!(diff(&state.to_table(&before), &before).is_empty());
+
+        let after = with(&[
+            "\"wfa\" . 0xfd770000000000000000000000000002",
+            "\"wfc\" . 0xfd770000000000000000000000000004",
+        ]);
+        let tx = diff(&state.to_table(&after), &after);
+        assert!(
+            tx.0.iter().all(|c| !matches!(c, Change::ReplaceTable(_))),
+            "{tx:?}"
+        );
+        nft.apply(&tx).unwrap();
+        let state = nft.list_table(Family::Bridge, "weft").unwrap().unwrap();
+        assert_eq!(state.elements_of("targets6").len(), 2);
+        assert!(diff(&state.to_table(&after), &after).is_empty());
+        assert_eq!(
+            structure_hash(&state.to_table(&after)),
+            structure_hash(&after)
+        );
+    });
+}
