@@ -1,10 +1,11 @@
 //! Raw Ethernet frames a socket never would send: the agent's gateway check (ARP) and a
 //! migrated VM's announcements (gratuitous ARP, unsolicited NA), and the lab's and the tests'
-//! forged frames (ARP with a foreign sender address, router advertisements, RARP).
+//! forged frames (ARP with a foreign sender address, neighbour discovery with a foreign target
+//! or link-layer address, router advertisements, RARP).
 
 #![allow(unsafe_code)] // AF_PACKET sendto; each block has its SAFETY comment
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// Sends one frame (destination MAC first) out of interface `ifindex` of the calling thread's
@@ -84,28 +85,66 @@ pub fn rarp_announce(mac: [u8; 6]) -> Vec<u8> {
 
 /// An unsolicited neighbour advertisement (RFC 4861 7.2.6) for `ip` from `mac`, to all nodes,
 /// with the override flag: IPv6's gratuitous ARP, sent after a migrated VM's port is activated.
-pub fn unsolicited_na(mac: [u8; 6], ip: std::net::Ipv6Addr) -> Vec<u8> {
+pub fn unsolicited_na(mac: [u8; 6], ip: Ipv6Addr) -> Vec<u8> {
+    neighbour_advert(mac, ip, ip, &lladdr_option(2, mac))
+}
+
+/// A link-layer address option (RFC 4861 4.6.1) of kind 1 (source) or 2 (target).
+pub fn lladdr_option(kind: u8, mac: [u8; 6]) -> [u8; 8] {
+    let [a, b, c, d, e, f] = mac;
+    [kind, 1, a, b, c, d, e, f]
+}
+
+/// A neighbour advertisement from `mac` and `src` to all nodes announcing `target`, with the
+/// override flag (not solicited) and `options` as given: [`unsolicited_na`]'s, or a forged
+/// one whose target or options are not the sender's.
+pub fn neighbour_advert(mac: [u8; 6], src: Ipv6Addr, target: Ipv6Addr, options: &[u8]) -> Vec<u8> {
     let mut icmp = vec![136, 0, 0, 0, 0x20, 0, 0, 0]; // NA, checksum later, flags: override
-    icmp.extend(ip.octets());
-    icmp.extend([2, 1]); // option: target link-layer address, 8 bytes
-    icmp.extend(mac);
-    let dst = std::net::Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
-    let sum = icmpv6_checksum(&ip, &dst, &icmp);
+    icmp.extend(target.octets());
+    icmp.extend(options);
+    icmpv6_multicast(mac, src, Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1), icmp)
+}
+
+/// A neighbour solicitation from `mac` and `src` (`::` for duplicate address detection) for
+/// `target`, to the target's solicited-node multicast address, with `options` as given.
+pub fn neighbour_solicit(mac: [u8; 6], src: Ipv6Addr, target: Ipv6Addr, options: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![135, 0, 0, 0, 0, 0, 0, 0]; // NS, checksum later, reserved
+    icmp.extend(target.octets());
+    icmp.extend(options);
+    let t = target.octets();
+    let dst = Ipv6Addr::from([
+        0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, t[13], t[14], t[15],
+    ]);
+    icmpv6_multicast(mac, src, dst, icmp)
+}
+
+/// A router solicitation from `mac` and `src` to all routers, with `options` as given.
+pub fn router_solicit(mac: [u8; 6], src: Ipv6Addr, options: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![133, 0, 0, 0, 0, 0, 0, 0]; // RS, checksum later, reserved
+    icmp.extend(options);
+    icmpv6_multicast(mac, src, Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 2), icmp)
+}
+
+/// The frame of ICMPv6 message `icmp` (its checksum field is filled in) from `mac` and `src`
+/// to the multicast address `dst`, hop limit 255 as neighbour discovery requires.
+fn icmpv6_multicast(mac: [u8; 6], src: Ipv6Addr, dst: Ipv6Addr, mut icmp: Vec<u8>) -> Vec<u8> {
+    let sum = icmpv6_checksum(&src, &dst, &icmp);
     icmp[2..4].copy_from_slice(&sum.to_be_bytes());
-    let mut f = vec![0x33, 0x33, 0, 0, 0, 1];
+    let d = dst.octets();
+    let mut f = vec![0x33, 0x33, d[12], d[13], d[14], d[15]];
     f.extend(mac);
     f.extend([0x86, 0xdd]); // IPv6
     f.extend([0x60, 0, 0, 0]);
     f.extend(u16::try_from(icmp.len()).unwrap_or(0).to_be_bytes());
     f.extend([58, 255]); // ICMPv6, hop limit 255
-    f.extend(ip.octets());
-    f.extend(dst.octets());
+    f.extend(src.octets());
+    f.extend(d);
     f.extend(icmp);
     f
 }
 
 /// The ICMPv6 checksum of `icmp` (its checksum field zero) between `src` and `dst`.
-fn icmpv6_checksum(src: &std::net::Ipv6Addr, dst: &std::net::Ipv6Addr, icmp: &[u8]) -> u16 {
+fn icmpv6_checksum(src: &Ipv6Addr, dst: &Ipv6Addr, icmp: &[u8]) -> u16 {
     let mut sum: u32 = 0;
     let mut add = |bytes: &[u8]| {
         for pair in bytes.chunks(2) {
@@ -252,6 +291,26 @@ mod tests {
         // Summing with the checksum in place gives 0xffff (its complement: 0).
         let dst = std::net::Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
         assert_eq!(icmpv6_checksum(&ip, &dst, icmp), 0);
+    }
+
+    #[test]
+    fn solicitations_go_to_the_solicited_node_and_all_routers_groups() {
+        let mac = [0x0a, 0x58, 10, 77, 0, 4];
+        let target: Ipv6Addr = "fd77::1:2:3".parse().unwrap();
+        let f = neighbour_solicit(mac, Ipv6Addr::UNSPECIFIED, target, &[]);
+        assert_eq!(&f[..6], &[0x33, 0x33, 0xff, 0x02, 0, 0x03]);
+        let dst: Ipv6Addr = "ff02::1:ff02:3".parse().unwrap();
+        assert_eq!(&f[38..54], &dst.octets());
+        assert_eq!(f[54], 135);
+        assert_eq!(&f[62..78], &target.octets());
+        assert_eq!(icmpv6_checksum(&Ipv6Addr::UNSPECIFIED, &dst, &f[54..]), 0);
+        let src: Ipv6Addr = "fd77::4".parse().unwrap();
+        let rs = router_solicit(mac, src, &lladdr_option(1, mac));
+        assert_eq!(&rs[..6], &[0x33, 0x33, 0, 0, 0, 2]);
+        assert_eq!(rs[54], 133);
+        assert_eq!(&rs[62..], &lladdr_option(1, mac));
+        let all_routers = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 2);
+        assert_eq!(icmpv6_checksum(&src, &all_routers, &rs[54..]), 0);
     }
 
     #[test]

@@ -489,6 +489,8 @@ fn element_table(family: Family) -> Table {
             set("g6", "ipv6_addr", false, &[]),
             set("lladdr", "ether_addr", false, &[]),
             set("svc", "ipv4_addr . inet_proto . inet_service", false, &[]),
+            set("targets6", "typeof iifname . @th,64,128", false, &[]),
+            set("lladdrs", "typeof iifname . @th,208,48", false, &[]),
         ],
         maps: vec![],
         chains: vec![],
@@ -530,13 +532,23 @@ fn element_changes_go_over_netlink_and_list_as_nft_wrote_them() {
                 7,
                 &["10.77.0.2 . tcp . 8080", "10.77.0.2 . udp . 53"],
             );
+            add(
+                &mut after,
+                8,
+                &["\"wf1\" . 0xfd770000000000000000000000000002"],
+            );
+            add(&mut after, 9, &["\"wf1\" . 0x0a580a4d0002"]);
             after.sets[4].elements.remove("10.0.0.1");
             let tx = diff(&before, &after);
             netlink_only
                 .apply(&tx)
                 .unwrap_or_else(|e| panic!("{family}: {e:?}"));
             let state = nft.list_table(family, "weftel").unwrap().unwrap();
-            for s in &after.sets {
+            for s in after
+                .sets
+                .iter()
+                .filter(|s| !s.key_type.starts_with("typeof"))
+            {
                 assert_eq!(
                     state.elements_of(&s.name),
                     s.elements,
@@ -544,6 +556,9 @@ fn element_changes_go_over_netlink_and_list_as_nft_wrote_them() {
                     s.name
                 );
             }
+            // nft lists raw payload integers in its own spelling; they compare by value.
+            assert_eq!(state.elements_of("targets6").len(), 1, "{family}");
+            assert_eq!(state.elements_of("lladdrs").len(), 1);
             assert!(diff(&state.to_table(&after), &after).is_empty());
             // Adding what exists is not an error, as with nft.
             let readd = Transaction(
@@ -643,5 +658,66 @@ fn the_largest_netlink_batch_applies() {
         let state = nft.list_table(Family::Inet, "weftel").unwrap().unwrap();
         assert_eq!(state.elements_of("macs"), after.sets[1].elements);
         assert_eq!(state.elements_of("g4"), after.sets[4].elements);
+    });
+}
+
+#[test]
+fn a_typeof_set_of_raw_payload_round_trips_and_changes_by_element() {
+    in_netns(|| {
+        let mut nft = NftCli::default();
+        let with = |elements: &[&str]| Table {
+            family: Family::Bridge,
+            name: "weft".into(),
+            comment: None,
+            sets: vec![set(
+                "targets6",
+                "typeof iifname . @th,64,128",
+                false,
+                elements,
+            )],
+            maps: vec![],
+            chains: vec![base(
+                "prerouting",
+                "filter",
+                "prerouting",
+                "filter",
+                &["icmpv6 type nd-neighbor-advert iifname . @th,64,128 != @targets6 drop"],
+            )],
+        };
+        let before = with(&[
+            "\"wfa\" . 0xfd770000000000000000000000000002",
+            "\"wfa\" . 0xfe8000000000000008580afffe4d0002",
+            "\"wfb\" . 0x00000000000000000000000000000001",
+        ]);
+        nft.apply(&replace(&before)).unwrap();
+        let text = nft
+            .list_table_text(Family::Bridge, "weft")
+            .unwrap()
+            .unwrap();
+        assert!(
+            text.contains("typeof iifname . @th,64,128"),
+            "nft must keep the typeof key:\n{text}"
+        );
+        let state = nft.list_table(Family::Bridge, "weft").unwrap().unwrap();
+        assert_eq!(state.set("targets6").unwrap().key_type, "ifname . integer");
+        assert!(diff(&state.to_table(&before), &before).is_empty());
+
+        let after = with(&[
+            "\"wfa\" . 0xfd770000000000000000000000000002",
+            "\"wfc\" . 0xfd770000000000000000000000000004",
+        ]);
+        let tx = diff(&state.to_table(&after), &after);
+        assert!(
+            tx.0.iter().all(|c| !matches!(c, Change::ReplaceTable(_))),
+            "{tx:?}"
+        );
+        nft.apply(&tx).unwrap();
+        let state = nft.list_table(Family::Bridge, "weft").unwrap().unwrap();
+        assert_eq!(state.elements_of("targets6").len(), 2);
+        assert!(diff(&state.to_table(&after), &after).is_empty());
+        assert_eq!(
+            structure_hash(&state.to_table(&after)),
+            structure_hash(&after)
+        );
     });
 }

@@ -10,9 +10,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] fns
 #![allow(unsafe_code)] // AF_PACKET sockets for hand-made frames; each block has a SAFETY note
 
+use std::net::Ipv6Addr;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
+use weft_dataplane::frame;
 use weft_dataplane::netlink::{Netlink, VethSpec};
 use weft_dataplane::netns::{self, Netns};
 use weft_dataplane::nft::{Change, Firewall, NftCli, Table, Transaction};
@@ -644,4 +646,181 @@ fn a_pending_migration_target_passes_nothing_either_way_until_activated() {
     // Activated: one element less.
     lab.apply(&pending(&lab, false));
     assert!(ping(wt, None, &wa.v4), "an active port passes (control)");
+}
+
+fn v6(addr: &str) -> Ipv6Addr {
+    addr.parse().unwrap()
+}
+
+/// A stale neighbour entry in `w` for `addr` at `mac`: an advertisement with the override flag
+/// updates it (a cache takes nothing from an unsolicited advertisement for an address it has
+/// no entry for), and so does a solicitation's source link-layer address.
+fn stale_neigh(w: &Workload, addr: &str, mac: [u8; 6]) {
+    ip(
+        &w.name,
+        &[
+            "neigh",
+            "replace",
+            addr,
+            "lladdr",
+            &weft_dataplane::names::format_mac(mac),
+            "nud",
+            "stale",
+            "dev",
+            "eth0",
+        ],
+    );
+}
+
+/// Whether `w`'s neighbour entry for `addr` points at `mac`.
+fn neigh_is(w: &Workload, addr: &str, mac: [u8; 6]) -> bool {
+    neigh_entry(w, addr).contains(&format!(
+        "lladdr {} ",
+        weft_dataplane::names::format_mac(mac)
+    ))
+}
+
+/// The guard table of `lab` with `guarded` registered, less the rules `drop_rule` picks.
+fn table_without(lab: &Lab, guarded: &[usize], drop_rule: impl Fn(&str) -> bool) -> Table {
+    let mut t = lab.table(guarded, &[]);
+    let before = t.chains[0].rules.len();
+    t.chains[0].rules.retain(|r| !drop_rule(r));
+    assert!(t.chains[0].rules.len() < before, "no rule was left out");
+    t
+}
+
+const NA_TARGET_RULE: &str =
+    "icmpv6 type nd-neighbor-advert iifname . @th,64,128 != @targets6 drop";
+
+#[test]
+fn a_neighbour_advertisement_for_another_workloads_address_is_dropped() {
+    let mut lab = Lab::new();
+    let a = lab.add("a", 2);
+    let b = lab.add("b", 3);
+    let m = lab.add("m", 4);
+    lab.apply(&lab.table(&[a, b, m], &[]));
+    let (wa, wb, wm) = (lab.w(a), lab.w(b), lab.w(m));
+    let advert = |target: &str| {
+        frame::neighbour_advert(
+            wm.mac,
+            v6(&wm.v6),
+            v6(target),
+            &frame::lladdr_option(2, wm.mac),
+        )
+    };
+    // m's own address passes: a's entry for it follows the advertisement.
+    stale_neigh(wa, &wm.v6, [0x02, 0, 0, 0, 0, 0x99]);
+    send_frame(wm, &advert(&wm.v6));
+    assert!(
+        eventually(|| neigh_is(wa, &wm.v6, wm.mac)),
+        "a must take m's advertisement of its own address (control), got {:?}",
+        neigh_entry(wa, &wm.v6)
+    );
+    // b's address does not: a keeps b's MAC for it.
+    stale_neigh(wa, &wb.v6, wb.mac);
+    send_frame(wm, &advert(&wb.v6));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        neigh_is(wa, &wb.v6, wb.mac),
+        "a must NOT point b's address at m after m advertised it, got {:?}",
+        neigh_entry(wa, &wb.v6)
+    );
+    // Control: without the target rule the same advertisement takes b's address.
+    lab.apply(&table_without(&lab, &[a, b, m], |r| r == NA_TARGET_RULE));
+    send_frame(wm, &advert(&wb.v6));
+    assert!(
+        eventually(|| neigh_is(wa, &wb.v6, wm.mac)),
+        "without the target rule, m's advertisement must point b's address at m (control), got {:?}",
+        neigh_entry(wa, &wb.v6)
+    );
+}
+
+#[test]
+fn a_link_layer_address_option_with_a_foreign_mac_is_dropped() {
+    let mut lab = Lab::new();
+    let a = lab.add("a", 2);
+    let b = lab.add("b", 3);
+    let m = lab.add("m", 4);
+    lab.apply(&lab.table(&[a, b, m], &[]));
+    let (wa, wb, wm) = (lab.w(a), lab.w(b), lab.w(m));
+    let foreign_tlla = frame::lladdr_option(2, wb.mac);
+    // An unknown option first: receivers skip it and take the link-layer address after it.
+    let mut smuggled = vec![99, 1, 0, 0, 0, 0, 0, 0];
+    smuggled.extend(foreign_tlla);
+    let forged = [
+        (
+            "an advertisement of m's own address with b's MAC as target link-layer address",
+            frame::neighbour_advert(wm.mac, v6(&wm.v6), v6(&wm.v6), &foreign_tlla),
+        ),
+        (
+            "the same behind an unknown option",
+            frame::neighbour_advert(wm.mac, v6(&wm.v6), v6(&wm.v6), &smuggled),
+        ),
+        (
+            "a solicitation for a's address with b's MAC as source link-layer address",
+            frame::neighbour_solicit(
+                wm.mac,
+                v6(&wm.v6),
+                v6(&wa.v6),
+                &frame::lladdr_option(1, wb.mac),
+            ),
+        ),
+    ];
+    for (what, f) in &forged {
+        stale_neigh(wa, &wm.v6, wm.mac);
+        send_frame(wm, f);
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(
+            neigh_is(wa, &wm.v6, wm.mac),
+            "a must NOT point m's address at b's MAC after {what}, got {:?}",
+            neigh_entry(wa, &wm.v6)
+        );
+    }
+    // Control: without the option length and link-layer address rules each of them does.
+    lab.apply(&table_without(&lab, &[a, b, m], |r| {
+        r == guard::ND_RULES[1] || r == guard::ND_RULES[5]
+    }));
+    for (what, f) in &forged {
+        stale_neigh(wa, &wm.v6, wm.mac);
+        send_frame(wm, f);
+        assert!(
+            eventually(|| neigh_is(wa, &wm.v6, wb.mac)),
+            "without the option rules, {what} must point m's address at b's MAC (control), got {:?}",
+            neigh_entry(wa, &wm.v6)
+        );
+    }
+}
+
+#[test]
+fn solicitations_claiming_what_is_not_the_workloads_own_are_dropped() {
+    let mut lab = Lab::new();
+    let a = lab.add("a", 2);
+    let b = lab.add("b", 3);
+    let m = lab.add("m", 4);
+    lab.apply(&lab.table(&[a, b, m], &[]));
+    let (wa, wb, wm) = (lab.w(a), lab.w(b), lab.w(m));
+    // Duplicate address detection as Linux sends it: from ::, with a nonce option.
+    let nonce = [14, 1, 1, 2, 3, 4, 5, 6];
+    let probe =
+        |target: &str| frame::neighbour_solicit(wm.mac, Ipv6Addr::UNSPECIFIED, v6(target), &nonce);
+    let solicit =
+        |mac: [u8; 6]| frame::router_solicit(wm.mac, v6(&wm.v6), &frame::lladdr_option(1, mac));
+    // The ICMPv6 message (after the 54 bytes of Ethernet and IPv6 header) is the marker.
+    let sees = |f: Vec<u8>| sniff(wa, &f[54..], || send_frame(wm, &f));
+    assert!(
+        !sees(probe(&wb.v6)),
+        "a must NOT see m's duplicate address probe for b's address"
+    );
+    assert!(
+        sees(probe(&wm.v6)),
+        "a must see m's probe for its own address (control)"
+    );
+    assert!(
+        !sees(solicit(wb.mac)),
+        "a must NOT see m's router solicitation with b's MAC"
+    );
+    assert!(
+        sees(solicit(wm.mac)),
+        "a must see m's router solicitation with its own MAC (control)"
+    );
 }

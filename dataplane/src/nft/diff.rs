@@ -120,8 +120,10 @@ fn canonical_pairs(items: &BTreeMap<String, String>) -> BTreeMap<String, Entry<'
 /// the standard way (`fd00:0::1` → `fd00::1`), prefixes lose their host bits and a full-length
 /// prefix becomes the bare address (`10.0.0.1/32` → `10.0.0.1`), an address range that is
 /// exactly one prefix becomes that prefix (`10.0.0.0-10.0.0.255` → `10.0.0.0/24`), a range of
-/// one value becomes the value (`80-80` → `80`), and numbers lose leading zeros. Anything
-/// else (names, quoted strings, verdicts) is kept as written.
+/// one value becomes the value (`80-80` → `80`), and numbers, decimal or `0x` hex, become
+/// decimal without leading zeros (nft lists an integer key part as a JSON number, or as a hex
+/// string past 64 bits: `0x0a580a4d0002` → `11373246218242`). Anything else (names, quoted
+/// strings, verdicts) is kept as written.
 pub fn canonical_element(text: &str) -> String {
     text.split(" . ")
         .map(|part| canonical_part(&part.split_whitespace().collect::<Vec<_>>().join(" ")))
@@ -147,7 +149,7 @@ fn canonical_part(part: &str) -> String {
             }
             return format!("{x}-{y}");
         }
-        if let (Ok(x), Ok(y)) = (a.parse::<u64>(), b.parse::<u64>()) {
+        if let (Some(x), Some(y)) = (integer(a), integer(b)) {
             return if x == y {
                 x.to_string()
             } else {
@@ -170,10 +172,19 @@ fn canonical_atom(part: &str) -> Option<String> {
             net.to_string()
         });
     }
-    if !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) {
-        return part.parse::<u64>().ok().map(|n| n.to_string());
+    integer(part).map(|n| n.to_string())
+}
+
+/// A decimal or `0x` hex number of at most 128 bits.
+fn integer(part: &str) -> Option<u128> {
+    let (digits, radix) = match part.strip_prefix("0x").or_else(|| part.strip_prefix("0X")) {
+        Some(hex) => (hex, 16),
+        None => (part, 10),
+    };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return None;
     }
-    None
+    u128::from_str_radix(digits, radix).ok()
 }
 
 fn range_as_prefix(a: IpAddr, b: IpAddr) -> Option<String> {
@@ -320,6 +331,17 @@ mod tests {
             ("fd00:0::2 . fd00::3", "fd00::2 . fd00::3"),
             ("\"br0\" . \"br0\"", "\"br0\" . \"br0\""),
             ("jump  isolate", "jump isolate"),
+            ("0x0a580a4d0002", "11373246218242"),
+            (
+                "\"wfa\" . 0xFD770000000000000000000000000002",
+                "\"wfa\" . 336912566259749360332458315314104369154",
+            ),
+            (
+                "\"wfb\" . 0x00000000000000000000000000000001",
+                "\"wfb\" . 1",
+            ),
+            ("0x10-0x1f", "16-31"),
+            ("0x", "0x"),
             ("accept", "accept"),
         ] {
             assert_eq!(canonical_element(input), want, "{input}");

@@ -19,9 +19,10 @@
 //!
 //! Element text is written the way nft lists it: prefixes as `10.0.0.0/8`, host addresses bare
 //! (`10.0.0.1`, not `10.0.0.1/32`), ranges as `8000-8010`, concatenations as `a . b . c`,
-//! interface names quoted (`"br0"`), protocols by name (`tcp`), ports as numbers. [`diff`]
-//! compares elements through [`canonical_element`], so a desired `10.0.0.1/32` or
-//! `fd00:0::/64` does not churn against the kernel's `10.0.0.1` or `fd00::/64`.
+//! interface names quoted (`"br0"`), protocols by name (`tcp`), ports as numbers, integers
+//! in decimal or `0x` hex. [`diff`] compares elements through [`canonical_element`], so a
+//! desired `10.0.0.1/32`, `fd00:0::/64` or `0x0a580a4d0002` does not churn against the
+//! kernel's `10.0.0.1`, `fd00::/64` or `11373246218242`.
 
 mod cli;
 mod diff;
@@ -115,7 +116,16 @@ pub struct Table {
 pub struct Set {
     /// Name (not an nft keyword).
     pub name: String,
-    /// Key type, e.g. `ipv4_addr`, `ifname` or `ipv4_addr . inet_proto . inet_service`.
+    /// Key type, e.g. `ipv4_addr`, `ifname` or `ipv4_addr . inet_proto . inet_service`; or, when
+    /// it begins with `typeof `, the expressions the key is taken from, e.g.
+    /// `typeof iifname . @th,64,128`, rendered as `typeof …` instead of `type …`.
+    ///
+    /// nft declares a key one way or the other, never both, so this one field holds either and
+    /// every set written with a type stays as it is. `typeof` is what a raw payload key needs: an
+    /// `@th,64,128` is a 128-bit integer, which no named type concatenates with. Elements of
+    /// such a part are integers (`"wf1" . 0xfe80000000000000000000fffe000001`). nft 1.0.6
+    /// lists only the datatypes back (`ifname . integer`), so reading a `typeof` set back knows
+    /// the datatypes of a few expressions (see [`TableState::to_table`]).
     pub key_type: String,
     /// Flags, e.g. `interval`.
     pub flags: Vec<String>,

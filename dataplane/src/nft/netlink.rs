@@ -8,8 +8,9 @@
 //! `sendmsg`: the kernel commits it atomically or not at all, exactly as it commits nft's batch.
 //!
 //! Only what is simple to encode goes this way: element changes of sets without the `interval`
-//! flag whose key is made of `ifname`, `ipv4_addr`, `ipv6_addr`, `ether_addr`, `inet_proto` and
-//! `inet_service` (concatenations included), in a batch of moderate size. [`element_batch`]
+//! flag whose key is made of `ifname`, `ipv4_addr`, `ipv6_addr`, `ether_addr`, `inet_proto`,
+//! `inet_service` and raw payload integers of `typeof` keys (concatenations included), in a
+//! batch of moderate size. [`element_batch`]
 //! answers `None` for anything else — table replaces, maps, intervals, other types, elements it
 //! cannot parse — and the caller gives the transaction to `nft -f` unchanged.
 //!
@@ -110,14 +111,59 @@ fn encode_field(key_type: &str, text: &str) -> Option<Vec<u8>> {
             n => n.parse().ok()?,
         }],
         "inet_service" => text.parse::<u16>().ok()?.to_be_bytes().to_vec(),
-        _ => return None,
+        t => encode_integer(t.strip_prefix("int:")?, text)?,
     })
 }
 
+/// A `typeof` key expression as the datatype it stands for: interface name expressions are
+/// `ifname`, a raw payload `@base,offset,length` is an integer of `length` bits (`int:<bits>`);
+/// addresses by their type.
+fn typeof_field(expr: &str) -> Option<String> {
+    let expr = expr.trim();
+    if let Some(raw) = expr.strip_prefix('@') {
+        let bits: u32 = raw.rsplit(',').next()?.trim().parse().ok()?;
+        return (bits > 0 && bits.is_multiple_of(8) && bits <= 128).then(|| format!("int:{bits}"));
+    }
+    Some(
+        match expr {
+            "iifname" | "oifname" | "meta iifname" | "meta oifname" | "meta ibrname"
+            | "meta obrname" => "ifname",
+            "ip saddr" | "ip daddr" => "ipv4_addr",
+            "ip6 saddr" | "ip6 daddr" => "ipv6_addr",
+            "ether saddr" | "ether daddr" => "ether_addr",
+            _ => return None,
+        }
+        .to_string(),
+    )
+}
+
+/// A raw payload integer (`0x…` or decimal, as nft writes and lists it) as `bits / 8` bytes in
+/// network byte order, the order a payload is loaded from the packet.
+fn encode_integer(bits: &str, text: &str) -> Option<Vec<u8>> {
+    let bytes: usize = bits.parse::<usize>().ok()? / 8;
+    let text = text.trim();
+    let value = match text.strip_prefix("0x") {
+        Some(hex) => u128::from_str_radix(hex, 16).ok()?,
+        None => text.parse::<u128>().ok()?,
+    };
+    let all = value.to_be_bytes();
+    let (high, low) = all.split_at(16 - bytes);
+    high.iter().all(|b| *b == 0).then(|| low.to_vec())
+}
+
 /// The key bytes of one element of a set keyed by `key_type` (`a . b . c` for a
-/// concatenation); `None` when a field cannot be encoded here.
+/// concatenation, or `typeof` expressions); `None` when a field cannot be encoded here.
 pub(super) fn encode_key(key_type: &str, element: &str) -> Option<Vec<u8>> {
-    let types: Vec<&str> = key_type.split(" . ").map(str::trim).collect();
+    let types: Vec<String> = match key_type.trim().strip_prefix("typeof ") {
+        Some(exprs) => exprs
+            .split(" . ")
+            .map(typeof_field)
+            .collect::<Option<_>>()?,
+        None => key_type
+            .split(" . ")
+            .map(|t| t.trim().to_string())
+            .collect(),
+    };
     let values: Vec<&str> = element.split(" . ").collect();
     if types.len() != values.len() {
         return None;
@@ -370,6 +416,40 @@ mod tests {
             encode_key("ifname . ipv4_addr", "\"eth1.10\" . 10.0.0.1"),
             Some(vlan)
         );
+    }
+
+    #[test]
+    fn encodes_typeof_keys_of_raw_payloads() {
+        let mut target = b"wfa".to_vec();
+        target.resize(16, 0);
+        let mut addr = vec![0xfd, 0x77];
+        addr.resize(15, 0);
+        addr.push(2);
+        target.extend(&addr);
+        let key = "typeof iifname . @th,64,128";
+        assert_eq!(
+            encode_key(key, "\"wfa\" . 0xfd770000000000000000000000000002"),
+            Some(target.clone())
+        );
+        // The kernel's listing: no leading zeros, or decimal.
+        let decimal = u128::from_be_bytes(addr.try_into().unwrap()).to_string();
+        assert_eq!(
+            encode_key(key, &format!("\"wfa\" . {decimal}")),
+            Some(target)
+        );
+        let mut mac = b"wfa".to_vec();
+        mac.resize(16, 0);
+        mac.extend([0x0a, 0x58, 0x0a, 0x4d, 0, 2, 0, 0]);
+        assert_eq!(
+            encode_key("typeof iifname . @th,208,48", "\"wfa\" . 0x0a580a4d0002"),
+            Some(mac)
+        );
+        assert_eq!(
+            encode_key("typeof iifname . @th,208,48", "\"wfa\" . 0x010a580a4d0002"),
+            None,
+            "a value wider than the payload"
+        );
+        assert_eq!(encode_key("typeof meta mark", "1"), None);
     }
 
     #[test]

@@ -23,7 +23,7 @@ pub fn render_table(table: &Table) -> String {
     for set in &table.sets {
         separate(&mut out);
         let _ = writeln!(out, "\tset {} {{", set.name);
-        let _ = writeln!(out, "\t\ttype {}", set.key_type);
+        let _ = writeln!(out, "\t\t{}", key_declaration(&set.key_type));
         render_flags(&set.flags, &mut out);
         render_elements(set.elements.iter().map(String::as_str), &mut out);
         out.push_str("\t}\n");
@@ -62,6 +62,23 @@ pub fn render_table(table: &Table) -> String {
     }
     out.push_str("}\n");
     out
+}
+
+/// `type <key>`, or the key as written when it is a `typeof …` declaration (see
+/// [`super::Set::key_type`]).
+fn key_declaration(key: &str) -> String {
+    match typeof_key(key) {
+        Some(expressions) => format!("typeof {expressions}"),
+        None => format!("type {key}"),
+    }
+}
+
+/// The expressions of a `typeof …` key, `None` for a key type.
+pub(super) fn typeof_key(key: &str) -> Option<&str> {
+    key.trim_start()
+        .strip_prefix("typeof ")
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
 }
 
 fn render_flags(flags: &[String], out: &mut String) {
@@ -300,6 +317,67 @@ pub(crate) mod tests {
                 },
             ],
         }
+    }
+
+    /// A bridge table with sets keyed by raw payload: `typeof` keys of a 128-bit and a 48-bit
+    /// integer next to a `type` key.
+    pub(crate) fn typeof_table() -> Table {
+        Table {
+            family: Family::Bridge,
+            name: "weft".into(),
+            comment: None,
+            sets: vec![
+                Set {
+                    name: "ips6".into(),
+                    key_type: "ifname . ipv6_addr".into(),
+                    flags: vec![],
+                    elements: strings(&["\"wfa\" . fd77::2"]),
+                },
+                Set {
+                    name: "targets6".into(),
+                    key_type: "typeof iifname . @th,64,128".into(),
+                    flags: vec![],
+                    elements: strings(&[
+                        "\"wfa\" . 0xfd770000000000000000000000000002",
+                        "\"wfa\" . 0xfe800000000000000858aafffe4d0002",
+                        "\"wfb\" . 0x00000000000000000000000000000001",
+                    ]),
+                },
+                Set {
+                    name: "lladdrs".into(),
+                    key_type: "typeof iifname . @th,208,48".into(),
+                    flags: vec![],
+                    elements: strings(&["\"wfa\" . 0x0a580a4d0002"]),
+                },
+            ],
+            maps: vec![],
+            chains: vec![Chain {
+                name: "prerouting".into(),
+                base: base("filter", "prerouting", "filter", Some("accept")),
+                rules: vec![
+                    "icmpv6 type nd-neighbor-advert iifname . @th,64,128 != @targets6 drop".into(),
+                ],
+            }],
+        }
+    }
+
+    #[test]
+    fn typeof_sets_render_as_golden_text() {
+        insta::assert_snapshot!(render_table(&typeof_table()));
+    }
+
+    #[test]
+    fn a_typeof_key_is_structure_and_its_elements_are_not() {
+        let a = typeof_table();
+        let mut fewer = typeof_table();
+        fewer.sets[1].elements.clear();
+        assert_eq!(structure_hash(&a), structure_hash(&fewer));
+        let mut narrower = typeof_table();
+        narrower.sets[1].key_type = "typeof iifname . @th,64,64".into();
+        assert_ne!(structure_hash(&a), structure_hash(&narrower));
+        let mut typed = typeof_table();
+        typed.sets[1].key_type = "ifname . ipv6_addr".into();
+        assert_ne!(structure_hash(&a), structure_hash(&typed));
     }
 
     #[test]

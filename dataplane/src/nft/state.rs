@@ -36,7 +36,8 @@ pub struct TableState {
 pub struct SetState {
     /// Name.
     pub name: String,
-    /// Key type, concatenations joined with ` . `.
+    /// Key type, concatenations joined with ` . `; for a set declared with `typeof`, the
+    /// datatypes nft lists for it (`ifname . integer` for `typeof iifname . @th,64,128`).
     pub key_type: String,
     /// Flags.
     pub flags: Vec<String>,
@@ -191,7 +192,7 @@ impl TableState {
                 .iter()
                 .map(|s| SetState {
                     name: s.name.clone(),
-                    key_type: normalize_type(&s.key_type),
+                    key_type: listed_key_type(&s.key_type),
                     flags: s.flags.clone(),
                     elements: s.elements.clone(),
                 })
@@ -260,7 +261,8 @@ impl TableState {
 
     /// The kernel's table in `desired`'s terms, for [`super::diff`]: sets, maps and chains that
     /// match `desired` in everything nft lets us read back (types, flags, hook, numeric
-    /// priority, policy, rule count) are spelled exactly as in `desired` and carry the kernel's
+    /// priority, policy, rule count; a `typeof` key by the datatypes nft lists for its
+    /// expressions, not by the expressions) are spelled exactly as in `desired` and carry the kernel's
     /// elements, so [`super::structure_hash`] is equal when only elements differ. Anything that
     /// differs (a missing or extra set, another type, a changed rule count) is spelled the
     /// kernel's way, so the hashes differ and the diff replaces the table. Rules are never
@@ -278,7 +280,7 @@ impl TableState {
         for set in ordered(&self.sets, &desired.sets, |s| &s.name, |s| &s.name) {
             let want = desired.sets.iter().find(|d| d.name == set.name);
             let same = want.filter(|d| {
-                normalize_type(&d.key_type) == set.key_type && same_flags(&d.flags, &set.flags)
+                listed_key_type(&d.key_type) == set.key_type && same_flags(&d.flags, &set.flags)
             });
             out.sets.push(Set {
                 name: set.name.clone(),
@@ -365,6 +367,38 @@ fn same_base(kernel: &BaseChainState, desired: &BaseChain, family: Family) -> bo
 
 fn normalize_type(t: &str) -> String {
     t.split('.').map(str::trim).collect::<Vec<_>>().join(" . ")
+}
+
+/// The key type nft 1.0.6 lists for a set's key: the type itself, or for a `typeof …` key the
+/// datatype of each expression ([`typeof_datatype`]).
+fn listed_key_type(key: &str) -> String {
+    match super::render::typeof_key(key) {
+        Some(expressions) => expressions
+            .split('.')
+            .map(|e| typeof_datatype(&e.split_whitespace().collect::<Vec<_>>().join(" ")))
+            .collect::<Vec<_>>()
+            .join(" . "),
+        None => normalize_type(key),
+    }
+}
+
+/// The datatype nft 1.0.6 lists for a `typeof` key expression (checked against its JSON
+/// listing): interface names are `ifname`, a raw payload (`@th,64,128`) is an `integer`,
+/// addresses are `ipv4_addr`, `ipv6_addr` or `ether_addr`. Any other expression stays as
+/// written, which never equals a listed type: the set then reads as changed and the table is
+/// replaced on every pass, correct but no longer an element diff, so add the expression here
+/// before using it in a `typeof` key.
+fn typeof_datatype(expression: &str) -> String {
+    let datatype = match expression {
+        "iifname" | "oifname" | "meta iifname" | "meta oifname" | "meta ibrname"
+        | "meta obrname" => "ifname",
+        "ip saddr" | "ip daddr" => "ipv4_addr",
+        "ip6 saddr" | "ip6 daddr" => "ipv6_addr",
+        "ether saddr" | "ether daddr" => "ether_addr",
+        raw if raw.starts_with('@') => "integer",
+        other => other,
+    };
+    datatype.to_string()
 }
 
 // ---- the JSON listing ------------------------------------------------------------------------
@@ -562,12 +596,17 @@ fn map_element(
 
 #[cfg(test)]
 mod tests {
-    use super::super::render::tests::nat_table;
+    use super::super::render::tests::{nat_table, typeof_table};
     use super::super::{diff, structure_hash};
     use super::*;
 
     /// Captured from nft 1.0.6 (`nft -j list table inet weft`).
     const LISTING: &str = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}}, {"table": {"family": "inet", "name": "weft", "handle": 2}}, {"set": {"family": "inet", "name": "bridges", "table": "weft", "type": "ifname", "handle": 5, "elem": ["br0", "weft-x"]}}, {"set": {"family": "inet", "name": "intra", "table": "weft", "type": ["ifname", "ifname"], "handle": 6, "elem": [{"concat": ["br0", "br0"]}]}}, {"set": {"family": "inet", "name": "nets4", "table": "weft", "type": "ipv4_addr", "handle": 7, "flags": ["interval"], "elem": [{"prefix": {"addr": "10.0.0.0", "len": 8}}, {"range": ["172.16.0.1", "172.16.0.9"]}, "192.168.1.5"]}}, {"set": {"family": "inet", "name": "ports", "table": "weft", "type": "inet_service", "handle": 9, "flags": ["interval"], "elem": [80, {"range": [8000, 8010]}]}}, {"map": {"family": "inet", "name": "fwd4", "table": "weft", "type": ["ipv4_addr", "inet_proto", "inet_service"], "handle": 10, "map": "ipv4_addr . inet_service", "flags": ["interval"], "elem": [[{"concat": [{"prefix": {"addr": "10.0.0.0", "len": 8}}, "tcp", {"range": [8080, 8090]}]}, {"concat": ["10.1.0.2", 80]}], [{"concat": [{"prefix": {"addr": "0.0.0.0", "len": 0}}, "udp", 53]}, {"concat": ["10.1.0.3", 5353]}], [{"concat": ["1.2.3.4", "tcp", 22]}, {"concat": ["10.1.0.4", 2222]}]]}}, {"map": {"family": "inet", "name": "verdicts", "table": "weft", "type": ["ipv4_addr", "ipv4_addr"], "handle": 12, "map": "verdict", "elem": [[{"concat": ["10.0.0.1", "10.0.0.2"]}, {"accept": null}], [{"concat": ["10.0.0.1", "10.0.0.3"]}, {"drop": null}], [{"concat": ["10.0.0.1", "10.0.0.4"]}, {"jump": {"target": "forward_x"}}], [{"concat": ["10.0.0.1", "10.0.0.5"]}, {"goto": {"target": "forward_x"}}]]}}, {"chain": {"family": "inet", "table": "weft", "name": "forward_x", "handle": 1}}, {"chain": {"family": "inet", "table": "weft", "name": "prerouting", "handle": 2, "type": "nat", "hook": "prerouting", "prio": -100, "policy": "accept"}}, {"rule": {"family": "inet", "table": "weft", "chain": "forward_x", "handle": 14, "expr": [{"counter": {"packets": 0, "bytes": 0}}, {"accept": null}]}}, {"rule": {"family": "inet", "table": "weft", "chain": "prerouting", "handle": 16, "expr": [{"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": {"set": ["tcp", "udp"]}}}]}}, {"rule": {"family": "inet", "table": "weft", "chain": "prerouting", "handle": 17, "expr": []}}, {"flowtable": {"family": "inet", "name": "ft", "table": "weft"}}]}"#;
+
+    /// Captured from nft 1.0.6: `render::tests::typeof_table()` applied, then
+    /// `nft -j list table bridge weft`. A `typeof` set lists only its datatypes; an integer key
+    /// part comes back as a JSON number up to 64 bits and as a hex string past that.
+    const TYPEOF_LISTING: &str = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}}, {"table": {"family": "bridge", "name": "weft", "handle": 1}}, {"set": {"family": "bridge", "name": "ips6", "table": "weft", "type": ["ifname", "ipv6_addr"], "handle": 2, "elem": [{"concat": ["wfa", "fd77::2"]}]}}, {"set": {"family": "bridge", "name": "targets6", "table": "weft", "type": ["ifname", "integer"], "handle": 3, "elem": [{"concat": ["wfb", 1]}, {"concat": ["wfa", "0xfd770000000000000000000000000002"]}, {"concat": ["wfa", "0xfe800000000000000858aafffe4d0002"]}]}}, {"set": {"family": "bridge", "name": "lladdrs", "table": "weft", "type": ["ifname", "integer"], "handle": 4, "elem": [{"concat": ["wfa", 11373246218242]}]}}, {"chain": {"family": "bridge", "table": "weft", "name": "prerouting", "handle": 1, "type": "filter", "hook": "prerouting", "prio": -200, "policy": "accept"}}, {"rule": {"family": "bridge", "table": "weft", "chain": "prerouting", "handle": 5, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "icmpv6", "field": "type"}}, "right": "nd-neighbor-advert"}}, {"match": {"op": "!=", "left": {"concat": [{"meta": {"key": "iifname"}}, {"payload": {"base": "th", "offset": 64, "len": 128}}]}, "right": "@targets6"}}, {"drop": null}]}}]}"#;
 
     fn strings(items: &[&str]) -> BTreeSet<String> {
         items.iter().map(|s| s.to_string()).collect()
@@ -687,6 +726,116 @@ mod tests {
                 tx.0,
                 vec![super::super::Change::ReplaceTable(desired.clone())]
             );
+        }
+    }
+
+    #[test]
+    fn a_typeof_set_reads_back_as_its_datatypes_and_diffs_to_nothing() {
+        let desired = typeof_table();
+        let s = TableState::from_json(TYPEOF_LISTING, Family::Bridge, "weft")
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.set("targets6").unwrap().key_type, "ifname . integer");
+        assert_eq!(s.set("lladdrs").unwrap().key_type, "ifname . integer");
+        assert_eq!(
+            s.elements_of("targets6"),
+            strings(&[
+                "\"wfa\" . 0xfd770000000000000000000000000002",
+                "\"wfa\" . 0xfe800000000000000858aafffe4d0002",
+                "\"wfb\" . 1",
+            ])
+        );
+        assert_eq!(
+            s.elements_of("lladdrs"),
+            strings(&["\"wfa\" . 11373246218242"])
+        );
+        let current = s.to_table(&desired);
+        assert_eq!(current.sets[1].key_type, "typeof iifname . @th,64,128");
+        assert_eq!(structure_hash(&current), structure_hash(&desired));
+        assert!(diff(&current, &desired).0.is_empty(), "{current:?}");
+        // The fake's view of the same table agrees with the kernel's.
+        assert_eq!(
+            TableState::from_table(&desired)
+                .set("targets6")
+                .unwrap()
+                .key_type,
+            "ifname . integer"
+        );
+    }
+
+    #[test]
+    fn a_typeof_set_changes_by_element_in_the_kernel_spelling() {
+        let s = TableState::from_json(TYPEOF_LISTING, Family::Bridge, "weft")
+            .unwrap()
+            .unwrap();
+        let mut desired = typeof_table();
+        desired.sets[1]
+            .elements
+            .remove("\"wfb\" . 0x00000000000000000000000000000001");
+        desired.sets[2]
+            .elements
+            .insert("\"wfb\" . 0x0a580a4d0003".into());
+        let tx = diff(&s.to_table(&desired), &desired);
+        assert_eq!(
+            tx.0,
+            vec![
+                super::super::Change::DeleteElements {
+                    family: Family::Bridge,
+                    table: "weft".into(),
+                    set: "targets6".into(),
+                    key: super::super::SetKey {
+                        key_type: "typeof iifname . @th,64,128".into(),
+                        interval: false,
+                    },
+                    elements: vec!["\"wfb\" . 1".into()],
+                },
+                super::super::Change::AddElements {
+                    family: Family::Bridge,
+                    table: "weft".into(),
+                    set: "lladdrs".into(),
+                    key: super::super::SetKey {
+                        key_type: "typeof iifname . @th,208,48".into(),
+                        interval: false,
+                    },
+                    elements: vec!["\"wfb\" . 0x0a580a4d0003".into()],
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_typeof_key_of_other_datatypes_replaces_the_table() {
+        let s = TableState::from_json(TYPEOF_LISTING, Family::Bridge, "weft")
+            .unwrap()
+            .unwrap();
+        let mut typed = typeof_table();
+        typed.sets[1].key_type = "typeof iifname . ip6 saddr".into();
+        let mut unknown = typeof_table();
+        unknown.sets[1].key_type = "typeof iifname . icmpv6 id".into();
+        for desired in [typed, unknown] {
+            assert_eq!(
+                diff(&s.to_table(&desired), &desired).0,
+                vec![super::super::Change::ReplaceTable(desired.clone())]
+            );
+        }
+    }
+
+    #[test]
+    fn typeof_expressions_map_to_the_datatypes_nft_lists() {
+        for (key, listed) in [
+            ("typeof iifname . @th,64,128", "ifname . integer"),
+            ("typeof meta iifname . oifname", "ifname . ifname"),
+            (
+                "typeof  ip saddr . ip6 daddr . ether saddr",
+                "ipv4_addr . ipv6_addr . ether_addr",
+            ),
+            (
+                "typeof @nh,0,8 . @ll,0,48 . meta ibrname",
+                "integer . integer . ifname",
+            ),
+            ("ifname . ipv6_addr", "ifname . ipv6_addr"),
+        ] {
+            assert_eq!(listed_key_type(key), listed, "{key}");
         }
     }
 }

@@ -8,8 +8,13 @@
 //! - `open` (`ifname`): ports of networks with `spec.security.antiSpoofing: false`;
 //! - `macs` (`ifname . ether_addr`): the MAC each guarded port's workload uses;
 //! - `ips4` (`ifname . ipv4_addr`), `ips6` (`ifname . ipv6_addr`): its addresses; `ips6` also
-//!   holds the EUI-64 link-local address derived from the MAC.
-//!
+//!   holds the EUI-64 link-local address derived from the MAC;
+//! - `targets6` (`typeof iifname . @th,64,128`): the addresses of `ips6` again, as 128-bit
+//!   integers (`"wfa" . 0xfd770000000000000000000000000002`), for the target address of
+//!   neighbour discovery. nft 1.0.6 has no `icmpv6 taddr`, and the raw payload `@th,64,128` is
+//!   an integer, which nft refuses to compare with an `ifname . ipv6_addr` set;
+//! - `lladdrs` (`typeof iifname . @th,208,48`): the MAC again, as a 48-bit integer
+//!   (`"wfa" . 0x0a580a4d0002`), for the link-layer address options of neighbour discovery;
 //! - `pending` (`ifname`): live migration targets that wait for their VM (see
 //!   [`PortGuard::pending`]).
 //!
@@ -23,19 +28,20 @@
 //!    IPv4, ARP and IPv6 (PPPoE or MPLS could carry IP the checks below never see);
 //! 5. the source MAC, the ARP sender MAC and sender IP, and the IPv4 source must be the port's;
 //!    DHCPv4 server replies (udp 67 → 68) are dropped;
-//! 6. IPv6 from `::` passes only as a DAD neighbour solicitation (or the MLDv2 report a host
+//! 6. neighbour discovery ([`ND_RULES`]): router and neighbour solicitations and neighbour
+//!    advertisements carry no extension header and at most one option; the target of a
+//!    neighbour advertisement, and of a duplicate address detection probe, must be one of the
+//!    port's IPv6 addresses; a link-layer address option must carry the port's MAC;
+//! 7. IPv6 from `::` passes only as a DAD neighbour solicitation (or the MLDv2 report a host
 //!    sends while its link-local address is still tentative); any other IPv6 source must be
 //!    the port's, link-local included;
-//! 7. router advertisements, redirects and DHCPv6 server replies (udp 547 → 546) are dropped.
+//! 8. router advertisements, redirects and DHCPv6 server replies (udp 547 → 546) are dropped.
 //!
-//! Not expressed: the target address of neighbour advertisements. nft 1.0.6 has no
-//! `icmpv6 taddr`; a raw payload (`@th,64,128`) is a plain integer, which nft refuses to
-//! concatenate with `iifname` against an `ifname . ipv6_addr` set (datatype mismatch). It
-//! works against a `typeof iifname . @th,64,128` set with elements written as 128-bit
-//! integers, e.g. `"wf1" . 0xfe80000000000000000000fffe000001`, which nft accepts; but weft's
-//! [`Set`] model renders only `type …` and reads the listing back as `ifname . integer`, so that
-//! set needs a model extension first. Until then an NA's *source* is checked (rule 6) but a
-//! workload may advertise another workload's address as target.
+//! So a workload can neither announce another workload's IPv6 address as its own (the IPv6
+//! counterpart of an ARP reply with a foreign sender IP) nor point its own address at another
+//! MAC. Neighbour solicitations for other addresses (address resolution, not from `::`) are
+//! questions, not claims, and pass. A workload that answers for addresses not its own (proxy
+//! NDP, like any foreign source) needs a network with anti-spoofing off.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv6Addr};
@@ -86,6 +92,17 @@ fn quoted(s: &str) -> String {
     format!("\"{s}\"")
 }
 
+/// An IPv6 address as the 128-bit integer of a `targets6` element: `0x` and 32 hex digits.
+fn ipv6_integer(ip: Ipv6Addr) -> String {
+    format!("0x{:032x}", u128::from(ip))
+}
+
+/// A MAC as the 48-bit integer of an `lladdrs` element: `0x` and 12 hex digits.
+fn mac_integer(mac: [u8; 6]) -> String {
+    let [a, b, c, d, e, f] = mac;
+    format!("0x{:012x}", u64::from_be_bytes([0, 0, a, b, c, d, e, f]))
+}
+
 /// The EUI-64 (modified, RFC 4291 appendix A) link-local address of a MAC: `fe80::/64` with
 /// the U/L bit of the first octet flipped and `ff:fe` in the middle.
 pub fn eui64_link_local(mac: [u8; 6]) -> Ipv6Addr {
@@ -110,6 +127,32 @@ pub fn eui64_link_local(mac: [u8; 6]) -> Ipv6Addr {
     ])
 }
 
+/// The neighbour discovery rules of `prerouting` (step 6 of the module doc), after the IPv4
+/// checks and before the DAD exception for `::`.
+///
+/// The target address is at bit 64 of a neighbour solicitation or advertisement, after type,
+/// code, checksum and 32 bits of flags; options follow at bit 192, a link-layer address option
+/// as type (1 source, 2 target), length 1 (8 bytes) and the MAC at bit 208; a router
+/// solicitation has its options at bit 64. An option is read only where it is the only one,
+/// which the length checks make the only legitimate case: without extension headers
+/// `ip6 length` is the ICMPv6 length, 24 bytes of solicitation or advertisement (8 of router
+/// solicitation) plus 8 for the option. More options (SEND's, or an unknown option before a
+/// link-layer address one, which receivers skip) could hide a second link-layer address the
+/// rules never read, so they are dropped; no stack sends extension headers with neighbour
+/// discovery (fragments are forbidden, RFC 6980). A message too short to hold the target fails
+/// the payload read and passes these rules, but every receiver discards it (RFC 4861 7.1).
+pub const ND_RULES: [&str; 7] = [
+    "icmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert } ip6 nexthdr != ipv6-icmp drop",
+    "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } ip6 length > 32 drop",
+    "icmpv6 type nd-router-solicit ip6 length > 16 drop",
+    // Announcing another workload's address would take its traffic.
+    "icmpv6 type nd-neighbor-advert iifname . @th,64,128 != @targets6 drop",
+    // Probing for another workload's tentative address makes it give the address up.
+    "ip6 saddr :: icmpv6 type nd-neighbor-solicit iifname . @th,64,128 != @targets6 drop",
+    "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } ip6 length 32 @th,192,8 { 1, 2 } iifname . @th,208,48 != @lladdrs drop",
+    "icmpv6 type nd-router-solicit ip6 length 16 @th,64,8 1 iifname . @th,80,48 != @lladdrs drop",
+];
+
 /// The fixed rules of `prerouting`.
 fn rules() -> Vec<String> {
     [
@@ -127,13 +170,16 @@ fn rules() -> Vec<String> {
         "iifname . arp saddr ip != @ips4 drop",
         "udp sport 67 udp dport 68 drop",
         "iifname . ip saddr != @ips4 drop",
+    ]
+    .into_iter()
+    .chain(ND_RULES)
+    .chain([
         // Duplicate address detection (and the MLD report sent while the address is tentative).
         "ip6 saddr :: icmpv6 type { nd-neighbor-solicit, mld2-listener-report } accept",
         "iifname . ip6 saddr != @ips6 drop",
         "icmpv6 type { nd-router-advert, nd-redirect } drop",
         "udp sport 547 udp dport 546 drop",
-    ]
-    .into_iter()
+    ])
     .map(String::from)
     .collect()
 }
@@ -158,15 +204,24 @@ pub fn table(bridges: &[String], guarded: &[PortGuard], open: &[String]) -> Tabl
     let mut macs = BTreeSet::new();
     let mut ips4 = BTreeSet::new();
     let mut ips6 = BTreeSet::new();
+    let mut targets6 = BTreeSet::new();
+    let mut lladdrs = BTreeSet::new();
     for p in guarded {
         let port = quoted(&p.ifname);
         macs.insert(format!("{port} . {}", names::format_mac(p.mac)));
-        ips6.insert(format!("{port} . {}", eui64_link_local(p.mac)));
+        lladdrs.insert(format!("{port} . {}", mac_integer(p.mac)));
+        let v6s = p.ips.iter().filter_map(|ip| match ip {
+            IpAddr::V6(v6) => Some(*v6),
+            IpAddr::V4(_) => None,
+        });
+        for v6 in std::iter::once(eui64_link_local(p.mac)).chain(v6s) {
+            ips6.insert(format!("{port} . {v6}"));
+            targets6.insert(format!("{port} . {}", ipv6_integer(v6)));
+        }
         for ip in &p.ips {
-            match ip {
-                IpAddr::V4(v4) => ips4.insert(format!("{port} . {v4}")),
-                IpAddr::V6(v6) => ips6.insert(format!("{port} . {v6}")),
-            };
+            if let IpAddr::V4(v4) = ip {
+                ips4.insert(format!("{port} . {v4}"));
+            }
         }
     }
     Table {
@@ -184,6 +239,8 @@ pub fn table(bridges: &[String], guarded: &[PortGuard], open: &[String]) -> Tabl
             set("macs", "ifname . ether_addr", macs),
             set("ips4", "ifname . ipv4_addr", ips4),
             set("ips6", "ifname . ipv6_addr", ips6),
+            set("targets6", "typeof iifname . @th,64,128", targets6),
+            set("lladdrs", "typeof iifname . @th,208,48", lladdrs),
             set("pending", "ifname", pending),
         ],
         maps: vec![],
@@ -305,6 +362,39 @@ mod tests {
             ["\"wfa\" . fd77::2", "\"wfa\" . fe80::858:aff:fe4d:2"],
             "ips6 must hold the configured address and the EUI-64 link-local one"
         );
+        assert_eq!(
+            elements(&t, "targets6"),
+            [
+                "\"wfa\" . 0xfd770000000000000000000000000002",
+                "\"wfa\" . 0xfe8000000000000008580afffe4d0002"
+            ],
+            "targets6 must hold the addresses of ips6 as 128-bit integers"
+        );
+        assert_eq!(elements(&t, "lladdrs"), ["\"wfa\" . 0x0a580a4d0002"]);
+    }
+
+    #[test]
+    fn nd_targets_and_link_layer_addresses_are_typeof_sets_the_rules_read() {
+        let t = table(&[], &[], &[]);
+        let key = |name: &str| {
+            t.sets
+                .iter()
+                .find(|s| s.name == name)
+                .unwrap()
+                .key_type
+                .clone()
+        };
+        assert_eq!(key("targets6"), "typeof iifname . @th,64,128");
+        assert_eq!(key("lladdrs"), "typeof iifname . @th,208,48");
+        let text = render_table(&t);
+        assert!(text.contains("\t\ttypeof iifname . @th,64,128\n"), "{text}");
+        let rules = &t.chains[0].rules;
+        let at = |rule: &str| rules.iter().position(|r| r == rule).unwrap();
+        let dad =
+            at("ip6 saddr :: icmpv6 type { nd-neighbor-solicit, mld2-listener-report } accept");
+        for rule in ND_RULES {
+            assert!(at(rule) < dad, "{rule} must come before the DAD exception");
+        }
     }
 
     #[test]
