@@ -194,6 +194,8 @@ struct Reconciler {
     activated: Vec<Endpoint>,
     /// Metrics.
     metrics: metrics::AgentMetrics,
+    /// The default network of the conflist installed last (`None`: not installed yet).
+    installed: Option<Option<String>>,
 }
 
 impl Reconciler {
@@ -323,8 +325,17 @@ impl Reconciler {
                     .default_network
                     .clone()
                     .or_else(|| (self.networks.len() == 1).then(|| self.networks[0].clone()));
-                if let Err(e) = self.cfg.cni.install(default.as_deref()) {
-                    warn!(error = %crate::error_chain(&e), "cannot install the CNI binary and conflist");
+                // The binary and conflist change with the networks only: a registration does
+                // not re-read them (the binary alone is megabytes); every other reconcile,
+                // resyncs included, checks and repairs them.
+                if reason != "endpoints" || self.installed.as_ref() != Some(&default) {
+                    match self.cfg.cni.install(default.as_deref()) {
+                        Ok(_) => self.installed = Some(default),
+                        Err(e) => {
+                            self.installed = None;
+                            warn!(error = %crate::error_chain(&e), "cannot install the CNI binary and conflist");
+                        }
+                    }
                 }
                 if !self.ready.swap(true, Ordering::SeqCst) {
                     info!(node = %self.cfg.node.name, "node ready");
@@ -570,6 +581,7 @@ pub async fn run(
         audit: audit_counters,
         metrics: agent_metrics,
         activated: Vec::new(),
+        installed: None,
     };
     start_audit(&cfg, rec.policy.clone(), rec.audit.clone(), tx.clone());
     info!(node = %cfg.node.name, socket = %cfg.socket.display(), endpoints = rec.endpoints.len(), "weft agent starting");
