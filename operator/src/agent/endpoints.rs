@@ -160,6 +160,15 @@ impl EndpointStore {
         self.endpoints.values().cloned().collect()
     }
 
+    /// The live migration targets waiting for their VM.
+    pub fn pending(&self) -> Vec<Endpoint> {
+        self.endpoints
+            .values()
+            .filter(|e| e.pending)
+            .cloned()
+            .collect()
+    }
+
     /// How many.
     pub fn len(&self) -> usize {
         self.endpoints.len()

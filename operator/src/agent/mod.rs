@@ -107,6 +107,15 @@ pub fn compute(
     res: &source::Resources,
     endpoints: &EndpointStore,
 ) -> PlanOutput {
+    compute_with(cfg, res, &endpoints.list())
+}
+
+/// [`compute`] for a list of endpoints.
+pub fn compute_with(
+    cfg: &AgentConfig,
+    res: &source::Resources,
+    endpoints: &[Endpoint],
+) -> PlanOutput {
     let mut blocks: BTreeMap<String, NodeBlocks> = BTreeMap::new();
     let mut block_problems = Vec::new();
     let mut nodes = cfg.nodes.clone();
@@ -138,7 +147,7 @@ pub fn compute(
         },
         None => cfg.node.clone(),
     };
-    let mut out = plan::plan(&node, res, &blocks, &endpoints.list());
+    let mut out = plan::plan(&node, res, &blocks, endpoints);
     for p in block_problems {
         if !out.problems.contains(&p) {
             out.problems.push(p);
@@ -170,6 +179,20 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
+/// The plan last applied and what it was computed from.
+struct Applied {
+    /// The resource snapshot.
+    resources: Arc<source::Resources>,
+    /// This node's endpoints.
+    endpoints: Vec<Endpoint>,
+    /// The plan (with the compiled policy).
+    out: PlanOutput,
+    /// Was it applied successfully? (A registration only changes a plan the kernel has.)
+    ok: bool,
+    /// Networks whose uplink could not be attached, with why: not realized on this node.
+    failed: Vec<(String, String)>,
+}
+
 struct Reconciler {
     cfg: AgentConfig,
     source: Box<dyn ResourceSource>,
@@ -178,9 +201,10 @@ struct Reconciler {
     status: AgentStatus,
     last_problems: Vec<String>,
     networks: Vec<String>,
-    /// The plan last applied successfully: a registration that does not change the plan needs
-    /// no kernel work (drift is repaired by the periodic resync, which always applies).
-    last_applied: Option<dplan::NodePlan>,
+    /// The plan last applied, what it was computed from, and whether it was applied: a
+    /// registration changes it in place, or needs no kernel work when it does not change it
+    /// (drift is repaired by the periodic resync, which always applies in full).
+    applied: Option<Applied>,
     /// The last snapshot of the source.
     resources: Option<Arc<source::Resources>>,
     /// The last snapshot, shared with the socket server: it answers identity questions itself,
@@ -222,8 +246,8 @@ impl Reconciler {
         };
         // A pending migration target whose VM runs on no other node any more (the source is
         // gone, or the VM never announced itself): activate it.
-        for ep in self.endpoints.list() {
-            let Some(vm) = ep.vm.as_deref().filter(|_| ep.pending) else {
+        for ep in self.endpoints.pending() {
+            let Some(vm) = ep.vm.as_deref() else {
                 continue;
             };
             if plan::migration_sources(&res, vm).is_empty()
@@ -235,7 +259,69 @@ impl Reconciler {
                 self.activated.push(ep);
             }
         }
-        let out = compute(&self.cfg, &res, &self.endpoints);
+        let endpoints = self.endpoints.list();
+        // A registration changes the plan applied last in place when it can: its elements
+        // only, no recompile (see `plan::apply_endpoint_changes`).
+        let in_place = match self.applied.as_mut() {
+            Some(a) if reason == "endpoints" && a.ok && Arc::ptr_eq(&a.resources, &res) => {
+                plan::apply_endpoint_changes(&mut a.out, &res, &a.endpoints, &endpoints)
+                    .map(|tx| (tx, a.failed.clone()))
+            }
+            _ => None,
+        };
+        let result = match in_place {
+            Some((tx, failed)) => {
+                let report = ApplyReport {
+                    changes: tx.0.iter().map(|c| c.summary()).collect(),
+                    failed,
+                };
+                if tx.is_empty() {
+                    Ok(report)
+                } else {
+                    tokio::task::spawn_blocking(move || {
+                        weft_dataplane::nft::Firewall::apply(&mut NftCli::default(), &tx)
+                            .map(|()| report)
+                            .map_err(dplan::ApplyError::Firewall)
+                    })
+                    .await
+                    .map_err(|e| format!("apply task failed: {e}"))?
+                }
+            }
+            None => {
+                let out = compute_with(&self.cfg, &res, &endpoints);
+                let previous = self.applied.take().filter(|a| a.ok).map(|a| a.out.plan);
+                let result = if reason == "endpoints" && previous.as_ref() == Some(&out.plan) {
+                    Ok(ApplyReport::default())
+                } else {
+                    let plan = out.plan.clone();
+                    let state_dir = self.cfg.state_dir.clone();
+                    // A registration trusts the last applied plan; everything else applies in
+                    // full.
+                    let previous = previous.filter(|_| reason == "endpoints");
+                    tokio::task::spawn_blocking(move || {
+                        apply_blocking(&plan, previous.as_ref(), &state_dir)
+                    })
+                    .await
+                    .map_err(|e| format!("apply task failed: {e}"))?
+                };
+                self.applied = Some(Applied {
+                    resources: Arc::clone(&res),
+                    endpoints: Vec::new(),
+                    out,
+                    ok: false,
+                    failed: result
+                        .as_ref()
+                        .map(|r| r.failed.clone())
+                        .unwrap_or_default(),
+                });
+                result
+            }
+        };
+        let Some(applied) = self.applied.as_mut() else {
+            return Err("no plan".into());
+        };
+        applied.ok = result.is_ok();
+        let out = &applied.out;
         let mut problems: Vec<String> = res.problems.clone();
         problems.extend(out.problems.iter().map(|p| p.to_string()));
         if problems != self.last_problems {
@@ -244,27 +330,6 @@ impl Reconciler {
             }
             self.last_problems = problems.clone();
         }
-        let result = if reason == "endpoints" && self.last_applied.as_ref() == Some(&out.plan) {
-            Ok(ApplyReport::default())
-        } else {
-            let plan = out.plan.clone();
-            let state_dir = self.cfg.state_dir.clone();
-            // A registration trusts the last applied plan; everything else applies in full.
-            let previous = if reason == "endpoints" {
-                self.last_applied.clone()
-            } else {
-                None
-            };
-            tokio::task::spawn_blocking(move || {
-                apply_blocking(&plan, previous.as_ref(), &state_dir)
-            })
-            .await
-            .map_err(|e| format!("apply task failed: {e}"))?
-        };
-        self.last_applied = match &result {
-            Ok(_) => Some(out.plan.clone()),
-            Err(_) => None,
-        };
         if result.is_ok() {
             for ep in std::mem::take(&mut self.activated) {
                 announce(&out.plan, &ep);
@@ -275,7 +340,6 @@ impl Reconciler {
         self.status.bridges = out.plan.bridges.iter().map(|b| b.name.clone()).collect();
         self.status.endpoints = self.endpoints.len();
         self.status.peers = res.peers.len();
-        let endpoints = self.endpoints.list();
         self.status.pending = endpoints.iter().filter(|e| e.pending).count();
         self.status.forwards = out.forwards.clone();
         self.status.policies = out.policy.applies_to.clone();
@@ -375,6 +439,9 @@ impl Reconciler {
         }
         self.status.networks = realized;
         self.source.publish(&plan::published(&res, &endpoints));
+        if let Some(applied) = self.applied.as_mut() {
+            applied.endpoints = endpoints;
+        }
         self.source.report(&self.status);
         if let Err(e) =
             state::write_json_unsynced(&self.cfg.state_dir.join("status.json"), &self.status)
@@ -574,7 +641,7 @@ pub async fn run(
         status: AgentStatus::default(),
         last_problems: Vec::new(),
         networks: Vec::new(),
-        last_applied: None,
+        applied: None,
         resources: None,
         shared,
         policy: Arc::default(),

@@ -343,19 +343,167 @@ pub fn members(res: &Resources, endpoints: &[Endpoint]) -> Vec<crate::policy::Me
     });
     endpoints
         .iter()
-        .map(|e| {
-            let (namespace, name, labels) = pod_of(res, e);
-            crate::policy::Member {
-                labels,
-                namespace,
-                name,
-                network: e.network.clone(),
-                ips: e.ips.clone(),
-                local: true,
-            }
-        })
+        .map(|e| endpoint_member(res, e))
         .chain(peers)
         .collect()
+}
+
+/// An endpoint of this node as a policy member.
+fn endpoint_member(res: &Resources, e: &Endpoint) -> crate::policy::Member {
+    let (namespace, name, labels) = pod_of(res, e);
+    crate::policy::Member {
+        labels,
+        namespace,
+        name,
+        network: e.network.clone(),
+        ips: e.ips.clone(),
+        local: true,
+    }
+}
+
+/// The most endpoint changes [`apply_endpoint_changes`] takes at once; more take a full plan.
+pub const ENDPOINT_DELTA_MAX: usize = 64;
+
+/// Changes `out` — the plan of `res` with the endpoints `before` — in place into the plan of
+/// `res` with the endpoints `now`, and returns the element-only transaction that takes the
+/// kernel from one to the other. Nothing is recompiled or rendered again: groups and rules
+/// depend on the policies only, so a workload's registration costs in proportion to that
+/// workload, not to the node's thousands of workloads and policies.
+///
+/// `None`, with `out` untouched, when the change is not of that kind and the plan must be
+/// computed in full: more than [`ENDPOINT_DELTA_MAX`] endpoints changed, an address held by
+/// two members (a migrating VM's), a PortForward that could target a changed endpoint, no
+/// guard table, duplicate port names. `plan(res, now)` equals the result (property-tested).
+pub fn apply_endpoint_changes(
+    out: &mut PlanOutput,
+    res: &Resources,
+    before: &[Endpoint],
+    now: &[Endpoint],
+) -> Option<weft_dataplane::nft::Transaction> {
+    use weft_dataplane::nft::{Change, SetKey, Table, Transaction};
+    let old: BTreeMap<&str, &Endpoint> =
+        before.iter().map(|e| (e.host_ifname.as_str(), e)).collect();
+    let new: BTreeMap<&str, &Endpoint> = now.iter().map(|e| (e.host_ifname.as_str(), e)).collect();
+    if old.len() != before.len() || new.len() != now.len() {
+        return None;
+    }
+    let removed: Vec<Endpoint> = old
+        .iter()
+        .filter(|(k, e)| new.get(*k) != Some(*e))
+        .map(|(_, e)| (*e).clone())
+        .collect();
+    let added: Vec<Endpoint> = new
+        .iter()
+        .filter(|(k, e)| old.get(*k) != Some(*e))
+        .map(|(_, e)| (*e).clone())
+        .collect();
+    if removed.is_empty() && added.is_empty() {
+        return Some(Transaction::default());
+    }
+    if removed.len() + added.len() > ENDPOINT_DELTA_MAX {
+        return None;
+    }
+    out.plan.guard.as_ref()?;
+    let forwarded = |e: &Endpoint| {
+        res.port_forwards.iter().any(|pf| {
+            pf.spec.network == e.network
+                && pf.metadata.namespace.as_deref().unwrap_or("default")
+                    == e.pod_namespace.as_deref().unwrap_or("default")
+        })
+    };
+    if removed.iter().chain(&added).any(forwarded) {
+        return None;
+    }
+    let gone: Vec<_> = removed.iter().map(|e| endpoint_member(res, e)).collect();
+    let came: Vec<_> = added.iter().map(|e| endpoint_member(res, e)).collect();
+    let policy = &out.policy;
+    let gone_ips: BTreeSet<IpAddr> = gone.iter().flat_map(|m| m.ips.iter().copied()).collect();
+    let mut came_ips = BTreeSet::new();
+    for ip in gone.iter().chain(&came).flat_map(|m| &m.ips) {
+        if policy.shared.contains(ip) {
+            return None;
+        }
+    }
+    for ip in came.iter().flat_map(|m| &m.ips) {
+        if !came_ips.insert(*ip) || (policy.owners.contains_key(ip) && !gone_ips.contains(ip)) {
+            return None;
+        }
+    }
+    if gone
+        .iter()
+        .any(|m| m.ips.len() != m.ips.iter().collect::<BTreeSet<_>>().len())
+    {
+        return None;
+    }
+
+    // (guard table?, set) → (deleted, added) elements.
+    let mut changes: BTreeMap<(bool, String), (BTreeSet<String>, BTreeSet<String>)> =
+        BTreeMap::new();
+    for (eps, add) in [(&removed, false), (&added, true)] {
+        let part = guard_table(&out.plan.bridges, &out.plan.networks, eps);
+        for set in part.sets.iter().filter(|s| s.name != "bridges") {
+            let entry = changes.entry((true, set.name.clone())).or_default();
+            let side = if add { &mut entry.1 } else { &mut entry.0 };
+            side.extend(set.elements.iter().cloned());
+        }
+    }
+    let policy = std::sync::Arc::make_mut(&mut out.policy);
+    for m in &gone {
+        let place = policy.remove_member(m, &res.networks, &res.namespaces);
+        for (set, element) in crate::policy::render::member_elements(policy, m, &place) {
+            changes.entry((false, set)).or_default().0.insert(element);
+        }
+    }
+    for m in &came {
+        let place = policy.add_member(m, &res.networks, &res.namespaces);
+        for (set, element) in crate::policy::render::member_elements(policy, m, &place) {
+            changes.entry((false, set)).or_default().1.insert(element);
+        }
+    }
+
+    let mut deletes = Vec::new();
+    let mut adds = Vec::new();
+    for ((in_guard, name), (del, add)) in changes {
+        let table: &mut Table = if in_guard {
+            out.plan.guard.as_mut()?
+        } else {
+            &mut out.plan.firewall
+        };
+        let (family, table_name) = (table.family, table.name.clone());
+        let Some(set) = table.sets.iter_mut().find(|s| s.name == name) else {
+            continue;
+        };
+        let key = SetKey::of(set);
+        // An endpoint that changed but kept an address: that element stays.
+        let (del, add): (Vec<String>, Vec<String>) = (
+            del.difference(&add).cloned().collect(),
+            add.difference(&del).cloned().collect(),
+        );
+        for e in &del {
+            set.elements.remove(e);
+        }
+        set.elements.extend(add.iter().cloned());
+        if !del.is_empty() {
+            deletes.push(Change::DeleteElements {
+                family,
+                table: table_name.clone(),
+                set: name.clone(),
+                key: key.clone(),
+                elements: del,
+            });
+        }
+        if !add.is_empty() {
+            adds.push(Change::AddElements {
+                family,
+                table: table_name,
+                set: name,
+                key,
+                elements: add,
+            });
+        }
+    }
+    deletes.extend(adds);
+    Some(Transaction(deletes))
 }
 
 /// An endpoint's pod: namespace (`default` when unknown), name and labels.
@@ -908,3 +1056,6 @@ spec: {mode: Bridge, subnets: [10.61.0.0/24], bridge: {uplink: eth0}}
         assert!(out.plan.sysctls.is_empty(), "{:?}", out.plan.sysctls);
     }
 }
+
+#[cfg(test)]
+mod delta_tests;

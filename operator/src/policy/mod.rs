@@ -229,6 +229,108 @@ pub struct Compiled {
     pub problems: Vec<Problem>,
     /// Per policy (`kind name`): how many interfaces enforced here it applies to.
     pub applies_to: BTreeMap<String, usize>,
+    /// Per policy (`kind name`): its subject group.
+    pub subjects: BTreeMap<String, usize>,
+    /// Addresses more than one member holds (a migrating VM's, on its source and target).
+    pub shared: BTreeSet<IpAddr>,
+}
+
+/// Where one member's interface sits in a [`Compiled`]: the groups that hold it, and whether
+/// its network's default action is Deny.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    /// The groups holding the member, ascending.
+    pub groups: Vec<usize>,
+    /// Its network's `security.defaultAction` is Deny.
+    pub deny: bool,
+}
+
+fn network_denies(networks: &[Network], network: &str) -> bool {
+    networks
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(network))
+        .is_some_and(|n| n.spec.default_action() == Action::Deny)
+}
+
+impl Compiled {
+    /// Adds one member's interface, exactly as compiling with it would have — for a member
+    /// whose addresses no other member holds (see [`Compiled::shared`] and
+    /// [`Compiled::owners`]): groups depend on the policies only, so a member only changes
+    /// group contents and counts. `networks` and `namespaces` are those it was compiled with.
+    pub fn add_member(
+        &mut self,
+        m: &Member,
+        networks: &[Network],
+        namespaces: &BTreeMap<String, BTreeMap<String, String>>,
+    ) -> Placement {
+        self.change_member(m, networks, namespaces, true)
+    }
+
+    /// Removes one member's interface, exactly as compiling without it would have (same
+    /// condition as [`Compiled::add_member`]).
+    pub fn remove_member(
+        &mut self,
+        m: &Member,
+        networks: &[Network],
+        namespaces: &BTreeMap<String, BTreeMap<String, String>>,
+    ) -> Placement {
+        self.change_member(m, networks, namespaces, false)
+    }
+
+    fn change_member(
+        &mut self,
+        m: &Member,
+        networks: &[Network],
+        namespaces: &BTreeMap<String, BTreeMap<String, String>>,
+        add: bool,
+    ) -> Placement {
+        let change = |set: &mut BTreeSet<IpAddr>| {
+            for ip in &m.ips {
+                if add {
+                    set.insert(*ip);
+                } else {
+                    set.remove(ip);
+                }
+            }
+        };
+        for ip in &m.ips {
+            if add {
+                self.owners.insert(
+                    *ip,
+                    (m.network.clone(), format!("{}/{}", m.namespace, m.name)),
+                );
+            } else {
+                self.owners.remove(ip);
+            }
+        }
+        if m.local {
+            change(&mut self.local);
+        }
+        let deny = network_denies(networks, &m.network);
+        if deny {
+            change(&mut self.default_deny);
+        }
+        let groups: Vec<usize> = (0..self.groups.len())
+            .filter(|i| self.groups[*i].matches(m, namespaces))
+            .collect();
+        for i in &groups {
+            change(&mut self.group_ips[*i]);
+            if m.local {
+                let count = &mut self.group_members[*i];
+                *count = if add {
+                    *count + 1
+                } else {
+                    count.saturating_sub(1)
+                };
+            }
+        }
+        for (policy, subject) in &self.subjects {
+            if let Some(n) = self.applies_to.get_mut(policy) {
+                *n = self.group_members[*subject];
+            }
+        }
+        Placement { groups, deny }
+    }
 }
 
 /// Everything the compiler reads.
@@ -424,20 +526,21 @@ pub fn compile(inputs: Inputs<'_>) -> Compiled {
     };
     for m in inputs.members {
         for ip in &m.ips {
-            b.out.owners.insert(
-                *ip,
-                (m.network.clone(), format!("{}/{}", m.namespace, m.name)),
-            );
+            if b.out
+                .owners
+                .insert(
+                    *ip,
+                    (m.network.clone(), format!("{}/{}", m.namespace, m.name)),
+                )
+                .is_some()
+            {
+                b.out.shared.insert(*ip);
+            }
             if m.local {
                 b.out.local.insert(*ip);
             }
         }
-        let deny = inputs
-            .networks
-            .iter()
-            .find(|n| n.metadata.name.as_deref() == Some(m.network.as_str()))
-            .is_some_and(|n| n.spec.default_action() == Action::Deny);
-        if deny {
+        if network_denies(inputs.networks, &m.network) {
             b.out.default_deny.extend(m.ips.iter().copied());
         }
     }
@@ -486,6 +589,9 @@ pub fn compile(inputs: Inputs<'_>) -> Compiled {
         b.out
             .applies_to
             .insert(format!("{CLUSTER} {object}"), b.out.group_members[subject]);
+        b.out
+            .subjects
+            .insert(format!("{CLUSTER} {object}"), subject);
         let ingress = b.rules(
             CLUSTER,
             &object,
@@ -547,6 +653,9 @@ pub fn compile(inputs: Inputs<'_>) -> Compiled {
             format!("{NAMESPACED} {object}"),
             b.out.group_members[subject],
         );
+        b.out
+            .subjects
+            .insert(format!("{NAMESPACED} {object}"), subject);
         for (dir, rules) in [
             (Direction::Ingress, &p.spec.ingress),
             (Direction::Egress, &p.spec.egress),

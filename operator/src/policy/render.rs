@@ -10,7 +10,7 @@
 //!
 //! Only the policies shape the rules; workloads change set elements only.
 
-use super::{Compiled, Direction, PeerMatch, ProtoMatch, Rule};
+use super::{Compiled, Direction, Member, PeerMatch, Placement, ProtoMatch, Rule};
 use crate::agent::firewall::cidr_text;
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -53,6 +53,32 @@ pub fn sets(c: &Compiled) -> Vec<Set> {
         }
         for (i, ips) in c.group_ips.iter().enumerate() {
             out.push(set(format!("g{i}_{f}"), v6, elements(ips, v6)));
+        }
+    }
+    out
+}
+
+/// The elements one member's interface adds to [`sets`] (set name, element), given where it
+/// sits: exactly what [`sets`] holds because of it when no other member has its addresses.
+pub fn member_elements(c: &Compiled, m: &Member, place: &Placement) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for ip in &m.ips {
+        let f = if ip.is_ipv6() { "6" } else { "4" };
+        let element = ip.to_string();
+        let mut push = |set: String| out.push((set, element.clone()));
+        if m.local {
+            push(format!("local{f}"));
+        }
+        if place.deny {
+            push(format!("deny{f}"));
+        }
+        for (dir, rules) in [("in", &c.ingress), ("eg", &c.egress)] {
+            if place.groups.iter().any(|g| rules.isolated.contains(g)) {
+                push(format!("iso_{dir}{f}"));
+            }
+        }
+        for g in &place.groups {
+            push(format!("g{g}_{f}"));
         }
     }
     out

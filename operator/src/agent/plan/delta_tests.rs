@@ -1,0 +1,280 @@
+//! [`apply_endpoint_changes`] against the full plan: after any sequence of registrations,
+//! removals and changes, the plan changed in place equals the plan computed from scratch, and
+//! its transaction takes the kernel's tables from the old plan to the new one.
+
+use super::*;
+use crate::agent::source::{Peer, parse_manifests};
+use proptest::prelude::*;
+use weft_dataplane::nft::{FakeFirewall, Firewall, Transaction};
+
+const WORLD: &str = r#"
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: blue}
+spec: {mode: NAT, subnets: [10.10.0.0/16, "fd10::/64"], ipam: {nodeBlockPrefix: 24}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: red}
+spec: {mode: NAT, subnets: [10.20.0.0/16], ipam: {nodeBlockPrefix: 24}, security: {defaultAction: Deny}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {team: a}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: bank, labels: {team: b}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: ClusterSegmentationPolicy
+metadata: {name: admin}
+spec:
+  tier: Admin
+  priority: 10
+  subject: {namespaces: {matchLabels: {team: b}}}
+  ingress:
+    - {name: no-ssh, action: Deny, from: [{namespaces: {matchLabels: {team: a}}}], protocols: [{protocol: TCP, port: 22}]}
+    - {name: pass, action: Pass, from: [{pods: {podSelector: {matchLabels: {app: web}}}}]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: ClusterSegmentationPolicy
+metadata: {name: base}
+spec:
+  tier: Baseline
+  priority: 5
+  subject: {pods: {podSelector: {matchExpressions: [{key: app, operator: Exists}]}}, networks: [blue]}
+  egress:
+    - {name: dns, action: Accept, to: [{cidrs: [10.0.0.53/32]}], protocols: [{protocol: UDP, port: 53}]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: SegmentationPolicy
+metadata: {name: db, namespace: shop}
+spec:
+  subject: {podSelector: {matchLabels: {app: db}}}
+  ingress:
+    - {name: from-app, action: Allow, from: [{pods: {podSelector: {matchLabels: {app: app}}}}], protocols: [{protocol: TCP, port: 5432}]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: SegmentationPolicy
+metadata: {name: web, namespace: bank}
+spec:
+  subject: {podSelector: {matchLabels: {app: web}}}
+  egress:
+    - {name: to-db, action: Allow, to: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: db}}}}]}
+"#;
+
+const APPS: [&str; 4] = ["web", "app", "db", "none"];
+const NAMESPACES: [&str; 3] = ["shop", "bank", "default"];
+
+fn world() -> Resources {
+    let mut r = Resources::default();
+    parse_manifests(WORLD, "test", &mut r);
+    for i in 0..24 {
+        let ns = NAMESPACES[i % 3];
+        let app = APPS[i % 4];
+        let pod = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}, namespace: {ns}, labels: {{app: {app}}}}}\n"
+        );
+        parse_manifests(&pod, "test", &mut r);
+    }
+    // A workload on another node, which policies here also match.
+    r.peers.push(Peer {
+        node: "n2".into(),
+        workload: weft_crds::NodeWorkload {
+            network: "blue".into(),
+            namespace: "shop".into(),
+            name: "remote".into(),
+            labels: BTreeMap::from([("app".into(), "app".into())]),
+            ips: vec!["10.10.9.9".into()],
+            vm: None,
+            mac: None,
+            active: true,
+        },
+    });
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    r
+}
+
+fn blocks() -> BTreeMap<String, NodeBlocks> {
+    BTreeMap::from([
+        (
+            "blue".to_string(),
+            NodeBlocks {
+                v4: "10.10.1.0/24".parse().ok(),
+                v6: "fd10::/64".parse().ok(),
+            },
+        ),
+        (
+            "red".to_string(),
+            NodeBlocks {
+                v4: "10.20.1.0/24".parse().ok(),
+                v6: None,
+            },
+        ),
+    ])
+}
+
+fn node() -> NodeContext {
+    NodeContext {
+        name: "n1".into(),
+        labels: BTreeMap::new(),
+    }
+}
+
+/// Endpoint `slot` of pod `pod`, version `v` (a re-registration with other addresses).
+fn endpoint(slot: usize, pod: usize, v: u8, pending: bool) -> Endpoint {
+    let red = slot % 5 == 4;
+    let cid = format!("cid{slot}");
+    let host = slot as u8 + 2;
+    let mut ips: Vec<IpAddr> = vec![if red {
+        format!("10.20.1.{host}")
+            .parse()
+            .unwrap_or(IpAddr::from([0, 0, 0, 0]))
+    } else {
+        format!("10.10.1.{}", host + 64 * v)
+            .parse()
+            .unwrap_or(IpAddr::from([0, 0, 0, 0]))
+    }];
+    if !red {
+        ips.push(
+            format!("fd10::{host}:{v}")
+                .parse()
+                .unwrap_or(IpAddr::from([0u16; 8])),
+        );
+    }
+    Endpoint {
+        network: if red { "red" } else { "blue" }.into(),
+        container_id: cid.clone(),
+        ifname: "eth0".into(),
+        host_ifname: names::host_veth_name(&cid, "eth0"),
+        mac: format!("0a:58:0a:0a:{v:02x}:{host:02x}"),
+        ips,
+        pod_namespace: Some(NAMESPACES[pod % 3].into()),
+        pod_name: Some(format!("p{pod}")),
+        netns: None,
+        vm: None,
+        pending,
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// Register slot's endpoint for a pod (replacing what the slot held).
+    Put {
+        slot: usize,
+        pod: usize,
+        v: u8,
+        pending: bool,
+    },
+    /// Remove the slot's endpoint.
+    Remove { slot: usize },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (0..12usize, 0..24usize, 0..2u8, any::<bool>())
+            .prop_map(|(slot, pod, v, pending)| Op::Put { slot, pod, v, pending }),
+        1 => (0..12usize).prop_map(|slot| Op::Remove { slot }),
+    ]
+}
+
+fn list(slots: &BTreeMap<usize, Endpoint>) -> Vec<Endpoint> {
+    slots.values().cloned().collect()
+}
+
+fn tables(p: &NodePlan) -> Vec<weft_dataplane::nft::Table> {
+    p.guard.iter().chain([&p.firewall]).cloned().collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn endpoint_changes_in_place_equal_the_full_plan(ops in proptest::collection::vec(proptest::collection::vec(op(), 1..4), 1..12)) {
+        let res = world();
+        let mut slots: BTreeMap<usize, Endpoint> = BTreeMap::new();
+        let mut out = plan(&node(), &res, &blocks(), &[]);
+        let mut fw = FakeFirewall::default();
+        fw.apply(&Transaction(tables(&out.plan).into_iter().map(weft_dataplane::nft::Change::ReplaceTable).collect())).unwrap();
+        let mut in_place = 0;
+        for batch in ops {
+            let before = list(&slots);
+            for o in batch {
+                match o {
+                    Op::Put { slot, pod, v, pending } => {
+                        slots.insert(slot, endpoint(slot, pod, v, pending));
+                    }
+                    Op::Remove { slot } => {
+                        slots.remove(&slot);
+                    }
+                }
+            }
+            let now = list(&slots);
+            let full = plan(&node(), &res, &blocks(), &now);
+            let mut changed = out.clone();
+            match apply_endpoint_changes(&mut changed, &res, &before, &now) {
+                Some(tx) => {
+                    in_place += 1;
+                    prop_assert_eq!(&changed.plan, &full.plan);
+                    prop_assert_eq!(&*changed.policy, &*full.policy);
+                    let elements_only = tx.0.iter().all(|c| matches!(
+                        c,
+                        weft_dataplane::nft::Change::AddElements { .. }
+                            | weft_dataplane::nft::Change::DeleteElements { .. }
+                    ));
+                    prop_assert!(elements_only, "{:?}", tx);
+                    fw.apply(&tx).map_err(|e| TestCaseError::fail(format!("{e}: {tx:?}")))?;
+                    for t in tables(&full.plan) {
+                        prop_assert_eq!(fw.table(t.family, &t.name), Some(&t));
+                    }
+                }
+                None => {
+                    prop_assert_eq!(&changed.plan, &out.plan, "untouched when refused");
+                    let tx = Transaction(tables(&full.plan).into_iter().map(weft_dataplane::nft::Change::ReplaceTable).collect());
+                    fw.apply(&tx).unwrap();
+                }
+            }
+            out = full;
+        }
+        // Nearly every change here can be made in place (only duplicate addresses cannot).
+        prop_assert!(in_place > 0);
+    }
+}
+
+#[test]
+fn a_migrating_vms_shared_address_takes_the_full_plan() {
+    let mut res = world();
+    let target = endpoint(0, 1, 0, true);
+    res.peers.push(Peer {
+        node: "n2".into(),
+        workload: weft_crds::NodeWorkload {
+            network: "blue".into(),
+            namespace: "bank".into(),
+            name: "source".into(),
+            labels: BTreeMap::new(),
+            ips: target.ips.iter().map(|i| i.to_string()).collect(),
+            vm: None,
+            mac: None,
+            active: true,
+        },
+    });
+    let mut out = plan(&node(), &res, &blocks(), &[]);
+    assert!(apply_endpoint_changes(&mut out, &res, &[], &[target]).is_none());
+}
+
+#[test]
+fn a_port_forwarded_namespace_takes_the_full_plan() {
+    let mut res = world();
+    parse_manifests(
+        "apiVersion: weft.dev/v1alpha1\nkind: PortForward\nmetadata: {name: web, namespace: shop}\nspec: {network: blue, target: {workload: p0}, ports: [{port: 8080}]}\n",
+        "test",
+        &mut res,
+    );
+    assert!(res.problems.is_empty(), "{:?}", res.problems);
+    let mut out = plan(&node(), &res, &blocks(), &[]);
+    assert!(apply_endpoint_changes(&mut out, &res, &[], &[endpoint(0, 0, 0, false)]).is_none());
+    // Another namespace is not affected by it.
+    let tx = apply_endpoint_changes(&mut out, &res, &[], &[endpoint(1, 1, 0, false)]);
+    assert!(tx.is_some_and(|t| !t.is_empty()));
+}
