@@ -1,6 +1,9 @@
 //! Policy scale benchmark: W workloads and P policies on one node. Measures the pure compile,
 //! rendering the `inet weft` table, applying it with nft (one atomic transaction, in a throw-away
-//! network namespace), and adding one more workload (compile + element-only transaction).
+//! network namespace), and adding one more workload: by recompiling (compile, render, element
+//! diff, one transaction) and the way the agent's registration does it — the node plan with
+//! every workload as a local endpoint, changed in place (`plan::apply_endpoint_changes`), its
+//! elements sent over netlink.
 //!
 //!   cargo run --release -p weft-operator --example policy_scale -- [WORKLOADS] [POLICIES]
 //!
@@ -9,8 +12,10 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Instant;
+use weft_dataplane::proto::Endpoint;
 use weft_operator::agent::firewall;
-use weft_operator::agent::source::{Resources, parse_manifests};
+use weft_operator::agent::plan::{self as aplan, NodeBlocks, NodeContext};
+use weft_operator::agent::source::{Resources, WorkloadMeta, parse_manifests};
 use weft_operator::policy::{self, Member};
 
 fn main() -> anyhow::Result<()> {
@@ -113,17 +118,92 @@ fn main() -> anyhow::Result<()> {
             use weft_dataplane::nft::Firewall;
             nft.apply(&tx)?;
             println!(
-                "add one workload   {:8.1} ms  (compile {compile_ms:.1} ms; {})",
+                "add one workload   {:8.1} ms  (recompiling: compile {compile_ms:.1} ms; {})",
                 t.elapsed().as_secs_f64() * 1e3,
                 tx.0.iter()
                     .map(|c| c.summary())
                     .collect::<Vec<_>>()
                     .join("; ")
             );
-            Ok(())
+            agent_path(&res, workloads)
         });
         handle
             .join()
             .map_err(|_| anyhow::anyhow!("the nft thread panicked"))?
     })
+}
+
+/// The agent's registration: every workload a local endpoint of the node plan (guard table
+/// included), one more registered by changing the applied plan in place.
+fn agent_path(res: &Resources, workloads: usize) -> anyhow::Result<()> {
+    let mut res = res.clone();
+    let endpoint = |i: usize| {
+        let cid = format!("c{i:08}");
+        let ip = IpAddr::V4(Ipv4Addr::from(0x0a00_0000u32 + 2 + i as u32));
+        Endpoint {
+            network: "net".into(),
+            host_ifname: weft_dataplane::names::host_veth_name(&cid, "eth0"),
+            mac: weft_dataplane::names::format_mac(weft_dataplane::names::workload_mac(
+                &[ip],
+                &cid,
+                "eth0",
+            )),
+            ips: vec![ip],
+            container_id: cid,
+            ifname: "eth0".into(),
+            pod_namespace: Some(format!("ns{}", i % 100)),
+            pod_name: Some(format!("w{i}")),
+            netns: None,
+            vm: None,
+            pending: false,
+        }
+    };
+    for i in 0..=workloads {
+        res.workloads.push(WorkloadMeta {
+            namespace: format!("ns{}", i % 100),
+            name: format!("w{i}"),
+            labels: BTreeMap::from([("app".to_string(), format!("a{}", i % 50))]),
+            networks: None,
+        });
+    }
+    let node = NodeContext {
+        name: "bench".into(),
+        labels: BTreeMap::new(),
+    };
+    let blocks = BTreeMap::from([(
+        "net".to_string(),
+        NodeBlocks {
+            v4: Some("10.0.0.0/8".parse()?),
+            v6: None,
+        },
+    )]);
+    let before: Vec<Endpoint> = (0..workloads).map(endpoint).collect();
+    let t = Instant::now();
+    let mut out = aplan::plan(&node, &res, &blocks, &before);
+    let plan_ms = t.elapsed().as_secs_f64() * 1e3;
+    let mut nft = weft_dataplane::nft::NftCli::default();
+    let mut report = weft_dataplane::plan::ApplyReport::default();
+    weft_dataplane::plan::apply_firewall(&out.plan.firewall, &mut nft, &mut report)?;
+    if let Some(guard) = &out.plan.guard {
+        weft_dataplane::plan::apply_firewall(guard, &mut nft, &mut report)?;
+    }
+    let t = Instant::now();
+    let tx = aplan::apply_endpoint_changes(&mut out, &res, &[], &[endpoint(workloads)])
+        .ok_or_else(|| anyhow::anyhow!("the registration could not be made in place"))?;
+    let delta_ms = t.elapsed().as_secs_f64() * 1e3;
+    use weft_dataplane::nft::Firewall;
+    nft.apply(&tx)?;
+    println!("agent: full plan  {plan_ms:8.1} ms  ({workloads} endpoints, guard table included)");
+    println!(
+        "agent: register   {:8.2} ms  (in place {delta_ms:.2} ms, then netlink; {} changes, {} elements)",
+        t.elapsed().as_secs_f64() * 1e3,
+        tx.0.len(),
+        tx.0.iter()
+            .map(|c| match c {
+                weft_dataplane::nft::Change::AddElements { elements, .. } => elements.len(),
+                _ => 0,
+            })
+            .sum::<usize>()
+    );
+    Ok(())
 }

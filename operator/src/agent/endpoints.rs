@@ -20,6 +20,19 @@ const TOMBSTONE: Duration = Duration::from_secs(120);
 pub struct EndpointStore {
     endpoints: BTreeMap<Key, Endpoint>,
     gone: BTreeMap<Key, Instant>,
+    /// What changed since [`EndpointStore::take_changes`]: each changed key with its endpoint
+    /// before the first change (`None`: there was none). `None` as a whole after a resync or
+    /// before the first take: the changes are unknown.
+    journal: Option<BTreeMap<Key, Option<Endpoint>>>,
+}
+
+/// The endpoints that changed: the old versions (removed or replaced) and the new ones.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Endpoints gone, or replaced by a changed version.
+    pub removed: Vec<Endpoint>,
+    /// Endpoints new, or the changed versions.
+    pub added: Vec<Endpoint>,
 }
 
 fn key(network: &str, container_id: &str, ifname: &str) -> Key {
@@ -97,15 +110,44 @@ impl EndpointStore {
             }
         }
         self.endpoints = fresh;
+        self.journal = None;
+    }
+
+    /// Remembers `k`'s endpoint before its first change since the last take.
+    fn note(&mut self, k: &Key) {
+        if let Some(journal) = &mut self.journal
+            && !journal.contains_key(k)
+        {
+            journal.insert(k.clone(), self.endpoints.get(k).cloned());
+        }
+    }
+
+    /// The changes since the last call (`None` when they are unknown: the first call, or a
+    /// resync in between); the journal starts afresh.
+    pub fn take_changes(&mut self) -> Option<Changes> {
+        let journal = self.journal.replace(BTreeMap::new())?;
+        let mut changes = Changes::default();
+        for (k, old) in journal {
+            let new = self.endpoints.get(&k);
+            if old.as_ref() == new {
+                continue;
+            }
+            changes.removed.extend(old);
+            changes.added.extend(new.cloned());
+        }
+        Some(changes)
     }
 
     /// Activates a pending port (a live migration's target whose VM arrived); the endpoint, if
     /// it was pending.
     pub fn activate(&mut self, host_ifname: &str, state_dir: &Path) -> Option<Endpoint> {
-        let ep = self
+        let k = self
             .endpoints
-            .values_mut()
-            .find(|e| e.host_ifname == host_ifname && e.pending)?;
+            .iter()
+            .find(|(_, e)| e.host_ifname == host_ifname && e.pending)
+            .map(|(k, _)| k.clone())?;
+        self.note(&k);
+        let ep = self.endpoints.get_mut(&k)?;
         ep.pending = false;
         // Remembered in the IPAM store, so a restarted agent does not hold the port again.
         let att = weft_dataplane::ipam::Attachment {
@@ -145,12 +187,14 @@ impl EndpointStore {
     pub fn register(&mut self, ep: Endpoint) {
         let k = key(&ep.network, &ep.container_id, &ep.ifname);
         self.gone.remove(&k);
+        self.note(&k);
         self.endpoints.insert(k, ep);
     }
 
     /// Removes an endpoint.
     pub fn unregister(&mut self, network: &str, container_id: &str, ifname: &str) {
         let k = key(network, container_id, ifname);
+        self.note(&k);
         self.endpoints.remove(&k);
         self.gone.insert(k, Instant::now());
     }
@@ -169,6 +213,11 @@ impl EndpointStore {
             .collect()
     }
 
+    /// How many live migration targets wait for their VM.
+    pub fn pending_count(&self) -> usize {
+        self.endpoints.values().filter(|e| e.pending).count()
+    }
+
     /// How many.
     pub fn len(&self) -> usize {
         self.endpoints.len()
@@ -184,6 +233,49 @@ impl EndpointStore {
 mod tests {
     use super::*;
     use weft_dataplane::ipam::{AllocRequest, Attachment, Pool};
+
+    fn ep(cid: &str, ip: &str, pending: bool) -> Endpoint {
+        Endpoint {
+            network: "n".into(),
+            container_id: cid.into(),
+            ifname: "eth0".into(),
+            host_ifname: format!("wf{cid}"),
+            mac: "0a:58:0a:0a:00:02".into(),
+            ips: vec![ip.parse().unwrap()],
+            pod_namespace: None,
+            pod_name: None,
+            netns: None,
+            vm: None,
+            pending,
+        }
+    }
+
+    #[test]
+    fn the_journal_names_what_changed_since_the_last_take() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut eps = EndpointStore::default();
+        eps.register(ep("a", "10.0.0.2", false));
+        assert_eq!(eps.take_changes(), None, "unknown before the first take");
+        assert_eq!(eps.take_changes(), Some(Changes::default()));
+        eps.register(ep("b", "10.0.0.3", true));
+        eps.register(ep("c", "10.0.0.4", false));
+        eps.unregister("n", "c", "eth0");
+        eps.unregister("n", "a", "eth0");
+        eps.register(ep("a", "10.0.0.9", false));
+        assert!(eps.activate("wfb", dir.path()).is_some());
+        let c = eps.take_changes().unwrap();
+        assert_eq!(
+            c.removed,
+            [ep("a", "10.0.0.2", false)],
+            "a replaced; c came and went"
+        );
+        assert_eq!(
+            c.added,
+            [ep("a", "10.0.0.9", false), ep("b", "10.0.0.3", false)]
+        );
+        eps.resync(dir.path());
+        assert_eq!(eps.take_changes(), None, "a resync forgets what changed");
+    }
 
     #[test]
     fn resync_reads_ipam_and_respects_unregister() {

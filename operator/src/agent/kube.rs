@@ -260,6 +260,10 @@ impl ResourceSource for KubeSource {
         Ok(self.changes.load(Ordering::Acquire))
     }
 
+    fn publishes(&self) -> bool {
+        true
+    }
+
     fn publish(&mut self, workloads: &[weft_crds::NodeWorkload]) {
         // Written with the next status (the agent publishes before it reports).
         self.workloads = workloads.to_vec();

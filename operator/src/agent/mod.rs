@@ -183,8 +183,6 @@ fn now() -> u64 {
 struct Applied {
     /// The resource snapshot.
     resources: Arc<source::Resources>,
-    /// This node's endpoints.
-    endpoints: Vec<Endpoint>,
     /// The plan (with the compiled policy).
     out: PlanOutput,
     /// Was it applied successfully? (A registration only changes a plan the kernel has.)
@@ -259,12 +257,14 @@ impl Reconciler {
                 self.activated.push(ep);
             }
         }
-        let endpoints = self.endpoints.list();
         // A registration changes the plan applied last in place when it can: its elements
         // only, no recompile (see `plan::apply_endpoint_changes`).
-        let in_place = match self.applied.as_mut() {
-            Some(a) if reason == "endpoints" && a.ok && Arc::ptr_eq(&a.resources, &res) => {
-                plan::apply_endpoint_changes(&mut a.out, &res, &a.endpoints, &endpoints)
+        let changes = self.endpoints.take_changes();
+        let in_place = match (self.applied.as_mut(), changes) {
+            (Some(a), Some(c))
+                if reason == "endpoints" && a.ok && Arc::ptr_eq(&a.resources, &res) =>
+            {
+                plan::apply_endpoint_changes(&mut a.out, &res, &c.removed, &c.added)
                     .map(|tx| (tx, a.failed.clone()))
             }
             _ => None,
@@ -288,7 +288,7 @@ impl Reconciler {
                 }
             }
             None => {
-                let out = compute_with(&self.cfg, &res, &endpoints);
+                let out = compute(&self.cfg, &res, &self.endpoints);
                 let previous = self.applied.take().filter(|a| a.ok).map(|a| a.out.plan);
                 let result = if reason == "endpoints" && previous.as_ref() == Some(&out.plan) {
                     Ok(ApplyReport::default())
@@ -306,7 +306,6 @@ impl Reconciler {
                 };
                 self.applied = Some(Applied {
                     resources: Arc::clone(&res),
-                    endpoints: Vec::new(),
                     out,
                     ok: false,
                     failed: result
@@ -340,7 +339,7 @@ impl Reconciler {
         self.status.bridges = out.plan.bridges.iter().map(|b| b.name.clone()).collect();
         self.status.endpoints = self.endpoints.len();
         self.status.peers = res.peers.len();
-        self.status.pending = endpoints.iter().filter(|e| e.pending).count();
+        self.status.pending = self.endpoints.pending_count();
         self.status.forwards = out.forwards.clone();
         self.status.policies = out.policy.applies_to.clone();
         self.status.policy_problems = BTreeMap::new();
@@ -438,9 +437,9 @@ impl Reconciler {
             realized.dedup();
         }
         self.status.networks = realized;
-        self.source.publish(&plan::published(&res, &endpoints));
-        if let Some(applied) = self.applied.as_mut() {
-            applied.endpoints = endpoints;
+        if self.source.publishes() {
+            self.source
+                .publish(&plan::published(&res, &self.endpoints.list()));
         }
         self.source.report(&self.status);
         if let Err(e) =

@@ -341,16 +341,34 @@ pub fn members(res: &Resources, endpoints: &[Endpoint]) -> Vec<crate::policy::Me
             .collect(),
         local: false,
     });
+    let pods = Pods::of(res);
     endpoints
         .iter()
-        .map(|e| endpoint_member(res, e))
+        .map(|e| endpoint_member(res, Some(&pods), e))
         .chain(peers)
         .collect()
 }
 
-/// An endpoint of this node as a policy member.
-fn endpoint_member(res: &Resources, e: &Endpoint) -> crate::policy::Member {
-    let (namespace, name, labels) = pod_of(res, e);
+/// The workloads (pods) of a snapshot by namespace and name, for lookups of many endpoints.
+struct Pods<'a>(std::collections::HashMap<(&'a str, &'a str), &'a BTreeMap<String, String>>);
+
+impl<'a> Pods<'a> {
+    fn of(res: &'a Resources) -> Self {
+        let mut index = std::collections::HashMap::with_capacity(res.workloads.len());
+        for w in &res.workloads {
+            // The first of a name wins, as with a search in order.
+            index
+                .entry((w.namespace.as_str(), w.name.as_str()))
+                .or_insert(&w.labels);
+        }
+        Pods(index)
+    }
+}
+
+/// An endpoint of this node as a policy member (`pods`: an index of `res`'s workloads, for
+/// many endpoints; without, a search).
+fn endpoint_member(res: &Resources, pods: Option<&Pods>, e: &Endpoint) -> crate::policy::Member {
+    let (namespace, name, labels) = pod_of(res, pods, e);
     crate::policy::Member {
         labels,
         namespace,
@@ -364,46 +382,47 @@ fn endpoint_member(res: &Resources, e: &Endpoint) -> crate::policy::Member {
 /// The most endpoint changes [`apply_endpoint_changes`] takes at once; more take a full plan.
 pub const ENDPOINT_DELTA_MAX: usize = 64;
 
-/// Changes `out` — the plan of `res` with the endpoints `before` — in place into the plan of
-/// `res` with the endpoints `now`, and returns the element-only transaction that takes the
-/// kernel from one to the other. Nothing is recompiled or rendered again: groups and rules
-/// depend on the policies only, so a workload's registration costs in proportion to that
-/// workload, not to the node's thousands of workloads and policies.
+/// Changes `out` — the plan of `res` with some endpoints — in place into the plan of `res`
+/// with the endpoints `removed` taken out and `added` put in (an endpoint that changed is in
+/// both, old and new version), and returns the element-only transaction that takes the kernel
+/// from one to the other. Nothing is recompiled or rendered again: groups and rules depend on
+/// the policies only, so a workload's registration costs in proportion to that workload, not to
+/// the node's thousands of workloads and policies.
 ///
 /// `None`, with `out` untouched, when the change is not of that kind and the plan must be
 /// computed in full: more than [`ENDPOINT_DELTA_MAX`] endpoints changed, an address held by
 /// two members (a migrating VM's), a PortForward that could target a changed endpoint, no
-/// guard table, duplicate port names. `plan(res, now)` equals the result (property-tested).
+/// guard table, a port name in use. The result equals the full plan (property-tested).
 pub fn apply_endpoint_changes(
     out: &mut PlanOutput,
     res: &Resources,
-    before: &[Endpoint],
-    now: &[Endpoint],
+    removed: &[Endpoint],
+    added: &[Endpoint],
 ) -> Option<weft_dataplane::nft::Transaction> {
     use weft_dataplane::nft::{Change, SetKey, Table, Transaction};
-    let old: BTreeMap<&str, &Endpoint> =
-        before.iter().map(|e| (e.host_ifname.as_str(), e)).collect();
-    let new: BTreeMap<&str, &Endpoint> = now.iter().map(|e| (e.host_ifname.as_str(), e)).collect();
-    if old.len() != before.len() || new.len() != now.len() {
-        return None;
-    }
-    let removed: Vec<Endpoint> = old
-        .iter()
-        .filter(|(k, e)| new.get(*k) != Some(*e))
-        .map(|(_, e)| (*e).clone())
-        .collect();
-    let added: Vec<Endpoint> = new
-        .iter()
-        .filter(|(k, e)| old.get(*k) != Some(*e))
-        .map(|(_, e)| (*e).clone())
-        .collect();
     if removed.is_empty() && added.is_empty() {
         return Some(Transaction::default());
     }
     if removed.len() + added.len() > ENDPOINT_DELTA_MAX {
         return None;
     }
-    out.plan.guard.as_ref()?;
+    let guard = out.plan.guard.as_ref()?;
+    // A port name must be new (or the removed endpoint's).
+    let freed: BTreeSet<&str> = removed.iter().map(|e| e.host_ifname.as_str()).collect();
+    let mut names = BTreeSet::new();
+    for e in added {
+        let quoted = format!("\"{}\"", e.host_ifname);
+        let taken = guard
+            .sets
+            .iter()
+            .filter(|s| s.name == "ports" || s.name == "open")
+            .any(|s| s.elements.contains(&quoted));
+        if !names.insert(e.host_ifname.as_str())
+            || (taken && !freed.contains(e.host_ifname.as_str()))
+        {
+            return None;
+        }
+    }
     let forwarded = |e: &Endpoint| {
         res.port_forwards.iter().any(|pf| {
             pf.spec.network == e.network
@@ -411,11 +430,17 @@ pub fn apply_endpoint_changes(
                     == e.pod_namespace.as_deref().unwrap_or("default")
         })
     };
-    if removed.iter().chain(&added).any(forwarded) {
+    if removed.iter().chain(added).any(forwarded) {
         return None;
     }
-    let gone: Vec<_> = removed.iter().map(|e| endpoint_member(res, e)).collect();
-    let came: Vec<_> = added.iter().map(|e| endpoint_member(res, e)).collect();
+    let gone: Vec<_> = removed
+        .iter()
+        .map(|e| endpoint_member(res, None, e))
+        .collect();
+    let came: Vec<_> = added
+        .iter()
+        .map(|e| endpoint_member(res, None, e))
+        .collect();
     let policy = &out.policy;
     let gone_ips: BTreeSet<IpAddr> = gone.iter().flat_map(|m| m.ips.iter().copied()).collect();
     let mut came_ips = BTreeSet::new();
@@ -439,7 +464,7 @@ pub fn apply_endpoint_changes(
     // (guard table?, set) → (deleted, added) elements.
     let mut changes: BTreeMap<(bool, String), (BTreeSet<String>, BTreeSet<String>)> =
         BTreeMap::new();
-    for (eps, add) in [(&removed, false), (&added, true)] {
+    for (eps, add) in [(removed, false), (added, true)] {
         let part = guard_table(&out.plan.bridges, &out.plan.networks, eps);
         for set in part.sets.iter().filter(|s| s.name != "bridges") {
             let entry = changes.entry((true, set.name.clone())).or_default();
@@ -507,22 +532,30 @@ pub fn apply_endpoint_changes(
 }
 
 /// An endpoint's pod: namespace (`default` when unknown), name and labels.
-fn pod_of(res: &Resources, e: &Endpoint) -> (String, String, BTreeMap<String, String>) {
+fn pod_of(
+    res: &Resources,
+    pods: Option<&Pods>,
+    e: &Endpoint,
+) -> (String, String, BTreeMap<String, String>) {
     let namespace = e.pod_namespace.clone().unwrap_or_else(|| "default".into());
     let name = e.pod_name.clone().unwrap_or_default();
-    let labels = workload_labels(&res.workloads, &namespace, &name)
-        .cloned()
-        .unwrap_or_default();
+    let labels = match pods {
+        Some(p) => p.0.get(&(namespace.as_str(), name.as_str())).copied(),
+        None => workload_labels(&res.workloads, &namespace, &name),
+    }
+    .cloned()
+    .unwrap_or_default();
     (namespace, name, labels)
 }
 
 /// This node's workload interfaces as the other nodes' agents need them (for their groups, and
 /// a migrating VM's addresses and MAC).
 pub fn published(res: &Resources, endpoints: &[Endpoint]) -> Vec<weft_crds::NodeWorkload> {
+    let pods = Pods::of(res);
     let mut out: Vec<weft_crds::NodeWorkload> = endpoints
         .iter()
         .map(|e| {
-            let (namespace, name, labels) = pod_of(res, e);
+            let (namespace, name, labels) = pod_of(res, Some(&pods), e);
             weft_crds::NodeWorkload {
                 network: e.network.clone(),
                 labels,

@@ -100,6 +100,10 @@ pub trait ResourceSource: Send {
     /// Publishes this node's workload interfaces for the other nodes' policies (cluster mode:
     /// the `NodeNetwork` status; standalone: a file in the shared peers directory, if any).
     fn publish(&mut self, _workloads: &[weft_crds::NodeWorkload]) {}
+    /// Does [`ResourceSource::publish`] go anywhere? (When not, the list is not built.)
+    fn publishes(&self) -> bool {
+        false
+    }
 }
 
 /// Reads `*.yaml`, `*.yml` and `*.json` files (multi-document YAML allowed) from a directory.
@@ -329,6 +333,10 @@ impl ResourceSource for ManifestSource {
             }
         }
         Ok(h.finish())
+    }
+
+    fn publishes(&self) -> bool {
+        self.peers.is_some()
     }
 
     fn publish(&mut self, workloads: &[weft_crds::NodeWorkload]) {

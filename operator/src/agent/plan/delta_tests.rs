@@ -183,6 +183,21 @@ fn list(slots: &BTreeMap<usize, Endpoint>) -> Vec<Endpoint> {
     slots.values().cloned().collect()
 }
 
+/// (removed, added) from `before` to `now`, by port.
+fn changes(before: &[Endpoint], now: &[Endpoint]) -> (Vec<Endpoint>, Vec<Endpoint>) {
+    let removed = before
+        .iter()
+        .filter(|e| !now.contains(e))
+        .cloned()
+        .collect();
+    let added = now
+        .iter()
+        .filter(|e| !before.contains(e))
+        .cloned()
+        .collect();
+    (removed, added)
+}
+
 fn tables(p: &NodePlan) -> Vec<weft_dataplane::nft::Table> {
     p.guard.iter().chain([&p.firewall]).cloned().collect()
 }
@@ -213,7 +228,8 @@ proptest! {
             let now = list(&slots);
             let full = plan(&node(), &res, &blocks(), &now);
             let mut changed = out.clone();
-            match apply_endpoint_changes(&mut changed, &res, &before, &now) {
+            let (removed, added) = changes(&before, &now);
+            match apply_endpoint_changes(&mut changed, &res, &removed, &added) {
                 Some(tx) => {
                     in_place += 1;
                     prop_assert_eq!(&changed.plan, &full.plan);
