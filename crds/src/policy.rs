@@ -544,6 +544,12 @@ fn check_peer(p: &Peer, field: &str, errors: &mut Errors) {
         check_pods(pods, &format!("{field}.pods"), errors);
     }
     check_networks(&p.networks, &format!("{field}.networks"), errors);
+    if p.cidrs.as_ref().is_some_and(Vec::is_empty) {
+        errors.push(
+            format!("{field}.cidrs"),
+            "name at least one CIDR (0.0.0.0/0 and ::/0 for every address)",
+        );
+    }
     for (i, c) in p.cidrs.iter().flatten().enumerate() {
         if let Err(e) = parse_cidr(c.as_str()) {
             errors.push(format!("{field}.cidrs[{i}]"), e.to_string());
@@ -684,6 +690,7 @@ subject: {}
 ingress:
   - {name: a, action: Allow, to: [{cidrs: [10.0.0.1/8]}]}
   - {name: a, action: Deny, from: [{}], protocols: [{protocol: ICMP, port: 80}, {protocol: TCP, icmpCode: 1}]}
+  - {name: b, action: Deny, from: [{cidrs: []}]}
 "#,
         );
         let errs: Vec<String> = p
@@ -702,6 +709,7 @@ ingress:
             "spec.ingress[1].from[0]",
             "spec.ingress[1].protocols[0]",
             "spec.ingress[1].protocols[1].icmpCode",
+            "spec.ingress[2].from[0].cidrs",
         ] {
             assert!(all.contains(want), "{want} missing in\n{all}");
         }

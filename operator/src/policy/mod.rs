@@ -14,7 +14,10 @@
 //! Groups depend on the policies only; workloads only change which addresses are in them, so
 //! adding or removing a workload changes set elements, never rules.
 
+mod fuzz;
 pub mod render;
+
+pub use fuzz::fuzz_compile;
 
 use crate::agent::plan::Problem;
 

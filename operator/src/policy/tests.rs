@@ -361,3 +361,30 @@ spec:
     // The invalid policy is not enforced at all.
     assert!(c.egress.admin.is_empty());
 }
+
+#[test]
+fn an_empty_cidrs_list_is_reported_not_compiled_into_a_rule_matching_nothing() {
+    // The CRD schema wants at least one CIDR; without the check, this Deny compiled into a rule
+    // that renders no nft rule and denies nothing.
+    let res = resources(&format!(
+        "{BASE}\n---\n{}",
+        r#"
+apiVersion: weft.dev/v1alpha1
+kind: ClusterSegmentationPolicy
+metadata: {name: empty}
+spec:
+  tier: Admin
+  priority: 1
+  subject: {namespaces: {}}
+  ingress: [{name: none, action: Deny, from: [{cidrs: []}]}]
+"#
+    ));
+    let c = compile_resources(&res, &members());
+    let text: Vec<String> = c.problems.iter().map(|p| p.to_string()).collect();
+    assert!(
+        text.iter()
+            .any(|t| t.contains("empty") && t.contains("spec.ingress[0].from[0].cidrs")),
+        "{text:?}"
+    );
+    assert!(c.ingress.admin.is_empty());
+}
