@@ -187,23 +187,35 @@ fn agent_path(res: &Resources, workloads: usize) -> anyhow::Result<()> {
     if let Some(guard) = &out.plan.guard {
         weft_dataplane::plan::apply_firewall(guard, &mut nft, &mut report)?;
     }
-    let t = Instant::now();
-    let tx = aplan::apply_endpoint_changes(&mut out, &res, &[], &[endpoint(workloads)])
-        .ok_or_else(|| anyhow::anyhow!("the registration could not be made in place"))?;
-    let delta_ms = t.elapsed().as_secs_f64() * 1e3;
-    use weft_dataplane::nft::Firewall;
-    nft.apply(&tx)?;
+    // Twenty more, one registration each: the median and the slowest.
+    let mut took = Vec::new();
+    let mut in_place = Vec::new();
+    let mut elements = 0;
+    for i in workloads..workloads + 20 {
+        let t = Instant::now();
+        let tx = aplan::apply_endpoint_changes(&mut out, &res, &[], &[endpoint(i)])
+            .ok_or_else(|| anyhow::anyhow!("the registration could not be made in place"))?;
+        in_place.push(t.elapsed().as_secs_f64() * 1e3);
+        use weft_dataplane::nft::Firewall;
+        nft.apply(&tx)?;
+        took.push(t.elapsed().as_secs_f64() * 1e3);
+        elements =
+            tx.0.iter()
+                .map(|c| match c {
+                    weft_dataplane::nft::Change::AddElements { elements, .. } => elements.len(),
+                    _ => 0,
+                })
+                .sum::<usize>();
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 2], v[v.len() - 1])
+    };
+    let (p50, max) = median(&mut took);
+    let (in_p50, _) = median(&mut in_place);
     println!("agent: full plan  {plan_ms:8.1} ms  ({workloads} endpoints, guard table included)");
     println!(
-        "agent: register   {:8.2} ms  (in place {delta_ms:.2} ms, then netlink; {} changes, {} elements)",
-        t.elapsed().as_secs_f64() * 1e3,
-        tx.0.len(),
-        tx.0.iter()
-            .map(|c| match c {
-                weft_dataplane::nft::Change::AddElements { elements, .. } => elements.len(),
-                _ => 0,
-            })
-            .sum::<usize>()
+        "agent: register   {p50:8.2} ms  median of 20, max {max:.2} ms (in place {in_p50:.2} ms, then netlink; {elements} elements each)"
     );
     Ok(())
 }
