@@ -49,12 +49,19 @@ pub enum Command {
 /// Trace flags.
 #[derive(Debug, Args)]
 pub struct TraceArgs {
-    /// The lab file (its resources, namespaces and workloads).
-    pub file: PathBuf,
-    /// Source: a workload, a node or `outside`.
+    /// The lab file (its resources, namespaces and workloads); omit it with `--kube`.
+    #[arg(required_unless_present = "kube", conflicts_with = "kube")]
+    pub file: Option<PathBuf>,
+    /// Trace against the cluster (kubeconfig, or the pod's service account): its Networks,
+    /// policies and Namespaces, and the workloads the agents publish in NodeNetwork status.
+    #[arg(long)]
+    pub kube: bool,
+    /// Source: a workload, a node or `outside` (lab); `namespace/name[@network]` or an address
+    /// (`--kube`).
     #[arg(long)]
     pub from: String,
-    /// Destination: a workload, a node (its port forwards) or `outside`.
+    /// Destination: a workload, a node (its port forwards) or `outside` (lab);
+    /// `namespace/name[@network]` or an address (`--kube`).
     #[arg(long)]
     pub to: String,
     /// Destination port (ignored for ICMP).
@@ -343,15 +350,29 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 crate::lab::file::Family::Ipv4
             };
-            let ok = crate::lab::run_trace(
-                &t.file,
-                &t.from,
-                &t.to,
-                t.port,
-                &t.protocol,
-                family,
-                t.json,
-            )?;
+            let ok = match &t.file {
+                Some(file) => crate::lab::run_trace(
+                    file,
+                    &t.from,
+                    &t.to,
+                    t.port,
+                    &t.protocol,
+                    family,
+                    t.json,
+                )?,
+                None => {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()?;
+                    rt.block_on(async {
+                        let client = kube::Client::try_default().await.map_err(|e| {
+                            anyhow::anyhow!("--kube: no cluster to talk to (set KUBECONFIG or run in a pod): {e}")
+                        })?;
+                        crate::policy::cluster::trace(&client, &t.from, &t.to, t.port, &t.protocol, t.ipv6, t.json)
+                            .await
+                    })?
+                }
+            };
             Ok(if ok {
                 ExitCode::SUCCESS
             } else {

@@ -115,9 +115,23 @@ pub fn run_trace(
         &spec, &resources, &members, &compiled, from, to, port, protocol, family,
     )
     .map_err(anyhow::Error::msg)?;
+    print_trace(from, to, port, protocol, &decision, note.as_deref(), json)?;
+    Ok(decision.allowed)
+}
+
+/// Prints a `trace` answer: one line and a line per direction, or the decision as JSON.
+pub fn print_trace(
+    from: &str,
+    to: &str,
+    port: u16,
+    protocol: weft_crds::L4Protocol,
+    decision: &crate::policy::Decision,
+    note: Option<&str>,
+    json: bool,
+) -> anyhow::Result<()> {
     if json {
-        let mut v = serde_json::to_value(&decision)?;
-        if let Some(n) = &note {
+        let mut v = serde_json::to_value(decision)?;
+        if let Some(n) = note {
             v["via"] = serde_json::json!(n);
         }
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -144,7 +158,7 @@ pub fn run_trace(
             }
         }
     }
-    Ok(decision.allowed)
+    Ok(())
 }
 
 /// Removes a lab left up.

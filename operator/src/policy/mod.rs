@@ -14,6 +14,7 @@
 //! Groups depend on the policies only; workloads only change which addresses are in them, so
 //! adding or removing a workload changes set elements, never rules.
 
+pub mod cluster;
 mod fuzz;
 pub mod render;
 
