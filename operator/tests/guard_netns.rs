@@ -18,7 +18,7 @@ use weft_dataplane::frame;
 use weft_dataplane::netlink::{Netlink, VethSpec};
 use weft_dataplane::netns::{self, Netns};
 use weft_dataplane::nft::{Change, Firewall, NftCli, Table, Transaction};
-use weft_operator::agent::guard::{self, PortGuard};
+use weft_operator::agent::guard::{self, OpenPort, PortGuard};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -173,7 +173,13 @@ impl Lab {
     /// The guard table with `guarded` registered and `open` open.
     fn table(&self, guarded: &[usize], open: &[usize]) -> Table {
         let g: Vec<PortGuard> = guarded.iter().map(|&i| self.w(i).guard()).collect();
-        let o: Vec<String> = open.iter().map(|&i| self.w(i).port.clone()).collect();
+        let o: Vec<OpenPort> = open
+            .iter()
+            .map(|&i| OpenPort {
+                ifname: self.w(i).port.clone(),
+                pending: false,
+            })
+            .collect();
         guard::table(&[BRIDGE.to_string()], &g, &o)
     }
 }
@@ -646,6 +652,40 @@ fn a_pending_migration_target_passes_nothing_either_way_until_activated() {
     // Activated: one element less.
     lab.apply(&pending(&lab, false));
     assert!(ping(wt, None, &wa.v4), "an active port passes (control)");
+}
+
+#[test]
+fn a_pending_target_on_a_network_without_anti_spoofing_waits_too() {
+    let mut lab = Lab::new();
+    let a = lab.add("a", 2);
+    let t = lab.add("t", 6);
+    let open = |lab: &Lab, pending: bool| {
+        guard::table(
+            &[BRIDGE.to_string()],
+            &[lab.w(a).guard()],
+            &[OpenPort {
+                ifname: lab.w(t).port.clone(),
+                pending,
+            }],
+        )
+    };
+    lab.apply(&open(&lab, true));
+    let (wa, wt) = (lab.w(a), lab.w(t));
+    static_neigh(wa, &wt.v4, wt.mac);
+    static_neigh(wt, &wa.v4, wa.mac);
+    assert!(
+        !ping(wt, None, &wa.v4),
+        "nothing may leave a pending open port"
+    );
+    assert!(
+        !ping(wa, None, &wt.v4),
+        "nothing may reach a pending open port"
+    );
+    lab.apply(&open(&lab, false));
+    assert!(
+        ping(wt, None, &wa.v4),
+        "an active open port passes (control)"
+    );
 }
 
 fn v6(addr: &str) -> Ipv6Addr {

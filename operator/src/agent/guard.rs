@@ -157,12 +157,13 @@ pub const ND_RULES: [&str; 7] = [
 fn rules() -> Vec<String> {
     [
         UNREGISTERED_SCOPE,
+        // A live migration's target, guarded or open: the VM's announcement activates it;
+        // nothing else passes.
+        "iifname @pending ether type 0x8035 log prefix \"weft activate \" group 2727 drop",
+        "iifname @pending drop",
         "iifname @open accept",
         // A weft port the agent has not registered (yet): fail closed.
         "iifname != @ports drop",
-        // A live migration's target: the VM's announcement activates it; nothing else passes.
-        "iifname @pending ether type 0x8035 log prefix \"weft activate \" group 2727 drop",
-        "iifname @pending drop",
         "ether type { 8021q, 8021ad } drop",
         "ether type != { ip, arp, ip6 } drop",
         "iifname . ether saddr != @macs drop",
@@ -184,23 +185,39 @@ fn rules() -> Vec<String> {
     .collect()
 }
 
+/// A port of a network with `spec.security.antiSpoofing: false`: nothing is checked, but a
+/// live migration's target still waits for its VM (the LAN must not see the MAC twice).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenPort {
+    /// The host-side port.
+    pub ifname: String,
+    /// A live migration's target waiting for its VM (see [`PortGuard::pending`]).
+    pub pending: bool,
+}
+
 /// Builds weft's `bridge weft` table.
 ///
 /// `bridges`: weft's bridge names; `guarded`: ports with anti-spoofing on; `open`: ports of
 /// networks with `spec.security.antiSpoofing: false`. A port listed both guarded and open is
 /// guarded (the safe choice).
-pub fn table(bridges: &[String], guarded: &[PortGuard], open: &[String]) -> Table {
+pub fn table(bridges: &[String], guarded: &[PortGuard], open: &[OpenPort]) -> Table {
     let guarded_names: BTreeSet<String> = guarded.iter().map(|p| quoted(&p.ifname)).collect();
-    let open: BTreeSet<String> = open
+    let open_ports: Vec<&OpenPort> = open
         .iter()
-        .map(|p| quoted(p))
-        .filter(|p| !guarded_names.contains(p))
+        .filter(|p| !guarded_names.contains(&quoted(&p.ifname)))
         .collect();
     let pending: BTreeSet<String> = guarded
         .iter()
         .filter(|p| p.pending)
         .map(|p| quoted(&p.ifname))
+        .chain(
+            open_ports
+                .iter()
+                .filter(|p| p.pending)
+                .map(|p| quoted(&p.ifname)),
+        )
         .collect();
+    let open: BTreeSet<String> = open_ports.iter().map(|p| quoted(&p.ifname)).collect();
     let mut macs = BTreeSet::new();
     let mut ips4 = BTreeSet::new();
     let mut ips6 = BTreeSet::new();
@@ -285,6 +302,26 @@ mod tests {
         }
     }
 
+    fn open(ifname: &str, pending: bool) -> OpenPort {
+        OpenPort {
+            ifname: ifname.into(),
+            pending,
+        }
+    }
+
+    #[test]
+    fn an_open_port_can_wait_for_its_vm_too() {
+        let t = table(&[], &[], &[open("wfo", true), open("wfp", false)]);
+        assert_eq!(elements(&t, "open"), ["\"wfo\"", "\"wfp\""]);
+        assert_eq!(elements(&t, "pending"), ["\"wfo\""]);
+        let rules = &t.chains[0].rules;
+        let at = |r: &str| rules.iter().position(|x| x == r).unwrap();
+        assert!(
+            at("iifname @pending drop") < at("iifname @open accept"),
+            "pending must come before open: {rules:?}"
+        );
+    }
+
     fn elements(t: &Table, name: &str) -> Vec<String> {
         t.sets
             .iter()
@@ -323,7 +360,7 @@ mod tests {
                 port("wfa", [0x0a, 0x58, 10, 77, 0, 2], &["10.77.0.2", "fd77::2"]),
                 port("wfb", [0x0a, 0x58, 10, 77, 0, 3], &["10.77.0.3"]),
             ],
-            &["wfo".into()],
+            &[open("wfo", false)],
         );
         assert_eq!(structure_hash(&empty), structure_hash(&one));
         assert_eq!(structure_hash(&empty), structure_hash(&many));
@@ -346,7 +383,7 @@ mod tests {
                 [0x0a, 0x58, 10, 77, 0, 2],
                 &["10.77.0.2", "fd77::2"],
             )],
-            &["wfo".into(), "wfa".into()],
+            &[open("wfo", false), open("wfa", false)],
         );
         assert_eq!(elements(&t, "bridges"), ["\"wn-blue\""]);
         assert_eq!(elements(&t, "ports"), ["\"wfa\""]);

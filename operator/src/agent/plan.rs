@@ -319,7 +319,10 @@ fn guard_table(
             }),
             // An endpoint with an unreadable MAC stays unregistered: its port drops everything.
             None if net.anti_spoofing => {}
-            _ => open.push(e.host_ifname.clone()),
+            _ => open.push(super::guard::OpenPort {
+                ifname: e.host_ifname.clone(),
+                pending: e.pending,
+            }),
         }
     }
     super::guard::table(&names, &guarded, &open)
