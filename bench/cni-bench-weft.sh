@@ -8,7 +8,8 @@
 # A throw-away "node" namespace gets a running weft agent (from a manifests dir holding one NAT
 # Network, 10.89.0.0/16 with a /16 node block), whose conflist is then driven by lib/cni_bench.py
 # inside that namespace exactly like the reference plugins (WEFT_BENCH_MANIFEST=FILE adds a
-# manifest, e.g. bench/confs/policies.yaml, to measure ADD under a policy set): a fresh `ip netns add` per pod, ADDs
+# manifest, e.g. bench/confs/policies.yaml, to measure ADD under a policy set; WEFT_BENCH_PEERS=N
+# adds N workloads of another node that a policy's group holds: N set elements): a fresh `ip netns add` per pod, ADDs
 # then DELs, sequential and concurrent, with leak checks. Everything is removed on exit.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -49,8 +50,33 @@ spec:
   ipam: {nodeBlockPrefix: 16}
 YAML
 if [ -n "${WEFT_BENCH_MANIFEST:-}" ]; then cp "$WEFT_BENCH_MANIFEST" "$TMP/manifests/extra.yaml"; fi
+# WEFT_BENCH_PEERS=N: N workloads on another node (a peers file, as their agent would publish
+# them) and a policy whose groups hold them all: N policy set elements on this node.
+PEERS_ARGS=()
+if [ -n "${WEFT_BENCH_PEERS:-}" ]; then
+  mkdir -p "$TMP/peers"
+  python3 - "$WEFT_BENCH_PEERS" "$TMP/peers/other.json" <<'PY'
+import json, sys
+n = int(sys.argv[1])
+json.dump([{"network": "bench", "namespace": "default", "name": "peer%d" % i,
+            "labels": {"app": "peer"}, "ips": ["10.90.%d.%d" % (i // 250, 2 + i % 250)]}
+           for i in range(n)], open(sys.argv[2], "w"))
+PY
+  cat >> "$TMP/manifests/bench.yaml" <<'YAML'
+---
+apiVersion: weft.dev/v1alpha1
+kind: SegmentationPolicy
+metadata: {name: from-peers, namespace: default}
+spec:
+  subject: {podSelector: {}}
+  ingress:
+    - {name: peers, action: Allow, from: [{pods: {podSelector: {matchLabels: {app: peer}}}}]}
+    - {name: rest, action: Allow}
+YAML
+  PEERS_ARGS=(--peers-dir "$TMP/peers")
+fi
 METRICS_PORT=$((20000 + $$ % 20000))
-WEFT_LOG=warn "$BIN/weft-operator" agent --metrics-addr "127.0.0.1:$METRICS_PORT" --netns "/run/netns/$NODE_NS" --node-name bench \
+WEFT_LOG=warn "$BIN/weft-operator" agent "${PEERS_ARGS[@]}" --metrics-addr "127.0.0.1:$METRICS_PORT" --netns "/run/netns/$NODE_NS" --node-name bench \
   --manifests "$TMP/manifests" --state-dir "$TMP/state" --socket "$TMP/agent.sock" \
   --cni-bin-dir "$TMP/bin" --cni-conf-dir "$TMP/conf" --cni-binary "$BIN/weft" \
   >"$TMP/agent.log" 2>&1 &

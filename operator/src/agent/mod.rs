@@ -264,8 +264,18 @@ impl Reconciler {
             (Some(a), Some(c))
                 if reason == "endpoints" && a.ok && Arc::ptr_eq(&a.resources, &res) =>
             {
-                plan::apply_endpoint_changes(&mut a.out, &res, &c.removed, &c.added)
-                    .map(|tx| (tx, a.failed.clone()))
+                // The audit reader shares the compiled policy: lend it an empty one while the
+                // policy changes in place, so the change does not copy it (thousands of groups'
+                // addresses); a record read meanwhile waits for the lock.
+                let mut shared = self.policy.lock().ok();
+                if let Some(p) = shared.as_deref_mut() {
+                    *p = Arc::default();
+                }
+                let tx = plan::apply_endpoint_changes(&mut a.out, &res, &c.removed, &c.added);
+                if let Some(p) = shared.as_deref_mut() {
+                    *p = Arc::clone(&a.out.policy);
+                }
+                tx.map(|tx| (tx, a.failed.clone()))
             }
             _ => None,
         };
