@@ -9,7 +9,8 @@
 # Network, 10.89.0.0/16 with a /16 node block), whose conflist is then driven by lib/cni_bench.py
 # inside that namespace exactly like the reference plugins (WEFT_BENCH_MANIFEST=FILE adds a
 # manifest, e.g. bench/confs/policies.yaml, to measure ADD under a policy set; WEFT_BENCH_PEERS=N
-# adds N workloads of another node that a policy's group holds: N set elements): a fresh `ip netns add` per pod, ADDs
+# adds N workloads of another node that a policy's group holds: N set elements; WEFT_BENCH_TAP=1
+# wires each pod as a VM, with a tap): a fresh `ip netns add` per pod, ADDs
 # then DELs, sequential and concurrent, with leak checks. Everything is removed on exit.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -87,10 +88,13 @@ for _ in $(seq 1 200); do
 done
 [ -f "$TMP/conf/10-weft.conflist" ] || { cat "$TMP/agent.log" >&2; echo "agent did not start" >&2; exit 1; }
 python3 - "$TMP/conf/10-weft.conflist" "$TMP/bench.conflist" <<'PY'
-import json, sys
+import json, os, sys
 c = json.load(open(sys.argv[1]))
 c["plugins"][0]["network"] = "bench"
 c["name"] = "weft-bench"
+if os.environ.get("WEFT_BENCH_TAP"):
+    # A VM's attachment: the veth end joined by tc redirects to a tap named for the VMM.
+    c["plugins"][0]["attachment"] = "tap"
 json.dump(c, open(sys.argv[2], "w"))
 PY
 echo "weft agent up in $NODE_NS; binary $(stat -c %s "$BIN/weft") bytes" >&2
