@@ -172,6 +172,16 @@ pub fn is_arp_reply_from(frame: &[u8], from: Ipv4Addr) -> bool {
         && frame[28..32] == from.octets()
 }
 
+/// Is `frame` a neighbour advertisement for `target` (IPv6 without extension headers, as
+/// routers send them)?
+pub fn is_na_for(frame: &[u8], target: Ipv6Addr) -> bool {
+    frame.len() >= 78
+        && frame[12..14] == [0x86, 0xdd]
+        && frame[20] == 58
+        && frame[54] == 136
+        && frame[62..78] == target.octets()
+}
+
 /// Asks `target` for its MAC from interface `ifindex` (ARP request from `mac`/`sender`, resent
 /// every 250 ms) and waits for its answer: `Ok(true)` when it answered within `timeout`. This is
 /// how weft checks that the node still reaches its gateway after it moved the node's addresses
@@ -183,8 +193,37 @@ pub fn probe_arp(
     target: Ipv4Addr,
     timeout: std::time::Duration,
 ) -> std::io::Result<bool> {
+    let request = arp_request(mac, sender, target);
+    probe(ifindex, 0x0806, &request, timeout, |f| {
+        is_arp_reply_from(f, target)
+    })
+}
+
+/// [`probe_arp`] for IPv6: a neighbour solicitation for `target` from `mac`/`src` (with the
+/// source link-layer address option, so the router answers without a solicitation of its own)
+/// and its neighbour advertisement.
+pub fn probe_ndp(
+    ifindex: u32,
+    mac: [u8; 6],
+    src: Ipv6Addr,
+    target: Ipv6Addr,
+    timeout: std::time::Duration,
+) -> std::io::Result<bool> {
+    let request = neighbour_solicit(mac, src, target, &lladdr_option(1, mac));
+    probe(ifindex, 0x86dd, &request, timeout, |f| is_na_for(f, target))
+}
+
+/// Sends `request` out of `ifindex` every 250 ms until a frame of `ethertype` that `answers`
+/// arrives, for at most `timeout`.
+fn probe(
+    ifindex: u32,
+    ethertype: u16,
+    request: &[u8],
+    timeout: std::time::Duration,
+    answers: impl Fn(&[u8]) -> bool,
+) -> std::io::Result<bool> {
     use std::time::{Duration, Instant};
-    let proto = 0x0806u16.to_be();
+    let proto = ethertype.to_be();
     // SAFETY: a plain syscall without pointers.
     let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
     if fd < 0 {
@@ -229,13 +268,12 @@ pub fn probe_arp(
     {
         return Err(std::io::Error::last_os_error());
     }
-    let request = arp_request(mac, sender, target);
     let deadline = Instant::now() + timeout;
     let mut next_send = Instant::now();
-    let mut buf = [0u8; 128];
+    let mut buf = [0u8; 256];
     while Instant::now() < deadline {
         if Instant::now() >= next_send {
-            send_on(&fd, ifindex, &request)?;
+            send_on(&fd, ifindex, request)?;
             next_send = Instant::now() + Duration::from_millis(250);
         }
         // SAFETY: `buf` is valid for writes of its length.
@@ -251,7 +289,7 @@ pub fn probe_arp(
             return Err(e);
         }
         let n = usize::try_from(n).unwrap_or(0);
-        if is_arp_reply_from(&buf[..n], target) {
+        if answers(&buf[..n]) {
             return Ok(true);
         }
     }

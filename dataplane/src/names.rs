@@ -167,6 +167,30 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     Some(mac)
 }
 
+/// The EUI-64 (modified, RFC 4291 appendix A) link-local address of a MAC: `fe80::/64` with
+/// the U/L bit of the first octet flipped and `ff:fe` in the middle.
+pub fn eui64_link_local(mac: [u8; 6]) -> std::net::Ipv6Addr {
+    let [a, b, c, d, e, f] = mac;
+    std::net::Ipv6Addr::from([
+        0xfe,
+        0x80,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        a ^ 0x02,
+        b,
+        c,
+        0xff,
+        0xfe,
+        d,
+        e,
+        f,
+    ])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

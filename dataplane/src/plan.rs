@@ -151,13 +151,14 @@ pub trait Links {
         id: u16,
         alias: &str,
     ) -> Result<u32, ApplyError>;
-    /// Does `gateway` answer ARP from `src` out of link `index` within `timeout`?
+    /// Does `gateway` answer ARP (IPv4) or neighbour discovery (IPv6) from `src` out of link
+    /// `index` within `timeout`?
     fn probe_gateway(
         &mut self,
         index: u32,
         mac: [u8; 6],
-        src: std::net::Ipv4Addr,
-        gateway: std::net::Ipv4Addr,
+        src: std::net::IpAddr,
+        gateway: std::net::IpAddr,
         timeout: std::time::Duration,
     ) -> Result<bool, ApplyError>;
 }
@@ -242,15 +243,23 @@ impl Links for Netlink {
         &mut self,
         index: u32,
         mac: [u8; 6],
-        src: std::net::Ipv4Addr,
-        gateway: std::net::Ipv4Addr,
+        src: std::net::IpAddr,
+        gateway: std::net::IpAddr,
         timeout: std::time::Duration,
     ) -> Result<bool, ApplyError> {
+        use std::net::IpAddr;
         // Let the change settle first (see `uplink::SETTLE`). The packet socket lives in the
         // calling thread's namespace: the agent's own (the lab's agents enter their node
         // namespace at start).
         std::thread::sleep(uplink::SETTLE);
-        crate::frame::probe_arp(index, mac, src, gateway, timeout).map_err(|e| ApplyError::Link {
+        let answered = match (src, gateway) {
+            (IpAddr::V4(s), IpAddr::V4(g)) => crate::frame::probe_arp(index, mac, s, g, timeout),
+            (IpAddr::V6(s), IpAddr::V6(g)) => crate::frame::probe_ndp(index, mac, s, g, timeout),
+            _ => Err(std::io::Error::other(
+                "source and gateway of different families",
+            )),
+        };
+        answered.map_err(|e| ApplyError::Link {
             op: format!("probe gateway {gateway}"),
             source: NetlinkError::Io {
                 op: "probe gateway",
@@ -792,8 +801,8 @@ impl Links for FakeLinks {
         &mut self,
         index: u32,
         _mac: [u8; 6],
-        _src: std::net::Ipv4Addr,
-        gateway: std::net::Ipv4Addr,
+        _src: std::net::IpAddr,
+        gateway: std::net::IpAddr,
         _timeout: std::time::Duration,
     ) -> Result<bool, ApplyError> {
         self.calls.push(format!("probe_gateway {index} {gateway}"));

@@ -16,7 +16,7 @@ use crate::plan::{ApplyError, ApplyReport, BridgePlan, Links};
 use crate::state;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tracing::{info, warn};
@@ -142,27 +142,33 @@ fn uplink_err(network: &str, message: String) -> ApplyError {
 
 /// The gateway to check and the address to ask from: the IPv4 default route's next hop, and the
 /// moved address in its subnet (or any moved IPv4 address).
-fn gateway_check(record: &UplinkRecord) -> Option<(Ipv4Addr, Ipv4Addr)> {
-    let gw = record
-        .routes
-        .iter()
-        .find_map(|r| match (r.dst, r.gateway) {
-            (IpNet::V4(d), Some(IpAddr::V4(g))) if d.prefix_len() == 0 && r.table == 254 => Some(g),
+/// The default gateway to check and the address to ask from: IPv4 (ARP) when the node has an
+/// IPv4 default route through the uplink, else IPv6 (neighbour discovery; from the node's
+/// IPv6 address on the uplink, or the link-local address of `mac` when it has none but the
+/// kernel's).
+fn gateway_check(record: &UplinkRecord, mac: [u8; 6]) -> Option<(IpAddr, IpAddr)> {
+    let default = |v6: bool| {
+        record.routes.iter().find_map(|r| match r.gateway {
+            Some(g) if r.dst.prefix_len() == 0 && r.table == 254 && g.is_ipv6() == v6 => Some(g),
             _ => None,
-        })?;
-    let v4: Vec<_> = record
-        .addresses
-        .iter()
-        .filter_map(|a| match a {
-            IpNet::V4(n) => Some(*n),
-            IpNet::V6(_) => None,
         })
-        .collect();
-    let src = v4
-        .iter()
-        .find(|n| n.contains(&gw))
-        .or_else(|| v4.first())?
-        .addr();
+    };
+    let source = |gw: IpAddr| {
+        let same: Vec<&IpNet> = record
+            .addresses
+            .iter()
+            .filter(|a| a.addr().is_ipv6() == gw.is_ipv6())
+            .collect();
+        same.iter()
+            .find(|n| n.contains(&gw))
+            .or_else(|| same.first())
+            .map(|n| n.addr())
+    };
+    if let Some(gw) = default(false) {
+        return Some((gw, source(gw)?));
+    }
+    let gw = default(true)?;
+    let src = source(gw).unwrap_or(IpAddr::V6(names::eui64_link_local(mac)));
     Some((gw, src))
 }
 
@@ -319,8 +325,8 @@ pub fn attach(
     // 3. Verify.
     let verdict = match moved {
         Err(e) => Err(format!("moving the node's addresses failed: {e}")),
-        Ok(()) => match gateway_check(&record) {
-            None => Ok("no IPv4 default gateway to check".to_string()),
+        Ok(()) => match gateway_check(&record, port.mac.unwrap_or(bridge.mac)) {
+            None => Ok("no default gateway to check".to_string()),
             Some((gw, src)) => {
                 let mac = port.mac.unwrap_or(bridge.mac);
                 match links.probe_gateway(bridge_index, mac, src, gw, VERIFY_TIMEOUT) {
@@ -519,14 +525,30 @@ mod tests {
                 route("0.0.0.0/0", Some("192.168.1.9"), 100),
             ],
         };
+        let mac = [0x02, 0, 0, 0, 0, 1];
         assert_eq!(
-            gateway_check(&r),
+            gateway_check(&r, mac),
             None,
             "only the main table's default route"
         );
+        // IPv6 only: neighbour discovery, from the node's address or else its link-local one.
+        r.routes.push(route("::/0", Some("fe80::1"), 254));
+        assert_eq!(
+            gateway_check(&r, mac),
+            Some((
+                "fe80::1".parse().unwrap(),
+                "fe80::ff:fe00:1".parse().unwrap()
+            ))
+        );
+        r.addresses.push("fd09::5/64".parse().unwrap());
+        assert_eq!(
+            gateway_check(&r, mac),
+            Some(("fe80::1".parse().unwrap(), "fd09::5".parse().unwrap()))
+        );
+        // IPv4 first when there is both.
         r.routes.push(route("0.0.0.0/0", Some("192.168.1.1"), 254));
         assert_eq!(
-            gateway_check(&r),
+            gateway_check(&r, mac),
             Some((
                 "192.168.1.1".parse().unwrap(),
                 "192.168.1.5".parse().unwrap()

@@ -226,3 +226,107 @@ fn vlan_sub_interfaces_need_802_1q_and_say_so_when_the_kernel_lacks_it() {
         }
     }
 }
+
+/// `ip` in the test thread's namespace (the node), or in `ns` when given.
+fn ip(ns: Option<&NamedNs>, args: &[&str]) {
+    let mut cmd = Command::new("ip");
+    if let Some(ns) = ns {
+        cmd.args(["-n", ns.name.as_str()]);
+    }
+    let out = cmd.args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An IPv6-only node: `eth0` holds fd77::11/64 and the default route via fd77::1, which the
+/// LAN namespace answers when `gateway` is true.
+fn wire6(gateway: bool) -> (NamedNs, Netlink) {
+    let lan = NamedNs::new("lan6");
+    let mut nl = Netlink::new().unwrap();
+    nl.create_veth_pair("eth0", "lan0", Some(lan.ns.fd()), None)
+        .unwrap();
+    ip(
+        None,
+        &["addr", "add", "fd77::11/64", "dev", "eth0", "nodad"],
+    );
+    ip(None, &["link", "set", "eth0", "up"]);
+    if gateway {
+        ip(
+            Some(&lan),
+            &["addr", "add", "fd77::1/64", "dev", "lan0", "nodad"],
+        );
+    }
+    ip(Some(&lan), &["link", "set", "lan0", "up"]);
+    ip(
+        None,
+        &[
+            "-6", "route", "add", "default", "via", "fd77::1", "dev", "eth0",
+        ],
+    );
+    (lan, nl)
+}
+
+fn v6_state(nl: &mut Netlink, name: &str) -> (Vec<IpNet>, usize) {
+    let l = nl.link_by_name(name).unwrap().unwrap();
+    let mut addrs: Vec<IpNet> = nl
+        .addresses(Some(l.index))
+        .unwrap()
+        .into_iter()
+        .map(|a| a.addr)
+        .filter(|a| a.addr().is_ipv6() && !a.addr().to_string().starts_with("fe80"))
+        .collect();
+    addrs.sort();
+    let defaults = nl
+        .routes_via(l.index)
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.dst.prefix_len() == 0)
+        .count();
+    (addrs, defaults)
+}
+
+#[test]
+fn an_ipv6_only_uplink_is_checked_by_neighbour_discovery_and_rolled_back_without_a_gateway() {
+    let _ns = isolate();
+    for gateway in [true, false] {
+        let (lan, mut nl) = wire6(gateway);
+        let dir = tempfile::tempdir().unwrap();
+        let before = v6_state(&mut nl, "eth0");
+        assert_eq!(before.1, 1, "the IPv6 default route is on eth0");
+        let report = apply(&node_plan(true), dir.path());
+        if gateway {
+            assert!(report.failed.is_empty(), "{report:?}");
+            assert!(
+                report
+                    .changes
+                    .iter()
+                    .any(|c| c.contains("gateway fd77::1 answers")),
+                "{report:?}"
+            );
+            assert_eq!(v6_state(&mut nl, "wn-lan"), before, "moved to the bridge");
+            apply(&node_plan(false), dir.path());
+        } else {
+            assert_eq!(report.failed.len(), 1, "{report:?}");
+            assert!(
+                report.failed[0].1.contains("fd77::1"),
+                "{:?}",
+                report.failed
+            );
+            assert_eq!(v6_state(&mut nl, "eth0"), before, "rolled back");
+            plan::cleanup(
+                &mut Netlink::new().unwrap(),
+                &mut NftCli::default(),
+                dir.path(),
+            )
+            .unwrap();
+        }
+        assert!(nl.link_by_name("wn-lan").unwrap().is_none());
+        assert_eq!(v6_state(&mut nl, "eth0"), before, "eth0 as it was");
+        let eth0 = nl.link_by_name("eth0").unwrap().unwrap();
+        nl.delete_link(eth0.index).unwrap();
+        drop(lan);
+    }
+}

@@ -172,7 +172,8 @@ fn inlined(
                 .collect();
             rules += chain.rules.len();
         }
-        t.sets.retain(|s| !groups.contains_key(&format!("@{}", s.name)));
+        t.sets
+            .retain(|s| !groups.contains_key(&format!("@{}", s.name)));
         (t, rules)
     };
     let (first, rules) = inline(table);

@@ -103,29 +103,7 @@ fn mac_integer(mac: [u8; 6]) -> String {
     format!("0x{:012x}", u64::from_be_bytes([0, 0, a, b, c, d, e, f]))
 }
 
-/// The EUI-64 (modified, RFC 4291 appendix A) link-local address of a MAC: `fe80::/64` with
-/// the U/L bit of the first octet flipped and `ff:fe` in the middle.
-pub fn eui64_link_local(mac: [u8; 6]) -> Ipv6Addr {
-    let [a, b, c, d, e, f] = mac;
-    Ipv6Addr::from([
-        0xfe,
-        0x80,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        a ^ 0x02,
-        b,
-        c,
-        0xff,
-        0xfe,
-        d,
-        e,
-        f,
-    ])
-}
+pub use weft_dataplane::names::eui64_link_local;
 
 /// The neighbour discovery rules of `prerouting` (step 6 of the module doc), after the IPv4
 /// checks and before the DAD exception for `::`.
