@@ -107,12 +107,7 @@ fn main() -> anyhow::Result<()> {
     };
     let decision = desired(&observed);
     let decide = t.elapsed();
-    let blocks: usize = decision
-        .allocation
-        .nodes
-        .values()
-        .map(|s| s.blocks.len())
-        .sum();
+    let blocks = decision.allocation.entries();
 
     let t = Instant::now();
     let reports = node_networks.state();

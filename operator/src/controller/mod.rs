@@ -77,7 +77,8 @@ pub struct Context {
     /// Metrics.
     pub metrics: Metrics,
     /// NodeNetwork specs this replica applied, newer than the store until its watch catches up.
-    written: Mutex<BTreeMap<String, NodeNetworkSpec>>,
+    /// Dropped once the store shows the same spec.
+    written: Mutex<BTreeMap<String, Arc<NodeNetworkSpec>>>,
     /// Serializes allocate + apply, so two reconciles never allocate from the same snapshot.
     allocation: tokio::sync::Mutex<()>,
     /// Consecutive transient failures per object, for exponential backoff.
