@@ -142,13 +142,13 @@ impl Allocation {
     /// blocks of every Network that gave it one, by Network name.
     pub fn spec(&self, node: &str) -> Option<NodeNetworkSpec> {
         let position = self.position(node)?;
-        Some(NodeNetworkSpec {
-            blocks: self
-                .networks
-                .iter()
-                .filter_map(|n| n.entry(position))
-                .collect(),
-        })
+        let mut blocks: Vec<NodeNetworkBlock> = self
+            .networks
+            .iter()
+            .filter_map(|n| n.entry(position))
+            .collect();
+        blocks.shrink_to_fit();
+        Some(NodeNetworkSpec { blocks })
     }
 
     /// The desired NodeNetwork spec of every node (all built at once: for small clusters and
