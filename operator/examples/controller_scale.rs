@@ -3,7 +3,11 @@
 //! decide pass — validation of every Network against the others, block allocation for every
 //! node, each policy's status from the nodes' reports — and the process's peak RSS.
 //!
-//!   cargo run --release -p weft-operator --example controller_scale -- [NETWORKS] [NODES]
+//! With `--steady`, the NodeNetwork store then gets every node's spec as written (as the
+//! API server's watch would echo it) and a second decide pass runs from it: the steady state
+//! of a controller, which also holds every block in its NodeNetwork store.
+//!
+//!   cargo run --release -p weft-operator --example controller_scale -- [NETWORKS] [NODES] [--steady]
 //!
 //! Figures: docs/benchmarks.md.
 
@@ -11,14 +15,16 @@ use k8s_openapi::api::core::v1::Node;
 use kube::runtime::reflector;
 use kube::runtime::watcher;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Instant;
 use weft_crds::{
     Cidr, Network, NetworkSpec, NodeNetwork, NodeNetworkSpec, NodeNetworkStatus, NodePolicy,
     SegmentationPolicy,
 };
 use weft_operator::controller::allocator::NodeInfo;
-use weft_operator::controller::network::{Observed, desired};
+use weft_operator::controller::network::{Observed, ObservedSpec, desired};
 use weft_operator::controller::policy::enforcement;
+use weft_operator::controller::trim_node_network;
 
 fn rss_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -107,12 +113,7 @@ fn main() -> anyhow::Result<()> {
     };
     let decision = desired(&observed);
     let decide = t.elapsed();
-    let blocks: usize = decision
-        .allocation
-        .nodes
-        .values()
-        .map(|s| s.blocks.len())
-        .sum();
+    let blocks = decision.allocation.entries();
 
     let t = Instant::now();
     let reports = node_networks.state();
@@ -140,5 +141,46 @@ fn main() -> anyhow::Result<()> {
         rss_kib("VmHWM:") / 1024,
         before / 1024
     );
+
+    if std::env::args().any(|a| a == "--steady") {
+        let t = Instant::now();
+        for nn in node_networks.state() {
+            let name = nn.metadata.name.clone().unwrap_or_default();
+            let mut written = (*nn).clone();
+            written.spec = decision.allocation.spec(&name).unwrap_or_default();
+            // As the controller's watch reads and keeps it.
+            let mut echoed: NodeNetwork = serde_json::from_slice(&serde_json::to_vec(&written)?)?;
+            drop(written);
+            trim_node_network(&mut echoed);
+            nnw.apply_watcher_event(&watcher::Event::Apply(echoed));
+        }
+        drop(decision);
+        let echo = t.elapsed();
+        let t = Instant::now();
+        let stored: BTreeMap<String, Arc<NodeNetwork>> = node_networks
+            .state()
+            .into_iter()
+            .map(|nn| (nn.metadata.name.clone().unwrap_or_default(), nn))
+            .collect();
+        let observed = Observed {
+            specs: stored
+                .iter()
+                .map(|(k, v)| (k.clone(), ObservedSpec::Stored(v.clone())))
+                .collect(),
+            node_networks: stored,
+            ..observed
+        };
+        let again = desired(&observed);
+        println!(
+            "  steady state: specs in the store {echo:?}, validate + allocate again {:?} ({} specs to write)",
+            t.elapsed(),
+            again.changed.len()
+        );
+        println!(
+            "  RSS {} MiB (peak {} MiB)",
+            rss_kib("VmRSS:") / 1024,
+            rss_kib("VmHWM:") / 1024
+        );
+    }
     Ok(())
 }

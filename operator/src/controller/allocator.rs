@@ -6,6 +6,11 @@
 //! assignments (the NodeNetwork specs) are kept when they are still valid; a block claimed by
 //! two nodes stays with the first node by name and the other gets a new one; blocks of nodes
 //! that are gone or no longer selected are free again. New blocks are the lowest free ones.
+//!
+//! The result ([`Allocation`]) holds every block as its index in its subnet (a `u32` while the
+//! indexes fit, one array per Network and family) and every node as its position in one sorted
+//! list of names; a node's [`NodeNetworkSpec`] is built when it is asked for
+//! ([`Allocation::spec`]), so the specs of all nodes are never held at once.
 
 use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet};
@@ -33,34 +38,193 @@ impl NodeInfo {
     }
 }
 
+/// Block indexes, one per node of a [`FamilyBlocks`]: `u32` while every index fits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Indexes {
+    Small(Vec<u32>),
+    Large(Vec<u128>),
+}
+
+impl Indexes {
+    fn push(&mut self, index: u128) {
+        match self {
+            Indexes::Small(v) => match u32::try_from(index) {
+                Ok(i) => v.push(i),
+                Err(_) => {
+                    let mut large: Vec<u128> = v.iter().map(|&i| u128::from(i)).collect();
+                    large.push(index);
+                    *self = Indexes::Large(large);
+                }
+            },
+            Indexes::Large(v) => v.push(index),
+        }
+    }
+
+    fn get(&self, k: usize) -> Option<u128> {
+        match self {
+            Indexes::Small(v) => v.get(k).map(|&i| u128::from(i)),
+            Indexes::Large(v) => v.get(k).copied(),
+        }
+    }
+
+    fn shrink_to_fit(&mut self) {
+        match self {
+            Indexes::Small(v) => v.shrink_to_fit(),
+            Indexes::Large(v) => v.shrink_to_fit(),
+        }
+    }
+}
+
+/// The blocks of one family of one Network: the nodes that got one (positions in
+/// [`Allocation`]'s names, ascending) and the index of each one's block.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct FamilyBlocks {
+    family: Family,
+    nodes: Vec<u32>,
+    indexes: Indexes,
+}
+
+impl FamilyBlocks {
+    /// The block of the node at `position`, if it got one.
+    fn block_of(&self, position: u32) -> Option<Cidr> {
+        let k = self.nodes.binary_search(&position).ok()?;
+        self.family.block(self.indexes.get(k)?)
+    }
+}
+
+/// The blocks of one Network, per family (IPv4, IPv6).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct NetworkBlocks {
+    name: String,
+    families: [Option<FamilyBlocks>; 2],
+}
+
+impl NetworkBlocks {
+    /// The node's entry of this Network, if it got a block of either family.
+    fn entry(&self, position: u32) -> Option<NodeNetworkBlock> {
+        let [ipv4, ipv6] = [0, 1].map(|fi| self.families[fi].as_ref()?.block_of(position));
+        (ipv4.is_some() || ipv6.is_some()).then(|| NodeNetworkBlock {
+            network: self.name.clone(),
+            ipv4,
+            ipv6,
+        })
+    }
+}
+
 /// The result of [`allocate`].
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct Allocation {
-    /// The desired NodeNetwork spec of every node (also the nodes without blocks).
-    pub nodes: BTreeMap<String, NodeNetworkSpec>,
+    /// Every node's name, sorted (also the nodes without blocks).
+    names: Vec<String>,
+    /// The Networks that hold blocks, sorted by name.
+    networks: Vec<NetworkBlocks>,
     /// Problems per Network name, e.g. an exhausted subnet.
     pub problems: BTreeMap<String, Vec<String>>,
 }
 
 impl Allocation {
+    /// Every node's name, sorted.
+    pub fn nodes(&self) -> impl Iterator<Item = &str> {
+        self.names.iter().map(String::as_str)
+    }
+
+    fn position(&self, node: &str) -> Option<u32> {
+        let k = self.names.binary_search_by(|n| n.as_str().cmp(node)).ok()?;
+        u32::try_from(k).ok()
+    }
+
+    /// Whether `node` is one of the nodes.
+    pub fn contains_node(&self, node: &str) -> bool {
+        self.position(node).is_some()
+    }
+
+    /// The desired NodeNetwork spec of `node` (`None` if it is not a node), built now: the
+    /// blocks of every Network that gave it one, by Network name.
+    pub fn spec(&self, node: &str) -> Option<NodeNetworkSpec> {
+        let position = self.position(node)?;
+        let mut blocks: Vec<NodeNetworkBlock> = self
+            .networks
+            .iter()
+            .filter_map(|n| n.entry(position))
+            .collect();
+        blocks.shrink_to_fit();
+        Some(NodeNetworkSpec { blocks })
+    }
+
+    /// The desired NodeNetwork spec of every node (all built at once: for small clusters and
+    /// tests).
+    pub fn specs(&self) -> BTreeMap<String, NodeNetworkSpec> {
+        self.names
+            .iter()
+            .filter_map(|n| Some((n.clone(), self.spec(n)?)))
+            .collect()
+    }
+
+    /// The number of (node, Network) pairs with a block of either family.
+    pub fn entries(&self) -> usize {
+        self.networks
+            .iter()
+            .map(|n| match &n.families {
+                [Some(a), Some(b)] => {
+                    // Union of two sorted node lists.
+                    let both = a
+                        .nodes
+                        .iter()
+                        .filter(|p| b.nodes.binary_search(p).is_ok())
+                        .count();
+                    a.nodes.len() + b.nodes.len() - both
+                }
+                [Some(a), None] | [None, Some(a)] => a.nodes.len(),
+                [None, None] => 0,
+            })
+            .sum()
+    }
+
+    fn network(&self, network: &str) -> Option<&NetworkBlocks> {
+        let k = self
+            .networks
+            .binary_search_by(|n| n.name.as_str().cmp(network))
+            .ok()?;
+        self.networks.get(k)
+    }
+
+    /// The number of blocks (of both families) of `network`.
+    pub fn block_count(&self, network: &str) -> usize {
+        self.network(network).map_or(0, |n| {
+            n.families.iter().flatten().map(|f| f.nodes.len()).sum()
+        })
+    }
+
     /// The blocks of `network`, by node: `(node, [cidr, ...])`, nodes sorted by name.
     pub fn blocks_of(&self, network: &str) -> Vec<(String, Vec<String>)> {
-        self.nodes
+        let Some(net) = self.network(network) else {
+            return Vec::new();
+        };
+        let mut positions: Vec<u32> = net
+            .families
             .iter()
-            .filter_map(|(node, spec)| {
-                let b = spec.blocks.iter().find(|b| b.network == network)?;
-                let cidrs: Vec<String> = [&b.ipv4, &b.ipv6]
+            .flatten()
+            .flat_map(|f| f.nodes.iter().copied())
+            .collect();
+        positions.sort_unstable();
+        positions.dedup();
+        positions
+            .into_iter()
+            .filter_map(|p| {
+                let entry = net.entry(p)?;
+                let node = self.names.get(usize::try_from(p).ok()?)?.clone();
+                let cidrs = [entry.ipv4, entry.ipv6]
                     .into_iter()
                     .flatten()
-                    .map(|c| c.0.clone())
+                    .map(|c| c.0)
                     .collect();
-                Some((node.clone(), cidrs))
+                Some((node, cidrs))
             })
             .collect()
     }
 }
 
-/// The name of a Network (empty if it has none).
+/// Name of a Network (empty if it has none).
 fn name_of(net: &Network) -> &str {
     net.metadata.name.as_deref().unwrap_or_default()
 }
@@ -73,6 +237,7 @@ pub fn selects(spec: &NetworkSpec, node: &NodeInfo) -> bool {
 }
 
 /// The blocks of one family of one subnet: block `i` starts at `base + i * size`.
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Family {
     subnet: IpNet,
     prefix: u8,
@@ -169,13 +334,50 @@ pub fn nth_block(subnet: IpNet, prefix: u8, excludes: &[IpNet], n: usize) -> Opt
     family.block(c)?.net().ok()
 }
 
+/// A node's current blocks (its NodeNetwork spec), looked up by Network name in
+/// logarithmic time: the blocks in the order the controller writes them (by Network name) are
+/// searched in place, others through a sorted list of positions.
+struct Claims<'a> {
+    blocks: &'a [NodeNetworkBlock],
+    /// Positions in `blocks` sorted by Network name (stable), when `blocks` is not sorted.
+    order: Option<Vec<usize>>,
+}
+
+impl<'a> Claims<'a> {
+    fn new(spec: &'a NodeNetworkSpec) -> Self {
+        let blocks = spec.blocks.as_slice();
+        let sorted = blocks.windows(2).all(|w| w[0].network <= w[1].network);
+        let order = (!sorted).then(|| {
+            let mut order: Vec<usize> = (0..blocks.len()).collect();
+            order.sort_by(|&a, &b| blocks[a].network.cmp(&blocks[b].network));
+            order
+        });
+        Claims { blocks, order }
+    }
+
+    /// The first block of `network` (the one `iter().find` would return).
+    fn find(&self, network: &str) -> Option<&'a NodeNetworkBlock> {
+        let block = match &self.order {
+            None => self.blocks.get(
+                self.blocks
+                    .partition_point(|b| b.network.as_str() < network),
+            ),
+            Some(order) => {
+                let k = order.partition_point(|&i| self.blocks[i].network.as_str() < network);
+                order.get(k).map(|&i| &self.blocks[i])
+            }
+        };
+        block.filter(|b| b.network == network)
+    }
+}
+
 /// Computes every node's blocks. `networks` are the Networks that may hold blocks (the caller
 /// leaves out invalid ones; Networks being deleted are skipped here), `nodes` the Nodes that
 /// exist, `existing` the current NodeNetwork specs by node name.
-pub fn allocate<'a>(
+pub fn allocate<'a, S: std::borrow::Borrow<NodeNetworkSpec>>(
     networks: impl IntoIterator<Item = &'a Network>,
     nodes: &[NodeInfo],
-    existing: &BTreeMap<String, NodeNetworkSpec>,
+    existing: &BTreeMap<String, S>,
 ) -> Allocation {
     let mut networks: Vec<&Network> = networks
         .into_iter()
@@ -186,20 +388,29 @@ pub fn allocate<'a>(
     let mut nodes: Vec<&NodeInfo> = nodes.iter().collect();
     nodes.sort_by(|a, b| a.name.cmp(&b.name));
     nodes.dedup_by(|a, b| a.name == b.name);
+    // Position of each node (in `nodes`, by name) and its current blocks.
+    let nodes: Vec<(u32, &NodeInfo, Option<Claims>)> = nodes
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, n)| {
+            Some((
+                u32::try_from(i).ok()?,
+                n,
+                existing.get(&n.name).map(|s| Claims::new(s.borrow())),
+            ))
+        })
+        .collect();
 
     let mut out = Allocation {
-        nodes: nodes
-            .iter()
-            .map(|n| (n.name.clone(), NodeNetworkSpec::default()))
-            .collect(),
+        names: nodes.iter().map(|(_, n, _)| n.name.clone()).collect(),
+        networks: Vec::new(),
         problems: BTreeMap::new(),
     };
     for net in networks {
         let name = name_of(net);
-        let selected: Vec<&NodeInfo> = nodes
+        let selected: Vec<&(u32, &NodeInfo, Option<Claims>)> = nodes
             .iter()
-            .copied()
-            .filter(|n| selects(&net.spec, n))
+            .filter(|(_, n, _)| selects(&net.spec, n))
             .collect();
         let families = [
             net.spec.subnet_v4().map(|s| Family {
@@ -211,17 +422,21 @@ pub fn allocate<'a>(
                 prefix: net.spec.block_prefix_v6(),
             }),
         ];
-        // Per node: [v4, v6] block.
-        let mut chosen: BTreeMap<&str, [Option<Cidr>; 2]> = BTreeMap::new();
-        for (fi, family) in families.iter().enumerate() {
+        let mut blocks = NetworkBlocks {
+            name: name.to_owned(),
+            families: [None, None],
+        };
+        for (fi, family) in families.into_iter().enumerate() {
             let Some(family) = family else { continue };
             let mut used = BTreeSet::new();
+            // Per selected node: its block index.
+            let mut chosen: Vec<Option<u128>> = vec![None; selected.len()];
             let mut missing = Vec::new();
             // Keep valid existing assignments, first claimant by node name wins.
-            for node in &selected {
-                let current = existing
-                    .get(&node.name)
-                    .and_then(|s| s.blocks.iter().find(|b| b.network == name))
+            for (k, (_, node, claims)) in selected.iter().enumerate() {
+                let current = claims
+                    .as_ref()
+                    .and_then(|c| c.find(name))
                     .and_then(|b| {
                         if fi == 0 {
                             b.ipv4.as_ref()
@@ -231,21 +446,19 @@ pub fn allocate<'a>(
                     })
                     .and_then(|c| family.index_of(c));
                 match current {
-                    Some(i) if used.insert(i) => {
-                        chosen.entry(&node.name).or_default()[fi] = family.block(i);
-                    }
-                    _ => missing.push(node.name.as_str()),
+                    Some(i) if used.insert(i) => chosen[k] = Some(i),
+                    _ => missing.push((k, node.name.as_str())),
                 }
             }
             let excludes = net.spec.excludes();
-            for node in missing {
+            for (k, node) in missing {
                 match family
                     .next_free(0, &used, &excludes)
-                    .and_then(|i| Some((i, family.block(i)?)))
+                    .filter(|&i| family.block(i).is_some())
                 {
-                    Some((i, block)) => {
+                    Some(i) => {
                         used.insert(i);
-                        chosen.entry(node).or_default()[fi] = Some(block);
+                        chosen[k] = Some(i);
                     }
                     None => out.problems.entry(name.to_owned()).or_default().push(format!(
                         "subnet {} has no free /{} block left for node {node} ({} blocks, all assigned or excluded); use a larger subnet or a longer block prefix",
@@ -255,19 +468,31 @@ pub fn allocate<'a>(
                     )),
                 }
             }
-        }
-        for (node, [ipv4, ipv6]) in chosen {
-            if (ipv4.is_some() || ipv6.is_some())
-                && let Some(spec) = out.nodes.get_mut(node)
-            {
-                spec.blocks.push(NodeNetworkBlock {
-                    network: name.to_owned(),
-                    ipv4,
-                    ipv6,
-                });
+            let mut fb = FamilyBlocks {
+                family,
+                nodes: Vec::new(),
+                indexes: Indexes::Small(Vec::new()),
+            };
+            for ((position, _, _), index) in selected.iter().zip(chosen) {
+                if let Some(i) = index {
+                    fb.nodes.push(*position);
+                    fb.indexes.push(i);
+                }
             }
+            fb.nodes.shrink_to_fit();
+            fb.indexes.shrink_to_fit();
+            blocks.families[fi] = Some(fb);
+        }
+        if blocks
+            .families
+            .iter()
+            .flatten()
+            .any(|f| !f.nodes.is_empty())
+        {
+            out.networks.push(blocks);
         }
     }
+    out.networks.shrink_to_fit();
     out
 }
 
@@ -328,7 +553,11 @@ mod tests {
     #[test]
     fn every_selected_node_gets_one_block_per_family() {
         let n = net("blue", &["10.10.0.0/24", "fd10::/64"], None);
-        let a = allocate([&n], &nodes(&["a", "b"]), &BTreeMap::new());
+        let a = allocate(
+            [&n],
+            &nodes(&["a", "b"]),
+            &BTreeMap::<String, NodeNetworkSpec>::new(),
+        );
         assert_eq!(
             a.blocks_of("blue"),
             [
@@ -345,9 +574,13 @@ mod tests {
     #[test]
     fn existing_assignments_are_kept_and_gone_nodes_free_their_blocks() {
         let n = net("blue", &["10.10.0.0/24"], None);
-        let first = allocate([&n], &nodes(&["a", "b", "c"]), &BTreeMap::new());
+        let first = allocate(
+            [&n],
+            &nodes(&["a", "b", "c"]),
+            &BTreeMap::<String, NodeNetworkSpec>::new(),
+        );
         // b leaves, d joins: a and c keep theirs, d gets b's old block.
-        let second = allocate([&n], &nodes(&["a", "c", "d"]), &first.nodes);
+        let second = allocate([&n], &nodes(&["a", "c", "d"]), &first.specs());
         assert_eq!(
             second.blocks_of("blue"),
             [
@@ -366,19 +599,27 @@ mod tests {
             NodeInfo::new("a", &[("pool", "x")]),
             NodeInfo::new("b", &[]),
         ];
-        let first = allocate([&blue, &red], &ns, &BTreeMap::new());
+        let first = allocate(
+            [&blue, &red],
+            &ns,
+            &BTreeMap::<String, NodeNetworkSpec>::new(),
+        );
         assert_eq!(first.blocks_of("blue").len(), 1);
         red.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::UNIX_EPOCH));
-        let second = allocate([&blue, &red], &ns, &first.nodes);
+        let second = allocate([&blue, &red], &ns, &first.specs());
         assert!(second.blocks_of("red").is_empty());
-        assert_eq!(second.nodes["b"].blocks, []);
-        assert_eq!(second.nodes["a"].blocks.len(), 1);
+        assert_eq!(second.specs()["b"].blocks, []);
+        assert_eq!(second.specs()["a"].blocks.len(), 1);
     }
 
     #[test]
     fn exhaustion_is_reported_for_the_network() {
         let n = net("tiny", &["10.10.0.0/25"], Some(26));
-        let a = allocate([&n], &nodes(&["a", "b", "c"]), &BTreeMap::new());
+        let a = allocate(
+            [&n],
+            &nodes(&["a", "b", "c"]),
+            &BTreeMap::<String, NodeNetworkSpec>::new(),
+        );
         assert_eq!(a.blocks_of("tiny").len(), 2);
         let problems = &a.problems["tiny"];
         assert_eq!(problems.len(), 1);
@@ -409,6 +650,77 @@ mod tests {
                 ("c".into(), vec!["10.10.0.128/26".into()]),
             ]
         );
+    }
+
+    #[test]
+    fn existing_blocks_are_found_in_any_order_first_entry_first() {
+        let blue = net("blue", &["10.10.0.0/24"], None);
+        let red = net("red", &["10.20.0.0/24"], None);
+        let block = |n: &str, c: &str| NodeNetworkBlock {
+            network: n.into(),
+            ipv4: Some(c.into()),
+            ipv6: None,
+        };
+        // Not sorted by Network, and blue listed twice: the first entry counts.
+        let existing = BTreeMap::from([(
+            "a".to_owned(),
+            NodeNetworkSpec {
+                blocks: vec![
+                    block("red", "10.20.0.128/26"),
+                    block("blue", "10.10.0.64/26"),
+                    block("blue", "10.10.0.192/26"),
+                ],
+            },
+        )]);
+        let a = allocate([&red, &blue], &nodes(&["a", "b"]), &existing);
+        assert_eq!(
+            a.spec("a").unwrap().blocks,
+            [
+                block("blue", "10.10.0.64/26"),
+                block("red", "10.20.0.128/26")
+            ]
+        );
+        assert_eq!(
+            a.blocks_of("blue"),
+            [
+                ("a".into(), vec!["10.10.0.64/26".into()]),
+                ("b".into(), vec!["10.10.0.0/26".into()]),
+            ]
+        );
+        assert_eq!(a.spec("nobody"), None);
+        assert_eq!(a.entries(), 4);
+        assert_eq!(a.block_count("blue"), 2);
+        assert_eq!(a.block_count("green"), 0);
+    }
+
+    #[test]
+    fn block_indexes_beyond_32_bits_are_kept() {
+        let n = net("wide", &["10.10.0.0/24", "fd10::/64"], None);
+        let high = "fd10::ffff:ffff:ffff:ffc0/122";
+        let existing = BTreeMap::from([(
+            "b".to_owned(),
+            NodeNetworkSpec {
+                blocks: vec![NodeNetworkBlock {
+                    network: "wide".into(),
+                    ipv4: None,
+                    ipv6: Some(high.into()),
+                }],
+            },
+        )]);
+        let a = allocate([&n], &nodes(&["a", "b", "c"]), &existing);
+        assert_eq!(
+            a.blocks_of("wide"),
+            [
+                ("a".into(), vec!["10.10.0.0/26".into(), "fd10::/122".into()]),
+                ("b".into(), vec!["10.10.0.64/26".into(), high.into()]),
+                (
+                    "c".into(),
+                    vec!["10.10.0.128/26".into(), "fd10::40/122".into()]
+                ),
+            ]
+        );
+        assert_eq!(a.entries(), 3);
+        assert_eq!(a.block_count("wide"), 6);
     }
 
     /// xorshift64*, enough for a reproducible random walk without a crate.
@@ -461,9 +773,9 @@ mod tests {
                     churn(&mut rng, &mut present);
                     let nodes: Vec<NodeInfo> = present.values().cloned().collect();
                     let a = allocate(&networks, &nodes, &state);
-                    assert_eq!(duplicates(&a.nodes), [], "seed {seed}");
+                    assert_eq!(duplicates(&a.specs()), [], "seed {seed}");
                     // Stability: nodes present before and after keep valid blocks.
-                    for (node, spec) in &a.nodes {
+                    for (node, spec) in &a.specs() {
                         if let Some(old) = state.get(node) {
                             for b in &old.blocks {
                                 if let Some(nb) =
@@ -477,7 +789,7 @@ mod tests {
                             }
                         }
                     }
-                    state = a.nodes;
+                    state = a.specs();
                 } else {
                     // Two "concurrent" reconciles from the same snapshot.
                     let mut view_a = present.clone();
@@ -494,19 +806,19 @@ mod tests {
                         &view_b.values().cloned().collect::<Vec<_>>(),
                         &state,
                     );
-                    assert_eq!(duplicates(&a.nodes), [], "seed {seed}");
-                    assert_eq!(duplicates(&b.nodes), [], "seed {seed}");
+                    assert_eq!(duplicates(&a.specs()), [], "seed {seed}");
+                    assert_eq!(duplicates(&b.specs()), [], "seed {seed}");
                     let (first, second) = if rng.below(2) == 0 { (a, b) } else { (b, a) };
                     let mut merged = state.clone();
-                    merged.extend(first.nodes);
-                    merged.extend(second.nodes);
+                    merged.extend(first.specs());
+                    merged.extend(second.specs());
                     present = if rng.below(2) == 0 { view_a } else { view_b };
                     merged.retain(|n, _| present.contains_key(n));
                     // The stored state may now hold a stale claim; the next allocation repairs it.
                     let nodes: Vec<NodeInfo> = present.values().cloned().collect();
                     let repaired = allocate(&networks, &nodes, &merged);
-                    assert_eq!(duplicates(&repaired.nodes), [], "seed {seed}");
-                    state = repaired.nodes;
+                    assert_eq!(duplicates(&repaired.specs()), [], "seed {seed}");
+                    state = repaired.specs();
                 }
             }
         }
@@ -519,10 +831,14 @@ mod tests {
             weft_crds::IpOrCidr::from("192.168.50.0/26"),
             weft_crds::IpOrCidr::from("192.168.50.100"),
         ]);
-        let out = allocate([&lan], &nodes(&["a", "b", "c"]), &BTreeMap::new());
+        let out = allocate(
+            [&lan],
+            &nodes(&["a", "b", "c"]),
+            &BTreeMap::<String, NodeNetworkSpec>::new(),
+        );
         let got: Vec<_> = ["a", "b", "c"]
             .iter()
-            .map(|n| out.nodes[*n].blocks[0].ipv4.clone().unwrap().0)
+            .map(|n| out.specs()[*n].blocks[0].ipv4.clone().unwrap().0)
             .collect();
         // .96/27 holds one excluded address only: still a block.
         assert_eq!(

@@ -77,7 +77,8 @@ pub struct Context {
     /// Metrics.
     pub metrics: Metrics,
     /// NodeNetwork specs this replica applied, newer than the store until its watch catches up.
-    written: Mutex<BTreeMap<String, NodeNetworkSpec>>,
+    /// Dropped once the store shows the same spec.
+    written: Mutex<BTreeMap<String, Arc<NodeNetworkSpec>>>,
     /// Serializes allocate + apply, so two reconciles never allocate from the same snapshot.
     allocation: tokio::sync::Mutex<()>,
     /// Consecutive transient failures per object, for exponential backoff.
@@ -170,9 +171,41 @@ fn trigger_stream(rx: mpsc::UnboundedReceiver<()>) -> impl futures::Stream<Item 
     rx
 }
 
-/// Runs a reflector for `api` into a new store; every change sends `()` to `triggers`.
+/// What the controller keeps of a watched object: all but its managed fields, which it never
+/// reads (with server-side apply they name every entry of a NodeNetwork's blocks).
+fn trim<K: Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
+}
+
+/// What the controller keeps of a NodeNetwork: [`trim`], and its blocks without spare
+/// capacity (a list read from JSON grows by doubling).
+pub fn trim_node_network(nn: &mut NodeNetwork) {
+    trim(nn);
+    nn.spec.blocks.shrink_to_fit();
+}
+
+/// Sends `()` to `triggers` for every object `stream` yields; logs its errors.
+async fn forward<K>(
+    stream: impl futures::Stream<Item = Result<K, watcher::Error>>,
+    triggers: Vec<mpsc::UnboundedSender<()>>,
+) {
+    futures::pin_mut!(stream);
+    while let Some(item) = stream.next().await {
+        if let Err(e) = item {
+            warn!(error = %crate::error_chain(&e), "watch failed; retrying");
+            continue;
+        }
+        for t in &triggers {
+            let _ = t.unbounded_send(());
+        }
+    }
+}
+
+/// Runs a reflector for `api` into a new store, keeping what `keep` leaves of each object;
+/// every change sends `()` to `triggers`.
 fn reflect<K>(
     api: Api<K>,
+    keep: fn(&mut K),
     triggers: Vec<mpsc::UnboundedSender<()>>,
 ) -> (Store<K>, impl Future<Output = ()> + Send)
 where
@@ -185,22 +218,34 @@ where
         + 'static,
 {
     let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
+    let stream = reflector::reflector(
+        writer,
+        watcher(api, watcher::Config::default()).modify(keep),
+    )
+    .default_backoff()
+    .touched_objects();
+    (reader, forward(stream, triggers))
+}
+
+/// Watches `api` without a store of its own (a controller's holds the objects); every change
+/// sends `()` to `triggers`.
+fn trigger_on<K>(
+    api: Api<K>,
+    triggers: Vec<mpsc::UnboundedSender<()>>,
+) -> impl Future<Output = ()> + Send
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let stream = watcher(api, watcher::Config::default())
         .default_backoff()
         .touched_objects();
-    let fut = async move {
-        futures::pin_mut!(stream);
-        while let Some(item) = stream.next().await {
-            if let Err(e) = item {
-                warn!(error = %crate::error_chain(&e), "watch failed; retrying");
-                continue;
-            }
-            for t in &triggers {
-                let _ = t.unbounded_send(());
-            }
-        }
-    };
-    (reader, fut)
+    forward(stream, triggers)
 }
 
 /// Runs the controller until SIGTERM/SIGINT.
@@ -247,18 +292,19 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
             }
         })
     };
-    let (nodes, nodes_fut) = reflect(Api::<Node>::all(client.clone()), vec![net_tx.clone()]);
+    let (nodes, nodes_fut) = reflect(Api::<Node>::all(client.clone()), trim, vec![net_tx.clone()]);
     // The agents' reports in the NodeNetwork status are the policies' status too.
     let (node_networks, nn_fut) = reflect(
         Api::<NodeNetwork>::all(client.clone()),
+        trim_node_network,
         vec![net_tx.clone(), csp_tx.clone(), sp_tx.clone()],
     );
     // Network changes re-check every Network (overlaps) and every PortForward.
-    let (_, net_watch_fut) = reflect(
+    let net_watch_fut = trigger_on(
         Api::<Network>::all(client.clone()),
         vec![net_tx.clone(), pf_tx.clone()],
     );
-    let (_, pf_watch_fut) = reflect(Api::<PortForward>::all(client.clone()), vec![pf_tx.clone()]);
+    let pf_watch_fut = trigger_on(Api::<PortForward>::all(client.clone()), vec![pf_tx.clone()]);
     tokio::spawn(nodes_fut);
     tokio::spawn(nn_fut);
     tokio::spawn(net_watch_fut);

@@ -44,7 +44,38 @@ pub struct Observed {
     /// Every NodeNetwork by name.
     pub node_networks: BTreeMap<String, Arc<NodeNetwork>>,
     /// The current NodeNetwork specs (the store, overlaid with what this replica applied).
-    pub specs: BTreeMap<String, NodeNetworkSpec>,
+    pub specs: BTreeMap<String, ObservedSpec>,
+}
+
+/// A current NodeNetwork spec, shared with where it was observed (not copied).
+#[derive(Clone, Debug)]
+pub enum ObservedSpec {
+    /// The spec of the NodeNetwork in the store.
+    Stored(Arc<NodeNetwork>),
+    /// A spec this replica applied that the store does not show yet.
+    Written(Arc<NodeNetworkSpec>),
+}
+
+impl std::ops::Deref for ObservedSpec {
+    type Target = NodeNetworkSpec;
+    fn deref(&self) -> &NodeNetworkSpec {
+        match self {
+            ObservedSpec::Stored(nn) => &nn.spec,
+            ObservedSpec::Written(spec) => spec,
+        }
+    }
+}
+
+impl std::borrow::Borrow<NodeNetworkSpec> for ObservedSpec {
+    fn borrow(&self) -> &NodeNetworkSpec {
+        self
+    }
+}
+
+impl From<NodeNetworkSpec> for ObservedSpec {
+    fn from(spec: NodeNetworkSpec) -> Self {
+        ObservedSpec::Written(Arc::new(spec))
+    }
 }
 
 /// What should be: the verdicts, the blocks of every node, and which specs must be written.
@@ -82,12 +113,18 @@ pub fn observe(ctx: &Context) -> Observed {
         .into_iter()
         .map(|nn| (nn.name_any(), nn))
         .collect();
-    let mut specs: BTreeMap<String, NodeNetworkSpec> = node_networks
+    let mut specs: BTreeMap<String, ObservedSpec> = node_networks
         .iter()
-        .map(|(k, v)| (k.clone(), v.spec.clone()))
+        .map(|(k, v)| (k.clone(), ObservedSpec::Stored(v.clone())))
         .collect();
-    if let Ok(written) = ctx.written.lock() {
-        specs.extend(written.iter().map(|(k, v)| (k.clone(), v.clone())));
+    if let Ok(mut written) = ctx.written.lock() {
+        // What the store already shows needs no overlay (nor a copy kept here).
+        written.retain(|k, v| node_networks.get(k).is_none_or(|nn| nn.spec != **v));
+        specs.extend(
+            written
+                .iter()
+                .map(|(k, v)| (k.clone(), ObservedSpec::Written(v.clone()))),
+        );
     }
     Observed {
         networks: ctx.stores.networks.state(),
@@ -107,11 +144,11 @@ pub fn desired(observed: &Observed) -> Decision {
     });
     let nodes: Vec<NodeInfo> = observed.nodes.iter().map(|(n, _)| n.clone()).collect();
     let allocation = allocator::allocate(eligible, &nodes, &observed.specs);
+    // Each node's spec is built, compared and dropped: never all of them at once.
     let changed = allocation
-        .nodes
-        .iter()
-        .filter(|(node, spec)| observed.specs.get(*node) != Some(*spec))
-        .map(|(node, _)| node.clone())
+        .nodes()
+        .filter(|node| allocation.spec(node).as_ref() != observed.specs.get(*node).map(|s| &**s))
+        .map(str::to_owned)
         .collect();
     Decision {
         verdicts,
@@ -308,15 +345,8 @@ async fn reconcile_inner(net: Arc<Network>, ctx: &Arc<Context>) -> Result<Action
 }
 
 fn record_blocks(ctx: &Context, name: &str, decision: &Decision) {
-    ctx.metrics.set_blocks_in_use(
-        name,
-        decision
-            .allocation
-            .blocks_of(name)
-            .iter()
-            .map(|(_, b)| b.len())
-            .sum(),
-    );
+    ctx.metrics
+        .set_blocks_in_use(name, decision.allocation.block_count(name));
 }
 
 /// Observe, decide and apply the NodeNetwork specs that changed (under the allocation lock).
@@ -327,7 +357,7 @@ async fn sync_blocks(ctx: &Context) -> Result<(Observed, Decision), Error> {
     let api: Api<NodeNetwork> = Api::all(ctx.client.clone());
     let params = PatchParams::apply(FIELD_MANAGER).force();
     for node in &decision.changed {
-        let Some(spec) = decision.allocation.nodes.get(node) else {
+        let Some(spec) = decision.allocation.spec(node) else {
             continue;
         };
         let uid = observed
@@ -361,12 +391,12 @@ async fn sync_blocks(ctx: &Context) -> Result<(Observed, Decision), Error> {
             })?;
         info!(node = %node, blocks = spec.blocks.len(), "applied NodeNetwork spec");
         if let Ok(mut w) = ctx.written.lock() {
-            w.insert(node.clone(), spec.clone());
+            w.insert(node.clone(), Arc::new(spec));
         }
     }
     // Nodes that are gone: their NodeNetworks are garbage-collected; forget what we wrote.
     if let Ok(mut w) = ctx.written.lock() {
-        w.retain(|n, _| decision.allocation.nodes.contains_key(n));
+        w.retain(|n, _| decision.allocation.contains_node(n));
     }
     Ok((observed, decision))
 }

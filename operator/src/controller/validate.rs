@@ -9,7 +9,7 @@
 //!   (`PortConflict`).
 
 use ipnet::IpNet;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use weft_crds::{FieldError, ForwardPort, Network, NetworkMode, PortForward};
 
 /// Why a resource is not valid: the condition reason and a message naming the field.
@@ -60,6 +60,71 @@ fn age_key(meta: &kube::core::ObjectMeta) -> (Option<jiff::Timestamp>, String, S
     )
 }
 
+/// A subnet as a sortable key: family (4 or 6), first address, prefix length.
+fn subnet_key(net: &IpNet) -> (u8, u128, u8) {
+    match net {
+        IpNet::V4(n) => (4, u128::from(u32::from(n.network())), n.prefix_len()),
+        IpNet::V6(n) => (6, u128::from(n.network()), n.prefix_len()),
+    }
+}
+
+/// The subnets of the accepted Networks, ordered by family and first address, for finding
+/// the ones a new subnet overlaps without looking at all of them. Two CIDRs overlap when one
+/// holds the other: the ones `mine` holds start inside it; the ones that hold `mine` and start
+/// before it are its supernets, one per shorter prefix.
+#[derive(Default)]
+struct Accepted {
+    /// (family, first address, prefix, Network's acceptance number, subnet's position).
+    subnets: BTreeSet<(u8, u128, u8, usize, usize)>,
+    /// The accepted Networks' names and subnets, in acceptance order.
+    networks: Vec<(String, Vec<IpNet>)>,
+}
+
+impl Accepted {
+    fn add(&mut self, name: String, subnets: Vec<IpNet>) {
+        let n = self.networks.len();
+        for (k, s) in subnets.iter().enumerate() {
+            let (family, first, prefix) = subnet_key(s);
+            self.subnets.insert((family, first, prefix, n, k));
+        }
+        self.networks.push((name, subnets));
+    }
+
+    /// The accepted subnets that overlap `mine`, as (Network's acceptance number, subnet's
+    /// position), in acceptance order then position.
+    fn overlapping(&self, mine: &IpNet) -> Vec<(usize, usize)> {
+        let (family, first, prefix) = subnet_key(mine);
+        let last = match mine.broadcast() {
+            std::net::IpAddr::V4(a) => u128::from(u32::from(a)),
+            std::net::IpAddr::V6(a) => u128::from(a),
+        };
+        // Those that start inside `mine`.
+        let mut found: Vec<(usize, usize)> = self
+            .subnets
+            .range((family, first, 0, 0, 0)..=(family, last, u8::MAX, usize::MAX, usize::MAX))
+            .map(|&(_, _, _, n, k)| (n, k))
+            .collect();
+        // Those that hold `mine` and start before it.
+        for p in 0..prefix {
+            let Ok(supernet) = IpNet::new(mine.network(), p).map(|s| s.trunc()) else {
+                continue;
+            };
+            let (_, start, _) = subnet_key(&supernet);
+            if start < first {
+                found.extend(
+                    self.subnets
+                        .range(
+                            (family, start, p, 0, 0)..=(family, start, p, usize::MAX, usize::MAX),
+                        )
+                        .map(|&(_, _, _, n, k)| (n, k)),
+                );
+            }
+        }
+        found.sort_unstable();
+        found
+    }
+}
+
 /// The verdict on every Network, by name (`None`: valid).
 pub fn networks<'a>(
     networks: impl IntoIterator<Item = &'a Network>,
@@ -68,7 +133,7 @@ pub fn networks<'a>(
     all.sort_by_key(|n| age_key(&n.metadata));
     let mut out = BTreeMap::new();
     // The accepted Networks so far (older first) with their subnets.
-    let mut accepted: Vec<(String, Vec<IpNet>)> = Vec::new();
+    let mut accepted = Accepted::default();
     for net in all {
         let name = net.metadata.name.clone().unwrap_or_default();
         if let Err(errors) = net.spec.validate() {
@@ -82,20 +147,18 @@ pub fn networks<'a>(
             .enumerate()
             .filter_map(|(i, s)| Some((i, s.net().ok()?)))
             .collect();
-        let clashes: Vec<String> = subnets
-            .iter()
-            .flat_map(|(i, mine)| {
-                accepted.iter().flat_map(move |(other, theirs)| {
-                    theirs.iter().filter(|t| overlaps(mine, t)).map(move |t| {
-                        format!(
-                            "spec.subnets[{i}]: {mine} overlaps {t} of Network {other}, which is older; choose a subnet that does not overlap it"
-                        )
-                    })
-                })
-            })
-            .collect();
+        let mut clashes: Vec<String> = Vec::new();
+        for (i, mine) in &subnets {
+            for (n, k) in accepted.overlapping(mine) {
+                let (other, theirs) = &accepted.networks[n];
+                let t = &theirs[k];
+                clashes.push(format!(
+                    "spec.subnets[{i}]: {mine} overlaps {t} of Network {other}, which is older; choose a subnet that does not overlap it"
+                ));
+            }
+        }
         if clashes.is_empty() {
-            accepted.push((name.clone(), subnets.into_iter().map(|(_, s)| s).collect()));
+            accepted.add(name.clone(), subnets.into_iter().map(|(_, s)| s).collect());
             out.insert(name, None);
         } else {
             out.insert(
@@ -280,6 +343,126 @@ mod tests {
         assert_eq!(v["a"], None);
         assert_eq!(v["b"].as_ref().unwrap().reason, REASON_SUBNET_OVERLAP);
         assert_eq!(v["c"], None);
+    }
+
+    #[test]
+    fn a_subnet_overlapping_several_older_ones_names_each_in_age_order() {
+        let a = net("a", &["10.1.0.0/16", "fd00:1::/64"], 10);
+        let b = net("b", &["10.2.0.0/16"], 20);
+        let c = net("c", &["10.3.4.0/24"], 5);
+        let big = net("big", &["fd00::/16", "10.0.0.0/8"], 30);
+        let inner = net("inner", &["10.1.2.0/24"], 40);
+        let v = networks([&big, &inner, &b, &a, &c]);
+        assert_eq!(v["a"], None);
+        assert_eq!(v["b"], None);
+        assert_eq!(v["c"], None);
+        assert_eq!(
+            v["big"].as_ref().unwrap().message,
+            "spec.subnets[0]: fd00::/16 overlaps fd00:1::/64 of Network a, which is older; choose a subnet that does not overlap it; \
+             spec.subnets[1]: 10.0.0.0/8 overlaps 10.3.4.0/24 of Network c, which is older; choose a subnet that does not overlap it; \
+             spec.subnets[1]: 10.0.0.0/8 overlaps 10.1.0.0/16 of Network a, which is older; choose a subnet that does not overlap it; \
+             spec.subnets[1]: 10.0.0.0/8 overlaps 10.2.0.0/16 of Network b, which is older; choose a subnet that does not overlap it"
+        );
+        // Held by an older one (a supernet that starts before it).
+        assert_eq!(
+            v["inner"].as_ref().unwrap().message,
+            "spec.subnets[0]: 10.1.2.0/24 overlaps 10.1.0.0/16 of Network a, which is older; choose a subnet that does not overlap it"
+        );
+    }
+
+    /// The verdicts as every subnet against every older accepted one would give them.
+    fn networks_pairwise<'a>(
+        networks: impl IntoIterator<Item = &'a Network>,
+    ) -> BTreeMap<String, Option<Rejection>> {
+        let mut all: Vec<&Network> = networks.into_iter().collect();
+        all.sort_by_key(|n| age_key(&n.metadata));
+        let mut out = BTreeMap::new();
+        let mut accepted: Vec<(String, Vec<IpNet>)> = Vec::new();
+        for net in all {
+            let name = net.metadata.name.clone().unwrap_or_default();
+            if let Err(errors) = net.spec.validate() {
+                out.insert(name, Some(invalid(&errors)));
+                continue;
+            }
+            let subnets: Vec<(usize, IpNet)> = net
+                .spec
+                .subnets
+                .iter()
+                .enumerate()
+                .filter_map(|(i, s)| Some((i, s.net().ok()?)))
+                .collect();
+            let mut clashes = Vec::new();
+            for (i, mine) in &subnets {
+                for (other, theirs) in &accepted {
+                    for t in theirs.iter().filter(|t| overlaps(mine, t)) {
+                        clashes.push(format!(
+                            "spec.subnets[{i}]: {mine} overlaps {t} of Network {other}, which is older; choose a subnet that does not overlap it"
+                        ));
+                    }
+                }
+            }
+            if clashes.is_empty() {
+                accepted.push((name.clone(), subnets.into_iter().map(|(_, s)| s).collect()));
+                out.insert(name, None);
+            } else {
+                out.insert(
+                    name,
+                    Some(Rejection {
+                        reason: REASON_SUBNET_OVERLAP,
+                        message: clashes.join("; "),
+                    }),
+                );
+            }
+        }
+        out
+    }
+
+    /// Random subnets in a small space (many overlaps, both directions, both families, equal
+    /// ages): the same verdicts and messages as the pairwise check.
+    #[test]
+    fn overlap_verdicts_match_the_pairwise_check() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |n: u64| {
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            state.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+        };
+        for round in 0..40 {
+            let mut nets = Vec::new();
+            for i in 0..60 {
+                let v4 = {
+                    let prefix = 8 + u8::try_from(next(23)).unwrap();
+                    let addr = std::net::Ipv4Addr::from(0x0a00_0000 | (next(1 << 16) << 8) as u32);
+                    IpNet::new(addr.into(), prefix).unwrap().trunc()
+                };
+                let v6 = {
+                    let prefix = 16 + u8::try_from(next(100)).unwrap();
+                    let addr = std::net::Ipv6Addr::from(
+                        (0xfd00u128 << 112) | (u128::from(next(1 << 20)) << 90),
+                    );
+                    IpNet::new(addr.into(), prefix).unwrap().trunc()
+                };
+                let subnets: Vec<String> = match next(3) {
+                    0 => vec![v4.to_string()],
+                    1 => vec![v6.to_string()],
+                    _ => vec![v6.to_string(), v4.to_string()],
+                };
+                let refs: Vec<&str> = subnets.iter().map(String::as_str).collect();
+                nets.push(net(
+                    &format!("n{i}"),
+                    &refs,
+                    i64::try_from(next(20)).unwrap(),
+                ));
+            }
+            let got = networks(&nets);
+            assert_eq!(got, networks_pairwise(&nets), "round {round}");
+            assert!(got.values().any(Option::is_some), "round {round}");
+            assert!(
+                got.values().filter(|v| v.is_none()).count() > 1,
+                "round {round}"
+            );
+        }
     }
 
     #[test]
