@@ -1,7 +1,17 @@
 #!/usr/bin/env bash
-# datapath-iperf.sh — iperf3 (one TCP stream) through weft's datapaths, against a bare veth pair.
+# datapath-iperf.sh — iperf3 (one TCP stream, one UDP stream) and ping latency through weft's
+# datapaths, against a bare veth pair.
 #
-# usage: bench/datapath-iperf.sh [-t SECONDS] [-r REPS]      (defaults: -t 5 -r 3; median reported)
+# usage: bench/datapath-iperf.sh [-t SECONDS] [-r REPS] [--no-udp] [--no-ping] [--udp-rate RATE]
+#   defaults: -t 5 -r 3; the median of the reps is reported.
+#   UDP: iperf3 -u -l 1400 (datagrams that fit the 1500 MTU, no fragments), -t SECONDS. By default
+#        -b 0, as fast as the sender can: the received Gbit/s is then the path's packet-rate
+#        capacity (UDP has no GSO here, so every 1400-byte datagram crosses the path on its own),
+#        and the loss % is mostly the sender outrunning the receiving socket, not the path
+#        dropping. --udp-rate RATE (iperf3 -b, e.g. 1G) offers a fixed rate instead, for loss at
+#        that load.
+#   ping: ping -c 200 -i 0.01 (2 s), round-trip time avg and p99 in ms from the 200 replies.
+#   --no-udp / --no-ping leave them out (TCP alone is the script's original run).
 #
 # Builds bench/confs/datapath.yaml with `weft-operator lab --keep` (the real agent and `weft` CNI;
 # debug build from `cargo build --workspace`, or WEFT_BIN_DIR), no policies, and measures:
@@ -30,10 +40,11 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
 BIN="${WEFT_BIN_DIR:-$ROOT/target/debug}"
 LABFILE="$HERE/confs/datapath.yaml"
-T=5; REPS=3
+T=5; REPS=3; UDP=1; PING=1; UDP_RATE=0
 while [ $# -gt 0 ]; do
   case "$1" in
     -t) T="$2"; shift 2;; -r) REPS="$2"; shift 2;;
+    --no-udp) UDP=""; shift;; --no-ping) PING=""; shift;; --udp-rate) UDP_RATE="$2"; shift 2;;
     *) echo "unknown arg $1" >&2; exit 2;;
   esac
 done
@@ -167,21 +178,52 @@ once() { # client-ns server-addr [iperf3 args...] -> Gbit/s (one retry: a server
   done # nothing recorded: the median is of the runs that completed
 }
 
-declare -A V
+udp() { # client-ns server-addr [iperf3 args...] -> "Gbit/s-received loss-%" (one retry)
+  local c="$1" s="$2" try v; shift 2
+  for try in 1 2; do
+    timeout $((T + 20)) ip netns exec "$c" iperf3 -c "$s" -u -b "$UDP_RATE" -l 1400 -t "$T" --connect-timeout 3000 -J "$@" > "$TMP/ip.json" 2>&1 || true
+    if v=$(python3 -c 'import json,sys; r=json.load(open(sys.argv[1]))["end"]["sum_received"]; print("%.2f/%.1f" % (r["bits_per_second"]/1e9, r["lost_percent"]))' "$TMP/ip.json" 2>/dev/null); then
+      echo "$v"; return
+    fi
+    echo "iperf3 -u $c -> $s $* (try $try) failed: $(grep -m1 '"error"' "$TMP/ip.json" || head -c 200 "$TMP/ip.json")" >&2
+    sleep 1
+  done
+}
+
+rtt() { # client-ns server-addr -> "avg/p99" in ms over 200 echo requests 10 ms apart
+  ip netns exec "$1" ping -n -c 200 -i 0.01 -W 1 "$2" 2>/dev/null |
+    python3 -c '
+import re, statistics, sys
+t = sorted(float(m.group(1)) for m in re.finditer(r"time=([0-9.]+) ms", sys.stdin.read()))
+if len(t) >= 100:
+    print("%.3f/%.3f" % (statistics.mean(t), t[min(len(t) - 1, int(len(t) * 0.99))]))
+else:
+    sys.stderr.write("ping: %d replies of 200\n" % len(t))' || true
+}
+
+declare -A V U P
 ORDER=(veth linux-br bridge bridge-x egress-br egress-nat veth-path-R tap-plain tap-plain-R tap-vnet tap-vnet-R)
+three() { # scenario client-ns server-addr [-R]: TCP, then UDP and ping as asked
+  local k="$1" c="$2" s="$3"; shift 3
+  V[$k]+=" $(once "$c" "$s" "$@")"
+  [ -n "$UDP" ] && U[$k]+=" $(udp "$c" "$s" "$@")"
+  # A round trip has no direction: the reverse rows have the forward rows' ping.
+  [ -n "$PING" ] && [ $# -eq 0 ] && P[$k]+=" $(rtt "$c" "$s")"
+  return 0
+}
 unit() { # one measurement unit (a tap unit measures both directions through one relay)
   case "$1" in
-    veth) V[veth]+=" $(once "$VB" 10.199.0.1)";;
-    linux-br) V[linux-br]+=" $(once "$LB2" 10.199.1.1)";;
-    bridge) V[bridge]+=" $(once "$(ns w-br-a2)" "$A1")";;
-    bridge-x) V[bridge-x]+=" $(once "$(ns w-br-a2)" "$XB1")";;
-    egress-br) V[egress-br]+=" $(once "$(ns w-br-a2)" "$OUTSIDE")";;
-    egress-nat) V[egress-nat]+=" $(once "$(ns w-nat-a1)" "$OUTSIDE")";;
-    veth-path-R) V[veth-path-R]+=" $(once "$(ns w-br-a2)" "$A1" -R)";;
+    veth) three veth "$VB" 10.199.0.1;;
+    linux-br) three linux-br "$LB2" 10.199.1.1;;
+    bridge) three bridge "$(ns w-br-a2)" "$A1";;
+    bridge-x) three bridge-x "$(ns w-br-a2)" "$XB1";;
+    egress-br) three egress-br "$(ns w-br-a2)" "$OUTSIDE";;
+    egress-nat) three egress-nat "$(ns w-nat-a1)" "$OUTSIDE";;
+    veth-path-R) three veth-path-R "$(ns w-br-a2)" "$A1" -R;;
     tap-plain|tap-vnet)
       relay "${1#tap-}"
-      V[$1]+=" $(once "$(ns w-br-a2)" "$VM")"
-      V[$1-R]+=" $(once "$(ns w-br-a2)" "$VM" -R)"
+      three "$1" "$(ns w-br-a2)" "$VM"
+      three "$1-R" "$(ns w-br-a2)" "$VM" -R
       relay off;;
   esac
 }
@@ -221,3 +263,43 @@ echo "bridge (two nodes) / veth pair:      $(pct "${M[bridge-x]}" "${M[veth]}") 
 echo "NAT egress / bridge egress:          $(pct "${M[egress-nat]}" "${M[egress-br]}") %   (target >= 90 %)"
 echo "tap path (plain relay) / veth path:  $(pct "${M[tap-plain]}" "${M[bridge]}") % to the VM, $(pct "${M[tap-plain-R]}" "${M[veth-path-R]}") % from it"
 echo "tap path (vnet relay) / veth path:   $(pct "${M[tap-vnet]}" "${M[bridge]}") % to the VM, $(pct "${M[tap-vnet-R]}" "${M[veth-path-R]}") % from it"
+
+# ---- UDP and ping, the same scenarios and runs
+medp() { # "a/b" pairs -> "median-a median-b" (the medians of each part)
+  python3 -c '
+import statistics, sys
+v = [tuple(float(y) for y in x.split("/")) for x in sys.argv[2:]]
+f = sys.argv[1].split(",")
+print(" ".join(f[i] % statistics.median(p[i] for p in v) for i in range(len(f))) if v else " ".join("n/a" for _ in f))' "$@"
+}
+if [ -n "$UDP" ]; then
+  declare -A MU
+  echo
+  if [ "$UDP_RATE" = 0 ]; then
+    echo "# UDP: iperf3 -u -b 0 -l 1400 (as fast as the sender can), -t $T, median of $REPS; received Gbit/s, and the loss % (mostly the sender outrunning the receiver)"
+  else
+    echo "# UDP: iperf3 -u -b $UDP_RATE -l 1400, -t $T, median of $REPS; received Gbit/s and loss %"
+  fi
+  printf '%-12s %8s %7s  %s\n' scenario Gbit/s loss% 'runs (Gbit/s/loss%)'
+  for k in "${ORDER[@]}"; do
+    # shellcheck disable=SC2086
+    read -r g l <<< "$(medp '%.2f,%.1f' ${U[$k]:-})"
+    MU[$k]=$g
+    printf '%-12s %8s %7s  [%s ]\n' "$k" "$g" "$l" "${U[$k]:-}"
+  done
+  echo
+  echo "UDP bridge (same node) / veth pair:  $(pct "${MU[bridge]}" "${MU[veth]}") %"
+  echo "UDP NAT egress / bridge egress:      $(pct "${MU[egress-nat]}" "${MU[egress-br]}") %"
+  echo "UDP tap path / veth path (plain, vnet relay): $(pct "${MU[tap-plain]}" "${MU[bridge]}") %, $(pct "${MU[tap-vnet]}" "${MU[bridge]}") % to the VM"
+fi
+if [ -n "$PING" ]; then
+  echo
+  echo "# ping: -c 200 -i 0.01, round-trip time in ms, median of $REPS runs of: the average, the 99th percentile (the reverse rows: see the forward rows)"
+  printf '%-12s %8s %8s  %s\n' scenario avg p99 'runs (avg/p99)'
+  for k in "${ORDER[@]}"; do
+    [ -n "${P[$k]:-}" ] || continue
+    # shellcheck disable=SC2086
+    read -r a q <<< "$(medp '%.3f,%.3f' ${P[$k]})"
+    printf '%-12s %8s %8s  [%s ]\n' "$k" "$a" "$q" "${P[$k]}"
+  done
+fi

@@ -1,22 +1,32 @@
 #!/usr/bin/env bash
 # policy-iperf.sh — iperf3 between two workloads on one weft NAT bridge (east-west, through the
-# guard table, br_netfilter and the policy chains), with no policy and under a policy set.
+# guard table, br_netfilter and the policy chains), with no policy, under a policy set, and under
+# a policy whose group holds 10,000 workloads of another node (10,000 set elements).
 #
-# usage: bench/policy-iperf.sh [-t SECONDS] [-r REPS] [POLICY_MANIFEST]
+# usage: bench/policy-iperf.sh [-t SECONDS] [-r REPS] [--peers N] [--no-udp] [POLICY_MANIFEST]
 #   POLICY_MANIFEST defaults to bench/confs/policies.yaml (200 policies); the script adds a
-#   namespace policy that allows iperf3's port, so the measured flow passes the whole pipeline.
+#   namespace policy that allows iperf3's port (TCP and UDP), so the measured flow passes the
+#   whole pipeline.
+#   --peers N (default 10000; 0 leaves the scenario out): a third lab whose node has a peers file
+#   of N workloads on another node, as their agent would publish them, and a policy whose first
+#   ingress rule allows from them (a group set of N addresses the measured flow is looked up in),
+#   then the iperf3 rule.
+#   Each rep measures one TCP stream (iperf3 -t SECONDS) and, unless --no-udp, one UDP stream
+#   (iperf3 -u -b 0 -l 1400: received Gbit/s, the path's packet-rate capacity) in every lab in
+#   turn, each rep starting one lab later; the median of the reps is reported.
 # Runs the real agent and CNI through `weft-operator lab --keep` (debug build from
-# `cargo build --workspace`, or WEFT_BIN_DIR), then removes the labs.
+# `cargo build --workspace`, or WEFT_BIN_DIR), then removes the labs, also on failure.
 set -euo pipefail
 [ "$(id -u)" = 0 ] || { echo "must run as root" >&2; exit 2; }
 command -v iperf3 >/dev/null || { echo "missing iperf3 (apt-get install iperf3)" >&2; exit 2; }
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
 BIN="${WEFT_BIN_DIR:-$ROOT/target/debug}"
-T=5; REPS=3
+T=5; REPS=3; PEERS=10000; UDP=1
 while [ $# -gt 0 ]; do
   case "$1" in
     -t) T="$2"; shift 2;; -r) REPS="$2"; shift 2;;
+    --peers) PEERS="$2"; shift 2;; --no-udp) UDP=""; shift;;
     *) break;;
   esac
 done
@@ -24,12 +34,19 @@ POLICIES="$(cd "$(dirname "${1:-$HERE/confs/policies.yaml}")" && pwd)/$(basename
 TMP="$(mktemp -d /tmp/weft-piperf.XXXXXX)"
 LABS=()
 cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  for p in "$TMP"/*.pid; do
+    [ -s "$p" ] && kill "$(cat "$p")" 2>/dev/null || true
+  done
   for f in "${LABS[@]}"; do "$BIN/weft-operator" lab down "$f" --name "$(basename "$f" .yaml)" >/dev/null 2>&1 || true; done
   rm -rf "$TMP"
+  exit "$rc"
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 
-lab() { # name, extra resource file or ""
+lab() { # name, extra resource file or "", extra resources (YAML list items) or ""
   local f="$TMP/$1.yaml"
   cat > "$f" <<YAML
 lan: {gateway: 192.168.70.1/24}
@@ -45,7 +62,8 @@ resources:
     metadata: {name: iperf, namespace: default}
     spec:
       subject: {podSelector: {}}
-      ingress: [{name: iperf, action: Allow, protocols: [{protocol: TCP, port: 5201}]}]
+      ingress: [{name: iperf, action: Allow, protocols: [{protocol: TCP, port: 5201}, {protocol: UDP, port: 5201}]}]
+${3:-}
 workloads:
   - {name: server, node: node-a, labels: {app: server}, networks: [bench]}
   - {name: client, node: node-a, labels: {app: client}, networks: [bench]}
@@ -54,22 +72,81 @@ YAML
   "$BIN/weft-operator" lab "$f" --keep --name "$1" >/dev/null
 }
 
-measure() { # lab name -> median Gbit/s
-  local s="wl-$1-w-server" c="wl-$1-w-client" ip
-  ip=$(ip -n "$s" -4 -o addr show dev eth0 | awk '{print $4}' | cut -d/ -f1)
-  ip netns exec "$s" iperf3 -s -D -1 >/dev/null 2>&1 || true
-  local vals=()
-  for _ in $(seq 1 "$REPS"); do
-    ip netns exec "$s" iperf3 -s -D -1 >/dev/null 2>&1 || true
-    sleep 0.3
-    vals+=("$(ip netns exec "$c" iperf3 -c "$ip" -t "$T" -J | python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9)')")
-  done
-  printf '%s\n' "${vals[@]}" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'
-}
-
+NAMES=(pnone ppol)
 lab pnone ""
 lab ppol "$POLICIES"
-NONE=$(measure pnone)
-POL=$(measure ppol)
+if [ "$PEERS" -gt 0 ]; then
+  NAMES+=(ppeers)
+  lab ppeers "" "  - apiVersion: weft.dev/v1alpha1
+    kind: SegmentationPolicy
+    metadata: {name: from-peers, namespace: default}
+    spec:
+      subject: {podSelector: {}}
+      ingress:
+        - {name: peers, action: Allow, from: [{pods: {podSelector: {matchLabels: {app: peer}}}}]}
+        - {name: iperf, action: Allow, protocols: [{protocol: TCP, port: 5201}, {protocol: UDP, port: 5201}]}"
+  # The peers file of a node "other" in the lab's shared peers directory, which node-a's agent
+  # reads (10.90.0.0/16, every other address: no two adjacent, so none merge into a range).
+  mkdir -p /run/weft-lab/ppeers/peers
+  python3 - "$PEERS" /run/weft-lab/ppeers/peers/other.json.tmp <<'PY'
+import json, sys
+n = int(sys.argv[1])
+assert n <= 125 * 256, "at most 32,000 peers"
+json.dump([{"network": "bench", "namespace": "default", "name": "peer%d" % i,
+            "labels": {"app": "peer"}, "ips": ["10.90.%d.%d" % (i // 125, 2 + 2 * (i % 125))]}
+           for i in range(n)], open(sys.argv[2], "w"))
+PY
+  mv /run/weft-lab/ppeers/peers/other.json.tmp /run/weft-lab/ppeers/peers/other.json
+  ELEMS=0
+  for _ in $(seq 1 300); do
+    ELEMS=$( (ip netns exec wl-ppeers-n-node-a nft list table inet weft 2>/dev/null || true) | (grep -oE '10\.90\.[0-9]+\.[0-9]+' || true) | sort -u | wc -l)
+    [ "$ELEMS" -ge "$PEERS" ] && break
+    sleep 0.2
+  done
+  [ "$ELEMS" -ge "$PEERS" ] || { echo "node-a's inet weft holds $ELEMS of the $PEERS peer addresses after 60 s" >&2; exit 1; }
+fi
+
+for n in "${NAMES[@]}"; do
+  ip netns exec "wl-$n-w-server" iperf3 -s -D -I "$TMP/$n.pid" >/dev/null
+done
+sleep 0.5
+
+once() { # lab [iperf3 args] -> Gbit/s received (one retry)
+  local l="$1" ip try v; shift
+  ip=$(ip -n "wl-$l-w-server" -4 -o addr show dev eth0 | awk '{print $4}' | cut -d/ -f1)
+  for try in 1 2; do
+    timeout $((T + 20)) ip netns exec "wl-$l-w-client" iperf3 -c "$ip" -t "$T" --connect-timeout 3000 -J "$@" > "$TMP/ip.json" 2>&1 || true
+    if v=$(python3 -c 'import json,sys; print("%.2f" % (json.load(open(sys.argv[1]))["end"]["sum_received"]["bits_per_second"]/1e9))' "$TMP/ip.json" 2>/dev/null); then
+      echo "$v"; return
+    fi
+    echo "iperf3 $l $* (try $try) failed: $(grep -m1 '"error"' "$TMP/ip.json" || head -c 200 "$TMP/ip.json")" >&2
+    sleep 1
+  done
+}
+
+declare -A V U
+for r in $(seq 1 "$REPS"); do
+  for i in $(seq 0 $((${#NAMES[@]} - 1))); do
+    n="${NAMES[$(( (i + r - 1) % ${#NAMES[@]} ))]}"
+    V[$n]+=" $(once "$n")"
+    [ -n "$UDP" ] && U[$n]+=" $(once "$n" -u -b 0 -l 1400)"
+  done
+done
+med() { python3 -c 'import statistics,sys; v=[float(x) for x in sys.argv[1:]]; print("%.2f" % statistics.median(v) if v else 0)' "$@"; }
+pct() { python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print('%.1f' % (a/b*100) if b else 'n/a')" "$1" "$2"; }
+# shellcheck disable=SC2086
+NONE=$(med ${V[pnone]}); POL=$(med ${V[ppol]})
 RULES=$(ip netns exec "wl-ppol-n-node-a" nft list table inet weft | grep -cE '^\s+(ip|ip6|meta|tcp|udp|iifname|oifname|ct|jump|goto|log|icmp)')
-echo "east-west iperf3 (${T}s x ${REPS}, median): no policy ${NONE} Gbit/s; under $(grep -c '^kind' "$POLICIES") policies (${RULES} rules in inet weft) ${POL} Gbit/s; ratio $(python3 -c "print(round($POL/$NONE*100,1))") %"
+echo "# kernel $(uname -r), $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg) at the end"
+echo "east-west iperf3 (${T}s x ${REPS}, median): no policy ${NONE} Gbit/s; under $(grep -c '^kind' "$POLICIES") policies (${RULES} rules in inet weft) ${POL} Gbit/s; ratio $(pct "$POL" "$NONE") %"
+if [ "$PEERS" -gt 0 ]; then
+  # shellcheck disable=SC2086
+  PP=$(med ${V[ppeers]})
+  echo "east-west iperf3 (${T}s x ${REPS}, median): under a policy of ${ELEMS} set elements (peers of another node) ${PP} Gbit/s; ratio to no policy $(pct "$PP" "$NONE") %"
+fi
+if [ -n "$UDP" ]; then
+  line="east-west iperf3 UDP (-b 0 -l 1400, ${T}s x ${REPS}, median received): no policy $(med ${U[pnone]}) Gbit/s; $(grep -c '^kind' "$POLICIES") policies $(med ${U[ppol]}) Gbit/s ($(pct "$(med ${U[ppol]})" "$(med ${U[pnone]})") %)"
+  [ "$PEERS" -gt 0 ] && line+="; ${ELEMS} elements $(med ${U[ppeers]}) Gbit/s ($(pct "$(med ${U[ppeers]})" "$(med ${U[pnone]})") %)"
+  echo "$line"
+fi
+for n in "${NAMES[@]}"; do echo "# $n runs: TCP [${V[$n]:-} ]${UDP:+ UDP [${U[$n]:-} ]}"; done
