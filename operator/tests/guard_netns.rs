@@ -623,17 +623,14 @@ fn vlan_tagged_frames_from_a_workload_are_dropped() {
     );
 }
 
-#[test]
-fn a_pending_migration_target_passes_nothing_either_way_until_activated() {
+/// Port `t` of a two-workload lab, held pending by the table `with(lab, a, t, true)`: nothing
+/// passes it either way, and its VM's announcement is logged; activated
+/// (`with(lab, a, t, false)`: one element less), it passes.
+fn held_pending_until_activated(with: impl Fn(&Lab, usize, usize, bool) -> Table) {
     let mut lab = Lab::new();
     let a = lab.add("a", 2);
     let t = lab.add("t", 6);
-    let pending = |lab: &Lab, is: bool| {
-        let mut g: Vec<PortGuard> = vec![lab.w(a).guard(), lab.w(t).guard()];
-        g[1].pending = is;
-        guard::table(&[BRIDGE.to_string()], &g, &[])
-    };
-    lab.apply(&pending(&lab, true));
+    lab.apply(&with(&lab, a, t, true));
     // Static neighbours: no ARP needed, so only the pending rules can stop the pings.
     let (wa, wt) = (lab.w(a), lab.w(t));
     static_neigh(wa, &wt.v4, wt.mac);
@@ -649,17 +646,22 @@ fn a_pending_migration_target_passes_nothing_either_way_until_activated() {
         listed.contains("ether type 0x8035 log prefix \"weft activate \" group 2727 drop"),
         "the VM's announcement is logged for the agent:\n{listed}"
     );
-    // Activated: one element less.
-    lab.apply(&pending(&lab, false));
+    lab.apply(&with(&lab, a, t, false));
     assert!(ping(wt, None, &wa.v4), "an active port passes (control)");
 }
 
 #[test]
+fn a_pending_migration_target_passes_nothing_either_way_until_activated() {
+    held_pending_until_activated(|lab, a, t, pending| {
+        let mut g: Vec<PortGuard> = vec![lab.w(a).guard(), lab.w(t).guard()];
+        g[1].pending = pending;
+        guard::table(&[BRIDGE.to_string()], &g, &[])
+    });
+}
+
+#[test]
 fn a_pending_target_on_a_network_without_anti_spoofing_waits_too() {
-    let mut lab = Lab::new();
-    let a = lab.add("a", 2);
-    let t = lab.add("t", 6);
-    let open = |lab: &Lab, pending: bool| {
+    held_pending_until_activated(|lab, a, t, pending| {
         guard::table(
             &[BRIDGE.to_string()],
             &[lab.w(a).guard()],
@@ -668,24 +670,7 @@ fn a_pending_target_on_a_network_without_anti_spoofing_waits_too() {
                 pending,
             }],
         )
-    };
-    lab.apply(&open(&lab, true));
-    let (wa, wt) = (lab.w(a), lab.w(t));
-    static_neigh(wa, &wt.v4, wt.mac);
-    static_neigh(wt, &wa.v4, wa.mac);
-    assert!(
-        !ping(wt, None, &wa.v4),
-        "nothing may leave a pending open port"
-    );
-    assert!(
-        !ping(wa, None, &wt.v4),
-        "nothing may reach a pending open port"
-    );
-    lab.apply(&open(&lab, false));
-    assert!(
-        ping(wt, None, &wa.v4),
-        "an active open port passes (control)"
-    );
+    });
 }
 
 fn v6(addr: &str) -> Ipv6Addr {
