@@ -94,6 +94,11 @@ fn apply(p: &NodePlan, dir: &std::path::Path) -> plan::ApplyReport {
     .unwrap()
 }
 
+/// The agent's cleanup: everything weft made on the node given back.
+fn cleanup(dir: &std::path::Path) {
+    plan::cleanup(&mut Netlink::new().unwrap(), &mut NftCli::default(), dir).unwrap();
+}
+
 fn state_of(nl: &mut Netlink, name: &str) -> (Vec<IpNet>, Vec<RouteEntry>, Option<u32>) {
     let l = nl.link_by_name(name).unwrap().unwrap();
     let mut addrs: Vec<IpNet> = nl
@@ -178,12 +183,7 @@ fn an_unreachable_gateway_rolls_back_within_seconds_and_leaves_the_uplink_as_it_
     assert!(report.failed[0].1.contains("rolled back earlier"));
     assert_eq!(state_of(&mut nl, "eth0"), before);
     // The agent's cleanup gives everything back and forgets the rollback.
-    plan::cleanup(
-        &mut Netlink::new().unwrap(),
-        &mut NftCli::default(),
-        dir.path(),
-    )
-    .unwrap();
+    cleanup(dir.path());
     assert!(nl.link_by_name("wn-lan").unwrap().is_none());
     assert_eq!(state_of(&mut nl, "eth0"), before);
 }
@@ -316,12 +316,7 @@ fn an_ipv6_only_uplink_is_checked_by_neighbour_discovery_and_rolled_back_without
                 report.failed
             );
             assert_eq!(v6_state(&mut nl, "eth0"), before, "rolled back");
-            plan::cleanup(
-                &mut Netlink::new().unwrap(),
-                &mut NftCli::default(),
-                dir.path(),
-            )
-            .unwrap();
+            cleanup(dir.path());
         }
         assert!(nl.link_by_name("wn-lan").unwrap().is_none());
         assert_eq!(v6_state(&mut nl, "eth0"), before, "eth0 as it was");
