@@ -107,15 +107,6 @@ pub fn compute(
     res: &source::Resources,
     endpoints: &EndpointStore,
 ) -> PlanOutput {
-    compute_with(cfg, res, &endpoints.list())
-}
-
-/// [`compute`] for a list of endpoints.
-pub fn compute_with(
-    cfg: &AgentConfig,
-    res: &source::Resources,
-    endpoints: &[Endpoint],
-) -> PlanOutput {
     let mut blocks: BTreeMap<String, NodeBlocks> = BTreeMap::new();
     let mut block_problems = Vec::new();
     let mut nodes = cfg.nodes.clone();
@@ -147,7 +138,7 @@ pub fn compute_with(
         },
         None => cfg.node.clone(),
     };
-    let mut out = plan::plan(&node, res, &blocks, endpoints);
+    let mut out = plan::plan(&node, res, &blocks, &endpoints.list());
     for p in block_problems {
         if !out.problems.contains(&p) {
             out.problems.push(p);

@@ -457,12 +457,6 @@ pub fn apply_endpoint_changes(
             return None;
         }
     }
-    if gone
-        .iter()
-        .any(|m| m.ips.len() != m.ips.iter().collect::<BTreeSet<_>>().len())
-    {
-        return None;
-    }
 
     // (guard table?, set) → (deleted, added) elements.
     let mut changes: BTreeMap<(bool, String), (BTreeSet<String>, BTreeSet<String>)> =
