@@ -56,13 +56,7 @@ if [ -n "${WEFT_BENCH_MANIFEST:-}" ]; then cp "$WEFT_BENCH_MANIFEST" "$TMP/manif
 PEERS_ARGS=()
 if [ -n "${WEFT_BENCH_PEERS:-}" ]; then
   mkdir -p "$TMP/peers"
-  python3 - "$WEFT_BENCH_PEERS" "$TMP/peers/other.json" <<'PY'
-import json, sys
-n = int(sys.argv[1])
-json.dump([{"network": "bench", "namespace": "default", "name": "peer%d" % i,
-            "labels": {"app": "peer"}, "ips": ["10.90.%d.%d" % (i // 250, 2 + i % 250)]}
-           for i in range(n)], open(sys.argv[2], "w"))
-PY
+  python3 "$HERE/lib/peers.py" "$WEFT_BENCH_PEERS" "$TMP/peers/other.json"
   cat >> "$TMP/manifests/bench.yaml" <<'YAML'
 ---
 apiVersion: weft.dev/v1alpha1

@@ -86,16 +86,9 @@ if [ "$PEERS" -gt 0 ]; then
         - {name: peers, action: Allow, from: [{pods: {podSelector: {matchLabels: {app: peer}}}}]}
         - {name: iperf, action: Allow, protocols: [{protocol: TCP, port: 5201}, {protocol: UDP, port: 5201}]}"
   # The peers file of a node "other" in the lab's shared peers directory, which node-a's agent
-  # reads (10.90.0.0/16, every other address: no two adjacent, so none merge into a range).
+  # reads.
   mkdir -p /run/weft-lab/ppeers/peers
-  python3 - "$PEERS" /run/weft-lab/ppeers/peers/other.json.tmp <<'PY'
-import json, sys
-n = int(sys.argv[1])
-assert n <= 125 * 256, "at most 32,000 peers"
-json.dump([{"network": "bench", "namespace": "default", "name": "peer%d" % i,
-            "labels": {"app": "peer"}, "ips": ["10.90.%d.%d" % (i // 125, 2 + 2 * (i % 125))]}
-           for i in range(n)], open(sys.argv[2], "w"))
-PY
+  python3 "$HERE/lib/peers.py" "$PEERS" /run/weft-lab/ppeers/peers/other.json.tmp
   mv /run/weft-lab/ppeers/peers/other.json.tmp /run/weft-lab/ppeers/peers/other.json
   ELEMS=0
   for _ in $(seq 1 300); do
