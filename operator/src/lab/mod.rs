@@ -99,9 +99,7 @@ pub fn run_trace(
     json: bool,
 ) -> anyhow::Result<bool> {
     let (spec, resources, _) = LabFile::load(path)?;
-    let protocol = weft_crds::L4Protocol::parse(protocol).ok_or_else(|| {
-        anyhow::anyhow!("--protocol: {protocol:?} is not tcp, udp, sctp, icmp or icmpv6")
-    })?;
+    let protocol = crate::policy::Packet::parse_protocol(protocol)?;
     let members = trace::members(&spec, &resources, None);
     let compiled = crate::policy::compile_resources(&resources, &members);
     for p in &compiled.problems {

@@ -170,13 +170,7 @@ pub fn decide(
         .ok_or_else(|| format!("{from} has no {family:?} address"))?;
     let (dst, dport, via) = resolve(lab, res, members, to, port, protocol, family)
         .ok_or_else(|| format!("{to} has no {family:?} address"))?;
-    let packet = Packet {
-        src,
-        dst,
-        protocol,
-        port: protocol.has_ports().then_some(dport),
-        icmp: (!protocol.has_ports()).then_some((if family == Family::Ipv4 { 8 } else { 128 }, 0)),
-    };
+    let packet = Packet::first(src, dst, protocol, dport);
     Ok(Traced {
         decision: compiled.decide(&packet),
         packet,

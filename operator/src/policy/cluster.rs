@@ -111,9 +111,7 @@ pub async fn trace(
     v6: bool,
     json: bool,
 ) -> anyhow::Result<bool> {
-    let protocol = weft_crds::L4Protocol::parse(protocol).ok_or_else(|| {
-        anyhow::anyhow!("--protocol: {protocol:?} is not tcp, udp, sctp, icmp or icmpv6")
-    })?;
+    let protocol = super::Packet::parse_protocol(protocol)?;
     let (res, members) = snapshot(client).await?;
     let decision = decide(&res, &members, from, to, port, protocol, v6)?;
     crate::lab::print_trace(from, to, port, protocol, &decision, None, json)?;
@@ -137,13 +135,7 @@ pub fn decide(
     }
     let src = address(members, from, v6).map_err(|e| anyhow::anyhow!("--from {e}"))?;
     let dst = address(members, to, v6).map_err(|e| anyhow::anyhow!("--to {e}"))?;
-    let packet = super::Packet {
-        src,
-        dst,
-        protocol,
-        port: protocol.has_ports().then_some(port),
-        icmp: (!protocol.has_ports()).then_some((if v6 { 128 } else { 8 }, 0)),
-    };
+    let packet = super::Packet::first(src, dst, protocol, port);
     Ok(compiled.decide(&packet))
 }
 

@@ -711,6 +711,27 @@ pub struct Packet {
     pub icmp: Option<(u8, u8)>,
 }
 
+impl Packet {
+    /// The first packet `trace` asks about: to `port` for TCP, UDP and SCTP, an echo request
+    /// (ICMP type 8, ICMPv6 type 128) otherwise.
+    pub fn first(src: IpAddr, dst: IpAddr, protocol: L4Protocol, port: u16) -> Packet {
+        Packet {
+            src,
+            dst,
+            protocol,
+            port: protocol.has_ports().then_some(port),
+            icmp: (!protocol.has_ports()).then_some((if dst.is_ipv6() { 128 } else { 8 }, 0)),
+        }
+    }
+
+    /// `trace`'s `--protocol` flag.
+    pub fn parse_protocol(text: &str) -> anyhow::Result<L4Protocol> {
+        L4Protocol::parse(text).ok_or_else(|| {
+            anyhow::anyhow!("--protocol: {text:?} is not tcp, udp, sctp, icmp or icmpv6")
+        })
+    }
+}
+
 /// The verdict of one direction and what decided it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
