@@ -101,6 +101,28 @@ struct PodIdentity {
     vm: Option<String>,
     networks: Option<String>,
     migration: std::collections::BTreeMap<String, proto::MigrationSource>,
+    restore: std::collections::BTreeMap<String, proto::Restore>,
+}
+
+impl PodIdentity {
+    /// What the agent said of the VM's addresses on `network`.
+    fn carried(&self, network: &str, kubevirt: bool) -> Carried<'_> {
+        Carried {
+            migration: self.migration.get(network),
+            restore: self.restore.get(network),
+            kubevirt,
+        }
+    }
+}
+
+/// A VM's addresses on one network when another node has them: the node it runs on now (this
+/// ADD is a live migration's target) or the node it ran on last (a cold start here).
+#[derive(Debug, Clone, Copy, Default)]
+struct Carried<'a> {
+    migration: Option<&'a proto::MigrationSource>,
+    restore: Option<&'a proto::Restore>,
+    /// The identity is a KubeVirt VM's (the agent's answer, not `VM_NAME`).
+    kubevirt: bool,
 }
 
 /// The Networks of a pod's `weft.dev/networks` annotation, in order, or a code 7 error naming
@@ -146,8 +168,8 @@ pub fn add(conf: &Conf, env: &Env) -> Result<CniResult, CniError> {
         (Some(ns), Some(name)) => identity(conf, ns, name)?,
         _ => PodIdentity::default(),
     };
-    let vm = conf.vm.clone().or(pod.vm);
-    let migration = &pod.migration;
+    let kubevirt = conf.vm.is_none() && pod.vm.is_some();
+    let vm = conf.vm.clone().or(pod.vm.clone());
     // Without the annotation (or with an empty one): the configuration's Network alone.
     let list = match pod
         .networks
@@ -166,7 +188,7 @@ pub fn add(conf: &Conf, env: &Env) -> Result<CniResult, CniError> {
                 conf.default_route,
                 vm,
                 None,
-                migration.get(network),
+                pod.carried(network, kubevirt),
             );
         }
     };
@@ -182,7 +204,7 @@ pub fn add(conf: &Conf, env: &Env) -> Result<CniResult, CniError> {
             conf.default_route && i == 0,
             vm.clone(),
             parent,
-            migration.get(network),
+            pod.carried(network, kubevirt),
         ) {
             Ok(r) => done.push((network.clone(), this_if, r)),
             Err(mut e) => {
@@ -248,7 +270,7 @@ fn add_one(
     default_route: bool,
     vm: Option<String>,
     parent: Option<&str>,
-    migration: Option<&proto::MigrationSource>,
+    carried: Carried<'_>,
 ) -> Result<CniResult, CniError> {
     let container_id = env.container_id()?;
     let netns_path = env.netns()?;
@@ -282,7 +304,12 @@ fn add_one(
     let statics = parent.is_none();
     // A VM's identity keeps its addresses and MAC across restart and migration.
     let owner = vm;
-    let migration = migration.filter(|_| tap.is_some() && owner.is_some());
+    let migration = carried
+        .migration
+        .filter(|_| tap.is_some() && owner.is_some());
+    let restore = carried
+        .restore
+        .filter(|_| tap.is_some() && owner.is_some() && migration.is_none());
     let static_mac = match migration {
         Some(m) => names::parse_mac(&m.mac),
         None => conf.static_mac.filter(|_| statics),
@@ -298,6 +325,9 @@ fn add_one(
                 None => Vec::new(),
             },
             adopt: migration.is_some(),
+            pending: migration.is_some(),
+            owner_kubevirt: carried.kubevirt,
+            restore: restore.cloned(),
             mac: requested_mac.map(names::format_mac),
             host_ifname: Some(host_name.clone()),
             pod_namespace: pod_namespace.clone(),
@@ -547,6 +577,7 @@ fn identity(conf: &Conf, namespace: &str, name: &str) -> Result<PodIdentity, Cni
         vm: reply.vm,
         networks: reply.networks,
         migration: reply.migration,
+        restore: reply.restore,
     })
 }
 

@@ -37,7 +37,7 @@ pub use network::{
 };
 pub use nodenetwork::{
     NODE_NETWORK_KIND, NodeNetwork, NodeNetworkBlock, NodeNetworkSpec, NodeNetworkStatus,
-    NodePolicy, NodeWorkload,
+    NodePolicy, NodeReservation, NodeWorkload,
 };
 pub use policy::{
     ClusterSegmentationPolicy, ClusterSegmentationPolicySpec, ClusterSubject, L4Protocol,

@@ -109,6 +109,32 @@ pub struct NodeNetworkStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 4096))]
     pub policies: Vec<NodePolicy>,
+
+    /// The VM interfaces whose addresses and MAC the node keeps for their VM (KubeVirt's
+    /// `vm.kubevirt.io/name`): a VM started on another node gets the newest of them back.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 4096))]
+    pub reservations: Vec<NodeReservation>,
+}
+
+/// One VM interface's addresses and MAC kept on a node, as its agent publishes them.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeReservation {
+    /// The VM's identity, `namespace/name`.
+    pub vm: String,
+    /// The weft Network.
+    pub network: String,
+    /// The interface inside the VM's pod (`eth0`, `pod<hash>`).
+    pub ifname: String,
+    /// The addresses.
+    #[schemars(length(max = 2))]
+    pub ips: Vec<String>,
+    /// The MAC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// When an attachment on the node last took them (Unix seconds).
+    pub since: i64,
 }
 
 /// One segmentation policy as one node's agent enforces it.

@@ -106,6 +106,22 @@ pub struct MigrationSource {
     pub mac: String,
 }
 
+/// A stopped VM's addresses and MAC on a network, as another node keeps them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Restore {
+    /// The node that keeps them (where the VM ran last).
+    pub node: String,
+    /// The addresses.
+    pub ips: Vec<IpAddr>,
+    /// The MAC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// When an attachment there last took them (Unix seconds): a newer reservation of the VM
+    /// on this node wins.
+    pub since: u64,
+}
+
 /// The pod annotation naming the weft Networks a pod wants, in order (`"nat-demo,lan"`): one
 /// CNI ADD creates an interface on each, the first with the default route.
 pub const NETWORKS_ANNOTATION: &str = "weft.dev/networks";
@@ -135,6 +151,10 @@ pub struct Reply {
     /// by network.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub migration: std::collections::BTreeMap<String, MigrationSource>,
+    /// For [`Request::Identity`]: the VM runs nowhere and another node holds its newest
+    /// reservation (it stopped there): the addresses and MAC it gets back, by network.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub restore: std::collections::BTreeMap<String, Restore>,
 }
 
 impl Reply {
@@ -147,6 +167,7 @@ impl Reply {
             vm: None,
             networks: None,
             migration: Default::default(),
+            restore: Default::default(),
         }
     }
     /// A failure reply.
@@ -158,6 +179,7 @@ impl Reply {
             vm: None,
             networks: None,
             migration: Default::default(),
+            restore: Default::default(),
         }
     }
 }

@@ -27,7 +27,9 @@ const NODE_NETWORKS: &str = "/apis/weft.dev/v1alpha1/nodenetworks";
 const NAMESPACES: &str = "/api/v1/namespaces";
 const NODES: &str = "/api/v1/nodes";
 const PODS: &str = "/api/v1/pods";
-const ALL: [&str; 8] = [
+const VMS: &str = "/apis/kubevirt.io/v1/virtualmachines";
+const VMIS: &str = "/apis/kubevirt.io/v1/virtualmachineinstances";
+const ALL: [&str; 10] = [
     NETWORKS,
     PORT_FORWARDS,
     CLUSTER_POLICIES,
@@ -36,6 +38,8 @@ const ALL: [&str; 8] = [
     NAMESPACES,
     NODES,
     PODS,
+    VMS,
+    VMIS,
 ];
 
 /// A write the source sent, for the test to check and answer.
@@ -57,6 +61,8 @@ struct State {
     held_lists: HashMap<String, Vec<Reply>>,
     /// Lists to fail (500) before answering.
     failures: HashMap<String, u32>,
+    /// Collections the apiserver does not serve (404: a CRD not installed).
+    missing: HashSet<String>,
     /// Watch bodies not yet asked for, and watches waiting for a body.
     watch_bodies: HashMap<String, VecDeque<String>>,
     held_watches: HashMap<String, Vec<Reply>>,
@@ -124,7 +130,13 @@ impl FakeApi {
                     .unwrap_or_default();
                 let mut s = state.lock().unwrap();
                 s.gets.push((path.clone(), query.clone(), accept));
-                if query.split('&').any(|p| p == "watch=true") {
+                if s.missing.contains(&path) {
+                    reply.send_response(json_response(
+                        StatusCode::NOT_FOUND,
+                        &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                "message": "the server could not find the requested resource", "reason": "NotFound", "code": 404}),
+                    ));
+                } else if query.split('&').any(|p| p == "watch=true") {
                     match s.watch_bodies.get_mut(&path).and_then(VecDeque::pop_front) {
                         Some(body) => {
                             reply.send_response(Response::new(Body::from(body.into_bytes())))
@@ -153,6 +165,10 @@ impl FakeApi {
     fn list(&self, path: &'static str, items: Vec<Value>) -> &Self {
         self.0.lock().unwrap().lists.insert(path, items);
         self
+    }
+
+    fn remove(&self, path: &str) {
+        self.0.lock().unwrap().missing.insert(path.to_owned());
     }
 
     fn gate(&self, path: &str) {
@@ -451,7 +467,7 @@ async fn snapshot_holds_the_listed_resources_node_labels_and_node_blocks() {
         let gets = api.gets(path);
         let lists = gets.iter().filter(|q| !q.contains("watch=true")).count();
         assert_eq!(lists, 1, "{path}: {gets:?}");
-        let metadata_only = [NAMESPACES, NODES, PODS].contains(&path);
+        let metadata_only = [NAMESPACES, NODES, PODS, VMS, VMIS].contains(&path);
         for accept in api.accepts(path) {
             assert_eq!(
                 accept.contains("as=PartialObjectMetadata"),
@@ -803,6 +819,89 @@ async fn a_bad_block_in_the_node_network_is_a_problem_and_the_network_has_none()
         "{}",
         res.problems[0]
     );
+}
+
+#[tokio::test]
+async fn kubevirt_vms_are_known_once_listed_and_vm_reservations_go_both_ways() {
+    let (api, client, mut writes) = FakeApi::start();
+    seed(&api);
+    api.list(VMS, vec![partial("db", Some("shop"), &[])])
+        .list(VMIS, vec![partial("batch-7", Some("jobs"), &[])])
+        .list(
+            NODE_NETWORKS,
+            vec![
+                node_network(
+                    "node-a",
+                    4,
+                    json!([{"network": "blue", "ipv4": "10.10.0.64/26"}]),
+                    None,
+                ),
+                node_network(
+                    "node-b",
+                    2,
+                    json!([{"network": "blue", "ipv4": "10.10.0.128/26"}]),
+                    Some(json!({"reservations": [{"vm": "shop/db", "network": "blue", "ifname": "eth0",
+                                                  "ips": ["10.10.0.131"], "mac": "02:00:00:00:00:31",
+                                                  "since": 1_700_000_000}]})),
+                ),
+            ],
+        );
+    let mut source = KubeSource::start(client, "node-a");
+    synced(&mut source).await;
+    let res = until(&mut source, |r| r.vms.is_some(), |_| {}).await;
+    assert_eq!(
+        res.vms.unwrap().into_iter().collect::<Vec<_>>(),
+        ["jobs/batch-7", "shop/db"],
+        "VirtualMachines and VirtualMachineInstances"
+    );
+    assert_eq!(res.peer_reservations.len(), 1);
+    assert_eq!(res.peer_reservations[0].node, "node-b");
+    assert_eq!(res.peer_reservations[0].reservation.ips, ["10.10.0.131"]);
+    // Watched as metadata.
+    assert!(
+        api.accepts(VMS)
+            .iter()
+            .all(|a| a.contains("as=PartialObjectMetadata")),
+        "{:?}",
+        api.accepts(VMS)
+    );
+    // This node's reservations go into its NodeNetwork status with its workloads.
+    source.publish(&weft_operator::agent::source::Published {
+        workloads: vec![],
+        reservations: vec![weft_crds::NodeReservation {
+            vm: "shop/web-vm".into(),
+            network: "blue".into(),
+            ifname: "eth0".into(),
+            ips: vec!["10.10.0.70".into()],
+            mac: Some("02:00:00:00:00:70".into()),
+            since: 1_700_000_100,
+        }],
+    });
+    source.report(&agent_status(None));
+    let w = next_write(&mut writes, Duration::from_secs(1)).await;
+    assert_eq!(
+        w.body["status"]["reservations"],
+        json!([{"vm": "shop/web-vm", "network": "blue", "ifname": "eth0", "ips": ["10.10.0.70"],
+                "mac": "02:00:00:00:00:70", "since": 1_700_000_100}])
+    );
+}
+
+#[tokio::test]
+async fn without_kubevirt_the_agent_syncs_and_keeps_every_reservation() {
+    let (api, client, _writes) = FakeApi::start();
+    seed(&api);
+    api.remove(VMS);
+    api.remove(VMIS);
+    let mut source = KubeSource::start(client, "node-a");
+    synced(&mut source).await;
+    // The lists were asked (and refused) while the rest synced.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while api.gets(VMS).is_empty() || api.gets(VMIS).is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "VMs never listed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(source.snapshot().unwrap().vms, None);
 }
 
 #[derive(serde::Deserialize)]

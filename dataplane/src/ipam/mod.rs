@@ -113,6 +113,15 @@ pub struct Reservation {
     /// The MAC.
     #[serde(default)]
     pub mac: Option<String>,
+    /// When an attachment last took these addresses (Unix seconds): of two nodes' reservations
+    /// of one VM interface, the newer is the VM's.
+    #[serde(default)]
+    pub since: u64,
+    /// The identity is a KubeVirt VM's (from its virt-launcher pod's `vm.kubevirt.io/name`
+    /// label, not the runtime's `VM_NAME`): the reservation is forgotten once the VM is gone
+    /// from the API.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub kubevirt: bool,
 }
 
 impl Allocation {
@@ -154,9 +163,17 @@ pub struct AllocRequest {
     /// The `CNI_IFNAME` of the ADD that made this extra interface (a pod's `weft.dev/networks`
     /// annotation): that interface's DEL removes it too.
     pub parent: Option<String>,
-    /// `static_ips` are a migrating VM's addresses, kept from the node it comes from: they may
-    /// lie outside this node's block (inside the subnet). The allocation starts pending.
+    /// `static_ips` are a VM's addresses from another node (a live migration's source, or the
+    /// node a stopped VM ran on last): they may lie outside this node's block (inside the
+    /// subnet), and replace what the VM had reserved here.
     pub adopt: bool,
+    /// The allocation starts pending (a live migration's target, until the VM arrives).
+    pub pending: bool,
+    /// `owner` is a KubeVirt VM's identity (see [`Reservation::kubevirt`]).
+    pub owner_kubevirt: bool,
+    /// The VM's reservation on the node it ran on last: taken (adopted, as `static_ips`)
+    /// unless this store's reservation of the owner's interface is as new or newer.
+    pub restore: Option<crate::proto::Restore>,
 }
 
 /// An IP family.
@@ -320,6 +337,12 @@ impl IpamError {
     }
 }
 
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> IpamError {
     let path = path.to_path_buf();
     move |source| IpamError::Io { op, path, source }
@@ -406,9 +429,26 @@ impl IpamStore {
     /// attachment.
     pub fn allocate(&self, pool: &Pool, req: AllocRequest) -> Result<Allocation, IpamError> {
         self.modify(|state| {
+            let mut req = req;
             if let Some(existing) = state.allocations.iter().find(|a| a.is(&req.attachment)) {
                 debug!(network = %self.network, container_id = %req.attachment.container_id, ifname = %req.attachment.ifname, "attachment already has addresses");
                 return Ok((existing.clone(), false));
+            }
+            // A stopped VM started here: its newest reservation, wherever it is.
+            if let (Some(restore), Some(o)) = (req.restore.take(), &req.owner) {
+                let local = state
+                    .reservations
+                    .iter()
+                    .find(|r| &r.owner == o && r.ifname == req.attachment.ifname)
+                    .map(|r| r.since);
+                if local.is_none_or(|since| since < restore.since) {
+                    info!(network = %self.network, vm = %o, from = %restore.node, ips = ?restore.ips, "restoring the VM's addresses from the node it ran on last");
+                    req.static_ips = restore.ips;
+                    req.adopt = true;
+                    if restore.mac.is_some() {
+                        req.mac = restore.mac;
+                    }
+                }
             }
             // A migrating VM brings its addresses: they replace what it had reserved here.
             if req.adopt
@@ -418,12 +458,14 @@ impl IpamStore {
                     .reservations
                     .retain(|r| !(&r.owner == o && r.ifname == req.attachment.ifname));
             }
+            let now = unix_now();
             let reserved = req.owner.as_ref().and_then(|o| {
-                state
+                let r = state
                     .reservations
-                    .iter()
-                    .find(|r| &r.owner == o && r.ifname == req.attachment.ifname)
-                    .cloned()
+                    .iter_mut()
+                    .find(|r| &r.owner == o && r.ifname == req.attachment.ifname)?;
+                r.since = now;
+                Some(r.clone())
             });
             let (ips, mac) = match reserved {
                 Some(r) => {
@@ -453,6 +495,8 @@ impl IpamStore {
                             ifname: req.attachment.ifname.clone(),
                             ips: ips.clone(),
                             mac: req.mac.clone(),
+                            since: now,
+                            kubevirt: req.owner_kubevirt,
                         });
                     }
                     (ips, req.mac)
@@ -467,12 +511,10 @@ impl IpamStore {
                 pod_namespace: req.pod_namespace,
                 pod_name: req.pod_name,
                 netns: req.netns,
-                created: SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs()),
+                created: now,
                 owner: req.owner,
                 parent: req.parent,
-                pending: req.adopt,
+                pending: req.pending,
             };
             info!(network = %self.network, container_id = %allocation.container_id, ifname = %allocation.ifname, ips = ?allocation.ips, "allocated");
             state.allocations.push(allocation.clone());
@@ -498,11 +540,11 @@ impl IpamStore {
         Ok(self.read()?.reservations)
     }
 
-    /// The owners of the reservations no allocation of this store uses (VMs stopped here, or
-    /// gone elsewhere).
-    pub fn idle_reservations(&self) -> Result<Vec<String>, IpamError> {
+    /// The reservations no allocation of this store uses (VMs stopped here, or running on
+    /// another node now).
+    pub fn idle_reservations(&self) -> Result<Vec<Reservation>, IpamError> {
         let state = self.read()?;
-        let mut owners: Vec<String> = state
+        Ok(state
             .reservations
             .iter()
             .filter(|r| {
@@ -511,11 +553,8 @@ impl IpamStore {
                     .iter()
                     .any(|a| a.owner.as_deref() == Some(r.owner.as_str()))
             })
-            .map(|r| r.owner.clone())
-            .collect();
-        owners.sort();
-        owners.dedup();
-        Ok(owners)
+            .cloned()
+            .collect())
     }
 
     /// Drops the reservations of a VM that no longer exists (its addresses become free once
@@ -527,6 +566,37 @@ impl IpamStore {
             let n = before - state.reservations.len();
             Ok((n, n > 0))
         })
+    }
+
+    /// Drops the reservations of `owner` that `pred` accepts, unless an attachment of `owner`
+    /// exists (checked under the store's lock, so an ADD of the VM meanwhile keeps them);
+    /// returns how many were dropped.
+    pub fn forget_idle(
+        &self,
+        owner: &str,
+        pred: impl Fn(&Reservation) -> bool,
+    ) -> Result<usize, IpamError> {
+        self.modify(|state| {
+            if state
+                .allocations
+                .iter()
+                .any(|a| a.owner.as_deref() == Some(owner))
+            {
+                return Ok((0, false));
+            }
+            let before = state.reservations.len();
+            state
+                .reservations
+                .retain(|r| !(r.owner == owner && pred(r)));
+            let n = before - state.reservations.len();
+            Ok((n, n > 0))
+        })
+    }
+
+    /// The allocations and the VM reservations, in one read.
+    pub fn contents(&self) -> Result<(Vec<Allocation>, Vec<Reservation>), IpamError> {
+        let state = self.read()?;
+        Ok((state.allocations, state.reservations))
     }
 
     /// The attachment's allocation.

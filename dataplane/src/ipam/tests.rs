@@ -392,7 +392,7 @@ fn allocation_records_the_request_metadata() {
                 netns: Some("/var/run/netns/x".into()),
                 owner: None,
                 parent: None,
-                adopt: false,
+                ..AllocRequest::default()
             },
         )
         .unwrap();
@@ -584,6 +584,7 @@ fn a_migrating_vm_adopts_its_addresses_outside_the_block_pending_and_replaces_an
             AllocRequest {
                 static_ips: vec![ip("10.0.9.7")],
                 adopt: true,
+                pending: true,
                 ..vm("launcher-2", "default/vm-a")
             },
         )
@@ -613,5 +614,104 @@ fn a_migrating_vm_adopts_its_addresses_outside_the_block_pending_and_replaces_an
     // Idle reservations: none while vm-a is attached; after release, vm-a's.
     assert!(s.idle_reservations().unwrap().is_empty());
     s.release(&att("launcher-2")).unwrap();
-    assert_eq!(s.idle_reservations().unwrap(), ["default/vm-a"]);
+    let idle = s.idle_reservations().unwrap();
+    assert_eq!(idle.len(), 1);
+    assert_eq!(idle[0].owner, "default/vm-a");
+}
+
+#[test]
+fn a_vm_restored_from_another_node_adopts_its_addresses_active_and_marks_when() {
+    let (_d, s) = store();
+    let pool = v4_pool();
+    let restored = s
+        .allocate(
+            &pool,
+            AllocRequest {
+                static_ips: vec![ip("10.0.9.8")],
+                adopt: true,
+                owner_kubevirt: true,
+                ..vm("launcher-1", "default/vm-a")
+            },
+        )
+        .unwrap();
+    assert_eq!(restored.ips, [ip("10.0.9.8")]);
+    assert!(!restored.pending, "a cold start is not a migration target");
+    let r = &s.reservations().unwrap()[0];
+    assert!(r.kubevirt);
+    assert!(r.since > 0);
+}
+
+#[test]
+fn a_restore_from_another_node_wins_only_over_an_older_reservation_here() {
+    let (_d, s) = store();
+    let pool = v4_pool();
+    let here = s.allocate(&pool, vm("launcher-1", "default/vm-a")).unwrap();
+    s.release(&att("launcher-1")).unwrap();
+    let since = s.reservations().unwrap()[0].since;
+    let restore = |ip: &str, since: u64| crate::proto::Restore {
+        node: "node-b".into(),
+        ips: vec![self::ip(ip)],
+        mac: Some("02:00:00:00:0b:0b".into()),
+        since,
+    };
+    // node-b's reservation is older: this node's stays.
+    let again = s
+        .allocate(
+            &pool,
+            AllocRequest {
+                restore: Some(restore("10.0.9.9", since - 10)),
+                ..vm("launcher-2", "default/vm-a")
+            },
+        )
+        .unwrap();
+    assert_eq!(again.ips, here.ips);
+    s.release(&att("launcher-2")).unwrap();
+    // The VM ran on node-b after that: node-b's addresses and MAC, active at once.
+    let restored = s
+        .allocate(
+            &pool,
+            AllocRequest {
+                restore: Some(restore("10.0.9.9", since + 10)),
+                ..vm("launcher-3", "default/vm-a")
+            },
+        )
+        .unwrap();
+    assert_eq!(restored.ips, [ip("10.0.9.9")]);
+    assert_eq!(restored.mac.as_deref(), Some("02:00:00:00:0b:0b"));
+    assert!(!restored.pending);
+    let r = s.reservations().unwrap();
+    assert_eq!(r.len(), 1, "replaced: {r:?}");
+    assert_eq!(r[0].ips, [ip("10.0.9.9")]);
+    // Its old address here is free again for others.
+    s.release(&att("launcher-3")).unwrap();
+    assert_eq!(s.forget("default/vm-a").unwrap(), 1);
+    let other = s
+        .allocate(
+            &pool,
+            AllocRequest {
+                static_ips: here.ips.clone(),
+                ..req("pod-x")
+            },
+        )
+        .unwrap();
+    assert_eq!(other.ips, here.ips);
+}
+
+#[test]
+fn forget_idle_keeps_a_vms_reservation_while_it_is_attached() {
+    let (_d, s) = store();
+    let pool = v4_pool();
+    s.allocate(&pool, vm("launcher-1", "default/vm-a")).unwrap();
+    s.allocate(&pool, vm("launcher-2", "default/vm-b")).unwrap();
+    s.release(&att("launcher-2")).unwrap();
+    assert_eq!(s.forget_idle("default/vm-a", |_| true).unwrap(), 0);
+    assert_eq!(s.forget_idle("default/vm-b", |_| false).unwrap(), 0);
+    assert_eq!(s.forget_idle("default/vm-b", |_| true).unwrap(), 1);
+    let left: Vec<String> = s
+        .reservations()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.owner)
+        .collect();
+    assert_eq!(left, ["default/vm-a"]);
 }

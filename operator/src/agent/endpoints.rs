@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tracing::warn;
-use weft_dataplane::ipam::{Allocation, IpamStore};
+use weft_dataplane::ipam::{Allocation, IpamStore, Reservation};
 use weft_dataplane::proto::Endpoint;
 use weft_dataplane::state::NetworkState;
 
@@ -24,6 +24,9 @@ pub struct EndpointStore {
     /// before the first change (`None`: there was none). `None` as a whole after a resync or
     /// before the first take: the changes are unknown.
     journal: Option<BTreeMap<Key, Option<Endpoint>>>,
+    /// The VM reservations of the IPAM stores, by (network, VM, interface): read at every
+    /// resync, and brought up to date by each registration of a VM's interface.
+    reservations: BTreeMap<Key, Reservation>,
 }
 
 /// The endpoints that changed: the old versions (removed or replaced) and the new ones.
@@ -79,6 +82,7 @@ impl EndpointStore {
         let now = Instant::now();
         self.gone.retain(|_, t| now.duration_since(*t) < TOMBSTONE);
         let mut fresh = BTreeMap::new();
+        let mut reservations = BTreeMap::new();
         let mut names: Vec<String> = NetworkState::list(state_dir).unwrap_or_default();
         for n in IpamStore::networks(state_dir) {
             if !names.contains(&n) {
@@ -89,8 +93,11 @@ impl EndpointStore {
             let Ok(store) = IpamStore::open(state_dir, &network) else {
                 continue;
             };
-            match store.list() {
-                Ok(allocs) => {
+            match store.contents() {
+                Ok((allocs, reserved)) => {
+                    for r in reserved {
+                        reservations.insert(key(&network, &r.owner, &r.ifname), r);
+                    }
                     for a in allocs {
                         let k = key(&network, &a.container_id, &a.ifname);
                         if self.gone.contains_key(&k) {
@@ -110,6 +117,7 @@ impl EndpointStore {
             }
         }
         self.endpoints = fresh;
+        self.reservations = reservations;
         self.journal = None;
     }
 
@@ -162,29 +170,90 @@ impl EndpointStore {
         Some(ep.clone())
     }
 
-    /// Forgets the reservations of VMs that run on another node now and have no attachment
-    /// here (their live migration went elsewhere); returns `(network, vm)` of each.
-    pub fn forget_migrated(
-        &self,
+    /// Forgets the reservations, kept for at least `min_age` seconds and unused by any
+    /// attachment here, of the KubeVirt VMs that `exists` does not know any more (deleted from
+    /// the API); returns `(network, vm)` of each.
+    pub fn forget_deleted(
+        &mut self,
         state_dir: &Path,
-        elsewhere: &dyn Fn(&str) -> bool,
+        exists: &dyn Fn(&str) -> bool,
+        now: u64,
+        min_age: u64,
     ) -> Vec<(String, String)> {
+        let stale = |r: &Reservation| {
+            r.kubevirt && !exists(&r.owner) && now.saturating_sub(r.since) >= min_age
+        };
+        let mut candidates: Vec<(String, String)> = self
+            .reservations
+            .iter()
+            .filter(|(_, r)| stale(r))
+            .map(|((network, owner, _), _)| (network.clone(), owner.clone()))
+            .collect();
+        candidates.dedup();
         let mut out = Vec::new();
-        for network in IpamStore::networks(state_dir) {
+        for (network, owner) in candidates {
             let Ok(store) = IpamStore::open(state_dir, &network) else {
                 continue;
             };
-            for owner in store.idle_reservations().unwrap_or_default() {
-                if elsewhere(&owner) && store.forget(&owner).unwrap_or(0) > 0 {
-                    out.push((network.clone(), owner));
+            match store.forget_idle(&owner, stale) {
+                Ok(0) => {}
+                Ok(_) => {
+                    self.reservations
+                        .retain(|(n, o, _), r| !(n == &network && o == &owner && stale(r)));
+                    out.push((network, owner));
+                }
+                Err(e) => {
+                    warn!(%network, vm = %owner, error = %crate::error_chain(&e), "cannot forget a deleted VM's reservation")
                 }
             }
         }
         out
     }
 
+    /// The VM reservations of this node, as published for the other nodes.
+    pub fn reservations(&self) -> Vec<weft_crds::NodeReservation> {
+        self.reservations
+            .iter()
+            .map(|((network, _, _), r)| weft_crds::NodeReservation {
+                vm: r.owner.clone(),
+                network: network.clone(),
+                ifname: r.ifname.clone(),
+                ips: r.ips.iter().map(|ip| ip.to_string()).collect(),
+                mac: r.mac.clone(),
+                since: i64::try_from(r.since).unwrap_or(i64::MAX),
+            })
+            .collect()
+    }
+
+    /// The reservation of VM `vm` on `network` here, if any (the newest of its interfaces').
+    pub fn reservation(&self, network: &str, vm: &str) -> Option<&Reservation> {
+        self.reservations
+            .iter()
+            .filter(|((n, o, _), _)| n == network && o == vm)
+            .map(|(_, r)| r)
+            .max_by_key(|r| r.since)
+    }
+
     /// Adds or replaces an endpoint.
     pub fn register(&mut self, ep: Endpoint) {
+        // A VM's interface took its reservation (the IPAM store made or renewed it).
+        if let Some(vm) = &ep.vm {
+            let rk = key(&ep.network, vm, &ep.ifname);
+            let kubevirt = self.reservations.get(&rk).is_some_and(|r| r.kubevirt);
+            self.reservations.insert(
+                rk,
+                Reservation {
+                    owner: vm.clone(),
+                    ifname: ep.ifname.clone(),
+                    ips: ep.ips.clone(),
+                    mac: Some(ep.mac.clone()),
+                    since: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs()),
+                    kubevirt,
+                },
+            );
+        }
         let k = key(&ep.network, &ep.container_id, &ep.ifname);
         self.gone.remove(&k);
         self.note(&k);
@@ -278,6 +347,66 @@ mod tests {
     }
 
     #[test]
+    fn deleted_kubevirt_vms_lose_their_idle_reservations_and_nothing_else_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = IpamStore::open(dir.path(), "lan").unwrap();
+        let pool = Pool {
+            block_v4: Some("10.10.0.0/26".parse().unwrap()),
+            subnet_v4: Some("10.10.0.0/16".parse().unwrap()),
+            ..Pool::default()
+        };
+        let vm = |pod: &str, owner: &str, kubevirt: bool| AllocRequest {
+            attachment: Attachment {
+                container_id: pod.into(),
+                ifname: "eth0".into(),
+            },
+            owner: Some(owner.into()),
+            owner_kubevirt: kubevirt,
+            ..AllocRequest::default()
+        };
+        // gone: a deleted KubeVirt VM, stopped; running: deleted from the API but still
+        // attached; named: a runtime's VM_NAME identity; kept: a VM that exists.
+        for (pod, owner, kubevirt, release) in [
+            ("p1", "default/gone", true, true),
+            ("p2", "default/running", true, false),
+            ("p3", "default/named", false, true),
+            ("p4", "default/kept", true, true),
+        ] {
+            store.allocate(&pool, vm(pod, owner, kubevirt)).unwrap();
+            if release {
+                store
+                    .release(&Attachment {
+                        container_id: pod.into(),
+                        ifname: "eth0".into(),
+                    })
+                    .unwrap();
+            }
+        }
+        let mut eps = EndpointStore::load(dir.path());
+        assert_eq!(eps.reservations().len(), 4, "published");
+        let exists = |vm: &str| vm == "default/kept";
+        let now = eps.reservation("lan", "default/gone").unwrap().since;
+        assert!(
+            eps.forget_deleted(dir.path(), &exists, now, 300).is_empty(),
+            "too young"
+        );
+        assert_eq!(
+            eps.forget_deleted(dir.path(), &exists, now + 300, 300),
+            [("lan".to_string(), "default/gone".to_string())]
+        );
+        let mut left: Vec<String> = store
+            .reservations()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.owner)
+            .collect();
+        left.sort();
+        assert_eq!(left, ["default/kept", "default/named", "default/running"]);
+        assert_eq!(eps.reservations().len(), 3);
+        assert!(eps.reservation("lan", "default/gone").is_none());
+    }
+
+    #[test]
     fn resync_reads_ipam_and_respects_unregister() {
         let dir = tempfile::tempdir().unwrap();
         let store = IpamStore::open(dir.path(), "nat-demo").unwrap();
@@ -306,7 +435,7 @@ mod tests {
                         netns: None,
                         owner: None,
                         parent: None,
-                        adopt: false,
+                        ..AllocRequest::default()
                     },
                 )
                 .unwrap();

@@ -19,7 +19,9 @@
 
 use super::AgentStatus;
 use super::plan::NodeBlocks;
-use super::source::{Peer, ResourceSource, Resources, SourceError, WorkloadMeta};
+use super::source::{
+    Peer, PeerReservation, Published, ResourceSource, Resources, SourceError, WorkloadMeta,
+};
 use crate::controller::status::{READY, condition};
 use ::kube::api::{Patch, PatchParams};
 use ::kube::core::PartialObjectMeta;
@@ -81,8 +83,11 @@ pub struct KubeSource {
     last_error: Option<String>,
     /// Whether a snapshot ever succeeded.
     listed: bool,
-    /// This node's workload interfaces, published in its NodeNetwork status.
-    workloads: Vec<weft_crds::NodeWorkload>,
+    /// This node's workload interfaces and VM reservations, published in its NodeNetwork
+    /// status.
+    published: Published,
+    /// The KubeVirt VMs and VM instances, when KubeVirt is installed and they are listed.
+    vms: VmWatch,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -122,6 +127,17 @@ impl KubeSource {
             node_networks: reflect!("nodenetworks", Api::all(client.clone()), all),
             pods: reflect!("pods", Api::all(client.clone()), on_node),
         };
+        let vms = VmWatch::default();
+        for (kind, plural, set) in [
+            ("VirtualMachine", "virtualmachines", vms.vms.clone()),
+            (
+                "VirtualMachineInstance",
+                "virtualmachineinstances",
+                vms.instances.clone(),
+            ),
+        ] {
+            tasks.push(tokio::spawn(watch_vms(client.clone(), kind, plural, set)));
+        }
         let (status, rx) = watch::channel(None);
         tasks.push(tokio::spawn(write_status(
             Api::all(client),
@@ -134,7 +150,8 @@ impl KubeSource {
             synced,
             changes,
             used: None,
-            workloads: Vec::new(),
+            published: Published::default(),
+            vms,
             status,
             last_error: None,
             listed: false,
@@ -209,6 +226,25 @@ impl KubeSource {
                         .collect::<Vec<_>>()
                 })
                 .collect(),
+            peer_reservations: self
+                .stores
+                .node_networks
+                .state()
+                .iter()
+                .filter(|n| !named(&n.metadata))
+                .flat_map(|n| {
+                    let node = n.name_any();
+                    n.status
+                        .iter()
+                        .flat_map(|s| s.reservations.iter())
+                        .map(move |r| PeerReservation {
+                            node: node.clone(),
+                            reservation: r.clone(),
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect(),
+            vms: self.vms.known(),
             ..Resources::default()
         };
         let (blocks, problems) = match &node_network {
@@ -264,9 +300,9 @@ impl ResourceSource for KubeSource {
         true
     }
 
-    fn publish(&mut self, workloads: &[weft_crds::NodeWorkload]) {
+    fn publish(&mut self, published: &Published) {
         // Written with the next status (the agent publishes before it reports).
-        self.workloads = workloads.to_vec();
+        self.published = published.clone();
     }
 
     fn report(&mut self, status: &AgentStatus) {
@@ -286,7 +322,8 @@ impl ResourceSource for KubeSource {
             &previous,
             jiff::Timestamp::now(),
         );
-        new.workloads = self.workloads.clone();
+        new.workloads = self.published.workloads.clone();
+        new.reservations = self.published.reservations.clone();
         self.status.send_if_modified(|current| {
             if current.as_ref() == Some(&new) {
                 return false;
@@ -301,6 +338,94 @@ impl ResourceSource for KubeSource {
 }
 
 type BoxedTask = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The identities (`namespace/name`) of one KubeVirt kind; `None` until listed.
+type VmSet = Arc<std::sync::RwLock<Option<std::collections::BTreeSet<String>>>>;
+
+/// The KubeVirt VirtualMachines and VirtualMachineInstances of the cluster, watched as
+/// metadata. Neither is a condition of the agent's readiness: without KubeVirt they stay
+/// unlisted and VM reservations are kept.
+#[derive(Clone, Default)]
+struct VmWatch {
+    vms: VmSet,
+    instances: VmSet,
+}
+
+impl VmWatch {
+    /// Every VM and VM instance, once both kinds are listed.
+    fn known(&self) -> Option<std::collections::BTreeSet<String>> {
+        let vms = self.vms.read().ok()?.clone()?;
+        let instances = self.instances.read().ok()?.clone()?;
+        Some(vms.into_iter().chain(instances).collect())
+    }
+}
+
+/// Watches the metadata of KubeVirt's `kind` (`kubevirt.io/v1`, all namespaces) into `set`.
+/// Its events are no reason to reconcile (a VM's status changes often): the agent reads the set
+/// at its next resync.
+/// While the kind does not exist (KubeVirt not installed) the list fails with 404: that is
+/// logged once, and asked again with backoff.
+async fn watch_vms(client: Client, kind: &'static str, plural: &'static str, set: VmSet) {
+    use ::kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+    let resource = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("kubevirt.io", "v1", kind),
+        plural,
+    );
+    let api: Api<PartialObjectMeta<DynamicObject>> = Api::all_with(client, &resource);
+    let stream = watcher(api, watcher::Config::default().any_semantic()).default_backoff();
+    futures::pin_mut!(stream);
+    let id = |o: &PartialObjectMeta<DynamicObject>| {
+        format!(
+            "{}/{}",
+            o.metadata.namespace.as_deref().unwrap_or_default(),
+            o.metadata.name.as_deref().unwrap_or_default()
+        )
+    };
+    let mut building: std::collections::BTreeSet<String> = Default::default();
+    let mut absent_logged = false;
+    while let Some(item) = stream.next().await {
+        let event = match item {
+            Ok(event) => event,
+            Err(e) => {
+                let missing = matches!(&e, watcher::Error::InitialListFailed(::kube::Error::Api(s)) if s.code == 404)
+                    || matches!(&e, watcher::Error::WatchFailed(::kube::Error::Api(s)) if s.code == 404);
+                if missing {
+                    if !absent_logged {
+                        info!(
+                            kind,
+                            "KubeVirt is not installed: VM reservations are kept until it is"
+                        );
+                        absent_logged = true;
+                    }
+                } else {
+                    warn!(kind, error = %crate::error_chain(&e), "watch failed; retrying with backoff");
+                }
+                continue;
+            }
+        };
+        let Ok(mut current) = set.write() else {
+            return;
+        };
+        match event {
+            watcher::Event::Init => building.clear(),
+            watcher::Event::InitApply(o) => {
+                building.insert(id(&o));
+            }
+            watcher::Event::InitDone => {
+                *current = Some(std::mem::take(&mut building));
+                debug!(kind, "first list complete");
+            }
+            watcher::Event::Apply(o) => {
+                current.get_or_insert_default().insert(id(&o));
+            }
+            watcher::Event::Delete(o) => {
+                if let Some(c) = current.as_mut() {
+                    c.remove(&id(&o));
+                }
+            }
+        }
+    }
+}
 
 /// A reflector for `api` into a new store: its stream bumps `changes` on every event and sets
 /// the returned flag once the first list is complete; errors are logged and retried.
@@ -510,6 +635,7 @@ pub fn node_network_status(
         last_error: agent.last_error.as_deref().map(truncated),
         workloads: Vec::new(),
         policies: node_policies(agent),
+        reservations: Vec::new(),
     }
 }
 

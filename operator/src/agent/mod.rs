@@ -163,6 +163,10 @@ pub fn apply_blocking(
     dplan::apply_since(plan, previous, &mut links, &mut fw, &mut sysctls, state_dir)
 }
 
+/// A deleted VM's reservation is forgotten only once it is this old (seconds): a VM whose
+/// first attachment outran the agent's watch of the KubeVirt API keeps its addresses.
+const RESERVATION_MIN_AGE: u64 = 300;
+
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -439,8 +443,10 @@ impl Reconciler {
         }
         self.status.networks = realized;
         if self.source.publishes() {
-            self.source
-                .publish(&plan::published(&res, &self.endpoints.list()));
+            self.source.publish(&source::Published {
+                workloads: plan::published(&res, &self.endpoints.list()),
+                reservations: self.endpoints.reservations(),
+            });
         }
         self.source.report(&self.status);
         if let Err(e) =
@@ -512,7 +518,8 @@ impl Reconciler {
 
 /// The answer to [`Request::Identity`] from the last snapshot: the VM the pod runs (the given
 /// identity, or its `vm.kubevirt.io/name` label), its `weft.dev/networks` annotation, and where
-/// the VM runs now if on other nodes (this ADD is then a live migration's target).
+/// the VM runs now if on other nodes (this ADD is then a live migration's target), or else which
+/// node keeps its newest reservation (the VM stopped there and starts here).
 pub fn identity_reply(
     res: Option<&source::Resources>,
     ready: bool,
@@ -530,14 +537,22 @@ pub fn identity_reply(
             .map(|vm| format!("{namespace}/{vm}"))
     });
     let networks = pod.and_then(|w| w.networks.clone());
-    let migration = match (&vm, res) {
-        (Some(vm), Some(res)) => plan::migration_sources(res, vm),
+    let (migration, restore) = match (&vm, res) {
+        (Some(vm), Some(res)) => {
+            let migration = plan::migration_sources(res, vm);
+            let restore = plan::restore_sources(res, vm)
+                .into_iter()
+                .filter(|(network, _)| !migration.contains_key(network))
+                .collect();
+            (migration, restore)
+        }
         _ => Default::default(),
     };
     Reply {
         vm,
         networks,
         migration,
+        restore,
         ..Reply::ok(ready)
     }
 }
@@ -698,14 +713,15 @@ pub async fn run(
             }
             _ = resync.tick() => {
                 rec.endpoints.resync(&cfg.state_dir);
-                if let Some(res) = &rec.resources {
-                    let elsewhere = |vm: &str| {
-                        res.peers
-                            .iter()
-                            .any(|p| p.workload.active && p.workload.vm.as_deref() == Some(vm))
-                    };
-                    for (network, vm) in rec.endpoints.forget_migrated(&cfg.state_dir, &elsewhere) {
-                        info!(%network, %vm, "forgot the reservation of a VM that runs on another node now");
+                if let Some(vms) = rec.resources.as_ref().and_then(|r| r.vms.as_ref()) {
+                    let exists = |vm: &str| vms.contains(vm);
+                    for (network, vm) in rec.endpoints.forget_deleted(
+                        &cfg.state_dir,
+                        &exists,
+                        now(),
+                        RESERVATION_MIN_AGE,
+                    ) {
+                        info!(%network, %vm, "forgot the reservation of a deleted VM");
                     }
                 }
                 retry.record(rec.reconcile("resync").await.is_ok());

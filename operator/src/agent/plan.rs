@@ -602,6 +602,53 @@ pub fn migration_sources(
         .collect()
 }
 
+/// The newest reservation of VM `vm` that another node publishes, by network (the node it ran
+/// on last), while it runs on no other node there. Addresses that do not parse are left out.
+pub fn restore_sources(
+    res: &Resources,
+    vm: &str,
+) -> std::collections::BTreeMap<String, weft_dataplane::proto::Restore> {
+    let running: std::collections::BTreeSet<&str> = res
+        .peers
+        .iter()
+        .filter(|p| p.workload.vm.as_deref() == Some(vm))
+        .map(|p| p.workload.network.as_str())
+        .collect();
+    let mut out: std::collections::BTreeMap<String, weft_dataplane::proto::Restore> =
+        std::collections::BTreeMap::new();
+    for p in &res.peer_reservations {
+        let r = &p.reservation;
+        if r.vm != vm || running.contains(r.network.as_str()) {
+            continue;
+        }
+        let Ok(ips) = r
+            .ips
+            .iter()
+            .map(|i| i.parse())
+            .collect::<Result<Vec<IpAddr>, _>>()
+        else {
+            continue;
+        };
+        let since = u64::try_from(r.since).unwrap_or(0);
+        // The newest wins; of two as new, the first node by name (every node picks the same).
+        if out.get(&r.network).is_some_and(|o| {
+            (o.since, std::cmp::Reverse(&o.node)) >= (since, std::cmp::Reverse(&p.node))
+        }) {
+            continue;
+        }
+        out.insert(
+            r.network.clone(),
+            weft_dataplane::proto::Restore {
+                node: p.node.clone(),
+                ips,
+                mac: r.mac.clone(),
+                since,
+            },
+        );
+    }
+    out
+}
+
 fn plan_forwards(
     res: &Resources,
     networks: &BTreeMap<String, &Network>,
@@ -1084,6 +1131,89 @@ spec: {mode: Bridge, subnets: [10.61.0.0/24], bridge: {uplink: eth0}}
         let out = plan(&node(&[]), &res, &all_blocks(&res, &["node-a"]), &[]);
         assert_eq!(out.plan.bridges.len(), 2);
         assert!(out.plan.sysctls.is_empty(), "{:?}", out.plan.sysctls);
+    }
+
+    fn reservation(
+        node: &str,
+        vm: &str,
+        ip: &str,
+        since: i64,
+    ) -> crate::agent::source::PeerReservation {
+        crate::agent::source::PeerReservation {
+            node: node.into(),
+            reservation: weft_crds::NodeReservation {
+                vm: vm.into(),
+                network: "lan".into(),
+                ifname: "eth0".into(),
+                ips: vec![ip.into()],
+                mac: Some("02:00:00:00:00:01".into()),
+                since,
+            },
+        }
+    }
+
+    fn running(node: &str, vm: &str, ip: &str, active: bool) -> crate::agent::source::Peer {
+        crate::agent::source::Peer {
+            node: node.into(),
+            workload: weft_crds::NodeWorkload {
+                network: "lan".into(),
+                namespace: "default".into(),
+                name: "virt-launcher-x".into(),
+                labels: BTreeMap::new(),
+                ips: vec![ip.into()],
+                vm: Some(vm.into()),
+                mac: Some("02:00:00:00:00:01".into()),
+                active,
+            },
+        }
+    }
+
+    #[test]
+    fn a_stopped_vm_gets_the_newest_reservation_of_the_other_nodes_back() {
+        let mut res = Resources {
+            peer_reservations: vec![
+                reservation("node-b", "default/db", "10.70.0.40", 100),
+                reservation("node-c", "default/db", "10.70.0.50", 200),
+                reservation("node-d", "default/db", "10.70.0.60", 200),
+                reservation("node-b", "default/other", "10.70.0.41", 900),
+            ],
+            ..Resources::default()
+        };
+        let r = restore_sources(&res, "default/db");
+        assert_eq!(r.len(), 1);
+        assert_eq!(
+            r["lan"].node, "node-c",
+            "the newest; of two as new, the first by name"
+        );
+        assert_eq!(r["lan"].ips, ["10.70.0.50".parse::<IpAddr>().unwrap()]);
+        assert_eq!(r["lan"].since, 200);
+        assert!(restore_sources(&res, "default/nobody").is_empty());
+        // The identity reply carries it for the VM's pod…
+        let reply = crate::agent::identity_reply(
+            Some(&res),
+            true,
+            "default",
+            "virt-launcher-db",
+            Some("default/db"),
+        );
+        assert_eq!(reply.restore["lan"].node, "node-c");
+        assert!(reply.migration.is_empty());
+        // …but not while the VM runs on another node (a live migration takes its addresses
+        // from there), pending or active.
+        for active in [true, false] {
+            res.peers = vec![running("node-e", "default/db", "10.70.0.50", active)];
+            assert!(restore_sources(&res, "default/db").is_empty());
+        }
+        res.peers = vec![running("node-e", "default/db", "10.70.0.50", true)];
+        let reply = crate::agent::identity_reply(
+            Some(&res),
+            true,
+            "default",
+            "virt-launcher-db",
+            Some("default/db"),
+        );
+        assert!(reply.restore.is_empty());
+        assert_eq!(reply.migration["lan"].node, "node-e");
     }
 }
 

@@ -30,6 +30,34 @@ pub struct Peer {
     pub workload: weft_crds::NodeWorkload,
 }
 
+/// A VM interface's reservation on another node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerReservation {
+    /// The node that keeps it.
+    pub node: String,
+    /// What its agent published.
+    pub reservation: weft_crds::NodeReservation,
+}
+
+/// What a node publishes for the others: its workload interfaces and its VM reservations.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Published {
+    /// Workload interfaces.
+    #[serde(default)]
+    pub workloads: Vec<weft_crds::NodeWorkload>,
+    /// VM reservations.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reservations: Vec<weft_crds::NodeReservation>,
+}
+
+/// A peers file: [`Published`], or the bare list of workloads of earlier versions.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum PeerFile {
+    Full(Published),
+    Workloads(Vec<weft_crds::NodeWorkload>),
+}
+
 /// Everything the node plan is computed from, besides the node's own endpoints.
 #[derive(Debug, Clone, Default)]
 pub struct Resources {
@@ -51,6 +79,13 @@ pub struct Resources {
     /// Workload interfaces on other nodes, as their agents published them: members of the
     /// policies' groups here (a rule naming pods by label matches them wherever they run).
     pub peers: Vec<Peer>,
+    /// VM reservations on other nodes, as their agents published them: a VM started here gets
+    /// the addresses and MAC it had there.
+    pub peer_reservations: Vec<PeerReservation>,
+    /// The identities (`namespace/name`) of the KubeVirt VMs and VM instances in the cluster,
+    /// when the source knows them (cluster mode with KubeVirt installed, once listed): a
+    /// reservation of a VM not among them is forgotten. `None`: reservations are kept.
+    pub vms: Option<std::collections::BTreeSet<String>>,
     /// This node's address blocks per network, when the source knows them (cluster mode: the
     /// controller's `NodeNetwork`). `None`: the agent assigns blocks itself (standalone).
     pub node_blocks: Option<BTreeMap<String, NodeBlocks>>,
@@ -97,9 +132,10 @@ pub trait ResourceSource: Send {
     /// Reports what the agent realized after a reconcile (cluster mode writes it to the node's
     /// `NodeNetwork` status). The standalone source has nowhere to write it.
     fn report(&mut self, _status: &super::AgentStatus) {}
-    /// Publishes this node's workload interfaces for the other nodes' policies (cluster mode:
-    /// the `NodeNetwork` status; standalone: a file in the shared peers directory, if any).
-    fn publish(&mut self, _workloads: &[weft_crds::NodeWorkload]) {}
+    /// Publishes this node's workload interfaces (for the other nodes' policies) and VM
+    /// reservations (for VMs started elsewhere) — cluster mode: the `NodeNetwork` status;
+    /// standalone: a file in the shared peers directory, if any.
+    fn publish(&mut self, _published: &Published) {}
     /// Does [`ResourceSource::publish`] go anywhere? (When not, the list is not built.)
     fn publishes(&self) -> bool {
         false
@@ -113,7 +149,7 @@ pub trait ResourceSource: Send {
 pub struct ManifestSource {
     dir: PathBuf,
     peers: Option<(PathBuf, String)>,
-    published: Option<Vec<weft_crds::NodeWorkload>>,
+    published: Option<Published>,
 }
 
 impl ManifestSource {
@@ -309,11 +345,28 @@ impl ResourceSource for ManifestSource {
             }
         }
         for (node, file) in self.peer_files() {
-            match weft_dataplane::state::read_json::<Vec<weft_crds::NodeWorkload>>(&file) {
-                Ok(list) => res.peers.extend(list.into_iter().map(|workload| Peer {
-                    node: node.clone(),
-                    workload,
-                })),
+            match weft_dataplane::state::read_json::<PeerFile>(&file) {
+                Ok(file) => {
+                    let published = match file {
+                        PeerFile::Full(p) => p,
+                        PeerFile::Workloads(workloads) => Published {
+                            workloads,
+                            ..Published::default()
+                        },
+                    };
+                    res.peers
+                        .extend(published.workloads.into_iter().map(|workload| Peer {
+                            node: node.clone(),
+                            workload,
+                        }));
+                    res.peer_reservations
+                        .extend(published.reservations.into_iter().map(|reservation| {
+                            PeerReservation {
+                                node: node.clone(),
+                                reservation,
+                            }
+                        }));
+                }
                 Err(e) => res
                     .problems
                     .push(format!("peers of node {node}: {}", crate::error_chain(&e))),
@@ -339,22 +392,22 @@ impl ResourceSource for ManifestSource {
         self.peers.is_some()
     }
 
-    fn publish(&mut self, workloads: &[weft_crds::NodeWorkload]) {
+    fn publish(&mut self, published: &Published) {
         let Some((dir, me)) = &self.peers else {
             return;
         };
-        if self.published.as_deref() == Some(workloads) {
+        if self.published.as_ref() == Some(published) {
             return;
         }
         let path = dir.join(format!("{me}.json"));
         let written = std::fs::create_dir_all(dir)
             .map_err(|e| e.to_string())
             .and_then(|()| {
-                weft_dataplane::state::write_json_unsynced(&path, &workloads)
+                weft_dataplane::state::write_json_unsynced(&path, published)
                     .map_err(|e| crate::error_chain(&e))
             });
         match written {
-            Ok(()) => self.published = Some(workloads.to_vec()),
+            Ok(()) => self.published = Some(published.clone()),
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "cannot publish the node's workloads")
             }
@@ -446,19 +499,38 @@ mod peer_tests {
             mac: Some("0a:58:0a:00:00:05".into()),
             active: true,
         };
+        let kept = weft_crds::NodeReservation {
+            vm: "shop/db".into(),
+            network: "lan".into(),
+            ifname: "eth0".into(),
+            ips: vec!["10.0.0.9".into()],
+            mac: Some("02:00:00:00:00:09".into()),
+            since: 1_700_000_000,
+        };
+        let published = Published {
+            workloads: vec![web.clone()],
+            reservations: vec![kept.clone()],
+        };
         let before = a.fingerprint().unwrap();
-        b.publish(std::slice::from_ref(&web));
+        b.publish(&published);
         assert_ne!(
             a.fingerprint().unwrap(),
             before,
             "a peer's change is a change"
         );
-        let seen = a.snapshot().unwrap().peers;
+        let snapshot = a.snapshot().unwrap();
         assert_eq!(
-            seen,
+            snapshot.peers,
             [Peer {
                 node: "node-b".into(),
-                workload: web
+                workload: web.clone()
+            }]
+        );
+        assert_eq!(
+            snapshot.peer_reservations,
+            [PeerReservation {
+                node: "node-b".into(),
+                reservation: kept
             }]
         );
         assert!(b.snapshot().unwrap().peers.is_empty(), "not its own");
@@ -466,10 +538,26 @@ mod peer_tests {
         let file = peers.path().join("node-b.json");
         let written = std::fs::metadata(&file).unwrap().modified().unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
-        b.publish(&seen.iter().map(|p| p.workload.clone()).collect::<Vec<_>>());
+        b.publish(&published.clone());
         assert_eq!(
             std::fs::metadata(&file).unwrap().modified().unwrap(),
             written
         );
+    }
+
+    #[test]
+    fn a_peers_file_of_workloads_alone_still_reads() {
+        let manifests = tempfile::tempdir().unwrap();
+        let peers = tempfile::tempdir().unwrap();
+        std::fs::write(
+            peers.path().join("node-b.json"),
+            r#"[{"network":"lan","namespace":"shop","name":"web-1","ips":["10.0.0.5"]}]"#,
+        )
+        .unwrap();
+        let mut a = ManifestSource::new(manifests.path()).with_peers(peers.path(), "node-a");
+        let res = a.snapshot().unwrap();
+        assert_eq!(res.peers.len(), 1);
+        assert!(res.peer_reservations.is_empty());
+        assert!(res.problems.is_empty(), "{:?}", res.problems);
     }
 }

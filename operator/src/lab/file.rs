@@ -105,6 +105,11 @@ pub struct Workload {
     /// announces itself, the target activates, the source launcher is removed.
     #[serde(default)]
     pub migrate_to: Option<String>,
+    /// A VM only: stop it and start it on this node once every workload is up (before the
+    /// expectations), as a VM started again elsewhere: its launcher is deleted, a new one is
+    /// attached there and must get the VM's addresses and MAC back, active at once.
+    #[serde(default)]
+    pub restart_on: Option<String>,
 }
 
 impl Workload {
@@ -345,6 +350,23 @@ impl LabFile {
                 if !self.nodes.iter().any(|n| &n.name == to) || to == &w.node {
                     errors.push(format!(
                         "workloads[{i}].migrateTo: {to:?} is not another node of the lab"
+                    ));
+                }
+            }
+            if let Some(to) = &w.restart_on {
+                if w.kind != "VM" {
+                    errors.push(format!(
+                        "workloads[{i}].restartOn: only a VM restarts elsewhere; set kind: VM or remove restartOn"
+                    ));
+                }
+                if !self.nodes.iter().any(|n| &n.name == to) || to == &w.node {
+                    errors.push(format!(
+                        "workloads[{i}].restartOn: {to:?} is not another node of the lab"
+                    ));
+                }
+                if w.migrate_to.is_some() {
+                    errors.push(format!(
+                        "workloads[{i}]: migrateTo and restartOn both move the VM; keep one"
                     ));
                 }
             }

@@ -283,6 +283,9 @@ fn run_lab(lab: &Lab, res: &crate::agent::source::Resources) -> anyhow::Result<b
         if let Some(to) = &w.migrate_to {
             println!("  {}", lab.migrate(w, to)?);
         }
+        if let Some(to) = &w.restart_on {
+            println!("  {}", lab.restart_on(w, to)?);
+        }
     }
 
     let addresses = lab.addresses();

@@ -22,6 +22,10 @@ use weft_dataplane::netns::{self, Netns};
 /// Workload name → [(network, addresses on it)].
 pub type Addresses = BTreeMap<String, Vec<(String, Vec<IpAddr>)>>;
 
+/// A guest's relay readied for a new tap: the relay, the standby's id, its writer, the
+/// interface and the VM's MAC on it.
+type Switch = (Arc<super::vmm::Relay>, usize, std::fs::File, String, String);
+
 /// Root of the lab's files.
 pub const LAB_ROOT: &str = "/run/weft-lab";
 
@@ -645,6 +649,7 @@ impl Lab {
                 ips: vec![],
                 mac: None,
                 migrate_to: None,
+                restart_on: None,
             };
             let conflist = self
                 .node_dir(&node.name)
@@ -843,31 +848,36 @@ impl Lab {
         Ok(())
     }
 
-    /// Live-migrates VM `w` to node `to`, as KubeVirt does with weft's tap binding: the target
-    /// launcher gets its taps (the VM's addresses and MAC, the ports pending: nothing passes
-    /// them), the guest switches over and announces itself (RARP, as QEMU does when the VM
-    /// resumes), the target's agent activates the ports, then the source launcher is deleted.
-    /// Returns what happened, for the lab's output.
-    pub fn migrate(&self, w: &Workload, to: &str) -> anyhow::Result<String> {
-        let attached = self
+    /// The (network, interface) pairs of workload `w`'s attachments.
+    fn attached(&self, w: &Workload) -> anyhow::Result<Vec<(String, String)>> {
+        Ok(self
             .attachments
             .lock()
             .map_err(|_| anyhow::anyhow!("lab attachments poisoned"))?
             .get(&w.name)
             .cloned()
-            .unwrap_or_default();
-        let before = self.addresses();
+            .unwrap_or_default())
+    }
+
+    /// Attaches VM `w`'s interfaces in a new launcher namespace on node `to` (CNI ADD per
+    /// network), checks that each kept the VM's addresses, and readies a switch of the guest's
+    /// relay to each new tap; returns the switches and what was kept, for the output.
+    fn attach_vm_on(
+        &self,
+        w: &Workload,
+        to: &str,
+        attached: &[(String, String)],
+        before: &Addresses,
+        what: &str,
+    ) -> anyhow::Result<(Vec<Switch>, Vec<String>)> {
         self.create_ns("m", &w.name)?;
         let target = self.open_ns("m", &w.name)?;
         let mut switch = Vec::new();
         let mut kept = Vec::new();
-        for (network, ifname) in &attached {
+        for (network, ifname) in attached {
             let (ok, result) = self.cni_as(to, "ADD", w, network, ifname, "m")?;
             if !ok {
-                anyhow::bail!(
-                    "CNI ADD of VM {}'s migration target on {to} failed: {result}",
-                    w.name
-                );
+                anyhow::bail!("CNI ADD of VM {}'s {what} on {to} failed: {result}", w.name);
             }
             let ips: Vec<IpAddr> = result["ips"]
                 .as_array()
@@ -916,6 +926,123 @@ impl Lab {
                     .join(", ")
             ));
         }
+        Ok((switch, kept))
+    }
+
+    /// Stops VM `w` on its node and starts it on node `to`, as KubeVirt does when a stopped VM
+    /// is started again and scheduled elsewhere: the launcher's interfaces are deleted (CNI
+    /// DEL), and once `to`'s agent no longer sees the VM running there, a new launcher is
+    /// attached on `to`; it must get the VM's addresses and MAC back, active at once. Returns
+    /// what happened, for the lab's output.
+    pub fn restart_on(&self, w: &Workload, to: &str) -> anyhow::Result<String> {
+        let attached = self.attached(w)?;
+        let before = self.addresses();
+        let peers = |node: &str| {
+            self.agent_status(node)
+                .and_then(|s| s["peers"].as_u64())
+                .unwrap_or(0) as usize
+        };
+        // What `to`'s agent should see once the VM stopped: every other workload's interfaces
+        // that run on another node now.
+        let moved = self.moved.lock().map(|m| m.clone()).unwrap_or_default();
+        let want: usize = self
+            .spec
+            .workloads
+            .iter()
+            .filter(|o| o.name != w.name)
+            .filter(|o| moved.get(&o.name).unwrap_or(&o.node) != to)
+            .map(|o| before.get(&o.name).map_or(0, |nets| nets.len()))
+            .sum();
+        for (network, ifname) in &attached {
+            let (ok, result) = self.cni_as(&w.node, "DEL", w, network, ifname, "w")?;
+            if !ok {
+                anyhow::bail!("CNI DEL of VM {}'s launcher failed: {result}", w.name);
+            }
+        }
+        // The source's agent publishes the VM as stopped (its reservation, no workload), and
+        // `to`'s agent reads that.
+        let vm = format!("{}/{}", w.namespace, w.name);
+        let published = self.dir.join("peers").join(format!("{}.json", w.node));
+        let stopped = || {
+            let Ok(file) = std::fs::read(&published) else {
+                return false;
+            };
+            let Ok(p) = serde_json::from_slice::<serde_json::Value>(&file) else {
+                return false;
+            };
+            let runs = p["workloads"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|x| x["vm"].as_str() == Some(vm.as_str()));
+            let kept = p["reservations"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|x| x["vm"].as_str() == Some(vm.as_str()));
+            !runs && kept
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !stopped() || peers(to) != want {
+            if Instant::now() > deadline {
+                anyhow::bail!(
+                    "15 s after VM {} stopped on {}: published as stopped {}, the agent of {to} knows {} workload interfaces on other nodes, not {want}",
+                    w.name,
+                    w.node,
+                    stopped(),
+                    peers(to),
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let (switch, kept) = self.attach_vm_on(w, to, &attached, &before, "new launcher")?;
+        // Started before `to`'s agent saw the VM stop, the new launcher would be held like a
+        // migration target, until the agent sees the VM runs nowhere else.
+        let started = Instant::now();
+        let pending = || {
+            self.agent_status(to)
+                .and_then(|s| s["pending"].as_u64())
+                .unwrap_or(0)
+        };
+        while pending() > 0 {
+            if started.elapsed() > Duration::from_secs(10) {
+                anyhow::bail!(
+                    "VM {}'s new launcher on {to} is still held like a migration target after 10 s",
+                    w.name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let held = started.elapsed();
+        for (relay, id, writer, _, _) in switch {
+            relay.switch_to(id, writer)?;
+        }
+        self.moved
+            .lock()
+            .map_err(|_| anyhow::anyhow!("lab moved poisoned"))?
+            .insert(w.name.clone(), to.to_string());
+        Ok(format!(
+            "{} stopped on {} and started on {to}: kept {}{}",
+            w.name,
+            w.node,
+            kept.join("; "),
+            if held > Duration::from_millis(50) {
+                format!(" (held {} ms until {to} saw it stopped)", held.as_millis())
+            } else {
+                String::new()
+            }
+        ))
+    }
+
+    /// Live-migrates VM `w` to node `to`, as KubeVirt does with weft's tap binding: the target
+    /// launcher gets its taps (the VM's addresses and MAC, the ports pending: nothing passes
+    /// them), the guest switches over and announces itself (RARP, as QEMU does when the VM
+    /// resumes), the target's agent activates the ports, then the source launcher is deleted.
+    /// Returns what happened, for the lab's output.
+    pub fn migrate(&self, w: &Workload, to: &str) -> anyhow::Result<String> {
+        let attached = self.attached(w)?;
+        let before = self.addresses();
+        let (switch, kept) = self.attach_vm_on(w, to, &attached, &before, "migration target")?;
         let pending = |node: &str| {
             self.agent_status(node)
                 .and_then(|s| s["pending"].as_u64())
