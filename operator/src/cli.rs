@@ -95,6 +95,15 @@ pub struct AgentArgs {
 pub enum AgentAction {
     /// Remove every link, rule, state file and CNI file weft created on this node.
     Cleanup(AgentOpts),
+    /// Forget the addresses and MAC kept on this node for a VM that is gone for good (with
+    /// `--kube` and KubeVirt installed the agent does this itself once the VM is deleted).
+    ForgetVm {
+        /// The VM's identity, `namespace/name`.
+        vm: String,
+        /// weft's state dir.
+        #[arg(long, env = "WEFT_STATE_DIR", default_value = names::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
 }
 
 /// Settings of the agent.
@@ -290,6 +299,25 @@ fn enter_netns(path: &Option<PathBuf>) -> anyhow::Result<()> {
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Agent(args) => match args.action {
+            Some(AgentAction::ForgetVm { vm, state_dir }) => {
+                let (forgotten, attached) = agent::forget_vm(&state_dir, &vm)?;
+                for network in &forgotten {
+                    eprintln!("forgot VM {vm}'s addresses on network {network}");
+                }
+                for network in &attached {
+                    eprintln!(
+                        "VM {vm} is attached on network {network}: its addresses are kept; stop the VM first"
+                    );
+                }
+                if forgotten.is_empty() && attached.is_empty() {
+                    eprintln!("no addresses are kept for VM {vm} on this node");
+                }
+                Ok(if attached.is_empty() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
+            }
             Some(AgentAction::Cleanup(opts)) => {
                 enter_netns(&opts.netns)?;
                 for line in agent::cleanup(&opts.config()?)? {

@@ -407,6 +407,42 @@ mod tests {
     }
 
     #[test]
+    fn forget_vm_drops_a_stopped_vms_reservations_and_keeps_an_attached_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Pool {
+            block_v4: Some("10.10.0.0/26".parse().unwrap()),
+            ..Pool::default()
+        };
+        for (network, release) in [("lan", true), ("nat", false)] {
+            let store = IpamStore::open(dir.path(), network).unwrap();
+            let att = Attachment {
+                container_id: "launcher".into(),
+                ifname: "eth0".into(),
+            };
+            store
+                .allocate(
+                    &pool,
+                    AllocRequest {
+                        attachment: att.clone(),
+                        owner: Some("default/vm-a".into()),
+                        ..AllocRequest::default()
+                    },
+                )
+                .unwrap();
+            if release {
+                store.release(&att).unwrap();
+            }
+        }
+        let (forgotten, attached) = crate::agent::forget_vm(dir.path(), "default/vm-a").unwrap();
+        assert_eq!(forgotten, ["lan"]);
+        assert_eq!(attached, ["nat"]);
+        let lan = IpamStore::open(dir.path(), "lan").unwrap();
+        assert!(lan.reservations().unwrap().is_empty());
+        let nat = IpamStore::open(dir.path(), "nat").unwrap();
+        assert_eq!(nat.reservations().unwrap().len(), 1);
+    }
+
+    #[test]
     fn resync_reads_ipam_and_respects_unregister() {
         let dir = tempfile::tempdir().unwrap();
         let store = IpamStore::open(dir.path(), "nat-demo").unwrap();

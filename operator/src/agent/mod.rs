@@ -163,6 +163,26 @@ pub fn apply_blocking(
     dplan::apply_since(plan, previous, &mut links, &mut fw, &mut sysctls, state_dir)
 }
 
+/// Forgets the reservations of VM `vm` (`namespace/name`) in every network's IPAM store under
+/// `state_dir`; returns the networks where they were forgotten and those where the VM is
+/// attached (its reservations kept there).
+pub fn forget_vm(
+    state_dir: &std::path::Path,
+    vm: &str,
+) -> Result<(Vec<String>, Vec<String>), weft_dataplane::ipam::IpamError> {
+    let mut forgotten = Vec::new();
+    let mut attached = Vec::new();
+    for network in weft_dataplane::ipam::IpamStore::networks(state_dir) {
+        let store = weft_dataplane::ipam::IpamStore::open(state_dir, &network)?;
+        if store.forget_idle(vm, |_| true)? > 0 {
+            forgotten.push(network);
+        } else if store.list()?.iter().any(|a| a.owner.as_deref() == Some(vm)) {
+            attached.push(network);
+        }
+    }
+    Ok((forgotten, attached))
+}
+
 /// A deleted VM's reservation is forgotten only once it is this old (seconds): a VM whose
 /// first attachment outran the agent's watch of the KubeVirt API keeps its addresses.
 const RESERVATION_MIN_AGE: u64 = 300;
