@@ -94,7 +94,7 @@ pub struct AgentArgs {
 #[derive(Debug, Subcommand)]
 pub enum AgentAction {
     /// Remove every link, rule, state file and CNI file weft created on this node.
-    Cleanup(AgentOpts),
+    Cleanup(Box<AgentOpts>),
     /// Forget the addresses and MAC kept on this node for a VM that is gone for good (with
     /// `--kube` and KubeVirt installed the agent does this itself once the VM is deleted).
     ForgetVm {
