@@ -51,6 +51,8 @@ pub const FIELD_MANAGER: &str = "weft-agent";
 pub const DEGRADED: &str = "Degraded";
 /// Longest delay between retries of a failed status write.
 pub const MAX_STATUS_BACKOFF: Duration = Duration::from_secs(60);
+/// Most VM reservations published in the NodeNetwork status (its schema's `maxItems`).
+const MAX_RESERVATIONS: usize = 4096;
 /// Longest condition message written (the API allows 32768 bytes).
 const MAX_MESSAGE: usize = 4096;
 
@@ -88,6 +90,8 @@ pub struct KubeSource {
     published: Published,
     /// The KubeVirt VMs and VM instances, when KubeVirt is installed and they are listed.
     vms: VmWatch,
+    /// The last publication had more reservations than the status holds (warned once).
+    capped: bool,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -152,6 +156,7 @@ impl KubeSource {
             used: None,
             published: Published::default(),
             vms,
+            capped: false,
             status,
             last_error: None,
             listed: false,
@@ -303,6 +308,22 @@ impl ResourceSource for KubeSource {
     fn publish(&mut self, published: &Published) {
         // Written with the next status (the agent publishes before it reports).
         self.published = published.clone();
+        // The schema's bound: the newest reservations win (the others' VMs get new addresses
+        // when started on another node).
+        let reservations = &mut self.published.reservations;
+        let over = reservations.len() > MAX_RESERVATIONS;
+        if over && !std::mem::replace(&mut self.capped, true) {
+            warn!(
+                kept = reservations.len(),
+                published = MAX_RESERVATIONS,
+                "more VM reservations than the NodeNetwork status holds: the newest are published"
+            );
+        }
+        self.capped = over;
+        if over {
+            reservations.sort_by_key(|r| std::cmp::Reverse(r.since));
+            reservations.truncate(MAX_RESERVATIONS);
+        }
     }
 
     fn report(&mut self, status: &AgentStatus) {
