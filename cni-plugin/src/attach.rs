@@ -127,40 +127,15 @@ struct Carried<'a> {
 
 /// The Networks of a pod's `weft.dev/networks` annotation, in order, or a code 7 error naming
 /// the annotation.
-fn annotated_networks(value: &str) -> Result<Vec<String>, CniError> {
-    let mut out: Vec<String> = Vec::new();
-    for n in value.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-        let valid = n.len() <= 253
-            && n.chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
-        if !valid {
-            return Err(CniError::new(
-                error::INVALID_CONFIG,
-                "invalid pod annotation",
-                format!(
-                    "{}: {n:?} is not a Network name; list Network names separated by commas, e.g. \"nat-demo,lan\"",
-                    proto::NETWORKS_ANNOTATION
-                ),
-            ));
-        }
-        if out.iter().any(|o| o == n) {
-            return Err(CniError::new(
-                error::INVALID_CONFIG,
-                "invalid pod annotation",
-                format!(
-                    "{}: Network {n} is listed twice; one interface per Network",
-                    proto::NETWORKS_ANNOTATION
-                ),
-            ));
-        }
-        out.push(n.to_string());
-    }
-    Ok(out)
+fn annotated_networks(value: &str) -> Result<Vec<proto::NetworkSelection>, CniError> {
+    proto::parse_networks_annotation(value)
+        .map_err(|e| CniError::new(error::INVALID_CONFIG, "invalid pod annotation", e))
 }
 
 /// ADD: one interface on the configuration's Network; or, when the pod's `weft.dev/networks`
-/// annotation lists Networks, one interface on each (`CNI_IFNAME` on the first, with the default
-/// route; `net1`, `net2`… on the others), all or nothing.
+/// annotation lists Networks, one interface on each (`CNI_IFNAME` on the first; the annotation's
+/// interface names or `net1`, `net2`… on the others; the default route through the one marked
+/// `defaultRoute`, else the first), all or nothing.
 pub fn add(conf: &Conf, env: &Env) -> Result<CniResult, CniError> {
     let ifname = env.ifname()?;
     let (pod_namespace, pod_name) = env.pod();
@@ -193,15 +168,32 @@ pub fn add(conf: &Conf, env: &Env) -> Result<CniResult, CniError> {
         }
     };
     let mut done: Vec<(String, String, CniResult)> = Vec::new();
-    let ifnames = interface_names(ifname, list.len());
-    for (i, (network, this_if)) in list.iter().zip(ifnames).enumerate() {
+    let ifnames = interface_names(ifname, &list);
+    let via = list.iter().position(|n| n.default_route).unwrap_or(0);
+    // A default route asked for on a Network without a gateway would silently be none.
+    if let Some(chosen) = list.iter().find(|n| n.default_route) {
+        let net = read_network(conf, &chosen.name)?;
+        if net.gateway_v4.is_none() && net.gateway_v6.is_none() {
+            return Err(CniError::new(
+                error::INVALID_CONFIG,
+                "invalid pod annotation",
+                format!(
+                    "{}: Network {} has no gateway (spec.gateway) for the pod's default route; set one, or mark another Network defaultRoute",
+                    proto::NETWORKS_ANNOTATION,
+                    chosen.name
+                ),
+            ));
+        }
+    }
+    for (i, (selection, this_if)) in list.iter().zip(ifnames).enumerate() {
+        let network = &selection.name;
         let parent = (i > 0).then_some(ifname);
         match add_one(
             conf,
             env,
             network,
             &this_if,
-            conf.default_route && i == 0,
+            conf.default_route && i == via,
             vm.clone(),
             parent,
             pod.carried(network, kubevirt),
@@ -241,19 +233,32 @@ pub fn add(conf: &Conf, env: &Env) -> Result<CniResult, CniError> {
     Ok(merged)
 }
 
-/// The interface names of `count` networks: `primary` (`CNI_IFNAME`) first, then `net1`,
-/// `net2`… without `primary` itself (a Multus delegate's `CNI_IFNAME` may be `net1`).
-fn interface_names(primary: &str, count: usize) -> Vec<String> {
-    let mut out = vec![primary.to_string()];
+/// The interface names of the annotation's networks: `primary` (`CNI_IFNAME`) first, then each
+/// one's own `interface`, or else `net1`, `net2`… skipping names already taken (a Multus
+/// delegate's `CNI_IFNAME` may be `net1`).
+fn interface_names(primary: &str, list: &[proto::NetworkSelection]) -> Vec<String> {
+    let mut taken: Vec<&str> = vec![primary];
+    taken.extend(list.iter().filter_map(|n| n.interface.as_deref()));
+    let mut out = Vec::new();
     let mut n = 1;
-    while out.len() < count {
-        let name = format!("net{n}");
-        if name != primary {
-            out.push(name);
+    for (i, selection) in list.iter().enumerate() {
+        if i == 0 {
+            out.push(primary.to_string());
+            continue;
         }
-        n += 1;
+        if let Some(name) = &selection.interface {
+            out.push(name.clone());
+            continue;
+        }
+        let name = loop {
+            let name = format!("net{n}");
+            n += 1;
+            if !taken.contains(&name.as_str()) {
+                break name;
+            }
+        };
+        out.push(name);
     }
-    out.truncate(count);
     out
 }
 
@@ -847,11 +852,18 @@ mod tests {
 
     #[test]
     fn the_networks_annotation_lists_names_in_order_once_each() {
-        assert_eq!(
-            annotated_networks(" nat-demo, lan ,").unwrap(),
-            ["nat-demo", "lan"]
-        );
-        for bad in ["nat-demo,LAN", "a,b,a", "lan@net1"] {
+        let names: Vec<String> = annotated_networks(" nat-demo, lan ,")
+            .unwrap()
+            .into_iter()
+            .map(|n| n.name)
+            .collect();
+        assert_eq!(names, ["nat-demo", "lan"]);
+        for bad in [
+            "nat-demo,LAN",
+            "a,b,a",
+            "lan@net1",
+            r#"[{"name": "a", "mac": "x"}]"#,
+        ] {
             let e = annotated_networks(bad).unwrap_err();
             assert_eq!(e.code, error::INVALID_CONFIG, "{bad}");
             assert!(e.details.contains("weft.dev/networks"), "{bad}: {e:?}");
@@ -860,9 +872,24 @@ mod tests {
 
     #[test]
     fn extra_interfaces_are_named_net_n_and_never_clash_with_cni_ifname() {
-        assert_eq!(interface_names("eth0", 3), ["eth0", "net1", "net2"]);
-        assert_eq!(interface_names("net1", 3), ["net1", "net2", "net3"]);
-        assert_eq!(interface_names("eth0", 1), ["eth0"]);
+        let list = |v: &str| annotated_networks(v).unwrap();
+        assert_eq!(
+            interface_names("eth0", &list("a,b,c")),
+            ["eth0", "net1", "net2"]
+        );
+        assert_eq!(
+            interface_names("net1", &list("a,b,c")),
+            ["net1", "net2", "net3"]
+        );
+        assert_eq!(interface_names("eth0", &list("a")), ["eth0"]);
+        // Named interfaces keep their names; the others skip them.
+        assert_eq!(
+            interface_names(
+                "eth0",
+                &list(r#"[{"name": "a"}, {"name": "b"}, {"name": "c", "interface": "net1"}]"#)
+            ),
+            ["eth0", "net2", "net1"]
+        );
     }
 
     #[test]

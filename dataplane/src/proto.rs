@@ -122,9 +122,104 @@ pub struct Restore {
     pub since: u64,
 }
 
-/// The pod annotation naming the weft Networks a pod wants, in order (`"nat-demo,lan"`): one
-/// CNI ADD creates an interface on each, the first with the default route.
+/// The pod annotation naming the weft Networks a pod wants, in order (`"nat-demo,lan"`, or a
+/// JSON list of [`NetworkSelection`]s): one CNI ADD creates an interface on each, the first (or
+/// the one marked `defaultRoute`) with the default route.
 pub const NETWORKS_ANNOTATION: &str = "weft.dev/networks";
+
+/// One Network of a pod's [`NETWORKS_ANNOTATION`].
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NetworkSelection {
+    /// The Network.
+    pub name: String,
+    /// The interface's name in the pod (the first Network's is always `CNI_IFNAME`; the others
+    /// default to `net1`, `net2`…).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+    /// The pod's default route goes through this Network (at most one; default: the first).
+    #[serde(default)]
+    pub default_route: bool,
+}
+
+/// Parses a pod's [`NETWORKS_ANNOTATION`]: `"nat-demo,lan"`, or
+/// `[{"name": "nat-demo"}, {"name": "lan", "interface": "lan0", "defaultRoute": true}]`. An
+/// empty value is an empty list. The error names the annotation, what is wrong and the fix.
+pub fn parse_networks_annotation(value: &str) -> Result<Vec<NetworkSelection>, String> {
+    let a = NETWORKS_ANNOTATION;
+    let list: Vec<NetworkSelection> = if value.trim_start().starts_with('[') {
+        serde_json::from_str(value).map_err(|e| {
+            format!(
+                "{a}: not a list of networks: {e}; write [{{\"name\": \"nat-demo\"}}, {{\"name\": \"lan\", \"interface\": \"lan0\", \"defaultRoute\": true}}] (keys name, interface, defaultRoute) or \"nat-demo,lan\""
+            )
+        })?
+    } else {
+        value
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(|n| NetworkSelection {
+                name: n.to_string(),
+                ..NetworkSelection::default()
+            })
+            .collect()
+    };
+    let mut names: Vec<&str> = Vec::new();
+    let mut interfaces: Vec<&str> = Vec::new();
+    for (i, n) in list.iter().enumerate() {
+        let valid = !n.name.is_empty()
+            && n.name.len() <= 253
+            && n.name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+        if !valid {
+            return Err(format!(
+                "{a}: {:?} is not a Network name; list Network names separated by commas, e.g. \"nat-demo,lan\"",
+                n.name
+            ));
+        }
+        if names.contains(&n.name.as_str()) {
+            return Err(format!(
+                "{a}: Network {} is listed twice; one interface per Network",
+                n.name
+            ));
+        }
+        names.push(&n.name);
+        if let Some(ifname) = &n.interface {
+            if i == 0 {
+                return Err(format!(
+                    "{a}: the first Network ({}) gets the runtime's interface (CNI_IFNAME, eth0); leave its interface out",
+                    n.name
+                ));
+            }
+            let ok = !ifname.is_empty()
+                && ifname.len() <= 15
+                && ifname != "."
+                && ifname != ".."
+                && ifname
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+            if !ok {
+                return Err(format!(
+                    "{a}: interface {ifname:?} of Network {} is not an interface name; use 1 to 15 letters, digits, '-', '_' or '.'",
+                    n.name
+                ));
+            }
+            if interfaces.contains(&ifname.as_str()) {
+                return Err(format!(
+                    "{a}: interface {ifname} is named twice; give each Network its own"
+                ));
+            }
+            interfaces.push(ifname);
+        }
+    }
+    if list.iter().filter(|n| n.default_route).count() > 1 {
+        return Err(format!(
+            "{a}: more than one Network has defaultRoute: true; a pod has one default route"
+        ));
+    }
+    Ok(list)
+}
 
 /// The label KubeVirt puts on a VM's virt-launcher pod: the VM's name.
 pub const VM_NAME_LABEL: &str = "vm.kubevirt.io/name";
@@ -263,6 +358,76 @@ pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Reply, Pr
         path: socket.to_path_buf(),
         source,
     })
+}
+
+#[cfg(test)]
+mod annotation_tests {
+    use super::*;
+
+    fn names(v: &str) -> Vec<String> {
+        parse_networks_annotation(v)
+            .unwrap()
+            .into_iter()
+            .map(|n| n.name)
+            .collect()
+    }
+
+    #[test]
+    fn the_short_and_the_json_form_name_networks_in_order() {
+        assert_eq!(names(" nat-demo, lan ,"), ["nat-demo", "lan"]);
+        assert!(names("").is_empty());
+        let l = parse_networks_annotation(
+            r#"[{"name": "nat-demo"}, {"name": "lan", "interface": "lan0", "defaultRoute": true}]"#,
+        )
+        .unwrap();
+        assert_eq!(
+            l,
+            [
+                NetworkSelection {
+                    name: "nat-demo".into(),
+                    ..NetworkSelection::default()
+                },
+                NetworkSelection {
+                    name: "lan".into(),
+                    interface: Some("lan0".into()),
+                    default_route: true
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_annotations_name_the_annotation_and_the_fix() {
+        for (value, says) in [
+            ("nat-demo,Lan", "\"Lan\" is not a Network name"),
+            ("lan,lan", "listed twice"),
+            (
+                r#"[{"name": "lan"}, {"name": "x", "ips": ["10.0.0.1"]}]"#,
+                "keys name, interface, defaultRoute",
+            ),
+            (
+                r#"[{"name": "lan"}, {"name": "x", "interface": "this-name-is-too-long"}]"#,
+                "1 to 15",
+            ),
+            (
+                r#"[{"name": "lan", "interface": "eth1"}, {"name": "x"}]"#,
+                "leave its interface out",
+            ),
+            (
+                r#"[{"name": "a"}, {"name": "b", "interface": "n1"}, {"name": "c", "interface": "n1"}]"#,
+                "named twice",
+            ),
+            (
+                r#"[{"name": "a", "defaultRoute": true}, {"name": "b", "defaultRoute": true}]"#,
+                "one default route",
+            ),
+            ("[not json", "not a list of networks"),
+        ] {
+            let e = parse_networks_annotation(value).unwrap_err();
+            assert!(e.starts_with(NETWORKS_ANNOTATION), "{e}");
+            assert!(e.contains(says), "{value}: {e}");
+        }
+    }
 }
 
 #[cfg(test)]

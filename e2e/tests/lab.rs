@@ -441,3 +441,52 @@ expect:
   - {from: web, to: db, port: 5432, result: allow}
   - {from: other, to: db, port: 5432, result: deny}
 "#;
+
+#[test]
+fn the_networks_annotation_picks_the_default_route_and_names_interfaces() {
+    let dir = tempfile::tempdir().unwrap();
+    // nat-a's traffic may not reach the LAN: a pod whose default route goes through nat-a is
+    // stopped there, one whose annotation moves it to nat-b gets out (masqueraded).
+    let lab = write(
+        dir.path(),
+        "default-route.yaml",
+        r#"
+lan: {gateway: 192.168.50.1/24}
+nodes: [{name: node-a, address: 192.168.50.11/24}]
+resources:
+  - apiVersion: weft.dev/v1alpha1
+    kind: Network
+    metadata: {name: nat-a}
+    spec: {mode: NAT, subnets: [10.10.0.0/16], ipam: {nodeBlockPrefix: 24}}
+  - apiVersion: weft.dev/v1alpha1
+    kind: Network
+    metadata: {name: nat-b}
+    spec: {mode: NAT, subnets: [10.20.0.0/16], ipam: {nodeBlockPrefix: 24}}
+  - apiVersion: weft.dev/v1alpha1
+    kind: ClusterSegmentationPolicy
+    metadata: {name: nat-a-stays-inside}
+    spec:
+      tier: Admin
+      priority: 10
+      subject: {pods: {}, networks: [nat-a]}
+      egress:
+        - {name: no-lan, action: Deny, to: [{cidrs: [192.168.50.0/24]}]}
+workloads:
+  - {name: via-a, node: node-a, annotations: {weft.dev/networks: "nat-a,nat-b"}, listen: [80/tcp]}
+  - name: via-b
+    node: node-a
+    annotations:
+      weft.dev/networks: '[{"name": "nat-a"}, {"name": "nat-b", "interface": "uplink0", "defaultRoute": true}]'
+    listen: [80/tcp]
+expect:
+  - {from: via-a, to: outside, port: 80, result: deny}
+  - {from: via-b, to: outside, port: 80, result: allow, sourceSeenAs: node}
+"#,
+    );
+    let out = run_lab(&lab, &format!("dr-{}", std::process::id() % 10000));
+    assert!(out.contains("all expectations hold"), "{out}");
+    assert!(
+        out.contains("Deny by ClusterSegmentationPolicy nat-a-stays-inside rule no-lan"),
+        "{out}"
+    );
+}

@@ -118,11 +118,9 @@ impl Workload {
         self.annotations
             .get(weft_dataplane::proto::NETWORKS_ANNOTATION)
             .map(|v| {
-                v.split(',')
-                    .map(str::trim)
-                    .filter(|n| !n.is_empty())
-                    .map(str::to_string)
-                    .collect()
+                weft_dataplane::proto::parse_networks_annotation(v)
+                    .map(|list| list.into_iter().map(|n| n.name).collect())
+                    .unwrap_or_default()
             })
     }
 }
@@ -247,6 +245,13 @@ impl LabFile {
         let mut lab: LabFile = serde_saphyr::from_str(&text)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         for (i, w) in lab.workloads.iter_mut().enumerate() {
+            if let Some(value) = w
+                .annotations
+                .get(weft_dataplane::proto::NETWORKS_ANNOTATION)
+                && let Err(e) = weft_dataplane::proto::parse_networks_annotation(value)
+            {
+                anyhow::bail!("workloads[{i}].annotations: {e}");
+            }
             if let Some(list) = w.annotated_networks() {
                 if !w.networks.is_empty() {
                     anyhow::bail!(

@@ -141,6 +141,46 @@ pub fn address(lab: &LabFile, members: &[Member], name: &str, family: Family) ->
         .copied()
 }
 
+/// The address `from` sends to `dst` from: a workload with interfaces on several Networks uses
+/// the one whose subnet holds `dst` (a connected route), else the one with its default route
+/// (its `weft.dev/networks` annotation's `defaultRoute`, else its first Network).
+pub fn source(
+    lab: &LabFile,
+    res: &Resources,
+    members: &[Member],
+    from: &str,
+    dst: IpAddr,
+    family: Family,
+) -> Option<IpAddr> {
+    let v4 = family == Family::Ipv4;
+    let mine: Vec<&Member> = members.iter().filter(|m| m.name == from).collect();
+    let ip_of = |m: &&Member| m.ips.iter().find(|i| i.is_ipv4() == v4).copied();
+    let connected = mine.iter().find(|m| {
+        res.networks
+            .iter()
+            .filter(|n| n.metadata.name.as_deref() == Some(m.network.as_str()))
+            .flat_map(|n| n.spec.subnets.iter())
+            .filter_map(|c| c.net().ok())
+            .any(|net| net.contains(&dst))
+    });
+    if let Some(ip) = connected.and_then(ip_of) {
+        return Some(ip);
+    }
+    let via = lab
+        .workloads
+        .iter()
+        .find(|w| w.name == from)
+        .and_then(|w| {
+            w.annotations
+                .get(weft_dataplane::proto::NETWORKS_ANNOTATION)
+        })
+        .and_then(|v| weft_dataplane::proto::parse_networks_annotation(v).ok())
+        .and_then(|list| list.into_iter().find(|n| n.default_route))
+        .map(|n| n.name);
+    via.and_then(|via| mine.iter().find(|m| m.network == via).and_then(ip_of))
+        .or_else(|| address(lab, members, from, family))
+}
+
 /// A traced connection: the first packet as the node sees it (after a port forward) and what
 /// the policies decide for it.
 #[derive(Debug, Clone)]
@@ -166,10 +206,10 @@ pub fn decide(
     protocol: L4Protocol,
     family: Family,
 ) -> Result<Traced, String> {
-    let src = address(lab, members, from, family)
-        .ok_or_else(|| format!("{from} has no {family:?} address"))?;
     let (dst, dport, via) = resolve(lab, res, members, to, port, protocol, family)
         .ok_or_else(|| format!("{to} has no {family:?} address"))?;
+    let src = source(lab, res, members, from, dst, family)
+        .ok_or_else(|| format!("{from} has no {family:?} address"))?;
     let packet = Packet::first(src, dst, protocol, dport);
     Ok(Traced {
         decision: compiled.decide(&packet),
