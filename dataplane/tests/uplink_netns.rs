@@ -65,6 +65,7 @@ fn node_plan(with_lan: bool) -> NodePlan {
                 uplink: Some(UplinkPlan {
                     device: "eth0".into(),
                     vlan: None,
+                    filtering: None,
                 }),
             })
             .into_iter()
@@ -198,6 +199,7 @@ fn vlan_sub_interfaces_need_802_1q_and_say_so_when_the_kernel_lacks_it() {
     vlan10.bridges[0].uplink = Some(UplinkPlan {
         device: "eth0".into(),
         vlan: Some(10),
+        filtering: None,
     });
     match nl.create_vlan("eth0.10", eth0.index, 10, None, Some("weft:vlan:t")) {
         Err(e) if e.is_not_supported() => {

@@ -14,6 +14,7 @@ use weft_dataplane::plan::{BridgePlan, NodePlan, SysctlPlan};
 use weft_dataplane::proto::Endpoint;
 use weft_dataplane::state::{self, NetworkState};
 use weft_dataplane::uplink::UplinkPlan;
+use weft_dataplane::vlan::{self, VlanFiltering, VlanRange};
 
 /// The node the plan is for.
 #[derive(Debug, Clone, Default)]
@@ -165,6 +166,15 @@ pub fn plan(
             continue;
         }
         let bridge_mode = net.spec.mode == NetworkMode::Bridge;
+        let vlan_filtering = net.spec.vlan_filtering().then(|| VlanFiltering {
+            own: net.spec.vlan().unwrap_or(vlan::DEFAULT_PVID),
+            trunk: net
+                .spec
+                .trunk_vlans()
+                .into_iter()
+                .map(|(min, max)| VlanRange { min, max })
+                .collect(),
+        });
         let uplink = net
             .spec
             .bridge
@@ -172,7 +182,9 @@ pub fn plan(
             .filter(|_| bridge_mode)
             .map(|b| UplinkPlan {
                 device: b.uplink.clone(),
-                vlan: net.spec.vlan(),
+                // A filtering bridge carries the VLAN on the uplink itself.
+                vlan: net.spec.vlan().filter(|_| vlan_filtering.is_none()),
+                filtering: vlan_filtering.clone(),
             });
         if let Some(up) = &uplink
             && let Some(other) = ports.get(&up.port())
@@ -249,6 +261,7 @@ pub fn plan(
             block_v6: b.v6,
             exclude: net.spec.excludes(),
             anti_spoofing: net.spec.anti_spoofing(),
+            vlan_filtering: vlan_filtering.clone(),
         });
         rules.push(NetRules {
             bridge,
@@ -1035,7 +1048,8 @@ spec: {mode: Bridge, subnets: [10.61.0.0/24], bridge: {uplink: eth0}}
             lan.uplink,
             Some(UplinkPlan {
                 device: "eth0".into(),
-                vlan: None
+                vlan: None,
+                filtering: None,
             })
         );
         let v10 = out
