@@ -97,6 +97,10 @@ pub struct Allocation {
     /// here so that an agent restarted meanwhile still holds the port.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pending: bool,
+    /// The VLANs the port carries tagged (the attachment's `vlanTrunk`); kept here so that an
+    /// agent restarted meanwhile still admits them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vlan_trunk: Vec<crate::vlan::VlanRange>,
 }
 
 /// Addresses and MAC kept for one interface of a VM across its attachments (restart, live
@@ -157,6 +161,8 @@ pub struct AllocRequest {
     /// `static_ips` are a migrating VM's addresses, kept from the node it comes from: they may
     /// lie outside this node's block (inside the subnet). The allocation starts pending.
     pub adopt: bool,
+    /// Recorded as is.
+    pub vlan_trunk: Vec<crate::vlan::VlanRange>,
 }
 
 /// An IP family.
@@ -473,6 +479,7 @@ impl IpamStore {
                 owner: req.owner,
                 parent: req.parent,
                 pending: req.adopt,
+                vlan_trunk: req.vlan_trunk,
             };
             info!(network = %self.network, container_id = %allocation.container_id, ifname = %allocation.ifname, ips = ?allocation.ips, "allocated");
             state.allocations.push(allocation.clone());

@@ -62,6 +62,7 @@ fn from_allocation(network: &str, a: Allocation) -> Endpoint {
         netns: a.netns,
         vm: a.owner,
         pending: a.pending,
+        vlan_trunk: a.vlan_trunk,
     }
 }
 
@@ -247,6 +248,7 @@ mod tests {
             netns: None,
             vm: None,
             pending,
+            vlan_trunk: vec![],
         }
     }
 
@@ -307,6 +309,7 @@ mod tests {
                         owner: None,
                         parent: None,
                         adopt: false,
+                        vlan_trunk: vec![],
                     },
                 )
                 .unwrap();

@@ -329,6 +329,17 @@ fn guard_table(
                 mac,
                 ips: e.ips.clone(),
                 pending: e.pending,
+                // Only VLANs the network allows (the CNI checked; the guard does not trust it).
+                vlans: net
+                    .vlan_filtering
+                    .as_ref()
+                    .map(|f| {
+                        vlan::ids(&e.vlan_trunk)
+                            .into_iter()
+                            .filter(|id| f.trunk.iter().any(|r| r.contains(*id)))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
             }),
             // An endpoint with an unreadable MAC stays unregistered: its port drops everything.
             None if net.anti_spoofing => {}
@@ -764,6 +775,7 @@ mod tests {
             netns: None,
             vm: None,
             pending: false,
+            vlan_trunk: vec![],
         }
     }
 
