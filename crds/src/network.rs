@@ -263,8 +263,9 @@ impl VlanRange {
             (None, Some(lo), Some(hi)) => (lo, hi),
             _ => return None,
         };
-        let ok = |v: i32| (1..=4094).contains(&v);
-        (ok(lo) && ok(hi) && lo <= hi).then(|| (lo as u16, hi as u16))
+        let vid = |v: i32| u16::try_from(v).ok().filter(|v| (1..=4094).contains(v));
+        let (lo, hi) = (vid(lo)?, vid(hi)?);
+        (lo <= hi).then_some((lo, hi))
     }
 }
 
