@@ -788,6 +788,16 @@ pub fn check(conf: &Conf, env: &Env) -> Result<(), CniError> {
             net.bridge
         )));
     }
+    if let Some(f) = &net.vlan_filtering {
+        let want = f.workload(&alloc.vlan_trunk).entries();
+        let mut have = host.port_vlans(host_link.index)?;
+        have.sort();
+        if have != want {
+            return Err(mismatch(format!(
+                "host veth {host_name} carries VLANs {have:?}, not {want:?} (the network's own VLAN untagged and vlanTrunk tagged)"
+            )));
+        }
+    }
     let ns = Netns::open(Path::new(netns_path)).map_err(|e| {
         CniError::from_chain(
             error::INVALID_ENV,

@@ -528,6 +528,8 @@ fn vlan_trunk_needs_a_filtering_network_and_its_trunk_vlans_and_sets_the_port_vl
                 assert_eq!(vlans, want, "{attachment}: access 10, trunk 20 and 100-110");
                 let mut del_conf = c.clone();
                 del_conf["prevResult"] = add.json.clone();
+                let check = weft("CHECK", &del_conf, &env(cid, &p, "eth0"));
+                assert!(check.ok, "{attachment}: {}", check.json);
                 assert!(weft("DEL", &del_conf, &env(cid, &p, "eth0")).ok);
                 assert!(!host_link_exists(cid, "eth0"));
             }
