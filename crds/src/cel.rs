@@ -189,10 +189,11 @@ pub const NETWORK_TRUNK_NEEDS_VLAN_FILTERING: CelRule = CelRule {
     field_path: Some(".bridge.trunkVlans"),
 };
 
-/// `spec.bridge.trunkVlans` leaves out the network's own VLAN (`vlan`, or 1 when unset).
+/// `spec.bridge.trunkVlans` leaves out the network's own VLAN (`spec.bridge.vlan`; VLAN 1, the
+/// uplink's untagged one, is outside the entries' range anyway).
 pub const NETWORK_TRUNK_EXCLUDES_OWN_VLAN: CelRule = CelRule {
-    rule: "!has(self.bridge) || !has(self.bridge.trunkVlans) || self.bridge.trunkVlans.all(t, has(t.id) ? t.id != (has(self.bridge.vlan) ? self.bridge.vlan : 1) : (!has(t.minId) || !has(t.maxId) || (has(self.bridge.vlan) ? self.bridge.vlan : 1) < t.minId || (has(self.bridge.vlan) ? self.bridge.vlan : 1) > t.maxId))",
-    message: "spec.bridge.trunkVlans must not include the network's own VLAN (spec.bridge.vlan, or 1 when vlan is unset): workload ports carry it untagged; leave it out",
+    rule: "!has(self.bridge) || !has(self.bridge.trunkVlans) || !has(self.bridge.vlan) || self.bridge.trunkVlans.all(t, has(t.id) ? t.id != self.bridge.vlan : (!has(t.minId) || !has(t.maxId) || self.bridge.vlan < t.minId || self.bridge.vlan > t.maxId))",
+    message: "spec.bridge.trunkVlans must not include the network's own VLAN spec.bridge.vlan: workload ports carry it untagged; leave it out",
     field_path: Some(".bridge.trunkVlans"),
 };
 

@@ -225,8 +225,9 @@ pub struct BridgeSpec {
 
     /// The extra VLANs workload trunk ports may carry tagged (a NetworkAttachmentDefinition's
     /// vlanTrunk picks from them), and the uplink carries tagged; only with vlanFiltering: true.
-    /// Single IDs ({id: 20}) or ranges ({minId: 100, maxId: 199}), 1 to 4094, at most 64
-    /// entries, not including the network's own VLAN (vlan, or 1 when vlan is unset).
+    /// Single IDs ({id: 20}) or ranges ({minId: 100, maxId: 199}), 2 to 4094 (VLAN 1 is the
+    /// uplink's untagged VLAN, the node's own traffic), at most 64 entries, not including the
+    /// network's own VLAN (vlan).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
     pub trunk_vlans: Option<Vec<VlanRange>>,
@@ -241,17 +242,17 @@ pub struct BridgeSpec {
 )]
 #[serde(rename_all = "camelCase")]
 pub struct VlanRange {
-    /// A single VLAN ID, 1 to 4094. Give either id or minId and maxId.
+    /// A single VLAN ID, 2 to 4094. Give either id or minId and maxId.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 4094))]
+    #[schemars(range(min = 2, max = 4094))]
     pub id: Option<i32>,
-    /// First VLAN ID of a range, 1 to 4094; needs maxId.
+    /// First VLAN ID of a range, 2 to 4094; needs maxId.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 4094))]
+    #[schemars(range(min = 2, max = 4094))]
     pub min_id: Option<i32>,
-    /// Last VLAN ID of a range, 1 to 4094, not smaller than minId.
+    /// Last VLAN ID of a range, 2 to 4094, not smaller than minId.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 4094))]
+    #[schemars(range(min = 2, max = 4094))]
     pub max_id: Option<i32>,
 }
 
@@ -263,7 +264,7 @@ impl VlanRange {
             (None, Some(lo), Some(hi)) => (lo, hi),
             _ => return None,
         };
-        let vid = |v: i32| u16::try_from(v).ok().filter(|v| (1..=4094).contains(v));
+        let vid = |v: i32| u16::try_from(v).ok().filter(|v| (2..=4094).contains(v));
         let (lo, hi) = (vid(lo)?, vid(hi)?);
         (lo <= hi).then_some((lo, hi))
     }
@@ -784,16 +785,17 @@ impl BridgeSpec {
                 ),
             );
         }
-        let own = self.vlan.unwrap_or(1);
         for (i, r) in trunk.iter().enumerate() {
             let field = format!("spec.bridge.trunkVlans[{i}]");
             for (name, value) in [("id", r.id), ("minId", r.min_id), ("maxId", r.max_id)] {
                 if let Some(v) = value
-                    && !(1..=4094).contains(&v)
+                    && !(2..=4094).contains(&v)
                 {
                     errors.push(
                         format!("{field}.{name}"),
-                        format!("{v} is not a VLAN ID; use 1 to 4094"),
+                        format!(
+                            "{v} is not a trunk VLAN ID; use 2 to 4094 (VLAN 1 is the uplink's untagged VLAN: the node's own traffic)"
+                        ),
                     );
                 }
             }
@@ -820,19 +822,13 @@ impl BridgeSpec {
                     format!("minId {lo} is greater than maxId {hi}; swap them"),
                 );
             }
-            if let Some((lo, hi)) = r.bounds()
+            if let (Some((lo, hi)), Some(own)) = (r.bounds(), self.vlan)
                 && (i32::from(lo)..=i32::from(hi)).contains(&own)
             {
-                let what = if self.vlan.is_some() {
-                    format!("the network's own VLAN spec.bridge.vlan {own}")
-                } else {
-                    "VLAN 1, the network's own (untagged) VLAN while spec.bridge.vlan is unset"
-                        .to_string()
-                };
                 errors.push(
                     field,
                     format!(
-                        "includes {what}; workload ports carry it untagged, so leave it out of trunkVlans"
+                        "includes the network's own VLAN spec.bridge.vlan {own}; workload ports carry it untagged, so leave it out of trunkVlans"
                     ),
                 );
             }
@@ -1222,12 +1218,12 @@ mod tests {
         assert_invalid(
             &trunk(Some(10), Some(true), &[id(0)]),
             "spec.bridge.trunkVlans[0].id",
-            "use 1 to 4094",
+            "use 2 to 4094",
         );
         assert_invalid(
             &trunk(Some(10), Some(true), &[id(20), range(100, 4095)]),
             "spec.bridge.trunkVlans[1].maxId",
-            "use 1 to 4094",
+            "use 2 to 4094",
         );
         assert_invalid(
             &trunk(Some(10), Some(true), &[range(200, 100)]),
@@ -1269,11 +1265,19 @@ mod tests {
             "spec.bridge.trunkVlans[0]",
             "own VLAN spec.bridge.vlan 10",
         );
-        assert_invalid(
-            &trunk(None, Some(true), &[id(1)]),
-            "spec.bridge.trunkVlans[0]",
-            "VLAN 1",
-        );
+        // VLAN 1 is the uplink's untagged VLAN (the node's own traffic), never a trunk VLAN.
+        for (spec, field) in [
+            (
+                trunk(None, Some(true), &[id(1)]),
+                "spec.bridge.trunkVlans[0].id",
+            ),
+            (
+                trunk(Some(10), Some(true), &[range(1, 5)]),
+                "spec.bridge.trunkVlans[0].minId",
+            ),
+        ] {
+            assert_invalid(&spec, field, "VLAN 1 is the uplink's untagged VLAN");
+        }
         assert_invalid(
             &trunk(Some(10), Some(true), &vec![id(20); 65]),
             "spec.bridge.trunkVlans",
