@@ -515,7 +515,10 @@ fn apply_bridges(
         if let Some(up) = &bridge.uplink {
             let attached = uplink::attach(bridge, index, &existing, links, state_dir, report)
                 .and_then(|()| match &up.filtering {
-                    Some(f) => uplink_vlans(&up.port(), f, links, report),
+                    Some(f) => {
+                        uplink_vlans(&up.port(), f, links, report)?;
+                        workload_vlans(bridge, index, f, links, report)
+                    }
                     None => Ok(()),
                 });
             if let Err(e) = attached {
@@ -593,6 +596,47 @@ fn uplink_vlans(
         want.pvid,
         tagged.join(",")
     ));
+    Ok(())
+}
+
+/// Keeps the workload ports of a VLAN-filtering bridge in line with a changed Network: each
+/// weft port is an access port on the network's own VLAN and keeps, tagged, those of its trunk
+/// VLANs the network still allows (the CNI set them at ADD; a port never gains VLANs here).
+fn workload_vlans(
+    bridge: &BridgePlan,
+    index: u32,
+    filtering: &crate::vlan::VlanFiltering,
+    links: &mut dyn Links,
+    report: &mut ApplyReport,
+) -> Result<(), ApplyError> {
+    let ours = format!("{}ep:{}:", names::ALIAS_PREFIX, bridge.network);
+    let ports: Vec<LinkInfo> = links
+        .list()?
+        .into_iter()
+        .filter(|l| {
+            l.master == Some(index) && l.alias.as_deref().is_some_and(|a| a.starts_with(&ours))
+        })
+        .collect();
+    for port in ports {
+        let current = links.port_vlans(port.index)?;
+        let kept: Vec<crate::vlan::VlanRange> = current
+            .iter()
+            .filter(|v| !v.pvid && v.vid != filtering.own)
+            .filter(|v| filtering.trunk.iter().any(|r| r.contains(v.vid)))
+            .map(|v| crate::vlan::VlanRange::one(v.vid))
+            .collect();
+        let (add, del) = crate::vlan::changes(&current, &filtering.workload(&kept));
+        if add.is_empty() && del.is_empty() {
+            continue;
+        }
+        links.change_port_vlans(port.index, &add, &del)?;
+        report.changes.push(format!(
+            "port {} vlans: {} untagged, {} tagged",
+            port.name,
+            filtering.own,
+            kept.len()
+        ));
+    }
     Ok(())
 }
 
@@ -1458,6 +1502,48 @@ mod tests {
         assert_eq!(link(&node, eth0).unwrap().master, None);
         assert!(!node.links.port_vlans.contains_key(&eth0));
         assert!(link(&node, br).is_none());
+
+        // A workload port (made by the CNI) follows a changed Network: the own VLAN moves to
+        // 11, trunk VLANs the network dropped go, the others stay.
+        node.apply(&trunk_plan(&trunk));
+        let br = bridge_index(&node, "wn-lan");
+        let mut port = foreign(60, "wfport", Some("veth"), None);
+        port.alias = Some(names::host_veth_alias("lan", "cid", "eth0"));
+        node.links.links.push(port);
+        node.links.set_master(60, Some(br)).unwrap();
+        node.links
+            .change_port_vlans(
+                60,
+                &[
+                    PortVlan::access(10),
+                    PortVlan::tagged(20),
+                    PortVlan::tagged(100),
+                ],
+                &[1],
+            )
+            .unwrap();
+        let mut moved = trunk_plan(&[VlanRange::one(20)]);
+        for f in [
+            moved.bridges[0]
+                .uplink
+                .as_mut()
+                .and_then(|u| u.filtering.as_mut()),
+            moved.networks[0].vlan_filtering.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            f.own = 11;
+        }
+        node.apply(&moved);
+        assert_eq!(
+            node.links.port_vlans[&60],
+            [PortVlan::access(11), PortVlan::tagged(20)]
+        );
+        let calls = node.links.calls.len();
+        assert!(node.apply(&moved).is_noop());
+        assert_eq!(node.links.calls.len(), calls, "idempotent");
+        node.apply(&plan(&[], "accept", &[]));
 
         let mut node = Node::new();
         node.links.no_vlan_filtering = true;
