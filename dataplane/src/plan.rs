@@ -13,7 +13,7 @@ use crate::state::{self, NetworkState};
 use crate::uplink::{self, UplinkPlan};
 use crate::vlan::PortVlan;
 use ipnet::IpNet;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 /// One Linux bridge weft owns for a network, with the gateway addresses on it.
@@ -147,8 +147,9 @@ pub trait Links {
     /// Turns VLAN filtering of bridge `index` on or off (a kernel without it answers
     /// `EOPNOTSUPP`).
     fn set_vlan_filtering(&mut self, index: u32, on: bool) -> Result<(), ApplyError>;
-    /// The VLANs of bridge port `index` (empty unless its bridge filters VLANs).
-    fn port_vlans(&mut self, index: u32) -> Result<Vec<PortVlan>, ApplyError>;
+    /// The VLANs of every bridge port, by port index (ports of bridges that do not filter
+    /// VLANs hold none).
+    fn port_vlans(&mut self) -> Result<BTreeMap<u32, Vec<PortVlan>>, ApplyError>;
     /// Adds (or updates the flags of) `add` on bridge port `index`, then deletes `del`.
     fn change_port_vlans(
         &mut self,
@@ -258,8 +259,8 @@ impl Links for Netlink {
             u8::from(on)
         )))
     }
-    fn port_vlans(&mut self, index: u32) -> Result<Vec<PortVlan>, ApplyError> {
-        Netlink::port_vlans(self, index).map_err(link_err(format!("list vlans of port {index}")))
+    fn port_vlans(&mut self) -> Result<BTreeMap<u32, Vec<PortVlan>>, ApplyError> {
+        Netlink::all_port_vlans(self).map_err(link_err("list bridge port vlans"))
     }
     fn change_port_vlans(
         &mut self,
@@ -585,7 +586,8 @@ fn uplink_vlans(
         return Ok(());
     };
     let want = filtering.uplink();
-    let (add, del) = crate::vlan::changes(&links.port_vlans(index)?, &want);
+    let current = links.port_vlans()?.remove(&index).unwrap_or_default();
+    let (add, del) = crate::vlan::changes(&current, &want);
     if add.is_empty() && del.is_empty() {
         return Ok(());
     }
@@ -617,8 +619,12 @@ fn workload_vlans(
             l.master == Some(index) && l.alias.as_deref().is_some_and(|a| a.starts_with(&ours))
         })
         .collect();
+    if ports.is_empty() {
+        return Ok(());
+    }
+    let mut all = links.port_vlans()?;
     for port in ports {
-        let current = links.port_vlans(port.index)?;
+        let current = all.remove(&port.index).unwrap_or_default();
         let kept: Vec<crate::vlan::VlanRange> = current
             .iter()
             .filter(|v| !v.pvid && v.vid != filtering.own)
@@ -973,8 +979,8 @@ impl Links for FakeLinks {
             .push(format!("set_vlan_filtering {index} {}", u8::from(on)));
         Ok(())
     }
-    fn port_vlans(&mut self, index: u32) -> Result<Vec<PortVlan>, ApplyError> {
-        Ok(self.port_vlans.get(&index).cloned().unwrap_or_default())
+    fn port_vlans(&mut self) -> Result<BTreeMap<u32, Vec<PortVlan>>, ApplyError> {
+        Ok(self.port_vlans.clone())
     }
     fn change_port_vlans(
         &mut self,
