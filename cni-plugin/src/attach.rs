@@ -16,6 +16,7 @@ use weft_dataplane::netns::Netns;
 use weft_dataplane::proto::{self, Endpoint, Request};
 use weft_dataplane::state::{NetworkState, StateError};
 use weft_dataplane::tap::{TapSpec, create_persistent_tap};
+use weft_dataplane::vlan::{self, VlanRange};
 
 /// The IPAM pool of a network on this node.
 pub fn pool_of(net: &NetworkState) -> Pool {
@@ -68,6 +69,52 @@ fn gateway_for(ip: &IpAddr, net: &NetworkState) -> Option<IpAddr> {
         IpAddr::V4(_) => net.gateway_v4.map(IpAddr::V4),
         IpAddr::V6(_) => net.gateway_v6.map(IpAddr::V6),
     }
+}
+
+/// A trunk port (`vlanTrunk`) needs a Network whose bridge filters VLANs, and carries only
+/// VLANs of its `spec.bridge.trunkVlans`: otherwise code 7 naming the field and the fix.
+fn check_trunk(trunk: &[VlanRange], net: &NetworkState) -> Result<(), CniError> {
+    if trunk.is_empty() {
+        return Ok(());
+    }
+    let summary = "invalid network configuration field vlanTrunk";
+    let Some(filtering) = &net.vlan_filtering else {
+        return Err(CniError::new(
+            error::INVALID_CONFIG,
+            summary,
+            format!(
+                "vlanTrunk: the bridge of Network {} does not filter VLANs, so its ports cannot be trunks; set spec.bridge.vlanFiltering: true and list the VLANs in spec.bridge.trunkVlans, or remove vlanTrunk",
+                net.name
+            ),
+        ));
+    };
+    for (i, r) in trunk.iter().enumerate() {
+        if !vlan::covers(&filtering.trunk, r) {
+            let allowed: Vec<String> = filtering.trunk.iter().map(ToString::to_string).collect();
+            let allowed = if allowed.is_empty() {
+                "none".to_string()
+            } else {
+                allowed.join(", ")
+            };
+            let own = if r.contains(filtering.own) {
+                format!(
+                    " (VLAN {} is the network's own, which every port carries untagged)",
+                    filtering.own
+                )
+            } else {
+                String::new()
+            };
+            return Err(CniError::new(
+                error::INVALID_CONFIG,
+                summary,
+                format!(
+                    "vlanTrunk[{i}]: VLAN {r} is not among the trunk VLANs of Network {} (spec.bridge.trunkVlans: {allowed}){own}; add it to trunkVlans or remove it from vlanTrunk",
+                    net.name
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// What ADD did so far, undone in reverse if a later step fails.
@@ -280,6 +327,13 @@ fn add_one(
     let container_id = env.container_id()?;
     let netns_path = env.netns()?;
     let net = read_network(conf, network)?;
+    // Like static addresses and MAC, `vlanTrunk` applies to `CNI_IFNAME`.
+    let trunk: &[VlanRange] = if parent.is_none() {
+        &conf.vlan_trunk
+    } else {
+        &[]
+    };
+    check_trunk(trunk, &net)?;
     let ns = Netns::open(Path::new(netns_path)).map_err(|e| {
         CniError::from_chain(
             error::INVALID_ENV,
@@ -333,6 +387,7 @@ fn add_one(
             pending: migration.is_some(),
             owner_kubevirt: carried.kubevirt,
             restore: restore.cloned(),
+            vlan_trunk: trunk.to_vec(),
             mac: requested_mac.map(names::format_mac),
             host_ifname: Some(host_name.clone()),
             pod_namespace: pod_namespace.clone(),
@@ -379,6 +434,10 @@ fn add_one(
         mtu: Some(net.mtu),
     })?;
     rollback.host_index = Some(host_index);
+    // A VLAN-filtering bridge: an access port on the network's own VLAN, plus the trunk.
+    if let Some(f) = &net.vlan_filtering {
+        host.set_port_vlans(host_index, &f.workload(trunk))?;
+    }
     // A pod's interface gets the addresses and routes; a VM's gets a tap (the guest has them).
     let (sandbox_if, routes) = match &tap {
         Some(t) => match wire_tap(&ns, &mut inner, ifname, t, mac, net.mtu) {
@@ -407,6 +466,7 @@ fn add_one(
             netns: Some(netns_path.to_string()),
             vm: owner.clone(),
             pending: migration.is_some(),
+            vlan_trunk: trunk.to_vec(),
         },
     );
     if registered.is_err() && tap.is_some() {
@@ -763,6 +823,16 @@ pub fn check(conf: &Conf, env: &Env) -> Result<(), CniError> {
             "host veth {host_name} is not attached to bridge {}",
             net.bridge
         )));
+    }
+    if let Some(f) = &net.vlan_filtering {
+        let want = f.workload(&alloc.vlan_trunk).entries();
+        let mut have = host.port_vlans(host_link.index)?;
+        have.sort();
+        if have != want {
+            return Err(mismatch(format!(
+                "host veth {host_name} carries VLANs {have:?}, not {want:?} (the network's own VLAN untagged and vlanTrunk tagged)"
+            )));
+        }
     }
     let ns = Netns::open(Path::new(netns_path)).map_err(|e| {
         CniError::from_chain(

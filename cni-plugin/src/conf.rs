@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use weft_dataplane::names;
+use weft_dataplane::vlan::VlanRange;
 
 /// The CNI spec versions this plugin accepts and can answer in.
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
@@ -105,6 +106,18 @@ struct RawConf {
     valid_attachments: Option<Vec<ValidAttachment>>,
     attachment: Option<String>,
     tap: Option<RawTap>,
+    vlan_trunk: Option<Vec<RawVlanTrunk>>,
+}
+
+/// One `vlanTrunk` entry, spelled like the reference bridge plugin's (`minID`/`maxID`;
+/// `minId`/`maxId` are accepted too).
+#[derive(Debug, Clone, Deserialize)]
+struct RawVlanTrunk {
+    id: Option<i64>,
+    #[serde(rename = "minID", alias = "minId")]
+    min_id: Option<i64>,
+    #[serde(rename = "maxID", alias = "maxId")]
+    max_id: Option<i64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -174,6 +187,9 @@ pub struct Conf {
     /// The VM's identity given by `CNI_ARGS VM_NAME` (`namespace/name`); otherwise the agent
     /// is asked for the pod's `vm.kubevirt.io/name` label.
     pub vm: Option<String>,
+    /// `vlanTrunk`: the VLANs the port carries tagged besides the network's own (a trunk port;
+    /// empty: an access port). Each must be among the Network's `spec.bridge.trunkVlans`.
+    pub vlan_trunk: Vec<VlanRange>,
 }
 
 /// The `CNI_*` environment.
@@ -445,6 +461,12 @@ pub fn parse_conf(stdin: &[u8], env: &Env) -> Result<Conf, CniError> {
                 .map_or("default", String::as_str)
         )),
     };
+    let vlan_trunk = raw
+        .vlan_trunk
+        .as_deref()
+        .map(parse_vlan_trunk)
+        .transpose()?
+        .unwrap_or_default();
     let timeout_ms = raw.agent_timeout_ms.unwrap_or(5000);
     if !(10..=60_000).contains(&timeout_ms) {
         return Err(invalid(
@@ -472,7 +494,44 @@ pub fn parse_conf(stdin: &[u8], env: &Env) -> Result<Conf, CniError> {
         valid_attachments: raw.valid_attachments,
         attachment,
         vm,
+        vlan_trunk,
     })
+}
+
+/// `vlanTrunk` as ranges: each entry one `id`, or `minID` and `maxID`, 1 to 4094.
+fn parse_vlan_trunk(entries: &[RawVlanTrunk]) -> Result<Vec<VlanRange>, CniError> {
+    let mut out = Vec::new();
+    for (i, e) in entries.iter().enumerate() {
+        let field = format!("vlanTrunk[{i}]");
+        let (lo, hi) = match (e.id, e.min_id, e.max_id) {
+            (Some(id), None, None) => (id, id),
+            (None, Some(lo), Some(hi)) => (lo, hi),
+            _ => {
+                return Err(invalid(
+                    &field,
+                    "give either \"id\" (one VLAN) or \"minID\" and \"maxID\" (a range), e.g. {\"id\": 20} or {\"minID\": 100, \"maxID\": 110}",
+                ));
+            }
+        };
+        let vid = |v: i64| u16::try_from(v).ok().filter(|v| (1..=4094).contains(v));
+        let (Some(min), Some(max)) = (vid(lo), vid(hi)) else {
+            return Err(invalid(
+                &field,
+                format!(
+                    "{} is not a VLAN ID; use 1 to 4094",
+                    if vid(lo).is_none() { lo } else { hi }
+                ),
+            ));
+        };
+        if min > max {
+            return Err(invalid(
+                &field,
+                format!("minID {min} is greater than maxID {max}; swap them"),
+            ));
+        }
+        out.push(VlanRange { min, max });
+    }
+    Ok(out)
 }
 
 impl Conf {
@@ -695,6 +754,52 @@ mod tests {
                 "{bad}: {e:?}"
             );
         }
+    }
+
+    #[test]
+    fn vlan_trunks_take_the_reference_plugins_spelling_and_are_range_checked() {
+        let parse = |trunk: &str| {
+            parse_conf(
+                format!(
+                    r#"{{"cniVersion":"1.0.0","name":"lan","type":"weft","network":"lan","vlanTrunk":{trunk}}}"#
+                )
+                .as_bytes(),
+                &env(),
+            )
+        };
+        let conf = parse(r#"[{"id": 20}, {"minID": 100, "maxID": 110}, {"minId": 7, "maxId": 7}]"#)
+            .unwrap();
+        assert_eq!(
+            conf.vlan_trunk,
+            [
+                VlanRange { min: 20, max: 20 },
+                VlanRange { min: 100, max: 110 },
+                VlanRange { min: 7, max: 7 }
+            ]
+        );
+        for (bad, needle) in [
+            (r#"[{"id": 0}]"#, "0 is not a VLAN ID"),
+            (r#"[{"id": 4095}]"#, "4095 is not a VLAN ID"),
+            (
+                r#"[{"minID": 100, "maxID": 5000}]"#,
+                "5000 is not a VLAN ID",
+            ),
+            (r#"[{"id": 20}, {"minID": 110, "maxID": 100}]"#, "swap them"),
+            (r#"[{"minID": 100}]"#, "either \"id\""),
+            (r#"[{"id": 5, "maxID": 6}]"#, "either \"id\""),
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert_eq!(e.code, error::INVALID_CONFIG, "{bad}");
+            assert!(
+                e.details.starts_with("vlanTrunk[") && e.details.contains(needle),
+                "{bad}: {}",
+                e.details
+            );
+        }
+        assert!(
+            parse("[]").unwrap().vlan_trunk.is_empty(),
+            "an empty trunk is an access port"
+        );
     }
 
     #[test]

@@ -182,6 +182,37 @@ pub const NETWORK_EXCLUDE_IN_SUBNET: CelRule = CelRule {
     field_path: Some(".ipam.exclude"),
 };
 
+/// `spec.bridge.trunkVlans` only with `spec.bridge.vlanFiltering: true`.
+pub const NETWORK_TRUNK_NEEDS_VLAN_FILTERING: CelRule = CelRule {
+    rule: "!has(self.bridge) || !has(self.bridge.trunkVlans) || (has(self.bridge.vlanFiltering) && self.bridge.vlanFiltering)",
+    message: "spec.bridge.trunkVlans is only allowed with spec.bridge.vlanFiltering: true (trunks need a VLAN-filtering bridge); set vlanFiltering: true or remove trunkVlans",
+    field_path: Some(".bridge.trunkVlans"),
+};
+
+/// `spec.bridge.trunkVlans` leaves out the network's own VLAN (`spec.bridge.vlan`; VLAN 1, the
+/// uplink's untagged one, is outside the entries' range anyway).
+pub const NETWORK_TRUNK_EXCLUDES_OWN_VLAN: CelRule = CelRule {
+    rule: "!has(self.bridge) || !has(self.bridge.trunkVlans) || !has(self.bridge.vlan) || self.bridge.trunkVlans.all(t, has(t.id) ? t.id != self.bridge.vlan : (!has(t.minId) || !has(t.maxId) || self.bridge.vlan < t.minId || self.bridge.vlan > t.maxId))",
+    message: "spec.bridge.trunkVlans must not include the network's own VLAN spec.bridge.vlan: workload ports carry it untagged; leave it out",
+    field_path: Some(".bridge.trunkVlans"),
+};
+
+// ---- Network: spec.bridge.trunkVlans[] ----
+
+/// A VLAN range entry: either `id`, or `minId` and `maxId`.
+pub const VLAN_RANGE_ID_OR_RANGE: CelRule = CelRule {
+    rule: "has(self.id) ? !has(self.minId) && !has(self.maxId) : has(self.minId) && has(self.maxId)",
+    message: "give either id (one VLAN) or minId and maxId (a range)",
+    field_path: None,
+};
+
+/// A VLAN range: `minId <= maxId`.
+pub const VLAN_RANGE_ORDERED: CelRule = CelRule {
+    rule: "!has(self.minId) || !has(self.maxId) || self.minId <= self.maxId",
+    message: "minId must not be greater than maxId; swap them",
+    field_path: None,
+};
+
 // ---- PortForward ----
 
 /// `spec.target`: exactly one of workload and selector.
@@ -322,6 +353,26 @@ pub const ATTACHED: &[(&str, &str, &CelRule)] = &[
     ("networks.weft.dev", "spec", &NETWORK_NODE_BLOCK_PREFIX_V4),
     ("networks.weft.dev", "spec", &NETWORK_NODE_BLOCK_PREFIX_V6),
     ("networks.weft.dev", "spec", &NETWORK_EXCLUDE_IN_SUBNET),
+    (
+        "networks.weft.dev",
+        "spec",
+        &NETWORK_TRUNK_NEEDS_VLAN_FILTERING,
+    ),
+    (
+        "networks.weft.dev",
+        "spec",
+        &NETWORK_TRUNK_EXCLUDES_OWN_VLAN,
+    ),
+    (
+        "networks.weft.dev",
+        "spec.bridge.trunkVlans[]",
+        &VLAN_RANGE_ID_OR_RANGE,
+    ),
+    (
+        "networks.weft.dev",
+        "spec.bridge.trunkVlans[]",
+        &VLAN_RANGE_ORDERED,
+    ),
     ("networks.weft.dev", "spec.subnets", &SUBNETS_ONE_V4),
     ("networks.weft.dev", "spec.subnets", &SUBNETS_ONE_V6),
     ("networks.weft.dev", "spec.subnets", &SUBNETS_LARGE_ENOUGH),

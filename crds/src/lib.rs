@@ -33,7 +33,7 @@ pub use cidr::{AddressError, Cidr, IpAddress, IpOrCidr};
 pub use constants::{GROUP, VERSION};
 pub use network::{
     Action, BridgeSpec, IpamSpec, NatSpec, Network, NetworkMode, NetworkSpec, NetworkStatus,
-    NodeBlock, SecuritySpec,
+    NodeBlock, SecuritySpec, VlanRange,
 };
 pub use nodenetwork::{
     NODE_NETWORK_KIND, NodeNetwork, NodeNetworkBlock, NodeNetworkSpec, NodeNetworkStatus,

@@ -18,6 +18,8 @@ pub const MIN_MTU: i32 = 576;
 pub const MAX_MTU: i32 = 9216;
 /// Most entries in `spec.ipam.exclude`.
 pub const MAX_EXCLUDES: usize = 64;
+/// Most entries in `spec.bridge.trunkVlans`.
+pub const MAX_TRUNK_VLANS: usize = 64;
 
 /// A weft network: the subnets pods and VMs get addresses from, and how they reach the rest of
 /// the world. In NAT mode each node routes and masquerades the network behind its own address
@@ -62,7 +64,9 @@ pub const MAX_EXCLUDES: usize = 64;
     validation = &cel::NETWORK_GATEWAY_NOT_NETWORK_ADDRESS,
     validation = &cel::NETWORK_NODE_BLOCK_PREFIX_V4,
     validation = &cel::NETWORK_NODE_BLOCK_PREFIX_V6,
-    validation = &cel::NETWORK_EXCLUDE_IN_SUBNET
+    validation = &cel::NETWORK_EXCLUDE_IN_SUBNET,
+    validation = &cel::NETWORK_TRUNK_NEEDS_VLAN_FILTERING,
+    validation = &cel::NETWORK_TRUNK_EXCLUDES_OWN_VLAN
 )]
 #[serde(rename_all = "camelCase")]
 pub struct NetworkSpec {
@@ -211,6 +215,59 @@ pub struct BridgeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 15), pattern(IFNAME_PATTERN))]
     pub bridge_name: Option<String>,
+
+    /// Attach the uplink itself to a VLAN-filtering bridge as a trunk, instead of an 802.1Q
+    /// sub-interface per VLAN (the default, false). vlan is then the network's own VLAN:
+    /// workload ports are untagged access ports on it, the uplink carries it tagged. Needed for
+    /// trunkVlans (workloads, typically VMs, that send and receive tagged frames).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vlan_filtering: Option<bool>,
+
+    /// The extra VLANs workload trunk ports may carry tagged (a NetworkAttachmentDefinition's
+    /// vlanTrunk picks from them), and the uplink carries tagged; only with vlanFiltering: true.
+    /// Single IDs ({id: 20}) or ranges ({minId: 100, maxId: 199}), 2 to 4094 (VLAN 1 is the
+    /// uplink's untagged VLAN, the node's own traffic), at most 64 entries, not including the
+    /// network's own VLAN (vlan).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub trunk_vlans: Option<Vec<VlanRange>>,
+}
+
+/// One VLAN ID or an inclusive range of VLAN IDs, shaped like the reference bridge CNI plugin's
+/// vlanTrunk entries.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[x_kube(
+    validation = &cel::VLAN_RANGE_ID_OR_RANGE,
+    validation = &cel::VLAN_RANGE_ORDERED
+)]
+#[serde(rename_all = "camelCase")]
+pub struct VlanRange {
+    /// A single VLAN ID, 2 to 4094. Give either id or minId and maxId.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 2, max = 4094))]
+    pub id: Option<i32>,
+    /// First VLAN ID of a range, 2 to 4094; needs maxId.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 2, max = 4094))]
+    pub min_id: Option<i32>,
+    /// Last VLAN ID of a range, 2 to 4094, not smaller than minId.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 2, max = 4094))]
+    pub max_id: Option<i32>,
+}
+
+impl VlanRange {
+    /// The first and last VLAN ID, when the entry is well-formed.
+    pub fn bounds(&self) -> Option<(u16, u16)> {
+        let (lo, hi) = match (self.id, self.min_id, self.max_id) {
+            (Some(id), None, None) => (id, id),
+            (None, Some(lo), Some(hi)) => (lo, hi),
+            _ => return None,
+        };
+        let vid = |v: i32| u16::try_from(v).ok().filter(|v| (2..=4094).contains(v));
+        let (lo, hi) = (vid(lo)?, vid(hi)?);
+        (lo <= hi).then_some((lo, hi))
+    }
 }
 
 /// Microsegmentation defaults of a network.
@@ -423,6 +480,26 @@ impl NetworkSpec {
             .as_ref()
             .and_then(|b| b.vlan)
             .and_then(|v| u16::try_from(v).ok())
+    }
+
+    /// Whether the network's bridge filters VLANs (`spec.bridge.vlanFiltering`): the uplink
+    /// is a trunk port of it, and workload ports may be trunks too.
+    pub fn vlan_filtering(&self) -> bool {
+        self.mode == NetworkMode::Bridge
+            && self
+                .bridge
+                .as_ref()
+                .and_then(|b| b.vlan_filtering)
+                .unwrap_or(false)
+    }
+
+    /// `spec.bridge.trunkVlans` as (first, last) VLAN IDs, malformed entries left out.
+    pub fn trunk_vlans(&self) -> Vec<(u16, u16)> {
+        self.bridge
+            .iter()
+            .flat_map(|b| b.trunk_vlans.iter().flatten())
+            .filter_map(VlanRange::bounds)
+            .collect()
     }
 
     /// Checks every rule of the CRD schema and its CEL rules (plus the IPv4 broadcast-gateway
@@ -686,6 +763,76 @@ impl BridgeSpec {
                 ),
             );
         }
+        self.validate_trunk(errors);
+    }
+
+    fn validate_trunk(&self, errors: &mut Errors) {
+        let Some(trunk) = &self.trunk_vlans else {
+            return;
+        };
+        if self.vlan_filtering != Some(true) {
+            errors.push(
+                "spec.bridge.trunkVlans",
+                "only allowed with spec.bridge.vlanFiltering: true (trunks need a VLAN-filtering bridge); set vlanFiltering: true or remove trunkVlans",
+            );
+        }
+        if trunk.len() > MAX_TRUNK_VLANS {
+            errors.push(
+                "spec.bridge.trunkVlans",
+                format!(
+                    "lists {} entries; at most {MAX_TRUNK_VLANS} are allowed (merge neighbours into ranges)",
+                    trunk.len()
+                ),
+            );
+        }
+        for (i, r) in trunk.iter().enumerate() {
+            let field = format!("spec.bridge.trunkVlans[{i}]");
+            for (name, value) in [("id", r.id), ("minId", r.min_id), ("maxId", r.max_id)] {
+                if let Some(v) = value
+                    && !(2..=4094).contains(&v)
+                {
+                    errors.push(
+                        format!("{field}.{name}"),
+                        format!(
+                            "{v} is not a trunk VLAN ID; use 2 to 4094 (VLAN 1 is the uplink's untagged VLAN: the node's own traffic)"
+                        ),
+                    );
+                }
+            }
+            match (r.id, r.min_id, r.max_id) {
+                (Some(_), None, None) | (None, Some(_), Some(_)) => {}
+                (Some(_), _, _) => errors.push(
+                    field.clone(),
+                    "sets id and a range; give either id (one VLAN) or minId and maxId (a range)",
+                ),
+                (None, None, None) => errors.push(
+                    field.clone(),
+                    "is empty; give id (one VLAN) or minId and maxId (a range)",
+                ),
+                (None, _, _) => errors.push(
+                    field.clone(),
+                    "a range needs both minId and maxId; add the missing one, or use id for one VLAN",
+                ),
+            }
+            if let (Some(lo), Some(hi)) = (r.min_id, r.max_id)
+                && lo > hi
+            {
+                errors.push(
+                    field.clone(),
+                    format!("minId {lo} is greater than maxId {hi}; swap them"),
+                );
+            }
+            if let (Some((lo, hi)), Some(own)) = (r.bounds(), self.vlan)
+                && (i32::from(lo)..=i32::from(hi)).contains(&own)
+            {
+                errors.push(
+                    field,
+                    format!(
+                        "includes the network's own VLAN spec.bridge.vlan {own}; workload ports carry it untagged, so leave it out of trunkVlans"
+                    ),
+                );
+            }
+        }
     }
 }
 
@@ -709,6 +856,7 @@ mod tests {
                 uplink: uplink.into(),
                 vlan: Some(10),
                 bridge_name: Some("br-vlan10".into()),
+                ..Default::default()
             }),
             ..Default::default()
         }
@@ -1023,6 +1171,139 @@ mod tests {
             b.vlan = Some(0);
         }
         assert_invalid(&spec, "spec.bridge.vlan", "1 to 4094");
+    }
+
+    fn trunk(vlan: Option<i32>, filtering: Option<bool>, ranges: &[VlanRange]) -> NetworkSpec {
+        let mut spec = bridge("eth1");
+        if let Some(b) = spec.bridge.as_mut() {
+            b.vlan = vlan;
+            b.vlan_filtering = filtering;
+            b.trunk_vlans = Some(ranges.to_vec());
+        }
+        spec
+    }
+
+    fn id(id: i32) -> VlanRange {
+        VlanRange {
+            id: Some(id),
+            ..Default::default()
+        }
+    }
+
+    fn range(lo: i32, hi: i32) -> VlanRange {
+        VlanRange {
+            id: None,
+            min_id: Some(lo),
+            max_id: Some(hi),
+        }
+    }
+
+    #[test]
+    fn trunk_vlans_are_ids_or_ordered_ranges_without_the_own_vlan() {
+        let ok = trunk(Some(10), Some(true), &[id(20), range(100, 199)]);
+        assert_eq!(ok.validate(), Ok(()));
+        assert!(ok.vlan_filtering());
+        assert_eq!(ok.trunk_vlans(), [(20, 20), (100, 199)]);
+        assert_eq!(trunk(None, Some(true), &[id(2)]).validate(), Ok(()));
+        assert_invalid(
+            &trunk(Some(10), None, &[id(20)]),
+            "spec.bridge.trunkVlans",
+            "only allowed with spec.bridge.vlanFiltering: true",
+        );
+        assert_invalid(
+            &trunk(Some(10), Some(false), &[id(20)]),
+            "spec.bridge.trunkVlans",
+            "set vlanFiltering: true",
+        );
+        assert_invalid(
+            &trunk(Some(10), Some(true), &[id(0)]),
+            "spec.bridge.trunkVlans[0].id",
+            "use 2 to 4094",
+        );
+        assert_invalid(
+            &trunk(Some(10), Some(true), &[id(20), range(100, 4095)]),
+            "spec.bridge.trunkVlans[1].maxId",
+            "use 2 to 4094",
+        );
+        assert_invalid(
+            &trunk(Some(10), Some(true), &[range(200, 100)]),
+            "spec.bridge.trunkVlans[0]",
+            "swap them",
+        );
+        assert_invalid(
+            &trunk(
+                Some(10),
+                Some(true),
+                &[VlanRange {
+                    id: Some(5),
+                    min_id: Some(1),
+                    max_id: Some(3),
+                }],
+            ),
+            "spec.bridge.trunkVlans[0]",
+            "either id",
+        );
+        assert_invalid(
+            &trunk(Some(10), Some(true), &[VlanRange::default()]),
+            "spec.bridge.trunkVlans[0]",
+            "is empty",
+        );
+        assert_invalid(
+            &trunk(
+                Some(10),
+                Some(true),
+                &[VlanRange {
+                    min_id: Some(5),
+                    ..Default::default()
+                }],
+            ),
+            "spec.bridge.trunkVlans[0]",
+            "needs both minId and maxId",
+        );
+        assert_invalid(
+            &trunk(Some(10), Some(true), &[range(5, 15)]),
+            "spec.bridge.trunkVlans[0]",
+            "own VLAN spec.bridge.vlan 10",
+        );
+        // VLAN 1 is the uplink's untagged VLAN (the node's own traffic), never a trunk VLAN.
+        for (spec, field) in [
+            (
+                trunk(None, Some(true), &[id(1)]),
+                "spec.bridge.trunkVlans[0].id",
+            ),
+            (
+                trunk(Some(10), Some(true), &[range(1, 5)]),
+                "spec.bridge.trunkVlans[0].minId",
+            ),
+        ] {
+            assert_invalid(&spec, field, "VLAN 1 is the uplink's untagged VLAN");
+        }
+        assert_invalid(
+            &trunk(Some(10), Some(true), &vec![id(20); 65]),
+            "spec.bridge.trunkVlans",
+            "at most 64",
+        );
+        // vlanFiltering alone (no trunks) is fine; in NAT mode it means nothing.
+        let mut plain = bridge("eth1");
+        if let Some(b) = plain.bridge.as_mut() {
+            b.vlan_filtering = Some(true);
+        }
+        assert_eq!(plain.validate(), Ok(()));
+        assert!(plain.vlan_filtering());
+        assert!(!bridge("eth1").vlan_filtering());
+    }
+
+    #[test]
+    fn trunk_vlans_read_from_yaml_in_the_documented_shape() {
+        let spec: NetworkSpec = serde_saphyr::from_str(
+            "{mode: Bridge, subnets: [192.168.0.0/24], bridge: {uplink: eth1, vlan: 10, vlanFiltering: true, trunkVlans: [{id: 20}, {minId: 100, maxId: 199}]}}",
+        )
+        .unwrap();
+        assert_eq!(spec.validate(), Ok(()));
+        assert_eq!(spec.trunk_vlans(), [(20, 20), (100, 199)]);
+        let json = serde_json::to_value(&spec).unwrap();
+        assert_eq!(json["bridge"]["trunkVlans"][1]["minId"], 100);
+        assert!(json["bridge"]["trunkVlans"][0].get("minId").is_none());
     }
 
     #[test]

@@ -272,6 +272,7 @@ fn cel_rules_are_bounded_for_the_cost_estimator() {
             "spec.subnets",
             "spec.gateway",
             "spec.ipam.exclude",
+            "spec.bridge.trunkVlans",
             "spec.ports",
             "spec.allowFrom",
         ] {

@@ -16,6 +16,7 @@ pub mod state;
 pub mod sysctl;
 pub mod tap;
 pub mod uplink;
+pub mod vlan;
 
 /// Renders an error and its sources as `a: b: c` (messages never repeat their source, so the
 /// chain reads once).

@@ -11,8 +11,9 @@ use crate::netlink::{LinkInfo, Netlink, NetlinkError, RouteEntry};
 use crate::nft::{self, Firewall, Table};
 use crate::state::{self, NetworkState};
 use crate::uplink::{self, UplinkPlan};
+use crate::vlan::PortVlan;
 use ipnet::IpNet;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 /// One Linux bridge weft owns for a network, with the gateway addresses on it.
@@ -143,6 +144,19 @@ pub trait Links {
     fn replace_route(&mut self, route: &RouteEntry, oif: u32) -> Result<(), ApplyError>;
     /// Deletes a route out of `oif` (absent is fine).
     fn del_route(&mut self, route: &RouteEntry, oif: u32) -> Result<(), ApplyError>;
+    /// Turns VLAN filtering of bridge `index` on or off (a kernel without it answers
+    /// `EOPNOTSUPP`).
+    fn set_vlan_filtering(&mut self, index: u32, on: bool) -> Result<(), ApplyError>;
+    /// The VLANs of every bridge port, by port index (ports of bridges that do not filter
+    /// VLANs hold none).
+    fn port_vlans(&mut self) -> Result<BTreeMap<u32, Vec<PortVlan>>, ApplyError>;
+    /// Adds (or updates the flags of) `add` on bridge port `index`, then deletes `del`.
+    fn change_port_vlans(
+        &mut self,
+        index: u32,
+        add: &[PortVlan],
+        del: &[u16],
+    ) -> Result<(), ApplyError>;
     /// Creates VLAN `id` on `parent` with an alias; returns its index.
     fn create_vlan(
         &mut self,
@@ -238,6 +252,24 @@ impl Links for Netlink {
     ) -> Result<u32, ApplyError> {
         Netlink::create_vlan(self, name, parent, id, None, Some(alias))
             .map_err(link_err(format!("create vlan {name}")))
+    }
+    fn set_vlan_filtering(&mut self, index: u32, on: bool) -> Result<(), ApplyError> {
+        Netlink::set_vlan_filtering(self, index, on).map_err(link_err(format!(
+            "set vlan_filtering {} on bridge {index}",
+            u8::from(on)
+        )))
+    }
+    fn port_vlans(&mut self) -> Result<BTreeMap<u32, Vec<PortVlan>>, ApplyError> {
+        Netlink::all_port_vlans(self).map_err(link_err("list bridge port vlans"))
+    }
+    fn change_port_vlans(
+        &mut self,
+        index: u32,
+        add: &[PortVlan],
+        del: &[u16],
+    ) -> Result<(), ApplyError> {
+        Netlink::change_port_vlans(self, index, add, del)
+            .map_err(link_err(format!("set vlans of port {index}")))
     }
     fn probe_gateway(
         &mut self,
@@ -433,6 +465,34 @@ fn apply_bridges(
                 index
             }
         };
+        let filtering = bridge.uplink.as_ref().and_then(|u| u.filtering.as_ref());
+        let filters = existing
+            .iter()
+            .find(|l| l.index == index)
+            .and_then(|l| l.vlan_filtering)
+            .unwrap_or(false);
+        if filtering.is_some() != filters {
+            match links.set_vlan_filtering(index, filtering.is_some()) {
+                Ok(()) => report.changes.push(format!(
+                    "bridge {} vlan_filtering {}",
+                    bridge.name,
+                    u8::from(filtering.is_some())
+                )),
+                Err(ApplyError::Link { source, .. })
+                    if source.is_not_supported() && filtering.is_some() =>
+                {
+                    // The uplink is not attached to a bridge that would pass every VLAN.
+                    report.failed.push((
+                        bridge.network.clone(),
+                        format!(
+                            "spec.bridge.vlanFiltering: this node's kernel has no VLAN-filtering bridge support (CONFIG_BRIDGE_VLAN_FILTERING); remove vlanFiltering (and trunkVlans) to use an 802.1Q sub-interface for spec.bridge.vlan, or exclude the node with spec.nodeSelector ({source})"
+                        ),
+                    ));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let have: BTreeSet<IpNet> = links.addresses(index)?.into_iter().collect();
         let want: BTreeSet<IpNet> = bridge.addresses.iter().copied().collect();
         for addr in want.difference(&have) {
@@ -453,14 +513,22 @@ fn apply_bridges(
                     .push(format!("bridge {} removed address {addr}", bridge.name));
             }
         }
-        if bridge.uplink.is_some()
-            && let Err(e) = uplink::attach(bridge, index, &existing, links, state_dir, report)
-        {
-            let message = match e {
-                ApplyError::Uplink { message, .. } => message,
-                other => crate::error_chain(&other),
-            };
-            report.failed.push((bridge.network.clone(), message));
+        if let Some(up) = &bridge.uplink {
+            let attached = uplink::attach(bridge, index, &existing, links, state_dir, report)
+                .and_then(|()| match &up.filtering {
+                    Some(f) => {
+                        uplink_vlans(&up.port(), f, links, report)?;
+                        workload_vlans(bridge, index, f, links, report)
+                    }
+                    None => Ok(()),
+                });
+            if let Err(e) = attached {
+                let message = match e {
+                    ApplyError::Uplink { message, .. } => message,
+                    other => crate::error_chain(&other),
+                };
+                report.failed.push((bridge.network.clone(), message));
+            }
         }
     }
     let wanted: BTreeSet<&str> = plan.bridges.iter().map(|b| b.name.as_str()).collect();
@@ -497,6 +565,83 @@ fn apply_bridges(
                 .changes
                 .push(format!("deleted vlan {} (network removed)", link.name));
         }
+    }
+    Ok(())
+}
+
+/// Brings the VLANs of the uplink port `port` of a VLAN-filtering bridge to what `filtering`
+/// asks (VLAN 1 untagged, the network's own and trunk VLANs tagged).
+fn uplink_vlans(
+    port: &str,
+    filtering: &crate::vlan::VlanFiltering,
+    links: &mut dyn Links,
+    report: &mut ApplyReport,
+) -> Result<(), ApplyError> {
+    let Some(index) = links
+        .list()?
+        .into_iter()
+        .find(|l| l.name == port)
+        .map(|l| l.index)
+    else {
+        return Ok(());
+    };
+    let want = filtering.uplink();
+    let current = links.port_vlans()?.remove(&index).unwrap_or_default();
+    let (add, del) = crate::vlan::changes(&current, &want);
+    if add.is_empty() && del.is_empty() {
+        return Ok(());
+    }
+    links.change_port_vlans(index, &add, &del)?;
+    let tagged: Vec<String> = want.tagged.iter().map(ToString::to_string).collect();
+    report.changes.push(format!(
+        "uplink {port} vlans: {} untagged, tagged {}",
+        want.pvid,
+        tagged.join(",")
+    ));
+    Ok(())
+}
+
+/// Keeps the workload ports of a VLAN-filtering bridge in line with a changed Network: each
+/// weft port is an access port on the network's own VLAN and keeps, tagged, those of its trunk
+/// VLANs the network still allows (the CNI set them at ADD; a port never gains VLANs here).
+fn workload_vlans(
+    bridge: &BridgePlan,
+    index: u32,
+    filtering: &crate::vlan::VlanFiltering,
+    links: &mut dyn Links,
+    report: &mut ApplyReport,
+) -> Result<(), ApplyError> {
+    let ours = format!("{}ep:{}:", names::ALIAS_PREFIX, bridge.network);
+    let ports: Vec<LinkInfo> = links
+        .list()?
+        .into_iter()
+        .filter(|l| {
+            l.master == Some(index) && l.alias.as_deref().is_some_and(|a| a.starts_with(&ours))
+        })
+        .collect();
+    if ports.is_empty() {
+        return Ok(());
+    }
+    let mut all = links.port_vlans()?;
+    for port in ports {
+        let current = all.remove(&port.index).unwrap_or_default();
+        let kept: Vec<crate::vlan::VlanRange> = current
+            .iter()
+            .filter(|v| !v.pvid && v.vid != filtering.own)
+            .filter(|v| filtering.trunk.iter().any(|r| r.contains(v.vid)))
+            .map(|v| crate::vlan::VlanRange::one(v.vid))
+            .collect();
+        let (add, del) = crate::vlan::changes(&current, &filtering.workload(&kept));
+        if add.is_empty() && del.is_empty() {
+            continue;
+        }
+        links.change_port_vlans(port.index, &add, &del)?;
+        report.changes.push(format!(
+            "port {} vlans: {} untagged, {} tagged",
+            port.name,
+            filtering.own,
+            kept.len()
+        ));
     }
     Ok(())
 }
@@ -641,6 +786,10 @@ pub struct FakeLinks {
     pub gateway_answers: bool,
     /// Whether the kernel has 802.1Q support.
     pub no_vlans: bool,
+    /// Whether the kernel lacks VLAN-filtering bridges.
+    pub no_vlan_filtering: bool,
+    /// The VLANs of each bridge port, by port index.
+    pub port_vlans: std::collections::BTreeMap<u32, Vec<PortVlan>>,
     /// Mutating calls, in order.
     pub calls: Vec<String>,
     next_index: u32,
@@ -670,6 +819,7 @@ impl Links for FakeLinks {
             master: None,
             alias: Some(alias.into()),
             netns_id: None,
+            vlan_filtering: Some(false),
         });
         self.calls.push(format!("create_bridge {name}"));
         Ok(index)
@@ -736,6 +886,16 @@ impl Links for FakeLinks {
                 l.master = master;
             }
         }
+        // Like the kernel: a new port gets the bridge's default VLAN; a leaving one loses all.
+        match master {
+            Some(_) => {
+                self.port_vlans
+                    .insert(index, vec![PortVlan::access(crate::vlan::DEFAULT_PVID)]);
+            }
+            None => {
+                self.port_vlans.remove(&index);
+            }
+        }
         self.calls.push(format!("set_master {index} {master:?}"));
         Ok(())
     }
@@ -793,9 +953,51 @@ impl Links for FakeLinks {
             master: None,
             alias: Some(alias.into()),
             netns_id: None,
+            vlan_filtering: None,
         });
         self.calls.push(format!("create_vlan {name} {id}"));
         Ok(index)
+    }
+    fn set_vlan_filtering(&mut self, index: u32, on: bool) -> Result<(), ApplyError> {
+        if self.no_vlan_filtering && on {
+            return Err(ApplyError::Link {
+                op: format!("set vlan_filtering 1 on bridge {index}"),
+                source: NetlinkError::Kernel {
+                    op: "set bridge vlan filtering",
+                    target: format!("link {index}"),
+                    errno: libc::EOPNOTSUPP,
+                    message: None,
+                },
+            });
+        }
+        for l in &mut self.links {
+            if l.index == index {
+                l.vlan_filtering = Some(on);
+            }
+        }
+        self.calls
+            .push(format!("set_vlan_filtering {index} {}", u8::from(on)));
+        Ok(())
+    }
+    fn port_vlans(&mut self) -> Result<BTreeMap<u32, Vec<PortVlan>>, ApplyError> {
+        Ok(self.port_vlans.clone())
+    }
+    fn change_port_vlans(
+        &mut self,
+        index: u32,
+        add: &[PortVlan],
+        del: &[u16],
+    ) -> Result<(), ApplyError> {
+        let vlans = self.port_vlans.entry(index).or_default();
+        for a in add {
+            vlans.retain(|v| v.vid != a.vid);
+            vlans.push(*a);
+        }
+        vlans.retain(|v| !del.contains(&v.vid));
+        vlans.sort();
+        self.calls
+            .push(format!("change_port_vlans {index} +{add:?} -{del:?}"));
+        Ok(())
     }
     fn probe_gateway(
         &mut self,
@@ -887,6 +1089,7 @@ mod tests {
             master: None,
             alias: None,
             netns_id: None,
+            vlan_filtering: None,
         }
     }
 
@@ -1067,6 +1270,7 @@ mod tests {
             uplink: Some(UplinkPlan {
                 device: "eth0".into(),
                 vlan,
+                filtering: None,
             }),
         });
         p.networks.push(NetworkState {
@@ -1082,6 +1286,7 @@ mod tests {
             block_v6: None,
             exclude: vec![],
             anti_spoofing: true,
+            vlan_filtering: None,
         });
         p
     }
@@ -1239,6 +1444,136 @@ mod tests {
             report.failed
         );
         assert!(report.failed[0].1.contains("802.1Q"), "{:?}", report.failed);
+    }
+
+    fn trunk_plan(trunk: &[crate::vlan::VlanRange]) -> NodePlan {
+        let filtering = crate::vlan::VlanFiltering {
+            own: 10,
+            trunk: trunk.to_vec(),
+        };
+        let mut p = lan_plan(None);
+        if let Some(up) = p.bridges[0].uplink.as_mut() {
+            up.filtering = Some(filtering.clone());
+        }
+        p.networks[0].vlan_filtering = Some(filtering);
+        p
+    }
+
+    #[test]
+    fn vlan_filtering_networks_make_the_uplink_a_trunk_and_name_missing_kernel_support() {
+        use crate::vlan::{PortVlan, VlanRange};
+        let mut node = Node::new();
+        node.links.gateway_answers = true;
+        let eth0 = add_eth0(&mut node);
+        let trunk = [VlanRange::one(20), VlanRange { min: 100, max: 101 }];
+        let report = node.apply(&trunk_plan(&trunk));
+        assert!(report.failed.is_empty(), "{report:?}");
+        let br = bridge_index(&node, "wn-lan");
+        let link = |node: &Node, i| node.links.links.iter().find(|l| l.index == i).cloned();
+        assert_eq!(link(&node, br).unwrap().vlan_filtering, Some(true));
+        assert_eq!(
+            link(&node, eth0).unwrap().master,
+            Some(br),
+            "the uplink itself, no sub-interface"
+        );
+        assert!(!node.links.links.iter().any(|l| l.name == "eth0.10"));
+        assert_eq!(
+            node.links.port_vlans[&eth0],
+            [
+                PortVlan::access(1),
+                PortVlan::tagged(10),
+                PortVlan::tagged(20),
+                PortVlan::tagged(100),
+                PortVlan::tagged(101)
+            ],
+            "the node's untagged traffic stays on VLAN 1; the own VLAN and the trunk are tagged"
+        );
+        assert!(NetworkState::read(node.dir.path(), "lan").is_ok());
+        // Idempotent.
+        let calls = node.links.calls.len();
+        assert!(node.apply(&trunk_plan(&trunk)).is_noop());
+        assert_eq!(node.links.calls.len(), calls);
+        // Fewer trunk VLANs: only the difference changes.
+        node.apply(&trunk_plan(&[VlanRange::one(20)]));
+        assert_eq!(
+            node.links.calls.last().unwrap(),
+            &format!("change_port_vlans {eth0} +[] -[100, 101]")
+        );
+        // Filtering off again (the sub-interface mode without a VLAN): the bridge stops filtering.
+        node.apply(&lan_plan(None));
+        assert_eq!(link(&node, br).unwrap().vlan_filtering, Some(false));
+        // The network goes: the uplink leaves the bridge, and its VLANs with it.
+        node.apply(&trunk_plan(&trunk));
+        node.apply(&plan(&[], "accept", &[]));
+        assert_eq!(link(&node, eth0).unwrap().master, None);
+        assert!(!node.links.port_vlans.contains_key(&eth0));
+        assert!(link(&node, br).is_none());
+
+        // A workload port (made by the CNI) follows a changed Network: the own VLAN moves to
+        // 11, trunk VLANs the network dropped go, the others stay.
+        node.apply(&trunk_plan(&trunk));
+        let br = bridge_index(&node, "wn-lan");
+        let mut port = foreign(60, "wfport", Some("veth"), None);
+        port.alias = Some(names::host_veth_alias("lan", "cid", "eth0"));
+        node.links.links.push(port);
+        node.links.set_master(60, Some(br)).unwrap();
+        node.links
+            .change_port_vlans(
+                60,
+                &[
+                    PortVlan::access(10),
+                    PortVlan::tagged(20),
+                    PortVlan::tagged(100),
+                ],
+                &[1],
+            )
+            .unwrap();
+        let mut moved = trunk_plan(&[VlanRange::one(20)]);
+        for f in [
+            moved.bridges[0]
+                .uplink
+                .as_mut()
+                .and_then(|u| u.filtering.as_mut()),
+            moved.networks[0].vlan_filtering.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            f.own = 11;
+        }
+        node.apply(&moved);
+        assert_eq!(
+            node.links.port_vlans[&60],
+            [PortVlan::access(11), PortVlan::tagged(20)]
+        );
+        let calls = node.links.calls.len();
+        assert!(node.apply(&moved).is_noop());
+        assert_eq!(node.links.calls.len(), calls, "idempotent");
+        node.apply(&plan(&[], "accept", &[]));
+
+        let mut node = Node::new();
+        node.links.no_vlan_filtering = true;
+        node.links.gateway_answers = true;
+        let eth0 = add_eth0(&mut node);
+        let report = node.apply(&trunk_plan(&trunk));
+        assert_eq!(report.failed.len(), 1, "{report:?}");
+        assert!(
+            report.failed[0].1.contains("spec.bridge.vlanFiltering")
+                && report.failed[0]
+                    .1
+                    .contains("no VLAN-filtering bridge support"),
+            "{:?}",
+            report.failed
+        );
+        assert_eq!(
+            link(&node, eth0).unwrap().master,
+            None,
+            "the uplink is not attached to a bridge that would pass every VLAN"
+        );
+        assert!(
+            NetworkState::read(node.dir.path(), "lan").is_err(),
+            "no workload attaches"
+        );
     }
 
     #[test]

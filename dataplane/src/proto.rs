@@ -44,6 +44,10 @@ pub struct Endpoint {
     /// (the RARP QEMU sends when it resumes) or the source is gone.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pending: bool,
+    /// The VLANs the port carries tagged besides the network's own (the attachment's
+    /// `vlanTrunk`, on a network with `spec.bridge.vlanFiltering`); empty for an access port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vlan_trunk: Vec<crate::vlan::VlanRange>,
 }
 
 /// A request from the CNI to the agent.

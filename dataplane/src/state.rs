@@ -93,6 +93,10 @@ pub struct NetworkState {
     /// Whether anti-spoofing is on for this network's ports.
     #[serde(default = "yes")]
     pub anti_spoofing: bool,
+    /// `spec.bridge.vlanFiltering`: the bridge filters VLANs; workload ports are access ports
+    /// on the network's own VLAN and may be trunks of its trunk VLANs. `None`: no filtering.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vlan_filtering: Option<crate::vlan::VlanFiltering>,
 }
 
 fn yes() -> bool {
@@ -268,6 +272,7 @@ mod tests {
             block_v6: Some("fd10::/122".parse().unwrap()),
             exclude: vec![],
             anti_spoofing: true,
+            vlan_filtering: None,
         }
     }
 

@@ -37,6 +37,9 @@ pub struct UplinkPlan {
     pub device: String,
     /// `spec.bridge.vlan`: weft makes an 802.1Q sub-interface of `device` and attaches that.
     pub vlan: Option<u16>,
+    /// `spec.bridge.vlanFiltering`: the bridge filters VLANs and `device` itself is its trunk
+    /// port, carrying the network's own VLAN and trunk VLANs tagged (`vlan` is then `None`).
+    pub filtering: Option<crate::vlan::VlanFiltering>,
 }
 
 impl UplinkPlan {
@@ -105,10 +108,19 @@ fn failed_path(state_dir: &Path, bridge: &str) -> PathBuf {
 }
 
 fn plan_text(bridge: &BridgePlan, up: &UplinkPlan) -> String {
-    format!(
+    let mut text = format!(
         "bridge {} uplink {} vlan {:?} mtu {}",
         bridge.name, up.device, up.vlan, bridge.mtu
-    )
+    );
+    if let Some(f) = &up.filtering {
+        let trunk: Vec<String> = f.trunk.iter().map(ToString::to_string).collect();
+        text.push_str(&format!(
+            " vlan filtering own {} trunk [{}]",
+            f.own,
+            trunk.join(",")
+        ));
+    }
+    text
 }
 
 /// Reads the record of `bridge`'s uplink, if weft attached one.
@@ -488,6 +500,7 @@ mod tests {
             UplinkPlan {
                 device: d.into(),
                 vlan: v,
+                filtering: None,
             }
             .port()
         };

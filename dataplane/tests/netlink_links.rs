@@ -280,3 +280,47 @@ fn generic_requests_report_the_kernels_extended_ack_text() {
         .unwrap();
     assert_eq!(dump.len(), 1, "only lo");
 }
+
+#[test]
+fn the_port_vlan_dump_decodes_bridge_ports_and_reports_vlan_filtering() {
+    let _ns = isolate();
+    let mut nl = Netlink::new().unwrap();
+    let br = nl.create_bridge("wvbr", None, None, None).unwrap();
+    let port = nl.create_veth_pair("wvp0", "wvp1", None, None).unwrap();
+    nl.set_master(port, Some(br)).unwrap();
+    nl.set_up(port).unwrap();
+    // The AF_BRIDGE dump carries more than VLANs (the port's IFLA_PROTINFO...): it must decode.
+    let all = nl.all_port_vlans().unwrap();
+    assert!(all.contains_key(&port), "the port is in the dump: {all:?}");
+    let bridge = nl.link_by_index(br).unwrap().unwrap();
+    match nl.set_vlan_filtering(br, true) {
+        Err(e) if e.is_not_supported() => {
+            println!("NOT SUPPORTED BY THIS KERNEL: VLAN-filtering bridges ({e})");
+            assert_eq!(
+                bridge.vlan_filtering,
+                Some(false),
+                "read from the bridge's link info"
+            );
+            let err = nl
+                .change_port_vlans(port, &[weft_dataplane::vlan::PortVlan::tagged(20)], &[])
+                .unwrap_err();
+            assert!(err.is_not_supported(), "{err}");
+        }
+        Err(e) => panic!("set vlan_filtering: {e}"),
+        Ok(()) => {
+            use weft_dataplane::vlan::{PortVlan, PortVlans, VlanRange};
+            assert_eq!(
+                nl.link_by_index(br).unwrap().unwrap().vlan_filtering,
+                Some(true)
+            );
+            // A new port holds the bridge's default VLAN 1; a trunk replaces it.
+            assert_eq!(nl.port_vlans(port).unwrap(), [PortVlan::access(1)]);
+            let want = PortVlans::workload(10, &[VlanRange { min: 100, max: 102 }]);
+            assert!(nl.set_port_vlans(port, &want).unwrap());
+            let mut got = nl.port_vlans(port).unwrap();
+            got.sort();
+            assert_eq!(got, want.entries());
+            assert!(!nl.set_port_vlans(port, &want).unwrap(), "idempotent");
+        }
+    }
+}

@@ -217,6 +217,7 @@ fn agent_path(res: &Resources, workloads: usize) -> anyhow::Result<()> {
             netns: None,
             vm: None,
             pending: false,
+            vlan_trunk: vec![],
         }
     };
     for i in 0..=workloads {

@@ -41,6 +41,7 @@ impl Workload {
             mac: self.mac,
             ips: vec![self.v4.parse().unwrap(), self.v6.parse().unwrap()],
             pending: false,
+            vlans: vec![],
         }
     }
 }
@@ -620,6 +621,89 @@ fn vlan_tagged_frames_from_a_workload_are_dropped() {
     assert!(
         sniff(lab.w(a), marker, || send_frame(lab.w(m), &frame)),
         "without the ethertype rules a must see m's tagged frame (control)"
+    );
+}
+
+/// A broadcast 802.1Q frame on VLAN `vid` from `src` carrying `marker`.
+fn tagged_on(vid: u16, src: [u8; 6], marker: &[u8]) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend(src);
+    f.extend([0x81, 0x00]);
+    f.extend(vid.to_be_bytes());
+    f.extend([0x88, 0xb5]);
+    f.extend(marker);
+    f.resize(64, 0);
+    f
+}
+
+#[test]
+fn a_trunk_port_passes_its_own_vlans_from_its_own_mac_only() {
+    // A bridge without VLAN filtering forwards tagged frames as they are, so the guard's
+    // decision is all that stands between m's tagged frames and a.
+    let mut lab = Lab::new();
+    let a = lab.add("a", 2);
+    let m = lab.add("m", 4);
+    // First registered as an access port; its trunk VLANs are then one element change, which
+    // goes over netlink (the element fast path must encode `iifname . vlan id` as nft does).
+    lab.apply(&lab.table(&[a, m], &[]));
+    let mut trunk = lab.w(m).guard();
+    trunk.vlans = vec![20, 100];
+    let with_trunk = guard::table(&[BRIDGE.to_string()], &[lab.w(a).guard(), trunk], &[]);
+    let tx = weft_dataplane::nft::diff(&lab.table(&[a, m], &[]), &with_trunk);
+    assert!(
+        tx.0.iter().all(|c| matches!(c, Change::AddElements { .. })),
+        "{tx:?}"
+    );
+    netns::run_in(&lab.node, || NftCli::default().apply(&tx))
+        .unwrap()
+        .unwrap();
+    let state = netns::run_in(&lab.node, || {
+        NftCli::default()
+            .list_table(weft_dataplane::nft::Family::Bridge, "weft")
+            .unwrap()
+            .expect("the bridge weft table exists")
+    })
+    .unwrap();
+    let back = weft_dataplane::nft::diff(&state.to_table(&with_trunk), &with_trunk);
+    assert!(
+        back.is_empty(),
+        "the trunk elements must list back as written (\"wfm\" . 20), diff: {back:?}"
+    );
+    let (wa, wm) = (lab.w(a), lab.w(m));
+    let cases: [(&str, u16, [u8; 6], bool); 5] = [
+        ("VLAN 20 from m's MAC", 20, wm.mac, true),
+        ("VLAN 100 from m's MAC", 100, wm.mac, true),
+        ("VLAN 30, not in m's trunk", 30, wm.mac, false),
+        (
+            "VLAN 20 from a foreign MAC",
+            20,
+            [0x02, 0, 0, 0, 0, 0x99],
+            false,
+        ),
+        ("priority-tagged (VLAN 0)", 0, wm.mac, false),
+    ];
+    for (i, (what, vid, src, passes)) in cases.into_iter().enumerate() {
+        let marker = format!("weft-trunk-probe-{i}");
+        let frame = tagged_on(vid, src, marker.as_bytes());
+        assert_eq!(
+            sniff(wa, marker.as_bytes(), || send_frame(wm, &frame)),
+            passes,
+            "{what}: a must {}see m's tagged frame",
+            if passes { "" } else { "NOT " }
+        );
+    }
+    // a is an access port: its tagged frames stay dropped, whatever the VLAN.
+    let marker = b"weft-access-probe";
+    let frame = tagged_on(20, wa.mac, marker);
+    assert!(
+        !sniff(wm, marker, || send_frame(wa, &frame)),
+        "m must NOT see a tagged frame from the access port a"
+    );
+    // Untagged frames of the trunk port keep every check: m still reaches a from its own
+    // address only.
+    assert!(
+        ping(wm, None, &wa.v4),
+        "m's untagged traffic passes (control)"
     );
 }
 

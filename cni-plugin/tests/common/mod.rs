@@ -85,6 +85,7 @@ impl Node {
             block_v6: Some("fd77::/112".parse().unwrap()),
             exclude: vec!["10.77.0.2/32".parse().unwrap()],
             anti_spoofing: true,
+            vlan_filtering: None,
         }
         .write(dir.path())
         .unwrap();

@@ -97,6 +97,10 @@ pub struct Allocation {
     /// here so that an agent restarted meanwhile still holds the port.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pending: bool,
+    /// The VLANs the port carries tagged (the attachment's `vlanTrunk`); kept here so that an
+    /// agent restarted meanwhile still admits them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vlan_trunk: Vec<crate::vlan::VlanRange>,
 }
 
 /// Addresses and MAC kept for one interface of a VM across its attachments (restart, live
@@ -174,6 +178,8 @@ pub struct AllocRequest {
     /// The VM's reservation on the node it ran on last: taken (adopted, as `static_ips`)
     /// unless this store's reservation of the owner's interface is as new or newer.
     pub restore: Option<crate::proto::Restore>,
+    /// Recorded as is.
+    pub vlan_trunk: Vec<crate::vlan::VlanRange>,
 }
 
 /// An IP family.
@@ -515,6 +521,7 @@ impl IpamStore {
                 owner: req.owner,
                 parent: req.parent,
                 pending: req.pending,
+                vlan_trunk: req.vlan_trunk,
             };
             info!(network = %self.network, container_id = %allocation.container_id, ifname = %allocation.ifname, ips = ?allocation.ips, "allocated");
             state.allocations.push(allocation.clone());

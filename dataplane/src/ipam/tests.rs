@@ -392,11 +392,17 @@ fn allocation_records_the_request_metadata() {
                 netns: Some("/var/run/netns/x".into()),
                 owner: None,
                 parent: None,
+                vlan_trunk: vec![crate::vlan::VlanRange { min: 100, max: 110 }],
                 ..AllocRequest::default()
             },
         )
         .unwrap();
     assert!(a.created > 1_700_000_000);
+    assert_eq!(
+        a.vlan_trunk,
+        [crate::vlan::VlanRange { min: 100, max: 110 }],
+        "a trunk port's VLANs outlive an agent restart"
+    );
     assert_eq!(s.get(&att("c1")).unwrap(), Some(a.clone()));
     assert_eq!(a.attachment(), att("c1"));
     assert_eq!(a.host_ifname.as_deref(), Some("wf0123"));

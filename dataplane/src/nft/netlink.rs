@@ -116,8 +116,8 @@ fn encode_field(key_type: &str, text: &str) -> Option<Vec<u8>> {
 }
 
 /// A `typeof` key expression as the datatype it stands for: interface name expressions are
-/// `ifname`, a raw payload `@base,offset,length` is an integer of `length` bits (`int:<bits>`);
-/// addresses by their type.
+/// `ifname`, a raw payload `@base,offset,length` is an integer of `length` bits (`int:<bits>`),
+/// `vlan id` a 16-bit one; addresses by their type.
 fn typeof_field(expr: &str) -> Option<String> {
     let expr = expr.trim();
     if let Some(raw) = expr.strip_prefix('@') {
@@ -131,6 +131,8 @@ fn typeof_field(expr: &str) -> Option<String> {
             "ip saddr" | "ip daddr" => "ipv4_addr",
             "ip6 saddr" | "ip6 daddr" => "ipv6_addr",
             "ether saddr" | "ether daddr" => "ether_addr",
+            // 12 bits, loaded as two bytes in network byte order.
+            "vlan id" => "int:16",
             _ => return None,
         }
         .to_string(),

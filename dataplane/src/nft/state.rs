@@ -383,8 +383,8 @@ fn listed_key_type(key: &str) -> String {
 }
 
 /// The datatype nft 1.0.6 lists for a `typeof` key expression (checked against its JSON
-/// listing): interface names are `ifname`, a raw payload (`@th,64,128`) is an `integer`,
-/// addresses are `ipv4_addr`, `ipv6_addr` or `ether_addr`. Any other expression stays as
+/// listing): interface names are `ifname`, a raw payload (`@th,64,128`) and `vlan id` are an
+/// `integer`, addresses are `ipv4_addr`, `ipv6_addr` or `ether_addr`. Any other expression stays as
 /// written, which never equals a listed type: the set then reads as changed and the table is
 /// replaced on every pass, correct but no longer an element diff, so add the expression here
 /// before using it in a `typeof` key.
@@ -395,6 +395,7 @@ fn typeof_datatype(expression: &str) -> String {
         "ip saddr" | "ip daddr" => "ipv4_addr",
         "ip6 saddr" | "ip6 daddr" => "ipv6_addr",
         "ether saddr" | "ether daddr" => "ether_addr",
+        "vlan id" => "integer",
         raw if raw.starts_with('@') => "integer",
         other => other,
     };

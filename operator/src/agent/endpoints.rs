@@ -65,6 +65,7 @@ fn from_allocation(network: &str, a: Allocation) -> Endpoint {
         netns: a.netns,
         vm: a.owner,
         pending: a.pending,
+        vlan_trunk: a.vlan_trunk,
     }
 }
 
@@ -316,6 +317,7 @@ mod tests {
             netns: None,
             vm: None,
             pending,
+            vlan_trunk: vec![],
         }
     }
 

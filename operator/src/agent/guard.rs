@@ -16,7 +16,10 @@
 //! - `lladdrs` (`typeof iifname . @th,208,48`): the MAC again, as a 48-bit integer
 //!   (`"wfa" . 0x0a580a4d0002`), for the link-layer address options of neighbour discovery;
 //! - `pending` (`ifname`): live migration targets that wait for their VM (see
-//!   [`PortGuard::pending`]).
+//!   [`PortGuard::pending`]);
+//! - `trunks` (`typeof iifname . vlan id`): the VLANs each trunk port may send tagged (its
+//!   attachment's `vlanTrunk`, on a network with `spec.bridge.vlanFiltering`), one element per
+//!   VLAN (`"wfa" . 20`).
 //!
 //! One base chain, `prerouting` (`type filter hook prerouting priority filter`, -200 in the
 //! bridge family, before br_netfilter's hooks at 0), sees every frame a bridge port receives,
@@ -24,7 +27,10 @@
 //! 1. frames of ports that are not weft's pass untouched;
 //! 2. ports in `open` pass unchecked;
 //! 3. a weft port in neither `ports` nor `open` (not registered yet) is dropped: fail closed;
-//! 4. guarded ports: 802.1Q/802.1ad tagged frames are dropped, and so is every ethertype but
+//! 4. guarded ports: an 802.1Q tagged frame passes only on a trunk port, for one of that port's
+//!    `trunks` VLANs, from the port's own MAC (a tagged frame of the network's own VLAN, or
+//!    priority-tagged, is dropped: it would dodge the checks below); no IP-level check looks
+//!    inside it. Other tagged frames (802.1ad too) are dropped, and so is every ethertype but
 //!    IPv4, ARP and IPv6 (PPPoE or MPLS could carry IP the checks below never see);
 //! 5. the source MAC, the ARP sender MAC and sender IP, and the IPv4 source must be the port's;
 //!    DHCPv4 server replies (udp 67 → 68) are dropped;
@@ -63,6 +69,9 @@ pub struct PortGuard {
     /// itself there (its RARP is logged with [`ACTIVATE_PREFIX`] for the agent) or the agent
     /// activates it because the source is gone.
     pub pending: bool,
+    /// The VLAN IDs the port may send tagged (a trunk port's `vlanTrunk`); empty for an
+    /// access port, which sends untagged frames only.
+    pub vlans: Vec<u16>,
 }
 
 /// The log prefix of a pending port's RARP (QEMU's announcement when a migrated VM resumes).
@@ -142,6 +151,10 @@ fn rules() -> Vec<String> {
         "iifname @open accept",
         // A weft port the agent has not registered (yet): fail closed.
         "iifname != @ports drop",
+        // A trunk port's tagged frames: its own VLANs, its own MAC, nothing else checked.
+        "ether type 8021q iifname . vlan id != @trunks drop",
+        "ether type 8021q iifname . ether saddr != @macs drop",
+        "ether type 8021q accept",
         "ether type { 8021q, 8021ad } drop",
         "ether type != { ip, arp, ip6 } drop",
         "iifname . ether saddr != @macs drop",
@@ -201,8 +214,10 @@ pub fn table(bridges: &[String], guarded: &[PortGuard], open: &[OpenPort]) -> Ta
     let mut ips6 = BTreeSet::new();
     let mut targets6 = BTreeSet::new();
     let mut lladdrs = BTreeSet::new();
+    let mut trunks = BTreeSet::new();
     for p in guarded {
         let port = quoted(&p.ifname);
+        trunks.extend(p.vlans.iter().map(|v| format!("{port} . {v}")));
         macs.insert(format!("{port} . {}", names::format_mac(p.mac)));
         lladdrs.insert(format!("{port} . {}", mac_integer(p.mac)));
         let v6s = p.ips.iter().filter_map(|ip| match ip {
@@ -237,6 +252,7 @@ pub fn table(bridges: &[String], guarded: &[PortGuard], open: &[OpenPort]) -> Ta
             set("targets6", "typeof iifname . @th,64,128", targets6),
             set("lladdrs", "typeof iifname . @th,208,48", lladdrs),
             set("pending", "ifname", pending),
+            set("trunks", "typeof iifname . vlan id", trunks),
         ],
         maps: vec![],
         chains: vec![
@@ -277,6 +293,7 @@ mod tests {
             mac,
             ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
             pending: false,
+            vlans: vec![],
         }
     }
 
@@ -410,6 +427,47 @@ mod tests {
         for rule in ND_RULES {
             assert!(at(rule) < dad, "{rule} must come before the DAD exception");
         }
+    }
+
+    #[test]
+    fn trunk_ports_admit_their_tagged_vlans_as_elements_and_others_stay_dropped() {
+        let mac = [0x0a, 0x58, 10, 77, 0, 2];
+        let access = table(&[], &[port("wfa", mac, &["10.77.0.2"])], &[]);
+        let mut vm = port("wfv", [0x0a, 0x58, 10, 77, 0, 3], &["10.77.0.3"]);
+        vm.vlans = vec![20, 100, 101];
+        let trunked = table(&[], &[port("wfa", mac, &["10.77.0.2"]), vm], &[]);
+        assert_eq!(
+            elements(&trunked, "trunks"),
+            ["\"wfv\" . 100", "\"wfv\" . 101", "\"wfv\" . 20"]
+        );
+        assert!(elements(&access, "trunks").is_empty());
+        assert_eq!(structure_hash(&access), structure_hash(&trunked));
+        let tx = diff(&access, &trunked);
+        assert!(
+            tx.0.iter().all(|c| matches!(c, Change::AddElements { .. })),
+            "a trunk port is an element diff, got {tx:?}"
+        );
+        let rules = &trunked.chains[0].rules;
+        let at = |r: &str| rules.iter().position(|x| x == r).unwrap();
+        let vid = at("ether type 8021q iifname . vlan id != @trunks drop");
+        let mac_check = at("ether type 8021q iifname . ether saddr != @macs drop");
+        let pass = at("ether type 8021q accept");
+        assert!(at("iifname != @ports drop") < vid, "only registered ports");
+        assert!(
+            at("iifname @pending drop") < vid,
+            "a pending port passes nothing"
+        );
+        assert!(vid < pass && mac_check < pass, "{rules:?}");
+        assert!(
+            pass < at("ether type { 8021q, 8021ad } drop"),
+            "other tagged frames stay dropped"
+        );
+        assert!(
+            pass < at("iifname . ip saddr != @ips4 drop"),
+            "tagged frames get MAC checks only"
+        );
+        let text = render_table(&trunked);
+        assert!(text.contains("\t\ttypeof iifname . vlan id\n"), "{text}");
     }
 
     #[test]

@@ -14,6 +14,7 @@ use weft_dataplane::plan::{BridgePlan, NodePlan, SysctlPlan};
 use weft_dataplane::proto::Endpoint;
 use weft_dataplane::state::{self, NetworkState};
 use weft_dataplane::uplink::UplinkPlan;
+use weft_dataplane::vlan::{self, VlanFiltering, VlanRange};
 
 /// The node the plan is for.
 #[derive(Debug, Clone, Default)]
@@ -142,6 +143,8 @@ pub fn plan(
     // Uplink port → network, bridge name → network: one of each per node.
     let mut ports: BTreeMap<String, String> = BTreeMap::new();
     let mut bridge_names: BTreeMap<String, String> = BTreeMap::new();
+    // Uplink device → the networks with VLANs on it, and those VLANs.
+    let mut vlan_users: BTreeMap<String, Vec<(String, Vec<u16>)>> = BTreeMap::new();
     for net in networks {
         let name = net.metadata.name.clone().unwrap_or_default();
         let problem = |message: String| Problem {
@@ -165,6 +168,15 @@ pub fn plan(
             continue;
         }
         let bridge_mode = net.spec.mode == NetworkMode::Bridge;
+        let vlan_filtering = net.spec.vlan_filtering().then(|| VlanFiltering {
+            own: net.spec.vlan().unwrap_or(vlan::DEFAULT_PVID),
+            trunk: net
+                .spec
+                .trunk_vlans()
+                .into_iter()
+                .map(|(min, max)| VlanRange { min, max })
+                .collect(),
+        });
         let uplink = net
             .spec
             .bridge
@@ -172,8 +184,29 @@ pub fn plan(
             .filter(|_| bridge_mode)
             .map(|b| UplinkPlan {
                 device: b.uplink.clone(),
-                vlan: net.spec.vlan(),
+                // A filtering bridge carries the VLAN on the uplink itself.
+                vlan: net.spec.vlan().filter(|_| vlan_filtering.is_none()),
+                filtering: vlan_filtering.clone(),
             });
+        // A VLAN-filtering bridge's uplink and an 802.1Q sub-interface of the same device must
+        // not share a VLAN: the sub-interface would take its frames before the bridge sees them.
+        if let Some(up) = &uplink
+            && let Some((other, vid)) = vlan_users.get(&up.device).and_then(|users| {
+                users.iter().find_map(|(other, theirs)| {
+                    vlan_ids(up)
+                        .into_iter()
+                        .find(|v| theirs.contains(v))
+                        .filter(|_| up.filtering.is_some() || !theirs.is_empty())
+                        .map(|v| (other.clone(), v))
+                })
+            })
+        {
+            problems.push(problem(format!(
+                "spec.bridge: VLAN {vid} on interface {} is already network {other}'s on node {}; a VLAN-filtering network's own and trunk VLANs and the sub-interface VLANs of the same uplink must differ",
+                up.device, node.name
+            )));
+            continue;
+        }
         if let Some(up) = &uplink
             && let Some(other) = ports.get(&up.port())
         {
@@ -206,6 +239,13 @@ pub fn plan(
         }
         if let Some(up) = &uplink {
             ports.insert(up.port(), name.clone());
+            let ids = vlan_ids(up);
+            if up.filtering.is_some() || !ids.is_empty() {
+                vlan_users
+                    .entry(up.device.clone())
+                    .or_default()
+                    .push((name.clone(), ids));
+            }
         }
         // A NAT network's bridge answers on the gateway addresses; a Bridge network's gateway is
         // the LAN's router, and its bridge carries the node's own addresses (moved from the
@@ -249,6 +289,7 @@ pub fn plan(
             block_v6: b.v6,
             exclude: net.spec.excludes(),
             anti_spoofing: net.spec.anti_spoofing(),
+            vlan_filtering: vlan_filtering.clone(),
         });
         rules.push(NetRules {
             bridge,
@@ -296,6 +337,15 @@ pub fn plan(
     }
 }
 
+/// The VLANs a network's uplink takes on its device: its sub-interface's, or a filtering
+/// bridge's own and trunk VLANs (VLAN 1, the untagged one, excepted).
+fn vlan_ids(up: &UplinkPlan) -> Vec<u16> {
+    match &up.filtering {
+        Some(f) => vlan::ids(&f.uplink().tagged),
+        None => up.vlan.into_iter().collect(),
+    }
+}
+
 /// The anti-spoofing table: every endpoint of a realized network is a port, guarded unless its
 /// network turned `security.antiSpoofing` off.
 fn guard_table(
@@ -316,6 +366,17 @@ fn guard_table(
                 mac,
                 ips: e.ips.clone(),
                 pending: e.pending,
+                // Only VLANs the network allows (the CNI checked; the guard does not trust it).
+                vlans: net
+                    .vlan_filtering
+                    .as_ref()
+                    .map(|f| {
+                        vlan::ids(&e.vlan_trunk)
+                            .into_iter()
+                            .filter(|id| f.trunk.iter().any(|r| r.contains(*id)))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
             }),
             // An endpoint with an unreadable MAC stays unregistered: its port drops everything.
             None if net.anti_spoofing => {}
@@ -798,6 +859,7 @@ mod tests {
             netns: None,
             vm: None,
             pending: false,
+            vlan_trunk: vec![],
         }
     }
 
@@ -1082,7 +1144,8 @@ spec: {mode: Bridge, subnets: [10.61.0.0/24], bridge: {uplink: eth0}}
             lan.uplink,
             Some(UplinkPlan {
                 device: "eth0".into(),
-                vlan: None
+                vlan: None,
+                filtering: None,
             })
         );
         let v10 = out
@@ -1123,6 +1186,84 @@ spec: {mode: Bridge, subnets: [10.61.0.0/24], bridge: {uplink: eth0}}
             .find(|s| s.name == "masq4")
             .unwrap();
         assert!(!masq.elements.contains("192.168.50.0/24"));
+    }
+
+    const TRUNK: &str = r#"
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: trunk}
+spec:
+  mode: Bridge
+  subnets: [10.70.0.0/24]
+  bridge: {uplink: eth1, vlanFiltering: true, vlan: 10, trunkVlans: [{id: 20}, {minId: 100, maxId: 101}]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: sub-30}
+spec: {mode: Bridge, subnets: [10.71.0.0/24], bridge: {uplink: eth1, vlan: 30}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: vlan-20}
+spec: {mode: Bridge, subnets: [10.72.0.0/24], bridge: {uplink: eth1, vlan: 20}}
+"#;
+
+    #[test]
+    fn vlan_filtering_networks_trunk_the_uplink_itself_and_guard_only_allowed_vlans() {
+        let res = resources(TRUNK);
+        let mut ep = endpoint("trunk", "vm-1", &["10.70.0.66"]);
+        ep.vlan_trunk = vec![VlanRange::one(20), VlanRange { min: 100, max: 105 }];
+        let out = plan(&node(&[]), &res, &all_blocks(&res, &["node-a"]), &[ep]);
+        let trunk = out
+            .plan
+            .bridges
+            .iter()
+            .find(|b| b.network == "trunk")
+            .unwrap();
+        let filtering = VlanFiltering {
+            own: 10,
+            trunk: vec![VlanRange::one(20), VlanRange { min: 100, max: 101 }],
+        };
+        assert_eq!(
+            trunk.uplink,
+            Some(UplinkPlan {
+                device: "eth1".into(),
+                vlan: None,
+                filtering: Some(filtering.clone()),
+            }),
+            "the uplink itself, no sub-interface"
+        );
+        assert_eq!(trunk.uplink.as_ref().unwrap().port(), "eth1");
+        let st = out
+            .plan
+            .networks
+            .iter()
+            .find(|n| n.name == "trunk")
+            .unwrap();
+        assert_eq!(st.vlan_filtering, Some(filtering));
+        // A sub-interface on another VLAN of the same device is fine; one on a trunk VLAN not.
+        assert!(out.plan.bridges.iter().any(|b| b.network == "sub-30"));
+        assert!(!out.plan.bridges.iter().any(|b| b.network == "vlan-20"));
+        let p = out.problems.iter().find(|p| p.object == "vlan-20").unwrap();
+        assert!(
+            p.message
+                .contains("VLAN 20 on interface eth1 is already network trunk's"),
+            "{p}"
+        );
+        // The guard admits the port's tagged VLANs the network allows, not 102-105.
+        let guard = out.plan.guard.as_ref().unwrap();
+        let trunks = &guard
+            .sets
+            .iter()
+            .find(|s| s.name == "trunks")
+            .unwrap()
+            .elements;
+        let port = names::host_veth_name("cid-vm-1", "eth0");
+        let want: BTreeSet<String> = [20, 100, 101]
+            .iter()
+            .map(|v| format!("\"{port}\" . {v}"))
+            .collect();
+        assert_eq!(trunks, &want);
     }
 
     #[test]

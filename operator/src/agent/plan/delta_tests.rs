@@ -155,6 +155,7 @@ fn endpoint(slot: usize, pod: usize, v: u8, pending: bool) -> Endpoint {
         netns: None,
         vm: None,
         pending,
+        vlan_trunk: vec![],
     }
 }
 
