@@ -441,3 +441,125 @@ expect:
   - {from: web, to: db, port: 5432, result: allow}
   - {from: other, to: db, port: 5432, result: deny}
 "#;
+
+#[test]
+fn a_migrated_vm_keeps_its_policy_and_hybrid_targets_are_reached_on_a_shared_network() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = write(dir.path(), "migrate-policy.yaml", MIGRATE_POLICY);
+    let out = run_lab(&lab, &format!("mp-{}", std::process::id() % 10000));
+    assert!(out.contains("all expectations hold"), "{out}");
+}
+
+/// db is isolated by a namespace policy and live-migrates to kvm-b: its target launcher there
+/// carries its labels, so the policy holds on its new port. mixed is on a NAT network first and
+/// on the bridge second: other (bridge only) reaches it at its bridge address.
+const MIGRATE_POLICY: &str = r#"lan: {gateway: 10.20.30.1/24}
+nodes:
+  - {name: kvm-a, address: 10.20.30.2/24}
+  - {name: kvm-b, address: 10.20.30.3/24}
+resources:
+  - apiVersion: weft.dev/v1alpha1
+    kind: Network
+    metadata: {name: pods}
+    spec: {mode: NAT, subnets: [10.96.0.0/20], ipam: {nodeBlockPrefix: 24}}
+  - apiVersion: weft.dev/v1alpha1
+    kind: Network
+    metadata: {name: lan}
+    spec:
+      mode: Bridge
+      subnets: [10.20.30.0/24]
+      ipam: {nodeBlockPrefix: 28, exclude: [10.20.30.0/28]}
+      bridge: {uplink: eth0}
+  - apiVersion: weft.dev/v1alpha1
+    kind: SegmentationPolicy
+    metadata: {name: db, namespace: default}
+    spec:
+      subject: {podSelector: {matchLabels: {role: db}}}
+      ingress:
+        - {name: app, action: Allow, from: [{pods: {podSelector: {matchLabels: {role: app}}}}], protocols: [{protocol: TCP, port: 5432}]}
+workloads:
+  - {name: db, kind: VM, node: kvm-a, labels: {role: db}, networks: [lan], listen: [5432/tcp], migrateTo: kvm-b}
+  - {name: app, kind: VM, node: kvm-a, labels: {role: app}, networks: [lan], ips: [10.20.30.30]}
+  - {name: other, node: kvm-a, networks: [lan], listen: [80/tcp]}
+  - {name: mixed, node: kvm-b, networks: [pods, lan], listen: [80/tcp]}
+expect:
+  - {from: app, to: db, port: 5432, result: allow, sourceSeenAs: self}
+  - {from: other, to: db, port: 5432, result: deny}
+  # db has learned app's address from app itself: a forged claim must not replace it.
+  - {from: other, to: db, port: 5432, spoof: {arp: 10.20.30.30}, result: deny}
+  - {from: other, to: mixed, port: 80, result: allow, sourceSeenAs: self}
+"#;
+
+#[test]
+fn a_deny_is_checked_against_a_listener_not_passed_because_nothing_listens() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let lab = write(
+        dir.path(),
+        "lab.yaml",
+        r#"
+lan: {gateway: 10.95.0.1/24}
+nodes: [{name: n1, address: 10.95.0.21/24}]
+resources:
+  - {apiVersion: weft.dev/v1alpha1, kind: Network, metadata: {name: a}, spec: {mode: NAT, subnets: [172.26.0.0/24]}}
+workloads:
+  - {name: wa, node: n1, networks: [a]}
+  - {name: wb, node: n1, networks: [a], listen: [80/tcp]}
+expect:
+  # Nothing denies it: the lab listens on 5432 for the check, and the packets pass.
+  - {from: wa, to: wb, port: 5432, result: deny}
+"#,
+    );
+    let name = format!("nl-{}", std::process::id() % 10000);
+    let out = Command::new(operator_binary())
+        .args(["lab", "--name", &name])
+        .arg(&lab)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stdout.contains("answered by wb"), "{stdout}");
+    assert!(leftovers(&format!("wl-{name}-")).is_empty());
+}
+
+#[test]
+fn a_lab_whose_output_is_closed_early_still_cleans_up() {
+    use std::io::BufRead;
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let lab = write(
+        dir.path(),
+        "lab.yaml",
+        r#"
+lan: {gateway: 10.94.0.1/24}
+nodes: [{name: n1, address: 10.94.0.21/24}]
+resources:
+  - {apiVersion: weft.dev/v1alpha1, kind: Network, metadata: {name: a}, spec: {mode: NAT, subnets: [172.25.0.0/24]}}
+workloads:
+  - {name: wa, node: n1, networks: [a], listen: [80/tcp]}
+expect:
+  - {from: outside, to: wa, port: 80, result: deny}
+"#,
+    );
+    let name = format!("eo-{}", std::process::id() % 10000);
+    let mut child = Command::new(operator_binary())
+        .args(["lab", "--name", &name])
+        .arg(&lab)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Read the first line, then go away (as `| head -1` does): the lab's next line fails.
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.contains("weft lab"), "{first}");
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+    assert!(
+        leftovers(&format!("wl-{name}-")).is_empty(),
+        "the lab left namespaces behind"
+    );
+    assert!(!Path::new("/run/weft-lab").join(&name).exists());
+}

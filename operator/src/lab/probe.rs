@@ -22,6 +22,8 @@ pub enum ProbeResult {
     Refused,
     /// Nothing came back in time.
     Timeout,
+    /// The source has no route to the target (a private subnet seen from outside it).
+    Unreachable(String),
     /// The probe could not be sent (no route, …).
     Error(String),
 }
@@ -38,6 +40,7 @@ impl ProbeResult {
             ProbeResult::Answered { by, seen } => format!("answered by {by}, saw {seen}"),
             ProbeResult::Refused => "refused".into(),
             ProbeResult::Timeout => "no answer (dropped)".into(),
+            ProbeResult::Unreachable(e) => format!("unreachable: {e}"),
             ProbeResult::Error(e) => format!("error: {e}"),
         }
     }
@@ -159,11 +162,11 @@ pub fn probe_from(
         };
         let sock = match netns::run_in(ns, move || UdpSocket::bind(bind)) {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => return ProbeResult::Error(e.to_string()),
+            Ok(Err(e)) => return failed(&e),
             Err(e) => return ProbeResult::Error(e.to_string()),
         };
         if let Err(e) = sock.connect(addr) {
-            return ProbeResult::Error(e.to_string());
+            return failed(&e);
         }
         let _ = sock.set_read_timeout(Some(timeout / 3));
         let mut buf = [0u8; 512];
@@ -172,7 +175,7 @@ pub fn probe_from(
             if let Err(e) = sock.send(b"probe\n") {
                 return match e.kind() {
                     std::io::ErrorKind::ConnectionRefused => ProbeResult::Refused,
-                    _ => ProbeResult::Error(e.to_string()),
+                    _ => failed(&e),
                 };
             }
             match sock.recv(&mut buf) {
@@ -197,7 +200,7 @@ pub fn probe_from(
                         ProbeResult::Timeout
                     }
                     _ if e.raw_os_error() == Some(libc_ehostunreach()) => ProbeResult::Timeout,
-                    _ => ProbeResult::Error(e.to_string()),
+                    _ => failed(&e),
                 };
             }
             Err(e) => return ProbeResult::Error(e.to_string()),
@@ -220,6 +223,17 @@ pub fn probe_from(
 
 const fn libc_ehostunreach() -> i32 {
     113
+}
+
+/// A socket error: no route is an answer (the target is unreachable from here); anything
+/// else means the probe could not run.
+fn failed(e: &std::io::Error) -> ProbeResult {
+    const ENETUNREACH: i32 = 101;
+    if e.raw_os_error() == Some(ENETUNREACH) {
+        ProbeResult::Unreachable(e.to_string())
+    } else {
+        ProbeResult::Error(e.to_string())
+    }
 }
 
 #[cfg(test)]

@@ -337,7 +337,10 @@ impl Lab {
             let manifests = self.node_dir(&node.name).join("manifests");
             std::fs::create_dir_all(&manifests)?;
             let mut items = self.docs.clone();
-            for w in self.spec.workloads.iter().filter(|w| w.node == node.name) {
+            // A VM's migration target launcher runs here later: its pod carries the same labels.
+            for w in self.spec.workloads.iter().filter(|w| {
+                w.node == node.name || w.migrate_to.as_deref() == Some(node.name.as_str())
+            }) {
                 let mut labels = w.labels.clone();
                 if w.kind == "VM" {
                     // As KubeVirt labels a VM's virt-launcher pod.
@@ -717,6 +720,9 @@ impl Lab {
                         slot.1.push(a.addr());
                     }
                 }
+                for (network, on) in &per {
+                    self.check_not_a_host(w, network, on)?;
+                }
                 self.addresses
                     .lock()
                     .map_err(|_| anyhow::anyhow!("lab addresses poisoned"))?
@@ -761,6 +767,7 @@ impl Lab {
                         on_network.push(net.addr());
                     }
                 }
+                self.check_not_a_host(w, network, &on_network)?;
                 self.addresses
                     .lock()
                     .map_err(|_| anyhow::anyhow!("lab addresses poisoned"))?
@@ -975,6 +982,45 @@ impl Lab {
             activated.as_millis(),
             kept.join("; ")
         ))
+    }
+
+    /// The node `name` runs on now: a node is itself, a migrated VM is on its target.
+    pub fn node_now(&self, name: &str) -> String {
+        if let Some(to) = self.moved.lock().ok().and_then(|m| m.get(name).cloned()) {
+            return to;
+        }
+        self.spec
+            .workloads
+            .iter()
+            .find(|w| w.name == name)
+            .map(|w| w.node.clone())
+            .unwrap_or_else(|| name.to_string())
+    }
+
+    /// A workload address that a LAN host (the outside host, a node) holds already: the
+    /// Network's `ipam.exclude` must cover the LAN's hosts, or two hosts answer for it.
+    fn check_not_a_host(&self, w: &Workload, network: &str, ips: &[IpAddr]) -> anyhow::Result<()> {
+        let mut hosts: Vec<(String, IpAddr)> =
+            vec![("the outside host".into(), self.spec.lan.gateway.addr())];
+        hosts.extend(
+            self.spec
+                .lan
+                .gateway6
+                .map(|g| ("the outside host".to_string(), g.addr())),
+        );
+        for n in &self.spec.nodes {
+            hosts.push((format!("node {}", n.name), n.address.addr()));
+            hosts.extend(n.address6.map(|a| (format!("node {}", n.name), a.addr())));
+        }
+        for ip in ips {
+            if let Some((host, _)) = hosts.iter().find(|(_, a)| a == ip) {
+                anyhow::bail!(
+                    "workload {} got {ip} on network {network}, the LAN address of {host}: add the LAN's hosts to the Network's ipam.exclude",
+                    w.name
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Each workload's addresses per network.

@@ -70,17 +70,28 @@ fn stand_in(
     ips
 }
 
-/// Where a packet to `to:port` really goes (a node's port forward leads to its target):
-/// (address, port, the forward taken).
+/// A port forward a traced packet takes.
+#[derive(Debug, Clone)]
+pub struct Forward {
+    /// The workload it leads to.
+    pub target: String,
+    /// What it is, for the output.
+    pub description: String,
+}
+
+/// Where a packet from `from` to `to:port` really goes (a node's port forward leads to its
+/// target): (address, port, the forward taken).
+#[allow(clippy::too_many_arguments)]
 pub fn resolve(
     lab: &LabFile,
     res: &Resources,
     members: &[Member],
+    from: &str,
     name: &str,
     port: u16,
     protocol: L4Protocol,
     family: Family,
-) -> Option<(IpAddr, u16, Option<String>)> {
+) -> Option<(IpAddr, u16, Option<Forward>)> {
     let v4 = family == Family::Ipv4;
     if let Some(node) = lab.nodes.iter().find(|n| n.name == name) {
         // A port forward of a workload on this node?
@@ -93,11 +104,12 @@ pub fn resolve(
                 {
                     continue;
                 }
+                // The first by name, as the agent picks among several matches.
                 let target = lab
                     .workloads
                     .iter()
                     .filter(|w| w.node == node.name && w.namespace == ns)
-                    .find(|w| {
+                    .filter(|w| {
                         if let Some(t) = &pf.spec.target.workload {
                             return t == &w.name;
                         }
@@ -106,7 +118,8 @@ pub fn resolve(
                             .selector
                             .as_ref()
                             .is_some_and(|s| weft_crds::selector_matches(s, &w.labels))
-                    })?;
+                    })
+                    .min_by(|a, b| a.name.cmp(&b.name))?;
                 let member = members
                     .iter()
                     .find(|m| m.name == target.name && m.network == pf.spec.network)?;
@@ -115,30 +128,58 @@ pub fn resolve(
                 return Some((
                     *ip,
                     to_port,
-                    Some(format!(
-                        "port forward {ns}/{} on {} to {}:{to_port}",
-                        pf.metadata.name.as_deref().unwrap_or(""),
-                        node.name,
-                        target.name
-                    )),
+                    Some(Forward {
+                        target: target.name.clone(),
+                        description: format!(
+                            "port forward {ns}/{} on {} to {}:{to_port}",
+                            pf.metadata.name.as_deref().unwrap_or(""),
+                            node.name,
+                            target.name
+                        ),
+                    }),
                 ));
             }
         }
     }
-    Some((address(lab, members, name, family)?, port, None))
+    Some((
+        address_towards(lab, members, name, Some(from), family)?,
+        port,
+        None,
+    ))
 }
 
 /// The address of `outside`, a node or a workload in `family`.
 pub fn address(lab: &LabFile, members: &[Member], name: &str, family: Family) -> Option<IpAddr> {
+    address_towards(lab, members, name, None, family)
+}
+
+/// The address of `outside`, a node or a workload in `family` that a connection with `peer`
+/// uses: a workload's address on the first of its networks that `peer` (a workload) is on
+/// too, else its first address of the family.
+pub fn address_towards(
+    lab: &LabFile,
+    members: &[Member],
+    name: &str,
+    peer: Option<&str>,
+    family: Family,
+) -> Option<IpAddr> {
     if lab.is_host(name) {
         return lab.host_address(name, family);
     }
-    members
-        .iter()
-        .filter(|m| m.name == name)
-        .flat_map(|m| m.ips.iter())
-        .find(|i| i.is_ipv4() == (family == Family::Ipv4))
-        .copied()
+    let v4 = family == Family::Ipv4;
+    let of = |m: &Member| m.ips.iter().find(|i| i.is_ipv4() == v4).copied();
+    let shared = peer.and_then(|peer| {
+        members
+            .iter()
+            .filter(|m| m.name == name)
+            .filter(|m| {
+                members
+                    .iter()
+                    .any(|p| p.name == peer && p.network == m.network && of(p).is_some())
+            })
+            .find_map(of)
+    });
+    shared.or_else(|| members.iter().filter(|m| m.name == name).find_map(of))
 }
 
 /// A traced connection: the first packet as the node sees it (after a port forward) and what
@@ -166,10 +207,13 @@ pub fn decide(
     protocol: L4Protocol,
     family: Family,
 ) -> Result<Traced, String> {
-    let src = address(lab, members, from, family)
-        .ok_or_else(|| format!("{from} has no {family:?} address"))?;
-    let (dst, dport, via) = resolve(lab, res, members, to, port, protocol, family)
+    let (dst, dport, via) = resolve(lab, res, members, from, to, port, protocol, family)
         .ok_or_else(|| format!("{to} has no {family:?} address"))?;
+    // A port forward leads to a workload: the source's address towards that one.
+    let towards = via.as_ref().map(|f| f.target.as_str()).unwrap_or(to);
+    let src = address_towards(lab, members, from, Some(towards), family)
+        .ok_or_else(|| format!("{from} has no {family:?} address"))?;
+    let via = via.map(|f| f.description);
     let packet = Packet::first(src, dst, protocol, dport);
     Ok(Traced {
         decision: compiled.decide(&packet),
