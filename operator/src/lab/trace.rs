@@ -182,6 +182,38 @@ pub fn address_towards(
     shared.or_else(|| members.iter().filter(|m| m.name == name).find_map(of))
 }
 
+/// The source address of a node's connection to `dst`, a workload of a NAT network on that
+/// node: the node reaches its NAT bridge from the network's gateway address there, not from
+/// its LAN address.
+fn node_source(
+    lab: &LabFile,
+    res: &Resources,
+    members: &[Member],
+    from: &str,
+    to: &str,
+    dst: IpAddr,
+) -> Option<IpAddr> {
+    let node = lab.nodes.iter().find(|n| n.name == from)?;
+    let w = lab.workloads.iter().find(|w| w.name == to)?;
+    if w.node != node.name {
+        return None;
+    }
+    let member = members
+        .iter()
+        .find(|m| m.name == to && m.ips.contains(&dst))?;
+    let network = res
+        .networks
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(member.network.as_str()))?;
+    if network.spec.mode != weft_crds::NetworkMode::Nat {
+        return None;
+    }
+    match dst {
+        IpAddr::V4(_) => network.spec.gateway_v4().map(IpAddr::V4),
+        IpAddr::V6(_) => network.spec.gateway_v6().map(IpAddr::V6),
+    }
+}
+
 /// A traced connection: the first packet as the node sees it (after a port forward) and what
 /// the policies decide for it.
 #[derive(Debug, Clone)]
@@ -211,7 +243,8 @@ pub fn decide(
         .ok_or_else(|| format!("{to} has no {family:?} address"))?;
     // A port forward leads to a workload: the source's address towards that one.
     let towards = via.as_ref().map(|f| f.target.as_str()).unwrap_or(to);
-    let src = address_towards(lab, members, from, Some(towards), family)
+    let src = node_source(lab, res, members, from, towards, dst)
+        .or_else(|| address_towards(lab, members, from, Some(towards), family))
         .ok_or_else(|| format!("{from} has no {family:?} address"))?;
     let via = via.map(|f| f.description);
     let packet = Packet::first(src, dst, protocol, dport);
@@ -220,4 +253,60 @@ pub fn decide(
         packet,
         via,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_reaches_its_nat_workloads_from_the_gateway_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("lab.yaml");
+        std::fs::write(
+            &p,
+            r#"
+lan: {gateway: 192.168.44.1/24}
+nodes: [{name: host-1, address: 192.168.44.10/24}, {name: host-2, address: 192.168.44.11/24}]
+resources:
+  - {apiVersion: weft.dev/v1alpha1, kind: Network, metadata: {name: local}, spec: {mode: NAT, subnets: [10.60.0.0/24]}}
+  - apiVersion: weft.dev/v1alpha1
+    kind: ClusterSegmentationPolicy
+    metadata: {name: no-host}
+    spec:
+      tier: Admin
+      priority: 1
+      subject: {pods: {podSelector: {}}}
+      ingress: [{name: deny-node, action: Deny, from: [{cidrs: [192.168.44.10/32]}]}]
+workloads: [{name: w, node: host-1, networks: [local]}]
+"#,
+        )
+        .unwrap();
+        let (lab, res, _) = LabFile::load(&p).unwrap();
+        let members = members(&lab, &res, None);
+        let compiled = crate::policy::compile_resources(&res, &members);
+        let t = |from: &str| {
+            decide(
+                &lab,
+                &res,
+                &members,
+                &compiled,
+                from,
+                "w",
+                80,
+                L4Protocol::Tcp,
+                Family::Ipv4,
+            )
+            .unwrap()
+        };
+        // Its own node: from the bridge's gateway address, which the rule does not name.
+        let own = t("host-1");
+        assert_eq!(own.packet.src, "10.60.0.1".parse::<IpAddr>().unwrap());
+        assert!(own.decision.allowed);
+        // The outside host keeps its own address.
+        assert_eq!(
+            t("outside").packet.src,
+            "192.168.44.1".parse::<IpAddr>().unwrap()
+        );
+    }
 }
