@@ -563,3 +563,41 @@ expect:
     );
     assert!(!Path::new("/run/weft-lab").join(&name).exists());
 }
+
+#[test]
+fn icmp_expectations_check_echo_requests_against_icmp_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = write(
+        dir.path(),
+        "icmp.yaml",
+        r#"
+lan: {gateway: 192.168.70.1/24, gateway6: "fd70::1/64"}
+nodes: [{name: node-a, address: 192.168.70.11/24, address6: "fd70::11/64"}]
+resources:
+  - {apiVersion: weft.dev/v1alpha1, kind: Network, metadata: {name: net}, spec: {mode: NAT, subnets: [10.70.0.0/24, "fd70:1::/64"]}}
+  - apiVersion: weft.dev/v1alpha1
+    kind: SegmentationPolicy
+    metadata: {name: quiet, namespace: default}
+    spec:
+      subject: {podSelector: {matchLabels: {app: quiet}}}
+      ingress:
+        - {name: ping, action: Allow, from: [{pods: {podSelector: {matchLabels: {app: pinger}}}}], protocols: [{protocol: ICMP, icmpType: 8}, {protocol: ICMPv6, icmpType: 128}]}
+      egress:
+        - {name: no-ping-out, action: Deny, protocols: [{protocol: ICMP}, {protocol: ICMPv6}], log: true}
+workloads:
+  - {name: quiet, node: node-a, labels: {app: quiet}, networks: [net]}
+  - {name: pinger, node: node-a, labels: {app: pinger}, networks: [net]}
+  - {name: other, node: node-a, networks: [net]}
+expect:
+  - {from: pinger, to: quiet, protocol: icmp, result: allow}
+  - {from: pinger, to: quiet, protocol: icmp, family: ipv6, result: allow}
+  - {from: other, to: quiet, protocol: icmp, result: deny}
+  - {from: quiet, to: outside, protocol: icmp, family: ipv6, result: deny}
+  - {from: pinger, to: outside, protocol: icmp, result: allow}
+"#,
+    );
+    let out = run_lab(&lab, &format!("icmp-{}", std::process::id() % 10000));
+    assert!(out.contains("all expectations hold"), "{out}");
+    assert!(out.contains("echo reply from 10.70.0."), "{out}");
+    assert!(out.contains("rule no-ping-out"), "{out}");
+}

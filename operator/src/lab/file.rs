@@ -158,9 +158,10 @@ pub struct Expectation {
     pub from: String,
     /// `outside`, a node name (reaching its port forwards) or a workload name.
     pub to: String,
-    /// Destination port.
+    /// Destination port (not with `icmp`).
+    #[serde(default)]
     pub port: u16,
-    /// `tcp` or `udp`.
+    /// `tcp`, `udp` or `icmp` (an echo request: ICMP, or ICMPv6 with `family: ipv6`).
     #[serde(default = "default_protocol")]
     pub protocol: String,
     /// Expected outcome.
@@ -182,6 +183,24 @@ pub struct Expectation {
     /// any other workload starts: the first packets already meet the policy.
     #[serde(default)]
     pub at_start: bool,
+}
+
+impl Expectation {
+    /// An echo request rather than a connection.
+    pub fn is_icmp(&self) -> bool {
+        self.protocol == "icmp"
+    }
+
+    /// The protocol the policies see.
+    pub fn l4(&self) -> weft_crds::L4Protocol {
+        use weft_crds::L4Protocol;
+        match (self.protocol.as_str(), self.family) {
+            ("udp", _) => L4Protocol::Udp,
+            ("icmp", Family::Ipv6) => L4Protocol::Icmpv6,
+            ("icmp", Family::Ipv4) => L4Protocol::Icmp,
+            _ => L4Protocol::Tcp,
+        }
+    }
 }
 
 /// A forged identity for an expectation.
@@ -454,10 +473,24 @@ impl LabFile {
                     ));
                 }
             }
-            if e.protocol != "tcp" && e.protocol != "udp" {
+            if !["tcp", "udp", "icmp"].contains(&e.protocol.as_str()) {
                 errors.push(format!(
-                    "expect[{i}].protocol: {:?} is not tcp or udp",
+                    "expect[{i}].protocol: {:?} is not tcp, udp or icmp",
                     e.protocol
+                ));
+            }
+            if e.is_icmp() {
+                if e.port != 0 {
+                    errors.push(format!("expect[{i}].port: icmp has no port; leave it out"));
+                }
+                if e.spoof.is_some() || e.answered_by.is_some() || e.source_seen_as.is_some() {
+                    errors.push(format!(
+                        "expect[{i}]: icmp (an echo request) takes none of spoof, answeredBy, sourceSeenAs"
+                    ));
+                }
+            } else if e.port == 0 {
+                errors.push(format!(
+                    "expect[{i}].port: set the destination port (1-65535)"
                 ));
             }
             if let Some(sp) = &e.spoof {
@@ -672,6 +705,35 @@ expect:
             e.contains("expect[1]: answeredBy and sourceSeenAs only go with result: allow"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn icmp_expectations_take_no_port_and_connections_need_one() {
+        let lab: LabFile = serde_saphyr::from_str(
+            r#"
+lan: {gateway: 192.168.50.1/24}
+nodes: [{name: node-a, address: 192.168.50.11/24}]
+workloads: [{name: w, node: node-a, networks: [net]}]
+expect:
+  - {from: w, to: outside, protocol: icmp, result: allow}
+  - {from: w, to: outside, protocol: icmp, port: 8, result: allow}
+  - {from: w, to: outside, result: allow}
+  - {from: w, to: outside, protocol: icmp, result: allow, sourceSeenAs: node}
+"#,
+        )
+        .unwrap();
+        let e = lab.check().unwrap_err().to_string();
+        assert!(!e.contains("expect[0]"), "{e}");
+        assert!(e.contains("expect[1].port: icmp has no port"), "{e}");
+        assert!(
+            e.contains("expect[2].port: set the destination port"),
+            "{e}"
+        );
+        assert!(
+            e.contains("expect[3]: icmp (an echo request) takes none of"),
+            "{e}"
+        );
+        assert_eq!(lab.expect[0].l4(), weft_crds::L4Protocol::Icmp);
     }
 
     #[test]

@@ -170,14 +170,9 @@ impl PolicyView<'_> {
         from: &str,
         to: &str,
         port: u16,
-        udp: bool,
+        protocol: weft_crds::L4Protocol,
         family: Family,
     ) -> Option<trace::Traced> {
-        let protocol = if udp {
-            weft_crds::L4Protocol::Udp
-        } else {
-            weft_crds::L4Protocol::Tcp
-        };
         trace::decide(
             &lab.spec,
             self.res,
@@ -211,7 +206,11 @@ fn run_lab(lab: &Lab, res: &crate::agent::source::Resources) -> anyhow::Result<b
         .iter()
         .filter_map(|l| Listen::parse(l).ok())
         .collect();
-    for e in spec.expect.iter().filter(|e| e.to == "outside") {
+    for e in spec
+        .expect
+        .iter()
+        .filter(|e| e.to == "outside" && !e.is_icmp())
+    {
         outside_ports.push(Listen {
             port: e.port,
             udp: e.protocol == "udp",
@@ -245,13 +244,7 @@ fn run_lab(lab: &Lab, res: &crate::agent::source::Resources) -> anyhow::Result<b
                 continue;
             }
             let result = match address_of(lab, &members, &e.to, Some(&e.from), e.family) {
-                Some(target) => probe::probe(
-                    &lab.ns_of(&e.from)?,
-                    target,
-                    e.port,
-                    e.protocol == "udp",
-                    Duration::from_millis(1500),
-                ),
+                Some(target) => probe_for(lab, e, target)?,
                 None => ProbeResult::Error(format!("{} has no address", e.to)),
             };
             early.insert(i, result);
@@ -280,6 +273,17 @@ fn run_lab(lab: &Lab, res: &crate::agent::source::Resources) -> anyhow::Result<b
     Ok(ok)
 }
 
+/// Probes an expectation's target from its source: a connection, or an echo request.
+fn probe_for(lab: &Lab, e: &file::Expectation, target: IpAddr) -> anyhow::Result<ProbeResult> {
+    let ns = lab.ns_of(&e.from)?;
+    let timeout = Duration::from_millis(1500);
+    Ok(if e.is_icmp() {
+        probe::ping(&ns, target, timeout)
+    } else {
+        probe::probe(&ns, target, e.port, e.protocol == "udp", timeout)
+    })
+}
+
 /// What each workload listens on: its `listen`, the port of every expectation that targets it
 /// and the target port of every port forward an expectation to a node may lead to it. A `deny`
 /// is then checked against a listener: it holds because the packets are dropped, not because
@@ -293,7 +297,7 @@ fn listen_ports(
         let ports = out.entry(w.name.clone()).or_default();
         ports.extend(w.listen.iter().filter_map(|l| Listen::parse(l).ok()));
     }
-    for e in &spec.expect {
+    for e in spec.expect.iter().filter(|e| !e.is_icmp()) {
         let udp = e.protocol == "udp";
         if let Some(ports) = out.get_mut(&e.to) {
             ports.push(Listen { port: e.port, udp });
@@ -443,11 +447,14 @@ fn check_expectations(
     for (i, e) in lab.spec.expect.iter().enumerate() {
         let fam = if e.family == Family::Ipv6 { "v6" } else { "v4" };
         let label = format!(
-            "{} -> {} {}/{} {}{}",
+            "{} -> {} {} {}{}",
             e.from,
             e.to,
-            e.port,
-            e.protocol,
+            if e.is_icmp() {
+                "icmp echo".to_string()
+            } else {
+                format!("{}/{}", e.port, e.protocol)
+            },
             fam,
             if e.at_start { " at start" } else { "" }
         );
@@ -464,13 +471,7 @@ fn check_expectations(
                 .cloned()
                 .unwrap_or_else(|| ProbeResult::Error("never probed at start".into()))
         } else {
-            probe::probe(
-                &lab.ns_of(&e.from)?,
-                target,
-                e.port,
-                e.protocol == "udp",
-                Duration::from_millis(1500),
-            )
+            probe_for(lab, e, target)?
         };
         let mut ok = got.allowed() == (e.result == Outcome::Allow);
         let mut why = String::new();
@@ -515,7 +516,7 @@ fn check_expectations(
             Outcome::Deny => "deny",
         };
         // What the policy compiler says; it must never deny what the packets did.
-        let traced = view.decide(lab, &e.from, &e.to, e.port, e.protocol == "udp", e.family);
+        let traced = view.decide(lab, &e.from, &e.to, e.port, e.l4(), e.family);
         let decision = traced.as_ref().map(|t| &t.decision);
         if let Some(d) = decision
             && !d.allowed
@@ -638,7 +639,7 @@ fn audit_record_for(
     let matches = |v: &serde_json::Value| {
         v["src"].as_str() == Some(src.to_string().as_str())
             && v["dst"].as_str() == Some(dst.to_string().as_str())
-            && v["port"].as_u64() == Some(u64::from(port))
+            && v["port"].as_u64().unwrap_or(0) == u64::from(port)
             && v["verdict"] == "deny"
             && v["direction"] == direction
             && v["policy"].as_str() == policy.as_deref()
@@ -655,13 +656,13 @@ fn audit_record_for(
                 .find(|v| matches(v))
             {
                 return Some(Ok(format!(
-                    "{} on {}: {} {} -> {}:{} {}",
+                    "{} on {}: {} {} -> {}{} {}",
                     v["verdict"].as_str().unwrap_or(""),
                     node.name,
                     v["direction"].as_str().unwrap_or(""),
                     v["srcWorkload"].as_str().unwrap_or(&src.to_string()),
                     v["dstWorkload"].as_str().unwrap_or(&dst.to_string()),
-                    port,
+                    t.packet.port.map(|p| format!(":{p}")).unwrap_or_default(),
                     match (v["policy"].as_str(), v["rule"].as_str()) {
                         (Some(p), Some(r)) => format!("{p} rule {r}"),
                         _ => v["reason"].as_str().unwrap_or("").to_string(),
@@ -831,7 +832,12 @@ fn print_matrix(lab: &Lab, outside: &[Listen], view: &PolicyView<'_>) {
             if cell != "no" {
                 continue;
             }
-            if let Some(traced) = view.decide(lab, src, t, l.port, l.udp, Family::Ipv4)
+            let protocol = if l.udp {
+                weft_crds::L4Protocol::Udp
+            } else {
+                weft_crds::L4Protocol::Tcp
+            };
+            if let Some(traced) = view.decide(lab, src, t, l.port, protocol, Family::Ipv4)
                 && !traced.decision.allowed
             {
                 denied.push(format!(
