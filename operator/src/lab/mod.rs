@@ -158,6 +158,8 @@ pub fn down(path: &Path, name: Option<&str>) -> anyhow::Result<()> {
 
 /// The policy view of a running lab: its members with their real addresses, compiled.
 struct PolicyView<'a> {
+    /// The lab file with every migrated VM on the node it runs on now (port forwards follow it).
+    spec: LabFile,
     res: &'a crate::agent::source::Resources,
     members: Vec<crate::policy::Member>,
     compiled: crate::policy::Compiled,
@@ -166,7 +168,6 @@ struct PolicyView<'a> {
 impl PolicyView<'_> {
     fn decide(
         &self,
-        lab: &Lab,
         from: &str,
         to: &str,
         port: u16,
@@ -174,7 +175,7 @@ impl PolicyView<'_> {
         family: Family,
     ) -> Option<trace::Traced> {
         trace::decide(
-            &lab.spec,
+            &self.spec,
             self.res,
             &self.members,
             &self.compiled,
@@ -262,7 +263,12 @@ fn run_lab(lab: &Lab, res: &crate::agent::source::Resources) -> anyhow::Result<b
 
     let addresses = lab.addresses();
     let members = trace::members(spec, res, Some(&addresses));
+    let mut now = spec.clone();
+    for w in &mut now.workloads {
+        w.node = lab.node_now(&w.name);
+    }
     let view = PolicyView {
+        spec: now,
         res,
         compiled: crate::policy::compile_resources(res, &members),
         members,
@@ -353,14 +359,9 @@ fn address_of(
     trace::address_towards(&lab.spec, members, name, peer, family)
 }
 
+/// The node `name` is or runs on now (a migrated VM: its target).
 fn node_of<'a>(lab: &'a Lab, name: &str) -> Option<&'a file::Node> {
-    let node = lab
-        .spec
-        .workloads
-        .iter()
-        .find(|w| w.name == name)
-        .map(|w| w.node.as_str())
-        .unwrap_or(name);
+    let node = lab.node_now(name);
     lab.spec.nodes.iter().find(|n| n.name == node)
 }
 
@@ -427,7 +428,7 @@ fn print_built(lab: &Lab, attached: &BTreeMap<String, Vec<IpAddr>>) {
             "  {:<7} {:<12} on {:<10} {} [{}]",
             w.kind.to_ascii_lowercase(),
             w.name,
-            w.node,
+            lab.node_now(&w.name),
             ips,
             w.networks.join(", ")
         );
@@ -516,7 +517,7 @@ fn check_expectations(
             Outcome::Deny => "deny",
         };
         // What the policy compiler says; it must never deny what the packets did.
-        let traced = view.decide(lab, &e.from, &e.to, e.port, e.l4(), e.family);
+        let traced = view.decide(&e.from, &e.to, e.port, e.l4(), e.family);
         let decision = traced.as_ref().map(|t| &t.decision);
         if let Some(d) = decision
             && !d.allowed
@@ -837,7 +838,7 @@ fn print_matrix(lab: &Lab, outside: &[Listen], view: &PolicyView<'_>) {
             } else {
                 weft_crds::L4Protocol::Tcp
             };
-            if let Some(traced) = view.decide(lab, src, t, l.port, protocol, Family::Ipv4)
+            if let Some(traced) = view.decide(src, t, l.port, protocol, Family::Ipv4)
                 && !traced.decision.allowed
             {
                 denied.push(format!(
