@@ -605,3 +605,62 @@ expect:
     assert!(out.contains("echo reply from 10.70.0."), "{out}");
     assert!(out.contains("rule no-ping-out"), "{out}");
 }
+
+#[test]
+fn a_lab_terminated_while_it_builds_leaves_nothing_behind() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let lab = write(
+        dir.path(),
+        "lab.yaml",
+        r#"
+lan: {gateway: 10.93.0.1/24}
+nodes:
+  - {name: n1, address: 10.93.0.21/24}
+  - {name: n2, address: 10.93.0.22/24}
+  - {name: n3, address: 10.93.0.23/24}
+resources:
+  - {apiVersion: weft.dev/v1alpha1, kind: Network, metadata: {name: a}, spec: {mode: NAT, subnets: [172.24.0.0/24]}}
+  - apiVersion: weft.dev/v1alpha1
+    kind: Network
+    metadata: {name: lan}
+    spec:
+      mode: Bridge
+      subnets: [10.93.0.0/24]
+      ipam: {nodeBlockPrefix: 27, exclude: [10.93.0.0/27]}
+      bridge: {uplink: eth0}
+workloads:
+  - {name: w1, node: n1, networks: [a], listen: [80/tcp]}
+  - {name: w2, node: n2, networks: [a, lan], listen: [80/tcp]}
+  - {name: v3, kind: VM, node: n3, networks: [lan], listen: [80/tcp]}
+  - {name: v4, kind: VM, node: n1, networks: [lan], listen: [80/tcp]}
+"#,
+    );
+    // SIGTERM at several moments of the build (agents taking the uplinks over, ADDs running):
+    // the removal must not miss what the lab goes on creating meanwhile.
+    for delay_ms in [300u64, 800, 1500] {
+        let name = format!("tm{delay_ms}-{}", std::process::id() % 10000);
+        let mut child = Command::new(operator_binary())
+            .args(["lab", "--name", &name])
+            .arg(&lab)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let killed = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        child.wait().unwrap();
+        assert!(
+            leftovers(&format!("wl-{name}-")).is_empty(),
+            "terminated after {delay_ms} ms, the lab left namespaces behind"
+        );
+        assert!(
+            !Path::new("/run/weft-lab").join(&name).exists(),
+            "terminated after {delay_ms} ms, the lab left its directory behind"
+        );
+    }
+}

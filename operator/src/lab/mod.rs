@@ -44,8 +44,7 @@ pub fn run(path: &Path, name: Option<&str>, keep: bool) -> anyhow::Result<bool> 
     let guard_name = lab_name.clone();
     let _ = ctrlc::set_handler(move || {
         eprintln!("\ninterrupted: removing lab {guard_name}");
-        let _ = topology::down_by_name(&guard_name);
-        std::process::exit(130);
+        topology::interrupt(&guard_name);
     });
     // A panic (a closed standard output, say) must not leave the lab behind either.
     let result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

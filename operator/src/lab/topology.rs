@@ -22,6 +22,40 @@ use weft_dataplane::netns::{self, Netns};
 /// Workload name → [(network, addresses on it)].
 pub type Addresses = BTreeMap<String, Vec<(String, Vec<IpAddr>)>>;
 
+/// Held while the lab creates a namespace or starts an agent; an interrupt takes it for good, so
+/// nothing is created after the interrupt's removal has listed what there is.
+static BUILDING: Mutex<()> = Mutex::new(());
+/// Set once the lab is interrupted: creating anything more fails.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Leave to create something (a namespace, an agent), unless the lab was interrupted.
+fn building() -> anyhow::Result<std::sync::MutexGuard<'static, ()>> {
+    let interrupted = || INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst);
+    if interrupted() {
+        anyhow::bail!("the lab was interrupted");
+    }
+    let guard = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
+    if interrupted() {
+        anyhow::bail!("the lab was interrupted");
+    }
+    Ok(guard)
+}
+
+/// On Ctrl-C or SIGTERM: stops further building, waits for what is being created, removes
+/// the lab `name`, and exits with status 130 without releasing the building lock.
+pub fn interrupt(name: &str) -> ! {
+    let guard = stop_building();
+    let _ = down_by_name(name);
+    std::mem::forget(guard);
+    std::process::exit(130)
+}
+
+/// Makes every later [`building`] fail and waits for the one in progress, if any.
+fn stop_building() -> std::sync::MutexGuard<'static, ()> {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+    BUILDING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Root of the lab's files.
 pub const LAB_ROOT: &str = "/run/weft-lab";
 
@@ -207,6 +241,7 @@ impl Lab {
 
     fn create_ns(&self, role: &str, name: &str) -> anyhow::Result<Netns> {
         let ns_name = self.ns_name(role, name);
+        let _building = building()?;
         {
             let mut r = self
                 .record
@@ -484,6 +519,7 @@ impl Lab {
                 .iter()
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect();
+            let _building = building()?;
             let child = Command::new(&exe)
                 .arg("agent")
                 .arg("--netns")
@@ -1057,5 +1093,27 @@ impl Lab {
         if let Err(e) = down_by_name(&self.name) {
             eprintln!("warning: removing lab {}: {e:#}", self.name);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_interrupt_waits_for_the_creation_in_progress_and_refuses_the_next() {
+        let creating = building().unwrap();
+        let stopper = std::thread::spawn(|| {
+            let guard = stop_building();
+            std::mem::forget(guard);
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        // The interrupt waits while something is being created...
+        assert!(!stopper.is_finished());
+        drop(creating);
+        stopper.join().unwrap();
+        // ...and nothing is created after it.
+        let next = std::thread::spawn(|| building().map(|_| ()).map_err(|e| e.to_string()));
+        assert_eq!(next.join().unwrap().unwrap_err(), "the lab was interrupted");
     }
 }
