@@ -517,6 +517,19 @@ impl LabFile {
                         "expect[{i}].spoof: from must be a workload (its eth0 sends the forged packets)"
                     ));
                 }
+                if let Some(ip) = sp.ip
+                    && ip.is_ipv4() != (e.family == Family::Ipv4)
+                {
+                    errors.push(format!(
+                        "expect[{i}].spoof.ip: {ip} is not of the expectation's family {}; set family to match",
+                        if e.family == Family::Ipv4 { "ipv4" } else { "ipv6" }
+                    ));
+                }
+                if sp.arp.is_some() && e.family == Family::Ipv6 {
+                    errors.push(format!(
+                        "expect[{i}].spoof.arp: ARP is IPv4 only; leave out family: ipv6"
+                    ));
+                }
                 if e.at_start {
                     errors.push(format!("expect[{i}]: spoof and atStart do not combine"));
                 }
@@ -705,6 +718,29 @@ expect:
             e.contains("expect[1]: answeredBy and sourceSeenAs only go with result: allow"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_spoofed_address_has_the_expectation_s_family() {
+        let lab: LabFile = serde_saphyr::from_str(
+            r#"
+lan: {gateway: 192.168.50.1/24, gateway6: "fd00::1/64"}
+nodes: [{name: node-a, address: 192.168.50.11/24}]
+workloads: [{name: w, node: node-a, networks: [net]}, {name: v, node: node-a, networks: [net]}]
+expect:
+  - {from: w, to: v, port: 80, result: deny, family: ipv6, spoof: {ip: 10.0.0.9}}
+  - {from: w, to: v, port: 80, result: deny, family: ipv6, spoof: {arp: 10.0.0.9}}
+  - {from: w, to: v, port: 80, result: deny, family: ipv6, spoof: {ip: "fd00::9"}}
+"#,
+        )
+        .unwrap();
+        let e = lab.check().unwrap_err().to_string();
+        assert!(
+            e.contains("expect[0].spoof.ip: 10.0.0.9 is not of the expectation's family ipv6"),
+            "{e}"
+        );
+        assert!(e.contains("expect[1].spoof.arp: ARP is IPv4 only"), "{e}");
+        assert!(!e.contains("expect[2]"), "{e}");
     }
 
     #[test]
