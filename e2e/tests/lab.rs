@@ -664,3 +664,56 @@ workloads:
         );
     }
 }
+
+#[test]
+fn a_forward_into_a_nat_network_keeps_the_lan_client_s_address_beside_a_bridge_network() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = write(
+        dir.path(),
+        "forward-beside-bridge.yaml",
+        r#"
+lan: {gateway: 192.168.40.1/24}
+nodes:
+  - {name: edge-1, address: 192.168.40.2/24}
+  - {name: edge-2, address: 192.168.40.3/24}
+resources:
+  - {apiVersion: weft.dev/v1alpha1, kind: Network, metadata: {name: nat}, spec: {mode: NAT, subnets: [10.40.0.0/24]}}
+  # The LAN's own subnet as a Bridge network: the LAN's clients are in it.
+  - apiVersion: weft.dev/v1alpha1
+    kind: Network
+    metadata: {name: lan}
+    spec:
+      mode: Bridge
+      subnets: [192.168.40.0/24]
+      ipam: {nodeBlockPrefix: 28, exclude: [192.168.40.0/28]}
+      bridge: {uplink: eth0}
+  - apiVersion: weft.dev/v1alpha1
+    kind: PortForward
+    metadata: {name: api, namespace: default}
+    spec:
+      network: nat
+      target: {workload: api}
+      ports: [{protocol: TCP, port: 8443, targetPort: 443}]
+  - apiVersion: weft.dev/v1alpha1
+    kind: SegmentationPolicy
+    metadata: {name: api-in, namespace: default}
+    spec:
+      subject: {podSelector: {matchLabels: {app: api}}}
+      ingress:
+        - {name: block-edge-2, action: Deny, from: [{cidrs: [192.168.40.3/32]}], log: true}
+        - {name: https, action: Allow, protocols: [{protocol: TCP, port: 443}]}
+workloads:
+  - {name: api, node: edge-1, labels: {app: api}, networks: [nat], listen: [443/tcp]}
+  - {name: peer, node: edge-1, networks: [nat]}
+  - {name: desk, node: edge-2, networks: [lan]}
+expect:
+  - {from: outside, to: edge-1, port: 8443, result: allow, answeredBy: api, sourceSeenAs: 192.168.40.1}
+  - {from: desk, to: edge-1, port: 8443, result: allow, answeredBy: api, sourceSeenAs: self}
+  - {from: edge-2, to: edge-1, port: 8443, result: deny}
+  # A workload of the same NAT network still gets its answer through the node (hairpin).
+  - {from: peer, to: edge-1, port: 8443, result: allow, answeredBy: api, sourceSeenAs: 10.40.0.1}
+"#,
+    );
+    let out = run_lab(&lab, &format!("fb-{}", std::process::id() % 10000));
+    assert!(out.contains("all expectations hold"), "{out}");
+}
