@@ -452,8 +452,9 @@ fn a_migrated_vm_keeps_its_policy_and_hybrid_targets_are_reached_on_a_shared_net
 
 /// db is isolated by a namespace policy and live-migrates to kvm-b: its target launcher there
 /// carries its labels, so the policy holds on its new port. roamer (NAT) is masqueraded to
-/// kvm-b's address once it runs there. mixed is on a NAT network first and
-/// on the bridge second: other (bridge only) reaches it at its bridge address.
+/// kvm-b's address once it runs there. mixed is on a NAT network first and on the bridge
+/// second: other (bridge only) reaches it at its bridge address, and so does mixed-2 (on both,
+/// on the other node: the NAT network is private to each node).
 const MIGRATE_POLICY: &str = r#"lan: {gateway: 10.20.30.1/24}
 nodes:
   - {name: kvm-a, address: 10.20.30.2/24}
@@ -484,12 +485,16 @@ workloads:
   - {name: other, node: kvm-a, networks: [lan], listen: [80/tcp]}
   - {name: mixed, node: kvm-b, networks: [pods, lan], listen: [80/tcp]}
   - {name: roamer, kind: VM, node: kvm-a, networks: [pods], migrateTo: kvm-b}
+  - {name: mixed-2, node: kvm-a, annotations: {weft.dev/networks: "pods,lan"}}
 expect:
   - {from: app, to: db, port: 5432, result: allow, sourceSeenAs: self}
   - {from: other, to: db, port: 5432, result: deny}
   # db has learned app's address from app itself: a forged claim must not replace it.
   - {from: other, to: db, port: 5432, spoof: {arp: 10.20.30.30}, result: deny}
   - {from: other, to: mixed, port: 80, result: allow, sourceSeenAs: self}
+  # Both on pods and lan, on two nodes: pods is private to each node, lan is shared; the
+  # source is mixed-2's address on lan.
+  - {from: mixed-2, to: mixed, port: 80, result: allow, sourceSeenAs: self}
   # Masqueraded to the node it runs on now.
   - {from: roamer, to: outside, port: 80, result: allow, sourceSeenAs: node}
 "#;

@@ -243,7 +243,7 @@ fn run_lab(lab: &Lab, res: &crate::agent::source::Resources) -> anyhow::Result<b
             if !due {
                 continue;
             }
-            let result = match address_of(lab, &members, &e.to, Some(&e.from), e.family) {
+            let result = match address_of(spec, res, &members, &e.to, Some(&e.from), e.family) {
                 Some(target) => probe_for(lab, e, target)?,
                 None => ProbeResult::Error(format!("{} has no address", e.to)),
             };
@@ -346,16 +346,17 @@ fn listen_ports(
     out
 }
 
-/// The address of `outside`, a node or a workload in `family`, towards `peer` (a workload on
-/// several networks is reached on one it shares with its peer).
+/// The address of `outside`, a node or a workload in `family` that `peer` connects to (a
+/// workload on several networks is reached on one it shares with its peer).
 fn address_of(
-    lab: &Lab,
+    spec: &LabFile,
+    res: &crate::agent::source::Resources,
     members: &[crate::policy::Member],
     name: &str,
     peer: Option<&str>,
     family: Family,
 ) -> Option<IpAddr> {
-    trace::address_towards(&lab.spec, members, name, peer, family)
+    trace::address_towards(spec, res, members, name, peer, family)
 }
 
 /// The node `name` is or runs on now (a migrated VM: its target).
@@ -458,7 +459,14 @@ fn check_expectations(
             fam,
             if e.at_start { " at start" } else { "" }
         );
-        let Some(target) = address_of(lab, &view.members, &e.to, Some(&e.from), e.family) else {
+        let Some(target) = address_of(
+            &view.spec,
+            view.res,
+            &view.members,
+            &e.to,
+            Some(&e.from),
+            e.family,
+        ) else {
             println!("  FAIL  {label}: {} has no {fam} address", e.to);
             all_ok = false;
             continue;
@@ -497,7 +505,14 @@ fn check_expectations(
                             n.address6.map(|a| a.addr())
                         }
                     }),
-                    "self" => address_of(lab, &view.members, &e.from, Some(&e.to), e.family),
+                    "self" => trace::source_towards(
+                        &view.spec,
+                        view.res,
+                        &view.members,
+                        &e.from,
+                        &e.to,
+                        target,
+                    ),
                     literal => literal.parse().ok(),
                 };
                 if expected != Some(*seen) {
@@ -780,9 +795,14 @@ fn print_matrix(lab: &Lab, outside: &[Listen], view: &PolicyView<'_>) {
                             if t == src {
                                 return "-".to_string();
                             }
-                            let Some(addr) =
-                                address_of(lab, &view.members, t, Some(src), Family::Ipv4)
-                            else {
+                            let Some(addr) = address_of(
+                                &view.spec,
+                                view.res,
+                                &view.members,
+                                t,
+                                Some(src),
+                                Family::Ipv4,
+                            ) else {
                                 return "?".to_string();
                             };
                             let Ok(ns) = lab.ns_of(src) else {

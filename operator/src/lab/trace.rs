@@ -142,22 +142,44 @@ pub fn resolve(
         }
     }
     Some((
-        address_towards(lab, members, name, Some(from), family)?,
+        address_towards(lab, res, members, name, Some(from), family)?,
         port,
         None,
     ))
 }
 
 /// The address of `outside`, a node or a workload in `family`.
-pub fn address(lab: &LabFile, members: &[Member], name: &str, family: Family) -> Option<IpAddr> {
-    address_towards(lab, members, name, None, family)
+pub fn address(
+    lab: &LabFile,
+    res: &Resources,
+    members: &[Member],
+    name: &str,
+    family: Family,
+) -> Option<IpAddr> {
+    address_towards(lab, res, members, name, None, family)
 }
 
-/// The address of `outside`, a node or a workload in `family` that a connection with `peer`
-/// uses: a workload's address on the first of its networks that `peer` (a workload) is on
-/// too, else its first address of the family.
+/// The node a workload runs on (a node is on itself).
+fn node_of<'a>(lab: &'a LabFile, name: &'a str) -> &'a str {
+    lab.workloads
+        .iter()
+        .find(|w| w.name == name)
+        .map_or(name, |w| w.node.as_str())
+}
+
+fn is_nat(res: &Resources, network: &str) -> bool {
+    res.networks.iter().any(|n| {
+        n.metadata.name.as_deref() == Some(network) && n.spec.mode == weft_crds::NetworkMode::Nat
+    })
+}
+
+/// The address of `outside`, a node or a workload in `family` that a connection from `peer`
+/// reaches: a workload's address on the first of its networks that `peer` (a workload) is on
+/// too and can reach it on (a NAT network only on the same node), else its first address of
+/// the family.
 pub fn address_towards(
     lab: &LabFile,
+    res: &Resources,
     members: &[Member],
     name: &str,
     peer: Option<&str>,
@@ -169,9 +191,11 @@ pub fn address_towards(
     let v4 = family == Family::Ipv4;
     let of = |m: &Member| m.ips.iter().find(|i| i.is_ipv4() == v4).copied();
     let shared = peer.and_then(|peer| {
+        let same_node = node_of(lab, peer) == node_of(lab, name);
         members
             .iter()
             .filter(|m| m.name == name)
+            .filter(|m| same_node || !is_nat(res, &m.network))
             .filter(|m| {
                 members
                     .iter()
@@ -180,6 +204,38 @@ pub fn address_towards(
             .find_map(of)
     });
     shared.or_else(|| members.iter().filter(|m| m.name == name).find_map(of))
+}
+
+/// The source address of a connection from `from` to `dst` (an address of `to`): a node's
+/// connection to its own NAT workload leaves from the network's gateway; a workload on the
+/// network of `dst` sends from its address there; else `from`'s first address of the family.
+pub fn source_towards(
+    lab: &LabFile,
+    res: &Resources,
+    members: &[Member],
+    from: &str,
+    to: &str,
+    dst: IpAddr,
+) -> Option<IpAddr> {
+    let family = if dst.is_ipv4() {
+        Family::Ipv4
+    } else {
+        Family::Ipv6
+    };
+    if let Some(src) = node_source(lab, res, members, from, to, dst) {
+        return Some(src);
+    }
+    let network = members
+        .iter()
+        .find(|m| m.name == to && m.ips.contains(&dst))
+        .map(|m| m.network.as_str());
+    let on_network = network.and_then(|n| {
+        members
+            .iter()
+            .find(|m| m.name == from && m.network == n)
+            .and_then(|m| m.ips.iter().find(|i| i.is_ipv4() == dst.is_ipv4()).copied())
+    });
+    on_network.or_else(|| address(lab, res, members, from, family))
 }
 
 /// The source address of a node's connection to `dst`, a workload of a NAT network on that
@@ -243,8 +299,7 @@ pub fn decide(
         .ok_or_else(|| format!("{to} has no {family:?} address"))?;
     // A port forward leads to a workload: the source's address towards that one.
     let towards = via.as_ref().map(|f| f.target.as_str()).unwrap_or(to);
-    let src = node_source(lab, res, members, from, towards, dst)
-        .or_else(|| address_towards(lab, members, from, Some(towards), family))
+    let src = source_towards(lab, res, members, from, towards, dst)
         .ok_or_else(|| format!("{from} has no {family:?} address"))?;
     let via = via.map(|f| f.description);
     let packet = Packet::first(src, dst, protocol, dport);
