@@ -740,7 +740,11 @@ impl Lab {
                     .push((first.clone(), "eth0".to_string()));
                 let (ok, result) = self.cni(&w.node, "ADD", w, &first, "eth0")?;
                 if !ok {
-                    anyhow::bail!("CNI ADD of workload {} failed: {result}", w.name);
+                    anyhow::bail!(
+                        "CNI ADD of workload {} failed: {result}{}",
+                        w.name,
+                        self.problems_of(&w.node)
+                    );
                 }
                 let mut per: Vec<(String, Vec<IpAddr>)> =
                     w.networks.iter().map(|n| (n.clone(), Vec::new())).collect();
@@ -787,8 +791,9 @@ impl Lab {
                 let (ok, result) = self.cni(&w.node, "ADD", w, network, &ifname)?;
                 if !ok {
                     anyhow::bail!(
-                        "CNI ADD of workload {} on network {network} failed: {result}",
-                        w.name
+                        "CNI ADD of workload {} on network {network} failed: {result}{}",
+                        w.name,
+                        self.problems_of(&w.node)
                     );
                 }
                 if w.kind == "VM" {
@@ -1057,6 +1062,24 @@ impl Lab {
             }
         }
         Ok(())
+    }
+
+    /// What the agent of `node` reports it could not do, as lines to append to an error.
+    fn problems_of(&self, node: &str) -> String {
+        let problems: Vec<String> = self
+            .agent_status(node)
+            .and_then(|s| s["problems"].as_array().cloned())
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.as_str().map(str::to_string))
+            .collect();
+        if problems.is_empty() {
+            return String::new();
+        }
+        format!(
+            "\nthe agent of {node} reports:\n  {}",
+            problems.join("\n  ")
+        )
     }
 
     /// Each workload's addresses per network.
