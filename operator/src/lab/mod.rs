@@ -43,19 +43,18 @@ pub fn run(path: &Path, name: Option<&str>, keep: bool) -> anyhow::Result<bool> 
     let lab = Lab::new(&lab_name, spec, docs)?;
     let guard_name = lab_name.clone();
     let _ = ctrlc::set_handler(move || {
-        eprintln!("\ninterrupted: removing lab {guard_name}");
-        topology::interrupt(&guard_name);
+        let _ = writeln!(std::io::stderr(), "\ninterrupted");
+        topology::abandon(&guard_name, 130);
     });
-    // A panic (a closed standard output, say) must not leave the lab behind either.
-    let result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        run_lab(&lab, &resources)
-    })) {
-        Ok(r) => r,
-        Err(panic) => {
-            lab.teardown();
-            std::panic::resume_unwind(panic);
-        }
-    };
+    // A panic (standard output closed early, say) must not leave the lab behind either; the
+    // release build aborts on panic, so this is done in the hook, before the abort.
+    let hook_name = lab_name.clone();
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        topology::abandon(&hook_name, 101);
+    }));
+    let result = run_lab(&lab, &resources);
     if keep && result.is_ok() {
         println!(
             "\nlab {lab_name} is up: `ip netns list | grep wl-{lab_name}`; remove it with `weft-operator lab down {}`",

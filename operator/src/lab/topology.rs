@@ -41,13 +41,15 @@ fn building() -> anyhow::Result<std::sync::MutexGuard<'static, ()>> {
     Ok(guard)
 }
 
-/// On Ctrl-C or SIGTERM: stops further building, waits for what is being created, removes
-/// the lab `name`, and exits with status 130 without releasing the building lock.
-pub fn interrupt(name: &str) -> ! {
+/// On Ctrl-C or SIGTERM (`status` 130), or a panic: stops further building, waits for what is
+/// being created, removes the lab `name`, and exits without releasing the building lock.
+pub fn abandon(name: &str, status: i32) -> ! {
     let guard = stop_building();
+    // Standard error may be gone too (`2>&1 | head`): writing must not panic.
+    let _ = writeln!(std::io::stderr(), "removing lab {name}");
     let _ = down_by_name(name);
     std::mem::forget(guard);
-    std::process::exit(130)
+    std::process::exit(status)
 }
 
 /// Makes every later [`building`] fail and waits for the one in progress, if any.
