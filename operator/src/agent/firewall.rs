@@ -147,6 +147,21 @@ pub fn table(nets: &[NetRules], forwards: &[Forward], policy: &crate::policy::Co
             .map(|s| cidr_text(&IpNet::V6(s)))
             .collect()
     };
+    // The hairpin sources: NAT networks' subnets. A Bridge network's subnet is the LAN's (or a
+    // VLAN's): its clients reach a forward through the node and get their answer back the same
+    // way, so they keep their address.
+    let sealed_v4: BTreeSet<String> = nets
+        .iter()
+        .filter(|n| n.sealed)
+        .filter_map(|n| n.subnet_v4)
+        .map(|s| cidr_text(&IpNet::V4(s)))
+        .collect();
+    let sealed_v6: BTreeSet<String> = nets
+        .iter()
+        .filter(|n| n.sealed)
+        .filter_map(|n| n.subnet_v6)
+        .map(|s| cidr_text(&IpNet::V6(s)))
+        .collect();
     let mut fwd = [
         BTreeMap::new(),
         BTreeMap::new(),
@@ -192,8 +207,8 @@ pub fn table(nets: &[NetRules], forwards: &[Forward], policy: &crate::policy::Co
             set("bridges", "ifname", false, bridges),
             set("sealed", "ifname", false, sealed),
             set("intra", "ifname . ifname", false, intra),
-            set("nets4", "ipv4_addr", true, v4(false)),
-            set("nets6", "ipv6_addr", true, v6(false)),
+            set("nets4", "ipv4_addr", true, sealed_v4),
+            set("nets6", "ipv6_addr", true, sealed_v6),
             set("masq4", "ipv4_addr", true, v4(true)),
             set("masq6", "ipv6_addr", true, v6(true)),
         ]
@@ -336,6 +351,39 @@ mod tests {
         assert_eq!(cidr_text(&"10.0.0.0/8".parse().unwrap()), "10.0.0.0/8");
         assert_eq!(cidr_text(&"::/0".parse().unwrap()), "::/0");
         assert_eq!(cidr_text(&"10.1.2.3/8".parse().unwrap()), "10.0.0.0/8");
+    }
+
+    #[test]
+    fn only_nat_networks_are_hairpin_sources() {
+        let net = |bridge: &str, v4: &str, v6: &str, sealed| NetRules {
+            bridge: bridge.into(),
+            subnet_v4: Some(v4.parse().unwrap()),
+            subnet_v6: Some(v6.parse().unwrap()),
+            masquerade: sealed,
+            sealed,
+        };
+        let t = table(
+            &[
+                net("wn-nat", "10.40.0.0/24", "fd40::/64", true),
+                net("wn-lan", "192.168.40.0/24", "fd00:40::/64", false),
+            ],
+            &[],
+            &crate::policy::Compiled::default(),
+        );
+        let elements = |name: &str| -> Vec<String> {
+            t.sets
+                .iter()
+                .find(|s| s.name == name)
+                .unwrap()
+                .elements
+                .iter()
+                .cloned()
+                .collect()
+        };
+        // A LAN client of a Bridge network on the LAN's subnet keeps its address through a
+        // forward into a NAT network.
+        assert_eq!(elements("nets4"), vec!["10.40.0.0/24"]);
+        assert_eq!(elements("nets6"), vec!["fd40::/64"]);
     }
 
     #[test]

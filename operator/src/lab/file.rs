@@ -161,9 +161,10 @@ pub struct Expectation {
     pub from: String,
     /// `outside`, a node name (reaching its port forwards) or a workload name.
     pub to: String,
-    /// Destination port.
+    /// Destination port (not with `icmp`).
+    #[serde(default)]
     pub port: u16,
-    /// `tcp` or `udp`.
+    /// `tcp`, `udp` or `icmp` (an echo request: ICMP, or ICMPv6 with `family: ipv6`).
     #[serde(default = "default_protocol")]
     pub protocol: String,
     /// Expected outcome.
@@ -185,6 +186,24 @@ pub struct Expectation {
     /// any other workload starts: the first packets already meet the policy.
     #[serde(default)]
     pub at_start: bool,
+}
+
+impl Expectation {
+    /// An echo request rather than a connection.
+    pub fn is_icmp(&self) -> bool {
+        self.protocol == "icmp"
+    }
+
+    /// The protocol the policies see.
+    pub fn l4(&self) -> weft_crds::L4Protocol {
+        use weft_crds::L4Protocol;
+        match (self.protocol.as_str(), self.family) {
+            ("udp", _) => L4Protocol::Udp,
+            ("icmp", Family::Ipv6) => L4Protocol::Icmpv6,
+            ("icmp", Family::Ipv4) => L4Protocol::Icmp,
+            _ => L4Protocol::Tcp,
+        }
+    }
 }
 
 /// A forged identity for an expectation.
@@ -263,21 +282,91 @@ impl LabFile {
             }
         }
         let mut docs = lab.resources.clone();
+        let mut origins: Vec<String> = (0..docs.len()).map(|i| format!("resources[{i}]")).collect();
         let base = path.parent().unwrap_or(Path::new("."));
-        for f in &lab.resource_files {
+        for (k, f) in lab.resource_files.iter().enumerate() {
             let p = base.join(f);
-            let text = std::fs::read_to_string(&p)
-                .map_err(|e| anyhow::anyhow!("resourceFiles: cannot read {}: {e}", p.display()))?;
+            let text = std::fs::read_to_string(&p).map_err(|e| {
+                anyhow::anyhow!("resourceFiles[{k}]: cannot read {}: {e}", p.display())
+            })?;
             let more: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text)
-                .map_err(|e| anyhow::anyhow!("resourceFiles: {}: {e}", p.display()))?;
-            docs.extend(more.into_iter().filter(|d| !d.is_null()));
+                .map_err(|e| anyhow::anyhow!("resourceFiles[{k}]: {}: {e}", p.display()))?;
+            for (j, d) in more.into_iter().filter(|d| !d.is_null()).enumerate() {
+                docs.push(d);
+                origins.push(format!(
+                    "resourceFiles[{k}] ({}) document {}",
+                    f.display(),
+                    j + 1
+                ));
+            }
         }
         let mut res = Resources::default();
-        for (i, d) in docs.iter().enumerate() {
-            source::add_document(d.clone(), &format!("resource {}", i + 1), &mut res);
+        for (d, origin) in docs.iter().zip(&origins) {
+            source::add_document(d.clone(), origin, &mut res);
         }
-        lab.check()?;
+        let mut errors = lab.errors();
+        errors.extend(lab.resource_errors(&res));
+        if !errors.is_empty() {
+            anyhow::bail!("invalid lab file:\n  {}", errors.join("\n  "));
+        }
         Ok((lab, res, docs))
+    }
+
+    /// What `kubectl apply` would refuse (a resource that does not parse or breaks a CRD rule) and
+    /// the workloads' references to Networks the resources lack. A lab whose policy was dropped
+    /// for a typo would check the wrong thing, so these are errors, not warnings.
+    pub fn resource_errors(&self, res: &Resources) -> Vec<String> {
+        fn name(m: &kube::core::ObjectMeta) -> String {
+            match (&m.namespace, &m.name) {
+                (Some(ns), Some(n)) => format!("{ns}/{n}"),
+                (_, n) => n.clone().unwrap_or_default(),
+            }
+        }
+        let mut errors: Vec<String> = res.problems.clone();
+        let mut field_errors =
+            |kind: &str,
+             meta: &kube::core::ObjectMeta,
+             r: Result<(), Vec<weft_crds::FieldError>>| {
+                for e in r.err().into_iter().flatten() {
+                    errors.push(format!("{kind} {}: {e}", name(meta)));
+                }
+            };
+        for n in &res.networks {
+            field_errors("Network", &n.metadata, n.spec.validate());
+        }
+        for p in &res.port_forwards {
+            field_errors("PortForward", &p.metadata, p.spec.validate());
+        }
+        for p in &res.cluster_policies {
+            field_errors("ClusterSegmentationPolicy", &p.metadata, p.spec.validate());
+        }
+        for p in &res.policies {
+            field_errors("SegmentationPolicy", &p.metadata, p.spec.validate());
+        }
+        let known: Vec<&str> = res
+            .networks
+            .iter()
+            .filter_map(|n| n.metadata.name.as_deref())
+            .collect();
+        for (i, w) in self.workloads.iter().enumerate() {
+            let field = if w.annotated_networks().is_some() {
+                format!(
+                    "workloads[{i}].annotations.{}",
+                    weft_dataplane::proto::NETWORKS_ANNOTATION
+                )
+            } else {
+                format!("workloads[{i}].networks")
+            };
+            for (j, n) in w.networks.iter().enumerate() {
+                if !known.contains(&n.as_str()) {
+                    errors.push(format!(
+                        "{field}[{j}]: no Network {n:?} among the resources (Networks: {}); add it under resources or fix the name",
+                        if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                    ));
+                }
+            }
+        }
+        errors
     }
 
     /// Is `name` the outside host or a node (not a workload)?
@@ -304,6 +393,19 @@ impl LabFile {
 
     /// Cross-checks names and specs; errors name the field.
     pub fn check(&self) -> anyhow::Result<()> {
+        let errors = self.errors();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(anyhow::anyhow!(
+                "invalid lab file:\n  {}",
+                errors.join("\n  ")
+            ))
+        }
+    }
+
+    /// The errors [`LabFile::check`] reports, each naming its field.
+    pub fn errors(&self) -> Vec<String> {
         let mut errors = Vec::new();
         if self.nodes.is_empty() {
             errors.push("nodes: at least one node is needed".to_string());
@@ -398,10 +500,24 @@ impl LabFile {
                     ));
                 }
             }
-            if e.protocol != "tcp" && e.protocol != "udp" {
+            if !["tcp", "udp", "icmp"].contains(&e.protocol.as_str()) {
                 errors.push(format!(
-                    "expect[{i}].protocol: {:?} is not tcp or udp",
+                    "expect[{i}].protocol: {:?} is not tcp, udp or icmp",
                     e.protocol
+                ));
+            }
+            if e.is_icmp() {
+                if e.port != 0 {
+                    errors.push(format!("expect[{i}].port: icmp has no port; leave it out"));
+                }
+                if e.spoof.is_some() || e.answered_by.is_some() || e.source_seen_as.is_some() {
+                    errors.push(format!(
+                        "expect[{i}]: icmp (an echo request) takes none of spoof, answeredBy, sourceSeenAs"
+                    ));
+                }
+            } else if e.port == 0 {
+                errors.push(format!(
+                    "expect[{i}].port: set the destination port (1-65535)"
                 ));
             }
             if let Some(sp) = &e.spoof {
@@ -428,6 +544,19 @@ impl LabFile {
                         "expect[{i}].spoof: from must be a workload (its eth0 sends the forged packets)"
                     ));
                 }
+                if let Some(ip) = sp.ip
+                    && ip.is_ipv4() != (e.family == Family::Ipv4)
+                {
+                    errors.push(format!(
+                        "expect[{i}].spoof.ip: {ip} is not of the expectation's family {}; set family to match",
+                        if e.family == Family::Ipv4 { "ipv4" } else { "ipv6" }
+                    ));
+                }
+                if sp.arp.is_some() && e.family == Family::Ipv6 {
+                    errors.push(format!(
+                        "expect[{i}].spoof.arp: ARP is IPv4 only; leave out family: ipv6"
+                    ));
+                }
                 if e.at_start {
                     errors.push(format!("expect[{i}]: spoof and atStart do not combine"));
                 }
@@ -446,15 +575,31 @@ impl LabFile {
                     "expect[{i}].family: ipv6 needs lan.gateway6 and node address6"
                 ));
             }
+            if let Some(by) = &e.answered_by
+                && by != "outside"
+                && !self.workloads.iter().any(|w| &w.name == by)
+            {
+                errors.push(format!(
+                    "expect[{i}].answeredBy: {by:?} is not outside or a workload"
+                ));
+            }
+            if let Some(seen) = &e.source_seen_as
+                && seen != "node"
+                && seen != "self"
+                && seen.parse::<std::net::IpAddr>().is_err()
+            {
+                errors.push(format!(
+                    "expect[{i}].sourceSeenAs: {seen:?} is not node, self or an address"
+                ));
+            }
+            if (e.answered_by.is_some() || e.source_seen_as.is_some()) && e.result == Outcome::Deny
+            {
+                errors.push(format!(
+                    "expect[{i}]: answeredBy and sourceSeenAs only go with result: allow"
+                ));
+            }
         }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(anyhow::anyhow!(
-                "invalid lab file:\n  {}",
-                errors.join("\n  ")
-            ))
-        }
+        errors
     }
 }
 
@@ -524,6 +669,134 @@ expect:
         assert!(e.contains("workloads[0].networks"), "{e}");
         assert!(e.contains("expect[0].to"), "{e}");
         assert!(e.contains("expect[0].family"), "{e}");
+    }
+
+    fn load_text(text: &str) -> anyhow::Result<(LabFile, Resources, Vec<serde_json::Value>)> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("lab.yaml");
+        std::fs::write(&p, text).unwrap();
+        LabFile::load(&p)
+    }
+
+    #[test]
+    fn resources_kubectl_would_refuse_and_unknown_networks_are_errors() {
+        let e = load_text(
+            r#"
+lan: {gateway: 192.168.50.1/24}
+nodes: [{name: node-a, address: 192.168.50.11/24}]
+resources:
+  - {apiVersion: weft.dev/v1alpha1, kind: Network, metadata: {name: nat-demo}, spec: {mode: NAT, subnets: [10.10.0.1/16]}}
+  - apiVersion: weft.dev/v1alpha1
+    kind: ClusterSegmentationPolicy
+    metadata: {name: p}
+    spec: {tier: admin, priority: 10, subject: {namespaces: {}}}
+  - apiVersion: weft.dev/v1alpha1
+    kind: SegmentationPolicy
+    metadata: {name: s, namespace: default}
+    spec:
+      subject: {podSelector: {}}
+      ingress: [{name: r, action: Allow, from: [{namespaces: {}, pods: {podSelector: {}}}]}]
+workloads:
+  - {name: w, node: node-a, networks: [nat-demo, nat-dem]}
+  - {name: v, node: node-a, annotations: {weft.dev/networks: "lan"}}
+"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("Network nat-demo: spec.subnets[0]"), "{e}");
+        assert!(
+            e.contains("resources[1]: invalid ClusterSegmentationPolicy"),
+            "{e}"
+        );
+        assert!(
+            e.contains("SegmentationPolicy default/s: spec.ingress[0].from[0]"),
+            "{e}"
+        );
+        assert!(
+            e.contains("workloads[0].networks[1]: no Network \"nat-dem\""),
+            "{e}"
+        );
+        assert!(
+            e.contains("workloads[1].annotations.weft.dev/networks[0]: no Network \"lan\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn answered_by_and_source_seen_as_are_checked() {
+        let lab: LabFile = serde_saphyr::from_str(
+            r#"
+lan: {gateway: 192.168.50.1/24}
+nodes: [{name: node-a, address: 192.168.50.11/24}]
+workloads: [{name: w, node: node-a, networks: [n]}]
+expect:
+  - {from: w, to: outside, port: 80, result: allow, answeredBy: w9, sourceSeenAs: nodes}
+  - {from: outside, to: w, port: 80, result: deny, sourceSeenAs: self}
+"#,
+        )
+        .unwrap();
+        let e = lab.check().unwrap_err().to_string();
+        assert!(e.contains("expect[0].answeredBy: \"w9\""), "{e}");
+        assert!(
+            e.contains("expect[0].sourceSeenAs: \"nodes\" is not node, self or an address"),
+            "{e}"
+        );
+        assert!(
+            e.contains("expect[1]: answeredBy and sourceSeenAs only go with result: allow"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_spoofed_address_has_the_expectation_s_family() {
+        let lab: LabFile = serde_saphyr::from_str(
+            r#"
+lan: {gateway: 192.168.50.1/24, gateway6: "fd00::1/64"}
+nodes: [{name: node-a, address: 192.168.50.11/24}]
+workloads: [{name: w, node: node-a, networks: [net]}, {name: v, node: node-a, networks: [net]}]
+expect:
+  - {from: w, to: v, port: 80, result: deny, family: ipv6, spoof: {ip: 10.0.0.9}}
+  - {from: w, to: v, port: 80, result: deny, family: ipv6, spoof: {arp: 10.0.0.9}}
+  - {from: w, to: v, port: 80, result: deny, family: ipv6, spoof: {ip: "fd00::9"}}
+"#,
+        )
+        .unwrap();
+        let e = lab.check().unwrap_err().to_string();
+        assert!(
+            e.contains("expect[0].spoof.ip: 10.0.0.9 is not of the expectation's family ipv6"),
+            "{e}"
+        );
+        assert!(e.contains("expect[1].spoof.arp: ARP is IPv4 only"), "{e}");
+        assert!(!e.contains("expect[2]"), "{e}");
+    }
+
+    #[test]
+    fn icmp_expectations_take_no_port_and_connections_need_one() {
+        let lab: LabFile = serde_saphyr::from_str(
+            r#"
+lan: {gateway: 192.168.50.1/24}
+nodes: [{name: node-a, address: 192.168.50.11/24}]
+workloads: [{name: w, node: node-a, networks: [net]}]
+expect:
+  - {from: w, to: outside, protocol: icmp, result: allow}
+  - {from: w, to: outside, protocol: icmp, port: 8, result: allow}
+  - {from: w, to: outside, result: allow}
+  - {from: w, to: outside, protocol: icmp, result: allow, sourceSeenAs: node}
+"#,
+        )
+        .unwrap();
+        let e = lab.check().unwrap_err().to_string();
+        assert!(!e.contains("expect[0]"), "{e}");
+        assert!(e.contains("expect[1].port: icmp has no port"), "{e}");
+        assert!(
+            e.contains("expect[2].port: set the destination port"),
+            "{e}"
+        );
+        assert!(
+            e.contains("expect[3]: icmp (an echo request) takes none of"),
+            "{e}"
+        );
+        assert_eq!(lab.expect[0].l4(), weft_crds::L4Protocol::Icmp);
     }
 
     #[test]

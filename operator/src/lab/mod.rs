@@ -37,39 +37,23 @@ pub fn run(path: &Path, name: Option<&str>, keep: bool) -> anyhow::Result<bool> 
         );
         return Err(NotSupported.into());
     }
-    for p in &resources.problems {
-        eprintln!("warning: {p}");
-    }
-    for n in &resources.networks {
-        if let Err(errs) = n.spec.validate() {
-            for e in errs {
-                eprintln!(
-                    "warning: Network {}: {e}",
-                    n.metadata.name.as_deref().unwrap_or("")
-                );
-            }
-        }
-    }
-    for p in &resources.port_forwards {
-        if let Err(errs) = p.spec.validate() {
-            for e in errs {
-                eprintln!(
-                    "warning: PortForward {}: {e}",
-                    p.metadata.name.as_deref().unwrap_or("")
-                );
-            }
-        }
-    }
     let lab_name = topology::lab_name(path, name);
     // A lab of the same name left behind (a --keep run, or a killed one) is removed first.
     topology::down_by_name(&lab_name)?;
     let lab = Lab::new(&lab_name, spec, docs)?;
     let guard_name = lab_name.clone();
     let _ = ctrlc::set_handler(move || {
-        eprintln!("\ninterrupted: removing lab {guard_name}");
-        let _ = topology::down_by_name(&guard_name);
-        std::process::exit(130);
+        let _ = writeln!(std::io::stderr(), "\ninterrupted");
+        topology::abandon(&guard_name, 130);
     });
+    // A panic (standard output closed early, say) must not leave the lab behind either; the
+    // release build aborts on panic, so this is done in the hook, before the abort.
+    let hook_name = lab_name.clone();
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        topology::abandon(&hook_name, 101);
+    }));
     let result = run_lab(&lab, &resources);
     if keep && result.is_ok() {
         println!(
@@ -172,6 +156,8 @@ pub fn down(path: &Path, name: Option<&str>) -> anyhow::Result<()> {
 
 /// The policy view of a running lab: its members with their real addresses, compiled.
 struct PolicyView<'a> {
+    /// The lab file with every migrated VM on the node it runs on now (port forwards follow it).
+    spec: LabFile,
     res: &'a crate::agent::source::Resources,
     members: Vec<crate::policy::Member>,
     compiled: crate::policy::Compiled,
@@ -180,20 +166,14 @@ struct PolicyView<'a> {
 impl PolicyView<'_> {
     fn decide(
         &self,
-        lab: &Lab,
         from: &str,
         to: &str,
         port: u16,
-        udp: bool,
+        protocol: weft_crds::L4Protocol,
         family: Family,
     ) -> Option<trace::Traced> {
-        let protocol = if udp {
-            weft_crds::L4Protocol::Udp
-        } else {
-            weft_crds::L4Protocol::Tcp
-        };
         trace::decide(
-            &lab.spec,
+            &self.spec,
             self.res,
             &self.members,
             &self.compiled,
@@ -225,7 +205,11 @@ fn run_lab(lab: &Lab, res: &crate::agent::source::Resources) -> anyhow::Result<b
         .iter()
         .filter_map(|l| Listen::parse(l).ok())
         .collect();
-    for e in spec.expect.iter().filter(|e| e.to == "outside") {
+    for e in spec
+        .expect
+        .iter()
+        .filter(|e| e.to == "outside" && !e.is_icmp())
+    {
         outside_ports.push(Listen {
             port: e.port,
             udp: e.protocol == "udp",
@@ -241,18 +225,14 @@ fn run_lab(lab: &Lab, res: &crate::agent::source::Resources) -> anyhow::Result<b
     // right after the ADD of the later of their two ends returned.
     let mut started: Vec<String> = vec!["outside".into()];
     let mut early: BTreeMap<usize, ProbeResult> = BTreeMap::new();
+    let listen = listen_ports(spec, res);
     let attached = lab.start_workloads(|w| {
         let ns = lab.workload_ns(&w.name)?;
-        for l in &w.listen {
-            let l = Listen::parse(l).map_err(anyhow::Error::msg)?;
+        for l in listen.get(&w.name).into_iter().flatten() {
             listeners.start(&ns, &w.name, l.port, l.udp)?;
         }
         started.push(w.name.clone());
-        let flat: BTreeMap<String, Vec<IpAddr>> = lab
-            .addresses()
-            .into_iter()
-            .map(|(k, v)| (k, v.into_iter().flat_map(|(_, ips)| ips).collect()))
-            .collect();
+        let members = trace::members(spec, res, Some(&lab.addresses()));
         for (i, e) in spec.expect.iter().enumerate() {
             let due = e.at_start
                 && !early.contains_key(&i)
@@ -262,14 +242,8 @@ fn run_lab(lab: &Lab, res: &crate::agent::source::Resources) -> anyhow::Result<b
             if !due {
                 continue;
             }
-            let result = match address_of(lab, &flat, &e.to, e.family) {
-                Some(target) => probe::probe(
-                    &lab.ns_of(&e.from)?,
-                    target,
-                    e.port,
-                    e.protocol == "udp",
-                    Duration::from_millis(1500),
-                ),
+            let result = match address_of(spec, res, &members, &e.to, Some(&e.from), e.family) {
+                Some(target) => probe_for(lab, e, target)?,
                 None => ProbeResult::Error(format!("{} has no address", e.to)),
             };
             early.insert(i, result);
@@ -290,43 +264,106 @@ fn run_lab(lab: &Lab, res: &crate::agent::source::Resources) -> anyhow::Result<b
 
     let addresses = lab.addresses();
     let members = trace::members(spec, res, Some(&addresses));
+    let mut now = spec.clone();
+    for w in &mut now.workloads {
+        w.node = lab.node_now(&w.name);
+    }
     let view = PolicyView {
+        spec: now,
         res,
         compiled: crate::policy::compile_resources(res, &members),
         members,
     };
     print_built(lab, &attached);
-    let ok = check_expectations(lab, &attached, &view, &early)?;
-    print_matrix(lab, &attached, &outside_ports, &view);
+    let ok = check_expectations(lab, &view, &early)?;
+    print_matrix(lab, &outside_ports, &view);
     Ok(ok)
 }
 
-/// Where a name is, and its address of a family.
-fn address_of(
-    lab: &Lab,
-    attached: &BTreeMap<String, Vec<IpAddr>>,
-    name: &str,
-    family: Family,
-) -> Option<IpAddr> {
-    if lab.spec.is_host(name) {
-        return lab.spec.host_address(name, family);
-    }
-    let want_v4 = family == Family::Ipv4;
-    attached
-        .get(name)?
-        .iter()
-        .find(|ip| ip.is_ipv4() == want_v4)
-        .copied()
+/// Probes an expectation's target from its source: a connection, or an echo request.
+fn probe_for(lab: &Lab, e: &file::Expectation, target: IpAddr) -> anyhow::Result<ProbeResult> {
+    let ns = lab.ns_of(&e.from)?;
+    let timeout = Duration::from_millis(1500);
+    Ok(if e.is_icmp() {
+        probe::ping(&ns, target, timeout)
+    } else {
+        probe::probe(&ns, target, e.port, e.protocol == "udp", timeout)
+    })
 }
 
+/// What each workload listens on: its `listen`, the port of every expectation that targets it
+/// and the target port of every port forward an expectation to a node may lead to it. A `deny`
+/// is then checked against a listener: it holds because the packets are dropped, not because
+/// nothing listens.
+fn listen_ports(
+    spec: &LabFile,
+    res: &crate::agent::source::Resources,
+) -> BTreeMap<String, Vec<Listen>> {
+    let mut out: BTreeMap<String, Vec<Listen>> = BTreeMap::new();
+    for w in &spec.workloads {
+        let ports = out.entry(w.name.clone()).or_default();
+        ports.extend(w.listen.iter().filter_map(|l| Listen::parse(l).ok()));
+    }
+    for e in spec.expect.iter().filter(|e| !e.is_icmp()) {
+        let udp = e.protocol == "udp";
+        if let Some(ports) = out.get_mut(&e.to) {
+            ports.push(Listen { port: e.port, udp });
+            continue;
+        }
+        if !spec.nodes.iter().any(|n| n.name == e.to) {
+            continue;
+        }
+        for pf in &res.port_forwards {
+            let ns = pf.metadata.namespace.as_deref().unwrap_or("default");
+            for fp in pf.spec.forward_ports() {
+                if (fp.protocol.nft_name() == "udp") != udp
+                    || e.port < fp.node_ports.0
+                    || e.port > fp.node_ports.1
+                {
+                    continue;
+                }
+                let port = fp.target_port.unwrap_or(e.port);
+                for w in spec.workloads.iter().filter(|w| w.namespace == ns) {
+                    let targeted = match (&pf.spec.target.workload, &pf.spec.target.selector) {
+                        (Some(t), _) => t == &w.name,
+                        (None, Some(s)) => weft_crds::selector_matches(s, &w.labels),
+                        (None, None) => false,
+                    };
+                    if targeted && let Some(ports) = out.get_mut(&w.name) {
+                        ports.push(Listen { port, udp });
+                    }
+                }
+            }
+        }
+    }
+    for ports in out.values_mut() {
+        // The first listener stays first: the matrix probes it.
+        let mut seen = Vec::new();
+        ports.retain(|l| {
+            let new = !seen.contains(l);
+            seen.push(*l);
+            new
+        });
+    }
+    out
+}
+
+/// The address of `outside`, a node or a workload in `family` that `peer` connects to (a
+/// workload on several networks is reached on one it shares with its peer).
+fn address_of(
+    spec: &LabFile,
+    res: &crate::agent::source::Resources,
+    members: &[crate::policy::Member],
+    name: &str,
+    peer: Option<&str>,
+    family: Family,
+) -> Option<IpAddr> {
+    trace::address_towards(spec, res, members, name, peer, family)
+}
+
+/// The node `name` is or runs on now (a migrated VM: its target).
 fn node_of<'a>(lab: &'a Lab, name: &str) -> Option<&'a file::Node> {
-    let node = lab
-        .spec
-        .workloads
-        .iter()
-        .find(|w| w.name == name)
-        .map(|w| w.node.as_str())
-        .unwrap_or(name);
+    let node = lab.node_now(name);
     lab.spec.nodes.iter().find(|n| n.name == node)
 }
 
@@ -393,7 +430,7 @@ fn print_built(lab: &Lab, attached: &BTreeMap<String, Vec<IpAddr>>) {
             "  {:<7} {:<12} on {:<10} {} [{}]",
             w.kind.to_ascii_lowercase(),
             w.name,
-            w.node,
+            lab.node_now(&w.name),
             ips,
             w.networks.join(", ")
         );
@@ -402,7 +439,6 @@ fn print_built(lab: &Lab, attached: &BTreeMap<String, Vec<IpAddr>>) {
 
 fn check_expectations(
     lab: &Lab,
-    attached: &BTreeMap<String, Vec<IpAddr>>,
     view: &PolicyView<'_>,
     early: &BTreeMap<usize, ProbeResult>,
 ) -> anyhow::Result<bool> {
@@ -414,15 +450,25 @@ fn check_expectations(
     for (i, e) in lab.spec.expect.iter().enumerate() {
         let fam = if e.family == Family::Ipv6 { "v6" } else { "v4" };
         let label = format!(
-            "{} -> {} {}/{} {}{}",
+            "{} -> {} {} {}{}",
             e.from,
             e.to,
-            e.port,
-            e.protocol,
+            if e.is_icmp() {
+                "icmp echo".to_string()
+            } else {
+                format!("{}/{}", e.port, e.protocol)
+            },
             fam,
             if e.at_start { " at start" } else { "" }
         );
-        let Some(target) = address_of(lab, attached, &e.to, e.family) else {
+        let Some(target) = address_of(
+            &view.spec,
+            view.res,
+            &view.members,
+            &e.to,
+            Some(&e.from),
+            e.family,
+        ) else {
             println!("  FAIL  {label}: {} has no {fam} address", e.to);
             all_ok = false;
             continue;
@@ -435,16 +481,16 @@ fn check_expectations(
                 .cloned()
                 .unwrap_or_else(|| ProbeResult::Error("never probed at start".into()))
         } else {
-            probe::probe(
-                &lab.ns_of(&e.from)?,
-                target,
-                e.port,
-                e.protocol == "udp",
-                Duration::from_millis(1500),
-            )
+            probe_for(lab, e, target)?
         };
         let mut ok = got.allowed() == (e.result == Outcome::Allow);
         let mut why = String::new();
+        if let ProbeResult::Error(_) = got {
+            // A probe that could not run proves nothing, a denial least of all.
+            ok = false;
+            why = " (the probe could not run)".into();
+        }
+        let note = nat_private(lab, view, &e.from, &e.to, target);
         if ok && let ProbeResult::Answered { by, seen } = &got {
             if let Some(want) = &e.answered_by
                 && want != by
@@ -461,7 +507,14 @@ fn check_expectations(
                             n.address6.map(|a| a.addr())
                         }
                     }),
-                    "self" => address_of(lab, attached, &e.from, e.family),
+                    "self" => trace::source_towards(
+                        &view.spec,
+                        view.res,
+                        &view.members,
+                        &e.from,
+                        &e.to,
+                        target,
+                    ),
                     literal => literal.parse().ok(),
                 };
                 if expected != Some(*seen) {
@@ -480,7 +533,7 @@ fn check_expectations(
             Outcome::Deny => "deny",
         };
         // What the policy compiler says; it must never deny what the packets did.
-        let traced = view.decide(lab, &e.from, &e.to, e.port, e.protocol == "udp", e.family);
+        let traced = view.decide(&e.from, &e.to, e.port, e.l4(), e.family);
         let decision = traced.as_ref().map(|t| &t.decision);
         if let Some(d) = decision
             && !d.allowed
@@ -495,6 +548,7 @@ fn check_expectations(
             && !t.decision.allowed
             && !got.allowed()
             && e.spoof.is_none()
+            && note.is_none()
             && let Some(found) = audit_record_for(lab, view, t)
         {
             audit_line = Some(match found {
@@ -513,6 +567,11 @@ fn check_expectations(
         );
         if let Some(line) = audit_line {
             println!("{line}");
+        }
+        if let Some(n) = &note
+            && !got.allowed()
+        {
+            println!("          note: {n}");
         }
         if let Some(d) = decision
             && (view.compiled.egress != Default::default()
@@ -533,6 +592,36 @@ fn check_expectations(
     );
     let _ = std::io::stdout().flush();
     Ok(all_ok)
+}
+
+/// When `to` is reached at `target` on a NAT network of another node than `from`'s: why no
+/// packet can get there, whatever the policies say.
+fn nat_private(
+    lab: &Lab,
+    view: &PolicyView<'_>,
+    from: &str,
+    to: &str,
+    target: IpAddr,
+) -> Option<String> {
+    if from == "outside" {
+        return None;
+    }
+    let network = view
+        .members
+        .iter()
+        .find(|m| m.name == to && m.ips.contains(&target))?
+        .network
+        .clone();
+    let nat = view.res.networks.iter().any(|n| {
+        n.metadata.name.as_deref() == Some(network.as_str())
+            && n.spec.mode == weft_crds::NetworkMode::Nat
+    });
+    let (from_node, to_node) = (lab.node_now(from), lab.node_now(to));
+    (nat && from_node != to_node).then(|| {
+        format!(
+            "{to} is on NAT network {network} on {to_node}, and {from} is on {from_node}: a NAT network is private to each node, so this is unreachable whatever the policies say (from another node, use a PortForward on {to_node})"
+        )
+    })
 }
 
 /// For a denied expectation whose deciding rule logs (a rule with `log: true`, or an isolation
@@ -567,7 +656,7 @@ fn audit_record_for(
     let matches = |v: &serde_json::Value| {
         v["src"].as_str() == Some(src.to_string().as_str())
             && v["dst"].as_str() == Some(dst.to_string().as_str())
-            && v["port"].as_u64() == Some(u64::from(port))
+            && v["port"].as_u64().unwrap_or(0) == u64::from(port)
             && v["verdict"] == "deny"
             && v["direction"] == direction
             && v["policy"].as_str() == policy.as_deref()
@@ -584,13 +673,13 @@ fn audit_record_for(
                 .find(|v| matches(v))
             {
                 return Some(Ok(format!(
-                    "{} on {}: {} {} -> {}:{} {}",
+                    "{} on {}: {} {} -> {}{} {}",
                     v["verdict"].as_str().unwrap_or(""),
                     node.name,
                     v["direction"].as_str().unwrap_or(""),
                     v["srcWorkload"].as_str().unwrap_or(&src.to_string()),
                     v["dstWorkload"].as_str().unwrap_or(&dst.to_string()),
-                    port,
+                    t.packet.port.map(|p| format!(":{p}")).unwrap_or_default(),
                     match (v["policy"].as_str(), v["rule"].as_str()) {
                         (Some(p), Some(r)) => format!("{p} rule {r}"),
                         _ => v["reason"].as_str().unwrap_or("").to_string(),
@@ -643,16 +732,22 @@ fn spoofed(
             .ok_or_else(|| anyhow::anyhow!("{}'s eth0 has no MAC", e.from))?;
         let frame = weft_dataplane::frame::arp_request(mac, claimed, target4);
         let index = eth0.index;
+        let victim = lab.ns_name_of(&e.to);
+        let flush = || {
+            std::process::Command::new("ip")
+                .args(["-n", &victim, "neigh", "flush", "to", &claimed.to_string()])
+                .output()
+        };
+        // The target may know the claimed address already (its real owner talked to it): only
+        // an entry pointing at the forger's MAC, made after this request, counts.
+        flush()?;
         netns::run_in(&ns, move || weft_dataplane::frame::send(index, &frame))??;
         std::thread::sleep(Duration::from_millis(300));
-        let victim = lab.ns_name_of(&e.to);
         let out = std::process::Command::new("ip")
             .args(["-n", &victim, "neigh", "show", &claimed.to_string()])
             .output()?;
-        let learned = String::from_utf8_lossy(&out.stdout).contains("lladdr");
-        let _ = std::process::Command::new("ip")
-            .args(["-n", &victim, "neigh", "flush", "to", &claimed.to_string()])
-            .output();
+        let learned = arp_learned(&String::from_utf8_lossy(&out.stdout), mac);
+        let _ = flush();
         return Ok(if learned {
             ProbeResult::Answered {
                 by: e.to.clone(),
@@ -665,12 +760,16 @@ fn spoofed(
     anyhow::bail!("spoof: set exactly one of ip, mac, arp")
 }
 
-fn print_matrix(
-    lab: &Lab,
-    attached: &BTreeMap<String, Vec<IpAddr>>,
-    outside: &[Listen],
-    view: &PolicyView<'_>,
-) {
+/// Whether `ip neigh show ADDRESS` output maps the address to `mac`.
+fn arp_learned(neigh: &str, mac: [u8; 6]) -> bool {
+    let mac = weft_dataplane::names::format_mac(mac);
+    neigh.lines().any(|l| {
+        let mut words = l.split_whitespace();
+        words.any(|w| w == "lladdr") && words.next().is_some_and(|m| m.eq_ignore_ascii_case(&mac))
+    })
+}
+
+fn print_matrix(lab: &Lab, outside: &[Listen], view: &PolicyView<'_>) {
     // Who reaches whom over IPv4 on each target's first listener.
     let mut targets: Vec<(String, Listen)> = Vec::new();
     for w in &lab.spec.workloads {
@@ -698,7 +797,14 @@ fn print_matrix(
                             if t == src {
                                 return "-".to_string();
                             }
-                            let Some(addr) = address_of(lab, attached, t, Family::Ipv4) else {
+                            let Some(addr) = address_of(
+                                &view.spec,
+                                view.res,
+                                &view.members,
+                                t,
+                                Some(src),
+                                Family::Ipv4,
+                            ) else {
                                 return "?".to_string();
                             };
                             let Ok(ns) = lab.ns_of(src) else {
@@ -748,7 +854,12 @@ fn print_matrix(
             if cell != "no" {
                 continue;
             }
-            if let Some(traced) = view.decide(lab, src, t, l.port, l.udp, Family::Ipv4)
+            let protocol = if l.udp {
+                weft_crds::L4Protocol::Udp
+            } else {
+                weft_crds::L4Protocol::Tcp
+            };
+            if let Some(traced) = view.decide(src, t, l.port, protocol, Family::Ipv4)
                 && !traced.decision.allowed
             {
                 denied.push(format!(
@@ -764,5 +875,63 @@ fn print_matrix(
         for line in denied {
             println!("{line}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_arp_claim_counts_only_when_it_points_at_the_forger() {
+        let forger = [0x02, 0, 0, 0, 0, 0x99];
+        // The target knew the claimed address already, from its real owner.
+        assert!(!arp_learned(
+            "10.1.2.50 dev eth0 lladdr 52:54:00:12:34:56 REACHABLE\n",
+            forger
+        ));
+        assert!(arp_learned(
+            "10.1.2.50 dev eth0 lladdr 02:00:00:00:00:99 STALE\n",
+            forger
+        ));
+        assert!(!arp_learned("10.1.2.50 dev eth0 FAILED\n", forger));
+        assert!(!arp_learned("", forger));
+    }
+
+    #[test]
+    fn targets_listen_on_the_ports_expectations_and_forwards_lead_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("lab.yaml");
+        std::fs::write(
+            &p,
+            r#"
+lan: {gateway: 192.168.50.1/24}
+nodes: [{name: node-a, address: 192.168.50.11/24}]
+resources:
+  - {apiVersion: weft.dev/v1alpha1, kind: Network, metadata: {name: net}, spec: {mode: NAT, subnets: [10.10.0.0/16]}}
+  - apiVersion: weft.dev/v1alpha1
+    kind: PortForward
+    metadata: {name: pf}
+    spec:
+      network: net
+      target: {selector: {matchLabels: {app: web}}}
+      ports: [{protocol: TCP, port: 8080, targetPort: 80}, {protocol: UDP, portRange: {start: 5000, end: 5009}}]
+workloads:
+  - {name: web, node: node-a, labels: {app: web}, networks: [net], listen: [443/tcp]}
+  - {name: db, node: node-a, networks: [net]}
+expect:
+  - {from: web, to: db, port: 5432, result: deny}
+  - {from: outside, to: node-a, port: 8080, result: deny}
+  - {from: outside, to: node-a, port: 5003, protocol: udp, result: allow}
+  - {from: outside, to: node-a, port: 9999, result: deny}
+"#,
+        )
+        .unwrap();
+        let (spec, res, _) = LabFile::load(&p).unwrap();
+        let ports = listen_ports(&spec, &res);
+        let tcp = |port| Listen { port, udp: false };
+        let udp = |port| Listen { port, udp: true };
+        assert_eq!(ports["db"], vec![tcp(5432)]);
+        assert_eq!(ports["web"], vec![tcp(443), tcp(80), udp(5003)]);
     }
 }

@@ -18,10 +18,14 @@ pub enum ProbeResult {
         /// The source address the listener saw.
         seen: IpAddr,
     },
+    /// An echo reply came back from this address (an `icmp` probe).
+    Echoed(IpAddr),
     /// Connection refused (a RST or ICMP unreachable came back).
     Refused,
     /// Nothing came back in time.
     Timeout,
+    /// The source has no route to the target (a private subnet seen from outside it).
+    Unreachable(String),
     /// The probe could not be sent (no route, …).
     Error(String),
 }
@@ -29,15 +33,17 @@ pub enum ProbeResult {
 impl ProbeResult {
     /// Did the target answer?
     pub fn allowed(&self) -> bool {
-        matches!(self, ProbeResult::Answered { .. })
+        matches!(self, ProbeResult::Answered { .. } | ProbeResult::Echoed(_))
     }
 
     /// A short description.
     pub fn describe(&self) -> String {
         match self {
             ProbeResult::Answered { by, seen } => format!("answered by {by}, saw {seen}"),
+            ProbeResult::Echoed(from) => format!("echo reply from {from}"),
             ProbeResult::Refused => "refused".into(),
             ProbeResult::Timeout => "no answer (dropped)".into(),
+            ProbeResult::Unreachable(e) => format!("unreachable: {e}"),
             ProbeResult::Error(e) => format!("error: {e}"),
         }
     }
@@ -159,11 +165,11 @@ pub fn probe_from(
         };
         let sock = match netns::run_in(ns, move || UdpSocket::bind(bind)) {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => return ProbeResult::Error(e.to_string()),
+            Ok(Err(e)) => return failed(&e),
             Err(e) => return ProbeResult::Error(e.to_string()),
         };
         if let Err(e) = sock.connect(addr) {
-            return ProbeResult::Error(e.to_string());
+            return failed(&e);
         }
         let _ = sock.set_read_timeout(Some(timeout / 3));
         let mut buf = [0u8; 512];
@@ -172,7 +178,7 @@ pub fn probe_from(
             if let Err(e) = sock.send(b"probe\n") {
                 return match e.kind() {
                     std::io::ErrorKind::ConnectionRefused => ProbeResult::Refused,
-                    _ => ProbeResult::Error(e.to_string()),
+                    _ => failed(&e),
                 };
             }
             match sock.recv(&mut buf) {
@@ -197,7 +203,7 @@ pub fn probe_from(
                         ProbeResult::Timeout
                     }
                     _ if e.raw_os_error() == Some(libc_ehostunreach()) => ProbeResult::Timeout,
-                    _ => ProbeResult::Error(e.to_string()),
+                    _ => failed(&e),
                 };
             }
             Err(e) => return ProbeResult::Error(e.to_string()),
@@ -218,13 +224,129 @@ pub fn probe_from(
     }
 }
 
+/// Sends echo requests (ICMP, or ICMPv6 to an IPv6 target) from inside `ns` to `target` and
+/// waits for an echo reply from it.
+pub fn ping(ns: &Netns, target: IpAddr, timeout: Duration) -> ProbeResult {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let v6 = target.is_ipv6();
+    let socket = netns::run_in(ns, move || {
+        if v6 {
+            Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6))
+        } else {
+            Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))
+        }
+    });
+    // A raw socket behind the standard UDP socket type: its recv_from reads into plain bytes.
+    let socket: UdpSocket = match socket {
+        Ok(Ok(s)) => s.into(),
+        Ok(Err(e)) => return failed(&e),
+        Err(e) => return ProbeResult::Error(e.to_string()),
+    };
+    let id = (std::process::id() as u16) ^ 0x5746;
+    let deadline = std::time::Instant::now() + timeout;
+    // The first request may be lost while neighbours resolve: three, a third of the time apart.
+    for seq in 1..=3u16 {
+        let request = echo_request(v6, id, seq);
+        if let Err(e) = socket.send_to(&request, SocketAddr::new(target, 0)) {
+            return failed(&e);
+        }
+        let until = (std::time::Instant::now() + timeout / 3).min(deadline);
+        loop {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let _ = socket.set_read_timeout(Some(left));
+            let mut buf = [0u8; 1500];
+            let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                break;
+            };
+            if canonical(from.ip()) == canonical(target) && is_echo_reply(v6, &buf[..n], id) {
+                return ProbeResult::Echoed(target);
+            }
+        }
+    }
+    ProbeResult::Timeout
+}
+
+/// An ICMP (or ICMPv6: the kernel fills its checksum) echo request.
+fn echo_request(v6: bool, id: u16, seq: u16) -> Vec<u8> {
+    let mut p = vec![if v6 { 128 } else { 8 }, 0, 0, 0];
+    p.extend_from_slice(&id.to_be_bytes());
+    p.extend_from_slice(&seq.to_be_bytes());
+    p.extend_from_slice(b"weft-lab");
+    if !v6 {
+        let sum = internet_checksum(&p);
+        p[2..4].copy_from_slice(&sum.to_be_bytes());
+    }
+    p
+}
+
+fn internet_checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Whether a packet read from a raw ICMP socket (IPv4: with its IP header) is an echo reply
+/// with identifier `id`.
+fn is_echo_reply(v6: bool, data: &[u8], id: u16) -> bool {
+    let icmp = if v6 {
+        data
+    } else {
+        let ihl = usize::from(data.first().map_or(0, |b| b & 0x0f)) * 4;
+        data.get(ihl..).unwrap_or_default()
+    };
+    icmp.len() >= 8
+        && icmp[0] == if v6 { 129 } else { 0 }
+        && u16::from_be_bytes([icmp[4], icmp[5]]) == id
+}
+
 const fn libc_ehostunreach() -> i32 {
     113
+}
+
+/// A socket error: no route is an answer (the target is unreachable from here); anything
+/// else means the probe could not run.
+fn failed(e: &std::io::Error) -> ProbeResult {
+    const ENETUNREACH: i32 = 101;
+    if e.raw_os_error() == Some(ENETUNREACH) {
+        ProbeResult::Unreachable(e.to_string())
+    } else {
+        ProbeResult::Error(e.to_string())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn echo_requests_carry_a_valid_checksum_and_replies_are_recognized() {
+        let request = echo_request(false, 0x1234, 1);
+        assert_eq!(request[0], 8);
+        assert_eq!(internet_checksum(&request), 0);
+        let mut reply = vec![0x45u8; 1];
+        reply.extend_from_slice(&[0; 19]);
+        reply.extend_from_slice(&[0, 0, 0, 0, 0x12, 0x34, 0, 1]);
+        assert!(is_echo_reply(false, &reply, 0x1234));
+        assert!(!is_echo_reply(false, &reply, 0x1235));
+        assert!(is_echo_reply(
+            true,
+            &[129, 0, 0, 0, 0x12, 0x34, 0, 1],
+            0x1234
+        ));
+        assert!(!is_echo_reply(
+            true,
+            &[128, 0, 0, 0, 0x12, 0x34, 0, 1],
+            0x1234
+        ));
+    }
 
     #[test]
     fn replies_parse() {

@@ -26,6 +26,42 @@ pub type Addresses = BTreeMap<String, Vec<(String, Vec<IpAddr>)>>;
 /// interface and the VM's MAC on it.
 type Switch = (Arc<super::vmm::Relay>, usize, std::fs::File, String, String);
 
+/// Held while the lab creates a namespace or starts an agent; an interrupt takes it for good, so
+/// nothing is created after the interrupt's removal has listed what there is.
+static BUILDING: Mutex<()> = Mutex::new(());
+/// Set once the lab is interrupted: creating anything more fails.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Leave to create something (a namespace, an agent), unless the lab was interrupted.
+fn building() -> anyhow::Result<std::sync::MutexGuard<'static, ()>> {
+    let interrupted = || INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst);
+    if interrupted() {
+        anyhow::bail!("the lab was interrupted");
+    }
+    let guard = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
+    if interrupted() {
+        anyhow::bail!("the lab was interrupted");
+    }
+    Ok(guard)
+}
+
+/// On Ctrl-C or SIGTERM (`status` 130), or a panic: stops further building, waits for what is
+/// being created, removes the lab `name`, and exits without releasing the building lock.
+pub fn abandon(name: &str, status: i32) -> ! {
+    let guard = stop_building();
+    // Standard error may be gone too (`2>&1 | head`): writing must not panic.
+    let _ = writeln!(std::io::stderr(), "removing lab {name}");
+    let _ = down_by_name(name);
+    std::mem::forget(guard);
+    std::process::exit(status)
+}
+
+/// Makes every later [`building`] fail and waits for the one in progress, if any.
+fn stop_building() -> std::sync::MutexGuard<'static, ()> {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+    BUILDING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Root of the lab's files.
 pub const LAB_ROOT: &str = "/run/weft-lab";
 
@@ -211,6 +247,7 @@ impl Lab {
 
     fn create_ns(&self, role: &str, name: &str) -> anyhow::Result<Netns> {
         let ns_name = self.ns_name(role, name);
+        let _building = building()?;
         {
             let mut r = self
                 .record
@@ -341,7 +378,13 @@ impl Lab {
             let manifests = self.node_dir(&node.name).join("manifests");
             std::fs::create_dir_all(&manifests)?;
             let mut items = self.docs.clone();
-            for w in self.spec.workloads.iter().filter(|w| w.node == node.name) {
+            // A VM's migration target (or new launcher) runs here later: its pod carries the same
+            // labels.
+            for w in self.spec.workloads.iter().filter(|w| {
+                w.node == node.name
+                    || w.migrate_to.as_deref() == Some(node.name.as_str())
+                    || w.restart_on.as_deref() == Some(node.name.as_str())
+            }) {
                 let mut labels = w.labels.clone();
                 if w.kind == "VM" {
                     // As KubeVirt labels a VM's virt-launcher pod.
@@ -485,6 +528,7 @@ impl Lab {
                 .iter()
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect();
+            let _building = building()?;
             let child = Command::new(&exe)
                 .arg("agent")
                 .arg("--netns")
@@ -706,7 +750,11 @@ impl Lab {
                     .push((first.clone(), "eth0".to_string()));
                 let (ok, result) = self.cni(&w.node, "ADD", w, &first, "eth0")?;
                 if !ok {
-                    anyhow::bail!("CNI ADD of workload {} failed: {result}", w.name);
+                    anyhow::bail!(
+                        "CNI ADD of workload {} failed: {result}{}",
+                        w.name,
+                        self.problems_of(&w.node)
+                    );
                 }
                 let mut per: Vec<(String, Vec<IpAddr>)> =
                     w.networks.iter().map(|n| (n.clone(), Vec::new())).collect();
@@ -721,6 +769,9 @@ impl Lab {
                         ips.push(a.addr());
                         slot.1.push(a.addr());
                     }
+                }
+                for (network, on) in &per {
+                    self.check_not_a_host(w, network, on)?;
                 }
                 self.addresses
                     .lock()
@@ -750,8 +801,9 @@ impl Lab {
                 let (ok, result) = self.cni(&w.node, "ADD", w, network, &ifname)?;
                 if !ok {
                     anyhow::bail!(
-                        "CNI ADD of workload {} on network {network} failed: {result}",
-                        w.name
+                        "CNI ADD of workload {} on network {network} failed: {result}{}",
+                        w.name,
+                        self.problems_of(&w.node)
                     );
                 }
                 if w.kind == "VM" {
@@ -766,6 +818,7 @@ impl Lab {
                         on_network.push(net.addr());
                     }
                 }
+                self.check_not_a_host(w, network, &on_network)?;
                 self.addresses
                     .lock()
                     .map_err(|_| anyhow::anyhow!("lab addresses poisoned"))?
@@ -1104,6 +1157,63 @@ impl Lab {
         ))
     }
 
+    /// The node `name` runs on now: a node is itself, a migrated VM is on its target.
+    pub fn node_now(&self, name: &str) -> String {
+        if let Some(to) = self.moved.lock().ok().and_then(|m| m.get(name).cloned()) {
+            return to;
+        }
+        self.spec
+            .workloads
+            .iter()
+            .find(|w| w.name == name)
+            .map(|w| w.node.clone())
+            .unwrap_or_else(|| name.to_string())
+    }
+
+    /// A workload address that a LAN host (the outside host, a node) holds already: the
+    /// Network's `ipam.exclude` must cover the LAN's hosts, or two hosts answer for it.
+    fn check_not_a_host(&self, w: &Workload, network: &str, ips: &[IpAddr]) -> anyhow::Result<()> {
+        let mut hosts: Vec<(String, IpAddr)> =
+            vec![("the outside host".into(), self.spec.lan.gateway.addr())];
+        hosts.extend(
+            self.spec
+                .lan
+                .gateway6
+                .map(|g| ("the outside host".to_string(), g.addr())),
+        );
+        for n in &self.spec.nodes {
+            hosts.push((format!("node {}", n.name), n.address.addr()));
+            hosts.extend(n.address6.map(|a| (format!("node {}", n.name), a.addr())));
+        }
+        for ip in ips {
+            if let Some((host, _)) = hosts.iter().find(|(_, a)| a == ip) {
+                anyhow::bail!(
+                    "workload {} got {ip} on network {network}, the LAN address of {host}: add the LAN's hosts to the Network's ipam.exclude",
+                    w.name
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// What the agent of `node` reports it could not do, as lines to append to an error.
+    fn problems_of(&self, node: &str) -> String {
+        let problems: Vec<String> = self
+            .agent_status(node)
+            .and_then(|s| s["problems"].as_array().cloned())
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.as_str().map(str::to_string))
+            .collect();
+        if problems.is_empty() {
+            return String::new();
+        }
+        format!(
+            "\nthe agent of {node} reports:\n  {}",
+            problems.join("\n  ")
+        )
+    }
+
     /// Each workload's addresses per network.
     pub fn addresses(&self) -> Addresses {
         self.addresses.lock().map(|a| a.clone()).unwrap_or_default()
@@ -1138,5 +1248,27 @@ impl Lab {
         if let Err(e) = down_by_name(&self.name) {
             eprintln!("warning: removing lab {}: {e:#}", self.name);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_interrupt_waits_for_the_creation_in_progress_and_refuses_the_next() {
+        let creating = building().unwrap();
+        let stopper = std::thread::spawn(|| {
+            let guard = stop_building();
+            std::mem::forget(guard);
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        // The interrupt waits while something is being created...
+        assert!(!stopper.is_finished());
+        drop(creating);
+        stopper.join().unwrap();
+        // ...and nothing is created after it.
+        let next = std::thread::spawn(|| building().map(|_| ()).map_err(|e| e.to_string()));
+        assert_eq!(next.join().unwrap().unwrap_err(), "the lab was interrupted");
     }
 }

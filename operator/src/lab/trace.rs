@@ -70,17 +70,28 @@ fn stand_in(
     ips
 }
 
-/// Where a packet to `to:port` really goes (a node's port forward leads to its target):
-/// (address, port, the forward taken).
+/// A port forward a traced packet takes.
+#[derive(Debug, Clone)]
+pub struct Forward {
+    /// The workload it leads to.
+    pub target: String,
+    /// What it is, for the output.
+    pub description: String,
+}
+
+/// Where a packet from `from` to `to:port` really goes (a node's port forward leads to its
+/// target): (address, port, the forward taken).
+#[allow(clippy::too_many_arguments)]
 pub fn resolve(
     lab: &LabFile,
     res: &Resources,
     members: &[Member],
+    from: &str,
     name: &str,
     port: u16,
     protocol: L4Protocol,
     family: Family,
-) -> Option<(IpAddr, u16, Option<String>)> {
+) -> Option<(IpAddr, u16, Option<Forward>)> {
     let v4 = family == Family::Ipv4;
     if let Some(node) = lab.nodes.iter().find(|n| n.name == name) {
         // A port forward of a workload on this node?
@@ -93,11 +104,12 @@ pub fn resolve(
                 {
                     continue;
                 }
+                // The first by name, as the agent picks among several matches.
                 let target = lab
                     .workloads
                     .iter()
                     .filter(|w| w.node == node.name && w.namespace == ns)
-                    .find(|w| {
+                    .filter(|w| {
                         if let Some(t) = &pf.spec.target.workload {
                             return t == &w.name;
                         }
@@ -106,7 +118,8 @@ pub fn resolve(
                             .selector
                             .as_ref()
                             .is_some_and(|s| weft_crds::selector_matches(s, &w.labels))
-                    })?;
+                    })
+                    .min_by(|a, b| a.name.cmp(&b.name))?;
                 let member = members
                     .iter()
                     .find(|m| m.name == target.name && m.network == pf.spec.network)?;
@@ -115,30 +128,146 @@ pub fn resolve(
                 return Some((
                     *ip,
                     to_port,
-                    Some(format!(
-                        "port forward {ns}/{} on {} to {}:{to_port}",
-                        pf.metadata.name.as_deref().unwrap_or(""),
-                        node.name,
-                        target.name
-                    )),
+                    Some(Forward {
+                        target: target.name.clone(),
+                        description: format!(
+                            "port forward {ns}/{} on {} to {}:{to_port}",
+                            pf.metadata.name.as_deref().unwrap_or(""),
+                            node.name,
+                            target.name
+                        ),
+                    }),
                 ));
             }
         }
     }
-    Some((address(lab, members, name, family)?, port, None))
+    Some((
+        address_towards(lab, res, members, name, Some(from), family)?,
+        port,
+        None,
+    ))
 }
 
 /// The address of `outside`, a node or a workload in `family`.
-pub fn address(lab: &LabFile, members: &[Member], name: &str, family: Family) -> Option<IpAddr> {
+pub fn address(
+    lab: &LabFile,
+    res: &Resources,
+    members: &[Member],
+    name: &str,
+    family: Family,
+) -> Option<IpAddr> {
+    address_towards(lab, res, members, name, None, family)
+}
+
+/// The node a workload runs on (a node is on itself).
+fn node_of<'a>(lab: &'a LabFile, name: &'a str) -> &'a str {
+    lab.workloads
+        .iter()
+        .find(|w| w.name == name)
+        .map_or(name, |w| w.node.as_str())
+}
+
+fn is_nat(res: &Resources, network: &str) -> bool {
+    res.networks.iter().any(|n| {
+        n.metadata.name.as_deref() == Some(network) && n.spec.mode == weft_crds::NetworkMode::Nat
+    })
+}
+
+/// The address of `outside`, a node or a workload in `family` that a connection from `peer`
+/// reaches: a workload's address on the first of its networks that `peer` (a workload) is on
+/// too and can reach it on (a NAT network only on the same node), else its first address of
+/// the family.
+pub fn address_towards(
+    lab: &LabFile,
+    res: &Resources,
+    members: &[Member],
+    name: &str,
+    peer: Option<&str>,
+    family: Family,
+) -> Option<IpAddr> {
     if lab.is_host(name) {
         return lab.host_address(name, family);
     }
-    members
+    let v4 = family == Family::Ipv4;
+    let of = |m: &Member| m.ips.iter().find(|i| i.is_ipv4() == v4).copied();
+    let shared = peer.and_then(|peer| {
+        let same_node = node_of(lab, peer) == node_of(lab, name);
+        members
+            .iter()
+            .filter(|m| m.name == name)
+            .filter(|m| same_node || !is_nat(res, &m.network))
+            .filter(|m| {
+                members
+                    .iter()
+                    .any(|p| p.name == peer && p.network == m.network && of(p).is_some())
+            })
+            .find_map(of)
+    });
+    shared.or_else(|| members.iter().filter(|m| m.name == name).find_map(of))
+}
+
+/// The source address of a connection from `from` to `dst` (an address of `to`): a node's
+/// connection to its own NAT workload leaves from the network's gateway; a workload on the
+/// network of `dst` sends from its address there; else `from`'s first address of the family.
+pub fn source_towards(
+    lab: &LabFile,
+    res: &Resources,
+    members: &[Member],
+    from: &str,
+    to: &str,
+    dst: IpAddr,
+) -> Option<IpAddr> {
+    let family = if dst.is_ipv4() {
+        Family::Ipv4
+    } else {
+        Family::Ipv6
+    };
+    if let Some(src) = node_source(lab, res, members, from, to, dst) {
+        return Some(src);
+    }
+    let network = members
         .iter()
-        .filter(|m| m.name == name)
-        .flat_map(|m| m.ips.iter())
-        .find(|i| i.is_ipv4() == (family == Family::Ipv4))
-        .copied()
+        .find(|m| m.name == to && m.ips.contains(&dst))
+        .map(|m| m.network.as_str());
+    let on_network = network.and_then(|n| {
+        members
+            .iter()
+            .find(|m| m.name == from && m.network == n)
+            .and_then(|m| m.ips.iter().find(|i| i.is_ipv4() == dst.is_ipv4()).copied())
+    });
+    on_network.or_else(|| source(lab, res, members, from, dst, family))
+}
+
+/// The source address of a node's connection to `dst`, a workload of a NAT network on that
+/// node: the node reaches its NAT bridge from the network's gateway address there, not from
+/// its LAN address.
+fn node_source(
+    lab: &LabFile,
+    res: &Resources,
+    members: &[Member],
+    from: &str,
+    to: &str,
+    dst: IpAddr,
+) -> Option<IpAddr> {
+    let node = lab.nodes.iter().find(|n| n.name == from)?;
+    let w = lab.workloads.iter().find(|w| w.name == to)?;
+    if w.node != node.name {
+        return None;
+    }
+    let member = members
+        .iter()
+        .find(|m| m.name == to && m.ips.contains(&dst))?;
+    let network = res
+        .networks
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(member.network.as_str()))?;
+    if network.spec.mode != weft_crds::NetworkMode::Nat {
+        return None;
+    }
+    match dst {
+        IpAddr::V4(_) => network.spec.gateway_v4().map(IpAddr::V4),
+        IpAddr::V6(_) => network.spec.gateway_v6().map(IpAddr::V6),
+    }
 }
 
 /// The address `from` sends to `dst` from: a workload with interfaces on several Networks uses
@@ -178,7 +307,7 @@ pub fn source(
         .and_then(|list| list.into_iter().find(|n| n.default_route))
         .map(|n| n.name);
     via.and_then(|via| mine.iter().find(|m| m.network == via).and_then(ip_of))
-        .or_else(|| address(lab, members, from, family))
+        .or_else(|| address(lab, res, members, from, family))
 }
 
 /// A traced connection: the first packet as the node sees it (after a port forward) and what
@@ -206,14 +335,73 @@ pub fn decide(
     protocol: L4Protocol,
     family: Family,
 ) -> Result<Traced, String> {
-    let (dst, dport, via) = resolve(lab, res, members, to, port, protocol, family)
+    let (dst, dport, via) = resolve(lab, res, members, from, to, port, protocol, family)
         .ok_or_else(|| format!("{to} has no {family:?} address"))?;
-    let src = source(lab, res, members, from, dst, family)
+    // A port forward leads to a workload: the source's address towards that one.
+    let towards = via.as_ref().map(|f| f.target.as_str()).unwrap_or(to);
+    let src = source_towards(lab, res, members, from, towards, dst)
         .ok_or_else(|| format!("{from} has no {family:?} address"))?;
+    let via = via.map(|f| f.description);
     let packet = Packet::first(src, dst, protocol, dport);
     Ok(Traced {
         decision: compiled.decide(&packet),
         packet,
         via,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_reaches_its_nat_workloads_from_the_gateway_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("lab.yaml");
+        std::fs::write(
+            &p,
+            r#"
+lan: {gateway: 192.168.44.1/24}
+nodes: [{name: host-1, address: 192.168.44.10/24}, {name: host-2, address: 192.168.44.11/24}]
+resources:
+  - {apiVersion: weft.dev/v1alpha1, kind: Network, metadata: {name: local}, spec: {mode: NAT, subnets: [10.60.0.0/24]}}
+  - apiVersion: weft.dev/v1alpha1
+    kind: ClusterSegmentationPolicy
+    metadata: {name: no-host}
+    spec:
+      tier: Admin
+      priority: 1
+      subject: {pods: {podSelector: {}}}
+      ingress: [{name: deny-node, action: Deny, from: [{cidrs: [192.168.44.10/32]}]}]
+workloads: [{name: w, node: host-1, networks: [local]}]
+"#,
+        )
+        .unwrap();
+        let (lab, res, _) = LabFile::load(&p).unwrap();
+        let members = members(&lab, &res, None);
+        let compiled = crate::policy::compile_resources(&res, &members);
+        let t = |from: &str| {
+            decide(
+                &lab,
+                &res,
+                &members,
+                &compiled,
+                from,
+                "w",
+                80,
+                L4Protocol::Tcp,
+                Family::Ipv4,
+            )
+            .unwrap()
+        };
+        // Its own node: from the bridge's gateway address, which the rule does not name.
+        let own = t("host-1");
+        assert_eq!(own.packet.src, "10.60.0.1".parse::<IpAddr>().unwrap());
+        assert!(own.decision.allowed);
+        // The outside host keeps its own address.
+        assert_eq!(
+            t("outside").packet.src,
+            "192.168.44.1".parse::<IpAddr>().unwrap()
+        );
+    }
 }
