@@ -118,11 +118,14 @@ pub fn print_trace(
         }
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!(
-            "{from} -> {to} {port}/{}: {}",
-            protocol.nft_name(),
-            decision.summary()
-        );
+        // ICMP has no port: `echo-request/icmp`, not `0/icmp`.
+        let what = match protocol {
+            weft_crds::L4Protocol::Icmp | weft_crds::L4Protocol::Icmpv6 => {
+                format!("echo-request/{}", protocol.nft_name())
+            }
+            _ => format!("{port}/{}", protocol.nft_name()),
+        };
+        println!("{from} -> {to} {what}: {}", decision.summary());
         if let Some(n) = note {
             println!("  via {n}");
         }
