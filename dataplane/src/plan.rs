@@ -374,6 +374,40 @@ pub fn apply(
     Ok(report)
 }
 
+/// [`apply`] for a periodic check of a node that holds `previous` (the plan this process
+/// applied last): links, addresses, sysctls and state as [`apply`], but a table whose structure
+/// comment still names `previous`'s structure (a terse listing, without set elements) is
+/// trusted to hold `previous`'s elements, so only the element changes go and a table of many
+/// thousand elements is not listed. A table deleted or changed by hand (its comment differs or
+/// is gone) is listed and repaired in full; elements deleted by hand are repaired by the next
+/// full [`apply`].
+pub fn apply_checked(
+    plan: &NodePlan,
+    previous: Option<&NodePlan>,
+    links: &mut dyn Links,
+    firewall: &mut dyn Firewall,
+    sysctls: &mut dyn Sysctls,
+    state_dir: &Path,
+) -> Result<ApplyReport, ApplyError> {
+    let Some(prev) = previous else {
+        return apply(plan, links, firewall, sysctls, state_dir);
+    };
+    let mut report = ApplyReport::default();
+    for s in &plan.sysctls {
+        if sysctls.set(&s.key, &s.value)? {
+            report.changes.push(format!("sysctl {}={}", s.key, s.value));
+        }
+    }
+    apply_bridges(plan, links, state_dir, &mut report)?;
+    match &plan.guard {
+        Some(guard) => apply_firewall_trusting(guard, prev.guard.as_ref(), firewall, &mut report)?,
+        None => delete_table(nft::Family::Bridge, names::NFT_TABLE, firewall, &mut report)?,
+    }
+    apply_firewall_trusting(&plan.firewall, Some(&prev.firewall), firewall, &mut report)?;
+    apply_state(plan, state_dir, &mut report)?;
+    Ok(report)
+}
+
 /// Like [`apply`], but trusts that the node still holds `previous` (the plan this process applied
 /// last): when only set and map elements differ, both tables go from `previous` to `plan` in
 /// one element-only transaction without listing them first, which keeps a registration cheap
@@ -653,10 +687,43 @@ pub fn apply_firewall(
     firewall: &mut dyn Firewall,
     report: &mut ApplyReport,
 ) -> Result<(), ApplyError> {
-    let mut desired = desired.clone();
-    desired.comment = None;
-    let hash = nft::structure_hash(&desired);
-    desired.comment = Some(format!("weft structure {hash}"));
+    apply_firewall_trusting(desired, None, firewall, report)
+}
+
+/// A table with its structure comment (`weft structure <hash>`), as weft writes it.
+fn with_structure_comment(table: &Table) -> Table {
+    let mut t = table.clone();
+    t.comment = None;
+    let hash = nft::structure_hash(&t);
+    t.comment = Some(format!("weft structure {hash}"));
+    t
+}
+
+/// [`apply_firewall`], trusting that the kernel's table still holds the elements of `trusted`
+/// (the table this process applied last) when its structure comment says it has `trusted`'s
+/// structure, which `desired` has too: then only the element changes from `trusted` go, and
+/// the table's elements are never listed. Anything else lists the table in full.
+fn apply_firewall_trusting(
+    desired: &Table,
+    trusted: Option<&Table>,
+    firewall: &mut dyn Firewall,
+    report: &mut ApplyReport,
+) -> Result<(), ApplyError> {
+    let desired = with_structure_comment(desired);
+    if let Some(trusted) = trusted.map(with_structure_comment)
+        && trusted.comment == desired.comment
+        && firewall
+            .table_comment(desired.family, &desired.name)
+            .map_err(ApplyError::Firewall)?
+            == Some(desired.comment.clone())
+    {
+        let tx = nft::diff(&trusted, &desired);
+        if !tx.0.is_empty() {
+            firewall.apply(&tx).map_err(ApplyError::Firewall)?;
+            report.changes.extend(tx.0.iter().map(|c| c.summary()));
+        }
+        return Ok(());
+    }
     let current = firewall
         .list_table(desired.family, &desired.name)
         .map_err(ApplyError::Firewall)?;
@@ -683,8 +750,9 @@ fn delete_table(
     firewall: &mut dyn Firewall,
     report: &mut ApplyReport,
 ) -> Result<(), ApplyError> {
+    // Whether it exists: its comment is enough (no elements listed).
     if firewall
-        .list_table(family, name)
+        .table_comment(family, name)
         .map_err(ApplyError::Firewall)?
         .is_some()
     {
@@ -1158,6 +1226,59 @@ mod tests {
             node.dir.path(),
         )
         .unwrap();
+        assert!(node.fw.lists > lists);
+        assert!(matches!(
+            node.fw.applied.last().unwrap().0.as_slice(),
+            [Change::ReplaceTable(_)]
+        ));
+    }
+
+    #[test]
+    fn apply_checked_reads_only_the_structure_and_repairs_a_table_deleted_by_hand() {
+        let mut node = Node::new();
+        let first = plan(&["10.0.0.0/24"], "accept", &["a"]);
+        node.apply(&first);
+        let lists = node.fw.lists;
+        let second = plan(&["10.0.0.0/24", "10.1.0.0/24"], "accept", &["a"]);
+        let check = |node: &mut Node, p: &NodePlan, prev: &NodePlan| {
+            apply_checked(
+                p,
+                Some(prev),
+                &mut node.links,
+                &mut node.fw,
+                &mut node.sysctls,
+                node.dir.path(),
+            )
+            .unwrap()
+        };
+        let report = check(&mut node, &second, &first);
+        assert_eq!(node.fw.lists, lists, "no table listed with its elements");
+        assert!(node.fw.comment_reads >= 1);
+        assert!(matches!(
+            node.fw.applied.last().unwrap().0.as_slice(),
+            [Change::AddElements { .. }]
+        ));
+        assert_eq!(report.changes.len(), 1);
+        // Nothing to do: no transaction.
+        let txs = node.fw.applied.len();
+        assert!(check(&mut node, &second, &second).is_noop());
+        assert_eq!(node.fw.applied.len(), txs);
+        assert_eq!(node.fw.lists, lists);
+        // The table deleted by hand: listed, found missing, written again whole.
+        node.fw.tables.remove(&(Family::Inet, "weft".to_string()));
+        let report = check(&mut node, &second, &second);
+        assert!(node.fw.lists > lists);
+        assert!(matches!(
+            node.fw.applied.last().unwrap().0.as_slice(),
+            [Change::ReplaceTable(_)]
+        ));
+        assert!(!report.is_noop());
+        let kernel = &node.fw.tables[&(Family::Inet, "weft".to_string())];
+        assert!(kernel.sets[0].elements.contains("10.1.0.0/24"));
+        // Another structure: listed and replaced, as by the full apply.
+        let lists = node.fw.lists;
+        let third = plan(&["10.1.0.0/24"], "drop", &["a"]);
+        check(&mut node, &third, &second);
         assert!(node.fw.lists > lists);
         assert!(matches!(
             node.fw.applied.last().unwrap().0.as_slice(),

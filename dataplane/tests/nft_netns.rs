@@ -721,3 +721,38 @@ fn a_typeof_set_of_raw_payload_round_trips_and_changes_by_element() {
         );
     });
 }
+
+#[test]
+fn the_table_comment_is_read_over_netlink_without_listing_elements() {
+    in_netns(|| {
+        let mut fw = NftCli::default();
+        assert_eq!(fw.table_comment(Family::Inet, "weft").unwrap(), None);
+        let mut t = nat_table();
+        t.comment = Some("weft structure 0123abcd".into());
+        fw.apply(&replace(&t)).unwrap();
+        assert_eq!(
+            fw.table_comment(Family::Inet, "weft").unwrap(),
+            Some(Some("weft structure 0123abcd".into()))
+        );
+        // As nft itself lists it.
+        assert_eq!(
+            fw.list_table(Family::Inet, "weft")
+                .unwrap()
+                .unwrap()
+                .comment,
+            Some("weft structure 0123abcd".into())
+        );
+        // A table without a comment, in another family.
+        let mut bare = nat_table();
+        bare.family = Family::Bridge;
+        bare.comment = None;
+        bare.chains.clear();
+        bare.maps.clear();
+        fw.apply(&replace(&bare)).unwrap();
+        assert_eq!(
+            fw.table_comment(Family::Bridge, "weft").unwrap(),
+            Some(None)
+        );
+        assert_eq!(fw.table_comment(Family::Inet, "other").unwrap(), None);
+    });
+}

@@ -11,7 +11,7 @@ use weft_operator::agent::endpoints::EndpointStore;
 use weft_operator::agent::install::CniInstall;
 use weft_operator::agent::plan::NodeContext;
 use weft_operator::agent::source::{Resources, parse_manifests};
-use weft_operator::agent::{AgentConfig, apply_blocking, compute};
+use weft_operator::agent::{AgentConfig, apply_blocking, check_blocking, compute};
 
 fn isolate() {
     assert!(
@@ -130,6 +130,30 @@ fn apply_is_idempotent_and_removing_a_network_removes_what_it_created() {
             .success()
     );
     let repair = apply_blocking(&plan, None, state.path()).unwrap();
+    assert!(
+        repair
+            .changes
+            .iter()
+            .any(|c| c.contains("created bridge wn-alpha")),
+        "{:?}",
+        repair.changes
+    );
+    assert_eq!(nft_list(), ruleset);
+
+    // The periodic check (most resyncs) does the same from the plan applied last: a quiet node
+    // needs nothing; a bridge and a table deleted by hand are restored.
+    let quiet = check_blocking(&plan, Some(&plan), state.path()).unwrap();
+    assert!(quiet.is_noop(), "{:?}", quiet.changes);
+    let alpha = nl.link_by_name("wn-alpha").unwrap().unwrap();
+    nl.delete_link(alpha.index).unwrap();
+    assert!(
+        Command::new("nft")
+            .args(["delete", "table", "inet", "weft"])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let repair = check_blocking(&plan, Some(&plan), state.path()).unwrap();
     assert!(
         repair
             .changes

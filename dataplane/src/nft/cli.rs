@@ -210,6 +210,28 @@ impl Firewall for NftCli {
         }
         Ok(Some(state))
     }
+
+    fn table_comment(
+        &mut self,
+        family: Family,
+        name: &str,
+    ) -> Result<Option<Option<String>>, NftError> {
+        // One netlink request: nft would fetch its whole ruleset cache, elements included
+        // (≈ 50 ms for 20,000 elements), even for a terse listing.
+        match NfTablesSocket::open().and_then(|mut s| s.table_comment(family, name)) {
+            Ok(comment) => Ok(comment),
+            Err(e) => {
+                debug!(error = %e, "reading the table comment over netlink failed; asking nft");
+                Ok(self
+                    .list(
+                        &["-t", "list", "table", family.as_str(), name],
+                        family,
+                        name,
+                    )?
+                    .map(|text| comment_from_text(&text)))
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -17,6 +17,8 @@ pub struct FakeFirewall {
     pub fail_next: VecDeque<String>,
     /// Number of `list_table` calls.
     pub lists: usize,
+    /// Number of `table_comment` calls.
+    pub comment_reads: usize,
 }
 
 impl FakeFirewall {
@@ -169,6 +171,15 @@ impl Firewall for FakeFirewall {
     fn list_table(&mut self, family: Family, name: &str) -> Result<Option<TableState>, NftError> {
         self.lists += 1;
         Ok(self.table(family, name).map(TableState::from_table))
+    }
+
+    fn table_comment(
+        &mut self,
+        family: Family,
+        name: &str,
+    ) -> Result<Option<Option<String>>, NftError> {
+        self.comment_reads += 1;
+        Ok(self.table(family, name).map(|t| t.comment.clone()))
     }
 }
 

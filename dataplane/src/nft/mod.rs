@@ -389,6 +389,16 @@ pub trait Firewall {
     fn apply(&mut self, tx: &Transaction) -> Result<(), NftError>;
     /// Reads one table back; `Ok(None)` when it does not exist.
     fn list_table(&mut self, family: Family, name: &str) -> Result<Option<TableState>, NftError>;
+    /// The comment of a table (weft writes its structure hash there), without listing its set
+    /// elements: `Ok(None)` when the table does not exist, `Ok(Some(None))` when it has no
+    /// comment.
+    fn table_comment(
+        &mut self,
+        family: Family,
+        name: &str,
+    ) -> Result<Option<Option<String>>, NftError> {
+        Ok(self.list_table(family, name)?.map(|t| t.comment))
+    }
 }
 
 /// Errors talking to nftables.

@@ -24,7 +24,7 @@ use netlink_packet_core::{
 };
 use netlink_packet_netfilter::nftables::{
     DataAttribute, ListAttribute, NfTablesMessage, SetElementAttribute, SetElementList,
-    SetElementMessage,
+    SetElementMessage, TableAttribute, TableMessage,
 };
 use netlink_packet_netfilter::none::ControlMessage;
 use netlink_packet_netfilter::{
@@ -375,10 +375,137 @@ impl NfTablesSocket {
     }
 }
 
+/// The `NFT_MSG_GETTABLE` request for one table.
+fn get_table(family: Family, name: &str, seq: u32) -> Vec<u8> {
+    let msg = NetlinkMessage::from(NetfilterMessage::new(
+        NetfilterHeader::new(proto_family(family), 0, 0),
+        NfTablesMessage::GetTable(TableMessage {
+            attributes: vec![TableAttribute::Name(name.to_string())],
+        }),
+    ));
+    let mut bytes = Vec::new();
+    serialize(msg, NLM_F_ACK, seq, &mut bytes);
+    bytes
+}
+
+/// The comment nft keeps in a table's user data: the `NFTNL_UDATA_TABLE_COMMENT` (type 0)
+/// entry of its type-length-value list, a NUL-terminated string.
+fn comment_from_userdata(data: &[u8]) -> Option<String> {
+    let mut rest = data;
+    while let [kind, len, tail @ ..] = rest {
+        let len = usize::from(*len);
+        let value = tail.get(..len)?;
+        if *kind == 0 {
+            let text = value.split(|b| *b == 0).next().unwrap_or_default();
+            return String::from_utf8(text.to_vec()).ok();
+        }
+        rest = &tail[len..];
+    }
+    None
+}
+
+impl NfTablesSocket {
+    /// A table's comment, read with `NFT_MSG_GETTABLE` (its sets and elements are not read):
+    /// `Ok(None)` when the table does not exist, `Ok(Some(None))` when it has no comment.
+    pub(super) fn table_comment(
+        &mut self,
+        family: Family,
+        name: &str,
+    ) -> Result<Option<Option<String>>, NftError> {
+        const SEQ: u32 = 1;
+        let request = get_table(family, name, SEQ);
+        loop {
+            match self.socket.send(&request, 0) {
+                Ok(_) => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io_error(e)),
+            }
+        }
+        let mut found: Option<Option<String>> = None;
+        loop {
+            let (data, _) = match self.socket.recv_from_full() {
+                Ok(r) => r,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io_error(e)),
+            };
+            let mut offset = 0;
+            while offset < data.len() {
+                let bytes = &data[offset..];
+                let header = NetlinkBuffer::new_checked(bytes)
+                    .map_err(|e| io_error(io::Error::other(e.to_string())))?;
+                let len = header.length() as usize;
+                if len == 0 {
+                    break;
+                }
+                offset += len.next_multiple_of(4);
+                if header.sequence_number() != SEQ {
+                    continue;
+                }
+                let Ok(msg) = NetlinkMessage::<NetfilterMessage>::deserialize(bytes) else {
+                    continue;
+                };
+                match msg.payload {
+                    NetlinkPayload::Error(err) => {
+                        return match err.code.map(|c| c.get().abs()) {
+                            // The acknowledgement, after the table.
+                            None => Ok(found),
+                            Some(ENOENT) => Ok(None),
+                            Some(code) => Err(NftError::Kernel {
+                                what: format!("reading table {family} {name}"),
+                                source: io::Error::from_raw_os_error(code),
+                            }),
+                        };
+                    }
+                    NetlinkPayload::InnerMessage(NetfilterMessage {
+                        inner:
+                            netlink_packet_netfilter::NetfilterMessageInner::NfTables(
+                                NfTablesMessage::NewTable(table),
+                            ),
+                        ..
+                    }) => {
+                        found = Some(table.attributes.iter().find_map(|a| match a {
+                            TableAttribute::UserData(d) => comment_from_userdata(d),
+                            _ => None,
+                        }));
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// `ENOENT`: no such table.
+const ENOENT: i32 = 2;
+
 #[cfg(test)]
 mod tests {
     use super::super::SetKey;
     use super::*;
+
+    #[test]
+    fn asks_for_one_table_by_name_and_reads_nfts_comment_from_its_user_data() {
+        let bytes = get_table(Family::Inet, "weft", 7);
+        let msg = NetlinkMessage::<NetfilterMessage>::deserialize(&bytes).unwrap();
+        assert_eq!(msg.header.sequence_number, 7);
+        assert_eq!(msg.header.flags, NLM_F_REQUEST | NLM_F_ACK, "no dump");
+        let NetlinkPayload::InnerMessage(NetfilterMessage {
+            inner:
+                netlink_packet_netfilter::NetfilterMessageInner::NfTables(NfTablesMessage::GetTable(t)),
+            ..
+        }) = msg.payload
+        else {
+            panic!("not a GETTABLE: {:?}", msg.payload);
+        };
+        assert_eq!(t.attributes, [TableAttribute::Name("weft".into())]);
+        // nftables' user data: type 0 (comment), length, NUL-terminated text; other entries
+        // before it are skipped.
+        let mut data = vec![5, 2, 0xaa, 0xbb, 0, 4];
+        data.extend_from_slice(b"abc\0");
+        assert_eq!(comment_from_userdata(&data).as_deref(), Some("abc"));
+        assert_eq!(comment_from_userdata(&[5, 2, 0xaa, 0xbb]), None);
+        assert_eq!(comment_from_userdata(&[0, 9, b'x']), None, "truncated");
+    }
 
     #[test]
     fn encodes_keys_the_way_nft_does() {

@@ -147,6 +147,23 @@ pub fn compute(
     out
 }
 
+/// The periodic check of this node against a plan (blocking): links, addresses and the tables'
+/// structure as a full apply, set elements trusted to be those of `previous` (see
+/// [`dplan::apply_checked`]).
+pub fn check_blocking(
+    plan: &dplan::NodePlan,
+    previous: Option<&dplan::NodePlan>,
+    state_dir: &std::path::Path,
+) -> Result<ApplyReport, dplan::ApplyError> {
+    let mut links = Netlink::new().map_err(|source| dplan::ApplyError::Link {
+        op: "open netlink socket".into(),
+        source,
+    })?;
+    let mut fw = NftCli::default();
+    let mut sysctls = ProcSysctls;
+    dplan::apply_checked(plan, previous, &mut links, &mut fw, &mut sysctls, state_dir)
+}
+
 /// Applies a plan to this node's kernel (blocking: call from `spawn_blocking`); with the plan
 /// applied last as `previous`, element changes go without listing the tables first.
 pub fn apply_blocking(
@@ -183,6 +200,10 @@ pub fn forget_vm(
     Ok((forgotten, attached))
 }
 
+/// Every how many resyncs the tables are listed with their elements (the others check their
+/// structure only): with a 30 s resync, every 5 minutes.
+const FULL_RESYNC_EVERY: u64 = 10;
+
 /// A deleted VM's reservation is forgotten only once it is this old (seconds): a VM whose
 /// first attachment outran the agent's watch of the KubeVirt API keeps its addresses.
 const RESERVATION_MIN_AGE: u64 = 300;
@@ -216,8 +237,11 @@ struct Reconciler {
     networks: Vec<String>,
     /// The plan last applied, what it was computed from, and whether it was applied: a
     /// registration changes it in place, or needs no kernel work when it does not change it
-    /// (drift is repaired by the periodic resync, which always applies in full).
+    /// (drift is repaired by the periodic resync).
     applied: Option<Applied>,
+    /// Resyncs so far: most check the tables' structure only, every [`FULL_RESYNC_EVERY`]th
+    /// lists them with their elements.
+    resyncs: u64,
     /// The last snapshot of the source.
     resources: Option<Arc<source::Resources>>,
     /// The last snapshot, shared with the socket server: it answers identity questions itself,
@@ -320,11 +344,20 @@ impl Reconciler {
                 } else {
                     let plan = out.plan.clone();
                     let state_dir = self.cfg.state_dir.clone();
-                    // A registration trusts the last applied plan; everything else applies in
-                    // full.
-                    let previous = previous.filter(|_| reason == "endpoints");
+                    // A registration trusts the last applied plan; a resync checks the tables'
+                    // structure and trusts their elements, but every `FULL_RESYNC_EVERY`th;
+                    // everything else applies in full.
+                    let checked = reason == "resync" && {
+                        self.resyncs += 1;
+                        !self.resyncs.is_multiple_of(FULL_RESYNC_EVERY)
+                    };
+                    let previous = previous.filter(|_| reason == "endpoints" || checked);
                     tokio::task::spawn_blocking(move || {
-                        apply_blocking(&plan, previous.as_ref(), &state_dir)
+                        if checked {
+                            check_blocking(&plan, previous.as_ref(), &state_dir)
+                        } else {
+                            apply_blocking(&plan, previous.as_ref(), &state_dir)
+                        }
                     })
                     .await
                     .map_err(|e| format!("apply task failed: {e}"))?
@@ -684,6 +717,7 @@ pub async fn run(
         metrics: agent_metrics,
         activated: Vec::new(),
         installed: None,
+        resyncs: 0,
     };
     start_audit(&cfg, rec.policy.clone(), rec.audit.clone(), tx.clone());
     info!(node = %cfg.node.name, socket = %cfg.socket.display(), endpoints = rec.endpoints.len(), "weft agent starting");
