@@ -275,7 +275,32 @@ fn agent_path(res: &Resources, workloads: usize) -> anyhow::Result<()> {
     };
     let (p50, max) = median(&mut took);
     let (in_p50, _) = median(&mut in_place);
+    // A resync's table work: every tenth lists both tables and diffs them against the plan
+    // (what every resync did before); the others read each table's structure comment.
+    let mut full = Vec::new();
+    let mut check = Vec::new();
+    for _ in 0..5 {
+        let mut report = weft_dataplane::plan::ApplyReport::default();
+        let t = Instant::now();
+        weft_dataplane::plan::apply_firewall(&out.plan.firewall, &mut nft, &mut report)?;
+        if let Some(guard) = &out.plan.guard {
+            weft_dataplane::plan::apply_firewall(guard, &mut nft, &mut report)?;
+        }
+        full.push(t.elapsed().as_secs_f64() * 1e3);
+        anyhow::ensure!(report.is_noop(), "the resync found changes: {:?}", report.changes);
+        use weft_dataplane::nft::{Family, Firewall};
+        let t = Instant::now();
+        let inet = nft.table_comment(Family::Inet, "weft")?;
+        let bridge = nft.table_comment(Family::Bridge, "weft")?;
+        check.push(t.elapsed().as_secs_f64() * 1e3);
+        anyhow::ensure!(inet.flatten().is_some() && bridge.flatten().is_some());
+    }
+    let (full_p50, _) = median(&mut full);
+    let (check_p50, _) = median(&mut check);
     println!("agent: full plan  {plan_ms:8.1} ms  ({workloads} endpoints, guard table included)");
+    println!(
+        "agent: resync     {full_p50:8.1} ms  listing both tables (every tenth), {check_p50:.2} ms checking their structure (the others); medians of 5"
+    );
     println!(
         "agent: register   {p50:8.2} ms  median of 20, max {max:.2} ms (in place {in_p50:.2} ms, then netlink; {elements} elements each)"
     );
