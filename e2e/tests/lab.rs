@@ -771,3 +771,39 @@ expect:
     let out = run_lab(&lab, &format!("fb-{}", std::process::id() % 10000));
     assert!(out.contains("all expectations hold"), "{out}");
 }
+
+#[test]
+fn a_vlan_filtering_network_is_built_or_said_unsupported() {
+    let dir = tempfile::tempdir().unwrap();
+    // Access ports on a VLAN-filtering bridge whose uplink is a trunk: two workloads of the
+    // Network's own VLAN reach each other. A kernel without VLAN-filtering bridges makes the lab
+    // say so (exit status 3) before building anything.
+    let lab = write(
+        dir.path(),
+        "filtering.yaml",
+        r#"
+lan: {gateway: 192.168.50.1/24}
+nodes: [{name: node-a, address: 192.168.50.11/24}]
+resources:
+  - apiVersion: weft.dev/v1alpha1
+    kind: Network
+    metadata: {name: trunk10}
+    spec:
+      mode: Bridge
+      subnets: [10.110.0.0/24]
+      ipam: {nodeBlockPrefix: 27, exclude: [10.110.0.0/27]}
+      bridge: {uplink: eth0, vlanFiltering: true, vlan: 10, trunkVlans: [{id: 20}]}
+workloads:
+  - {name: a, node: node-a, networks: [trunk10], listen: [80/tcp]}
+  - {name: b, node: node-a, networks: [trunk10], listen: [80/tcp]}
+expect:
+  - {from: a, to: b, port: 80, result: allow, sourceSeenAs: self}
+"#,
+    );
+    let out = run_lab(&lab, &format!("vf-{}", std::process::id() % 10000));
+    assert!(
+        out.contains("all expectations hold")
+            || out.contains("NOT SUPPORTED BY THIS KERNEL: VLAN-filtering bridges"),
+        "{out}"
+    );
+}

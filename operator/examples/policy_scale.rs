@@ -287,7 +287,11 @@ fn agent_path(res: &Resources, workloads: usize) -> anyhow::Result<()> {
             weft_dataplane::plan::apply_firewall(guard, &mut nft, &mut report)?;
         }
         full.push(t.elapsed().as_secs_f64() * 1e3);
-        anyhow::ensure!(report.is_noop(), "the resync found changes: {:?}", report.changes);
+        anyhow::ensure!(
+            report.is_noop(),
+            "the resync found changes: {:?}",
+            report.changes
+        );
         use weft_dataplane::nft::{Family, Firewall};
         let t = Instant::now();
         let inet = nft.table_comment(Family::Inet, "weft")?;

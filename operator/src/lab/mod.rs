@@ -25,7 +25,8 @@ pub fn run(path: &Path, name: Option<&str>, keep: bool) -> anyhow::Result<bool> 
     let vlans: Vec<String> = resources
         .networks
         .iter()
-        .filter(|n| n.spec.vlan().is_some())
+        // Sub-interfaces: a VLAN-filtering Network's own VLAN is on its bridge, not one.
+        .filter(|n| n.spec.vlan().is_some() && !n.spec.vlan_filtering())
         .filter_map(|n| n.metadata.name.clone())
         .collect();
     if !vlans.is_empty()
@@ -34,6 +35,21 @@ pub fn run(path: &Path, name: Option<&str>, keep: bool) -> anyhow::Result<bool> 
         println!(
             "NOT SUPPORTED BY THIS KERNEL: 802.1Q VLANs ({why}); the VLAN networks of this lab ({}) cannot be built here, so nothing was checked",
             vlans.join(", ")
+        );
+        return Err(NotSupported.into());
+    }
+    let filtering: Vec<String> = resources
+        .networks
+        .iter()
+        .filter(|n| n.spec.vlan_filtering())
+        .filter_map(|n| n.metadata.name.clone())
+        .collect();
+    if !filtering.is_empty()
+        && let Err(why) = topology::kernel_has_vlan_filtering(&topology::lab_name(path, name))
+    {
+        println!(
+            "NOT SUPPORTED BY THIS KERNEL: VLAN-filtering bridges ({why}); the VLAN-filtering networks of this lab ({}) cannot be built here, so nothing was checked",
+            filtering.join(", ")
         );
         return Err(NotSupported.into());
     }

@@ -158,6 +158,23 @@ pub fn kernel_has_vlans(lab: &str) -> Result<(), String> {
     result
 }
 
+/// Whether the kernel has VLAN-filtering bridges: tries to turn filtering on for a bridge in a
+/// scratch namespace (removed again); the error says why not.
+pub fn kernel_has_vlan_filtering(lab: &str) -> Result<(), String> {
+    let name = format!("wl-{lab}-vfprobe");
+    let ns = netns::create_named(&name).map_err(|e| e.to_string())?;
+    let result = (|| -> Result<(), String> {
+        let mut nl = Netlink::in_netns(&ns).map_err(|e| e.to_string())?;
+        let index = nl
+            .create_bridge("probebr", None, None, None)
+            .map_err(|e| e.to_string())?;
+        nl.set_vlan_filtering(index, true)
+            .map_err(|e| e.to_string())
+    })();
+    let _ = netns::delete_named(&name);
+    result
+}
+
 /// Removes a lab by name; returns whether there was one.
 pub fn down_by_name(name: &str) -> anyhow::Result<bool> {
     let dir = lab_dir(name);
