@@ -357,6 +357,19 @@ pub fn apply(
     sysctls: &mut dyn Sysctls,
     state_dir: &Path,
 ) -> Result<ApplyReport, ApplyError> {
+    apply_trusting(plan, None, links, firewall, sysctls, state_dir)
+}
+
+/// [`apply`], each table trusted as [`apply_firewall_trusting`] does when `trusted` (the plan
+/// applied last) is given.
+fn apply_trusting(
+    plan: &NodePlan,
+    trusted: Option<&NodePlan>,
+    links: &mut dyn Links,
+    firewall: &mut dyn Firewall,
+    sysctls: &mut dyn Sysctls,
+    state_dir: &Path,
+) -> Result<ApplyReport, ApplyError> {
     let mut report = ApplyReport::default();
     for s in &plan.sysctls {
         if sysctls.set(&s.key, &s.value)? {
@@ -366,10 +379,20 @@ pub fn apply(
     apply_bridges(plan, links, state_dir, &mut report)?;
     // The guard first: a new port is never bridged before its anti-spoofing is in place.
     match &plan.guard {
-        Some(guard) => apply_firewall(guard, firewall, &mut report)?,
+        Some(guard) => apply_firewall_trusting(
+            guard,
+            trusted.and_then(|t| t.guard.as_ref()),
+            firewall,
+            &mut report,
+        )?,
         None => delete_table(nft::Family::Bridge, names::NFT_TABLE, firewall, &mut report)?,
     }
-    apply_firewall(&plan.firewall, firewall, &mut report)?;
+    apply_firewall_trusting(
+        &plan.firewall,
+        trusted.map(|t| &t.firewall),
+        firewall,
+        &mut report,
+    )?;
     apply_state(plan, state_dir, &mut report)?;
     Ok(report)
 }
@@ -389,23 +412,7 @@ pub fn apply_checked(
     sysctls: &mut dyn Sysctls,
     state_dir: &Path,
 ) -> Result<ApplyReport, ApplyError> {
-    let Some(prev) = previous else {
-        return apply(plan, links, firewall, sysctls, state_dir);
-    };
-    let mut report = ApplyReport::default();
-    for s in &plan.sysctls {
-        if sysctls.set(&s.key, &s.value)? {
-            report.changes.push(format!("sysctl {}={}", s.key, s.value));
-        }
-    }
-    apply_bridges(plan, links, state_dir, &mut report)?;
-    match &plan.guard {
-        Some(guard) => apply_firewall_trusting(guard, prev.guard.as_ref(), firewall, &mut report)?,
-        None => delete_table(nft::Family::Bridge, names::NFT_TABLE, firewall, &mut report)?,
-    }
-    apply_firewall_trusting(&plan.firewall, Some(&prev.firewall), firewall, &mut report)?;
-    apply_state(plan, state_dir, &mut report)?;
-    Ok(report)
+    apply_trusting(plan, previous, links, firewall, sysctls, state_dir)
 }
 
 /// Like [`apply`], but trusts that the node still holds `previous` (the plan this process applied

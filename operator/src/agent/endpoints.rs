@@ -248,9 +248,7 @@ impl EndpointStore {
                     ifname: ep.ifname.clone(),
                     ips: ep.ips.clone(),
                     mac: Some(ep.mac.clone()),
-                    since: std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs()),
+                    since: super::now(),
                     kubevirt,
                 },
             );

@@ -185,6 +185,23 @@ impl KubeSource {
                 node: self.node.clone(),
             })?;
         let node_network = self.stores.node_networks.find(|n| named(&n.metadata));
+        // The other nodes' workloads and VM reservations, from their NodeNetwork status.
+        let mut peers = Vec::new();
+        let mut peer_reservations = Vec::new();
+        for nn in self.stores.node_networks.state() {
+            let (Some(status), false) = (&nn.status, named(&nn.metadata)) else {
+                continue;
+            };
+            let node = nn.name_any();
+            peers.extend(status.workloads.iter().map(|w| Peer {
+                node: node.clone(),
+                workload: w.clone(),
+            }));
+            peer_reservations.extend(status.reservations.iter().map(|r| PeerReservation {
+                node: node.clone(),
+                reservation: r.clone(),
+            }));
+        }
         let mut res = Resources {
             networks: sorted(&self.stores.networks),
             port_forwards: sorted(&self.stores.port_forwards),
@@ -212,43 +229,8 @@ impl KubeSource {
                 .map(|n| (n.name_any(), n.metadata.labels.clone().unwrap_or_default()))
                 .collect(),
             node_labels: Some(node.metadata.labels.clone().unwrap_or_default()),
-            // The other nodes' workloads, from their NodeNetwork status.
-            peers: self
-                .stores
-                .node_networks
-                .state()
-                .iter()
-                .filter(|n| !named(&n.metadata))
-                .flat_map(|n| {
-                    let node = n.name_any();
-                    n.status
-                        .iter()
-                        .flat_map(|s| s.workloads.iter())
-                        .map(move |w| Peer {
-                            node: node.clone(),
-                            workload: w.clone(),
-                        })
-                        .collect::<Vec<_>>()
-                })
-                .collect(),
-            peer_reservations: self
-                .stores
-                .node_networks
-                .state()
-                .iter()
-                .filter(|n| !named(&n.metadata))
-                .flat_map(|n| {
-                    let node = n.name_any();
-                    n.status
-                        .iter()
-                        .flat_map(|s| s.reservations.iter())
-                        .map(move |r| PeerReservation {
-                            node: node.clone(),
-                            reservation: r.clone(),
-                        })
-                        .collect::<Vec<_>>()
-                })
-                .collect(),
+            peers,
+            peer_reservations,
             vms: self.vms.known(),
             ..Resources::default()
         };

@@ -155,13 +155,9 @@ pub fn check_blocking(
     previous: Option<&dplan::NodePlan>,
     state_dir: &std::path::Path,
 ) -> Result<ApplyReport, dplan::ApplyError> {
-    let mut links = Netlink::new().map_err(|source| dplan::ApplyError::Link {
-        op: "open netlink socket".into(),
-        source,
-    })?;
-    let mut fw = NftCli::default();
-    let mut sysctls = ProcSysctls;
-    dplan::apply_checked(plan, previous, &mut links, &mut fw, &mut sysctls, state_dir)
+    with_kernel(|links, fw, sysctls| {
+        dplan::apply_checked(plan, previous, links, fw, sysctls, state_dir)
+    })
 }
 
 /// Applies a plan to this node's kernel (blocking: call from `spawn_blocking`); with the plan
@@ -171,13 +167,20 @@ pub fn apply_blocking(
     previous: Option<&dplan::NodePlan>,
     state_dir: &std::path::Path,
 ) -> Result<ApplyReport, dplan::ApplyError> {
+    with_kernel(|links, fw, sysctls| {
+        dplan::apply_since(plan, previous, links, fw, sysctls, state_dir)
+    })
+}
+
+/// Runs `f` with this node's real links, nftables and sysctls.
+fn with_kernel<T>(
+    f: impl FnOnce(&mut Netlink, &mut NftCli, &mut ProcSysctls) -> Result<T, dplan::ApplyError>,
+) -> Result<T, dplan::ApplyError> {
     let mut links = Netlink::new().map_err(|source| dplan::ApplyError::Link {
         op: "open netlink socket".into(),
         source,
     })?;
-    let mut fw = NftCli::default();
-    let mut sysctls = ProcSysctls;
-    dplan::apply_since(plan, previous, &mut links, &mut fw, &mut sysctls, state_dir)
+    f(&mut links, &mut NftCli::default(), &mut ProcSysctls)
 }
 
 /// Forgets the reservations of VM `vm` (`namespace/name`) in every network's IPAM store under
