@@ -478,10 +478,7 @@ impl Lab {
         for node in self.spec.nodes.iter().filter(|n| !n.port_guard) {
             let want = total - counts.get(&node.name).copied().unwrap_or(0);
             loop {
-                let have = self
-                    .agent_status(&node.name)
-                    .and_then(|s| s["peers"].as_u64())
-                    .unwrap_or(0) as usize;
+                let have = self.agent_count(&node.name, "peers");
                 if have >= want {
                     break;
                 }
@@ -1007,20 +1004,15 @@ impl Lab {
     pub fn restart_on(&self, w: &Workload, to: &str) -> anyhow::Result<String> {
         let attached = self.attached(w)?;
         let before = self.addresses();
-        let peers = |node: &str| {
-            self.agent_status(node)
-                .and_then(|s| s["peers"].as_u64())
-                .unwrap_or(0) as usize
-        };
+        let peers = |node: &str| self.agent_count(node, "peers");
         // What `to`'s agent should see once the VM stopped: every other workload's interfaces
         // that run on another node now.
-        let moved = self.moved.lock().map(|m| m.clone()).unwrap_or_default();
         let want: usize = self
             .spec
             .workloads
             .iter()
             .filter(|o| o.name != w.name)
-            .filter(|o| moved.get(&o.name).unwrap_or(&o.node) != to)
+            .filter(|o| self.node_now(&o.name) != to)
             .map(|o| before.get(&o.name).map_or(0, |nets| nets.len()))
             .sum();
         for (network, ifname) in &attached {
@@ -1069,11 +1061,7 @@ impl Lab {
         // Started before `to`'s agent saw the VM stop, the new launcher would be held like a
         // migration target, until the agent sees the VM runs nowhere else.
         let started = Instant::now();
-        let pending = || {
-            self.agent_status(to)
-                .and_then(|s| s["pending"].as_u64())
-                .unwrap_or(0)
-        };
+        let pending = || self.agent_count(to, "pending");
         while pending() > 0 {
             if started.elapsed() > Duration::from_secs(10) {
                 anyhow::bail!(
@@ -1113,11 +1101,7 @@ impl Lab {
         let attached = self.attached(w)?;
         let before = self.addresses();
         let (switch, kept) = self.attach_vm_on(w, to, &attached, &before, "migration target")?;
-        let pending = |node: &str| {
-            self.agent_status(node)
-                .and_then(|s| s["pending"].as_u64())
-                .unwrap_or(0)
-        };
+        let pending = |node: &str| self.agent_count(node, "pending");
         let waiting = pending(to);
         if waiting == 0 {
             anyhow::bail!(
@@ -1241,6 +1225,13 @@ impl Lab {
         std::fs::read(self.node_dir(node).join("state").join("status.json"))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
+    }
+
+    /// A count of the agent's last status of a node (`peers`, `pending`); 0 when it has none.
+    fn agent_count(&self, node: &str, key: &str) -> usize {
+        self.agent_status(node)
+            .and_then(|s| s[key].as_u64())
+            .map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX))
     }
 
     /// Removes everything: CNI DEL for every attachment, agents, namespaces, files.
