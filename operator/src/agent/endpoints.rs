@@ -226,15 +226,6 @@ impl EndpointStore {
             .collect()
     }
 
-    /// The reservation of VM `vm` on `network` here, if any (the newest of its interfaces').
-    pub fn reservation(&self, network: &str, vm: &str) -> Option<&Reservation> {
-        self.reservations
-            .iter()
-            .filter(|((n, o, _), _)| n == network && o == vm)
-            .map(|(_, r)| r)
-            .max_by_key(|r| r.since)
-    }
-
     /// Adds or replaces an endpoint.
     pub fn register(&mut self, ep: Endpoint) {
         // A VM's interface took its reservation (the IPAM store made or renewed it).
@@ -385,7 +376,13 @@ mod tests {
         let mut eps = EndpointStore::load(dir.path());
         assert_eq!(eps.reservations().len(), 4, "published");
         let exists = |vm: &str| vm == "default/kept";
-        let now = eps.reservation("lan", "default/gone").unwrap().since;
+        let since = |eps: &EndpointStore, vm: &str| {
+            eps.reservations()
+                .into_iter()
+                .find(|r| r.network == "lan" && r.vm == vm)
+                .map(|r| u64::try_from(r.since).unwrap())
+        };
+        let now = since(&eps, "default/gone").unwrap();
         assert!(
             eps.forget_deleted(dir.path(), &exists, now, 300).is_empty(),
             "too young"
@@ -403,7 +400,7 @@ mod tests {
         left.sort();
         assert_eq!(left, ["default/kept", "default/named", "default/running"]);
         assert_eq!(eps.reservations().len(), 3);
-        assert!(eps.reservation("lan", "default/gone").is_none());
+        assert!(since(&eps, "default/gone").is_none());
     }
 
     #[test]
