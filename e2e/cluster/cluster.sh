@@ -21,7 +21,9 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 dir=${WEFT_CLUSTER_DIR:-/var/tmp/weft-cluster}
-etcd_dir=/dev/shm/weft-cluster-etcd
+# Prefix of the network namespaces and cgroups (two clusters can run side by side).
+pfx=${WEFT_CLUSTER_PREFIX:-weftc}
+etcd_dir=/dev/shm/weft-cluster-etcd-$pfx
 nodes=(node1 node2)
 lan_v4=10.77.0.1
 lan_v6=fd77::1
@@ -39,7 +41,7 @@ bin() {
   echo "$BIN"
 }
 
-in_lan() { ip netns exec weftc-lan "$@"; }
+in_lan() { ip netns exec ${pfx}-lan "$@"; }
 node_pid() { cat "$dir/$1/init.pid"; }
 in_node() { local n=$1; shift; nsenter -t "$(node_pid "$n")" -m -n -- "$@"; }
 
@@ -97,7 +99,7 @@ EOF
 # ---------------------------------------------------------------- the LAN and the control plane
 start_bg() { # logfile cmd...  (in the LAN namespace, detached; pid appended to $dir/pids)
   local logf=$1; shift
-  setsid ip netns exec weftc-lan "$@" >"$logf" 2>&1 </dev/null &
+  setsid ip netns exec ${pfx}-lan "$@" >"$logf" 2>&1 </dev/null &
   echo $! >>"$dir/pids"
 }
 
@@ -111,7 +113,7 @@ wait_for() { # seconds description command...
 }
 
 lan_up() {
-  ip netns add weftc-lan
+  ip netns add ${pfx}-lan
   in_lan ip link set lo up
   in_lan ip link add lan0 type bridge
   in_lan ip addr add $lan_v4/24 dev lan0
@@ -164,11 +166,11 @@ node_up() {
   local n=$1 b; b=$(bin)
   local d=$dir/$n ip; ip=$(node_ip "$n")
   mkdir -p "$d"
-  ip netns add "weftc-$n"
-  ip link add "weftc-$n" type veth peer name eth0 netns "weftc-$n"
-  ip link set "weftc-$n" netns weftc-lan
-  in_lan ip link set "weftc-$n" master lan0 up
-  ip netns exec "weftc-$n" sh -ec "
+  ip netns add "${pfx}-$n"
+  ip link add "${pfx}-$n" type veth peer name eth0 netns "${pfx}-$n"
+  ip link set "${pfx}-$n" netns ${pfx}-lan
+  in_lan ip link set "${pfx}-$n" master lan0 up
+  ip netns exec "${pfx}-$n" sh -ec "
     ip link set lo up
     ip addr add $ip/24 dev eth0
     ip addr add $(node_ip6 "$n")/64 dev eth0 nodad
@@ -176,7 +178,7 @@ node_up() {
     ip route add default via $lan_v4
     ip -6 route add default via $lan_v6
     sysctl -qw net.ipv4.ip_forward=1"
-  for c in $(cgroup_controllers); do mkdir -p "$c/weftc-$n"; done
+  for c in $(cgroup_controllers); do mkdir -p "$c/${pfx}-$n"; done
   for p in "${node_paths[@]}"; do
     [ -e "$p" ] || { mkdir -p "$p" && echo "$p" >>"$dir/created-dirs"; }
   done
@@ -192,7 +194,7 @@ authentication:
 authorization: {mode: Webhook}
 address: $ip
 cgroupDriver: cgroupfs
-cgroupRoot: /weftc-$n
+cgroupRoot: /${pfx}-$n
 failCgroupV1: false
 failSwapOn: false
 containerRuntimeEndpoint: unix://$d/containerd.sock
@@ -221,7 +223,7 @@ sleep infinity
 EOF
   chmod +x "$d/init.sh"
   rm -f "$d/init.pid"
-  setsid nsenter --net="/run/netns/weftc-$n" unshare --mount --propagation private -- \
+  setsid nsenter --net="/run/netns/${pfx}-$n" unshare --mount --propagation private -- \
     "$d/init.sh" >"$d/init.log" 2>&1 </dev/null &
   wait_for 30 "$n's init" test -s "$d/init.pid"
   wait_for 60 "$n's containerd" in_node "$n" "$b/ctr" -a "$d/containerd.sock" version
@@ -245,13 +247,23 @@ images() {
   "$here/images.sh" "$dir/images"
 }
 
+# Wrappers that run kubectl and helm in the LAN namespace, for scripts that take a path.
+wrappers() {
+  mkdir -p "$dir/wrap"
+  printf '#!/bin/sh\nexec ip netns exec %s-lan %s/kubectl "$@"\n' "$pfx" "$(bin)" >"$dir/wrap/kubectl"
+  printf '#!/bin/sh\nexec ip netns exec %s-lan env HOME=%s/helm-home %s/helm "$@"\n' "$pfx" "$dir" "$(bin)" >"$dir/wrap/helm"
+  chmod +x "$dir/wrap/kubectl" "$dir/wrap/helm"
+}
+
 # ---------------------------------------------------------------- up / down
 up() {
   [ "$(id -u)" = 0 ] || die "the cluster needs root (network and mount namespaces, cgroups)"
   down >/dev/null 2>&1 || true
   mkdir -p "$dir"
   : >"$dir/pids"
-  bin >"$dir/bin"
+  rm -f "$dir/bin"
+  BIN=$("$here/build.sh" | tail -1)
+  echo "$BIN" >"$dir/bin"
   log "binaries: $(cat "$dir/bin")"
   images
   pki
@@ -262,11 +274,7 @@ up() {
   for n in "${nodes[@]}"; do
     wait_for 120 "node $n registered" kc get node "$n"
   done
-  # Wrappers that run kubectl and helm in the LAN namespace, for scripts that take a path.
-  mkdir -p "$dir/wrap"
-  printf '#!/bin/sh\nexec ip netns exec weftc-lan %s/kubectl "$@"\n' "$(bin)" >"$dir/wrap/kubectl"
-  printf '#!/bin/sh\nexec ip netns exec weftc-lan env HOME=%s/helm-home %s/helm "$@"\n' "$dir" "$(bin)" >"$dir/wrap/helm"
-  chmod +x "$dir/wrap/kubectl" "$dir/wrap/helm"
+  wrappers
   log "cluster up: $(kc get nodes --no-headers | awk '{print $1"="$2}' | tr '\n' ' ')"
 }
 
@@ -301,7 +309,7 @@ down() {
         [ "$(readlink "$p/ns/mnt" 2>/dev/null)" = "$mnt" ] && kill -9 "${p#/proc/}" 2>/dev/null
       done
     fi
-    kill_tree_of_cgroup "weftc-$n"
+    kill_tree_of_cgroup "${pfx}-$n"
   done
   if [ -f "$dir/pids" ]; then
     while read -r pid; do
@@ -310,10 +318,10 @@ down() {
   fi
   sleep 0.5
   for n in "${nodes[@]}"; do
-    rm_cgroup "weftc-$n"
-    ip netns del "weftc-$n" 2>/dev/null || true
+    rm_cgroup "${pfx}-$n"
+    ip netns del "${pfx}-$n" 2>/dev/null || true
   done
-  ip netns del weftc-lan 2>/dev/null || true
+  ip netns del ${pfx}-lan 2>/dev/null || true
   if [ -f "$dir/created-dirs" ]; then
     sort -r "$dir/created-dirs" | while read -r p; do rmdir "$p" 2>/dev/null || true; done
     rmdir /opt/cni /opt 2>/dev/null || true
@@ -327,6 +335,10 @@ cmd=${1:-}
 shift || true
 case "$cmd" in
   up) up ;;
+  control-plane) # only the LAN and the control plane (no nodes, no images): for CRD and API checks
+    down >/dev/null 2>&1 || true; mkdir -p "$dir"; : >"$dir/pids"
+    rm -f "$dir/bin"; b=$(bin); echo "$b" >"$dir/bin"
+    pki; lan_up; control_plane_up; wrappers; log "control plane ready at $api" ;;
   down) down ;;
   images) images ;;
   load-images) images; for n in "${nodes[@]}"; do import_images "$n"; done ;;
