@@ -313,8 +313,7 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
         &opts.lease_namespace,
         &opts.lease_name,
         &opts.identity,
-    )
-    .await?;
+    );
     info!(identity = %opts.identity, lease = %format!("{}/{}", opts.lease_namespace, opts.lease_name), leader = *leader_rx.borrow(), "joined leader election");
 
     let (net_tx, net_rx) = mpsc::unbounded();
