@@ -227,25 +227,73 @@ where
     (reader, forward(stream, triggers))
 }
 
-/// Watches `api` without a store of its own (a controller's holds the objects); every change
-/// sends `()` to `triggers`.
-fn trigger_on<K>(
-    api: Api<K>,
-    triggers: Vec<mpsc::UnboundedSender<()>>,
-) -> impl Future<Output = ()> + Send
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-{
-    let stream = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .touched_objects();
-    forward(stream, triggers)
+/// The channels that wake the controllers to reconcile every object of their kind.
+pub struct Triggers {
+    /// Wakes the Network controller.
+    pub networks: mpsc::UnboundedSender<()>,
+    /// Wakes the PortForward controller.
+    pub port_forwards: mpsc::UnboundedSender<()>,
+    /// Wakes the ClusterSegmentationPolicy controller.
+    pub cluster_policies: mpsc::UnboundedSender<()>,
+    /// Wakes the SegmentationPolicy controller.
+    pub policies: mpsc::UnboundedSender<()>,
+}
+
+/// Starts the reflectors of the [`Stores`] the reconcilers observe; every change wakes the
+/// controllers that depend on it. The returned future runs them all.
+///
+/// These stores are the controller's own, not the `Controller`s' (whose applier waits on
+/// theirs): kube-runtime's `Store::wait_until_ready` wakes only the last task that polled it,
+/// so a second waiter on a `Controller`'s store may never see it become ready.
+pub fn observe_cluster(
+    client: &Client,
+    triggers: &Triggers,
+) -> (Stores, impl Future<Output = ()> + Send + use<>) {
+    let (nodes, nodes_fut) = reflect(
+        Api::<Node>::all(client.clone()),
+        trim,
+        vec![triggers.networks.clone()],
+    );
+    // The agents' reports in the NodeNetwork status are the policies' status too.
+    let (node_networks, nn_fut) = reflect(
+        Api::<NodeNetwork>::all(client.clone()),
+        trim_node_network,
+        vec![
+            triggers.networks.clone(),
+            triggers.cluster_policies.clone(),
+            triggers.policies.clone(),
+        ],
+    );
+    // Network changes re-check every Network (overlaps) and every PortForward.
+    let (networks, net_fut) = reflect(
+        Api::<Network>::all(client.clone()),
+        trim,
+        vec![triggers.networks.clone(), triggers.port_forwards.clone()],
+    );
+    let (port_forwards, pf_fut) = reflect(
+        Api::<PortForward>::all(client.clone()),
+        trim,
+        vec![triggers.port_forwards.clone()],
+    );
+    let stores = Stores {
+        networks,
+        nodes,
+        node_networks,
+        port_forwards,
+    };
+    let run = async move {
+        futures::future::join4(nodes_fut, nn_fut, net_fut, pf_fut).await;
+    };
+    (stores, run)
+}
+
+/// Resolves once every store has its initial list (what `/readyz` reports); `Err` if a
+/// reflector stopped before.
+pub async fn caches_synced(stores: &Stores) -> Result<(), reflector::store::WriterDropped> {
+    stores.networks.wait_until_ready().await?;
+    stores.nodes.wait_until_ready().await?;
+    stores.node_networks.wait_until_ready().await?;
+    stores.port_forwards.wait_until_ready().await
 }
 
 /// Runs the controller until SIGTERM/SIGINT.
@@ -265,8 +313,7 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
         &opts.lease_namespace,
         &opts.lease_name,
         &opts.identity,
-    )
-    .await?;
+    );
     info!(identity = %opts.identity, lease = %format!("{}/{}", opts.lease_namespace, opts.lease_name), leader = *leader_rx.borrow(), "joined leader election");
 
     let (net_tx, net_rx) = mpsc::unbounded();
@@ -292,23 +339,14 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
             }
         })
     };
-    let (nodes, nodes_fut) = reflect(Api::<Node>::all(client.clone()), trim, vec![net_tx.clone()]);
-    // The agents' reports in the NodeNetwork status are the policies' status too.
-    let (node_networks, nn_fut) = reflect(
-        Api::<NodeNetwork>::all(client.clone()),
-        trim_node_network,
-        vec![net_tx.clone(), csp_tx.clone(), sp_tx.clone()],
-    );
-    // Network changes re-check every Network (overlaps) and every PortForward.
-    let net_watch_fut = trigger_on(
-        Api::<Network>::all(client.clone()),
-        vec![net_tx.clone(), pf_tx.clone()],
-    );
-    let pf_watch_fut = trigger_on(Api::<PortForward>::all(client.clone()), vec![pf_tx.clone()]);
-    tokio::spawn(nodes_fut);
-    tokio::spawn(nn_fut);
-    tokio::spawn(net_watch_fut);
-    tokio::spawn(pf_watch_fut);
+    let triggers = Triggers {
+        networks: net_tx.clone(),
+        port_forwards: pf_tx.clone(),
+        cluster_policies: csp_tx.clone(),
+        policies: sp_tx.clone(),
+    };
+    let (stores, observing) = observe_cluster(&client, &triggers);
+    tokio::spawn(observing);
 
     let config = kube::runtime::controller::Config::default().debounce(Duration::from_millis(500));
     let net_controller = Controller::new(
@@ -321,12 +359,6 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
         watcher::Config::default(),
     )
     .with_config(config);
-    let stores = Stores {
-        networks: net_controller.store(),
-        nodes: nodes.clone(),
-        node_networks: node_networks.clone(),
-        port_forwards: pf_controller.store(),
-    };
     let ctx = Arc::new(Context::new(
         client,
         stores.clone(),
@@ -337,16 +369,12 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
     {
         let ready = ready.clone();
         tokio::spawn(async move {
-            let all = futures::future::join4(
-                stores.networks.wait_until_ready(),
-                stores.nodes.wait_until_ready(),
-                stores.node_networks.wait_until_ready(),
-                stores.port_forwards.wait_until_ready(),
-            )
-            .await;
-            if all.0.is_ok() && all.1.is_ok() && all.2.is_ok() && all.3.is_ok() {
-                ready.store(true, Ordering::Relaxed);
-                info!("caches synced; ready");
+            match caches_synced(&stores).await {
+                Ok(()) => {
+                    ready.store(true, Ordering::Relaxed);
+                    info!("caches synced; ready");
+                }
+                Err(e) => warn!(error = %e, "a reflector stopped before its initial list"),
             }
         });
     }

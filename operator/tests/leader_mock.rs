@@ -1,0 +1,164 @@
+//! Leader election against a mocked API server (tower-test): the holder releases the Lease
+//! when the controller stops, and a standby takes a released Lease at its next read.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use http::{Method, Request, Response};
+use kube::Client;
+use kube::client::Body;
+use serde_json::{Value, json};
+use std::time::Duration;
+use tokio::sync::watch;
+use weft_operator::controller::leader::{Elector, Timing};
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/weft/leases/weft-controller";
+
+fn lease(holder: Option<&str>, duration: i32, version: &str) -> Value {
+    json!({
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {"name": "weft-controller", "namespace": "weft", "resourceVersion": version},
+        "spec": {
+            "holderIdentity": holder,
+            "leaseDurationSeconds": duration,
+            "leaseTransitions": 3,
+            "renewTime": "2026-12-01T10:00:00.000000Z",
+        },
+    })
+}
+
+fn respond(send: tower_test::mock::SendResponse<Response<Body>>, status: u16, body: &Value) {
+    send.send_response(
+        Response::builder()
+            .status(status)
+            .body(Body::from(serde_json::to_vec(body).unwrap()))
+            .unwrap(),
+    );
+}
+
+/// The next request: method, path and body.
+async fn next(
+    handle: &mut Handle,
+) -> (
+    Method,
+    String,
+    Value,
+    tower_test::mock::SendResponse<Response<Body>>,
+) {
+    let (request, send) = tokio::time::timeout(Duration::from_secs(2), handle.next_request())
+        .await
+        .expect("timed out waiting for a request")
+        .expect("service not called");
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let bytes = request.into_body().collect_bytes().await.unwrap();
+    let body = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap()
+    };
+    (method, path, body, send)
+}
+
+fn elector(timing: Timing) -> (Elector, Handle) {
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(svc, "default");
+    (
+        Elector::new(client, "weft", "weft-controller", "replica-a", timing),
+        handle,
+    )
+}
+
+#[tokio::test]
+async fn the_holder_releases_the_lease_when_the_controller_stops() {
+    let (elector, mut handle) = elector(Timing::DEFAULT);
+    let (tx, mut rx) = watch::channel(false);
+    let task = tokio::spawn(elector.run(tx));
+
+    // No Lease yet: the elector creates it, held by itself.
+    let (method, path, _, send) = next(&mut handle).await;
+    assert_eq!((method, path.as_str()), (Method::GET, LEASE));
+    respond(
+        send,
+        404,
+        &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
+    );
+    let (method, path, body, send) = next(&mut handle).await;
+    assert_eq!(method, Method::POST);
+    assert_eq!(path, "/apis/coordination.k8s.io/v1/namespaces/weft/leases");
+    assert_eq!(body["spec"]["holderIdentity"], "replica-a");
+    assert_eq!(body["spec"]["leaseDurationSeconds"], 15);
+    respond(send, 201, &lease(Some("replica-a"), 15, "1"));
+    tokio::time::timeout(Duration::from_secs(1), rx.wait_for(|l| *l))
+        .await
+        .expect("leads after creating the Lease")
+        .unwrap();
+
+    // The controller stops: the last receiver goes, and the elector releases the Lease.
+    drop(rx);
+    let (method, path, _, send) = next(&mut handle).await;
+    assert_eq!((method, path.as_str()), (Method::GET, LEASE));
+    respond(send, 200, &lease(Some("replica-a"), 15, "2"));
+    let (method, path, body, send) = next(&mut handle).await;
+    assert_eq!((method, path.as_str()), (Method::PUT, LEASE));
+    assert!(body["spec"]["holderIdentity"].is_null(), "{body}");
+    assert_eq!(body["spec"]["leaseDurationSeconds"], 1);
+    assert_eq!(body["metadata"]["resourceVersion"], "2");
+    respond(send, 200, &body);
+    tokio::time::timeout(Duration::from_secs(1), task)
+        .await
+        .expect("the elector ends after the release")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_standby_takes_a_released_lease_at_its_next_read() {
+    let timing = Timing {
+        retry_period: Duration::from_millis(50),
+        ..Timing::DEFAULT
+    };
+    let (elector, mut handle) = elector(timing);
+    let (tx, mut rx) = watch::channel(false);
+    let _task = tokio::spawn(elector.run(tx));
+
+    // Held by another replica: wait.
+    let (_, _, _, send) = next(&mut handle).await;
+    respond(send, 200, &lease(Some("replica-b"), 15, "7"));
+    let (_, _, _, send) = next(&mut handle).await;
+    respond(send, 200, &lease(Some("replica-b"), 15, "8"));
+    assert!(!*rx.borrow());
+    // replica-b released it: taken at the next read, with the resourceVersion read.
+    let (_, _, _, send) = next(&mut handle).await;
+    respond(send, 200, &lease(None, 1, "9"));
+    let (method, path, body, send) = next(&mut handle).await;
+    assert_eq!((method, path.as_str()), (Method::PUT, LEASE));
+    assert_eq!(body["spec"]["holderIdentity"], "replica-a");
+    assert_eq!(body["spec"]["leaseDurationSeconds"], 15);
+    assert_eq!(body["spec"]["leaseTransitions"], 4);
+    assert_eq!(body["metadata"]["resourceVersion"], "9");
+    respond(send, 200, &body);
+    tokio::time::timeout(Duration::from_secs(1), rx.wait_for(|l| *l))
+        .await
+        .expect("leads after taking the released Lease")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_lost_race_for_the_lease_leaves_the_replica_standing_by() {
+    let (mut elector, mut handle) = elector(Timing::DEFAULT);
+    let verifier = tokio::spawn(async move {
+        let (_, _, _, send) = next(&mut handle).await;
+        respond(send, 200, &lease(None, 1, "3"));
+        let (method, _, _, send) = next(&mut handle).await;
+        assert_eq!(method, Method::PUT);
+        respond(
+            send,
+            409,
+            &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "the object has been modified"}),
+        );
+    });
+    assert!(!elector.try_acquire_or_renew().await.unwrap());
+    verifier.await.unwrap();
+}
