@@ -17,6 +17,46 @@ pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1
 /// The newest supported spec version.
 pub const CURRENT_VERSION: &str = "1.1.0";
 
+/// `(major, minor, patch)` of a spec version, for ordering.
+fn version_key(v: &str) -> Option<(u32, u32, u32)> {
+    let mut parts = v.split('.').map(|p| p.parse::<u32>().ok());
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(Some(a)), Some(Some(b)), Some(Some(c)), None) => Some((a, b, c)),
+        _ => None,
+    }
+}
+
+/// The version to answer in for a request whose input is `stdin`: its `cniVersion` when weft
+/// supports it (even if the rest of the input is bad), else [`CURRENT_VERSION`].
+pub fn reply_version(stdin: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(stdin)
+        .ok()
+        .and_then(|v| v.get("cniVersion")?.as_str().map(str::to_string))
+        .filter(|v| SUPPORTED_VERSIONS.contains(&v.as_str()))
+        .unwrap_or_else(|| CURRENT_VERSION.to_string())
+}
+
+/// The command exists in the spec version the configuration asks for: CHECK since 0.4.0, GC and
+/// STATUS since 1.1.0; otherwise code 1 (as the reference plugins' skel answers).
+pub fn require_command_in_version(command: Command, version: &str) -> Result<(), CniError> {
+    let since = match command {
+        Command::Check => "0.4.0",
+        Command::Gc | Command::Status => "1.1.0",
+        Command::Add | Command::Del | Command::Version => return Ok(()),
+    };
+    if version_key(version) >= version_key(since) {
+        return Ok(());
+    }
+    Err(CniError::new(
+        error::INCOMPATIBLE_VERSION,
+        format!("config version does not allow {}", command.name()),
+        format!(
+            "cniVersion {version:?}: {} exists since CNI spec {since}; the runtime must not send it for this configuration",
+            command.name()
+        ),
+    ))
+}
+
 /// The CNI command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
@@ -35,6 +75,18 @@ pub enum Command {
 }
 
 impl Command {
+    /// The `CNI_COMMAND` spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Command::Add => "ADD",
+            Command::Del => "DEL",
+            Command::Check => "CHECK",
+            Command::Version => "VERSION",
+            Command::Gc => "GC",
+            Command::Status => "STATUS",
+        }
+    }
+
     fn parse(s: &str) -> Result<Self, CniError> {
         Ok(match s {
             "ADD" => Command::Add,
@@ -210,6 +262,9 @@ pub struct Env {
 pub struct Invocation {
     /// The command.
     pub command: Command,
+    /// The spec version to answer in: the configuration's (for VERSION: the one asked for when
+    /// weft supports it, else the newest).
+    pub cni_version: String,
     /// The environment.
     pub env: Env,
     /// The configuration (absent for VERSION).
@@ -631,6 +686,42 @@ mod tests {
             assert_eq!(c.network.as_deref(), Some("nat-demo"));
             assert!(c.default_route);
         }
+    }
+
+    #[test]
+    fn commands_newer_than_the_configuration_s_version_are_code_1() {
+        for (command, version, ok) in [
+            (Command::Gc, "1.1.0", true),
+            (Command::Status, "1.1.0", true),
+            (Command::Gc, "1.0.0", false),
+            (Command::Status, "1.0.0", false),
+            (Command::Status, "0.4.0", false),
+            (Command::Check, "0.4.0", true),
+            (Command::Check, "1.0.0", true),
+            (Command::Check, "0.3.1", false),
+            (Command::Add, "0.3.0", true),
+            (Command::Del, "0.3.0", true),
+        ] {
+            let r = require_command_in_version(command, version);
+            assert_eq!(r.is_ok(), ok, "{command:?} {version}");
+            if let Err(e) = r {
+                assert_eq!(e.code, error::INCOMPATIBLE_VERSION);
+                assert!(e.details.contains(version), "{}", e.details);
+            }
+        }
+    }
+
+    #[test]
+    fn replies_use_the_asked_version_when_supported() {
+        assert_eq!(reply_version(br#"{"cniVersion":"1.0.0"}"#), "1.0.0");
+        assert_eq!(reply_version(br#"{"cniVersion":"0.4.0","x":"#), CURRENT_VERSION);
+        assert_eq!(
+            reply_version(br#"{"cniVersion":"0.4.0","name":7}"#),
+            "0.4.0",
+            "a configuration that fails later still gets its own version"
+        );
+        assert_eq!(reply_version(br#"{"cniVersion":"9.9.9"}"#), CURRENT_VERSION);
+        assert_eq!(reply_version(b""), CURRENT_VERSION);
     }
 
     #[test]

@@ -34,6 +34,38 @@ fn version_lists_1_1_0() {
     }
 }
 
+/// What libcni 1.1 (containerd 1.6/1.7, podman 4) sends for the agent's conflist: 1.0.0. Every
+/// answer must be 1.0.0 (it rejects a 1.1.0 result), and GC and STATUS do not exist there.
+#[test]
+fn a_1_0_0_runtime_gets_1_0_0_answers_and_gc_and_status_are_code_1() {
+    let version = weft("VERSION", &json!({"cniVersion": "1.0.0"}), &[]);
+    assert!(version.ok);
+    assert_eq!(version.json["cniVersion"], "1.0.0");
+    let mut node = Node::new(Agent::Answers);
+    let (_, ns_path) = node.workload();
+    let ns = ns_path.to_str().unwrap();
+    let conf = node.conf("1.0.0");
+    let add = weft("ADD", &conf, &env("c10", ns, "eth0"));
+    assert!(add.ok, "{} {}", add.json, add.stderr);
+    assert_eq!(add.json["cniVersion"], "1.0.0");
+    assert!(add.json["interfaces"][2].get("mtu").is_none(), "{}", add.json);
+    let mut check_conf = conf.clone();
+    check_conf["prevResult"] = add.json.clone();
+    assert!(weft("CHECK", &check_conf, &env("c10", ns, "eth0")).ok);
+    for command in ["GC", "STATUS"] {
+        let out = weft(command, &conf, &env("c10", ns, "eth0"));
+        assert!(!out.ok, "{command}");
+        assert_eq!(out.json["code"], 1, "{command}: {}", out.json);
+        assert_eq!(out.json["cniVersion"], "1.0.0", "{command}: {}", out.json);
+    }
+    let mut bad = conf.clone();
+    bad["agentTimeoutMs"] = json!(1);
+    let out = weft("ADD", &bad, &env("c10b", ns, "eth0"));
+    assert_eq!(out.json["code"], 7);
+    assert_eq!(out.json["cniVersion"], "1.0.0", "errors use the asked version");
+    assert!(weft("DEL", &conf, &env("c10", ns, "eth0")).ok);
+}
+
 #[test]
 fn add_check_del_round_trip() {
     let mut node = Node::new(Agent::Answers);

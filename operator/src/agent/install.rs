@@ -5,6 +5,11 @@ use std::path::{Path, PathBuf};
 use weft_dataplane::names;
 use weft_dataplane::state::{self, StateError};
 
+/// The conflist's `cniVersion`: the newest version every libcni in use understands.
+pub const CONFLIST_VERSION: &str = "1.0.0";
+/// The conflist's `cniVersions` (read by libcni 1.2 and later, which picks the newest it knows).
+pub const CONFLIST_VERSIONS: &[&str] = &["1.0.0", "1.1.0"];
+
 /// Where the CNI pieces go.
 #[derive(Debug, Clone)]
 pub struct CniInstall {
@@ -37,8 +42,12 @@ impl CniInstall {
         if let Some(n) = network {
             plugin["network"] = json!(n);
         }
+        // libcni before 1.2 (containerd 1.6/1.7, podman 4) knows results up to 1.0.0 and rejects
+        // the whole list otherwise; libcni 1.2+ picks the newest of `cniVersions` it knows, so
+        // it still gets GC and STATUS (1.1.0).
         let conf = json!({
-            "cniVersion": "1.1.0",
+            "cniVersion": CONFLIST_VERSION,
+            "cniVersions": CONFLIST_VERSIONS,
             "name": "weft",
             "plugins": [plugin],
         });
@@ -118,7 +127,9 @@ mod tests {
         assert!(!inst.install(Some("nat-demo")).unwrap());
         let v: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(inst.conflist_path()).unwrap()).unwrap();
-        assert_eq!(v["cniVersion"], "1.1.0");
+        // libcni 1.1 (containerd 1.6/1.7) rejects results newer than 1.0.0; 1.2+ reads the list.
+        assert_eq!(v["cniVersion"], "1.0.0");
+        assert_eq!(v["cniVersions"], serde_json::json!(["1.0.0", "1.1.0"]));
         assert_eq!(v["plugins"][0]["type"], "weft");
         assert_eq!(v["plugins"][0]["network"], "nat-demo");
         assert!(inst.install(None).unwrap(), "the default network changed");

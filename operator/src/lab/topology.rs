@@ -619,7 +619,13 @@ impl Lab {
                 .with_context(|| format!("the agent of {node} has not written its conflist"))?,
         )?;
         let mut conf = conflist["plugins"][0].clone();
-        conf["cniVersion"] = conflist["cniVersion"].clone();
+        // As libcni 1.2+ does: the newest of `cniVersions` (weft knows them all), else
+        // `cniVersion`.
+        conf["cniVersion"] = conflist["cniVersions"]
+            .as_array()
+            .and_then(|v| v.last())
+            .unwrap_or(&conflist["cniVersion"])
+            .clone();
         conf["name"] = conflist["name"].clone();
         if network.is_empty() {
             if let Some(o) = conf.as_object_mut() {
