@@ -370,17 +370,12 @@ pub fn parse_conf(stdin: &[u8], env: &Env) -> Result<Conf, CniError> {
         }
         None => return Err(invalid("type", "missing; set it to \"weft\"")),
     }
-    if let Some(n) = &raw.network
-        && (n.is_empty()
-            || n.len() > 253
-            || !n
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.'))
+    if let Some(problem) = raw
+        .network
+        .as_deref()
+        .and_then(names::network_name_problem)
     {
-        return Err(invalid(
-            "network",
-            format!("{n:?} is not a valid Network name (lowercase RFC 1123 subdomain)"),
-        ));
+        return Err(invalid("network", problem));
     }
     let log_level = match raw.log_level.as_deref() {
         None => {
@@ -750,12 +745,16 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.code, 7);
         assert!(e.details.starts_with("type:"), "{}", e.details);
-        let e = parse_conf(
-            br#"{"cniVersion":"1.1.0","name":"n","type":"weft","network":"Bad_Name"}"#,
-            &env(),
-        )
-        .unwrap_err();
-        assert!(e.details.starts_with("network:"), "{}", e.details);
+        for bad in ["Bad_Name", "..", "../../victim", "a.", "-a", "a\\\",\\\"eth0"] {
+            let e = parse_conf(
+                format!(r#"{{"cniVersion":"1.1.0","name":"n","type":"weft","network":"{bad}"}}"#)
+                    .as_bytes(),
+                &env(),
+            )
+            .unwrap_err();
+            assert_eq!(e.code, error::INVALID_CONFIG, "{bad}");
+            assert!(e.details.starts_with("network:"), "{}", e.details);
+        }
         let e = parse_conf(
             br#"{"cniVersion":"1.1.0","name":"n","type":"weft","runtimeConfig":{"ips":["nope"]}}"#,
             &env(),

@@ -17,7 +17,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use weft_dataplane::names;
-use weft_dataplane::nft::{BaseChain, Chain, Family, Map, Set, Table};
+use weft_dataplane::nft::{self, BaseChain, Chain, Family, Map, Set, Table};
 
 /// What the table needs to know of one network.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,16 +122,25 @@ fn base(name: &str, kind: &str, hook: &str, priority: &str, rules: Vec<String>) 
 
 /// Builds weft's `inet weft` table, with the segmentation policy's sets and chains.
 pub fn table(nets: &[NetRules], forwards: &[Forward], policy: &crate::policy::Compiled) -> Table {
-    let quoted = |s: &str| format!("\"{s}\"");
-    let bridges: BTreeSet<String> = nets.iter().map(|n| quoted(&n.bridge)).collect();
+    // A bridge whose name cannot be an nft string is left out (with a warning) rather than
+    // breaking every transaction of the node.
+    let quoted = |s: &str| {
+        let literal = nft::ifname_literal(s);
+        if literal.is_none() {
+            tracing::warn!(bridge = %s, "bridge name cannot be written into nftables; leaving it out");
+        }
+        literal
+    };
+    let bridges: BTreeSet<String> = nets.iter().filter_map(|n| quoted(&n.bridge)).collect();
     let sealed: BTreeSet<String> = nets
         .iter()
         .filter(|n| n.sealed)
-        .map(|n| quoted(&n.bridge))
+        .filter_map(|n| quoted(&n.bridge))
         .collect();
     let intra: BTreeSet<String> = nets
         .iter()
-        .map(|n| format!("{} . {}", quoted(&n.bridge), quoted(&n.bridge)))
+        .filter_map(|n| quoted(&n.bridge))
+        .map(|b| format!("{b} . {b}"))
         .collect();
     let v4 = |only_masq: bool| -> BTreeSet<String> {
         nets.iter()
@@ -384,6 +393,29 @@ mod tests {
         // forward into a NAT network.
         assert_eq!(elements("nets4"), vec!["10.40.0.0/24"]);
         assert_eq!(elements("nets6"), vec!["fd40::/64"]);
+    }
+
+    #[test]
+    fn a_bridge_name_that_would_escape_an_nft_string_is_left_out() {
+        let net = |bridge: &str, v4: &str| NetRules {
+            bridge: bridge.into(),
+            subnet_v4: Some(v4.parse().unwrap()),
+            subnet_v6: None,
+            masquerade: true,
+            sealed: true,
+        };
+        let t = table(
+            &[
+                net("wn-nat", "10.40.0.0/24"),
+                net("wn-a\",\"eth0", "10.41.0.0/24"),
+            ],
+            &[],
+            &crate::policy::Compiled::default(),
+        );
+        let text = weft_dataplane::nft::render_table(&t);
+        assert!(!text.contains("eth0"), "{text}");
+        let bridges = &t.sets.iter().find(|s| s.name == "bridges").unwrap().elements;
+        assert_eq!(bridges.iter().collect::<Vec<_>>(), ["\"wn-nat\""]);
     }
 
     #[test]

@@ -557,6 +557,16 @@ impl Reconciler {
                         ),
                     ));
                 }
+                // Its interface names go into nftables text.
+                if let Some(bad) = [&endpoint.host_ifname, &endpoint.ifname]
+                    .into_iter()
+                    .find(|n| weft_dataplane::nft::ifname_literal(n).is_none())
+                {
+                    return Some(Reply::error(
+                        ready,
+                        format!("interface name {bad:?} is not one weft can write into nftables"),
+                    ));
+                }
                 self.endpoints.register(endpoint.clone());
                 None
             }
