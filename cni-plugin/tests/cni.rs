@@ -568,3 +568,60 @@ fn vlan_trunk_needs_a_filtering_network_and_its_trunk_vlans_and_sets_the_port_vl
         }
     }
 }
+
+/// `CNI_NETNS` naming the node's own namespace (the plugin's, here the test's node namespace)
+/// is refused by ADD and CHECK with code 4, and DEL leaves the node's routes alone.
+#[test]
+fn the_node_s_own_namespace_as_cni_netns_is_refused_and_its_routes_stay() {
+    let node = Node::new(Agent::Answers);
+    let mut host = Netlink::new().unwrap();
+    let br = host.link_by_name("wn-test").unwrap().unwrap();
+    let default_v4 = || {
+        Netlink::new()
+            .unwrap()
+            .routes(weft_dataplane::netlink::Family::V4)
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.dst.prefix_len() == 0)
+            .map(|r| (r.gateway, r.oif))
+            .collect::<Vec<_>>()
+    };
+    host.replace_route(&weft_dataplane::netlink::RouteSpec {
+        dst: "0.0.0.0/0".parse().unwrap(),
+        gateway: Some("10.77.0.254".parse().unwrap()),
+        oif: Some(br.index),
+        src: None,
+    })
+    .unwrap();
+    let before = default_v4();
+    assert_eq!(before.len(), 1);
+    // The plugin runs in the node's namespace: /proc/self/ns/net is it, and so is this
+    // thread's namespace file under another path.
+    let thread_ns = format!(
+        "/proc/{}/task/{}/ns/net",
+        std::process::id(),
+        nix::unistd::gettid()
+    );
+    for path in ["/proc/self/ns/net", thread_ns.as_str()] {
+        let add = weft("ADD", &node.conf("1.1.0"), &env("hostns", path, "weft9"));
+        assert!(!add.ok, "{path}: {}", add.json);
+        assert_eq!(add.json["code"], 4, "{path}: {}", add.json);
+        assert!(
+            add.json["details"].as_str().unwrap().contains("CNI_NETNS"),
+            "{}",
+            add.json
+        );
+        assert!(host.link_by_name("weft9").unwrap().is_none(), "{path}");
+        assert_eq!(default_v4(), before, "{path}: ADD touched the node's route");
+        let mut check_conf = node.conf("1.1.0");
+        check_conf["prevResult"] = json!({"cniVersion": "1.1.0", "interfaces": [], "ips": [], "routes": [{"dst": "0.0.0.0/0"}]});
+        let check = weft("CHECK", &check_conf, &env("hostns", path, "weft9"));
+        assert!(!check.ok);
+        assert_eq!(check.json["code"], 4, "{}", check.json);
+        let mut tap_conf = node.conf("1.1.0");
+        tap_conf["attachment"] = json!("tap");
+        assert!(weft("DEL", &tap_conf, &env("hostns", path, "weft9")).ok);
+        assert!(weft("DEL", &node.conf("1.1.0"), &env("hostns", path, "weft9")).ok);
+        assert_eq!(default_v4(), before, "{path}: DEL touched the node's route");
+    }
+}
