@@ -987,13 +987,10 @@ mod tests {
     #[test]
     fn del_finds_the_interfaces_its_add_made_from_the_annotation() {
         let dir = tempfile::tempdir().unwrap();
-        let env = crate::conf::Env::default();
+        let mut env = crate::conf::Env::default();
+        env.node.state_dir = dir.path().to_path_buf();
         let conf = crate::conf::parse_conf(
-            format!(
-                r#"{{"cniVersion":"1.0.0","name":"n","type":"weft","network":"nat","stateDir":"{}"}}"#,
-                dir.path().display()
-            )
-            .as_bytes(),
+            br#"{"cniVersion":"1.0.0","name":"n","type":"weft","network":"nat"}"#,
             &env,
         )
         .unwrap();

@@ -214,11 +214,11 @@ pub struct Conf {
     pub name: String,
     /// The weft network to attach to.
     pub network: Option<String>,
-    /// weft's state dir on the node.
+    /// weft's state dir on the node (the node's choice, see [`NodePaths`]).
     pub state_dir: PathBuf,
-    /// The agent's socket.
+    /// The agent's socket (the node's choice).
     pub agent_socket: PathBuf,
-    /// Log file (stderr only when absent).
+    /// Log file (the node's choice; stderr only when absent).
     pub log_file: Option<PathBuf>,
     /// Log level.
     pub log_level: tracing::Level,
@@ -244,9 +244,39 @@ pub struct Conf {
     pub vlan_trunk: Vec<VlanRange>,
 }
 
+/// Where weft keeps its node state, where the agent listens and where the plugin logs: the
+/// node's choice, never the network configuration's. Whoever may write a
+/// NetworkAttachmentDefinition controls the configuration Multus hands the plugin, and root
+/// would otherwise create, follow symlinks to and trust files wherever it said.
+///
+/// The runtime's environment may set them (`WEFT_STATE_DIR`, `WEFT_AGENT_SOCKET`,
+/// `WEFT_LOG_FILE`, absolute paths: the lab and tests do); otherwise they are the compiled-in
+/// defaults (`/var/lib/weft`, `/run/weft/agent.sock`, no log file).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodePaths {
+    /// weft's state dir.
+    pub state_dir: PathBuf,
+    /// The agent's socket.
+    pub agent_socket: PathBuf,
+    /// The plugin's log file, besides stderr.
+    pub log_file: Option<PathBuf>,
+}
+
+impl Default for NodePaths {
+    fn default() -> Self {
+        NodePaths {
+            state_dir: PathBuf::from(names::DEFAULT_STATE_DIR),
+            agent_socket: PathBuf::from(names::DEFAULT_AGENT_SOCKET),
+            log_file: None,
+        }
+    }
+}
+
 /// The `CNI_*` environment.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Env {
+    /// The node's locations (from `WEFT_*` variables or the defaults).
+    pub node: NodePaths,
     /// `CNI_CONTAINERID`.
     pub container_id: Option<String>,
     /// `CNI_NETNS`.
@@ -299,10 +329,27 @@ pub fn parse_cni_args(s: &str) -> Result<BTreeMap<String, String>, CniError> {
     Ok(out)
 }
 
-/// Reads the `CNI_*` variables.
+/// Reads the `CNI_*` variables and the node's `WEFT_*` locations.
 pub fn env_from(get: &dyn Fn(&str) -> Option<String>) -> Result<Env, CniError> {
     let non_empty = |k: &str| get(k).filter(|v| !v.is_empty());
+    let absolute = |k: &str| -> Result<Option<PathBuf>, CniError> {
+        match non_empty(k).map(PathBuf::from) {
+            Some(p) if !p.is_absolute() => Err(CniError::new(
+                error::INVALID_ENV,
+                format!("invalid {k}"),
+                format!("{k}={} is not an absolute path", p.display()),
+            )),
+            other => Ok(other),
+        }
+    };
+    let defaults = NodePaths::default();
+    let node = NodePaths {
+        state_dir: absolute("WEFT_STATE_DIR")?.unwrap_or(defaults.state_dir),
+        agent_socket: absolute("WEFT_AGENT_SOCKET")?.unwrap_or(defaults.agent_socket),
+        log_file: absolute("WEFT_LOG_FILE")?,
+    };
     Ok(Env {
+        node,
         container_id: non_empty("CNI_CONTAINERID"),
         netns: non_empty("CNI_NETNS"),
         ifname: non_empty("CNI_IFNAME"),
@@ -517,6 +564,41 @@ pub fn parse_conf(stdin: &[u8], env: &Env) -> Result<Conf, CniError> {
         .map(parse_vlan_trunk)
         .transpose()?
         .unwrap_or_default();
+    // The node's locations; the configuration may only repeat them (conflists written by older
+    // agents do).
+    for (field, given, node, what) in [
+        (
+            "stateDir",
+            &raw.state_dir,
+            Some(&env.node.state_dir),
+            "where weft keeps its state",
+        ),
+        (
+            "agentSocket",
+            &raw.agent_socket,
+            Some(&env.node.agent_socket),
+            "where the agent listens",
+        ),
+        (
+            "logFile",
+            &raw.log_file,
+            env.node.log_file.as_ref(),
+            "where the plugin logs",
+        ),
+    ] {
+        if let Some(given) = given
+            && Some(given) != node
+        {
+            return Err(invalid(
+                field,
+                format!(
+                    "{} is not the node's ({}): the node decides {what}, not a network configuration (which a NetworkAttachmentDefinition's author controls); remove {field} from the configuration",
+                    given.display(),
+                    node.map_or_else(|| "none".to_string(), |p| p.display().to_string()),
+                ),
+            ));
+        }
+    }
     let timeout_ms = raw.agent_timeout_ms.unwrap_or(5000);
     if !(10..=60_000).contains(&timeout_ms) {
         return Err(invalid(
@@ -528,13 +610,9 @@ pub fn parse_conf(stdin: &[u8], env: &Env) -> Result<Conf, CniError> {
         cni_version,
         name,
         network: raw.network,
-        state_dir: raw
-            .state_dir
-            .unwrap_or_else(|| PathBuf::from(names::DEFAULT_STATE_DIR)),
-        agent_socket: raw
-            .agent_socket
-            .unwrap_or_else(|| PathBuf::from(names::DEFAULT_AGENT_SOCKET)),
-        log_file: raw.log_file,
+        state_dir: env.node.state_dir.clone(),
+        agent_socket: env.node.agent_socket.clone(),
+        log_file: env.node.log_file.clone(),
         log_level,
         default_route: raw.default_route.unwrap_or(true),
         agent_timeout: std::time::Duration::from_millis(timeout_ms),
@@ -665,6 +743,7 @@ mod tests {
             netns: Some("/run/netns/x".into()),
             ifname: Some("eth0".into()),
             args: BTreeMap::new(),
+            node: NodePaths::default(),
         }
     }
 
@@ -717,6 +796,58 @@ mod tests {
         );
         assert_eq!(reply_version(br#"{"cniVersion":"9.9.9"}"#), CURRENT_VERSION);
         assert_eq!(reply_version(b""), CURRENT_VERSION);
+    }
+
+    #[test]
+    fn state_socket_and_log_locations_come_from_the_node_not_the_configuration() {
+        let base = r#""cniVersion":"1.0.0","name":"n","type":"weft","network":"lan""#;
+        let mut e = env();
+        e.node.log_file = Some("/var/log/weft-cni.log".into());
+        for (field, value) in [
+            ("stateDir", "/tmp/fake-store"),
+            ("agentSocket", "/tmp/fake.sock"),
+            ("logFile", "/etc/passwd"),
+        ] {
+            let err = parse_conf(
+                format!(r#"{{{base},"{field}":"{value}"}}"#).as_bytes(),
+                &e,
+            )
+            .unwrap_err();
+            assert_eq!(err.code, error::INVALID_CONFIG, "{field}");
+            assert!(err.details.starts_with(&format!("{field}:")), "{}", err.details);
+            assert!(err.details.contains("remove"), "{}", err.details);
+        }
+        // Repeating the node's own locations is fine (conflists of older agents do).
+        let c = parse_conf(
+            format!(
+                r#"{{{base},"stateDir":"/var/lib/weft","agentSocket":"/run/weft/agent.sock","logFile":"/var/log/weft-cni.log"}}"#
+            )
+            .as_bytes(),
+            &e,
+        )
+        .unwrap();
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/weft"));
+        // Without a node log file, any logFile is refused.
+        let err = parse_conf(
+            format!(r#"{{{base},"logFile":"/var/log/weft-cni.log"}}"#).as_bytes(),
+            &env(),
+        )
+        .unwrap_err();
+        assert!(err.details.starts_with("logFile:"), "{}", err.details);
+        // The node's locations come from WEFT_* variables, absolute only.
+        let vars = |k: &str| match k {
+            "WEFT_STATE_DIR" => Some("/srv/weft".to_string()),
+            "WEFT_LOG_FILE" => Some("/var/log/w.log".to_string()),
+            _ => None,
+        };
+        let node = env_from(&vars).unwrap().node;
+        assert_eq!(node.state_dir, PathBuf::from("/srv/weft"));
+        assert_eq!(node.agent_socket, PathBuf::from(names::DEFAULT_AGENT_SOCKET));
+        assert_eq!(node.log_file, Some(PathBuf::from("/var/log/w.log")));
+        let relative = env_from(&|k: &str| (k == "WEFT_STATE_DIR").then(|| "state".to_string()))
+            .unwrap_err();
+        assert_eq!(relative.code, error::INVALID_ENV);
+        assert!(relative.details.contains("WEFT_STATE_DIR"));
     }
 
     #[test]

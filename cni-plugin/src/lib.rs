@@ -57,14 +57,30 @@ pub fn read_invocation() -> Result<Invocation, (String, CniError)> {
     })
 }
 
+/// Opens the node's log file for appending: never through a symlink (`O_NOFOLLOW`), created
+/// readable by root only.
+fn open_log_file(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags((nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NOCTTY).bits())
+        .open(path)
+}
+
 fn init_logging(conf: &conf::Conf) {
-    let file = conf.log_file.as_ref().and_then(|p| {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p)
-            .ok()
-    });
+    let file = conf
+        .log_file
+        .as_ref()
+        .and_then(|p| match open_log_file(p) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                // Logs never go to stdout; say once on stderr why the file gets none.
+                eprintln!("weft: not logging to {}: {e}", p.display());
+                None
+            }
+        });
     let builder = tracing_subscriber::fmt()
         .with_max_level(conf.log_level)
         .with_ansi(false)

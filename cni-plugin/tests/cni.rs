@@ -304,7 +304,9 @@ fn fifty_concurrent_adds_get_distinct_addresses() {
             .enumerate()
             .map(|(i, ns)| {
                 let conf = &conf;
+                let vars = common::node_env();
                 s.spawn(move || {
+                    common::adopt_node_env(vars);
                     let cid = format!("par{i}");
                     weft("ADD", conf, &env(&cid, ns, "eth0"))
                 })
@@ -624,4 +626,70 @@ fn the_node_s_own_namespace_as_cni_netns_is_refused_and_its_routes_stay() {
         assert!(weft("DEL", &node.conf("1.1.0"), &env("hostns", path, "weft9")).ok);
         assert_eq!(default_v4(), before, "{path}: DEL touched the node's route");
     }
+}
+
+/// A network configuration (a NetworkAttachmentDefinition's author's) cannot move weft's state
+/// or log: `logFile` and `stateDir` naming other places are refused, nothing is created or
+/// written there, and even the node's own log file is never opened through a symlink.
+#[test]
+fn paths_in_the_configuration_cannot_redirect_state_or_logs() {
+    let mut node = Node::new(Agent::Answers);
+    let (_, ns_path) = node.workload();
+    let ns = ns_path.to_str().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let victim = elsewhere.path().join("victim");
+    std::fs::write(&victim, "precious\n").unwrap();
+    let link = elsewhere.path().join("weft.log");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+
+    let mut conf = node.conf("1.0.0");
+    conf["logFile"] = json!(link);
+    conf["logLevel"] = json!("debug");
+    let add = weft("ADD", &conf, &env("paths1", ns, "eth0"));
+    assert!(!add.ok);
+    assert_eq!(add.json["code"], 7, "{}", add.json);
+    assert!(
+        add.json["details"].as_str().unwrap().starts_with("logFile:"),
+        "{}",
+        add.json
+    );
+
+    // A fake store with a network state of its own: refused, nothing created or read there.
+    let fake = elsewhere.path().join("fake");
+    std::fs::create_dir_all(fake.join("networks")).unwrap();
+    std::fs::copy(
+        node.state_dir().join("networks/test.json"),
+        fake.join("networks/test.json"),
+    )
+    .unwrap();
+    let mut conf = node.conf("1.0.0");
+    conf["stateDir"] = json!(fake);
+    let add = weft("ADD", &conf, &env("paths2", ns, "eth0"));
+    assert!(!add.ok);
+    assert_eq!(add.json["code"], 7, "{}", add.json);
+    assert!(
+        add.json["details"].as_str().unwrap().starts_with("stateDir:"),
+        "{}",
+        add.json
+    );
+    assert!(!fake.join("ipam").exists(), "the fake store was used");
+    assert!(!host_link_exists("paths2", "eth0"));
+
+    // The node's own log file, if it is a symlink, is not written through; ADD still works.
+    common::set_node_env("WEFT_LOG_FILE", &link);
+    let mut conf = node.conf("1.0.0");
+    conf["logLevel"] = json!("debug");
+    let add = weft("ADD", &conf, &env("paths3", ns, "eth0"));
+    assert!(add.ok, "{} {}", add.json, add.stderr);
+    assert!(add.stderr.contains("not logging to"), "{}", add.stderr);
+    assert!(weft("DEL", &conf, &env("paths3", ns, "eth0")).ok);
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+
+    // A plain node log file gets the logs; a configuration repeating it is fine.
+    let log = elsewhere.path().join("plain.log");
+    common::set_node_env("WEFT_LOG_FILE", &log);
+    conf["logFile"] = json!(log);
+    assert!(weft("DEL", &conf, &env("paths4", ns, "eth0")).ok);
+    assert!(!std::fs::read_to_string(&log).unwrap().is_empty());
 }

@@ -19,6 +19,33 @@ use weft_dataplane::state::{NetworkMode, NetworkState, NodeState};
 
 pub static COUNTER: AtomicU32 = AtomicU32::new(0);
 
+thread_local! {
+    /// The node's locations for the `weft` runs of this test thread: what a runtime's
+    /// environment gives the plugin (`WEFT_STATE_DIR`, `WEFT_AGENT_SOCKET`, `WEFT_LOG_FILE`);
+    /// the network configuration no longer may.
+    static NODE_ENV: std::cell::RefCell<Vec<(String, String)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// This thread's node location variables, to hand to threads it spawns ([`adopt_node_env`]).
+pub fn node_env() -> Vec<(String, String)> {
+    NODE_ENV.with(|e| e.borrow().clone())
+}
+
+/// Takes over the node location variables of the thread that spawned this one.
+pub fn adopt_node_env(vars: Vec<(String, String)>) {
+    NODE_ENV.with(|e| *e.borrow_mut() = vars);
+}
+
+/// Sets a node location variable for this thread's `weft` runs (`WEFT_STATE_DIR`, …).
+pub fn set_node_env(key: &str, value: &Path) {
+    NODE_ENV.with(|e| {
+        let mut e = e.borrow_mut();
+        e.retain(|(k, _)| k != key);
+        e.push((key.to_string(), value.display().to_string()));
+    });
+}
+
 pub fn require_root() {
     assert!(
         nix::unistd::geteuid().is_root(),
@@ -123,6 +150,8 @@ impl Node {
                 }))
             }
         };
+        set_node_env("WEFT_STATE_DIR", dir.path());
+        set_node_env("WEFT_AGENT_SOCKET", &socket);
         if matches!(agent, Agent::Answers) {
             NodeState {
                 node: "n".into(),
@@ -162,8 +191,6 @@ impl Node {
             "name": "weft",
             "type": "weft",
             "network": "test",
-            "stateDir": self.state_dir(),
-            "agentSocket": self.state_dir().join("agent.sock"),
             "agentTimeoutMs": 500,
         })
     }
@@ -180,6 +207,7 @@ pub fn spawn_weft(command: &str, conf: &Value, env: &[(&str, &str)]) -> std::pro
     let mut child = Command::new(env!("CARGO_BIN_EXE_weft"))
         .env_clear()
         .env("CNI_COMMAND", command)
+        .envs(NODE_ENV.with(|e| e.borrow().clone()))
         .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -19,9 +19,10 @@ pub struct CniInstall {
     pub conf_dir: PathBuf,
     /// The `weft` binary to install.
     pub binary: PathBuf,
-    /// weft's state dir (written into the conflist).
+    /// weft's state dir. The plugin does not learn it from the conflist: it reads
+    /// `WEFT_STATE_DIR` from the runtime's environment, else `/var/lib/weft`.
     pub state_dir: PathBuf,
-    /// The agent socket (written into the conflist).
+    /// The agent socket (the plugin: `WEFT_AGENT_SOCKET`, else `/run/weft/agent.sock`).
     pub socket: PathBuf,
 }
 
@@ -33,10 +34,11 @@ impl CniInstall {
 
     /// The conflist text for the given default network.
     pub fn conflist(&self, network: Option<&str>) -> String {
+        // No stateDir, agentSocket or logFile: the plugin takes them from the node (the
+        // runtime's WEFT_* environment, else its compiled-in defaults), never from a
+        // configuration.
         let mut plugin = json!({
             "type": names::CNI_TYPE,
-            "stateDir": self.state_dir,
-            "agentSocket": self.socket,
             "capabilities": {"ips": true, "mac": true},
         });
         if let Some(n) = network {
@@ -132,6 +134,10 @@ mod tests {
         assert_eq!(v["cniVersions"], serde_json::json!(["1.0.0", "1.1.0"]));
         assert_eq!(v["plugins"][0]["type"], "weft");
         assert_eq!(v["plugins"][0]["network"], "nat-demo");
+        // The plugin refuses node locations from a configuration other than the node's own.
+        for key in ["stateDir", "agentSocket", "logFile"] {
+            assert!(v["plugins"][0].get(key).is_none(), "{key}");
+        }
         assert!(inst.install(None).unwrap(), "the default network changed");
         assert_eq!(inst.uninstall().unwrap().len(), 2);
         assert!(inst.uninstall().unwrap().is_empty());
