@@ -80,6 +80,9 @@ pub struct AgentStatus {
     pub forwards: BTreeMap<String, Vec<std::net::IpAddr>>,
     /// Problems with resources.
     pub problems: Vec<String>,
+    /// The conflist's default Network and why (`None` before the first successful reconcile).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_network: Option<install::DefaultNetwork>,
     /// The last apply error, if the last reconcile failed.
     pub last_error: Option<String>,
     /// What the last apply changed.
@@ -444,11 +447,16 @@ impl Reconciler {
                 }
                 self.status.last_error = None;
                 self.status.last_changes = report.changes;
-                let default = self
-                    .cfg
-                    .default_network
-                    .clone()
-                    .or_else(|| (self.networks.len() == 1).then(|| self.networks[0].clone()));
+                let choice = install::choose_default_network(
+                    self.cfg.default_network.as_deref(),
+                    &self.networks,
+                    &res.networks,
+                );
+                if self.status.default_network.as_ref() != Some(&choice) {
+                    info!(network = ?choice.name, reason = choice.reason, message = %choice.message, "default network of the conflist");
+                }
+                let default = choice.name.clone();
+                self.status.default_network = Some(choice);
                 // The binary and conflist change with the networks only: a registration does
                 // not re-read them (the binary alone is megabytes); every other reconcile,
                 // resyncs included, checks and repairs them.
