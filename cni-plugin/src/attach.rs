@@ -664,6 +664,15 @@ fn identity(conf: &Conf, namespace: &str, name: &str) -> Result<PodIdentity, Cni
             &e,
         )
     })?;
+    // The agent does not know the pod yet (its cache lags the API): attaching without its
+    // networks annotation and VM identity would silently drop them, so the runtime retries.
+    if !reply.ok {
+        return Err(CniError::new(
+            error::TRY_AGAIN_LATER,
+            format!("the weft agent does not know pod {namespace}/{name} yet"),
+            reply.error.unwrap_or_default(),
+        ));
+    }
     Ok(PodIdentity {
         vm: reply.vm,
         networks: reply.networks,

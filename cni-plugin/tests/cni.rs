@@ -693,3 +693,23 @@ fn paths_in_the_configuration_cannot_redirect_state_or_logs() {
     assert!(weft("DEL", &conf, &env("paths4", ns, "eth0")).ok);
     assert!(!std::fs::read_to_string(&log).unwrap().is_empty());
 }
+
+/// The agent has not seen the pod yet: ADD must not attach the default network alone (dropping
+/// the pod's extra networks and a VM's identity); it fails with 11 and leaves nothing.
+#[test]
+fn add_for_a_pod_the_agent_does_not_know_yet_is_try_again_later() {
+    let mut node = Node::new(Agent::UnknownPods);
+    let (_, ns_path) = node.workload();
+    let ns = ns_path.to_str().unwrap();
+    let add = weft("ADD", &node.conf("1.0.0"), &env("early", ns, "eth0"));
+    assert!(!add.ok);
+    assert_eq!(add.json["code"], 11, "{}", add.json);
+    assert!(
+        add.json["details"].as_str().unwrap().contains("cache"),
+        "{}",
+        add.json
+    );
+    assert!(!host_link_exists("early", "eth0"));
+    let store = IpamStore::open(node.state_dir(), "test").unwrap();
+    assert!(store.list().unwrap().is_empty());
+}

@@ -73,6 +73,9 @@ pub enum Agent {
     Answers,
     /// Reads requests and never answers.
     Silent,
+    /// Answers identity questions "not in my cache yet" (a pod the agent has not seen), the
+    /// rest with ok.
+    UnknownPods,
     /// No socket at all.
     None,
 }
@@ -119,9 +122,10 @@ impl Node {
         let socket = dir.path().join("agent.sock");
         let handle = match agent {
             Agent::None => None,
-            Agent::Answers | Agent::Silent => {
+            Agent::Answers | Agent::Silent | Agent::UnknownPods => {
                 let listener = UnixListener::bind(&socket).unwrap();
                 let silent = matches!(agent, Agent::Silent);
+                let unknown = matches!(agent, Agent::UnknownPods);
                 Some(std::thread::spawn(move || {
                     for s in listener.incoming() {
                         let Ok(s) = s else { return };
@@ -136,6 +140,7 @@ impl Node {
                             }
                             // A pod named vm-launcher-<x> runs VM default/<x> (its label).
                             let reply = match line.split("\"name\":\"vm-launcher-").nth(1) {
+                                _ if unknown && identity => "{\"ok\":false,\"ready\":true,\"error\":\"pod default/pod is not in the agent's cache yet\"}\n".to_string(),
                                 Some(rest) if identity => {
                                     let vm = rest.split('"').next().unwrap_or_default();
                                     format!(
@@ -152,7 +157,7 @@ impl Node {
         };
         set_node_env("WEFT_STATE_DIR", dir.path());
         set_node_env("WEFT_AGENT_SOCKET", &socket);
-        if matches!(agent, Agent::Answers) {
+        if matches!(agent, Agent::Answers | Agent::UnknownPods) {
             NodeState {
                 node: "n".into(),
                 agent_socket: socket,

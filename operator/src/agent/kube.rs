@@ -290,6 +290,10 @@ impl ResourceSource for KubeSource {
         true
     }
 
+    fn knows_every_pod(&self) -> bool {
+        true
+    }
+
     fn publish(&mut self, published: &Published) {
         // Written with the next status (the agent publishes before it reports).
         self.published = published.clone();

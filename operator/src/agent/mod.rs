@@ -281,9 +281,7 @@ impl Reconciler {
             _ => {
                 let r = Arc::new(self.source.snapshot().map_err(|e| format!("{e}"))?);
                 self.resources = Some(Arc::clone(&r));
-                if let Ok(mut shared) = self.shared.lock() {
-                    *shared = Some(Arc::clone(&r));
-                }
+                self.shared.publish(Arc::clone(&r));
                 r
             }
         };
@@ -721,6 +719,7 @@ pub async fn run(
         tx.clone(),
         ready.clone(),
         shared.clone(),
+        source.knows_every_pod().then_some(cni_server::IDENTITY_WAIT),
     ));
     let mut rec = Reconciler {
         endpoints: EndpointStore::load(&cfg.state_dir),

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use weft_crds::{ClusterSegmentationPolicy, Network, PortForward, SegmentationPolicy};
 
 /// A workload's identity and labels (a Pod; for KubeVirt, the virt-launcher pod).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WorkloadMeta {
     /// Namespace.
     pub namespace: String,
@@ -138,6 +138,12 @@ pub trait ResourceSource: Send {
     fn publish(&mut self, _published: &Published) {}
     /// Does [`ResourceSource::publish`] go anywhere? (When not, the list is not built.)
     fn publishes(&self) -> bool {
+        false
+    }
+    /// Does the source know every pod of the node (cluster mode: the pod watch)? Then a pod
+    /// the CNI asks about and the snapshot lacks is one the cache has not seen yet, and the
+    /// answer waits for it. A standalone source knows only the pods in its manifests.
+    fn knows_every_pod(&self) -> bool {
         false
     }
 }
