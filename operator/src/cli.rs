@@ -280,6 +280,7 @@ impl AgentOpts {
                 socket: self.socket.clone(),
             },
             default_network: self.default_network.clone(),
+            agent_ports: Vec::new(),
             cleanup_config_on_exit: self.cleanup_config_on_exit,
             resync: Duration::from_secs(self.resync_seconds.max(1)),
             poll: Duration::from_millis(500),

@@ -120,6 +120,33 @@ fn base(name: &str, kind: &str, hook: &str, priority: &str, rules: Vec<String>) 
     }
 }
 
+/// Drops new connections from weft's workloads on this node (`@local4`/`@local6`, through a
+/// network's bridge) to the agent's own TCP `ports` (its `/metrics` and probe endpoints): a
+/// pod would otherwise reach them through its gateway. Everyone else (the kubelet's probes,
+/// Prometheus on the LAN or the node) is unaffected.
+pub fn shield_agent_ports(table: &mut Table, ports: &[u16]) {
+    if ports.is_empty() {
+        return;
+    }
+    let Some(input) = table.chains.iter_mut().find(|c| c.name == "input") else {
+        return;
+    };
+    let list = ports
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    // After "iifname != @bridges accept": only traffic from a bridge gets here.
+    let at = input.rules.len().min(1);
+    input.rules.splice(
+        at..at,
+        [
+            format!("ip saddr @local4 tcp dport {{ {list} }} drop"),
+            format!("ip6 saddr @local6 tcp dport {{ {list} }} drop"),
+        ],
+    );
+}
+
 /// Builds weft's `inet weft` table, with the segmentation policy's sets and chains.
 pub fn table(nets: &[NetRules], forwards: &[Forward], policy: &crate::policy::Compiled) -> Table {
     // A bridge whose name cannot be an nft string is left out (with a warning) rather than
@@ -416,6 +443,22 @@ mod tests {
         assert!(!text.contains("eth0"), "{text}");
         let bridges = &t.sets.iter().find(|s| s.name == "bridges").unwrap().elements;
         assert_eq!(bridges.iter().collect::<Vec<_>>(), ["\"wn-nat\""]);
+    }
+
+    #[test]
+    fn workloads_cannot_open_connections_to_the_agent_s_ports() {
+        let mut t = table(&[], &[], &crate::policy::Compiled::default());
+        let before = t.clone();
+        shield_agent_ports(&mut t, &[]);
+        assert_eq!(t, before);
+        shield_agent_ports(&mut t, &[9465]);
+        let input = &t.chains.iter().find(|c| c.name == "input").unwrap().rules;
+        assert_eq!(input[0], "iifname != @bridges accept");
+        assert_eq!(input[1], "ip saddr @local4 tcp dport { 9465 } drop");
+        assert_eq!(input[2], "ip6 saddr @local6 tcp dport { 9465 } drop");
+        assert_eq!(input[3], "ct state established,related accept");
+        let text = weft_dataplane::nft::render_table(&t);
+        assert!(text.contains("ip saddr @local4 tcp dport { 9465 } drop"), "{text}");
     }
 
     #[test]

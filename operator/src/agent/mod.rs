@@ -46,6 +46,9 @@ pub struct AgentConfig {
     pub cni: CniInstall,
     /// The network named in the conflist (default: the only network on the node).
     pub default_network: Option<String>,
+    /// TCP ports of the agent's own HTTP server on the node (`/metrics`, probes): weft's
+    /// workloads may not reach them. [`run`] sets them from its metrics address.
+    pub agent_ports: Vec<u16>,
     /// Remove the conflist when the agent exits (links and rules stay).
     pub cleanup_config_on_exit: bool,
     /// Full resync period (repairs drift: a table or bridge deleted by hand).
@@ -142,6 +145,7 @@ pub fn compute(
         None => cfg.node.clone(),
     };
     let mut out = plan::plan(&node, res, &blocks, &endpoints.list());
+    firewall::shield_agent_ports(&mut out.plan.firewall, &cfg.agent_ports);
     for p in block_problems {
         if !out.problems.contains(&p) {
             out.problems.push(p);
@@ -685,6 +689,22 @@ impl Retry {
     }
 }
 
+/// Raises the soft limit of open descriptors to the hard limit: every ADD holds a socket
+/// connection for a moment, and a node starting many pods at once needs more than the usual
+/// soft 1024. Best effort.
+fn raise_descriptor_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                warn!(error = %e, soft, hard, "cannot raise the open-files limit");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "cannot read the open-files limit"),
+    }
+}
+
 /// Runs the agent until SIGINT/SIGTERM; with `metrics_addr`, serves `/metrics`, `/healthz`
 /// and `/readyz` there.
 pub async fn run(
@@ -697,9 +717,15 @@ pub async fn run(
     let audit_counters = audit::Counters::default();
     let mut registry = prometheus_client::registry::Registry::default();
     let agent_metrics = metrics::AgentMetrics::register(&mut registry, audit_counters.clone());
+    raise_descriptor_limit();
+    let mut cfg = cfg;
+    // weft's own workloads may not reach the agent's HTTP port (its table drops them).
+    cfg.agent_ports = metrics_addr.map(|a| vec![a.port()]).unwrap_or_default();
     let metrics_server = match metrics_addr {
         Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
+            // At most a few connections, idle ones closed: the HTTP side cannot use up the
+            // descriptors the CNI socket needs.
+            let listener = crate::controller::metrics::BoundedListener::bind(addr)
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot listen on --metrics-addr {addr}: {e}"))?;
             let routes = crate::controller::metrics::router(Arc::new(registry), ready.clone());
