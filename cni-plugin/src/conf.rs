@@ -417,11 +417,7 @@ pub fn parse_conf(stdin: &[u8], env: &Env) -> Result<Conf, CniError> {
         }
         None => return Err(invalid("type", "missing; set it to \"weft\"")),
     }
-    if let Some(problem) = raw
-        .network
-        .as_deref()
-        .and_then(names::network_name_problem)
-    {
+    if let Some(problem) = raw.network.as_deref().and_then(names::network_name_problem) {
         return Err(invalid("network", problem));
     }
     let log_level = match raw.log_level.as_deref() {
@@ -788,7 +784,10 @@ mod tests {
     #[test]
     fn replies_use_the_asked_version_when_supported() {
         assert_eq!(reply_version(br#"{"cniVersion":"1.0.0"}"#), "1.0.0");
-        assert_eq!(reply_version(br#"{"cniVersion":"0.4.0","x":"#), CURRENT_VERSION);
+        assert_eq!(
+            reply_version(br#"{"cniVersion":"0.4.0","x":"#),
+            CURRENT_VERSION
+        );
         assert_eq!(
             reply_version(br#"{"cniVersion":"0.4.0","name":7}"#),
             "0.4.0",
@@ -808,13 +807,14 @@ mod tests {
             ("agentSocket", "/tmp/fake.sock"),
             ("logFile", "/etc/passwd"),
         ] {
-            let err = parse_conf(
-                format!(r#"{{{base},"{field}":"{value}"}}"#).as_bytes(),
-                &e,
-            )
-            .unwrap_err();
+            let err = parse_conf(format!(r#"{{{base},"{field}":"{value}"}}"#).as_bytes(), &e)
+                .unwrap_err();
             assert_eq!(err.code, error::INVALID_CONFIG, "{field}");
-            assert!(err.details.starts_with(&format!("{field}:")), "{}", err.details);
+            assert!(
+                err.details.starts_with(&format!("{field}:")),
+                "{}",
+                err.details
+            );
             assert!(err.details.contains("remove"), "{}", err.details);
         }
         // Repeating the node's own locations is fine (conflists of older agents do).
@@ -842,10 +842,13 @@ mod tests {
         };
         let node = env_from(&vars).unwrap().node;
         assert_eq!(node.state_dir, PathBuf::from("/srv/weft"));
-        assert_eq!(node.agent_socket, PathBuf::from(names::DEFAULT_AGENT_SOCKET));
+        assert_eq!(
+            node.agent_socket,
+            PathBuf::from(names::DEFAULT_AGENT_SOCKET)
+        );
         assert_eq!(node.log_file, Some(PathBuf::from("/var/log/w.log")));
-        let relative = env_from(&|k: &str| (k == "WEFT_STATE_DIR").then(|| "state".to_string()))
-            .unwrap_err();
+        let relative =
+            env_from(&|k: &str| (k == "WEFT_STATE_DIR").then(|| "state".to_string())).unwrap_err();
         assert_eq!(relative.code, error::INVALID_ENV);
         assert!(relative.details.contains("WEFT_STATE_DIR"));
     }
@@ -876,7 +879,14 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.code, 7);
         assert!(e.details.starts_with("type:"), "{}", e.details);
-        for bad in ["Bad_Name", "..", "../../victim", "a.", "-a", "a\\\",\\\"eth0"] {
+        for bad in [
+            "Bad_Name",
+            "..",
+            "../../victim",
+            "a.",
+            "-a",
+            "a\\\",\\\"eth0",
+        ] {
             let e = parse_conf(
                 format!(r#"{{"cniVersion":"1.1.0","name":"n","type":"weft","network":"{bad}"}}"#)
                     .as_bytes(),

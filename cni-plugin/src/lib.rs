@@ -70,17 +70,14 @@ fn open_log_file(path: &std::path::Path) -> std::io::Result<std::fs::File> {
 }
 
 fn init_logging(conf: &conf::Conf) {
-    let file = conf
-        .log_file
-        .as_ref()
-        .and_then(|p| match open_log_file(p) {
-            Ok(f) => Some(f),
-            Err(e) => {
-                // Logs never go to stdout; say once on stderr why the file gets none.
-                eprintln!("weft: not logging to {}: {e}", p.display());
-                None
-            }
-        });
+    let file = conf.log_file.as_ref().and_then(|p| match open_log_file(p) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            // Logs never go to stdout; say once on stderr why the file gets none.
+            eprintln!("weft: not logging to {}: {e}", p.display());
+            None
+        }
+    });
     let builder = tracing_subscriber::fmt()
         .with_max_level(conf.log_level)
         .with_ansi(false)

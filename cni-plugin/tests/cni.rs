@@ -48,7 +48,11 @@ fn a_1_0_0_runtime_gets_1_0_0_answers_and_gc_and_status_are_code_1() {
     let add = weft("ADD", &conf, &env("c10", ns, "eth0"));
     assert!(add.ok, "{} {}", add.json, add.stderr);
     assert_eq!(add.json["cniVersion"], "1.0.0");
-    assert!(add.json["interfaces"][2].get("mtu").is_none(), "{}", add.json);
+    assert!(
+        add.json["interfaces"][2].get("mtu").is_none(),
+        "{}",
+        add.json
+    );
     let mut check_conf = conf.clone();
     check_conf["prevResult"] = add.json.clone();
     assert!(weft("CHECK", &check_conf, &env("c10", ns, "eth0")).ok);
@@ -62,7 +66,10 @@ fn a_1_0_0_runtime_gets_1_0_0_answers_and_gc_and_status_are_code_1() {
     bad["agentTimeoutMs"] = json!(1);
     let out = weft("ADD", &bad, &env("c10b", ns, "eth0"));
     assert_eq!(out.json["code"], 7);
-    assert_eq!(out.json["cniVersion"], "1.0.0", "errors use the asked version");
+    assert_eq!(
+        out.json["cniVersion"], "1.0.0",
+        "errors use the asked version"
+    );
     assert!(weft("DEL", &conf, &env("c10", ns, "eth0")).ok);
 }
 
@@ -649,7 +656,10 @@ fn paths_in_the_configuration_cannot_redirect_state_or_logs() {
     assert!(!add.ok);
     assert_eq!(add.json["code"], 7, "{}", add.json);
     assert!(
-        add.json["details"].as_str().unwrap().starts_with("logFile:"),
+        add.json["details"]
+            .as_str()
+            .unwrap()
+            .starts_with("logFile:"),
         "{}",
         add.json
     );
@@ -668,7 +678,10 @@ fn paths_in_the_configuration_cannot_redirect_state_or_logs() {
     assert!(!add.ok);
     assert_eq!(add.json["code"], 7, "{}", add.json);
     assert!(
-        add.json["details"].as_str().unwrap().starts_with("stateDir:"),
+        add.json["details"]
+            .as_str()
+            .unwrap()
+            .starts_with("stateDir:"),
         "{}",
         add.json
     );
@@ -684,7 +697,12 @@ fn paths_in_the_configuration_cannot_redirect_state_or_logs() {
     assert!(add.stderr.contains("not logging to"), "{}", add.stderr);
     assert!(weft("DEL", &conf, &env("paths3", ns, "eth0")).ok);
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
-    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
 
     // A plain node log file gets the logs; a configuration repeating it is fine.
     let log = elsewhere.path().join("plain.log");

@@ -31,7 +31,11 @@ fn the_cni_conf_fuzz_corpus_never_panics_and_the_named_seeds_give_their_codes() 
         parse(&std::fs::read(&path).unwrap_or_else(|e| panic!("{e}")));
         count += 1;
     }
-    assert!(count > SEEDS.len(), "the corpus is missing from {}", dir.display());
+    assert!(
+        count > SEEDS.len(),
+        "the corpus is missing from {}",
+        dir.display()
+    );
     for (name, want) in SEEDS {
         let path = dir.join(name);
         let data = std::fs::read(&path)

@@ -227,7 +227,17 @@ mod tests {
             assert!(is_dns1123_subdomain(ok), "{ok}");
             assert!(network_name_problem(ok).is_none());
         }
-        for bad in ["", "..", "a\",\"eth0", "../../victim", "Nat", "-a", "a-", "a..b", "a_b"] {
+        for bad in [
+            "",
+            "..",
+            "a\",\"eth0",
+            "../../victim",
+            "Nat",
+            "-a",
+            "a-",
+            "a..b",
+            "a_b",
+        ] {
             assert!(!is_dns1123_subdomain(bad), "{bad}");
         }
         assert!(!is_dns1123_subdomain(&"a".repeat(254)));

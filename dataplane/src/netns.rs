@@ -544,7 +544,12 @@ mod tests {
 
     #[test]
     fn the_process_own_namespace_is_current_and_a_named_one_is_not() {
-        assert!(Netns::open("/proc/self/ns/net").unwrap().is_current().unwrap());
+        assert!(
+            Netns::open("/proc/self/ns/net")
+                .unwrap()
+                .is_current()
+                .unwrap()
+        );
         assert!(Netns::current().unwrap().is_current().unwrap());
         let name = format!("weft-nstest-cur-{}", std::process::id());
         let other = create_named(&name).unwrap();

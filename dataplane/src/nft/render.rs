@@ -234,7 +234,15 @@ pub(crate) mod tests {
     fn interface_names_become_literals_only_when_nothing_can_escape_them() {
         assert_eq!(ifname_literal("wn-nat").as_deref(), Some("\"wn-nat\""));
         assert_eq!(ifname_literal("eth0.20").as_deref(), Some("\"eth0.20\""));
-        for bad in ["wn-a\",\"eth0", "a b", "a;b", "a\\b", "", "waytoolonginterface", "a\nb"] {
+        for bad in [
+            "wn-a\",\"eth0",
+            "a b",
+            "a;b",
+            "a\\b",
+            "",
+            "waytoolonginterface",
+            "a\nb",
+        ] {
             assert_eq!(ifname_literal(bad), None, "{bad:?}");
         }
     }

@@ -5,9 +5,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::debug;
 use weft_dataplane::proto::{Reply, Request};
@@ -220,7 +220,10 @@ mod tests {
             })
         };
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(!asking.is_finished(), "it answered before the pod was known");
+        assert!(
+            !asking.is_finished(),
+            "it answered before the pod was known"
+        );
         snapshot.publish(with_pod("web"));
         let reply = asking.await.unwrap();
         assert!(reply.ok, "{reply:?}");

@@ -441,7 +441,12 @@ mod tests {
         );
         let text = weft_dataplane::nft::render_table(&t);
         assert!(!text.contains("eth0"), "{text}");
-        let bridges = &t.sets.iter().find(|s| s.name == "bridges").unwrap().elements;
+        let bridges = &t
+            .sets
+            .iter()
+            .find(|s| s.name == "bridges")
+            .unwrap()
+            .elements;
         assert_eq!(bridges.iter().collect::<Vec<_>>(), ["\"wn-nat\""]);
     }
 
@@ -458,7 +463,10 @@ mod tests {
         assert_eq!(input[2], "ip6 saddr @local6 tcp dport { 9465 } drop");
         assert_eq!(input[3], "ct state established,related accept");
         let text = weft_dataplane::nft::render_table(&t);
-        assert!(text.contains("ip saddr @local4 tcp dport { 9465 } drop"), "{text}");
+        assert!(
+            text.contains("ip saddr @local4 tcp dport { 9465 } drop"),
+            "{text}"
+        );
     }
 
     #[test]

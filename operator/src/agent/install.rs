@@ -44,7 +44,8 @@ pub fn choose_default_network(
         let here = if realized.iter().any(|n| n == f) {
             String::new()
         } else {
-            " (not realized on this node yet: ADD answers \"try again later\" until it is)".to_string()
+            " (not realized on this node yet: ADD answers \"try again later\" until it is)"
+                .to_string()
         };
         return DefaultNetwork {
             name: Some(f.to_string()),
@@ -106,9 +107,9 @@ pub fn choose_default_network(
             message: format!("{only}, the only Network realized on this node"),
         },
         several => {
-            let nat = several.iter().find(|n| {
-                spec(n).is_some_and(|net| net.spec.mode == weft_crds::NetworkMode::Nat)
-            });
+            let nat = several
+                .iter()
+                .find(|n| spec(n).is_some_and(|net| net.spec.mode == weft_crds::NetworkMode::Nat));
             let all = several
                 .iter()
                 .map(|s| s.as_str())
@@ -264,10 +265,7 @@ mod tests {
             (d.name, d.reason)
         };
         assert_eq!(pick(None, &[], &nets), (None, "NoNetwork"));
-        assert_eq!(
-            pick(None, &["zeta"], &nets),
-            (Some("zeta".into()), "Only")
-        );
+        assert_eq!(pick(None, &["zeta"], &nets), (Some("zeta".into()), "Only"));
         // Two or more: the first NAT Network by name, whatever order they come in.
         for realized in [
             &["zeta", "alpha", "nat-b", "nat-a"][..],
@@ -279,7 +277,14 @@ mod tests {
             );
         }
         assert_eq!(
-            pick(None, &["zeta", "alpha"], &[network("zeta", "Bridge", false), network("alpha", "Bridge", false)]),
+            pick(
+                None,
+                &["zeta", "alpha"],
+                &[
+                    network("zeta", "Bridge", false),
+                    network("alpha", "Bridge", false)
+                ]
+            ),
             (Some("alpha".into()), "First")
         );
         // An annotation wins over the rule, the flag over both.
@@ -295,7 +300,11 @@ mod tests {
         );
         let d = choose_default_network(None, &names(&["nat-a", "zeta"]), &nets);
         assert!(d.message.contains("--default-network"), "{}", d.message);
-        assert!(d.message.contains(DEFAULT_NETWORK_ANNOTATION), "{}", d.message);
+        assert!(
+            d.message.contains(DEFAULT_NETWORK_ANNOTATION),
+            "{}",
+            d.message
+        );
     }
 
     #[test]

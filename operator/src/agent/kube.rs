@@ -936,9 +936,16 @@ mod tests {
         assert!(c.message.starts_with("blue, "), "{}", c.message);
         assert!(c.message.contains("--default-network"), "{}", c.message);
         let mut none = agent(&[], None);
-        none.default_network = Some(super::super::install::choose_default_network(None, &[], &[]));
+        none.default_network = Some(super::super::install::choose_default_network(
+            None,
+            &[],
+            &[],
+        ));
         let s = node_network_status(&none, &spec(&[]), None, &[], t0);
         let c = find(&s, DEFAULT_NETWORK);
-        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "NoNetwork"));
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "NoNetwork")
+        );
     }
 }

@@ -745,7 +745,9 @@ pub async fn run(
         tx.clone(),
         ready.clone(),
         shared.clone(),
-        source.knows_every_pod().then_some(cni_server::IDENTITY_WAIT),
+        source
+            .knows_every_pod()
+            .then_some(cni_server::IDENTITY_WAIT),
     ));
     let mut rec = Reconciler {
         endpoints: EndpointStore::load(&cfg.state_dir),

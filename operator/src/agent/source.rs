@@ -292,10 +292,12 @@ pub fn add_document(doc: serde_json::Value, origin: &str, into: &mut Resources) 
     // The names the API server would refuse: here they would become file names and nftables
     // strings (a Network `a","eth0` or `../../victim`).
     if kind != "List"
-        && (api.starts_with("weft.dev/") || (api == "v1" && matches!(kind.as_str(), "Pod" | "Namespace")))
+        && (api.starts_with("weft.dev/")
+            || (api == "v1" && matches!(kind.as_str(), "Pod" | "Namespace")))
         && let Some(problem) = metadata_problem(&doc)
     {
-        into.problems.push(format!("{origin}: invalid {kind}: {problem}"));
+        into.problems
+            .push(format!("{origin}: invalid {kind}: {problem}"));
         return;
     }
     match (api.as_str(), kind.as_str()) {
@@ -537,7 +539,11 @@ metadata: {name: web-2, namespace: 'Bad NS'}
             "{:?}",
             res.problems
         );
-        assert!(res.problems[2].contains("../../victim"), "{:?}", res.problems);
+        assert!(
+            res.problems[2].contains("../../victim"),
+            "{:?}",
+            res.problems
+        );
         assert!(
             res.problems[3].contains("invalid Pod: metadata.namespace"),
             "{:?}",
