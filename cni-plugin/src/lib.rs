@@ -1,7 +1,7 @@
 //! The `weft` CNI plugin (CNI spec 1.1; also accepts 0.3.x, 0.4.0 and 1.0.0 configurations).
 //!
-//! `stdout` is the protocol: only [`reply`] writes to it. Logs go to stderr and, when the
-//! network configuration names one, to `logFile`.
+//! `stdout` is the protocol: only [`reply`] writes to it. Logs go to stderr and, when the node
+//! names one (`WEFT_LOG_FILE`; never the network configuration), to that file.
 
 #![deny(clippy::print_stdout)]
 
