@@ -214,7 +214,9 @@ mount --make-rprivate /
 # sysfs of this network namespace, keeping the cgroup hierarchies.
 mkdir -p $d/cg && mount --rbind /sys/fs/cgroup $d/cg
 mount -t sysfs sysfs /sys && mount --move $d/cg /sys/fs/cgroup
-mount -t tmpfs -o mode=755 tmpfs /run && mount --make-rshared /run && mkdir -p /run/netns
+mount -t tmpfs -o mode=755 tmpfs /run && mount --make-rshared /run
+# Pod network namespaces are bind mounts here: shared, so that weft's agent (HostToContainer) sees them.
+mkdir -p /run/netns && mount --bind /run/netns /run/netns && mount --make-shared /run/netns
 for p in ${node_paths[*]}; do mkdir -p $d/fs\$p && mount --bind $d/fs\$p \$p; done
 mount --make-rshared /var/lib/kubelet
 echo \$\$ >$d/init.pid

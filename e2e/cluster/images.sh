@@ -58,14 +58,17 @@ busybox_root "$work/testbox" sh ash cat echo sleep ls ip ping ping6 nc wget http
   route arp timeout seq true false grep sed awk kill ps env mkdir rm date id
 python3 "$here/image.py" "$work/testbox" weft.test/testbox:1 "$out/testbox.tar" --cmd /bin/sh
 
-# weft: the release binaries.
+# weft: the release binaries (WEFT_IMAGE_PROFILE picks another cargo profile, for quicker
+# rebuilds while working on the cluster tests).
+profile=${WEFT_IMAGE_PROFILE:-release}
 if [ "${WEFT_SKIP_CARGO:-0}" != 1 ]; then
-  (cd "$repo" && cargo build --release --locked -p weft-operator -p weft-cni >&2)
+  (cd "$repo" && cargo build --profile "$profile" --locked -p weft-operator -p weft-cni >&2)
 fi
+[ "$profile" = dev ] && profile=debug
 w=$work/weft
 busybox_root "$w" sh cp mv cat ls rm mkdir ln echo sleep
-install -D -m 0755 "$repo/target/release/weft-operator" "$w/usr/local/bin/weft-operator"
-install -D -m 0755 "$repo/target/release/weft" "$w/usr/local/bin/weft"
+copy_with_libs "$w" "$repo/target/$profile/weft-operator" /usr/local/bin/weft-operator
+copy_with_libs "$w" "$repo/target/$profile/weft" /usr/local/bin/weft
 copy_with_libs "$w" "$(command -v nft)" /usr/sbin/nft
 copy_with_libs "$w" "$(command -v ip)" /usr/sbin/ip
 for d in /etc/iproute2 /usr/share/iproute2 /usr/lib/iproute2; do

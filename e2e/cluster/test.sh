@@ -5,6 +5,7 @@
 #   e2e/cluster/test.sh            # brings the cluster up, runs every test, takes it down
 #   KEEP=1 e2e/cluster/test.sh     # leaves the cluster up afterwards (cluster.sh down removes it)
 #   ONLY="install nat" ...         # runs only the named tests (install always runs)
+#   REUSE=1 KEEP=1 ...             # runs on a cluster left up by KEEP=1, with new images
 #
 # Prints PASS/FAIL per test and a closing "N passed, N failed" line; exits non-zero on failure.
 # Figures (controller failover) go to $WEFT_CLUSTER_DIR/results.txt.
@@ -357,7 +358,14 @@ trap 'exit 130' INT TERM
 
 echo "=== cluster up"
 start=$SECONDS
-if ! "$C" up; then
+if [ "${REUSE:-0}" = 1 ]; then
+  # A cluster left by KEEP=1: new images, and weft's leftovers removed.
+  "$C" load-images
+  "$C" helm uninstall weft -n weft-system --wait >/dev/null 2>&1
+  k delete namespace "$ns" weft-validation --wait=true >/dev/null 2>&1
+  k delete network --all >/dev/null 2>&1
+  k delete node node3 >/dev/null 2>&1
+elif ! "$C" up; then
   echo "FAIL cluster-up"
   echo "0 passed, 1 failed"
   exit 1

@@ -475,7 +475,7 @@ pub fn apply_endpoint_changes(
     let freed: BTreeSet<&str> = removed.iter().map(|e| e.host_ifname.as_str()).collect();
     let mut names = BTreeSet::new();
     for e in added {
-        let quoted = format!("\"{}\"", e.host_ifname);
+        let quoted = weft_dataplane::nft::ifname_literal(&e.host_ifname)?;
         let taken = guard
             .sets
             .iter()
