@@ -214,6 +214,9 @@ mount --make-rprivate /
 # sysfs of this network namespace, keeping the cgroup hierarchies.
 mkdir -p $d/cg && mount --rbind /sys/fs/cgroup $d/cg
 mount -t sysfs sysfs /sys && mount --move $d/cg /sys/fs/cgroup
+# The machine's own /run/netns mounts (ip netns) would hide under the new /run and be found first
+# by containerd's mount lookups: unmount them in this namespace.
+umount -R -l /run/netns 2>/dev/null || true
 mount -t tmpfs -o mode=755 tmpfs /run && mount --make-rshared /run
 # Pod network namespaces are bind mounts here: shared, so that weft's agent (HostToContainer) sees them.
 mkdir -p /run/netns && mount --bind /run/netns /run/netns && mount --make-shared /run/netns
