@@ -308,11 +308,14 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
         ready.clone(),
     ));
 
+    // SIGTERM or SIGINT: the Lease is released at once (the standby takes over within about a
+    // second), while the controllers below finish what they are doing without writing.
     let (leader_rx, lease_task) = leader::elect(
         client.clone(),
         &opts.lease_namespace,
         &opts.lease_name,
         &opts.identity,
+        shutdown_signal(),
     );
     info!(identity = %opts.identity, lease = %format!("{}/{}", opts.lease_namespace, opts.lease_name), leader = *leader_rx.borrow(), "joined leader election");
 
@@ -434,6 +437,24 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
     server.abort();
     let _ = server.now_or_never();
     Ok(())
+}
+
+/// Resolves at the first SIGTERM or SIGINT (the signals the controllers' graceful shutdown
+/// listens to as well).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot listen for SIGTERM; the Lease is released when the controllers stop");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    info!("shutting down: releasing the Lease");
 }
 
 /// The name of an object, or [`Error::Unnamed`].
