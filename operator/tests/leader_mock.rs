@@ -191,3 +191,36 @@ async fn a_lost_race_for_the_lease_leaves_the_replica_standing_by() {
     assert!(!elector.try_acquire_or_renew().await.unwrap());
     verifier.await.unwrap();
 }
+
+#[test]
+fn the_chart_grants_the_verbs_the_elector_uses_on_leases() {
+    // GET reads, POST creates, PUT (replace) renews, takes and releases.
+    #[derive(serde::Deserialize)]
+    struct Rule {
+        #[serde(rename = "apiGroups")]
+        api_groups: Vec<String>,
+        resources: Vec<String>,
+        verbs: Vec<String>,
+    }
+    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../charts/weft/files/controller-lease-rules.yaml");
+    let rules: Vec<Rule> =
+        serde_saphyr::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let granted: Vec<&str> = rules
+        .iter()
+        .filter(|r| r.resources.iter().any(|res| res == "leases"))
+        .flat_map(|r| r.verbs.iter().map(String::as_str))
+        .collect();
+    assert_eq!(granted, ["get", "create", "update"], "exactly what the elector uses");
+    for verb in ["get", "create", "update"] {
+        assert!(
+            rules
+                .iter()
+                .any(|r| r.api_groups.iter().any(|g| g == "coordination.k8s.io")
+                    && r.resources.iter().any(|res| res == "leases")
+                    && r.verbs.iter().any(|v| v == verb)),
+            "{} lacks {verb} on leases",
+            file.display()
+        );
+    }
+}
