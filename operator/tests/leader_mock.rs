@@ -211,7 +211,11 @@ fn the_chart_grants_the_verbs_the_elector_uses_on_leases() {
         .filter(|r| r.resources.iter().any(|res| res == "leases"))
         .flat_map(|r| r.verbs.iter().map(String::as_str))
         .collect();
-    assert_eq!(granted, ["get", "create", "update"], "exactly what the elector uses");
+    assert_eq!(
+        granted,
+        ["get", "create", "update"],
+        "exactly what the elector uses"
+    );
     for verb in ["get", "create", "update"] {
         assert!(
             rules
