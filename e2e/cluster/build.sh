@@ -12,7 +12,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 cache=${WEFT_CLUSTER_CACHE:-$HOME/.cache/weft-cluster}
 k8s_version=v1.36.3
 
-debs=(etcd-server runc busybox-static iproute2 nftables iputils-ping gcc libc6-dev python3 conntrack)
+debs=(etcd-server runc busybox-static iproute2 nftables iputils-ping gcc libc6-dev python3 python3-yaml)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -20,16 +20,19 @@ use weft_operator::controller::{Triggers, caches_synced, observe_cluster};
 
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
-/// Answers every list with an empty list of its kind and leaves every watch open.
-async fn api_server(mut handle: Handle) {
-    let mut open_watches = Vec::new();
+/// Answers every list with an empty list of its kind, except lists of `held` (left
+/// unanswered), and leaves every watch open.
+async fn api_server(mut handle: Handle, held: Option<&'static str>) {
+    let mut open = Vec::new();
     while let Some((request, send)) = handle.next_request().await {
         let query = request.uri().query().unwrap_or_default().to_owned();
-        if query.split('&').any(|p| p == "watch=true") {
-            open_watches.push(send);
+        let path = request.uri().path().to_owned();
+        if query.split('&').any(|p| p == "watch=true")
+            || held.is_some_and(|h| path.ends_with(&format!("/{h}")))
+        {
+            open.push(send);
             continue;
         }
-        let path = request.uri().path().to_owned();
         let (api_version, kind) = match path.rsplit('/').next().unwrap_or_default() {
             "nodes" => ("v1", "NodeList"),
             "networks" => ("weft.dev/v1alpha1", "NetworkList"),
@@ -62,7 +65,7 @@ fn retry<K>(_: Arc<K>, _: &kube::Error, _: Arc<()>) -> Action {
 #[tokio::test]
 async fn the_controller_is_ready_once_the_initial_lists_are_in_while_its_controllers_run() {
     let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    tokio::spawn(api_server(handle));
+    tokio::spawn(api_server(handle, None));
     let client = Client::new(svc, "default");
     let (networks, _n) = mpsc::unbounded();
     let (port_forwards, _p) = mpsc::unbounded();
@@ -74,9 +77,10 @@ async fn the_controller_is_ready_once_the_initial_lists_are_in_while_its_control
         cluster_policies,
         policies,
     };
-    let (stores, observing) = observe_cluster(&client, &triggers);
+    let (observation, observing) = observe_cluster(&client, &triggers);
     tokio::spawn(observing);
-    // The Controllers wait for their own stores' initial lists too, as in `run`.
+    // The Controllers wait for their own stores' initial lists too, as in `run`; readiness
+    // does not wait on their stores.
     let ctx = Arc::new(());
     tokio::spawn(
         Controller::new(
@@ -94,15 +98,38 @@ async fn the_controller_is_ready_once_the_initial_lists_are_in_while_its_control
         .run(nothing, retry, ctx)
         .for_each(|_| async {}),
     );
-    tokio::time::timeout(Duration::from_secs(2), caches_synced(&stores))
+    tokio::time::timeout(Duration::from_secs(2), caches_synced(&observation))
         .await
         .expect("not ready 2 s after the initial lists")
         .unwrap();
 }
 
 #[tokio::test]
+async fn the_controller_is_not_ready_while_a_list_is_outstanding() {
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    tokio::spawn(api_server(handle, Some("portforwards")));
+    let client = Client::new(svc, "default");
+    let (tx, _rx) = mpsc::unbounded();
+    let triggers = Triggers {
+        networks: tx.clone(),
+        port_forwards: tx.clone(),
+        cluster_policies: tx.clone(),
+        policies: tx,
+    };
+    let (observation, observing) = observe_cluster(&client, &triggers);
+    tokio::spawn(observing);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), caches_synced(&observation))
+            .await
+            .is_err(),
+        "ready before the PortForwards were listed"
+    );
+    assert!(*observation.networks_listed.borrow());
+}
+
+#[tokio::test]
 async fn a_store_wakes_only_the_last_of_two_waiters() {
-    // Why the controller keeps stores of its own for readiness: kube-runtime's
+    // Why readiness never waits on a Controller's store: kube-runtime's
     // `Store::wait_until_ready` keeps one waker, so of two tasks waiting on one store (a
     // Controller's applier and a readiness check) only the one that polled last is woken.
     let (store, mut writer) = reflector::store::<Network>();
@@ -123,6 +150,6 @@ async fn a_store_wakes_only_the_last_of_two_waiters() {
         tokio::time::timeout(Duration::from_millis(300), first)
             .await
             .is_err(),
-        "kube-runtime now wakes every waiter; the controller's own stores could go"
+        "kube-runtime now wakes every waiter; readiness could wait on the Controllers' stores"
     );
 }

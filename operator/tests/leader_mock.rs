@@ -72,10 +72,13 @@ fn elector(timing: Timing) -> (Elector, Handle) {
 }
 
 #[tokio::test]
-async fn the_holder_releases_the_lease_when_the_controller_stops() {
+async fn the_holder_releases_the_lease_at_shutdown_and_stops_writing_first() {
     let (elector, mut handle) = elector(Timing::DEFAULT);
     let (tx, mut rx) = watch::channel(false);
-    let task = tokio::spawn(elector.run(tx));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(elector.run(tx, async move {
+        let _ = stop_rx.await;
+    }));
 
     // No Lease yet: the elector creates it, held by itself.
     let (method, path, _, send) = next(&mut handle).await;
@@ -96,16 +99,42 @@ async fn the_holder_releases_the_lease_when_the_controller_stops() {
         .expect("leads after creating the Lease")
         .unwrap();
 
-    // The controller stops: the last receiver goes, and the elector releases the Lease.
-    drop(rx);
+    // SIGTERM: the replica stops writing, then releases the Lease while the controllers may
+    // still be draining (the receiver is still there).
+    stop_tx.send(()).unwrap();
     let (method, path, _, send) = next(&mut handle).await;
     assert_eq!((method, path.as_str()), (Method::GET, LEASE));
+    assert!(!*rx.borrow(), "no writes once the release is under way");
     respond(send, 200, &lease(Some("replica-a"), 15, "2"));
     let (method, path, body, send) = next(&mut handle).await;
     assert_eq!((method, path.as_str()), (Method::PUT, LEASE));
     assert!(body["spec"]["holderIdentity"].is_null(), "{body}");
     assert_eq!(body["spec"]["leaseDurationSeconds"], 1);
     assert_eq!(body["metadata"]["resourceVersion"], "2");
+    respond(send, 200, &body);
+    tokio::time::timeout(Duration::from_secs(1), task)
+        .await
+        .expect("the elector ends after the release")
+        .unwrap();
+    assert!(!*rx.borrow());
+}
+
+#[tokio::test]
+async fn the_lease_is_released_when_the_controllers_drop_their_receivers() {
+    let (elector, mut handle) = elector(Timing::DEFAULT);
+    let (tx, rx) = watch::channel(false);
+    let task = tokio::spawn(elector.run(tx, std::future::pending()));
+    let (_, _, _, send) = next(&mut handle).await;
+    respond(send, 200, &lease(Some("replica-a"), 15, "4"));
+    let (method, _, _, send) = next(&mut handle).await;
+    assert_eq!(method, Method::PUT);
+    respond(send, 200, &lease(Some("replica-a"), 15, "5"));
+    drop(rx);
+    let (_, _, _, send) = next(&mut handle).await;
+    respond(send, 200, &lease(Some("replica-a"), 15, "5"));
+    let (method, _, body, send) = next(&mut handle).await;
+    assert_eq!(method, Method::PUT);
+    assert!(body["spec"]["holderIdentity"].is_null(), "{body}");
     respond(send, 200, &body);
     tokio::time::timeout(Duration::from_secs(1), task)
         .await
@@ -121,7 +150,7 @@ async fn a_standby_takes_a_released_lease_at_its_next_read() {
     };
     let (elector, mut handle) = elector(timing);
     let (tx, mut rx) = watch::channel(false);
-    let _task = tokio::spawn(elector.run(tx));
+    let _task = tokio::spawn(elector.run(tx, std::future::pending()));
 
     // Held by another replica: wait.
     let (_, _, _, send) = next(&mut handle).await;
@@ -161,4 +190,41 @@ async fn a_lost_race_for_the_lease_leaves_the_replica_standing_by() {
     });
     assert!(!elector.try_acquire_or_renew().await.unwrap());
     verifier.await.unwrap();
+}
+
+#[test]
+fn the_chart_grants_the_verbs_the_elector_uses_on_leases() {
+    // GET reads, POST creates, PUT (replace) renews, takes and releases.
+    #[derive(serde::Deserialize)]
+    struct Rule {
+        #[serde(rename = "apiGroups")]
+        api_groups: Vec<String>,
+        resources: Vec<String>,
+        verbs: Vec<String>,
+    }
+    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../charts/weft/files/controller-lease-rules.yaml");
+    let rules: Vec<Rule> =
+        serde_saphyr::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let granted: Vec<&str> = rules
+        .iter()
+        .filter(|r| r.resources.iter().any(|res| res == "leases"))
+        .flat_map(|r| r.verbs.iter().map(String::as_str))
+        .collect();
+    assert_eq!(
+        granted,
+        ["get", "create", "update"],
+        "exactly what the elector uses"
+    );
+    for verb in ["get", "create", "update"] {
+        assert!(
+            rules
+                .iter()
+                .any(|r| r.api_groups.iter().any(|g| g == "coordination.k8s.io")
+                    && r.resources.iter().any(|res| res == "leases")
+                    && r.verbs.iter().any(|v| v == verb)),
+            "{} lacks {verb} on leases",
+            file.display()
+        );
+    }
 }

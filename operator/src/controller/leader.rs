@@ -262,9 +262,10 @@ impl Elector {
         Ok(())
     }
 
-    /// Runs the election until every receiver of `tx` is gone, then releases the Lease.
-    /// `tx` carries whether this replica leads.
-    pub async fn run(mut self, tx: watch::Sender<bool>) {
+    /// Runs the election until `stop` resolves or every receiver of `tx` is gone, then says
+    /// "not leading" on `tx` and releases the Lease. `tx` carries whether this replica leads.
+    pub async fn run(mut self, tx: watch::Sender<bool>, stop: impl Future<Output = ()>) {
+        let mut stop = std::pin::pin!(stop);
         let mut last_renewal: Option<Instant> = None;
         loop {
             match self.try_acquire_or_renew().await {
@@ -287,11 +288,14 @@ impl Elector {
             };
             tokio::select! {
                 biased;
+                () = &mut stop => break,
                 () = tx.closed() => break,
                 () = tokio::time::sleep(pause) => {}
             }
         }
         debug!(lease = %self.name, "leaving the election");
+        // Writes stop before the Lease is free, so two replicas never write at once.
+        tx.send_replace(false);
         if let Err(e) = self.release().await {
             warn!(lease = %self.name, error = %crate::error_chain(&e), "cannot release the Lease; the standby takes it when it expires");
         }
@@ -300,16 +304,18 @@ impl Elector {
 
 /// Joins the election for the Lease `namespace/name` as `identity` with [`Timing::DEFAULT`].
 /// The receiver says whether this replica leads; the task keeps renewing (or trying to
-/// acquire) the Lease until every receiver is dropped, then releases it.
+/// acquire) the Lease until `stop` resolves (SIGTERM: the Lease goes at once, while the
+/// controllers still drain) or every receiver is dropped, then releases it.
 pub fn elect(
     client: Client,
     namespace: &str,
     name: &str,
     identity: &str,
+    stop: impl Future<Output = ()> + Send + 'static,
 ) -> (watch::Receiver<bool>, tokio::task::JoinHandle<()>) {
     let elector = Elector::new(client, namespace, name, identity, Timing::DEFAULT);
     let (tx, rx) = watch::channel(false);
-    (rx, tokio::spawn(elector.run(tx)))
+    (rx, tokio::spawn(elector.run(tx, stop)))
 }
 
 #[cfg(test)]
