@@ -8,7 +8,7 @@ RUN cargo build --release --locked -p weft-operator -p weft-cni \
 FROM debian:bookworm-slim
 # nft applies weft's table; iproute2 is for people debugging a node from the agent's pod.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends nftables iproute2 \
+ && apt-get install -y --no-install-recommends nftables iproute2 netbase \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /usr/local/bin/weft-operator /usr/local/bin/weft /usr/local/bin/
 # The controller runs as 65532 (set in the chart). The agent must run as root in the host

@@ -14,6 +14,25 @@ use std::path::{Component, Path, PathBuf};
 /// The root of the sysctl tree.
 pub const PROC_SYS: &str = "/proc/sys";
 
+/// The environment variable that moves the sysctl tree: a container runtime mounts `/proc/sys`
+/// read-only in an unprivileged container and refuses mounts inside `/proc`, so the agent's pod
+/// mounts the node's `/proc/sys/net` at `/host/proc/sys/net` and sets `WEFT_PROC_SYS=/host/proc/sys`.
+/// The `net.*` entries still resolve to the network namespace of the thread that opens them.
+pub const PROC_SYS_ENV: &str = "WEFT_PROC_SYS";
+
+/// The root in force: `$WEFT_PROC_SYS` when it is an absolute path, else [`PROC_SYS`].
+pub fn root() -> &'static Path {
+    static ROOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ROOT.get_or_init(|| root_from(std::env::var_os(PROC_SYS_ENV)))
+}
+
+fn root_from(value: Option<std::ffi::OsString>) -> PathBuf {
+    match value.map(PathBuf::from) {
+        Some(p) if p.is_absolute() && !p.components().any(|c| c == Component::ParentDir) => p,
+        _ => PathBuf::from(PROC_SYS),
+    }
+}
+
 /// Errors of sysctl access.
 #[derive(Debug, thiserror::Error)]
 pub enum SysctlError {
@@ -91,7 +110,7 @@ pub fn path_of(key: &str) -> Result<PathBuf, SysctlError> {
     if !key.starts_with('/') && key.split(['.', '/']).any(str::is_empty) {
         return Err(invalid("empty component"));
     }
-    Ok(Path::new(PROC_SYS).join(relative))
+    Ok(root().join(relative))
 }
 
 /// Reads `key`, without the trailing newline.
@@ -190,5 +209,16 @@ mod tests {
     fn missing_key_is_not_found() {
         let e = get("net.weft.no_such_key").unwrap_err();
         assert!(e.is_not_found(), "{e:?}");
+    }
+
+    #[test]
+    fn the_root_moves_only_to_an_absolute_path() {
+        assert_eq!(
+            root_from(Some("/host/proc/sys".into())),
+            PathBuf::from("/host/proc/sys")
+        );
+        assert_eq!(root_from(None), PathBuf::from(PROC_SYS));
+        assert_eq!(root_from(Some("host/proc/sys".into())), PathBuf::from(PROC_SYS));
+        assert_eq!(root_from(Some("/host/../etc".into())), PathBuf::from(PROC_SYS));
     }
 }

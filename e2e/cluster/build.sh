@@ -12,7 +12,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 cache=${WEFT_CLUSTER_CACHE:-$HOME/.cache/weft-cluster}
 k8s_version=v1.36.3
 
-debs=(etcd-server runc busybox-static iproute2 nftables iputils-ping gcc libc6-dev python3 python3-yaml)
+debs=(netbase etcd-server runc busybox-static iproute2 nftables iputils-ping gcc libc6-dev python3 python3-yaml)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -24,7 +24,7 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-hash=$(cat "$here"/tools/*/go.mod "$here"/tools/*/go.sum "$0" | sha256sum | cut -c1-16)
+hash=$( (cat "$here"/tools/*/go.mod "$here"/tools/*/go.sum; echo "$k8s_version no_btrfs,no_devmapper,no_zfs") | sha256sum | cut -c1-16)
 bin=$cache/bin-$hash
 if [ -f "$bin/.complete" ]; then
   echo "$bin"

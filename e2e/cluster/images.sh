@@ -71,6 +71,8 @@ copy_with_libs "$w" "$repo/target/$profile/weft-operator" /usr/local/bin/weft-op
 copy_with_libs "$w" "$repo/target/$profile/weft" /usr/local/bin/weft
 copy_with_libs "$w" "$(command -v nft)" /usr/sbin/nft
 copy_with_libs "$w" "$(command -v ip)" /usr/sbin/ip
+# nft and ip read protocol and service names (Debian's netbase).
+for f in /etc/protocols /etc/services; do [ -f "$f" ] && install -D -m 0644 "$f" "$w$f"; done
 for d in /etc/iproute2 /usr/share/iproute2 /usr/lib/iproute2; do
   [ -d "$d" ] && mkdir -p "$w$d" && cp -a "$d/." "$w$d/"
 done

@@ -129,7 +129,8 @@ pub use weft_dataplane::names::eui64_link_local;
 /// discovery (fragments are forbidden, RFC 6980). A message too short to hold the target fails
 /// the payload read and passes these rules, but every receiver discards it (RFC 4861 7.1).
 pub const ND_RULES: [&str; 7] = [
-    "icmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert } ip6 nexthdr != ipv6-icmp drop",
+    // 58 is ICMPv6: a number, so that nft needs no /etc/protocols (minimal images have none).
+    "icmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert } ip6 nexthdr != 58 drop",
     "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } ip6 length > 32 drop",
     "icmpv6 type nd-router-solicit ip6 length > 16 drop",
     // Announcing another workload's address would take its traffic.

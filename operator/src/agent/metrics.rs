@@ -68,7 +68,7 @@ impl AgentMetrics {
         Self::register_with(
             registry,
             audit,
-            std::path::Path::new("/proc/sys/net/netfilter"),
+            &weft_dataplane::sysctl::root().join("net/netfilter"),
         )
     }
 
