@@ -933,3 +933,100 @@ fn solicitations_claiming_what_is_not_the_workloads_own_are_dropped() {
         "a must see m's router solicitation with its own MAC (control)"
     );
 }
+
+/// Sends one UDP datagram carrying `marker` from `w`, bound to `src:sport`, to `dst:dport`.
+fn udp_send(w: &Workload, src: &str, sport: u16, dst: &str, dport: u16, marker: &[u8]) {
+    let src: std::net::IpAddr = src.parse().unwrap();
+    let dst: std::net::IpAddr = dst.parse().unwrap();
+    netns::run_in(&w.ns, || {
+        let s = std::net::UdpSocket::bind((src, sport))
+            .unwrap_or_else(|e| panic!("bind {src} port {sport}: {e}"));
+        s.send_to(marker, (dst, dport))
+            .unwrap_or_else(|e| panic!("send to {dst} port {dport}: {e}"));
+    })
+    .unwrap();
+}
+
+#[test]
+fn dhcp_server_messages_are_dropped_whatever_their_source_port() {
+    let mut lab = Lab::new();
+    let a = lab.add("a", 2);
+    let m = lab.add("m", 4);
+    lab.apply(&lab.table(&[a, m], &[]));
+    let (wa, wm) = (lab.w(a), lab.w(m));
+    // Static neighbours: no address resolution, so only the guard decides.
+    static_neigh(wm, &wa.v4, wa.mac);
+    static_neigh(wm, &wa.v6, wa.mac);
+    // (what, source address, source port, destination, destination port, passes)
+    let cases: [(&str, &str, u16, &str, u16, bool); 8] = [
+        ("a DHCPv4 offer from 67", &wm.v4, 67, &wa.v4, 68, false),
+        ("a DHCPv4 offer from 6767", &wm.v4, 6767, &wa.v4, 68, false),
+        (
+            "a broadcast DHCPv4 offer from 6767",
+            &wm.v4,
+            6767,
+            "10.77.0.255",
+            68,
+            false,
+        ),
+        (
+            "a DHCPv6 advertise from 547",
+            &wm.v6,
+            547,
+            &wa.v6,
+            546,
+            false,
+        ),
+        (
+            "a DHCPv6 advertise from 5470",
+            &wm.v6,
+            5470,
+            &wa.v6,
+            546,
+            false,
+        ),
+        (
+            "m's own DHCPv4 request (68 → 67)",
+            &wm.v4,
+            68,
+            &wa.v4,
+            67,
+            true,
+        ),
+        (
+            "m's own DHCPv6 solicit (546 → 547)",
+            &wm.v6,
+            546,
+            &wa.v6,
+            547,
+            true,
+        ),
+        ("other UDP from 6767", &wm.v4, 6767, &wa.v4, 6768, true),
+    ];
+    for (i, (what, src, sport, dst, dport, passes)) in cases.into_iter().enumerate() {
+        let marker = format!("weft-dhcp-probe-{i}");
+        let broadcast = dst.ends_with(".255");
+        let send = || {
+            if broadcast {
+                netns::run_in(&wm.ns, || {
+                    let s = std::net::UdpSocket::bind((
+                        src.parse::<std::net::IpAddr>().unwrap(),
+                        sport,
+                    ))
+                    .unwrap();
+                    s.set_broadcast(true).unwrap();
+                    s.send_to(marker.as_bytes(), (dst, dport)).unwrap();
+                })
+                .unwrap();
+            } else {
+                udp_send(wm, src, sport, dst, dport, marker.as_bytes());
+            }
+        };
+        assert_eq!(
+            sniff(wa, marker.as_bytes(), send),
+            passes,
+            "{what}: a must {}see it",
+            if passes { "" } else { "NOT " }
+        );
+    }
+}

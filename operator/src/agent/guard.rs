@@ -33,7 +33,8 @@
 //!    inside it. Other tagged frames (802.1ad too) are dropped, and so is every ethertype but
 //!    IPv4, ARP and IPv6 (PPPoE or MPLS could carry IP the checks below never see);
 //! 5. the source MAC, the ARP sender MAC and sender IP, and the IPv4 source must be the port's;
-//!    DHCPv4 server replies (udp 67 → 68) are dropped;
+//!    DHCPv4 server messages (anything to udp port 68, the client port, whatever its source
+//!    port) are dropped;
 //! 6. neighbour discovery ([`ND_RULES`]): router and neighbour solicitations and neighbour
 //!    advertisements carry no extension header and at most one option; the target of a
 //!    neighbour advertisement, and of a duplicate address detection probe, must be one of the
@@ -41,7 +42,8 @@
 //! 7. IPv6 from `::` passes only as a DAD neighbour solicitation (or the MLDv2 report a host
 //!    sends while its link-local address is still tentative); any other IPv6 source must be
 //!    the port's, link-local included;
-//! 8. router advertisements, redirects and DHCPv6 server replies (udp 547 → 546) are dropped.
+//! 8. router advertisements, redirects and DHCPv6 server messages (anything to udp port 546,
+//!    the client port) are dropped.
 //!
 //! So a workload can neither announce another workload's IPv6 address as its own (the IPv6
 //! counterpart of an ARP reply with a foreign sender IP) nor point its own address at another
@@ -160,7 +162,8 @@ fn rules() -> Vec<String> {
         "iifname . ether saddr != @macs drop",
         "iifname . arp saddr ether != @macs drop",
         "iifname . arp saddr ip != @ips4 drop",
-        "udp sport 67 udp dport 68 drop",
+        // DHCPv4 server messages go to the client port, whatever port they come from.
+        "udp dport 68 drop",
         "iifname . ip saddr != @ips4 drop",
     ]
     .into_iter()
@@ -170,7 +173,8 @@ fn rules() -> Vec<String> {
         "ip6 saddr :: icmpv6 type { nd-neighbor-solicit, mld2-listener-report } accept",
         "iifname . ip6 saddr != @ips6 drop",
         "icmpv6 type { nd-router-advert, nd-redirect } drop",
-        "udp sport 547 udp dport 546 drop",
+        // DHCPv6 server (and relay) messages to clients likewise.
+        "udp dport 546 drop",
     ])
     .map(String::from)
     .collect()
