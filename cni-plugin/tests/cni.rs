@@ -161,6 +161,44 @@ fn static_ip_and_mac_from_cni_args_are_honoured_and_checked() {
 }
 
 #[test]
+fn a_mac_another_workload_holds_is_refused_and_the_add_leaves_nothing() {
+    let mut node = Node::new(Agent::Answers);
+    let (_, ns_path) = node.workload();
+    let victim_env = env("victim", ns_path.to_str().unwrap(), "eth0");
+    let victim = weft("ADD", &node.conf("1.1.0"), &victim_env);
+    assert!(victim.ok, "{}", victim.json);
+    let victim_mac = victim.json["interfaces"][2]["mac"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (_, ns2) = node.workload();
+    let mut e = env("attacker", ns2.to_str().unwrap(), "eth0");
+    let args = format!("IgnoreUnknown=1;MAC={}", victim_mac.to_uppercase());
+    e[4] = ("CNI_ARGS", &args);
+    let bad = weft("ADD", &node.conf("1.1.0"), &e);
+    assert!(!bad.ok, "{}", bad.json);
+    assert_eq!(bad.json["code"], 7, "{}", bad.json);
+    let details = bad.json["details"].as_str().unwrap();
+    assert!(
+        details.contains(&format!("MAC {victim_mac}"))
+            && details.contains("container victim interface eth0"),
+        "the error must name the MAC and its holder: {details}"
+    );
+    assert!(!host_link_exists("attacker", "eth0"));
+    let store = IpamStore::open(node.state_dir(), "test").unwrap();
+    let left: Vec<String> = store
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|a| a.container_id)
+        .collect();
+    assert_eq!(left, ["victim"], "the refused ADD keeps no address");
+    let mut inner = Netlink::in_netns(&Netns::open(&ns2).unwrap()).unwrap();
+    assert!(inner.link_by_name("eth0").unwrap().is_none());
+    assert!(weft("DEL", &node.conf("1.1.0"), &victim_env).ok);
+}
+
+#[test]
 fn add_fails_closed_and_undoes_everything_when_the_agent_does_not_answer() {
     let mut node = Node::new(Agent::Silent);
     let (_, ns_path) = node.workload();

@@ -23,8 +23,9 @@ use netlink_packet_route::address::{
     AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage,
 };
 use netlink_packet_route::link::{
-    AfSpecBridge, BridgeVlanInfo, BridgeVlanInfoFlags, InfoBridge, InfoData, InfoKind, InfoVeth,
-    LinkAttribute, LinkExtentMask, LinkFlags, LinkInfo as NlLinkInfo, LinkMessage,
+    AfSpecBridge, BridgeBooleanOptionFlags, BridgeBooleanOptions, BridgeVlanInfo,
+    BridgeVlanInfoFlags, InfoBridge, InfoData, InfoKind, InfoVeth, LinkAttribute, LinkExtentMask,
+    LinkFlags, LinkInfo as NlLinkInfo, LinkMessage,
 };
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
@@ -235,6 +236,10 @@ pub struct LinkInfo {
     /// For a bridge, whether it filters VLANs (`IFLA_BR_VLAN_FILTERING`); `None` for other
     /// links.
     pub vlan_filtering: Option<bool>,
+    /// For a bridge, whether it learns source MACs from link-local frames
+    /// (`01:80:c2:00:00:0x`; `BR_BOOLOPT_NO_LL_LEARN` off); `None` for other links and
+    /// kernels that do not report it.
+    pub link_local_learning: Option<bool>,
 }
 
 /// One address on an interface.
@@ -441,6 +446,7 @@ fn link_info(msg: LinkMessage) -> LinkInfo {
         alias: None,
         netns_id: None,
         vlan_filtering: None,
+        link_local_learning: None,
     };
     for attr in msg.attributes {
         match attr {
@@ -456,8 +462,21 @@ fn link_info(msg: LinkMessage) -> LinkInfo {
                         NlLinkInfo::Kind(k) => info.kind = Some(k.to_string()),
                         NlLinkInfo::Data(InfoData::Bridge(data)) => {
                             for d in data {
-                                if let InfoBridge::VlanFiltering(on) = d {
-                                    info.vlan_filtering = Some(on);
+                                match d {
+                                    InfoBridge::VlanFiltering(on) => {
+                                        info.vlan_filtering = Some(on);
+                                    }
+                                    InfoBridge::MultiBoolOpt(o)
+                                        if o.mask.contains(
+                                            BridgeBooleanOptionFlags::NoLinkLocalLearn,
+                                        ) =>
+                                    {
+                                        info.link_local_learning =
+                                            Some(!o.value.contains(
+                                                BridgeBooleanOptionFlags::NoLinkLocalLearn,
+                                            ));
+                                    }
+                                    _ => {}
                                 }
                             }
                         }
@@ -598,6 +617,27 @@ pub fn bridge_vlan_filtering_message(index: u32, on: bool) -> LinkMessage {
         .index(index)
         .vlan_filtering(on)
         .build()
+}
+
+/// `RTM_NEWLINK` on the existing bridge `index`: no MAC learning from link-local frames
+/// (`IFLA_BR_MULTI_BOOLOPT` → `BR_BOOLOPT_NO_LL_LEARN`).
+///
+/// The bridge learns the source MAC of a frame to `01:80:c2:00:00:0x` (LLDP, 802.1X, …)
+/// before any bridge-family netfilter hook sees it (LLDP with no hook at all), so without
+/// this a port could teach the bridge another workload's MAC, or the LAN router's, past the
+/// `bridge weft` guard, which checks source MACs in `prerouting`.
+pub fn bridge_no_link_local_learning_message(index: u32) -> LinkMessage {
+    LinkMessageBuilder::<LinkBridge>::new_with_info_kind(InfoKind::Bridge)
+        .index(index)
+        .append_info_data(InfoBridge::MultiBoolOpt(no_link_local_learning()))
+        .build()
+}
+
+fn no_link_local_learning() -> BridgeBooleanOptions {
+    BridgeBooleanOptions {
+        value: BridgeBooleanOptionFlags::NoLinkLocalLearn,
+        mask: BridgeBooleanOptionFlags::NoLinkLocalLearn,
+    }
 }
 
 /// The `IFLA_BRIDGE_VLAN_INFO` entries of `vlans` (sorted by ID): a run of consecutive VLANs
@@ -964,7 +1004,8 @@ impl Netlink {
     ) -> Result<u32, NetlinkError> {
         const OP: &str = "create bridge";
         check_ifname(OP, name, name)?;
-        let mut b = LinkBridge::new(name);
+        // See `bridge_no_link_local_learning_message`.
+        let mut b = LinkBridge::new(name).no_linklocal_learn(true);
         if let Some(mtu) = mtu {
             b = b.mtu(mtu);
         }
@@ -1447,6 +1488,18 @@ impl Netlink {
 }
 
 impl Netlink {
+    /// Stops bridge `index` from learning MACs from link-local frames (see
+    /// [`bridge_no_link_local_learning_message`]).
+    pub fn set_no_link_local_learning(&mut self, index: u32) -> Result<(), NetlinkError> {
+        self.call(
+            "set bridge no_linklocal_learn",
+            || format!("link {index} no_linklocal_learn 1"),
+            RouteNetlinkMessage::NewLink(bridge_no_link_local_learning_message(index)),
+            0,
+        )?;
+        Ok(())
+    }
+
     /// Turns VLAN filtering of bridge `index` on or off. A kernel without it
     /// (`CONFIG_BRIDGE_VLAN_FILTERING` unset) answers `EOPNOTSUPP`
     /// ([`NetlinkError::is_not_supported`]).
@@ -1816,6 +1869,26 @@ mod tests {
             NetlinkPayload::InnerMessage(m) => m,
             other => panic!("not a route message: {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_no_link_local_learning_message_sets_the_boolopt_and_a_dump_reads_it_back() {
+        let RouteNetlinkMessage::NewLink(msg) = round_trip(RouteNetlinkMessage::NewLink(
+            bridge_no_link_local_learning_message(7),
+        )) else {
+            panic!("not RTM_NEWLINK");
+        };
+        assert_eq!(msg.header.index, 7);
+        assert_eq!(
+            msg.attributes,
+            [LinkAttribute::LinkInfo(vec![
+                NlLinkInfo::Kind(InfoKind::Bridge),
+                NlLinkInfo::Data(InfoData::Bridge(vec![InfoBridge::MultiBoolOpt(
+                    no_link_local_learning()
+                )])),
+            ])]
+        );
+        assert_eq!(link_info(msg).link_local_learning, Some(false));
     }
 
     #[test]

@@ -147,6 +147,9 @@ pub trait Links {
     /// Turns VLAN filtering of bridge `index` on or off (a kernel without it answers
     /// `EOPNOTSUPP`).
     fn set_vlan_filtering(&mut self, index: u32, on: bool) -> Result<(), ApplyError>;
+    /// Stops bridge `index` from learning MACs from link-local frames (bridges are created
+    /// that way; this corrects older ones).
+    fn set_no_link_local_learning(&mut self, index: u32) -> Result<(), ApplyError>;
     /// The VLANs of every bridge port, by port index (ports of bridges that do not filter
     /// VLANs hold none).
     fn port_vlans(&mut self) -> Result<BTreeMap<u32, Vec<PortVlan>>, ApplyError>;
@@ -257,6 +260,11 @@ impl Links for Netlink {
         Netlink::set_vlan_filtering(self, index, on).map_err(link_err(format!(
             "set vlan_filtering {} on bridge {index}",
             u8::from(on)
+        )))
+    }
+    fn set_no_link_local_learning(&mut self, index: u32) -> Result<(), ApplyError> {
+        Netlink::set_no_link_local_learning(self, index).map_err(link_err(format!(
+            "set no_linklocal_learn on bridge {index}"
         )))
     }
     fn port_vlans(&mut self) -> Result<BTreeMap<u32, Vec<PortVlan>>, ApplyError> {
@@ -493,6 +501,13 @@ fn apply_bridges(
                 if !link.up {
                     links.set_up(link.index)?;
                     report.changes.push(format!("bridge {} up", bridge.name));
+                }
+                // A bridge made before weft created them without it.
+                if link.link_local_learning == Some(true) {
+                    links.set_no_link_local_learning(link.index)?;
+                    report
+                        .changes
+                        .push(format!("bridge {} no_linklocal_learn 1", bridge.name));
                 }
                 link.index
             }
@@ -895,6 +910,7 @@ impl Links for FakeLinks {
             alias: Some(alias.into()),
             netns_id: None,
             vlan_filtering: Some(false),
+            link_local_learning: Some(false),
         });
         self.calls.push(format!("create_bridge {name}"));
         Ok(index)
@@ -1029,6 +1045,7 @@ impl Links for FakeLinks {
             alias: Some(alias.into()),
             netns_id: None,
             vlan_filtering: None,
+            link_local_learning: None,
         });
         self.calls.push(format!("create_vlan {name} {id}"));
         Ok(index)
@@ -1052,6 +1069,16 @@ impl Links for FakeLinks {
         }
         self.calls
             .push(format!("set_vlan_filtering {index} {}", u8::from(on)));
+        Ok(())
+    }
+    fn set_no_link_local_learning(&mut self, index: u32) -> Result<(), ApplyError> {
+        for l in &mut self.links {
+            if l.index == index {
+                l.link_local_learning = Some(false);
+            }
+        }
+        self.calls
+            .push(format!("set_no_link_local_learning {index}"));
         Ok(())
     }
     fn port_vlans(&mut self) -> Result<BTreeMap<u32, Vec<PortVlan>>, ApplyError> {
@@ -1165,6 +1192,7 @@ mod tests {
             alias: None,
             netns_id: None,
             vlan_filtering: None,
+            link_local_learning: None,
         }
     }
 
@@ -1347,6 +1375,30 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(err, ApplyError::ForeignLink { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_bridge_that_learns_from_link_local_frames_is_corrected_once() {
+        let mut node = Node::new();
+        node.apply(&plan(&[], "accept", &["a"]));
+        // A bridge made by an older weft: the kernel reports link-local learning on.
+        node.links.links[0].link_local_learning = Some(true);
+        let r = node.apply(&plan(&[], "accept", &["a"]));
+        assert!(
+            r.changes
+                .iter()
+                .any(|c| c == "bridge wn-a no_linklocal_learn 1"),
+            "{r:?}"
+        );
+        assert_eq!(node.links.links[0].link_local_learning, Some(false));
+        let again = node.apply(&plan(&[], "accept", &["a"]));
+        assert!(
+            !again
+                .changes
+                .iter()
+                .any(|c| c.contains("no_linklocal_learn")),
+            "{again:?}"
+        );
     }
 
     #[test]

@@ -1030,3 +1030,114 @@ fn dhcp_server_messages_are_dropped_whatever_their_source_port() {
         );
     }
 }
+
+/// The "LAN router" of a bridge network: namespace `r` behind the node's uplink port `up0`
+/// (not a `wf…` port, so the guard leaves it alone, like a real uplink), at 10.77.0.1 and
+/// fd77::1 with MAC 02:00:00:00:00:01. Returns its namespace name.
+const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+
+fn add_router(lab: &mut Lab) -> String {
+    let name = format!("{}-r", lab.node_name.replace("node", "wl"));
+    let ns = netns::create_named(&name).expect("create the router netns");
+    lab.made.push(name.clone());
+    no_dad(&ns);
+    let mut nl = Netlink::in_netns(&lab.node).unwrap();
+    let up = nl
+        .create_veth_into_netns(&VethSpec {
+            host_name: "up0",
+            host_alias: None,
+            host_master: Some(lab.bridge),
+            peer_name: "eth0",
+            peer_netns: ns.fd(),
+            peer_mac: Some(ROUTER_MAC),
+            mtu: None,
+        })
+        .unwrap();
+    nl.set_up(up).unwrap();
+    let mut r = Netlink::in_netns(&ns).unwrap();
+    let eth = r.link_by_name("eth0").unwrap().unwrap().index;
+    r.add_address(eth, "10.77.0.1/24".parse().unwrap(), true)
+        .unwrap();
+    r.add_address(eth, "fd77::1/64".parse().unwrap(), true)
+        .unwrap();
+    r.set_up(eth).unwrap();
+    name
+}
+
+/// The bridge port the node's FDB holds `mac` on, if any.
+fn fdb_port(lab: &Lab, mac: [u8; 6]) -> Option<String> {
+    let mac = weft_dataplane::names::format_mac(mac);
+    let out = Command::new("bridge")
+        .args(["-n", &lab.node_name, "fdb", "show", "br", BRIDGE])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with(&mac) && !l.contains("permanent"))
+        .find_map(|l| {
+            let mut words = l.split_whitespace();
+            words.find(|w| *w == "dev")?;
+            words.next().map(str::to_string)
+        })
+}
+
+/// A frame from `src` to `dst` (ethertype 0x88b5) the attacker sends to move an FDB entry.
+fn frame_from(dst: [u8; 6], src: [u8; 6], ethertype: [u8; 2]) -> Vec<u8> {
+    let mut f = dst.to_vec();
+    f.extend(src);
+    f.extend(ethertype);
+    f.extend(b"weft-fdb-probe");
+    f.resize(64, 0);
+    f
+}
+
+#[test]
+fn an_attacker_port_teaches_the_bridge_neither_a_workloads_mac_nor_the_routers() {
+    let mut lab = Lab::new();
+    let a = lab.add("a", 2);
+    let m = lab.add("m", 4);
+    let router = add_router(&mut lab);
+    lab.apply(&lab.table(&[a, m], &[]));
+    let (wa, wm) = (lab.w(a), lab.w(m));
+    assert!(
+        ping(wa, None, "10.77.0.1"),
+        "a reaches the router (control)"
+    );
+    assert_eq!(fdb_port(&lab, wa.mac).as_deref(), Some("wfa"));
+    assert_eq!(fdb_port(&lab, ROUTER_MAC).as_deref(), Some("up0"));
+    // Link-local destinations: LLDP (learned with no netfilter hook on the way), 802.1X
+    // (after the bridge `input` hook), STP's group address; then a broadcast and a unicast
+    // frame, which the guard's source MAC check drops in `prerouting`.
+    let destinations: [([u8; 6], [u8; 2]); 5] = [
+        ([0x01, 0x80, 0xc2, 0, 0, 0x0e], [0x88, 0xcc]),
+        ([0x01, 0x80, 0xc2, 0, 0, 0x03], [0x88, 0x8e]),
+        ([0x01, 0x80, 0xc2, 0, 0, 0x00], [0x88, 0xb5]),
+        ([0xff; 6], [0x88, 0xb5]),
+        (ROUTER_MAC, [0x88, 0xb5]),
+    ];
+    for (victim, holder) in [(wa.mac, "wfa"), (ROUTER_MAC, "up0")] {
+        for (dst, ethertype) in destinations {
+            send_frame(wm, &frame_from(dst, victim, ethertype));
+            std::thread::sleep(Duration::from_millis(50));
+            assert_eq!(
+                fdb_port(&lab, victim).as_deref(),
+                Some(holder),
+                "m's frame to {} from {} must NOT move the FDB entry off {holder}",
+                weft_dataplane::names::format_mac(dst),
+                weft_dataplane::names::format_mac(victim),
+            );
+        }
+    }
+    // The victim still gets its traffic, from the router and from m.
+    let to_a = exec(
+        &router,
+        &["ping", "-c", "2", "-i", "0.2", "-W", "1", &wa.v4],
+    );
+    assert!(
+        to_a.status.success(),
+        "the router must still reach a: {}",
+        String::from_utf8_lossy(&to_a.stdout)
+    );
+    assert!(ping(wm, None, &wa.v4), "m reaches a at a's own port");
+    assert_eq!(fdb_port(&lab, wa.mac).as_deref(), Some("wfa"));
+}
