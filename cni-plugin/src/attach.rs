@@ -434,6 +434,9 @@ fn add_one(
         mtu: Some(net.mtu),
     })?;
     rollback.host_index = Some(host_index);
+    // Hairpin: the workload reaches itself through the node's port forwards and host ports
+    // (the bridge guard drops the broadcasts and multicasts it would reflect).
+    host.set_port_hairpin(host_index, true)?;
     // A VLAN-filtering bridge: an access port on the network's own VLAN, plus the trunk.
     if let Some(f) = &net.vlan_filtering {
         host.set_port_vlans(host_index, &f.workload(trunk))?;

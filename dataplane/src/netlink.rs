@@ -24,8 +24,8 @@ use netlink_packet_route::address::{
 };
 use netlink_packet_route::link::{
     AfSpecBridge, BridgeBooleanOptionFlags, BridgeBooleanOptions, BridgeVlanInfo,
-    BridgeVlanInfoFlags, InfoBridge, InfoData, InfoKind, InfoVeth, LinkAttribute, LinkExtentMask,
-    LinkFlags, LinkInfo as NlLinkInfo, LinkMessage,
+    BridgeVlanInfoFlags, InfoBridge, InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoVeth,
+    LinkAttribute, LinkExtentMask, LinkFlags, LinkInfo as NlLinkInfo, LinkMessage,
 };
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
@@ -33,8 +33,8 @@ use netlink_packet_route::route::{
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 use rtnetlink::{
-    AddressMessageBuilder, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVlan,
-    RouteMessageBuilder,
+    AddressMessageBuilder, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth,
+    LinkVlan, RouteMessageBuilder,
 };
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -240,6 +240,9 @@ pub struct LinkInfo {
     /// (`01:80:c2:00:00:0x`; `BR_BOOLOPT_NO_LL_LEARN` off); `None` for other links and
     /// kernels that do not report it.
     pub link_local_learning: Option<bool>,
+    /// For a bridge port, whether hairpin mode is on (`IFLA_BRPORT_MODE`: the bridge may send
+    /// a frame back out of the port it came in on); `None` for other links.
+    pub hairpin: Option<bool>,
 }
 
 /// One address on an interface.
@@ -447,6 +450,7 @@ fn link_info(msg: LinkMessage) -> LinkInfo {
         netns_id: None,
         vlan_filtering: None,
         link_local_learning: None,
+        hairpin: None,
     };
     for attr in msg.attributes {
         match attr {
@@ -460,6 +464,13 @@ fn link_info(msg: LinkMessage) -> LinkInfo {
                 for i in infos {
                     match i {
                         NlLinkInfo::Kind(k) => info.kind = Some(k.to_string()),
+                        NlLinkInfo::PortData(InfoPortData::BridgePort(data)) => {
+                            for d in data {
+                                if let InfoBridgePort::HairpinMode(on) = d {
+                                    info.hairpin = Some(on);
+                                }
+                            }
+                        }
                         NlLinkInfo::Data(InfoData::Bridge(data)) => {
                             for d in data {
                                 match d {
@@ -630,6 +641,19 @@ pub fn bridge_no_link_local_learning_message(index: u32) -> LinkMessage {
     LinkMessageBuilder::<LinkBridge>::new_with_info_kind(InfoKind::Bridge)
         .index(index)
         .append_info_data(InfoBridge::MultiBoolOpt(no_link_local_learning()))
+        .build()
+}
+
+/// `RTM_NEWLINK` on bridge port `index`: hairpin mode on or off (`IFLA_INFO_SLAVE_DATA` →
+/// `IFLA_BRPORT_MODE`).
+///
+/// A workload port needs it on to reach its own workload through the node: a packet the
+/// workload sends to one of the node's port forwards (or host ports) that leads back to itself
+/// is DNATed on the bridge and must leave through the port it came in on. The `bridge weft`
+/// table drops the broadcasts and multicasts it would also reflect.
+pub fn port_hairpin_message(index: u32, on: bool) -> LinkMessage {
+    LinkBridgePort::new(index)
+        .append_info_data(InfoBridgePort::HairpinMode(on))
         .build()
 }
 
@@ -1488,6 +1512,17 @@ impl Netlink {
 }
 
 impl Netlink {
+    /// Turns hairpin mode of bridge port `index` on or off (see [`port_hairpin_message`]).
+    pub fn set_port_hairpin(&mut self, index: u32, on: bool) -> Result<(), NetlinkError> {
+        self.call(
+            "set bridge port hairpin",
+            || format!("link {index} hairpin {}", if on { "on" } else { "off" }),
+            RouteNetlinkMessage::NewLink(port_hairpin_message(index, on)),
+            0,
+        )?;
+        Ok(())
+    }
+
     /// Stops bridge `index` from learning MACs from link-local frames (see
     /// [`bridge_no_link_local_learning_message`]).
     pub fn set_no_link_local_learning(&mut self, index: u32) -> Result<(), NetlinkError> {
@@ -1868,6 +1903,28 @@ mod tests {
         {
             NetlinkPayload::InnerMessage(m) => m,
             other => panic!("not a route message: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_hairpin_message_carries_the_port_kind_and_mode_and_a_dump_reads_it_back() {
+        for on in [true, false] {
+            let RouteNetlinkMessage::NewLink(msg) =
+                round_trip(RouteNetlinkMessage::NewLink(port_hairpin_message(9, on)))
+            else {
+                panic!("not RTM_NEWLINK");
+            };
+            assert_eq!(msg.header.index, 9);
+            assert_eq!(
+                msg.attributes,
+                [LinkAttribute::LinkInfo(vec![
+                    NlLinkInfo::PortKind(netlink_packet_route::link::InfoPortKind::Bridge),
+                    NlLinkInfo::PortData(InfoPortData::BridgePort(vec![
+                        InfoBridgePort::HairpinMode(on)
+                    ])),
+                ])]
+            );
+            assert_eq!(link_info(msg).hairpin, Some(on));
         }
     }
 

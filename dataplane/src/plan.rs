@@ -911,6 +911,7 @@ impl Links for FakeLinks {
             netns_id: None,
             vlan_filtering: Some(false),
             link_local_learning: Some(false),
+            hairpin: None,
         });
         self.calls.push(format!("create_bridge {name}"));
         Ok(index)
@@ -1046,6 +1047,7 @@ impl Links for FakeLinks {
             netns_id: None,
             vlan_filtering: None,
             link_local_learning: None,
+            hairpin: None,
         });
         self.calls.push(format!("create_vlan {name} {id}"));
         Ok(index)
@@ -1193,6 +1195,7 @@ mod tests {
             netns_id: None,
             vlan_filtering: None,
             link_local_learning: None,
+            hairpin: None,
         }
     }
 

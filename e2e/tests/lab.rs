@@ -807,3 +807,64 @@ expect:
         "{out}"
     );
 }
+
+#[test]
+fn a_workload_reaches_itself_through_its_own_nodes_port_forward() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = write(dir.path(), "hairpin.yaml", HAIRPIN);
+    let out = run_lab(&lab, &format!("hp-{}", std::process::id() % 10000));
+    assert!(out.contains("all expectations hold"), "{out}");
+}
+
+/// A workload behind a port forward of its own node, on a NAT network and on a Bridge network,
+/// TCP and UDP, IPv4 and IPv6: the DNATed packet must leave through the port it came in on
+/// (hairpin), masqueraded so the reply comes back through the node.
+const HAIRPIN: &str = r#"lan:
+  gateway: 192.168.61.1/24
+  gateway6: "fd00:61::1/64"
+nodes:
+  - {name: node-a, address: 192.168.61.11/24, address6: "fd00:61::11/64"}
+resources:
+  - apiVersion: weft.dev/v1alpha1
+    kind: Network
+    metadata: {name: nat}
+    spec: {mode: NAT, subnets: [10.61.0.0/24, "fd61::/64"]}
+  - apiVersion: weft.dev/v1alpha1
+    kind: Network
+    metadata: {name: lan}
+    spec:
+      mode: Bridge
+      subnets: [192.168.61.0/24, "fd00:61::/64"]
+      gateway: [192.168.61.1, "fd00:61::1"]
+      ipam: {nodeBlockPrefix: 27, exclude: [192.168.61.0/26, "fd00:61::/120"]}
+      bridge: {uplink: eth0}
+  - apiVersion: weft.dev/v1alpha1
+    kind: PortForward
+    metadata: {name: self, namespace: default}
+    spec:
+      network: nat
+      target: {workload: web}
+      ports: [{protocol: TCP, port: 8080, targetPort: 80}, {protocol: UDP, port: 5353, targetPort: 53}]
+  - apiVersion: weft.dev/v1alpha1
+    kind: PortForward
+    metadata: {name: self-lan, namespace: default}
+    spec:
+      network: lan
+      target: {workload: host}
+      ports: [{protocol: TCP, port: 8081, targetPort: 80}, {protocol: UDP, port: 5354, targetPort: 53}]
+workloads:
+  - {name: web, node: node-a, networks: [nat], listen: [80/tcp, 53/udp]}
+  - {name: peer, node: node-a, networks: [nat], listen: [80/tcp]}
+  - {name: host, node: node-a, networks: [lan], listen: [80/tcp, 53/udp]}
+expect:
+  - {from: web, to: node-a, port: 8080, protocol: tcp, result: allow, answeredBy: web}
+  - {from: web, to: node-a, port: 8080, protocol: tcp, family: ipv6, result: allow, answeredBy: web}
+  - {from: web, to: node-a, port: 5353, protocol: udp, result: allow, answeredBy: web}
+  - {from: web, to: node-a, port: 5353, protocol: udp, family: ipv6, result: allow, answeredBy: web}
+  - {from: peer, to: node-a, port: 8080, protocol: tcp, result: allow, answeredBy: web}
+  - {from: host, to: node-a, port: 8081, protocol: tcp, result: allow, answeredBy: host}
+  - {from: host, to: node-a, port: 8081, protocol: tcp, family: ipv6, result: allow, answeredBy: host}
+  - {from: host, to: node-a, port: 5354, protocol: udp, result: allow, answeredBy: host}
+  - {from: host, to: node-a, port: 5354, protocol: udp, family: ipv6, result: allow, answeredBy: host}
+  - {from: web, to: peer, port: 80, protocol: tcp, result: allow, sourceSeenAs: self}
+"#;

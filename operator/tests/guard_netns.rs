@@ -513,6 +513,15 @@ fn the_table_lists_back_without_a_diff() {
 /// Whether `w` sees a frame containing `marker` on its `eth0` (an `ETH_P_ALL` packet socket,
 /// which sees frames before the stack drops them) while `during` runs, waiting up to 1.5 s.
 fn sniff(w: &Workload, marker: &[u8], during: impl FnOnce()) -> bool {
+    sniff_frames(w, marker, false, during)
+}
+
+/// [`sniff`], of the frames `w` receives only (not `PACKET_OUTGOING`: not its own).
+fn sniff_incoming(w: &Workload, marker: &[u8], during: impl FnOnce()) -> bool {
+    sniff_frames(w, marker, true, during)
+}
+
+fn sniff_frames(w: &Workload, marker: &[u8], incoming_only: bool, during: impl FnOnce()) -> bool {
     use nix::libc;
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let ifindex = Netlink::in_netns(&w.ns)
@@ -572,11 +581,25 @@ fn sniff(w: &Workload, marker: &[u8], during: impl FnOnce()) -> bool {
                 let deadline = std::time::Instant::now() + Duration::from_millis(1500);
                 let mut buf = [0u8; 2048];
                 while std::time::Instant::now() < deadline {
-                    // SAFETY: `buf` is valid for writes of its length.
+                    // SAFETY: an all-zero `sockaddr_ll` is valid.
+                    let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+                    let mut len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+                    // SAFETY: `buf` and `from` are valid for writes of the lengths passed.
                     let n = unsafe {
-                        libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
+                        libc::recvfrom(
+                            fd.as_raw_fd(),
+                            buf.as_mut_ptr().cast(),
+                            buf.len(),
+                            0,
+                            std::ptr::from_mut(&mut from).cast(),
+                            &mut len,
+                        )
                     };
-                    if n > 0 && buf[..n as usize].windows(marker.len()).any(|x| x == marker) {
+                    let outgoing = from.sll_pkttype == libc::PACKET_OUTGOING;
+                    if n > 0
+                        && !(incoming_only && outgoing)
+                        && buf[..n as usize].windows(marker.len()).any(|x| x == marker)
+                    {
                         return true;
                     }
                 }
@@ -1140,4 +1163,58 @@ fn an_attacker_port_teaches_the_bridge_neither_a_workloads_mac_nor_the_routers()
     );
     assert!(ping(wm, None, &wa.v4), "m reaches a at a's own port");
     assert_eq!(fdb_port(&lab, wa.mac).as_deref(), Some("wfa"));
+}
+
+#[test]
+fn a_hairpin_port_never_gets_its_own_broadcasts_and_multicasts_back() {
+    let mut lab = Lab::new();
+    let a = lab.add("a", 2);
+    let b = lab.add("b", 3);
+    lab.apply(&lab.table(&[a, b], &[]));
+    let mut nl = Netlink::in_netns(&lab.node).unwrap();
+    for w in [a, b] {
+        let port = nl.link_by_name(&lab.w(w).port).unwrap().unwrap().index;
+        nl.set_port_hairpin(port, true).unwrap();
+        let back = nl.link_by_index(port).unwrap().unwrap();
+        assert_eq!(back.hairpin, Some(true), "a dump reads hairpin mode back");
+    }
+    let (wa, wb) = (lab.w(a), lab.w(b));
+    // a's own ARP request (broadcast) and duplicate address probe (multicast, as Linux sends
+    // it: from ::, with a nonce); the bytes after the Ethernet and IP headers are the marker.
+    let arp = arp_request(wa.mac, &wa.v4, &wb.v4);
+    let probe = frame::neighbour_solicit(
+        wa.mac,
+        Ipv6Addr::UNSPECIFIED,
+        v6(&wa.v6),
+        &[14, 1, 1, 2, 3, 4, 5, 6],
+    );
+    let frames = [
+        ("a's ARP request (broadcast)", &arp, &arp[14..]),
+        (
+            "a's duplicate address probe (multicast)",
+            &probe,
+            &probe[54..],
+        ),
+    ];
+    for (what, f, marker) in frames {
+        assert!(
+            !sniff_incoming(wa, marker, || send_frame(wa, f)),
+            "{what} must NOT come back to a"
+        );
+        assert!(
+            sniff_incoming(wb, marker, || send_frame(wa, f)),
+            "{what} still reaches b (control)"
+        );
+    }
+    // Control: without the rule the bridge floods a's broadcast back to it.
+    let mut t = lab.table(&[a, b], &[]);
+    t.chains[1].rules.retain(|r| r != guard::HAIRPIN_FLOOD_RULE);
+    lab.apply(&t);
+    for (what, f, marker) in frames {
+        assert!(
+            sniff_incoming(wa, marker, || send_frame(wa, f)),
+            "without the rule {what} comes back to a (control)"
+        );
+    }
+    assert!(ping(wa, None, &wb.v4), "a reaches b with hairpin on");
 }

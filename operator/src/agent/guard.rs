@@ -19,7 +19,9 @@
 //!   [`PortGuard::pending`]);
 //! - `trunks` (`typeof iifname . vlan id`): the VLANs each trunk port may send tagged (its
 //!   attachment's `vlanTrunk`, on a network with `spec.bridge.vlanFiltering`), one element per
-//!   VLAN (`"wfa" . 20`).
+//!   VLAN (`"wfa" . 20`);
+//! - `hairpin` (`ifname . ifname`): each port paired with itself (`"wfa" . "wfa"`), guarded and
+//!   open alike.
 //!
 //! One base chain, `prerouting` (`type filter hook prerouting priority filter`, -200 in the
 //! bridge family, before br_netfilter's hooks at 0), sees every frame a bridge port receives,
@@ -44,6 +46,12 @@
 //!    the port's, link-local included;
 //! 8. router advertisements, redirects and DHCPv6 server messages (anything to udp port 546,
 //!    the client port) are dropped.
+//!
+//! A second base chain, `forward`, drops what goes to a pending port, and the broadcasts and
+//! multicasts a port would get back from itself: workload ports are in hairpin mode, so that
+//! a workload reaches itself through the node's port forwards (the DNATed packet leaves
+//! through the port it came in on), and the bridge would otherwise flood a port's own ARP
+//! requests and neighbour solicitations (a duplicate address probe included) back to it.
 //!
 //! So a workload can neither announce another workload's IPv6 address as its own (the IPv6
 //! counterpart of an ARP reply with a foreign sender IP) nor point its own address at another
@@ -142,6 +150,11 @@ pub const ND_RULES: [&str; 7] = [
     "icmpv6 type nd-router-solicit ip6 length 16 @th,64,8 1 iifname . @th,80,48 != @lladdrs drop",
 ];
 
+/// The `forward` rule that keeps a hairpin port's own broadcasts and multicasts from coming
+/// back to it.
+pub const HAIRPIN_FLOOD_RULE: &str =
+    "meta pkttype { broadcast, multicast } iifname . oifname @hairpin drop";
+
 /// The fixed rules of `prerouting`.
 fn rules() -> Vec<String> {
     [
@@ -213,6 +226,11 @@ pub fn table(bridges: &[String], guarded: &[PortGuard], open: &[OpenPort]) -> Ta
         )
         .collect();
     let open: BTreeSet<String> = open_ports.iter().map(|p| quoted(&p.ifname)).collect();
+    let hairpin: BTreeSet<String> = guarded_names
+        .iter()
+        .chain(&open)
+        .map(|p| format!("{p} . {p}"))
+        .collect();
     let mut macs = BTreeSet::new();
     let mut ips4 = BTreeSet::new();
     let mut ips6 = BTreeSet::new();
@@ -257,6 +275,7 @@ pub fn table(bridges: &[String], guarded: &[PortGuard], open: &[OpenPort]) -> Ta
             set("lladdrs", "typeof iifname . @th,208,48", lladdrs),
             set("pending", "ifname", pending),
             set("trunks", "typeof iifname . vlan id", trunks),
+            set("hairpin", "ifname . ifname", hairpin),
         ],
         maps: vec![],
         chains: vec![
@@ -271,7 +290,8 @@ pub fn table(bridges: &[String], guarded: &[PortGuard], open: &[OpenPort]) -> Ta
                 rules: rules(),
             },
             // Nothing reaches a pending port: the LAN keeps delivering the VM's MAC to the
-            // node the VM still runs on.
+            // node the VM still runs on. A port in hairpin mode gets its own unicast back (a
+            // port forward to itself), never its own broadcasts and multicasts.
             Chain {
                 name: "forward".into(),
                 base: Some(BaseChain {
@@ -280,7 +300,7 @@ pub fn table(bridges: &[String], guarded: &[PortGuard], open: &[OpenPort]) -> Ta
                     priority: "filter".into(),
                     policy: Some("accept".into()),
                 }),
-                rules: vec!["oifname @pending drop".into()],
+                rules: vec!["oifname @pending drop".into(), HAIRPIN_FLOOD_RULE.into()],
             },
         ],
     }
@@ -472,6 +492,21 @@ mod tests {
         );
         let text = render_table(&trunked);
         assert!(text.contains("\t\ttypeof iifname . vlan id\n"), "{text}");
+    }
+
+    #[test]
+    fn every_port_is_paired_with_itself_for_the_hairpin_flood_rule() {
+        let t = table(
+            &[],
+            &[port("wfa", [0x0a, 0x58, 10, 77, 0, 2], &["10.77.0.2"])],
+            &[open("wfo", false)],
+        );
+        assert_eq!(
+            elements(&t, "hairpin"),
+            ["\"wfa\" . \"wfa\"", "\"wfo\" . \"wfo\""]
+        );
+        assert_eq!(structure_hash(&t), structure_hash(&table(&[], &[], &[])));
+        assert!(t.chains[1].rules.iter().any(|r| r == HAIRPIN_FLOOD_RULE));
     }
 
     #[test]
