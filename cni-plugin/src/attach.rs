@@ -334,6 +334,12 @@ fn add_one(
         &[]
     };
     check_trunk(trunk, &net)?;
+    // Host ports, like static addresses, belong to `CNI_IFNAME`.
+    let port_mappings: &[proto::PortMapping] = if parent.is_none() {
+        &conf.port_mappings
+    } else {
+        &[]
+    };
     let ns = Netns::open(Path::new(netns_path)).map_err(|e| {
         CniError::from_chain(
             error::INVALID_ENV,
@@ -388,6 +394,7 @@ fn add_one(
             owner_kubevirt: carried.kubevirt,
             restore: restore.cloned(),
             vlan_trunk: trunk.to_vec(),
+            port_mappings: port_mappings.to_vec(),
             mac: requested_mac.map(names::format_mac),
             host_ifname: Some(host_name.clone()),
             pod_namespace: pod_namespace.clone(),
@@ -470,6 +477,7 @@ fn add_one(
             vm: owner.clone(),
             pending: migration.is_some(),
             vlan_trunk: trunk.to_vec(),
+            port_mappings: port_mappings.to_vec(),
         },
     );
     if registered.is_err() && tap.is_some() {

@@ -868,3 +868,203 @@ expect:
   - {from: host, to: node-a, port: 5354, protocol: udp, family: ipv6, result: allow, answeredBy: host}
   - {from: web, to: peer, port: 80, protocol: tcp, result: allow, sourceSeenAs: self}
 "#;
+
+/// A workload's host ports (`runtimeConfig.portMappings`) on a NAT network: one on every node
+/// address, one on the node's IPv6 address only.
+const HOST_PORTS: &str = r#"lan:
+  gateway: 192.168.62.1/24
+  gateway6: "fd00:62::1/64"
+nodes:
+  - {name: node-a, address: 192.168.62.11/24, address6: "fd00:62::11/64"}
+resources:
+  - apiVersion: weft.dev/v1alpha1
+    kind: Network
+    metadata: {name: nat}
+    spec: {mode: NAT, subnets: [10.62.0.0/24, "fd62::/64"]}
+workloads:
+  - name: web
+    node: node-a
+    networks: [nat]
+    listen: [80/tcp, 53/udp]
+    hostPorts:
+      - {hostPort: 8080, containerPort: 80, protocol: tcp}
+      - {hostPort: 5353, containerPort: 53, protocol: udp}
+  - name: pinned
+    node: node-a
+    networks: [nat]
+    listen: [81/tcp]
+    hostPorts:
+      - {hostPort: 8081, containerPort: 81, protocol: tcp, hostIP: "fd00:62::11"}
+expect:
+  - {from: outside, to: node-a, port: 8080, protocol: tcp, result: allow, answeredBy: web, sourceSeenAs: self}
+  - {from: outside, to: node-a, port: 8080, protocol: tcp, family: ipv6, result: allow, answeredBy: web}
+  - {from: outside, to: node-a, port: 5353, protocol: udp, result: allow, answeredBy: web}
+  - {from: outside, to: node-a, port: 5353, protocol: udp, family: ipv6, result: allow, answeredBy: web}
+  - {from: web, to: node-a, port: 8080, protocol: tcp, result: allow, answeredBy: web}
+  - {from: web, to: node-a, port: 5353, protocol: udp, family: ipv6, result: allow, answeredBy: web}
+  - {from: outside, to: node-a, port: 8081, protocol: tcp, family: ipv6, result: allow, answeredBy: pinned}
+  - {from: outside, to: node-a, port: 8081, protocol: tcp, result: deny}
+"#;
+
+/// Runs the real `weft` binary in the lab's node namespace, as the lab does.
+fn weft_in_node(
+    lab: &str,
+    command: &str,
+    container_id: &str,
+    workload_ns: &str,
+    conf: &serde_json::Value,
+) -> (bool, serde_json::Value) {
+    use std::io::Write;
+    let node_dir = Path::new("/run/weft-lab").join(lab).join("node-a");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &format!("wl-{lab}-n-node-a")])
+        .arg(node_dir.join("cni-bin").join("weft"))
+        .env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", container_id)
+        .env("CNI_NETNS", format!("/run/netns/{workload_ns}"))
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", node_dir.join("cni-bin"))
+        .env(
+            "CNI_ARGS",
+            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={container_id}"),
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&serde_json::to_vec(conf).unwrap())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let value = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (out.status.success(), value)
+}
+
+/// The elements of map `name` of the node's `inet weft` table, as `nft` lists them.
+fn nft_map(lab: &str, name: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &format!("wl-{lab}-n-node-a")])
+        .args(["nft", "list", "map", "inet", "weft", name])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    text.split_once("elements = {")
+        .map(|(_, e)| e.split('}').next().unwrap_or("").trim().to_string())
+        .unwrap_or_default()
+}
+
+#[test]
+fn host_ports_reach_the_pod_a_second_claim_fails_and_del_removes_them() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "hostports.yaml", HOST_PORTS);
+    let lab = format!("hpt-{}", std::process::id() % 10000);
+    let out = Command::new(operator_binary())
+        .args(["lab", "--keep", "--name", &lab])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let thief_ns = format!("wl-{lab}-x-thief");
+    let down = || {
+        let _ = weft_dataplane::netns::delete_named(&thief_ns);
+        let _ = Command::new(operator_binary())
+            .args(["lab", "down", "--name", &lab])
+            .arg(&file)
+            .status();
+    };
+    let result = std::panic::catch_unwind(|| {
+        assert!(
+            out.status.success() && stdout.contains("all expectations hold"),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let node_dir = Path::new("/run/weft-lab").join(&lab).join("node-a");
+        let conflist: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(
+                node_dir
+                    .join("cni-conf")
+                    .join(weft_dataplane::names::CONFLIST_NAME),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            conflist["plugins"][0]["capabilities"]["portMappings"], true,
+            "the conflist declares the portMappings capability"
+        );
+        let mut conf = conflist["plugins"][0].clone();
+        conf["cniVersion"] = conflist["cniVersion"].clone();
+        conf["name"] = conflist["name"].clone();
+        conf["network"] = serde_json::json!("nat");
+        let state_dir = std::path::PathBuf::from(conf["stateDir"].as_str().unwrap());
+        let web = format!("lab-{lab}-web");
+        assert!(
+            nft_map(&lab, "hport4").contains("8080"),
+            "web's host port is in force"
+        );
+
+        // A second pod asking for web's host port: refused, naming it, and nothing is left.
+        weft_dataplane::netns::create_named(&thief_ns).unwrap();
+        let mut thief = conf.clone();
+        thief["runtimeConfig"] = serde_json::json!({"portMappings": [
+            {"hostPort": 8080, "containerPort": 80, "protocol": "tcp", "hostIP": ""}
+        ]});
+        let (ok, reply) = weft_in_node(&lab, "ADD", "thief", &thief_ns, &thief);
+        assert!(!ok, "{reply}");
+        assert_eq!(reply["code"], 105, "{reply}");
+        let details = reply["details"].as_str().unwrap_or_default();
+        assert!(
+            details.contains("host port 8080/tcp") && details.contains("pod default/web"),
+            "the error names the host port and its holder: {reply}"
+        );
+        let store = weft_dataplane::ipam::IpamStore::open(&state_dir, "nat").unwrap();
+        assert!(
+            store
+                .list()
+                .unwrap()
+                .iter()
+                .all(|a| a.container_id != "thief"),
+            "the refused ADD keeps no address"
+        );
+        let host_link = weft_dataplane::names::host_veth_name("thief", "eth0");
+        let links = Command::new("ip")
+            .args([
+                "-n",
+                &format!("wl-{lab}-n-node-a"),
+                "link",
+                "show",
+                &host_link,
+            ])
+            .output()
+            .unwrap();
+        assert!(!links.status.success(), "the refused ADD keeps no link");
+        assert!(
+            nft_map(&lab, "hport4").contains("8080"),
+            "web keeps its host port"
+        );
+
+        // DEL removes web's host ports; the other pod keeps its own.
+        let (ok, reply) = weft_in_node(&lab, "DEL", &web, &format!("wl-{lab}-w-web"), &conf);
+        assert!(ok, "{reply}");
+        assert_eq!(nft_map(&lab, "hport4"), "", "DEL leaves no IPv4 host port");
+        let v6 = nft_map(&lab, "hport6");
+        assert!(
+            !v6.contains("8080") && !v6.contains("5353") && v6.contains("8081"),
+            "DEL removes web's IPv6 host ports only: {v6}"
+        );
+    });
+    down();
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}

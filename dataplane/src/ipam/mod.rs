@@ -101,6 +101,10 @@ pub struct Allocation {
     /// agent restarted meanwhile still admits them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub vlan_trunk: Vec<crate::vlan::VlanRange>,
+    /// The workload's host ports; kept here so that the agent, restarted or resyncing, still
+    /// forwards them, and forgets them once the addresses are released (DEL, GC).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub port_mappings: Vec<crate::proto::PortMapping>,
 }
 
 /// Addresses and MAC kept for one interface of a VM across its attachments (restart, live
@@ -202,6 +206,8 @@ pub struct AllocRequest {
     pub restore: Option<crate::proto::Restore>,
     /// Recorded as is.
     pub vlan_trunk: Vec<crate::vlan::VlanRange>,
+    /// Recorded as is.
+    pub port_mappings: Vec<crate::proto::PortMapping>,
 }
 
 /// An IP family.
@@ -580,6 +586,7 @@ impl IpamStore {
                 parent: req.parent,
                 pending: req.pending,
                 vlan_trunk: req.vlan_trunk,
+                port_mappings: req.port_mappings,
             };
             info!(network = %self.network, container_id = %allocation.container_id, ifname = %allocation.ifname, ips = ?allocation.ips, "allocated");
             state.allocations.push(allocation.clone());

@@ -32,7 +32,7 @@ impl CniInstall {
             "type": names::CNI_TYPE,
             "stateDir": self.state_dir,
             "agentSocket": self.socket,
-            "capabilities": {"ips": true, "mac": true},
+            "capabilities": {"ips": true, "mac": true, "portMappings": true},
         });
         if let Some(n) = network {
             plugin["network"] = json!(n);

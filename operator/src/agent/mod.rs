@@ -557,6 +557,19 @@ impl Reconciler {
                         ),
                     ));
                 }
+                // Two workloads on one host port would take each other's connections.
+                if let Some((m, holder)) = self.endpoints.host_port_clash(endpoint) {
+                    return Some(Reply::error(
+                        ready,
+                        format!(
+                            "{m} is already used on node {} by {} (container {} interface {}); choose another hostPort, or remove that workload first",
+                            self.cfg.node.name,
+                            plan::endpoint_name(holder),
+                            holder.container_id,
+                            holder.ifname
+                        ),
+                    ));
+                }
                 self.endpoints.register(endpoint.clone());
                 None
             }
