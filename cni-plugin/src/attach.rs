@@ -416,6 +416,34 @@ fn add_one(
         .and_then(names::parse_mac)
         .or(static_mac)
         .unwrap_or_else(|| names::workload_mac(&alloc.ips, container_id, ifname));
+    // A MAC the runtime asked for must not be one the bridge already delivers elsewhere: a
+    // host on the LAN (the router's, on a Bridge network), another port, the node's own.
+    // (A migrating or restored VM brings its own MAC, which the LAN may still place on the
+    // node it ran on.)
+    if conf.static_mac.filter(|_| statics) == Some(mac)
+        && migration.is_none()
+        && restore.is_none()
+        && let Some(holder) = host
+            .bridge_fdb(bridge.index)?
+            .into_iter()
+            .find(|e| e.mac == mac)
+    {
+        let port = match host.link_by_index(holder.port)? {
+            Some(l) if l.index == bridge.index => format!("the bridge {} itself", l.name),
+            Some(l) if holder.local => format!("port {} (its own MAC)", l.name),
+            Some(l) => format!("a host behind port {}", l.name),
+            None => format!("port {}", holder.port),
+        };
+        return Err(CniError::new(
+            error::INVALID_CONFIG,
+            "MAC address already in use",
+            format!(
+                "MAC {} is already in use on bridge {} of network {network}: the bridge delivers it to {port}; ask for another MAC",
+                names::format_mac(mac),
+                net.bridge
+            ),
+        ));
+    }
 
     // A previous ADD of the same attachment that crashed half-way may have left its veth.
     if let Some(stale) = host.link_by_name(&host_name)? {

@@ -27,6 +27,7 @@ use netlink_packet_route::link::{
     BridgeVlanInfoFlags, InfoBridge, InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoVeth,
     LinkAttribute, LinkExtentMask, LinkFlags, LinkInfo as NlLinkInfo, LinkMessage,
 };
+use netlink_packet_route::neighbour::{NeighbourAttribute, NeighbourMessage, NeighbourState};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
     RouteVia,
@@ -245,6 +246,18 @@ pub struct LinkInfo {
     pub hairpin: Option<bool>,
 }
 
+/// One entry of a bridge's forwarding database: a MAC and the port the bridge sends it to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FdbEntry {
+    /// The port (the bridge's own index for the bridge's MAC).
+    pub port: u32,
+    /// The MAC.
+    pub mac: [u8; 6],
+    /// A MAC of the bridge or of a port's own device (`NUD_PERMANENT`): frames to it are the
+    /// node's, not a host's behind the port.
+    pub local: bool,
+}
+
 /// One address on an interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AddrInfo {
@@ -435,6 +448,29 @@ fn ext_ack_message(outer_flags: u16, payload: &[u8]) -> Option<String> {
         tlvs = tlvs.get(align4(len)..)?;
     }
     None
+}
+
+/// `msg` as an entry of bridge `bridge`'s forwarding database, if it is one.
+fn fdb_entry(msg: NeighbourMessage, bridge: u32) -> Option<FdbEntry> {
+    if msg.header.family != netlink_packet_route::AddressFamily::Bridge {
+        return None;
+    }
+    let mut mac = None;
+    let mut master = None;
+    for attr in msg.attributes {
+        match attr {
+            NeighbourAttribute::LinkLayerAddress(a) => {
+                mac = <[u8; 6]>::try_from(a.as_slice()).ok();
+            }
+            NeighbourAttribute::Controller(m) => master = Some(m),
+            _ => {}
+        }
+    }
+    (master == Some(bridge) || msg.header.ifindex == bridge).then_some(FdbEntry {
+        port: msg.header.ifindex,
+        mac: mac?,
+        local: msg.header.state == NeighbourState::Permanent,
+    })
 }
 
 fn link_info(msg: LinkMessage) -> LinkInfo {
@@ -996,6 +1032,26 @@ impl Netlink {
             .into_iter()
             .filter_map(|m| match m {
                 RouteNetlinkMessage::NewLink(l) => Some(link_info(l)),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// The forwarding database of bridge `bridge`: what it learned, what was added by hand,
+    /// and its own and its ports' MACs.
+    pub fn bridge_fdb(&mut self, bridge: u32) -> Result<Vec<FdbEntry>, NetlinkError> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = netlink_packet_route::AddressFamily::Bridge;
+        let replies = self.call(
+            "list bridge fdb",
+            || format!("bridge {bridge}"),
+            RouteNetlinkMessage::GetNeighbour(msg),
+            NLM_F_DUMP,
+        )?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewNeighbour(n) => fdb_entry(n, bridge),
                 _ => None,
             })
             .collect())
@@ -1904,6 +1960,54 @@ mod tests {
             NetlinkPayload::InnerMessage(m) => m,
             other => panic!("not a route message: {other:?}"),
         }
+    }
+
+    #[test]
+    fn fdb_entries_of_the_bridge_are_read_and_others_skipped() {
+        let entry = |family, ifindex, master: Option<u32>, state| {
+            let mut m = NeighbourMessage::default();
+            m.header.family = family;
+            m.header.ifindex = ifindex;
+            m.header.state = state;
+            m.attributes
+                .push(NeighbourAttribute::LinkLayerAddress(vec![2, 0, 0, 0, 0, 7]));
+            if let Some(master) = master {
+                m.attributes.push(NeighbourAttribute::Controller(master));
+            }
+            m
+        };
+        let bridge = netlink_packet_route::AddressFamily::Bridge;
+        assert_eq!(
+            fdb_entry(entry(bridge, 5, Some(3), NeighbourState::Reachable), 3),
+            Some(FdbEntry {
+                port: 5,
+                mac: [2, 0, 0, 0, 0, 7],
+                local: false
+            })
+        );
+        assert_eq!(
+            fdb_entry(entry(bridge, 3, Some(3), NeighbourState::Permanent), 3).map(|e| e.local),
+            Some(true),
+            "the bridge's own MAC"
+        );
+        assert_eq!(
+            fdb_entry(entry(bridge, 9, Some(8), NeighbourState::Reachable), 3),
+            None,
+            "another bridge's"
+        );
+        assert_eq!(
+            fdb_entry(
+                entry(
+                    netlink_packet_route::AddressFamily::Inet,
+                    5,
+                    Some(3),
+                    NeighbourState::Reachable
+                ),
+                3
+            ),
+            None,
+            "an ARP entry"
+        );
     }
 
     #[test]
