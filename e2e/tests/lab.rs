@@ -909,15 +909,17 @@ expect:
 /// Runs the real `weft` binary in the lab's node namespace, as the lab does.
 fn weft_in_node(
     lab: &str,
+    node: &str,
     command: &str,
     container_id: &str,
     workload_ns: &str,
     conf: &serde_json::Value,
+    extra_args: &str,
 ) -> (bool, serde_json::Value) {
     use std::io::Write;
-    let node_dir = Path::new("/run/weft-lab").join(lab).join("node-a");
+    let node_dir = Path::new("/run/weft-lab").join(lab).join(node);
     let mut child = Command::new("ip")
-        .args(["netns", "exec", &format!("wl-{lab}-n-node-a")])
+        .args(["netns", "exec", &format!("wl-{lab}-n-{node}")])
         .arg(node_dir.join("cni-bin").join("weft"))
         .env_clear()
         .env("CNI_COMMAND", command)
@@ -927,7 +929,9 @@ fn weft_in_node(
         .env("CNI_PATH", node_dir.join("cni-bin"))
         .env(
             "CNI_ARGS",
-            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={container_id}"),
+            format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={container_id}{extra_args}"
+            ),
         )
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -1019,7 +1023,7 @@ fn host_ports_reach_the_pod_a_second_claim_fails_and_del_removes_them() {
         thief["runtimeConfig"] = serde_json::json!({"portMappings": [
             {"hostPort": 8080, "containerPort": 80, "protocol": "tcp", "hostIP": ""}
         ]});
-        let (ok, reply) = weft_in_node(&lab, "ADD", "thief", &thief_ns, &thief);
+        let (ok, reply) = weft_in_node(&lab, "node-a", "ADD", "thief", &thief_ns, &thief, "");
         assert!(!ok, "{reply}");
         assert_eq!(reply["code"], 105, "{reply}");
         let details = reply["details"].as_str().unwrap_or_default();
@@ -1054,7 +1058,15 @@ fn host_ports_reach_the_pod_a_second_claim_fails_and_del_removes_them() {
         );
 
         // DEL removes web's host ports; the other pod keeps its own.
-        let (ok, reply) = weft_in_node(&lab, "DEL", &web, &format!("wl-{lab}-w-web"), &conf);
+        let (ok, reply) = weft_in_node(
+            &lab,
+            "node-a",
+            "DEL",
+            &web,
+            &format!("wl-{lab}-w-web"),
+            &conf,
+            "",
+        );
         assert!(ok, "{reply}");
         assert_eq!(nft_map(&lab, "hport4"), "", "DEL leaves no IPv4 host port");
         let v6 = nft_map(&lab, "hport6");
@@ -1062,6 +1074,126 @@ fn host_ports_reach_the_pod_a_second_claim_fails_and_del_removes_them() {
             !v6.contains("8080") && !v6.contains("5353") && v6.contains("8081"),
             "DEL removes web's IPv6 host ports only: {v6}"
         );
+    });
+    down();
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}
+
+#[test]
+fn a_mac_a_workload_on_another_node_uses_on_a_bridge_network_is_refused() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "macs.yaml",
+        r#"lan: {gateway: 192.168.63.1/24}
+nodes:
+  - {name: node-a, address: 192.168.63.11/24}
+  - {name: node-b, address: 192.168.63.12/24}
+resources:
+  - apiVersion: weft.dev/v1alpha1
+    kind: Network
+    metadata: {name: lan}
+    spec:
+      mode: Bridge
+      subnets: [192.168.63.0/24]
+      ipam: {nodeBlockPrefix: 27, exclude: [192.168.63.0/26]}
+      bridge: {uplink: eth0}
+workloads:
+  - {name: victim, node: node-a, networks: [lan], listen: [80/tcp], mac: "02:00:00:00:63:01"}
+  - {name: peer, node: node-b, networks: [lan], listen: [80/tcp]}
+expect:
+  - {from: peer, to: victim, port: 80, protocol: tcp, result: allow}
+"#,
+    );
+    let lab = format!("mac-{}", std::process::id() % 10000);
+    let out = Command::new(operator_binary())
+        .args(["lab", "--keep", "--name", &lab])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let thief_ns = format!("wl-{lab}-x-thief");
+    let down = || {
+        let _ = weft_dataplane::netns::delete_named(&thief_ns);
+        let _ = Command::new(operator_binary())
+            .args(["lab", "down", "--name", &lab])
+            .arg(&file)
+            .status();
+    };
+    let result = std::panic::catch_unwind(|| {
+        assert!(
+            out.status.success() && stdout.contains("all expectations hold"),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let node_dir = Path::new("/run/weft-lab").join(&lab).join("node-b");
+        let conflist: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(
+                node_dir
+                    .join("cni-conf")
+                    .join(weft_dataplane::names::CONFLIST_NAME),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let mut conf = conflist["plugins"][0].clone();
+        conf["cniVersion"] = conflist["cniVersion"].clone();
+        conf["name"] = conflist["name"].clone();
+        conf["network"] = serde_json::json!("lan");
+        weft_dataplane::netns::create_named(&thief_ns).unwrap();
+        // node-b's agent learns node-a's workloads from what node-a publishes: until it has,
+        // the ADD goes through and is undone here. The bridge of node-b may also have learned
+        // victim's MAC from the LAN, which ADD refuses by itself (code 7): the entry is
+        // removed first, so that the agent's refusal is what this test sees.
+        let mut refused = None;
+        for _ in 0..20 {
+            let _ = Command::new("bridge")
+                .args(["-n", &format!("wl-{lab}-n-node-b"), "fdb", "del"])
+                .args(["02:00:00:00:63:01", "dev", "eth0", "master"])
+                .output();
+            let (ok, reply) = weft_in_node(
+                &lab,
+                "node-b",
+                "ADD",
+                "thief",
+                &thief_ns,
+                &conf,
+                ";MAC=02:00:00:00:63:01",
+            );
+            if !ok && reply["code"] == 105 {
+                refused = Some(reply);
+                break;
+            }
+            if ok {
+                let (ok, reply) =
+                    weft_in_node(&lab, "node-b", "DEL", "thief", &thief_ns, &conf, "");
+                assert!(ok, "{reply}");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+        let reply = refused.expect("node-b refuses the MAC victim uses on node-a");
+        assert_eq!(reply["code"], 105, "{reply}");
+        let details = reply["details"].as_str().unwrap_or_default();
+        assert!(
+            details.contains("MAC 02:00:00:00:63:01")
+                && details.contains("pod default/victim on node node-a"),
+            "{reply}"
+        );
+        let host_link = weft_dataplane::names::host_veth_name("thief", "eth0");
+        let links = Command::new("ip")
+            .args([
+                "-n",
+                &format!("wl-{lab}-n-node-b"),
+                "link",
+                "show",
+                &host_link,
+            ])
+            .output()
+            .unwrap();
+        assert!(!links.status.success(), "the refused ADD keeps no link");
     });
     down();
     if let Err(e) = result {

@@ -557,6 +557,24 @@ impl Reconciler {
                         ),
                     ));
                 }
+                // Two ports with one MAC on one LAN would take each other's traffic.
+                if let Some(peer) = self
+                    .resources
+                    .as_deref()
+                    .and_then(|res| plan::peer_with_mac(res, endpoint))
+                {
+                    return Some(Reply::error(
+                        ready,
+                        format!(
+                            "MAC {} is already used on network {} by pod {}/{} on node {}; ask for another MAC, or remove that workload first",
+                            endpoint.mac,
+                            endpoint.network,
+                            peer.workload.namespace,
+                            peer.workload.name,
+                            peer.node
+                        ),
+                    ));
+                }
                 // Two workloads on one host port would take each other's connections.
                 if let Some((m, holder)) = self.endpoints.host_port_clash(endpoint) {
                     return Some(Reply::error(

@@ -770,6 +770,26 @@ fn plan_host_ports(
     out
 }
 
+/// The workload on another node that already uses `ep`'s MAC on `ep`'s network, when that
+/// network is a Bridge network (one LAN across the nodes, where two ports with one MAC take
+/// each other's traffic; a NAT network is private to each node). The interfaces of one VM (a
+/// live migration's source and target) share their MAC.
+pub fn peer_with_mac<'a>(res: &'a Resources, ep: &Endpoint) -> Option<&'a super::source::Peer> {
+    let bridge_mode = res.networks.iter().any(|n| {
+        n.metadata.name.as_deref() == Some(ep.network.as_str())
+            && n.spec.mode == NetworkMode::Bridge
+    });
+    let mac = names::parse_mac(&ep.mac)?;
+    if !bridge_mode {
+        return None;
+    }
+    res.peers.iter().find(|p| {
+        p.workload.network == ep.network
+            && p.workload.mac.as_deref().and_then(names::parse_mac) == Some(mac)
+            && (ep.vm.is_none() || p.workload.vm != ep.vm)
+    })
+}
+
 /// `namespace/name` of an endpoint's pod, or its container id.
 pub fn endpoint_name(e: &Endpoint) -> String {
     match (&e.pod_namespace, &e.pod_name) {
@@ -1434,6 +1454,41 @@ spec: {mode: Bridge, subnets: [10.72.0.0/24], bridge: {uplink: eth1, vlan: 20}}
                 active,
             },
         }
+    }
+
+    #[test]
+    fn a_mac_a_workload_on_another_node_uses_is_found_on_bridge_networks_only() {
+        let mut res = resources(
+            r#"
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: lan}
+spec: {mode: Bridge, subnets: [10.61.0.0/24], bridge: {uplink: eth0}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: nat}
+spec: {mode: NAT, subnets: [10.62.0.0/24]}
+"#,
+        );
+        res.peers = vec![running("node-b", "default/db", "10.61.0.40", true)];
+        let mut ep = endpoint("lan", "thief", &["10.61.0.41"]);
+        ep.mac = "02:00:00:00:00:01".into();
+        assert_eq!(
+            peer_with_mac(&res, &ep).map(|p| p.node.as_str()),
+            Some("node-b")
+        );
+        // The same VM (a live migration's target) shares it; another MAC, or a NAT network
+        // (private to each node), is no clash.
+        ep.vm = Some("default/db".into());
+        assert!(peer_with_mac(&res, &ep).is_none());
+        ep.vm = None;
+        ep.mac = "02:00:00:00:00:02".into();
+        assert!(peer_with_mac(&res, &ep).is_none());
+        ep.mac = "02:00:00:00:00:01".into();
+        ep.network = "nat".into();
+        res.peers[0].workload.network = "nat".into();
+        assert!(peer_with_mac(&res, &ep).is_none());
     }
 
     #[test]
