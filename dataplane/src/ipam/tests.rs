@@ -803,3 +803,29 @@ fn a_vms_migration_target_may_share_the_sources_mac() {
         IpamError::MacInUse { .. }
     ));
 }
+
+#[test]
+fn an_address_whose_derived_mac_a_workload_holds_is_skipped_not_refused() {
+    let (_d, s) = store();
+    // A workload asks for the MAC the next address (10.0.1.2) would be given.
+    let first = s
+        .allocate(
+            &v4_pool(),
+            AllocRequest {
+                mac: Some("0a:58:0a:00:01:02".into()),
+                ..req("a")
+            },
+        )
+        .unwrap();
+    assert_eq!(first.ips, [ip("10.0.1.1")]);
+    let next = s.allocate(&v4_pool(), req("b")).unwrap();
+    assert_eq!(
+        next.ips,
+        [ip("10.0.1.3")],
+        "10.0.1.2 would share a's MAC: the allocator moves on"
+    );
+    assert_eq!(
+        crate::names::format_mac(next.effective_mac()),
+        "0a:58:0a:00:01:03"
+    );
+}
