@@ -302,7 +302,7 @@ pub fn plan(
     }
 
     let (forwards, realized) = plan_forwards(res, &accepted, endpoints, &mut problems);
-    let host_ports = plan_host_ports(&accepted, endpoints, &mut problems);
+    let host_ports = plan_host_ports(&accepted, endpoints, &forwards, &mut problems);
     let members = members(res, endpoints);
     let policy = crate::policy::compile_resources(res, &members);
     problems.extend(policy.problems.iter().cloned());
@@ -725,10 +725,12 @@ pub fn restore_sources(
 /// excepted: their VM still runs elsewhere), one per workload address of the mapping's family
 /// (all of them when it names no host address). Two endpoints claiming one host port: the
 /// agent refuses the second at registration; one found anyway (in the IPAM store) is reported
-/// and left out.
+/// and left out. A host port that is also a PortForward's node port is reported: the
+/// PortForward's rules come first and take the connections from its sources.
 fn plan_host_ports(
     networks: &BTreeMap<String, &Network>,
     endpoints: &[Endpoint],
+    forwards: &[Forward],
     problems: &mut Vec<Problem>,
 ) -> Vec<firewall::HostPort> {
     let mut out = Vec::new();
@@ -750,6 +752,20 @@ fn plan_host_ports(
                 continue;
             }
             taken.push((m, e));
+            if let Some(f) = forwards.iter().find(|f| {
+                f.protocol == m.protocol
+                    && (f.node_ports.0..=f.node_ports.1).contains(&m.host_port)
+                    && m.host_ip.is_none_or(|h| h.is_ipv4() == f.target.is_ipv4())
+            }) {
+                problems.push(Problem {
+                    kind: "Pod",
+                    object: endpoint_name(e),
+                    message: format!(
+                        "{m} is also a node port of PortForward {}, which takes the connections of its allowed sources",
+                        f.owner
+                    ),
+                });
+            }
             for ip in &e.ips {
                 let host = match m.host_ip {
                     Some(h) if h.is_ipv4() != ip.is_ipv4() => continue,
@@ -1126,6 +1142,26 @@ metadata: {name: web-1, namespace: default, labels: {app: web}}
                 && p.message.contains("pod default/host-1")),
             "{:?}",
             out.problems
+        );
+        // NETS forwards node port 8080/tcp to web-1 (PortForward default/web).
+        let forwarded = plan(
+            &node(&[]),
+            &res,
+            &blocks,
+            &[endpoint("nat-demo", "web-1", &["10.10.0.2"]), {
+                let mut e = endpoint("nat-demo", "host-1", &["10.10.0.5"]);
+                e.port_mappings = vec![m(8080, "tcp", None)];
+                e
+            }],
+        );
+        assert!(
+            forwarded
+                .problems
+                .iter()
+                .any(|p| p.object == "pod default/host-1"
+                    && p.message.contains("PortForward default/web")),
+            "{:?}",
+            forwarded.problems
         );
     }
 
