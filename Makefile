@@ -2,15 +2,28 @@
 CARGO ?= cargo
 DEB_PACKAGES := nftables iproute2 iputils-ping
 
-.PHONY: lab test deps build fmt lint generate check-generated
+.PHONY: lab test test-cluster cluster cluster-down deps build fmt lint generate check-generated
 
 ## lab: run the lab on the NAT example (no cluster needed)
 lab: deps build
 	target/debug/weft-operator lab examples/lab/nat.yaml
 
-## test: unit, privileged (network namespaces) and end-to-end tests
+## test: unit, privileged (network namespaces) and end-to-end tests, then the real cluster's
 test: deps build
 	$(CARGO) test --workspace --locked
+	e2e/cluster/test.sh
+
+## test-cluster: only the real cluster's end-to-end tests (builds the cluster first)
+test-cluster:
+	e2e/cluster/test.sh
+
+## cluster: a real cluster on this machine (kube-apiserver, 2 kubelets, containerd) with weft's images loaded
+cluster:
+	e2e/cluster/cluster.sh up
+	@echo 'kubectl: e2e/cluster/cluster.sh kubectl ...   helm: e2e/cluster/cluster.sh helm ...'
+
+cluster-down:
+	e2e/cluster/cluster.sh down
 
 ## deps: install the kernel tools the dataplane and the tests use (Debian/Ubuntu, as root)
 deps:

@@ -95,7 +95,9 @@ echo "weft agent up in $NODE_NS; binary $(stat -c %s "$BIN/weft") bytes" >&2
 # A VM's pod namespace holds the tap, not the address (the guest has it): no address check.
 VERIFY=()
 if [ -n "${WEFT_BENCH_TAP:-}" ]; then VERIFY=(--no-verify); fi
-ip netns exec "$NODE_NS" python3 "$HERE/lib/cni_bench.py" --prefix "${PREFIX}p" \
+# The plugin's node locations come from the runtime's environment (never the conflist).
+WEFT_STATE_DIR="$TMP/state" WEFT_AGENT_SOCKET="$TMP/agent.sock" \
+  ip netns exec "$NODE_NS" python3 "$HERE/lib/cni_bench.py" --prefix "${PREFIX}p" \
   --ipam-dir "$TMP/ipam" --cni-path "$TMP/bin" "${VERIFY[@]}" "$@" "$TMP/bench.conflist"
 # Where the time went on the agent's side: its reconciles (nearly all of them registrations
 # here) and the ADD/DEL durations the weft binary reported, as means.

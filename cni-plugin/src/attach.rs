@@ -117,6 +117,38 @@ fn check_trunk(trunk: &[VlanRange], net: &NetworkState) -> Result<(), CniError> 
     Ok(())
 }
 
+/// Opens `CNI_NETNS`, refusing the node's own network namespace (`/proc/self/ns/net` or a bind
+/// mount of it): ADD would replace the node's default route, DEL remove it.
+fn open_workload_netns(netns_path: &str) -> Result<Netns, CniError> {
+    let ns = Netns::open(Path::new(netns_path)).map_err(|e| {
+        CniError::from_chain(
+            error::INVALID_ENV,
+            format!("cannot open CNI_NETNS {netns_path}"),
+            &e,
+        )
+    })?;
+    if is_node_netns(&ns)? {
+        return Err(CniError::new(
+            error::INVALID_ENV,
+            "CNI_NETNS is the node's own network namespace",
+            format!(
+                "CNI_NETNS {netns_path} is the namespace the plugin runs in (the node's); give the workload's namespace, never the host's"
+            ),
+        ));
+    }
+    Ok(ns)
+}
+
+fn is_node_netns(ns: &Netns) -> Result<bool, CniError> {
+    ns.is_current().map_err(|e| {
+        CniError::from_chain(
+            error::NETNS_FAILED,
+            "cannot compare CNI_NETNS with the node's namespace",
+            &e,
+        )
+    })
+}
+
 /// What ADD did so far, undone in reverse if a later step fails.
 struct Rollback<'a> {
     store: &'a IpamStore,
@@ -340,13 +372,7 @@ fn add_one(
     } else {
         &[]
     };
-    let ns = Netns::open(Path::new(netns_path)).map_err(|e| {
-        CniError::from_chain(
-            error::INVALID_ENV,
-            format!("cannot open CNI_NETNS {netns_path}"),
-            &e,
-        )
-    })?;
+    let ns = open_workload_netns(netns_path)?;
     let mut host = Netlink::new()?;
     let bridge = host.link_by_name(&net.bridge)?.ok_or_else(|| {
         CniError::new(
@@ -677,6 +703,15 @@ fn identity(conf: &Conf, namespace: &str, name: &str) -> Result<PodIdentity, Cni
             &e,
         )
     })?;
+    // The agent does not know the pod yet (its cache lags the API): attaching without its
+    // networks annotation and VM identity would silently drop them, so the runtime retries.
+    if !reply.ok {
+        return Err(CniError::new(
+            error::TRY_AGAIN_LATER,
+            format!("the weft agent does not know pod {namespace}/{name} yet"),
+            reply.error.unwrap_or_default(),
+        ));
+    }
     Ok(PodIdentity {
         vm: reply.vm,
         networks: reply.networks,
@@ -768,9 +803,11 @@ fn del_one(conf: &Conf, env: &Env, network: &str, ifname: &str) -> Result<(), Cn
         debug!(error = %error::chain(&e), "agent not reachable for unregister; it resyncs from the IPAM store");
     }
     // 2. A VM's tap, when the pod's namespace still exists.
+    // Never inside the node's own namespace (a CNI_NETNS of /proc/self/ns/net).
     if matches!(conf.attachment, AttachmentKind::Tap(_))
         && let Some(path) = env.netns.as_deref()
         && let Ok(ns) = Netns::open(Path::new(path))
+        && matches!(ns.is_current(), Ok(false))
         && let Ok(mut inner) = Netlink::in_netns(&ns)
     {
         unwire_tap(&mut inner, ifname);
@@ -814,6 +851,7 @@ pub fn check(conf: &Conf, env: &Env) -> Result<(), CniError> {
     let container_id = env.container_id()?;
     let ifname = env.ifname()?;
     let netns_path = env.netns()?;
+    let ns = open_workload_netns(netns_path)?;
     let mismatch = |what: String| {
         CniError::new(
             error::CHECK_MISMATCH,
@@ -873,13 +911,6 @@ pub fn check(conf: &Conf, env: &Env) -> Result<(), CniError> {
             )));
         }
     }
-    let ns = Netns::open(Path::new(netns_path)).map_err(|e| {
-        CniError::from_chain(
-            error::INVALID_ENV,
-            format!("cannot open CNI_NETNS {netns_path}"),
-            &e,
-        )
-    })?;
     let mut inner = Netlink::in_netns(&ns)?;
     if matches!(conf.attachment, AttachmentKind::Tap(_)) {
         // A VM's addresses live in the guest: check the wiring up to its tap.
@@ -1004,13 +1035,10 @@ mod tests {
     #[test]
     fn del_finds_the_interfaces_its_add_made_from_the_annotation() {
         let dir = tempfile::tempdir().unwrap();
-        let env = crate::conf::Env::default();
+        let mut env = crate::conf::Env::default();
+        env.node.state_dir = dir.path().to_path_buf();
         let conf = crate::conf::parse_conf(
-            format!(
-                r#"{{"cniVersion":"1.0.0","name":"n","type":"weft","network":"nat","stateDir":"{}"}}"#,
-                dir.path().display()
-            )
-            .as_bytes(),
+            br#"{"cniVersion":"1.0.0","name":"n","type":"weft","network":"nat"}"#,
             &env,
         )
         .unwrap();

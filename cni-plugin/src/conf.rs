@@ -18,6 +18,46 @@ pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1
 /// The newest supported spec version.
 pub const CURRENT_VERSION: &str = "1.1.0";
 
+/// `(major, minor, patch)` of a spec version, for ordering.
+fn version_key(v: &str) -> Option<(u32, u32, u32)> {
+    let mut parts = v.split('.').map(|p| p.parse::<u32>().ok());
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(Some(a)), Some(Some(b)), Some(Some(c)), None) => Some((a, b, c)),
+        _ => None,
+    }
+}
+
+/// The version to answer in for a request whose input is `stdin`: its `cniVersion` when weft
+/// supports it (even if the rest of the input is bad), else [`CURRENT_VERSION`].
+pub fn reply_version(stdin: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(stdin)
+        .ok()
+        .and_then(|v| v.get("cniVersion")?.as_str().map(str::to_string))
+        .filter(|v| SUPPORTED_VERSIONS.contains(&v.as_str()))
+        .unwrap_or_else(|| CURRENT_VERSION.to_string())
+}
+
+/// The command exists in the spec version the configuration asks for: CHECK since 0.4.0, GC and
+/// STATUS since 1.1.0; otherwise code 1 (as the reference plugins' skel answers).
+pub fn require_command_in_version(command: Command, version: &str) -> Result<(), CniError> {
+    let since = match command {
+        Command::Check => "0.4.0",
+        Command::Gc | Command::Status => "1.1.0",
+        Command::Add | Command::Del | Command::Version => return Ok(()),
+    };
+    if version_key(version) >= version_key(since) {
+        return Ok(());
+    }
+    Err(CniError::new(
+        error::INCOMPATIBLE_VERSION,
+        format!("config version does not allow {}", command.name()),
+        format!(
+            "cniVersion {version:?}: {} exists since CNI spec {since}; the runtime must not send it for this configuration",
+            command.name()
+        ),
+    ))
+}
+
 /// The CNI command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
@@ -36,6 +76,18 @@ pub enum Command {
 }
 
 impl Command {
+    /// The `CNI_COMMAND` spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Command::Add => "ADD",
+            Command::Del => "DEL",
+            Command::Check => "CHECK",
+            Command::Version => "VERSION",
+            Command::Gc => "GC",
+            Command::Status => "STATUS",
+        }
+    }
+
     fn parse(s: &str) -> Result<Self, CniError> {
         Ok(match s {
             "ADD" => Command::Add,
@@ -180,11 +232,11 @@ pub struct Conf {
     pub name: String,
     /// The weft network to attach to.
     pub network: Option<String>,
-    /// weft's state dir on the node.
+    /// weft's state dir on the node (the node's choice, see [`NodePaths`]).
     pub state_dir: PathBuf,
-    /// The agent's socket.
+    /// The agent's socket (the node's choice).
     pub agent_socket: PathBuf,
-    /// Log file (stderr only when absent).
+    /// Log file (the node's choice; stderr only when absent).
     pub log_file: Option<PathBuf>,
     /// Log level.
     pub log_level: tracing::Level,
@@ -212,9 +264,39 @@ pub struct Conf {
     pub port_mappings: Vec<PortMapping>,
 }
 
+/// Where weft keeps its node state, where the agent listens and where the plugin logs: the
+/// node's choice, never the network configuration's. Whoever may write a
+/// NetworkAttachmentDefinition controls the configuration Multus hands the plugin, and root
+/// would otherwise create, follow symlinks to and trust files wherever it said.
+///
+/// The runtime's environment may set them (`WEFT_STATE_DIR`, `WEFT_AGENT_SOCKET`,
+/// `WEFT_LOG_FILE`, absolute paths: the lab and tests do); otherwise they are the compiled-in
+/// defaults (`/var/lib/weft`, `/run/weft/agent.sock`, no log file).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodePaths {
+    /// weft's state dir.
+    pub state_dir: PathBuf,
+    /// The agent's socket.
+    pub agent_socket: PathBuf,
+    /// The plugin's log file, besides stderr.
+    pub log_file: Option<PathBuf>,
+}
+
+impl Default for NodePaths {
+    fn default() -> Self {
+        NodePaths {
+            state_dir: PathBuf::from(names::DEFAULT_STATE_DIR),
+            agent_socket: PathBuf::from(names::DEFAULT_AGENT_SOCKET),
+            log_file: None,
+        }
+    }
+}
+
 /// The `CNI_*` environment.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Env {
+    /// The node's locations (from `WEFT_*` variables or the defaults).
+    pub node: NodePaths,
     /// `CNI_CONTAINERID`.
     pub container_id: Option<String>,
     /// `CNI_NETNS`.
@@ -230,6 +312,9 @@ pub struct Env {
 pub struct Invocation {
     /// The command.
     pub command: Command,
+    /// The spec version to answer in: the configuration's (for VERSION: the one asked for when
+    /// weft supports it, else the newest).
+    pub cni_version: String,
     /// The environment.
     pub env: Env,
     /// The configuration (absent for VERSION).
@@ -264,10 +349,27 @@ pub fn parse_cni_args(s: &str) -> Result<BTreeMap<String, String>, CniError> {
     Ok(out)
 }
 
-/// Reads the `CNI_*` variables.
+/// Reads the `CNI_*` variables and the node's `WEFT_*` locations.
 pub fn env_from(get: &dyn Fn(&str) -> Option<String>) -> Result<Env, CniError> {
     let non_empty = |k: &str| get(k).filter(|v| !v.is_empty());
+    let absolute = |k: &str| -> Result<Option<PathBuf>, CniError> {
+        match non_empty(k).map(PathBuf::from) {
+            Some(p) if !p.is_absolute() => Err(CniError::new(
+                error::INVALID_ENV,
+                format!("invalid {k}"),
+                format!("{k}={} is not an absolute path", p.display()),
+            )),
+            other => Ok(other),
+        }
+    };
+    let defaults = NodePaths::default();
+    let node = NodePaths {
+        state_dir: absolute("WEFT_STATE_DIR")?.unwrap_or(defaults.state_dir),
+        agent_socket: absolute("WEFT_AGENT_SOCKET")?.unwrap_or(defaults.agent_socket),
+        log_file: absolute("WEFT_LOG_FILE")?,
+    };
     Ok(Env {
+        node,
         container_id: non_empty("CNI_CONTAINERID"),
         netns: non_empty("CNI_NETNS"),
         ifname: non_empty("CNI_IFNAME"),
@@ -335,17 +437,8 @@ pub fn parse_conf(stdin: &[u8], env: &Env) -> Result<Conf, CniError> {
         }
         None => return Err(invalid("type", "missing; set it to \"weft\"")),
     }
-    if let Some(n) = &raw.network
-        && (n.is_empty()
-            || n.len() > 253
-            || !n
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.'))
-    {
-        return Err(invalid(
-            "network",
-            format!("{n:?} is not a valid Network name (lowercase RFC 1123 subdomain)"),
-        ));
+    if let Some(problem) = raw.network.as_deref().and_then(names::network_name_problem) {
+        return Err(invalid("network", problem));
     }
     let log_level = match raw.log_level.as_deref() {
         None => {
@@ -493,6 +586,41 @@ pub fn parse_conf(stdin: &[u8], env: &Env) -> Result<Conf, CniError> {
         .map(|rc| parse_port_mappings(&rc.port_mappings))
         .transpose()?
         .unwrap_or_default();
+    // The node's locations; the configuration may only repeat them (conflists written by older
+    // agents do).
+    for (field, given, node, what) in [
+        (
+            "stateDir",
+            &raw.state_dir,
+            Some(&env.node.state_dir),
+            "where weft keeps its state",
+        ),
+        (
+            "agentSocket",
+            &raw.agent_socket,
+            Some(&env.node.agent_socket),
+            "where the agent listens",
+        ),
+        (
+            "logFile",
+            &raw.log_file,
+            env.node.log_file.as_ref(),
+            "where the plugin logs",
+        ),
+    ] {
+        if let Some(given) = given
+            && Some(given) != node
+        {
+            return Err(invalid(
+                field,
+                format!(
+                    "{} is not the node's ({}): the node decides {what}, not a network configuration (which a NetworkAttachmentDefinition's author controls); remove {field} from the configuration",
+                    given.display(),
+                    node.map_or_else(|| "none".to_string(), |p| p.display().to_string()),
+                ),
+            ));
+        }
+    }
     let timeout_ms = raw.agent_timeout_ms.unwrap_or(5000);
     if !(10..=60_000).contains(&timeout_ms) {
         return Err(invalid(
@@ -504,13 +632,9 @@ pub fn parse_conf(stdin: &[u8], env: &Env) -> Result<Conf, CniError> {
         cni_version,
         name,
         network: raw.network,
-        state_dir: raw
-            .state_dir
-            .unwrap_or_else(|| PathBuf::from(names::DEFAULT_STATE_DIR)),
-        agent_socket: raw
-            .agent_socket
-            .unwrap_or_else(|| PathBuf::from(names::DEFAULT_AGENT_SOCKET)),
-        log_file: raw.log_file,
+        state_dir: env.node.state_dir.clone(),
+        agent_socket: env.node.agent_socket.clone(),
+        log_file: env.node.log_file.clone(),
         log_level,
         default_route: raw.default_route.unwrap_or(true),
         agent_timeout: std::time::Duration::from_millis(timeout_ms),
@@ -710,6 +834,7 @@ mod tests {
             netns: Some("/run/netns/x".into()),
             ifname: Some("eth0".into()),
             args: BTreeMap::new(),
+            node: NodePaths::default(),
         }
     }
 
@@ -726,6 +851,101 @@ mod tests {
             assert_eq!(c.network.as_deref(), Some("nat-demo"));
             assert!(c.default_route);
         }
+    }
+
+    #[test]
+    fn commands_newer_than_the_configuration_s_version_are_code_1() {
+        for (command, version, ok) in [
+            (Command::Gc, "1.1.0", true),
+            (Command::Status, "1.1.0", true),
+            (Command::Gc, "1.0.0", false),
+            (Command::Status, "1.0.0", false),
+            (Command::Status, "0.4.0", false),
+            (Command::Check, "0.4.0", true),
+            (Command::Check, "1.0.0", true),
+            (Command::Check, "0.3.1", false),
+            (Command::Add, "0.3.0", true),
+            (Command::Del, "0.3.0", true),
+        ] {
+            let r = require_command_in_version(command, version);
+            assert_eq!(r.is_ok(), ok, "{command:?} {version}");
+            if let Err(e) = r {
+                assert_eq!(e.code, error::INCOMPATIBLE_VERSION);
+                assert!(e.details.contains(version), "{}", e.details);
+            }
+        }
+    }
+
+    #[test]
+    fn replies_use_the_asked_version_when_supported() {
+        assert_eq!(reply_version(br#"{"cniVersion":"1.0.0"}"#), "1.0.0");
+        assert_eq!(
+            reply_version(br#"{"cniVersion":"0.4.0","x":"#),
+            CURRENT_VERSION
+        );
+        assert_eq!(
+            reply_version(br#"{"cniVersion":"0.4.0","name":7}"#),
+            "0.4.0",
+            "a configuration that fails later still gets its own version"
+        );
+        assert_eq!(reply_version(br#"{"cniVersion":"9.9.9"}"#), CURRENT_VERSION);
+        assert_eq!(reply_version(b""), CURRENT_VERSION);
+    }
+
+    #[test]
+    fn state_socket_and_log_locations_come_from_the_node_not_the_configuration() {
+        let base = r#""cniVersion":"1.0.0","name":"n","type":"weft","network":"lan""#;
+        let mut e = env();
+        e.node.log_file = Some("/var/log/weft-cni.log".into());
+        for (field, value) in [
+            ("stateDir", "/tmp/fake-store"),
+            ("agentSocket", "/tmp/fake.sock"),
+            ("logFile", "/etc/passwd"),
+        ] {
+            let err = parse_conf(format!(r#"{{{base},"{field}":"{value}"}}"#).as_bytes(), &e)
+                .unwrap_err();
+            assert_eq!(err.code, error::INVALID_CONFIG, "{field}");
+            assert!(
+                err.details.starts_with(&format!("{field}:")),
+                "{}",
+                err.details
+            );
+            assert!(err.details.contains("remove"), "{}", err.details);
+        }
+        // Repeating the node's own locations is fine (conflists of older agents do).
+        let c = parse_conf(
+            format!(
+                r#"{{{base},"stateDir":"/var/lib/weft","agentSocket":"/run/weft/agent.sock","logFile":"/var/log/weft-cni.log"}}"#
+            )
+            .as_bytes(),
+            &e,
+        )
+        .unwrap();
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/weft"));
+        // Without a node log file, any logFile is refused.
+        let err = parse_conf(
+            format!(r#"{{{base},"logFile":"/var/log/weft-cni.log"}}"#).as_bytes(),
+            &env(),
+        )
+        .unwrap_err();
+        assert!(err.details.starts_with("logFile:"), "{}", err.details);
+        // The node's locations come from WEFT_* variables, absolute only.
+        let vars = |k: &str| match k {
+            "WEFT_STATE_DIR" => Some("/srv/weft".to_string()),
+            "WEFT_LOG_FILE" => Some("/var/log/w.log".to_string()),
+            _ => None,
+        };
+        let node = env_from(&vars).unwrap().node;
+        assert_eq!(node.state_dir, PathBuf::from("/srv/weft"));
+        assert_eq!(
+            node.agent_socket,
+            PathBuf::from(names::DEFAULT_AGENT_SOCKET)
+        );
+        assert_eq!(node.log_file, Some(PathBuf::from("/var/log/w.log")));
+        let relative =
+            env_from(&|k: &str| (k == "WEFT_STATE_DIR").then(|| "state".to_string())).unwrap_err();
+        assert_eq!(relative.code, error::INVALID_ENV);
+        assert!(relative.details.contains("WEFT_STATE_DIR"));
     }
 
     #[test]
@@ -754,12 +974,23 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.code, 7);
         assert!(e.details.starts_with("type:"), "{}", e.details);
-        let e = parse_conf(
-            br#"{"cniVersion":"1.1.0","name":"n","type":"weft","network":"Bad_Name"}"#,
-            &env(),
-        )
-        .unwrap_err();
-        assert!(e.details.starts_with("network:"), "{}", e.details);
+        for bad in [
+            "Bad_Name",
+            "..",
+            "../../victim",
+            "a.",
+            "-a",
+            "a\\\",\\\"eth0",
+        ] {
+            let e = parse_conf(
+                format!(r#"{{"cniVersion":"1.1.0","name":"n","type":"weft","network":"{bad}"}}"#)
+                    .as_bytes(),
+                &env(),
+            )
+            .unwrap_err();
+            assert_eq!(e.code, error::INVALID_CONFIG, "{bad}");
+            assert!(e.details.starts_with("network:"), "{}", e.details);
+        }
         let e = parse_conf(
             br#"{"cniVersion":"1.1.0","name":"n","type":"weft","runtimeConfig":{"ips":["nope"]}}"#,
             &env(),

@@ -1,7 +1,7 @@
 //! The `weft` CNI plugin (CNI spec 1.1; also accepts 0.3.x, 0.4.0 and 1.0.0 configurations).
 //!
-//! `stdout` is the protocol: only [`reply`] writes to it. Logs go to stderr and, when the
-//! network configuration names one, to `logFile`.
+//! `stdout` is the protocol: only [`reply`] writes to it. Logs go to stderr and, when the node
+//! names one (`WEFT_LOG_FILE`; never the network configuration), to that file.
 
 #![deny(clippy::print_stdout)]
 
@@ -13,45 +13,70 @@ pub mod reply;
 
 use conf::{Command, Invocation};
 use error::CniError;
-use std::io::Read;
+use std::io::{IsTerminal, Read};
 use std::sync::Mutex;
 use tracing::error;
 
-/// Reads the invocation from the process environment and stdin.
-pub fn read_invocation() -> Result<Invocation, CniError> {
+/// Reads the invocation from the process environment and stdin. An error comes with the
+/// spec version to answer in (the configuration's when it names a supported one).
+pub fn read_invocation() -> Result<Invocation, (String, CniError)> {
     let get = |k: &str| std::env::var(k).ok();
-    let command = conf::command_from_env(&get)?;
-    let env = conf::env_from(&get)?;
+    let current = || conf::CURRENT_VERSION.to_string();
+    let command = conf::command_from_env(&get).map_err(|e| (current(), e))?;
+    let env = conf::env_from(&get).map_err(|e| (current(), e))?;
+    let mut stdin = Vec::new();
     if command == Command::Version {
+        // The runtime sends `{"cniVersion": …}`; a person at a terminal sends nothing.
+        if !std::io::stdin().is_terminal() {
+            let _ = std::io::stdin().read_to_end(&mut stdin);
+        }
         return Ok(Invocation {
             command,
+            cni_version: conf::reply_version(&stdin),
             env,
             conf: None,
         });
     }
-    let mut stdin = Vec::new();
     std::io::stdin().read_to_end(&mut stdin).map_err(|e| {
-        CniError::new(
+        let e = CniError::new(
             error::IO_FAILURE,
             "cannot read the network configuration",
             format!("stdin: {e}"),
-        )
+        );
+        (current(), e)
     })?;
-    let conf = conf::parse_conf(&stdin, &env)?;
+    let version = conf::reply_version(&stdin);
+    let conf = conf::parse_conf(&stdin, &env).map_err(|e| (version.clone(), e))?;
+    conf::require_command_in_version(command, &conf.cni_version)
+        .map_err(|e| (version.clone(), e))?;
     Ok(Invocation {
         command,
+        cni_version: conf.cni_version.clone(),
         env,
         conf: Some(conf),
     })
 }
 
+/// Opens the node's log file for appending: never through a symlink (`O_NOFOLLOW`), created
+/// readable by root only.
+fn open_log_file(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags((nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NOCTTY).bits())
+        .open(path)
+}
+
 fn init_logging(conf: &conf::Conf) {
-    let file = conf.log_file.as_ref().and_then(|p| {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p)
-            .ok()
+    let file = conf.log_file.as_ref().and_then(|p| match open_log_file(p) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            // Logs never go to stdout; say once on stderr why the file gets none.
+            eprintln!("weft: not logging to {}: {e}", p.display());
+            None
+        }
     });
     let builder = tracing_subscriber::fmt()
         .with_max_level(conf.log_level)
@@ -68,14 +93,14 @@ pub fn run() -> i32 {
     let started = std::time::Instant::now();
     let invocation = match read_invocation() {
         Ok(i) => i,
-        Err(e) => {
-            reply::print_raw(&reply::error_json(conf::CURRENT_VERSION, &e));
+        Err((version, e)) => {
+            reply::print_raw(&reply::error_json(&version, &e));
             return 1;
         }
     };
     if invocation.command == Command::Version {
         reply::print_json(&reply::VersionReply {
-            cni_version: conf::CURRENT_VERSION.to_string(),
+            cni_version: invocation.cni_version.clone(),
             supported_versions: conf::SUPPORTED_VERSIONS
                 .iter()
                 .map(|s| s.to_string())

@@ -78,9 +78,10 @@ pub struct CniResult {
 
 impl CniResult {
     /// Adapts the result to the spec version the runtime asked for: results before 1.0.0 carry
-    /// an IP `version` field.
+    /// an IP `version` field; an interface's `mtu` exists since 1.1.0.
     pub fn for_version(mut self, version: &str) -> Self {
         let legacy = version.starts_with("0.");
+        let has_mtu = !legacy && version != "1.0.0";
         for ip in &mut self.ips {
             ip.version = if legacy {
                 Some(if ip.address.contains(':') { "6" } else { "4" }.to_string())
@@ -88,7 +89,7 @@ impl CniResult {
                 None
             };
         }
-        if legacy {
+        if !has_mtu {
             for i in &mut self.interfaces {
                 i.mtu = None;
             }
@@ -192,6 +193,13 @@ mod tests {
         assert_eq!(v04["ips"][0]["version"], "4");
         assert_eq!(v04["ips"][1]["version"], "6");
         assert!(v04["interfaces"][0].get("mtu").is_none());
+        let v10 = serde_json::to_value(sample().for_version("1.0.0")).unwrap();
+        assert_eq!(v10["cniVersion"], "1.0.0");
+        assert!(v10["ips"][0].get("version").is_none());
+        assert!(
+            v10["interfaces"][0].get("mtu").is_none(),
+            "an interface's mtu is new in 1.1.0"
+        );
     }
 
     #[test]

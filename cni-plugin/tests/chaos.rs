@@ -109,7 +109,9 @@ fn many_concurrent_adds_and_dels_give_distinct_addresses_and_leak_nothing() {
                 .into_iter()
                 .map(|chunk| {
                     let conf = &conf;
+                    let vars = common::node_env();
                     s.spawn(move || {
+                        common::adopt_node_env(vars);
                         chunk
                             .into_iter()
                             .map(|(i, ns)| weft(command, conf, &env(&format!("cc{i}"), ns, "eth0")))
@@ -194,8 +196,8 @@ fn a_read_only_or_full_state_dir_fails_add_with_a_code_and_leaves_nothing() {
             }
         }
         let (_, ns) = node.workload();
-        let mut conf = node.conf("1.1.0");
-        conf["stateDir"] = json!(path);
+        let conf = node.conf("1.1.0");
+        common::set_node_env("WEFT_STATE_DIR", &path);
         let out = weft(
             "ADD",
             &conf,

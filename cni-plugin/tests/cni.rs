@@ -34,6 +34,45 @@ fn version_lists_1_1_0() {
     }
 }
 
+/// What libcni 1.1 (containerd 1.6/1.7, podman 4) sends for the agent's conflist: 1.0.0. Every
+/// answer must be 1.0.0 (it rejects a 1.1.0 result), and GC and STATUS do not exist there.
+#[test]
+fn a_1_0_0_runtime_gets_1_0_0_answers_and_gc_and_status_are_code_1() {
+    let version = weft("VERSION", &json!({"cniVersion": "1.0.0"}), &[]);
+    assert!(version.ok);
+    assert_eq!(version.json["cniVersion"], "1.0.0");
+    let mut node = Node::new(Agent::Answers);
+    let (_, ns_path) = node.workload();
+    let ns = ns_path.to_str().unwrap();
+    let conf = node.conf("1.0.0");
+    let add = weft("ADD", &conf, &env("c10", ns, "eth0"));
+    assert!(add.ok, "{} {}", add.json, add.stderr);
+    assert_eq!(add.json["cniVersion"], "1.0.0");
+    assert!(
+        add.json["interfaces"][2].get("mtu").is_none(),
+        "{}",
+        add.json
+    );
+    let mut check_conf = conf.clone();
+    check_conf["prevResult"] = add.json.clone();
+    assert!(weft("CHECK", &check_conf, &env("c10", ns, "eth0")).ok);
+    for command in ["GC", "STATUS"] {
+        let out = weft(command, &conf, &env("c10", ns, "eth0"));
+        assert!(!out.ok, "{command}");
+        assert_eq!(out.json["code"], 1, "{command}: {}", out.json);
+        assert_eq!(out.json["cniVersion"], "1.0.0", "{command}: {}", out.json);
+    }
+    let mut bad = conf.clone();
+    bad["agentTimeoutMs"] = json!(1);
+    let out = weft("ADD", &bad, &env("c10b", ns, "eth0"));
+    assert_eq!(out.json["code"], 7);
+    assert_eq!(
+        out.json["cniVersion"], "1.0.0",
+        "errors use the asked version"
+    );
+    assert!(weft("DEL", &conf, &env("c10", ns, "eth0")).ok);
+}
+
 #[test]
 fn add_check_del_round_trip() {
     let mut node = Node::new(Agent::Answers);
@@ -381,7 +420,9 @@ fn fifty_concurrent_adds_get_distinct_addresses() {
             .enumerate()
             .map(|(i, ns)| {
                 let conf = &conf;
+                let vars = common::node_env();
                 s.spawn(move || {
+                    common::adopt_node_env(vars);
                     let cid = format!("par{i}");
                     weft("ADD", conf, &env(&cid, ns, "eth0"))
                 })
@@ -644,4 +685,158 @@ fn vlan_trunk_needs_a_filtering_network_and_its_trunk_vlans_and_sets_the_port_vl
             }
         }
     }
+}
+
+/// `CNI_NETNS` naming the node's own namespace (the plugin's, here the test's node namespace)
+/// is refused by ADD and CHECK with code 4, and DEL leaves the node's routes alone.
+#[test]
+fn the_node_s_own_namespace_as_cni_netns_is_refused_and_its_routes_stay() {
+    let node = Node::new(Agent::Answers);
+    let mut host = Netlink::new().unwrap();
+    let br = host.link_by_name("wn-test").unwrap().unwrap();
+    let default_v4 = || {
+        Netlink::new()
+            .unwrap()
+            .routes(weft_dataplane::netlink::Family::V4)
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.dst.prefix_len() == 0)
+            .map(|r| (r.gateway, r.oif))
+            .collect::<Vec<_>>()
+    };
+    host.replace_route(&weft_dataplane::netlink::RouteSpec {
+        dst: "0.0.0.0/0".parse().unwrap(),
+        gateway: Some("10.77.0.254".parse().unwrap()),
+        oif: Some(br.index),
+        src: None,
+    })
+    .unwrap();
+    let before = default_v4();
+    assert_eq!(before.len(), 1);
+    // The plugin runs in the node's namespace: /proc/self/ns/net is it, and so is this
+    // thread's namespace file under another path.
+    let thread_ns = format!(
+        "/proc/{}/task/{}/ns/net",
+        std::process::id(),
+        nix::unistd::gettid()
+    );
+    for path in ["/proc/self/ns/net", thread_ns.as_str()] {
+        let add = weft("ADD", &node.conf("1.1.0"), &env("hostns", path, "weft9"));
+        assert!(!add.ok, "{path}: {}", add.json);
+        assert_eq!(add.json["code"], 4, "{path}: {}", add.json);
+        assert!(
+            add.json["details"].as_str().unwrap().contains("CNI_NETNS"),
+            "{}",
+            add.json
+        );
+        assert!(host.link_by_name("weft9").unwrap().is_none(), "{path}");
+        assert_eq!(default_v4(), before, "{path}: ADD touched the node's route");
+        let mut check_conf = node.conf("1.1.0");
+        check_conf["prevResult"] = json!({"cniVersion": "1.1.0", "interfaces": [], "ips": [], "routes": [{"dst": "0.0.0.0/0"}]});
+        let check = weft("CHECK", &check_conf, &env("hostns", path, "weft9"));
+        assert!(!check.ok);
+        assert_eq!(check.json["code"], 4, "{}", check.json);
+        let mut tap_conf = node.conf("1.1.0");
+        tap_conf["attachment"] = json!("tap");
+        assert!(weft("DEL", &tap_conf, &env("hostns", path, "weft9")).ok);
+        assert!(weft("DEL", &node.conf("1.1.0"), &env("hostns", path, "weft9")).ok);
+        assert_eq!(default_v4(), before, "{path}: DEL touched the node's route");
+    }
+}
+
+/// A network configuration (a NetworkAttachmentDefinition's author's) cannot move weft's state
+/// or log: `logFile` and `stateDir` naming other places are refused, nothing is created or
+/// written there, and even the node's own log file is never opened through a symlink.
+#[test]
+fn paths_in_the_configuration_cannot_redirect_state_or_logs() {
+    let mut node = Node::new(Agent::Answers);
+    let (_, ns_path) = node.workload();
+    let ns = ns_path.to_str().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let victim = elsewhere.path().join("victim");
+    std::fs::write(&victim, "precious\n").unwrap();
+    let link = elsewhere.path().join("weft.log");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+
+    let mut conf = node.conf("1.0.0");
+    conf["logFile"] = json!(link);
+    conf["logLevel"] = json!("debug");
+    let add = weft("ADD", &conf, &env("paths1", ns, "eth0"));
+    assert!(!add.ok);
+    assert_eq!(add.json["code"], 7, "{}", add.json);
+    assert!(
+        add.json["details"]
+            .as_str()
+            .unwrap()
+            .starts_with("logFile:"),
+        "{}",
+        add.json
+    );
+
+    // A fake store with a network state of its own: refused, nothing created or read there.
+    let fake = elsewhere.path().join("fake");
+    std::fs::create_dir_all(fake.join("networks")).unwrap();
+    std::fs::copy(
+        node.state_dir().join("networks/test.json"),
+        fake.join("networks/test.json"),
+    )
+    .unwrap();
+    let mut conf = node.conf("1.0.0");
+    conf["stateDir"] = json!(fake);
+    let add = weft("ADD", &conf, &env("paths2", ns, "eth0"));
+    assert!(!add.ok);
+    assert_eq!(add.json["code"], 7, "{}", add.json);
+    assert!(
+        add.json["details"]
+            .as_str()
+            .unwrap()
+            .starts_with("stateDir:"),
+        "{}",
+        add.json
+    );
+    assert!(!fake.join("ipam").exists(), "the fake store was used");
+    assert!(!host_link_exists("paths2", "eth0"));
+
+    // The node's own log file, if it is a symlink, is not written through; ADD still works.
+    common::set_node_env("WEFT_LOG_FILE", &link);
+    let mut conf = node.conf("1.0.0");
+    conf["logLevel"] = json!("debug");
+    let add = weft("ADD", &conf, &env("paths3", ns, "eth0"));
+    assert!(add.ok, "{} {}", add.json, add.stderr);
+    assert!(add.stderr.contains("not logging to"), "{}", add.stderr);
+    assert!(weft("DEL", &conf, &env("paths3", ns, "eth0")).ok);
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+
+    // A plain node log file gets the logs; a configuration repeating it is fine.
+    let log = elsewhere.path().join("plain.log");
+    common::set_node_env("WEFT_LOG_FILE", &log);
+    conf["logFile"] = json!(log);
+    assert!(weft("DEL", &conf, &env("paths4", ns, "eth0")).ok);
+    assert!(!std::fs::read_to_string(&log).unwrap().is_empty());
+}
+
+/// The agent has not seen the pod yet: ADD must not attach the default network alone (dropping
+/// the pod's extra networks and a VM's identity); it fails with 11 and leaves nothing.
+#[test]
+fn add_for_a_pod_the_agent_does_not_know_yet_is_try_again_later() {
+    let mut node = Node::new(Agent::UnknownPods);
+    let (_, ns_path) = node.workload();
+    let ns = ns_path.to_str().unwrap();
+    let add = weft("ADD", &node.conf("1.0.0"), &env("early", ns, "eth0"));
+    assert!(!add.ok);
+    assert_eq!(add.json["code"], 11, "{}", add.json);
+    assert!(
+        add.json["details"].as_str().unwrap().contains("cache"),
+        "{}",
+        add.json
+    );
+    assert!(!host_link_exists("early", "eth0"));
+    let store = IpamStore::open(node.state_dir(), "test").unwrap();
+    assert!(store.list().unwrap().is_empty());
 }

@@ -11,6 +11,16 @@
 //! the outer one, so containment is written with `containsIP` plus a prefix-length comparison.
 //! A rule that depends on another field guards against values that a field-level rule already
 //! rejects (`!isCIDR(s) || ...`), so a bad value yields one clear message, not an evaluation error.
+//!
+//! The apiserver refuses a CRD whose rules it cannot price within its budget (per rule
+//! 10,000,000 cost units, times how often the rule can run; 100,000,000 for a whole schema).
+//! Two things keep weft's rules inside it:
+//! - Every list has `maxItems` and every string `maxLength` (or an enum): the estimator
+//!   multiplies a rule's cost by the `maxItems` of every list above it and prices a string by
+//!   four bytes per allowed character.
+//! - IP and CIDR values are compared with `==` only, written `!(a == b)` for "differ": the
+//!   apiserver's cost library prices `==` on them but has no entry for `!=`, so a `!=` on two
+//!   addresses is estimated as unbounded.
 
 use serde_json::{Value, json};
 
@@ -156,7 +166,7 @@ pub const NETWORK_GATEWAY_IN_SUBNET: CelRule = CelRule {
 /// No gateway is its subnet's network address. (The IPv4 broadcast address cannot be expressed
 /// in CEL; `NetworkSpec::validate` checks it.)
 pub const NETWORK_GATEWAY_NOT_NETWORK_ADDRESS: CelRule = CelRule {
-    rule: "!has(self.gateway) || self.gateway.all(g, !isIP(g) || self.subnets.all(s, !isCIDR(s) || cidr(s).ip() != ip(g)))",
+    rule: "!has(self.gateway) || self.gateway.all(g, !isIP(g) || self.subnets.all(s, !isCIDR(s) || !(cidr(s).ip() == ip(g))))",
     message: "a spec.gateway address must not be its subnet's network address; use a host address such as the first usable one (the default)",
     field_path: Some(".gateway"),
 };
@@ -266,16 +276,16 @@ pub const POLICY_EGRESS_NO_FROM: CelRule = CelRule {
     field_path: Some(".egress"),
 };
 
-/// `spec` of a ClusterSegmentationPolicy: actions Accept, Deny, Pass.
+/// `spec.ingress`/`spec.egress` of a ClusterSegmentationPolicy: actions Accept, Deny, Pass.
 pub const CLUSTER_POLICY_ACTIONS: CelRule = CelRule {
-    rule: "(!has(self.ingress) || self.ingress.all(r, r.action in ['Accept', 'Deny', 'Pass'])) && (!has(self.egress) || self.egress.all(r, r.action in ['Accept', 'Deny', 'Pass']))",
+    rule: "self.all(r, r.action in ['Accept', 'Deny', 'Pass'])",
     message: "a ClusterSegmentationPolicy rule's action is Accept, Deny or Pass (Allow is for SegmentationPolicy)",
     field_path: None,
 };
 
-/// `spec` of a SegmentationPolicy: actions Allow, Deny.
+/// `spec.ingress`/`spec.egress` of a SegmentationPolicy: actions Allow, Deny.
 pub const NAMESPACED_POLICY_ACTIONS: CelRule = CelRule {
-    rule: "(!has(self.ingress) || self.ingress.all(r, r.action in ['Allow', 'Deny'])) && (!has(self.egress) || self.egress.all(r, r.action in ['Allow', 'Deny']))",
+    rule: "self.all(r, r.action in ['Allow', 'Deny'])",
     message: "a SegmentationPolicy rule's action is Allow or Deny (Accept and Pass are for ClusterSegmentationPolicy)",
     field_path: None,
 };
@@ -430,11 +440,6 @@ pub const ATTACHED: &[(&str, &str, &CelRule)] = &[
     ),
     (
         "clustersegmentationpolicies.weft.dev",
-        "spec",
-        &CLUSTER_POLICY_ACTIONS,
-    ),
-    (
-        "clustersegmentationpolicies.weft.dev",
         "spec.subject",
         &CLUSTER_SUBJECT_EXACTLY_ONE,
     ),
@@ -442,6 +447,11 @@ pub const ATTACHED: &[(&str, &str, &CelRule)] = &[
         "clustersegmentationpolicies.weft.dev",
         "spec.ingress",
         &POLICY_RULE_NAMES_UNIQUE,
+    ),
+    (
+        "clustersegmentationpolicies.weft.dev",
+        "spec.ingress",
+        &CLUSTER_POLICY_ACTIONS,
     ),
     (
         "clustersegmentationpolicies.weft.dev",
@@ -497,6 +507,11 @@ pub const ATTACHED: &[(&str, &str, &CelRule)] = &[
         "clustersegmentationpolicies.weft.dev",
         "spec.egress",
         &POLICY_RULE_NAMES_UNIQUE,
+    ),
+    (
+        "clustersegmentationpolicies.weft.dev",
+        "spec.egress",
+        &CLUSTER_POLICY_ACTIONS,
     ),
     (
         "clustersegmentationpolicies.weft.dev",
@@ -560,13 +575,13 @@ pub const ATTACHED: &[(&str, &str, &CelRule)] = &[
     ),
     (
         "segmentationpolicies.weft.dev",
-        "spec",
-        &NAMESPACED_POLICY_ACTIONS,
+        "spec.ingress",
+        &POLICY_RULE_NAMES_UNIQUE,
     ),
     (
         "segmentationpolicies.weft.dev",
         "spec.ingress",
-        &POLICY_RULE_NAMES_UNIQUE,
+        &NAMESPACED_POLICY_ACTIONS,
     ),
     (
         "segmentationpolicies.weft.dev",
@@ -622,6 +637,11 @@ pub const ATTACHED: &[(&str, &str, &CelRule)] = &[
         "segmentationpolicies.weft.dev",
         "spec.egress",
         &POLICY_RULE_NAMES_UNIQUE,
+    ),
+    (
+        "segmentationpolicies.weft.dev",
+        "spec.egress",
+        &NAMESPACED_POLICY_ACTIONS,
     ),
     (
         "segmentationpolicies.weft.dev",

@@ -54,7 +54,8 @@ pub use validate::FieldError;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
-/// The CRDs of every resource in this crate, in a stable order.
+/// The CRDs of every resource in this crate, in a stable order, with bounds on the label
+/// selectors (see [`validate::MAX_SELECTOR_EXPRESSIONS`]) that the derived schema lacks.
 pub fn crds() -> Vec<CustomResourceDefinition> {
     vec![
         Network::crd(),
@@ -63,6 +64,29 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         ClusterSegmentationPolicy::crd(),
         SegmentationPolicy::crd(),
     ]
+    .into_iter()
+    .map(bounded)
+    .collect()
+}
+
+fn bounded(mut crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    for version in &mut crd.spec.versions {
+        let Some(schema) = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+        else {
+            continue;
+        };
+        let Ok(mut value) = serde_json::to_value(&*schema) else {
+            continue;
+        };
+        validate::bound_label_selectors(&mut value);
+        if let Ok(new) = serde_json::from_value(value) {
+            *schema = new;
+        }
+    }
+    crd
 }
 
 /// The first line of every generated CRD file.

@@ -56,6 +56,7 @@ pub struct NodeNetworkSpec {
 #[serde(rename_all = "camelCase")]
 pub struct NodeNetworkBlock {
     /// Name of the Network.
+    #[schemars(length(max = 253))]
     pub network: String,
     /// The node's block of the Network's IPv4 subnet, e.g. 10.10.0.64/26; absent when the
     /// Network has no IPv4 subnet (or no block was free).

@@ -16,17 +16,27 @@ use crate::cel;
 use crate::cidr::{Cidr, parse_cidr};
 use crate::portforward::PortRange;
 use crate::validate::{
-    Errors, FieldError, PORT_NAME_PATTERN, check_selector, is_dns1123_subdomain,
+    DNS1123_SUBDOMAIN_PATTERN, Errors, FieldError, PORT_NAME_PATTERN, check_selector,
+    is_dns1123_subdomain,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+// The list bounds keep the CEL rules of the CIDRs inside the apiserver's cost budget: a rule on
+// a peer's CIDR runs up to MAX_RULES x MAX_PEERS x MAX_CIDRS times (docs/policy.md, "Limits").
+
 /// Most rules in one direction of a policy.
 pub const MAX_RULES: usize = 100;
-/// Most peers or protocol entries in one rule.
-pub const MAX_PEERS: usize = 100;
+/// Most peers in one rule (`from` or `to`).
+pub const MAX_PEERS: usize = 32;
+/// Most CIDRs in one peer.
+pub const MAX_CIDRS: usize = 32;
+/// Most protocol entries in one rule.
+pub const MAX_PROTOCOLS: usize = 100;
+/// Most Networks a subject or peer names.
+pub const MAX_NETWORKS: usize = 32;
 
 /// A cluster-wide segmentation policy in the Admin or Baseline tier.
 #[allow(clippy::duplicated_attributes)]
@@ -55,8 +65,7 @@ pub const MAX_PEERS: usize = 100;
 )]
 #[x_kube(
     validation = &cel::POLICY_INGRESS_NO_TO,
-    validation = &cel::POLICY_EGRESS_NO_FROM,
-    validation = &cel::CLUSTER_POLICY_ACTIONS
+    validation = &cel::POLICY_EGRESS_NO_FROM
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterSegmentationPolicySpec {
@@ -74,14 +83,14 @@ pub struct ClusterSegmentationPolicySpec {
 
     /// Rules for traffic to the subject, evaluated in order; each names its peers in `from`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 100))]
-    #[x_kube(validation = &cel::POLICY_RULE_NAMES_UNIQUE)]
+    #[schemars(length(max = MAX_RULES))]
+    #[x_kube(validation = &cel::POLICY_RULE_NAMES_UNIQUE, validation = &cel::CLUSTER_POLICY_ACTIONS)]
     pub ingress: Vec<PolicyRule>,
 
     /// Rules for traffic from the subject, evaluated in order; each names its peers in `to`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 100))]
-    #[x_kube(validation = &cel::POLICY_RULE_NAMES_UNIQUE)]
+    #[schemars(length(max = MAX_RULES))]
+    #[x_kube(validation = &cel::POLICY_RULE_NAMES_UNIQUE, validation = &cel::CLUSTER_POLICY_ACTIONS)]
     pub egress: Vec<PolicyRule>,
 }
 
@@ -111,8 +120,7 @@ pub struct ClusterSegmentationPolicySpec {
 )]
 #[x_kube(
     validation = &cel::POLICY_INGRESS_NO_TO,
-    validation = &cel::POLICY_EGRESS_NO_FROM,
-    validation = &cel::NAMESPACED_POLICY_ACTIONS
+    validation = &cel::POLICY_EGRESS_NO_FROM
 )]
 #[serde(rename_all = "camelCase")]
 pub struct SegmentationPolicySpec {
@@ -123,14 +131,14 @@ pub struct SegmentationPolicySpec {
 
     /// Rules for traffic to the subject; each names its peers in `from`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 100))]
-    #[x_kube(validation = &cel::POLICY_RULE_NAMES_UNIQUE)]
+    #[schemars(length(max = MAX_RULES))]
+    #[x_kube(validation = &cel::POLICY_RULE_NAMES_UNIQUE, validation = &cel::NAMESPACED_POLICY_ACTIONS)]
     pub ingress: Vec<PolicyRule>,
 
     /// Rules for traffic from the subject; each names its peers in `to`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 100))]
-    #[x_kube(validation = &cel::POLICY_RULE_NAMES_UNIQUE)]
+    #[schemars(length(max = MAX_RULES))]
+    #[x_kube(validation = &cel::POLICY_RULE_NAMES_UNIQUE, validation = &cel::NAMESPACED_POLICY_ACTIONS)]
     pub egress: Vec<PolicyRule>,
 }
 
@@ -201,7 +209,7 @@ pub struct ClusterSubject {
     pub pods: Option<PodsSelector>,
     /// Only the workloads' interfaces on these weft Networks; absent: every weft network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 32))]
+    #[schemars(length(min = 1, max = MAX_NETWORKS), inner(length(max = 253), pattern(DNS1123_SUBDOMAIN_PATTERN)))]
     pub networks: Option<Vec<String>>,
 }
 
@@ -213,7 +221,7 @@ pub struct NamespacedSubject {
     pub pod_selector: LabelSelector,
     /// Only the workloads' interfaces on these weft Networks; absent: every weft network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 32))]
+    #[schemars(length(min = 1, max = MAX_NETWORKS), inner(length(max = 253), pattern(DNS1123_SUBDOMAIN_PATTERN)))]
     pub networks: Option<Vec<String>>,
 }
 
@@ -231,17 +239,17 @@ pub struct PolicyRule {
 
     /// Ingress rules: where the traffic comes from. Absent or empty: from anywhere.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 100))]
+    #[schemars(length(max = MAX_PEERS))]
     pub from: Option<Vec<Peer>>,
 
     /// Egress rules: where the traffic goes. Absent or empty: anywhere.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 100))]
+    #[schemars(length(max = MAX_PEERS))]
     pub to: Option<Vec<Peer>>,
 
     /// Protocols and ports the rule matches. Absent or empty: all traffic.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 100))]
+    #[schemars(length(max = MAX_PROTOCOLS))]
     pub protocols: Option<Vec<ProtocolMatch>>,
 
     /// Emit an audit record for every new connection the rule matches.
@@ -264,12 +272,12 @@ pub struct Peer {
     /// Alone: every workload on these weft Networks. With namespaces or pods: only their
     /// interfaces on these networks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 32))]
+    #[schemars(length(min = 1, max = MAX_NETWORKS), inner(length(max = 253), pattern(DNS1123_SUBDOMAIN_PATTERN)))]
     pub networks: Option<Vec<String>>,
     /// Addresses outside the workloads: the node itself, the LAN, the internet
     /// (e.g. `0.0.0.0/0`, `192.168.50.0/24`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 100))]
+    #[schemars(length(min = 1, max = MAX_CIDRS))]
     pub cidrs: Option<Vec<Cidr>>,
 }
 
@@ -484,7 +492,23 @@ fn check_rules(rules: &[PolicyRule], field: &str, cluster: bool, errors: &mut Er
         };
         let peers = peers.as_deref().unwrap_or_default();
         if peers.len() > MAX_PEERS {
-            errors.push(format!("{f}.{pf}"), format!("at most {MAX_PEERS} peers"));
+            errors.push(
+                format!("{f}.{pf}"),
+                format!(
+                    "lists {} peers; at most {MAX_PEERS} are allowed (a peer's cidrs or selector can cover several)",
+                    peers.len()
+                ),
+            );
+        }
+        let protocols = r.protocols.as_deref().unwrap_or_default();
+        if protocols.len() > MAX_PROTOCOLS {
+            errors.push(
+                format!("{f}.protocols"),
+                format!(
+                    "lists {} entries; at most {MAX_PROTOCOLS} are allowed",
+                    protocols.len()
+                ),
+            );
         }
         for (j, p) in peers.iter().enumerate() {
             check_peer(p, &format!("{f}.{pf}[{j}]"), errors);
@@ -501,6 +525,15 @@ fn check_networks(networks: &Option<Vec<String>>, field: &str, errors: &mut Erro
             errors.push(
                 field,
                 "name at least one Network, or remove the field to mean every network",
+            );
+        }
+        if list.len() > MAX_NETWORKS {
+            errors.push(
+                field,
+                format!(
+                    "lists {} Networks; at most {MAX_NETWORKS} are allowed",
+                    list.len()
+                ),
             );
         }
         for (i, n) in list.iter().enumerate() {
@@ -548,6 +581,15 @@ fn check_peer(p: &Peer, field: &str, errors: &mut Errors) {
         errors.push(
             format!("{field}.cidrs"),
             "name at least one CIDR (0.0.0.0/0 and ::/0 for every address)",
+        );
+    }
+    if let Some(cidrs) = p.cidrs.as_ref().filter(|c| c.len() > MAX_CIDRS) {
+        errors.push(
+            format!("{field}.cidrs"),
+            format!(
+                "lists {} CIDRs; at most {MAX_CIDRS} are allowed (merge neighbours into larger CIDRs, or add a peer)",
+                cidrs.len()
+            ),
         );
     }
     for (i, c) in p.cidrs.iter().flatten().enumerate() {

@@ -63,6 +63,19 @@ pub const DNS1123_SUBDOMAIN_PATTERN: &str =
 /// Pattern of a port name (a DNS-1123 label of at most 15 characters, like a container port name).
 pub const PORT_NAME_PATTERN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
 
+/// Most `matchLabels` entries of a label selector.
+pub const MAX_SELECTOR_LABELS: usize = 32;
+/// Most `matchExpressions` of a label selector.
+pub const MAX_SELECTOR_EXPRESSIONS: usize = 32;
+/// Most `values` of one selector expression.
+pub const MAX_SELECTOR_VALUES: usize = 64;
+/// Longest label key: a DNS subdomain prefix (253), `/`, and a name (63).
+pub const MAX_LABEL_KEY_LEN: usize = 317;
+/// Longest label value.
+pub const MAX_LABEL_VALUE_LEN: usize = 63;
+/// The operators of a selector expression.
+pub const SELECTOR_OPERATORS: [&str; 4] = ["In", "NotIn", "Exists", "DoesNotExist"];
+
 /// Does `name` match [`IFNAME_PATTERN`]?
 pub fn is_valid_ifname(name: &str) -> bool {
     let bytes = name.as_bytes();
@@ -99,19 +112,68 @@ pub fn is_valid_port_name(name: &str) -> bool {
 /// selector: known operators, values for `In`/`NotIn` only, and non-empty keys.
 pub(crate) fn check_selector(selector: &LabelSelector, field: &str, errors: &mut Errors) {
     if let Some(labels) = &selector.match_labels {
-        for key in labels.keys() {
+        if labels.len() > MAX_SELECTOR_LABELS {
+            errors.push(
+                format!("{field}.matchLabels"),
+                format!(
+                    "has {} labels; at most {MAX_SELECTOR_LABELS} are allowed",
+                    labels.len()
+                ),
+            );
+        }
+        for (key, value) in labels {
             if key.is_empty() {
                 errors.push(
                     format!("{field}.matchLabels"),
                     "a label key must not be empty",
                 );
             }
+            if value.len() > MAX_LABEL_VALUE_LEN {
+                errors.push(
+                    format!("{field}.matchLabels.{key}"),
+                    format!("a label value has at most {MAX_LABEL_VALUE_LEN} characters"),
+                );
+            }
         }
     }
-    for (i, expr) in selector.match_expressions.iter().flatten().enumerate() {
+    let exprs = selector.match_expressions.as_deref().unwrap_or_default();
+    if exprs.len() > MAX_SELECTOR_EXPRESSIONS {
+        errors.push(
+            format!("{field}.matchExpressions"),
+            format!(
+                "has {} expressions; at most {MAX_SELECTOR_EXPRESSIONS} are allowed",
+                exprs.len()
+            ),
+        );
+    }
+    for (i, expr) in exprs.iter().enumerate() {
         let at = format!("{field}.matchExpressions[{i}]");
         if expr.key.is_empty() {
             errors.push(format!("{at}.key"), "must not be empty; name a label key");
+        }
+        if expr.key.len() > MAX_LABEL_KEY_LEN {
+            errors.push(
+                format!("{at}.key"),
+                format!("a label key has at most {MAX_LABEL_KEY_LEN} characters"),
+            );
+        }
+        let values = expr.values.as_deref().unwrap_or_default();
+        if values.len() > MAX_SELECTOR_VALUES {
+            errors.push(
+                format!("{at}.values"),
+                format!(
+                    "has {} values; at most {MAX_SELECTOR_VALUES} are allowed",
+                    values.len()
+                ),
+            );
+        }
+        for (j, v) in values.iter().enumerate() {
+            if v.len() > MAX_LABEL_VALUE_LEN {
+                errors.push(
+                    format!("{at}.values[{j}]"),
+                    format!("a label value has at most {MAX_LABEL_VALUE_LEN} characters"),
+                );
+            }
         }
         let has_values = expr.values.as_ref().is_some_and(|v| !v.is_empty());
         match expr.operator.as_str() {
@@ -129,11 +191,72 @@ pub(crate) fn check_selector(selector: &LabelSelector, field: &str, errors: &mut
                     expr.operator
                 ),
             ),
-            "In" | "NotIn" | "Exists" | "DoesNotExist" => {}
+            op if SELECTOR_OPERATORS.contains(&op) => {}
             other => errors.push(
                 format!("{at}.operator"),
                 format!("unknown operator {other:?}; use In, NotIn, Exists or DoesNotExist"),
             ),
+        }
+    }
+}
+
+/// Puts bounds on every label selector below `schema` (a JSON schema node): k8s-openapi's
+/// `LabelSelector` schema has none, and the apiserver's CEL cost estimate multiplies by them.
+/// The bounds are the ones [`check_selector`] enforces.
+pub(crate) fn bound_label_selectors(schema: &mut serde_json::Value) {
+    use serde_json::{Value, json};
+    let Some(obj) = schema.as_object_mut() else {
+        return;
+    };
+    let is_selector = obj
+        .get("properties")
+        .and_then(Value::as_object)
+        .is_some_and(|p| p.contains_key("matchLabels") && p.contains_key("matchExpressions"));
+    if is_selector && let Some(props) = obj.get_mut("properties").and_then(Value::as_object_mut) {
+        if let Some(labels) = props.get_mut("matchLabels").and_then(Value::as_object_mut) {
+            labels.insert("maxProperties".into(), json!(MAX_SELECTOR_LABELS));
+            if let Some(v) = labels
+                .get_mut("additionalProperties")
+                .and_then(Value::as_object_mut)
+            {
+                v.insert("maxLength".into(), json!(MAX_LABEL_VALUE_LEN));
+            }
+        }
+        if let Some(exprs) = props
+            .get_mut("matchExpressions")
+            .and_then(Value::as_object_mut)
+        {
+            exprs.insert("maxItems".into(), json!(MAX_SELECTOR_EXPRESSIONS));
+            if let Some(item) = exprs
+                .get_mut("items")
+                .and_then(|i| i.get_mut("properties"))
+                .and_then(Value::as_object_mut)
+            {
+                if let Some(key) = item.get_mut("key").and_then(Value::as_object_mut) {
+                    key.insert("maxLength".into(), json!(MAX_LABEL_KEY_LEN));
+                }
+                if let Some(op) = item.get_mut("operator").and_then(Value::as_object_mut) {
+                    op.insert("enum".into(), json!(SELECTOR_OPERATORS));
+                }
+                if let Some(values) = item.get_mut("values").and_then(Value::as_object_mut) {
+                    values.insert("maxItems".into(), json!(MAX_SELECTOR_VALUES));
+                    if let Some(v) = values.get_mut("items").and_then(Value::as_object_mut) {
+                        v.insert("maxLength".into(), json!(MAX_LABEL_VALUE_LEN));
+                    }
+                }
+            }
+        }
+        return;
+    }
+    for (key, child) in obj.iter_mut() {
+        match key.as_str() {
+            "properties" => {
+                if let Some(props) = child.as_object_mut() {
+                    props.values_mut().for_each(bound_label_selectors);
+                }
+            }
+            "items" | "additionalProperties" => bound_label_selectors(child),
+            _ => {}
         }
     }
 }
@@ -193,5 +316,37 @@ mod tests {
         assert!(!is_valid_port_name("HTTP"));
         assert!(!is_valid_port_name("a.b"));
         assert!(!is_valid_port_name("sixteen-chars-xx"));
+    }
+
+    #[test]
+    fn selectors_past_the_schema_bounds_are_refused() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+        let expr = |op: &str, n: usize| LabelSelectorRequirement {
+            key: "k".into(),
+            operator: op.into(),
+            values: Some((0..n).map(|i| i.to_string()).collect()),
+        };
+        let sel = LabelSelector {
+            match_labels: Some(
+                (0..=MAX_SELECTOR_LABELS)
+                    .map(|i| (i.to_string(), "v".repeat(64)))
+                    .collect(),
+            ),
+            match_expressions: Some(vec![expr("In", MAX_SELECTOR_VALUES + 1), expr("Near", 1)]),
+        };
+        let mut errors = Errors::default();
+        check_selector(&sel, "spec.nodeSelector", &mut errors);
+        let fields: Vec<String> = errors.0.into_iter().map(|e| e.field).collect();
+        for want in [
+            "spec.nodeSelector.matchLabels",
+            "spec.nodeSelector.matchLabels.0",
+            "spec.nodeSelector.matchExpressions[0].values",
+            "spec.nodeSelector.matchExpressions[1].operator",
+        ] {
+            assert!(
+                fields.iter().any(|f| f == want),
+                "{want} missing in {fields:?}"
+            );
+        }
     }
 }

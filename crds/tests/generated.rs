@@ -238,56 +238,245 @@ fn no_cel_rule_is_left_unlisted() {
     }
 }
 
+// ---- CEL cost: what the apiserver's estimator needs to price every rule ----
+//
+// kube-apiserver (apiextensions-apiserver `validation.go`) refuses a CRD when one rule's
+// estimated cost exceeds StaticEstimatedCostLimit (10,000,000) or all rules of a schema
+// together exceed StaticEstimatedCRDCostLimit (100,000,000). A rule's cost is its cost for one
+// value times how often it can run: the product of the `maxItems` of every list above it. A
+// string costs by its `maxLength` in bytes (four per character), a list or map without bound is
+// priced as large as a whole request, and `!=` on IP/CIDR values has no price at all.
+
+const PER_RULE_LIMIT: u64 = 10_000_000;
+const PER_SCHEMA_LIMIT: u64 = 100_000_000;
+
+/// Every node below `node` with its path, its cardinality (how often a rule on it can run)
+/// and whether a CEL rule on it or an ancestor can read it.
+fn visit(
+    path: &str,
+    node: &Value,
+    cardinality: u64,
+    under_rule: bool,
+    f: &mut dyn FnMut(&str, &Value, u64, bool),
+) {
+    let under_rule = under_rule || node.get("x-kubernetes-validations").is_some();
+    f(path, node, cardinality, under_rule);
+    if let Some(props) = node.get("properties").and_then(Value::as_object) {
+        for (k, v) in props {
+            visit(&format!("{path}.{k}"), v, cardinality, under_rule, f);
+        }
+    }
+    if let Some(items) = node.get("items") {
+        let n = node
+            .get("maxItems")
+            .and_then(Value::as_u64)
+            .unwrap_or(u64::MAX);
+        visit(
+            &format!("{path}[]"),
+            items,
+            cardinality.saturating_mul(n),
+            under_rule,
+            f,
+        );
+    }
+    if let Some(ap) = node.get("additionalProperties").filter(|v| v.is_object()) {
+        let n = node
+            .get("maxProperties")
+            .and_then(Value::as_u64)
+            .unwrap_or(u64::MAX);
+        visit(
+            &format!("{path}{{}}"),
+            ap,
+            cardinality.saturating_mul(n),
+            under_rule,
+            f,
+        );
+    }
+}
+
 #[test]
-fn cel_rules_are_bounded_for_the_cost_estimator() {
-    // The apiserver rejects CEL rules whose worst-case cost it cannot bound: every string and
-    // list a rule walks needs maxLength / maxItems.
-    fn walk(path: &str, node: &Value, problems: &mut Vec<String>) {
-        let ty = node.get("type").and_then(Value::as_str);
-        if node.get("x-kubernetes-validations").is_some() {
-            match ty {
-                Some("string") if node.get("maxLength").is_none() => {
-                    problems.push(format!("{path}: no maxLength"))
-                }
+fn every_list_and_map_of_a_spec_is_bounded() {
+    // Status is written by weft itself and carries no CEL rule; everything users write is
+    // bounded, so no rule's cardinality can grow unpriced.
+    let mut problems = Vec::new();
+    for (name, schema) in schemas() {
+        let Some(spec) = schema.get("properties").and_then(|p| p.get("spec")) else {
+            continue;
+        };
+        visit(
+            &format!("{name} spec"),
+            spec,
+            1,
+            false,
+            &mut |path, node, _, _| match node.get("type").and_then(Value::as_str) {
                 Some("array") if node.get("maxItems").is_none() => {
-                    problems.push(format!("{path}: no maxItems"))
+                    problems.push(format!("{path}: list without maxItems"))
                 }
+                Some("object")
+                    if node
+                        .get("additionalProperties")
+                        .is_some_and(Value::is_object)
+                        && node.get("maxProperties").is_none() =>
+                {
+                    problems.push(format!("{path}: map without maxProperties"))
+                }
+                _ => {}
+            },
+        );
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn every_string_a_cel_rule_can_read_is_bounded() {
+    let mut problems = Vec::new();
+    for (name, schema) in schemas() {
+        visit(
+            &name,
+            &schema,
+            1,
+            false,
+            &mut |path, node, _, under_rule| {
+                if under_rule
+                    && node.get("type").and_then(Value::as_str) == Some("string")
+                    && node.get("maxLength").is_none()
+                    && node.get("enum").is_none()
+                {
+                    problems.push(format!("{path}: string without maxLength under a CEL rule"));
+                }
+            },
+        );
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// Does `rule` compare IP or CIDR values with `!=`? The operands are the text between `!=` and
+/// the nearest `,`, `(`, `&&`, `||`, `?` or `:` outside brackets on each side.
+fn compares_addresses_with_not_equal(rule: &str) -> bool {
+    fn is_address(operand: &str) -> bool {
+        let o = operand.trim();
+        let call = |f: &str| o.starts_with(f) && o.ends_with(')');
+        call("ip(") && !o.contains(").family()") && !o.contains(").prefixLength()")
+            || call("cidr(") && !o.contains(".family()") && !o.contains(".prefixLength()")
+            || o.ends_with(".ip()")
+            || o.ends_with(".masked()")
+    }
+    fn left(s: &str) -> &str {
+        let mut depth = 0i32;
+        let b = s.as_bytes();
+        for i in (0..b.len()).rev() {
+            match b[i] {
+                b')' | b']' => depth += 1,
+                b'(' | b'[' if depth == 0 => return &s[i + 1..],
+                b'(' | b'[' => depth -= 1,
+                b',' | b'?' | b':' if depth == 0 => return &s[i + 1..],
+                b'&' | b'|' if depth == 0 && i > 0 && b[i - 1] == b[i] => return &s[i + 1..],
                 _ => {}
             }
         }
-        if let Some(props) = node.get("properties").and_then(Value::as_object) {
-            for (k, v) in props {
-                walk(&format!("{path}.{k}"), v, problems);
-            }
-        }
-        if let Some(items) = node.get("items") {
-            walk(&format!("{path}[]"), items, problems);
-        }
+        s
     }
-    for (name, schema) in schemas() {
-        let mut problems = Vec::new();
-        walk(&name, &schema, &mut problems);
-        // Lists and strings that object-level rules walk:
-        for location in [
-            "spec.subnets",
-            "spec.gateway",
-            "spec.ipam.exclude",
-            "spec.bridge.trunkVlans",
-            "spec.ports",
-            "spec.allowFrom",
-        ] {
-            if let Some(node) = node_at(&schema, location) {
-                if node.get("maxItems").is_none() {
-                    problems.push(format!("{name} {location}: no maxItems"));
-                }
-                if let Some(items) = node.get("items")
-                    && items.get("type").and_then(Value::as_str) == Some("string")
-                    && items.get("maxLength").is_none()
-                {
-                    problems.push(format!("{name} {location}[]: no maxLength"));
-                }
+    fn right(s: &str) -> &str {
+        let mut depth = 0i32;
+        let b = s.as_bytes();
+        for i in 0..b.len() {
+            match b[i] {
+                b'(' | b'[' => depth += 1,
+                b')' | b']' if depth == 0 => return &s[..i],
+                b')' | b']' => depth -= 1,
+                b',' | b'?' | b':' if depth == 0 => return &s[..i],
+                b'&' | b'|' if depth == 0 && b.get(i + 1) == Some(&b[i]) => return &s[..i],
+                _ => {}
             }
         }
+        s
+    }
+    rule.match_indices("!=")
+        .any(|(i, _)| is_address(left(&rule[..i])) || is_address(right(&rule[i + 2..])))
+}
+
+#[test]
+fn the_not_equal_check_finds_address_comparisons() {
+    assert!(compares_addresses_with_not_equal(
+        "self.all(s, cidr(s).ip() != ip(g))"
+    ));
+    assert!(compares_addresses_with_not_equal(
+        "ip(self) != ip('10.0.0.1') || true"
+    ));
+    assert!(compares_addresses_with_not_equal(
+        "x || cidr(self) != cidr(self).masked()"
+    ));
+    assert!(!compares_addresses_with_not_equal(
+        "!(cidr(s).ip() == ip(g))"
+    ));
+    assert!(!compares_addresses_with_not_equal(
+        "cidr(s).ip().family() != 4 || y"
+    ));
+    assert!(!compares_addresses_with_not_equal("self.mode != 'Bridge'"));
+}
+
+#[test]
+fn no_cel_rule_compares_addresses_with_not_equal() {
+    // The apiserver's cost library prices `==` on IP and CIDR values but not `!=`, and then
+    // rejects the rule as "more than 100x" over budget; `!(a == b)` is priced.
+    for (crd, location, rule) in weft_crds::cel::ATTACHED {
+        assert!(
+            !compares_addresses_with_not_equal(rule.rule),
+            "{crd} {location}: {:?} compares addresses with !=; write !(a == b)",
+            rule.rule
+        );
+    }
+}
+
+/// A lower bound of one run of `rule` on a string of `max_len` characters: each parse of the
+/// value (`isCIDR(self)`, `cidr(self)`, `isIP(self)`, `ip(self)`) traverses its bytes at 0.1 per
+/// byte, four bytes per character.
+fn string_rule_cost(rule: &str, max_len: u64) -> u64 {
+    let parses = ["isCIDR(self)", "cidr(self)", "isIP(self)", "ip(self)"]
+        .iter()
+        .map(|f| rule.matches(f).count() as u64)
+        .sum::<u64>();
+    parses * (max_len * 4).div_ceil(10)
+}
+
+#[test]
+fn address_rules_stay_inside_the_cost_budget() {
+    // The rules on address strings dominate the cost: each run parses the string. The estimate
+    // here is a lower bound of the apiserver's (it leaves out the operators), so it catches a
+    // list bound raised past what the budget allows.
+    for (name, schema) in schemas() {
+        let mut total = 0u64;
+        let mut problems = Vec::new();
+        visit(
+            &name,
+            &schema,
+            1,
+            false,
+            &mut |path, node, cardinality, _| {
+                let Some(max_len) = node.get("maxLength").and_then(Value::as_u64) else {
+                    return;
+                };
+                for rule in node
+                    .get("x-kubernetes-validations")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    let text = rule["rule"].as_str().unwrap_or_default();
+                    let cost = cardinality.saturating_mul(string_rule_cost(text, max_len));
+                    total = total.saturating_add(cost);
+                    if cost > PER_RULE_LIMIT * 9 / 10 {
+                        problems.push(format!(
+                        "{path}: {text:?} runs up to {cardinality} times, estimated cost {cost} (limit {PER_RULE_LIMIT})"
+                    ));
+                    }
+                }
+            },
+        );
         assert!(problems.is_empty(), "{}", problems.join("\n"));
+        assert!(
+            total <= PER_SCHEMA_LIMIT / 2,
+            "{name}: the address rules alone cost {total} (schema limit {PER_SCHEMA_LIMIT})"
+        );
     }
 }

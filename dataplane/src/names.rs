@@ -95,12 +95,40 @@ pub fn bridge_alias(network: &str) -> String {
 /// interface name, else `wn-` + 12 hex digits of the name's hash.
 pub fn bridge_name(network: &str) -> String {
     let candidate = format!("{BRIDGE_PREFIX}{network}");
-    if candidate.len() <= IFNAME_MAX && is_valid_ifname(&candidate) {
+    if candidate.len() <= IFNAME_MAX
+        && is_valid_ifname(&candidate)
+        && candidate
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+    {
         candidate
     } else {
         let d = hex_digest(&[network]);
         format!("{BRIDGE_PREFIX}{}", &d[..12])
     }
+}
+
+/// Whether `name` is a DNS-1123 subdomain (what the API server requires of a Network's name):
+/// at most 253 characters, dot-separated labels of lowercase letters, digits and '-' that start
+/// and end with a letter or digit. Every source of Network names (API, manifests dir, lab, CNI
+/// netconf) is held to it, since the name becomes a file name and an nftables string.
+pub fn is_dns1123_subdomain(name: &str) -> bool {
+    let label = |l: &str| {
+        let b = l.as_bytes();
+        let ok = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+        matches!((b.first(), b.last()), (Some(f), Some(e)) if ok(f) && ok(e))
+            && b.iter().all(|c| ok(c) || *c == b'-')
+    };
+    name.len() <= 253 && name.split('.').all(label)
+}
+
+/// Why `name` is not a valid Network name, or `None` when it is (see [`is_dns1123_subdomain`]).
+pub fn network_name_problem(name: &str) -> Option<String> {
+    (!is_dns1123_subdomain(name)).then(|| {
+        format!(
+            "{name:?} is not a valid Network name: use at most 253 lowercase letters, digits, '-' and '.', starting and ending with a letter or digit (a DNS-1123 subdomain, as the Kubernetes API requires)"
+        )
+    })
 }
 
 /// Whether `name` is a valid Linux interface name.
@@ -193,6 +221,36 @@ pub fn eui64_link_local(mac: [u8; 6]) -> std::net::Ipv6Addr {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn network_names_are_dns_1123_subdomains() {
+        for ok in ["nat-demo", "a", "lan.v2", "0a"] {
+            assert!(is_dns1123_subdomain(ok), "{ok}");
+            assert!(network_name_problem(ok).is_none());
+        }
+        for bad in [
+            "",
+            "..",
+            "a\",\"eth0",
+            "../../victim",
+            "Nat",
+            "-a",
+            "a-",
+            "a..b",
+            "a_b",
+        ] {
+            assert!(!is_dns1123_subdomain(bad), "{bad}");
+        }
+        assert!(!is_dns1123_subdomain(&"a".repeat(254)));
+    }
+
+    #[test]
+    fn a_bridge_name_carries_no_character_nftables_would_parse() {
+        // A name the kernel accepts but that would close an nftables string.
+        let b = bridge_name("a\",\"eth0");
+        assert!(b.starts_with(BRIDGE_PREFIX) && !b.contains('"'), "{b}");
+        assert_eq!(bridge_name("nat-demo"), "wn-nat-demo");
+    }
+
     use super::*;
 
     #[test]

@@ -215,6 +215,25 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Is this the network namespace of the calling thread (the same device and inode as
+    /// `/proc/thread-self/ns/net`)? A path that names it, `/proc/self/ns/net` or a bind mount of
+    /// it, is the node's own namespace when the caller runs in the node's.
+    pub fn is_current(&self) -> Result<bool, NetnsError> {
+        let here = Netns::current()?;
+        let stat = |ns: &Netns| {
+            ns.file
+                .metadata()
+                .map(|m| (m.dev(), m.ino()))
+                .map_err(|source| NetnsError::Stat {
+                    path: ns.path.clone(),
+                    source,
+                })
+        };
+        Ok(stat(self)? == stat(&here)?)
+    }
+}
+
 impl AsFd for Netns {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.file.as_fd()
@@ -521,5 +540,21 @@ mod tests {
         let ns = Netns::current().unwrap();
         assert!(ns.path().to_string_lossy().contains("/task/"));
         assert!(ns.inode().unwrap() > 0);
+    }
+
+    #[test]
+    fn the_process_own_namespace_is_current_and_a_named_one_is_not() {
+        assert!(
+            Netns::open("/proc/self/ns/net")
+                .unwrap()
+                .is_current()
+                .unwrap()
+        );
+        assert!(Netns::current().unwrap().is_current().unwrap());
+        let name = format!("weft-nstest-cur-{}", std::process::id());
+        let other = create_named(&name).unwrap();
+        let result = other.is_current();
+        delete_named(&name).unwrap();
+        assert!(!result.unwrap());
     }
 }

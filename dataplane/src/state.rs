@@ -35,6 +35,12 @@ pub enum StateError {
         #[source]
         source: std::io::Error,
     },
+    /// A network name that is not a DNS-1123 subdomain (it would name a file elsewhere).
+    #[error("{problem}")]
+    InvalidNetwork {
+        /// What is wrong with it.
+        problem: String,
+    },
     /// A state file holds something that is not valid state.
     #[error("{path} is corrupt; remove it and let the agent rewrite it")]
     Decode {
@@ -111,11 +117,13 @@ impl NetworkState {
 
     /// Reads the state of `network`.
     pub fn read(state_dir: &Path, network: &str) -> Result<Self, StateError> {
+        check_network(network)?;
         read_json(&Self::path(state_dir, network))
     }
 
     /// Writes it atomically.
     pub fn write(&self, state_dir: &Path) -> Result<(), StateError> {
+        check_network(&self.name)?;
         write_json(&Self::path(state_dir, &self.name), self)
     }
 
@@ -136,6 +144,13 @@ impl NetworkState {
         }
         names.sort();
         Ok(names)
+    }
+}
+
+fn check_network(network: &str) -> Result<(), StateError> {
+    match crate::names::network_name_problem(network) {
+        Some(problem) => Err(StateError::InvalidNetwork { problem }),
+        None => Ok(()),
     }
 }
 
@@ -285,6 +300,26 @@ mod tests {
         assert_eq!(NetworkState::list(dir.path()).unwrap(), vec!["nat-demo"]);
         let missing = NetworkState::read(dir.path(), "other").unwrap_err();
         assert!(missing.is_not_found());
+    }
+
+    #[test]
+    fn a_network_name_that_is_not_dns_1123_names_no_state_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let mut s = sample();
+        for bad in ["../../victim", "a\",\"eth0", "Nat", ".."] {
+            s.name = bad.to_string();
+            assert!(
+                matches!(s.write(&state), Err(StateError::InvalidNetwork { .. })),
+                "{bad}"
+            );
+            assert!(matches!(
+                NetworkState::read(&state, bad),
+                Err(StateError::InvalidNetwork { .. })
+            ));
+        }
+        assert!(!dir.path().join("victim.json").exists());
+        assert!(!state.exists(), "nothing was written");
     }
 
     #[test]

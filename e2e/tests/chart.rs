@@ -166,3 +166,63 @@ fn workloads_are_least_privileged() {
         );
     }
 }
+
+#[test]
+fn the_controller_runs_before_the_cni_works() {
+    // A node has no CNI configuration until its agent gets a NodeNetwork from the controller,
+    // so a controller on the pod network would wait forever.
+    let controller = read(&chart().join("templates/controller.yaml"));
+    assert!(controller.contains("hostNetwork: true"));
+    assert!(controller.contains("dnsPolicy: ClusterFirstWithHostNet"));
+    for taint in [
+        "node.kubernetes.io/not-ready",
+        "node.kubernetes.io/network-unavailable",
+    ] {
+        assert!(
+            controller.contains(&format!(
+                "{{key: {taint}, operator: Exists, effect: NoSchedule}}"
+            )),
+            "the controller tolerates {taint}"
+        );
+    }
+    // Two replicas on the node's network would share the metrics port: one per node.
+    assert!(controller.contains("podAntiAffinity:"));
+    assert!(controller.contains("topologyKey: kubernetes.io/hostname"));
+    assert!(controller.contains("maxSurge: 0"));
+    let values = read(&chart().join("values.yaml"));
+    let port = |section: &str| {
+        let tail = &values[values.find(&format!("\n{section}:\n")).unwrap()..];
+        let line = tail
+            .lines()
+            .find(|l| l.trim_start().starts_with("metricsPort:"))
+            .unwrap();
+        line.split(':').nth(1).unwrap().trim().to_owned()
+    };
+    assert_ne!(
+        port("controller"),
+        port("agent"),
+        "the metrics ports share the node"
+    );
+    assert!(controller.contains("controller.metricsPort and agent.metricsPort must differ"));
+}
+
+#[test]
+fn the_api_server_address_can_be_given_for_clusters_without_kube_proxy() {
+    let values = read(&chart().join("values.yaml"));
+    assert!(values.contains("\nkubernetesServiceHost: \"\"\n"));
+    assert!(values.contains("\nkubernetesServicePort: \"\"\n"));
+    let helpers = read(&chart().join("templates/_helpers.tpl"));
+    assert!(helpers.contains("name: KUBERNETES_SERVICE_HOST"));
+    assert!(helpers.contains("name: KUBERNETES_SERVICE_PORT"));
+    for workload in ["agent.yaml", "controller.yaml"] {
+        let t = read(&chart().join("templates").join(workload));
+        assert!(
+            t.contains("include \"weft.apiServerEnv\""),
+            "{workload} gets the API server's address"
+        );
+    }
+    let readme = read(&chart().join("README.md"));
+    assert!(
+        readme.contains("`kubernetesServiceHost`") && readme.contains("`kubernetesServicePort`")
+    );
+}

@@ -927,6 +927,10 @@ fn weft_in_node(
         .env("CNI_NETNS", format!("/run/netns/{workload_ns}"))
         .env("CNI_IFNAME", "eth0")
         .env("CNI_PATH", node_dir.join("cni-bin"))
+        // The node's locations, as the lab's runtime gives them: the plugin takes none from the
+        // configuration.
+        .env("WEFT_STATE_DIR", node_dir.join("state"))
+        .env("WEFT_AGENT_SOCKET", node_dir.join("agent.sock"))
         .env(
             "CNI_ARGS",
             format!(
@@ -1010,7 +1014,10 @@ fn host_ports_reach_the_pod_a_second_claim_fails_and_del_removes_them() {
         conf["cniVersion"] = conflist["cniVersion"].clone();
         conf["name"] = conflist["name"].clone();
         conf["network"] = serde_json::json!("nat");
-        let state_dir = std::path::PathBuf::from(conf["stateDir"].as_str().unwrap());
+        for key in ["stateDir", "agentSocket", "logFile"] {
+            assert!(conf.get(key).is_none(), "the conflist names no {key}");
+        }
+        let state_dir = node_dir.join("state");
         let web = format!("lab-{lab}-web");
         assert!(
             nft_map(&lab, "hport4").contains("8080"),

@@ -138,7 +138,9 @@ pub struct AgentOpts {
     /// The `weft` binary to install (default: next to this executable).
     #[arg(long, env = "WEFT_CNI_BINARY")]
     pub cni_binary: Option<PathBuf>,
-    /// The network named in the conflist (default: the only network on the node).
+    /// The network named in the conflist (default: the Network annotated
+    /// `weft.dev/default-network: "true"`, else the only Network on the node, else the
+    /// alphabetically first NAT Network on it).
     #[arg(long, env = "WEFT_DEFAULT_NETWORK")]
     pub default_network: Option<String>,
     /// Full resync period in seconds.
@@ -278,6 +280,7 @@ impl AgentOpts {
                 socket: self.socket.clone(),
             },
             default_network: self.default_network.clone(),
+            agent_ports: Vec::new(),
             cleanup_config_on_exit: self.cleanup_config_on_exit,
             resync: Duration::from_secs(self.resync_seconds.max(1)),
             poll: Duration::from_millis(500),

@@ -38,6 +38,7 @@ fn config(state: &std::path::Path) -> AgentConfig {
             socket: state.join("agent.sock"),
         },
         default_network: None,
+        agent_ports: Vec::new(),
         cleanup_config_on_exit: false,
         resync: std::time::Duration::from_secs(30),
         poll: std::time::Duration::from_millis(500),

@@ -409,6 +409,7 @@ fn config() -> weft_operator::agent::AgentConfig {
             socket: dir.join("agent.sock"),
         },
         default_network: None,
+        agent_ports: Vec::new(),
         cleanup_config_on_exit: false,
         resync: Duration::from_secs(30),
         poll: Duration::from_millis(500),

@@ -45,6 +45,7 @@ fn config(state: &std::path::Path) -> AgentConfig {
             socket: state.join("agent.sock"),
         },
         default_network: None,
+        agent_ports: Vec::new(),
         cleanup_config_on_exit: false,
         resync: Duration::from_secs(30),
         poll: Duration::from_millis(100),

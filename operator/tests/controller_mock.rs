@@ -198,6 +198,56 @@ fn event_reply(body: &Value) -> Value {
     v
 }
 
+/// Waits for the write that empties the blocks of the NodeNetwork of `node` and answers as
+/// kube-apiserver does: a server-side apply of `spec: {blocks: []}` drops the controller's last
+/// field of the spec, and the API server refuses the object without one (422, `spec: Required
+/// value`); a merge patch to `blocks: []` keeps the spec.
+async fn expect_blocks_emptied(handle: &mut Handle, node: &str) {
+    let (request, send) = tokio::time::timeout(Duration::from_secs(1), handle.next_request())
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for the NodeNetwork {node}"))
+        .expect("service not called");
+    assert_eq!(request.method(), Method::PATCH);
+    assert_eq!(
+        request.uri().path(),
+        format!("/apis/weft.dev/v1alpha1/nodenetworks/{node}")
+    );
+    let content_type = request
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let bytes = request.into_body().collect_bytes().await.unwrap();
+    let body: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(body["spec"]["blocks"], json!([]), "{body}");
+    if content_type == "application/apply-patch+yaml" {
+        send.send_response(
+            Response::builder()
+                .status(422)
+                .body(Body::from(
+                    serde_json::to_vec(&json!({
+                        "kind": "Status", "apiVersion": "v1", "status": "Failure",
+                        "message": format!("NodeNetwork.weft.dev \"{node}\" is invalid: spec: Required value"),
+                        "reason": "Invalid", "code": 422,
+                    }))
+                    .unwrap(),
+                ))
+                .unwrap(),
+        );
+        panic!(
+            "the NodeNetwork {node} was emptied with a server-side apply, which the API server refuses"
+        );
+    }
+    assert_eq!(content_type, "application/merge-patch+json");
+    let mut nn = NodeNetwork::new(node, NodeNetworkSpec::default());
+    nn.metadata.resource_version = Some("2".into());
+    send.send_response(
+        Response::builder()
+            .body(Body::from(serde_json::to_vec(&nn).unwrap()))
+            .unwrap(),
+    );
+}
+
 async fn no_more_requests(handle: &mut Handle) {
     let next = tokio::time::timeout(Duration::from_millis(200), handle.next_request()).await;
     if let Ok(Some((req, _))) = next {
@@ -291,17 +341,7 @@ async fn blocks_of_removed_and_unselected_nodes_are_released() {
         .node_network("b", &[("blue", "10.10.0.64/26")], &["blue"])
         .node_network("d", &[("blue", "10.10.0.128/26")], &["blue"]);
     let verifier = tokio::spawn(async move {
-        let seen = expect(
-            &mut handle,
-            Expect {
-                method: Method::PATCH,
-                path: "/apis/weft.dev/v1alpha1/nodenetworks/a".into(),
-                query: APPLY,
-            },
-            echo,
-        )
-        .await;
-        assert_eq!(seen.body["spec"]["blocks"], json!([]));
+        expect_blocks_emptied(&mut handle, "a").await;
         let seen = expect(
             &mut handle,
             Expect {
@@ -415,17 +455,7 @@ async fn the_finalizer_waits_for_agents_and_is_removed_once_none_realizes_the_ne
     // First pass: the blocks leave every spec; agent a still realizes blue.
     let verifier = tokio::spawn(async move {
         for node in ["a", "b"] {
-            let seen = expect(
-                &mut handle,
-                Expect {
-                    method: Method::PATCH,
-                    path: format!("/apis/weft.dev/v1alpha1/nodenetworks/{node}"),
-                    query: APPLY,
-                },
-                echo,
-            )
-            .await;
-            assert_eq!(seen.body["spec"]["blocks"], json!([]));
+            expect_blocks_emptied(&mut handle, node).await;
         }
         no_more_requests(&mut handle).await;
         handle
@@ -464,6 +494,76 @@ async fn the_finalizer_waits_for_agents_and_is_removed_once_none_realizes_the_ne
     });
     let blue = world_network(&ctx, "blue");
     network::reconcile(blue, ctx).await.unwrap();
+    verifier.await.unwrap();
+}
+
+#[tokio::test]
+async fn deleting_the_last_network_of_a_node_empties_its_node_network_and_removes_the_finalizer() {
+    let (ctx, mut handle, mut world) = setup(true);
+    let mut blue = network("blue", "10.10.0.0/24", 1);
+    blue.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::from_second(100).unwrap()));
+    // The agent has already removed blue (or never realized it): once the spec is empty,
+    // nothing holds the finalizer.
+    world
+        .net(&blue)
+        .node("a", &[])
+        .node_network("a", &[("blue", "10.10.0.0/26")], &[]);
+    let verifier = tokio::spawn(async move {
+        expect_blocks_emptied(&mut handle, "a").await;
+        let seen = expect(
+            &mut handle,
+            Expect {
+                method: Method::PATCH,
+                path: "/apis/weft.dev/v1alpha1/networks/blue".into(),
+                query: &[],
+            },
+            network_reply(&blue),
+        )
+        .await;
+        assert_eq!(seen.content_type, "application/json-patch+json");
+        assert!(
+            seen.body
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|op| op["op"] == "remove" && op["path"] == "/metadata/finalizers/0"),
+            "{}",
+            seen.body
+        );
+        no_more_requests(&mut handle).await;
+    });
+    let blue = world_network(&ctx, "blue");
+    network::reconcile(blue, ctx).await.unwrap();
+    verifier.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_node_without_blocks_or_node_network_gets_none_written() {
+    let (ctx, mut handle, mut world) = setup(true);
+    let mut blue = network("blue", "10.10.0.0/24", 1);
+    blue.spec.node_selector = Some(
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+            match_labels: Some([("pool".to_owned(), "x".to_owned())].into()),
+            ..Default::default()
+        },
+    );
+    world.net(&blue).node("a", &[]);
+    let verifier = tokio::spawn(async move {
+        expect(
+            &mut handle,
+            Expect {
+                method: Method::PATCH,
+                path: "/apis/weft.dev/v1alpha1/networks/blue/status".into(),
+                query: APPLY,
+            },
+            network_reply(&blue),
+        )
+        .await;
+        no_more_requests(&mut handle).await;
+    });
+    network::reconcile(world_network(&ctx, "blue"), ctx)
+        .await
+        .unwrap();
     verifier.await.unwrap();
 }
 

@@ -19,6 +19,33 @@ use weft_dataplane::state::{NetworkMode, NetworkState, NodeState};
 
 pub static COUNTER: AtomicU32 = AtomicU32::new(0);
 
+thread_local! {
+    /// The node's locations for the `weft` runs of this test thread: what a runtime's
+    /// environment gives the plugin (`WEFT_STATE_DIR`, `WEFT_AGENT_SOCKET`, `WEFT_LOG_FILE`);
+    /// the network configuration no longer may.
+    static NODE_ENV: std::cell::RefCell<Vec<(String, String)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// This thread's node location variables, to hand to threads it spawns ([`adopt_node_env`]).
+pub fn node_env() -> Vec<(String, String)> {
+    NODE_ENV.with(|e| e.borrow().clone())
+}
+
+/// Takes over the node location variables of the thread that spawned this one.
+pub fn adopt_node_env(vars: Vec<(String, String)>) {
+    NODE_ENV.with(|e| *e.borrow_mut() = vars);
+}
+
+/// Sets a node location variable for this thread's `weft` runs (`WEFT_STATE_DIR`, …).
+pub fn set_node_env(key: &str, value: &Path) {
+    NODE_ENV.with(|e| {
+        let mut e = e.borrow_mut();
+        e.retain(|(k, _)| k != key);
+        e.push((key.to_string(), value.display().to_string()));
+    });
+}
+
 pub fn require_root() {
     assert!(
         nix::unistd::geteuid().is_root(),
@@ -46,6 +73,9 @@ pub enum Agent {
     Answers,
     /// Reads requests and never answers.
     Silent,
+    /// Answers identity questions "not in my cache yet" (a pod the agent has not seen), the
+    /// rest with ok.
+    UnknownPods,
     /// No socket at all.
     None,
 }
@@ -92,9 +122,10 @@ impl Node {
         let socket = dir.path().join("agent.sock");
         let handle = match agent {
             Agent::None => None,
-            Agent::Answers | Agent::Silent => {
+            Agent::Answers | Agent::Silent | Agent::UnknownPods => {
                 let listener = UnixListener::bind(&socket).unwrap();
                 let silent = matches!(agent, Agent::Silent);
+                let unknown = matches!(agent, Agent::UnknownPods);
                 Some(std::thread::spawn(move || {
                     for s in listener.incoming() {
                         let Ok(s) = s else { return };
@@ -109,6 +140,7 @@ impl Node {
                             }
                             // A pod named vm-launcher-<x> runs VM default/<x> (its label).
                             let reply = match line.split("\"name\":\"vm-launcher-").nth(1) {
+                                _ if unknown && identity => "{\"ok\":false,\"ready\":true,\"error\":\"pod default/pod is not in the agent's cache yet\"}\n".to_string(),
                                 Some(rest) if identity => {
                                     let vm = rest.split('"').next().unwrap_or_default();
                                     format!(
@@ -123,7 +155,9 @@ impl Node {
                 }))
             }
         };
-        if matches!(agent, Agent::Answers) {
+        set_node_env("WEFT_STATE_DIR", dir.path());
+        set_node_env("WEFT_AGENT_SOCKET", &socket);
+        if matches!(agent, Agent::Answers | Agent::UnknownPods) {
             NodeState {
                 node: "n".into(),
                 agent_socket: socket,
@@ -162,8 +196,6 @@ impl Node {
             "name": "weft",
             "type": "weft",
             "network": "test",
-            "stateDir": self.state_dir(),
-            "agentSocket": self.state_dir().join("agent.sock"),
             "agentTimeoutMs": 500,
         })
     }
@@ -180,6 +212,7 @@ pub fn spawn_weft(command: &str, conf: &Value, env: &[(&str, &str)]) -> std::pro
     let mut child = Command::new(env!("CARGO_BIN_EXE_weft"))
         .env_clear()
         .env("CNI_COMMAND", command)
+        .envs(NODE_ENV.with(|e| e.borrow().clone()))
         .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

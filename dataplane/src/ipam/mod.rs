@@ -252,9 +252,9 @@ impl fmt::Display for IpFamily {
 /// | 104 (weft: pool exhausted) | [`IpamError::Exhausted`] |
 #[derive(Debug, thiserror::Error)]
 pub enum IpamError {
-    /// The network name cannot be a directory name.
+    /// The network name is not a DNS-1123 subdomain (so it cannot name a store directory).
     #[error(
-        "network name {network:?} cannot name an IPAM store directory: use a non-empty name without '/' that is not '.' or '..'"
+        "network name {network:?} is not a DNS-1123 subdomain (lowercase letters, digits, '-' and '.'; at most 253), so it cannot name an IPAM store directory"
     )]
     InvalidNetwork {
         /// The name.
@@ -429,8 +429,7 @@ pub struct IpamStore {
 impl IpamStore {
     /// Opens (creating its directories) the store of `network` under `state_dir`.
     pub fn open(state_dir: &Path, network: &str) -> Result<Self, IpamError> {
-        if network.is_empty() || network == "." || network == ".." || network.contains(['/', '\0'])
-        {
+        if !crate::names::is_dns1123_subdomain(network) {
             return Err(IpamError::InvalidNetwork {
                 network: network.to_string(),
             });

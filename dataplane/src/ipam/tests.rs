@@ -69,7 +69,17 @@ fn open_creates_the_store_directory() {
 #[test]
 fn network_names_that_escape_the_directory_are_rejected() {
     let dir = tempfile::tempdir().unwrap();
-    for bad in ["", ".", "..", "a/b", "../x"] {
+    for bad in [
+        "",
+        ".",
+        "..",
+        "a/b",
+        "../x",
+        "../../victim",
+        "a\",\"eth0",
+        "Upper",
+        "-a",
+    ] {
         let e = IpamStore::open(dir.path(), bad).unwrap_err();
         assert!(matches!(e, IpamError::InvalidNetwork { .. }), "{bad}");
         assert_eq!(e.cni_code(), 7);

@@ -36,7 +36,7 @@ pub use cli::NftCli;
 pub use diff::{canonical_element, diff};
 #[cfg(any(test, feature = "testing"))]
 pub use fake::FakeFirewall;
-pub use render::{render_table, structure_hash};
+pub use render::{ifname_literal, render_table, structure_hash};
 pub use state::{BaseChainState, ChainState, MapState, SetState, TableState};
 
 use serde::{Deserialize, Serialize};

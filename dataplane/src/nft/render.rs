@@ -4,6 +4,18 @@ use super::{Change, Family, Table};
 use sha2::{Digest, Sha256};
 use std::fmt::Write as _;
 
+/// An interface name as an nftables string literal (`"wn-nat"`), or `None` when the name is not
+/// one weft creates or accepts: nft strings have no escapes, so a `"` (or a newline, `;`, `\\`…)
+/// would end the literal and turn the rest into ruleset text. Every interface name that goes
+/// into nft text passes through here.
+pub fn ifname_literal(name: &str) -> Option<String> {
+    let safe = crate::names::is_valid_ifname(name)
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'@'));
+    safe.then(|| format!("\"{name}\""))
+}
+
 /// Renders `table <family> <name> { … }` in a deterministic layout: the comment, then sets, maps
 /// and chains in the given order; set and map elements sorted (one per line), and no
 /// `elements = …` line for an empty set or map.
@@ -217,6 +229,23 @@ pub(crate) mod tests {
     use super::super::{BaseChain, Chain, Map, Set, SetKey, Transaction};
     use super::*;
     use std::collections::{BTreeMap, BTreeSet};
+
+    #[test]
+    fn interface_names_become_literals_only_when_nothing_can_escape_them() {
+        assert_eq!(ifname_literal("wn-nat").as_deref(), Some("\"wn-nat\""));
+        assert_eq!(ifname_literal("eth0.20").as_deref(), Some("\"eth0.20\""));
+        for bad in [
+            "wn-a\",\"eth0",
+            "a b",
+            "a;b",
+            "a\\b",
+            "",
+            "waytoolonginterface",
+            "a\nb",
+        ] {
+            assert_eq!(ifname_literal(bad), None, "{bad:?}");
+        }
+    }
 
     fn strings(items: &[&str]) -> BTreeSet<String> {
         items.iter().map(|s| s.to_string()).collect()

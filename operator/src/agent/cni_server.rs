@@ -5,9 +5,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::debug;
 use weft_dataplane::proto::{Reply, Request};
 
@@ -26,17 +27,71 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Accepts connections forever.
-/// The agent's last snapshot of its resources (none before the first).
-pub type Snapshot = Arc<std::sync::Mutex<Option<Arc<super::source::Resources>>>>;
+/// The agent's last snapshot of its resources (none before the first), shared with the socket
+/// server; waiting on it is event-driven (a `watch` channel), not polling.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    tx: watch::Sender<Option<Arc<super::source::Resources>>>,
+}
 
-/// Serves the CNI's requests: identity questions straight from `snapshot`, everything else
-/// through the reconciler's queue `tx`.
+impl Default for Snapshot {
+    fn default() -> Self {
+        Snapshot {
+            tx: watch::channel(None).0,
+        }
+    }
+}
+
+impl Snapshot {
+    /// Replaces the snapshot and wakes whoever waits for a pod.
+    pub fn publish(&self, resources: Arc<super::source::Resources>) {
+        self.tx.send_replace(Some(resources));
+    }
+
+    /// The current snapshot.
+    pub fn current(&self) -> Option<Arc<super::source::Resources>> {
+        self.tx.borrow().clone()
+    }
+
+    /// The first snapshot (the current one or a later one) that knows pod `namespace/name`,
+    /// or `None` when none does within `wait`.
+    pub async fn wait_for_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        wait: Duration,
+    ) -> Option<Arc<super::source::Resources>> {
+        let mut rx = self.tx.subscribe();
+        let found = rx.wait_for(|s| s.as_deref().is_some_and(|r| has_pod(r, namespace, name)));
+        match tokio::time::timeout(wait, found).await {
+            Ok(Ok(s)) => s.clone(),
+            _ => None,
+        }
+    }
+}
+
+fn has_pod(res: &super::source::Resources, namespace: &str, name: &str) -> bool {
+    res.workloads
+        .iter()
+        .any(|w| w.namespace == namespace && w.name == name)
+}
+
+/// How long an identity question waits for a pod the agent's cache has not seen yet (cluster
+/// mode) before the CNI is told to try again later. Below the CNI's default agent timeout (5 s),
+/// so the CNI hears the reason rather than a timeout.
+pub const IDENTITY_WAIT: Duration = Duration::from_secs(3);
+
+/// Accepts connections forever. Serves the CNI's requests: identity questions straight from
+/// `snapshot`, everything else through the reconciler's queue `tx`. `pod_wait`: the source
+/// knows every pod of the node, so an identity question about a pod the snapshot lacks waits
+/// that long for it, then fails (the CNI answers "try again later"); never a silent answer
+/// without the pod's networks and VM.
 pub async fn serve(
     listener: UnixListener,
     tx: mpsc::Sender<Message>,
     ready: Arc<AtomicBool>,
     snapshot: Snapshot,
+    pod_wait: Option<Duration>,
 ) {
     loop {
         match listener.accept().await {
@@ -45,7 +100,7 @@ pub async fn serve(
                 let ready = ready.clone();
                 let snapshot = snapshot.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = connection(stream, tx, ready, snapshot).await {
+                    if let Err(e) = connection(stream, tx, ready, snapshot, pod_wait).await {
                         debug!(error = %e, "cni connection ended");
                     }
                 });
@@ -58,11 +113,40 @@ pub async fn serve(
     }
 }
 
+/// The answer to an identity question: from the snapshot that knows the pod; when the source
+/// knows every pod (`pod_wait`) and none does within the wait, an error naming the pod.
+pub async fn identity(
+    snapshot: &Snapshot,
+    ready: bool,
+    namespace: &str,
+    name: &str,
+    vm: Option<&str>,
+    pod_wait: Option<Duration>,
+) -> Reply {
+    let res = match pod_wait {
+        None => snapshot.current(),
+        Some(wait) => match snapshot.wait_for_pod(namespace, name, wait).await {
+            Some(r) => Some(r),
+            None => {
+                return Reply::error(
+                    ready,
+                    format!(
+                        "pod {namespace}/{name} is not in the agent's cache yet (waited {} ms): its networks and VM identity are unknown; try again later",
+                        wait.as_millis()
+                    ),
+                );
+            }
+        },
+    };
+    super::identity_reply(res.as_deref(), ready, namespace, name, vm)
+}
+
 async fn connection(
     stream: UnixStream,
     tx: mpsc::Sender<Message>,
     ready: Arc<AtomicBool>,
     snapshot: Snapshot,
+    pod_wait: Option<Duration>,
 ) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
@@ -74,14 +158,15 @@ async fn connection(
             name,
             vm,
         }) => {
-            let res = snapshot.lock().ok().and_then(|s| s.clone());
-            super::identity_reply(
-                res.as_deref(),
+            identity(
+                &snapshot,
                 ready.load(Ordering::SeqCst),
                 &namespace,
                 &name,
                 vm.as_deref(),
+                pod_wait,
             )
+            .await
         }
         Ok(request) => {
             let (reply_tx, reply_rx) = oneshot::channel();
@@ -105,4 +190,62 @@ async fn connection(
     out.push(b'\n');
     write.write_all(&out).await?;
     write.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::source::{Resources, WorkloadMeta};
+
+    fn with_pod(name: &str) -> Arc<Resources> {
+        Arc::new(Resources {
+            workloads: vec![WorkloadMeta {
+                namespace: "default".into(),
+                name: name.into(),
+                networks: Some("nat-demo,lan".into()),
+                ..WorkloadMeta::default()
+            }],
+            ..Resources::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn an_identity_question_waits_for_a_pod_the_cache_has_not_seen_yet() {
+        let snapshot = Snapshot::default();
+        snapshot.publish(with_pod("other"));
+        let asking = {
+            let snapshot = snapshot.clone();
+            tokio::spawn(async move {
+                identity(&snapshot, true, "default", "web", None, Some(IDENTITY_WAIT)).await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !asking.is_finished(),
+            "it answered before the pod was known"
+        );
+        snapshot.publish(with_pod("web"));
+        let reply = asking.await.unwrap();
+        assert!(reply.ok, "{reply:?}");
+        assert_eq!(reply.networks.as_deref(), Some("nat-demo,lan"));
+    }
+
+    #[tokio::test]
+    async fn a_pod_still_unknown_after_the_wait_is_an_error_not_a_silent_default() {
+        let snapshot = Snapshot::default();
+        snapshot.publish(with_pod("other"));
+        let wait = Duration::from_millis(200);
+        let started = tokio::time::Instant::now();
+        let reply = identity(&snapshot, true, "default", "web", None, Some(wait)).await;
+        assert!(!reply.ok);
+        assert!(reply.networks.is_none());
+        assert!(
+            reply.error.as_deref().unwrap().contains("default/web"),
+            "{reply:?}"
+        );
+        assert!(started.elapsed() >= wait);
+        // A standalone source knows only its manifests' pods: no wait, no error.
+        let reply = identity(&snapshot, true, "default", "web", None, None).await;
+        assert!(reply.ok);
+    }
 }

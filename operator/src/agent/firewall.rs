@@ -19,7 +19,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use weft_dataplane::names;
-use weft_dataplane::nft::{BaseChain, Chain, Family, Map, Set, Table};
+use weft_dataplane::nft::{self, BaseChain, Chain, Family, Map, Set, Table};
 
 /// What the table needs to know of one network.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,6 +138,33 @@ fn base(name: &str, kind: &str, hook: &str, priority: &str, rules: Vec<String>) 
     }
 }
 
+/// Drops new connections from weft's workloads on this node (`@local4`/`@local6`, through a
+/// network's bridge) to the agent's own TCP `ports` (its `/metrics` and probe endpoints): a
+/// pod would otherwise reach them through its gateway. Everyone else (the kubelet's probes,
+/// Prometheus on the LAN or the node) is unaffected.
+pub fn shield_agent_ports(table: &mut Table, ports: &[u16]) {
+    if ports.is_empty() {
+        return;
+    }
+    let Some(input) = table.chains.iter_mut().find(|c| c.name == "input") else {
+        return;
+    };
+    let list = ports
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    // After "iifname != @bridges accept": only traffic from a bridge gets here.
+    let at = input.rules.len().min(1);
+    input.rules.splice(
+        at..at,
+        [
+            format!("ip saddr @local4 tcp dport {{ {list} }} drop"),
+            format!("ip6 saddr @local6 tcp dport {{ {list} }} drop"),
+        ],
+    );
+}
+
 /// Builds weft's `inet weft` table, with the segmentation policy's sets and chains.
 pub fn table(
     nets: &[NetRules],
@@ -145,16 +172,25 @@ pub fn table(
     host_ports: &[HostPort],
     policy: &crate::policy::Compiled,
 ) -> Table {
-    let quoted = |s: &str| format!("\"{s}\"");
-    let bridges: BTreeSet<String> = nets.iter().map(|n| quoted(&n.bridge)).collect();
+    // A bridge whose name cannot be an nft string is left out (with a warning) rather than
+    // breaking every transaction of the node.
+    let quoted = |s: &str| {
+        let literal = nft::ifname_literal(s);
+        if literal.is_none() {
+            tracing::warn!(bridge = %s, "bridge name cannot be written into nftables; leaving it out");
+        }
+        literal
+    };
+    let bridges: BTreeSet<String> = nets.iter().filter_map(|n| quoted(&n.bridge)).collect();
     let sealed: BTreeSet<String> = nets
         .iter()
         .filter(|n| n.sealed)
-        .map(|n| quoted(&n.bridge))
+        .filter_map(|n| quoted(&n.bridge))
         .collect();
     let intra: BTreeSet<String> = nets
         .iter()
-        .map(|n| format!("{} . {}", quoted(&n.bridge), quoted(&n.bridge)))
+        .filter_map(|n| quoted(&n.bridge))
+        .map(|b| format!("{b} . {b}"))
         .collect();
     let v4 = |only_masq: bool| -> BTreeSet<String> {
         nets.iter()
@@ -489,6 +525,54 @@ mod tests {
             "PortForwards come first: {pre:?}"
         );
         assert!(t.chains[1].rules.iter().any(|r| r.ends_with("map @hport6")));
+    }
+
+    #[test]
+    fn a_bridge_name_that_would_escape_an_nft_string_is_left_out() {
+        let net = |bridge: &str, v4: &str| NetRules {
+            bridge: bridge.into(),
+            subnet_v4: Some(v4.parse().unwrap()),
+            subnet_v6: None,
+            masquerade: true,
+            sealed: true,
+        };
+        let t = table(
+            &[
+                net("wn-nat", "10.40.0.0/24"),
+                net("wn-a\",\"eth0", "10.41.0.0/24"),
+            ],
+            &[],
+            &[],
+            &crate::policy::Compiled::default(),
+        );
+        let text = weft_dataplane::nft::render_table(&t);
+        assert!(!text.contains("eth0"), "{text}");
+        let bridges = &t
+            .sets
+            .iter()
+            .find(|s| s.name == "bridges")
+            .unwrap()
+            .elements;
+        assert_eq!(bridges.iter().collect::<Vec<_>>(), ["\"wn-nat\""]);
+    }
+
+    #[test]
+    fn workloads_cannot_open_connections_to_the_agent_s_ports() {
+        let mut t = table(&[], &[], &[], &crate::policy::Compiled::default());
+        let before = t.clone();
+        shield_agent_ports(&mut t, &[]);
+        assert_eq!(t, before);
+        shield_agent_ports(&mut t, &[9465]);
+        let input = &t.chains.iter().find(|c| c.name == "input").unwrap().rules;
+        assert_eq!(input[0], "iifname != @bridges accept");
+        assert_eq!(input[1], "ip saddr @local4 tcp dport { 9465 } drop");
+        assert_eq!(input[2], "ip6 saddr @local6 tcp dport { 9465 } drop");
+        assert_eq!(input[3], "ct state established,related accept");
+        let text = weft_dataplane::nft::render_table(&t);
+        assert!(
+            text.contains("ip saddr @local4 tcp dport { 9465 } drop"),
+            "{text}"
+        );
     }
 
     #[test]

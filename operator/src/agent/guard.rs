@@ -62,7 +62,7 @@
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv6Addr};
 use weft_dataplane::names;
-use weft_dataplane::nft::{BaseChain, Chain, Family, Set, Table};
+use weft_dataplane::nft::{self, BaseChain, Chain, Family, Set, Table};
 
 /// One guarded bridge port.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,8 +107,15 @@ fn set(name: &str, key_type: &str, elements: BTreeSet<String>) -> Set {
     }
 }
 
-fn quoted(s: &str) -> String {
-    format!("\"{s}\"")
+/// An interface name as an nft string, or `None` (with a warning) when it cannot be one. A
+/// port left out of the table is not in `ports` or `open`, so the guard drops its frames (fail
+/// closed).
+fn quoted(s: &str) -> Option<String> {
+    let literal = nft::ifname_literal(s);
+    if literal.is_none() {
+        tracing::warn!(ifname = %s, "interface name cannot be written into nftables; leaving it out");
+    }
+    literal
 }
 
 /// An IPv6 address as the 128-bit integer of a `targets6` element: `0x` and 32 hex digits.
@@ -209,23 +216,29 @@ pub struct OpenPort {
 /// networks with `spec.security.antiSpoofing: false`. A port listed both guarded and open is
 /// guarded (the safe choice).
 pub fn table(bridges: &[String], guarded: &[PortGuard], open: &[OpenPort]) -> Table {
-    let guarded_names: BTreeSet<String> = guarded.iter().map(|p| quoted(&p.ifname)).collect();
-    let open_ports: Vec<&OpenPort> = open
+    // Every port name once, as an nft string; a port whose name cannot be one is left out.
+    let guarded: Vec<(String, &PortGuard)> = guarded
         .iter()
-        .filter(|p| !guarded_names.contains(&quoted(&p.ifname)))
+        .filter_map(|p| Some((quoted(&p.ifname)?, p)))
+        .collect();
+    let guarded_names: BTreeSet<String> = guarded.iter().map(|(name, _)| name.clone()).collect();
+    let open_ports: Vec<(String, &OpenPort)> = open
+        .iter()
+        .filter_map(|p| Some((quoted(&p.ifname)?, p)))
+        .filter(|(name, _)| !guarded_names.contains(name))
         .collect();
     let pending: BTreeSet<String> = guarded
         .iter()
-        .filter(|p| p.pending)
-        .map(|p| quoted(&p.ifname))
+        .filter(|(_, p)| p.pending)
+        .map(|(name, _)| name.clone())
         .chain(
             open_ports
                 .iter()
-                .filter(|p| p.pending)
-                .map(|p| quoted(&p.ifname)),
+                .filter(|(_, p)| p.pending)
+                .map(|(name, _)| name.clone()),
         )
         .collect();
-    let open: BTreeSet<String> = open_ports.iter().map(|p| quoted(&p.ifname)).collect();
+    let open: BTreeSet<String> = open_ports.iter().map(|(name, _)| name.clone()).collect();
     let hairpin: BTreeSet<String> = guarded_names
         .iter()
         .chain(&open)
@@ -237,8 +250,7 @@ pub fn table(bridges: &[String], guarded: &[PortGuard], open: &[OpenPort]) -> Ta
     let mut targets6 = BTreeSet::new();
     let mut lladdrs = BTreeSet::new();
     let mut trunks = BTreeSet::new();
-    for p in guarded {
-        let port = quoted(&p.ifname);
+    for (port, p) in &guarded {
         trunks.extend(p.vlans.iter().map(|v| format!("{port} . {v}")));
         macs.insert(format!("{port} . {}", names::format_mac(p.mac)));
         lladdrs.insert(format!("{port} . {}", mac_integer(p.mac)));
@@ -264,7 +276,7 @@ pub fn table(bridges: &[String], guarded: &[PortGuard], open: &[OpenPort]) -> Ta
             set(
                 "bridges",
                 "ifname",
-                bridges.iter().map(|b| quoted(b)).collect(),
+                bridges.iter().filter_map(|b| quoted(b)).collect(),
             ),
             set("ports", "ifname", guarded_names),
             set("open", "ifname", open),
@@ -507,6 +519,34 @@ mod tests {
         );
         assert_eq!(structure_hash(&t), structure_hash(&table(&[], &[], &[])));
         assert!(t.chains[1].rules.iter().any(|r| r == HAIRPIN_FLOOD_RULE));
+    }
+
+    #[test]
+    fn a_port_name_that_would_escape_an_nft_string_is_left_out_and_so_dropped() {
+        let bad = "wfa\",\"eth0";
+        let t = table(
+            &["wn-lan".into(), "br\"x".into()],
+            &[
+                port("wfa", [0x0a, 0x58, 10, 77, 0, 2], &["10.77.0.2"]),
+                port(bad, [0x0a, 0x58, 10, 77, 0, 3], &["10.77.0.3"]),
+            ],
+            &[open(bad, true)],
+        );
+        let text = render_table(&t);
+        assert!(!text.contains("eth0"), "{text}");
+        assert!(!text.contains("br\"x"), "{text}");
+        assert_eq!(elements(&t, "ports"), ["\"wfa\""]);
+        assert!(elements(&t, "open").is_empty());
+        assert!(elements(&t, "pending").is_empty());
+        assert_eq!(elements(&t, "hairpin"), ["\"wfa\" . \"wfa\""]);
+        assert_eq!(elements(&t, "bridges"), ["\"wn-lan\""]);
+        // Neither guarded nor open: `iifname != @ports drop` drops its frames.
+        assert!(
+            t.chains[0]
+                .rules
+                .iter()
+                .any(|r| r == "iifname != @ports drop")
+        );
     }
 
     #[test]

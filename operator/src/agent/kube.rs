@@ -49,6 +49,9 @@ use weft_crds::{
 pub const FIELD_MANAGER: &str = "weft-agent";
 /// Condition type: the last apply on the node failed.
 pub const DEGRADED: &str = "Degraded";
+/// Condition type: which Network the node's conflist names for pods without the
+/// `weft.dev/networks` annotation, and why (False: none, new pods fail).
+pub const DEFAULT_NETWORK: &str = "DefaultNetwork";
 /// Longest delay between retries of a failed status write.
 pub const MAX_STATUS_BACKOFF: Duration = Duration::from_secs(60);
 /// Most VM reservations published in the NodeNetwork status (its schema's `maxItems`).
@@ -284,6 +287,10 @@ impl ResourceSource for KubeSource {
     }
 
     fn publishes(&self) -> bool {
+        true
+    }
+
+    fn knows_every_pod(&self) -> bool {
         true
     }
 
@@ -629,9 +636,21 @@ pub fn node_network_status(
             now,
         ),
     };
+    let mut conditions = vec![ready, degraded];
+    if let Some(d) = &agent.default_network {
+        conditions.push(condition(
+            DEFAULT_NETWORK,
+            d.name.is_some(),
+            d.reason,
+            truncated(&d.message),
+            generation,
+            previous,
+            now,
+        ));
+    }
     NodeNetworkStatus {
         observed_generation: generation,
-        conditions: vec![ready, degraded],
+        conditions,
         networks: agent.networks.clone(),
         bridges: agent.bridges.clone(),
         endpoints: Some(i64::try_from(agent.endpoints).unwrap_or(i64::MAX)),
@@ -900,5 +919,33 @@ mod tests {
         let long = "x".repeat(MAX_MESSAGE * 2);
         let s = node_network_status(&agent(&[], Some(&long)), &spec(&[]), None, &[], t0);
         assert!(find(&s, READY).message.len() <= MAX_MESSAGE + '…'.len_utf8());
+    }
+
+    #[test]
+    fn the_default_network_condition_says_which_and_why() {
+        let t0 = jiff::Timestamp::from_second(100).unwrap();
+        let mut a = agent(&["blue", "green"], None);
+        a.default_network = Some(super::super::install::choose_default_network(
+            None,
+            &a.networks,
+            &[],
+        ));
+        let s = node_network_status(&a, &spec(&[]), None, &[], t0);
+        let c = find(&s, DEFAULT_NETWORK);
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "First"));
+        assert!(c.message.starts_with("blue, "), "{}", c.message);
+        assert!(c.message.contains("--default-network"), "{}", c.message);
+        let mut none = agent(&[], None);
+        none.default_network = Some(super::super::install::choose_default_network(
+            None,
+            &[],
+            &[],
+        ));
+        let s = node_network_status(&none, &spec(&[]), None, &[], t0);
+        let c = find(&s, DEFAULT_NETWORK);
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "NoNetwork")
+        );
     }
 }

@@ -46,6 +46,9 @@ pub struct AgentConfig {
     pub cni: CniInstall,
     /// The network named in the conflist (default: the only network on the node).
     pub default_network: Option<String>,
+    /// TCP ports of the agent's own HTTP server on the node (`/metrics`, probes): weft's
+    /// workloads may not reach them. [`run`] sets them from its metrics address.
+    pub agent_ports: Vec<u16>,
     /// Remove the conflist when the agent exits (links and rules stay).
     pub cleanup_config_on_exit: bool,
     /// Full resync period (repairs drift: a table or bridge deleted by hand).
@@ -80,6 +83,9 @@ pub struct AgentStatus {
     pub forwards: BTreeMap<String, Vec<std::net::IpAddr>>,
     /// Problems with resources.
     pub problems: Vec<String>,
+    /// The conflist's default Network and why (`None` before the first successful reconcile).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_network: Option<install::DefaultNetwork>,
     /// The last apply error, if the last reconcile failed.
     pub last_error: Option<String>,
     /// What the last apply changed.
@@ -139,6 +145,7 @@ pub fn compute(
         None => cfg.node.clone(),
     };
     let mut out = plan::plan(&node, res, &blocks, &endpoints.list());
+    firewall::shield_agent_ports(&mut out.plan.firewall, &cfg.agent_ports);
     for p in block_problems {
         if !out.problems.contains(&p) {
             out.problems.push(p);
@@ -278,9 +285,7 @@ impl Reconciler {
             _ => {
                 let r = Arc::new(self.source.snapshot().map_err(|e| format!("{e}"))?);
                 self.resources = Some(Arc::clone(&r));
-                if let Ok(mut shared) = self.shared.lock() {
-                    *shared = Some(Arc::clone(&r));
-                }
+                self.shared.publish(Arc::clone(&r));
                 r
             }
         };
@@ -444,11 +449,16 @@ impl Reconciler {
                 }
                 self.status.last_error = None;
                 self.status.last_changes = report.changes;
-                let default = self
-                    .cfg
-                    .default_network
-                    .clone()
-                    .or_else(|| (self.networks.len() == 1).then(|| self.networks[0].clone()));
+                let choice = install::choose_default_network(
+                    self.cfg.default_network.as_deref(),
+                    &self.networks,
+                    &res.networks,
+                );
+                if self.status.default_network.as_ref() != Some(&choice) {
+                    info!(network = ?choice.name, reason = choice.reason, message = %choice.message, "default network of the conflist");
+                }
+                let default = choice.name.clone();
+                self.status.default_network = Some(choice);
                 // The binary and conflist change with the networks only: a registration does
                 // not re-read them (the binary alone is megabytes); every other reconcile,
                 // resyncs included, checks and repairs them.
@@ -555,6 +565,16 @@ impl Reconciler {
                             "network {} is not realized on node {}",
                             endpoint.network, self.cfg.node.name
                         ),
+                    ));
+                }
+                // Its interface names go into nftables text.
+                if let Some(bad) = [&endpoint.host_ifname, &endpoint.ifname]
+                    .into_iter()
+                    .find(|n| weft_dataplane::nft::ifname_literal(n).is_none())
+                {
+                    return Some(Reply::error(
+                        ready,
+                        format!("interface name {bad:?} is not one weft can write into nftables"),
                     ));
                 }
                 // Two ports with one MAC on one LAN would take each other's traffic.
@@ -700,6 +720,22 @@ impl Retry {
     }
 }
 
+/// Raises the soft limit of open descriptors to the hard limit: every ADD holds a socket
+/// connection for a moment, and a node starting many pods at once needs more than the usual
+/// soft 1024. Best effort.
+fn raise_descriptor_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                warn!(error = %e, soft, hard, "cannot raise the open-files limit");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "cannot read the open-files limit"),
+    }
+}
+
 /// Runs the agent until SIGINT/SIGTERM; with `metrics_addr`, serves `/metrics`, `/healthz`
 /// and `/readyz` there.
 pub async fn run(
@@ -712,9 +748,15 @@ pub async fn run(
     let audit_counters = audit::Counters::default();
     let mut registry = prometheus_client::registry::Registry::default();
     let agent_metrics = metrics::AgentMetrics::register(&mut registry, audit_counters.clone());
+    raise_descriptor_limit();
+    let mut cfg = cfg;
+    // weft's own workloads may not reach the agent's HTTP port (its table drops them).
+    cfg.agent_ports = metrics_addr.map(|a| vec![a.port()]).unwrap_or_default();
     let metrics_server = match metrics_addr {
         Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
+            // At most a few connections, idle ones closed: the HTTP side cannot use up the
+            // descriptors the CNI socket needs.
+            let listener = crate::controller::metrics::BoundedListener::bind(addr)
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot listen on --metrics-addr {addr}: {e}"))?;
             let routes = crate::controller::metrics::router(Arc::new(registry), ready.clone());
@@ -734,6 +776,9 @@ pub async fn run(
         tx.clone(),
         ready.clone(),
         shared.clone(),
+        source
+            .knows_every_pod()
+            .then_some(cni_server::IDENTITY_WAIT),
     ));
     let mut rec = Reconciler {
         endpoints: EndpointStore::load(&cfg.state_dir),

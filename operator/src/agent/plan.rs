@@ -482,7 +482,7 @@ pub fn apply_endpoint_changes(
     let freed: BTreeSet<&str> = removed.iter().map(|e| e.host_ifname.as_str()).collect();
     let mut names = BTreeSet::new();
     for e in added {
-        let quoted = format!("\"{}\"", e.host_ifname);
+        let quoted = weft_dataplane::nft::ifname_literal(&e.host_ifname)?;
         let taken = guard
             .sets
             .iter()
@@ -740,6 +740,18 @@ fn plan_host_ports(
             continue;
         }
         for m in &e.port_mappings {
+            // The protocol goes into nftables text; the plugin sends only these.
+            if !matches!(m.protocol.as_str(), "tcp" | "udp" | "sctp") {
+                problems.push(Problem {
+                    kind: "Pod",
+                    object: endpoint_name(e),
+                    message: format!(
+                        "{m}: protocol {:?} is not tcp, udp or sctp; it is not forwarded",
+                        m.protocol
+                    ),
+                });
+                continue;
+            }
             if let Some((_, holder)) = taken.iter().find(|(t, _)| t.clashes(m)) {
                 problems.push(Problem {
                     kind: "Pod",

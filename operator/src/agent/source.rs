@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use weft_crds::{ClusterSegmentationPolicy, Network, PortForward, SegmentationPolicy};
 
 /// A workload's identity and labels (a Pod; for KubeVirt, the virt-launcher pod).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WorkloadMeta {
     /// Namespace.
     pub namespace: String,
@@ -140,6 +140,12 @@ pub trait ResourceSource: Send {
     fn publishes(&self) -> bool {
         false
     }
+    /// Does the source know every pod of the node (cluster mode: the pod watch)? Then a pod
+    /// the CNI asks about and the snapshot lacks is one the cache has not seen yet, and the
+    /// answer waits for it. A standalone source knows only the pods in its manifests.
+    fn knows_every_pod(&self) -> bool {
+        false
+    }
 }
 
 /// Reads `*.yaml`, `*.yml` and `*.json` files (multi-document YAML allowed) from a directory.
@@ -245,6 +251,30 @@ pub fn parse_manifests(text: &str, origin: &str, into: &mut Resources) {
     }
 }
 
+/// What the API server would refuse in an object's `metadata.name` and `metadata.namespace`
+/// (DNS-1123 subdomain; a namespace is a DNS-1123 label).
+fn metadata_problem(doc: &serde_json::Value) -> Option<String> {
+    let meta = doc.get("metadata");
+    let text = |key: &str| meta.and_then(|m| m.get(key)).and_then(|v| v.as_str());
+    let Some(name) = text("name") else {
+        return Some("metadata.name: missing".to_string());
+    };
+    if let Some(problem) = weft_dataplane::names::network_name_problem(name) {
+        return Some(format!(
+            "metadata.name: {}",
+            problem.replace("a valid Network name", "a valid object name")
+        ));
+    }
+    if let Some(ns) = text("namespace")
+        && (ns.len() > 63 || ns.contains('.') || !weft_dataplane::names::is_dns1123_subdomain(ns))
+    {
+        return Some(format!(
+            "metadata.namespace: {ns:?} is not a valid namespace: use at most 63 lowercase letters, digits and '-', starting and ending with a letter or digit"
+        ));
+    }
+    None
+}
+
 /// Adds one decoded object (or the items of a `List`).
 pub fn add_document(doc: serde_json::Value, origin: &str, into: &mut Resources) {
     if doc.is_null() {
@@ -259,6 +289,17 @@ pub fn add_document(doc: serde_json::Value, origin: &str, into: &mut Resources) 
     };
     let kind = tm.kind.unwrap_or_default();
     let api = tm.api_version.unwrap_or_default();
+    // The names the API server would refuse: here they would become file names and nftables
+    // strings (a Network `a","eth0` or `../../victim`).
+    if kind != "List"
+        && (api.starts_with("weft.dev/")
+            || (api == "v1" && matches!(kind.as_str(), "Pod" | "Namespace")))
+        && let Some(problem) = metadata_problem(&doc)
+    {
+        into.problems
+            .push(format!("{origin}: invalid {kind}: {problem}"));
+        return;
+    }
     match (api.as_str(), kind.as_str()) {
         (_, "List") => {
             if let Some(items) = doc.get("items").and_then(|i| i.as_array()) {
@@ -461,6 +502,27 @@ metadata: {name: ignored}
         )
         .unwrap();
         std::fs::write(dir.path().join("notes.txt"), "not a manifest").unwrap();
+        // Names the API server refuses never get in: they would become file names and
+        // nftables strings.
+        std::fs::write(
+            dir.path().join("c.yaml"),
+            r#"
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: 'a","eth0'}
+spec: {mode: NAT, subnets: [10.11.0.0/16]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: ../../victim}
+spec: {mode: NAT, subnets: [10.12.0.0/16]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-2, namespace: 'Bad NS'}
+"#,
+        )
+        .unwrap();
         let mut src = ManifestSource::new(dir.path());
         let res = src.snapshot().unwrap();
         assert_eq!(res.networks.len(), 1);
@@ -470,8 +532,23 @@ metadata: {name: ignored}
             Some("default")
         );
         assert_eq!(res.workloads[0].labels["app"], "web");
-        assert_eq!(res.problems.len(), 1, "{:?}", res.problems);
+        assert_eq!(res.problems.len(), 4, "{:?}", res.problems);
         assert!(res.problems[0].contains("invalid Network"));
+        assert!(
+            res.problems[1].contains("invalid Network: metadata.name: \"a\\\",\\\"eth0\""),
+            "{:?}",
+            res.problems
+        );
+        assert!(
+            res.problems[2].contains("../../victim"),
+            "{:?}",
+            res.problems
+        );
+        assert!(
+            res.problems[3].contains("invalid Pod: metadata.namespace"),
+            "{:?}",
+            res.problems
+        );
         let f1 = src.fingerprint().unwrap();
         assert_eq!(f1, src.fingerprint().unwrap());
         std::fs::write(dir.path().join("b.yaml"), "").unwrap();

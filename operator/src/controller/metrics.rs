@@ -168,19 +168,209 @@ pub fn router(registry: Arc<Registry>, ready: Arc<AtomicBool>) -> Router {
         )
 }
 
-/// Serves [`router`] on `addr` until the future is dropped.
+/// Serves [`router`] on `addr` until the future is dropped, through a [`BoundedListener`].
 pub async fn serve(
     addr: SocketAddr,
     registry: Arc<Registry>,
     ready: Arc<AtomicBool>,
 ) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let listener = BoundedListener::bind(addr).await?;
     axum::serve(listener, router(registry, ready)).await
+}
+
+/// Most HTTP connections served at once; more wait in the kernel's accept queue (costing the
+/// process no descriptor) until one closes.
+pub const MAX_CONNECTIONS: usize = 32;
+/// A connection that neither sends nor takes a byte this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A TCP listener for the metrics endpoints that holds at most `max` connections at once and
+/// closes idle ones: whoever can reach the port cannot exhaust the process's descriptors (the
+/// agent's CNI socket shares them) by opening connections and leaving them open.
+pub struct BoundedListener {
+    inner: tokio::net::TcpListener,
+    permits: Arc<tokio::sync::Semaphore>,
+    idle: Duration,
+}
+
+impl BoundedListener {
+    /// Binds `addr` with [`MAX_CONNECTIONS`] and [`IDLE_TIMEOUT`].
+    pub async fn bind(addr: SocketAddr) -> std::io::Result<Self> {
+        Ok(Self::new(
+            tokio::net::TcpListener::bind(addr).await?,
+            MAX_CONNECTIONS,
+            IDLE_TIMEOUT,
+        ))
+    }
+
+    /// Wraps a bound listener.
+    pub fn new(inner: tokio::net::TcpListener, max: usize, idle: Duration) -> Self {
+        BoundedListener {
+            inner,
+            permits: Arc::new(tokio::sync::Semaphore::new(max)),
+            idle,
+        }
+    }
+}
+
+impl axum::serve::Listener for BoundedListener {
+    type Io = BoundedStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        // Wait for a free slot before accepting: the waiting connections stay in the kernel.
+        let permit = loop {
+            match self.permits.clone().acquire_owned().await {
+                Ok(p) => break p,
+                // The semaphore is never closed; if it were, slow down rather than spin.
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        loop {
+            match self.inner.accept().await {
+                Ok((stream, addr)) => {
+                    let deadline = Box::pin(tokio::time::sleep(self.idle));
+                    return (
+                        BoundedStream {
+                            inner: stream,
+                            idle: self.idle,
+                            deadline,
+                            _permit: permit,
+                        },
+                        addr,
+                    );
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "metrics accept failed");
+                    // EMFILE and friends: back off instead of spinning.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A connection of a [`BoundedListener`]: holds its slot until dropped, and fails with
+/// `TimedOut` when neither side moves a byte for the idle timeout.
+pub struct BoundedStream {
+    inner: tokio::net::TcpStream,
+    idle: Duration,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl BoundedStream {
+    fn progressed(&mut self) {
+        let next = tokio::time::Instant::now() + self.idle;
+        self.deadline.as_mut().reset(next);
+    }
+
+    fn idle_out<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        match self.deadline.as_mut().poll(cx) {
+            std::task::Poll::Ready(()) => std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "idle connection closed",
+            ))),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for BoundedStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        match std::pin::Pin::new(&mut this.inner).poll_read(cx, buf) {
+            std::task::Poll::Ready(r) => {
+                this.progressed();
+                std::task::Poll::Ready(r)
+            }
+            std::task::Poll::Pending => this.idle_out(cx),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for BoundedStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        match std::pin::Pin::new(&mut this.inner).poll_write(cx, data) {
+            std::task::Poll::Ready(r) => {
+                this.progressed();
+                std::task::Poll::Ready(r)
+            }
+            std::task::Poll::Pending => this.idle_out(cx),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_listener_holds_at_most_its_connections_and_closes_idle_ones() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let listener = BoundedListener::new(tcp, 2, Duration::from_millis(300));
+        let ready = Arc::new(AtomicBool::new(true));
+        let server = tokio::spawn(async move {
+            axum::serve(listener, router(Arc::new(Registry::default()), ready)).await
+        });
+        // Two idle connections take both slots; a third request waits for one to time out.
+        let mut idle = Vec::new();
+        for _ in 0..2 {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = tokio::time::Instant::now();
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut reply = String::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut reply))
+            .await
+            .expect("the idle connections were never closed")
+            .unwrap();
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        assert!(
+            started.elapsed() >= Duration::from_millis(200),
+            "answered while both slots were held"
+        );
+        // The idle ones were closed by the server.
+        let mut buf = [0u8; 1];
+        assert_eq!(idle[0].read(&mut buf).await.unwrap_or(0), 0);
+        server.abort();
+    }
 
     #[test]
     fn metrics_render_with_their_names_and_labels() {

@@ -27,7 +27,7 @@ pub use leader::Leadership;
 pub use metrics::Metrics;
 
 use crate::cli::ControllerOpts;
-use futures::{FutureExt, StreamExt, channel::mpsc};
+use futures::{FutureExt, StreamExt, TryStreamExt, channel::mpsc};
 use k8s_openapi::api::core::v1::Node;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
@@ -38,6 +38,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::watch;
 use tracing::{info, warn};
 use weft_crds::{
     ClusterSegmentationPolicy, Network, NodeNetwork, NodeNetworkSpec, PortForward,
@@ -228,10 +229,11 @@ where
 }
 
 /// Watches `api` without a store of its own (a controller's holds the objects); every change
-/// sends `()` to `triggers`.
+/// sends `()` to `triggers`, and `listed` turns true once the first full list is in.
 fn trigger_on<K>(
     api: Api<K>,
     triggers: Vec<mpsc::UnboundedSender<()>>,
+    listed: watch::Sender<bool>,
 ) -> impl Future<Output = ()> + Send
 where
     K: Resource<DynamicType = ()>
@@ -244,8 +246,127 @@ where
 {
     let stream = watcher(api, watcher::Config::default())
         .default_backoff()
+        .inspect_ok(move |event| {
+            if matches!(event, watcher::Event::InitDone) {
+                listed.send_replace(true);
+            }
+        })
         .touched_objects();
     forward(stream, triggers)
+}
+
+/// The channels that wake the controllers to reconcile every object of their kind.
+pub struct Triggers {
+    /// Wakes the Network controller.
+    pub networks: mpsc::UnboundedSender<()>,
+    /// Wakes the PortForward controller.
+    pub port_forwards: mpsc::UnboundedSender<()>,
+    /// Wakes the ClusterSegmentationPolicy controller.
+    pub cluster_policies: mpsc::UnboundedSender<()>,
+    /// Wakes the SegmentationPolicy controller.
+    pub policies: mpsc::UnboundedSender<()>,
+}
+
+/// What the controller watches beside its `Controller`s: the Node and NodeNetwork stores, and
+/// whether the watches of Networks and PortForwards have had their first full list.
+#[derive(Clone)]
+pub struct Observation {
+    /// All Nodes.
+    pub nodes: Store<Node>,
+    /// All NodeNetworks.
+    pub node_networks: Store<NodeNetwork>,
+    /// True once the Network watch has listed every Network.
+    pub networks_listed: watch::Receiver<bool>,
+    /// True once the PortForward watch has listed every PortForward.
+    pub port_forwards_listed: watch::Receiver<bool>,
+}
+
+/// Starts the watches of the [`Observation`]; every change wakes the controllers that depend
+/// on it. The returned future runs them all.
+///
+/// Readiness never waits on a `Controller`'s store: kube-runtime's `Store::wait_until_ready`
+/// wakes only the last task that polled it, and the `Controller`'s applier waits on its store,
+/// so a second waiter may never see it become ready. The Network and PortForward watches
+/// report their first full list on channels of their own instead.
+pub fn observe_cluster(
+    client: &Client,
+    triggers: &Triggers,
+) -> (Observation, impl Future<Output = ()> + Send + use<>) {
+    let (nodes, nodes_fut) = reflect(
+        Api::<Node>::all(client.clone()),
+        trim,
+        vec![triggers.networks.clone()],
+    );
+    // The agents' reports in the NodeNetwork status are the policies' status too.
+    let (node_networks, nn_fut) = reflect(
+        Api::<NodeNetwork>::all(client.clone()),
+        trim_node_network,
+        vec![
+            triggers.networks.clone(),
+            triggers.cluster_policies.clone(),
+            triggers.policies.clone(),
+        ],
+    );
+    // Network changes re-check every Network (overlaps) and every PortForward.
+    let (networks_tx, networks_listed) = watch::channel(false);
+    let net_fut = trigger_on(
+        Api::<Network>::all(client.clone()),
+        vec![triggers.networks.clone(), triggers.port_forwards.clone()],
+        networks_tx,
+    );
+    let (port_forwards_tx, port_forwards_listed) = watch::channel(false);
+    let pf_fut = trigger_on(
+        Api::<PortForward>::all(client.clone()),
+        vec![triggers.port_forwards.clone()],
+        port_forwards_tx,
+    );
+    let observation = Observation {
+        nodes,
+        node_networks,
+        networks_listed,
+        port_forwards_listed,
+    };
+    let run = async move {
+        futures::future::join4(nodes_fut, nn_fut, net_fut, pf_fut).await;
+    };
+    (observation, run)
+}
+
+/// A watch of [`observe_cluster`] stopped before its first full list.
+#[derive(Debug, thiserror::Error)]
+#[error("the {kind} watch stopped before its first full list")]
+pub struct WatchStopped {
+    /// The kind watched.
+    pub kind: &'static str,
+}
+
+/// Resolves once every watch of `observation` has had its first full list (what `/readyz`
+/// reports).
+pub async fn caches_synced(observation: &Observation) -> Result<(), WatchStopped> {
+    let stopped = |kind| WatchStopped { kind };
+    observation
+        .nodes
+        .wait_until_ready()
+        .await
+        .map_err(|_| stopped("Node"))?;
+    observation
+        .node_networks
+        .wait_until_ready()
+        .await
+        .map_err(|_| stopped("NodeNetwork"))?;
+    observation
+        .networks_listed
+        .clone()
+        .wait_for(|l| *l)
+        .await
+        .map_err(|_| stopped("Network"))?;
+    observation
+        .port_forwards_listed
+        .clone()
+        .wait_for(|l| *l)
+        .await
+        .map_err(|_| stopped("PortForward"))?;
+    Ok(())
 }
 
 /// Runs the controller until SIGTERM/SIGINT.
@@ -260,13 +381,15 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
         ready.clone(),
     ));
 
+    // SIGTERM or SIGINT: the Lease is released at once (the standby takes over within about a
+    // second), while the controllers below finish what they are doing without writing.
     let (leader_rx, lease_task) = leader::elect(
         client.clone(),
         &opts.lease_namespace,
         &opts.lease_name,
         &opts.identity,
-    )
-    .await?;
+        shutdown_signal(),
+    );
     info!(identity = %opts.identity, lease = %format!("{}/{}", opts.lease_namespace, opts.lease_name), leader = *leader_rx.borrow(), "joined leader election");
 
     let (net_tx, net_rx) = mpsc::unbounded();
@@ -292,23 +415,14 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
             }
         })
     };
-    let (nodes, nodes_fut) = reflect(Api::<Node>::all(client.clone()), trim, vec![net_tx.clone()]);
-    // The agents' reports in the NodeNetwork status are the policies' status too.
-    let (node_networks, nn_fut) = reflect(
-        Api::<NodeNetwork>::all(client.clone()),
-        trim_node_network,
-        vec![net_tx.clone(), csp_tx.clone(), sp_tx.clone()],
-    );
-    // Network changes re-check every Network (overlaps) and every PortForward.
-    let net_watch_fut = trigger_on(
-        Api::<Network>::all(client.clone()),
-        vec![net_tx.clone(), pf_tx.clone()],
-    );
-    let pf_watch_fut = trigger_on(Api::<PortForward>::all(client.clone()), vec![pf_tx.clone()]);
-    tokio::spawn(nodes_fut);
-    tokio::spawn(nn_fut);
-    tokio::spawn(net_watch_fut);
-    tokio::spawn(pf_watch_fut);
+    let triggers = Triggers {
+        networks: net_tx.clone(),
+        port_forwards: pf_tx.clone(),
+        cluster_policies: csp_tx.clone(),
+        policies: sp_tx.clone(),
+    };
+    let (observation, observing) = observe_cluster(&client, &triggers);
+    tokio::spawn(observing);
 
     let config = kube::runtime::controller::Config::default().debounce(Duration::from_millis(500));
     let net_controller = Controller::new(
@@ -323,30 +437,21 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
     .with_config(config);
     let stores = Stores {
         networks: net_controller.store(),
-        nodes: nodes.clone(),
-        node_networks: node_networks.clone(),
+        nodes: observation.nodes.clone(),
+        node_networks: observation.node_networks.clone(),
         port_forwards: pf_controller.store(),
     };
-    let ctx = Arc::new(Context::new(
-        client,
-        stores.clone(),
-        Arc::new(leader_rx),
-        metrics,
-    ));
+    let ctx = Arc::new(Context::new(client, stores, Arc::new(leader_rx), metrics));
 
     {
         let ready = ready.clone();
         tokio::spawn(async move {
-            let all = futures::future::join4(
-                stores.networks.wait_until_ready(),
-                stores.nodes.wait_until_ready(),
-                stores.node_networks.wait_until_ready(),
-                stores.port_forwards.wait_until_ready(),
-            )
-            .await;
-            if all.0.is_ok() && all.1.is_ok() && all.2.is_ok() && all.3.is_ok() {
-                ready.store(true, Ordering::Relaxed);
-                info!("caches synced; ready");
+            match caches_synced(&observation).await {
+                Ok(()) => {
+                    ready.store(true, Ordering::Relaxed);
+                    info!("caches synced; ready");
+                }
+                Err(e) => warn!(error = %e, "not ready"),
             }
         });
     }
@@ -406,6 +511,24 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
     server.abort();
     let _ = server.now_or_never();
     Ok(())
+}
+
+/// Resolves at the first SIGTERM or SIGINT (the signals the controllers' graceful shutdown
+/// listens to as well).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot listen for SIGTERM; the Lease is released when the controllers stop");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    info!("shutting down: releasing the Lease");
 }
 
 /// The name of an object, or [`Error::Unnamed`].

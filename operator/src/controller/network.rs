@@ -144,10 +144,19 @@ pub fn desired(observed: &Observed) -> Decision {
     });
     let nodes: Vec<NodeInfo> = observed.nodes.iter().map(|(n, _)| n.clone()).collect();
     let allocation = allocator::allocate(eligible, &nodes, &observed.specs);
-    // Each node's spec is built, compared and dropped: never all of them at once.
+    // Each node's spec is built, compared and dropped: never all of them at once. A node
+    // without a NodeNetwork has no blocks (the agent reads it so), so it needs none written
+    // until it gets a block.
+    let empty = NodeNetworkSpec::default();
     let changed = allocation
         .nodes()
-        .filter(|node| allocation.spec(node).as_ref() != observed.specs.get(*node).map(|s| &**s))
+        .filter(|node| {
+            let have = observed.specs.get(*node).map_or(&empty, |s| &**s);
+            allocation
+                .spec(node)
+                .as_ref()
+                .is_some_and(|want| want != have)
+        })
         .map(str::to_owned)
         .collect();
     Decision {
@@ -360,6 +369,13 @@ async fn sync_blocks(ctx: &Context) -> Result<(Observed, Decision), Error> {
         let Some(spec) = decision.allocation.spec(node) else {
             continue;
         };
+        if spec.blocks.is_empty() {
+            empty_blocks(&api, node).await?;
+            if let Ok(mut w) = ctx.written.lock() {
+                w.insert(node.clone(), Arc::new(spec));
+            }
+            continue;
+        }
         let uid = observed
             .nodes
             .iter()
@@ -399,6 +415,34 @@ async fn sync_blocks(ctx: &Context) -> Result<(Observed, Decision), Error> {
         w.retain(|n, _| decision.allocation.contains_node(n));
     }
     Ok((observed, decision))
+}
+
+/// Empties the blocks of the NodeNetwork of `node` with a JSON merge patch.
+///
+/// Not a server-side apply: an applied `spec: {blocks: []}` releases the controller's
+/// entries, and with them its last field of the spec, so the API server drops `spec` and
+/// refuses the object (`spec: Required value`). The NodeNetwork itself stays: its agent
+/// reports there until it has removed the Network, which the finalizer waits for.
+async fn empty_blocks(api: &Api<NodeNetwork>, node: &str) -> Result<(), Error> {
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PatchParams::default()
+    };
+    api.patch(node, &params, &Patch::Merge(&empty_blocks_patch()))
+        .await
+        .map_err(|source| Error::Api {
+            action: "empty the blocks of",
+            kind: "NodeNetwork",
+            name: node.to_owned(),
+            source,
+        })?;
+    info!(node = %node, "emptied NodeNetwork spec");
+    Ok(())
+}
+
+/// The merge patch of [`empty_blocks`].
+fn empty_blocks_patch() -> serde_json::Value {
+    json!({ "spec": { "blocks": [] } })
 }
 
 async fn publish(

@@ -23,6 +23,10 @@ use weft_crds::{Network, PortForward};
 pub const REASON_ACCEPTED: &str = "Accepted";
 
 /// Decide (pure): the verdict on `pf` among all PortForwards and Networks.
+///
+/// `all` is the store, which usually holds `pf` already (perhaps an older version of it): that
+/// entry is left out and `pf` itself takes its place, so a PortForward never conflicts with
+/// itself.
 pub fn verdict(
     pf: &PortForward,
     all: &[Arc<PortForward>],
@@ -32,8 +36,13 @@ pub fn verdict(
         .iter()
         .map(|n| (n.name_any(), n.as_ref()))
         .collect();
-    let mut v = validate::port_forwards(all.iter().map(AsRef::as_ref).chain([pf]), &nets);
-    v.remove(&validate::port_forward_key(pf)).flatten()
+    let key = validate::port_forward_key(pf);
+    let others = all
+        .iter()
+        .map(AsRef::as_ref)
+        .filter(|other| validate::port_forward_key(other) != key);
+    let mut v = validate::port_forwards(others.chain([pf]), &nets);
+    v.remove(&key).flatten()
 }
 
 /// The conditions of `pf` under `verdict`.
@@ -155,4 +164,84 @@ async fn reconcile_inner(pf: &PortForward, ctx: &Context) -> Result<Action, Erro
         }
     }
     Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use weft_crds::{
+        Cidr, ForwardedPort, NetworkSpec, PortForwardSpec, PortForwardTarget, Protocol,
+    };
+
+    fn nat(name: &str) -> Arc<Network> {
+        Arc::new(Network::new(
+            name,
+            NetworkSpec {
+                subnets: vec![Cidr::from("10.10.0.0/16")],
+                ..NetworkSpec::default()
+            },
+        ))
+    }
+
+    fn forward(name: &str, port: i32, created: i64) -> PortForward {
+        let mut pf = PortForward::new(
+            name,
+            PortForwardSpec {
+                network: "blue".into(),
+                target: PortForwardTarget {
+                    workload: Some("vm".into()),
+                    selector: None,
+                },
+                ports: vec![ForwardedPort {
+                    protocol: Protocol::Tcp,
+                    port: Some(port),
+                    ..ForwardedPort::default()
+                }],
+                allow_from: None,
+            },
+        );
+        pf.metadata.namespace = Some("default".into());
+        pf.metadata.creation_timestamp = Some(Time(jiff::Timestamp::from_second(created).unwrap()));
+        pf
+    }
+
+    #[test]
+    fn a_port_forward_in_the_store_does_not_conflict_with_itself() {
+        let ssh = forward("ssh", 2222, 10);
+        let store = [Arc::new(ssh.clone())];
+        assert_eq!(verdict(&ssh, &store, &[nat("blue")]), None);
+        let conditions = desired_conditions(&ssh, None, jiff::Timestamp::now());
+        assert!(conditions.iter().all(|c| c.status == "True"));
+    }
+
+    #[test]
+    fn a_changed_port_forward_is_judged_by_its_new_spec_not_the_stored_one() {
+        // The store still holds generation 1 (port 2222); the reconciled object moved to 3333,
+        // where an older forward already sits.
+        let old = forward("ssh", 2222, 10);
+        let mut new = old.clone();
+        new.spec.ports[0].port = Some(3333);
+        let web = forward("web", 3333, 5);
+        let store = [Arc::new(old), Arc::new(web.clone())];
+        let r = verdict(&new, &store, &[nat("blue")]).unwrap();
+        assert_eq!(r.reason, validate::REASON_PORT_CONFLICT);
+        assert_eq!(verdict(&web, &store, &[nat("blue")]), None);
+    }
+
+    #[test]
+    fn of_two_forwards_of_one_port_the_newer_is_flagged() {
+        let older = forward("ssh", 2222, 10);
+        let newer = forward("ssh2", 2222, 20);
+        let store = [Arc::new(older.clone()), Arc::new(newer.clone())];
+        let nets = [nat("blue")];
+        assert_eq!(verdict(&older, &store, &nets), None);
+        let r = verdict(&newer, &store, &nets).unwrap();
+        assert_eq!(r.reason, validate::REASON_PORT_CONFLICT);
+        assert!(
+            r.message.contains("PortForward default/ssh"),
+            "{}",
+            r.message
+        );
+    }
 }

@@ -619,7 +619,13 @@ impl Lab {
                 .with_context(|| format!("the agent of {node} has not written its conflist"))?,
         )?;
         let mut conf = conflist["plugins"][0].clone();
-        conf["cniVersion"] = conflist["cniVersion"].clone();
+        // As libcni 1.2+ does: the newest of `cniVersions` (weft knows them all), else
+        // `cniVersion`.
+        conf["cniVersion"] = conflist["cniVersions"]
+            .as_array()
+            .and_then(|v| v.last())
+            .unwrap_or(&conflist["cniVersion"])
+            .clone();
         conf["name"] = conflist["name"].clone();
         if network.is_empty() {
             if let Some(o) = conf.as_object_mut() {
@@ -660,6 +666,8 @@ impl Lab {
         };
         let netns_path = netns::named_path(&self.ns_name(role, &w.name));
         let bin_dir = dir.join("cni-bin");
+        let state_dir = dir.join("state");
+        let agent_socket = dir.join("agent.sock");
         let stdin = serde_json::to_vec(&conf)?;
         let ns = self.node_ns(node)?;
         let command = command.to_string();
@@ -673,6 +681,10 @@ impl Lab {
                 .env("CNI_IFNAME", &ifname)
                 .env("CNI_PATH", &bin_dir)
                 .env("CNI_ARGS", &args)
+                // The node's locations, as a runtime's environment gives them: the plugin
+                // takes none from the configuration.
+                .env("WEFT_STATE_DIR", &state_dir)
+                .env("WEFT_AGENT_SOCKET", &agent_socket)
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())

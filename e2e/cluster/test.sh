@@ -1,0 +1,392 @@
+#!/usr/bin/env bash
+# End-to-end tests on the real cluster of cluster.sh: weft installed by Helm, pods wired by
+# kubelet through containerd's CRI, resources judged by kube-apiserver.
+#
+#   e2e/cluster/test.sh            # brings the cluster up, runs every test, takes it down
+#   KEEP=1 e2e/cluster/test.sh     # leaves the cluster up afterwards (cluster.sh down removes it)
+#   ONLY="install nat" ...         # runs only the named tests (install always runs)
+#   REUSE=1 KEEP=1 ...             # runs on a cluster left up by KEEP=1, with new images
+#
+# Prints PASS/FAIL per test and a closing "N passed, N failed" line; exits non-zero on failure.
+# Figures (controller failover) go to $WEFT_CLUSTER_DIR/results.txt.
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+C=$here/cluster.sh
+dir=${WEFT_CLUSTER_DIR:-/var/tmp/weft-cluster}
+export WEFT_CLUSTER_DIR=$dir
+ns=weft-e2e
+passed=0
+failed=0
+failures=()
+
+log() { printf '  %s\n' "$*" >&2; }
+k() { "$C" kubectl "$@"; }
+kn() { "$C" kubectl -n "$ns" "$@"; }
+lan() { "$C" lan "$@"; }
+node() { "$C" node "$@"; }
+
+fail() { log "FAILED: $*"; return 1; }
+# expect DESCRIPTION COMMAND...: the command must succeed.
+expect() { local what=$1; shift; if "$@"; then log "ok: $what"; else fail "$what"; fi; }
+# eventually SECONDS DESCRIPTION COMMAND...: the command must succeed within SECONDS.
+eventually() {
+  local t=$1 what=$2; shift 2
+  local end=$((SECONDS + t))
+  until "$@" >/dev/null 2>&1; do
+    if ((SECONDS >= end)); then fail "$what (after ${t}s)"; return 1; fi
+    sleep 1
+  done
+  log "ok: $what"
+}
+
+run() { # name function
+  local name=$1 fn=$2
+  if [ -n "${ONLY:-}" ] && [ "$name" != install ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
+  echo "=== $name"
+  local start=$SECONDS
+  if "$fn"; then
+    echo "PASS $name ($((SECONDS - start)) s)"
+    passed=$((passed + 1))
+  else
+    echo "FAIL $name ($((SECONDS - start)) s)"
+    failed=$((failed + 1))
+    failures+=("$name")
+    dump_state "$name"
+  fi
+}
+
+dump_state() {
+  local f=$dir/failure-$1.txt
+  {
+    echo "### pods"; k get pods -A -o wide
+    echo "### weft"; k get networks,nodenetworks,portforwards -A -o yaml
+    echo "### events"; k get events -A --sort-by=.lastTimestamp | tail -40
+    for p in $(k -n weft-system get pods -o name 2>/dev/null); do
+      echo "### logs $p"; k -n weft-system logs "$p" --tail=60 2>&1
+    done
+  } >"$f" 2>&1
+  log "state dumped to $f"
+  tail -n 80 "$f" | sed 's/^/    | /' >&2
+}
+
+# ------------------------------------------------------------------------------ helpers
+pod_ip() { kn get pod "$1" -o jsonpath='{.status.podIP}'; }
+pod_ips() { kn get pod "$1" -o jsonpath='{range .status.podIPs[*]}{.ip}{" "}{end}'; }
+xc() { local p=$1; shift; kn exec "$p" -- "$@"; } # run in a pod
+http_get() { # pod url -> body (5 s timeout)
+  xc "$1" wget -q -T 5 -O - "$2"
+}
+http_ok() { http_get "$@" >/dev/null 2>&1; }
+http_fails() { ! http_get "$@" >/dev/null 2>&1; }
+
+# A pod running busybox httpd on port 80 that answers with its name; NODE, LABELS, ANNOTATIONS.
+testpod() { # name node labels(json) annotations(json)
+  local name=$1 nodename=$2 labels=${3:-'{}'} annotations=${4:-'{}'}
+  kn apply -f - >/dev/null <<EOF
+{"apiVersion": "v1", "kind": "Pod",
+ "metadata": {"name": "$name", "labels": $labels, "annotations": $annotations},
+ "spec": {"nodeName": "$nodename", "terminationGracePeriodSeconds": 1,
+  "containers": [{"name": "c", "image": "weft.test/testbox:1", "imagePullPolicy": "Never",
+   "command": ["/bin/sh", "-c",
+     "mkdir -p /www/cgi-bin && echo $name > /www/index.html && printf '#!/bin/sh\\\\necho Content-Type: text/plain\\\\necho\\\\necho \$REMOTE_ADDR\\\\n' > /www/cgi-bin/ip && chmod +x /www/cgi-bin/ip && (nc -lk -u -p 5353 -e /bin/sh -c 'hostname' &) ; exec httpd -f -p 80 -h /www"]}]}}
+EOF
+}
+wait_pods() { kn wait --for=condition=Ready "${@/#/pod/}" --timeout=120s >/dev/null; }
+
+# The outside host (the LAN router, 10.77.0.1): an HTTP server whose /cgi-bin/ip answers with
+# the client's address as it arrives.
+outside_up() {
+  local www=$dir/outside-www
+  mkdir -p "$www/cgi-bin"
+  echo outside >"$www/index.html"
+  printf '#!/bin/sh\necho Content-Type: text/plain\necho\necho $REMOTE_ADDR\n' >"$www/cgi-bin/ip"
+  chmod +x "$www/cgi-bin/ip"
+  lan busybox httpd -p 10.77.0.1:8081 -h "$www"
+}
+outside_down() { pkill -f "busybox httpd -p 10.77.0.1:8081" 2>/dev/null || true; }
+
+condition() { # kind name namespace-or-empty type -> status
+  local nsarg=()
+  [ -n "$3" ] && nsarg=(-n "$3")
+  k get "$1" "$2" "${nsarg[@]}" -o jsonpath="{.status.conditions[?(@.type==\"$4\")].status}"
+}
+
+# ------------------------------------------------------------------------------ tests
+crds=(networks.weft.dev portforwards.weft.dev nodenetworks.weft.dev
+  clustersegmentationpolicies.weft.dev segmentationpolicies.weft.dev)
+
+t_install() {
+  expect "helm install" "$C" helm install weft "$repo/charts/weft" -n weft-system --create-namespace \
+    --set image.tag=dev --set image.pullPolicy=Never \
+    --set kubernetesServiceHost=10.77.0.1 --set kubernetesServicePort=6443 \
+    --set agent.defaultNetwork=e2e-nat --wait --timeout 240s || return 1
+  local c
+  for c in "${crds[@]}"; do
+    expect "CRD $c Established" k wait --for=condition=Established "crd/$c" --timeout=30s || return 1
+  done
+  expect "controller Ready (2 replicas)" k -n weft-system rollout status deploy/weft-controller --timeout=120s &&
+    expect "agent Ready on both nodes" k -n weft-system rollout status ds/weft-agent --timeout=120s
+}
+
+t_validation() {
+  k create namespace weft-validation --dry-run=client -o yaml | k apply -f - >/dev/null
+  expect "validation table through the API server" \
+    "$repo/e2e/validation/check-apiserver.sh" "$dir/pki/admin.kubeconfig" "$dir/wrap/kubectl"
+}
+
+t_nat() {
+  k create namespace "$ns" --dry-run=client -o yaml | k apply -f - >/dev/null
+  k apply -f - >/dev/null <<'EOF' || return 1
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: e2e-nat}
+spec:
+  mode: NAT
+  subnets: [10.20.0.0/16, "fd20::/64"]
+  ipam: {nodeBlockPrefix: 24, nodeBlockPrefixV6: 120}
+EOF
+  eventually 60 "Network e2e-nat Ready" test "$(condition network e2e-nat '' Ready)" = True || return 1
+  eventually 90 "both nodes Ready (weft's conflist written)" \
+    sh -c "[ \"\$('$C' kubectl get nodes -o jsonpath='{range .items[*]}{.status.conditions[?(@.type==\"Ready\")].status}{end}')\" = TrueTrue ]" || return 1
+  testpod a1 node1 '{"app": "web"}'
+  testpod a2 node1 '{"app": "db"}'
+  testpod a3 node1 '{"app": "other"}'
+  testpod b1 node2 '{"app": "web"}'
+  expect "pods started through kubelet, containerd and weft" wait_pods a1 a2 a3 b1 || return 1
+  local a1 a2 b1
+  a1=$(pod_ip a1) a2=$(pod_ip a2) b1=$(pod_ip b1)
+  log "a1=$(pod_ips a1) a2=$a2 b1=$b1"
+  expect "a1's address is from e2e-nat" grep -qE '^10\.20\.' <<<"$a1" &&
+    expect "a1 has an IPv6 address from e2e-nat" grep -qE 'fd20::' <<<"$(pod_ips a1)" &&
+    expect "a1 -> a2 (same node)" http_ok a1 "http://$a2/" &&
+    expect "a1 -> a2 over IPv6" http_ok a1 "http://[$(pod_ips a2 | awk '{print $2}')]/" &&
+    expect "a1 -> outside is masqueraded to node1's address" \
+      test "$(http_get a1 http://10.77.0.1:8081/cgi-bin/ip)" = 10.77.0.11 &&
+    expect "b1 -> outside is masqueraded to node2's address" \
+      test "$(http_get b1 http://10.77.0.1:8081/cgi-bin/ip)" = 10.77.0.12
+}
+
+t_portforward() {
+  kn apply -f - >/dev/null <<'EOF' || return 1
+apiVersion: weft.dev/v1alpha1
+kind: PortForward
+metadata: {name: a1-http}
+spec:
+  network: e2e-nat
+  target: {workload: a1}
+  ports: [{name: http, protocol: TCP, port: 8080, targetPort: 80}]
+EOF
+  eventually 30 "PortForward a1-http Valid=True (no conflict with itself)" \
+    sh -c "[ \"\$('$C' kubectl -n $ns get portforward a1-http -o jsonpath='{.status.conditions[?(@.type==\"Valid\")].status}')\" = True ]" || return 1
+  eventually 30 "outside -> node1:8080 -> a1:80" sh -c "'$C' lan busybox wget -q -T 3 -O - http://10.77.0.11:8080/ | grep -qx a1" &&
+    expect "b1 (node2) -> node1:8080 -> a1" sh -c "'$C' kubectl -n $ns exec b1 -- wget -q -T 5 -O - http://10.77.0.11:8080/ | grep -qx a1"
+}
+
+t_policy() {
+  kn apply -f - >/dev/null <<'EOF' || return 1
+apiVersion: weft.dev/v1alpha1
+kind: SegmentationPolicy
+metadata: {name: db-from-web}
+spec:
+  subject: {podSelector: {matchLabels: {app: db}}}
+  ingress:
+    - {name: http, action: Allow, from: [{pods: {podSelector: {matchLabels: {app: web}}}}], protocols: [{protocol: TCP, port: 80}]}
+EOF
+  local a2; a2=$(pod_ip a2)
+  eventually 20 "a3 (app=other) -> a2 (app=db) denied" http_fails a3 "http://$a2/" &&
+    expect "a1 (app=web) -> a2 allowed" http_ok a1 "http://$a2/" &&
+    expect "a3 -> a1 (no policy on web) still allowed" http_ok a3 "http://$(pod_ip a1)/"
+}
+
+t_bridge_hybrid() {
+  k apply -f - >/dev/null <<'EOF' || return 1
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: e2e-lan}
+spec:
+  mode: Bridge
+  subnets: [10.77.0.0/24]
+  gateway: [10.77.0.1]
+  ipam:
+    nodeBlockPrefix: 28
+    exclude: [10.77.0.0/26]
+  bridge: {uplink: eth0, bridgeName: br-e2e}
+EOF
+  eventually 60 "Network e2e-lan Ready" test "$(condition network e2e-lan '' Ready)" = True || return 1
+  eventually 60 "node1's uplink is on the bridge and node1 still reaches the API server" \
+    sh -c "'$C' node node1 ip -o link show eth0 | grep -q 'master br-e2e' && '$C' kubectl get node node1 >/dev/null" || return 1
+  testpod h1 node1 '{"app": "hybrid"}' '{"weft.dev/networks": "e2e-nat,e2e-lan"}'
+  expect "hybrid pod started" wait_pods h1 || return 1
+  local lanip
+  lanip=$(xc h1 ip -4 -o addr show dev net1 | awk '{print $4}' | cut -d/ -f1)
+  log "h1 eth0=$(pod_ip h1) net1=$lanip"
+  expect "h1's net1 has a LAN address" grep -qE '^10\.77\.0\.' <<<"$lanip" &&
+    expect "outside -> h1 on its LAN address" sh -c "'$C' lan busybox wget -q -T 5 -O - http://$lanip/ | grep -qx h1" &&
+    expect "h1 -> the LAN router leaves through net1 with h1's LAN address" \
+      test "$(http_get h1 http://10.77.0.1:8081/cgi-bin/ip)" = "$lanip" &&
+    expect "node1 -> h1's LAN address" node node1 ping -c1 -W2 "$lanip"
+}
+
+t_status() {
+  # A Node without a kubelet: the controller allocates it blocks; deleting it frees them.
+  k apply -f - >/dev/null <<'EOF' || return 1
+apiVersion: v1
+kind: Node
+metadata: {name: node3, labels: {weft.dev/e2e-solo: "yes"}}
+EOF
+  k apply -f - >/dev/null <<'EOF' || return 1
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: e2e-solo}
+spec:
+  mode: NAT
+  subnets: [10.30.0.0/16]
+  nodeSelector: {matchLabels: {weft.dev/e2e-solo: "yes"}}
+EOF
+  eventually 30 "node3 gets a block of e2e-solo" \
+    sh -c "'$C' kubectl get nodenetwork node3 -o yaml | grep -q e2e-solo" || return 1
+  expect "deleting node3's last-but-one Network finishes (finalizer removed)" \
+    k delete network e2e-solo --timeout=30s &&
+    eventually 30 "node3's NodeNetwork no longer holds e2e-solo" \
+      sh -c "! '$C' kubectl get nodenetwork node3 -o yaml 2>/dev/null | grep -q e2e-solo" &&
+    expect "delete Node node3" k delete node node3 --timeout=30s &&
+    eventually 30 "node3's NodeNetwork and blocks are freed" \
+      sh -c "! '$C' kubectl get nodenetwork node3 >/dev/null 2>&1"
+}
+
+# Seconds until the Lease names another holder, after signalling the leader's process.
+failover() { # signal
+  local sig=$1 lease holder pid t0 new
+  lease=$(k -n weft-system get lease -o name | grep -i weft | head -1)
+  holder=$(k -n weft-system get "$lease" -o jsonpath='{.spec.holderIdentity}')
+  [ -n "$holder" ] || { fail "no leader holds $lease"; return 1; }
+  pid=""
+  for p in $(pgrep -f 'weft-operator controller'); do
+    if tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | grep -qx "POD_NAME=$holder"; then pid=$p; fi
+  done
+  [ -n "$pid" ] || { fail "no process for leader $holder"; return 1; }
+  t0=$(date +%s.%N)
+  kill "-$sig" "$pid"
+  local end=$((SECONDS + 60))
+  while ((SECONDS < end)); do
+    new=$(k -n weft-system get "$lease" -o jsonpath='{.spec.holderIdentity}' 2>/dev/null)
+    if [ -n "$new" ] && [ "$new" != "$holder" ]; then
+      local dt; dt=$(awk "BEGIN{printf \"%.2f\", $(date +%s.%N) - $t0}")
+      echo "failover $sig: $holder -> $new in ${dt} s" | tee -a "$dir/results.txt" >&2
+      return 0
+    fi
+    sleep 0.1
+  done
+  fail "the Lease stayed with $holder for 60 s after SIG$sig"
+}
+
+t_failover() {
+  expect "SIGTERM of the leader hands over" failover TERM &&
+    eventually 60 "controller back to 2 Ready replicas" k -n weft-system rollout status deploy/weft-controller --timeout=5s &&
+    expect "kill -9 of the leader hands over" failover KILL &&
+    eventually 90 "controller back to 2 Ready replicas" k -n weft-system rollout status deploy/weft-controller --timeout=5s
+}
+
+t_upgrade() {
+  local b; b=$("$C" env | sed -n 's/^BIN=//p')
+  for n in node1 node2; do
+    node "$n" "$b/ctr" -a "$dir/$n/containerd.sock" -n k8s.io images tag --force \
+      ghcr.io/weft-dev/weft:dev ghcr.io/weft-dev/weft:dev2 >/dev/null
+  done
+  # New connections through the port forward, every 0.2 s, while the agents are replaced.
+  local out=$dir/upgrade-traffic.txt
+  : >"$out"
+  (
+    end=$((SECONDS + 100))
+    while ((SECONDS < end)) && [ ! -e "$dir/upgrade-done" ]; do
+      if "$C" lan busybox wget -q -T 2 -O - http://10.77.0.11:8080/ 2>/dev/null | grep -qx a1; then
+        echo ok >>"$out"
+      else echo lost >>"$out"; fi
+      sleep 0.2
+    done
+  ) &
+  local loop=$!
+  rm -f "$dir/upgrade-done"
+  sleep 2
+  expect "helm upgrade to a new image" "$C" helm upgrade weft "$repo/charts/weft" -n weft-system \
+    --reuse-values --set image.tag=dev2 --wait --timeout 180s
+  local up=$?
+  k -n weft-system rollout status ds/weft-agent --timeout=120s >/dev/null
+  sleep 3
+  touch "$dir/upgrade-done"
+  wait "$loop"
+  local ok lost
+  ok=$(grep -c ok "$out") lost=$(grep -c lost "$out")
+  log "connections during the upgrade: $ok ok, $lost lost"
+  [ "$up" = 0 ] && expect "no connection lost during the upgrade" test "$lost" = 0 &&
+    expect "agents run the new image" sh -c "'$C' kubectl -n weft-system get ds weft-agent -o jsonpath='{.spec.template.spec.containers[0].image}' | grep -q dev2"
+}
+
+node_clean() { # node: nothing of weft left
+  local n=$1 out
+  out=$(node "$n" ip -o link show | awk -F': ' '{print $2}' | cut -d@ -f1 | grep -vxE 'lo|eth0')
+  [ -z "$out" ] || { fail "$n still has links: $out"; return 1; }
+  out=$(node "$n" nft list tables | grep -i weft)
+  [ -z "$out" ] || { fail "$n still has nftables tables: $out"; return 1; }
+  out=$(node "$n" sh -c 'ls /etc/cni/net.d /opt/cni/bin/weft /run/weft 2>/dev/null')
+  [ -z "$out" ] || { fail "$n still has files: $out"; return 1; }
+  out=$(node "$n" ip -o addr show dev eth0 | grep -c 'inet ')
+  [ "$out" = 1 ] || { fail "$n's eth0 lost or gained IPv4 addresses"; return 1; }
+  node "$n" ip route show default | grep -q 'dev eth0' || { fail "$n's default route is not on eth0"; return 1; }
+}
+
+t_teardown() {
+  kn delete pod --all --wait --timeout=60s >/dev/null
+  eventually 30 "node1 holds no workload port after the pods are deleted" \
+    sh -c "! '$C' node node1 ip -o link show | grep -qE 'master (wn-|br-e2e)'" || return 1
+  k delete -n "$ns" portforward --all --wait --timeout=30s >/dev/null
+  k delete -n "$ns" segmentationpolicy --all --wait --timeout=30s >/dev/null
+  expect "deleting the Networks finishes" k delete network --all --wait --timeout=60s || return 1
+  expect "helm uninstall" "$C" helm uninstall weft -n weft-system --wait --timeout 120s || return 1
+  eventually 60 "node1 is left as it was" node_clean node1 &&
+    eventually 60 "node2 is left as it was" node_clean node2
+}
+
+# ------------------------------------------------------------------------------ main
+cleanup() {
+  outside_down
+  if [ "${KEEP:-0}" != 1 ]; then "$C" down; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+echo "=== cluster up"
+start=$SECONDS
+if [ "${REUSE:-0}" = 1 ]; then
+  # A cluster left by KEEP=1: new images, and weft's leftovers removed.
+  "$C" load-images
+  "$C" helm uninstall weft -n weft-system --wait >/dev/null 2>&1
+  k delete namespace "$ns" weft-validation --wait=true >/dev/null 2>&1
+  k delete network --all >/dev/null 2>&1
+  k delete node node3 >/dev/null 2>&1
+elif ! "$C" up; then
+  echo "FAIL cluster-up"
+  echo "0 passed, 1 failed"
+  exit 1
+fi
+echo "cluster up in $((SECONDS - start)) s"
+outside_up
+
+run install t_install
+if [ "$failed" = 0 ]; then
+  run validation t_validation
+  run nat t_nat
+  run portforward t_portforward
+  run policy t_policy
+  run bridge t_bridge_hybrid
+  run status t_status
+  run failover t_failover
+  run upgrade t_upgrade
+  run teardown t_teardown
+fi
+
+echo
+[ "$failed" = 0 ] || echo "failed: ${failures[*]}"
+echo "$passed passed, $failed failed"
+[ "$failed" = 0 ]

@@ -1,0 +1,155 @@
+//! The controller's readiness (`/readyz`) against a mocked API server (tower-test): it turns
+//! ready once the initial list of every watched kind is in, while the `Controller`s run on
+//! the same client beside it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use futures::StreamExt;
+use futures::channel::mpsc;
+use http::{Request, Response};
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use kube::runtime::reflector;
+use kube::runtime::{Controller, watcher};
+use kube::{Api, Client};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+use weft_crds::{Network, PortForward};
+use weft_operator::controller::{Triggers, caches_synced, observe_cluster};
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+/// Answers every list with an empty list of its kind, except lists of `held` (left
+/// unanswered), and leaves every watch open.
+async fn api_server(mut handle: Handle, held: Option<&'static str>) {
+    let mut open = Vec::new();
+    while let Some((request, send)) = handle.next_request().await {
+        let query = request.uri().query().unwrap_or_default().to_owned();
+        let path = request.uri().path().to_owned();
+        if query.split('&').any(|p| p == "watch=true")
+            || held.is_some_and(|h| path.ends_with(&format!("/{h}")))
+        {
+            open.push(send);
+            continue;
+        }
+        let (api_version, kind) = match path.rsplit('/').next().unwrap_or_default() {
+            "nodes" => ("v1", "NodeList"),
+            "networks" => ("weft.dev/v1alpha1", "NetworkList"),
+            "nodenetworks" => ("weft.dev/v1alpha1", "NodeNetworkList"),
+            "portforwards" => ("weft.dev/v1alpha1", "PortForwardList"),
+            other => panic!("unexpected request for {other}: {path}?{query}"),
+        };
+        let list = json!({
+            "apiVersion": api_version,
+            "kind": kind,
+            "metadata": {"resourceVersion": "1"},
+            "items": [],
+        });
+        send.send_response(
+            Response::builder()
+                .body(Body::from(serde_json::to_vec(&list).unwrap()))
+                .unwrap(),
+        );
+    }
+}
+
+async fn nothing<K>(_: Arc<K>, _: Arc<()>) -> Result<Action, kube::Error> {
+    Ok(Action::await_change())
+}
+
+fn retry<K>(_: Arc<K>, _: &kube::Error, _: Arc<()>) -> Action {
+    Action::await_change()
+}
+
+#[tokio::test]
+async fn the_controller_is_ready_once_the_initial_lists_are_in_while_its_controllers_run() {
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    tokio::spawn(api_server(handle, None));
+    let client = Client::new(svc, "default");
+    let (networks, _n) = mpsc::unbounded();
+    let (port_forwards, _p) = mpsc::unbounded();
+    let (cluster_policies, _c) = mpsc::unbounded();
+    let (policies, _s) = mpsc::unbounded();
+    let triggers = Triggers {
+        networks,
+        port_forwards,
+        cluster_policies,
+        policies,
+    };
+    let (observation, observing) = observe_cluster(&client, &triggers);
+    tokio::spawn(observing);
+    // The Controllers wait for their own stores' initial lists too, as in `run`; readiness
+    // does not wait on their stores.
+    let ctx = Arc::new(());
+    tokio::spawn(
+        Controller::new(
+            Api::<Network>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .run(nothing, retry, ctx.clone())
+        .for_each(|_| async {}),
+    );
+    tokio::spawn(
+        Controller::new(
+            Api::<PortForward>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .run(nothing, retry, ctx)
+        .for_each(|_| async {}),
+    );
+    tokio::time::timeout(Duration::from_secs(2), caches_synced(&observation))
+        .await
+        .expect("not ready 2 s after the initial lists")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn the_controller_is_not_ready_while_a_list_is_outstanding() {
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    tokio::spawn(api_server(handle, Some("portforwards")));
+    let client = Client::new(svc, "default");
+    let (tx, _rx) = mpsc::unbounded();
+    let triggers = Triggers {
+        networks: tx.clone(),
+        port_forwards: tx.clone(),
+        cluster_policies: tx.clone(),
+        policies: tx,
+    };
+    let (observation, observing) = observe_cluster(&client, &triggers);
+    tokio::spawn(observing);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), caches_synced(&observation))
+            .await
+            .is_err(),
+        "ready before the PortForwards were listed"
+    );
+    assert!(*observation.networks_listed.borrow());
+}
+
+#[tokio::test]
+async fn a_store_wakes_only_the_last_of_two_waiters() {
+    // Why readiness never waits on a Controller's store: kube-runtime's
+    // `Store::wait_until_ready` keeps one waker, so of two tasks waiting on one store (a
+    // Controller's applier and a readiness check) only the one that polled last is woken.
+    let (store, mut writer) = reflector::store::<Network>();
+    let first = tokio::spawn({
+        let store = store.clone();
+        async move { store.wait_until_ready().await }
+    });
+    tokio::task::yield_now().await;
+    let second = tokio::spawn(async move { store.wait_until_ready().await });
+    tokio::task::yield_now().await;
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+    tokio::time::timeout(Duration::from_secs(1), second)
+        .await
+        .expect("the last waiter is woken")
+        .unwrap()
+        .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), first)
+            .await
+            .is_err(),
+        "kube-runtime now wakes every waiter; readiness could wait on the Controllers' stores"
+    );
+}
