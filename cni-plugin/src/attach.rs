@@ -366,6 +366,12 @@ fn add_one(
         &[]
     };
     check_trunk(trunk, &net)?;
+    // Host ports, like static addresses, belong to `CNI_IFNAME`.
+    let port_mappings: &[proto::PortMapping] = if parent.is_none() {
+        &conf.port_mappings
+    } else {
+        &[]
+    };
     let ns = open_workload_netns(netns_path)?;
     let mut host = Netlink::new()?;
     let bridge = host.link_by_name(&net.bridge)?.ok_or_else(|| {
@@ -414,6 +420,7 @@ fn add_one(
             owner_kubevirt: carried.kubevirt,
             restore: restore.cloned(),
             vlan_trunk: trunk.to_vec(),
+            port_mappings: port_mappings.to_vec(),
             mac: requested_mac.map(names::format_mac),
             host_ifname: Some(host_name.clone()),
             pod_namespace: pod_namespace.clone(),
@@ -435,6 +442,34 @@ fn add_one(
         .and_then(names::parse_mac)
         .or(static_mac)
         .unwrap_or_else(|| names::workload_mac(&alloc.ips, container_id, ifname));
+    // A MAC the runtime asked for must not be one the bridge already delivers elsewhere: a
+    // host on the LAN (the router's, on a Bridge network), another port, the node's own.
+    // (A migrating or restored VM brings its own MAC, which the LAN may still place on the
+    // node it ran on.)
+    if conf.static_mac.filter(|_| statics) == Some(mac)
+        && migration.is_none()
+        && restore.is_none()
+        && let Some(holder) = host
+            .bridge_fdb(bridge.index)?
+            .into_iter()
+            .find(|e| e.mac == mac)
+    {
+        let port = match host.link_by_index(holder.port)? {
+            Some(l) if l.index == bridge.index => format!("the bridge {} itself", l.name),
+            Some(l) if holder.local => format!("port {} (its own MAC)", l.name),
+            Some(l) => format!("a host behind port {}", l.name),
+            None => format!("port {}", holder.port),
+        };
+        return Err(CniError::new(
+            error::INVALID_CONFIG,
+            "MAC address already in use",
+            format!(
+                "MAC {} is already in use on bridge {} of network {network}: the bridge delivers it to {port}; ask for another MAC",
+                names::format_mac(mac),
+                net.bridge
+            ),
+        ));
+    }
 
     // A previous ADD of the same attachment that crashed half-way may have left its veth.
     if let Some(stale) = host.link_by_name(&host_name)? {
@@ -460,6 +495,9 @@ fn add_one(
         mtu: Some(net.mtu),
     })?;
     rollback.host_index = Some(host_index);
+    // Hairpin: the workload reaches itself through the node's port forwards and host ports
+    // (the bridge guard drops the broadcasts and multicasts it would reflect).
+    host.set_port_hairpin(host_index, true)?;
     // A VLAN-filtering bridge: an access port on the network's own VLAN, plus the trunk.
     if let Some(f) = &net.vlan_filtering {
         host.set_port_vlans(host_index, &f.workload(trunk))?;
@@ -493,6 +531,7 @@ fn add_one(
             vm: owner.clone(),
             pending: migration.is_some(),
             vlan_trunk: trunk.to_vec(),
+            port_mappings: port_mappings.to_vec(),
         },
     );
     if registered.is_err() && tap.is_some() {

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use weft_dataplane::names;
+use weft_dataplane::proto::PortMapping;
 use weft_dataplane::vlan::VlanRange;
 
 /// The CNI spec versions this plugin accepts and can answer in.
@@ -126,6 +127,23 @@ struct RuntimeConfig {
     ips: Vec<String>,
     #[serde(default)]
     mac: Option<String>,
+    /// Host ports (the `portMappings` capability; read from `runtimeConfig` only).
+    #[serde(default, rename = "portMappings")]
+    port_mappings: Vec<RawPortMapping>,
+}
+
+/// One `runtimeConfig.portMappings` entry as kubelet and podman send it:
+/// `{"hostPort": 8080, "containerPort": 80, "protocol": "tcp", "hostIP": ""}`.
+#[derive(Debug, Default, Clone, Deserialize)]
+struct RawPortMapping {
+    #[serde(rename = "hostPort")]
+    host_port: Option<i64>,
+    #[serde(rename = "containerPort")]
+    container_port: Option<i64>,
+    #[serde(default)]
+    protocol: Option<String>,
+    #[serde(default, rename = "hostIP")]
+    host_ip: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -242,6 +260,8 @@ pub struct Conf {
     /// `vlanTrunk`: the VLANs the port carries tagged besides the network's own (a trunk port;
     /// empty: an access port). Each must be among the Network's `spec.bridge.trunkVlans`.
     pub vlan_trunk: Vec<VlanRange>,
+    /// `runtimeConfig.portMappings`: the workload's host ports (on `CNI_IFNAME`).
+    pub port_mappings: Vec<PortMapping>,
 }
 
 /// Where weft keeps its node state, where the agent listens and where the plugin logs: the
@@ -560,6 +580,12 @@ pub fn parse_conf(stdin: &[u8], env: &Env) -> Result<Conf, CniError> {
         .map(parse_vlan_trunk)
         .transpose()?
         .unwrap_or_default();
+    let port_mappings = raw
+        .runtime_config
+        .as_ref()
+        .map(|rc| parse_port_mappings(&rc.port_mappings))
+        .transpose()?
+        .unwrap_or_default();
     // The node's locations; the configuration may only repeat them (conflists written by older
     // agents do).
     for (field, given, node, what) in [
@@ -619,7 +645,76 @@ pub fn parse_conf(stdin: &[u8], env: &Env) -> Result<Conf, CniError> {
         attachment,
         vm,
         vlan_trunk,
+        port_mappings,
     })
+}
+
+/// `runtimeConfig.portMappings`, checked: ports 1 to 65535, protocol `tcp` (the default), `udp`
+/// or `sctp` in any case, `hostIP` empty or an address. Exact repeats count once; two entries
+/// that claim the same host port otherwise are an error.
+fn parse_port_mappings(entries: &[RawPortMapping]) -> Result<Vec<PortMapping>, CniError> {
+    let mut out: Vec<PortMapping> = Vec::new();
+    for (i, e) in entries.iter().enumerate() {
+        let field = |name: &str| format!("runtimeConfig.portMappings[{i}].{name}");
+        let port = |name: &str, v: Option<i64>| -> Result<u16, CniError> {
+            match v {
+                Some(p) if (1..=65535).contains(&p) => Ok(p as u16),
+                Some(p) => Err(invalid(
+                    &field(name),
+                    format!("{p} is out of range; use 1 to 65535"),
+                )),
+                None => Err(invalid(
+                    &field(name),
+                    "missing; give a port from 1 to 65535",
+                )),
+            }
+        };
+        let host_port = port("hostPort", e.host_port)?;
+        let container_port = port("containerPort", e.container_port)?;
+        let protocol = match e
+            .protocol
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            None | Some("") | Some("tcp") => "tcp",
+            Some("udp") => "udp",
+            Some("sctp") => "sctp",
+            Some(other) => {
+                return Err(invalid(
+                    &field("protocol"),
+                    format!("{other:?}; use tcp, udp or sctp"),
+                ));
+            }
+        };
+        let host_ip =
+            match e.host_ip.as_deref() {
+                None | Some("") => None,
+                Some(ip) => Some(ip.parse::<IpAddr>().map_err(|_| {
+                    invalid(&field("hostIP"), format!("{ip:?} is not an IP address"))
+                })?),
+            };
+        let m = PortMapping {
+            host_port,
+            container_port,
+            protocol: protocol.to_string(),
+            host_ip,
+        };
+        if out.contains(&m) {
+            continue;
+        }
+        if let Some(other) = out.iter().find(|o| o.clashes(&m)) {
+            return Err(invalid(
+                &field("hostPort"),
+                format!(
+                    "{m} is asked for twice (to container ports {} and {})",
+                    other.container_port, m.container_port
+                ),
+            ));
+        }
+        out.push(m);
+    }
+    Ok(out)
 }
 
 /// `vlanTrunk` as ranges: each entry one `id`, or `minID` and `maxID`, 1 to 4094.
@@ -932,6 +1027,78 @@ mod tests {
             names::format_mac(c.static_mac.unwrap()),
             "0a:58:0a:00:00:09"
         );
+    }
+
+    #[test]
+    fn port_mappings_come_from_runtime_config_checked_and_once_each() {
+        let parse = |pm: &str| {
+            parse_conf(
+                format!(
+                    r#"{{"cniVersion":"1.1.0","name":"n","type":"weft","runtimeConfig":{{"portMappings":{pm}}}}}"#
+                )
+                .as_bytes(),
+                &env(),
+            )
+        };
+        let c = parse(
+            r#"[{"hostPort":8080,"containerPort":80,"protocol":"tcp","hostIP":""},
+                {"hostPort":8080,"containerPort":80,"protocol":"TCP","hostIP":""},
+                {"hostPort":5353,"containerPort":53,"protocol":"udp","hostIP":"192.0.2.1"},
+                {"hostPort":9000,"containerPort":9000}]"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.port_mappings,
+            [
+                PortMapping {
+                    host_port: 8080,
+                    container_port: 80,
+                    protocol: "tcp".into(),
+                    host_ip: None
+                },
+                PortMapping {
+                    host_port: 5353,
+                    container_port: 53,
+                    protocol: "udp".into(),
+                    host_ip: Some("192.0.2.1".parse().unwrap())
+                },
+                PortMapping {
+                    host_port: 9000,
+                    container_port: 9000,
+                    protocol: "tcp".into(),
+                    host_ip: None
+                },
+            ]
+        );
+        for (bad, field) in [
+            (r#"[{"hostPort":0,"containerPort":80}]"#, "[0].hostPort"),
+            (
+                r#"[{"hostPort":80,"containerPort":70000}]"#,
+                "[0].containerPort",
+            ),
+            (
+                r#"[{"hostPort":80,"containerPort":80,"protocol":"icmp"}]"#,
+                "[0].protocol",
+            ),
+            (
+                r#"[{"hostPort":80,"containerPort":80,"hostIP":"nope"}]"#,
+                "[0].hostIP",
+            ),
+            (
+                r#"[{"hostPort":80,"containerPort":80},{"hostPort":80,"containerPort":81}]"#,
+                "[1].hostPort",
+            ),
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert_eq!(e.code, error::INVALID_CONFIG);
+            assert!(
+                e.details
+                    .starts_with(&format!("runtimeConfig.portMappings{field}:")),
+                "{bad}: {}",
+                e.details
+            );
+        }
+        assert!(parse("[]").unwrap().port_mappings.is_empty());
     }
 
     #[test]

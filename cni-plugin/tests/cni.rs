@@ -200,6 +200,115 @@ fn static_ip_and_mac_from_cni_args_are_honoured_and_checked() {
 }
 
 #[test]
+fn a_mac_another_workload_holds_is_refused_and_the_add_leaves_nothing() {
+    let mut node = Node::new(Agent::Answers);
+    let (_, ns_path) = node.workload();
+    let victim_env = env("victim", ns_path.to_str().unwrap(), "eth0");
+    let victim = weft("ADD", &node.conf("1.1.0"), &victim_env);
+    assert!(victim.ok, "{}", victim.json);
+    let victim_mac = victim.json["interfaces"][2]["mac"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (_, ns2) = node.workload();
+    let mut e = env("attacker", ns2.to_str().unwrap(), "eth0");
+    let args = format!("IgnoreUnknown=1;MAC={}", victim_mac.to_uppercase());
+    e[4] = ("CNI_ARGS", &args);
+    let bad = weft("ADD", &node.conf("1.1.0"), &e);
+    assert!(!bad.ok, "{}", bad.json);
+    assert_eq!(bad.json["code"], 7, "{}", bad.json);
+    let details = bad.json["details"].as_str().unwrap();
+    assert!(
+        details.contains(&format!("MAC {victim_mac}"))
+            && details.contains("container victim interface eth0"),
+        "the error must name the MAC and its holder: {details}"
+    );
+    assert!(!host_link_exists("attacker", "eth0"));
+    let store = IpamStore::open(node.state_dir(), "test").unwrap();
+    let left: Vec<String> = store
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|a| a.container_id)
+        .collect();
+    assert_eq!(left, ["victim"], "the refused ADD keeps no address");
+    let mut inner = Netlink::in_netns(&Netns::open(&ns2).unwrap()).unwrap();
+    assert!(inner.link_by_name("eth0").unwrap().is_none());
+    assert!(weft("DEL", &node.conf("1.1.0"), &victim_env).ok);
+}
+
+#[test]
+fn a_mac_the_bridge_places_behind_another_port_is_refused() {
+    let mut node = Node::new(Agent::Answers);
+    // The LAN side of the bridge: a router whose MAC the bridge has learned.
+    let router = [0x02, 0, 0, 0, 0, 0x77];
+    let mut nl = Netlink::new().unwrap();
+    let bridge = nl.link_by_name("wn-test").unwrap().unwrap().index;
+    let port = nl
+        .create_veth_pair("lanport", "lanpeer", None, None)
+        .unwrap();
+    nl.set_master(port, Some(bridge)).unwrap();
+    nl.set_up(port).unwrap();
+    let peer = nl.link_by_name("lanpeer").unwrap().unwrap().index;
+    nl.set_up(peer).unwrap();
+    let mut hello = vec![0xff; 6];
+    hello.extend(router);
+    hello.extend([0x88, 0xb5]);
+    hello.resize(64, 0);
+    // The frame is sent again until the bridge has it: the port forwards once the veth's
+    // carrier is up, which the kernel reports a moment after the link is set up.
+    let mut learned = false;
+    for _ in 0..40 {
+        weft_dataplane::frame::send(peer, &hello).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        learned = nl
+            .bridge_fdb(bridge)
+            .unwrap()
+            .iter()
+            .any(|e| e.mac == router && e.port == port && !e.local);
+        if learned {
+            break;
+        }
+    }
+    assert!(learned, "the bridge learned the router's MAC on lanport");
+    let (_, ns) = node.workload();
+    let mut e = env("mimic", ns.to_str().unwrap(), "eth0");
+    e[4] = ("CNI_ARGS", "IgnoreUnknown=1;MAC=02:00:00:00:00:77");
+    let bad = weft("ADD", &node.conf("1.1.0"), &e);
+    assert!(!bad.ok, "{}", bad.json);
+    assert_eq!(bad.json["code"], 7, "{}", bad.json);
+    let details = bad.json["details"].as_str().unwrap();
+    assert!(
+        details.contains("MAC 02:00:00:00:00:77") && details.contains("behind port lanport"),
+        "the error names the MAC and where the bridge has it: {details}"
+    );
+    assert!(!host_link_exists("mimic", "eth0"));
+    let store = IpamStore::open(node.state_dir(), "test").unwrap();
+    assert!(
+        store.list().unwrap().is_empty(),
+        "the refused ADD keeps no address"
+    );
+    // The node's own MACs are refused too: the bridge's, and a port device's.
+    nl.set_mac(bridge, [0x02, 0, 0, 0, 0, 0x42]).unwrap();
+    let lanport_mac = names::format_mac(nl.link_by_index(port).unwrap().unwrap().mac.unwrap());
+    for (mac, holder) in [
+        ("02:00:00:00:00:42".to_string(), "the bridge wn-test itself"),
+        (lanport_mac, "port lanport (its own MAC)"),
+    ] {
+        let args = format!("IgnoreUnknown=1;MAC={mac}");
+        let mut e = env("mimic", ns.to_str().unwrap(), "eth0");
+        e[4] = ("CNI_ARGS", &args);
+        let bad = weft("ADD", &node.conf("1.1.0"), &e);
+        assert_eq!(bad.json["code"], 7, "{}", bad.json);
+        assert!(
+            bad.json["details"].as_str().unwrap().contains(holder),
+            "{holder}: {}",
+            bad.json
+        );
+    }
+}
+
+#[test]
 fn add_fails_closed_and_undoes_everything_when_the_agent_does_not_answer() {
     let mut node = Node::new(Agent::Silent);
     let (_, ns_path) = node.workload();

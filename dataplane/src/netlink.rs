@@ -23,17 +23,19 @@ use netlink_packet_route::address::{
     AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage,
 };
 use netlink_packet_route::link::{
-    AfSpecBridge, BridgeVlanInfo, BridgeVlanInfoFlags, InfoBridge, InfoData, InfoKind, InfoVeth,
+    AfSpecBridge, BridgeBooleanOptionFlags, BridgeBooleanOptions, BridgeVlanInfo,
+    BridgeVlanInfoFlags, InfoBridge, InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoVeth,
     LinkAttribute, LinkExtentMask, LinkFlags, LinkInfo as NlLinkInfo, LinkMessage,
 };
+use netlink_packet_route::neighbour::{NeighbourAttribute, NeighbourMessage, NeighbourState};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
     RouteVia,
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 use rtnetlink::{
-    AddressMessageBuilder, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVlan,
-    RouteMessageBuilder,
+    AddressMessageBuilder, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth,
+    LinkVlan, RouteMessageBuilder,
 };
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -235,6 +237,25 @@ pub struct LinkInfo {
     /// For a bridge, whether it filters VLANs (`IFLA_BR_VLAN_FILTERING`); `None` for other
     /// links.
     pub vlan_filtering: Option<bool>,
+    /// For a bridge, whether it learns source MACs from link-local frames
+    /// (`01:80:c2:00:00:0x`; `BR_BOOLOPT_NO_LL_LEARN` off); `None` for other links and
+    /// kernels that do not report it.
+    pub link_local_learning: Option<bool>,
+    /// For a bridge port, whether hairpin mode is on (`IFLA_BRPORT_MODE`: the bridge may send
+    /// a frame back out of the port it came in on); `None` for other links.
+    pub hairpin: Option<bool>,
+}
+
+/// One entry of a bridge's forwarding database: a MAC and the port the bridge sends it to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FdbEntry {
+    /// The port (the bridge's own index for the bridge's MAC).
+    pub port: u32,
+    /// The MAC.
+    pub mac: [u8; 6],
+    /// A MAC of the bridge or of a port's own device (`NUD_PERMANENT`): frames to it are the
+    /// node's, not a host's behind the port.
+    pub local: bool,
 }
 
 /// One address on an interface.
@@ -429,6 +450,29 @@ fn ext_ack_message(outer_flags: u16, payload: &[u8]) -> Option<String> {
     None
 }
 
+/// `msg` as an entry of bridge `bridge`'s forwarding database, if it is one.
+fn fdb_entry(msg: NeighbourMessage, bridge: u32) -> Option<FdbEntry> {
+    if msg.header.family != netlink_packet_route::AddressFamily::Bridge {
+        return None;
+    }
+    let mut mac = None;
+    let mut master = None;
+    for attr in msg.attributes {
+        match attr {
+            NeighbourAttribute::LinkLayerAddress(a) => {
+                mac = <[u8; 6]>::try_from(a.as_slice()).ok();
+            }
+            NeighbourAttribute::Controller(m) => master = Some(m),
+            _ => {}
+        }
+    }
+    (master == Some(bridge) || msg.header.ifindex == bridge).then_some(FdbEntry {
+        port: msg.header.ifindex,
+        mac: mac?,
+        local: msg.header.state == NeighbourState::Permanent,
+    })
+}
+
 fn link_info(msg: LinkMessage) -> LinkInfo {
     let mut info = LinkInfo {
         index: msg.header.index,
@@ -441,6 +485,8 @@ fn link_info(msg: LinkMessage) -> LinkInfo {
         alias: None,
         netns_id: None,
         vlan_filtering: None,
+        link_local_learning: None,
+        hairpin: None,
     };
     for attr in msg.attributes {
         match attr {
@@ -454,10 +500,30 @@ fn link_info(msg: LinkMessage) -> LinkInfo {
                 for i in infos {
                     match i {
                         NlLinkInfo::Kind(k) => info.kind = Some(k.to_string()),
+                        NlLinkInfo::PortData(InfoPortData::BridgePort(data)) => {
+                            for d in data {
+                                if let InfoBridgePort::HairpinMode(on) = d {
+                                    info.hairpin = Some(on);
+                                }
+                            }
+                        }
                         NlLinkInfo::Data(InfoData::Bridge(data)) => {
                             for d in data {
-                                if let InfoBridge::VlanFiltering(on) = d {
-                                    info.vlan_filtering = Some(on);
+                                match d {
+                                    InfoBridge::VlanFiltering(on) => {
+                                        info.vlan_filtering = Some(on);
+                                    }
+                                    InfoBridge::MultiBoolOpt(o)
+                                        if o.mask.contains(
+                                            BridgeBooleanOptionFlags::NoLinkLocalLearn,
+                                        ) =>
+                                    {
+                                        info.link_local_learning =
+                                            Some(!o.value.contains(
+                                                BridgeBooleanOptionFlags::NoLinkLocalLearn,
+                                            ));
+                                    }
+                                    _ => {}
                                 }
                             }
                         }
@@ -598,6 +664,40 @@ pub fn bridge_vlan_filtering_message(index: u32, on: bool) -> LinkMessage {
         .index(index)
         .vlan_filtering(on)
         .build()
+}
+
+/// `RTM_NEWLINK` on the existing bridge `index`: no MAC learning from link-local frames
+/// (`IFLA_BR_MULTI_BOOLOPT` → `BR_BOOLOPT_NO_LL_LEARN`).
+///
+/// The bridge learns the source MAC of a frame to `01:80:c2:00:00:0x` (LLDP, 802.1X, …)
+/// before any bridge-family netfilter hook sees it (LLDP with no hook at all), so without
+/// this a port could teach the bridge another workload's MAC, or the LAN router's, past the
+/// `bridge weft` guard, which checks source MACs in `prerouting`.
+pub fn bridge_no_link_local_learning_message(index: u32) -> LinkMessage {
+    LinkMessageBuilder::<LinkBridge>::new_with_info_kind(InfoKind::Bridge)
+        .index(index)
+        .append_info_data(InfoBridge::MultiBoolOpt(no_link_local_learning()))
+        .build()
+}
+
+/// `RTM_NEWLINK` on bridge port `index`: hairpin mode on or off (`IFLA_INFO_SLAVE_DATA` →
+/// `IFLA_BRPORT_MODE`).
+///
+/// A workload port needs it on to reach its own workload through the node: a packet the
+/// workload sends to one of the node's port forwards (or host ports) that leads back to itself
+/// is DNATed on the bridge and must leave through the port it came in on. The `bridge weft`
+/// table drops the broadcasts and multicasts it would also reflect.
+pub fn port_hairpin_message(index: u32, on: bool) -> LinkMessage {
+    LinkBridgePort::new(index)
+        .append_info_data(InfoBridgePort::HairpinMode(on))
+        .build()
+}
+
+fn no_link_local_learning() -> BridgeBooleanOptions {
+    BridgeBooleanOptions {
+        value: BridgeBooleanOptionFlags::NoLinkLocalLearn,
+        mask: BridgeBooleanOptionFlags::NoLinkLocalLearn,
+    }
 }
 
 /// The `IFLA_BRIDGE_VLAN_INFO` entries of `vlans` (sorted by ID): a run of consecutive VLANs
@@ -937,6 +1037,26 @@ impl Netlink {
             .collect())
     }
 
+    /// The forwarding database of bridge `bridge`: what it learned, what was added by hand,
+    /// and its own and its ports' MACs.
+    pub fn bridge_fdb(&mut self, bridge: u32) -> Result<Vec<FdbEntry>, NetlinkError> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = netlink_packet_route::AddressFamily::Bridge;
+        let replies = self.call(
+            "list bridge fdb",
+            || format!("bridge {bridge}"),
+            RouteNetlinkMessage::GetNeighbour(msg),
+            NLM_F_DUMP,
+        )?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewNeighbour(n) => fdb_entry(n, bridge),
+                _ => None,
+            })
+            .collect())
+    }
+
     /// Index of a link that was just created.
     fn created_index(
         &mut self,
@@ -964,7 +1084,8 @@ impl Netlink {
     ) -> Result<u32, NetlinkError> {
         const OP: &str = "create bridge";
         check_ifname(OP, name, name)?;
-        let mut b = LinkBridge::new(name);
+        // See `bridge_no_link_local_learning_message`.
+        let mut b = LinkBridge::new(name).no_linklocal_learn(true);
         if let Some(mtu) = mtu {
             b = b.mtu(mtu);
         }
@@ -1447,6 +1568,29 @@ impl Netlink {
 }
 
 impl Netlink {
+    /// Turns hairpin mode of bridge port `index` on or off (see [`port_hairpin_message`]).
+    pub fn set_port_hairpin(&mut self, index: u32, on: bool) -> Result<(), NetlinkError> {
+        self.call(
+            "set bridge port hairpin",
+            || format!("link {index} hairpin {}", if on { "on" } else { "off" }),
+            RouteNetlinkMessage::NewLink(port_hairpin_message(index, on)),
+            0,
+        )?;
+        Ok(())
+    }
+
+    /// Stops bridge `index` from learning MACs from link-local frames (see
+    /// [`bridge_no_link_local_learning_message`]).
+    pub fn set_no_link_local_learning(&mut self, index: u32) -> Result<(), NetlinkError> {
+        self.call(
+            "set bridge no_linklocal_learn",
+            || format!("link {index} no_linklocal_learn 1"),
+            RouteNetlinkMessage::NewLink(bridge_no_link_local_learning_message(index)),
+            0,
+        )?;
+        Ok(())
+    }
+
     /// Turns VLAN filtering of bridge `index` on or off. A kernel without it
     /// (`CONFIG_BRIDGE_VLAN_FILTERING` unset) answers `EOPNOTSUPP`
     /// ([`NetlinkError::is_not_supported`]).
@@ -1816,6 +1960,96 @@ mod tests {
             NetlinkPayload::InnerMessage(m) => m,
             other => panic!("not a route message: {other:?}"),
         }
+    }
+
+    #[test]
+    fn fdb_entries_of_the_bridge_are_read_and_others_skipped() {
+        let entry = |family, ifindex, master: Option<u32>, state| {
+            let mut m = NeighbourMessage::default();
+            m.header.family = family;
+            m.header.ifindex = ifindex;
+            m.header.state = state;
+            m.attributes
+                .push(NeighbourAttribute::LinkLayerAddress(vec![2, 0, 0, 0, 0, 7]));
+            if let Some(master) = master {
+                m.attributes.push(NeighbourAttribute::Controller(master));
+            }
+            m
+        };
+        let bridge = netlink_packet_route::AddressFamily::Bridge;
+        assert_eq!(
+            fdb_entry(entry(bridge, 5, Some(3), NeighbourState::Reachable), 3),
+            Some(FdbEntry {
+                port: 5,
+                mac: [2, 0, 0, 0, 0, 7],
+                local: false
+            })
+        );
+        assert_eq!(
+            fdb_entry(entry(bridge, 3, Some(3), NeighbourState::Permanent), 3).map(|e| e.local),
+            Some(true),
+            "the bridge's own MAC"
+        );
+        assert_eq!(
+            fdb_entry(entry(bridge, 9, Some(8), NeighbourState::Reachable), 3),
+            None,
+            "another bridge's"
+        );
+        assert_eq!(
+            fdb_entry(
+                entry(
+                    netlink_packet_route::AddressFamily::Inet,
+                    5,
+                    Some(3),
+                    NeighbourState::Reachable
+                ),
+                3
+            ),
+            None,
+            "an ARP entry"
+        );
+    }
+
+    #[test]
+    fn the_hairpin_message_carries_the_port_kind_and_mode_and_a_dump_reads_it_back() {
+        for on in [true, false] {
+            let RouteNetlinkMessage::NewLink(msg) =
+                round_trip(RouteNetlinkMessage::NewLink(port_hairpin_message(9, on)))
+            else {
+                panic!("not RTM_NEWLINK");
+            };
+            assert_eq!(msg.header.index, 9);
+            assert_eq!(
+                msg.attributes,
+                [LinkAttribute::LinkInfo(vec![
+                    NlLinkInfo::PortKind(netlink_packet_route::link::InfoPortKind::Bridge),
+                    NlLinkInfo::PortData(InfoPortData::BridgePort(vec![
+                        InfoBridgePort::HairpinMode(on)
+                    ])),
+                ])]
+            );
+            assert_eq!(link_info(msg).hairpin, Some(on));
+        }
+    }
+
+    #[test]
+    fn the_no_link_local_learning_message_sets_the_boolopt_and_a_dump_reads_it_back() {
+        let RouteNetlinkMessage::NewLink(msg) = round_trip(RouteNetlinkMessage::NewLink(
+            bridge_no_link_local_learning_message(7),
+        )) else {
+            panic!("not RTM_NEWLINK");
+        };
+        assert_eq!(msg.header.index, 7);
+        assert_eq!(
+            msg.attributes,
+            [LinkAttribute::LinkInfo(vec![
+                NlLinkInfo::Kind(InfoKind::Bridge),
+                NlLinkInfo::Data(InfoData::Bridge(vec![InfoBridge::MultiBoolOpt(
+                    no_link_local_learning()
+                )])),
+            ])]
+        );
+        assert_eq!(link_info(msg).link_local_learning, Some(false));
     }
 
     #[test]

@@ -147,6 +147,12 @@ pub trait Links {
     /// Turns VLAN filtering of bridge `index` on or off (a kernel without it answers
     /// `EOPNOTSUPP`).
     fn set_vlan_filtering(&mut self, index: u32, on: bool) -> Result<(), ApplyError>;
+    /// Stops bridge `index` from learning MACs from link-local frames (bridges are created
+    /// that way; this corrects older ones).
+    fn set_no_link_local_learning(&mut self, index: u32) -> Result<(), ApplyError>;
+    /// Turns hairpin mode of bridge port `index` on or off (the CNI makes workload ports with
+    /// it on; this corrects older ones).
+    fn set_port_hairpin(&mut self, index: u32, on: bool) -> Result<(), ApplyError>;
     /// The VLANs of every bridge port, by port index (ports of bridges that do not filter
     /// VLANs hold none).
     fn port_vlans(&mut self) -> Result<BTreeMap<u32, Vec<PortVlan>>, ApplyError>;
@@ -257,6 +263,17 @@ impl Links for Netlink {
         Netlink::set_vlan_filtering(self, index, on).map_err(link_err(format!(
             "set vlan_filtering {} on bridge {index}",
             u8::from(on)
+        )))
+    }
+    fn set_no_link_local_learning(&mut self, index: u32) -> Result<(), ApplyError> {
+        Netlink::set_no_link_local_learning(self, index).map_err(link_err(format!(
+            "set no_linklocal_learn on bridge {index}"
+        )))
+    }
+    fn set_port_hairpin(&mut self, index: u32, on: bool) -> Result<(), ApplyError> {
+        Netlink::set_port_hairpin(self, index, on).map_err(link_err(format!(
+            "set hairpin {} on port {index}",
+            if on { "on" } else { "off" }
         )))
     }
     fn port_vlans(&mut self) -> Result<BTreeMap<u32, Vec<PortVlan>>, ApplyError> {
@@ -494,6 +511,13 @@ fn apply_bridges(
                     links.set_up(link.index)?;
                     report.changes.push(format!("bridge {} up", bridge.name));
                 }
+                // A bridge made before weft created them without it.
+                if link.link_local_learning == Some(true) {
+                    links.set_no_link_local_learning(link.index)?;
+                    report
+                        .changes
+                        .push(format!("bridge {} no_linklocal_learn 1", bridge.name));
+                }
                 link.index
             }
             None => {
@@ -605,6 +629,29 @@ fn apply_bridges(
             report
                 .changes
                 .push(format!("deleted vlan {} (network removed)", link.name));
+        }
+    }
+    // Workload ports are made in hairpin mode (a workload reaches itself through the node's
+    // port forwards); a port an older weft made is switched over.
+    let all = links.list()?;
+    let bridges: BTreeSet<u32> = all
+        .iter()
+        .filter(|l| wanted.contains(l.name.as_str()))
+        .map(|l| l.index)
+        .collect();
+    for link in &all {
+        let workload_port = link
+            .alias
+            .as_deref()
+            .is_some_and(|a| a.starts_with(&format!("{}ep:", names::ALIAS_PREFIX)));
+        if workload_port
+            && link.hairpin == Some(false)
+            && link.master.is_some_and(|m| bridges.contains(&m))
+        {
+            links.set_port_hairpin(link.index, true)?;
+            report
+                .changes
+                .push(format!("port {} hairpin on", link.name));
         }
     }
     Ok(())
@@ -895,6 +942,8 @@ impl Links for FakeLinks {
             alias: Some(alias.into()),
             netns_id: None,
             vlan_filtering: Some(false),
+            link_local_learning: Some(false),
+            hairpin: None,
         });
         self.calls.push(format!("create_bridge {name}"));
         Ok(index)
@@ -1029,6 +1078,8 @@ impl Links for FakeLinks {
             alias: Some(alias.into()),
             netns_id: None,
             vlan_filtering: None,
+            link_local_learning: None,
+            hairpin: None,
         });
         self.calls.push(format!("create_vlan {name} {id}"));
         Ok(index)
@@ -1052,6 +1103,26 @@ impl Links for FakeLinks {
         }
         self.calls
             .push(format!("set_vlan_filtering {index} {}", u8::from(on)));
+        Ok(())
+    }
+    fn set_no_link_local_learning(&mut self, index: u32) -> Result<(), ApplyError> {
+        for l in &mut self.links {
+            if l.index == index {
+                l.link_local_learning = Some(false);
+            }
+        }
+        self.calls
+            .push(format!("set_no_link_local_learning {index}"));
+        Ok(())
+    }
+    fn set_port_hairpin(&mut self, index: u32, on: bool) -> Result<(), ApplyError> {
+        for l in &mut self.links {
+            if l.index == index {
+                l.hairpin = Some(on);
+            }
+        }
+        self.calls
+            .push(format!("set_port_hairpin {index} {}", u8::from(on)));
         Ok(())
     }
     fn port_vlans(&mut self) -> Result<BTreeMap<u32, Vec<PortVlan>>, ApplyError> {
@@ -1165,6 +1236,8 @@ mod tests {
             alias: None,
             netns_id: None,
             vlan_filtering: None,
+            link_local_learning: None,
+            hairpin: None,
         }
     }
 
@@ -1347,6 +1420,64 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(err, ApplyError::ForeignLink { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_bridge_that_learns_from_link_local_frames_is_corrected_once() {
+        let mut node = Node::new();
+        node.apply(&plan(&[], "accept", &["a"]));
+        // A bridge made by an older weft: the kernel reports link-local learning on.
+        node.links.links[0].link_local_learning = Some(true);
+        let r = node.apply(&plan(&[], "accept", &["a"]));
+        assert!(
+            r.changes
+                .iter()
+                .any(|c| c == "bridge wn-a no_linklocal_learn 1"),
+            "{r:?}"
+        );
+        assert_eq!(node.links.links[0].link_local_learning, Some(false));
+        let again = node.apply(&plan(&[], "accept", &["a"]));
+        assert!(
+            !again
+                .changes
+                .iter()
+                .any(|c| c.contains("no_linklocal_learn")),
+            "{again:?}"
+        );
+    }
+
+    #[test]
+    fn workload_ports_of_an_older_weft_get_hairpin_on_once() {
+        let mut node = Node::new();
+        node.apply(&plan(&[], "accept", &["a"]));
+        let bridge = node.links.links[0].index;
+        let port = |index, name: &str, alias: Option<&str>, hairpin| LinkInfo {
+            master: Some(bridge),
+            alias: alias.map(str::to_string),
+            hairpin,
+            ..foreign(index, name, Some("veth"), None)
+        };
+        node.links.links.extend([
+            port(20, "wfold", Some("weft:ep:a:cid:eth0"), Some(false)),
+            port(21, "wfnew", Some("weft:ep:a:cid2:eth0"), Some(true)),
+            port(22, "other", None, Some(false)),
+        ]);
+        let r = node.apply(&plan(&[], "accept", &["a"]));
+        assert!(
+            r.changes.iter().any(|c| c == "port wfold hairpin on"),
+            "{r:?}"
+        );
+        assert!(
+            !r.changes
+                .iter()
+                .any(|c| c.contains("wfnew") || c.contains("other")),
+            "only weft's ports without hairpin: {r:?}"
+        );
+        let again = node.apply(&plan(&[], "accept", &["a"]));
+        assert!(
+            !again.changes.iter().any(|c| c.contains("hairpin")),
+            "{again:?}"
+        );
     }
 
     #[test]

@@ -12,6 +12,46 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// One host port of a workload (the runtime's `runtimeConfig.portMappings`, a pod's
+/// `hostPort`): connections to the node's `host_ip` (any of the node's addresses when `None`)
+/// on `host_port` go to the workload's `container_port`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PortMapping {
+    /// The node's port.
+    pub host_port: u16,
+    /// The workload's port.
+    pub container_port: u16,
+    /// `tcp`, `udp` or `sctp`.
+    pub protocol: String,
+    /// Only this address of the node; it applies to the workload's address of its family
+    /// alone.
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "hostIP")]
+    pub host_ip: Option<IpAddr>,
+}
+
+impl PortMapping {
+    /// Would both claim the same connections on a node: same protocol and port, and host
+    /// addresses that overlap (equal, or either one any address of the other's family).
+    pub fn clashes(&self, other: &PortMapping) -> bool {
+        self.protocol == other.protocol
+            && self.host_port == other.host_port
+            && match (self.host_ip, other.host_ip) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            }
+    }
+}
+
+impl std::fmt::Display for PortMapping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.host_ip {
+            Some(ip) => write!(f, "host port {}/{} on {ip}", self.host_port, self.protocol),
+            None => write!(f, "host port {}/{}", self.host_port, self.protocol),
+        }
+    }
+}
+
 /// One workload attachment on one network, as the CNI registers it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -48,11 +88,16 @@ pub struct Endpoint {
     /// `vlanTrunk`, on a network with `spec.bridge.vlanFiltering`); empty for an access port.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub vlan_trunk: Vec<crate::vlan::VlanRange>,
+    /// The workload's host ports (its `CNI_IFNAME` interface only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub port_mappings: Vec<PortMapping>,
 }
 
 /// A request from the CNI to the agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "camelCase", rename_all_fields = "camelCase")]
+// One request per connection, decoded once: the size of the `Register` variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Request {
     /// Is the agent up and has it reconciled the node?
     Ping,

@@ -84,7 +84,7 @@ fn main() -> anyhow::Result<()> {
     let compiled = compile(&members);
     let compile_ms = t.elapsed().as_secs_f64() * 1e3;
     let t = Instant::now();
-    let table = firewall::table(&nets, &[], &compiled);
+    let table = firewall::table(&nets, &[], &[], &compiled);
     let render_ms = t.elapsed().as_secs_f64() * 1e3;
     let rules: usize = table.chains.iter().map(|c| c.rules.len()).sum();
     let elements: usize = table.sets.iter().map(|s| s.elements.len()).sum();
@@ -113,7 +113,7 @@ fn main() -> anyhow::Result<()> {
             let t = Instant::now();
             let compiled = compile(&members);
             let compile_ms = t.elapsed().as_secs_f64() * 1e3;
-            let next = firewall::table(&nets, &[], &compiled);
+            let next = firewall::table(&nets, &[], &[], &compiled);
             let tx = weft_dataplane::nft::diff(&table, &next);
             use weft_dataplane::nft::Firewall;
             nft.apply(&tx)?;
@@ -218,6 +218,7 @@ fn agent_path(res: &Resources, workloads: usize) -> anyhow::Result<()> {
             vm: None,
             pending: false,
             vlan_trunk: vec![],
+            port_mappings: vec![],
         }
     };
     for i in 0..=workloads {

@@ -513,6 +513,15 @@ fn the_table_lists_back_without_a_diff() {
 /// Whether `w` sees a frame containing `marker` on its `eth0` (an `ETH_P_ALL` packet socket,
 /// which sees frames before the stack drops them) while `during` runs, waiting up to 1.5 s.
 fn sniff(w: &Workload, marker: &[u8], during: impl FnOnce()) -> bool {
+    sniff_frames(w, marker, false, during)
+}
+
+/// [`sniff`], of the frames `w` receives only (not `PACKET_OUTGOING`: not its own).
+fn sniff_incoming(w: &Workload, marker: &[u8], during: impl FnOnce()) -> bool {
+    sniff_frames(w, marker, true, during)
+}
+
+fn sniff_frames(w: &Workload, marker: &[u8], incoming_only: bool, during: impl FnOnce()) -> bool {
     use nix::libc;
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let ifindex = Netlink::in_netns(&w.ns)
@@ -572,11 +581,25 @@ fn sniff(w: &Workload, marker: &[u8], during: impl FnOnce()) -> bool {
                 let deadline = std::time::Instant::now() + Duration::from_millis(1500);
                 let mut buf = [0u8; 2048];
                 while std::time::Instant::now() < deadline {
-                    // SAFETY: `buf` is valid for writes of its length.
+                    // SAFETY: an all-zero `sockaddr_ll` is valid.
+                    let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+                    let mut len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+                    // SAFETY: `buf` and `from` are valid for writes of the lengths passed.
                     let n = unsafe {
-                        libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
+                        libc::recvfrom(
+                            fd.as_raw_fd(),
+                            buf.as_mut_ptr().cast(),
+                            buf.len(),
+                            0,
+                            std::ptr::from_mut(&mut from).cast(),
+                            &mut len,
+                        )
                     };
-                    if n > 0 && buf[..n as usize].windows(marker.len()).any(|x| x == marker) {
+                    let outgoing = from.sll_pkttype == libc::PACKET_OUTGOING;
+                    if n > 0
+                        && !(incoming_only && outgoing)
+                        && buf[..n as usize].windows(marker.len()).any(|x| x == marker)
+                    {
                         return true;
                     }
                 }
@@ -932,4 +955,266 @@ fn solicitations_claiming_what_is_not_the_workloads_own_are_dropped() {
         sees(solicit(wm.mac)),
         "a must see m's router solicitation with its own MAC (control)"
     );
+}
+
+/// Sends one UDP datagram carrying `marker` from `w`, bound to `src:sport`, to `dst:dport`.
+fn udp_send(w: &Workload, src: &str, sport: u16, dst: &str, dport: u16, marker: &[u8]) {
+    let src: std::net::IpAddr = src.parse().unwrap();
+    let dst: std::net::IpAddr = dst.parse().unwrap();
+    netns::run_in(&w.ns, || {
+        let s = std::net::UdpSocket::bind((src, sport))
+            .unwrap_or_else(|e| panic!("bind {src} port {sport}: {e}"));
+        s.send_to(marker, (dst, dport))
+            .unwrap_or_else(|e| panic!("send to {dst} port {dport}: {e}"));
+    })
+    .unwrap();
+}
+
+#[test]
+fn dhcp_server_messages_are_dropped_whatever_their_source_port() {
+    let mut lab = Lab::new();
+    let a = lab.add("a", 2);
+    let m = lab.add("m", 4);
+    lab.apply(&lab.table(&[a, m], &[]));
+    let (wa, wm) = (lab.w(a), lab.w(m));
+    // Static neighbours: no address resolution, so only the guard decides.
+    static_neigh(wm, &wa.v4, wa.mac);
+    static_neigh(wm, &wa.v6, wa.mac);
+    // (what, source address, source port, destination, destination port, passes)
+    let cases: [(&str, &str, u16, &str, u16, bool); 8] = [
+        ("a DHCPv4 offer from 67", &wm.v4, 67, &wa.v4, 68, false),
+        ("a DHCPv4 offer from 6767", &wm.v4, 6767, &wa.v4, 68, false),
+        (
+            "a broadcast DHCPv4 offer from 6767",
+            &wm.v4,
+            6767,
+            "10.77.0.255",
+            68,
+            false,
+        ),
+        (
+            "a DHCPv6 advertise from 547",
+            &wm.v6,
+            547,
+            &wa.v6,
+            546,
+            false,
+        ),
+        (
+            "a DHCPv6 advertise from 5470",
+            &wm.v6,
+            5470,
+            &wa.v6,
+            546,
+            false,
+        ),
+        (
+            "m's own DHCPv4 request (68 → 67)",
+            &wm.v4,
+            68,
+            &wa.v4,
+            67,
+            true,
+        ),
+        (
+            "m's own DHCPv6 solicit (546 → 547)",
+            &wm.v6,
+            546,
+            &wa.v6,
+            547,
+            true,
+        ),
+        ("other UDP from 6767", &wm.v4, 6767, &wa.v4, 6768, true),
+    ];
+    for (i, (what, src, sport, dst, dport, passes)) in cases.into_iter().enumerate() {
+        let marker = format!("weft-dhcp-probe-{i}");
+        let broadcast = dst.ends_with(".255");
+        let send = || {
+            if broadcast {
+                netns::run_in(&wm.ns, || {
+                    let s = std::net::UdpSocket::bind((
+                        src.parse::<std::net::IpAddr>().unwrap(),
+                        sport,
+                    ))
+                    .unwrap();
+                    s.set_broadcast(true).unwrap();
+                    s.send_to(marker.as_bytes(), (dst, dport)).unwrap();
+                })
+                .unwrap();
+            } else {
+                udp_send(wm, src, sport, dst, dport, marker.as_bytes());
+            }
+        };
+        assert_eq!(
+            sniff(wa, marker.as_bytes(), send),
+            passes,
+            "{what}: a must {}see it",
+            if passes { "" } else { "NOT " }
+        );
+    }
+}
+
+/// The "LAN router" of a bridge network: namespace `r` behind the node's uplink port `up0`
+/// (not a `wf…` port, so the guard leaves it alone, like a real uplink), at 10.77.0.1 and
+/// fd77::1 with MAC 02:00:00:00:00:01. Returns its namespace name.
+const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+
+fn add_router(lab: &mut Lab) -> String {
+    let name = format!("{}-r", lab.node_name.replace("node", "wl"));
+    let ns = netns::create_named(&name).expect("create the router netns");
+    lab.made.push(name.clone());
+    no_dad(&ns);
+    let mut nl = Netlink::in_netns(&lab.node).unwrap();
+    let up = nl
+        .create_veth_into_netns(&VethSpec {
+            host_name: "up0",
+            host_alias: None,
+            host_master: Some(lab.bridge),
+            peer_name: "eth0",
+            peer_netns: ns.fd(),
+            peer_mac: Some(ROUTER_MAC),
+            mtu: None,
+        })
+        .unwrap();
+    nl.set_up(up).unwrap();
+    let mut r = Netlink::in_netns(&ns).unwrap();
+    let eth = r.link_by_name("eth0").unwrap().unwrap().index;
+    r.add_address(eth, "10.77.0.1/24".parse().unwrap(), true)
+        .unwrap();
+    r.add_address(eth, "fd77::1/64".parse().unwrap(), true)
+        .unwrap();
+    r.set_up(eth).unwrap();
+    name
+}
+
+/// The bridge port the node's FDB holds `mac` on, if any.
+fn fdb_port(lab: &Lab, mac: [u8; 6]) -> Option<String> {
+    let mac = weft_dataplane::names::format_mac(mac);
+    let out = Command::new("bridge")
+        .args(["-n", &lab.node_name, "fdb", "show", "br", BRIDGE])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with(&mac) && !l.contains("permanent"))
+        .find_map(|l| {
+            let mut words = l.split_whitespace();
+            words.find(|w| *w == "dev")?;
+            words.next().map(str::to_string)
+        })
+}
+
+/// A frame from `src` to `dst` (ethertype 0x88b5) the attacker sends to move an FDB entry.
+fn frame_from(dst: [u8; 6], src: [u8; 6], ethertype: [u8; 2]) -> Vec<u8> {
+    let mut f = dst.to_vec();
+    f.extend(src);
+    f.extend(ethertype);
+    f.extend(b"weft-fdb-probe");
+    f.resize(64, 0);
+    f
+}
+
+#[test]
+fn an_attacker_port_teaches_the_bridge_neither_a_workloads_mac_nor_the_routers() {
+    let mut lab = Lab::new();
+    let a = lab.add("a", 2);
+    let m = lab.add("m", 4);
+    let router = add_router(&mut lab);
+    lab.apply(&lab.table(&[a, m], &[]));
+    let (wa, wm) = (lab.w(a), lab.w(m));
+    assert!(
+        ping(wa, None, "10.77.0.1"),
+        "a reaches the router (control)"
+    );
+    assert_eq!(fdb_port(&lab, wa.mac).as_deref(), Some("wfa"));
+    assert_eq!(fdb_port(&lab, ROUTER_MAC).as_deref(), Some("up0"));
+    // Link-local destinations: LLDP (learned with no netfilter hook on the way), 802.1X
+    // (after the bridge `input` hook), STP's group address; then a broadcast and a unicast
+    // frame, which the guard's source MAC check drops in `prerouting`.
+    let destinations: [([u8; 6], [u8; 2]); 5] = [
+        ([0x01, 0x80, 0xc2, 0, 0, 0x0e], [0x88, 0xcc]),
+        ([0x01, 0x80, 0xc2, 0, 0, 0x03], [0x88, 0x8e]),
+        ([0x01, 0x80, 0xc2, 0, 0, 0x00], [0x88, 0xb5]),
+        ([0xff; 6], [0x88, 0xb5]),
+        (ROUTER_MAC, [0x88, 0xb5]),
+    ];
+    for (victim, holder) in [(wa.mac, "wfa"), (ROUTER_MAC, "up0")] {
+        for (dst, ethertype) in destinations {
+            send_frame(wm, &frame_from(dst, victim, ethertype));
+            std::thread::sleep(Duration::from_millis(50));
+            assert_eq!(
+                fdb_port(&lab, victim).as_deref(),
+                Some(holder),
+                "m's frame to {} from {} must NOT move the FDB entry off {holder}",
+                weft_dataplane::names::format_mac(dst),
+                weft_dataplane::names::format_mac(victim),
+            );
+        }
+    }
+    // The victim still gets its traffic, from the router and from m.
+    let to_a = exec(
+        &router,
+        &["ping", "-c", "2", "-i", "0.2", "-W", "1", &wa.v4],
+    );
+    assert!(
+        to_a.status.success(),
+        "the router must still reach a: {}",
+        String::from_utf8_lossy(&to_a.stdout)
+    );
+    assert!(ping(wm, None, &wa.v4), "m reaches a at a's own port");
+    assert_eq!(fdb_port(&lab, wa.mac).as_deref(), Some("wfa"));
+}
+
+#[test]
+fn a_hairpin_port_never_gets_its_own_broadcasts_and_multicasts_back() {
+    let mut lab = Lab::new();
+    let a = lab.add("a", 2);
+    let b = lab.add("b", 3);
+    lab.apply(&lab.table(&[a, b], &[]));
+    let mut nl = Netlink::in_netns(&lab.node).unwrap();
+    for w in [a, b] {
+        let port = nl.link_by_name(&lab.w(w).port).unwrap().unwrap().index;
+        nl.set_port_hairpin(port, true).unwrap();
+        let back = nl.link_by_index(port).unwrap().unwrap();
+        assert_eq!(back.hairpin, Some(true), "a dump reads hairpin mode back");
+    }
+    let (wa, wb) = (lab.w(a), lab.w(b));
+    // a's own ARP request (broadcast) and duplicate address probe (multicast, as Linux sends
+    // it: from ::, with a nonce); the bytes after the Ethernet and IP headers are the marker.
+    let arp = arp_request(wa.mac, &wa.v4, &wb.v4);
+    let probe = frame::neighbour_solicit(
+        wa.mac,
+        Ipv6Addr::UNSPECIFIED,
+        v6(&wa.v6),
+        &[14, 1, 1, 2, 3, 4, 5, 6],
+    );
+    let frames = [
+        ("a's ARP request (broadcast)", &arp, &arp[14..]),
+        (
+            "a's duplicate address probe (multicast)",
+            &probe,
+            &probe[54..],
+        ),
+    ];
+    for (what, f, marker) in frames {
+        assert!(
+            !sniff_incoming(wa, marker, || send_frame(wa, f)),
+            "{what} must NOT come back to a"
+        );
+        assert!(
+            sniff_incoming(wb, marker, || send_frame(wa, f)),
+            "{what} still reaches b (control)"
+        );
+    }
+    // Control: without the rule the bridge floods a's broadcast back to it.
+    let mut t = lab.table(&[a, b], &[]);
+    t.chains[1].rules.retain(|r| r != guard::HAIRPIN_FLOOD_RULE);
+    lab.apply(&t);
+    for (what, f, marker) in frames {
+        assert!(
+            sniff_incoming(wa, marker, || send_frame(wa, f)),
+            "without the rule {what} comes back to a (control)"
+        );
+    }
+    assert!(ping(wa, None, &wb.v4), "a reaches b with hairpin on");
 }

@@ -173,13 +173,28 @@ pub(super) fn choose(
     let mut ips = Vec::new();
     for space in &spaces {
         // A stopped VM's reserved addresses are as taken as running workloads' ones.
+        // So is an IPv4 address whose derived MAC (`names::workload_mac`) a workload holds as
+        // its static MAC: the next workload there would share that MAC, which the store
+        // refuses (`IpamError::MacInUse`); another address is free.
+        let held_macs = state
+            .allocations
+            .iter()
+            .filter_map(|a| a.mac.as_deref())
+            .chain(state.reservations.iter().filter_map(|r| r.mac.as_deref()))
+            .filter_map(derived_from_mac);
         let used: BTreeSet<u128> = state
             .allocations
             .iter()
-            .flat_map(|a| a.ips.iter())
-            .chain(state.reservations.iter().flat_map(|r| r.ips.iter()))
+            .flat_map(|a| a.ips.iter().copied())
+            .chain(
+                state
+                    .reservations
+                    .iter()
+                    .flat_map(|r| r.ips.iter().copied()),
+            )
+            .chain(held_macs)
             .filter(|ip| IpFamily::of(ip) == space.family)
-            .map(|ip| num(*ip))
+            .map(num)
             .collect();
         if let Some(ip) = wanted.get(&space.family) {
             let n = num(*ip);
@@ -236,4 +251,12 @@ pub(super) fn choose(
         ips.push(ip);
     }
     Ok(ips)
+}
+
+/// The IPv4 address whose derived MAC (`0a:58` and the address) `mac` is, if it is one.
+fn derived_from_mac(mac: &str) -> Option<IpAddr> {
+    match crate::names::parse_mac(mac)? {
+        [0x0a, 0x58, a, b, c, d] => Some(IpAddr::V4(std::net::Ipv4Addr::new(a, b, c, d))),
+        _ => None,
+    }
 }

@@ -101,6 +101,10 @@ pub struct Allocation {
     /// agent restarted meanwhile still admits them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub vlan_trunk: Vec<crate::vlan::VlanRange>,
+    /// The workload's host ports; kept here so that the agent, restarted or resyncing, still
+    /// forwards them, and forgets them once the addresses are released (DEL, GC).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub port_mappings: Vec<crate::proto::PortMapping>,
 }
 
 /// Addresses and MAC kept for one interface of a VM across its attachments (restart, live
@@ -139,6 +143,28 @@ impl Allocation {
 
     fn is(&self, att: &Attachment) -> bool {
         self.container_id == att.container_id && self.ifname == att.ifname
+    }
+
+    /// The MAC its workload uses: the one recorded, else the one ADD derives
+    /// ([`crate::names::workload_mac`]).
+    pub fn effective_mac(&self) -> [u8; 6] {
+        self.mac
+            .as_deref()
+            .and_then(crate::names::parse_mac)
+            .unwrap_or_else(|| {
+                crate::names::workload_mac(&self.ips, &self.container_id, &self.ifname)
+            })
+    }
+
+    /// Who it is, for error messages.
+    fn holder(&self) -> String {
+        match (&self.pod_namespace, &self.pod_name) {
+            (Some(ns), Some(name)) => format!(
+                "pod {ns}/{name} (container {} interface {})",
+                self.container_id, self.ifname
+            ),
+            _ => format!("container {} interface {}", self.container_id, self.ifname),
+        }
     }
 }
 
@@ -180,6 +206,8 @@ pub struct AllocRequest {
     pub restore: Option<crate::proto::Restore>,
     /// Recorded as is.
     pub vlan_trunk: Vec<crate::vlan::VlanRange>,
+    /// Recorded as is.
+    pub port_mappings: Vec<crate::proto::PortMapping>,
 }
 
 /// An IP family.
@@ -219,7 +247,7 @@ impl fmt::Display for IpFamily {
 /// | code | errors |
 /// |---|---|
 /// | 5 (I/O) | [`IpamError::Io`], [`IpamError::Lock`], [`IpamError::Corrupt`] |
-/// | 7 (invalid config) | [`IpamError::InvalidNetwork`], [`IpamError::StaticOutOfBlock`], [`IpamError::StaticExcluded`], [`IpamError::StaticInUse`], [`IpamError::StaticFamilyTwice`] |
+/// | 7 (invalid config) | [`IpamError::InvalidNetwork`], [`IpamError::StaticOutOfBlock`], [`IpamError::StaticExcluded`], [`IpamError::StaticInUse`], [`IpamError::MacInUse`], [`IpamError::StaticFamilyTwice`] |
 /// | 11 (try again later) | [`IpamError::NoBlock`]: the controller has not given this node a block yet |
 /// | 104 (weft: pool exhausted) | [`IpamError::Exhausted`] |
 #[derive(Debug, thiserror::Error)]
@@ -313,6 +341,20 @@ pub enum IpamError {
         /// The holder's interface.
         ifname: String,
     },
+    /// A MAC another workload of the network on this node holds: two ports with one MAC take
+    /// each other's traffic (the bridge delivers a MAC to one port).
+    #[error(
+        "MAC {mac} is already used on network {network} by {holder}: ask for another MAC, or remove that workload first"
+    )]
+    MacInUse {
+        /// The MAC.
+        mac: String,
+        /// The network.
+        network: String,
+        /// Who holds it: `pod <namespace>/<name> (container <id> interface <ifname>)`, or the
+        /// container and interface alone.
+        holder: String,
+    },
     /// Two static addresses of one family.
     #[error(
         "static addresses {first} and {second} are both {family}: ask for at most one address per family"
@@ -336,6 +378,7 @@ impl IpamError {
             | IpamError::StaticOutOfBlock { .. }
             | IpamError::StaticExcluded { .. }
             | IpamError::StaticInUse { .. }
+            | IpamError::MacInUse { .. }
             | IpamError::StaticFamilyTwice { .. } => 7,
             IpamError::NoBlock { .. } => 11,
             IpamError::Exhausted { .. } => 104,
@@ -507,6 +550,27 @@ impl IpamStore {
                     (ips, req.mac)
                 }
             };
+            // One MAC, one workload (the same VM's attachments excepted: a migration's source
+            // and target): a second port with it would take the first one's traffic.
+            let wanted = mac
+                .as_deref()
+                .and_then(crate::names::parse_mac)
+                .unwrap_or_else(|| {
+                    crate::names::workload_mac(
+                        &ips,
+                        &req.attachment.container_id,
+                        &req.attachment.ifname,
+                    )
+                });
+            if let Some(holder) = state.allocations.iter().find(|a| {
+                a.effective_mac() == wanted && (req.owner.is_none() || a.owner != req.owner)
+            }) {
+                return Err(IpamError::MacInUse {
+                    mac: crate::names::format_mac(wanted),
+                    network: self.network.clone(),
+                    holder: holder.holder(),
+                });
+            }
             let allocation = Allocation {
                 ips,
                 container_id: req.attachment.container_id,
@@ -521,6 +585,7 @@ impl IpamStore {
                 parent: req.parent,
                 pending: req.pending,
                 vlan_trunk: req.vlan_trunk,
+                port_mappings: req.port_mappings,
             };
             info!(network = %self.network, container_id = %allocation.container_id, ifname = %allocation.ifname, ips = ?allocation.ips, "allocated");
             state.allocations.push(allocation.clone());

@@ -541,10 +541,13 @@ fn io_errors_map_to_code_5() {
     assert_eq!(e.cni_code(), 5);
 }
 
+/// A VM's request with the MAC ADD gives the VM (one per VM, as `names::vm_mac`).
 fn vm(id: &str, owner: &str) -> AllocRequest {
     AllocRequest {
         owner: Some(owner.into()),
-        mac: Some("02:00:00:00:00:0a".into()),
+        mac: Some(crate::names::format_mac(crate::names::vm_mac(
+            owner, "eth0",
+        ))),
         ..req(id)
     }
 }
@@ -578,7 +581,7 @@ fn a_vm_keeps_its_addresses_and_mac_across_restart_and_nobody_else_gets_them() {
         )
         .unwrap();
     assert_eq!(again.ips, first.ips);
-    assert_eq!(again.mac.as_deref(), Some("02:00:00:00:00:0a"));
+    assert_eq!(again.mac, vm("x", "default/vm-a").mac);
     // A migration target runs while the source still holds the addresses: same owner, fine.
     let target = s.allocate(&pool, vm("launcher-3", "default/vm-a")).unwrap();
     assert_eq!(target.ips, first.ips);
@@ -730,4 +733,109 @@ fn forget_idle_keeps_a_vms_reservation_while_it_is_attached() {
         .map(|r| r.owner)
         .collect();
     assert_eq!(left, ["default/vm-a"]);
+}
+
+#[test]
+fn a_mac_another_workload_holds_is_refused_naming_the_mac_and_the_holder() {
+    let (_d, s) = store();
+    let victim = AllocRequest {
+        pod_namespace: Some("default".into()),
+        pod_name: Some("victim".into()),
+        ..req("a")
+    };
+    let a = s.allocate(&v4_pool(), victim).unwrap();
+    // The victim's MAC is the one ADD derives from its address.
+    let victim_mac = crate::names::format_mac(a.effective_mac());
+    assert_eq!(victim_mac, "0a:58:0a:00:01:01");
+    let attacker = AllocRequest {
+        mac: Some(victim_mac.clone()),
+        ..req("b")
+    };
+    let err = s.allocate(&v4_pool(), attacker).unwrap_err();
+    assert_eq!(err.cni_code(), 7);
+    let msg = err.to_string();
+    assert!(
+        msg.contains("MAC 0a:58:0a:00:01:01")
+            && msg.contains("pod default/victim (container a interface eth0)"),
+        "{msg}"
+    );
+    assert!(
+        s.get(&att("b")).unwrap().is_none(),
+        "a refused ADD keeps nothing"
+    );
+    // A static MAC held by one workload is refused to the next, whatever the spelling.
+    s.allocate(
+        &v4_pool(),
+        AllocRequest {
+            mac: Some("02:00:00:00:00:01".into()),
+            ..req("c")
+        },
+    )
+    .unwrap();
+    let err = s
+        .allocate(
+            &v4_pool(),
+            AllocRequest {
+                mac: Some("02-00-00-00-00-01".into()),
+                ..req("d")
+            },
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&err, IpamError::MacInUse { holder, .. } if holder == "container c interface eth0"),
+        "{err}"
+    );
+    // The same attachment again is idempotent, and another MAC is fine.
+    s.allocate(&v4_pool(), req("a")).unwrap();
+    s.allocate(
+        &v4_pool(),
+        AllocRequest {
+            mac: Some("02:00:00:00:00:02".into()),
+            ..req("d")
+        },
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_vms_migration_target_may_share_the_sources_mac() {
+    let (_d, s) = store();
+    let mut source = vm("src", "default/vm-a");
+    source.mac = Some("02:00:00:00:0a:01".into());
+    s.allocate(&v4_pool(), source).unwrap();
+    let mut target = vm("dst", "default/vm-a");
+    target.mac = Some("02:00:00:00:0a:01".into());
+    s.allocate(&v4_pool(), target).unwrap();
+    let mut other = vm("other", "default/vm-b");
+    other.mac = Some("02:00:00:00:0a:01".into());
+    assert!(matches!(
+        s.allocate(&v4_pool(), other).unwrap_err(),
+        IpamError::MacInUse { .. }
+    ));
+}
+
+#[test]
+fn an_address_whose_derived_mac_a_workload_holds_is_skipped_not_refused() {
+    let (_d, s) = store();
+    // A workload asks for the MAC the next address (10.0.1.2) would be given.
+    let first = s
+        .allocate(
+            &v4_pool(),
+            AllocRequest {
+                mac: Some("0a:58:0a:00:01:02".into()),
+                ..req("a")
+            },
+        )
+        .unwrap();
+    assert_eq!(first.ips, [ip("10.0.1.1")]);
+    let next = s.allocate(&v4_pool(), req("b")).unwrap();
+    assert_eq!(
+        next.ips,
+        [ip("10.0.1.3")],
+        "10.0.1.2 would share a's MAC: the allocator moves on"
+    );
+    assert_eq!(
+        crate::names::format_mac(next.effective_mac()),
+        "0a:58:0a:00:01:03"
+    );
 }

@@ -66,6 +66,7 @@ fn from_allocation(network: &str, a: Allocation) -> Endpoint {
         vm: a.owner,
         pending: a.pending,
         vlan_trunk: a.vlan_trunk,
+        port_mappings: a.port_mappings,
     }
 }
 
@@ -250,6 +251,22 @@ impl EndpointStore {
         self.endpoints.insert(k, ep);
     }
 
+    /// The first host port of `ep` that another endpoint already holds, with that endpoint
+    /// (a re-registration of the same attachment holds nothing against itself).
+    pub fn host_port_clash<'a>(
+        &'a self,
+        ep: &'a Endpoint,
+    ) -> Option<(&'a weft_dataplane::proto::PortMapping, &'a Endpoint)> {
+        let k = key(&ep.network, &ep.container_id, &ep.ifname);
+        ep.port_mappings.iter().find_map(|m| {
+            self.endpoints
+                .iter()
+                .filter(|(other, e)| **other != k && !e.pending)
+                .find(|(_, e)| e.port_mappings.iter().any(|o| o.clashes(m)))
+                .map(|(_, e)| (m, e))
+        })
+    }
+
     /// Removes an endpoint.
     pub fn unregister(&mut self, network: &str, container_id: &str, ifname: &str) {
         let k = key(network, container_id, ifname);
@@ -292,6 +309,7 @@ impl EndpointStore {
 mod tests {
     use super::*;
     use weft_dataplane::ipam::{AllocRequest, Attachment, Pool};
+    use weft_dataplane::proto::PortMapping;
 
     fn ep(cid: &str, ip: &str, pending: bool) -> Endpoint {
         Endpoint {
@@ -307,6 +325,7 @@ mod tests {
             vm: None,
             pending,
             vlan_trunk: vec![],
+            port_mappings: vec![],
         }
     }
 
@@ -498,5 +517,73 @@ mod tests {
             .unwrap();
         eps.resync(dir.path());
         assert_eq!(eps.len(), 0);
+    }
+
+    fn mapping(port: u16, protocol: &str, host_ip: Option<&str>) -> PortMapping {
+        PortMapping {
+            host_port: port,
+            container_port: 80,
+            protocol: protocol.into(),
+            host_ip: host_ip.map(|h| h.parse().unwrap()),
+        }
+    }
+
+    #[test]
+    fn a_host_port_another_endpoint_holds_clashes_and_the_holder_is_named() {
+        let mut eps = EndpointStore::default();
+        let mut web = ep("web", "10.0.0.2", false);
+        web.port_mappings = vec![mapping(8080, "tcp", None)];
+        eps.register(web.clone());
+        let mut thief = ep("thief", "10.0.0.3", false);
+        thief.port_mappings = vec![mapping(8080, "tcp", Some("192.0.2.1"))];
+        let (m, holder) = eps.host_port_clash(&thief).unwrap();
+        assert_eq!((m.host_port, holder.container_id.as_str()), (8080, "web"));
+        // Another protocol, another port, or web itself registering again: no clash.
+        for (port, protocol) in [(8080, "udp"), (8081, "tcp")] {
+            thief.port_mappings = vec![mapping(port, protocol, None)];
+            assert!(eps.host_port_clash(&thief).is_none(), "{port}/{protocol}");
+        }
+        assert!(eps.host_port_clash(&web).is_none());
+        // Two distinct host addresses share a port.
+        let mut one = ep("one", "10.0.0.4", false);
+        one.port_mappings = vec![mapping(9000, "tcp", Some("192.0.2.1"))];
+        eps.register(one);
+        let mut two = ep("two", "10.0.0.5", false);
+        two.port_mappings = vec![mapping(9000, "tcp", Some("192.0.2.2"))];
+        assert!(eps.host_port_clash(&two).is_none());
+    }
+
+    #[test]
+    fn host_ports_survive_a_resync_from_the_ipam_store_and_go_with_the_allocation() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = IpamStore::open(dir.path(), "n").unwrap();
+        let pool = Pool {
+            block_v4: Some("10.10.0.0/26".parse().unwrap()),
+            subnet_v4: Some("10.10.0.0/16".parse().unwrap()),
+            ..Pool::default()
+        };
+        let att = Attachment {
+            container_id: "web".into(),
+            ifname: "eth0".into(),
+        };
+        store
+            .allocate(
+                &pool,
+                AllocRequest {
+                    attachment: att.clone(),
+                    port_mappings: vec![mapping(8080, "tcp", None)],
+                    ..AllocRequest::default()
+                },
+            )
+            .unwrap();
+        // An agent started after the ADD (or resyncing) still forwards the host port.
+        let mut eps = EndpointStore::load(dir.path());
+        assert_eq!(eps.list()[0].port_mappings, [mapping(8080, "tcp", None)]);
+        eps.resync(dir.path());
+        assert_eq!(eps.list()[0].port_mappings.len(), 1);
+        // GC (or a DEL the agent missed) releases the allocation: the host port goes with it.
+        store.release(&att).unwrap();
+        eps.resync(dir.path());
+        assert!(eps.is_empty());
     }
 }

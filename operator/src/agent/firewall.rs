@@ -4,7 +4,9 @@
 //! forward or a network never adds a rule:
 //! - `prerouting`/`output` (nat): traffic to one of the node's own addresses whose
 //!   source . protocol . port is in `fwd4`/`fwd6` (single ports, with target port) or
-//!   `fwdr4`/`fwdr6` (port ranges, port kept) is DNATed to the workload;
+//!   `fwdr4`/`fwdr6` (port ranges, port kept) is DNATed to the workload; then traffic whose
+//!   destination . protocol . port is in `hport4`/`hport6` (workloads' host ports, the node
+//!   address `0.0.0.0/0` or `::/0` when any) likewise;
 //! - `postrouting` (nat): a NAT network's traffic leaving through a non-weft interface is
 //!   masqueraded (never traffic that stays inside a network), and forwarded traffic a workload
 //!   sends to a port forward of its own network is masqueraded so the reply comes back the same
@@ -51,6 +53,22 @@ pub struct Forward {
     pub target_port: Option<u16>,
     /// The PortForward it comes from (`namespace/name`).
     pub owner: String,
+}
+
+/// One host port of a workload (a pod's `hostPort`, the runtime's `portMappings`), for one of
+/// the workload's addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPort {
+    /// The node address it is on: one address, or `0.0.0.0/0` / `::/0` for any.
+    pub host: IpNet,
+    /// `tcp`, `udp` or `sctp`.
+    pub protocol: String,
+    /// The node's port.
+    pub port: u16,
+    /// The workload address.
+    pub target: IpAddr,
+    /// The workload's port.
+    pub target_port: u16,
 }
 
 impl Forward {
@@ -148,7 +166,12 @@ pub fn shield_agent_ports(table: &mut Table, ports: &[u16]) {
 }
 
 /// Builds weft's `inet weft` table, with the segmentation policy's sets and chains.
-pub fn table(nets: &[NetRules], forwards: &[Forward], policy: &crate::policy::Compiled) -> Table {
+pub fn table(
+    nets: &[NetRules],
+    forwards: &[Forward],
+    host_ports: &[HostPort],
+    policy: &crate::policy::Compiled,
+) -> Table {
     // A bridge whose name cannot be an nft string is left out (with a warning) rather than
     // breaking every transaction of the node.
     let quoted = |s: &str| {
@@ -222,6 +245,14 @@ pub fn table(nets: &[NetRules], forwards: &[Forward], policy: &crate::policy::Co
         }
     }
     let [fwd4, fwd6, fwdr4, fwdr6] = fwd;
+    let mut hport = [BTreeMap::new(), BTreeMap::new()];
+    for h in host_ports {
+        hport[usize::from(h.target.is_ipv6())].insert(
+            format!("{} . {} . {}", cidr_text(&h.host), h.protocol, h.port),
+            format!("{} . {}", h.target, h.target_port),
+        );
+    }
+    let [hport4, hport6] = hport;
     let l4 = "meta l4proto { tcp, udp, sctp }";
     let dnat_rules = |local4: &str, local6: &str| -> Vec<String> {
         vec![
@@ -233,6 +264,12 @@ pub fn table(nets: &[NetRules], forwards: &[Forward], policy: &crate::policy::Co
                 "{l4} {local6} dnat ip6 addr . port to ip6 saddr . meta l4proto . th dport map @fwd6"
             ),
             format!("{l4} {local6} dnat ip6 to ip6 saddr . meta l4proto . th dport map @fwdr6"),
+            format!(
+                "{l4} {local4} dnat ip addr . port to ip daddr . meta l4proto . th dport map @hport4"
+            ),
+            format!(
+                "{l4} {local6} dnat ip6 addr . port to ip6 daddr . meta l4proto . th dport map @hport6"
+            ),
         ]
     };
     Table {
@@ -275,6 +312,18 @@ pub fn table(nets: &[NetRules], forwards: &[Forward], policy: &crate::policy::Co
                 "ipv6_addr . inet_proto . inet_service",
                 "ipv6_addr",
                 fwdr6,
+            ),
+            map(
+                "hport4",
+                "ipv4_addr . inet_proto . inet_service",
+                "ipv4_addr . inet_service",
+                hport4,
+            ),
+            map(
+                "hport6",
+                "ipv6_addr . inet_proto . inet_service",
+                "ipv6_addr . inet_service",
+                hport6,
             ),
         ],
         chains: vec![
@@ -404,6 +453,7 @@ mod tests {
                 net("wn-lan", "192.168.40.0/24", "fd00:40::/64", false),
             ],
             &[],
+            &[],
             &crate::policy::Compiled::default(),
         );
         let elements = |name: &str| -> Vec<String> {
@@ -423,6 +473,61 @@ mod tests {
     }
 
     #[test]
+    fn host_ports_are_map_elements_keyed_by_node_address_protocol_and_port() {
+        let hp = |host: &str, protocol: &str, port, target: &str, target_port| HostPort {
+            host: host.parse().unwrap(),
+            protocol: protocol.into(),
+            port,
+            target: target.parse().unwrap(),
+            target_port,
+        };
+        let empty = table(&[], &[], &[], &crate::policy::Compiled::default());
+        let t = table(
+            &[],
+            &[],
+            &[
+                hp("0.0.0.0/0", "tcp", 8080, "10.40.0.2", 80),
+                hp("192.0.2.10/32", "udp", 5353, "10.40.0.2", 53),
+                hp("::/0", "tcp", 8080, "fd40::2", 80),
+            ],
+            &crate::policy::Compiled::default(),
+        );
+        let elements = |name: &str| -> Vec<(String, String)> {
+            t.maps
+                .iter()
+                .find(|m| m.name == name)
+                .unwrap()
+                .elements
+                .clone()
+                .into_iter()
+                .collect()
+        };
+        assert_eq!(
+            elements("hport4"),
+            [
+                ("0.0.0.0/0 . tcp . 8080".into(), "10.40.0.2 . 80".into()),
+                ("192.0.2.10 . udp . 5353".into(), "10.40.0.2 . 53".into()),
+            ]
+        );
+        assert_eq!(
+            elements("hport6"),
+            [("::/0 . tcp . 8080".into(), "fd40::2 . 80".into())]
+        );
+        assert_eq!(
+            weft_dataplane::nft::structure_hash(&empty),
+            weft_dataplane::nft::structure_hash(&t),
+            "host ports add elements only"
+        );
+        let pre = &t.chains[0].rules;
+        let at = |r: &str| pre.iter().position(|x| x.ends_with(r)).unwrap();
+        assert!(
+            at("map @fwdr6") < at("map @hport4"),
+            "PortForwards come first: {pre:?}"
+        );
+        assert!(t.chains[1].rules.iter().any(|r| r.ends_with("map @hport6")));
+    }
+
+    #[test]
     fn a_bridge_name_that_would_escape_an_nft_string_is_left_out() {
         let net = |bridge: &str, v4: &str| NetRules {
             bridge: bridge.into(),
@@ -436,6 +541,7 @@ mod tests {
                 net("wn-nat", "10.40.0.0/24"),
                 net("wn-a\",\"eth0", "10.41.0.0/24"),
             ],
+            &[],
             &[],
             &crate::policy::Compiled::default(),
         );
@@ -452,7 +558,7 @@ mod tests {
 
     #[test]
     fn workloads_cannot_open_connections_to_the_agent_s_ports() {
-        let mut t = table(&[], &[], &crate::policy::Compiled::default());
+        let mut t = table(&[], &[], &[], &crate::policy::Compiled::default());
         let before = t.clone();
         shield_agent_ports(&mut t, &[]);
         assert_eq!(t, before);

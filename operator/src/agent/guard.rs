@@ -19,7 +19,9 @@
 //!   [`PortGuard::pending`]);
 //! - `trunks` (`typeof iifname . vlan id`): the VLANs each trunk port may send tagged (its
 //!   attachment's `vlanTrunk`, on a network with `spec.bridge.vlanFiltering`), one element per
-//!   VLAN (`"wfa" . 20`).
+//!   VLAN (`"wfa" . 20`);
+//! - `hairpin` (`ifname . ifname`): each port paired with itself (`"wfa" . "wfa"`), guarded and
+//!   open alike.
 //!
 //! One base chain, `prerouting` (`type filter hook prerouting priority filter`, -200 in the
 //! bridge family, before br_netfilter's hooks at 0), sees every frame a bridge port receives,
@@ -33,7 +35,8 @@
 //!    inside it. Other tagged frames (802.1ad too) are dropped, and so is every ethertype but
 //!    IPv4, ARP and IPv6 (PPPoE or MPLS could carry IP the checks below never see);
 //! 5. the source MAC, the ARP sender MAC and sender IP, and the IPv4 source must be the port's;
-//!    DHCPv4 server replies (udp 67 → 68) are dropped;
+//!    DHCPv4 server messages (anything to udp port 68, the client port, whatever its source
+//!    port) are dropped;
 //! 6. neighbour discovery ([`ND_RULES`]): router and neighbour solicitations and neighbour
 //!    advertisements carry no extension header and at most one option; the target of a
 //!    neighbour advertisement, and of a duplicate address detection probe, must be one of the
@@ -41,7 +44,14 @@
 //! 7. IPv6 from `::` passes only as a DAD neighbour solicitation (or the MLDv2 report a host
 //!    sends while its link-local address is still tentative); any other IPv6 source must be
 //!    the port's, link-local included;
-//! 8. router advertisements, redirects and DHCPv6 server replies (udp 547 → 546) are dropped.
+//! 8. router advertisements, redirects and DHCPv6 server messages (anything to udp port 546,
+//!    the client port) are dropped.
+//!
+//! A second base chain, `forward`, drops what goes to a pending port, and the broadcasts and
+//! multicasts a port would get back from itself: workload ports are in hairpin mode, so that
+//! a workload reaches itself through the node's port forwards (the DNATed packet leaves
+//! through the port it came in on), and the bridge would otherwise flood a port's own ARP
+//! requests and neighbour solicitations (a duplicate address probe included) back to it.
 //!
 //! So a workload can neither announce another workload's IPv6 address as its own (the IPv6
 //! counterpart of an ARP reply with a foreign sender IP) nor point its own address at another
@@ -52,7 +62,7 @@
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv6Addr};
 use weft_dataplane::names;
-use weft_dataplane::nft::{BaseChain, Chain, Family, Set, Table};
+use weft_dataplane::nft::{self, BaseChain, Chain, Family, Set, Table};
 
 /// One guarded bridge port.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,8 +107,15 @@ fn set(name: &str, key_type: &str, elements: BTreeSet<String>) -> Set {
     }
 }
 
-fn quoted(s: &str) -> String {
-    format!("\"{s}\"")
+/// An interface name as an nft string, or `None` (with a warning) when it cannot be one. A
+/// port left out of the table is not in `ports` or `open`, so the guard drops its frames (fail
+/// closed).
+fn quoted(s: &str) -> Option<String> {
+    let literal = nft::ifname_literal(s);
+    if literal.is_none() {
+        tracing::warn!(ifname = %s, "interface name cannot be written into nftables; leaving it out");
+    }
+    literal
 }
 
 /// An IPv6 address as the 128-bit integer of a `targets6` element: `0x` and 32 hex digits.
@@ -141,6 +158,11 @@ pub const ND_RULES: [&str; 7] = [
     "icmpv6 type nd-router-solicit ip6 length 16 @th,64,8 1 iifname . @th,80,48 != @lladdrs drop",
 ];
 
+/// The `forward` rule that keeps a hairpin port's own broadcasts and multicasts from coming
+/// back to it.
+pub const HAIRPIN_FLOOD_RULE: &str =
+    "meta pkttype { broadcast, multicast } iifname . oifname @hairpin drop";
+
 /// The fixed rules of `prerouting`.
 fn rules() -> Vec<String> {
     [
@@ -161,7 +183,8 @@ fn rules() -> Vec<String> {
         "iifname . ether saddr != @macs drop",
         "iifname . arp saddr ether != @macs drop",
         "iifname . arp saddr ip != @ips4 drop",
-        "udp sport 67 udp dport 68 drop",
+        // DHCPv4 server messages go to the client port, whatever port they come from.
+        "udp dport 68 drop",
         "iifname . ip saddr != @ips4 drop",
     ]
     .into_iter()
@@ -171,7 +194,8 @@ fn rules() -> Vec<String> {
         "ip6 saddr :: icmpv6 type { nd-neighbor-solicit, mld2-listener-report } accept",
         "iifname . ip6 saddr != @ips6 drop",
         "icmpv6 type { nd-router-advert, nd-redirect } drop",
-        "udp sport 547 udp dport 546 drop",
+        // DHCPv6 server (and relay) messages to clients likewise.
+        "udp dport 546 drop",
     ])
     .map(String::from)
     .collect()
@@ -193,31 +217,41 @@ pub struct OpenPort {
 /// networks with `spec.security.antiSpoofing: false`. A port listed both guarded and open is
 /// guarded (the safe choice).
 pub fn table(bridges: &[String], guarded: &[PortGuard], open: &[OpenPort]) -> Table {
-    let guarded_names: BTreeSet<String> = guarded.iter().map(|p| quoted(&p.ifname)).collect();
-    let open_ports: Vec<&OpenPort> = open
+    // Every port name once, as an nft string; a port whose name cannot be one is left out.
+    let guarded: Vec<(String, &PortGuard)> = guarded
         .iter()
-        .filter(|p| !guarded_names.contains(&quoted(&p.ifname)))
+        .filter_map(|p| Some((quoted(&p.ifname)?, p)))
+        .collect();
+    let guarded_names: BTreeSet<String> = guarded.iter().map(|(name, _)| name.clone()).collect();
+    let open_ports: Vec<(String, &OpenPort)> = open
+        .iter()
+        .filter_map(|p| Some((quoted(&p.ifname)?, p)))
+        .filter(|(name, _)| !guarded_names.contains(name))
         .collect();
     let pending: BTreeSet<String> = guarded
         .iter()
-        .filter(|p| p.pending)
-        .map(|p| quoted(&p.ifname))
+        .filter(|(_, p)| p.pending)
+        .map(|(name, _)| name.clone())
         .chain(
             open_ports
                 .iter()
-                .filter(|p| p.pending)
-                .map(|p| quoted(&p.ifname)),
+                .filter(|(_, p)| p.pending)
+                .map(|(name, _)| name.clone()),
         )
         .collect();
-    let open: BTreeSet<String> = open_ports.iter().map(|p| quoted(&p.ifname)).collect();
+    let open: BTreeSet<String> = open_ports.iter().map(|(name, _)| name.clone()).collect();
+    let hairpin: BTreeSet<String> = guarded_names
+        .iter()
+        .chain(&open)
+        .map(|p| format!("{p} . {p}"))
+        .collect();
     let mut macs = BTreeSet::new();
     let mut ips4 = BTreeSet::new();
     let mut ips6 = BTreeSet::new();
     let mut targets6 = BTreeSet::new();
     let mut lladdrs = BTreeSet::new();
     let mut trunks = BTreeSet::new();
-    for p in guarded {
-        let port = quoted(&p.ifname);
+    for (port, p) in &guarded {
         trunks.extend(p.vlans.iter().map(|v| format!("{port} . {v}")));
         macs.insert(format!("{port} . {}", names::format_mac(p.mac)));
         lladdrs.insert(format!("{port} . {}", mac_integer(p.mac)));
@@ -243,7 +277,7 @@ pub fn table(bridges: &[String], guarded: &[PortGuard], open: &[OpenPort]) -> Ta
             set(
                 "bridges",
                 "ifname",
-                bridges.iter().map(|b| quoted(b)).collect(),
+                bridges.iter().filter_map(|b| quoted(b)).collect(),
             ),
             set("ports", "ifname", guarded_names),
             set("open", "ifname", open),
@@ -254,6 +288,7 @@ pub fn table(bridges: &[String], guarded: &[PortGuard], open: &[OpenPort]) -> Ta
             set("lladdrs", "typeof iifname . @th,208,48", lladdrs),
             set("pending", "ifname", pending),
             set("trunks", "typeof iifname . vlan id", trunks),
+            set("hairpin", "ifname . ifname", hairpin),
         ],
         maps: vec![],
         chains: vec![
@@ -268,7 +303,8 @@ pub fn table(bridges: &[String], guarded: &[PortGuard], open: &[OpenPort]) -> Ta
                 rules: rules(),
             },
             // Nothing reaches a pending port: the LAN keeps delivering the VM's MAC to the
-            // node the VM still runs on.
+            // node the VM still runs on. A port in hairpin mode gets its own unicast back (a
+            // port forward to itself), never its own broadcasts and multicasts.
             Chain {
                 name: "forward".into(),
                 base: Some(BaseChain {
@@ -277,7 +313,7 @@ pub fn table(bridges: &[String], guarded: &[PortGuard], open: &[OpenPort]) -> Ta
                     priority: "filter".into(),
                     policy: Some("accept".into()),
                 }),
-                rules: vec!["oifname @pending drop".into()],
+                rules: vec!["oifname @pending drop".into(), HAIRPIN_FLOOD_RULE.into()],
             },
         ],
     }
@@ -469,6 +505,49 @@ mod tests {
         );
         let text = render_table(&trunked);
         assert!(text.contains("\t\ttypeof iifname . vlan id\n"), "{text}");
+    }
+
+    #[test]
+    fn every_port_is_paired_with_itself_for_the_hairpin_flood_rule() {
+        let t = table(
+            &[],
+            &[port("wfa", [0x0a, 0x58, 10, 77, 0, 2], &["10.77.0.2"])],
+            &[open("wfo", false)],
+        );
+        assert_eq!(
+            elements(&t, "hairpin"),
+            ["\"wfa\" . \"wfa\"", "\"wfo\" . \"wfo\""]
+        );
+        assert_eq!(structure_hash(&t), structure_hash(&table(&[], &[], &[])));
+        assert!(t.chains[1].rules.iter().any(|r| r == HAIRPIN_FLOOD_RULE));
+    }
+
+    #[test]
+    fn a_port_name_that_would_escape_an_nft_string_is_left_out_and_so_dropped() {
+        let bad = "wfa\",\"eth0";
+        let t = table(
+            &["wn-lan".into(), "br\"x".into()],
+            &[
+                port("wfa", [0x0a, 0x58, 10, 77, 0, 2], &["10.77.0.2"]),
+                port(bad, [0x0a, 0x58, 10, 77, 0, 3], &["10.77.0.3"]),
+            ],
+            &[open(bad, true)],
+        );
+        let text = render_table(&t);
+        assert!(!text.contains("eth0"), "{text}");
+        assert!(!text.contains("br\"x"), "{text}");
+        assert_eq!(elements(&t, "ports"), ["\"wfa\""]);
+        assert!(elements(&t, "open").is_empty());
+        assert!(elements(&t, "pending").is_empty());
+        assert_eq!(elements(&t, "hairpin"), ["\"wfa\" . \"wfa\""]);
+        assert_eq!(elements(&t, "bridges"), ["\"wn-lan\""]);
+        // Neither guarded nor open: `iifname != @ports drop` drops its frames.
+        assert!(
+            t.chains[0]
+                .rules
+                .iter()
+                .any(|r| r == "iifname != @ports drop")
+        );
     }
 
     #[test]

@@ -165,7 +165,7 @@ impl CniInstall {
         // configuration.
         let mut plugin = json!({
             "type": names::CNI_TYPE,
-            "capabilities": {"ips": true, "mac": true},
+            "capabilities": {"ips": true, "mac": true, "portMappings": true},
         });
         if let Some(n) = network {
             plugin["network"] = json!(n);
@@ -328,6 +328,10 @@ mod tests {
         assert_eq!(v["cniVersions"], serde_json::json!(["1.0.0", "1.1.0"]));
         assert_eq!(v["plugins"][0]["type"], "weft");
         assert_eq!(v["plugins"][0]["network"], "nat-demo");
+        assert_eq!(
+            v["plugins"][0]["capabilities"],
+            serde_json::json!({"ips": true, "mac": true, "portMappings": true})
+        );
         // The plugin refuses node locations from a configuration other than the node's own.
         for key in ["stateDir", "agentSocket", "logFile"] {
             assert!(v["plugins"][0].get(key).is_none(), "{key}");

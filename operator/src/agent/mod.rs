@@ -577,6 +577,37 @@ impl Reconciler {
                         format!("interface name {bad:?} is not one weft can write into nftables"),
                     ));
                 }
+                // Two ports with one MAC on one LAN would take each other's traffic.
+                if let Some(peer) = self
+                    .resources
+                    .as_deref()
+                    .and_then(|res| plan::peer_with_mac(res, endpoint))
+                {
+                    return Some(Reply::error(
+                        ready,
+                        format!(
+                            "MAC {} is already used on network {} by pod {}/{} on node {}; ask for another MAC, or remove that workload first",
+                            endpoint.mac,
+                            endpoint.network,
+                            peer.workload.namespace,
+                            peer.workload.name,
+                            peer.node
+                        ),
+                    ));
+                }
+                // Two workloads on one host port would take each other's connections.
+                if let Some((m, holder)) = self.endpoints.host_port_clash(endpoint) {
+                    return Some(Reply::error(
+                        ready,
+                        format!(
+                            "{m} is already used on node {} by {} (container {} interface {}); choose another hostPort, or remove that workload first",
+                            self.cfg.node.name,
+                            plan::endpoint_name(holder),
+                            holder.container_id,
+                            holder.ifname
+                        ),
+                    ));
+                }
                 self.endpoints.register(endpoint.clone());
                 None
             }

@@ -302,6 +302,7 @@ pub fn plan(
     }
 
     let (forwards, realized) = plan_forwards(res, &accepted, endpoints, &mut problems);
+    let host_ports = plan_host_ports(&accepted, endpoints, &forwards, &mut problems);
     let members = members(res, endpoints);
     let policy = crate::policy::compile_resources(res, &members);
     problems.extend(policy.problems.iter().cloned());
@@ -309,13 +310,19 @@ pub fn plan(
     // Only NAT networks and port forwards route: a node with Bridge networks alone stays a
     // host (IPv6 forwarding would also stop it from accepting router advertisements).
     let nat = bridges.iter().any(|b| b.uplink.is_none());
-    if nat || forwards.iter().any(|f| f.target.is_ipv4()) {
+    if nat
+        || forwards.iter().any(|f| f.target.is_ipv4())
+        || host_ports.iter().any(|h| h.target.is_ipv4())
+    {
         sysctls.push(SysctlPlan {
             key: "net.ipv4.ip_forward".into(),
             value: "1".into(),
         });
     }
-    if (nat && any_v6) || forwards.iter().any(|f| f.target.is_ipv6()) {
+    if (nat && any_v6)
+        || forwards.iter().any(|f| f.target.is_ipv6())
+        || host_ports.iter().any(|h| h.target.is_ipv6())
+    {
         sysctls.push(SysctlPlan {
             key: "net.ipv6.conf.all.forwarding".into(),
             value: "1".into(),
@@ -327,7 +334,7 @@ pub fn plan(
             node: node.name.clone(),
             bridges,
             sysctls,
-            firewall: firewall::table(&rules, &forwards, &policy),
+            firewall: firewall::table(&rules, &forwards, &host_ports, &policy),
             guard: Some(guard),
             networks: states,
         },
@@ -494,7 +501,11 @@ pub fn apply_endpoint_changes(
                     == e.pod_namespace.as_deref().unwrap_or("default")
         })
     };
-    if removed.iter().chain(added).any(forwarded) {
+    if removed
+        .iter()
+        .chain(added)
+        .any(|e| forwarded(e) || !e.port_mappings.is_empty())
+    {
         return None;
     }
     let gone: Vec<_> = removed
@@ -710,6 +721,111 @@ pub fn restore_sources(
     out
 }
 
+/// The host ports of the endpoints on networks realized here (pending migration targets
+/// excepted: their VM still runs elsewhere), one per workload address of the mapping's family
+/// (all of them when it names no host address). Two endpoints claiming one host port: the
+/// agent refuses the second at registration; one found anyway (in the IPAM store) is reported
+/// and left out. A host port that is also a PortForward's node port is reported: the
+/// PortForward's rules come first and take the connections from its sources.
+fn plan_host_ports(
+    networks: &BTreeMap<String, &Network>,
+    endpoints: &[Endpoint],
+    forwards: &[Forward],
+    problems: &mut Vec<Problem>,
+) -> Vec<firewall::HostPort> {
+    let mut out = Vec::new();
+    let mut taken: Vec<(&weft_dataplane::proto::PortMapping, &Endpoint)> = Vec::new();
+    for e in endpoints {
+        if e.pending || !networks.contains_key(&e.network) {
+            continue;
+        }
+        for m in &e.port_mappings {
+            // The protocol goes into nftables text; the plugin sends only these.
+            if !matches!(m.protocol.as_str(), "tcp" | "udp" | "sctp") {
+                problems.push(Problem {
+                    kind: "Pod",
+                    object: endpoint_name(e),
+                    message: format!(
+                        "{m}: protocol {:?} is not tcp, udp or sctp; it is not forwarded",
+                        m.protocol
+                    ),
+                });
+                continue;
+            }
+            if let Some((_, holder)) = taken.iter().find(|(t, _)| t.clashes(m)) {
+                problems.push(Problem {
+                    kind: "Pod",
+                    object: endpoint_name(e),
+                    message: format!(
+                        "{m} is already used by {}; it is not forwarded",
+                        endpoint_name(holder)
+                    ),
+                });
+                continue;
+            }
+            taken.push((m, e));
+            if let Some(f) = forwards.iter().find(|f| {
+                f.protocol == m.protocol
+                    && (f.node_ports.0..=f.node_ports.1).contains(&m.host_port)
+                    && m.host_ip.is_none_or(|h| h.is_ipv4() == f.target.is_ipv4())
+            }) {
+                problems.push(Problem {
+                    kind: "Pod",
+                    object: endpoint_name(e),
+                    message: format!(
+                        "{m} is also a node port of PortForward {}, which takes the connections of its allowed sources",
+                        f.owner
+                    ),
+                });
+            }
+            for ip in &e.ips {
+                let host = match m.host_ip {
+                    Some(h) if h.is_ipv4() != ip.is_ipv4() => continue,
+                    Some(h) => IpNet::from(h),
+                    None if ip.is_ipv4() => IpNet::V4(Ipv4Net::default()),
+                    None => IpNet::V6(Ipv6Net::default()),
+                };
+                out.push(firewall::HostPort {
+                    host,
+                    protocol: m.protocol.clone(),
+                    port: m.host_port,
+                    target: *ip,
+                    target_port: m.container_port,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The workload on another node that already uses `ep`'s MAC on `ep`'s network, when that
+/// network is a Bridge network (one LAN across the nodes, where two ports with one MAC take
+/// each other's traffic; a NAT network is private to each node). The interfaces of one VM (a
+/// live migration's source and target) share their MAC.
+pub fn peer_with_mac<'a>(res: &'a Resources, ep: &Endpoint) -> Option<&'a super::source::Peer> {
+    let bridge_mode = res.networks.iter().any(|n| {
+        n.metadata.name.as_deref() == Some(ep.network.as_str())
+            && n.spec.mode == NetworkMode::Bridge
+    });
+    let mac = names::parse_mac(&ep.mac)?;
+    if !bridge_mode {
+        return None;
+    }
+    res.peers.iter().find(|p| {
+        p.workload.network == ep.network
+            && p.workload.mac.as_deref().and_then(names::parse_mac) == Some(mac)
+            && (ep.vm.is_none() || p.workload.vm != ep.vm)
+    })
+}
+
+/// `namespace/name` of an endpoint's pod, or its container id.
+pub fn endpoint_name(e: &Endpoint) -> String {
+    match (&e.pod_namespace, &e.pod_name) {
+        (Some(ns), Some(name)) => format!("pod {ns}/{name}"),
+        _ => format!("container {}", e.container_id),
+    }
+}
+
 fn plan_forwards(
     res: &Resources,
     networks: &BTreeMap<String, &Network>,
@@ -860,6 +976,7 @@ mod tests {
             vm: None,
             pending: false,
             vlan_trunk: vec![],
+            port_mappings: vec![],
         }
     }
 
@@ -980,6 +1097,84 @@ metadata: {name: web-1, namespace: default, labels: {app: web}}
         );
         let nets4 = fw.sets.iter().find(|s| s.name == "nets4").unwrap();
         assert_eq!(nets4.elements.len(), 2);
+    }
+
+    #[test]
+    fn host_ports_become_map_elements_per_address_family_and_a_second_claim_is_reported() {
+        let res = resources(NETS);
+        let blocks = all_blocks(&res, &["node-a"]);
+        let m = |port, protocol: &str, host_ip: Option<&str>| weft_dataplane::proto::PortMapping {
+            host_port: port,
+            container_port: 80,
+            protocol: protocol.into(),
+            host_ip: host_ip.map(|h| h.parse().unwrap()),
+        };
+        let mut web = endpoint("nat-demo", "host-1", &["10.10.0.5", "fd10::5"]);
+        web.port_mappings = vec![
+            m(8080, "tcp", None),
+            m(5353, "udp", Some("192.168.50.11")),
+            m(5354, "udp", Some("fd00::11")),
+        ];
+        let mut late = endpoint("nat-demo", "host-2", &["10.10.0.6"]);
+        late.port_mappings = vec![m(8080, "tcp", None)];
+        let mut pending = endpoint("nat-demo", "host-3", &["10.10.0.7"]);
+        pending.pending = true;
+        pending.port_mappings = vec![m(9090, "tcp", None)];
+        let out = plan(&node(&[]), &res, &blocks, &[web, late, pending]);
+        let elements = |name: &str| -> Vec<String> {
+            out.plan
+                .firewall
+                .maps
+                .iter()
+                .find(|m| m.name == name)
+                .unwrap()
+                .elements
+                .iter()
+                .map(|(k, v)| format!("{k} : {v}"))
+                .collect()
+        };
+        assert_eq!(
+            elements("hport4"),
+            [
+                "0.0.0.0/0 . tcp . 8080 : 10.10.0.5 . 80",
+                "192.168.50.11 . udp . 5353 : 10.10.0.5 . 80",
+            ],
+            "a host IP of the other family is left out; a pending target gets nothing"
+        );
+        assert_eq!(
+            elements("hport6"),
+            [
+                "::/0 . tcp . 8080 : fd10::5 . 80",
+                "fd00::11 . udp . 5354 : fd10::5 . 80",
+            ]
+        );
+        assert!(
+            out.problems.iter().any(|p| p.object == "pod default/host-2"
+                && p.message.contains("host port 8080/tcp")
+                && p.message.contains("pod default/host-1")),
+            "{:?}",
+            out.problems
+        );
+        // NETS forwards node port 8080/tcp to web-1 (PortForward default/web).
+        let forwarded = plan(
+            &node(&[]),
+            &res,
+            &blocks,
+            &[endpoint("nat-demo", "web-1", &["10.10.0.2"]), {
+                let mut e = endpoint("nat-demo", "host-1", &["10.10.0.5"]);
+                e.port_mappings = vec![m(8080, "tcp", None)];
+                e
+            }],
+        );
+        assert!(
+            forwarded
+                .problems
+                .iter()
+                .any(|p| p.object == "pod default/host-1"
+                    && p.message.contains("PortForward default/web")),
+            "{:?}",
+            forwarded.problems
+        );
     }
 
     #[test]
@@ -1307,6 +1502,41 @@ spec: {mode: Bridge, subnets: [10.72.0.0/24], bridge: {uplink: eth1, vlan: 20}}
                 active,
             },
         }
+    }
+
+    #[test]
+    fn a_mac_a_workload_on_another_node_uses_is_found_on_bridge_networks_only() {
+        let mut res = resources(
+            r#"
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: lan}
+spec: {mode: Bridge, subnets: [10.61.0.0/24], bridge: {uplink: eth0}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: nat}
+spec: {mode: NAT, subnets: [10.62.0.0/24]}
+"#,
+        );
+        res.peers = vec![running("node-b", "default/db", "10.61.0.40", true)];
+        let mut ep = endpoint("lan", "thief", &["10.61.0.41"]);
+        ep.mac = "02:00:00:00:00:01".into();
+        assert_eq!(
+            peer_with_mac(&res, &ep).map(|p| p.node.as_str()),
+            Some("node-b")
+        );
+        // The same VM (a live migration's target) shares it; another MAC, or a NAT network
+        // (private to each node), is no clash.
+        ep.vm = Some("default/db".into());
+        assert!(peer_with_mac(&res, &ep).is_none());
+        ep.vm = None;
+        ep.mac = "02:00:00:00:00:02".into();
+        assert!(peer_with_mac(&res, &ep).is_none());
+        ep.mac = "02:00:00:00:00:01".into();
+        ep.network = "nat".into();
+        res.peers[0].workload.network = "nat".into();
+        assert!(peer_with_mac(&res, &ep).is_none());
     }
 
     #[test]

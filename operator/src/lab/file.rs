@@ -100,6 +100,11 @@ pub struct Workload {
     /// Static MAC (CNI_ARGS `MAC=`).
     #[serde(default)]
     pub mac: Option<String>,
+    /// Host ports (`runtimeConfig.portMappings`, a pod's `hostPort`):
+    /// `{hostPort: 8080, containerPort: 80, protocol: tcp}`, with `hostIP` to use one node
+    /// address only.
+    #[serde(default)]
+    pub host_ports: Vec<weft_dataplane::proto::PortMapping>,
     /// A VM only: live-migrate it to this node once every workload is up (before the
     /// expectations): a target launcher is attached there (pending), the guest switches over and
     /// announces itself, the target activates, the source launcher is removed.

@@ -653,6 +653,9 @@ impl Lab {
             if let Some(mac) = &w.mac {
                 args.push_str(&format!(";MAC={mac}"));
             }
+            if !w.host_ports.is_empty() {
+                conf["runtimeConfig"] = json!({"portMappings": w.host_ports});
+            }
         }
         if w.kind == "VM" {
             args.push_str(&format!(";VM_NAME={}", w.name));
@@ -718,6 +721,7 @@ impl Lab {
                 listen: vec![],
                 ips: vec![],
                 mac: None,
+                host_ports: vec![],
                 migrate_to: None,
                 restart_on: None,
             };

@@ -156,6 +156,7 @@ fn endpoint(slot: usize, pod: usize, v: u8, pending: bool) -> Endpoint {
         vm: None,
         pending,
         vlan_trunk: vec![],
+        port_mappings: vec![],
     }
 }
 
