@@ -243,7 +243,7 @@ import_images() {
   local n=$1 b; b=$(bin)
   for i in "$dir"/images/*.tar; do
     in_node "$n" "$b/ctr" -a "$dir/$n/containerd.sock" -n k8s.io images import --local \
-      --platform linux/amd64 "$i" >/dev/null
+      --platform linux/amd64 "$i" 2>&1 >/dev/null | grep -v 'DEPRECATION: The support for cgroup v1' >&2 || true
   done
 }
 

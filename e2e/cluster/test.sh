@@ -360,11 +360,11 @@ echo "=== cluster up"
 start=$SECONDS
 if [ "${REUSE:-0}" = 1 ]; then
   # A cluster left by KEEP=1: new images, and weft's leftovers removed.
-  "$C" load-images
-  "$C" helm uninstall weft -n weft-system --wait >/dev/null 2>&1
-  k delete namespace "$ns" weft-validation --wait=true >/dev/null 2>&1
-  k delete network --all >/dev/null 2>&1
-  k delete node node3 >/dev/null 2>&1
+  "$C" load-images 2>/dev/null
+  k delete namespace "$ns" weft-validation --timeout=60s >/dev/null 2>&1
+  k delete network --all --timeout=60s >/dev/null 2>&1
+  k delete node node3 --timeout=20s >/dev/null 2>&1
+  "$C" helm uninstall weft -n weft-system --wait --timeout 120s >/dev/null 2>&1
 elif ! "$C" up; then
   echo "FAIL cluster-up"
   echo "0 passed, 1 failed"
