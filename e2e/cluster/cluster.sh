@@ -264,6 +264,8 @@ wrappers() {
 up() {
   [ "$(id -u)" = 0 ] || die "the cluster needs root (network and mount namespaces, cgroups)"
   down >/dev/null 2>&1 || true
+  # A new cluster starts from empty nodes (state of weft, kubelet and containerd included).
+  for n in "${nodes[@]}"; do rm -rf "${dir:?}/$n"; done
   mkdir -p "$dir"
   : >"$dir/pids"
   rm -f "$dir/bin"

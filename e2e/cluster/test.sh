@@ -74,10 +74,25 @@ dump_state() {
 pod_ip() { kn get pod "$1" -o jsonpath='{.status.podIP}'; }
 pod_ips() { kn get pod "$1" -o jsonpath='{range .status.podIPs[*]}{.ip}{" "}{end}'; }
 xc() { local p=$1; shift; kn exec "$p" -- "$@"; } # run in a pod
-http_get() { # pod url -> body (5 s timeout)
-  xc "$1" wget -q -T 5 -O - "$2"
+# HTTP/1.0 GET with busybox nc (the static busybox's wget crashes in a container without NSS
+# libraries): pod url -> body; fails when no answer comes within 5 s.
+http_get() {
+  local re='^http://(\[([^]]+)\]|([^:/]+))(:([0-9]+))?(/.*)?$' host port path
+  [[ $2 =~ $re ]] || { log "bad url $2"; return 2; }
+  host=${BASH_REMATCH[2]:-${BASH_REMATCH[3]}} port=${BASH_REMATCH[5]:-80} path=${BASH_REMATCH[6]:-/}
+  xc "$1" sh -c "printf 'GET $path HTTP/1.0\r\n\r\n' | nc -w 5 $host $port" 2>/dev/null |
+    tr -d '\r' | sed '1,/^$/d' | grep .
 }
 http_ok() { http_get "$@" >/dev/null 2>&1; }
+outside_sees() { [ "$(outside_get "$1")" = "$2" ]; }
+# The same from the outside host (the LAN namespace): url -> body.
+outside_get() {
+  local re='^http://(\[([^]]+)\]|([^:/]+))(:([0-9]+))?(/.*)?$' host port path
+  [[ $1 =~ $re ]] || { log "bad url $1"; return 2; }
+  host=${BASH_REMATCH[2]:-${BASH_REMATCH[3]}} port=${BASH_REMATCH[5]:-80} path=${BASH_REMATCH[6]:-/}
+  "$C" lan sh -c "printf 'GET $path HTTP/1.0\r\n\r\n' | busybox nc -w 3 $host $port" 2>/dev/null |
+    tr -d '\r' | sed '1,/^$/d' | grep .
+}
 http_fails() { ! http_get "$@" >/dev/null 2>&1; }
 
 # A pod running busybox httpd on port 80 that answers with its name; NODE, LABELS, ANNOTATIONS.
@@ -89,7 +104,7 @@ testpod() { # name node labels(json) annotations(json)
  "spec": {"nodeName": "$nodename", "terminationGracePeriodSeconds": 1,
   "containers": [{"name": "c", "image": "weft.test/testbox:1", "imagePullPolicy": "Never",
    "command": ["/bin/sh", "-c",
-     "mkdir -p /www/cgi-bin && echo $name > /www/index.html && printf '#!/bin/sh\\\\necho Content-Type: text/plain\\\\necho\\\\necho \$REMOTE_ADDR\\\\n' > /www/cgi-bin/ip && chmod +x /www/cgi-bin/ip && (nc -lk -u -p 5353 -e /bin/sh -c 'hostname' &) ; exec httpd -f -p 80 -h /www"]}]}}
+     "mkdir -p /www/cgi-bin && echo $name > /www/index.html && printf '#!/bin/sh\\\\necho Content-Type: text/plain\\\\necho\\\\necho \$REMOTE_ADDR\\\\n' > /www/cgi-bin/ip && chmod +x /www/cgi-bin/ip && exec httpd -f -p 80 -h /www"]}]}}
 EOF
 }
 wait_pods() { kn wait --for=condition=Ready "${@/#/pod/}" --timeout=120s >/dev/null; }
@@ -180,8 +195,8 @@ spec:
 EOF
   eventually 30 "PortForward a1-http Valid=True (no conflict with itself)" \
     sh -c "[ \"\$('$C' kubectl -n $ns get portforward a1-http -o jsonpath='{.status.conditions[?(@.type==\"Valid\")].status}')\" = True ]" || return 1
-  eventually 30 "outside -> node1:8080 -> a1:80" sh -c "'$C' lan busybox wget -q -T 3 -O - http://10.77.0.11:8080/ | grep -qx a1" &&
-    expect "b1 (node2) -> node1:8080 -> a1" sh -c "'$C' kubectl -n $ns exec b1 -- wget -q -T 5 -O - http://10.77.0.11:8080/ | grep -qx a1"
+  eventually 30 "outside -> node1:8080 -> a1:80" outside_sees http://10.77.0.11:8080/ a1 &&
+    expect "b1 (node2) -> node1:8080 -> a1" test "$(http_get b1 http://10.77.0.11:8080/)" = a1
 }
 
 t_policy() {
@@ -223,7 +238,7 @@ EOF
   lanip=$(xc h1 ip -4 -o addr show dev net1 | awk '{print $4}' | cut -d/ -f1)
   log "h1 eth0=$(pod_ip h1) net1=$lanip"
   expect "h1's net1 has a LAN address" grep -qE '^10\.77\.0\.' <<<"$lanip" &&
-    expect "outside -> h1 on its LAN address" sh -c "'$C' lan busybox wget -q -T 5 -O - http://$lanip/ | grep -qx h1" &&
+    expect "outside -> h1 on its LAN address" test "$(outside_get "http://$lanip/")" = h1 &&
     expect "h1 -> the LAN router leaves through net1 with h1's LAN address" \
       test "$(http_get h1 http://10.77.0.1:8081/cgi-bin/ip)" = "$lanip" &&
     expect "node1 -> h1's LAN address" node node1 ping -c1 -W2 "$lanip"
@@ -303,7 +318,7 @@ t_upgrade() {
   (
     end=$((SECONDS + 100))
     while ((SECONDS < end)) && [ ! -e "$dir/upgrade-done" ]; do
-      if "$C" lan busybox wget -q -T 2 -O - http://10.77.0.11:8080/ 2>/dev/null | grep -qx a1; then
+      if [ "$(outside_get http://10.77.0.11:8080/)" = a1 ]; then
         echo ok >>"$out"
       else echo lost >>"$out"; fi
       sleep 0.2
@@ -364,7 +379,7 @@ start=$SECONDS
 if [ "${REUSE:-0}" = 1 ]; then
   # A cluster left by KEEP=1: new images, and weft's leftovers removed.
   "$C" load-images 2>/dev/null
-  k delete namespace "$ns" weft-validation --timeout=60s >/dev/null 2>&1
+  k delete namespace "$ns" weft-validation --ignore-not-found --wait --timeout=120s >/dev/null 2>&1
   k delete network --all --timeout=60s >/dev/null 2>&1
   k delete node node3 --timeout=20s >/dev/null 2>&1
   "$C" helm uninstall weft -n weft-system --wait --timeout 120s >/dev/null 2>&1
