@@ -357,7 +357,7 @@ node_clean() { # node: nothing of weft left
 t_teardown() {
   kn delete pod --all --wait --timeout=60s >/dev/null
   eventually 30 "node1 holds no workload port after the pods are deleted" \
-    sh -c "! '$C' node node1 ip -o link show | grep -qE 'master (wn-|br-e2e)'" || return 1
+    sh -c "! '$C' node node1 ip -o link show | grep -qE '^[0-9]+: wf'" || return 1
   k delete -n "$ns" portforward --all --wait --timeout=30s >/dev/null
   k delete -n "$ns" segmentationpolicy --all --wait --timeout=30s >/dev/null
   expect "deleting the Networks finishes" k delete network --all --wait --timeout=60s || return 1

@@ -44,6 +44,23 @@ pub enum Command {
     /// file's resources and workloads, with the compiler the agent uses. Exits 0 when accepted,
     /// 1 when denied.
     Trace(TraceArgs),
+    /// Wait until the cleanup DaemonSet of `helm uninstall` has run on every node it is
+    /// scheduled to, then delete it (the chart's post-delete hook Job).
+    UninstallWait(UninstallWaitArgs),
+}
+
+/// `uninstall-wait` flags.
+#[derive(Debug, Args)]
+pub struct UninstallWaitArgs {
+    /// Namespace of the DaemonSet.
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub namespace: String,
+    /// Name of the cleanup DaemonSet.
+    #[arg(long, default_value = "weft-cleanup")]
+    pub daemonset: String,
+    /// Seconds to wait before deleting it anyway (nodes that did not run it are named).
+    #[arg(long, default_value_t = 120)]
+    pub timeout_seconds: u64,
 }
 
 /// Trace flags.
@@ -232,7 +249,7 @@ pub fn init_tracing(cli: &Cli) {
     let filter = EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| {
         EnvFilter::new(match cli.command {
             Command::Lab(_) | Command::Trace(_) => "warn",
-            Command::Agent(_) | Command::Controller(_) => "info",
+            Command::Agent(_) | Command::Controller(_) | Command::UninstallWait(_) => "info",
         })
     });
     use std::io::IsTerminal;
@@ -373,6 +390,32 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .enable_all()
                 .build()?;
             rt.block_on(crate::controller::run(opts))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::UninstallWait(args) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let progress = rt.block_on(async {
+                let client = kube::Client::try_default().await?;
+                crate::uninstall::wait_and_delete(
+                    client,
+                    &args.namespace,
+                    &args.daemonset,
+                    std::time::Duration::from_secs(args.timeout_seconds),
+                )
+                .await
+            })?;
+            match progress {
+                Some(p) if p.complete() => {
+                    eprintln!("weft cleaned up on {} node(s)", p.done)
+                }
+                Some(p) => eprintln!(
+                    "weft cleaned up on {} of {} node(s) within {} s; run `weft-operator agent cleanup` on the others",
+                    p.done, p.desired, args.timeout_seconds
+                ),
+                None => eprintln!("the cleanup DaemonSet {} never reported", args.daemonset),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Trace(t) => {

@@ -6,5 +6,6 @@ pub mod cli;
 pub mod controller;
 pub mod lab;
 pub mod policy;
+pub mod uninstall;
 
 pub use weft_dataplane::error_chain;
