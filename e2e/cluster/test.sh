@@ -347,7 +347,7 @@ node_clean() { # node: nothing of weft left
   [ -z "$out" ] || { fail "$n still has links: $out"; return 1; }
   out=$(node "$n" nft list tables | grep -i weft)
   [ -z "$out" ] || { fail "$n still has nftables tables: $out"; return 1; }
-  out=$(node "$n" sh -c 'ls /etc/cni/net.d /opt/cni/bin/weft /run/weft 2>/dev/null')
+  out=$(node "$n" find /etc/cni/net.d /opt/cni/bin /run/weft /var/lib/weft -mindepth 1 2>/dev/null)
   [ -z "$out" ] || { fail "$n still has files: $out"; return 1; }
   out=$(node "$n" ip -o addr show dev eth0 | grep -c 'inet ')
   [ "$out" = 1 ] || { fail "$n's eth0 lost or gained IPv4 addresses"; return 1; }

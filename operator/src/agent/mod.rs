@@ -939,5 +939,12 @@ pub fn cleanup(cfg: &AgentConfig) -> anyhow::Result<Vec<String>> {
         report.changes.push(format!("removed {}", ipam.display()));
     }
     let _ = state::remove_file(&cfg.state_dir.join("status.json"));
+    // The state dir's own subdirectories, once emptied above (a file weft does not know is kept).
+    for dir in ["networks", "uplinks"] {
+        let path = cfg.state_dir.join(dir);
+        if std::fs::remove_dir(&path).is_ok() {
+            report.changes.push(format!("removed {}", path.display()));
+        }
+    }
     Ok(report.changes)
 }
