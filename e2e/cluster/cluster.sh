@@ -180,7 +180,12 @@ node_up() {
     sysctl -qw net.ipv4.ip_forward=1"
   for c in $(cgroup_controllers); do mkdir -p "$c/${pfx}-$n"; done
   for p in "${node_paths[@]}"; do
-    [ -e "$p" ] || { mkdir -p "$p" && echo "$p" >>"$dir/created-dirs"; }
+    local q=$p missing=()
+    while [ ! -e "$q" ]; do missing+=("$q"); q=$(dirname "$q"); done
+    if ((${#missing[@]})); then
+      mkdir -p "$p"
+      printf '%s\n' "${missing[@]}" >>"$dir/created-dirs"
+    fi
   done
 
   sed -e "s|@ROOT@|$d|g" -e "s|@BIN@|$b|g" "$here/containerd.toml" >"$d/containerd.toml"
@@ -318,6 +323,8 @@ down() {
     fi
     kill_tree_of_cgroup "${pfx}-$n"
   done
+  # Shims whose node init was already gone (and so escaped the loop above).
+  pkill -9 -f -- "-address $dir/" 2>/dev/null || true
   if [ -f "$dir/pids" ]; then
     while read -r pid; do
       [ -n "$pid" ] && pkill -9 -s "$pid" 2>/dev/null || true
@@ -330,8 +337,9 @@ down() {
   done
   ip netns del ${pfx}-lan 2>/dev/null || true
   if [ -f "$dir/created-dirs" ]; then
-    sort -r "$dir/created-dirs" | while read -r p; do rmdir "$p" 2>/dev/null || true; done
-    rmdir /opt/cni /opt 2>/dev/null || true
+    # Deepest first.
+    awk '{print length, $0}' "$dir/created-dirs" | sort -rn | cut -d' ' -f2- |
+      while read -r p; do rmdir "$p" 2>/dev/null || true; done
   fi
   rm -rf "$etcd_dir"
   # Node file systems (container layers among them) are kept for inspection until the next up.
