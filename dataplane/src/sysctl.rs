@@ -218,7 +218,13 @@ mod tests {
             PathBuf::from("/host/proc/sys")
         );
         assert_eq!(root_from(None), PathBuf::from(PROC_SYS));
-        assert_eq!(root_from(Some("host/proc/sys".into())), PathBuf::from(PROC_SYS));
-        assert_eq!(root_from(Some("/host/../etc".into())), PathBuf::from(PROC_SYS));
+        assert_eq!(
+            root_from(Some("host/proc/sys".into())),
+            PathBuf::from(PROC_SYS)
+        );
+        assert_eq!(
+            root_from(Some("/host/../etc".into())),
+            PathBuf::from(PROC_SYS)
+        );
     }
 }
