@@ -4,54 +4,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use weft_operator::agent::install::CniInstall;
-use weft_operator::agent::plan::NodeContext;
+use weft_operator::agent::AgentStatus;
 use weft_operator::agent::source::{ManifestSource, ResourceSource, Resources, SourceError};
-use weft_operator::agent::{AgentConfig, AgentStatus};
 
-fn isolate() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "this test needs root (CAP_NET_ADMIN) for a network namespace; run the tests as root"
-    );
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
-    let up = Command::new("ip")
-        .args(["link", "set", "lo", "up"])
-        .status()
-        .expect("ip (install iproute2)");
-    assert!(up.success(), "cannot bring lo up in the test's namespace");
-}
-
-fn config(state: &std::path::Path) -> AgentConfig {
-    AgentConfig {
-        node: NodeContext {
-            name: "node-a".into(),
-            labels: BTreeMap::new(),
-        },
-        nodes: vec!["node-a".into()],
-        state_dir: state.to_path_buf(),
-        socket: state.join("agent.sock"),
-        cni: CniInstall {
-            bin_dir: state.join("bin"),
-            conf_dir: state.join("net.d"),
-            binary: state.join("weft"),
-            state_dir: state.to_path_buf(),
-            socket: state.join("agent.sock"),
-        },
-        default_network: None,
-        agent_ports: Vec::new(),
-        cleanup_config_on_exit: false,
-        resync: Duration::from_secs(30),
-        poll: Duration::from_millis(100),
-        audit_log: Some(state.join("audit.log")),
-    }
-}
+mod common;
+use common::{config, isolate};
 
 /// A manifest source that is "not synced" until `open` is set, like the API source before its
 /// first lists.
