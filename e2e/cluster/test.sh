@@ -75,23 +75,28 @@ pod_ip() { kn get pod "$1" -o jsonpath='{.status.podIP}'; }
 pod_ips() { kn get pod "$1" -o jsonpath='{range .status.podIPs[*]}{.ip}{" "}{end}'; }
 xc() { local p=$1; shift; kn exec "$p" -- "$@"; } # run in a pod
 # HTTP/1.0 GET with busybox nc (the static busybox's wget crashes in a container without NSS
-# libraries): pod url -> body; fails when no answer comes within 5 s.
+# libraries). nc_get NC SECONDS URL prints the shell command that sends the request; the
+# answer's body is read from it with http_body.
+nc_get() {
+  local re='^http://(\[([^]]+)\]|([^:/]+))(:([0-9]+))?(/.*)?$'
+  [[ $3 =~ $re ]] || { log "bad url $3"; return 2; }
+  printf "printf '%s' | %s -w %s %s %s" "GET ${BASH_REMATCH[6]:-/} HTTP/1.0\\r\\n\\r\\n" "$1" "$2" \
+    "${BASH_REMATCH[2]:-${BASH_REMATCH[3]}}" "${BASH_REMATCH[5]:-80}"
+}
+http_body() { tr -d '\r' | sed '1,/^$/d' | grep .; }
+# pod url -> body; fails when no answer comes within 5 s.
 http_get() {
-  local re='^http://(\[([^]]+)\]|([^:/]+))(:([0-9]+))?(/.*)?$' host port path
-  [[ $2 =~ $re ]] || { log "bad url $2"; return 2; }
-  host=${BASH_REMATCH[2]:-${BASH_REMATCH[3]}} port=${BASH_REMATCH[5]:-80} path=${BASH_REMATCH[6]:-/}
-  xc "$1" sh -c "printf 'GET $path HTTP/1.0\r\n\r\n' | nc -w 5 $host $port" 2>/dev/null |
-    tr -d '\r' | sed '1,/^$/d' | grep .
+  local cmd
+  cmd=$(nc_get nc 5 "$2") || return 2
+  xc "$1" sh -c "$cmd" 2>/dev/null | http_body
 }
 http_ok() { http_get "$@" >/dev/null 2>&1; }
 outside_sees() { [ "$(outside_get "$1")" = "$2" ]; }
-# The same from the outside host (the LAN namespace): url -> body.
+# The same from the outside host (the LAN namespace): url -> body, within 3 s.
 outside_get() {
-  local re='^http://(\[([^]]+)\]|([^:/]+))(:([0-9]+))?(/.*)?$' host port path
-  [[ $1 =~ $re ]] || { log "bad url $1"; return 2; }
-  host=${BASH_REMATCH[2]:-${BASH_REMATCH[3]}} port=${BASH_REMATCH[5]:-80} path=${BASH_REMATCH[6]:-/}
-  "$C" lan sh -c "printf 'GET $path HTTP/1.0\r\n\r\n' | busybox nc -w 3 $host $port" 2>/dev/null |
-    tr -d '\r' | sed '1,/^$/d' | grep .
+  local cmd
+  cmd=$(nc_get "busybox nc" 3 "$1") || return 2
+  "$C" lan sh -c "$cmd" 2>/dev/null | http_body
 }
 http_fails() { ! http_get "$@" >/dev/null 2>&1; }
 
