@@ -2,16 +2,21 @@
 CARGO ?= cargo
 DEB_PACKAGES := nftables iproute2 iputils-ping
 
-.PHONY: lab test test-cluster cluster cluster-down deps build fmt lint generate check-generated
+.PHONY: lab test test-clients test-cluster cluster cluster-down deps build fmt lint generate check-generated
 
 ## lab: run the lab on the NAT example (no cluster needed)
 lab: deps build
 	target/debug/weft-operator lab examples/lab/nat.yaml
 
-## test: unit, privileged (network namespaces) and end-to-end tests, then the real cluster's
+## test: unit, privileged (network namespaces) and end-to-end tests, then the real CNI clients' and the real cluster's
 test: deps build
 	$(CARGO) test --workspace --locked
+	e2e/clients/test.sh
 	e2e/cluster/test.sh
+
+## test-clients: only weft driven by libcni v1.1.2/v1.3.0, containerd 1.6's ctr and podman 4
+test-clients: build
+	e2e/clients/test.sh
 
 ## test-cluster: only the real cluster's end-to-end tests (builds the cluster first)
 test-cluster:

@@ -4,14 +4,17 @@
 # image (the release binaries, nft and ip with the libraries they load, busybox for the
 # install-cni init container's shell).
 #
-#   e2e/cluster/images.sh OUTDIR      # writes OUTDIR/{pause,testbox,weft}.tar
+#   e2e/cluster/images.sh OUTDIR              # writes OUTDIR/{pause,testbox,weft}.tar
+#   e2e/cluster/images.sh OUTDIR testbox      # only the named images
 #
 # Image names (the chart and the tests use them with imagePullPolicy Never/IfNotPresent):
 #   registry.k8s.io/pause:3.10, weft.test/testbox:1, ghcr.io/weft-dev/weft:dev
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-out=${1:?usage: images.sh OUTDIR}
+out=${1:?usage: images.sh OUTDIR [pause|testbox|weft...]}
+shift
+wanted=" ${*:-pause testbox weft} "
 mkdir -p "$out"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -36,6 +39,7 @@ busybox_root() { # rootfs applets...
   echo 'root:x:0:' >"$root/etc/group"
 }
 
+if [[ $wanted == *" pause "* ]]; then
 # pause: waits for a signal, reaps children (the sandbox's PID 1).
 cat >"$work/pause.c" <<'EOF'
 #include <signal.h>
@@ -52,12 +56,16 @@ EOF
 mkdir -p "$work/pause/bin"
 gcc -O2 -static -o "$work/pause/bin/pause" "$work/pause.c"
 python3 "$here/image.py" "$work/pause" registry.k8s.io/pause:3.10 "$out/pause.tar" --entrypoint /bin/pause
+fi
 
+if [[ $wanted == *" testbox "* ]]; then
 # testbox: busybox with the applets the probes use.
 busybox_root "$work/testbox" sh ash cat echo sleep ls ip ping ping6 nc wget httpd hostname ifconfig \
   route arp timeout seq true false grep sed awk kill ps env mkdir rm date id
 python3 "$here/image.py" "$work/testbox" weft.test/testbox:1 "$out/testbox.tar" --cmd /bin/sh
+fi
 
+if [[ $wanted == *" weft "* ]]; then
 # weft: the release binaries (WEFT_IMAGE_PROFILE picks another cargo profile, for quicker
 # rebuilds while working on the cluster tests).
 profile=${WEFT_IMAGE_PROFILE:-release}
@@ -79,4 +87,5 @@ done
 ln -sf /usr/sbin/nft "$w/usr/bin/nft" 2>/dev/null || { mkdir -p "$w/usr/bin"; ln -sf /usr/sbin/nft "$w/usr/bin/nft"; }
 python3 "$here/image.py" "$w" ghcr.io/weft-dev/weft:dev "$out/weft.tar" \
   --entrypoint /usr/local/bin/weft-operator
+fi
 ls -l "$out" >&2
