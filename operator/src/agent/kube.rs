@@ -34,6 +34,7 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use serde::de::DeserializeOwned;
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -188,23 +189,16 @@ impl KubeSource {
                 node: self.node.clone(),
             })?;
         let node_network = self.stores.node_networks.find(|n| named(&n.metadata));
-        // The other nodes' workloads and VM reservations, from their NodeNetwork status.
-        let mut peers = Vec::new();
-        let mut peer_reservations = Vec::new();
-        for nn in self.stores.node_networks.state() {
-            let (Some(status), false) = (&nn.status, named(&nn.metadata)) else {
-                continue;
-            };
-            let node = nn.name_any();
-            peers.extend(status.workloads.iter().map(|w| Peer {
-                node: node.clone(),
-                workload: w.clone(),
-            }));
-            peer_reservations.extend(status.reservations.iter().map(|r| PeerReservation {
-                node: node.clone(),
-                reservation: r.clone(),
-            }));
-        }
+        // The other nodes' workloads and VM reservations, from their NodeNetwork status, as far
+        // as each node may vouch for them.
+        let others: Vec<Arc<NodeNetwork>> = self
+            .stores
+            .node_networks
+            .state()
+            .into_iter()
+            .filter(|nn| !named(&nn.metadata))
+            .collect();
+        let (peers, peer_reservations, peer_problems) = vouched_peers(&others);
         let mut res = Resources {
             networks: sorted(&self.stores.networks),
             port_forwards: sorted(&self.stores.port_forwards),
@@ -244,6 +238,7 @@ impl KubeSource {
         };
         res.node_blocks = Some(blocks);
         res.problems = problems;
+        res.problems.extend(peer_problems);
         self.used = node_network;
         Ok(res)
     }
@@ -502,6 +497,103 @@ where
     all
 }
 
+/// The workloads and VM reservations the other nodes publish in their NodeNetwork status, keeping
+/// only what the publishing node may vouch for. An agent can write its NodeNetwork's status, not
+/// its spec (the blocks, written by the controller): an address is taken from a node only when it
+/// lies in one of that node's blocks of the same network, or, for a VM interface that kept its
+/// address when it moved from another node, when the node whose block holds the address reserves
+/// it for that VM. Anything else is left out and named in a problem, so that a compromised node
+/// cannot put an address of its choosing into the other nodes' policy groups or hand a VM
+/// another workload's address.
+pub fn vouched_peers(
+    node_networks: &[Arc<NodeNetwork>],
+) -> (Vec<Peer>, Vec<PeerReservation>, Vec<String>) {
+    // (node, network) -> the node's blocks of that network.
+    let mut blocks: BTreeMap<(&str, &str), Vec<IpNet>> = BTreeMap::new();
+    for nn in node_networks {
+        for b in &nn.spec.blocks {
+            let nets = [&b.ipv4, &b.ipv6]
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c.net().ok());
+            blocks
+                .entry((
+                    nn.metadata.name.as_deref().unwrap_or_default(),
+                    b.network.as_str(),
+                ))
+                .or_default()
+                .extend(nets);
+        }
+    }
+    let in_blocks = |node: &str, network: &str, ip: &IpAddr| {
+        blocks
+            .get(&(node, network))
+            .is_some_and(|nets| nets.iter().any(|n| n.contains(ip)))
+    };
+    // Addresses reserved for a VM by the node whose block holds them: (vm, network, address).
+    let mut vouched_vm_addresses = std::collections::BTreeSet::new();
+    for nn in node_networks {
+        let node = nn.metadata.name.as_deref().unwrap_or_default();
+        for r in nn.status.iter().flat_map(|s| &s.reservations) {
+            for ip in r.ips.iter().filter_map(|ip| ip.parse::<IpAddr>().ok()) {
+                if in_blocks(node, &r.network, &ip) {
+                    vouched_vm_addresses.insert((r.vm.as_str(), r.network.as_str(), ip));
+                }
+            }
+        }
+    }
+    // Why an address published by `node` is not taken, if it is not.
+    let refuse = |node: &str, network: &str, vm: Option<&str>, ip: &str| -> Option<String> {
+        let Ok(addr) = ip.parse::<IpAddr>() else {
+            return Some(format!("{ip:?} is not an IP address"));
+        };
+        if in_blocks(node, network, &addr)
+            || vm.is_some_and(|vm| vouched_vm_addresses.contains(&(vm, network, addr)))
+        {
+            return None;
+        }
+        Some(format!(
+            "{addr} is outside the node's blocks of network {network} and not reserved there for it"
+        ))
+    };
+    let mut peers = Vec::new();
+    let mut reservations = Vec::new();
+    let mut problems = Vec::new();
+    for nn in node_networks {
+        let Some(status) = &nn.status else { continue };
+        let node = nn.metadata.name.clone().unwrap_or_default();
+        for w in &status.workloads {
+            match w.ips.iter().find_map(|ip| refuse(&node, &w.network, w.vm.as_deref(), ip)) {
+                None => peers.push(Peer {
+                    node: node.clone(),
+                    workload: w.clone(),
+                }),
+                Some(why) => problems.push(format!(
+                    "NodeNetwork {node}: status.workloads: {}/{} on network {} left out of policy groups: {why}",
+                    w.namespace, w.name, w.network
+                )),
+            }
+        }
+        for r in &status.reservations {
+            match r
+                .ips
+                .iter()
+                .find_map(|ip| refuse(&node, &r.network, Some(&r.vm), ip))
+            {
+                None => reservations.push(PeerReservation {
+                    node: node.clone(),
+                    reservation: r.clone(),
+                }),
+                Some(why) => problems.push(format!(
+                    "NodeNetwork {node}: status.reservations: VM {} on network {} ignored: {why}",
+                    r.vm, r.network
+                )),
+            }
+        }
+    }
+    (peers, reservations, problems)
+}
+
 /// This node's address blocks per network from its NodeNetwork spec, with a problem for each
 /// block that does not parse or is of the wrong family. A network without a usable block is
 /// left out (the plan then reports that no block is assigned).
@@ -736,6 +828,111 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    fn published(
+        node: &str,
+        blocks: &[(&str, Option<&str>, Option<&str>)],
+        workloads: &[(&str, &str, Option<&str>, &[&str])],
+        reservations: &[(&str, &str, &[&str])],
+    ) -> Arc<NodeNetwork> {
+        let mut nn = NodeNetwork::new(node, spec(blocks));
+        nn.status = Some(NodeNetworkStatus {
+            workloads: workloads
+                .iter()
+                .map(|(name, network, vm, ips)| weft_crds::NodeWorkload {
+                    network: (*network).into(),
+                    namespace: "default".into(),
+                    name: (*name).into(),
+                    ips: ips.iter().map(|s| (*s).into()).collect(),
+                    vm: vm.map(Into::into),
+                    active: true,
+                    labels: BTreeMap::new(),
+                    mac: None,
+                })
+                .collect(),
+            reservations: reservations
+                .iter()
+                .map(|(vm, network, ips)| weft_crds::NodeReservation {
+                    vm: (*vm).into(),
+                    network: (*network).into(),
+                    ifname: "eth0".into(),
+                    ips: ips.iter().map(|s| (*s).into()).collect(),
+                    mac: None,
+                    since: 1,
+                })
+                .collect(),
+            ..Default::default()
+        });
+        Arc::new(nn)
+    }
+
+    #[test]
+    fn a_node_vouches_only_for_addresses_of_its_own_blocks_or_reserved_for_a_moved_vm() {
+        let a = published(
+            "node-a",
+            &[("nat", Some("10.10.0.0/24"), Some("fd10::/120"))],
+            &[("web", "nat", None, &["10.10.0.5", "fd10::5"])],
+            &[("default/vm1", "nat", &["10.10.0.9"])],
+        );
+        let b = published(
+            "node-b",
+            &[("nat", Some("10.10.1.0/24"), None)],
+            &[
+                ("ok", "nat", None, &["10.10.1.7"]),
+                // node-a's web, claimed by node-b: an address of another node's block.
+                ("thief", "nat", None, &["10.10.0.5"]),
+                // Outside every block, and not an address at all.
+                ("far", "nat", None, &["192.0.2.1"]),
+                ("junk", "nat", None, &["10.10.1.8", "not-an-ip"]),
+                // An address of node-b's block of another network.
+                ("other-net", "lan", None, &["10.10.1.9"]),
+                // vm1 moved from node-a and kept its address: node-a reserves it for vm1.
+                ("vm1-pod", "nat", Some("default/vm1"), &["10.10.0.9"]),
+                // Another VM cannot take vm1's address.
+                ("vm2-pod", "nat", Some("default/vm2"), &["10.10.0.9"]),
+            ],
+            &[
+                ("default/vm1", "nat", &["10.10.0.9"]),
+                ("default/vm3", "nat", &["10.10.0.5"]),
+                ("default/vm4", "nat", &["10.10.1.20"]),
+            ],
+        );
+        let (peers, reservations, problems) = vouched_peers(&[a, b]);
+        let names: Vec<(&str, &str)> = peers
+            .iter()
+            .map(|p| (p.node.as_str(), p.workload.name.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            [("node-a", "web"), ("node-b", "ok"), ("node-b", "vm1-pod")]
+        );
+        let kept: Vec<(&str, &str)> = reservations
+            .iter()
+            .map(|r| (r.node.as_str(), r.reservation.vm.as_str()))
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                ("node-a", "default/vm1"),
+                ("node-b", "default/vm1"),
+                ("node-b", "default/vm4")
+            ]
+        );
+        assert_eq!(problems.len(), 6, "{problems:#?}");
+        assert!(
+            problems[0].contains("NodeNetwork node-b: status.workloads: default/thief")
+                && problems[0].contains("10.10.0.5 is outside the node's blocks of network nat"),
+            "{problems:#?}"
+        );
+        assert!(
+            problems[2].contains("\"not-an-ip\" is not an IP address"),
+            "{problems:#?}"
+        );
+        assert!(
+            problems[5].contains("status.reservations: VM default/vm3"),
+            "{problems:#?}"
+        );
     }
 
     #[test]
