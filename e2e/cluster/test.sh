@@ -150,6 +150,56 @@ t_install() {
     expect "agent Ready on both nodes" k -n weft-system rollout status ds/weft-agent --timeout=120s
 }
 
+# Each component has exactly the chart's permissions, and an agent speaks only for its own node.
+t_trust() {
+  local sa=system:serviceaccount:weft-system
+  # What the code uses is granted (no request of theirs was refused: checked in their logs below).
+  expect "the agent may list pods and patch NodeNetwork status" \
+    can "$sa:weft-agent" list pods && can "$sa:weft-agent" patch nodenetworks --subresource=status || return 1
+  expect "the controller may patch Networks and create NodeNetworks" \
+    can "$sa:weft-controller" patch networks && can "$sa:weft-controller" create nodenetworks || return 1
+  # What it does not use is refused.
+  local denied=("weft-agent patch nodenetworks" "weft-agent delete pods" "weft-agent get secrets"
+    "weft-agent patch networks --subresource=status" "weft-controller update networks" "weft-controller delete nodenetworks"
+    "weft-controller update networks --subresource=status" "weft-controller get secrets" "weft-controller delete pods")
+  local d
+  for d in "${denied[@]}"; do
+    set -- $d
+    expect "$1 may not ${*:2}" cannot "$sa:$1" "${@:2}" || return 1
+  done
+  # An agent's own token (bound to its pod, so naming its node) on the real API server.
+  expect "the own-node admission policy is installed" k get validatingadmissionpolicy weft-agent-own-node || return 1
+  local pod uid token
+  pod=$(k -n weft-system get pods -l app.kubernetes.io/component=agent --field-selector spec.nodeName=node1 \
+    -o jsonpath='{.items[0].metadata.name}')
+  uid=$(k -n weft-system get pod "$pod" -o jsonpath='{.metadata.uid}')
+  token=$(k -n weft-system create token weft-agent --bound-object-kind Pod --bound-object-name "$pod" \
+    --bound-object-uid "$uid" --duration 10m) || { fail "no token for $pod"; return 1; }
+  local patch='{"status":{"lastError":"written by the e2e test"}}' out
+  expect "node1's agent token may write node1's NodeNetwork status" \
+    as_token "$token" patch nodenetwork node1 --subresource=status --type=merge -p "$patch" --dry-run=server || return 1
+  out=$(as_token "$token" patch nodenetwork node2 --subresource=status --type=merge -p "$patch" --dry-run=server 2>&1)
+  log "node1's token on node2: $out"
+  expect "node1's agent token may not write node2's NodeNetwork status" \
+    grep -q "may write the status of NodeNetwork node1 only, not of node2" <<<"$out" || return 1
+  out=$(as_token "$token" patch nodenetwork node1 --type=merge -p '{"spec":{"blocks":[]}}' --dry-run=server 2>&1)
+  expect "nor node1's NodeNetwork spec" grep -qi "forbidden" <<<"$out" || return 1
+  # Neither component met a refusal while the tests above ran.
+  local p logs
+  for p in $(k -n weft-system get pods -l app.kubernetes.io/name=weft -o name); do
+    logs=$(k -n weft-system logs "$p" --all-containers 2>&1)
+    expect "no request of $p was refused" not_refused "$logs" || return 1
+  done
+}
+can() { local who=$1; shift; [ "$(k auth can-i --as="$who" "$@" 2>/dev/null)" = yes ]; }
+cannot() { local who=$1; shift; [ "$(k auth can-i --as="$who" "$@" 2>/dev/null)" = no ]; }
+not_refused() { ! grep -qiE '\b403\b|forbidden' <<<"$1"; }
+as_token() { # token kubectl-args...
+  local t=$1; shift
+  "$dir/wrap/kubectl" --kubeconfig=/dev/null --server=https://10.77.0.1:6443 \
+    --certificate-authority="$dir/pki/ca.crt" --token="$t" "$@"
+}
+
 t_validation() {
   k create namespace weft-validation --dry-run=client -o yaml | k apply -f - >/dev/null
   expect "validation table through the API server" \
@@ -404,6 +454,7 @@ if [ "$failed" = 0 ]; then
   run policy t_policy
   run bridge t_bridge_hybrid
   run status t_status
+  run trust t_trust
   run failover t_failover
   run upgrade t_upgrade
   run teardown t_teardown
