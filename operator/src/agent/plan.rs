@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use weft_crds::{Network, NetworkMode, PortForward};
 use weft_dataplane::names;
-use weft_dataplane::plan::{BridgePlan, NodePlan, SysctlPlan};
+use weft_dataplane::plan::{BridgePlan, NodePlan, PortPlan, SysctlPlan};
 use weft_dataplane::proto::Endpoint;
 use weft_dataplane::state::{self, NetworkState};
 use weft_dataplane::uplink::UplinkPlan;
@@ -329,6 +329,7 @@ pub fn plan(
         });
     }
     let guard = guard_table(&bridges, &states, endpoints);
+    let ports = port_plans(&bridges, &states, endpoints);
     PlanOutput {
         plan: NodePlan {
             node: node.name.clone(),
@@ -337,6 +338,7 @@ pub fn plan(
             firewall: firewall::table(&rules, &forwards, &host_ports, &policy),
             guard: Some(guard),
             networks: states,
+            ports,
         },
         problems,
         forwards: realized,
@@ -374,16 +376,7 @@ fn guard_table(
                 ips: e.ips.clone(),
                 pending: e.pending,
                 // Only VLANs the network allows (the CNI checked; the guard does not trust it).
-                vlans: net
-                    .vlan_filtering
-                    .as_ref()
-                    .map(|f| {
-                        vlan::ids(&e.vlan_trunk)
-                            .into_iter()
-                            .filter(|id| f.trunk.iter().any(|r| r.contains(*id)))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
+                vlans: allowed_trunk(net, e),
             }),
             // An endpoint with an unreadable MAC stays unregistered: its port drops everything.
             None if net.anti_spoofing => {}
@@ -394,6 +387,44 @@ fn guard_table(
         }
     }
     super::guard::table(&names, &guarded, &open)
+}
+
+/// The VLANs of an endpoint's `vlanTrunk` that its network allows (none on a network whose
+/// bridge does not filter VLANs).
+fn allowed_trunk(net: &NetworkState, e: &Endpoint) -> Vec<u16> {
+    net.vlan_filtering
+        .as_ref()
+        .map(|f| {
+            vlan::ids(&e.vlan_trunk)
+                .into_iter()
+                .filter(|id| f.trunk.iter().any(|r| r.contains(*id)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The host-side ports of the endpoints of realized networks, sorted: the apply attaches one
+/// that left its bridge again (see [`PortPlan`]).
+fn port_plans(
+    bridges: &[BridgePlan],
+    networks: &[NetworkState],
+    endpoints: &[Endpoint],
+) -> Vec<PortPlan> {
+    let mut ports: Vec<PortPlan> = endpoints
+        .iter()
+        .filter_map(|e| {
+            let net = networks.iter().find(|n| n.name == e.network)?;
+            let bridge = bridges.iter().find(|b| b.network == e.network)?;
+            Some(PortPlan {
+                name: e.host_ifname.clone(),
+                network: e.network.clone(),
+                bridge: bridge.name.clone(),
+                trunk: allowed_trunk(net, e),
+            })
+        })
+        .collect();
+    ports.sort();
+    ports
 }
 
 /// The policy members of this node: its endpoints, with their workloads' labels.
@@ -597,6 +628,15 @@ pub fn apply_endpoint_changes(
         }
     }
     deletes.extend(adds);
+    // The ports: no kernel work (the CNI attaches a new port, and DEL deletes a removed one).
+    let ports = &mut out.plan.ports;
+    for gone in port_plans(&out.plan.bridges, &out.plan.networks, removed) {
+        if let Some(i) = ports.iter().position(|p| *p == gone) {
+            ports.remove(i);
+        }
+    }
+    ports.extend(port_plans(&out.plan.bridges, &out.plan.networks, added));
+    ports.sort();
     Some(Transaction(deletes))
 }
 
@@ -1295,6 +1335,36 @@ spec: {network: nowhere, target: {workload: x}, ports: [{port: 80}]}
         let a = plan(&node(&[]), &res, &blocks, &eps);
         let b = plan(&node(&[]), &res, &blocks, &eps);
         assert_eq!(a.plan, b.plan);
+    }
+
+    #[test]
+    fn every_endpoint_of_a_realized_network_is_a_port_of_its_bridge_with_its_allowed_trunk() {
+        let res = resources(TRUNK);
+        let mut vm = endpoint("trunk", "vm-1", &["10.70.0.66"]);
+        vm.vlan_trunk = vec![VlanRange::one(20), VlanRange { min: 100, max: 105 }];
+        let eps = [
+            vm.clone(),
+            endpoint("sub-30", "web-1", &["10.71.0.5"]),
+            // vlan-20 is refused (its VLAN is trunk's): no port of it.
+            endpoint("vlan-20", "web-2", &["10.72.0.5"]),
+        ];
+        let out = plan(&node(&[]), &res, &all_blocks(&res, &["node-a"]), &eps);
+        let mut want = vec![
+            PortPlan {
+                name: vm.host_ifname.clone(),
+                network: "trunk".into(),
+                bridge: "wn-trunk".into(),
+                trunk: vec![20, 100, 101],
+            },
+            PortPlan {
+                name: eps[1].host_ifname.clone(),
+                network: "sub-30".into(),
+                bridge: "wn-sub-30".into(),
+                trunk: vec![],
+            },
+        ];
+        want.sort();
+        assert_eq!(out.plan.ports, want);
     }
 
     const LAN: &str = r#"
