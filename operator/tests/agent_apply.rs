@@ -14,9 +14,9 @@ use weft_dataplane::plan::{ProcSysctls, cleanup};
 use weft_dataplane::proto::Endpoint;
 use weft_operator::agent::endpoints::EndpointStore;
 use weft_operator::agent::install::CniInstall;
-use weft_operator::agent::plan::NodeContext;
+use weft_operator::agent::plan::{NodeBlocks, NodeContext};
 use weft_operator::agent::source::{Resources, parse_manifests};
-use weft_operator::agent::{AgentConfig, apply_blocking, check_blocking, compute};
+use weft_operator::agent::{AgentConfig, apply_blocking, check_blocking, compute, realized_blocks};
 
 fn isolate() {
     assert!(
@@ -85,7 +85,7 @@ fn apply_is_idempotent_and_removing_a_network_removes_what_it_created() {
     let cfg = config(state.path());
     let eps = EndpointStore::default();
 
-    let plan = compute(&cfg, &resources(TWO), &eps).plan;
+    let plan = compute(&cfg, &resources(TWO), &eps, &BTreeMap::new()).plan;
     let first = apply_blocking(&plan, None, state.path()).unwrap();
     assert!(
         first
@@ -171,7 +171,13 @@ fn apply_is_idempotent_and_removing_a_network_removes_what_it_created() {
     assert_eq!(nft_list(), ruleset);
 
     // Removing beta: its bridge, set elements and runtime state go; rules stay the same.
-    let only_alpha = compute(&cfg, &resources(&TWO[..TWO.find("---").unwrap()]), &eps).plan;
+    let only_alpha = compute(
+        &cfg,
+        &resources(&TWO[..TWO.find("---").unwrap()]),
+        &eps,
+        &BTreeMap::new(),
+    )
+    .plan;
     let report = apply_blocking(&only_alpha, None, state.path()).unwrap();
     assert!(
         report
@@ -209,7 +215,13 @@ fn a_foreign_link_with_weft_s_bridge_name_is_never_touched() {
     let cfg = config(state.path());
     let mut nl = Netlink::new().unwrap();
     let foreign = nl.create_bridge("wn-alpha", None, None, None).unwrap();
-    let plan = compute(&cfg, &resources(TWO), &EndpointStore::default()).plan;
+    let plan = compute(
+        &cfg,
+        &resources(TWO),
+        &EndpointStore::default(),
+        &BTreeMap::new(),
+    )
+    .plan;
     let err = apply_blocking(&plan, None, state.path()).unwrap_err();
     assert!(err.to_string().contains("not created by weft"), "{err}");
     assert_eq!(nl.link_by_name("wn-alpha").unwrap().unwrap().index, foreign);
@@ -353,7 +365,7 @@ fn workload_ports_go_back_on_a_bridge_deleted_by_hand_and_packets_flow_again() {
     let (a, b) = (wl.endpoint(0), wl.endpoint(1));
     eps.register(a.clone());
     eps.register(b.clone());
-    let plan = compute(&cfg, &alpha(), &eps).plan;
+    let plan = compute(&cfg, &alpha(), &eps, &BTreeMap::new()).plan;
     apply_blocking(&plan, None, state.path()).unwrap();
     wl.start(&a, "wn-alpha");
     wl.start(&b, "wn-alpha");
@@ -422,6 +434,95 @@ fn workload_ports_go_back_on_a_bridge_deleted_by_hand_and_packets_flow_again() {
     assert!(
         wl.talk(),
         "the workloads answer each other after the full apply"
+    );
+    drop(wl);
+    cleanup(&mut nl, &mut NftCli::default(), state.path()).unwrap();
+}
+
+#[test]
+fn a_node_network_missing_for_a_moment_leaves_live_workloads_alone() {
+    isolate();
+    let state = tempfile::tempdir().unwrap();
+    let cfg = config(state.path());
+    let mut wl = Workloads::new();
+    let mut eps = EndpointStore::default();
+    let (a, b) = (wl.endpoint(0), wl.endpoint(1));
+    eps.register(a.clone());
+    eps.register(b.clone());
+    // Cluster mode: the Node's labels, and the block of the node's NodeNetwork.
+    let with_node_network = |blocks: &[(&str, &str)]| {
+        let mut res = alpha();
+        res.node_labels = Some(BTreeMap::new());
+        res.node_blocks = Some(
+            blocks
+                .iter()
+                .map(|(n, b)| {
+                    (
+                        n.to_string(),
+                        NodeBlocks {
+                            v4: b.parse().ok(),
+                            v6: None,
+                        },
+                    )
+                })
+                .collect(),
+        );
+        res
+    };
+    let present = with_node_network(&[("alpha", "10.61.0.0/24")]);
+    let first = compute(&cfg, &present, &eps, &BTreeMap::new());
+    assert!(first.problems.is_empty(), "{:?}", first.problems);
+    apply_blocking(&first.plan, None, state.path()).unwrap();
+    wl.start(&a, "wn-alpha");
+    wl.start(&b, "wn-alpha");
+    assert!(wl.talk(), "the workloads answer each other before");
+    let mut nl = Netlink::new().unwrap();
+    let bridge = link(&mut nl, "wn-alpha").index;
+
+    // The NodeNetwork is deleted (by hand, or with its Node while the Node is re-created):
+    // the Network still exists and selects the node, so it keeps its block and bridge.
+    let mut missing = with_node_network(&[]);
+    missing.node_network_missing = true;
+    let realized = realized_blocks(state.path());
+    let held = compute(&cfg, &missing, &eps, &realized);
+    assert_eq!(held.plan.bridges, first.plan.bridges, "the Network stays");
+    assert_eq!(
+        held.plan, first.plan,
+        "the same plan as with the NodeNetwork"
+    );
+    assert!(
+        held.problems.iter().any(|p| p
+            .to_string()
+            .starts_with("NodeNetwork node-a: not in the Kubernetes API; networks alpha keep")),
+        "{:?}",
+        held.problems
+    );
+    let report = apply_blocking(&held.plan, None, state.path()).unwrap();
+    assert!(report.is_noop(), "nothing torn down: {:?}", report.changes);
+    assert_eq!(link(&mut nl, "wn-alpha").index, bridge);
+    assert!(
+        wl.talk(),
+        "the workloads answer each other while it is missing"
+    );
+
+    // The controller writes it again: nothing to do.
+    let back = compute(&cfg, &present, &eps, &BTreeMap::new());
+    let report = apply_blocking(&back.plan, None, state.path()).unwrap();
+    assert!(report.is_noop(), "{:?}", report.changes);
+
+    // The Network deleted meanwhile: it goes, NodeNetwork or not.
+    let mut deleted = missing.clone();
+    deleted.networks.clear();
+    let gone = compute(&cfg, &deleted, &eps, &realized_blocks(state.path()));
+    assert!(gone.plan.bridges.is_empty());
+    let report = apply_blocking(&gone.plan, None, state.path()).unwrap();
+    assert!(
+        report
+            .changes
+            .iter()
+            .any(|c| c.contains("deleted bridge wn-alpha")),
+        "{:?}",
+        report.changes
     );
     drop(wl);
     cleanup(&mut nl, &mut NftCli::default(), state.path()).unwrap();

@@ -72,6 +72,37 @@ pub fn selects(net: &Network, node: &NodeContext) -> bool {
     }
 }
 
+/// The blocks the plan keeps while this node's `NodeNetwork` is missing from the API
+/// ([`Resources::node_network_missing`]). The controller writes it again when it is deleted,
+/// and for a Node deleted and re-created (it goes with the Node), so its absence is no reason
+/// to take down a network whose workloads run here: each Network keeps the block it has on
+/// the node (`realized`, the runtime state of the networks realized here) while it exists, is
+/// not being deleted and still selects the node. A Network deleted, being deleted or no longer
+/// selecting the node is not kept, and goes as it does with the `NodeNetwork` there; one
+/// without a realized block waits for the `NodeNetwork`. Empty while the `NodeNetwork` is
+/// there: then its blocks alone count (the controller takes a Network off a node, and a
+/// deleted Network off every node, by taking its block out of the spec).
+///
+/// There is no time limit: the controller writes the `NodeNetwork` as soon as it runs, and
+/// while it does not run, no other node can be given the block either.
+pub fn held_blocks(
+    res: &Resources,
+    node: &NodeContext,
+    realized: &BTreeMap<String, NodeBlocks>,
+) -> BTreeMap<String, NodeBlocks> {
+    if !res.node_network_missing {
+        return BTreeMap::new();
+    }
+    res.networks
+        .iter()
+        .filter(|net| net.metadata.deletion_timestamp.is_none() && selects(net, node))
+        .filter_map(|net| {
+            let name = net.metadata.name.as_deref()?;
+            Some((name.to_string(), *realized.get(name)?))
+        })
+        .collect()
+}
+
 /// The standalone block assignment: node `i` of the sorted cluster node list gets the `i`-th
 /// block of each subnet. The controller replaces this with allocations it records in the API.
 pub fn standalone_blocks(
@@ -1335,6 +1366,88 @@ spec: {network: nowhere, target: {workload: x}, ports: [{port: 80}]}
         let a = plan(&node(&[]), &res, &blocks, &eps);
         let b = plan(&node(&[]), &res, &blocks, &eps);
         assert_eq!(a.plan, b.plan);
+    }
+
+    const HELD: &str = r#"
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: blue}
+spec: {mode: NAT, subnets: [10.30.0.0/16]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: green}
+spec: {mode: NAT, subnets: [10.31.0.0/16], nodeSelector: {matchLabels: {pool: x}}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: fresh}
+spec: {mode: NAT, subnets: [10.32.0.0/16]}
+"#;
+
+    fn planned(out: &PlanOutput) -> Vec<&str> {
+        out.plan.networks.iter().map(|n| n.name.as_str()).collect()
+    }
+
+    #[test]
+    fn a_missing_node_network_keeps_the_networks_realized_here_while_they_select_the_node() {
+        // The snapshot of a cluster whose NodeNetwork for this node is gone for a moment.
+        let mut res = resources(HELD);
+        res.node_blocks = Some(BTreeMap::new());
+        res.node_network_missing = true;
+        let here = node(&[("pool", "x")]);
+        // What the node realized before: blue and green (fresh never was), and a Network
+        // deleted since.
+        let mut realized = all_blocks(&res, &["node-a"]);
+        realized.remove("fresh");
+        realized.insert(
+            "deleted".into(),
+            NodeBlocks {
+                v4: "10.33.0.0/24".parse().ok(),
+                v6: None,
+            },
+        );
+        let held = held_blocks(&res, &here, &realized);
+        assert_eq!(held.keys().collect::<Vec<_>>(), ["blue", "green"]);
+        assert_eq!(held["blue"], realized["blue"], "the block it has here");
+        let web = endpoint("blue", "web-1", &["10.30.0.2"]);
+        let out = plan(&here, &res, &held, std::slice::from_ref(&web));
+        assert_eq!(planned(&out), ["blue", "green"]);
+        assert_eq!(out.plan.ports.len(), 1);
+        assert_eq!(out.plan.ports[0].name, web.host_ifname);
+        assert_eq!(out.plan.ports[0].bridge, "wn-blue");
+        let waits: Vec<String> = out.problems.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            waits,
+            ["Network fresh: no address block is assigned to node node-a yet"],
+            "a Network not realized here waits for the NodeNetwork"
+        );
+
+        // The NodeNetwork is there again: its blocks alone count.
+        res.node_network_missing = false;
+        assert!(held_blocks(&res, &here, &realized).is_empty());
+        res.node_network_missing = true;
+
+        // A Network that no longer selects the node goes.
+        let elsewhere = node(&[("pool", "y")]);
+        let held = held_blocks(&res, &elsewhere, &realized);
+        assert_eq!(held.keys().collect::<Vec<_>>(), ["blue"]);
+        assert_eq!(planned(&plan(&elsewhere, &res, &held, &[])), ["blue"]);
+
+        // A Network being deleted goes, and so does one deleted.
+        res.networks[1].metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::UNIX_EPOCH),
+        );
+        res.networks
+            .retain(|n| n.metadata.name.as_deref() != Some("blue"));
+        let held = held_blocks(&res, &here, &realized);
+        assert!(held.is_empty(), "{held:?}");
+        let out = plan(&here, &res, &held, std::slice::from_ref(&web));
+        assert!(out.plan.bridges.is_empty(), "{:?}", out.plan.bridges);
+        assert!(
+            out.plan.ports.is_empty(),
+            "no port of a network not realized"
+        );
     }
 
     #[test]
