@@ -35,6 +35,22 @@ pub struct BridgePlan {
     pub uplink: Option<UplinkPlan>,
 }
 
+/// A workload's host-side port (the veth end the CNI made and attached, `wf…`) and what weft
+/// keeps on it: its bridge, and on a VLAN-filtering bridge its VLANs. Hairpin mode is on for
+/// every weft port (see [`apply`]).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PortPlan {
+    /// The link, e.g. `wf0123456789a`.
+    pub name: String,
+    /// Its network (the link's alias names it too: only a link whose alias says so is touched).
+    pub network: String,
+    /// The network's bridge.
+    pub bridge: String,
+    /// On a VLAN-filtering bridge, the VLANs the port carries tagged besides the network's own
+    /// (the attachment's `vlanTrunk` that the network allows); empty for an access port.
+    pub trunk: Vec<u16>,
+}
+
 /// A sysctl the node needs (forwarding).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SysctlPlan {
@@ -60,6 +76,10 @@ pub struct NodePlan {
     pub guard: Option<Table>,
     /// Runtime state for the CNI, one per network.
     pub networks: Vec<NetworkState>,
+    /// The host-side ports of the workloads of these networks, sorted: a port that is not a
+    /// port of its bridge (the bridge was deleted and made again, which releases its ports) is
+    /// attached again. The CNI attaches new ones itself.
+    pub ports: Vec<PortPlan>,
 }
 
 /// Errors applying a plan.
@@ -394,7 +414,8 @@ fn apply_trusting(
         }
     }
     apply_bridges(plan, links, state_dir, &mut report)?;
-    // The guard first: a new port is never bridged before its anti-spoofing is in place.
+    // The guard first: a new port is never bridged before its anti-spoofing is in place (and
+    // a port that left its bridge goes back only once both tables are).
     match &plan.guard {
         Some(guard) => apply_firewall_trusting(
             guard,
@@ -410,6 +431,7 @@ fn apply_trusting(
         firewall,
         &mut report,
     )?;
+    apply_ports(plan, links, &mut report)?;
     apply_state(plan, state_dir, &mut report)?;
     Ok(report)
 }
@@ -436,7 +458,8 @@ pub fn apply_checked(
 /// last): when only set and map elements differ, both tables go from `previous` to `plan` in
 /// one element-only transaction without listing them first, which keeps a registration cheap
 /// however many elements the tables hold. Anything else (no previous plan, other bridges,
-/// sysctls or table structure) takes the full [`apply`]. A node changed by hand since is repaired
+/// sysctls or table structure) takes the full [`apply`]. Other ports need no link work: the CNI
+/// attached a new one, and DEL deletes a removed one. A node changed by hand since is repaired
 /// by the next full apply (the agent's periodic resync).
 pub fn apply_since(
     plan: &NodePlan,
@@ -631,8 +654,80 @@ fn apply_bridges(
                 .push(format!("deleted vlan {} (network removed)", link.name));
         }
     }
-    // Workload ports are made in hairpin mode (a workload reaches itself through the node's
-    // port forwards); a port an older weft made is switched over.
+    Ok(())
+}
+
+/// Brings the workloads' host-side ports back to what weft made them: a planned port that is
+/// not a port of its bridge (deleting a bridge releases its ports, and they stay so when the
+/// bridge is made again) is attached to it again and set up, and on a VLAN-filtering bridge
+/// given its access VLAN and trunk again; then every weft workload port of a planned bridge gets
+/// hairpin mode (a workload reaches itself through the node's port forwards; the kernel turns
+/// it off for a port that left its bridge, and an older weft made ports without it).
+///
+/// Only links whose alias names them weft's port of the planned network are touched, and
+/// only towards that network's weft bridge. A planned port whose link is gone (its workload
+/// was deleted; DEL removes the rest) and the ports of a network whose uplink failed are left
+/// alone.
+fn apply_ports(
+    plan: &NodePlan,
+    links: &mut dyn Links,
+    report: &mut ApplyReport,
+) -> Result<(), ApplyError> {
+    let failed: BTreeSet<&str> = report.failed.iter().map(|(n, _)| n.as_str()).collect();
+    let existing = links.list()?;
+    let by_name: BTreeMap<&str, &LinkInfo> =
+        existing.iter().map(|l| (l.name.as_str(), l)).collect();
+    for port in &plan.ports {
+        let Some(bridge) = plan
+            .bridges
+            .iter()
+            .find(|b| b.name == port.bridge && b.network == port.network)
+        else {
+            continue;
+        };
+        let (Some(link), Some(master)) = (
+            by_name.get(port.name.as_str()),
+            by_name.get(bridge.name.as_str()),
+        ) else {
+            continue;
+        };
+        let ours = format!("{}ep:{}:", names::ALIAS_PREFIX, port.network);
+        if failed.contains(port.network.as_str())
+            || !link.alias.as_deref().is_some_and(|a| a.starts_with(&ours))
+            || master.alias.as_deref() != Some(names::bridge_alias(&bridge.network).as_str())
+            || link.master == Some(master.index)
+        {
+            continue;
+        }
+        links.set_master(link.index, Some(master.index))?;
+        report.changes.push(format!(
+            "port {} attached to bridge {}",
+            port.name, bridge.name
+        ));
+        if !link.up {
+            links.set_up(link.index)?;
+            report.changes.push(format!("port {} up", port.name));
+        }
+        if let Some(f) = bridge.uplink.as_ref().and_then(|u| u.filtering.as_ref()) {
+            let trunk: Vec<crate::vlan::VlanRange> = port
+                .trunk
+                .iter()
+                .map(|v| crate::vlan::VlanRange::one(*v))
+                .collect();
+            let current = links.port_vlans()?.remove(&link.index).unwrap_or_default();
+            let (add, del) = crate::vlan::changes(&current, &f.workload(&trunk));
+            if !add.is_empty() || !del.is_empty() {
+                links.change_port_vlans(link.index, &add, &del)?;
+                report.changes.push(format!(
+                    "port {} vlans: {} untagged, {} tagged",
+                    port.name,
+                    f.own,
+                    trunk.len()
+                ));
+            }
+        }
+    }
+    let wanted: BTreeSet<&str> = plan.bridges.iter().map(|b| b.name.as_str()).collect();
     let all = links.list()?;
     let bridges: BTreeSet<u32> = all
         .iter()
@@ -996,18 +1091,23 @@ impl Links for FakeLinks {
         self.links.retain(|l| l.index != index);
         self.addrs.remove(&index);
         self.routes.remove(&index);
+        // Like the kernel: a deleted bridge releases its ports, which lose their port flags.
         for l in &mut self.links {
             if l.master == Some(index) {
                 l.master = None;
+                l.hairpin = None;
+                self.port_vlans.remove(&l.index);
             }
         }
         self.calls.push(format!("delete_link {index}"));
         Ok(())
     }
     fn set_master(&mut self, index: u32, master: Option<u32>) -> Result<(), ApplyError> {
+        // Like the kernel: a new port starts with hairpin off; a leaving one has no port flags.
         for l in &mut self.links {
             if l.index == index {
                 l.master = master;
+                l.hairpin = master.map(|_| false);
             }
         }
         // Like the kernel: a new port gets the bridge's default VLAN; a leaving one loses all.
@@ -1220,6 +1320,7 @@ mod tests {
             firewall: table(elements, rule),
             guard: None,
             networks: vec![],
+            ports: vec![],
         }
     }
 
@@ -1478,6 +1579,148 @@ mod tests {
             !again.changes.iter().any(|c| c.contains("hairpin")),
             "{again:?}"
         );
+    }
+
+    /// A workload port the CNI made on bridge `bridge` of network `network`, hairpin on.
+    fn workload_port(index: u32, name: &str, network: &str, bridge: u32) -> LinkInfo {
+        LinkInfo {
+            master: Some(bridge),
+            alias: Some(names::host_veth_alias(network, name, "eth0")),
+            hairpin: Some(true),
+            ..foreign(index, name, Some("veth"), None)
+        }
+    }
+
+    fn port_plan(name: &str, network: &str, trunk: &[u16]) -> PortPlan {
+        PortPlan {
+            name: name.into(),
+            network: network.into(),
+            bridge: format!("wn-{network}"),
+            trunk: trunk.to_vec(),
+        }
+    }
+
+    #[test]
+    fn ports_a_deleted_bridge_released_are_attached_to_the_new_one_once() {
+        let mut node = Node::new();
+        let mut p = plan(&[], "accept", &["a"]);
+        p.ports = vec![
+            port_plan("wfa", "a", &[]),
+            port_plan("wfb", "a", &[]),
+            port_plan("wfgone", "a", &[]),
+            port_plan("wfnotours", "a", &[]),
+            port_plan("wfother", "a", &[]),
+        ];
+        node.apply(&p);
+        let old = bridge_index(&node, "wn-a");
+        node.links.links.extend([
+            workload_port(20, "wfa", "a", old),
+            workload_port(21, "wfb", "a", old),
+            // A link of that name weft did not make, and a weft port of another network.
+            LinkInfo {
+                master: Some(old),
+                ..foreign(22, "wfnotours", Some("veth"), None)
+            },
+            workload_port(23, "wfother", "b", old),
+        ]);
+        for l in &mut node.links.links {
+            if l.name == "wfb" {
+                l.up = false;
+            }
+        }
+        assert!(
+            node.apply(&p).is_noop(),
+            "ports on their bridge are left alone"
+        );
+
+        // The bridge is deleted by hand: its ports are released (hairpin goes with them).
+        node.links.delete_link(old).unwrap();
+        assert!(node.links.links.iter().all(|l| l.master.is_none()));
+        let r = node.apply(&p);
+        let new = bridge_index(&node, "wn-a");
+        for want in [
+            "created bridge wn-a",
+            "port wfa attached to bridge wn-a",
+            "port wfa hairpin on",
+            "port wfb attached to bridge wn-a",
+            "port wfb up",
+            "port wfb hairpin on",
+        ] {
+            assert!(r.changes.iter().any(|c| c == want), "{want}: {r:?}");
+        }
+        let link = |name: &str| node.links.links.iter().find(|l| l.name == name).unwrap();
+        for name in ["wfa", "wfb"] {
+            assert_eq!(link(name).master, Some(new), "{name}");
+            assert_eq!(link(name).hairpin, Some(true), "{name}");
+            assert!(link(name).up, "{name}");
+        }
+        for name in ["wfnotours", "wfother"] {
+            assert_eq!(link(name).master, None, "{name} is not weft's port of a");
+        }
+        assert!(
+            !r.changes.iter().any(|c| c.contains("wfgone")),
+            "a port whose link is gone is skipped: {r:?}"
+        );
+        // Idempotent: the next apply (a resync) changes nothing.
+        let calls = node.links.calls.len();
+        assert!(node.apply(&p).is_noop());
+        assert_eq!(node.links.calls.len(), calls);
+    }
+
+    #[test]
+    fn a_trunk_port_attached_again_gets_its_access_vlan_and_trunk_back() {
+        use crate::vlan::{PortVlan, VlanRange};
+        let mut node = Node::new();
+        node.links.gateway_answers = true;
+        add_eth0(&mut node);
+        let mut p = trunk_plan(&[VlanRange::one(20), VlanRange { min: 100, max: 101 }]);
+        p.ports = vec![port_plan("wftrunk", "lan", &[20, 101])];
+        assert!(node.apply(&p).failed.is_empty());
+        let old = bridge_index(&node, "wn-lan");
+        node.links
+            .links
+            .push(workload_port(60, "wftrunk", "lan", old));
+        node.links.port_vlans.insert(
+            60,
+            vec![
+                PortVlan::access(10),
+                PortVlan::tagged(20),
+                PortVlan::tagged(101),
+            ],
+        );
+        assert!(node.apply(&p).is_noop());
+        // Released from the bridge (as deleting the bridge does): its VLANs are gone.
+        node.links.set_master(60, None).unwrap();
+        assert!(!node.links.port_vlans.contains_key(&60));
+        let r = node.apply(&p);
+        assert!(r.failed.is_empty(), "{r:?}");
+        assert!(
+            r.changes
+                .iter()
+                .any(|c| c == "port wftrunk vlans: 10 untagged, 2 tagged"),
+            "{r:?}"
+        );
+        assert_eq!(
+            node.links
+                .links
+                .iter()
+                .find(|l| l.index == 60)
+                .unwrap()
+                .master,
+            Some(old)
+        );
+        assert_eq!(
+            node.links.port_vlans[&60],
+            [
+                PortVlan::access(10),
+                PortVlan::tagged(20),
+                PortVlan::tagged(101)
+            ],
+            "the network's own VLAN untagged, the attachment's trunk tagged, VLAN 1 gone"
+        );
+        let calls = node.links.calls.len();
+        assert!(node.apply(&p).is_noop());
+        assert_eq!(node.links.calls.len(), calls);
     }
 
     #[test]

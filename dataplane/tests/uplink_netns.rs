@@ -82,6 +82,7 @@ fn node_plan(with_lan: bool) -> NodePlan {
         },
         guard: None,
         networks: vec![],
+        ports: vec![],
     }
 }
 

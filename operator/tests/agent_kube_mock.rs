@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use weft_crds::NodeNetworkSpec;
 use weft_operator::agent::AgentStatus;
 use weft_operator::agent::kube::{FIELD_MANAGER, KubeSource, node_network_status};
+use weft_operator::agent::plan::{NodeBlocks, PlanOutput};
 use weft_operator::agent::source::{ResourceSource, Resources, SourceError};
 
 type Reply = tower_test::mock::SendResponse<Response<Body>>;
@@ -484,6 +485,7 @@ async fn snapshot_holds_the_listed_resources_node_labels_and_node_blocks() {
         &config(),
         &res,
         &weft_operator::agent::endpoints::EndpointStore::default(),
+        &BTreeMap::new(),
     );
     let planned: Vec<&str> = out.plan.networks.iter().map(|n| n.name.as_str()).collect();
     assert_eq!(planned, ["blue"]);
@@ -590,6 +592,129 @@ async fn a_node_missing_from_the_api_is_an_error_not_an_empty_node() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(res.node_blocks, Some(BTreeMap::new()));
+}
+
+/// The plan of a snapshot, and this node's blocks of the networks it realizes (what the agent
+/// reads back from its runtime state while the NodeNetwork is missing).
+fn plan_of(
+    res: &Resources,
+    realized: &BTreeMap<String, NodeBlocks>,
+) -> (PlanOutput, BTreeMap<String, NodeBlocks>) {
+    let out = weft_operator::agent::compute(
+        &config(),
+        res,
+        &weft_operator::agent::endpoints::EndpointStore::default(),
+        realized,
+    );
+    let blocks = out
+        .plan
+        .networks
+        .iter()
+        .map(|n| {
+            (
+                n.name.clone(),
+                NodeBlocks {
+                    v4: n.block_v4,
+                    v6: n.block_v6,
+                },
+            )
+        })
+        .collect();
+    (out, blocks)
+}
+
+fn planned(out: &PlanOutput) -> Vec<&str> {
+    out.plan.networks.iter().map(|n| n.name.as_str()).collect()
+}
+
+#[tokio::test]
+async fn a_node_network_deleted_and_written_again_or_a_node_re_created_keeps_the_networks_here() {
+    let (api, client, _writes) = FakeApi::start();
+    seed(&api);
+    let mut source = KubeSource::start(client, "node-a");
+    let res = synced(&mut source).await;
+    assert!(!res.node_network_missing);
+    let (first, realized) = plan_of(&res, &BTreeMap::new());
+    assert_eq!(planned(&first), ["blue"]);
+    let blue_block = json!([{"network": "blue", "ipv4": "10.10.0.64/26"}]);
+
+    // The NodeNetwork is deleted: the snapshot says so, and blue keeps its block and plan.
+    api.push_watch(
+        NODE_NETWORKS,
+        &[(
+            "DELETED",
+            node_network("node-a", 4, blue_block.clone(), None),
+        )],
+    );
+    let res = until(&mut source, |r| r.node_network_missing, |_| {}).await;
+    assert_eq!(res.node_blocks, Some(BTreeMap::new()));
+    let (held, _) = plan_of(&res, &realized);
+    assert_eq!(planned(&held), ["blue"]);
+    assert_eq!(held.plan, first.plan, "nothing on the node changes");
+    let problems: Vec<String> = held.problems.iter().map(ToString::to_string).collect();
+    assert!(
+        problems.iter().any(|p| p
+            == "NodeNetwork node-a: not in the Kubernetes API; networks blue keep the blocks they have on this node until the controller writes it again"),
+        "{problems:?}"
+    );
+
+    // The controller writes it again: its blocks count again, the same plan.
+    api.push_watch(
+        NODE_NETWORKS,
+        &[("ADDED", node_network("node-a", 1, blue_block.clone(), None))],
+    );
+    let res = until(&mut source, |r| !r.node_network_missing, |_| {}).await;
+    let (again, _) = plan_of(&res, &BTreeMap::new());
+    assert_eq!(again.plan, first.plan);
+
+    // The Node is deleted (its NodeNetwork goes with it) and re-created: no snapshot while the
+    // Node is gone, then the NodeNetwork is missing until the controller writes it.
+    api.push_watch(
+        NODES,
+        &[("DELETED", partial("node-a", None, &[("pool", "x")]))],
+    );
+    api.push_watch(
+        NODE_NETWORKS,
+        &[(
+            "DELETED",
+            node_network("node-a", 1, blue_block.clone(), None),
+        )],
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !matches!(source.snapshot(), Err(SourceError::NodeNotFound { .. })) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the Node never went"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    api.push_watch(
+        NODES,
+        &[("ADDED", partial("node-a", None, &[("pool", "x")]))],
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let res = loop {
+        match source.snapshot() {
+            Ok(r) if r.node_network_missing => break r,
+            _ => {}
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the Node never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let (held, _) = plan_of(&res, &realized);
+    assert_eq!(held.plan, first.plan, "the re-created Node keeps blue");
+
+    // The Network is deleted meanwhile: it goes, NodeNetwork or not.
+    api.push_watch(
+        NETWORKS,
+        &[("DELETED", network("blue", "10.10.0.0/16", None))],
+    );
+    let res = until(&mut source, |r| r.networks.len() == 1, |_| {}).await;
+    let (gone, _) = plan_of(&res, &realized);
+    assert!(gone.plan.bridges.is_empty(), "{:?}", gone.plan.bridges);
 }
 
 fn agent_status(last_error: Option<&str>) -> AgentStatus {

@@ -10,7 +10,11 @@
 //!
 //! [`ResourceSource::snapshot`] reads the stores without waiting. Until every reflector has
 //! had its first complete list it returns [`SourceError::NotSynced`], so the agent never takes
-//! a cluster it has not listed yet for an empty one (and removes nothing at startup).
+//! a cluster it has not listed yet for an empty one (and removes nothing at startup). This
+//! node's NodeNetwork missing after that (deleted, or gone with a re-created Node, until the
+//! controller writes it again) is said so in the snapshot
+//! ([`Resources::node_network_missing`]): the plan keeps the Networks realized on the node
+//! meanwhile rather than take them down.
 //!
 //! [`ResourceSource::report`] turns the agent's status into the NodeNetwork status
 //! ([`node_network_status`]) and hands it to a task that writes it with server-side apply,
@@ -233,10 +237,12 @@ impl KubeSource {
         };
         let (blocks, problems) = match &node_network {
             Some(nn) => node_blocks(&self.node, &nn.spec),
-            // The controller has not written this node's NodeNetwork yet: no blocks.
+            // The controller has not written this node's NodeNetwork (yet, or again): no blocks
+            // of its own (the plan keeps what the node realized meanwhile).
             None => (BTreeMap::new(), Vec::new()),
         };
         res.node_blocks = Some(blocks);
+        res.node_network_missing = node_network.is_none();
         res.problems = problems;
         res.problems.extend(peer_problems);
         self.used = node_network;

@@ -107,11 +107,14 @@ pub struct Message {
     pub reply: oneshot::Sender<Reply>,
 }
 
-/// Computes the plan for the current resources and endpoints.
+/// Computes the plan for the current resources and endpoints. `realized`: this node's blocks
+/// of the networks realized on it ([`realized_blocks`]), which the networks keep while the
+/// node's `NodeNetwork` is missing (see [`plan::held_blocks`]).
 pub fn compute(
     cfg: &AgentConfig,
     res: &source::Resources,
     endpoints: &EndpointStore,
+    realized: &BTreeMap<String, NodeBlocks>,
 ) -> PlanOutput {
     let mut blocks: BTreeMap<String, NodeBlocks> = BTreeMap::new();
     let mut block_problems = Vec::new();
@@ -119,8 +122,31 @@ pub fn compute(
     if !nodes.contains(&cfg.node.name) {
         nodes.push(cfg.node.name.clone());
     }
+    // Cluster mode: the Node object's labels; standalone: the configured ones.
+    let node = match &res.node_labels {
+        Some(labels) => NodeContext {
+            name: cfg.node.name.clone(),
+            labels: labels.clone(),
+        },
+        None => cfg.node.clone(),
+    };
     if let Some(assigned) = &res.node_blocks {
         blocks = assigned.clone();
+        let held = plan::held_blocks(res, &node, realized);
+        if !held.is_empty() {
+            let names: Vec<&str> = held.keys().map(String::as_str).collect();
+            block_problems.push(plan::Problem {
+                kind: "NodeNetwork",
+                object: node.name.clone(),
+                message: format!(
+                    "not in the Kubernetes API; networks {} keep the blocks they have on this node until the controller writes it again",
+                    names.join(", ")
+                ),
+            });
+        }
+        for (network, b) in held {
+            blocks.entry(network).or_insert(b);
+        }
     } else {
         for net in &res.networks {
             let name = net.metadata.name.clone().unwrap_or_default();
@@ -136,14 +162,6 @@ pub fn compute(
             }
         }
     }
-    // Cluster mode: the Node object's labels; standalone: the configured ones.
-    let node = match &res.node_labels {
-        Some(labels) => NodeContext {
-            name: cfg.node.name.clone(),
-            labels: labels.clone(),
-        },
-        None => cfg.node.clone(),
-    };
     let mut out = plan::plan(&node, res, &blocks, &endpoints.list());
     firewall::shield_agent_ports(&mut out.plan.firewall, &cfg.agent_ports);
     for p in block_problems {
@@ -152,6 +170,25 @@ pub fn compute(
         }
     }
     out
+}
+
+/// This node's blocks of the networks realized on it, from their runtime state (written by
+/// each successful apply, so it survives an agent restart).
+pub fn realized_blocks(state_dir: &std::path::Path) -> BTreeMap<String, NodeBlocks> {
+    weft_dataplane::state::NetworkState::list(state_dir)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|name| {
+            let st = weft_dataplane::state::NetworkState::read(state_dir, &name).ok()?;
+            Some((
+                name,
+                NodeBlocks {
+                    v4: st.block_v4,
+                    v6: st.block_v6,
+                },
+            ))
+        })
+        .collect()
 }
 
 /// The periodic check of this node against a plan (blocking): links, addresses and the tables'
@@ -345,7 +382,13 @@ impl Reconciler {
                 }
             }
             None => {
-                let out = compute(&self.cfg, &res, &self.endpoints);
+                // Read only while the NodeNetwork is missing (see `plan::held_blocks`).
+                let realized = if res.node_network_missing {
+                    realized_blocks(&self.cfg.state_dir)
+                } else {
+                    BTreeMap::new()
+                };
+                let out = compute(&self.cfg, &res, &self.endpoints, &realized);
                 let previous = self.applied.take().filter(|a| a.ok).map(|a| a.out.plan);
                 let result = if reason == "endpoints" && previous.as_ref() == Some(&out.plan) {
                     Ok(ApplyReport::default())

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use weft_crds::{Network, NetworkMode, PortForward};
 use weft_dataplane::names;
-use weft_dataplane::plan::{BridgePlan, NodePlan, SysctlPlan};
+use weft_dataplane::plan::{BridgePlan, NodePlan, PortPlan, SysctlPlan};
 use weft_dataplane::proto::Endpoint;
 use weft_dataplane::state::{self, NetworkState};
 use weft_dataplane::uplink::UplinkPlan;
@@ -70,6 +70,37 @@ pub fn selects(net: &Network, node: &NodeContext) -> bool {
         None => true,
         Some(sel) => weft_crds::selector_matches(sel, &node.labels),
     }
+}
+
+/// The blocks the plan keeps while this node's `NodeNetwork` is missing from the API
+/// ([`Resources::node_network_missing`]). The controller writes it again when it is deleted,
+/// and for a Node deleted and re-created (it goes with the Node), so its absence is no reason
+/// to take down a network whose workloads run here: each Network keeps the block it has on
+/// the node (`realized`, the runtime state of the networks realized here) while it exists, is
+/// not being deleted and still selects the node. A Network deleted, being deleted or no longer
+/// selecting the node is not kept, and goes as it does with the `NodeNetwork` there; one
+/// without a realized block waits for the `NodeNetwork`. Empty while the `NodeNetwork` is
+/// there: then its blocks alone count (the controller takes a Network off a node, and a
+/// deleted Network off every node, by taking its block out of the spec).
+///
+/// There is no time limit: the controller writes the `NodeNetwork` as soon as it runs, and
+/// while it does not run, no other node can be given the block either.
+pub fn held_blocks(
+    res: &Resources,
+    node: &NodeContext,
+    realized: &BTreeMap<String, NodeBlocks>,
+) -> BTreeMap<String, NodeBlocks> {
+    if !res.node_network_missing {
+        return BTreeMap::new();
+    }
+    res.networks
+        .iter()
+        .filter(|net| net.metadata.deletion_timestamp.is_none() && selects(net, node))
+        .filter_map(|net| {
+            let name = net.metadata.name.as_deref()?;
+            Some((name.to_string(), *realized.get(name)?))
+        })
+        .collect()
 }
 
 /// The standalone block assignment: node `i` of the sorted cluster node list gets the `i`-th
@@ -329,6 +360,7 @@ pub fn plan(
         });
     }
     let guard = guard_table(&bridges, &states, endpoints);
+    let ports = port_plans(&bridges, &states, endpoints);
     PlanOutput {
         plan: NodePlan {
             node: node.name.clone(),
@@ -337,6 +369,7 @@ pub fn plan(
             firewall: firewall::table(&rules, &forwards, &host_ports, &policy),
             guard: Some(guard),
             networks: states,
+            ports,
         },
         problems,
         forwards: realized,
@@ -374,16 +407,7 @@ fn guard_table(
                 ips: e.ips.clone(),
                 pending: e.pending,
                 // Only VLANs the network allows (the CNI checked; the guard does not trust it).
-                vlans: net
-                    .vlan_filtering
-                    .as_ref()
-                    .map(|f| {
-                        vlan::ids(&e.vlan_trunk)
-                            .into_iter()
-                            .filter(|id| f.trunk.iter().any(|r| r.contains(*id)))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
+                vlans: allowed_trunk(net, e),
             }),
             // An endpoint with an unreadable MAC stays unregistered: its port drops everything.
             None if net.anti_spoofing => {}
@@ -394,6 +418,44 @@ fn guard_table(
         }
     }
     super::guard::table(&names, &guarded, &open)
+}
+
+/// The VLANs of an endpoint's `vlanTrunk` that its network allows (none on a network whose
+/// bridge does not filter VLANs).
+fn allowed_trunk(net: &NetworkState, e: &Endpoint) -> Vec<u16> {
+    net.vlan_filtering
+        .as_ref()
+        .map(|f| {
+            vlan::ids(&e.vlan_trunk)
+                .into_iter()
+                .filter(|id| f.trunk.iter().any(|r| r.contains(*id)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The host-side ports of the endpoints of realized networks, sorted: the apply attaches one
+/// that left its bridge again (see [`PortPlan`]).
+fn port_plans(
+    bridges: &[BridgePlan],
+    networks: &[NetworkState],
+    endpoints: &[Endpoint],
+) -> Vec<PortPlan> {
+    let mut ports: Vec<PortPlan> = endpoints
+        .iter()
+        .filter_map(|e| {
+            let net = networks.iter().find(|n| n.name == e.network)?;
+            let bridge = bridges.iter().find(|b| b.network == e.network)?;
+            Some(PortPlan {
+                name: e.host_ifname.clone(),
+                network: e.network.clone(),
+                bridge: bridge.name.clone(),
+                trunk: allowed_trunk(net, e),
+            })
+        })
+        .collect();
+    ports.sort();
+    ports
 }
 
 /// The policy members of this node: its endpoints, with their workloads' labels.
@@ -597,6 +659,15 @@ pub fn apply_endpoint_changes(
         }
     }
     deletes.extend(adds);
+    // The ports: no kernel work (the CNI attaches a new port, and DEL deletes a removed one).
+    let ports = &mut out.plan.ports;
+    for gone in port_plans(&out.plan.bridges, &out.plan.networks, removed) {
+        if let Some(i) = ports.iter().position(|p| *p == gone) {
+            ports.remove(i);
+        }
+    }
+    ports.extend(port_plans(&out.plan.bridges, &out.plan.networks, added));
+    ports.sort();
     Some(Transaction(deletes))
 }
 
@@ -1295,6 +1366,118 @@ spec: {network: nowhere, target: {workload: x}, ports: [{port: 80}]}
         let a = plan(&node(&[]), &res, &blocks, &eps);
         let b = plan(&node(&[]), &res, &blocks, &eps);
         assert_eq!(a.plan, b.plan);
+    }
+
+    const HELD: &str = r#"
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: blue}
+spec: {mode: NAT, subnets: [10.30.0.0/16]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: green}
+spec: {mode: NAT, subnets: [10.31.0.0/16], nodeSelector: {matchLabels: {pool: x}}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: fresh}
+spec: {mode: NAT, subnets: [10.32.0.0/16]}
+"#;
+
+    fn planned(out: &PlanOutput) -> Vec<&str> {
+        out.plan.networks.iter().map(|n| n.name.as_str()).collect()
+    }
+
+    #[test]
+    fn a_missing_node_network_keeps_the_networks_realized_here_while_they_select_the_node() {
+        // The snapshot of a cluster whose NodeNetwork for this node is gone for a moment.
+        let mut res = resources(HELD);
+        res.node_blocks = Some(BTreeMap::new());
+        res.node_network_missing = true;
+        let here = node(&[("pool", "x")]);
+        // What the node realized before: blue and green (fresh never was), and a Network
+        // deleted since.
+        let mut realized = all_blocks(&res, &["node-a"]);
+        realized.remove("fresh");
+        realized.insert(
+            "deleted".into(),
+            NodeBlocks {
+                v4: "10.33.0.0/24".parse().ok(),
+                v6: None,
+            },
+        );
+        let held = held_blocks(&res, &here, &realized);
+        assert_eq!(held.keys().collect::<Vec<_>>(), ["blue", "green"]);
+        assert_eq!(held["blue"], realized["blue"], "the block it has here");
+        let web = endpoint("blue", "web-1", &["10.30.0.2"]);
+        let out = plan(&here, &res, &held, std::slice::from_ref(&web));
+        assert_eq!(planned(&out), ["blue", "green"]);
+        assert_eq!(out.plan.ports.len(), 1);
+        assert_eq!(out.plan.ports[0].name, web.host_ifname);
+        assert_eq!(out.plan.ports[0].bridge, "wn-blue");
+        let waits: Vec<String> = out.problems.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            waits,
+            ["Network fresh: no address block is assigned to node node-a yet"],
+            "a Network not realized here waits for the NodeNetwork"
+        );
+
+        // The NodeNetwork is there again: its blocks alone count.
+        res.node_network_missing = false;
+        assert!(held_blocks(&res, &here, &realized).is_empty());
+        res.node_network_missing = true;
+
+        // A Network that no longer selects the node goes.
+        let elsewhere = node(&[("pool", "y")]);
+        let held = held_blocks(&res, &elsewhere, &realized);
+        assert_eq!(held.keys().collect::<Vec<_>>(), ["blue"]);
+        assert_eq!(planned(&plan(&elsewhere, &res, &held, &[])), ["blue"]);
+
+        // A Network being deleted goes, and so does one deleted.
+        res.networks[1].metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::UNIX_EPOCH),
+        );
+        res.networks
+            .retain(|n| n.metadata.name.as_deref() != Some("blue"));
+        let held = held_blocks(&res, &here, &realized);
+        assert!(held.is_empty(), "{held:?}");
+        let out = plan(&here, &res, &held, std::slice::from_ref(&web));
+        assert!(out.plan.bridges.is_empty(), "{:?}", out.plan.bridges);
+        assert!(
+            out.plan.ports.is_empty(),
+            "no port of a network not realized"
+        );
+    }
+
+    #[test]
+    fn every_endpoint_of_a_realized_network_is_a_port_of_its_bridge_with_its_allowed_trunk() {
+        let res = resources(TRUNK);
+        let mut vm = endpoint("trunk", "vm-1", &["10.70.0.66"]);
+        vm.vlan_trunk = vec![VlanRange::one(20), VlanRange { min: 100, max: 105 }];
+        let eps = [
+            vm.clone(),
+            endpoint("sub-30", "web-1", &["10.71.0.5"]),
+            // vlan-20 is refused (its VLAN is trunk's): no port of it.
+            endpoint("vlan-20", "web-2", &["10.72.0.5"]),
+        ];
+        let out = plan(&node(&[]), &res, &all_blocks(&res, &["node-a"]), &eps);
+        let mut want = vec![
+            PortPlan {
+                name: vm.host_ifname.clone(),
+                network: "trunk".into(),
+                bridge: "wn-trunk".into(),
+                trunk: vec![20, 100, 101],
+            },
+            PortPlan {
+                name: eps[1].host_ifname.clone(),
+                network: "sub-30".into(),
+                bridge: "wn-sub-30".into(),
+                trunk: vec![],
+            },
+        ];
+        want.sort();
+        assert_eq!(out.plan.ports, want);
     }
 
     const LAN: &str = r#"

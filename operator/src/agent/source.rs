@@ -89,6 +89,11 @@ pub struct Resources {
     /// This node's address blocks per network, when the source knows them (cluster mode: the
     /// controller's `NodeNetwork`). `None`: the agent assigns blocks itself (standalone).
     pub node_blocks: Option<BTreeMap<String, NodeBlocks>>,
+    /// Cluster mode: this node's `NodeNetwork` is not in the API (not written yet, deleted and
+    /// not written again yet, or gone with its Node while the Node was re-created);
+    /// `node_blocks` is then empty. The plan keeps the Networks realized on the node meanwhile
+    /// (see [`super::plan::held_blocks`]).
+    pub node_network_missing: bool,
     /// This node's labels, when the source knows them (cluster mode: the Node object). `None`:
     /// the agent uses the labels it was configured with (`--node-labels`).
     pub node_labels: Option<BTreeMap<String, String>>,
