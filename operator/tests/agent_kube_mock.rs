@@ -923,6 +923,38 @@ async fn a_watch_restart_relists_and_replaces_the_store_at_once() {
 }
 
 #[tokio::test]
+async fn a_watch_event_wakes_the_agent_with_the_store_already_updated() {
+    let (api, client, _writes) = FakeApi::start();
+    seed(&api);
+    let mut source = KubeSource::start(client, "node-a");
+    let res = synced(&mut source).await;
+    assert_eq!(workloads(&res), ["shop/db-1", "shop/web-1"]);
+    let wake = source.changes().expect("the watches wake the agent");
+    // The first lists left a wake-up behind: take it.
+    let _ = tokio::time::timeout(Duration::from_millis(50), wake.notified()).await;
+    let before = source.fingerprint().unwrap();
+
+    api.push_watch(
+        PODS,
+        &[(
+            "ADDED",
+            partial("cache-1", Some("shop"), &[("tier", "cache")]),
+        )],
+    );
+    // (The timeout only keeps a broken wake-up from hanging the test.)
+    tokio::time::timeout(Duration::from_secs(20), wake.notified())
+        .await
+        .expect("a pod event wakes the agent");
+    assert_ne!(source.fingerprint().unwrap(), before);
+    let res = source.snapshot().unwrap();
+    assert_eq!(
+        workloads(&res),
+        ["shop/cache-1", "shop/db-1", "shop/web-1"],
+        "the store holds the event when the agent wakes"
+    );
+}
+
+#[tokio::test]
 async fn a_bad_block_in_the_node_network_is_a_problem_and_the_network_has_none() {
     let (api, client, _writes) = FakeApi::start();
     seed(&api);

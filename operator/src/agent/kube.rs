@@ -84,7 +84,7 @@ pub struct KubeSource {
     /// Per reflector: what it watches, and whether its first list is complete.
     synced: Vec<(&'static str, Arc<AtomicBool>)>,
     /// Bumped by every watch event of every reflector.
-    changes: Arc<AtomicU64>,
+    changes: Arc<Changes>,
     /// The NodeNetwork the last snapshot used (its spec, generation and status).
     used: Option<Arc<NodeNetwork>>,
     /// The newest status to write; the writer task writes what it holds.
@@ -107,7 +107,7 @@ impl KubeSource {
     /// Starts the reflectors and the status writer for node `node` on the current tokio
     /// runtime (call it from within the agent's runtime).
     pub fn start(client: Client, node: &str) -> Self {
-        let changes = Arc::new(AtomicU64::new(0));
+        let changes = Arc::new(Changes::default());
         let mut synced = Vec::new();
         let mut tasks = Vec::new();
         let all = watcher::Config::default().any_semantic();
@@ -284,7 +284,11 @@ impl ResourceSource for KubeSource {
     }
 
     fn fingerprint(&mut self) -> Result<u64, SourceError> {
-        Ok(self.changes.load(Ordering::Acquire))
+        Ok(self.changes.count.load(Ordering::Acquire))
+    }
+
+    fn changes(&self) -> Option<Arc<tokio::sync::Notify>> {
+        Some(self.changes.notify.clone())
     }
 
     fn publishes(&self) -> bool {
@@ -438,13 +442,29 @@ async fn watch_vms(client: Client, kind: &'static str, plural: &'static str, set
     }
 }
 
+/// What the watches tell the agent: a counter of events (the fingerprint) and a wake-up for the
+/// agent's loop, so that a change is reconciled as soon as it arrives (events that arrive during a
+/// reconcile wake it once more, not once each).
+#[derive(Default)]
+struct Changes {
+    count: AtomicU64,
+    notify: Arc<tokio::sync::Notify>,
+}
+
+impl Changes {
+    fn bump(&self) {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        self.notify.notify_one();
+    }
+}
+
 /// A reflector for `api` into a new store: its stream bumps `changes` on every event and sets
 /// the returned flag once the first list is complete; errors are logged and retried.
 fn reflect<K>(
     what: &'static str,
     api: Api<K>,
     config: watcher::Config,
-    changes: Arc<AtomicU64>,
+    changes: Arc<Changes>,
 ) -> (Store<K>, Arc<AtomicBool>, BoxedTask)
 where
     K: Resource<DynamicType = ()>
@@ -479,7 +499,7 @@ where
                     {
                         debug!(what, "first list complete");
                     }
-                    changes.fetch_add(1, Ordering::AcqRel);
+                    changes.bump();
                 }
                 Err(e) => {
                     warn!(what, error = %crate::error_chain(&e), "watch failed; retrying with backoff")

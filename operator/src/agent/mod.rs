@@ -53,7 +53,8 @@ pub struct AgentConfig {
     pub cleanup_config_on_exit: bool,
     /// Full resync period (repairs drift: a table or bridge deleted by hand).
     pub resync: Duration,
-    /// How often the source is polled for changes.
+    /// How often a source without change notifications (files) is polled, and a failed
+    /// reconcile retried; the watches of cluster mode wake the agent as changes arrive.
     pub poll: Duration,
     /// Where audit records go (JSON lines); `None`: standard output.
     pub audit_log: Option<PathBuf>,
@@ -846,6 +847,9 @@ pub async fn run(
     let mut fingerprint = rec.source.fingerprint().ok();
     let mut retry = Retry::default();
     retry.record(rec.reconcile("start").await.is_ok());
+    // Watches wake the loop as changes arrive; sources without (files) are polled. The tick also
+    // retries a failed reconcile.
+    let changes = rec.source.changes();
     let mut poll = tokio::time::interval(cfg.poll);
     let mut resync = tokio::time::interval(cfg.resync);
     resync.tick().await;
@@ -876,6 +880,13 @@ pub async fn run(
                         };
                         let _ = m.reply.send(reply);
                     }
+                }
+            }
+            _ = async { changes.as_ref()?.notified().await; Some(()) }, if changes.is_some() => {
+                let fp = rec.source.fingerprint().ok();
+                if fp != fingerprint {
+                    fingerprint = fp;
+                    retry.record(rec.reconcile("resources changed").await.is_ok());
                 }
             }
             _ = poll.tick() => {

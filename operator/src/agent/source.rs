@@ -6,6 +6,7 @@ use super::plan::NodeBlocks;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use weft_crds::{ClusterSegmentationPolicy, Network, PortForward, SegmentationPolicy};
 
 /// A workload's identity and labels (a Pod; for KubeVirt, the virt-launcher pod).
@@ -134,6 +135,12 @@ pub trait ResourceSource: Send {
     fn snapshot(&mut self) -> Result<Resources, SourceError>;
     /// A fingerprint that changes whenever the resources may have changed (cheap to compute).
     fn fingerprint(&mut self) -> Result<u64, SourceError>;
+    /// Signalled on every change, when the source learns of changes as they happen (cluster
+    /// mode: the watches). The agent then reconciles at once instead of at its next poll of
+    /// [`ResourceSource::fingerprint`]; a source without it (files) is polled.
+    fn changes(&self) -> Option<Arc<tokio::sync::Notify>> {
+        None
+    }
     /// Reports what the agent realized after a reconcile (cluster mode writes it to the node's
     /// `NodeNetwork` status). The standalone source has nowhere to write it.
     fn report(&mut self, _status: &super::AgentStatus) {}
