@@ -21,6 +21,3 @@ pub const DEFAULT_NODE_BLOCK_PREFIX_V4: u8 = 26;
 pub const DEFAULT_NODE_BLOCK_PREFIX_V6: u8 = 122;
 /// Default MTU of a network's links (`spec.mtu`).
 pub const DEFAULT_MTU: u32 = 1500;
-
-/// Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
-pub const MAX_IFNAME_LEN: usize = 15;

@@ -4,7 +4,7 @@
 use crate::cel;
 use crate::cidr::{Cidr, IpAddress, IpOrCidr, parse_cidr, parse_ip, parse_ip_or_cidr};
 use crate::constants::{DEFAULT_MTU, DEFAULT_NODE_BLOCK_PREFIX_V4, DEFAULT_NODE_BLOCK_PREFIX_V6};
-use crate::validate::{Errors, FieldError, IFNAME_PATTERN, check_selector, is_valid_ifname};
+use crate::validate::{Errors, FieldError, IFNAME_PATTERN, check_selector, matches_ifname_pattern};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, KubeSchema};
@@ -734,7 +734,7 @@ impl NetworkSpec {
 
 impl BridgeSpec {
     fn validate(&self, errors: &mut Errors) {
-        if !is_valid_ifname(&self.uplink) {
+        if !matches_ifname_pattern(&self.uplink) {
             errors.push(
                 "spec.bridge.uplink",
                 format!(
@@ -754,7 +754,7 @@ impl BridgeSpec {
             );
         }
         if let Some(name) = &self.bridge_name
-            && !is_valid_ifname(name)
+            && !matches_ifname_pattern(name)
         {
             errors.push(
                 "spec.bridge.bridgeName",

@@ -76,15 +76,21 @@ pub const MAX_LABEL_VALUE_LEN: usize = 63;
 /// The operators of a selector expression.
 pub const SELECTOR_OPERATORS: [&str; 4] = ["In", "NotIn", "Exists", "DoesNotExist"];
 
-/// Does `name` match [`IFNAME_PATTERN`]?
-pub fn is_valid_ifname(name: &str) -> bool {
-    let bytes = name.as_bytes();
-    !bytes.is_empty()
-        && bytes.len() <= crate::constants::MAX_IFNAME_LEN
-        && bytes[0].is_ascii_alphanumeric()
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+/// Does `name` match [`IFNAME_PATTERN`]? The pattern is the Network API's own rule, stricter
+/// than the kernel's (weft's one interface-name rule, `weft_dataplane::names::ifname_problem`,
+/// which this crate does not depend on): every name it admits is one the kernel accepts, and the
+/// API server enforces the same pattern, so the two checks must agree.
+pub fn matches_ifname_pattern(name: &str) -> bool {
+    match name.as_bytes().split_first() {
+        Some((first, rest)) => {
+            first.is_ascii_alphanumeric()
+                && rest.len() <= 14
+                && rest
+                    .iter()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+        }
+        None => false,
+    }
 }
 
 fn is_dns1123_label_like(label: &str) -> bool {
@@ -282,7 +288,7 @@ mod tests {
             "a",
             "abcdefghijklmno",
         ] {
-            assert!(is_valid_ifname(ok), "{ok}");
+            assert!(matches_ifname_pattern(ok), "{ok}");
         }
         for bad in [
             "",
@@ -295,7 +301,7 @@ mod tests {
             "abcdefghijklmnop",
             "ëth0",
         ] {
-            assert!(!is_valid_ifname(bad), "{bad}");
+            assert!(!matches_ifname_pattern(bad), "{bad}");
         }
     }
 

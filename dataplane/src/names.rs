@@ -26,8 +26,10 @@ pub const DEFAULT_AGENT_SOCKET: &str = "/run/weft/agent.sock";
 pub const DEFAULT_CNI_BIN_DIR: &str = "/opt/cni/bin";
 /// Default CNI configuration directory.
 pub const DEFAULT_CNI_CONF_DIR: &str = "/etc/cni/net.d";
-/// Linux' IFNAMSIZ minus the trailing NUL.
-pub const IFNAME_MAX: usize = 15;
+/// Linux' IFNAMSIZ: an interface name and its trailing NUL fit in 16 bytes.
+pub const IFNAMSIZ: usize = 16;
+/// The longest interface name in bytes: [`IFNAMSIZ`] minus the trailing NUL.
+pub const IFNAME_MAX: usize = IFNAMSIZ - 1;
 
 fn hex_digest(parts: &[&str]) -> String {
     let mut h = Sha256::new();
@@ -131,15 +133,39 @@ pub fn network_name_problem(name: &str) -> Option<String> {
     })
 }
 
-/// Whether `name` is a valid Linux interface name.
+/// Why `name` is not an interface name the kernel accepts, or `None` when it is one. This is
+/// the kernel's `dev_valid_name()`: not empty, shorter than [`IFNAMSIZ`] bytes, not `.` or `..`,
+/// no `/`, `:` or whitespace (its `isspace()`, which also counts the byte 0xA0, so some
+/// non-ASCII names are refused; any Unicode whitespace is refused too). A NUL would cut the
+/// name short in the kernel's C string, so it is refused as well.
+///
+/// This is weft's one interface-name rule; a caller with a stricter rule of its own (nft string
+/// literals, the Network API's pattern) checks this one and adds its own on top.
+pub fn ifname_problem(name: &str) -> Option<&'static str> {
+    // The kernel's isspace(): space, \t, \n, \v, \f, \r, and 0xA0 (its ctype table is Latin-1).
+    let kernel_space = |b: u8| matches!(b, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r' | 0xa0);
+    if name.is_empty() {
+        Some("empty")
+    } else if name.len() > IFNAME_MAX {
+        Some("longer than 15 bytes")
+    } else if name == "." || name == ".." {
+        Some("\".\" and \"..\" are not interface names")
+    } else if name.contains('/') {
+        Some("contains '/'")
+    } else if name.contains(':') {
+        Some("contains ':'")
+    } else if name.contains('\0') {
+        Some("contains NUL")
+    } else if name.bytes().any(kernel_space) || name.chars().any(char::is_whitespace) {
+        Some("contains whitespace")
+    } else {
+        None
+    }
+}
+
+/// Whether `name` is an interface name the kernel accepts (see [`ifname_problem`]).
 pub fn is_valid_ifname(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= IFNAME_MAX
-        && name != "."
-        && name != ".."
-        && !name
-            .chars()
-            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c == '\0')
+    ifname_problem(name).is_none()
 }
 
 /// A locally administered unicast MAC derived from the given seed strings.
@@ -263,6 +289,53 @@ mod tests {
         assert_ne!(a, host_veth_name("abd", "eth0"));
         // The separator keeps ("ab","ceth0") and ("abc","eth0") apart.
         assert_ne!(host_veth_name("ab", "ceth0"), a);
+    }
+
+    #[test]
+    fn ifnames_the_kernel_accepts_are_valid() {
+        for ok in [
+            "eth0",
+            "a",
+            "abcdefghijklmno",
+            "bond0.100",
+            "br-lan",
+            "veth_x",
+            "-eth",
+            "...",
+            "eth0@x",
+            "ëth0",
+        ] {
+            assert!(is_valid_ifname(ok), "{ok:?}");
+            assert_eq!(ifname_problem(ok), None, "{ok:?}");
+        }
+    }
+
+    #[test]
+    fn ifnames_the_kernel_refuses_are_rejected_with_the_reason() {
+        for (bad, why) in [
+            ("", "empty"),
+            ("abcdefghijklmnop", "longer than 15 bytes"),
+            ("ëëëëëëëë", "longer than 15 bytes"),
+            (".", "\".\" and \"..\" are not interface names"),
+            ("..", "\".\" and \"..\" are not interface names"),
+            ("eth/1", "contains '/'"),
+            ("eth0:1", "contains ':'"),
+            ("eth\0x", "contains NUL"),
+            ("eth 1", "contains whitespace"),
+            ("eth\t1", "contains whitespace"),
+            ("eth\n1", "contains whitespace"),
+            ("eth\u{0b}1", "contains whitespace"),
+            ("eth\u{0c}1", "contains whitespace"),
+            ("eth\r1", "contains whitespace"),
+            ("eth\u{a0}1", "contains whitespace"),
+            ("eth\u{2003}1", "contains whitespace"),
+            // 'à' is C3 A0 in UTF-8, and the kernel's isspace() counts the byte 0xA0.
+            ("à", "contains whitespace"),
+        ] {
+            assert!(!is_valid_ifname(bad), "{bad:?}");
+            assert_eq!(ifname_problem(bad), Some(why), "{bad:?}");
+        }
+        assert_eq!(IFNAME_MAX, 15);
     }
 
     #[test]

@@ -45,9 +45,6 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::PathBuf;
 use tracing::{debug, trace};
 
-/// Longest interface name the kernel accepts (IFNAMSIZ - 1).
-pub const MAX_IFNAME_LEN: usize = 15;
-
 /// How often a dump that the kernel flags as inconsistent (`NLM_F_DUMP_INTR`) is retried.
 const DUMP_ATTEMPTS: u32 = 5;
 
@@ -381,26 +378,9 @@ pub struct VethSpec<'a> {
 
 pub use crate::names::{format_mac, parse_mac};
 
-/// Why `name` cannot be an interface name, if it cannot.
+/// Why `name` cannot be an interface name, if it cannot (the rule is [`crate::names::ifname_problem`]).
 fn bad_ifname(name: &str) -> Option<String> {
-    if name.is_empty() {
-        Some("empty interface name".into())
-    } else if name.len() > MAX_IFNAME_LEN {
-        Some(format!(
-            "interface name {name:?} is longer than {MAX_IFNAME_LEN} bytes"
-        ))
-    } else if name == "." || name == ".." {
-        Some(format!("{name:?} is not a valid interface name"))
-    } else if name
-        .chars()
-        .any(|c| c == '/' || c == ':' || c.is_whitespace() || c == '\0')
-    {
-        Some(format!(
-            "interface name {name:?} contains '/', ':', NUL or whitespace"
-        ))
-    } else {
-        None
-    }
+    crate::names::ifname_problem(name).map(|why| format!("interface name {name:?}: {why}"))
 }
 
 fn check_ifname(op: &'static str, target: &str, name: &str) -> Result<(), NetlinkError> {

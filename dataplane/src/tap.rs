@@ -7,7 +7,8 @@
 //! [`crate::netns::run_in`].
 #![allow(unsafe_code)] // ioctls on /dev/net/tun; each block has its SAFETY comment
 
-use crate::netlink::{MAX_IFNAME_LEN, Netlink, NetlinkError};
+use crate::names;
+use crate::netlink::{Netlink, NetlinkError};
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use tracing::debug;
@@ -105,17 +106,8 @@ fn ifreq_for(name: &str, flags: libc::c_int) -> Result<libc::ifreq, TapError> {
         name: name.to_string(),
         reason,
     };
-    if name.is_empty() {
-        return Err(invalid("empty"));
-    }
-    if name.len() > MAX_IFNAME_LEN {
-        return Err(invalid("longer than 15 bytes"));
-    }
-    if name
-        .bytes()
-        .any(|b| b == 0 || b == b'/' || b.is_ascii_whitespace())
-    {
-        return Err(invalid("contains NUL, '/' or whitespace"));
+    if let Some(reason) = names::ifname_problem(name) {
+        return Err(invalid(reason));
     }
     let flags = libc::c_short::try_from(flags).map_err(|_| invalid("flags overflow"))?;
     // SAFETY: `ifreq` is a plain C struct (a byte array and a union of plain integers,
@@ -331,7 +323,7 @@ mod tests {
 
     #[test]
     fn bad_tap_names_are_rejected() {
-        for bad in ["", "a-name-that-is-too-long", "a/b", "a b"] {
+        for bad in ["", "a-name-that-is-too-long", "a/b", "a b", "a:b", ".."] {
             assert!(matches!(
                 ifreq_for(bad, libc::IFF_TAP),
                 Err(TapError::InvalidName { .. })

@@ -50,7 +50,7 @@ impl UplinkPlan {
             None => self.device.clone(),
             Some(id) => {
                 let natural = format!("{}.{id}", self.device);
-                if natural.len() <= crate::netlink::MAX_IFNAME_LEN {
+                if natural.len() <= names::IFNAME_MAX {
                     natural
                 } else {
                     let mac = names::hashed_mac(&[&self.device, &id.to_string()]);

@@ -32,6 +32,7 @@ use ::kube::core::PartialObjectMeta;
 use ::kube::runtime::reflector::{self, Store};
 use ::kube::runtime::{WatchStreamExt, watcher};
 use ::kube::{Api, Client, Resource, ResourceExt};
+use backon::BackoffBuilder as _;
 use futures::StreamExt;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
@@ -809,7 +810,7 @@ async fn write_status(
 ) {
     let params = PatchParams::apply(FIELD_MANAGER).force();
     while rx.changed().await.is_ok() {
-        let mut backoff = Duration::from_secs(1);
+        let mut backoff = crate::backoff(MAX_STATUS_BACKOFF).build();
         loop {
             let Some(status) = rx.borrow_and_update().clone() else {
                 break;
@@ -825,12 +826,12 @@ async fn write_status(
                     break;
                 }
                 Err(e) => {
-                    warn!(node = %node, error = %crate::error_chain(&e), retry_in = ?backoff, "cannot write the NodeNetwork status");
+                    let retry_in = backoff.next().unwrap_or(MAX_STATUS_BACKOFF);
+                    warn!(node = %node, error = %crate::error_chain(&e), retry_in = ?retry_in, "cannot write the NodeNetwork status");
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(retry_in) => {}
                         changed = rx.changed() => if changed.is_err() { return },
                     }
-                    backoff = (backoff * 2).min(MAX_STATUS_BACKOFF);
                 }
             }
         }

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod plan;
 pub mod source;
 
+use backon::BackoffBuilder as _;
 use endpoints::EndpointStore;
 use install::CniInstall;
 use plan::{NodeBlocks, NodeContext, PlanOutput};
@@ -733,18 +734,21 @@ fn announce(plan: &dplan::NodePlan, ep: &Endpoint) {
     }
 }
 
-/// Exponential backoff (1 s to 30 s) for retrying a failed reconcile.
+/// The longest wait before retrying a failed reconcile.
+const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Exponential backoff (1 s to [`MAX_RETRY_BACKOFF`]) for retrying a failed reconcile.
 #[derive(Debug)]
 struct Retry {
     at: Option<std::time::Instant>,
-    backoff: Duration,
+    backoff: backon::ExponentialBackoff,
 }
 
 impl Default for Retry {
     fn default() -> Self {
         Retry {
             at: None,
-            backoff: Duration::from_secs(1),
+            backoff: crate::backoff(MAX_RETRY_BACKOFF).build(),
         }
     }
 }
@@ -754,8 +758,8 @@ impl Retry {
         if ok {
             *self = Retry::default();
         } else {
-            self.at = Some(std::time::Instant::now() + self.backoff);
-            self.backoff = (self.backoff * 2).min(Duration::from_secs(30));
+            let delay = self.backoff.next().unwrap_or(MAX_RETRY_BACKOFF);
+            self.at = Some(std::time::Instant::now() + delay);
         }
     }
 

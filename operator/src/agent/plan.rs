@@ -1769,6 +1769,18 @@ spec: {mode: NAT, subnets: [10.62.0.0/24]}
         assert!(reply.restore.is_empty());
         assert_eq!(reply.migration["lan"].node, "node-e");
     }
+
+    proptest::proptest! {
+        // The Network API's interface-name pattern (crds) is stricter than the kernel's rule
+        // (dataplane), and neither crate sees the other: the plan hands one to the other.
+        #[test]
+        fn every_interface_name_the_network_api_admits_is_one_the_kernel_accepts(
+            name in weft_crds::validate::IFNAME_PATTERN.trim_start_matches('^').trim_end_matches('$')
+        ) {
+            proptest::prop_assert!(weft_crds::validate::matches_ifname_pattern(&name));
+            proptest::prop_assert!(weft_dataplane::names::is_valid_ifname(&name), "{name:?}");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -27,6 +27,7 @@ pub use leader::Leadership;
 pub use metrics::Metrics;
 
 use crate::cli::ControllerOpts;
+use backon::BackoffBuilder as _;
 use futures::{FutureExt, StreamExt, TryStreamExt, channel::mpsc};
 use k8s_openapi::api::core::v1::Node;
 use kube::runtime::events::{Recorder, Reporter};
@@ -83,7 +84,7 @@ pub struct Context {
     /// Serializes allocate + apply, so two reconciles never allocate from the same snapshot.
     allocation: tokio::sync::Mutex<()>,
     /// Consecutive transient failures per object, for exponential backoff.
-    failures: Mutex<HashMap<String, u32>>,
+    failures: Mutex<HashMap<String, backon::ExponentialBackoff>>,
 }
 
 impl Context {
@@ -131,15 +132,14 @@ impl Context {
     /// The delay before retrying `key` after a transient error: 1 s, 2 s, 4 s, ... up to
     /// [`MAX_BACKOFF`].
     pub fn backoff(&self, key: &str) -> Duration {
-        let n = match self.failures.lock() {
-            Ok(mut f) => {
-                let n = f.entry(key.to_owned()).or_insert(0);
-                *n = n.saturating_add(1);
-                *n
-            }
-            Err(_) => 1,
-        };
-        Duration::from_secs(1u64 << (n - 1).min(9)).min(MAX_BACKOFF)
+        match self.failures.lock() {
+            Ok(mut f) => f
+                .entry(key.to_owned())
+                .or_insert_with(|| crate::backoff(MAX_BACKOFF).build())
+                .next()
+                .unwrap_or(MAX_BACKOFF),
+            Err(_) => Duration::from_secs(1),
+        }
     }
 }
 

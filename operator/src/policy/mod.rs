@@ -15,9 +15,12 @@
 //! adding or removing a workload changes set elements, never rules.
 
 pub mod cluster;
+// Its property checks panic: compiled only for tests and fuzz builds, never into the operator.
+#[cfg(any(test, feature = "fuzzing"))]
 mod fuzz;
 pub mod render;
 
+#[cfg(any(test, feature = "fuzzing"))]
 pub use fuzz::fuzz_compile;
 
 use crate::agent::plan::Problem;
