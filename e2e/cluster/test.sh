@@ -150,6 +150,38 @@ t_install() {
     expect "agent Ready on both nodes" k -n weft-system rollout status ds/weft-agent --timeout=120s
 }
 
+# A pod started on node2 reaches node1's policy groups as soon as node2 publishes it: the time
+# from node2's NodeNetwork status naming the pod's address (seen by a watch, as node1's agent
+# sees it) to node1's nftables holding it, for a few pods. Figures to $dir/results.txt.
+t_peers() {
+  local i ip t0 t1 ms samples=()
+  for i in 1 2 3 4 5; do
+    rm -f "$dir/peers-watch" "$dir/peers-node1"
+    # node2's publications, timestamped as they arrive.
+    k get nodenetwork node2 -w -o jsonpath='{range .status.workloads[*]}{.ips[0]}{" "}{end}{"\n"}' 2>/dev/null |
+      while IFS= read -r line; do echo "$(date +%s.%N) $line"; done >"$dir/peers-watch" &
+    local watch=$!
+    # node1's rules, looked at every few milliseconds.
+    node node1 timeout 120 sh -c 'while :; do echo "$(date +%s.%N) $(nft list ruleset | grep -o "10\.20\.[0-9.]*" | sort -u | tr "\n" " ")"; sleep 0.005; done' peers-probe \
+      >"$dir/peers-node1" 2>/dev/null &
+    local poller=$!
+    sleep 1
+    testpod "peer-$i" node2 '{"app": "web"}'
+    kn wait --for=condition=Ready "pod/peer-$i" --timeout=60s >/dev/null || { kill $watch $poller; fail "peer-$i not Ready"; return 1; }
+    ip=$(pod_ip "peer-$i")
+    eventually 10 "peer-$i ($ip) is in node1's rules" grep -q " $ip " "$dir/peers-node1" || { kill $watch $poller; return 1; }
+    sleep 0.5
+    kill $watch $poller 2>/dev/null; pkill -f "get nodenetwork node2 -w|peers-probe" 2>/dev/null
+    t0=$(awk -v ip="$ip" '{ for (i = 2; i <= NF; i++) if ($i == ip) { print $1; exit } }' "$dir/peers-watch")
+    t1=$(awk -v ip="$ip" '{ for (i = 2; i <= NF; i++) if ($i == ip) { print $1; exit } }' "$dir/peers-node1")
+    [ -n "$t0" ] && [ -n "$t1" ] || { fail "no publication or rule seen for $ip"; return 1; }
+    ms=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.0f", (b - a) * 1000 }')
+    samples+=("$ms")
+    kn delete pod "peer-$i" --wait=false >/dev/null
+  done
+  echo "peers: node2 publication -> node1 rules (ms): ${samples[*]}" | tee -a "$dir/results.txt" >&2
+}
+
 # Each component has exactly the chart's permissions, and an agent speaks only for its own node.
 t_trust() {
   local sa=system:serviceaccount:weft-system
@@ -473,6 +505,7 @@ if [ "$failed" = 0 ]; then
   run nat t_nat
   run portforward t_portforward
   run policy t_policy
+  run peers t_peers
   run bridge t_bridge_hybrid
   run status t_status
   run trust t_trust
