@@ -158,8 +158,11 @@ t_peers() {
   for i in 1 2 3 4 5; do
     rm -f "$dir/peers-watch" "$dir/peers-node1"
     # node2's publications, timestamped as they arrive.
-    k get nodenetwork node2 -w -o jsonpath='{range .status.workloads[*]}{.ips[0]}{" "}{end}{"\n"}' 2>/dev/null |
-      while IFS= read -r line; do echo "$(date +%s.%N) $line"; done >"$dir/peers-watch" &
+    k get nodenetwork node2 -w --output-watch-events -o json 2>/dev/null | python3 -u -c '
+import json, sys, time
+for line in sys.stdin:
+    w = json.loads(line)["object"].get("status", {}).get("workloads", [])
+    print("%.6f %s " % (time.time(), " ".join(x["ips"][0] for x in w if x.get("ips"))))' >"$dir/peers-watch" &
     local watch=$!
     # node1's rules, looked at every few milliseconds.
     node node1 timeout 120 sh -c 'while :; do echo "$(date +%s.%N) $(nft list ruleset | grep -o "10\.20\.[0-9.]*" | sort -u | tr "\n" " ")"; sleep 0.005; done' peers-probe \
