@@ -37,6 +37,9 @@ pub struct Metrics {
     duration: Family<Labels, Histogram, fn() -> Histogram>,
     blocks_in_use: Family<Labels, Gauge>,
     leader: Gauge,
+    allocations: Counter,
+    allocations_reused: Counter,
+    allocation_duration: Histogram,
 }
 
 impl Default for Metrics {
@@ -47,6 +50,9 @@ impl Default for Metrics {
             duration: Family::new_with_constructor(duration_histogram),
             blocks_in_use: Family::default(),
             leader: Gauge::default(),
+            allocations: Counter::default(),
+            allocations_reused: Counter::default(),
+            allocation_duration: duration_histogram(),
         }
     }
 }
@@ -73,11 +79,37 @@ impl Metrics {
             m.blocks_in_use.clone(),
         );
         r.register(
+            "allocations",
+            "Allocation passes run (validation and blocks of every Network on every node)",
+            m.allocations.clone(),
+        );
+        r.register(
+            "allocations_reused",
+            "Reconciles that reused the last allocation (its inputs unchanged)",
+            m.allocations_reused.clone(),
+        );
+        r.register(
+            "allocation_duration_seconds",
+            "Duration of allocation passes",
+            m.allocation_duration.clone(),
+        );
+        r.register(
             "leader",
             "1 while this replica holds the leader Lease",
             m.leader.clone(),
         );
         m
+    }
+
+    /// Counts an allocation pass that took `took`.
+    pub fn allocated(&self, took: Duration) {
+        self.allocations.inc();
+        self.allocation_duration.observe(took.as_secs_f64());
+    }
+
+    /// Counts a reconcile that reused the last allocation.
+    pub fn allocation_reused(&self) {
+        self.allocations_reused.inc();
     }
 
     /// Counts a reconcile of `kind` that took `took`.

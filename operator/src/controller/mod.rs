@@ -83,6 +83,10 @@ pub struct Context {
     written: Mutex<BTreeMap<String, Arc<NodeNetworkSpec>>>,
     /// Serializes allocate + apply, so two reconciles never allocate from the same snapshot.
     allocation: tokio::sync::Mutex<()>,
+    /// The last decision and the fingerprint of its inputs ([`network::allocation_inputs`]):
+    /// reused while they are unchanged, so the events that change no input (the agents'
+    /// status reports, Node heartbeats, the Networks' own status) cost no allocation pass.
+    decided: Mutex<Option<(u64, Arc<network::Decision>)>>,
     /// Consecutive transient failures per object, for exponential backoff.
     failures: Mutex<HashMap<String, backon::ExponentialBackoff>>,
 }
@@ -107,6 +111,7 @@ impl Context {
             metrics,
             written: Mutex::default(),
             allocation: tokio::sync::Mutex::new(()),
+            decided: Mutex::default(),
             failures: Mutex::default(),
         }
     }

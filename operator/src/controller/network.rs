@@ -166,6 +166,55 @@ pub fn desired(observed: &Observed) -> Decision {
     }
 }
 
+/// A fingerprint of what [`desired`] depends on: each Network's identity, spec generation and
+/// deletion, each Node's name, uid and labels, and each NodeNetwork spec (its generation, which
+/// a status write does not change, or the spec this replica wrote). Equal fingerprints give
+/// equal decisions. (Generations are the API server's; wrapping casts only feed the hash.)
+pub fn allocation_inputs(observed: &Observed) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    // An object without a generation (the API server always sets one) counts as new each time.
+    let generation = |g: Option<i64>, object: *const ()| g.map_or(object as usize, |g| g as usize);
+    for n in &observed.networks {
+        let m = &n.metadata;
+        let g = generation(m.generation, Arc::as_ptr(n).cast());
+        (&m.name, &m.uid, g, m.deletion_timestamp.is_some()).hash(&mut h);
+    }
+    for (n, uid) in &observed.nodes {
+        (&n.name, uid, &n.labels).hash(&mut h);
+    }
+    for (name, spec) in &observed.specs {
+        name.hash(&mut h);
+        match spec {
+            ObservedSpec::Stored(nn) => {
+                let g = generation(nn.metadata.generation, Arc::as_ptr(nn).cast());
+                (0u8, &nn.metadata.uid, g).hash(&mut h);
+            }
+            ObservedSpec::Written(spec) => (1u8, Arc::as_ptr(spec) as usize).hash(&mut h),
+        }
+    }
+    h.finish()
+}
+
+/// [`desired`], or the decision last made from the same inputs ([`allocation_inputs`]).
+pub fn decide(ctx: &Context, observed: &Observed) -> Arc<Decision> {
+    let key = allocation_inputs(observed);
+    if let Ok(cache) = ctx.decided.lock()
+        && let Some((k, d)) = cache.as_ref()
+        && *k == key
+    {
+        ctx.metrics.allocation_reused();
+        return d.clone();
+    }
+    let start = Instant::now();
+    let decision = Arc::new(desired(observed));
+    ctx.metrics.allocated(start.elapsed());
+    if let Ok(mut cache) = ctx.decided.lock() {
+        *cache = Some((key, decision.clone()));
+    }
+    decision
+}
+
 /// Addresses that can be assigned: each subnet without network, broadcast (IPv4), gateway and
 /// excluded addresses, saturated at i64::MAX.
 pub fn addresses_total(net: &Network) -> i64 {
@@ -335,7 +384,7 @@ async fn reconcile_inner(net: Arc<Network>, ctx: &Arc<Context>) -> Result<Action
     let name = name_of(net.as_ref())?;
     if !ctx.is_leader() {
         // Compute anyway (metrics, warm caches); only the leader writes.
-        let decision = desired(&observe(ctx));
+        let decision = decide(ctx, &observe(ctx));
         record_blocks(ctx, &name, &decision);
         return Ok(Action::await_change());
     }
@@ -359,10 +408,10 @@ fn record_blocks(ctx: &Context, name: &str, decision: &Decision) {
 }
 
 /// Observe, decide and apply the NodeNetwork specs that changed (under the allocation lock).
-async fn sync_blocks(ctx: &Context) -> Result<(Observed, Decision), Error> {
+async fn sync_blocks(ctx: &Context) -> Result<(Observed, Arc<Decision>), Error> {
     let _guard = ctx.allocation.lock().await;
     let observed = observe(ctx);
-    let decision = desired(&observed);
+    let decision = decide(ctx, &observed);
     let api: Api<NodeNetwork> = Api::all(ctx.client.clone());
     let params = PatchParams::apply(FIELD_MANAGER).force();
     for node in &decision.changed {
@@ -540,4 +589,107 @@ async fn cleanup(net: &Network, ctx: &Context) -> Result<Action, Error> {
     info!(network = %name, "no agent realizes the network any more; removing the finalizer");
     ctx.metrics.forget_network(&name);
     Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_crds::{NetworkSpec, NodeNetworkBlock};
+
+    fn observed() -> Observed {
+        let mut net = Network::new(
+            "blue",
+            serde_json::from_value::<NetworkSpec>(
+                json!({"mode": "NAT", "subnets": ["10.10.0.0/16"]}),
+            )
+            .unwrap(),
+        );
+        net.metadata.generation = Some(1);
+        let mut nn = NodeNetwork::new(
+            "node-a",
+            NodeNetworkSpec {
+                blocks: vec![NodeNetworkBlock {
+                    network: "blue".into(),
+                    ipv4: Some("10.10.0.0/24".into()),
+                    ipv6: None,
+                }],
+            },
+        );
+        nn.metadata.generation = Some(1);
+        let nn = Arc::new(nn);
+        Observed {
+            networks: vec![Arc::new(net)],
+            nodes: vec![(
+                NodeInfo {
+                    name: "node-a".into(),
+                    labels: BTreeMap::new(),
+                },
+                Some("uid-a".into()),
+            )],
+            node_networks: [("node-a".to_owned(), nn.clone())].into(),
+            specs: [("node-a".to_owned(), ObservedSpec::Stored(nn))].into(),
+        }
+    }
+
+    #[test]
+    fn status_writes_leave_the_allocation_inputs_alone_and_spec_or_label_changes_do_not() {
+        let base = observed();
+        let key = allocation_inputs(&base);
+
+        // An agent's status report and the Network's own status: same inputs.
+        let mut o = base.clone();
+        let mut nn = (*o.node_networks["node-a"]).clone();
+        nn.status = Some(weft_crds::NodeNetworkStatus {
+            endpoints: Some(7),
+            ..Default::default()
+        });
+        nn.metadata.resource_version = Some("99".into());
+        let nn = Arc::new(nn);
+        o.node_networks.insert("node-a".into(), nn.clone());
+        o.specs.insert("node-a".into(), ObservedSpec::Stored(nn));
+        let mut net = (*o.networks[0]).clone();
+        net.status = Some(NetworkStatus::default());
+        o.networks[0] = Arc::new(net);
+        assert_eq!(allocation_inputs(&o), key);
+
+        // A new spec generation, a deletion, a node's labels, a NodeNetwork's spec: new inputs.
+        let changed = |f: &dyn Fn(&mut Observed)| {
+            let mut o = base.clone();
+            f(&mut o);
+            allocation_inputs(&o)
+        };
+        let keys = [
+            changed(&|o| {
+                let mut net = (*o.networks[0]).clone();
+                net.metadata.generation = Some(2);
+                o.networks[0] = Arc::new(net);
+            }),
+            changed(&|o| {
+                let mut net = (*o.networks[0]).clone();
+                net.metadata.deletion_timestamp = Some(
+                    k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()),
+                );
+                o.networks[0] = Arc::new(net);
+            }),
+            changed(&|o| {
+                o.nodes[0].0.labels.insert("zone".into(), "a".into());
+            }),
+            changed(&|o| {
+                let mut nn = (*o.node_networks["node-a"]).clone();
+                nn.metadata.generation = Some(2);
+                o.specs
+                    .insert("node-a".into(), ObservedSpec::Stored(Arc::new(nn)));
+            }),
+            changed(&|o| {
+                o.specs.insert(
+                    "node-a".into(),
+                    ObservedSpec::from(NodeNetworkSpec::default()),
+                );
+            }),
+            changed(&|o| o.networks.clear()),
+        ];
+        for (i, k) in keys.iter().enumerate() {
+            assert_ne!(*k, key, "change {i} left the inputs unchanged");
+        }
+    }
 }
