@@ -499,6 +499,53 @@ fn a_migrated_vm_keeps_its_policy_and_hybrid_targets_are_reached_on_a_shared_net
     assert!(out.contains("all expectations hold"), "{out}");
 }
 
+#[test]
+fn outside_and_nodes_probe_a_hybrid_workload_on_its_lan_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = write(dir.path(), "hybrid-outside.yaml", HYBRID_OUTSIDE);
+    let out = run_lab(&lab, &format!("ho-{}", std::process::id() % 10000));
+    assert!(out.contains("all expectations hold"), "{out}");
+    // The matrix probes outside -> hybrid at its LAN address too.
+    let matrix = out
+        .split("connectivity (IPv4")
+        .nth(1)
+        .expect("a connectivity matrix");
+    let row = matrix
+        .lines()
+        .find(|l| l.trim_start().starts_with("outside"))
+        .expect("the outside row");
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells, ["outside", "yes", "-"], "{matrix}");
+}
+
+/// hybrid is on a NAT network first and on a Bridge network of the LAN's own subnet second.
+/// outside and the other node reach it at its LAN address (the NAT one is private to its
+/// node); its own node reaches it on the NAT network, through its bridge.
+const HYBRID_OUTSIDE: &str = r#"lan: {gateway: 10.21.31.1/24, listen: [80/tcp]}
+nodes:
+  - {name: hy-a, address: 10.21.31.2/24}
+  - {name: hy-b, address: 10.21.31.3/24}
+resources:
+  - apiVersion: weft.dev/v1alpha1
+    kind: Network
+    metadata: {name: pods}
+    spec: {mode: NAT, subnets: [10.97.0.0/20], ipam: {nodeBlockPrefix: 24}}
+  - apiVersion: weft.dev/v1alpha1
+    kind: Network
+    metadata: {name: lan}
+    spec:
+      mode: Bridge
+      subnets: [10.21.31.0/24]
+      ipam: {nodeBlockPrefix: 28, exclude: [10.21.31.0/28]}
+      bridge: {uplink: eth0}
+workloads:
+  - {name: hybrid, node: hy-a, networks: [pods, lan], listen: [80/tcp]}
+expect:
+  - {from: outside, to: hybrid, port: 80, result: allow, sourceSeenAs: self}
+  - {from: hy-b, to: hybrid, port: 80, result: allow, sourceSeenAs: self}
+  - {from: hy-a, to: hybrid, port: 80, result: allow, sourceSeenAs: 10.97.0.1}
+"#;
+
 /// db is isolated by a namespace policy and live-migrates to kvm-b: its target launcher there
 /// carries its labels, so the policy holds on its new port. roamer (NAT) is masqueraded to
 /// kvm-b's address once it runs there. mixed is on a NAT network first and on the bridge
