@@ -235,6 +235,14 @@ expect:
     );
     let out = run_lab(&lab, &format!("spo-{}", std::process::id() % 10000));
     assert!(out.contains("all expectations hold"), "{out}");
+    // Each spoofing line says which probe it is.
+    for probe in [
+        "b -> a 22/tcp v4 spoofed mac 02:00:00:00:00:99 (",
+        "b -> a 22/tcp v4 spoofed arp claim 10.41.0.99 (",
+        "b -> a 22/tcp v4 spoofed ip 10.41.0.99 (",
+    ] {
+        assert!(out.contains(probe), "no line {probe:?}:\n{out}");
+    }
 }
 
 #[test]

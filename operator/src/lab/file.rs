@@ -227,6 +227,25 @@ pub struct Spoof {
     pub arp: Option<std::net::Ipv4Addr>,
 }
 
+impl Spoof {
+    /// Which probe this is and what it forges, for the expectation's line: `spoofed ip
+    /// 10.30.0.99`, `spoofed mac 02:00:00:00:00:99`, `spoofed arp claim 10.30.0.99` (a file
+    /// check makes sure exactly one is set; several are listed all the same).
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(ip) = self.ip {
+            parts.push(format!("spoofed ip {ip}"));
+        }
+        if let Some(mac) = &self.mac {
+            parts.push(format!("spoofed mac {mac}"));
+        }
+        if let Some(arp) = self.arp {
+            parts.push(format!("spoofed arp claim {arp}"));
+        }
+        parts.join(", ")
+    }
+}
+
 fn default_protocol() -> String {
     "tcp".into()
 }
@@ -826,6 +845,17 @@ workloads:
             e.contains("workloads[0].ips[0]: 10.20.0.5 of workload w is in no subnet of its networks (nat-demo 10.10.0.0/16)"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn spoof_expectations_say_which_probe_they_are() {
+        let spoof = |yaml: &str| serde_saphyr::from_str::<Spoof>(yaml).unwrap().describe();
+        assert_eq!(spoof("{ip: 10.30.0.99}"), "spoofed ip 10.30.0.99");
+        assert_eq!(
+            spoof("{mac: \"02:00:00:00:00:99\"}"),
+            "spoofed mac 02:00:00:00:00:99"
+        );
+        assert_eq!(spoof("{arp: 10.30.0.99}"), "spoofed arp claim 10.30.0.99");
     }
 
     #[test]

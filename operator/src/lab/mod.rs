@@ -469,7 +469,7 @@ fn check_expectations(
     for (i, e) in lab.spec.expect.iter().enumerate() {
         let fam = if e.family == Family::Ipv6 { "v6" } else { "v4" };
         let label = format!(
-            "{} -> {} {} {}{}",
+            "{} -> {} {} {}{}{}",
             e.from,
             e.to,
             if e.is_icmp() {
@@ -478,7 +478,11 @@ fn check_expectations(
                 format!("{}/{}", e.port, e.protocol)
             },
             fam,
-            if e.at_start { " at start" } else { "" }
+            if e.at_start { " at start" } else { "" },
+            e.spoof
+                .as_ref()
+                .map(|s| format!(" {}", s.describe()))
+                .unwrap_or_default()
         );
         let Some(target) = address_of(
             &view.spec,
