@@ -344,6 +344,34 @@ fn trace_names_the_deciding_rule_and_exits_by_verdict() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["ingress"]["rule"]["rule"], "http-from-lan");
     assert_eq!(v["via"], "port forward shop/web on node-a to web-1:80");
+    // web-1 -> db-1 is passed by guard-db to the namespace stage, where db-1 is isolated: the
+    // Pass is shown before the decision.
+    let (code, out) = run(&["--from", "web-1", "--to", "db-1", "--port", "5432"]);
+    assert_eq!(code, Some(1), "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    let pass = lines
+        .iter()
+        .position(|l| {
+            l.contains("ingress of shop/db-1")
+                && l.contains(
+                    "pass    Pass by ClusterSegmentationPolicy guard-db rule pass-prod (Admin tier)",
+                )
+        })
+        .unwrap_or_else(|| panic!("no Pass line:\n{out}"));
+    assert!(
+        lines[pass + 1..]
+            .iter()
+            .any(|l| l.contains("ingress of shop/db-1") && l.contains("deny")),
+        "{out}"
+    );
+    let (_, out) = run(&[
+        "--from", "web-1", "--to", "db-1", "--port", "5432", "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        v["ingress"]["passed"][0],
+        "Pass by ClusterSegmentationPolicy guard-db rule pass-prod (Admin tier)"
+    );
 }
 
 #[test]

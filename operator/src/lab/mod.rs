@@ -150,6 +150,10 @@ pub fn print_trace(
             ("ingress", &decision.ingress),
         ] {
             if let Some(s) = step {
+                // The Pass rules that handed the packet on, then the decision.
+                for pass in &s.passed {
+                    println!("  {word} of {:<20} pass    {pass}", s.workload);
+                }
                 println!(
                     "  {word} of {:<20} {}  {}",
                     s.workload,
