@@ -207,6 +207,83 @@ pub const NETWORK_TRUNK_EXCLUDES_OWN_VLAN: CelRule = CelRule {
     field_path: Some(".bridge.trunkVlans"),
 };
 
+// ---- Network: what may not change on a live Network (transition rules) ----
+//
+// A rule that compares `self` with `oldSelf` runs on updates only, and only when the node
+// exists in both the old and the new object. So `spec.mode` and `spec.subnets` (required)
+// carry `self == oldSelf` themselves, and optional fields are compared from their parent with
+// a `has()` on both sides, which also catches a field that is added or removed.
+
+/// `spec.mode` is immutable.
+pub const NETWORK_MODE_IMMUTABLE: CelRule = CelRule {
+    rule: "self == oldSelf",
+    message: "spec.mode cannot change on a live Network (its workloads are wired for the old mode): create a new Network with the other mode and move the workloads to it",
+    field_path: None,
+};
+
+/// `spec.subnets` is immutable.
+pub const NETWORK_SUBNETS_IMMUTABLE: CelRule = CelRule {
+    rule: "self == oldSelf",
+    message: "spec.subnets cannot change on a live Network (every node's block and every workload's address come from them): create a new Network with the new subnets and move the workloads to it",
+    field_path: None,
+};
+
+/// `spec.gateway` is immutable (added, removed or changed).
+pub const NETWORK_GATEWAY_IMMUTABLE: CelRule = CelRule {
+    rule: "has(self.gateway) == has(oldSelf.gateway) && (!has(self.gateway) || self.gateway == oldSelf.gateway)",
+    message: "spec.gateway cannot change on a live Network (running workloads route through the old gateway): create a new Network with the new gateway and move the workloads to it",
+    field_path: Some(".gateway"),
+};
+
+/// `spec.ipam.nodeBlockPrefix` is immutable (added, removed or changed).
+pub const NETWORK_NODE_BLOCK_PREFIX_V4_IMMUTABLE: CelRule = CelRule {
+    rule: "(has(self.ipam) && has(self.ipam.nodeBlockPrefix)) == (has(oldSelf.ipam) && has(oldSelf.ipam.nodeBlockPrefix)) && (!has(self.ipam) || !has(self.ipam.nodeBlockPrefix) || self.ipam.nodeBlockPrefix == oldSelf.ipam.nodeBlockPrefix)",
+    message: "spec.ipam.nodeBlockPrefix cannot change on a live Network (every node's block would be renumbered): create a new Network with the new block size and move the workloads to it",
+    field_path: Some(".ipam.nodeBlockPrefix"),
+};
+
+/// `spec.ipam.nodeBlockPrefixV6` is immutable (added, removed or changed).
+pub const NETWORK_NODE_BLOCK_PREFIX_V6_IMMUTABLE: CelRule = CelRule {
+    rule: "(has(self.ipam) && has(self.ipam.nodeBlockPrefixV6)) == (has(oldSelf.ipam) && has(oldSelf.ipam.nodeBlockPrefixV6)) && (!has(self.ipam) || !has(self.ipam.nodeBlockPrefixV6) || self.ipam.nodeBlockPrefixV6 == oldSelf.ipam.nodeBlockPrefixV6)",
+    message: "spec.ipam.nodeBlockPrefixV6 cannot change on a live Network (every node's block would be renumbered): create a new Network with the new block size and move the workloads to it",
+    field_path: Some(".ipam.nodeBlockPrefixV6"),
+};
+
+/// `spec.bridge.uplink` is immutable.
+pub const NETWORK_UPLINK_IMMUTABLE: CelRule = CelRule {
+    rule: "self.uplink == oldSelf.uplink",
+    message: "spec.bridge.uplink cannot change on a live Network (its workloads are bridged onto the old uplink's segment): create a new Network on the new uplink and move the workloads to it",
+    field_path: Some(".uplink"),
+};
+
+/// `spec.bridge.vlan` is immutable (added, removed or changed).
+pub const NETWORK_VLAN_IMMUTABLE: CelRule = CelRule {
+    rule: "has(self.vlan) == has(oldSelf.vlan) && (!has(self.vlan) || self.vlan == oldSelf.vlan)",
+    message: "spec.bridge.vlan cannot change on a live Network (its workloads are on the old VLAN's segment and subnet): create a new Network for the new VLAN and move the workloads to it",
+    field_path: Some(".vlan"),
+};
+
+/// `spec.bridge.bridgeName` is immutable (added, removed or changed).
+pub const NETWORK_BRIDGE_NAME_IMMUTABLE: CelRule = CelRule {
+    rule: "has(self.bridgeName) == has(oldSelf.bridgeName) && (!has(self.bridgeName) || self.bridgeName == oldSelf.bridgeName)",
+    message: "spec.bridge.bridgeName cannot change on a live Network (running workloads' ports are attached to the old bridge): create a new Network with the new name and move the workloads to it",
+    field_path: Some(".bridgeName"),
+};
+
+/// `spec.bridge.vlanFiltering` is immutable (an absent value and false are the same).
+pub const NETWORK_VLAN_FILTERING_IMMUTABLE: CelRule = CelRule {
+    rule: "(has(self.vlanFiltering) && self.vlanFiltering) == (has(oldSelf.vlanFiltering) && oldSelf.vlanFiltering)",
+    message: "spec.bridge.vlanFiltering cannot change on a live Network (the uplink and the running workloads' ports are wired for the old setting): create a new Network and move the workloads to it",
+    field_path: Some(".vlanFiltering"),
+};
+
+/// `spec.ipam.exclude`: no two entries overlap (an address or CIDR is listed once).
+pub const EXCLUDE_NO_OVERLAP: CelRule = CelRule {
+    rule: "self.all(a, !(isIP(a) || isCIDR(a)) || self.exists_one(b, (isIP(b) || isCIDR(b)) && (isIP(a) ? (isIP(b) ? ip(a) == ip(b) : cidr(b).containsIP(a)) : (isIP(b) ? cidr(a).containsIP(b) : (cidr(a).containsIP(cidr(b).ip()) || cidr(b).containsIP(cidr(a).ip()))))))",
+    message: "spec.ipam.exclude entries must not overlap (an address or CIDR inside another entry, or listed twice); remove the inner or repeated entry",
+    field_path: None,
+};
+
 // ---- Network: spec.bridge.trunkVlans[] ----
 
 /// A VLAN range entry: either `id`, or `minId` and `maxId`.
@@ -222,6 +299,19 @@ pub const VLAN_RANGE_ORDERED: CelRule = CelRule {
     message: "minId must not be greater than maxId; swap them",
     field_path: None,
 };
+
+// ---- label selectors (attached to every `matchExpressions[]` item) ----
+
+/// A selector expression: In and NotIn need values, Exists and DoesNotExist take none.
+pub const SELECTOR_EXPRESSION_VALUES: CelRule = CelRule {
+    rule: "self.operator in ['In', 'NotIn'] ? has(self.values) && size(self.values) > 0 : !has(self.values) || size(self.values) == 0",
+    message: "operators In and NotIn need at least one value, Exists and DoesNotExist take none; fix values or the operator",
+    field_path: Some(".values"),
+};
+
+/// The rules on the item of every label selector's `matchExpressions` (added to the schema
+/// with the selector bounds, see `validate::bound_label_selectors`), wherever a selector is.
+pub const EVERY_SELECTOR_EXPRESSION: &[&CelRule] = &[&SELECTOR_EXPRESSION_VALUES];
 
 // ---- PortForward ----
 
@@ -274,20 +364,6 @@ pub const POLICY_EGRESS_NO_FROM: CelRule = CelRule {
     rule: "!has(self.egress) || self.egress.all(r, !has(r.from))",
     message: "egress rules name their peers in to, not from",
     field_path: Some(".egress"),
-};
-
-/// `spec.ingress`/`spec.egress` of a ClusterSegmentationPolicy: actions Accept, Deny, Pass.
-pub const CLUSTER_POLICY_ACTIONS: CelRule = CelRule {
-    rule: "self.all(r, r.action in ['Accept', 'Deny', 'Pass'])",
-    message: "a ClusterSegmentationPolicy rule's action is Accept, Deny or Pass (Allow is for SegmentationPolicy)",
-    field_path: None,
-};
-
-/// `spec.ingress`/`spec.egress` of a SegmentationPolicy: actions Allow, Deny.
-pub const NAMESPACED_POLICY_ACTIONS: CelRule = CelRule {
-    rule: "self.all(r, r.action in ['Allow', 'Deny'])",
-    message: "a SegmentationPolicy rule's action is Allow or Deny (Accept and Pass are for ClusterSegmentationPolicy)",
-    field_path: None,
 };
 
 /// `spec.ingress`/`spec.egress`: rule names are unique.
@@ -383,6 +459,44 @@ pub const ATTACHED: &[(&str, &str, &CelRule)] = &[
         "spec.bridge.trunkVlans[]",
         &VLAN_RANGE_ORDERED,
     ),
+    ("networks.weft.dev", "spec", &NETWORK_GATEWAY_IMMUTABLE),
+    (
+        "networks.weft.dev",
+        "spec",
+        &NETWORK_NODE_BLOCK_PREFIX_V4_IMMUTABLE,
+    ),
+    (
+        "networks.weft.dev",
+        "spec",
+        &NETWORK_NODE_BLOCK_PREFIX_V6_IMMUTABLE,
+    ),
+    ("networks.weft.dev", "spec.mode", &NETWORK_MODE_IMMUTABLE),
+    (
+        "networks.weft.dev",
+        "spec.bridge",
+        &NETWORK_UPLINK_IMMUTABLE,
+    ),
+    ("networks.weft.dev", "spec.bridge", &NETWORK_VLAN_IMMUTABLE),
+    (
+        "networks.weft.dev",
+        "spec.bridge",
+        &NETWORK_BRIDGE_NAME_IMMUTABLE,
+    ),
+    (
+        "networks.weft.dev",
+        "spec.bridge",
+        &NETWORK_VLAN_FILTERING_IMMUTABLE,
+    ),
+    (
+        "networks.weft.dev",
+        "spec.ipam.exclude",
+        &EXCLUDE_NO_OVERLAP,
+    ),
+    (
+        "networks.weft.dev",
+        "spec.subnets",
+        &NETWORK_SUBNETS_IMMUTABLE,
+    ),
     ("networks.weft.dev", "spec.subnets", &SUBNETS_ONE_V4),
     ("networks.weft.dev", "spec.subnets", &SUBNETS_ONE_V6),
     ("networks.weft.dev", "spec.subnets", &SUBNETS_LARGE_ENOUGH),
@@ -450,11 +564,6 @@ pub const ATTACHED: &[(&str, &str, &CelRule)] = &[
     ),
     (
         "clustersegmentationpolicies.weft.dev",
-        "spec.ingress",
-        &CLUSTER_POLICY_ACTIONS,
-    ),
-    (
-        "clustersegmentationpolicies.weft.dev",
         "spec.ingress[].from[]",
         &PEER_EXACTLY_ONE,
     ),
@@ -507,11 +616,6 @@ pub const ATTACHED: &[(&str, &str, &CelRule)] = &[
         "clustersegmentationpolicies.weft.dev",
         "spec.egress",
         &POLICY_RULE_NAMES_UNIQUE,
-    ),
-    (
-        "clustersegmentationpolicies.weft.dev",
-        "spec.egress",
-        &CLUSTER_POLICY_ACTIONS,
     ),
     (
         "clustersegmentationpolicies.weft.dev",
@@ -580,11 +684,6 @@ pub const ATTACHED: &[(&str, &str, &CelRule)] = &[
     ),
     (
         "segmentationpolicies.weft.dev",
-        "spec.ingress",
-        &NAMESPACED_POLICY_ACTIONS,
-    ),
-    (
-        "segmentationpolicies.weft.dev",
         "spec.ingress[].from[]",
         &PEER_EXACTLY_ONE,
     ),
@@ -637,11 +736,6 @@ pub const ATTACHED: &[(&str, &str, &CelRule)] = &[
         "segmentationpolicies.weft.dev",
         "spec.egress",
         &POLICY_RULE_NAMES_UNIQUE,
-    ),
-    (
-        "segmentationpolicies.weft.dev",
-        "spec.egress",
-        &NAMESPACED_POLICY_ACTIONS,
     ),
     (
         "segmentationpolicies.weft.dev",

@@ -15,6 +15,9 @@ pub const PORT_FORWARD_KIND: &str = "PortForward";
 /// The condition type that says whether a resource is realized.
 pub const CONDITION_READY: &str = "Ready";
 
+/// The condition type that says whether the controller accepted a resource's spec.
+pub const CONDITION_VALID: &str = "Valid";
+
 /// Default IPv4 per-node block prefix length (`spec.ipam.nodeBlockPrefix`): 64 addresses.
 pub const DEFAULT_NODE_BLOCK_PREFIX_V4: u8 = 26;
 /// Default IPv6 per-node block prefix length (`spec.ipam.nodeBlockPrefixV6`): 64 addresses.

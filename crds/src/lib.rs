@@ -82,6 +82,7 @@ fn bounded(mut crd: CustomResourceDefinition) -> CustomResourceDefinition {
             continue;
         };
         validate::bound_label_selectors(&mut value);
+        policy::narrow_rule_actions(crd.spec.names.kind.as_str(), &mut value);
         if let Ok(new) = serde_json::from_value(value) {
             *schema = new;
         }

@@ -66,20 +66,27 @@ pub const MAX_TRUNK_VLANS: usize = 64;
     validation = &cel::NETWORK_NODE_BLOCK_PREFIX_V6,
     validation = &cel::NETWORK_EXCLUDE_IN_SUBNET,
     validation = &cel::NETWORK_TRUNK_NEEDS_VLAN_FILTERING,
-    validation = &cel::NETWORK_TRUNK_EXCLUDES_OWN_VLAN
+    validation = &cel::NETWORK_TRUNK_EXCLUDES_OWN_VLAN,
+    validation = &cel::NETWORK_GATEWAY_IMMUTABLE,
+    validation = &cel::NETWORK_NODE_BLOCK_PREFIX_V4_IMMUTABLE,
+    validation = &cel::NETWORK_NODE_BLOCK_PREFIX_V6_IMMUTABLE
 )]
 #[serde(rename_all = "camelCase")]
 pub struct NetworkSpec {
     /// How workloads reach the outside: NAT (a routed subnet per network, masqueraded behind the
     /// node's address; outside clients reach workloads through PortForwards) or Bridge
     /// (workloads are on the uplink's L2 segment, optionally in a VLAN, and are reached directly).
+    /// Cannot change once the Network exists.
+    #[x_kube(validation = &cel::NETWORK_MODE_IMMUTABLE)]
     pub mode: NetworkMode,
 
     /// The network's address space: one IPv4 CIDR, one IPv6 CIDR, or one of each for
     /// dual-stack, in canonical form (host bits zero), e.g. [10.10.0.0/16, "fd10:10::/64"].
-    /// An IPv4 subnet must be /30 or shorter and an IPv6 subnet /126 or shorter.
+    /// An IPv4 subnet must be /30 or shorter and an IPv6 subnet /126 or shorter. Cannot change
+    /// once the Network exists.
     #[schemars(length(min = 1, max = 2))]
     #[x_kube(
+        validation = &cel::NETWORK_SUBNETS_IMMUTABLE,
         validation = &cel::SUBNETS_ONE_V4,
         validation = &cel::SUBNETS_ONE_V6,
         validation = &cel::SUBNETS_LARGE_ENOUGH
@@ -89,7 +96,8 @@ pub struct NetworkSpec {
     /// The gateway address workloads use, at most one per family, inside that family's subnet
     /// and neither its network address nor (IPv4) its broadcast address. Defaults to the first
     /// usable address of each subnet (10.10.0.1 for 10.10.0.0/16). In NAT mode every node
-    /// answers on this address; in Bridge mode it is the router on the uplink's segment.
+    /// answers on this address; in Bridge mode it is the router on the uplink's segment. Cannot
+    /// be added, removed or changed once the Network exists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 2))]
     #[x_kube(validation = &cel::GATEWAY_ONE_V4, validation = &cel::GATEWAY_ONE_V6)]
@@ -114,8 +122,15 @@ pub struct NetworkSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nat: Option<NatSpec>,
 
-    /// Bridge settings; required when mode is Bridge and only allowed then.
+    /// Bridge settings; required when mode is Bridge and only allowed then. uplink, vlan,
+    /// bridgeName and vlanFiltering cannot change once the Network exists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(
+        validation = &cel::NETWORK_UPLINK_IMMUTABLE,
+        validation = &cel::NETWORK_VLAN_IMMUTABLE,
+        validation = &cel::NETWORK_BRIDGE_NAME_IMMUTABLE,
+        validation = &cel::NETWORK_VLAN_FILTERING_IMMUTABLE
+    )]
     pub bridge: Option<BridgeSpec>,
 
     /// Microsegmentation defaults of the network's workloads.
@@ -152,28 +167,32 @@ impl std::fmt::Display for NetworkMode {
 }
 
 /// Address management of a network.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct IpamSpec {
     /// Prefix length of the IPv4 address block each node receives from the IPv4 subnet, 16 to
     /// 30, and not shorter than the subnet's prefix (like Calico's blockSize). Defaults to 26
-    /// (64 addresses per block), or to the subnet's prefix when the subnet is smaller.
+    /// (64 addresses per block), or to the subnet's prefix when the subnet is smaller. Cannot
+    /// be added, removed or changed once the Network exists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 16, max = 30))]
     pub node_block_prefix: Option<i32>,
 
     /// Prefix length of the IPv6 address block each node receives from the IPv6 subnet, 64 to
     /// 126, and not shorter than the subnet's prefix. Defaults to 122 (64 addresses per block),
-    /// or to the subnet's prefix when the subnet is smaller.
+    /// or to the subnet's prefix when the subnet is smaller. Cannot be added, removed or changed
+    /// once the Network exists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 64, max = 126))]
     pub node_block_prefix_v6: Option<i32>,
 
     /// Addresses that are never handed out to workloads (like Kube-OVN's excludeIps): single IPs
-    /// (10.10.0.5) or CIDRs in canonical form (10.10.0.16/28), each inside one of the subnets.
-    /// The gateway is never handed out anyway.
+    /// (10.10.0.5) or CIDRs in canonical form (10.10.0.16/28), each inside one of the subnets,
+    /// none overlapping another. The gateway is never handed out anyway. May change on a live
+    /// Network: addresses already handed out stay with their workloads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
+    #[x_kube(validation = &cel::EXCLUDE_NO_OVERLAP)]
     pub exclude: Option<Vec<IpOrCidr>>,
 }
 
@@ -549,6 +568,105 @@ impl NetworkSpec {
         errors.finish()
     }
 
+    /// Checks an update of a live Network from `old` to `self` against the fields that cannot
+    /// change (the CRD's transition rules, which need the old object and so are not part of
+    /// [`validate`](Self::validate)): `spec.mode`, `spec.subnets`, `spec.gateway`,
+    /// `spec.ipam.nodeBlockPrefix(V6)` and `spec.bridge`'s uplink, vlan, bridgeName and
+    /// vlanFiltering. Each error names the field, the old and the new value, and the fix.
+    pub fn validate_update(&self, old: &NetworkSpec) -> Result<(), Vec<FieldError>> {
+        fn show<T: std::fmt::Debug>(v: &Option<T>) -> String {
+            v.as_ref().map_or("(unset)".into(), |v| format!("{v:?}"))
+        }
+        let mut errors = Errors::default();
+        let mut immutable = |field: &str, what: &str, before: String, after: String| {
+            if before != after {
+                errors.push(
+                    field,
+                    format!(
+                        "cannot change on a live Network ({what}; it was {before}, now {after}): put the old value back, or create a new Network and move the workloads to it"
+                    ),
+                );
+            }
+        };
+        immutable(
+            "spec.mode",
+            "its workloads are wired for the old mode",
+            old.mode.to_string(),
+            self.mode.to_string(),
+        );
+        let subnets = |s: &NetworkSpec| {
+            s.subnets
+                .iter()
+                .map(|c| c.0.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        immutable(
+            "spec.subnets",
+            "every node's block and every workload's address come from them",
+            format!("[{}]", subnets(old)),
+            format!("[{}]", subnets(self)),
+        );
+        let gateways = |s: &NetworkSpec| {
+            s.gateway
+                .as_ref()
+                .map(|g| g.iter().map(|a| a.0.clone()).collect::<Vec<_>>())
+        };
+        immutable(
+            "spec.gateway",
+            "running workloads route through the old gateway",
+            show(&gateways(old)),
+            show(&gateways(self)),
+        );
+        let ipam = |s: &NetworkSpec, v6: bool| {
+            s.ipam.as_ref().and_then(|i| {
+                if v6 {
+                    i.node_block_prefix_v6
+                } else {
+                    i.node_block_prefix
+                }
+            })
+        };
+        for (field, v6) in [
+            ("spec.ipam.nodeBlockPrefix", false),
+            ("spec.ipam.nodeBlockPrefixV6", true),
+        ] {
+            immutable(
+                field,
+                "every node's block would be renumbered",
+                show(&ipam(old, v6)),
+                show(&ipam(self, v6)),
+            );
+        }
+        if let (Some(o), Some(n)) = (&old.bridge, &self.bridge) {
+            immutable(
+                "spec.bridge.uplink",
+                "its workloads are bridged onto the old uplink's segment",
+                format!("{:?}", o.uplink),
+                format!("{:?}", n.uplink),
+            );
+            immutable(
+                "spec.bridge.vlan",
+                "its workloads are on the old VLAN's segment and subnet",
+                show(&o.vlan),
+                show(&n.vlan),
+            );
+            immutable(
+                "spec.bridge.bridgeName",
+                "running workloads' ports are attached to the old bridge",
+                show(&o.bridge_name),
+                show(&n.bridge_name),
+            );
+            immutable(
+                "spec.bridge.vlanFiltering",
+                "the uplink and the running workloads' ports are wired for the old setting",
+                o.vlan_filtering.unwrap_or(false).to_string(),
+                n.vlan_filtering.unwrap_or(false).to_string(),
+            );
+        }
+        errors.finish()
+    }
+
     /// Checks `spec.subnets`; returns the valid subnets with their index.
     fn validate_subnets(&self, errors: &mut Errors) -> Vec<IpNet> {
         if self.subnets.is_empty() || self.subnets.len() > 2 {
@@ -715,16 +833,29 @@ impl NetworkSpec {
                 ),
             );
         }
+        let mut seen: Vec<(usize, IpNet)> = Vec::new();
         for (i, e) in exclude.iter().enumerate() {
             let field = format!("spec.ipam.exclude[{i}]");
             match parse_ip_or_cidr(e) {
                 Ok(net) => {
                     if !subnets.iter().any(|s| s.contains(&net)) {
                         errors.push(
-                            field,
+                            field.clone(),
                             format!("{e} is not inside any of spec.subnets; fix or remove it"),
                         );
                     }
+                    if let Some((j, other)) = seen
+                        .iter()
+                        .find(|(_, o)| o.contains(&net) || net.contains(o))
+                    {
+                        errors.push(
+                            field,
+                            format!(
+                                "{e} overlaps spec.ipam.exclude[{j}] ({other}); list every address once: remove the inner or repeated entry"
+                            ),
+                        );
+                    }
+                    seen.push((i, net));
                 }
                 Err(err) => errors.push(field, err.to_string()),
             }
@@ -1071,6 +1202,110 @@ mod tests {
             i.exclude = Some(vec!["10.0.0.1".into(); 65])
         });
         assert_invalid(&spec, "spec.ipam.exclude", "at most 64");
+    }
+
+    #[test]
+    fn excludes_must_not_overlap_each_other() {
+        for (list, field, needle) in [
+            (
+                vec!["10.0.1.0/24", "10.0.1.7"],
+                "spec.ipam.exclude[1]",
+                "overlaps spec.ipam.exclude[0] (10.0.1.0/24)",
+            ),
+            (
+                vec!["10.0.1.7", "10.0.0.0/23"],
+                "spec.ipam.exclude[1]",
+                "overlaps spec.ipam.exclude[0]",
+            ),
+            (
+                vec!["10.0.2.0/24", "10.0.1.5", "10.0.1.5"],
+                "spec.ipam.exclude[2]",
+                "overlaps spec.ipam.exclude[1]",
+            ),
+            (
+                vec!["10.0.0.0/24", "10.0.0.128/25"],
+                "spec.ipam.exclude[1]",
+                "overlaps spec.ipam.exclude[0]",
+            ),
+        ] {
+            let spec = with_ipam(nat(&["10.0.0.0/16"]), |i| {
+                i.exclude = Some(list.iter().map(|e| IpOrCidr::from(*e)).collect())
+            });
+            assert_invalid(&spec, field, needle);
+        }
+        let neighbours = with_ipam(nat(&["10.0.0.0/16", "fd10::/64"]), |i| {
+            i.exclude = Some(vec![
+                "10.0.0.0/25".into(),
+                "10.0.0.128/25".into(),
+                "10.0.1.0".into(),
+                "10.0.1.1".into(),
+                "fd10::5".into(),
+            ])
+        });
+        assert_eq!(neighbours.validate(), Ok(()));
+    }
+
+    #[test]
+    fn updates_keep_mode_subnets_gateway_block_size_and_bridge_wiring() {
+        let old = bridge("eth1");
+        assert_eq!(old.validate_update(&old), Ok(()));
+        let fields = |new: &NetworkSpec| -> Vec<String> {
+            new.validate_update(&old)
+                .err()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|e| e.field)
+                .collect()
+        };
+        let mut new = old.clone();
+        new.subnets = vec!["192.168.200.0/24".into()];
+        assert_eq!(fields(&new), ["spec.subnets"]);
+        let err = &new.validate_update(&old).unwrap_err()[0];
+        assert!(
+            err.message.contains("192.168.100.0/24")
+                && err.message.contains("192.168.200.0/24")
+                && err.message.contains("create a new Network"),
+            "{err}"
+        );
+        let mut new = old.clone();
+        new.subnets.push("fd10::/64".into());
+        assert_eq!(fields(&new), ["spec.subnets"]);
+        let mut new = old.clone();
+        if let Some(b) = new.bridge.as_mut() {
+            b.uplink = "eth2".into();
+            b.vlan = None;
+            b.bridge_name = Some("br-other".into());
+            b.vlan_filtering = Some(true);
+        }
+        assert_eq!(
+            fields(&new),
+            [
+                "spec.bridge.uplink",
+                "spec.bridge.vlan",
+                "spec.bridge.bridgeName",
+                "spec.bridge.vlanFiltering"
+            ]
+        );
+        let mut new = with_gateway(old.clone(), &["192.168.100.254"]);
+        new = with_ipam(new, |i| i.node_block_prefix = Some(28));
+        assert_eq!(fields(&new), ["spec.gateway", "spec.ipam.nodeBlockPrefix"]);
+        let mut new = nat(&["192.168.100.0/24"]);
+        new.bridge = None;
+        assert!(fields(&new).contains(&"spec.mode".to_owned()));
+        // What may change: MTU, excludes, node selector, security, trunks, explicit false.
+        let mut new = with_ipam(old.clone(), |i| {
+            i.exclude = Some(vec!["192.168.100.7".into()])
+        });
+        new.mtu = Some(9000);
+        new.security = Some(SecuritySpec {
+            anti_spoofing: false,
+            default_action: Action::Deny,
+        });
+        new.node_selector = Some(LabelSelector::default());
+        if let Some(b) = new.bridge.as_mut() {
+            b.vlan_filtering = Some(false);
+        }
+        assert_eq!(new.validate_update(&old), Ok(()));
     }
 
     #[test]

@@ -84,13 +84,13 @@ pub struct ClusterSegmentationPolicySpec {
     /// Rules for traffic to the subject, evaluated in order; each names its peers in `from`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = MAX_RULES))]
-    #[x_kube(validation = &cel::POLICY_RULE_NAMES_UNIQUE, validation = &cel::CLUSTER_POLICY_ACTIONS)]
+    #[x_kube(validation = &cel::POLICY_RULE_NAMES_UNIQUE)]
     pub ingress: Vec<PolicyRule>,
 
     /// Rules for traffic from the subject, evaluated in order; each names its peers in `to`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = MAX_RULES))]
-    #[x_kube(validation = &cel::POLICY_RULE_NAMES_UNIQUE, validation = &cel::CLUSTER_POLICY_ACTIONS)]
+    #[x_kube(validation = &cel::POLICY_RULE_NAMES_UNIQUE)]
     pub egress: Vec<PolicyRule>,
 }
 
@@ -132,13 +132,13 @@ pub struct SegmentationPolicySpec {
     /// Rules for traffic to the subject; each names its peers in `from`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = MAX_RULES))]
-    #[x_kube(validation = &cel::POLICY_RULE_NAMES_UNIQUE, validation = &cel::NAMESPACED_POLICY_ACTIONS)]
+    #[x_kube(validation = &cel::POLICY_RULE_NAMES_UNIQUE)]
     pub ingress: Vec<PolicyRule>,
 
     /// Rules for traffic from the subject; each names its peers in `to`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = MAX_RULES))]
-    #[x_kube(validation = &cel::POLICY_RULE_NAMES_UNIQUE, validation = &cel::NAMESPACED_POLICY_ACTIONS)]
+    #[x_kube(validation = &cel::POLICY_RULE_NAMES_UNIQUE)]
     pub egress: Vec<PolicyRule>,
 }
 
@@ -179,6 +179,38 @@ impl RuleAction {
             RuleAction::Deny => "Deny",
             RuleAction::Pass => "Pass",
             RuleAction::Allow => "Allow",
+        }
+    }
+}
+
+/// The actions a rule of the policy kind `kind` may have: Accept, Deny and Pass for a
+/// ClusterSegmentationPolicy, Allow and Deny for a SegmentationPolicy (both share
+/// [`PolicyRule`] and so [`RuleAction`]).
+pub fn rule_actions(kind: &str) -> &'static [RuleAction] {
+    match kind {
+        "ClusterSegmentationPolicy" => &[RuleAction::Accept, RuleAction::Deny, RuleAction::Pass],
+        "SegmentationPolicy" => &[RuleAction::Allow, RuleAction::Deny],
+        _ => &[],
+    }
+}
+
+/// Narrows the `enum` of `spec.ingress[].action` and `spec.egress[].action` in the schema of a
+/// policy kind to [`rule_actions`], so the apiserver refuses a wrong action at the rule's own
+/// field (`spec.ingress[2].action: Unsupported value`), as `validate()` does.
+pub(crate) fn narrow_rule_actions(kind: &str, schema: &mut serde_json::Value) {
+    let actions = rule_actions(kind);
+    if actions.is_empty() {
+        return;
+    }
+    let names: Vec<&str> = actions.iter().map(|a| a.as_str()).collect();
+    for direction in ["ingress", "egress"] {
+        if let Some(action) = schema
+            .pointer_mut(&format!(
+                "/properties/spec/properties/{direction}/items/properties/action"
+            ))
+            .and_then(serde_json::Value::as_object_mut)
+        {
+            action.insert("enum".into(), serde_json::json!(names));
         }
     }
 }
@@ -458,11 +490,11 @@ fn check_rules(rules: &[PolicyRule], field: &str, cluster: bool, errors: &mut Er
                 ),
             );
         }
-        let allowed: &[RuleAction] = if cluster {
-            &[RuleAction::Accept, RuleAction::Deny, RuleAction::Pass]
+        let allowed = rule_actions(if cluster {
+            "ClusterSegmentationPolicy"
         } else {
-            &[RuleAction::Allow, RuleAction::Deny]
-        };
+            "SegmentationPolicy"
+        });
         if !allowed.contains(&r.action) {
             errors.push(
                 format!("{f}.action"),

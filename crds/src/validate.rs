@@ -208,7 +208,8 @@ pub(crate) fn check_selector(selector: &LabelSelector, field: &str, errors: &mut
 
 /// Puts bounds on every label selector below `schema` (a JSON schema node): k8s-openapi's
 /// `LabelSelector` schema has none, and the apiserver's CEL cost estimate multiplies by them.
-/// The bounds are the ones [`check_selector`] enforces.
+/// The bounds are the ones [`check_selector`] enforces, and so are the rules
+/// [`EVERY_SELECTOR_EXPRESSION`](crate::cel::EVERY_SELECTOR_EXPRESSION) each expression gets.
 pub(crate) fn bound_label_selectors(schema: &mut serde_json::Value) {
     use serde_json::{Value, json};
     let Some(obj) = schema.as_object_mut() else {
@@ -233,6 +234,13 @@ pub(crate) fn bound_label_selectors(schema: &mut serde_json::Value) {
             .and_then(Value::as_object_mut)
         {
             exprs.insert("maxItems".into(), json!(MAX_SELECTOR_EXPRESSIONS));
+            if let Some(item) = exprs.get_mut("items").and_then(Value::as_object_mut) {
+                let rules: Vec<Value> = crate::cel::EVERY_SELECTOR_EXPRESSION
+                    .iter()
+                    .map(|r| r.to_json())
+                    .collect();
+                item.insert("x-kubernetes-validations".into(), Value::Array(rules));
+            }
             if let Some(item) = exprs
                 .get_mut("items")
                 .and_then(|i| i.get_mut("properties"))

@@ -228,11 +228,72 @@ fn no_cel_rule_is_left_unlisted() {
         let mut found = Vec::new();
         collect("", &schema, &mut found);
         for (location, rule) in found {
-            assert!(
-                weft_crds::cel::ATTACHED
+            let on_every_selector = location.ends_with(".matchExpressions[]")
+                && weft_crds::cel::EVERY_SELECTOR_EXPRESSION
                     .iter()
-                    .any(|(c, l, r)| *c == name && *l == location && r.to_json() == rule),
+                    .any(|r| r.to_json() == rule);
+            assert!(
+                on_every_selector
+                    || weft_crds::cel::ATTACHED
+                        .iter()
+                        .any(|(c, l, r)| *c == name && *l == location && r.to_json() == rule),
                 "{name} {location}: rule {rule} is not listed in weft_crds::cel::ATTACHED"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_selector_expression_carries_the_selector_rules() {
+    fn walk(path: &str, node: &Value, found: &mut Vec<(String, Value)>) {
+        if let Some(props) = node.get("properties").and_then(Value::as_object) {
+            for (k, v) in props {
+                if k == "matchExpressions"
+                    && let Some(item) = v.get("items")
+                {
+                    found.push((format!("{path}.{k}[]"), item.clone()));
+                }
+                walk(&format!("{path}.{k}"), v, found);
+            }
+        }
+        if let Some(items) = node.get("items") {
+            walk(&format!("{path}[]"), items, found);
+        }
+    }
+    let mut count = 0;
+    for (name, schema) in schemas() {
+        let mut found = Vec::new();
+        walk(&name, &schema, &mut found);
+        for (path, item) in found {
+            count += 1;
+            let rules = item
+                .get("x-kubernetes-validations")
+                .and_then(Value::as_array)
+                .unwrap_or_else(|| panic!("{path}: no x-kubernetes-validations"));
+            for r in weft_crds::cel::EVERY_SELECTOR_EXPRESSION {
+                assert!(rules.contains(&r.to_json()), "{path}: {:?} missing", r.rule);
+            }
+        }
+    }
+    assert!(count >= 10, "only {count} selectors found");
+}
+
+#[test]
+fn policy_rule_actions_are_narrowed_to_the_kind() {
+    for (name, want) in [
+        (
+            "clustersegmentationpolicies.weft.dev",
+            vec!["Accept", "Deny", "Pass"],
+        ),
+        ("segmentationpolicies.weft.dev", vec!["Allow", "Deny"]),
+    ] {
+        let (_, schema) = schemas().into_iter().find(|(n, _)| n == name).unwrap();
+        for direction in ["ingress", "egress"] {
+            let action = node_at(&schema, &format!("spec.{direction}[].action")).unwrap();
+            assert_eq!(
+                action["enum"],
+                serde_json::json!(want),
+                "{name} {direction}"
             );
         }
     }

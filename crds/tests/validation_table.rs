@@ -1,7 +1,8 @@
 //! The validation table (`e2e/validation/cases.yaml`) through the Rust side: every case is
 //! read into its typed resource and checked with `validate()`; the verdict must be the
 //! table's, and a rejection must name the table's field. The API-server side of the same
-//! table is `e2e/validation/check-apiserver.sh`.
+//! table is `e2e/validation/check-apiserver.sh`. The same holds for the table of updates
+//! (`e2e/validation/updates.yaml`), judged by `NetworkSpec::validate_update`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -192,6 +193,104 @@ fn rust_validation_agrees_with_the_table() {
                         "{}: unreadable at {path} ({message}), not at {field}",
                         c.name
                     ));
+                }
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+// ---- updates of live resources (e2e/validation/updates.yaml) ----
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Update {
+    name: String,
+    expect: Expect,
+    #[serde(default)]
+    field: Option<String>,
+    old: Value,
+    new: Value,
+}
+
+fn updates() -> Vec<Update> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../e2e/validation/updates.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    serde_saphyr::from_str(&text).unwrap()
+}
+
+#[test]
+fn the_update_table_covers_every_immutable_network_field_and_allowed_changes() {
+    let updates = updates();
+    let mut seen = BTreeSet::new();
+    for u in &updates {
+        assert!(seen.insert(u.name.clone()), "{} twice", u.name);
+        for side in [&u.old, &u.new] {
+            assert_eq!(side["metadata"]["name"], u.name.as_str(), "{}", u.name);
+            assert_eq!(side["kind"], u.old["kind"], "{}: one kind", u.name);
+        }
+        assert_eq!(u.field.is_some(), u.expect == Expect::Reject, "{}", u.name);
+    }
+    for field in [
+        "spec.mode",
+        "spec.subnets",
+        "spec.gateway",
+        "spec.ipam.nodeBlockPrefix",
+        "spec.ipam.nodeBlockPrefixV6",
+        "spec.bridge.uplink",
+        "spec.bridge.vlan",
+        "spec.bridge.bridgeName",
+        "spec.bridge.vlanFiltering",
+    ] {
+        assert!(
+            updates.iter().any(|u| u.field.as_deref() == Some(field)),
+            "no update case for {field}"
+        );
+    }
+    for kind in ["Network", "PortForward"] {
+        assert!(
+            updates
+                .iter()
+                .any(|u| u.expect == Expect::Accept && u.old["kind"] == kind),
+            "no accepted update of {kind}"
+        );
+    }
+}
+
+#[test]
+fn rust_validate_update_agrees_with_the_update_table() {
+    let mut problems = Vec::new();
+    for u in updates() {
+        // Both sides are valid resources: only the change is judged.
+        for (side, object) in [("old", &u.old), ("new", &u.new)] {
+            if !matches!(verdict(object), Verdict::Valid) {
+                problems.push(format!("{}: {side} is not a valid resource", u.name));
+            }
+        }
+        let result = match u.old["kind"].as_str() {
+            Some("Network") => {
+                let old: Network = serde_json::from_value(u.old.clone()).unwrap();
+                let new: Network = serde_json::from_value(u.new.clone()).unwrap();
+                new.spec.validate_update(&old.spec)
+            }
+            // No field of a PortForward is immutable.
+            Some("PortForward") => Ok(()),
+            other => panic!("{}: no validate_update() for kind {other:?}", u.name),
+        };
+        match (u.expect, result) {
+            (Expect::Accept, Ok(())) => {}
+            (Expect::Accept, Err(errors)) => problems.push(format!(
+                "{}: accepted by the table, rejected by validate_update(): {errors:?}",
+                u.name
+            )),
+            (Expect::Reject, Ok(())) => problems.push(format!(
+                "{}: rejected by the table, accepted by validate_update()",
+                u.name
+            )),
+            (Expect::Reject, Err(errors)) => {
+                let field = u.field.as_deref().unwrap_or_default();
+                if !errors.iter().any(|e| names(&e.field, field)) {
+                    problems.push(format!("{}: no error names {field}: {errors:?}", u.name));
                 }
             }
         }

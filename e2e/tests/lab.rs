@@ -235,6 +235,14 @@ expect:
     );
     let out = run_lab(&lab, &format!("spo-{}", std::process::id() % 10000));
     assert!(out.contains("all expectations hold"), "{out}");
+    // Each spoofing line says which probe it is.
+    for probe in [
+        "b -> a 22/tcp v4 spoofed mac 02:00:00:00:00:99 (",
+        "b -> a 22/tcp v4 spoofed arp claim 10.41.0.99 (",
+        "b -> a 22/tcp v4 spoofed ip 10.41.0.99 (",
+    ] {
+        assert!(out.contains(probe), "no line {probe:?}:\n{out}");
+    }
 }
 
 #[test]
@@ -336,6 +344,34 @@ fn trace_names_the_deciding_rule_and_exits_by_verdict() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["ingress"]["rule"]["rule"], "http-from-lan");
     assert_eq!(v["via"], "port forward shop/web on node-a to web-1:80");
+    // web-1 -> db-1 is passed by guard-db to the namespace stage, where db-1 is isolated: the
+    // Pass is shown before the decision.
+    let (code, out) = run(&["--from", "web-1", "--to", "db-1", "--port", "5432"]);
+    assert_eq!(code, Some(1), "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    let pass = lines
+        .iter()
+        .position(|l| {
+            l.contains("ingress of shop/db-1")
+                && l.contains(
+                    "pass    Pass by ClusterSegmentationPolicy guard-db rule pass-prod (Admin tier)",
+                )
+        })
+        .unwrap_or_else(|| panic!("no Pass line:\n{out}"));
+    assert!(
+        lines[pass + 1..]
+            .iter()
+            .any(|l| l.contains("ingress of shop/db-1") && l.contains("deny")),
+        "{out}"
+    );
+    let (_, out) = run(&[
+        "--from", "web-1", "--to", "db-1", "--port", "5432", "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        v["ingress"]["passed"][0],
+        "Pass by ClusterSegmentationPolicy guard-db rule pass-prod (Admin tier)"
+    );
 }
 
 #[test]
@@ -498,6 +534,53 @@ fn a_migrated_vm_keeps_its_policy_and_hybrid_targets_are_reached_on_a_shared_net
     let out = run_lab(&lab, &format!("mp-{}", std::process::id() % 10000));
     assert!(out.contains("all expectations hold"), "{out}");
 }
+
+#[test]
+fn outside_and_nodes_probe_a_hybrid_workload_on_its_lan_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = write(dir.path(), "hybrid-outside.yaml", HYBRID_OUTSIDE);
+    let out = run_lab(&lab, &format!("ho-{}", std::process::id() % 10000));
+    assert!(out.contains("all expectations hold"), "{out}");
+    // The matrix probes outside -> hybrid at its LAN address too.
+    let matrix = out
+        .split("connectivity (IPv4")
+        .nth(1)
+        .expect("a connectivity matrix");
+    let row = matrix
+        .lines()
+        .find(|l| l.trim_start().starts_with("outside"))
+        .expect("the outside row");
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells, ["outside", "yes", "-"], "{matrix}");
+}
+
+/// hybrid is on a NAT network first and on a Bridge network of the LAN's own subnet second.
+/// outside and the other node reach it at its LAN address (the NAT one is private to its
+/// node); its own node reaches it on the NAT network, through its bridge.
+const HYBRID_OUTSIDE: &str = r#"lan: {gateway: 10.21.31.1/24, listen: [80/tcp]}
+nodes:
+  - {name: hy-a, address: 10.21.31.2/24}
+  - {name: hy-b, address: 10.21.31.3/24}
+resources:
+  - apiVersion: weft.dev/v1alpha1
+    kind: Network
+    metadata: {name: pods}
+    spec: {mode: NAT, subnets: [10.97.0.0/20], ipam: {nodeBlockPrefix: 24}}
+  - apiVersion: weft.dev/v1alpha1
+    kind: Network
+    metadata: {name: lan}
+    spec:
+      mode: Bridge
+      subnets: [10.21.31.0/24]
+      ipam: {nodeBlockPrefix: 28, exclude: [10.21.31.0/28]}
+      bridge: {uplink: eth0}
+workloads:
+  - {name: hybrid, node: hy-a, networks: [pods, lan], listen: [80/tcp]}
+expect:
+  - {from: outside, to: hybrid, port: 80, result: allow, sourceSeenAs: self}
+  - {from: hy-b, to: hybrid, port: 80, result: allow, sourceSeenAs: self}
+  - {from: hy-a, to: hybrid, port: 80, result: allow, sourceSeenAs: 10.97.0.1}
+"#;
 
 /// db is isolated by a namespace policy and live-migrates to kvm-b: its target launcher there
 /// carries its labels, so the policy holds on its new port. roamer (NAT) is masqueraded to

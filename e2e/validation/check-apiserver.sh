@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs the validation table (cases.yaml beside this script) against a real API server: every
 # case is sent with `kubectl create --dry-run=server`; an accepted case must pass, a rejected
-# one must fail with a message that names its field. Prints one line per mismatch and a
-# summary; exits 1 on any mismatch.
+# one must fail with a message that names its field. Then the table of updates (updates.yaml):
+# each case's old object is created for real, its new object sent with `kubectl replace
+# --dry-run=server` and judged the same way, and the old object deleted again. Prints one line
+# per mismatch and a summary; exits 1 on any mismatch.
 #
 #   e2e/validation/check-apiserver.sh KUBECONFIG KUBECTL
 #
@@ -64,6 +66,18 @@ with open(sys.argv[2] + "/index", "w") as index:
         index.write("%03d\t%s\t%s\t%s\n" % (i, c["name"], c["expect"], c.get("field") or "-"))
 PY
 
+# The same for the updates: old and new object per case.
+python3 - "$HERE/updates.yaml" "$WORK" <<'PY'
+import json, sys, yaml
+cases = yaml.safe_load(open(sys.argv[1]))
+with open(sys.argv[2] + "/updates", "w") as index:
+    for i, c in enumerate(cases):
+        for side in ("old", "new"):
+            with open("%s/u%03d.%s.json" % (sys.argv[2], i, side), "w") as f:
+                json.dump(c[side], f)
+        index.write("u%03d\t%s\t%s\t%s\n" % (i, c["name"], c["expect"], c.get("field") or "-"))
+PY
+
 # Established CRDs can take a moment before their schema is served for validation.
 sleep 2
 
@@ -86,6 +100,30 @@ while IFS=$'\t' read -r i name expect field; do
     echo "MISMATCH $name: rejected, but the message does not name $field: $out"
   fi
 done <"$WORK/index"
+
+while IFS=$'\t' read -r i name expect field; do
+  total=$((total + 1))
+  if ! out=$(k create -o name -f "$WORK/$i.old.json" 2>&1); then
+    failed=$((failed + 1))
+    echo "MISMATCH $name: the old object was refused: $(printf '%s' "$out" | tr '\n' ' ')"
+    continue
+  fi
+  if out=$(k replace --dry-run=server -o name -f "$WORK/$i.new.json" 2>&1); then
+    got=accept
+  else
+    got=reject
+  fi
+  k delete --wait=false -f "$WORK/$i.old.json" >/dev/null 2>&1 || true
+  out=$(printf '%s' "$out" | tr '\n' ' ')
+  [ "${VERBOSE:-0}" = 1 ] && echo "$name ($expect): $out"
+  if [ "$got" != "$expect" ]; then
+    failed=$((failed + 1))
+    echo "MISMATCH $name: expected $expect, the API server said $got: $out"
+  elif [ "$expect" = reject ] && [[ "$out" != *"$field"* ]]; then
+    failed=$((failed + 1))
+    echo "MISMATCH $name: rejected, but the message does not name $field: $out"
+  fi
+done <"$WORK/updates"
 
 echo "validation table against the API server: $((total - failed)) passed, $failed failed"
 [ "$failed" -eq 0 ]

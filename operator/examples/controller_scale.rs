@@ -110,6 +110,7 @@ fn main() -> anyhow::Result<()> {
             .collect(),
         node_networks: BTreeMap::new(),
         specs: BTreeMap::new(),
+        accepted: BTreeMap::new(),
     };
     let decision = desired(&observed);
     let decide = t.elapsed();

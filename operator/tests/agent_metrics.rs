@@ -101,14 +101,19 @@ fn readyz_turns_ready_after_the_first_successful_reconcile_and_metrics_count_rec
             source,
             Some(addr),
         ));
-        // The source refuses: alive, not ready, the failed start counted.
+        // The source waits for its first list: alive, not ready, the start counted as a
+        // reconcile but not as an error (every start in a cluster begins so).
         let metrics = wait_for(
             addr,
             "/metrics",
-            r#"weft_agent_reconciliation_errors_total{trigger="start"} 1"#,
+            r#"weft_agent_reconciliations_total{trigger="start"} 1"#,
         )
         .await;
         assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+        assert!(
+            !metrics.contains("weft_agent_reconciliation_errors_total{"),
+            "{metrics}"
+        );
         assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
         assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 503"));
 

@@ -5,7 +5,8 @@
 //! Metrics (all prefixed `weft_agent_`):
 //! - `reconciliations_total{trigger}`: reconciles run, by what started them (`start`,
 //!   `resources changed`, `endpoints`, `retry`, `resync`);
-//! - `reconciliation_errors_total{trigger}`: reconciles that failed;
+//! - `reconciliation_errors_total{trigger}`: reconciles that failed (one that waits for the
+//!   first list of the Kubernetes API, as every start does, is not a failure);
 //! - `reconcile_duration_seconds`: histogram of reconcile durations;
 //! - `endpoints`: workload endpoints known on the node;
 //! - `networks`: networks realized on the node;

@@ -306,14 +306,20 @@ struct Reconciler {
     metrics: metrics::AgentMetrics,
     /// The default network of the conflist installed last (`None`: not installed yet).
     installed: Option<Option<String>>,
+    /// The last reconcile stopped because the source has not had its first complete list yet
+    /// (a healthy start): not a failure.
+    waiting_first_list: bool,
 }
 
 impl Reconciler {
     async fn reconcile(&mut self, reason: &str) -> Result<(), String> {
         let started = Instant::now();
+        self.waiting_first_list = false;
         let result = self.reconcile_once(reason).await;
+        // Waiting for the first list is how every start in a cluster begins, not an error.
+        let failed = result.is_err() && !self.waiting_first_list;
         self.metrics
-            .reconciled(reason, started.elapsed(), result.is_ok(), &self.status);
+            .reconciled(reason, started.elapsed(), !failed, &self.status);
         result
     }
 
@@ -322,7 +328,10 @@ impl Reconciler {
         let res = match (&self.resources, reason) {
             (Some(r), "endpoints") => Arc::clone(r),
             _ => {
-                let r = Arc::new(self.source.snapshot().map_err(|e| format!("{e}"))?);
+                let snapshot = self.source.snapshot();
+                self.waiting_first_list =
+                    matches!(snapshot, Err(source::SourceError::NotSynced { .. }));
+                let r = Arc::new(snapshot.map_err(|e| format!("{e}"))?);
                 self.resources = Some(Arc::clone(&r));
                 self.shared.publish(Arc::clone(&r));
                 r
@@ -844,6 +853,7 @@ pub async fn run(
         metrics: agent_metrics,
         activated: Vec::new(),
         installed: None,
+        waiting_first_list: false,
         resyncs: 0,
     };
     start_audit(&cfg, rec.policy.clone(), rec.audit.clone(), tx.clone());

@@ -103,6 +103,19 @@ pub fn held_blocks(
         .collect()
 }
 
+/// The reason and message of a Network's `Valid=False` condition for its current spec (the
+/// controller's verdict; a condition about an older generation does not count).
+fn rejected(net: &Network) -> Option<(&str, &str)> {
+    let c = net.status.as_ref()?.conditions.iter().find(|c| {
+        c.type_ == weft_crds::constants::CONDITION_VALID
+            && c.status == "False"
+            && (c.observed_generation.is_none()
+                || net.metadata.generation.is_none()
+                || c.observed_generation == net.metadata.generation)
+    })?;
+    Some((c.reason.as_str(), c.message.as_str()))
+}
+
 /// The standalone block assignment: node `i` of the sorted cluster node list gets the `i`-th
 /// block of each subnet. The controller replaces this with allocations it records in the API.
 pub fn standalone_blocks(
@@ -249,10 +262,14 @@ pub fn plan(
             continue;
         }
         let Some(b) = blocks.get(&name).copied() else {
-            problems.push(problem(format!(
-                "no address block is assigned to node {} yet",
-                node.name
-            )));
+            problems.push(problem(match rejected(net) {
+                // The controller gives a rejected Network no blocks: say why, not "yet".
+                Some((reason, message)) => format!(
+                    "not realized on node {}: the controller rejected the Network ({reason}): {message}",
+                    node.name
+                ),
+                None => format!("no address block is assigned to node {} yet", node.name),
+            }));
             continue;
         };
         let bridge = net
@@ -1097,6 +1114,47 @@ metadata: {name: web-1, namespace: default, labels: {app: web}}
                 )
             })
             .collect()
+    }
+
+    #[test]
+    fn a_network_the_controller_rejected_says_so_instead_of_waiting_for_a_block() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+        let mut res = resources(NETS);
+        let net = &mut res.networks[0];
+        net.metadata.generation = Some(3);
+        let condition = |generation: i64| Condition {
+            type_: "Valid".into(),
+            status: "False".into(),
+            reason: "SubnetOverlap".into(),
+            message: "spec.subnets[0]: 10.10.0.0/16 overlaps 10.0.0.0/8 of Network old".into(),
+            observed_generation: Some(generation),
+            last_transition_time: Time(Default::default()),
+        };
+        net.status = Some(weft_crds::NetworkStatus {
+            conditions: vec![condition(3)],
+            ..Default::default()
+        });
+        let problems = |res: &Resources| -> Vec<String> {
+            plan(&node(&[]), res, &BTreeMap::new(), &[])
+                .problems
+                .iter()
+                .map(|p| p.to_string())
+                .filter(|p| p.contains("nat-demo"))
+                .collect()
+        };
+        let got = problems(&res);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(
+            got[0].contains("the controller rejected the Network (SubnetOverlap): spec.subnets[0]")
+                && !got[0].contains("yet"),
+            "{got:?}"
+        );
+        // A verdict on an older generation: the new spec waits for its block.
+        if let Some(s) = res.networks[0].status.as_mut() {
+            s.conditions = vec![condition(2)];
+        }
+        let got = problems(&res);
+        assert!(got[0].contains("no address block is assigned"), "{got:?}");
     }
 
     #[test]

@@ -81,6 +81,8 @@ pub struct Context {
     /// NodeNetwork specs this replica applied, newer than the store until its watch catches up.
     /// Dropped once the store shows the same spec.
     written: Mutex<BTreeMap<String, Arc<NodeNetworkSpec>>>,
+    /// The last accepted version of each Network (see `network::Observed::accepted`).
+    accepted: Mutex<BTreeMap<String, Arc<weft_crds::Network>>>,
     /// Serializes allocate + apply, so two reconciles never allocate from the same snapshot.
     allocation: tokio::sync::Mutex<()>,
     /// The last decision and the fingerprint of its inputs ([`network::allocation_inputs`]):
@@ -110,6 +112,7 @@ impl Context {
             stores,
             metrics,
             written: Mutex::default(),
+            accepted: Mutex::default(),
             allocation: tokio::sync::Mutex::new(()),
             decided: Mutex::default(),
             failures: Mutex::default(),

@@ -45,6 +45,9 @@ pub struct Observed {
     pub node_networks: BTreeMap<String, Arc<NodeNetwork>>,
     /// The current NodeNetwork specs (the store, overlaid with what this replica applied).
     pub specs: BTreeMap<String, ObservedSpec>,
+    /// The last accepted version of each Network (what the blocks were allocated for), as
+    /// far as this replica has seen since it started.
+    pub accepted: BTreeMap<String, Arc<Network>>,
 }
 
 /// A current NodeNetwork spec, shared with where it was observed (not copied).
@@ -87,6 +90,9 @@ pub struct Decision {
     pub allocation: Allocation,
     /// The nodes whose NodeNetwork spec differs from the desired one.
     pub changed: Vec<String>,
+    /// The version of each Network the allocation is for: the current one, or the last
+    /// accepted one when the current one changed an immutable field.
+    pub accepted: BTreeMap<String, Arc<Network>>,
 }
 
 /// Observe: a snapshot of the stores.
@@ -126,24 +132,70 @@ pub fn observe(ctx: &Context) -> Observed {
                 .map(|(k, v)| (k.clone(), ObservedSpec::Written(v.clone()))),
         );
     }
+    let accepted = ctx.accepted.lock().map(|a| a.clone()).unwrap_or_default();
     Observed {
         networks: ctx.stores.networks.state(),
         nodes,
         node_networks,
         specs,
+        accepted,
     }
+}
+
+/// Each Network as the allocation must see it: an update that changes an immutable field
+/// (`NetworkSpec::validate_update` against the last accepted version of the same object) is
+/// rejected, and the last accepted version stands in for it, so no node's block is renumbered.
+fn effective(observed: &Observed) -> (Vec<Arc<Network>>, BTreeMap<String, Rejection>) {
+    let mut rejected = BTreeMap::new();
+    let networks = observed
+        .networks
+        .iter()
+        .map(|net| {
+            let name = net.name_any();
+            let Some(old) = observed.accepted.get(&name).filter(|old| {
+                old.metadata.uid == net.metadata.uid
+                    && old.spec != net.spec
+                    && net.metadata.deletion_timestamp.is_none()
+            }) else {
+                return net.clone();
+            };
+            match net.spec.validate_update(&old.spec) {
+                Ok(()) => net.clone(),
+                Err(errors) => {
+                    rejected.insert(name, validate::immutable(&errors));
+                    old.clone()
+                }
+            }
+        })
+        .collect();
+    (networks, rejected)
 }
 
 /// Decide (pure): validation and allocation over the whole cluster.
 pub fn desired(observed: &Observed) -> Decision {
-    let verdicts = validate::networks(observed.networks.iter().map(AsRef::as_ref));
-    let eligible = observed.networks.iter().map(AsRef::as_ref).filter(|n| {
-        verdicts
-            .get(n.metadata.name.as_deref().unwrap_or_default())
-            .is_some_and(Option::is_none)
-    });
+    let (networks, immutable) = effective(observed);
+    let mut verdicts = validate::networks(networks.iter().map(AsRef::as_ref));
+    let eligible: Vec<&Arc<Network>> = networks
+        .iter()
+        .filter(|n| {
+            verdicts
+                .get(n.metadata.name.as_deref().unwrap_or_default())
+                .is_some_and(Option::is_none)
+        })
+        .collect();
+    let accepted = eligible
+        .iter()
+        .map(|n| (n.name_any(), Arc::clone(n)))
+        .collect();
+    for (name, rejection) in immutable {
+        verdicts.insert(name, Some(rejection));
+    }
     let nodes: Vec<NodeInfo> = observed.nodes.iter().map(|(n, _)| n.clone()).collect();
-    let allocation = allocator::allocate(eligible, &nodes, &observed.specs);
+    let allocation = allocator::allocate(
+        eligible.into_iter().map(AsRef::as_ref),
+        &nodes,
+        &observed.specs,
+    );
     // Each node's spec is built, compared and dropped: never all of them at once. A node
     // without a NodeNetwork has no blocks (the agent reads it so), so it needs none written
     // until it gets a block.
@@ -163,11 +215,19 @@ pub fn desired(observed: &Observed) -> Decision {
         verdicts,
         allocation,
         changed,
+        accepted,
+    }
+}
+
+/// Remembers the Network versions `decision` allocated for, for the next [`observe`].
+fn remember_accepted(ctx: &Context, decision: &Decision) {
+    if let Ok(mut accepted) = ctx.accepted.lock() {
+        accepted.clone_from(&decision.accepted);
     }
 }
 
 /// A fingerprint of what [`desired`] depends on: each Network's identity, spec generation and
-/// deletion, each Node's name, uid and labels, and each NodeNetwork spec (its generation, which
+/// deletion, the last accepted version of each, each Node's name, uid and labels, and each NodeNetwork spec (its generation, which
 /// a status write does not change, or the spec this replica wrote). Equal fingerprints give
 /// equal decisions. (Generations are the API server's; wrapping casts only feed the hash.)
 pub fn allocation_inputs(observed: &Observed) -> u64 {
@@ -182,6 +242,10 @@ pub fn allocation_inputs(observed: &Observed) -> u64 {
     }
     for (n, uid) in &observed.nodes {
         (&n.name, uid, &n.labels).hash(&mut h);
+    }
+    for (name, n) in &observed.accepted {
+        let g = generation(n.metadata.generation, Arc::as_ptr(n).cast());
+        (name, &n.metadata.uid, g).hash(&mut h);
     }
     for (name, spec) in &observed.specs {
         name.hash(&mut h);
@@ -288,7 +352,11 @@ pub fn desired_status(
                 READY,
                 false,
                 r.reason,
-                "the Network is not valid; see the Valid condition",
+                if r.reason == validate::REASON_IMMUTABLE {
+                    "the update is refused (see the Valid condition); the nodes keep the blocks of the last accepted spec"
+                } else {
+                    "the Network is not valid; see the Valid condition"
+                },
                 generation,
                 previous,
                 now,
@@ -385,6 +453,7 @@ async fn reconcile_inner(net: Arc<Network>, ctx: &Arc<Context>) -> Result<Action
     if !ctx.is_leader() {
         // Compute anyway (metrics, warm caches); only the leader writes.
         let decision = decide(ctx, &observe(ctx));
+        remember_accepted(ctx, &decision);
         record_blocks(ctx, &name, &decision);
         return Ok(Action::await_change());
     }
@@ -412,6 +481,7 @@ async fn sync_blocks(ctx: &Context) -> Result<(Observed, Arc<Decision>), Error> 
     let _guard = ctx.allocation.lock().await;
     let observed = observe(ctx);
     let decision = decide(ctx, &observed);
+    remember_accepted(ctx, &decision);
     let api: Api<NodeNetwork> = Api::all(ctx.client.clone());
     let params = PatchParams::apply(FIELD_MANAGER).force();
     for node in &decision.changed {
@@ -594,6 +664,102 @@ async fn cleanup(net: &Network, ctx: &Context) -> Result<Action, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use weft_crds::{Cidr, NetworkSpec};
+
+    fn net(subnet: &str, mtu: Option<i32>) -> Arc<Network> {
+        let mut n = Network::new(
+            "blue",
+            NetworkSpec {
+                subnets: vec![Cidr::from(subnet)],
+                mtu,
+                ..NetworkSpec::default()
+            },
+        );
+        n.metadata.uid = Some("uid-1".into());
+        Arc::new(n)
+    }
+
+    fn observed(current: Arc<Network>, accepted: Option<Arc<Network>>) -> Observed {
+        Observed {
+            networks: vec![current],
+            nodes: vec![(NodeInfo::new("node-a", &[]), None)],
+            accepted: accepted
+                .map(|a| ("blue".to_owned(), a))
+                .into_iter()
+                .collect(),
+            ..Observed::default()
+        }
+    }
+
+    fn block_of(decision: &Decision) -> Vec<(String, Vec<String>)> {
+        decision.allocation.blocks_of("blue")
+    }
+
+    #[test]
+    fn changed_subnets_are_refused_and_the_blocks_of_the_accepted_spec_are_kept() {
+        let old = net("10.50.0.0/16", None);
+        let first = desired(&observed(old.clone(), None));
+        assert_eq!(first.verdicts["blue"], None);
+        assert_eq!(
+            block_of(&first),
+            [("node-a".to_owned(), vec!["10.50.0.0/26".to_owned()])]
+        );
+        let mut observed = observed(net("10.60.0.0/16", None), Some(old.clone()));
+        observed.specs = first
+            .allocation
+            .specs()
+            .into_iter()
+            .map(|(k, v)| (k, ObservedSpec::from(v)))
+            .collect();
+        let second = desired(&observed);
+        let verdict = second.verdicts["blue"].clone().expect("refused");
+        assert_eq!(verdict.reason, validate::REASON_IMMUTABLE);
+        assert!(
+            verdict.message.contains("spec.subnets")
+                && verdict.message.contains("10.50.0.0/16")
+                && verdict.message.contains("10.60.0.0/16"),
+            "{}",
+            verdict.message
+        );
+        // Nothing renumbered, nothing to write; the accepted spec stays the old one.
+        assert_eq!(block_of(&second), block_of(&first));
+        assert!(second.changed.is_empty());
+        assert_eq!(second.accepted["blue"].spec, old.spec);
+        let status = desired_status(
+            &observed.networks[0],
+            &observed,
+            &second,
+            jiff::Timestamp::UNIX_EPOCH,
+        );
+        let valid = status::find(&status.conditions, VALID).expect("Valid");
+        assert_eq!(
+            (valid.status.as_str(), valid.reason.as_str()),
+            ("False", validate::REASON_IMMUTABLE)
+        );
+    }
+
+    #[test]
+    fn mutable_changes_are_accepted_and_remembered() {
+        let old = net("10.50.0.0/16", None);
+        let new = net("10.50.0.0/16", Some(9000));
+        let d = desired(&observed(new.clone(), Some(old)));
+        assert_eq!(d.verdicts["blue"], None);
+        assert_eq!(d.accepted["blue"].spec, new.spec);
+    }
+
+    #[test]
+    fn a_recreated_network_is_not_compared_with_its_predecessor() {
+        let old = net("10.50.0.0/16", None);
+        let mut new = (*net("10.60.0.0/16", None)).clone();
+        new.metadata.uid = Some("uid-2".into());
+        let d = desired(&observed(Arc::new(new), Some(old)));
+        assert_eq!(d.verdicts["blue"], None);
+    }
+}
+
+#[cfg(test)]
+mod fingerprint_tests {
+    use super::*;
     use weft_crds::{NetworkSpec, NodeNetworkBlock};
 
     fn observed() -> Observed {
@@ -628,6 +794,7 @@ mod tests {
             )],
             node_networks: [("node-a".to_owned(), nn.clone())].into(),
             specs: [("node-a".to_owned(), ObservedSpec::Stored(nn))].into(),
+            accepted: BTreeMap::new(),
         }
     }
 
@@ -687,6 +854,9 @@ mod tests {
                 );
             }),
             changed(&|o| o.networks.clear()),
+            changed(&|o| {
+                o.accepted.insert("blue".into(), o.networks[0].clone());
+            }),
         ];
         for (i, k) in keys.iter().enumerate() {
             assert_ne!(*k, key, "change {i} left the inputs unchanged");

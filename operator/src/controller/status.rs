@@ -3,7 +3,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 /// Condition type: the spec passed every check.
-pub const VALID: &str = "Valid";
+pub const VALID: &str = weft_crds::constants::CONDITION_VALID;
 /// Condition type: the resource is realized.
 pub const READY: &str = weft_crds::constants::CONDITION_READY;
 

@@ -2,7 +2,9 @@
 //!
 //! - Networks: the Rust [`NetworkSpec::validate`](weft_crds::NetworkSpec::validate) rules
 //!   (`Invalid`) and subnets that overlap another Network's (`SubnetOverlap`): the older Network
-//!   (by creationTimestamp, then name) keeps its subnets, the newer one is rejected.
+//!   (by creationTimestamp, then name) keeps its subnets, the newer one is rejected. An update
+//!   that changes an immutable field of an accepted Network (`ImmutableFieldChanged`, see
+//!   `network::desired`) is judged there, as it needs the last accepted spec.
 //! - PortForwards: the Rust rules (`Invalid`), a target Network that does not exist
 //!   (`NetworkNotFound`) or is not in NAT mode (`NetworkNotNAT`), and node ports that an older
 //!   PortForward on the same Network already forwards for an overlapping set of sources
@@ -23,6 +25,9 @@ pub struct Rejection {
 
 /// Reason: the Rust `validate()` found field errors.
 pub const REASON_INVALID: &str = "Invalid";
+/// Reason: an update changed a field that cannot change on a live Network
+/// ([`NetworkSpec::validate_update`](weft_crds::NetworkSpec::validate_update)).
+pub const REASON_IMMUTABLE: &str = "ImmutableFieldChanged";
 /// Reason: a subnet overlaps an older Network's.
 pub const REASON_SUBNET_OVERLAP: &str = "SubnetOverlap";
 /// Reason: the PortForward's Network does not exist.
@@ -44,6 +49,17 @@ fn invalid(errors: &[FieldError]) -> Rejection {
     Rejection {
         reason: REASON_INVALID,
         message: field_errors(errors),
+    }
+}
+
+/// The verdict on an update that changed immutable fields (`errors` from `validate_update`).
+pub fn immutable(errors: &[FieldError]) -> Rejection {
+    Rejection {
+        reason: REASON_IMMUTABLE,
+        message: format!(
+            "{}; the nodes keep the blocks of the last accepted spec",
+            field_errors(errors)
+        ),
     }
 }
 

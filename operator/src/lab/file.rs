@@ -227,6 +227,25 @@ pub struct Spoof {
     pub arp: Option<std::net::Ipv4Addr>,
 }
 
+impl Spoof {
+    /// Which probe this is and what it forges, for the expectation's line: `spoofed ip
+    /// 10.30.0.99`, `spoofed mac 02:00:00:00:00:99`, `spoofed arp claim 10.30.0.99` (a file
+    /// check makes sure exactly one is set; several are listed all the same).
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(ip) = self.ip {
+            parts.push(format!("spoofed ip {ip}"));
+        }
+        if let Some(mac) = &self.mac {
+            parts.push(format!("spoofed mac {mac}"));
+        }
+        if let Some(arp) = self.arp {
+            parts.push(format!("spoofed arp claim {arp}"));
+        }
+        parts.join(", ")
+    }
+}
+
 fn default_protocol() -> String {
     "tcp".into()
 }
@@ -367,6 +386,73 @@ impl LabFile {
                     errors.push(format!(
                         "{field}[{j}]: no Network {n:?} among the resources (Networks: {}); add it under resources or fix the name",
                         if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                    ));
+                }
+            }
+        }
+        errors.extend(self.static_address_errors(res));
+        errors
+    }
+
+    /// Static addresses (`ips`) that the CNI ADD would refuse: each must lie in the block the
+    /// workload's node gets of one of the workload's Networks (node i of the nodes sorted by
+    /// name gets block i of each subnet, as the lab's agents assign them).
+    fn static_address_errors(&self, res: &Resources) -> Vec<String> {
+        let nodes: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
+        let mut errors = Vec::new();
+        for (i, w) in self.workloads.iter().enumerate() {
+            let networks: Vec<&weft_crds::Network> = w
+                .networks
+                .iter()
+                .filter_map(|n| {
+                    res.networks
+                        .iter()
+                        .find(|net| net.metadata.name.as_deref() == Some(n.as_str()))
+                })
+                .collect();
+            for (j, ip) in w.ips.iter().enumerate() {
+                let field = format!("workloads[{i}].ips[{j}]");
+                let subnet_of = |net: &weft_crds::Network| -> Option<IpNet> {
+                    match ip {
+                        std::net::IpAddr::V4(_) => net.spec.subnet_v4().map(IpNet::V4),
+                        std::net::IpAddr::V6(_) => net.spec.subnet_v6().map(IpNet::V6),
+                    }
+                };
+                let Some(net) = networks
+                    .iter()
+                    .find(|net| subnet_of(net).is_some_and(|s| s.contains(ip)))
+                else {
+                    let subnets: Vec<String> = networks
+                        .iter()
+                        .filter_map(|net| {
+                            Some(format!(
+                                "{} {}",
+                                net.metadata.name.as_deref()?,
+                                subnet_of(net)?
+                            ))
+                        })
+                        .collect();
+                    errors.push(format!(
+                        "{field}: {ip} of workload {} is in no subnet of its networks ({}); use an address of one of them",
+                        w.name,
+                        if subnets.is_empty() { "none of this family".into() } else { subnets.join(", ") }
+                    ));
+                    continue;
+                };
+                let name = net.metadata.name.clone().unwrap_or_default();
+                let Ok(blocks) = crate::agent::plan::standalone_blocks(net, &nodes, &w.node) else {
+                    continue; // reported for the Network by the agent's plan
+                };
+                let block = match ip {
+                    std::net::IpAddr::V4(_) => blocks.v4.map(IpNet::V4),
+                    std::net::IpAddr::V6(_) => blocks.v6.map(IpNet::V6),
+                };
+                if let Some(block) = block
+                    && !block.contains(ip)
+                {
+                    errors.push(format!(
+                        "{field}: {ip} of workload {} is outside node {}'s block {block} of Network {name} (node i of the nodes sorted by name gets block i of each subnet); use an address of that block",
+                        w.name, w.node
                     ));
                 }
             }
@@ -725,6 +811,51 @@ workloads:
             e.contains("workloads[1].annotations.weft.dev/networks[0]: no Network \"lan\""),
             "{e}"
         );
+    }
+
+    #[test]
+    fn static_addresses_outside_the_node_s_block_are_errors() {
+        let text = |ip: &str| {
+            format!(
+                r#"
+lan: {{gateway: 192.168.50.1/24}}
+nodes: [{{name: node-b, address: 192.168.50.12/24}}, {{name: node-a, address: 192.168.50.11/24}}]
+resources:
+  - {{apiVersion: weft.dev/v1alpha1, kind: Network, metadata: {{name: nat-demo}}, spec: {{mode: NAT, subnets: [10.10.0.0/16, "fd10::/64"]}}}}
+workloads:
+  - {{name: w, node: node-b, networks: [nat-demo], ips: [{ip}]}}
+"#
+            )
+        };
+        // node-b is second by name: block 10.10.0.64/26 (and fd10::40/122).
+        assert!(load_text(&text("10.10.0.70")).is_ok());
+        assert!(load_text(&text("\"fd10::41\"")).is_ok());
+        let e = load_text(&text("10.10.0.50")).unwrap_err().to_string();
+        assert!(
+            e.contains("workloads[0].ips[0]: 10.10.0.50 of workload w is outside node node-b's block 10.10.0.64/26 of Network nat-demo"),
+            "{e}"
+        );
+        let e = load_text(&text("\"fd10::5\"")).unwrap_err().to_string();
+        assert!(
+            e.contains("outside node node-b's block fd10::40/122"),
+            "{e}"
+        );
+        let e = load_text(&text("10.20.0.5")).unwrap_err().to_string();
+        assert!(
+            e.contains("workloads[0].ips[0]: 10.20.0.5 of workload w is in no subnet of its networks (nat-demo 10.10.0.0/16)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn spoof_expectations_say_which_probe_they_are() {
+        let spoof = |yaml: &str| serde_saphyr::from_str::<Spoof>(yaml).unwrap().describe();
+        assert_eq!(spoof("{ip: 10.30.0.99}"), "spoofed ip 10.30.0.99");
+        assert_eq!(
+            spoof("{mac: \"02:00:00:00:00:99\"}"),
+            "spoofed mac 02:00:00:00:00:99"
+        );
+        assert_eq!(spoof("{arp: 10.30.0.99}"), "spoofed arp claim 10.30.0.99");
     }
 
     #[test]

@@ -150,6 +150,10 @@ pub fn print_trace(
             ("ingress", &decision.ingress),
         ] {
             if let Some(s) = step {
+                // The Pass rules that handed the packet on, then the decision.
+                for pass in &s.passed {
+                    println!("  {word} of {:<20} pass    {pass}", s.workload);
+                }
                 println!(
                     "  {word} of {:<20} {}  {}",
                     s.workload,
@@ -469,7 +473,7 @@ fn check_expectations(
     for (i, e) in lab.spec.expect.iter().enumerate() {
         let fam = if e.family == Family::Ipv6 { "v6" } else { "v4" };
         let label = format!(
-            "{} -> {} {} {}{}",
+            "{} -> {} {} {}{}{}",
             e.from,
             e.to,
             if e.is_icmp() {
@@ -478,7 +482,11 @@ fn check_expectations(
                 format!("{}/{}", e.port, e.protocol)
             },
             fam,
-            if e.at_start { " at start" } else { "" }
+            if e.at_start { " at start" } else { "" },
+            e.spoof
+                .as_ref()
+                .map(|s| format!(" {}", s.describe()))
+                .unwrap_or_default()
         );
         let Some(target) = address_of(
             &view.spec,

@@ -173,10 +173,27 @@ fn is_nat(res: &Resources, network: &str) -> bool {
     })
 }
 
+/// The LAN subnet of `outside` or a node in `family` (the host's address with the LAN prefix).
+fn host_net(lab: &LabFile, name: &str, family: Family) -> Option<ipnet::IpNet> {
+    let v4 = family == Family::Ipv4;
+    let (a4, a6) = if name == "outside" {
+        (lab.lan.gateway, lab.lan.gateway6)
+    } else {
+        let n = lab.nodes.iter().find(|n| n.name == name)?;
+        (n.address, n.address6)
+    };
+    if v4 { Some(a4) } else { a6 }.map(|a| a.trunc())
+}
+
 /// The address of `outside`, a node or a workload in `family` that a connection from `peer`
-/// reaches: a workload's address on the first of its networks that `peer` (a workload) is on
-/// too and can reach it on (a NAT network only on the same node), else its first address of
-/// the family.
+/// reaches: a workload's address on the first of its networks (in its order) that `peer` can
+/// use, else its first address of the family.
+///
+/// - A workload peer uses a network it is on too (a NAT network only on the same node: NAT
+///   networks are private to each node).
+/// - `outside` and nodes sit on the LAN: they use a Bridge network address of the workload on
+///   the LAN's own subnet (no router is needed to reach it), and a node also uses a NAT network
+///   of a workload on that node (through its bridge, from the gateway address).
 pub fn address_towards(
     lab: &LabFile,
     res: &Resources,
@@ -192,6 +209,20 @@ pub fn address_towards(
     let of = |m: &Member| m.ips.iter().find(|i| i.is_ipv4() == v4).copied();
     let shared = peer.and_then(|peer| {
         let same_node = node_of(lab, peer) == node_of(lab, name);
+        if lab.is_host(peer) {
+            let lan = host_net(lab, peer, family);
+            return members
+                .iter()
+                .filter(|m| m.name == name)
+                .filter(|m| {
+                    if is_nat(res, &m.network) {
+                        peer != "outside" && same_node
+                    } else {
+                        of(m).is_some_and(|ip| lan.is_some_and(|l| l.contains(&ip)))
+                    }
+                })
+                .find_map(of);
+        }
         members
             .iter()
             .filter(|m| m.name == name)
@@ -402,6 +433,78 @@ workloads: [{name: w, node: host-1, networks: [local]}]
         assert_eq!(
             t("outside").packet.src,
             "192.168.44.1".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    const HYBRID: &str = r#"
+lan: {gateway: 192.168.44.1/24}
+nodes: [{name: host-1, address: 192.168.44.10/24}, {name: host-2, address: 192.168.44.11/24}]
+resources:
+  - {apiVersion: weft.dev/v1alpha1, kind: Network, metadata: {name: pods}, spec: {mode: NAT, subnets: [10.60.0.0/24]}}
+  - apiVersion: weft.dev/v1alpha1
+    kind: Network
+    metadata: {name: lan}
+    spec: {mode: Bridge, subnets: [192.168.44.0/24], ipam: {nodeBlockPrefix: 28, exclude: [192.168.44.0/28]}, bridge: {uplink: eth0}}
+  - {apiVersion: weft.dev/v1alpha1, kind: Network, metadata: {name: lab-only}, spec: {mode: Bridge, subnets: [10.70.0.0/24], bridge: {uplink: eth0, vlan: 7}}}
+  - apiVersion: weft.dev/v1alpha1
+    kind: ClusterSegmentationPolicy
+    metadata: {name: nat-side-closed}
+    spec:
+      tier: Admin
+      priority: 1
+      subject: {pods: {podSelector: {}}, networks: [pods]}
+      ingress: [{name: deny-all, action: Deny}]
+workloads:
+  - {name: hybrid, node: host-1, networks: [lab-only, pods, lan]}
+  - {name: nat-only, node: host-1, networks: [pods]}
+"#;
+
+    #[test]
+    fn outside_and_nodes_reach_a_hybrid_workload_on_its_lan_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("lab.yaml");
+        std::fs::write(&p, HYBRID).unwrap();
+        let (lab, res, _) = LabFile::load(&p).unwrap();
+        let members = members(&lab, &res, None);
+        let compiled = crate::policy::compile_resources(&res, &members);
+        let t = |from: &str, to: &str| {
+            decide(
+                &lab,
+                &res,
+                &members,
+                &compiled,
+                from,
+                to,
+                80,
+                L4Protocol::Tcp,
+                Family::Ipv4,
+            )
+            .unwrap()
+        };
+        let lan_address = address(&lab, &res, &members, "hybrid", Family::Ipv4);
+        // Without a peer: the first address (on lab-only).
+        assert_eq!(lan_address, Some("10.70.0.2".parse().unwrap()));
+        // outside and the other node: its address on lan, the LAN's own subnet, which the
+        // policy on pods does not cover.
+        for from in ["outside", "host-2"] {
+            let traced = t(from, "hybrid");
+            assert_eq!(
+                traced.packet.dst,
+                "192.168.44.2".parse::<IpAddr>().unwrap(),
+                "{from}"
+            );
+            assert!(traced.decision.allowed, "{from}");
+        }
+        // Its own node: the first network it can use is pods (through its NAT bridge).
+        let own = t("host-1", "hybrid");
+        assert_eq!(own.packet.dst, "10.60.0.2".parse::<IpAddr>().unwrap());
+        assert_eq!(own.packet.src, "10.60.0.1".parse::<IpAddr>().unwrap());
+        assert!(!own.decision.allowed);
+        // A NAT-only workload: outside has no network to it (only port forwards); the
+        // address stays its NAT one and the policy still answers for it.
+        assert_eq!(
+            t("outside", "nat-only").packet.dst,
+            "10.60.0.3".parse::<IpAddr>().unwrap()
         );
     }
 }

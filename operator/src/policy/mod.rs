@@ -751,6 +751,10 @@ pub struct Step {
     pub rule_id: Option<u32>,
     /// In words.
     pub reason: String,
+    /// The Pass rules that handed the packet on before the decision (at most one per tier),
+    /// in order, e.g. `Pass by ClusterSegmentationPolicy guard-db rule pass-prod (Admin tier)`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub passed: Vec<String>,
 }
 
 /// The decision for a packet.
@@ -841,10 +845,26 @@ impl Compiled {
             rule: rule.map(|r| r.origin.clone()),
             rule_id: rule.map(|r| r.id),
             reason,
+            passed: Vec::new(),
         }
     }
 
     fn evaluate(&self, dir: Direction, subject: &IpAddr, peer: &IpAddr, p: &Packet) -> Step {
+        let mut passed = Vec::new();
+        let mut step = self.evaluate_tiers(dir, subject, peer, p, &mut passed);
+        step.passed = passed;
+        step
+    }
+
+    /// [`evaluate`](Self::evaluate), recording each Pass rule taken in `passed`.
+    fn evaluate_tiers(
+        &self,
+        dir: Direction,
+        subject: &IpAddr,
+        peer: &IpAddr,
+        p: &Packet,
+        passed: &mut Vec<String>,
+    ) -> Step {
         let rules = match dir {
             Direction::Ingress => &self.ingress,
             Direction::Egress => &self.egress,
@@ -854,13 +874,16 @@ impl Compiled {
             .get(subject)
             .map(|o| o.1.clone())
             .unwrap_or_default();
-        let tier = |name: &str, list: &[Rule]| -> Option<Step> {
+        let mut tier = |name: &str, list: &[Rule]| -> Option<Step> {
             for r in list {
                 if self.rule_matches(r, subject, peer, p) {
                     let (allowed, word) = match r.action {
                         RuleAction::Accept | RuleAction::Allow => (true, "Accept"),
                         RuleAction::Deny => (false, "Deny"),
-                        RuleAction::Pass => return None,
+                        RuleAction::Pass => {
+                            passed.push(format!("Pass by {} ({name} tier)", r.origin));
+                            return None;
+                        }
                     };
                     return Some(self.step(
                         &workload,

@@ -172,6 +172,51 @@ fn pass_hands_over_to_namespace_policies_where_deny_beats_allow() {
     let step = d.ingress.unwrap();
     assert!(step.rule.is_none());
     assert!(step.reason.contains("isolated"), "{}", step.reason);
+    // The Pass that led there is part of the step.
+    assert_eq!(
+        step.passed,
+        ["Pass by ClusterSegmentationPolicy guard-db rule pass-prod (Admin tier)"]
+    );
+}
+
+#[test]
+fn pass_hops_before_a_default_decision_are_recorded_per_tier() {
+    let c = compiled(
+        r#"
+apiVersion: weft.dev/v1alpha1
+kind: ClusterSegmentationPolicy
+metadata: {name: hand-over}
+spec:
+  tier: Admin
+  priority: 1
+  subject: {pods: {podSelector: {matchLabels: {tier: db}}}}
+  ingress: [{name: to-baseline, action: Pass}, {name: never, action: Deny}]
+---
+apiVersion: weft.dev/v1alpha1
+kind: ClusterSegmentationPolicy
+metadata: {name: base}
+spec:
+  tier: Baseline
+  priority: 1
+  subject: {pods: {podSelector: {matchLabels: {tier: db}}}}
+  ingress: [{name: to-default, action: Pass}]
+"#,
+        &members(),
+    );
+    let d = decide(&c, tcp(OUTSIDE, DB, 5432));
+    let step = d.ingress.unwrap();
+    assert!(step.rule.is_none(), "the Network's default decides");
+    assert!(step.reason.contains("defaultAction"), "{}", step.reason);
+    assert_eq!(
+        step.passed,
+        [
+            "Pass by ClusterSegmentationPolicy hand-over rule to-baseline (Admin tier)",
+            "Pass by ClusterSegmentationPolicy base rule to-default (Baseline tier)"
+        ]
+    );
+    // No Pass taken: nothing recorded.
+    let d = decide(&c, tcp(OUTSIDE, WEB, 80));
+    assert!(d.ingress.unwrap().passed.is_empty());
 }
 
 #[test]
