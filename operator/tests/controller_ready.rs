@@ -68,11 +68,13 @@ async fn the_controller_is_ready_once_the_initial_lists_are_in_while_its_control
     tokio::spawn(api_server(handle, None));
     let client = Client::new(svc, "default");
     let (networks, _n) = mpsc::unbounded();
+    let (network_refs, _r) = mpsc::unbounded();
     let (port_forwards, _p) = mpsc::unbounded();
     let (cluster_policies, _c) = mpsc::unbounded();
     let (policies, _s) = mpsc::unbounded();
     let triggers = Triggers {
         networks,
+        network_refs,
         port_forwards,
         cluster_policies,
         policies,
@@ -110,8 +112,10 @@ async fn the_controller_is_not_ready_while_a_list_is_outstanding() {
     tokio::spawn(api_server(handle, Some("portforwards")));
     let client = Client::new(svc, "default");
     let (tx, _rx) = mpsc::unbounded();
+    let (network_refs, _r) = mpsc::unbounded();
     let triggers = Triggers {
         networks: tx.clone(),
+        network_refs,
         port_forwards: tx.clone(),
         cluster_policies: tx.clone(),
         policies: tx,

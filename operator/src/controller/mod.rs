@@ -31,11 +31,11 @@ use backon::BackoffBuilder as _;
 use futures::{FutureExt, StreamExt, TryStreamExt, channel::mpsc};
 use k8s_openapi::api::core::v1::Node;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, controller::Action, watcher};
 use kube::{Api, Client, Resource};
 use prometheus_client::registry::Registry;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -236,6 +236,76 @@ where
     (reader, forward(stream, triggers))
 }
 
+/// The Networks a NodeNetwork names: those with a block in its spec and those its agent reports
+/// realized.
+pub fn networks_named(nn: &NodeNetwork) -> BTreeSet<String> {
+    let mut out: BTreeSet<String> = nn.spec.blocks.iter().map(|b| b.network.clone()).collect();
+    if let Some(status) = &nn.status {
+        out.extend(status.networks.iter().cloned());
+    }
+    out
+}
+
+/// The Networks whose status a NodeNetwork event may change: those it names now and those it
+/// named at its previous event (a Network that left it, e.g. one whose deletion waits for the
+/// agents). `last` remembers what each NodeNetwork named; a deleted one is forgotten.
+pub fn networks_touched(
+    last: &mut HashMap<String, BTreeSet<String>>,
+    nn: &NodeNetwork,
+    deleted: bool,
+) -> BTreeSet<String> {
+    let name = nn.metadata.name.clone().unwrap_or_default();
+    let now = networks_named(nn);
+    let mut touched = now.clone();
+    let before = if deleted {
+        last.remove(&name)
+    } else {
+        last.insert(name, now)
+    };
+    touched.extend(before.unwrap_or_default());
+    touched
+}
+
+/// Runs a reflector of NodeNetworks (kept as [`trim_node_network`] leaves them); every change
+/// wakes the Network controller for the Networks it touches ([`networks_touched`]) and sends
+/// `()` to `triggers`.
+fn reflect_node_networks(
+    api: Api<NodeNetwork>,
+    networks: mpsc::UnboundedSender<ObjectRef<Network>>,
+    triggers: Vec<mpsc::UnboundedSender<()>>,
+) -> (Store<NodeNetwork>, impl Future<Output = ()> + Send) {
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(
+        writer,
+        watcher(api, watcher::Config::default()).modify(trim_node_network),
+    )
+    .default_backoff();
+    let run = async move {
+        futures::pin_mut!(stream);
+        let mut last = HashMap::new();
+        while let Some(event) = stream.next().await {
+            let touched: Vec<(&NodeNetwork, bool)> = match &event {
+                Ok(watcher::Event::Apply(nn) | watcher::Event::InitApply(nn)) => vec![(nn, false)],
+                Ok(watcher::Event::Delete(nn)) => vec![(nn, true)],
+                Ok(watcher::Event::Init | watcher::Event::InitDone) => Vec::new(),
+                Err(e) => {
+                    warn!(error = %crate::error_chain(e), "watch failed; retrying");
+                    continue;
+                }
+            };
+            for (nn, deleted) in touched {
+                for network in networks_touched(&mut last, nn, deleted) {
+                    let _ = networks.unbounded_send(ObjectRef::new(&network));
+                }
+            }
+            for t in &triggers {
+                let _ = t.unbounded_send(());
+            }
+        }
+    };
+    (reader, run)
+}
+
 /// Watches `api` without a store of its own (a controller's holds the objects); every change
 /// sends `()` to `triggers`, and `listed` turns true once the first full list is in.
 fn trigger_on<K>(
@@ -265,8 +335,10 @@ where
 
 /// The channels that wake the controllers to reconcile every object of their kind.
 pub struct Triggers {
-    /// Wakes the Network controller.
+    /// Wakes the Network controller for every Network.
     pub networks: mpsc::UnboundedSender<()>,
+    /// Wakes the Network controller for the Networks named.
+    pub network_refs: mpsc::UnboundedSender<ObjectRef<Network>>,
     /// Wakes the PortForward controller.
     pub port_forwards: mpsc::UnboundedSender<()>,
     /// Wakes the ClusterSegmentationPolicy controller.
@@ -305,15 +377,13 @@ pub fn observe_cluster(
         trim,
         vec![triggers.networks.clone()],
     );
-    // The agents' reports in the NodeNetwork status are the policies' status too.
-    let (node_networks, nn_fut) = reflect(
+    // A NodeNetwork's change concerns the Networks it names (their blocks there, the agent's
+    // report of them): only those are reconciled, not every Network. The agents' reports are
+    // the policies' status too.
+    let (node_networks, nn_fut) = reflect_node_networks(
         Api::<NodeNetwork>::all(client.clone()),
-        trim_node_network,
-        vec![
-            triggers.networks.clone(),
-            triggers.cluster_policies.clone(),
-            triggers.policies.clone(),
-        ],
+        triggers.network_refs.clone(),
+        vec![triggers.cluster_policies.clone(), triggers.policies.clone()],
     );
     // Network changes re-check every Network (overlaps) and every PortForward.
     let (networks_tx, networks_listed) = watch::channel(false);
@@ -401,6 +471,7 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
     info!(identity = %opts.identity, lease = %format!("{}/{}", opts.lease_namespace, opts.lease_name), leader = *leader_rx.borrow(), "joined leader election");
 
     let (net_tx, net_rx) = mpsc::unbounded();
+    let (net_ref_tx, net_ref_rx) = mpsc::unbounded();
     let (pf_tx, pf_rx) = mpsc::unbounded();
     let (csp_tx, csp_rx) = mpsc::unbounded();
     let (sp_tx, sp_rx) = mpsc::unbounded();
@@ -425,6 +496,7 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
     };
     let triggers = Triggers {
         networks: net_tx.clone(),
+        network_refs: net_ref_tx,
         port_forwards: pf_tx.clone(),
         cluster_policies: csp_tx.clone(),
         policies: sp_tx.clone(),
@@ -466,6 +538,7 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
 
     let nets = net_controller
         .reconcile_all_on(trigger_stream(net_rx))
+        .reconcile_on(net_ref_rx)
         .shutdown_on_signal()
         .run(network::reconcile, error_policy::<Network>, ctx.clone())
         .for_each(|_| futures::future::ready(()));
@@ -554,5 +627,61 @@ fn kind_of<K: Resource<DynamicType = ()>>() -> &'static str {
         "ClusterSegmentationPolicy" => "ClusterSegmentationPolicy",
         "SegmentationPolicy" => "SegmentationPolicy",
         _ => "object",
+    }
+}
+
+#[cfg(test)]
+mod trigger_tests {
+    use super::*;
+    use weft_crds::{NodeNetworkBlock, NodeNetworkSpec, NodeNetworkStatus};
+
+    fn nn(blocks: &[&str], realized: &[&str]) -> NodeNetwork {
+        let mut nn = NodeNetwork::new(
+            "node-a",
+            NodeNetworkSpec {
+                blocks: blocks
+                    .iter()
+                    .map(|n| NodeNetworkBlock {
+                        network: (*n).into(),
+                        ipv4: Some("10.0.0.0/24".into()),
+                        ipv6: None,
+                    })
+                    .collect(),
+            },
+        );
+        nn.status = Some(NodeNetworkStatus {
+            networks: realized.iter().map(|n| (*n).to_string()).collect(),
+            ..Default::default()
+        });
+        nn
+    }
+
+    fn set(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|n| (*n).to_string()).collect()
+    }
+
+    #[test]
+    fn a_node_network_event_touches_the_networks_it_names_now_and_named_before() {
+        let mut last = HashMap::new();
+        assert_eq!(
+            networks_touched(&mut last, &nn(&["a", "b"], &["a", "c"]), false),
+            set(&["a", "b", "c"])
+        );
+        // b's block is taken out and the agent no longer realizes c: both are told.
+        assert_eq!(
+            networks_touched(&mut last, &nn(&["a"], &["a"]), false),
+            set(&["a", "b", "c"])
+        );
+        // An agent's report about a alone (every pod start): a alone.
+        assert_eq!(
+            networks_touched(&mut last, &nn(&["a"], &["a"]), false),
+            set(&["a"])
+        );
+        // Deleted (with its Node): what it named, then forgotten.
+        assert_eq!(
+            networks_touched(&mut last, &nn(&["a"], &["a"]), true),
+            set(&["a"])
+        );
+        assert!(last.is_empty());
     }
 }
