@@ -25,34 +25,10 @@ node=$prefix-node
 lan=$prefix-lan
 net=natr
 cycles=${CYCLES:-20}
-passed=0
-failed=0
-failures=()
+# shellcheck source=../lib.sh
+. "$here/../lib.sh"
+POLL=0.2
 
-log() { printf '  %s\n' "$*" >&2; }
-not() { ! "$@"; }
-fail() { log "FAILED: $*"; return 1; }
-expect() { local what=$1; shift; if "$@"; then log "ok: $what"; else fail "$what"; fi; }
-eventually() { # SECONDS DESCRIPTION COMMAND...
-  local t=$1 what=$2; shift 2
-  local end=$((SECONDS + t))
-  until "$@" >/dev/null 2>&1; do
-    if ((SECONDS >= end)); then fail "$what (after ${t}s)"; return 1; fi
-    sleep 0.2
-  done
-  log "ok: $what"
-}
-run() { # name function
-  local name=$1 fn=$2
-  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
-  echo "=== $name" >&2
-  if "$fn"; then
-    echo "PASS $name" >&2; passed=$((passed + 1))
-  else
-    echo "FAIL $name" >&2; failed=$((failed + 1)); failures+=("$name")
-    dump_state
-  fi
-}
 dump_state() {
   echo "--- agent log (last 30 lines)" >&2; tail -n 30 "$dir/agent.log" >&2 2>/dev/null
   echo "--- node links" >&2; ip -n "$node" -br link >&2 2>/dev/null

@@ -16,45 +16,16 @@ C=$here/cluster.sh
 dir=${WEFT_CLUSTER_DIR:-/var/tmp/weft-cluster}
 export WEFT_CLUSTER_DIR=$dir
 ns=weft-e2e
-passed=0
-failed=0
-failures=()
+# shellcheck source=../lib.sh
+. "$here/../lib.sh"
+ALWAYS=install
 
-log() { printf '  %s\n' "$*" >&2; }
 k() { "$C" kubectl "$@"; }
 kn() { "$C" kubectl -n "$ns" "$@"; }
 lan() { "$C" lan "$@"; }
 node() { "$C" node "$@"; }
 
-fail() { log "FAILED: $*"; return 1; }
-# expect DESCRIPTION COMMAND...: the command must succeed.
-expect() { local what=$1; shift; if "$@"; then log "ok: $what"; else fail "$what"; fi; }
-# eventually SECONDS DESCRIPTION COMMAND...: the command must succeed within SECONDS.
-eventually() {
-  local t=$1 what=$2; shift 2
-  local end=$((SECONDS + t))
-  until "$@" >/dev/null 2>&1; do
-    if ((SECONDS >= end)); then fail "$what (after ${t}s)"; return 1; fi
-    sleep 1
-  done
-  log "ok: $what"
-}
 
-run() { # name function
-  local name=$1 fn=$2
-  if [ -n "${ONLY:-}" ] && [ "$name" != install ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
-  echo "=== $name"
-  local start=$SECONDS
-  if "$fn"; then
-    echo "PASS $name ($((SECONDS - start)) s)"
-    passed=$((passed + 1))
-  else
-    echo "FAIL $name ($((SECONDS - start)) s)"
-    failed=$((failed + 1))
-    failures+=("$name")
-    dump_state "$name"
-  fi
-}
 
 dump_state() {
   local f=$dir/failure-$1.txt

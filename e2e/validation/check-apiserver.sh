@@ -83,14 +83,11 @@ sleep 2
 
 total=0
 failed=0
-while IFS=$'\t' read -r i name expect field; do
-  total=$((total + 1))
-  if out=$(k create --dry-run=server -o name -f "$WORK/$i.json" 2>&1); then
-    got=accept
-  else
-    got=reject
-  fi
-  out=$(printf '%s' "$out" | tr '\n' ' ')
+# judge NAME EXPECT FIELD GOT OUTPUT: the API server's verdict must be the expected one, and a
+# rejection must name the field.
+judge() {
+  local name=$1 expect=$2 field=$3 got=$4 out
+  out=$(printf '%s' "$5" | tr '\n' ' ')
   [ "${VERBOSE:-0}" = 1 ] && echo "$name ($expect): $out"
   if [ "$got" != "$expect" ]; then
     failed=$((failed + 1))
@@ -99,6 +96,16 @@ while IFS=$'\t' read -r i name expect field; do
     failed=$((failed + 1))
     echo "MISMATCH $name: rejected, but the message does not name $field: $out"
   fi
+}
+
+while IFS=$'\t' read -r i name expect field; do
+  total=$((total + 1))
+  if out=$(k create --dry-run=server -o name -f "$WORK/$i.json" 2>&1); then
+    got=accept
+  else
+    got=reject
+  fi
+  judge "$name" "$expect" "$field" "$got" "$out"
 done <"$WORK/index"
 
 while IFS=$'\t' read -r i name expect field; do
@@ -114,15 +121,7 @@ while IFS=$'\t' read -r i name expect field; do
     got=reject
   fi
   k delete --wait=false -f "$WORK/$i.old.json" >/dev/null 2>&1 || true
-  out=$(printf '%s' "$out" | tr '\n' ' ')
-  [ "${VERBOSE:-0}" = 1 ] && echo "$name ($expect): $out"
-  if [ "$got" != "$expect" ]; then
-    failed=$((failed + 1))
-    echo "MISMATCH $name: expected $expect, the API server said $got: $out"
-  elif [ "$expect" = reject ] && [[ "$out" != *"$field"* ]]; then
-    failed=$((failed + 1))
-    echo "MISMATCH $name: rejected, but the message does not name $field: $out"
-  fi
+  judge "$name" "$expect" "$field" "$got" "$out"
 done <"$WORK/updates"
 
 echo "validation table against the API server: $((total - failed)) passed, $failed failed"
