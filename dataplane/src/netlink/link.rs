@@ -1,0 +1,652 @@
+//! Links: looking them up and listing them, creating bridges and veth pairs, setting their
+//! state, MTU, MAC, alias, name, controller and namespace, deleting them; and the bridge and
+//! bridge-port options weft sets (hairpin mode, no learning from link-local frames) along with
+//! a bridge's forwarding database.
+
+use super::{Netlink, NetlinkError, bad_ifname, check_ifname};
+use netlink_packet_core::{NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL};
+use netlink_packet_route::RouteNetlinkMessage;
+use netlink_packet_route::link::{
+    BridgeBooleanOptionFlags, BridgeBooleanOptions, InfoBridge, InfoBridgePort, InfoData, InfoKind,
+    InfoPortData, InfoVeth, LinkAttribute, LinkExtentMask, LinkFlags, LinkInfo as NlLinkInfo,
+    LinkMessage,
+};
+use netlink_packet_route::neighbour::{NeighbourAttribute, NeighbourMessage, NeighbourState};
+use rtnetlink::{LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth};
+use std::os::fd::{AsRawFd, BorrowedFd};
+use tracing::debug;
+
+/// One network interface as the kernel reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinkInfo {
+    /// Interface index.
+    pub index: u32,
+    /// Interface name.
+    pub name: String,
+    /// Link kind (`IFLA_INFO_KIND`): `"bridge"`, `"veth"`, `"tun"`…; `None` for physical
+    /// devices and `lo`.
+    pub kind: Option<String>,
+    /// MAC address, for links with a 6-byte link-layer address.
+    pub mac: Option<[u8; 6]>,
+    /// MTU.
+    pub mtu: u32,
+    /// Administratively up (`IFF_UP`).
+    pub up: bool,
+    /// Index of the bridge (or other controller) it is attached to.
+    pub master: Option<u32>,
+    /// `IFLA_IFALIAS`; weft marks its links with an alias starting `weft:`.
+    pub alias: Option<String>,
+    /// `IFLA_LINK_NETNSID`: for a veth, the id (in this namespace) of the namespace that holds
+    /// its peer, when that is another one.
+    pub netns_id: Option<i32>,
+    /// For a bridge, whether it filters VLANs (`IFLA_BR_VLAN_FILTERING`); `None` for other
+    /// links.
+    pub vlan_filtering: Option<bool>,
+    /// For a bridge, whether it learns source MACs from link-local frames
+    /// (`01:80:c2:00:00:0x`; `BR_BOOLOPT_NO_LL_LEARN` off); `None` for other links and
+    /// kernels that do not report it.
+    pub link_local_learning: Option<bool>,
+    /// For a bridge port, whether hairpin mode is on (`IFLA_BRPORT_MODE`: the bridge may send
+    /// a frame back out of the port it came in on); `None` for other links.
+    pub hairpin: Option<bool>,
+}
+
+/// One entry of a bridge's forwarding database: a MAC and the port the bridge sends it to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FdbEntry {
+    /// The port (the bridge's own index for the bridge's MAC).
+    pub port: u32,
+    /// The MAC.
+    pub mac: [u8; 6],
+    /// A MAC of the bridge or of a port's own device (`NUD_PERMANENT`): frames to it are the
+    /// node's, not a host's behind the port.
+    pub local: bool,
+}
+
+/// A veth pair whose peer is born inside another network namespace, see
+/// [`Netlink::create_veth_into_netns`].
+#[derive(Debug, Clone, Copy)]
+pub struct VethSpec<'a> {
+    /// Name of the end that stays in the socket's namespace.
+    pub host_name: &'a str,
+    /// Alias (`IFLA_IFALIAS`) for the host end.
+    pub host_alias: Option<&'a str>,
+    /// Bridge to attach the host end to.
+    pub host_master: Option<u32>,
+    /// Name of the peer inside `peer_netns`.
+    pub peer_name: &'a str,
+    /// The namespace the peer is created in.
+    pub peer_netns: BorrowedFd<'a>,
+    /// MAC of the peer.
+    pub peer_mac: Option<[u8; 6]>,
+    /// MTU of both ends.
+    pub mtu: Option<u32>,
+}
+
+/// `msg` as an entry of bridge `bridge`'s forwarding database, if it is one.
+fn fdb_entry(msg: NeighbourMessage, bridge: u32) -> Option<FdbEntry> {
+    if msg.header.family != netlink_packet_route::AddressFamily::Bridge {
+        return None;
+    }
+    let mut mac = None;
+    let mut master = None;
+    for attr in msg.attributes {
+        match attr {
+            NeighbourAttribute::LinkLayerAddress(a) => {
+                mac = <[u8; 6]>::try_from(a.as_slice()).ok();
+            }
+            NeighbourAttribute::Controller(m) => master = Some(m),
+            _ => {}
+        }
+    }
+    (master == Some(bridge) || msg.header.ifindex == bridge).then_some(FdbEntry {
+        port: msg.header.ifindex,
+        mac: mac?,
+        local: msg.header.state == NeighbourState::Permanent,
+    })
+}
+
+pub(super) fn link_info(msg: LinkMessage) -> LinkInfo {
+    let mut info = LinkInfo {
+        index: msg.header.index,
+        name: String::new(),
+        kind: None,
+        mac: None,
+        mtu: 0,
+        up: msg.header.flags.contains(LinkFlags::Up),
+        master: None,
+        alias: None,
+        netns_id: None,
+        vlan_filtering: None,
+        link_local_learning: None,
+        hairpin: None,
+    };
+    for attr in msg.attributes {
+        match attr {
+            LinkAttribute::IfName(n) => info.name = n,
+            LinkAttribute::Address(a) => info.mac = <[u8; 6]>::try_from(a.as_slice()).ok(),
+            LinkAttribute::Mtu(m) => info.mtu = m,
+            LinkAttribute::Controller(m) if m != 0 => info.master = Some(m),
+            LinkAttribute::IfAlias(a) if !a.is_empty() => info.alias = Some(a),
+            LinkAttribute::LinkNetNsId(id) => info.netns_id = Some(id),
+            LinkAttribute::LinkInfo(infos) => {
+                for i in infos {
+                    match i {
+                        NlLinkInfo::Kind(k) => info.kind = Some(k.to_string()),
+                        NlLinkInfo::PortData(InfoPortData::BridgePort(data)) => {
+                            for d in data {
+                                if let InfoBridgePort::HairpinMode(on) = d {
+                                    info.hairpin = Some(on);
+                                }
+                            }
+                        }
+                        NlLinkInfo::Data(InfoData::Bridge(data)) => {
+                            for d in data {
+                                match d {
+                                    InfoBridge::VlanFiltering(on) => {
+                                        info.vlan_filtering = Some(on);
+                                    }
+                                    InfoBridge::MultiBoolOpt(o)
+                                        if o.mask.contains(
+                                            BridgeBooleanOptionFlags::NoLinkLocalLearn,
+                                        ) =>
+                                    {
+                                        info.link_local_learning =
+                                            Some(!o.value.contains(
+                                                BridgeBooleanOptionFlags::NoLinkLocalLearn,
+                                            ));
+                                    }
+                                    _ => {}
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    info
+}
+
+/// `RTM_NEWLINK` on the existing bridge `index`: no MAC learning from link-local frames
+/// (`IFLA_BR_MULTI_BOOLOPT` → `BR_BOOLOPT_NO_LL_LEARN`).
+///
+/// The bridge learns the source MAC of a frame to `01:80:c2:00:00:0x` (LLDP, 802.1X, …)
+/// before any bridge-family netfilter hook sees it (LLDP with no hook at all), so without
+/// this a port could teach the bridge another workload's MAC, or the LAN router's, past the
+/// `bridge weft` guard, which checks source MACs in `prerouting`.
+pub fn bridge_no_link_local_learning_message(index: u32) -> LinkMessage {
+    LinkMessageBuilder::<LinkBridge>::new_with_info_kind(InfoKind::Bridge)
+        .index(index)
+        .append_info_data(InfoBridge::MultiBoolOpt(no_link_local_learning()))
+        .build()
+}
+
+/// `RTM_NEWLINK` on bridge port `index`: hairpin mode on or off (`IFLA_INFO_SLAVE_DATA` →
+/// `IFLA_BRPORT_MODE`).
+///
+/// A workload port needs it on to reach its own workload through the node: a packet the
+/// workload sends to one of the node's port forwards (or host ports) that leads back to itself
+/// is DNATed on the bridge and must leave through the port it came in on. The `bridge weft`
+/// table drops the broadcasts and multicasts it would also reflect.
+pub fn port_hairpin_message(index: u32, on: bool) -> LinkMessage {
+    LinkBridgePort::new(index)
+        .append_info_data(InfoBridgePort::HairpinMode(on))
+        .build()
+}
+
+fn no_link_local_learning() -> BridgeBooleanOptions {
+    BridgeBooleanOptions {
+        value: BridgeBooleanOptionFlags::NoLinkLocalLearn,
+        mask: BridgeBooleanOptionFlags::NoLinkLocalLearn,
+    }
+}
+
+impl Netlink {
+    /// Looks a link up by name; `None` when there is none (or the name cannot exist).
+    pub fn link_by_name(&mut self, name: &str) -> Result<Option<LinkInfo>, NetlinkError> {
+        if bad_ifname(name).is_some() {
+            return Ok(None);
+        }
+        let msg = LinkUnspec::new_with_name(name)
+            .append_extra_attribute(LinkAttribute::ExtMask(vec![LinkExtentMask::SkipStats]))
+            .build();
+        self.get_link(msg, || format!("link {name}"))
+    }
+
+    /// Looks a link up by index; `None` when there is none.
+    pub fn link_by_index(&mut self, index: u32) -> Result<Option<LinkInfo>, NetlinkError> {
+        let msg = LinkUnspec::new_with_index(index)
+            .append_extra_attribute(LinkAttribute::ExtMask(vec![LinkExtentMask::SkipStats]))
+            .build();
+        self.get_link(msg, || format!("link {index}"))
+    }
+
+    fn get_link(
+        &mut self,
+        msg: LinkMessage,
+        target: impl FnOnce() -> String,
+    ) -> Result<Option<LinkInfo>, NetlinkError> {
+        match self.call("get link", target, RouteNetlinkMessage::GetLink(msg), 0) {
+            Ok(replies) => Ok(replies.into_iter().find_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => Some(link_info(l)),
+                _ => None,
+            })),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// All links of the namespace.
+    pub fn links(&mut self) -> Result<Vec<LinkInfo>, NetlinkError> {
+        let msg = LinkMessageBuilder::<LinkUnspec>::new()
+            .append_extra_attribute(LinkAttribute::ExtMask(vec![LinkExtentMask::SkipStats]))
+            .build();
+        let replies = self.call(
+            "list links",
+            String::new,
+            RouteNetlinkMessage::GetLink(msg),
+            NLM_F_DUMP,
+        )?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => Some(link_info(l)),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// The forwarding database of bridge `bridge`: what it learned, what was added by hand,
+    /// and its own and its ports' MACs.
+    pub fn bridge_fdb(&mut self, bridge: u32) -> Result<Vec<FdbEntry>, NetlinkError> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = netlink_packet_route::AddressFamily::Bridge;
+        let replies = self.call(
+            "list bridge fdb",
+            || format!("bridge {bridge}"),
+            RouteNetlinkMessage::GetNeighbour(msg),
+            NLM_F_DUMP,
+        )?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewNeighbour(n) => fdb_entry(n, bridge),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Index of a link that was just created.
+    pub(super) fn created_index(
+        &mut self,
+        op: &'static str,
+        name: &str,
+        target: impl FnOnce() -> String,
+    ) -> Result<u32, NetlinkError> {
+        match self.link_by_name(name)? {
+            Some(l) => Ok(l.index),
+            None => Err(NetlinkError::Vanished {
+                op,
+                target: target(),
+            }),
+        }
+    }
+
+    /// Creates a bridge, up, with an optional MTU, MAC and alias; returns its index.
+    /// Fails with [`NetlinkError::is_exists`] when the name is taken.
+    pub fn create_bridge(
+        &mut self,
+        name: &str,
+        mtu: Option<u32>,
+        mac: Option<[u8; 6]>,
+        alias: Option<&str>,
+    ) -> Result<u32, NetlinkError> {
+        const OP: &str = "create bridge";
+        check_ifname(OP, name, name)?;
+        // See `bridge_no_link_local_learning_message`.
+        let mut b = LinkBridge::new(name).no_linklocal_learn(true);
+        if let Some(mtu) = mtu {
+            b = b.mtu(mtu);
+        }
+        if let Some(mac) = mac {
+            b = b.address(mac.to_vec());
+        }
+        self.call(
+            OP,
+            || name.to_string(),
+            RouteNetlinkMessage::NewLink(b.build()),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )?;
+        let index = self.created_index(OP, name, || name.to_string())?;
+        self.alias_new_link(index, alias)?;
+        debug!(bridge = %name, index, "created bridge");
+        Ok(index)
+    }
+
+    /// Creates a veth pair with one `RTM_NEWLINK`: the host end here (attached to
+    /// `host_master`, with `host_alias`, up) and the peer born directly inside `peer_netns`
+    /// (`IFLA_NET_NS_FD` in the peer's info; much cheaper than moving it afterwards) with
+    /// `peer_mac`, down. Returns the host end's index.
+    ///
+    /// Fails with [`NetlinkError::is_exists`] when a name is taken.
+    pub fn create_veth_into_netns(&mut self, spec: &VethSpec<'_>) -> Result<u32, NetlinkError> {
+        const OP: &str = "create veth";
+        let target = || format!("{} (peer {})", spec.host_name, spec.peer_name);
+        check_ifname(OP, &target(), spec.host_name)?;
+        check_ifname(OP, &target(), spec.peer_name)?;
+        let mut peer = LinkMessageBuilder::<LinkUnspec>::new()
+            .name(spec.peer_name)
+            .setns_by_fd(spec.peer_netns.as_raw_fd());
+        if let Some(mac) = spec.peer_mac {
+            peer = peer.address(mac.to_vec());
+        }
+        if let Some(mtu) = spec.mtu {
+            peer = peer.mtu(mtu);
+        }
+        let mut host = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+            .name(spec.host_name)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer.build())))
+            .up();
+        if let Some(mtu) = spec.mtu {
+            host = host.mtu(mtu);
+        }
+        if let Some(master) = spec.host_master {
+            host = host.controller(master);
+        }
+        self.call(
+            OP,
+            target,
+            RouteNetlinkMessage::NewLink(host.build()),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )?;
+        let index = self.created_index(OP, spec.host_name, target)?;
+        self.alias_new_link(index, spec.host_alias)?;
+        debug!(host = %spec.host_name, peer = %spec.peer_name, index, "created veth");
+        Ok(index)
+    }
+
+    /// Creates a veth pair `a`/`b`, with `b` born inside `b_netns` when given (here
+    /// otherwise). Both ends start down. Returns the index of `a`.
+    pub fn create_veth_pair(
+        &mut self,
+        a: &str,
+        b: &str,
+        b_netns: Option<BorrowedFd<'_>>,
+        mtu: Option<u32>,
+    ) -> Result<u32, NetlinkError> {
+        const OP: &str = "create veth";
+        let target = || format!("{a} (peer {b})");
+        check_ifname(OP, &target(), a)?;
+        check_ifname(OP, &target(), b)?;
+        let mut peer = LinkMessageBuilder::<LinkUnspec>::new().name(b);
+        if let Some(fd) = b_netns {
+            peer = peer.setns_by_fd(fd.as_raw_fd());
+        }
+        if let Some(mtu) = mtu {
+            peer = peer.mtu(mtu);
+        }
+        let mut host =
+            LinkVeth::new(a, b).set_info_data(InfoData::Veth(InfoVeth::Peer(peer.build())));
+        if let Some(mtu) = mtu {
+            host = host.mtu(mtu);
+        }
+        self.call(
+            OP,
+            target,
+            RouteNetlinkMessage::NewLink(host.build()),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )?;
+        self.created_index(OP, a, target)
+    }
+
+    fn set_link(
+        &mut self,
+        op: &'static str,
+        index: u32,
+        msg: LinkMessage,
+    ) -> Result<(), NetlinkError> {
+        self.call(
+            op,
+            || format!("link {index}"),
+            RouteNetlinkMessage::SetLink(msg),
+            0,
+        )?;
+        Ok(())
+    }
+
+    /// Sets a link administratively up.
+    pub fn set_up(&mut self, index: u32) -> Result<(), NetlinkError> {
+        self.set_link(
+            "set link up",
+            index,
+            LinkUnspec::new_with_index(index).up().build(),
+        )
+    }
+
+    /// Sets a link administratively down.
+    pub fn set_down(&mut self, index: u32) -> Result<(), NetlinkError> {
+        self.set_link(
+            "set link down",
+            index,
+            LinkUnspec::new_with_index(index).down().build(),
+        )
+    }
+
+    /// Attaches a link to a bridge (`Some`), or detaches it (`None`).
+    pub fn set_master(&mut self, index: u32, master: Option<u32>) -> Result<(), NetlinkError> {
+        let b = LinkUnspec::new_with_index(index);
+        let b = match master {
+            Some(m) => b.controller(m),
+            None => b.nocontroller(),
+        };
+        self.set_link("set link master", index, b.build())
+    }
+
+    /// Sets a link's MTU.
+    pub fn set_mtu(&mut self, index: u32, mtu: u32) -> Result<(), NetlinkError> {
+        self.set_link(
+            "set link mtu",
+            index,
+            LinkUnspec::new_with_index(index).mtu(mtu).build(),
+        )
+    }
+
+    /// Sets a link's MAC address.
+    pub fn set_mac(&mut self, index: u32, mac: [u8; 6]) -> Result<(), NetlinkError> {
+        self.set_link(
+            "set link address",
+            index,
+            LinkUnspec::new_with_index(index)
+                .address(mac.to_vec())
+                .build(),
+        )
+    }
+
+    /// Gives a link just created its alias (the kernel ignores IFLA_IFALIAS when it creates a
+    /// link, so it takes a second step); if that fails the link is deleted again.
+    pub(super) fn alias_new_link(
+        &mut self,
+        index: u32,
+        alias: Option<&str>,
+    ) -> Result<(), NetlinkError> {
+        if let Some(alias) = alias
+            && let Err(e) = self.set_alias(index, alias)
+        {
+            let _ = self.delete_link(index);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Sets a link's alias (`IFLA_IFALIAS`); an empty string removes it.
+    pub fn set_alias(&mut self, index: u32, alias: &str) -> Result<(), NetlinkError> {
+        self.set_link(
+            "set link alias",
+            index,
+            LinkUnspec::new_with_index(index).alias(alias).build(),
+        )
+    }
+
+    /// Renames a link. The kernel refuses (`EBUSY`) to rename a link that is up.
+    pub fn set_name(&mut self, index: u32, name: &str) -> Result<(), NetlinkError> {
+        const OP: &str = "rename link";
+        check_ifname(OP, &format!("link {index}"), name)?;
+        self.set_link(
+            OP,
+            index,
+            LinkUnspec::new_with_index(index).name(name).build(),
+        )
+    }
+
+    /// Moves a link into another network namespace (it keeps its name; it goes down). Prefer
+    /// creating links in place ([`Netlink::create_veth_into_netns`]): a move costs ~15 ms.
+    pub fn move_to_netns(&mut self, index: u32, netns: BorrowedFd<'_>) -> Result<(), NetlinkError> {
+        self.set_link(
+            "move link to netns",
+            index,
+            LinkUnspec::new_with_index(index)
+                .setns_by_fd(netns.as_raw_fd())
+                .build(),
+        )
+    }
+
+    /// Deletes a link (for a veth, both ends). `Ok(false)` when there was no such link.
+    pub fn delete_link(&mut self, index: u32) -> Result<bool, NetlinkError> {
+        let msg = LinkUnspec::new_with_index(index).build();
+        match self.call(
+            "delete link",
+            || format!("link {index}"),
+            RouteNetlinkMessage::DelLink(msg),
+            0,
+        ) {
+            Ok(_) => {
+                debug!(index, "deleted link");
+                Ok(true)
+            }
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Turns hairpin mode of bridge port `index` on or off (see [`port_hairpin_message`]).
+    pub fn set_port_hairpin(&mut self, index: u32, on: bool) -> Result<(), NetlinkError> {
+        self.call(
+            "set bridge port hairpin",
+            || format!("link {index} hairpin {}", if on { "on" } else { "off" }),
+            RouteNetlinkMessage::NewLink(port_hairpin_message(index, on)),
+            0,
+        )?;
+        Ok(())
+    }
+
+    /// Stops bridge `index` from learning MACs from link-local frames (see
+    /// [`bridge_no_link_local_learning_message`]).
+    pub fn set_no_link_local_learning(&mut self, index: u32) -> Result<(), NetlinkError> {
+        self.call(
+            "set bridge no_linklocal_learn",
+            || format!("link {index} no_linklocal_learn 1"),
+            RouteNetlinkMessage::NewLink(bridge_no_link_local_learning_message(index)),
+            0,
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::round_trip;
+    use super::*;
+
+    #[test]
+    fn fdb_entries_of_the_bridge_are_read_and_others_skipped() {
+        let entry = |family, ifindex, master: Option<u32>, state| {
+            let mut m = NeighbourMessage::default();
+            m.header.family = family;
+            m.header.ifindex = ifindex;
+            m.header.state = state;
+            m.attributes
+                .push(NeighbourAttribute::LinkLayerAddress(vec![2, 0, 0, 0, 0, 7]));
+            if let Some(master) = master {
+                m.attributes.push(NeighbourAttribute::Controller(master));
+            }
+            m
+        };
+        let bridge = netlink_packet_route::AddressFamily::Bridge;
+        assert_eq!(
+            fdb_entry(entry(bridge, 5, Some(3), NeighbourState::Reachable), 3),
+            Some(FdbEntry {
+                port: 5,
+                mac: [2, 0, 0, 0, 0, 7],
+                local: false
+            })
+        );
+        assert_eq!(
+            fdb_entry(entry(bridge, 3, Some(3), NeighbourState::Permanent), 3).map(|e| e.local),
+            Some(true),
+            "the bridge's own MAC"
+        );
+        assert_eq!(
+            fdb_entry(entry(bridge, 9, Some(8), NeighbourState::Reachable), 3),
+            None,
+            "another bridge's"
+        );
+        assert_eq!(
+            fdb_entry(
+                entry(
+                    netlink_packet_route::AddressFamily::Inet,
+                    5,
+                    Some(3),
+                    NeighbourState::Reachable
+                ),
+                3
+            ),
+            None,
+            "an ARP entry"
+        );
+    }
+
+    #[test]
+    fn the_hairpin_message_carries_the_port_kind_and_mode_and_a_dump_reads_it_back() {
+        for on in [true, false] {
+            let RouteNetlinkMessage::NewLink(msg) =
+                round_trip(RouteNetlinkMessage::NewLink(port_hairpin_message(9, on)))
+            else {
+                panic!("not RTM_NEWLINK");
+            };
+            assert_eq!(msg.header.index, 9);
+            assert_eq!(
+                msg.attributes,
+                [LinkAttribute::LinkInfo(vec![
+                    NlLinkInfo::PortKind(netlink_packet_route::link::InfoPortKind::Bridge),
+                    NlLinkInfo::PortData(InfoPortData::BridgePort(vec![
+                        InfoBridgePort::HairpinMode(on)
+                    ])),
+                ])]
+            );
+            assert_eq!(link_info(msg).hairpin, Some(on));
+        }
+    }
+
+    #[test]
+    fn the_no_link_local_learning_message_sets_the_boolopt_and_a_dump_reads_it_back() {
+        let RouteNetlinkMessage::NewLink(msg) = round_trip(RouteNetlinkMessage::NewLink(
+            bridge_no_link_local_learning_message(7),
+        )) else {
+            panic!("not RTM_NEWLINK");
+        };
+        assert_eq!(msg.header.index, 7);
+        assert_eq!(
+            msg.attributes,
+            [LinkAttribute::LinkInfo(vec![
+                NlLinkInfo::Kind(InfoKind::Bridge),
+                NlLinkInfo::Data(InfoData::Bridge(vec![InfoBridge::MultiBoolOpt(
+                    no_link_local_learning()
+                )])),
+            ])]
+        );
+        assert_eq!(link_info(msg).link_local_learning, Some(false));
+    }
+}
