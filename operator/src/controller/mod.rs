@@ -210,30 +210,62 @@ async fn forward<K>(
     }
 }
 
-/// Runs a reflector for `api` into a new store, keeping what `keep` leaves of each object;
-/// every change sends `()` to `triggers`.
-fn reflect<K>(
-    api: Api<K>,
-    keep: fn(&mut K),
+/// Whether a Node event can change what the Networks see of the Node: a Node added, deleted,
+/// re-created (another uid) or relabelled. `last` remembers each Node's uid and labels.
+pub fn node_changed(
+    last: &mut HashMap<String, (Option<String>, BTreeMap<String, String>)>,
+    node: &Node,
+    deleted: bool,
+) -> bool {
+    let name = node.metadata.name.clone().unwrap_or_default();
+    if deleted {
+        last.remove(&name);
+        return true;
+    }
+    let now = (
+        node.metadata.uid.clone(),
+        node.metadata.labels.clone().unwrap_or_default(),
+    );
+    last.insert(name, now.clone()).as_ref() != Some(&now)
+}
+
+/// Runs a reflector of Nodes (kept as [`trim`] leaves them); a change that [`node_changed`]
+/// counts sends `()` to `triggers`, and so does the end of every full list.
+fn reflect_nodes(
+    api: Api<Node>,
     triggers: Vec<mpsc::UnboundedSender<()>>,
-) -> (Store<K>, impl Future<Output = ()> + Send)
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-{
+) -> (Store<Node>, impl Future<Output = ()> + Send) {
     let (reader, writer) = reflector::store();
     let stream = reflector::reflector(
         writer,
-        watcher(api, watcher::Config::default()).modify(keep),
+        watcher(api, watcher::Config::default()).modify(trim),
     )
-    .default_backoff()
-    .touched_objects();
-    (reader, forward(stream, triggers))
+    .default_backoff();
+    let run = async move {
+        futures::pin_mut!(stream);
+        let mut last = HashMap::new();
+        while let Some(event) = stream.next().await {
+            let changed = match &event {
+                Ok(watcher::Event::Apply(n) | watcher::Event::InitApply(n)) => {
+                    node_changed(&mut last, n, false)
+                }
+                Ok(watcher::Event::Delete(n)) => node_changed(&mut last, n, true),
+                // A relist may have missed deletions: tell everyone once it is complete.
+                Ok(watcher::Event::InitDone) => true,
+                Ok(watcher::Event::Init) => false,
+                Err(e) => {
+                    warn!(error = %crate::error_chain(e), "watch failed; retrying");
+                    false
+                }
+            };
+            if changed {
+                for t in &triggers {
+                    let _ = t.unbounded_send(());
+                }
+            }
+        }
+    };
+    (reader, run)
 }
 
 /// The Networks a NodeNetwork names: those with a block in its spec and those its agent reports
@@ -372,9 +404,10 @@ pub fn observe_cluster(
     client: &Client,
     triggers: &Triggers,
 ) -> (Observation, impl Future<Output = ()> + Send + use<>) {
-    let (nodes, nodes_fut) = reflect(
+    // Nodes matter to Networks by their names, uids and labels (node selectors): a Node's
+    // status heartbeat wakes no Network.
+    let (nodes, nodes_fut) = reflect_nodes(
         Api::<Node>::all(client.clone()),
-        trim,
         vec![triggers.networks.clone()],
     );
     // A NodeNetwork's change concerns the Networks it names (their blocks there, the agent's
@@ -681,6 +714,52 @@ mod trigger_tests {
         assert_eq!(
             networks_touched(&mut last, &nn(&["a"], &["a"]), true),
             set(&["a"])
+        );
+        assert!(last.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod node_trigger_tests {
+    use super::*;
+
+    fn node(uid: &str, labels: &[(&str, &str)]) -> Node {
+        let mut n = Node::default();
+        n.metadata.name = Some("node-a".into());
+        n.metadata.uid = Some(uid.into());
+        n.metadata.labels = Some(
+            labels
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+                .collect(),
+        );
+        n
+    }
+
+    #[test]
+    fn only_a_new_relabelled_re_created_or_deleted_node_wakes_the_networks() {
+        let mut last = HashMap::new();
+        assert!(
+            node_changed(&mut last, &node("u1", &[("zone", "a")]), false),
+            "new"
+        );
+        // A status heartbeat: same uid and labels.
+        assert!(!node_changed(
+            &mut last,
+            &node("u1", &[("zone", "a")]),
+            false
+        ));
+        assert!(
+            node_changed(&mut last, &node("u1", &[("zone", "b")]), false),
+            "relabelled"
+        );
+        assert!(
+            node_changed(&mut last, &node("u2", &[("zone", "b")]), false),
+            "re-created"
+        );
+        assert!(
+            node_changed(&mut last, &node("u2", &[("zone", "b")]), true),
+            "deleted"
         );
         assert!(last.is_empty());
     }
