@@ -14,8 +14,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Instant;
 use weft_dataplane::proto::Endpoint;
 use weft_operator::agent::firewall;
-use weft_operator::agent::plan::{self as aplan, NodeBlocks, NodeContext};
-use weft_operator::agent::source::{Resources, WorkloadMeta, parse_manifests};
+use weft_operator::agent::plan::{self as aplan, NodeContext};
+use weft_operator::model::{NodeBlocks, Resources, WorkloadMeta, parse_manifests};
 use weft_operator::policy::{self, Member};
 
 fn main() -> anyhow::Result<()> {

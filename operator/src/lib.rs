@@ -5,6 +5,7 @@ pub mod agent;
 pub mod cli;
 pub mod controller;
 pub mod lab;
+pub mod model;
 pub mod policy;
 pub mod uninstall;
 

@@ -12,10 +12,11 @@ pub mod metrics;
 pub mod plan;
 pub mod source;
 
+use crate::model::{NodeBlocks, Problem, Resources};
 use backon::BackoffBuilder as _;
 use endpoints::EndpointStore;
 use install::CniInstall;
-use plan::{NodeBlocks, NodeContext, PlanOutput};
+use plan::{NodeContext, PlanOutput};
 use serde::Serialize;
 use source::ResourceSource;
 use std::collections::BTreeMap;
@@ -114,7 +115,7 @@ pub struct Message {
 /// node's `NodeNetwork` is missing (see [`plan::held_blocks`]).
 pub fn compute(
     cfg: &AgentConfig,
-    res: &source::Resources,
+    res: &Resources,
     endpoints: &EndpointStore,
     realized: &BTreeMap<String, NodeBlocks>,
 ) -> PlanOutput {
@@ -137,7 +138,7 @@ pub fn compute(
         let held = plan::held_blocks(res, &node, realized);
         if !held.is_empty() {
             let names: Vec<&str> = held.keys().map(String::as_str).collect();
-            block_problems.push(plan::Problem {
+            block_problems.push(Problem {
                 kind: "NodeNetwork",
                 object: node.name.clone(),
                 message: format!(
@@ -156,7 +157,7 @@ pub fn compute(
                 Ok(b) => {
                     blocks.insert(name, b);
                 }
-                Err(message) => block_problems.push(plan::Problem {
+                Err(message) => block_problems.push(Problem {
                     kind: "Network",
                     object: name,
                     message,
@@ -267,7 +268,7 @@ fn now() -> u64 {
 /// The plan last applied and what it was computed from.
 struct Applied {
     /// The resource snapshot.
-    resources: Arc<source::Resources>,
+    resources: Arc<Resources>,
     /// The plan (with the compiled policy).
     out: PlanOutput,
     /// Was it applied successfully? (A registration only changes a plan the kernel has.)
@@ -292,7 +293,7 @@ struct Reconciler {
     /// lists them with their elements.
     resyncs: u64,
     /// The last snapshot of the source.
-    resources: Option<Arc<source::Resources>>,
+    resources: Option<Arc<Resources>>,
     /// The last snapshot, shared with the socket server: it answers identity questions itself,
     /// so an ADD does not wait behind other pods' registrations in the reconcile queue.
     shared: cni_server::Snapshot,
@@ -682,7 +683,7 @@ impl Reconciler {
 /// the VM runs now if on other nodes (this ADD is then a live migration's target), or else which
 /// node keeps its newest reservation (the VM stopped there and starts here).
 pub fn identity_reply(
-    res: Option<&source::Resources>,
+    res: Option<&Resources>,
     ready: bool,
     namespace: &str,
     name: &str,

@@ -181,7 +181,7 @@ pub fn down(path: &Path, name: Option<&str>) -> anyhow::Result<()> {
 struct PolicyView<'a> {
     /// The lab file with every migrated VM on the node it runs on now (port forwards follow it).
     spec: LabFile,
-    res: &'a crate::agent::source::Resources,
+    res: &'a crate::model::Resources,
     members: Vec<crate::policy::Member>,
     compiled: crate::policy::Compiled,
 }
@@ -210,7 +210,7 @@ impl PolicyView<'_> {
     }
 }
 
-fn run_lab(lab: &Lab, res: &crate::agent::source::Resources) -> anyhow::Result<bool> {
+fn run_lab(lab: &Lab, res: &crate::model::Resources) -> anyhow::Result<bool> {
     let spec = &lab.spec;
     println!("weft lab {}", lab.name);
     lab.build_network()?;
@@ -318,10 +318,7 @@ fn probe_for(lab: &Lab, e: &file::Expectation, target: IpAddr) -> anyhow::Result
 /// and the target port of every port forward an expectation to a node may lead to it. A `deny`
 /// is then checked against a listener: it holds because the packets are dropped, not because
 /// nothing listens.
-fn listen_ports(
-    spec: &LabFile,
-    res: &crate::agent::source::Resources,
-) -> BTreeMap<String, Vec<Listen>> {
+fn listen_ports(spec: &LabFile, res: &crate::model::Resources) -> BTreeMap<String, Vec<Listen>> {
     let mut out: BTreeMap<String, Vec<Listen>> = BTreeMap::new();
     for w in &spec.workloads {
         let ports = out.entry(w.name.clone()).or_default();
@@ -375,7 +372,7 @@ fn listen_ports(
 /// workload on several networks is reached on one it shares with its peer).
 fn address_of(
     spec: &LabFile,
-    res: &crate::agent::source::Resources,
+    res: &crate::model::Resources,
     members: &[crate::policy::Member],
     name: &str,
     peer: Option<&str>,

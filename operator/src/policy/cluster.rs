@@ -3,7 +3,7 @@
 //! inputs the agents compile, so the answer is what the nodes enforce.
 
 use super::Member;
-use crate::agent::source::Resources;
+use crate::model::Resources;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, ListParams, ObjectList};
 use kube::core::PartialObjectMeta;

@@ -23,7 +23,7 @@ pub mod render;
 #[cfg(any(test, feature = "fuzzing"))]
 pub use fuzz::fuzz_compile;
 
-use crate::agent::plan::Problem;
+use crate::model::{Problem, Resources};
 
 use ipnet::IpNet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -689,7 +689,7 @@ pub fn compile(inputs: Inputs<'_>) -> Compiled {
 }
 
 /// Compiles the policies of a resource snapshot over `members`.
-pub fn compile_resources(res: &crate::agent::source::Resources, members: &[Member]) -> Compiled {
+pub fn compile_resources(res: &Resources, members: &[Member]) -> Compiled {
     compile(Inputs {
         cluster: &res.cluster_policies,
         namespaced: &res.policies,
