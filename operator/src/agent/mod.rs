@@ -27,9 +27,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
+use weft_dataplane::links::{ApplyError, ApplyReport};
 use weft_dataplane::netlink::Netlink;
 use weft_dataplane::nft::NftCli;
-use weft_dataplane::plan::{self as dplan, ApplyReport, ProcSysctls};
+use weft_dataplane::plan::{self as dplan, ProcSysctls};
 use weft_dataplane::proto::{Endpoint, Reply, Request};
 use weft_dataplane::state::{self, NodeState};
 
@@ -201,7 +202,7 @@ pub fn check_blocking(
     plan: &dplan::NodePlan,
     previous: Option<&dplan::NodePlan>,
     state_dir: &std::path::Path,
-) -> Result<ApplyReport, dplan::ApplyError> {
+) -> Result<ApplyReport, ApplyError> {
     with_kernel(|links, fw, sysctls| {
         dplan::apply_checked(plan, previous, links, fw, sysctls, state_dir)
     })
@@ -213,7 +214,7 @@ pub fn apply_blocking(
     plan: &dplan::NodePlan,
     previous: Option<&dplan::NodePlan>,
     state_dir: &std::path::Path,
-) -> Result<ApplyReport, dplan::ApplyError> {
+) -> Result<ApplyReport, ApplyError> {
     with_kernel(|links, fw, sysctls| {
         dplan::apply_since(plan, previous, links, fw, sysctls, state_dir)
     })
@@ -221,9 +222,9 @@ pub fn apply_blocking(
 
 /// Runs `f` with this node's real links, nftables and sysctls.
 fn with_kernel<T>(
-    f: impl FnOnce(&mut Netlink, &mut NftCli, &mut ProcSysctls) -> Result<T, dplan::ApplyError>,
-) -> Result<T, dplan::ApplyError> {
-    let mut links = Netlink::new().map_err(|source| dplan::ApplyError::Link {
+    f: impl FnOnce(&mut Netlink, &mut NftCli, &mut ProcSysctls) -> Result<T, ApplyError>,
+) -> Result<T, ApplyError> {
+    let mut links = Netlink::new().map_err(|source| ApplyError::Link {
         op: "open netlink socket".into(),
         source,
     })?;
@@ -387,7 +388,7 @@ impl Reconciler {
                     tokio::task::spawn_blocking(move || {
                         weft_dataplane::nft::Firewall::apply(&mut NftCli::default(), &tx)
                             .map(|()| report)
-                            .map_err(dplan::ApplyError::Firewall)
+                            .map_err(ApplyError::Firewall)
                     })
                     .await
                     .map_err(|e| format!("apply task failed: {e}"))?

@@ -9,11 +9,11 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use weft_crds::{Network, NetworkMode, PortForward};
+use weft_dataplane::links::{BridgePlan, UplinkPlan};
 use weft_dataplane::names;
-use weft_dataplane::plan::{BridgePlan, NodePlan, PortPlan, SysctlPlan};
+use weft_dataplane::plan::{NodePlan, PortPlan, SysctlPlan};
 use weft_dataplane::proto::Endpoint;
 use weft_dataplane::state::{self, NetworkState};
-use weft_dataplane::uplink::UplinkPlan;
 use weft_dataplane::vlan::{self, VlanFiltering, VlanRange};
 
 /// The node the plan is for.
