@@ -114,7 +114,7 @@ pub async fn trace(
     let protocol = super::Packet::parse_protocol(protocol)?;
     let (res, members) = snapshot(client).await?;
     let decision = decide(&res, &members, from, to, port, protocol, v6)?;
-    crate::lab::print_trace(from, to, port, protocol, &decision, None, json)?;
+    super::print_trace(from, to, port, protocol, &decision, None, json)?;
     Ok(decision.allowed)
 }
 

@@ -798,6 +798,55 @@ impl Decision {
     }
 }
 
+/// Prints a `trace` answer: one line and a line per direction, or the decision as JSON.
+pub fn print_trace(
+    from: &str,
+    to: &str,
+    port: u16,
+    protocol: weft_crds::L4Protocol,
+    decision: &Decision,
+    note: Option<&str>,
+    json: bool,
+) -> anyhow::Result<()> {
+    if json {
+        let mut v = serde_json::to_value(decision)?;
+        if let Some(n) = note {
+            v["via"] = serde_json::json!(n);
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        // ICMP has no port: `echo-request/icmp`, not `0/icmp`.
+        let what = match protocol {
+            weft_crds::L4Protocol::Icmp | weft_crds::L4Protocol::Icmpv6 => {
+                format!("echo-request/{}", protocol.nft_name())
+            }
+            _ => format!("{port}/{}", protocol.nft_name()),
+        };
+        println!("{from} -> {to} {what}: {}", decision.summary());
+        if let Some(n) = note {
+            println!("  via {n}");
+        }
+        for (word, step) in [
+            ("egress ", &decision.egress),
+            ("ingress", &decision.ingress),
+        ] {
+            if let Some(s) = step {
+                // The Pass rules that handed the packet on, then the decision.
+                for pass in &s.passed {
+                    println!("  {word} of {:<20} pass    {pass}", s.workload);
+                }
+                println!(
+                    "  {word} of {:<20} {}  {}",
+                    s.workload,
+                    if s.allowed { "accept" } else { "deny  " },
+                    s.reason
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 impl ProtoMatch {
     /// Does the packet match?
     pub fn matches(&self, p: &Packet) -> bool {
