@@ -6,6 +6,7 @@
 
 pub mod frame;
 pub mod ipam;
+pub mod links;
 pub mod names;
 pub mod netlink;
 pub mod netns;

@@ -10,9 +10,9 @@
 //! again (each try would cut the node off for a few seconds) until the Network changes or the
 //! file is removed.
 
+use crate::links::{ApplyError, ApplyReport, BridgePlan, Links, UplinkPlan};
 use crate::names;
 use crate::netlink::{LinkInfo, RouteEntry};
-use crate::plan::{ApplyError, ApplyReport, BridgePlan, Links};
 use crate::state;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -29,40 +29,6 @@ pub const VERIFY_TIMEOUT: Duration = Duration::from_secs(3);
 /// security on the moved addresses, a BPDU guard, an STP recalculation upstream) does so within
 /// a fraction of a second; asking at once could declare success just before the node is cut off.
 pub const SETTLE: Duration = Duration::from_millis(500);
-
-/// The uplink of a Bridge network on one node.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct UplinkPlan {
-    /// The node interface named in `spec.bridge.uplink`.
-    pub device: String,
-    /// `spec.bridge.vlan`: weft makes an 802.1Q sub-interface of `device` and attaches that.
-    pub vlan: Option<u16>,
-    /// `spec.bridge.vlanFiltering`: the bridge filters VLANs and `device` itself is its trunk
-    /// port, carrying the network's own VLAN and trunk VLANs tagged (`vlan` is then `None`).
-    pub filtering: Option<crate::vlan::VlanFiltering>,
-}
-
-impl UplinkPlan {
-    /// The link attached to the bridge: `device`, or its VLAN sub-interface (`eth1.10`, or a
-    /// hashed `wv…` name when that would exceed 15 characters).
-    pub fn port(&self) -> String {
-        match self.vlan {
-            None => self.device.clone(),
-            Some(id) => {
-                let natural = format!("{}.{id}", self.device);
-                if natural.len() <= names::IFNAME_MAX {
-                    natural
-                } else {
-                    let mac = names::hashed_mac(&[&self.device, &id.to_string()]);
-                    format!(
-                        "wv{:02x}{:02x}{:02x}{:02x}.{id}",
-                        mac[2], mac[3], mac[4], mac[5]
-                    )
-                }
-            }
-        }
-    }
-}
 
 /// What the uplink held before weft attached it (persisted).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -7,11 +7,12 @@ mod netlink_common;
 use ipnet::IpNet;
 use netlink_common::{NamedNs, isolate};
 use std::process::Command;
+use weft_dataplane::links::{ApplyReport, BridgePlan, UplinkPlan};
 use weft_dataplane::names;
 use weft_dataplane::netlink::{Netlink, RouteEntry};
 use weft_dataplane::nft::{Family, NftCli, Table};
-use weft_dataplane::plan::{self, BridgePlan, NodePlan, ProcSysctls};
-use weft_dataplane::uplink::{self, UplinkPlan};
+use weft_dataplane::plan::{self, NodePlan, ProcSysctls};
+use weft_dataplane::uplink;
 use weft_dataplane::vlan::{PortVlan, PortVlans, VlanFiltering, VlanRange};
 
 const NODE_ADDR: &str = "192.168.77.11/24";
@@ -86,7 +87,7 @@ fn node_plan(with_lan: bool) -> NodePlan {
     }
 }
 
-fn apply(p: &NodePlan, dir: &std::path::Path) -> plan::ApplyReport {
+fn apply(p: &NodePlan, dir: &std::path::Path) -> ApplyReport {
     plan::apply(
         p,
         &mut Netlink::new().unwrap(),

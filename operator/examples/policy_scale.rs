@@ -14,8 +14,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Instant;
 use weft_dataplane::proto::Endpoint;
 use weft_operator::agent::firewall;
-use weft_operator::agent::plan::{self as aplan, NodeBlocks, NodeContext};
-use weft_operator::agent::source::{Resources, WorkloadMeta, parse_manifests};
+use weft_operator::agent::plan::{self as aplan, NodeContext};
+use weft_operator::model::{NodeBlocks, Resources, WorkloadMeta, parse_manifests};
 use weft_operator::policy::{self, Member};
 
 fn main() -> anyhow::Result<()> {
@@ -100,7 +100,7 @@ fn main() -> anyhow::Result<()> {
         let handle = scope.spawn(|| -> anyhow::Result<()> {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
             let mut nft = weft_dataplane::nft::NftCli::default();
-            let mut report = weft_dataplane::plan::ApplyReport::default();
+            let mut report = weft_dataplane::links::ApplyReport::default();
             let t = Instant::now();
             weft_dataplane::plan::apply_firewall(&table, &mut nft, &mut report)?;
             println!(
@@ -245,7 +245,7 @@ fn agent_path(res: &Resources, workloads: usize) -> anyhow::Result<()> {
     let mut out = aplan::plan(&node, &res, &blocks, &before);
     let plan_ms = t.elapsed().as_secs_f64() * 1e3;
     let mut nft = weft_dataplane::nft::NftCli::default();
-    let mut report = weft_dataplane::plan::ApplyReport::default();
+    let mut report = weft_dataplane::links::ApplyReport::default();
     weft_dataplane::plan::apply_firewall(&out.plan.firewall, &mut nft, &mut report)?;
     if let Some(guard) = &out.plan.guard {
         weft_dataplane::plan::apply_firewall(guard, &mut nft, &mut report)?;
@@ -281,7 +281,7 @@ fn agent_path(res: &Resources, workloads: usize) -> anyhow::Result<()> {
     let mut full = Vec::new();
     let mut check = Vec::new();
     for _ in 0..5 {
-        let mut report = weft_dataplane::plan::ApplyReport::default();
+        let mut report = weft_dataplane::links::ApplyReport::default();
         let t = Instant::now();
         weft_dataplane::plan::apply_firewall(&out.plan.firewall, &mut nft, &mut report)?;
         if let Some(guard) = &out.plan.guard {

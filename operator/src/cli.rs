@@ -1,6 +1,7 @@
 //! Command-line interface of `weft-operator`.
 
 use crate::agent::{self, AgentConfig, install::CniInstall, plan::NodeContext};
+use crate::controller::opts::ControllerOpts;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -127,7 +128,7 @@ pub enum AgentAction {
 #[derive(Debug, Args, Clone)]
 pub struct AgentOpts {
     /// This node's name.
-    #[arg(long, env = "WEFT_NODE_NAME", default_value_t = default_hostname())]
+    #[arg(long, env = "WEFT_NODE_NAME", default_value_t = crate::default_hostname())]
     pub node_name: String,
     /// This node's labels (`k=v,k2=v2`), matched against Network nodeSelectors (with
     /// `--kube`, the labels of the Node object are used instead).
@@ -189,23 +190,6 @@ pub struct AgentOpts {
     pub peers_dir: Option<PathBuf>,
 }
 
-/// Controller flags.
-#[derive(Debug, Args, Clone)]
-pub struct ControllerOpts {
-    /// Address of `/metrics`, `/healthz` and `/readyz`.
-    #[arg(long, env = "WEFT_METRICS_ADDR", default_value = "0.0.0.0:9090")]
-    pub metrics_addr: std::net::SocketAddr,
-    /// Namespace of the leader-election Lease (default: the pod's namespace).
-    #[arg(long, env = "WEFT_LEASE_NAMESPACE", default_value = "weft-system")]
-    pub lease_namespace: String,
-    /// Name of the leader-election Lease.
-    #[arg(long, env = "WEFT_LEASE_NAME", default_value = "weft-controller")]
-    pub lease_name: String,
-    /// This replica's identity in the Lease (default: the pod name / hostname).
-    #[arg(long, env = "POD_NAME", default_value_t = default_hostname())]
-    pub identity: String,
-}
-
 /// Lab flags.
 #[derive(Debug, Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -234,13 +218,6 @@ pub enum LabAction {
         #[arg(long)]
         name: Option<String>,
     },
-}
-
-fn default_hostname() -> String {
-    nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_else(|| "localhost".into())
 }
 
 /// Sets up tracing from `WEFT_LOG` (default `info`).

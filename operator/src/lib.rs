@@ -5,10 +5,19 @@ pub mod agent;
 pub mod cli;
 pub mod controller;
 pub mod lab;
+pub mod model;
 pub mod policy;
 pub mod uninstall;
 
 pub use weft_dataplane::error_chain;
+
+/// This host's name (the default node name and controller identity); `localhost` when unknown.
+pub(crate) fn default_hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+}
 
 /// The operator's one retry delay: 1 s, doubling after each failure up to `max`, without
 /// jitter and without end. Build it (`backon::BackoffBuilder::build`) once per run of

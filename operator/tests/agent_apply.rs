@@ -14,9 +14,9 @@ use weft_dataplane::plan::{ProcSysctls, cleanup};
 use weft_dataplane::proto::Endpoint;
 use weft_operator::agent::endpoints::EndpointStore;
 use weft_operator::agent::install::CniInstall;
-use weft_operator::agent::plan::{NodeBlocks, NodeContext};
-use weft_operator::agent::source::{Resources, parse_manifests};
+use weft_operator::agent::plan::NodeContext;
 use weft_operator::agent::{AgentConfig, apply_blocking, check_blocking, compute, realized_blocks};
+use weft_operator::model::{NodeBlocks, Resources, parse_manifests};
 
 fn isolate() {
     assert!(

@@ -15,8 +15,9 @@ use tokio::sync::mpsc;
 use weft_crds::NodeNetworkSpec;
 use weft_operator::agent::AgentStatus;
 use weft_operator::agent::kube::{FIELD_MANAGER, KubeSource, node_network_status};
-use weft_operator::agent::plan::{NodeBlocks, PlanOutput};
-use weft_operator::agent::source::{ResourceSource, Resources, SourceError};
+use weft_operator::agent::plan::PlanOutput;
+use weft_operator::agent::source::{ResourceSource, SourceError};
+use weft_operator::model::{NodeBlocks, Resources};
 
 type Reply = tower_test::mock::SendResponse<Response<Body>>;
 

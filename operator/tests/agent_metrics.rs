@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use weft_operator::agent::AgentStatus;
-use weft_operator::agent::source::{ManifestSource, ResourceSource, Resources, SourceError};
+use weft_operator::agent::source::{ManifestSource, ResourceSource, SourceError};
+use weft_operator::model::Resources;
 
 mod common;
 use common::{config, isolate};

@@ -333,7 +333,7 @@ mod tests {
 
     #[test]
     fn a_logged_tcp_packet_becomes_a_record_naming_policy_and_workloads() {
-        use crate::agent::source::{Resources, parse_manifests};
+        use crate::model::{Resources, parse_manifests};
         let mut res = Resources::default();
         parse_manifests(
             r#"

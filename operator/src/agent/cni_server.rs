@@ -31,7 +31,7 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 /// server; waiting on it is event-driven (a `watch` channel), not polling.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
-    tx: watch::Sender<Option<Arc<super::source::Resources>>>,
+    tx: watch::Sender<Option<Arc<crate::model::Resources>>>,
 }
 
 impl Default for Snapshot {
@@ -44,12 +44,12 @@ impl Default for Snapshot {
 
 impl Snapshot {
     /// Replaces the snapshot and wakes whoever waits for a pod.
-    pub fn publish(&self, resources: Arc<super::source::Resources>) {
+    pub fn publish(&self, resources: Arc<crate::model::Resources>) {
         self.tx.send_replace(Some(resources));
     }
 
     /// The current snapshot.
-    pub fn current(&self) -> Option<Arc<super::source::Resources>> {
+    pub fn current(&self) -> Option<Arc<crate::model::Resources>> {
         self.tx.borrow().clone()
     }
 
@@ -60,7 +60,7 @@ impl Snapshot {
         namespace: &str,
         name: &str,
         wait: Duration,
-    ) -> Option<Arc<super::source::Resources>> {
+    ) -> Option<Arc<crate::model::Resources>> {
         let mut rx = self.tx.subscribe();
         let found = rx.wait_for(|s| s.as_deref().is_some_and(|r| has_pod(r, namespace, name)));
         match tokio::time::timeout(wait, found).await {
@@ -70,7 +70,7 @@ impl Snapshot {
     }
 }
 
-fn has_pod(res: &super::source::Resources, namespace: &str, name: &str) -> bool {
+fn has_pod(res: &crate::model::Resources, namespace: &str, name: &str) -> bool {
     res.workloads
         .iter()
         .any(|w| w.namespace == namespace && w.name == name)
@@ -195,7 +195,7 @@ async fn connection(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::source::{Resources, WorkloadMeta};
+    use crate::model::{Resources, WorkloadMeta};
 
     fn with_pod(name: &str) -> Arc<Resources> {
         Arc::new(Resources {

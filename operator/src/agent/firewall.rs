@@ -15,6 +15,7 @@
 //!   except connections a port forward let in; a Bridge network's bridge counts as outside (it
 //!   carries the node's uplink), so NAT traffic leaves through it masqueraded.
 
+use crate::policy::render::cidr_text;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -89,16 +90,6 @@ pub fn port_text(ports: (u16, u16)) -> String {
         ports.0.to_string()
     } else {
         format!("{}-{}", ports.0, ports.1)
-    }
-}
-
-/// A CIDR as nft prints it in interval sets: a host prefix is the bare address.
-pub fn cidr_text(net: &IpNet) -> String {
-    let net = net.trunc();
-    if net.prefix_len() == net.max_prefix_len() {
-        net.addr().to_string()
-    } else {
-        net.to_string()
     }
 }
 
@@ -429,14 +420,6 @@ pub fn table(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn host_prefixes_render_like_nft() {
-        assert_eq!(cidr_text(&"1.2.3.4/32".parse().unwrap()), "1.2.3.4");
-        assert_eq!(cidr_text(&"10.0.0.0/8".parse().unwrap()), "10.0.0.0/8");
-        assert_eq!(cidr_text(&"::/0".parse().unwrap()), "::/0");
-        assert_eq!(cidr_text(&"10.1.2.3/8".parse().unwrap()), "10.0.0.0/8");
-    }
 
     #[test]
     fn only_nat_networks_are_hairpin_sources() {

@@ -22,11 +22,9 @@
 //! written again, and a failed write is retried with backoff.
 
 use super::AgentStatus;
-use super::plan::NodeBlocks;
-use super::source::{
-    Peer, PeerReservation, Published, ResourceSource, Resources, SourceError, WorkloadMeta,
-};
+use super::source::{Published, ResourceSource, SourceError};
 use crate::controller::status::{READY, condition};
+use crate::model::{NodeBlocks, Peer, PeerReservation, Resources, WorkloadMeta};
 use ::kube::api::{Patch, PatchParams};
 use ::kube::core::PartialObjectMeta;
 use ::kube::runtime::reflector::{self, Store};

@@ -12,10 +12,11 @@ pub mod metrics;
 pub mod plan;
 pub mod source;
 
+use crate::model::{NodeBlocks, Problem, Resources};
 use backon::BackoffBuilder as _;
 use endpoints::EndpointStore;
 use install::CniInstall;
-use plan::{NodeBlocks, NodeContext, PlanOutput};
+use plan::{NodeContext, PlanOutput};
 use serde::Serialize;
 use source::ResourceSource;
 use std::collections::BTreeMap;
@@ -26,9 +27,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
+use weft_dataplane::links::{ApplyError, ApplyReport};
 use weft_dataplane::netlink::Netlink;
 use weft_dataplane::nft::NftCli;
-use weft_dataplane::plan::{self as dplan, ApplyReport, ProcSysctls};
+use weft_dataplane::plan::{self as dplan, ProcSysctls};
 use weft_dataplane::proto::{Endpoint, Reply, Request};
 use weft_dataplane::state::{self, NodeState};
 
@@ -114,7 +116,7 @@ pub struct Message {
 /// node's `NodeNetwork` is missing (see [`plan::held_blocks`]).
 pub fn compute(
     cfg: &AgentConfig,
-    res: &source::Resources,
+    res: &Resources,
     endpoints: &EndpointStore,
     realized: &BTreeMap<String, NodeBlocks>,
 ) -> PlanOutput {
@@ -137,7 +139,7 @@ pub fn compute(
         let held = plan::held_blocks(res, &node, realized);
         if !held.is_empty() {
             let names: Vec<&str> = held.keys().map(String::as_str).collect();
-            block_problems.push(plan::Problem {
+            block_problems.push(Problem {
                 kind: "NodeNetwork",
                 object: node.name.clone(),
                 message: format!(
@@ -156,7 +158,7 @@ pub fn compute(
                 Ok(b) => {
                     blocks.insert(name, b);
                 }
-                Err(message) => block_problems.push(plan::Problem {
+                Err(message) => block_problems.push(Problem {
                     kind: "Network",
                     object: name,
                     message,
@@ -200,7 +202,7 @@ pub fn check_blocking(
     plan: &dplan::NodePlan,
     previous: Option<&dplan::NodePlan>,
     state_dir: &std::path::Path,
-) -> Result<ApplyReport, dplan::ApplyError> {
+) -> Result<ApplyReport, ApplyError> {
     with_kernel(|links, fw, sysctls| {
         dplan::apply_checked(plan, previous, links, fw, sysctls, state_dir)
     })
@@ -212,7 +214,7 @@ pub fn apply_blocking(
     plan: &dplan::NodePlan,
     previous: Option<&dplan::NodePlan>,
     state_dir: &std::path::Path,
-) -> Result<ApplyReport, dplan::ApplyError> {
+) -> Result<ApplyReport, ApplyError> {
     with_kernel(|links, fw, sysctls| {
         dplan::apply_since(plan, previous, links, fw, sysctls, state_dir)
     })
@@ -220,9 +222,9 @@ pub fn apply_blocking(
 
 /// Runs `f` with this node's real links, nftables and sysctls.
 fn with_kernel<T>(
-    f: impl FnOnce(&mut Netlink, &mut NftCli, &mut ProcSysctls) -> Result<T, dplan::ApplyError>,
-) -> Result<T, dplan::ApplyError> {
-    let mut links = Netlink::new().map_err(|source| dplan::ApplyError::Link {
+    f: impl FnOnce(&mut Netlink, &mut NftCli, &mut ProcSysctls) -> Result<T, ApplyError>,
+) -> Result<T, ApplyError> {
+    let mut links = Netlink::new().map_err(|source| ApplyError::Link {
         op: "open netlink socket".into(),
         source,
     })?;
@@ -267,7 +269,7 @@ fn now() -> u64 {
 /// The plan last applied and what it was computed from.
 struct Applied {
     /// The resource snapshot.
-    resources: Arc<source::Resources>,
+    resources: Arc<Resources>,
     /// The plan (with the compiled policy).
     out: PlanOutput,
     /// Was it applied successfully? (A registration only changes a plan the kernel has.)
@@ -292,7 +294,7 @@ struct Reconciler {
     /// lists them with their elements.
     resyncs: u64,
     /// The last snapshot of the source.
-    resources: Option<Arc<source::Resources>>,
+    resources: Option<Arc<Resources>>,
     /// The last snapshot, shared with the socket server: it answers identity questions itself,
     /// so an ADD does not wait behind other pods' registrations in the reconcile queue.
     shared: cni_server::Snapshot,
@@ -386,7 +388,7 @@ impl Reconciler {
                     tokio::task::spawn_blocking(move || {
                         weft_dataplane::nft::Firewall::apply(&mut NftCli::default(), &tx)
                             .map(|()| report)
-                            .map_err(dplan::ApplyError::Firewall)
+                            .map_err(ApplyError::Firewall)
                     })
                     .await
                     .map_err(|e| format!("apply task failed: {e}"))?
@@ -682,7 +684,7 @@ impl Reconciler {
 /// the VM runs now if on other nodes (this ADD is then a live migration's target), or else which
 /// node keeps its newest reservation (the VM stopped there and starts here).
 pub fn identity_reply(
-    res: Option<&source::Resources>,
+    res: Option<&Resources>,
     ready: bool,
     namespace: &str,
     name: &str,

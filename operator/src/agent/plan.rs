@@ -3,17 +3,17 @@
 //! (reported in status and logs; a bad resource never stops the others).
 
 use super::firewall::{self, Forward, NetRules};
-use super::source::{Resources, WorkloadMeta};
 use crate::controller::allocator::nth_block;
+use crate::model::{NodeBlocks, Peer, Problem, Resources, WorkloadMeta};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use weft_crds::{Network, NetworkMode, PortForward};
+use weft_dataplane::links::{BridgePlan, UplinkPlan};
 use weft_dataplane::names;
-use weft_dataplane::plan::{BridgePlan, NodePlan, PortPlan, SysctlPlan};
+use weft_dataplane::plan::{NodePlan, PortPlan, SysctlPlan};
 use weft_dataplane::proto::Endpoint;
 use weft_dataplane::state::{self, NetworkState};
-use weft_dataplane::uplink::UplinkPlan;
 use weft_dataplane::vlan::{self, VlanFiltering, VlanRange};
 
 /// The node the plan is for.
@@ -23,32 +23,6 @@ pub struct NodeContext {
     pub name: String,
     /// The node's labels (matched against `Network.spec.nodeSelector`).
     pub labels: BTreeMap<String, String>,
-}
-
-/// This node's address blocks of one network.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct NodeBlocks {
-    /// IPv4 block.
-    pub v4: Option<Ipv4Net>,
-    /// IPv6 block.
-    pub v6: Option<Ipv6Net>,
-}
-
-/// A problem with one resource (also the policy compiler's).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    /// `Network`, `PortForward`, `ClusterSegmentationPolicy` or `SegmentationPolicy`.
-    pub kind: &'static str,
-    /// `namespace/name` or `name`.
-    pub object: String,
-    /// What is wrong and how to fix it.
-    pub message: String,
-}
-
-impl std::fmt::Display for Problem {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}: {}", self.kind, self.object, self.message)
-    }
 }
 
 /// The plan and what was wrong on the way.
@@ -890,7 +864,7 @@ fn plan_host_ports(
 /// network is a Bridge network (one LAN across the nodes, where two ports with one MAC take
 /// each other's traffic; a NAT network is private to each node). The interfaces of one VM (a
 /// live migration's source and target) share their MAC.
-pub fn peer_with_mac<'a>(res: &'a Resources, ep: &Endpoint) -> Option<&'a super::source::Peer> {
+pub fn peer_with_mac<'a>(res: &'a Resources, ep: &Endpoint) -> Option<&'a Peer> {
     let bridge_mode = res.networks.iter().any(|n| {
         n.metadata.name.as_deref() == Some(ep.network.as_str())
             && n.spec.mode == NetworkMode::Bridge
@@ -1041,7 +1015,7 @@ fn plan_forwards(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::source::parse_manifests;
+    use crate::model::{PeerReservation, parse_manifests};
 
     fn resources(yaml: &str) -> Resources {
         let mut r = Resources::default();
@@ -1710,13 +1684,8 @@ spec: {mode: Bridge, subnets: [10.72.0.0/24], bridge: {uplink: eth1, vlan: 20}}
         assert!(out.plan.sysctls.is_empty(), "{:?}", out.plan.sysctls);
     }
 
-    fn reservation(
-        node: &str,
-        vm: &str,
-        ip: &str,
-        since: i64,
-    ) -> crate::agent::source::PeerReservation {
-        crate::agent::source::PeerReservation {
+    fn reservation(node: &str, vm: &str, ip: &str, since: i64) -> PeerReservation {
+        PeerReservation {
             node: node.into(),
             reservation: weft_crds::NodeReservation {
                 vm: vm.into(),
@@ -1729,8 +1698,8 @@ spec: {mode: Bridge, subnets: [10.72.0.0/24], bridge: {uplink: eth1, vlan: 20}}
         }
     }
 
-    fn running(node: &str, vm: &str, ip: &str, active: bool) -> crate::agent::source::Peer {
-        crate::agent::source::Peer {
+    fn running(node: &str, vm: &str, ip: &str, active: bool) -> Peer {
+        Peer {
             node: node.into(),
             workload: weft_crds::NodeWorkload {
                 network: "lan".into(),

@@ -1,7 +1,7 @@
 //! The lab file: a LAN with an outside host, nodes, resources (exactly what `kubectl apply`
 //! takes), workloads and the expectations checked with real packets.
 
-use crate::agent::source::{self, Resources};
+use crate::model::{self, Resources};
 use ipnet::IpNet;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -326,7 +326,7 @@ impl LabFile {
         }
         let mut res = Resources::default();
         for (d, origin) in docs.iter().zip(&origins) {
-            source::add_document(d.clone(), origin, &mut res);
+            model::add_document(d.clone(), origin, &mut res);
         }
         let mut errors = lab.errors();
         errors.extend(lab.resource_errors(&res));

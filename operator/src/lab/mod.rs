@@ -113,57 +113,8 @@ pub fn run_trace(
         &spec, &resources, &members, &compiled, from, to, port, protocol, family,
     )
     .map_err(anyhow::Error::msg)?;
-    print_trace(from, to, port, protocol, &decision, note.as_deref(), json)?;
+    crate::policy::print_trace(from, to, port, protocol, &decision, note.as_deref(), json)?;
     Ok(decision.allowed)
-}
-
-/// Prints a `trace` answer: one line and a line per direction, or the decision as JSON.
-pub fn print_trace(
-    from: &str,
-    to: &str,
-    port: u16,
-    protocol: weft_crds::L4Protocol,
-    decision: &crate::policy::Decision,
-    note: Option<&str>,
-    json: bool,
-) -> anyhow::Result<()> {
-    if json {
-        let mut v = serde_json::to_value(decision)?;
-        if let Some(n) = note {
-            v["via"] = serde_json::json!(n);
-        }
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else {
-        // ICMP has no port: `echo-request/icmp`, not `0/icmp`.
-        let what = match protocol {
-            weft_crds::L4Protocol::Icmp | weft_crds::L4Protocol::Icmpv6 => {
-                format!("echo-request/{}", protocol.nft_name())
-            }
-            _ => format!("{port}/{}", protocol.nft_name()),
-        };
-        println!("{from} -> {to} {what}: {}", decision.summary());
-        if let Some(n) = note {
-            println!("  via {n}");
-        }
-        for (word, step) in [
-            ("egress ", &decision.egress),
-            ("ingress", &decision.ingress),
-        ] {
-            if let Some(s) = step {
-                // The Pass rules that handed the packet on, then the decision.
-                for pass in &s.passed {
-                    println!("  {word} of {:<20} pass    {pass}", s.workload);
-                }
-                println!(
-                    "  {word} of {:<20} {}  {}",
-                    s.workload,
-                    if s.allowed { "accept" } else { "deny  " },
-                    s.reason
-                );
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Removes a lab left up.
@@ -181,7 +132,7 @@ pub fn down(path: &Path, name: Option<&str>) -> anyhow::Result<()> {
 struct PolicyView<'a> {
     /// The lab file with every migrated VM on the node it runs on now (port forwards follow it).
     spec: LabFile,
-    res: &'a crate::agent::source::Resources,
+    res: &'a crate::model::Resources,
     members: Vec<crate::policy::Member>,
     compiled: crate::policy::Compiled,
 }
@@ -210,7 +161,7 @@ impl PolicyView<'_> {
     }
 }
 
-fn run_lab(lab: &Lab, res: &crate::agent::source::Resources) -> anyhow::Result<bool> {
+fn run_lab(lab: &Lab, res: &crate::model::Resources) -> anyhow::Result<bool> {
     let spec = &lab.spec;
     println!("weft lab {}", lab.name);
     lab.build_network()?;
@@ -318,10 +269,7 @@ fn probe_for(lab: &Lab, e: &file::Expectation, target: IpAddr) -> anyhow::Result
 /// and the target port of every port forward an expectation to a node may lead to it. A `deny`
 /// is then checked against a listener: it holds because the packets are dropped, not because
 /// nothing listens.
-fn listen_ports(
-    spec: &LabFile,
-    res: &crate::agent::source::Resources,
-) -> BTreeMap<String, Vec<Listen>> {
+fn listen_ports(spec: &LabFile, res: &crate::model::Resources) -> BTreeMap<String, Vec<Listen>> {
     let mut out: BTreeMap<String, Vec<Listen>> = BTreeMap::new();
     for w in &spec.workloads {
         let ports = out.entry(w.name.clone()).or_default();
@@ -375,7 +323,7 @@ fn listen_ports(
 /// workload on several networks is reached on one it shares with its peer).
 fn address_of(
     spec: &LabFile,
-    res: &crate::agent::source::Resources,
+    res: &crate::model::Resources,
     members: &[crate::policy::Member],
     name: &str,
     peer: Option<&str>,

@@ -2,7 +2,7 @@
 //! the policy compiler the agent uses, over a lab file's resources and workloads.
 
 use super::file::{Family, LabFile};
-use crate::agent::source::Resources;
+use crate::model::Resources;
 use crate::policy::{Compiled, Decision, Member, Packet};
 use std::collections::BTreeMap;
 use std::net::IpAddr;

@@ -3,7 +3,7 @@
 //! inputs the agents compile, so the answer is what the nodes enforce.
 
 use super::Member;
-use crate::agent::source::Resources;
+use crate::model::Resources;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, ListParams, ObjectList};
 use kube::core::PartialObjectMeta;
@@ -114,7 +114,7 @@ pub async fn trace(
     let protocol = super::Packet::parse_protocol(protocol)?;
     let (res, members) = snapshot(client).await?;
     let decision = decide(&res, &members, from, to, port, protocol, v6)?;
-    crate::lab::print_trace(from, to, port, protocol, &decision, None, json)?;
+    super::print_trace(from, to, port, protocol, &decision, None, json)?;
     Ok(decision.allowed)
 }
 

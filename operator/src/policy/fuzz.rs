@@ -28,7 +28,7 @@
 
 use super::{Compiled, Decision, Direction, Member, Packet, PeerMatch, Rule, render};
 use crate::agent::firewall;
-use crate::agent::source::{self, Resources};
+use crate::model::{self, Resources};
 use ipnet::IpNet;
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -87,7 +87,7 @@ pub fn fuzz_compile(text: &str) -> bool {
     };
     let mut res = Resources::default();
     for (i, doc) in input.resources.into_iter().enumerate() {
-        source::add_document(doc, &format!("resource {}", i + 1), &mut res);
+        model::add_document(doc, &format!("resource {}", i + 1), &mut res);
     }
     let members: Vec<Member> = input
         .members

@@ -23,7 +23,7 @@ pub mod render;
 #[cfg(any(test, feature = "fuzzing"))]
 pub use fuzz::fuzz_compile;
 
-use crate::agent::plan::Problem;
+use crate::model::{Problem, Resources};
 
 use ipnet::IpNet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -689,7 +689,7 @@ pub fn compile(inputs: Inputs<'_>) -> Compiled {
 }
 
 /// Compiles the policies of a resource snapshot over `members`.
-pub fn compile_resources(res: &crate::agent::source::Resources, members: &[Member]) -> Compiled {
+pub fn compile_resources(res: &Resources, members: &[Member]) -> Compiled {
     compile(Inputs {
         cluster: &res.cluster_policies,
         namespaced: &res.policies,
@@ -796,6 +796,55 @@ impl Decision {
             None => format!("{verdict}: neither end is a weft workload"),
         }
     }
+}
+
+/// Prints a `trace` answer: one line and a line per direction, or the decision as JSON.
+pub fn print_trace(
+    from: &str,
+    to: &str,
+    port: u16,
+    protocol: weft_crds::L4Protocol,
+    decision: &Decision,
+    note: Option<&str>,
+    json: bool,
+) -> anyhow::Result<()> {
+    if json {
+        let mut v = serde_json::to_value(decision)?;
+        if let Some(n) = note {
+            v["via"] = serde_json::json!(n);
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        // ICMP has no port: `echo-request/icmp`, not `0/icmp`.
+        let what = match protocol {
+            weft_crds::L4Protocol::Icmp | weft_crds::L4Protocol::Icmpv6 => {
+                format!("echo-request/{}", protocol.nft_name())
+            }
+            _ => format!("{port}/{}", protocol.nft_name()),
+        };
+        println!("{from} -> {to} {what}: {}", decision.summary());
+        if let Some(n) = note {
+            println!("  via {n}");
+        }
+        for (word, step) in [
+            ("egress ", &decision.egress),
+            ("ingress", &decision.ingress),
+        ] {
+            if let Some(s) = step {
+                // The Pass rules that handed the packet on, then the decision.
+                for pass in &s.passed {
+                    println!("  {word} of {:<20} pass    {pass}", s.workload);
+                }
+                println!(
+                    "  {word} of {:<20} {}  {}",
+                    s.workload,
+                    if s.allowed { "accept" } else { "deny  " },
+                    s.reason
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 impl ProtoMatch {

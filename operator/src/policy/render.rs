@@ -11,7 +11,7 @@
 //! Only the policies shape the rules; workloads change set elements only.
 
 use super::{Compiled, Direction, Member, PeerMatch, Placement, ProtoMatch, Rule};
-use crate::agent::firewall::cidr_text;
+use ipnet::IpNet;
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use weft_crds::{L4Protocol, RuleAction};
@@ -19,6 +19,16 @@ use weft_dataplane::nft::{Chain, Set};
 
 /// The NFLOG group of audit records.
 pub const LOG_GROUP: u16 = 2727;
+
+/// A CIDR as nft prints it in interval sets: a host prefix is the bare address.
+pub fn cidr_text(net: &IpNet) -> String {
+    let net = net.trunc();
+    if net.prefix_len() == net.max_prefix_len() {
+        net.addr().to_string()
+    } else {
+        net.to_string()
+    }
+}
 
 fn set(name: String, v6: bool, elements: BTreeSet<String>) -> Set {
     Set {
@@ -263,4 +273,17 @@ pub fn chains(c: &Compiled) -> Vec<Chain> {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_prefixes_render_like_nft() {
+        assert_eq!(cidr_text(&"1.2.3.4/32".parse().unwrap()), "1.2.3.4");
+        assert_eq!(cidr_text(&"10.0.0.0/8".parse().unwrap()), "10.0.0.0/8");
+        assert_eq!(cidr_text(&"::/0".parse().unwrap()), "::/0");
+        assert_eq!(cidr_text(&"10.1.2.3/8".parse().unwrap()), "10.0.0.0/8");
+    }
 }

@@ -1,5 +1,5 @@
 use super::*;
-use crate::agent::source::{Resources, parse_manifests};
+use crate::model::{Resources, parse_manifests};
 
 fn resources(yaml: &str) -> Resources {
     let mut r = Resources::default();

@@ -3,7 +3,7 @@
 //! its transaction takes the kernel's tables from the old plan to the new one.
 
 use super::*;
-use crate::agent::source::{Peer, parse_manifests};
+use crate::model::parse_manifests;
 use proptest::prelude::*;
 use weft_dataplane::nft::{FakeFirewall, Firewall, Transaction};
 

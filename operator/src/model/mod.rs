@@ -1,0 +1,109 @@
+//! What weft reads: the resources the agent, the policy compiler and the lab work from, and the
+//! problems found in them. Plain data and the reading of manifests; nothing here knows how the
+//! agent gets the resources or what the compiler makes of them.
+
+mod manifest;
+
+pub use manifest::{add_document, parse_manifests};
+
+use ipnet::{Ipv4Net, Ipv6Net};
+use std::collections::BTreeMap;
+use weft_crds::{ClusterSegmentationPolicy, Network, PortForward, SegmentationPolicy};
+
+/// A workload's identity and labels (a Pod; for KubeVirt, the virt-launcher pod).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WorkloadMeta {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// The `weft.dev/networks` annotation: the weft Networks the pod wants, one interface each.
+    pub networks: Option<String>,
+}
+
+/// A workload interface on another node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// The node it runs on.
+    pub node: String,
+    /// What its agent published.
+    pub workload: weft_crds::NodeWorkload,
+}
+
+/// A VM interface's reservation on another node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerReservation {
+    /// The node that keeps it.
+    pub node: String,
+    /// What its agent published.
+    pub reservation: weft_crds::NodeReservation,
+}
+
+/// Everything the node plan is computed from, besides the node's own endpoints.
+#[derive(Debug, Clone, Default)]
+pub struct Resources {
+    /// Networks.
+    pub networks: Vec<Network>,
+    /// Port forwards.
+    pub port_forwards: Vec<PortForward>,
+    /// Workloads (pods) known to the source, for label selectors.
+    pub workloads: Vec<WorkloadMeta>,
+    /// Cluster segmentation policies.
+    pub cluster_policies: Vec<ClusterSegmentationPolicy>,
+    /// Namespaced segmentation policies.
+    pub policies: Vec<SegmentationPolicy>,
+    /// Namespaces' labels (a namespace without a Namespace object has only the automatic
+    /// `kubernetes.io/metadata.name` label).
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    /// Documents that could not be read, with the reason (reported, never fatal).
+    pub problems: Vec<String>,
+    /// Workload interfaces on other nodes, as their agents published them: members of the
+    /// policies' groups here (a rule naming pods by label matches them wherever they run).
+    pub peers: Vec<Peer>,
+    /// VM reservations on other nodes, as their agents published them: a VM started here gets
+    /// the addresses and MAC it had there.
+    pub peer_reservations: Vec<PeerReservation>,
+    /// The identities (`namespace/name`) of the KubeVirt VMs and VM instances in the cluster,
+    /// when the source knows them (cluster mode with KubeVirt installed, once listed): a
+    /// reservation of a VM not among them is forgotten. `None`: reservations are kept.
+    pub vms: Option<std::collections::BTreeSet<String>>,
+    /// This node's address blocks per network, when the source knows them (cluster mode: the
+    /// controller's `NodeNetwork`). `None`: the agent assigns blocks itself (standalone).
+    pub node_blocks: Option<BTreeMap<String, NodeBlocks>>,
+    /// Cluster mode: this node's `NodeNetwork` is not in the API (not written yet, deleted and
+    /// not written again yet, or gone with its Node while the Node was re-created);
+    /// `node_blocks` is then empty. The plan keeps the Networks realized on the node meanwhile
+    /// (see `agent::plan::held_blocks`).
+    pub node_network_missing: bool,
+    /// This node's labels, when the source knows them (cluster mode: the Node object). `None`:
+    /// the agent uses the labels it was configured with (`--node-labels`).
+    pub node_labels: Option<BTreeMap<String, String>>,
+}
+
+/// This node's address blocks of one network.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeBlocks {
+    /// IPv4 block.
+    pub v4: Option<Ipv4Net>,
+    /// IPv6 block.
+    pub v6: Option<Ipv6Net>,
+}
+
+/// A problem with one resource, found by the policy compiler or the agent's node plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// `Network`, `PortForward`, `ClusterSegmentationPolicy` or `SegmentationPolicy`.
+    pub kind: &'static str,
+    /// `namespace/name` or `name`.
+    pub object: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.kind, self.object, self.message)
+    }
+}
