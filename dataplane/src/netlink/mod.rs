@@ -1,5 +1,5 @@
-//! A small synchronous rtnetlink client: links (bridge, veth, tap lookup), addresses and
-//! main-table routes.
+//! A small synchronous rtnetlink client: links (bridge, veth, tap lookup), addresses, routes,
+//! bridge VLANs and the tc objects of port redirection.
 //!
 //! Messages are built with rtnetlink's builders (`default-features = false`: no runtime) and
 //! sent over a blocking [`netlink_sys::Socket`] with a plain request/ACK loop, as netavark does.

@@ -233,16 +233,6 @@ impl ResourceSource for ManifestSource {
     }
 }
 
-/// Reads one manifest file (used by the lab for `resourceFiles`).
-pub fn read_manifest_file(path: &Path, into: &mut Resources) -> Result<(), SourceError> {
-    let text = std::fs::read_to_string(path).map_err(|source| SourceError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    parse_manifests(&text, &path.display().to_string(), into);
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
