@@ -3,7 +3,7 @@
 //! source ([`super::kube::KubeSource`]) plugs in behind the same trait.
 
 use crate::model::{Peer, PeerReservation, Resources, parse_manifests};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 /// What a node publishes for the others: its workload interfaces and its VM reservations.
