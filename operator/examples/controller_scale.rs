@@ -5,7 +5,10 @@
 //!
 //! With `--steady`, the NodeNetwork store then gets every node's spec as written (as the
 //! API server's watch would echo it) and a second decide pass runs from it: the steady state
-//! of a controller, which also holds every block in its NodeNetwork store.
+//! of a controller, which also holds every block in its NodeNetwork store. Then what one event
+//! costs: one that changes no input of the allocation (an agent's status report: the
+//! fingerprint alone), one Network added and one node added (a pass each, and the NodeNetwork
+//! specs it writes).
 //!
 //!   cargo run --release -p weft-operator --example controller_scale -- [NETWORKS] [NODES] [--steady]
 //!
@@ -22,7 +25,7 @@ use weft_crds::{
     SegmentationPolicy,
 };
 use weft_operator::controller::allocator::NodeInfo;
-use weft_operator::controller::network::{Observed, ObservedSpec, desired};
+use weft_operator::controller::network::{Observed, ObservedSpec, allocation_inputs, desired};
 use weft_operator::controller::policy::enforcement;
 use weft_operator::controller::trim_node_network;
 
@@ -181,6 +184,49 @@ fn main() -> anyhow::Result<()> {
             "  RSS {} MiB (peak {} MiB)",
             rss_kib("VmRSS:") / 1024,
             rss_kib("VmHWM:") / 1024
+        );
+
+        // What one event costs now. An agent's status report or a Node heartbeat changes no
+        // input of the allocation: the reconcile computes the fingerprint and reuses the last
+        // decision.
+        let t = Instant::now();
+        let key = allocation_inputs(&observed);
+        println!(
+            "  an event that changes no input (status report): fingerprint {:?} (key {key:x}), no allocation",
+            t.elapsed()
+        );
+        // One Network added: one pass; the writes are the specs that differ.
+        let mut added = observed.clone();
+        let mut n = Network::new(
+            "net-added",
+            NetworkSpec {
+                subnets: vec![Cidr::from("fd01:ffff::/64")],
+                ..NetworkSpec::default()
+            },
+        );
+        n.metadata.uid = Some("uid-added".into());
+        added.networks.push(Arc::new(n));
+        let t = Instant::now();
+        let d = desired(&added);
+        println!(
+            "  one Network added: validate + allocate {:?}, {} NodeNetwork specs to write",
+            t.elapsed(),
+            d.changed.len()
+        );
+        drop(d);
+        drop(added);
+        // One node added.
+        let mut added = observed;
+        added.nodes.push((
+            NodeInfo::new("node-added", &[]),
+            Some("node-uid-added".into()),
+        ));
+        let t = Instant::now();
+        let d = desired(&added);
+        println!(
+            "  one node added: validate + allocate {:?}, {} NodeNetwork specs to write",
+            t.elapsed(),
+            d.changed.len()
         );
     }
     Ok(())
