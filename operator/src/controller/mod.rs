@@ -230,43 +230,65 @@ pub fn node_changed(
     last.insert(name, now.clone()).as_ref() != Some(&now)
 }
 
+/// Runs a reflector for `api` into a new store, keeping what `keep` leaves of each object, and
+/// calls `on_event` with every object applied or deleted (and whether it was deleted), and with
+/// `None` at the end of every full list (a relist may have missed deletions); watch errors are
+/// logged and retried.
+fn reflect_with<K>(
+    api: Api<K>,
+    keep: fn(&mut K),
+    mut on_event: impl FnMut(Option<(&K, bool)>) + Send + 'static,
+) -> (Store<K>, impl Future<Output = ()> + Send)
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(
+        writer,
+        watcher(api, watcher::Config::default()).modify(keep),
+    )
+    .default_backoff();
+    let run = async move {
+        futures::pin_mut!(stream);
+        while let Some(event) = stream.next().await {
+            match &event {
+                Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                    on_event(Some((o, false)));
+                }
+                Ok(watcher::Event::Delete(o)) => on_event(Some((o, true))),
+                Ok(watcher::Event::InitDone) => on_event(None),
+                Ok(watcher::Event::Init) => {}
+                Err(e) => warn!(error = %crate::error_chain(e), "watch failed; retrying"),
+            }
+        }
+    };
+    (reader, run)
+}
+
 /// Runs a reflector of Nodes (kept as [`trim`] leaves them); a change that [`node_changed`]
 /// counts sends `()` to `triggers`, and so does the end of every full list.
 fn reflect_nodes(
     api: Api<Node>,
     triggers: Vec<mpsc::UnboundedSender<()>>,
 ) -> (Store<Node>, impl Future<Output = ()> + Send) {
-    let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(
-        writer,
-        watcher(api, watcher::Config::default()).modify(trim),
-    )
-    .default_backoff();
-    let run = async move {
-        futures::pin_mut!(stream);
-        let mut last = HashMap::new();
-        while let Some(event) = stream.next().await {
-            let changed = match &event {
-                Ok(watcher::Event::Apply(n) | watcher::Event::InitApply(n)) => {
-                    node_changed(&mut last, n, false)
-                }
-                Ok(watcher::Event::Delete(n)) => node_changed(&mut last, n, true),
-                // A relist may have missed deletions: tell everyone once it is complete.
-                Ok(watcher::Event::InitDone) => true,
-                Ok(watcher::Event::Init) => false,
-                Err(e) => {
-                    warn!(error = %crate::error_chain(e), "watch failed; retrying");
-                    false
-                }
-            };
-            if changed {
-                for t in &triggers {
-                    let _ = t.unbounded_send(());
-                }
+    let mut last = HashMap::new();
+    reflect_with(api, trim, move |event| {
+        let changed = match event {
+            Some((node, deleted)) => node_changed(&mut last, node, deleted),
+            None => true,
+        };
+        if changed {
+            for t in &triggers {
+                let _ = t.unbounded_send(());
             }
         }
-    };
-    (reader, run)
+    })
 }
 
 /// The Networks a NodeNetwork names: those with a block in its spec and those its agent reports
@@ -307,36 +329,17 @@ fn reflect_node_networks(
     networks: mpsc::UnboundedSender<ObjectRef<Network>>,
     triggers: Vec<mpsc::UnboundedSender<()>>,
 ) -> (Store<NodeNetwork>, impl Future<Output = ()> + Send) {
-    let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(
-        writer,
-        watcher(api, watcher::Config::default()).modify(trim_node_network),
-    )
-    .default_backoff();
-    let run = async move {
-        futures::pin_mut!(stream);
-        let mut last = HashMap::new();
-        while let Some(event) = stream.next().await {
-            let touched: Vec<(&NodeNetwork, bool)> = match &event {
-                Ok(watcher::Event::Apply(nn) | watcher::Event::InitApply(nn)) => vec![(nn, false)],
-                Ok(watcher::Event::Delete(nn)) => vec![(nn, true)],
-                Ok(watcher::Event::Init | watcher::Event::InitDone) => Vec::new(),
-                Err(e) => {
-                    warn!(error = %crate::error_chain(e), "watch failed; retrying");
-                    continue;
-                }
-            };
-            for (nn, deleted) in touched {
-                for network in networks_touched(&mut last, nn, deleted) {
-                    let _ = networks.unbounded_send(ObjectRef::new(&network));
-                }
-            }
-            for t in &triggers {
-                let _ = t.unbounded_send(());
+    let mut last = HashMap::new();
+    reflect_with(api, trim_node_network, move |event| {
+        if let Some((nn, deleted)) = event {
+            for network in networks_touched(&mut last, nn, deleted) {
+                let _ = networks.unbounded_send(ObjectRef::new(&network));
             }
         }
-    };
-    (reader, run)
+        for t in &triggers {
+            let _ = t.unbounded_send(());
+        }
+    })
 }
 
 /// Watches `api` without a store of its own (a controller's holds the objects); every change
