@@ -209,7 +209,9 @@ EOF
 }
 can() { local who=$1; shift; [ "$(k auth can-i --as="$who" "$@" 2>/dev/null)" = yes ]; }
 cannot() { local who=$1; shift; [ "$(k auth can-i --as="$who" "$@" 2>/dev/null)" = no ]; }
-not_refused() { ! grep -qiE '\b403\b|forbidden' <<<"$1"; }
+# An API refusal always says Forbidden (reason and message); a bare 403 may be a resource
+# version ("too old resource version: 400 (403)").
+not_refused() { ! grep -qi 'forbidden' <<<"$1"; }
 # patch_as TOKEN PATH JSON: a merge-patch dry run as the token's user; prints the HTTP status
 # and, when refused, the API server's message.
 patch_as() {
