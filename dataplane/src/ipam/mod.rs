@@ -4,10 +4,18 @@
 //! Layout: `<state_dir>/ipam/<network>/`
 //! - `lock`: every read-modify-write holds an exclusive `flock` on it for its whole duration,
 //!   so concurrent CNI processes (each with its own file descriptor) are serialized;
-//! - `allocations.json`: the allocations and the last address handed out per family, replaced
-//!   atomically (written to `allocations.json.tmp`, fsynced, renamed over, directory fsynced), so
-//!   a crash leaves either the old or the new file, never a torn one. A stale
-//!   `allocations.json.tmp` left by a crash is ignored and overwritten by the next write.
+//! - `allocations.json`: the allocations, the VM reservations and the last address handed out
+//!   per family, replaced atomically (written to `allocations.json.tmp`, renamed over), so a
+//!   process killed at any point leaves either the old or the new file, never a torn one. A
+//!   stale `allocations.json.tmp` left by a crash is ignored and overwritten by the next write.
+//!
+//! Durability: a workload's allocation never needs to outlive a boot, because a reboot ends
+//! every network namespace it describes. The file records the boot it was written in
+//! ([`boot_id`]); read in a later boot, its allocations are gone (its VM reservations and
+//! round-robin positions stay). So only a write that changes the VM reservations, which must
+//! survive a power loss, is fsynced before its rename; the others (every pod's ADD and DEL)
+//! cost no disk flush. A file torn by a power loss (possible only for an unsynced write, and
+//! only in a boot that has ended) is read as empty with a warning instead of failing every ADD.
 //!
 //! Reads ([`IpamStore::get`], [`IpamStore::list`]) take no lock: the rename makes every state
 //! they can see a complete one.
@@ -415,6 +423,34 @@ struct StoreFile {
     /// VM reservations.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     reservations: Vec<Reservation>,
+    /// The boot the allocations were made in (`/proc/sys/kernel/random/boot_id`); absent in
+    /// files of older versions, whose allocations are kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    boot_id: Option<String>,
+}
+
+/// This boot's identity (`/proc/sys/kernel/random/boot_id`), read once; `None` where the
+/// kernel does not offer it (the store then keeps allocations across boots).
+pub fn boot_id() -> Option<&'static str> {
+    static BOOT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    BOOT.get_or_init(|| {
+        fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    })
+    .as_deref()
+}
+
+/// When this boot began (`btime` of `/proc/stat`), in Unix seconds.
+fn boot_time() -> Option<u64> {
+    fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// The IPAM store of one network on this node. Cheap to open; every operation opens its own
@@ -726,13 +762,41 @@ impl IpamStore {
 
     fn read(&self) -> Result<StoreFile, IpamError> {
         let path = self.path();
-        match fs::read(&path) {
-            Ok(bytes) => {
-                serde_json::from_slice(&bytes).map_err(|source| IpamError::Corrupt { path, source })
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(StoreFile::default()),
+            Err(e) => return Err(io("read", &path)(e)),
+        };
+        let mut state: StoreFile = match serde_json::from_slice(&bytes) {
+            Ok(s) => s,
+            Err(source) => {
+                // Written in a boot that has ended, and torn by the power loss that ended it
+                // (an unsynced write): what it described is gone with that boot.
+                let written = fs::metadata(&path)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                    .map(|d| d.as_secs());
+                match (written, boot_time()) {
+                    (Some(w), Some(b)) if w < b => {
+                        tracing::warn!(path = %path.display(), error = %source, "the IPAM store was torn by the power loss that ended the last boot; starting it empty");
+                        return Ok(StoreFile::default());
+                    }
+                    _ => return Err(IpamError::Corrupt { path, source }),
+                }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StoreFile::default()),
-            Err(e) => Err(io("read", &path)(e)),
+        };
+        // Allocations of an earlier boot: their network namespaces ended with it.
+        if let (Some(was), Some(now)) = (state.boot_id.as_deref(), boot_id())
+            && was != now
+        {
+            if !state.allocations.is_empty() {
+                info!(network = %self.network, allocations = state.allocations.len(), "allocations of an earlier boot dropped");
+            }
+            state.allocations.clear();
+            state.boot_id = None;
         }
+        Ok(state)
     }
 
     /// Read-modify-write under the exclusive lock; `f` returns its result and whether it
@@ -757,28 +821,33 @@ impl IpamStore {
             source,
         })?;
         let mut state = self.read()?;
+        let reservations = state.reservations.clone();
         let (out, changed) = f(&mut state)?;
         if changed {
             state.version = 1;
-            self.write(&state)?;
+            state.boot_id = boot_id().map(str::to_string);
+            self.write(&state, state.reservations != reservations)?;
         }
         // Closing the descriptor releases the lock, after the rename.
         drop(lock);
         Ok(out)
     }
 
-    fn write(&self, state: &StoreFile) -> Result<(), IpamError> {
+    /// Replaces the file atomically; `durable`: flushed to disk before the rename (a change of
+    /// the VM reservations, which outlive a boot).
+    fn write(&self, state: &StoreFile, durable: bool) -> Result<(), IpamError> {
         let tmp = self.dir.join(ALLOCATIONS_TMP_FILE);
         let path = self.path();
         let bytes = serde_json::to_vec_pretty(state)
             .map_err(|e| io("encode", &path)(std::io::Error::other(e)))?;
         let mut file = File::create(&tmp).map_err(io("create", &tmp))?;
         file.write_all(&bytes).map_err(io("write", &tmp))?;
-        // The data is on disk before the rename, so the file is never torn, even by a power
-        // loss. The directory is not synced: after a power loss the store may miss the last
-        // changes, which is harmless because the reboot also ended every workload they describe
-        // (the runtime's DEL/GC then releases the rest), and it saves a second fsync per ADD.
-        file.sync_all().map_err(io("sync", &tmp))?;
+        // Reservations: on disk before the rename, so a power loss cannot tear them. Everything
+        // else ends with the boot (see the module's documentation). The directory is never
+        // synced: after a power loss the store may miss the last changes of a boot that ended.
+        if durable {
+            file.sync_all().map_err(io("sync", &tmp))?;
+        }
         drop(file);
         fs::rename(&tmp, &path).map_err(io("rename to", &path))?;
         Ok(())

@@ -839,3 +839,61 @@ fn an_address_whose_derived_mac_a_workload_holds_is_skipped_not_refused() {
         "0a:58:0a:00:01:03"
     );
 }
+
+#[test]
+fn allocations_of_an_earlier_boot_are_gone_and_its_vm_reservations_stay() {
+    let (_d, s) = store();
+    let pod = s.allocate(&v4_pool(), req("pod")).unwrap();
+    let vm = s
+        .allocate(
+            &v4_pool(),
+            AllocRequest {
+                owner: Some("ns/vm".into()),
+                ..req("vm")
+            },
+        )
+        .unwrap();
+    assert_eq!(s.list().unwrap().len(), 2);
+    // The same file, as a later boot reads it.
+    let path = s.dir().join(ALLOCATIONS_FILE);
+    let mut file: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    assert_eq!(file["boot_id"].as_str(), boot_id(), "the boot is recorded");
+    file["boot_id"] = "an-earlier-boot".into();
+    fs::write(&path, serde_json::to_vec(&file).unwrap()).unwrap();
+    assert_eq!(s.list().unwrap(), vec![]);
+    let reserved = s.reservations().unwrap();
+    assert_eq!(reserved.len(), 1);
+    assert_eq!(reserved[0].ips, vm.ips);
+    // The VM starting again gets its addresses back; the pod's address is free again but
+    // round-robin continues after it.
+    let again = s
+        .allocate(
+            &v4_pool(),
+            AllocRequest {
+                owner: Some("ns/vm".into()),
+                ..req("vm2")
+            },
+        )
+        .unwrap();
+    assert_eq!(again.ips, vm.ips);
+    let next = s.allocate(&v4_pool(), req("pod2")).unwrap();
+    assert_ne!(next.ips, pod.ips);
+}
+
+#[test]
+fn a_file_torn_in_an_earlier_boot_reads_as_empty_and_one_torn_now_is_an_error() {
+    let (_d, s) = store();
+    let path = s.dir().join(ALLOCATIONS_FILE);
+    fs::write(&path, b"{\"allocations\": [{\"ips\"").unwrap();
+    assert!(matches!(s.list(), Err(IpamError::Corrupt { .. })));
+    // Written before this boot began.
+    fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000))
+        .unwrap();
+    assert_eq!(s.list().unwrap(), vec![]);
+    let a = s.allocate(&v4_pool(), req("a")).unwrap();
+    assert_eq!(s.list().unwrap(), vec![a]);
+}
