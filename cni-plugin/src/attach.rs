@@ -789,20 +789,12 @@ fn extra_interfaces(conf: &Conf, container_id: &str, ifname: &str) -> Vec<(Strin
 }
 
 /// Removes one interface: best effort and idempotent; a missing netns, link or allocation is
-/// success.
+/// success. The agent takes the rules out and releases the addresses before it answers, and
+/// deletes the host link after (the kernel's veth delete waits ≈ 30 ms); without an agent that
+/// can, the DEL does it all itself and the agent catches up from the IPAM store at its resync.
 fn del_one(conf: &Conf, env: &Env, network: &str, ifname: &str) -> Result<(), CniError> {
     let container_id = env.container_id()?;
-    let mut errors: Vec<String> = Vec::new();
-    // 1. The agent forgets the endpoint (its rules go first).
-    let unregister = Request::Unregister {
-        network: network.to_string(),
-        container_id: container_id.to_string(),
-        ifname: ifname.to_string(),
-    };
-    if let Err(e) = proto::call(&conf.agent_socket, &unregister, conf.agent_timeout) {
-        debug!(error = %error::chain(&e), "agent not reachable for unregister; it resyncs from the IPAM store");
-    }
-    // 2. A VM's tap, when the pod's namespace still exists.
+    // 1. A VM's tap, when the pod's namespace still exists.
     // Never inside the node's own namespace (a CNI_NETNS of /proc/self/ns/net).
     if matches!(conf.attachment, AttachmentKind::Tap(_))
         && let Some(path) = env.netns.as_deref()
@@ -812,6 +804,25 @@ fn del_one(conf: &Conf, env: &Env, network: &str, ifname: &str) -> Result<(), Cn
     {
         unwire_tap(&mut inner, ifname);
     }
+    // 2. The agent: rules, addresses, then the link.
+    let detach = Request::Detach {
+        network: network.to_string(),
+        container_id: container_id.to_string(),
+        ifname: ifname.to_string(),
+    };
+    match proto::call(&conf.agent_socket, &detach, conf.agent_timeout) {
+        Ok(reply) if reply.ok => {
+            info!(%network, %container_id, %ifname, "detached");
+            return Ok(());
+        }
+        Ok(reply) => {
+            debug!(error = ?reply.error, "the agent did not detach; removing the attachment here")
+        }
+        Err(e) => {
+            debug!(error = %error::chain(&e), "agent not reachable for detach; removing the attachment here")
+        }
+    }
+    let mut errors: Vec<String> = Vec::new();
     // 3. The link (deleting the host end removes the peer in the container too).
     let host_name = names::host_veth_name(container_id, ifname);
     match Netlink::new().and_then(|mut nl| {

@@ -115,6 +115,18 @@ pub enum Request {
         /// `CNI_IFNAME`.
         ifname: String,
     },
+    /// DEL of one attachment: the agent takes its rules out, releases its addresses, answers,
+    /// and then deletes its host link (the kernel's delete of a veth waits ≈ 30 ms for RCU; the
+    /// DEL does not). An agent that cannot (an older one, or an error) answers not ok: the CNI
+    /// then deletes and releases itself.
+    Detach {
+        /// The network.
+        network: String,
+        /// `CNI_CONTAINERID`.
+        container_id: String,
+        /// `CNI_IFNAME`.
+        ifname: String,
+    },
     /// A CNI operation finished (for the agent's metrics; the reply is not waited for long).
     Report {
         /// `ADD` or `DEL`.

@@ -141,6 +141,10 @@ impl Node {
                             // A pod named vm-launcher-<x> runs VM default/<x> (its label).
                             let reply = match line.split("\"name\":\"vm-launcher-").nth(1) {
                                 _ if unknown && identity => "{\"ok\":false,\"ready\":true,\"error\":\"pod default/pod is not in the agent's cache yet\"}\n".to_string(),
+                                // Detaching takes a real agent (rules, addresses, then the
+                                // link): the stand-in declines, as an older agent does, and the
+                                // CNI removes the attachment itself.
+                                _ if line.contains("\"op\":\"detach\"") => "{\"ok\":false,\"ready\":true,\"error\":\"the stand-in agent does not detach\"}\n".to_string(),
                                 Some(rest) if identity => {
                                     let vm = rest.split('"').next().unwrap_or_default();
                                     format!(

@@ -275,6 +275,11 @@ impl EndpointStore {
         self.gone.insert(k, Instant::now());
     }
 
+    /// The endpoint of one attachment.
+    pub fn get(&self, network: &str, container_id: &str, ifname: &str) -> Option<&Endpoint> {
+        self.endpoints.get(&key(network, container_id, ifname))
+    }
+
     /// All endpoints, in a stable order.
     pub fn list(&self) -> Vec<Endpoint> {
         self.endpoints.values().cloned().collect()

@@ -10,6 +10,7 @@ pub mod install;
 pub mod kube;
 pub mod metrics;
 pub mod plan;
+pub mod reaper;
 pub mod source;
 
 use crate::model::{NodeBlocks, Problem, Resources};
@@ -311,6 +312,8 @@ struct Reconciler {
     /// The last reconcile stopped because the source has not had its first complete list yet
     /// (a healthy start): not a failure.
     waiting_first_list: bool,
+    /// Deletes the host links of detached workloads after their DEL returned.
+    reaper: reaper::Reaper,
 }
 
 impl Reconciler {
@@ -675,6 +678,40 @@ impl Reconciler {
                 self.endpoints.unregister(network, container_id, ifname);
                 None
             }
+            Request::Detach {
+                network,
+                container_id,
+                ifname,
+            } => {
+                let host = self
+                    .endpoints
+                    .get(network, container_id, ifname)
+                    .map(|e| e.host_ifname.clone())
+                    .unwrap_or_else(|| weft_dataplane::names::host_veth_name(container_id, ifname));
+                self.endpoints.unregister(network, container_id, ifname);
+                // The addresses are free once the DEL returns (the reply waits for the rules
+                // to be gone); the link goes after it.
+                let released = weft_dataplane::ipam::IpamStore::open(&self.cfg.state_dir, network)
+                    .and_then(|s| {
+                        s.release(&weft_dataplane::ipam::Attachment {
+                            container_id: container_id.clone(),
+                            ifname: ifname.clone(),
+                        })
+                    });
+                if let Err(e) = released {
+                    return Some(Reply::error(
+                        ready,
+                        format!("cannot release the addresses: {}", crate::error_chain(&e)),
+                    ));
+                }
+                if let Err(e) = self.reaper.reap(&host) {
+                    return Some(Reply::error(
+                        ready,
+                        format!("cannot find host link {host}: {e}"),
+                    ));
+                }
+                None
+            }
         }
     }
 }
@@ -857,6 +894,7 @@ pub async fn run(
         installed: None,
         waiting_first_list: false,
         resyncs: 0,
+        reaper: reaper::Reaper::spawn()?,
     };
     start_audit(&cfg, rec.policy.clone(), rec.audit.clone(), tx.clone());
     info!(node = %cfg.node.name, socket = %cfg.socket.display(), endpoints = rec.endpoints.len(), "weft agent starting");
@@ -916,6 +954,8 @@ pub async fn run(
             }
             _ = resync.tick() => {
                 rec.endpoints.resync(&cfg.state_dir);
+                let registered = rec.endpoints.list().into_iter().map(|e| e.host_ifname).collect();
+                rec.reaper.sweep(&cfg.state_dir, &registered);
                 if let Some(vms) = rec.resources.as_ref().and_then(|r| r.vms.as_ref()) {
                     let exists = |vm: &str| vms.contains(vm);
                     for (network, vm) in rec.endpoints.forget_deleted(

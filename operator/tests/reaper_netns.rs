@@ -1,0 +1,124 @@
+//! Privileged test of the agent's reaper (`agent::reaper`): host links of detached workloads
+//! deleted after the DEL, and workload links nobody owns swept, in a network namespace the test
+//! creates (named with the pid; deleted on drop, also when the test panics). Needs root.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+use weft_dataplane::ipam::{AllocRequest, Attachment, IpamStore, Pool};
+use weft_dataplane::names;
+use weft_dataplane::netlink::{Netlink, VethSpec};
+use weft_dataplane::netns::{self, Netns};
+use weft_operator::agent::reaper::Reaper;
+
+struct Node {
+    name: String,
+    ns: Netns,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Err(e) = netns::delete_named(&self.name) {
+            eprintln!("cannot delete test netns {}: {e}", self.name);
+        }
+    }
+}
+
+fn node(tag: &str) -> Node {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "this test needs root (network namespaces): run the tests as root"
+    );
+    let name = format!("wrp{}{tag}", std::process::id());
+    let ns = netns::create_named(&name).expect("create the test netns");
+    Node { name, ns }
+}
+
+/// A workload's veth pair, both ends in `ns`; the host end `host` carries weft's endpoint
+/// alias when `alias` names the attachment.
+fn veth(ns: &Netns, host: &str, alias: Option<(&str, &str, &str)>) {
+    let alias = alias.map(|(n, c, i)| names::host_veth_alias(n, c, i));
+    netns::run_in(ns, || {
+        Netlink::new()
+            .unwrap()
+            .create_veth_into_netns(&VethSpec {
+                host_name: host,
+                host_alias: alias.as_deref(),
+                host_master: None,
+                peer_name: &format!("{host}p"),
+                peer_netns: ns.fd(),
+                peer_mac: None,
+                mtu: None,
+            })
+            .unwrap();
+    })
+    .unwrap();
+}
+
+fn links(ns: &Netns) -> BTreeSet<String> {
+    netns::run_in(ns, || {
+        Netlink::new()
+            .unwrap()
+            .links()
+            .unwrap()
+            .into_iter()
+            .map(|l| l.name)
+            .filter(|n| n.starts_with("wr"))
+            .collect()
+    })
+    .unwrap()
+}
+
+fn eventually(what: &str, f: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < Duration::from_secs(5), "{what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn the_reaper_deletes_detached_links_after_the_call_and_sweeps_only_links_nobody_owns() {
+    let node = node("a");
+    let state = tempfile::tempdir().unwrap();
+    let pool = Pool {
+        block_v4: Some("10.0.0.0/24".parse().unwrap()),
+        subnet_v4: Some("10.0.0.0/16".parse().unwrap()),
+        ..Pool::default()
+    };
+    // wra: allocated; wrb: weft's alias, allocated nowhere (a DEL whose agent stopped);
+    // wrc: not weft's; wrd: registered with the agent only.
+    IpamStore::open(state.path(), "net")
+        .unwrap()
+        .allocate(
+            &pool,
+            AllocRequest {
+                attachment: Attachment {
+                    container_id: "c1".into(),
+                    ifname: "eth0".into(),
+                },
+                host_ifname: Some("wra".into()),
+                ..AllocRequest::default()
+            },
+        )
+        .unwrap();
+    veth(&node.ns, "wra", Some(("net", "c1", "eth0")));
+    veth(&node.ns, "wrb", Some(("net", "c2", "eth0")));
+    veth(&node.ns, "wrc", None);
+    veth(&node.ns, "wrd", Some(("net", "c3", "eth0")));
+    let reaper = netns::run_in(&node.ns, || Reaper::spawn().unwrap()).unwrap();
+    let registered = BTreeSet::from(["wrd".to_string()]);
+    let swept = netns::run_in(&node.ns, || reaper.sweep(state.path(), &registered)).unwrap();
+    assert_eq!(swept, ["wrb"]);
+    eventually("wrb is deleted", || !links(&node.ns).contains("wrb"));
+    assert_eq!(
+        links(&node.ns),
+        BTreeSet::from(["wra", "wrap", "wrc", "wrcp", "wrd", "wrdp"].map(String::from))
+    );
+    // A detached workload's link goes after the call; a missing one is no error.
+    assert!(netns::run_in(&node.ns, || reaper.reap("wra").unwrap()).unwrap());
+    assert!(!netns::run_in(&node.ns, || reaper.reap("wrx").unwrap()).unwrap());
+    eventually("wra is deleted", || !links(&node.ns).contains("wra"));
+    assert!(links(&node.ns).contains("wrc"));
+}
