@@ -25,7 +25,7 @@ impl Drop for Node {
     }
 }
 
-fn node(tag: &str) -> Node {
+fn node_named(tag: &str) -> Node {
     assert!(
         nix::unistd::Uid::effective().is_root(),
         "this test needs root (network namespaces): run the tests as root"
@@ -38,6 +38,11 @@ fn node(tag: &str) -> Node {
 /// A workload's veth pair, both ends in `ns`; the host end `host` carries weft's endpoint
 /// alias when `alias` names the attachment.
 fn veth(ns: &Netns, host: &str, alias: Option<(&str, &str, &str)>) {
+    veth_to(ns, ns, host, alias)
+}
+
+/// A veth pair from `ns` (`host`) to `pod` (`<host>p`).
+fn veth_to(ns: &Netns, pod: &Netns, host: &str, alias: Option<(&str, &str, &str)>) {
     let alias = alias.map(|(n, c, i)| names::host_veth_alias(n, c, i));
     netns::run_in(ns, || {
         Netlink::new()
@@ -47,7 +52,7 @@ fn veth(ns: &Netns, host: &str, alias: Option<(&str, &str, &str)>) {
                 host_alias: alias.as_deref(),
                 host_master: None,
                 peer_name: &format!("{host}p"),
-                peer_netns: ns.fd(),
+                peer_netns: pod.fd(),
                 peer_mac: None,
                 mtu: None,
             })
@@ -80,7 +85,7 @@ fn eventually(what: &str, f: impl Fn() -> bool) {
 
 #[test]
 fn the_reaper_deletes_detached_links_after_the_call_and_sweeps_only_links_nobody_owns() {
-    let node = node("a");
+    let node = node_named("a");
     let state = tempfile::tempdir().unwrap();
     let pool = Pool {
         block_v4: Some("10.0.0.0/24".parse().unwrap()),
@@ -107,7 +112,7 @@ fn the_reaper_deletes_detached_links_after_the_call_and_sweeps_only_links_nobody
     veth(&node.ns, "wrb", Some(("net", "c2", "eth0")));
     veth(&node.ns, "wrc", None);
     veth(&node.ns, "wrd", Some(("net", "c3", "eth0")));
-    let reaper = netns::run_in(&node.ns, || Reaper::spawn().unwrap()).unwrap();
+    let reaper = netns::run_in(&node.ns, || Reaper::with_grace(Duration::ZERO).unwrap()).unwrap();
     let registered = BTreeSet::from(["wrd".to_string()]);
     let swept = netns::run_in(&node.ns, || reaper.sweep(state.path(), &registered)).unwrap();
     assert_eq!(swept, ["wrb"]);
@@ -121,4 +126,45 @@ fn the_reaper_deletes_detached_links_after_the_call_and_sweeps_only_links_nobody
     assert!(!netns::run_in(&node.ns, || reaper.reap("wrx").unwrap()).unwrap());
     eventually("wra is deleted", || !links(&node.ns).contains("wra"));
     assert!(links(&node.ns).contains("wrc"));
+}
+
+#[test]
+fn a_detached_link_waits_for_its_namespace_and_a_new_link_of_the_same_name_survives() {
+    let node = node_named("b");
+    let pod = node_named("c");
+    let grace = Duration::from_millis(400);
+    let reaper = netns::run_in(&node.ns, || Reaper::with_grace(grace).unwrap()).unwrap();
+    // The runtime deletes the namespace: the link goes with it, not waiting for the reaper.
+    veth_to(&node.ns, &pod.ns, "wrg", Some(("net", "c1", "eth0")));
+    assert!(netns::run_in(&node.ns, || reaper.reap("wrg").unwrap()).unwrap());
+    assert!(
+        links(&node.ns).contains("wrg"),
+        "not deleted before the grace period"
+    );
+    drop(pod);
+    eventually("the namespace takes the link along", || {
+        !links(&node.ns).contains("wrg")
+    });
+    // The runtime keeps the namespace: the reaper deletes the link after the grace period.
+    let kept = node_named("d");
+    veth_to(&node.ns, &kept.ns, "wrk", Some(("net", "c2", "eth0")));
+    assert!(netns::run_in(&node.ns, || reaper.reap("wrk").unwrap()).unwrap());
+    std::thread::sleep(grace / 2);
+    assert!(links(&node.ns).contains("wrk"));
+    eventually("a kept namespace's link is deleted", || {
+        !links(&node.ns).contains("wrk")
+    });
+    // An ADD of the same attachment replaced the link meanwhile (same name, new index): the
+    // new one stays.
+    veth_to(&node.ns, &kept.ns, "wrn", Some(("net", "c3", "eth0")));
+    assert!(netns::run_in(&node.ns, || reaper.reap("wrn").unwrap()).unwrap());
+    netns::run_in(&node.ns, || {
+        let mut nl = Netlink::new().unwrap();
+        let old = nl.link_by_name("wrn").unwrap().unwrap();
+        nl.delete_link(old.index).unwrap();
+    })
+    .unwrap();
+    veth_to(&node.ns, &kept.ns, "wrn", Some(("net", "c3", "eth0")));
+    std::thread::sleep(grace * 3);
+    assert!(links(&node.ns).contains("wrn"), "the new link was deleted");
 }
