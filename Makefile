@@ -41,6 +41,7 @@ deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEB_PACKAGES) >/dev/null; \
 	fi
 
+## build: every binary into target/debug: weft-operator, weft (the CNI plugin) and weft-lab
 build:
 	$(CARGO) build --workspace --locked
 
