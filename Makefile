@@ -6,7 +6,7 @@ DEB_PACKAGES := nftables iproute2 iputils-ping
 
 ## lab: run the lab on the NAT example (no cluster needed)
 lab: deps build
-	target/debug/weft-operator lab examples/lab/nat.yaml
+	target/debug/weft-lab examples/lab/nat.yaml
 
 ## test: unit, privileged (network namespaces) and end-to-end tests, then the real CNI clients' and the real cluster's
 test: deps build
@@ -41,6 +41,7 @@ deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEB_PACKAGES) >/dev/null; \
 	fi
 
+## build: every binary into target/debug: weft-operator, weft (the CNI plugin) and weft-lab
 build:
 	$(CARGO) build --workspace --locked
 

@@ -13,7 +13,7 @@
 #   ping: ping -c 200 -i 0.01 (2 s), round-trip time avg and p99 in ms from the 200 replies.
 #   --no-udp / --no-ping leave them out (TCP alone is the script's original run).
 #
-# Builds bench/confs/datapath.yaml with `weft-operator lab --keep` (the real agent and `weft` CNI;
+# Builds bench/confs/datapath.yaml with `weft-lab --keep` (the real agent and `weft` CNI;
 # debug build from `cargo build --workspace`, or WEFT_BIN_DIR), no policies, and measures:
 #   veth        a bare veth pair between two namespaces made here (the baseline)
 #   linux-br    two namespaces on a plain Linux bridge in a third, made here: no nftables,
@@ -60,7 +60,7 @@ cleanup() {
   for p in "$TMP"/*.pid; do
     [ -s "$p" ] && kill "$(cat "$p")" 2>/dev/null || true
   done
-  [ -n "$LAB_UP" ] && { "$BIN/weft-operator" lab down "$LABFILE" --name "$LAB" >/dev/null 2>&1 || echo "warning: lab down $LAB failed" >&2; }
+  [ -n "$LAB_UP" ] && { "$BIN/weft-lab" down "$LABFILE" --name "$LAB" >/dev/null 2>&1 || echo "warning: lab down $LAB failed" >&2; }
   for n in "$VA" "$VB" "$LBN" "$LB1" "$LB2"; do ip netns del "$n" 2>/dev/null || true; done
   rm -rf "$TMP"
   exit "$rc"
@@ -143,7 +143,7 @@ done
 
 # ---- weft: the lab (its expectations check the wiring before anything is measured)
 LAB_UP=1
-if ! "$BIN/weft-operator" lab "$LABFILE" --keep --name "$LAB" > "$TMP/lab.out" 2>&1; then
+if ! "$BIN/weft-lab" "$LABFILE" --keep --name "$LAB" > "$TMP/lab.out" 2>&1; then
   cat "$TMP/lab.out" >&2; echo "lab failed" >&2; exit 1
 fi
 ns() { echo "wl-$LAB-$1"; }

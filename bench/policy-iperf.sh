@@ -14,7 +14,7 @@
 #   Each rep measures one TCP stream (iperf3 -t SECONDS) and, unless --no-udp, one UDP stream
 #   (iperf3 -u -b 0 -l 1400: received Gbit/s, the path's packet-rate capacity) in every lab in
 #   turn, each rep starting one lab later; the median of the reps is reported.
-# Runs the real agent and CNI through `weft-operator lab --keep` (debug build from
+# Runs the real agent and CNI through `weft-lab --keep` (debug build from
 # `cargo build --workspace`, or WEFT_BIN_DIR), then removes the labs, also on failure.
 set -euo pipefail
 [ "$(id -u)" = 0 ] || { echo "must run as root" >&2; exit 2; }
@@ -39,7 +39,7 @@ cleanup() {
   for p in "$TMP"/*.pid; do
     [ -s "$p" ] && kill "$(cat "$p")" 2>/dev/null || true
   done
-  for f in "${LABS[@]}"; do "$BIN/weft-operator" lab down "$f" --name "$(basename "$f" .yaml)" >/dev/null 2>&1 || true; done
+  for f in "${LABS[@]}"; do "$BIN/weft-lab" down "$f" --name "$(basename "$f" .yaml)" >/dev/null 2>&1 || true; done
   rm -rf "$TMP"
   exit "$rc"
 }
@@ -69,7 +69,7 @@ workloads:
   - {name: client, node: node-a, labels: {app: client}, networks: [bench]}
 YAML
   LABS+=("$f")
-  "$BIN/weft-operator" lab "$f" --keep --name "$1" >/dev/null
+  "$BIN/weft-lab" "$f" --keep --name "$1" >/dev/null
 }
 
 NAMES=(pnone ppol)

@@ -6,12 +6,25 @@ use std::path::PathBuf;
 /// `target/<profile>/weft-operator`, next to the `weft` binary; both are built by
 /// `cargo build --workspace` (and by `cargo test --workspace`, since their crates have tests).
 pub fn operator_binary() -> PathBuf {
+    binary("weft-operator")
+}
+
+/// `target/<profile>/weft-lab`, which runs the `weft-operator` agent and the `weft` binary found
+/// next to it; all three are built by `cargo build --workspace`.
+pub fn lab_binary() -> PathBuf {
+    let lab = binary("weft-lab");
+    operator_binary();
+    lab
+}
+
+/// `target/<profile>/<name>`; fails unless it and the `weft` binary are there.
+fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable");
     let dir = exe
         .parent()
         .and_then(|d| d.parent())
         .expect("target/<profile>");
-    let bin = dir.join("weft-operator");
+    let bin = dir.join(name);
     assert!(
         bin.exists() && dir.join("weft").exists(),
         "{} and weft are missing: run `cargo build --workspace` first (make test does)",

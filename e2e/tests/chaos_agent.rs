@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use weft_dataplane::netns::{self, Netns};
-use weft_e2e::{operator_binary, require_root};
+use weft_e2e::{lab_binary, operator_binary, require_root};
 
 const LAB: &str = r#"
 lan: {gateway: 192.168.50.1/24}
@@ -193,15 +193,15 @@ fn agents_killed_and_replaced_under_traffic_lose_no_connection() {
     let file = dir.path().join("chaos.yaml");
     std::fs::write(&file, LAB).unwrap();
     let lab = format!("chaos{}", std::process::id() % 10000);
-    let out = Command::new(operator_binary())
-        .args(["lab", "--keep", "--name", &lab])
+    let out = Command::new(lab_binary())
+        .args(["--keep", "--name", &lab])
         .arg(&file)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let down = || {
-        let _ = Command::new(operator_binary())
-            .args(["lab", "down", "--name", &lab])
+        let _ = Command::new(lab_binary())
+            .args(["down", "--name", &lab])
             .arg(&file)
             .status();
     };

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use weft_e2e::{operator_binary, require_root};
+use weft_e2e::{lab_binary, require_root};
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -30,8 +30,8 @@ fn leftovers(lab_prefix: &str) -> Vec<String> {
 
 fn run_lab(file: &Path, name: &str) -> String {
     require_root();
-    let out = Command::new(operator_binary())
-        .args(["lab", "--name", name])
+    let out = Command::new(lab_binary())
+        .args(["--name", name])
         .arg(file)
         .output()
         .expect("run the lab");
@@ -175,8 +175,8 @@ expect:
 "#,
     );
     let name = format!("fail-{}", std::process::id() % 10000);
-    let out = Command::new(operator_binary())
-        .args(["lab", "--name", &name])
+    let out = Command::new(lab_binary())
+        .args(["--name", &name])
         .arg(&lab)
         .output()
         .unwrap();
@@ -197,11 +197,7 @@ fn an_invalid_lab_file_is_rejected_naming_the_field() {
         "lab.yaml",
         "lan: {gateway: 10.97.0.1/24}\nnodes: [{name: n1, address: 10.97.0.21/24}]\nworkloads: [{name: w, node: n9, networks: [x]}]\n",
     );
-    let out = Command::new(operator_binary())
-        .args(["lab"])
-        .arg(&lab)
-        .output()
-        .unwrap();
+    let out = Command::new(lab_binary()).arg(&lab).output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("workloads[0].node"), "{stderr}");
@@ -320,8 +316,8 @@ expect:
 fn trace_names_the_deciding_rule_and_exits_by_verdict() {
     let file = workspace().join("examples/lab/segmentation.yaml");
     let run = |args: &[&str]| {
-        let out = Command::new(operator_binary())
-            .arg("trace")
+        let out = Command::new(lab_binary())
+            .args(["trace", "--file"])
             .arg(&file)
             .args(args)
             .output()
@@ -652,8 +648,8 @@ expect:
 "#,
     );
     let name = format!("nl-{}", std::process::id() % 10000);
-    let out = Command::new(operator_binary())
-        .args(["lab", "--name", &name])
+    let out = Command::new(lab_binary())
+        .args(["--name", &name])
         .arg(&lab)
         .output()
         .unwrap();
@@ -683,8 +679,8 @@ expect:
 "#,
     );
     let name = format!("eo-{}", std::process::id() % 10000);
-    let mut child = Command::new(operator_binary())
-        .args(["lab", "--name", &name])
+    let mut child = Command::new(lab_binary())
+        .args(["--name", &name])
         .arg(&lab)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -777,8 +773,8 @@ workloads:
     // the removal must not miss what the lab goes on creating meanwhile.
     for delay_ms in [300u64, 800, 1500] {
         let name = format!("tm{delay_ms}-{}", std::process::id() % 10000);
-        let mut child = Command::new(operator_binary())
-            .args(["lab", "--name", &name])
+        let mut child = Command::new(lab_binary())
+            .args(["--name", &name])
             .arg(&lab)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -1059,8 +1055,8 @@ fn host_ports_reach_the_pod_a_second_claim_fails_and_del_removes_them() {
     let dir = tempfile::tempdir().unwrap();
     let file = write(dir.path(), "hostports.yaml", HOST_PORTS);
     let lab = format!("hpt-{}", std::process::id() % 10000);
-    let out = Command::new(operator_binary())
-        .args(["lab", "--keep", "--name", &lab])
+    let out = Command::new(lab_binary())
+        .args(["--keep", "--name", &lab])
         .arg(&file)
         .output()
         .unwrap();
@@ -1068,8 +1064,8 @@ fn host_ports_reach_the_pod_a_second_claim_fails_and_del_removes_them() {
     let thief_ns = format!("wl-{lab}-x-thief");
     let down = || {
         let _ = weft_dataplane::netns::delete_named(&thief_ns);
-        let _ = Command::new(operator_binary())
-            .args(["lab", "down", "--name", &lab])
+        let _ = Command::new(lab_binary())
+            .args(["down", "--name", &lab])
             .arg(&file)
             .status();
     };
@@ -1199,8 +1195,8 @@ expect:
 "#,
     );
     let lab = format!("mac-{}", std::process::id() % 10000);
-    let out = Command::new(operator_binary())
-        .args(["lab", "--keep", "--name", &lab])
+    let out = Command::new(lab_binary())
+        .args(["--keep", "--name", &lab])
         .arg(&file)
         .output()
         .unwrap();
@@ -1208,8 +1204,8 @@ expect:
     let thief_ns = format!("wl-{lab}-x-thief");
     let down = || {
         let _ = weft_dataplane::netns::delete_named(&thief_ns);
-        let _ = Command::new(operator_binary())
-            .args(["lab", "down", "--name", &lab])
+        let _ = Command::new(lab_binary())
+            .args(["down", "--name", &lab])
             .arg(&file)
             .status();
     };

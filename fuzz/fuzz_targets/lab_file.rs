@@ -5,6 +5,6 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
-        weft_operator::lab::file::fuzz_parse(text);
+        weft_lab::file::fuzz_parse(text);
     }
 });

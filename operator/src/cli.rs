@@ -38,12 +38,9 @@ pub enum Command {
     /// Run the cluster controller: validates resources, allocates per-node address blocks into
     /// `NodeNetwork`s, writes status (one active replica, through a Lease).
     Controller(ControllerOpts),
-    /// Run the lab: nodes, workloads and the outside as network namespaces, checked with real
-    /// packets. `lab FILE` runs it; `lab down FILE` removes a lab left up with `--keep`.
-    Lab(LabArgs),
-    /// Answer "from A to B on port P: accepted or denied, by which policy and rule" for a lab
-    /// file's resources and workloads, with the compiler the agent uses. Exits 0 when accepted,
-    /// 1 when denied.
+    /// Answer "from A to B on port P: accepted or denied, by which policy and rule" for the
+    /// cluster, with the compiler the agent uses. Exits 0 when accepted, 1 when denied. (A lab
+    /// file's is `weft-lab trace --file FILE`.)
     Trace(TraceArgs),
     /// Wait until the cleanup DaemonSet of `helm uninstall` has run on every node it is
     /// scheduled to, then delete it (the chart's post-delete hook Job).
@@ -67,19 +64,15 @@ pub struct UninstallWaitArgs {
 /// Trace flags.
 #[derive(Debug, Args)]
 pub struct TraceArgs {
-    /// The lab file (its resources, namespaces and workloads); omit it with `--kube`.
-    #[arg(required_unless_present = "kube", conflicts_with = "kube")]
-    pub file: Option<PathBuf>,
     /// Trace against the cluster (kubeconfig, or the pod's service account): its Networks,
-    /// policies and Namespaces, and the workloads the agents publish in NodeNetwork status.
+    /// policies and Namespaces, and the workloads the agents publish in NodeNetwork status. The
+    /// only mode; the flag may be left out.
     #[arg(long)]
     pub kube: bool,
-    /// Source: a workload, a node or `outside` (lab); `namespace/name[@network]` or an address
-    /// (`--kube`).
+    /// Source: `namespace/name[@network]` or an address.
     #[arg(long)]
     pub from: String,
-    /// Destination: a workload, a node (its port forwards) or `outside` (lab);
-    /// `namespace/name[@network]` or an address (`--kube`).
+    /// Destination: `namespace/name[@network]` or an address.
     #[arg(long)]
     pub to: String,
     /// Destination port (ignored for ICMP).
@@ -190,51 +183,28 @@ pub struct AgentOpts {
     pub peers_dir: Option<PathBuf>,
 }
 
-/// Lab flags.
-#[derive(Debug, Args)]
-#[command(args_conflicts_with_subcommands = true)]
-pub struct LabArgs {
-    /// `down FILE`: remove a lab left up with `--keep`.
-    #[command(subcommand)]
-    pub action: Option<LabAction>,
-    /// The lab file.
-    pub file: Option<PathBuf>,
-    /// Leave the lab up for exploration.
-    #[arg(long)]
-    pub keep: bool,
-    /// Name of the lab (default: derived from the file path); namespaces are `wl-<name>-…`.
-    #[arg(long)]
-    pub name: Option<String>,
-}
-
-/// Lab sub-actions.
-#[derive(Debug, Subcommand)]
-pub enum LabAction {
-    /// Remove a lab left up with `--keep`.
-    Down {
-        /// The lab file.
-        file: PathBuf,
-        /// Name of the lab, when it was started with `--name`.
-        #[arg(long)]
-        name: Option<String>,
-    },
-}
-
-/// Sets up tracing from `WEFT_LOG` (default `info`).
+/// Sets up tracing from `WEFT_LOG` (default `info`; `warn` for `trace`).
 pub fn init_tracing(cli: &Cli) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| {
-        EnvFilter::new(match cli.command {
-            Command::Lab(_) | Command::Trace(_) => "warn",
+    init_tracing_with(
+        cli.log_format,
+        match cli.command {
+            Command::Trace(_) => "warn",
             Command::Agent(_) | Command::Controller(_) | Command::UninstallWait(_) => "info",
-        })
-    });
+        },
+    );
+}
+
+/// Sets up tracing on standard error in `format`, filtered by `WEFT_LOG`, else by `default`
+/// (`weft-lab` uses it too).
+pub fn init_tracing_with(format: LogFormat, default: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    let _ = match cli.log_format {
+    let _ = match format {
         LogFormat::Plain => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
@@ -396,58 +366,32 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Trace(t) => {
-            let family = if t.ipv6 {
-                crate::lab::file::Family::Ipv6
-            } else {
-                crate::lab::file::Family::Ipv4
-            };
-            let ok = match &t.file {
-                Some(file) => crate::lab::run_trace(
-                    file,
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let accepted = rt.block_on(async {
+                let client = kube::Client::try_default().await.map_err(|e| {
+                    anyhow::anyhow!(
+                        "no cluster to talk to (set KUBECONFIG or run in a pod; a lab file is traced by `weft-lab trace --file FILE`): {e}"
+                    )
+                })?;
+                crate::policy::cluster::trace(
+                    &client,
                     &t.from,
                     &t.to,
                     t.port,
                     &t.protocol,
-                    family,
+                    t.ipv6,
                     t.json,
-                )?,
-                None => {
-                    let rt = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()?;
-                    rt.block_on(async {
-                        let client = kube::Client::try_default().await.map_err(|e| {
-                            anyhow::anyhow!("--kube: no cluster to talk to (set KUBECONFIG or run in a pod): {e}")
-                        })?;
-                        crate::policy::cluster::trace(&client, &t.from, &t.to, t.port, &t.protocol, t.ipv6, t.json)
-                            .await
-                    })?
-                }
-            };
-            Ok(if ok {
+                )
+                .await
+            })?;
+            Ok(if accepted {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
             })
         }
-        Command::Lab(args) => match args.action {
-            Some(LabAction::Down { file, name }) => {
-                crate::lab::down(&file, name.as_deref())?;
-                Ok(ExitCode::SUCCESS)
-            }
-            None => {
-                let file = args.file.ok_or_else(|| {
-                    anyhow::anyhow!("usage: weft-operator lab FILE [--keep] | lab down FILE")
-                })?;
-                match crate::lab::run(&file, args.name.as_deref(), args.keep) {
-                    Ok(true) => Ok(ExitCode::SUCCESS),
-                    Ok(false) => Ok(ExitCode::FAILURE),
-                    // Said on standard output; 3 tells scripts "not checkable here".
-                    Err(e) if e.is::<crate::lab::NotSupported>() => Ok(ExitCode::from(3)),
-                    Err(e) => Err(e),
-                }
-            }
-        },
     }
 }
 
@@ -481,5 +425,42 @@ mod tests {
             args.opts.metrics_addr,
             Some("0.0.0.0:9465".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn trace_is_the_clusters_and_takes_no_lab_file() {
+        for argv in [
+            &[
+                "weft-operator",
+                "trace",
+                "--from",
+                "a/b",
+                "--to",
+                "10.0.0.1",
+            ][..],
+            &[
+                "weft-operator",
+                "trace",
+                "--kube",
+                "--from",
+                "a/b",
+                "--to",
+                "c/d",
+            ],
+        ] {
+            let cli = Cli::try_parse_from(argv).unwrap();
+            assert!(matches!(cli.command, Command::Trace(_)), "{argv:?}");
+        }
+        let file = Cli::try_parse_from([
+            "weft-operator",
+            "trace",
+            "lab.yaml",
+            "--from",
+            "a",
+            "--to",
+            "b",
+        ]);
+        assert!(file.is_err(), "a lab file is weft-lab's");
+        assert!(Cli::try_parse_from(["weft-operator", "lab", "lab.yaml"]).is_err());
     }
 }

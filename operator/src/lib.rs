@@ -1,10 +1,10 @@
-//! weft's operator: the node agent (`weft-operator agent`), the lab (`weft-operator lab`) and,
-//! in cluster mode, the controller.
+//! weft's operator: the node agent (`weft-operator agent`) and, in cluster mode, the controller
+//! and the cluster trace. The lab (`weft-lab`, its own crate) builds on the `model`, `policy`
+//! and `agent` modules here.
 
 pub mod agent;
 pub mod cli;
 pub mod controller;
-pub mod lab;
 pub mod model;
 pub mod policy;
 pub mod uninstall;

@@ -1,4 +1,4 @@
-//! `weft-operator`: the node agent, the lab and (in cluster mode) the controller.
+//! `weft-operator`: the node agent and (in cluster mode) the controller.
 
 use clap::Parser;
 

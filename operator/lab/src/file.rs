@@ -1,11 +1,11 @@
 //! The lab file: a LAN with an outside host, nodes, resources (exactly what `kubectl apply`
 //! takes), workloads and the expectations checked with real packets.
 
-use crate::model::{self, Resources};
 use ipnet::IpNet;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use weft_operator::model::{self, Resources};
 
 /// The whole file.
 #[derive(Debug, Clone, Deserialize)]
@@ -440,7 +440,9 @@ impl LabFile {
                     continue;
                 };
                 let name = net.metadata.name.clone().unwrap_or_default();
-                let Ok(blocks) = crate::agent::plan::standalone_blocks(net, &nodes, &w.node) else {
+                let Ok(blocks) =
+                    weft_operator::agent::plan::standalone_blocks(net, &nodes, &w.node)
+                else {
                     continue; // reported for the Network by the agent's plan
                 };
                 let block = match ip {

@@ -3,6 +3,7 @@
 //! `weft` CNI binary exactly as a container runtime does); every expectation is checked with
 //! real packets, and everything is removed afterwards (also on failure and Ctrl-C).
 
+pub mod cli;
 pub mod file;
 pub mod probe;
 pub mod topology;
@@ -73,8 +74,9 @@ pub fn run(path: &Path, name: Option<&str>, keep: bool) -> anyhow::Result<bool> 
     let result = run_lab(&lab, &resources);
     if keep && result.is_ok() {
         println!(
-            "\nlab {lab_name} is up: `ip netns list | grep wl-{lab_name}`; remove it with `weft-operator lab down {}`",
-            path.display()
+            "\nlab {lab_name} is up: `ip netns list | grep wl-{lab_name}`; remove it with `weft-lab down {}{}`",
+            path.display(),
+            name.map(|n| format!(" --name {n}")).unwrap_or_default()
         );
         std::mem::forget(lab);
     } else {
@@ -88,7 +90,8 @@ pub fn run(path: &Path, name: Option<&str>, keep: bool) -> anyhow::Result<bool> 
 #[error("the lab needs a kernel feature this machine lacks")]
 pub struct NotSupported;
 
-/// `trace FILE --from A --to B --port P`: what the policies decide, without running the lab.
+/// `weft-lab trace --file FILE --from A --to B`: what the policies decide, without running the
+/// lab.
 pub fn run_trace(
     path: &Path,
     from: &str,
@@ -99,9 +102,9 @@ pub fn run_trace(
     json: bool,
 ) -> anyhow::Result<bool> {
     let (spec, resources, _) = LabFile::load(path)?;
-    let protocol = crate::policy::Packet::parse_protocol(protocol)?;
+    let protocol = weft_operator::policy::Packet::parse_protocol(protocol)?;
     let members = trace::members(&spec, &resources, None);
-    let compiled = crate::policy::compile_resources(&resources, &members);
+    let compiled = weft_operator::policy::compile_resources(&resources, &members);
     for p in &compiled.problems {
         eprintln!("warning: {p}");
     }
@@ -113,7 +116,7 @@ pub fn run_trace(
         &spec, &resources, &members, &compiled, from, to, port, protocol, family,
     )
     .map_err(anyhow::Error::msg)?;
-    crate::policy::print_trace(from, to, port, protocol, &decision, note.as_deref(), json)?;
+    weft_operator::policy::print_trace(from, to, port, protocol, &decision, note.as_deref(), json)?;
     Ok(decision.allowed)
 }
 
@@ -132,9 +135,9 @@ pub fn down(path: &Path, name: Option<&str>) -> anyhow::Result<()> {
 struct PolicyView<'a> {
     /// The lab file with every migrated VM on the node it runs on now (port forwards follow it).
     spec: LabFile,
-    res: &'a crate::model::Resources,
-    members: Vec<crate::policy::Member>,
-    compiled: crate::policy::Compiled,
+    res: &'a weft_operator::model::Resources,
+    members: Vec<weft_operator::policy::Member>,
+    compiled: weft_operator::policy::Compiled,
 }
 
 impl PolicyView<'_> {
@@ -161,7 +164,7 @@ impl PolicyView<'_> {
     }
 }
 
-fn run_lab(lab: &Lab, res: &crate::model::Resources) -> anyhow::Result<bool> {
+fn run_lab(lab: &Lab, res: &weft_operator::model::Resources) -> anyhow::Result<bool> {
     let spec = &lab.spec;
     println!("weft lab {}", lab.name);
     lab.build_network()?;
@@ -245,7 +248,7 @@ fn run_lab(lab: &Lab, res: &crate::model::Resources) -> anyhow::Result<bool> {
     let view = PolicyView {
         spec: now,
         res,
-        compiled: crate::policy::compile_resources(res, &members),
+        compiled: weft_operator::policy::compile_resources(res, &members),
         members,
     };
     print_built(lab, &attached);
@@ -269,7 +272,10 @@ fn probe_for(lab: &Lab, e: &file::Expectation, target: IpAddr) -> anyhow::Result
 /// and the target port of every port forward an expectation to a node may lead to it. A `deny`
 /// is then checked against a listener: it holds because the packets are dropped, not because
 /// nothing listens.
-fn listen_ports(spec: &LabFile, res: &crate::model::Resources) -> BTreeMap<String, Vec<Listen>> {
+fn listen_ports(
+    spec: &LabFile,
+    res: &weft_operator::model::Resources,
+) -> BTreeMap<String, Vec<Listen>> {
     let mut out: BTreeMap<String, Vec<Listen>> = BTreeMap::new();
     for w in &spec.workloads {
         let ports = out.entry(w.name.clone()).or_default();
@@ -323,8 +329,8 @@ fn listen_ports(spec: &LabFile, res: &crate::model::Resources) -> BTreeMap<Strin
 /// workload on several networks is reached on one it shares with its peer).
 fn address_of(
     spec: &LabFile,
-    res: &crate::model::Resources,
-    members: &[crate::policy::Member],
+    res: &weft_operator::model::Resources,
+    members: &[weft_operator::policy::Member],
     name: &str,
     peer: Option<&str>,
     family: Family,

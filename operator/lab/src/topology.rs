@@ -1,7 +1,7 @@
 //! Building and removing the lab's namespaces, links, agents and workloads.
 //!
 //! Everything the lab creates is recorded in `/run/weft-lab/<name>/lab.json` as it is created,
-//! so `lab down`, a Ctrl-C and the next run can remove it even after a crash.
+//! so `weft-lab down`, a Ctrl-C and the next run can remove it even after a crash.
 
 use super::file::{LabFile, Workload};
 use anyhow::Context;
@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 use weft_dataplane::names;
 use weft_dataplane::netlink::{Netlink, RouteSpec};
 use weft_dataplane::netns::{self, Netns};
+
+/// The operator binary whose `agent` runs in each node namespace, next to `weft-lab`.
+pub const OPERATOR_BINARY: &str = "weft-operator";
 
 /// Workload name → [(network, addresses on it)].
 pub type Addresses = BTreeMap<String, Vec<(String, Vec<IpAddr>)>>;
@@ -522,16 +525,20 @@ impl Lab {
 
     /// Starts the real agent in every node namespace.
     pub fn start_agents(&self) -> anyhow::Result<()> {
+        // The agent and the CNI binary are the ones built next to this executable.
         let exe = std::env::current_exe()?;
-        let weft = exe
+        let dir = exe
             .parent()
-            .map(|d| d.join(names::CNI_TYPE))
-            .ok_or_else(|| anyhow::anyhow!("cannot locate the weft binary"))?;
-        if !weft.exists() {
-            anyhow::bail!(
-                "the weft CNI binary is missing at {}: build the workspace (`cargo build --workspace`)",
-                weft.display()
-            );
+            .ok_or_else(|| anyhow::anyhow!("cannot locate the weft binaries"))?;
+        let operator = dir.join(OPERATOR_BINARY);
+        let weft = dir.join(names::CNI_TYPE);
+        for bin in [&operator, &weft] {
+            if !bin.exists() {
+                anyhow::bail!(
+                    "{} is missing: build the workspace (`cargo build --workspace`)",
+                    bin.display()
+                );
+            }
         }
         let nodes: Vec<String> = self.spec.nodes.iter().map(|n| n.name.clone()).collect();
         for node in &self.spec.nodes {
@@ -543,7 +550,7 @@ impl Lab {
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect();
             let _building = building()?;
-            let child = Command::new(&exe)
+            let child = Command::new(&operator)
                 .arg("agent")
                 .arg("--netns")
                 .arg(netns::named_path(&self.ns_name("n", &node.name)))

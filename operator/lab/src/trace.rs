@@ -2,11 +2,11 @@
 //! the policy compiler the agent uses, over a lab file's resources and workloads.
 
 use super::file::{Family, LabFile};
-use crate::model::Resources;
-use crate::policy::{Compiled, Decision, Member, Packet};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use weft_crds::L4Protocol;
+use weft_operator::model::Resources;
+use weft_operator::policy::{Compiled, Decision, Member, Packet};
 
 /// Every workload interface of a lab, with its addresses on each network (the lab's real ones
 /// once it runs; without a running lab, stand-in addresses from each network's subnet, which
@@ -410,7 +410,7 @@ workloads: [{name: w, node: host-1, networks: [local]}]
         .unwrap();
         let (lab, res, _) = LabFile::load(&p).unwrap();
         let members = members(&lab, &res, None);
-        let compiled = crate::policy::compile_resources(&res, &members);
+        let compiled = weft_operator::policy::compile_resources(&res, &members);
         let t = |from: &str| {
             decide(
                 &lab,
@@ -466,7 +466,7 @@ workloads:
         std::fs::write(&p, HYBRID).unwrap();
         let (lab, res, _) = LabFile::load(&p).unwrap();
         let members = members(&lab, &res, None);
-        let compiled = crate::policy::compile_resources(&res, &members);
+        let compiled = weft_operator::policy::compile_resources(&res, &members);
         let t = |from: &str, to: &str| {
             decide(
                 &lab,
