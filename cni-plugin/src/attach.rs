@@ -789,9 +789,10 @@ fn extra_interfaces(conf: &Conf, container_id: &str, ifname: &str) -> Vec<(Strin
 }
 
 /// Removes one interface: best effort and idempotent; a missing netns, link or allocation is
-/// success. The agent takes the rules out and releases the addresses before it answers, and
-/// deletes the host link after (the kernel's veth delete waits ≈ 30 ms); without an agent that
-/// can, the DEL does it all itself and the agent catches up from the IPAM store at its resync.
+/// success. The agent unregisters the attachment and releases its addresses before it
+/// answers, and takes the rules out and sees to the host link after (see
+/// [`Request::Detach`]); without an agent that can, the DEL does it all itself and the agent
+/// catches up from the IPAM store at its resync.
 fn del_one(conf: &Conf, env: &Env, network: &str, ifname: &str) -> Result<(), CniError> {
     let container_id = env.container_id()?;
     // 1. A VM's tap, when the pod's namespace still exists.
@@ -804,7 +805,7 @@ fn del_one(conf: &Conf, env: &Env, network: &str, ifname: &str) -> Result<(), Cn
     {
         unwire_tap(&mut inner, ifname);
     }
-    // 2. The agent: rules, addresses, then the link.
+    // 2. The agent: addresses, then the rules and the link.
     let detach = Request::Detach {
         network: network.to_string(),
         container_id: container_id.to_string(),

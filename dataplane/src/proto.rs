@@ -115,10 +115,12 @@ pub enum Request {
         /// `CNI_IFNAME`.
         ifname: String,
     },
-    /// DEL of one attachment: the agent takes its rules out, releases its addresses, answers,
-    /// and then deletes its host link (the kernel's delete of a veth waits ≈ 30 ms for RCU; the
-    /// DEL does not). An agent that cannot (an older one, or an error) answers not ok: the CNI
-    /// then deletes and releases itself.
+    /// DEL of one attachment: the agent unregisters it and releases its addresses, answers,
+    /// and then takes its rules out (in its next batch, before any later request's) and leaves
+    /// its host link to the namespace's teardown, deleting it itself if the runtime keeps the
+    /// namespace (removing set elements and deleting a veth each wait for an RCU grace period;
+    /// the DEL does not). An agent that cannot (an older one, or an error) answers not ok: the
+    /// CNI then deletes and releases itself.
     Detach {
         /// The network.
         network: String,

@@ -314,6 +314,9 @@ struct Reconciler {
     waiting_first_list: bool,
     /// Deletes the host links of detached workloads after their DEL returned.
     reaper: reaper::Reaper,
+    /// Endpoints changed by requests answered at once (detached): the rules follow in the
+    /// next reconcile, before those of any later request.
+    detached: bool,
 }
 
 impl Reconciler {
@@ -710,7 +713,12 @@ impl Reconciler {
                         format!("cannot find host link {host}: {e}"),
                     ));
                 }
-                None
+                // Answered now: the DEL need not wait for the kernel to commit the removal of
+                // the rules (deleting set elements waits for an RCU grace period). They go in
+                // the reconcile that follows this batch, so before the rules of any request
+                // after this one, such as the ADD of a workload given the same address.
+                self.detached = true;
+                Some(Reply::ok(ready))
             }
         }
     }
@@ -895,6 +903,7 @@ pub async fn run(
         waiting_first_list: false,
         resyncs: 0,
         reaper: reaper::Reaper::spawn()?,
+        detached: false,
     };
     start_audit(&cfg, rec.policy.clone(), rec.audit.clone(), tx.clone());
     info!(node = %cfg.node.name, socket = %cfg.socket.display(), endpoints = rec.endpoints.len(), "weft agent starting");
@@ -923,7 +932,8 @@ pub async fn run(
                         None => pending.push(m),
                     }
                 }
-                if !pending.is_empty() {
+                let detached = std::mem::take(&mut rec.detached);
+                if !pending.is_empty() || detached {
                     let result = rec.reconcile("endpoints").await;
                     retry.record(result.is_ok());
                     let ready = rec.ready.load(Ordering::SeqCst);
