@@ -2,7 +2,7 @@
 
 use super::Message;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -76,13 +76,46 @@ fn has_pod(res: &crate::model::Resources, namespace: &str, name: &str) -> bool {
         .any(|w| w.namespace == namespace && w.name == name)
 }
 
+/// What detaches a workload at its DEL: the node's IPAM stores and the reaper of host links.
+#[derive(Debug, Clone)]
+pub struct Detacher {
+    /// The agent's state directory (the IPAM stores).
+    pub state_dir: PathBuf,
+    /// Deletes the host link if the namespace's teardown does not.
+    pub reaper: super::reaper::Reaper,
+}
+
+impl Detacher {
+    /// Releases the attachment's addresses and hands its host link to the reaper: what must be
+    /// done before its DEL returns. Its rules are taken out by the reconciler.
+    pub fn detach(&self, network: &str, container_id: &str, ifname: &str) -> Result<(), String> {
+        let released = weft_dataplane::ipam::IpamStore::open(&self.state_dir, network)
+            .and_then(|s| {
+                s.release(&weft_dataplane::ipam::Attachment {
+                    container_id: container_id.to_string(),
+                    ifname: ifname.to_string(),
+                })
+            })
+            .map_err(|e| format!("cannot release the addresses: {}", crate::error_chain(&e)))?;
+        let host = released
+            .and_then(|a| a.host_ifname)
+            .unwrap_or_else(|| weft_dataplane::names::host_veth_name(container_id, ifname));
+        self.reaper
+            .reap(&host)
+            .map_err(|e| format!("cannot find host link {host}: {e}"))?;
+        Ok(())
+    }
+}
+
 /// How long an identity question waits for a pod the agent's cache has not seen yet (cluster
 /// mode) before the CNI is told to try again later. Below the CNI's default agent timeout (5 s),
 /// so the CNI hears the reason rather than a timeout.
 pub const IDENTITY_WAIT: Duration = Duration::from_secs(3);
 
 /// Accepts connections forever. Serves the CNI's requests: identity questions straight from
-/// `snapshot`, everything else through the reconciler's queue `tx`. `pod_wait`: the source
+/// `snapshot`; a DEL's detach with `detacher`, then (without waiting) through the reconciler's
+/// queue `tx`, where the rules go before those of any later request; everything else through
+/// the queue. `pod_wait`: the source
 /// knows every pod of the node, so an identity question about a pod the snapshot lacks waits
 /// that long for it, then fails (the CNI answers "try again later"); never a silent answer
 /// without the pod's networks and VM.
@@ -92,6 +125,7 @@ pub async fn serve(
     ready: Arc<AtomicBool>,
     snapshot: Snapshot,
     pod_wait: Option<Duration>,
+    detacher: Detacher,
 ) {
     loop {
         match listener.accept().await {
@@ -99,8 +133,11 @@ pub async fn serve(
                 let tx = tx.clone();
                 let ready = ready.clone();
                 let snapshot = snapshot.clone();
+                let detacher = detacher.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = connection(stream, tx, ready, snapshot, pod_wait).await {
+                    if let Err(e) =
+                        connection(stream, tx, ready, snapshot, pod_wait, detacher).await
+                    {
                         debug!(error = %e, "cni connection ended");
                     }
                 });
@@ -147,6 +184,7 @@ async fn connection(
     ready: Arc<AtomicBool>,
     snapshot: Snapshot,
     pod_wait: Option<Duration>,
+    detacher: Detacher,
 ) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
@@ -167,6 +205,42 @@ async fn connection(
                 pod_wait,
             )
             .await
+        }
+        // The addresses are free and the link in the reaper's hands when the DEL returns; the
+        // rules follow in the reconciler's next batch (removing set elements waits for an RCU
+        // grace period, which the DEL need not), ahead of every request queued after this one.
+        Ok(Request::Detach {
+            network,
+            container_id,
+            ifname,
+        }) => {
+            let ready = ready.load(Ordering::SeqCst);
+            // Unregistered first, so its rules go before those of any request that could
+            // follow the release (an ADD given the same address). The reconciler does not wait
+            // for the release: a resync meanwhile keeps the endpoint out (its tombstone).
+            let (reply, _) = oneshot::channel();
+            let unregister = Request::Unregister {
+                network: network.clone(),
+                container_id: container_id.clone(),
+                ifname: ifname.clone(),
+            };
+            if tx
+                .send(Message {
+                    request: unregister,
+                    reply,
+                })
+                .await
+                .is_err()
+            {
+                Reply::error(false, "the agent is shutting down")
+            } else {
+                tokio::task::spawn_blocking(move || {
+                    detacher.detach(&network, &container_id, &ifname)
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("detach task failed: {e}")))
+                .map_or_else(|e| Reply::error(ready, e), |()| Reply::ok(ready))
+            }
         }
         Ok(request) => {
             let (reply_tx, reply_rx) = oneshot::channel();

@@ -312,11 +312,8 @@ struct Reconciler {
     /// The last reconcile stopped because the source has not had its first complete list yet
     /// (a healthy start): not a failure.
     waiting_first_list: bool,
-    /// Deletes the host links of detached workloads after their DEL returned.
+    /// Deletes host links no attachment owns (found at resync).
     reaper: reaper::Reaper,
-    /// Endpoints changed by requests answered at once (detached): the rules follow in the
-    /// next reconcile, before those of any later request.
-    detached: bool,
 }
 
 impl Reconciler {
@@ -681,45 +678,11 @@ impl Reconciler {
                 self.endpoints.unregister(network, container_id, ifname);
                 None
             }
-            Request::Detach {
-                network,
-                container_id,
-                ifname,
-            } => {
-                let host = self
-                    .endpoints
-                    .get(network, container_id, ifname)
-                    .map(|e| e.host_ifname.clone())
-                    .unwrap_or_else(|| weft_dataplane::names::host_veth_name(container_id, ifname));
-                self.endpoints.unregister(network, container_id, ifname);
-                // The addresses are free once the DEL returns (the reply waits for the rules
-                // to be gone); the link goes after it.
-                let released = weft_dataplane::ipam::IpamStore::open(&self.cfg.state_dir, network)
-                    .and_then(|s| {
-                        s.release(&weft_dataplane::ipam::Attachment {
-                            container_id: container_id.clone(),
-                            ifname: ifname.clone(),
-                        })
-                    });
-                if let Err(e) = released {
-                    return Some(Reply::error(
-                        ready,
-                        format!("cannot release the addresses: {}", crate::error_chain(&e)),
-                    ));
-                }
-                if let Err(e) = self.reaper.reap(&host) {
-                    return Some(Reply::error(
-                        ready,
-                        format!("cannot find host link {host}: {e}"),
-                    ));
-                }
-                // Answered now: the DEL need not wait for the kernel to commit the removal of
-                // the rules (deleting set elements waits for an RCU grace period). They go in
-                // the reconcile that follows this batch, so before the rules of any request
-                // after this one, such as the ADD of a workload given the same address.
-                self.detached = true;
-                Some(Reply::ok(ready))
-            }
+            // The socket server detaches (see `cni_server::Detacher`) and queues an Unregister.
+            Request::Detach { .. } => Some(Reply::error(
+                ready,
+                "a detach goes to the socket server, not the reconciler",
+            )),
         }
     }
 }
@@ -875,6 +838,7 @@ pub async fn run(
     let (tx, mut rx) = mpsc::channel::<Message>(1024);
     let listener = cni_server::bind(&cfg.socket)?;
     let shared = cni_server::Snapshot::default();
+    let reaper = reaper::Reaper::spawn()?;
     let server = tokio::spawn(cni_server::serve(
         listener,
         tx.clone(),
@@ -883,6 +847,10 @@ pub async fn run(
         source
             .knows_every_pod()
             .then_some(cni_server::IDENTITY_WAIT),
+        cni_server::Detacher {
+            state_dir: cfg.state_dir.clone(),
+            reaper: reaper.clone(),
+        },
     ));
     let mut rec = Reconciler {
         endpoints: EndpointStore::load(&cfg.state_dir),
@@ -902,8 +870,7 @@ pub async fn run(
         installed: None,
         waiting_first_list: false,
         resyncs: 0,
-        reaper: reaper::Reaper::spawn()?,
-        detached: false,
+        reaper,
     };
     start_audit(&cfg, rec.policy.clone(), rec.audit.clone(), tx.clone());
     info!(node = %cfg.node.name, socket = %cfg.socket.display(), endpoints = rec.endpoints.len(), "weft agent starting");
@@ -932,8 +899,7 @@ pub async fn run(
                         None => pending.push(m),
                     }
                 }
-                let detached = std::mem::take(&mut rec.detached);
-                if !pending.is_empty() || detached {
+                if !pending.is_empty() {
                     let result = rec.reconcile("endpoints").await;
                     retry.record(result.is_ok());
                     let ready = rec.ready.load(Ordering::SeqCst);
