@@ -756,3 +756,76 @@ fn the_table_comment_is_read_over_netlink_without_listing_elements() {
         assert_eq!(fw.table_comment(Family::Inet, "other").unwrap(), None);
     });
 }
+
+#[test]
+fn host_port_map_elements_of_address_ranges_go_over_netlink_and_list_as_nft_wrote_them() {
+    in_netns(|| {
+        let mut nft = NftCli::default();
+        let mut netlink_only = NftCli::new("/nonexistent/nft");
+        let before = Table {
+            family: Family::Inet,
+            name: "weftmap".into(),
+            comment: None,
+            sets: vec![],
+            maps: vec![
+                map(
+                    "hport4",
+                    "ipv4_addr . inet_proto . inet_service",
+                    "ipv4_addr . inet_service",
+                    true,
+                    &[("10.9.0.1 . tcp . 22", "10.77.0.9 . 22")],
+                ),
+                map(
+                    "hport6",
+                    "ipv6_addr . inet_proto . inet_service",
+                    "ipv6_addr . inet_service",
+                    true,
+                    &[],
+                ),
+                map(
+                    "exact4",
+                    "ipv4_addr . inet_proto . inet_service",
+                    "ipv4_addr . inet_service",
+                    false,
+                    &[],
+                ),
+            ],
+            chains: vec![],
+        };
+        nft.apply(&replace(&before)).unwrap();
+        let mut after = before.clone();
+        after.maps[0].elements = pairs(&[
+            ("0.0.0.0/0 . tcp . 8080", "10.77.0.2 . 80"),
+            ("192.168.1.10 . udp . 53", "10.77.0.3 . 5353"),
+            ("10.0.0.0/8 . tcp . 9000-9010", "10.77.0.4 . 9000"),
+        ]);
+        after.maps[1].elements = pairs(&[
+            ("::/0 . tcp . 8080", "fd77::2 . 80"),
+            ("fd00::1 . tcp . 443", "fd77::3 . 8443"),
+        ]);
+        after.maps[2].elements = pairs(&[("10.9.0.2 . tcp . 80", "10.77.0.5 . 8080")]);
+        let tx = diff(&before, &after);
+        assert!(
+            tx.0.iter()
+                .any(|c| matches!(c, Change::DeleteMapElements { .. })),
+            "the old element goes: {tx:?}"
+        );
+        netlink_only.apply(&tx).unwrap_or_else(|e| panic!("{e:?}"));
+        let state = nft.list_table(Family::Inet, "weftmap").unwrap().unwrap();
+        assert_eq!(state.map_elements_of("hport4").len(), 3);
+        assert_eq!(state.map_elements_of("hport6").len(), 2);
+        assert_eq!(
+            state.map_elements_of("exact4").get("10.9.0.2 . tcp . 80"),
+            Some(&"10.77.0.5 . 8080".to_string())
+        );
+        assert!(
+            diff(&state.to_table(&after), &after).is_empty(),
+            "listed by nft: {:?}",
+            state.to_table(&after).maps
+        );
+        // And back.
+        netlink_only.apply(&diff(&after, &before)).unwrap();
+        let state = nft.list_table(Family::Inet, "weftmap").unwrap().unwrap();
+        assert_eq!(state.to_table(&before), before);
+    });
+}

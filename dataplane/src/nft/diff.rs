@@ -71,6 +71,7 @@ pub fn diff(current: &Table, desired: &Table) -> Transaction {
                 family,
                 table: table.clone(),
                 map: want.name.clone(),
+                key: map_key(want),
                 keys: gone,
             });
         }
@@ -79,12 +80,22 @@ pub fn diff(current: &Table, desired: &Table) -> Transaction {
                 family,
                 table: table.clone(),
                 map: want.name.clone(),
+                key: map_key(want),
+                value_type: want.value_type.clone(),
                 elements: new,
             });
         }
     }
     deletes.extend(adds);
     Transaction(deletes)
+}
+
+/// A map's key, as a set's.
+fn map_key(map: &super::Map) -> SetKey {
+    SetKey {
+        key_type: map.key_type.clone(),
+        interval: map.flags.iter().any(|f| f == "interval"),
+    }
 }
 
 /// canonical → raw.
@@ -234,6 +245,11 @@ mod tests {
                 family: super::super::Family::Inet,
                 table: "weft".into(),
                 map: "fwd4".into(),
+                key: SetKey {
+                    key_type: "ipv4_addr . inet_proto . inet_service".into(),
+                    interval: true,
+                },
+                value_type: "ipv4_addr . inet_service".into(),
                 elements: vec![("0.0.0.0/0 . tcp . 9090".into(), "10.10.0.9 . 90".into())],
             }]
         );

@@ -109,6 +109,7 @@ fn apply_change(
             table,
             map,
             elements,
+            ..
         } => {
             let t = table_mut(tables, *family, table)?;
             let m = t
@@ -134,6 +135,7 @@ fn apply_change(
             table,
             map,
             keys,
+            ..
         } => {
             let t = table_mut(tables, *family, table)?;
             let m = t

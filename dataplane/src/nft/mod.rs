@@ -283,6 +283,10 @@ pub enum Change {
         table: String,
         /// Map name.
         map: String,
+        /// The map's key type and `interval` flag, as for [`Change::AddElements`].
+        key: SetKey,
+        /// The map's value type ([`Map::value_type`]).
+        value_type: String,
         /// (key, value) text.
         elements: Vec<(String, String)>,
     },
@@ -294,6 +298,8 @@ pub enum Change {
         table: String,
         /// Map name.
         map: String,
+        /// The map's key type and `interval` flag.
+        key: SetKey,
         /// Key text.
         keys: Vec<String>,
     },
@@ -335,6 +341,7 @@ impl Change {
                 table,
                 map,
                 elements,
+                ..
             } => format!(
                 "added {} element{} to map {family} {table} {map}",
                 elements.len(),
@@ -345,6 +352,7 @@ impl Change {
                 table,
                 map,
                 keys,
+                ..
             } => format!(
                 "deleted {} element{} from map {family} {table} {map}",
                 keys.len(),

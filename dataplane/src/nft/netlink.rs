@@ -7,12 +7,14 @@
 //! one `NFT_MSG_NEWSETELEM`/`NFT_MSG_DELSETELEM` per set, `NFNL_MSG_BATCH_END` — sent with one
 //! `sendmsg`: the kernel commits it atomically or not at all, exactly as it commits nft's batch.
 //!
-//! Only what is simple to encode goes this way: element changes of sets without the `interval`
-//! flag whose key is made of `ifname`, `ipv4_addr`, `ipv6_addr`, `ether_addr`, `inet_proto`,
-//! `inet_service` and raw payload integers of `typeof` keys (concatenations included), in a
-//! batch of moderate size. [`element_batch`]
-//! answers `None` for anything else — table replaces, maps, intervals, other types, elements it
-//! cannot parse — and the caller gives the transaction to `nft -f` unchanged.
+//! Only what is simple to encode goes this way: element changes of sets and maps whose key
+//! (and value) is made of `ifname`, `ipv4_addr`, `ipv6_addr`, `ether_addr`, `inet_proto`,
+//! `inet_service` and raw payload integers of `typeof` keys (concatenations included), without
+//! the `interval` flag or else concatenations (a range element is its key's start and end, as
+//! nft sends it to a `pipapo` set: the host-port maps), in a batch of moderate size.
+//! [`element_batch`] answers `None` for anything else — table replaces, intervals of one field
+//! (kept as two elements, the end flagged), verdicts and other types, elements it cannot parse —
+//! and the caller gives the transaction to `nft -f` unchanged.
 //!
 //! Key encoding is nft's: addresses and ports in network byte order, an interface name as 16
 //! bytes zero-padded (`IFNAMSIZ`), a protocol as one byte; in a concatenation every field is
@@ -20,7 +22,8 @@
 
 use super::{Change, Family, NftError, Transaction};
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST, NetlinkBuffer, NetlinkMessage, NetlinkPayload,
+    DefaultNla, NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST, NetlinkBuffer, NetlinkMessage,
+    NetlinkPayload,
 };
 use netlink_packet_netfilter::nftables::{
     DataAttribute, ListAttribute, NfTablesMessage, SetElementAttribute, SetElementList,
@@ -182,6 +185,55 @@ pub(super) fn encode_key(key_type: &str, element: &str) -> Option<Vec<u8>> {
     Some(key)
 }
 
+/// `NFTA_DATA_VALUE`: the attribute a key's end is nested in.
+const NFTA_DATA_VALUE: u16 = 1;
+
+/// The start and end of a concatenation's element whose fields may be ranges: an address
+/// prefix (`10.0.0.0/8`, `0.0.0.0/0`), `a-b`, or one value (start and end alike); every field
+/// padded to 4 bytes, as in [`encode_key`]. `None` for a single field or text it cannot parse.
+pub(super) fn encode_range(key_type: &str, element: &str) -> Option<(Vec<u8>, Vec<u8>)> {
+    let types: Vec<&str> = key_type.split(" . ").map(str::trim).collect();
+    let values: Vec<&str> = element.split(" . ").collect();
+    if types.len() < 2 || types.len() != values.len() {
+        return None;
+    }
+    let (mut start, mut end) = (Vec::new(), Vec::new());
+    for (t, v) in types.into_iter().zip(values) {
+        let v = v.trim();
+        let (mut a, mut b) = match (t, v.split_once('/'), v.split_once('-')) {
+            ("ipv4_addr" | "ipv6_addr", Some(_), _) => {
+                let net: ipnet::IpNet = v.parse().ok()?;
+                let (lo, hi) = match net {
+                    ipnet::IpNet::V4(n) => (
+                        n.network().octets().to_vec(),
+                        n.broadcast().octets().to_vec(),
+                    ),
+                    ipnet::IpNet::V6(n) => (
+                        n.network().octets().to_vec(),
+                        n.broadcast().octets().to_vec(),
+                    ),
+                };
+                if (t == "ipv4_addr") != (lo.len() == 4) {
+                    return None;
+                }
+                (lo, hi)
+            }
+            (_, _, Some((lo, hi))) if t != "ifname" && t != "ether_addr" => {
+                (encode_field(t, lo)?, encode_field(t, hi)?)
+            }
+            _ => {
+                let one = encode_field(t, v)?;
+                (one.clone(), one)
+            }
+        };
+        a.resize(a.len().next_multiple_of(4), 0);
+        b.resize(b.len().next_multiple_of(4), 0);
+        start.extend(a);
+        end.extend(b);
+    }
+    Some((start, end))
+}
+
 fn serialize(mut msg: NetlinkMessage<NetfilterMessage>, flags: u16, seq: u32, out: &mut Vec<u8>) {
     msg.header.flags = NLM_F_REQUEST | flags;
     msg.header.sequence_number = seq;
@@ -199,6 +251,88 @@ fn control(message: ControlMessage) -> NetlinkMessage<NetfilterMessage> {
     ))
 }
 
+/// One element change of a set or map: each element as (key text, value text of a map's add).
+struct ElementChange<'a> {
+    add: bool,
+    family: &'a Family,
+    table: &'a String,
+    set: &'a String,
+    key: &'a super::SetKey,
+    value_type: Option<&'a str>,
+    elements: Vec<(&'a str, Option<&'a str>)>,
+}
+
+/// `change` as an element change; `None` for any other change.
+fn element_change(change: &Change) -> Option<ElementChange<'_>> {
+    Some(match change {
+        Change::AddElements {
+            family,
+            table,
+            set,
+            key,
+            elements,
+        } => ElementChange {
+            add: true,
+            family,
+            table,
+            set,
+            key,
+            value_type: None,
+            elements: elements.iter().map(|e| (e.as_str(), None)).collect(),
+        },
+        Change::DeleteElements {
+            family,
+            table,
+            set,
+            key,
+            elements,
+        } => ElementChange {
+            add: false,
+            family,
+            table,
+            set,
+            key,
+            value_type: None,
+            elements: elements.iter().map(|e| (e.as_str(), None)).collect(),
+        },
+        Change::AddMapElements {
+            family,
+            table,
+            map,
+            key,
+            value_type,
+            elements,
+        } => ElementChange {
+            add: true,
+            family,
+            table,
+            set: map,
+            key,
+            value_type: Some(value_type.as_str()),
+            elements: elements
+                .iter()
+                .map(|(k, v)| (k.as_str(), Some(v.as_str())))
+                .collect(),
+        },
+        Change::DeleteMapElements {
+            family,
+            table,
+            map,
+            key,
+            keys,
+        } => ElementChange {
+            add: false,
+            family,
+            table,
+            set: map,
+            key,
+            value_type: None,
+            elements: keys.iter().map(|k| (k.as_str(), None)).collect(),
+        },
+        _ => return None,
+    })
+}
+
 /// The whole transaction as one nfnetlink batch, or `None` when some change of it is not a
 /// plain set element change this module encodes (see the module doc). Sequence numbers start
 /// at `seq`.
@@ -209,24 +343,19 @@ pub(super) fn element_batch(tx: &Transaction, seq: u32) -> Option<ElementBatch> 
     let mut next = seq;
     let mut element_bytes = 0;
     for change in &tx.0 {
-        let (add, family, table, set, key, elements) = match change {
-            Change::AddElements {
-                family,
-                table,
-                set,
-                key,
-                elements,
-            } => (true, family, table, set, key, elements),
-            Change::DeleteElements {
-                family,
-                table,
-                set,
-                key,
-                elements,
-            } => (false, family, table, set, key, elements),
-            _ => return None,
-        };
-        if key.interval {
+        let ElementChange {
+            add,
+            family,
+            table,
+            set,
+            key,
+            value_type,
+            elements,
+        } = element_change(change)?;
+        // An interval set of one field keeps each range as two elements (its end flagged);
+        // a concatenation keeps one with the range's start and end (nft's `pipapo` set).
+        let ranged = key.interval;
+        if ranged && !key.key_type.contains(" . ") {
             return None;
         }
         if elements.is_empty() {
@@ -235,9 +364,27 @@ pub(super) fn element_batch(tx: &Transaction, seq: u32) -> Option<ElementBatch> 
         // The elements in messages of at most MAX_MESSAGE_BYTES each.
         let mut chunks = vec![Vec::new()];
         let mut chunk_bytes = 0;
-        for e in elements {
-            let key = encode_key(&key.key_type, e)?;
-            let size = ELEMENT_OVERHEAD + key.len().next_multiple_of(4);
+        for (e, value) in elements {
+            let mut attributes = Vec::new();
+            let mut size = ELEMENT_OVERHEAD;
+            if ranged {
+                let (start, end) = encode_range(&key.key_type, e)?;
+                size += start.len().next_multiple_of(4) + ELEMENT_OVERHEAD + end.len();
+                attributes.push(SetElementAttribute::Key(DataAttribute::Value(start)));
+                attributes.push(SetElementAttribute::KeyEnd(vec![DefaultNla::new(
+                    NFTA_DATA_VALUE,
+                    end,
+                )]));
+            } else {
+                let k = encode_key(&key.key_type, e)?;
+                size += k.len().next_multiple_of(4);
+                attributes.push(SetElementAttribute::Key(DataAttribute::Value(k)));
+            }
+            if let Some(v) = value {
+                let data = encode_key(value_type?, v)?;
+                size += ELEMENT_OVERHEAD + data.len().next_multiple_of(4);
+                attributes.push(SetElementAttribute::Data(DataAttribute::Value(data)));
+            }
             element_bytes += size;
             if element_bytes > MAX_BATCH_BYTES {
                 return None;
@@ -248,9 +395,7 @@ pub(super) fn element_batch(tx: &Transaction, seq: u32) -> Option<ElementBatch> 
             }
             chunk_bytes += size;
             if let Some(chunk) = chunks.last_mut() {
-                chunk.push(ListAttribute::Element(vec![SetElementAttribute::Key(
-                    DataAttribute::Value(key),
-                )]));
+                chunk.push(ListAttribute::Element(attributes));
             }
         }
         for list in chunks {
@@ -545,6 +690,36 @@ mod tests {
             encode_key("ifname . ipv4_addr", "\"eth1.10\" . 10.0.0.1"),
             Some(vlan)
         );
+    }
+
+    #[test]
+    fn encodes_ranges_of_concatenations_as_start_and_end() {
+        let key = "ipv4_addr . inet_proto . inet_service";
+        assert_eq!(
+            encode_range(key, "0.0.0.0/0 . tcp . 8080"),
+            Some((
+                vec![0, 0, 0, 0, 6, 0, 0, 0, 0x1f, 0x90, 0, 0],
+                vec![255, 255, 255, 255, 6, 0, 0, 0, 0x1f, 0x90, 0, 0]
+            ))
+        );
+        assert_eq!(
+            encode_range(key, "10.1.2.3 . udp . 53-54"),
+            Some((
+                vec![10, 1, 2, 3, 17, 0, 0, 0, 0, 53, 0, 0],
+                vec![10, 1, 2, 3, 17, 0, 0, 0, 0, 54, 0, 0]
+            ))
+        );
+        let (start, end) = encode_range(
+            "ipv6_addr . inet_proto . inet_service",
+            "fd00::/64 . tcp . 1",
+        )
+        .unwrap();
+        assert_eq!((start.len(), end.len()), (24, 24));
+        assert_eq!(&end[8..16], &[0xff; 8]);
+        // One field: an interval set keeps a range as two elements; not encoded here.
+        assert_eq!(encode_range("ipv4_addr", "10.0.0.0/8"), None);
+        // A v6 prefix where a v4 address goes.
+        assert_eq!(encode_range(key, "::/0 . tcp . 1"), None);
     }
 
     #[test]

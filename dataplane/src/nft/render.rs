@@ -197,6 +197,7 @@ pub(super) fn render_change(change: &Change, out: &mut String) {
             table,
             map,
             elements,
+            ..
         } => {
             let pairs: Vec<String> = elements.iter().map(|(k, v)| format!("{k} : {v}")).collect();
             element_line(
@@ -213,6 +214,7 @@ pub(super) fn render_change(change: &Change, out: &mut String) {
             table,
             map,
             keys,
+            ..
         } => element_line(
             "delete",
             *family,
@@ -431,6 +433,10 @@ pub(crate) mod tests {
                 family: Family::Inet,
                 table: "weft".into(),
                 map: "fwd4".into(),
+                key: SetKey {
+                    key_type: "ipv4_addr . inet_proto . inet_service".into(),
+                    interval: true,
+                },
                 keys: vec!["0.0.0.0/0 . tcp . 8080".into()],
             },
             Change::AddElements {
@@ -447,6 +453,11 @@ pub(crate) mod tests {
                 family: Family::Inet,
                 table: "weft".into(),
                 map: "verdicts".into(),
+                key: SetKey {
+                    key_type: "ipv4_addr . ipv4_addr".into(),
+                    interval: false,
+                },
+                value_type: "verdict".into(),
                 elements: vec![("10.30.0.2 . 10.30.0.3".into(), "drop".into())],
             },
             Change::DeleteTable {
