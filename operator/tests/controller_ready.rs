@@ -7,26 +7,34 @@
 use futures::StreamExt;
 use futures::channel::mpsc;
 use http::{Request, Response};
+use kube::Client;
 use kube::client::Body;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector;
-use kube::runtime::{Controller, watcher};
-use kube::{Api, Client};
+use kube::runtime::watcher;
 use serde_json::json;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
-use weft_crds::{Network, PortForward};
+use weft_crds::Network;
 use weft_operator::controller::{Triggers, caches_synced, observe_cluster};
 
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
 /// Answers every list with an empty list of its kind, except lists of `held` (left
-/// unanswered), and leaves every watch open.
-async fn api_server(mut handle: Handle, held: Option<&'static str>) {
+/// unanswered), and leaves every watch open; records the path of every list in `lists`.
+async fn api_server(
+    mut handle: Handle,
+    held: Option<&'static str>,
+    lists: Arc<Mutex<Vec<String>>>,
+) {
     let mut open = Vec::new();
     while let Some((request, send)) = handle.next_request().await {
         let query = request.uri().query().unwrap_or_default().to_owned();
         let path = request.uri().path().to_owned();
+        if !query.split('&').any(|p| p == "watch=true") {
+            lists.lock().unwrap().push(path.clone());
+        }
         if query.split('&').any(|p| p == "watch=true")
             || held.is_some_and(|h| path.ends_with(&format!("/{h}")))
         {
@@ -65,7 +73,8 @@ fn retry<K>(_: Arc<K>, _: &kube::Error, _: Arc<()>) -> Action {
 #[tokio::test]
 async fn the_controller_is_ready_once_the_initial_lists_are_in_while_its_controllers_run() {
     let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    tokio::spawn(api_server(handle, None));
+    let lists = Arc::new(Mutex::new(Vec::new()));
+    tokio::spawn(api_server(handle, None, lists.clone()));
     let client = Client::new(svc, "default");
     let (networks, _n) = mpsc::unbounded();
     let (network_refs, _r) = mpsc::unbounded();
@@ -79,37 +88,48 @@ async fn the_controller_is_ready_once_the_initial_lists_are_in_while_its_control
         cluster_policies,
         policies,
     };
-    let (observation, observing) = observe_cluster(&client, &triggers);
+    let (observation, networks, port_forwards, observing) = observe_cluster(&client, &triggers);
     tokio::spawn(observing);
-    // The Controllers wait for their own stores' initial lists too, as in `run`; readiness
-    // does not wait on their stores.
+    // The Controllers run on the same watches and wait for their stores' initial lists too,
+    // as in `run`; readiness does not wait on their stores.
     let ctx = Arc::new(());
     tokio::spawn(
-        Controller::new(
-            Api::<Network>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .run(nothing, retry, ctx.clone())
-        .for_each(|_| async {}),
+        networks
+            .controller()
+            .expect("a shared watch")
+            .run(nothing, retry, ctx.clone())
+            .for_each(|_| async {}),
     );
     tokio::spawn(
-        Controller::new(
-            Api::<PortForward>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .run(nothing, retry, ctx)
-        .for_each(|_| async {}),
+        port_forwards
+            .controller()
+            .expect("a shared watch")
+            .run(nothing, retry, ctx)
+            .for_each(|_| async {}),
     );
     tokio::time::timeout(Duration::from_secs(2), caches_synced(&observation))
         .await
         .expect("not ready 2 s after the initial lists")
         .unwrap();
+    // One watch per kind: the Controllers list nothing of their own.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut lists = lists.lock().unwrap().clone();
+    lists.sort();
+    assert_eq!(
+        lists,
+        [
+            "/api/v1/nodes",
+            "/apis/weft.dev/v1alpha1/networks",
+            "/apis/weft.dev/v1alpha1/nodenetworks",
+            "/apis/weft.dev/v1alpha1/portforwards",
+        ]
+    );
 }
 
 #[tokio::test]
 async fn the_controller_is_not_ready_while_a_list_is_outstanding() {
     let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    tokio::spawn(api_server(handle, Some("portforwards")));
+    tokio::spawn(api_server(handle, Some("portforwards"), Arc::default()));
     let client = Client::new(svc, "default");
     let (tx, _rx) = mpsc::unbounded();
     let (network_refs, _r) = mpsc::unbounded();
@@ -120,7 +140,7 @@ async fn the_controller_is_not_ready_while_a_list_is_outstanding() {
         cluster_policies: tx.clone(),
         policies: tx,
     };
-    let (observation, observing) = observe_cluster(&client, &triggers);
+    let (observation, _networks, _port_forwards, observing) = observe_cluster(&client, &triggers);
     tokio::spawn(observing);
     assert!(
         tokio::time::timeout(Duration::from_millis(500), caches_synced(&observation))

@@ -342,13 +342,17 @@ fn reflect_node_networks(
     })
 }
 
-/// Watches `api` without a store of its own (a controller's holds the objects); every change
-/// sends `()` to `triggers`, and `listed` turns true once the first full list is in.
-fn trigger_on<K>(
+/// How many objects a shared watch holds for its `Controller` before it waits for it.
+const SHARED_BUFFER: usize = 1024;
+
+/// The one watch of a kind that has a `Controller`: it fills a shared store, hands every applied
+/// object to the `Controller` (the returned [`Shared`]), sends `()` to `triggers` on every
+/// change, and turns `listed` true once the first full list is in.
+fn watch_shared<K>(
     api: Api<K>,
     triggers: Vec<mpsc::UnboundedSender<()>>,
     listed: watch::Sender<bool>,
-) -> impl Future<Output = ()> + Send
+) -> (Shared<K>, impl Future<Output = ()> + Send)
 where
     K: Resource<DynamicType = ()>
         + Clone
@@ -358,15 +362,46 @@ where
         + Sync
         + 'static,
 {
+    let (store, writer) = reflector::store_shared::<K>(SHARED_BUFFER);
+    let shared = Shared {
+        store,
+        // A writer made by `store_shared` always hands out subscriptions.
+        events: writer.subscribe(),
+    };
     let stream = watcher(api, watcher::Config::default())
         .default_backoff()
+        .reflect_shared(writer)
         .inspect_ok(move |event| {
             if matches!(event, watcher::Event::InitDone) {
                 listed.send_replace(true);
             }
         })
         .touched_objects();
-    forward(stream, triggers)
+    (shared, forward(stream, triggers))
+}
+
+/// A kind's shared watch, as its `Controller` reads it.
+pub struct Shared<K: Resource<DynamicType = ()> + Clone + 'static> {
+    /// Every object of the kind.
+    pub store: Store<K>,
+    /// The objects as they are applied (`None` only if the store was not made shared).
+    pub events: Option<reflector::ReflectHandle<K>>,
+}
+
+impl<K> Shared<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    /// A `Controller` of the kind on this watch (no watch of its own).
+    pub fn controller(self) -> Option<Controller<K>> {
+        Some(Controller::for_shared_stream(self.events?, self.store))
+    }
 }
 
 /// The channels that wake the controllers to reconcile every object of their kind.
@@ -383,8 +418,9 @@ pub struct Triggers {
     pub policies: mpsc::UnboundedSender<()>,
 }
 
-/// What the controller watches beside its `Controller`s: the Node and NodeNetwork stores, and
-/// whether the watches of Networks and PortForwards have had their first full list.
+/// What the controller watches: the Node and NodeNetwork stores, and whether the watches of
+/// Networks and PortForwards (which their `Controller`s share, see [`observe_cluster`]) have
+/// had their first full list.
 #[derive(Clone)]
 pub struct Observation {
     /// All Nodes.
@@ -404,10 +440,18 @@ pub struct Observation {
 /// wakes only the last task that polled it, and the `Controller`'s applier waits on its store,
 /// so a second waiter may never see it become ready. The Network and PortForward watches
 /// report their first full list on channels of their own instead.
+///
+/// One watch per kind: the Network and PortForward `Controller`s run on the watches made here
+/// (the returned [`Shared`]s), not on watches of their own.
 pub fn observe_cluster(
     client: &Client,
     triggers: &Triggers,
-) -> (Observation, impl Future<Output = ()> + Send + use<>) {
+) -> (
+    Observation,
+    Shared<Network>,
+    Shared<PortForward>,
+    impl Future<Output = ()> + Send + use<>,
+) {
     // Nodes matter to Networks by their names, uids and labels (node selectors): a Node's
     // status heartbeat wakes no Network.
     let (nodes, nodes_fut) = reflect_nodes(
@@ -424,13 +468,13 @@ pub fn observe_cluster(
     );
     // Network changes re-check every Network (overlaps) and every PortForward.
     let (networks_tx, networks_listed) = watch::channel(false);
-    let net_fut = trigger_on(
+    let (networks, net_fut) = watch_shared(
         Api::<Network>::all(client.clone()),
         vec![triggers.networks.clone(), triggers.port_forwards.clone()],
         networks_tx,
     );
     let (port_forwards_tx, port_forwards_listed) = watch::channel(false);
-    let pf_fut = trigger_on(
+    let (port_forwards, pf_fut) = watch_shared(
         Api::<PortForward>::all(client.clone()),
         vec![triggers.port_forwards.clone()],
         port_forwards_tx,
@@ -444,7 +488,7 @@ pub fn observe_cluster(
     let run = async move {
         futures::future::join4(nodes_fut, nn_fut, net_fut, pf_fut).await;
     };
-    (observation, run)
+    (observation, networks, port_forwards, run)
 }
 
 /// A watch of [`observe_cluster`] stopped before its first full list.
@@ -538,20 +582,19 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
         cluster_policies: csp_tx.clone(),
         policies: sp_tx.clone(),
     };
-    let (observation, observing) = observe_cluster(&client, &triggers);
+    let (observation, networks, port_forwards, observing) = observe_cluster(&client, &triggers);
     tokio::spawn(observing);
 
     let config = kube::runtime::controller::Config::default().debounce(Duration::from_millis(500));
-    let net_controller = Controller::new(
-        Api::<Network>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .with_config(config.clone());
-    let pf_controller = Controller::new(
-        Api::<PortForward>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .with_config(config);
+    let shared = |kind| anyhow::anyhow!("the {kind} watch is not shared");
+    let net_controller = networks
+        .controller()
+        .ok_or_else(|| shared("Network"))?
+        .with_config(config.clone());
+    let pf_controller = port_forwards
+        .controller()
+        .ok_or_else(|| shared("PortForward"))?
+        .with_config(config);
     let stores = Stores {
         networks: net_controller.store(),
         nodes: observation.nodes.clone(),
