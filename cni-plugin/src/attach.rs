@@ -11,7 +11,7 @@ use std::path::Path;
 use tracing::{debug, info, warn};
 use weft_dataplane::ipam::{AllocRequest, Allocation, Attachment, IpamStore, Pool};
 use weft_dataplane::names;
-use weft_dataplane::netlink::{Netlink, RouteSpec, VethSpec};
+use weft_dataplane::netlink::{LinkInfo, Netlink, RouteSpec, VethSpec};
 use weft_dataplane::netns::Netns;
 use weft_dataplane::proto::{self, Endpoint, Request};
 use weft_dataplane::state::{NetworkState, StateError};
@@ -477,12 +477,18 @@ fn add_one(
         host.delete_link(stale.index)?;
     }
     let mut inner = Netlink::in_netns(&ns)?;
-    if inner.link_by_name(ifname)?.is_some() {
-        return Err(CniError::new(
-            error::IFNAME_TAKEN,
-            format!("interface {ifname} already exists in the container"),
-            format!("CNI_IFNAME {ifname} is taken in {netns_path}; choose another interface name"),
-        ));
+    if let Some(taken) = inner.link_by_name(ifname)? {
+        let Some(host_end) = detached_peer(&mut host, conf, &taken)? else {
+            return Err(CniError::new(
+                error::IFNAME_TAKEN,
+                format!("interface {ifname} already exists in the container"),
+                format!(
+                    "CNI_IFNAME {ifname} is taken in {netns_path}; choose another interface name"
+                ),
+            ));
+        };
+        debug!(link = %taken.name, "removing the interface of a detached attachment the runtime's namespace kept");
+        host.delete_link(host_end)?;
     }
     let alias = names::host_veth_alias(network, container_id, ifname);
     let host_index = host.create_veth_into_netns(&VethSpec {
@@ -576,6 +582,46 @@ fn add_one(
         routes,
         dns: Dns::default(),
     })
+}
+
+/// The host end of `taken`, an interface in the workload's namespace, when it is the pod end of
+/// a weft veth whose attachment is gone: DEL leaves the veth to the namespace's teardown (see
+/// `del_one`), so a runtime that keeps the namespace and ADDs into it again finds it.
+fn detached_peer(
+    host: &mut Netlink,
+    conf: &Conf,
+    taken: &LinkInfo,
+) -> Result<Option<u32>, CniError> {
+    if taken.kind.as_deref() != Some("veth") {
+        return Ok(None);
+    }
+    let Some(h) = taken
+        .peer
+        .map(|i| host.link_by_index(i))
+        .transpose()?
+        .flatten()
+    else {
+        return Ok(None);
+    };
+    let prefix = format!("{}ep:", names::ALIAS_PREFIX);
+    let network = h
+        .alias
+        .as_deref()
+        .and_then(|a| a.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(':').next());
+    let Some(network) = network.filter(|_| h.peer == Some(taken.index)) else {
+        return Ok(None);
+    };
+    let owned = IpamStore::open(&conf.state_dir, network)?
+        .list()?
+        .iter()
+        .any(|a| {
+            a.host_ifname
+                .clone()
+                .unwrap_or_else(|| names::host_veth_name(&a.container_id, &a.ifname))
+                == h.name
+        });
+    Ok((!owned).then_some(h.index))
 }
 
 /// A pod's interface `ifname` (the veth end): `lo` and it up, its addresses, and the default

@@ -39,6 +39,9 @@ pub struct LinkInfo {
     /// `IFLA_LINK_NETNSID`: for a veth, the id (in this namespace) of the namespace that holds
     /// its peer, when that is another one.
     pub netns_id: Option<i32>,
+    /// `IFLA_LINK`: for a veth, its peer's index (in the namespace [`LinkInfo::netns_id`]
+    /// names, or this one).
+    pub peer: Option<u32>,
     /// For a bridge, whether it filters VLANs (`IFLA_BR_VLAN_FILTERING`); `None` for other
     /// links.
     pub vlan_filtering: Option<bool>,
@@ -117,6 +120,7 @@ pub(super) fn link_info(msg: LinkMessage) -> LinkInfo {
         master: None,
         alias: None,
         netns_id: None,
+        peer: None,
         vlan_filtering: None,
         link_local_learning: None,
         hairpin: None,
@@ -129,6 +133,7 @@ pub(super) fn link_info(msg: LinkMessage) -> LinkInfo {
             LinkAttribute::Controller(m) if m != 0 => info.master = Some(m),
             LinkAttribute::IfAlias(a) if !a.is_empty() => info.alias = Some(a),
             LinkAttribute::LinkNetNsId(id) => info.netns_id = Some(id),
+            LinkAttribute::Link(i) => info.peer = Some(i),
             LinkAttribute::LinkInfo(infos) => {
                 for i in infos {
                     match i {

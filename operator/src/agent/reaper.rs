@@ -64,7 +64,6 @@ impl Reaper {
         std::thread::Builder::new()
             .name("weft-reaper".into())
             .spawn(move || {
-                let mut nl = None;
                 let mut due: BinaryHeap<Reverse<Doomed>> = BinaryHeap::new();
                 loop {
                     let next = due.peek().map(|Reverse((at, _, _))| *at);
@@ -80,6 +79,8 @@ impl Reaper {
                         Err(true) => return,
                         Err(false) => {}
                     }
+                    // A socket per round, closed after it: an idle agent holds none.
+                    let mut nl = None;
                     while let Some(Reverse((at, _, _))) = due.peek()
                         && *at <= Instant::now()
                     {
