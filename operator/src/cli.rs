@@ -75,6 +75,14 @@ pub struct TraceArgs {
     /// Destination: `namespace/name[@network]` or an address.
     #[arg(long)]
     pub to: String,
+    /// The packet and the output.
+    #[command(flatten)]
+    pub packet: TracePacket,
+}
+
+/// What a trace sends and how it answers (the cluster's trace and the lab's).
+#[derive(Args, Debug)]
+pub struct TracePacket {
     /// Destination port (ignored for ICMP).
     #[arg(long, default_value_t = 0)]
     pub port: u16,
@@ -379,10 +387,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     &client,
                     &t.from,
                     &t.to,
-                    t.port,
-                    &t.protocol,
-                    t.ipv6,
-                    t.json,
+                    t.packet.port,
+                    &t.packet.protocol,
+                    t.packet.ipv6,
+                    t.packet.json,
                 )
                 .await
             })?;

@@ -67,18 +67,9 @@ pub struct TraceArgs {
     /// Destination: a workload, a node (its port forwards) or `outside`.
     #[arg(long)]
     pub to: String,
-    /// Destination port (ignored for ICMP).
-    #[arg(long, default_value_t = 0)]
-    pub port: u16,
-    /// tcp, udp, sctp, icmp or icmpv6.
-    #[arg(long, default_value = "tcp")]
-    pub protocol: String,
-    /// Trace IPv6 addresses.
-    #[arg(long)]
-    pub ipv6: bool,
-    /// Print the decision as JSON.
-    #[arg(long)]
-    pub json: bool,
+    /// The packet and the output.
+    #[command(flatten)]
+    pub packet: weft_operator::cli::TracePacket,
 }
 
 /// Runs the parsed command line.
@@ -94,9 +85,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Some(Command::Trace(t)) => {
-            let family = if t.ipv6 { Family::Ipv6 } else { Family::Ipv4 };
+            let p = &t.packet;
+            let family = if p.ipv6 { Family::Ipv6 } else { Family::Ipv4 };
             let accepted =
-                crate::run_trace(&t.file, &t.from, &t.to, t.port, &t.protocol, family, t.json)?;
+                crate::run_trace(&t.file, &t.from, &t.to, p.port, &p.protocol, family, p.json)?;
             Ok(if accepted {
                 ExitCode::SUCCESS
             } else {
@@ -158,9 +150,12 @@ mod tests {
         let Some(Command::Trace(t)) = cli.command else {
             panic!("not trace")
         };
-        assert_eq!((t.from.as_str(), t.to.as_str(), t.port), ("a", "b", 80));
-        assert!(t.ipv6 && !t.json);
-        assert_eq!(t.protocol, "tcp");
+        assert_eq!(
+            (t.from.as_str(), t.to.as_str(), t.packet.port),
+            ("a", "b", 80)
+        );
+        assert!(t.packet.ipv6 && !t.packet.json);
+        assert_eq!(t.packet.protocol, "tcp");
     }
 
     #[test]

@@ -230,6 +230,29 @@ pub fn node_changed(
     last.insert(name, now.clone()).as_ref() != Some(&now)
 }
 
+/// A kind the controller watches: a static Kubernetes type its watches decode and share.
+pub trait Watched:
+    Resource<DynamicType = ()>
+    + Clone
+    + std::fmt::Debug
+    + serde::de::DeserializeOwned
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<K> Watched for K where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// Runs a reflector for `api` into a new store, keeping what `keep` leaves of each object, and
 /// calls `on_event` with every object applied or deleted (and whether it was deleted), and with
 /// `None` at the end of every full list (a relist may have missed deletions); watch errors are
@@ -240,13 +263,7 @@ fn reflect_with<K>(
     mut on_event: impl FnMut(Option<(&K, bool)>) + Send + 'static,
 ) -> (Store<K>, impl Future<Output = ()> + Send)
 where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
+    K: Watched,
 {
     let (reader, writer) = reflector::store();
     let stream = reflector::reflector(
@@ -354,13 +371,7 @@ fn watch_shared<K>(
     listed: watch::Sender<bool>,
 ) -> (Shared<K>, impl Future<Output = ()> + Send)
 where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
+    K: Watched,
 {
     let (store, writer) = reflector::store_shared::<K>(SHARED_BUFFER);
     let shared = Shared {
@@ -390,13 +401,7 @@ pub struct Shared<K: Resource<DynamicType = ()> + Clone + 'static> {
 
 impl<K> Shared<K>
 where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
+    K: Watched,
 {
     /// A `Controller` of the kind on this watch (no watch of its own).
     pub fn controller(self) -> Option<Controller<K>> {
