@@ -279,6 +279,35 @@ struct Applied {
     failed: Vec<(String, String)>,
 }
 
+/// What started a reconcile; its name is the `trigger` label of the agent's metrics and the
+/// `reason` of its log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trigger {
+    /// The agent started.
+    Start,
+    /// Endpoints were registered or unregistered: the resources are those of the last
+    /// snapshot, and the applied plan changes in place when it can.
+    Endpoints,
+    /// The resources changed.
+    ResourcesChanged,
+    /// The last reconcile failed.
+    Retry,
+    /// The periodic resync: checks the kernel (and repairs drift).
+    Resync,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Start => "start",
+            Trigger::Endpoints => "endpoints",
+            Trigger::ResourcesChanged => "resources changed",
+            Trigger::Retry => "retry",
+            Trigger::Resync => "resync",
+        }
+    }
+}
+
 struct Reconciler {
     cfg: AgentConfig,
     source: Box<dyn ResourceSource>,
@@ -317,21 +346,21 @@ struct Reconciler {
 }
 
 impl Reconciler {
-    async fn reconcile(&mut self, reason: &str) -> Result<(), String> {
+    async fn reconcile(&mut self, reason: Trigger) -> Result<(), String> {
         let started = Instant::now();
         self.waiting_first_list = false;
         let result = self.reconcile_once(reason).await;
         // Waiting for the first list is how every start in a cluster begins, not an error.
         let failed = result.is_err() && !self.waiting_first_list;
         self.metrics
-            .reconciled(reason, started.elapsed(), !failed, &self.status);
+            .reconciled(reason.as_str(), started.elapsed(), !failed, &self.status);
         result
     }
 
-    async fn reconcile_once(&mut self, reason: &str) -> Result<(), String> {
+    async fn reconcile_once(&mut self, reason: Trigger) -> Result<(), String> {
         // A registration changes endpoints, not resources: reuse the last snapshot.
         let res = match (&self.resources, reason) {
-            (Some(r), "endpoints") => Arc::clone(r),
+            (Some(r), Trigger::Endpoints) => Arc::clone(r),
             _ => {
                 let snapshot = self.source.snapshot();
                 self.waiting_first_list =
@@ -362,7 +391,7 @@ impl Reconciler {
         let changes = self.endpoints.take_changes();
         let in_place = match (self.applied.as_mut(), changes) {
             (Some(a), Some(c))
-                if reason == "endpoints" && a.ok && Arc::ptr_eq(&a.resources, &res) =>
+                if reason == Trigger::Endpoints && a.ok && Arc::ptr_eq(&a.resources, &res) =>
             {
                 // The audit reader shares the compiled policy: lend it an empty one while the
                 // policy changes in place, so the change does not copy it (thousands of groups'
@@ -406,7 +435,8 @@ impl Reconciler {
                 };
                 let out = compute(&self.cfg, &res, &self.endpoints, &realized);
                 let previous = self.applied.take().filter(|a| a.ok).map(|a| a.out.plan);
-                let result = if reason == "endpoints" && previous.as_ref() == Some(&out.plan) {
+                let result = if reason == Trigger::Endpoints && previous.as_ref() == Some(&out.plan)
+                {
                     Ok(ApplyReport::default())
                 } else {
                     let plan = out.plan.clone();
@@ -414,11 +444,11 @@ impl Reconciler {
                     // A registration trusts the last applied plan; a resync checks the tables'
                     // structure and trusts their elements, but every `FULL_RESYNC_EVERY`th;
                     // everything else applies in full.
-                    let checked = reason == "resync" && {
+                    let checked = reason == Trigger::Resync && {
                         self.resyncs += 1;
                         !self.resyncs.is_multiple_of(FULL_RESYNC_EVERY)
                     };
-                    let previous = previous.filter(|_| reason == "endpoints" || checked);
+                    let previous = previous.filter(|_| reason == Trigger::Endpoints || checked);
                     tokio::task::spawn_blocking(move || {
                         if checked {
                             check_blocking(&plan, previous.as_ref(), &state_dir)
@@ -499,11 +529,11 @@ impl Reconciler {
                     }
                 }
                 if !report.is_noop() {
-                    if reason == "resync" {
+                    if reason == Trigger::Resync {
                         // Nothing in the resources changed: someone changed the kernel under us.
                         warn!(changes = ?report.changes, "repaired drift: weft's links or rules had been changed by hand");
                     } else {
-                        info!(reason, changes = ?report.changes, "applied node plan");
+                        info!(reason = reason.as_str(), changes = ?report.changes, "applied node plan");
                     }
                 }
                 self.status.last_error = None;
@@ -521,7 +551,7 @@ impl Reconciler {
                 // The binary and conflist change with the networks only: a registration does
                 // not re-read them (the binary alone is megabytes); every other reconcile,
                 // resyncs included, checks and repairs them.
-                if reason != "endpoints" || self.installed.as_ref() != Some(&default) {
+                if reason != Trigger::Endpoints || self.installed.as_ref() != Some(&default) {
                     match self.cfg.cni.install(default.as_deref()) {
                         Ok(_) => self.installed = Some(default),
                         Err(e) => {
@@ -876,7 +906,7 @@ pub async fn run(
     info!(node = %cfg.node.name, socket = %cfg.socket.display(), endpoints = rec.endpoints.len(), "weft agent starting");
     let mut fingerprint = rec.source.fingerprint().ok();
     let mut retry = Retry::default();
-    retry.record(rec.reconcile("start").await.is_ok());
+    retry.record(rec.reconcile(Trigger::Start).await.is_ok());
     // Watches wake the loop as changes arrive; sources without (files) are polled. The tick also
     // retries a failed reconcile.
     let changes = rec.source.changes();
@@ -900,7 +930,7 @@ pub async fn run(
                     }
                 }
                 if !pending.is_empty() {
-                    let result = rec.reconcile("endpoints").await;
+                    let result = rec.reconcile(Trigger::Endpoints).await;
                     retry.record(result.is_ok());
                     let ready = rec.ready.load(Ordering::SeqCst);
                     for m in pending {
@@ -916,16 +946,16 @@ pub async fn run(
                 let fp = rec.source.fingerprint().ok();
                 if fp != fingerprint {
                     fingerprint = fp;
-                    retry.record(rec.reconcile("resources changed").await.is_ok());
+                    retry.record(rec.reconcile(Trigger::ResourcesChanged).await.is_ok());
                 }
             }
             _ = poll.tick() => {
                 let fp = rec.source.fingerprint().ok();
                 if fp != fingerprint {
                     fingerprint = fp;
-                    retry.record(rec.reconcile("resources changed").await.is_ok());
+                    retry.record(rec.reconcile(Trigger::ResourcesChanged).await.is_ok());
                 } else if retry.due() {
-                    retry.record(rec.reconcile("retry").await.is_ok());
+                    retry.record(rec.reconcile(Trigger::Retry).await.is_ok());
                 }
             }
             _ = resync.tick() => {
@@ -943,7 +973,7 @@ pub async fn run(
                         info!(%network, %vm, "forgot the reservation of a deleted VM");
                     }
                 }
-                retry.record(rec.reconcile("resync").await.is_ok());
+                retry.record(rec.reconcile(Trigger::Resync).await.is_ok());
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
