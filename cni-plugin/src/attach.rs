@@ -603,24 +603,14 @@ fn detached_peer(
     else {
         return Ok(None);
     };
-    let prefix = format!("{}ep:", names::ALIAS_PREFIX);
-    let network = h
-        .alias
-        .as_deref()
-        .and_then(|a| a.strip_prefix(&prefix))
-        .and_then(|rest| rest.split(':').next());
+    let network = h.alias.as_deref().and_then(names::endpoint_alias_network);
     let Some(network) = network.filter(|_| h.peer == Some(taken.index)) else {
         return Ok(None);
     };
     let owned = IpamStore::open(&conf.state_dir, network)?
         .list()?
         .iter()
-        .any(|a| {
-            a.host_ifname
-                .clone()
-                .unwrap_or_else(|| names::host_veth_name(&a.container_id, &a.ifname))
-                == h.name
-        });
+        .any(|a| a.host_link_name() == h.name);
     Ok((!owned).then_some(h.index))
 }
 
@@ -863,7 +853,17 @@ fn del_one(conf: &Conf, env: &Env, network: &str, ifname: &str) -> Result<(), Cn
             return Ok(());
         }
         Ok(reply) => {
-            debug!(error = ?reply.error, "the agent did not detach; removing the attachment here")
+            debug!(error = ?reply.error, "the agent did not detach; removing the attachment here");
+            // An agent that answers but cannot detach (an older one) still forgets the
+            // endpoint before its addresses go.
+            let unregister = Request::Unregister {
+                network: network.to_string(),
+                container_id: container_id.to_string(),
+                ifname: ifname.to_string(),
+            };
+            if let Err(e) = proto::call(&conf.agent_socket, &unregister, conf.agent_timeout) {
+                debug!(error = %error::chain(&e), "agent not reachable for unregister; it resyncs from the IPAM store");
+            }
         }
         Err(e) => {
             debug!(error = %error::chain(&e), "agent not reachable for detach; removing the attachment here")

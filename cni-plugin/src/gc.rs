@@ -33,23 +33,16 @@ pub fn gc(conf: &Conf) -> Result<(), CniError> {
         .iter()
         .map(|a| names::host_veth_name(&a.container_id, &a.ifname))
         .collect();
-    let alias_prefix = format!("{}ep:{network}:", names::ALIAS_PREFIX);
     // The ports of the released allocations, by name too: an ADD killed between creating its
     // veth and giving it its alias (a second netlink step) left a link without the alias.
-    let released_hosts: Vec<String> = released
-        .iter()
-        .map(|a| {
-            a.host_ifname
-                .clone()
-                .unwrap_or_else(|| names::host_veth_name(&a.container_id, &a.ifname))
-        })
-        .collect();
+    let released_hosts: Vec<String> = released.iter().map(|a| a.host_link_name()).collect();
     let mut nl = Netlink::new()?;
     for link in nl.links()? {
         let ours = link
             .alias
             .as_deref()
-            .is_some_and(|a| a.starts_with(&alias_prefix))
+            .and_then(names::endpoint_alias_network)
+            == Some(network)
             || released_hosts.contains(&link.name);
         if ours && !valid_hosts.contains(&link.name) {
             if let Err(e) = nl.delete_link(link.index) {

@@ -29,11 +29,7 @@ fn weft_links() -> Vec<String> {
         .links()
         .unwrap()
         .into_iter()
-        .filter(|l| {
-            l.alias
-                .as_deref()
-                .is_some_and(|a| a.starts_with(&format!("{}ep:", names::ALIAS_PREFIX)))
-        })
+        .filter(|l| l.alias.as_deref().is_some_and(names::is_endpoint_alias))
         .map(|l| l.name)
         .collect()
 }

@@ -49,6 +49,22 @@ pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
     format!("{HOST_VETH_PREFIX}{}", &d[..11])
 }
 
+/// Whether `alias` is the one weft puts on a workload's host link ([`host_veth_alias`]).
+pub fn is_endpoint_alias(alias: &str) -> bool {
+    alias
+        .strip_prefix(ALIAS_PREFIX)
+        .is_some_and(|a| a.starts_with("ep:"))
+}
+
+/// The network that weft's alias of a workload's host link ([`host_veth_alias`]) names.
+pub fn endpoint_alias_network(alias: &str) -> Option<&str> {
+    let (network, _) = alias
+        .strip_prefix(ALIAS_PREFIX)?
+        .strip_prefix("ep:")?
+        .split_once(':')?;
+    Some(network)
+}
+
 /// The alias weft puts on a host-side veth: names the network and the attachment.
 pub fn host_veth_alias(network: &str, container_id: &str, ifname: &str) -> String {
     // IFLA_IFALIAS holds up to 128 bytes: keep the container id short enough.
@@ -247,6 +263,18 @@ pub fn eui64_link_local(mac: [u8; 6]) -> std::net::Ipv6Addr {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_endpoint_alias_names_its_network() {
+        let alias = host_veth_alias("lan.v2", "c1", "eth0");
+        assert!(is_endpoint_alias(&alias));
+        assert_eq!(endpoint_alias_network(&alias), Some("lan.v2"));
+        let bridge = bridge_alias("lan.v2");
+        assert!(!is_endpoint_alias(&bridge));
+        assert_eq!(endpoint_alias_network(&bridge), None);
+        assert_eq!(endpoint_alias_network("other:ep:lan:c1:eth0"), None);
+        assert_eq!(endpoint_alias_network("weft:ep:lan"), None);
+    }
+
     #[test]
     fn network_names_are_dns_1123_subdomains() {
         for ok in ["nat-demo", "a", "lan.v2", "0a"] {

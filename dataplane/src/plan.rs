@@ -535,9 +535,12 @@ fn apply_ports(
         ) else {
             continue;
         };
-        let ours = format!("{}ep:{}:", names::ALIAS_PREFIX, port.network);
         if failed.contains(port.network.as_str())
-            || !link.alias.as_deref().is_some_and(|a| a.starts_with(&ours))
+            || link
+                .alias
+                .as_deref()
+                .and_then(names::endpoint_alias_network)
+                != Some(port.network.as_str())
             || master.alias.as_deref() != Some(names::bridge_alias(&bridge.network).as_str())
             || link.master == Some(master.index)
         {
@@ -579,10 +582,7 @@ fn apply_ports(
         .map(|l| l.index)
         .collect();
     for link in &all {
-        let workload_port = link
-            .alias
-            .as_deref()
-            .is_some_and(|a| a.starts_with(&format!("{}ep:", names::ALIAS_PREFIX)));
+        let workload_port = link.alias.as_deref().is_some_and(names::is_endpoint_alias);
         if workload_port
             && link.hairpin == Some(false)
             && link.master.is_some_and(|m| bridges.contains(&m))
@@ -638,12 +638,13 @@ fn workload_vlans(
     links: &mut dyn Links,
     report: &mut ApplyReport,
 ) -> Result<(), ApplyError> {
-    let ours = format!("{}ep:{}:", names::ALIAS_PREFIX, bridge.network);
     let ports: Vec<LinkInfo> = links
         .list()?
         .into_iter()
         .filter(|l| {
-            l.master == Some(index) && l.alias.as_deref().is_some_and(|a| a.starts_with(&ours))
+            l.master == Some(index)
+                && l.alias.as_deref().and_then(names::endpoint_alias_network)
+                    == Some(bridge.network.as_str())
         })
         .collect();
     if ports.is_empty() {

@@ -155,6 +155,13 @@ impl Allocation {
 
     /// The MAC its workload uses: the one recorded, else the one ADD derives
     /// ([`crate::names::workload_mac`]).
+    /// The host side of the attachment: as recorded, or as ADD names it.
+    pub fn host_link_name(&self) -> String {
+        self.host_ifname
+            .clone()
+            .unwrap_or_else(|| crate::names::host_veth_name(&self.container_id, &self.ifname))
+    }
+
     pub fn effective_mac(&self) -> [u8; 6] {
         self.mac
             .as_deref()

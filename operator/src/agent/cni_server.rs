@@ -97,9 +97,10 @@ impl Detacher {
                 })
             })
             .map_err(|e| format!("cannot release the addresses: {}", crate::error_chain(&e)))?;
-        let host = released
-            .and_then(|a| a.host_ifname)
-            .unwrap_or_else(|| weft_dataplane::names::host_veth_name(container_id, ifname));
+        let host = released.map_or_else(
+            || weft_dataplane::names::host_veth_name(container_id, ifname),
+            |a| a.host_link_name(),
+        );
         self.reaper
             .reap(&host)
             .map_err(|e| format!("cannot find host link {host}: {e}"))?;

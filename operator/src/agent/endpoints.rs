@@ -45,10 +45,7 @@ fn key(network: &str, container_id: &str, ifname: &str) -> Key {
 fn from_allocation(network: &str, a: Allocation) -> Endpoint {
     Endpoint {
         network: network.to_string(),
-        host_ifname: a
-            .host_ifname
-            .clone()
-            .unwrap_or_else(|| weft_dataplane::names::host_veth_name(&a.container_id, &a.ifname)),
+        host_ifname: a.host_link_name(),
         // No recorded MAC: the CNI derived it from the addresses, the same way.
         mac: a.mac.clone().unwrap_or_else(|| {
             weft_dataplane::names::format_mac(weft_dataplane::names::workload_mac(
@@ -273,11 +270,6 @@ impl EndpointStore {
         self.note(&k);
         self.endpoints.remove(&k);
         self.gone.insert(k, Instant::now());
-    }
-
-    /// The endpoint of one attachment.
-    pub fn get(&self, network: &str, container_id: &str, ifname: &str) -> Option<&Endpoint> {
-        self.endpoints.get(&key(network, container_id, ifname))
     }
 
     /// All endpoints, in a stable order.

@@ -19,7 +19,7 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
-use weft_dataplane::ipam::IpamStore;
+use weft_dataplane::ipam::{Allocation, IpamStore};
 use weft_dataplane::names;
 use weft_dataplane::netlink::{LinkInfo, Netlink};
 
@@ -104,7 +104,8 @@ impl Reaper {
     /// Looks up the host link `name` now and deletes it after the grace period unless its
     /// namespace has taken it along; `Ok(false)` when there is none.
     pub fn reap(&self, name: &str) -> Result<bool, weft_dataplane::netlink::NetlinkError> {
-        let Some(link) = Netlink::new()?.link_by_name(name)? else {
+        let mut nl = Netlink::new()?;
+        let Some(link) = nl.link_by_name(name)? else {
             return Ok(false);
         };
         if self
@@ -113,7 +114,7 @@ impl Reaper {
             .is_err()
         {
             // The thread is gone (it never stops by itself): delete it here.
-            Netlink::new()?.delete_link(link.index)?;
+            nl.delete_link(link.index)?;
         }
         Ok(true)
     }
@@ -132,10 +133,9 @@ impl Reaper {
                 return Vec::new();
             }
         };
-        let prefix = format!("{}ep:", names::ALIAS_PREFIX);
         let candidates: Vec<LinkInfo> = links
             .into_iter()
-            .filter(|l| l.alias.as_deref().is_some_and(|a| a.starts_with(&prefix)))
+            .filter(|l| l.alias.as_deref().is_some_and(names::is_endpoint_alias))
             .collect();
         if candidates.is_empty() {
             return Vec::new();
@@ -146,10 +146,7 @@ impl Reaper {
             let Ok(allocs) = IpamStore::open(state_dir, &network).and_then(|s| s.list()) else {
                 return Vec::new();
             };
-            owned.extend(allocs.into_iter().map(|a| {
-                a.host_ifname
-                    .unwrap_or_else(|| names::host_veth_name(&a.container_id, &a.ifname))
-            }));
+            owned.extend(allocs.iter().map(Allocation::host_link_name));
         }
         let mut out = Vec::new();
         for link in candidates {
