@@ -71,7 +71,7 @@ pub fn diff(current: &Table, desired: &Table) -> Transaction {
                 family,
                 table: table.clone(),
                 map: want.name.clone(),
-                key: map_key(want),
+                key: SetKey::of_map(want),
                 keys: gone,
             });
         }
@@ -80,7 +80,7 @@ pub fn diff(current: &Table, desired: &Table) -> Transaction {
                 family,
                 table: table.clone(),
                 map: want.name.clone(),
-                key: map_key(want),
+                key: SetKey::of_map(want),
                 value_type: want.value_type.clone(),
                 elements: new,
             });
@@ -88,14 +88,6 @@ pub fn diff(current: &Table, desired: &Table) -> Transaction {
     }
     deletes.extend(adds);
     Transaction(deletes)
-}
-
-/// A map's key, as a set's.
-fn map_key(map: &super::Map) -> SetKey {
-    SetKey {
-        key_type: map.key_type.clone(),
-        interval: map.flags.iter().any(|f| f == "interval"),
-    }
 }
 
 /// canonical → raw.

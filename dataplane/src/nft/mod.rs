@@ -233,6 +233,14 @@ impl SetKey {
             interval: set.flags.iter().any(|f| f == "interval"),
         }
     }
+
+    /// The key of `map`, as a set's.
+    pub fn of_map(map: &Map) -> SetKey {
+        SetKey {
+            key_type: map.key_type.clone(),
+            interval: map.flags.iter().any(|f| f == "interval"),
+        }
+    }
 }
 
 /// One step of a [`Transaction`].

@@ -156,6 +156,22 @@ pub fn shield_agent_ports(table: &mut Table, ports: &[u16]) {
     );
 }
 
+/// The names of the maps of host ports to workload addresses: IPv4, IPv6.
+pub const HOST_PORT_MAPS: [&str; 2] = ["hport4", "hport6"];
+
+/// The elements of the host-port maps ([`HOST_PORT_MAPS`]): `node address . protocol . port`
+/// → `workload address . port`, IPv4 first.
+pub fn host_port_elements(host_ports: &[HostPort]) -> [BTreeMap<String, String>; 2] {
+    let mut hport = [BTreeMap::new(), BTreeMap::new()];
+    for h in host_ports {
+        hport[usize::from(h.target.is_ipv6())].insert(
+            format!("{} . {} . {}", cidr_text(&h.host), h.protocol, h.port),
+            format!("{} . {}", h.target, h.target_port),
+        );
+    }
+    hport
+}
+
 /// Builds weft's `inet weft` table, with the segmentation policy's sets and chains.
 pub fn table(
     nets: &[NetRules],
@@ -236,14 +252,7 @@ pub fn table(
         }
     }
     let [fwd4, fwd6, fwdr4, fwdr6] = fwd;
-    let mut hport = [BTreeMap::new(), BTreeMap::new()];
-    for h in host_ports {
-        hport[usize::from(h.target.is_ipv6())].insert(
-            format!("{} . {} . {}", cidr_text(&h.host), h.protocol, h.port),
-            format!("{} . {}", h.target, h.target_port),
-        );
-    }
-    let [hport4, hport6] = hport;
+    let [hport4, hport6] = host_port_elements(host_ports);
     let l4 = "meta l4proto { tcp, udp, sctp }";
     let dnat_rules = |local4: &str, local6: &str| -> Vec<String> {
         vec![
@@ -305,13 +314,13 @@ pub fn table(
                 fwdr6,
             ),
             map(
-                "hport4",
+                HOST_PORT_MAPS[0],
                 "ipv4_addr . inet_proto . inet_service",
                 "ipv4_addr . inet_service",
                 hport4,
             ),
             map(
-                "hport6",
+                HOST_PORT_MAPS[1],
                 "ipv6_addr . inet_proto . inet_service",
                 "ipv6_addr . inet_service",
                 hport6,

@@ -308,7 +308,53 @@ impl Trigger {
     }
 }
 
+/// Writes `<state>/status.json` off the reconcile's path (a registration's reply does not wait
+/// for it): one task writes, the newest status wins, and writes never overlap.
+#[derive(Debug)]
+struct StatusFile {
+    tx: tokio::sync::watch::Sender<Option<AgentStatus>>,
+    writer: tokio::task::JoinHandle<()>,
+}
+
+impl StatusFile {
+    fn spawn(path: PathBuf) -> Self {
+        let (tx, mut rx) = tokio::sync::watch::channel(None::<AgentStatus>);
+        let writer = tokio::spawn(async move {
+            // A value sent before the sender is dropped is still seen (see `flush`).
+            while rx.changed().await.is_ok() {
+                let Some(status) = rx.borrow_and_update().clone() else {
+                    continue;
+                };
+                let path = path.clone();
+                let written =
+                    tokio::task::spawn_blocking(move || state::write_json_unsynced(&path, &status))
+                        .await;
+                if let Ok(Err(e)) = written {
+                    warn!(error = %crate::error_chain(&e), "cannot write status");
+                }
+            }
+        });
+        StatusFile { tx, writer }
+    }
+
+    fn publish(&self, status: &AgentStatus) {
+        self.tx.send_replace(Some(status.clone()));
+    }
+
+    /// Writes the last status published and stops.
+    async fn flush(self) {
+        drop(self.tx);
+        if tokio::time::timeout(Duration::from_secs(5), self.writer)
+            .await
+            .is_err()
+        {
+            warn!("the last status was not written within 5 s");
+        }
+    }
+}
+
 struct Reconciler {
+    status_file: StatusFile,
     cfg: AgentConfig,
     source: Box<dyn ResourceSource>,
     endpoints: EndpointStore,
@@ -604,11 +650,7 @@ impl Reconciler {
             });
         }
         self.source.report(&self.status);
-        if let Err(e) =
-            state::write_json_unsynced(&self.cfg.state_dir.join("status.json"), &self.status)
-        {
-            warn!(error = %crate::error_chain(&e), "cannot write status");
-        }
+        self.status_file.publish(&self.status);
         outcome
     }
 
@@ -883,6 +925,7 @@ pub async fn run(
         },
     ));
     let mut rec = Reconciler {
+        status_file: StatusFile::spawn(cfg.state_dir.join("status.json")),
         endpoints: EndpointStore::load(&cfg.state_dir),
         cfg: cfg.clone(),
         source,
@@ -990,6 +1033,7 @@ pub async fn run(
         }
     }
     server.abort();
+    rec.status_file.flush().await;
     if let Some(m) = metrics_server {
         m.abort();
     }

@@ -324,7 +324,12 @@ pub fn plan(
     }
 
     let (forwards, realized) = plan_forwards(res, &accepted, endpoints, &mut problems);
-    let host_ports = plan_host_ports(&accepted, endpoints, &forwards, &mut problems);
+    let host_ports = plan_host_ports(
+        &|n| accepted.contains_key(n),
+        endpoints,
+        &forwards,
+        &mut problems,
+    );
     let members = members(res, endpoints);
     let policy = crate::policy::compile_resources(res, &members);
     problems.extend(policy.problems.iter().cloned());
@@ -516,7 +521,8 @@ pub const ENDPOINT_DELTA_MAX: usize = 64;
 /// `None`, with `out` untouched, when the change is not of that kind and the plan must be
 /// computed in full: more than [`ENDPOINT_DELTA_MAX`] endpoints changed, an address held by
 /// two members (a migrating VM's), a PortForward that could target a changed endpoint, no
-/// guard table, a port name in use. The result equals the full plan (property-tested).
+/// guard table, a port name in use, host ports that change more than their map elements (see
+/// [`host_port_changes`]). The result equals the full plan (property-tested).
 pub fn apply_endpoint_changes(
     out: &mut PlanOutput,
     res: &Resources,
@@ -554,13 +560,10 @@ pub fn apply_endpoint_changes(
                     == e.pod_namespace.as_deref().unwrap_or("default")
         })
     };
-    if removed
-        .iter()
-        .chain(added)
-        .any(|e| forwarded(e) || !e.port_mappings.is_empty())
-    {
+    if removed.iter().chain(added).any(forwarded) {
         return None;
     }
+    let host_ports = host_port_changes(out, res, removed, added)?;
     let gone: Vec<_> = removed
         .iter()
         .map(|e| endpoint_member(res, None, e))
@@ -649,6 +652,35 @@ pub fn apply_endpoint_changes(
             });
         }
     }
+    for (name, (gone, came)) in firewall::HOST_PORT_MAPS.iter().zip(host_ports) {
+        let table = &mut out.plan.firewall;
+        let Some(map) = table.maps.iter_mut().find(|m| m.name == *name) else {
+            continue;
+        };
+        for k in &gone {
+            map.elements.remove(k);
+        }
+        map.elements.extend(came.iter().cloned());
+        if !gone.is_empty() {
+            deletes.push(Change::DeleteMapElements {
+                family: table.family,
+                table: table.name.clone(),
+                map: map.name.clone(),
+                key: SetKey::of_map(map),
+                keys: gone,
+            });
+        }
+        if !came.is_empty() {
+            adds.push(Change::AddMapElements {
+                family: table.family,
+                table: table.name.clone(),
+                map: map.name.clone(),
+                key: SetKey::of_map(map),
+                value_type: map.value_type.clone(),
+                elements: came,
+            });
+        }
+    }
     deletes.extend(adds);
     // The ports: no kernel work (the CNI attaches a new port, and DEL deletes a removed one).
     let ports = &mut out.plan.ports;
@@ -660,6 +692,73 @@ pub fn apply_endpoint_changes(
     ports.extend(port_plans(&out.plan.bridges, &out.plan.networks, added));
     ports.sort();
     Some(Transaction(deletes))
+}
+
+/// Per host-port map ([`firewall::HOST_PORT_MAPS`]): the keys to delete and the elements to add.
+type HostPortChange = (Vec<String>, Vec<(String, String)>);
+
+/// The host-port map changes of an in-place endpoint change ([`apply_endpoint_changes`]).
+/// `None` when the change would touch more of the plan than those maps' elements: a host port
+/// the plan reports a problem about, now or after (a second claim, a protocol weft does not
+/// forward, a PortForward's node port: the first claim in the full plan's order wins, and a
+/// removal can let a waiting claim in); a key another endpoint holds; or the first or last
+/// host port of an address family (the forwarding sysctls follow them).
+fn host_port_changes(
+    out: &PlanOutput,
+    res: &Resources,
+    removed: &[Endpoint],
+    added: &[Endpoint],
+) -> Option<[HostPortChange; 2]> {
+    let mapped = |eps: &[Endpoint]| eps.iter().any(|e| !e.port_mappings.is_empty());
+    if !mapped(removed) && !mapped(added) {
+        return Some(Default::default());
+    }
+    if !res.port_forwards.is_empty() || out.problems.iter().any(|p| p.kind == "Pod") {
+        return None;
+    }
+    let realized: BTreeSet<&str> = out.plan.networks.iter().map(|n| n.name.as_str()).collect();
+    let realized = |n: &str| realized.contains(n);
+    let mut problems = Vec::new();
+    let gone =
+        firewall::host_port_elements(&plan_host_ports(&realized, removed, &[], &mut problems));
+    let came = firewall::host_port_elements(&plan_host_ports(&realized, added, &[], &mut problems));
+    if !problems.is_empty() {
+        return None;
+    }
+    let mut changes: [HostPortChange; 2] = Default::default();
+    for (i, name) in firewall::HOST_PORT_MAPS.iter().enumerate() {
+        let map = out.plan.firewall.maps.iter().find(|m| m.name == *name)?;
+        // What a removed endpoint had is in the map as its own.
+        if gone[i].iter().any(|(k, v)| map.elements.get(k) != Some(v)) {
+            return None;
+        }
+        let (del, add) = &mut changes[i];
+        let mut len = map.elements.len();
+        for (k, v) in &came[i] {
+            match map.elements.get(k) {
+                // Another endpoint's.
+                Some(_) if !gone[i].contains_key(k) => return None,
+                // The same endpoint's, unchanged.
+                Some(old) if old == v => {}
+                Some(_) => {
+                    del.push(k.clone());
+                    add.push((k.clone(), v.clone()));
+                }
+                None => {
+                    add.push((k.clone(), v.clone()));
+                    len += 1;
+                }
+            }
+        }
+        for k in gone[i].keys().filter(|k| !came[i].contains_key(*k)) {
+            del.push(k.clone());
+            len -= 1;
+        }
+        if map.elements.is_empty() != (len == 0) {
+            return None;
+        }
+    }
+    Some(changes)
 }
 
 /// An endpoint's pod: namespace (`default` when unknown), name and labels.
@@ -790,7 +889,7 @@ pub fn restore_sources(
 /// and left out. A host port that is also a PortForward's node port is reported: the
 /// PortForward's rules come first and take the connections from its sources.
 fn plan_host_ports(
-    networks: &BTreeMap<String, &Network>,
+    realized: &dyn Fn(&str) -> bool,
     endpoints: &[Endpoint],
     forwards: &[Forward],
     problems: &mut Vec<Problem>,
@@ -798,7 +897,7 @@ fn plan_host_ports(
     let mut out = Vec::new();
     let mut taken: Vec<(&weft_dataplane::proto::PortMapping, &Endpoint)> = Vec::new();
     for e in endpoints {
-        if e.pending || !networks.contains_key(&e.network) {
+        if e.pending || !realized(&e.network) {
             continue;
         }
         for m in &e.port_mappings {
