@@ -490,39 +490,9 @@ fn add_one(
         debug!(link = %taken.name, "removing the interface of a detached attachment the runtime's namespace kept");
         host.delete_link(host_end)?;
     }
-    let alias = names::host_veth_alias(network, container_id, ifname);
-    let host_index = host.create_veth_into_netns(&VethSpec {
-        host_name: &host_name,
-        host_alias: Some(&alias),
-        host_master: Some(bridge.index),
-        peer_name: ifname,
-        peer_netns: ns.fd(),
-        peer_mac: Some(mac),
-        mtu: Some(net.mtu),
-    })?;
-    rollback.host_index = Some(host_index);
-    // Hairpin: the workload reaches itself through the node's port forwards and host ports
-    // (the bridge guard drops the broadcasts and multicasts it would reflect).
-    host.set_port_hairpin(host_index, true)?;
-    // A VLAN-filtering bridge: an access port on the network's own VLAN, plus the trunk.
-    if let Some(f) = &net.vlan_filtering {
-        host.set_port_vlans(host_index, &f.workload(trunk))?;
-    }
-    // A pod's interface gets the addresses and routes; a VM's gets a tap (the guest has them).
-    let (sandbox_if, routes) = match &tap {
-        Some(t) => match wire_tap(&ns, &mut inner, ifname, t, mac, net.mtu) {
-            Ok(tap_name) => (tap_name, Vec::new()),
-            Err(e) => {
-                unwire_tap(&mut inner, ifname);
-                return Err(e);
-            }
-        },
-        None => (
-            ifname.to_string(),
-            configure_pod_interface(&mut inner, ifname, &alloc.ips, &net, default_route)?,
-        ),
-    };
-    let registered = register(
+    // The agent puts the endpoint's rules in place while the link is wired here; ADD returns
+    // only once it has answered.
+    let registration = Registration::start(
         conf,
         Endpoint {
             network: network.to_string(),
@@ -539,7 +509,50 @@ fn add_one(
             vlan_trunk: trunk.to_vec(),
             port_mappings: port_mappings.to_vec(),
         },
-    );
+    )?;
+    let alias = names::host_veth_alias(network, container_id, ifname);
+    let mut wire = || -> Result<(String, Vec<Route>), CniError> {
+        let host_index = host.create_veth_into_netns(&VethSpec {
+            host_name: &host_name,
+            host_alias: Some(&alias),
+            host_master: Some(bridge.index),
+            peer_name: ifname,
+            peer_netns: ns.fd(),
+            peer_mac: Some(mac),
+            mtu: Some(net.mtu),
+        })?;
+        rollback.host_index = Some(host_index);
+        // Hairpin: the workload reaches itself through the node's port forwards and host
+        // ports (the bridge guard drops the broadcasts and multicasts it would reflect).
+        host.set_port_hairpin(host_index, true)?;
+        // A VLAN-filtering bridge: an access port on the network's own VLAN, plus the trunk.
+        if let Some(f) = &net.vlan_filtering {
+            host.set_port_vlans(host_index, &f.workload(trunk))?;
+        }
+        // A pod's interface gets the addresses and routes; a VM's gets a tap (the guest has
+        // them).
+        match &tap {
+            Some(t) => match wire_tap(&ns, &mut inner, ifname, t, mac, net.mtu) {
+                Ok(tap_name) => Ok((tap_name, Vec::new())),
+                Err(e) => {
+                    unwire_tap(&mut inner, ifname);
+                    Err(e)
+                }
+            },
+            None => Ok((
+                ifname.to_string(),
+                configure_pod_interface(&mut inner, ifname, &alloc.ips, &net, default_route)?,
+            )),
+        }
+    };
+    let (sandbox_if, routes) = match wire() {
+        Ok(wired) => wired,
+        Err(e) => {
+            registration.withdraw(conf);
+            return Err(e);
+        }
+    };
+    let registered = registration.finish();
     if registered.is_err() && tap.is_some() {
         unwire_tap(&mut inner, ifname);
     }
@@ -732,13 +745,7 @@ fn identity(conf: &Conf, namespace: &str, name: &str) -> Result<PodIdentity, Cni
         },
         conf.agent_timeout,
     )
-    .map_err(|e| {
-        CniError::from_chain(
-            error::TRY_AGAIN_LATER,
-            "the weft agent is not reachable",
-            &e,
-        )
-    })?;
+    .map_err(unreachable_agent)?;
     // The agent does not know the pod yet (its cache lags the API): attaching without its
     // networks annotation and VM identity would silently drop them, so the runtime retries.
     if !reply.ok {
@@ -756,27 +763,63 @@ fn identity(conf: &Conf, namespace: &str, name: &str) -> Result<PodIdentity, Cni
     })
 }
 
-fn register(conf: &Conf, endpoint: Endpoint) -> Result<(), CniError> {
-    let reply = proto::call(
-        &conf.agent_socket,
-        &Request::Register { endpoint },
-        conf.agent_timeout,
-    )
-    .map_err(|e| {
-        CniError::from_chain(
-            error::TRY_AGAIN_LATER,
-            "the weft agent is not reachable",
-            &e,
+/// An endpoint's registration with the agent, sent and not answered yet.
+struct Registration {
+    pending: proto::Pending,
+    endpoint: Endpoint,
+}
+
+impl Registration {
+    /// Sends the registration; an agent that cannot be reached is code 11 (try again later).
+    fn start(conf: &Conf, endpoint: Endpoint) -> Result<Registration, CniError> {
+        let pending = proto::Pending::start(
+            &conf.agent_socket,
+            &Request::Register {
+                endpoint: endpoint.clone(),
+            },
+            conf.agent_timeout,
         )
-    })?;
-    if !reply.ok {
-        return Err(CniError::new(
-            error::AGENT_REFUSED,
-            "the weft agent refused the endpoint",
-            reply.error.unwrap_or_default(),
-        ));
+        .map_err(unreachable_agent)?;
+        Ok(Registration { pending, endpoint })
     }
-    Ok(())
+
+    /// Waits for the agent's answer: its refusal is code 105 with its reason.
+    fn finish(self) -> Result<(), CniError> {
+        let reply = self.pending.finish().map_err(unreachable_agent)?;
+        if !reply.ok {
+            return Err(CniError::new(
+                error::AGENT_REFUSED,
+                "the weft agent refused the endpoint",
+                reply.error.unwrap_or_default(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Takes back a registration whose link could not be wired (best effort): after the agent's
+    /// answer, so the unregistration cannot overtake it.
+    fn withdraw(self, conf: &Conf) {
+        let endpoint = self.endpoint.clone();
+        if self.finish().is_err() {
+            return;
+        }
+        let unregister = Request::Unregister {
+            network: endpoint.network,
+            container_id: endpoint.container_id,
+            ifname: endpoint.ifname,
+        };
+        if let Err(e) = proto::call(&conf.agent_socket, &unregister, conf.agent_timeout) {
+            warn!(error = %error::chain(&e), "cannot withdraw the registration; the agent's resync drops it");
+        }
+    }
+}
+
+fn unreachable_agent(e: proto::ProtoError) -> CniError {
+    CniError::from_chain(
+        error::TRY_AGAIN_LATER,
+        "the weft agent is not reachable",
+        &e,
+    )
 }
 
 /// DEL: best effort and idempotent; a missing netns, link or allocation is success.

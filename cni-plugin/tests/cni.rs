@@ -324,6 +324,30 @@ fn add_fails_closed_and_undoes_everything_when_the_agent_does_not_answer() {
     drop(node.agent.take());
 }
 
+/// The link is wired while the agent considers the registration; its refusal undoes it all.
+#[test]
+fn an_endpoint_the_agent_refuses_leaves_no_link_and_no_address() {
+    let mut node = Node::new(Agent::Refuses);
+    let (_, ns_path) = node.workload();
+    let ns = ns_path.to_str().unwrap();
+    let add = weft("ADD", &node.conf("1.1.0"), &env("refused", ns, "eth0"));
+    assert!(!add.ok);
+    assert_eq!(add.json["code"], 105, "{}", add.json);
+    assert!(
+        add.json["details"]
+            .as_str()
+            .is_some_and(|d| d.contains("host port 8080/tcp")),
+        "{}",
+        add.json
+    );
+    assert!(!host_link_exists("refused", "eth0"));
+    let store = IpamStore::open(node.state_dir(), "test").unwrap();
+    assert!(store.list().unwrap().is_empty(), "the address was released");
+    let mut inner = Netlink::in_netns(&Netns::open(&ns_path).unwrap()).unwrap();
+    assert!(inner.link_by_name("eth0").unwrap().is_none());
+    drop(node.agent.take());
+}
+
 #[test]
 fn a_killed_add_is_repaired_by_del_and_by_gc() {
     let mut node = Node::new(Agent::Silent);

@@ -403,24 +403,46 @@ pub fn notify(socket: &Path, req: &Request, timeout: Duration) -> Result<(), Pro
 
 /// Sends `req` and waits for the agent's reply, at most `timeout` for each step.
 pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Reply, ProtoError> {
-    let stream = send(socket, req, timeout)?;
-    let ex = |source| ProtoError::Exchange {
-        path: socket.to_path_buf(),
-        source,
-    };
-    let mut reader = BufReader::new(&stream);
-    let mut reply = String::new();
-    reader.read_line(&mut reply).map_err(ex)?;
-    if reply.is_empty() {
-        return Err(ex(std::io::Error::new(
-            std::io::ErrorKind::UnexpectedEof,
-            "the agent closed the connection without a reply",
-        )));
+    Pending::start(socket, req, timeout)?.finish()
+}
+
+/// A request sent whose reply is not read yet: the sender works meanwhile (the CNI wires the
+/// link while the agent puts the endpoint's rules in place) and then waits for the answer.
+#[derive(Debug)]
+pub struct Pending {
+    stream: UnixStream,
+    path: std::path::PathBuf,
+}
+
+impl Pending {
+    /// Connects and sends `req`, each step at most `timeout` (as is reading the reply).
+    pub fn start(socket: &Path, req: &Request, timeout: Duration) -> Result<Pending, ProtoError> {
+        Ok(Pending {
+            stream: send(socket, req, timeout)?,
+            path: socket.to_path_buf(),
+        })
     }
-    serde_json::from_str(&reply).map_err(|source| ProtoError::Decode {
-        path: socket.to_path_buf(),
-        source,
-    })
+
+    /// Waits for the reply.
+    pub fn finish(self) -> Result<Reply, ProtoError> {
+        let ex = |source| ProtoError::Exchange {
+            path: self.path.clone(),
+            source,
+        };
+        let mut reader = BufReader::new(&self.stream);
+        let mut reply = String::new();
+        reader.read_line(&mut reply).map_err(ex)?;
+        if reply.is_empty() {
+            return Err(ex(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the agent closed the connection without a reply",
+            )));
+        }
+        serde_json::from_str(&reply).map_err(|source| ProtoError::Decode {
+            path: self.path.clone(),
+            source,
+        })
+    }
 }
 
 #[cfg(test)]

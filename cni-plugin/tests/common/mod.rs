@@ -76,6 +76,9 @@ pub enum Agent {
     /// Answers identity questions "not in my cache yet" (a pod the agent has not seen), the
     /// rest with ok.
     UnknownPods,
+    /// Refuses registrations (as the agent refuses a host port another workload holds), the
+    /// rest with ok.
+    Refuses,
     /// No socket at all.
     None,
 }
@@ -122,10 +125,11 @@ impl Node {
         let socket = dir.path().join("agent.sock");
         let handle = match agent {
             Agent::None => None,
-            Agent::Answers | Agent::Silent | Agent::UnknownPods => {
+            Agent::Answers | Agent::Silent | Agent::UnknownPods | Agent::Refuses => {
                 let listener = UnixListener::bind(&socket).unwrap();
                 let silent = matches!(agent, Agent::Silent);
                 let unknown = matches!(agent, Agent::UnknownPods);
+                let refuses = matches!(agent, Agent::Refuses);
                 Some(std::thread::spawn(move || {
                     for s in listener.incoming() {
                         let Ok(s) = s else { return };
@@ -140,6 +144,7 @@ impl Node {
                             }
                             // A pod named vm-launcher-<x> runs VM default/<x> (its label).
                             let reply = match line.split("\"name\":\"vm-launcher-").nth(1) {
+                                _ if refuses && line.contains("\"op\":\"register\"") => "{\"ok\":false,\"ready\":true,\"error\":\"host port 8080/tcp is already used on node n\"}\n".to_string(),
                                 _ if unknown && identity => "{\"ok\":false,\"ready\":true,\"error\":\"pod default/pod is not in the agent's cache yet\"}\n".to_string(),
                                 // Detaching takes a real agent (rules, addresses, then the
                                 // link): the stand-in declines, as an older agent does, and the
@@ -161,7 +166,7 @@ impl Node {
         };
         set_node_env("WEFT_STATE_DIR", dir.path());
         set_node_env("WEFT_AGENT_SOCKET", &socket);
-        if matches!(agent, Agent::Answers | Agent::UnknownPods) {
+        if matches!(agent, Agent::Answers | Agent::UnknownPods | Agent::Refuses) {
             NodeState {
                 node: "n".into(),
                 agent_socket: socket,
