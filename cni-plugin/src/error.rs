@@ -72,11 +72,7 @@ pub use weft_dataplane::error_chain as chain;
 
 impl From<weft_dataplane::ipam::IpamError> for CniError {
     fn from(e: weft_dataplane::ipam::IpamError) -> Self {
-        let msg = match e {
-            weft_dataplane::ipam::IpamError::MacInUse { .. } => "MAC address already in use",
-            _ => "address allocation failed",
-        };
-        CniError::from_chain(e.cni_code(), msg, &e)
+        CniError::from_chain(e.cni_code(), e.summary(), &e)
     }
 }
 

@@ -4,6 +4,7 @@
 //! sysctls) or to weft's on-node state (the IPAM store, the runtime state files), and nothing
 //! here knows about Kubernetes.
 
+pub mod attachment;
 pub mod frame;
 pub mod ipam;
 pub mod links;

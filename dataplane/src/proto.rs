@@ -101,6 +101,16 @@ pub struct Endpoint {
 pub enum Request {
     /// Is the agent up and has it reconciled the node?
     Ping,
+    /// ADD: the agent finds the pod's VM and Networks, allocates each interface's addresses
+    /// (it keeps the IPAM store) and answers twice: first with the interfaces
+    /// ([`Reply::attached`]), which the CNI wires meanwhile, then once their rules are in force
+    /// (or with its refusal, having released the addresses). An agent that does not know the
+    /// request (an older one) answers a bad request: the CNI then allocates and registers
+    /// itself.
+    Attach {
+        /// What the ADD asks for.
+        ask: crate::attachment::Ask,
+    },
     /// A new endpoint: put the node's rules for it in force, then answer.
     Register {
         /// The endpoint.
@@ -313,7 +323,20 @@ pub struct Reply {
     /// reservation (it stopped there): the addresses and MAC it gets back, by network.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub restore: std::collections::BTreeMap<String, Restore>,
+    /// For [`Request::Attach`] (its first answer): the interfaces and their addresses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attached: Vec<crate::attachment::Attached>,
+    /// The CNI error code of a failure, when the agent knows it (an allocation's, an invalid
+    /// annotation's), with its short message (`error` has the details).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<u32>,
+    /// The short message that goes with `code`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub msg: Option<String>,
 }
+
+/// How the agent's reply to a request it cannot decode begins.
+pub const BAD_REQUEST: &str = "bad request: ";
 
 impl Reply {
     /// A success reply.
@@ -326,19 +349,36 @@ impl Reply {
             networks: None,
             migration: Default::default(),
             restore: Default::default(),
+            attached: Vec::new(),
+            code: None,
+            msg: None,
         }
     }
     /// A failure reply.
     pub fn error(ready: bool, msg: impl Into<String>) -> Self {
         Reply {
             ok: false,
-            ready,
             error: Some(msg.into()),
-            vm: None,
-            networks: None,
-            migration: Default::default(),
-            restore: Default::default(),
+            ..Reply::ok(ready)
         }
+    }
+
+    /// A failure with its CNI code and short message.
+    pub fn failed(ready: bool, code: u32, msg: impl Into<String>, details: impl Into<String>) -> Self {
+        Reply {
+            code: Some(code),
+            msg: Some(msg.into()),
+            ..Reply::error(ready, details)
+        }
+    }
+
+    /// The agent could not decode the request: an older agent, which does not know it.
+    pub fn is_bad_request(&self) -> bool {
+        !self.ok
+            && self
+                .error
+                .as_deref()
+                .is_some_and(|e| e.starts_with(BAD_REQUEST))
     }
 }
 
@@ -410,7 +450,7 @@ pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Reply, Pr
 /// link while the agent puts the endpoint's rules in place) and then waits for the answer.
 #[derive(Debug)]
 pub struct Pending {
-    stream: UnixStream,
+    reader: BufReader<UnixStream>,
     path: std::path::PathBuf,
 }
 
@@ -418,20 +458,24 @@ impl Pending {
     /// Connects and sends `req`, each step at most `timeout` (as is reading the reply).
     pub fn start(socket: &Path, req: &Request, timeout: Duration) -> Result<Pending, ProtoError> {
         Ok(Pending {
-            stream: send(socket, req, timeout)?,
+            reader: BufReader::new(send(socket, req, timeout)?),
             path: socket.to_path_buf(),
         })
     }
 
     /// Waits for the reply.
-    pub fn finish(self) -> Result<Reply, ProtoError> {
+    pub fn finish(mut self) -> Result<Reply, ProtoError> {
+        self.next()
+    }
+
+    /// Waits for the next reply line (an `Attach` is answered twice).
+    pub fn next(&mut self) -> Result<Reply, ProtoError> {
         let ex = |source| ProtoError::Exchange {
             path: self.path.clone(),
             source,
         };
-        let mut reader = BufReader::new(&self.stream);
         let mut reply = String::new();
-        reader.read_line(&mut reply).map_err(ex)?;
+        self.reader.read_line(&mut reply).map_err(ex)?;
         if reply.is_empty() {
             return Err(ex(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,

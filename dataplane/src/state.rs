@@ -110,6 +110,26 @@ fn yes() -> bool {
 }
 
 impl NetworkState {
+    /// The IPAM pool of the network on this node: its blocks, subnets, gateways and excluded
+    /// ranges.
+    pub fn pool(&self) -> crate::ipam::Pool {
+        let mut gateways = Vec::new();
+        if let Some(g) = self.gateway_v4 {
+            gateways.push(std::net::IpAddr::V4(g));
+        }
+        if let Some(g) = self.gateway_v6 {
+            gateways.push(std::net::IpAddr::V6(g));
+        }
+        crate::ipam::Pool {
+            block_v4: self.block_v4,
+            block_v6: self.block_v6,
+            subnet_v4: self.subnet_v4,
+            subnet_v6: self.subnet_v6,
+            gateways,
+            exclude: self.exclude.clone(),
+        }
+    }
+
     /// Path of a network's state file.
     pub fn path(state_dir: &Path, network: &str) -> PathBuf {
         state_dir.join("networks").join(format!("{network}.json"))

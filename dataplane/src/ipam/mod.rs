@@ -153,8 +153,6 @@ impl Allocation {
         self.container_id == att.container_id && self.ifname == att.ifname
     }
 
-    /// The MAC its workload uses: the one recorded, else the one ADD derives
-    /// ([`crate::names::workload_mac`]).
     /// The host side of the attachment: as recorded, or as ADD names it.
     pub fn host_link_name(&self) -> String {
         self.host_ifname
@@ -162,6 +160,8 @@ impl Allocation {
             .unwrap_or_else(|| crate::names::host_veth_name(&self.container_id, &self.ifname))
     }
 
+    /// The MAC its workload uses: the one recorded, else the one ADD derives
+    /// ([`crate::names::workload_mac`]).
     pub fn effective_mac(&self) -> [u8; 6] {
         self.mac
             .as_deref()
@@ -385,6 +385,14 @@ pub enum IpamError {
 }
 
 impl IpamError {
+    /// The short message of the CNI error.
+    pub fn summary(&self) -> &'static str {
+        match self {
+            IpamError::MacInUse { .. } => "MAC address already in use",
+            _ => "address allocation failed",
+        }
+    }
+
     /// The CNI error code (see the table on [`IpamError`]).
     pub fn cni_code(&self) -> u32 {
         match self {

@@ -10,7 +10,11 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::debug;
-use weft_dataplane::proto::{Reply, Request};
+use tracing::warn;
+use weft_dataplane::attachment::{self, Ask, AskError, Attached, Identity};
+use weft_dataplane::ipam::IpamStore;
+use weft_dataplane::proto::{Endpoint, Reply, Request};
+use weft_dataplane::state::NetworkState;
 
 /// Binds the socket (replacing a stale one), readable and writable by root only.
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
@@ -76,27 +80,122 @@ fn has_pod(res: &crate::model::Resources, namespace: &str, name: &str) -> bool {
         .any(|w| w.namespace == namespace && w.name == name)
 }
 
-/// What detaches a workload at its DEL: the node's IPAM stores and the reaper of host links.
+/// What attaches and detaches workloads: the node's IPAM stores, which the agent keeps, and
+/// the reaper of host links.
 #[derive(Debug, Clone)]
-pub struct Detacher {
-    /// The agent's state directory (the IPAM stores).
+pub struct Attachments {
+    /// The agent's state directory (the IPAM stores, the networks' runtime state).
     pub state_dir: PathBuf,
     /// Deletes the host link if the namespace's teardown does not.
     pub reaper: super::reaper::Reaper,
 }
 
-impl Detacher {
-    /// Releases the attachment's addresses and hands its host link to the reaper: what must be
-    /// done before its DEL returns. Its rules are taken out by the reconciler.
-    pub fn detach(&self, network: &str, container_id: &str, ifname: &str) -> Result<(), String> {
-        let released = weft_dataplane::ipam::IpamStore::open(&self.state_dir, network)
+impl Attachments {
+    /// Allocates every interface of `ask`, each with the endpoint it registers: all or nothing
+    /// (on failure, what was allocated is released).
+    pub fn allocate(
+        &self,
+        ask: &Ask,
+        identity: &Identity,
+    ) -> Result<Vec<(Attached, Endpoint)>, AskError> {
+        let list = attachment::interfaces(ask, identity)?;
+        if let Some(network) = attachment::marked_default_route(identity) {
+            attachment::check_default_route(&self.network(&network)?)?;
+        }
+        let annotated = identity.networks.as_deref().is_some_and(|n| {
+            weft_dataplane::proto::parse_networks_annotation(n).is_ok_and(|l| !l.is_empty())
+        });
+        let mut done: Vec<(Attached, Endpoint)> = Vec::new();
+        for iface in &list {
+            match self.allocate_one(ask, identity, iface) {
+                Ok(a) => done.push(a),
+                Err(mut e) => {
+                    for (a, _) in &done {
+                        if let Err(r) = self.release(&a.interface.network, &ask.container_id, &a.interface.ifname) {
+                            warn!(error = %r, "cannot release an interface of a failed ADD");
+                        }
+                    }
+                    if annotated {
+                        e.details = format!(
+                            "{} (interface {} on Network {} of the pod's {} annotation)",
+                            e.details,
+                            iface.ifname,
+                            iface.network,
+                            weft_dataplane::proto::NETWORKS_ANNOTATION
+                        );
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    fn allocate_one(
+        &self,
+        ask: &Ask,
+        identity: &Identity,
+        iface: &attachment::Interface,
+    ) -> Result<(Attached, Endpoint), AskError> {
+        let net = self.network(&iface.network)?;
+        let (req, carried) = attachment::alloc_request(ask, identity, iface);
+        attachment::check_trunk(&req.vlan_trunk, &net)?;
+        let alloc = IpamStore::open(&self.state_dir, &iface.network)
+            .and_then(|s| s.allocate(&net.pool(), req))
+            .map_err(|e| AskError {
+                code: e.cni_code(),
+                msg: e.summary().to_string(),
+                details: crate::error_chain(&e),
+            })?;
+        Ok((
+            Attached {
+                interface: iface.clone(),
+                ips: alloc.ips.clone(),
+                mac: weft_dataplane::names::format_mac(alloc.effective_mac()),
+                host_ifname: alloc.host_link_name(),
+                carried,
+            },
+            Endpoint::from_allocation(&iface.network, &alloc),
+        ))
+    }
+
+    /// The runtime state of `network` on this node: code 11 while the agent has not realized it.
+    fn network(&self, network: &str) -> Result<NetworkState, AskError> {
+        NetworkState::read(&self.state_dir, network).map_err(|e| {
+            if e.is_not_found() {
+                AskError {
+                    code: TRY_AGAIN_LATER,
+                    msg: format!("network {network} is not ready on this node"),
+                    details: format!(
+                        "no runtime state at {}: the weft agent writes it once the Network {network} exists and its nodeSelector selects this node",
+                        NetworkState::path(&self.state_dir, network).display()
+                    ),
+                }
+            } else {
+                AskError {
+                    code: IO_FAILURE,
+                    msg: "cannot read network state".into(),
+                    details: crate::error_chain(&e),
+                }
+            }
+        })
+    }
+
+    fn release(&self, network: &str, container_id: &str, ifname: &str) -> Result<Option<weft_dataplane::ipam::Allocation>, String> {
+        IpamStore::open(&self.state_dir, network)
             .and_then(|s| {
                 s.release(&weft_dataplane::ipam::Attachment {
                     container_id: container_id.to_string(),
                     ifname: ifname.to_string(),
                 })
             })
-            .map_err(|e| format!("cannot release the addresses: {}", crate::error_chain(&e)))?;
+            .map_err(|e| format!("cannot release the addresses: {}", crate::error_chain(&e)))
+    }
+
+    /// Releases the attachment's addresses and hands its host link to the reaper: what must be
+    /// done before its DEL returns. Its rules are taken out by the reconciler.
+    pub fn detach(&self, network: &str, container_id: &str, ifname: &str) -> Result<(), String> {
+        let released = self.release(network, container_id, ifname)?;
         let host = released.map_or_else(
             || weft_dataplane::names::host_veth_name(container_id, ifname),
             |a| a.host_link_name(),
@@ -108,13 +207,20 @@ impl Detacher {
     }
 }
 
+/// CNI code 5: I/O failure.
+const IO_FAILURE: u32 = 5;
+/// CNI code 11: try again later.
+const TRY_AGAIN_LATER: u32 = 11;
+/// weft's CNI code: the agent refused the endpoint.
+const AGENT_REFUSED: u32 = 105;
+
 /// How long an identity question waits for a pod the agent's cache has not seen yet (cluster
 /// mode) before the CNI is told to try again later. Below the CNI's default agent timeout (5 s),
 /// so the CNI hears the reason rather than a timeout.
 pub const IDENTITY_WAIT: Duration = Duration::from_secs(3);
 
 /// Accepts connections forever. Serves the CNI's requests: identity questions straight from
-/// `snapshot`; a DEL's detach with `detacher`, then (without waiting) through the reconciler's
+/// `snapshot`; an ADD's attach and a DEL's detach with `attachments`, then (without waiting) through the reconciler's
 /// queue `tx`, where the rules go before those of any later request; everything else through
 /// the queue. `pod_wait`: the source
 /// knows every pod of the node, so an identity question about a pod the snapshot lacks waits
@@ -126,7 +232,7 @@ pub async fn serve(
     ready: Arc<AtomicBool>,
     snapshot: Snapshot,
     pod_wait: Option<Duration>,
-    detacher: Detacher,
+    attachments: Attachments,
 ) {
     loop {
         match listener.accept().await {
@@ -134,10 +240,10 @@ pub async fn serve(
                 let tx = tx.clone();
                 let ready = ready.clone();
                 let snapshot = snapshot.clone();
-                let detacher = detacher.clone();
+                let attachments = attachments.clone();
                 tokio::spawn(async move {
                     if let Err(e) =
-                        connection(stream, tx, ready, snapshot, pod_wait, detacher).await
+                        connection(stream, tx, ready, snapshot, pod_wait, attachments).await
                     {
                         debug!(error = %e, "cni connection ended");
                     }
@@ -179,19 +285,162 @@ pub async fn identity(
     super::identity_reply(res.as_deref(), ready, namespace, name, vm)
 }
 
+/// Writes one reply line.
+async fn answer(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    reply: &Reply,
+) -> std::io::Result<()> {
+    let mut out = serde_json::to_vec(reply).unwrap_or_default();
+    out.push(b'\n');
+    write.write_all(&out).await
+}
+
+/// An ADD ([`Request::Attach`]): the pod's identity, every interface's allocation and its
+/// registration queued, the first answer (the interfaces, which the CNI wires meanwhile), then
+/// the second once the rules are in force; a refusal unregisters what was accepted and
+/// releases every address before it is answered.
+async fn attach(
+    ask: Ask,
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    tx: mpsc::Sender<Message>,
+    ready: Arc<AtomicBool>,
+    snapshot: Snapshot,
+    pod_wait: Option<Duration>,
+    attachments: Attachments,
+) -> std::io::Result<()> {
+    let is_ready = || ready.load(Ordering::SeqCst);
+    let identity = match (&ask.pod_namespace, &ask.pod_name) {
+        (Some(namespace), Some(name)) => {
+            let reply = identity(
+                &snapshot,
+                is_ready(),
+                namespace,
+                name,
+                ask.vm.as_deref(),
+                pod_wait,
+            )
+            .await;
+            if !reply.ok {
+                let details = reply.error.clone().unwrap_or_default();
+                return answer(
+                    write,
+                    &Reply::failed(
+                        is_ready(),
+                        TRY_AGAIN_LATER,
+                        format!("the weft agent does not know pod {namespace}/{name} yet"),
+                        details,
+                    ),
+                )
+                .await;
+            }
+            Identity::of(&reply)
+        }
+        _ => Identity::default(),
+    };
+    let allocated = {
+        let (attachments, ask) = (attachments.clone(), ask.clone());
+        tokio::task::spawn_blocking(move || attachments.allocate(&ask, &identity)).await
+    };
+    let allocated = match allocated {
+        Ok(Ok(a)) => a,
+        Ok(Err(e)) => {
+            return answer(write, &Reply::failed(is_ready(), e.code, e.msg, e.details)).await;
+        }
+        Err(e) => {
+            return answer(write, &Reply::error(is_ready(), format!("attach task failed: {e}")))
+                .await;
+        }
+    };
+    let mut waiting = Vec::new();
+    for (_, endpoint) in &allocated {
+        let (reply, answered) = oneshot::channel();
+        let request = Request::Register {
+            endpoint: endpoint.clone(),
+        };
+        if tx.send(Message { request, reply }).await.is_err() {
+            break;
+        }
+        waiting.push(answered);
+    }
+    let first = Reply {
+        attached: allocated.iter().map(|(a, _)| a.clone()).collect(),
+        ..Reply::ok(is_ready())
+    };
+    // A CNI gone meanwhile (killed) leaves the attachment to the runtime's DEL.
+    let written = answer(write, &first).await;
+    let mut refused = (waiting.len() < allocated.len())
+        .then(|| "the agent is shutting down".to_string());
+    for answered in waiting {
+        match answered.await {
+            Ok(r) if r.ok => {}
+            Ok(r) => {
+                refused.get_or_insert(r.error.unwrap_or_default());
+            }
+            Err(_) => {
+                refused.get_or_insert("the agent dropped the request".into());
+            }
+        }
+    }
+    let second = match refused {
+        None => Reply::ok(is_ready()),
+        Some(reason) => {
+            for (a, _) in &allocated {
+                let (reply, _) = oneshot::channel();
+                let request = Request::Unregister {
+                    network: a.interface.network.clone(),
+                    container_id: ask.container_id.clone(),
+                    ifname: a.interface.ifname.clone(),
+                };
+                let _ = tx.send(Message { request, reply }).await;
+            }
+            let released = tokio::task::spawn_blocking(move || {
+                for (a, _) in &allocated {
+                    if let Err(e) = attachments.release(
+                        &a.interface.network,
+                        &ask.container_id,
+                        &a.interface.ifname,
+                    ) {
+                        warn!(error = %e, "cannot release a refused attachment");
+                    }
+                }
+            })
+            .await;
+            if let Err(e) = released {
+                warn!(error = %e, "release task failed");
+            }
+            Reply::failed(
+                is_ready(),
+                AGENT_REFUSED,
+                "the weft agent refused the endpoint",
+                reason,
+            )
+        }
+    };
+    written?;
+    answer(write, &second).await?;
+    write.shutdown().await
+}
+
 async fn connection(
     stream: UnixStream,
     tx: mpsc::Sender<Message>,
     ready: Arc<AtomicBool>,
     snapshot: Snapshot,
     pod_wait: Option<Duration>,
-    detacher: Detacher,
+    attachments: Attachments,
 ) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     BufReader::new(read).read_line(&mut line).await?;
     let reply = match serde_json::from_str::<Request>(&line) {
-        Err(e) => Reply::error(ready.load(Ordering::SeqCst), format!("bad request: {e}")),
+        Err(e) => Reply::error(
+            ready.load(Ordering::SeqCst),
+            format!("{}{e}", weft_dataplane::proto::BAD_REQUEST),
+        ),
+        // Answered twice: written there.
+        Ok(Request::Attach { ask }) => {
+            return attach(ask, &mut write, tx, ready, snapshot, pod_wait, attachments).await;
+        }
         Ok(Request::Identity {
             namespace,
             name,
@@ -236,7 +485,7 @@ async fn connection(
                 Reply::error(false, "the agent is shutting down")
             } else {
                 tokio::task::spawn_blocking(move || {
-                    detacher.detach(&network, &container_id, &ifname)
+                    attachments.detach(&network, &container_id, &ifname)
                 })
                 .await
                 .unwrap_or_else(|e| Err(format!("detach task failed: {e}")))

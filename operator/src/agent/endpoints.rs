@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tracing::warn;
-use weft_dataplane::ipam::{Allocation, IpamStore, Reservation};
+use weft_dataplane::ipam::{IpamStore, Reservation};
 use weft_dataplane::proto::Endpoint;
 use weft_dataplane::state::NetworkState;
 
@@ -40,31 +40,6 @@ pub struct Changes {
 
 fn key(network: &str, container_id: &str, ifname: &str) -> Key {
     (network.into(), container_id.into(), ifname.into())
-}
-
-fn from_allocation(network: &str, a: Allocation) -> Endpoint {
-    Endpoint {
-        network: network.to_string(),
-        host_ifname: a.host_link_name(),
-        // No recorded MAC: the CNI derived it from the addresses, the same way.
-        mac: a.mac.clone().unwrap_or_else(|| {
-            weft_dataplane::names::format_mac(weft_dataplane::names::workload_mac(
-                &a.ips,
-                &a.container_id,
-                &a.ifname,
-            ))
-        }),
-        ips: a.ips,
-        container_id: a.container_id,
-        ifname: a.ifname,
-        pod_namespace: a.pod_namespace,
-        pod_name: a.pod_name,
-        netns: a.netns,
-        vm: a.owner,
-        pending: a.pending,
-        vlan_trunk: a.vlan_trunk,
-        port_mappings: a.port_mappings,
-    }
 }
 
 impl EndpointStore {
@@ -106,7 +81,7 @@ impl EndpointStore {
                             .endpoints
                             .get(&k)
                             .cloned()
-                            .unwrap_or_else(|| from_allocation(&network, a));
+                            .unwrap_or_else(|| Endpoint::from_allocation(&network, &a));
                         fresh.insert(k, ep);
                     }
                 }

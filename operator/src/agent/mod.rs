@@ -750,10 +750,11 @@ impl Reconciler {
                 self.endpoints.unregister(network, container_id, ifname);
                 None
             }
-            // The socket server detaches (see `cni_server::Detacher`) and queues an Unregister.
-            Request::Detach { .. } => Some(Reply::error(
+            // The socket server attaches and detaches (see `cni_server::Attachments`) and queues
+            // Registers and Unregisters.
+            Request::Detach { .. } | Request::Attach { .. } => Some(Reply::error(
                 ready,
-                "a detach goes to the socket server, not the reconciler",
+                "an attach or detach goes to the socket server, not the reconciler",
             )),
         }
     }
@@ -919,7 +920,7 @@ pub async fn run(
         source
             .knows_every_pod()
             .then_some(cni_server::IDENTITY_WAIT),
-        cni_server::Detacher {
+        cni_server::Attachments {
             state_dir: cfg.state_dir.clone(),
             reaper: reaper.clone(),
         },
