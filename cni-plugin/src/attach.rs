@@ -9,33 +9,15 @@ use ipnet::IpNet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use tracing::{debug, info, warn};
-use weft_dataplane::ipam::{AllocRequest, Allocation, Attachment, IpamStore, Pool};
+use weft_dataplane::attachment::{self, Ask, AskError, Attached, Identity};
+use weft_dataplane::ipam::{Allocation, Attachment, IpamStore};
 use weft_dataplane::names;
 use weft_dataplane::netlink::{LinkInfo, Netlink, RouteSpec, VethSpec};
 use weft_dataplane::netns::Netns;
 use weft_dataplane::proto::{self, Endpoint, Request};
 use weft_dataplane::state::{NetworkState, StateError};
 use weft_dataplane::tap::{TapSpec, create_persistent_tap};
-use weft_dataplane::vlan::{self, VlanRange};
-
-/// The IPAM pool of a network on this node.
-pub fn pool_of(net: &NetworkState) -> Pool {
-    let mut gateways = Vec::new();
-    if let Some(g) = net.gateway_v4 {
-        gateways.push(IpAddr::V4(g));
-    }
-    if let Some(g) = net.gateway_v6 {
-        gateways.push(IpAddr::V6(g));
-    }
-    Pool {
-        block_v4: net.block_v4,
-        block_v6: net.block_v6,
-        subnet_v4: net.subnet_v4,
-        subnet_v6: net.subnet_v6,
-        gateways,
-        exclude: net.exclude.clone(),
-    }
-}
+use weft_dataplane::vlan::VlanRange;
 
 fn read_network(conf: &Conf, network: &str) -> Result<NetworkState, CniError> {
     NetworkState::read(&conf.state_dir, network).map_err(|e| match e {
@@ -71,52 +53,6 @@ fn gateway_for(ip: &IpAddr, net: &NetworkState) -> Option<IpAddr> {
     }
 }
 
-/// A trunk port (`vlanTrunk`) needs a Network whose bridge filters VLANs, and carries only
-/// VLANs of its `spec.bridge.trunkVlans`: otherwise code 7 naming the field and the fix.
-fn check_trunk(trunk: &[VlanRange], net: &NetworkState) -> Result<(), CniError> {
-    if trunk.is_empty() {
-        return Ok(());
-    }
-    let summary = "invalid network configuration field vlanTrunk";
-    let Some(filtering) = &net.vlan_filtering else {
-        return Err(CniError::new(
-            error::INVALID_CONFIG,
-            summary,
-            format!(
-                "vlanTrunk: the bridge of Network {} does not filter VLANs, so its ports cannot be trunks; set spec.bridge.vlanFiltering: true and list the VLANs in spec.bridge.trunkVlans, or remove vlanTrunk",
-                net.name
-            ),
-        ));
-    };
-    for (i, r) in trunk.iter().enumerate() {
-        if !vlan::covers(&filtering.trunk, r) {
-            let allowed: Vec<String> = filtering.trunk.iter().map(ToString::to_string).collect();
-            let allowed = if allowed.is_empty() {
-                "none".to_string()
-            } else {
-                allowed.join(", ")
-            };
-            let own = if r.contains(filtering.own) {
-                format!(
-                    " (VLAN {} is the network's own, which every port carries untagged)",
-                    filtering.own
-                )
-            } else {
-                String::new()
-            };
-            return Err(CniError::new(
-                error::INVALID_CONFIG,
-                summary,
-                format!(
-                    "vlanTrunk[{i}]: VLAN {r} is not among the trunk VLANs of Network {} (spec.bridge.trunkVlans: {allowed}){own}; add it to trunkVlans or remove it from vlanTrunk",
-                    net.name
-                ),
-            ));
-        }
-    }
-    Ok(())
-}
-
 /// Opens `CNI_NETNS`, refusing the node's own network namespace (`/proc/self/ns/net` or a bind
 /// mount of it): ADD would replace the node's default route, DEL remove it.
 fn open_workload_netns(netns_path: &str) -> Result<Netns, CniError> {
@@ -149,150 +85,180 @@ fn is_node_netns(ns: &Netns) -> Result<bool, CniError> {
     })
 }
 
-/// What ADD did so far, undone in reverse if a later step fails.
-struct Rollback<'a> {
-    store: &'a IpamStore,
-    att: Attachment,
-    host_index: Option<u32>,
-    armed: bool,
+fn ask_error(e: AskError) -> CniError {
+    CniError::new(e.code, e.msg, e.details)
 }
 
-impl Drop for Rollback<'_> {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        if let Some(index) = self.host_index
-            && let Ok(mut nl) = Netlink::new()
-            && let Err(e) = nl.delete_link(index)
-        {
-            warn!(error = %e, "rollback: cannot delete host veth");
-        }
-        if let Err(e) = self.store.release(&self.att) {
-            warn!(error = %e, "rollback: cannot release addresses");
-        }
-    }
-}
-
-/// What the agent knows of the pod: the VM it runs, the Networks its annotation asks for.
-#[derive(Debug, Default)]
-struct PodIdentity {
-    vm: Option<String>,
-    networks: Option<String>,
-    migration: std::collections::BTreeMap<String, proto::MigrationSource>,
-    restore: std::collections::BTreeMap<String, proto::Restore>,
-}
-
-impl PodIdentity {
-    /// What the agent said of the VM's addresses on `network`.
-    fn carried(&self, network: &str, kubevirt: bool) -> Carried<'_> {
-        Carried {
-            migration: self.migration.get(network),
-            restore: self.restore.get(network),
-            kubevirt,
-        }
-    }
-}
-
-/// A VM's addresses on one network when another node has them: the node it runs on now (this
-/// ADD is a live migration's target) or the node it ran on last (a cold start here).
-#[derive(Debug, Clone, Copy, Default)]
-struct Carried<'a> {
-    migration: Option<&'a proto::MigrationSource>,
-    restore: Option<&'a proto::Restore>,
-    /// The identity is a KubeVirt VM's (the agent's answer, not `VM_NAME`).
-    kubevirt: bool,
-}
-
-/// The Networks of a pod's `weft.dev/networks` annotation, in order, or a code 7 error naming
-/// the annotation.
-fn annotated_networks(value: &str) -> Result<Vec<proto::NetworkSelection>, CniError> {
-    proto::parse_networks_annotation(value)
-        .map_err(|e| CniError::new(error::INVALID_CONFIG, "invalid pod annotation", e))
+/// What the ADD asks for.
+fn ask_of(conf: &Conf, env: &Env) -> Result<Ask, CniError> {
+    let (pod_namespace, pod_name) = env.pod();
+    Ok(Ask {
+        container_id: env.container_id()?.to_string(),
+        ifname: env.ifname()?.to_string(),
+        netns: env.netns()?.to_string(),
+        pod_namespace,
+        pod_name,
+        network: conf.network.clone(),
+        vm: conf.vm.clone(),
+        tap: matches!(conf.attachment, AttachmentKind::Tap(_)),
+        static_ips: conf.static_ips.clone(),
+        static_mac: conf.static_mac.map(names::format_mac),
+        vlan_trunk: conf.vlan_trunk.clone(),
+        port_mappings: conf.port_mappings.clone(),
+    })
 }
 
 /// ADD: one interface on the configuration's Network; or, when the pod's `weft.dev/networks`
 /// annotation lists Networks, one interface on each (`CNI_IFNAME` on the first; the annotation's
 /// interface names or `net1`, `net2`… on the others; the default route through the one marked
 /// `defaultRoute`, else the first), all or nothing.
+///
+/// One request to the agent ([`Request::Attach`]): it finds the pod's VM and Networks and
+/// allocates each interface's addresses, answers with them, and puts their rules in place while
+/// the links are wired here; ADD returns after its second answer. An agent that does not know
+/// the request (an older one) leaves the allocation and registration to the plugin
+/// ([`add_here`]).
 pub fn add(conf: &Conf, env: &Env) -> Result<CniResult, CniError> {
-    let ifname = env.ifname()?;
-    let (pod_namespace, pod_name) = env.pod();
-    let pod = match (&pod_namespace, &pod_name) {
-        (Some(ns), Some(name)) => identity(conf, ns, name)?,
-        _ => PodIdentity::default(),
-    };
-    let kubevirt = conf.vm.is_none() && pod.vm.is_some();
-    let vm = conf.vm.clone().or(pod.vm.clone());
-    // Without the annotation (or with an empty one): the configuration's Network alone.
-    let list = match pod
-        .networks
-        .as_deref()
-        .map(annotated_networks)
-        .transpose()?
-    {
-        Some(list) if !list.is_empty() => list,
-        _ => {
-            let network = conf.require_network()?;
-            return add_one(
-                conf,
-                env,
-                network,
-                ifname,
-                conf.default_route,
-                vm,
-                None,
-                pod.carried(network, kubevirt),
-            );
-        }
-    };
-    let mut done: Vec<(String, String, CniResult)> = Vec::new();
-    let ifnames = interface_names(ifname, &list);
-    let via = list.iter().position(|n| n.default_route).unwrap_or(0);
-    // A default route asked for on a Network without a gateway would silently be none.
-    if let Some(chosen) = list.iter().find(|n| n.default_route) {
-        let net = read_network(conf, &chosen.name)?;
-        if net.gateway_v4.is_none() && net.gateway_v6.is_none() {
-            return Err(CniError::new(
-                error::INVALID_CONFIG,
-                "invalid pod annotation",
-                format!(
-                    "{}: Network {} has no gateway (spec.gateway) for the pod's default route; set one, or mark another Network defaultRoute",
-                    proto::NETWORKS_ANNOTATION,
-                    chosen.name
-                ),
-            ));
-        }
+    let ask = ask_of(conf, env)?;
+    let mut pending = proto::Pending::start(
+        &conf.agent_socket,
+        &Request::Attach { ask: ask.clone() },
+        conf.agent_timeout,
+    )
+    .map_err(unreachable_agent)?;
+    let first = pending.next().map_err(unreachable_agent)?;
+    if first.is_bad_request() {
+        debug!("the agent does not attach (an older one): allocating here");
+        drop(pending);
+        return add_here(conf, env, &ask);
     }
-    for (i, (selection, this_if)) in list.iter().zip(ifnames).enumerate() {
-        let network = &selection.name;
-        let parent = (i > 0).then_some(ifname);
-        match add_one(
-            conf,
-            env,
-            network,
-            &this_if,
-            conf.default_route && i == via,
-            vm.clone(),
-            parent,
-            pod.carried(network, kubevirt),
-        ) {
-            Ok(r) => done.push((network.clone(), this_if, r)),
+    if !first.ok {
+        return Err(agent_failure(first, error::TRY_AGAIN_LATER));
+    }
+    // The configuration and the pod first, then the environment (as without an agent).
+    let ns = match open_workload_netns(&ask.netns) {
+        Ok(ns) => ns,
+        Err(e) => {
+            let _ = pending.next();
+            undo_attach(conf, None, &ask, &first.attached, &[]);
+            return Err(e);
+        }
+    };
+    let mut wired: Vec<Wired> = Vec::new();
+    for a in &first.attached {
+        match read_network(conf, &a.interface.network)
+            .and_then(|net| wire(conf, &ns, &net, &ask.container_id, a))
+        {
+            Ok(w) => wired.push(w),
             Err(mut e) => {
-                for (n, ifn, _) in done.iter().rev() {
-                    if let Err(undo) = del_one(conf, env, n, ifn) {
-                        warn!(network = %n, ifname = %ifn, error = %undo.details, "cannot undo an interface of a failed ADD");
-                    }
+                // After the agent's second answer, so the detach cannot overtake the
+                // registration.
+                let _ = pending.next();
+                undo_attach(conf, Some(&ns), &ask, &first.attached, &wired);
+                if first.attached.len() > 1 {
+                    e.details = annotated(&e.details, &a.interface);
                 }
-                e.details = format!(
-                    "{} (interface {this_if} on Network {network} of the pod's {} annotation)",
-                    e.details,
-                    proto::NETWORKS_ANNOTATION
-                );
                 return Err(e);
             }
         }
     }
+    match pending.next() {
+        Ok(second) if second.ok => {}
+        // Refused: the agent has released the addresses.
+        Ok(second) => {
+            for w in &wired {
+                w.undo(&ns);
+            }
+            return Err(agent_failure(second, error::AGENT_REFUSED));
+        }
+        Err(e) => {
+            undo_attach(conf, Some(&ns), &ask, &first.attached, &wired);
+            return Err(unreachable_agent(e));
+        }
+    }
+    info!(container_id = %ask.container_id, interfaces = wired.len(), "attached");
+    Ok(merged(conf, wired))
+}
+
+/// The error the agent answered, with its code (`default` when it gave none).
+fn agent_failure(reply: proto::Reply, default: u32) -> CniError {
+    CniError::new(
+        reply.code.unwrap_or(default),
+        reply
+            .msg
+            .unwrap_or_else(|| "the weft agent could not attach".to_string()),
+        reply.error.unwrap_or_default(),
+    )
+}
+
+/// `details` of an error on one of the annotation's interfaces, naming it.
+fn annotated(details: &str, iface: &attachment::Interface) -> String {
+    format!(
+        "{details} (interface {} on Network {} of the pod's {} annotation)",
+        iface.ifname,
+        iface.network,
+        proto::NETWORKS_ANNOTATION
+    )
+}
+
+/// Undoes an ADD the agent attached: the links wired here, and every interface's registration
+/// and addresses through the agent's detach (or here, when it cannot).
+fn undo_attach(conf: &Conf, ns: Option<&Netns>, ask: &Ask, attached: &[Attached], wired: &[Wired]) {
+    if let Some(ns) = ns {
+        for w in wired {
+            w.undo(ns);
+        }
+    }
+    for a in attached {
+        let detach = Request::Detach {
+            network: a.interface.network.clone(),
+            container_id: ask.container_id.clone(),
+            ifname: a.interface.ifname.clone(),
+        };
+        match proto::call(&conf.agent_socket, &detach, conf.agent_timeout) {
+            Ok(reply) if reply.ok => {}
+            _ => {
+                let released =
+                    IpamStore::open(&conf.state_dir, &a.interface.network).and_then(|s| {
+                        s.release(&Attachment {
+                            container_id: ask.container_id.clone(),
+                            ifname: a.interface.ifname.clone(),
+                        })
+                    });
+                if let Err(e) = released {
+                    warn!(network = %a.interface.network, ifname = %a.interface.ifname, error = %error::chain(&e), "cannot release an interface of a failed ADD");
+                }
+            }
+        }
+    }
+}
+
+/// One interface wired: its part of the result, and what undoes it.
+struct Wired {
+    result: CniResult,
+    host_index: u32,
+    ifname: String,
+    tap: bool,
+}
+
+impl Wired {
+    /// Deletes the link (its peer in the workload goes with it) and a VM's tap.
+    fn undo(&self, ns: &Netns) {
+        if self.tap
+            && let Ok(mut inner) = Netlink::in_netns(ns)
+        {
+            unwire_tap(&mut inner, &self.ifname);
+        }
+        if let Ok(mut nl) = Netlink::new()
+            && let Err(e) = nl.delete_link(self.host_index)
+        {
+            warn!(error = %e, "cannot delete the host veth of a failed ADD");
+        }
+    }
+}
+
+/// The results of every interface, as one.
+fn merged(conf: &Conf, wired: Vec<Wired>) -> CniResult {
     let mut merged = CniResult {
         cni_version: conf.cni_version.clone(),
         interfaces: Vec::new(),
@@ -300,7 +266,8 @@ pub fn add(conf: &Conf, env: &Env) -> Result<CniResult, CniError> {
         routes: Vec::new(),
         dns: Dns::default(),
     };
-    for (_, _, r) in done {
+    for w in wired {
+        let r = w.result;
         let offset = merged.interfaces.len();
         merged.interfaces.extend(r.interfaces);
         merged.ips.extend(r.ips.into_iter().map(|mut ip| {
@@ -309,70 +276,133 @@ pub fn add(conf: &Conf, env: &Env) -> Result<CniResult, CniError> {
         }));
         merged.routes.extend(r.routes);
     }
-    Ok(merged)
+    merged
 }
 
-/// The interface names of the annotation's networks: `primary` (`CNI_IFNAME`) first, then each
-/// one's own `interface`, or else `net1`, `net2`… skipping names already taken (a Multus
-/// delegate's `CNI_IFNAME` may be `net1`).
-fn interface_names(primary: &str, list: &[proto::NetworkSelection]) -> Vec<String> {
-    let mut taken: Vec<&str> = vec![primary];
-    taken.extend(list.iter().filter_map(|n| n.interface.as_deref()));
-    let mut out = Vec::new();
-    let mut n = 1;
-    for (i, selection) in list.iter().enumerate() {
-        if i == 0 {
-            out.push(primary.to_string());
-            continue;
-        }
-        if let Some(name) = &selection.interface {
-            out.push(name.clone());
-            continue;
-        }
-        let name = loop {
-            let name = format!("net{n}");
-            n += 1;
-            if !taken.contains(&name.as_str()) {
-                break name;
-            }
-        };
-        out.push(name);
+/// ADD without an agent that attaches: the plugin asks the agent about the pod, allocates
+/// from the IPAM store itself and registers each endpoint.
+fn add_here(conf: &Conf, env: &Env, ask: &Ask) -> Result<CniResult, CniError> {
+    let identity = match (&ask.pod_namespace, &ask.pod_name) {
+        (Some(namespace), Some(name)) => identity(conf, namespace, name)?,
+        _ => Identity::default(),
+    };
+    let list = attachment::interfaces(ask, &identity).map_err(ask_error)?;
+    if let Some(network) = attachment::marked_default_route(&identity) {
+        attachment::check_default_route(&read_network(conf, &network)?).map_err(ask_error)?;
     }
-    out
+    // A Network not ready here (try again later) before the environment, as with an agent.
+    if let Some(first) = list.first() {
+        read_network(conf, &first.network)?;
+    }
+    let ns = &open_workload_netns(&ask.netns)?;
+    let mut done: Vec<(&attachment::Interface, Wired)> = Vec::new();
+    for iface in &list {
+        match add_one_here(conf, ask, &identity, iface, ns) {
+            Ok(w) => done.push((iface, w)),
+            Err(mut e) => {
+                for (i, _) in done.iter().rev() {
+                    if let Err(undo) = del_one(conf, env, &i.network, &i.ifname) {
+                        warn!(network = %i.network, ifname = %i.ifname, error = %undo.details, "cannot undo an interface of a failed ADD");
+                    }
+                }
+                if identity.networks.is_some() && list.len() > 1 || iface.parent.is_some() {
+                    e.details = annotated(&e.details, iface);
+                }
+                return Err(e);
+            }
+        }
+    }
+    info!(container_id = %ask.container_id, interfaces = done.len(), "attached");
+    Ok(merged(conf, done.into_iter().map(|(_, w)| w).collect()))
 }
 
-/// One interface `ifname` on `network`. `parent`: the `CNI_IFNAME` of the ADD that made this
-/// extra interface (its DEL removes it too). Static addresses and MAC apply to `CNI_IFNAME` only.
-/// `migration`: the VM runs on another node now; this is its live migration's target, which
-/// keeps the VM's addresses and MAC and stays pending until the VM arrives.
-#[allow(clippy::too_many_arguments)]
-fn add_one(
+/// One interface of [`add_here`]: allocated here, registered with the agent while it is wired.
+fn add_one_here(
     conf: &Conf,
-    env: &Env,
-    network: &str,
-    ifname: &str,
-    default_route: bool,
-    vm: Option<String>,
-    parent: Option<&str>,
-    carried: Carried<'_>,
-) -> Result<CniResult, CniError> {
-    let container_id = env.container_id()?;
-    let netns_path = env.netns()?;
-    let net = read_network(conf, network)?;
-    // Like static addresses and MAC, `vlanTrunk` applies to `CNI_IFNAME`.
-    let trunk: &[VlanRange] = if parent.is_none() {
-        &conf.vlan_trunk
-    } else {
-        &[]
+    ask: &Ask,
+    identity: &Identity,
+    iface: &attachment::Interface,
+    ns: &Netns,
+) -> Result<Wired, CniError> {
+    let net = read_network(conf, &iface.network)?;
+    let (req, carried) = attachment::alloc_request(ask, identity, iface);
+    attachment::check_trunk(&req.vlan_trunk, &net).map_err(ask_error)?;
+    let store = IpamStore::open(&conf.state_dir, &iface.network)?;
+    let att = req.attachment.clone();
+    let alloc = store.allocate(&net.pool(), req)?;
+    let rollback = Release {
+        store: &store,
+        att,
+        armed: true,
     };
-    check_trunk(trunk, &net)?;
-    // Host ports, like static addresses, belong to `CNI_IFNAME`.
-    let port_mappings: &[proto::PortMapping] = if parent.is_none() {
-        &conf.port_mappings
-    } else {
-        &[]
+    let attached = Attached {
+        interface: iface.clone(),
+        ips: alloc.ips.clone(),
+        mac: names::format_mac(alloc.effective_mac()),
+        host_ifname: alloc.host_link_name(),
+        carried,
     };
-    let ns = open_workload_netns(netns_path)?;
+    // The agent puts the endpoint's rules in place while the link is wired here.
+    let registration =
+        Registration::start(conf, Endpoint::from_allocation(&iface.network, &alloc))?;
+    let wired = match wire(conf, ns, &net, &ask.container_id, &attached) {
+        Ok(w) => w,
+        Err(e) => {
+            registration.withdraw(conf);
+            return Err(e);
+        }
+    };
+    if let Err(e) = registration.finish() {
+        wired.undo(ns);
+        return Err(e);
+    }
+    rollback.disarm();
+    Ok(wired)
+}
+
+/// Releases an allocation made here unless disarmed (a failed ADD keeps no address).
+struct Release<'a> {
+    store: &'a IpamStore,
+    att: Attachment,
+    armed: bool,
+}
+
+impl Release<'_> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        if self.armed
+            && let Err(e) = self.store.release(&self.att)
+        {
+            warn!(error = %e, "rollback: cannot release addresses");
+        }
+    }
+}
+
+/// Wires one allocated interface: the veth with its peer born in the workload's namespace,
+/// on the network's bridge, with hairpin and VLANs; in the workload, the addresses and routes
+/// of a pod or the tap of a VM. On failure nothing of it is left.
+fn wire(
+    conf: &Conf,
+    ns: &Netns,
+    net: &NetworkState,
+    container_id: &str,
+    a: &Attached,
+) -> Result<Wired, CniError> {
+    let network = &a.interface.network;
+    let ifname = a.interface.ifname.as_str();
+    let own = a.interface.parent.is_none();
+    let mac = names::parse_mac(&a.mac).ok_or_else(|| {
+        CniError::new(
+            error::INTERNAL,
+            "the allocation's MAC does not parse",
+            format!("MAC {:?} of interface {ifname}", a.mac),
+        )
+    })?;
     let mut host = Netlink::new()?;
     let bridge = host.link_by_name(&net.bridge)?.ok_or_else(|| {
         CniError::new(
@@ -381,74 +411,13 @@ fn add_one(
             "the weft agent creates it; check that the agent runs on this node",
         )
     })?;
-    let store = IpamStore::open(&conf.state_dir, network)?;
-    let att = Attachment {
-        container_id: container_id.to_string(),
-        ifname: ifname.to_string(),
-    };
-    let host_name = names::host_veth_name(container_id, ifname);
-    let (pod_namespace, pod_name) = env.pod();
-    let tap = match &conf.attachment {
-        AttachmentKind::Tap(t) => Some(t.clone()),
-        AttachmentKind::Veth => None,
-    };
-    let statics = parent.is_none();
-    // A VM's identity keeps its addresses and MAC across restart and migration.
-    let owner = vm;
-    let migration = carried
-        .migration
-        .filter(|_| tap.is_some() && owner.is_some());
-    let restore = carried
-        .restore
-        .filter(|_| tap.is_some() && owner.is_some() && migration.is_none());
-    let static_mac = match migration {
-        Some(m) => names::parse_mac(&m.mac),
-        None => conf.static_mac.filter(|_| statics),
-    };
-    let requested_mac = static_mac.or_else(|| owner.as_deref().map(|o| names::vm_mac(o, ifname)));
-    let alloc = store.allocate(
-        &pool_of(&net),
-        AllocRequest {
-            attachment: att.clone(),
-            static_ips: match migration {
-                Some(m) => m.ips.clone(),
-                None if statics => conf.static_ips.clone(),
-                None => Vec::new(),
-            },
-            adopt: migration.is_some(),
-            pending: migration.is_some(),
-            owner_kubevirt: carried.kubevirt,
-            restore: restore.cloned(),
-            vlan_trunk: trunk.to_vec(),
-            port_mappings: port_mappings.to_vec(),
-            mac: requested_mac.map(names::format_mac),
-            host_ifname: Some(host_name.clone()),
-            pod_namespace: pod_namespace.clone(),
-            pod_name: pod_name.clone(),
-            netns: Some(netns_path.to_string()),
-            owner: owner.clone(),
-            parent: parent.map(str::to_string),
-        },
-    )?;
-    let mut rollback = Rollback {
-        store: &store,
-        att: att.clone(),
-        host_index: None,
-        armed: true,
-    };
-    let mac = alloc
-        .mac
-        .as_deref()
-        .and_then(names::parse_mac)
-        .or(static_mac)
-        .unwrap_or_else(|| names::workload_mac(&alloc.ips, container_id, ifname));
     // A MAC the runtime asked for must not be one the bridge already delivers elsewhere: a
     // host on the LAN (the router's, on a Bridge network), another port, the node's own.
     // (A migrating or restored VM brings its own MAC, which the LAN may still place on the
     // node it ran on.)
-    if conf.static_mac.filter(|_| statics) == Some(mac)
-        && migration.is_none()
-        && restore.is_none()
+    if own
+        && conf.static_mac == Some(mac)
+        && !a.carried
         && let Some(holder) = host
             .bridge_fdb(bridge.index)?
             .into_iter()
@@ -470,58 +439,54 @@ fn add_one(
             ),
         ));
     }
-
     // A previous ADD of the same attachment that crashed half-way may have left its veth.
-    if let Some(stale) = host.link_by_name(&host_name)? {
-        debug!(link = %host_name, "removing a stale host veth of an interrupted ADD");
+    if let Some(stale) = host.link_by_name(&a.host_ifname)? {
+        debug!(link = %a.host_ifname, "removing a stale host veth of an interrupted ADD");
         host.delete_link(stale.index)?;
     }
-    let mut inner = Netlink::in_netns(&ns)?;
+    let mut inner = Netlink::in_netns(ns)?;
     if let Some(taken) = inner.link_by_name(ifname)? {
         let Some(host_end) = detached_peer(&mut host, conf, &taken)? else {
             return Err(CniError::new(
                 error::IFNAME_TAKEN,
                 format!("interface {ifname} already exists in the container"),
                 format!(
-                    "CNI_IFNAME {ifname} is taken in {netns_path}; choose another interface name"
+                    "CNI_IFNAME {ifname} is taken in {}; choose another interface name",
+                    ns.path().display()
                 ),
             ));
         };
         debug!(link = %taken.name, "removing the interface of a detached attachment the runtime's namespace kept");
         host.delete_link(host_end)?;
     }
-    // The agent puts the endpoint's rules in place while the link is wired here; ADD returns
-    // only once it has answered.
-    let registration = Registration::start(
-        conf,
-        Endpoint {
-            network: network.to_string(),
-            container_id: container_id.to_string(),
-            ifname: ifname.to_string(),
-            host_ifname: host_name.clone(),
-            mac: names::format_mac(mac),
-            ips: alloc.ips.clone(),
-            pod_namespace,
-            pod_name,
-            netns: Some(netns_path.to_string()),
-            vm: owner.clone(),
-            pending: migration.is_some(),
-            vlan_trunk: trunk.to_vec(),
-            port_mappings: port_mappings.to_vec(),
-        },
-    )?;
+    let tap = match &conf.attachment {
+        AttachmentKind::Tap(t) => Some(t),
+        AttachmentKind::Veth => None,
+    };
+    let trunk: &[VlanRange] = if own { &conf.vlan_trunk } else { &[] };
     let alias = names::host_veth_alias(network, container_id, ifname);
-    let mut wire = || -> Result<(String, Vec<Route>), CniError> {
-        let host_index = host.create_veth_into_netns(&VethSpec {
-            host_name: &host_name,
-            host_alias: Some(&alias),
-            host_master: Some(bridge.index),
-            peer_name: ifname,
-            peer_netns: ns.fd(),
-            peer_mac: Some(mac),
-            mtu: Some(net.mtu),
-        })?;
-        rollback.host_index = Some(host_index);
+    let host_index = host.create_veth_into_netns(&VethSpec {
+        host_name: &a.host_ifname,
+        host_alias: Some(&alias),
+        host_master: Some(bridge.index),
+        peer_name: ifname,
+        peer_netns: ns.fd(),
+        peer_mac: Some(mac),
+        mtu: Some(net.mtu),
+    })?;
+    let mut wired = Wired {
+        result: CniResult {
+            cni_version: conf.cni_version.clone(),
+            interfaces: Vec::new(),
+            ips: Vec::new(),
+            routes: Vec::new(),
+            dns: Dns::default(),
+        },
+        host_index,
+        ifname: ifname.to_string(),
+        tap: tap.is_some(),
+    };
+    let mut finish = || -> Result<(String, Vec<Route>), CniError> {
         // Hairpin: the workload reaches itself through the node's port forwards and host
         // ports (the bridge guard drops the broadcasts and multicasts it would reflect).
         host.set_port_hairpin(host_index, true)?;
@@ -531,70 +496,63 @@ fn add_one(
         }
         // A pod's interface gets the addresses and routes; a VM's gets a tap (the guest has
         // them).
-        match &tap {
-            Some(t) => match wire_tap(&ns, &mut inner, ifname, t, mac, net.mtu) {
-                Ok(tap_name) => Ok((tap_name, Vec::new())),
-                Err(e) => {
-                    unwire_tap(&mut inner, ifname);
-                    Err(e)
-                }
-            },
+        match tap {
+            Some(t) => Ok((
+                wire_tap(ns, &mut inner, ifname, t, mac, net.mtu)?,
+                Vec::new(),
+            )),
             None => Ok((
                 ifname.to_string(),
-                configure_pod_interface(&mut inner, ifname, &alloc.ips, &net, default_route)?,
+                configure_pod_interface(
+                    &mut inner,
+                    ifname,
+                    &a.ips,
+                    net,
+                    conf.default_route && a.interface.default_route,
+                )?,
             )),
         }
     };
-    let (sandbox_if, routes) = match wire() {
-        Ok(wired) => wired,
+    let (sandbox_if, routes) = match finish() {
+        Ok(done) => done,
         Err(e) => {
-            registration.withdraw(conf);
+            wired.undo(ns);
             return Err(e);
         }
     };
-    let registered = registration.finish();
-    if registered.is_err() && tap.is_some() {
-        unwire_tap(&mut inner, ifname);
-    }
-    registered?;
-    rollback.armed = false;
-    info!(%network, %container_id, %ifname, interface = %sandbox_if, ips = ?alloc.ips, "attached");
-
-    Ok(CniResult {
-        cni_version: conf.cni_version.clone(),
-        interfaces: vec![
-            Interface {
-                name: net.bridge.clone(),
-                mac: bridge.mac.map(names::format_mac),
-                mtu: None,
-                sandbox: None,
-            },
-            Interface {
-                name: host_name,
-                mac: None,
-                mtu: Some(net.mtu),
-                sandbox: None,
-            },
-            Interface {
-                name: sandbox_if,
-                mac: Some(names::format_mac(mac)),
-                mtu: Some(net.mtu),
-                sandbox: Some(netns_path.to_string()),
-            },
-        ],
-        ips: alloc
-            .ips
-            .iter()
-            .map(|ip| IpConfig {
-                version: None,
-                address: prefixed(*ip, &net).to_string(),
-                gateway: gateway_for(ip, &net).map(|g| g.to_string()),
-                interface: Some(2),
-            })
-            .collect(),
-        routes,
-        dns: Dns::default(),
-    })
+    wired.result.interfaces = vec![
+        Interface {
+            name: net.bridge.clone(),
+            mac: bridge.mac.map(names::format_mac),
+            mtu: None,
+            sandbox: None,
+        },
+        Interface {
+            name: a.host_ifname.clone(),
+            mac: None,
+            mtu: Some(net.mtu),
+            sandbox: None,
+        },
+        Interface {
+            name: sandbox_if,
+            mac: Some(names::format_mac(mac)),
+            mtu: Some(net.mtu),
+            sandbox: Some(ns.path().display().to_string()),
+        },
+    ];
+    wired.result.ips = a
+        .ips
+        .iter()
+        .map(|ip| IpConfig {
+            version: None,
+            address: prefixed(*ip, net).to_string(),
+            gateway: gateway_for(ip, net).map(|g| g.to_string()),
+            interface: Some(2),
+        })
+        .collect();
+    wired.result.routes = routes;
+    info!(%network, %ifname, ips = ?a.ips, "interface wired");
+    Ok(wired)
 }
 
 /// The host end of `taken`, an interface in the workload's namespace, when it is the pod end of
@@ -735,7 +693,7 @@ fn unwire_tap(inner: &mut Netlink, ifname: &str) {
 
 /// Asks the agent what it knows of a pod: the VM it runs (`vm.kubevirt.io/name`) and its
 /// `weft.dev/networks` annotation.
-fn identity(conf: &Conf, namespace: &str, name: &str) -> Result<PodIdentity, CniError> {
+fn identity(conf: &Conf, namespace: &str, name: &str) -> Result<Identity, CniError> {
     let reply = proto::call(
         &conf.agent_socket,
         &Request::Identity {
@@ -755,12 +713,7 @@ fn identity(conf: &Conf, namespace: &str, name: &str) -> Result<PodIdentity, Cni
             reply.error.unwrap_or_default(),
         ));
     }
-    Ok(PodIdentity {
-        vm: reply.vm,
-        networks: reply.networks,
-        migration: reply.migration,
-        restore: reply.restore,
-    })
+    Ok(Identity::of(&reply))
 }
 
 /// An endpoint's registration with the agent, sent and not answered yet.
@@ -1090,48 +1043,7 @@ pub fn check(conf: &Conf, env: &Env) -> Result<(), CniError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_networks_annotation_lists_names_in_order_once_each() {
-        let names: Vec<String> = annotated_networks(" nat-demo, lan ,")
-            .unwrap()
-            .into_iter()
-            .map(|n| n.name)
-            .collect();
-        assert_eq!(names, ["nat-demo", "lan"]);
-        for bad in [
-            "nat-demo,LAN",
-            "a,b,a",
-            "lan@net1",
-            r#"[{"name": "a", "mac": "x"}]"#,
-        ] {
-            let e = annotated_networks(bad).unwrap_err();
-            assert_eq!(e.code, error::INVALID_CONFIG, "{bad}");
-            assert!(e.details.contains("weft.dev/networks"), "{bad}: {e:?}");
-        }
-    }
-
-    #[test]
-    fn extra_interfaces_are_named_net_n_and_never_clash_with_cni_ifname() {
-        let list = |v: &str| annotated_networks(v).unwrap();
-        assert_eq!(
-            interface_names("eth0", &list("a,b,c")),
-            ["eth0", "net1", "net2"]
-        );
-        assert_eq!(
-            interface_names("net1", &list("a,b,c")),
-            ["net1", "net2", "net3"]
-        );
-        assert_eq!(interface_names("eth0", &list("a")), ["eth0"]);
-        // Named interfaces keep their names; the others skip them.
-        assert_eq!(
-            interface_names(
-                "eth0",
-                &list(r#"[{"name": "a"}, {"name": "b"}, {"name": "c", "interface": "net1"}]"#)
-            ),
-            ["eth0", "net2", "net1"]
-        );
-    }
+    use weft_dataplane::ipam::{AllocRequest, Pool};
 
     #[test]
     fn del_finds_the_interfaces_its_add_made_from_the_annotation() {

@@ -409,6 +409,57 @@ mod tests {
         assert_eq!(interfaces(&ask(), &bad).unwrap_err().code, INVALID_CONFIG);
     }
 
+    fn ifnames(cni_ifname: &str, annotation: &str) -> Vec<String> {
+        let ask = Ask {
+            ifname: cni_ifname.into(),
+            ..ask()
+        };
+        let identity = Identity {
+            networks: Some(annotation.into()),
+            ..Identity::default()
+        };
+        interfaces(&ask, &identity)
+            .unwrap()
+            .into_iter()
+            .map(|i| i.ifname)
+            .collect()
+    }
+
+    #[test]
+    fn extra_interfaces_are_named_net_n_and_never_clash_with_cni_ifname() {
+        assert_eq!(ifnames("eth0", "a,b,c"), ["eth0", "net1", "net2"]);
+        assert_eq!(ifnames("net1", "a,b,c"), ["net1", "net2", "net3"]);
+        assert_eq!(ifnames("eth0", "a"), ["eth0"]);
+        // Named interfaces keep their names; the others skip them.
+        assert_eq!(
+            ifnames(
+                "eth0",
+                r#"[{"name": "a"}, {"name": "b"}, {"name": "c", "interface": "net1"}]"#
+            ),
+            ["eth0", "net2", "net1"]
+        );
+        // An empty annotation: the configuration's Network.
+        assert_eq!(ifnames("eth0", " "), ["eth0"]);
+    }
+
+    #[test]
+    fn a_bad_annotation_is_code_7_naming_it() {
+        for bad in [
+            "nat-demo,LAN",
+            "a,b,a",
+            "lan@net1",
+            r#"[{"name": "a", "mac": "x"}]"#,
+        ] {
+            let identity = Identity {
+                networks: Some(bad.into()),
+                ..Identity::default()
+            };
+            let e = interfaces(&ask(), &identity).unwrap_err();
+            assert_eq!(e.code, INVALID_CONFIG, "{bad}");
+            assert!(e.details.contains("weft.dev/networks"), "{bad}: {e:?}");
+        }
+    }
+
     #[test]
     fn statics_belong_to_cni_ifname_and_a_migrating_vm_keeps_its_own() {
         let (req, carried) = alloc_request(

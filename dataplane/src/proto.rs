@@ -364,7 +364,12 @@ impl Reply {
     }
 
     /// A failure with its CNI code and short message.
-    pub fn failed(ready: bool, code: u32, msg: impl Into<String>, details: impl Into<String>) -> Self {
+    pub fn failed(
+        ready: bool,
+        code: u32,
+        msg: impl Into<String>,
+        details: impl Into<String>,
+    ) -> Self {
         Reply {
             code: Some(code),
             msg: Some(msg.into()),

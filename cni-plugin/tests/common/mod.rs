@@ -137,6 +137,14 @@ impl Node {
                             let mut line = String::new();
                             let _ = BufReader::new(&s).read_line(&mut line);
                             let identity = line.contains("\"op\":\"identity\"");
+                            // Attaching takes a real agent (the IPAM store, the rules): the
+                            // stand-in does not know the request, as an older agent, and the
+                            // CNI allocates and registers itself. (The agent's side of it is
+                            // tested in e2e, with the real agent.)
+                            if line.contains("\"op\":\"attach\"") {
+                                let _ = (&s).write_all(b"{\"ok\":false,\"ready\":true,\"error\":\"bad request: unknown variant `attach`\"}\n");
+                                return;
+                            }
                             // Silent: the agent hangs on registrations (it still knows pods).
                             if silent && !identity {
                                 std::thread::sleep(Duration::from_secs(30));

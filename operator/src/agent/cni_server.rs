@@ -111,7 +111,11 @@ impl Attachments {
                 Ok(a) => done.push(a),
                 Err(mut e) => {
                     for (a, _) in &done {
-                        if let Err(r) = self.release(&a.interface.network, &ask.container_id, &a.interface.ifname) {
+                        if let Err(r) = self.release(
+                            &a.interface.network,
+                            &ask.container_id,
+                            &a.interface.ifname,
+                        ) {
                             warn!(error = %r, "cannot release an interface of a failed ADD");
                         }
                     }
@@ -181,7 +185,12 @@ impl Attachments {
         })
     }
 
-    fn release(&self, network: &str, container_id: &str, ifname: &str) -> Result<Option<weft_dataplane::ipam::Allocation>, String> {
+    fn release(
+        &self,
+        network: &str,
+        container_id: &str,
+        ifname: &str,
+    ) -> Result<Option<weft_dataplane::ipam::Allocation>, String> {
         IpamStore::open(&self.state_dir, network)
             .and_then(|s| {
                 s.release(&weft_dataplane::ipam::Attachment {
@@ -347,8 +356,11 @@ async fn attach(
             return answer(write, &Reply::failed(is_ready(), e.code, e.msg, e.details)).await;
         }
         Err(e) => {
-            return answer(write, &Reply::error(is_ready(), format!("attach task failed: {e}")))
-                .await;
+            return answer(
+                write,
+                &Reply::error(is_ready(), format!("attach task failed: {e}")),
+            )
+            .await;
         }
     };
     let mut waiting = Vec::new();
@@ -368,8 +380,8 @@ async fn attach(
     };
     // A CNI gone meanwhile (killed) leaves the attachment to the runtime's DEL.
     let written = answer(write, &first).await;
-    let mut refused = (waiting.len() < allocated.len())
-        .then(|| "the agent is shutting down".to_string());
+    let mut refused =
+        (waiting.len() < allocated.len()).then(|| "the agent is shutting down".to_string());
     for answered in waiting {
         match answered.await {
             Ok(r) if r.ok => {}
@@ -531,6 +543,179 @@ mod tests {
             }],
             ..Resources::default()
         })
+    }
+
+    fn network(dir: &Path, name: &str, block: &str) {
+        NetworkState {
+            name: name.into(),
+            mode: weft_dataplane::state::NetworkMode::Nat,
+            bridge: format!("wn-{name}"),
+            mtu: 1500,
+            subnet_v4: Some("10.9.0.0/16".parse().unwrap()),
+            subnet_v6: None,
+            gateway_v4: Some("10.9.0.1".parse().unwrap()),
+            gateway_v6: None,
+            block_v4: Some(block.parse().unwrap()),
+            block_v6: None,
+            exclude: vec![],
+            anti_spoofing: true,
+            vlan_filtering: None,
+        }
+        .write(dir)
+        .unwrap();
+    }
+
+    fn held(dir: &Path, network: &str) -> usize {
+        IpamStore::open(dir, network).unwrap().list().unwrap().len()
+    }
+
+    #[test]
+    fn an_attach_allocates_every_interface_or_none() {
+        let dir = tempfile::tempdir().unwrap();
+        network(dir.path(), "a", "10.9.1.0/24");
+        network(dir.path(), "b", "10.9.2.0/24");
+        let attachments = Attachments {
+            state_dir: dir.path().to_path_buf(),
+            reaper: super::super::reaper::Reaper::spawn().unwrap(),
+        };
+        let ask = Ask {
+            container_id: "c1".into(),
+            ifname: "eth0".into(),
+            netns: "/run/netns/p1".into(),
+            pod_namespace: Some("default".into()),
+            pod_name: Some("p1".into()),
+            network: Some("a".into()),
+            port_mappings: vec![weft_dataplane::proto::PortMapping {
+                host_port: 8080,
+                container_port: 80,
+                protocol: "tcp".into(),
+                host_ip: None,
+            }],
+            ..Ask::default()
+        };
+        let identity = Identity {
+            networks: Some("a,b".into()),
+            ..Identity::default()
+        };
+        let done = attachments.allocate(&ask, &identity).unwrap();
+        let names: Vec<(&str, &str)> = done
+            .iter()
+            .map(|(a, _)| (a.interface.network.as_str(), a.interface.ifname.as_str()))
+            .collect();
+        assert_eq!(names, [("a", "eth0"), ("b", "net1")]);
+        // One record: the endpoint registered is the allocation's, host ports on CNI_IFNAME.
+        let (a, ep) = &done[0];
+        assert_eq!(
+            (ep.ips.clone(), ep.mac.clone()),
+            (a.ips.clone(), a.mac.clone())
+        );
+        assert_eq!(ep.port_mappings.len(), 1);
+        assert!(done[1].1.port_mappings.is_empty());
+        assert_eq!((held(dir.path(), "a"), held(dir.path(), "b")), (1, 1));
+        // A Network not ready on the node: code 11 naming it, and nothing kept.
+        let missing = Identity {
+            networks: Some("a,c".into()),
+            ..Identity::default()
+        };
+        let other = Ask {
+            container_id: "c2".into(),
+            ..ask.clone()
+        };
+        let e = attachments.allocate(&other, &missing).unwrap_err();
+        assert_eq!(e.code, TRY_AGAIN_LATER, "{e:?}");
+        assert!(e.msg.contains("network c"), "{e:?}");
+        assert!(e.details.contains("weft.dev/networks"), "{e:?}");
+        assert_eq!(held(dir.path(), "a"), 1, "c2's interface on a was released");
+        // Its DEL: the addresses go.
+        attachments.detach("a", "c1", "eth0").unwrap();
+        attachments.detach("b", "c1", "net1").unwrap();
+        assert_eq!((held(dir.path(), "a"), held(dir.path(), "b")), (0, 0));
+    }
+
+    /// The two answers of an attach: the interfaces, then the reconciler's verdict; a refusal
+    /// releases the addresses before it is answered.
+    #[tokio::test]
+    async fn an_attach_answers_twice_and_a_refusal_releases_the_addresses() {
+        let dir = tempfile::tempdir().unwrap();
+        network(dir.path(), "a", "10.9.1.0/24");
+        let attachments = Attachments {
+            state_dir: dir.path().to_path_buf(),
+            reaper: super::super::reaper::Reaper::spawn().unwrap(),
+        };
+        for refuse in [false, true] {
+            let (tx, mut rx) = mpsc::channel::<Message>(8);
+            let reconciler = tokio::spawn(async move {
+                let mut seen = Vec::new();
+                while let Some(m) = rx.recv().await {
+                    let reply = match &m.request {
+                        Request::Register { .. } if refuse => {
+                            Reply::error(true, "host port 8080/tcp is already used")
+                        }
+                        _ => Reply::ok(true),
+                    };
+                    seen.push(m.request);
+                    let _ = m.reply.send(reply);
+                }
+                seen
+            });
+            let (client, server) = UnixStream::pair().unwrap();
+            let (_, mut write) = server.into_split();
+            let ask = Ask {
+                container_id: format!("c-{refuse}"),
+                ifname: "eth0".into(),
+                netns: "/run/netns/p".into(),
+                network: Some("a".into()),
+                ..Ask::default()
+            };
+            attach(
+                ask,
+                &mut write,
+                tx,
+                Arc::new(AtomicBool::new(true)),
+                Snapshot::default(),
+                None,
+                attachments.clone(),
+            )
+            .await
+            .unwrap();
+            drop(write);
+            let mut lines = BufReader::new(client).lines();
+            let first: Reply =
+                serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+            let second: Reply =
+                serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+            assert!(first.ok, "{first:?}");
+            assert_eq!(first.attached.len(), 1);
+            assert_eq!(
+                first.attached[0].host_ifname,
+                weft_dataplane::names::host_veth_name(&format!("c-{refuse}"), "eth0")
+            );
+            let seen = reconciler.await.unwrap();
+            if refuse {
+                assert!(!second.ok);
+                assert_eq!(second.code, Some(AGENT_REFUSED));
+                assert!(second.error.unwrap().contains("8080"));
+                assert!(
+                    matches!(
+                        seen.as_slice(),
+                        [Request::Register { .. }, Request::Unregister { .. }]
+                    ),
+                    "{seen:?}"
+                );
+                assert_eq!(
+                    held(dir.path(), "a"),
+                    1,
+                    "only the accepted attachment keeps its address"
+                );
+            } else {
+                assert!(second.ok, "{second:?}");
+                assert!(
+                    matches!(seen.as_slice(), [Request::Register { .. }]),
+                    "{seen:?}"
+                );
+                assert_eq!(held(dir.path(), "a"), 1);
+            }
+        }
     }
 
     #[tokio::test]
