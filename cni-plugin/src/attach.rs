@@ -126,7 +126,7 @@ pub fn add(conf: &Conf, env: &Env) -> Result<CniResult, CniError> {
         conf.agent_timeout,
     )
     .map_err(unreachable_agent)?;
-    let first = pending.next().map_err(unreachable_agent)?;
+    let first = pending.answer().map_err(unreachable_agent)?;
     if first.is_bad_request() {
         debug!("the agent does not attach (an older one): allocating here");
         drop(pending);
@@ -139,7 +139,7 @@ pub fn add(conf: &Conf, env: &Env) -> Result<CniResult, CniError> {
     let ns = match open_workload_netns(&ask.netns) {
         Ok(ns) => ns,
         Err(e) => {
-            let _ = pending.next();
+            let _ = pending.answer();
             undo_attach(conf, None, &ask, &first.attached, &[]);
             return Err(e);
         }
@@ -153,7 +153,7 @@ pub fn add(conf: &Conf, env: &Env) -> Result<CniResult, CniError> {
             Err(mut e) => {
                 // After the agent's second answer, so the detach cannot overtake the
                 // registration.
-                let _ = pending.next();
+                let _ = pending.answer();
                 undo_attach(conf, Some(&ns), &ask, &first.attached, &wired);
                 if first.attached.len() > 1 {
                     e.details = annotated(&e.details, &a.interface);
@@ -162,7 +162,7 @@ pub fn add(conf: &Conf, env: &Env) -> Result<CniResult, CniError> {
             }
         }
     }
-    match pending.next() {
+    match pending.answer() {
         Ok(second) if second.ok => {}
         // Refused: the agent has released the addresses.
         Ok(second) => {

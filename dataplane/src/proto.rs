@@ -1,9 +1,9 @@
 //! The protocol between the `weft` CNI binary and the node agent: one JSON request and one
-//! JSON reply, each a single line, over the agent's Unix socket.
+//! JSON reply (two for [`Request::Attach`]), each a single line, over the agent's Unix socket.
 //!
-//! ADD registers the endpoint and waits for the agent to confirm that the node's rules for it
-//! are in force; DEL unregisters it. The CNI gives the agent a short deadline: an agent that does
-//! not answer makes ADD fail closed (CNI code 11, try again later).
+//! ADD attaches: the agent allocates the interfaces and answers with them, then confirms that
+//! the node's rules for them are in force; DEL detaches. The CNI gives the agent a short
+//! deadline: an agent that does not answer makes ADD fail closed (CNI code 11, try again later).
 
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
@@ -470,11 +470,11 @@ impl Pending {
 
     /// Waits for the reply.
     pub fn finish(mut self) -> Result<Reply, ProtoError> {
-        self.next()
+        self.answer()
     }
 
     /// Waits for the next reply line (an `Attach` is answered twice).
-    pub fn next(&mut self) -> Result<Reply, ProtoError> {
+    pub fn answer(&mut self) -> Result<Reply, ProtoError> {
         let ex = |source| ProtoError::Exchange {
             path: self.path.clone(),
             source,

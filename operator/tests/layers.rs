@@ -2,6 +2,8 @@
 //! `model ← policy ← agent ← cli` and `controller ← agent, cli`. Read from the sources: every
 //! `crate::<module>` a module's files name must be one its layer may use.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 

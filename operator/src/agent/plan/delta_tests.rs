@@ -335,10 +335,10 @@ fn host_ports_change_in_place_but_a_second_claim_or_the_last_one_takes_the_full_
     let res = world();
     let web = endpoint(1, 1, 0, false);
     let first = endpoint(0, 0, 0, false);
-    let out = plan(&node(), &res, &blocks(), &[first.clone()]);
+    let out = plan(&node(), &res, &blocks(), std::slice::from_ref(&first));
     // Another endpoint's host ports: map elements only, equal to the full plan.
     let mut changed = out.clone();
-    let tx = apply_endpoint_changes(&mut changed, &res, &[], &[web.clone()]).unwrap();
+    let tx = apply_endpoint_changes(&mut changed, &res, &[], std::slice::from_ref(&web)).unwrap();
     let both = plan(&node(), &res, &blocks(), &[first.clone(), web.clone()]);
     assert_eq!(changed.plan, both.plan);
     assert!(tx.0.iter().any(|c| matches!(
