@@ -319,10 +319,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     let source: Box<dyn agent::source::ResourceSource> = match manifests {
                         Some(dir) => {
                             let source = agent::source::ManifestSource::new(dir);
-                            Box::new(match &opts.peers_dir {
-                                Some(peers) => source.with_peers(peers, &opts.node_name),
-                                None => source,
-                            })
+                            Box::new(
+                                match &opts.peers_dir {
+                                    Some(peers) => source.with_peers(peers, &opts.node_name),
+                                    None => source,
+                                }
+                                .watched(),
+                            )
                         }
                         None => {
                             let client = kube::Client::try_default().await.map_err(|e| {

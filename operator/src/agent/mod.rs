@@ -951,8 +951,8 @@ pub async fn run(
     let mut fingerprint = rec.source.fingerprint().ok();
     let mut retry = Retry::default();
     retry.record(rec.reconcile(Trigger::Start).await.is_ok());
-    // Watches wake the loop as changes arrive; sources without (files) are polled. The tick also
-    // retries a failed reconcile.
+    // Watches (the API's, inotify's on the manifests) wake the loop as changes arrive; a source
+    // without them is polled. The tick also retries a failed reconcile.
     let changes = rec.source.changes();
     let mut poll = tokio::time::interval(cfg.poll);
     let mut resync = tokio::time::interval(cfg.resync);
@@ -994,7 +994,12 @@ pub async fn run(
                 }
             }
             _ = poll.tick() => {
-                let fp = rec.source.fingerprint().ok();
+                // A source that announces its changes (watches, inotify) is not polled for them;
+                // the tick still retries a failed reconcile, and the resync re-reads it anyway.
+                let fp = match changes {
+                    Some(_) => fingerprint,
+                    None => rec.source.fingerprint().ok(),
+                };
                 if fp != fingerprint {
                     fingerprint = fp;
                     retry.record(rec.reconcile(Trigger::ResourcesChanged).await.is_ok());

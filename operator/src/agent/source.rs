@@ -93,6 +93,20 @@ pub struct ManifestSource {
     dir: PathBuf,
     peers: Option<(PathBuf, String)>,
     published: Option<Published>,
+    watch: Option<Arc<Watch>>,
+}
+
+/// The directories' inotify watch: every change in them wakes the agent (which then compares
+/// the files' fingerprint, so its own writes to the peers directory cost a comparison only).
+struct Watch {
+    changed: Arc<tokio::sync::Notify>,
+    _watcher: notify::RecommendedWatcher,
+}
+
+impl std::fmt::Debug for Watch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Watch")
+    }
 }
 
 impl ManifestSource {
@@ -102,7 +116,47 @@ impl ManifestSource {
             dir: dir.into(),
             peers: None,
             published: None,
+            watch: None,
         }
+    }
+
+    /// Watches the manifests directory and the peers directory (made if missing) with inotify,
+    /// so a change wakes the agent at once instead of at its next poll; where inotify cannot
+    /// (its limits), says so and leaves the source to be polled.
+    pub fn watched(mut self) -> Self {
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let wake = Arc::clone(&changed);
+        let mut dirs = vec![self.dir.clone()];
+        if let Some((peers, _)) = &self.peers {
+            if let Err(e) = std::fs::create_dir_all(peers) {
+                tracing::warn!(dir = %peers.display(), error = %e, "cannot make the peers directory");
+            }
+            dirs.push(peers.clone());
+        }
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if event.is_ok() {
+                wake.notify_one();
+            }
+        })
+        .and_then(|mut w| {
+            use notify::Watcher as _;
+            for dir in &dirs {
+                w.watch(dir, notify::RecursiveMode::NonRecursive)?;
+            }
+            Ok(w)
+        });
+        match watcher {
+            Ok(w) => {
+                self.watch = Some(Arc::new(Watch {
+                    changed,
+                    _watcher: w,
+                }));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the manifests with inotify; polling them instead")
+            }
+        }
+        self
     }
 
     /// Shares workload interfaces with the other nodes' agents through `dir`, as node `node`.
@@ -152,6 +206,10 @@ impl ManifestSource {
 }
 
 impl ResourceSource for ManifestSource {
+    fn changes(&self) -> Option<Arc<tokio::sync::Notify>> {
+        self.watch.as_ref().map(|w| Arc::clone(&w.changed))
+    }
+
     fn snapshot(&mut self) -> Result<Resources, SourceError> {
         let mut res = Resources::default();
         for file in self.files()? {
@@ -236,6 +294,28 @@ impl ResourceSource for ManifestSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file written to the manifests or the peers directory wakes the agent (no poll).
+    #[tokio::test]
+    async fn a_watched_source_announces_changes_to_its_files() {
+        let manifests = tempfile::tempdir().unwrap();
+        let shared = tempfile::tempdir().unwrap();
+        let peers = shared.path().join("peers");
+        let src = ManifestSource::new(manifests.path())
+            .with_peers(&peers, "node-a")
+            .watched();
+        let changed = src.changes().expect("inotify watches the directories");
+        assert!(peers.is_dir(), "the peers directory is made to be watched");
+        for file in [manifests.path().join("net.yaml"), peers.join("node-b.json")] {
+            let woken = changed.notified();
+            std::fs::write(&file, "[]").unwrap();
+            tokio::time::timeout(std::time::Duration::from_secs(5), woken)
+                .await
+                .unwrap_or_else(|_| panic!("writing {} woke nobody", file.display()));
+        }
+        // Unwatched, a source is polled.
+        assert!(ManifestSource::new(manifests.path()).changes().is_none());
+    }
 
     #[test]
     fn reads_networks_portforwards_and_pods_and_reports_bad_documents() {
