@@ -438,6 +438,30 @@ node_clean() { # node: nothing of weft left
   node "$n" ip route show default | grep -q 'dev eth0' || { fail "$n's default route is not on eth0"; return 1; }
 }
 
+# The chart's monitoring objects (off by default): rendered with every part on, their shape
+# checked, and the dashboard's ConfigMap judged by the API server (this cluster has no
+# Prometheus Operator CRDs for the PodMonitor and PrometheusRule).
+t_monitoring() {
+  "$C" helm template weft "$repo/charts/weft" -n weft-system \
+    --set monitoring.podMonitor.enabled=true --set monitoring.prometheusRule.enabled=true \
+    --set monitoring.dashboard.enabled=true --show-only templates/monitoring.yaml \
+    >"$dir/monitoring.yaml" || { fail "helm renders the monitoring objects"; return 1; }
+  rm -f "$dir"/monitoring-*.yaml
+  awk -v d="$dir/monitoring-" '/^---/ { n++; next } { print > (d n ".yaml") }' "$dir/monitoring.yaml"
+  local f kinds=() cm=""
+  for f in "$dir"/monitoring-*.yaml; do
+    kinds+=("$(awk '/^kind:/ { print $2; exit }' "$f")")
+    grep -q '^kind: ConfigMap' "$f" && cm=$f
+  done
+  expect "a PodMonitor, a PrometheusRule and a dashboard ConfigMap" \
+    test "$(printf '%s\n' "${kinds[@]}" | sort | tr '\n' ' ')" = "ConfigMap PodMonitor PrometheusRule " || return 1
+  expect "the rule group holds weft's alerts" \
+    test "$(grep -c -- '- alert: Weft' "$dir/monitoring.yaml")" -ge 5 || return 1
+  expect "the API server accepts the dashboard's ConfigMap, and its JSON parses" \
+    sh -c "'$C' kubectl apply --dry-run=server -f '$cm' -o jsonpath='{.data.weft\\.json}' |
+      python3 -c 'import json, sys; assert json.load(sys.stdin)[\"panels\"]'"
+}
+
 t_teardown() {
   kn delete pod --all --wait --timeout=60s >/dev/null
   eventually 30 "node1 holds no workload port after the pods are deleted" \
@@ -484,6 +508,7 @@ if [ "$failed" = 0 ]; then
   run peers t_peers
   run bridge t_bridge_hybrid
   run status t_status
+  run monitoring t_monitoring
   run trust t_trust
   run failover t_failover
   run upgrade t_upgrade

@@ -160,6 +160,136 @@ fn readyz_turns_ready_after_the_first_successful_reconcile_and_metrics_count_rec
             metrics.contains(r#"weft_agent_cni_duration_seconds_count{command="ADD"} 1"#),
             "{metrics}"
         );
+        assert!(metrics.contains("weft_agent_ready 1"), "{metrics}");
         agent.abort();
+        every_metric_the_chart_queries_is_exported(&metrics);
     });
+}
+
+/// The names of the series `text` (the exposition format) declares: each family's `# TYPE`
+/// name, with the suffixes its samples take (`_total`, `_bucket`, `_sum`, `_count`).
+fn exported(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        if let (Some("#"), Some("TYPE"), Some(name), Some(kind)) =
+            (words.next(), words.next(), words.next(), words.next())
+        {
+            let suffixes: &[&str] = match kind {
+                "counter" => &["_total"],
+                "histogram" => &["_bucket", "_sum", "_count"],
+                _ => &[""],
+            };
+            for s in suffixes {
+                names.insert(format!("{name}{s}"));
+            }
+        } else if let Some(name) = line
+            .split(['{', ' '])
+            .next()
+            .filter(|n| n.starts_with("weft_"))
+        {
+            names.insert(name.to_string());
+        }
+    }
+    names
+}
+
+/// The weft metrics a query text names.
+fn queried(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("weft_") {
+        let name: String = rest[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[i + name.len()..];
+        out.insert(name);
+    }
+    out
+}
+
+/// The chart's Grafana dashboard and alerts query only metrics that exist: the agent's as this
+/// test scraped them, the controller's as its `/metrics` renders its registry. A labelled
+/// family appears only with its first sample, so those the scrape could not show (a failed
+/// reconcile) are recorded once in registries of their own.
+fn every_metric_the_chart_queries_is_exported(scraped: &str) {
+    use weft_operator::controller::metrics::{Metrics, render};
+    let mut registry = prometheus_client::registry::Registry::default();
+    let agent = weft_operator::agent::metrics::AgentMetrics::register(
+        &mut registry,
+        weft_operator::agent::audit::Counters::default(),
+    );
+    agent.reconciled(
+        "retry",
+        Duration::from_millis(5),
+        false,
+        &AgentStatus::default(),
+    );
+    let failures = render(&registry).unwrap();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let controller = Metrics::register(&mut registry);
+    controller.reconciled("Network", Duration::from_millis(5));
+    controller.failed("Network", "Conflict");
+    controller.set_blocks_in_use("blue", 1);
+    let controller = render(&registry).unwrap();
+    let mut known = exported(scraped);
+    known.extend(
+        exported(&failures)
+            .into_iter()
+            .filter(|n| n.starts_with("weft_agent_reconciliation_errors")),
+    );
+    known.extend(exported(&controller));
+    let files = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/weft/files");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(files.join("dashboard.json")).unwrap())
+            .unwrap();
+    let mut exprs = Vec::new();
+    let mut stack = vec![&dashboard];
+    while let Some(v) = stack.pop() {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    match (k.as_str(), v) {
+                        ("expr" | "definition", serde_json::Value::String(e)) => {
+                            exprs.push(("dashboard.json", e.clone()))
+                        }
+                        _ => stack.push(v),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => stack.extend(a),
+            _ => {}
+        }
+    }
+    let alerts = std::fs::read_to_string(files.join("alerts.yaml")).unwrap();
+    exprs.push(("alerts.yaml", alerts));
+    assert!(exprs.len() > 10, "only {} queries found", exprs.len());
+    let mut missing = Vec::new();
+    let mut named = 0;
+    for (file, e) in &exprs {
+        for name in queried(e) {
+            named += 1;
+            if !known.contains(&name) {
+                missing.push(format!("{file}: {name}"));
+            }
+        }
+    }
+    assert!(named > 20, "only {named} metric names queried");
+    assert!(
+        missing.is_empty(),
+        "queried but not exported:\n  {}\nexported: {known:?}",
+        missing.join("\n  ")
+    );
+}
+
+#[test]
+fn the_check_of_the_chart_s_queries_sees_a_metric_nobody_exports() {
+    let known = exported(
+        "# TYPE weft_agent_ready gauge\nweft_agent_ready 1\n# TYPE weft_agent_x counter\n",
+    );
+    assert!(known.contains("weft_agent_ready") && known.contains("weft_agent_x_total"));
+    let q = queried("rate(weft_agent_x_total[5m]) / weft_agent_nope");
+    assert!(q.contains("weft_agent_x_total") && q.contains("weft_agent_nope"));
+    assert!(!known.contains("weft_agent_nope"));
 }

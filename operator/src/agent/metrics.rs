@@ -8,6 +8,7 @@
 //! - `reconciliation_errors_total{trigger}`: reconciles that failed (one that waits for the
 //!   first list of the Kubernetes API, as every start does, is not a failure);
 //! - `reconcile_duration_seconds`: histogram of reconcile durations;
+//! - `ready`: 1 once the agent has reconciled the node (as `/readyz`), 0 before;
 //! - `endpoints`: workload endpoints known on the node;
 //! - `networks`: networks realized on the node;
 //! - `audit_records_total{verdict}`: audit records written, read from the audit reader's
@@ -38,6 +39,7 @@ pub struct AgentMetrics {
     reconciles: Family<Labels, Counter>,
     failures: Family<Labels, Counter>,
     duration: Histogram,
+    ready: Gauge,
     endpoints: Gauge,
     networks: Gauge,
     cni_ops: Family<Labels, Counter>,
@@ -54,6 +56,7 @@ impl Default for AgentMetrics {
             reconciles: Family::default(),
             failures: Family::default(),
             duration: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
+            ready: Gauge::default(),
             endpoints: Gauge::default(),
             networks: Gauge::default(),
             cni_ops: Family::default(),
@@ -97,6 +100,11 @@ impl AgentMetrics {
             m.duration.clone(),
         );
         r.register(
+            "ready",
+            "1 once the agent has reconciled the node, as /readyz",
+            m.ready.clone(),
+        );
+        r.register(
             "endpoints",
             "Workload endpoints known on the node",
             m.endpoints.clone(),
@@ -119,6 +127,11 @@ impl AgentMetrics {
         r.register_collector(Box::new(AuditRecords(audit)));
         r.register_collector(Box::new(Conntrack(conntrack_dir.to_path_buf())));
         m
+    }
+
+    /// The agent has reconciled the node: ready.
+    pub fn ready(&self) {
+        self.ready.set(1);
     }
 
     /// Records one CNI operation the `weft` binary reported.
@@ -232,6 +245,7 @@ mod tests {
             r#"weft_agent_reconciliations_total{trigger="retry"} 1"#,
             r#"weft_agent_reconciliation_errors_total{trigger="retry"} 1"#,
             "weft_agent_reconcile_duration_seconds_count 2",
+            "weft_agent_ready 0",
             "weft_agent_endpoints 3",
             "weft_agent_networks 1",
             "# TYPE weft_agent_audit_records counter",

@@ -606,6 +606,7 @@ impl Reconciler {
                         }
                     }
                 }
+                self.metrics.ready();
                 if !self.ready.swap(true, Ordering::SeqCst) {
                     info!(node = %self.cfg.node.name, "node ready");
                 }
