@@ -110,15 +110,7 @@ impl Attachments {
             match self.allocate_one(ask, identity, iface) {
                 Ok(a) => done.push(a),
                 Err(mut e) => {
-                    for (a, _) in &done {
-                        if let Err(r) = self.release(
-                            &a.interface.network,
-                            &ask.container_id,
-                            &a.interface.ifname,
-                        ) {
-                            warn!(error = %r, "cannot release an interface of a failed ADD");
-                        }
-                    }
+                    self.release_all(&ask.container_id, done.iter().map(|(a, _)| a));
                     if annotated {
                         e.details = format!(
                             "{} (interface {} on Network {} of the pod's {} annotation)",
@@ -199,6 +191,16 @@ impl Attachments {
                 })
             })
             .map_err(|e| format!("cannot release the addresses: {}", crate::error_chain(&e)))
+    }
+
+    /// Releases the addresses of the interfaces of an ADD that failed or was refused (best
+    /// effort: what cannot be released is logged, and GC or a resync finds it).
+    fn release_all<'a>(&self, container_id: &str, interfaces: impl Iterator<Item = &'a Attached>) {
+        for a in interfaces {
+            if let Err(e) = self.release(&a.interface.network, container_id, &a.interface.ifname) {
+                warn!(error = %e, network = %a.interface.network, ifname = %a.interface.ifname, "cannot release an interface of a failed ADD");
+            }
+        }
     }
 
     /// Releases the attachment's addresses and hands its host link to the reaper: what must be
@@ -406,15 +408,7 @@ async fn attach(
                 let _ = tx.send(Message { request, reply }).await;
             }
             let released = tokio::task::spawn_blocking(move || {
-                for (a, _) in &allocated {
-                    if let Err(e) = attachments.release(
-                        &a.interface.network,
-                        &ask.container_id,
-                        &a.interface.ifname,
-                    ) {
-                        warn!(error = %e, "cannot release a refused attachment");
-                    }
-                }
+                attachments.release_all(&ask.container_id, allocated.iter().map(|(a, _)| a));
             })
             .await;
             if let Err(e) = released {
