@@ -70,13 +70,14 @@ if [[ $wanted == *" weft "* ]]; then
 # rebuilds while working on the cluster tests).
 profile=${WEFT_IMAGE_PROFILE:-release}
 if [ "${WEFT_SKIP_CARGO:-0}" != 1 ]; then
-  (cd "$repo" && cargo build --profile "$profile" --locked -p weft-operator -p weft-cni >&2)
+  (cd "$repo" && cargo build --profile "$profile" --locked -p weft-operator -p weft-cni -p kubectl-weft >&2)
 fi
 [ "$profile" = dev ] && profile=debug
 w=$work/weft
 busybox_root "$w" sh cp mv cat ls rm mkdir ln echo sleep
 copy_with_libs "$w" "$repo/target/$profile/weft-operator" /usr/local/bin/weft-operator
 copy_with_libs "$w" "$repo/target/$profile/weft" /usr/local/bin/weft
+copy_with_libs "$w" "$repo/target/$profile/kubectl-weft" /usr/local/bin/kubectl-weft
 copy_with_libs "$w" "$(command -v nft)" /usr/sbin/nft
 copy_with_libs "$w" "$(command -v ip)" /usr/sbin/ip
 # nft and ip read protocol and service names (Debian's netbase).

@@ -299,6 +299,39 @@ EOF
     expect "a3 -> a1 (no policy on web) still allowed" http_ok a3 "http://$(pod_ip a1)/"
 }
 
+# `kubectl weft`, the plugin, found by kubectl on the PATH as users install it, against the
+# pods and the policy of t_policy: a2 (app=db) admits app=web only.
+t_kubectl_weft() {
+  local profile=${WEFT_IMAGE_PROFILE:-release}
+  [ "$profile" = dev ] && profile=debug
+  local bin="$repo/target/$profile"
+  [ -x "$bin/kubectl-weft" ] || { fail "kubectl-weft is built ($bin)"; return 1; }
+  local KUBECONFIG BIN
+  eval "$("$C" env)"
+  # kubectl takes no flag before a plugin's name: the kubeconfig goes in the environment.
+  kw() { "$C" lan env "KUBECONFIG=$KUBECONFIG" "PATH=$bin:$BIN:$PATH" kubectl weft "$@"; }
+  local a2 out
+  a2=$(pod_ip a2)
+  out=$(kw status) || { fail "kubectl weft status"; return 1; }
+  log "$out"
+  expect "status: both nodes Ready with e2e-nat" both_nodes_ready "$out" || return 1
+  out=$(kw endpoints a2 -n "$ns") || { fail "kubectl weft endpoints a2"; return 1; }
+  log "$out"
+  expect "endpoints: a2's address and the policy that applies to it" \
+    contains_all "$out" "$a2" "SegmentationPolicy $ns/db-from-web" || return 1
+  expect "trace: a1 (app=web) -> a2:80 accepted (exit 0)" kw trace --from "$ns/a1" --to "$ns/a2" --port 80 &&
+    expect "trace: a3 (app=other) -> a2:80 dropped (exit 1)" not kw trace --from "$ns/a3" --to "$ns/a2" --port 80 || return 1
+  http_fails a3 "http://$a2/"
+  eventually 20 "audit: the denial of a3 -> a2 is among the agents' records" audit_has_denial_to "$a2"
+}
+not() { ! "$@" >/dev/null 2>&1; }
+both_nodes_ready() { grep -qE '^node1 +True .*e2e-nat' <<<"$1" && grep -qE '^node2 +True .*e2e-nat' <<<"$1"; }
+contains_all() { # text strings...
+  local text=$1 s; shift
+  for s in "$@"; do grep -qF -- "$s" <<<"$text" || return 1; done
+}
+audit_has_denial_to() { kw audit --since-seconds 600 | grep '"verdict":"deny"' | grep -qF "\"dst\":\"$1\""; }
+
 t_bridge_hybrid() {
   k apply -f - >/dev/null <<'EOF' || return 1
 apiVersion: weft.dev/v1alpha1
@@ -505,6 +538,7 @@ if [ "$failed" = 0 ]; then
   run nat t_nat
   run portforward t_portforward
   run policy t_policy
+  run kubectl-weft t_kubectl_weft
   run peers t_peers
   run bridge t_bridge_hybrid
   run status t_status

@@ -238,7 +238,7 @@ mod tests {
         };
         m.reconciled("start", Duration::from_millis(20), true, &status);
         m.reconciled("retry", Duration::from_millis(20), false, &status);
-        audit.lock().unwrap().insert("drop".into(), 7);
+        audit.lock().unwrap().insert("deny".into(), 7);
         let text = render(&registry).unwrap();
         for want in [
             r#"weft_agent_reconciliations_total{trigger="start"} 1"#,
@@ -249,7 +249,7 @@ mod tests {
             "weft_agent_endpoints 3",
             "weft_agent_networks 1",
             "# TYPE weft_agent_audit_records counter",
-            r#"weft_agent_audit_records_total{verdict="drop"} 7"#,
+            r#"weft_agent_audit_records_total{verdict="deny"} 7"#,
         ] {
             assert!(text.contains(want), "missing {want} in\n{text}");
         }
