@@ -184,6 +184,11 @@ pub struct AgentOpts {
     /// drops) to this file; standard output when absent.
     #[arg(long, env = "WEFT_AUDIT_LOG")]
     pub audit_log: Option<PathBuf>,
+    /// Export each workload interface's traffic on /metrics (`weft_agent_workload_bytes_total`,
+    /// `_packets_total`, `_drops_total`): one series per interface and direction, so the
+    /// number of series grows with the node's workloads.
+    #[arg(long, env = "WEFT_WORKLOAD_METRICS")]
+    pub workload_metrics: bool,
     /// Standalone (`--manifests`): a directory the nodes' agents share (e.g. over NFS), where each
     /// writes its workload interfaces (`<node>.json`) and reads the others', so policies match
     /// workloads on every node. Cluster mode shares them through the NodeNetwork status.
@@ -257,6 +262,7 @@ impl AgentOpts {
             resync: Duration::from_secs(self.resync_seconds.max(1)),
             poll: Duration::from_millis(500),
             audit_log: self.audit_log.clone(),
+            workload_metrics: self.workload_metrics,
         })
     }
 }

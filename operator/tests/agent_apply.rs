@@ -48,6 +48,7 @@ fn config(state: &std::path::Path) -> AgentConfig {
         resync: std::time::Duration::from_secs(30),
         poll: std::time::Duration::from_millis(500),
         audit_log: None,
+        workload_metrics: false,
     }
 }
 

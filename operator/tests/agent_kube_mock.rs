@@ -416,6 +416,7 @@ fn config() -> weft_operator::agent::AgentConfig {
         resync: Duration::from_secs(30),
         poll: Duration::from_millis(500),
         audit_log: None,
+        workload_metrics: false,
     }
 }
 

@@ -97,8 +97,10 @@ fn readyz_turns_ready_after_the_first_successful_reconcile_and_metrics_count_rec
         .build()
         .unwrap();
     rt.block_on(async {
+        let mut cfg = config(state.path());
+        cfg.workload_metrics = true;
         let agent = tokio::spawn(weft_operator::agent::run(
-            config(state.path()),
+            cfg,
             source,
             Some(addr),
         ));
@@ -161,9 +163,75 @@ fn readyz_turns_ready_after_the_first_successful_reconcile_and_metrics_count_rec
             "{metrics}"
         );
         assert!(metrics.contains("weft_agent_ready 1"), "{metrics}");
+        // A workload's traffic, from its host link's counters (`--workload-metrics`): the
+        // frames the workload sends are packets out of it.
+        let socket = state.path().join("agent.sock");
+        tokio::task::spawn_blocking(move || workload_sends_frames(&socket, 3))
+            .await
+            .unwrap();
+        let out = r#"weft_agent_workload_packets_total{namespace="shop",pod="web-1",network="alpha",interface="eth0",direction="out"} "#;
+        let metrics = wait_for(addr, "/metrics", out).await;
+        let sent: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(out))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap();
+        assert_eq!(sent, 3, "{metrics}");
+        assert!(
+            metrics.contains(r#"weft_agent_workload_bytes_total{namespace="shop",pod="web-1",network="alpha",interface="eth0",direction="out"} 126"#),
+            "three 42-byte ARP frames: {metrics}"
+        );
         agent.abort();
         every_metric_the_chart_queries_is_exported(&metrics);
     });
+}
+
+/// A workload's veth (host end `wftraffic0`, registered as pod shop/web-1 on Network alpha)
+/// whose workload end sends `n` ARP requests.
+fn workload_sends_frames(socket: &std::path::Path, n: usize) {
+    use weft_dataplane::netlink::Netlink;
+    let mut nl = Netlink::new().unwrap();
+    nl.create_veth_pair("wftraffic0", "wftraffic0p", None, None)
+        .unwrap();
+    // No IPv6 on either end: its autoconfiguration would send packets of its own.
+    for end in ["wftraffic0", "wftraffic0p"] {
+        std::fs::write(format!("/proc/sys/net/ipv6/conf/{end}/disable_ipv6"), "1").unwrap();
+    }
+    let host = nl.link_by_name("wftraffic0").unwrap().unwrap();
+    let peer = nl.link_by_name("wftraffic0p").unwrap().unwrap();
+    nl.set_up(host.index).unwrap();
+    nl.set_up(peer.index).unwrap();
+    let mac = [0x0a, 0x58, 0x0a, 0x3f, 0x00, 0x05];
+    let endpoint = weft_dataplane::proto::Endpoint {
+        network: "alpha".into(),
+        container_id: "ctraffic".into(),
+        ifname: "eth0".into(),
+        host_ifname: "wftraffic0".into(),
+        mac: weft_dataplane::names::format_mac(mac),
+        ips: vec!["10.63.0.5".parse().unwrap()],
+        pod_namespace: Some("shop".into()),
+        pod_name: Some("web-1".into()),
+        netns: None,
+        vm: None,
+        pending: false,
+        vlan_trunk: vec![],
+        port_mappings: vec![],
+    };
+    let reply = weft_dataplane::proto::call(
+        socket,
+        &weft_dataplane::proto::Request::Register { endpoint },
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert!(reply.ok, "{reply:?}");
+    let frame = weft_dataplane::frame::arp_request(
+        mac,
+        "10.63.0.5".parse().unwrap(),
+        "10.63.0.1".parse().unwrap(),
+    );
+    for _ in 0..n {
+        weft_dataplane::frame::send(peer.index, &frame).unwrap();
+    }
 }
 
 /// The names of the series `text` (the exposition format) declares: each family's `# TYPE`

@@ -54,6 +54,24 @@ pub struct LinkInfo {
     pub hairpin: Option<bool>,
 }
 
+/// A link's traffic counters (`IFLA_STATS64`), as the link counts them: `rx` is what it
+/// received.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkStats {
+    /// Packets received.
+    pub rx_packets: u64,
+    /// Packets sent.
+    pub tx_packets: u64,
+    /// Bytes received.
+    pub rx_bytes: u64,
+    /// Bytes sent.
+    pub tx_bytes: u64,
+    /// Packets dropped on receipt.
+    pub rx_dropped: u64,
+    /// Packets dropped on sending.
+    pub tx_dropped: u64,
+}
+
 /// One entry of a bridge's forwarding database: a MAC and the port the bridge sends it to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FdbEntry {
@@ -242,6 +260,44 @@ impl Netlink {
             Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// The traffic counters of every link of the namespace, by name.
+    pub fn link_stats(&mut self) -> Result<Vec<(String, LinkStats)>, NetlinkError> {
+        let msg = LinkMessageBuilder::<LinkUnspec>::new().build();
+        let replies = self.call(
+            "list link counters",
+            String::new,
+            RouteNetlinkMessage::GetLink(msg),
+            NLM_F_DUMP,
+        )?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => {
+                    let mut name = None;
+                    let mut stats = None;
+                    for attr in l.attributes {
+                        match attr {
+                            LinkAttribute::IfName(n) => name = Some(n),
+                            LinkAttribute::Stats64(s) => {
+                                stats = Some(LinkStats {
+                                    rx_packets: s.rx_packets,
+                                    tx_packets: s.tx_packets,
+                                    rx_bytes: s.rx_bytes,
+                                    tx_bytes: s.tx_bytes,
+                                    rx_dropped: s.rx_dropped,
+                                    tx_dropped: s.tx_dropped,
+                                })
+                            }
+                            _ => {}
+                        }
+                    }
+                    Some((name?, stats?))
+                }
+                _ => None,
+            })
+            .collect())
     }
 
     /// All links of the namespace.

@@ -24,7 +24,8 @@ mod vlan;
 
 pub use addr::AddrInfo;
 pub use link::{
-    FdbEntry, LinkInfo, VethSpec, bridge_no_link_local_learning_message, port_hairpin_message,
+    FdbEntry, LinkInfo, LinkStats, VethSpec, bridge_no_link_local_learning_message,
+    port_hairpin_message,
 };
 pub use route::{Family, RouteEntry, RouteInfo, RouteSpec, route_entry_message};
 pub use tc::{ingress_qdisc_message, redirect_filter_message};

@@ -15,6 +15,11 @@
 //!   counters at each scrape;
 //! - `cni_operations_total{command,result}` and `cni_duration_seconds{command}`: CNI ADD and
 //!   DEL as the `weft` binary reports them over the agent's socket when it finishes;
+//! - `workload_bytes_total`, `workload_packets_total` and `workload_drops_total`
+//!   `{namespace,pod,network,interface,direction}`: each workload interface's traffic, `in` to
+//!   the workload and `out` of it, read from its host link's counters at each scrape (the
+//!   drops are the link's: a full queue, a peer gone), only with `--workload-metrics` (one
+//!   series per workload interface and direction: the cardinality grows with the workloads);
 //! - `conntrack_entries` and `conntrack_limit`: the node's connection tracking table
 //!   (`nf_conntrack_count` and `nf_conntrack_max`, read at each scrape). Masquerade and port
 //!   forwards need an entry per connection; alert well before entries reach the limit, e.g.
@@ -180,6 +185,94 @@ impl Collector for AuditRecords {
         for (verdict, n) in counts {
             let labels: Labels = vec![("verdict", verdict)];
             ConstCounter::new(n).encode(metric.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// One workload interface whose traffic the `workload_*` metrics report, by its host link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadPort {
+    /// The workload's host link.
+    pub host_ifname: String,
+    /// The pod's namespace.
+    pub namespace: String,
+    /// The pod (a VM's virt-launcher pod).
+    pub pod: String,
+    /// The weft Network.
+    pub network: String,
+    /// The interface's name in the pod.
+    pub interface: String,
+}
+
+/// The workload interfaces of the node, kept by the reconciler and read at each scrape.
+pub type WorkloadPorts = std::sync::Arc<std::sync::Mutex<Vec<WorkloadPort>>>;
+
+/// Registers the `workload_*` metrics (`--workload-metrics`) under the prefix `weft_agent`.
+pub fn register_workload_traffic(registry: &mut Registry, ports: WorkloadPorts) {
+    registry
+        .sub_registry_with_prefix("weft_agent")
+        .register_collector(Box::new(WorkloadTraffic(ports)));
+}
+
+/// The host links' counters of the workload interfaces, read at each scrape.
+#[derive(Debug)]
+struct WorkloadTraffic(WorkloadPorts);
+
+impl Collector for WorkloadTraffic {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use weft_dataplane::netlink::{LinkStats, Netlink};
+        let ports = self.0.lock().map(|p| p.clone()).unwrap_or_default();
+        let stats: std::collections::HashMap<String, LinkStats> =
+            match Netlink::new().and_then(|mut nl| nl.link_stats()) {
+                Ok(s) => s.into_iter().collect(),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot read the links' counters");
+                    Default::default()
+                }
+            };
+        // Seen from the workload: what its host link sends goes in, what it receives came out.
+        type Pick = fn(&LinkStats) -> (u64, u64);
+        let families: [(&str, &str, Pick); 3] = [
+            (
+                "workload_bytes",
+                "Bytes into and out of each workload interface",
+                |s| (s.tx_bytes, s.rx_bytes),
+            ),
+            (
+                "workload_packets",
+                "Packets into and out of each workload interface",
+                |s| (s.tx_packets, s.rx_packets),
+            ),
+            (
+                "workload_drops",
+                "Packets its host link dropped, into and out of each workload interface",
+                |s| (s.tx_dropped, s.rx_dropped),
+            ),
+        ];
+        for (name, help, pick) in families {
+            let mut metric = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                ConstCounter::new(0u64).metric_type(),
+            )?;
+            for p in &ports {
+                let Some(s) = stats.get(&p.host_ifname) else {
+                    continue;
+                };
+                let (into, out) = pick(s);
+                for (direction, n) in [("in", into), ("out", out)] {
+                    let labels: Labels = vec![
+                        ("namespace", p.namespace.clone()),
+                        ("pod", p.pod.clone()),
+                        ("network", p.network.clone()),
+                        ("interface", p.interface.clone()),
+                        ("direction", direction.to_string()),
+                    ];
+                    ConstCounter::new(n).encode(metric.encode_family(&labels)?)?;
+                }
+            }
         }
         Ok(())
     }

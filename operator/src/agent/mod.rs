@@ -62,6 +62,9 @@ pub struct AgentConfig {
     pub poll: Duration,
     /// Where audit records go (JSON lines); `None`: standard output.
     pub audit_log: Option<PathBuf>,
+    /// Export each workload interface's traffic (`weft_agent_workload_*`, one series per
+    /// interface and direction).
+    pub workload_metrics: bool,
 }
 
 /// What the agent reports after each reconcile (`<state>/status.json`).
@@ -355,6 +358,8 @@ impl StatusFile {
 
 struct Reconciler {
     status_file: StatusFile,
+    /// The workload interfaces the `workload_*` metrics report (`--workload-metrics`).
+    workload_ports: Option<metrics::WorkloadPorts>,
     cfg: AgentConfig,
     source: Box<dyn ResourceSource>,
     endpoints: EndpointStore,
@@ -652,6 +657,22 @@ impl Reconciler {
         }
         self.source.report(&self.status);
         self.status_file.publish(&self.status);
+        if let Some(ports) = &self.workload_ports
+            && let Ok(mut ports) = ports.lock()
+        {
+            *ports = self
+                .endpoints
+                .list()
+                .into_iter()
+                .map(|e| metrics::WorkloadPort {
+                    host_ifname: e.host_ifname,
+                    namespace: e.pod_namespace.unwrap_or_else(|| "default".into()),
+                    pod: e.pod_name.unwrap_or_default(),
+                    network: e.network,
+                    interface: e.ifname,
+                })
+                .collect();
+        }
         outcome
     }
 
@@ -889,6 +910,10 @@ pub async fn run(
     let audit_counters = audit::Counters::default();
     let mut registry = prometheus_client::registry::Registry::default();
     let agent_metrics = metrics::AgentMetrics::register(&mut registry, audit_counters.clone());
+    let workload_ports = cfg.workload_metrics.then(metrics::WorkloadPorts::default);
+    if let Some(ports) = &workload_ports {
+        metrics::register_workload_traffic(&mut registry, ports.clone());
+    }
     raise_descriptor_limit();
     let mut cfg = cfg;
     // weft's own workloads may not reach the agent's HTTP port (its table drops them).
@@ -927,6 +952,7 @@ pub async fn run(
         },
     ));
     let mut rec = Reconciler {
+        workload_ports,
         status_file: StatusFile::spawn(cfg.state_dir.join("status.json")),
         endpoints: EndpointStore::load(&cfg.state_dir),
         cfg: cfg.clone(),

@@ -45,5 +45,6 @@ pub fn config(state: &std::path::Path) -> AgentConfig {
         resync: Duration::from_secs(30),
         poll: Duration::from_millis(100),
         audit_log: Some(state.join("audit.log")),
+        workload_metrics: false,
     }
 }
