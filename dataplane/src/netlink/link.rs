@@ -262,61 +262,67 @@ impl Netlink {
         }
     }
 
-    /// The traffic counters of every link of the namespace, by name.
-    pub fn link_stats(&mut self) -> Result<Vec<(String, LinkStats)>, NetlinkError> {
-        let msg = LinkMessageBuilder::<LinkUnspec>::new().build();
+    /// Every link of the namespace, with its counters or without (`IFLA_EXT_MASK`).
+    fn dump_links(
+        &mut self,
+        op: &'static str,
+        stats: bool,
+    ) -> Result<Vec<LinkMessage>, NetlinkError> {
+        let mut msg = LinkMessageBuilder::<LinkUnspec>::new();
+        if !stats {
+            msg =
+                msg.append_extra_attribute(LinkAttribute::ExtMask(vec![LinkExtentMask::SkipStats]));
+        }
         let replies = self.call(
-            "list link counters",
+            op,
             String::new,
-            RouteNetlinkMessage::GetLink(msg),
+            RouteNetlinkMessage::GetLink(msg.build()),
             NLM_F_DUMP,
         )?;
         Ok(replies
             .into_iter()
             .filter_map(|m| match m {
-                RouteNetlinkMessage::NewLink(l) => {
-                    let mut name = None;
-                    let mut stats = None;
-                    for attr in l.attributes {
-                        match attr {
-                            LinkAttribute::IfName(n) => name = Some(n),
-                            LinkAttribute::Stats64(s) => {
-                                stats = Some(LinkStats {
-                                    rx_packets: s.rx_packets,
-                                    tx_packets: s.tx_packets,
-                                    rx_bytes: s.rx_bytes,
-                                    tx_bytes: s.tx_bytes,
-                                    rx_dropped: s.rx_dropped,
-                                    tx_dropped: s.tx_dropped,
-                                })
-                            }
-                            _ => {}
-                        }
-                    }
-                    Some((name?, stats?))
-                }
+                RouteNetlinkMessage::NewLink(l) => Some(l),
                 _ => None,
+            })
+            .collect())
+    }
+
+    /// The traffic counters of every link of the namespace, by name.
+    pub fn link_stats(&mut self) -> Result<Vec<(String, LinkStats)>, NetlinkError> {
+        Ok(self
+            .dump_links("list link counters", true)?
+            .into_iter()
+            .filter_map(|l| {
+                let mut name = None;
+                let mut stats = None;
+                for attr in l.attributes {
+                    match attr {
+                        LinkAttribute::IfName(n) => name = Some(n),
+                        LinkAttribute::Stats64(s) => {
+                            stats = Some(LinkStats {
+                                rx_packets: s.rx_packets,
+                                tx_packets: s.tx_packets,
+                                rx_bytes: s.rx_bytes,
+                                tx_bytes: s.tx_bytes,
+                                rx_dropped: s.rx_dropped,
+                                tx_dropped: s.tx_dropped,
+                            })
+                        }
+                        _ => {}
+                    }
+                }
+                Some((name?, stats?))
             })
             .collect())
     }
 
     /// All links of the namespace.
     pub fn links(&mut self) -> Result<Vec<LinkInfo>, NetlinkError> {
-        let msg = LinkMessageBuilder::<LinkUnspec>::new()
-            .append_extra_attribute(LinkAttribute::ExtMask(vec![LinkExtentMask::SkipStats]))
-            .build();
-        let replies = self.call(
-            "list links",
-            String::new,
-            RouteNetlinkMessage::GetLink(msg),
-            NLM_F_DUMP,
-        )?;
-        Ok(replies
+        Ok(self
+            .dump_links("list links", false)?
             .into_iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewLink(l) => Some(link_info(l)),
-                _ => None,
-            })
+            .map(link_info)
             .collect())
     }
 
