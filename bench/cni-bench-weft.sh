@@ -21,25 +21,9 @@ for b in weft weft-operator; do
   [ -x "$BIN/$b" ] || { echo "$BIN/$b missing: cargo build --release -p weft-cni -p weft-operator" >&2; exit 2; }
 done
 
-PREFIX="wfb$$-"
-NODE_NS="${PREFIX}node"
-TMP="$(mktemp -d /tmp/weft-bench.XXXXXX)"
-AGENT_PID=""
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
-  if [ -n "$AGENT_PID" ]; then kill "$AGENT_PID" 2>/dev/null || true; wait "$AGENT_PID" 2>/dev/null || true; fi
-  for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep "^${PREFIX}" || true); do
-    ip netns del "$ns" 2>/dev/null || true
-  done
-  rm -rf "$TMP"
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-ip netns add "$NODE_NS"
-ip -n "$NODE_NS" link set lo up
+# shellcheck source=lib/node.sh
+. "$HERE/lib/node.sh"
+node_up "wfb$$-" /tmp/weft-bench.XXXXXX
 mkdir -p "$TMP/manifests"
 cat > "$TMP/manifests/bench.yaml" <<'YAML'
 apiVersion: weft.dev/v1alpha1

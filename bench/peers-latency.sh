@@ -18,23 +18,9 @@ N="${1:-20}"
 [ "$(id -u)" = 0 ] || { echo "must run as root" >&2; exit 2; }
 [ -x "$BIN/weft-operator" ] || { echo "$BIN/weft-operator missing: cargo build --release -p weft-operator" >&2; exit 2; }
 
-PREFIX="wfp$$-"
-NODE_NS="${PREFIX}node"
-TMP="$(mktemp -d /tmp/weft-peers.XXXXXX)"
-AGENT_PID=""
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
-  if [ -n "$AGENT_PID" ]; then kill "$AGENT_PID" 2>/dev/null || true; wait "$AGENT_PID" 2>/dev/null || true; fi
-  ip netns del "$NODE_NS" 2>/dev/null || true
-  rm -rf "$TMP"
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-ip netns add "$NODE_NS"
-ip -n "$NODE_NS" link set lo up
+# shellcheck source=lib/node.sh
+. "$HERE/lib/node.sh"
+node_up "wfp$$-" /tmp/weft-peers.XXXXXX
 mkdir -p "$TMP/manifests" "$TMP/peers"
 cat > "$TMP/manifests/bench.yaml" <<'YAML'
 apiVersion: weft.dev/v1alpha1
