@@ -140,7 +140,7 @@ pub fn add(conf: &Conf, env: &Env) -> Result<CniResult, CniError> {
         Ok(ns) => ns,
         Err(e) => {
             let _ = pending.answer();
-            undo_attach(conf, None, &ask, &first.attached, &[]);
+            undo_attach(conf, env, None, &first.attached, &[]);
             return Err(e);
         }
     };
@@ -154,10 +154,8 @@ pub fn add(conf: &Conf, env: &Env) -> Result<CniResult, CniError> {
                 // After the agent's second answer, so the detach cannot overtake the
                 // registration.
                 let _ = pending.answer();
-                undo_attach(conf, Some(&ns), &ask, &first.attached, &wired);
-                if first.attached.len() > 1 {
-                    e.details = annotated(&e.details, &a.interface);
-                }
+                undo_attach(conf, env, Some(&ns), &first.attached, &wired);
+                e.details = a.interface.annotate(&e.details);
                 return Err(e);
             }
         }
@@ -172,7 +170,7 @@ pub fn add(conf: &Conf, env: &Env) -> Result<CniResult, CniError> {
             return Err(agent_failure(second, error::AGENT_REFUSED));
         }
         Err(e) => {
-            undo_attach(conf, Some(&ns), &ask, &first.attached, &wired);
+            undo_attach(conf, env, Some(&ns), &first.attached, &wired);
             return Err(unreachable_agent(e));
         }
     }
@@ -191,44 +189,18 @@ fn agent_failure(reply: proto::Reply, default: u32) -> CniError {
     )
 }
 
-/// `details` of an error on one of the annotation's interfaces, naming it.
-fn annotated(details: &str, iface: &attachment::Interface) -> String {
-    format!(
-        "{details} (interface {} on Network {} of the pod's {} annotation)",
-        iface.ifname,
-        iface.network,
-        proto::NETWORKS_ANNOTATION
-    )
-}
-
-/// Undoes an ADD the agent attached: the links wired here, and every interface's registration
-/// and addresses through the agent's detach (or here, when it cannot).
-fn undo_attach(conf: &Conf, ns: Option<&Netns>, ask: &Ask, attached: &[Attached], wired: &[Wired]) {
+/// Undoes an ADD the agent attached: the links wired here at once, then every interface as
+/// its DEL would (the agent's detach, or here when it cannot).
+fn undo_attach(conf: &Conf, env: &Env, ns: Option<&Netns>, attached: &[Attached], wired: &[Wired]) {
     if let Some(ns) = ns {
         for w in wired {
             w.undo(ns);
         }
     }
     for a in attached {
-        let detach = Request::Detach {
-            network: a.interface.network.clone(),
-            container_id: ask.container_id.clone(),
-            ifname: a.interface.ifname.clone(),
-        };
-        match proto::call(&conf.agent_socket, &detach, conf.agent_timeout) {
-            Ok(reply) if reply.ok => {}
-            _ => {
-                let released =
-                    IpamStore::open(&conf.state_dir, &a.interface.network).and_then(|s| {
-                        s.release(&Attachment {
-                            container_id: ask.container_id.clone(),
-                            ifname: a.interface.ifname.clone(),
-                        })
-                    });
-                if let Err(e) = released {
-                    warn!(network = %a.interface.network, ifname = %a.interface.ifname, error = %error::chain(&e), "cannot release an interface of a failed ADD");
-                }
-            }
+        let (network, ifname) = (&a.interface.network, &a.interface.ifname);
+        if let Err(e) = del_one(conf, env, network, ifname) {
+            warn!(%network, %ifname, error = %e.details, "cannot undo an interface of a failed ADD");
         }
     }
 }
@@ -305,9 +277,7 @@ fn add_here(conf: &Conf, env: &Env, ask: &Ask) -> Result<CniResult, CniError> {
                         warn!(network = %i.network, ifname = %i.ifname, error = %undo.details, "cannot undo an interface of a failed ADD");
                     }
                 }
-                if identity.networks.is_some() && list.len() > 1 || iface.parent.is_some() {
-                    e.details = annotated(&e.details, iface);
-                }
+                e.details = iface.annotate(&e.details);
                 return Err(e);
             }
         }

@@ -4,6 +4,7 @@
 //! ([`alloc_request`]). The agent allocates with them when the CNI sends an `Attach`; the CNI
 //! itself only when its agent cannot (an older agent, the stand-in of the CNI's tests).
 
+use crate::codes::INVALID_CONFIG;
 use crate::ipam::{AllocRequest, Allocation, Attachment};
 use crate::names;
 use crate::proto::{self, Endpoint, MigrationSource, PortMapping, Reply, Restore};
@@ -12,9 +13,6 @@ use crate::vlan::{self, VlanRange};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-
-/// CNI code 7: invalid network configuration (also an invalid pod annotation).
-pub const INVALID_CONFIG: u32 = 7;
 
 /// What one ADD asks for: the runtime's environment and the configuration's fields the
 /// allocation depends on. Static addresses, MAC, `vlanTrunk` and host ports belong to
@@ -120,6 +118,24 @@ pub struct Interface {
     /// The pod's default route goes through it (when the configuration asks for one).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub default_route: bool,
+    /// One of the Networks of the pod's annotation (not the configuration's).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub annotated: bool,
+}
+
+impl Interface {
+    /// An error's `details` naming this interface when the pod's annotation asked for it.
+    pub fn annotate(&self, details: &str) -> String {
+        if !self.annotated {
+            return details.to_string();
+        }
+        format!(
+            "{details} (interface {} on Network {} of the pod's {} annotation)",
+            self.ifname,
+            self.network,
+            proto::NETWORKS_ANNOTATION
+        )
+    }
 }
 
 /// The interfaces of an ADD: when the pod's annotation lists Networks, one on each
@@ -147,6 +163,7 @@ pub fn interfaces(ask: &Ask, identity: &Identity) -> Result<Vec<Interface>, AskE
             ifname: ask.ifname.clone(),
             parent: None,
             default_route: true,
+            annotated: false,
         }]);
     }
     let via = list.iter().position(|n| n.default_route).unwrap_or(0);
@@ -173,6 +190,7 @@ pub fn interfaces(ask: &Ask, identity: &Identity) -> Result<Vec<Interface>, AskE
             ifname,
             parent: (i > 0).then(|| ask.ifname.clone()),
             default_route: i == via,
+            annotated: true,
         });
     }
     Ok(out)
@@ -363,6 +381,7 @@ mod tests {
             (list[0].network.as_str(), list[0].ifname.as_str()),
             ("nat", "eth0")
         );
+        assert_eq!(list[0].annotate("no block"), "no block");
         let none = Ask {
             network: None,
             ..ask()
@@ -393,6 +412,10 @@ mod tests {
                 )
             })
             .collect();
+        assert_eq!(
+            list[1].annotate("no block"),
+            "no block (interface net1 on Network b of the pod's weft.dev/networks annotation)"
+        );
         // net1 is taken by b: c gets net2.
         assert_eq!(
             names,
@@ -470,6 +493,7 @@ mod tests {
                 ifname: "net1".into(),
                 parent: Some("eth0".into()),
                 default_route: false,
+                annotated: true,
             },
         );
         assert!(req.static_ips.is_empty() && !carried);

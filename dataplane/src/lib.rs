@@ -5,6 +5,7 @@
 //! here knows about Kubernetes.
 
 pub mod attachment;
+pub mod codes;
 pub mod frame;
 pub mod ipam;
 pub mod links;

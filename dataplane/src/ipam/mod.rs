@@ -395,16 +395,17 @@ impl IpamError {
 
     /// The CNI error code (see the table on [`IpamError`]).
     pub fn cni_code(&self) -> u32 {
+        use crate::codes::{INVALID_CONFIG, IO_FAILURE, POOL_EXHAUSTED, TRY_AGAIN_LATER};
         match self {
-            IpamError::Io { .. } | IpamError::Lock { .. } | IpamError::Corrupt { .. } => 5,
+            IpamError::Io { .. } | IpamError::Lock { .. } | IpamError::Corrupt { .. } => IO_FAILURE,
             IpamError::InvalidNetwork { .. }
             | IpamError::StaticOutOfBlock { .. }
             | IpamError::StaticExcluded { .. }
             | IpamError::StaticInUse { .. }
             | IpamError::MacInUse { .. }
-            | IpamError::StaticFamilyTwice { .. } => 7,
-            IpamError::NoBlock { .. } => 11,
-            IpamError::Exhausted { .. } => 104,
+            | IpamError::StaticFamilyTwice { .. } => INVALID_CONFIG,
+            IpamError::NoBlock { .. } => TRY_AGAIN_LATER,
+            IpamError::Exhausted { .. } => POOL_EXHAUSTED,
         }
     }
 }

@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::debug;
 use tracing::warn;
 use weft_dataplane::attachment::{self, Ask, AskError, Attached, Identity};
+use weft_dataplane::codes::{AGENT_REFUSED, IO_FAILURE, TRY_AGAIN_LATER};
 use weft_dataplane::ipam::IpamStore;
 use weft_dataplane::proto::{Endpoint, Reply, Request};
 use weft_dataplane::state::NetworkState;
@@ -102,24 +103,13 @@ impl Attachments {
         if let Some(network) = attachment::marked_default_route(identity) {
             attachment::check_default_route(&self.network(&network)?)?;
         }
-        let annotated = identity.networks.as_deref().is_some_and(|n| {
-            weft_dataplane::proto::parse_networks_annotation(n).is_ok_and(|l| !l.is_empty())
-        });
         let mut done: Vec<(Attached, Endpoint)> = Vec::new();
         for iface in &list {
             match self.allocate_one(ask, identity, iface) {
                 Ok(a) => done.push(a),
                 Err(mut e) => {
                     self.release_all(&ask.container_id, done.iter().map(|(a, _)| a));
-                    if annotated {
-                        e.details = format!(
-                            "{} (interface {} on Network {} of the pod's {} annotation)",
-                            e.details,
-                            iface.ifname,
-                            iface.network,
-                            weft_dataplane::proto::NETWORKS_ANNOTATION
-                        );
-                    }
+                    e.details = iface.annotate(&e.details);
                     return Err(e);
                 }
             }
@@ -218,44 +208,25 @@ impl Attachments {
     }
 }
 
-/// CNI code 5: I/O failure.
-const IO_FAILURE: u32 = 5;
-/// CNI code 11: try again later.
-const TRY_AGAIN_LATER: u32 = 11;
-/// weft's CNI code: the agent refused the endpoint.
-const AGENT_REFUSED: u32 = 105;
-
 /// How long an identity question waits for a pod the agent's cache has not seen yet (cluster
 /// mode) before the CNI is told to try again later. Below the CNI's default agent timeout (5 s),
 /// so the CNI hears the reason rather than a timeout.
 pub const IDENTITY_WAIT: Duration = Duration::from_secs(3);
 
-/// Accepts connections forever. Serves the CNI's requests: identity questions straight from
-/// `snapshot`; an ADD's attach and a DEL's detach with `attachments`, then (without waiting) through the reconciler's
-/// queue `tx`, where the rules go before those of any later request; everything else through
-/// the queue. `pod_wait`: the source
-/// knows every pod of the node, so an identity question about a pod the snapshot lacks waits
-/// that long for it, then fails (the CNI answers "try again later"); never a silent answer
-/// without the pod's networks and VM.
-pub async fn serve(
-    listener: UnixListener,
-    tx: mpsc::Sender<Message>,
-    ready: Arc<AtomicBool>,
-    snapshot: Snapshot,
-    pod_wait: Option<Duration>,
-    attachments: Attachments,
-) {
+/// Accepts connections forever. Serves the CNI's requests with `server`: identity questions
+/// straight from its snapshot; an ADD's attach and a DEL's detach with its IPAM stores, their
+/// registrations then (without waiting) through the reconciler's queue, where the rules go
+/// before those of any later request; everything else through the queue. With `pod_wait` (the
+/// source knows every pod of the node) an identity question about a pod the snapshot lacks
+/// waits that long for it, then fails (the CNI answers "try again later"); never a silent
+/// answer without the pod's networks and VM.
+pub async fn serve(listener: UnixListener, server: Server) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                let tx = tx.clone();
-                let ready = ready.clone();
-                let snapshot = snapshot.clone();
-                let attachments = attachments.clone();
+                let server = server.clone();
                 tokio::spawn(async move {
-                    if let Err(e) =
-                        connection(stream, tx, ready, snapshot, pod_wait, attachments).await
-                    {
+                    if let Err(e) = connection(stream, &server).await {
                         debug!(error = %e, "cni connection ended");
                     }
                 });
@@ -265,6 +236,27 @@ pub async fn serve(
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+/// What every connection of the socket server shares.
+#[derive(Debug, Clone)]
+pub struct Server {
+    /// The reconciler's queue.
+    pub tx: mpsc::Sender<Message>,
+    /// The agent has reconciled the node.
+    pub ready: Arc<AtomicBool>,
+    /// The agent's last snapshot of its resources.
+    pub snapshot: Snapshot,
+    /// How long an identity question waits for a pod the snapshot lacks (see [`serve`]).
+    pub pod_wait: Option<Duration>,
+    /// The IPAM stores and the reaper.
+    pub attachments: Attachments,
+}
+
+impl Server {
+    fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
     }
 }
 
@@ -313,22 +305,18 @@ async fn answer(
 async fn attach(
     ask: Ask,
     write: &mut tokio::net::unix::OwnedWriteHalf,
-    tx: mpsc::Sender<Message>,
-    ready: Arc<AtomicBool>,
-    snapshot: Snapshot,
-    pod_wait: Option<Duration>,
-    attachments: Attachments,
+    server: &Server,
 ) -> std::io::Result<()> {
-    let is_ready = || ready.load(Ordering::SeqCst);
+    let is_ready = || server.is_ready();
     let identity = match (&ask.pod_namespace, &ask.pod_name) {
         (Some(namespace), Some(name)) => {
             let reply = identity(
-                &snapshot,
+                &server.snapshot,
                 is_ready(),
                 namespace,
                 name,
                 ask.vm.as_deref(),
-                pod_wait,
+                server.pod_wait,
             )
             .await;
             if !reply.ok {
@@ -349,7 +337,7 @@ async fn attach(
         _ => Identity::default(),
     };
     let allocated = {
-        let (attachments, ask) = (attachments.clone(), ask.clone());
+        let (attachments, ask) = (server.attachments.clone(), ask.clone());
         tokio::task::spawn_blocking(move || attachments.allocate(&ask, &identity)).await
     };
     let allocated = match allocated {
@@ -371,7 +359,7 @@ async fn attach(
         let request = Request::Register {
             endpoint: endpoint.clone(),
         };
-        if tx.send(Message { request, reply }).await.is_err() {
+        if server.tx.send(Message { request, reply }).await.is_err() {
             break;
         }
         waiting.push(answered);
@@ -405,8 +393,9 @@ async fn attach(
                     container_id: ask.container_id.clone(),
                     ifname: a.interface.ifname.clone(),
                 };
-                let _ = tx.send(Message { request, reply }).await;
+                let _ = server.tx.send(Message { request, reply }).await;
             }
+            let attachments = server.attachments.clone();
             let released = tokio::task::spawn_blocking(move || {
                 attachments.release_all(&ask.container_id, allocated.iter().map(|(a, _)| a));
             })
@@ -427,38 +416,29 @@ async fn attach(
     write.shutdown().await
 }
 
-async fn connection(
-    stream: UnixStream,
-    tx: mpsc::Sender<Message>,
-    ready: Arc<AtomicBool>,
-    snapshot: Snapshot,
-    pod_wait: Option<Duration>,
-    attachments: Attachments,
-) -> std::io::Result<()> {
+async fn connection(stream: UnixStream, server: &Server) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     BufReader::new(read).read_line(&mut line).await?;
     let reply = match serde_json::from_str::<Request>(&line) {
         Err(e) => Reply::error(
-            ready.load(Ordering::SeqCst),
+            server.is_ready(),
             format!("{}{e}", weft_dataplane::proto::BAD_REQUEST),
         ),
         // Answered twice: written there.
-        Ok(Request::Attach { ask }) => {
-            return attach(ask, &mut write, tx, ready, snapshot, pod_wait, attachments).await;
-        }
+        Ok(Request::Attach { ask }) => return attach(ask, &mut write, server).await,
         Ok(Request::Identity {
             namespace,
             name,
             vm,
         }) => {
             identity(
-                &snapshot,
-                ready.load(Ordering::SeqCst),
+                &server.snapshot,
+                server.is_ready(),
                 &namespace,
                 &name,
                 vm.as_deref(),
-                pod_wait,
+                server.pod_wait,
             )
             .await
         }
@@ -470,7 +450,7 @@ async fn connection(
             container_id,
             ifname,
         }) => {
-            let ready = ready.load(Ordering::SeqCst);
+            let ready = server.is_ready();
             // Unregistered first, so its rules go before those of any request that could
             // follow the release (an ADD given the same address). The reconciler does not wait
             // for the release: a resync meanwhile keeps the endpoint out (its tombstone).
@@ -480,7 +460,8 @@ async fn connection(
                 container_id: container_id.clone(),
                 ifname: ifname.clone(),
             };
-            if tx
+            if server
+                .tx
                 .send(Message {
                     request: unregister,
                     reply,
@@ -490,6 +471,7 @@ async fn connection(
             {
                 Reply::error(false, "the agent is shutting down")
             } else {
+                let attachments = server.attachments.clone();
                 tokio::task::spawn_blocking(move || {
                     attachments.detach(&network, &container_id, &ifname)
                 })
@@ -500,7 +482,8 @@ async fn connection(
         }
         Ok(request) => {
             let (reply_tx, reply_rx) = oneshot::channel();
-            if tx
+            if server
+                .tx
                 .send(Message {
                     request,
                     reply: reply_tx,
@@ -516,9 +499,7 @@ async fn connection(
             }
         }
     };
-    let mut out = serde_json::to_vec(&reply).unwrap_or_default();
-    out.push(b'\n');
-    write.write_all(&out).await?;
+    answer(&mut write, &reply).await?;
     write.shutdown().await
 }
 
@@ -661,17 +642,15 @@ mod tests {
                 network: Some("a".into()),
                 ..Ask::default()
             };
-            attach(
-                ask,
-                &mut write,
+            let server = Server {
                 tx,
-                Arc::new(AtomicBool::new(true)),
-                Snapshot::default(),
-                None,
-                attachments.clone(),
-            )
-            .await
-            .unwrap();
+                ready: Arc::new(AtomicBool::new(true)),
+                snapshot: Snapshot::default(),
+                pod_wait: None,
+                attachments: attachments.clone(),
+            };
+            attach(ask, &mut write, &server).await.unwrap();
+            drop(server);
             drop(write);
             let mut lines = BufReader::new(client).lines();
             let first: Reply =

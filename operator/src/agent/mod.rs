@@ -940,15 +940,17 @@ pub async fn run(
     let reaper = reaper::Reaper::spawn()?;
     let server = tokio::spawn(cni_server::serve(
         listener,
-        tx.clone(),
-        ready.clone(),
-        shared.clone(),
-        source
-            .knows_every_pod()
-            .then_some(cni_server::IDENTITY_WAIT),
-        cni_server::Attachments {
-            state_dir: cfg.state_dir.clone(),
-            reaper: reaper.clone(),
+        cni_server::Server {
+            tx: tx.clone(),
+            ready: ready.clone(),
+            snapshot: shared.clone(),
+            pod_wait: source
+                .knows_every_pod()
+                .then_some(cni_server::IDENTITY_WAIT),
+            attachments: cni_server::Attachments {
+                state_dir: cfg.state_dir.clone(),
+                reaper: reaper.clone(),
+            },
         },
     ));
     let mut rec = Reconciler {
