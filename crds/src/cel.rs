@@ -408,6 +408,36 @@ pub const PROTOCOL_ICMP_FIELDS: CelRule = CelRule {
     field_path: None,
 };
 
+// ---- TrafficMirror ----
+
+/// `spec.filter.protocols`: no protocol twice.
+pub const MIRROR_PROTOCOLS_UNIQUE: CelRule = CelRule {
+    rule: "self.all(p, self.exists_one(q, q == p))",
+    message: "spec.filter.protocols lists a protocol twice; remove the duplicate",
+    field_path: None,
+};
+
+/// `spec.filter.ports[]`: exactly one of port and portRange.
+pub const MIRROR_PORT_OR_RANGE: CelRule = CelRule {
+    rule: "has(self.port) != has(self.portRange)",
+    message: "set exactly one of port (one port) or portRange (a range of ports)",
+    field_path: None,
+};
+
+/// `spec.filter`: ports need a protocol that has ports.
+pub const MIRROR_PORTS_NEED_L4: CelRule = CelRule {
+    rule: "!has(self.ports) || size(self.ports) == 0 || !has(self.protocols) || size(self.protocols) == 0 || self.protocols.exists(p, p in ['TCP', 'UDP', 'SCTP'])",
+    message: "ports match TCP, UDP and SCTP frames; add one of them to protocols or remove the ports",
+    field_path: Some(".ports"),
+};
+
+/// `spec.destination`: exactly one of analyzer and remote.
+pub const MIRROR_DESTINATION_EXACTLY_ONE: CelRule = CelRule {
+    rule: "has(self.analyzer) != has(self.remote)",
+    message: "spec.destination needs exactly one of analyzer (a workload on the source's node) or remote (a collector reached over VXLAN)",
+    field_path: None,
+};
+
 /// Where each rule is attached: the schema location (from `openAPIV3Schema`, `[]` for list
 /// items) in the CRD named, and the rule. Used by the tests of the generated schema.
 pub const ATTACHED: &[(&str, &str, &CelRule)] = &[
@@ -785,6 +815,46 @@ pub const ATTACHED: &[(&str, &str, &CelRule)] = &[
     (
         "segmentationpolicies.weft.dev",
         "spec.egress[].protocols[].portRange",
+        &PORT_RANGE_ORDERED,
+    ),
+    (
+        "trafficmirrors.weft.dev",
+        "spec.filter.protocols",
+        &MIRROR_PROTOCOLS_UNIQUE,
+    ),
+    (
+        "trafficmirrors.weft.dev",
+        "spec.filter.ports[]",
+        &MIRROR_PORT_OR_RANGE,
+    ),
+    (
+        "trafficmirrors.weft.dev",
+        "spec.filter",
+        &MIRROR_PORTS_NEED_L4,
+    ),
+    (
+        "trafficmirrors.weft.dev",
+        "spec.destination",
+        &MIRROR_DESTINATION_EXACTLY_ONE,
+    ),
+    (
+        "trafficmirrors.weft.dev",
+        "spec.destination.remote.address",
+        &IP_VALID,
+    ),
+    (
+        "trafficmirrors.weft.dev",
+        "spec.filter.cidrs[]",
+        &CIDR_VALID,
+    ),
+    (
+        "trafficmirrors.weft.dev",
+        "spec.filter.cidrs[]",
+        &CIDR_CANONICAL,
+    ),
+    (
+        "trafficmirrors.weft.dev",
+        "spec.filter.ports[].portRange",
         &PORT_RANGE_ORDERED,
     ),
 ];

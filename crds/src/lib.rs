@@ -6,6 +6,8 @@
 //!   ([`NetworkSpec::subnet_v4`], [`NetworkSpec::gateway_v4`], [`NetworkSpec::block_prefix_v4`], ...).
 //! - [`PortForward`] (namespaced, `wpf`): node ports forwarded to a workload on a NAT network;
 //!   [`PortForwardSpec::forward_ports`] expands its ports.
+//! - [`TrafficMirror`] (namespaced, `wtm`): copies of selected workloads' frames, sent to an
+//!   analyzer workload on the same node or to a remote collector over VXLAN.
 //! - [`NodeNetwork`] (cluster-scoped, `wnn`, one per node, named after it): the address blocks
 //!   the controller assigned to the node (spec) and what the node agent realized (status).
 //!
@@ -22,6 +24,7 @@
 pub mod cel;
 pub mod cidr;
 pub mod constants;
+pub mod mirror;
 pub mod network;
 pub mod nodenetwork;
 pub mod policy;
@@ -31,13 +34,18 @@ pub mod validate;
 
 pub use cidr::{AddressError, Cidr, IpAddress, IpOrCidr};
 pub use constants::{GROUP, VERSION};
+pub use mirror::{
+    MirrorAnalyzer, MirrorDestination, MirrorDirection, MirrorFilter, MirrorPort, MirrorProtocol,
+    MirrorRemote, MirrorSources, TRAFFIC_MIRROR_KIND, TrafficMirror, TrafficMirrorSpec,
+    TrafficMirrorStatus,
+};
 pub use network::{
     Action, BridgeSpec, IpamSpec, NatSpec, Network, NetworkMode, NetworkSpec, NetworkStatus,
     NodeBlock, SecuritySpec, VlanRange,
 };
 pub use nodenetwork::{
-    NODE_NETWORK_KIND, NodeNetwork, NodeNetworkBlock, NodeNetworkSpec, NodeNetworkStatus,
-    NodePolicy, NodeReservation, NodeWorkload,
+    NODE_NETWORK_KIND, NodeMirror, NodeNetwork, NodeNetworkBlock, NodeNetworkSpec,
+    NodeNetworkStatus, NodePolicy, NodeReservation, NodeWorkload,
 };
 pub use policy::{
     ClusterSegmentationPolicy, ClusterSegmentationPolicySpec, ClusterSubject, L4Protocol,
@@ -63,6 +71,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         NodeNetwork::crd(),
         ClusterSegmentationPolicy::crd(),
         SegmentationPolicy::crd(),
+        TrafficMirror::crd(),
     ]
     .into_iter()
     .map(bounded)
@@ -186,12 +195,13 @@ mod tests {
                 "portforwards.weft.dev.yaml",
                 "nodenetworks.weft.dev.yaml",
                 "clustersegmentationpolicies.weft.dev.yaml",
-                "segmentationpolicies.weft.dev.yaml"
+                "segmentationpolicies.weft.dev.yaml",
+                "trafficmirrors.weft.dev.yaml"
             ]
         );
         assert!(files.iter().all(|(_, y)| y.starts_with(GENERATED_HEADER)));
         let all = all_crds_yaml().unwrap();
         let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&all).unwrap();
-        assert_eq!(docs.len(), 5);
+        assert_eq!(docs.len(), 6);
     }
 }

@@ -111,6 +111,13 @@ pub struct NodeNetworkStatus {
     #[schemars(length(max = 4096))]
     pub policies: Vec<NodePolicy>,
 
+    /// The traffic mirrors on the node: how many of its workload interfaces each copies, what
+    /// it copied, and what is wrong with it here. The controller sums them into each mirror's
+    /// status.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1024))]
+    pub mirrors: Vec<NodeMirror>,
+
     /// The VM interfaces whose addresses and MAC the node keeps for their VM (KubeVirt's
     /// `vm.kubevirt.io/name`): a VM started on another node gets the newest of them back.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -136,6 +143,28 @@ pub struct NodeReservation {
     pub mac: Option<String>,
     /// When an attachment on the node last took them (Unix seconds).
     pub since: i64,
+}
+
+/// One traffic mirror on one node, as its agent reports it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeMirror {
+    /// The TrafficMirror, `namespace/name`.
+    #[schemars(length(max = 317))]
+    pub mirror: String,
+    /// Workload interfaces on the node whose frames it copies.
+    pub sources: i32,
+    /// Frames copied on the node (the counters of the sources' ports now).
+    #[serde(default)]
+    pub packets: i64,
+    /// Bytes copied on the node, likewise.
+    #[serde(default)]
+    pub bytes: i64,
+    /// What keeps it from mirroring here (no analyzer on the node, a collector outside the
+    /// allowed CIDRs), if anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub error: Option<String>,
 }
 
 /// One segmentation policy as one node's agent enforces it.

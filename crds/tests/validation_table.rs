@@ -10,7 +10,9 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::path::Path;
-use weft_crds::{ClusterSegmentationPolicy, FieldError, Network, PortForward, SegmentationPolicy};
+use weft_crds::{
+    ClusterSegmentationPolicy, FieldError, Network, PortForward, SegmentationPolicy, TrafficMirror,
+};
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -68,6 +70,7 @@ fn verdict(object: &Value) -> Verdict {
             judge::<ClusterSegmentationPolicy>(object, |p| p.spec.validate())
         }
         Some("SegmentationPolicy") => judge::<SegmentationPolicy>(object, |p| p.spec.validate()),
+        Some("TrafficMirror") => judge::<TrafficMirror>(object, |m| m.spec.validate()),
         other => panic!("no validate() for kind {other:?}"),
     }
 }

@@ -3,10 +3,15 @@
 //! forged frames (ARP with a foreign sender address, neighbour discovery with a foreign target
 //! or link-layer address, router advertisements, RARP).
 
-#![allow(unsafe_code)] // AF_PACKET sendto; each block has its SAFETY comment
+//!
+//! Also the other way round: [`Capture`] records the frames that arrive on an interface (how
+//! the lab and the tests see a mirror's copies).
+
+#![allow(unsafe_code)] // AF_PACKET sendto/recvfrom; each block has its SAFETY comment
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
 
 /// Sends one frame (destination MAC first) out of interface `ifindex` of the calling thread's
 /// network namespace.
@@ -222,7 +227,6 @@ fn probe(
     timeout: std::time::Duration,
     answers: impl Fn(&[u8]) -> bool,
 ) -> std::io::Result<bool> {
-    use std::time::{Duration, Instant};
     let proto = ethertype.to_be();
     // SAFETY: a plain syscall without pointers.
     let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
@@ -294,6 +298,140 @@ fn probe(
         }
     }
     Ok(false)
+}
+
+/// `ETH_P_ALL` in network byte order, as `sll_protocol` takes it.
+const ETH_P_ALL_BE: u16 = (libc::ETH_P_ALL as u16).to_be();
+
+/// The largest frame [`Capture`] keeps whole (longer ones are cut to this).
+const CAPTURE_SNAPLEN: usize = 65_536;
+
+/// A packet socket recording the frames that arrive on one interface. Open it before the
+/// traffic starts (no frame that arrives after [`Capture::open`] is missed), then
+/// [`Capture::collect`].
+///
+/// It counts as arriving whatever the interface receives, whoever it is addressed to: a
+/// mirror's copies carry the original destination MAC and arrive as `PACKET_OTHERHOST`, and
+/// are kept. Frames the namespace sends out of the interface (`PACKET_OUTGOING`) are not.
+#[derive(Debug)]
+pub struct Capture {
+    fd: OwnedFd,
+    ifindex: u32,
+}
+
+impl Capture {
+    /// Opens the socket on interface `ifindex` of the calling thread's network namespace (it
+    /// stays bound there whatever thread collects); `ifindex` 0 listens on every interface of
+    /// the namespace (`lo` included). Needs `CAP_NET_RAW`.
+    pub fn open(ifindex: u32) -> std::io::Result<Capture> {
+        // Protocol 0: nothing is queued until `bind` names the interface, so no frame of
+        // another interface slips in.
+        // SAFETY: a plain syscall without pointers.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let addr = libc::sockaddr_ll {
+            sll_family: libc::AF_PACKET as u16,
+            sll_protocol: ETH_P_ALL_BE,
+            sll_ifindex: i32::try_from(ifindex).map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("interface index {ifindex} is out of range"),
+                )
+            })?,
+            sll_hatype: 0,
+            sll_pkttype: 0,
+            sll_halen: 0,
+            sll_addr: [0; 8],
+        };
+        // SAFETY: `addr` is a valid sockaddr_ll for the length passed.
+        if unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                std::ptr::from_ref(&addr).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        } < 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Capture { fd, ifindex })
+    }
+
+    /// The interface it listens on.
+    pub fn ifindex(&self) -> u32 {
+        self.ifindex
+    }
+
+    /// The frames that arrived since [`Capture::open`], waiting until `window` has passed
+    /// since this call or `max` frames are in, whichever comes first; Ethernet header first.
+    pub fn collect(self, window: Duration, max: usize) -> std::io::Result<Vec<Vec<u8>>> {
+        let deadline = Instant::now() + window;
+        let mut frames = Vec::new();
+        let mut buf = vec![0u8; CAPTURE_SNAPLEN];
+        while frames.len() < max {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut pfd = libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // Round up, so a last fraction of a millisecond is still waited for.
+            let ms = i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
+            // SAFETY: `pfd` is one valid pollfd.
+            let ready = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if ready < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if ready == 0 {
+                break;
+            }
+            // SAFETY: all-zero is a valid sockaddr_ll.
+            let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            let mut from_len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+            // SAFETY: `buf` is valid for writes of its length, `from` for `from_len` bytes.
+            let n = unsafe {
+                libc::recvfrom(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                    std::ptr::from_mut(&mut from).cast(),
+                    &mut from_len,
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) {
+                    continue;
+                }
+                return Err(e);
+            }
+            if from.sll_pkttype == libc::PACKET_OUTGOING {
+                continue;
+            }
+            let n = usize::try_from(n).unwrap_or(0);
+            frames.push(buf[..n].to_vec());
+        }
+        Ok(frames)
+    }
+}
+
+/// The frames that arrive on interface `ifindex` of the calling thread's namespace (incoming
+/// only: not the ones it sends) during `window`, at most `max` of them. To be sure to see
+/// frames that traffic started afterwards causes, open a [`Capture`] first.
+pub fn capture(ifindex: u32, window: Duration, max: usize) -> std::io::Result<Vec<Vec<u8>>> {
+    Capture::open(ifindex)?.collect(window, max)
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ pub mod codes;
 pub mod frame;
 pub mod ipam;
 pub mod links;
+pub mod mirror;
 pub mod names;
 pub mod netlink;
 pub mod netns;

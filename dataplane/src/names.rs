@@ -101,6 +101,27 @@ pub fn vm_mac(owner: &str, ifname: &str) -> [u8; 6] {
     hashed_mac(&["vm", owner, ifname])
 }
 
+/// The VXLAN link that carries one TrafficMirror's copies to its remote collector: `wx-` + 12
+/// hex digits of the hash of `namespace/name`.
+pub fn mirror_tunnel_name(mirror: &str) -> String {
+    format!("wx-{}", &hex_digest(&["mirror", mirror])[..12])
+}
+
+/// The alias weft puts on a mirror's VXLAN link.
+pub fn mirror_tunnel_alias(mirror: &str) -> String {
+    format!("{ALIAS_PREFIX}mirror:{mirror}")
+        .chars()
+        .take(127)
+        .collect()
+}
+
+/// Whether `alias` is the one weft puts on a mirror's VXLAN link ([`mirror_tunnel_alias`]).
+pub fn is_mirror_tunnel_alias(alias: &str) -> bool {
+    alias
+        .strip_prefix(ALIAS_PREFIX)
+        .is_some_and(|a| a.starts_with("mirror:"))
+}
+
 /// The alias weft puts on a network's bridge.
 pub fn bridge_alias(network: &str) -> String {
     format!("{ALIAS_PREFIX}net:{network}")

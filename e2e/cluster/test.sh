@@ -106,7 +106,7 @@ condition() { # kind name namespace-or-empty type -> status
 
 # ------------------------------------------------------------------------------ tests
 crds=(networks.weft.dev portforwards.weft.dev nodenetworks.weft.dev
-  clustersegmentationpolicies.weft.dev segmentationpolicies.weft.dev)
+  clustersegmentationpolicies.weft.dev segmentationpolicies.weft.dev trafficmirrors.weft.dev)
 
 t_install() {
   expect "helm install" "$C" helm install weft "$repo/charts/weft" -n weft-system --create-namespace \

@@ -189,6 +189,11 @@ pub struct AgentOpts {
     /// number of series grows with the node's workloads.
     #[arg(long, env = "WEFT_WORKLOAD_METRICS")]
     pub workload_metrics: bool,
+    /// The CIDRs a TrafficMirror's remote collector may be in (comma-separated, e.g.
+    /// `10.20.0.0/24`): the agent sends VXLAN copies from the node only to these. None
+    /// (the default): remote collectors are refused, analyzers on the node still work.
+    #[arg(long, env = "WEFT_MIRROR_COLLECTORS", value_delimiter = ',')]
+    pub mirror_collectors: Vec<ipnet::IpNet>,
     /// Standalone (`--manifests`): a directory the nodes' agents share (e.g. over NFS), where each
     /// writes its workload interfaces (`<node>.json`) and reads the others', so policies match
     /// workloads on every node. Cluster mode shares them through the NodeNetwork status.
@@ -263,6 +268,7 @@ impl AgentOpts {
             poll: Duration::from_millis(500),
             audit_log: self.audit_log.clone(),
             workload_metrics: self.workload_metrics,
+            mirror_collectors: self.mirror_collectors.clone(),
         })
     }
 }

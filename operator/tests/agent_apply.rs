@@ -49,6 +49,7 @@ fn config(state: &std::path::Path) -> AgentConfig {
         poll: std::time::Duration::from_millis(500),
         audit_log: None,
         workload_metrics: false,
+        mirror_collectors: Vec::new(),
     }
 }
 

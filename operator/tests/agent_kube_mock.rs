@@ -26,16 +26,18 @@ const PORT_FORWARDS: &str = "/apis/weft.dev/v1alpha1/portforwards";
 const CLUSTER_POLICIES: &str = "/apis/weft.dev/v1alpha1/clustersegmentationpolicies";
 const POLICIES: &str = "/apis/weft.dev/v1alpha1/segmentationpolicies";
 const NODE_NETWORKS: &str = "/apis/weft.dev/v1alpha1/nodenetworks";
+const MIRRORS: &str = "/apis/weft.dev/v1alpha1/trafficmirrors";
 const NAMESPACES: &str = "/api/v1/namespaces";
 const NODES: &str = "/api/v1/nodes";
 const PODS: &str = "/api/v1/pods";
 const VMS: &str = "/apis/kubevirt.io/v1/virtualmachines";
 const VMIS: &str = "/apis/kubevirt.io/v1/virtualmachineinstances";
-const ALL: [&str; 10] = [
+const ALL: [&str; 11] = [
     NETWORKS,
     PORT_FORWARDS,
     CLUSTER_POLICIES,
     POLICIES,
+    MIRRORS,
     NODE_NETWORKS,
     NAMESPACES,
     NODES,
@@ -417,6 +419,7 @@ fn config() -> weft_operator::agent::AgentConfig {
         poll: Duration::from_millis(500),
         audit_log: None,
         workload_metrics: false,
+        mirror_collectors: Vec::new(),
     }
 }
 

@@ -81,12 +81,14 @@ async fn the_controller_is_ready_once_the_initial_lists_are_in_while_its_control
     let (port_forwards, _p) = mpsc::unbounded();
     let (cluster_policies, _c) = mpsc::unbounded();
     let (policies, _s) = mpsc::unbounded();
+    let (mirrors, _m) = mpsc::unbounded();
     let triggers = Triggers {
         networks,
         network_refs,
         port_forwards,
         cluster_policies,
         policies,
+        mirrors,
     };
     let (observation, networks, port_forwards, observing) = observe_cluster(&client, &triggers);
     tokio::spawn(observing);
@@ -138,7 +140,8 @@ async fn the_controller_is_not_ready_while_a_list_is_outstanding() {
         network_refs,
         port_forwards: tx.clone(),
         cluster_policies: tx.clone(),
-        policies: tx,
+        policies: tx.clone(),
+        mirrors: tx,
     };
     let (observation, _networks, _port_forwards, observing) = observe_cluster(&client, &triggers);
     tokio::spawn(observing);

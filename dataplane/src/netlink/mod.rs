@@ -1,5 +1,5 @@
-//! A small synchronous rtnetlink client: links (bridge, veth, tap lookup), addresses, routes,
-//! bridge VLANs and the tc objects of port redirection.
+//! A small synchronous rtnetlink client: links (bridge, veth, VXLAN, tap lookup), addresses,
+//! routes, bridge VLANs and the tc objects of port redirection and traffic mirroring.
 //!
 //! Messages are built with rtnetlink's builders (`default-features = false`: no runtime) and
 //! sent over a blocking [`netlink_sys::Socket`] with a plain request/ACK loop, as netavark does.
@@ -13,14 +13,15 @@
 //!
 //! This module holds the socket, its request/ACK loop and the errors; the operations live
 //! beside their subject: links and bridge ports in `link`, addresses in `addr`, routes in
-//! `route`, VLAN links and bridge VLANs in `vlan`, tc qdiscs and filters in `tc`. Their
-//! public items are re-exported here.
+//! `route`, VLAN links and bridge VLANs in `vlan`, tc qdiscs and filters (port redirection and
+//! mirrors) in `tc`, VXLAN links in `vxlan`. Their public items are re-exported here.
 
 mod addr;
 mod link;
 mod route;
 mod tc;
 mod vlan;
+mod vxlan;
 
 pub use addr::AddrInfo;
 pub use link::{
@@ -28,11 +29,15 @@ pub use link::{
     port_hairpin_message,
 };
 pub use route::{Family, RouteEntry, RouteInfo, RouteSpec, route_entry_message};
-pub use tc::{ingress_qdisc_message, redirect_filter_message};
+pub use tc::{
+    MAX_MIRRORS_PER_SIDE, MIRROR_PREF, MirrorCounter, MirrorRule, clsact_qdisc_message,
+    ingress_qdisc_message, mirror_filter_message, redirect_filter_message,
+};
 pub use vlan::{
     bridge_vlan_filtering_message, port_vlans_dump_message, port_vlans_message, port_vlans_of,
     vlan_infos, vlan_message,
 };
+pub use vxlan::vxlan_message;
 
 use crate::netns::{self, Netns, NetnsError};
 use netlink_packet_core::{

@@ -191,6 +191,13 @@ pub struct Expectation {
     /// any other workload starts: the first packets already meet the policy.
     #[serde(default)]
     pub at_start: bool,
+    /// Workloads (analyzers of a TrafficMirror) that must receive copies of the probe's
+    /// frames, captured in their namespace while it runs.
+    #[serde(default)]
+    pub copied_to: Vec<String>,
+    /// Workloads that must receive no copy of the probe's frames.
+    #[serde(default)]
+    pub not_copied_to: Vec<String>,
 }
 
 impl Expectation {

@@ -454,6 +454,15 @@ fn check_expectations(
             all_ok = false;
             continue;
         };
+        // Captures on the analyzers of the expectation's mirror checks, opened before the probe.
+        let mut captures = Vec::new();
+        let mut copy_lines: Vec<String> = Vec::new();
+        for analyzer in e.copied_to.iter().chain(&e.not_copied_to) {
+            let ns = lab.ns_of(analyzer)?;
+            let capture =
+                weft_dataplane::netns::run_in(&ns, || weft_dataplane::frame::Capture::open(0))??;
+            captures.push((analyzer.clone(), capture));
+        }
         let got = if let Some(sp) = &e.spoof {
             spoofed(lab, e, sp, target)?
         } else if e.at_start {
@@ -464,8 +473,40 @@ fn check_expectations(
         } else {
             probe_for(lab, e, target)?
         };
+        let copies: Vec<(String, usize)> = captures
+            .into_iter()
+            .map(|(analyzer, capture)| {
+                let frames = capture
+                    .collect(Duration::from_millis(300), 10_000)
+                    .unwrap_or_default();
+                let n = frames
+                    .iter()
+                    .filter(|f| is_probe_frame(f, e, target))
+                    .count();
+                (analyzer, n)
+            })
+            .collect();
         let mut ok = got.allowed() == (e.result == Outcome::Allow);
         let mut why = String::new();
+        for (analyzer, frames) in &copies {
+            let want = e.copied_to.contains(analyzer);
+            copy_lines.push(format!(
+                "          mirror: {analyzer} received {frames} cop{} of the probe's frames{}",
+                if *frames == 1 { "y" } else { "ies" },
+                if want == (*frames > 0) {
+                    ""
+                } else {
+                    " (WRONG)"
+                }
+            ));
+            if want != (*frames > 0) {
+                ok = false;
+                why.push_str(&format!(
+                    " ({analyzer} {} copies)",
+                    if want { "received no" } else { "received" }
+                ));
+            }
+        }
         if let ProbeResult::Error(_) = got {
             // A probe that could not run proves nothing, a denial least of all.
             ok = false;
@@ -549,6 +590,9 @@ fn check_expectations(
         if let Some(line) = audit_line {
             println!("{line}");
         }
+        for line in &copy_lines {
+            println!("{line}");
+        }
         if let Some(n) = &note
             && !got.allowed()
         {
@@ -573,6 +617,41 @@ fn check_expectations(
     );
     let _ = std::io::stdout().flush();
     Ok(all_ok)
+}
+
+/// Whether `frame` (Ethernet) belongs to expectation `e`'s probe of `target`: its protocol, to
+/// or from `target`, and for TCP and UDP to or from its port.
+fn is_probe_frame(frame: &[u8], e: &file::Expectation, target: IpAddr) -> bool {
+    use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+    let Ok(p) = SlicedPacket::from_ethernet(frame) else {
+        return false;
+    };
+    let (src, dst): (IpAddr, IpAddr) = match &p.net {
+        Some(NetSlice::Ipv4(v4)) => (
+            v4.header().source_addr().into(),
+            v4.header().destination_addr().into(),
+        ),
+        Some(NetSlice::Ipv6(v6)) => (
+            v6.header().source_addr().into(),
+            v6.header().destination_addr().into(),
+        ),
+        _ => return false,
+    };
+    if src != target && dst != target {
+        return false;
+    }
+    match (&p.transport, e.protocol.as_str()) {
+        (Some(TransportSlice::Tcp(t)), "tcp") => {
+            t.source_port() == e.port || t.destination_port() == e.port
+        }
+        (Some(TransportSlice::Udp(u)), "udp") => {
+            u.source_port() == e.port || u.destination_port() == e.port
+        }
+        (Some(TransportSlice::Icmpv4(_)), "icmp") | (Some(TransportSlice::Icmpv6(_)), "icmp") => {
+            true
+        }
+        _ => false,
+    }
 }
 
 /// When `to` is reached at `target` on a NAT network of another node than `from`'s: why no

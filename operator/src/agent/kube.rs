@@ -46,7 +46,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 use weft_crds::{
     ClusterSegmentationPolicy, Network, NodeNetwork, NodeNetworkSpec, NodeNetworkStatus,
-    PortForward, SegmentationPolicy,
+    PortForward, SegmentationPolicy, TrafficMirror,
 };
 
 /// The field manager of the agent's server-side apply of its NodeNetwork status.
@@ -70,6 +70,7 @@ struct Stores {
     port_forwards: Store<PortForward>,
     cluster_policies: Store<ClusterSegmentationPolicy>,
     policies: Store<SegmentationPolicy>,
+    mirrors: Store<TrafficMirror>,
     namespaces: Store<PartialObjectMeta<Namespace>>,
     nodes: Store<PartialObjectMeta<Node>>,
     node_networks: Store<NodeNetwork>,
@@ -132,6 +133,7 @@ impl KubeSource {
                 all
             ),
             policies: reflect!("segmentationpolicies", Api::all(client.clone()), all),
+            mirrors: reflect!("trafficmirrors", Api::all(client.clone()), all),
             namespaces: reflect!("namespaces", Api::all(client.clone()), all),
             nodes: reflect!("nodes", Api::all(client.clone()), this_node),
             // Every node's: this node's has its blocks, the others' their workloads (peers).
@@ -207,6 +209,7 @@ impl KubeSource {
             port_forwards: sorted(&self.stores.port_forwards),
             cluster_policies: sorted(&self.stores.cluster_policies),
             policies: sorted(&self.stores.policies),
+            mirrors: sorted(&self.stores.mirrors),
             workloads: sorted(&self.stores.pods)
                 .into_iter()
                 .map(|p| WorkloadMeta {
@@ -774,6 +777,7 @@ pub fn node_network_status(
         last_error: agent.last_error.as_deref().map(truncated),
         workloads: Vec::new(),
         policies: node_policies(agent),
+        mirrors: agent.mirrors.clone(),
         reservations: Vec::new(),
     }
 }

@@ -9,6 +9,7 @@ pub mod guard;
 pub mod install;
 pub mod kube;
 pub mod metrics;
+pub mod mirror;
 pub mod plan;
 pub mod reaper;
 pub mod source;
@@ -65,6 +66,8 @@ pub struct AgentConfig {
     /// Export each workload interface's traffic (`weft_agent_workload_*`, one series per
     /// interface and direction).
     pub workload_metrics: bool,
+    /// The CIDRs a TrafficMirror's remote collector may be in (none: remote collectors refused).
+    pub mirror_collectors: Vec<ipnet::IpNet>,
 }
 
 /// What the agent reports after each reconcile (`<state>/status.json`).
@@ -105,6 +108,9 @@ pub struct AgentStatus {
     /// What the policy compiler could not enforce here: `Kind name` → its problems, joined.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub policy_problems: BTreeMap<String, String>,
+    /// The traffic mirrors on the node: sources, what they copied, problems.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mirrors: Vec<weft_crds::NodeMirror>,
 }
 
 /// A request from the socket server to the reconciler.
@@ -394,6 +400,8 @@ struct Reconciler {
     waiting_first_list: bool,
     /// Deletes host links no attachment owns (found at resync).
     reaper: reaper::Reaper,
+    /// Keeps the kernel's traffic mirrors to the plan.
+    mirrors: mirror::Mirrors,
 }
 
 impl Reconciler {
@@ -567,6 +575,17 @@ impl Reconciler {
         }
         self.status.problems = problems;
         self.networks = out.plan.networks.iter().map(|n| n.name.clone()).collect();
+        // Mirrors change with the resources and the endpoints; their task applies them.
+        if res.mirrors.is_empty() {
+            self.mirrors.update(mirror::MirrorPlan::default());
+        } else {
+            self.mirrors.update(mirror::plan(
+                &res,
+                &self.endpoints.list(),
+                &self.cfg.mirror_collectors,
+            ));
+        }
+        self.status.mirrors = self.mirrors.report();
         let outcome = match result {
             Ok(report) => {
                 // Networks whose uplink could not be attached are not realized here: no
@@ -687,6 +706,10 @@ impl Reconciler {
             } => {
                 self.metrics
                     .cni(command, *ok, Duration::from_micros(*micros));
+                // An ADD wired its links: a mirror waiting for them can be installed.
+                if *ok && command == "ADD" {
+                    self.mirrors.links_changed();
+                }
                 Some(Reply::ok(ready))
             }
             Request::Identity {
@@ -974,7 +997,9 @@ pub async fn run(
         waiting_first_list: false,
         resyncs: 0,
         reaper,
+        mirrors: mirror::Mirrors::spawn(),
     };
+    let mirrors = rec.mirrors.clone();
     start_audit(&cfg, rec.policy.clone(), rec.audit.clone(), tx.clone());
     info!(node = %cfg.node.name, socket = %cfg.socket.display(), endpoints = rec.endpoints.len(), "weft agent starting");
     let mut fingerprint = rec.source.fingerprint().ok();
@@ -1051,7 +1076,14 @@ pub async fn run(
                         info!(%network, %vm, "forgot the reservation of a deleted VM");
                     }
                 }
+                rec.mirrors.resync();
                 retry.record(rec.reconcile(Trigger::Resync).await.is_ok());
+            }
+            _ = mirrors.changed() => {
+                // A mirror's sources or problems changed: report them without a reconcile.
+                rec.status.mirrors = mirrors.report();
+                rec.source.report(&rec.status);
+                rec.status_file.publish(&rec.status);
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,

@@ -479,10 +479,13 @@ pub fn members(res: &Resources, endpoints: &[Endpoint]) -> Vec<crate::policy::Me
 }
 
 /// The workloads (pods) of a snapshot by namespace and name, for lookups of many endpoints.
-struct Pods<'a>(std::collections::HashMap<(&'a str, &'a str), &'a BTreeMap<String, String>>);
+pub(crate) struct Pods<'a>(
+    std::collections::HashMap<(&'a str, &'a str), &'a BTreeMap<String, String>>,
+);
 
 impl<'a> Pods<'a> {
-    fn of(res: &'a Resources) -> Self {
+    /// The index of `res`'s workloads.
+    pub(crate) fn of(res: &'a Resources) -> Self {
         let mut index = std::collections::HashMap::with_capacity(res.workloads.len());
         for w in &res.workloads {
             // The first of a name wins, as with a search in order.
@@ -491,6 +494,15 @@ impl<'a> Pods<'a> {
                 .or_insert(&w.labels);
         }
         Pods(index)
+    }
+
+    /// The labels of pod `namespace/name`.
+    pub(crate) fn labels(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Option<&'a BTreeMap<String, String>> {
+        self.0.get(&(namespace, name)).copied()
     }
 }
 

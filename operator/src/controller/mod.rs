@@ -16,6 +16,7 @@ pub mod allocator;
 pub mod error;
 pub mod leader;
 pub mod metrics;
+pub mod mirror;
 pub mod network;
 pub mod opts;
 pub mod policy;
@@ -44,7 +45,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 use weft_crds::{
     ClusterSegmentationPolicy, Network, NodeNetwork, NodeNetworkSpec, PortForward,
-    SegmentationPolicy,
+    SegmentationPolicy, TrafficMirror,
 };
 
 /// The field manager of every server-side apply of the controller.
@@ -421,6 +422,8 @@ pub struct Triggers {
     pub cluster_policies: mpsc::UnboundedSender<()>,
     /// Wakes the SegmentationPolicy controller.
     pub policies: mpsc::UnboundedSender<()>,
+    /// Wakes the TrafficMirror controller.
+    pub mirrors: mpsc::UnboundedSender<()>,
 }
 
 /// What the controller watches: the Node and NodeNetwork stores, and whether the watches of
@@ -469,7 +472,11 @@ pub fn observe_cluster(
     let (node_networks, nn_fut) = reflect_node_networks(
         Api::<NodeNetwork>::all(client.clone()),
         triggers.network_refs.clone(),
-        vec![triggers.cluster_policies.clone(), triggers.policies.clone()],
+        vec![
+            triggers.cluster_policies.clone(),
+            triggers.policies.clone(),
+            triggers.mirrors.clone(),
+        ],
     );
     // Network changes re-check every Network (overlaps) and every PortForward.
     let (networks_tx, networks_listed) = watch::channel(false);
@@ -561,11 +568,12 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
     let (pf_tx, pf_rx) = mpsc::unbounded();
     let (csp_tx, csp_rx) = mpsc::unbounded();
     let (sp_tx, sp_rx) = mpsc::unbounded();
+    let (tm_tx, tm_rx) = mpsc::unbounded();
     // Leadership gained: reconcile everything.
     let notify = {
         let mut rx = leader_rx.clone();
         let (net_tx, pf_tx) = (net_tx.clone(), pf_tx.clone());
-        let (csp_tx, sp_tx) = (csp_tx.clone(), sp_tx.clone());
+        let (csp_tx, sp_tx, tm_tx) = (csp_tx.clone(), sp_tx.clone(), tm_tx.clone());
         tokio::spawn(async move {
             while rx.changed().await.is_ok() {
                 if *rx.borrow() {
@@ -574,6 +582,7 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
                     let _ = pf_tx.unbounded_send(());
                     let _ = csp_tx.unbounded_send(());
                     let _ = sp_tx.unbounded_send(());
+                    let _ = tm_tx.unbounded_send(());
                 } else {
                     warn!("lost leadership; writes stop");
                 }
@@ -586,6 +595,7 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
         port_forwards: pf_tx.clone(),
         cluster_policies: csp_tx.clone(),
         policies: sp_tx.clone(),
+        mirrors: tm_tx.clone(),
     };
     let (observation, networks, port_forwards, observing) = observe_cluster(&client, &triggers);
     tokio::spawn(observing);
@@ -659,10 +669,19 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
     .run(
         policy::reconcile_namespaced,
         error_policy::<SegmentationPolicy>,
-        ctx,
+        ctx.clone(),
     )
     .for_each(|_| futures::future::ready(()));
-    futures::future::join4(nets, pfs, csps, sps).await;
+    let tms = Controller::new(
+        Api::<TrafficMirror>::all(ctx.client.clone()),
+        watcher::Config::default(),
+    )
+    .with_config(kube::runtime::controller::Config::default().debounce(Duration::from_secs(1)))
+    .reconcile_all_on(trigger_stream(tm_rx))
+    .shutdown_on_signal()
+    .run(mirror::reconcile, error_policy::<TrafficMirror>, ctx)
+    .for_each(|_| futures::future::ready(()));
+    futures::future::join5(nets, pfs, csps, sps, tms).await;
     info!("controllers stopped");
     // Dropping the last leadership receiver makes the lease task release the Lease, so
     // another replica takes over without waiting for it to expire.
@@ -711,6 +730,7 @@ fn kind_of<K: Resource<DynamicType = ()>>() -> &'static str {
         "NodeNetwork" => "NodeNetwork",
         "ClusterSegmentationPolicy" => "ClusterSegmentationPolicy",
         "SegmentationPolicy" => "SegmentationPolicy",
+        "TrafficMirror" => "TrafficMirror",
         _ => "object",
     }
 }

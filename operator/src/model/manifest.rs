@@ -3,7 +3,9 @@
 use super::{Resources, WorkloadMeta};
 use serde::Deserialize;
 use std::collections::BTreeMap;
-use weft_crds::{ClusterSegmentationPolicy, Network, PortForward, SegmentationPolicy};
+use weft_crds::{
+    ClusterSegmentationPolicy, Network, PortForward, SegmentationPolicy, TrafficMirror,
+};
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -137,6 +139,19 @@ pub fn add_document(doc: serde_json::Value, origin: &str, into: &mut Resources) 
                     .push(format!("{origin}: invalid SegmentationPolicy: {e}")),
             }
         }
+        ("weft.dev/v1alpha1", "TrafficMirror") => {
+            match serde_json::from_value::<TrafficMirror>(doc) {
+                Ok(mut m) => {
+                    if m.metadata.namespace.is_none() {
+                        m.metadata.namespace = Some("default".into());
+                    }
+                    into.mirrors.push(m)
+                }
+                Err(e) => into
+                    .problems
+                    .push(format!("{origin}: invalid TrafficMirror: {e}")),
+            }
+        }
         ("v1", "Namespace") => match serde_json::from_value::<PodLike>(doc) {
             Ok(n) => {
                 into.namespaces.insert(n.metadata.name, n.metadata.labels);
@@ -159,7 +174,7 @@ pub fn add_document(doc: serde_json::Value, origin: &str, into: &mut Resources) 
             Err(e) => into.problems.push(format!("{origin}: invalid Pod: {e}")),
         },
         (api, kind) if api.starts_with("weft.dev/") => into.problems.push(format!(
-            "{origin}: unsupported kind {kind} of {api}; this agent knows Network, PortForward, ClusterSegmentationPolicy and SegmentationPolicy of weft.dev/v1alpha1"
+            "{origin}: unsupported kind {kind} of {api}; this agent knows Network, PortForward, ClusterSegmentationPolicy, SegmentationPolicy and TrafficMirror of weft.dev/v1alpha1"
         )),
         _ => {} // other kinds are someone else's business
     }

@@ -8,7 +8,9 @@ pub use manifest::{add_document, parse_manifests};
 
 use ipnet::{Ipv4Net, Ipv6Net};
 use std::collections::BTreeMap;
-use weft_crds::{ClusterSegmentationPolicy, Network, PortForward, SegmentationPolicy};
+use weft_crds::{
+    ClusterSegmentationPolicy, Network, PortForward, SegmentationPolicy, TrafficMirror,
+};
 
 /// A workload's identity and labels (a Pod; for KubeVirt, the virt-launcher pod).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -54,6 +56,8 @@ pub struct Resources {
     pub cluster_policies: Vec<ClusterSegmentationPolicy>,
     /// Namespaced segmentation policies.
     pub policies: Vec<SegmentationPolicy>,
+    /// Traffic mirrors.
+    pub mirrors: Vec<TrafficMirror>,
     /// Namespaces' labels (a namespace without a Namespace object has only the automatic
     /// `kubernetes.io/metadata.name` label).
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,

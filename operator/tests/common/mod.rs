@@ -46,5 +46,6 @@ pub fn config(state: &std::path::Path) -> AgentConfig {
         poll: Duration::from_millis(100),
         audit_log: Some(state.join("audit.log")),
         workload_metrics: false,
+        mirror_collectors: Vec::new(),
     }
 }

@@ -1,0 +1,707 @@
+//! Traffic mirrors on this node: which workload ports copy which frames to which analyzer port
+//! or tunnel ([`plan`], pure), and the task that keeps the kernel's tc filters to that plan
+//! ([`Mirrors`]).
+//!
+//! A copy is taken on the source's host port (veth or VM tap) by a `cls_bpf` filter whose
+//! classic BPF program is the mirror's filter and whose action is `mirred egress mirror`: frames
+//! from the workload at the port's ingress hook (before the bridge and its policy), frames to
+//! the workload at its egress hook (after them). The copy leaves through the analyzer's host
+//! port, so it arrives on the analyzer's interface, or through the mirror's VXLAN link to a
+//! remote collector.
+//!
+//! The CNI wires a port after the agent has registered it, so a port (or an analyzer's port)
+//! may not exist yet when its plan arrives: it waits, and is tried again when an ADD reports
+//! that it finished, and at every resync.
+
+use crate::model::Resources;
+use ipnet::IpNet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use tokio::sync::{Notify, watch};
+use tracing::{info, warn};
+use weft_crds::{MirrorProtocol, NodeMirror, TrafficMirror, selector_matches};
+use weft_dataplane::mirror::{Insn, L4, MirrorFilter, Side, program};
+use weft_dataplane::names;
+use weft_dataplane::netlink::{MirrorRule, Netlink, NetlinkError};
+use weft_dataplane::proto::Endpoint;
+
+/// One copy a source port makes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortRule {
+    /// The TrafficMirror, `namespace/name`.
+    pub mirror: String,
+    /// Which frames: to or from the workload.
+    pub side: Side,
+    /// The filter as a classic BPF program.
+    pub program: Vec<Insn>,
+    /// The link the copies leave through: an analyzer's host port or a mirror's tunnel.
+    pub to: String,
+}
+
+/// A mirror's VXLAN link to its remote collector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tunnel {
+    /// The TrafficMirror, `namespace/name`.
+    pub mirror: String,
+    /// The VXLAN network identifier.
+    pub vni: u32,
+    /// The collector.
+    pub remote: IpAddr,
+    /// Its UDP port.
+    pub port: u16,
+}
+
+/// What one mirror does on this node, as planned.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Planned {
+    /// Source interfaces on this node.
+    pub sources: usize,
+    /// Why it cannot mirror here, if it cannot.
+    pub error: Option<String>,
+}
+
+/// The mirrors of this node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MirrorPlan {
+    /// Source host port → its copies, in order.
+    pub ports: BTreeMap<String, Vec<PortRule>>,
+    /// Tunnel link name → tunnel.
+    pub tunnels: BTreeMap<String, Tunnel>,
+    /// `namespace/name` → what it does here.
+    pub mirrors: BTreeMap<String, Planned>,
+}
+
+fn l4(p: MirrorProtocol) -> L4 {
+    match p {
+        MirrorProtocol::Tcp => L4::Tcp,
+        MirrorProtocol::Udp => L4::Udp,
+        MirrorProtocol::Sctp => L4::Sctp,
+        MirrorProtocol::Icmp => L4::Icmp,
+    }
+}
+
+/// The dataplane's filter for a TrafficMirror's `spec.filter`.
+pub fn filter_of(m: &TrafficMirror) -> MirrorFilter {
+    let f = m.spec.filter.clone().unwrap_or_default();
+    MirrorFilter {
+        protocols: f.protocols.iter().copied().map(l4).collect(),
+        ports: m.spec.port_ranges(),
+        cidrs: f.cidrs.iter().filter_map(|c| c.net().ok()).collect(),
+    }
+}
+
+fn namespace_of(e: &Endpoint) -> &str {
+    e.pod_namespace.as_deref().unwrap_or("default")
+}
+
+/// Computes this node's mirrors from the TrafficMirrors in `res` and the node's endpoints.
+/// `collectors`: the CIDRs a remote collector may be in.
+pub fn plan(res: &Resources, endpoints: &[Endpoint], collectors: &[IpNet]) -> MirrorPlan {
+    let mut out = MirrorPlan::default();
+    let pods = super::plan::Pods::of(res);
+    let labels = |e: &Endpoint| {
+        e.pod_name
+            .as_deref()
+            .and_then(|pod| pods.labels(namespace_of(e), pod))
+    };
+    let mut mirrors: Vec<&TrafficMirror> = res.mirrors.iter().collect();
+    mirrors.sort_by_key(|m| (m.metadata.namespace.clone(), m.metadata.name.clone()));
+    for m in mirrors {
+        let namespace = m
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let key = format!(
+            "{namespace}/{}",
+            m.metadata.name.clone().unwrap_or_default()
+        );
+        let mut planned = Planned::default();
+        if let Err(errors) = m.spec.validate() {
+            let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+            planned.error = Some(format!("invalid: {}", text.join("; ")));
+            out.mirrors.insert(key, planned);
+            continue;
+        }
+        // The analyzer on this node: the first matching pod by name, its interface on the
+        // analyzer's network (or its first weft interface).
+        let mut analyzers: Vec<&Endpoint> = Vec::new();
+        if let Some(a) = &m.spec.destination.analyzer {
+            analyzers = endpoints
+                .iter()
+                .filter(|e| !e.pending && namespace_of(e) == namespace)
+                .filter(|e| a.network.as_ref().is_none_or(|n| *n == e.network))
+                .filter(|e| labels(e).is_some_and(|l| selector_matches(&a.selector, l)))
+                .collect();
+            analyzers.sort_by(|x, y| (&x.pod_name, &x.ifname).cmp(&(&y.pod_name, &y.ifname)));
+        }
+        let analyzer_pod = analyzers.first().and_then(|a| a.pod_name.clone());
+        let sources: Vec<&Endpoint> = endpoints
+            .iter()
+            .filter(|e| namespace_of(e) == namespace)
+            .filter(|e| {
+                m.spec
+                    .sources
+                    .network
+                    .as_ref()
+                    .is_none_or(|n| *n == e.network)
+            })
+            .filter(|e| analyzer_pod.is_none() || e.pod_name != analyzer_pod)
+            .filter(|e| labels(e).is_some_and(|l| selector_matches(&m.spec.sources.selector, l)))
+            .collect();
+        if sources.is_empty() {
+            out.mirrors.insert(key, planned);
+            continue;
+        }
+        let to = if let Some(a) = analyzers.first() {
+            a.host_ifname.clone()
+        } else if let Some(r) = &m.spec.destination.remote {
+            let Ok(remote) = r.address.addr() else {
+                continue;
+            };
+            if !collectors.iter().any(|c| c.contains(&remote)) {
+                planned.error = Some(format!(
+                    "spec.destination.remote.address: {remote} is outside the CIDRs this node's agent may send copies to ({}); the cluster administrator allows collectors with the chart value agent.mirrorCollectors (--mirror-collectors)",
+                    if collectors.is_empty() {
+                        "none allowed".to_string()
+                    } else {
+                        collectors
+                            .iter()
+                            .map(|c| c.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    }
+                ));
+                out.mirrors.insert(key, planned);
+                continue;
+            }
+            let name = names::mirror_tunnel_name(&key);
+            out.tunnels.insert(
+                name.clone(),
+                Tunnel {
+                    mirror: key.clone(),
+                    vni: u32::try_from(r.vni).unwrap_or(1),
+                    remote,
+                    port: r.udp_port(),
+                },
+            );
+            name
+        } else {
+            planned.error = Some(format!(
+                "no analyzer pod (spec.destination.analyzer.selector) runs on this node: the {} source interface(s) here are not mirrored; run the analyzer on every node with sources (a DaemonSet)",
+                sources.len()
+            ));
+            out.mirrors.insert(key, planned);
+            continue;
+        };
+        let filter = filter_of(m);
+        let sides: Vec<Side> = [
+            (m.spec.direction.egress(), Side::FromWorkload),
+            (m.spec.direction.ingress(), Side::ToWorkload),
+        ]
+        .into_iter()
+        .filter_map(|(on, side)| on.then_some(side))
+        .collect();
+        for s in &sources {
+            let rules = out.ports.entry(s.host_ifname.clone()).or_default();
+            for side in &sides {
+                rules.push(PortRule {
+                    mirror: key.clone(),
+                    side: *side,
+                    program: program(&filter, *side),
+                    to: to.clone(),
+                });
+            }
+        }
+        planned.sources = sources.len();
+        out.mirrors.insert(key, planned);
+    }
+    out
+}
+
+/// What the kernel has of a plan, kept between passes.
+#[derive(Debug, Default)]
+struct Applied {
+    /// Port → the rules installed on it.
+    ports: BTreeMap<String, Vec<PortRule>>,
+    /// Ports whose rules (or whose analyzer) wait for their link.
+    waiting: BTreeSet<String>,
+    /// Tunnels up.
+    tunnels: BTreeMap<String, Tunnel>,
+}
+
+/// Brings the kernel to `plan`. `full`: also take stale filters off every weft port and delete
+/// stale tunnels (at the first pass and every resync). Returns each mirror's state here.
+fn apply(
+    nl: &mut Netlink,
+    plan: &MirrorPlan,
+    applied: &mut Applied,
+    full: bool,
+) -> Result<BTreeMap<String, NodeMirror>, NetlinkError> {
+    let links = nl.links()?;
+    let mut index: BTreeMap<String, u32> =
+        links.iter().map(|l| (l.name.clone(), l.index)).collect();
+    let mut problems: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    // Tunnels first: ports mirror into them.
+    for (name, t) in &plan.tunnels {
+        if !full && applied.tunnels.get(name) == Some(t) && index.contains_key(name) {
+            continue;
+        }
+        match nl.ensure_vxlan(name, t.vni, t.remote, t.port) {
+            Ok(i) => {
+                index.insert(name.clone(), i);
+                if let Err(e) = nl.set_alias(i, &names::mirror_tunnel_alias(&t.mirror)) {
+                    warn!(tunnel = %name, error = %e, "cannot name the mirror tunnel");
+                }
+                applied.tunnels.insert(name.clone(), t.clone());
+            }
+            Err(e) => {
+                applied.tunnels.remove(name);
+                problems.entry(t.mirror.clone()).or_default().push(format!(
+                    "cannot create VXLAN link {name} to {}: {e}",
+                    t.remote
+                ));
+            }
+        }
+    }
+    let stale_tunnels: Vec<(String, u32)> = links
+        .iter()
+        .filter(|l| {
+            l.alias
+                .as_deref()
+                .is_some_and(names::is_mirror_tunnel_alias)
+        })
+        .filter(|l| !plan.tunnels.contains_key(&l.name))
+        .filter(|l| full || applied.tunnels.contains_key(&l.name))
+        .map(|l| (l.name.clone(), l.index))
+        .collect();
+    for (name, i) in stale_tunnels {
+        nl.delete_link(i)?;
+        applied.tunnels.remove(&name);
+        info!(tunnel = %name, "deleted a mirror tunnel no mirror uses");
+    }
+    // Ports: those whose rules changed, those waiting, and at a full pass every weft port.
+    let mut touch: BTreeSet<String> = plan
+        .ports
+        .iter()
+        .filter(|(p, rules)| applied.ports.get(*p) != Some(*rules))
+        .map(|(p, _)| p.clone())
+        .collect();
+    touch.extend(applied.waiting.iter().cloned());
+    touch.extend(
+        applied
+            .ports
+            .keys()
+            .filter(|p| !plan.ports.contains_key(*p))
+            .cloned(),
+    );
+    if full {
+        touch.extend(plan.ports.keys().cloned());
+        touch.extend(
+            links
+                .iter()
+                .filter(|l| l.alias.as_deref().is_some_and(names::is_endpoint_alias))
+                .map(|l| l.name.clone()),
+        );
+    }
+    applied.waiting.clear();
+    for port in touch {
+        let Some(&port_index) = index.get(&port) else {
+            applied.ports.remove(&port);
+            if let Some(rules) = plan.ports.get(&port) {
+                applied.waiting.insert(port.clone());
+                for r in rules {
+                    problems
+                        .entry(r.mirror.clone())
+                        .or_default()
+                        .push(format!("source port {port} does not exist yet"));
+                }
+            }
+            continue;
+        };
+        let wanted: &[PortRule] = plan.ports.get(&port).map_or(&[], Vec::as_slice);
+        let mut rules = Vec::new();
+        let mut installed = Vec::new();
+        for r in wanted {
+            match index.get(&r.to) {
+                Some(&to) => {
+                    rules.push(MirrorRule {
+                        side: r.side,
+                        program: r.program.clone(),
+                        to,
+                    });
+                    installed.push(r.clone());
+                }
+                None => {
+                    applied.waiting.insert(port.clone());
+                    problems
+                        .entry(r.mirror.clone())
+                        .or_default()
+                        .push(format!("destination link {} does not exist yet", r.to));
+                }
+            }
+        }
+        match nl.set_mirrors(port_index, &rules) {
+            Ok(changed) => {
+                if changed {
+                    info!(%port, copies = rules.len(), "mirror filters changed");
+                }
+                if installed.is_empty() {
+                    applied.ports.remove(&port);
+                } else {
+                    applied.ports.insert(port.clone(), installed);
+                }
+            }
+            Err(e) if e.is_not_found() => {
+                applied.ports.remove(&port);
+                if plan.ports.contains_key(&port) {
+                    applied.waiting.insert(port.clone());
+                }
+            }
+            Err(e) => {
+                applied.ports.remove(&port);
+                for r in wanted {
+                    problems
+                        .entry(r.mirror.clone())
+                        .or_default()
+                        .push(format!("cannot install the copy on port {port}: {e}"));
+                }
+            }
+        }
+    }
+    // Each mirror's state: its planned sources, what it copied, its problems.
+    let mut report: BTreeMap<String, NodeMirror> = plan
+        .mirrors
+        .iter()
+        .map(|(key, p)| {
+            (
+                key.clone(),
+                NodeMirror {
+                    mirror: key.clone(),
+                    sources: i32::try_from(p.sources).unwrap_or(i32::MAX),
+                    packets: 0,
+                    bytes: 0,
+                    error: p.error.clone(),
+                },
+            )
+        })
+        .collect();
+    for (port, rules) in &applied.ports {
+        let Some(&i) = index.get(port) else { continue };
+        let counters = match nl.mirror_counters(i) {
+            Ok(c) => c,
+            Err(_) => continue,
+        };
+        for c in counters {
+            // The counter's rule: the `index`th rule of its side, in the order installed.
+            let Some(rule) = rules.iter().filter(|r| r.side == c.side).nth(c.index) else {
+                continue;
+            };
+            if let Some(m) = report.get_mut(&rule.mirror) {
+                m.packets = m
+                    .packets
+                    .saturating_add(i64::try_from(c.packets).unwrap_or(i64::MAX));
+                m.bytes = m
+                    .bytes
+                    .saturating_add(i64::try_from(c.bytes).unwrap_or(i64::MAX));
+            }
+        }
+    }
+    for (mirror, mut list) in problems {
+        list.sort();
+        list.dedup();
+        if let Some(m) = report.get_mut(&mirror)
+            && m.error.is_none()
+        {
+            m.error = Some(list.join("; "));
+        }
+    }
+    Ok(report)
+}
+
+/// The task that keeps the kernel's mirrors to the latest plan.
+#[derive(Clone)]
+pub struct Mirrors {
+    plan: Arc<watch::Sender<Arc<MirrorPlan>>>,
+    kick: Arc<Notify>,
+    full: Arc<std::sync::atomic::AtomicBool>,
+    report: Arc<Mutex<Vec<NodeMirror>>>,
+    changed: Arc<Notify>,
+}
+
+impl Mirrors {
+    /// Starts the task (on the current tokio runtime). Its first pass is a full one.
+    pub fn spawn() -> Self {
+        let (tx, mut rx) = watch::channel(Arc::new(MirrorPlan::default()));
+        let me = Mirrors {
+            plan: Arc::new(tx),
+            kick: Arc::new(Notify::new()),
+            full: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            report: Arc::new(Mutex::new(Vec::new())),
+            changed: Arc::new(Notify::new()),
+        };
+        let task = me.clone();
+        tokio::spawn(async move {
+            let mut applied = Some(Applied::default());
+            let mut seen_plan = false;
+            loop {
+                tokio::select! {
+                    r = rx.changed() => {
+                        if r.is_err() {
+                            break;
+                        }
+                        seen_plan = true;
+                    }
+                    _ = task.kick.notified() => {}
+                }
+                if !seen_plan {
+                    continue;
+                }
+                let plan = Arc::clone(&rx.borrow_and_update());
+                let full = task.full.swap(false, std::sync::atomic::Ordering::SeqCst);
+                let mut state = applied.take().unwrap_or_default();
+                let joined = tokio::task::spawn_blocking(move || {
+                    let result =
+                        Netlink::new().and_then(|mut nl| apply(&mut nl, &plan, &mut state, full));
+                    (state, result)
+                })
+                .await;
+                let result = match joined {
+                    Ok((state, result)) => {
+                        applied = Some(state);
+                        Ok(result)
+                    }
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(Ok(report)) => {
+                        let report: Vec<NodeMirror> = report.into_values().collect();
+                        let mut current = match task.report.lock() {
+                            Ok(c) => c,
+                            Err(_) => break,
+                        };
+                        // Counters alone change at every pass: only a change of sources or
+                        // problems asks for a new status right away.
+                        let shape = |v: &[NodeMirror]| -> Vec<(String, i32, Option<String>)> {
+                            v.iter()
+                                .map(|m| (m.mirror.clone(), m.sources, m.error.clone()))
+                                .collect()
+                        };
+                        let notify = shape(&current) != shape(&report);
+                        *current = report;
+                        drop(current);
+                        if notify {
+                            task.changed.notify_one();
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        warn!(error = %e, "applying the mirrors failed; retrying at the next change or resync");
+                        task.full.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    Err(e) => warn!(error = %e, "mirror task failed"),
+                }
+            }
+        });
+        me
+    }
+
+    /// A new plan (ignored when it equals the current one).
+    pub fn update(&self, plan: MirrorPlan) {
+        self.plan.send_if_modified(|p| {
+            if **p == plan {
+                false
+            } else {
+                *p = Arc::new(plan);
+                true
+            }
+        });
+    }
+
+    /// A link may have appeared (an ADD finished): retry the waiting ports.
+    pub fn links_changed(&self) {
+        self.kick.notify_one();
+    }
+
+    /// The periodic resync: a full pass (stale filters and tunnels removed, counters read).
+    pub fn resync(&self) {
+        self.full.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.kick.notify_one();
+    }
+
+    /// Each mirror's state after the last pass.
+    pub fn report(&self) -> Vec<NodeMirror> {
+        self.report.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Resolves when a pass changed a mirror's sources or problems.
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::model::WorkloadMeta;
+
+    fn endpoint(pod: &str, network: &str, host: &str) -> Endpoint {
+        Endpoint {
+            network: network.into(),
+            container_id: format!("c-{pod}"),
+            ifname: "eth0".into(),
+            host_ifname: host.into(),
+            mac: "02:00:00:00:00:01".into(),
+            ips: vec![],
+            pod_namespace: Some("prod".into()),
+            pod_name: Some(pod.into()),
+            netns: None,
+            vm: None,
+            pending: false,
+            vlan_trunk: vec![],
+            port_mappings: vec![],
+        }
+    }
+
+    fn pod(name: &str, app: &str) -> WorkloadMeta {
+        WorkloadMeta {
+            namespace: "prod".into(),
+            name: name.into(),
+            labels: BTreeMap::from([("app".into(), app.into())]),
+            networks: None,
+        }
+    }
+
+    fn mirror(yaml: &str) -> TrafficMirror {
+        serde_saphyr::from_str(yaml).unwrap()
+    }
+
+    fn resources(m: &str) -> Resources {
+        Resources {
+            mirrors: vec![mirror(m)],
+            workloads: vec![
+                pod("web-1", "web"),
+                pod("web-2", "web"),
+                pod("ids-a", "ids"),
+                pod("db", "db"),
+            ],
+            ..Default::default()
+        }
+    }
+
+    const TO_ANALYZER: &str = r#"
+apiVersion: weft.dev/v1alpha1
+kind: TrafficMirror
+metadata: {name: tap, namespace: prod}
+spec:
+  sources: {selector: {matchLabels: {app: web}}}
+  direction: Egress
+  filter: {protocols: [UDP], ports: [{port: 53}]}
+  destination: {analyzer: {selector: {matchLabels: {app: ids}}}}
+"#;
+
+    #[test]
+    fn sources_copy_to_the_analyzer_on_their_node() {
+        let eps = [
+            endpoint("web-1", "lan", "wfa"),
+            endpoint("web-2", "lan", "wfb"),
+            endpoint("ids-a", "lan", "wfz"),
+            endpoint("db", "lan", "wfd"),
+        ];
+        let p = plan(&resources(TO_ANALYZER), &eps, &[]);
+        assert_eq!(p.ports.keys().collect::<Vec<_>>(), ["wfa", "wfb"]);
+        let r = &p.ports["wfa"];
+        assert_eq!(r.len(), 1, "egress only");
+        assert_eq!(r[0].side, Side::FromWorkload);
+        assert_eq!(r[0].to, "wfz");
+        assert_eq!(
+            p.mirrors["prod/tap"],
+            Planned {
+                sources: 2,
+                error: None
+            }
+        );
+        assert!(p.tunnels.is_empty());
+    }
+
+    #[test]
+    fn without_an_analyzer_here_the_mirror_says_so() {
+        let eps = [endpoint("web-1", "lan", "wfa")];
+        let p = plan(&resources(TO_ANALYZER), &eps, &[]);
+        assert!(p.ports.is_empty());
+        let e = p.mirrors["prod/tap"].error.clone().unwrap();
+        assert!(e.contains("no analyzer pod"), "{e}");
+    }
+
+    #[test]
+    fn a_selector_matching_the_analyzer_does_not_mirror_it_into_itself() {
+        let m = TO_ANALYZER.replace("{matchLabels: {app: web}}", "{}");
+        let eps = [
+            endpoint("web-1", "lan", "wfa"),
+            endpoint("ids-a", "lan", "wfz"),
+        ];
+        let p = plan(&resources(&m), &eps, &[]);
+        assert_eq!(p.ports.keys().collect::<Vec<_>>(), ["wfa"]);
+    }
+
+    #[test]
+    fn remote_collectors_need_the_administrators_consent() {
+        let m = TO_ANALYZER.replace(
+            "{analyzer: {selector: {matchLabels: {app: ids}}}}",
+            "{remote: {address: 192.0.2.10, vni: 42}}",
+        );
+        let eps = [endpoint("web-1", "lan", "wfa")];
+        let refused = plan(&resources(&m), &eps, &[]);
+        assert!(refused.ports.is_empty());
+        assert!(
+            refused.mirrors["prod/tap"]
+                .error
+                .as_ref()
+                .unwrap()
+                .contains("agent.mirrorCollectors")
+        );
+        let allowed = plan(&resources(&m), &eps, &["192.0.2.0/24".parse().unwrap()]);
+        let tunnel = names::mirror_tunnel_name("prod/tap");
+        assert_eq!(allowed.ports["wfa"][0].to, tunnel);
+        assert_eq!(allowed.tunnels[&tunnel].vni, 42);
+        assert_eq!(allowed.tunnels[&tunnel].port, 4789);
+    }
+
+    #[test]
+    fn both_directions_and_a_network_narrow_the_copies() {
+        let m = TO_ANALYZER
+            .replace("direction: Egress", "direction: Both")
+            .replace(
+                "sources: {selector: {matchLabels: {app: web}}}",
+                "sources: {selector: {matchLabels: {app: web}}, network: lan}",
+            );
+        let eps = [
+            endpoint("web-1", "lan", "wfa"),
+            endpoint("web-1", "other", "wfo"),
+            endpoint("ids-a", "lan", "wfz"),
+        ];
+        let p = plan(&resources(&m), &eps, &[]);
+        assert_eq!(p.ports.keys().collect::<Vec<_>>(), ["wfa"]);
+        let sides: Vec<Side> = p.ports["wfa"].iter().map(|r| r.side).collect();
+        assert_eq!(sides, [Side::FromWorkload, Side::ToWorkload]);
+    }
+
+    #[test]
+    fn an_invalid_mirror_is_reported_not_applied() {
+        let m = TO_ANALYZER.replace("ports: [{port: 53}]", "ports: [{port: 99999}]");
+        let eps = [
+            endpoint("web-1", "lan", "wfa"),
+            endpoint("ids-a", "lan", "wfz"),
+        ];
+        let p = plan(&resources(&m), &eps, &[]);
+        assert!(p.ports.is_empty());
+        assert!(
+            p.mirrors["prod/tap"]
+                .error
+                .as_ref()
+                .unwrap()
+                .contains("spec.filter.ports[0].port")
+        );
+    }
+}
