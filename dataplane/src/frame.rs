@@ -228,33 +228,7 @@ fn probe(
     answers: impl Fn(&[u8]) -> bool,
 ) -> std::io::Result<bool> {
     let proto = ethertype.to_be();
-    // SAFETY: a plain syscall without pointers.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh descriptor nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let addr = libc::sockaddr_ll {
-        sll_family: libc::AF_PACKET as u16,
-        sll_protocol: proto,
-        sll_ifindex: i32::try_from(ifindex).unwrap_or(0),
-        sll_hatype: 0,
-        sll_pkttype: 0,
-        sll_halen: 0,
-        sll_addr: [0; 8],
-    };
-    // SAFETY: `addr` is a valid sockaddr_ll for the length passed.
-    if unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            std::ptr::from_ref(&addr).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        )
-    } < 0
-    {
-        return Err(std::io::Error::last_os_error());
-    }
+    let fd = bound_packet_socket(proto, proto, ifindex)?;
     let tv = libc::timeval {
         tv_sec: 0,
         tv_usec: 50_000,
@@ -300,6 +274,55 @@ fn probe(
     Ok(false)
 }
 
+/// A packet socket (`AF_PACKET`, raw, close-on-exec) of protocol `socket_proto`, bound to
+/// interface `ifindex` (0: every interface) for protocol `bind_proto` (both in network byte
+/// order).
+fn bound_packet_socket(
+    socket_proto: u16,
+    bind_proto: u16,
+    ifindex: u32,
+) -> std::io::Result<OwnedFd> {
+    // SAFETY: a plain syscall without pointers.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            i32::from(socket_proto),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let addr = libc::sockaddr_ll {
+        sll_family: libc::AF_PACKET as u16,
+        sll_protocol: bind_proto,
+        sll_ifindex: i32::try_from(ifindex).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("interface index {ifindex} is out of range"),
+            )
+        })?,
+        sll_hatype: 0,
+        sll_pkttype: 0,
+        sll_halen: 0,
+        sll_addr: [0; 8],
+    };
+    // SAFETY: `addr` is a valid sockaddr_ll for the length passed.
+    if unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            std::ptr::from_ref(&addr).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    } < 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
 /// `ETH_P_ALL` in network byte order, as `sll_protocol` takes it.
 const ETH_P_ALL_BE: u16 = (libc::ETH_P_ALL as u16).to_be();
 
@@ -326,38 +349,7 @@ impl Capture {
     pub fn open(ifindex: u32) -> std::io::Result<Capture> {
         // Protocol 0: nothing is queued until `bind` names the interface, so no frame of
         // another interface slips in.
-        // SAFETY: a plain syscall without pointers.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh descriptor nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let addr = libc::sockaddr_ll {
-            sll_family: libc::AF_PACKET as u16,
-            sll_protocol: ETH_P_ALL_BE,
-            sll_ifindex: i32::try_from(ifindex).map_err(|_| {
-                std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    format!("interface index {ifindex} is out of range"),
-                )
-            })?,
-            sll_hatype: 0,
-            sll_pkttype: 0,
-            sll_halen: 0,
-            sll_addr: [0; 8],
-        };
-        // SAFETY: `addr` is a valid sockaddr_ll for the length passed.
-        if unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                std::ptr::from_ref(&addr).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        } < 0
-        {
-            return Err(std::io::Error::last_os_error());
-        }
+        let fd = bound_packet_socket(0, ETH_P_ALL_BE, ifindex)?;
         Ok(Capture { fd, ifindex })
     }
 

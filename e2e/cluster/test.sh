@@ -299,6 +299,35 @@ EOF
     expect "a3 -> a1 (no policy on web) still allowed" http_ok a3 "http://$(pod_ip a1)/"
 }
 
+# A TrafficMirror of the web pods (a1 on node1, b1 on node2) to the analyzer app=other (a3, on
+# node1 only): node1 copies a1's frames into a3's port, node2 reports that it has no analyzer,
+# and the controller sums both into the mirror's status.
+t_mirror() {
+  kn apply -f - >/dev/null <<'EOF' || return 1
+apiVersion: weft.dev/v1alpha1
+kind: TrafficMirror
+metadata: {name: web-tap}
+spec:
+  sources: {selector: {matchLabels: {app: web}}}
+  direction: Both
+  filter: {protocols: [TCP], ports: [{port: 80}]}
+  destination: {analyzer: {selector: {matchLabels: {app: other}}}}
+EOF
+  eventually 30 "node1 has a mirror filter on a workload port" node_mirrors node1 || return 1
+  expect "node2 has none (no analyzer there)" not node_mirrors node2 || return 1
+  eventually 30 "status: 1 source mirrored, node2 named for its missing analyzer" \
+    sh -c "[ \"\$('$C' kubectl -n $ns get trafficmirror web-tap -o jsonpath='{.status.sources}/{.status.nodes}/{.status.conditions[?(@.type==\"Ready\")].reason}')\" = '1/[\"node1\"]/NotMirrored' ] && '$C' kubectl -n $ns get trafficmirror web-tap -o jsonpath='{.status.problems}' | grep -q 'node2: no analyzer pod'" || return 1
+  local a1; a1=$(pod_ip a1)
+  http_ok a2 "http://$a1/" || { fail "a2 -> a1"; return 1; }
+  eventually 60 "status: the copies of a2 -> a1:80 are counted" \
+    sh -c "[ \"\$('$C' kubectl -n $ns get trafficmirror web-tap -o jsonpath='{.status.packets}')\" -gt 0 ]" || return 1
+  k -n "$ns" delete trafficmirror web-tap --wait --timeout=30s >/dev/null
+  eventually 30 "the filters go with the mirror" not node_mirrors node1
+}
+node_mirrors() { # node: a weft workload port of it has a mirred filter
+  "$C" node "$1" sh -c 'for l in $(ip -o link show | grep -oE "wf[0-9a-f]{11}" | sort -u); do tc filter show dev "$l" ingress; done' 2>/dev/null | grep -q mirred
+}
+
 # `kubectl weft`, the plugin, found by kubectl on the PATH as users install it, against the
 # pods and the policy of t_policy: a2 (app=db) admits app=web only.
 t_kubectl_weft() {
@@ -538,6 +567,7 @@ if [ "$failed" = 0 ]; then
   run nat t_nat
   run portforward t_portforward
   run policy t_policy
+  run mirror t_mirror
   run kubectl-weft t_kubectl_weft
   run peers t_peers
   run bridge t_bridge_hybrid

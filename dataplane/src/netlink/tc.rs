@@ -31,10 +31,8 @@ pub fn ingress_qdisc_message(index: u32) -> netlink_packet_route::tc::TcMessage 
 /// dev FROM ingress protocol all u32 match u8 0 0 action mirred egress redirect dev TO`).
 pub fn redirect_filter_message(from: u32, to: u32) -> netlink_packet_route::tc::TcMessage {
     use netlink_packet_route::tc::{
-        TcAction, TcActionAttribute, TcActionGeneric, TcActionMirror, TcActionMirrorOption,
-        TcActionOption, TcActionType, TcAttribute, TcFilterU32, TcFilterU32Option, TcHandle,
-        TcMessage, TcMirror, TcMirrorActionType, TcOption, TcU32Key, TcU32Selector,
-        TcU32SelectorFlags,
+        TcActionType, TcAttribute, TcFilterU32, TcFilterU32Option, TcHandle, TcMessage,
+        TcMirrorActionType, TcOption, TcU32Key, TcU32Selector, TcU32SelectorFlags,
     };
     let mut f = TcMessage::with_index(i32::try_from(from).unwrap_or(0));
     f.header.parent = TcHandle {
@@ -50,18 +48,7 @@ pub fn redirect_filter_message(from: u32, to: u32) -> netlink_packet_route::tc::
     sel.flags = TcU32SelectorFlags::Terminal;
     sel.nkeys = 1;
     sel.keys = vec![TcU32Key::default()];
-    let mut mirror = TcMirror::default();
-    mirror.generic = TcActionGeneric::default();
-    mirror.generic.action = TcActionType::Stolen;
-    mirror.eaction = TcMirrorActionType::EgressRedir;
-    mirror.ifindex = to;
-    let mut action = TcAction::default();
-    action.attributes = vec![
-        TcActionAttribute::Kind(TcActionMirror::KIND.to_string()),
-        TcActionAttribute::Options(vec![TcActionOption::Mirror(TcActionMirrorOption::Parms(
-            mirror,
-        ))]),
-    ];
+    let action = mirred_action(to, TcMirrorActionType::EgressRedir, TcActionType::Stolen);
     f.attributes
         .push(TcAttribute::Kind(TcFilterU32::KIND.to_string()));
     f.attributes.push(TcAttribute::Options(vec![
@@ -175,10 +162,15 @@ pub fn clsact_qdisc_message(index: u32) -> TcMessage {
 
 /// The `mirred egress mirror` action to link `to`, verdict continue (`TC_ACT_UNSPEC`).
 fn mirror_action(to: u32) -> TcAction {
+    mirred_action(to, TcMirrorActionType::EgressMirror, TcActionType::Unspec)
+}
+
+/// A `mirred` action: `eaction` (mirror or redirect) out of link `to`, then `verdict`.
+fn mirred_action(to: u32, eaction: TcMirrorActionType, verdict: TcActionType) -> TcAction {
     let mut mirror = TcMirror::default();
     mirror.generic = TcActionGeneric::default();
-    mirror.generic.action = TcActionType::Unspec;
-    mirror.eaction = TcMirrorActionType::EgressMirror;
+    mirror.generic.action = verdict;
+    mirror.eaction = eaction;
     mirror.ifindex = to;
     let mut action = TcAction::default();
     action.attributes = vec![
