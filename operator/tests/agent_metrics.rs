@@ -181,6 +181,19 @@ fn readyz_turns_ready_after_the_first_successful_reconcile_and_metrics_count_rec
             metrics.contains(r#"weft_agent_workload_bytes_total{namespace="shop",pod="web-1",network="alpha",interface="eth0",direction="out"} 126"#),
             "three 42-byte ARP frames: {metrics}"
         );
+        // Forged frames the guard drops (ARP claiming another address), counted per port in
+        // the kernel's dynamic set and reported as the workload's drops for reason guard.
+        tokio::task::spawn_blocking(|| workload_forges_frames(2))
+            .await
+            .unwrap();
+        let guard = r#"weft_agent_workload_drops_total{namespace="shop",pod="web-1",network="alpha",interface="eth0",direction="out",reason="guard"} 2"#;
+        let metrics = wait_for(addr, "/metrics", guard).await;
+        for want in [
+            r#"weft_agent_workload_drops_total{namespace="shop",pod="web-1",network="alpha",interface="eth0",direction="in",reason="policy"} 0"#,
+            r#"weft_agent_workload_drops_total{namespace="shop",pod="web-1",network="alpha",interface="eth0",direction="out",reason="link"} 0"#,
+        ] {
+            assert!(metrics.contains(want), "missing {want} in\n{metrics}");
+        }
         agent.abort();
         every_metric_the_chart_queries_is_exported(&metrics);
     });
@@ -231,6 +244,29 @@ fn workload_sends_frames(socket: &std::path::Path, n: usize) {
     );
     for _ in 0..n {
         weft_dataplane::frame::send(peer.index, &frame).unwrap();
+    }
+}
+
+/// The workload of [`workload_sends_frames`], its port now on its network's bridge, sends `n`
+/// ARP requests claiming an address that is not its own.
+fn workload_forges_frames(n: usize) {
+    use weft_dataplane::netlink::Netlink;
+    let mut nl = Netlink::new().unwrap();
+    let bridge = nl
+        .link_by_name(&weft_dataplane::names::bridge_name("alpha"))
+        .unwrap()
+        .expect("the bridge of Network alpha");
+    let host = nl.link_by_name("wftraffic0").unwrap().unwrap();
+    let peer = nl.link_by_name("wftraffic0p").unwrap().unwrap();
+    nl.set_master(host.index, Some(bridge.index)).unwrap();
+    let mac = [0x0a, 0x58, 0x0a, 0x3f, 0x00, 0x05];
+    let forged = weft_dataplane::frame::arp_request(
+        mac,
+        "10.63.0.99".parse().unwrap(),
+        "10.63.0.1".parse().unwrap(),
+    );
+    for _ in 0..n {
+        weft_dataplane::frame::send(peer.index, &forged).unwrap();
     }
 }
 

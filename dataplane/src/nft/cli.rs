@@ -92,6 +92,26 @@ impl NftCli {
         self.list(&["list", "table", family.as_str(), name], family, name)
     }
 
+    /// The elements of a dynamic set (see [`super::DYNAMIC_FLAG`]) with the counters the kernel
+    /// keeps in them: `(key, packets, bytes)`, the key as nft's JSON has it (an address, an
+    /// interface name). Empty when the table or the set does not exist.
+    pub fn set_counters(
+        &self,
+        family: Family,
+        table: &str,
+        set: &str,
+    ) -> Result<Vec<(String, u64, u64)>, NftError> {
+        let Some(json) = self.list(
+            &["-j", "list", "set", family.as_str(), table, set],
+            family,
+            table,
+        )?
+        else {
+            return Ok(Vec::new());
+        };
+        Ok(parse_set_counters(&json))
+    }
+
     /// Runs a listing command; `Ok(None)` when nft says the table does not exist.
     fn list(&self, args: &[&str], family: Family, name: &str) -> Result<Option<String>, NftError> {
         let out = self.run(args, None)?;
@@ -234,8 +254,53 @@ impl Firewall for NftCli {
     }
 }
 
+/// The `(key, packets, bytes)` of each element with a counter in a `nft -j list set` output.
+pub fn parse_set_counters(json: &str) -> Vec<(String, u64, u64)> {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
+        return Vec::new();
+    };
+    let items = v
+        .get("nftables")
+        .and_then(|n| n.as_array())
+        .cloned()
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for item in items {
+        let Some(elems) = item.pointer("/set/elem").and_then(|e| e.as_array()) else {
+            continue;
+        };
+        for e in elems {
+            let Some(elem) = e.get("elem") else { continue };
+            let key = match elem.get("val") {
+                Some(serde_json::Value::String(s)) => s.clone(),
+                Some(other) => other.to_string(),
+                None => continue,
+            };
+            let Some(counter) = elem.get("counter") else {
+                continue;
+            };
+            let n = |k: &str| counter.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+            out.push((key, n("packets"), n("bytes")));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn set_counters_are_read_from_the_json_listing() {
+        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}}, {"set": {"family": "inet", "name": "drops_eg4", "table": "weft", "type": "ipv4_addr", "handle": 3, "size": 65535, "elem": [{"elem": {"val": "10.0.0.2", "counter": {"packets": 2, "bytes": 168}}}, {"elem": {"val": "10.0.0.3", "counter": {"packets": 7, "bytes": 420}}}]}}]}"#;
+        assert_eq!(
+            parse_set_counters(json),
+            vec![
+                ("10.0.0.2".to_string(), 2, 168),
+                ("10.0.0.3".to_string(), 7, 420)
+            ]
+        );
+        assert!(parse_set_counters("not json").is_empty());
+    }
+
     use super::*;
 
     #[test]

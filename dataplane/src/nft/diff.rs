@@ -22,6 +22,10 @@ pub fn diff(current: &Table, desired: &Table) -> Transaction {
     let mut adds = Vec::new();
     // Equal structure hashes mean equal set and map names in the same order.
     for (cur, want) in current.sets.iter().zip(&desired.sets) {
+        // The kernel's own elements (counters of what rules matched): never ours to change.
+        if want.flags.iter().any(|f| f == super::DYNAMIC_FLAG) {
+            continue;
+        }
         let have = canonical_index(cur.elements.iter());
         let wanted = canonical_index(want.elements.iter());
         let gone: Vec<String> = have
@@ -245,6 +249,23 @@ mod tests {
                 elements: vec![("0.0.0.0/0 . tcp . 9090".into(), "10.10.0.9 . 90".into())],
             }]
         );
+    }
+
+    #[test]
+    fn the_kernel_s_elements_of_a_dynamic_set_are_left_alone() {
+        let mut desired = nat_table();
+        desired.sets.push(super::super::Set {
+            name: "drops".into(),
+            key_type: "ipv4_addr".into(),
+            flags: vec![super::super::DYNAMIC_FLAG.into()],
+            elements: Default::default(),
+        });
+        let mut kernel = desired.clone();
+        if let Some(set) = kernel.sets.last_mut() {
+            set.elements
+                .insert("10.10.0.5 counter packets 3 bytes 180".into());
+        }
+        assert!(diff(&kernel, &desired).0.is_empty());
     }
 
     #[test]

@@ -111,6 +111,11 @@ pub struct Table {
     pub chains: Vec<Chain>,
 }
 
+/// The set flag of a set whose elements the kernel adds (an `update @set { key counter }`
+/// statement in a rule): weft declares it empty and never compares, adds or deletes its
+/// elements, which carry the counters of what the rules matched.
+pub const DYNAMIC_FLAG: &str = "dynamic";
+
 /// A named set.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Set {

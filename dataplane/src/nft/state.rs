@@ -351,10 +351,17 @@ fn ordered<'a, K, D>(
     out
 }
 
+/// Equal flags, `dynamic` ([`super::DYNAMIC_FLAG`]) left out on both sides: nft 1.0.6's JSON
+/// listing does not name it (its text listing does), so it cannot be read back.
 fn same_flags(a: &[String], b: &[String]) -> bool {
-    let a: BTreeSet<&str> = a.iter().map(|s| s.trim()).collect();
-    let b: BTreeSet<&str> = b.iter().map(|s| s.trim()).collect();
-    a == b
+    let readable = |flags: &[String]| -> BTreeSet<String> {
+        flags
+            .iter()
+            .map(|s| s.trim().to_string())
+            .filter(|s| s != super::DYNAMIC_FLAG)
+            .collect()
+    };
+    readable(a) == readable(b)
 }
 
 fn same_base(kernel: &BaseChainState, desired: &BaseChain, family: Family) -> bool {

@@ -454,6 +454,12 @@ fn check_expectations(
             all_ok = false;
             continue;
         };
+        // The nodes' policy drop counters before the probe (see below).
+        let drops_before = if e.spoof.is_none() && !e.at_start {
+            policy_drops(lab)
+        } else {
+            0
+        };
         // Captures on the analyzers of the expectation's mirror checks, opened before the probe.
         let mut captures = Vec::new();
         let mut copy_lines: Vec<String> = Vec::new();
@@ -566,6 +572,22 @@ fn check_expectations(
         }
         // A denial by a logged rule or by a default must have left its audit record.
         let mut audit_line = None;
+        // A policy's drop is counted for the workload (the metrics' reason="policy").
+        let mut counted_line = None;
+        if let Some(t) = &traced
+            && !t.decision.allowed
+            && !got.allowed()
+            && e.spoof.is_none()
+            && !e.at_start
+            && note.is_none()
+        {
+            let counted = policy_drops(lab).saturating_sub(drops_before);
+            if counted == 0 {
+                ok = false;
+                why.push_str(" (the drop was not counted)");
+            }
+            counted_line = Some(format!("          counted: {counted} policy drop(s)"));
+        }
         if let Some(t) = &traced
             && !t.decision.allowed
             && !got.allowed()
@@ -590,7 +612,7 @@ fn check_expectations(
         if let Some(line) = audit_line {
             println!("{line}");
         }
-        for line in &copy_lines {
+        for line in copy_lines.iter().chain(&counted_line) {
             println!("{line}");
         }
         if let Some(n) = &note
@@ -617,6 +639,33 @@ fn check_expectations(
     );
     let _ = std::io::stdout().flush();
     Ok(all_ok)
+}
+
+/// Packets the segmentation policy dropped on every node of the lab, all workloads together
+/// (the kernel's counters in the `drops_*` sets of each node's `inet weft` table).
+fn policy_drops(lab: &Lab) -> u64 {
+    let mut total = 0;
+    for node in &lab.spec.nodes {
+        let Ok(ns) = lab.node_ns(&node.name) else {
+            continue;
+        };
+        let counted = weft_dataplane::netns::run_in(&ns, || {
+            let nft = weft_dataplane::nft::NftCli::default();
+            let mut n = 0;
+            for short in ["eg", "in"] {
+                for v6 in [false, true] {
+                    let set = weft_operator::policy::render::drops_set(short, v6);
+                    n += nft
+                        .set_counters(weft_dataplane::nft::Family::Inet, "weft", &set)
+                        .map(|list| list.iter().map(|(_, p, _)| p).sum::<u64>())
+                        .unwrap_or(0);
+                }
+            }
+            n
+        });
+        total += counted.unwrap_or(0);
+    }
+    total
 }
 
 /// Whether `frame` (Ethernet) belongs to expectation `e`'s probe of `target`: its protocol, to

@@ -163,8 +163,21 @@ pub const ND_RULES: [&str; 7] = [
 pub const HAIRPIN_FLOOD_RULE: &str =
     "meta pkttype { broadcast, multicast } iifname . oifname @hairpin drop";
 
-/// The fixed rules of `prerouting`.
+/// The chain every forged frame of a registered port goes to: it counts the frame in the
+/// port's element of the dynamic set [`DROPS_SET`] (the kernel adds the element at the first
+/// drop), then drops it.
+pub const DROP_CHAIN: &str = "guard_drop";
+/// The dynamic set of the drops of [`DROP_CHAIN`]: `iifname` → packets and bytes dropped.
+pub const DROPS_SET: &str = "drops";
+
+/// The fixed rules of `prerouting`. The checks of a registered port's frames (from its VLANs
+/// on) drop through [`DROP_CHAIN`], which counts them per port; frames of pending, open or
+/// unknown ports are no workload's forgery and are dropped uncounted.
 fn rules() -> Vec<String> {
+    let counted = |rule: &str| match rule.strip_suffix(" drop") {
+        Some(matched) => format!("{matched} goto {DROP_CHAIN}"),
+        None => rule.to_string(),
+    };
     [
         UNREGISTERED_SCOPE,
         // A live migration's target, guarded or open: the VM's announcement activates it;
@@ -174,6 +187,16 @@ fn rules() -> Vec<String> {
         "iifname @open accept",
         // A weft port the agent has not registered (yet): fail closed.
         "iifname != @ports drop",
+    ]
+    .into_iter()
+    .map(String::from)
+    .chain(checks().iter().map(|r| counted(r)))
+    .collect()
+}
+
+/// The checks of a registered port's frames, each ending in `drop` or `accept`.
+fn checks() -> Vec<String> {
+    [
         // A trunk port's tagged frames: its own VLANs, its own MAC, nothing else checked.
         "ether type 8021q iifname . vlan id != @trunks drop",
         "ether type 8021q iifname . ether saddr != @macs drop",
@@ -289,6 +312,12 @@ pub fn table(bridges: &[String], guarded: &[PortGuard], open: &[OpenPort]) -> Ta
             set("pending", "ifname", pending),
             set("trunks", "typeof iifname . vlan id", trunks),
             set("hairpin", "ifname . ifname", hairpin),
+            Set {
+                name: DROPS_SET.into(),
+                key_type: "ifname".into(),
+                flags: vec![nft::DYNAMIC_FLAG.into()],
+                elements: BTreeSet::new(),
+            },
         ],
         maps: vec![],
         chains: vec![
@@ -315,6 +344,11 @@ pub fn table(bridges: &[String], guarded: &[PortGuard], open: &[OpenPort]) -> Ta
                 }),
                 rules: vec!["oifname @pending drop".into(), HAIRPIN_FLOOD_RULE.into()],
             },
+            Chain {
+                name: DROP_CHAIN.into(),
+                base: None,
+                rules: vec![format!("update @{DROPS_SET} {{ iifname counter }} drop")],
+            },
         ],
     }
 }
@@ -323,6 +357,14 @@ pub fn table(bridges: &[String], guarded: &[PortGuard], open: &[OpenPort]) -> Ta
 mod tests {
     use super::*;
     use weft_dataplane::nft::{Change, diff, render_table, structure_hash};
+
+    /// A check's rule as the table holds it: its drop goes through the counting chain.
+    fn counted(rule: &str) -> String {
+        format!(
+            "{} goto {DROP_CHAIN}",
+            rule.strip_suffix(" drop").unwrap_or(rule)
+        )
+    }
 
     fn port(ifname: &str, mac: [u8; 6], ips: &[&str]) -> PortGuard {
         PortGuard {
@@ -462,7 +504,10 @@ mod tests {
         let dad =
             at("ip6 saddr :: icmpv6 type { nd-neighbor-solicit, mld2-listener-report } accept");
         for rule in ND_RULES {
-            assert!(at(rule) < dad, "{rule} must come before the DAD exception");
+            assert!(
+                at(&counted(rule)) < dad,
+                "{rule} must come before the DAD exception"
+            );
         }
     }
 
@@ -486,8 +531,12 @@ mod tests {
         );
         let rules = &trunked.chains[0].rules;
         let at = |r: &str| rules.iter().position(|x| x == r).unwrap();
-        let vid = at("ether type 8021q iifname . vlan id != @trunks drop");
-        let mac_check = at("ether type 8021q iifname . ether saddr != @macs drop");
+        let vid = at(&counted(
+            "ether type 8021q iifname . vlan id != @trunks drop",
+        ));
+        let mac_check = at(&counted(
+            "ether type 8021q iifname . ether saddr != @macs drop",
+        ));
         let pass = at("ether type 8021q accept");
         assert!(at("iifname != @ports drop") < vid, "only registered ports");
         assert!(
@@ -496,11 +545,11 @@ mod tests {
         );
         assert!(vid < pass && mac_check < pass, "{rules:?}");
         assert!(
-            pass < at("ether type { 8021q, 8021ad } drop"),
+            pass < at(&counted("ether type { 8021q, 8021ad } drop")),
             "other tagged frames stay dropped"
         );
         assert!(
-            pass < at("iifname . ip saddr != @ips4 drop"),
+            pass < at(&counted("iifname . ip saddr != @ips4 drop")),
             "tagged frames get MAC checks only"
         );
         let text = render_table(&trunked);

@@ -17,8 +17,10 @@
 //!   DEL as the `weft` binary reports them over the agent's socket when it finishes;
 //! - `workload_bytes_total`, `workload_packets_total` and `workload_drops_total`
 //!   `{namespace,pod,network,interface,direction}`: each workload interface's traffic, `in` to
-//!   the workload and `out` of it, read from its host link's counters at each scrape (the
-//!   drops are the link's: a full queue, a peer gone), only with `--workload-metrics` (one
+//!   the workload and `out` of it, read from its host link's counters at each scrape; the
+//!   drops also by `reason`: `link` (the host link's: a full queue, a peer gone), `policy` (the
+//!   segmentation policy's, counted by the kernel per workload address) and `guard`
+//!   (anti-spoofing's, per port), only with `--workload-metrics` (one
 //!   series per workload interface and direction: the cardinality grows with the workloads);
 //! - `conntrack_entries` and `conntrack_limit`: the node's connection tracking table
 //!   (`nf_conntrack_count` and `nf_conntrack_max`, read at each scrape). Masquerade and port
@@ -203,6 +205,68 @@ pub struct WorkloadPort {
     pub network: String,
     /// The interface's name in the pod.
     pub interface: String,
+    /// Its addresses (the keys of the policy's drop counters).
+    pub ips: Vec<std::net::IpAddr>,
+}
+
+/// The drops the node's rules counted per workload (the kernel's dynamic sets, see
+/// `policy::render::drops_set` and `guard::DROPS_SET`), read at each scrape.
+#[derive(Debug, Default)]
+struct RuleDrops {
+    /// Address → packets the policy dropped from it (egress).
+    policy_out: std::collections::HashMap<String, u64>,
+    /// Address → packets the policy dropped to it (ingress).
+    policy_in: std::collections::HashMap<String, u64>,
+    /// Host port → forged frames the guard dropped from it.
+    guard: std::collections::HashMap<String, u64>,
+}
+
+impl RuleDrops {
+    fn read() -> Self {
+        use weft_dataplane::nft::{Family, NftCli};
+        let nft = NftCli::default();
+        let read = |family: Family, set: &str| -> std::collections::HashMap<String, u64> {
+            match nft.set_counters(family, weft_dataplane::names::NFT_TABLE, set) {
+                Ok(list) => list
+                    .into_iter()
+                    .map(|(k, packets, _)| (k, packets))
+                    .collect(),
+                Err(e) => {
+                    tracing::debug!(error = %e, set, "cannot read drop counters");
+                    Default::default()
+                }
+            }
+        };
+        let mut out = RuleDrops::default();
+        for v6 in [false, true] {
+            out.policy_out.extend(read(
+                Family::Inet,
+                &crate::policy::render::drops_set("eg", v6),
+            ));
+            out.policy_in.extend(read(
+                Family::Inet,
+                &crate::policy::render::drops_set("in", v6),
+            ));
+        }
+        out.guard = read(Family::Bridge, super::guard::DROPS_SET);
+        out
+    }
+
+    /// `(reason, direction, packets)` of one workload interface.
+    fn of(&self, p: &WorkloadPort) -> [(&'static str, &'static str, u64); 3] {
+        let sum = |m: &std::collections::HashMap<String, u64>| -> u64 {
+            p.ips.iter().filter_map(|ip| m.get(&ip.to_string())).sum()
+        };
+        [
+            ("policy", "in", sum(&self.policy_in)),
+            ("policy", "out", sum(&self.policy_out)),
+            (
+                "guard",
+                "out",
+                self.guard.get(&p.host_ifname).copied().unwrap_or(0),
+            ),
+        ]
+    }
 }
 
 /// The workload interfaces of the node, kept by the reconciler and read at each scrape.
@@ -233,7 +297,7 @@ impl Collector for WorkloadTraffic {
             };
         // Seen from the workload: what its host link sends goes in, what it receives came out.
         type Pick = fn(&LinkStats) -> (u64, u64);
-        let families: [(&str, &str, Pick); 3] = [
+        let families: [(&str, &str, Pick); 2] = [
             (
                 "workload_bytes",
                 "Bytes into and out of each workload interface",
@@ -243,11 +307,6 @@ impl Collector for WorkloadTraffic {
                 "workload_packets",
                 "Packets into and out of each workload interface",
                 |s| (s.tx_packets, s.rx_packets),
-            ),
-            (
-                "workload_drops",
-                "Packets its host link dropped, into and out of each workload interface",
-                |s| (s.tx_dropped, s.rx_dropped),
             ),
         ];
         for (name, help, pick) in families {
@@ -272,6 +331,36 @@ impl Collector for WorkloadTraffic {
                     ];
                     ConstCounter::new(n).encode(metric.encode_family(&labels)?)?;
                 }
+            }
+        }
+        // Drops by reason: the host link's (a full queue, a peer gone), the segmentation
+        // policy's (into the workload and out of it) and the guard's (forged frames out of it).
+        let rules = RuleDrops::read();
+        let mut metric = encoder.encode_descriptor(
+            "workload_drops",
+            "Packets dropped into and out of each workload interface, by reason: link (its host link dropped them), policy (the segmentation policy), guard (anti-spoofing: forged addresses, MACs, ARP, neighbour discovery)",
+            None,
+            ConstCounter::new(0u64).metric_type(),
+        )?;
+        for p in &ports {
+            let link = stats
+                .get(&p.host_ifname)
+                .map(|s| (s.tx_dropped, s.rx_dropped));
+            let mut rows: Vec<(&str, &str, u64)> = Vec::new();
+            if let Some((into, out)) = link {
+                rows.extend([("link", "in", into), ("link", "out", out)]);
+            }
+            rows.extend(rules.of(p));
+            for (reason, direction, n) in rows {
+                let labels: Labels = vec![
+                    ("namespace", p.namespace.clone()),
+                    ("pod", p.pod.clone()),
+                    ("network", p.network.clone()),
+                    ("interface", p.interface.clone()),
+                    ("direction", direction.to_string()),
+                    ("reason", reason.to_string()),
+                ];
+                ConstCounter::new(n).encode(metric.encode_family(&labels)?)?;
             }
         }
         Ok(())

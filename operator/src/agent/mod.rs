@@ -689,6 +689,7 @@ impl Reconciler {
                     pod: e.pod_name.unwrap_or_default(),
                     network: e.network,
                     interface: e.ifname,
+                    ips: e.ips,
                 })
                 .collect();
         }

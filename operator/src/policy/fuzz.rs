@@ -573,6 +573,17 @@ impl NftRule {
                 unreadable(rule, "words after the verdict");
             }
             match w {
+                // `update @set { key counter }`: counts, matches everything.
+                "update" => {
+                    if !words.next().is_some_and(|s| s.starts_with('@'))
+                        || words.next() != Some("{")
+                    {
+                        unreadable(rule, "an update without a set and a key");
+                    }
+                    if !words.by_ref().any(|w| w == "}") {
+                        unreadable(rule, "an unterminated update");
+                    }
+                }
                 "ip" | "ip6" => {
                     let src = match words.next() {
                         Some("saddr") => true,
@@ -740,8 +751,8 @@ impl Nft {
     /// the end of a chain, does; a `drop` does not; a `goto` continues in another chain.
     fn allows(&self, dir: Direction, p: &Packet) -> bool {
         let mut chain = dir.as_str().to_string();
-        // egress → egress_ns → egress_base → egress_default: four chains at most.
-        for _ in 0..4 {
+        // egress → egress_ns → egress_base → egress_default → egress_drop: five chains at most.
+        for _ in 0..5 {
             let rules = self
                 .chains
                 .get(&chain)

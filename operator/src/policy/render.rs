@@ -5,7 +5,8 @@
 //! `deny` (the network's default action is Deny). Chains per direction `D` (`egress`,
 //! `ingress`): `D` (gate on local addresses, then the Admin tier), `D_ns`, `D_base`,
 //! `D_default`. A rule's Accept is `return` (this direction is done; the other one is still
-//! checked), Deny is `drop`, Pass is a `goto` to the next stage. The base chains jump to
+//! checked), Deny is a `goto` to `D_drop` (which counts the drop per local workload address
+//! in the dynamic set `drops_<eg|in><4|6>`, then drops), Pass is a `goto` to the next stage. The base chains jump to
 //! `egress` then `ingress` for every new connection; replies pass by conntrack.
 //!
 //! Only the policies shape the rules; workloads change set elements only.
@@ -64,8 +65,25 @@ pub fn sets(c: &Compiled) -> Vec<Set> {
         for (i, ips) in c.group_ips.iter().enumerate() {
             out.push(set(format!("g{i}_{f}"), v6, elements(ips, v6)));
         }
+        for short in ["eg", "in"] {
+            let mut drops = set(drops_set(short, v6), v6, BTreeSet::new());
+            drops.flags = vec![weft_dataplane::nft::DYNAMIC_FLAG.into()];
+            out.push(drops);
+        }
     }
     out
+}
+
+/// The dynamic set that counts the policy's drops in one direction (`eg`, `in`) and family,
+/// per workload address: `drops_eg4` (keyed by the source), `drops_in6` (by the destination).
+pub fn drops_set(short: &str, v6: bool) -> String {
+    format!("drops_{short}{}", if v6 { "6" } else { "4" })
+}
+
+/// The chain a policy drop in `dir` goes to: it counts the packet under the local workload's
+/// address (the source of egress, the destination of ingress) in [`drops_set`], then drops it.
+pub fn drop_chain(dir: Direction) -> String {
+    format!("{}_drop", dir.as_str())
 }
 
 /// The elements one member's interface adds to [`sets`] (set name, element), given where it
@@ -211,7 +229,7 @@ fn tier(rules: &[Rule], dir: Direction, next: &str) -> Vec<String> {
     let mut out = Vec::new();
     for r in rules {
         let verdict = match r.action {
-            RuleAction::Deny => "drop".to_string(),
+            RuleAction::Deny => format!("goto {}", drop_chain(dir)),
             RuleAction::Pass => format!("goto {next}"),
             _ => "return".to_string(),
         };
@@ -230,6 +248,7 @@ pub fn chains(c: &Compiled) -> Vec<Chain> {
     ] {
         let d = dir.as_str();
         let src = dir == Direction::Egress;
+        let drop = format!("goto {}", drop_chain(dir));
         // Stage 1: only interfaces enforced here; the Admin tier.
         let mut main = vec![
             format!("{} != @local4 return", addr(false, src)),
@@ -243,12 +262,12 @@ pub fn chains(c: &Compiled) -> Vec<Chain> {
             format!("{} != @iso_{short}6 goto {d}_base", addr(true, src)),
         ];
         for r in &rules.ns_deny {
-            ns.extend(rule_lines(r, dir, "drop"));
+            ns.extend(rule_lines(r, dir, &drop));
         }
         for r in &rules.ns_allow {
             ns.extend(rule_lines(r, dir, "return"));
         }
-        ns.push(format!("{} drop", log(&format!("isolated-{short} deny"))));
+        ns.push(format!("{} {drop}", log(&format!("isolated-{short} deny"))));
         out.push(chain(format!("{d}_ns"), ns));
         // Stage 3: Baseline tier.
         out.push(chain(
@@ -260,16 +279,30 @@ pub fn chains(c: &Compiled) -> Vec<Chain> {
             format!("{d}_default"),
             vec![
                 format!(
-                    "{} @deny4 {} drop",
+                    "{} @deny4 {} {drop}",
                     addr(false, src),
                     log(&format!("default-{short} deny"))
                 ),
                 format!(
-                    "{} @deny6 {} drop",
+                    "{} @deny6 {} {drop}",
                     addr(true, src),
                     log(&format!("default-{short} deny"))
                 ),
             ],
+        ));
+        // The drops, counted per local workload address.
+        out.push(chain(
+            drop_chain(dir),
+            [false, true]
+                .into_iter()
+                .map(|v6| {
+                    format!(
+                        "update @{} {{ {} counter }} drop",
+                        drops_set(short, v6),
+                        addr(v6, src)
+                    )
+                })
+                .collect(),
         ));
     }
     out
