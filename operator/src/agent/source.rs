@@ -96,6 +96,19 @@ pub struct ManifestSource {
     watch: Option<Arc<Watch>>,
 }
 
+/// Whether an inotify event changes what the directory holds: a file made, removed, renamed,
+/// written (or closed after writing); not an open, a read or a close without writing.
+fn is_change(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+    match kind {
+        EventKind::Create(_) | EventKind::Remove(_) => true,
+        EventKind::Modify(ModifyKind::Metadata(_)) => false,
+        EventKind::Modify(_) => true,
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) | EventKind::Any | EventKind::Other => false,
+    }
+}
+
 /// The directories' inotify watch: every change in them wakes the agent (which then compares
 /// the files' fingerprint, so its own writes to the peers directory cost a comparison only).
 struct Watch {
@@ -124,6 +137,8 @@ impl ManifestSource {
     /// so a change wakes the agent at once instead of at its next poll; where inotify cannot
     /// (its limits), says so and leaves the source to be polled.
     pub fn watched(mut self) -> Self {
+        // Only what changes a file wakes the agent: its own reads of the files (opens,
+        // accesses, closes without writing) would otherwise wake it to read them again.
         let changed = Arc::new(tokio::sync::Notify::new());
         let wake = Arc::clone(&changed);
         let mut dirs = vec![self.dir.clone()];
@@ -134,7 +149,7 @@ impl ManifestSource {
             dirs.push(peers.clone());
         }
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if event.is_ok() {
+            if event.is_ok_and(|e| is_change(&e.kind)) {
                 wake.notify_one();
             }
         })
@@ -313,6 +328,26 @@ mod tests {
                 .await
                 .unwrap_or_else(|_| panic!("writing {} woke nobody", file.display()));
         }
+        // Reading the files (as the agent does at every wake) wakes nobody: an agent that woke
+        // itself reading would never rest.
+        // (First the wake-ups the writes left: one write is several events.)
+        while tokio::time::timeout(std::time::Duration::from_millis(200), changed.notified())
+            .await
+            .is_ok()
+        {}
+        let woken = changed.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        for file in [manifests.path().join("net.yaml"), peers.join("node-b.json")] {
+            std::fs::read(&file).unwrap();
+        }
+        std::fs::read_dir(manifests.path()).unwrap().for_each(drop);
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(500), woken)
+                .await
+                .is_err(),
+            "reading the files woke the agent"
+        );
         // Unwatched, a source is polled.
         assert!(ManifestSource::new(manifests.path()).changes().is_none());
     }
