@@ -192,7 +192,8 @@ pub struct Expectation {
     #[serde(default)]
     pub at_start: bool,
     /// Workloads (analyzers of a TrafficMirror) that must receive copies of the probe's
-    /// frames, captured in their namespace while it runs.
+    /// frames, captured in their namespace while it runs; `outside`: the outside host as a
+    /// remote collector, which must receive them in VXLAN.
     #[serde(default)]
     pub copied_to: Vec<String>,
     /// Workloads that must receive no copy of the probe's frames.

@@ -576,6 +576,15 @@ impl Lab {
                 .arg(dir.join("audit.jsonl"))
                 .arg("--peers-dir")
                 .arg(self.dir.join("peers"))
+                // A TrafficMirror's remote collector may be on the LAN (the outside host).
+                .arg("--mirror-collectors")
+                .arg(
+                    std::iter::once(self.spec.lan.gateway.trunc())
+                        .chain(self.spec.lan.gateway6.map(|g| g.trunc()))
+                        .map(|n| n.to_string())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                )
                 .env(
                     "WEFT_LOG",
                     std::env::var("WEFT_LOG").unwrap_or_else(|_| "info".into()),
