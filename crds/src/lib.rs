@@ -53,8 +53,8 @@ pub use policy::{
     SegmentationPolicy, SegmentationPolicySpec, Tier,
 };
 pub use portforward::{
-    ForwardPort, ForwardedPort, PortForward, PortForwardSpec, PortForwardStatus, PortForwardTarget,
-    PortRange, Protocol,
+    BruteForceGuard, ForwardPort, ForwardedPort, PortForward, PortForwardSpec, PortForwardStatus,
+    PortForwardTarget, PortRange, Protocol,
 };
 pub use selector::selector_matches;
 pub use validate::FieldError;

@@ -69,6 +69,47 @@ pub struct PortForwardSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
     pub allow_from: Option<Vec<Cidr>>,
+
+    /// A brute-force guard: a source that opens more new connections to one of the node ports
+    /// than `maxNewConnectionsPerMinute` is banned from that port for `banSeconds` (IPv4 and
+    /// IPv6; the node keeps the bans across agent restarts). Absent: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub brute_force: Option<BruteForceGuard>,
+}
+
+/// Most `maxNewConnectionsPerMinute` of a brute-force guard.
+pub const MAX_CONNECTIONS_PER_MINUTE: i32 = 100_000;
+/// Longest ban of a brute-force guard: a week.
+pub const MAX_BAN_SECONDS: i32 = 604_800;
+/// The ban of a brute-force guard without `banSeconds`: ten minutes.
+pub const DEFAULT_BAN_SECONDS: i32 = 600;
+
+/// Per-source limits on new connections to a PortForward's node ports, with a temporary ban.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct BruteForceGuard {
+    /// New connections (TCP, UDP or SCTP flows) one source may open to one node port per
+    /// minute, in bursts of as many (1 to 100000). The next one bans it.
+    #[schemars(range(min = 1, max = 100000))]
+    pub max_new_connections_per_minute: i32,
+    /// How long a source stays banned from the port, in seconds (1 to 604800; default 600).
+    /// Its established connections are not cut.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 604800))]
+    pub ban_seconds: Option<i32>,
+}
+
+impl BruteForceGuard {
+    /// `(per minute, ban seconds)` with the default applied, if the values are in range.
+    pub fn limits(&self) -> Option<(u32, u32)> {
+        let per_minute = u32::try_from(self.max_new_connections_per_minute)
+            .ok()
+            .filter(|n| (1..=MAX_CONNECTIONS_PER_MINUTE as u32).contains(n))?;
+        let ban = u32::try_from(self.ban_seconds.unwrap_or(DEFAULT_BAN_SECONDS))
+            .ok()
+            .filter(|n| (1..=MAX_BAN_SECONDS as u32).contains(n))?;
+        Some((per_minute, ban))
+    }
 }
 
 /// The workload a PortForward forwards to.
@@ -364,6 +405,25 @@ impl PortForwardSpec {
             }
         }
         self.validate_overlaps(&mut errors);
+        if let Some(g) = &self.brute_force {
+            if !(1..=MAX_CONNECTIONS_PER_MINUTE).contains(&g.max_new_connections_per_minute) {
+                errors.push(
+                    "spec.bruteForce.maxNewConnectionsPerMinute",
+                    format!(
+                        "{} is out of range; use 1 to {MAX_CONNECTIONS_PER_MINUTE}",
+                        g.max_new_connections_per_minute
+                    ),
+                );
+            }
+            if let Some(b) = g.ban_seconds
+                && !(1..=MAX_BAN_SECONDS).contains(&b)
+            {
+                errors.push(
+                    "spec.bruteForce.banSeconds",
+                    format!("{b} is out of range; use 1 to {MAX_BAN_SECONDS} (a week)"),
+                );
+            }
+        }
         if let Some(allow) = &self.allow_from {
             if allow.len() > MAX_ALLOW_FROM {
                 errors.push(
@@ -436,6 +496,7 @@ mod tests {
             },
             ports,
             allow_from: None,
+            brute_force: None,
         }
     }
 

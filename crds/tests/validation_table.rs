@@ -104,7 +104,7 @@ fn the_table_has_enough_cases_of_every_kind_with_unique_names() {
         );
         let namespaced = matches!(
             c.object["kind"].as_str(),
-            Some("PortForward" | "SegmentationPolicy")
+            Some("PortForward" | "SegmentationPolicy" | "TrafficMirror")
         );
         assert_eq!(
             c.object["metadata"]["namespace"].as_str() == Some("weft-validation"),

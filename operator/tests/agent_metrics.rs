@@ -128,6 +128,7 @@ fn readyz_turns_ready_after_the_first_successful_reconcile_and_metrics_count_rec
             "weft_agent_networks 1",
             "weft_agent_endpoints 0",
             "# TYPE weft_agent_audit_records counter",
+            "weft_agent_banned_sources 0",
         ] {
             assert!(metrics.contains(want), "missing {want} in\n{metrics}");
         }

@@ -606,6 +606,7 @@ fn port_forward(name: &str, network: &str) -> PortForward {
                 ..ForwardedPort::default()
             }],
             allow_from: None,
+            brute_force: None,
         },
     );
     pf.metadata.namespace = Some("apps".into());

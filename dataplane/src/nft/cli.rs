@@ -112,6 +112,20 @@ impl NftCli {
         Ok(parse_set_counters(&json))
     }
 
+    /// How many elements a set holds now (a dynamic set's: what the kernel added and has not
+    /// expired); 0 when the table or the set does not exist.
+    pub fn set_len(&self, family: Family, table: &str, set: &str) -> Result<usize, NftError> {
+        let Some(json) = self.list(
+            &["-j", "list", "set", family.as_str(), table, set],
+            family,
+            table,
+        )?
+        else {
+            return Ok(0);
+        };
+        Ok(parse_set_len(&json))
+    }
+
     /// Runs a listing command; `Ok(None)` when nft says the table does not exist.
     fn list(&self, args: &[&str], family: Family, name: &str) -> Result<Option<String>, NftError> {
         let out = self.run(args, None)?;
@@ -254,6 +268,22 @@ impl Firewall for NftCli {
     }
 }
 
+/// The number of elements in a `nft -j list set` output.
+pub fn parse_set_len(json: &str) -> usize {
+    serde_json::from_str::<serde_json::Value>(json)
+        .ok()
+        .and_then(|v| {
+            v.get("nftables")?.as_array().map(|items| {
+                items
+                    .iter()
+                    .filter_map(|i| i.pointer("/set/elem").and_then(|e| e.as_array()))
+                    .map(Vec::len)
+                    .sum()
+            })
+        })
+        .unwrap_or(0)
+}
+
 /// The `(key, packets, bytes)` of each element with a counter in a `nft -j list set` output.
 pub fn parse_set_counters(json: &str) -> Vec<(String, u64, u64)> {
     let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
@@ -299,6 +329,8 @@ mod tests {
             ]
         );
         assert!(parse_set_counters("not json").is_empty());
+        assert_eq!(parse_set_len(json), 2);
+        assert_eq!(parse_set_len("not json"), 0);
     }
 
     use super::*;

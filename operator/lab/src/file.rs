@@ -191,6 +191,10 @@ pub struct Expectation {
     /// any other workload starts: the first packets already meet the policy.
     #[serde(default)]
     pub at_start: bool,
+    /// Probe this many times in a row (default 1); the result is the last probe's (a source
+    /// over a PortForward's brute-force limit is banned by then).
+    #[serde(default = "one")]
+    pub repeat: u32,
     /// Workloads (analyzers of a TrafficMirror) that must receive copies of the probe's
     /// frames, captured in their namespace while it runs; `outside`: the outside host as a
     /// remote collector, which must receive them in VXLAN.
@@ -252,6 +256,10 @@ impl Spoof {
         }
         parts.join(", ")
     }
+}
+
+fn one() -> u32 {
+    1
 }
 
 fn default_protocol() -> String {

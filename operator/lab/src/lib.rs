@@ -427,7 +427,7 @@ fn check_expectations(
     for (i, e) in lab.spec.expect.iter().enumerate() {
         let fam = if e.family == Family::Ipv6 { "v6" } else { "v4" };
         let label = format!(
-            "{} -> {} {} {}{}{}",
+            "{} -> {} {} {}{}{}{}",
             e.from,
             e.to,
             if e.is_icmp() {
@@ -437,6 +437,11 @@ fn check_expectations(
             },
             fam,
             if e.at_start { " at start" } else { "" },
+            if e.repeat > 1 {
+                format!(" (attempt {} in a row)", e.repeat)
+            } else {
+                String::new()
+            },
             e.spoof
                 .as_ref()
                 .map(|s| format!(" {}", s.describe()))
@@ -477,6 +482,10 @@ fn check_expectations(
                 .cloned()
                 .unwrap_or_else(|| ProbeResult::Error("never probed at start".into()))
         } else {
+            // Repeated probes: the earlier ones only count against a brute-force guard.
+            for _ in 1..e.repeat {
+                probe_for(lab, e, target)?;
+            }
             probe_for(lab, e, target)?
         };
         let copies: Vec<(String, usize)> = captures

@@ -172,6 +172,9 @@ pub fn record(
                 "default" => {
                     "no policy decides; the Network's security.defaultAction is Deny".into()
                 }
+                "bruteforce" => {
+                    "more new connections to the port than its PortForward's spec.bruteForce allows: the source is banned from it for spec.bruteForce.banSeconds".into()
+                }
                 other => other.to_string(),
             });
         }

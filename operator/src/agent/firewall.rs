@@ -54,6 +54,73 @@ pub struct Forward {
     pub target_port: Option<u16>,
     /// The PortForward it comes from (`namespace/name`).
     pub owner: String,
+    /// Its brute-force guard: new connections a source may open to one node port per minute,
+    /// and how long (seconds) a source above that is banned from the port.
+    pub guard: Option<(u32, u32)>,
+}
+
+/// The dynamic sets of banned sources, `address . protocol . node port` with a timeout each
+/// (IPv4, IPv6): filled by the kernel when a source exceeds a forward's brute-force guard, and
+/// kept across agent restarts (the table is not replaced while its structure holds).
+pub const BAN_SETS: [&str; 2] = ["bans4", "bans6"];
+
+/// The log prefix of a ban (an audit record with verdict `ban`).
+pub const BAN_LOG_PREFIX: &str = "weft bruteforce ban ";
+
+/// The brute-force guards' sets and rules: one class per distinct `(per minute, ban)`, with
+/// its ports (`bfp<i>`: protocol . node ports) and its rate meters (`bfm<i>_4`, `bfm<i>_6`,
+/// dynamic, an element per source and port that expires after a minute without connections).
+fn brute_force(forwards: &[Forward], log: &str) -> (Vec<Set>, Vec<String>) {
+    let mut classes: BTreeMap<(u32, u32), BTreeSet<String>> = BTreeMap::new();
+    for f in forwards {
+        if let Some(g) = f.guard {
+            classes.entry(g).or_default().insert(format!(
+                "{} . {}",
+                f.protocol,
+                port_text(f.node_ports)
+            ));
+        }
+    }
+    let dynamic = |name: String, key: &str| Set {
+        name,
+        key_type: key.into(),
+        flags: vec![nft::DYNAMIC_FLAG.into(), "timeout".into()],
+        elements: BTreeSet::new(),
+    };
+    let mut sets = vec![
+        dynamic(BAN_SETS[0].into(), "ipv4_addr . inet_proto . inet_service"),
+        dynamic(BAN_SETS[1].into(), "ipv6_addr . inet_proto . inet_service"),
+    ];
+    let l4 = "meta l4proto { tcp, udp, sctp } fib daddr type local";
+    // A banned source's new connections to the port go nowhere.
+    let mut rules = vec![
+        format!(
+            "{l4} ip saddr . meta l4proto . th dport @{} drop",
+            BAN_SETS[0]
+        ),
+        format!(
+            "{l4} ip6 saddr . meta l4proto . th dport @{} drop",
+            BAN_SETS[1]
+        ),
+    ];
+    for (i, ((per_minute, ban), ports)) in classes.into_iter().enumerate() {
+        sets.push(set(
+            &format!("bfp{i}"),
+            "inet_proto . inet_service",
+            true,
+            ports,
+        ));
+        for (v, ip, key) in [
+            ("4", "ip", "ipv4_addr . inet_proto . inet_service"),
+            ("6", "ip6", "ipv6_addr . inet_proto . inet_service"),
+        ] {
+            sets.push(dynamic(format!("bfm{i}_{v}"), key));
+            rules.push(format!(
+                "{l4} meta l4proto . th dport @bfp{i} update @bfm{i}_{v} {{ {ip} saddr . meta l4proto . th dport timeout 60s limit rate over {per_minute}/minute burst {per_minute} packets }} add @bans{v} {{ {ip} saddr . meta l4proto . th dport timeout {ban}s }} {log} drop"
+            ));
+        }
+    }
+    (sets, rules)
 }
 
 /// One host port of a workload (a pod's `hostPort`, the runtime's `portMappings`), for one of
@@ -252,6 +319,13 @@ pub fn table(
         }
     }
     let [fwd4, fwd6, fwdr4, fwdr6] = fwd;
+    let (guard_sets, guard_rules) = brute_force(
+        forwards,
+        &format!(
+            "log prefix \"{BAN_LOG_PREFIX}\" group {}",
+            crate::policy::render::LOG_GROUP
+        ),
+    );
     let [hport4, hport6] = host_port_elements(host_ports);
     let l4 = "meta l4proto { tcp, udp, sctp }";
     let dnat_rules = |local4: &str, local6: &str| -> Vec<String> {
@@ -287,6 +361,7 @@ pub fn table(
         ]
         .into_iter()
         .chain(crate::policy::render::sets(policy))
+        .chain(guard_sets)
         .collect(),
         maps: vec![
             map(
@@ -332,7 +407,12 @@ pub fn table(
                 "nat",
                 "prerouting",
                 "dstnat",
-                dnat_rules("fib daddr type local", "fib daddr type local"),
+                // The brute-force guards first: a nat chain sees each connection's first
+                // packet only, which is what they count.
+                guard_rules
+                    .into_iter()
+                    .chain(dnat_rules("fib daddr type local", "fib daddr type local"))
+                    .collect(),
             ),
             // Node-local clients reaching a forward on one of the node's own addresses
             // (loopback excluded: DNAT from 127.0.0.0/8 would need route_localnet).
@@ -568,6 +648,92 @@ mod tests {
     }
 
     #[test]
+    fn brute_force_guards_share_a_class_per_limit_and_ban_sources_per_port() {
+        let fwd = |port: u16, guard: Option<(u32, u32)>| Forward {
+            source: "0.0.0.0/0".parse().unwrap(),
+            protocol: "tcp",
+            node_ports: (port, port),
+            target: "10.0.0.2".parse().unwrap(),
+            target_port: Some(22),
+            owner: "x".into(),
+            guard,
+        };
+        let policy = crate::policy::Compiled::default();
+        let plain = table(&[], &[fwd(2222, None)], &[], &policy);
+        let set_names = |t: &Table| -> Vec<String> {
+            t.sets
+                .iter()
+                .filter(|s| s.name.starts_with("b"))
+                .map(|s| s.name.clone())
+                .collect()
+        };
+        assert_eq!(set_names(&plain), ["bridges", "bans4", "bans6"]);
+        let guarded = table(
+            &[],
+            &[
+                fwd(2222, Some((10, 600))),
+                fwd(2223, Some((10, 600))),
+                fwd(3389, Some((5, 3600))),
+            ],
+            &[],
+            &policy,
+        );
+        assert_eq!(
+            set_names(&guarded),
+            [
+                "bridges", "bans4", "bans6", "bfp0", "bfm0_4", "bfm0_6", "bfp1", "bfm1_4", "bfm1_6"
+            ]
+        );
+        let ports = |name: &str| {
+            guarded
+                .sets
+                .iter()
+                .find(|s| s.name == name)
+                .unwrap()
+                .elements
+                .clone()
+        };
+        assert_eq!(
+            ports("bfp0").into_iter().collect::<Vec<_>>(),
+            ["tcp . 3389"]
+        );
+        assert_eq!(
+            ports("bfp1").into_iter().collect::<Vec<_>>(),
+            ["tcp . 2222", "tcp . 2223"]
+        );
+        let bans = guarded.sets.iter().find(|s| s.name == "bans4").unwrap();
+        assert!(bans.flags.contains(&nft::DYNAMIC_FLAG.to_string()));
+        let pre = &guarded.chains[0].rules;
+        assert!(
+            pre[0].ends_with("ip saddr . meta l4proto . th dport @bans4 drop"),
+            "{pre:?}"
+        );
+        assert!(
+            pre.iter().any(|r| r.contains("@bfp1 update @bfm1_6 { ip6 saddr . meta l4proto . th dport timeout 60s limit rate over 10/minute burst 10 packets } add @bans6 { ip6 saddr . meta l4proto . th dport timeout 600s }")),
+            "{pre:?}"
+        );
+        // The guards come before the forwards' DNAT.
+        let first_dnat = pre.iter().position(|r| r.contains("dnat")).unwrap();
+        assert!(pre.iter().rposition(|r| r.contains("@bans")).unwrap() < first_dnat);
+        // A forward added to an existing class changes elements only.
+        let more = table(
+            &[],
+            &[
+                fwd(2222, Some((10, 600))),
+                fwd(2223, Some((10, 600))),
+                fwd(2224, Some((10, 600))),
+                fwd(3389, Some((5, 3600))),
+            ],
+            &[],
+            &policy,
+        );
+        assert_eq!(
+            weft_dataplane::nft::structure_hash(&guarded),
+            weft_dataplane::nft::structure_hash(&more)
+        );
+    }
+
+    #[test]
     fn overlap_needs_same_protocol_family_ports_and_sources() {
         let f = |src: &str, proto, a, b, target: &str| Forward {
             source: src.parse().unwrap(),
@@ -576,6 +742,7 @@ mod tests {
             target: target.parse().unwrap(),
             target_port: None,
             owner: "x".into(),
+            guard: None,
         };
         let base = f("0.0.0.0/0", "tcp", 8000, 8010, "10.0.0.2");
         assert!(base.overlaps(&f("10.0.0.0/8", "tcp", 8010, 8010, "10.0.0.3")));

@@ -15,6 +15,7 @@
 //!   counters at each scrape;
 //! - `cni_operations_total{command,result}` and `cni_duration_seconds{command}`: CNI ADD and
 //!   DEL as the `weft` binary reports them over the agent's socket when it finishes;
+//! - `banned_sources`: sources PortForwards' brute-force guards have banned on the node now;
 //! - `workload_bytes_total`, `workload_packets_total` and `workload_drops_total`
 //!   `{namespace,pod,network,interface,direction}`: each workload interface's traffic, `in` to
 //!   the workload and `out` of it, read from its host link's counters at each scrape; the
@@ -133,6 +134,7 @@ impl AgentMetrics {
         );
         r.register_collector(Box::new(AuditRecords(audit)));
         r.register_collector(Box::new(Conntrack(conntrack_dir.to_path_buf())));
+        r.register_collector(Box::new(Bans));
         m
     }
 
@@ -364,6 +366,38 @@ impl Collector for WorkloadTraffic {
             }
         }
         Ok(())
+    }
+}
+
+/// `banned_sources`: the sources PortForwards' brute-force guards have banned on the node now
+/// (one per source and port; the audit records name them), read at each scrape.
+#[derive(Debug)]
+struct Bans;
+
+impl Collector for Bans {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use weft_dataplane::nft::{Family, NftCli};
+        let nft = NftCli::default();
+        let mut n = 0usize;
+        for set in super::firewall::BAN_SETS {
+            match nft.set_len(Family::Inet, weft_dataplane::names::NFT_TABLE, set) {
+                Ok(k) => n += k,
+                Err(e) => {
+                    tracing::debug!(error = %e, set, "cannot read the bans");
+                    return Ok(());
+                }
+            }
+        }
+        let gauge = prometheus_client::metrics::gauge::ConstGauge::new(
+            i64::try_from(n).unwrap_or(i64::MAX),
+        );
+        let metric = encoder.encode_descriptor(
+            "banned_sources",
+            "Sources banned from a PortForward's node port by its brute-force guard now, per source and port",
+            None,
+            gauge.metric_type(),
+        )?;
+        gauge.encode(metric)
     }
 }
 

@@ -1101,6 +1101,7 @@ fn plan_forwards(
                             None
                         },
                         owner: object.clone(),
+                        guard: pf.spec.brute_force.and_then(|g| g.limits()),
                     };
                     if let Some(clash) = out.iter().find(|o| o.overlaps(&fwd)) {
                         problems.push(problem(format!(

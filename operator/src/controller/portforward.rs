@@ -199,6 +199,7 @@ mod tests {
                     ..ForwardedPort::default()
                 }],
                 allow_from: None,
+                brute_force: None,
             },
         );
         pf.metadata.namespace = Some("default".into());

@@ -516,6 +516,7 @@ mod tests {
                     .collect(),
                 allow_from: (!allow.is_empty())
                     .then(|| allow.iter().map(|c| Cidr::from(*c)).collect()),
+                brute_force: None,
             },
         );
         p.metadata.namespace = Some(ns.into());
