@@ -470,8 +470,21 @@ fn check_expectations(
         let mut copy_lines: Vec<String> = Vec::new();
         for analyzer in e.copied_to.iter().chain(&e.not_copied_to) {
             let ns = lab.ns_of(analyzer)?;
-            let capture =
-                weft_dataplane::netns::run_in(&ns, || weft_dataplane::frame::Capture::open(0))??;
+            // A workload: every interface of its namespace; the outside host: its own, the
+            // LAN's bridge (not also the bridge's ports, which carry the same frames).
+            let outside = analyzer == "outside";
+            let capture = weft_dataplane::netns::run_in(&ns, || {
+                let ifindex = if outside {
+                    weft_dataplane::netlink::Netlink::new()
+                        .and_then(|mut nl| nl.link_by_name("lan0"))
+                        .ok()
+                        .flatten()
+                        .map_or(0, |l| l.index)
+                } else {
+                    0
+                };
+                weft_dataplane::frame::Capture::open(ifindex)
+            })??;
             captures.push((analyzer.clone(), capture));
         }
         let got = if let Some(sp) = &e.spoof {
