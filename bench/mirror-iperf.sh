@@ -53,15 +53,13 @@ resume_agents() {
     p=$(agent_pid "$n"); [ -n "$p" ] && kill -CONT "$p" 2>/dev/null || true
   done
 }
+# shellcheck source=lib/labs.sh
+source "$HERE/lib/labs.sh"
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
   resume_agents
-  for p in "$TMP"/*.pid; do
-    [ -s "$p" ] && kill "$(cat "$p")" 2>/dev/null || true
-  done
-  for f in "${LABS[@]}"; do "$BIN/weft-lab" down "$f" --name "$(basename "$f" .yaml)" >/dev/null 2>&1 || true; done
-  rm -rf "$TMP"
+  labs_down
   exit "$rc"
 }
 trap cleanup EXIT

@@ -33,14 +33,12 @@ done
 POLICIES="$(cd "$(dirname "${1:-$HERE/confs/policies.yaml}")" && pwd)/$(basename "${1:-$HERE/confs/policies.yaml}")"
 TMP="$(mktemp -d /tmp/weft-piperf.XXXXXX)"
 LABS=()
+# shellcheck source=lib/labs.sh
+source "$HERE/lib/labs.sh"
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
-  for p in "$TMP"/*.pid; do
-    [ -s "$p" ] && kill "$(cat "$p")" 2>/dev/null || true
-  done
-  for f in "${LABS[@]}"; do "$BIN/weft-lab" down "$f" --name "$(basename "$f" .yaml)" >/dev/null 2>&1 || true; done
-  rm -rf "$TMP"
+  labs_down
   exit "$rc"
 }
 trap cleanup EXIT
