@@ -195,24 +195,26 @@ pub fn plan(res: &Resources, endpoints: &[Endpoint], collectors: &[IpNet]) -> Mi
             out.mirrors.insert(key, planned);
             continue;
         };
+        // One program per direction, whatever the number of sources.
         let filter = filter_of(m);
-        let sides: Vec<Side> = [
+        let copies: Vec<PortRule> = [
             (m.spec.direction.egress(), Side::FromWorkload),
             (m.spec.direction.ingress(), Side::ToWorkload),
         ]
         .into_iter()
-        .filter_map(|(on, side)| on.then_some(side))
+        .filter(|(on, _)| *on)
+        .map(|(_, side)| PortRule {
+            mirror: key.clone(),
+            side,
+            program: program(&filter, side),
+            to: to.clone(),
+        })
         .collect();
         for s in &sources {
-            let rules = out.ports.entry(s.host_ifname.clone()).or_default();
-            for side in &sides {
-                rules.push(PortRule {
-                    mirror: key.clone(),
-                    side: *side,
-                    program: program(&filter, *side),
-                    to: to.clone(),
-                });
-            }
+            out.ports
+                .entry(s.host_ifname.clone())
+                .or_default()
+                .extend(copies.iter().cloned());
         }
         planned.sources = sources.len();
         out.mirrors.insert(key, planned);
