@@ -419,13 +419,6 @@ impl Capture {
     }
 }
 
-/// The frames that arrive on interface `ifindex` of the calling thread's namespace (incoming
-/// only: not the ones it sends) during `window`, at most `max` of them. To be sure to see
-/// frames that traffic started afterwards causes, open a [`Capture`] first.
-pub fn capture(ifindex: u32, window: Duration, max: usize) -> std::io::Result<Vec<Vec<u8>>> {
-    Capture::open(ifindex)?.collect(window, max)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
