@@ -3,13 +3,12 @@
 //! and says whether the spec passes the CRD's rules (for objects that reached the API some
 //! other way).
 
+use super::policy::{finish, spec_errors, write};
 use super::status::{self, READY, VALID};
-use super::{Context, Error, FIELD_MANAGER, name_of};
+use super::{Context, Error, name_of};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
-use serde_json::json;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Instant;
@@ -160,21 +159,12 @@ pub fn desired_status(
 /// Reconciles one TrafficMirror.
 pub async fn reconcile(m: Arc<TrafficMirror>, ctx: Arc<Context>) -> Result<Action, Error> {
     let start = Instant::now();
-    let key = super::object_key(m.as_ref());
-    let result: Result<Action, Error> = async {
+    let result = async {
         let name = name_of(m.as_ref())?;
         if m.meta().deletion_timestamp.is_some() || !ctx.is_leader() {
             return Ok(Action::await_change());
         }
         let namespace = m.namespace().unwrap_or_default();
-        let spec_errors: Vec<String> = m
-            .spec
-            .validate()
-            .err()
-            .unwrap_or_default()
-            .iter()
-            .map(ToString::to_string)
-            .collect();
         let report = mirroring(
             &format!("{namespace}/{name}"),
             &ctx.stores.node_networks.state(),
@@ -185,39 +175,29 @@ pub async fn reconcile(m: Arc<TrafficMirror>, ctx: Arc<Context>) -> Result<Actio
                 .as_ref()
                 .map(|s| s.conditions.as_slice())
                 .unwrap_or_default(),
-            &spec_errors,
+            &spec_errors(m.spec.validate()),
             &report,
             jiff::Timestamp::now(),
         );
         if m.status.as_ref() != Some(&new) {
-            let body = json!({
-                "apiVersion": weft_crds::constants::API_VERSION,
-                "kind": TRAFFIC_MIRROR_KIND,
-                "status": new,
-            });
-            Api::<TrafficMirror>::namespaced(ctx.client.clone(), &namespace)
-                .patch_status(
-                    &name,
-                    &PatchParams::apply(FIELD_MANAGER).force(),
-                    &Patch::Apply(&body),
-                )
-                .await
-                .map_err(|source| Error::Api {
-                    action: "apply status of",
-                    kind: TRAFFIC_MIRROR_KIND,
-                    name: name.clone(),
-                    source,
-                })?;
+            write(
+                Api::<TrafficMirror>::namespaced(ctx.client.clone(), &namespace),
+                &name,
+                TRAFFIC_MIRROR_KIND,
+                &new,
+            )
+            .await?;
         }
         Ok(Action::await_change())
     }
     .await;
-    ctx.metrics.reconciled(TRAFFIC_MIRROR_KIND, start.elapsed());
-    match &result {
-        Ok(_) => ctx.succeeded(&key),
-        Err(e) => ctx.metrics.failed(TRAFFIC_MIRROR_KIND, e.reason()),
-    }
-    result
+    finish(
+        &ctx,
+        TRAFFIC_MIRROR_KIND,
+        &super::object_key(m.as_ref()),
+        start,
+        result,
+    )
 }
 
 #[cfg(test)]

@@ -134,7 +134,8 @@ pub fn desired_status(
     }
 }
 
-fn spec_errors(result: Result<(), Vec<weft_crds::FieldError>>) -> Vec<String> {
+/// The problems of a spec, as `validate()` names them.
+pub(super) fn spec_errors(result: Result<(), Vec<weft_crds::FieldError>>) -> Vec<String> {
     result
         .err()
         .unwrap_or_default()
@@ -143,12 +144,12 @@ fn spec_errors(result: Result<(), Vec<weft_crds::FieldError>>) -> Vec<String> {
         .collect()
 }
 
-/// Writes the status of one policy (server-side apply of the status subresource).
-async fn write<K>(
+/// Writes the status of one object of `kind` (server-side apply of the status subresource).
+pub(super) async fn write<K>(
     api: Api<K>,
     name: &str,
     kind: &'static str,
-    status: &PolicyStatus,
+    status: &impl serde::Serialize,
 ) -> Result<(), Error>
 where
     K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
@@ -250,7 +251,8 @@ pub async fn reconcile_namespaced(
     reconcile(policy, &ctx).await
 }
 
-fn finish(
+/// Records a reconcile of `kind`: its duration, and its success or its error's reason.
+pub(super) fn finish(
     ctx: &Context,
     kind: &'static str,
     key: &str,
