@@ -161,11 +161,7 @@ for n in "${MIRRORED[@]}"; do
   [ "$i" -ge 1 ] && [ "$e" -ge 1 ] || die "$n: the server's host port has $i ingress and $e egress mirror filters after 10 s (agent log: /run/weft-lab/$n/node-a/agent.log)"
 done
 
-for n in "${NAMES[@]}"; do
-  ip netns exec "wl-$n-w-server" iperf3 -s -D -I "$TMP/$n.pid" >/dev/null
-done
-sleep 0.5
-SERVER_IP=$(ip -n "wl-mnone-w-server" -4 -o addr show dev eth0 | awk '{print $4}' | cut -d/ -f1)
+iperf_servers
 
 # A short run in each mirrored lab: its filters must count copies, and the copies must arrive
 # on the analyzer's eth0. tc counts a GSO frame's segments as packets, the veth counts frames:
@@ -175,7 +171,7 @@ for n in "${MIRRORED[@]}"; do
   read -r _ _ p0 b0 to <<<"$(copies "$n")"
   [ "$to" = "$(hostport "$n" ids)" ] || die "$n: the mirror copies to $to, not to the analyzer's host port $(hostport "$n" ids)"
   a0=$(rxb "wl-$n-w-ids" eth0)
-  ip netns exec "wl-$n-w-client" iperf3 -c "$SERVER_IP" -t 1 --connect-timeout 3000 >/dev/null 2>&1 || die "$n: iperf3 check run failed"
+  ip netns exec "wl-$n-w-client" iperf3 -c "$(server_ip "$n")" -t 1 --connect-timeout 3000 >/dev/null 2>&1 || die "$n: iperf3 check run failed"
   read -r _ _ p1 b1 _ <<<"$(copies "$n")"
   a1=$(rxb "wl-$n-w-ids" eth0)
   [ $((p1 - p0)) -ge 1000 ] || die "$n: the mirror copied $((p1 - p0)) packets of a 1 s iperf3 run"
@@ -201,35 +197,15 @@ for n in "${NAMES[@]}"; do
   A0[$n]=$(rxb "wl-$n-w-ids" eth0); P0[$n]=$(portb "$n")
 done
 
-once() { # lab [iperf3 args] -> Gbit/s received (one retry)
-  local l="$1" try v; shift
-  for try in 1 2; do
-    timeout $((T + 20)) ip netns exec "wl-$l-w-client" iperf3 -c "$SERVER_IP" -t "$T" --connect-timeout 3000 -J "$@" > "$TMP/ip.json" 2>&1 || true
-    if v=$(python3 -c 'import json,sys; print("%.2f" % (json.load(open(sys.argv[1]))["end"]["sum_received"]["bits_per_second"]/1e9))' "$TMP/ip.json" 2>/dev/null); then
-      echo "$v"; return
-    fi
-    echo "iperf3 $l $* (try $try) failed: $(grep -m1 '"error"' "$TMP/ip.json" || head -c 200 "$TMP/ip.json")" >&2
-    sleep 1
-  done
-}
-
 if [ -n "$PAUSE" ]; then
   for n in "${NAMES[@]}"; do p=$(agent_pid "$n"); [ -n "$p" ] && kill -STOP "$p"; done
 fi
 declare -A V U
-for r in $(seq 1 "$REPS"); do
-  for i in $(seq 0 $((${#NAMES[@]} - 1))); do
-    n="${NAMES[$(( (i + r - 1) % ${#NAMES[@]} ))]}"
-    V[$n]+=" $(once "$n")"
-    [ -n "$UDP" ] && U[$n]+=" $(once "$n" -u -b 0 -l 1400)"
-  done
-done
+iperf_reps
 LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
 [ -n "$PAUSE" ] && resume_agents
 
 # What the mirrors copied during the runs; none at all fails the benchmark.
-med() { python3 -c 'import statistics,sys; v=[float(x) for x in sys.argv[1:]]; print("%.2f" % statistics.median(v) if v else 0)' "$@"; }
-pct() { python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print('%.1f' % (a/b*100) if b else 'n/a')" "$1" "$2"; }
 declare -A CP
 for n in "${NAMES[@]}"; do
   read -r _ _ c1 b1 _ <<<"$(copies "$n")"

@@ -97,34 +97,10 @@ if [ "$PEERS" -gt 0 ]; then
   [ "$ELEMS" -ge "$PEERS" ] || { echo "node-a's inet weft holds $ELEMS of the $PEERS peer addresses after 60 s" >&2; exit 1; }
 fi
 
-for n in "${NAMES[@]}"; do
-  ip netns exec "wl-$n-w-server" iperf3 -s -D -I "$TMP/$n.pid" >/dev/null
-done
-sleep 0.5
-
-once() { # lab [iperf3 args] -> Gbit/s received (one retry)
-  local l="$1" ip try v; shift
-  ip=$(ip -n "wl-$l-w-server" -4 -o addr show dev eth0 | awk '{print $4}' | cut -d/ -f1)
-  for try in 1 2; do
-    timeout $((T + 20)) ip netns exec "wl-$l-w-client" iperf3 -c "$ip" -t "$T" --connect-timeout 3000 -J "$@" > "$TMP/ip.json" 2>&1 || true
-    if v=$(python3 -c 'import json,sys; print("%.2f" % (json.load(open(sys.argv[1]))["end"]["sum_received"]["bits_per_second"]/1e9))' "$TMP/ip.json" 2>/dev/null); then
-      echo "$v"; return
-    fi
-    echo "iperf3 $l $* (try $try) failed: $(grep -m1 '"error"' "$TMP/ip.json" || head -c 200 "$TMP/ip.json")" >&2
-    sleep 1
-  done
-}
+iperf_servers
 
 declare -A V U
-for r in $(seq 1 "$REPS"); do
-  for i in $(seq 0 $((${#NAMES[@]} - 1))); do
-    n="${NAMES[$(( (i + r - 1) % ${#NAMES[@]} ))]}"
-    V[$n]+=" $(once "$n")"
-    [ -n "$UDP" ] && U[$n]+=" $(once "$n" -u -b 0 -l 1400)"
-  done
-done
-med() { python3 -c 'import statistics,sys; v=[float(x) for x in sys.argv[1:]]; print("%.2f" % statistics.median(v) if v else 0)' "$@"; }
-pct() { python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print('%.1f' % (a/b*100) if b else 'n/a')" "$1" "$2"; }
+iperf_reps
 # shellcheck disable=SC2086
 NONE=$(med ${V[pnone]}); POL=$(med ${V[ppol]})
 RULES=$(ip netns exec "wl-ppol-n-node-a" nft list table inet weft | grep -cE '^\s+(ip|ip6|meta|tcp|udp|iifname|oifname|ct|jump|goto|log|icmp)')
