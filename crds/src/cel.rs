@@ -322,6 +322,14 @@ pub const PORT_FORWARD_TARGET_EXACTLY_ONE: CelRule = CelRule {
     field_path: None,
 };
 
+/// A bandwidth limit (`spec.limits.ingressBandwidth`, `egressBandwidth`): 1k to 1P bits per
+/// second. The schema's pattern already refuses what is not a decimal quantity.
+pub const BANDWIDTH_RANGE: CelRule = CelRule {
+    rule: "!isQuantity(self) || (quantity(self).compareTo(quantity('1k')) >= 0 && quantity(self).compareTo(quantity('1P')) <= 0)",
+    message: "a bandwidth limit is 1k to 1P bits per second, as a Kubernetes quantity such as 10M or 1G",
+    field_path: None,
+};
+
 /// `spec.ports`: names are unique.
 pub const PORT_FORWARD_PORT_NAMES_UNIQUE: CelRule = CelRule {
     rule: "self.all(p, !has(p.name) || self.exists_one(q, has(q.name) && q.name == p.name))",
@@ -816,6 +824,16 @@ pub const ATTACHED: &[(&str, &str, &CelRule)] = &[
         "segmentationpolicies.weft.dev",
         "spec.egress[].protocols[].portRange",
         &PORT_RANGE_ORDERED,
+    ),
+    (
+        "networks.weft.dev",
+        "spec.limits.ingressBandwidth",
+        &BANDWIDTH_RANGE,
+    ),
+    (
+        "networks.weft.dev",
+        "spec.limits.egressBandwidth",
+        &BANDWIDTH_RANGE,
     ),
     (
         "trafficmirrors.weft.dev",

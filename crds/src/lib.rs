@@ -24,6 +24,7 @@
 pub mod cel;
 pub mod cidr;
 pub mod constants;
+pub mod limits;
 pub mod mirror;
 pub mod network;
 pub mod nodenetwork;
@@ -34,6 +35,7 @@ pub mod validate;
 
 pub use cidr::{AddressError, Cidr, IpAddress, IpOrCidr};
 pub use constants::{GROUP, VERSION};
+pub use limits::{ConnectionLimits, Limits, WorkloadLimits};
 pub use mirror::{
     MirrorAnalyzer, MirrorDestination, MirrorDirection, MirrorFilter, MirrorPort, MirrorProtocol,
     MirrorRemote, MirrorSources, TRAFFIC_MIRROR_KIND, TrafficMirror, TrafficMirrorSpec,

@@ -4,6 +4,7 @@
 use crate::cel;
 use crate::cidr::{Cidr, IpAddress, IpOrCidr, parse_cidr, parse_ip, parse_ip_or_cidr};
 use crate::constants::{DEFAULT_MTU, DEFAULT_NODE_BLOCK_PREFIX_V4, DEFAULT_NODE_BLOCK_PREFIX_V6};
+use crate::limits::WorkloadLimits;
 use crate::validate::{Errors, FieldError, IFNAME_PATTERN, check_selector, matches_ifname_pattern};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
@@ -136,6 +137,14 @@ pub struct NetworkSpec {
     /// Microsegmentation defaults of the network's workloads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub security: Option<SecuritySpec>,
+
+    /// Limits on each workload interface: bandwidth each way, new connections per second,
+    /// concurrent connections and connection-tracking entries. A pod's annotations
+    /// (`kubernetes.io/ingress-bandwidth`, `kubernetes.io/egress-bandwidth`,
+    /// `weft.dev/new-connections-per-second`, `weft.dev/max-connections`,
+    /// `weft.dev/conntrack-entries`) may set lower values, never higher ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<WorkloadLimits>,
 }
 
 /// How workloads of a network reach the outside.
@@ -564,6 +573,9 @@ impl NetworkSpec {
         }
         if let Some(bridge) = &self.bridge {
             bridge.validate(&mut errors);
+        }
+        if let Some(limits) = &self.limits {
+            limits.validate("spec.limits", &mut errors);
         }
         errors.finish()
     }
