@@ -105,6 +105,7 @@ fn ask_of(conf: &Conf, env: &Env) -> Result<Ask, CniError> {
         static_mac: conf.static_mac.map(names::format_mac),
         vlan_trunk: conf.vlan_trunk.clone(),
         port_mappings: conf.port_mappings.clone(),
+        bandwidth: conf.bandwidth,
     })
 }
 

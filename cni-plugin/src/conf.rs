@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use weft_dataplane::names;
-use weft_dataplane::proto::PortMapping;
+use weft_dataplane::proto::{Bandwidth, PortMapping, Rate};
 use weft_dataplane::vlan::VlanRange;
 
 /// The CNI spec versions this plugin accepts and can answer in.
@@ -130,6 +130,20 @@ struct RuntimeConfig {
     /// Host ports (the `portMappings` capability; read from `runtimeConfig` only).
     #[serde(default, rename = "portMappings")]
     port_mappings: Vec<RawPortMapping>,
+    /// Bandwidth (the `bandwidth` capability; read from `runtimeConfig` only).
+    #[serde(default)]
+    bandwidth: Option<RawBandwidth>,
+}
+
+/// `runtimeConfig.bandwidth` as kubelet's runtimes send it: rates in bits per second, bursts in
+/// bits (`{"ingressRate": 10000000, "ingressBurst": 4294967295, ...}`).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawBandwidth {
+    ingress_rate: Option<i128>,
+    ingress_burst: Option<i128>,
+    egress_rate: Option<i128>,
+    egress_burst: Option<i128>,
 }
 
 /// One `runtimeConfig.portMappings` entry as kubelet and podman send it:
@@ -262,6 +276,8 @@ pub struct Conf {
     pub vlan_trunk: Vec<VlanRange>,
     /// `runtimeConfig.portMappings`: the workload's host ports (on `CNI_IFNAME`).
     pub port_mappings: Vec<PortMapping>,
+    /// `runtimeConfig.bandwidth`: the workload's bandwidth limits (on `CNI_IFNAME`).
+    pub bandwidth: Option<weft_dataplane::proto::Bandwidth>,
 }
 
 /// Where weft keeps its node state, where the agent listens and where the plugin logs: the
@@ -586,6 +602,13 @@ pub fn parse_conf(stdin: &[u8], env: &Env) -> Result<Conf, CniError> {
         .map(|rc| parse_port_mappings(&rc.port_mappings))
         .transpose()?
         .unwrap_or_default();
+    let bandwidth = raw
+        .runtime_config
+        .as_ref()
+        .and_then(|rc| rc.bandwidth.as_ref())
+        .map(parse_bandwidth)
+        .transpose()?
+        .flatten();
     // The node's locations; the configuration may only repeat them (conflists written by older
     // agents do).
     for (field, given, node, what) in [
@@ -646,7 +669,57 @@ pub fn parse_conf(stdin: &[u8], env: &Env) -> Result<Conf, CniError> {
         vm,
         vlan_trunk,
         port_mappings,
+        bandwidth,
     })
+}
+
+/// `runtimeConfig.bandwidth`, checked: each rate 1000 to 10^15 bits per second (0 or absent:
+/// no limit that way), a burst only with its rate, at most 4 GiB (the kernel counts it in 32
+/// bits of bytes); a rate without a burst gets the agent's default burst. `None` when nothing
+/// is limited.
+fn parse_bandwidth(raw: &RawBandwidth) -> Result<Option<Bandwidth>, CniError> {
+    const MAX_BURST_BITS: i128 = (u32::MAX as i128) * 8;
+    let side = |dir: &str,
+                rate: Option<i128>,
+                burst: Option<i128>|
+     -> Result<Option<Rate>, CniError> {
+        let field = |name: &str| format!("runtimeConfig.bandwidth.{dir}{name}");
+        let (rate, burst) = (rate.unwrap_or(0), burst.unwrap_or(0));
+        if rate == 0 {
+            if burst != 0 {
+                return Err(invalid(
+                    &field("Burst"),
+                    format!("{burst} without {dir}Rate; set {dir}Rate too, or remove {dir}Burst"),
+                ));
+            }
+            return Ok(None);
+        }
+        if !(1_000..=1_000_000_000_000_000).contains(&rate) {
+            return Err(invalid(
+                &field("Rate"),
+                format!(
+                    "{rate} is out of range; use 1000 to 10^15 bits per second, or 0 for no limit"
+                ),
+            ));
+        }
+        if !(0..=MAX_BURST_BITS).contains(&burst) {
+            return Err(invalid(
+                &field("Burst"),
+                format!(
+                    "{burst} is out of range; use 0 (a default burst) to {MAX_BURST_BITS} bits (4 GiB)"
+                ),
+            ));
+        }
+        Ok(Some(Rate {
+            bits_per_second: rate as u64,
+            burst_bits: burst as u64,
+        }))
+    };
+    let b = Bandwidth {
+        ingress: side("ingress", raw.ingress_rate, raw.ingress_burst)?,
+        egress: side("egress", raw.egress_rate, raw.egress_burst)?,
+    };
+    Ok((b != Bandwidth::default()).then_some(b))
 }
 
 /// `runtimeConfig.portMappings`, checked: ports 1 to 65535, protocol `tcp` (the default), `udp`
@@ -1027,6 +1100,57 @@ mod tests {
             names::format_mac(c.static_mac.unwrap()),
             "0a:58:0a:00:00:09"
         );
+    }
+
+    #[test]
+    fn bandwidth_comes_from_runtime_config_checked() {
+        let parse = |bw: &str| {
+            parse_conf(
+                format!(
+                    r#"{{"cniVersion":"1.1.0","name":"n","type":"weft","runtimeConfig":{{"bandwidth":{bw}}}}}"#
+                )
+                .as_bytes(),
+                &env(),
+            )
+        };
+        // containerd sends the annotation's rate and a burst of 2^32 - 1 bits.
+        let c = parse(r#"{"ingressRate":10000000,"ingressBurst":4294967295}"#).unwrap();
+        assert_eq!(
+            c.bandwidth,
+            Some(Bandwidth {
+                ingress: Some(Rate {
+                    bits_per_second: 10_000_000,
+                    burst_bits: 4_294_967_295
+                }),
+                egress: None
+            })
+        );
+        let c = parse(r#"{"egressRate":5000}"#).unwrap();
+        assert_eq!(c.bandwidth.unwrap().egress.unwrap().burst_bits, 0);
+        assert_eq!(
+            parse(r#"{"ingressRate":0,"egressRate":0}"#)
+                .unwrap()
+                .bandwidth,
+            None
+        );
+        for (bw, field) in [
+            (r#"{"ingressBurst":1000}"#, "ingressBurst"),
+            (r#"{"egressRate":999}"#, "egressRate"),
+            (r#"{"egressRate":-5}"#, "egressRate"),
+            (
+                r#"{"ingressRate":1000000,"ingressBurst":99999999999999}"#,
+                "ingressBurst",
+            ),
+        ] {
+            let e = parse(bw).unwrap_err();
+            assert_eq!(e.code, 7, "{bw}");
+            assert!(
+                e.details
+                    .starts_with(&format!("runtimeConfig.bandwidth.{field}:")),
+                "{bw}: {}",
+                e.details
+            );
+        }
     }
 
     #[test]

@@ -55,6 +55,9 @@ pub struct Ask {
     /// The runtime's `portMappings`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub port_mappings: Vec<PortMapping>,
+    /// The runtime's `bandwidth`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<crate::proto::Bandwidth>,
 }
 
 /// What the agent knows of the pod (its answer to an identity question).
@@ -308,6 +311,7 @@ pub fn alloc_request(ask: &Ask, identity: &Identity, iface: &Interface) -> (Allo
         } else {
             Vec::new()
         },
+        bandwidth: ask.bandwidth.filter(|_| own),
         mac: mac.map(names::format_mac),
         host_ifname: Some(names::host_veth_name(&ask.container_id, &iface.ifname)),
         pod_namespace: ask.pod_namespace.clone(),
@@ -354,6 +358,7 @@ impl Endpoint {
             pending: a.pending,
             vlan_trunk: a.vlan_trunk.clone(),
             port_mappings: a.port_mappings.clone(),
+            bandwidth: a.bandwidth,
         }
     }
 }

@@ -122,6 +122,29 @@ pub fn is_mirror_tunnel_alias(alias: &str) -> bool {
         .is_some_and(|a| a.starts_with("mirror:"))
 }
 
+/// The IFB link that shapes what the workload behind host port `host_port` sends
+/// ([`crate::netlink::Netlink::set_shaping`]): `wi` + 11 hex digits of the hash of the port's
+/// name. 13 bytes, like the port's own name ([`host_veth_name`]).
+pub fn shaping_ifb_name(host_port: &str) -> String {
+    format!("wi{}", &hex_digest(&["shape", host_port])[..11])
+}
+
+/// The alias weft puts on the IFB link of host port `host_port` ([`shaping_ifb_name`]):
+/// `weft:shape:<port>`.
+pub fn shaping_ifb_alias(host_port: &str) -> String {
+    format!("{ALIAS_PREFIX}shape:{host_port}")
+        .chars()
+        .take(127)
+        .collect()
+}
+
+/// Whether `alias` is the one weft puts on a shaping IFB link ([`shaping_ifb_alias`]).
+pub fn is_shaping_ifb_alias(alias: &str) -> bool {
+    alias
+        .strip_prefix(ALIAS_PREFIX)
+        .is_some_and(|a| a.starts_with("shape:"))
+}
+
 /// The alias weft puts on a network's bridge.
 pub fn bridge_alias(network: &str) -> String {
     format!("{ALIAS_PREFIX}net:{network}")
@@ -338,6 +361,39 @@ mod tests {
         assert_ne!(a, host_veth_name("abd", "eth0"));
         // The separator keeps ("ab","ceth0") and ("abc","eth0") apart.
         assert_ne!(host_veth_name("ab", "ceth0"), a);
+    }
+
+    #[test]
+    fn a_shaping_ifb_name_is_a_short_stable_interface_name_of_its_own() {
+        let port = host_veth_name("abc", "eth0");
+        let ifb = shaping_ifb_name(&port);
+        assert_eq!(ifb.len(), 13);
+        assert!(ifb.starts_with("wi"), "{ifb}");
+        assert!(ifb[2..].bytes().all(|b| b.is_ascii_hexdigit()), "{ifb}");
+        assert!(is_valid_ifname(&ifb));
+        assert_eq!(ifb, shaping_ifb_name(&port));
+        assert_ne!(ifb, shaping_ifb_name(&host_veth_name("abc", "net1")));
+        assert_ne!(ifb, port);
+        assert!(!ifb.starts_with(HOST_VETH_PREFIX) && !ifb.starts_with(BRIDGE_PREFIX));
+    }
+
+    #[test]
+    fn a_shaping_ifb_alias_names_its_port_and_is_told_apart() {
+        let alias = shaping_ifb_alias("wf0123456789a");
+        assert_eq!(alias, "weft:shape:wf0123456789a");
+        assert!(is_shaping_ifb_alias(&alias));
+        assert!(!is_endpoint_alias(&alias));
+        assert!(!is_mirror_tunnel_alias(&alias));
+        for other in [
+            host_veth_alias("lan", "c1", "eth0"),
+            mirror_tunnel_alias("ns/m"),
+            bridge_alias("lan"),
+            "shape:wf0123456789a".to_string(),
+            "other:shape:x".to_string(),
+        ] {
+            assert!(!is_shaping_ifb_alias(&other), "{other}");
+        }
+        assert_eq!(shaping_ifb_alias(&"x".repeat(200)).chars().count(), 127);
     }
 
     #[test]

@@ -30,6 +30,31 @@ pub struct PortMapping {
     pub host_ip: Option<IpAddr>,
 }
 
+/// One direction's bandwidth limit, in the units of the CNI `bandwidth` capability: a rate
+/// in bits per second and a burst in bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Rate {
+    /// Bits per second.
+    pub bits_per_second: u64,
+    /// The burst, in bits.
+    pub burst_bits: u64,
+}
+
+/// The bandwidth the runtime asked for (the CNI `bandwidth` capability): `ingress` into the
+/// workload, `egress` out of it.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct Bandwidth {
+    /// Into the workload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<Rate>,
+    /// Out of the workload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<Rate>,
+}
+
 impl PortMapping {
     /// Would both claim the same connections on a node: same protocol and port, and host
     /// addresses that overlap (equal, or either one any address of the other's family).
@@ -91,6 +116,9 @@ pub struct Endpoint {
     /// The workload's host ports (its `CNI_IFNAME` interface only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub port_mappings: Vec<PortMapping>,
+    /// The bandwidth the runtime asked for (its `CNI_IFNAME` interface only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<Bandwidth>,
 }
 
 /// A request from the CNI to the agent.

@@ -84,7 +84,7 @@ fn main() -> anyhow::Result<()> {
     let compiled = compile(&members);
     let compile_ms = t.elapsed().as_secs_f64() * 1e3;
     let t = Instant::now();
-    let table = firewall::table(&nets, &[], &[], &compiled);
+    let table = firewall::table(&nets, &[], &[], &[], &compiled);
     let render_ms = t.elapsed().as_secs_f64() * 1e3;
     let rules: usize = table.chains.iter().map(|c| c.rules.len()).sum();
     let elements: usize = table.sets.iter().map(|s| s.elements.len()).sum();
@@ -113,7 +113,7 @@ fn main() -> anyhow::Result<()> {
             let t = Instant::now();
             let compiled = compile(&members);
             let compile_ms = t.elapsed().as_secs_f64() * 1e3;
-            let next = firewall::table(&nets, &[], &[], &compiled);
+            let next = firewall::table(&nets, &[], &[], &[], &compiled);
             let tx = weft_dataplane::nft::diff(&table, &next);
             use weft_dataplane::nft::Firewall;
             nft.apply(&tx)?;
@@ -219,6 +219,7 @@ fn agent_path(res: &Resources, workloads: usize) -> anyhow::Result<()> {
             pending: false,
             vlan_trunk: vec![],
             port_mappings: vec![],
+            bandwidth: None,
         }
     };
     for i in 0..=workloads {
@@ -227,6 +228,7 @@ fn agent_path(res: &Resources, workloads: usize) -> anyhow::Result<()> {
             name: format!("w{i}"),
             labels: BTreeMap::from([("app".to_string(), format!("a{}", i % 50))]),
             networks: None,
+            limits: Default::default(),
         });
     }
     let node = NodeContext {

@@ -194,6 +194,15 @@ pub struct AgentOpts {
     /// (the default): remote collectors are refused, analyzers on the node still work.
     #[arg(long, env = "WEFT_MIRROR_COLLECTORS", value_delimiter = ',')]
     pub mirror_collectors: Vec<ipnet::IpNet>,
+    /// A workload interface whose packets per second (in and out together) go above this is
+    /// an anomaly: an audit record, `weft_agent_anomalies_total{kind="packet-rate"}` and, in a
+    /// cluster, an Event on its pod. Unset: only crossings of a workload's limits are.
+    #[arg(long, env = "WEFT_ANOMALY_PACKETS_PER_SECOND", value_parser = clap::value_parser!(u64).range(1..))]
+    pub anomaly_packets_per_second: Option<u64>,
+    /// Likewise for new connections per second opened by and to a workload interface
+    /// (`kind="connection-rate"`): a SYN flood, a scan.
+    #[arg(long, env = "WEFT_ANOMALY_CONNECTIONS_PER_SECOND", value_parser = clap::value_parser!(u64).range(1..))]
+    pub anomaly_connections_per_second: Option<u64>,
     /// Standalone (`--manifests`): a directory the nodes' agents share (e.g. over NFS), where each
     /// writes its workload interfaces (`<node>.json`) and reads the others', so policies match
     /// workloads on every node. Cluster mode shares them through the NodeNetwork status.
@@ -269,6 +278,10 @@ impl AgentOpts {
             audit_log: self.audit_log.clone(),
             workload_metrics: self.workload_metrics,
             mirror_collectors: self.mirror_collectors.clone(),
+            anomaly_thresholds: crate::agent::anomaly::Thresholds {
+                packets_per_second: self.anomaly_packets_per_second,
+                connections_per_second: self.anomaly_connections_per_second,
+            },
         })
     }
 }

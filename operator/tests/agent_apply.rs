@@ -50,6 +50,7 @@ fn config(state: &std::path::Path) -> AgentConfig {
         audit_log: None,
         workload_metrics: false,
         mirror_collectors: Vec::new(),
+        anomaly_thresholds: Default::default(),
     }
 }
 
@@ -278,6 +279,7 @@ impl Workloads {
             pending: false,
             vlan_trunk: Vec::new(),
             port_mappings: Vec::new(),
+            bandwidth: None,
         }
     }
 

@@ -420,6 +420,7 @@ fn config() -> weft_operator::agent::AgentConfig {
         audit_log: None,
         workload_metrics: false,
         mirror_collectors: Vec::new(),
+        anomaly_thresholds: Default::default(),
     }
 }
 
@@ -1076,6 +1077,7 @@ struct Rule {
 }
 
 /// `(group, resource)` of a request path: `/api/v1/pods` → `("", "pods")`,
+/// `/apis/events.k8s.io/v1/namespaces/prod/events/x` → `("events.k8s.io", "events")`,
 /// `/apis/weft.dev/v1alpha1/nodenetworks/node-a/status` → `("weft.dev", "nodenetworks/status")`.
 fn group_resource(path: &str) -> (String, String) {
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
@@ -1083,6 +1085,11 @@ fn group_resource(path: &str) -> (String, String) {
         ["api", _version, rest @ ..] => ("", rest),
         ["apis", group, _version, rest @ ..] => (*group, rest),
         _ => panic!("unexpected path {path}"),
+    };
+    // A namespaced object: `namespaces/<ns>/<resource>/...` (a namespace itself is `namespaces`).
+    let rest = match rest {
+        ["namespaces", _, rest @ ..] if !rest.is_empty() => rest,
+        rest => rest,
     };
     let resource = match rest {
         [resource] | [resource, _] => (*resource).to_owned(),
@@ -1109,6 +1116,40 @@ async fn the_charts_agent_rbac_grants_exactly_what_the_source_uses() {
         }
     }
     let (group, resource) = group_resource(&w.path);
+    used.insert((group, resource, "patch".to_owned()));
+
+    // An anomaly on a pod: an Event created, and patched into a series when it comes back.
+    let publish = source.anomaly_publisher().unwrap();
+    let anomaly = weft_operator::agent::anomaly::Anomaly {
+        namespace: "prod".into(),
+        pod: "web".into(),
+        kind: weft_operator::agent::anomaly::Kind::ConntrackBudget,
+        note:
+            "interface eth0 on Network nat-demo (node node-a): 120/s, over 1000 conntrack entries"
+                .into(),
+    };
+    publish(anomaly.clone());
+    let created = next_write(&mut writes, Duration::from_secs(2)).await;
+    assert_eq!(created.method, Method::POST);
+    assert_eq!(
+        created.path,
+        "/apis/events.k8s.io/v1/namespaces/prod/events"
+    );
+    assert_eq!(created.body["type"], "Warning");
+    assert_eq!(created.body["reason"], "ConntrackBudgetReached");
+    assert_eq!(created.body["regarding"]["name"], "web");
+    assert_eq!(created.body["reportingController"], "weft-agent");
+    let mut echo = created.body.clone();
+    echo["metadata"]["name"] = Value::from("web.1");
+    echo["metadata"]["namespace"] = Value::from("prod");
+    created
+        .reply
+        .send_response(json_response(StatusCode::CREATED, &echo));
+    publish(anomaly);
+    let again = next_write(&mut writes, Duration::from_secs(2)).await;
+    assert_eq!(again.method, Method::PATCH, "{}", again.path);
+    used.insert(("events.k8s.io".into(), "events".into(), "create".into()));
+    let (group, resource) = group_resource(&again.path);
     used.insert((group, resource, "patch".to_owned()));
 
     let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

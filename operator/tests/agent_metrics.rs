@@ -230,6 +230,7 @@ fn workload_sends_frames(socket: &std::path::Path, n: usize) {
         pending: false,
         vlan_trunk: vec![],
         port_mappings: vec![],
+        bandwidth: None,
     };
     let reply = weft_dataplane::proto::call(
         socket,

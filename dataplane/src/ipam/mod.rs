@@ -113,6 +113,9 @@ pub struct Allocation {
     /// forwards them, and forgets them once the addresses are released (DEL, GC).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub port_mappings: Vec<crate::proto::PortMapping>,
+    /// The bandwidth the runtime asked for; kept like the host ports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<crate::proto::Bandwidth>,
 }
 
 /// Addresses and MAC kept for one interface of a VM across its attachments (restart, live
@@ -223,6 +226,8 @@ pub struct AllocRequest {
     pub vlan_trunk: Vec<crate::vlan::VlanRange>,
     /// Recorded as is.
     pub port_mappings: Vec<crate::proto::PortMapping>,
+    /// Recorded as is.
+    pub bandwidth: Option<crate::proto::Bandwidth>,
 }
 
 /// An IP family.
@@ -638,6 +643,7 @@ impl IpamStore {
                 pending: req.pending,
                 vlan_trunk: req.vlan_trunk,
                 port_mappings: req.port_mappings,
+                bandwidth: req.bandwidth,
             };
             info!(network = %self.network, container_id = %allocation.container_id, ifname = %allocation.ifname, ips = ?allocation.ips, "allocated");
             state.allocations.push(allocation.clone());

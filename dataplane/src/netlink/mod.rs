@@ -1,5 +1,6 @@
 //! A small synchronous rtnetlink client: links (bridge, veth, VXLAN, tap lookup), addresses,
-//! routes, bridge VLANs and the tc objects of port redirection and traffic mirroring.
+//! routes, bridge VLANs and the tc objects of port redirection, traffic mirroring and bandwidth
+//! shaping.
 //!
 //! Messages are built with rtnetlink's builders (`default-features = false`: no runtime) and
 //! sent over a blocking [`netlink_sys::Socket`] with a plain request/ACK loop, as netavark does.
@@ -14,11 +15,13 @@
 //! This module holds the socket, its request/ACK loop and the errors; the operations live
 //! beside their subject: links and bridge ports in `link`, addresses in `addr`, routes in
 //! `route`, VLAN links and bridge VLANs in `vlan`, tc qdiscs and filters (port redirection and
-//! mirrors) in `tc`, VXLAN links in `vxlan`. Their public items are re-exported here.
+//! mirrors) in `tc`, bandwidth shaping (token buckets, IFB links) in `shape`, VXLAN links in
+//! `vxlan`. Their public items are re-exported here.
 
 mod addr;
 mod link;
 mod route;
+mod shape;
 mod tc;
 mod vlan;
 mod vxlan;
@@ -29,6 +32,7 @@ pub use link::{
     port_hairpin_message,
 };
 pub use route::{Family, RouteEntry, RouteInfo, RouteSpec, route_entry_message};
+pub use shape::{QueueCounters, Rate, SHAPE_PREF, Shaping, ShapingCounters};
 pub use tc::{
     MAX_MIRRORS_PER_SIDE, MIRROR_PREF, MirrorCounter, MirrorRule, clsact_qdisc_message,
     ingress_qdisc_message, mirror_filter_message, redirect_filter_message,

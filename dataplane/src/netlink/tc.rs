@@ -3,7 +3,8 @@
 //! and mirrors: a `clsact` qdisc on a workload's host port whose classic-BPF filters copy the
 //! frames [`crate::mirror::program`] picks to another link (`mirred egress mirror`).
 
-use super::{Netlink, NetlinkError};
+use super::link::link_info;
+use super::{LinkInfo, Netlink, NetlinkError};
 use crate::mirror::{Insn, Side};
 use netlink_packet_core::{
     DefaultNla, Emitable, NLA_F_NESTED, NLA_TYPE_MASK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, Nla,
@@ -99,8 +100,9 @@ const TCA_STATS_PKT64: u16 = 8;
 /// `ETH_P_ALL`: the filter sees frames of every ethertype.
 const ETH_P_ALL: u16 = 0x0003;
 
-/// The handle of the one `cls_bpf` program at each mirror priority.
-const MIRROR_HANDLE: u32 = 1;
+/// The handle of the one `cls_bpf` program at each priority weft fills (each mirror priority,
+/// and the shaping redirect's).
+const BPF_HANDLE: u32 = 1;
 
 /// Priority of the first mirror filter in each hook; mirrors take [`MIRROR_PREF`] to
 /// `MIRROR_PREF + 255`, the rule at index `i` of its side's list at `MIRROR_PREF + i`.
@@ -166,7 +168,11 @@ fn mirror_action(to: u32) -> TcAction {
 }
 
 /// A `mirred` action: `eaction` (mirror or redirect) out of link `to`, then `verdict`.
-fn mirred_action(to: u32, eaction: TcMirrorActionType, verdict: TcActionType) -> TcAction {
+pub(super) fn mirred_action(
+    to: u32,
+    eaction: TcMirrorActionType,
+    verdict: TcActionType,
+) -> TcAction {
     let mut mirror = TcMirror::default();
     mirror.generic = TcActionGeneric::default();
     mirror.generic.action = verdict;
@@ -183,7 +189,7 @@ fn mirred_action(to: u32, eaction: TcMirrorActionType, verdict: TcActionType) ->
 }
 
 /// The bytes of a classic BPF program as `TCA_BPF_OPS` carries it (`struct sock_filter[]`).
-fn program_bytes(program: &[Insn]) -> Vec<u8> {
+pub(super) fn program_bytes(program: &[Insn]) -> Vec<u8> {
     program.iter().flat_map(|i| i.to_ne_bytes()).collect()
 }
 
@@ -198,15 +204,28 @@ pub fn mirror_filter_message(
     program: &[Insn],
     to: u32,
 ) -> TcMessage {
+    bpf_filter_message(port, side, pref, program, mirror_action(to))
+}
+
+/// `RTM_NEWTFILTER`: a `cls_bpf` filter in `side`'s hook of link `port` at priority `pref`,
+/// protocol all, handle 1, running the classic `program` (not direct action) and, on a match,
+/// `action`.
+pub(super) fn bpf_filter_message(
+    port: u32,
+    side: Side,
+    pref: u16,
+    program: &[Insn],
+    action: TcAction,
+) -> TcMessage {
     let mut f = TcMessage::with_index(i32::try_from(port).unwrap_or(0));
     f.header.parent = hook(side);
-    f.header.handle = TcHandle::from(MIRROR_HANDLE);
+    f.header.handle = TcHandle::from(BPF_HANDLE);
     // Priority, and protocol ETH_P_ALL in network byte order.
     f.header.info = u32::from(TcHandle {
         major: pref,
         minor: ETH_P_ALL.to_be(),
     });
-    let actions = [mirror_action(to)];
+    let actions = [action];
     let mut act = vec![0u8; actions.as_slice().buffer_len()];
     actions.as_slice().emit(&mut act);
     let len = u16::try_from(program.len()).unwrap_or(u16::MAX);
@@ -230,7 +249,7 @@ pub fn mirror_filter_message(
 }
 
 /// `RTM_DELTFILTER`: every filter at priority `pref` of `side`'s hook of link `port`.
-fn delete_pref_message(port: u32, side: Side, pref: u16) -> TcMessage {
+pub(super) fn delete_pref_message(port: u32, side: Side, pref: u16) -> TcMessage {
     let mut f = TcMessage::with_index(i32::try_from(port).unwrap_or(0));
     f.header.parent = hook(side);
     f.header.info = u32::from(TcHandle {
@@ -248,7 +267,7 @@ fn dump_filters_message(port: u32, side: Side) -> TcMessage {
 }
 
 /// The value of an attribute netlink-packet-route does not know.
-fn nla_value(nla: &DefaultNla) -> Vec<u8> {
+pub(super) fn nla_value(nla: &DefaultNla) -> Vec<u8> {
     let mut v = vec![0u8; nla.value_len()];
     nla.emit_value(&mut v);
     v
@@ -256,8 +275,8 @@ fn nla_value(nla: &DefaultNla) -> Vec<u8> {
 
 /// One filter of a hook, as a dump shows it.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-struct DumpedFilter {
-    pref: u16,
+pub(super) struct DumpedFilter {
+    pub(super) pref: u16,
     /// In network byte order, as the header carries it.
     protocol: u16,
     handle: u32,
@@ -270,7 +289,7 @@ struct DumpedFilter {
     classid: bool,
     actions: Vec<DumpedAction>,
     /// The dump's head of a priority (no handle, no options), not a filter itself.
-    head: bool,
+    pub(super) head: bool,
 }
 
 /// One action of a filter.
@@ -287,9 +306,21 @@ impl DumpedFilter {
     /// The target of a mirror exactly as [`mirror_filter_message`] makes it, with `ops` as its
     /// program: `Some(to)`; `None` for anything else.
     fn mirror_target(&self, ops: &[u8]) -> Option<u32> {
+        self.mirred_target(ops, TcMirrorActionType::EgressMirror, TcActionType::Unspec)
+    }
+
+    /// The target of a filter exactly as [`bpf_filter_message`] makes it, with `ops` as its
+    /// program and a `mirred` action `eaction` with verdict `verdict`: `Some(to)`; `None` for
+    /// anything else.
+    pub(super) fn mirred_target(
+        &self,
+        ops: &[u8],
+        eaction: TcMirrorActionType,
+        verdict: TcActionType,
+    ) -> Option<u32> {
         if self.kind.as_deref() != Some(TcFilterBpf::KIND)
             || self.protocol != ETH_P_ALL.to_be()
-            || self.handle != MIRROR_HANDLE
+            || self.handle != BPF_HANDLE
             || self.direct_action
             || self.classid
             || self.ops.as_deref() != Some(ops)
@@ -297,8 +328,8 @@ impl DumpedFilter {
             return None;
         }
         self.single_mirror()
-            .filter(|m| m.eaction == TcMirrorActionType::EgressMirror)
-            .filter(|m| m.generic.action == TcActionType::Unspec)
+            .filter(|m| m.eaction == eaction)
+            .filter(|m| m.generic.action == verdict)
             .map(|m| m.ifindex)
     }
 
@@ -311,7 +342,7 @@ impl DumpedFilter {
     }
 }
 
-fn dumped_filter(msg: TcMessage) -> DumpedFilter {
+pub(super) fn dumped_filter(msg: TcMessage) -> DumpedFilter {
     let info = TcHandle::from(msg.header.info);
     let mut f = DumpedFilter {
         pref: info.major,
@@ -361,7 +392,6 @@ fn dumped_actions(nested: &[u8]) -> Vec<DumpedAction> {
             continue;
         };
         let mut a = DumpedAction::default();
-        let mut pkt64 = None;
         for attr in action.attributes {
             match attr {
                 TcActionAttribute::Kind(k) => a.kind = k,
@@ -372,34 +402,35 @@ fn dumped_actions(nested: &[u8]) -> Vec<DumpedAction> {
                         }
                     }
                 }
-                TcActionAttribute::Stats(stats) => {
-                    for s in stats {
-                        match s {
-                            TcStats2::Basic(b) => {
-                                a.bytes = b.bytes;
-                                a.packets = u64::from(b.packets);
-                            }
-                            TcStats2::Other(nla)
-                                if nla.kind() & NLA_TYPE_MASK == TCA_STATS_PKT64 =>
-                            {
-                                let v = nla_value(&nla);
-                                if let Ok(b) = <[u8; 8]>::try_from(v.as_slice()) {
-                                    pkt64 = Some(u64::from_ne_bytes(b));
-                                }
-                            }
-                            _ => {}
-                        }
-                    }
-                }
+                TcActionAttribute::Stats(stats) => (a.bytes, a.packets) = basic_counters(&stats),
                 _ => {}
             }
-        }
-        if let Some(p) = pkt64 {
-            a.packets = p;
         }
         out.push(a);
     }
     out
+}
+
+/// Bytes and packets from `TCA_STATS_BASIC` (the packets from `TCA_STATS_PKT64` when they
+/// outgrew its 32 bits); zero when absent.
+pub(super) fn basic_counters(stats: &[TcStats2]) -> (u64, u64) {
+    let (mut bytes, mut packets, mut pkt64) = (0, 0, None);
+    for s in stats {
+        match s {
+            TcStats2::Basic(b) => {
+                bytes = b.bytes;
+                packets = u64::from(b.packets);
+            }
+            TcStats2::Other(nla) if nla.kind() & NLA_TYPE_MASK == TCA_STATS_PKT64 => {
+                let v = nla_value(nla);
+                if let Ok(b) = <[u8; 8]>::try_from(v.as_slice()) {
+                    pkt64 = Some(u64::from_ne_bytes(b));
+                }
+            }
+            _ => {}
+        }
+    }
+    (bytes, pkt64.unwrap_or(packets))
 }
 
 /// Is `pref` one of the mirror priorities? Its rule index if so.
@@ -408,20 +439,77 @@ fn mirror_index(pref: u16) -> Option<usize> {
     (i < MAX_MIRRORS_PER_SIDE).then_some(i)
 }
 
-const SIDES: [Side; 2] = [Side::FromWorkload, Side::ToWorkload];
+pub(super) const SIDES: [Side; 2] = [Side::FromWorkload, Side::ToWorkload];
+
+/// The kind of the qdisc in link `port`'s ingress slot among `qdiscs` (see
+/// [`Netlink::qdiscs_of`]), if any.
+pub(super) fn ingress_slot_kind(qdiscs: &[TcMessage], port: u32) -> Option<String> {
+    qdiscs.iter().find_map(|q| {
+        if i64::from(q.header.index) != i64::from(port) || q.header.parent != TcHandle::CLSACT {
+            return None;
+        }
+        q.attributes.iter().find_map(|a| match a {
+            TcAttribute::Kind(k) => Some(k.clone()),
+            _ => None,
+        })
+    })
+}
 
 impl Netlink {
-    /// Fails with the kernel's own "no such device" ([`NetlinkError::is_not_found`]) when
-    /// link `port` does not exist.
-    fn require_link(&mut self, op: &'static str, port: u32) -> Result<(), NetlinkError> {
+    /// Link `port` as the kernel reports it; fails with the kernel's own "no such device"
+    /// ([`NetlinkError::is_not_found`]) when it does not exist.
+    pub(super) fn require_link(
+        &mut self,
+        op: &'static str,
+        port: u32,
+    ) -> Result<LinkInfo, NetlinkError> {
         let msg = rtnetlink::LinkUnspec::new_with_index(port).build();
-        self.call(
+        let replies = self.call(
             op,
             || format!("link {port}"),
             RouteNetlinkMessage::GetLink(msg),
             0,
         )?;
-        Ok(())
+        replies
+            .into_iter()
+            .find_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => Some(link_info(l)),
+                _ => None,
+            })
+            .ok_or_else(|| NetlinkError::Vanished {
+                op,
+                target: format!("link {port}"),
+            })
+    }
+
+    /// The qdiscs of links `links` (from one dump of the namespace's qdiscs).
+    pub(super) fn qdiscs_of(
+        &mut self,
+        op: &'static str,
+        links: &[u32],
+    ) -> Result<Vec<TcMessage>, NetlinkError> {
+        let replies = self.call(
+            op,
+            || {
+                let links: Vec<String> = links.iter().map(u32::to_string).collect();
+                format!("link {}: list qdiscs", links.join(", "))
+            },
+            RouteNetlinkMessage::GetQueueDiscipline(TcMessage::default()),
+            NLM_F_DUMP,
+        )?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewQueueDiscipline(q)
+                    if links
+                        .iter()
+                        .any(|l| i64::from(q.header.index) == i64::from(*l)) =>
+                {
+                    Some(q)
+                }
+                _ => None,
+            })
+            .collect())
     }
 
     /// The kind of the qdisc in link `port`'s ingress slot (`"clsact"`, `"ingress"`), if any.
@@ -430,28 +518,11 @@ impl Netlink {
         op: &'static str,
         port: u32,
     ) -> Result<Option<String>, NetlinkError> {
-        let replies = self.call(
-            op,
-            || format!("link {port}: list qdiscs"),
-            RouteNetlinkMessage::GetQueueDiscipline(TcMessage::default()),
-            NLM_F_DUMP,
-        )?;
-        Ok(replies.into_iter().find_map(|m| match m {
-            RouteNetlinkMessage::NewQueueDiscipline(q)
-                if i64::from(q.header.index) == i64::from(port)
-                    && q.header.parent == TcHandle::CLSACT =>
-            {
-                q.attributes.into_iter().find_map(|a| match a {
-                    TcAttribute::Kind(k) => Some(k),
-                    _ => None,
-                })
-            }
-            _ => None,
-        }))
+        Ok(ingress_slot_kind(&self.qdiscs_of(op, &[port])?, port))
     }
 
     /// The filters of `side`'s hook of link `port` (none without a clsact or ingress qdisc).
-    fn hook_filters(
+    pub(super) fn hook_filters(
         &mut self,
         op: &'static str,
         port: u32,

@@ -203,6 +203,41 @@ pub struct Expectation {
     /// Workloads that must receive no copy of the probe's frames.
     #[serde(default)]
     pub not_copied_to: Vec<String>,
+    /// Before the probe: a bounded flood from `from` to `to`'s port (UDP: each datagram a new
+    /// flow from a new source port; TCP: connection attempts), which stops by itself.
+    #[serde(default)]
+    pub flood: Option<Flood>,
+    /// An anomaly the flood must raise (an audit record of the workload's node).
+    #[serde(default)]
+    pub anomaly: Option<ExpectedAnomaly>,
+}
+
+/// A flood of new flows, between the lab's own namespaces only.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Flood {
+    /// New flows per second, 1 to 20000.
+    pub per_second: u32,
+    /// How long, 0.1 to 10 seconds.
+    pub seconds: f64,
+}
+
+/// An anomaly the agent must report.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExpectedAnomaly {
+    /// The workload it is about.
+    pub on: String,
+    /// Its kind: `connection-limit`, `conntrack-budget`, `bandwidth`, `packet-rate` or
+    /// `connection-rate`.
+    pub kind: String,
+    /// At the latest this many seconds after the flood started (default 3).
+    #[serde(default = "three_seconds")]
+    pub detect_within: f64,
+}
+
+fn three_seconds() -> f64 {
+    3.0
 }
 
 impl Expectation {
@@ -691,6 +726,44 @@ impl LabFile {
                 errors.push(format!(
                     "expect[{i}].answeredBy: {by:?} is not outside or a workload"
                 ));
+            }
+            if let Some(f) = &e.flood {
+                if !(1..=20_000).contains(&f.per_second) {
+                    errors.push(format!(
+                        "expect[{i}].flood.perSecond: {} is out of range; use 1 to 20000",
+                        f.per_second
+                    ));
+                }
+                if !(0.1..=10.0).contains(&f.seconds) {
+                    errors.push(format!(
+                        "expect[{i}].flood.seconds: {} is out of range; use 0.1 to 10",
+                        f.seconds
+                    ));
+                }
+                if e.is_icmp() || e.spoof.is_some() || e.at_start {
+                    errors.push(format!(
+                        "expect[{i}].flood: floods are UDP or TCP, without spoof or atStart"
+                    ));
+                }
+            }
+            if let Some(a) = &e.anomaly {
+                if e.flood.is_none() {
+                    errors.push(format!(
+                        "expect[{i}].anomaly: needs a flood to measure from; add flood"
+                    ));
+                }
+                if !self.workloads.iter().any(|w| w.name == a.on) {
+                    errors.push(format!(
+                        "expect[{i}].anomaly.on: {:?} is not a workload",
+                        a.on
+                    ));
+                }
+                if !(0.1..=60.0).contains(&a.detect_within) {
+                    errors.push(format!(
+                        "expect[{i}].anomaly.detectWithin: {} is out of range; use 0.1 to 60 seconds",
+                        a.detect_within
+                    ));
+                }
             }
             if let Some(seen) = &e.source_seen_as
                 && seen != "node"

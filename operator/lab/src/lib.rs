@@ -427,7 +427,7 @@ fn check_expectations(
     for (i, e) in lab.spec.expect.iter().enumerate() {
         let fam = if e.family == Family::Ipv6 { "v6" } else { "v4" };
         let label = format!(
-            "{} -> {} {} {}{}{}{}",
+            "{} -> {} {} {}{}{}{}{}",
             e.from,
             e.to,
             if e.is_icmp() {
@@ -442,6 +442,9 @@ fn check_expectations(
             } else {
                 String::new()
             },
+            e.flood
+                .map(|f| format!(" after a flood of {}/s for {}s", f.per_second, f.seconds))
+                .unwrap_or_default(),
             e.spoof
                 .as_ref()
                 .map(|s| format!(" {}", s.describe()))
@@ -485,6 +488,7 @@ fn check_expectations(
             })??;
             captures.push((analyzer.clone(), capture));
         }
+        let mut flood_started = None;
         let got = if let Some(sp) = &e.spoof {
             spoofed(lab, e, sp, target)?
         } else if e.at_start {
@@ -493,6 +497,20 @@ fn check_expectations(
                 .cloned()
                 .unwrap_or_else(|| ProbeResult::Error("never probed at start".into()))
         } else {
+            if let Some(f) = e.flood {
+                let started = jiff::Timestamp::now();
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                let count = (f64::from(f.per_second) * f.seconds).round() as u32;
+                probe::flood(
+                    &lab.ns_of(&e.from)?,
+                    target,
+                    e.port,
+                    e.protocol == "udp",
+                    f.per_second,
+                    count,
+                )?;
+                flood_started = Some(started);
+            }
             // Repeated probes: the earlier ones only count against a brute-force guard.
             for _ in 1..e.repeat {
                 probe_for(lab, e, target)?;
@@ -521,6 +539,32 @@ fn check_expectations(
             .collect();
         let mut ok = got.allowed() == (e.result == Outcome::Allow);
         let mut why = String::new();
+        let mut anomaly_line = None;
+        if let (Some(want), Some(started)) = (&e.anomaly, flood_started) {
+            let found = anomaly_after(lab, want, started);
+            anomaly_line = Some(match found {
+                Some(after) if after <= want.detect_within => format!(
+                    "          anomaly: {} on {} reported {after:.2}s after the flood started (within {}s)",
+                    want.kind, want.on, want.detect_within
+                ),
+                Some(after) => {
+                    ok = false;
+                    why.push_str(" (anomaly reported too late)");
+                    format!(
+                        "          anomaly: {} on {} reported {after:.2}s after the flood started (WRONG: later than {}s)",
+                        want.kind, want.on, want.detect_within
+                    )
+                }
+                None => {
+                    ok = false;
+                    why.push_str(" (no anomaly reported)");
+                    format!(
+                        "          anomaly: MISSING {} on {} within {}s",
+                        want.kind, want.on, want.detect_within
+                    )
+                }
+            });
+        }
         for (analyzer, frames) in &copies {
             let want = e.copied_to.contains(analyzer);
             copy_lines.push(format!(
@@ -635,7 +679,7 @@ fn check_expectations(
             if ok { "ok  " } else { "FAIL" },
             got.describe()
         );
-        if let Some(line) = audit_line {
+        for line in audit_line.iter().chain(&anomaly_line) {
             println!("{line}");
         }
         for line in copy_lines.iter().chain(&counted_line) {
@@ -769,6 +813,42 @@ fn nat_private(
             "{to} is on NAT network {network} on {to_node}, and {from} is on {from_node}: a NAT network is private to each node, so this is unreachable whatever the policies say (from another node, use a PortForward on {to_node})"
         )
     })
+}
+
+/// Seconds from `started` to the first anomaly record of `want.kind` on workload `want.on` in
+/// a node's audit log (waiting up to `detectWithin` and a second for it), `None` if there is
+/// none.
+fn anomaly_after(lab: &Lab, want: &file::ExpectedAnomaly, started: jiff::Timestamp) -> Option<f64> {
+    let w = lab.spec.workloads.iter().find(|w| w.name == want.on)?;
+    let workload = format!("{}/{}", w.namespace, w.name);
+    let deadline = std::time::Instant::now()
+        + Duration::from_secs_f64(want.detect_within)
+        + Duration::from_secs(1);
+    loop {
+        for node in &lab.spec.nodes {
+            let path = lab.dir.join(&node.name).join("audit.jsonl");
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let first = text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|v| {
+                    v["verdict"] == "anomaly"
+                        && v["state"] == "started"
+                        && v["kind"] == want.kind.as_str()
+                        && v["workload"] == workload.as_str()
+                })
+                .filter_map(|v| v["time"].as_str()?.parse::<jiff::Timestamp>().ok())
+                .filter(|t| *t >= started - jiff::SignedDuration::from_secs(1))
+                .min();
+            if let Some(t) = first {
+                return Some(t.duration_since(started).as_secs_f64().max(0.0));
+            }
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// For a denied expectation whose deciding rule logs (a rule with `log: true`, or an isolation

@@ -322,6 +322,52 @@ fn failed(e: &std::io::Error) -> ProbeResult {
     }
 }
 
+/// Sends `count` new flows to `target:port` from inside `ns`, `per_second` of them a second,
+/// and returns when done: UDP datagrams each from a new socket (a new source port, so a new
+/// connection-tracking entry), or TCP connection attempts that are not waited for. Bounded by
+/// its caller; errors of single sends (a drop shows up as nothing) are ignored.
+pub fn flood(
+    ns: &Netns,
+    target: IpAddr,
+    port: u16,
+    udp: bool,
+    per_second: u32,
+    count: u32,
+) -> anyhow::Result<()> {
+    let addr = SocketAddr::new(target, port);
+    let step = Duration::from_secs_f64(1.0 / f64::from(per_second.max(1)));
+    weft_dataplane::netns::run_in(ns, || {
+        let start = std::time::Instant::now();
+        let mut held = Vec::new();
+        for i in 0..count {
+            let due = start + step * i;
+            if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            if udp {
+                let any: SocketAddr = if target.is_ipv4() {
+                    "0.0.0.0:0".parse().unwrap_or(addr)
+                } else {
+                    "[::]:0".parse().unwrap_or(addr)
+                };
+                if let Ok(s) = std::net::UdpSocket::bind(any) {
+                    let _ = s.send_to(b"weft-lab flood", addr);
+                }
+            } else if let Ok(s) = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            ) {
+                let _ = s.set_nonblocking(true);
+                let _ = s.connect(&addr.into());
+                // Kept open until the flood ends: a closed attempt would end its connection.
+                held.push(s);
+            }
+        }
+    })?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

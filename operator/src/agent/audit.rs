@@ -235,7 +235,7 @@ pub fn run(
     socket: netlink_sys::Socket,
     node: String,
     compiled: SharedPolicy,
-    mut out: Box<dyn Write + Send>,
+    out: super::anomaly::Sink,
     counters: Counters,
     on_activate: Box<dyn Fn(u32) + Send>,
 ) {
@@ -295,7 +295,8 @@ pub fn run(
                         if let Ok(mut c) = counters.lock() {
                             *c.entry(rec.verdict.clone()).or_default() += 1;
                         }
-                        if let Ok(mut line) = serde_json::to_vec(&rec) {
+                        if let (Ok(mut line), Ok(mut out)) = (serde_json::to_vec(&rec), out.lock())
+                        {
                             line.push(b'\n');
                             let _ = out.write_all(&line);
                             let _ = out.flush();

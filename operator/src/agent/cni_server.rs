@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::debug;
 use tracing::warn;
 use weft_dataplane::attachment::{self, Ask, AskError, Attached, Identity};
-use weft_dataplane::codes::{AGENT_REFUSED, IO_FAILURE, TRY_AGAIN_LATER};
+use weft_dataplane::codes::{AGENT_REFUSED, INVALID_CONFIG, IO_FAILURE, TRY_AGAIN_LATER};
 use weft_dataplane::ipam::IpamStore;
 use weft_dataplane::proto::{Endpoint, Reply, Request};
 use weft_dataplane::state::NetworkState;
@@ -288,6 +288,16 @@ pub async fn identity(
     super::identity_reply(res.as_deref(), ready, namespace, name, vm)
 }
 
+/// What is wrong with pod `namespace/name`'s limit annotations, if anything.
+fn limit_problem(snapshot: &Snapshot, namespace: &str, name: &str) -> Option<String> {
+    let res = snapshot.current()?;
+    let pod = res
+        .workloads
+        .iter()
+        .find(|w| w.namespace == namespace && w.name == name)?;
+    weft_crds::Limits::from_annotations(&pod.limits).err()
+}
+
 /// Writes one reply line.
 async fn answer(
     write: &mut tokio::net::unix::OwnedWriteHalf,
@@ -328,6 +338,20 @@ async fn attach(
                         TRY_AGAIN_LATER,
                         format!("the weft agent does not know pod {namespace}/{name} yet"),
                         details,
+                    ),
+                )
+                .await;
+            }
+            // Limit annotations that do not parse: the pod does not start (a later change to
+            // them is reported, and its Network's limits stay).
+            if let Some(problem) = limit_problem(&server.snapshot, namespace, name) {
+                return answer(
+                    write,
+                    &Reply::failed(
+                        is_ready(),
+                        INVALID_CONFIG,
+                        format!("pod {namespace}/{name} has an invalid limit annotation"),
+                        problem,
                     ),
                 )
                 .await;
@@ -514,6 +538,7 @@ mod tests {
                 namespace: "default".into(),
                 name: name.into(),
                 networks: Some("nat-demo,lan".into()),
+                limits: Default::default(),
                 ..WorkloadMeta::default()
             }],
             ..Resources::default()

@@ -298,6 +298,7 @@ mod tests {
             pending,
             vlan_trunk: vec![],
             port_mappings: vec![],
+            bandwidth: None,
         }
     }
 

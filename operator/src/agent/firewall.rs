@@ -19,6 +19,7 @@ use crate::policy::render::cidr_text;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use weft_crds::ConnectionLimits;
 use weft_dataplane::names;
 use weft_dataplane::nft::{self, BaseChain, Chain, Family, Map, Set, Table};
 
@@ -121,6 +122,131 @@ fn brute_force(forwards: &[Forward], log: &str) -> (Vec<Set>, Vec<String>) {
         }
     }
     (sets, rules)
+}
+
+/// A workload address with connection limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limited {
+    /// The address.
+    pub ip: IpAddr,
+    /// Its limits (at least one set).
+    pub limits: ConnectionLimits,
+}
+
+/// The set of the addresses of one limit class and family:
+/// `lim_r<per second>_c<concurrent>_t<conntrack>_<4|6>`, 0 for no limit. Named by its values,
+/// so a workload's registration finds its class without the rest of the plan.
+pub fn limit_class_set(l: &ConnectionLimits, v6: bool) -> String {
+    format!("lim_{}_{}", limit_class(l), if v6 { "6" } else { "4" })
+}
+
+fn limit_class(l: &ConnectionLimits) -> String {
+    format!(
+        "r{}_c{}_t{}",
+        l.new_per_second.unwrap_or(0),
+        l.concurrent.unwrap_or(0),
+        l.conntrack.unwrap_or(0)
+    )
+}
+
+/// The dynamic sets that count the connections the limits dropped, per workload address:
+/// from the workload (IPv4, IPv6), and to it (an inbound connection over its conntrack
+/// budget).
+pub const LIMIT_DROP_SETS: [[&str; 2]; 2] =
+    [["drops_lo4", "drops_lo6"], ["drops_li4", "drops_li6"]];
+
+/// The connection limits' sets and chains: a `limits` chain, jumped to by every new
+/// connection from or to a workload, which counts it per local workload address
+/// ([`super::anomaly::NEW_CONNECTION_SETS`]), then the rules of each class (distinct limit values) and
+/// family: the class's new-connection meter (`lr_…`, a token bucket per address that expires
+/// after a minute idle), its concurrent connections (`lc_…`, `ct count` per address) and its
+/// conntrack budget (`lt_…`, `ct count` per address of the connections it opens and receives);
+/// a connection over a limit goes to `limit_out` or `limit_in`, which count it per address
+/// ([`LIMIT_DROP_SETS`]) and drop it. Adding a workload to an existing class adds one element.
+fn limits(limited: &[Limited]) -> (Vec<Set>, Vec<Chain>) {
+    let mut classes: BTreeMap<ConnectionLimits, [BTreeSet<String>; 2]> = BTreeMap::new();
+    for l in limited.iter().filter(|l| !l.limits.is_none()) {
+        classes.entry(l.limits).or_default()[usize::from(l.ip.is_ipv6())].insert(l.ip.to_string());
+    }
+    let dynamic = |name: String, key: &str, timeout: bool| Set {
+        name,
+        key_type: key.into(),
+        flags: if timeout {
+            vec![nft::DYNAMIC_FLAG.into(), "timeout".into()]
+        } else {
+            vec![nft::DYNAMIC_FLAG.into()]
+        },
+        elements: BTreeSet::new(),
+    };
+    let mut sets = Vec::new();
+    for names in LIMIT_DROP_SETS
+        .iter()
+        .chain(&super::anomaly::NEW_CONNECTION_SETS)
+    {
+        sets.push(dynamic(names[0].into(), "ipv4_addr", false));
+        sets.push(dynamic(names[1].into(), "ipv6_addr", false));
+    }
+    // Every local workload's new connections, counted per address (anomaly detection).
+    let [out, inn] = super::anomaly::NEW_CONNECTION_SETS;
+    let mut rules = vec![
+        format!("ip saddr @local4 update @{} {{ ip saddr counter }}", out[0]),
+        format!(
+            "ip6 saddr @local6 update @{} {{ ip6 saddr counter }}",
+            out[1]
+        ),
+        format!("ip daddr @local4 update @{} {{ ip daddr counter }}", inn[0]),
+        format!(
+            "ip6 daddr @local6 update @{} {{ ip6 daddr counter }}",
+            inn[1]
+        ),
+    ];
+    for (l, members) in classes {
+        let class = limit_class(&l);
+        for (v, ip, key) in [(0, "ip", "ipv4_addr"), (1, "ip6", "ipv6_addr")] {
+            let f = if v == 1 { "6" } else { "4" };
+            let members_set = limit_class_set(&l, v == 1);
+            sets.push(set(&members_set, key, false, members[v].clone()));
+            if let Some(r) = l.new_per_second {
+                sets.push(dynamic(format!("lr_{class}_{f}"), key, true));
+                rules.push(format!(
+                    "{ip} saddr @{members_set} update @lr_{class}_{f} {{ {ip} saddr timeout 60s limit rate over {r}/second burst {r} packets }} goto limit_out"
+                ));
+            }
+            if let Some(c) = l.concurrent {
+                sets.push(dynamic(format!("lc_{class}_{f}"), key, false));
+                rules.push(format!(
+                    "{ip} saddr @{members_set} add @lc_{class}_{f} {{ {ip} saddr ct count over {c} }} goto limit_out"
+                ));
+            }
+            if let Some(t) = l.conntrack {
+                sets.push(dynamic(format!("lt_{class}_{f}"), key, false));
+                rules.push(format!(
+                    "{ip} saddr @{members_set} add @lt_{class}_{f} {{ {ip} saddr ct count over {t} }} goto limit_out"
+                ));
+                rules.push(format!(
+                    "{ip} daddr @{members_set} add @lt_{class}_{f} {{ {ip} daddr ct count over {t} }} goto limit_in"
+                ));
+            }
+        }
+    }
+    let drop_chain = |name: &str, sets: [&str; 2], side: &str| Chain {
+        name: name.into(),
+        base: None,
+        rules: vec![
+            format!("update @{} {{ ip {side} counter }} drop", sets[0]),
+            format!("update @{} {{ ip6 {side} counter }} drop", sets[1]),
+        ],
+    };
+    let chains = vec![
+        Chain {
+            name: "limits".into(),
+            base: None,
+            rules,
+        },
+        drop_chain("limit_out", LIMIT_DROP_SETS[0], "saddr"),
+        drop_chain("limit_in", LIMIT_DROP_SETS[1], "daddr"),
+    ];
+    (sets, chains)
 }
 
 /// One host port of a workload (a pod's `hostPort`, the runtime's `portMappings`), for one of
@@ -244,6 +370,7 @@ pub fn table(
     nets: &[NetRules],
     forwards: &[Forward],
     host_ports: &[HostPort],
+    limited: &[Limited],
     policy: &crate::policy::Compiled,
 ) -> Table {
     // A bridge whose name cannot be an nft string is left out (with a warning) rather than
@@ -327,6 +454,7 @@ pub fn table(
         ),
     );
     let [hport4, hport6] = host_port_elements(host_ports);
+    let (limit_sets, limit_chains) = limits(limited);
     let l4 = "meta l4proto { tcp, udp, sctp }";
     let dnat_rules = |local4: &str, local6: &str| -> Vec<String> {
         vec![
@@ -362,6 +490,7 @@ pub fn table(
         .into_iter()
         .chain(crate::policy::render::sets(policy))
         .chain(guard_sets)
+        .chain(limit_sets)
         .collect(),
         maps: vec![
             map(
@@ -461,6 +590,7 @@ pub fn table(
                     // addresses (a Bridge network's ports are held to theirs by the guard table).
                     "iifname @sealed ip saddr != @local4 drop".into(),
                     "iifname @sealed ip6 saddr != @local6 drop".into(),
+                    "ct state new jump limits".into(),
                     "jump egress".into(),
                     "jump ingress".into(),
                     "ct status dnat accept".into(),
@@ -483,6 +613,7 @@ pub fn table(
                     // On a Bridge network's bridge, other sources are the LAN reaching the node.
                     "ip saddr != @local4 accept".into(),
                     "ip6 saddr != @local6 accept".into(),
+                    "ct state new jump limits".into(),
                     "jump egress".into(),
                 ],
             ),
@@ -496,11 +627,13 @@ pub fn table(
                     "oifname != @bridges accept".into(),
                     "ct state established,related accept".into(),
                     "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-advert } accept".into(),
+                    "ct state new jump limits".into(),
                     "jump ingress".into(),
                 ],
             ),
         ]
         .into_iter()
+        .chain(limit_chains)
         .chain(crate::policy::render::chains(policy))
         .collect(),
     }
@@ -524,6 +657,7 @@ mod tests {
                 net("wn-nat", "10.40.0.0/24", "fd40::/64", true),
                 net("wn-lan", "192.168.40.0/24", "fd00:40::/64", false),
             ],
+            &[],
             &[],
             &[],
             &crate::policy::Compiled::default(),
@@ -553,7 +687,7 @@ mod tests {
             target: target.parse().unwrap(),
             target_port,
         };
-        let empty = table(&[], &[], &[], &crate::policy::Compiled::default());
+        let empty = table(&[], &[], &[], &[], &crate::policy::Compiled::default());
         let t = table(
             &[],
             &[],
@@ -562,6 +696,7 @@ mod tests {
                 hp("192.0.2.10/32", "udp", 5353, "10.40.0.2", 53),
                 hp("::/0", "tcp", 8080, "fd40::2", 80),
             ],
+            &[],
             &crate::policy::Compiled::default(),
         );
         let elements = |name: &str| -> Vec<(String, String)> {
@@ -615,6 +750,7 @@ mod tests {
             ],
             &[],
             &[],
+            &[],
             &crate::policy::Compiled::default(),
         );
         let text = weft_dataplane::nft::render_table(&t);
@@ -630,7 +766,7 @@ mod tests {
 
     #[test]
     fn workloads_cannot_open_connections_to_the_agent_s_ports() {
-        let mut t = table(&[], &[], &[], &crate::policy::Compiled::default());
+        let mut t = table(&[], &[], &[], &[], &crate::policy::Compiled::default());
         let before = t.clone();
         shield_agent_ports(&mut t, &[]);
         assert_eq!(t, before);
@@ -659,7 +795,7 @@ mod tests {
             guard,
         };
         let policy = crate::policy::Compiled::default();
-        let plain = table(&[], &[fwd(2222, None)], &[], &policy);
+        let plain = table(&[], &[fwd(2222, None)], &[], &[], &policy);
         let set_names = |t: &Table| -> Vec<String> {
             t.sets
                 .iter()
@@ -675,6 +811,7 @@ mod tests {
                 fwd(2223, Some((10, 600))),
                 fwd(3389, Some((5, 3600))),
             ],
+            &[],
             &[],
             &policy,
         );
@@ -724,6 +861,7 @@ mod tests {
                 fwd(2224, Some((10, 600))),
                 fwd(3389, Some((5, 3600))),
             ],
+            &[],
             &[],
             &policy,
         );

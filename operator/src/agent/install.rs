@@ -165,7 +165,7 @@ impl CniInstall {
         // configuration.
         let mut plugin = json!({
             "type": names::CNI_TYPE,
-            "capabilities": {"ips": true, "mac": true, "portMappings": true},
+            "capabilities": {"ips": true, "mac": true, "portMappings": true, "bandwidth": true},
         });
         if let Some(n) = network {
             plugin["network"] = json!(n);
@@ -330,7 +330,7 @@ mod tests {
         assert_eq!(v["plugins"][0]["network"], "nat-demo");
         assert_eq!(
             v["plugins"][0]["capabilities"],
-            serde_json::json!({"ips": true, "mac": true, "portMappings": true})
+            serde_json::json!({"ips": true, "mac": true, "portMappings": true, "bandwidth": true})
         );
         // The plugin refuses node locations from a configuration other than the node's own.
         for key in ["stateDir", "agentSocket", "logFile"] {

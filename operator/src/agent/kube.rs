@@ -80,6 +80,8 @@ struct Stores {
 /// Resources from the Kubernetes API, for one node.
 pub struct KubeSource {
     node: String,
+    /// For the Events of anomalies.
+    client: Client,
     stores: Stores,
     /// Per reflector: what it watches, and whether its first list is complete.
     synced: Vec<(&'static str, Arc<AtomicBool>)>,
@@ -153,12 +155,13 @@ impl KubeSource {
         }
         let (status, rx) = watch::channel(None);
         tasks.push(tokio::spawn(write_status(
-            Api::all(client),
+            Api::all(client.clone()),
             node.to_owned(),
             rx,
         )));
         KubeSource {
             node: node.to_owned(),
+            client: client.clone(),
             stores,
             synced,
             changes,
@@ -221,6 +224,12 @@ impl KubeSource {
                         .as_ref()
                         .and_then(|a| a.get(weft_dataplane::proto::NETWORKS_ANNOTATION))
                         .cloned(),
+                    limits: p
+                        .metadata
+                        .annotations
+                        .as_ref()
+                        .map(WorkloadMeta::limit_annotations)
+                        .unwrap_or_default(),
                     labels: p.metadata.labels.unwrap_or_default(),
                 })
                 .collect(),
@@ -260,7 +269,56 @@ impl Drop for KubeSource {
     }
 }
 
+/// Publishes each anomaly as a Warning Event on its pod (events.k8s.io; the recorder folds
+/// repeats into a series).
+async fn publish_anomalies(
+    client: Client,
+    node: String,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<super::anomaly::Anomaly>,
+) {
+    use k8s_openapi::api::core::v1::ObjectReference;
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let recorder = Recorder::new(
+        client,
+        Reporter {
+            controller: "weft-agent".into(),
+            instance: Some(node),
+        },
+    );
+    while let Some(a) = rx.recv().await {
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            namespace: Some(a.namespace.clone()),
+            name: Some(a.pod.clone()),
+            ..ObjectReference::default()
+        };
+        let event = Event {
+            type_: EventType::Warning,
+            reason: a.kind.reason().into(),
+            note: Some(a.note.chars().take(1000).collect()),
+            action: "Detect".into(),
+            secondary: None,
+        };
+        if let Err(e) = recorder.publish(&event, &reference).await {
+            warn!(pod = %format!("{}/{}", a.namespace, a.pod), error = %e, "cannot publish the anomaly's Event");
+        }
+    }
+}
+
 impl ResourceSource for KubeSource {
+    fn anomaly_publisher(&mut self) -> Option<super::anomaly::Publish> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.tasks.push(tokio::spawn(publish_anomalies(
+            self.client.clone(),
+            self.node.clone(),
+            rx,
+        )));
+        Some(Box::new(move |a| {
+            let _ = tx.send(a);
+        }))
+    }
+
     fn snapshot(&mut self) -> Result<Resources, SourceError> {
         let result = self.read();
         let error = result.as_ref().err().map(ToString::to_string);

@@ -20,8 +20,9 @@
 //!   `{namespace,pod,network,interface,direction}`: each workload interface's traffic, `in` to
 //!   the workload and `out` of it, read from its host link's counters at each scrape; the
 //!   drops also by `reason`: `link` (the host link's: a full queue, a peer gone), `policy` (the
-//!   segmentation policy's, counted by the kernel per workload address) and `guard`
-//!   (anti-spoofing's, per port), only with `--workload-metrics` (one
+//!   segmentation policy's, counted by the kernel per workload address), `guard`
+//!   (anti-spoofing's, per port) and `limit` (new connections over the workload's connection
+//!   limits or conntrack budget, per workload address), only with `--workload-metrics` (one
 //!   series per workload interface and direction: the cardinality grows with the workloads);
 //! - `conntrack_entries` and `conntrack_limit`: the node's connection tracking table
 //!   (`nf_conntrack_count` and `nf_conntrack_max`, read at each scrape). Masquerade and port
@@ -132,7 +133,12 @@ impl AgentMetrics {
             "Duration of CNI operations as the weft binary measured them, by command",
             m.cni_duration.clone(),
         );
-        r.register_collector(Box::new(AuditRecords(audit)));
+        r.register_collector(Box::new(Counts {
+            name: "audit_records",
+            help: "Audit records written, by verdict",
+            label: "verdict",
+            counts: audit,
+        }));
         r.register_collector(Box::new(Conntrack(conntrack_dir.to_path_buf())));
         r.register_collector(Box::new(Bans));
         m
@@ -172,22 +178,24 @@ impl AgentMetrics {
     }
 }
 
-/// `audit_records_total{verdict}`, read from the audit reader's counters at each scrape.
+/// A counter by one label, read from a map another task keeps (`audit_records_total{verdict}`
+/// from the audit reader, `anomalies_total{kind}` from the anomaly detector) at each scrape.
 #[derive(Debug)]
-struct AuditRecords(audit::Counters);
+struct Counts {
+    name: &'static str,
+    help: &'static str,
+    label: &'static str,
+    counts: audit::Counters,
+}
 
-impl Collector for AuditRecords {
+impl Collector for Counts {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let counts = self.0.lock().map(|c| c.clone()).unwrap_or_default();
+        let counts = self.counts.lock().map(|c| c.clone()).unwrap_or_default();
         let family = ConstCounter::new(0u64);
-        let mut metric = encoder.encode_descriptor(
-            "audit_records",
-            "Audit records written, by verdict",
-            None,
-            family.metric_type(),
-        )?;
-        for (verdict, n) in counts {
-            let labels: Labels = vec![("verdict", verdict)];
+        let mut metric =
+            encoder.encode_descriptor(self.name, self.help, None, family.metric_type())?;
+        for (value, n) in counts {
+            let labels: Labels = vec![(self.label, value)];
             ConstCounter::new(n).encode(metric.encode_family(&labels)?)?;
         }
         Ok(())
@@ -209,6 +217,8 @@ pub struct WorkloadPort {
     pub interface: String,
     /// Its addresses (the keys of the policy's drop counters).
     pub ips: Vec<std::net::IpAddr>,
+    /// Its limits.
+    pub limits: weft_crds::Limits,
 }
 
 /// The drops the node's rules counted per workload (the kernel's dynamic sets, see
@@ -221,6 +231,10 @@ struct RuleDrops {
     policy_in: std::collections::HashMap<String, u64>,
     /// Host port → forged frames the guard dropped from it.
     guard: std::collections::HashMap<String, u64>,
+    /// Address → new connections from it its limits dropped.
+    limit_out: std::collections::HashMap<String, u64>,
+    /// Address → new connections to it its conntrack budget dropped.
+    limit_in: std::collections::HashMap<String, u64>,
 }
 
 impl RuleDrops {
@@ -251,11 +265,18 @@ impl RuleDrops {
             ));
         }
         out.guard = read(Family::Bridge, super::guard::DROPS_SET);
+        let [lo, li] = super::firewall::LIMIT_DROP_SETS;
+        for set in lo {
+            out.limit_out.extend(read(Family::Inet, set));
+        }
+        for set in li {
+            out.limit_in.extend(read(Family::Inet, set));
+        }
         out
     }
 
     /// `(reason, direction, packets)` of one workload interface.
-    fn of(&self, p: &WorkloadPort) -> [(&'static str, &'static str, u64); 3] {
+    fn of(&self, p: &WorkloadPort) -> [(&'static str, &'static str, u64); 5] {
         let sum = |m: &std::collections::HashMap<String, u64>| -> u64 {
             p.ips.iter().filter_map(|ip| m.get(&ip.to_string())).sum()
         };
@@ -267,8 +288,22 @@ impl RuleDrops {
                 "out",
                 self.guard.get(&p.host_ifname).copied().unwrap_or(0),
             ),
+            ("limit", "in", sum(&self.limit_in)),
+            ("limit", "out", sum(&self.limit_out)),
         ]
     }
+}
+
+/// Registers `weft_agent_anomalies_total{kind}`: anomalies the detector raised, by kind.
+pub fn register_anomalies(registry: &mut Registry, counts: super::anomaly::Counts) {
+    registry
+        .sub_registry_with_prefix("weft_agent")
+        .register_collector(Box::new(Counts {
+            name: "anomalies",
+            help: "Anomalies the agent raised on workload interfaces, by kind: connection-limit, conntrack-budget, bandwidth (a limit crossed), packet-rate, connection-rate (an administrator's rate crossed); each is also an audit record and, in a cluster, an Event on the pod",
+            label: "kind",
+            counts,
+        }));
 }
 
 /// The workload interfaces of the node, kept by the reconciler and read at each scrape.
@@ -340,7 +375,7 @@ impl Collector for WorkloadTraffic {
         let rules = RuleDrops::read();
         let mut metric = encoder.encode_descriptor(
             "workload_drops",
-            "Packets dropped into and out of each workload interface, by reason: link (its host link dropped them), policy (the segmentation policy), guard (anti-spoofing: forged addresses, MACs, ARP, neighbour discovery)",
+            "Packets dropped into and out of each workload interface, by reason: link (its host link dropped them), policy (the segmentation policy), guard (anti-spoofing: forged addresses, MACs, ARP, neighbour discovery), limit (new connections over the workload's connection limits, counted per connection's first packet)",
             None,
             ConstCounter::new(0u64).metric_type(),
         )?;

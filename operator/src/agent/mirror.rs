@@ -1,6 +1,8 @@
 //! Traffic mirrors on this node: which workload ports copy which frames to which analyzer port
 //! or tunnel ([`plan`], pure), and the task that keeps the kernel's tc filters to that plan
-//! ([`Mirrors`]).
+//! ([`Mirrors`]). The same task keeps the ports' bandwidth shaping ([`MirrorPlan::shaping`],
+//! planned by `limits::shaping`): both are tc on the workloads' host ports, which wait for the
+//! CNI alike.
 //!
 //! A copy is taken on the source's host port (veth or VM tap) by a `cls_bpf` filter whose
 //! classic BPF program is the mirror's filter and whose action is `mirred egress mirror`: frames
@@ -23,7 +25,7 @@ use tracing::{info, warn};
 use weft_crds::{MirrorProtocol, NodeMirror, TrafficMirror, selector_matches};
 use weft_dataplane::mirror::{Insn, L4, MirrorFilter, Side, program};
 use weft_dataplane::names;
-use weft_dataplane::netlink::{MirrorRule, Netlink, NetlinkError};
+use weft_dataplane::netlink::{MirrorRule, Netlink, NetlinkError, Shaping};
 use weft_dataplane::proto::Endpoint;
 
 /// One copy a source port makes.
@@ -70,6 +72,8 @@ pub struct MirrorPlan {
     pub tunnels: BTreeMap<String, Tunnel>,
     /// `namespace/name` → what it does here.
     pub mirrors: BTreeMap<String, Planned>,
+    /// Host port → its bandwidth shaping (ports without limits are absent).
+    pub shaping: BTreeMap<String, Shaping>,
 }
 
 fn l4(p: MirrorProtocol) -> L4 {
@@ -231,6 +235,8 @@ struct Applied {
     waiting: BTreeSet<String>,
     /// Tunnels up.
     tunnels: BTreeMap<String, Tunnel>,
+    /// Port → the shaping in force on it.
+    shaping: BTreeMap<String, Shaping>,
 }
 
 /// Brings the kernel to `plan`. `full`: also take stale filters off every weft port and delete
@@ -298,6 +304,19 @@ fn apply(
             .filter(|p| !plan.ports.contains_key(*p))
             .cloned(),
     );
+    touch.extend(
+        plan.shaping
+            .iter()
+            .filter(|(p, s)| applied.shaping.get(*p) != Some(*s))
+            .map(|(p, _)| p.clone()),
+    );
+    touch.extend(
+        applied
+            .shaping
+            .keys()
+            .filter(|p| !plan.shaping.contains_key(*p))
+            .cloned(),
+    );
     if full {
         touch.extend(plan.ports.keys().cloned());
         touch.extend(
@@ -308,9 +327,23 @@ fn apply(
         );
     }
     applied.waiting.clear();
+    // Ports with a shaping link: shaped by this agent or an earlier one.
+    let shaped_before: BTreeSet<&str> = links
+        .iter()
+        .filter_map(|l| {
+            l.alias
+                .as_deref()?
+                .strip_prefix(names::ALIAS_PREFIX)?
+                .strip_prefix("shape:")
+        })
+        .collect();
     for port in touch {
         let Some(&port_index) = index.get(&port) else {
             applied.ports.remove(&port);
+            applied.shaping.remove(&port);
+            if plan.shaping.contains_key(&port) {
+                applied.waiting.insert(port.clone());
+            }
             if let Some(rules) = plan.ports.get(&port) {
                 applied.waiting.insert(port.clone());
                 for r in rules {
@@ -344,6 +377,8 @@ fn apply(
                 }
             }
         }
+        let stale = full && shaped_before.contains(port.as_str());
+        shape(nl, port_index, &port, plan, applied, stale);
         match nl.set_mirrors(port_index, &rules) {
             Ok(changed) => {
                 if changed {
@@ -370,6 +405,27 @@ fn apply(
                         .push(format!("cannot install the copy on port {port}: {e}"));
                 }
             }
+        }
+    }
+    // IFB links of ports no longer shaped (their port gone with its namespace, or its egress
+    // limit lifted while the port was away): at a full pass every one of weft's.
+    let wanted_ifbs: BTreeSet<String> = plan
+        .shaping
+        .iter()
+        .filter(|(_, s)| s.egress.is_some())
+        .map(|(p, _)| names::shaping_ifb_name(p))
+        .collect();
+    for l in links.iter().filter(|l| {
+        l.alias.as_deref().is_some_and(names::is_shaping_ifb_alias)
+            && !wanted_ifbs.contains(&l.name)
+            && (full
+                || l.alias
+                    .as_deref()
+                    .and_then(|a| a.strip_prefix(names::ALIAS_PREFIX)?.strip_prefix("shape:"))
+                    .is_some_and(|p| !index.contains_key(p)))
+    }) {
+        if nl.delete_link(l.index)? {
+            info!(ifb = %l.name, "deleted the shaping link of a port no longer shaped");
         }
     }
     // Each mirror's state: its planned sources, what it copied, its problems.
@@ -420,6 +476,46 @@ fn apply(
         }
     }
     Ok(report)
+}
+
+/// Brings port `port`'s bandwidth shaping to the plan's (none when the plan has none). A port
+/// this agent never shaped is left alone unless `stale` (it has a shaping link: an earlier
+/// agent shaped it).
+fn shape(
+    nl: &mut Netlink,
+    index: u32,
+    port: &str,
+    plan: &MirrorPlan,
+    applied: &mut Applied,
+    stale: bool,
+) {
+    let wanted = plan.shaping.get(port).copied();
+    if wanted.is_none() && !applied.shaping.contains_key(port) && !stale {
+        return;
+    }
+    let wanted = wanted.unwrap_or_default();
+    match nl.set_shaping(index, &names::shaping_ifb_name(port), &wanted) {
+        Ok(changed) => {
+            if changed {
+                info!(%port, ingress = ?wanted.ingress, egress = ?wanted.egress, "bandwidth shaping changed");
+            }
+            if wanted == Shaping::default() {
+                applied.shaping.remove(port);
+            } else {
+                applied.shaping.insert(port.to_string(), wanted);
+            }
+        }
+        Err(e) if e.is_not_found() => {
+            applied.shaping.remove(port);
+            if plan.shaping.contains_key(port) {
+                applied.waiting.insert(port.to_string());
+            }
+        }
+        Err(e) => {
+            applied.shaping.remove(port);
+            warn!(%port, error = %e, "cannot shape the port's bandwidth");
+        }
+    }
 }
 
 /// The task that keeps the kernel's mirrors to the latest plan.
@@ -563,6 +659,7 @@ mod tests {
             pending: false,
             vlan_trunk: vec![],
             port_mappings: vec![],
+            bandwidth: None,
         }
     }
 
@@ -572,6 +669,7 @@ mod tests {
             name: name.into(),
             labels: BTreeMap::from([("app".into(), app.into())]),
             networks: None,
+            limits: Default::default(),
         }
     }
 

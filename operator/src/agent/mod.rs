@@ -1,6 +1,7 @@
 //! The node agent: turns the resources that select this node into bridges, addresses and
 //! nftables rules, installs the CNI binary and conflist, and serves the CNI on a Unix socket.
 
+pub mod anomaly;
 pub mod audit;
 pub mod cni_server;
 pub mod endpoints;
@@ -8,6 +9,7 @@ pub mod firewall;
 pub mod guard;
 pub mod install;
 pub mod kube;
+pub mod limits;
 pub mod metrics;
 pub mod mirror;
 pub mod plan;
@@ -68,6 +70,8 @@ pub struct AgentConfig {
     pub workload_metrics: bool,
     /// The CIDRs a TrafficMirror's remote collector may be in (none: remote collectors refused).
     pub mirror_collectors: Vec<ipnet::IpNet>,
+    /// The rates above which a workload interface's traffic is an anomaly (besides its limits).
+    pub anomaly_thresholds: anomaly::Thresholds,
 }
 
 /// What the agent reports after each reconcile (`<state>/status.json`).
@@ -365,7 +369,7 @@ impl StatusFile {
 struct Reconciler {
     status_file: StatusFile,
     /// The workload interfaces the `workload_*` metrics report (`--workload-metrics`).
-    workload_ports: Option<metrics::WorkloadPorts>,
+    workload_ports: metrics::WorkloadPorts,
     cfg: AgentConfig,
     source: Box<dyn ResourceSource>,
     endpoints: EndpointStore,
@@ -576,15 +580,14 @@ impl Reconciler {
         self.status.problems = problems;
         self.networks = out.plan.networks.iter().map(|n| n.name.clone()).collect();
         // Mirrors change with the resources and the endpoints; their task applies them.
-        if res.mirrors.is_empty() {
-            self.mirrors.update(mirror::MirrorPlan::default());
+        let endpoints = self.endpoints.list();
+        let mut tc = if res.mirrors.is_empty() {
+            mirror::MirrorPlan::default()
         } else {
-            self.mirrors.update(mirror::plan(
-                &res,
-                &self.endpoints.list(),
-                &self.cfg.mirror_collectors,
-            ));
-        }
+            mirror::plan(&res, &endpoints, &self.cfg.mirror_collectors)
+        };
+        tc.shaping = limits::shaping(&res, &endpoints);
+        self.mirrors.update(tc);
         self.status.mirrors = self.mirrors.report();
         let outcome = match result {
             Ok(report) => {
@@ -676,14 +679,13 @@ impl Reconciler {
         }
         self.source.report(&self.status);
         self.status_file.publish(&self.status);
-        if let Some(ports) = &self.workload_ports
-            && let Ok(mut ports) = ports.lock()
-        {
+        if let Ok(mut ports) = self.workload_ports.lock() {
             *ports = self
                 .endpoints
                 .list()
                 .into_iter()
                 .map(|e| metrics::WorkloadPort {
+                    limits: limits::of(&res, &e).0,
                     host_ifname: e.host_ifname,
                     namespace: e.pod_namespace.unwrap_or_else(|| "default".into()),
                     pod: e.pod_name.unwrap_or_default(),
@@ -934,10 +936,12 @@ pub async fn run(
     let audit_counters = audit::Counters::default();
     let mut registry = prometheus_client::registry::Registry::default();
     let agent_metrics = metrics::AgentMetrics::register(&mut registry, audit_counters.clone());
-    let workload_ports = cfg.workload_metrics.then(metrics::WorkloadPorts::default);
-    if let Some(ports) = &workload_ports {
-        metrics::register_workload_traffic(&mut registry, ports.clone());
+    let workload_ports = metrics::WorkloadPorts::default();
+    if cfg.workload_metrics {
+        metrics::register_workload_traffic(&mut registry, workload_ports.clone());
     }
+    let anomalies = anomaly::Counts::default();
+    metrics::register_anomalies(&mut registry, anomalies.clone());
     raise_descriptor_limit();
     let mut cfg = cfg;
     // weft's own workloads may not reach the agent's HTTP port (its table drops them).
@@ -1001,7 +1005,24 @@ pub async fn run(
         mirrors: mirror::Mirrors::spawn(),
     };
     let mirrors = rec.mirrors.clone();
-    start_audit(&cfg, rec.policy.clone(), rec.audit.clone(), tx.clone());
+    if let Some(sink) = audit_sink(&cfg) {
+        start_audit(
+            &cfg,
+            sink.clone(),
+            rec.policy.clone(),
+            rec.audit.clone(),
+            tx.clone(),
+        );
+        let detector = anomaly::Detector {
+            node: cfg.node.name.clone(),
+            ports: rec.workload_ports.clone(),
+            thresholds: cfg.anomaly_thresholds,
+            sink,
+            counts: anomalies,
+            publish: rec.source.anomaly_publisher(),
+        };
+        std::thread::spawn(move || detector.run());
+    }
     info!(node = %cfg.node.name, socket = %cfg.socket.display(), endpoints = rec.endpoints.len(), "weft agent starting");
     let mut fingerprint = rec.source.fingerprint().ok();
     let mut retry = Retry::default();
@@ -1109,13 +1130,9 @@ pub async fn run(
     Ok(())
 }
 
-/// Starts the audit reader (a thread on NFLOG group 2727); without it the agent still works.
-fn start_audit(
-    cfg: &AgentConfig,
-    policy: audit::SharedPolicy,
-    counters: audit::Counters,
-    queue: mpsc::Sender<Message>,
-) {
+/// Opens the audit log (standard output without `--audit-log`), shared by the audit reader
+/// and the anomaly detector; `None` when it cannot be opened (both are then off).
+fn audit_sink(cfg: &AgentConfig) -> Option<anomaly::Sink> {
     let out: Box<dyn std::io::Write + Send> = match &cfg.audit_log {
         None => Box::new(std::io::stdout()),
         Some(path) => match std::fs::OpenOptions::new()
@@ -1125,11 +1142,22 @@ fn start_audit(
         {
             Ok(f) => Box::new(f),
             Err(e) => {
-                warn!(path = %path.display(), error = %e, "cannot open the audit log; audit records are off");
-                return;
+                warn!(path = %path.display(), error = %e, "cannot open the audit log; audit records and anomalies are off");
+                return None;
             }
         },
     };
+    Some(Arc::new(std::sync::Mutex::new(out)))
+}
+
+/// Starts the audit reader (a thread on NFLOG group 2727); without it the agent still works.
+fn start_audit(
+    cfg: &AgentConfig,
+    out: anomaly::Sink,
+    policy: audit::SharedPolicy,
+    counters: audit::Counters,
+    queue: mpsc::Sender<Message>,
+) {
     match audit::bind() {
         Ok(socket) => {
             let node = cfg.node.name.clone();

@@ -330,6 +330,7 @@ pub fn plan(
         &forwards,
         &mut problems,
     );
+    let limited = plan_limits(res, &|n| accepted.contains_key(n), endpoints, &mut problems);
     let members = members(res, endpoints);
     let policy = crate::policy::compile_resources(res, &members);
     problems.extend(policy.problems.iter().cloned());
@@ -362,7 +363,7 @@ pub fn plan(
             node: node.name.clone(),
             bridges,
             sysctls,
-            firewall: firewall::table(&rules, &forwards, &host_ports, &policy),
+            firewall: firewall::table(&rules, &forwards, &host_ports, &limited, &policy),
             guard: Some(guard),
             networks: states,
             ports,
@@ -371,6 +372,42 @@ pub fn plan(
         forwards: realized,
         policy: std::sync::Arc::new(policy),
     }
+}
+
+/// The connection limits of the endpoints on realized networks, by address; a pod whose limit
+/// annotations are invalid is reported (its Network's limits still apply).
+fn plan_limits(
+    res: &Resources,
+    realized: &dyn Fn(&str) -> bool,
+    endpoints: &[Endpoint],
+    problems: &mut Vec<Problem>,
+) -> Vec<firewall::Limited> {
+    let mut out = Vec::new();
+    for e in endpoints.iter().filter(|e| realized(&e.network)) {
+        let (limits, problem) = super::limits::of(res, e);
+        if let Some(message) = problem {
+            let object = format!(
+                "{}/{}",
+                e.pod_namespace.as_deref().unwrap_or("default"),
+                e.pod_name.as_deref().unwrap_or(&e.container_id)
+            );
+            if !problems
+                .iter()
+                .any(|p| p.kind == "Pod" && p.object == object && p.message == message)
+            {
+                problems.push(Problem {
+                    kind: "Pod",
+                    object,
+                    message,
+                });
+            }
+        }
+        let limits = limits.connections();
+        if !limits.is_none() {
+            out.extend(e.ips.iter().map(|&ip| firewall::Limited { ip, limits }));
+        }
+    }
+    out
 }
 
 /// The VLANs a network's uplink takes on its device: its sub-interface's, or a filtering
@@ -576,6 +613,7 @@ pub fn apply_endpoint_changes(
         return None;
     }
     let host_ports = host_port_changes(out, res, removed, added)?;
+    let limit_changes = limit_changes(out, res, removed, added)?;
     let gone: Vec<_> = removed
         .iter()
         .map(|e| endpoint_member(res, None, e))
@@ -608,6 +646,11 @@ pub fn apply_endpoint_changes(
             let side = if add { &mut entry.1 } else { &mut entry.0 };
             side.extend(set.elements.iter().cloned());
         }
+    }
+    for (set, (del, add)) in limit_changes {
+        let entry = changes.entry((false, set)).or_default();
+        entry.0.extend(del);
+        entry.1.extend(add);
     }
     let policy = std::sync::Arc::make_mut(&mut out.policy);
     for m in &gone {
@@ -767,6 +810,52 @@ fn host_port_changes(
             len -= 1;
         }
         if map.elements.is_empty() != (len == 0) {
+            return None;
+        }
+    }
+    Some(changes)
+}
+
+/// A set's elements to delete and to add.
+type ElementChange = (BTreeSet<String>, BTreeSet<String>);
+
+/// The limit-class set changes of an in-place endpoint change ([`apply_endpoint_changes`]):
+/// set → (addresses to delete, addresses to add). `None` when the change would touch more than
+/// those elements: a class the table does not have yet, a class it would leave empty (the full
+/// plan drops it), or a pod with invalid limit annotations (the full plan reports it).
+fn limit_changes(
+    out: &PlanOutput,
+    res: &Resources,
+    removed: &[Endpoint],
+    added: &[Endpoint],
+) -> Option<BTreeMap<String, ElementChange>> {
+    let mut changes: BTreeMap<String, ElementChange> = BTreeMap::new();
+    for (eps, add) in [(removed, false), (added, true)] {
+        for e in eps {
+            let (limits, problem) = super::limits::of(res, e);
+            if problem.is_some() {
+                return None;
+            }
+            let limits = limits.connections();
+            if limits.is_none() {
+                continue;
+            }
+            for ip in &e.ips {
+                let set = firewall::limit_class_set(&limits, ip.is_ipv6());
+                let entry = changes.entry(set).or_default();
+                if add { &mut entry.1 } else { &mut entry.0 }.insert(ip.to_string());
+            }
+        }
+    }
+    for (name, (del, add)) in &changes {
+        let set = out.plan.firewall.sets.iter().find(|s| s.name == *name)?;
+        let left = set
+            .elements
+            .iter()
+            .filter(|e| !del.contains(*e) || add.contains(*e))
+            .count()
+            + add.iter().filter(|a| !set.elements.contains(*a)).count();
+        if left == 0 {
             return None;
         }
     }
@@ -1151,6 +1240,7 @@ mod tests {
             pending: false,
             vlan_trunk: vec![],
             port_mappings: vec![],
+            bandwidth: None,
         }
     }
 

@@ -83,6 +83,10 @@ pub trait ResourceSource: Send {
     fn knows_every_pod(&self) -> bool {
         false
     }
+    /// Where anomalies go besides the audit log (cluster mode: Events on the pods). Called once.
+    fn anomaly_publisher(&mut self) -> Option<super::anomaly::Publish> {
+        None
+    }
 }
 
 /// Reads `*.yaml`, `*.yml` and `*.json` files (multi-document YAML allowed) from a directory.

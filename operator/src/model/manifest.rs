@@ -170,6 +170,7 @@ pub fn add_document(doc: serde_json::Value, origin: &str, into: &mut Resources) 
                     .annotations
                     .get(weft_dataplane::proto::NETWORKS_ANNOTATION)
                     .cloned(),
+                limits: WorkloadMeta::limit_annotations(&p.metadata.annotations),
             }),
             Err(e) => into.problems.push(format!("{origin}: invalid Pod: {e}")),
         },

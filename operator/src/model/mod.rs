@@ -23,6 +23,18 @@ pub struct WorkloadMeta {
     pub labels: BTreeMap<String, String>,
     /// The `weft.dev/networks` annotation: the weft Networks the pod wants, one interface each.
     pub networks: Option<String>,
+    /// Its limit annotations ([`weft_crds::limits::ANNOTATIONS`]), as written.
+    pub limits: BTreeMap<String, String>,
+}
+
+impl WorkloadMeta {
+    /// The limit annotations among a pod's `annotations`.
+    pub fn limit_annotations(annotations: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+        weft_crds::limits::ANNOTATIONS
+            .iter()
+            .filter_map(|k| annotations.get(*k).map(|v| ((*k).to_string(), v.clone())))
+            .collect()
+    }
 }
 
 /// A workload interface on another node.

@@ -197,8 +197,8 @@ fn check_table(res: &Resources, c: &Compiled) {
     assert_eq!(bare.egress, c.egress, "members changed the egress rules");
     assert_eq!(bare.problems, c.problems, "members changed the problems");
     let (without, with) = (
-        firewall::table(&[], &[], &[], &bare),
-        firewall::table(&[], &[], &[], c),
+        firewall::table(&[], &[], &[], &[], &bare),
+        firewall::table(&[], &[], &[], &[], c),
     );
     assert_eq!(
         structure_hash(&without),

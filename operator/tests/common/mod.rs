@@ -47,5 +47,6 @@ pub fn config(state: &std::path::Path) -> AgentConfig {
         audit_log: Some(state.join("audit.log")),
         workload_metrics: false,
         mirror_collectors: Vec::new(),
+        anomaly_thresholds: Default::default(),
     }
 }

@@ -17,7 +17,7 @@ spec: {mode: NAT, subnets: [10.10.0.0/16, "fd10::/64"], ipam: {nodeBlockPrefix: 
 apiVersion: weft.dev/v1alpha1
 kind: Network
 metadata: {name: red}
-spec: {mode: NAT, subnets: [10.20.0.0/16], ipam: {nodeBlockPrefix: 24}, security: {defaultAction: Deny}}
+spec: {mode: NAT, subnets: [10.20.0.0/16], ipam: {nodeBlockPrefix: 24}, security: {defaultAction: Deny}, limits: {conntrackEntries: 100, maxConnections: 10}}
 ---
 apiVersion: v1
 kind: Namespace
@@ -74,8 +74,14 @@ fn world() -> Resources {
     for i in 0..24 {
         let ns = NAMESPACES[i % 3];
         let app = APPS[i % 4];
+        // Some pods lower their limits (a limit class of their own, on either network).
+        let annotations = if i % 5 == 0 {
+            ", annotations: {weft.dev/new-connections-per-second: \"7\"}"
+        } else {
+            ""
+        };
         let pod = format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}, namespace: {ns}, labels: {{app: {app}}}}}\n"
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}, namespace: {ns}, labels: {{app: {app}}}{annotations}}}\n"
         );
         parse_manifests(&pod, "test", &mut r);
     }
@@ -158,6 +164,7 @@ fn endpoint(slot: usize, pod: usize, v: u8, pending: bool) -> Endpoint {
         pending,
         vlan_trunk: vec![],
         port_mappings: host_ports(slot, v),
+        bandwidth: None,
     }
 }
 

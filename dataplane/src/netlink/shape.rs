@@ -1,0 +1,919 @@
+//! Bandwidth shaping on a workload's host port, as the CNI `bandwidth` plugin does it: a `tbf`
+//! qdisc at the port's root limits what goes to the workload; what the workload sends enters
+//! the port, where nothing can be queued, so a filter in the port's clsact ingress hook
+//! redirects every frame to an IFB link whose root `tbf` limits it, and the IFB hands the
+//! frames back to the port's receive path (the bridge, nftables and the rest see them as
+//! before, only later or not at all).
+
+use super::tc::{
+    DumpedFilter, SIDES, basic_counters, bpf_filter_message, clsact_qdisc_message,
+    delete_pref_message, ingress_slot_kind, mirred_action, nla_value, program_bytes,
+};
+use super::{LinkInfo, Netlink, NetlinkError, check_ifname};
+use crate::mirror::{Insn, MirrorFilter, Side, program};
+use crate::names;
+use netlink_packet_core::{
+    DefaultNla, NLA_TYPE_MASK, NLM_F_CREATE, NLM_F_EXCL, Nla, NlaBuffer, NlasIterator,
+};
+use netlink_packet_route::RouteNetlinkMessage;
+use netlink_packet_route::tc::{
+    TcActionType, TcAttribute, TcHandle, TcMessage, TcMirrorActionType, TcOption, TcStats2,
+};
+use rtnetlink::LinkIfb;
+use tracing::debug;
+
+/// Priority of the filter in a host port's clsact ingress hook that redirects what the
+/// workload sends to its IFB link. Mirrors ([`super::MIRROR_PREF`] and up) sit before it, so
+/// they still see every frame; the redirect steals the frame, so filters after it see none.
+/// Whatever is at this priority of a port's ingress hook is taken for weft's redirect.
+pub const SHAPE_PREF: u16 = 0x7000;
+
+/// One direction's limit (the CNI `bandwidth` capability's units): the long-term rate in bits
+/// per second, at least 8 (the kernel counts whole bytes), and the burst in bits, how much may
+/// pass at once above the rate (the token bucket's size), at least 8, at most 2^32 - 1 bytes. A
+/// frame longer than the burst never passes: give at least the port's MTU plus 14 bytes.
+pub use crate::proto::Rate;
+
+/// A host port's shaping. `ingress`: into the workload; `egress`: from it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Shaping {
+    /// What the workload receives (leaves through the host port): `None` for no limit.
+    pub ingress: Option<Rate>,
+    /// What the workload sends (enters the host port): `None` for no limit.
+    pub egress: Option<Rate>,
+}
+
+/// The counters of one direction's `tbf` qdisc (since it was added; a changed rate keeps
+/// them, a direction shaped again after none starts from zero).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueCounters {
+    /// Bytes the qdisc sent on, Ethernet headers included.
+    pub bytes: u64,
+    /// Frames the qdisc sent on.
+    pub packets: u64,
+    /// Frames dropped: the queue was full (it holds the burst and 25 ms at the rate), or the
+    /// frame was longer than the burst.
+    pub drops: u64,
+    /// How often a frame had to wait for tokens (the qdisc was over its rate).
+    pub overlimits: u64,
+}
+
+/// The counters of a host port's shaping, by direction; `None` for a direction without.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShapingCounters {
+    /// The `tbf` at the port's root: what the workload receives.
+    pub ingress: Option<QueueCounters>,
+    /// The `tbf` at the IFB's root: what the workload sends.
+    pub egress: Option<QueueCounters>,
+}
+
+/// `TCA_OPTIONS` (linux/rtnetlink.h), the nest that holds a qdisc's own attributes.
+const TCA_OPTIONS: u16 = 2;
+
+/// `TCA_TBF_PARMS`, `TCA_TBF_RATE64` and `TCA_TBF_BURST` (linux/pkt_sched.h: UNSPEC 0, PARMS 1,
+/// RTAB 2, PTAB 3, RATE64 4, PRATE64 5, BURST 6, PBURST 7, PAD 8), which netlink-packet-route
+/// does not name.
+const TCA_TBF_PARMS: u16 = 1;
+const TCA_TBF_RATE64: u16 = 4;
+const TCA_TBF_BURST: u16 = 6;
+
+/// `sizeof(struct tc_tbf_qopt)`: two `tc_ratespec` (12 bytes each), then limit, buffer, mtu.
+const TBF_QOPT_LEN: usize = 36;
+
+/// `TC_LINKLAYER_ETHERNET`: the kernel computes transmit times itself and needs no rate table.
+const TC_LINKLAYER_ETHERNET: u8 = 1;
+
+/// How long a frame may wait in the queue, past the burst (the reference plugin's 25 ms).
+const LATENCY_MS: u128 = 25;
+
+/// `PSCHED_SHIFT`: a psched tick is 64 ns (`PSCHED_TICKS2NS(x)` is `x << 6`; the first two
+/// fields of `/proc/net/psched`, 1000 and 64, say the same).
+const PSCHED_SHIFT: u32 = 6;
+
+/// The handle of the `tbf` weft adds (`1:`, as the reference plugin).
+const TBF_HANDLE: u32 = 0x0001_0000;
+
+/// The `tbf` of one direction, from a [`Rate`] (like the reference plugin: `tc qdisc add dev X
+/// root tbf rate R burst B latency 25ms`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Tbf {
+    /// Bytes per second.
+    rate: u64,
+    /// The bucket, in bytes (`TCA_TBF_BURST`).
+    burst: u32,
+    /// The queue behind it, in bytes: 25 ms at the rate plus the burst (at most `u32::MAX`).
+    limit: u32,
+    /// The time to send `burst` at `rate`, in psched ticks, as the kernel computes and dumps
+    /// it (see [`kernel_buffer_ticks`]).
+    buffer: u32,
+}
+
+impl Tbf {
+    /// The `tbf` for `rate`, or why there is none (naming the field of `direction`).
+    fn of(rate: &Rate, direction: &str) -> Result<Tbf, String> {
+        let bytes = rate.bits_per_second / 8;
+        if bytes == 0 {
+            return Err(format!(
+                "{direction}.bits_per_second is {}, less than one byte per second: give a rate \
+                 of at least 8 bits per second, or leave {direction} unshaped (None)",
+                rate.bits_per_second
+            ));
+        }
+        let Ok(burst) = u32::try_from(rate.burst_bits / 8) else {
+            return Err(format!(
+                "{direction}.burst_bits is {}, over the kernel's largest burst of {} bytes \
+                 ({} bits): give a smaller burst",
+                rate.burst_bits,
+                u32::MAX,
+                u64::from(u32::MAX) * 8
+            ));
+        };
+        if burst == 0 {
+            return Err(format!(
+                "{direction}.burst_bits is {}, less than one byte: give a burst of at least the \
+                 port's MTU plus 14 bytes, in bits, or leave {direction} unshaped (None)",
+                rate.burst_bits
+            ));
+        }
+        let queue = u128::from(bytes) * LATENCY_MS / 1000 + u128::from(burst);
+        Ok(Tbf {
+            rate: bytes,
+            burst,
+            limit: u32::try_from(queue).unwrap_or(u32::MAX),
+            buffer: kernel_buffer_ticks(bytes, burst),
+        })
+    }
+
+    /// `TCA_TBF_PARMS`: `struct tc_tbf_qopt`, native endian. The rate's link layer is Ethernet
+    /// (no rate table); no peak rate; `buffer` is ignored by the kernel, which computes it
+    /// from `TCA_TBF_BURST`.
+    fn parms(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(TBF_QOPT_LEN);
+        // rate: cell_log, linklayer, overhead, cell_align, mpu, rate (u32::MAX: see RATE64).
+        b.extend_from_slice(&[0, TC_LINKLAYER_ETHERNET]);
+        b.extend_from_slice(&[0; 6]);
+        b.extend_from_slice(&u32::try_from(self.rate).unwrap_or(u32::MAX).to_ne_bytes());
+        // peakrate: none.
+        b.extend_from_slice(&[0; 12]);
+        b.extend_from_slice(&self.limit.to_ne_bytes());
+        b.extend_from_slice(&self.buffer.to_ne_bytes());
+        // mtu: only for a peak rate.
+        b.extend_from_slice(&0u32.to_ne_bytes());
+        b
+    }
+
+    /// The `TCA_OPTIONS` of the qdisc: parameters, burst, and the 64-bit rate when it does
+    /// not fit the 32 bits of the parameters.
+    fn options(&self) -> Vec<TcOption> {
+        let mut o = vec![
+            TcOption::Other(DefaultNla::new(TCA_TBF_PARMS, self.parms())),
+            TcOption::Other(DefaultNla::new(
+                TCA_TBF_BURST,
+                self.burst.to_ne_bytes().to_vec(),
+            )),
+        ];
+        if self.rate > u64::from(u32::MAX) {
+            o.push(TcOption::Other(DefaultNla::new(
+                TCA_TBF_RATE64,
+                self.rate.to_ne_bytes().to_vec(),
+            )));
+        }
+        o
+    }
+
+    /// Does the kernel's `tbf` have these parameters? The buffer may be a tick off (a kernel
+    /// rounding otherwise than [`kernel_buffer_ticks`]): bursts that differ by less than what
+    /// the rate sends in 128 ns compare equal.
+    fn is(&self, dumped: &DumpedTbf) -> bool {
+        dumped.rate == self.rate
+            && dumped.peak_rate == 0
+            && dumped.limit == self.limit
+            && (dumped.buffer.wrapping_sub(self.buffer) <= 1
+                || self.buffer.wrapping_sub(dumped.buffer) <= 1)
+    }
+}
+
+/// The buffer of a `tbf` with `burst` bytes at `rate` bytes/s as the kernel dumps it: the
+/// nanoseconds its `psched_l2t_ns()` gives with the `mult` and `shift` of
+/// `psched_ratecfg_precompute__()` (net/sched/sch_generic.c), in ticks (`>> 6`), cut to the 32
+/// bits of `tc_tbf_qopt.buffer` (it wraps past 2^32 ticks, about 275 s).
+fn kernel_buffer_ticks(rate: u64, burst: u32) -> u32 {
+    const NSEC_PER_SEC: u64 = 1_000_000_000;
+    let (mut factor, mut mult, mut shift) = (NSEC_PER_SEC, 1u32, 0u32);
+    // (A rate of 0 leaves mult 1, shift 0, as in the kernel.)
+    while let Some(m) = factor.checked_div(rate) {
+        // The kernel keeps `mult` in a u32.
+        mult = m as u32;
+        if mult & (1 << 31) != 0 || factor & (1 << 63) != 0 {
+            break;
+        }
+        factor <<= 1;
+        shift += 1;
+    }
+    let ns = (u64::from(burst) * u64::from(mult)) >> shift;
+    (ns >> PSCHED_SHIFT) as u32
+}
+
+/// A `tbf` as a qdisc dump shows it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct DumpedTbf {
+    /// Bytes per second (`TCA_TBF_RATE64` when present).
+    rate: u64,
+    /// The peak rate's bytes per second (32 bits), 0 for none.
+    peak_rate: u32,
+    limit: u32,
+    /// psched ticks.
+    buffer: u32,
+}
+
+/// One qdisc of a dump, as far as shaping looks at it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct DumpedQdisc {
+    index: u32,
+    parent: u32,
+    handle: u32,
+    kind: Option<String>,
+    /// For a `tbf`: its parameters.
+    tbf: Option<DumpedTbf>,
+    counters: QueueCounters,
+}
+
+impl DumpedQdisc {
+    /// The kernel's default qdisc (noqueue, pfifo_fast, fq_codel, mq…): handle 0.
+    fn is_default(&self) -> bool {
+        self.handle == 0
+    }
+
+    /// A `tbf` weft can take as its own.
+    fn is_tbf(&self) -> bool {
+        self.tbf.is_some()
+    }
+}
+
+fn dumped_qdisc(msg: TcMessage) -> DumpedQdisc {
+    let mut q = DumpedQdisc {
+        index: u32::try_from(msg.header.index).unwrap_or(0),
+        parent: u32::from(msg.header.parent),
+        handle: u32::from(msg.header.handle),
+        ..DumpedQdisc::default()
+    };
+    let mut options = Vec::new();
+    let mut stats2 = None;
+    let mut stats = None;
+    for attr in msg.attributes {
+        match attr {
+            TcAttribute::Kind(k) => q.kind = Some(k),
+            TcAttribute::Options(o) => options = o,
+            TcAttribute::Stats2(s) => stats2 = Some(s),
+            TcAttribute::Stats(s) => stats = Some(s),
+            _ => {}
+        }
+    }
+    if q.kind.as_deref() == Some("tbf") {
+        q.tbf = dumped_tbf(&options);
+    }
+    if let Some(s) = stats2 {
+        (q.counters.bytes, q.counters.packets) = basic_counters(&s);
+        for s in s {
+            if let TcStats2::Queue(queue) = s {
+                q.counters.drops = u64::from(queue.drops);
+                q.counters.overlimits = u64::from(queue.overlimits);
+            }
+        }
+    } else if let Some(s) = stats {
+        q.counters = QueueCounters {
+            bytes: s.bytes,
+            packets: u64::from(s.packets),
+            drops: u64::from(s.drops),
+            overlimits: u64::from(s.overlimits),
+        };
+    }
+    q
+}
+
+/// The parameters in a `tbf`'s options. netlink-packet-route does not know the kind, so the
+/// whole `TCA_OPTIONS` nest comes as one attribute.
+fn dumped_tbf(options: &[TcOption]) -> Option<DumpedTbf> {
+    let nest = options.iter().find_map(|o| match o {
+        TcOption::Other(nla) if nla.kind() & NLA_TYPE_MASK == TCA_OPTIONS => Some(nla_value(nla)),
+        _ => None,
+    })?;
+    let mut tbf = None;
+    let mut rate64 = None;
+    for nla in NlasIterator::new(nest.as_slice()) {
+        let Ok(nla): Result<NlaBuffer<&[u8]>, _> = nla else {
+            continue;
+        };
+        let v = nla.value();
+        match nla.kind() {
+            TCA_TBF_PARMS if v.len() >= TBF_QOPT_LEN => {
+                let u32_at = |i: usize| u32::from_ne_bytes([v[i], v[i + 1], v[i + 2], v[i + 3]]);
+                tbf = Some(DumpedTbf {
+                    rate: u64::from(u32_at(8)),
+                    peak_rate: u32_at(20),
+                    limit: u32_at(24),
+                    buffer: u32_at(28),
+                });
+            }
+            TCA_TBF_RATE64 => {
+                rate64 = <[u8; 8]>::try_from(v).ok().map(u64::from_ne_bytes);
+            }
+            _ => {}
+        }
+    }
+    let mut tbf = tbf?;
+    if let Some(r) = rate64 {
+        tbf.rate = r;
+    }
+    Some(tbf)
+}
+
+/// The root qdisc of link `index` among `qdiscs`, if it shows one.
+fn root_of(qdiscs: &[DumpedQdisc], index: u32) -> Option<&DumpedQdisc> {
+    qdiscs
+        .iter()
+        .find(|q| q.index == index && q.parent == u32::from(TcHandle::ROOT))
+}
+
+/// `RTM_NEWQDISC`: `tbf` as the root qdisc of link `index` with handle `handle` (`tc qdisc add
+/// dev X root handle 1: tbf rate R burst B limit L`; with the handle of the `tbf` already
+/// there and no flags, `tc qdisc change`).
+fn tbf_qdisc_message(index: u32, handle: u32, tbf: &Tbf) -> TcMessage {
+    let mut q = root_qdisc_message(index, handle);
+    q.attributes.push(TcAttribute::Kind("tbf".into()));
+    q.attributes.push(TcAttribute::Options(tbf.options()));
+    q
+}
+
+/// `RTM_DELQDISC`: the root qdisc of link `index`, with handle `handle`.
+fn root_qdisc_message(index: u32, handle: u32) -> TcMessage {
+    let mut q = TcMessage::with_index(i32::try_from(index).unwrap_or(0));
+    q.header.parent = TcHandle::ROOT;
+    q.header.handle = TcHandle::from(handle);
+    q
+}
+
+/// The classic BPF program of the redirect: every frame matches (`ret #-1`).
+fn every_frame() -> Vec<Insn> {
+    program(&MirrorFilter::default(), Side::FromWorkload)
+}
+
+/// `RTM_NEWTFILTER`: every frame entering link `port` goes to link `ifb` instead (`tc filter
+/// add dev PORT ingress pref 0x7000 protocol all bpf bytecode '1,6 0 0 4294967295' action
+/// mirred egress redirect dev IFB`, verdict stolen).
+fn redirect_to_ifb_message(port: u32, ifb: u32) -> TcMessage {
+    bpf_filter_message(
+        port,
+        Side::FromWorkload,
+        SHAPE_PREF,
+        &every_frame(),
+        mirred_action(ifb, TcMirrorActionType::EgressRedir, TcActionType::Stolen),
+    )
+}
+
+/// Is `filters` (those at [`SHAPE_PREF`]) exactly weft's redirect to link `ifb`?
+fn redirects_to(filters: &[&DumpedFilter], ifb: u32) -> bool {
+    matches!(filters, [f] if f.mirred_target(
+        &program_bytes(&every_frame()),
+        TcMirrorActionType::EgressRedir,
+        TcActionType::Stolen,
+    ) == Some(ifb))
+}
+
+impl Netlink {
+    /// Makes link `port`'s shaping exactly `shaping`.
+    ///
+    /// Ingress (what the workload receives): a `tbf` qdisc at the port's root with the rate,
+    /// the burst, and a queue of the burst plus 25 ms at the rate; what does not fit the queue
+    /// is dropped. Egress (what the workload sends): IFB link `ifb` (created with the port's
+    /// MTU, up, and alias [`names::shaping_ifb_alias`] of the port's name) with such a `tbf` at
+    /// its root, and in the port's clsact ingress hook a `cls_bpf` filter at [`SHAPE_PREF`]
+    /// that redirects every frame to it (`mirred egress redirect`, verdict stolen); the IFB
+    /// gives the frames back to the port's receive path, past tc (mirrors see each frame once,
+    /// before it is shaped). An IFB made anew or changed is ready before the redirect points
+    /// at it. Egress shaping does not touch the port's root qdisc, whoever made it.
+    ///
+    /// Idempotent: `Ok(false)`, and no change sent, when the kernel already has exactly this
+    /// (the kernel keeps the burst as the time to send it, in 64 ns ticks: bursts that differ
+    /// by less than what the rate sends in 128 ns count as the same). A changed rate is
+    /// changed in place (counters kept); a redirect to another link is replaced (delete then
+    /// add: for a moment what the workload sends is not shaped).
+    ///
+    /// Removes only what weft made: a `tbf` at the port's root (any root `tbf` is taken for
+    /// weft's, the reference plugin's too), the filter at [`SHAPE_PREF`] of the port's ingress
+    /// hook, and IFB link `ifb` if it carries the port's alias. Filters at other priorities
+    /// are left alone; with no egress shaping the clsact qdisc is removed only when nothing
+    /// else is on it. Anything else on weft's IFB is replaced. Deleting the port leaves the
+    /// IFB: shape it to nothing first, or delete link `ifb` too.
+    ///
+    /// Errors: a `port` that does not exist → [`NetlinkError::is_not_found`]; a rate or burst
+    /// under one byte, a burst over 4 GiB, an `ifb` that is not an interface name, ingress
+    /// shaping on a port whose root qdisc is another one (an `htb` someone put there…), egress
+    /// shaping on a port whose ingress slot holds a plain `ingress` qdisc, or a link `ifb`
+    /// that is not weft's IFB for this port → [`NetlinkError::Invalid`], before anything is
+    /// changed.
+    pub fn set_shaping(
+        &mut self,
+        port: u32,
+        ifb: &str,
+        shaping: &Shaping,
+    ) -> Result<bool, NetlinkError> {
+        const OP: &str = "set shaping";
+        let target = format!("link {port}");
+        check_ifname(OP, &target, ifb)?;
+        let invalid = |reason: String| NetlinkError::Invalid {
+            op: OP,
+            target: target.clone(),
+            reason,
+        };
+        let ingress = shaping
+            .ingress
+            .map(|r| Tbf::of(&r, "ingress"))
+            .transpose()
+            .map_err(invalid)?;
+        let egress = shaping
+            .egress
+            .map(|r| Tbf::of(&r, "egress"))
+            .transpose()
+            .map_err(invalid)?;
+
+        let link = self.require_link(OP, port)?;
+        let alias = names::shaping_ifb_alias(&link.name);
+        let existing_ifb = self.link_by_name(ifb)?;
+        let ours = existing_ifb.as_ref().filter(|l| is_our_ifb(l, &alias));
+        let mut links = vec![port];
+        links.extend(ours.map(|l| l.index));
+        let raw = self.qdiscs_of(OP, &links)?;
+        let slot = ingress_slot_kind(&raw, port);
+        let qdiscs: Vec<DumpedQdisc> = raw.into_iter().map(dumped_qdisc).collect();
+        let root = root_of(&qdiscs, port);
+
+        if ingress.is_some()
+            && let Some(q) = root.filter(|q| !q.is_default() && !q.is_tbf())
+        {
+            let kind = q.kind.as_deref().unwrap_or("qdisc of no kind");
+            return Err(invalid(format!(
+                "its root qdisc is a {kind:?} (handle {:x}:) that weft did not make, and ingress \
+                 shaping needs a tbf there: remove it (tc qdisc del dev {} root) or leave \
+                 ingress unshaped",
+                q.handle >> 16,
+                link.name
+            )));
+        }
+        if egress.is_some() {
+            if let Some(other) = slot.as_deref().filter(|k| *k != "clsact") {
+                return Err(invalid(format!(
+                    "its ingress slot holds a {other:?} qdisc, and egress shaping needs a clsact \
+                     qdisc there: remove that qdisc (tc qdisc del dev {} {other}) or leave \
+                     egress unshaped",
+                    link.name
+                )));
+            }
+            if let Some(l) = existing_ifb.as_ref().filter(|l| !is_our_ifb(l, &alias)) {
+                return Err(invalid(format!(
+                    "link {ifb} exists and is not weft's IFB for {} (kind {}, alias {:?}): \
+                     delete it or choose another name",
+                    link.name,
+                    l.kind.as_deref().unwrap_or("none"),
+                    l.alias.as_deref().unwrap_or("")
+                )));
+            }
+        }
+
+        let mut changed = self.set_root_tbf(OP, port, root, ingress.as_ref())?;
+        match egress {
+            Some(tbf) => {
+                let (index, ifb_root) = match ours {
+                    Some(l) => {
+                        if l.mtu != link.mtu {
+                            self.set_mtu(l.index, link.mtu)?;
+                            changed = true;
+                        }
+                        if !l.up {
+                            self.set_up(l.index)?;
+                            changed = true;
+                        }
+                        (l.index, root_of(&qdiscs, l.index))
+                    }
+                    None => {
+                        let index = self.create_ifb(OP, ifb, link.mtu, &alias)?;
+                        changed = true;
+                        (index, None)
+                    }
+                };
+                changed |= self.set_root_tbf(OP, index, ifb_root, Some(&tbf))?;
+                changed |= self.set_redirect(OP, port, slot.is_some(), index)?;
+            }
+            None => {
+                if slot.as_deref() == Some("clsact") {
+                    changed |= self.remove_redirect(OP, port)?;
+                }
+                if let Some(l) = ours {
+                    changed |= self.delete_link(l.index)?;
+                }
+            }
+        }
+        if changed {
+            debug!(port, ifb, ?shaping, "set shaping");
+        }
+        Ok(changed)
+    }
+
+    /// The counters of link `port`'s shaping, per direction (from a qdisc dump: the `tbf`'s
+    /// `TCA_STATS2`), `None` for a direction without: no `tbf` at the port's root (ingress);
+    /// no redirect at [`SHAPE_PREF`] to IFB link `ifb` with the port's alias, or no `tbf` at
+    /// its root (egress).
+    ///
+    /// Errors: a `port` that does not exist → [`NetlinkError::is_not_found`]; an `ifb` that is
+    /// not an interface name → [`NetlinkError::Invalid`].
+    pub fn shaping_counters(
+        &mut self,
+        port: u32,
+        ifb: &str,
+    ) -> Result<ShapingCounters, NetlinkError> {
+        const OP: &str = "read shaping counters";
+        check_ifname(OP, &format!("link {port}"), ifb)?;
+        let link = self.require_link(OP, port)?;
+        let alias = names::shaping_ifb_alias(&link.name);
+        let ours = self
+            .link_by_name(ifb)?
+            .filter(|l| is_our_ifb(l, &alias))
+            .map(|l| l.index);
+        let mut links = vec![port];
+        links.extend(ours);
+        let raw = self.qdiscs_of(OP, &links)?;
+        let slot = ingress_slot_kind(&raw, port);
+        let qdiscs: Vec<DumpedQdisc> = raw.into_iter().map(dumped_qdisc).collect();
+        let counters = |index| {
+            root_of(&qdiscs, index)
+                .filter(|q| q.is_tbf())
+                .map(|q| q.counters)
+        };
+        let ingress = counters(port);
+        let egress = match ours {
+            Some(index) if slot.as_deref() == Some("clsact") => {
+                let filters = self.hook_filters(OP, port, Side::FromWorkload)?;
+                let at_pref: Vec<&DumpedFilter> = filters
+                    .iter()
+                    .filter(|f| f.pref == SHAPE_PREF && !f.head)
+                    .collect();
+                if redirects_to(&at_pref, index) {
+                    counters(index)
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        };
+        Ok(ShapingCounters { ingress, egress })
+    }
+
+    /// Makes the root qdisc of link `index` (`current` as dumped) the `tbf` `want`, or for
+    /// `None` no `tbf`. A root qdisc that is neither the kernel's default nor a `tbf` is
+    /// deleted first (callers refuse that on a host port before).
+    fn set_root_tbf(
+        &mut self,
+        op: &'static str,
+        index: u32,
+        current: Option<&DumpedQdisc>,
+        want: Option<&Tbf>,
+    ) -> Result<bool, NetlinkError> {
+        let current = current.filter(|q| !q.is_default());
+        match (current, want) {
+            (None, None) => Ok(false),
+            (Some(q), None) if !q.is_tbf() => Ok(false),
+            (Some(q), None) => {
+                match self.call(
+                    op,
+                    || format!("link {index}: delete root tbf"),
+                    RouteNetlinkMessage::DelQueueDiscipline(root_qdisc_message(index, q.handle)),
+                    0,
+                ) {
+                    Ok(_) => Ok(true),
+                    Err(e) if e.is_not_found() => Ok(false),
+                    Err(e) => Err(e),
+                }
+            }
+            (Some(q), Some(t)) if q.is_tbf() => {
+                if q.tbf.is_some_and(|d| t.is(&d)) {
+                    return Ok(false);
+                }
+                self.call(
+                    op,
+                    || format!("link {index}: change root tbf to {t:?}"),
+                    RouteNetlinkMessage::NewQueueDiscipline(tbf_qdisc_message(index, q.handle, t)),
+                    0,
+                )?;
+                Ok(true)
+            }
+            (current, Some(t)) => {
+                if let Some(q) = current {
+                    self.call(
+                        op,
+                        || format!("link {index}: delete root qdisc {:?}", q.kind),
+                        RouteNetlinkMessage::DelQueueDiscipline(root_qdisc_message(
+                            index, q.handle,
+                        )),
+                        0,
+                    )?;
+                }
+                self.call(
+                    op,
+                    || format!("link {index}: add root tbf {t:?}"),
+                    RouteNetlinkMessage::NewQueueDiscipline(tbf_qdisc_message(
+                        index, TBF_HANDLE, t,
+                    )),
+                    NLM_F_CREATE | NLM_F_EXCL,
+                )?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Creates IFB link `name` with MTU `mtu` and alias `alias`, up; returns its index.
+    fn create_ifb(
+        &mut self,
+        op: &'static str,
+        name: &str,
+        mtu: u32,
+        alias: &str,
+    ) -> Result<u32, NetlinkError> {
+        let target = || format!("{name} (ifb)");
+        self.call(
+            op,
+            target,
+            RouteNetlinkMessage::NewLink(LinkIfb::new(name).mtu(mtu).up().build()),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )?;
+        let index = self.created_index(op, name, target)?;
+        self.alias_new_link(index, Some(alias))?;
+        debug!(ifb = %name, index, "created IFB link");
+        Ok(index)
+    }
+
+    /// Makes the filter at [`SHAPE_PREF`] of link `port`'s ingress hook weft's redirect to
+    /// link `ifb`, adding the clsact qdisc unless `has_clsact`.
+    fn set_redirect(
+        &mut self,
+        op: &'static str,
+        port: u32,
+        has_clsact: bool,
+        ifb: u32,
+    ) -> Result<bool, NetlinkError> {
+        let mut changed = false;
+        let filters = if has_clsact {
+            self.hook_filters(op, port, Side::FromWorkload)?
+        } else {
+            match self.call(
+                op,
+                || format!("link {port}: add clsact qdisc"),
+                RouteNetlinkMessage::NewQueueDiscipline(clsact_qdisc_message(port)),
+                NLM_F_CREATE | NLM_F_EXCL,
+            ) {
+                Ok(_) => changed = true,
+                // Made meanwhile; if it is not a clsact, adding the filter fails.
+                Err(e) if e.is_exists() => {}
+                Err(e) => return Err(e),
+            }
+            Vec::new()
+        };
+        let at_pref: Vec<&DumpedFilter> = filters.iter().filter(|f| f.pref == SHAPE_PREF).collect();
+        let ours: Vec<&DumpedFilter> = at_pref.iter().copied().filter(|f| !f.head).collect();
+        if redirects_to(&ours, ifb) {
+            return Ok(changed);
+        }
+        if !at_pref.is_empty() {
+            self.delete_shape_pref(op, port)?;
+        }
+        self.call(
+            op,
+            || format!("link {port}: add redirect pref {SHAPE_PREF} to link {ifb}"),
+            RouteNetlinkMessage::NewTrafficFilter(redirect_to_ifb_message(port, ifb)),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )?;
+        Ok(true)
+    }
+
+    /// Removes the filters at [`SHAPE_PREF`] of link `port`'s ingress hook, and its clsact
+    /// qdisc when nothing else is on it.
+    fn remove_redirect(&mut self, op: &'static str, port: u32) -> Result<bool, NetlinkError> {
+        let mut changed = false;
+        let mut others_left = false;
+        for side in SIDES {
+            let filters = self.hook_filters(op, port, side)?;
+            let (ours, others): (Vec<&DumpedFilter>, Vec<&DumpedFilter>) = filters
+                .iter()
+                .partition(|f| side == Side::FromWorkload && f.pref == SHAPE_PREF);
+            others_left |= !others.is_empty();
+            if !ours.is_empty() {
+                changed |= self.delete_shape_pref(op, port)?;
+            }
+        }
+        if !others_left {
+            match self.call(
+                op,
+                || format!("link {port}: delete clsact qdisc"),
+                RouteNetlinkMessage::DelQueueDiscipline(clsact_qdisc_message(port)),
+                0,
+            ) {
+                Ok(_) => changed = true,
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Deletes every filter at [`SHAPE_PREF`] of link `port`'s ingress hook.
+    fn delete_shape_pref(&mut self, op: &'static str, port: u32) -> Result<bool, NetlinkError> {
+        match self.call(
+            op,
+            || format!("link {port}: delete ingress filter pref {SHAPE_PREF}"),
+            RouteNetlinkMessage::DelTrafficFilter(delete_pref_message(
+                port,
+                Side::FromWorkload,
+                SHAPE_PREF,
+            )),
+            0,
+        ) {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Is `link` weft's IFB with alias `alias`?
+fn is_our_ifb(link: &LinkInfo, alias: &str) -> bool {
+    link.kind.as_deref() == Some("ifb") && link.alias.as_deref() == Some(alias)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::round_trip;
+    use super::*;
+
+    fn rate(bits_per_second: u64, burst_bits: u64) -> Rate {
+        Rate {
+            bits_per_second,
+            burst_bits,
+        }
+    }
+
+    #[test]
+    fn the_tbf_follows_the_reference_plugin() {
+        // 8 Mbit/s, 256 kbit: 1 MB/s, 32 KiB, 25 ms of queue past the burst.
+        let t = Tbf::of(&rate(8_000_000, 262_144), "ingress").unwrap();
+        assert_eq!(t.rate, 1_000_000);
+        assert_eq!(t.burst, 32_768);
+        assert_eq!(t.limit, 25_000 + 32_768);
+        // 32768 bytes at 1 MB/s: 32.768 ms, 512000 ticks of 64 ns.
+        assert_eq!(t.buffer, 512_000);
+    }
+
+    #[test]
+    fn the_buffer_is_the_kernels_to_the_tick() {
+        // What 6.18 dumps for `tc qdisc add … tbf rate R burst B` (`tc -raw`'s burst_raw), R
+        // and B in bytes: the exact time in 64 ns ticks, or a tick less.
+        for (rate, burst, ticks) in [
+            (1_000_000, 32_768, 512_000u32),
+            (125_000, 10_000, 1_250_000),
+            (1_250_000_000, 1_000_000, 12_499),
+            (3, 7, 36_458_333),
+            // Kubernetes' default burst (2^31 - 1 bits) at 1 Mbit/s: 2147 s, past the 2^32
+            // ticks of the dump's u32, which wraps.
+            (125_000, 268_435_455, 3_489_660_803),
+        ] {
+            assert_eq!(kernel_buffer_ticks(rate, burst), ticks, "{rate} {burst}");
+        }
+        assert_eq!(
+            kernel_buffer_ticks(0, 1),
+            0,
+            "a rate of 0 does not divide by 0"
+        );
+    }
+
+    #[test]
+    fn rates_and_bursts_under_a_byte_or_over_the_kernels_u32_are_refused_by_name() {
+        for (r, field) in [
+            (rate(0, 80_000), "egress.bits_per_second is 0"),
+            (rate(7, 80_000), "egress.bits_per_second is 7"),
+            (rate(8_000, 0), "egress.burst_bits is 0"),
+            (rate(8_000, 7), "egress.burst_bits is 7"),
+            (
+                rate(8_000, (1 << 35) + 8),
+                "egress.burst_bits is 34359738376",
+            ),
+        ] {
+            let err = Tbf::of(&r, "egress").unwrap_err();
+            assert!(err.starts_with(field), "{err}");
+        }
+        assert!(Tbf::of(&rate(8, 8), "egress").is_ok());
+        assert!(Tbf::of(&rate(8, u64::from(u32::MAX) * 8), "egress").is_ok());
+    }
+
+    #[test]
+    fn the_limit_saturates_and_a_rate_past_32_bits_goes_in_rate64() {
+        let t = Tbf::of(&rate(u64::MAX, u64::from(u32::MAX) * 8), "ingress").unwrap();
+        assert_eq!(t.limit, u32::MAX);
+        let opts = t.options();
+        let kinds: Vec<u16> = opts.iter().map(|o| o.kind()).collect();
+        assert_eq!(kinds, [TCA_TBF_PARMS, TCA_TBF_BURST, TCA_TBF_RATE64]);
+        let small = Tbf::of(&rate(8_000_000, 262_144), "ingress").unwrap();
+        assert_eq!(small.options().len(), 2, "no RATE64 under 2^32 bytes/s");
+    }
+
+    /// The qdisc `msg` as a dump would show it (the kernel nests the options in TCA_OPTIONS
+    /// just as the request does).
+    fn dumped(msg: TcMessage) -> DumpedQdisc {
+        let RouteNetlinkMessage::NewQueueDiscipline(back) =
+            round_trip(RouteNetlinkMessage::NewQueueDiscipline(msg))
+        else {
+            panic!("not RTM_NEWQDISC");
+        };
+        dumped_qdisc(back)
+    }
+
+    #[test]
+    fn the_tbf_message_reads_back_as_what_set_shaping_compares() {
+        for bits in [8_000_000, 80_000_000_000] {
+            let t = Tbf::of(&rate(bits, 262_144), "ingress").unwrap();
+            let q = dumped(tbf_qdisc_message(7, TBF_HANDLE, &t));
+            assert_eq!((q.index, q.parent, q.handle), (7, 0xffff_ffff, 0x0001_0000));
+            assert_eq!(q.kind.as_deref(), Some("tbf"));
+            let d = q.tbf.unwrap();
+            assert_eq!(d.rate, bits / 8);
+            assert_eq!((d.limit, d.buffer, d.peak_rate), (t.limit, t.buffer, 0));
+            assert!(t.is(&d));
+            assert!(q.is_tbf() && !q.is_default());
+        }
+    }
+
+    #[test]
+    fn the_parameters_are_a_tc_tbf_qopt_with_an_ethernet_rate() {
+        let t = Tbf::of(&rate(80_000_000_000, 262_144), "ingress").unwrap();
+        let p = t.parms();
+        assert_eq!(p.len(), TBF_QOPT_LEN);
+        assert_eq!(p[1], TC_LINKLAYER_ETHERNET);
+        assert_eq!(p[8..12], u32::MAX.to_ne_bytes(), "the rate is in RATE64");
+        assert_eq!(p[12..24], [0; 12], "no peak rate");
+        assert_eq!(p[24..28], t.limit.to_ne_bytes());
+        assert_eq!(p[28..32], t.buffer.to_ne_bytes());
+        assert_eq!(p[32..36], [0; 4]);
+    }
+
+    #[test]
+    fn another_rate_limit_peak_or_buffer_is_not_the_same_tbf() {
+        let t = Tbf::of(&rate(8_000_000, 262_144), "ingress").unwrap();
+        let d = DumpedTbf {
+            rate: t.rate,
+            peak_rate: 0,
+            limit: t.limit,
+            buffer: t.buffer,
+        };
+        assert!(t.is(&d));
+        assert!(t.is(&DumpedTbf {
+            buffer: t.buffer - 1,
+            ..d
+        }));
+        for other in [
+            DumpedTbf { rate: 1, ..d },
+            DumpedTbf { peak_rate: 1, ..d },
+            DumpedTbf { limit: 1, ..d },
+            DumpedTbf {
+                buffer: t.buffer + 2,
+                ..d
+            },
+        ] {
+            assert!(!t.is(&other), "{other:?}");
+        }
+    }
+
+    #[test]
+    fn the_redirect_steals_every_frame_for_the_ifb() {
+        let RouteNetlinkMessage::NewTrafficFilter(back) = round_trip(
+            RouteNetlinkMessage::NewTrafficFilter(redirect_to_ifb_message(4, 9)),
+        ) else {
+            panic!("not RTM_NEWTFILTER");
+        };
+        assert_eq!(u32::from(back.header.parent), 0xffff_fff2, "ingress hook");
+        assert_eq!(back.header.info, (u32::from(SHAPE_PREF) << 16) | 0x0300);
+        let f = super::super::tc::dumped_filter(back);
+        assert!(redirects_to(&[&f], 9));
+        assert!(!redirects_to(&[&f], 8), "another IFB");
+        assert!(!redirects_to(&[&f, &f], 9), "two filters");
+        assert_eq!(every_frame().len(), 1, "one instruction: ret #-1");
+        assert_eq!(every_frame()[0].k, u32::MAX);
+    }
+
+    #[test]
+    fn the_default_root_is_not_a_foreign_one() {
+        let mut q = TcMessage::with_index(3);
+        q.header.parent = TcHandle::ROOT;
+        q.attributes.push(TcAttribute::Kind("noqueue".into()));
+        let q = dumped(q);
+        assert!(q.is_default() && !q.is_tbf());
+        assert_eq!(root_of(std::slice::from_ref(&q), 3), Some(&q));
+        assert_eq!(root_of(std::slice::from_ref(&q), 4), None);
+    }
+}

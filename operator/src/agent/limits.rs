@@ -1,0 +1,192 @@
+//! The limits of each workload interface on this node: its Network's `spec.limits`, lowered by
+//! its pod's annotations (see [`weft_crds::limits`]) and by the bandwidth the runtime asked
+//! for (the CNI `bandwidth` capability). The connection limits become elements of the
+//! firewall's limit classes (`firewall::limits`), the bandwidth a token bucket on the host port
+//! (the mirror task keeps the port's tc, `mirror::MirrorPlan::shaping`).
+
+use crate::model::Resources;
+use std::collections::BTreeMap;
+use weft_crds::limits::Limits;
+use weft_dataplane::netlink::Shaping;
+use weft_dataplane::proto::{Endpoint, Rate};
+
+/// The burst a bandwidth limit allows when the runtime gave none: 20 ms of traffic at the
+/// rate, at least 32 KiB (a token bucket needs room for a few full frames).
+pub fn default_burst_bits(bits_per_second: u64) -> u64 {
+    (bits_per_second / 50).max(32 * 1024 * 8)
+}
+
+/// Endpoint `e`'s limits, and what is wrong with its pod's annotations if anything is (the
+/// Network's limits and the runtime's then apply alone: a bad annotation never lifts a limit).
+pub fn of(res: &Resources, e: &Endpoint) -> (Limits, Option<String>) {
+    let network = res
+        .networks
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(e.network.as_str()))
+        .and_then(|n| n.spec.limits.as_ref())
+        .and_then(weft_crds::WorkloadLimits::limits)
+        .unwrap_or_default();
+    let runtime = e.bandwidth.map_or_else(Limits::default, |b| Limits {
+        ingress_bps: b.ingress.map(|r| r.bits_per_second),
+        egress_bps: b.egress.map(|r| r.bits_per_second),
+        ..Limits::default()
+    });
+    let pod = match (&e.pod_namespace, &e.pod_name) {
+        (Some(ns), Some(name)) => res
+            .workloads
+            .iter()
+            .find(|w| &w.namespace == ns && &w.name == name)
+            .map(|w| (format!("{ns}/{name}"), &w.limits)),
+        _ => None,
+    };
+    match pod.map(|(key, a)| (key, Limits::from_annotations(a))) {
+        Some((_, Ok(annotated))) => (network.tightest(runtime).tightest(annotated), None),
+        Some((key, Err(problem))) => (
+            network.tightest(runtime),
+            Some(format!("pod {key}: {problem}")),
+        ),
+        None => (network.tightest(runtime), None),
+    }
+}
+
+/// The shaping of every host port with a bandwidth limit, by port name.
+pub fn shaping(res: &Resources, endpoints: &[Endpoint]) -> BTreeMap<String, Shaping> {
+    let mut out = BTreeMap::new();
+    for e in endpoints {
+        let (limits, _) = of(res, e);
+        // The runtime's burst for the runtime's rate; a default one for a lower rate.
+        let rate = |bps: Option<u64>, asked: Option<Rate>| {
+            bps.map(|bits_per_second| Rate {
+                bits_per_second,
+                burst_bits: asked
+                    .filter(|r| r.bits_per_second == bits_per_second && r.burst_bits > 0)
+                    .map_or_else(|| default_burst_bits(bits_per_second), |r| r.burst_bits),
+            })
+        };
+        let shaping = Shaping {
+            ingress: rate(limits.ingress_bps, e.bandwidth.and_then(|b| b.ingress)),
+            egress: rate(limits.egress_bps, e.bandwidth.and_then(|b| b.egress)),
+        };
+        if shaping != Shaping::default() {
+            out.insert(e.host_ifname.clone(), shaping);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::model::WorkloadMeta;
+    use weft_crds::limits::{CONNTRACK_ANNOTATION, INGRESS_BANDWIDTH_ANNOTATION};
+
+    fn resources(limits: &str, annotations: &[(&str, &str)]) -> Resources {
+        let yaml = format!(
+            "apiVersion: weft.dev/v1alpha1\nkind: Network\nmetadata: {{name: nat}}\nspec: {{mode: NAT, subnets: [10.1.0.0/16], limits: {limits}}}\n"
+        );
+        let mut res = Resources::default();
+        res.networks
+            .push(serde_saphyr::from_str::<weft_crds::Network>(&yaml).unwrap());
+        res.workloads.push(WorkloadMeta {
+            namespace: "prod".into(),
+            name: "web".into(),
+            labels: BTreeMap::new(),
+            networks: None,
+            limits: annotations
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+                .collect(),
+        });
+        res
+    }
+
+    fn endpoint() -> Endpoint {
+        Endpoint {
+            network: "nat".into(),
+            container_id: "c1".into(),
+            ifname: "eth0".into(),
+            host_ifname: "wf0123456789a".into(),
+            mac: "02:00:00:00:00:01".into(),
+            ips: vec!["10.1.0.5".parse().unwrap()],
+            pod_namespace: Some("prod".into()),
+            pod_name: Some("web".into()),
+            netns: None,
+            vm: None,
+            pending: false,
+            vlan_trunk: vec![],
+            port_mappings: vec![],
+            bandwidth: None,
+        }
+    }
+
+    #[test]
+    fn a_pod_lowers_its_network_s_limits_and_cannot_raise_them() {
+        let res = resources(
+            "{ingressBandwidth: 100M, conntrackEntries: 1000}",
+            &[
+                (INGRESS_BANDWIDTH_ANNOTATION, "1G"),
+                (CONNTRACK_ANNOTATION, "50"),
+            ],
+        );
+        let (l, problem) = of(&res, &endpoint());
+        assert_eq!(problem, None);
+        assert_eq!(l.ingress_bps, Some(100_000_000));
+        assert_eq!(l.conntrack_entries, Some(50));
+    }
+
+    #[test]
+    fn a_bad_annotation_is_reported_and_the_network_s_limits_still_apply() {
+        let res = resources(
+            "{maxConnections: 10}",
+            &[(INGRESS_BANDWIDTH_ANNOTATION, "fast")],
+        );
+        let (l, problem) = of(&res, &endpoint());
+        assert_eq!(l.max_connections, Some(10));
+        assert_eq!(l.ingress_bps, None);
+        let problem = problem.unwrap();
+        assert!(
+            problem.starts_with("pod prod/web: annotation kubernetes.io/ingress-bandwidth:"),
+            "{problem}"
+        );
+    }
+
+    #[test]
+    fn the_runtime_s_bandwidth_is_a_limit_too_with_its_burst() {
+        let res = resources("{egressBandwidth: 10M}", &[]);
+        let mut e = endpoint();
+        e.bandwidth = Some(weft_dataplane::proto::Bandwidth {
+            ingress: Some(Rate {
+                bits_per_second: 5_000_000,
+                burst_bits: 800_000,
+            }),
+            egress: Some(Rate {
+                bits_per_second: 20_000_000,
+                burst_bits: 800_000,
+            }),
+        });
+        let s = shaping(&res, &[e]);
+        let s = s.get("wf0123456789a").unwrap();
+        assert_eq!(
+            s.ingress,
+            Some(Rate {
+                bits_per_second: 5_000_000,
+                burst_bits: 800_000
+            })
+        );
+        // The Network's lower rate, with a burst of its own.
+        assert_eq!(
+            s.egress,
+            Some(Rate {
+                bits_per_second: 10_000_000,
+                burst_bits: default_burst_bits(10_000_000)
+            })
+        );
+    }
+
+    #[test]
+    fn ports_without_bandwidth_limits_are_not_shaped() {
+        let res = resources("{maxConnections: 10}", &[]);
+        assert!(shaping(&res, &[endpoint()]).is_empty());
+    }
+}
