@@ -324,6 +324,31 @@ EOF
   k -n "$ns" delete trafficmirror web-tap --wait --timeout=30s >/dev/null
   eventually 30 "the filters go with the mirror" not node_mirrors node1
 }
+# Per-workload limits through the real path: pod annotations read by the agent, the bandwidth
+# capability passed by containerd, a refused ADD for a bad annotation, a conntrack budget that
+# holds under held-open connections, and the anomaly as an Event on the pod.
+t_limits() {
+  testpod lim node1 '{"app": "lim"}' '{"weft.dev/conntrack-entries": "20"}'
+  testpod shaped node1 '{"app": "shaped"}' '{"kubernetes.io/egress-bandwidth": "1M", "kubernetes.io/ingress-bandwidth": "2M"}'
+  testpod badlimit node1 '{"app": "bad"}' '{"weft.dev/max-connections": "lots"}'
+  expect "pods with limits started" wait_pods lim shaped || return 1
+  eventually 30 "a bad limit annotation fails the pod's ADD, naming the annotation" \
+    sh -c "'$C' kubectl -n $ns get events --field-selector involvedObject.name=badlimit -o jsonpath='{.items[*].message}' | grep -q 'annotation weft.dev/max-connections'" || return 1
+  eventually 30 "shaped's traffic is shaped both ways on node1 (tbf 2Mbit in, 1Mbit out)" \
+    sh -c "'$C' node node1 tc qdisc show | grep -q 'tbf.*rate 2Mbit' && '$C' node node1 tc qdisc show | grep -q 'tbf.*rate 1Mbit'" || return 1
+  local lim; lim=$(pod_ip lim)
+  expect "a1 -> lim" http_ok a1 "http://$lim/" || return 1
+  # 30 connections held open from a3 (httpd waits for their requests): 20 fit lim's budget.
+  xc a3 sh -c "for i in \$(seq 30); do sleep 20 | nc $lim 80 >/dev/null 2>&1 & done; sleep 1" >/dev/null 2>&1 &
+  eventually 15 "lim's conntrack budget is full: a1 -> lim refused" http_fails a1 "http://$lim/" &&
+    expect "a1 -> a2 (another budget) still works" http_ok a1 "http://$(pod_ip a2)/" &&
+    eventually 15 "the anomaly is an Event on lim" \
+      sh -c "'$C' kubectl -n $ns get events --field-selector involvedObject.name=lim -o jsonpath='{.items[*].reason}' | grep -q ConntrackBudgetReached" || return 1
+  kn delete pod shaped badlimit --wait --timeout=60s >/dev/null
+  eventually 30 "the shaping goes with the pod (no tbf, no IFB on node1)" \
+    sh -c "! '$C' node node1 tc qdisc show | grep -q 'rate 1Mbit' && ! '$C' node node1 ip -o link show type ifb | grep -q ' wi'"
+}
+
 node_mirrors() { # node: a weft workload port of it has a mirred filter
   "$C" node "$1" sh -c 'for l in $(ip -o link show | grep -oE "wf[0-9a-f]{11}" | sort -u); do tc filter show dev "$l" ingress; done' 2>/dev/null | grep -q mirred
 }
@@ -568,6 +593,7 @@ if [ "$failed" = 0 ]; then
   run portforward t_portforward
   run policy t_policy
   run mirror t_mirror
+  run limits t_limits
   run kubectl-weft t_kubectl_weft
   run peers t_peers
   run bridge t_bridge_hybrid
