@@ -177,11 +177,16 @@ pub fn interfaces_json(interfaces: &[Interface], policies: &[String]) -> Value {
 }
 
 /// A line of an agent's log that is an audit record (a JSON object with the record's `verdict`,
-/// `src` and `dst`), not one of the agent's own log lines.
+/// and `src` and `dst`, or for an anomaly its `workload` and `kind`), not one of the agent's
+/// own log lines.
 pub fn audit_record(line: &str) -> Option<Value> {
     let v: Value = serde_json::from_str(line.trim()).ok()?;
     let o = v.as_object()?;
-    (o.contains_key("verdict") && o.contains_key("src") && o.contains_key("dst")).then_some(v)
+    let packet = o.contains_key("src") && o.contains_key("dst");
+    let anomaly = o.get("verdict").and_then(Value::as_str) == Some("anomaly")
+        && o.contains_key("workload")
+        && o.contains_key("kind");
+    (o.contains_key("verdict") && (packet || anomaly)).then_some(v)
 }
 
 /// Columns padded to their widest cell.
@@ -287,6 +292,8 @@ mod tests {
     fn audit_records_are_told_from_the_agent_s_own_log_lines() {
         let record = r#"{"time":"2026-12-03T10:00:00Z","node":"node1","verdict":"deny","src":"10.10.0.5","dst":"10.10.0.6","protocol":"tcp","port":22}"#;
         assert_eq!(audit_record(record).unwrap()["verdict"], "deny");
+        let anomaly = r#"{"time":"2026-12-03T10:00:01Z","node":"node1","verdict":"anomaly","kind":"conntrack-budget","state":"started","workload":"shop/web","network":"nat","interface":"eth0","rate":520.0,"limit":"40 conntrack entries"}"#;
+        assert_eq!(audit_record(anomaly).unwrap()["kind"], "conntrack-budget");
         let log = r#"{"timestamp":"2026-12-03T10:00:00Z","level":"INFO","fields":{"message":"applied node plan"}}"#;
         assert!(audit_record(log).is_none());
         assert!(audit_record("not json").is_none());

@@ -254,9 +254,11 @@ pub type Counts = Arc<Mutex<BTreeMap<String, u64>>>;
 /// The shared audit log the records are written to.
 pub type Sink = Arc<Mutex<Box<dyn Write + Send>>>;
 
-/// Takes one sample: link counters, the kernel's per-address connection counters, and the
-/// shapers of the ports that have limits.
-fn sample(ports: &[WorkloadPort]) -> Sample {
+/// Takes one sample of what `ports` and `thresholds` make worth reading: the link counters
+/// (a packet rate is set), the per-address new-connection counters (a connection rate is
+/// set), the limits' drop counters (a port has connection limits) and the shapers of the
+/// ports with bandwidth limits. Nothing configured: nothing read.
+fn sample(ports: &[WorkloadPort], thresholds: &Thresholds) -> Sample {
     let mut s = Sample {
         at: Some(Instant::now()),
         ..Sample::default()
@@ -264,7 +266,9 @@ fn sample(ports: &[WorkloadPort]) -> Sample {
     let Ok(mut nl) = Netlink::new() else {
         return s;
     };
-    if let Ok(stats) = nl.link_stats() {
+    if thresholds.packets_per_second.is_some()
+        && let Ok(stats) = nl.link_stats()
+    {
         s.packets = stats
             .into_iter()
             .map(|(name, st)| (name, st.rx_packets.saturating_add(st.tx_packets)))
@@ -294,15 +298,17 @@ fn sample(ports: &[WorkloadPort]) -> Sample {
             }
         }
     }
-    for (i, sets) in NEW_CONNECTION_SETS.iter().enumerate() {
-        for set in sets {
-            let m = read(set);
-            if i == 0 {
-                &mut s.conns_out
-            } else {
-                &mut s.conns_in
+    if thresholds.connections_per_second.is_some() {
+        for (i, sets) in NEW_CONNECTION_SETS.iter().enumerate() {
+            for set in sets {
+                let m = read(set);
+                if i == 0 {
+                    &mut s.conns_out
+                } else {
+                    &mut s.conns_in
+                }
+                .extend(m);
             }
-            .extend(m);
         }
     }
     for p in ports
@@ -349,7 +355,7 @@ impl Detector {
         loop {
             let started = Instant::now();
             let ports = self.ports.lock().map(|p| p.clone()).unwrap_or_default();
-            let now = sample(&ports);
+            let now = sample(&ports, &self.thresholds);
             let crossings = detect(&prev, &now, &ports, &self.thresholds);
             let at = now.at.unwrap_or(started);
             for c in crossings {
