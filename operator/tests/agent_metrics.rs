@@ -192,6 +192,9 @@ fn readyz_turns_ready_after_the_first_successful_reconcile_and_metrics_count_rec
         for want in [
             r#"weft_agent_workload_drops_total{namespace="shop",pod="web-1",network="alpha",interface="eth0",direction="in",reason="policy"} 0"#,
             r#"weft_agent_workload_drops_total{namespace="shop",pod="web-1",network="alpha",interface="eth0",direction="out",reason="link"} 0"#,
+            r#"weft_agent_workload_drops_total{namespace="shop",pod="web-1",network="alpha",interface="eth0",direction="in",reason="limit"} 0"#,
+            r#"weft_agent_workload_connections_total{namespace="shop",pod="web-1",network="alpha",interface="eth0",direction="out"} 0"#,
+            "# TYPE weft_agent_anomalies counter",
         ] {
             assert!(metrics.contains(want), "missing {want} in\n{metrics}");
         }

@@ -22,7 +22,8 @@
 //!   drops also by `reason`: `link` (the host link's: a full queue, a peer gone), `policy` (the
 //!   segmentation policy's, counted by the kernel per workload address), `guard`
 //!   (anti-spoofing's, per port) and `limit` (new connections over the workload's connection
-//!   limits or conntrack budget, per workload address), only with `--workload-metrics` (one
+//!   limits or conntrack budget, per workload address); `workload_connections_total` the new
+//!   connections it opened (`out`) and received (`in`); all only with `--workload-metrics` (one
 //!   series per workload interface and direction: the cardinality grows with the workloads);
 //! - `conntrack_entries` and `conntrack_limit`: the node's connection tracking table
 //!   (`nf_conntrack_count` and `nf_conntrack_max`, read at each scrape). Masquerade and port
@@ -235,6 +236,10 @@ struct RuleDrops {
     limit_out: std::collections::HashMap<String, u64>,
     /// Address → new connections to it its conntrack budget dropped.
     limit_in: std::collections::HashMap<String, u64>,
+    /// Address → new connections it opened.
+    conns_out: std::collections::HashMap<String, u64>,
+    /// Address → new connections to it.
+    conns_in: std::collections::HashMap<String, u64>,
 }
 
 impl RuleDrops {
@@ -272,7 +277,22 @@ impl RuleDrops {
         for set in li {
             out.limit_in.extend(read(Family::Inet, set));
         }
+        let [co, ci] = super::anomaly::NEW_CONNECTION_SETS;
+        for set in co {
+            out.conns_out.extend(read(Family::Inet, set));
+        }
+        for set in ci {
+            out.conns_in.extend(read(Family::Inet, set));
+        }
         out
+    }
+
+    /// `(direction, new connections)` of one workload interface.
+    fn connections(&self, p: &WorkloadPort) -> [(&'static str, u64); 2] {
+        let sum = |m: &std::collections::HashMap<String, u64>| -> u64 {
+            p.ips.iter().filter_map(|ip| m.get(&ip.to_string())).sum()
+        };
+        [("in", sum(&self.conns_in)), ("out", sum(&self.conns_out))]
     }
 
     /// `(reason, direction, packets)` of one workload interface.
@@ -396,6 +416,26 @@ impl Collector for WorkloadTraffic {
                     ("interface", p.interface.clone()),
                     ("direction", direction.to_string()),
                     ("reason", reason.to_string()),
+                ];
+                ConstCounter::new(n).encode(metric.encode_family(&labels)?)?;
+            }
+        }
+        // New connections (the first packet of each, counted per workload address by the
+        // `limits` chain): opened by the workload (out) and to it (in).
+        let mut metric = encoder.encode_descriptor(
+            "workload_connections",
+            "New connections opened by (out) and to (in) each workload interface, as the node's connection tracking saw them",
+            None,
+            ConstCounter::new(0u64).metric_type(),
+        )?;
+        for p in &ports {
+            for (direction, n) in rules.connections(p) {
+                let labels: Labels = vec![
+                    ("namespace", p.namespace.clone()),
+                    ("pod", p.pod.clone()),
+                    ("network", p.network.clone()),
+                    ("interface", p.interface.clone()),
+                    ("direction", direction.to_string()),
                 ];
                 ConstCounter::new(n).encode(metric.encode_family(&labels)?)?;
             }
