@@ -664,17 +664,7 @@ impl Netlink {
         let filters = if has_clsact {
             self.hook_filters(op, port, Side::FromWorkload)?
         } else {
-            match self.call(
-                op,
-                || format!("link {port}: add clsact qdisc"),
-                RouteNetlinkMessage::NewQueueDiscipline(clsact_qdisc_message(port)),
-                NLM_F_CREATE | NLM_F_EXCL,
-            ) {
-                Ok(_) => changed = true,
-                // Made meanwhile; if it is not a clsact, adding the filter fails.
-                Err(e) if e.is_exists() => {}
-                Err(e) => return Err(e),
-            }
+            changed |= self.add_clsact(op, port)?;
             Vec::new()
         };
         let at_pref: Vec<&DumpedFilter> = filters.iter().filter(|f| f.pref == SHAPE_PREF).collect();

@@ -543,6 +543,21 @@ impl Netlink {
             .collect())
     }
 
+    /// Adds a clsact qdisc to link `port`: `Ok(true)` when added, `Ok(false)` when one was made
+    /// meanwhile (if that is not a clsact, adding filters to it fails).
+    pub(super) fn add_clsact(&mut self, op: &'static str, port: u32) -> Result<bool, NetlinkError> {
+        match self.call(
+            op,
+            || format!("link {port}: add clsact qdisc"),
+            RouteNetlinkMessage::NewQueueDiscipline(clsact_qdisc_message(port)),
+            NLM_F_CREATE | NLM_F_EXCL,
+        ) {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_exists() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Makes the mirror filters of link `port` exactly `rules`.
     ///
     /// Ensures the clsact qdisc, then keeps one `cls_bpf` filter per rule in its side's hook
@@ -605,19 +620,7 @@ impl Netlink {
             // Nothing of ours can be there: no clsact, no mirrors.
             Some(_) => return Ok(false),
             None if rules.is_empty() => return Ok(false),
-            None => {
-                match self.call(
-                    OP,
-                    || format!("link {port}: add clsact qdisc"),
-                    RouteNetlinkMessage::NewQueueDiscipline(clsact_qdisc_message(port)),
-                    NLM_F_CREATE | NLM_F_EXCL,
-                ) {
-                    Ok(_) => changed = true,
-                    // Made meanwhile; if it is not a clsact, adding the filters fails.
-                    Err(e) if e.is_exists() => {}
-                    Err(e) => return Err(e),
-                }
-            }
+            None => changed |= self.add_clsact(OP, port)?,
         }
 
         let mut others_left = false;

@@ -326,6 +326,17 @@ pub fn register_anomalies(registry: &mut Registry, counts: super::anomaly::Count
         }));
 }
 
+/// The labels of one workload interface's series in one direction.
+fn port_labels(p: &WorkloadPort, direction: &str) -> Labels {
+    vec![
+        ("namespace", p.namespace.clone()),
+        ("pod", p.pod.clone()),
+        ("network", p.network.clone()),
+        ("interface", p.interface.clone()),
+        ("direction", direction.to_string()),
+    ]
+}
+
 /// The workload interfaces of the node, kept by the reconciler and read at each scrape.
 pub type WorkloadPorts = std::sync::Arc<std::sync::Mutex<Vec<WorkloadPort>>>;
 
@@ -379,13 +390,7 @@ impl Collector for WorkloadTraffic {
                 };
                 let (into, out) = pick(s);
                 for (direction, n) in [("in", into), ("out", out)] {
-                    let labels: Labels = vec![
-                        ("namespace", p.namespace.clone()),
-                        ("pod", p.pod.clone()),
-                        ("network", p.network.clone()),
-                        ("interface", p.interface.clone()),
-                        ("direction", direction.to_string()),
-                    ];
+                    let labels = port_labels(p, direction);
                     ConstCounter::new(n).encode(metric.encode_family(&labels)?)?;
                 }
             }
@@ -409,14 +414,8 @@ impl Collector for WorkloadTraffic {
             }
             rows.extend(rules.of(p));
             for (reason, direction, n) in rows {
-                let labels: Labels = vec![
-                    ("namespace", p.namespace.clone()),
-                    ("pod", p.pod.clone()),
-                    ("network", p.network.clone()),
-                    ("interface", p.interface.clone()),
-                    ("direction", direction.to_string()),
-                    ("reason", reason.to_string()),
-                ];
+                let mut labels = port_labels(p, direction);
+                labels.push(("reason", reason.to_string()));
                 ConstCounter::new(n).encode(metric.encode_family(&labels)?)?;
             }
         }
@@ -430,13 +429,7 @@ impl Collector for WorkloadTraffic {
         )?;
         for p in &ports {
             for (direction, n) in rules.connections(p) {
-                let labels: Labels = vec![
-                    ("namespace", p.namespace.clone()),
-                    ("pod", p.pod.clone()),
-                    ("network", p.network.clone()),
-                    ("interface", p.interface.clone()),
-                    ("direction", direction.to_string()),
-                ];
+                let labels = port_labels(p, direction);
                 ConstCounter::new(n).encode(metric.encode_family(&labels)?)?;
             }
         }
