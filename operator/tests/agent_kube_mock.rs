@@ -340,7 +340,16 @@ fn seed(api: &FakeApi) {
     .list(
         PODS,
         vec![
-            partial("web-1", Some("shop"), &[("tier", "web")]),
+            {
+                let mut web = partial("web-1", Some("shop"), &[("tier", "web")]);
+                web["metadata"]["annotations"] = json!({
+                    "weft.dev/networks": "blue",
+                    "kubernetes.io/egress-bandwidth": "10M",
+                    "weft.dev/conntrack-entries": "500",
+                    "kubectl.kubernetes.io/last-applied-configuration": "{}",
+                });
+                web
+            },
             partial("db-1", Some("shop"), &[("tier", "db")]),
         ],
     );
@@ -438,6 +447,19 @@ async fn snapshot_holds_the_listed_resources_node_labels_and_node_blocks() {
     assert_eq!(names(&res.cluster_policies), ["lockdown-db"]);
     assert_eq!(names(&res.policies), ["db-from-app"]);
     assert_eq!(workloads(&res), ["shop/db-1", "shop/web-1"]);
+    // A pod's networks and limit annotations reach the snapshot; the others are not cached.
+    let web = res.workloads.iter().find(|w| w.name == "web-1").unwrap();
+    assert_eq!(web.networks.as_deref(), Some("blue"));
+    assert_eq!(
+        web.limits,
+        BTreeMap::from([
+            (
+                "kubernetes.io/egress-bandwidth".to_string(),
+                "10M".to_string()
+            ),
+            ("weft.dev/conntrack-entries".to_string(), "500".to_string()),
+        ])
+    );
     assert_eq!(res.workloads[1].labels["tier"], "web");
     assert_eq!(res.namespaces["shop"]["env"], "prod");
     assert_eq!(

@@ -4,7 +4,8 @@
 //! PortForward, ClusterSegmentationPolicy and SegmentationPolicy; the labels of every
 //! Namespace; this node's Node (for its labels) and NodeNetwork (for its address blocks); and
 //! the Pods scheduled on this node. Namespaces, the Node and Pods are watched as metadata only:
-//! their labels (and a pod's `weft.dev/networks` annotation) are all the agent needs; managed fields and other annotations are dropped before
+//! their labels (and a pod's `weft.dev/networks` and limit annotations) are all the agent needs;
+//! managed fields and other annotations are dropped before
 //! they reach the cache. Watch errors are logged and retried with kube-runtime's default
 //! backoff.
 //!
@@ -538,15 +539,21 @@ where
     let (reader, writer) = reflector::store();
     let synced = Arc::new(AtomicBool::new(false));
     let flag = synced.clone();
-    // The agent reads no managed fields and one annotation (a pod's `weft.dev/networks`):
-    // keep the rest out of the cache.
+    // The agent reads no managed fields and a few annotations (a pod's `weft.dev/networks` and
+    // its limits): keep the rest out of the cache.
     let trimmed = watcher(api, config).modify(|o: &mut K| {
         o.meta_mut().managed_fields = None;
-        let kept = o.meta_mut().annotations.take().and_then(|mut a| {
-            a.remove(weft_dataplane::proto::NETWORKS_ANNOTATION)
-                .map(|v| [(weft_dataplane::proto::NETWORKS_ANNOTATION.to_string(), v)].into())
+        let kept = o.meta_mut().annotations.take().map(|a| {
+            let mut kept = WorkloadMeta::limit_annotations(&a);
+            if let Some(v) = a.get(weft_dataplane::proto::NETWORKS_ANNOTATION) {
+                kept.insert(
+                    weft_dataplane::proto::NETWORKS_ANNOTATION.to_string(),
+                    v.clone(),
+                );
+            }
+            kept
         });
-        o.meta_mut().annotations = kept;
+        o.meta_mut().annotations = kept.filter(|k| !k.is_empty());
     });
     let stream = reflector::reflector(writer, trimmed).default_backoff();
     let task = async move {
