@@ -1134,7 +1134,13 @@ impl Lab {
         let before = self.addresses();
         let (switch, kept) = self.attach_vm_on(w, to, &attached, &before, "migration target")?;
         let pending = |node: &str| self.agent_count(node, "pending");
-        let waiting = pending(to);
+        // The agent writes its status file after it answers the ADD: give it a moment.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut waiting = pending(to);
+        while waiting == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            waiting = pending(to);
+        }
         if waiting == 0 {
             anyhow::bail!(
                 "the migration target of VM {} on {to} is not pending",
