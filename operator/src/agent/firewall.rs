@@ -156,8 +156,7 @@ pub const LIMIT_DROP_SETS: [[&str; 2]; 2] =
     [["drops_lo4", "drops_lo6"], ["drops_li4", "drops_li6"]];
 
 /// The connection limits' sets and chains: a `limits` chain, jumped to by every new
-/// connection from or to a workload, which counts it per local workload address
-/// ([`super::anomaly::NEW_CONNECTION_SETS`]), then the rules of each class (distinct limit values) and
+/// connection from or to a workload, with the rules of each class (distinct limit values) and
 /// family: the class's new-connection meter (`lr_…`, a token bucket per address that expires
 /// after a minute idle), its concurrent connections (`lc_…`, `ct count` per address) and its
 /// conntrack budget (`lt_…`, `ct count` per address of the connections it opens and receives);
@@ -179,27 +178,11 @@ fn limits(limited: &[Limited]) -> (Vec<Set>, Vec<Chain>) {
         elements: BTreeSet::new(),
     };
     let mut sets = Vec::new();
-    for names in LIMIT_DROP_SETS
-        .iter()
-        .chain(&super::anomaly::NEW_CONNECTION_SETS)
-    {
+    for names in LIMIT_DROP_SETS {
         sets.push(dynamic(names[0].into(), "ipv4_addr", false));
         sets.push(dynamic(names[1].into(), "ipv6_addr", false));
     }
-    // Every local workload's new connections, counted per address (anomaly detection).
-    let [out, inn] = super::anomaly::NEW_CONNECTION_SETS;
-    let mut rules = vec![
-        format!("ip saddr @local4 update @{} {{ ip saddr counter }}", out[0]),
-        format!(
-            "ip6 saddr @local6 update @{} {{ ip6 saddr counter }}",
-            out[1]
-        ),
-        format!("ip daddr @local4 update @{} {{ ip daddr counter }}", inn[0]),
-        format!(
-            "ip6 daddr @local6 update @{} {{ ip6 daddr counter }}",
-            inn[1]
-        ),
-    ];
+    let mut rules = Vec::new();
     for (l, members) in classes {
         let class = limit_class(&l);
         for (v, ip, key) in [(0, "ip", "ipv4_addr"), (1, "ip6", "ipv6_addr")] {
@@ -347,6 +330,46 @@ pub fn shield_agent_ports(table: &mut Table, ports: &[u16]) {
             format!("ip6 saddr @local6 tcp dport {{ {list} }} drop"),
         ],
     );
+}
+
+/// Counts every local workload's new connections per address, opened and received
+/// ([`super::anomaly::NEW_CONNECTION_SETS`]), at the head of the `limits` chain: for
+/// `--workload-metrics` and a connection-rate anomaly threshold, the only readers. (An
+/// element outlives its workload: a later workload given the same address continues its
+/// count.)
+pub fn count_new_connections(table: &mut Table) {
+    let [out, inn] = super::anomaly::NEW_CONNECTION_SETS;
+    let Some(chain) = table.chains.iter_mut().find(|c| c.name == "limits") else {
+        return;
+    };
+    chain.rules.splice(
+        0..0,
+        [
+            format!("ip saddr @local4 update @{} {{ ip saddr counter }}", out[0]),
+            format!(
+                "ip6 saddr @local6 update @{} {{ ip6 saddr counter }}",
+                out[1]
+            ),
+            format!("ip daddr @local4 update @{} {{ ip daddr counter }}", inn[0]),
+            format!(
+                "ip6 daddr @local6 update @{} {{ ip6 daddr counter }}",
+                inn[1]
+            ),
+        ],
+    );
+    for (name, key) in [
+        (out[0], "ipv4_addr"),
+        (out[1], "ipv6_addr"),
+        (inn[0], "ipv4_addr"),
+        (inn[1], "ipv6_addr"),
+    ] {
+        table.sets.push(Set {
+            name: name.into(),
+            key_type: key.into(),
+            flags: vec![nft::DYNAMIC_FLAG.into()],
+            elements: BTreeSet::new(),
+        });
+    }
 }
 
 /// The names of the maps of host ports to workload addresses: IPv4, IPv6.

@@ -182,6 +182,9 @@ pub fn compute(
     }
     let mut out = plan::plan(&node, res, &blocks, &endpoints.list());
     firewall::shield_agent_ports(&mut out.plan.firewall, &cfg.agent_ports);
+    if cfg.workload_metrics || cfg.anomaly_thresholds.connections_per_second.is_some() {
+        firewall::count_new_connections(&mut out.plan.firewall);
+    }
     for p in block_problems {
         if !out.problems.contains(&p) {
             out.problems.push(p);
