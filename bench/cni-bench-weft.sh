@@ -10,7 +10,9 @@
 # inside that namespace exactly like the reference plugins (WEFT_BENCH_MANIFEST=FILE adds a
 # manifest, e.g. bench/confs/policies.yaml, to measure ADD under a policy set; WEFT_BENCH_PEERS=N
 # adds N workloads of another node that a policy's group holds: N set elements; WEFT_BENCH_TAP=1
-# wires each pod as a VM, with a tap): a fresh `ip netns add` per pod, ADDs
+# wires each pod as a VM, with a tap; WEFT_BENCH_LIMITS='{conntrackEntries: 1000, ...}' gives the
+# Network those `spec.limits`, and reports whether they were seen in force: pod addresses in
+# weft's limit class sets and shaping links): a fresh `ip netns add` per pod, ADDs
 # then DELs, sequential and concurrent, with leak checks. Everything is removed on exit.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -34,6 +36,7 @@ spec:
   subnets: [10.89.0.0/16]
   ipam: {nodeBlockPrefix: 16}
 YAML
+if [ -n "${WEFT_BENCH_LIMITS:-}" ]; then echo "  limits: $WEFT_BENCH_LIMITS" >> "$TMP/manifests/bench.yaml"; fi
 if [ -n "${WEFT_BENCH_MANIFEST:-}" ]; then cp "$WEFT_BENCH_MANIFEST" "$TMP/manifests/extra.yaml"; fi
 # WEFT_BENCH_PEERS=N: N workloads on another node (a peers file, as their agent would publish
 # them) and a policy whose groups hold them all: N policy set elements on this node.
@@ -79,10 +82,41 @@ echo "weft agent up in $NODE_NS; binary $(stat -c %s "$BIN/weft") bytes" >&2
 # A VM's pod namespace holds the tap, not the address (the guest has it): no address check.
 VERIFY=()
 if [ -n "${WEFT_BENCH_TAP:-}" ]; then VERIFY=(--no-verify); fi
+# WEFT_BENCH_LIMITS: were the limits in force? Every 0.2 s until both were seen (then it stops,
+# to cost the measured runs nothing more): pod addresses in the limit class sets (`lim_*`) and,
+# with a bandwidth limit, shaping links (ifb); the most of each is printed at the end.
+SAMPLER=""
+if [ -n "${WEFT_BENCH_LIMITS:-}" ]; then
+  echo "0 0" > "$TMP/limits-seen"
+  (
+    set +e +o pipefail
+    me=0; mi=0
+    while [ -d "$TMP" ] && sleep 0.2; do
+      e=0
+      for s in $(ip netns exec "$NODE_NS" nft list sets inet 2>/dev/null | sed -nE 's/^\s*set (lim_[a-z0-9_]+) \{.*/\1/p'); do
+        e=$((e + $(ip netns exec "$NODE_NS" nft list set inet weft "$s" 2>/dev/null | grep -oE '10\.89\.[0-9]+\.[0-9]+' | wc -l)))
+      done
+      i=$(ip -n "$NODE_NS" -o link show type ifb 2>/dev/null | wc -l)
+      [ "$e" -gt "$me" ] && me=$e
+      [ "$i" -gt "$mi" ] && mi=$i
+      echo "$me $mi" > "$TMP/limits-seen"
+      # Shaping links only with a bandwidth limit.
+      if [ "$me" -gt 0 ] && { [ "$mi" -gt 0 ] || [[ "$WEFT_BENCH_LIMITS" != *andwidth* ]]; }; then break; fi
+    done
+  ) &
+  SAMPLER=$!
+fi
 # The plugin's node locations come from the runtime's environment (never the conflist).
+# Its exit status (1: a leak or a failed operation) is the script's, after the reports below.
+RC=0
 WEFT_STATE_DIR="$TMP/state" WEFT_AGENT_SOCKET="$TMP/agent.sock" \
   ip netns exec "$NODE_NS" python3 "$HERE/lib/cni_bench.py" --prefix "${PREFIX}p" \
-  --ipam-dir "$TMP/ipam" --cni-path "$TMP/bin" "${VERIFY[@]}" "$@" "$TMP/bench.conflist"
+  --ipam-dir "$TMP/ipam" --cni-path "$TMP/bin" "${VERIFY[@]}" "$@" "$TMP/bench.conflist" || RC=$?
+if [ -n "$SAMPLER" ]; then
+  kill "$SAMPLER" 2>/dev/null || true; wait "$SAMPLER" 2>/dev/null || true
+  read -r me mi < "$TMP/limits-seen"
+  echo "limits ($WEFT_BENCH_LIMITS): in force: up to $me pod addresses in the limit class sets and $mi shaping links (ifb) seen (0: never)"
+fi
 # Where the time went on the agent's side: its reconciles (nearly all of them registrations
 # here) and the ADD/DEL durations the weft binary reported, as means.
 ip netns exec "$NODE_NS" python3 - "http://127.0.0.1:$METRICS_PORT/metrics" <<'PY' || true
@@ -99,3 +133,4 @@ print("agent: reconcile mean %s; weft ADD mean %s, DEL mean %s" % (
     mean("weft_agent_cni_duration_seconds", '{command="ADD"}'),
     mean("weft_agent_cni_duration_seconds", '{command="DEL"}')))
 PY
+exit "$RC"
