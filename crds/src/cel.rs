@@ -330,6 +330,13 @@ pub const BANDWIDTH_RANGE: CelRule = CelRule {
     field_path: None,
 };
 
+/// `spec.synProxy`: only with a TCP port (protocol's default is TCP).
+pub const PORT_FORWARD_SYN_PROXY_NEEDS_TCP: CelRule = CelRule {
+    rule: "!has(self.synProxy) || self.ports.exists(p, !has(p.protocol) || p.protocol == 'TCP')",
+    message: "a SYN proxy protects TCP ports and spec.ports has none; remove synProxy or forward a TCP port",
+    field_path: Some(".synProxy"),
+};
+
 /// `spec.ports`: names are unique.
 pub const PORT_FORWARD_PORT_NAMES_UNIQUE: CelRule = CelRule {
     rule: "self.all(p, !has(p.name) || self.exists_one(q, has(q.name) && q.name == p.name))",
@@ -557,6 +564,11 @@ pub const ATTACHED: &[(&str, &str, &CelRule)] = &[
         "portforwards.weft.dev",
         "spec.target",
         &PORT_FORWARD_TARGET_EXACTLY_ONE,
+    ),
+    (
+        "portforwards.weft.dev",
+        "spec",
+        &PORT_FORWARD_SYN_PROXY_NEEDS_TCP,
     ),
     (
         "portforwards.weft.dev",

@@ -56,7 +56,7 @@ pub use policy::{
 };
 pub use portforward::{
     BruteForceGuard, ForwardPort, ForwardedPort, PortForward, PortForwardSpec, PortForwardStatus,
-    PortForwardTarget, PortRange, Protocol,
+    PortForwardTarget, PortRange, Protocol, SynProxy,
 };
 pub use selector::selector_matches;
 pub use validate::FieldError;

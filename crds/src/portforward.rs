@@ -47,6 +47,7 @@ pub const MAX_ALLOW_FROM: usize = 64;
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = &cel::PORT_FORWARD_SYN_PROXY_NEEDS_TCP)]
 pub struct PortForwardSpec {
     /// Name of the Network (NAT mode) the target is attached to; the forward goes to the
     /// target's address on that network.
@@ -75,6 +76,42 @@ pub struct PortForwardSpec {
     /// IPv6; the node keeps the bans across agent restarts). Absent: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub brute_force: Option<BruteForceGuard>,
+
+    /// A SYN proxy for the TCP ports (`{}` for the defaults): the node answers each SYN with a
+    /// SYN cookie and opens the connection to the workload only once the client has completed
+    /// the handshake, so a flood of spoofed SYNs takes neither the workload's backlog nor
+    /// connection-tracking entries. Needs the agent's `--syn-proxy` (chart value
+    /// `agent.synProxy`), which turns the node's loose TCP tracking off; without it the ports
+    /// are forwarded unproxied and the NodeNetwork says so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub syn_proxy: Option<SynProxy>,
+}
+
+/// Smallest `mss` of a SYN proxy (the Internet's minimum datagram less 40 bytes of headers).
+pub const MIN_SYN_PROXY_MSS: i32 = 536;
+/// Largest `mss` of a SYN proxy.
+pub const MAX_SYN_PROXY_MSS: i32 = 65_495;
+/// Largest `windowScale` of a SYN proxy (RFC 7323).
+pub const MAX_WINDOW_SCALE: i32 = 14;
+/// The window scale a SYN proxy announces by default: what Linux announces with its default
+/// receive buffers.
+pub const DEFAULT_WINDOW_SCALE: i32 = 7;
+
+/// The TCP options a SYN proxy announces on the workload's behalf: they must be what the
+/// workload itself would announce (it never sees the client's SYN), so set them when it differs
+/// from a Linux default.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SynProxy {
+    /// The maximum segment size announced, 536 to 65495. Default: the Network's MTU less 40
+    /// (IPv4) or 60 (IPv6) bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 536, max = 65495))]
+    pub mss: Option<i32>,
+    /// The window scale announced, 0 to 14 (default 7).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 14))]
+    pub window_scale: Option<i32>,
 }
 
 /// Most `maxNewConnectionsPerMinute` of a brute-force guard.
@@ -424,6 +461,32 @@ impl PortForwardSpec {
                 );
             }
         }
+        if let Some(p) = &self.syn_proxy {
+            if let Some(mss) = p.mss
+                && !(MIN_SYN_PROXY_MSS..=MAX_SYN_PROXY_MSS).contains(&mss)
+            {
+                errors.push(
+                    "spec.synProxy.mss",
+                    format!(
+                        "{mss} is out of range; use {MIN_SYN_PROXY_MSS} to {MAX_SYN_PROXY_MSS} (or leave it out for the Network's MTU less the headers)"
+                    ),
+                );
+            }
+            if let Some(w) = p.window_scale
+                && !(0..=MAX_WINDOW_SCALE).contains(&w)
+            {
+                errors.push(
+                    "spec.synProxy.windowScale",
+                    format!("{w} is out of range; use 0 to {MAX_WINDOW_SCALE}"),
+                );
+            }
+            if !self.ports.iter().any(|p| p.protocol == Protocol::Tcp) {
+                errors.push(
+                    "spec.synProxy",
+                    "a SYN proxy protects TCP ports and spec.ports has none; remove synProxy or forward a TCP port",
+                );
+            }
+        }
         if let Some(allow) = &self.allow_from {
             if allow.len() > MAX_ALLOW_FROM {
                 errors.push(
@@ -497,6 +560,7 @@ mod tests {
             ports,
             allow_from: None,
             brute_force: None,
+            syn_proxy: None,
         }
     }
 

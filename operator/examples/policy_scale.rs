@@ -234,6 +234,7 @@ fn agent_path(res: &Resources, workloads: usize) -> anyhow::Result<()> {
     let node = NodeContext {
         name: "bench".into(),
         labels: BTreeMap::new(),
+        syn_proxy: false,
     };
     let blocks = BTreeMap::from([(
         "net".to_string(),

@@ -203,6 +203,13 @@ pub struct AgentOpts {
     /// (`kind="connection-rate"`): a SYN flood, a scan.
     #[arg(long, env = "WEFT_ANOMALY_CONNECTIONS_PER_SECOND", value_parser = clap::value_parser!(u64).range(1..))]
     pub anomaly_connections_per_second: Option<u64>,
+    /// Allow SYN proxies (PortForwards' `spec.synProxy`). This sets the node's
+    /// `net.netfilter.nf_conntrack_tcp_loose` to 0, which a SYN proxy needs (the client's
+    /// handshake-completing ACK must be seen as a new, untracked packet): connection tracking
+    /// then no longer picks up TCP connections in mid-stream, so connections that were open
+    /// before conntrack started (or its table was flushed) are not re-learned on the node.
+    #[arg(long, env = "WEFT_SYN_PROXY")]
+    pub syn_proxy: bool,
     /// Standalone (`--manifests`): a directory the nodes' agents share (e.g. over NFS), where each
     /// writes its workload interfaces (`<node>.json`) and reads the others', so policies match
     /// workloads on every node. Cluster mode shares them through the NodeNetwork status.
@@ -256,6 +263,7 @@ impl AgentOpts {
             node: NodeContext {
                 name: self.node_name.clone(),
                 labels: parse_labels(&self.node_labels)?,
+                syn_proxy: self.syn_proxy,
             },
             nodes: self.nodes.clone(),
             state_dir: self.state_dir.clone(),

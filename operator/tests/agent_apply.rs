@@ -31,6 +31,7 @@ fn config(state: &std::path::Path) -> AgentConfig {
         node: NodeContext {
             name: "node-a".into(),
             labels: BTreeMap::new(),
+            syn_proxy: false,
         },
         nodes: vec!["node-a".into()],
         state_dir: state.to_path_buf(),

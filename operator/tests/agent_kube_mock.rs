@@ -410,6 +410,7 @@ fn config() -> weft_operator::agent::AgentConfig {
         node: weft_operator::agent::plan::NodeContext {
             name: "node-a".into(),
             labels: BTreeMap::new(),
+            syn_proxy: false,
         },
         nodes: vec![],
         state_dir: dir.clone(),

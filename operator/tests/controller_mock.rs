@@ -607,6 +607,7 @@ fn port_forward(name: &str, network: &str) -> PortForward {
             }],
             allow_from: None,
             brute_force: None,
+            syn_proxy: None,
         },
     );
     pf.metadata.namespace = Some("apps".into());

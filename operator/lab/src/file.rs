@@ -220,6 +220,11 @@ pub struct Flood {
     pub per_second: u32,
     /// How long, 0.1 to 10 seconds.
     pub seconds: f64,
+    /// TCP over IPv4 only: SYNs from random addresses of 198.18.0.0/15 (the benchmarking
+    /// range) that never complete their handshake, a spoofed SYN flood, sent from the outside
+    /// host (`from: outside`).
+    #[serde(default)]
+    pub spoofed: bool,
 }
 
 /// An anomaly the agent must report.
@@ -743,6 +748,13 @@ impl LabFile {
                 if e.is_icmp() || e.spoof.is_some() || e.at_start {
                     errors.push(format!(
                         "expect[{i}].flood: floods are UDP or TCP, without spoof or atStart"
+                    ));
+                }
+                if f.spoofed
+                    && (e.protocol != "tcp" || e.family != Family::Ipv4 || e.from != "outside")
+                {
+                    errors.push(format!(
+                        "expect[{i}].flood.spoofed: a spoofed SYN flood is TCP over IPv4 from outside; set protocol: tcp, family: ipv4 and from: outside, or remove spoofed"
                     ));
                 }
             }

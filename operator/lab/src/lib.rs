@@ -443,7 +443,14 @@ fn check_expectations(
                 String::new()
             },
             e.flood
-                .map(|f| format!(" after a flood of {}/s for {}s", f.per_second, f.seconds))
+                .map(|f| {
+                    format!(
+                        " after a {}flood of {}/s for {}s",
+                        if f.spoofed { "spoofed SYN " } else { "" },
+                        f.per_second,
+                        f.seconds
+                    )
+                })
                 .unwrap_or_default(),
             e.spoof
                 .as_ref()
@@ -505,7 +512,13 @@ fn check_expectations(
                     &lab.ns_of(&e.from)?,
                     target,
                     e.port,
-                    e.protocol == "udp",
+                    if f.spoofed {
+                        probe::FloodKind::SpoofedSyn
+                    } else if e.protocol == "udp" {
+                        probe::FloodKind::Udp
+                    } else {
+                        probe::FloodKind::Tcp
+                    },
                     f.per_second,
                     count,
                 )?;

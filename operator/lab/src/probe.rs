@@ -2,7 +2,7 @@
 //! belongs to (the socket stays there; the thread that serves it does not need to).
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -322,21 +322,86 @@ fn failed(e: &std::io::Error) -> ProbeResult {
     }
 }
 
+/// What a flood sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FloodKind {
+    /// UDP datagrams, each from a new socket (a new source port, so a new conntrack entry).
+    Udp,
+    /// TCP connection attempts that are not waited for (their handshakes complete).
+    Tcp,
+    /// TCP SYNs from random addresses of [`SYN_FLOOD_SOURCES`] that never complete their
+    /// handshake (a spoofed SYN flood; IPv4).
+    SpoofedSyn,
+}
+
+/// The sources of a spoofed SYN flood: the benchmarking range (RFC 2544), never a lab
+/// workload's or the LAN's. Answers to them go to the outside host's gateway and end there.
+pub const SYN_FLOOD_SOURCES: ipnet::Ipv4Net =
+    ipnet::Ipv4Net::new_assert(std::net::Ipv4Addr::new(198, 18, 0, 0), 15);
+
+/// A TCP SYN from `src:sport` to `dst:dport`, with its IPv4 header (the kernel fills in the
+/// header's checksum and length on a raw socket).
+pub fn syn_packet(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, seq: u32) -> [u8; 40] {
+    let mut p = [0u8; 40];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&40u16.to_be_bytes());
+    p[8] = 64;
+    p[9] = 6;
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    let tcp = &mut p[20..];
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
+    tcp[4..8].copy_from_slice(&seq.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x02;
+    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    let mut pseudo = Vec::with_capacity(32);
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&[0, 6, 0, 20]);
+    pseudo.extend_from_slice(tcp);
+    let sum = internet_checksum(&pseudo);
+    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+    p
+}
+
 /// Sends `count` new flows to `target:port` from inside `ns`, `per_second` of them a second,
-/// and returns when done: UDP datagrams each from a new socket (a new source port, so a new
-/// connection-tracking entry), or TCP connection attempts that are not waited for. Bounded by
-/// its caller; errors of single sends (a drop shows up as nothing) are ignored.
+/// and returns when done (see [`FloodKind`]). Bounded by its caller; errors of single sends (a
+/// drop shows up as nothing) are ignored.
 pub fn flood(
     ns: &Netns,
     target: IpAddr,
     port: u16,
-    udp: bool,
+    kind: FloodKind,
     per_second: u32,
     count: u32,
 ) -> anyhow::Result<()> {
     let addr = SocketAddr::new(target, port);
     let step = Duration::from_secs_f64(1.0 / f64::from(per_second.max(1)));
-    weft_dataplane::netns::run_in(ns, || {
+    weft_dataplane::netns::run_in(ns, || -> anyhow::Result<()> {
+        let raw = match (kind, target) {
+            (FloodKind::SpoofedSyn, IpAddr::V4(_)) => Some(socket2::Socket::new(
+                socket2::Domain::IPV4,
+                socket2::Type::RAW,
+                // IPPROTO_RAW: the packets carry their own IP header.
+                Some(socket2::Protocol::from(255)),
+            )?),
+            (FloodKind::SpoofedSyn, IpAddr::V6(_)) => {
+                anyhow::bail!("a spoofed SYN flood is IPv4 only")
+            }
+            _ => None,
+        };
+        // A xorshift generator: the sources only need to differ, not to be unpredictable.
+        let mut state = u64::from(std::process::id())
+            ^ jiff::Timestamp::now().as_nanosecond().unsigned_abs() as u64
+            | 1;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
         let start = std::time::Instant::now();
         let mut held = Vec::new();
         for i in 0..count {
@@ -344,27 +409,49 @@ pub fn flood(
             if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
                 std::thread::sleep(wait);
             }
-            if udp {
-                let any: SocketAddr = if target.is_ipv4() {
-                    "0.0.0.0:0".parse().unwrap_or(addr)
-                } else {
-                    "[::]:0".parse().unwrap_or(addr)
-                };
-                if let Ok(s) = std::net::UdpSocket::bind(any) {
-                    let _ = s.send_to(b"weft-lab flood", addr);
+            match kind {
+                FloodKind::Udp => {
+                    let any: SocketAddr = if target.is_ipv4() {
+                        "0.0.0.0:0".parse().unwrap_or(addr)
+                    } else {
+                        "[::]:0".parse().unwrap_or(addr)
+                    };
+                    if let Ok(s) = std::net::UdpSocket::bind(any) {
+                        let _ = s.send_to(b"weft-lab flood", addr);
+                    }
                 }
-            } else if let Ok(s) = socket2::Socket::new(
-                socket2::Domain::for_address(addr),
-                socket2::Type::STREAM,
-                Some(socket2::Protocol::TCP),
-            ) {
-                let _ = s.set_nonblocking(true);
-                let _ = s.connect(&addr.into());
-                // Kept open until the flood ends: a closed attempt would end its connection.
-                held.push(s);
+                FloodKind::Tcp => {
+                    if let Ok(s) = socket2::Socket::new(
+                        socket2::Domain::for_address(addr),
+                        socket2::Type::STREAM,
+                        Some(socket2::Protocol::TCP),
+                    ) {
+                        let _ = s.set_nonblocking(true);
+                        let _ = s.connect(&addr.into());
+                        // Kept open until the flood ends: a closed attempt would end its
+                        // connection.
+                        held.push(s);
+                    }
+                }
+                FloodKind::SpoofedSyn => {
+                    if let (Some(raw), IpAddr::V4(dst)) = (&raw, target) {
+                        let r = next();
+                        #[allow(clippy::cast_possible_truncation)]
+                        let host = (r as u32) & !u32::MAX.checked_shl(32 - 15).unwrap_or(0);
+                        let src = Ipv4Addr::from(u32::from(SYN_FLOOD_SOURCES.network()) | host);
+                        #[allow(clippy::cast_possible_truncation)]
+                        let sport = 1024 + ((r >> 32) as u16 % 64_000);
+                        #[allow(clippy::cast_possible_truncation)]
+                        let seq = (r >> 16) as u32;
+                        let packet = syn_packet(src, sport, dst, port, seq);
+                        let to = SocketAddr::new(target, 0);
+                        let _ = raw.send_to(&packet, &to.into());
+                    }
+                }
             }
         }
-    })?;
+        Ok(())
+    })??;
     Ok(())
 }
 
@@ -392,6 +479,23 @@ mod tests {
             &[128, 0, 0, 0, 0x12, 0x34, 0, 1],
             0x1234
         ));
+    }
+
+    #[test]
+    fn spoofed_syns_carry_a_valid_tcp_checksum() {
+        let src = Ipv4Addr::new(198, 19, 7, 9);
+        let dst = Ipv4Addr::new(192, 168, 60, 11);
+        let p = syn_packet(src, 40000, dst, 8080, 0xdead_beef);
+        assert_eq!(&p[12..16], &src.octets());
+        assert_eq!(&p[16..20], &dst.octets());
+        assert_eq!(p[33], 0x02, "SYN only");
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&src.octets());
+        pseudo.extend_from_slice(&dst.octets());
+        pseudo.extend_from_slice(&[0, 6, 0, 20]);
+        pseudo.extend_from_slice(&p[20..]);
+        assert_eq!(internet_checksum(&pseudo), 0);
+        assert!(SYN_FLOOD_SOURCES.contains(&src));
     }
 
     #[test]

@@ -576,6 +576,9 @@ impl Lab {
                 .arg(dir.join("audit.jsonl"))
                 .arg("--peers-dir")
                 .arg(self.dir.join("peers"))
+                // PortForwards may ask for a SYN proxy (the sysctl it sets is the node
+                // namespace's own).
+                .arg("--syn-proxy")
                 // A TrafficMirror's remote collector may be on the LAN (the outside host).
                 .arg("--mirror-collectors")
                 .arg(

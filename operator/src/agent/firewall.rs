@@ -58,6 +58,61 @@ pub struct Forward {
     /// Its brute-force guard: new connections a source may open to one node port per minute,
     /// and how long (seconds) a source above that is banned from the port.
     pub guard: Option<(u32, u32)>,
+    /// Its SYN proxy (TCP only): the options announced on the workload's behalf.
+    pub syn_proxy: Option<SynOptions>,
+}
+
+/// The TCP options a SYN proxy announces for the workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SynOptions {
+    /// Maximum segment size.
+    pub mss: u16,
+    /// Window scale.
+    pub wscale: u8,
+}
+
+/// The SYN proxies' sets and rules: one class per distinct [`SynOptions`], with its
+/// `source . node ports` (`syn<i>_4`, `syn<i>_6`). A client's SYN to such a port is left
+/// untracked (raw prerouting) and answered by the node with a SYN cookie (filter input); only
+/// the ACK that completes the handshake makes the kernel open the connection to the node port,
+/// as a locally generated SYN that the nat `output` chain forwards (and counts against the
+/// brute-force guard and the workload's limits). Returns the sets, the raw prerouting rules and
+/// the rules that go first in filter input.
+fn syn_proxies(forwards: &[Forward]) -> (Vec<Set>, Vec<String>, Vec<String>) {
+    let mut classes: BTreeMap<SynOptions, [BTreeSet<String>; 2]> = BTreeMap::new();
+    for f in forwards.iter().filter(|f| f.protocol == "tcp") {
+        if let Some(o) = f.syn_proxy {
+            classes.entry(o).or_default()[usize::from(f.target.is_ipv6())].insert(format!(
+                "{} . {}",
+                cidr_text(&f.source),
+                port_text(f.node_ports)
+            ));
+        }
+    }
+    let (mut sets, mut raw, mut input) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, (o, [v4, v6])) in classes.into_iter().enumerate() {
+        for (v, ip, key, elements) in [
+            ("4", "ip", "ipv4_addr . inet_service", v4),
+            ("6", "ip6", "ipv6_addr . inet_service", v6),
+        ] {
+            let name = format!("syn{i}_{v}");
+            let matched = format!("{ip} saddr . tcp dport @{name}");
+            sets.push(set(&name, key, true, elements));
+            // A banned source's SYNs never get a cookie (its established connections go on).
+            raw.push(format!(
+                "tcp flags syn / syn,ack,rst,fin fib daddr type local {matched} {ip} saddr . meta l4proto . th dport @bans{v} drop"
+            ));
+            raw.push(format!(
+                "tcp flags syn / syn,ack,rst,fin fib daddr type local {matched} notrack"
+            ));
+            input.push(format!(
+                "ct state invalid,untracked {matched} synproxy mss {} wscale {} timestamp sack-perm",
+                o.mss, o.wscale
+            ));
+            input.push(format!("ct state invalid,untracked {matched} drop"));
+        }
+    }
+    (sets, raw, input)
 }
 
 /// The dynamic sets of banned sources, `address . protocol . node port` with a timeout each
@@ -322,7 +377,11 @@ pub fn shield_agent_ports(table: &mut Table, ports: &[u16]) {
         .collect::<Vec<_>>()
         .join(", ");
     // After "iifname != @bridges accept": only traffic from a bridge gets here.
-    let at = input.rules.len().min(1);
+    let at = input
+        .rules
+        .iter()
+        .position(|r| r == "iifname != @bridges accept")
+        .map_or(0, |i| i + 1);
     input.rules.splice(
         at..at,
         [
@@ -476,6 +535,7 @@ pub fn table(
             crate::policy::render::LOG_GROUP
         ),
     );
+    let (syn_sets, syn_raw, syn_input) = syn_proxies(forwards);
     let [hport4, hport6] = host_port_elements(host_ports);
     let (limit_sets, limit_chains) = limits(limited);
     let l4 = "meta l4proto { tcp, udp, sctp }";
@@ -513,6 +573,7 @@ pub fn table(
         .into_iter()
         .chain(crate::policy::render::sets(policy))
         .chain(guard_sets)
+        .chain(syn_sets)
         .chain(limit_sets)
         .collect(),
         maps: vec![
@@ -562,7 +623,8 @@ pub fn table(
                 // The brute-force guards first: a nat chain sees each connection's first
                 // packet only, which is what they count.
                 guard_rules
-                    .into_iter()
+                    .iter()
+                    .cloned()
                     .chain(dnat_rules("fib daddr type local", "fib daddr type local"))
                     .collect(),
             ),
@@ -574,10 +636,15 @@ pub fn table(
                 "output",
                 // The `dstnat` keyword is only defined for prerouting; -100 is its value.
                 "-100",
-                dnat_rules(
-                    "fib daddr type local ip daddr != 127.0.0.0/8",
-                    "fib daddr type local ip6 daddr != ::1",
-                ),
+                // The guards count here too: a SYN proxy's connection to the forward starts
+                // as the node's own SYN, once the client has completed its handshake.
+                guard_rules
+                    .into_iter()
+                    .chain(dnat_rules(
+                        "fib daddr type local ip daddr != 127.0.0.0/8",
+                        "fib daddr type local ip6 daddr != ::1",
+                    ))
+                    .collect(),
             ),
             base(
                 "postrouting",
@@ -620,13 +687,15 @@ pub fn table(
                     "iifname @sealed oifname @sealed iifname . oifname != @intra drop".into(),
                 ],
             ),
+            // SYN proxies: their clients' SYNs stay untracked (before connection tracking).
+            base("raw_prerouting", "filter", "prerouting", "raw", syn_raw),
             // Workloads reaching the node itself: their egress policy (cidrs peers).
             base(
                 "input",
                 "filter",
                 "input",
                 "filter",
-                vec![
+                syn_input.into_iter().chain([
                     "iifname != @bridges accept".into(),
                     "ct state established,related accept".into(),
                     "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit } accept".into(),
@@ -638,7 +707,8 @@ pub fn table(
                     "ip6 saddr != @local6 accept".into(),
                     "ct state new jump limits".into(),
                     "jump egress".into(),
-                ],
+                ])
+                .collect(),
             ),
             // The node reaching its workloads: their ingress policy (cidrs peers).
             base(
@@ -807,6 +877,106 @@ mod tests {
     }
 
     #[test]
+    fn syn_proxies_untrack_their_ports_syns_and_answer_them_before_anything_else() {
+        let fwd =
+            |port: u16, protocol, source: &str, target: &str, o: Option<SynOptions>| Forward {
+                source: source.parse().unwrap(),
+                protocol,
+                node_ports: (port, port),
+                target: target.parse().unwrap(),
+                target_port: Some(80),
+                owner: "x".into(),
+                guard: None,
+                syn_proxy: o,
+            };
+        let policy = crate::policy::Compiled::default();
+        let plain = table(
+            &[],
+            &[fwd(8080, "tcp", "0.0.0.0/0", "10.0.0.2", None)],
+            &[],
+            &[],
+            &policy,
+        );
+        let chain = |t: &Table, name: &str| -> Vec<String> {
+            t.chains
+                .iter()
+                .find(|c| c.name == name)
+                .unwrap()
+                .rules
+                .clone()
+        };
+        assert!(chain(&plain, "raw_prerouting").is_empty());
+        assert_eq!(chain(&plain, "input")[0], "iifname != @bridges accept");
+        let default = SynOptions {
+            mss: 1460,
+            wscale: 7,
+        };
+        let small = SynOptions {
+            mss: 1400,
+            wscale: 7,
+        };
+        let t = table(
+            &[],
+            &[
+                fwd(8080, "tcp", "0.0.0.0/0", "10.0.0.2", Some(default)),
+                fwd(8080, "tcp", "::/0", "fd00::2", Some(default)),
+                fwd(8081, "tcp", "192.168.0.0/16", "10.0.0.3", Some(small)),
+                // A UDP port is never proxied.
+                fwd(5353, "udp", "0.0.0.0/0", "10.0.0.2", Some(default)),
+            ],
+            &[],
+            &[],
+            &policy,
+        );
+        let elements = |name: &str| -> Vec<String> {
+            t.sets
+                .iter()
+                .find(|s| s.name == name)
+                .unwrap()
+                .elements
+                .iter()
+                .cloned()
+                .collect()
+        };
+        // Classes in the order of their options.
+        assert_eq!(elements("syn0_4"), ["192.168.0.0/16 . 8081"]);
+        assert!(elements("syn0_6").is_empty());
+        assert_eq!(elements("syn1_4"), ["0.0.0.0/0 . 8080"]);
+        assert_eq!(elements("syn1_6"), ["::/0 . 8080"]);
+        let raw = chain(&t, "raw_prerouting");
+        assert_eq!(raw.len(), 8);
+        assert_eq!(
+            raw[5],
+            "tcp flags syn / syn,ack,rst,fin fib daddr type local ip saddr . tcp dport @syn1_4 notrack"
+        );
+        // A banned source is dropped before it is untracked.
+        assert!(raw[4].ends_with("ip saddr . meta l4proto . th dport @bans4 drop"));
+        let input = chain(&t, "input");
+        assert_eq!(
+            input[4],
+            "ct state invalid,untracked ip saddr . tcp dport @syn1_4 synproxy mss 1460 wscale 7 timestamp sack-perm"
+        );
+        assert_eq!(
+            input[5],
+            "ct state invalid,untracked ip saddr . tcp dport @syn1_4 drop"
+        );
+        assert!(input[0].contains("@syn0_4 synproxy mss 1400 wscale 7"));
+        assert_eq!(input[8], "iifname != @bridges accept");
+        // The agent's shield still goes right after the bridge test.
+        let mut shielded = t.clone();
+        shield_agent_ports(&mut shielded, &[9465]);
+        assert_eq!(
+            chain(&shielded, "input")[9],
+            "ip saddr @local4 tcp dport { 9465 } drop"
+        );
+        let text = weft_dataplane::nft::render_table(&t);
+        assert!(
+            text.contains("type filter hook prerouting priority raw"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn brute_force_guards_share_a_class_per_limit_and_ban_sources_per_port() {
         let fwd = |port: u16, guard: Option<(u32, u32)>| Forward {
             source: "0.0.0.0/0".parse().unwrap(),
@@ -816,6 +986,7 @@ mod tests {
             target_port: Some(22),
             owner: "x".into(),
             guard,
+            syn_proxy: None,
         };
         let policy = crate::policy::Compiled::default();
         let plain = table(&[], &[fwd(2222, None)], &[], &[], &policy);
@@ -904,6 +1075,7 @@ mod tests {
             target_port: None,
             owner: "x".into(),
             guard: None,
+            syn_proxy: None,
         };
         let base = f("0.0.0.0/0", "tcp", 8000, 8010, "10.0.0.2");
         assert!(base.overlaps(&f("10.0.0.0/8", "tcp", 8010, 8010, "10.0.0.3")));

@@ -145,6 +145,7 @@ pub fn compute(
         Some(labels) => NodeContext {
             name: cfg.node.name.clone(),
             labels: labels.clone(),
+            syn_proxy: cfg.node.syn_proxy,
         },
         None => cfg.node.clone(),
     };

@@ -23,6 +23,9 @@ pub struct NodeContext {
     pub name: String,
     /// The node's labels (matched against `Network.spec.nodeSelector`).
     pub labels: BTreeMap<String, String>,
+    /// SYN proxies allowed (the agent's `--syn-proxy`): PortForwards' `spec.synProxy` is
+    /// realized, and the node's loose TCP tracking is off.
+    pub syn_proxy: bool,
 }
 
 /// The plan and what was wrong on the way.
@@ -141,6 +144,9 @@ fn workload_labels<'a>(
         .find(|w| w.namespace == namespace && w.name == name)
         .map(|w| &w.labels)
 }
+
+/// The sysctl a SYN proxy needs (set to 0 with `--syn-proxy`).
+pub const SYN_PROXY_SYSCTL: &str = "net.netfilter.nf_conntrack_tcp_loose";
 
 /// Computes the node plan.
 pub fn plan(
@@ -323,7 +329,8 @@ pub fn plan(
         accepted.insert(name, net);
     }
 
-    let (forwards, realized) = plan_forwards(res, &accepted, endpoints, &mut problems);
+    let (forwards, realized) =
+        plan_forwards(res, &accepted, endpoints, node.syn_proxy, &mut problems);
     let host_ports = plan_host_ports(
         &|n| accepted.contains_key(n),
         endpoints,
@@ -354,6 +361,14 @@ pub fn plan(
         sysctls.push(SysctlPlan {
             key: "net.ipv6.conf.all.forwarding".into(),
             value: "1".into(),
+        });
+    }
+    if node.syn_proxy {
+        // A SYN proxy needs the handshake's last ACK to be a new packet to connection
+        // tracking, not the pick-up of a connection in mid-stream.
+        sysctls.push(SysctlPlan {
+            key: SYN_PROXY_SYSCTL.into(),
+            value: "0".into(),
         });
     }
     let guard = guard_table(&bridges, &states, endpoints);
@@ -1092,6 +1107,7 @@ fn plan_forwards(
     res: &Resources,
     networks: &BTreeMap<String, &Network>,
     endpoints: &[Endpoint],
+    syn_proxy_allowed: bool,
     problems: &mut Vec<Problem>,
 ) -> (Vec<Forward>, BTreeMap<String, Vec<IpAddr>>) {
     let mut out: Vec<Forward> = Vec::new();
@@ -1124,7 +1140,7 @@ fn plan_forwards(
             }
             continue;
         }
-        if !networks.contains_key(&pf.spec.network) {
+        let Some(net) = networks.get(&pf.spec.network) else {
             if !res
                 .networks
                 .iter()
@@ -1137,7 +1153,7 @@ fn plan_forwards(
             }
             // A network that does not select this node: nothing to forward here.
             continue;
-        }
+        };
         let mut targets: Vec<&Endpoint> = endpoints
             .iter()
             .filter(|e| e.network == pf.spec.network)
@@ -1175,6 +1191,30 @@ fn plan_forwards(
                 "::/0".parse().unwrap_or(IpNet::V6(Ipv6Net::default())),
             ],
         };
+        if pf.spec.syn_proxy.is_some() && !syn_proxy_allowed {
+            problems.push(problem(
+                "spec.synProxy: the agent on this node runs without --syn-proxy (chart value agent.synProxy: true), so the TCP ports are forwarded without a SYN proxy; enable it there or remove synProxy".into(),
+            ));
+        }
+        let syn_options = |v6: bool| {
+            let p = pf.spec.syn_proxy.filter(|_| syn_proxy_allowed)?;
+            let headers = if v6 { 60 } else { 40 };
+            let from_mtu = net.spec.mtu().saturating_sub(headers);
+            Some(firewall::SynOptions {
+                mss: p
+                    .mss
+                    .and_then(|m| u16::try_from(m).ok())
+                    .unwrap_or_else(|| {
+                        u16::try_from(from_mtu)
+                            .unwrap_or(u16::MAX)
+                            .max(weft_crds::portforward::MIN_SYN_PROXY_MSS as u16)
+                    }),
+                wscale: p
+                    .window_scale
+                    .and_then(|w| u8::try_from(w).ok())
+                    .unwrap_or(weft_crds::portforward::DEFAULT_WINDOW_SCALE as u8),
+            })
+        };
         let mut used = Vec::new();
         for port in pf.spec.forward_ports() {
             for ip in &target.ips {
@@ -1191,6 +1231,11 @@ fn plan_forwards(
                         },
                         owner: object.clone(),
                         guard: pf.spec.brute_force.and_then(|g| g.limits()),
+                        syn_proxy: if port.protocol == weft_crds::Protocol::Tcp {
+                            syn_options(ip.is_ipv6())
+                        } else {
+                            None
+                        },
                     };
                     if let Some(clash) = out.iter().find(|o| o.overlaps(&fwd)) {
                         problems.push(problem(format!(
@@ -1276,6 +1321,7 @@ metadata: {name: web-1, namespace: default, labels: {app: web}}
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            syn_proxy: false,
         }
     }
 
@@ -1536,6 +1582,98 @@ metadata: {name: web-1, namespace: default, labels: {app: web}}
             with.forwards["default/web"],
             vec!["10.10.0.2".parse::<IpAddr>().unwrap()]
         );
+    }
+
+    #[test]
+    fn syn_proxies_need_the_agent_s_flag_and_announce_the_network_s_mss() {
+        let res = resources(
+            r#"
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: jumbo}
+spec: {mode: NAT, subnets: [10.30.0.0/16, "fd30::/64"], mtu: 9000}
+---
+apiVersion: weft.dev/v1alpha1
+kind: PortForward
+metadata: {name: shop, namespace: default}
+spec:
+  network: jumbo
+  target: {workload: shop}
+  ports: [{port: 8443, targetPort: 443}, {protocol: UDP, port: 8443}]
+  synProxy: {}
+---
+apiVersion: weft.dev/v1alpha1
+kind: PortForward
+metadata: {name: ssh, namespace: default}
+spec:
+  network: jumbo
+  target: {workload: shop}
+  ports: [{port: 2222, targetPort: 22}]
+  synProxy: {mss: 1400, windowScale: 9}
+"#,
+        );
+        let blocks = all_blocks(&res, &["node-a"]);
+        let eps = [endpoint("jumbo", "shop", &["10.30.0.2", "fd30::2"])];
+        let elements = |p: &PlanOutput, name: &str| -> Vec<String> {
+            p.plan
+                .firewall
+                .sets
+                .iter()
+                .find(|s| s.name == name)
+                .map(|s| s.elements.iter().cloned().collect())
+                .unwrap_or_default()
+        };
+        let loose = |p: &PlanOutput| {
+            p.plan
+                .sysctls
+                .iter()
+                .find(|s| s.key == SYN_PROXY_SYSCTL)
+                .map(|s| s.value.clone())
+        };
+        // Without --syn-proxy: forwarded unproxied, and each PortForward says why.
+        let off = plan(&node(&[]), &res, &blocks, &eps);
+        assert_eq!(off.problems.len(), 2, "{:?}", off.problems);
+        assert!(off.problems[0].message.starts_with("spec.synProxy:"));
+        assert!(off.problems[0].message.contains("agent.synProxy"));
+        assert!(elements(&off, "syn0_4").is_empty());
+        assert_eq!(loose(&off), None);
+        assert_eq!(off.forwards["default/shop"].len(), 2);
+        // With it: the TCP ports only, the MTU's MSS unless the PortForward names one.
+        let mut with_flag = node(&[]);
+        with_flag.syn_proxy = true;
+        let on = plan(&with_flag, &res, &blocks, &eps);
+        assert!(on.problems.is_empty(), "{:?}", on.problems);
+        assert_eq!(loose(&on).as_deref(), Some("0"));
+        let input = &on
+            .plan
+            .firewall
+            .chains
+            .iter()
+            .find(|c| c.name == "input")
+            .unwrap()
+            .rules;
+        let proxies: Vec<&String> = input.iter().filter(|r| r.contains("synproxy")).collect();
+        // Three classes (the IPv4 and IPv6 MSS differ), each with a rule per family.
+        assert_eq!(proxies.len(), 6, "{proxies:?}");
+        let class = |mss: &str| -> String {
+            let rule = proxies
+                .iter()
+                .find(|r| {
+                    r.contains(&format!(" synproxy mss {mss} "))
+                        && r.contains("ip6 saddr") == (mss == "8940")
+                })
+                .unwrap_or_else(|| panic!("no class with mss {mss}: {proxies:?}"));
+            let at = rule.find("@syn").unwrap() + 1;
+            rule[at..].split(' ').next().unwrap().to_string()
+        };
+        assert!(
+            proxies
+                .iter()
+                .any(|r| r.ends_with("synproxy mss 1400 wscale 9 timestamp sack-perm"))
+        );
+        assert_eq!(elements(&on, &class("1400")), ["0.0.0.0/0 . 2222"]);
+        assert_eq!(elements(&on, &class("8960")), ["0.0.0.0/0 . 8443"]);
+        assert_eq!(elements(&on, &class("8940")), ["::/0 . 8443"]);
     }
 
     #[test]

@@ -200,6 +200,7 @@ mod tests {
                 }],
                 allow_from: None,
                 brute_force: None,
+                syn_proxy: None,
             },
         );
         pf.metadata.namespace = Some("default".into());

@@ -517,6 +517,7 @@ mod tests {
                 allow_from: (!allow.is_empty())
                     .then(|| allow.iter().map(|c| Cidr::from(*c)).collect()),
                 brute_force: None,
+                syn_proxy: None,
             },
         );
         p.metadata.namespace = Some(ns.into());

@@ -126,6 +126,7 @@ fn node() -> NodeContext {
     NodeContext {
         name: "n1".into(),
         labels: BTreeMap::new(),
+        syn_proxy: false,
     }
 }
 
