@@ -94,6 +94,9 @@ spec:
   mode: NAT
   subnets: [10.79.128.0/17, "fd79::/64"]
   ipam: {nodeBlockPrefix: 24}
+  # Limits and (below) the agent's per-workload counters: the kernel learns per-address state
+  # from the workloads' traffic, which must leave with them (the footprint checks).
+  limits: {newConnectionsPerSecond: 1000, maxConnections: 5000, conntrackEntries: 20000}
 EOF
   node_mounts || return 1
   start_agent
@@ -130,7 +133,7 @@ start_agent() {
   WEFT_LOG=info "$profile_dir/weft-operator" agent --netns "/run/netns/$node" --node-name n1 \
     --nodes n1 --manifests "$dir/manifests" --state-dir "$dir/state" --socket "$dir/run/agent.sock" \
     --cni-bin-dir "$bin_dir" --cni-conf-dir "$conf_dir" --cni-binary "$profile_dir/weft" \
-    --audit-log "$dir/audit.log" >>"$dir/agent.log" 2>&1 &
+    --audit-log "$dir/audit.log" --workload-metrics >>"$dir/agent.log" 2>&1 &
   echo $! >"$dir/agent.pid"
   eventually 30 "agent up: conflist written, network realized" agent_ready
 }

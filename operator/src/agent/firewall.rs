@@ -431,6 +431,66 @@ pub fn count_new_connections(table: &mut Table) {
     }
 }
 
+/// Forgets what the kernel learned about addresses no workload of this node holds any more:
+/// the elements of `gone` in the table's dynamic per-address sets (the limits' meters and
+/// `ct count`s, the drop and new-connection counters). The kernel owns those elements and
+/// never drops most of them on its own, so a workload that later gets the same address would
+/// inherit the old one's counts. Each element is added, then deleted, in one batch: adding an
+/// element a set already holds changes nothing, and the delete then always finds it.
+pub fn purge_addresses(table: &Table, gone: &[IpAddr]) -> nft::Transaction {
+    use nft::{Change, SetKey};
+    let mut adds = Vec::new();
+    let mut deletes = Vec::new();
+    for set in table
+        .sets
+        .iter()
+        .filter(|s| s.flags.iter().any(|f| f == nft::DYNAMIC_FLAG))
+    {
+        let v6 = match set.key_type.as_str() {
+            "ipv4_addr" => false,
+            "ipv6_addr" => true,
+            _ => continue,
+        };
+        let elements: Vec<String> = gone
+            .iter()
+            .filter(|ip| ip.is_ipv6() == v6)
+            .map(IpAddr::to_string)
+            .collect();
+        if elements.is_empty() {
+            continue;
+        }
+        let change = |delete: bool| {
+            let (family, table, set_name, key) = (
+                table.family,
+                table.name.clone(),
+                set.name.clone(),
+                SetKey::of(set),
+            );
+            if delete {
+                Change::DeleteElements {
+                    family,
+                    table,
+                    set: set_name,
+                    key,
+                    elements: elements.clone(),
+                }
+            } else {
+                Change::AddElements {
+                    family,
+                    table,
+                    set: set_name,
+                    key,
+                    elements: elements.clone(),
+                }
+            }
+        };
+        adds.push(change(false));
+        deletes.push(change(true));
+    }
+    adds.extend(deletes);
+    nft::Transaction(adds)
+}
+
 /// The names of the maps of host ports to workload addresses: IPv4, IPv6.
 pub const HOST_PORT_MAPS: [&str; 2] = ["hport4", "hport6"];
 

@@ -23,14 +23,14 @@ use install::CniInstall;
 use plan::{NodeContext, PlanOutput};
 use serde::Serialize;
 use source::ResourceSource;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use weft_dataplane::links::{ApplyError, ApplyReport};
 use weft_dataplane::netlink::Netlink;
 use weft_dataplane::nft::NftCli;
@@ -410,6 +410,9 @@ struct Reconciler {
     reaper: reaper::Reaper,
     /// Keeps the kernel's traffic mirrors to the plan.
     mirrors: mirror::Mirrors,
+    /// The workload addresses of this node when the plan was last applied: one that is gone
+    /// has its per-address state purged from the kernel's dynamic sets.
+    addresses: BTreeSet<IpAddr>,
 }
 
 impl Reconciler {
@@ -422,6 +425,40 @@ impl Reconciler {
         self.metrics
             .reconciled(reason.as_str(), started.elapsed(), !failed, &self.status);
         result
+    }
+
+    /// Purges the kernel's per-address state of the workload addresses that left this node
+    /// since the last apply ([`firewall::purge_addresses`]); a failure is logged and the
+    /// elements stay (they are counts, not permissions).
+    async fn purge_gone_addresses(&mut self) {
+        let now: BTreeSet<IpAddr> = self
+            .endpoints
+            .list()
+            .into_iter()
+            .flat_map(|e| e.ips)
+            .collect();
+        let gone: Vec<IpAddr> = self.addresses.difference(&now).copied().collect();
+        self.addresses = now;
+        let Some(applied) = self.applied.as_ref().filter(|_| !gone.is_empty()) else {
+            return;
+        };
+        let tx = firewall::purge_addresses(&applied.out.plan.firewall, &gone);
+        if tx.is_empty() {
+            return;
+        }
+        match tokio::task::spawn_blocking(move || {
+            weft_dataplane::nft::Firewall::apply(&mut NftCli::default(), &tx)
+        })
+        .await
+        {
+            Ok(Ok(())) => {
+                debug!(addresses = ?gone, "purged the limits' and counters' state of departed workloads")
+            }
+            Ok(Err(e)) => {
+                warn!(error = %crate::error_chain(&e), addresses = ?gone, "cannot purge departed workloads' per-address state")
+            }
+            Err(e) => warn!(error = %e, "purge task failed"),
+        }
     }
 
     async fn reconcile_once(&mut self, reason: Trigger) -> Result<(), String> {
@@ -666,6 +703,9 @@ impl Reconciler {
                 Err(msg)
             }
         };
+        if outcome.is_ok() {
+            self.purge_gone_addresses().await;
+        }
         // Realized: the networks registrations are accepted for; after a failed apply, also
         // those realized before (they may still exist).
         let mut realized = self.networks.clone();
@@ -1007,6 +1047,7 @@ pub async fn run(
         resyncs: 0,
         reaper,
         mirrors: mirror::Mirrors::spawn(),
+        addresses: BTreeSet::new(),
     };
     let mirrors = rec.mirrors.clone();
     if let Some(sink) = audit_sink(&cfg) {

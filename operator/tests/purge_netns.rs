@@ -1,0 +1,130 @@
+//! Privileged test of `agent::firewall::purge_addresses` in a real kernel: a departed
+//! workload's per-address elements leave the dynamic sets (limits' meters and `ct count`s,
+//! drop and new-connection counters), elements of other addresses stay, and an address the
+//! kernel never learned does not fail the batch.
+//!
+//! The test makes its own network namespace (named with the pid, tests run in parallel) and
+//! always deletes it. Needs root; fails, never skips, without it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::IpAddr;
+use std::process::Command;
+use weft_crds::ConnectionLimits;
+use weft_dataplane::netns::{self, Netns};
+use weft_dataplane::nft::{Change, Firewall, NftCli, Transaction};
+use weft_operator::agent::firewall::{self, Limited};
+
+struct Node {
+    name: String,
+    ns: Netns,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Err(e) = netns::delete_named(&self.name) {
+            eprintln!("cannot delete test netns {}: {e}", self.name);
+        }
+    }
+}
+
+fn nft(node: &Node, script: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &node.name, "nft"])
+        .args(script.split(' '))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nft {script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn departed_addresses_leave_the_dynamic_sets_and_others_stay() {
+    let name = format!("wpurge-{}", std::process::id());
+    let node = Node {
+        ns: netns::create_named(&name).expect("create the node netns"),
+        name,
+    };
+    let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+    let limits = ConnectionLimits {
+        new_per_second: Some(50),
+        concurrent: Some(100),
+        conntrack: Some(1000),
+    };
+    let limited: Vec<Limited> = ["10.0.0.5", "10.0.0.6", "fd00::5"]
+        .iter()
+        .map(|a| Limited { ip: ip(a), limits })
+        .collect();
+    let mut table = firewall::table(
+        &[],
+        &[],
+        &[],
+        &limited,
+        &weft_operator::policy::Compiled::default(),
+    );
+    firewall::count_new_connections(&mut table);
+    netns::run_in(&node.ns, || {
+        NftCli::default().apply(&Transaction(vec![Change::ReplaceTable(table.clone())]))
+    })
+    .unwrap()
+    .unwrap();
+    // What the kernel would have learned from the workloads' traffic: elements with their
+    // own expressions (a counter, a token bucket) in the dynamic sets.
+    let dynamic: Vec<(String, bool)> = table
+        .sets
+        .iter()
+        .filter(|s| s.flags.iter().any(|f| f == "dynamic"))
+        .filter(|s| s.key_type == "ipv4_addr" || s.key_type == "ipv6_addr")
+        .map(|s| (s.name.clone(), s.key_type == "ipv6_addr"))
+        .collect();
+    assert!(
+        dynamic.len() >= 10,
+        "the limits' and counters' sets: {dynamic:?}"
+    );
+    for (set, v6) in &dynamic {
+        let addresses: &[&str] = if *v6 {
+            &["fd00::5"]
+        } else {
+            &["10.0.0.5", "10.0.0.6"]
+        };
+        for a in addresses {
+            let expr = if set.starts_with("lr_") {
+                " limit rate 50/second"
+            } else {
+                " counter"
+            };
+            nft(
+                &node,
+                &format!("add element inet weft {set} {{ {a}{expr} }}"),
+            );
+        }
+    }
+    let held = |set: &str| -> String { nft(&node, &format!("list set inet weft {set}")) };
+    assert!(held("conns_out4").contains("10.0.0.5"));
+
+    // 10.0.0.5 and fd00::5 left; 10.0.0.9 was never learned.
+    let tx = firewall::purge_addresses(&table, &[ip("10.0.0.5"), ip("fd00::5"), ip("10.0.0.9")]);
+    assert!(!tx.is_empty());
+    netns::run_in(&node.ns, || NftCli::default().apply(&tx))
+        .unwrap()
+        .unwrap();
+    for (set, v6) in &dynamic {
+        let text = held(set);
+        assert!(!text.contains("10.0.0.5"), "{set}: {text}");
+        assert!(!text.contains("fd00::5"), "{set}: {text}");
+        assert!(!text.contains("10.0.0.9"), "{set}: {text}");
+        if !v6 {
+            assert!(text.contains("10.0.0.6"), "{set} keeps the others: {text}");
+        }
+    }
+    // Purging again (nothing left of them) is no error either.
+    netns::run_in(&node.ns, || NftCli::default().apply(&tx))
+        .unwrap()
+        .unwrap();
+    // The static member sets are not the purge's: their elements are the plan's.
+    assert!(held(&firewall::limit_class_set(&limits, false)).contains("10.0.0.5"));
+}
