@@ -798,7 +798,8 @@ impl Decision {
     }
 }
 
-/// Prints a `trace` answer: one line and a line per direction, or the decision as JSON.
+/// Prints a `trace` answer: one line and a line per direction, or the decision as JSON. A
+/// reader that stops early (`| head -1`) ends the output quietly.
 pub fn print_trace(
     from: &str,
     to: &str,
@@ -808,12 +809,33 @@ pub fn print_trace(
     note: Option<&str>,
     json: bool,
 ) -> anyhow::Result<()> {
+    let text = trace_text(from, to, port, protocol, decision, note, json)?;
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+/// The text [`print_trace`] prints.
+pub fn trace_text(
+    from: &str,
+    to: &str,
+    port: u16,
+    protocol: weft_crds::L4Protocol,
+    decision: &Decision,
+    note: Option<&str>,
+    json: bool,
+) -> anyhow::Result<String> {
+    use std::fmt::Write;
+    let mut out = String::new();
     if json {
         let mut v = serde_json::to_value(decision)?;
         if let Some(n) = note {
             v["via"] = serde_json::json!(n);
         }
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
     } else {
         // ICMP has no port: `echo-request/icmp`, not `0/icmp`.
         let what = match protocol {
@@ -822,9 +844,9 @@ pub fn print_trace(
             }
             _ => format!("{port}/{}", protocol.nft_name()),
         };
-        println!("{from} -> {to} {what}: {}", decision.summary());
+        writeln!(out, "{from} -> {to} {what}: {}", decision.summary())?;
         if let Some(n) = note {
-            println!("  via {n}");
+            writeln!(out, "  via {n}")?;
         }
         for (word, step) in [
             ("egress ", &decision.egress),
@@ -833,18 +855,19 @@ pub fn print_trace(
             if let Some(s) = step {
                 // The Pass rules that handed the packet on, then the decision.
                 for pass in &s.passed {
-                    println!("  {word} of {:<20} pass    {pass}", s.workload);
+                    writeln!(out, "  {word} of {:<20} pass    {pass}", s.workload)?;
                 }
-                println!(
+                writeln!(
+                    out,
                     "  {word} of {:<20} {}  {}",
                     s.workload,
                     if s.allowed { "accept" } else { "deny  " },
                     s.reason
-                );
+                )?;
             }
         }
     }
-    Ok(())
+    Ok(out)
 }
 
 impl ProtoMatch {
