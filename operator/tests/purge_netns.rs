@@ -57,7 +57,10 @@ fn departed_addresses_leave_the_dynamic_sets_and_others_stay() {
     };
     let limited: Vec<Limited> = ["10.0.0.5", "10.0.0.6", "fd00::5"]
         .iter()
-        .map(|a| Limited { ip: ip(a), limits })
+        .map(|a| Limited {
+            ip: Some(ip(a)),
+            limits,
+        })
         .collect();
     let mut table = firewall::table(
         &[],

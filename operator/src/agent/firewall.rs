@@ -179,11 +179,14 @@ fn brute_force(forwards: &[Forward], log: &str) -> (Vec<Set>, Vec<String>) {
     (sets, rules)
 }
 
-/// A workload address with connection limits.
+/// A workload address with connection limits, or (`ip: None`) a limit class that stays in
+/// the table without members: a Network's own limits, so that its workloads coming and going
+/// change set elements only, never the table's structure (which would replace the table and
+/// forget its bans and meters).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limited {
-    /// The address.
-    pub ip: IpAddr,
+    /// The address; `None` for a standing class.
+    pub ip: Option<IpAddr>,
     /// Its limits (at least one set).
     pub limits: ConnectionLimits,
 }
@@ -220,7 +223,10 @@ pub const LIMIT_DROP_SETS: [[&str; 2]; 2] =
 fn limits(limited: &[Limited]) -> (Vec<Set>, Vec<Chain>) {
     let mut classes: BTreeMap<ConnectionLimits, [BTreeSet<String>; 2]> = BTreeMap::new();
     for l in limited.iter().filter(|l| !l.limits.is_none()) {
-        classes.entry(l.limits).or_default()[usize::from(l.ip.is_ipv6())].insert(l.ip.to_string());
+        let class = classes.entry(l.limits).or_default();
+        if let Some(ip) = l.ip {
+            class[usize::from(ip.is_ipv6())].insert(ip.to_string());
+        }
     }
     let dynamic = |name: String, key: &str, timeout: bool| Set {
         name,

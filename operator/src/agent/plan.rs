@@ -419,10 +419,34 @@ fn plan_limits(
         }
         let limits = limits.connections();
         if !limits.is_none() {
-            out.extend(e.ips.iter().map(|&ip| firewall::Limited { ip, limits }));
+            out.extend(e.ips.iter().map(|&ip| firewall::Limited {
+                ip: Some(ip),
+                limits,
+            }));
         }
     }
+    out.extend(
+        standing_limit_classes(res, realized)
+            .into_iter()
+            .map(|limits| firewall::Limited { ip: None, limits }),
+    );
     out
+}
+
+/// The connection limits of the realized Networks themselves: their classes stay in the table
+/// while the Network does, with or without workloads (see [`firewall::Limited`]).
+fn standing_limit_classes(
+    res: &Resources,
+    realized: &dyn Fn(&str) -> bool,
+) -> BTreeSet<weft_crds::ConnectionLimits> {
+    res.networks
+        .iter()
+        .filter(|n| n.metadata.name.as_deref().is_some_and(realized))
+        .filter_map(|n| n.spec.limits.as_ref())
+        .filter_map(weft_crds::WorkloadLimits::limits)
+        .map(|l| l.connections())
+        .filter(|c| !c.is_none())
+        .collect()
 }
 
 /// The VLANs a network's uplink takes on its device: its sub-interface's, or a filtering
@@ -862,6 +886,18 @@ fn limit_changes(
             }
         }
     }
+    // A class that would be left empty goes from the table (a structure change), unless it is
+    // a Network's own, which stays.
+    let realized: BTreeSet<&str> = out.plan.networks.iter().map(|n| n.name.as_str()).collect();
+    let standing: BTreeSet<String> = standing_limit_classes(res, &|n| realized.contains(n))
+        .iter()
+        .flat_map(|l| {
+            [
+                firewall::limit_class_set(l, false),
+                firewall::limit_class_set(l, true),
+            ]
+        })
+        .collect();
     for (name, (del, add)) in &changes {
         let set = out.plan.firewall.sets.iter().find(|s| s.name == *name)?;
         let left = set
@@ -870,7 +906,7 @@ fn limit_changes(
             .filter(|e| !del.contains(*e) || add.contains(*e))
             .count()
             + add.iter().filter(|a| !set.elements.contains(*a)).count();
-        if left == 0 {
+        if left == 0 && !standing.contains(name) {
             return None;
         }
     }

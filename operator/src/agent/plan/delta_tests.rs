@@ -362,3 +362,42 @@ fn host_ports_change_in_place_but_a_second_claim_or_the_last_one_takes_the_full_
     let mut last = out.clone();
     assert!(apply_endpoint_changes(&mut last, &res, &[first], &[]).is_none());
 }
+
+#[test]
+fn a_networks_own_limit_class_stays_so_its_first_and_last_workload_change_elements_only() {
+    let res = world();
+    let mut out = plan(&node(), &res, &blocks(), &[]);
+    let class = firewall::limit_class_set(
+        &weft_crds::ConnectionLimits {
+            new_per_second: None,
+            concurrent: Some(10),
+            conntrack: Some(100),
+        },
+        false,
+    );
+    let members = |out: &PlanOutput| -> Option<usize> {
+        out.plan
+            .firewall
+            .sets
+            .iter()
+            .find(|s| s.name == class)
+            .map(|s| s.elements.len())
+    };
+    // Red's class is in the table before any workload and after the last one.
+    assert_eq!(members(&out), Some(0));
+    let red = endpoint(4, 1, 0, false);
+    let only_elements = |tx: &weft_dataplane::nft::Transaction| {
+        !tx.is_empty()
+            && tx
+                .0
+                .iter()
+                .all(|c| !matches!(c, weft_dataplane::nft::Change::ReplaceTable(_)))
+    };
+    let tx = apply_endpoint_changes(&mut out, &res, &[], std::slice::from_ref(&red));
+    assert!(tx.as_ref().is_some_and(only_elements), "{tx:?}");
+    assert_eq!(members(&out), Some(1));
+    let tx = apply_endpoint_changes(&mut out, &res, std::slice::from_ref(&red), &[]);
+    assert!(tx.as_ref().is_some_and(only_elements), "{tx:?}");
+    assert_eq!(members(&out), Some(0));
+    assert_eq!(out.plan, plan(&node(), &res, &blocks(), &[]).plan);
+}
