@@ -28,13 +28,17 @@ pub const MAX_CONNECTIONS_ANNOTATION: &str = "weft.dev/max-connections";
 /// Entries of the node's connection-tracking table the pod may hold, both directions.
 pub const CONNTRACK_ANNOTATION: &str = "weft.dev/conntrack-entries";
 
+/// `"true"`: a SYN proxy for the pod's TCP host ports.
+pub const SYN_PROXY_ANNOTATION: &str = "weft.dev/syn-proxy";
+
 /// Every annotation a limit is read from.
-pub const ANNOTATIONS: [&str; 5] = [
+pub const ANNOTATIONS: [&str; 6] = [
     INGRESS_BANDWIDTH_ANNOTATION,
     EGRESS_BANDWIDTH_ANNOTATION,
     NEW_CONNECTIONS_ANNOTATION,
     MAX_CONNECTIONS_ANNOTATION,
     CONNTRACK_ANNOTATION,
+    SYN_PROXY_ANNOTATION,
 ];
 
 /// The lowest bandwidth limit, bits per second (as the Kubernetes bandwidth annotations).
@@ -86,6 +90,14 @@ pub struct WorkloadLimits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 16777216))]
     pub conntrack_entries: Option<i32>,
+
+    /// A SYN proxy for each workload's TCP host ports (a pod's `hostPort`, the runtime's
+    /// `portMappings`): the node answers SYNs with cookies and only a client that completes the
+    /// handshake reaches the workload. Needs the agent's `--syn-proxy` (chart value
+    /// `agent.synProxy`). A pod may turn it on with the annotation `weft.dev/syn-proxy: "true"`,
+    /// never off. PortForwards have their own `spec.synProxy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub syn_proxy: Option<bool>,
 }
 
 /// Effective limits of one workload interface, every value in range; `None` is no limit.
@@ -101,6 +113,8 @@ pub struct Limits {
     pub max_connections: Option<u32>,
     /// Connection-tracking entries, both directions.
     pub conntrack_entries: Option<u32>,
+    /// A SYN proxy for its TCP host ports.
+    pub syn_proxy: bool,
 }
 
 /// The connection limits of [`Limits`] (what nftables enforces), without the bandwidth.
@@ -153,6 +167,7 @@ impl Limits {
             ),
             max_connections: min(self.max_connections, other.max_connections),
             conntrack_entries: min(self.conntrack_entries, other.conntrack_entries),
+            syn_proxy: self.syn_proxy || other.syn_proxy,
         }
     }
 
@@ -188,6 +203,15 @@ impl Limits {
             )?,
             max_connections: count(MAX_CONNECTIONS_ANNOTATION, MAX_CONNECTIONS)?,
             conntrack_entries: count(CONNTRACK_ANNOTATION, MAX_CONNECTIONS)?,
+            syn_proxy: match get(SYN_PROXY_ANNOTATION) {
+                None | Some("false") => false,
+                Some("true") => true,
+                Some(v) => {
+                    return Err(format!(
+                        "annotation {SYN_PROXY_ANNOTATION}: {v:?} is neither \"true\" nor \"false\"; write \"true\" for a SYN proxy on the pod's TCP host ports, or remove the annotation"
+                    ));
+                }
+            },
         })
     }
 }
@@ -250,6 +274,7 @@ impl WorkloadLimits {
             )?,
             max_connections: count(self.max_connections, MAX_CONNECTIONS)?,
             conntrack_entries: count(self.conntrack_entries, MAX_CONNECTIONS)?,
+            syn_proxy: self.syn_proxy.unwrap_or(false),
         })
     }
 
@@ -328,6 +353,7 @@ mod tests {
             (NEW_CONNECTIONS_ANNOTATION, "0"),
             (CONNTRACK_ANNOTATION, "-1"),
             (MAX_CONNECTIONS_ANNOTATION, "99999999999"),
+            (SYN_PROXY_ANNOTATION, "yes"),
         ] {
             let e = Limits::from_annotations(&annotations(&[(key, value)])).unwrap_err();
             assert!(e.starts_with(&format!("annotation {key}:")), "{e}");
@@ -353,6 +379,19 @@ mod tests {
         assert_eq!(t.conntrack_entries, Some(10));
         assert_eq!(t.max_connections, None);
         assert_eq!(t, pod.tightest(network));
+        // A SYN proxy is on when either side turns it on; a pod cannot turn it off.
+        let proxied = Limits {
+            syn_proxy: true,
+            ..Limits::default()
+        };
+        assert!(proxied.tightest(pod).syn_proxy && pod.tightest(proxied).syn_proxy);
+        let off = Limits::from_annotations(&annotations(&[(SYN_PROXY_ANNOTATION, "false")]));
+        assert!(proxied.tightest(off.unwrap()).syn_proxy);
+        assert!(
+            Limits::from_annotations(&annotations(&[(SYN_PROXY_ANNOTATION, "true")]))
+                .unwrap()
+                .syn_proxy
+        );
     }
 
     #[test]

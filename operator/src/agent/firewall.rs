@@ -71,15 +71,33 @@ pub struct SynOptions {
     pub wscale: u8,
 }
 
+impl SynOptions {
+    /// The defaults for a network of this MTU: its MSS (the MTU less 40 bytes of IPv4 or 60 of
+    /// IPv6 headers, at least 536) and window scale 7 (Linux's with its default buffers).
+    pub fn for_mtu(mtu: u32, v6: bool) -> SynOptions {
+        let headers = if v6 { 60 } else { 40 };
+        let min = weft_crds::portforward::MIN_SYN_PROXY_MSS.unsigned_abs();
+        SynOptions {
+            mss: u16::try_from(mtu.saturating_sub(headers).max(min)).unwrap_or(u16::MAX),
+            wscale: u8::try_from(weft_crds::portforward::DEFAULT_WINDOW_SCALE).unwrap_or(7),
+        }
+    }
+}
+
 /// The SYN proxies' sets and rules: one class per distinct [`SynOptions`], with its
-/// `source . node ports` (`syn<i>_4`, `syn<i>_6`). A client's SYN to such a port is left
+/// PortForwards' `source . node ports` (`syn<i>_4`, `syn<i>_6`) and its host ports'
+/// `node address . port` (`synh<i>_4`, `synh<i>_6`). A client's SYN to such a port is left
 /// untracked (raw prerouting) and answered by the node with a SYN cookie (filter input); only
 /// the ACK that completes the handshake makes the kernel open the connection to the node port,
 /// as a locally generated SYN that the nat `output` chain forwards (and counts against the
 /// brute-force guard and the workload's limits). Returns the sets, the raw prerouting rules and
 /// the rules that go first in filter input.
-fn syn_proxies(forwards: &[Forward]) -> (Vec<Set>, Vec<String>, Vec<String>) {
-    let mut classes: BTreeMap<SynOptions, [BTreeSet<String>; 2]> = BTreeMap::new();
+fn syn_proxies(
+    forwards: &[Forward],
+    host_ports: &[HostPort],
+) -> (Vec<Set>, Vec<String>, Vec<String>) {
+    // Per class: [forwards v4, v6, host ports v4, v6].
+    let mut classes: BTreeMap<SynOptions, [BTreeSet<String>; 4]> = BTreeMap::new();
     for f in forwards.iter().filter(|f| f.protocol == "tcp") {
         if let Some(o) = f.syn_proxy {
             classes.entry(o).or_default()[usize::from(f.target.is_ipv6())].insert(format!(
@@ -89,27 +107,54 @@ fn syn_proxies(forwards: &[Forward]) -> (Vec<Set>, Vec<String>, Vec<String>) {
             ));
         }
     }
+    for h in host_ports.iter().filter(|h| h.protocol == "tcp") {
+        if let Some(o) = h.syn_proxy {
+            classes.entry(o).or_default()[2 + usize::from(h.target.is_ipv6())].insert(format!(
+                "{} . {}",
+                cidr_text(&h.host),
+                h.port
+            ));
+        }
+    }
     let (mut sets, mut raw, mut input) = (Vec::new(), Vec::new(), Vec::new());
-    for (i, (o, [v4, v6])) in classes.into_iter().enumerate() {
-        for (v, ip, key, elements) in [
-            ("4", "ip", "ipv4_addr . inet_service", v4),
-            ("6", "ip6", "ipv6_addr . inet_service", v6),
+    let syn = "tcp flags syn / syn,ack,rst,fin fib daddr type local";
+    for (i, (o, [f4, f6, h4, h6])) in classes.into_iter().enumerate() {
+        // A class's forwards' part and host ports' part each only when it has any.
+        let (forwards_too, hosts_too) = (
+            !(f4.is_empty() && f6.is_empty()),
+            !(h4.is_empty() && h6.is_empty()),
+        );
+        for (v, ip, key, forwarded, hosted) in [
+            ("4", "ip", "ipv4_addr . inet_service", f4, h4),
+            ("6", "ip6", "ipv6_addr . inet_service", f6, h6),
         ] {
-            let name = format!("syn{i}_{v}");
-            let matched = format!("{ip} saddr . tcp dport @{name}");
-            sets.push(set(&name, key, true, elements));
-            // A banned source's SYNs never get a cookie (its established connections go on).
-            raw.push(format!(
-                "tcp flags syn / syn,ack,rst,fin fib daddr type local {matched} {ip} saddr . meta l4proto . th dport @bans{v} drop"
-            ));
-            raw.push(format!(
-                "tcp flags syn / syn,ack,rst,fin fib daddr type local {matched} notrack"
-            ));
-            input.push(format!(
-                "ct state invalid,untracked {matched} synproxy mss {} wscale {} timestamp sack-perm",
-                o.mss, o.wscale
-            ));
-            input.push(format!("ct state invalid,untracked {matched} drop"));
+            let mut matches = Vec::new();
+            if forwards_too {
+                let name = format!("syn{i}_{v}");
+                sets.push(set(&name, key, true, forwarded));
+                let matched = format!("{ip} saddr . tcp dport @{name}");
+                // A banned source's SYNs never get a cookie (its established connections go
+                // on).
+                raw.push(format!(
+                    "{syn} {matched} {ip} saddr . meta l4proto . th dport @bans{v} drop"
+                ));
+                raw.push(format!("{syn} {matched} notrack"));
+                matches.push(matched);
+            }
+            if hosts_too {
+                let name = format!("synh{i}_{v}");
+                sets.push(set(&name, key, true, hosted));
+                let matched = format!("{ip} daddr . tcp dport @{name}");
+                raw.push(format!("{syn} {matched} notrack"));
+                matches.push(matched);
+            }
+            for m in &matches {
+                input.push(format!(
+                    "ct state invalid,untracked {m} synproxy mss {} wscale {} timestamp sack-perm",
+                    o.mss, o.wscale
+                ));
+                input.push(format!("ct state invalid,untracked {m} drop"));
+            }
         }
     }
     (sets, raw, input)
@@ -307,6 +352,8 @@ pub struct HostPort {
     pub target: IpAddr,
     /// The workload's port.
     pub target_port: u16,
+    /// Its SYN proxy (TCP only): the options announced on the workload's behalf.
+    pub syn_proxy: Option<SynOptions>,
 }
 
 impl Forward {
@@ -601,7 +648,7 @@ pub fn table(
             crate::policy::render::LOG_GROUP
         ),
     );
-    let (syn_sets, syn_raw, syn_input) = syn_proxies(forwards);
+    let (syn_sets, syn_raw, syn_input) = syn_proxies(forwards, host_ports);
     let [hport4, hport6] = host_port_elements(host_ports);
     let (limit_sets, limit_chains) = limits(limited);
     let l4 = "meta l4proto { tcp, udp, sctp }";
@@ -845,6 +892,7 @@ mod tests {
             port,
             target: target.parse().unwrap(),
             target_port,
+            syn_proxy: None,
         };
         let empty = table(&[], &[], &[], &[], &crate::policy::Compiled::default());
         let t = table(
@@ -990,7 +1038,24 @@ mod tests {
                 // A UDP port is never proxied.
                 fwd(5353, "udp", "0.0.0.0/0", "10.0.0.2", Some(default)),
             ],
-            &[],
+            &[
+                HostPort {
+                    host: "0.0.0.0/0".parse().unwrap(),
+                    protocol: "tcp".into(),
+                    port: 8443,
+                    target: "10.0.0.4".parse().unwrap(),
+                    target_port: 443,
+                    syn_proxy: Some(default),
+                },
+                HostPort {
+                    host: "192.168.1.10/32".parse().unwrap(),
+                    protocol: "udp".into(),
+                    port: 8443,
+                    target: "10.0.0.4".parse().unwrap(),
+                    target_port: 443,
+                    syn_proxy: Some(default),
+                },
+            ],
             &[],
             &policy,
         );
@@ -1009,11 +1074,22 @@ mod tests {
         assert!(elements("syn0_6").is_empty());
         assert_eq!(elements("syn1_4"), ["0.0.0.0/0 . 8080"]);
         assert_eq!(elements("syn1_6"), ["::/0 . 8080"]);
+        // Host ports by node address (the TCP one only).
+        assert_eq!(elements("synh1_4"), ["0.0.0.0/0 . 8443"]);
+        assert!(elements("synh1_6").is_empty());
+        assert!(
+            !t.sets.iter().any(|s| s.name == "synh0_4"),
+            "no host port in class 0"
+        );
         let raw = chain(&t, "raw_prerouting");
-        assert_eq!(raw.len(), 8);
+        assert_eq!(raw.len(), 10);
         assert_eq!(
             raw[5],
             "tcp flags syn / syn,ack,rst,fin fib daddr type local ip saddr . tcp dport @syn1_4 notrack"
+        );
+        assert_eq!(
+            raw[6],
+            "tcp flags syn / syn,ack,rst,fin fib daddr type local ip daddr . tcp dport @synh1_4 notrack"
         );
         // A banned source is dropped before it is untracked.
         assert!(raw[4].ends_with("ip saddr . meta l4proto . th dport @bans4 drop"));
@@ -1026,13 +1102,17 @@ mod tests {
             input[5],
             "ct state invalid,untracked ip saddr . tcp dport @syn1_4 drop"
         );
+        assert_eq!(
+            input[6],
+            "ct state invalid,untracked ip daddr . tcp dport @synh1_4 synproxy mss 1460 wscale 7 timestamp sack-perm"
+        );
         assert!(input[0].contains("@syn0_4 synproxy mss 1400 wscale 7"));
-        assert_eq!(input[8], "iifname != @bridges accept");
+        assert_eq!(input[12], "iifname != @bridges accept");
         // The agent's shield still goes right after the bridge test.
         let mut shielded = t.clone();
         shield_agent_ports(&mut shielded, &[9465]);
         assert_eq!(
-            chain(&shielded, "input")[9],
+            chain(&shielded, "input")[13],
             "ip saddr @local4 tcp dport { 9465 } drop"
         );
         let text = weft_dataplane::nft::render_table(&t);

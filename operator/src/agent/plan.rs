@@ -331,10 +331,39 @@ pub fn plan(
 
     let (forwards, realized) =
         plan_forwards(res, &accepted, endpoints, node.syn_proxy, &mut problems);
+    // A SYN proxy on a workload's TCP host ports: its limits ask for one (the Network's
+    // `spec.limits.synProxy`, the pod's `weft.dev/syn-proxy`) and the agent allows them.
+    let host_syn = |e: &Endpoint, v6: bool| -> Option<firewall::SynOptions> {
+        if !node.syn_proxy || e.port_mappings.is_empty() {
+            return None;
+        }
+        let net = accepted.get(&e.network)?;
+        super::limits::of(res, e)
+            .0
+            .syn_proxy
+            .then(|| firewall::SynOptions::for_mtu(net.spec.mtu(), v6))
+    };
+    if !node.syn_proxy {
+        for e in endpoints.iter().filter(|e| {
+            e.port_mappings.iter().any(|m| m.protocol == "tcp")
+                && accepted.contains_key(&e.network)
+                && super::limits::of(res, e).0.syn_proxy
+        }) {
+            problems.push(Problem {
+                kind: "Pod",
+                object: endpoint_name(e),
+                message: format!(
+                    "{} (or its Network's spec.limits.synProxy): the agent on this node runs without --syn-proxy (chart value agent.synProxy: true), so its host ports are forwarded without a SYN proxy; enable it there or remove the setting",
+                    weft_crds::limits::SYN_PROXY_ANNOTATION
+                ),
+            });
+        }
+    }
     let host_ports = plan_host_ports(
         &|n| accepted.contains_key(n),
         endpoints,
         &forwards,
+        &host_syn,
         &mut problems,
     );
     let limited = plan_limits(res, &|n| accepted.contains_key(n), endpoints, &mut problems);
@@ -813,9 +842,29 @@ fn host_port_changes(
     let realized: BTreeSet<&str> = out.plan.networks.iter().map(|n| n.name.as_str()).collect();
     let realized = |n: &str| realized.contains(n);
     let mut problems = Vec::new();
-    let gone =
-        firewall::host_port_elements(&plan_host_ports(&realized, removed, &[], &mut problems));
-    let came = firewall::host_port_elements(&plan_host_ports(&realized, added, &[], &mut problems));
+    // A SYN proxy's host ports are set elements of their own: the full plan places them.
+    if removed
+        .iter()
+        .chain(added)
+        .any(|e| !e.port_mappings.is_empty() && super::limits::of(res, e).0.syn_proxy)
+    {
+        return None;
+    }
+    let none = |_: &Endpoint, _: bool| None;
+    let gone = firewall::host_port_elements(&plan_host_ports(
+        &realized,
+        removed,
+        &[],
+        &none,
+        &mut problems,
+    ));
+    let came = firewall::host_port_elements(&plan_host_ports(
+        &realized,
+        added,
+        &[],
+        &none,
+        &mut problems,
+    ));
     if !problems.is_empty() {
         return None;
     }
@@ -1044,6 +1093,7 @@ fn plan_host_ports(
     realized: &dyn Fn(&str) -> bool,
     endpoints: &[Endpoint],
     forwards: &[Forward],
+    syn_proxy: &dyn Fn(&Endpoint, bool) -> Option<firewall::SynOptions>,
     problems: &mut Vec<Problem>,
 ) -> Vec<firewall::HostPort> {
     let mut out = Vec::new();
@@ -1104,6 +1154,11 @@ fn plan_host_ports(
                     port: m.host_port,
                     target: *ip,
                     target_port: m.container_port,
+                    syn_proxy: if m.protocol == "tcp" {
+                        syn_proxy(e, ip.is_ipv6())
+                    } else {
+                        None
+                    },
                 });
             }
         }
@@ -1234,21 +1289,16 @@ fn plan_forwards(
         }
         let syn_options = |v6: bool| {
             let p = pf.spec.syn_proxy.filter(|_| syn_proxy_allowed)?;
-            let headers = if v6 { 60 } else { 40 };
-            let from_mtu = net.spec.mtu().saturating_sub(headers);
+            let defaults = firewall::SynOptions::for_mtu(net.spec.mtu(), v6);
             Some(firewall::SynOptions {
                 mss: p
                     .mss
                     .and_then(|m| u16::try_from(m).ok())
-                    .unwrap_or_else(|| {
-                        u16::try_from(from_mtu)
-                            .unwrap_or(u16::MAX)
-                            .max(weft_crds::portforward::MIN_SYN_PROXY_MSS as u16)
-                    }),
+                    .unwrap_or(defaults.mss),
                 wscale: p
                     .window_scale
                     .and_then(|w| u8::try_from(w).ok())
-                    .unwrap_or(weft_crds::portforward::DEFAULT_WINDOW_SCALE as u8),
+                    .unwrap_or(defaults.wscale),
             })
         };
         let mut used = Vec::new();
@@ -1484,6 +1534,86 @@ metadata: {name: web-1, namespace: default, labels: {app: web}}
         );
         let nets4 = fw.sets.iter().find(|s| s.name == "nets4").unwrap();
         assert_eq!(nets4.elements.len(), 2);
+    }
+
+    #[test]
+    fn a_pod_asks_for_a_syn_proxy_on_its_tcp_host_ports() {
+        let res = resources(
+            r#"
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: nat-demo}
+spec: {mode: NAT, subnets: [10.10.0.0/16, "fd10::/64"]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: default, annotations: {weft.dev/syn-proxy: "true"}}
+"#,
+        );
+        let blocks = all_blocks(&res, &["node-a"]);
+        let m = |port, protocol: &str| weft_dataplane::proto::PortMapping {
+            host_port: port,
+            container_port: 80,
+            protocol: protocol.into(),
+            host_ip: None,
+        };
+        let mut web = endpoint("nat-demo", "web", &["10.10.0.5", "fd10::5"]);
+        web.port_mappings = vec![m(8080, "tcp"), m(5353, "udp")];
+        let mut plain = endpoint("nat-demo", "plain", &["10.10.0.6"]);
+        plain.port_mappings = vec![m(9090, "tcp")];
+        let eps = [web.clone(), plain];
+        let elements = |out: &PlanOutput, prefix: &str| -> Vec<String> {
+            out.plan
+                .firewall
+                .sets
+                .iter()
+                .filter(|s| s.name.starts_with(prefix))
+                .flat_map(|s| s.elements.iter().cloned())
+                .collect()
+        };
+        let mut with_flag = node(&[]);
+        with_flag.syn_proxy = true;
+        let on = plan(&with_flag, &res, &blocks, &eps);
+        assert!(on.problems.is_empty(), "{:?}", on.problems);
+        // Its TCP host port, IPv4 and IPv6; not its UDP one, nor another pod's.
+        let mut proxied = elements(&on, "synh");
+        proxied.sort();
+        assert_eq!(proxied, ["0.0.0.0/0 . 8080", "::/0 . 8080"]);
+        let rules: Vec<&String> = on
+            .plan
+            .firewall
+            .chains
+            .iter()
+            .flat_map(|c| &c.rules)
+            .filter(|r| r.contains("synproxy"))
+            .collect();
+        assert!(
+            rules.iter().any(|r| r.contains("mss 1460 wscale 7")),
+            "{rules:?}"
+        );
+        assert!(
+            rules.iter().any(|r| r.contains("mss 1440 wscale 7")),
+            "{rules:?}"
+        );
+        // The host port itself is forwarded as ever.
+        let hport = on
+            .plan
+            .firewall
+            .maps
+            .iter()
+            .find(|m| m.name == "hport4")
+            .unwrap();
+        assert!(hport.elements.contains_key("0.0.0.0/0 . tcp . 8080"));
+        // A pod with a SYN proxy's host ports never changes in place: its elements need the
+        // full plan.
+        let mut base = plan(&with_flag, &res, &blocks, &eps[1..]);
+        assert!(apply_endpoint_changes(&mut base, &res, &[], &[web]).is_none());
+        // Without the agent's flag: forwarded unproxied, and the pod says why.
+        let off = plan(&node(&[]), &res, &blocks, &eps);
+        assert!(elements(&off, "synh").is_empty());
+        assert_eq!(off.problems.len(), 1, "{:?}", off.problems);
+        assert!(off.problems[0].message.contains("weft.dev/syn-proxy"));
+        assert!(off.problems[0].message.contains("--syn-proxy"));
     }
 
     #[test]
