@@ -4,7 +4,7 @@
 # how soon the brute-force guard bans a source; what the limits cost a CNI ADD.
 #
 # usage: bench/flood.sh [-t SECONDS] [-r REPS] [--rate PPS] [--budget N] [--legit N]
-#                       [--conn-rate N] [--no-syn] [--no-udp] [--ban-reps N]
+#                       [--conn-rate N] [--no-syn] [--no-synproxy] [--no-udp] [--ban-reps N]
 #                       [--cni-runs R] [--cni-n N] [--no-flood] [--no-cni]
 #   One lab (`weft-lab --keep`, one node, a NAT Network with `limits: {conntrackEntries: N}`,
 #   --budget, default 2000): workloads `victim` (port forwards 8080 -> 80/tcp, a one-line
@@ -18,14 +18,16 @@
 #   node: what generating and sending it takes of the two cores); a SYN flood; a UDP flood
 #   (--rate PPS, default 5000 a second, spoofed sources from 198.18.0.0/15 and random source
 #   ports, from bench/lib/flood.py's raw socket; the SYNs to node port 8080, the datagrams to
-#   5353). In each phase, with the flood on from 0.5 s in:
+#   5353); and the same SYN flood against node port 8443, the victim's port 80 again through
+#   a forward with `synProxy: {}` (the agent runs with --syn-proxy, as weft-lab's always do),
+#   whose new clients connect to 8443 too. In each phase, with the flood on from 0.5 s in:
 #     1. iperf3 to the victim (port 5201), connected before the flood starts, -O 1 -t SECONDS:
 #        an established client of the victim;
 #     2. iperf3 to `other` through its own port forward, -t SECONDS (goal: >= 90 % of no flood);
 #     3. --legit N (default 20) sequential new connections to the victim (8080), 1 s each to
 #        be answered: the victim's new legitimate clients' success rate;
 #     then the node's conntrack entries, and the flood stops (a flood lasts about 2 x SECONDS +
-#     N s, 31 s by default). After a flood phase: the victim's limit drop counter must have grown and the anomaly (`conntrack-budget`; `connection-rate`
+#     N s, 31 s by default). After a flood phase but the SYN proxy's: the victim's limit drop counter must have grown and the anomaly (`conntrack-budget`; `connection-rate`
 #     with --conn-rate) must be in the node's audit log, else the script fails; time to detect
 #     = the record's time minus the flood's first packet (goal < 3 s); time to recover = from the
 #     flood's end (and start) to the victim's first answered new connection (every 0.5 s); then it waits
@@ -54,7 +56,7 @@ done
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
 BIN="${WEFT_BIN_DIR:-$ROOT/target/debug}"
-T=5; REPS=3; RATE=5000; BUDGET=2000; LEGIT=20; CONNRATE=1000; SYN=1; UDP=1; BANREPS=5
+T=5; REPS=3; RATE=5000; BUDGET=2000; LEGIT=20; CONNRATE=1000; SYN=1; SYNP=1; UDP=1; BANREPS=5
 CNIRUNS=3; CNIN=100; FLOOD=1; CNI=1
 usage() { sed -n '/^# usage: /,/^#   One lab/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# //; s/^#//' >&2; exit 2; }
 while [ $# -gt 0 ]; do
@@ -62,7 +64,7 @@ while [ $# -gt 0 ]; do
     -t) T="$2"; shift 2;; -r) REPS="$2"; shift 2;;
     --rate) RATE="$2"; shift 2;; --budget) BUDGET="$2"; shift 2;;
     --legit) LEGIT="$2"; shift 2;; --conn-rate) CONNRATE="$2"; shift 2;;
-    --no-syn) SYN=""; shift;; --no-udp) UDP=""; shift;;
+    --no-syn) SYN=""; shift;; --no-synproxy) SYNP=""; shift;; --no-udp) UDP=""; shift;;
     --ban-reps) BANREPS="$2"; shift 2;;
     --cni-runs) CNIRUNS="$2"; shift 2;; --cni-n) CNIN="$2"; shift 2;;
     --no-flood) FLOOD=""; shift;; --no-cni) CNI=""; shift;;
@@ -125,6 +127,14 @@ resources:
         - {protocol: UDP, port: 5353, targetPort: 53}
   - apiVersion: weft.dev/v1alpha1
     kind: PortForward
+    metadata: {name: victim-proxied, namespace: default}
+    spec:
+      network: bench
+      target: {workload: victim}
+      ports: [{protocol: TCP, port: 8443, targetPort: 80}]
+      synProxy: {}
+  - apiVersion: weft.dev/v1alpha1
+    kind: PortForward
     metadata: {name: other, namespace: default}
     spec:
       network: bench
@@ -144,6 +154,7 @@ workloads:
   - {name: guarded, node: node-a, networks: [bench]}
 expect:
   - {from: outside, to: node-a, port: 8080, protocol: tcp, result: allow, answeredBy: victim}
+  - {from: outside, to: node-a, port: 8443, protocol: tcp, result: allow, answeredBy: victim}
   - {from: outside, to: node-a, port: 5353, protocol: udp, result: allow, answeredBy: victim}
   - {from: outside, to: node-a, port: 5202, protocol: tcp, result: allow, answeredBy: other}
   - {from: outside, to: node-a, port: 2222, protocol: tcp, result: allow, answeredBy: guarded}
@@ -163,8 +174,8 @@ YAML
   ip netns exec "wl-$LAB-w-victim" iperf3 -s -D -I "$TMP/iperf-victim.pid" >/dev/null
   ip netns exec "wl-$LAB-w-other" iperf3 -s -D -I "$TMP/iperf-other.pid" >/dev/null
   sleep 1
-  legit() { # N TIMEOUT -> JSON of the connect run
-    ip netns exec "$LANNS" python3 "$PY" connect --dst "$NODE" --port 8080 --count "$1" --timeout "$2"
+  legit() { # N TIMEOUT [PORT] -> JSON of the connect run
+    ip netns exec "$LANNS" python3 "$PY" connect --dst "$NODE" --port "${3:-8080}" --count "$1" --timeout "$2"
   }
   [ "$(legit 3 1 | python3 -c 'import json,sys; print(json.load(sys.stdin)["ok"])')" = 3 ] ||
     die "the victim's listener does not answer through node port 8080"
@@ -192,8 +203,9 @@ YAML
   }
   gbps() { python3 -c 'import json,sys; print("%.2f" % (json.load(open(sys.argv[1]))["end"]["sum_received"]["bits_per_second"]/1e9))' "$1" 2>/dev/null; }
 
-  phase() { # none|syn|udp
-    local k="$1" d0 d1 v o l t0 det
+  phase() { # none|gen|syn|synp|udp
+    local k="$1" d0 d1 v o l t0 det lport=8080
+    [ "$k" = synp ] && lport=8443
     settle
     d0=$(python3 "$PY" drops --netns "$NODENS" "$VICTIM")
     timeout $((T + 30)) ip netns exec "$LANNS" iperf3 -c "$NODE" -p 5201 -O 1 -t "$T" -J --connect-timeout 3000 > "$TMP/v.json" 2>&1 &
@@ -202,6 +214,7 @@ YAML
     if [ "$k" != none ]; then
       local proto=tcp port=8080 dst=$NODE
       [ "$k" = udp ] && { proto=udp; port=5353; }
+      [ "$k" = synp ] && port=8443
       [ "$k" = gen ] && dst=198.51.100.1
       ip netns exec "$LANNS" python3 "$PY" send --proto "$proto" --dst "$dst" --dport "$port" \
         --rate "$RATE" --seconds 300 --spoof 198.18.0.0/15 > "$TMP/flood.json" &
@@ -211,7 +224,7 @@ YAML
     v=$(gbps "$TMP/v.json") || die "$k: iperf3 to the victim failed: $(head -c 300 "$TMP/v.json")"
     timeout $((T + 30)) ip netns exec "$LANNS" iperf3 -c "$NODE" -p 5202 -t "$T" -J --connect-timeout 3000 > "$TMP/o.json" 2>&1 || true
     o=$(gbps "$TMP/o.json") || die "$k: iperf3 to other failed: $(head -c 300 "$TMP/o.json")"
-    legit "$LEGIT" 1 > "$TMP/legit.json"
+    legit "$LEGIT" 1 "$lport" > "$TMP/legit.json"
     l=$(j "$TMP/legit.json" '["ok"]')
     CT[$k]+=" $(ct_count)"
     VIC[$k]+=" $v"; OTH[$k]+=" $o"; LEG[$k]+=" $l"
@@ -224,6 +237,14 @@ YAML
       return
     fi
     kill -TERM "$FLOODPID"; wait "$FLOODPID" || true; FLOODPID=""
+    if [ "$k" = synp ]; then
+      # The proxy answers the flood itself: nothing reaches the victim or its budget.
+      SENT[$k]+=" $(j "$TMP/flood.json" '["sent"]')"
+      d1=$(python3 "$PY" drops --netns "$NODENS" "$VICTIM")
+      DROPS[$k]+=" $((d1 - d0))"
+      echo "# $k: victim (established) $v Gbit/s, other $o Gbit/s, legit $l/$LEGIT (port 8443), node conntrack entries ${CT[$k]##* }, sent $(j "$TMP/flood.json" '["sent"]'), budget drops $((d1 - d0))" >&2
+      return
+    fi
     local end; end=$(python3 -c 'import time; print(time.time())')
     t0=$(j "$TMP/flood.json" '["start"]')
     SENT[$k]+=" $(j "$TMP/flood.json" '["sent"]')"
@@ -259,6 +280,7 @@ YAML
   ip -n "$LANNS" neigh replace 198.51.100.1 lladdr 02:00:00:00:00:01 dev fl0
   KINDS=(none gen)
   [ -n "$SYN" ] && KINDS+=(syn)
+  [ -n "$SYNP" ] && KINDS+=(synp)
   [ -n "$UDP" ] && KINDS+=(udp)
   for r in $(seq 1 "$REPS"); do
     for i in $(seq 0 $((${#KINDS[@]} - 1))); do
@@ -366,7 +388,11 @@ if [ -n "$FLOOD" ]; then
       echo "$what ($RATE/s, spoofed; median of $REPS): other $O Gbit/s = $(pct "$O" "$NO") % of no flood (goal >= 90 %), $(pct "$O" "$G") % of the generator alone; victim, established client $V Gbit/s = $(pct "$V" "$NV") %; victim's new clients answered during the flood: median $(med ${LEG[$k]})/$LEGIT (all: ${LEG[$k]# }); node conntrack entries $(med ${CT[$k]}) (budget $BUDGET)"
       echo "  detected (conntrack-budget) after $(med ${DET_CB[$k]}) s median [${DET_CB[$k]# } ] (goal < 3 s)${DET_CR[$k]:+; connection-rate (> $CONNRATE/s) after $(med ${DET_CR[$k]}) s [${DET_CR[$k]# } ]}; new connections answered again $(med ${REC[$k]}) s after the flood's end [${REC[$k]# } ], $(med ${RECS[$k]}) s after its start [${RECS[$k]# } ]; flood packets sent [${SENT[$k]# } ], budget drops [${DROPS[$k]# } ]"
     done
-    for k in none gen syn udp; do
+    if [ -n "${OTH[synp]:-}" ]; then
+      O=$(med ${OTH[synp]}); V=$(med ${VIC[synp]})
+      echo "SYN flood against the SYN-proxied forward (node port 8443, $RATE/s, spoofed; median of $REPS): other $O Gbit/s = $(pct "$O" "$NO") % of no flood (goal >= 90 %), $(pct "$O" "$G") % of the generator alone; victim, established client $V Gbit/s = $(pct "$V" "$NV") %; victim's new clients (port 8443) answered during the flood: median $(med ${LEG[synp]})/$LEGIT (all: ${LEG[synp]# }); node conntrack entries $(med ${CT[synp]}) (budget $BUDGET); flood packets sent [${SENT[synp]# } ], budget drops [${DROPS[synp]# } ]"
+    fi
+    for k in none gen syn synp udp; do
       [ -n "${OTH[$k]:-}" ] && echo "# $k runs: other [${OTH[$k]# } ] victim [${VIC[$k]# } ] Gbit/s; legit [${LEG[$k]# } ]"
     done
     [ -n "$BANF" ] && echo "ban (maxNewConnectionsPerMinute 5, $BANREPS sources): ban record after the first attempt: median $(python3 -c 'import statistics,sys; print("%.3f" % statistics.median(map(float, sys.argv[1:])))' $BANF) s [$BANF ]; after the refused attempt: median $(python3 -c 'import statistics,sys; print("%.3f" % statistics.median(map(float, sys.argv[1:])))' $BANT) s [$BANT ]"

@@ -1286,3 +1286,141 @@ expect:
         std::panic::resume_unwind(e);
     }
 }
+
+const SYN_PROXY: &str = r#"lan:
+  gateway: 192.168.64.1/24
+  gateway6: "fd00:64::1/64"
+nodes:
+  - {name: node-a, address: 192.168.64.11/24, address6: "fd00:64::11/64"}
+resources:
+  - apiVersion: weft.dev/v1alpha1
+    kind: Network
+    metadata: {name: nat}
+    spec: {mode: NAT, subnets: [10.64.0.0/24, "fd64::/64"]}
+  - apiVersion: weft.dev/v1alpha1
+    kind: PortForward
+    metadata: {name: ssh, namespace: default}
+    spec:
+      network: nat
+      target: {workload: ssh}
+      ports: [{port: 8080, targetPort: 80}, {port: 2222, targetPort: 2200}]
+      synProxy: {}
+workloads:
+  - name: ssh
+    node: node-a
+    networks: [nat]
+    listen: [80/tcp]
+    annotations: {weft.dev/syn-proxy: "true"}
+    hostPorts:
+      - {hostPort: 2223, containerPort: 2200, protocol: tcp}
+expect:
+  - {from: outside, to: node-a, port: 8080, protocol: tcp, result: allow, answeredBy: ssh}
+  - {from: outside, to: node-a, port: 8080, protocol: tcp, family: ipv6, result: allow, answeredBy: ssh}
+"#;
+
+/// A workload's TCP counters (`/proc/net/netstat`'s `TcpExt` line) in its namespace.
+fn tcp_ext(ns: &weft_dataplane::netns::Netns) -> std::collections::BTreeMap<String, u64> {
+    let text = weft_dataplane::netns::run_in(ns, || {
+        std::fs::read_to_string("/proc/thread-self/net/netstat")
+    })
+    .unwrap()
+    .unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("TcpExt:")).collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    lines[0]
+        .split_whitespace()
+        .zip(lines[1].split_whitespace())
+        .skip(1)
+        .map(|(k, v)| (k.to_string(), v.parse().unwrap_or(0)))
+        .collect()
+}
+
+#[test]
+fn a_syn_proxy_completes_the_workloads_handshake_at_once_for_a_server_that_speaks_first() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "synproxy.yaml", SYN_PROXY);
+    let lab = format!("syp-{}", std::process::id() % 10000);
+    let out = Command::new(lab_binary())
+        .args(["--keep", "--name", &lab])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let down = || {
+        let _ = Command::new(lab_binary())
+            .args(["down", "--name", &lab])
+            .arg(&file)
+            .status();
+    };
+    let result = std::panic::catch_unwind(|| {
+        assert!(
+            out.status.success() && stdout.contains("all expectations hold"),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let workload =
+            weft_dataplane::netns::Netns::open(format!("/run/netns/wl-{lab}-w-ssh")).unwrap();
+        let outside =
+            weft_dataplane::netns::Netns::open(format!("/run/netns/wl-{lab}-lan-0")).unwrap();
+        // A server that speaks first, like SSH: its banner as soon as a client is accepted.
+        let listener =
+            weft_dataplane::netns::run_in(&workload, || std::net::TcpListener::bind("[::]:2200"))
+                .unwrap()
+                .unwrap();
+        std::thread::spawn(move || {
+            for c in listener.incoming().flatten() {
+                let mut c = c;
+                let _ = std::io::Write::write_all(&mut c, b"SSH-2.0-weft\r\n");
+            }
+        });
+        let before = tcp_ext(&workload);
+        for target in [
+            "192.168.64.11:2222",
+            "[fd00:64::11]:2222",
+            "192.168.64.11:2223",
+            "[fd00:64::11]:2223",
+        ] {
+            let addr: std::net::SocketAddr = target.parse().unwrap();
+            let banner = weft_dataplane::netns::run_in(&outside, move || {
+                let mut s =
+                    std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(3))?;
+                s.set_read_timeout(Some(std::time::Duration::from_secs(3)))?;
+                let mut buf = [0u8; 64];
+                let n = std::io::Read::read(&mut s, &mut buf)?;
+                Ok::<_, std::io::Error>(String::from_utf8_lossy(&buf[..n]).to_string())
+            })
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{target}: {e}"));
+            assert!(banner.starts_with("SSH-2.0-weft"), "{target}: {banner:?}");
+        }
+        // Each handshake the proxy completed on the workload's side was accepted the first
+        // time: no ACK refused for its timestamp echo, no SYN-ACK sent again (a second's wait).
+        let after = tcp_ext(&workload);
+        for counter in ["TSEcrRejected", "TCPSynRetrans"] {
+            assert_eq!(
+                after.get(counter),
+                before.get(counter),
+                "{counter}: the workload refused the proxy's ACK"
+            );
+        }
+        // The node answered the SYNs with cookies (the connections went through its proxy).
+        let node =
+            weft_dataplane::netns::Netns::open(format!("/run/netns/wl-{lab}-n-node-a")).unwrap();
+        let stats = weft_dataplane::netns::run_in(&node, || {
+            std::fs::read_to_string("/proc/thread-self/net/stat/synproxy")
+        })
+        .unwrap()
+        .unwrap();
+        let valid: u64 = stats
+            .lines()
+            .skip(1)
+            .filter_map(|l| u64::from_str_radix(l.split_whitespace().nth(3)?, 16).ok())
+            .sum();
+        assert!(valid >= 4, "cookies validated: {valid}\n{stats}");
+    });
+    down();
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}

@@ -649,6 +649,18 @@ pub fn table(
         ),
     );
     let (syn_sets, syn_raw, syn_input) = syn_proxies(forwards, host_ports);
+    // The SYN proxy's ACK that completes the workload's handshake leaves with the timestamp
+    // option already right, and the kernel's proxy then shifts its echo a second time on the
+    // way out to a remote (non-loopback) server: the workload rejects the ACK (TSEcrRejected)
+    // and the connection waits a second for its SYN-ACK's retransmission, so a server that
+    // speaks first (SSH, SMTP) answers a second late. That ACK is the only locally generated
+    // packet with a source address that is not the node's: it leaves without the option (the
+    // client's later segments carry it, adjusted once).
+    let syn_output: Vec<String> = if syn_input.is_empty() {
+        Vec::new()
+    } else {
+        vec!["tcp flags == ack fib saddr type != local reset tcp option timestamp".into()]
+    };
     let [hport4, hport6] = host_port_elements(host_ports);
     let (limit_sets, limit_chains) = limits(limited);
     let l4 = "meta l4proto { tcp, udp, sctp }";
@@ -829,13 +841,14 @@ pub fn table(
                 "filter",
                 "output",
                 "filter",
-                vec![
+                syn_output.into_iter().chain([
                     "oifname != @bridges accept".into(),
                     "ct state established,related accept".into(),
                     "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-advert } accept".into(),
                     "ct state new jump limits".into(),
                     "jump ingress".into(),
-                ],
+                ])
+                .collect(),
             ),
         ]
         .into_iter()
@@ -1115,6 +1128,12 @@ mod tests {
             chain(&shielded, "input")[13],
             "ip saddr @local4 tcp dport { 9465 } drop"
         );
+        // The proxy's own ACK to the workload leaves without its timestamp option.
+        assert_eq!(
+            chain(&t, "local_out")[0],
+            "tcp flags == ack fib saddr type != local reset tcp option timestamp"
+        );
+        assert_eq!(chain(&plain, "local_out")[0], "oifname != @bridges accept");
         let text = weft_dataplane::nft::render_table(&t);
         assert!(
             text.contains("type filter hook prerouting priority raw"),
