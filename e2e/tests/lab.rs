@@ -77,6 +77,40 @@ fn every_example_lab_passes() {
     }
 }
 
+/// Runs lab `file` as `lab`, kept up, and `check` once its expectations held; then takes it
+/// down, and deletes the namespaces `extra` the check made, whether or not the check passed.
+fn with_kept_lab(
+    lab: &str,
+    file: &Path,
+    extra: &[String],
+    check: impl FnOnce() + std::panic::UnwindSafe,
+) {
+    let out = Command::new(lab_binary())
+        .args(["--keep", "--name", lab])
+        .arg(file)
+        .output()
+        .unwrap();
+    let result = std::panic::catch_unwind(move || {
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("all expectations hold"),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        check();
+    });
+    for ns in extra {
+        let _ = weft_dataplane::netns::delete_named(ns);
+    }
+    let _ = Command::new(lab_binary())
+        .args(["down", "--name", lab])
+        .arg(file)
+        .status();
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}
+
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();
@@ -1055,26 +1089,8 @@ fn host_ports_reach_the_pod_a_second_claim_fails_and_del_removes_them() {
     let dir = tempfile::tempdir().unwrap();
     let file = write(dir.path(), "hostports.yaml", HOST_PORTS);
     let lab = format!("hpt-{}", std::process::id() % 10000);
-    let out = Command::new(lab_binary())
-        .args(["--keep", "--name", &lab])
-        .arg(&file)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let thief_ns = format!("wl-{lab}-x-thief");
-    let down = || {
-        let _ = weft_dataplane::netns::delete_named(&thief_ns);
-        let _ = Command::new(lab_binary())
-            .args(["down", "--name", &lab])
-            .arg(&file)
-            .status();
-    };
-    let result = std::panic::catch_unwind(|| {
-        assert!(
-            out.status.success() && stdout.contains("all expectations hold"),
-            "{stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    with_kept_lab(&lab, &file, std::slice::from_ref(&thief_ns), || {
         let node_dir = Path::new("/run/weft-lab").join(&lab).join("node-a");
         let conflist: serde_json::Value = serde_json::from_slice(
             &std::fs::read(
@@ -1161,10 +1177,6 @@ fn host_ports_reach_the_pod_a_second_claim_fails_and_del_removes_them() {
             "DEL removes web's IPv6 host ports only: {v6}"
         );
     });
-    down();
-    if let Err(e) = result {
-        std::panic::resume_unwind(e);
-    }
 }
 
 #[test]
@@ -1195,26 +1207,8 @@ expect:
 "#,
     );
     let lab = format!("mac-{}", std::process::id() % 10000);
-    let out = Command::new(lab_binary())
-        .args(["--keep", "--name", &lab])
-        .arg(&file)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let thief_ns = format!("wl-{lab}-x-thief");
-    let down = || {
-        let _ = weft_dataplane::netns::delete_named(&thief_ns);
-        let _ = Command::new(lab_binary())
-            .args(["down", "--name", &lab])
-            .arg(&file)
-            .status();
-    };
-    let result = std::panic::catch_unwind(|| {
-        assert!(
-            out.status.success() && stdout.contains("all expectations hold"),
-            "{stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    with_kept_lab(&lab, &file, std::slice::from_ref(&thief_ns), || {
         let node_dir = Path::new("/run/weft-lab").join(&lab).join("node-b");
         let conflist: serde_json::Value = serde_json::from_slice(
             &std::fs::read(
@@ -1281,10 +1275,6 @@ expect:
             .unwrap();
         assert!(!links.status.success(), "the refused ADD keeps no link");
     });
-    down();
-    if let Err(e) = result {
-        std::panic::resume_unwind(e);
-    }
 }
 
 const SYN_PROXY: &str = r#"lan:
@@ -1341,24 +1331,7 @@ fn a_syn_proxy_completes_the_workloads_handshake_at_once_for_a_server_that_speak
     let dir = tempfile::tempdir().unwrap();
     let file = write(dir.path(), "synproxy.yaml", SYN_PROXY);
     let lab = format!("syp-{}", std::process::id() % 10000);
-    let out = Command::new(lab_binary())
-        .args(["--keep", "--name", &lab])
-        .arg(&file)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    let down = || {
-        let _ = Command::new(lab_binary())
-            .args(["down", "--name", &lab])
-            .arg(&file)
-            .status();
-    };
-    let result = std::panic::catch_unwind(|| {
-        assert!(
-            out.status.success() && stdout.contains("all expectations hold"),
-            "{stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    with_kept_lab(&lab, &file, &[], || {
         let workload =
             weft_dataplane::netns::Netns::open(format!("/run/netns/wl-{lab}-w-ssh")).unwrap();
         let outside =
@@ -1419,8 +1392,4 @@ fn a_syn_proxy_completes_the_workloads_handshake_at_once_for_a_server_that_speak
             .sum();
         assert!(valid >= 4, "cookies validated: {valid}\n{stats}");
     });
-    down();
-    if let Err(e) = result {
-        std::panic::resume_unwind(e);
-    }
 }
