@@ -482,34 +482,42 @@ impl Netlink {
             })
     }
 
-    /// The qdiscs of links `links` (from one dump of the namespace's qdiscs).
+    /// The root qdisc and the ingress-slot qdisc (`clsact`, `ingress`) of each of links
+    /// `links`, asked for link by link: a dump would list every qdisc of the namespace, which
+    /// grows with its shaped ports, on every change of one port. A link without one of them
+    /// (or gone) shows fewer.
     pub(super) fn qdiscs_of(
         &mut self,
         op: &'static str,
         links: &[u32],
     ) -> Result<Vec<TcMessage>, NetlinkError> {
-        let replies = self.call(
-            op,
-            || {
-                let links: Vec<String> = links.iter().map(u32::to_string).collect();
-                format!("link {}: list qdiscs", links.join(", "))
-            },
-            RouteNetlinkMessage::GetQueueDiscipline(TcMessage::default()),
-            NLM_F_DUMP,
-        )?;
-        Ok(replies
-            .into_iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewQueueDiscipline(q)
-                    if links
-                        .iter()
-                        .any(|l| i64::from(q.header.index) == i64::from(*l)) =>
-                {
-                    Some(q)
+        let mut out = Vec::new();
+        for &link in links {
+            for parent in [TcHandle::ROOT, TcHandle::CLSACT] {
+                let mut q = TcMessage::with_index(i32::try_from(link).unwrap_or(0));
+                q.header.parent = parent;
+                match self.call(
+                    op,
+                    || format!("link {link}: get qdisc {parent}"),
+                    RouteNetlinkMessage::GetQueueDiscipline(q),
+                    // The kernel answers a qdisc get as a notification: to the asker only
+                    // when it asks for the echo.
+                    netlink_packet_core::NLM_F_ECHO,
+                ) {
+                    Ok(replies) => out.extend(replies.into_iter().filter_map(|m| match m {
+                        RouteNetlinkMessage::NewQueueDiscipline(q)
+                            if i64::from(q.header.index) == i64::from(link) =>
+                        {
+                            Some(q)
+                        }
+                        _ => None,
+                    })),
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) => return Err(e),
                 }
-                _ => None,
-            })
-            .collect())
+            }
+        }
+        Ok(out)
     }
 
     /// The kind of the qdisc in link `port`'s ingress slot (`"clsact"`, `"ingress"`), if any.
