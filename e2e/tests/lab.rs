@@ -1300,7 +1300,7 @@ workloads:
     node: node-a
     networks: [nat]
     listen: [80/tcp]
-    annotations: {weft.dev/syn-proxy: "true"}
+    annotations: {weft.dev/syn-proxy: "true", weft.dev/conntrack-entries: "3"}
     hostPorts:
       - {hostPort: 2223, containerPort: 2200, protocol: tcp}
 expect:
@@ -1377,6 +1377,40 @@ fn a_syn_proxy_completes_the_workloads_handshake_at_once_for_a_server_that_speak
                 "{counter}: the workload refused the proxy's ACK"
             );
         }
+        // The workload's conntrack budget (3 entries) holds behind the proxy too: with three
+        // connections open, the proxy's connection for a fourth client is dropped (that client
+        // completed its handshake with the node, and hears nothing); once they close, a new
+        // client gets in.
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let banner_from = |timeout: u64| {
+            let addr: std::net::SocketAddr = "192.168.64.11:2222".parse().unwrap();
+            weft_dataplane::netns::run_in(&outside, move || {
+                let mut s =
+                    std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(3))?;
+                s.set_read_timeout(Some(std::time::Duration::from_secs(timeout)))?;
+                let mut buf = [0u8; 64];
+                let n = std::io::Read::read(&mut s, &mut buf)?;
+                Ok::<_, std::io::Error>((s, n))
+            })
+            .unwrap()
+        };
+        let held: Vec<std::net::TcpStream> = (0..3)
+            .map(|i| {
+                let (s, n) = banner_from(3).unwrap_or_else(|e| panic!("connection {i}: {e}"));
+                assert!(n > 0, "connection {i} got its banner");
+                s
+            })
+            .collect();
+        assert!(
+            banner_from(1).is_err(),
+            "a fourth connection got through the workload's budget of 3"
+        );
+        drop(held);
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        assert!(
+            banner_from(3).is_ok_and(|(_, n)| n > 0),
+            "a new client after the others closed"
+        );
         // The node answered the SYNs with cookies (the connections went through its proxy).
         let node =
             weft_dataplane::netns::Netns::open(format!("/run/netns/wl-{lab}-n-node-a")).unwrap();

@@ -842,6 +842,12 @@ pub fn table(
                 "output",
                 "filter",
                 syn_output.into_iter().chain([
+                    // A node-local connection DNATed to a workload (a forward on the node's own
+                    // address, a SYN proxy's connection to its workload) still shows the output
+                    // interface it had before the DNAT here: the workload's limits and ingress
+                    // policy apply to it all the same.
+                    "oifname != @bridges ct state new ct status dnat jump limits".into(),
+                    "oifname != @bridges ct state new ct status dnat jump ingress".into(),
                     "oifname != @bridges accept".into(),
                     "ct state established,related accept".into(),
                     "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-advert } accept".into(),
@@ -1133,7 +1139,14 @@ mod tests {
             chain(&t, "local_out")[0],
             "tcp flags == ack fib saddr type != local reset tcp option timestamp"
         );
-        assert_eq!(chain(&plain, "local_out")[0], "oifname != @bridges accept");
+        assert_eq!(
+            chain(&plain, "local_out")[..3],
+            [
+                "oifname != @bridges ct state new ct status dnat jump limits",
+                "oifname != @bridges ct state new ct status dnat jump ingress",
+                "oifname != @bridges accept"
+            ]
+        );
         let text = weft_dataplane::nft::render_table(&t);
         assert!(
             text.contains("type filter hook prerouting priority raw"),
