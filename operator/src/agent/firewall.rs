@@ -182,15 +182,9 @@ fn brute_force(forwards: &[Forward], log: &str) -> (Vec<Set>, Vec<String>) {
             ));
         }
     }
-    let dynamic = |name: String, key: &str| Set {
-        name,
-        key_type: key.into(),
-        flags: vec![nft::DYNAMIC_FLAG.into(), "timeout".into()],
-        elements: BTreeSet::new(),
-    };
     let mut sets = vec![
-        dynamic(BAN_SETS[0].into(), "ipv4_addr . inet_proto . inet_service"),
-        dynamic(BAN_SETS[1].into(), "ipv6_addr . inet_proto . inet_service"),
+        dynamic_set(BAN_SETS[0], "ipv4_addr . inet_proto . inet_service", true),
+        dynamic_set(BAN_SETS[1], "ipv6_addr . inet_proto . inet_service", true),
     ];
     let l4 = "meta l4proto { tcp, udp, sctp } fib daddr type local";
     // A banned source's new connections to the port go nowhere.
@@ -215,7 +209,7 @@ fn brute_force(forwards: &[Forward], log: &str) -> (Vec<Set>, Vec<String>) {
             ("4", "ip", "ipv4_addr . inet_proto . inet_service"),
             ("6", "ip6", "ipv6_addr . inet_proto . inet_service"),
         ] {
-            sets.push(dynamic(format!("bfm{i}_{v}"), key));
+            sets.push(dynamic_set(&format!("bfm{i}_{v}"), key, true));
             rules.push(format!(
                 "{l4} meta l4proto . th dport @bfp{i} update @bfm{i}_{v} {{ {ip} saddr . meta l4proto . th dport timeout 60s limit rate over {per_minute}/minute burst {per_minute} packets }} add @bans{v} {{ {ip} saddr . meta l4proto . th dport timeout {ban}s }} {log} drop"
             ));
@@ -273,20 +267,10 @@ fn limits(limited: &[Limited]) -> (Vec<Set>, Vec<Chain>) {
             class[usize::from(ip.is_ipv6())].insert(ip.to_string());
         }
     }
-    let dynamic = |name: String, key: &str, timeout: bool| Set {
-        name,
-        key_type: key.into(),
-        flags: if timeout {
-            vec![nft::DYNAMIC_FLAG.into(), "timeout".into()]
-        } else {
-            vec![nft::DYNAMIC_FLAG.into()]
-        },
-        elements: BTreeSet::new(),
-    };
     let mut sets = Vec::new();
     for names in LIMIT_DROP_SETS {
-        sets.push(dynamic(names[0].into(), "ipv4_addr", false));
-        sets.push(dynamic(names[1].into(), "ipv6_addr", false));
+        sets.push(dynamic_set(names[0], "ipv4_addr", false));
+        sets.push(dynamic_set(names[1], "ipv6_addr", false));
     }
     let mut rules = Vec::new();
     for (l, members) in classes {
@@ -296,19 +280,19 @@ fn limits(limited: &[Limited]) -> (Vec<Set>, Vec<Chain>) {
             let members_set = limit_class_set(&l, v == 1);
             sets.push(set(&members_set, key, false, members[v].clone()));
             if let Some(r) = l.new_per_second {
-                sets.push(dynamic(format!("lr_{class}_{f}"), key, true));
+                sets.push(dynamic_set(&format!("lr_{class}_{f}"), key, true));
                 rules.push(format!(
                     "{ip} saddr @{members_set} update @lr_{class}_{f} {{ {ip} saddr timeout 60s limit rate over {r}/second burst {r} packets }} goto limit_out"
                 ));
             }
             if let Some(c) = l.concurrent {
-                sets.push(dynamic(format!("lc_{class}_{f}"), key, false));
+                sets.push(dynamic_set(&format!("lc_{class}_{f}"), key, false));
                 rules.push(format!(
                     "{ip} saddr @{members_set} add @lc_{class}_{f} {{ {ip} saddr ct count over {c} }} goto limit_out"
                 ));
             }
             if let Some(t) = l.conntrack {
-                sets.push(dynamic(format!("lt_{class}_{f}"), key, false));
+                sets.push(dynamic_set(&format!("lt_{class}_{f}"), key, false));
                 rules.push(format!(
                     "{ip} saddr @{members_set} add @lt_{class}_{f} {{ {ip} saddr ct count over {t} }} goto limit_out"
                 ));
@@ -374,6 +358,21 @@ pub fn port_text(ports: (u16, u16)) -> String {
         ports.0.to_string()
     } else {
         format!("{}-{}", ports.0, ports.1)
+    }
+}
+
+/// A set the kernel fills (`dynamic`, with per-element timeouts when `timeout`): declared
+/// empty, its elements are never compared or rewritten by weft.
+fn dynamic_set(name: &str, key_type: &str, timeout: bool) -> Set {
+    let mut flags = vec![nft::DYNAMIC_FLAG.into()];
+    if timeout {
+        flags.push("timeout".into());
+    }
+    Set {
+        name: name.into(),
+        key_type: key_type.into(),
+        flags,
+        elements: BTreeSet::new(),
     }
 }
 
@@ -446,9 +445,8 @@ pub fn shield_agent_ports(table: &mut Table, ports: &[u16]) {
 
 /// Counts every local workload's new connections per address, opened and received
 /// ([`super::anomaly::NEW_CONNECTION_SETS`]), at the head of the `limits` chain: for
-/// `--workload-metrics` and a connection-rate anomaly threshold, the only readers. (An
-/// element outlives its workload: a later workload given the same address continues its
-/// count.)
+/// `--workload-metrics` and a connection-rate anomaly threshold, the only readers. A departed
+/// workload's element is purged ([`purge_addresses`]).
 pub fn count_new_connections(table: &mut Table) {
     let [out, inn] = super::anomaly::NEW_CONNECTION_SETS;
     let Some(chain) = table.chains.iter_mut().find(|c| c.name == "limits") else {
@@ -475,12 +473,7 @@ pub fn count_new_connections(table: &mut Table) {
         (inn[0], "ipv4_addr"),
         (inn[1], "ipv6_addr"),
     ] {
-        table.sets.push(Set {
-            name: name.into(),
-            key_type: key.into(),
-            flags: vec![nft::DYNAMIC_FLAG.into()],
-            elements: BTreeSet::new(),
-        });
+        table.sets.push(dynamic_set(name, key, false));
     }
 }
 
@@ -512,33 +505,21 @@ pub fn purge_addresses(table: &Table, gone: &[IpAddr]) -> nft::Transaction {
         if elements.is_empty() {
             continue;
         }
-        let change = |delete: bool| {
-            let (family, table, set_name, key) = (
-                table.family,
-                table.name.clone(),
-                set.name.clone(),
-                SetKey::of(set),
-            );
-            if delete {
-                Change::DeleteElements {
-                    family,
-                    table,
-                    set: set_name,
-                    key,
-                    elements: elements.clone(),
-                }
-            } else {
-                Change::AddElements {
-                    family,
-                    table,
-                    set: set_name,
-                    key,
-                    elements: elements.clone(),
-                }
-            }
-        };
-        adds.push(change(false));
-        deletes.push(change(true));
+        let (table_name, set_name, key) = (table.name.clone(), set.name.clone(), SetKey::of(set));
+        adds.push(Change::AddElements {
+            family: table.family,
+            table: table_name.clone(),
+            set: set_name.clone(),
+            key: key.clone(),
+            elements: elements.clone(),
+        });
+        deletes.push(Change::DeleteElements {
+            family: table.family,
+            table: table_name,
+            set: set_name,
+            key,
+            elements,
+        });
     }
     adds.extend(deletes);
     nft::Transaction(adds)
@@ -868,6 +849,18 @@ pub fn table(
 mod tests {
     use super::*;
 
+    /// The elements of set `name` of `t` (which must have it).
+    fn set_elements(t: &Table, name: &str) -> Vec<String> {
+        t.sets
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap()
+            .elements
+            .iter()
+            .cloned()
+            .collect()
+    }
+
     #[test]
     fn only_nat_networks_are_hairpin_sources() {
         let net = |bridge: &str, v4: &str, v6: &str, sealed| NetRules {
@@ -887,16 +880,7 @@ mod tests {
             &[],
             &crate::policy::Compiled::default(),
         );
-        let elements = |name: &str| -> Vec<String> {
-            t.sets
-                .iter()
-                .find(|s| s.name == name)
-                .unwrap()
-                .elements
-                .iter()
-                .cloned()
-                .collect()
-        };
+        let elements = |name: &str| set_elements(&t, name);
         // A LAN client of a Bridge network on the LAN's subnet keeps its address through a
         // forward into a NAT network.
         assert_eq!(elements("nets4"), vec!["10.40.0.0/24"]);
@@ -1078,16 +1062,7 @@ mod tests {
             &[],
             &policy,
         );
-        let elements = |name: &str| -> Vec<String> {
-            t.sets
-                .iter()
-                .find(|s| s.name == name)
-                .unwrap()
-                .elements
-                .iter()
-                .cloned()
-                .collect()
-        };
+        let elements = |name: &str| set_elements(&t, name);
         // Classes in the order of their options.
         assert_eq!(elements("syn0_4"), ["192.168.0.0/16 . 8081"]);
         assert!(elements("syn0_6").is_empty());

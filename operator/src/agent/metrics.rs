@@ -289,17 +289,13 @@ impl RuleDrops {
 
     /// `(direction, new connections)` of one workload interface.
     fn connections(&self, p: &WorkloadPort) -> [(&'static str, u64); 2] {
-        let sum = |m: &std::collections::HashMap<String, u64>| -> u64 {
-            p.ips.iter().filter_map(|ip| m.get(&ip.to_string())).sum()
-        };
+        let sum = |m| sum_of_addresses(m, p);
         [("in", sum(&self.conns_in)), ("out", sum(&self.conns_out))]
     }
 
     /// `(reason, direction, packets)` of one workload interface.
     fn of(&self, p: &WorkloadPort) -> [(&'static str, &'static str, u64); 5] {
-        let sum = |m: &std::collections::HashMap<String, u64>| -> u64 {
-            p.ips.iter().filter_map(|ip| m.get(&ip.to_string())).sum()
-        };
+        let sum = |m| sum_of_addresses(m, p);
         [
             ("policy", "in", sum(&self.policy_in)),
             ("policy", "out", sum(&self.policy_out)),
@@ -324,6 +320,11 @@ pub fn register_anomalies(registry: &mut Registry, counts: super::anomaly::Count
             label: "kind",
             counts,
         }));
+}
+
+/// The sum of per-address counts `m` over the addresses of workload interface `p`.
+fn sum_of_addresses(m: &std::collections::HashMap<String, u64>, p: &WorkloadPort) -> u64 {
+    p.ips.iter().filter_map(|ip| m.get(&ip.to_string())).sum()
 }
 
 /// The labels of one workload interface's series in one direction.

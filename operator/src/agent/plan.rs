@@ -331,24 +331,30 @@ pub fn plan(
 
     let (forwards, realized) =
         plan_forwards(res, &accepted, endpoints, node.syn_proxy, &mut problems);
-    // A SYN proxy on a workload's TCP host ports: its limits ask for one (the Network's
-    // `spec.limits.synProxy`, the pod's `weft.dev/syn-proxy`) and the agent allows them.
+    // The workloads whose TCP host ports ask for a SYN proxy (the Network's
+    // `spec.limits.synProxy`, the pod's `weft.dev/syn-proxy`), by host port name: they get one
+    // when the agent allows them, else each says why.
+    let wants_syn: BTreeSet<&str> = endpoints
+        .iter()
+        .filter(|e| {
+            accepted.contains_key(&e.network)
+                && e.port_mappings.iter().any(|m| m.protocol == "tcp")
+                && super::limits::of(res, e).0.syn_proxy
+        })
+        .map(|e| e.host_ifname.as_str())
+        .collect();
     let host_syn = |e: &Endpoint, v6: bool| -> Option<firewall::SynOptions> {
-        if !node.syn_proxy || e.port_mappings.is_empty() {
+        if !node.syn_proxy || !wants_syn.contains(e.host_ifname.as_str()) {
             return None;
         }
         let net = accepted.get(&e.network)?;
-        super::limits::of(res, e)
-            .0
-            .syn_proxy
-            .then(|| firewall::SynOptions::for_mtu(net.spec.mtu(), v6))
+        Some(firewall::SynOptions::for_mtu(net.spec.mtu(), v6))
     };
     if !node.syn_proxy {
-        for e in endpoints.iter().filter(|e| {
-            e.port_mappings.iter().any(|m| m.protocol == "tcp")
-                && accepted.contains_key(&e.network)
-                && super::limits::of(res, e).0.syn_proxy
-        }) {
+        for e in endpoints
+            .iter()
+            .filter(|e| wants_syn.contains(e.host_ifname.as_str()))
+        {
             problems.push(Problem {
                 kind: "Pod",
                 object: endpoint_name(e),
