@@ -11,24 +11,15 @@
 use std::net::IpAddr;
 use std::process::Command;
 use weft_crds::ConnectionLimits;
-use weft_dataplane::netns::{self, Netns};
+use weft_dataplane::netns;
 use weft_dataplane::nft::{Change, Firewall, NftCli, Transaction};
 use weft_operator::agent::firewall::{self, Limited};
 
-struct Node {
-    name: String,
-    ns: Netns,
-}
+#[path = "common/named_netns.rs"]
+mod named_netns;
+use named_netns::NamedNetns;
 
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Err(e) = netns::delete_named(&self.name) {
-            eprintln!("cannot delete test netns {}: {e}", self.name);
-        }
-    }
-}
-
-fn nft(node: &Node, script: &str) -> String {
+fn nft(node: &NamedNetns, script: &str) -> String {
     let out = Command::new("ip")
         .args(["netns", "exec", &node.name, "nft"])
         .args(script.split(' '))
@@ -44,11 +35,7 @@ fn nft(node: &Node, script: &str) -> String {
 
 #[test]
 fn departed_addresses_leave_the_dynamic_sets_and_others_stay() {
-    let name = format!("wpurge-{}", std::process::id());
-    let node = Node {
-        ns: netns::create_named(&name).expect("create the node netns"),
-        name,
-    };
+    let node = named_netns::create("wpurge-", "");
     let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
     let limits = ConnectionLimits {
         new_per_second: Some(50),

@@ -12,27 +12,11 @@ use weft_dataplane::netlink::{Netlink, VethSpec};
 use weft_dataplane::netns::{self, Netns};
 use weft_operator::agent::reaper::Reaper;
 
-struct Node {
-    name: String,
-    ns: Netns,
-}
+#[path = "common/named_netns.rs"]
+mod named_netns;
 
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Err(e) = netns::delete_named(&self.name) {
-            eprintln!("cannot delete test netns {}: {e}", self.name);
-        }
-    }
-}
-
-fn node_named(tag: &str) -> Node {
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "this test needs root (network namespaces): run the tests as root"
-    );
-    let name = format!("wrp{}{tag}", std::process::id());
-    let ns = netns::create_named(&name).expect("create the test netns");
-    Node { name, ns }
+fn node_named(tag: &str) -> named_netns::NamedNetns {
+    named_netns::create("wrp", tag)
 }
 
 /// A workload's veth pair, both ends in `ns`; the host end `host` carries weft's endpoint
