@@ -8,6 +8,11 @@ use std::net::IpAddr;
 
 /// Every link weft creates carries an alias (IFLA_IFALIAS) starting with this prefix.
 pub const ALIAS_PREFIX: &str = "weft:";
+
+/// The link group (`IFLA_GROUP`) weft moves its links into to delete them in one request
+/// ([`crate::netlink::Netlink::delete_links`]): "weft" in ASCII. Reserved: every link in it is
+/// deleted when weft deletes the group.
+pub const DELETE_GROUP: u32 = 0x7765_6674;
 /// The nftables table (family `inet`) that weft owns on every node.
 pub const NFT_TABLE: &str = "weft";
 /// Prefix of host-side veth names.

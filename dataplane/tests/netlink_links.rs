@@ -4,6 +4,7 @@
 mod netlink_common;
 
 use netlink_common::{NamedNs, isolate};
+use weft_dataplane::names;
 use weft_dataplane::netlink::{Netlink, VethSpec, format_mac};
 
 const BRIDGE_MAC: [u8; 6] = [0x02, 0x77, 0x65, 0x66, 0x74, 0x01];
@@ -323,4 +324,41 @@ fn the_port_vlan_dump_decodes_bridge_ports_and_reports_vlan_filtering() {
             assert!(!nl.set_port_vlans(port, &want).unwrap(), "idempotent");
         }
     }
+}
+
+#[test]
+fn links_deleted_together_leave_the_others_and_lo_in_their_group_is_kept() {
+    let _ns = isolate();
+    let mut nl = Netlink::new().unwrap();
+    let make = |nl: &mut Netlink, name: &str| nl.create_bridge(name, None, None, None).unwrap();
+    let (a, b, c) = (
+        make(&mut nl, "dla"),
+        make(&mut nl, "dlb"),
+        make(&mut nl, "dlc"),
+    );
+    let kept = make(&mut nl, "dlkept");
+    // c is gone before the request: skipped, not an error.
+    assert!(nl.delete_link(c).unwrap());
+    assert_eq!(nl.delete_links(&[a, b, c]).unwrap(), 2);
+    for name in ["dla", "dlb", "dlc"] {
+        assert!(nl.link_by_name(name).unwrap().is_none(), "{name} left");
+    }
+    assert!(nl.link_by_name("dlkept").unwrap().is_some());
+    assert_eq!(nl.delete_links(&[a]).unwrap(), 0);
+    assert_eq!(nl.delete_links(&[]).unwrap(), 0);
+
+    // A link the kernel cannot delete in the group (lo, put there by someone else): the group
+    // is refused, and the links asked for are deleted one by one; lo stays.
+    let status = std::process::Command::new("ip")
+        .args(["link", "set", "lo", "group"])
+        .arg(names::DELETE_GROUP.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (d, e) = (make(&mut nl, "dld"), make(&mut nl, "dle"));
+    assert_eq!(nl.delete_links(&[d, e, kept]).unwrap(), 3);
+    for name in ["dld", "dle", "dlkept"] {
+        assert!(nl.link_by_name(name).unwrap().is_none(), "{name} left");
+    }
+    assert!(nl.link_by_name("lo").unwrap().is_some());
 }

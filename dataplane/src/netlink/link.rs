@@ -4,6 +4,7 @@
 //! a bridge's forwarding database.
 
 use super::{Netlink, NetlinkError, bad_ifname, check_ifname};
+use crate::names;
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL};
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::link::{
@@ -595,6 +596,56 @@ impl Netlink {
             }
             Err(e) if e.is_not_found() => Ok(false),
             Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes links `indexes` together: the kernel waits for one grace period for all of
+    /// them instead of one per link (about 20 ms each on a busy node, holding the lock every
+    /// other link change waits for). They are moved into link group
+    /// [`names::DELETE_GROUP`], which is then deleted as a whole (`ip link del group`); links
+    /// gone meanwhile are skipped. Returns how many were deleted. Should the kernel refuse the
+    /// group (a link someone else put in it cannot be deleted), each of `indexes` is deleted
+    /// on its own.
+    pub fn delete_links(&mut self, indexes: &[u32]) -> Result<usize, NetlinkError> {
+        const OP: &str = "delete links";
+        if let [index] = indexes {
+            return Ok(usize::from(self.delete_link(*index)?));
+        }
+        let mut moved = Vec::with_capacity(indexes.len());
+        for &index in indexes {
+            let mut msg = LinkUnspec::new_with_index(index).build();
+            msg.attributes
+                .push(LinkAttribute::Group(names::DELETE_GROUP));
+            match self.set_link(OP, index, msg) {
+                Ok(()) => moved.push(index),
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if moved.is_empty() {
+            return Ok(0);
+        }
+        let mut msg = LinkMessage::default();
+        msg.attributes
+            .push(LinkAttribute::Group(names::DELETE_GROUP));
+        match self.call(
+            OP,
+            || format!("link group {:#x}", names::DELETE_GROUP),
+            RouteNetlinkMessage::DelLink(msg),
+            0,
+        ) {
+            Ok(_) => {
+                debug!(links = ?moved, "deleted links");
+                Ok(moved.len())
+            }
+            Err(e) if e.is_not_found() => Ok(0),
+            Err(_) => {
+                let mut deleted = 0;
+                for index in moved {
+                    deleted += usize::from(self.delete_link(index)?);
+                }
+                Ok(deleted)
+            }
         }
     }
 
