@@ -100,8 +100,9 @@ if [ -n "${WEFT_BENCH_LIMITS:-}" ]; then
       [ "$e" -gt "$me" ] && me=$e
       [ "$i" -gt "$mi" ] && mi=$i
       echo "$me $mi" > "$TMP/limits-seen"
-      # Shaping links only with a bandwidth limit.
-      if [ "$me" -gt 0 ] && { [ "$mi" -gt 0 ] || [[ "$WEFT_BENCH_LIMITS" != *andwidth* ]]; }; then break; fi
+      # Set elements only with a connection limit, shaping links only with a bandwidth limit.
+      if { [ "$me" -gt 0 ] || [[ "$WEFT_BENCH_LIMITS" != *onn* ]]; } &&
+         { [ "$mi" -gt 0 ] || [[ "$WEFT_BENCH_LIMITS" != *andwidth* ]]; }; then break; fi
     done
   ) &
   SAMPLER=$!

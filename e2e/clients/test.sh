@@ -95,8 +95,9 @@ spec:
   subnets: [10.79.128.0/17, "fd79::/64"]
   ipam: {nodeBlockPrefix: 24}
   # Limits and (below) the agent's per-workload counters: the kernel learns per-address state
-  # from the workloads' traffic, which must leave with them (the footprint checks).
-  limits: {newConnectionsPerSecond: 1000, maxConnections: 5000, conntrackEntries: 20000}
+  # from the workloads' traffic, which must leave with them (the footprint checks); shaping
+  # gives every workload an IFB link, which must leave with it too.
+  limits: {newConnectionsPerSecond: 1000, maxConnections: 5000, conntrackEntries: 20000, ingressBandwidth: 1G, egressBandwidth: 1G}
 EOF
   node_mounts || return 1
   start_agent
@@ -156,9 +157,11 @@ cnictl() { # version args...
   in_node "$cache/cnictl-$v" -network weft -cache-dir "${CNI_CACHE:-/var/lib/cni/$v}" "$@"
 }
 
-# What a workload leaves on the node: weft host links, allocations in the IPAM store, nftables
-# set and map elements, and the agent's open descriptors.
+# What a workload leaves on the node: weft host links (host ports `wf…`) and shaping links (IFBs
+# `wi…`), allocations in the IPAM store, nftables set and map elements, and the agent's open
+# descriptors.
 host_links() { ip -n "$node" -o link show | grep -c ': wf'; }
+shaping_links() { ip -n "$node" -o link show | grep -c ': wi'; }
 allocations() { cat "$dir"/state/ipam/*/allocations.json 2>/dev/null | grep -oE '"(container_id|containerId)"' | wc -l; }
 nft_elements() { ip netns exec "$node" nft -j list ruleset | python3 -c '
 import json, sys
@@ -169,7 +172,7 @@ for o in json.load(sys.stdin)["nftables"]:
             n += len(o[k].get("elem", []))
 print(n)'; }
 agent_fds() { ls "/proc/$(agent_pid)/fd" | wc -l; }
-footprint() { echo "links=$(host_links) allocations=$(allocations) elements=$(nft_elements) fds=$(agent_fds)"; }
+footprint() { echo "links=$(host_links) ifbs=$(shaping_links) allocations=$(allocations) elements=$(nft_elements) fds=$(agent_fds)"; }
 footprint_is() { [ "$(footprint)" = "$1" ]; }
 no_host_links() { [ "$(host_links)" = 0 ]; }
 # The footprint settles back to BEFORE (descriptors of closed connections go a moment later).

@@ -25,7 +25,7 @@ use tracing::{info, warn};
 use weft_crds::{MirrorProtocol, NodeMirror, TrafficMirror, selector_matches};
 use weft_dataplane::mirror::{Insn, L4, MirrorFilter, Side, program};
 use weft_dataplane::names;
-use weft_dataplane::netlink::{MirrorRule, Netlink, NetlinkError, Shaping};
+use weft_dataplane::netlink::{LinkInfo, MirrorRule, Netlink, NetlinkError, Shaping};
 use weft_dataplane::proto::Endpoint;
 
 /// One copy a source port makes.
@@ -247,7 +247,69 @@ fn apply(
     applied: &mut Applied,
     full: bool,
 ) -> Result<BTreeMap<String, NodeMirror>, NetlinkError> {
-    let links = nl.links()?;
+    // Ports: those whose rules changed, those waiting, and at a full pass every weft port.
+    let mut touch: BTreeSet<String> = plan
+        .ports
+        .iter()
+        .filter(|(p, rules)| applied.ports.get(*p) != Some(*rules))
+        .map(|(p, _)| p.clone())
+        .collect();
+    touch.extend(applied.waiting.iter().cloned());
+    touch.extend(
+        applied
+            .ports
+            .keys()
+            .filter(|p| !plan.ports.contains_key(*p))
+            .cloned(),
+    );
+    touch.extend(
+        plan.shaping
+            .iter()
+            .filter(|(p, s)| applied.shaping.get(*p) != Some(*s))
+            .map(|(p, _)| p.clone()),
+    );
+    touch.extend(
+        applied
+            .shaping
+            .keys()
+            .filter(|p| !plan.shaping.contains_key(*p))
+            .cloned(),
+    );
+    // The links this pass reads: at a full pass every link of the node (one dump); otherwise
+    // only those it may change or read, each looked up by name, so that a pass for one new
+    // workload costs the same with 10 ports on the node as with 500.
+    let links = if full {
+        let links = nl.links()?;
+        touch.extend(plan.ports.keys().cloned());
+        touch.extend(
+            links
+                .iter()
+                .filter(|l| l.alias.as_deref().is_some_and(names::is_endpoint_alias))
+                .map(|l| l.name.clone()),
+        );
+        links
+    } else {
+        let mut wanted: BTreeSet<String> = touch.clone();
+        for port in &touch {
+            wanted.extend(
+                plan.ports
+                    .get(port)
+                    .into_iter()
+                    .flatten()
+                    .map(|r| r.to.clone()),
+            );
+            wanted.insert(names::shaping_ifb_name(port));
+        }
+        wanted.extend(plan.tunnels.keys().cloned());
+        wanted.extend(applied.tunnels.keys().cloned());
+        // Their counters are read below.
+        wanted.extend(applied.ports.keys().cloned());
+        let mut links = Vec::with_capacity(wanted.len());
+        for name in &wanted {
+            links.extend(nl.link_by_name(name)?);
+        }
+        links
+    };
     let mut index: BTreeMap<String, u32> =
         links.iter().map(|l| (l.name.clone(), l.index)).collect();
     let mut problems: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -288,43 +350,6 @@ fn apply(
         nl.delete_link(i)?;
         applied.tunnels.remove(&name);
         info!(tunnel = %name, "deleted a mirror tunnel no mirror uses");
-    }
-    // Ports: those whose rules changed, those waiting, and at a full pass every weft port.
-    let mut touch: BTreeSet<String> = plan
-        .ports
-        .iter()
-        .filter(|(p, rules)| applied.ports.get(*p) != Some(*rules))
-        .map(|(p, _)| p.clone())
-        .collect();
-    touch.extend(applied.waiting.iter().cloned());
-    touch.extend(
-        applied
-            .ports
-            .keys()
-            .filter(|p| !plan.ports.contains_key(*p))
-            .cloned(),
-    );
-    touch.extend(
-        plan.shaping
-            .iter()
-            .filter(|(p, s)| applied.shaping.get(*p) != Some(*s))
-            .map(|(p, _)| p.clone()),
-    );
-    touch.extend(
-        applied
-            .shaping
-            .keys()
-            .filter(|p| !plan.shaping.contains_key(*p))
-            .cloned(),
-    );
-    if full {
-        touch.extend(plan.ports.keys().cloned());
-        touch.extend(
-            links
-                .iter()
-                .filter(|l| l.alias.as_deref().is_some_and(names::is_endpoint_alias))
-                .map(|l| l.name.clone()),
-        );
     }
     applied.waiting.clear();
     // Ports with a shaping link: shaped by this agent or an earlier one.
@@ -379,6 +404,10 @@ fn apply(
         }
         let stale = full && shaped_before.contains(port.as_str());
         shape(nl, port_index, &port, plan, applied, stale);
+        // A port that neither has nor wants copies: only a full pass looks for stale filters.
+        if !full && wanted.is_empty() && !applied.ports.contains_key(&port) {
+            continue;
+        }
         match nl.set_mirrors(port_index, &rules) {
             Ok(changed) => {
                 if changed {
@@ -415,18 +444,28 @@ fn apply(
         .filter(|(_, s)| s.egress.is_some())
         .map(|(p, _)| names::shaping_ifb_name(p))
         .collect();
-    for l in links.iter().filter(|l| {
-        l.alias.as_deref().is_some_and(names::is_shaping_ifb_alias)
-            && !wanted_ifbs.contains(&l.name)
-            && (full
-                || l.alias
-                    .as_deref()
-                    .and_then(|a| a.strip_prefix(names::ALIAS_PREFIX)?.strip_prefix("shape:"))
-                    .is_some_and(|p| !index.contains_key(p)))
-    }) {
-        if nl.delete_link(l.index)? {
-            info!(ifb = %l.name, "deleted the shaping link of a port no longer shaped");
-        }
+    let stale_ifbs: Vec<&LinkInfo> = links
+        .iter()
+        .filter(|l| {
+            l.alias.as_deref().is_some_and(names::is_shaping_ifb_alias)
+                && !wanted_ifbs.contains(&l.name)
+                && (full
+                    || l.alias
+                        .as_deref()
+                        .and_then(|a| a.strip_prefix(names::ALIAS_PREFIX)?.strip_prefix("shape:"))
+                        .is_some_and(|p| !index.contains_key(p)))
+        })
+        .collect();
+    // Together: each deletion alone would hold up the node's link changes (ADDs') for a grace
+    // period, and a pass after many DELs has many.
+    if !stale_ifbs.is_empty() {
+        let indexes: Vec<u32> = stale_ifbs.iter().map(|l| l.index).collect();
+        let deleted = nl.delete_links(&indexes)?;
+        info!(
+            ifbs = ?stale_ifbs.iter().map(|l| &l.name).collect::<Vec<_>>(),
+            deleted,
+            "deleted the shaping links of ports no longer shaped"
+        );
     }
     // Each mirror's state: its planned sources, what it copied, its problems.
     let mut report: BTreeMap<String, NodeMirror> = plan
