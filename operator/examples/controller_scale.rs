@@ -25,9 +25,9 @@ use weft_crds::{
     SegmentationPolicy,
 };
 use weft_operator::controller::allocator::NodeInfo;
+use weft_operator::controller::compact::{CompactNodeNetwork, Names, keep_node_network};
 use weft_operator::controller::network::{Observed, ObservedSpec, allocation_inputs, desired};
 use weft_operator::controller::policy::enforcement;
-use weft_operator::controller::trim_node_network;
 
 fn rss_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -51,7 +51,9 @@ fn main() -> anyhow::Result<()> {
 
     let (networks, mut nw) = reflector::store::<Network>();
     let (policies, mut pw) = reflector::store::<SegmentationPolicy>();
-    let (node_networks, mut nnw) = reflector::store::<NodeNetwork>();
+    let (node_networks, mut nnw) = reflector::store::<CompactNodeNetwork>();
+    // The Network names the controller's NodeNetwork watch shares between nodes.
+    let mut names = Names::default();
     let (nodes, mut ndw) = reflector::store::<Node>();
     let t = Instant::now();
     for i in 0..count {
@@ -94,7 +96,7 @@ fn main() -> anyhow::Result<()> {
                 .collect(),
             ..NodeNetworkStatus::default()
         });
-        nnw.apply_watcher_event(&watcher::Event::Apply(nn));
+        nnw.apply_watcher_event(&watcher::Event::Apply(keep_node_network(nn, &mut names)));
     }
     let fill = t.elapsed();
 
@@ -150,18 +152,20 @@ fn main() -> anyhow::Result<()> {
         let t = Instant::now();
         for nn in node_networks.state() {
             let name = nn.metadata.name.clone().unwrap_or_default();
-            let mut written = (*nn).clone();
-            written.spec = decision.allocation.spec(&name).unwrap_or_default();
+            let mut written =
+                NodeNetwork::new(&name, decision.allocation.spec(&name).unwrap_or_default());
+            written.metadata = nn.metadata.clone();
+            written.status = nn.status.clone();
             // As the controller's watch reads and keeps it.
-            let mut echoed: NodeNetwork = serde_json::from_slice(&serde_json::to_vec(&written)?)?;
+            let echoed: NodeNetwork = serde_json::from_slice(&serde_json::to_vec(&written)?)?;
             drop(written);
-            trim_node_network(&mut echoed);
-            nnw.apply_watcher_event(&watcher::Event::Apply(echoed));
+            let kept = keep_node_network(echoed, &mut names);
+            nnw.apply_watcher_event(&watcher::Event::Apply(kept));
         }
         drop(decision);
         let echo = t.elapsed();
         let t = Instant::now();
-        let stored: BTreeMap<String, Arc<NodeNetwork>> = node_networks
+        let stored: BTreeMap<String, Arc<CompactNodeNetwork>> = node_networks
             .state()
             .into_iter()
             .map(|nn| (nn.metadata.name.clone().unwrap_or_default(), nn))

@@ -13,6 +13,7 @@
 //! Every replica computes; only the holder of the Lease ([`leader`]) acts.
 
 pub mod allocator;
+pub mod compact;
 pub mod error;
 pub mod leader;
 pub mod metrics;
@@ -29,6 +30,7 @@ pub use leader::Leadership;
 pub use metrics::Metrics;
 
 use backon::BackoffBuilder as _;
+use compact::{Blocks, CompactNodeNetwork, Names, keep_node_network};
 use futures::{FutureExt, StreamExt, TryStreamExt, channel::mpsc};
 use k8s_openapi::api::core::v1::Node;
 use kube::runtime::events::{Recorder, Reporter};
@@ -44,8 +46,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tracing::{info, warn};
 use weft_crds::{
-    ClusterSegmentationPolicy, Network, NodeNetwork, NodeNetworkSpec, PortForward,
-    SegmentationPolicy, TrafficMirror,
+    ClusterSegmentationPolicy, Network, NodeNetwork, PortForward, SegmentationPolicy, TrafficMirror,
 };
 
 /// The field manager of every server-side apply of the controller.
@@ -62,8 +63,8 @@ pub struct Stores {
     pub networks: Store<Network>,
     /// All Nodes.
     pub nodes: Store<Node>,
-    /// All NodeNetworks.
-    pub node_networks: Store<NodeNetwork>,
+    /// All NodeNetworks, as [`keep_node_network`] keeps them.
+    pub node_networks: Store<CompactNodeNetwork>,
     /// All PortForwards.
     pub port_forwards: Store<PortForward>,
 }
@@ -82,7 +83,7 @@ pub struct Context {
     pub metrics: Metrics,
     /// NodeNetwork specs this replica applied, newer than the store until its watch catches up.
     /// Dropped once the store shows the same spec.
-    written: Mutex<BTreeMap<String, Arc<NodeNetworkSpec>>>,
+    written: Mutex<BTreeMap<String, Arc<Blocks>>>,
     /// The last accepted version of each Network (see `network::Observed::accepted`).
     accepted: Mutex<BTreeMap<String, Arc<weft_crds::Network>>>,
     /// Serializes allocate + apply, so two reconciles never allocate from the same snapshot.
@@ -183,16 +184,10 @@ fn trigger_stream(rx: mpsc::UnboundedReceiver<()>) -> impl futures::Stream<Item 
 }
 
 /// What the controller keeps of a watched object: all but its managed fields, which it never
-/// reads (with server-side apply they name every entry of a NodeNetwork's blocks).
-fn trim<K: Resource>(object: &mut K) {
+/// reads.
+fn trim<K: Resource>(mut object: K) -> K {
     object.meta_mut().managed_fields = None;
-}
-
-/// What the controller keeps of a NodeNetwork: [`trim`], and its blocks without spare
-/// capacity (a list read from JSON grows by doubling).
-pub fn trim_node_network(nn: &mut NodeNetwork) {
-    trim(nn);
-    nn.spec.blocks.shrink_to_fit();
+    object
 }
 
 /// Sends `()` to `triggers` for every object `stream` yields; logs its errors.
@@ -254,22 +249,34 @@ impl<K> Watched for K where
 {
 }
 
-/// Runs a reflector for `api` into a new store, keeping what `keep` leaves of each object, and
-/// calls `on_event` with every object applied or deleted (and whether it was deleted), and with
+/// The watch event `event` with each object as `keep` makes it.
+fn kept<K, T>(event: watcher::Event<K>, mut keep: impl FnMut(K) -> T) -> watcher::Event<T> {
+    match event {
+        watcher::Event::Apply(o) => watcher::Event::Apply(keep(o)),
+        watcher::Event::Delete(o) => watcher::Event::Delete(keep(o)),
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitApply(o) => watcher::Event::InitApply(keep(o)),
+        watcher::Event::InitDone => watcher::Event::InitDone,
+    }
+}
+
+/// Runs a reflector for `api` into a new store of what `keep` makes of each object, and calls
+/// `on_event` with every object applied or deleted (and whether it was deleted), and with
 /// `None` at the end of every full list (a relist may have missed deletions); watch errors are
 /// logged and retried.
-fn reflect_with<K>(
+fn reflect_with<K, T>(
     api: Api<K>,
-    keep: fn(&mut K),
-    mut on_event: impl FnMut(Option<(&K, bool)>) + Send + 'static,
-) -> (Store<K>, impl Future<Output = ()> + Send)
+    mut keep: impl FnMut(K) -> T + Send + 'static,
+    mut on_event: impl FnMut(Option<(&T, bool)>) + Send + 'static,
+) -> (Store<T>, impl Future<Output = ()> + Send)
 where
     K: Watched,
+    T: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
 {
     let (reader, writer) = reflector::store();
     let stream = reflector::reflector(
         writer,
-        watcher(api, watcher::Config::default()).modify(keep),
+        watcher(api, watcher::Config::default()).map_ok(move |e| kept(e, &mut keep)),
     )
     .default_backoff();
     let run = async move {
@@ -311,8 +318,13 @@ fn reflect_nodes(
 
 /// The Networks a NodeNetwork names: those with a block in its spec and those its agent reports
 /// realized.
-pub fn networks_named(nn: &NodeNetwork) -> BTreeSet<String> {
-    let mut out: BTreeSet<String> = nn.spec.blocks.iter().map(|b| b.network.clone()).collect();
+pub fn networks_named(nn: &CompactNodeNetwork) -> BTreeSet<String> {
+    let mut out: BTreeSet<String> = nn
+        .spec
+        .entries()
+        .iter()
+        .map(|b| b.network.to_string())
+        .collect();
     if let Some(status) = &nn.status {
         out.extend(status.networks.iter().cloned());
     }
@@ -324,7 +336,7 @@ pub fn networks_named(nn: &NodeNetwork) -> BTreeSet<String> {
 /// agents). `last` remembers what each NodeNetwork named; a deleted one is forgotten.
 pub fn networks_touched(
     last: &mut HashMap<String, BTreeSet<String>>,
-    nn: &NodeNetwork,
+    nn: &CompactNodeNetwork,
     deleted: bool,
 ) -> BTreeSet<String> {
     let name = nn.metadata.name.clone().unwrap_or_default();
@@ -339,16 +351,18 @@ pub fn networks_touched(
     touched
 }
 
-/// Runs a reflector of NodeNetworks (kept as [`trim_node_network`] leaves them); every change
-/// wakes the Network controller for the Networks it touches ([`networks_touched`]) and sends
-/// `()` to `triggers`.
+/// Runs a reflector of NodeNetworks (kept as [`keep_node_network`] makes them, the Network
+/// names shared between all of them); every change wakes the Network controller for the
+/// Networks it touches ([`networks_touched`]) and sends `()` to `triggers`.
 fn reflect_node_networks(
     api: Api<NodeNetwork>,
     networks: mpsc::UnboundedSender<ObjectRef<Network>>,
     triggers: Vec<mpsc::UnboundedSender<()>>,
-) -> (Store<NodeNetwork>, impl Future<Output = ()> + Send) {
+) -> (Store<CompactNodeNetwork>, impl Future<Output = ()> + Send) {
     let mut last = HashMap::new();
-    reflect_with(api, trim_node_network, move |event| {
+    let mut names = Names::default();
+    let keep = move |nn| keep_node_network(nn, &mut names);
+    reflect_with(api, keep, move |event| {
         if let Some((nn, deleted)) = event {
             for network in networks_touched(&mut last, nn, deleted) {
                 let _ = networks.unbounded_send(ObjectRef::new(&network));
@@ -433,8 +447,8 @@ pub struct Triggers {
 pub struct Observation {
     /// All Nodes.
     pub nodes: Store<Node>,
-    /// All NodeNetworks.
-    pub node_networks: Store<NodeNetwork>,
+    /// All NodeNetworks, as [`keep_node_network`] keeps them.
+    pub node_networks: Store<CompactNodeNetwork>,
     /// True once the Network watch has listed every Network.
     pub networks_listed: watch::Receiver<bool>,
     /// True once the PortForward watch has listed every PortForward.
@@ -740,7 +754,7 @@ mod trigger_tests {
     use super::*;
     use weft_crds::{NodeNetworkBlock, NodeNetworkSpec, NodeNetworkStatus};
 
-    fn nn(blocks: &[&str], realized: &[&str]) -> NodeNetwork {
+    fn nn(blocks: &[&str], realized: &[&str]) -> CompactNodeNetwork {
         let mut nn = NodeNetwork::new(
             "node-a",
             NodeNetworkSpec {
@@ -758,7 +772,7 @@ mod trigger_tests {
             networks: realized.iter().map(|n| (*n).to_string()).collect(),
             ..Default::default()
         });
-        nn
+        nn.into()
     }
 
     fn set(names: &[&str]) -> BTreeSet<String> {
