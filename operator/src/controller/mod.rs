@@ -207,23 +207,62 @@ async fn forward<K>(
     }
 }
 
-/// Whether a Node event can change what the Networks see of the Node: a Node added, deleted,
-/// re-created (another uid) or relabelled. `last` remembers each Node's uid and labels.
+/// What a Node event changes of what the Networks see of the Node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeChange {
+    /// Nothing (a status heartbeat).
+    Nothing,
+    /// The Node was added, deleted or re-created (another uid).
+    Membership,
+    /// The Node was relabelled; its labels before.
+    Labels(BTreeMap<String, String>),
+}
+
+/// What a Node event changes for the Networks ([`NodeChange`]). `last` remembers each Node's
+/// uid and labels.
 pub fn node_changed(
     last: &mut HashMap<String, (Option<String>, BTreeMap<String, String>)>,
     node: &Node,
     deleted: bool,
-) -> bool {
+) -> NodeChange {
     let name = node.metadata.name.clone().unwrap_or_default();
     if deleted {
         last.remove(&name);
-        return true;
+        return NodeChange::Membership;
     }
     let now = (
         node.metadata.uid.clone(),
         node.metadata.labels.clone().unwrap_or_default(),
     );
-    last.insert(name, now.clone()).as_ref() != Some(&now)
+    match last.insert(name, now.clone()) {
+        None => NodeChange::Membership,
+        Some((uid, _)) if uid != now.0 => NodeChange::Membership,
+        Some((_, labels)) if labels != now.1 => NodeChange::Labels(labels),
+        Some(_) => NodeChange::Nothing,
+    }
+}
+
+/// The Networks a relabelling of a node (from `before` to `after`) concerns: those whose
+/// `nodeSelector` selects it before and not after or the other way round (a Network without
+/// one selects every node, whatever its labels), and those whose status says they are not
+/// valid (the allocation may hold their last accepted spec, whose selector may differ).
+pub fn reselected(
+    networks: &[Arc<Network>],
+    before: &BTreeMap<String, String>,
+    after: &BTreeMap<String, String>,
+) -> BTreeSet<String> {
+    networks
+        .iter()
+        .filter(|net| {
+            let invalid = net.status.as_ref().is_some_and(|s| {
+                status::find(&s.conditions, status::VALID).is_some_and(|c| c.status == "False")
+            });
+            invalid
+                || allocator::selects_labels(&net.spec, before)
+                    != allocator::selects_labels(&net.spec, after)
+        })
+        .filter_map(|net| net.metadata.name.clone())
+        .collect()
 }
 
 /// A kind the controller watches: a static Kubernetes type its watches decode and share.
@@ -296,21 +335,35 @@ where
     (reader, run)
 }
 
-/// Runs a reflector of Nodes (kept as [`trim`] leaves them); a change that [`node_changed`]
-/// counts sends `()` to `triggers`, and so does the end of every full list.
+/// Runs a reflector of Nodes (kept as [`trim`] leaves them). A Node added, deleted or
+/// re-created ([`node_changed`]) sends `()` to `triggers`, and so does the end of every full
+/// list; a relabelled Node wakes the Network controller for the Networks of `networks` it
+/// concerns ([`reselected`]) only.
 fn reflect_nodes(
     api: Api<Node>,
+    networks: Store<Network>,
+    network_refs: mpsc::UnboundedSender<ObjectRef<Network>>,
     triggers: Vec<mpsc::UnboundedSender<()>>,
 ) -> (Store<Node>, impl Future<Output = ()> + Send) {
     let mut last = HashMap::new();
     reflect_with(api, trim, move |event| {
-        let changed = match event {
+        let change = match event {
             Some((node, deleted)) => node_changed(&mut last, node, deleted),
-            None => true,
+            None => NodeChange::Membership,
         };
-        if changed {
-            for t in &triggers {
-                let _ = t.unbounded_send(());
+        match change {
+            NodeChange::Nothing => {}
+            NodeChange::Membership => {
+                for t in &triggers {
+                    let _ = t.unbounded_send(());
+                }
+            }
+            NodeChange::Labels(before) => {
+                let Some((node, _)) = event else { return };
+                let after = node.metadata.labels.clone().unwrap_or_default();
+                for network in reselected(&networks.state(), &before, &after) {
+                    let _ = network_refs.unbounded_send(ObjectRef::new(&network));
+                }
             }
         }
     })
@@ -474,12 +527,6 @@ pub fn observe_cluster(
     Shared<PortForward>,
     impl Future<Output = ()> + Send + use<>,
 ) {
-    // Nodes matter to Networks by their names, uids and labels (node selectors): a Node's
-    // status heartbeat wakes no Network.
-    let (nodes, nodes_fut) = reflect_nodes(
-        Api::<Node>::all(client.clone()),
-        vec![triggers.networks.clone()],
-    );
     // A NodeNetwork's change concerns the Networks it names (their blocks there, the agent's
     // report of them): only those are reconciled, not every Network. The agents' reports are
     // the policies' status too.
@@ -498,6 +545,15 @@ pub fn observe_cluster(
         Api::<Network>::all(client.clone()),
         vec![triggers.networks.clone(), triggers.port_forwards.clone()],
         networks_tx,
+    );
+    // Nodes matter to Networks by their names, uids and labels (node selectors): a Node's
+    // status heartbeat wakes no Network, a relabelled one only the Networks whose selection
+    // of it changes.
+    let (nodes, nodes_fut) = reflect_nodes(
+        Api::<Node>::all(client.clone()),
+        networks.store.clone(),
+        triggers.network_refs.clone(),
+        vec![triggers.networks.clone()],
     );
     let (port_forwards_tx, port_forwards_listed) = watch::channel(false);
     let (port_forwards, pf_fut) = watch_shared(
@@ -808,45 +864,128 @@ mod trigger_tests {
 #[cfg(test)]
 mod node_trigger_tests {
     use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
+    use weft_crds::{NetworkSpec, NetworkStatus};
 
     fn node(uid: &str, labels: &[(&str, &str)]) -> Node {
         let mut n = Node::default();
         n.metadata.name = Some("node-a".into());
         n.metadata.uid = Some(uid.into());
-        n.metadata.labels = Some(
-            labels
-                .iter()
-                .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
-                .collect(),
-        );
+        n.metadata.labels = Some(labels_of(labels));
         n
     }
 
+    fn labels_of(labels: &[(&str, &str)]) -> BTreeMap<String, String> {
+        labels
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+            .collect()
+    }
+
     #[test]
-    fn only_a_new_relabelled_re_created_or_deleted_node_wakes_the_networks() {
+    fn only_a_new_relabelled_re_created_or_deleted_node_changes_anything() {
         let mut last = HashMap::new();
-        assert!(
+        assert_eq!(
             node_changed(&mut last, &node("u1", &[("zone", "a")]), false),
+            NodeChange::Membership,
             "new"
         );
         // A status heartbeat: same uid and labels.
-        assert!(!node_changed(
-            &mut last,
-            &node("u1", &[("zone", "a")]),
-            false
-        ));
-        assert!(
+        assert_eq!(
+            node_changed(&mut last, &node("u1", &[("zone", "a")]), false),
+            NodeChange::Nothing
+        );
+        assert_eq!(
             node_changed(&mut last, &node("u1", &[("zone", "b")]), false),
-            "relabelled"
+            NodeChange::Labels(labels_of(&[("zone", "a")])),
+            "relabelled: the labels before"
         );
-        assert!(
-            node_changed(&mut last, &node("u2", &[("zone", "b")]), false),
-            "re-created"
+        assert_eq!(
+            node_changed(&mut last, &node("u2", &[("zone", "c")]), false),
+            NodeChange::Membership,
+            "re-created (and relabelled)"
         );
-        assert!(
-            node_changed(&mut last, &node("u2", &[("zone", "b")]), true),
+        assert_eq!(
+            node_changed(&mut last, &node("u2", &[("zone", "c")]), true),
+            NodeChange::Membership,
             "deleted"
         );
         assert!(last.is_empty());
+    }
+
+    fn network(name: &str, selector: Option<LabelSelector>) -> Arc<Network> {
+        Arc::new(Network::new(
+            name,
+            NetworkSpec {
+                node_selector: selector,
+                ..NetworkSpec::default()
+            },
+        ))
+    }
+
+    fn match_labels(labels: &[(&str, &str)]) -> Option<LabelSelector> {
+        Some(LabelSelector {
+            match_labels: Some(labels_of(labels)),
+            ..LabelSelector::default()
+        })
+    }
+
+    #[test]
+    fn a_relabelled_node_concerns_only_the_networks_whose_selection_of_it_changes() {
+        let mut invalid = (*network("invalid", match_labels(&[("pool", "x")]))).clone();
+        invalid.status = Some(NetworkStatus {
+            conditions: vec![status::condition(
+                status::VALID,
+                false,
+                "Immutable",
+                "spec.subnets cannot change".to_string(),
+                Some(2),
+                &[],
+                jiff::Timestamp::UNIX_EPOCH,
+            )],
+            ..NetworkStatus::default()
+        });
+        let networks = [
+            network("everywhere", None),
+            network("zone-a", match_labels(&[("zone", "a")])),
+            network("zone-b", match_labels(&[("zone", "b")])),
+            network("pool-x", match_labels(&[("pool", "x")])),
+            network(
+                "has-gpu",
+                Some(LabelSelector {
+                    match_expressions: Some(vec![LabelSelectorRequirement {
+                        key: "gpu".into(),
+                        operator: "Exists".into(),
+                        values: None,
+                    }]),
+                    ..LabelSelector::default()
+                }),
+            ),
+            Arc::new(invalid),
+        ];
+        let set = |names: &[&str]| -> BTreeSet<String> {
+            names.iter().map(|n| (*n).to_string()).collect()
+        };
+        let woken = |before: &[(&str, &str)], after: &[(&str, &str)]| {
+            reselected(&networks, &labels_of(before), &labels_of(after))
+        };
+        // Moved from zone a to zone b: the two zone Networks; a Network without a selector
+        // selects the node either way, pool-x selects it neither way.
+        assert_eq!(
+            woken(&[("zone", "a")], &[("zone", "b")]),
+            set(&["invalid", "zone-a", "zone-b"])
+        );
+        // A label no selector reads: none but the one whose accepted spec is not known here.
+        assert_eq!(
+            woken(&[("zone", "a")], &[("zone", "a"), ("rack", "7")]),
+            set(&["invalid"])
+        );
+        assert_eq!(
+            woken(
+                &[("zone", "a")],
+                &[("zone", "a"), ("gpu", "1"), ("pool", "x")]
+            ),
+            set(&["has-gpu", "invalid", "pool-x"])
+        );
     }
 }
