@@ -6,7 +6,10 @@
 //! block (about 140 bytes with its allocations); [`Blocks`] holds the Network's name shared
 //! between all nodes ([`Names`]) and each block as a parsed network (40 bytes a block), and
 //! loses nothing: a spec whose text is not what its parsed form prints (a CIDR not in
-//! canonical form, an address of the wrong family) keeps its text as well.
+//! canonical form, an address of the wrong family) keeps its text as well. The Networks the
+//! agent reports realized are kept the same way ([`Realized`]): the agent of a node with 10k
+//! Networks lists 10k names. Both are shared, not copied, by what the controller remembers of a
+//! NodeNetwork's previous version (see `networks_touched`).
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -86,7 +89,7 @@ impl Entry {
 /// `Cidr::net` reads it). Equal [`Blocks`] are equal specs.
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct Blocks {
-    entries: Box<[Entry]>,
+    entries: Arc<[Entry]>,
     /// The spec as read, when the entries do not print it back exactly (a block that is not
     /// a canonical CIDR of its family, or a canonical one written differently). Such a spec
     /// never equals one the allocator builds, whose text is always what its entries print.
@@ -97,7 +100,7 @@ impl Blocks {
     /// Blocks of these entries (as the allocator builds them).
     pub fn new(entries: Vec<Entry>) -> Self {
         Blocks {
-            entries: entries.into_boxed_slice(),
+            entries: entries.into(),
             text: None,
         }
     }
@@ -135,6 +138,11 @@ impl Blocks {
     /// The entries, in the spec's order.
     pub fn entries(&self) -> &[Entry] {
         &self.entries
+    }
+
+    /// The entries, shared.
+    pub fn shared_entries(&self) -> Arc<[Entry]> {
+        self.entries.clone()
     }
 
     /// Whether the spec has no entry.
@@ -189,16 +197,52 @@ impl<T: Current> Current for Arc<T> {
     }
 }
 
+/// The Networks an agent reports realized (`status.networks`), sorted, each name once, the
+/// names shared between nodes ([`Names`]).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Realized(Arc<[Arc<str>]>);
+
+impl Realized {
+    /// The names of `networks`, shared through `names`.
+    pub fn read(networks: &[String], names: &mut Names) -> Self {
+        let mut v: Vec<Arc<str>> = networks.iter().map(|n| names.get(n)).collect();
+        v.sort_unstable();
+        v.dedup();
+        Realized(v.into())
+    }
+
+    /// Whether `network` is one of them.
+    pub fn contains(&self, network: &str) -> bool {
+        self.0.binary_search_by(|n| (**n).cmp(network)).is_ok()
+    }
+
+    /// The names, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|n| &**n)
+    }
+}
+
 /// A NodeNetwork as the controller keeps it ([`keep_node_network`]): its metadata without
-/// managed fields, its spec as [`Blocks`], its status as it is.
+/// managed fields, its spec as [`Blocks`], its status with the Networks realized taken out
+/// into [`Realized`].
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct CompactNodeNetwork {
     /// The NodeNetwork's metadata, without managed fields.
     pub metadata: ObjectMeta,
     /// The NodeNetwork's spec.
     pub spec: Blocks,
-    /// What its agent reports.
+    /// What its agent reports, but `networks` (always empty here: see
+    /// [`CompactNodeNetwork::realized`]).
     pub status: Option<NodeNetworkStatus>,
+    /// The Networks its agent reports realized (`status.networks`).
+    pub realized: Realized,
+}
+
+impl CompactNodeNetwork {
+    /// Whether the agent reports `network` as realized on the node.
+    pub fn lists_network(&self, network: &str) -> bool {
+        self.realized.contains(network)
+    }
 }
 
 impl Resource for CompactNodeNetwork {
@@ -227,18 +271,24 @@ impl Resource for CompactNodeNetwork {
 
 /// What the controller keeps of a NodeNetwork: all but its managed fields (which it never
 /// reads; with server-side apply they name every entry of the blocks), its spec as
-/// [`Blocks`] with the Network names shared through `names`.
+/// [`Blocks`] and the Networks realized as [`Realized`], the Network names shared through
+/// `names`.
 pub fn keep_node_network(nn: NodeNetwork, names: &mut Names) -> CompactNodeNetwork {
     let NodeNetwork {
         mut metadata,
         spec,
-        status,
+        mut status,
     } = nn;
     metadata.managed_fields = None;
+    let realized = status
+        .as_mut()
+        .map(|s| Realized::read(&std::mem::take(&mut s.networks), names))
+        .unwrap_or_default();
     CompactNodeNetwork {
         metadata,
         spec: Blocks::read(&spec, names),
         status,
+        realized,
     }
 }
 
@@ -343,12 +393,31 @@ mod tests {
         nn.metadata.generation = Some(3);
         nn.status = Some(NodeNetworkStatus {
             endpoints: Some(4),
+            networks: vec!["red".into(), "blue".into(), "red".into()],
             ..NodeNetworkStatus::default()
         });
-        let kept = CompactNodeNetwork::from(nn.clone());
+        let mut names = Names::default();
+        let kept = keep_node_network(nn.clone(), &mut names);
         assert_eq!(kept.metadata.managed_fields, None);
         assert_eq!(kept.metadata.generation, Some(3));
         assert_eq!(kept.spec.to_spec(), nn.spec);
-        assert_eq!(kept.status, nn.status);
+        assert_eq!(
+            kept.status,
+            Some(NodeNetworkStatus {
+                endpoints: Some(4),
+                ..NodeNetworkStatus::default()
+            })
+        );
+        assert_eq!(kept.realized.names().collect::<Vec<_>>(), ["blue", "red"]);
+        assert!(kept.lists_network("red") && kept.lists_network("blue"));
+        assert!(!kept.lists_network("green"));
+        assert_eq!(
+            names.len(),
+            2,
+            "blue named by the spec and the status: once"
+        );
+        // No status: nothing realized.
+        nn.status = None;
+        assert!(!CompactNodeNetwork::from(nn).lists_network("blue"));
     }
 }

@@ -30,7 +30,7 @@ pub use leader::Leadership;
 pub use metrics::Metrics;
 
 use backon::BackoffBuilder as _;
-use compact::{Blocks, CompactNodeNetwork, Names, keep_node_network};
+use compact::{Blocks, CompactNodeNetwork, Entry, Names, Realized, keep_node_network};
 use futures::{FutureExt, StreamExt, TryStreamExt, channel::mpsc};
 use k8s_openapi::api::core::v1::Node;
 use kube::runtime::events::{Recorder, Reporter};
@@ -372,35 +372,40 @@ fn reflect_nodes(
 /// The Networks a NodeNetwork names: those with a block in its spec and those its agent reports
 /// realized.
 pub fn networks_named(nn: &CompactNodeNetwork) -> BTreeSet<String> {
-    let mut out: BTreeSet<String> = nn
-        .spec
-        .entries()
-        .iter()
-        .map(|b| b.network.to_string())
-        .collect();
-    if let Some(status) = &nn.status {
-        out.extend(status.networks.iter().cloned());
-    }
-    out
+    names_of(nn.spec.entries(), &nn.realized)
 }
+
+fn names_of(entries: &[Entry], realized: &Realized) -> BTreeSet<String> {
+    entries
+        .iter()
+        .map(|b| &*b.network)
+        .chain(realized.names())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// What [`networks_touched`] remembers of a NodeNetwork: the Networks it named, as its spec's
+/// entries and its agent's list (shared with the store, not copied).
+pub type Named = (Arc<[Entry]>, Realized);
 
 /// The Networks whose status a NodeNetwork event may change: those it names now and those it
 /// named at its previous event (a Network that left it, e.g. one whose deletion waits for the
 /// agents). `last` remembers what each NodeNetwork named; a deleted one is forgotten.
 pub fn networks_touched(
-    last: &mut HashMap<String, BTreeSet<String>>,
+    last: &mut HashMap<String, Named>,
     nn: &CompactNodeNetwork,
     deleted: bool,
 ) -> BTreeSet<String> {
     let name = nn.metadata.name.clone().unwrap_or_default();
-    let now = networks_named(nn);
-    let mut touched = now.clone();
+    let mut touched = networks_named(nn);
     let before = if deleted {
         last.remove(&name)
     } else {
-        last.insert(name, now)
+        last.insert(name, (nn.spec.shared_entries(), nn.realized.clone()))
     };
-    touched.extend(before.unwrap_or_default());
+    if let Some((entries, realized)) = before {
+        touched.extend(names_of(&entries, &realized));
+    }
     touched
 }
 

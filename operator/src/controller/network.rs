@@ -338,8 +338,7 @@ pub fn desired_status(
             observed
                 .node_networks
                 .get(*n)
-                .and_then(|nn| nn.status.as_ref())
-                .is_some_and(|s| s.lists_network(&name))
+                .is_some_and(|nn| nn.lists_network(&name))
         })
         .collect();
     let in_use: i64 = realized
@@ -651,7 +650,7 @@ async fn cleanup(net: &Network, ctx: &Context) -> Result<Action, Error> {
         .node_networks
         .values()
         .filter(|nn| observed.nodes.iter().any(|(n, _)| n.name == nn.name_any()))
-        .filter(|nn| nn.status.as_ref().is_some_and(|s| s.lists_network(&name)))
+        .filter(|nn| nn.lists_network(&name))
         .map(|nn| nn.name_any())
         .collect();
     if !nodes.is_empty() {
