@@ -462,14 +462,18 @@ pub fn allocate<'a, S: Current>(
                 }
             }
             let excludes = net.spec.excludes();
+            // Every block below the last one given is used or excluded: the next search
+            // starts after it, not at the start of the subnet again.
+            let mut from = 0;
             for (k, node) in missing {
                 match family
-                    .next_free(0, &used, &excludes)
+                    .next_free(from, &used, &excludes)
                     .filter(|&i| family.net(i).is_some())
                 {
                     Some(i) => {
                         used.insert(i);
                         chosen[k] = Some(i);
+                        from = i.saturating_add(1);
                     }
                     None => out.problems.entry(name.to_owned()).or_default().push(format!(
                         "subnet {} has no free /{} block left for node {node} ({} blocks, all assigned or excluded); use a larger subnet or a longer block prefix",
@@ -621,6 +625,55 @@ mod tests {
         assert!(second.blocks_of("red").is_empty());
         assert_eq!(second.specs()["b"].blocks, []);
         assert_eq!(second.specs()["a"].blocks.len(), 1);
+    }
+
+    #[test]
+    fn new_blocks_fill_the_lowest_holes_in_node_order() {
+        let mut n = net("blue", &["10.10.0.0/24"], Some(27));
+        n.spec.ipam = Some(IpamSpec {
+            node_block_prefix: Some(27),
+            exclude: Some(vec![weft_crds::IpOrCidr::from("10.10.0.64/27")]),
+            ..IpamSpec::default()
+        });
+        let claim = |c: &str| NodeNetworkSpec {
+            blocks: vec![NodeNetworkBlock {
+                network: "blue".into(),
+                ipv4: Some(c.into()),
+                ipv6: None,
+            }],
+        };
+        // Blocks 1 and 4 are taken, 2 is excluded: the others get 0, 3, 5, 6 and 7 in turn.
+        let existing = BTreeMap::from([
+            ("b".to_owned(), claim("10.10.0.32/27")),
+            ("e".to_owned(), claim("10.10.0.128/27")),
+        ]);
+        let a = allocate(
+            [&n],
+            &nodes(&["a", "b", "c", "d", "e", "f", "g"]),
+            &existing,
+        );
+        let got: Vec<(String, Vec<String>)> = a.blocks_of("blue");
+        let want: Vec<(String, Vec<String>)> = [
+            ("a", "10.10.0.0/27"),
+            ("b", "10.10.0.32/27"),
+            ("c", "10.10.0.96/27"),
+            ("d", "10.10.0.160/27"),
+            ("e", "10.10.0.128/27"),
+            ("f", "10.10.0.192/27"),
+            ("g", "10.10.0.224/27"),
+        ]
+        .iter()
+        .map(|(n, c)| ((*n).to_owned(), vec![(*c).to_owned()]))
+        .collect();
+        assert_eq!(got, want);
+        // One more node: none left.
+        let a = allocate(
+            [&n],
+            &nodes(&["a", "b", "c", "d", "e", "f", "g", "h"]),
+            &existing,
+        );
+        assert_eq!(a.problems["blue"].len(), 1);
+        assert!(a.problems["blue"][0].contains("node h"), "{:?}", a.problems);
     }
 
     #[test]
