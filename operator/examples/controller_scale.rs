@@ -8,9 +8,12 @@
 //! of a controller, which also holds every block in its NodeNetwork store. Then what one event
 //! costs: one that changes no input of the allocation (an agent's status report: the
 //! fingerprint alone), one Network added and one node added (a pass each, and the NodeNetwork
-//! specs it writes).
+//! specs it writes). The NodeNetwork watch's memory of what each NodeNetwork named (which
+//! Networks its events wake) is kept as the controller keeps it. With `--realized` as well,
+//! every node's agent also reports every Network with a block on it realized
+//! (`status.networks`), as agents do once they have caught up.
 //!
-//!   cargo run --release -p weft-operator --example controller_scale -- [NETWORKS] [NODES] [--steady]
+//!   cargo run --release -p weft-operator --example controller_scale -- [NETWORKS] [NODES] [--steady [--realized]]
 //!
 //! Figures: docs/benchmarks.md.
 
@@ -25,9 +28,10 @@ use weft_crds::{
     SegmentationPolicy,
 };
 use weft_operator::controller::allocator::NodeInfo;
+use weft_operator::controller::compact::{CompactNodeNetwork, Names, keep_node_network};
 use weft_operator::controller::network::{Observed, ObservedSpec, allocation_inputs, desired};
+use weft_operator::controller::networks_touched;
 use weft_operator::controller::policy::enforcement;
-use weft_operator::controller::trim_node_network;
 
 fn rss_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -51,7 +55,9 @@ fn main() -> anyhow::Result<()> {
 
     let (networks, mut nw) = reflector::store::<Network>();
     let (policies, mut pw) = reflector::store::<SegmentationPolicy>();
-    let (node_networks, mut nnw) = reflector::store::<NodeNetwork>();
+    let (node_networks, mut nnw) = reflector::store::<CompactNodeNetwork>();
+    // The Network names the controller's NodeNetwork watch shares between nodes.
+    let mut names = Names::default();
     let (nodes, mut ndw) = reflector::store::<Node>();
     let t = Instant::now();
     for i in 0..count {
@@ -94,7 +100,7 @@ fn main() -> anyhow::Result<()> {
                 .collect(),
             ..NodeNetworkStatus::default()
         });
-        nnw.apply_watcher_event(&watcher::Event::Apply(nn));
+        nnw.apply_watcher_event(&watcher::Event::Apply(keep_node_network(nn, &mut names)));
     }
     let fill = t.elapsed();
 
@@ -147,21 +153,35 @@ fn main() -> anyhow::Result<()> {
     );
 
     if std::env::args().any(|a| a == "--steady") {
+        let realized = std::env::args().any(|a| a == "--realized");
+        let mut named = std::collections::HashMap::new();
+        let mut woken = 0;
         let t = Instant::now();
         for nn in node_networks.state() {
             let name = nn.metadata.name.clone().unwrap_or_default();
-            let mut written = (*nn).clone();
-            written.spec = decision.allocation.spec(&name).unwrap_or_default();
+            let mut written =
+                NodeNetwork::new(&name, decision.allocation.spec(&name).unwrap_or_default());
+            written.metadata = nn.metadata.clone();
+            written.status = nn.status.clone();
+            if realized && let Some(status) = written.status.as_mut() {
+                status.networks = written
+                    .spec
+                    .blocks
+                    .iter()
+                    .map(|b| b.network.clone())
+                    .collect();
+            }
             // As the controller's watch reads and keeps it.
-            let mut echoed: NodeNetwork = serde_json::from_slice(&serde_json::to_vec(&written)?)?;
+            let echoed: NodeNetwork = serde_json::from_slice(&serde_json::to_vec(&written)?)?;
             drop(written);
-            trim_node_network(&mut echoed);
-            nnw.apply_watcher_event(&watcher::Event::Apply(echoed));
+            let kept = keep_node_network(echoed, &mut names);
+            woken += networks_touched(&mut named, &kept, false).len();
+            nnw.apply_watcher_event(&watcher::Event::Apply(kept));
         }
         drop(decision);
         let echo = t.elapsed();
         let t = Instant::now();
-        let stored: BTreeMap<String, Arc<NodeNetwork>> = node_networks
+        let stored: BTreeMap<String, Arc<CompactNodeNetwork>> = node_networks
             .state()
             .into_iter()
             .map(|nn| (nn.metadata.name.clone().unwrap_or_default(), nn))
@@ -176,7 +196,7 @@ fn main() -> anyhow::Result<()> {
         };
         let again = desired(&observed);
         println!(
-            "  steady state: specs in the store {echo:?}, validate + allocate again {:?} ({} specs to write)",
+            "  steady state: specs in the store {echo:?} ({woken} Network wake-ups), validate + allocate again {:?} ({} specs to write)",
             t.elapsed(),
             again.changed.len()
         );

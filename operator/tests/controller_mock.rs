@@ -18,6 +18,7 @@ use weft_crds::{
     Cidr, ForwardedPort, Network, NetworkSpec, NodeNetwork, NodeNetworkBlock, NodeNetworkSpec,
     NodeNetworkStatus, PortForward, PortForwardSpec, PortForwardTarget,
 };
+use weft_operator::controller::compact::CompactNodeNetwork;
 use weft_operator::controller::leader::Fixed;
 use weft_operator::controller::{Context, FINALIZER, Metrics, Stores, network, portforward};
 
@@ -26,7 +27,7 @@ type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 struct World {
     networks: Writer<Network>,
     nodes: Writer<Node>,
-    node_networks: Writer<NodeNetwork>,
+    node_networks: Writer<CompactNodeNetwork>,
     port_forwards: Writer<PortForward>,
 }
 
@@ -74,7 +75,7 @@ impl World {
             ..NodeNetworkStatus::default()
         });
         self.node_networks
-            .apply_watcher_event(&watcher::Event::Apply(nn));
+            .apply_watcher_event(&watcher::Event::Apply(nn.into()));
         self
     }
     fn pf(&mut self, pf: &PortForward) -> &mut Self {
@@ -707,7 +708,7 @@ async fn a_policy_status_sums_what_the_agents_report_and_names_their_problems() 
         });
         world
             .node_networks
-            .apply_watcher_event(&watcher::Event::Apply(nn));
+            .apply_watcher_event(&watcher::Event::Apply(nn.into()));
     }
     let policy: weft_crds::SegmentationPolicy = serde_json::from_value(json!({
         "apiVersion": "weft.dev/v1alpha1",

@@ -12,9 +12,12 @@
 //! list of names; a node's [`NodeNetworkSpec`] is built when it is asked for
 //! ([`Allocation::spec`]), so the specs of all nodes are never held at once.
 
+use super::compact::{Blocks, Current, Entry};
 use ipnet::IpNet;
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
-use weft_crds::{Cidr, Network, NetworkSpec, NodeNetworkBlock, NodeNetworkSpec, selector_matches};
+use std::sync::Arc;
+use weft_crds::{Network, NetworkSpec, NodeNetworkSpec, selector_matches};
 
 /// A node as the allocator sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -86,24 +89,32 @@ struct FamilyBlocks {
 
 impl FamilyBlocks {
     /// The block of the node at `position`, if it got one.
-    fn block_of(&self, position: u32) -> Option<Cidr> {
+    fn block_of(&self, position: u32) -> Option<IpNet> {
         let k = self.nodes.binary_search(&position).ok()?;
-        self.family.block(self.indexes.get(k)?)
+        self.family.net(self.indexes.get(k)?)
     }
 }
 
 /// The blocks of one Network, per family (IPv4, IPv6).
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct NetworkBlocks {
-    name: String,
+    name: Arc<str>,
     families: [Option<FamilyBlocks>; 2],
 }
 
 impl NetworkBlocks {
     /// The node's entry of this Network, if it got a block of either family.
-    fn entry(&self, position: u32) -> Option<NodeNetworkBlock> {
+    fn entry(&self, position: u32) -> Option<Entry> {
         let [ipv4, ipv6] = [0, 1].map(|fi| self.families[fi].as_ref()?.block_of(position));
-        (ipv4.is_some() || ipv6.is_some()).then(|| NodeNetworkBlock {
+        let ipv4 = match ipv4 {
+            Some(IpNet::V4(n)) => Some(n),
+            _ => None,
+        };
+        let ipv6 = match ipv6 {
+            Some(IpNet::V6(n)) => Some(n),
+            _ => None,
+        };
+        (ipv4.is_some() || ipv6.is_some()).then(|| Entry {
             network: self.name.clone(),
             ipv4,
             ipv6,
@@ -138,17 +149,22 @@ impl Allocation {
         self.position(node).is_some()
     }
 
-    /// The desired NodeNetwork spec of `node` (`None` if it is not a node), built now: the
-    /// blocks of every Network that gave it one, by Network name.
-    pub fn spec(&self, node: &str) -> Option<NodeNetworkSpec> {
+    /// The desired blocks of `node` (`None` if it is not a node), built now: the blocks of
+    /// every Network that gave it one, by Network name.
+    pub fn blocks(&self, node: &str) -> Option<Blocks> {
         let position = self.position(node)?;
-        let mut blocks: Vec<NodeNetworkBlock> = self
-            .networks
-            .iter()
-            .filter_map(|n| n.entry(position))
-            .collect();
-        blocks.shrink_to_fit();
-        Some(NodeNetworkSpec { blocks })
+        Some(Blocks::new(
+            self.networks
+                .iter()
+                .filter_map(|n| n.entry(position))
+                .collect(),
+        ))
+    }
+
+    /// The desired NodeNetwork spec of `node` (`None` if it is not a node), built now (see
+    /// [`Allocation::blocks`]).
+    pub fn spec(&self, node: &str) -> Option<NodeNetworkSpec> {
+        self.blocks(node).map(|b| b.to_spec())
     }
 
     /// The desired NodeNetwork spec of every node (all built at once: for small clusters and
@@ -183,7 +199,7 @@ impl Allocation {
     fn network(&self, network: &str) -> Option<&NetworkBlocks> {
         let k = self
             .networks
-            .binary_search_by(|n| n.name.as_str().cmp(network))
+            .binary_search_by(|n| (*n.name).cmp(network))
             .ok()?;
         self.networks.get(k)
     }
@@ -213,10 +229,10 @@ impl Allocation {
             .filter_map(|p| {
                 let entry = net.entry(p)?;
                 let node = self.names.get(usize::try_from(p).ok()?)?.clone();
-                let cidrs = [entry.ipv4, entry.ipv6]
+                let cidrs = [entry.block(false), entry.block(true)]
                     .into_iter()
                     .flatten()
-                    .map(|c| c.0)
+                    .map(|c| c.to_string())
                     .collect();
                 Some((node, cidrs))
             })
@@ -231,9 +247,14 @@ fn name_of(net: &Network) -> &str {
 
 /// Whether the Network's `nodeSelector` selects the node (absent or empty selects all).
 pub fn selects(spec: &NetworkSpec, node: &NodeInfo) -> bool {
+    selects_labels(spec, &node.labels)
+}
+
+/// Whether the Network's `nodeSelector` selects a node with `labels`.
+pub fn selects_labels(spec: &NetworkSpec, labels: &BTreeMap<String, String>) -> bool {
     spec.node_selector
         .as_ref()
-        .is_none_or(|s| selector_matches(s, &node.labels))
+        .is_none_or(|s| selector_matches(s, labels))
 }
 
 /// The blocks of one family of one subnet: block `i` starts at `base + i * size`.
@@ -267,9 +288,8 @@ impl Family {
         }
     }
 
-    /// The index of `cidr` if it is a canonical block of this family.
-    fn index_of(&self, cidr: &Cidr) -> Option<u128> {
-        let net = cidr.net().ok()?;
+    /// The index of `net` if it is a block of this family.
+    fn index_of(&self, net: IpNet) -> Option<u128> {
         if net.prefix_len() != self.prefix || !self.subnet.contains(&net) {
             return None;
         }
@@ -282,16 +302,15 @@ impl Family {
         (size != 0 && offset % size == 0).then(|| offset / size)
     }
 
-    fn block(&self, index: u128) -> Option<Cidr> {
+    fn net(&self, index: u128) -> Option<IpNet> {
         let addr = self.base().checked_add(index.checked_mul(self.size())?)?;
-        let net = match self.subnet {
+        Some(match self.subnet {
             IpNet::V4(_) => {
                 let a = u32::try_from(addr).ok()?;
                 IpNet::V4(ipnet::Ipv4Net::new(a.into(), self.prefix).ok()?)
             }
             IpNet::V6(_) => IpNet::V6(ipnet::Ipv6Net::new(addr.into(), self.prefix).ok()?),
-        };
-        Some(Cidr(net.to_string()))
+        })
     }
 
     /// The first block at or after `from` that is neither in `used` nor wholly inside one of
@@ -307,7 +326,7 @@ impl Family {
                 c = c.checked_add(1)?;
                 continue;
             }
-            let block: IpNet = self.block(c)?.net().ok()?;
+            let block: IpNet = self.net(c)?;
             match excludes.iter().find(|e| e.contains(&block)) {
                 Some(e) => {
                     let end = match e.broadcast() {
@@ -331,50 +350,48 @@ pub fn nth_block(subnet: IpNet, prefix: u8, excludes: &[IpNet], n: usize) -> Opt
     for _ in 0..n {
         c = family.next_free(c.checked_add(1)?, &none, excludes)?;
     }
-    family.block(c)?.net().ok()
+    family.net(c)
 }
 
 /// A node's current blocks (its NodeNetwork spec), looked up by Network name in
 /// logarithmic time: the blocks in the order the controller writes them (by Network name) are
 /// searched in place, others through a sorted list of positions.
 struct Claims<'a> {
-    blocks: &'a [NodeNetworkBlock],
+    blocks: Cow<'a, Blocks>,
     /// Positions in `blocks` sorted by Network name (stable), when `blocks` is not sorted.
     order: Option<Vec<usize>>,
 }
 
 impl<'a> Claims<'a> {
-    fn new(spec: &'a NodeNetworkSpec) -> Self {
-        let blocks = spec.blocks.as_slice();
-        let sorted = blocks.windows(2).all(|w| w[0].network <= w[1].network);
+    fn new(blocks: Cow<'a, Blocks>) -> Self {
+        let entries = blocks.entries();
+        let sorted = entries.windows(2).all(|w| w[0].network <= w[1].network);
         let order = (!sorted).then(|| {
-            let mut order: Vec<usize> = (0..blocks.len()).collect();
-            order.sort_by(|&a, &b| blocks[a].network.cmp(&blocks[b].network));
+            let mut order: Vec<usize> = (0..entries.len()).collect();
+            order.sort_by(|&a, &b| entries[a].network.cmp(&entries[b].network));
             order
         });
         Claims { blocks, order }
     }
 
-    /// The first block of `network` (the one `iter().find` would return).
-    fn find(&self, network: &str) -> Option<&'a NodeNetworkBlock> {
-        let block = match &self.order {
-            None => self.blocks.get(
-                self.blocks
-                    .partition_point(|b| b.network.as_str() < network),
-            ),
+    /// The first entry of `network` (the one `iter().find` would return).
+    fn find(&self, network: &str) -> Option<&Entry> {
+        let entries = self.blocks.entries();
+        let entry = match &self.order {
+            None => entries.get(entries.partition_point(|b| &*b.network < network)),
             Some(order) => {
-                let k = order.partition_point(|&i| self.blocks[i].network.as_str() < network);
-                order.get(k).map(|&i| &self.blocks[i])
+                let k = order.partition_point(|&i| &*entries[i].network < network);
+                order.get(k).map(|&i| &entries[i])
             }
         };
-        block.filter(|b| b.network == network)
+        entry.filter(|b| &*b.network == network)
     }
 }
 
 /// Computes every node's blocks. `networks` are the Networks that may hold blocks (the caller
 /// leaves out invalid ones; Networks being deleted are skipped here), `nodes` the Nodes that
-/// exist, `existing` the current NodeNetwork specs by node name.
-pub fn allocate<'a, S: std::borrow::Borrow<NodeNetworkSpec>>(
+/// exist, `existing` the current NodeNetwork specs by node name (compact or not).
+pub fn allocate<'a, S: Current>(
     networks: impl IntoIterator<Item = &'a Network>,
     nodes: &[NodeInfo],
     existing: &BTreeMap<String, S>,
@@ -396,7 +413,7 @@ pub fn allocate<'a, S: std::borrow::Borrow<NodeNetworkSpec>>(
             Some((
                 u32::try_from(i).ok()?,
                 n,
-                existing.get(&n.name).map(|s| Claims::new(s.borrow())),
+                existing.get(&n.name).map(|s| Claims::new(s.blocks())),
             ))
         })
         .collect();
@@ -423,7 +440,7 @@ pub fn allocate<'a, S: std::borrow::Borrow<NodeNetworkSpec>>(
             }),
         ];
         let mut blocks = NetworkBlocks {
-            name: name.to_owned(),
+            name: Arc::from(name),
             families: [None, None],
         };
         for (fi, family) in families.into_iter().enumerate() {
@@ -437,28 +454,26 @@ pub fn allocate<'a, S: std::borrow::Borrow<NodeNetworkSpec>>(
                 let current = claims
                     .as_ref()
                     .and_then(|c| c.find(name))
-                    .and_then(|b| {
-                        if fi == 0 {
-                            b.ipv4.as_ref()
-                        } else {
-                            b.ipv6.as_ref()
-                        }
-                    })
-                    .and_then(|c| family.index_of(c));
+                    .and_then(|b| b.block(fi == 1))
+                    .and_then(|n| family.index_of(n));
                 match current {
                     Some(i) if used.insert(i) => chosen[k] = Some(i),
                     _ => missing.push((k, node.name.as_str())),
                 }
             }
             let excludes = net.spec.excludes();
+            // Every block below the last one given is used or excluded: the next search
+            // starts after it, not at the start of the subnet again.
+            let mut from = 0;
             for (k, node) in missing {
                 match family
-                    .next_free(0, &used, &excludes)
-                    .filter(|&i| family.block(i).is_some())
+                    .next_free(from, &used, &excludes)
+                    .filter(|&i| family.net(i).is_some())
                 {
                     Some(i) => {
                         used.insert(i);
                         chosen[k] = Some(i);
+                        from = i.saturating_add(1);
                     }
                     None => out.problems.entry(name.to_owned()).or_default().push(format!(
                         "subnet {} has no free /{} block left for node {node} ({} blocks, all assigned or excluded); use a larger subnet or a longer block prefix",
@@ -520,7 +535,7 @@ pub fn duplicates(nodes: &BTreeMap<String, NodeNetworkSpec>) -> Vec<(String, Str
 mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
-    use weft_crds::IpamSpec;
+    use weft_crds::{Cidr, IpamSpec, NodeNetworkBlock};
 
     fn net(name: &str, subnets: &[&str], prefix_v4: Option<i32>) -> Network {
         let mut n = Network::new(
@@ -613,6 +628,55 @@ mod tests {
     }
 
     #[test]
+    fn new_blocks_fill_the_lowest_holes_in_node_order() {
+        let mut n = net("blue", &["10.10.0.0/24"], Some(27));
+        n.spec.ipam = Some(IpamSpec {
+            node_block_prefix: Some(27),
+            exclude: Some(vec![weft_crds::IpOrCidr::from("10.10.0.64/27")]),
+            ..IpamSpec::default()
+        });
+        let claim = |c: &str| NodeNetworkSpec {
+            blocks: vec![NodeNetworkBlock {
+                network: "blue".into(),
+                ipv4: Some(c.into()),
+                ipv6: None,
+            }],
+        };
+        // Blocks 1 and 4 are taken, 2 is excluded: the others get 0, 3, 5, 6 and 7 in turn.
+        let existing = BTreeMap::from([
+            ("b".to_owned(), claim("10.10.0.32/27")),
+            ("e".to_owned(), claim("10.10.0.128/27")),
+        ]);
+        let a = allocate(
+            [&n],
+            &nodes(&["a", "b", "c", "d", "e", "f", "g"]),
+            &existing,
+        );
+        let got: Vec<(String, Vec<String>)> = a.blocks_of("blue");
+        let want: Vec<(String, Vec<String>)> = [
+            ("a", "10.10.0.0/27"),
+            ("b", "10.10.0.32/27"),
+            ("c", "10.10.0.96/27"),
+            ("d", "10.10.0.160/27"),
+            ("e", "10.10.0.128/27"),
+            ("f", "10.10.0.192/27"),
+            ("g", "10.10.0.224/27"),
+        ]
+        .iter()
+        .map(|(n, c)| ((*n).to_owned(), vec![(*c).to_owned()]))
+        .collect();
+        assert_eq!(got, want);
+        // One more node: none left.
+        let a = allocate(
+            [&n],
+            &nodes(&["a", "b", "c", "d", "e", "f", "g", "h"]),
+            &existing,
+        );
+        assert_eq!(a.problems["blue"].len(), 1);
+        assert!(a.problems["blue"][0].contains("node h"), "{:?}", a.problems);
+    }
+
+    #[test]
     fn exhaustion_is_reported_for_the_network() {
         let n = net("tiny", &["10.10.0.0/25"], Some(26));
         let a = allocate(
@@ -691,6 +755,68 @@ mod tests {
         assert_eq!(a.entries(), 4);
         assert_eq!(a.block_count("blue"), 2);
         assert_eq!(a.block_count("green"), 0);
+    }
+
+    /// A restarted controller reads the blocks from its NodeNetwork store, where the watch put
+    /// them in compact form: the nodes that stay keep them, and a spec that is already what
+    /// the allocator wants compares equal (nothing to write).
+    #[test]
+    fn blocks_read_back_in_compact_form_are_kept_after_a_restart() {
+        use super::super::compact::{Blocks, Names, keep_node_network};
+        use weft_crds::NodeNetwork;
+        let blue = net("blue", &["10.10.0.0/24", "fd10::/120"], None);
+        let red = with_selector(net("red", &["10.20.0.0/24"], None), "pool", "x");
+        let before = vec![
+            NodeInfo::new("a", &[("pool", "x")]),
+            NodeInfo::new("b", &[("pool", "x")]),
+            NodeInfo::new("c", &[("pool", "x")]),
+        ];
+        let first = allocate(
+            [&blue, &red],
+            &before,
+            &BTreeMap::<String, NodeNetworkSpec>::new(),
+        );
+        // As the watch delivers the written specs and the store keeps them.
+        let mut names = Names::default();
+        let stored: BTreeMap<String, Blocks> = first
+            .specs()
+            .into_iter()
+            .map(|(node, spec)| {
+                let json = serde_json::to_vec(&NodeNetwork::new(&node, spec)).unwrap();
+                let nn: NodeNetwork = serde_json::from_slice(&json).unwrap();
+                (node, keep_node_network(nn, &mut names).spec)
+            })
+            .collect();
+        assert_eq!(names.len(), 2, "one name per Network, shared by the nodes");
+        // b leaves and d joins: from nothing, c would get b's blocks.
+        let after = vec![
+            NodeInfo::new("d", &[("pool", "x")]),
+            NodeInfo::new("c", &[("pool", "x")]),
+            NodeInfo::new("a", &[("pool", "x")]),
+        ];
+        let second = allocate([&red, &blue], &after, &stored);
+        for node in ["a", "c"] {
+            assert_eq!(second.spec(node), first.spec(node), "{node}");
+            assert_eq!(second.blocks(node).as_ref(), stored.get(node), "{node}");
+        }
+        assert_eq!(
+            second.blocks_of("blue")[2],
+            (
+                "d".into(),
+                vec!["10.10.0.64/26".into(), "fd10::40/122".into()]
+            )
+        );
+        assert_eq!(duplicates(&second.specs()), []);
+
+        // A block written in another form (upper case) is still the node's, but its spec
+        // is not what the allocator writes.
+        let mut spec = first.spec("a").unwrap();
+        let v6 = spec.blocks[0].ipv6.as_mut().unwrap();
+        v6.0 = v6.0.to_uppercase();
+        let odd = BTreeMap::from([("a".to_owned(), Blocks::read(&spec, &mut names))]);
+        let third = allocate([&blue, &red], &before, &odd);
+        assert_eq!(third.spec("a"), first.spec("a"));
+        assert_ne!(third.blocks("a").as_ref(), odd.get("a"));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! and says whether the spec passes the CRD's rules (for objects that reached the API some
 //! other way).
 
+use super::compact::CompactNodeNetwork;
 use super::policy::{finish, spec_errors, write};
 use super::status::{self, READY, VALID};
 use super::{Context, Error, name_of};
@@ -12,7 +13,7 @@ use kube::{Api, Resource, ResourceExt};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Instant;
-use weft_crds::{NodeNetwork, TRAFFIC_MIRROR_KIND, TrafficMirror, TrafficMirrorStatus};
+use weft_crds::{TRAFFIC_MIRROR_KIND, TrafficMirror, TrafficMirrorStatus};
 
 /// Reason of `Ready=True`.
 pub const REASON_MIRRORING: &str = "Mirroring";
@@ -44,7 +45,7 @@ pub struct Mirroring {
 
 /// Decide (pure): sums what every NodeNetwork's status says about mirror `key`
 /// (`namespace/name`).
-pub fn mirroring(key: &str, node_networks: &[Arc<NodeNetwork>]) -> Mirroring {
+pub fn mirroring(key: &str, node_networks: &[Arc<CompactNodeNetwork>]) -> Mirroring {
     let mut out = Mirroring::default();
     let mut problems = BTreeSet::new();
     for nn in node_networks {
@@ -206,13 +207,13 @@ mod tests {
     use super::*;
     use weft_crds::{NodeMirror, NodeNetworkSpec, NodeNetworkStatus};
 
-    fn node(name: &str, mirrors: Vec<NodeMirror>) -> Arc<NodeNetwork> {
-        let mut nn = NodeNetwork::new(name, NodeNetworkSpec::default());
+    fn node(name: &str, mirrors: Vec<NodeMirror>) -> Arc<CompactNodeNetwork> {
+        let mut nn = weft_crds::NodeNetwork::new(name, NodeNetworkSpec::default());
         nn.status = Some(NodeNetworkStatus {
             mirrors,
             ..NodeNetworkStatus::default()
         });
-        Arc::new(nn)
+        Arc::new(nn.into())
     }
 
     fn m(mirror: &str, sources: i32, packets: i64, error: Option<&str>) -> NodeMirror {

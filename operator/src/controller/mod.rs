@@ -13,6 +13,7 @@
 //! Every replica computes; only the holder of the Lease ([`leader`]) acts.
 
 pub mod allocator;
+pub mod compact;
 pub mod error;
 pub mod leader;
 pub mod metrics;
@@ -29,6 +30,7 @@ pub use leader::Leadership;
 pub use metrics::Metrics;
 
 use backon::BackoffBuilder as _;
+use compact::{Blocks, CompactNodeNetwork, Entry, Names, Realized, keep_node_network};
 use futures::{FutureExt, StreamExt, TryStreamExt, channel::mpsc};
 use k8s_openapi::api::core::v1::Node;
 use kube::runtime::events::{Recorder, Reporter};
@@ -44,8 +46,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tracing::{info, warn};
 use weft_crds::{
-    ClusterSegmentationPolicy, Network, NodeNetwork, NodeNetworkSpec, PortForward,
-    SegmentationPolicy, TrafficMirror,
+    ClusterSegmentationPolicy, Network, NodeNetwork, PortForward, SegmentationPolicy, TrafficMirror,
 };
 
 /// The field manager of every server-side apply of the controller.
@@ -62,8 +63,8 @@ pub struct Stores {
     pub networks: Store<Network>,
     /// All Nodes.
     pub nodes: Store<Node>,
-    /// All NodeNetworks.
-    pub node_networks: Store<NodeNetwork>,
+    /// All NodeNetworks, as [`keep_node_network`] keeps them.
+    pub node_networks: Store<CompactNodeNetwork>,
     /// All PortForwards.
     pub port_forwards: Store<PortForward>,
 }
@@ -82,7 +83,7 @@ pub struct Context {
     pub metrics: Metrics,
     /// NodeNetwork specs this replica applied, newer than the store until its watch catches up.
     /// Dropped once the store shows the same spec.
-    written: Mutex<BTreeMap<String, Arc<NodeNetworkSpec>>>,
+    written: Mutex<BTreeMap<String, Arc<Blocks>>>,
     /// The last accepted version of each Network (see `network::Observed::accepted`).
     accepted: Mutex<BTreeMap<String, Arc<weft_crds::Network>>>,
     /// Serializes allocate + apply, so two reconciles never allocate from the same snapshot.
@@ -183,16 +184,10 @@ fn trigger_stream(rx: mpsc::UnboundedReceiver<()>) -> impl futures::Stream<Item 
 }
 
 /// What the controller keeps of a watched object: all but its managed fields, which it never
-/// reads (with server-side apply they name every entry of a NodeNetwork's blocks).
-fn trim<K: Resource>(object: &mut K) {
+/// reads.
+fn trim<K: Resource>(mut object: K) -> K {
     object.meta_mut().managed_fields = None;
-}
-
-/// What the controller keeps of a NodeNetwork: [`trim`], and its blocks without spare
-/// capacity (a list read from JSON grows by doubling).
-pub fn trim_node_network(nn: &mut NodeNetwork) {
-    trim(nn);
-    nn.spec.blocks.shrink_to_fit();
+    object
 }
 
 /// Sends `()` to `triggers` for every object `stream` yields; logs its errors.
@@ -212,23 +207,62 @@ async fn forward<K>(
     }
 }
 
-/// Whether a Node event can change what the Networks see of the Node: a Node added, deleted,
-/// re-created (another uid) or relabelled. `last` remembers each Node's uid and labels.
+/// What a Node event changes of what the Networks see of the Node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeChange {
+    /// Nothing (a status heartbeat).
+    Nothing,
+    /// The Node was added, deleted or re-created (another uid).
+    Membership,
+    /// The Node was relabelled; its labels before.
+    Labels(BTreeMap<String, String>),
+}
+
+/// What a Node event changes for the Networks ([`NodeChange`]). `last` remembers each Node's
+/// uid and labels.
 pub fn node_changed(
     last: &mut HashMap<String, (Option<String>, BTreeMap<String, String>)>,
     node: &Node,
     deleted: bool,
-) -> bool {
+) -> NodeChange {
     let name = node.metadata.name.clone().unwrap_or_default();
     if deleted {
         last.remove(&name);
-        return true;
+        return NodeChange::Membership;
     }
     let now = (
         node.metadata.uid.clone(),
         node.metadata.labels.clone().unwrap_or_default(),
     );
-    last.insert(name, now.clone()).as_ref() != Some(&now)
+    match last.insert(name, now.clone()) {
+        None => NodeChange::Membership,
+        Some((uid, _)) if uid != now.0 => NodeChange::Membership,
+        Some((_, labels)) if labels != now.1 => NodeChange::Labels(labels),
+        Some(_) => NodeChange::Nothing,
+    }
+}
+
+/// The Networks a relabelling of a node (from `before` to `after`) concerns: those whose
+/// `nodeSelector` selects it before and not after or the other way round (a Network without
+/// one selects every node, whatever its labels), and those whose status says they are not
+/// valid (the allocation may hold their last accepted spec, whose selector may differ).
+pub fn reselected(
+    networks: &[Arc<Network>],
+    before: &BTreeMap<String, String>,
+    after: &BTreeMap<String, String>,
+) -> BTreeSet<String> {
+    networks
+        .iter()
+        .filter(|net| {
+            let invalid = net.status.as_ref().is_some_and(|s| {
+                status::find(&s.conditions, status::VALID).is_some_and(|c| c.status == "False")
+            });
+            invalid
+                || allocator::selects_labels(&net.spec, before)
+                    != allocator::selects_labels(&net.spec, after)
+        })
+        .filter_map(|net| net.metadata.name.clone())
+        .collect()
 }
 
 /// A kind the controller watches: a static Kubernetes type its watches decode and share.
@@ -254,22 +288,34 @@ impl<K> Watched for K where
 {
 }
 
-/// Runs a reflector for `api` into a new store, keeping what `keep` leaves of each object, and
-/// calls `on_event` with every object applied or deleted (and whether it was deleted), and with
+/// The watch event `event` with each object as `keep` makes it.
+fn kept<K, T>(event: watcher::Event<K>, mut keep: impl FnMut(K) -> T) -> watcher::Event<T> {
+    match event {
+        watcher::Event::Apply(o) => watcher::Event::Apply(keep(o)),
+        watcher::Event::Delete(o) => watcher::Event::Delete(keep(o)),
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitApply(o) => watcher::Event::InitApply(keep(o)),
+        watcher::Event::InitDone => watcher::Event::InitDone,
+    }
+}
+
+/// Runs a reflector for `api` into a new store of what `keep` makes of each object, and calls
+/// `on_event` with every object applied or deleted (and whether it was deleted), and with
 /// `None` at the end of every full list (a relist may have missed deletions); watch errors are
 /// logged and retried.
-fn reflect_with<K>(
+fn reflect_with<K, T>(
     api: Api<K>,
-    keep: fn(&mut K),
-    mut on_event: impl FnMut(Option<(&K, bool)>) + Send + 'static,
-) -> (Store<K>, impl Future<Output = ()> + Send)
+    mut keep: impl FnMut(K) -> T + Send + 'static,
+    mut on_event: impl FnMut(Option<(&T, bool)>) + Send + 'static,
+) -> (Store<T>, impl Future<Output = ()> + Send)
 where
     K: Watched,
+    T: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
 {
     let (reader, writer) = reflector::store();
     let stream = reflector::reflector(
         writer,
-        watcher(api, watcher::Config::default()).modify(keep),
+        watcher(api, watcher::Config::default()).map_ok(move |e| kept(e, &mut keep)),
     )
     .default_backoff();
     let run = async move {
@@ -289,21 +335,35 @@ where
     (reader, run)
 }
 
-/// Runs a reflector of Nodes (kept as [`trim`] leaves them); a change that [`node_changed`]
-/// counts sends `()` to `triggers`, and so does the end of every full list.
+/// Runs a reflector of Nodes (kept as [`trim`] leaves them). A Node added, deleted or
+/// re-created ([`node_changed`]) sends `()` to `triggers`, and so does the end of every full
+/// list; a relabelled Node wakes the Network controller for the Networks of `networks` it
+/// concerns ([`reselected`]) only.
 fn reflect_nodes(
     api: Api<Node>,
+    networks: Store<Network>,
+    network_refs: mpsc::UnboundedSender<ObjectRef<Network>>,
     triggers: Vec<mpsc::UnboundedSender<()>>,
 ) -> (Store<Node>, impl Future<Output = ()> + Send) {
     let mut last = HashMap::new();
     reflect_with(api, trim, move |event| {
-        let changed = match event {
+        let change = match event {
             Some((node, deleted)) => node_changed(&mut last, node, deleted),
-            None => true,
+            None => NodeChange::Membership,
         };
-        if changed {
-            for t in &triggers {
-                let _ = t.unbounded_send(());
+        match change {
+            NodeChange::Nothing => {}
+            NodeChange::Membership => {
+                for t in &triggers {
+                    let _ = t.unbounded_send(());
+                }
+            }
+            NodeChange::Labels(before) => {
+                let Some((node, _)) = event else { return };
+                let after = node.metadata.labels.clone().unwrap_or_default();
+                for network in reselected(&networks.state(), &before, &after) {
+                    let _ = network_refs.unbounded_send(ObjectRef::new(&network));
+                }
             }
         }
     })
@@ -311,44 +371,56 @@ fn reflect_nodes(
 
 /// The Networks a NodeNetwork names: those with a block in its spec and those its agent reports
 /// realized.
-pub fn networks_named(nn: &NodeNetwork) -> BTreeSet<String> {
-    let mut out: BTreeSet<String> = nn.spec.blocks.iter().map(|b| b.network.clone()).collect();
-    if let Some(status) = &nn.status {
-        out.extend(status.networks.iter().cloned());
-    }
-    out
+pub fn networks_named(nn: &CompactNodeNetwork) -> BTreeSet<String> {
+    names_of(nn.spec.entries(), &nn.realized)
 }
+
+fn names_of(entries: &[Entry], realized: &Realized) -> BTreeSet<String> {
+    entries
+        .iter()
+        .map(|b| &*b.network)
+        .chain(realized.names())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// What [`networks_touched`] remembers of a NodeNetwork: the Networks it named, as its spec's
+/// entries and its agent's list (shared with the store, not copied).
+pub type Named = (Arc<[Entry]>, Realized);
 
 /// The Networks whose status a NodeNetwork event may change: those it names now and those it
 /// named at its previous event (a Network that left it, e.g. one whose deletion waits for the
 /// agents). `last` remembers what each NodeNetwork named; a deleted one is forgotten.
 pub fn networks_touched(
-    last: &mut HashMap<String, BTreeSet<String>>,
-    nn: &NodeNetwork,
+    last: &mut HashMap<String, Named>,
+    nn: &CompactNodeNetwork,
     deleted: bool,
 ) -> BTreeSet<String> {
     let name = nn.metadata.name.clone().unwrap_or_default();
-    let now = networks_named(nn);
-    let mut touched = now.clone();
+    let mut touched = networks_named(nn);
     let before = if deleted {
         last.remove(&name)
     } else {
-        last.insert(name, now)
+        last.insert(name, (nn.spec.shared_entries(), nn.realized.clone()))
     };
-    touched.extend(before.unwrap_or_default());
+    if let Some((entries, realized)) = before {
+        touched.extend(names_of(&entries, &realized));
+    }
     touched
 }
 
-/// Runs a reflector of NodeNetworks (kept as [`trim_node_network`] leaves them); every change
-/// wakes the Network controller for the Networks it touches ([`networks_touched`]) and sends
-/// `()` to `triggers`.
+/// Runs a reflector of NodeNetworks (kept as [`keep_node_network`] makes them, the Network
+/// names shared between all of them); every change wakes the Network controller for the
+/// Networks it touches ([`networks_touched`]) and sends `()` to `triggers`.
 fn reflect_node_networks(
     api: Api<NodeNetwork>,
     networks: mpsc::UnboundedSender<ObjectRef<Network>>,
     triggers: Vec<mpsc::UnboundedSender<()>>,
-) -> (Store<NodeNetwork>, impl Future<Output = ()> + Send) {
+) -> (Store<CompactNodeNetwork>, impl Future<Output = ()> + Send) {
     let mut last = HashMap::new();
-    reflect_with(api, trim_node_network, move |event| {
+    let mut names = Names::default();
+    let keep = move |nn| keep_node_network(nn, &mut names);
+    reflect_with(api, keep, move |event| {
         if let Some((nn, deleted)) = event {
             for network in networks_touched(&mut last, nn, deleted) {
                 let _ = networks.unbounded_send(ObjectRef::new(&network));
@@ -433,8 +505,8 @@ pub struct Triggers {
 pub struct Observation {
     /// All Nodes.
     pub nodes: Store<Node>,
-    /// All NodeNetworks.
-    pub node_networks: Store<NodeNetwork>,
+    /// All NodeNetworks, as [`keep_node_network`] keeps them.
+    pub node_networks: Store<CompactNodeNetwork>,
     /// True once the Network watch has listed every Network.
     pub networks_listed: watch::Receiver<bool>,
     /// True once the PortForward watch has listed every PortForward.
@@ -460,12 +532,6 @@ pub fn observe_cluster(
     Shared<PortForward>,
     impl Future<Output = ()> + Send + use<>,
 ) {
-    // Nodes matter to Networks by their names, uids and labels (node selectors): a Node's
-    // status heartbeat wakes no Network.
-    let (nodes, nodes_fut) = reflect_nodes(
-        Api::<Node>::all(client.clone()),
-        vec![triggers.networks.clone()],
-    );
     // A NodeNetwork's change concerns the Networks it names (their blocks there, the agent's
     // report of them): only those are reconciled, not every Network. The agents' reports are
     // the policies' status too.
@@ -484,6 +550,15 @@ pub fn observe_cluster(
         Api::<Network>::all(client.clone()),
         vec![triggers.networks.clone(), triggers.port_forwards.clone()],
         networks_tx,
+    );
+    // Nodes matter to Networks by their names, uids and labels (node selectors): a Node's
+    // status heartbeat wakes no Network, a relabelled one only the Networks whose selection
+    // of it changes.
+    let (nodes, nodes_fut) = reflect_nodes(
+        Api::<Node>::all(client.clone()),
+        networks.store.clone(),
+        triggers.network_refs.clone(),
+        vec![triggers.networks.clone()],
     );
     let (port_forwards_tx, port_forwards_listed) = watch::channel(false);
     let (port_forwards, pf_fut) = watch_shared(
@@ -740,7 +815,7 @@ mod trigger_tests {
     use super::*;
     use weft_crds::{NodeNetworkBlock, NodeNetworkSpec, NodeNetworkStatus};
 
-    fn nn(blocks: &[&str], realized: &[&str]) -> NodeNetwork {
+    fn nn(blocks: &[&str], realized: &[&str]) -> CompactNodeNetwork {
         let mut nn = NodeNetwork::new(
             "node-a",
             NodeNetworkSpec {
@@ -758,7 +833,7 @@ mod trigger_tests {
             networks: realized.iter().map(|n| (*n).to_string()).collect(),
             ..Default::default()
         });
-        nn
+        nn.into()
     }
 
     fn set(names: &[&str]) -> BTreeSet<String> {
@@ -794,45 +869,128 @@ mod trigger_tests {
 #[cfg(test)]
 mod node_trigger_tests {
     use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
+    use weft_crds::{NetworkSpec, NetworkStatus};
 
     fn node(uid: &str, labels: &[(&str, &str)]) -> Node {
         let mut n = Node::default();
         n.metadata.name = Some("node-a".into());
         n.metadata.uid = Some(uid.into());
-        n.metadata.labels = Some(
-            labels
-                .iter()
-                .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
-                .collect(),
-        );
+        n.metadata.labels = Some(labels_of(labels));
         n
     }
 
+    fn labels_of(labels: &[(&str, &str)]) -> BTreeMap<String, String> {
+        labels
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+            .collect()
+    }
+
     #[test]
-    fn only_a_new_relabelled_re_created_or_deleted_node_wakes_the_networks() {
+    fn only_a_new_relabelled_re_created_or_deleted_node_changes_anything() {
         let mut last = HashMap::new();
-        assert!(
+        assert_eq!(
             node_changed(&mut last, &node("u1", &[("zone", "a")]), false),
+            NodeChange::Membership,
             "new"
         );
         // A status heartbeat: same uid and labels.
-        assert!(!node_changed(
-            &mut last,
-            &node("u1", &[("zone", "a")]),
-            false
-        ));
-        assert!(
+        assert_eq!(
+            node_changed(&mut last, &node("u1", &[("zone", "a")]), false),
+            NodeChange::Nothing
+        );
+        assert_eq!(
             node_changed(&mut last, &node("u1", &[("zone", "b")]), false),
-            "relabelled"
+            NodeChange::Labels(labels_of(&[("zone", "a")])),
+            "relabelled: the labels before"
         );
-        assert!(
-            node_changed(&mut last, &node("u2", &[("zone", "b")]), false),
-            "re-created"
+        assert_eq!(
+            node_changed(&mut last, &node("u2", &[("zone", "c")]), false),
+            NodeChange::Membership,
+            "re-created (and relabelled)"
         );
-        assert!(
-            node_changed(&mut last, &node("u2", &[("zone", "b")]), true),
+        assert_eq!(
+            node_changed(&mut last, &node("u2", &[("zone", "c")]), true),
+            NodeChange::Membership,
             "deleted"
         );
         assert!(last.is_empty());
+    }
+
+    fn network(name: &str, selector: Option<LabelSelector>) -> Arc<Network> {
+        Arc::new(Network::new(
+            name,
+            NetworkSpec {
+                node_selector: selector,
+                ..NetworkSpec::default()
+            },
+        ))
+    }
+
+    fn match_labels(labels: &[(&str, &str)]) -> Option<LabelSelector> {
+        Some(LabelSelector {
+            match_labels: Some(labels_of(labels)),
+            ..LabelSelector::default()
+        })
+    }
+
+    #[test]
+    fn a_relabelled_node_concerns_only_the_networks_whose_selection_of_it_changes() {
+        let mut invalid = (*network("invalid", match_labels(&[("pool", "x")]))).clone();
+        invalid.status = Some(NetworkStatus {
+            conditions: vec![status::condition(
+                status::VALID,
+                false,
+                "Immutable",
+                "spec.subnets cannot change".to_string(),
+                Some(2),
+                &[],
+                jiff::Timestamp::UNIX_EPOCH,
+            )],
+            ..NetworkStatus::default()
+        });
+        let networks = [
+            network("everywhere", None),
+            network("zone-a", match_labels(&[("zone", "a")])),
+            network("zone-b", match_labels(&[("zone", "b")])),
+            network("pool-x", match_labels(&[("pool", "x")])),
+            network(
+                "has-gpu",
+                Some(LabelSelector {
+                    match_expressions: Some(vec![LabelSelectorRequirement {
+                        key: "gpu".into(),
+                        operator: "Exists".into(),
+                        values: None,
+                    }]),
+                    ..LabelSelector::default()
+                }),
+            ),
+            Arc::new(invalid),
+        ];
+        let set = |names: &[&str]| -> BTreeSet<String> {
+            names.iter().map(|n| (*n).to_string()).collect()
+        };
+        let woken = |before: &[(&str, &str)], after: &[(&str, &str)]| {
+            reselected(&networks, &labels_of(before), &labels_of(after))
+        };
+        // Moved from zone a to zone b: the two zone Networks; a Network without a selector
+        // selects the node either way, pool-x selects it neither way.
+        assert_eq!(
+            woken(&[("zone", "a")], &[("zone", "b")]),
+            set(&["invalid", "zone-a", "zone-b"])
+        );
+        // A label no selector reads: none but the one whose accepted spec is not known here.
+        assert_eq!(
+            woken(&[("zone", "a")], &[("zone", "a"), ("rack", "7")]),
+            set(&["invalid"])
+        );
+        assert_eq!(
+            woken(
+                &[("zone", "a")],
+                &[("zone", "a"), ("gpu", "1"), ("pool", "x")]
+            ),
+            set(&["has-gpu", "invalid", "pool-x"])
+        );
     }
 }

@@ -6,6 +6,7 @@
 //! of its networks, so nodes with several networks are counted in each).
 
 use super::allocator::{self, Allocation, NodeInfo};
+use super::compact::{Blocks, CompactNodeNetwork, Current};
 use super::status::{self, READY, VALID};
 use super::validate::{self, Rejection};
 use super::{Context, Error, FIELD_MANAGER, FINALIZER, name_of};
@@ -17,6 +18,7 @@ use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -42,7 +44,7 @@ pub struct Observed {
     /// Every Node, with its uid.
     pub nodes: Vec<(NodeInfo, Option<String>)>,
     /// Every NodeNetwork by name.
-    pub node_networks: BTreeMap<String, Arc<NodeNetwork>>,
+    pub node_networks: BTreeMap<String, Arc<CompactNodeNetwork>>,
     /// The current NodeNetwork specs (the store, overlaid with what this replica applied).
     pub specs: BTreeMap<String, ObservedSpec>,
     /// The last accepted version of each Network (what the blocks were allocated for), as
@@ -50,34 +52,35 @@ pub struct Observed {
     pub accepted: BTreeMap<String, Arc<Network>>,
 }
 
-/// A current NodeNetwork spec, shared with where it was observed (not copied).
+/// A current NodeNetwork spec (in compact form), shared with where it was observed (not
+/// copied).
 #[derive(Clone, Debug)]
 pub enum ObservedSpec {
     /// The spec of the NodeNetwork in the store.
-    Stored(Arc<NodeNetwork>),
+    Stored(Arc<CompactNodeNetwork>),
     /// A spec this replica applied that the store does not show yet.
-    Written(Arc<NodeNetworkSpec>),
+    Written(Arc<Blocks>),
 }
 
 impl std::ops::Deref for ObservedSpec {
-    type Target = NodeNetworkSpec;
-    fn deref(&self) -> &NodeNetworkSpec {
+    type Target = Blocks;
+    fn deref(&self) -> &Blocks {
         match self {
             ObservedSpec::Stored(nn) => &nn.spec,
-            ObservedSpec::Written(spec) => spec,
+            ObservedSpec::Written(blocks) => blocks,
         }
     }
 }
 
-impl std::borrow::Borrow<NodeNetworkSpec> for ObservedSpec {
-    fn borrow(&self) -> &NodeNetworkSpec {
-        self
+impl Current for ObservedSpec {
+    fn blocks(&self) -> Cow<'_, Blocks> {
+        Cow::Borrowed(self)
     }
 }
 
 impl From<NodeNetworkSpec> for ObservedSpec {
     fn from(spec: NodeNetworkSpec) -> Self {
-        ObservedSpec::Written(Arc::new(spec))
+        ObservedSpec::Written(Arc::new(Blocks::from(&spec)))
     }
 }
 
@@ -112,7 +115,7 @@ pub fn observe(ctx: &Context) -> Observed {
             )
         })
         .collect();
-    let node_networks: BTreeMap<String, Arc<NodeNetwork>> = ctx
+    let node_networks: BTreeMap<String, Arc<CompactNodeNetwork>> = ctx
         .stores
         .node_networks
         .state()
@@ -199,13 +202,13 @@ pub fn desired(observed: &Observed) -> Decision {
     // Each node's spec is built, compared and dropped: never all of them at once. A node
     // without a NodeNetwork has no blocks (the agent reads it so), so it needs none written
     // until it gets a block.
-    let empty = NodeNetworkSpec::default();
+    let empty = Blocks::default();
     let changed = allocation
         .nodes()
         .filter(|node| {
             let have = observed.specs.get(*node).map_or(&empty, |s| &**s);
             allocation
-                .spec(node)
+                .blocks(node)
                 .as_ref()
                 .is_some_and(|want| want != have)
         })
@@ -335,8 +338,7 @@ pub fn desired_status(
             observed
                 .node_networks
                 .get(*n)
-                .and_then(|nn| nn.status.as_ref())
-                .is_some_and(|s| s.lists_network(&name))
+                .is_some_and(|nn| nn.lists_network(&name))
         })
         .collect();
     let in_use: i64 = realized
@@ -485,16 +487,17 @@ async fn sync_blocks(ctx: &Context) -> Result<(Observed, Arc<Decision>), Error> 
     let api: Api<NodeNetwork> = Api::all(ctx.client.clone());
     let params = PatchParams::apply(FIELD_MANAGER).force();
     for node in &decision.changed {
-        let Some(spec) = decision.allocation.spec(node) else {
+        let Some(blocks) = decision.allocation.blocks(node) else {
             continue;
         };
-        if spec.blocks.is_empty() {
+        if blocks.is_empty() {
             empty_blocks(&api, node).await?;
             if let Ok(mut w) = ctx.written.lock() {
-                w.insert(node.clone(), Arc::new(spec));
+                w.insert(node.clone(), Arc::new(blocks));
             }
             continue;
         }
+        let spec = blocks.to_spec();
         let uid = observed
             .nodes
             .iter()
@@ -526,7 +529,7 @@ async fn sync_blocks(ctx: &Context) -> Result<(Observed, Arc<Decision>), Error> 
             })?;
         info!(node = %node, blocks = spec.blocks.len(), "applied NodeNetwork spec");
         if let Ok(mut w) = ctx.written.lock() {
-            w.insert(node.clone(), Arc::new(spec));
+            w.insert(node.clone(), Arc::new(blocks));
         }
     }
     // Nodes that are gone: their NodeNetworks are garbage-collected; forget what we wrote.
@@ -647,7 +650,7 @@ async fn cleanup(net: &Network, ctx: &Context) -> Result<Action, Error> {
         .node_networks
         .values()
         .filter(|nn| observed.nodes.iter().any(|(n, _)| n.name == nn.name_any()))
-        .filter(|nn| nn.status.as_ref().is_some_and(|s| s.lists_network(&name)))
+        .filter(|nn| nn.lists_network(&name))
         .map(|nn| nn.name_any())
         .collect();
     if !nodes.is_empty() {
@@ -782,7 +785,7 @@ mod fingerprint_tests {
             },
         );
         nn.metadata.generation = Some(1);
-        let nn = Arc::new(nn);
+        let nn = Arc::new(CompactNodeNetwork::from(nn));
         Observed {
             networks: vec![Arc::new(net)],
             nodes: vec![(

@@ -4,6 +4,7 @@
 //! CRD's CEL rules (for objects that reached the API some other way) and the agents' problems
 //! with it (an unknown network, a selector that cannot match).
 
+use super::compact::CompactNodeNetwork;
 use super::status::{self, READY, VALID};
 use super::{Context, Error, FIELD_MANAGER, name_of};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -14,7 +15,7 @@ use serde_json::json;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Instant;
-use weft_crds::{ClusterSegmentationPolicy, NodeNetwork, PolicyStatus, SegmentationPolicy};
+use weft_crds::{ClusterSegmentationPolicy, PolicyStatus, SegmentationPolicy};
 
 /// Reason of `Valid=True`.
 pub const REASON_ACCEPTED: &str = "Accepted";
@@ -39,7 +40,7 @@ pub struct Enforcement {
 }
 
 /// Decide (pure): sums what every NodeNetwork's status says about policy `key` (`Kind name`).
-pub fn enforcement(key: &str, node_networks: &[Arc<NodeNetwork>]) -> Enforcement {
+pub fn enforcement(key: &str, node_networks: &[Arc<CompactNodeNetwork>]) -> Enforcement {
     let mut out = Enforcement::default();
     let mut errors = BTreeSet::new();
     for nn in node_networks {
@@ -272,13 +273,13 @@ mod tests {
     use super::*;
     use weft_crds::{NodeNetworkSpec, NodeNetworkStatus, NodePolicy};
 
-    fn node(name: &str, policies: Vec<NodePolicy>) -> Arc<NodeNetwork> {
-        let mut nn = NodeNetwork::new(name, NodeNetworkSpec::default());
+    fn node(name: &str, policies: Vec<NodePolicy>) -> Arc<CompactNodeNetwork> {
+        let mut nn = weft_crds::NodeNetwork::new(name, NodeNetworkSpec::default());
         nn.status = Some(NodeNetworkStatus {
             policies,
             ..NodeNetworkStatus::default()
         });
-        Arc::new(nn)
+        Arc::new(nn.into())
     }
 
     fn p(policy: &str, interfaces: i32, error: Option<&str>) -> NodePolicy {
