@@ -627,6 +627,17 @@ mod tests {
         assert_eq!(second.specs()["a"].blocks.len(), 1);
     }
 
+    /// A NodeNetwork spec claiming IPv4 block `cidr` of Network `blue`.
+    fn claim(cidr: &str) -> NodeNetworkSpec {
+        NodeNetworkSpec {
+            blocks: vec![NodeNetworkBlock {
+                network: "blue".into(),
+                ipv4: Some(cidr.into()),
+                ipv6: None,
+            }],
+        }
+    }
+
     #[test]
     fn new_blocks_fill_the_lowest_holes_in_node_order() {
         let mut n = net("blue", &["10.10.0.0/24"], Some(27));
@@ -635,13 +646,6 @@ mod tests {
             exclude: Some(vec![weft_crds::IpOrCidr::from("10.10.0.64/27")]),
             ..IpamSpec::default()
         });
-        let claim = |c: &str| NodeNetworkSpec {
-            blocks: vec![NodeNetworkBlock {
-                network: "blue".into(),
-                ipv4: Some(c.into()),
-                ipv6: None,
-            }],
-        };
         // Blocks 1 and 4 are taken, 2 is excluded: the others get 0, 3, 5, 6 and 7 in turn.
         let existing = BTreeMap::from([
             ("b".to_owned(), claim("10.10.0.32/27")),
@@ -693,13 +697,6 @@ mod tests {
     #[test]
     fn a_block_claimed_twice_stays_with_the_first_node_by_name() {
         let n = net("blue", &["10.10.0.0/24"], None);
-        let claim = |c: &str| NodeNetworkSpec {
-            blocks: vec![NodeNetworkBlock {
-                network: "blue".into(),
-                ipv4: Some(c.into()),
-                ipv6: None,
-            }],
-        };
         let existing = BTreeMap::from([
             ("a".to_owned(), claim("10.10.0.64/26")),
             ("b".to_owned(), claim("10.10.0.64/26")),
