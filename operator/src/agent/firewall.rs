@@ -845,21 +845,22 @@ pub fn table(
     }
 }
 
+/// The elements of set `name` of `t` (which must have it); for the tests of the tables.
+#[cfg(test)]
+pub(crate) fn set_elements(t: &Table, name: &str) -> Vec<String> {
+    t.sets
+        .iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no set {name}"))
+        .elements
+        .iter()
+        .cloned()
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The elements of set `name` of `t` (which must have it).
-    fn set_elements(t: &Table, name: &str) -> Vec<String> {
-        t.sets
-            .iter()
-            .find(|s| s.name == name)
-            .unwrap()
-            .elements
-            .iter()
-            .cloned()
-            .collect()
-    }
 
     #[test]
     fn only_nat_networks_are_hairpin_sources() {

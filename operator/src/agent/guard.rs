@@ -356,6 +356,7 @@ pub fn table(bridges: &[String], guarded: &[PortGuard], open: &[OpenPort]) -> Ta
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::firewall::set_elements;
     use weft_dataplane::nft::{Change, diff, render_table, structure_hash};
 
     /// A check's rule as the table holds it: its drop goes through the counting chain.
@@ -386,25 +387,14 @@ mod tests {
     #[test]
     fn an_open_port_can_wait_for_its_vm_too() {
         let t = table(&[], &[], &[open("wfo", true), open("wfp", false)]);
-        assert_eq!(elements(&t, "open"), ["\"wfo\"", "\"wfp\""]);
-        assert_eq!(elements(&t, "pending"), ["\"wfo\""]);
+        assert_eq!(set_elements(&t, "open"), ["\"wfo\"", "\"wfp\""]);
+        assert_eq!(set_elements(&t, "pending"), ["\"wfo\""]);
         let rules = &t.chains[0].rules;
         let at = |r: &str| rules.iter().position(|x| x == r).unwrap();
         assert!(
             at("iifname @pending drop") < at("iifname @open accept"),
             "pending must come before open: {rules:?}"
         );
-    }
-
-    fn elements(t: &Table, name: &str) -> Vec<String> {
-        t.sets
-            .iter()
-            .find(|s| s.name == name)
-            .unwrap()
-            .elements
-            .iter()
-            .cloned()
-            .collect()
     }
 
     #[test]
@@ -459,29 +449,29 @@ mod tests {
             )],
             &[open("wfo", false), open("wfa", false)],
         );
-        assert_eq!(elements(&t, "bridges"), ["\"wn-blue\""]);
-        assert_eq!(elements(&t, "ports"), ["\"wfa\""]);
+        assert_eq!(set_elements(&t, "bridges"), ["\"wn-blue\""]);
+        assert_eq!(set_elements(&t, "ports"), ["\"wfa\""]);
         assert_eq!(
-            elements(&t, "open"),
+            set_elements(&t, "open"),
             ["\"wfo\""],
             "a port both guarded and open must stay guarded"
         );
-        assert_eq!(elements(&t, "macs"), ["\"wfa\" . 0a:58:0a:4d:00:02"]);
-        assert_eq!(elements(&t, "ips4"), ["\"wfa\" . 10.77.0.2"]);
+        assert_eq!(set_elements(&t, "macs"), ["\"wfa\" . 0a:58:0a:4d:00:02"]);
+        assert_eq!(set_elements(&t, "ips4"), ["\"wfa\" . 10.77.0.2"]);
         assert_eq!(
-            elements(&t, "ips6"),
+            set_elements(&t, "ips6"),
             ["\"wfa\" . fd77::2", "\"wfa\" . fe80::858:aff:fe4d:2"],
             "ips6 must hold the configured address and the EUI-64 link-local one"
         );
         assert_eq!(
-            elements(&t, "targets6"),
+            set_elements(&t, "targets6"),
             [
                 "\"wfa\" . 0xfd770000000000000000000000000002",
                 "\"wfa\" . 0xfe8000000000000008580afffe4d0002"
             ],
             "targets6 must hold the addresses of ips6 as 128-bit integers"
         );
-        assert_eq!(elements(&t, "lladdrs"), ["\"wfa\" . 0x0a580a4d0002"]);
+        assert_eq!(set_elements(&t, "lladdrs"), ["\"wfa\" . 0x0a580a4d0002"]);
     }
 
     #[test]
@@ -519,10 +509,10 @@ mod tests {
         vm.vlans = vec![20, 100, 101];
         let trunked = table(&[], &[port("wfa", mac, &["10.77.0.2"]), vm], &[]);
         assert_eq!(
-            elements(&trunked, "trunks"),
+            set_elements(&trunked, "trunks"),
             ["\"wfv\" . 100", "\"wfv\" . 101", "\"wfv\" . 20"]
         );
-        assert!(elements(&access, "trunks").is_empty());
+        assert!(set_elements(&access, "trunks").is_empty());
         assert_eq!(structure_hash(&access), structure_hash(&trunked));
         let tx = diff(&access, &trunked);
         assert!(
@@ -564,7 +554,7 @@ mod tests {
             &[open("wfo", false)],
         );
         assert_eq!(
-            elements(&t, "hairpin"),
+            set_elements(&t, "hairpin"),
             ["\"wfa\" . \"wfa\"", "\"wfo\" . \"wfo\""]
         );
         assert_eq!(structure_hash(&t), structure_hash(&table(&[], &[], &[])));
@@ -585,11 +575,11 @@ mod tests {
         let text = render_table(&t);
         assert!(!text.contains("eth0"), "{text}");
         assert!(!text.contains("br\"x"), "{text}");
-        assert_eq!(elements(&t, "ports"), ["\"wfa\""]);
-        assert!(elements(&t, "open").is_empty());
-        assert!(elements(&t, "pending").is_empty());
-        assert_eq!(elements(&t, "hairpin"), ["\"wfa\" . \"wfa\""]);
-        assert_eq!(elements(&t, "bridges"), ["\"wn-lan\""]);
+        assert_eq!(set_elements(&t, "ports"), ["\"wfa\""]);
+        assert!(set_elements(&t, "open").is_empty());
+        assert!(set_elements(&t, "pending").is_empty());
+        assert_eq!(set_elements(&t, "hairpin"), ["\"wfa\" . \"wfa\""]);
+        assert_eq!(set_elements(&t, "bridges"), ["\"wn-lan\""]);
         // Neither guarded nor open: `iifname != @ports drop` drops its frames.
         assert!(
             t.chains[0]
