@@ -143,11 +143,10 @@ pub fn shaping_ifb_alias(host_port: &str) -> String {
         .collect()
 }
 
-/// Whether `alias` is the one weft puts on a shaping IFB link ([`shaping_ifb_alias`]).
-pub fn is_shaping_ifb_alias(alias: &str) -> bool {
-    alias
-        .strip_prefix(ALIAS_PREFIX)
-        .is_some_and(|a| a.starts_with("shape:"))
+/// The host port a shaping IFB link's alias ([`shaping_ifb_alias`]) names; `None` for any
+/// other alias.
+pub fn shaped_port(alias: &str) -> Option<&str> {
+    alias.strip_prefix(ALIAS_PREFIX)?.strip_prefix("shape:")
 }
 
 /// The alias weft puts on a network's bridge.
@@ -386,7 +385,7 @@ mod tests {
     fn a_shaping_ifb_alias_names_its_port_and_is_told_apart() {
         let alias = shaping_ifb_alias("wf0123456789a");
         assert_eq!(alias, "weft:shape:wf0123456789a");
-        assert!(is_shaping_ifb_alias(&alias));
+        assert_eq!(shaped_port(&alias), Some("wf0123456789a"));
         assert!(!is_endpoint_alias(&alias));
         assert!(!is_mirror_tunnel_alias(&alias));
         for other in [
@@ -396,7 +395,7 @@ mod tests {
             "shape:wf0123456789a".to_string(),
             "other:shape:x".to_string(),
         ] {
-            assert!(!is_shaping_ifb_alias(&other), "{other}");
+            assert_eq!(shaped_port(&other), None, "{other}");
         }
         assert_eq!(shaping_ifb_alias(&"x".repeat(200)).chars().count(), 127);
     }

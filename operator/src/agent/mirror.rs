@@ -355,12 +355,7 @@ fn apply(
     // Ports with a shaping link: shaped by this agent or an earlier one.
     let shaped_before: BTreeSet<&str> = links
         .iter()
-        .filter_map(|l| {
-            l.alias
-                .as_deref()?
-                .strip_prefix(names::ALIAS_PREFIX)?
-                .strip_prefix("shape:")
-        })
+        .filter_map(|l| names::shaped_port(l.alias.as_deref()?))
         .collect();
     for port in touch {
         let Some(&port_index) = index.get(&port) else {
@@ -447,13 +442,10 @@ fn apply(
     let stale_ifbs: Vec<&LinkInfo> = links
         .iter()
         .filter(|l| {
-            l.alias.as_deref().is_some_and(names::is_shaping_ifb_alias)
-                && !wanted_ifbs.contains(&l.name)
-                && (full
-                    || l.alias
-                        .as_deref()
-                        .and_then(|a| a.strip_prefix(names::ALIAS_PREFIX)?.strip_prefix("shape:"))
-                        .is_some_and(|p| !index.contains_key(p)))
+            let Some(port) = l.alias.as_deref().and_then(names::shaped_port) else {
+                return false;
+            };
+            !wanted_ifbs.contains(&l.name) && (full || !index.contains_key(port))
         })
         .collect();
     // Together: each deletion alone would hold up the node's link changes (ADDs') for a grace
