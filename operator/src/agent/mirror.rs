@@ -298,7 +298,11 @@ fn apply(
                     .flatten()
                     .map(|r| r.to.clone()),
             );
-            wanted.insert(names::shaping_ifb_name(port));
+            // An IFB link the port no longer wants may have to go (one it wants, set_shaping
+            // looks up itself).
+            if plan.shaping.get(port).is_none_or(|s| s.egress.is_none()) {
+                wanted.insert(names::shaping_ifb_name(port));
+            }
         }
         wanted.extend(plan.tunnels.keys().cloned());
         wanted.extend(applied.tunnels.keys().cloned());
