@@ -237,6 +237,9 @@ struct Applied {
     tunnels: BTreeMap<String, Tunnel>,
     /// Port → the shaping in force on it.
     shaping: BTreeMap<String, Shaping>,
+    /// Ports whose IFB link this agent may have made and has not seen go (a shaping that
+    /// failed half way, after the link was made, is in force nowhere but leaves it).
+    ifbs: BTreeSet<String>,
 }
 
 /// Brings the kernel to `plan`. `full`: also take stale filters off every weft port and delete
@@ -273,6 +276,14 @@ fn apply(
             .shaping
             .keys()
             .filter(|p| !plan.shaping.contains_key(*p))
+            .cloned(),
+    );
+    // Ports that may still have an IFB link they no longer want.
+    touch.extend(
+        applied
+            .ifbs
+            .iter()
+            .filter(|p| plan.shaping.get(*p).is_none_or(|s| s.egress.is_none()))
             .cloned(),
     );
     // The links this pass reads: at a full pass every link of the node (one dump); otherwise
@@ -365,6 +376,8 @@ fn apply(
         let Some(&port_index) = index.get(&port) else {
             applied.ports.remove(&port);
             applied.shaping.remove(&port);
+            // Its IFB link, if any, is deleted below with those of the other departed ports.
+            applied.ifbs.remove(&port);
             if plan.shaping.contains_key(&port) {
                 applied.waiting.insert(port.clone());
             }
@@ -525,12 +538,22 @@ fn shape(
     stale: bool,
 ) {
     let wanted = plan.shaping.get(port).copied();
-    if wanted.is_none() && !applied.shaping.contains_key(port) && !stale {
+    if wanted.is_none()
+        && !applied.shaping.contains_key(port)
+        && !applied.ifbs.contains(port)
+        && !stale
+    {
         return;
     }
     let wanted = wanted.unwrap_or_default();
+    if wanted.egress.is_some() {
+        applied.ifbs.insert(port.to_string());
+    }
     match nl.set_shaping(index, &names::shaping_ifb_name(port), &wanted) {
         Ok(changed) => {
+            if wanted.egress.is_none() {
+                applied.ifbs.remove(port);
+            }
             if changed {
                 info!(%port, ingress = ?wanted.ingress, egress = ?wanted.egress, "bandwidth shaping changed");
             }
