@@ -203,6 +203,19 @@ fn shaping_is_set_read_back_changed_and_removed_leaving_mirrors_alone() {
     assert!(link.up);
     let port_mtu = n.nl.link_by_index(n.a.host).unwrap().unwrap().mtu;
     assert_eq!(link.mtu, port_mtu);
+    // IPv6 went off before the IFB went up: no link-local address, no route of its own.
+    let ipv6 = weft_dataplane::sysctl::get(&format!("net/ipv6/conf/{ifb}/disable_ipv6")).unwrap();
+    assert_eq!(ipv6.trim(), "1");
+    let addrs = Command::new("ip")
+        .args(["-6", "-o", "addr", "show", "dev", &ifb])
+        .output()
+        .unwrap();
+    assert!(addrs.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&addrs.stdout),
+        "",
+        "no IPv6 address on the IFB"
+    );
     let filters = ingress_filters(&port);
     assert_eq!(prefs(&filters), [u64::from(SHAPE_PREF)]);
     let f = &filters[0]["options"];

@@ -5,7 +5,7 @@
 
 use super::{Netlink, NetlinkError, bad_ifname, check_ifname};
 use crate::names;
-use netlink_packet_core::{NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL};
+use netlink_packet_core::{NLM_F_CREATE, NLM_F_DUMP, NLM_F_ECHO, NLM_F_EXCL};
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::link::{
     BridgeBooleanOptionFlags, BridgeBooleanOptions, InfoBridge, InfoBridgePort, InfoData, InfoKind,
@@ -347,19 +347,39 @@ impl Netlink {
             .collect())
     }
 
-    /// Index of a link that was just created.
-    pub(super) fn created_index(
+    /// Sends `msg`, an `RTM_NEWLINK` that creates link `name` (failing with
+    /// [`NetlinkError::is_exists`] when the name is taken), and returns the new link's index:
+    /// from the kernel's echo of the new link (`NLM_F_ECHO`, answered since Linux 6.1), else by
+    /// looking the name up.
+    pub(super) fn create_link(
         &mut self,
         op: &'static str,
         name: &str,
-        target: impl FnOnce() -> String,
+        msg: LinkMessage,
+        target: impl Fn() -> String,
     ) -> Result<u32, NetlinkError> {
-        match self.link_by_name(name)? {
-            Some(l) => Ok(l.index),
-            None => Err(NetlinkError::Vanished {
-                op,
-                target: target(),
-            }),
+        let replies = self.call(
+            op,
+            &target,
+            RouteNetlinkMessage::NewLink(msg),
+            NLM_F_CREATE | NLM_F_EXCL | NLM_F_ECHO,
+        )?;
+        let echoed = replies.into_iter().find_map(|m| match m {
+            RouteNetlinkMessage::NewLink(l) => {
+                let l = link_info(l);
+                (l.name == name).then_some(l.index)
+            }
+            _ => None,
+        });
+        match echoed {
+            Some(index) => Ok(index),
+            None => match self.link_by_name(name)? {
+                Some(l) => Ok(l.index),
+                None => Err(NetlinkError::Vanished {
+                    op,
+                    target: target(),
+                }),
+            },
         }
     }
 
@@ -382,13 +402,7 @@ impl Netlink {
         if let Some(mac) = mac {
             b = b.address(mac.to_vec());
         }
-        self.call(
-            OP,
-            || name.to_string(),
-            RouteNetlinkMessage::NewLink(b.build()),
-            NLM_F_CREATE | NLM_F_EXCL,
-        )?;
-        let index = self.created_index(OP, name, || name.to_string())?;
+        let index = self.create_link(OP, name, b.build(), || name.to_string())?;
         self.alias_new_link(index, alias)?;
         debug!(bridge = %name, index, "created bridge");
         Ok(index)
@@ -424,13 +438,7 @@ impl Netlink {
         if let Some(master) = spec.host_master {
             host = host.controller(master);
         }
-        self.call(
-            OP,
-            target,
-            RouteNetlinkMessage::NewLink(host.build()),
-            NLM_F_CREATE | NLM_F_EXCL,
-        )?;
-        let index = self.created_index(OP, spec.host_name, target)?;
+        let index = self.create_link(OP, spec.host_name, host.build(), target)?;
         self.alias_new_link(index, spec.host_alias)?;
         debug!(host = %spec.host_name, peer = %spec.peer_name, index, "created veth");
         Ok(index)
@@ -461,13 +469,7 @@ impl Netlink {
         if let Some(mtu) = mtu {
             host = host.mtu(mtu);
         }
-        self.call(
-            OP,
-            target,
-            RouteNetlinkMessage::NewLink(host.build()),
-            NLM_F_CREATE | NLM_F_EXCL,
-        )?;
-        self.created_index(OP, a, target)
+        self.create_link(OP, a, host.build(), target)
     }
 
     fn set_link(

@@ -19,7 +19,7 @@ use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::tc::{
     TcActionType, TcAttribute, TcHandle, TcMessage, TcMirrorActionType, TcOption, TcStats2,
 };
-use rtnetlink::LinkIfb;
+use rtnetlink::{LinkIfb, LinkUnspec};
 use tracing::debug;
 
 /// Priority of the filter in a host port's clsact ingress hook that redirects what the
@@ -630,7 +630,13 @@ impl Netlink {
         }
     }
 
-    /// Creates IFB link `name` with MTU `mtu` and alias `alias`, up; returns its index.
+    /// Creates IFB link `name` with MTU `mtu` and alias `alias`, IPv6 off, up; returns its
+    /// index. IPv6 goes off before the link goes up: an IFB link carries no address, and with
+    /// IPv6 on it would get a link-local address with its route, multicast joins and a
+    /// duplicate-address probe, and the kernel would walk every IPv6 route of the namespace as
+    /// it went up (most of what creating the link costs on a node of many workloads). Turning
+    /// it off is best effort (no IPv6 in the kernel, or `/proc/sys` not writable, only costs
+    /// that time).
     fn create_ifb(
         &mut self,
         op: &'static str,
@@ -639,14 +645,17 @@ impl Netlink {
         alias: &str,
     ) -> Result<u32, NetlinkError> {
         let target = || format!("{name} (ifb)");
-        self.call(
-            op,
-            target,
-            RouteNetlinkMessage::NewLink(LinkIfb::new(name).mtu(mtu).up().build()),
-            NLM_F_CREATE | NLM_F_EXCL,
-        )?;
-        let index = self.created_index(op, name, target)?;
-        self.alias_new_link(index, Some(alias))?;
+        let index = self.create_link(op, name, LinkIfb::new(name).mtu(mtu).build(), target)?;
+        match crate::sysctl::set(&format!("net/ipv6/conf/{name}/disable_ipv6"), "1") {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => debug!(ifb = %name, error = %e, "cannot turn IPv6 off on the IFB link"),
+        }
+        let up = LinkUnspec::new_with_index(index).alias(alias).up().build();
+        if let Err(e) = self.call(op, target, RouteNetlinkMessage::SetLink(up), 0) {
+            let _ = self.delete_link(index);
+            return Err(e);
+        }
         debug!(ifb = %name, index, "created IFB link");
         Ok(index)
     }

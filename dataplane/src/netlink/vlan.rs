@@ -2,7 +2,7 @@
 //! ports (`bridge vlan add|del|show`), with the messages that carry them.
 
 use super::{Netlink, NetlinkError, check_ifname};
-use netlink_packet_core::{NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL};
+use netlink_packet_core::NLM_F_DUMP;
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::link::{
     AfSpecBridge, BridgeVlanInfo, BridgeVlanInfoFlags, InfoKind, LinkAttribute, LinkExtentMask,
@@ -149,13 +149,7 @@ impl Netlink {
         const OP: &str = "create vlan";
         let target = || format!("{name} (vlan {id} on link {parent})");
         check_ifname(OP, &target(), name)?;
-        self.call(
-            OP,
-            target,
-            RouteNetlinkMessage::NewLink(vlan_message(name, parent, id, mtu)),
-            NLM_F_CREATE | NLM_F_EXCL,
-        )?;
-        let index = self.created_index(OP, name, target)?;
+        let index = self.create_link(OP, name, vlan_message(name, parent, id, mtu), target)?;
         self.alias_new_link(index, alias)?;
         Ok(index)
     }

@@ -1,7 +1,6 @@
 //! VXLAN links: the tunnel a mirror's copies take to a remote collector.
 
 use super::{Netlink, NetlinkError, check_ifname};
-use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::link::{
     InfoData, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo as NlLinkInfo, LinkMessage,
@@ -137,13 +136,8 @@ impl Netlink {
             debug!(vxlan = %name, "recreating VXLAN link with new settings");
             self.delete_link(link.index)?;
         }
-        self.call(
-            OP,
-            target,
-            RouteNetlinkMessage::NewLink(vxlan_message(name, vni, remote, dst_port)),
-            NLM_F_CREATE | NLM_F_EXCL,
-        )?;
-        let index = self.created_index(OP, name, target)?;
+        let index =
+            self.create_link(OP, name, vxlan_message(name, vni, remote, dst_port), target)?;
         debug!(vxlan = %name, index, vni, %remote, dst_port, "created VXLAN link");
         Ok(index)
     }

@@ -12,8 +12,9 @@
 //! remote collector.
 //!
 //! The CNI wires a port after the agent has registered it, so a port (or an analyzer's port)
-//! may not exist yet when its plan arrives: it waits, and is tried again when an ADD reports
-//! that it finished, and at every resync.
+//! may not exist yet when its plan arrives: a changed plan is applied when an ADD reports that
+//! it finished, or [`PLAN_DELAY`] after the change at the latest; a port still missing then
+//! waits, and is tried again at the next ADD's report and at every resync.
 
 use crate::model::Resources;
 use ipnet::IpNet;
@@ -576,6 +577,14 @@ fn shape(
     }
 }
 
+/// How long a changed plan may wait before its pass. A registration changes the plan before
+/// the CNI has wired the port (the agent answers first), and the ADD's report of its wired
+/// links kicks a pass at once: waiting for it keeps the pass's netlink work (IFB link, qdiscs,
+/// filters) from competing with the ADD's own for the routing lock and the CPU, and finds the
+/// port there. A change no ADD reports (a DEL, a Network's or a mirror's change) waits this
+/// long, and the changes of a burst of DELs share one pass.
+const PLAN_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// The task that keeps the kernel's mirrors to the latest plan.
 #[derive(Clone)]
 pub struct Mirrors {
@@ -601,16 +610,30 @@ impl Mirrors {
         tokio::spawn(async move {
             let mut applied = Some(Applied::default());
             let mut seen_plan = false;
+            // When a changed plan is applied at the latest (see `PLAN_DELAY`).
+            let mut due: Option<tokio::time::Instant> = None;
             loop {
+                let deadline = async {
+                    match due {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     r = rx.changed() => {
                         if r.is_err() {
                             break;
                         }
+                        if seen_plan {
+                            due.get_or_insert_with(|| tokio::time::Instant::now() + PLAN_DELAY);
+                            continue;
+                        }
                         seen_plan = true;
                     }
                     _ = task.kick.notified() => {}
+                    _ = deadline => {}
                 }
+                due = None;
                 if !seen_plan {
                     continue;
                 }
