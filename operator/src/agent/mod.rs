@@ -403,9 +403,6 @@ struct Reconciler {
     metrics: metrics::AgentMetrics,
     /// The default network of the conflist installed last (`None`: not installed yet).
     installed: Option<Option<String>>,
-    /// The last reconcile stopped because the source has not had its first complete list yet
-    /// (a healthy start): not a failure.
-    waiting_first_list: bool,
     /// Deletes host links no attachment owns (found at resync).
     reaper: reaper::Reaper,
     /// Keeps the kernel's traffic mirrors to the plan.
@@ -415,13 +412,38 @@ struct Reconciler {
     addresses: BTreeSet<IpAddr>,
 }
 
+/// Why a reconcile did not bring the node to its plan.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// The resources could not be read (or have not been listed yet: see
+    /// [`ReconcileError::is_waiting_first_list`]).
+    #[error(transparent)]
+    Source(#[from] source::SourceError),
+    /// Applying the plan failed: the kernel refused a change, or a link in the way is not
+    /// weft's.
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    /// The blocking task that applies the plan panicked or was cancelled.
+    #[error("the task applying the plan failed")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+impl ReconcileError {
+    /// The source has not had its first complete list yet: how every start in a cluster
+    /// begins, not a failure.
+    pub fn is_waiting_first_list(&self) -> bool {
+        matches!(
+            self,
+            ReconcileError::Source(source::SourceError::NotSynced { .. })
+        )
+    }
+}
+
 impl Reconciler {
-    async fn reconcile(&mut self, reason: Trigger) -> Result<(), String> {
+    async fn reconcile(&mut self, reason: Trigger) -> Result<(), ReconcileError> {
         let started = Instant::now();
-        self.waiting_first_list = false;
         let result = self.reconcile_once(reason).await;
-        // Waiting for the first list is how every start in a cluster begins, not an error.
-        let failed = result.is_err() && !self.waiting_first_list;
+        let failed = result.as_ref().is_err_and(|e| !e.is_waiting_first_list());
         self.metrics
             .reconciled(reason.as_str(), started.elapsed(), !failed, &self.status);
         result
@@ -461,15 +483,12 @@ impl Reconciler {
         }
     }
 
-    async fn reconcile_once(&mut self, reason: Trigger) -> Result<(), String> {
+    async fn reconcile_once(&mut self, reason: Trigger) -> Result<(), ReconcileError> {
         // A registration changes endpoints, not resources: reuse the last snapshot.
         let res = match (&self.resources, reason) {
             (Some(r), Trigger::Endpoints) => Arc::clone(r),
             _ => {
-                let snapshot = self.source.snapshot();
-                self.waiting_first_list =
-                    matches!(snapshot, Err(source::SourceError::NotSynced { .. }));
-                let r = Arc::new(snapshot.map_err(|e| format!("{e}"))?);
+                let r = Arc::new(self.source.snapshot()?);
                 self.resources = Some(Arc::clone(&r));
                 self.shared.publish(Arc::clone(&r));
                 r
@@ -526,8 +545,7 @@ impl Reconciler {
                             .map(|()| report)
                             .map_err(ApplyError::Firewall)
                     })
-                    .await
-                    .map_err(|e| format!("apply task failed: {e}"))?
+                    .await?
                 }
             }
             None => {
@@ -560,8 +578,7 @@ impl Reconciler {
                             apply_blocking(&plan, previous.as_ref(), &state_dir)
                         }
                     })
-                    .await
-                    .map_err(|e| format!("apply task failed: {e}"))?
+                    .await?
                 };
                 self.applied = Some(Applied {
                     resources: Arc::clone(&res),
@@ -575,8 +592,9 @@ impl Reconciler {
                 result
             }
         };
+        // Both ways above leave the plan they applied (or changed in place) here.
         let Some(applied) = self.applied.as_mut() else {
-            return Err("no plan".into());
+            return result.map(|_| ()).map_err(ReconcileError::from);
         };
         applied.ok = result.is_ok();
         let out = &applied.out;
@@ -699,8 +717,8 @@ impl Reconciler {
                 if self.status.last_error.as_deref() != Some(msg.as_str()) {
                     error!(error = %msg, "applying the node plan failed; retrying with backoff");
                 }
-                self.status.last_error = Some(msg.clone());
-                Err(msg)
+                self.status.last_error = Some(msg);
+                Err(ReconcileError::Apply(e))
             }
         };
         if outcome.is_ok() {
@@ -1043,7 +1061,6 @@ pub async fn run(
         metrics: agent_metrics,
         activated: Vec::new(),
         installed: None,
-        waiting_first_list: false,
         resyncs: 0,
         reaper,
         mirrors: mirror::Mirrors::spawn(),
@@ -1101,7 +1118,7 @@ pub async fn run(
                     for m in pending {
                         let reply = match &result {
                             Ok(()) => Reply::ok(ready),
-                            Err(e) => Reply::error(ready, e.clone()),
+                            Err(e) => Reply::error(ready, crate::error_chain(e)),
                         };
                         let _ = m.reply.send(reply);
                     }
@@ -1248,4 +1265,35 @@ pub fn cleanup(cfg: &AgentConfig) -> anyhow::Result<Vec<String>> {
         }
     }
     Ok(report.changes)
+}
+
+#[cfg(test)]
+mod reconcile_error_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn only_a_source_not_listed_yet_is_a_healthy_wait_and_each_error_keeps_its_cause() {
+        let waiting = ReconcileError::from(source::SourceError::NotSynced {
+            what: "pods".into(),
+        });
+        assert!(waiting.is_waiting_first_list());
+        assert_eq!(
+            crate::error_chain(&waiting),
+            "waiting for the first list of pods from the Kubernetes API"
+        );
+        let missing = ReconcileError::from(source::SourceError::NodeNotFound { node: "n1".into() });
+        assert!(!missing.is_waiting_first_list());
+        assert!(crate::error_chain(&missing).starts_with("node n1 is not in the Kubernetes API"));
+        let foreign = ReconcileError::from(ApplyError::ForeignLink {
+            name: "wn-lan".into(),
+            alias: None,
+        });
+        assert!(!foreign.is_waiting_first_list());
+        assert!(
+            crate::error_chain(&foreign)
+                .starts_with("link wn-lan exists but was not created by weft"),
+            "{foreign}"
+        );
+    }
 }
