@@ -42,8 +42,8 @@ pub use mirror::{
     TrafficMirrorStatus,
 };
 pub use network::{
-    Action, BridgeSpec, IpamSpec, NatSpec, Network, NetworkMode, NetworkSpec, NetworkStatus,
-    NodeBlock, SecuritySpec, VlanRange,
+    Action, BridgeSpec, IpamSpec, NODE_BLOCKS_LISTED, NatSpec, Network, NetworkMode, NetworkSpec,
+    NetworkStatus, NodeBlock, SecuritySpec, VlanRange,
 };
 pub use nodenetwork::{
     NODE_NETWORK_KIND, NodeMirror, NodeNetwork, NodeNetworkBlock, NodeNetworkSpec,

@@ -349,10 +349,18 @@ pub struct NetworkStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 
-    /// The address blocks assigned to each node.
+    /// The address blocks assigned to each node, listed while the Network has blocks on at
+    /// most 100 nodes; beyond that the list is left out (`nodes` counts them, and each node's
+    /// NodeNetwork holds its blocks), so that the status stays small: it is rewritten whenever
+    /// a node joins or leaves.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100))]
     #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["node".into()]))]
     pub node_blocks: Vec<NodeBlock>,
+
+    /// How many nodes have blocks of this Network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<i64>,
 
     /// Addresses currently assigned to workloads, all nodes and families together.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -363,6 +371,10 @@ pub struct NetworkStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub addresses_total: Option<i64>,
 }
+
+/// How many nodes a Network's `status.nodeBlocks` lists at the most; a Network with blocks on
+/// more nodes leaves the list out.
+pub const NODE_BLOCKS_LISTED: usize = 100;
 
 /// The address blocks of one node.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]

@@ -616,6 +616,9 @@ pub async fn caches_synced(observation: &Observation) -> Result<(), WatchStopped
 }
 
 /// Runs the controller until SIGTERM/SIGINT.
+/// How many objects of one kind the controller reconciles at once.
+const RECONCILE_CONCURRENCY: u16 = 16;
+
 pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
     let client = Client::try_default().await?;
     let mut registry = Registry::default();
@@ -675,7 +678,12 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
     let (observation, networks, port_forwards, observing) = observe_cluster(&client, &triggers);
     tokio::spawn(observing);
 
-    let config = kube::runtime::controller::Config::default().debounce(Duration::from_millis(500));
+    // At most `RECONCILE_CONCURRENCY` reconciles of a kind at once: a thousand Networks whose
+    // status all change (a node joined) are written a few at a time instead of all together,
+    // which made the API server time out (504) and the controller retry.
+    let config = kube::runtime::controller::Config::default()
+        .debounce(Duration::from_millis(500))
+        .concurrency(RECONCILE_CONCURRENCY);
     let shared = |kind| anyhow::anyhow!("the {kind} watch is not shared");
     let net_controller = networks
         .controller()

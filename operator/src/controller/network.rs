@@ -10,6 +10,7 @@ use super::compact::{Blocks, CompactNodeNetwork, Current};
 use super::status::{self, READY, VALID};
 use super::validate::{self, Rejection};
 use super::{Context, Error, FIELD_MANAGER, FINALIZER, name_of};
+use futures::StreamExt;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Patch, PatchParams};
@@ -319,28 +320,28 @@ pub fn desired_status(
         .map(|s| s.conditions.as_slice())
         .unwrap_or_default();
     let verdict = decision.verdicts.get(&name).cloned().flatten();
-    let node_blocks: Vec<NodeBlock> = decision
-        .allocation
-        .blocks_of(&name)
-        .into_iter()
-        .map(|(node, blocks)| NodeBlock { node, blocks })
-        .collect();
+    let blocks = decision.allocation.blocks_of(&name);
+    let nodes = blocks.len();
+    let node_blocks: Vec<NodeBlock> = if nodes <= weft_crds::NODE_BLOCKS_LISTED {
+        blocks
+            .into_iter()
+            .map(|(node, blocks)| NodeBlock { node, blocks })
+            .collect()
+    } else {
+        Vec::new()
+    };
     let selected: Vec<&str> = observed
         .nodes
         .iter()
         .filter(|(n, _)| allocator::selects(&net.spec, n))
         .map(|(n, _)| n.name.as_str())
         .collect();
-    let realized: Vec<&str> = selected
-        .iter()
-        .copied()
-        .filter(|n| {
-            observed
-                .node_networks
-                .get(*n)
-                .is_some_and(|nn| nn.lists_network(&name))
-        })
-        .collect();
+    let (realized, waiting): (Vec<&str>, Vec<&str>) = selected.iter().partition(|n| {
+        observed
+            .node_networks
+            .get(**n)
+            .is_some_and(|nn| nn.lists_network(&name))
+    });
     let in_use: i64 = realized
         .iter()
         .filter_map(|n| observed.node_networks.get(*n)?.status.as_ref()?.endpoints)
@@ -405,11 +406,6 @@ pub fn desired_status(
                     now,
                 )
             } else {
-                let waiting: Vec<&str> = selected
-                    .iter()
-                    .copied()
-                    .filter(|n| !realized.contains(n))
-                    .collect();
                 status::condition(
                     READY,
                     false,
@@ -418,7 +414,7 @@ pub fn desired_status(
                         "realized on {} of {} selected nodes; waiting for {}",
                         realized.len(),
                         selected.len(),
-                        waiting.join(", ")
+                        some_of(&waiting)
                     ),
                     generation,
                     previous,
@@ -432,8 +428,26 @@ pub fn desired_status(
         conditions: vec![valid, ready],
         observed_generation: generation,
         node_blocks,
+        nodes: Some(i64::try_from(nodes).unwrap_or(i64::MAX)),
         addresses_in_use: verdict.is_none().then_some(in_use),
         addresses_total: verdict.is_none().then(|| addresses_total(net)),
+    }
+}
+
+/// How many node names a condition's message lists at the most.
+const NAMES_IN_MESSAGE: usize = 10;
+
+/// `names` for a message: all of them, or the first [`NAMES_IN_MESSAGE`] and how many more
+/// (a condition's message stays short at a thousand nodes).
+fn some_of(names: &[&str]) -> String {
+    if names.len() <= NAMES_IN_MESSAGE {
+        names.join(", ")
+    } else {
+        format!(
+            "{} and {} more",
+            names[..NAMES_IN_MESSAGE].join(", "),
+            names.len() - NAMES_IN_MESSAGE
+        )
     }
 }
 
@@ -486,57 +500,89 @@ async fn sync_blocks(ctx: &Context) -> Result<(Observed, Arc<Decision>), Error> 
     remember_accepted(ctx, &decision);
     let api: Api<NodeNetwork> = Api::all(ctx.client.clone());
     let params = PatchParams::apply(FIELD_MANAGER).force();
+    // A few at a time: one Network added changes every node's NodeNetwork, and one by one a
+    // thousand of them took minutes of round trips.
+    let mut writes = Vec::new();
     for node in &decision.changed {
         let Some(blocks) = decision.allocation.blocks(node) else {
             continue;
         };
-        if blocks.is_empty() {
-            empty_blocks(&api, node).await?;
-            if let Ok(mut w) = ctx.written.lock() {
-                w.insert(node.clone(), Arc::new(blocks));
-            }
-            continue;
-        }
-        let spec = blocks.to_spec();
         let uid = observed
             .nodes
             .iter()
             .find(|(n, _)| &n.name == node)
             .and_then(|(_, uid)| uid.clone());
-        let mut metadata = json!({ "name": node });
-        if let Some(uid) = uid {
-            // Garbage-collected with its Node.
-            metadata["ownerReferences"] = json!([{
-                "apiVersion": "v1",
-                "kind": "Node",
-                "name": node,
-                "uid": uid,
-            }]);
+        writes.push(write_node_network(&api, &params, node.clone(), uid, blocks));
+    }
+    let mut results = futures::stream::iter(writes).buffer_unordered(NODE_NETWORK_WRITES);
+    let mut failed = None;
+    while let Some(result) = results.next().await {
+        match result {
+            Ok((node, blocks)) => {
+                if let Ok(mut w) = ctx.written.lock() {
+                    w.insert(node, Arc::new(blocks));
+                }
+            }
+            // The others are still written; the reconcile fails with the first error.
+            Err(e) => {
+                failed.get_or_insert(e);
+            }
         }
-        let body = json!({
-            "apiVersion": weft_crds::constants::API_VERSION,
-            "kind": weft_crds::NODE_NETWORK_KIND,
-            "metadata": metadata,
-            "spec": spec,
-        });
-        api.patch(node, &params, &Patch::Apply(&body))
-            .await
-            .map_err(|source| Error::Api {
-                action: "apply",
-                kind: "NodeNetwork",
-                name: node.clone(),
-                source,
-            })?;
-        info!(node = %node, blocks = spec.blocks.len(), "applied NodeNetwork spec");
-        if let Ok(mut w) = ctx.written.lock() {
-            w.insert(node.clone(), Arc::new(blocks));
-        }
+    }
+    drop(results);
+    if let Some(e) = failed {
+        return Err(e);
     }
     // Nodes that are gone: their NodeNetworks are garbage-collected; forget what we wrote.
     if let Ok(mut w) = ctx.written.lock() {
         w.retain(|n, _| decision.allocation.contains_node(n));
     }
     Ok((observed, decision))
+}
+
+/// How many NodeNetwork specs the controller writes at once.
+const NODE_NETWORK_WRITES: usize = 16;
+
+/// Writes `blocks` as the spec of the NodeNetwork of `node` (owned by its Node, whose uid is
+/// `uid`, so that it is garbage-collected with it): a server-side apply, or for no blocks at
+/// all a merge patch (see [`empty_blocks`]). Returns what it wrote.
+async fn write_node_network(
+    api: &Api<NodeNetwork>,
+    params: &PatchParams,
+    node: String,
+    uid: Option<String>,
+    blocks: Blocks,
+) -> Result<(String, Blocks), Error> {
+    if blocks.is_empty() {
+        empty_blocks(api, &node).await?;
+        return Ok((node, blocks));
+    }
+    let spec = blocks.to_spec();
+    let mut metadata = json!({ "name": &node });
+    if let Some(uid) = uid {
+        metadata["ownerReferences"] = json!([{
+            "apiVersion": "v1",
+            "kind": "Node",
+            "name": node,
+            "uid": uid,
+        }]);
+    }
+    let body = json!({
+        "apiVersion": weft_crds::constants::API_VERSION,
+        "kind": weft_crds::NODE_NETWORK_KIND,
+        "metadata": metadata,
+        "spec": spec,
+    });
+    api.patch(&node, params, &Patch::Apply(&body))
+        .await
+        .map_err(|source| Error::Api {
+            action: "apply",
+            kind: "NodeNetwork",
+            name: node.clone(),
+            source,
+        })?;
+    info!(node = %node, blocks = spec.blocks.len(), "applied NodeNetwork spec");
+    Ok((node, blocks))
 }
 
 /// Empties the blocks of the NodeNetwork of `node` with a JSON merge patch.
@@ -739,6 +785,35 @@ mod tests {
             (valid.status.as_str(), valid.reason.as_str()),
             ("False", validate::REASON_IMMUTABLE)
         );
+    }
+
+    #[test]
+    fn past_a_hundred_nodes_the_status_counts_them_and_names_only_a_few() {
+        let blue = net("10.50.0.0/16", None);
+        let mut observed = observed(blue.clone(), None);
+        observed.nodes = (0..101)
+            .map(|k| (NodeInfo::new(format!("node-{k:03}"), &[]), None))
+            .collect();
+        let decision = desired(&observed);
+        assert_eq!(block_of(&decision).len(), 101);
+        let status = desired_status(&blue, &observed, &decision, jiff::Timestamp::UNIX_EPOCH);
+        assert!(status.node_blocks.is_empty(), "{:?}", status.node_blocks);
+        assert_eq!(status.nodes, Some(101));
+        let ready = status::find(&status.conditions, READY).expect("Ready");
+        assert_eq!(
+            ready.message,
+            "realized on 0 of 101 selected nodes; waiting for node-000, node-001, node-002, \
+             node-003, node-004, node-005, node-006, node-007, node-008, node-009 and 91 more"
+        );
+
+        // A hundred are still listed, each with its blocks.
+        observed.nodes.truncate(100);
+        let decision = desired(&observed);
+        let status = desired_status(&blue, &observed, &decision, jiff::Timestamp::UNIX_EPOCH);
+        assert_eq!(status.node_blocks.len(), 100);
+        assert_eq!(status.node_blocks[0].node, "node-000");
+        assert_eq!(status.node_blocks[0].blocks, ["10.50.0.0/26"]);
+        assert_eq!(status.nodes, Some(100));
     }
 
     #[test]
