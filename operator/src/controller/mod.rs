@@ -384,27 +384,62 @@ fn names_of(entries: &[Entry], realized: &Realized) -> BTreeSet<String> {
         .collect()
 }
 
-/// What [`networks_touched`] remembers of a NodeNetwork: the Networks it named, as its spec's
-/// entries and its agent's list (shared with the store, not copied).
-pub type Named = (Arc<[Entry]>, Realized);
+/// What [`networks_touched`] remembers of a NodeNetwork: its spec's entries and its agent's
+/// list of the Networks it realizes (shared with the store, not copied), and the agent's count
+/// of endpoints.
+pub type Named = (Arc<[Entry]>, Realized, Option<i64>);
 
-/// The Networks whose status a NodeNetwork event may change: those it names now and those it
-/// named at its previous event (a Network that left it, e.g. one whose deletion waits for the
-/// agents). `last` remembers what each NodeNetwork named; a deleted one is forgotten.
+/// The Networks whose status a NodeNetwork event may change. A NodeNetwork seen for the first
+/// time, or deleted, touches every Network it names (blocks in its spec, or realized by its
+/// agent) and named before. Otherwise only what changed: the Networks whose entry in the spec
+/// came, went or changed (the controller's own writes: one Network added touches that Network
+/// alone, not every Network on each node), those the agent began or stopped realizing, and when
+/// the node's count of endpoints changed, every Network realized there (their addresses in
+/// use). `last` remembers each NodeNetwork's last event; a deleted one is forgotten.
 pub fn networks_touched(
     last: &mut HashMap<String, Named>,
     nn: &CompactNodeNetwork,
     deleted: bool,
 ) -> BTreeSet<String> {
     let name = nn.metadata.name.clone().unwrap_or_default();
-    let mut touched = networks_named(nn);
+    let endpoints = nn.status.as_ref().and_then(|s| s.endpoints);
     let before = if deleted {
         last.remove(&name)
     } else {
-        last.insert(name, (nn.spec.shared_entries(), nn.realized.clone()))
+        last.insert(
+            name,
+            (nn.spec.shared_entries(), nn.realized.clone(), endpoints),
+        )
     };
-    if let Some((entries, realized)) = before {
-        touched.extend(names_of(&entries, &realized));
+    let (entries, realized, was_endpoints) = match before {
+        Some(b) if !deleted => b,
+        before => {
+            let mut touched = networks_named(nn);
+            if let Some((entries, realized, _)) = before {
+                touched.extend(names_of(&entries, &realized));
+            }
+            return touched;
+        }
+    };
+    let mut touched = BTreeSet::new();
+    let old: HashMap<&str, &Entry> = entries.iter().map(|e| (&*e.network, e)).collect();
+    let new: HashMap<&str, &Entry> = nn.spec.entries().iter().map(|e| (&*e.network, e)).collect();
+    for (network, entry) in &new {
+        if old.get(network) != Some(entry) {
+            touched.insert((*network).to_owned());
+        }
+    }
+    touched.extend(
+        old.keys()
+            .filter(|n| !new.contains_key(*n))
+            .map(|n| (*n).to_owned()),
+    );
+    let was: BTreeSet<&str> = realized.names().collect();
+    let is: BTreeSet<&str> = nn.realized.names().collect();
+    if endpoints == was_endpoints {
+        touched.extend(was.symmetric_difference(&is).map(|n| (*n).to_owned()));
+    } else {
+        touched.extend(was.union(&is).map(|n| (*n).to_owned()));
     }
     touched
 }
@@ -849,21 +884,59 @@ mod trigger_tests {
     }
 
     #[test]
-    fn a_node_network_event_touches_the_networks_it_names_now_and_named_before() {
+    fn a_node_network_event_touches_the_networks_whose_part_of_it_changed() {
         let mut last = HashMap::new();
         assert_eq!(
             networks_touched(&mut last, &nn(&["a", "b"], &["a", "c"]), false),
             set(&["a", "b", "c"])
         );
-        // b's block is taken out and the agent no longer realizes c: both are told.
+        // b's block is taken out and the agent no longer realizes c: both are told, a is not.
         assert_eq!(
             networks_touched(&mut last, &nn(&["a"], &["a"]), false),
-            set(&["a", "b", "c"])
+            set(&["b", "c"])
         );
-        // An agent's report about a alone (every pod start): a alone.
+        // The same again (a relist, or a change of nothing a Network's status shows): none.
         assert_eq!(
             networks_touched(&mut last, &nn(&["a"], &["a"]), false),
-            set(&["a"])
+            set(&[])
+        );
+        // The controller adds b's block again (b added): b alone, not a.
+        assert_eq!(
+            networks_touched(&mut last, &nn(&["a", "b"], &["a"]), false),
+            set(&["b"])
+        );
+        // The agent reports b realized: b alone.
+        assert_eq!(
+            networks_touched(&mut last, &nn(&["a", "b"], &["a", "b"]), false),
+            set(&["b"])
+        );
+        // A pod started (the node's count of endpoints changed): every Network realized there.
+        let mut busier = nn(&["a", "b"], &["a", "b"]);
+        busier.status.get_or_insert_default().endpoints = Some(3);
+        assert_eq!(
+            networks_touched(&mut last, &busier, false),
+            set(&["a", "b"])
+        );
+        // a's block changes (renumbered): a alone.
+        let mut moved = nn(&["a", "b"], &["a", "b"]);
+        moved.status.get_or_insert_default().endpoints = Some(3);
+        let blocks = moved.spec.entries().to_vec();
+        let renumbered: Vec<_> = blocks
+            .into_iter()
+            .map(|mut e| {
+                if &*e.network == "a" {
+                    e.ipv4 = Some("10.0.1.0/24".parse().unwrap());
+                }
+                e
+            })
+            .collect();
+        moved.spec = compact::Blocks::new(renumbered);
+        assert_eq!(networks_touched(&mut last, &moved, false), set(&["a"]));
+        // b's block is taken out, the agent no longer realizes b, and its count of endpoints
+        // is gone: b, and a for its addresses in use.
+        assert_eq!(
+            networks_touched(&mut last, &nn(&["a"], &["a"]), false),
+            set(&["a", "b"])
         );
         // Deleted (with its Node): what it named, then forgotten.
         assert_eq!(
