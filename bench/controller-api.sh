@@ -25,8 +25,19 @@ KBIN=$("$ROOT/e2e/cluster/build.sh" | tail -1)
 TMP=$(mktemp -d /tmp/weft-ctl-api.XXXXXX)
 ETCD_DIR=$(mktemp -d /dev/shm/weft-ctl-api-etcd.XXXXXX)
 PIDS=()
+alive() { # is any of PIDS still running?
+  local p
+  for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && return 0; done
+  return 1
+}
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  # The API server drains for a while on SIGTERM: it gets 5 s.
+  for _ in $(seq 1 10); do
+    alive || break
+    sleep 0.5
+  done
+  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -rf "$TMP" "$ETCD_DIR"
 }
@@ -152,10 +163,12 @@ for k, v in sorted(c.items()):
 '
 }
 total() { awk '{s += $NF} END {print s + 0}' "$1"; }
-# settle NAME START_NS: waits until the controller has issued no write for 10 s (at most 30
-# min; a write that times out counts, and is retried), then prints how long after START its last write was seen and what it wrote.
+# settle NAME START_NS [CHECK...]: waits until CHECK (a command) succeeds and the controller
+# has issued no write for 10 s since (at most 30 min; a write that times out counts, and is
+# retried), then prints how long after START its last write was seen and what it wrote.
 settle() {
-  local name=$1 start=$2 before="$TMP/writes.before" now last_change count prev=-1
+  local name=$1 start=$2 before="$TMP/writes.before" now last_change count prev=-1 done=
+  shift 2
   cp "$TMP/writes.now" "$before"
   last_change=$(date +%s%N)
   while :; do
@@ -163,10 +176,14 @@ settle() {
     writes >"$TMP/writes.now"
     count=$(total "$TMP/writes.now")
     now=$(date +%s%N)
+    if [ -z "$done" ] && { [ $# = 0 ] || "$@" >/dev/null 2>&1; }; then
+      done=$now
+      last_change=$now
+    fi
     if [ "$count" != "$prev" ]; then
       prev=$count
       last_change=$now
-    elif ((now - last_change > 10 * 1000000000)); then
+    elif [ -n "$done" ] && ((now - last_change > 10 * 1000000000)); then
       break
     elif ((now - start > 1800 * 1000000000)); then
       echo "$name: still writing after 30 min" >&2
@@ -184,29 +201,42 @@ def read(p):
     return d
 b, a = read(before), read(after)
 diff = {k: a[k] - b.get(k, 0) for k in a if a[k] - b.get(k, 0)}
-print(f"{name}: last write {(last - start) / 1e9:.1f} s after the change (±0.5 s), "
+print(f"{name}: done {(last - start) / 1e9:.1f} s after the change (the last write, or the check passing; ±0.5 s), "
       f"{sum(diff.values())} writes: " + ", ".join(f"{k} {v}" for k, v in sorted(diff.items())))
 PY
 }
 writes >"$TMP/writes.now"
 
+# Every node has its NodeNetwork and every Network's status counts every node.
+start_done() {
+  [ "$(kc get nodenetworks --no-headers | wc -l)" = "$NODES" ] &&
+    [ "$(kc get networks -o jsonpath='{range .items[*]}{.status.nodes}{"\n"}{end}' | grep -cx "$NODES")" = "$NETWORKS" ]
+}
 log "starting the controller"
 start=$(date +%s%N)
 WEFT_LOG=warn "$BIN/weft-operator" controller --metrics-addr "127.0.0.1:$CTL_METRICS" \
   --lease-namespace weft-system --identity bench >"$TMP/controller.log" 2>&1 &
 CTL=$!
 PIDS+=("$CTL")
-settle "start ($NETWORKS Networks x $NODES nodes)" "$start"
+settle "start ($NETWORKS Networks x $NODES nodes)" "$start" start_done
 rss() { awk '/VmRSS/ {printf "%.0f MiB", $2 / 1024}' "/proc/$CTL/status"; }
 echo "controller RSS: $(rss)"
 
+# The new Network's status counts every node; the new node's NodeNetwork has every Network.
+network_done() {
+  [ "$(kc get network "net-$NETWORKS" -o jsonpath='{.status.nodes}')" = "$NODES" ]
+}
+node_done() {
+  kc get nodenetwork "node-$NODES" -o json |
+    python3 -c 'import json, sys; sys.exit(len(json.load(sys.stdin)["spec"]["blocks"]) != int(sys.argv[1]))' $((NETWORKS + 1))
+}
 start=$(date +%s%N)
 network_yaml "$NETWORKS" 1 | kc create -f - >/dev/null
-settle "one Network added" "$start"
+settle "one Network added" "$start" network_done
 
 start=$(date +%s%N)
 node_yaml "$NODES" 1 | kc create -f - >/dev/null
-settle "one node added" "$start"
+settle "one node added" "$start" node_done
 echo "controller RSS: $(rss)"
 
 # ---------------------------------------------------------------- check
