@@ -49,37 +49,16 @@ base=$((20000 + RANDOM % 20000))
 ETCD_CLIENT=$base ETCD_PEER=$((base + 1)) API=$((base + 2)) CTL_METRICS=$((base + 3))
 
 # ---------------------------------------------------------------- certificates and kubeconfig
+# shellcheck source=../e2e/cluster/pki.sh
+. "$ROOT/e2e/cluster/pki.sh"
 (
   cd "$TMP"
-  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key \
-    -out ca.crt -days 2 -subj "/CN=weft-bench-ca" 2>/dev/null
-  openssl genrsa -out sa.key 2048 2>/dev/null
-  openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
-  cert() { # name subject extensions
-    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$1.key" \
-      -out "$1.csr" -subj "$2" 2>/dev/null
-    printf '%b\n' "$3" >"$1.ext"
-    openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 \
-      -out "$1.crt" -extfile "$1.ext" 2>/dev/null
-  }
-  cert apiserver "/CN=kube-apiserver" "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth"
-  cert admin "/O=system:masters/CN=weft-bench-admin" "extendedKeyUsage=clientAuth"
-  cat >kubeconfig <<EOF
-apiVersion: v1
-kind: Config
-clusters:
-- name: bench
-  cluster: {server: "https://127.0.0.1:$API", certificate-authority-data: $(base64 -w0 ca.crt)}
-users:
-- name: admin
-  user: {client-certificate-data: $(base64 -w0 admin.crt), client-key-data: $(base64 -w0 admin.key)}
-contexts:
-- name: bench
-  context: {cluster: bench, user: admin}
-current-context: bench
-EOF
+  pki_ca weft-bench-ca
+  pki_cert apiserver "/CN=kube-apiserver" "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth"
+  pki_cert admin "/O=system:masters/CN=weft-bench-admin" "extendedKeyUsage=clientAuth"
+  pki_kubeconfig admin "https://127.0.0.1:$API" bench
 )
-export KUBECONFIG=$TMP/kubeconfig
+export KUBECONFIG=$TMP/admin.kubeconfig
 kc() { "$KBIN/kubectl" "$@"; }
 
 # ---------------------------------------------------------------- etcd and the API server

@@ -49,49 +49,24 @@ kc() { in_lan "$(bin)/kubectl" --kubeconfig "$dir/pki/admin.kubeconfig" "$@"; }
 hm() { in_lan env HOME="$dir/helm-home" "$(bin)/helm" --kubeconfig "$dir/pki/admin.kubeconfig" "$@"; }
 
 # ---------------------------------------------------------------- certificates and kubeconfigs
+# shellcheck source=pki.sh
+. "$here/pki.sh"
 pki() {
   local p=$dir/pki
   mkdir -p "$p"
   cd "$p"
-  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key \
-    -out ca.crt -days 30 -subj "/CN=weft-e2e-ca" 2>/dev/null
-  openssl genrsa -out sa.key 2048 2>/dev/null
-  openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
-  cert() { # name subject extensions
-    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$1.key" \
-      -out "$1.csr" -subj "$2" 2>/dev/null
-    printf '%b\n' "$3" >"$1.ext"
-    openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 30 \
-      -out "$1.crt" -extfile "$1.ext" 2>/dev/null
-  }
-  cert apiserver "/CN=kube-apiserver" \
+  pki_ca weft-e2e-ca
+  pki_cert apiserver "/CN=kube-apiserver" \
     "subjectAltName=IP:$lan_v4,IP:10.96.0.1,IP:127.0.0.1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\nextendedKeyUsage=serverAuth"
-  cert apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" "extendedKeyUsage=clientAuth"
-  cert admin "/O=system:masters/CN=weft-e2e-admin" "extendedKeyUsage=clientAuth"
-  cert kcm "/CN=system:kube-controller-manager" "extendedKeyUsage=clientAuth"
-  cert scheduler "/CN=system:kube-scheduler" "extendedKeyUsage=clientAuth"
+  pki_cert apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" "extendedKeyUsage=clientAuth"
+  pki_cert admin "/O=system:masters/CN=weft-e2e-admin" "extendedKeyUsage=clientAuth"
+  pki_cert kcm "/CN=system:kube-controller-manager" "extendedKeyUsage=clientAuth"
+  pki_cert scheduler "/CN=system:kube-scheduler" "extendedKeyUsage=clientAuth"
   for n in "${nodes[@]}"; do
-    cert "$n" "/O=system:nodes/CN=system:node:$n" "extendedKeyUsage=clientAuth"
+    pki_cert "$n" "/O=system:nodes/CN=system:node:$n" "extendedKeyUsage=clientAuth"
   done
   for c in admin kcm scheduler "${nodes[@]}"; do
-    cat >"$c.kubeconfig" <<EOF
-apiVersion: v1
-kind: Config
-clusters:
-- name: weft-e2e
-  cluster:
-    server: $api
-    certificate-authority-data: $(base64 -w0 ca.crt)
-users:
-- name: $c
-  user:
-    client-certificate-data: $(base64 -w0 "$c.crt")
-    client-key-data: $(base64 -w0 "$c.key")
-contexts:
-- name: weft-e2e
-  context: {cluster: weft-e2e, user: $c}
-current-context: weft-e2e
-EOF
+    pki_kubeconfig "$c" "$api" weft-e2e
   done
   cd - >/dev/null
 }
