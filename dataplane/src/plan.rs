@@ -722,10 +722,26 @@ fn apply_firewall_trusting(
         .list_table(desired.family, &desired.name)
         .map_err(ApplyError::Firewall)?;
     let tx = match current {
-        Some(state) if state.comment.as_deref() == desired.comment.as_deref() => {
-            nft::diff(&state.to_table(&desired), &desired)
+        Some(state) => {
+            let tx = if state.comment.as_deref() == desired.comment.as_deref() {
+                nft::diff(&state.to_table(&desired), &desired)
+            } else {
+                nft::Transaction(vec![nft::Change::ReplaceTable(desired.clone())])
+            };
+            // A replace keeps what the kernel's rules put in timeout sets (bans), with the
+            // time each had left.
+            nft::Transaction(
+                tx.0.into_iter()
+                    .map(|c| match c {
+                        nft::Change::ReplaceTable(t) => {
+                            nft::Change::ReplaceTable(state.carry_expiring(&t))
+                        }
+                        c => c,
+                    })
+                    .collect(),
+            )
         }
-        _ => nft::Transaction(vec![nft::Change::ReplaceTable(desired.clone())]),
+        None => nft::Transaction(vec![nft::Change::ReplaceTable(desired.clone())]),
     };
     if tx.0.is_empty() {
         return Ok(());

@@ -829,3 +829,67 @@ fn host_port_map_elements_of_address_ranges_go_over_netlink_and_list_as_nft_wrot
         assert_eq!(state.to_table(&before), before);
     });
 }
+
+/// A table whose rule bans the source of every TCP SYN to port 22 for ten minutes, and whose
+/// `extra` sets stand for the rest of a structure that changes.
+fn ban_table(extra: &[&str]) -> Table {
+    let mut sets = vec![Set {
+        name: "bans4".into(),
+        key_type: "ipv4_addr . inet_proto . inet_service".into(),
+        flags: vec![weft_dataplane::nft::DYNAMIC_FLAG.into(), "timeout".into()],
+        elements: BTreeSet::new(),
+    }];
+    sets.extend(
+        extra
+            .iter()
+            .map(|n| set(n, "ipv4_addr", false, &["192.0.2.1"])),
+    );
+    Table {
+        family: Family::Inet,
+        name: "weft".into(),
+        comment: None,
+        sets,
+        maps: vec![],
+        chains: vec![base(
+            "input",
+            "filter",
+            "input",
+            "0",
+            &["tcp dport 22 add @bans4 { ip saddr . meta l4proto . th dport timeout 600s }"],
+        )],
+    }
+}
+
+#[test]
+fn bans_survive_a_replace_of_the_table_with_the_time_they_had_left() {
+    in_netns(|| {
+        let mut nft = NftCli::default();
+        let mut report = weft_dataplane::links::ApplyReport::default();
+        weft_dataplane::plan::apply_firewall(&ban_table(&[]), &mut nft, &mut report).unwrap();
+        // What the rule would add for a source: the kernel's element, not weft's.
+        let out = std::process::Command::new("nft")
+            .args([
+                "add element inet weft bans4 { 198.51.100.7 . tcp . 22 timeout 600s expires 300s }",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        // Another structure (a set more): the table is replaced, the ban stays.
+        let mut report = weft_dataplane::links::ApplyReport::default();
+        weft_dataplane::plan::apply_firewall(&ban_table(&["more"]), &mut nft, &mut report).unwrap();
+        assert!(
+            report.changes.iter().any(|c| c.starts_with("replaced")),
+            "{:?}",
+            report.changes
+        );
+        let state = nft.list_table(Family::Inet, "weft").unwrap().unwrap();
+        assert!(state.set("more").is_some(), "the new structure is in");
+        let bans = &state.set("bans4").unwrap().expiring;
+        let (timeout, left) = bans
+            .get("198.51.100.7 . tcp . 22")
+            .copied()
+            .unwrap_or_else(|| panic!("the ban is gone: {state:?}"));
+        assert_eq!(timeout, 600);
+        assert!((290..=300).contains(&left), "{left} s left");
+    });
+}

@@ -43,6 +43,10 @@ pub struct SetState {
     pub flags: Vec<String>,
     /// Elements in the renderer's text form.
     pub elements: BTreeSet<String>,
+    /// The elements that expire (a timeout set's, such as a ban), element text →
+    /// `(timeout, seconds left)`, as the kernel listed them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub expiring: BTreeMap<String, (u64, u64)>,
 }
 
 /// A map as the kernel has it.
@@ -123,6 +127,11 @@ impl TableState {
                                 .iter()
                                 .map(|e| element_text(e, &key_types))
                                 .collect(),
+                            expiring: set
+                                .elem
+                                .iter()
+                                .filter_map(|e| expiring_element(e, &key_types))
+                                .collect(),
                         });
                     }
                 }
@@ -195,6 +204,7 @@ impl TableState {
                     key_type: listed_key_type(&s.key_type),
                     flags: s.flags.clone(),
                     elements: s.elements.clone(),
+                    expiring: BTreeMap::new(),
                 })
                 .collect(),
             maps: table
@@ -257,6 +267,36 @@ impl TableState {
     /// The number of rules in chain `chain`, `None` when there is no such chain.
     pub fn rule_count(&self, chain: &str) -> Option<usize> {
         self.chain(chain).map(|c| c.rules)
+    }
+
+    /// `desired` with the elements the kernel added to its sets of both [`super::DYNAMIC_FLAG`]
+    /// and `timeout` (a ban: `add @bans4 { ip saddr … timeout 600s }` in a rule) carried over,
+    /// each with the time it had left, when the kernel's set of that name has the same type and
+    /// flags: what a replace of the table would otherwise forget. Such a set's elements are
+    /// never weft's to choose, so nothing of `desired`'s own is changed.
+    pub fn carry_expiring(&self, desired: &Table) -> Table {
+        let mut out = desired.clone();
+        for want in &mut out.sets {
+            let timed = |f: &[String]| {
+                f.iter().any(|f| f == super::DYNAMIC_FLAG) && f.iter().any(|f| f == "timeout")
+            };
+            if !timed(&want.flags) {
+                continue;
+            }
+            let Some(have) = self.sets.iter().find(|s| {
+                s.name == want.name
+                    && s.key_type == listed_key_type(&want.key_type)
+                    && same_flags(&s.flags, &want.flags)
+            }) else {
+                continue;
+            };
+            want.elements.extend(
+                have.expiring
+                    .iter()
+                    .map(|(e, (timeout, left))| format!("{e} timeout {timeout}s expires {left}s")),
+            );
+        }
+        out
     }
 
     /// The kernel's table in `desired`'s terms, for [`super::diff`]: sets, maps and chains that
@@ -510,6 +550,15 @@ fn is_string_type(t: Option<&String>) -> bool {
     matches!(t.map(String::as_str), Some("ifname" | "string"))
 }
 
+/// An element with a timeout, as `(text, (timeout, seconds left))`; `None` for one without, or
+/// one that has (all but) expired.
+fn expiring_element(v: &Value, types: &[String]) -> Option<(String, (u64, u64))> {
+    let inner = v.get("elem")?;
+    let timeout = inner.get("timeout")?.as_u64()?;
+    let left = inner.get("expires")?.as_u64().filter(|s| *s > 0)?;
+    Some((element_text(v, types), (timeout, left)))
+}
+
 /// One element (or key) in the renderer's text form; `types` are the key's concatenated types.
 fn element_text(v: &Value, types: &[String]) -> String {
     match v {
@@ -693,6 +742,58 @@ mod tests {
         assert!(set.elements.contains("10.0.0.1"));
         assert_eq!(set.elements.len(), 2);
         assert_eq!(s.map_elements_of("m")["80"], "return");
+    }
+
+    #[test]
+    fn a_replace_carries_the_kernel_s_timed_elements_of_dynamic_timeout_sets_only() {
+        let json = r#"{"nftables": [{"table": {"family": "inet", "name": "t"}},
+            {"set": {"family": "inet", "name": "bans4", "table": "t", "type": ["ipv4_addr", "inet_proto", "inet_service"], "flags": ["timeout"],
+              "elem": [{"elem": {"val": {"concat": ["192.0.2.7", "tcp", 22]}, "timeout": 600, "expires": 299}},
+                       {"elem": {"val": {"concat": ["192.0.2.8", "tcp", 22]}, "timeout": 600, "expires": 0}}]}},
+            {"set": {"family": "inet", "name": "retyped", "table": "t", "type": "ipv4_addr", "flags": ["timeout"],
+              "elem": [{"elem": {"val": "192.0.2.9", "timeout": 60, "expires": 30}}]}},
+            {"set": {"family": "inet", "name": "mine", "table": "t", "type": "ipv4_addr", "flags": ["timeout"],
+              "elem": [{"elem": {"val": "192.0.2.10", "timeout": 60, "expires": 30}}]}}]}"#;
+        let kernel = TableState::from_json(json, Family::Inet, "t")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            kernel.set("bans4").unwrap().expiring,
+            BTreeMap::from([("192.0.2.7 . tcp . 22".to_string(), (600, 299))]),
+            "an element about to expire (0 s left) is not kept"
+        );
+        let timed = |name: &str, key: &str, dynamic: bool| Set {
+            name: name.into(),
+            key_type: key.into(),
+            flags: if dynamic {
+                vec![super::super::DYNAMIC_FLAG.into(), "timeout".into()]
+            } else {
+                vec!["timeout".into()]
+            },
+            elements: BTreeSet::new(),
+        };
+        let desired = Table {
+            family: Family::Inet,
+            name: "t".into(),
+            sets: vec![
+                timed("bans4", "ipv4_addr . inet_proto . inet_service", true),
+                // Another type now: the old elements would not fit.
+                timed("retyped", "ipv6_addr", true),
+                // Not dynamic: its elements are weft's own, never carried.
+                timed("mine", "ipv4_addr", false),
+                timed("new", "ipv4_addr", true),
+            ],
+            ..Table::default()
+        };
+        let carried = kernel.carry_expiring(&desired);
+        assert_eq!(
+            carried.sets[0].elements,
+            BTreeSet::from(["192.0.2.7 . tcp . 22 timeout 600s expires 299s".to_string()])
+        );
+        for set in &carried.sets[1..] {
+            assert!(set.elements.is_empty(), "{}: {:?}", set.name, set.elements);
+        }
+        assert_eq!(structure_hash(&carried), structure_hash(&desired));
     }
 
     #[test]

@@ -220,8 +220,8 @@ fn brute_force(forwards: &[Forward], log: &str) -> (Vec<Set>, Vec<String>) {
 
 /// A workload address with connection limits, or (`ip: None`) a limit class that stays in
 /// the table without members: a Network's own limits, so that its workloads coming and going
-/// change set elements only, never the table's structure (which would replace the table and
-/// forget its bans and meters).
+/// change set elements only, never the table's structure (which would replace the table: its
+/// bans are carried over, its meters restart).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limited {
     /// The address; `None` for a standing class.
