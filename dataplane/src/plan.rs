@@ -40,7 +40,17 @@ pub struct SysctlPlan {
     pub key: String,
     /// Value.
     pub value: String,
+    /// Set back when no plan names it any more: the value it replaced is kept in the state
+    /// directory ([`SYSCTL_RECORDS`]) until then, and [`cleanup`] sets it back too. For a
+    /// setting that only a feature needs and that changes how the whole node behaves (loose
+    /// TCP tracking off for a SYN proxy); forwarding, which other software on a node relies on
+    /// once on, stays.
+    pub restore: bool,
 }
+
+/// The folder of the state directory that holds, per sysctl set with
+/// [`SysctlPlan::restore`], the value it had before (one file named by the key).
+pub const SYSCTL_RECORDS: &str = "sysctl-before";
 
 /// Everything weft wants on one node.
 #[derive(Debug, Clone, PartialEq)]
@@ -204,6 +214,8 @@ impl Links for Netlink {
 pub trait Sysctls {
     /// Sets `key` to `value`; returns whether it changed.
     fn set(&mut self, key: &str, value: &str) -> Result<bool, ApplyError>;
+    /// Reads `key`.
+    fn get(&mut self, key: &str) -> Result<String, ApplyError>;
 }
 
 /// The real sysctls of the calling thread's network namespace.
@@ -217,6 +229,91 @@ impl Sysctls for ProcSysctls {
             source,
         })
     }
+
+    fn get(&mut self, key: &str) -> Result<String, ApplyError> {
+        crate::sysctl::get(key).map_err(|source| ApplyError::Sysctl {
+            key: key.to_string(),
+            source,
+        })
+    }
+}
+
+/// The record of `key`'s value before weft set it (see [`SysctlPlan::restore`]); `None` for a
+/// key that cannot be a file name (and for the temporary files of an atomic write, which begin
+/// with a dot).
+fn sysctl_record(state_dir: &Path, key: &str) -> Option<std::path::PathBuf> {
+    let valid = !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        && !key.starts_with('.');
+    valid.then(|| state_dir.join(SYSCTL_RECORDS).join(key))
+}
+
+/// Sets the plan's sysctls; for one to restore, first records the value it replaces (unless a
+/// record is there already: the value before weft's first change is the one to go back to).
+/// Then sets back every recorded sysctl the plan no longer names, and forgets its record.
+fn apply_sysctls(
+    plan: &[SysctlPlan],
+    sysctls: &mut dyn Sysctls,
+    state_dir: &Path,
+    report: &mut ApplyReport,
+) -> Result<(), ApplyError> {
+    for s in plan {
+        if s.restore
+            && let Some(record) = sysctl_record(state_dir, &s.key)
+            && !record.exists()
+        {
+            let before = sysctls.get(&s.key)?;
+            if before.trim() != s.value.trim() {
+                state::write_atomic(&record, before.as_bytes()).map_err(ApplyError::State)?;
+            }
+        }
+        if sysctls.set(&s.key, &s.value)? {
+            report.changes.push(format!("sysctl {}={}", s.key, s.value));
+        }
+    }
+    restore_sysctls(
+        |key| plan.iter().any(|s| s.restore && s.key == key),
+        sysctls,
+        state_dir,
+        report,
+    )
+}
+
+/// Sets every recorded sysctl that `keep` does not name back to its value before weft, and
+/// removes its record.
+fn restore_sysctls(
+    keep: impl Fn(&str) -> bool,
+    sysctls: &mut dyn Sysctls,
+    state_dir: &Path,
+    report: &mut ApplyReport,
+) -> Result<(), ApplyError> {
+    let Ok(dir) = std::fs::read_dir(state_dir.join(SYSCTL_RECORDS)) else {
+        return Ok(());
+    };
+    for entry in dir.flatten() {
+        let Some(key) = entry.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        if keep(&key) || sysctl_record(state_dir, &key).is_none() {
+            continue;
+        }
+        let path = entry.path();
+        let before = std::fs::read_to_string(&path).map_err(|source| {
+            ApplyError::State(state::StateError::Read {
+                path: path.clone(),
+                source,
+            })
+        })?;
+        if sysctls.set(&key, before.trim())? {
+            report
+                .changes
+                .push(format!("sysctl {key}={} (restored)", before.trim()));
+        }
+        state::remove_file(&path).map_err(ApplyError::State)?;
+    }
+    Ok(())
 }
 
 /// Is an address one the kernel manages by itself (IPv6 link-local)?
@@ -252,11 +349,7 @@ fn apply_trusting(
     state_dir: &Path,
 ) -> Result<ApplyReport, ApplyError> {
     let mut report = ApplyReport::default();
-    for s in &plan.sysctls {
-        if sysctls.set(&s.key, &s.value)? {
-            report.changes.push(format!("sysctl {}={}", s.key, s.value));
-        }
-    }
+    apply_sysctls(&plan.sysctls, sysctls, state_dir, &mut report)?;
     apply_bridges(plan, links, state_dir, &mut report)?;
     // The guard first: a new port is never bridged before its anti-spoofing is in place (and
     // a port that left its bridge goes back only once both tables are).
@@ -815,10 +908,12 @@ fn apply_state(
 }
 
 /// Removes everything weft created on this node: its links (bridges and host-side ports, found
-/// by their `weft:` alias), its nftables table and the runtime state files. Idempotent.
+/// by their `weft:` alias), its nftables table and the runtime state files, and sets back the
+/// sysctls it recorded ([`SysctlPlan::restore`]). Idempotent.
 pub fn cleanup(
     links: &mut dyn Links,
     firewall: &mut dyn Firewall,
+    sysctls: &mut dyn Sysctls,
     state_dir: &Path,
 ) -> Result<ApplyReport, ApplyError> {
     let mut report = ApplyReport::default();
@@ -847,6 +942,7 @@ pub fn cleanup(
     if state::remove_file(&state::NodeState::path(state_dir)).map_err(ApplyError::State)? {
         report.changes.push("removed node state".to_string());
     }
+    restore_sysctls(|_| false, sysctls, state_dir, &mut report)?;
     Ok(report)
 }
 
@@ -1135,6 +1231,20 @@ impl Sysctls for FakeSysctls {
         let old = self.values.insert(key.to_string(), value.to_string());
         Ok(old.as_deref() != Some(value))
     }
+
+    fn get(&mut self, key: &str) -> Result<String, ApplyError> {
+        self.values
+            .get(key)
+            .cloned()
+            .ok_or_else(|| ApplyError::Sysctl {
+                key: key.to_string(),
+                source: crate::sysctl::SysctlError::Read {
+                    key: key.to_string(),
+                    path: key.into(),
+                    source: std::io::ErrorKind::NotFound.into(),
+                },
+            })
+    }
 }
 
 #[cfg(test)]
@@ -1180,6 +1290,7 @@ mod tests {
             sysctls: vec![SysctlPlan {
                 key: "net.ipv4.ip_forward".into(),
                 value: "1".into(),
+                restore: false,
             }],
             firewall: table(elements, rule),
             guard: None,
@@ -1233,6 +1344,70 @@ mod tests {
             )
             .unwrap()
         }
+    }
+
+    #[test]
+    fn a_sysctl_to_restore_goes_back_to_its_value_before_weft_when_no_plan_names_it() {
+        const LOOSE: &str = "net.netfilter.nf_conntrack_tcp_loose";
+        let with = |restore: bool| {
+            let mut p = plan(&[], "accept", &[]);
+            p.sysctls.push(SysctlPlan {
+                key: LOOSE.into(),
+                value: "0".into(),
+                restore,
+            });
+            p
+        };
+        let record = |node: &Node| {
+            std::fs::read_to_string(node.dir.path().join(SYSCTL_RECORDS).join(LOOSE)).ok()
+        };
+        let mut node = Node::new();
+        node.sysctls.values.insert(LOOSE.into(), "1".into());
+        node.apply(&with(true));
+        assert_eq!(node.sysctls.values[LOOSE], "0");
+        assert_eq!(record(&node).as_deref(), Some("1"));
+        // Applied again (and after someone set it to 0 by hand in between): the value before
+        // weft's first change stays the one to go back to.
+        node.apply(&with(true));
+        assert_eq!(record(&node).as_deref(), Some("1"));
+        // No plan names it: back to 1, the record gone.
+        let report = node.apply(&plan(&[], "accept", &[]));
+        assert_eq!(node.sysctls.values[LOOSE], "1");
+        assert_eq!(record(&node), None);
+        assert!(
+            report.changes.iter().any(|c| c.contains("restored")),
+            "{:?}",
+            report.changes
+        );
+        // Forwarding (not to restore) is never recorded, and stays.
+        assert_eq!(node.sysctls.values["net.ipv4.ip_forward"], "1");
+        assert!(
+            !node
+                .dir
+                .path()
+                .join(SYSCTL_RECORDS)
+                .join("net.ipv4.ip_forward")
+                .exists()
+        );
+        // Cleanup sets it back too.
+        node.apply(&with(true));
+        assert_eq!(node.sysctls.values[LOOSE], "0");
+        cleanup(
+            &mut node.links,
+            &mut node.fw,
+            &mut node.sysctls,
+            node.dir.path(),
+        )
+        .unwrap();
+        assert_eq!(node.sysctls.values[LOOSE], "1");
+        assert_eq!(record(&node), None);
+        // Set to 0 by the node's owner before weft: nothing to record, nothing to set back.
+        let mut node = Node::new();
+        node.sysctls.values.insert(LOOSE.into(), "0".into());
+        node.apply(&with(true));
+        assert_eq!(record(&node), None);
+        node.apply(&plan(&[], "accept", &[]));
+        assert_eq!(node.sysctls.values[LOOSE], "0");
     }
 
     #[test]
@@ -1593,14 +1768,25 @@ mod tests {
         let mut node = Node::new();
         node.apply(&plan(&["10.0.0.0/24"], "accept", &["a"]));
         node.links.links.push(foreign(9, "eth0", None, None));
-        let r = cleanup(&mut node.links, &mut node.fw, node.dir.path()).unwrap();
+        let r = cleanup(
+            &mut node.links,
+            &mut node.fw,
+            &mut node.sysctls,
+            node.dir.path(),
+        )
+        .unwrap();
         assert!(!r.is_noop());
         assert_eq!(node.links.links.len(), 1, "eth0 is not weft's");
         assert!(node.fw.table(Family::Inet, "weft").is_none());
         assert!(
-            cleanup(&mut node.links, &mut node.fw, node.dir.path())
-                .unwrap()
-                .is_noop()
+            cleanup(
+                &mut node.links,
+                &mut node.fw,
+                &mut node.sysctls,
+                node.dir.path()
+            )
+            .unwrap()
+            .is_noop()
         );
     }
 

@@ -100,7 +100,13 @@ fn apply(p: &NodePlan, dir: &std::path::Path) -> ApplyReport {
 
 /// The agent's cleanup: everything weft made on the node given back.
 fn cleanup(dir: &std::path::Path) {
-    plan::cleanup(&mut Netlink::new().unwrap(), &mut NftCli::default(), dir).unwrap();
+    plan::cleanup(
+        &mut Netlink::new().unwrap(),
+        &mut NftCli::default(),
+        &mut plan::ProcSysctls,
+        dir,
+    )
+    .unwrap();
 }
 
 fn state_of(nl: &mut Netlink, name: &str) -> (Vec<IpNet>, Vec<RouteEntry>, Option<u32>) {

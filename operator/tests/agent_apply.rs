@@ -204,11 +204,15 @@ fn apply_is_idempotent_and_removing_a_network_removes_what_it_created() {
 
     // Cleanup removes everything weft created, and is idempotent.
     let mut fw = NftCli::default();
-    let gone = cleanup(&mut nl, &mut fw, state.path()).unwrap();
+    let gone = cleanup(&mut nl, &mut fw, &mut ProcSysctls, state.path()).unwrap();
     assert!(!gone.is_noop());
     assert!(nl.link_by_name("wn-alpha").unwrap().is_none());
     assert!(nft_list().is_empty());
-    assert!(cleanup(&mut nl, &mut fw, state.path()).unwrap().is_noop());
+    assert!(
+        cleanup(&mut nl, &mut fw, &mut ProcSysctls, state.path())
+            .unwrap()
+            .is_noop()
+    );
     let _ = ProcSysctls;
 }
 
@@ -441,7 +445,13 @@ fn workload_ports_go_back_on_a_bridge_deleted_by_hand_and_packets_flow_again() {
         "the workloads answer each other after the full apply"
     );
     drop(wl);
-    cleanup(&mut nl, &mut NftCli::default(), state.path()).unwrap();
+    cleanup(
+        &mut nl,
+        &mut NftCli::default(),
+        &mut ProcSysctls,
+        state.path(),
+    )
+    .unwrap();
 }
 
 #[test]
@@ -530,5 +540,11 @@ fn a_node_network_missing_for_a_moment_leaves_live_workloads_alone() {
         report.changes
     );
     drop(wl);
-    cleanup(&mut nl, &mut NftCli::default(), state.path()).unwrap();
+    cleanup(
+        &mut nl,
+        &mut NftCli::default(),
+        &mut ProcSysctls,
+        state.path(),
+    )
+    .unwrap();
 }

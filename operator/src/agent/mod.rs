@@ -1249,7 +1249,7 @@ fn start_audit(
 pub fn cleanup(cfg: &AgentConfig) -> anyhow::Result<Vec<String>> {
     let mut links = Netlink::new()?;
     let mut fw = NftCli::default();
-    let mut report = dplan::cleanup(&mut links, &mut fw, &cfg.state_dir)?;
+    let mut report = dplan::cleanup(&mut links, &mut fw, &mut ProcSysctls, &cfg.state_dir)?;
     report.changes.extend(cfg.cni.uninstall()?);
     let ipam = cfg.state_dir.join("ipam");
     if ipam.exists() {
@@ -1258,7 +1258,7 @@ pub fn cleanup(cfg: &AgentConfig) -> anyhow::Result<Vec<String>> {
     }
     let _ = state::remove_file(&cfg.state_dir.join("status.json"));
     // The state dir's own subdirectories, once emptied above (a file weft does not know is kept).
-    for dir in ["networks", "uplinks"] {
+    for dir in ["networks", "uplinks", dplan::SYSCTL_RECORDS] {
         let path = cfg.state_dir.join(dir);
         if std::fs::remove_dir(&path).is_ok() {
             report.changes.push(format!("removed {}", path.display()));

@@ -387,6 +387,7 @@ pub fn plan(
         sysctls.push(SysctlPlan {
             key: "net.ipv4.ip_forward".into(),
             value: "1".into(),
+            restore: false,
         });
     }
     if (nat && any_v6)
@@ -396,6 +397,7 @@ pub fn plan(
         sysctls.push(SysctlPlan {
             key: "net.ipv6.conf.all.forwarding".into(),
             value: "1".into(),
+            restore: false,
         });
     }
     if node.syn_proxy {
@@ -404,6 +406,7 @@ pub fn plan(
         sysctls.push(SysctlPlan {
             key: SYN_PROXY_SYSCTL.into(),
             value: "0".into(),
+            restore: true,
         });
     }
     let guard = guard_table(&bridges, &states, endpoints);
