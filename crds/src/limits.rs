@@ -30,15 +30,22 @@ pub const CONNTRACK_ANNOTATION: &str = "weft.dev/conntrack-entries";
 
 /// `"true"`: a SYN proxy for the pod's TCP host ports.
 pub const SYN_PROXY_ANNOTATION: &str = "weft.dev/syn-proxy";
+/// The maximum segment size the SYN proxy of the pod's host ports announces, 536 to 65495
+/// (default: the Network's MTU less the IP and TCP headers).
+pub const SYN_PROXY_MSS_ANNOTATION: &str = "weft.dev/syn-proxy-mss";
+/// The window scale the SYN proxy of the pod's host ports announces, 0 to 14 (default 7).
+pub const SYN_PROXY_WINDOW_SCALE_ANNOTATION: &str = "weft.dev/syn-proxy-window-scale";
 
 /// Every annotation a limit is read from.
-pub const ANNOTATIONS: [&str; 6] = [
+pub const ANNOTATIONS: [&str; 8] = [
     INGRESS_BANDWIDTH_ANNOTATION,
     EGRESS_BANDWIDTH_ANNOTATION,
     NEW_CONNECTIONS_ANNOTATION,
     MAX_CONNECTIONS_ANNOTATION,
     CONNTRACK_ANNOTATION,
     SYN_PROXY_ANNOTATION,
+    SYN_PROXY_MSS_ANNOTATION,
+    SYN_PROXY_WINDOW_SCALE_ANNOTATION,
 ];
 
 /// The lowest bandwidth limit, bits per second (as the Kubernetes bandwidth annotations).
@@ -115,6 +122,10 @@ pub struct Limits {
     pub conntrack_entries: Option<u32>,
     /// A SYN proxy for its TCP host ports.
     pub syn_proxy: bool,
+    /// The MSS that proxy announces, when not the default.
+    pub syn_mss: Option<u16>,
+    /// The window scale that proxy announces, when not the default.
+    pub syn_window_scale: Option<u8>,
 }
 
 /// The connection limits of [`Limits`] (what nftables enforces), without the bandwidth.
@@ -168,6 +179,9 @@ impl Limits {
             max_connections: min(self.max_connections, other.max_connections),
             conntrack_entries: min(self.conntrack_entries, other.conntrack_entries),
             syn_proxy: self.syn_proxy || other.syn_proxy,
+            // Set by the pod alone (what its own TCP stack announces).
+            syn_mss: other.syn_mss.or(self.syn_mss),
+            syn_window_scale: other.syn_window_scale.or(self.syn_window_scale),
         }
     }
 
@@ -194,6 +208,24 @@ impl Limits {
                 })
                 .transpose()
         };
+        let in_range = |key: &str,
+                        min: i32,
+                        max: i32,
+                        example: &str|
+         -> Result<Option<i32>, String> {
+            get(key)
+                .map(|v| {
+                    v.parse::<i32>()
+                        .ok()
+                        .filter(|n| (min..=max).contains(n))
+                        .ok_or_else(|| {
+                            format!(
+                                "annotation {key}: {v:?} is not a whole number from {min} to {max}; write one, e.g. \"{example}\", or remove the annotation"
+                            )
+                        })
+                })
+                .transpose()
+        };
         Ok(Limits {
             ingress_bps: bandwidth(INGRESS_BANDWIDTH_ANNOTATION)?,
             egress_bps: bandwidth(EGRESS_BANDWIDTH_ANNOTATION)?,
@@ -212,6 +244,20 @@ impl Limits {
                     ));
                 }
             },
+            syn_mss: in_range(
+                SYN_PROXY_MSS_ANNOTATION,
+                crate::portforward::MIN_SYN_PROXY_MSS,
+                crate::portforward::MAX_SYN_PROXY_MSS,
+                "1460",
+            )?
+            .and_then(|v| u16::try_from(v).ok()),
+            syn_window_scale: in_range(
+                SYN_PROXY_WINDOW_SCALE_ANNOTATION,
+                0,
+                crate::portforward::MAX_WINDOW_SCALE,
+                "7",
+            )?
+            .and_then(|v| u8::try_from(v).ok()),
         })
     }
 }
@@ -275,6 +321,7 @@ impl WorkloadLimits {
             max_connections: count(self.max_connections, MAX_CONNECTIONS)?,
             conntrack_entries: count(self.conntrack_entries, MAX_CONNECTIONS)?,
             syn_proxy: self.syn_proxy.unwrap_or(false),
+            ..Limits::default()
         })
     }
 
@@ -354,6 +401,10 @@ mod tests {
             (CONNTRACK_ANNOTATION, "-1"),
             (MAX_CONNECTIONS_ANNOTATION, "99999999999"),
             (SYN_PROXY_ANNOTATION, "yes"),
+            (SYN_PROXY_MSS_ANNOTATION, "535"),
+            (SYN_PROXY_MSS_ANNOTATION, "65496"),
+            (SYN_PROXY_WINDOW_SCALE_ANNOTATION, "15"),
+            (SYN_PROXY_WINDOW_SCALE_ANNOTATION, "-1"),
         ] {
             let e = Limits::from_annotations(&annotations(&[(key, value)])).unwrap_err();
             assert!(e.starts_with(&format!("annotation {key}:")), "{e}");
@@ -392,6 +443,19 @@ mod tests {
                 .unwrap()
                 .syn_proxy
         );
+        // The proxy's options are the pod's alone.
+        let options = Limits::from_annotations(&annotations(&[
+            (SYN_PROXY_MSS_ANNOTATION, "1400"),
+            (SYN_PROXY_WINDOW_SCALE_ANNOTATION, "0"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            (options.syn_mss, options.syn_window_scale),
+            (Some(1400), Some(0))
+        );
+        let both = proxied.tightest(options);
+        assert!(both.syn_proxy);
+        assert_eq!((both.syn_mss, both.syn_window_scale), (Some(1400), Some(0)));
     }
 
     #[test]

@@ -334,26 +334,34 @@ pub fn plan(
     // The workloads whose TCP host ports ask for a SYN proxy (the Network's
     // `spec.limits.synProxy`, the pod's `weft.dev/syn-proxy`), by host port name: they get one
     // when the agent allows them, else each says why.
-    let wants_syn: BTreeSet<&str> = endpoints
+    // With the pod's own MSS and window scale, if its annotations set them.
+    let wants_syn: BTreeMap<&str, (Option<u16>, Option<u8>)> = endpoints
         .iter()
         .filter(|e| {
-            accepted.contains_key(&e.network)
-                && e.port_mappings.iter().any(|m| m.protocol == "tcp")
-                && super::limits::of(res, e).0.syn_proxy
+            accepted.contains_key(&e.network) && e.port_mappings.iter().any(|m| m.protocol == "tcp")
         })
-        .map(|e| e.host_ifname.as_str())
+        .filter_map(|e| {
+            let l = super::limits::of(res, e).0;
+            l.syn_proxy
+                .then_some((e.host_ifname.as_str(), (l.syn_mss, l.syn_window_scale)))
+        })
         .collect();
     let host_syn = |e: &Endpoint, v6: bool| -> Option<firewall::SynOptions> {
-        if !node.syn_proxy || !wants_syn.contains(e.host_ifname.as_str()) {
+        if !node.syn_proxy {
             return None;
         }
+        let (mss, wscale) = wants_syn.get(e.host_ifname.as_str())?;
         let net = accepted.get(&e.network)?;
-        Some(firewall::SynOptions::for_mtu(net.spec.mtu(), v6))
+        let defaults = firewall::SynOptions::for_mtu(net.spec.mtu(), v6);
+        Some(firewall::SynOptions {
+            mss: mss.unwrap_or(defaults.mss),
+            wscale: wscale.unwrap_or(defaults.wscale),
+        })
     };
     if !node.syn_proxy {
         for e in endpoints
             .iter()
-            .filter(|e| wants_syn.contains(e.host_ifname.as_str()))
+            .filter(|e| wants_syn.contains_key(e.host_ifname.as_str()))
         {
             problems.push(Problem {
                 kind: "Pod",
@@ -1623,6 +1631,51 @@ metadata: {name: web, namespace: default, annotations: {weft.dev/syn-proxy: "tru
         assert_eq!(off.problems.len(), 1, "{:?}", off.problems);
         assert!(off.problems[0].message.contains("weft.dev/syn-proxy"));
         assert!(off.problems[0].message.contains("--syn-proxy"));
+    }
+
+    #[test]
+    fn a_pod_s_annotations_choose_its_host_ports_syn_proxy_options() {
+        let res = resources(
+            r#"
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: nat-demo}
+spec: {mode: NAT, subnets: [10.10.0.0/16, "fd10::/64"], limits: {synProxy: true}}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web
+  namespace: default
+  annotations: {weft.dev/syn-proxy-mss: "1400", weft.dev/syn-proxy-window-scale: "9"}
+"#,
+        );
+        let blocks = all_blocks(&res, &["node-a"]);
+        let mut web = endpoint("nat-demo", "web", &["10.10.0.5", "fd10::5"]);
+        web.port_mappings = vec![weft_dataplane::proto::PortMapping {
+            host_port: 8080,
+            container_port: 80,
+            protocol: "tcp".into(),
+            host_ip: None,
+        }];
+        let mut with_flag = node(&[]);
+        with_flag.syn_proxy = true;
+        let out = plan(&with_flag, &res, &blocks, &[web]);
+        assert!(out.problems.is_empty(), "{:?}", out.problems);
+        let rules: Vec<&String> = out
+            .plan
+            .firewall
+            .chains
+            .iter()
+            .flat_map(|c| &c.rules)
+            .filter(|r| r.contains("synproxy"))
+            .collect();
+        // One class, both families: the pod's values, not the Network MTU's.
+        assert!(!rules.is_empty());
+        assert!(
+            rules.iter().all(|r| r.contains("mss 1400 wscale 9")),
+            "{rules:?}"
+        );
     }
 
     #[test]
