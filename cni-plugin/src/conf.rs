@@ -136,13 +136,18 @@ struct RuntimeConfig {
 }
 
 /// `runtimeConfig.bandwidth` as kubelet's runtimes send it: rates in bits per second, bursts in
-/// bits (`{"ingressRate": 10000000, "ingressBurst": 4294967295, ...}`).
+/// bits (`{"ingressRate": 10000000, "ingressBurst": 4294967295, ...}`); containerd's CRI
+/// (go-cni's BandWidth, without JSON tags) sends the Go field names, `{"IngressRate": ...}`.
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct RawBandwidth {
+    #[serde(alias = "IngressRate")]
     ingress_rate: Option<i128>,
+    #[serde(alias = "IngressBurst")]
     ingress_burst: Option<i128>,
+    #[serde(alias = "EgressRate")]
     egress_rate: Option<i128>,
+    #[serde(alias = "EgressBurst")]
     egress_burst: Option<i128>,
 }
 
@@ -1127,6 +1132,12 @@ mod tests {
                 egress: None
             })
         );
+        // containerd's CRI writes go-cni's field names (no JSON tags on its BandWidth).
+        let c = parse(r#"{"IngressRate":10000000,"IngressBurst":4294967295,"EgressRate":2000000,"EgressBurst":0}"#)
+            .unwrap();
+        let bw = c.bandwidth.unwrap();
+        assert_eq!(bw.ingress.unwrap().bits_per_second, 10_000_000);
+        assert_eq!(bw.egress.unwrap().bits_per_second, 2_000_000);
         let c = parse(r#"{"egressRate":5000}"#).unwrap();
         assert_eq!(c.bandwidth.unwrap().egress.unwrap().burst_bits, 0);
         assert_eq!(
