@@ -49,17 +49,28 @@ pub fn of(res: &Resources, e: &Endpoint) -> (Limits, Option<String>) {
     }
 }
 
+/// The burst containerd's CRI passes with every rate of the bandwidth annotations:
+/// 2^32 - 1 bits, about 512 MiB, which it uses because the annotations have no burst
+/// ("can't set burst currently"). Taken as given, it would let a workload send half a gigabyte
+/// at full speed before its limit applies: weft takes it as no burst given.
+pub const UNSET_RUNTIME_BURST_BITS: u64 = u32::MAX as u64;
+
 /// The shaping of every host port with a bandwidth limit, by port name.
 pub fn shaping(res: &Resources, endpoints: &[Endpoint]) -> BTreeMap<String, Shaping> {
     let mut out = BTreeMap::new();
     for e in endpoints {
         let (limits, _) = of(res, e);
-        // The runtime's burst for the runtime's rate; a default one for a lower rate.
+        // The runtime's burst for the runtime's rate; a default one for a lower rate, and for
+        // the runtimes' placeholder.
         let rate = |bps: Option<u64>, asked: Option<Rate>| {
             bps.map(|bits_per_second| Rate {
                 bits_per_second,
                 burst_bits: asked
-                    .filter(|r| r.bits_per_second == bits_per_second && r.burst_bits > 0)
+                    .filter(|r| {
+                        r.bits_per_second == bits_per_second
+                            && r.burst_bits > 0
+                            && r.burst_bits != UNSET_RUNTIME_BURST_BITS
+                    })
                     .map_or_else(|| default_burst_bits(bits_per_second), |r| r.burst_bits),
             })
         };
@@ -177,6 +188,27 @@ mod tests {
         // The Network's lower rate, with a burst of its own.
         assert_eq!(
             s.egress,
+            Some(Rate {
+                bits_per_second: 10_000_000,
+                burst_bits: default_burst_bits(10_000_000)
+            })
+        );
+    }
+
+    #[test]
+    fn the_burst_containerd_passes_for_the_annotations_is_no_burst() {
+        let res = resources("{}", &[]);
+        let mut e = endpoint();
+        e.bandwidth = Some(weft_dataplane::proto::Bandwidth {
+            ingress: Some(Rate {
+                bits_per_second: 10_000_000,
+                burst_bits: UNSET_RUNTIME_BURST_BITS,
+            }),
+            egress: None,
+        });
+        let s = shaping(&res, &[e]);
+        assert_eq!(
+            s.get("wf0123456789a").unwrap().ingress,
             Some(Rate {
                 bits_per_second: 10_000_000,
                 burst_bits: default_burst_bits(10_000_000)
