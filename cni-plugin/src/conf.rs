@@ -146,17 +146,19 @@ struct RawBandwidth {
     egress_burst: Option<i128>,
 }
 
-/// One `runtimeConfig.portMappings` entry as kubelet and podman send it:
-/// `{"hostPort": 8080, "containerPort": 80, "protocol": "tcp", "hostIP": ""}`.
+/// One `runtimeConfig.portMappings` entry as CRI-O and podman send it:
+/// `{"hostPort": 8080, "containerPort": 80, "protocol": "tcp", "hostIP": ""}`. containerd's
+/// CRI (go-cni) sends its Go field names, `{"HostPort": 8080, "ContainerPort": 80, ...}`, which
+/// the reference plugins read because Go matches JSON keys without regard to case.
 #[derive(Debug, Default, Clone, Deserialize)]
 struct RawPortMapping {
-    #[serde(rename = "hostPort")]
+    #[serde(rename = "hostPort", alias = "HostPort")]
     host_port: Option<i64>,
-    #[serde(rename = "containerPort")]
+    #[serde(rename = "containerPort", alias = "ContainerPort")]
     container_port: Option<i64>,
-    #[serde(default)]
+    #[serde(default, alias = "Protocol")]
     protocol: Option<String>,
-    #[serde(default, rename = "hostIP")]
+    #[serde(default, rename = "hostIP", alias = "HostIP")]
     host_ip: Option<String>,
 }
 
@@ -1223,6 +1225,36 @@ mod tests {
             );
         }
         assert!(parse("[]").unwrap().port_mappings.is_empty());
+    }
+
+    #[test]
+    fn port_mappings_from_containerd_carry_go_field_names() {
+        // What containerd's CRI passes for a pod's `hostPort` (go-cni's PortMapping has no
+        // JSON tags).
+        let c = parse_conf(
+            br#"{"cniVersion":"1.1.0","name":"n","type":"weft","runtimeConfig":{"portMappings":[
+                {"HostPort":8091,"ContainerPort":80,"Protocol":"tcp","HostIP":""},
+                {"HostPort":5353,"ContainerPort":53,"Protocol":"udp","HostIP":"192.0.2.1"}]}}"#,
+            &env(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.port_mappings,
+            [
+                PortMapping {
+                    host_port: 8091,
+                    container_port: 80,
+                    protocol: "tcp".into(),
+                    host_ip: None
+                },
+                PortMapping {
+                    host_port: 5353,
+                    container_port: 53,
+                    protocol: "udp".into(),
+                    host_ip: Some("192.0.2.1".parse().unwrap())
+                },
+            ]
+        );
     }
 
     #[test]
