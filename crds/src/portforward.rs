@@ -82,7 +82,7 @@ pub struct PortForwardSpec {
     /// the handshake, so a flood of spoofed SYNs takes neither the workload's backlog nor
     /// connection-tracking entries. Needs the agent's `--syn-proxy` (chart value
     /// `agent.synProxy`), which turns the node's loose TCP tracking off; without it the ports
-    /// are forwarded unproxied and the NodeNetwork says so.
+    /// are forwarded unproxied and the node's agent logs that as a problem.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub syn_proxy: Option<SynProxy>,
 }

@@ -71,14 +71,16 @@ outside_get() {
 }
 http_fails() { ! http_get "$@" >/dev/null 2>&1; }
 
-# A pod running busybox httpd on port 80 that answers with its name; NODE, LABELS, ANNOTATIONS.
-testpod() { # name node labels(json) annotations(json)
-  local name=$1 nodename=$2 labels=${3:-'{}'} annotations=${4:-'{}'}
+# A pod running busybox httpd on port 80 that answers with its name; NODE, LABELS, ANNOTATIONS,
+# and its container's PORTS (a hostPort).
+testpod() { # name node labels(json) annotations(json) ports(json)
+  local name=$1 nodename=$2 labels=${3:-'{}'} annotations=${4:-'{}'} ports=${5:-'[]'}
   kn apply -f - >/dev/null <<EOF
 {"apiVersion": "v1", "kind": "Pod",
  "metadata": {"name": "$name", "labels": $labels, "annotations": $annotations},
  "spec": {"nodeName": "$nodename", "terminationGracePeriodSeconds": 1,
   "containers": [{"name": "c", "image": "weft.test/testbox:1", "imagePullPolicy": "Never",
+   "ports": $ports,
    "command": ["/bin/sh", "-c",
      "mkdir -p /www/cgi-bin && echo $name > /www/index.html && printf '#!/bin/sh\\\\necho Content-Type: text/plain\\\\necho\\\\necho \$REMOTE_ADDR\\\\n' > /www/cgi-bin/ip && chmod +x /www/cgi-bin/ip && exec httpd -f -p 80 -h /www"]}]}}
 EOF
@@ -235,7 +237,8 @@ t_validation() {
     "$repo/e2e/validation/check-apiserver.sh" "$dir/pki/admin.kubeconfig" "$dir/wrap/kubectl"
 }
 
-t_nat() {
+# The test namespace and the NAT Network e2e-nat (the agents' default), both nodes Ready with it.
+nat_network() {
   k create namespace "$ns" --dry-run=client -o yaml | k apply -f - >/dev/null
   k apply -f - >/dev/null <<'EOF' || return 1
 apiVersion: weft.dev/v1alpha1
@@ -248,7 +251,11 @@ spec:
 EOF
   eventually 60 "Network e2e-nat Ready" cond_is network e2e-nat '' Ready True || return 1
   eventually 90 "both nodes Ready (weft's conflist written)" \
-    sh -c "[ \"\$('$C' kubectl get nodes -o jsonpath='{range .items[*]}{.status.conditions[?(@.type==\"Ready\")].status}{end}')\" = TrueTrue ]" || return 1
+    sh -c "[ \"\$('$C' kubectl get nodes -o jsonpath='{range .items[*]}{.status.conditions[?(@.type==\"Ready\")].status}{end}')\" = TrueTrue ]"
+}
+
+t_nat() {
+  nat_network || return 1
   testpod a1 node1 '{"app": "web"}'
   testpod a2 node1 '{"app": "db"}'
   testpod a3 node1 '{"app": "other"}'
@@ -512,6 +519,129 @@ t_upgrade() {
     expect "agents run the new image" sh -c "'$C' kubectl -n weft-system get ds weft-agent -o jsonpath='{.spec.template.spec.containers[0].image}' | grep -q dev2"
 }
 
+# The SYN proxy turned on in the installed chart as a user does (agent.synProxy): node1 answers
+# the SYNs of a PortForward with synProxy and of a pod's hostPort with weft.dev/syn-proxy with
+# cookies, and opens the connection to the pod only for the client's completing ACK, which
+# /proc/net/stat/synproxy counts. Turned off again, both are forwarded without the proxy and
+# node1's agent names them as problems, and the agents set nf_conntrack_tcp_loose back.
+t_syn_proxy() {
+  nat_network || return 1
+  local loose1 loose2 rc=0
+  loose1=$(node_loose node1) loose2=$(node_loose node2)
+  expect "node1 tracks TCP loosely before (nf_conntrack_tcp_loose=$loose1)" test "$loose1" = 1 &&
+    syn_proxy_on && syn_proxy_off || rc=1
+  syn_proxy_cleanup "$loose1" "$loose2" || rc=1
+  return $rc
+}
+syn_proxy_on() {
+  expect "helm upgrade --set agent.synProxy=true, agents rolled out" syn_proxy_chart true &&
+    expect "the agents run with --syn-proxy" agents_syn_proxy &&
+    eventually 30 "node1's nf_conntrack_tcp_loose is 0" loose_is node1 0 &&
+    eventually 30 "node2's nf_conntrack_tcp_loose is 0" loose_is node2 0 || return 1
+  kn apply -f - >/dev/null <<'EOF' || return 1
+apiVersion: weft.dev/v1alpha1
+kind: PortForward
+metadata: {name: syn-pf}
+spec:
+  network: e2e-nat
+  target: {workload: syn-pf}
+  ports: [{name: http, protocol: TCP, port: 8090, targetPort: 80}]
+  synProxy: {}
+EOF
+  testpod syn-pf node1 '{"app": "syn-pf"}'
+  testpod syn-hp node1 '{"app": "syn-hp"}' '{"weft.dev/syn-proxy": "true"}' \
+    '[{"containerPort": 80, "hostPort": 8091, "protocol": "TCP"}]'
+  expect "pods syn-pf and syn-hp (hostPort 8091) started" wait_pods syn-pf syn-hp &&
+    eventually 30 "PortForward syn-pf Ready" cond_is portforward syn-pf "$ns" Ready True || return 1
+  local c0 c1 c2
+  c0=$(syn_cookies node1) || { fail "node1's /proc/net/stat/synproxy has a cookie_valid column"; return 1; }
+  eventually 30 "outside -> node1:8090 (PortForward with synProxy) -> syn-pf" \
+    outside_sees http://10.77.0.11:8090/ syn-pf || return 1
+  c1=$(syn_cookies node1)
+  expect "node1's SYN proxy completed it (cookie_valid $c0 -> $c1)" test "$c1" -gt "$c0" || return 1
+  eventually 30 "outside -> node1:8091 (hostPort, weft.dev/syn-proxy) -> syn-hp" \
+    outside_sees http://10.77.0.11:8091/ syn-hp || return 1
+  c2=$(syn_cookies node1)
+  expect "node1's SYN proxy completed it (cookie_valid $c1 -> $c2)" test "$c2" -gt "$c1" &&
+    expect "node1's agent names no problem of a SYN proxy" no_syn_problem node1
+}
+syn_proxy_off() {
+  expect "helm upgrade --set agent.synProxy=false, agents rolled out" syn_proxy_chart false &&
+    expect "the agents run without --syn-proxy" not agents_syn_proxy &&
+    eventually 30 "node1's agent set nf_conntrack_tcp_loose back to 1" loose_is node1 1 &&
+    eventually 30 "node2's agent set nf_conntrack_tcp_loose back to 1" loose_is node2 1 &&
+    eventually 30 "node1's agent names the PortForward's synProxy as a problem" \
+      has_syn_problem node1 "PortForward $ns/syn-pf:" &&
+    eventually 30 "and the pod's weft.dev/syn-proxy" has_syn_problem node1 "$ns/syn-hp:" || return 1
+  local c0 c1
+  c0=$(syn_cookies node1) || { fail "node1's /proc/net/stat/synproxy has a cookie_valid column"; return 1; }
+  eventually 30 "outside -> node1:8090 -> syn-pf, without the proxy" \
+    outside_sees http://10.77.0.11:8090/ syn-pf &&
+    eventually 30 "outside -> node1:8091 -> syn-hp, without the proxy" \
+      outside_sees http://10.77.0.11:8091/ syn-hp || return 1
+  c1=$(syn_cookies node1) || return 1
+  expect "node1's SYN proxy completed neither (cookie_valid $c0 -> $c1)" test "$c1" = "$c0"
+}
+# Removes what t_syn_proxy made, whatever failed: the pods, the PortForward, agent.synProxy,
+# and each node's nf_conntrack_tcp_loose set back to what it was (LOOSE1, LOOSE2) if a failure
+# left it otherwise.
+syn_proxy_cleanup() {
+  kn delete portforward syn-pf --ignore-not-found --wait --timeout=30s >/dev/null
+  kn delete pod syn-pf syn-hp --ignore-not-found --wait --timeout=60s >/dev/null
+  if agents_syn_proxy; then
+    expect "helm upgrade --set agent.synProxy=false" syn_proxy_chart false || return 1
+  fi
+  local n=1 v
+  for v in "$1" "$2"; do
+    [ -n "$v" ] && node "node$n" sysctl -qw "net.netfilter.nf_conntrack_tcp_loose=$v"
+    expect "node$n's nf_conntrack_tcp_loose is back to $v" loose_is "node$n" "$v" || return 1
+    n=$((n + 1))
+  done
+}
+syn_proxy_chart() { # true|false: agent.synProxy in the installed release
+  "$C" helm upgrade weft "$repo/charts/weft" -n weft-system --reuse-values \
+    --set "agent.synProxy=$1" --wait --timeout 180s >/dev/null &&
+    k -n weft-system rollout status ds/weft-agent --timeout=120s >/dev/null
+}
+agents_syn_proxy() {
+  k -n weft-system get ds weft-agent -o jsonpath='{.spec.template.spec.containers[0].args}' |
+    grep -q -- '"--syn-proxy"'
+}
+# nf_conntrack_tcp_loose of the node's network namespace (the sysctl is per namespace).
+node_loose() { node "$1" cat /proc/sys/net/netfilter/nf_conntrack_tcp_loose; }
+loose_is() { [ "$(node_loose "$1")" = "$2" ]; }
+# Connections the node's SYN proxy completed: /proc/net/stat/synproxy's cookie_valid (of the
+# node's namespace; a line per CPU, hexadecimal), summed.
+syn_cookies() {
+  local line f i col="" sum=0
+  while read -r line; do
+    read -r -a f <<<"$line"
+    if [ -z "$col" ]; then
+      for i in "${!f[@]}"; do [ "${f[i]}" = cookie_valid ] && col=$i; done
+      [ -n "$col" ] || return 1
+    else
+      sum=$((sum + 16#${f[col]}))
+    fi
+  done < <(node "$1" cat /proc/net/stat/synproxy)
+  [ -n "$col" ] && echo "$sum"
+}
+# The resource problems of a SYN proxy without --syn-proxy that the node's agent (its newest
+# pod) logged; fails when there is no log to read.
+syn_problems() {
+  local pod log
+  pod=$(k -n weft-system get pods -l app.kubernetes.io/component=agent --field-selector "spec.nodeName=$1" \
+    --sort-by=.metadata.creationTimestamp -o jsonpath='{.items[-1:].metadata.name}')
+  log=$(k -n weft-system logs "$pod" -c agent) || return 1
+  grep 'resource problem' <<<"$log" | grep -F -- 'without --syn-proxy'
+  return 0
+}
+has_syn_problem() { syn_problems "$1" | grep -qF -- "$2"; } # node object
+no_syn_problem() { # node
+  local p
+  p=$(syn_problems "$1") || return 1
+  [ -z "$p" ] || { log "$p"; return 1; }
+}
+
 node_clean() { # node: nothing of weft left
   local n=$1 out
   out=$(node "$n" ip -o link show | awk -F': ' '{print $2}' | cut -d@ -f1 | grep -vxE 'lo|eth0')
@@ -602,6 +732,7 @@ if [ "$failed" = 0 ]; then
   run trust t_trust
   run failover t_failover
   run upgrade t_upgrade
+  run synproxy t_syn_proxy
   run teardown t_teardown
 fi
 
