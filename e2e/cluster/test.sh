@@ -341,8 +341,8 @@ t_limits() {
   expect "pods with limits started" wait_pods lim shaped || return 1
   eventually 30 "a bad limit annotation fails the pod's ADD, naming the annotation" \
     sh -c "'$C' kubectl -n $ns get events --field-selector involvedObject.name=badlimit -o jsonpath='{.items[*].message}' | grep -q 'annotation weft.dev/max-connections'" || return 1
-  eventually 30 "shaped's traffic is shaped both ways on node1 (tbf 2Mbit in, 1Mbit out)" \
-    sh -c "'$C' node node1 tc qdisc show | grep -q 'tbf.*rate 2Mbit' && '$C' node node1 tc qdisc show | grep -q 'tbf.*rate 1Mbit'" || return 1
+  eventually 30 "shaped's traffic is shaped both ways on node1 (tbf 2Mbit in, 1Mbit out), with weft's burst, not containerd's 2^32 - 1 bits" \
+    sh -c "'$C' node node1 tc qdisc show | grep -q 'tbf.*rate 2Mbit burst 32Kb' && '$C' node node1 tc qdisc show | grep -q 'tbf.*rate 1Mbit burst 32Kb'" || return 1
   local lim; lim=$(pod_ip lim)
   expect "a1 -> lim" http_ok a1 "http://$lim/" || return 1
   # 30 connections held open from a3 (httpd waits for their requests): 20 fit lim's budget.
