@@ -483,25 +483,29 @@ impl Netlink {
         let mut changed = self.set_root_tbf(OP, port, root, ingress.as_ref())?;
         match egress {
             Some(tbf) => {
-                let (index, ifb_root) = match ours {
+                let index = match ours {
                     Some(l) => {
                         if l.mtu != link.mtu {
                             self.set_mtu(l.index, link.mtu)?;
                             changed = true;
                         }
+                        changed |= self.set_root_tbf(
+                            OP,
+                            l.index,
+                            root_of(&qdiscs, l.index),
+                            Some(&tbf),
+                        )?;
                         if !l.up {
                             self.set_up(l.index)?;
                             changed = true;
                         }
-                        (l.index, root_of(&qdiscs, l.index))
+                        l.index
                     }
                     None => {
-                        let index = self.create_ifb(OP, ifb, link.mtu, &alias)?;
                         changed = true;
-                        (index, None)
+                        self.create_ifb(OP, ifb, link.mtu, &alias, &tbf)?
                     }
                 };
-                changed |= self.set_root_tbf(OP, index, ifb_root, Some(&tbf))?;
                 changed |= self.set_redirect(OP, port, slot.is_some(), index)?;
             }
             None => {
@@ -630,8 +634,10 @@ impl Netlink {
         }
     }
 
-    /// Creates IFB link `name` with MTU `mtu` and alias `alias`, IPv6 off, up; returns its
-    /// index. IPv6 goes off before the link goes up: an IFB link carries no address, and with
+    /// Creates IFB link `name` with MTU `mtu`, alias `alias` and `tbf` at its root, IPv6 off,
+    /// up; returns its index. The `tbf` goes on while the link is down: a root qdisc grafted on
+    /// a link that is up first stops its queues and waits for an RCU grace period, with the
+    /// routing lock held. IPv6 goes off before the link goes up: an IFB link carries no address, and with
     /// IPv6 on it would get a link-local address with its route, multicast joins and a
     /// duplicate-address probe, and the kernel would walk every IPv6 route of the namespace as
     /// it went up (most of what creating the link costs on a node of many workloads). Turning
@@ -643,6 +649,7 @@ impl Netlink {
         name: &str,
         mtu: u32,
         alias: &str,
+        tbf: &Tbf,
     ) -> Result<u32, NetlinkError> {
         let target = || format!("{name} (ifb)");
         let index = self.create_link(op, name, LinkIfb::new(name).mtu(mtu).build(), target)?;
@@ -652,7 +659,10 @@ impl Netlink {
             Err(e) => debug!(ifb = %name, error = %e, "cannot turn IPv6 off on the IFB link"),
         }
         let up = LinkUnspec::new_with_index(index).alias(alias).up().build();
-        if let Err(e) = self.call(op, target, RouteNetlinkMessage::SetLink(up), 0) {
+        if let Err(e) = self
+            .set_root_tbf(op, index, None, Some(tbf))
+            .and_then(|_| self.call(op, target, RouteNetlinkMessage::SetLink(up), 0))
+        {
             let _ = self.delete_link(index);
             return Err(e);
         }

@@ -2,7 +2,10 @@
 //! taken by an older PortForward on the same network) and writes `Valid` and `Ready`.
 //!
 //! `Ready=True` (reason `Accepted`) means the controller accepted the forward; the agents of
-//! the nodes where the target runs install it and report the targets in `status.targets`.
+//! the nodes where the target runs install it. What an agent cannot install as asked (a
+//! `synProxy` without the agent's `--syn-proxy`, a node port another PortForward holds there)
+//! is in that agent's log and its status file, not yet in the PortForward's status, and
+//! `status.targets` is not written yet.
 
 use super::status::{self, READY, VALID};
 use super::validate::{self, Rejection};
