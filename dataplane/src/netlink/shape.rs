@@ -489,12 +489,8 @@ impl Netlink {
                             self.set_mtu(l.index, link.mtu)?;
                             changed = true;
                         }
-                        changed |= self.set_root_tbf(
-                            OP,
-                            l.index,
-                            root_of(&qdiscs, l.index),
-                            Some(&tbf),
-                        )?;
+                        changed |=
+                            self.set_root_tbf(OP, l.index, root_of(&qdiscs, l.index), Some(&tbf))?;
                         if !l.up {
                             self.set_up(l.index)?;
                             changed = true;

@@ -36,15 +36,12 @@ pub fn of(res: &Resources, e: &Endpoint) -> (Limits, Option<String>) {
             .workloads
             .iter()
             .find(|w| &w.namespace == ns && &w.name == name)
-            .map(|w| (format!("{ns}/{name}"), &w.limits)),
+            .map(|w| &w.limits),
         _ => None,
     };
-    match pod.map(|(key, a)| (key, Limits::from_annotations(a))) {
-        Some((_, Ok(annotated))) => (network.tightest(runtime).tightest(annotated), None),
-        Some((key, Err(problem))) => (
-            network.tightest(runtime),
-            Some(format!("pod {key}: {problem}")),
-        ),
+    match pod.map(Limits::from_annotations) {
+        Some(Ok(annotated)) => (network.tightest(runtime).tightest(annotated), None),
+        Some(Err(problem)) => (network.tightest(runtime), Some(problem)),
         None => (network.tightest(runtime), None),
     }
 }
@@ -157,7 +154,7 @@ mod tests {
         assert_eq!(l.ingress_bps, None);
         let problem = problem.unwrap();
         assert!(
-            problem.starts_with("pod prod/web: annotation kubernetes.io/ingress-bandwidth:"),
+            problem.starts_with("annotation kubernetes.io/ingress-bandwidth:"),
             "{problem}"
         );
     }

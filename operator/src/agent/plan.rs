@@ -363,14 +363,13 @@ pub fn plan(
             .iter()
             .filter(|e| wants_syn.contains_key(e.host_ifname.as_str()))
         {
-            problems.push(Problem {
-                kind: "Pod",
-                object: endpoint_name(e),
-                message: format!(
+            problems.push(endpoint_problem(
+                e,
+                format!(
                     "{} (or its Network's spec.limits.synProxy): the agent on this node runs without --syn-proxy (chart value agent.synProxy: true), so its host ports are forwarded without a SYN proxy; enable it there or remove the setting",
                     weft_crds::limits::SYN_PROXY_ANNOTATION
                 ),
-            });
+            ));
         }
     }
     let host_ports = plan_host_ports(
@@ -447,20 +446,9 @@ fn plan_limits(
     for e in endpoints.iter().filter(|e| realized(&e.network)) {
         let (limits, problem) = super::limits::of(res, e);
         if let Some(message) = problem {
-            let object = format!(
-                "{}/{}",
-                e.pod_namespace.as_deref().unwrap_or("default"),
-                e.pod_name.as_deref().unwrap_or(&e.container_id)
-            );
-            if !problems
-                .iter()
-                .any(|p| p.kind == "Pod" && p.object == object && p.message == message)
-            {
-                problems.push(Problem {
-                    kind: "Pod",
-                    object,
-                    message,
-                });
+            let problem = endpoint_problem(e, message);
+            if !problems.contains(&problem) {
+                problems.push(problem);
             }
         }
         let limits = limits.connections();
@@ -1122,25 +1110,23 @@ fn plan_host_ports(
         for m in &e.port_mappings {
             // The protocol goes into nftables text; the plugin sends only these.
             if !matches!(m.protocol.as_str(), "tcp" | "udp" | "sctp") {
-                problems.push(Problem {
-                    kind: "Pod",
-                    object: endpoint_name(e),
-                    message: format!(
+                problems.push(endpoint_problem(
+                    e,
+                    format!(
                         "{m}: protocol {:?} is not tcp, udp or sctp; it is not forwarded",
                         m.protocol
                     ),
-                });
+                ));
                 continue;
             }
             if let Some((_, holder)) = taken.iter().find(|(t, _)| t.clashes(m)) {
-                problems.push(Problem {
-                    kind: "Pod",
-                    object: endpoint_name(e),
-                    message: format!(
+                problems.push(endpoint_problem(
+                    e,
+                    format!(
                         "{m} is already used by {}; it is not forwarded",
                         endpoint_name(holder)
                     ),
-                });
+                ));
                 continue;
             }
             taken.push((m, e));
@@ -1149,14 +1135,13 @@ fn plan_host_ports(
                     && (f.node_ports.0..=f.node_ports.1).contains(&m.host_port)
                     && m.host_ip.is_none_or(|h| h.is_ipv4() == f.target.is_ipv4())
             }) {
-                problems.push(Problem {
-                    kind: "Pod",
-                    object: endpoint_name(e),
-                    message: format!(
+                problems.push(endpoint_problem(
+                    e,
+                    format!(
                         "{m} is also a node port of PortForward {}, which takes the connections of its allowed sources",
                         f.owner
                     ),
-                });
+                ));
             }
             for ip in &e.ips {
                 let host = match m.host_ip {
@@ -1204,6 +1189,23 @@ pub fn peer_with_mac<'a>(res: &'a Resources, ep: &Endpoint) -> Option<&'a Peer> 
 }
 
 /// `namespace/name` of an endpoint's pod, or its container id.
+/// A problem of workload `e`: of its pod (`namespace/name`), or of its container when the
+/// runtime named no pod.
+fn endpoint_problem(e: &Endpoint, message: String) -> Problem {
+    match (&e.pod_namespace, &e.pod_name) {
+        (Some(ns), Some(name)) => Problem {
+            kind: "Pod",
+            object: format!("{ns}/{name}"),
+            message,
+        },
+        _ => Problem {
+            kind: "Container",
+            object: e.container_id.clone(),
+            message,
+        },
+    }
+}
+
 pub fn endpoint_name(e: &Endpoint) -> String {
     match (&e.pod_namespace, &e.pod_name) {
         (Some(ns), Some(name)) => format!("pod {ns}/{name}"),
@@ -1728,7 +1730,7 @@ metadata:
             ]
         );
         assert!(
-            out.problems.iter().any(|p| p.object == "pod default/host-2"
+            out.problems.iter().any(|p| p.object == "default/host-2"
                 && p.message.contains("host port 8080/tcp")
                 && p.message.contains("pod default/host-1")),
             "{:?}",
@@ -1749,7 +1751,7 @@ metadata:
             forwarded
                 .problems
                 .iter()
-                .any(|p| p.object == "pod default/host-1"
+                .any(|p| p.object == "default/host-1"
                     && p.message.contains("PortForward default/web")),
             "{:?}",
             forwarded.problems

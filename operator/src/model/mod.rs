@@ -110,7 +110,8 @@ pub struct NodeBlocks {
 /// A problem with one resource, found by the policy compiler or the agent's node plan.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
-    /// `Network`, `PortForward`, `ClusterSegmentationPolicy` or `SegmentationPolicy`.
+    /// `Network`, `PortForward`, `ClusterSegmentationPolicy`, `SegmentationPolicy`, `Pod` or
+    /// `Container` (a workload the runtime named no pod for).
     pub kind: &'static str,
     /// `namespace/name` or `name`.
     pub object: String,
