@@ -46,7 +46,7 @@ pub use network::{
     NetworkStatus, NodeBlock, SecuritySpec, VlanRange,
 };
 pub use nodenetwork::{
-    NODE_NETWORK_KIND, NodeMirror, NodeNetwork, NodeNetworkBlock, NodeNetworkSpec,
+    NODE_NETWORK_KIND, NodeForward, NodeMirror, NodeNetwork, NodeNetworkBlock, NodeNetworkSpec,
     NodeNetworkStatus, NodePolicy, NodeReservation, NodeWorkload,
 };
 pub use policy::{

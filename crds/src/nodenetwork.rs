@@ -118,6 +118,13 @@ pub struct NodeNetworkStatus {
     #[schemars(length(max = 1024))]
     pub mirrors: Vec<NodeMirror>,
 
+    /// The PortForwards whose target runs on the node: the addresses the node forwards each
+    /// to, and what keeps it from forwarding as asked here. The controller sums them into each
+    /// PortForward's status.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1024))]
+    pub forwards: Vec<NodeForward>,
+
     /// The VM interfaces whose addresses and MAC the node keeps for their VM (KubeVirt's
     /// `vm.kubevirt.io/name`): a VM started on another node gets the newest of them back.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -162,6 +169,24 @@ pub struct NodeMirror {
     pub bytes: i64,
     /// What keeps it from mirroring here (no analyzer on the node, a collector outside the
     /// allowed CIDRs), if anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub error: Option<String>,
+}
+
+/// One PortForward on one node, as its agent reports it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeForward {
+    /// The PortForward, `namespace/name`.
+    #[schemars(length(max = 317))]
+    pub forward: String,
+    /// The workload addresses the node forwards it to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub targets: Vec<String>,
+    /// What keeps the node from forwarding it as asked (a node port another forward holds, a
+    /// SYN proxy the agent may not run), if anything.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 1024))]
     pub error: Option<String>,

@@ -563,7 +563,15 @@ EOF
     outside_sees http://10.77.0.11:8091/ syn-hp || return 1
   c2=$(syn_cookies node1)
   expect "node1's SYN proxy completed it (cookie_valid $c1 -> $c2)" test "$c2" -gt "$c1" &&
-    expect "node1's agent names no problem of a SYN proxy" no_syn_problem node1
+    expect "node1's agent names no problem of a SYN proxy" no_syn_problem node1 &&
+    eventually 30 "PortForward syn-pf's status.targets holds syn-pf's address (node1's report)" \
+      pf_targets_have syn-pf "$(pod_ip syn-pf)" &&
+    expect "PortForward syn-pf is not Degraded" not cond_is portforward syn-pf "$ns" Degraded True
+}
+pf_targets_have() { k -n "$ns" get portforward "$1" -o jsonpath='{.status.targets}' | grep -qF -- "\"$2\""; }
+pf_degraded_by() { # portforward text: Degraded=True, its message containing text
+  cond_is portforward "$1" "$ns" Degraded True &&
+    k -n "$ns" get portforward "$1" -o jsonpath='{.status.conditions[?(@.type=="Degraded")].message}' | grep -qF -- "$2"
 }
 syn_proxy_off() {
   expect "helm upgrade --set agent.synProxy=false, agents rolled out" syn_proxy_chart false &&
@@ -572,7 +580,9 @@ syn_proxy_off() {
     eventually 30 "node2's agent set nf_conntrack_tcp_loose back to 1" loose_is node2 1 &&
     eventually 30 "node1's agent names the PortForward's synProxy as a problem" \
       has_syn_problem node1 "PortForward $ns/syn-pf:" &&
-    eventually 30 "and the pod's weft.dev/syn-proxy" has_syn_problem node1 "$ns/syn-hp:" || return 1
+    eventually 30 "and the pod's weft.dev/syn-proxy" has_syn_problem node1 "$ns/syn-hp:" &&
+    eventually 30 "PortForward syn-pf is Degraded: node1 forwards it without --syn-proxy" \
+      pf_degraded_by syn-pf "node1: spec.synProxy" || return 1
   local c0 c1
   c0=$(syn_cookies node1) || { fail "node1's /proc/net/stat/synproxy has a cookie_valid column"; return 1; }
   eventually 30 "outside -> node1:8090 -> syn-pf, without the proxy" \

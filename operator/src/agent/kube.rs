@@ -843,8 +843,39 @@ pub fn node_network_status(
         workloads: Vec::new(),
         policies: node_policies(agent),
         mirrors: agent.mirrors.clone(),
+        forwards: node_forwards(agent),
         reservations: Vec::new(),
     }
+}
+
+/// Each port forward the agent installs or could not install as asked, with its targets and
+/// its problems here.
+pub fn node_forwards(agent: &AgentStatus) -> Vec<weft_crds::NodeForward> {
+    let names: std::collections::BTreeSet<&String> = agent
+        .forwards
+        .keys()
+        .chain(agent.forward_problems.keys())
+        .collect();
+    names
+        .into_iter()
+        .take(1024)
+        .map(|forward| weft_crds::NodeForward {
+            forward: forward.clone(),
+            targets: agent
+                .forwards
+                .get(forward)
+                .into_iter()
+                .flatten()
+                .take(16)
+                .map(ToString::to_string)
+                .collect(),
+            // The schema's maxLength (characters).
+            error: agent
+                .forward_problems
+                .get(forward)
+                .map(|e| e.chars().take(1024).collect()),
+        })
+        .collect()
 }
 
 /// Each policy the agent enforces or could not enforce, with its interfaces and its problems
@@ -1099,6 +1130,35 @@ mod tests {
                 ("SegmentationPolicy shop/lost", 0, true),
             ]
         );
+    }
+
+    #[test]
+    fn each_port_forward_is_reported_with_its_targets_and_problems_here() {
+        let mut a = agent(&["blue"], None);
+        a.forwards = [(
+            "shop/ssh".to_string(),
+            vec!["10.10.0.5".parse().unwrap(), "fd10::5".parse().unwrap()],
+        )]
+        .into();
+        a.forward_problems = [
+            (
+                "shop/ssh".to_string(),
+                "spec.synProxy: without --syn-proxy".to_string(),
+            ),
+            ("shop/web".to_string(), "x".repeat(5000)),
+        ]
+        .into();
+        let got = node_forwards(&a);
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].forward, "shop/ssh");
+        assert_eq!(got[0].targets, ["10.10.0.5", "fd10::5"]);
+        assert_eq!(
+            got[0].error.as_deref(),
+            Some("spec.synProxy: without --syn-proxy")
+        );
+        // Not installed here at all, and its message cut to the schema's 1024 characters.
+        assert!(got[1].targets.is_empty());
+        assert_eq!(got[1].error.as_ref().map(|e| e.chars().count()), Some(1024));
     }
 
     fn find<'a>(s: &'a NodeNetworkStatus, type_: &str) -> &'a Condition {

@@ -115,6 +115,10 @@ pub struct AgentStatus {
     /// The traffic mirrors on the node: sources, what they copied, problems.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mirrors: Vec<weft_crds::NodeMirror>,
+    /// What keeps port forwards from being installed as asked here: `namespace/name` → its
+    /// problems, joined.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub forward_problems: BTreeMap<String, String>,
 }
 
 /// A request from the socket server to the reconciler.
@@ -624,6 +628,17 @@ impl Reconciler {
             self.status
                 .policy_problems
                 .entry(format!("{} {}", p.kind, p.object))
+                .and_modify(|m| {
+                    m.push_str("; ");
+                    m.push_str(&p.message);
+                })
+                .or_insert_with(|| p.message.clone());
+        }
+        self.status.forward_problems = BTreeMap::new();
+        for p in out.problems.iter().filter(|p| p.kind == "PortForward") {
+            self.status
+                .forward_problems
+                .entry(p.object.clone())
                 .and_modify(|m| {
                     m.push_str("; ");
                     m.push_str(&p.message);

@@ -569,7 +569,7 @@ pub fn observe_cluster(
 ) {
     // A NodeNetwork's change concerns the Networks it names (their blocks there, the agent's
     // report of them): only those are reconciled, not every Network. The agents' reports are
-    // the policies' status too.
+    // the policies', mirrors' and PortForwards' status too.
     let (node_networks, nn_fut) = reflect_node_networks(
         Api::<NodeNetwork>::all(client.clone()),
         triggers.network_refs.clone(),
@@ -577,6 +577,7 @@ pub fn observe_cluster(
             triggers.cluster_policies.clone(),
             triggers.policies.clone(),
             triggers.mirrors.clone(),
+            triggers.port_forwards.clone(),
         ],
     );
     // Network changes re-check every Network (overlaps) and every PortForward.

@@ -2,11 +2,13 @@
 //! taken by an older PortForward on the same network) and writes `Valid` and `Ready`.
 //!
 //! `Ready=True` (reason `Accepted`) means the controller accepted the forward; the agents of
-//! the nodes where the target runs install it. What an agent cannot install as asked (a
-//! `synProxy` without the agent's `--syn-proxy`, a node port another PortForward holds there)
-//! is in that agent's log and its status file, not yet in the PortForward's status, and
-//! `status.targets` is not written yet.
+//! the nodes where the target runs install it and report, in their `NodeNetwork` status
+//! (`status.forwards`), the addresses they forward it to and what keeps them from forwarding
+//! it as asked (a `synProxy` without the agent's `--syn-proxy`, a node port another
+//! PortForward holds there). The controller sums them: `status.targets`, and a `Degraded`
+//! condition (True, reason `NodeProblems`) while a node reports a problem.
 
+use super::compact::CompactNodeNetwork;
 use super::status::{self, READY, VALID};
 use super::validate::{self, Rejection};
 use super::{Context, Error, FIELD_MANAGER, name_of};
@@ -24,6 +26,45 @@ use weft_crds::{Network, PortForward};
 
 /// Reason of `Valid=True` and `Ready=True`.
 pub const REASON_ACCEPTED: &str = "Accepted";
+/// The condition a node's problem with the forward sets.
+pub const DEGRADED: &str = "Degraded";
+/// Reason of `Degraded=True`.
+pub const REASON_NODE_PROBLEMS: &str = "NodeProblems";
+/// Most node problems named in the `Degraded` message.
+const MAX_PROBLEMS: usize = 16;
+
+/// What the nodes report about one PortForward.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Forwarding {
+    /// The workload addresses it is forwarded to, all nodes together, sorted.
+    pub targets: Vec<String>,
+    /// `node: problem`, sorted, at most [`MAX_PROBLEMS`].
+    pub problems: Vec<String>,
+}
+
+/// Decide (pure): sums what every NodeNetwork's status says about PortForward `key`
+/// (`namespace/name`).
+pub fn forwarding(key: &str, node_networks: &[Arc<CompactNodeNetwork>]) -> Forwarding {
+    let mut targets = std::collections::BTreeSet::new();
+    let mut problems = std::collections::BTreeSet::new();
+    for nn in node_networks {
+        let Some(f) = nn
+            .status
+            .as_ref()
+            .and_then(|s| s.forwards.iter().find(|f| f.forward == key))
+        else {
+            continue;
+        };
+        targets.extend(f.targets.iter().cloned());
+        if let Some(e) = &f.error {
+            problems.insert(format!("{}: {e}", nn.name_any()));
+        }
+    }
+    Forwarding {
+        targets: targets.into_iter().collect(),
+        problems: problems.into_iter().take(MAX_PROBLEMS).collect(),
+    }
+}
 
 /// Decide (pure): the verdict on `pf` among all PortForwards and Networks.
 ///
@@ -52,6 +93,7 @@ pub fn verdict(
 pub fn desired_conditions(
     pf: &PortForward,
     verdict: Option<&Rejection>,
+    nodes: &Forwarding,
     now: jiff::Timestamp,
 ) -> Vec<Condition> {
     let generation = pf.metadata.generation;
@@ -75,26 +117,42 @@ pub fn desired_conditions(
                 now,
             ),
         ],
-        None => vec![
-            status::condition(
-                VALID,
-                true,
-                REASON_ACCEPTED,
-                "the spec passed every check",
-                generation,
-                previous,
-                now,
-            ),
-            status::condition(
-                READY,
-                true,
-                REASON_ACCEPTED,
-                "accepted; the agents of the target's nodes forward it",
-                generation,
-                previous,
-                now,
-            ),
-        ],
+        None => {
+            let mut conditions = vec![
+                status::condition(
+                    VALID,
+                    true,
+                    REASON_ACCEPTED,
+                    "the spec passed every check",
+                    generation,
+                    previous,
+                    now,
+                ),
+                status::condition(
+                    READY,
+                    true,
+                    REASON_ACCEPTED,
+                    "accepted; the agents of the target's nodes forward it",
+                    generation,
+                    previous,
+                    now,
+                ),
+            ];
+            // Only while a node reports a problem (the status is applied whole, so the
+            // condition goes when they do).
+            if !nodes.problems.is_empty() {
+                conditions.push(status::condition(
+                    DEGRADED,
+                    true,
+                    REASON_NODE_PROBLEMS,
+                    nodes.problems.join("; "),
+                    generation,
+                    previous,
+                    now,
+                ));
+            }
+            conditions
+        }
     }
 }
 
@@ -121,12 +179,16 @@ async fn reconcile_inner(pf: &PortForward, ctx: &Context) -> Result<Action, Erro
         &ctx.stores.port_forwards.state(),
         &ctx.stores.networks.state(),
     );
-    let conditions = desired_conditions(pf, verdict.as_ref(), jiff::Timestamp::now());
+    let nodes = forwarding(&super::object_key(pf), &ctx.stores.node_networks.state());
+    let conditions = desired_conditions(pf, verdict.as_ref(), &nodes, jiff::Timestamp::now());
     if !ctx.is_leader() {
         return Ok(Action::await_change());
     }
     let status = pf.status.clone().unwrap_or_default();
-    if status.conditions != conditions || status.observed_generation != pf.metadata.generation {
+    if status.conditions != conditions
+        || status.observed_generation != pf.metadata.generation
+        || status.targets != nodes.targets
+    {
         let ns = pf.namespace().unwrap_or_default();
         let api: Api<PortForward> = Api::namespaced(ctx.client.clone(), &ns);
         let body = json!({
@@ -135,6 +197,7 @@ async fn reconcile_inner(pf: &PortForward, ctx: &Context) -> Result<Action, Erro
             "status": {
                 "conditions": conditions,
                 "observedGeneration": pf.metadata.generation,
+                "targets": nodes.targets,
             },
         });
         api.patch_status(
@@ -211,12 +274,67 @@ mod tests {
         pf
     }
 
+    fn node(name: &str, forwards: Vec<weft_crds::NodeForward>) -> Arc<CompactNodeNetwork> {
+        let mut nn = weft_crds::NodeNetwork::new(name, weft_crds::NodeNetworkSpec::default());
+        nn.status = Some(weft_crds::NodeNetworkStatus {
+            forwards,
+            ..weft_crds::NodeNetworkStatus::default()
+        });
+        Arc::new(nn.into())
+    }
+
+    fn f(forward: &str, targets: &[&str], error: Option<&str>) -> weft_crds::NodeForward {
+        weft_crds::NodeForward {
+            forward: forward.into(),
+            targets: targets.iter().map(|t| (*t).to_string()).collect(),
+            error: error.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn the_nodes_targets_and_problems_make_the_status() {
+        let nodes = [
+            node("a", vec![f("default/ssh", &["10.10.0.5", "fd10::5"], None)]),
+            node(
+                "b",
+                vec![
+                    f(
+                        "default/ssh",
+                        &["10.10.1.7"],
+                        Some("spec.synProxy: the agent on this node runs without --syn-proxy"),
+                    ),
+                    f("default/web", &["10.10.1.8"], None),
+                ],
+            ),
+            node("c", vec![]),
+        ];
+        let got = forwarding("default/ssh", &nodes);
+        assert_eq!(got.targets, ["10.10.0.5", "10.10.1.7", "fd10::5"]);
+        assert_eq!(
+            got.problems,
+            ["b: spec.synProxy: the agent on this node runs without --syn-proxy"]
+        );
+        let ssh = forward("ssh", 2222, 10);
+        let conditions = desired_conditions(&ssh, None, &got, jiff::Timestamp::now());
+        let degraded = conditions.iter().find(|c| c.type_ == DEGRADED).unwrap();
+        assert_eq!(degraded.status, "True");
+        assert_eq!(degraded.reason, REASON_NODE_PROBLEMS);
+        assert!(degraded.message.starts_with("b: spec.synProxy"));
+        // No problem, no Degraded condition; nobody reports it, no targets.
+        let web = forwarding("default/web", &nodes);
+        assert!(web.problems.is_empty());
+        let conditions = desired_conditions(&ssh, None, &web, jiff::Timestamp::now());
+        assert!(conditions.iter().all(|c| c.type_ != DEGRADED));
+        assert_eq!(forwarding("default/none", &nodes), Forwarding::default());
+    }
+
     #[test]
     fn a_port_forward_in_the_store_does_not_conflict_with_itself() {
         let ssh = forward("ssh", 2222, 10);
         let store = [Arc::new(ssh.clone())];
         assert_eq!(verdict(&ssh, &store, &[nat("blue")]), None);
-        let conditions = desired_conditions(&ssh, None, jiff::Timestamp::now());
+        let conditions =
+            desired_conditions(&ssh, None, &Forwarding::default(), jiff::Timestamp::now());
         assert!(conditions.iter().all(|c| c.status == "True"));
     }
 
