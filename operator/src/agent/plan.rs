@@ -1555,6 +1555,17 @@ metadata: {name: web-1, namespace: default, labels: {app: web}}
         assert_eq!(nets4.elements.len(), 2);
     }
 
+    /// The firewall's rules that answer SYNs with cookies.
+    fn synproxy_rules(out: &PlanOutput) -> Vec<&String> {
+        out.plan
+            .firewall
+            .chains
+            .iter()
+            .flat_map(|c| &c.rules)
+            .filter(|r| r.contains("synproxy"))
+            .collect()
+    }
+
     #[test]
     fn a_pod_asks_for_a_syn_proxy_on_its_tcp_host_ports() {
         let res = resources(
@@ -1598,14 +1609,7 @@ metadata: {name: web, namespace: default, annotations: {weft.dev/syn-proxy: "tru
         let mut proxied = elements(&on, "synh");
         proxied.sort();
         assert_eq!(proxied, ["0.0.0.0/0 . 8080", "::/0 . 8080"]);
-        let rules: Vec<&String> = on
-            .plan
-            .firewall
-            .chains
-            .iter()
-            .flat_map(|c| &c.rules)
-            .filter(|r| r.contains("synproxy"))
-            .collect();
+        let rules = synproxy_rules(&on);
         assert!(
             rules.iter().any(|r| r.contains("mss 1460 wscale 7")),
             "{rules:?}"
@@ -1664,14 +1668,7 @@ metadata:
         with_flag.syn_proxy = true;
         let out = plan(&with_flag, &res, &blocks, &[web]);
         assert!(out.problems.is_empty(), "{:?}", out.problems);
-        let rules: Vec<&String> = out
-            .plan
-            .firewall
-            .chains
-            .iter()
-            .flat_map(|c| &c.rules)
-            .filter(|r| r.contains("synproxy"))
-            .collect();
+        let rules = synproxy_rules(&out);
         // One class, both families: the pod's values, not the Network MTU's.
         assert!(!rules.is_empty());
         assert!(
