@@ -121,6 +121,23 @@ pub struct AgentStatus {
     pub forward_problems: BTreeMap<String, String>,
 }
 
+/// Problems by object (`key`), the messages of one object joined with `; `.
+fn problems_by_object<'a>(
+    problems: impl IntoIterator<Item = &'a Problem>,
+    key: impl Fn(&Problem) -> String,
+) -> BTreeMap<String, String> {
+    let mut out: BTreeMap<String, String> = BTreeMap::new();
+    for p in problems {
+        out.entry(key(p))
+            .and_modify(|m| {
+                m.push_str("; ");
+                m.push_str(&p.message);
+            })
+            .or_insert_with(|| p.message.clone());
+    }
+    out
+}
+
 /// A request from the socket server to the reconciler.
 pub struct Message {
     /// The request.
@@ -623,28 +640,12 @@ impl Reconciler {
         self.status.pending = self.endpoints.pending_count();
         self.status.forwards = out.forwards.clone();
         self.status.policies = out.policy.applies_to.clone();
-        self.status.policy_problems = BTreeMap::new();
-        for p in &out.policy.problems {
-            self.status
-                .policy_problems
-                .entry(format!("{} {}", p.kind, p.object))
-                .and_modify(|m| {
-                    m.push_str("; ");
-                    m.push_str(&p.message);
-                })
-                .or_insert_with(|| p.message.clone());
-        }
-        self.status.forward_problems = BTreeMap::new();
-        for p in out.problems.iter().filter(|p| p.kind == "PortForward") {
-            self.status
-                .forward_problems
-                .entry(p.object.clone())
-                .and_modify(|m| {
-                    m.push_str("; ");
-                    m.push_str(&p.message);
-                })
-                .or_insert_with(|| p.message.clone());
-        }
+        self.status.policy_problems =
+            problems_by_object(&out.policy.problems, |p| format!("{} {}", p.kind, p.object));
+        self.status.forward_problems = problems_by_object(
+            out.problems.iter().filter(|p| p.kind == "PortForward"),
+            |p| p.object.clone(),
+        );
         if let Ok(mut p) = self.policy.lock() {
             *p = Arc::clone(&out.policy);
         }
