@@ -2,8 +2,11 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p weft-operator -p weft-cni -p kubectl-weft \
- && cp target/release/weft-operator target/release/weft target/release/kubectl-weft /usr/local/bin/
+# The CNI plugin is static (musl): the runtime starts it for every pod's ADD and DEL, and a
+# static binary starts without the dynamic loader (cni-plugin/static.sh).
+RUN cargo build --release --locked -p weft-operator -p kubectl-weft \
+ && cp target/release/weft-operator target/release/kubectl-weft /usr/local/bin/ \
+ && cp "$(cni-plugin/static.sh)" /usr/local/bin/weft
 
 FROM debian:bookworm-slim
 # nft applies weft's table; iproute2 is for people debugging a node from the agent's pod.

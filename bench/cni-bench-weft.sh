@@ -3,8 +3,9 @@
 #
 # usage: bench/cni-bench-weft.sh [cni-bench options: -n N -c C --runs R --modes seq,conc --json F]
 #
-# Builds nothing: run `cargo build --release -p weft-cni -p weft-operator` first (or set
-# WEFT_BIN_DIR to the directory holding `weft` and `weft-operator`).
+# Builds nothing: run `cargo build --release -p weft-operator` and `cni-plugin/static.sh` first
+# (the plugin static, as weft ships it), or set WEFT_BIN_DIR to a directory holding both `weft`
+# and `weft-operator`, or WEFT_CNI to the plugin binary to measure.
 # A throw-away "node" namespace gets a running weft agent (from a manifests dir holding one NAT
 # Network, 10.89.0.0/16 with a /16 node block), whose conflist is then driven by lib/cni_bench.py
 # inside that namespace exactly like the reference plugins (WEFT_BENCH_MANIFEST=FILE adds a
@@ -18,10 +19,11 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
 BIN="${WEFT_BIN_DIR:-$ROOT/target/release}"
+if [ -n "${WEFT_BIN_DIR:-}" ]; then PLUGIN_DEFAULT=$BIN/weft; else PLUGIN_DEFAULT=$ROOT/target/$(uname -m)-unknown-linux-musl/plugin/weft; fi
+PLUGIN="${WEFT_CNI:-$PLUGIN_DEFAULT}"
 [ "$(id -u)" = 0 ] || { echo "must run as root" >&2; exit 2; }
-for b in weft weft-operator; do
-  [ -x "$BIN/$b" ] || { echo "$BIN/$b missing: cargo build --release -p weft-cni -p weft-operator" >&2; exit 2; }
-done
+[ -x "$BIN/weft-operator" ] || { echo "$BIN/weft-operator missing: cargo build --release -p weft-operator" >&2; exit 2; }
+[ -x "$PLUGIN" ] || { echo "$PLUGIN missing: cni-plugin/static.sh" >&2; exit 2; }
 
 # shellcheck source=lib/node.sh
 . "$HERE/lib/node.sh"
@@ -60,7 +62,7 @@ fi
 METRICS_PORT=$((20000 + $$ % 20000))
 WEFT_LOG=warn "$BIN/weft-operator" agent "${PEERS_ARGS[@]}" --metrics-addr "127.0.0.1:$METRICS_PORT" --netns "/run/netns/$NODE_NS" --node-name bench \
   --manifests "$TMP/manifests" --state-dir "$TMP/state" --socket "$TMP/agent.sock" \
-  --cni-bin-dir "$TMP/bin" --cni-conf-dir "$TMP/conf" --cni-binary "$BIN/weft" \
+  --cni-bin-dir "$TMP/bin" --cni-conf-dir "$TMP/conf" --cni-binary "$PLUGIN" \
   >"$TMP/agent.log" 2>&1 &
 AGENT_PID=$!
 for _ in $(seq 1 200); do
@@ -78,7 +80,7 @@ if os.environ.get("WEFT_BENCH_TAP"):
     c["plugins"][0]["attachment"] = "tap"
 json.dump(c, open(sys.argv[2], "w"))
 PY
-echo "weft agent up in $NODE_NS; binary $(stat -c %s "$BIN/weft") bytes" >&2
+echo "weft agent up in $NODE_NS; plugin $PLUGIN, $(stat -c %s "$PLUGIN") bytes, $(file -b "$PLUGIN" | grep -oE 'static-pie linked|statically linked|dynamically linked')" >&2
 # A VM's pod namespace holds the tap, not the address (the guest has it): no address check.
 VERIFY=()
 if [ -n "${WEFT_BENCH_TAP:-}" ]; then VERIFY=(--no-verify); fi

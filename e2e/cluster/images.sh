@@ -19,11 +19,11 @@ mkdir -p "$out"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-# Copies a dynamically linked binary and every library it loads into a root filesystem.
+# Copies a binary and every library it loads (none for a static one) into a root filesystem.
 copy_with_libs() { # rootfs binary [dest]
   local root=$1 bin=$2 dest=${3:-$2}
   install -D -m 0755 "$bin" "$root$dest"
-  ldd "$bin" 2>/dev/null | grep -oE '/[^ ]+' | while read -r lib; do
+  { ldd "$bin" 2>/dev/null || true; } | { grep -oE '/[^ ]+' || true; } | while read -r lib; do
     [ -e "$lib" ] || continue
     mkdir -p "$root$(dirname "$lib")"
     cp -L "$lib" "$root$lib"
@@ -67,16 +67,20 @@ fi
 
 if [[ $wanted == *" weft "* ]]; then
 # weft: the release binaries (WEFT_IMAGE_PROFILE picks another cargo profile, for quicker
-# rebuilds while working on the cluster tests).
+# rebuilds while working on the cluster tests); the CNI plugin static, as weft ships it
+# (cni-plugin/static.sh).
 profile=${WEFT_IMAGE_PROFILE:-release}
 if [ "${WEFT_SKIP_CARGO:-0}" != 1 ]; then
-  (cd "$repo" && cargo build --profile "$profile" --locked -p weft-operator -p weft-cni -p kubectl-weft >&2)
+  (cd "$repo" && cargo build --profile "$profile" --locked -p weft-operator -p kubectl-weft >&2)
+  # The release image's plugin is built with the plugin profile (release, optimised for size).
+  plugin=$("$repo/cni-plugin/static.sh" "${profile/#release/plugin}")
 fi
 [ "$profile" = dev ] && profile=debug
+plugin=${plugin:-$repo/target/$(uname -m)-unknown-linux-musl/${profile/#release/plugin}/weft}
 w=$work/weft
 busybox_root "$w" sh cp mv cat ls rm mkdir ln echo sleep
 copy_with_libs "$w" "$repo/target/$profile/weft-operator" /usr/local/bin/weft-operator
-copy_with_libs "$w" "$repo/target/$profile/weft" /usr/local/bin/weft
+copy_with_libs "$w" "$plugin" /usr/local/bin/weft
 copy_with_libs "$w" "$repo/target/$profile/kubectl-weft" /usr/local/bin/kubectl-weft
 copy_with_libs "$w" "$(command -v nft)" /usr/sbin/nft
 copy_with_libs "$w" "$(command -v ip)" /usr/sbin/ip

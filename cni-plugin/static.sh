@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Builds the `weft` CNI plugin as weft ships it: a static binary linked with musl libc, for this
+# machine's architecture. The container runtime starts the plugin once for every ADD, CHECK and
+# DEL of every pod; a static binary skips the dynamic loader, which here is most of what starting
+# a small process costs (docs/benchmarks.md, "Size and start time"). The agent and the controller
+# are long-running and stay ordinary builds.
+#
+#   cni-plugin/static.sh [CARGO_PROFILE]    # default: plugin (Cargo.toml); prints the binary's path
+#
+# Installs the Rust standard library for the musl target with rustup when it is missing (the
+# target needs no C toolchain of its own: Rust ships musl's start files and libc).
+set -euo pipefail
+profile=${1:-plugin}
+target="$(uname -m)-unknown-linux-musl"
+cd "$(dirname "$0")/.."
+if ! rustup target list --installed | grep -qx "$target"; then
+  rustup target add "$target" >&2
+fi
+cargo build --profile "$profile" --locked -p weft-cni --target "$target" >&2
+dir=$profile
+[ "$profile" = dev ] && dir=debug
+echo "$PWD/target/$target/$dir/weft"
