@@ -362,7 +362,8 @@ pub struct NetworkStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nodes: Option<i64>,
 
-    /// Addresses currently assigned to workloads, all nodes and families together.
+    /// Addresses currently assigned to the Network's workloads, all nodes and families together
+    /// (as the agents of the nodes that realize it publish them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub addresses_in_use: Option<i64>,
 

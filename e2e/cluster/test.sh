@@ -419,7 +419,9 @@ EOF
     expect "outside -> h1 on its LAN address" test "$(outside_get "http://$lanip/")" = h1 &&
     expect "h1 -> the LAN router leaves through net1 with h1's LAN address" \
       test "$(http_get h1 http://10.77.0.1:8081/cgi-bin/ip)" = "$lanip" &&
-    expect "node1 -> h1's LAN address" node node1 ping -c1 -W2 "$lanip"
+    expect "node1 -> h1's LAN address" node node1 ping -c1 -W2 "$lanip" &&
+    eventually 30 "e2e-lan's addresses in use: h1's one LAN address (not the nodes' other workloads)" \
+      sh -c "[ \"\$('$C' kubectl get network e2e-lan -o jsonpath='{.status.addressesInUse}')\" = 1 ]"
 }
 
 t_status() {

@@ -222,9 +222,51 @@ impl Realized {
     }
 }
 
+/// The addresses a node's workloads hold, per Network: what its agent publishes in
+/// `status.workloads`, counted once when the NodeNetwork is read. A live migration's target port
+/// that waits for its VM (`active: false`) is not counted: it holds the addresses its source
+/// holds on the other node. Only Networks with addresses are listed, so the size follows the
+/// node's workloads, not the number of Networks.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct InUse(Arc<[(Arc<str>, i64)]>);
+
+impl InUse {
+    /// The counts of `workloads`, the Network names shared through `names`.
+    pub fn read(workloads: &[weft_crds::NodeWorkload], names: &mut Names) -> Self {
+        let mut counts: std::collections::BTreeMap<&str, i64> = std::collections::BTreeMap::new();
+        for w in workloads.iter().filter(|w| w.active) {
+            *counts.entry(&w.network).or_default() +=
+                i64::try_from(w.ips.len()).unwrap_or(i64::MAX);
+        }
+        InUse(
+            counts
+                .into_iter()
+                .filter(|(_, n)| *n > 0)
+                .map(|(network, n)| (names.get(network), n))
+                .collect(),
+        )
+    }
+
+    /// The addresses `network`'s workloads hold on the node.
+    pub fn of(&self, network: &str) -> i64 {
+        self.0
+            .binary_search_by(|(n, _)| (**n).cmp(network))
+            .map_or(0, |i| self.0[i].1)
+    }
+
+    /// The Networks whose count differs between `self` and `other`.
+    pub fn changed<'a>(&'a self, other: &'a InUse) -> impl Iterator<Item = &'a str> {
+        self.0
+            .iter()
+            .chain(other.0.iter())
+            .map(|(n, _)| &**n)
+            .filter(move |n| self.of(n) != other.of(n))
+    }
+}
+
 /// A NodeNetwork as the controller keeps it ([`keep_node_network`]): its metadata without
 /// managed fields, its spec as [`Blocks`], its status with the Networks realized taken out
-/// into [`Realized`].
+/// into [`Realized`], and the addresses its workloads hold per Network ([`InUse`]).
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct CompactNodeNetwork {
     /// The NodeNetwork's metadata, without managed fields.
@@ -236,6 +278,8 @@ pub struct CompactNodeNetwork {
     pub status: Option<NodeNetworkStatus>,
     /// The Networks its agent reports realized (`status.networks`).
     pub realized: Realized,
+    /// The addresses its workloads hold, per Network (from `status.workloads`).
+    pub in_use: InUse,
 }
 
 impl CompactNodeNetwork {
@@ -284,11 +328,16 @@ pub fn keep_node_network(nn: NodeNetwork, names: &mut Names) -> CompactNodeNetwo
         .as_mut()
         .map(|s| Realized::read(&std::mem::take(&mut s.networks), names))
         .unwrap_or_default();
+    let in_use = status
+        .as_ref()
+        .map(|s| InUse::read(&s.workloads, names))
+        .unwrap_or_default();
     CompactNodeNetwork {
         metadata,
         spec: Blocks::read(&spec, names),
         status,
         realized,
+        in_use,
     }
 }
 
@@ -308,6 +357,36 @@ mod tests {
             ipv4: ipv4.map(Cidr::from),
             ipv6: ipv6.map(Cidr::from),
         }
+    }
+
+    #[test]
+    fn addresses_in_use_are_counted_per_network_from_the_active_workloads() {
+        let w = |network: &str, ips: usize, active: bool| weft_crds::NodeWorkload {
+            network: network.into(),
+            namespace: "ns".into(),
+            name: "p".into(),
+            labels: Default::default(),
+            ips: vec!["10.0.0.2".into(); ips],
+            vm: None,
+            mac: None,
+            active,
+        };
+        let mut names = Names::default();
+        let a = InUse::read(
+            &[
+                w("red", 2, true),
+                w("blue", 1, true),
+                w("red", 1, true),
+                w("green", 1, false),
+            ],
+            &mut names,
+        );
+        assert_eq!((a.of("red"), a.of("blue"), a.of("green")), (3, 1, 0));
+        assert_eq!(a.0.len(), 2, "no entry for a Network without addresses");
+        let b = InUse::read(&[w("red", 3, true), w("green", 1, true)], &mut names);
+        let changed: std::collections::BTreeSet<&str> = a.changed(&b).collect();
+        assert_eq!(changed, ["blue", "green"].into());
+        assert_eq!(a.changed(&a.clone()).count(), 0);
     }
 
     #[test]

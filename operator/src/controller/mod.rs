@@ -30,7 +30,7 @@ pub use leader::Leadership;
 pub use metrics::Metrics;
 
 use backon::BackoffBuilder as _;
-use compact::{Blocks, CompactNodeNetwork, Entry, Names, Realized, keep_node_network};
+use compact::{Blocks, CompactNodeNetwork, Entry, InUse, Names, Realized, keep_node_network};
 use futures::{FutureExt, StreamExt, TryStreamExt, channel::mpsc};
 use k8s_openapi::api::core::v1::Node;
 use kube::runtime::events::{Recorder, Reporter};
@@ -384,34 +384,38 @@ fn names_of(entries: &[Entry], realized: &Realized) -> BTreeSet<String> {
         .collect()
 }
 
-/// What [`networks_touched`] remembers of a NodeNetwork: its spec's entries and its agent's
-/// list of the Networks it realizes (shared with the store, not copied), and the agent's count
-/// of endpoints.
-pub type Named = (Arc<[Entry]>, Realized, Option<i64>);
+/// What [`networks_touched`] remembers of a NodeNetwork: its spec's entries, its agent's list
+/// of the Networks it realizes and the addresses its workloads hold per Network (all shared
+/// with the store, not copied).
+pub type Named = (Arc<[Entry]>, Realized, InUse);
 
 /// The Networks whose status a NodeNetwork event may change. A NodeNetwork seen for the first
 /// time, or deleted, touches every Network it names (blocks in its spec, or realized by its
 /// agent) and named before. Otherwise only what changed: the Networks whose entry in the spec
 /// came, went or changed (the controller's own writes: one Network added touches that Network
-/// alone, not every Network on each node), those the agent began or stopped realizing, and when
-/// the node's count of endpoints changed, every Network realized there (their addresses in
-/// use). `last` remembers each NodeNetwork's last event; a deleted one is forgotten.
+/// alone, not every Network on each node), those the agent began or stopped realizing, and
+/// those whose workloads' addresses on the node changed in number (a pod started or gone: its
+/// Network's addresses in use). `last` remembers each NodeNetwork's last event; a deleted one
+/// is forgotten.
 pub fn networks_touched(
     last: &mut HashMap<String, Named>,
     nn: &CompactNodeNetwork,
     deleted: bool,
 ) -> BTreeSet<String> {
     let name = nn.metadata.name.clone().unwrap_or_default();
-    let endpoints = nn.status.as_ref().and_then(|s| s.endpoints);
     let before = if deleted {
         last.remove(&name)
     } else {
         last.insert(
             name,
-            (nn.spec.shared_entries(), nn.realized.clone(), endpoints),
+            (
+                nn.spec.shared_entries(),
+                nn.realized.clone(),
+                nn.in_use.clone(),
+            ),
         )
     };
-    let (entries, realized, was_endpoints) = match before {
+    let (entries, realized, was_in_use) = match before {
         Some(b) if !deleted => b,
         before => {
             let mut touched = networks_named(nn);
@@ -436,11 +440,8 @@ pub fn networks_touched(
     );
     let was: BTreeSet<&str> = realized.names().collect();
     let is: BTreeSet<&str> = nn.realized.names().collect();
-    if endpoints == was_endpoints {
-        touched.extend(was.symmetric_difference(&is).map(|n| (*n).to_owned()));
-    } else {
-        touched.extend(was.union(&is).map(|n| (*n).to_owned()));
-    }
+    touched.extend(was.symmetric_difference(&is).map(|n| (*n).to_owned()));
+    touched.extend(was_in_use.changed(&nn.in_use).map(str::to_owned));
     touched
 }
 
@@ -860,6 +861,28 @@ mod trigger_tests {
     use weft_crds::{NodeNetworkBlock, NodeNetworkSpec, NodeNetworkStatus};
 
     fn nn(blocks: &[&str], realized: &[&str]) -> CompactNodeNetwork {
+        with_workloads(blocks, realized, &[])
+    }
+
+    /// A workload of `network` with `ips` addresses; `active: false` for a migration's target.
+    fn workload(network: &str, ips: usize, active: bool) -> weft_crds::NodeWorkload {
+        weft_crds::NodeWorkload {
+            network: network.into(),
+            namespace: "default".into(),
+            name: format!("pod-{network}-{ips}"),
+            labels: Default::default(),
+            ips: (0..ips).map(|i| format!("10.0.0.{}", i + 2)).collect(),
+            vm: None,
+            mac: None,
+            active,
+        }
+    }
+
+    fn with_workloads(
+        blocks: &[&str],
+        realized: &[&str],
+        workloads: &[weft_crds::NodeWorkload],
+    ) -> CompactNodeNetwork {
         let mut nn = NodeNetwork::new(
             "node-a",
             NodeNetworkSpec {
@@ -875,6 +898,8 @@ mod trigger_tests {
         );
         nn.status = Some(NodeNetworkStatus {
             networks: realized.iter().map(|n| (*n).to_string()).collect(),
+            endpoints: Some(i64::try_from(workloads.len()).unwrap()),
+            workloads: workloads.to_vec(),
             ..Default::default()
         });
         nn.into()
@@ -911,16 +936,22 @@ mod trigger_tests {
             networks_touched(&mut last, &nn(&["a", "b"], &["a", "b"]), false),
             set(&["b"])
         );
-        // A pod started (the node's count of endpoints changed): every Network realized there.
-        let mut busier = nn(&["a", "b"], &["a", "b"]);
-        busier.status.get_or_insert_default().endpoints = Some(3);
+        // A pod of b started (the addresses b's workloads hold changed): b alone.
+        let busier = with_workloads(&["a", "b"], &["a", "b"], &[workload("b", 2, true)]);
+        assert_eq!(networks_touched(&mut last, &busier, false), set(&["b"]));
+        // A migration's target port of a waits for its VM: its addresses are held on the
+        // source node, so nothing changes here.
+        let waiting = [workload("b", 2, true), workload("a", 1, false)];
         assert_eq!(
-            networks_touched(&mut last, &busier, false),
-            set(&["a", "b"])
+            networks_touched(
+                &mut last,
+                &with_workloads(&["a", "b"], &["a", "b"], &waiting),
+                false
+            ),
+            set(&[])
         );
         // a's block changes (renumbered): a alone.
-        let mut moved = nn(&["a", "b"], &["a", "b"]);
-        moved.status.get_or_insert_default().endpoints = Some(3);
+        let mut moved = with_workloads(&["a", "b"], &["a", "b"], &waiting);
         let blocks = moved.spec.entries().to_vec();
         let renumbered: Vec<_> = blocks
             .into_iter()
@@ -933,8 +964,8 @@ mod trigger_tests {
             .collect();
         moved.spec = compact::Blocks::new(renumbered);
         assert_eq!(networks_touched(&mut last, &moved, false), set(&["a"]));
-        // b's block is taken out, the agent no longer realizes b, and its count of endpoints
-        // is gone: b, and a for its addresses in use.
+        // b's block is taken out, the agent no longer realizes b, and its pod is gone: b; and a,
+        // whose block is back at its first number.
         assert_eq!(
             networks_touched(&mut last, &nn(&["a"], &["a"]), false),
             set(&["a", "b"])

@@ -1,9 +1,9 @@
 //! Reconciles Networks: validation, per-node blocks in every `NodeNetwork`, status, and the
 //! `weft.dev/cleanup` finalizer.
 //!
-//! `status.addressesInUse` is an approximation: the sum of the `endpoints` the agents report
-//! in the NodeNetwork status of the nodes that realize the Network (an agent's count covers all
-//! of its networks, so nodes with several networks are counted in each).
+//! `status.addressesInUse` counts the addresses of the Network's workloads as the agents of the
+//! nodes that realize it publish them (`status.workloads` of their NodeNetworks; a live
+//! migration's waiting target not counted twice).
 
 use super::allocator::{self, Allocation, NodeInfo};
 use super::compact::{Blocks, CompactNodeNetwork, Current};
@@ -344,8 +344,9 @@ pub fn desired_status(
     });
     let in_use: i64 = realized
         .iter()
-        .filter_map(|n| observed.node_networks.get(*n)?.status.as_ref()?.endpoints)
-        .sum();
+        .filter_map(|n| observed.node_networks.get(*n))
+        .map(|nn| nn.in_use.of(&name))
+        .fold(0, i64::saturating_add);
     let (valid, ready) = match &verdict {
         Some(r) => (
             status::condition(
@@ -814,6 +815,72 @@ mod tests {
         assert_eq!(status.node_blocks[0].node, "node-000");
         assert_eq!(status.node_blocks[0].blocks, ["10.50.0.0/26"]);
         assert_eq!(status.nodes, Some(100));
+    }
+
+    #[test]
+    fn addresses_in_use_count_the_networks_own_workloads_on_the_nodes_that_realize_it() {
+        let blue = net("10.50.0.0/16", None);
+        let mut observed = observed(blue.clone(), None);
+        observed.nodes = ["node-a", "node-b", "node-c"]
+            .into_iter()
+            .map(|n| (NodeInfo::new(n, &[]), None))
+            .collect();
+        let workload = |network: &str, ips: &[&str], active: bool| weft_crds::NodeWorkload {
+            network: network.into(),
+            namespace: "default".into(),
+            name: format!("w-{}", ips.join("-")),
+            labels: Default::default(),
+            ips: ips.iter().map(|ip| (*ip).to_string()).collect(),
+            vm: None,
+            mac: None,
+            active,
+        };
+        let node_network = |node: &str, realized: &[&str], workloads| {
+            let mut nn = NodeNetwork::new(node, weft_crds::NodeNetworkSpec::default());
+            nn.status = Some(weft_crds::NodeNetworkStatus {
+                networks: realized.iter().map(|n| (*n).to_string()).collect(),
+                endpoints: Some(100),
+                workloads,
+                ..Default::default()
+            });
+            (node.to_owned(), Arc::new(CompactNodeNetwork::from(nn)))
+        };
+        observed.node_networks = [
+            // Two of blue's workloads (one dual-stack) and many of another Network.
+            node_network(
+                "node-a",
+                &["blue", "red"],
+                vec![
+                    workload("blue", &["10.50.0.2", "fd50::2"], true),
+                    workload("blue", &["10.50.0.3"], true),
+                    workload("red", &["10.60.0.2"], true),
+                    workload("red", &["10.60.0.3"], true),
+                ],
+            ),
+            // A live migration's target waiting for its VM: its source holds the address.
+            node_network(
+                "node-b",
+                &["blue"],
+                vec![
+                    workload("blue", &["10.50.1.2"], true),
+                    workload("blue", &["10.50.0.9"], false),
+                ],
+            ),
+            // Not realized here (yet): its workloads are not counted.
+            node_network(
+                "node-c",
+                &["red"],
+                vec![workload("blue", &["10.50.2.2"], true)],
+            ),
+        ]
+        .into();
+        let decision = desired(&observed);
+        let status = desired_status(&blue, &observed, &decision, jiff::Timestamp::UNIX_EPOCH);
+        assert_eq!(
+            status.addresses_in_use,
+            Some(4),
+            "3 addresses on node-a, 1 on node-b; not the nodes' counts of endpoints (100 each)"
+        );
     }
 
     #[test]
