@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 use weft_crds::Network;
-use weft_operator::controller::{Triggers, caches_synced, observe_cluster};
+use weft_operator::controller::{ReportedRefs, Triggers, caches_synced, observe_cluster};
 
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
@@ -89,6 +89,7 @@ async fn the_controller_is_ready_once_the_initial_lists_are_in_while_its_control
         cluster_policies,
         policies,
         mirrors,
+        reported: reported(),
     };
     let (observation, networks, port_forwards, observing) = observe_cluster(&client, &triggers);
     tokio::spawn(observing);
@@ -128,6 +129,16 @@ async fn the_controller_is_ready_once_the_initial_lists_are_in_while_its_control
     );
 }
 
+/// Senders whose receivers are gone: these tests look at readiness, not at what is woken.
+fn reported() -> ReportedRefs {
+    ReportedRefs {
+        cluster_policies: mpsc::unbounded().0,
+        policies: mpsc::unbounded().0,
+        mirrors: mpsc::unbounded().0,
+        port_forwards: mpsc::unbounded().0,
+    }
+}
+
 #[tokio::test]
 async fn the_controller_is_not_ready_while_a_list_is_outstanding() {
     let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
@@ -142,6 +153,7 @@ async fn the_controller_is_not_ready_while_a_list_is_outstanding() {
         cluster_policies: tx.clone(),
         policies: tx.clone(),
         mirrors: tx,
+        reported: reported(),
     };
     let (observation, _networks, _port_forwards, observing) = observe_cluster(&client, &triggers);
     tokio::spawn(observing);

@@ -447,13 +447,17 @@ pub fn networks_touched(
 
 /// Runs a reflector of NodeNetworks (kept as [`keep_node_network`] makes them, the Network
 /// names shared between all of them); every change wakes the Network controller for the
-/// Networks it touches ([`networks_touched`]) and sends `()` to `triggers`.
+/// Networks it touches ([`networks_touched`]) and the other controllers for the objects whose
+/// entry in the agent's report changed ([`reports_touched`]); the end of every full list sends
+/// `()` to `relisted`.
 fn reflect_node_networks(
     api: Api<NodeNetwork>,
     networks: mpsc::UnboundedSender<ObjectRef<Network>>,
-    triggers: Vec<mpsc::UnboundedSender<()>>,
+    reported: ReportedRefs,
+    relisted: Vec<mpsc::UnboundedSender<()>>,
 ) -> (Store<CompactNodeNetwork>, impl Future<Output = ()> + Send) {
     let mut last = HashMap::new();
+    let mut last_reports = HashMap::new();
     let mut names = Names::default();
     let keep = move |nn| keep_node_network(nn, &mut names);
     reflect_with(api, keep, move |event| {
@@ -461,9 +465,13 @@ fn reflect_node_networks(
             for network in networks_touched(&mut last, nn, deleted) {
                 let _ = networks.unbounded_send(ObjectRef::new(&network));
             }
-        }
-        for t in &triggers {
-            let _ = t.unbounded_send(());
+            reported.wake(&reports_touched(&mut last_reports, nn, deleted));
+        } else {
+            // A full list is in: NodeNetworks deleted while the watch was away were never seen
+            // go, so every object reported on is reconciled once.
+            for t in &relisted {
+                let _ = t.unbounded_send(());
+            }
         }
     })
 }
@@ -532,6 +540,121 @@ pub struct Triggers {
     pub policies: mpsc::UnboundedSender<()>,
     /// Wakes the TrafficMirror controller.
     pub mirrors: mpsc::UnboundedSender<()>,
+    /// Wake the controllers of the objects the agents report on, for the objects named.
+    pub reported: ReportedRefs,
+}
+
+/// Senders that wake the controllers of the objects an agent reports on in its NodeNetwork
+/// status (besides Networks), for the objects named.
+#[derive(Clone)]
+pub struct ReportedRefs {
+    /// ClusterSegmentationPolicies.
+    pub cluster_policies: mpsc::UnboundedSender<ObjectRef<ClusterSegmentationPolicy>>,
+    /// SegmentationPolicies.
+    pub policies: mpsc::UnboundedSender<ObjectRef<SegmentationPolicy>>,
+    /// TrafficMirrors.
+    pub mirrors: mpsc::UnboundedSender<ObjectRef<TrafficMirror>>,
+    /// PortForwards.
+    pub port_forwards: mpsc::UnboundedSender<ObjectRef<PortForward>>,
+}
+
+impl ReportedRefs {
+    /// Wakes each object of `touched`. Keys the controller cannot read as an object of their
+    /// kind (an agent's report is not trusted to be well formed) wake nothing.
+    fn wake(&self, touched: &Reported) {
+        for key in &touched.policies {
+            if let Some(name) = key.strip_prefix("ClusterSegmentationPolicy ") {
+                let _ = self.cluster_policies.unbounded_send(ObjectRef::new(name));
+            } else if let Some((ns, name)) = key
+                .strip_prefix("SegmentationPolicy ")
+                .and_then(|k| k.split_once('/'))
+            {
+                let _ = self
+                    .policies
+                    .unbounded_send(ObjectRef::new(name).within(ns));
+            }
+        }
+        for key in &touched.mirrors {
+            if let Some((ns, name)) = key.split_once('/') {
+                let _ = self.mirrors.unbounded_send(ObjectRef::new(name).within(ns));
+            }
+        }
+        for key in &touched.forwards {
+            if let Some((ns, name)) = key.split_once('/') {
+                let _ = self
+                    .port_forwards
+                    .unbounded_send(ObjectRef::new(name).within(ns));
+            }
+        }
+    }
+}
+
+/// Keys of the objects an agent reports on, by kind: `ClusterSegmentationPolicy <name>` and
+/// `SegmentationPolicy <namespace>/<name>` (`status.policies`), `<namespace>/<name>` of
+/// TrafficMirrors (`status.mirrors`) and of PortForwards (`status.forwards`).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reported {
+    /// Policies.
+    pub policies: BTreeSet<String>,
+    /// TrafficMirrors.
+    pub mirrors: BTreeSet<String>,
+    /// PortForwards.
+    pub forwards: BTreeSet<String>,
+}
+
+/// What [`reports_touched`] remembers of a NodeNetwork's status: its agent's reports on
+/// policies, mirrors and PortForwards.
+#[derive(Debug, Default, Clone)]
+pub struct Reports {
+    policies: Vec<weft_crds::NodePolicy>,
+    mirrors: Vec<weft_crds::NodeMirror>,
+    forwards: Vec<weft_crds::NodeForward>,
+}
+
+/// The policies, mirrors and PortForwards whose status a NodeNetwork event may change: those
+/// whose entry in its agent's report came, went or changed (a deleted NodeNetwork: every one it
+/// reported on). A pod's start changes the node's workloads and count of endpoints but, unless
+/// a policy applies to it, no such entry: it wakes none of them. `last` remembers each
+/// NodeNetwork's last report; a deleted one is forgotten.
+pub fn reports_touched(
+    last: &mut HashMap<String, Reports>,
+    nn: &CompactNodeNetwork,
+    deleted: bool,
+) -> Reported {
+    let name = nn.metadata.name.clone().unwrap_or_default();
+    let now = match (&nn.status, deleted) {
+        (Some(s), false) => Reports {
+            policies: s.policies.clone(),
+            mirrors: s.mirrors.clone(),
+            forwards: s.forwards.clone(),
+        },
+        _ => Reports::default(),
+    };
+    let before = if deleted {
+        last.remove(&name).unwrap_or_default()
+    } else {
+        last.insert(name, now.clone()).unwrap_or_default()
+    };
+    Reported {
+        policies: changed_keys(&before.policies, &now.policies, |p| &p.policy),
+        mirrors: changed_keys(&before.mirrors, &now.mirrors, |m| &m.mirror),
+        forwards: changed_keys(&before.forwards, &now.forwards, |f| &f.forward),
+    }
+}
+
+/// The keys of the entries that are in `before` or `after` but not equal in both.
+fn changed_keys<T: PartialEq>(
+    before: &[T],
+    after: &[T],
+    key: fn(&T) -> &String,
+) -> BTreeSet<String> {
+    let old: HashMap<&str, &T> = before.iter().map(|e| (key(e).as_str(), e)).collect();
+    let new: HashMap<&str, &T> = after.iter().map(|e| (key(e).as_str(), e)).collect();
+    old.keys()
+        .chain(new.keys())
+        .filter(|k| old.get(*k) != new.get(*k))
+        .map(|k| (*k).to_owned())
+        .collect()
 }
 
 /// What the controller watches: the Node and NodeNetwork stores, and whether the watches of
@@ -570,10 +693,11 @@ pub fn observe_cluster(
 ) {
     // A NodeNetwork's change concerns the Networks it names (their blocks there, the agent's
     // report of them): only those are reconciled, not every Network. The agents' reports are
-    // the policies', mirrors' and PortForwards' status too.
+    // the policies', mirrors' and PortForwards' status too: only those whose entry changed.
     let (node_networks, nn_fut) = reflect_node_networks(
         Api::<NodeNetwork>::all(client.clone()),
         triggers.network_refs.clone(),
+        triggers.reported.clone(),
         vec![
             triggers.cluster_policies.clone(),
             triggers.policies.clone(),
@@ -684,6 +808,10 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
     let (csp_tx, csp_rx) = mpsc::unbounded();
     let (sp_tx, sp_rx) = mpsc::unbounded();
     let (tm_tx, tm_rx) = mpsc::unbounded();
+    let (pf_ref_tx, pf_ref_rx) = mpsc::unbounded();
+    let (csp_ref_tx, csp_ref_rx) = mpsc::unbounded();
+    let (sp_ref_tx, sp_ref_rx) = mpsc::unbounded();
+    let (tm_ref_tx, tm_ref_rx) = mpsc::unbounded();
     // Leadership gained: reconcile everything.
     let notify = {
         let mut rx = leader_rx.clone();
@@ -711,6 +839,12 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
         cluster_policies: csp_tx.clone(),
         policies: sp_tx.clone(),
         mirrors: tm_tx.clone(),
+        reported: ReportedRefs {
+            cluster_policies: csp_ref_tx,
+            policies: sp_ref_tx,
+            mirrors: tm_ref_tx,
+            port_forwards: pf_ref_tx,
+        },
     };
     let (observation, networks, port_forwards, observing) = observe_cluster(&client, &triggers);
     tokio::spawn(observing);
@@ -759,6 +893,7 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
         .for_each(|_| futures::future::ready(()));
     let pfs = pf_controller
         .reconcile_all_on(trigger_stream(pf_rx))
+        .reconcile_on(pf_ref_rx)
         .shutdown_on_signal()
         .run(
             portforward::reconcile,
@@ -772,6 +907,7 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
     )
     .with_config(kube::runtime::controller::Config::default().debounce(Duration::from_secs(1)))
     .reconcile_all_on(trigger_stream(csp_rx))
+    .reconcile_on(csp_ref_rx)
     .shutdown_on_signal()
     .run(
         policy::reconcile_cluster,
@@ -785,6 +921,7 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
     )
     .with_config(kube::runtime::controller::Config::default().debounce(Duration::from_secs(1)))
     .reconcile_all_on(trigger_stream(sp_rx))
+    .reconcile_on(sp_ref_rx)
     .shutdown_on_signal()
     .run(
         policy::reconcile_namespaced,
@@ -798,6 +935,7 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
     )
     .with_config(kube::runtime::controller::Config::default().debounce(Duration::from_secs(1)))
     .reconcile_all_on(trigger_stream(tm_rx))
+    .reconcile_on(tm_ref_rx)
     .shutdown_on_signal()
     .run(mirror::reconcile, error_policy::<TrafficMirror>, ctx)
     .for_each(|_| futures::future::ready(()));
@@ -976,6 +1114,136 @@ mod trigger_tests {
             set(&["a"])
         );
         assert!(last.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod report_trigger_tests {
+    use super::*;
+    use weft_crds::{NodeForward, NodeMirror, NodeNetworkSpec, NodeNetworkStatus, NodePolicy};
+
+    fn nn(status: NodeNetworkStatus) -> CompactNodeNetwork {
+        let mut nn = NodeNetwork::new("node-a", NodeNetworkSpec::default());
+        nn.status = Some(status);
+        nn.into()
+    }
+
+    fn policy(key: &str, interfaces: i32) -> NodePolicy {
+        NodePolicy {
+            policy: key.into(),
+            interfaces,
+            error: None,
+        }
+    }
+
+    fn keys(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|n| (*n).to_string()).collect()
+    }
+
+    #[test]
+    fn a_node_network_event_wakes_only_the_objects_whose_report_changed() {
+        let mut last = HashMap::new();
+        let mut status = NodeNetworkStatus {
+            policies: vec![
+                policy("ClusterSegmentationPolicy base", 3),
+                policy("SegmentationPolicy prod/db", 1),
+            ],
+            mirrors: vec![NodeMirror {
+                mirror: "prod/tap".into(),
+                sources: 1,
+                ..NodeMirror::default()
+            }],
+            forwards: vec![NodeForward {
+                forward: "prod/ssh".into(),
+                targets: vec!["10.0.0.2".into()],
+                error: None,
+            }],
+            endpoints: Some(3),
+            ..NodeNetworkStatus::default()
+        };
+        // Seen first: everything it reports on.
+        let first = reports_touched(&mut last, &nn(status.clone()), false);
+        assert_eq!(
+            first.policies,
+            keys(&[
+                "ClusterSegmentationPolicy base",
+                "SegmentationPolicy prod/db"
+            ])
+        );
+        assert_eq!(first.mirrors, keys(&["prod/tap"]));
+        assert_eq!(first.forwards, keys(&["prod/ssh"]));
+        // A pod started that no policy applies to: the node's count of endpoints changed,
+        // nothing reported on did.
+        status.endpoints = Some(4);
+        assert_eq!(
+            reports_touched(&mut last, &nn(status.clone()), false),
+            Reported::default()
+        );
+        // The cluster policy applies to one more interface, the forward moved: those alone.
+        status.policies[0].interfaces = 4;
+        status.forwards[0].targets = vec!["10.0.0.9".into()];
+        let moved = reports_touched(&mut last, &nn(status.clone()), false);
+        assert_eq!(moved.policies, keys(&["ClusterSegmentationPolicy base"]));
+        assert!(moved.mirrors.is_empty());
+        assert_eq!(moved.forwards, keys(&["prod/ssh"]));
+        // The mirror's entry goes: the mirror.
+        status.mirrors.clear();
+        let gone = reports_touched(&mut last, &nn(status.clone()), false);
+        assert_eq!(gone.mirrors, keys(&["prod/tap"]));
+        assert!(gone.policies.is_empty() && gone.forwards.is_empty());
+        // Deleted: every object it reported on, then forgotten.
+        let deleted = reports_touched(&mut last, &nn(status), true);
+        assert_eq!(deleted.policies.len(), 2);
+        assert_eq!(deleted.forwards, keys(&["prod/ssh"]));
+        assert!(last.is_empty());
+    }
+
+    #[test]
+    fn reported_keys_wake_their_objects_and_malformed_ones_nothing() {
+        let (csp, mut csp_rx) = mpsc::unbounded();
+        let (sp, mut sp_rx) = mpsc::unbounded();
+        let (tm, mut tm_rx) = mpsc::unbounded();
+        let (pf, mut pf_rx) = mpsc::unbounded();
+        let refs = ReportedRefs {
+            cluster_policies: csp,
+            policies: sp,
+            mirrors: tm,
+            port_forwards: pf,
+        };
+        refs.wake(&Reported {
+            policies: keys(&[
+                "ClusterSegmentationPolicy base",
+                "SegmentationPolicy prod/db",
+                "SegmentationPolicy no-namespace",
+                "Something else",
+            ]),
+            mirrors: keys(&["prod/tap", "bare"]),
+            forwards: keys(&["prod/ssh"]),
+        });
+        drop(refs);
+        fn all<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> Vec<T> {
+            let mut v = Vec::new();
+            while let Ok(r) = rx.try_recv() {
+                v.push(r);
+            }
+            v
+        }
+        assert_eq!(
+            all(&mut csp_rx),
+            [ObjectRef::<ClusterSegmentationPolicy>::new("base")]
+        );
+        assert_eq!(
+            all(&mut sp_rx),
+            [ObjectRef::<SegmentationPolicy>::new("db").within("prod")]
+        );
+        assert_eq!(
+            all(&mut tm_rx),
+            [ObjectRef::<TrafficMirror>::new("tap").within("prod")]
+        );
+        assert_eq!(
+            all(&mut pf_rx),
+            [ObjectRef::<PortForward>::new("ssh").within("prod")]
+        );
     }
 }
 
