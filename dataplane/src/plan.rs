@@ -375,11 +375,10 @@ fn apply_trusting(
 
 /// [`apply`] for a periodic check of a node that holds `previous` (the plan this process
 /// applied last): links, addresses, sysctls and state as [`apply`], but a table whose structure
-/// comment still names `previous`'s structure (a terse listing, without set elements) is
-/// trusted to hold `previous`'s elements, so only the element changes go and a table of many
-/// thousand elements is not listed. A table deleted or changed by hand (its comment differs or
-/// is gone) is listed and repaired in full; elements deleted by hand are repaired by the next
-/// full [`apply`].
+/// set still names `previous`'s structure (one set read, without elements) is trusted to hold
+/// `previous`'s elements, so only the element changes go and a table of many thousand elements
+/// is not listed. A table deleted or changed by hand (its structure set is gone) is listed and
+/// repaired; elements deleted by hand are repaired by the next full [`apply`].
 pub fn apply_checked(
     plan: &NodePlan,
     previous: Option<&NodePlan>,
