@@ -375,11 +375,10 @@ fn apply_trusting(
 
 /// [`apply`] for a periodic check of a node that holds `previous` (the plan this process
 /// applied last): links, addresses, sysctls and state as [`apply`], but a table whose structure
-/// comment still names `previous`'s structure (a terse listing, without set elements) is
-/// trusted to hold `previous`'s elements, so only the element changes go and a table of many
-/// thousand elements is not listed. A table deleted or changed by hand (its comment differs or
-/// is gone) is listed and repaired in full; elements deleted by hand are repaired by the next
-/// full [`apply`].
+/// set still names `previous`'s structure (one set read, without elements) is trusted to hold
+/// `previous`'s elements, so only the element changes go and a table of many thousand elements
+/// is not listed. A table deleted or changed by hand (its structure set is gone) is listed and
+/// repaired; elements deleted by hand are repaired by the next full [`apply`].
 pub fn apply_checked(
     plan: &NodePlan,
     previous: Option<&NodePlan>,
@@ -768,7 +767,11 @@ fn workload_vlans(
 }
 
 /// Brings weft's table to `desired`: nothing if equal, element changes if only elements
-/// differ, one atomic replace otherwise (the table's comment carries its structure hash).
+/// differ, and otherwise, when the kernel's table is weft's, one atomic batch that changes only
+/// the chains, sets and maps that differ ([`nft::diff_in_place`]), so the kernel's elements of
+/// every dynamic set that stays (meters, `ct count` sets, bans) stay too. A missing table, or a
+/// table of that name that is not weft's (its comment is not weft's), is written whole in one
+/// atomic replace, which keeps the bans of the kernel's table with the time they had left.
 pub fn apply_firewall(
     desired: &Table,
     firewall: &mut dyn Firewall,
@@ -777,17 +780,40 @@ pub fn apply_firewall(
     apply_firewall_trusting(desired, None, firewall, report)
 }
 
-/// A table with its structure comment (`weft structure <hash>`), as weft writes it.
-fn with_structure_comment(table: &Table) -> Table {
+/// The comment weft gives its tables. The kernel keeps the comment a table was created with
+/// (it ignores a new one for an existing table), so it only says whose the table is; tables
+/// written before weft changed them in place say `weft structure <hash>`.
+const OWNER_COMMENT: &str = "weft";
+
+/// Is a table with this comment weft's?
+fn is_weft_table(comment: Option<&str>) -> bool {
+    comment.is_some_and(|c| c == OWNER_COMMENT || c.starts_with("weft structure "))
+}
+
+/// A table as weft writes it: its owner comment, and an empty set named
+/// `structure_<structure hash>` last, so that reading one set tells whether the kernel's table
+/// has this structure (a comment could not say: the kernel never changes a table's comment).
+fn with_structure_mark(table: &Table) -> Table {
     let mut t = table.clone();
     t.comment = None;
     let hash = nft::structure_hash(&t);
-    t.comment = Some(format!("weft structure {hash}"));
+    t.comment = Some(OWNER_COMMENT.to_string());
+    t.sets.push(nft::Set {
+        name: format!("structure_{hash}"),
+        key_type: "inet_service".into(),
+        flags: Vec::new(),
+        elements: BTreeSet::new(),
+    });
     t
 }
 
+/// The name of the structure set of a table made by [`with_structure_mark`].
+fn structure_mark(table: &Table) -> &str {
+    table.sets.last().map_or("", |s| s.name.as_str())
+}
+
 /// [`apply_firewall`], trusting that the kernel's table still holds the elements of `trusted`
-/// (the table this process applied last) when its structure comment says it has `trusted`'s
+/// (the table this process applied last) when its structure set says it has `trusted`'s
 /// structure, which `desired` has too: then only the element changes from `trusted` go, and
 /// the table's elements are never listed. Anything else lists the table in full.
 fn apply_firewall_trusting(
@@ -796,13 +822,12 @@ fn apply_firewall_trusting(
     firewall: &mut dyn Firewall,
     report: &mut ApplyReport,
 ) -> Result<(), ApplyError> {
-    let desired = with_structure_comment(desired);
-    if let Some(trusted) = trusted.map(with_structure_comment)
-        && trusted.comment == desired.comment
+    let desired = with_structure_mark(desired);
+    if let Some(trusted) = trusted.map(with_structure_mark)
+        && structure_mark(&trusted) == structure_mark(&desired)
         && firewall
-            .table_comment(desired.family, &desired.name)
+            .set_exists(desired.family, &desired.name, structure_mark(&desired))
             .map_err(ApplyError::Firewall)?
-            == Some(desired.comment.clone())
     {
         let tx = nft::diff(&trusted, &desired);
         if !tx.0.is_empty() {
@@ -815,25 +840,14 @@ fn apply_firewall_trusting(
         .list_table(desired.family, &desired.name)
         .map_err(ApplyError::Firewall)?;
     let tx = match current {
-        Some(state) => {
-            let tx = if state.comment.as_deref() == desired.comment.as_deref() {
-                nft::diff(&state.to_table(&desired), &desired)
-            } else {
-                nft::Transaction(vec![nft::Change::ReplaceTable(desired.clone())])
-            };
-            // A replace keeps what the kernel's rules put in timeout sets (bans), with the
-            // time each had left.
-            nft::Transaction(
-                tx.0.into_iter()
-                    .map(|c| match c {
-                        nft::Change::ReplaceTable(t) => {
-                            nft::Change::ReplaceTable(state.carry_expiring(&t))
-                        }
-                        c => c,
-                    })
-                    .collect(),
-            )
+        Some(state) if is_weft_table(state.comment.as_deref()) => {
+            nft::diff_in_place(&state.to_table(&desired), &desired)
         }
+        // Not weft's: written whole, keeping what the kernel's rules put in timeout sets
+        // (bans), with the time each had left.
+        Some(state) => nft::Transaction(vec![nft::Change::ReplaceTable(
+            state.carry_expiring(&desired),
+        )]),
         None => nft::Transaction(vec![nft::Change::ReplaceTable(desired.clone())]),
     };
     if tx.0.is_empty() {
@@ -1436,7 +1450,7 @@ mod tests {
         assert_eq!(report.changes.len(), 1);
         let kernel = &node.fw.tables[&(Family::Inet, "weft".to_string())];
         assert!(kernel.sets[0].elements.contains("10.1.0.0/24"));
-        // Another rule: the full apply, which lists and replaces.
+        // Another rule: the full apply, which lists and changes that chain in place.
         let third = plan(&["10.1.0.0/24"], "drop", &["a"]);
         apply_since(
             &third,
@@ -1448,10 +1462,21 @@ mod tests {
         )
         .unwrap();
         assert!(node.fw.lists > lists);
-        assert!(matches!(
-            node.fw.applied.last().unwrap().0.as_slice(),
-            [Change::ReplaceTable(_)]
-        ));
+        let last = node.fw.applied.last().unwrap();
+        assert!(
+            last.0
+                .iter()
+                .any(|c| matches!(c, Change::FlushChain { chain, .. } if chain == "forward")),
+            "{last:?}"
+        );
+        assert!(
+            !last.0.iter().any(|c| matches!(c, Change::ReplaceTable(_))),
+            "{last:?}"
+        );
+        assert_eq!(
+            node.fw.tables[&(Family::Inet, "weft".to_string())].chains[0].rules,
+            ["drop"]
+        );
     }
 
     #[test]
@@ -1474,7 +1499,7 @@ mod tests {
         };
         let report = check(&mut node, &second, &first);
         assert_eq!(node.fw.lists, lists, "no table listed with its elements");
-        assert!(node.fw.comment_reads >= 1);
+        assert!(node.fw.set_reads >= 1, "the structure set is read");
         assert!(matches!(
             node.fw.applied.last().unwrap().0.as_slice(),
             [Change::AddElements { .. }]
@@ -1496,14 +1521,24 @@ mod tests {
         assert!(!report.is_noop());
         let kernel = &node.fw.tables[&(Family::Inet, "weft".to_string())];
         assert!(kernel.sets[0].elements.contains("10.1.0.0/24"));
-        // Another structure: listed and replaced, as by the full apply.
+        // Another structure: listed and changed in place, as by the full apply.
         let lists = node.fw.lists;
         let third = plan(&["10.1.0.0/24"], "drop", &["a"]);
         check(&mut node, &third, &second);
         assert!(node.fw.lists > lists);
+        let last = node.fw.applied.last().unwrap();
+        assert!(
+            matches!(last.0.first(), Some(Change::FlushChain { .. })),
+            "{last:?}"
+        );
+        // The structure set followed: the next registration is trusted again, unlisted.
+        let lists = node.fw.lists;
+        let fourth = plan(&["10.1.0.0/24", "10.2.0.0/24"], "drop", &["a"]);
+        check(&mut node, &fourth, &third);
+        assert_eq!(node.fw.lists, lists, "no table listed with its elements");
         assert!(matches!(
             node.fw.applied.last().unwrap().0.as_slice(),
-            [Change::ReplaceTable(_)]
+            [Change::AddElements { .. }]
         ));
     }
 
@@ -1520,7 +1555,7 @@ mod tests {
     }
 
     #[test]
-    fn element_changes_are_element_transactions_and_rule_changes_replace() {
+    fn element_changes_are_element_transactions_and_rule_changes_refill_their_chain() {
         let mut node = Node::new();
         node.apply(&plan(&["10.0.0.0/24"], "accept", &[]));
         node.apply(&plan(&["10.0.0.0/24", "10.1.0.0/24"], "accept", &[]));
@@ -1531,10 +1566,23 @@ mod tests {
         );
         node.apply(&plan(&["10.1.0.0/24"], "drop", &[]));
         let last = node.fw.applied.last().unwrap();
+        let structure = |c: &Change| match c {
+            Change::DeleteSet { set, .. } => set.starts_with("structure_"),
+            Change::AddSet { set, .. } => set.name.starts_with("structure_"),
+            _ => false,
+        };
         assert!(
-            matches!(last.0.as_slice(), [Change::ReplaceTable(_)]),
+            matches!(
+                last.0.iter().filter(|c| !structure(c)).collect::<Vec<_>>().as_slice(),
+                [
+                    Change::FlushChain { chain: f, .. },
+                    Change::DeleteElements { .. },
+                    Change::AddRules { chain: r, .. },
+                ] if f == "forward" && r.name == "forward" && r.rules == ["drop"]
+            ),
             "{last:?}"
         );
+        assert!(node.apply(&plan(&["10.1.0.0/24"], "drop", &[])).is_noop());
     }
 
     #[test]

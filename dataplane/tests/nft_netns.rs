@@ -860,36 +860,373 @@ fn ban_table(extra: &[&str]) -> Table {
     }
 }
 
+fn nft_cmd(args: &str) {
+    let out = std::process::Command::new("nft")
+        .arg(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "nft {args}: {out:?}");
+}
+
+fn apply_firewall(nft: &mut NftCli, t: &Table) -> Vec<String> {
+    let mut report = weft_dataplane::links::ApplyReport::default();
+    weft_dataplane::plan::apply_firewall(t, nft, &mut report).unwrap();
+    report.changes
+}
+
+fn ban_left(nft: &mut NftCli) -> u64 {
+    let state = nft.list_table(Family::Inet, "weft").unwrap().unwrap();
+    let bans = &state.set("bans4").unwrap().expiring;
+    let (timeout, left) = bans
+        .get("198.51.100.7 . tcp . 22")
+        .copied()
+        .unwrap_or_else(|| panic!("the ban is gone: {state:?}"));
+    assert_eq!(timeout, 600);
+    left
+}
+
 #[test]
 fn bans_survive_a_replace_of_the_table_with_the_time_they_had_left() {
     in_netns(|| {
         let mut nft = NftCli::default();
-        let mut report = weft_dataplane::links::ApplyReport::default();
-        weft_dataplane::plan::apply_firewall(&ban_table(&[]), &mut nft, &mut report).unwrap();
+        // A table of weft's name that is not weft's (no comment): replaced whole.
+        nft.apply(&replace(&ban_table(&[]))).unwrap();
         // What the rule would add for a source: the kernel's element, not weft's.
-        let out = std::process::Command::new("nft")
-            .args([
-                "add element inet weft bans4 { 198.51.100.7 . tcp . 22 timeout 600s expires 300s }",
-            ])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        // Another structure (a set more): the table is replaced, the ban stays.
-        let mut report = weft_dataplane::links::ApplyReport::default();
-        weft_dataplane::plan::apply_firewall(&ban_table(&["more"]), &mut nft, &mut report).unwrap();
+        nft_cmd(
+            "add element inet weft bans4 { 198.51.100.7 . tcp . 22 timeout 600s expires 300s }",
+        );
+        let changes = apply_firewall(&mut nft, &ban_table(&["more"]));
         assert!(
-            report.changes.iter().any(|c| c.starts_with("replaced")),
-            "{:?}",
-            report.changes
+            changes.iter().any(|c| c.starts_with("replaced")),
+            "{changes:?}"
         );
         let state = nft.list_table(Family::Inet, "weft").unwrap().unwrap();
         assert!(state.set("more").is_some(), "the new structure is in");
-        let bans = &state.set("bans4").unwrap().expiring;
-        let (timeout, left) = bans
-            .get("198.51.100.7 . tcp . 22")
-            .copied()
-            .unwrap_or_else(|| panic!("the ban is gone: {state:?}"));
-        assert_eq!(timeout, 600);
+        let left = ban_left(&mut nft);
         assert!((290..=300).contains(&left), "{left} s left");
+        // weft's table now: another structure changes it in place, the ban untouched.
+        let changes = apply_firewall(&mut nft, &ban_table(&["more", "again"]));
+        assert!(
+            !changes.iter().any(|c| c.starts_with("replaced")),
+            "{changes:?}"
+        );
+        assert!(
+            changes
+                .iter()
+                .any(|c| c.starts_with("added set inet weft again"))
+        );
+        let left = ban_left(&mut nft);
+        assert!((280..=300).contains(&left), "{left} s left");
+    });
+}
+
+/// A table with a meter (`update @meter4 { … limit … }`), a concurrent-connection count
+/// (`add @conns4 { … ct count … }`) and a ban (`add @bans4 { … timeout … }`), all three fed by
+/// UDP packets to port 9999 in an output chain, and a chain `other` with `rule`; `extra` adds
+/// a set and a chain that uses it.
+fn dynamic_table(rule: &str, extra: bool) -> Table {
+    let dynamic = |name: &str, key: &str, timeout: bool| Set {
+        name: name.into(),
+        key_type: key.into(),
+        flags: if timeout {
+            vec![weft_dataplane::nft::DYNAMIC_FLAG.into(), "timeout".into()]
+        } else {
+            vec![weft_dataplane::nft::DYNAMIC_FLAG.into()]
+        },
+        elements: BTreeSet::new(),
+    };
+    let mut t = Table {
+        family: Family::Inet,
+        name: "weft".into(),
+        comment: None,
+        sets: vec![
+            dynamic("meter4", "ipv4_addr", false),
+            dynamic("conns4", "ipv4_addr", false),
+            dynamic("bans4", "ipv4_addr . inet_proto . inet_service", true),
+        ],
+        maps: vec![],
+        chains: vec![
+            base(
+                "output",
+                "filter",
+                "output",
+                "0",
+                &[
+                    "udp dport 9999 update @meter4 { ip daddr limit rate over 1000/second } counter",
+                    "udp dport 9999 add @conns4 { ip daddr ct count over 100 } counter",
+                    "udp dport 9999 add @bans4 { ip daddr . meta l4proto . th dport timeout 600s }",
+                ],
+            ),
+            base("other", "filter", "input", "10", &[rule]),
+        ],
+    };
+    if extra {
+        t.sets
+            .push(set("blocked", "ipv4_addr", true, &["192.0.2.0/24"]));
+        t.chains.push(Chain {
+            name: "blocking".into(),
+            base: None,
+            rules: vec!["ip saddr @blocked drop".into()],
+        });
+        t.chains[1].rules.push("jump blocking".into());
+    }
+    t
+}
+
+/// Sends UDP datagrams to 127.0.0.1:9999 from the calling thread's netns (loopback brought up).
+fn send_udp() {
+    let out = std::process::Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for _ in 0..3 {
+        socket.send_to(b"weft", "127.0.0.1:9999").unwrap();
+    }
+}
+
+#[test]
+fn meters_connection_counts_and_bans_stay_when_a_chain_or_a_new_set_changes() {
+    in_netns(|| {
+        let mut nft = NftCli::default();
+        apply_firewall(&mut nft, &dynamic_table("counter", false));
+        send_udp();
+        let lens = |nft: &NftCli| {
+            ["meter4", "conns4", "bans4"].map(|s| nft.set_len(Family::Inet, "weft", s).unwrap())
+        };
+        assert_eq!(lens(&nft), [1, 1, 1], "the kernel filled the dynamic sets");
+        let ban = |nft: &mut NftCli| {
+            let state = nft.list_table(Family::Inet, "weft").unwrap().unwrap();
+            state.set("bans4").unwrap().expiring["127.0.0.1 . udp . 9999"]
+        };
+        let (_, left) = ban(&mut nft);
+
+        // One rule of another chain.
+        let changes = apply_firewall(&mut nft, &dynamic_table("meta l4proto tcp counter", false));
+        assert!(
+            changes.iter().any(|c| c == "flushed chain inet weft other")
+                && !changes
+                    .iter()
+                    .any(|c| c.contains("output") || c.starts_with("replaced")),
+            "{changes:?}"
+        );
+        assert_eq!(
+            lens(&nft),
+            [1, 1, 1],
+            "after a rule of another chain changed"
+        );
+
+        // A new set and a new chain (jumped to from a changed chain).
+        let changes = apply_firewall(&mut nft, &dynamic_table("meta l4proto tcp counter", true));
+        assert!(
+            changes
+                .iter()
+                .any(|c| c.starts_with("added set inet weft blocked"))
+                && changes
+                    .iter()
+                    .any(|c| c == "added chain inet weft blocking")
+                && !changes.iter().any(|c| c.starts_with("replaced")),
+            "{changes:?}"
+        );
+        assert_eq!(lens(&nft), [1, 1, 1], "after a set and a chain were added");
+        let (timeout, still) = ban(&mut nft);
+        assert_eq!(timeout, 600);
+        assert!(
+            still <= left && still + 10 >= left,
+            "{still} s left of {left}"
+        );
+        // The chain that feeds the sets itself: flushed and refilled, the sets stay.
+        let mut t = dynamic_table("meta l4proto tcp counter", true);
+        t.chains[0].rules.push("counter".into());
+        let changes = apply_firewall(&mut nft, &t);
+        assert!(
+            changes
+                .iter()
+                .any(|c| c == "flushed chain inet weft output")
+                && !changes
+                    .iter()
+                    .any(|c| ["meter4", "conns4", "bans4"].iter().any(|s| c.contains(s))),
+            "{changes:?}"
+        );
+        assert_eq!(lens(&nft), [1, 1, 1], "after their own chain changed");
+        // The meter and the count still work on their old elements: more packets, same keys.
+        send_udp();
+        assert_eq!(lens(&nft), [1, 1, 1]);
+    });
+}
+
+/// `nft list table` text with counters zeroed, timers dropped, elements sorted (a hash set
+/// lists them in the order of its random seed) and the sets, maps and chains in name order
+/// (what is added in place comes last in the kernel's order).
+fn normalized(text: &str) -> String {
+    let mut head = Vec::new();
+    let mut blocks: Vec<Vec<String>> = Vec::new();
+    let mut lines = Vec::new();
+    let mut elements: Option<String> = None;
+    for line in text.lines() {
+        let line = line.trim_end();
+        if let Some(acc) = elements.as_mut() {
+            acc.push_str(line.trim());
+        } else if let Some(rest) = line.trim().strip_prefix("elements = {") {
+            elements = Some(rest.trim().to_string());
+        } else {
+            lines.push(line.to_string());
+            continue;
+        }
+        if let Some(acc) = elements.take_if(|acc| acc.ends_with('}')) {
+            let mut items: Vec<&str> = acc
+                .trim_end_matches('}')
+                .split(',')
+                .map(str::trim)
+                .collect();
+            items.sort();
+            lines.push(format!("\t\telements = {{ {} }}", items.join(", ")));
+        }
+    }
+    for line in &lines {
+        let mut words: Vec<&str> = line.split(' ').collect();
+        for i in 0..words.len() {
+            if i > 0 && matches!(words[i - 1], "packets" | "bytes") {
+                words[i] = "0";
+            }
+        }
+        let line = words.join(" ");
+        let line = match line.find(" expires ") {
+            Some(i) => line[..i].to_string(),
+            None => line,
+        };
+        let opens = ["\tset ", "\tmap ", "\tchain "]
+            .iter()
+            .any(|p| line.starts_with(p));
+        if opens {
+            blocks.push(vec![line]);
+        } else if let Some(block) = blocks.last_mut()
+            && !(line == "}" || line.is_empty())
+        {
+            block.push(line);
+        } else if !line.is_empty() {
+            head.push(line);
+        }
+    }
+    blocks.sort();
+    let mut out = head.join("\n");
+    for block in blocks {
+        out.push('\n');
+        out.push_str(&block.join("\n"));
+    }
+    out
+}
+
+/// The listing of `t` applied whole to an empty netns.
+fn fresh_listing(t: &Table) -> String {
+    let t = t.clone();
+    let (send, receive) = std::sync::mpsc::channel();
+    in_netns(move || {
+        let mut nft = NftCli::default();
+        let changes = apply_firewall(&mut nft, &t);
+        assert!(changes[0].starts_with("replaced"), "{changes:?}");
+        send.send(nft.list_table_text(t.family, &t.name).unwrap().unwrap())
+            .unwrap();
+    });
+    receive.recv().unwrap()
+}
+
+/// nat_table, changed step by step: a rule, a set's type, a chain gone and one new, a base
+/// chain's priority and policy, elements.
+fn nat_table_steps() -> Vec<Table> {
+    let mut steps = vec![nat_table()];
+    let mut t = nat_table();
+    t.chains[3].rules[1] = "iifname . oifname @intra counter accept".into();
+    steps.push(t.clone());
+    // `intra` used by forward: a concatenation of two names becomes one name.
+    t.sets[1] = set("intra", "ifname", false, &["\"wn-blue\""]);
+    t.chains[3].rules[1] = "iifname @intra counter accept".into();
+    steps.push(t.clone());
+    t.chains.remove(0);
+    t.maps[3].elements.retain(|_, v| !v.ends_with(" isolate"));
+    t.chains.push(Chain {
+        name: "audit".into(),
+        base: None,
+        rules: vec!["counter".into(), "ip daddr @nat4 accept".into()],
+    });
+    t.chains[2].rules.push("jump audit".into());
+    t.maps[3]
+        .elements
+        .insert("10.10.0.9 . 10.20.0.7".into(), "goto audit".into());
+    steps.push(t.clone());
+    if let Some(b) = t.chains[1].base.as_mut() {
+        b.priority = "srcnat + 5".into();
+        b.policy = Some("accept".into());
+    }
+    t.chains[2].base.as_mut().unwrap().policy = Some("drop".into());
+    steps.push(t.clone());
+    t.sets[0].elements.insert("\"wn-green\"".into());
+    t.maps.remove(1);
+    t.chains[0].rules.remove(1);
+    steps.push(t.clone());
+    steps.push(nat_table());
+    steps
+}
+
+#[test]
+fn a_table_changed_in_place_lists_as_the_same_table_applied_whole() {
+    let steps = nat_table_steps();
+    let fresh: Vec<String> = steps.iter().map(fresh_listing).collect();
+    in_netns(move || {
+        let mut nft = NftCli::default();
+        for (i, (t, fresh)) in steps.iter().zip(&fresh).enumerate() {
+            let changes = apply_firewall(&mut nft, t);
+            if i > 0 {
+                assert!(
+                    !changes.iter().any(|c| c.starts_with("replaced")),
+                    "step {i}: {changes:?}"
+                );
+            }
+            let listed = nft.list_table_text(Family::Inet, "weft").unwrap().unwrap();
+            assert_eq!(normalized(&listed), normalized(fresh), "step {i}");
+            assert!(
+                apply_firewall(&mut nft, t).is_empty(),
+                "step {i}: a second apply changes nothing"
+            );
+        }
+    });
+}
+
+#[test]
+fn a_set_retyped_under_a_rule_that_uses_it_changes_in_one_batch() {
+    in_netns(|| {
+        let mut nft = NftCli::default();
+        nft.apply(&replace(&nat_table())).unwrap();
+        let mut desired = nat_table();
+        // `bridges` is used by both rules of postrouting, which stay as they are: its flags
+        // change. `nat6` is used by one of them, which changes with its type.
+        desired.sets[0] = set("bridges", "ifname", true, &["\"wn-*\""]);
+        desired.sets[3] = set(
+            "nat6",
+            "ipv6_addr . ifname",
+            true,
+            &["fd00:10::/64 . \"wn-blue\""],
+        );
+        desired.chains[2].rules[1] =
+            "ip6 saddr . iifname @nat6 oifname != @bridges masquerade".into();
+        let state = nft.list_table(Family::Inet, "weft").unwrap().unwrap();
+        let tx = weft_dataplane::nft::diff_in_place(&state.to_table(&desired), &desired);
+        assert!(
+            tx.0.iter()
+                .any(|c| matches!(c, Change::DeleteSet { set, .. } if set == "bridges")),
+            "{tx:?}"
+        );
+        let batch = tx.render();
+        nft.apply(&tx).unwrap_or_else(|e| panic!("{e}\n{batch}"));
+        let state = nft.list_table(Family::Inet, "weft").unwrap().unwrap();
+        assert_eq!(state.set("bridges").unwrap().flags, ["interval"]);
+        assert_eq!(state.set("nat6").unwrap().key_type, "ipv6_addr . ifname");
+        assert_eq!(state.rule_count("postrouting"), Some(2));
+        assert!(
+            weft_dataplane::nft::diff_in_place(&state.to_table(&desired), &desired)
+                .0
+                .is_empty()
+        );
     });
 }

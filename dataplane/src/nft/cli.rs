@@ -266,6 +266,19 @@ impl Firewall for NftCli {
             }
         }
     }
+
+    fn set_exists(&mut self, family: Family, table: &str, set: &str) -> Result<bool, NftError> {
+        // One netlink request, for the reason above; nft's `list set` would list the elements.
+        match NfTablesSocket::open().and_then(|mut s| s.set_exists(family, table, set)) {
+            Ok(exists) => Ok(exists),
+            Err(e) => {
+                debug!(error = %e, "reading a set over netlink failed; asking nft");
+                Ok(self
+                    .list_table(family, table)?
+                    .is_some_and(|t| t.set(set).is_some()))
+            }
+        }
+    }
 }
 
 /// The number of elements in a `nft -j list set` output.

@@ -1,8 +1,9 @@
-//! The element-level diff between two tables.
+//! The diffs between two tables: element by element ([`diff`]) and object by object
+//! ([`diff_in_place`]).
 
-use super::{Change, SetKey, Table, Transaction, structure_hash};
+use super::{Chain, Change, Map, Set, SetKey, Table, Transaction, structure_hash};
 use ipnet::IpNet;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 /// The transaction that turns `current` into `desired`:
@@ -17,81 +18,309 @@ pub fn diff(current: &Table, desired: &Table) -> Transaction {
     {
         return Transaction(vec![Change::ReplaceTable(desired.clone())]);
     }
-    let (family, table) = (desired.family, desired.name.clone());
+    let (family, table) = (desired.family, desired.name.as_str());
     let mut deletes = Vec::new();
     let mut adds = Vec::new();
     // Equal structure hashes mean equal set and map names in the same order.
     for (cur, want) in current.sets.iter().zip(&desired.sets) {
-        // The kernel's own elements (counters of what rules matched): never ours to change.
-        if want.flags.iter().any(|f| f == super::DYNAMIC_FLAG) {
-            continue;
-        }
-        let have = canonical_index(cur.elements.iter());
-        let wanted = canonical_index(want.elements.iter());
-        let gone: Vec<String> = have
-            .iter()
-            .filter(|(c, _)| !wanted.contains_key(*c))
-            .map(|(_, raw)| raw.to_string())
-            .collect();
-        let new: Vec<String> = wanted
-            .iter()
-            .filter(|(c, _)| !have.contains_key(*c))
-            .map(|(_, raw)| raw.to_string())
-            .collect();
-        if !gone.is_empty() {
-            deletes.push(Change::DeleteElements {
-                family,
-                table: table.clone(),
-                set: want.name.clone(),
-                key: SetKey::of(want),
-                elements: gone,
-            });
-        }
-        if !new.is_empty() {
-            adds.push(Change::AddElements {
-                family,
-                table: table.clone(),
-                set: want.name.clone(),
-                key: SetKey::of(want),
-                elements: new,
-            });
-        }
+        set_elements(family, table, cur, want, &mut deletes, &mut adds);
     }
     for (cur, want) in current.maps.iter().zip(&desired.maps) {
-        let have = canonical_pairs(&cur.elements);
-        let wanted = canonical_pairs(&want.elements);
-        let gone: Vec<String> = have
-            .iter()
-            .filter(|(c, h)| wanted.get(*c).map(|w| &w.value) != Some(&h.value))
-            .map(|(_, h)| h.raw_key.to_string())
-            .collect();
-        let new: Vec<(String, String)> = wanted
-            .iter()
-            .filter(|(c, w)| have.get(*c).map(|h| &h.value) != Some(&w.value))
-            .map(|(_, w)| (w.raw_key.to_string(), w.raw_value.to_string()))
-            .collect();
-        if !gone.is_empty() {
-            deletes.push(Change::DeleteMapElements {
-                family,
-                table: table.clone(),
-                map: want.name.clone(),
-                key: SetKey::of_map(want),
-                keys: gone,
-            });
-        }
-        if !new.is_empty() {
-            adds.push(Change::AddMapElements {
-                family,
-                table: table.clone(),
-                map: want.name.clone(),
-                key: SetKey::of_map(want),
-                value_type: want.value_type.clone(),
-                elements: new,
-            });
-        }
+        map_elements(family, table, cur, want, &mut deletes, &mut adds);
     }
     deletes.extend(adds);
     Transaction(deletes)
+}
+
+/// The transaction that turns `current` into `desired` in place, as one batch:
+/// 1. every chain whose rules or hook registration changed, that is removed, or one of whose
+///    rules uses a set or map about to be deleted is flushed;
+/// 2. elements leave the sets and maps that stay (a verdict map element may jump to a chain
+///    about to be deleted);
+/// 3. removed sets and maps, and those whose definition (key, value type, flags) changed, are
+///    deleted;
+/// 4. removed chains, and base chains whose hook, type, priority or policy changed (or that
+///    became or stopped being base chains), are deleted;
+/// 5. new and re-created chains are added, still empty, so that any rule or verdict may jump
+///    to them;
+/// 6. new and re-created sets and maps are added with their elements;
+/// 7. elements join the sets and maps that stay;
+/// 8. the flushed and the new chains get their rules.
+///
+/// Sets that stay keep their elements: only the difference goes (as in [`diff`]), and a
+/// dynamic set's elements, the kernel's own, are never touched. Nothing at all when the tables
+/// are equal; one [`Change::ReplaceTable`] when they are not the same table (family or name).
+///
+/// `current` is usually the kernel's table in `desired`'s terms
+/// ([`super::TableState::to_table`]): a chain whose fingerprint does not match reads back with
+/// placeholder rules, so it differs from the desired chain and is refilled; anything of the
+/// kernel's that `desired` does not have is removed.
+pub fn diff_in_place(current: &Table, desired: &Table) -> Transaction {
+    if current.family != desired.family || current.name != desired.name {
+        return Transaction(vec![Change::ReplaceTable(desired.clone())]);
+    }
+    let (family, table) = (desired.family, desired.name.as_str());
+    let mut element_deletes = Vec::new();
+    let mut element_adds = Vec::new();
+    let mut set_deletes = Vec::new();
+    let mut set_adds = Vec::new();
+    // Sets and maps deleted in this batch, by name: rules that use them must be flushed first.
+    let mut gone: BTreeSet<&str> = BTreeSet::new();
+
+    for want in &desired.sets {
+        match current.sets.iter().find(|c| c.name == want.name) {
+            Some(cur) if cur.key_type == want.key_type && cur.flags == want.flags => {
+                set_elements(
+                    family,
+                    table,
+                    cur,
+                    want,
+                    &mut element_deletes,
+                    &mut element_adds,
+                );
+            }
+            found => {
+                if found.is_some() {
+                    gone.insert(&want.name);
+                    set_deletes.push(Change::DeleteSet {
+                        family,
+                        table: table.to_string(),
+                        set: want.name.clone(),
+                    });
+                }
+                set_adds.push(Change::AddSet {
+                    family,
+                    table: table.to_string(),
+                    set: want.clone(),
+                });
+            }
+        }
+    }
+    for cur in &current.sets {
+        if !desired.sets.iter().any(|d| d.name == cur.name) {
+            gone.insert(&cur.name);
+            set_deletes.push(Change::DeleteSet {
+                family,
+                table: table.to_string(),
+                set: cur.name.clone(),
+            });
+        }
+    }
+    for want in &desired.maps {
+        match current.maps.iter().find(|c| c.name == want.name) {
+            Some(cur)
+                if cur.key_type == want.key_type
+                    && cur.value_type == want.value_type
+                    && cur.flags == want.flags =>
+            {
+                map_elements(
+                    family,
+                    table,
+                    cur,
+                    want,
+                    &mut element_deletes,
+                    &mut element_adds,
+                );
+            }
+            found => {
+                if found.is_some() {
+                    gone.insert(&want.name);
+                    set_deletes.push(Change::DeleteMap {
+                        family,
+                        table: table.to_string(),
+                        map: want.name.clone(),
+                    });
+                }
+                set_adds.push(Change::AddMap {
+                    family,
+                    table: table.to_string(),
+                    map: want.clone(),
+                });
+            }
+        }
+    }
+    for cur in &current.maps {
+        if !desired.maps.iter().any(|d| d.name == cur.name) {
+            gone.insert(&cur.name);
+            set_deletes.push(Change::DeleteMap {
+                family,
+                table: table.to_string(),
+                map: cur.name.clone(),
+            });
+        }
+    }
+
+    let mut flushes = Vec::new();
+    let mut chain_deletes = Vec::new();
+    let mut chain_adds = Vec::new();
+    let mut rule_adds = Vec::new();
+    let flush = |name: &str| Change::FlushChain {
+        family,
+        table: table.to_string(),
+        chain: name.to_string(),
+    };
+    let delete = |name: &str| Change::DeleteChain {
+        family,
+        table: table.to_string(),
+        chain: name.to_string(),
+    };
+    let add = |chain: &Chain| Change::AddChain {
+        family,
+        table: table.to_string(),
+        chain: Chain {
+            rules: Vec::new(),
+            ..chain.clone()
+        },
+    };
+    let rules = |chain: &Chain| Change::AddRules {
+        family,
+        table: table.to_string(),
+        chain: chain.clone(),
+    };
+    for want in &desired.chains {
+        match current.chains.iter().find(|c| c.name == want.name) {
+            None => {
+                chain_adds.push(add(want));
+                rule_adds.push(rules(want));
+            }
+            Some(cur) if cur.base != want.base => {
+                flushes.push(flush(&cur.name));
+                chain_deletes.push(delete(&cur.name));
+                chain_adds.push(add(want));
+                rule_adds.push(rules(want));
+            }
+            Some(cur)
+                if cur.rules != want.rules
+                    || cur
+                        .rules
+                        .iter()
+                        .any(|r| set_references(r).any(|s| gone.contains(s))) =>
+            {
+                flushes.push(flush(&cur.name));
+                rule_adds.push(rules(want));
+            }
+            Some(_) => {}
+        }
+    }
+    for cur in &current.chains {
+        if !desired.chains.iter().any(|d| d.name == cur.name) {
+            flushes.push(flush(&cur.name));
+            chain_deletes.push(delete(&cur.name));
+        }
+    }
+
+    let mut changes = flushes;
+    changes.extend(element_deletes);
+    changes.extend(set_deletes);
+    changes.extend(chain_deletes);
+    changes.extend(chain_adds);
+    changes.extend(set_adds);
+    changes.extend(element_adds);
+    changes.extend(rule_adds.into_iter().filter(|c| match c {
+        Change::AddRules { chain, .. } => !chain.rules.is_empty(),
+        _ => true,
+    }));
+    Transaction(changes)
+}
+
+/// The names of the sets and maps a rule uses (`@name`), a raw payload expression
+/// (`@th,64,128`) left out.
+pub(super) fn set_references(rule: &str) -> impl Iterator<Item = &str> {
+    rule.split('@').skip(1).filter_map(|rest| {
+        let end = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+            .unwrap_or(rest.len());
+        let name = &rest[..end];
+        (!name.is_empty() && !rest[end..].starts_with(',')).then_some(name)
+    })
+}
+
+/// The element deletes and adds that turn set `cur` into `want` (nothing for a dynamic set:
+/// the kernel's own elements, counters of what rules matched, are never weft's to change).
+fn set_elements(
+    family: super::Family,
+    table: &str,
+    cur: &Set,
+    want: &Set,
+    deletes: &mut Vec<Change>,
+    adds: &mut Vec<Change>,
+) {
+    if want.flags.iter().any(|f| f == super::DYNAMIC_FLAG) {
+        return;
+    }
+    let have = canonical_index(cur.elements.iter());
+    let wanted = canonical_index(want.elements.iter());
+    let gone: Vec<String> = have
+        .iter()
+        .filter(|(c, _)| !wanted.contains_key(*c))
+        .map(|(_, raw)| raw.to_string())
+        .collect();
+    let new: Vec<String> = wanted
+        .iter()
+        .filter(|(c, _)| !have.contains_key(*c))
+        .map(|(_, raw)| raw.to_string())
+        .collect();
+    if !gone.is_empty() {
+        deletes.push(Change::DeleteElements {
+            family,
+            table: table.to_string(),
+            set: want.name.clone(),
+            key: SetKey::of(want),
+            elements: gone,
+        });
+    }
+    if !new.is_empty() {
+        adds.push(Change::AddElements {
+            family,
+            table: table.to_string(),
+            set: want.name.clone(),
+            key: SetKey::of(want),
+            elements: new,
+        });
+    }
+}
+
+/// The element deletes and adds that turn map `cur` into `want`; changing the value of an
+/// existing key is a delete plus an add.
+fn map_elements(
+    family: super::Family,
+    table: &str,
+    cur: &Map,
+    want: &Map,
+    deletes: &mut Vec<Change>,
+    adds: &mut Vec<Change>,
+) {
+    let have = canonical_pairs(&cur.elements);
+    let wanted = canonical_pairs(&want.elements);
+    let gone: Vec<String> = have
+        .iter()
+        .filter(|(c, h)| wanted.get(*c).map(|w| &w.value) != Some(&h.value))
+        .map(|(_, h)| h.raw_key.to_string())
+        .collect();
+    let new: Vec<(String, String)> = wanted
+        .iter()
+        .filter(|(c, w)| have.get(*c).map(|h| &h.value) != Some(&w.value))
+        .map(|(_, w)| (w.raw_key.to_string(), w.raw_value.to_string()))
+        .collect();
+    if !gone.is_empty() {
+        deletes.push(Change::DeleteMapElements {
+            family,
+            table: table.to_string(),
+            map: want.name.clone(),
+            key: SetKey::of_map(want),
+            keys: gone,
+        });
+    }
+    if !new.is_empty() {
+        adds.push(Change::AddMapElements {
+            family,
+            table: table.to_string(),
+            map: want.name.clone(),
+            key: SetKey::of_map(want),
+            value_type: want.value_type.clone(),
+            elements: new,
+        });
+    }
 }
 
 /// canonical → raw.
@@ -340,6 +569,232 @@ mod tests {
         .map(|s| s.to_string())
         .collect();
         assert!(diff(&current, &desired).0.is_empty());
+    }
+
+    /// `current` changed into `desired` by `diff_in_place`, in the fake (which refuses what
+    /// nft refuses: a set deleted while a rule uses it, a chain deleted while something jumps
+    /// to it, a rule that uses what does not exist yet).
+    fn applied_in_place(current: &Table, desired: &Table) -> (Transaction, Table) {
+        use super::super::{FakeFirewall, Firewall};
+        let mut fw = FakeFirewall::new();
+        fw.apply(&Transaction(vec![Change::ReplaceTable(current.clone())]))
+            .unwrap();
+        let tx = diff_in_place(current, desired);
+        fw.apply(&tx).unwrap_or_else(|e| panic!("{e}: {tx:#?}"));
+        let table = fw.table(desired.family, &desired.name).unwrap().clone();
+        (tx, table)
+    }
+
+    /// The same table, whatever the order of its sets, maps and chains (the kernel appends what
+    /// is added in place).
+    fn sorted(mut t: Table) -> Table {
+        t.sets.sort_by(|a, b| a.name.cmp(&b.name));
+        t.maps.sort_by(|a, b| a.name.cmp(&b.name));
+        t.chains.sort_by(|a, b| a.name.cmp(&b.name));
+        t
+    }
+
+    #[test]
+    fn in_place_nothing_changed_is_an_empty_transaction() {
+        assert!(diff_in_place(&nat_table(), &nat_table()).0.is_empty());
+    }
+
+    #[test]
+    fn in_place_element_changes_are_the_element_diff() {
+        let mut desired = nat_table();
+        desired.sets[0].elements.insert("\"wn-green\"".into());
+        desired.sets[1].elements.remove("10.20.0.0/16");
+        desired.maps[1]
+            .elements
+            .insert("10.10.0.5 . 10.20.0.7".into(), "drop".into());
+        let tx = diff_in_place(&nat_table(), &desired);
+        assert_eq!(tx, diff(&nat_table(), &desired));
+        assert!(tx.0.iter().all(Change::is_element_change), "{tx:?}");
+    }
+
+    #[test]
+    fn in_place_one_changed_rule_flushes_and_refills_only_its_chain() {
+        let mut desired = nat_table();
+        desired.chains[2].rules[0] = "ip saddr @nat4 masquerade".into();
+        let (tx, table) = applied_in_place(&nat_table(), &desired);
+        assert_eq!(
+            tx.0,
+            vec![
+                Change::FlushChain {
+                    family: super::super::Family::Inet,
+                    table: "weft".into(),
+                    chain: "postrouting".into(),
+                },
+                Change::AddRules {
+                    family: super::super::Family::Inet,
+                    table: "weft".into(),
+                    chain: desired.chains[2].clone(),
+                },
+            ]
+        );
+        assert_eq!(table, desired);
+    }
+
+    #[test]
+    fn in_place_a_retyped_set_is_deleted_and_added_after_the_chains_using_it_are_flushed() {
+        let mut desired = nat_table();
+        // `bridges` is used by postrouting and forward; isolate and prerouting do not use it.
+        desired.sets[0].key_type = "ifname . ifname".into();
+        desired.sets[0].elements = ["\"wn-blue\" . \"wn-blue\"".to_string()].into();
+        let (tx, table) = applied_in_place(&nat_table(), &desired);
+        let flushed: Vec<&str> =
+            tx.0.iter()
+                .filter_map(|c| match c {
+                    Change::FlushChain { chain, .. } => Some(chain.as_str()),
+                    _ => None,
+                })
+                .collect();
+        assert_eq!(flushed, ["postrouting", "forward"]);
+        let at = |want: fn(&Change) -> bool| tx.0.iter().position(want).unwrap();
+        let delete = at(|c| matches!(c, Change::DeleteSet { set, .. } if set == "bridges"));
+        let add = at(|c| matches!(c, Change::AddSet { set, .. } if set.name == "bridges"));
+        let refill = at(|c| matches!(c, Change::AddRules { .. }));
+        assert!(delete > 1 && delete < add && add < refill, "{tx:#?}");
+        assert!(
+            !tx.0
+                .iter()
+                .any(|c| matches!(c, Change::DeleteChain { .. } | Change::AddChain { .. })),
+            "{tx:#?}"
+        );
+        assert_eq!(sorted(table), sorted(desired));
+    }
+
+    #[test]
+    fn in_place_a_removed_chain_goes_after_what_jumps_to_it() {
+        let mut current = nat_table();
+        current.chains[3]
+            .rules
+            .insert(1, "ip saddr 10.9.0.0/16 jump isolate".into());
+        let mut desired = nat_table();
+        desired.chains.remove(0);
+        desired.maps[1].elements.retain(|_, v| v != "jump isolate");
+        let (tx, table) = applied_in_place(&current, &desired);
+        let at = |want: &dyn Fn(&Change) -> bool| tx.0.iter().position(want).unwrap();
+        let flush_forward =
+            at(&|c| matches!(c, Change::FlushChain { chain, .. } if chain == "forward"));
+        let flush_isolate =
+            at(&|c| matches!(c, Change::FlushChain { chain, .. } if chain == "isolate"));
+        let verdict =
+            at(&|c| matches!(c, Change::DeleteMapElements { map, .. } if map == "verdicts"));
+        let delete = at(&|c| matches!(c, Change::DeleteChain { chain, .. } if chain == "isolate"));
+        assert!(
+            flush_forward < delete && flush_isolate < delete && verdict < delete,
+            "{tx:#?}"
+        );
+        assert_eq!(table, desired);
+    }
+
+    #[test]
+    fn in_place_a_new_chain_exists_before_the_rules_and_verdicts_that_jump_to_it() {
+        let mut desired = nat_table();
+        desired.chains.insert(
+            1,
+            super::super::Chain {
+                name: "audit".into(),
+                base: None,
+                rules: vec!["counter accept".into()],
+            },
+        );
+        desired.chains[4].rules.push("jump audit".into());
+        desired.maps[1]
+            .elements
+            .insert("10.10.0.9 . 10.20.0.7".into(), "goto audit".into());
+        desired.sets.push(super::super::Set {
+            name: "meter4".into(),
+            key_type: "ipv4_addr".into(),
+            flags: vec![super::super::DYNAMIC_FLAG.into()],
+            elements: Default::default(),
+        });
+        let (tx, table) = applied_in_place(&nat_table(), &desired);
+        assert!(
+            matches!(tx.0.first(), Some(Change::FlushChain { chain, .. }) if chain == "forward"),
+            "{tx:#?}"
+        );
+        assert_eq!(sorted(table), sorted(desired));
+    }
+
+    #[test]
+    fn in_place_a_base_chain_with_another_hook_is_deleted_and_added_again() {
+        let mut desired = nat_table();
+        if let Some(base) = desired.chains[3].base.as_mut() {
+            base.priority = "filter - 5".into();
+            base.policy = Some("drop".into());
+        }
+        let (tx, table) = applied_in_place(&nat_table(), &desired);
+        assert!(
+            matches!(
+                tx.0.as_slice(),
+                [
+                    Change::FlushChain { chain: a, .. },
+                    Change::DeleteChain { chain: b, .. },
+                    Change::AddChain { chain: c, .. },
+                    Change::AddRules { chain: d, .. },
+                ] if a == "forward" && b == "forward" && c.rules.is_empty() && d == &desired.chains[3]
+            ),
+            "{tx:#?}"
+        );
+        assert_eq!(table, desired);
+    }
+
+    #[test]
+    fn in_place_a_dynamic_set_that_stays_keeps_the_kernel_s_elements() {
+        let meter = super::super::Set {
+            name: "meter4".into(),
+            key_type: "ipv4_addr".into(),
+            flags: vec![super::super::DYNAMIC_FLAG.into()],
+            elements: Default::default(),
+        };
+        let mut current = nat_table();
+        current.sets.push(meter.clone());
+        current.sets[3]
+            .elements
+            .insert("10.10.0.5 limit rate over 10/second".into());
+        let mut desired = nat_table();
+        desired.sets.push(meter);
+        desired.chains[2].rules.push("counter".into());
+        desired.sets.push(super::super::Set {
+            name: "more".into(),
+            key_type: "ipv4_addr".into(),
+            flags: vec![],
+            elements: ["192.0.2.1".to_string()].into(),
+        });
+        let tx = diff_in_place(&current, &desired);
+        assert!(
+            !tx.0.iter().any(|c| matches!(
+                c,
+                Change::DeleteSet { set, .. } if set == "meter4"
+            ) || matches!(c, Change::DeleteElements { set, .. } if set == "meter4")),
+            "{tx:#?}"
+        );
+    }
+
+    #[test]
+    fn in_place_a_kernel_chain_without_this_fingerprint_is_refilled() {
+        let desired = nat_table();
+        let mut kernel = super::super::TableState::from_table(&desired);
+        kernel.chains[0].fingerprint = Some("weft chain 0000000000000000".into());
+        kernel.chains[1].fingerprint = None;
+        let tx = diff_in_place(&kernel.to_table(&desired), &desired);
+        let refilled: Vec<&str> =
+            tx.0.iter()
+                .filter_map(|c| match c {
+                    Change::AddRules { chain, .. } => Some(chain.name.as_str()),
+                    _ => None,
+                })
+                .collect();
+        assert_eq!(refilled, ["isolate", "prerouting"], "{tx:#?}");
+    }
+
+    #[test]
+    fn set_references_leave_raw_payloads_out() {
+        let refs: Vec<&str> =
+            set_references("iifname . @th,64,128 != @targets6 ip saddr @nat4 vmap @v-1").collect();
+        assert_eq!(refs, ["targets6", "nat4", "v-1"]);
     }
 
     #[test]

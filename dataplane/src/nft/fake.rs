@@ -1,11 +1,15 @@
 //! An in-memory [`Firewall`] for tests (compiled only under `cfg(any(test, feature = "testing"))`).
 
+use super::diff::set_references;
 use super::{Change, Family, Firewall, NftError, Table, TableState, Transaction, render_table};
 use std::collections::{BTreeMap, VecDeque};
 
 /// Records every transaction and keeps the tables in memory, applying each transaction
 /// all-or-nothing with nft's rules: deleting a missing element, adding a map key that exists with
-/// another value, or touching a missing table, set or map fails the whole batch.
+/// another value, touching a missing table, set, map or chain, adding one that exists with
+/// another definition, adding a rule that uses a missing set or jumps to a missing chain, or
+/// deleting a chain that holds rules or that a rule or verdict jumps to, or a set or map a rule
+/// uses, fails the whole batch.
 #[derive(Debug, Default, Clone)]
 pub struct FakeFirewall {
     /// The tables "in the kernel".
@@ -19,6 +23,8 @@ pub struct FakeFirewall {
     pub lists: usize,
     /// Number of `table_comment` calls.
     pub comment_reads: usize,
+    /// Number of `set_exists` calls.
+    pub set_reads: usize,
 }
 
 impl FakeFirewall {
@@ -57,6 +63,32 @@ fn table_mut<'a>(
     })
 }
 
+/// The chains a rule or a verdict jumps or goes to (`jump name`, `goto name`).
+fn chain_references(rule: &str) -> impl Iterator<Item = &str> {
+    let words: Vec<&str> = rule
+        .split(|c: char| c.is_whitespace() || matches!(c, ',' | '{' | '}' | ';' | ':'))
+        .filter(|w| !w.is_empty())
+        .collect();
+    let targets: Vec<&str> = words
+        .windows(2)
+        .filter(|w| w[0] == "jump" || w[0] == "goto")
+        .map(|w| w[1].trim_matches('"'))
+        .collect();
+    targets.into_iter()
+}
+
+fn busy(what: &str, name: &str) -> NftError {
+    fail(format!(
+        "Error: Could not process rule: Device or resource busy: {what} {name}"
+    ))
+}
+
+fn exists(what: &str, name: &str) -> NftError {
+    fail(format!(
+        "Error: Could not process rule: File exists: {what} {name}"
+    ))
+}
+
 fn apply_change(
     tables: &mut BTreeMap<(Family, String), Table>,
     change: &Change,
@@ -69,6 +101,132 @@ fn apply_change(
         }
         Change::DeleteTable { family, name } => {
             tables.remove(&(*family, name.clone()));
+        }
+        Change::FlushChain {
+            family,
+            table,
+            chain,
+        } => {
+            let t = table_mut(tables, *family, table)?;
+            let c = t
+                .chains
+                .iter_mut()
+                .find(|c| &c.name == chain)
+                .ok_or_else(|| missing("chain", chain))?;
+            c.rules.clear();
+        }
+        Change::DeleteChain {
+            family,
+            table,
+            chain,
+        } => {
+            let t = table_mut(tables, *family, table)?;
+            let i = t
+                .chains
+                .iter()
+                .position(|c| &c.name == chain)
+                .ok_or_else(|| missing("chain", chain))?;
+            let jumped = t.chains.iter().any(|c| {
+                c.rules
+                    .iter()
+                    .any(|r| chain_references(r).any(|j| j == chain))
+            }) || t.maps.iter().any(|m| {
+                m.elements
+                    .values()
+                    .any(|v| chain_references(v).any(|j| j == chain))
+            });
+            if !t.chains[i].rules.is_empty() || jumped {
+                return Err(busy("chain", chain));
+            }
+            t.chains.remove(i);
+        }
+        Change::AddChain {
+            family,
+            table,
+            chain,
+        } => {
+            let t = table_mut(tables, *family, table)?;
+            match t.chains.iter().find(|c| c.name == chain.name) {
+                Some(c) if c.base != chain.base => return Err(exists("chain", &chain.name)),
+                Some(_) => {}
+                None => t.chains.push(super::Chain {
+                    rules: Vec::new(),
+                    ..chain.clone()
+                }),
+            }
+        }
+        Change::AddRules {
+            family,
+            table,
+            chain,
+        } => {
+            let t = table_mut(tables, *family, table)?;
+            for rule in &chain.rules {
+                if let Some(s) = set_references(rule).find(|s| {
+                    !t.sets.iter().any(|x| x.name == *s) && !t.maps.iter().any(|x| x.name == *s)
+                }) {
+                    return Err(missing("set", s));
+                }
+                if let Some(j) =
+                    chain_references(rule).find(|j| !t.chains.iter().any(|c| c.name == *j))
+                {
+                    return Err(missing("chain", j));
+                }
+            }
+            let c = t
+                .chains
+                .iter_mut()
+                .find(|c| c.name == chain.name)
+                .ok_or_else(|| missing("chain", &chain.name))?;
+            c.rules.extend(chain.rules.iter().cloned());
+        }
+        Change::DeleteSet { family, table, set }
+        | Change::DeleteMap {
+            family,
+            table,
+            map: set,
+        } => {
+            let t = table_mut(tables, *family, table)?;
+            if t.chains
+                .iter()
+                .any(|c| c.rules.iter().any(|r| set_references(r).any(|s| s == set)))
+            {
+                return Err(busy("set", set));
+            }
+            let before = t.sets.len() + t.maps.len();
+            if matches!(change, Change::DeleteSet { .. }) {
+                t.sets.retain(|s| &s.name != set);
+            } else {
+                t.maps.retain(|m| &m.name != set);
+            }
+            if t.sets.len() + t.maps.len() == before {
+                return Err(missing("set", set));
+            }
+        }
+        Change::AddSet { family, table, set } => {
+            let t = table_mut(tables, *family, table)?;
+            if t.sets.iter().any(|s| s.name == set.name)
+                || t.maps.iter().any(|m| m.name == set.name)
+            {
+                return Err(exists("set", &set.name));
+            }
+            t.sets.push(set.clone());
+        }
+        Change::AddMap { family, table, map } => {
+            let t = table_mut(tables, *family, table)?;
+            if t.sets.iter().any(|s| s.name == map.name)
+                || t.maps.iter().any(|m| m.name == map.name)
+            {
+                return Err(exists("map", &map.name));
+            }
+            for v in map.elements.values() {
+                if let Some(j) =
+                    chain_references(v).find(|j| !t.chains.iter().any(|c| c.name == *j))
+                {
+                    return Err(missing("chain", j));
+                }
+            }
+            t.maps.push(map.clone());
         }
         Change::AddElements {
             family,
@@ -112,6 +270,13 @@ fn apply_change(
             ..
         } => {
             let t = table_mut(tables, *family, table)?;
+            for (_, v) in elements {
+                if let Some(j) =
+                    chain_references(v).find(|j| !t.chains.iter().any(|c| c.name == *j))
+                {
+                    return Err(missing("chain", j));
+                }
+            }
             let m = t
                 .maps
                 .iter_mut()
@@ -182,6 +347,13 @@ impl Firewall for FakeFirewall {
     ) -> Result<Option<Option<String>>, NftError> {
         self.comment_reads += 1;
         Ok(self.table(family, name).map(|t| t.comment.clone()))
+    }
+
+    fn set_exists(&mut self, family: Family, table: &str, set: &str) -> Result<bool, NftError> {
+        self.set_reads += 1;
+        Ok(self
+            .table(family, table)
+            .is_some_and(|t| t.sets.iter().any(|s| s.name == set)))
     }
 }
 

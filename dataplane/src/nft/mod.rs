@@ -10,9 +10,20 @@
 //! - [`NftCli::list_table`] reads the kernel's table back with `nft -j list table` into our own
 //!   tolerant serde structs ([`TableState`]), rendering set and map elements in the same text form
 //!   the renderer takes, so desired and actual element sets compare directly;
-//! - [`diff`] turns "current" and "desired" into the smallest transaction: element adds and
-//!   deletes when only elements changed ([`structure_hash`] is equal), one atomic table replace
-//!   otherwise.
+//! - [`diff`] turns "current" and "desired" into element adds and deletes when only elements
+//!   changed ([`structure_hash`] is equal), one atomic table replace otherwise;
+//! - [`diff_in_place`] changes the table object by object instead, in one batch just as atomic:
+//!   only the chains whose rules changed are flushed and refilled, only the sets and maps whose
+//!   definition changed are deleted and added again, and every other set keeps its elements,
+//!   the kernel's own in a dynamic set included (meters, `ct count` sets, bans).
+//!
+//! The kernel keeps a fingerprint of each chain so that a listing, which does not parse rules
+//! back, still tells which chains changed: the renderer appends `comment "weft chain <hash>"`
+//! ([`chain_fingerprint`]) to the first rule of every chain. A chain's own comment would not do:
+//! the kernel ignores a new comment for an existing chain (or table), while a flushed and
+//! refilled chain gets its first rule, and so its fingerprint, anew. weft's rules therefore
+//! carry no comment of their own: a chain whose first rule has one lists as changed on every
+//! pass (flushed and refilled, correct but not minimal).
 //!
 //! Set and map names must not be nft keywords (a map named `policy` is a syntax error): prefer
 //! plural nouns such as `verdicts` or `bridges`.
@@ -33,10 +44,10 @@ mod render;
 mod state;
 
 pub use cli::NftCli;
-pub use diff::{canonical_element, diff};
+pub use diff::{canonical_element, diff, diff_in_place};
 #[cfg(any(test, feature = "testing"))]
 pub use fake::FakeFirewall;
-pub use render::{ifname_literal, render_table, structure_hash};
+pub use render::{chain_fingerprint, ifname_literal, render_table, structure_hash};
 pub use state::{BaseChainState, ChainState, MapState, SetState, TableState};
 
 use serde::{Deserialize, Serialize};
@@ -261,6 +272,82 @@ pub enum Change {
         /// Table name.
         name: String,
     },
+    /// Remove every rule of a chain (`flush chain`): the first step of changing its rules, and
+    /// of deleting it or a set one of its rules uses (nft refuses to delete either while a rule
+    /// refers to it).
+    FlushChain {
+        /// Family.
+        family: Family,
+        /// Table name.
+        table: String,
+        /// Chain name.
+        chain: String,
+    },
+    /// Delete a chain; it must hold no rules and no rule or verdict map element may jump to it.
+    DeleteChain {
+        /// Family.
+        family: Family,
+        /// Table name.
+        table: String,
+        /// Chain name.
+        chain: String,
+    },
+    /// Add a chain with its hook registration, without its rules ([`Change::AddRules`] adds
+    /// them, once every chain they may jump to exists).
+    AddChain {
+        /// Family.
+        family: Family,
+        /// Table name.
+        table: String,
+        /// The chain; its rules are not rendered here.
+        chain: Chain,
+    },
+    /// Append the rules of a chain to it, in order (the chain exists and was flushed or is new);
+    /// the first one carries the chain's fingerprint ([`chain_fingerprint`]).
+    AddRules {
+        /// Family.
+        family: Family,
+        /// Table name.
+        table: String,
+        /// The chain: its name, its rules, and what its fingerprint is taken from.
+        chain: Chain,
+    },
+    /// Delete a set; no rule may use it.
+    DeleteSet {
+        /// Family.
+        family: Family,
+        /// Table name.
+        table: String,
+        /// Set name.
+        set: String,
+    },
+    /// Delete a map; no rule may use it.
+    DeleteMap {
+        /// Family.
+        family: Family,
+        /// Table name.
+        table: String,
+        /// Map name.
+        map: String,
+    },
+    /// Add a set with its elements.
+    AddSet {
+        /// Family.
+        family: Family,
+        /// Table name.
+        table: String,
+        /// The set.
+        set: Set,
+    },
+    /// Add a map with its elements.
+    AddMap {
+        /// Family.
+        family: Family,
+        /// Table name.
+        table: String,
+        /// The map.
+        map: Map,
+    },
     /// Add elements to a set (adding an existing element is a no-op in nft).
     AddElements {
         /// Family.
@@ -319,11 +406,65 @@ pub enum Change {
 }
 
 impl Change {
+    /// True for a change of set or map elements only (no set, map, chain or rule changes).
+    pub fn is_element_change(&self) -> bool {
+        matches!(
+            self,
+            Change::AddElements { .. }
+                | Change::DeleteElements { .. }
+                | Change::AddMapElements { .. }
+                | Change::DeleteMapElements { .. }
+        )
+    }
+
     /// A one-line description for logs and apply reports.
     pub fn summary(&self) -> String {
         let plural = |n: usize| if n == 1 { "" } else { "s" };
         match self {
             Change::ReplaceTable(t) => format!("replaced nftables table {} {}", t.family, t.name),
+            Change::FlushChain {
+                family,
+                table,
+                chain,
+            } => format!("flushed chain {family} {table} {chain}"),
+            Change::DeleteChain {
+                family,
+                table,
+                chain,
+            } => format!("deleted chain {family} {table} {chain}"),
+            Change::AddChain {
+                family,
+                table,
+                chain,
+            } => format!("added chain {family} {table} {}", chain.name),
+            Change::AddRules {
+                family,
+                table,
+                chain,
+            } => format!(
+                "added {} rule{} to chain {family} {table} {}",
+                chain.rules.len(),
+                plural(chain.rules.len()),
+                chain.name
+            ),
+            Change::DeleteSet { family, table, set } => {
+                format!("deleted set {family} {table} {set}")
+            }
+            Change::DeleteMap { family, table, map } => {
+                format!("deleted map {family} {table} {map}")
+            }
+            Change::AddSet { family, table, set } => format!(
+                "added set {family} {table} {} with {} element{}",
+                set.name,
+                set.elements.len(),
+                plural(set.elements.len())
+            ),
+            Change::AddMap { family, table, map } => format!(
+                "added map {family} {table} {} with {} element{}",
+                map.name,
+                map.elements.len(),
+                plural(map.elements.len())
+            ),
             Change::DeleteTable { family, name } => {
                 format!("deleted nftables table {family} {name}")
             }
@@ -383,7 +524,16 @@ impl Transaction {
     /// True when there is nothing to apply (no process is spawned for it).
     pub fn is_empty(&self) -> bool {
         self.0.iter().all(|c| match c {
-            Change::ReplaceTable(_) | Change::DeleteTable { .. } => false,
+            Change::ReplaceTable(_)
+            | Change::DeleteTable { .. }
+            | Change::FlushChain { .. }
+            | Change::DeleteChain { .. }
+            | Change::AddChain { .. }
+            | Change::DeleteSet { .. }
+            | Change::DeleteMap { .. }
+            | Change::AddSet { .. }
+            | Change::AddMap { .. } => false,
+            Change::AddRules { chain, .. } => chain.rules.is_empty(),
             Change::AddElements { elements, .. } | Change::DeleteElements { elements, .. } => {
                 elements.is_empty()
             }
@@ -410,7 +560,7 @@ pub trait Firewall {
     fn apply(&mut self, tx: &Transaction) -> Result<(), NftError>;
     /// Reads one table back; `Ok(None)` when it does not exist.
     fn list_table(&mut self, family: Family, name: &str) -> Result<Option<TableState>, NftError>;
-    /// The comment of a table (weft writes its structure hash there), without listing its set
+    /// The comment of a table (weft marks its own tables there), without listing its set
     /// elements: `Ok(None)` when the table does not exist, `Ok(Some(None))` when it has no
     /// comment.
     fn table_comment(
@@ -419,6 +569,15 @@ pub trait Firewall {
         name: &str,
     ) -> Result<Option<Option<String>>, NftError> {
         Ok(self.list_table(family, name)?.map(|t| t.comment))
+    }
+
+    /// Whether set `set` of table `table` exists, without listing elements (weft names a set
+    /// after its table's structure hash, see `plan::apply_firewall`): `false` when the table
+    /// does not exist either.
+    fn set_exists(&mut self, family: Family, table: &str, set: &str) -> Result<bool, NftError> {
+        Ok(self
+            .list_table(family, table)?
+            .is_some_and(|t| t.set(set).is_some()))
     }
 }
 

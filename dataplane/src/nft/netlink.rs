@@ -26,8 +26,8 @@ use netlink_packet_core::{
     NetlinkPayload,
 };
 use netlink_packet_netfilter::nftables::{
-    DataAttribute, ListAttribute, NfTablesMessage, SetElementAttribute, SetElementList,
-    SetElementMessage, TableAttribute, TableMessage,
+    DataAttribute, ListAttribute, NfTablesMessage, SetAttribute, SetElementAttribute,
+    SetElementList, SetElementMessage, SetMessage, TableAttribute, TableMessage,
 };
 use netlink_packet_netfilter::none::ControlMessage;
 use netlink_packet_netfilter::{
@@ -549,6 +549,23 @@ fn comment_from_userdata(data: &[u8]) -> Option<String> {
     None
 }
 
+/// The `NFT_MSG_GETSET` request for one set (the kernel answers with its definition, not its
+/// elements).
+fn get_set(family: Family, table: &str, name: &str, seq: u32) -> Vec<u8> {
+    let msg = NetlinkMessage::from(NetfilterMessage::new(
+        NetfilterHeader::new(proto_family(family), 0, 0),
+        NfTablesMessage::GetSet(SetMessage {
+            attributes: vec![
+                SetAttribute::Table(table.to_string()),
+                SetAttribute::Name(name.to_string()),
+            ],
+        }),
+    ));
+    let mut bytes = Vec::new();
+    serialize(msg, NLM_F_ACK, seq, &mut bytes);
+    bytes
+}
+
 impl NfTablesSocket {
     /// A table's comment, read with `NFT_MSG_GETTABLE` (its sets and elements are not read):
     /// `Ok(None)` when the table does not exist, `Ok(Some(None))` when it has no comment.
@@ -557,16 +574,46 @@ impl NfTablesSocket {
         family: Family,
         name: &str,
     ) -> Result<Option<Option<String>>, NftError> {
-        const SEQ: u32 = 1;
-        let request = get_table(family, name, SEQ);
+        let reply = self.ask(
+            &get_table(family, name, SEQ),
+            &format!("table {family} {name}"),
+        )?;
+        Ok(reply.map(|reply| match reply {
+            NfTablesMessage::NewTable(table) => table.attributes.iter().find_map(|a| match a {
+                TableAttribute::UserData(d) => comment_from_userdata(d),
+                _ => None,
+            }),
+            _ => None,
+        }))
+    }
+
+    /// Whether a set exists, read with `NFT_MSG_GETSET` (its elements are not read); `false`
+    /// when its table does not exist either.
+    pub(super) fn set_exists(
+        &mut self,
+        family: Family,
+        table: &str,
+        name: &str,
+    ) -> Result<bool, NftError> {
+        let reply = self.ask(
+            &get_set(family, table, name, SEQ),
+            &format!("set {family} {table} {name}"),
+        )?;
+        Ok(matches!(reply, Some(NfTablesMessage::NewSet(_))))
+    }
+
+    /// Sends one request (sequence number [`SEQ`]) and returns the object the kernel answered
+    /// with before its acknowledgement: `Ok(None)` when the kernel says there is no such
+    /// object (`ENOENT`).
+    fn ask(&mut self, request: &[u8], what: &str) -> Result<Option<NfTablesMessage>, NftError> {
         loop {
-            match self.socket.send(&request, 0) {
+            match self.socket.send(request, 0) {
                 Ok(_) => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(io_error(e)),
             }
         }
-        let mut found: Option<Option<String>> = None;
+        let mut found: Option<NfTablesMessage> = None;
         loop {
             let (data, _) = match self.socket.recv_from_full() {
                 Ok(r) => r,
@@ -592,33 +639,28 @@ impl NfTablesSocket {
                 match msg.payload {
                     NetlinkPayload::Error(err) => {
                         return match err.code.map(|c| c.get().abs()) {
-                            // The acknowledgement, after the table.
+                            // The acknowledgement, after the object.
                             None => Ok(found),
                             Some(ENOENT) => Ok(None),
                             Some(code) => Err(NftError::Kernel {
-                                what: format!("reading table {family} {name}"),
+                                what: format!("reading {what}"),
                                 source: io::Error::from_raw_os_error(code),
                             }),
                         };
                     }
                     NetlinkPayload::InnerMessage(NetfilterMessage {
-                        inner:
-                            netlink_packet_netfilter::NetfilterMessageInner::NfTables(
-                                NfTablesMessage::NewTable(table),
-                            ),
+                        inner: netlink_packet_netfilter::NetfilterMessageInner::NfTables(reply),
                         ..
-                    }) => {
-                        found = Some(table.attributes.iter().find_map(|a| match a {
-                            TableAttribute::UserData(d) => comment_from_userdata(d),
-                            _ => None,
-                        }));
-                    }
+                    }) => found = Some(reply),
                     _ => {}
                 }
             }
         }
     }
 }
+
+/// The sequence number of a single request ([`NfTablesSocket::ask`]).
+const SEQ: u32 = 1;
 
 /// `ENOENT`: no such table.
 const ENOENT: i32 = 2;

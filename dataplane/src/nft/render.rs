@@ -1,6 +1,6 @@
 //! Rendering tables and transactions to nft text (pure).
 
-use super::{Change, Family, Table};
+use super::{Chain, Change, Family, Map, Set, Table};
 use sha2::{Digest, Sha256};
 use std::fmt::Write as _;
 
@@ -35,45 +35,100 @@ pub fn render_table(table: &Table) -> String {
     for set in &table.sets {
         separate(&mut out);
         let _ = writeln!(out, "\tset {} {{", set.name);
-        let _ = writeln!(out, "\t\t{}", key_declaration(&set.key_type));
-        render_flags(&set.flags, &mut out);
-        render_elements(set.elements.iter().map(String::as_str), &mut out);
+        set_body(set, &mut out);
         out.push_str("\t}\n");
     }
     for map in &table.maps {
         separate(&mut out);
         let _ = writeln!(out, "\tmap {} {{", map.name);
-        let _ = writeln!(out, "\t\ttype {} : {}", map.key_type, map.value_type);
-        render_flags(&map.flags, &mut out);
-        let pairs: Vec<String> = map
-            .elements
-            .iter()
-            .map(|(k, v)| format!("{k} : {v}"))
-            .collect();
-        render_elements(pairs.iter().map(String::as_str), &mut out);
+        map_body(map, &mut out);
         out.push_str("\t}\n");
     }
     for chain in &table.chains {
         separate(&mut out);
         let _ = writeln!(out, "\tchain {} {{", chain.name);
-        if let Some(base) = &chain.base {
-            let _ = write!(
-                out,
-                "\t\ttype {} hook {} priority {};",
-                base.kind, base.hook, base.priority
-            );
-            if let Some(policy) = &base.policy {
-                let _ = write!(out, " policy {policy};");
-            }
-            out.push('\n');
+        if let Some(head) = chain_head(chain) {
+            let _ = writeln!(out, "\t\t{head}");
         }
-        for rule in &chain.rules {
+        for rule in rule_lines(chain) {
             let _ = writeln!(out, "\t\t{rule}");
         }
         out.push_str("\t}\n");
     }
     out.push_str("}\n");
     out
+}
+
+/// The lines of a set's block: its key, flags and elements.
+fn set_body(set: &Set, out: &mut String) {
+    let _ = writeln!(out, "\t\t{}", key_declaration(&set.key_type));
+    render_flags(&set.flags, out);
+    render_elements(set.elements.iter().map(String::as_str), out);
+}
+
+/// The lines of a map's block: its types, flags and elements.
+fn map_body(map: &Map, out: &mut String) {
+    let _ = writeln!(out, "\t\ttype {} : {}", map.key_type, map.value_type);
+    render_flags(&map.flags, out);
+    let pairs: Vec<String> = map
+        .elements
+        .iter()
+        .map(|(k, v)| format!("{k} : {v}"))
+        .collect();
+    render_elements(pairs.iter().map(String::as_str), out);
+}
+
+/// `type … hook … priority …; [policy …;]` of a base chain, `None` for a regular chain.
+fn chain_head(chain: &Chain) -> Option<String> {
+    chain.base.as_ref().map(|base| {
+        let mut head = format!(
+            "type {} hook {} priority {};",
+            base.kind, base.hook, base.priority
+        );
+        if let Some(policy) = &base.policy {
+            let _ = write!(head, " policy {policy};");
+        }
+        head
+    })
+}
+
+/// The comment weft puts on the first rule of `chain`: `weft chain <hash>`, the hash (sha256,
+/// first 16 hex characters) of the chain's name, hook registration and rules. The kernel keeps
+/// it with the rule, and a listing reads it back, so comparing it with the desired chain's
+/// tells whether the chain changed without parsing rules back.
+pub fn chain_fingerprint(chain: &Chain) -> String {
+    let mut text = format!("chain {}\n", chain.name);
+    if let Some(head) = chain_head(chain) {
+        text.push_str(&head);
+        text.push('\n');
+    }
+    for rule in &chain.rules {
+        text.push_str(rule);
+        text.push('\n');
+    }
+    format!("weft chain {}", short_hash(&text))
+}
+
+/// The rules of `chain` as rendered: the first one with the chain's fingerprint as its comment
+/// (unless it has a comment of its own; nft takes one per rule).
+fn rule_lines(chain: &Chain) -> Vec<String> {
+    let mut lines = chain.rules.clone();
+    if let Some(first) = lines.first_mut()
+        && !first.contains("comment \"")
+    {
+        let _ = write!(first, " comment \"{}\"", chain_fingerprint(chain));
+    }
+    lines
+}
+
+/// sha256 of `text`, hex, first 16 characters.
+fn short_hash(text: &str) -> String {
+    let digest = Sha256::digest(text.as_bytes());
+    let mut hex = String::with_capacity(16);
+    for b in digest.iter().take(8) {
+        let _ = write!(hex, "{b:02x}");
+    }
+    hex
 }
 
 /// `type <key>`, or the key as written when it is a `typeof …` declaration (see
@@ -121,12 +176,7 @@ pub fn structure_hash(table: &Table) -> String {
     for map in &mut skeleton.maps {
         map.elements.clear();
     }
-    let digest = Sha256::digest(render_table(&skeleton).as_bytes());
-    let mut hex = String::with_capacity(16);
-    for b in digest.iter().take(8) {
-        let _ = write!(hex, "{b:02x}");
-    }
-    hex
+    short_hash(&render_table(&skeleton))
 }
 
 fn element_line<'a>(
@@ -163,6 +213,56 @@ pub(super) fn render_change(change: &Change, out: &mut String) {
         Change::DeleteTable { family, name } => {
             let _ = writeln!(out, "add table {family} {name}");
             let _ = writeln!(out, "delete table {family} {name}");
+        }
+        Change::FlushChain {
+            family,
+            table,
+            chain,
+        } => {
+            let _ = writeln!(out, "flush chain {family} {table} {chain}");
+        }
+        Change::DeleteChain {
+            family,
+            table,
+            chain,
+        } => {
+            let _ = writeln!(out, "delete chain {family} {table} {chain}");
+        }
+        Change::AddChain {
+            family,
+            table,
+            chain,
+        } => {
+            let _ = write!(out, "add chain {family} {table} {}", chain.name);
+            if let Some(head) = chain_head(chain) {
+                let _ = write!(out, " {{ {head} }}");
+            }
+            out.push('\n');
+        }
+        Change::AddRules {
+            family,
+            table,
+            chain,
+        } => {
+            for rule in rule_lines(chain) {
+                let _ = writeln!(out, "add rule {family} {table} {} {rule}", chain.name);
+            }
+        }
+        Change::DeleteSet { family, table, set } => {
+            let _ = writeln!(out, "delete set {family} {table} {set}");
+        }
+        Change::DeleteMap { family, table, map } => {
+            let _ = writeln!(out, "delete map {family} {table} {map}");
+        }
+        Change::AddSet { family, table, set } => {
+            let _ = writeln!(out, "add set {family} {table} {} {{", set.name);
+            set_body(set, out);
+            out.push_str("}\n");
+        }
+        Change::AddMap { family, table, map } => {
+            let _ = writeln!(out, "add map {family} {table} {} {{", map.name);
+            map_body(map, out);
+            out.push_str("}\n");
         }
         Change::AddElements {
             family,

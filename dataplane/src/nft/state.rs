@@ -74,6 +74,10 @@ pub struct ChainState {
     pub base: Option<BaseChainState>,
     /// Number of rules.
     pub rules: usize,
+    /// The comment of its first rule: the chain's fingerprint when weft wrote it
+    /// ([`super::chain_fingerprint`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
 }
 
 /// A base chain's hook registration as the kernel has it.
@@ -173,6 +177,7 @@ impl TableState {
                             name: chain.name,
                             base,
                             rules: 0,
+                            fingerprint: None,
                         });
                     }
                 }
@@ -180,6 +185,9 @@ impl TableState {
                     if ours(&rule.family, rule.table.as_deref().unwrap_or(name))
                         && let Some(c) = state.chains.iter_mut().find(|c| c.name == rule.chain)
                     {
+                        if c.rules == 0 {
+                            c.fingerprint = rule.comment;
+                        }
                         c.rules += 1;
                     }
                 }
@@ -230,6 +238,13 @@ impl TableState {
                         policy: Some(b.policy.clone().unwrap_or_else(|| "accept".into())),
                     }),
                     rules: c.rules.len(),
+                    fingerprint: c.rules.first().map(|first| {
+                        // What the kernel keeps: the rule's own comment, if it has one.
+                        match first.split_once("comment \"") {
+                            Some((_, rest)) => rest.split('"').next().unwrap_or_default().into(),
+                            None => super::chain_fingerprint(c),
+                        }
+                    }),
                 })
                 .collect(),
         }
@@ -304,10 +319,12 @@ impl TableState {
     /// priority, policy, rule count; a `typeof` key by the datatypes nft lists for its
     /// expressions, not by the expressions) are spelled exactly as in `desired` and carry the kernel's
     /// elements, so [`super::structure_hash`] is equal when only elements differ. Anything that
-    /// differs (a missing or extra set, another type, a changed rule count) is spelled the
-    /// kernel's way, so the hashes differ and the diff replaces the table. Rules are never
-    /// compared one by one: a rule rewritten with the same count is not detected; the table
-    /// comment (see `plan::apply_firewall`) covers that.
+    /// differs (a missing or extra set, another type, another rule count or chain fingerprint)
+    /// is spelled the kernel's way, so the hashes differ: [`super::diff`] replaces the table,
+    /// [`super::diff_in_place`] changes what differs. Rules are never parsed back: a chain
+    /// counts as unchanged when its first rule carries the desired chain's fingerprint
+    /// ([`super::chain_fingerprint`]) and it has as many rules (an empty chain: when both are
+    /// empty); otherwise it reads back with placeholder rules.
     pub fn to_table(&self, desired: &Table) -> Table {
         let mut out = Table {
             family: self.family,
@@ -357,7 +374,14 @@ impl TableState {
                 (None, _) => None,
             };
             let rules = match want {
-                Some(d) if d.rules.len() == chain.rules => d.rules.clone(),
+                Some(d)
+                    if d.rules.len() == chain.rules
+                        && (d.rules.is_empty()
+                            || chain.fingerprint.as_deref()
+                                == Some(super::chain_fingerprint(d).as_str())) =>
+                {
+                    d.rules.clone()
+                }
                 _ => (1..=chain.rules)
                     .map(|i| format!("# kernel rule {i} of {} (not read back)", chain.rules))
                     .collect(),
@@ -519,6 +543,8 @@ struct JsonRule {
     #[serde(default)]
     table: Option<String>,
     chain: String,
+    #[serde(default)]
+    comment: Option<String>,
 }
 
 /// `"ipv4_addr"`, `["ipv4_addr", "inet_service"]` or `"ipv4_addr . inet_service"` → the parts.
@@ -662,8 +688,9 @@ mod tests {
 
     /// Captured from nft 1.0.6: `render::tests::typeof_table()` applied, then
     /// `nft -j list table bridge weft`. A `typeof` set lists only its datatypes; an integer key
-    /// part comes back as a JSON number up to 64 bits and as a hex string past that.
-    const TYPEOF_LISTING: &str = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}}, {"table": {"family": "bridge", "name": "weft", "handle": 1}}, {"set": {"family": "bridge", "name": "ips6", "table": "weft", "type": ["ifname", "ipv6_addr"], "handle": 2, "elem": [{"concat": ["wfa", "fd77::2"]}]}}, {"set": {"family": "bridge", "name": "targets6", "table": "weft", "type": ["ifname", "integer"], "handle": 3, "elem": [{"concat": ["wfb", 1]}, {"concat": ["wfa", "0xfd770000000000000000000000000002"]}, {"concat": ["wfa", "0xfe800000000000000858aafffe4d0002"]}]}}, {"set": {"family": "bridge", "name": "lladdrs", "table": "weft", "type": ["ifname", "integer"], "handle": 4, "elem": [{"concat": ["wfa", 11373246218242]}]}}, {"chain": {"family": "bridge", "table": "weft", "name": "prerouting", "handle": 1, "type": "filter", "hook": "prerouting", "prio": -200, "policy": "accept"}}, {"rule": {"family": "bridge", "table": "weft", "chain": "prerouting", "handle": 5, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "icmpv6", "field": "type"}}, "right": "nd-neighbor-advert"}}, {"match": {"op": "!=", "left": {"concat": [{"meta": {"key": "iifname"}}, {"payload": {"base": "th", "offset": 64, "len": 128}}]}, "right": "@targets6"}}, {"drop": null}]}}]}"#;
+    /// part comes back as a JSON number up to 64 bits and as a hex string past that; the chain's
+    /// fingerprint comes back as its first rule's `comment`.
+    const TYPEOF_LISTING: &str = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}}, {"table": {"family": "bridge", "name": "weft", "handle": 1}}, {"set": {"family": "bridge", "name": "ips6", "table": "weft", "type": ["ifname", "ipv6_addr"], "handle": 2, "elem": [{"concat": ["wfa", "fd77::2"]}]}}, {"set": {"family": "bridge", "name": "targets6", "table": "weft", "type": ["ifname", "integer"], "handle": 3, "elem": [{"concat": ["wfb", 1]}, {"concat": ["wfa", "0xfd770000000000000000000000000002"]}, {"concat": ["wfa", "0xfe800000000000000858aafffe4d0002"]}]}}, {"set": {"family": "bridge", "name": "lladdrs", "table": "weft", "type": ["ifname", "integer"], "handle": 4, "elem": [{"concat": ["wfa", 11373246218242]}]}}, {"chain": {"family": "bridge", "table": "weft", "name": "prerouting", "handle": 1, "type": "filter", "hook": "prerouting", "prio": -200, "policy": "accept"}}, {"rule": {"family": "bridge", "table": "weft", "chain": "prerouting", "handle": 5, "comment": "weft chain aa438904154f0801", "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "icmpv6", "field": "type"}}, "right": "nd-neighbor-advert"}}, {"match": {"op": "!=", "left": {"concat": [{"meta": {"key": "iifname"}}, {"payload": {"base": "th", "offset": 64, "len": 128}}]}, "right": "@targets6"}}, {"drop": null}]}}]}"#;
 
     fn strings(items: &[&str]) -> BTreeSet<String> {
         items.iter().map(|s| s.to_string()).collect()

@@ -162,7 +162,7 @@ fn syn_proxies(
 
 /// The dynamic sets of banned sources, `address . protocol . node port` with a timeout each
 /// (IPv4, IPv6): filled by the kernel when a source exceeds a forward's brute-force guard, and
-/// kept across agent restarts (the table is not replaced while its structure holds).
+/// kept across agent restarts and every change of the table (weft changes it in place).
 pub const BAN_SETS: [&str; 2] = ["bans4", "bans6"];
 
 /// The log prefix of a ban (an audit record with verdict `ban`).
@@ -220,8 +220,8 @@ fn brute_force(forwards: &[Forward], log: &str) -> (Vec<Set>, Vec<String>) {
 
 /// A workload address with connection limits, or (`ip: None`) a limit class that stays in
 /// the table without members: a Network's own limits, so that its workloads coming and going
-/// change set elements only, never the table's structure (which would replace the table: its
-/// bans are carried over, its meters restart).
+/// change set elements only, never the table's structure (which would take the class's sets
+/// out of the table, and its meters and connection counts with them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limited {
     /// The address; `None` for a standing class.
