@@ -790,16 +790,24 @@ fn is_weft_table(comment: Option<&str>) -> bool {
     comment.is_some_and(|c| c == OWNER_COMMENT || c.starts_with("weft structure "))
 }
 
+/// The name of the empty set that marks `table`'s structure in the kernel
+/// (`structure_<structure hash>`, see [`with_structure_mark`]): a table that holds it has
+/// `table`'s chains, sets and maps.
+pub fn structure_set_name(table: &Table) -> String {
+    let mut t = table.clone();
+    t.comment = None;
+    format!("structure_{}", nft::structure_hash(&t))
+}
+
 /// A table as weft writes it: its owner comment, and an empty set named
 /// `structure_<structure hash>` last, so that reading one set tells whether the kernel's table
 /// has this structure (a comment could not say: the kernel never changes a table's comment).
 fn with_structure_mark(table: &Table) -> Table {
+    let name = structure_set_name(table);
     let mut t = table.clone();
-    t.comment = None;
-    let hash = nft::structure_hash(&t);
     t.comment = Some(OWNER_COMMENT.to_string());
     t.sets.push(nft::Set {
-        name: format!("structure_{hash}"),
+        name,
         key_type: "inet_service".into(),
         flags: Vec::new(),
         elements: BTreeSet::new(),

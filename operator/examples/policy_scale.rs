@@ -280,9 +280,11 @@ fn agent_path(res: &Resources, workloads: usize) -> anyhow::Result<()> {
     let (p50, max) = median(&mut took);
     let (in_p50, _) = median(&mut in_place);
     // A resync's table work: every tenth lists both tables and diffs them against the plan
-    // (what every resync did before); the others read each table's structure comment.
+    // (what every resync did before); the others read each table's structure set (no elements).
     let mut full = Vec::new();
     let mut check = Vec::new();
+    use weft_dataplane::plan::structure_set_name;
+    let inet_mark = structure_set_name(&out.plan.firewall);
     for _ in 0..5 {
         let mut report = weft_dataplane::links::ApplyReport::default();
         let t = Instant::now();
@@ -298,10 +300,13 @@ fn agent_path(res: &Resources, workloads: usize) -> anyhow::Result<()> {
         );
         use weft_dataplane::nft::{Family, Firewall};
         let t = Instant::now();
-        let inet = nft.table_comment(Family::Inet, "weft")?;
-        let bridge = nft.table_comment(Family::Bridge, "weft")?;
+        let inet = nft.set_exists(Family::Inet, "weft", &inet_mark)?;
+        let bridge = match &out.plan.guard {
+            Some(guard) => nft.set_exists(Family::Bridge, "weft", &structure_set_name(guard))?,
+            None => true,
+        };
         check.push(t.elapsed().as_secs_f64() * 1e3);
-        anyhow::ensure!(inet.flatten().is_some() && bridge.flatten().is_some());
+        anyhow::ensure!(inet && bridge, "a table does not hold its structure set");
     }
     let (full_p50, _) = median(&mut full);
     let (check_p50, _) = median(&mut check);
