@@ -182,6 +182,7 @@ pub fn compute(
                     "not in the Kubernetes API; networks {} keep the blocks they have on this node until the controller writes it again",
                     names.join(", ")
                 ),
+                reason: None,
             });
         }
         for (network, b) in held {
@@ -198,6 +199,7 @@ pub fn compute(
                     kind: "Network",
                     object: name,
                     message,
+                    reason: None,
                 }),
             }
         }
