@@ -13,6 +13,7 @@ pub mod limits;
 pub mod metrics;
 pub mod mirror;
 pub mod plan;
+pub mod pod_events;
 pub mod reaper;
 pub mod source;
 
@@ -629,6 +630,7 @@ impl Reconciler {
             }
             self.last_problems = problems.clone();
         }
+        self.source.pod_problems(&out.problems);
         if result.is_ok() {
             for ep in std::mem::take(&mut self.activated) {
                 announce(&out.plan, &ep);
