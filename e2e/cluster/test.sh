@@ -351,6 +351,13 @@ t_limits() {
     expect "a1 -> a2 (another budget) still works" http_ok a1 "http://$(pod_ip a2)/" &&
     eventually 15 "the anomaly is an Event on lim" \
       sh -c "'$C' kubectl -n $ns get events --field-selector involvedObject.name=lim -o jsonpath='{.items[*].reason}' | grep -q ConntrackBudgetReached" || return 1
+  # A limit annotation that turns invalid after the pod started (no ADD to fail): a Warning
+  # Event on the pod from weft's agent, naming the annotation, that kubectl describe shows.
+  kn annotate pod lim weft.dev/max-connections=lots --overwrite >/dev/null || return 1
+  eventually 30 "an invalid annotation on the running lim is a Warning Event on it from weft's agent, naming the annotation" \
+    sh -c "'$C' kubectl -n $ns get events --field-selector involvedObject.name=lim,type=Warning -o jsonpath='{range .items[*]}{.reason}/{.reportingComponent}/{.message};{end}' | grep -q 'InvalidLimitAnnotation/weft-agent/annotation weft.dev/max-connections: '" &&
+    expect "kubectl describe pod lim shows it" sh -c "'$C' kubectl -n $ns describe pod lim | grep -q InvalidLimitAnnotation" || return 1
+  kn annotate pod lim weft.dev/max-connections- >/dev/null || return 1
   kn delete pod shaped badlimit --wait --timeout=60s >/dev/null
   eventually 30 "the shaping goes with the pod (no tbf, no IFB on node1)" \
     sh -c "! '$C' node node1 tc qdisc show | grep -q 'rate 1Mbit' && ! '$C' node node1 ip -o link show type ifb | grep -q ' wi'"

@@ -1205,3 +1205,146 @@ async fn the_charts_agent_rbac_grants_exactly_what_the_source_uses() {
         file.display()
     );
 }
+
+/// web-1 of `seed`, with `max_connections` as its `weft.dev/max-connections` annotation.
+fn web_with_max_connections(max_connections: &str) -> Value {
+    let mut web = partial("web-1", Some("shop"), &[("tier", "web")]);
+    web["metadata"]["annotations"] = json!({
+        "weft.dev/networks": "blue",
+        "weft.dev/max-connections": max_connections,
+    });
+    web
+}
+
+/// A workload interface on `blue` at `ip`: of pod `shop/<pod>`, or of a container the runtime
+/// named no pod for; with `mappings` as its host ports.
+fn blue_endpoint(
+    container: &str,
+    pod: Option<&str>,
+    ip: &str,
+    mappings: &[(u16, &str)],
+) -> weft_dataplane::proto::Endpoint {
+    weft_dataplane::proto::Endpoint {
+        network: "blue".into(),
+        container_id: container.into(),
+        ifname: "eth0".into(),
+        host_ifname: format!("wf{container:0>11}"),
+        mac: "02:00:0a:0a:00:46".into(),
+        ips: vec![ip.parse().unwrap()],
+        pod_namespace: pod.map(|_| "shop".to_owned()),
+        pod_name: pod.map(str::to_owned),
+        netns: None,
+        vm: None,
+        pending: false,
+        vlan_trunk: vec![],
+        port_mappings: mappings
+            .iter()
+            .map(|(port, protocol)| weft_dataplane::proto::PortMapping {
+                host_port: *port,
+                container_port: 80,
+                protocol: (*protocol).into(),
+                host_ip: None,
+            })
+            .collect(),
+        bandwidth: None,
+    }
+}
+
+/// The pods' own problems reach the pods as Warning Events: one POST when a problem appears,
+/// none while it stays, a new Event (not a series on the old one) when its message changes;
+/// a container without a pod gets none.
+#[tokio::test]
+async fn a_pod_problem_is_one_warning_event_on_the_pod_until_its_message_changes() {
+    let (api, client, mut writes) = FakeApi::start();
+    seed(&api);
+    api.list(
+        PODS,
+        vec![
+            web_with_max_connections("lots"),
+            partial("db-1", Some("shop"), &[]),
+        ],
+    );
+    let mut source = KubeSource::start(client, "node-a");
+    let res = synced(&mut source).await;
+    let mut endpoints = weft_operator::agent::endpoints::EndpointStore::default();
+    endpoints.register(blue_endpoint("web", Some("web-1"), "10.10.0.70", &[]));
+    // No pod named, and a host port weft does not forward: a Container problem.
+    endpoints.register(blue_endpoint("bare", None, "10.10.0.71", &[(9000, "icmp")]));
+    let compute = |res: &Resources| {
+        weft_operator::agent::compute(&config(), res, &endpoints, &BTreeMap::new()).problems
+    };
+    let problems = compute(&res);
+    let (containers, pods): (Vec<_>, Vec<_>) = problems
+        .iter()
+        .filter(|p| p.reason.is_some())
+        .cloned()
+        .partition(|p| p.kind == "Container");
+    assert_eq!(containers.len(), 1, "{problems:?}");
+    assert_eq!(pods.len(), 1, "{problems:?}");
+
+    source.pod_problems(&containers);
+    no_write(&mut writes).await;
+
+    source.pod_problems(&problems);
+    let created = next_write(&mut writes, Duration::from_secs(2)).await;
+    assert_eq!(created.method, Method::POST);
+    assert_eq!(
+        created.path,
+        "/apis/events.k8s.io/v1/namespaces/shop/events"
+    );
+    let e = &created.body;
+    assert_eq!(e["type"], "Warning");
+    assert_eq!(e["reason"], "InvalidLimitAnnotation");
+    assert_eq!(e["action"], "Apply");
+    assert_eq!(e["reportingController"], "weft-agent");
+    assert_eq!(e["reportingInstance"], "node-a");
+    let note = e["note"].as_str().unwrap();
+    assert!(
+        note.starts_with("annotation weft.dev/max-connections: \"lots\" is not a whole number"),
+        "{note}"
+    );
+    assert_eq!(
+        e["regarding"],
+        json!({"apiVersion": "v1", "kind": "Pod", "namespace": "shop", "name": "web-1", "uid": "uid-web-1"}),
+        "the pod's uid too: `kubectl describe pod` selects Events by it"
+    );
+    let mut echo = created.body.clone();
+    echo["metadata"]["namespace"] = Value::from("shop");
+    created
+        .reply
+        .send_response(json_response(StatusCode::CREATED, &echo));
+
+    // The next reconciles find the same problems: nothing new.
+    source.pod_problems(&compute(&res));
+    source.pod_problems(&problems);
+    no_write(&mut writes).await;
+
+    // The annotation changes and is still invalid: a new Event with the new note.
+    api.push_watch(PODS, &[("MODIFIED", web_with_max_connections("many"))]);
+    let res = until(
+        &mut source,
+        |r| {
+            r.workloads.iter().any(|w| {
+                w.limits.get("weft.dev/max-connections").map(String::as_str) == Some("many")
+            })
+        },
+        |_| {},
+    )
+    .await;
+    source.pod_problems(&compute(&res));
+    let changed = next_write(&mut writes, Duration::from_secs(2)).await;
+    assert_eq!(changed.method, Method::POST, "{}", changed.path);
+    assert_eq!(changed.body["reason"], "InvalidLimitAnnotation");
+    assert!(
+        changed.body["note"]
+            .as_str()
+            .unwrap()
+            .contains("\"many\" is not a whole number"),
+        "{}",
+        changed.body["note"]
+    );
+    changed
+        .reply
+        .send_response(json_response(StatusCode::CREATED, &changed.body));
+    no_write(&mut writes).await;
+}

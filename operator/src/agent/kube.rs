@@ -21,8 +21,14 @@
 //! ([`node_network_status`]) and hands it to a task that writes it with server-side apply,
 //! field manager [`FIELD_MANAGER`]. Only the newest status is written, an unchanged one is not
 //! written again, and a failed write is retried with backoff.
+//!
+//! Anomalies ([`ResourceSource::anomaly_publisher`]) and the pods' own problems
+//! ([`ResourceSource::pod_problems`], published when they appear or change: see
+//! [`super::pod_events`]) become Warning Events on the pods, sent by one task with
+//! kube-runtime's event recorder.
 
 use super::AgentStatus;
+use super::pod_events::{Announced, PodEvent};
 use super::source::{Published, ResourceSource, SourceError};
 use crate::controller::status::{READY, condition};
 use crate::model::{NodeBlocks, Peer, PeerReservation, Resources, WorkloadMeta};
@@ -63,6 +69,8 @@ pub const MAX_STATUS_BACKOFF: Duration = Duration::from_secs(60);
 const MAX_RESERVATIONS: usize = 4096;
 /// Longest condition message written (the API allows 32768 bytes).
 const MAX_MESSAGE: usize = 4096;
+/// Longest Event note written, before the ellipsis of a cut one (the API allows 1024 bytes).
+const MAX_NOTE: usize = 1000;
 
 /// The reflector stores the agent reads.
 #[derive(Clone)]
@@ -81,8 +89,6 @@ struct Stores {
 /// Resources from the Kubernetes API, for one node.
 pub struct KubeSource {
     node: String,
-    /// For the Events of anomalies.
-    client: Client,
     stores: Stores,
     /// Per reflector: what it watches, and whether its first list is complete.
     synced: Vec<(&'static str, Arc<AtomicBool>)>,
@@ -101,6 +107,10 @@ pub struct KubeSource {
     published: Published,
     /// The KubeVirt VMs and VM instances, when KubeVirt is installed and they are listed.
     vms: VmWatch,
+    /// Where the Warning Events on pods go (anomalies, pod problems): one task publishes them.
+    events: tokio::sync::mpsc::UnboundedSender<PodEvent>,
+    /// The pod problems published as Events, so that one that stays is not published again.
+    announced: Announced,
     /// The last publication had more reservations than the status holds (warned once).
     capped: bool,
     tasks: Vec<JoinHandle<()>>,
@@ -160,9 +170,17 @@ impl KubeSource {
             node.to_owned(),
             rx,
         )));
+        let (events, rx) = tokio::sync::mpsc::unbounded_channel();
+        tasks.push(tokio::spawn(publish_pod_events(
+            client.clone(),
+            node.to_owned(),
+            stores.pods.clone(),
+            rx,
+        )));
         KubeSource {
             node: node.to_owned(),
-            client: client.clone(),
+            events,
+            announced: Announced::default(),
             stores,
             synced,
             changes,
@@ -270,54 +288,76 @@ impl Drop for KubeSource {
     }
 }
 
-/// Publishes each anomaly as a Warning Event on its pod (events.k8s.io; the recorder folds
-/// repeats into a series).
-async fn publish_anomalies(
+/// Publishes each Warning Event of `rx` on its pod (events.k8s.io), with the pod's uid from
+/// the pod store when it has the pod (`kubectl describe pod` shows only the Events that name
+/// the pod's uid). Events that fold ([`PodEvent::folds`]) go through one recorder, which
+/// patches a repeat within a few minutes into a series on the first Event; the others get an
+/// Event of their own.
+async fn publish_pod_events(
     client: Client,
     node: String,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<super::anomaly::Anomaly>,
+    pods: Store<PartialObjectMeta<Pod>>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<PodEvent>,
 ) {
     use k8s_openapi::api::core::v1::ObjectReference;
     use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-    let recorder = Recorder::new(
-        client,
-        Reporter {
-            controller: "weft-agent".into(),
-            instance: Some(node),
-        },
-    );
-    while let Some(a) = rx.recv().await {
+    let reporter = Reporter {
+        controller: "weft-agent".into(),
+        instance: Some(node),
+    };
+    let folding = Recorder::new(client.clone(), reporter.clone());
+    while let Some(e) = rx.recv().await {
+        let uid = pods
+            .get(&reflector::ObjectRef::new(&e.pod).within(&e.namespace))
+            .and_then(|p| p.metadata.uid.clone());
         let reference = ObjectReference {
             api_version: Some("v1".into()),
             kind: Some("Pod".into()),
-            namespace: Some(a.namespace.clone()),
-            name: Some(a.pod.clone()),
+            namespace: Some(e.namespace.clone()),
+            name: Some(e.pod.clone()),
+            uid,
             ..ObjectReference::default()
         };
         let event = Event {
             type_: EventType::Warning,
-            reason: a.kind.reason().into(),
-            note: Some(a.note.chars().take(1000).collect()),
-            action: "Detect".into(),
+            reason: e.reason.into(),
+            note: Some(truncated_to(&e.note, MAX_NOTE)),
+            action: e.action.into(),
             secondary: None,
         };
-        if let Err(e) = recorder.publish(&event, &reference).await {
-            warn!(pod = %format!("{}/{}", a.namespace, a.pod), error = %e, "cannot publish the anomaly's Event");
+        let own;
+        let recorder = if e.folds {
+            &folding
+        } else {
+            own = Recorder::new(client.clone(), reporter.clone());
+            &own
+        };
+        if let Err(err) = recorder.publish(&event, &reference).await {
+            warn!(pod = %format!("{}/{}", e.namespace, e.pod), reason = e.reason, error = %err, "cannot publish the Event on the pod");
         }
     }
 }
 
 impl ResourceSource for KubeSource {
     fn anomaly_publisher(&mut self) -> Option<super::anomaly::Publish> {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        self.tasks.push(tokio::spawn(publish_anomalies(
-            self.client.clone(),
-            self.node.clone(),
-            rx,
-        )));
+        let tx = self.events.clone();
         Some(Box::new(move |a| {
-            let _ = tx.send(a);
+            let _ = tx.send(PodEvent {
+                namespace: a.namespace,
+                pod: a.pod,
+                reason: a.kind.reason(),
+                action: "Detect",
+                note: a.note,
+                folds: true,
+            });
         }))
+    }
+
+    fn pod_problems(&mut self, problems: &[crate::model::Problem]) {
+        for e in self.announced.update(problems) {
+            debug!(pod = %format!("{}/{}", e.namespace, e.pod), reason = e.reason, "publishing a pod problem as an Event on the pod");
+            let _ = self.events.send(e);
+        }
     }
 
     fn snapshot(&mut self) -> Result<Resources, SourceError> {
@@ -726,10 +766,15 @@ pub fn node_blocks(
 }
 
 fn truncated(text: &str) -> String {
-    if text.len() <= MAX_MESSAGE {
+    truncated_to(text, MAX_MESSAGE)
+}
+
+/// `text` cut to at most `max` bytes (on a character boundary), and an ellipsis if cut.
+fn truncated_to(text: &str, max: usize) -> String {
+    if text.len() <= max {
         return text.to_owned();
     }
-    let mut end = MAX_MESSAGE;
+    let mut end = max;
     while !text.is_char_boundary(end) {
         end -= 1;
     }
@@ -1058,6 +1103,17 @@ mod tests {
             problems[5].contains("status.reservations: VM default/vm3"),
             "{problems:#?}"
         );
+    }
+
+    /// The API refuses an Event whose note is over 1024 bytes: a note of wide characters is
+    /// cut by bytes, on a character boundary.
+    #[test]
+    fn an_event_note_is_cut_to_what_the_api_takes() {
+        let note = "é".repeat(700);
+        let cut = truncated_to(&note, MAX_NOTE);
+        assert!(cut.len() <= 1024, "{} bytes", cut.len());
+        assert!(cut.ends_with("é…"), "{cut}");
+        assert_eq!(truncated_to("short", MAX_NOTE), "short");
     }
 
     #[test]

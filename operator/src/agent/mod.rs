@@ -13,6 +13,7 @@ pub mod limits;
 pub mod metrics;
 pub mod mirror;
 pub mod plan;
+pub mod pod_events;
 pub mod reaper;
 pub mod source;
 
@@ -182,6 +183,7 @@ pub fn compute(
                     "not in the Kubernetes API; networks {} keep the blocks they have on this node until the controller writes it again",
                     names.join(", ")
                 ),
+                reason: None,
             });
         }
         for (network, b) in held {
@@ -198,6 +200,7 @@ pub fn compute(
                     kind: "Network",
                     object: name,
                     message,
+                    reason: None,
                 }),
             }
         }
@@ -627,6 +630,7 @@ impl Reconciler {
             }
             self.last_problems = problems.clone();
         }
+        self.source.pod_problems(&out.problems);
         if result.is_ok() {
             for ep in std::mem::take(&mut self.activated) {
                 announce(&out.plan, &ep);

@@ -4,7 +4,7 @@
 
 use super::firewall::{self, Forward, NetRules};
 use crate::controller::allocator::nth_block;
-use crate::model::{NodeBlocks, Peer, Problem, Resources, WorkloadMeta};
+use crate::model::{NodeBlocks, Peer, Problem, Resources, WorkloadMeta, WorkloadReason};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -175,6 +175,7 @@ pub fn plan(
             kind: "Network",
             object: name.clone(),
             message,
+            reason: None,
         };
         if !seen.insert(name.clone()) {
             problems.push(problem(
@@ -365,6 +366,7 @@ pub fn plan(
         {
             problems.push(endpoint_problem(
                 e,
+                WorkloadReason::SynProxyUnavailable,
                 format!(
                     "{} (or its Network's spec.limits.synProxy): the agent on this node runs without --syn-proxy (chart value agent.synProxy: true), so its host ports are forwarded without a SYN proxy; enable it there or remove the setting",
                     weft_crds::limits::SYN_PROXY_ANNOTATION
@@ -446,7 +448,7 @@ fn plan_limits(
     for e in endpoints.iter().filter(|e| realized(&e.network)) {
         let (limits, problem) = super::limits::of(res, e);
         if let Some(message) = problem {
-            let problem = endpoint_problem(e, message);
+            let problem = endpoint_problem(e, WorkloadReason::InvalidLimitAnnotation, message);
             if !problems.contains(&problem) {
                 problems.push(problem);
             }
@@ -1112,6 +1114,7 @@ fn plan_host_ports(
             if !matches!(m.protocol.as_str(), "tcp" | "udp" | "sctp") {
                 problems.push(endpoint_problem(
                     e,
+                    WorkloadReason::UnsupportedHostPortProtocol,
                     format!(
                         "{m}: protocol {:?} is not tcp, udp or sctp; it is not forwarded",
                         m.protocol
@@ -1122,6 +1125,7 @@ fn plan_host_ports(
             if let Some((_, holder)) = taken.iter().find(|(t, _)| t.clashes(m)) {
                 problems.push(endpoint_problem(
                     e,
+                    WorkloadReason::HostPortConflict,
                     format!(
                         "{m} is already used by {}; it is not forwarded",
                         endpoint_name(holder)
@@ -1137,6 +1141,7 @@ fn plan_host_ports(
             }) {
                 problems.push(endpoint_problem(
                     e,
+                    WorkloadReason::HostPortShadowedByPortForward,
                     format!(
                         "{m} is also a node port of PortForward {}, which takes the connections of its allowed sources",
                         f.owner
@@ -1188,24 +1193,22 @@ pub fn peer_with_mac<'a>(res: &'a Resources, ep: &Endpoint) -> Option<&'a Peer> 
     })
 }
 
-/// `namespace/name` of an endpoint's pod, or its container id.
 /// A problem of workload `e`: of its pod (`namespace/name`), or of its container when the
 /// runtime named no pod.
-fn endpoint_problem(e: &Endpoint, message: String) -> Problem {
-    match (&e.pod_namespace, &e.pod_name) {
-        (Some(ns), Some(name)) => Problem {
-            kind: "Pod",
-            object: format!("{ns}/{name}"),
-            message,
-        },
-        _ => Problem {
-            kind: "Container",
-            object: e.container_id.clone(),
-            message,
-        },
+fn endpoint_problem(e: &Endpoint, reason: WorkloadReason, message: String) -> Problem {
+    let (kind, object) = match (&e.pod_namespace, &e.pod_name) {
+        (Some(ns), Some(name)) => ("Pod", format!("{ns}/{name}")),
+        _ => ("Container", e.container_id.clone()),
+    };
+    Problem {
+        kind,
+        object,
+        message,
+        reason: Some(reason),
     }
 }
 
+/// `pod namespace/name` of an endpoint's pod, or `container <id>`.
 pub fn endpoint_name(e: &Endpoint) -> String {
     match (&e.pod_namespace, &e.pod_name) {
         (Some(ns), Some(name)) => format!("pod {ns}/{name}"),
@@ -1243,6 +1246,7 @@ fn plan_forwards(
             kind: "PortForward",
             object: object.clone(),
             message,
+            reason: None,
         };
         if let Err(errs) = pf.spec.validate() {
             for e in errs {
@@ -1637,6 +1641,10 @@ metadata: {name: web, namespace: default, annotations: {weft.dev/syn-proxy: "tru
         assert_eq!(off.problems.len(), 1, "{:?}", off.problems);
         assert!(off.problems[0].message.contains("weft.dev/syn-proxy"));
         assert!(off.problems[0].message.contains("--syn-proxy"));
+        assert_eq!(
+            off.problems[0].reason,
+            Some(WorkloadReason::SynProxyUnavailable)
+        );
     }
 
     #[test]
@@ -1728,6 +1736,7 @@ metadata:
         );
         assert!(
             out.problems.iter().any(|p| p.object == "default/host-2"
+                && p.reason == Some(WorkloadReason::HostPortConflict)
                 && p.message.contains("host port 8080/tcp")
                 && p.message.contains("pod default/host-1")),
             "{:?}",
@@ -1749,6 +1758,7 @@ metadata:
                 .problems
                 .iter()
                 .any(|p| p.object == "default/host-1"
+                    && p.reason == Some(WorkloadReason::HostPortShadowedByPortForward)
                     && p.message.contains("PortForward default/web")),
             "{:?}",
             forwarded.problems

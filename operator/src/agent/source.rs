@@ -87,6 +87,11 @@ pub trait ResourceSource: Send {
     fn anomaly_publisher(&mut self) -> Option<super::anomaly::Publish> {
         None
     }
+    /// Takes one reconcile's problems and publishes the pods' own where their users look
+    /// (cluster mode: a Warning Event on the pod when a problem appears or its message
+    /// changes; see [`super::pod_events`]). The standalone source has no pods to publish on:
+    /// the agent's log and status file have them.
+    fn pod_problems(&mut self, _problems: &[crate::model::Problem]) {}
 }
 
 /// Reads `*.yaml`, `*.yml` and `*.json` files (multi-document YAML allowed) from a directory.

@@ -117,6 +117,40 @@ pub struct Problem {
     pub object: String,
     /// What is wrong and how to fix it.
     pub message: String,
+    /// What kind of problem a workload's (kind `Pod` or `Container`) is; `None` for the
+    /// other kinds. In a cluster it is the reason of the Event on the pod.
+    pub reason: Option<WorkloadReason>,
+}
+
+/// What is wrong with one workload interface, as a pod's users see it: the `reason` of the
+/// Warning Event the agent publishes on the pod (see `agent::pod_events`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum WorkloadReason {
+    /// One of its limit annotations (`weft.dev/max-connections`,
+    /// `kubernetes.io/egress-bandwidth`, ...) is invalid; its Network's limits apply alone.
+    InvalidLimitAnnotation,
+    /// A host port of its is already another workload's on the node; it is not forwarded.
+    HostPortConflict,
+    /// A host port of its has a protocol weft does not forward (not tcp, udp or sctp).
+    UnsupportedHostPortProtocol,
+    /// A host port of its is also a node port of a PortForward, which takes the connections of
+    /// its allowed sources.
+    HostPortShadowedByPortForward,
+    /// It asks for a SYN proxy on its host ports and the node's agent runs without one.
+    SynProxyUnavailable,
+}
+
+impl WorkloadReason {
+    /// The Event's `reason` (CamelCase, as Kubernetes' own reasons are).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkloadReason::InvalidLimitAnnotation => "InvalidLimitAnnotation",
+            WorkloadReason::HostPortConflict => "HostPortConflict",
+            WorkloadReason::UnsupportedHostPortProtocol => "UnsupportedHostPortProtocol",
+            WorkloadReason::HostPortShadowedByPortForward => "HostPortShadowedByPortForward",
+            WorkloadReason::SynProxyUnavailable => "SynProxyUnavailable",
+        }
+    }
 }
 
 impl std::fmt::Display for Problem {

@@ -404,6 +404,7 @@ impl Builder<'_> {
                     kind,
                     object: object.into(),
                     message: format!("{field}: Network {n} does not exist; it matches nothing until it is created"),
+                    reason: None,
                 });
             }
         }
@@ -571,6 +572,7 @@ pub fn compile(inputs: Inputs<'_>) -> Compiled {
                     kind: CLUSTER,
                     object: object.clone(),
                     message: format!("{e}; the policy is not enforced until it is fixed"),
+                    reason: None,
                 });
             }
             continue;
@@ -640,6 +642,7 @@ pub fn compile(inputs: Inputs<'_>) -> Compiled {
                     kind: NAMESPACED,
                     object: object.clone(),
                     message: format!("{e}; the policy is not enforced until it is fixed"),
+                    reason: None,
                 });
             }
             continue;
