@@ -8,15 +8,21 @@
 #   cni-plugin/static.sh [CARGO_PROFILE]    # default: plugin (Cargo.toml); prints the binary's path
 #
 # Installs the Rust standard library for the musl target with rustup when it is missing (the
-# target needs no C toolchain of its own: Rust ships musl's start files and libc).
+# target needs no C toolchain of its own: Rust ships musl's start files and libc); where that
+# cannot be fetched, it says so and builds the plugin for the host's libc instead.
 set -euo pipefail
 profile=${1:-plugin}
 target="$(uname -m)-unknown-linux-musl"
 cd "$(dirname "$0")/.."
-if ! rustup target list --installed | grep -qx "$target"; then
-  rustup target add "$target" >&2
-fi
-cargo build --profile "$profile" --locked -p weft-cni --target "$target" >&2
 dir=$profile
 [ "$profile" = dev ] && dir=debug
+if ! rustup target list --installed | grep -qx "$target" && ! rustup target add "$target" >&2; then
+  # Without the musl standard library (no network to fetch it), the plugin is built for the
+  # host's libc: it works the same, only its start costs the dynamic loader's time.
+  echo "static.sh: cannot install the $target standard library; building the plugin dynamically linked instead" >&2
+  cargo build --profile "$profile" --locked -p weft-cni >&2
+  echo "$PWD/target/$dir/weft"
+  exit 0
+fi
+cargo build --profile "$profile" --locked -p weft-cni --target "$target" >&2
 echo "$PWD/target/$target/$dir/weft"
