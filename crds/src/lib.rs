@@ -10,6 +10,9 @@
 //!   analyzer workload on the same node or to a remote collector over VXLAN.
 //! - [`NodeNetwork`] (cluster-scoped, `wnn`, one per node, named after it): the address blocks
 //!   the controller assigned to the node (spec) and what the node agent realized (status).
+//! - [`WorkloadSlice`] (cluster-scoped, `wws`): part of one Network's workload interfaces on
+//!   all nodes, written by the controller from the agents' NodeNetwork status, read by the
+//!   agents of the nodes that realize the Network.
 //!
 //! The apiserver checks the CRD schema and its CEL rules ([`cel`]). Components that read YAML
 //! without an apiserver (the standalone agent, `weft lab`) call [`NetworkSpec::validate`] and
@@ -32,6 +35,7 @@ pub mod policy;
 pub mod portforward;
 pub mod selector;
 pub mod validate;
+pub mod workloadslice;
 
 pub use cidr::{AddressError, Cidr, IpAddress, IpOrCidr};
 pub use constants::{GROUP, VERSION};
@@ -60,6 +64,10 @@ pub use portforward::{
 };
 pub use selector::selector_matches;
 pub use validate::FieldError;
+pub use workloadslice::{
+    NETWORK_LABEL, SliceReservation, SliceWorkload, WORKLOAD_SLICE_KIND, WorkloadSlice,
+    WorkloadSliceSpec,
+};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
@@ -74,6 +82,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         ClusterSegmentationPolicy::crd(),
         SegmentationPolicy::crd(),
         TrafficMirror::crd(),
+        WorkloadSlice::crd(),
     ]
     .into_iter()
     .map(bounded)

@@ -27,13 +27,15 @@ const CLUSTER_POLICIES: &str = "/apis/weft.dev/v1alpha1/clustersegmentationpolic
 const POLICIES: &str = "/apis/weft.dev/v1alpha1/segmentationpolicies";
 const NODE_NETWORKS: &str = "/apis/weft.dev/v1alpha1/nodenetworks";
 const MIRRORS: &str = "/apis/weft.dev/v1alpha1/trafficmirrors";
+const SLICES: &str = "/apis/weft.dev/v1alpha1/workloadslices";
 const NAMESPACES: &str = "/api/v1/namespaces";
 const NODES: &str = "/api/v1/nodes";
 const PODS: &str = "/api/v1/pods";
 const VMS: &str = "/apis/kubevirt.io/v1/virtualmachines";
 const VMIS: &str = "/apis/kubevirt.io/v1/virtualmachineinstances";
-const ALL: [&str; 11] = [
+const ALL: [&str; 12] = [
     NETWORKS,
+    SLICES,
     PORT_FORWARDS,
     CLUSTER_POLICIES,
     POLICIES,
@@ -268,6 +270,21 @@ fn node_network(node: &str, generation: i64, blocks: Value, status: Option<Value
 
 /// A cluster of one node, `node-a` (labelled `pool=x`), with two Networks: `blue` for every
 /// node, with a block in the NodeNetwork, and `green` for `pool=x` nodes, without a block yet.
+fn slice(network: &str, workloads: Value, reservations: Value) -> Value {
+    let mut meta = meta(
+        &format!("{network}.0"),
+        None,
+        &[("weft.dev/network", network)],
+    );
+    meta["ownerReferences"] = json!([{"apiVersion": "weft.dev/v1alpha1", "kind": "Network",
+                                      "name": network, "uid": format!("uid-{network}")}]);
+    json!({
+        "apiVersion": "weft.dev/v1alpha1", "kind": "WorkloadSlice",
+        "metadata": meta,
+        "spec": {"network": network, "workloads": workloads, "reservations": reservations},
+    })
+}
+
 fn seed(api: &FakeApi) {
     api.list(
         NETWORKS,
@@ -327,13 +344,28 @@ fn seed(api: &FakeApi) {
                 json!([{"network": "blue", "ipv4": "10.10.0.64/26"}]),
                 None,
             ),
-            // Another node's agent published its workloads there: peers for the policies.
-            node_network(
-                "node-b",
-                2,
-                json!([{"network": "blue", "ipv4": "10.10.0.128/26"}]),
-                Some(json!({"workloads": [{"network": "blue", "namespace": "shop", "name": "app-1",
-                                           "labels": {"tier": "app"}, "ips": ["10.10.0.130"]}]})),
+        ],
+    )
+    // Another node's workloads, as the controller publishes them: peers for the policies.
+    // node-a's own entry and a Network without a block here are not peers.
+    .list(
+        SLICES,
+        vec![
+            slice(
+                "blue",
+                json!([
+                    {"node": "node-b", "network": "blue", "namespace": "shop", "name": "app-1",
+                     "labels": {"tier": "app"}, "ips": ["10.10.0.130"]},
+                    {"node": "node-a", "network": "blue", "namespace": "shop", "name": "web-1",
+                     "ips": ["10.10.0.66"]},
+                ]),
+                json!([]),
+            ),
+            slice(
+                "green",
+                json!([{"node": "node-b", "network": "green", "namespace": "shop", "name": "g-1",
+                        "ips": ["10.20.0.5"]}]),
+                json!([]),
             ),
         ],
     )
@@ -476,11 +508,13 @@ async fn snapshot_holds_the_listed_resources_node_labels_and_node_blocks() {
     assert_eq!(res.peers[0].workload.ips, ["10.10.0.130"]);
     assert_eq!(res.peers[0].workload.labels["tier"], "app");
 
-    // Node-scoped watches: only this node's Node, only its Pods; every NodeNetwork (the others
-    // carry the peers); labels-only kinds as metadata.
+    // Node-scoped watches: only this node's Node, NodeNetwork and Pods; the WorkloadSlices of
+    // the Networks with a block here; labels-only kinds as metadata.
     for (path, selector) in [
         (NODES, "fieldSelector=metadata.name%3Dnode-a"),
+        (NODE_NETWORKS, "fieldSelector=metadata.name%3Dnode-a"),
         (PODS, "fieldSelector=spec.nodeName%3Dnode-a"),
+        (SLICES, "labelSelector=weft.dev%2Fnetwork+in+%28blue%29"),
     ] {
         let gets = api.gets(path);
         assert!(!gets.is_empty(), "{path} was not listed");
@@ -491,7 +525,7 @@ async fn snapshot_holds_the_listed_resources_node_labels_and_node_blocks() {
             );
         }
     }
-    for path in [NETWORKS, NAMESPACES, NODE_NETWORKS] {
+    for path in [NETWORKS, NAMESPACES] {
         assert!(api.gets(path).iter().all(|q| !q.contains("fieldSelector")));
     }
     for path in ALL {
@@ -1015,23 +1049,13 @@ async fn kubevirt_vms_are_known_once_listed_and_vm_reservations_go_both_ways() {
     api.list(VMS, vec![partial("db", Some("shop"), &[])])
         .list(VMIS, vec![partial("batch-7", Some("jobs"), &[])])
         .list(
-            NODE_NETWORKS,
-            vec![
-                node_network(
-                    "node-a",
-                    4,
-                    json!([{"network": "blue", "ipv4": "10.10.0.64/26"}]),
-                    None,
-                ),
-                node_network(
-                    "node-b",
-                    2,
-                    json!([{"network": "blue", "ipv4": "10.10.0.128/26"}]),
-                    Some(json!({"reservations": [{"vm": "shop/db", "network": "blue", "ifname": "eth0",
-                                                  "ips": ["10.10.0.131"], "mac": "02:00:00:00:00:31",
-                                                  "since": 1_700_000_000}]})),
-                ),
-            ],
+            SLICES,
+            vec![slice(
+                "blue",
+                json!([]),
+                json!([{"node": "node-b", "vm": "shop/db", "network": "blue", "ifname": "eth0",
+                        "ips": ["10.10.0.131"], "mac": "02:00:00:00:00:31", "since": 1_700_000_000}]),
+            )],
         );
     let mut source = KubeSource::start(client, "node-a");
     synced(&mut source).await;
@@ -1347,4 +1371,44 @@ async fn a_pod_problem_is_one_warning_event_on_the_pod_until_its_message_changes
         .reply
         .send_response(json_response(StatusCode::CREATED, &changed.body));
     no_write(&mut writes).await;
+}
+
+#[tokio::test]
+async fn a_new_block_here_widens_the_workload_slice_watch_to_its_network() {
+    let (api, client, _writes) = FakeApi::start();
+    seed(&api);
+    let mut source = KubeSource::start(client, "node-a");
+    let res = synced(&mut source).await;
+    let peers: Vec<&str> = res.peers.iter().map(|p| p.workload.name.as_str()).collect();
+    assert_eq!(
+        peers,
+        ["app-1"],
+        "blue's only: node-a has no block of green"
+    );
+    // The controller gives node-a a block of green: green's slices are watched too, and blue's
+    // peers stay while the new watch lists.
+    api.push_watch(
+        NODE_NETWORKS,
+        &[(
+            "MODIFIED",
+            node_network(
+                "node-a",
+                5,
+                json!([{"network": "blue", "ipv4": "10.10.0.64/26"},
+                       {"network": "green", "ipv4": "10.20.0.64/26"}]),
+                None,
+            ),
+        )],
+    );
+    let res = until(&mut source, |r| r.peers.len() == 2, |_| {}).await;
+    let mut peers: Vec<&str> = res.peers.iter().map(|p| p.workload.name.as_str()).collect();
+    peers.sort_unstable();
+    assert_eq!(peers, ["app-1", "g-1"]);
+    assert!(
+        api.gets(SLICES)
+            .iter()
+            .any(|q| q.contains("labelSelector=weft.dev%2Fnetwork+in+%28blue%2Cgreen%29")),
+        "{:?}",
+        api.gets(SLICES)
+    );
 }

@@ -16,11 +16,14 @@ use std::sync::Arc;
 use std::time::Duration;
 use weft_crds::{
     Cidr, ForwardedPort, Network, NetworkSpec, NodeNetwork, NodeNetworkBlock, NodeNetworkSpec,
-    NodeNetworkStatus, PortForward, PortForwardSpec, PortForwardTarget,
+    NodeNetworkStatus, NodeWorkload, PortForward, PortForwardSpec, PortForwardTarget,
+    WorkloadSlice,
 };
 use weft_operator::controller::compact::CompactNodeNetwork;
 use weft_operator::controller::leader::Fixed;
-use weft_operator::controller::{Context, FINALIZER, Metrics, Stores, network, portforward};
+use weft_operator::controller::{
+    Context, FINALIZER, Metrics, Stores, network, portforward, slices,
+};
 
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
@@ -29,6 +32,7 @@ struct World {
     nodes: Writer<Node>,
     node_networks: Writer<CompactNodeNetwork>,
     port_forwards: Writer<PortForward>,
+    slices: Writer<WorkloadSlice>,
 }
 
 impl World {
@@ -92,11 +96,13 @@ fn setup(leader: bool) -> (Arc<Context>, Handle, World) {
     let (nodes, ndw) = reflector::store();
     let (node_networks, nnw) = reflector::store();
     let (port_forwards, pfw) = reflector::store();
+    let (slices, sw) = reflector::store();
     let stores = Stores {
         networks,
         nodes,
         node_networks,
         port_forwards,
+        slices,
     };
     let ctx = Context::new(client, stores, Arc::new(Fixed(leader)), Metrics::default());
     (
@@ -107,6 +113,7 @@ fn setup(leader: bool) -> (Arc<Context>, Handle, World) {
             nodes: ndw,
             node_networks: nnw,
             port_forwards: pfw,
+            slices: sw,
         },
     )
 }
@@ -759,5 +766,150 @@ async fn a_policy_status_sums_what_the_agents_report_and_names_their_problems() 
     weft_operator::controller::policy::reconcile_namespaced(Arc::new(policy), ctx)
         .await
         .unwrap();
+    verifier.await.unwrap();
+}
+
+fn workload(name: &str, ip: &str) -> NodeWorkload {
+    NodeWorkload {
+        network: "blue".into(),
+        namespace: "shop".into(),
+        name: name.into(),
+        labels: [("app".to_owned(), "web".to_owned())].into(),
+        ips: vec![ip.into()],
+        vm: None,
+        mac: None,
+        active: true,
+    }
+}
+
+impl World {
+    fn publishing(&mut self, node: &str, block: &str, workloads: Vec<NodeWorkload>) -> &mut Self {
+        let mut nn = NodeNetwork::new(
+            node,
+            NodeNetworkSpec {
+                blocks: vec![NodeNetworkBlock {
+                    network: "blue".into(),
+                    ipv4: Some(Cidr::from(block)),
+                    ipv6: None,
+                }],
+            },
+        );
+        nn.status = Some(NodeNetworkStatus {
+            networks: vec!["blue".into()],
+            workloads,
+            ..NodeNetworkStatus::default()
+        });
+        self.node_networks
+            .apply_watcher_event(&watcher::Event::Apply(nn.into()));
+        self
+    }
+}
+
+#[tokio::test]
+async fn the_vouched_workloads_of_a_network_are_applied_as_its_slice_owned_by_it() {
+    let (ctx, mut handle, mut world) = setup(true);
+    let blue = network("blue", "10.10.0.0/24", 1);
+    world
+        .net(&blue)
+        .publishing("a", "10.10.0.0/26", vec![workload("web-1", "10.10.0.2")])
+        .publishing(
+            "b",
+            "10.10.0.64/26",
+            // web-2 is b's own; "stolen" claims an address of a's block.
+            vec![
+                workload("web-2", "10.10.0.66"),
+                workload("stolen", "10.10.0.3"),
+            ],
+        );
+    let verifier = tokio::spawn(async move {
+        let seen = expect(
+            &mut handle,
+            Expect {
+                method: Method::PATCH,
+                path: "/apis/weft.dev/v1alpha1/workloadslices/blue.0".into(),
+                query: APPLY,
+            },
+            echo,
+        )
+        .await;
+        assert_eq!(seen.content_type, "application/apply-patch+yaml");
+        let b = &seen.body;
+        assert_eq!(b["kind"], "WorkloadSlice");
+        assert_eq!(b["metadata"]["labels"]["weft.dev/network"], "blue");
+        assert_eq!(b["metadata"]["ownerReferences"][0]["kind"], "Network");
+        assert_eq!(b["metadata"]["ownerReferences"][0]["uid"], "uid-blue");
+        assert_eq!(b["spec"]["network"], "blue");
+        let names: Vec<(&str, &str)> = b["spec"]["workloads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| (w["node"].as_str().unwrap(), w["name"].as_str().unwrap()))
+            .collect();
+        assert_eq!(names, [("a", "web-1"), ("b", "web-2")]);
+        assert_eq!(b["spec"]["workloads"][0]["labels"]["app"], "web");
+        let written = b.clone();
+        // The refused one is named in a Warning Event on the Network.
+        let seen = expect(
+            &mut handle,
+            Expect {
+                method: Method::POST,
+                path: "/apis/events.k8s.io/v1/namespaces/default/events".into(),
+                query: &[],
+            },
+            event_reply,
+        )
+        .await;
+        assert_eq!(seen.body["reason"], "PublishedAddressRefused");
+        assert!(
+            seen.body["note"]
+                .as_str()
+                .unwrap()
+                .contains("shop/stolen on network blue left out"),
+            "{}",
+            seen.body
+        );
+        (handle, written)
+    });
+    slices::reconcile(Arc::new(blue.clone()), ctx.clone())
+        .await
+        .unwrap();
+    let (mut handle, written) = verifier.await.unwrap();
+    // Nothing changed: nothing is written again (the store has not caught up yet; what was
+    // written counts), and the refusal is not said twice.
+    let again = tokio::spawn(async move {
+        no_more_requests(&mut handle).await;
+        handle
+    });
+    slices::reconcile(Arc::new(blue.clone()), ctx.clone())
+        .await
+        .unwrap();
+    let mut handle = again.await.unwrap();
+    // The store catches up; web-1 stops on a: the slice is written without it.
+    let slice: WorkloadSlice = serde_json::from_value(written).unwrap();
+    world
+        .slices
+        .apply_watcher_event(&watcher::Event::Apply(slice));
+    world.publishing("a", "10.10.0.0/26", vec![]);
+    let verifier = tokio::spawn(async move {
+        let seen = expect(
+            &mut handle,
+            Expect {
+                method: Method::PATCH,
+                path: "/apis/weft.dev/v1alpha1/workloadslices/blue.0".into(),
+                query: APPLY,
+            },
+            echo,
+        )
+        .await;
+        let names: Vec<&str> = seen.body["spec"]["workloads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["web-2"]);
+        no_more_requests(&mut handle).await;
+    });
+    slices::reconcile(Arc::new(blue), ctx).await.unwrap();
     verifier.await.unwrap();
 }

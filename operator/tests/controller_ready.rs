@@ -46,6 +46,7 @@ async fn api_server(
             "networks" => ("weft.dev/v1alpha1", "NetworkList"),
             "nodenetworks" => ("weft.dev/v1alpha1", "NodeNetworkList"),
             "portforwards" => ("weft.dev/v1alpha1", "PortForwardList"),
+            "workloadslices" => ("weft.dev/v1alpha1", "WorkloadSliceList"),
             other => panic!("unexpected request for {other}: {path}?{query}"),
         };
         let list = json!({
@@ -82,9 +83,13 @@ async fn the_controller_is_ready_once_the_initial_lists_are_in_while_its_control
     let (cluster_policies, _c) = mpsc::unbounded();
     let (policies, _s) = mpsc::unbounded();
     let (mirrors, _m) = mpsc::unbounded();
+    let (slices, _w) = mpsc::unbounded();
+    let (slice_refs, _wr) = mpsc::unbounded();
     let triggers = Triggers {
         networks,
         network_refs,
+        slices,
+        slice_refs,
         port_forwards,
         cluster_policies,
         policies,
@@ -96,20 +101,16 @@ async fn the_controller_is_ready_once_the_initial_lists_are_in_while_its_control
     // The Controllers run on the same watches and wait for their stores' initial lists too,
     // as in `run`; readiness does not wait on their stores.
     let ctx = Arc::new(());
-    tokio::spawn(
-        networks
-            .controller()
-            .expect("a shared watch")
-            .run(nothing, retry, ctx.clone())
-            .for_each(|_| async {}),
-    );
-    tokio::spawn(
-        port_forwards
-            .controller()
-            .expect("a shared watch")
-            .run(nothing, retry, ctx)
-            .for_each(|_| async {}),
-    );
+    // Two on the Networks' watch (the Networks and their WorkloadSlices), one on the
+    // PortForwards'.
+    let networks = networks.controllers();
+    assert_eq!(networks.len(), 2);
+    for c in networks {
+        tokio::spawn(c.run(nothing, retry, ctx.clone()).for_each(|_| async {}));
+    }
+    for c in port_forwards.controllers() {
+        tokio::spawn(c.run(nothing, retry, ctx.clone()).for_each(|_| async {}));
+    }
     tokio::time::timeout(Duration::from_secs(2), caches_synced(&observation))
         .await
         .expect("not ready 2 s after the initial lists")
@@ -125,6 +126,7 @@ async fn the_controller_is_ready_once_the_initial_lists_are_in_while_its_control
             "/apis/weft.dev/v1alpha1/networks",
             "/apis/weft.dev/v1alpha1/nodenetworks",
             "/apis/weft.dev/v1alpha1/portforwards",
+            "/apis/weft.dev/v1alpha1/workloadslices",
         ]
     );
 }
@@ -146,9 +148,12 @@ async fn the_controller_is_not_ready_while_a_list_is_outstanding() {
     let client = Client::new(svc, "default");
     let (tx, _rx) = mpsc::unbounded();
     let (network_refs, _r) = mpsc::unbounded();
+    let (slice_refs, _wr) = mpsc::unbounded();
     let triggers = Triggers {
         networks: tx.clone(),
         network_refs,
+        slices: tx.clone(),
+        slice_refs,
         port_forwards: tx.clone(),
         cluster_policies: tx.clone(),
         policies: tx.clone(),

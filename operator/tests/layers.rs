@@ -1,5 +1,5 @@
 //! The operator's modules depend on each other one way (docs/architecture.md, "Pieces"):
-//! `model ← policy ← agent ← cli` and `controller ← agent, cli`. Read from the sources: every
+//! `model ← policy ← agent ← cli` and `model ← controller ← agent, cli`. Read from the sources: every
 //! `crate::<module>` a module's files name must be one its layer may use.
 
 #![allow(clippy::unwrap_used)]
@@ -13,7 +13,8 @@ const MODULES: [&str; 6] = ["agent", "cli", "controller", "model", "policy", "un
 /// What each module may use.
 fn allowed(module: &str) -> &'static [&'static str] {
     match module {
-        "model" | "controller" | "uninstall" => &[],
+        "model" | "uninstall" => &[],
+        "controller" => &["model"],
         "policy" => &["model"],
         "agent" => &["model", "policy", "controller"],
         "cli" => &["agent", "controller", "model", "policy", "uninstall"],

@@ -2,8 +2,10 @@
 //!
 //! [`KubeSource`] runs one reflector per kind on the agent's runtime: every Network,
 //! PortForward, ClusterSegmentationPolicy and SegmentationPolicy; the labels of every
-//! Namespace; this node's Node (for its labels) and NodeNetwork (for its address blocks); and
-//! the Pods scheduled on this node. Namespaces, the Node and Pods are watched as metadata only:
+//! Namespace; this node's Node (for its labels) and NodeNetwork (for its address blocks); the
+//! Pods scheduled on this node; and the WorkloadSlices of the Networks with a block on this node
+//! (the other nodes' workloads and VM reservations, which the controller publishes there as far
+//! as each node may vouch for them: see [`SliceWatch`]). Namespaces, the Node and Pods are watched as metadata only:
 //! their labels (and a pod's `weft.dev/networks` and limit annotations) are all the agent needs;
 //! managed fields and other annotations are dropped before
 //! they reach the cache. Watch errors are logged and retried with kube-runtime's default
@@ -44,7 +46,7 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use serde::de::DeserializeOwned;
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -53,7 +55,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 use weft_crds::{
     ClusterSegmentationPolicy, Network, NodeNetwork, NodeNetworkSpec, NodeNetworkStatus,
-    PortForward, SegmentationPolicy, TrafficMirror,
+    PortForward, SegmentationPolicy, TrafficMirror, WorkloadSlice,
 };
 
 /// The field manager of the agent's server-side apply of its NodeNetwork status.
@@ -107,6 +109,8 @@ pub struct KubeSource {
     published: Published,
     /// The KubeVirt VMs and VM instances, when KubeVirt is installed and they are listed.
     vms: VmWatch,
+    /// The WorkloadSlices of the Networks with a block here.
+    slices: SliceWatch,
     /// Where the Warning Events on pods go (anomalies, pod problems): one task publishes them.
     events: tokio::sync::mpsc::UnboundedSender<PodEvent>,
     /// The pod problems published as Events, so that one that stays is not published again.
@@ -149,8 +153,8 @@ impl KubeSource {
             mirrors: reflect!("trafficmirrors", Api::all(client.clone()), all),
             namespaces: reflect!("namespaces", Api::all(client.clone()), all),
             nodes: reflect!("nodes", Api::all(client.clone()), this_node),
-            // Every node's: this node's has its blocks, the others' their workloads (peers).
-            node_networks: reflect!("nodenetworks", Api::all(client.clone()), all),
+            // This node's, for its blocks (the other nodes' workloads come in WorkloadSlices).
+            node_networks: reflect!("nodenetworks", Api::all(client.clone()), this_node),
             pods: reflect!("pods", Api::all(client.clone()), on_node),
         };
         let vms = VmWatch::default();
@@ -177,8 +181,15 @@ impl KubeSource {
             stores.pods.clone(),
             rx,
         )));
+        let slices = SliceWatch {
+            client: client.clone(),
+            changes: changes.clone(),
+            running: None,
+            previous: None,
+        };
         KubeSource {
             node: node.to_owned(),
+            slices,
             events,
             announced: Announced::default(),
             stores,
@@ -216,16 +227,18 @@ impl KubeSource {
                 node: self.node.clone(),
             })?;
         let node_network = self.stores.node_networks.find(|n| named(&n.metadata));
-        // The other nodes' workloads and VM reservations, from their NodeNetwork status, as far
-        // as each node may vouch for them.
-        let others: Vec<Arc<NodeNetwork>> = self
-            .stores
-            .node_networks
-            .state()
-            .into_iter()
-            .filter(|nn| !named(&nn.metadata))
-            .collect();
-        let (peers, peer_reservations, peer_problems) = vouched_peers(&others);
+        let (blocks, problems) = match &node_network {
+            Some(nn) => node_blocks(&self.node, &nn.spec),
+            // The controller has not written this node's NodeNetwork (yet, or again): no blocks
+            // of its own (the plan keeps what the node realized meanwhile).
+            None => (BTreeMap::new(), Vec::new()),
+        };
+        // The other nodes' workloads and VM reservations on the Networks with a block here. While
+        // this node's NodeNetwork is missing, the slices of the Networks it had stay watched.
+        if node_network.is_some() {
+            self.slices.want(blocks.keys().cloned().collect());
+        }
+        let (peers, peer_reservations) = self.slices.peers(&self.node)?;
         let mut res = Resources {
             networks: sorted(&self.stores.networks),
             port_forwards: sorted(&self.stores.port_forwards),
@@ -265,16 +278,9 @@ impl KubeSource {
             vms: self.vms.known(),
             ..Resources::default()
         };
-        let (blocks, problems) = match &node_network {
-            Some(nn) => node_blocks(&self.node, &nn.spec),
-            // The controller has not written this node's NodeNetwork (yet, or again): no blocks
-            // of its own (the plan keeps what the node realized meanwhile).
-            None => (BTreeMap::new(), Vec::new()),
-        };
         res.node_blocks = Some(blocks);
         res.node_network_missing = node_network.is_none();
         res.problems = problems;
-        res.problems.extend(peer_problems);
         self.used = node_network;
         Ok(res)
     }
@@ -285,6 +291,160 @@ impl Drop for KubeSource {
         for t in &self.tasks {
             t.abort();
         }
+    }
+}
+
+/// Most Networks named in the label selector of the WorkloadSlice watch; with more, every
+/// slice is watched and those of other Networks are ignored.
+const MAX_SELECTED_NETWORKS: usize = 100;
+
+/// One watch of WorkloadSlices, for a set of Networks.
+struct SliceReflector {
+    networks: BTreeSet<String>,
+    store: Store<WorkloadSlice>,
+    synced: Arc<AtomicBool>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for SliceReflector {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The WorkloadSlices of the Networks with a block on this node: one watch, selected by the
+/// label `weft.dev/network` (`in (...)` the Networks' label values), so that the agent hears of
+/// the workloads of its own Networks only. When the set of Networks changes, a new watch starts
+/// and the previous one answers until the new one has listed.
+struct SliceWatch {
+    client: Client,
+    changes: Arc<Changes>,
+    running: Option<SliceReflector>,
+    previous: Option<SliceReflector>,
+}
+
+impl SliceWatch {
+    /// Watches the slices of `networks` from now on (a new watch if they changed).
+    fn want(&mut self, networks: BTreeSet<String>) {
+        if self
+            .running
+            .as_ref()
+            .is_some_and(|r| r.networks == networks)
+        {
+            return;
+        }
+        let next = if networks.is_empty() {
+            None
+        } else {
+            let mut config = watcher::Config::default().any_semantic();
+            if networks.len() <= MAX_SELECTED_NETWORKS {
+                let values: Vec<String> = networks
+                    .iter()
+                    .map(|n| weft_crds::workloadslice::network_label_value(n))
+                    .collect();
+                config = config.labels(&format!(
+                    "{} in ({})",
+                    weft_crds::NETWORK_LABEL,
+                    values.join(",")
+                ));
+            }
+            let (store, synced, task) = reflect(
+                "workloadslices",
+                Api::all(self.client.clone()),
+                config,
+                self.changes.clone(),
+            );
+            Some(SliceReflector {
+                networks: networks.clone(),
+                store,
+                synced,
+                task: tokio::spawn(task),
+            })
+        };
+        debug!(
+            networks = networks.len(),
+            "watching the WorkloadSlices of the node's Networks"
+        );
+        // The running watch answers until the new one has listed (unless it never listed).
+        let old = self
+            .running
+            .take()
+            .filter(|r| r.synced.load(Ordering::Acquire));
+        if old.is_some() {
+            self.previous = old;
+        }
+        self.running = next;
+        if self.running.is_none() {
+            self.previous = None;
+        }
+    }
+
+    /// The other nodes' workload interfaces and VM reservations on the Networks watched, each
+    /// once; `NotSynced` until a watch has listed.
+    fn peers(&mut self, me: &str) -> Result<(Vec<Peer>, Vec<PeerReservation>), SourceError> {
+        if self
+            .running
+            .as_ref()
+            .is_some_and(|r| r.synced.load(Ordering::Acquire))
+        {
+            self.previous = None;
+        }
+        let answering = match (&self.running, &self.previous) {
+            (None, _) => return Ok((Vec::new(), Vec::new())),
+            (Some(r), _) if r.synced.load(Ordering::Acquire) => r,
+            (_, Some(p)) => p,
+            (Some(_), None) => {
+                return Err(SourceError::NotSynced {
+                    what: "workloadslices".into(),
+                });
+            }
+        };
+        let mut slices = answering.store.state();
+        slices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        let mut seen_workloads = std::collections::HashSet::new();
+        let mut seen_reservations = std::collections::HashSet::new();
+        let mut peers = Vec::new();
+        let mut reservations = Vec::new();
+        for slice in slices
+            .iter()
+            .filter(|s| answering.networks.contains(&s.spec.network))
+        {
+            let network = &slice.spec.network;
+            for w in slice
+                .spec
+                .workloads
+                .iter()
+                .filter(|w| w.node != me && &w.workload.network == network)
+            {
+                let key = (
+                    &w.node,
+                    &w.workload.namespace,
+                    &w.workload.name,
+                    &w.workload.ips,
+                );
+                if seen_workloads.insert(key) {
+                    peers.push(Peer {
+                        node: w.node.clone(),
+                        workload: w.workload.clone(),
+                    });
+                }
+            }
+            for r in slice
+                .spec
+                .reservations
+                .iter()
+                .filter(|r| r.node != me && &r.reservation.network == network)
+            {
+                let key = (&r.node, &r.reservation.vm, &r.reservation.ifname);
+                if seen_reservations.insert(key) {
+                    reservations.push(PeerReservation {
+                        node: r.node.clone(),
+                        reservation: r.reservation.clone(),
+                    });
+                }
+            }
+        }
+        Ok((peers, reservations))
     }
 }
 
@@ -630,103 +790,6 @@ where
     all
 }
 
-/// The workloads and VM reservations the other nodes publish in their NodeNetwork status, keeping
-/// only what the publishing node may vouch for. An agent can write its NodeNetwork's status, not
-/// its spec (the blocks, written by the controller): an address is taken from a node only when it
-/// lies in one of that node's blocks of the same network, or, for a VM interface that kept its
-/// address when it moved from another node, when the node whose block holds the address reserves
-/// it for that VM. Anything else is left out and named in a problem, so that a compromised node
-/// cannot put an address of its choosing into the other nodes' policy groups or hand a VM
-/// another workload's address.
-pub fn vouched_peers(
-    node_networks: &[Arc<NodeNetwork>],
-) -> (Vec<Peer>, Vec<PeerReservation>, Vec<String>) {
-    // (node, network) -> the node's blocks of that network.
-    let mut blocks: BTreeMap<(&str, &str), Vec<IpNet>> = BTreeMap::new();
-    for nn in node_networks {
-        for b in &nn.spec.blocks {
-            let nets = [&b.ipv4, &b.ipv6]
-                .into_iter()
-                .flatten()
-                .filter_map(|c| c.net().ok());
-            blocks
-                .entry((
-                    nn.metadata.name.as_deref().unwrap_or_default(),
-                    b.network.as_str(),
-                ))
-                .or_default()
-                .extend(nets);
-        }
-    }
-    let in_blocks = |node: &str, network: &str, ip: &IpAddr| {
-        blocks
-            .get(&(node, network))
-            .is_some_and(|nets| nets.iter().any(|n| n.contains(ip)))
-    };
-    // Addresses reserved for a VM by the node whose block holds them: (vm, network, address).
-    let mut vouched_vm_addresses = std::collections::BTreeSet::new();
-    for nn in node_networks {
-        let node = nn.metadata.name.as_deref().unwrap_or_default();
-        for r in nn.status.iter().flat_map(|s| &s.reservations) {
-            for ip in r.ips.iter().filter_map(|ip| ip.parse::<IpAddr>().ok()) {
-                if in_blocks(node, &r.network, &ip) {
-                    vouched_vm_addresses.insert((r.vm.as_str(), r.network.as_str(), ip));
-                }
-            }
-        }
-    }
-    // Why an address published by `node` is not taken, if it is not.
-    let refuse = |node: &str, network: &str, vm: Option<&str>, ip: &str| -> Option<String> {
-        let Ok(addr) = ip.parse::<IpAddr>() else {
-            return Some(format!("{ip:?} is not an IP address"));
-        };
-        if in_blocks(node, network, &addr)
-            || vm.is_some_and(|vm| vouched_vm_addresses.contains(&(vm, network, addr)))
-        {
-            return None;
-        }
-        Some(format!(
-            "{addr} is outside the node's blocks of network {network} and not reserved there for it"
-        ))
-    };
-    let mut peers = Vec::new();
-    let mut reservations = Vec::new();
-    let mut problems = Vec::new();
-    for nn in node_networks {
-        let Some(status) = &nn.status else { continue };
-        let node = nn.metadata.name.clone().unwrap_or_default();
-        for w in &status.workloads {
-            match w.ips.iter().find_map(|ip| refuse(&node, &w.network, w.vm.as_deref(), ip)) {
-                None => peers.push(Peer {
-                    node: node.clone(),
-                    workload: w.clone(),
-                }),
-                Some(why) => problems.push(format!(
-                    "NodeNetwork {node}: status.workloads: {}/{} on network {} left out of policy groups: {why}",
-                    w.namespace, w.name, w.network
-                )),
-            }
-        }
-        for r in &status.reservations {
-            match r
-                .ips
-                .iter()
-                .find_map(|ip| refuse(&node, &r.network, Some(&r.vm), ip))
-            {
-                None => reservations.push(PeerReservation {
-                    node: node.clone(),
-                    reservation: r.clone(),
-                }),
-                Some(why) => problems.push(format!(
-                    "NodeNetwork {node}: status.reservations: VM {} on network {} ignored: {why}",
-                    r.vm, r.network
-                )),
-            }
-        }
-    }
-    (peers, reservations, problems)
-}
-
 /// This node's address blocks per network from its NodeNetwork spec, with a problem for each
 /// block that does not parse or is of the wrong family. A network without a usable block is
 /// left out (the plan then reports that no block is assigned).
@@ -998,111 +1061,6 @@ mod tests {
                 })
                 .collect(),
         }
-    }
-
-    fn published(
-        node: &str,
-        blocks: &[(&str, Option<&str>, Option<&str>)],
-        workloads: &[(&str, &str, Option<&str>, &[&str])],
-        reservations: &[(&str, &str, &[&str])],
-    ) -> Arc<NodeNetwork> {
-        let mut nn = NodeNetwork::new(node, spec(blocks));
-        nn.status = Some(NodeNetworkStatus {
-            workloads: workloads
-                .iter()
-                .map(|(name, network, vm, ips)| weft_crds::NodeWorkload {
-                    network: (*network).into(),
-                    namespace: "default".into(),
-                    name: (*name).into(),
-                    ips: ips.iter().map(|s| (*s).into()).collect(),
-                    vm: vm.map(Into::into),
-                    active: true,
-                    labels: BTreeMap::new(),
-                    mac: None,
-                })
-                .collect(),
-            reservations: reservations
-                .iter()
-                .map(|(vm, network, ips)| weft_crds::NodeReservation {
-                    vm: (*vm).into(),
-                    network: (*network).into(),
-                    ifname: "eth0".into(),
-                    ips: ips.iter().map(|s| (*s).into()).collect(),
-                    mac: None,
-                    since: 1,
-                })
-                .collect(),
-            ..Default::default()
-        });
-        Arc::new(nn)
-    }
-
-    #[test]
-    fn a_node_vouches_only_for_addresses_of_its_own_blocks_or_reserved_for_a_moved_vm() {
-        let a = published(
-            "node-a",
-            &[("nat", Some("10.10.0.0/24"), Some("fd10::/120"))],
-            &[("web", "nat", None, &["10.10.0.5", "fd10::5"])],
-            &[("default/vm1", "nat", &["10.10.0.9"])],
-        );
-        let b = published(
-            "node-b",
-            &[("nat", Some("10.10.1.0/24"), None)],
-            &[
-                ("ok", "nat", None, &["10.10.1.7"]),
-                // node-a's web, claimed by node-b: an address of another node's block.
-                ("thief", "nat", None, &["10.10.0.5"]),
-                // Outside every block, and not an address at all.
-                ("far", "nat", None, &["192.0.2.1"]),
-                ("junk", "nat", None, &["10.10.1.8", "not-an-ip"]),
-                // An address of node-b's block of another network.
-                ("other-net", "lan", None, &["10.10.1.9"]),
-                // vm1 moved from node-a and kept its address: node-a reserves it for vm1.
-                ("vm1-pod", "nat", Some("default/vm1"), &["10.10.0.9"]),
-                // Another VM cannot take vm1's address.
-                ("vm2-pod", "nat", Some("default/vm2"), &["10.10.0.9"]),
-            ],
-            &[
-                ("default/vm1", "nat", &["10.10.0.9"]),
-                ("default/vm3", "nat", &["10.10.0.5"]),
-                ("default/vm4", "nat", &["10.10.1.20"]),
-            ],
-        );
-        let (peers, reservations, problems) = vouched_peers(&[a, b]);
-        let names: Vec<(&str, &str)> = peers
-            .iter()
-            .map(|p| (p.node.as_str(), p.workload.name.as_str()))
-            .collect();
-        assert_eq!(
-            names,
-            [("node-a", "web"), ("node-b", "ok"), ("node-b", "vm1-pod")]
-        );
-        let kept: Vec<(&str, &str)> = reservations
-            .iter()
-            .map(|r| (r.node.as_str(), r.reservation.vm.as_str()))
-            .collect();
-        assert_eq!(
-            kept,
-            [
-                ("node-a", "default/vm1"),
-                ("node-b", "default/vm1"),
-                ("node-b", "default/vm4")
-            ]
-        );
-        assert_eq!(problems.len(), 6, "{problems:#?}");
-        assert!(
-            problems[0].contains("NodeNetwork node-b: status.workloads: default/thief")
-                && problems[0].contains("10.10.0.5 is outside the node's blocks of network nat"),
-            "{problems:#?}"
-        );
-        assert!(
-            problems[2].contains("\"not-an-ip\" is not an IP address"),
-            "{problems:#?}"
-        );
-        assert!(
-            problems[5].contains("status.reservations: VM default/vm3"),
-            "{problems:#?}"
-        );
     }
 
     /// The API refuses an Event whose note is over 1024 bytes: a note of wide characters is

@@ -264,6 +264,55 @@ impl InUse {
     }
 }
 
+/// What a node's agent publishes per Network (`status.workloads` and `status.reservations`),
+/// as one fingerprint per Network: a change of it is what wakes the Network's WorkloadSlices.
+/// Only Networks with entries are listed.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Published(Arc<[(Arc<str>, u64)]>);
+
+impl Published {
+    /// The fingerprints of what `status` publishes, the Network names shared through `names`.
+    pub fn read(status: &NodeNetworkStatus, names: &mut Names) -> Self {
+        use std::hash::{Hash, Hasher};
+        let mut hashers: std::collections::BTreeMap<
+            &str,
+            std::collections::hash_map::DefaultHasher,
+        > = std::collections::BTreeMap::new();
+        for w in &status.workloads {
+            let h = hashers.entry(&w.network).or_default();
+            'w'.hash(h);
+            serde_json::to_vec(w).unwrap_or_default().hash(h);
+        }
+        for r in &status.reservations {
+            let h = hashers.entry(&r.network).or_default();
+            'r'.hash(h);
+            serde_json::to_vec(r).unwrap_or_default().hash(h);
+        }
+        Published(
+            hashers
+                .into_iter()
+                .map(|(network, h)| (names.get(network), h.finish()))
+                .collect(),
+        )
+    }
+
+    fn of(&self, network: &str) -> Option<u64> {
+        self.0
+            .binary_search_by(|(n, _)| (**n).cmp(network))
+            .ok()
+            .map(|i| self.0[i].1)
+    }
+
+    /// The Networks whose entries differ between `self` and `other`.
+    pub fn changed<'a>(&'a self, other: &'a Published) -> impl Iterator<Item = &'a str> {
+        self.0
+            .iter()
+            .chain(other.0.iter())
+            .map(|(n, _)| &**n)
+            .filter(move |n| self.of(n) != other.of(n))
+    }
+}
+
 /// A NodeNetwork as the controller keeps it ([`keep_node_network`]): its metadata without
 /// managed fields, its spec as [`Blocks`], its status with the Networks realized taken out
 /// into [`Realized`], and the addresses its workloads hold per Network ([`InUse`]).
@@ -280,12 +329,39 @@ pub struct CompactNodeNetwork {
     pub realized: Realized,
     /// The addresses its workloads hold, per Network (from `status.workloads`).
     pub in_use: InUse,
+    /// What its agent publishes, per Network (fingerprints).
+    pub published: Published,
 }
 
 impl CompactNodeNetwork {
     /// Whether the agent reports `network` as realized on the node.
     pub fn lists_network(&self, network: &str) -> bool {
         self.realized.contains(network)
+    }
+
+    /// What its agent publishes, with the node's blocks ([`crate::model::peers`]).
+    pub fn publication(&self) -> crate::model::peers::Publication<'_> {
+        let blocks = self
+            .spec
+            .entries()
+            .iter()
+            .flat_map(|e| {
+                [e.block(false), e.block(true)]
+                    .into_iter()
+                    .flatten()
+                    .map(|net| (&*e.network, net))
+            })
+            .collect();
+        let (workloads, reservations) = match &self.status {
+            Some(s) => (&s.workloads[..], &s.reservations[..]),
+            None => (&[][..], &[][..]),
+        };
+        crate::model::peers::Publication {
+            node: self.metadata.name.as_deref().unwrap_or_default(),
+            blocks,
+            workloads,
+            reservations,
+        }
     }
 }
 
@@ -332,12 +408,17 @@ pub fn keep_node_network(nn: NodeNetwork, names: &mut Names) -> CompactNodeNetwo
         .as_ref()
         .map(|s| InUse::read(&s.workloads, names))
         .unwrap_or_default();
+    let published = status
+        .as_ref()
+        .map(|s| Published::read(s, names))
+        .unwrap_or_default();
     CompactNodeNetwork {
         metadata,
         spec: Blocks::read(&spec, names),
         status,
         realized,
         in_use,
+        published,
     }
 }
 

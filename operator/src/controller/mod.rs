@@ -22,6 +22,7 @@ pub mod network;
 pub mod opts;
 pub mod policy;
 pub mod portforward;
+pub mod slices;
 pub mod status;
 pub mod validate;
 
@@ -30,7 +31,9 @@ pub use leader::Leadership;
 pub use metrics::Metrics;
 
 use backon::BackoffBuilder as _;
-use compact::{Blocks, CompactNodeNetwork, Entry, InUse, Names, Realized, keep_node_network};
+use compact::{
+    Blocks, CompactNodeNetwork, Entry, InUse, Names, Published, Realized, keep_node_network,
+};
 use futures::{FutureExt, StreamExt, TryStreamExt, channel::mpsc};
 use k8s_openapi::api::core::v1::Node;
 use kube::runtime::events::{Recorder, Reporter};
@@ -46,7 +49,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tracing::{info, warn};
 use weft_crds::{
-    ClusterSegmentationPolicy, Network, NodeNetwork, PortForward, SegmentationPolicy, TrafficMirror,
+    ClusterSegmentationPolicy, Network, NodeNetwork, PortForward, SegmentationPolicy,
+    TrafficMirror, WorkloadSlice, WorkloadSliceSpec,
 };
 
 /// The field manager of every server-side apply of the controller.
@@ -67,6 +71,8 @@ pub struct Stores {
     pub node_networks: Store<CompactNodeNetwork>,
     /// All PortForwards.
     pub port_forwards: Store<PortForward>,
+    /// All WorkloadSlices (kept as [`trim`] leaves them).
+    pub slices: Store<WorkloadSlice>,
 }
 
 /// Shared state of the reconcilers.
@@ -94,6 +100,11 @@ pub struct Context {
     decided: Mutex<Option<(u64, Arc<network::Decision>)>>,
     /// Consecutive transient failures per object, for exponential backoff.
     failures: Mutex<HashMap<String, backon::ExponentialBackoff>>,
+    /// WorkloadSlices this replica applied ((Network, index) → spec), newer than the store
+    /// until its watch catches up ([`slices`]).
+    slices_written: Mutex<BTreeMap<(String, usize), WorkloadSliceSpec>>,
+    /// Per Network, what its WorkloadSlices last left out (published, not vouched for).
+    refused: Mutex<BTreeMap<String, Vec<String>>>,
 }
 
 impl Context {
@@ -119,6 +130,8 @@ impl Context {
             allocation: tokio::sync::Mutex::new(()),
             decided: Mutex::default(),
             failures: Mutex::default(),
+            slices_written: Mutex::default(),
+            refused: Mutex::default(),
         }
     }
 
@@ -128,6 +141,9 @@ impl Context {
         if !leader {
             // Another replica writes now; what we wrote may be outdated.
             if let Ok(mut w) = self.written.lock() {
+                w.clear();
+            }
+            if let Ok(mut w) = self.slices_written.lock() {
                 w.clear();
             }
         }
@@ -445,18 +461,61 @@ pub fn networks_touched(
     touched
 }
 
+/// What [`slices_touched`] remembers of a NodeNetwork: its spec's entries and the
+/// fingerprints of what its agent publishes (shared with the store, not copied).
+pub type PublishedBy = (Arc<[Entry]>, Published);
+
+/// The Networks whose WorkloadSlices a NodeNetwork event may change: those whose entries its
+/// agent publishes changed (a pod started, gone or relabelled there), and those whose block on
+/// the node changed (what the node may vouch for). A NodeNetwork seen for the first time, or
+/// deleted, touches every Network it publishes entries of. `last` remembers each NodeNetwork's
+/// last event; a deleted one is forgotten.
+pub fn slices_touched(
+    last: &mut HashMap<String, PublishedBy>,
+    nn: &CompactNodeNetwork,
+    deleted: bool,
+) -> BTreeSet<String> {
+    let name = nn.metadata.name.clone().unwrap_or_default();
+    let empty = Published::default();
+    let before = if deleted {
+        last.remove(&name)
+    } else {
+        last.insert(name, (nn.spec.shared_entries(), nn.published.clone()))
+    };
+    let (entries, published) = match &before {
+        Some((entries, published)) => (&entries[..], published),
+        None => (&[][..], &empty),
+    };
+    let now = if deleted { &empty } else { &nn.published };
+    let mut touched: BTreeSet<String> = published.changed(now).map(str::to_owned).collect();
+    if !deleted && before.is_some() {
+        let old: HashMap<&str, &Entry> = entries.iter().map(|e| (&*e.network, e)).collect();
+        let new: HashMap<&str, &Entry> =
+            nn.spec.entries().iter().map(|e| (&*e.network, e)).collect();
+        for network in old.keys().chain(new.keys()) {
+            if old.get(network) != new.get(network) {
+                touched.insert((*network).to_owned());
+            }
+        }
+    }
+    touched
+}
+
 /// Runs a reflector of NodeNetworks (kept as [`keep_node_network`] makes them, the Network
 /// names shared between all of them); every change wakes the Network controller for the
-/// Networks it touches ([`networks_touched`]) and the other controllers for the objects whose
+/// Networks it touches ([`networks_touched`]), the WorkloadSlice controller for the Networks
+/// whose published entries it changes ([`slices_touched`]), and the other controllers for the objects whose
 /// entry in the agent's report changed ([`reports_touched`]); the end of every full list sends
 /// `()` to `relisted`.
 fn reflect_node_networks(
     api: Api<NodeNetwork>,
     networks: mpsc::UnboundedSender<ObjectRef<Network>>,
+    slices: mpsc::UnboundedSender<ObjectRef<Network>>,
     reported: ReportedRefs,
     relisted: Vec<mpsc::UnboundedSender<()>>,
 ) -> (Store<CompactNodeNetwork>, impl Future<Output = ()> + Send) {
     let mut last = HashMap::new();
+    let mut last_published = HashMap::new();
     let mut last_reports = HashMap::new();
     let mut names = Names::default();
     let keep = move |nn| keep_node_network(nn, &mut names);
@@ -464,6 +523,9 @@ fn reflect_node_networks(
         if let Some((nn, deleted)) = event {
             for network in networks_touched(&mut last, nn, deleted) {
                 let _ = networks.unbounded_send(ObjectRef::new(&network));
+            }
+            for network in slices_touched(&mut last_published, nn, deleted) {
+                let _ = slices.unbounded_send(ObjectRef::new(&network));
             }
             reported.wake(&reports_touched(&mut last_reports, nn, deleted));
         } else {
@@ -486,6 +548,7 @@ fn watch_shared<K>(
     api: Api<K>,
     triggers: Vec<mpsc::UnboundedSender<()>>,
     listed: watch::Sender<bool>,
+    controllers: usize,
 ) -> (Shared<K>, impl Future<Output = ()> + Send)
 where
     K: Watched,
@@ -493,8 +556,11 @@ where
     let (store, writer) = reflector::store_shared::<K>(SHARED_BUFFER);
     let shared = Shared {
         store,
-        // A writer made by `store_shared` always hands out subscriptions.
-        events: writer.subscribe(),
+        // A writer made by `store_shared` always hands out subscriptions. Each is read by one
+        // `Controller`: one not read would stop the watch once the buffer is full.
+        events: (0..controllers.max(1))
+            .filter_map(|_| writer.subscribe())
+            .collect(),
     };
     let stream = watcher(api, watcher::Config::default())
         .default_backoff()
@@ -512,17 +578,21 @@ where
 pub struct Shared<K: Resource<DynamicType = ()> + Clone + 'static> {
     /// Every object of the kind.
     pub store: Store<K>,
-    /// The objects as they are applied (`None` only if the store was not made shared).
-    pub events: Option<reflector::ReflectHandle<K>>,
+    /// The objects as they are applied, one subscription per `Controller` to run on them.
+    pub events: Vec<reflector::ReflectHandle<K>>,
 }
 
 impl<K> Shared<K>
 where
     K: Watched,
 {
-    /// A `Controller` of the kind on this watch (no watch of its own).
-    pub fn controller(self) -> Option<Controller<K>> {
-        Some(Controller::for_shared_stream(self.events?, self.store))
+    /// A `Controller` of the kind on this watch (no watch of its own), for each subscription.
+    pub fn controllers(self) -> Vec<Controller<K>> {
+        let store = self.store;
+        self.events
+            .into_iter()
+            .map(|events| Controller::for_shared_stream(events, store.clone()))
+            .collect()
     }
 }
 
@@ -532,6 +602,10 @@ pub struct Triggers {
     pub networks: mpsc::UnboundedSender<()>,
     /// Wakes the Network controller for the Networks named.
     pub network_refs: mpsc::UnboundedSender<ObjectRef<Network>>,
+    /// Wakes the WorkloadSlice controller for every Network.
+    pub slices: mpsc::UnboundedSender<()>,
+    /// Wakes the WorkloadSlice controller for the Networks named.
+    pub slice_refs: mpsc::UnboundedSender<ObjectRef<Network>>,
     /// Wakes the PortForward controller.
     pub port_forwards: mpsc::UnboundedSender<()>,
     /// Wakes the ClusterSegmentationPolicy controller.
@@ -666,6 +740,8 @@ pub struct Observation {
     pub nodes: Store<Node>,
     /// All NodeNetworks, as [`keep_node_network`] keeps them.
     pub node_networks: Store<CompactNodeNetwork>,
+    /// All WorkloadSlices.
+    pub slices: Store<WorkloadSlice>,
     /// True once the Network watch has listed every Network.
     pub networks_listed: watch::Receiver<bool>,
     /// True once the PortForward watch has listed every PortForward.
@@ -697,8 +773,10 @@ pub fn observe_cluster(
     let (node_networks, nn_fut) = reflect_node_networks(
         Api::<NodeNetwork>::all(client.clone()),
         triggers.network_refs.clone(),
+        triggers.slice_refs.clone(),
         triggers.reported.clone(),
         vec![
+            triggers.slices.clone(),
             triggers.cluster_policies.clone(),
             triggers.policies.clone(),
             triggers.mirrors.clone(),
@@ -711,6 +789,7 @@ pub fn observe_cluster(
         Api::<Network>::all(client.clone()),
         vec![triggers.networks.clone(), triggers.port_forwards.clone()],
         networks_tx,
+        2,
     );
     // Nodes matter to Networks by their names, uids and labels (node selectors): a Node's
     // status heartbeat wakes no Network, a relabelled one only the Networks whose selection
@@ -726,15 +805,36 @@ pub fn observe_cluster(
         Api::<PortForward>::all(client.clone()),
         vec![triggers.port_forwards.clone()],
         port_forwards_tx,
+        1,
     );
+    // A WorkloadSlice deleted (or changed by another writer) is written again; a full list
+    // checks every Network's.
+    let (slices, slices_fut) = {
+        let (refs, all) = (triggers.slice_refs.clone(), triggers.slices.clone());
+        reflect_with(
+            Api::<WorkloadSlice>::all(client.clone()),
+            trim,
+            move |event| match event {
+                Some((slice, _)) => {
+                    if let Some(network) = slices::network_of(slice) {
+                        let _ = refs.unbounded_send(ObjectRef::new(&network));
+                    }
+                }
+                None => {
+                    let _ = all.unbounded_send(());
+                }
+            },
+        )
+    };
     let observation = Observation {
         nodes,
         node_networks,
+        slices,
         networks_listed,
         port_forwards_listed,
     };
     let run = async move {
-        futures::future::join4(nodes_fut, nn_fut, net_fut, pf_fut).await;
+        futures::future::join5(nodes_fut, nn_fut, net_fut, pf_fut, slices_fut).await;
     };
     (observation, networks, port_forwards, run)
 }
@@ -761,6 +861,11 @@ pub async fn caches_synced(observation: &Observation) -> Result<(), WatchStopped
         .wait_until_ready()
         .await
         .map_err(|_| stopped("NodeNetwork"))?;
+    observation
+        .slices
+        .wait_until_ready()
+        .await
+        .map_err(|_| stopped("WorkloadSlice"))?;
     observation
         .networks_listed
         .clone()
@@ -804,6 +909,8 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
 
     let (net_tx, net_rx) = mpsc::unbounded();
     let (net_ref_tx, net_ref_rx) = mpsc::unbounded();
+    let (ws_tx, ws_rx) = mpsc::unbounded();
+    let (ws_ref_tx, ws_ref_rx) = mpsc::unbounded();
     let (pf_tx, pf_rx) = mpsc::unbounded();
     let (csp_tx, csp_rx) = mpsc::unbounded();
     let (sp_tx, sp_rx) = mpsc::unbounded();
@@ -815,13 +922,14 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
     // Leadership gained: reconcile everything.
     let notify = {
         let mut rx = leader_rx.clone();
-        let (net_tx, pf_tx) = (net_tx.clone(), pf_tx.clone());
+        let (net_tx, pf_tx, ws_tx) = (net_tx.clone(), pf_tx.clone(), ws_tx.clone());
         let (csp_tx, sp_tx, tm_tx) = (csp_tx.clone(), sp_tx.clone(), tm_tx.clone());
         tokio::spawn(async move {
             while rx.changed().await.is_ok() {
                 if *rx.borrow() {
                     info!("became leader");
                     let _ = net_tx.unbounded_send(());
+                    let _ = ws_tx.unbounded_send(());
                     let _ = pf_tx.unbounded_send(());
                     let _ = csp_tx.unbounded_send(());
                     let _ = sp_tx.unbounded_send(());
@@ -835,6 +943,8 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
     let triggers = Triggers {
         networks: net_tx.clone(),
         network_refs: net_ref_tx,
+        slices: ws_tx,
+        slice_refs: ws_ref_tx,
         port_forwards: pf_tx.clone(),
         cluster_policies: csp_tx.clone(),
         policies: sp_tx.clone(),
@@ -856,12 +966,22 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
         .debounce(Duration::from_millis(500))
         .concurrency(RECONCILE_CONCURRENCY);
     let shared = |kind| anyhow::anyhow!("the {kind} watch is not shared");
-    let net_controller = networks
-        .controller()
+    let mut net_controllers = networks.controllers().into_iter();
+    let net_controller = net_controllers
+        .next()
         .ok_or_else(|| shared("Network"))?
         .with_config(config.clone());
+    // The WorkloadSlices carry a pod's start to the other nodes' policy groups: no debounce.
+    let slice_controller = net_controllers
+        .next()
+        .ok_or_else(|| shared("Network"))?
+        .with_config(
+            kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY),
+        );
     let pf_controller = port_forwards
-        .controller()
+        .controllers()
+        .into_iter()
+        .next()
         .ok_or_else(|| shared("PortForward"))?
         .with_config(config);
     let stores = Stores {
@@ -869,6 +989,7 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
         nodes: observation.nodes.clone(),
         node_networks: observation.node_networks.clone(),
         port_forwards: pf_controller.store(),
+        slices: observation.slices.clone(),
     };
     let ctx = Arc::new(Context::new(client, stores, Arc::new(leader_rx), metrics));
 
@@ -890,6 +1011,12 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
         .reconcile_on(net_ref_rx)
         .shutdown_on_signal()
         .run(network::reconcile, error_policy::<Network>, ctx.clone())
+        .for_each(|_| futures::future::ready(()));
+    let slices = slice_controller
+        .reconcile_all_on(trigger_stream(ws_rx))
+        .reconcile_on(ws_ref_rx)
+        .shutdown_on_signal()
+        .run(slices::reconcile, slices::error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
     let pfs = pf_controller
         .reconcile_all_on(trigger_stream(pf_rx))
@@ -939,7 +1066,7 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
     .shutdown_on_signal()
     .run(mirror::reconcile, error_policy::<TrafficMirror>, ctx)
     .for_each(|_| futures::future::ready(()));
-    futures::future::join5(nets, pfs, csps, sps, tms).await;
+    futures::future::join(futures::future::join5(nets, pfs, csps, sps, tms), slices).await;
     info!("controllers stopped");
     // Dropping the last leadership receiver makes the lease task release the Lease, so
     // another replica takes over without waiting for it to expire.
@@ -1045,6 +1172,65 @@ mod trigger_tests {
 
     fn set(names: &[&str]) -> BTreeSet<String> {
         names.iter().map(|n| (*n).to_string()).collect()
+    }
+
+    #[test]
+    fn a_node_network_event_touches_the_slices_of_the_networks_whose_entries_changed() {
+        let mut last = HashMap::new();
+        let web = workload("a", 1, true);
+        // First seen: the Networks it publishes entries of.
+        assert_eq!(
+            slices_touched(
+                &mut last,
+                &with_workloads(&["a", "b"], &["a"], &[web.clone()]),
+                false
+            ),
+            set(&["a"])
+        );
+        // The same again (a status write of something else): nothing.
+        assert!(
+            slices_touched(
+                &mut last,
+                &with_workloads(&["a", "b"], &["a", "b"], &[web.clone()]),
+                false
+            )
+            .is_empty()
+        );
+        // A label changed (the count of addresses did not): a.
+        let mut relabelled = web.clone();
+        relabelled.labels.insert("app".into(), "web".into());
+        assert_eq!(
+            slices_touched(
+                &mut last,
+                &with_workloads(&["a", "b"], &["a", "b"], &[relabelled.clone()]),
+                false
+            ),
+            set(&["a"])
+        );
+        // A pod of b started: b alone; b's block taken out: b (what the node vouches for).
+        let both = [relabelled, workload("b", 1, true)];
+        assert_eq!(
+            slices_touched(
+                &mut last,
+                &with_workloads(&["a", "b"], &["a", "b"], &both),
+                false
+            ),
+            set(&["b"])
+        );
+        assert_eq!(
+            slices_touched(
+                &mut last,
+                &with_workloads(&["a"], &["a", "b"], &both),
+                false
+            ),
+            set(&["b"])
+        );
+        // Deleted: every Network it published entries of.
+        assert_eq!(
+            slices_touched(&mut last, &with_workloads(&["a"], &["a", "b"], &both), true),
+            set(&["a", "b"])
+        );
+        assert!(last.is_empty());
     }
 
     #[test]

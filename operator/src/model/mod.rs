@@ -3,6 +3,7 @@
 //! agent gets the resources or what the compiler makes of them.
 
 mod manifest;
+pub mod peers;
 
 pub use manifest::{add_document, parse_manifests};
 

@@ -1,0 +1,293 @@
+//! Which of the workloads and VM reservations a node's agent publishes the node may vouch for.
+//!
+//! An agent can write its NodeNetwork's status, not its spec (the blocks, written by the
+//! controller): an address is taken from a node only when it lies in one of that node's blocks
+//! of the same network, or, for a VM interface that kept its address when it moved from another
+//! node, when the node whose block holds the address reserves it for that VM. Anything else is
+//! left out and named in a problem, so that a compromised node cannot put an address of its
+//! choosing into the other nodes' policy groups or hand a VM another workload's address. The
+//! controller applies this before it copies the workloads into the Networks' WorkloadSlices.
+
+use super::{Peer, PeerReservation};
+use ipnet::IpNet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use weft_crds::{NodeNetwork, NodeReservation, NodeWorkload};
+
+/// What one node publishes, with the blocks the controller gave it.
+#[derive(Debug, Clone, Default)]
+pub struct Publication<'a> {
+    /// The node.
+    pub node: &'a str,
+    /// The node's blocks: (network, block).
+    pub blocks: Vec<(&'a str, IpNet)>,
+    /// Its agent's `status.workloads`.
+    pub workloads: &'a [NodeWorkload],
+    /// Its agent's `status.reservations`.
+    pub reservations: &'a [NodeReservation],
+}
+
+impl<'a> Publication<'a> {
+    /// What the NodeNetwork `nn` publishes (blocks that do not parse are left out).
+    pub fn of(nn: &'a NodeNetwork) -> Self {
+        let blocks = nn
+            .spec
+            .blocks
+            .iter()
+            .flat_map(|b| {
+                [&b.ipv4, &b.ipv6]
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|c| c.net().ok())
+                    .map(|net| (b.network.as_str(), net))
+            })
+            .collect();
+        let (workloads, reservations) = match &nn.status {
+            Some(s) => (&s.workloads[..], &s.reservations[..]),
+            None => (&[][..], &[][..]),
+        };
+        Publication {
+            node: nn.metadata.name.as_deref().unwrap_or_default(),
+            blocks,
+            workloads,
+            reservations,
+        }
+    }
+}
+
+/// The workloads and reservations the nodes may vouch for, and a problem for each left out.
+#[derive(Debug, Default)]
+pub struct Vouched {
+    /// Workload interfaces, in the order of the publications.
+    pub peers: Vec<Peer>,
+    /// VM reservations, likewise.
+    pub reservations: Vec<PeerReservation>,
+    /// What was left out, and why (`NodeNetwork <node>: status.workloads: ...`).
+    pub problems: Vec<String>,
+}
+
+/// What each of `publications` may vouch for ([module docs](self)); with `network`, only that
+/// network's workloads and reservations.
+pub fn vouched(publications: &[Publication<'_>], network: Option<&str>) -> Vouched {
+    let of_network = |n: &str| network.is_none_or(|want| want == n);
+    // (node, network) -> the node's blocks of that network.
+    let mut blocks: BTreeMap<(&str, &str), Vec<IpNet>> = BTreeMap::new();
+    for p in publications {
+        for (net, block) in p.blocks.iter().filter(|(n, _)| of_network(n)) {
+            blocks.entry((p.node, net)).or_default().push(*block);
+        }
+    }
+    let in_blocks = |node: &str, network: &str, ip: &IpAddr| {
+        blocks
+            .get(&(node, network))
+            .is_some_and(|nets| nets.iter().any(|n| n.contains(ip)))
+    };
+    // Addresses reserved for a VM by the node whose block holds them: (vm, network, address).
+    let mut vouched_vm_addresses = BTreeSet::new();
+    for p in publications {
+        for r in p.reservations.iter().filter(|r| of_network(&r.network)) {
+            for ip in r.ips.iter().filter_map(|ip| ip.parse::<IpAddr>().ok()) {
+                if in_blocks(p.node, &r.network, &ip) {
+                    vouched_vm_addresses.insert((r.vm.as_str(), r.network.as_str(), ip));
+                }
+            }
+        }
+    }
+    // Why an address published by `node` is not taken, if it is not.
+    let refuse = |node: &str, network: &str, vm: Option<&str>, ip: &str| -> Option<String> {
+        let Ok(addr) = ip.parse::<IpAddr>() else {
+            return Some(format!("{ip:?} is not an IP address"));
+        };
+        if in_blocks(node, network, &addr)
+            || vm.is_some_and(|vm| vouched_vm_addresses.contains(&(vm, network, addr)))
+        {
+            return None;
+        }
+        Some(format!(
+            "{addr} is outside the node's blocks of network {network} and not reserved there for it"
+        ))
+    };
+    let mut out = Vouched::default();
+    for p in publications {
+        let node = p.node;
+        for w in p.workloads.iter().filter(|w| of_network(&w.network)) {
+            match w
+                .ips
+                .iter()
+                .find_map(|ip| refuse(node, &w.network, w.vm.as_deref(), ip))
+            {
+                None => out.peers.push(Peer {
+                    node: node.to_owned(),
+                    workload: w.clone(),
+                }),
+                Some(why) => out.problems.push(format!(
+                    "NodeNetwork {node}: status.workloads: {}/{} on network {} left out of policy groups: {why}",
+                    w.namespace, w.name, w.network
+                )),
+            }
+        }
+        for r in p.reservations.iter().filter(|r| of_network(&r.network)) {
+            match r
+                .ips
+                .iter()
+                .find_map(|ip| refuse(node, &r.network, Some(&r.vm), ip))
+            {
+                None => out.reservations.push(PeerReservation {
+                    node: node.to_owned(),
+                    reservation: r.clone(),
+                }),
+                Some(why) => out.problems.push(format!(
+                    "NodeNetwork {node}: status.reservations: VM {} on network {} ignored: {why}",
+                    r.vm, r.network
+                )),
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_crds::{Cidr, NodeNetworkBlock, NodeNetworkSpec, NodeNetworkStatus};
+
+    fn spec(blocks: &[(&str, Option<&str>, Option<&str>)]) -> NodeNetworkSpec {
+        NodeNetworkSpec {
+            blocks: blocks
+                .iter()
+                .map(|(network, v4, v6)| NodeNetworkBlock {
+                    network: (*network).into(),
+                    ipv4: v4.map(Cidr::from),
+                    ipv6: v6.map(Cidr::from),
+                })
+                .collect(),
+        }
+    }
+
+    fn published(
+        node: &str,
+        blocks: &[(&str, Option<&str>, Option<&str>)],
+        workloads: &[(&str, &str, Option<&str>, &[&str])],
+        reservations: &[(&str, &str, &[&str])],
+    ) -> NodeNetwork {
+        let mut nn = NodeNetwork::new(node, spec(blocks));
+        nn.status = Some(NodeNetworkStatus {
+            workloads: workloads
+                .iter()
+                .map(|(name, network, vm, ips)| weft_crds::NodeWorkload {
+                    network: (*network).into(),
+                    namespace: "default".into(),
+                    name: (*name).into(),
+                    ips: ips.iter().map(|s| (*s).into()).collect(),
+                    vm: vm.map(Into::into),
+                    active: true,
+                    labels: BTreeMap::new(),
+                    mac: None,
+                })
+                .collect(),
+            reservations: reservations
+                .iter()
+                .map(|(vm, network, ips)| weft_crds::NodeReservation {
+                    vm: (*vm).into(),
+                    network: (*network).into(),
+                    ifname: "eth0".into(),
+                    ips: ips.iter().map(|s| (*s).into()).collect(),
+                    mac: None,
+                    since: 1,
+                })
+                .collect(),
+            ..Default::default()
+        });
+        nn
+    }
+
+    #[test]
+    fn a_node_vouches_only_for_addresses_of_its_own_blocks_or_reserved_for_a_moved_vm() {
+        let a = published(
+            "node-a",
+            &[("nat", Some("10.10.0.0/24"), Some("fd10::/120"))],
+            &[("web", "nat", None, &["10.10.0.5", "fd10::5"])],
+            &[("default/vm1", "nat", &["10.10.0.9"])],
+        );
+        let b = published(
+            "node-b",
+            &[("nat", Some("10.10.1.0/24"), None)],
+            &[
+                ("ok", "nat", None, &["10.10.1.7"]),
+                // node-a's web, claimed by node-b: an address of another node's block.
+                ("thief", "nat", None, &["10.10.0.5"]),
+                // Outside every block, and not an address at all.
+                ("far", "nat", None, &["192.0.2.1"]),
+                ("junk", "nat", None, &["10.10.1.8", "not-an-ip"]),
+                // An address of node-b's block of another network.
+                ("other-net", "lan", None, &["10.10.1.9"]),
+                // vm1 moved from node-a and kept its address: node-a reserves it for vm1.
+                ("vm1-pod", "nat", Some("default/vm1"), &["10.10.0.9"]),
+                // Another VM cannot take vm1's address.
+                ("vm2-pod", "nat", Some("default/vm2"), &["10.10.0.9"]),
+            ],
+            &[
+                ("default/vm1", "nat", &["10.10.0.9"]),
+                ("default/vm3", "nat", &["10.10.0.5"]),
+                ("default/vm4", "nat", &["10.10.1.20"]),
+            ],
+        );
+        let v = vouched(&[Publication::of(&a), Publication::of(&b)], None);
+        let (peers, reservations, problems) = (v.peers, v.reservations, v.problems);
+        let names: Vec<(&str, &str)> = peers
+            .iter()
+            .map(|p| (p.node.as_str(), p.workload.name.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            [("node-a", "web"), ("node-b", "ok"), ("node-b", "vm1-pod")]
+        );
+        let kept: Vec<(&str, &str)> = reservations
+            .iter()
+            .map(|r| (r.node.as_str(), r.reservation.vm.as_str()))
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                ("node-a", "default/vm1"),
+                ("node-b", "default/vm1"),
+                ("node-b", "default/vm4")
+            ]
+        );
+        assert_eq!(problems.len(), 6, "{problems:#?}");
+        assert!(
+            problems[0].contains("NodeNetwork node-b: status.workloads: default/thief")
+                && problems[0].contains("10.10.0.5 is outside the node's blocks of network nat"),
+            "{problems:#?}"
+        );
+        assert!(
+            problems[2].contains("\"not-an-ip\" is not an IP address"),
+            "{problems:#?}"
+        );
+        assert!(
+            problems[5].contains("status.reservations: VM default/vm3"),
+            "{problems:#?}"
+        );
+    }
+
+    #[test]
+    fn one_networks_vouched_entries_alone() {
+        let a = published(
+            "node-a",
+            &[
+                ("nat", Some("10.10.0.0/24"), None),
+                ("lan", Some("10.30.0.0/24"), None),
+            ],
+            &[
+                ("web", "nat", None, &["10.10.0.5"]),
+                ("db", "lan", None, &["10.30.0.5"]),
+            ],
+            &[("default/vm1", "lan", &["10.30.0.9"])],
+        );
+        let v = vouched(&[Publication::of(&a)], Some("lan"));
+        let names: Vec<&str> = v.peers.iter().map(|p| p.workload.name.as_str()).collect();
+        assert_eq!(names, ["db"]);
+        assert_eq!(v.reservations.len(), 1);
+        assert!(v.problems.is_empty(), "{:?}", v.problems);
+    }
+}
