@@ -108,7 +108,8 @@ condition() { # kind name namespace-or-empty type -> status
 
 # ------------------------------------------------------------------------------ tests
 crds=(networks.weft.dev portforwards.weft.dev nodenetworks.weft.dev
-  clustersegmentationpolicies.weft.dev segmentationpolicies.weft.dev trafficmirrors.weft.dev)
+  clustersegmentationpolicies.weft.dev segmentationpolicies.weft.dev trafficmirrors.weft.dev
+  workloadslices.weft.dev)
 
 t_install() {
   expect "helm install" "$C" helm install weft "$repo/charts/weft" -n weft-system --create-namespace \
@@ -124,8 +125,9 @@ t_install() {
 }
 
 # A pod started on node2 reaches node1's policy groups as soon as node2 publishes it: the time
-# from node2's NodeNetwork status naming the pod's address (seen by a watch, as node1's agent
-# sees it) to node1's nftables holding it, for a few pods. Figures to $dir/results.txt.
+# from node2's NodeNetwork status naming the pod's address (seen by a watch) to node1's nftables
+# holding it — through the controller, which copies it into the Network's WorkloadSlice that
+# node1's agent watches —, for a few pods. Figures to $dir/results.txt.
 t_peers() {
   local i ip t0 t1 ms samples=()
   for i in 1 2 3 4 5; do
@@ -146,6 +148,9 @@ for line in sys.stdin:
     kn wait --for=condition=Ready "pod/peer-$i" --timeout=60s >/dev/null || { kill $watch $poller; fail "peer-$i not Ready"; return 1; }
     ip=$(pod_ip "peer-$i")
     eventually 10 "peer-$i ($ip) is in node1's rules" grep -q " $ip " "$dir/peers-node1" || { kill $watch $poller; return 1; }
+    # It reached node1 through its Network's WorkloadSlices, which name node2 for it.
+    expect "peer-$i ($ip) is in a WorkloadSlice of e2e-nat, on node2" in_slice e2e-nat node2 "$ip" ||
+      { kill $watch $poller; return 1; }
     sleep 0.5
     kill $watch $poller 2>/dev/null; pkill -f "get nodenetwork node2 -w|peers-probe" 2>/dev/null
     t0=$(awk -v ip="$ip" '{ for (i = 2; i <= NF; i++) if ($i == ip) { print $1; exit } }' "$dir/peers-watch")
@@ -158,16 +163,28 @@ for line in sys.stdin:
   echo "peers: node2 publication -> node1 rules (ms): ${samples[*]}" | tee -a "$dir/results.txt" >&2
 }
 
+# in_slice NETWORK NODE IP: a WorkloadSlice of NETWORK names IP on NODE.
+in_slice() {
+  k get workloadslices -l "weft.dev/network=$1" -o json | python3 -c '
+import json, sys
+net, node, ip = sys.argv[1:4]
+ws = [w for s in json.load(sys.stdin)["items"] if s["spec"]["network"] == net for w in s["spec"].get("workloads", [])]
+sys.exit(0 if any(w["node"] == node and ip in w["ips"] for w in ws) else 1)' "$1" "$2" "$3"
+}
+
 # Each component has exactly the chart's permissions, and an agent speaks only for its own node.
 t_trust() {
   local sa=system:serviceaccount:weft-system
   # What the code uses is granted (no request of theirs was refused: checked in their logs below).
   expect "the agent may list pods and patch NodeNetwork status" \
     can "$sa:weft-agent" list pods && can "$sa:weft-agent" patch nodenetworks --subresource=status || return 1
-  expect "the controller may patch Networks and create NodeNetworks" \
-    can "$sa:weft-controller" patch networks && can "$sa:weft-controller" create nodenetworks || return 1
+  expect "the controller may patch Networks and create NodeNetworks and WorkloadSlices" \
+    can "$sa:weft-controller" patch networks && can "$sa:weft-controller" create nodenetworks &&
+    can "$sa:weft-controller" patch workloadslices || return 1
+  expect "the agent may watch WorkloadSlices" can "$sa:weft-agent" watch workloadslices || return 1
   # What it does not use is refused.
-  local denied=("weft-agent patch nodenetworks" "weft-agent delete pods" "weft-agent get secrets"
+  local denied=("weft-agent patch nodenetworks" "weft-agent patch workloadslices" "weft-controller delete workloadslices"
+    "weft-agent delete pods" "weft-agent get secrets"
     "weft-agent patch networks --subresource=status" "weft-controller update networks" "weft-controller delete nodenetworks"
     "weft-controller update networks --subresource=status" "weft-controller get secrets" "weft-controller delete pods")
   local d
