@@ -296,7 +296,8 @@ impl Published {
         )
     }
 
-    fn of(&self, network: &str) -> Option<u64> {
+    /// The fingerprint of `network`'s entries, if the node publishes any.
+    pub fn of(&self, network: &str) -> Option<u64> {
         self.0
             .binary_search_by(|(n, _)| (**n).cmp(network))
             .ok()
@@ -339,12 +340,18 @@ impl CompactNodeNetwork {
         self.realized.contains(network)
     }
 
-    /// What its agent publishes, with the node's blocks ([`crate::model::peers`]).
-    pub fn publication(&self) -> crate::model::peers::Publication<'_> {
+    /// What its agent publishes of `network`, with the node's blocks of it
+    /// ([`crate::model::peers`]); `None` when it publishes nothing of it (its blocks then
+    /// vouch for nothing). Only what this node's entries need is looked at: a reconcile of
+    /// one Network reads every node's.
+    pub fn publication_of(&self, network: &str) -> Option<crate::model::peers::Publication<'_>> {
+        self.published.of(network)?;
+        let status = self.status.as_ref()?;
         let blocks = self
             .spec
             .entries()
             .iter()
+            .filter(|e| &*e.network == network)
             .flat_map(|e| {
                 [e.block(false), e.block(true)]
                     .into_iter()
@@ -352,16 +359,12 @@ impl CompactNodeNetwork {
                     .map(|net| (&*e.network, net))
             })
             .collect();
-        let (workloads, reservations) = match &self.status {
-            Some(s) => (&s.workloads[..], &s.reservations[..]),
-            None => (&[][..], &[][..]),
-        };
-        crate::model::peers::Publication {
+        Some(crate::model::peers::Publication {
             node: self.metadata.name.as_deref().unwrap_or_default(),
             blocks,
-            workloads,
-            reservations,
-        }
+            workloads: &status.workloads,
+            reservations: &status.reservations,
+        })
     }
 }
 

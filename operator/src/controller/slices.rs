@@ -174,8 +174,10 @@ pub fn vouched_entries(
     network: &str,
 ) -> (Vec<SliceWorkload>, Vec<SliceReservation>, Vec<String>) {
     let node_networks = ctx.stores.node_networks.state();
-    let publications: Vec<Publication<'_>> =
-        node_networks.iter().map(|nn| nn.publication()).collect();
+    let publications: Vec<Publication<'_>> = node_networks
+        .iter()
+        .filter_map(|nn| nn.publication_of(network))
+        .collect();
     let v = vouched(&publications, Some(network));
     let workloads = v
         .peers
