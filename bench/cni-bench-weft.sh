@@ -98,7 +98,7 @@ if [ -n "${WEFT_BENCH_LIMITS:-}" ]; then
       for s in $(ip netns exec "$NODE_NS" nft list sets inet 2>/dev/null | sed -nE 's/^\s*set (lim_[a-z0-9_]+) \{.*/\1/p'); do
         e=$((e + $(ip netns exec "$NODE_NS" nft list set inet weft "$s" 2>/dev/null | grep -oE '10\.89\.[0-9]+\.[0-9]+' | wc -l)))
       done
-      i=$(ip -n "$NODE_NS" -o link show type ifb 2>/dev/null | wc -l)
+      i=$(ip -n "$NODE_NS" -o link show type ifb 2>/dev/null | grep -c 'alias weft:shape:')
       [ "$e" -gt "$me" ] && me=$e
       [ "$i" -gt "$mi" ] && mi=$i
       echo "$me $mi" > "$TMP/limits-seen"
@@ -118,7 +118,7 @@ WEFT_STATE_DIR="$TMP/state" WEFT_AGENT_SOCKET="$TMP/agent.sock" \
 if [ -n "$SAMPLER" ]; then
   kill "$SAMPLER" 2>/dev/null || true; wait "$SAMPLER" 2>/dev/null || true
   read -r me mi < "$TMP/limits-seen"
-  echo "limits ($WEFT_BENCH_LIMITS): in force: up to $me pod addresses in the limit class sets and $mi shaping links (ifb) seen (0: never)"
+  echo "limits ($WEFT_BENCH_LIMITS): in force: up to $me pod addresses in the limit class sets and $mi shaping links (ifb) in use seen (0: never)"
 fi
 # Where the time went on the agent's side: its reconciles (nearly all of them registrations
 # here) and the ADD/DEL durations the weft binary reported, as means.

@@ -143,6 +143,11 @@ pub fn shaping_ifb_alias(host_port: &str) -> String {
         .collect()
 }
 
+/// The alias of a spare shaping IFB link: one whose port has left, kept for the next port
+/// shaped (see [`crate::netlink::Netlink::retire_ifb`]). Not a [`shaping_ifb_alias`]: it names
+/// no port.
+pub const SPARE_IFB_ALIAS: &str = "weft:shape-spare";
+
 /// The host port a shaping IFB link's alias ([`shaping_ifb_alias`]) names; `None` for any
 /// other alias.
 pub fn shaped_port(alias: &str) -> Option<&str> {

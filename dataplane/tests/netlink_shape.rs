@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use weft_dataplane::mirror::{MirrorFilter, Side, program};
 use weft_dataplane::names;
 use weft_dataplane::netlink::{
-    MIRROR_PREF, MirrorRule, Netlink, NetlinkError, Rate, SHAPE_PREF, Shaping, VethSpec,
+    MIRROR_PREF, MirrorRule, Netlink, NetlinkError, Rate, SHAPE_PREF, Shaping, SpareIfbs, VethSpec,
 };
 use weft_dataplane::netns::{self, Netns};
 
@@ -474,6 +474,147 @@ fn egress_shaping_holds_back_what_the_workload_sends_and_nothing_else() {
         "{after:?}, {a_to_b} bytes arrived"
     );
     assert!(after.packets + after.drops >= DATAGRAMS as u64, "{after:?}");
+}
+
+#[test]
+fn a_departed_ports_ifb_is_kept_as_a_spare_and_shapes_the_next_port_under_its_name() {
+    let mut n = node();
+    let egress_only = |bits_per_second| Shaping {
+        ingress: None,
+        egress: Some(Rate {
+            bits_per_second,
+            burst_bits: 32 * 1024 * 8,
+        }),
+    };
+    // A third port on the bridge, shaped, then gone: its IFB link is retired as a spare.
+    let bridge = n.nl.link_by_name("wbr0").unwrap().unwrap().index;
+    let gone = workload(&mut n.nl, bridge, "sc", 3);
+    let gone_ifb = ifb_of(&gone);
+    assert!(
+        n.nl.set_shaping(gone.host, &gone_ifb, &egress_only(4_000_000))
+            .unwrap()
+    );
+    let spare = n.nl.link_by_name(&gone_ifb).unwrap().expect("its IFB");
+    n.nl.delete_link(gone.host).unwrap();
+    n.nl.retire_ifb(&spare).unwrap();
+    let kept = n.nl.link_by_index(spare.index).unwrap().expect("kept");
+    assert_eq!(kept.alias.as_deref(), Some(names::SPARE_IFB_ALIAS));
+    assert!(kept.up, "a spare stays up");
+    assert!(
+        names::shaped_port(names::SPARE_IFB_ALIAS).is_none(),
+        "a spare names no port"
+    );
+    // Retiring what is not weft's IFB of a port is refused.
+    let not_ours = n.nl.link_by_name("wbr0").unwrap().unwrap();
+    assert!(matches!(
+        n.nl.retire_ifb(&not_ours),
+        Err(NetlinkError::Invalid { .. })
+    ));
+
+    // A's egress limit takes the spare: no link created, A's IFB name is the spare's
+    // alternative name, and the spare's tbf now has A's rate.
+    let ifb = ifb_of(&n.a);
+    let mut spares = SpareIfbs {
+        links: vec![spare.index],
+        cap: 1,
+    };
+    assert!(
+        n.nl.set_shaping_reusing(
+            n.a.host,
+            &ifb,
+            &Shaping {
+                ingress: None,
+                egress: Some(LIMITED),
+            },
+            &mut spares
+        )
+        .unwrap()
+    );
+    assert!(spares.links.is_empty(), "the spare is taken");
+    let taken =
+        n.nl.link_by_name(&ifb)
+            .unwrap()
+            .expect("A's IFB by its name");
+    assert_eq!(taken.index, spare.index, "the spare, not a new link");
+    assert_eq!(taken.name, gone_ifb, "it keeps its own name");
+    assert_eq!(
+        taken.alias.as_deref(),
+        Some(names::shaping_ifb_alias(&n.a.name).as_str())
+    );
+    assert_tbf(&gone_ifb, LIMITED);
+    let ifb_links = Command::new("ip")
+        .args(["-o", "link", "show", "type", "ifb"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&ifb_links.stdout).lines().count(),
+        1
+    );
+    // Set again: nothing to change; and it shapes what A sends, not what it receives.
+    assert!(
+        !n.nl
+            .set_shaping(
+                n.a.host,
+                &ifb,
+                &Shaping {
+                    ingress: None,
+                    egress: Some(LIMITED),
+                }
+            )
+            .unwrap()
+    );
+    let (a_to_b, b_to_a) = bursts_both_ways(&n);
+    assert_shaped(a_to_b, "A to B, through the spare");
+    assert_unshaped(b_to_a, "B to A");
+    assert!(
+        n.nl.shaping_counters(n.a.host, &ifb)
+            .unwrap()
+            .egress
+            .expect("egress counters by A's IFB name")
+            .drops
+            > 0
+    );
+
+    // Retired again: A's name goes with it, and a port that comes back under the spare's own
+    // name takes it although no list names it.
+    let a_ifb = n.nl.link_by_name(&ifb).unwrap().unwrap();
+    n.nl.retire_ifb(&a_ifb).unwrap();
+    assert!(
+        n.nl.link_by_name(&ifb).unwrap().is_none(),
+        "A's name is gone"
+    );
+    let back = workload(&mut n.nl, bridge, "sc", 4);
+    assert_eq!(ifb_of(&back), gone_ifb);
+    assert!(
+        n.nl.set_shaping(back.host, &gone_ifb, &egress_only(2_000_000))
+            .unwrap()
+    );
+    let again = n.nl.link_by_name(&gone_ifb).unwrap().unwrap();
+    assert_eq!(again.index, spare.index);
+    assert_eq!(
+        again.alias.as_deref(),
+        Some(names::shaping_ifb_alias(&back.name).as_str())
+    );
+    // A list of links that are no spares (deleted, or taken meanwhile) creates a new link.
+    let mut stale = SpareIfbs {
+        links: vec![spare.index, 999_999],
+        cap: 2,
+    };
+    assert!(
+        n.nl.set_shaping_reusing(n.a.host, &ifb, &egress_only(1_000_000), &mut stale)
+            .unwrap()
+    );
+    assert!(stale.links.is_empty());
+    let made = n.nl.link_by_name(&ifb).unwrap().unwrap();
+    assert_ne!(made.index, spare.index);
+    assert_eq!(made.name, ifb, "a new link has A's IFB name as its own");
+    // Lifted with no room for a spare: deleted.
+    stale.cap = 0;
+    assert!(
+        n.nl.set_shaping_reusing(n.a.host, &ifb, &Shaping::default(), &mut stale)
+            .unwrap()
+    );
+    assert!(n.nl.link_by_index(made.index).unwrap().is_none(), "deleted");
 }
 
 #[test]

@@ -376,8 +376,9 @@ t_limits() {
     expect "kubectl describe pod lim shows it" sh -c "'$C' kubectl -n $ns describe pod lim | grep -q InvalidLimitAnnotation" || return 1
   kn annotate pod lim weft.dev/max-connections- >/dev/null || return 1
   kn delete pod shaped badlimit --wait --timeout=60s >/dev/null
-  eventually 30 "the shaping goes with the pod (no tbf, no IFB on node1)" \
-    sh -c "! '$C' node node1 tc qdisc show | grep -q 'rate 1Mbit' && ! '$C' node node1 ip -o link show type ifb | grep -q ' wi'"
+  # Its IFB link stays as a spare for the next pod with an egress limit (no port's alias).
+  eventually 30 "the shaping goes with the pod (no 2Mbit tbf, no IFB in use on node1; its IFB a spare)" \
+    sh -c "! '$C' node node1 tc qdisc show | grep -q 'rate 2Mbit' && ! '$C' node node1 ip -o link show type ifb | grep -q 'alias weft:shape:' && '$C' node node1 ip -o link show type ifb | grep -q 'alias weft:shape-spare'"
 }
 
 node_mirrors() { # node: a weft workload port of it has a mirred filter

@@ -32,7 +32,9 @@ pub use link::{
     port_hairpin_message,
 };
 pub use route::{Family, RouteEntry, RouteInfo, RouteSpec, route_entry_message};
-pub use shape::{QueueCounters, Rate, SHAPE_PREF, Shaping, ShapingCounters};
+pub use shape::{
+    QueueCounters, Rate, SHAPE_PREF, Shaping, ShapingCounters, SpareIfbs, is_spare_ifb,
+};
 pub use tc::{
     MAX_MIRRORS_PER_SIDE, MIRROR_PREF, MirrorCounter, MirrorRule, clsact_qdisc_message,
     ingress_qdisc_message, mirror_filter_message, redirect_filter_message,

@@ -16,6 +16,7 @@ use netlink_packet_core::{
     DefaultNla, NLA_TYPE_MASK, NLM_F_CREATE, NLM_F_EXCL, Nla, NlaBuffer, NlasIterator,
 };
 use netlink_packet_route::RouteNetlinkMessage;
+use netlink_packet_route::link::{LinkAttribute, LinkMessage, Prop};
 use netlink_packet_route::tc::{
     TcActionType, TcAttribute, TcHandle, TcMessage, TcMirrorActionType, TcOption, TcStats2,
 };
@@ -33,6 +34,17 @@ pub const SHAPE_PREF: u16 = 0x7000;
 /// pass at once above the rate (the token bucket's size), at least 8, at most 2^32 - 1 bytes. A
 /// frame longer than the burst never passes: give at least the port's MTU plus 14 bytes.
 pub use crate::proto::Rate;
+
+/// Spare IFB links ([`Netlink::retire_ifb`]) for [`Netlink::set_shaping_reusing`]: the links
+/// kept, by index, and how many may be kept.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SpareIfbs {
+    /// The spares, by index (the last is taken first).
+    pub links: Vec<u32>,
+    /// How many spares may be kept: an IFB link a port no longer needs is kept while there are
+    /// fewer, deleted otherwise.
+    pub cap: usize,
+}
 
 /// A host port's shaping. `ingress`: into the workload; `egress`: from it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -418,6 +430,25 @@ impl Netlink {
         ifb: &str,
         shaping: &Shaping,
     ) -> Result<bool, NetlinkError> {
+        self.set_shaping_reusing(port, ifb, shaping, &mut SpareIfbs::default())
+    }
+
+    /// [`Netlink::set_shaping`], taking the IFB link an egress limit needs from `spares` (links
+    /// [`Netlink::retire_ifb`] kept; the one used, and any that is no spare any more, is taken
+    /// out of the list) instead of creating one, and keeping the IFB link of an egress limit
+    /// lifted as a spare while `spares` has fewer than its cap, instead of deleting it.
+    /// Creating and deleting a link are most of what shaping a port costs the kernel
+    /// (per-device sysctl tables, sysfs entries, a grace period when it goes); a spare costs an
+    /// alternative name, an alias and a `tbf` change. The spare keeps its own name and answers
+    /// to `ifb` as its alternative name, so `ifb` finds it wherever a name is looked up. A
+    /// spare named `ifb` (the same port name again) is taken whether or not it is listed.
+    pub fn set_shaping_reusing(
+        &mut self,
+        port: u32,
+        ifb: &str,
+        shaping: &Shaping,
+        spares: &mut SpareIfbs,
+    ) -> Result<bool, NetlinkError> {
         const OP: &str = "set shaping";
         let target = format!("link {port}");
         check_ifname(OP, &target, ifb)?;
@@ -469,7 +500,10 @@ impl Netlink {
                     link.name
                 )));
             }
-            if let Some(l) = existing_ifb.as_ref().filter(|l| !is_our_ifb(l, &alias)) {
+            if let Some(l) = existing_ifb
+                .as_ref()
+                .filter(|l| !is_our_ifb(l, &alias) && !is_spare_ifb(l))
+            {
                 return Err(invalid(format!(
                     "link {ifb} exists and is not weft's IFB for {} (kind {}, alias {:?}): \
                      delete it or choose another name",
@@ -499,7 +533,11 @@ impl Netlink {
                     }
                     None => {
                         changed = true;
-                        self.create_ifb(OP, ifb, link.mtu, &alias, &tbf)?
+                        let named = existing_ifb.as_ref().filter(|l| is_spare_ifb(l));
+                        match self.adopt_spare(OP, ifb, link.mtu, &alias, &tbf, named, spares)? {
+                            Some(index) => index,
+                            None => self.create_ifb(OP, ifb, link.mtu, &alias, &tbf)?,
+                        }
                     }
                 };
                 changed |= self.set_redirect(OP, port, slot.is_some(), index)?;
@@ -509,7 +547,18 @@ impl Netlink {
                     changed |= self.remove_redirect(OP, port)?;
                 }
                 if let Some(l) = ours {
-                    changed |= self.delete_link(l.index)?;
+                    if spares.links.len() < spares.cap {
+                        match self.retire_ifb(l) {
+                            Ok(()) => {
+                                spares.links.push(l.index);
+                                changed = true;
+                            }
+                            Err(e) if e.is_not_found() => {}
+                            Err(_) => changed |= self.delete_link(l.index)?,
+                        }
+                    } else {
+                        changed |= self.delete_link(l.index)?;
+                    }
                 }
             }
         }
@@ -628,6 +677,152 @@ impl Netlink {
                 Ok(true)
             }
         }
+    }
+
+    /// Keeps IFB link `ifb`, weft's shaping link of a port that has left (or lost its egress
+    /// limit), as a spare for the next port shaped ([`Netlink::set_shaping_reusing`]) instead
+    /// of deleting it: its alias becomes [`names::SPARE_IFB_ALIAS`], and the port's IFB name
+    /// is taken off when the link carried it as an alternative name (a spare reused before).
+    /// It stays up with its `tbf`: no redirect points at it, so it shapes nothing, and taking
+    /// a link down would stop its queues and wait for a grace period.
+    ///
+    /// Errors: `ifb` is not weft's IFB of a port (kind `ifb`, a [`names::shaping_ifb_alias`])
+    /// → [`NetlinkError::Invalid`], before anything is changed; a link gone meanwhile →
+    /// [`NetlinkError::is_not_found`].
+    pub fn retire_ifb(&mut self, ifb: &LinkInfo) -> Result<(), NetlinkError> {
+        const OP: &str = "retire shaping link";
+        let port = ifb
+            .alias
+            .as_deref()
+            .and_then(names::shaped_port)
+            .filter(|_| ifb.kind.as_deref() == Some("ifb"))
+            .ok_or_else(|| NetlinkError::Invalid {
+                op: OP,
+                target: format!("link {} ({})", ifb.name, ifb.index),
+                reason: format!(
+                    "it is not weft's shaping link of a port (kind {}, alias {:?})",
+                    ifb.kind.as_deref().unwrap_or("none"),
+                    ifb.alias.as_deref().unwrap_or("")
+                ),
+            })?;
+        let port_name = names::shaping_ifb_name(port);
+        self.set_alias(ifb.index, names::SPARE_IFB_ALIAS)?;
+        if port_name != ifb.name {
+            match self.alt_name(OP, ifb.index, &port_name, false) {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        debug!(ifb = %ifb.name, port, "kept the shaping link as a spare");
+        Ok(())
+    }
+
+    /// Makes a spare IFB link (`named`, the spare already called `name`, else the first of
+    /// `spares` that still is one) the IFB link `name` of the port with alias `alias`: `name`
+    /// as its alternative name, the alias and the MTU, `tbf` at its root, up. `None` when no
+    /// spare is left.
+    #[allow(clippy::too_many_arguments)]
+    fn adopt_spare(
+        &mut self,
+        op: &'static str,
+        name: &str,
+        mtu: u32,
+        alias: &str,
+        tbf: &Tbf,
+        named: Option<&LinkInfo>,
+        spares: &mut SpareIfbs,
+    ) -> Result<Option<u32>, NetlinkError> {
+        let spare = match named {
+            Some(l) => {
+                spares.links.retain(|&s| s != l.index);
+                l.clone()
+            }
+            None => loop {
+                let Some(index) = spares.links.pop() else {
+                    return Ok(None);
+                };
+                if let Some(l) = self.link_by_index(index)?.filter(is_spare_ifb) {
+                    break l;
+                }
+            },
+        };
+        if spare.name != name {
+            self.alt_name(op, spare.index, name, true)?;
+        }
+        let set = LinkUnspec::new_with_index(spare.index)
+            .alias(alias)
+            .mtu(mtu)
+            .up()
+            .build();
+        if let Err(e) = self.call(
+            op,
+            || format!("{name} (spare ifb {})", spare.index),
+            RouteNetlinkMessage::SetLink(set),
+            0,
+        ) {
+            let _ = self.retire_or_delete(&spare, name);
+            return Err(e);
+        }
+        let raw = self.qdiscs_of(op, &[spare.index])?;
+        let qdiscs: Vec<DumpedQdisc> = raw.into_iter().map(dumped_qdisc).collect();
+        self.set_root_tbf(op, spare.index, root_of(&qdiscs, spare.index), Some(tbf))?;
+        debug!(ifb = %name, spare = %spare.name, index = spare.index, "took a spare IFB link");
+        Ok(Some(spare.index))
+    }
+
+    /// After a failed adoption: the spare back as it was (spare alias, without `name`), or
+    /// deleted when that fails too.
+    fn retire_or_delete(&mut self, spare: &LinkInfo, name: &str) -> Result<(), NetlinkError> {
+        let back = self
+            .set_alias(spare.index, names::SPARE_IFB_ALIAS)
+            .and_then(|()| {
+                if spare.name == name {
+                    return Ok(());
+                }
+                match self.alt_name("retire shaping link", spare.index, name, false) {
+                    Err(e) if !e.is_not_found() => Err(e),
+                    _ => Ok(()),
+                }
+            });
+        if back.is_err() {
+            self.delete_link(spare.index)?;
+        }
+        back
+    }
+
+    /// Adds (`add`) or removes alternative name `name` of link `index` (`ip link property add
+    /// dev X altname NAME`): a name the link also answers to wherever a name is looked up,
+    /// without renaming it (a rename needs the link down and re-registers its sysctls).
+    fn alt_name(
+        &mut self,
+        op: &'static str,
+        index: u32,
+        name: &str,
+        add: bool,
+    ) -> Result<(), NetlinkError> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.attributes
+            .push(LinkAttribute::PropList(vec![Prop::AltIfName(
+                name.to_string(),
+            )]));
+        let (request, verb, flags) = if add {
+            (
+                RouteNetlinkMessage::NewLinkProp(msg),
+                "add",
+                NLM_F_CREATE | NLM_F_EXCL,
+            )
+        } else {
+            (RouteNetlinkMessage::DelLinkProp(msg), "delete", 0)
+        };
+        self.call(
+            op,
+            || format!("link {index}: {verb} alternative name {name}"),
+            request,
+            flags,
+        )?;
+        Ok(())
     }
 
     /// Creates IFB link `name` with MTU `mtu`, alias `alias` and `tbf` at its root, IPv6 off,
@@ -751,6 +946,11 @@ impl Netlink {
 /// Is `link` weft's IFB with alias `alias`?
 fn is_our_ifb(link: &LinkInfo, alias: &str) -> bool {
     link.kind.as_deref() == Some("ifb") && link.alias.as_deref() == Some(alias)
+}
+
+/// Is `link` a spare IFB link ([`Netlink::retire_ifb`])?
+pub fn is_spare_ifb(link: &LinkInfo) -> bool {
+    is_our_ifb(link, names::SPARE_IFB_ALIAS)
 }
 
 #[cfg(test)]

@@ -26,7 +26,9 @@ use tracing::{info, warn};
 use weft_crds::{MirrorProtocol, NodeMirror, TrafficMirror, selector_matches};
 use weft_dataplane::mirror::{Insn, L4, MirrorFilter, Side, program};
 use weft_dataplane::names;
-use weft_dataplane::netlink::{LinkInfo, MirrorRule, Netlink, NetlinkError, Shaping};
+use weft_dataplane::netlink::{
+    LinkInfo, MirrorRule, Netlink, NetlinkError, Shaping, SpareIfbs, is_spare_ifb,
+};
 use weft_dataplane::proto::Endpoint;
 
 /// One copy a source port makes.
@@ -241,7 +243,21 @@ struct Applied {
     /// Ports whose IFB link this agent may have made and has not seen go (a shaping that
     /// failed half way, after the link was made, is in force nowhere but leaves it).
     ifbs: BTreeSet<String>,
+    /// Spare IFB links (of ports that left) for the next ports shaped: at most [`SPARE_IFBS`].
+    spares: SpareIfbs,
+    /// When a port last had an egress limit (spares go after [`SPARE_IDLE`] without one).
+    last_egress: Option<std::time::Instant>,
 }
+
+/// How many IFB links of departed ports the agent keeps for the next ports with an egress
+/// limit, instead of deleting them: creating and deleting the link are most of what shaping
+/// a port costs the kernel, and on a node where pods come and go (a rollout replaces them a
+/// batch at a time) the next pod takes a spare. Each idle spare holds a few KiB of kernel
+/// memory and its sysctl entries; kubelet's default of 110 pods per node gives the scale.
+const SPARE_IFBS: usize = 64;
+
+/// Spares are deleted at a full pass when no port has had an egress limit for this long.
+const SPARE_IDLE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Brings the kernel to `plan`. `full`: also take stale filters off every weft port and delete
 /// stale tunnels (at the first pass and every resync). Returns each mirror's state here.
@@ -326,6 +342,14 @@ fn apply(
         }
         links
     };
+    applied.spares.cap = SPARE_IFBS;
+    if full {
+        applied.spares.links = links
+            .iter()
+            .filter(|l| is_spare_ifb(l))
+            .map(|l| l.index)
+            .collect();
+    }
     let mut index: BTreeMap<String, u32> =
         links.iter().map(|l| (l.name.clone(), l.index)).collect();
     let mut problems: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -366,6 +390,80 @@ fn apply(
         nl.delete_link(i)?;
         applied.tunnels.remove(&name);
         info!(tunnel = %name, "deleted a mirror tunnel no mirror uses");
+    }
+    // IFB links of ports no longer shaped (their port gone with its namespace, or its egress
+    // limit lifted while the port was away): at a full pass every one of weft's. Before the
+    // ports are shaped, so that a pod replacing another in the same pass takes its link. A spare
+    // answers to the IFB name of the port it serves as an alternative name, so they are told
+    // by the port their alias names, not by their own name.
+    let egress_ports: BTreeSet<&str> = plan
+        .shaping
+        .iter()
+        .filter(|(_, s)| s.egress.is_some())
+        .map(|(p, _)| p.as_str())
+        .collect();
+    let stale_ifbs: Vec<&LinkInfo> = links
+        .iter()
+        .filter(|l| {
+            let Some(port) = l.alias.as_deref().and_then(names::shaped_port) else {
+                return false;
+            };
+            !egress_ports.contains(port) && (full || !index.contains_key(port))
+        })
+        .collect();
+    let now = std::time::Instant::now();
+    if !egress_ports.is_empty() {
+        applied.last_egress = Some(now);
+    }
+    let idle = applied
+        .last_egress
+        .is_none_or(|t| now.duration_since(t) >= SPARE_IDLE);
+    // Kept as spares up to SPARE_IFBS; the others (and, at a full pass after SPARE_IDLE
+    // without an egress limit, the spares) deleted together: each deletion alone would hold
+    // up the node's link changes (ADDs') for a grace period, and a pass after many DELs has
+    // many.
+    let mut doomed: Vec<&LinkInfo> = Vec::new();
+    let mut kept = 0;
+    for l in stale_ifbs {
+        if applied.spares.links.len() >= applied.spares.cap || (full && idle) {
+            doomed.push(l);
+            continue;
+        }
+        match nl.retire_ifb(l) {
+            Ok(()) => {
+                applied.spares.links.push(l.index);
+                kept += 1;
+            }
+            Err(e) if e.is_not_found() => {}
+            Err(e) => {
+                warn!(ifb = %l.name, error = %e, "cannot keep the shaping link as a spare; deleting it");
+                doomed.push(l);
+            }
+        }
+    }
+    let mut indexes: Vec<u32> = doomed.iter().map(|l| l.index).collect();
+    if full && idle && !applied.spares.links.is_empty() {
+        info!(
+            spares = applied.spares.links.len(),
+            "no port had an egress limit for {} s: deleting the spare shaping links",
+            SPARE_IDLE.as_secs()
+        );
+        indexes.append(&mut applied.spares.links);
+    }
+    if kept > 0 {
+        info!(
+            kept,
+            spares = applied.spares.links.len(),
+            "kept the shaping links of ports no longer shaped as spares"
+        );
+    }
+    if !indexes.is_empty() {
+        let deleted = nl.delete_links(&indexes)?;
+        info!(
+            ifbs = ?doomed.iter().map(|l| &l.name).collect::<Vec<_>>(),
+            deleted,
+            "deleted the shaping links of ports no longer shaped"
+        );
     }
     applied.waiting.clear();
     // Ports with a shaping link: shaped by this agent or an earlier one.
@@ -449,34 +547,6 @@ fn apply(
             }
         }
     }
-    // IFB links of ports no longer shaped (their port gone with its namespace, or its egress
-    // limit lifted while the port was away): at a full pass every one of weft's.
-    let wanted_ifbs: BTreeSet<String> = plan
-        .shaping
-        .iter()
-        .filter(|(_, s)| s.egress.is_some())
-        .map(|(p, _)| names::shaping_ifb_name(p))
-        .collect();
-    let stale_ifbs: Vec<&LinkInfo> = links
-        .iter()
-        .filter(|l| {
-            let Some(port) = l.alias.as_deref().and_then(names::shaped_port) else {
-                return false;
-            };
-            !wanted_ifbs.contains(&l.name) && (full || !index.contains_key(port))
-        })
-        .collect();
-    // Together: each deletion alone would hold up the node's link changes (ADDs') for a grace
-    // period, and a pass after many DELs has many.
-    if !stale_ifbs.is_empty() {
-        let indexes: Vec<u32> = stale_ifbs.iter().map(|l| l.index).collect();
-        let deleted = nl.delete_links(&indexes)?;
-        info!(
-            ifbs = ?stale_ifbs.iter().map(|l| &l.name).collect::<Vec<_>>(),
-            deleted,
-            "deleted the shaping links of ports no longer shaped"
-        );
-    }
     // Each mirror's state: its planned sources, what it copied, its problems.
     let mut report: BTreeMap<String, NodeMirror> = plan
         .mirrors
@@ -550,7 +620,12 @@ fn shape(
     if wanted.egress.is_some() {
         applied.ifbs.insert(port.to_string());
     }
-    match nl.set_shaping(index, &names::shaping_ifb_name(port), &wanted) {
+    match nl.set_shaping_reusing(
+        index,
+        &names::shaping_ifb_name(port),
+        &wanted,
+        &mut applied.spares,
+    ) {
         Ok(changed) => {
             if wanted.egress.is_none() {
                 applied.ifbs.remove(port);
