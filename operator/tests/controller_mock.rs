@@ -805,6 +805,20 @@ impl World {
     }
 }
 
+/// Waits for the server-side apply of the WorkloadSlice `name` and answers it.
+async fn expect_slice(handle: &mut Handle, name: &str) -> Seen {
+    expect(
+        handle,
+        Expect {
+            method: Method::PATCH,
+            path: format!("/apis/weft.dev/v1alpha1/workloadslices/{name}"),
+            query: APPLY,
+        },
+        echo,
+    )
+    .await
+}
+
 #[tokio::test]
 async fn the_vouched_workloads_of_a_network_are_applied_as_its_slice_owned_by_it() {
     let (ctx, mut handle, mut world) = setup(true);
@@ -822,16 +836,7 @@ async fn the_vouched_workloads_of_a_network_are_applied_as_its_slice_owned_by_it
             ],
         );
     let verifier = tokio::spawn(async move {
-        let seen = expect(
-            &mut handle,
-            Expect {
-                method: Method::PATCH,
-                path: "/apis/weft.dev/v1alpha1/workloadslices/blue.0".into(),
-                query: APPLY,
-            },
-            echo,
-        )
-        .await;
+        let seen = expect_slice(&mut handle, "blue.0").await;
         assert_eq!(seen.content_type, "application/apply-patch+yaml");
         let b = &seen.body;
         assert_eq!(b["kind"], "WorkloadSlice");
@@ -891,16 +896,7 @@ async fn the_vouched_workloads_of_a_network_are_applied_as_its_slice_owned_by_it
         .apply_watcher_event(&watcher::Event::Apply(slice));
     world.publishing("a", "10.10.0.0/26", vec![]);
     let verifier = tokio::spawn(async move {
-        let seen = expect(
-            &mut handle,
-            Expect {
-                method: Method::PATCH,
-                path: "/apis/weft.dev/v1alpha1/workloadslices/blue.0".into(),
-                query: APPLY,
-            },
-            echo,
-        )
-        .await;
+        let seen = expect_slice(&mut handle, "blue.0").await;
         let names: Vec<&str> = seen.body["spec"]["workloads"]
             .as_array()
             .unwrap()

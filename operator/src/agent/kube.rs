@@ -1047,21 +1047,8 @@ async fn write_status(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::testing::spec;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-    use weft_crds::{Cidr, NodeNetworkBlock};
-
-    fn spec(blocks: &[(&str, Option<&str>, Option<&str>)]) -> NodeNetworkSpec {
-        NodeNetworkSpec {
-            blocks: blocks
-                .iter()
-                .map(|(network, v4, v6)| NodeNetworkBlock {
-                    network: (*network).into(),
-                    ipv4: v4.map(Cidr::from),
-                    ipv6: v6.map(Cidr::from),
-                })
-                .collect(),
-        }
-    }
 
     /// The API refuses an Event whose note is over 1024 bytes: a note of wide characters is
     /// cut by bytes, on a character boundary.

@@ -5,6 +5,26 @@
 mod manifest;
 pub mod peers;
 
+/// Test helpers shared by the modules that read NodeNetworks.
+#[cfg(test)]
+pub(crate) mod testing {
+    use weft_crds::{Cidr, NodeNetworkBlock, NodeNetworkSpec};
+
+    /// A NodeNetwork spec of `(network, IPv4 block, IPv6 block)`.
+    pub(crate) fn spec(blocks: &[(&str, Option<&str>, Option<&str>)]) -> NodeNetworkSpec {
+        NodeNetworkSpec {
+            blocks: blocks
+                .iter()
+                .map(|(network, v4, v6)| NodeNetworkBlock {
+                    network: (*network).into(),
+                    ipv4: v4.map(Cidr::from),
+                    ipv6: v6.map(Cidr::from),
+                })
+                .collect(),
+        }
+    }
+}
+
 pub use manifest::{add_document, parse_manifests};
 
 use ipnet::{Ipv4Net, Ipv6Net};

@@ -149,20 +149,8 @@ pub fn vouched(publications: &[Publication<'_>], network: Option<&str>) -> Vouch
 #[cfg(test)]
 mod tests {
     use super::*;
-    use weft_crds::{Cidr, NodeNetworkBlock, NodeNetworkSpec, NodeNetworkStatus};
-
-    fn spec(blocks: &[(&str, Option<&str>, Option<&str>)]) -> NodeNetworkSpec {
-        NodeNetworkSpec {
-            blocks: blocks
-                .iter()
-                .map(|(network, v4, v6)| NodeNetworkBlock {
-                    network: (*network).into(),
-                    ipv4: v4.map(Cidr::from),
-                    ipv6: v6.map(Cidr::from),
-                })
-                .collect(),
-        }
-    }
+    use crate::model::testing::spec;
+    use weft_crds::NodeNetworkStatus;
 
     fn published(
         node: &str,
