@@ -1182,7 +1182,7 @@ mod trigger_tests {
         assert_eq!(
             slices_touched(
                 &mut last,
-                &with_workloads(&["a", "b"], &["a"], &[web.clone()]),
+                &with_workloads(&["a", "b"], &["a"], std::slice::from_ref(&web)),
                 false
             ),
             set(&["a"])
@@ -1191,7 +1191,7 @@ mod trigger_tests {
         assert!(
             slices_touched(
                 &mut last,
-                &with_workloads(&["a", "b"], &["a", "b"], &[web.clone()]),
+                &with_workloads(&["a", "b"], &["a", "b"], std::slice::from_ref(&web)),
                 false
             )
             .is_empty()
