@@ -207,12 +207,13 @@ mod tests {
                 "nodenetworks.weft.dev.yaml",
                 "clustersegmentationpolicies.weft.dev.yaml",
                 "segmentationpolicies.weft.dev.yaml",
-                "trafficmirrors.weft.dev.yaml"
+                "trafficmirrors.weft.dev.yaml",
+                "workloadslices.weft.dev.yaml"
             ]
         );
         assert!(files.iter().all(|(_, y)| y.starts_with(GENERATED_HEADER)));
         let all = all_crds_yaml().unwrap();
         let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&all).unwrap();
-        assert_eq!(docs.len(), 6);
+        assert_eq!(docs.len(), 7);
     }
 }
