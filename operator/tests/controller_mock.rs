@@ -890,10 +890,11 @@ async fn the_vouched_workloads_of_a_network_are_applied_as_its_slice_owned_by_it
         .unwrap();
     let mut handle = again.await.unwrap();
     // The store catches up; web-1 stops on a: the slice is written without it.
-    let slice: WorkloadSlice = serde_json::from_value(written).unwrap();
+    let mut slice: WorkloadSlice = serde_json::from_value(written).unwrap();
+    slice.metadata.resource_version = Some("2".into());
     world
         .slices
-        .apply_watcher_event(&watcher::Event::Apply(slice));
+        .apply_watcher_event(&watcher::Event::Apply(slice.clone()));
     world.publishing("a", "10.10.0.0/26", vec![]);
     let verifier = tokio::spawn(async move {
         let seen = expect_slice(&mut handle, "blue.0").await;
@@ -904,6 +905,23 @@ async fn the_vouched_workloads_of_a_network_are_applied_as_its_slice_owned_by_it
             .map(|w| w["name"].as_str().unwrap())
             .collect();
         assert_eq!(names, ["web-2"]);
+        no_more_requests(&mut handle).await;
+        handle
+    });
+    slices::reconcile(Arc::new(blue.clone()), ctx.clone())
+        .await
+        .unwrap();
+    let mut handle = verifier.await.unwrap();
+    // Someone empties the slice by hand (the store shows a version after the write): it is
+    // written again.
+    slice.metadata.resource_version = Some("4".into());
+    slice.spec.workloads.clear();
+    world
+        .slices
+        .apply_watcher_event(&watcher::Event::Apply(slice));
+    let verifier = tokio::spawn(async move {
+        let seen = expect_slice(&mut handle, "blue.0").await;
+        assert_eq!(seen.body["spec"]["workloads"][0]["name"], "web-2");
         no_more_requests(&mut handle).await;
     });
     slices::reconcile(Arc::new(blue), ctx).await.unwrap();

@@ -100,9 +100,9 @@ pub struct Context {
     decided: Mutex<Option<(u64, Arc<network::Decision>)>>,
     /// Consecutive transient failures per object, for exponential backoff.
     failures: Mutex<HashMap<String, backon::ExponentialBackoff>>,
-    /// WorkloadSlices this replica applied ((Network, index) → spec), newer than the store
-    /// until its watch catches up ([`slices`]).
-    slices_written: Mutex<BTreeMap<(String, usize), WorkloadSliceSpec>>,
+    /// WorkloadSlices this replica applied ((Network, index) → the store's version then, and
+    /// the spec), newer than the store until its watch catches up ([`slices`]).
+    slices_written: Mutex<BTreeMap<(String, usize), slices::Written>>,
     /// Per Network, what its WorkloadSlices last left out (published, not vouched for).
     refused: Mutex<BTreeMap<String, Vec<String>>>,
 }

@@ -133,35 +133,54 @@ pub fn place(
     out
 }
 
+/// A Network's slices as the controller sees them.
+#[derive(Debug, Default)]
+struct Current {
+    /// Each slice's spec, by index.
+    specs: BTreeMap<usize, WorkloadSliceSpec>,
+    /// The resourceVersion of each slice in the store, by index.
+    versions: BTreeMap<usize, String>,
+}
+
+/// What this replica applied of a slice: the store's resourceVersion of the slice at that time
+/// (none if it had none) and the spec.
+pub type Written = (Option<String>, WorkloadSliceSpec);
+
 /// The slices of `network` as the controller last saw or wrote them, by index: the store,
-/// overlaid with what this replica wrote and the store does not show yet.
-fn current_slices(ctx: &Context, network: &str) -> BTreeMap<usize, WorkloadSliceSpec> {
+/// overlaid with what this replica wrote while the store still shows the version before that
+/// write. Once the store shows another version (the write, or a later change by someone else),
+/// the store counts: a slice changed by hand is written again.
+fn current_slices(ctx: &Context, network: &str) -> Current {
     let label = network_label_value(network);
-    let mut current: BTreeMap<usize, WorkloadSliceSpec> = ctx
-        .stores
-        .slices
-        .state()
-        .iter()
-        .filter(|s| s.spec.network == network)
-        .filter(|s| {
-            s.metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(NETWORK_LABEL))
-                == Some(&label)
-        })
-        .filter_map(|s| Some((slice_index(network, &s.name_any())?, s.spec.clone())))
-        .collect();
+    let mut current = Current::default();
+    for s in ctx.stores.slices.state() {
+        let named = s
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(NETWORK_LABEL))
+            == Some(&label);
+        if s.spec.network != network || !named {
+            continue;
+        }
+        let Some(index) = slice_index(network, &s.name_any()) else {
+            continue;
+        };
+        current.specs.insert(index, s.spec.clone());
+        if let Some(v) = &s.metadata.resource_version {
+            current.versions.insert(index, v.clone());
+        }
+    }
     if let Ok(mut written) = ctx.slices_written.lock() {
-        written.retain(|(net, index), spec| {
+        written.retain(|(net, index), (before, spec)| {
             if net != network {
                 return true;
             }
-            if current.get(index) == Some(spec) {
-                // The store caught up.
+            if current.versions.get(index) != before.as_ref() {
+                // The store has moved past the version the write replaced.
                 return false;
             }
-            current.insert(*index, spec.clone());
+            current.specs.insert(*index, spec.clone());
             true
         });
     }
@@ -231,10 +250,10 @@ async fn write(
     reservations: Vec<SliceReservation>,
 ) -> Result<(), Error> {
     let current = current_slices(ctx, name);
-    let desired = place(workloads, reservations, &current, name);
+    let desired = place(workloads, reservations, &current.specs, name);
     let changed: Vec<(usize, WorkloadSliceSpec)> = desired
         .into_iter()
-        .filter(|(index, spec)| current.get(index) != Some(spec))
+        .filter(|(index, spec)| current.specs.get(index) != Some(spec))
         .collect();
     if changed.is_empty() {
         return Ok(());
@@ -277,7 +296,8 @@ async fn write(
         match result {
             Ok((index, spec)) => {
                 if let Ok(mut w) = ctx.slices_written.lock() {
-                    w.insert((name.to_owned(), index), spec);
+                    let before = current.versions.get(&index).cloned();
+                    w.insert((name.to_owned(), index), (before, spec));
                 }
             }
             Err(e) => {
