@@ -50,7 +50,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 use weft_crds::{
     ClusterSegmentationPolicy, Network, NodeNetwork, PortForward, SegmentationPolicy,
-    TrafficMirror, WorkloadSlice, WorkloadSliceSpec,
+    TrafficMirror, WorkloadSlice,
 };
 
 /// The field manager of every server-side apply of the controller.
