@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # apiserver.sh — sourced by the benches that run weft against a real kube-apiserver
 # (controller-api.sh, peers-scale.sh): etcd from Debian's etcd-server and the pinned API server
 # and kubectl of e2e/cluster/build.sh, on 127.0.0.1 with ports of their own, their state under a
@@ -8,9 +9,9 @@
 # api_init NAME: builds (or finds) the cluster binaries ($KBIN), makes $TMP
 #   (/tmp/weft-NAME.XXXXXX) and $ETCD_DIR, picks the ports ($ETCD_CLIENT, $ETCD_PEER, $API; the
 #   caller may use $PORT_BASE + 3 to + 9), writes the admin kubeconfig ($KUBECONFIG, exported; the
-#   API server's certificate is for IP 127.0.0.1 only) and sets the EXIT/INT/TERM trap: every
-#   PID of the PIDS array is stopped (SIGTERM, 5 s, then SIGKILL), then the caller's
-#   `bench_cleanup` runs if it defines one, then $TMP and $ETCD_DIR are removed.
+#   API server's certificate is for IP 127.0.0.1 only) and sets the EXIT/INT/TERM trap: the
+#   caller's `bench_cleanup` runs if it defines one, every PID of the PIDS array is stopped
+#   (SIGTERM, 5 s, then SIGKILL), then $TMP and $ETCD_DIR are removed.
 # api_start [API SERVER FLAGS...]: starts etcd and the API server, waits until it is ready and
 #   creates the namespace weft-system. Their PIDs are $ETCD_PID and $API_PID (both in PIDS).
 # api_crds DIR: applies the CRDs of DIR and waits until they are established.
@@ -35,7 +36,7 @@ api_init() {
   # shellcheck source=../../e2e/cluster/pki.sh
   . "$ROOT/e2e/cluster/pki.sh"
   (
-    cd "$TMP"
+    cd "$TMP" || exit 1
     pki_ca weft-bench-ca
     pki_cert apiserver "/CN=kube-apiserver" "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth"
     pki_cert admin "/O=system:masters/CN=weft-bench-admin" "extendedKeyUsage=clientAuth"
@@ -53,6 +54,7 @@ api_alive() { # is any of PIDS still running?
 api_cleanup() {
   local rc=$? p
   trap - EXIT INT TERM
+  if declare -F bench_cleanup >/dev/null; then bench_cleanup || true; fi
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   # The API server drains for a while on SIGTERM: it gets 5 s.
   for _ in $(seq 1 10); do
@@ -61,7 +63,6 @@ api_cleanup() {
   done
   for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  if declare -F bench_cleanup >/dev/null; then bench_cleanup || true; fi
   rm -rf "$TMP" "$ETCD_DIR"
   exit "$rc"
 }
