@@ -89,7 +89,8 @@ peak_mib() { awk '/^VmHWM/ {printf "%.0f MiB", $2 / 1024}' "/proc/$1/status" 2>/
 json_field() { python3 -c 'import json, sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$1" "$2"; }
 
 result "peers-scale: $NODES nodes x $PER pods; weft-operator $(sha256sum "$BIN/weft-operator" | cut -c1-12) from $BIN; CRDs $CRDS"
-result "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo); load average at start $(cut -d' ' -f1-3 /proc/loadavg)"
+busiest() { top -bn1 -o %CPU | awk 'NR > 7 && NR <= 11 {printf "%s %s%%, ", $12, $9}' | sed 's/, $//'; }
+result "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo); load average at start $(cut -d' ' -f1-3 /proc/loadavg); busiest processes: $(busiest)"
 
 # ---------------------------------------------------------------- kwok
 KWOK=""
@@ -198,7 +199,7 @@ result "controller: every NodeNetwork has its block of pods $((SECONDS - start))
 # ---------------------------------------------------------------- the other nodes' agents
 py publish "${API_ARGS[@]}" --nodes "$NODES" --first 1 --threads 8
 out
-result "NodeNetwork statuses of node-1 … node-$((NODES - 1)) ($PER workloads each) applied in $(json_field "$OUT" seconds) s; an object is $(kc get nodenetwork "$OTHER" -o json | wc -c) bytes of JSON"
+result "NodeNetwork statuses of node-1 … node-$((NODES - 1)) ($PER workloads each) applied in $(json_field "$OUT" seconds) s; $OTHER's object is $(kc get --raw "/apis/weft.dev/v1alpha1/nodenetworks/$OTHER" | wc -c) bytes of JSON as the API server sends it"
 sleep 5 # the controller sums them into the Network's status
 
 # ---------------------------------------------------------------- node-0's agent behind the counting relay
@@ -261,7 +262,7 @@ done
 # ---------------------------------------------------------------- the end
 result "agent RSS at the end: $(mib "$AGENT_PID") (peak $(peak_mib "$AGENT_PID")); total received $(cut -d' ' -f1 "$TMP/count") bytes, sent $(cut -d' ' -f2 "$TMP/count") bytes over $(cut -d' ' -f3 "$TMP/count") connection(s)"
 result "API server RSS $(mib "$API_PID") (peak $(peak_mib "$API_PID")); etcd RSS $(mib "$ETCD_PID"), data $(du -sm "$ETCD_DIR" | cut -f1) MiB; controller RSS $(mib "$CTL_PID")${KWOK:+; kwok RSS $(mib "$KWOK_PID")}"
-result "load average at the end $(cut -d' ' -f1-3 /proc/loadavg)"
+result "load average at the end $(cut -d' ' -f1-3 /proc/loadavg); busiest processes now: $(busiest)"
 result "API server's apiserver_watch_events_sizes (every watcher: kwok, controller, agent), by resource:"
 kc get --raw /metrics | python3 "$HERE/lib/peers_scale.py" watchsizes | tee -a "$TMP/results"
 if grep -qE " (ERROR|WARN) " "$TMP/agent.log"; then
