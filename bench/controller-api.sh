@@ -9,9 +9,9 @@
 #
 # Builds nothing: run `cargo build --release -p weft-operator` first (or set WEFT_BIN_DIR). The
 # API server and kubectl come from e2e/cluster/build.sh (pinned Go modules, cached), etcd from
-# Debian's etcd-server. Everything runs on 127.0.0.1 with ports of its own, its state under a
-# temporary directory (etcd's on /dev/shm), and is removed on exit. No kubelet, no scheduler:
-# Nodes are plain objects, which is all the controller reads of them.
+# Debian's etcd-server (bench/lib/apiserver.sh). Everything runs on 127.0.0.1 with ports of its
+# own, its state under a temporary directory (etcd's on /dev/shm), and is removed on exit. No
+# kubelet, no scheduler: Nodes are plain objects, which is all the controller reads of them.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
@@ -19,68 +19,13 @@ BIN="${WEFT_BIN_DIR:-$ROOT/target/release}"
 NETWORKS="${1:-1000}"
 NODES="${2:-1000}"
 [ -x "$BIN/weft-operator" ] || { echo "$BIN/weft-operator missing: cargo build --release -p weft-operator" >&2; exit 2; }
-command -v etcd >/dev/null || { echo "etcd missing: apt-get install etcd-server" >&2; exit 2; }
-KBIN=$("$ROOT/e2e/cluster/build.sh" | tail -1)
 
-TMP=$(mktemp -d /tmp/weft-ctl-api.XXXXXX)
-ETCD_DIR=$(mktemp -d /dev/shm/weft-ctl-api-etcd.XXXXXX)
-PIDS=()
-alive() { # is any of PIDS still running?
-  local p
-  for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && return 0; done
-  return 1
-}
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  # The API server drains for a while on SIGTERM: it gets 5 s.
-  for _ in $(seq 1 10); do
-    alive || break
-    sleep 0.5
-  done
-  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$TMP" "$ETCD_DIR"
-}
-trap cleanup EXIT INT TERM
-log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
-
-# Ports of this run (a second run beside it picks others).
-base=$((20000 + RANDOM % 20000))
-ETCD_CLIENT=$base ETCD_PEER=$((base + 1)) API=$((base + 2)) CTL_METRICS=$((base + 3))
-
-# ---------------------------------------------------------------- certificates and kubeconfig
-# shellcheck source=../e2e/cluster/pki.sh
-. "$ROOT/e2e/cluster/pki.sh"
-(
-  cd "$TMP"
-  pki_ca weft-bench-ca
-  pki_cert apiserver "/CN=kube-apiserver" "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth"
-  pki_cert admin "/O=system:masters/CN=weft-bench-admin" "extendedKeyUsage=clientAuth"
-  pki_kubeconfig admin "https://127.0.0.1:$API" bench
-)
-export KUBECONFIG=$TMP/admin.kubeconfig
-kc() { "$KBIN/kubectl" "$@"; }
-
-# ---------------------------------------------------------------- etcd and the API server
-etcd --name bench --data-dir "$ETCD_DIR" \
-  --listen-client-urls "http://127.0.0.1:$ETCD_CLIENT" --advertise-client-urls "http://127.0.0.1:$ETCD_CLIENT" \
-  --listen-peer-urls "http://127.0.0.1:$ETCD_PEER" --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER" \
-  --initial-cluster "bench=http://127.0.0.1:$ETCD_PEER" --quota-backend-bytes=$((4 << 30)) \
-  >"$TMP/etcd.log" 2>&1 &
-PIDS+=($!)
-"$KBIN/kube-apiserver" --etcd-servers="http://127.0.0.1:$ETCD_CLIENT" \
-  --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$API" \
-  --service-cluster-ip-range=10.96.0.0/16 --authorization-mode=RBAC \
-  --client-ca-file="$TMP/ca.crt" --tls-cert-file="$TMP/apiserver.crt" --tls-private-key-file="$TMP/apiserver.key" \
-  --service-account-issuer=https://kubernetes.default.svc.cluster.local \
-  --service-account-key-file="$TMP/sa.pub" --service-account-signing-key-file="$TMP/sa.key" \
-  --profiling=false >"$TMP/apiserver.log" 2>&1 &
-PIDS+=($!)
-for _ in $(seq 1 240); do kc get --raw /readyz >/dev/null 2>&1 && break; sleep 0.5; done
-kc get --raw /readyz >/dev/null || { tail -20 "$TMP/apiserver.log" >&2; echo "the API server did not start" >&2; exit 1; }
-kc apply -f "$ROOT/crds/generated/" >/dev/null
-kc wait --for condition=established --timeout=60s crd --all >/dev/null
-kc create namespace weft-system >/dev/null
+# shellcheck source=lib/apiserver.sh
+. "$HERE/lib/apiserver.sh"
+api_init ctl-api
+CTL_METRICS=$((PORT_BASE + 3))
+api_start
+api_crds "$ROOT/crds/generated"
 log "API server up on 127.0.0.1:$API; creating $NODES Nodes and $NETWORKS Networks"
 
 # ---------------------------------------------------------------- objects

@@ -1,0 +1,274 @@
+#!/usr/bin/env bash
+# peers-scale.sh — what ONE weft agent receives from a real kube-apiserver when ONE pod starts on
+# another node, in a cluster of NODES nodes × PODS_PER_NODE pods faked by kwok.
+#
+# usage: bench/peers-scale.sh [NODES] [PODS_PER_NODE]        (default 1000 110)
+#
+# The cluster: etcd and the pinned API server on 127.0.0.1 (bench/lib/apiserver.sh), the CRDs of
+# $WEFT_CRDS_DIR (default crds/generated), NODES Nodes kept Ready by kwok (bench/tools/kwok.sh,
+# pinned, cached; built here when missing) and PODS_PER_NODE pods on each, which kwok runs; the
+# release controller, one NAT Network (10.0.0.0/8, a /24 block per node) and one
+# ClusterSegmentationPolicy whose peers are the pods labelled app=web. Every node but node-0
+# gets the NodeNetwork status its agent would write: its PODS_PER_NODE workloads (network,
+# namespace, name, five labels, address in its block, MAC), server-side applied by field manager
+# weft-agent.
+#
+# node-0 runs the real agent ($WEFT_BIN_DIR/weft-operator agent --kube) in a network namespace
+# of its own (weft-pscale-PID), with an admin kubeconfig (no ServiceAccount: a benchmark) whose
+# server is a byte-counting TCP relay to the API server. Measured: the bytes the agent receives
+# until idle at start (no byte for 5 s) and its RSS then; one idle minute; five times, one pod
+# started on node-7 (the Pod created and run by kwok, then its workload added to node-7's status
+# as its agent would) and the bytes received until quiet for 3 s, less the idle rate, with the
+# time until node-0's ruleset holds the pod's address; at the end the RSS of the agent and the
+# API server and the API server's own watch event sizes (all watchers together). Figures are
+# printed and appended to $TMP/results, printed again at the end.
+#
+# "Quiet" allows a floor of $WEFT_IDLE_FLOOR bytes a second (default 2048): an agent that
+# polls an API that is not installed (KubeVirt's) never goes without a byte for 5 s. Set it to
+# 0 for the strict reading.
+#
+# When the API server does not cope with every pod (its RSS past $WEFT_APISERVER_MAX_MIB, default
+# 16384, or creating them past $WEFT_PODS_MAX_SECONDS, default 2400), the pods stop there and the
+# output says so; the NodeNetwork statuses still hold PODS_PER_NODE workloads each. When kwok
+# cannot be built or run, the Nodes stay plain objects and the pods Pending, and the output says so.
+#
+# Builds nothing of weft: run `cargo build --release -p weft-operator -p weft-cni` first (or set
+# WEFT_BIN_DIR). Needs root (network namespace, nftables), Go (kwok), etcd. Everything it starts
+# or creates is removed on exit.
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/.." && pwd)"
+BIN="${WEFT_BIN_DIR:-$ROOT/target/release}"
+CRDS="${WEFT_CRDS_DIR:-$ROOT/crds/generated}"
+NODES="${1:-1000}"
+PER="${2:-110}"
+APISERVER_MAX_MIB="${WEFT_APISERVER_MAX_MIB:-16384}"
+PODS_MAX_SECONDS="${WEFT_PODS_MAX_SECONDS:-2400}"
+[ "$(id -u)" = 0 ] || { echo "must run as root (network namespace, nftables)" >&2; exit 2; }
+[ -x "$BIN/weft-operator" ] || { echo "$BIN/weft-operator missing: cargo build --release -p weft-operator" >&2; exit 2; }
+[ -x "$BIN/weft" ] || { echo "$BIN/weft missing: cargo build --release -p weft-cni" >&2; exit 2; }
+command -v nft >/dev/null || { echo "nft missing: apt-get install nftables" >&2; exit 2; }
+((NODES >= 8)) || { echo "NODES must be at least 8 (a pod starts on node-7)" >&2; exit 2; }
+((PER >= 1 && PER <= 240)) || { echo "PODS_PER_NODE must be 1 to 240 (a /24 block per node)" >&2; exit 2; }
+OTHER=node-7
+
+# shellcheck source=lib/apiserver.sh
+. "$HERE/lib/apiserver.sh"
+api_init peers-scale
+NETNS="weft-pscale-$$"
+PROXY=$((PORT_BASE + 3)) CTL_METRICS=$((PORT_BASE + 4)) AGENT_METRICS=$((PORT_BASE + 5))
+IDLE_FLOOR="${WEFT_IDLE_FLOOR:-2048}"
+# The network namespace goes first: a process still in it keeps it until that process exits.
+# $WEFT_BENCH_LOGS (a directory), when set, gets the logs and results of the run.
+bench_cleanup() {
+  [ -n "${CHILD:-}" ] && kill "$CHILD" 2>/dev/null
+  ip netns del "$NETNS" 2>/dev/null || true
+  if [ -n "${WEFT_BENCH_LOGS:-}" ]; then
+    mkdir -p "$WEFT_BENCH_LOGS" && cp "$TMP"/*.log "$TMP/results" "$WEFT_BENCH_LOGS/" 2>/dev/null
+  fi
+}
+# py ARGS...: bench/lib/peers_scale.py in the background, waited for (so that a signal to this
+# script is handled at once); its output goes to $TMP/py.out, which `out` sets OUT to.
+CHILD=""
+py() {
+  python3 "$HERE/lib/peers_scale.py" "$@" >"$TMP/py.out" &
+  CHILD=$!
+  wait "$CHILD"
+  CHILD=""
+}
+out() { OUT=$(cat "$TMP/py.out"); }
+API_ARGS=(--api "$API" --certs "$TMP" --per "$PER")
+result() { printf '%s\n' "$*" | tee -a "$TMP/results"; }
+loud() { # a line that says the run is not what was asked
+  local line="!!!!!!!! $*"
+  printf '%s\n' "$line" >&2
+  printf '%s\n' "$line" >>"$TMP/results"
+}
+mib() { echo "$(rss_mib "$1") MiB"; }
+peak_mib() { awk '/^VmHWM/ {printf "%.0f MiB", $2 / 1024}' "/proc/$1/status" 2>/dev/null || echo "?"; }
+json_field() { python3 -c 'import json, sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$1" "$2"; }
+
+result "peers-scale: $NODES nodes x $PER pods; weft-operator $(sha256sum "$BIN/weft-operator" | cut -c1-12) from $BIN; CRDs $CRDS"
+busiest() { top -bn1 -o %CPU | awk 'NR > 7 && NR <= 11 {printf "%s %s%%, ", $12, $9}' | sed 's/, $//'; }
+result "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo); load average at start $(cut -d' ' -f1-3 /proc/loadavg); busiest processes: $(busiest)"
+
+# ---------------------------------------------------------------- kwok
+KWOK=""
+if KWOK_DIR=$("$HERE/tools/kwok.sh" 2> >(tee "$TMP/kwok-build.log" >&2) | tail -1) && [ -x "$KWOK_DIR/kwok" ]; then
+  KWOK="$KWOK_DIR/kwok"
+else
+  loud "kwok could not be built (see above): the Nodes are plain objects and the pods stay Pending"
+fi
+
+# ---------------------------------------------------------------- the API server and the nodes
+api_start
+api_crds "$CRDS"
+log "API server up on 127.0.0.1:$API (RSS $(mib "$API_PID")); creating $NODES Nodes"
+py nodes "${API_ARGS[@]}" --nodes "$NODES" --threads 8
+cat "$TMP/py.out" >&2
+kc create namespace bench >/dev/null
+kc create serviceaccount default -n bench >/dev/null  # no controller-manager makes it
+
+ready_nodes() { kc get nodes --no-headers 2>/dev/null | awk '$2 == "Ready"' | wc -l; }
+if [ -n "$KWOK" ]; then
+  "$KWOK" --kubeconfig "$KUBECONFIG" -c "$KWOK_DIR/stages.yaml" \
+    --manage-all-nodes=false --manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake \
+    --node-lease-duration-seconds=40 --cidr=100.64.0.0/10 >"$TMP/kwok.log" 2>&1 &
+  KWOK_PID=$!
+  PIDS+=("$KWOK_PID")
+  start=$SECONDS
+  while (($(ready_nodes) < NODES)); do
+    if ! kill -0 "$KWOK_PID" 2>/dev/null || ((SECONDS - start > 600)); then
+      tail -20 "$TMP/kwok.log" >&2
+      loud "kwok did not make the $NODES Nodes Ready ($(ready_nodes) are): the Nodes are plain objects and the pods stay Pending"
+      kill "$KWOK_PID" 2>/dev/null || true
+      KWOK=""
+      break
+    fi
+    sleep 2
+  done
+  [ -n "$KWOK" ] && result "kwok $("$KWOK" --version | awk '{print $3}'): $NODES Nodes Ready in $((SECONDS - start)) s"
+fi
+
+# ---------------------------------------------------------------- pods
+# Ten pods per node at a time; stop early when the API server does not cope.
+not_running() { kc get pods -n bench --field-selector=status.phase!=Running -o name --chunk-size=2000 2>/dev/null | wc -l; }
+start=$SECONDS
+created=0
+for ((j = 0; j < PER; j += 10)); do
+  stop=$((j + 10 > PER ? PER : j + 10))
+  py pods "${API_ARGS[@]}" --nodes "$NODES" --start "$j" --stop "$stop" --threads 8
+  out
+  created=$((created + $(json_field "$OUT" pods)))
+  log "$created pods created ($((SECONDS - start)) s); API server RSS $(mib "$API_PID")"
+  if (($(rss_mib "$API_PID") > APISERVER_MAX_MIB)) || ((SECONDS - start > PODS_MAX_SECONDS)); then
+    ((stop < PER)) && loud "the API server does not cope with $((NODES * PER)) pods here: stopped at $created (RSS $(mib "$API_PID") past $APISERVER_MAX_MIB MiB, or more than $PODS_MAX_SECONDS s)"
+    break
+  fi
+done
+result "pods: $created created in $((SECONDS - start)) s ($(awk -v n="$created" -v s=$((SECONDS - start)) 'BEGIN {printf "%.0f", n / (s ? s : 1)}')/s); API server RSS $(mib "$API_PID")"
+if [ -n "$KWOK" ]; then
+  start=$SECONDS
+  while left=$(not_running) && ((left > 0)); do
+    ((SECONDS - start > 1200)) && { tail -5 "$TMP/kwok.log" >&2; echo "$left pods still not Running after 20 min" >&2; exit 1; }
+    log "$left pods not Running yet"
+    sleep 10
+  done
+  result "pods: all $created Running $((SECONDS - start)) s later; API server RSS $(mib "$API_PID"), kwok RSS $(mib "$KWOK_PID")"
+fi
+
+# ---------------------------------------------------------------- weft: controller, Network, policy
+WEFT_LOG=warn "$BIN/weft-operator" controller --metrics-addr "127.0.0.1:$CTL_METRICS" \
+  --lease-namespace weft-system --identity bench >"$TMP/controller.log" 2>&1 &
+CTL_PID=$!
+PIDS+=("$CTL_PID")
+kc apply -f - >/dev/null <<'YAML'
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: pods}
+spec:
+  mode: NAT
+  subnets: [10.0.0.0/8]
+  ipam: {nodeBlockPrefix: 24}
+---
+apiVersion: weft.dev/v1alpha1
+kind: ClusterSegmentationPolicy
+metadata: {name: web-to-all}
+spec:
+  tier: Admin
+  priority: 100
+  subject: {pods: {podSelector: {}}}
+  ingress:
+    - name: from-web
+      action: Accept
+      from: [{pods: {podSelector: {matchLabels: {app: web}}}}]
+YAML
+with_block() {
+  kc get nodenetworks -o json | python3 -c '
+import json, sys
+print(sum(1 for i in json.load(sys.stdin)["items"]
+          if any(b.get("network") == "pods" and b.get("ipv4") for b in i.get("spec", {}).get("blocks", []))))'
+}
+start=$SECONDS
+while (($(with_block) < NODES)); do
+  ((SECONDS - start > 900)) && { tail -5 "$TMP/controller.log" >&2; echo "not every NodeNetwork has its block after 15 min" >&2; exit 1; }
+  sleep 2
+done
+result "controller: every NodeNetwork has its block of pods $((SECONDS - start)) s after the Network"
+
+# ---------------------------------------------------------------- the other nodes' agents
+py publish "${API_ARGS[@]}" --nodes "$NODES" --first 1 --threads 8
+out
+result "NodeNetwork statuses of node-1 … node-$((NODES - 1)) ($PER workloads each) applied in $(json_field "$OUT" seconds) s; $OTHER's object is $(kc get --raw "/apis/weft.dev/v1alpha1/nodenetworks/$OTHER" | wc -c) bytes of JSON as the API server sends it"
+sleep 5 # the controller sums them into the Network's status
+
+# ---------------------------------------------------------------- node-0's agent behind the counting relay
+ip netns add "$NETNS"
+ip -n "$NETNS" link set lo up
+python3 "$HERE/lib/peers_scale.py" proxy --netns "/run/netns/$NETNS" --listen "$PROXY" --upstream "$API" --out "$TMP/count" &
+PIDS+=("$!")
+for _ in $(seq 1 50); do [ -s "$TMP/count" ] && break; sleep 0.1; done
+[ -s "$TMP/count" ] || { echo "the counting relay did not start" >&2; exit 1; }
+sed "s#https://127.0.0.1:$API\$#https://127.0.0.1:$PROXY#" "$TMP/admin.kubeconfig" >"$TMP/agent.kubeconfig"
+grep -q "127.0.0.1:$PROXY" "$TMP/agent.kubeconfig" || { echo "cannot point the agent's kubeconfig at the relay" >&2; exit 1; }
+mkdir -p "$TMP/agent/cni/bin" "$TMP/agent/cni/net.d"
+log "starting node-0's agent"
+KUBECONFIG=$TMP/agent.kubeconfig WEFT_LOG=info "$BIN/weft-operator" agent --kube \
+  --netns "/run/netns/$NETNS" --node-name node-0 --state-dir "$TMP/agent/state" \
+  --socket "$TMP/agent/agent.sock" --cni-bin-dir "$TMP/agent/cni/bin" --cni-conf-dir "$TMP/agent/cni/net.d" \
+  --cni-binary "$BIN/weft" --metrics-addr "127.0.0.1:$AGENT_METRICS" >"$TMP/agent.log" 2>&1 &
+AGENT_PID=$!
+PIDS+=("$AGENT_PID")
+py quiet --out "$TMP/count" --quiet 5 --floor "$IDLE_FLOOR" --first --limit 1800
+out
+kill -0 "$AGENT_PID" 2>/dev/null || { tail -20 "$TMP/agent.log" >&2; echo "the agent exited" >&2; exit 1; }
+result "agent start: $(json_field "$OUT" bytes) bytes received until idle (idle: at most $IDLE_FLOOR bytes/s for 5 s, reached $(json_field "$OUT" seconds) s after start; traffic above it ended by $(json_field "$OUT" active) s); RSS then $(mib "$AGENT_PID") (peak $(peak_mib "$AGENT_PID"))"
+status=$(kc get nodenetwork node-0 -o jsonpath='{.status.networks} {.status.conditions[?(@.type=="Ready")].status}')
+[ "$status" = '["pods"] True' ] || { tail -20 "$TMP/agent.log" >&2; echo "node-0's agent is not Ready (status: $status)" >&2; exit 1; }
+# A peer of node-1 labelled app=web: pod J of node 1 has app APPS[(PER + J) % 10].
+peer_ip=$(kc get nodenetwork node-1 -o json | python3 -c '
+import json, sys
+ws = json.load(sys.stdin)["status"]["workloads"]
+print(next(w["ips"][0] for w in ws if w["labels"]["app"] == "web"))')
+ip netns exec "$NETNS" nft list ruleset >"$TMP/ruleset"
+if grep -qwF "$peer_ip" "$TMP/ruleset"; then
+  result "agent: Ready; node-1's web pod $peer_ip is in node-0's ruleset"
+else
+  result "agent: Ready; node-1's web pod $peer_ip is NOT in node-0's ruleset (no set of peers?)"
+fi
+
+# ---------------------------------------------------------------- idle, then one pod at a time on node-7
+py idle --out "$TMP/count" --seconds 60
+out
+idle_bytes=$(json_field "$OUT" bytes) idle_seconds=$(json_field "$OUT" seconds)
+result "idle minute: $idle_bytes bytes received in $idle_seconds s"
+wait_flag=()
+[ -n "$KWOK" ] && wait_flag=(--wait-running)
+for r in 1 2 3 4 5; do
+  py round "${API_ARGS[@]}" --out "$TMP/count" --node "$OTHER" --index "$r" --quiet 3 --floor "$IDLE_FLOOR" --netns "$NETNS" "${wait_flag[@]}"
+  out
+  python3 - "$OUT" "$idle_bytes" "$idle_seconds" "$r" "$OTHER" <<'PY' | tee -a "$TMP/results"
+import json, sys
+o, idle_b, idle_s, r, node = json.loads(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5]
+net = o["bytes"] - idle_b / idle_s * o["seconds"]
+rules = "never seen" if o["in_rules_seconds"] is None else f"{o['in_rules_seconds'] * 1e3:.0f} ms"
+print(f"pod {r} on {node} ({o['ip']}): {o['bytes']} bytes received from its status write until "
+      f"quiet ({o['seconds']} s; above the floor until {o['active']} s), {net:.0f} less the idle rate; "
+      f"in node-0's ruleset after {rules}; before, while the Pod was created and run by kwok "
+      f"({o['pod_running_seconds']} s): {o['bytes_while_pod_started']} bytes")
+PY
+done
+
+# ---------------------------------------------------------------- the end
+result "agent RSS at the end: $(mib "$AGENT_PID") (peak $(peak_mib "$AGENT_PID")); total received $(cut -d' ' -f1 "$TMP/count") bytes, sent $(cut -d' ' -f2 "$TMP/count") bytes over $(cut -d' ' -f3 "$TMP/count") connection(s)"
+result "API server RSS $(mib "$API_PID") (peak $(peak_mib "$API_PID")); etcd RSS $(mib "$ETCD_PID"), data $(du -sm "$ETCD_DIR" | cut -f1) MiB; controller RSS $(mib "$CTL_PID")${KWOK:+; kwok RSS $(mib "$KWOK_PID")}"
+result "load average at the end $(cut -d' ' -f1-3 /proc/loadavg); busiest processes now: $(busiest)"
+result "API server's apiserver_watch_events_sizes (every watcher: kwok, controller, agent), by resource:"
+kc get --raw /metrics | python3 "$HERE/lib/peers_scale.py" watchsizes | tee -a "$TMP/results"
+if grep -qE " (ERROR|WARN) " "$TMP/agent.log"; then
+  echo "agent log (warnings and errors):" >&2
+  grep -E " (ERROR|WARN) " "$TMP/agent.log" | head -10 >&2
+fi
+echo
+echo "==== results"
+cat "$TMP/results"
