@@ -206,6 +206,20 @@ fn event_reply(body: &Value) -> Value {
     v
 }
 
+/// Waits for an Event created in `namespace` and answers as the API server does.
+async fn expect_event(handle: &mut Handle, namespace: &str) -> Seen {
+    expect(
+        handle,
+        Expect {
+            method: Method::POST,
+            path: format!("/apis/events.k8s.io/v1/namespaces/{namespace}/events"),
+            query: &[],
+        },
+        event_reply,
+    )
+    .await
+}
+
 /// Waits for the write that empties the blocks of the NodeNetwork of `node` and answers as
 /// kube-apiserver does: a server-side apply of `spec: {blocks: []}` drops the controller's last
 /// field of the spec, and the API server refuses the object without one (422, `spec: Required
@@ -417,16 +431,7 @@ async fn an_overlapping_network_gets_valid_false_and_a_warning_event() {
         );
         assert_eq!(condition(&seen.body["status"], "Ready")["status"], "False");
         assert!(seen.body["status"].get("nodeBlocks").is_none());
-        let seen = expect(
-            &mut handle,
-            Expect {
-                method: Method::POST,
-                path: "/apis/events.k8s.io/v1/namespaces/default/events".into(),
-                query: &[],
-            },
-            event_reply,
-        )
-        .await;
+        let seen = expect_event(&mut handle, "default").await;
         assert_eq!(seen.body["type"], "Warning");
         assert_eq!(seen.body["reason"], "SubnetOverlap");
         assert_eq!(seen.body["regarding"]["name"], "new");
@@ -651,16 +656,7 @@ async fn a_port_forward_to_a_missing_network_is_rejected_with_status_and_event()
         assert_eq!(valid["reason"], "NetworkNotFound");
         assert_eq!(valid["observedGeneration"], 3);
         assert_eq!(seen.body["status"]["observedGeneration"], 3);
-        let seen = expect(
-            &mut handle,
-            Expect {
-                method: Method::POST,
-                path: "/apis/events.k8s.io/v1/namespaces/apps/events".into(),
-                query: &[],
-            },
-            event_reply,
-        )
-        .await;
+        let seen = expect_event(&mut handle, "apps").await;
         assert_eq!(seen.body["type"], "Warning");
         assert_eq!(seen.body["reason"], "NetworkNotFound");
         no_more_requests(&mut handle).await;
@@ -854,16 +850,7 @@ async fn the_vouched_workloads_of_a_network_are_applied_as_its_slice_owned_by_it
         assert_eq!(b["spec"]["workloads"][0]["labels"]["app"], "web");
         let written = b.clone();
         // The refused one is named in a Warning Event on the Network.
-        let seen = expect(
-            &mut handle,
-            Expect {
-                method: Method::POST,
-                path: "/apis/events.k8s.io/v1/namespaces/default/events".into(),
-                query: &[],
-            },
-            event_reply,
-        )
-        .await;
+        let seen = expect_event(&mut handle, "default").await;
         assert_eq!(seen.body["reason"], "PublishedAddressRefused");
         assert!(
             seen.body["note"]
