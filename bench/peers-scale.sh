@@ -14,14 +14,22 @@
 # weft-agent.
 #
 # node-0 runs the real agent ($WEFT_BIN_DIR/weft-operator agent --kube) in a network namespace
-# of its own (weft-pscale-PID), with an admin kubeconfig (no ServiceAccount: a benchmark) whose
-# server is a byte-counting TCP relay to the API server. Measured: the bytes the agent receives
-# until idle at start (no byte for 5 s) and its RSS then; one idle minute; five times, one pod
+# of its own (weft-pscale-PID-LABEL), with an admin kubeconfig (no ServiceAccount: a benchmark)
+# whose server is a byte-counting TCP relay to the API server. Measured: the time until the agent
+# has written node-0's status Ready (its first lists can take a loaded API server seconds to
+# answer), then the bytes it received until idle (at most the floor below for 5 s) and its RSS
+# then; for a build whose CRDs define WorkloadSlices, first the time until its controller has
+# published every workload in them; one idle minute ($WEFT_IDLE_SECONDS); five times, one pod
 # started on node-7 (the Pod created and run by kwok, then its workload added to node-7's status
 # as its agent would) and the bytes received until quiet for 3 s, less the idle rate, with the
-# time until node-0's ruleset holds the pod's address; at the end the RSS of the agent and the
-# API server and the API server's own watch event sizes (all watchers together). Figures are
-# printed and appended to $TMP/results, printed again at the end.
+# time until node-0's ruleset holds the pod's address; the RSS of the agent. At the end: the RSS
+# of the API server and the API server's own watch event sizes (all watchers together). Figures
+# are printed and appended to $TMP/results, printed again at the end.
+#
+# Two builds in one cluster: with $WEFT_BASELINE_BIN_DIR (and $WEFT_BASELINE_CRDS_DIR, default
+# $WEFT_CRDS_DIR), that build's controller and agent are measured first, then stopped, and the
+# build of $WEFT_BIN_DIR (its CRDs applied over the baseline's) is measured on the same nodes
+# and pods, with pods of its own for its five rounds. The cluster is most of a run's time.
 #
 # "Quiet" allows a floor of $WEFT_IDLE_FLOOR bytes a second (default 2048): an agent that
 # polls an API that is not installed (KubeVirt's) never goes without a byte for 5 s. Set it to
@@ -56,13 +64,15 @@ OTHER=node-7
 . "$HERE/lib/apiserver.sh"
 api_init peers-scale
 NETNS="weft-pscale-$$"
+NETNSES=()
 PROXY=$((PORT_BASE + 3)) CTL_METRICS=$((PORT_BASE + 4)) AGENT_METRICS=$((PORT_BASE + 5))
 IDLE_FLOOR="${WEFT_IDLE_FLOOR:-2048}"
 # The network namespace goes first: a process still in it keeps it until that process exits.
 # $WEFT_BENCH_LOGS (a directory), when set, gets the logs and results of the run.
 bench_cleanup() {
   [ -n "${CHILD:-}" ] && kill "$CHILD" 2>/dev/null
-  ip netns del "$NETNS" 2>/dev/null || true
+  local ns
+  for ns in "${NETNSES[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
   if [ -n "${WEFT_BENCH_LOGS:-}" ]; then
     mkdir -p "$WEFT_BENCH_LOGS" && cp "$TMP"/*.log "$TMP/results" "$WEFT_BENCH_LOGS/" 2>/dev/null
   fi
@@ -102,7 +112,7 @@ fi
 
 # ---------------------------------------------------------------- the API server and the nodes
 api_start
-api_crds "$CRDS"
+api_crds "${WEFT_BASELINE_CRDS_DIR:-$CRDS}"
 log "API server up on 127.0.0.1:$API (RSS $(mib "$API_PID")); creating $NODES Nodes"
 py nodes "${API_ARGS[@]}" --nodes "$NODES" --threads 8
 cat "$TMP/py.out" >&2
@@ -157,12 +167,20 @@ if [ -n "$KWOK" ]; then
   result "pods: all $created Running $((SECONDS - start)) s later; API server RSS $(mib "$API_PID"), kwok RSS $(mib "$KWOK_PID")"
 fi
 
-# ---------------------------------------------------------------- weft: controller, Network, policy
-WEFT_LOG=warn "$BIN/weft-operator" controller --metrics-addr "127.0.0.1:$CTL_METRICS" \
-  --lease-namespace weft-system --identity bench >"$TMP/controller.log" 2>&1 &
-CTL_PID=$!
-PIDS+=("$CTL_PID")
-kc apply -f - >/dev/null <<'YAML'
+# ---------------------------------------------------------------- weft, once per build
+# measure LABEL BIN CRDS FIRST_ROUND: that build's controller (the same Lease identity, so it
+# takes over at once) and node-0's agent behind a counting relay of its own; rounds FIRST_ROUND
+# to FIRST_ROUND + 4 (pods of their own); the controller and the agent stopped at the end.
+published=""
+measure() {
+  local label=$1 bin=$2 crds=$3 first=$4 ns="$NETNS-$1" count="$TMP/count-$1"
+  result "---- $label: weft-operator $(sha256sum "$bin/weft-operator" | cut -c1-12) from $bin; CRDs $crds"
+  api_crds "$crds"
+  WEFT_LOG=warn "$bin/weft-operator" controller --metrics-addr "127.0.0.1:$CTL_METRICS" \
+    --lease-namespace weft-system --identity bench >"$TMP/controller-$label.log" 2>&1 &
+  CTL_PID=$!
+  PIDS+=("$CTL_PID")
+  kc apply -f - >/dev/null <<'YAML'
 apiVersion: weft.dev/v1alpha1
 kind: Network
 metadata: {name: pods}
@@ -183,71 +201,96 @@ spec:
       action: Accept
       from: [{pods: {podSelector: {matchLabels: {app: web}}}}]
 YAML
-with_block() {
-  kc get nodenetworks -o json | python3 -c '
-import json, sys
-print(sum(1 for i in json.load(sys.stdin)["items"]
-          if any(b.get("network") == "pods" and b.get("ipv4") for b in i.get("spec", {}).get("blocks", []))))'
-}
-start=$SECONDS
-while (($(with_block) < NODES)); do
-  ((SECONDS - start > 900)) && { tail -5 "$TMP/controller.log" >&2; echo "not every NodeNetwork has its block after 15 min" >&2; exit 1; }
-  sleep 2
-done
-result "controller: every NodeNetwork has its block of pods $((SECONDS - start)) s after the Network"
+  local start=$SECONDS
+  while (($(with_block) < NODES)); do
+    ((SECONDS - start > 900)) && { tail -5 "$TMP/controller-$label.log" >&2; echo "not every NodeNetwork has its block after 15 min" >&2; exit 1; }
+    sleep 2
+  done
+  result "controller: every NodeNetwork has its block of pods $((SECONDS - start)) s after it started"
 
-# ---------------------------------------------------------------- the other nodes' agents
-py publish "${API_ARGS[@]}" --nodes "$NODES" --first 1 --threads 8
-out
-result "NodeNetwork statuses of node-1 … node-$((NODES - 1)) ($PER workloads each) applied in $(json_field "$OUT" seconds) s; $OTHER's object is $(kc get --raw "/apis/weft.dev/v1alpha1/nodenetworks/$OTHER" | wc -c) bytes of JSON as the API server sends it"
-sleep 5 # the controller sums them into the Network's status
+  # The other nodes' agents, once: what each would write.
+  if [ -z "$published" ]; then
+    py publish "${API_ARGS[@]}" --nodes "$NODES" --first 1 --threads 8
+    out
+    result "NodeNetwork statuses of node-1 … node-$((NODES - 1)) ($PER workloads each) applied in $(json_field "$OUT" seconds) s; $OTHER's object is $(kc get --raw "/apis/weft.dev/v1alpha1/nodenetworks/$OTHER" | wc -c) bytes of JSON as the API server sends it"
+    published=1
+  fi
+  # A build that publishes peers in WorkloadSlices: until its controller has written them all.
+  if grep -qs '^ *kind: WorkloadSlice$' "$crds"/*; then
+    start=$SECONDS
+    local want=$(((NODES - 1) * PER + first - 1)) got=0
+    while got=$(in_slices) && ((got < want)); do
+      ((SECONDS - start > 900)) && { tail -5 "$TMP/controller-$label.log" >&2; echo "the WorkloadSlices hold $got of $want workloads after 15 min" >&2; exit 1; }
+      sleep 2
+    done
+    result "controller: the WorkloadSlices of pods hold all $got published workloads $((SECONDS - start)) s later, in $(kc get workloadslices -o name | wc -l) slices of $(kc get workloadslices -o json | wc -c) bytes of JSON in all"
+  fi
+  sleep 5 # the controller sums them into the Network's status
 
-# ---------------------------------------------------------------- node-0's agent behind the counting relay
-ip netns add "$NETNS"
-ip -n "$NETNS" link set lo up
-python3 "$HERE/lib/peers_scale.py" proxy --netns "/run/netns/$NETNS" --listen "$PROXY" --upstream "$API" --out "$TMP/count" &
-PIDS+=("$!")
-for _ in $(seq 1 50); do [ -s "$TMP/count" ] && break; sleep 0.1; done
-[ -s "$TMP/count" ] || { echo "the counting relay did not start" >&2; exit 1; }
-sed "s#https://127.0.0.1:$API\$#https://127.0.0.1:$PROXY#" "$TMP/admin.kubeconfig" >"$TMP/agent.kubeconfig"
-grep -q "127.0.0.1:$PROXY" "$TMP/agent.kubeconfig" || { echo "cannot point the agent's kubeconfig at the relay" >&2; exit 1; }
-mkdir -p "$TMP/agent/cni/bin" "$TMP/agent/cni/net.d"
-log "starting node-0's agent"
-KUBECONFIG=$TMP/agent.kubeconfig WEFT_LOG=info "$BIN/weft-operator" agent --kube \
-  --netns "/run/netns/$NETNS" --node-name node-0 --state-dir "$TMP/agent/state" \
-  --socket "$TMP/agent/agent.sock" --cni-bin-dir "$TMP/agent/cni/bin" --cni-conf-dir "$TMP/agent/cni/net.d" \
-  --cni-binary "$BIN/weft" --metrics-addr "127.0.0.1:$AGENT_METRICS" >"$TMP/agent.log" 2>&1 &
-AGENT_PID=$!
-PIDS+=("$AGENT_PID")
-py quiet --out "$TMP/count" --quiet 5 --floor "$IDLE_FLOOR" --first --limit 1800
-out
-kill -0 "$AGENT_PID" 2>/dev/null || { tail -20 "$TMP/agent.log" >&2; echo "the agent exited" >&2; exit 1; }
-result "agent start: $(json_field "$OUT" bytes) bytes received until idle (idle: at most $IDLE_FLOOR bytes/s for 5 s, reached $(json_field "$OUT" seconds) s after start; traffic above it ended by $(json_field "$OUT" active) s); RSS then $(mib "$AGENT_PID") (peak $(peak_mib "$AGENT_PID"))"
-status=$(kc get nodenetwork node-0 -o jsonpath='{.status.networks} {.status.conditions[?(@.type=="Ready")].status}')
-[ "$status" = '["pods"] True' ] || { tail -20 "$TMP/agent.log" >&2; echo "node-0's agent is not Ready (status: $status)" >&2; exit 1; }
-# A peer of node-1 labelled app=web: pod J of node 1 has app APPS[(PER + J) % 10].
-peer_ip=$(kc get nodenetwork node-1 -o json | python3 -c '
+  # node-0's agent behind the counting relay
+  ip netns add "$ns"
+  NETNSES+=("$ns")
+  ip -n "$ns" link set lo up
+  python3 "$HERE/lib/peers_scale.py" proxy --netns "/run/netns/$ns" --listen "$PROXY" --upstream "$API" --out "$count" &
+  local proxy_pid=$!
+  PIDS+=("$proxy_pid")
+  for _ in $(seq 1 50); do [ -s "$count" ] && break; sleep 0.1; done
+  [ -s "$count" ] || { echo "the counting relay did not start" >&2; exit 1; }
+  sed "s#https://127.0.0.1:$API\$#https://127.0.0.1:$PROXY#" "$TMP/admin.kubeconfig" >"$TMP/agent.kubeconfig"
+  grep -q "127.0.0.1:$PROXY" "$TMP/agent.kubeconfig" || { echo "cannot point the agent's kubeconfig at the relay" >&2; exit 1; }
+  local dir="$TMP/agent-$label"
+  mkdir -p "$dir/cni/bin" "$dir/cni/net.d"
+  # An agent measured before left node-0's status Ready: this one must write it again.
+  kc patch nodenetwork node-0 --subresource=status --type=merge -p '{"status": {"conditions": null, "networks": null}}' >/dev/null
+  log "$label: starting node-0's agent"
+  start=$SECONDS
+  KUBECONFIG=$TMP/agent.kubeconfig WEFT_LOG=info "$bin/weft-operator" agent --kube \
+    --netns "/run/netns/$ns" --node-name node-0 --state-dir "$dir/state" \
+    --socket "$dir/agent.sock" --cni-bin-dir "$dir/cni/bin" --cni-conf-dir "$dir/cni/net.d" \
+    --cni-binary "$bin/weft" --metrics-addr "127.0.0.1:$AGENT_METRICS" >"$TMP/agent-$label.log" 2>&1 &
+  AGENT_PID=$!
+  PIDS+=("$AGENT_PID")
+  # Ready first (its first lists can take the API server seconds to answer), then quiet.
+  local status=""
+  while status=$(kc get nodenetwork node-0 -o jsonpath='{.status.networks} {.status.conditions[?(@.type=="Ready")].status} {.status.observedGeneration}') &&
+    [[ "$status" != '["pods"] True '* ]]; do
+    kill -0 "$AGENT_PID" 2>/dev/null || { tail -20 "$TMP/agent-$label.log" >&2; echo "the agent exited" >&2; exit 1; }
+    ((SECONDS - start > 900)) && { tail -20 "$TMP/agent-$label.log" >&2; echo "node-0's agent is not Ready after 15 min (status: $status)" >&2; exit 1; }
+    sleep 0.5
+  done
+  local ready=$((SECONDS - start))
+  py quiet --out "$count" --quiet 5 --floor "$IDLE_FLOOR" --first --limit 1800
+  out
+  result "agent start: Ready after ${ready} s; $(json_field "$OUT" bytes) bytes received until idle (at most $IDLE_FLOOR bytes/s for 5 s); RSS then $(mib "$AGENT_PID") (peak $(peak_mib "$AGENT_PID"))"
+  # A peer labelled app=web on another node: pod J of node I has app APPS[(I * PER + J) % 10].
+  local peer_ip="" peer_node i
+  for ((i = 1; i < NODES && i <= 10; i++)); do
+    peer_node=node-$i
+    peer_ip=$(kc get nodenetwork "$peer_node" -o json | python3 -c '
 import json, sys
 ws = json.load(sys.stdin)["status"]["workloads"]
-print(next(w["ips"][0] for w in ws if w["labels"]["app"] == "web"))')
-ip netns exec "$NETNS" nft list ruleset >"$TMP/ruleset"
-if grep -qwF "$peer_ip" "$TMP/ruleset"; then
-  result "agent: Ready; node-1's web pod $peer_ip is in node-0's ruleset"
-else
-  result "agent: Ready; node-1's web pod $peer_ip is NOT in node-0's ruleset (no set of peers?)"
-fi
+print(next((w["ips"][0] for w in ws if w["labels"]["app"] == "web"), ""))')
+    [ -n "$peer_ip" ] && break
+  done
+  ip netns exec "$ns" nft list ruleset >"$TMP/ruleset-$label"
+  if grep -qwF "$peer_ip" "$TMP/ruleset-$label"; then
+    result "agent: Ready; $peer_node's web pod $peer_ip is in node-0's ruleset"
+  else
+    loud "agent: Ready; $peer_node's web pod ${peer_ip:-(none found)} is NOT in node-0's ruleset (no set of peers?)"
+  fi
 
-# ---------------------------------------------------------------- idle, then one pod at a time on node-7
-py idle --out "$TMP/count" --seconds 60
-out
-idle_bytes=$(json_field "$OUT" bytes) idle_seconds=$(json_field "$OUT" seconds)
-result "idle minute: $idle_bytes bytes received in $idle_seconds s"
-wait_flag=()
-[ -n "$KWOK" ] && wait_flag=(--wait-running)
-for r in 1 2 3 4 5; do
-  py round "${API_ARGS[@]}" --out "$TMP/count" --node "$OTHER" --index "$r" --quiet 3 --floor "$IDLE_FLOOR" --netns "$NETNS" "${wait_flag[@]}"
+  # idle, then one pod at a time on node-7
+  py idle --out "$count" --seconds "${WEFT_IDLE_SECONDS:-60}"
   out
-  python3 - "$OUT" "$idle_bytes" "$idle_seconds" "$r" "$OTHER" <<'PY' | tee -a "$TMP/results"
+  local idle_bytes idle_seconds
+  idle_bytes=$(json_field "$OUT" bytes) idle_seconds=$(json_field "$OUT" seconds)
+  result "idle minute: $idle_bytes bytes received in $idle_seconds s"
+  local wait_flag=()
+  [ -n "$KWOK" ] && wait_flag=(--wait-running)
+  for ((r = first; r < first + 5; r++)); do
+    py round "${API_ARGS[@]}" --out "$count" --node "$OTHER" --index "$r" --quiet 3 --floor "$IDLE_FLOOR" --netns "$ns" "${wait_flag[@]}"
+    out
+    python3 - "$OUT" "$idle_bytes" "$idle_seconds" "$r" "$OTHER" <<'PY' | tee -a "$TMP/results"
 import json, sys
 o, idle_b, idle_s, r, node = json.loads(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5]
 net = o["bytes"] - idle_b / idle_s * o["seconds"]
@@ -257,18 +300,44 @@ print(f"pod {r} on {node} ({o['ip']}): {o['bytes']} bytes received from its stat
       f"in node-0's ruleset after {rules}; before, while the Pod was created and run by kwok "
       f"({o['pod_running_seconds']} s): {o['bytes_while_pod_started']} bytes")
 PY
-done
+  done
+  result "agent RSS at the end: $(mib "$AGENT_PID") (peak $(peak_mib "$AGENT_PID")); total received $(cut -d' ' -f1 "$count") bytes, sent $(cut -d' ' -f2 "$count") bytes over $(cut -d' ' -f3 "$count") connection(s); controller RSS $(mib "$CTL_PID")"
+  if grep -qE " (ERROR|WARN) " "$TMP/agent-$label.log"; then
+    echo "$label agent log (warnings and errors):" >&2
+    grep -E " (ERROR|WARN) " "$TMP/agent-$label.log" | head -10 >&2
+  fi
+  local p
+  for p in "$AGENT_PID" "$CTL_PID" "$proxy_pid"; do kill "$p" 2>/dev/null || true; done
+  for p in "$AGENT_PID" "$CTL_PID" "$proxy_pid"; do
+    for _ in $(seq 1 20); do kill -0 "$p" 2>/dev/null || break; sleep 0.5; done
+    kill -9 "$p" 2>/dev/null || true
+  done
+  ip netns del "$ns" 2>/dev/null || true
+}
+with_block() {
+  kc get nodenetworks -o json | python3 -c '
+import json, sys
+print(sum(1 for i in json.load(sys.stdin)["items"]
+          if any(b.get("network") == "pods" and b.get("ipv4") for b in i.get("spec", {}).get("blocks", []))))'
+}
+in_slices() {
+  kc get workloadslices -l weft.dev/network=pods -o json | python3 -c '
+import json, sys
+print(sum(len(i["spec"].get("workloads", [])) for i in json.load(sys.stdin)["items"]))'
+}
+if [ -n "${WEFT_BASELINE_BIN_DIR:-}" ]; then
+  measure baseline "$WEFT_BASELINE_BIN_DIR" "${WEFT_BASELINE_CRDS_DIR:-$CRDS}" 1
+  measure weft "$BIN" "$CRDS" 6
+else
+  measure weft "$BIN" "$CRDS" 1
+fi
 
 # ---------------------------------------------------------------- the end
-result "agent RSS at the end: $(mib "$AGENT_PID") (peak $(peak_mib "$AGENT_PID")); total received $(cut -d' ' -f1 "$TMP/count") bytes, sent $(cut -d' ' -f2 "$TMP/count") bytes over $(cut -d' ' -f3 "$TMP/count") connection(s)"
-result "API server RSS $(mib "$API_PID") (peak $(peak_mib "$API_PID")); etcd RSS $(mib "$ETCD_PID"), data $(du -sm "$ETCD_DIR" | cut -f1) MiB; controller RSS $(mib "$CTL_PID")${KWOK:+; kwok RSS $(mib "$KWOK_PID")}"
+result "---- the end"
+result "API server RSS $(mib "$API_PID") (peak $(peak_mib "$API_PID")); etcd RSS $(mib "$ETCD_PID"), data $(du -sm "$ETCD_DIR" | cut -f1) MiB${KWOK:+; kwok RSS $(mib "$KWOK_PID")}"
 result "load average at the end $(cut -d' ' -f1-3 /proc/loadavg); busiest processes now: $(busiest)"
-result "API server's apiserver_watch_events_sizes (every watcher: kwok, controller, agent), by resource:"
+result "API server's apiserver_watch_events_sizes (every watcher of the whole run: kwok, the controllers, the agents), by resource:"
 kc get --raw /metrics | python3 "$HERE/lib/peers_scale.py" watchsizes | tee -a "$TMP/results"
-if grep -qE " (ERROR|WARN) " "$TMP/agent.log"; then
-  echo "agent log (warnings and errors):" >&2
-  grep -E " (ERROR|WARN) " "$TMP/agent.log" | head -10 >&2
-fi
 echo
 echo "==== results"
 cat "$TMP/results"
