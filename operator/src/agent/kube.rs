@@ -423,10 +423,7 @@ impl SliceWatch {
                     &w.workload.ips,
                 );
                 if seen_workloads.insert(key) {
-                    peers.push(Peer {
-                        node: w.node.clone(),
-                        workload: w.workload.clone(),
-                    });
+                    peers.push(w.clone());
                 }
             }
             for r in slice
@@ -437,10 +434,7 @@ impl SliceWatch {
             {
                 let key = (&r.node, &r.reservation.vm, &r.reservation.ifname);
                 if seen_reservations.insert(key) {
-                    reservations.push(PeerReservation {
-                        node: r.node.clone(),
-                        reservation: r.reservation.clone(),
-                    });
+                    reservations.push(r.clone());
                 }
             }
         }

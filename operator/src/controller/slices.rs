@@ -198,23 +198,7 @@ pub fn vouched_entries(
         .filter_map(|nn| nn.publication_of(network))
         .collect();
     let v = vouched(&publications, Some(network));
-    let workloads = v
-        .peers
-        .into_iter()
-        .map(|p| SliceWorkload {
-            node: p.node,
-            workload: p.workload,
-        })
-        .collect();
-    let reservations = v
-        .reservations
-        .into_iter()
-        .map(|r| SliceReservation {
-            node: r.node,
-            reservation: r.reservation,
-        })
-        .collect();
-    (workloads, reservations, v.problems)
+    (v.peers, v.reservations, v.problems)
 }
 
 /// Writes the WorkloadSlices of `net` (leader only).

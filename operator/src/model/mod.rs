@@ -58,23 +58,12 @@ impl WorkloadMeta {
     }
 }
 
-/// A workload interface on another node.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Peer {
-    /// The node it runs on.
-    pub node: String,
-    /// What its agent published.
-    pub workload: weft_crds::NodeWorkload,
-}
+/// A workload interface on another node: its node and what its agent published, as an entry
+/// of a WorkloadSlice carries it (the agent reads the slices, the controller writes them).
+pub type Peer = weft_crds::SliceWorkload;
 
-/// A VM interface's reservation on another node.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PeerReservation {
-    /// The node that keeps it.
-    pub node: String,
-    /// What its agent published.
-    pub reservation: weft_crds::NodeReservation,
-}
+/// A VM interface's reservation on another node, as an entry of a WorkloadSlice carries it.
+pub type PeerReservation = weft_crds::SliceReservation;
 
 /// Everything the node plan is computed from, besides the node's own endpoints.
 #[derive(Debug, Clone, Default)]
