@@ -400,6 +400,17 @@ fn names_of(entries: &[Entry], realized: &Realized) -> BTreeSet<String> {
         .collect()
 }
 
+/// The Networks whose entry in a NodeNetwork's spec came, went or changed from `old` to `new`.
+fn entries_changed(old: &[Entry], new: &[Entry]) -> BTreeSet<String> {
+    let old: HashMap<&str, &Entry> = old.iter().map(|e| (&*e.network, e)).collect();
+    let new: HashMap<&str, &Entry> = new.iter().map(|e| (&*e.network, e)).collect();
+    old.keys()
+        .chain(new.keys())
+        .filter(|n| old.get(*n) != new.get(*n))
+        .map(|n| (*n).to_owned())
+        .collect()
+}
+
 /// What [`networks_touched`] remembers of a NodeNetwork: its spec's entries, its agent's list
 /// of the Networks it realizes and the addresses its workloads hold per Network (all shared
 /// with the store, not copied).
@@ -441,19 +452,7 @@ pub fn networks_touched(
             return touched;
         }
     };
-    let mut touched = BTreeSet::new();
-    let old: HashMap<&str, &Entry> = entries.iter().map(|e| (&*e.network, e)).collect();
-    let new: HashMap<&str, &Entry> = nn.spec.entries().iter().map(|e| (&*e.network, e)).collect();
-    for (network, entry) in &new {
-        if old.get(network) != Some(entry) {
-            touched.insert((*network).to_owned());
-        }
-    }
-    touched.extend(
-        old.keys()
-            .filter(|n| !new.contains_key(*n))
-            .map(|n| (*n).to_owned()),
-    );
+    let mut touched = entries_changed(&entries, nn.spec.entries());
     let was: BTreeSet<&str> = realized.names().collect();
     let is: BTreeSet<&str> = nn.realized.names().collect();
     touched.extend(was.symmetric_difference(&is).map(|n| (*n).to_owned()));
@@ -489,14 +488,7 @@ pub fn slices_touched(
     let now = if deleted { &empty } else { &nn.published };
     let mut touched: BTreeSet<String> = published.changed(now).map(str::to_owned).collect();
     if !deleted && before.is_some() {
-        let old: HashMap<&str, &Entry> = entries.iter().map(|e| (&*e.network, e)).collect();
-        let new: HashMap<&str, &Entry> =
-            nn.spec.entries().iter().map(|e| (&*e.network, e)).collect();
-        for network in old.keys().chain(new.keys()) {
-            if old.get(network) != new.get(network) {
-                touched.insert((*network).to_owned());
-            }
-        }
+        touched.extend(entries_changed(entries, nn.spec.entries()));
     }
     touched
 }
