@@ -1170,8 +1170,24 @@ fn host_ports_reach_the_pod_a_second_claim_fails_and_del_removes_them() {
             "",
         );
         assert!(ok, "{reply}");
-        assert_eq!(nft_map(&lab, "hport4"), "", "DEL leaves no IPv4 host port");
-        let v6 = nft_map(&lab, "hport6");
+        // The DEL returns once the addresses are free; the rules follow in the reconciler's
+        // next batch, so the maps are read once that batch has had its chance.
+        let settled = |name: &str, gone: &dyn Fn(&str) -> bool| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                let elements = nft_map(&lab, name);
+                if gone(&elements) || std::time::Instant::now() > deadline {
+                    return elements;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        };
+        assert_eq!(
+            settled("hport4", &|e| e.is_empty()),
+            "",
+            "DEL leaves no IPv4 host port"
+        );
+        let v6 = settled("hport6", &|e| !e.contains("8080") && !e.contains("5353"));
         assert!(
             !v6.contains("8080") && !v6.contains("5353") && v6.contains("8081"),
             "DEL removes web's IPv6 host ports only: {v6}"
