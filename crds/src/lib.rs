@@ -50,8 +50,8 @@ pub use network::{
     NetworkStatus, NodeBlock, SecuritySpec, VlanRange,
 };
 pub use nodenetwork::{
-    NODE_NETWORK_KIND, NodeForward, NodeMirror, NodeNetwork, NodeNetworkBlock, NodeNetworkSpec,
-    NodeNetworkStatus, NodePolicy, NodeReservation, NodeWorkload,
+    Labels, NODE_NETWORK_KIND, NodeForward, NodeMirror, NodeNetwork, NodeNetworkBlock,
+    NodeNetworkSpec, NodeNetworkStatus, NodePolicy, NodeReservation, NodeWorkload,
 };
 pub use policy::{
     ClusterSegmentationPolicy, ClusterSegmentationPolicySpec, ClusterSubject, L4Protocol,

@@ -224,9 +224,9 @@ pub struct NodeWorkload {
     /// The pod's name (for a VM, its virt-launcher pod).
     pub name: String,
     /// The pod's labels.
-    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    #[serde(default, skip_serializing_if = "no_labels")]
     #[schemars(length(max = 64))]
-    pub labels: std::collections::BTreeMap<String, String>,
+    pub labels: Labels,
     /// The interface's addresses.
     #[schemars(length(max = 2))]
     pub ips: Vec<String>,
@@ -240,6 +240,15 @@ pub struct NodeWorkload {
     /// False for a live migration's target port that waits for the VM to arrive.
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub active: bool,
+}
+
+/// A workload's labels, shared: the pods of one Deployment carry the same set, and a reader
+/// holding thousands of workloads keeps one copy of each set (see `weft_operator`'s label
+/// interning), not one a workload.
+pub type Labels = std::sync::Arc<std::collections::BTreeMap<String, String>>;
+
+fn no_labels(labels: &Labels) -> bool {
+    labels.is_empty()
 }
 
 impl NodeNetworkStatus {

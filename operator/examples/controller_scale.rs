@@ -100,7 +100,11 @@ fn main() -> anyhow::Result<()> {
                 .collect(),
             ..NodeNetworkStatus::default()
         });
-        nnw.apply_watcher_event(&watcher::Event::Apply(keep_node_network(nn, &mut names)));
+        nnw.apply_watcher_event(&watcher::Event::Apply(keep_node_network(
+            nn,
+            &mut names,
+            &mut Default::default(),
+        )));
     }
     let fill = t.elapsed();
 
@@ -174,7 +178,7 @@ fn main() -> anyhow::Result<()> {
             // As the controller's watch reads and keeps it.
             let echoed: NodeNetwork = serde_json::from_slice(&serde_json::to_vec(&written)?)?;
             drop(written);
-            let kept = keep_node_network(echoed, &mut names);
+            let kept = keep_node_network(echoed, &mut names, &mut Default::default());
             woken += networks_touched(&mut named, &kept, false).len();
             nnw.apply_watcher_event(&watcher::Event::Apply(kept));
         }

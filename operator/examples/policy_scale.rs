@@ -65,7 +65,7 @@ fn main() -> anyhow::Result<()> {
     let member = |i: usize| Member {
         namespace: format!("ns{}", i % namespaces),
         name: format!("w{i}"),
-        labels: BTreeMap::from([("app".to_string(), format!("a{}", i % apps))]),
+        labels: BTreeMap::from([("app".to_string(), format!("a{}", i % apps))]).into(),
         network: "net".into(),
         ips: vec![IpAddr::V4(Ipv4Addr::from(0x0a00_0000u32 + 2 + i as u32))],
         local: true,

@@ -361,6 +361,16 @@ fn seed(api: &FakeApi) {
                 ]),
                 json!([]),
             ),
+            {
+                let mut second = slice(
+                    "blue",
+                    json!([{"node": "node-c", "network": "blue", "namespace": "shop",
+                            "name": "app-2", "labels": {"tier": "app"}, "ips": ["10.10.0.200"]}]),
+                    json!([]),
+                );
+                second["metadata"]["name"] = json!("blue.1");
+                second
+            },
             slice(
                 "green",
                 json!([{"node": "node-b", "network": "green", "namespace": "shop", "name": "g-1",
@@ -503,10 +513,16 @@ async fn snapshot_holds_the_listed_resources_node_labels_and_node_blocks() {
     assert_eq!(blocks.keys().collect::<Vec<_>>(), ["blue"]);
     assert_eq!(blocks["blue"].v4, Some("10.10.0.64/26".parse().unwrap()));
     assert!(res.problems.is_empty(), "{:?}", res.problems);
-    assert_eq!(res.peers.len(), 1, "{:?}", res.peers);
+    assert_eq!(res.peers.len(), 2, "{:?}", res.peers);
     assert_eq!(res.peers[0].node, "node-b");
     assert_eq!(res.peers[0].workload.ips, ["10.10.0.130"]);
     assert_eq!(res.peers[0].workload.labels["tier"], "app");
+    assert_eq!(res.peers[1].node, "node-c");
+    // Equal label sets, read from two slices, are one copy in the agent's memory.
+    assert!(std::sync::Arc::ptr_eq(
+        &res.peers[0].workload.labels,
+        &res.peers[1].workload.labels
+    ));
 
     // Node-scoped watches: only this node's Node, NodeNetwork and Pods; the WorkloadSlices of
     // the Networks with a block here; labels-only kinds as metadata.
@@ -1382,7 +1398,7 @@ async fn a_new_block_here_widens_the_workload_slice_watch_to_its_network() {
     let peers: Vec<&str> = res.peers.iter().map(|p| p.workload.name.as_str()).collect();
     assert_eq!(
         peers,
-        ["app-1"],
+        ["app-1", "app-2"],
         "blue's only: node-a has no block of green"
     );
     // The controller gives node-a a block of green: green's slices are watched too, and blue's
@@ -1400,10 +1416,10 @@ async fn a_new_block_here_widens_the_workload_slice_watch_to_its_network() {
             ),
         )],
     );
-    let res = until(&mut source, |r| r.peers.len() == 2, |_| {}).await;
+    let res = until(&mut source, |r| r.peers.len() == 3, |_| {}).await;
     let mut peers: Vec<&str> = res.peers.iter().map(|p| p.workload.name.as_str()).collect();
     peers.sort_unstable();
-    assert_eq!(peers, ["app-1", "g-1"]);
+    assert_eq!(peers, ["app-1", "app-2", "g-1"]);
     assert!(
         api.gets(SLICES)
             .iter()

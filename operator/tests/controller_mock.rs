@@ -770,7 +770,7 @@ fn workload(name: &str, ip: &str) -> NodeWorkload {
         network: "blue".into(),
         namespace: "shop".into(),
         name: name.into(),
-        labels: [("app".to_owned(), "web".to_owned())].into(),
+        labels: std::sync::Arc::new([("app".to_owned(), "web".to_owned())].into()),
         ips: vec![ip.into()],
         vm: None,
         mac: None,

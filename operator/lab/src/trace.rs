@@ -31,7 +31,7 @@ pub fn members(
             out.push(Member {
                 namespace: w.namespace.clone(),
                 name: w.name.clone(),
-                labels: w.labels.clone(),
+                labels: w.labels.clone().into(),
                 network: network.clone(),
                 ips,
                 local: true,

@@ -361,7 +361,7 @@ spec:
         let members = vec![crate::policy::Member {
             namespace: "default".into(),
             name: "db".into(),
-            labels: BTreeMap::new(),
+            labels: Default::default(),
             network: "net".into(),
             ips: vec!["10.0.0.2".parse().unwrap()],
             local: true,

@@ -33,6 +33,7 @@ use super::AgentStatus;
 use super::pod_events::{Announced, PodEvent};
 use super::source::{Published, ResourceSource, SourceError};
 use crate::controller::status::{READY, condition};
+use crate::model::shared::LabelSets;
 use crate::model::{NodeBlocks, Peer, PeerReservation, Resources, WorkloadMeta};
 use ::kube::api::{Patch, PatchParams};
 use ::kube::core::PartialObjectMeta;
@@ -348,11 +349,14 @@ impl SliceWatch {
                     values.join(",")
                 ));
             }
-            let (store, synced, task) = reflect(
+            // The pods of one Deployment carry one label set: the store keeps it once.
+            let mut label_sets = LabelSets::default();
+            let (store, synced, task) = reflect_keeping(
                 "workloadslices",
                 Api::all(self.client.clone()),
                 config,
                 self.changes.clone(),
+                move |slice: &mut WorkloadSlice| label_sets.share_slice(slice),
             );
             Some(SliceReflector {
                 networks: networks.clone(),
@@ -730,12 +734,32 @@ where
         + Sync
         + 'static,
 {
+    reflect_keeping(what, api, config, changes, |_| {})
+}
+
+/// [`reflect`], with `keep` applied to each object before the store keeps it.
+fn reflect_keeping<K>(
+    what: &'static str,
+    api: Api<K>,
+    config: watcher::Config,
+    changes: Arc<Changes>,
+    mut keep: impl FnMut(&mut K) + Send + 'static,
+) -> (Store<K>, Arc<AtomicBool>, BoxedTask)
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
     let (reader, writer) = reflector::store();
     let synced = Arc::new(AtomicBool::new(false));
     let flag = synced.clone();
     // The agent reads no managed fields and a few annotations (a pod's `weft.dev/networks` and
     // its limits): keep the rest out of the cache.
-    let trimmed = watcher(api, config).modify(|o: &mut K| {
+    let trimmed = watcher(api, config).modify(move |o: &mut K| {
         o.meta_mut().managed_fields = None;
         let kept = o.meta_mut().annotations.take().map(|a| {
             let mut kept = WorkloadMeta::limit_annotations(&a);
@@ -748,6 +772,7 @@ where
             kept
         });
         o.meta_mut().annotations = kept.filter(|k| !k.is_empty());
+        keep(o);
     });
     let stream = reflector::reflector(writer, trimmed).default_backoff();
     let task = async move {

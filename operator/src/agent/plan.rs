@@ -974,14 +974,14 @@ fn pod_of(
     res: &Resources,
     pods: Option<&Pods>,
     e: &Endpoint,
-) -> (String, String, BTreeMap<String, String>) {
+) -> (String, String, weft_crds::Labels) {
     let namespace = e.pod_namespace.clone().unwrap_or_else(|| "default".into());
     let name = e.pod_name.clone().unwrap_or_default();
     let labels = match pods {
         Some(p) => p.0.get(&(namespace.as_str(), name.as_str())).copied(),
         None => workload_labels(&res.workloads, &namespace, &name),
     }
-    .cloned()
+    .map(|l| std::sync::Arc::new(l.clone()))
     .unwrap_or_default();
     (namespace, name, labels)
 }
@@ -2282,7 +2282,7 @@ spec: {mode: Bridge, subnets: [10.72.0.0/24], bridge: {uplink: eth1, vlan: 20}}
                 network: "lan".into(),
                 namespace: "default".into(),
                 name: "virt-launcher-x".into(),
-                labels: BTreeMap::new(),
+                labels: Default::default(),
                 ips: vec![ip.into()],
                 vm: Some(vm.into()),
                 mac: Some("02:00:00:00:00:01".into()),

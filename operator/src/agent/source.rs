@@ -461,7 +461,7 @@ mod peer_tests {
             network: "lan".into(),
             namespace: "shop".into(),
             name: "web-1".into(),
-            labels: [("app".to_string(), "web".to_string())].into(),
+            labels: std::sync::Arc::new([("app".to_string(), "web".to_string())].into()),
             ips: vec!["10.0.0.5".into()],
             vm: None,
             mac: Some("0a:58:0a:00:00:05".into()),

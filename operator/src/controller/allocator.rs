@@ -781,7 +781,10 @@ mod tests {
             .map(|(node, spec)| {
                 let json = serde_json::to_vec(&NodeNetwork::new(&node, spec)).unwrap();
                 let nn: NodeNetwork = serde_json::from_slice(&json).unwrap();
-                (node, keep_node_network(nn, &mut names).spec)
+                (
+                    node,
+                    keep_node_network(nn, &mut names, &mut Default::default()).spec,
+                )
             })
             .collect();
         assert_eq!(names.len(), 2, "one name per Network, shared by the nodes");

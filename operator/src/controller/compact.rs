@@ -11,49 +11,14 @@
 //! Networks lists 10k names. Both are shared, not copied, by what the controller remembers of a
 //! NodeNetwork's previous version (see `networks_touched`).
 
+use crate::model::shared::LabelSets;
+pub use crate::model::shared::Names;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
 use std::borrow::Cow;
-use std::collections::HashSet;
 use std::sync::Arc;
 use weft_crds::{Cidr, NodeNetwork, NodeNetworkBlock, NodeNetworkSpec, NodeNetworkStatus};
-
-/// Network names shared between the [`Blocks`] of all nodes: one allocation per name, not one
-/// per block. Names no [`Blocks`] holds any more are dropped now and then (whenever the set has
-/// doubled since the last time), so Networks that come and go do not make it grow for good.
-#[derive(Debug, Default)]
-pub struct Names {
-    set: HashSet<Arc<str>>,
-    /// Names held after the last clean-up.
-    live: usize,
-}
-
-impl Names {
-    /// The shared copy of `name`.
-    pub fn get(&mut self, name: &str) -> Arc<str> {
-        if let Some(n) = self.set.get(name) {
-            return n.clone();
-        }
-        if self.set.len() >= 2 * self.live.max(512) {
-            self.set.retain(|n| Arc::strong_count(n) > 1);
-            self.live = self.set.len();
-        }
-        let n: Arc<str> = Arc::from(name);
-        self.set.insert(n.clone());
-        n
-    }
-
-    /// How many names the set holds (also the ones about to be dropped).
-    pub fn len(&self) -> usize {
-        self.set.len()
-    }
-
-    /// Whether the set holds no name.
-    pub fn is_empty(&self) -> bool {
-        self.set.is_empty()
-    }
-}
 
 /// One entry of [`Blocks`]: a Network and the node's block of each family.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -396,13 +361,20 @@ impl Resource for CompactNodeNetwork {
 /// reads; with server-side apply they name every entry of the blocks), its spec as
 /// [`Blocks`] and the Networks realized as [`Realized`], the Network names shared through
 /// `names`.
-pub fn keep_node_network(nn: NodeNetwork, names: &mut Names) -> CompactNodeNetwork {
+pub fn keep_node_network(
+    nn: NodeNetwork,
+    names: &mut Names,
+    labels: &mut LabelSets,
+) -> CompactNodeNetwork {
     let NodeNetwork {
         mut metadata,
         spec,
         mut status,
     } = nn;
     metadata.managed_fields = None;
+    if let Some(s) = status.as_mut() {
+        labels.share_all(s.workloads.iter_mut());
+    }
     let realized = status
         .as_mut()
         .map(|s| Realized::read(&std::mem::take(&mut s.networks), names))
@@ -427,7 +399,7 @@ pub fn keep_node_network(nn: NodeNetwork, names: &mut Names) -> CompactNodeNetwo
 
 impl From<NodeNetwork> for CompactNodeNetwork {
     fn from(nn: NodeNetwork) -> Self {
-        keep_node_network(nn, &mut Names::default())
+        keep_node_network(nn, &mut Names::default(), &mut LabelSets::default())
     }
 }
 
@@ -532,19 +504,6 @@ mod tests {
     }
 
     #[test]
-    fn names_no_blocks_hold_are_dropped_once_the_set_has_doubled() {
-        let mut names = Names::default();
-        let kept: Vec<Arc<str>> = (0..10).map(|i| names.get(&format!("kept-{i}"))).collect();
-        for i in 0..2000 {
-            names.get(&format!("gone-{i}"));
-        }
-        assert!(names.len() < 1100, "{}", names.len());
-        for (i, k) in kept.iter().enumerate() {
-            assert!(Arc::ptr_eq(k, &names.get(&format!("kept-{i}"))));
-        }
-    }
-
-    #[test]
     fn a_kept_node_network_has_no_managed_fields_and_its_spec_in_compact_form() {
         let mut nn = NodeNetwork::new(
             "node-a",
@@ -560,7 +519,7 @@ mod tests {
             ..NodeNetworkStatus::default()
         });
         let mut names = Names::default();
-        let kept = keep_node_network(nn.clone(), &mut names);
+        let kept = keep_node_network(nn.clone(), &mut names, &mut LabelSets::default());
         assert_eq!(kept.metadata.managed_fields, None);
         assert_eq!(kept.metadata.generation, Some(3));
         assert_eq!(kept.spec.to_spec(), nn.spec);
@@ -579,6 +538,31 @@ mod tests {
             2,
             "blue named by the spec and the status: once"
         );
+        // Two nodes' workloads with equal labels: one copy of them.
+        let mut labels = LabelSets::default();
+        let workload = |name: &str| weft_crds::NodeWorkload {
+            network: "blue".into(),
+            namespace: "shop".into(),
+            name: name.into(),
+            labels: Arc::new([("app".to_owned(), "web".to_owned())].into()),
+            ips: vec!["10.10.0.5".into()],
+            vm: None,
+            mac: None,
+            active: true,
+        };
+        let [a, b] = ["web-1", "web-2"].map(|name| {
+            let mut nn = nn.clone();
+            nn.status = Some(NodeNetworkStatus {
+                workloads: vec![workload(name)],
+                ..NodeNetworkStatus::default()
+            });
+            keep_node_network(nn, &mut names, &mut labels)
+                .status
+                .unwrap()
+                .workloads
+                .remove(0)
+        });
+        assert!(Arc::ptr_eq(&a.labels, &b.labels));
         // No status: nothing realized.
         nn.status = None;
         assert!(!CompactNodeNetwork::from(nn).lists_network("blue"));

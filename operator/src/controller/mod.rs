@@ -26,6 +26,7 @@ pub mod slices;
 pub mod status;
 pub mod validate;
 
+use crate::model::shared::LabelSets;
 pub use error::Error;
 pub use leader::Leadership;
 pub use metrics::Metrics;
@@ -505,12 +506,16 @@ fn reflect_node_networks(
     slices: mpsc::UnboundedSender<ObjectRef<Network>>,
     reported: ReportedRefs,
     relisted: Vec<mpsc::UnboundedSender<()>>,
+    label_sets: Arc<std::sync::Mutex<LabelSets>>,
 ) -> (Store<CompactNodeNetwork>, impl Future<Output = ()> + Send) {
     let mut last = HashMap::new();
     let mut last_published = HashMap::new();
     let mut last_reports = HashMap::new();
     let mut names = Names::default();
-    let keep = move |nn| keep_node_network(nn, &mut names);
+    let keep = move |nn| {
+        let mut labels = label_sets.lock().unwrap_or_else(|e| e.into_inner());
+        keep_node_network(nn, &mut names, &mut labels)
+    };
     reflect_with(api, keep, move |event| {
         if let Some((nn, deleted)) = event {
             for network in networks_touched(&mut last, nn, deleted) {
@@ -759,6 +764,9 @@ pub fn observe_cluster(
     Shared<PortForward>,
     impl Future<Output = ()> + Send + use<>,
 ) {
+    // The workloads' label sets, kept once for the NodeNetworks' statuses and the slices (which
+    // copy them) together.
+    let label_sets = Arc::new(std::sync::Mutex::new(LabelSets::default()));
     // A NodeNetwork's change concerns the Networks it names (their blocks there, the agent's
     // report of them): only those are reconciled, not every Network. The agents' reports are
     // the policies', mirrors' and PortForwards' status too: only those whose entry changed.
@@ -774,6 +782,7 @@ pub fn observe_cluster(
             triggers.mirrors.clone(),
             triggers.port_forwards.clone(),
         ],
+        label_sets.clone(),
     );
     // Network changes re-check every Network (overlaps) and every PortForward.
     let (networks_tx, networks_listed) = watch::channel(false);
@@ -805,7 +814,12 @@ pub fn observe_cluster(
         let (refs, all) = (triggers.slice_refs.clone(), triggers.slices.clone());
         reflect_with(
             Api::<WorkloadSlice>::all(client.clone()),
-            trim,
+            move |slice| {
+                let mut slice = trim(slice);
+                let mut labels = label_sets.lock().unwrap_or_else(|e| e.into_inner());
+                labels.share_slice(&mut slice);
+                slice
+            },
             move |event| match event {
                 Some((slice, _)) => {
                     if let Some(network) = slices::network_of(slice) {
@@ -1190,7 +1204,7 @@ mod trigger_tests {
         );
         // A label changed (the count of addresses did not): a.
         let mut relabelled = web.clone();
-        relabelled.labels.insert("app".into(), "web".into());
+        std::sync::Arc::make_mut(&mut relabelled.labels).insert("app".into(), "web".into());
         assert_eq!(
             slices_touched(
                 &mut last,

@@ -383,7 +383,7 @@ mod tests {
                 network: "blue".into(),
                 namespace: "default".into(),
                 name: name.into(),
-                labels: BTreeMap::new(),
+                labels: Default::default(),
                 ips: vec![ip.into()],
                 vm: None,
                 mac: None,
@@ -445,9 +445,7 @@ mod tests {
         );
         // A label changed: the entry is rewritten in place.
         let mut relabelled = many(250);
-        relabelled[150]
-            .workload
-            .labels
+        std::sync::Arc::make_mut(&mut relabelled[150].workload.labels)
             .insert("app".into(), "web".into());
         let third = place(relabelled, vec![], &first, "blue");
         assert_eq!(third[&1].workloads[50].workload.labels["app"], "web");

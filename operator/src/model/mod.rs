@@ -4,6 +4,7 @@
 
 mod manifest;
 pub mod peers;
+pub mod shared;
 
 /// Test helpers shared by the modules that read NodeNetworks.
 #[cfg(test)]

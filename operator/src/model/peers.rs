@@ -169,7 +169,7 @@ mod tests {
                     ips: ips.iter().map(|s| (*s).into()).collect(),
                     vm: vm.map(Into::into),
                     active: true,
-                    labels: BTreeMap::new(),
+                    labels: Default::default(),
                     mac: None,
                 })
                 .collect(),

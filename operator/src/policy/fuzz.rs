@@ -95,7 +95,7 @@ pub fn fuzz_compile(text: &str) -> bool {
         .map(|m| Member {
             namespace: m.namespace,
             name: m.name,
-            labels: m.labels,
+            labels: m.labels.into(),
             network: m.network,
             ips: m.ips,
             local: m.local,

@@ -45,8 +45,8 @@ pub struct Member {
     pub namespace: String,
     /// The workload's name (pod; for KubeVirt VMs the virt-launcher pod).
     pub name: String,
-    /// Its labels.
-    pub labels: BTreeMap<String, String>,
+    /// Its labels (shared with the workload they were read from).
+    pub labels: weft_crds::Labels,
     /// The weft network of this interface.
     pub network: String,
     /// The interface's addresses.

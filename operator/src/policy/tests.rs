@@ -12,10 +12,12 @@ fn member(ns: &str, name: &str, labels: &[(&str, &str)], network: &str, ip: &str
     Member {
         namespace: ns.into(),
         name: name.into(),
-        labels: labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        labels: std::sync::Arc::new(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ),
         network: network.into(),
         ips: vec![ip.parse().unwrap()],
         local: true,
