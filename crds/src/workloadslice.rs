@@ -44,10 +44,11 @@ pub struct WorkloadSliceSpec {
     #[schemars(length(max = 253))]
     pub network: String,
     /// Workload interfaces of the Network, each on the node that runs it.
+    // Shared: a reader's snapshot of all its slices' workloads holds pointers, not copies.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 100))]
     #[schemars(extend("x-kubernetes-list-type" = "atomic"))]
-    pub workloads: Vec<SliceWorkload>,
+    pub workloads: Vec<std::sync::Arc<SliceWorkload>>,
     /// VM interfaces' addresses and MAC kept by a node for their VM.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 100))]

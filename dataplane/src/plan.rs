@@ -74,6 +74,18 @@ pub struct NodePlan {
     pub ports: Vec<PortPlan>,
 }
 
+impl NodePlan {
+    /// Whether `other` wants the same links, sysctls, ports and CNI state as this plan, so that
+    /// going from one to the other changes weft's nftables tables only.
+    pub fn same_but_tables(&self, other: &NodePlan) -> bool {
+        self.node == other.node
+            && self.bridges == other.bridges
+            && self.sysctls == other.sysctls
+            && self.networks == other.networks
+            && self.ports == other.ports
+    }
+}
+
 fn link_err(op: impl Into<String>) -> impl FnOnce(NetlinkError) -> ApplyError {
     let op = op.into();
     move |source| ApplyError::Link { op, source }
@@ -1430,6 +1442,24 @@ mod tests {
         assert_eq!(record(&node), None);
         node.apply(&plan(&[], "accept", &[]));
         assert_eq!(node.sysctls.values[LOOSE], "0");
+    }
+
+    #[test]
+    fn plans_that_differ_in_their_tables_only_are_told_from_the_others() {
+        let first = plan(&["10.0.0.0/24"], "accept", &["a"]);
+        assert!(first.same_but_tables(&plan(&["10.1.0.0/24"], "drop", &["a"])));
+        assert!(!first.same_but_tables(&plan(&["10.0.0.0/24"], "accept", &["a", "b"])));
+        let mut other = first.clone();
+        other.sysctls.clear();
+        assert!(!first.same_but_tables(&other));
+        let mut other = first.clone();
+        other.ports.push(PortPlan {
+            name: "wf0".into(),
+            network: "a".into(),
+            bridge: "wn-a".into(),
+            trunk: vec![],
+        });
+        assert!(!first.same_but_tables(&other));
     }
 
     #[test]

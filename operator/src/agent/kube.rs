@@ -385,7 +385,7 @@ impl SliceWatch {
 
     /// The other nodes' workload interfaces and VM reservations on the Networks watched, each
     /// once; `NotSynced` until a watch has listed.
-    fn peers(&mut self, me: &str) -> Result<(Vec<Peer>, Vec<PeerReservation>), SourceError> {
+    fn peers(&mut self, me: &str) -> Result<(Vec<Arc<Peer>>, Vec<PeerReservation>), SourceError> {
         if self
             .running
             .as_ref()

@@ -587,14 +587,23 @@ impl Reconciler {
                 } else {
                     let plan = out.plan.clone();
                     let state_dir = self.cfg.state_dir.clone();
-                    // A registration trusts the last applied plan; a resync checks the tables'
-                    // structure and trusts their elements, but every `FULL_RESYNC_EVERY`th;
-                    // everything else applies in full.
+                    // A registration trusts the last applied plan; so does a change of the
+                    // resources that changes the tables only (another node's workload came or
+                    // went: its address in the groups' sets), which then costs the elements
+                    // that changed, not a listing of every set. A resync checks the tables'
+                    // structure and trusts their elements, but every `FULL_RESYNC_EVERY`th; it
+                    // repairs what changed behind the agent's back. Everything else applies in
+                    // full.
                     let checked = reason == Trigger::Resync && {
                         self.resyncs += 1;
                         !self.resyncs.is_multiple_of(FULL_RESYNC_EVERY)
                     };
-                    let previous = previous.filter(|_| reason == Trigger::Endpoints || checked);
+                    let tables_only = reason == Trigger::ResourcesChanged
+                        && previous
+                            .as_ref()
+                            .is_some_and(|p| p.same_but_tables(&out.plan));
+                    let previous =
+                        previous.filter(|_| reason == Trigger::Endpoints || checked || tables_only);
                     tokio::task::spawn_blocking(move || {
                         if checked {
                             check_blocking(&plan, previous.as_ref(), &state_dir)

@@ -1186,7 +1186,7 @@ pub fn peer_with_mac<'a>(res: &'a Resources, ep: &Endpoint) -> Option<&'a Peer> 
     if !bridge_mode {
         return None;
     }
-    res.peers.iter().find(|p| {
+    res.peers.iter().map(|p| &**p).find(|p| {
         p.workload.network == ep.network
             && p.workload.mac.as_deref().and_then(names::parse_mac) == Some(mac)
             && (ep.vm.is_none() || p.workload.vm != ep.vm)
@@ -2306,7 +2306,7 @@ metadata: {name: nat}
 spec: {mode: NAT, subnets: [10.62.0.0/24]}
 "#,
         );
-        res.peers = vec![running("node-b", "default/db", "10.61.0.40", true)];
+        res.peers = vec![running("node-b", "default/db", "10.61.0.40", true).into()];
         let mut ep = endpoint("lan", "thief", &["10.61.0.41"]);
         ep.mac = "02:00:00:00:00:01".into();
         assert_eq!(
@@ -2322,7 +2322,7 @@ spec: {mode: NAT, subnets: [10.62.0.0/24]}
         assert!(peer_with_mac(&res, &ep).is_none());
         ep.mac = "02:00:00:00:00:01".into();
         ep.network = "nat".into();
-        res.peers[0].workload.network = "nat".into();
+        std::sync::Arc::make_mut(&mut res.peers[0]).workload.network = "nat".into();
         assert!(peer_with_mac(&res, &ep).is_none());
     }
 
@@ -2359,10 +2359,10 @@ spec: {mode: NAT, subnets: [10.62.0.0/24]}
         // …but not while the VM runs on another node (a live migration takes its addresses
         // from there), pending or active.
         for active in [true, false] {
-            res.peers = vec![running("node-e", "default/db", "10.70.0.50", active)];
+            res.peers = vec![running("node-e", "default/db", "10.70.0.50", active).into()];
             assert!(restore_sources(&res, "default/db").is_empty());
         }
-        res.peers = vec![running("node-e", "default/db", "10.70.0.50", true)];
+        res.peers = vec![running("node-e", "default/db", "10.70.0.50", true).into()];
         let reply = crate::agent::identity_reply(
             Some(&res),
             true,

@@ -255,9 +255,11 @@ impl ResourceSource for ManifestSource {
                         },
                     };
                     res.peers
-                        .extend(published.workloads.into_iter().map(|workload| Peer {
-                            node: node.clone(),
-                            workload,
+                        .extend(published.workloads.into_iter().map(|workload| {
+                            std::sync::Arc::new(Peer {
+                                node: node.clone(),
+                                workload,
+                            })
                         }));
                     res.peer_reservations
                         .extend(published.reservations.into_iter().map(|reservation| {
@@ -489,10 +491,10 @@ mod peer_tests {
         let snapshot = a.snapshot().unwrap();
         assert_eq!(
             snapshot.peers,
-            [Peer {
+            [std::sync::Arc::new(Peer {
                 node: "node-b".into(),
                 workload: web.clone()
-            }]
+            })]
         );
         assert_eq!(
             snapshot.peer_reservations,

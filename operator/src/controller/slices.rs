@@ -90,7 +90,7 @@ pub fn place(
             if kept.len() < MAX_SLICE_ENTRIES
                 && let Some(now) = want_w.remove(&workload_key(w))
             {
-                kept.workloads.push(now);
+                kept.workloads.push(Arc::new(now));
             }
         }
         for r in &spec.reservations {
@@ -123,7 +123,7 @@ pub fn place(
         });
         while slice.len() < MAX_SLICE_ENTRIES && pending > 0 {
             if let Some(w) = new_w.next() {
-                slice.workloads.push(w);
+                slice.workloads.push(Arc::new(w));
             } else if let Some(r) = new_r.next() {
                 slice.reservations.push(r);
             }
@@ -462,7 +462,10 @@ mod tests {
             4,
             WorkloadSliceSpec {
                 network: "blue".into(),
-                workloads: vec![w("n1", "a", "10.0.0.1"), w("n1", "b", "10.0.0.2")],
+                workloads: vec![
+                    w("n1", "a", "10.0.0.1").into(),
+                    w("n1", "b", "10.0.0.2").into(),
+                ],
                 ..WorkloadSliceSpec::default()
             },
         );
@@ -470,7 +473,7 @@ mod tests {
             7,
             WorkloadSliceSpec {
                 network: "blue".into(),
-                workloads: vec![w("n1", "b", "10.0.0.2")],
+                workloads: vec![w("n1", "b", "10.0.0.2").into()],
                 ..WorkloadSliceSpec::default()
             },
         );

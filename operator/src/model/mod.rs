@@ -88,7 +88,7 @@ pub struct Resources {
     pub problems: Vec<String>,
     /// Workload interfaces on other nodes, as their agents published them: members of the
     /// policies' groups here (a rule naming pods by label matches them wherever they run).
-    pub peers: Vec<Peer>,
+    pub peers: Vec<std::sync::Arc<Peer>>,
     /// VM reservations on other nodes, as their agents published them: a VM started here gets
     /// the addresses and MAC it had there.
     pub peer_reservations: Vec<PeerReservation>,

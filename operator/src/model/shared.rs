@@ -83,7 +83,14 @@ impl LabelSets {
 
     /// Shares the labels of the workloads of `slice`.
     pub fn share_slice(&mut self, slice: &mut weft_crds::WorkloadSlice) {
-        self.share_all(slice.spec.workloads.iter_mut().map(|w| &mut w.workload));
+        // Just read, each entry has no other holder: `make_mut` copies nothing.
+        self.share_all(
+            slice
+                .spec
+                .workloads
+                .iter_mut()
+                .map(|w| &mut Arc::make_mut(w).workload),
+        );
     }
 }
 

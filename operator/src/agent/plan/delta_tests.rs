@@ -86,7 +86,7 @@ fn world() -> Resources {
         parse_manifests(&pod, "test", &mut r);
     }
     // A workload on another node, which policies here also match.
-    r.peers.push(Peer {
+    r.peers.push(std::sync::Arc::new(Peer {
         node: "n2".into(),
         workload: weft_crds::NodeWorkload {
             network: "blue".into(),
@@ -98,7 +98,7 @@ fn world() -> Resources {
             mac: None,
             active: true,
         },
-    });
+    }));
     assert!(r.problems.is_empty(), "{:?}", r.problems);
     r
 }
@@ -305,7 +305,7 @@ proptest! {
 fn a_migrating_vms_shared_address_takes_the_full_plan() {
     let mut res = world();
     let target = endpoint(0, 1, 0, true);
-    res.peers.push(Peer {
+    res.peers.push(std::sync::Arc::new(Peer {
         node: "n2".into(),
         workload: weft_crds::NodeWorkload {
             network: "blue".into(),
@@ -317,7 +317,7 @@ fn a_migrating_vms_shared_address_takes_the_full_plan() {
             mac: None,
             active: true,
         },
-    });
+    }));
     let mut out = plan(&node(), &res, &blocks(), &[]);
     assert!(apply_endpoint_changes(&mut out, &res, &[], &[target]).is_none());
 }
