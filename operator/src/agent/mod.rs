@@ -580,6 +580,9 @@ impl Reconciler {
                     BTreeMap::new()
                 };
                 let out = compute(&self.cfg, &res, &self.endpoints, &realized);
+                // A network whose uplink could not be attached is tried again by the next
+                // full apply: none is pending when the last plan is trusted.
+                let all_attached = self.applied.as_ref().is_some_and(|a| a.failed.is_empty());
                 let previous = self.applied.take().filter(|a| a.ok).map(|a| a.out.plan);
                 let result = if reason == Trigger::Endpoints && previous.as_ref() == Some(&out.plan)
                 {
@@ -599,6 +602,7 @@ impl Reconciler {
                         !self.resyncs.is_multiple_of(FULL_RESYNC_EVERY)
                     };
                     let tables_only = reason == Trigger::ResourcesChanged
+                        && all_attached
                         && previous
                             .as_ref()
                             .is_some_and(|p| p.same_but_tables(&out.plan));
