@@ -137,7 +137,8 @@ impl KubeSource {
         };
         macro_rules! reflect {
             ($what:literal, $api:expr, $config:expr) => {{
-                let (store, flag, task) = reflect($what, $api, $config.clone(), changes.clone());
+                let (store, flag, task) =
+                    reflect($what, $api, $config.clone(), changes.clone(), |_| {});
                 spawn($what, task, flag);
                 store
             }};
@@ -351,7 +352,7 @@ impl SliceWatch {
             }
             // The pods of one Deployment carry one label set: the store keeps it once.
             let mut label_sets = LabelSets::default();
-            let (store, synced, task) = reflect_keeping(
+            let (store, synced, task) = reflect(
                 "workloadslices",
                 Api::all(self.client.clone()),
                 config,
@@ -717,28 +718,10 @@ impl Changes {
     }
 }
 
-/// A reflector for `api` into a new store: its stream bumps `changes` on every event and sets
-/// the returned flag once the first list is complete; errors are logged and retried.
+/// A reflector for `api` into a new store, `keep` applied to each object before the store
+/// keeps it: its stream bumps `changes` on every event and sets the returned flag once the
+/// first list is complete; errors are logged and retried.
 fn reflect<K>(
-    what: &'static str,
-    api: Api<K>,
-    config: watcher::Config,
-    changes: Arc<Changes>,
-) -> (Store<K>, Arc<AtomicBool>, BoxedTask)
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-{
-    reflect_keeping(what, api, config, changes, |_| {})
-}
-
-/// [`reflect`], with `keep` applied to each object before the store keeps it.
-fn reflect_keeping<K>(
     what: &'static str,
     api: Api<K>,
     config: watcher::Config,
