@@ -214,7 +214,7 @@ fn is_true(b: &bool) -> bool {
 }
 
 /// One workload interface on a node, as its agent publishes it.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeWorkload {
     /// The weft Network of the interface.

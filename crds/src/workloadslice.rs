@@ -57,7 +57,7 @@ pub struct WorkloadSliceSpec {
 }
 
 /// One workload interface in a [`WorkloadSlice`]: what its node's agent published.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SliceWorkload {
     /// The node it runs on.

@@ -553,6 +553,32 @@ impl Reconciler {
                 }
                 tx.map(|tx| (tx, a.failed.clone()))
             }
+            // Another node's workload came or went (a WorkloadSlice changed) and nothing else
+            // did: the groups' sets change in place, no recompile (see
+            // `plan::apply_peer_changes`). Not while a pending VM port waits for its source, or
+            // a network's uplink for another attempt: those take the full plan.
+            (Some(a), None)
+                if reason == Trigger::ResourcesChanged
+                    && a.ok
+                    && a.failed.is_empty()
+                    && self.endpoints.pending_count() == 0
+                    && !Arc::ptr_eq(&a.resources, &res)
+                    && a.resources.same_but_peers(&res) =>
+            {
+                let (removed, added) = crate::model::peer_delta(&a.resources.peers, &res.peers);
+                let mut shared = self.policy.lock().ok();
+                if let Some(p) = shared.as_deref_mut() {
+                    *p = Arc::default();
+                }
+                let tx = plan::apply_peer_changes(&mut a.out, &res, &removed, &added);
+                if let Some(p) = shared.as_deref_mut() {
+                    *p = Arc::clone(&a.out.policy);
+                }
+                if tx.is_some() {
+                    a.resources = Arc::clone(&res);
+                }
+                tx.map(|tx| (tx, a.failed.clone()))
+            }
             _ => None,
         };
         let result = match in_place {

@@ -569,7 +569,18 @@ fn port_plans(
 /// The policy members of this node: its endpoints, with their workloads' labels.
 pub fn members(res: &Resources, endpoints: &[Endpoint]) -> Vec<crate::policy::Member> {
     // Other nodes' workloads are members of the groups too (their policy is enforced there).
-    let peers = res.peers.iter().map(|p| crate::policy::Member {
+    let peers = res.peers.iter().map(|p| peer_member(p));
+    let pods = Pods::of(res);
+    endpoints
+        .iter()
+        .map(|e| endpoint_member(res, Some(&pods), e))
+        .chain(peers)
+        .collect()
+}
+
+/// A workload of another node as a policy member (addresses that do not parse are left out).
+fn peer_member(p: &Peer) -> crate::policy::Member {
+    crate::policy::Member {
         namespace: p.workload.namespace.clone(),
         name: p.workload.name.clone(),
         labels: p.workload.labels.clone(),
@@ -581,13 +592,7 @@ pub fn members(res: &Resources, endpoints: &[Endpoint]) -> Vec<crate::policy::Me
             .filter_map(|ip| ip.parse().ok())
             .collect(),
         local: false,
-    });
-    let pods = Pods::of(res);
-    endpoints
-        .iter()
-        .map(|e| endpoint_member(res, Some(&pods), e))
-        .chain(peers)
-        .collect()
+    }
 }
 
 /// The workloads (pods) of a snapshot by namespace and name, for lookups of many endpoints.
@@ -653,7 +658,7 @@ pub fn apply_endpoint_changes(
     removed: &[Endpoint],
     added: &[Endpoint],
 ) -> Option<weft_dataplane::nft::Transaction> {
-    use weft_dataplane::nft::{Change, SetKey, Table, Transaction};
+    use weft_dataplane::nft::{Change, SetKey, Transaction};
     if removed.is_empty() && added.is_empty() {
         return Some(Transaction::default());
     }
@@ -697,23 +702,11 @@ pub fn apply_endpoint_changes(
         .iter()
         .map(|e| endpoint_member(res, None, e))
         .collect();
-    let policy = &out.policy;
-    let gone_ips: BTreeSet<IpAddr> = gone.iter().flat_map(|m| m.ips.iter().copied()).collect();
-    let mut came_ips = BTreeSet::new();
-    for ip in gone.iter().chain(&came).flat_map(|m| &m.ips) {
-        if policy.shared.contains(ip) {
-            return None;
-        }
-    }
-    for ip in came.iter().flat_map(|m| &m.ips) {
-        if !came_ips.insert(*ip) || (policy.owners.contains_key(ip) && !gone_ips.contains(ip)) {
-            return None;
-        }
+    if !members_fit(&out.policy, &gone, &came) {
+        return None;
     }
 
-    // (guard table?, set) → (deleted, added) elements.
-    let mut changes: BTreeMap<(bool, String), (BTreeSet<String>, BTreeSet<String>)> =
-        BTreeMap::new();
+    let mut changes = ElementChanges::new();
     for (eps, add) in [(removed, false), (added, true)] {
         let part = guard_table(&out.plan.bridges, &out.plan.networks, eps);
         for set in part.sets.iter().filter(|s| s.name != "bridges") {
@@ -727,61 +720,14 @@ pub fn apply_endpoint_changes(
         entry.0.extend(del);
         entry.1.extend(add);
     }
-    let policy = std::sync::Arc::make_mut(&mut out.policy);
-    for m in &gone {
-        let place = policy.remove_member(m, &res.networks, &res.namespaces);
-        for (set, element) in crate::policy::render::member_elements(policy, m, &place) {
-            changes.entry((false, set)).or_default().0.insert(element);
-        }
-    }
-    for m in &came {
-        let place = policy.add_member(m, &res.networks, &res.namespaces);
-        for (set, element) in crate::policy::render::member_elements(policy, m, &place) {
-            changes.entry((false, set)).or_default().1.insert(element);
-        }
-    }
-
-    let mut deletes = Vec::new();
-    let mut adds = Vec::new();
-    for ((in_guard, name), (del, add)) in changes {
-        let table: &mut Table = if in_guard {
-            out.plan.guard.as_mut()?
-        } else {
-            &mut out.plan.firewall
-        };
-        let (family, table_name) = (table.family, table.name.clone());
-        let Some(set) = table.sets.iter_mut().find(|s| s.name == name) else {
-            continue;
-        };
-        let key = SetKey::of(set);
-        // An endpoint that changed but kept an address: that element stays.
-        let (del, add): (Vec<String>, Vec<String>) = (
-            del.difference(&add).cloned().collect(),
-            add.difference(&del).cloned().collect(),
-        );
-        for e in &del {
-            set.elements.remove(e);
-        }
-        set.elements.extend(add.iter().cloned());
-        if !del.is_empty() {
-            deletes.push(Change::DeleteElements {
-                family,
-                table: table_name.clone(),
-                set: name.clone(),
-                key: key.clone(),
-                elements: del,
-            });
-        }
-        if !add.is_empty() {
-            adds.push(Change::AddElements {
-                family,
-                table: table_name,
-                set: name,
-                key,
-                elements: add,
-            });
-        }
-    }
+    place_members(
+        std::sync::Arc::make_mut(&mut out.policy),
+        res,
+        &gone,
+        &came,
+        &mut changes,
+    );
+    let (mut deletes, mut adds) = change_elements(&mut out.plan, changes);
     for (name, (gone, came)) in firewall::HOST_PORT_MAPS.iter().zip(host_ports) {
         let table = &mut out.plan.firewall;
         let Some(map) = table.maps.iter_mut().find(|m| m.name == *name) else {
@@ -822,6 +768,148 @@ pub fn apply_endpoint_changes(
     ports.extend(port_plans(&out.plan.bridges, &out.plan.networks, added));
     ports.sort();
     Some(Transaction(deletes))
+}
+
+/// Set elements an in-place change deletes and adds: (guard table?, set) → (deleted, added).
+type ElementChanges = BTreeMap<(bool, String), (BTreeSet<String>, BTreeSet<String>)>;
+
+/// Whether members `gone` can leave and `came` join `policy` in place: no address of theirs is
+/// held by two members (a migrating VM's), and no joining address is held by a member that
+/// stays or by another joining one.
+fn members_fit(
+    policy: &crate::policy::Compiled,
+    gone: &[crate::policy::Member],
+    came: &[crate::policy::Member],
+) -> bool {
+    let gone_ips: BTreeSet<IpAddr> = gone.iter().flat_map(|m| m.ips.iter().copied()).collect();
+    if gone
+        .iter()
+        .chain(came)
+        .flat_map(|m| &m.ips)
+        .any(|ip| policy.shared.contains(ip))
+    {
+        return false;
+    }
+    let mut came_ips = BTreeSet::new();
+    came.iter().flat_map(|m| &m.ips).all(|ip| {
+        came_ips.insert(*ip) && (!policy.owners.contains_key(ip) || gone_ips.contains(ip))
+    })
+}
+
+/// Takes members `gone` out of `policy` and puts `came` in (see [`members_fit`]), noting the
+/// policy set elements that go and come in `changes`.
+fn place_members(
+    policy: &mut crate::policy::Compiled,
+    res: &Resources,
+    gone: &[crate::policy::Member],
+    came: &[crate::policy::Member],
+    changes: &mut ElementChanges,
+) {
+    for m in gone {
+        let place = policy.remove_member(m, &res.networks, &res.namespaces);
+        for (set, element) in crate::policy::render::member_elements(policy, m, &place) {
+            changes.entry((false, set)).or_default().0.insert(element);
+        }
+    }
+    for m in came {
+        let place = policy.add_member(m, &res.networks, &res.namespaces);
+        for (set, element) in crate::policy::render::member_elements(policy, m, &place) {
+            changes.entry((false, set)).or_default().1.insert(element);
+        }
+    }
+}
+
+/// Makes `changes` in the plan's tables' sets; returns the changes that delete elements and
+/// those that add them, for the kernel. An element both deleted and added (a workload that
+/// changed but kept an address) stays.
+fn change_elements(
+    plan: &mut NodePlan,
+    changes: ElementChanges,
+) -> (
+    Vec<weft_dataplane::nft::Change>,
+    Vec<weft_dataplane::nft::Change>,
+) {
+    use weft_dataplane::nft::{Change, SetKey};
+    let mut deletes = Vec::new();
+    let mut adds = Vec::new();
+    for ((in_guard, name), (del, add)) in changes {
+        let table = if in_guard {
+            match plan.guard.as_mut() {
+                Some(t) => t,
+                None => continue,
+            }
+        } else {
+            &mut plan.firewall
+        };
+        let (family, table_name) = (table.family, table.name.clone());
+        let Some(set) = table.sets.iter_mut().find(|s| s.name == name) else {
+            continue;
+        };
+        let key = SetKey::of(set);
+        let (del, add): (Vec<String>, Vec<String>) = (
+            del.difference(&add).cloned().collect(),
+            add.difference(&del).cloned().collect(),
+        );
+        for e in &del {
+            set.elements.remove(e);
+        }
+        set.elements.extend(add.iter().cloned());
+        if !del.is_empty() {
+            deletes.push(Change::DeleteElements {
+                family,
+                table: table_name.clone(),
+                set: name.clone(),
+                key: key.clone(),
+                elements: del,
+            });
+        }
+        if !add.is_empty() {
+            adds.push(Change::AddElements {
+                family,
+                table: table_name,
+                set: name,
+                key,
+                elements: add,
+            });
+        }
+    }
+    (deletes, adds)
+}
+
+/// The most peer changes [`apply_peer_changes`] takes at once; more take a full plan.
+pub const PEER_DELTA_MAX: usize = 256;
+
+/// Changes `out` — the plan of `res` with other peers — in place into the plan of `res` (whose
+/// peers are those of the plan with `removed` taken out and `added` put in), and returns the
+/// element-only transaction that takes the kernel from one to the other: a workload that came
+/// or went on another node changes the groups' sets, never the rules. `None`, with `out`
+/// untouched, when more than [`PEER_DELTA_MAX`] changed or an address is held twice (see
+/// [`members_fit`]). The result equals the full plan (property-tested).
+pub fn apply_peer_changes(
+    out: &mut PlanOutput,
+    res: &Resources,
+    removed: &[std::sync::Arc<Peer>],
+    added: &[std::sync::Arc<Peer>],
+) -> Option<weft_dataplane::nft::Transaction> {
+    if removed.len() + added.len() > PEER_DELTA_MAX {
+        return None;
+    }
+    let gone: Vec<_> = removed.iter().map(|p| peer_member(p)).collect();
+    let came: Vec<_> = added.iter().map(|p| peer_member(p)).collect();
+    if !members_fit(&out.policy, &gone, &came) {
+        return None;
+    }
+    let mut changes = ElementChanges::new();
+    place_members(
+        std::sync::Arc::make_mut(&mut out.policy),
+        res,
+        &gone,
+        &came,
+        &mut changes,
+    );
+    let (mut deletes, adds) = change_elements(&mut out.plan, changes);
+    deletes.extend(adds);
+    Some(weft_dataplane::nft::Transaction(deletes))
 }
 
 /// Per host-port map ([`firewall::HOST_PORT_MAPS`]): the keys to delete and the elements to add.

@@ -63,6 +63,36 @@ impl WorkloadMeta {
 /// of a WorkloadSlice carries it (the agent reads the slices, the controller writes them).
 pub type Peer = weft_crds::SliceWorkload;
 
+/// The workloads of other nodes that went and came from `before` to `now` (as many times as
+/// each went or came: an entry read again from a rewritten slice is neither). Entries that
+/// are the same allocation in both (a slice that did not change) are not compared.
+pub fn peer_delta(
+    before: &[std::sync::Arc<Peer>],
+    now: &[std::sync::Arc<Peer>],
+) -> (Vec<std::sync::Arc<Peer>>, Vec<std::sync::Arc<Peer>>) {
+    use std::collections::{HashMap, HashSet};
+    use std::sync::Arc;
+    let held =
+        |peers: &[Arc<Peer>]| -> HashSet<*const Peer> { peers.iter().map(Arc::as_ptr).collect() };
+    let (was, is) = (held(before), held(now));
+    // Content → the entries not shared that held it before, and those that hold it now.
+    type Sides<'a> = (Vec<&'a Arc<Peer>>, Vec<&'a Arc<Peer>>);
+    let mut sides: HashMap<&Peer, Sides> = HashMap::new();
+    for p in before.iter().filter(|p| !is.contains(&Arc::as_ptr(p))) {
+        sides.entry(&**p).or_default().0.push(p);
+    }
+    for p in now.iter().filter(|p| !was.contains(&Arc::as_ptr(p))) {
+        sides.entry(&**p).or_default().1.push(p);
+    }
+    let (mut removed, mut added) = (Vec::new(), Vec::new());
+    for (gone, came) in sides.into_values() {
+        let (g, c) = (gone.len(), came.len());
+        removed.extend(gone.into_iter().take(g.saturating_sub(c)).cloned());
+        added.extend(came.into_iter().take(c.saturating_sub(g)).cloned());
+    }
+    (removed, added)
+}
+
 /// A VM interface's reservation on another node, as an entry of a WorkloadSlice carries it.
 pub type PeerReservation = weft_crds::SliceReservation;
 
@@ -107,6 +137,43 @@ pub struct Resources {
     /// This node's labels, when the source knows them (cluster mode: the Node object). `None`:
     /// the agent uses the labels it was configured with (`--node-labels`).
     pub node_labels: Option<BTreeMap<String, String>>,
+}
+
+impl Resources {
+    /// Whether `other` differs from this snapshot in its peers at most (the workloads of other
+    /// nodes; their VM reservations must be equal too).
+    pub fn same_but_peers(&self, other: &Resources) -> bool {
+        // Every field named, so that a new one is not forgotten here.
+        let Resources {
+            networks,
+            port_forwards,
+            workloads,
+            cluster_policies,
+            policies,
+            mirrors,
+            namespaces,
+            problems,
+            peers: _,
+            peer_reservations,
+            vms,
+            node_blocks,
+            node_network_missing,
+            node_labels,
+        } = self;
+        *networks == other.networks
+            && *port_forwards == other.port_forwards
+            && *workloads == other.workloads
+            && *cluster_policies == other.cluster_policies
+            && *policies == other.policies
+            && *mirrors == other.mirrors
+            && *namespaces == other.namespaces
+            && *problems == other.problems
+            && *peer_reservations == other.peer_reservations
+            && *vms == other.vms
+            && *node_blocks == other.node_blocks
+            && *node_network_missing == other.node_network_missing
+            && *node_labels == other.node_labels
+    }
 }
 
 /// This node's address blocks of one network.

@@ -401,3 +401,137 @@ fn a_networks_own_limit_class_stays_so_its_first_and_last_workload_change_elemen
     assert_eq!(members(&out), Some(0));
     assert_eq!(out.plan, plan(&node(), &res, &blocks(), &[]).plan);
 }
+
+/// Workload `slot` of another node, version `v` (another version: other labels, and for some
+/// slots other addresses). Slot 15's second version takes the address of the world's remote
+/// workload (an address held twice: the full plan).
+fn peer(slot: usize, v: u8) -> std::sync::Arc<Peer> {
+    let red = slot % 3 == 2;
+    let octet = 20 + slot + usize::from(v) * 100 * usize::from(slot.is_multiple_of(2));
+    let ip = match (slot, v, red) {
+        (15, 1, _) => "10.10.9.9".to_string(),
+        (_, _, true) => format!("10.20.9.{octet}"),
+        (_, _, false) => format!("10.10.9.{octet}"),
+    };
+    let mut ips = vec![ip];
+    if !red && slot % 4 == 1 {
+        ips.push(format!("fd10::9:{octet}"));
+    }
+    std::sync::Arc::new(Peer {
+        node: format!("n{}", 2 + slot % 2),
+        workload: weft_crds::NodeWorkload {
+            network: if red { "red" } else { "blue" }.into(),
+            namespace: NAMESPACES[slot % 3].into(),
+            name: format!("remote-{slot}"),
+            labels: BTreeMap::from([(
+                "app".to_string(),
+                APPS[(slot + usize::from(v)) % 4].to_string(),
+            )])
+            .into(),
+            ips,
+            vm: None,
+            mac: None,
+            active: true,
+        },
+    })
+}
+
+#[derive(Debug, Clone)]
+enum PeerOp {
+    Put { slot: usize, v: u8 },
+    Remove { slot: usize },
+}
+
+fn peer_op() -> impl Strategy<Value = PeerOp> {
+    prop_oneof![
+        3 => (0..16usize, 0..2u8).prop_map(|(slot, v)| PeerOp::Put { slot, v }),
+        1 => (0..16usize).prop_map(|slot| PeerOp::Remove { slot }),
+    ]
+}
+
+static PEER_CASES: AtomicUsize = AtomicUsize::new(0);
+static PEERS_IN_PLACE: AtomicUsize = AtomicUsize::new(0);
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// [`apply_peer_changes`] against the full plan, as for endpoints above; each snapshot's
+    /// peers are read again (new allocations for the slice that changed, the same for the
+    /// others), as the agent's slice watch does.
+    #[test]
+    fn peer_changes_in_place_equal_the_full_plan(ops in proptest::collection::vec(proptest::collection::vec(peer_op(), 1..4), 1..12)) {
+        let world = world();
+        let endpoints = vec![endpoint(KEPT, 5, 0, false)];
+        let mut slots: BTreeMap<usize, std::sync::Arc<Peer>> = BTreeMap::new();
+        let snapshot = |slots: &BTreeMap<usize, std::sync::Arc<Peer>>| {
+            let mut r = world.clone();
+            r.peers.extend(slots.values().cloned());
+            r
+        };
+        let mut res = snapshot(&slots);
+        let mut out = plan(&node(), &res, &blocks(), &endpoints);
+        let mut fw = FakeFirewall::default();
+        fw.apply(&Transaction(tables(&out.plan).into_iter().map(weft_dataplane::nft::Change::ReplaceTable).collect())).unwrap();
+        let mut in_place = 0;
+        for batch in ops {
+            for o in batch {
+                match o {
+                    PeerOp::Put { slot, v } => {
+                        slots.insert(slot, peer(slot, v));
+                    }
+                    PeerOp::Remove { slot } => {
+                        slots.remove(&slot);
+                    }
+                }
+            }
+            // An unchanged entry read again from a rewritten slice: a new allocation.
+            if let Some(p) = slots.values_mut().next() {
+                *p = std::sync::Arc::new((**p).clone());
+            }
+            let now = snapshot(&slots);
+            prop_assert!(res.same_but_peers(&now));
+            let full = plan(&node(), &now, &blocks(), &endpoints);
+            let (removed, added) = crate::model::peer_delta(&res.peers, &now.peers);
+            let mut changed = out.clone();
+            match apply_peer_changes(&mut changed, &now, &removed, &added) {
+                Some(tx) => {
+                    in_place += 1;
+                    prop_assert_eq!(&changed.plan, &full.plan);
+                    prop_assert_eq!(&*changed.policy, &*full.policy);
+                    let elements_only = tx.0.iter().all(|c| matches!(
+                        c,
+                        weft_dataplane::nft::Change::AddElements { .. }
+                            | weft_dataplane::nft::Change::DeleteElements { .. }
+                    ));
+                    prop_assert!(elements_only, "{:?}", tx);
+                    fw.apply(&tx).map_err(|e| TestCaseError::fail(format!("{e}: {tx:?}")))?;
+                    for t in tables(&full.plan) {
+                        prop_assert_eq!(fw.table(t.family, &t.name), Some(&t));
+                    }
+                }
+                None => {
+                    prop_assert_eq!(&changed.plan, &out.plan, "untouched when refused");
+                    let tx = Transaction(tables(&full.plan).into_iter().map(weft_dataplane::nft::Change::ReplaceTable).collect());
+                    fw.apply(&tx).unwrap();
+                }
+            }
+            out = full;
+            res = now;
+        }
+        let cases = PEER_CASES.fetch_add(1, Ordering::Relaxed) + 1;
+        let total = PEERS_IN_PLACE.fetch_add(in_place, Ordering::Relaxed) + in_place;
+        prop_assert!(cases < 16 || total > 0, "no change in {cases} cases was made in place");
+    }
+}
+
+#[test]
+fn a_peer_read_again_from_a_rewritten_slice_is_no_change() {
+    let a = peer(0, 0);
+    let again = std::sync::Arc::new((*a).clone());
+    let (removed, added) = crate::model::peer_delta(&[a.clone(), peer(1, 0)], &[again, peer(2, 0)]);
+    let names = |ps: &[std::sync::Arc<Peer>]| -> Vec<String> {
+        ps.iter().map(|p| p.workload.name.clone()).collect()
+    };
+    assert_eq!(names(&removed), ["remote-1"]);
+    assert_eq!(names(&added), ["remote-2"]);
+}
