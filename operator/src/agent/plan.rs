@@ -720,14 +720,7 @@ pub fn apply_endpoint_changes(
         entry.0.extend(del);
         entry.1.extend(add);
     }
-    place_members(
-        std::sync::Arc::make_mut(&mut out.policy),
-        res,
-        &gone,
-        &came,
-        &mut changes,
-    );
-    let (mut deletes, mut adds) = change_elements(&mut out.plan, changes);
+    let (mut deletes, mut adds) = change_members(out, res, &gone, &came, changes);
     for (name, (gone, came)) in firewall::HOST_PORT_MAPS.iter().zip(host_ports) {
         let table = &mut out.plan.firewall;
         let Some(map) = table.maps.iter_mut().find(|m| m.name == *name) else {
@@ -796,15 +789,20 @@ fn members_fit(
     })
 }
 
-/// Takes members `gone` out of `policy` and puts `came` in (see [`members_fit`]), noting the
-/// policy set elements that go and come in `changes`.
-fn place_members(
-    policy: &mut crate::policy::Compiled,
+/// Takes members `gone` out of the plan's policy and puts `came` in (see [`members_fit`]), and
+/// makes their set elements' changes, with the other `changes`, in its tables (see
+/// [`change_elements`]).
+fn change_members(
+    out: &mut PlanOutput,
     res: &Resources,
     gone: &[crate::policy::Member],
     came: &[crate::policy::Member],
-    changes: &mut ElementChanges,
+    mut changes: ElementChanges,
+) -> (
+    Vec<weft_dataplane::nft::Change>,
+    Vec<weft_dataplane::nft::Change>,
 ) {
+    let policy = std::sync::Arc::make_mut(&mut out.policy);
     for m in gone {
         let place = policy.remove_member(m, &res.networks, &res.namespaces);
         for (set, element) in crate::policy::render::member_elements(policy, m, &place) {
@@ -817,6 +815,7 @@ fn place_members(
             changes.entry((false, set)).or_default().1.insert(element);
         }
     }
+    change_elements(&mut out.plan, changes)
 }
 
 /// Makes `changes` in the plan's tables' sets; returns the changes that delete elements and
@@ -899,15 +898,7 @@ pub fn apply_peer_changes(
     if !members_fit(&out.policy, &gone, &came) {
         return None;
     }
-    let mut changes = ElementChanges::new();
-    place_members(
-        std::sync::Arc::make_mut(&mut out.policy),
-        res,
-        &gone,
-        &came,
-        &mut changes,
-    );
-    let (mut deletes, adds) = change_elements(&mut out.plan, changes);
+    let (mut deletes, adds) = change_members(out, res, &gone, &came, ElementChanges::new());
     deletes.extend(adds);
     Some(weft_dataplane::nft::Transaction(deletes))
 }

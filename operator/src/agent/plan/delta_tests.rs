@@ -235,6 +235,49 @@ fn tables(p: &NodePlan) -> Vec<weft_dataplane::nft::Table> {
     p.guard.iter().chain([&p.firewall]).cloned().collect()
 }
 
+/// Checks an in-place change against the full plan: `changed` (the plan `out` after the
+/// change, with its transaction `tx`) equals `full`, and `tx` changes elements only and takes
+/// `fw` (holding `out`'s tables) to `full`'s tables; a refused change left `out` untouched
+/// (`fw` then gets `full`'s tables whole). Whether it was made in place.
+fn check_change(
+    tx: Option<Transaction>,
+    changed: &PlanOutput,
+    out: &PlanOutput,
+    full: &PlanOutput,
+    fw: &mut FakeFirewall,
+) -> Result<bool, TestCaseError> {
+    use weft_dataplane::nft::Change;
+    let Some(tx) = tx else {
+        prop_assert_eq!(&changed.plan, &out.plan, "untouched when refused");
+        let tx = Transaction(
+            tables(&full.plan)
+                .into_iter()
+                .map(Change::ReplaceTable)
+                .collect(),
+        );
+        fw.apply(&tx).unwrap();
+        return Ok(false);
+    };
+    prop_assert_eq!(&changed.plan, &full.plan);
+    prop_assert_eq!(&*changed.policy, &*full.policy);
+    let elements_only = tx.0.iter().all(|c| {
+        matches!(
+            c,
+            Change::AddElements { .. }
+                | Change::DeleteElements { .. }
+                | Change::AddMapElements { .. }
+                | Change::DeleteMapElements { .. }
+        )
+    });
+    prop_assert!(elements_only, "{:?}", tx);
+    fw.apply(&tx)
+        .map_err(|e| TestCaseError::fail(format!("{e}: {tx:?}")))?;
+    for t in tables(&full.plan) {
+        prop_assert_eq!(fw.table(t.family, &t.name), Some(&t));
+    }
+    Ok(true)
+}
+
 /// Cases run and changes made in place, over the property test's run.
 static CASES: AtomicUsize = AtomicUsize::new(0);
 static IN_PLACE: AtomicUsize = AtomicUsize::new(0);
@@ -267,30 +310,8 @@ proptest! {
             let full = plan(&node(), &res, &blocks(), &now);
             let mut changed = out.clone();
             let (removed, added) = changes(&before, &now);
-            match apply_endpoint_changes(&mut changed, &res, &removed, &added) {
-                Some(tx) => {
-                    in_place += 1;
-                    prop_assert_eq!(&changed.plan, &full.plan);
-                    prop_assert_eq!(&*changed.policy, &*full.policy);
-                    let elements_only = tx.0.iter().all(|c| matches!(
-                        c,
-                        weft_dataplane::nft::Change::AddElements { .. }
-                            | weft_dataplane::nft::Change::DeleteElements { .. }
-                            | weft_dataplane::nft::Change::AddMapElements { .. }
-                            | weft_dataplane::nft::Change::DeleteMapElements { .. }
-                    ));
-                    prop_assert!(elements_only, "{:?}", tx);
-                    fw.apply(&tx).map_err(|e| TestCaseError::fail(format!("{e}: {tx:?}")))?;
-                    for t in tables(&full.plan) {
-                        prop_assert_eq!(fw.table(t.family, &t.name), Some(&t));
-                    }
-                }
-                None => {
-                    prop_assert_eq!(&changed.plan, &out.plan, "untouched when refused");
-                    let tx = Transaction(tables(&full.plan).into_iter().map(weft_dataplane::nft::Change::ReplaceTable).collect());
-                    fw.apply(&tx).unwrap();
-                }
-            }
+            let tx = apply_endpoint_changes(&mut changed, &res, &removed, &added);
+            in_place += usize::from(check_change(tx, &changed, &out, &full, &mut fw)?);
             out = full;
         }
         // Most changes here can be made in place (not: duplicate addresses, a second claim of
@@ -493,28 +514,8 @@ proptest! {
             let full = plan(&node(), &now, &blocks(), &endpoints);
             let (removed, added) = crate::model::peer_delta(&res.peers, &now.peers);
             let mut changed = out.clone();
-            match apply_peer_changes(&mut changed, &now, &removed, &added) {
-                Some(tx) => {
-                    in_place += 1;
-                    prop_assert_eq!(&changed.plan, &full.plan);
-                    prop_assert_eq!(&*changed.policy, &*full.policy);
-                    let elements_only = tx.0.iter().all(|c| matches!(
-                        c,
-                        weft_dataplane::nft::Change::AddElements { .. }
-                            | weft_dataplane::nft::Change::DeleteElements { .. }
-                    ));
-                    prop_assert!(elements_only, "{:?}", tx);
-                    fw.apply(&tx).map_err(|e| TestCaseError::fail(format!("{e}: {tx:?}")))?;
-                    for t in tables(&full.plan) {
-                        prop_assert_eq!(fw.table(t.family, &t.name), Some(&t));
-                    }
-                }
-                None => {
-                    prop_assert_eq!(&changed.plan, &out.plan, "untouched when refused");
-                    let tx = Transaction(tables(&full.plan).into_iter().map(weft_dataplane::nft::Change::ReplaceTable).collect());
-                    fw.apply(&tx).unwrap();
-                }
-            }
+            let tx = apply_peer_changes(&mut changed, &now, &removed, &added);
+            in_place += usize::from(check_change(tx, &changed, &out, &full, &mut fw)?);
             out = full;
             res = now;
         }
