@@ -320,6 +320,25 @@ struct Applied {
     failed: Vec<(String, String)>,
 }
 
+/// Runs `change` on the plan applied last (`out`), which changes its compiled policy in place.
+/// The audit reader shares that policy: it is lent an empty one meanwhile, so the change does
+/// not copy it (thousands of groups' addresses); a record read meanwhile waits for the lock.
+fn change_in_place<T>(
+    policy: &audit::SharedPolicy,
+    out: &mut PlanOutput,
+    change: impl FnOnce(&mut PlanOutput) -> T,
+) -> T {
+    let mut shared = policy.lock().ok();
+    if let Some(p) = shared.as_deref_mut() {
+        *p = Arc::default();
+    }
+    let result = change(out);
+    if let Some(p) = shared.as_deref_mut() {
+        *p = Arc::clone(&out.policy);
+    }
+    result
+}
+
 /// What started a reconcile; its name is the `trigger` label of the agent's metrics and the
 /// `reason` of its log lines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -540,17 +559,9 @@ impl Reconciler {
             (Some(a), Some(c))
                 if reason == Trigger::Endpoints && a.ok && Arc::ptr_eq(&a.resources, &res) =>
             {
-                // The audit reader shares the compiled policy: lend it an empty one while the
-                // policy changes in place, so the change does not copy it (thousands of groups'
-                // addresses); a record read meanwhile waits for the lock.
-                let mut shared = self.policy.lock().ok();
-                if let Some(p) = shared.as_deref_mut() {
-                    *p = Arc::default();
-                }
-                let tx = plan::apply_endpoint_changes(&mut a.out, &res, &c.removed, &c.added);
-                if let Some(p) = shared.as_deref_mut() {
-                    *p = Arc::clone(&a.out.policy);
-                }
+                let tx = change_in_place(&self.policy, &mut a.out, |out| {
+                    plan::apply_endpoint_changes(out, &res, &c.removed, &c.added)
+                });
                 tx.map(|tx| (tx, a.failed.clone()))
             }
             // Another node's workload came or went (a WorkloadSlice changed) and nothing else
@@ -566,14 +577,9 @@ impl Reconciler {
                     && a.resources.same_but_peers(&res) =>
             {
                 let (removed, added) = crate::model::peer_delta(&a.resources.peers, &res.peers);
-                let mut shared = self.policy.lock().ok();
-                if let Some(p) = shared.as_deref_mut() {
-                    *p = Arc::default();
-                }
-                let tx = plan::apply_peer_changes(&mut a.out, &res, &removed, &added);
-                if let Some(p) = shared.as_deref_mut() {
-                    *p = Arc::clone(&a.out.policy);
-                }
+                let tx = change_in_place(&self.policy, &mut a.out, |out| {
+                    plan::apply_peer_changes(out, &res, &removed, &added)
+                });
                 if tx.is_some() {
                     a.resources = Arc::clone(&res);
                 }
