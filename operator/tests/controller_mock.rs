@@ -103,6 +103,7 @@ fn setup(leader: bool) -> (Arc<Context>, Handle, World) {
         node_networks,
         port_forwards,
         slices,
+        slice_deletions: Default::default(),
     };
     let ctx = Context::new(client, stores, Arc::new(Fixed(leader)), Metrics::default());
     (

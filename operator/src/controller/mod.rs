@@ -44,7 +44,7 @@ use kube::{Api, Client, Resource};
 use opts::ControllerOpts;
 use prometheus_client::registry::Registry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -74,6 +74,9 @@ pub struct Stores {
     pub port_forwards: Store<PortForward>,
     /// All WorkloadSlices (kept as [`trim`] leaves them).
     pub slices: Store<WorkloadSlice>,
+    /// How many WorkloadSlice deletions the watch has seen (a [`slices::Book`] read before
+    /// one is read again: the store alone cannot tell a slice deleted from one not yet seen).
+    pub slice_deletions: Arc<AtomicU64>,
 }
 
 /// Shared state of the reconcilers.
@@ -101,9 +104,8 @@ pub struct Context {
     decided: Mutex<Option<(u64, Arc<network::Decision>)>>,
     /// Consecutive transient failures per object, for exponential backoff.
     failures: Mutex<HashMap<String, backon::ExponentialBackoff>>,
-    /// WorkloadSlices this replica applied ((Network, index) → the store's version then, and
-    /// the spec), newer than the store until its watch catches up ([`slices`]).
-    slices_written: Mutex<BTreeMap<(String, usize), slices::Written>>,
+    /// Per Network, what this replica keeps of its WorkloadSlices between reconciles.
+    slice_books: Mutex<HashMap<String, slices::Book>>,
     /// Per Network, what its WorkloadSlices last left out (published, not vouched for).
     refused: Mutex<BTreeMap<String, Vec<String>>>,
 }
@@ -131,7 +133,7 @@ impl Context {
             allocation: tokio::sync::Mutex::new(()),
             decided: Mutex::default(),
             failures: Mutex::default(),
-            slices_written: Mutex::default(),
+            slice_books: Mutex::default(),
             refused: Mutex::default(),
         }
     }
@@ -144,8 +146,8 @@ impl Context {
             if let Ok(mut w) = self.written.lock() {
                 w.clear();
             }
-            if let Ok(mut w) = self.slices_written.lock() {
-                w.clear();
+            if let Ok(mut b) = self.slice_books.lock() {
+                b.clear();
             }
         }
         leader
@@ -739,6 +741,8 @@ pub struct Observation {
     pub node_networks: Store<CompactNodeNetwork>,
     /// All WorkloadSlices.
     pub slices: Store<WorkloadSlice>,
+    /// How many WorkloadSlice deletions the watch has seen.
+    pub slice_deletions: Arc<AtomicU64>,
     /// True once the Network watch has listed every Network.
     pub networks_listed: watch::Receiver<bool>,
     /// True once the PortForward watch has listed every PortForward.
@@ -810,8 +814,10 @@ pub fn observe_cluster(
     );
     // A WorkloadSlice deleted (or changed by another writer) is written again; a full list
     // checks every Network's.
+    let slice_deletions = Arc::new(AtomicU64::new(0));
     let (slices, slices_fut) = {
         let (refs, all) = (triggers.slice_refs.clone(), triggers.slices.clone());
+        let deletions = slice_deletions.clone();
         reflect_with(
             Api::<WorkloadSlice>::all(client.clone()),
             move |slice| {
@@ -821,7 +827,10 @@ pub fn observe_cluster(
                 slice
             },
             move |event| match event {
-                Some((slice, _)) => {
+                Some((slice, deleted)) => {
+                    if deleted {
+                        deletions.fetch_add(1, Ordering::Relaxed);
+                    }
                     if let Some(network) = slices::network_of(slice) {
                         let _ = refs.unbounded_send(ObjectRef::new(&network));
                     }
@@ -836,6 +845,7 @@ pub fn observe_cluster(
         nodes,
         node_networks,
         slices,
+        slice_deletions,
         networks_listed,
         port_forwards_listed,
     };
@@ -996,6 +1006,7 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
         node_networks: observation.node_networks.clone(),
         port_forwards: pf_controller.store(),
         slices: observation.slices.clone(),
+        slice_deletions: observation.slice_deletions.clone(),
     };
     let ctx = Arc::new(Context::new(client, stores, Arc::new(leader_rx), metrics));
 

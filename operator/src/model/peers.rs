@@ -10,7 +10,7 @@
 
 use super::{Peer, PeerReservation};
 use ipnet::IpNet;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use weft_crds::{NodeNetwork, NodeReservation, NodeWorkload};
 
@@ -66,82 +66,119 @@ pub struct Vouched {
     pub problems: Vec<String>,
 }
 
-/// What each of `publications` may vouch for ([module docs](self)); with `network`, only that
-/// network's workloads and reservations.
-pub fn vouched(publications: &[Publication<'_>], network: Option<&str>) -> Vouched {
-    let of_network = |n: &str| network.is_none_or(|want| want == n);
-    // (node, network) -> the node's blocks of that network.
-    let mut blocks: BTreeMap<(&str, &str), Vec<IpNet>> = BTreeMap::new();
-    for p in publications {
-        for (net, block) in p.blocks.iter().filter(|(n, _)| of_network(n)) {
-            blocks.entry((p.node, net)).or_default().push(*block);
-        }
-    }
-    let in_blocks = |node: &str, network: &str, ip: &IpAddr| {
-        blocks
-            .get(&(node, network))
-            .is_some_and(|nets| nets.iter().any(|n| n.contains(ip)))
-    };
-    // Addresses reserved for a VM by the node whose block holds them: (vm, network, address).
-    let mut vouched_vm_addresses = BTreeSet::new();
-    for p in publications {
-        for r in p.reservations.iter().filter(|r| of_network(&r.network)) {
-            for ip in r.ips.iter().filter_map(|ip| ip.parse::<IpAddr>().ok()) {
-                if in_blocks(p.node, &r.network, &ip) {
-                    vouched_vm_addresses.insert((r.vm.as_str(), r.network.as_str(), ip));
+/// The addresses the nodes reserve for VMs in blocks of their own: `(vm, network, address)`.
+/// A node may vouch for a VM interface whose address lies in another node's block when that
+/// node reserves it for the VM (it moved and kept its address).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VmAddresses(BTreeSet<(String, String, IpAddr)>);
+
+impl VmAddresses {
+    /// What `publications` reserve in their own blocks; with `network`, of that network only.
+    pub fn of<'p, 'a: 'p>(
+        publications: impl IntoIterator<Item = &'p Publication<'a>>,
+        network: Option<&str>,
+    ) -> Self {
+        let mut out = BTreeSet::new();
+        for p in publications {
+            for r in p
+                .reservations
+                .iter()
+                .filter(|r| of_network(network, &r.network))
+            {
+                for ip in r.ips.iter().filter_map(|ip| ip.parse::<IpAddr>().ok()) {
+                    if p.holds(&r.network, &ip) {
+                        out.insert((r.vm.clone(), r.network.clone(), ip));
+                    }
                 }
             }
         }
+        VmAddresses(out)
     }
-    // Why an address published by `node` is not taken, if it is not.
-    let refuse = |node: &str, network: &str, vm: Option<&str>, ip: &str| -> Option<String> {
+
+    fn contains(&self, vm: &str, network: &str, ip: IpAddr) -> bool {
+        self.0.contains(&(vm.to_owned(), network.to_owned(), ip))
+    }
+}
+
+fn of_network(want: Option<&str>, network: &str) -> bool {
+    want.is_none_or(|want| want == network)
+}
+
+impl Publication<'_> {
+    /// Whether one of the node's blocks of `network` holds `ip`.
+    fn holds(&self, network: &str, ip: &IpAddr) -> bool {
+        self.blocks
+            .iter()
+            .any(|(n, block)| *n == network && block.contains(ip))
+    }
+}
+
+/// What the node of `p` may vouch for ([module docs](self)), added to `out`, given the VM
+/// addresses that all nodes reserve ([`VmAddresses::of`]); with `network`, only that network's
+/// workloads and reservations.
+pub fn vouch(p: &Publication<'_>, vms: &VmAddresses, network: Option<&str>, out: &mut Vouched) {
+    let node = p.node;
+    // Why an address published by the node is not taken, if it is not.
+    let refuse = |network: &str, vm: Option<&str>, ip: &str| -> Option<String> {
         let Ok(addr) = ip.parse::<IpAddr>() else {
             return Some(format!("{ip:?} is not an IP address"));
         };
-        if in_blocks(node, network, &addr)
-            || vm.is_some_and(|vm| vouched_vm_addresses.contains(&(vm, network, addr)))
-        {
+        if p.holds(network, &addr) || vm.is_some_and(|vm| vms.contains(vm, network, addr)) {
             return None;
         }
         Some(format!(
             "{addr} is outside the node's blocks of network {network} and not reserved there for it"
         ))
     };
+    for w in p
+        .workloads
+        .iter()
+        .filter(|w| of_network(network, &w.network))
+    {
+        match w
+            .ips
+            .iter()
+            .find_map(|ip| refuse(&w.network, w.vm.as_deref(), ip))
+        {
+            None => out.peers.push(Peer {
+                node: node.to_owned(),
+                workload: w.clone(),
+            }),
+            Some(why) => out.problems.push(format!(
+                "NodeNetwork {node}: status.workloads: {}/{} on network {} left out of policy groups: {why}",
+                w.namespace, w.name, w.network
+            )),
+        }
+    }
+    for r in p
+        .reservations
+        .iter()
+        .filter(|r| of_network(network, &r.network))
+    {
+        match r
+            .ips
+            .iter()
+            .find_map(|ip| refuse(&r.network, Some(&r.vm), ip))
+        {
+            None => out.reservations.push(PeerReservation {
+                node: node.to_owned(),
+                reservation: r.clone(),
+            }),
+            Some(why) => out.problems.push(format!(
+                "NodeNetwork {node}: status.reservations: VM {} on network {} ignored: {why}",
+                r.vm, r.network
+            )),
+        }
+    }
+}
+
+/// What each of `publications` may vouch for ([module docs](self)); with `network`, only that
+/// network's workloads and reservations.
+pub fn vouched(publications: &[Publication<'_>], network: Option<&str>) -> Vouched {
+    let vms = VmAddresses::of(publications, network);
     let mut out = Vouched::default();
     for p in publications {
-        let node = p.node;
-        for w in p.workloads.iter().filter(|w| of_network(&w.network)) {
-            match w
-                .ips
-                .iter()
-                .find_map(|ip| refuse(node, &w.network, w.vm.as_deref(), ip))
-            {
-                None => out.peers.push(Peer {
-                    node: node.to_owned(),
-                    workload: w.clone(),
-                }),
-                Some(why) => out.problems.push(format!(
-                    "NodeNetwork {node}: status.workloads: {}/{} on network {} left out of policy groups: {why}",
-                    w.namespace, w.name, w.network
-                )),
-            }
-        }
-        for r in p.reservations.iter().filter(|r| of_network(&r.network)) {
-            match r
-                .ips
-                .iter()
-                .find_map(|ip| refuse(node, &r.network, Some(&r.vm), ip))
-            {
-                None => out.reservations.push(PeerReservation {
-                    node: node.to_owned(),
-                    reservation: r.clone(),
-                }),
-                Some(why) => out.problems.push(format!(
-                    "NodeNetwork {node}: status.reservations: VM {} on network {} ignored: {why}",
-                    r.vm, r.network
-                )),
-            }
-        }
+        vouch(p, &vms, network, &mut out);
     }
     out
 }

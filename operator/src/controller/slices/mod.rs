@@ -15,10 +15,11 @@
 //!
 //! Slices are written by their own kube-runtime controller of Networks, without the debounce of
 //! the Network controller: a NodeNetwork event wakes it for the Networks whose published
-//! entries changed on that node, and a slice deleted by hand wakes it for its Network.
+//! entries changed on that node, and a slice deleted by hand wakes it for its Network. Its work
+//! per event is that node's: each Network's [`Book`] keeps the slices between reconciles and
+//! vouches again only for the nodes whose publication changed.
 
 use super::{Context, Error, FIELD_MANAGER, name_of};
-use crate::model::peers::{Publication, vouched};
 use futures::StreamExt;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -27,6 +28,7 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 use tracing::{debug, warn};
 use weft_crds::workloadslice::{MAX_SLICE_ENTRIES, network_label_value, slice_index, slice_name};
@@ -37,6 +39,9 @@ use weft_crds::{
 
 /// How many slices of one Network the controller writes at once.
 const SLICE_WRITES: usize = 8;
+
+mod book;
+pub use book::{Book, Stored};
 
 /// What identifies a workload entry: its node, pod, and addresses.
 type WorkloadKey = (String, String, String, Vec<String>);
@@ -133,72 +138,23 @@ pub fn place(
     out
 }
 
-/// A Network's slices as the controller sees them.
-#[derive(Debug, Default)]
-struct Current {
-    /// Each slice's spec, by index.
-    specs: BTreeMap<usize, WorkloadSliceSpec>,
-    /// The resourceVersion of each slice in the store, by index.
-    versions: BTreeMap<usize, String>,
-}
-
-/// What this replica applied of a slice: the store's resourceVersion of the slice at that time
-/// (none if it had none) and the spec.
-pub type Written = (Option<String>, WorkloadSliceSpec);
-
-/// The slices of `network` as the controller last saw or wrote them, by index: the store,
-/// overlaid with what this replica wrote while the store still shows the version before that
-/// write. Once the store shows another version (the write, or a later change by someone else),
-/// the store counts: a slice changed by hand is written again.
-fn current_slices(ctx: &Context, network: &str) -> Current {
+/// The slices of `network` in the store, by index: those named after it and labelled with it.
+fn stored_slices(ctx: &Context, network: &str) -> Stored {
     let label = network_label_value(network);
-    let mut current = Current::default();
-    for s in ctx.stores.slices.state() {
-        let named = s
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(NETWORK_LABEL))
-            == Some(&label);
-        if s.spec.network != network || !named {
-            continue;
-        }
-        let Some(index) = slice_index(network, &s.name_any()) else {
-            continue;
-        };
-        current.specs.insert(index, s.spec.clone());
-        if let Some(v) = &s.metadata.resource_version {
-            current.versions.insert(index, v.clone());
-        }
-    }
-    if let Ok(mut written) = ctx.slices_written.lock() {
-        written.retain(|(net, index), (before, spec)| {
-            if net != network {
-                return true;
-            }
-            if current.versions.get(index) != before.as_ref() {
-                // The store has moved past the version the write replaced.
-                return false;
-            }
-            current.specs.insert(*index, spec.clone());
-            true
-        });
-    }
-    current
-}
-
-/// The entries of `network` its nodes may vouch for, and the problems with the others.
-pub fn vouched_entries(
-    ctx: &Context,
-    network: &str,
-) -> (Vec<SliceWorkload>, Vec<SliceReservation>, Vec<String>) {
-    let node_networks = ctx.stores.node_networks.state();
-    let publications: Vec<Publication<'_>> = node_networks
-        .iter()
-        .filter_map(|nn| nn.publication_of(network))
-        .collect();
-    let v = vouched(&publications, Some(network));
-    (v.peers, v.reservations, v.problems)
+    ctx.stores
+        .slices
+        .state()
+        .into_iter()
+        .filter(|s| {
+            s.spec.network == network
+                && s.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(NETWORK_LABEL))
+                    == Some(&label)
+        })
+        .filter_map(|s| Some((slice_index(network, &s.name_any())?, s)))
+        .collect()
 }
 
 /// Writes the WorkloadSlices of `net` (leader only).
@@ -219,26 +175,28 @@ async fn publish(net: &Network, ctx: &Context) -> Result<Action, Error> {
         // Another replica writes; a deleted Network's slices go with it.
         return Ok(Action::await_change());
     }
-    let (workloads, reservations, problems) = vouched_entries(ctx, &name);
-    let written = write(net, ctx, &name, workloads, reservations).await;
+    let stored = stored_slices(ctx, &name);
+    let nodes = ctx.stores.node_networks.state();
+    let deletions = ctx.stores.slice_deletions.load(Ordering::Relaxed);
+    let (changed, problems) = {
+        let mut books = ctx.slice_books.lock().unwrap_or_else(|e| e.into_inner());
+        let book = books.entry(name.clone()).or_default();
+        let changed = book.update(&name, &nodes, &stored, deletions);
+        (changed, book.problems())
+    };
+    let written = write(net, ctx, &name, changed).await;
     refused(ctx, net, &name, problems).await;
     written.map(|()| Action::await_change())
 }
 
-/// Applies the slices of `name` that differ from the current ones.
+/// Applies the slices `changed` of the Network `name`, and records the versions written in its
+/// book; if one fails, the book is dropped (the next reconcile reads the store again).
 async fn write(
     net: &Network,
     ctx: &Context,
     name: &str,
-    workloads: Vec<SliceWorkload>,
-    reservations: Vec<SliceReservation>,
+    changed: Vec<(usize, WorkloadSliceSpec)>,
 ) -> Result<(), Error> {
-    let current = current_slices(ctx, name);
-    let desired = place(workloads, reservations, &current.specs, name);
-    let changed: Vec<(usize, WorkloadSliceSpec)> = desired
-        .into_iter()
-        .filter(|(index, spec)| current.specs.get(index) != Some(spec))
-        .collect();
     if changed.is_empty() {
         return Ok(());
     }
@@ -262,7 +220,8 @@ async fn write(
                 "metadata": metadata,
                 "spec": spec,
             });
-            api.patch(&slice, params, &Patch::Apply(&body))
+            let applied = api
+                .patch(&slice, params, &Patch::Apply(&body))
                 .await
                 .map_err(|source| Error::Api {
                     action: "apply",
@@ -271,22 +230,26 @@ async fn write(
                     source,
                 })?;
             debug!(slice = %slice, entries = spec.len(), "applied WorkloadSlice");
-            Ok::<_, Error>((index, spec))
+            Ok::<_, Error>((index, applied.metadata.resource_version))
         }
     });
     let mut results = futures::stream::iter(writes).buffer_unordered(SLICE_WRITES);
     let mut failed = None;
+    let mut versions = Vec::new();
     while let Some(result) = results.next().await {
         match result {
-            Ok((index, spec)) => {
-                if let Ok(mut w) = ctx.slices_written.lock() {
-                    let before = current.versions.get(&index).cloned();
-                    w.insert((name.to_owned(), index), (before, spec));
-                }
-            }
+            Ok(written) => versions.push(written),
             Err(e) => {
                 failed.get_or_insert(e);
             }
+        }
+    }
+    let mut books = ctx.slice_books.lock().unwrap_or_else(|e| e.into_inner());
+    if failed.is_some() {
+        books.remove(name);
+    } else if let Some(book) = books.get_mut(name) {
+        for (index, version) in versions {
+            book.written(index, version);
         }
     }
     match failed {
