@@ -95,7 +95,12 @@ pub fn place(
             if kept.len() < MAX_SLICE_ENTRIES
                 && let Some(now) = want_w.remove(&workload_key(w))
             {
-                kept.workloads.push(Arc::new(now));
+                // An entry unchanged stays shared with the slice that holds it.
+                kept.workloads.push(if **w == now {
+                    w.clone()
+                } else {
+                    Arc::new(now)
+                });
             }
         }
         for r in &spec.reservations {
