@@ -80,6 +80,27 @@ pub struct SliceReservation {
     pub reservation: crate::NodeReservation,
 }
 
+impl SliceWorkload {
+    /// What identifies the entry among a Network's slices: its node, namespace, name and
+    /// addresses. The controller places each entry once by it, and agents read an entry found
+    /// in two slices (two writes that crossed) once.
+    pub fn key(&self) -> (&str, &str, &str, &[String]) {
+        (
+            &self.node,
+            &self.workload.namespace,
+            &self.workload.name,
+            &self.workload.ips,
+        )
+    }
+}
+
+impl SliceReservation {
+    /// What identifies the entry among a Network's slices: its node, VM and interface.
+    pub fn key(&self) -> (&str, &str, &str) {
+        (&self.node, &self.reservation.vm, &self.reservation.ifname)
+    }
+}
+
 impl WorkloadSliceSpec {
     /// Workloads and reservations together.
     pub fn len(&self) -> usize {

@@ -421,13 +421,7 @@ impl SliceWatch {
                 .iter()
                 .filter(|w| w.node != me && &w.workload.network == network)
             {
-                let key = (
-                    &w.node,
-                    &w.workload.namespace,
-                    &w.workload.name,
-                    &w.workload.ips,
-                );
-                if seen_workloads.insert(key) {
+                if seen_workloads.insert(w.key()) {
                     peers.push(w.clone());
                 }
             }
@@ -437,8 +431,7 @@ impl SliceWatch {
                 .iter()
                 .filter(|r| r.node != me && &r.reservation.network == network)
             {
-                let key = (&r.node, &r.reservation.vm, &r.reservation.ifname);
-                if seen_reservations.insert(key) {
+                if seen_reservations.insert(r.key()) {
                     reservations.push(r.clone());
                 }
             }

@@ -43,26 +43,19 @@ const SLICE_WRITES: usize = 8;
 mod book;
 pub use book::{Book, Stored};
 
-/// What identifies a workload entry: its node, pod, and addresses.
+/// What identifies a workload entry ([`SliceWorkload::key`]), owned.
 type WorkloadKey = (String, String, String, Vec<String>);
-/// What identifies a reservation entry: its node, VM and interface.
+/// What identifies a reservation entry ([`SliceReservation::key`]), owned.
 type ReservationKey = (String, String, String);
 
 fn workload_key(w: &SliceWorkload) -> WorkloadKey {
-    (
-        w.node.clone(),
-        w.workload.namespace.clone(),
-        w.workload.name.clone(),
-        w.workload.ips.clone(),
-    )
+    let (node, namespace, name, ips) = w.key();
+    (node.into(), namespace.into(), name.into(), ips.to_vec())
 }
 
 fn reservation_key(r: &SliceReservation) -> ReservationKey {
-    (
-        r.node.clone(),
-        r.reservation.vm.clone(),
-        r.reservation.ifname.clone(),
-    )
+    let (node, vm, ifname) = r.key();
+    (node.into(), vm.into(), ifname.into())
 }
 
 /// The slices of a Network (by index) that hold `workloads` and `reservations`, starting from
