@@ -95,6 +95,13 @@ loud() { # a line that says the run is not what was asked
   printf '%s\n' "$line" >>"$TMP/results"
 }
 mib() { echo "$(rss_mib "$1") MiB"; }
+# The controller's WorkloadSlice reconciles so far: how many, and their mean time (its metrics).
+slice_reconciles() {
+  curl -s "http://127.0.0.1:$CTL_METRICS/metrics" | awk '
+    /^weft_controller_reconcile_duration_seconds_sum\{kind="WorkloadSlice"\}/ {sum = $2}
+    /^weft_controller_reconcile_duration_seconds_count\{kind="WorkloadSlice"\}/ {n = $2}
+    END {if (n) printf "%d, %.1f ms on average\n", n, 1000 * sum / n; else print "none reported"}'
+}
 peak_mib() { awk '/^VmHWM/ {printf "%.0f MiB", $2 / 1024}' "/proc/$1/status" 2>/dev/null || echo "?"; }
 json_field() { python3 -c 'import json, sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$1" "$2"; }
 
@@ -301,6 +308,7 @@ print(f"pod {r} on {node} ({o['ip']}): {o['bytes']} bytes received from its stat
       f"({o['pod_running_seconds']} s): {o['bytes_while_pod_started']} bytes")
 PY
   done
+  result "controller's WorkloadSlice reconciles: $(slice_reconciles)"
   result "agent RSS at the end: $(mib "$AGENT_PID") (peak $(peak_mib "$AGENT_PID")); total received $(cut -d' ' -f1 "$count") bytes, sent $(cut -d' ' -f2 "$count") bytes over $(cut -d' ' -f3 "$count") connection(s); controller RSS $(mib "$CTL_PID")"
   if grep -qE " (ERROR|WARN) " "$TMP/agent-$label.log"; then
     echo "$label agent log (warnings and errors):" >&2

@@ -10,13 +10,12 @@
 //! slice written or deleted by someone else, a write that failed, another leader) the book is
 //! read again from the store and every node vouched for.
 
-use super::{ReservationKey, WorkloadKey, place, reservation_key, workload_key};
+use super::{ReservationKey, WorkloadKey, fill, place, reservation_key, workload_key};
 use crate::controller::compact::CompactNodeNetwork;
 use crate::model::peers::{Publication, VmAddresses, Vouched, vouch};
 use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
-use weft_crds::workloadslice::MAX_SLICE_ENTRIES;
 use weft_crds::{SliceReservation, SliceWorkload, WorkloadSlice, WorkloadSliceSpec};
 
 /// What identifies a node's publication for one Network: the fingerprint of its entries and
@@ -325,30 +324,12 @@ fn move_entries(
             touched.insert(*i);
         }
     }
-    let mut new_w = workloads.into_values();
-    let mut new_r = reservations.into_values();
-    let mut pending = new_w.len() + new_r.len();
-    let mut next = slices.keys().next_back().map_or(0, |i| i + 1);
-    let mut indexes = slices.keys().copied().collect::<Vec<_>>().into_iter();
-    while pending > 0 {
-        let index = indexes.next().unwrap_or_else(|| {
-            next += 1;
-            next - 1
-        });
-        let slice = slices.entry(index).or_insert_with(|| WorkloadSliceSpec {
-            network: network.to_owned(),
-            ..WorkloadSliceSpec::default()
-        });
-        while slice.len() < MAX_SLICE_ENTRIES && pending > 0 {
-            if let Some(w) = new_w.next() {
-                slice.workloads.push(Arc::new(w));
-            } else if let Some(r) = new_r.next() {
-                slice.reservations.push(r);
-            }
-            pending -= 1;
-            touched.insert(index);
-        }
-    }
+    touched.extend(fill(
+        slices,
+        network,
+        workloads.into_values(),
+        reservations.into_values(),
+    ));
     touched
 }
 

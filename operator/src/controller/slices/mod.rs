@@ -26,7 +26,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -89,11 +89,8 @@ pub fn place(
                 && let Some(now) = want_w.remove(&workload_key(w))
             {
                 // An entry unchanged stays shared with the slice that holds it.
-                kept.workloads.push(if **w == now {
-                    w.clone()
-                } else {
-                    Arc::new(now)
-                });
+                kept.workloads
+                    .push(if **w == now { w.clone() } else { Arc::new(now) });
             }
         }
         for r in &spec.reservations {
@@ -105,35 +102,47 @@ pub fn place(
         }
         out.insert(index, kept);
     }
-    let mut new_w = want_w.into_values();
-    let mut new_r = want_r.into_values();
-    let mut next = out.keys().next_back().map_or(0, |i| i + 1);
-    let mut pending = new_w.len() + new_r.len();
-    let mut indexes: Vec<usize> = out.keys().copied().collect();
-    let mut i = 0;
+    fill(
+        &mut out,
+        network,
+        want_w.into_values(),
+        want_r.into_values(),
+    );
+    out
+}
+
+/// Puts the entries `workloads`, then `reservations`, into the slices with room, lowest index
+/// first, then into new slices after the last; returns the indexes of the slices it filled.
+fn fill(
+    slices: &mut BTreeMap<usize, WorkloadSliceSpec>,
+    network: &str,
+    mut workloads: impl ExactSizeIterator<Item = SliceWorkload>,
+    mut reservations: impl ExactSizeIterator<Item = SliceReservation>,
+) -> BTreeSet<usize> {
+    let mut filled = BTreeSet::new();
+    let mut pending = workloads.len() + reservations.len();
+    let mut next = slices.keys().next_back().map_or(0, |i| i + 1);
+    let mut indexes = slices.keys().copied().collect::<Vec<_>>().into_iter();
     while pending > 0 {
-        let index = if i < indexes.len() {
-            indexes[i]
-        } else {
-            indexes.push(next);
+        let index = indexes.next().unwrap_or_else(|| {
             next += 1;
-            indexes[i]
-        };
-        i += 1;
-        let slice = out.entry(index).or_insert_with(|| WorkloadSliceSpec {
+            next - 1
+        });
+        let slice = slices.entry(index).or_insert_with(|| WorkloadSliceSpec {
             network: network.to_owned(),
             ..WorkloadSliceSpec::default()
         });
         while slice.len() < MAX_SLICE_ENTRIES && pending > 0 {
-            if let Some(w) = new_w.next() {
+            if let Some(w) = workloads.next() {
                 slice.workloads.push(Arc::new(w));
-            } else if let Some(r) = new_r.next() {
+            } else if let Some(r) = reservations.next() {
                 slice.reservations.push(r);
             }
             pending -= 1;
+            filled.insert(index);
         }
     }
-    out
+    filled
 }
 
 /// The slices of `network` in the store, by index: those named after it and labelled with it.
