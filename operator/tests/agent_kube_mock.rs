@@ -1389,6 +1389,68 @@ async fn a_pod_problem_is_one_warning_event_on_the_pod_until_its_message_changes
     no_write(&mut writes).await;
 }
 
+/// A pod problem's Event that the API server does not take is published again by the next
+/// reconcile that still finds the problem (not lost because it was tried once); once taken,
+/// it is not published again.
+#[tokio::test]
+async fn a_pod_problem_event_the_api_server_did_not_take_is_published_again() {
+    let (api, client, mut writes) = FakeApi::start();
+    seed(&api);
+    api.list(PODS, vec![web_with_max_connections("lots")]);
+    let mut source = KubeSource::start(client, "node-a");
+    let res = synced(&mut source).await;
+    let mut endpoints = weft_operator::agent::endpoints::EndpointStore::default();
+    endpoints.register(blue_endpoint("web", Some("web-1"), "10.10.0.70", &[]));
+    let problems: Vec<_> =
+        weft_operator::agent::compute(&config(), &res, &endpoints, &BTreeMap::new())
+            .problems
+            .into_iter()
+            .filter(|p| p.kind == "Pod")
+            .collect();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+
+    source.pod_problems(&problems);
+    let refused = next_write(&mut writes, Duration::from_secs(2)).await;
+    assert_eq!(refused.method, Method::POST);
+    assert_eq!(refused.body["reason"], "InvalidLimitAnnotation");
+    let unavailable = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+        "message": "the server is currently unable to handle the request",
+        "reason": "ServiceUnavailable", "code": 503});
+    refused
+        .reply
+        .send_response(json_response(StatusCode::SERVICE_UNAVAILABLE, &unavailable));
+
+    // The next reconciles still find the problem: the Event is posted again (once the
+    // publisher has reported the refusal).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let again = loop {
+        source.pod_problems(&problems);
+        if let Ok(Some(w)) = tokio::time::timeout(Duration::from_millis(50), writes.recv()).await {
+            break w;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the refused Event was not published again"
+        );
+    };
+    assert_eq!(again.method, Method::POST);
+    assert_eq!(again.path, refused.path);
+    assert_eq!(again.body["reason"], "InvalidLimitAnnotation");
+    assert_eq!(again.body["note"], refused.body["note"]);
+    let mut echo = again.body.clone();
+    echo["metadata"]["namespace"] = Value::from("shop");
+    again
+        .reply
+        .send_response(json_response(StatusCode::CREATED, &echo));
+
+    // Taken: the reconciles after it publish nothing.
+    for _ in 0..5 {
+        source.pod_problems(&problems);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    no_write(&mut writes).await;
+}
+
 #[tokio::test]
 async fn a_new_block_here_widens_the_workload_slice_watch_to_its_network() {
     let (api, client, _writes) = FakeApi::start();

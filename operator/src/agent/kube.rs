@@ -116,6 +116,9 @@ pub struct KubeSource {
     events: tokio::sync::mpsc::UnboundedSender<PodEvent>,
     /// The pod problems published as Events, so that one that stays is not published again.
     announced: Announced,
+    /// The pod problems' Events the API server did not take: forgotten by `announced` at the
+    /// next reconcile, which publishes them again if the problem is still there.
+    unpublished: tokio::sync::mpsc::UnboundedReceiver<PodEvent>,
     /// The last publication had more reservations than the status holds (warned once).
     capped: bool,
     tasks: Vec<JoinHandle<()>>,
@@ -177,11 +180,13 @@ impl KubeSource {
             rx,
         )));
         let (events, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (failed, unpublished) = tokio::sync::mpsc::unbounded_channel();
         tasks.push(tokio::spawn(publish_pod_events(
             client.clone(),
             node.to_owned(),
             stores.pods.clone(),
             rx,
+            failed,
         )));
         let slices = SliceWatch {
             client: client.clone(),
@@ -194,6 +199,7 @@ impl KubeSource {
             slices,
             events,
             announced: Announced::default(),
+            unpublished,
             stores,
             synced,
             changes,
@@ -444,12 +450,14 @@ impl SliceWatch {
 /// the pod store when it has the pod (`kubectl describe pod` shows only the Events that name
 /// the pod's uid). Events that fold ([`PodEvent::folds`]) go through one recorder, which
 /// patches a repeat within a few minutes into a series on the first Event; the others get an
-/// Event of their own.
+/// Event of their own. Those the API server does not take go back through `failed` (an
+/// anomaly's, which folds, is not sent back: the next anomaly publishes again).
 async fn publish_pod_events(
     client: Client,
     node: String,
     pods: Store<PartialObjectMeta<Pod>>,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<PodEvent>,
+    failed: tokio::sync::mpsc::UnboundedSender<PodEvent>,
 ) {
     use k8s_openapi::api::core::v1::ObjectReference;
     use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -485,7 +493,10 @@ async fn publish_pod_events(
             &own
         };
         if let Err(err) = recorder.publish(&event, &reference).await {
-            warn!(pod = %format!("{}/{}", e.namespace, e.pod), reason = e.reason, error = %err, "cannot publish the Event on the pod");
+            warn!(pod = %format!("{}/{}", e.namespace, e.pod), reason = e.reason, error = %err, "cannot publish the Event on the pod (a pod problem's is tried again at the next reconcile)");
+            if !e.folds {
+                let _ = failed.send(e);
+            }
         }
     }
 }
@@ -506,6 +517,9 @@ impl ResourceSource for KubeSource {
     }
 
     fn pod_problems(&mut self, problems: &[crate::model::Problem]) {
+        while let Ok(e) = self.unpublished.try_recv() {
+            self.announced.forget(&e);
+        }
         for e in self.announced.update(problems) {
             debug!(pod = %format!("{}/{}", e.namespace, e.pod), reason = e.reason, "publishing a pod problem as an Event on the pod");
             let _ = self.events.send(e);

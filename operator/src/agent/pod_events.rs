@@ -4,8 +4,10 @@
 //! pod`. The agent reconciles often and finds the same problems each time, so
 //! [`Announced`] remembers what was published per pod and says which problems are new: one
 //! that appears, or whose message changes, is published once; one that stays is not
-//! published again; a pod without problems (gone, or fixed) is forgotten. Pure: the
-//! Kubernetes source ([`super::kube::KubeSource`]) sends the Events.
+//! published again; a pod without problems (gone, or fixed) is forgotten; an Event the API
+//! server did not take is forgotten too ([`Announced::forget`]), so the next reconcile that
+//! still finds the problem publishes it again. Pure: the Kubernetes source
+//! ([`super::kube::KubeSource`]) sends the Events.
 
 use crate::model::{Problem, WorkloadReason};
 use std::collections::{BTreeMap, BTreeSet};
@@ -75,6 +77,20 @@ impl Announced {
         }
         self.by_pod = now;
         events
+    }
+
+    /// Forgets that `event` was published (the API server did not take it): the next
+    /// [`Announced::update`] that still finds its problem returns it again.
+    pub fn forget(&mut self, event: &PodEvent) {
+        let key = (event.namespace.clone(), event.pod.clone());
+        let Some(problems) = self.by_pod.get_mut(&key) else {
+            return;
+        };
+        problems
+            .retain(|(reason, message)| reason.as_str() != event.reason || *message != event.note);
+        if problems.is_empty() {
+            self.by_pod.remove(&key);
+        }
     }
 
     /// How many pods have problems published.
@@ -203,5 +219,35 @@ mod tests {
         assert!(announced.update(&[]).is_empty());
         assert_eq!(announced.pods(), 0);
         assert_eq!(announced.update(&web).len(), 1, "back: published again");
+    }
+
+    #[test]
+    fn an_event_the_api_server_did_not_take_is_published_again_by_the_next_update() {
+        let mut announced = Announced::default();
+        let conflict = "tcp host port 8080 is already used by pod prod/api; it is not forwarded";
+        let problems = [
+            pod(
+                "prod/web",
+                WorkloadReason::InvalidLimitAnnotation,
+                BAD_LIMIT,
+            ),
+            pod("prod/web", WorkloadReason::HostPortConflict, conflict),
+        ];
+        let events = announced.update(&problems);
+        assert_eq!(events.len(), 2);
+        announced.forget(&events[1]);
+        assert_eq!(
+            published(&announced.update(&problems)),
+            [("prod/web".to_owned(), "HostPortConflict", conflict)],
+            "the one that failed, not the one taken"
+        );
+        assert!(
+            announced.update(&problems).is_empty(),
+            "taken the second time"
+        );
+        // A failure reported after the problem went away changes nothing.
+        announced.update(&[]);
+        announced.forget(&events[0]);
+        assert_eq!(announced.pods(), 0);
     }
 }
