@@ -22,9 +22,11 @@
 # published every workload in them; one idle minute ($WEFT_IDLE_SECONDS); five times, one pod
 # started on node-7 (the Pod created and run by kwok, then its workload added to node-7's status
 # as its agent would) and the bytes received until quiet for 3 s, less the idle rate, with the
-# time until node-0's ruleset holds the pod's address; the RSS of the agent. At the end: the RSS
-# of the API server and the API server's own watch event sizes (all watchers together). Figures
-# are printed and appended to $TMP/results, printed again at the end.
+# time until node-0's ruleset holds the pod's address (and how long the check's listing of that
+# ruleset took); the controller's WorkloadSlice reconciles and the agent's reconciles during
+# those five rounds (count, mean and spread, from their metrics); the RSS of the agent. At the
+# end: the RSS of the API server and the API server's own watch event sizes (all watchers
+# together). Figures are printed and appended to $TMP/results, printed again at the end.
 #
 # Two builds in one cluster: with $WEFT_BASELINE_BIN_DIR (and $WEFT_BASELINE_CRDS_DIR, default
 # $WEFT_CRDS_DIR), that build's controller and agent are measured first, then stopped, and the
@@ -95,12 +97,48 @@ loud() { # a line that says the run is not what was asked
   printf '%s\n' "$line" >>"$TMP/results"
 }
 mib() { echo "$(rss_mib "$1") MiB"; }
-# The controller's WorkloadSlice reconciles so far: how many, and their mean time (its metrics).
-slice_reconciles() {
-  curl -s "http://127.0.0.1:$CTL_METRICS/metrics" | awk '
-    /^weft_controller_reconcile_duration_seconds_sum\{kind="WorkloadSlice"\}/ {sum = $2}
-    /^weft_controller_reconcile_duration_seconds_count\{kind="WorkloadSlice"\}/ {n = $2}
-    END {if (n) printf "%d, %.1f ms on average\n", n, 1000 * sum / n; else print "none reported"}'
+# metrics NAME NETNS: saves the controller's and the agent's metrics now (the agent's from its
+# network namespace NETNS) as $TMP/metrics-NAME-{ctl,agent}.
+metrics() {
+  curl -s "http://127.0.0.1:$CTL_METRICS/metrics" >"$TMP/metrics-$1-ctl" || true
+  ip netns exec "$2" curl -s "http://127.0.0.1:$AGENT_METRICS/metrics" >"$TMP/metrics-$1-agent" || true
+}
+# reconciles FROM TO WHO HISTOGRAM: the reconciles of histogram HISTOGRAM (with its labels, as
+# the metrics print it) between the metrics saved as FROM (or none) and as TO, of WHO (ctl or
+# agent): how many, their mean time and how many ended within each bucket's bound.
+reconciles() {
+  python3 - "${1:+$TMP/metrics-$1-$3}" "$TMP/metrics-$2-$3" "$4" <<'PY'
+import re, sys
+def read(path, name):
+    name, labels = (name.split("{", 1) + [""])[:2]
+    labels = labels.rstrip("}")
+    out = {}
+    if not path:
+        return out
+    for line in open(path):
+        m = re.match(re.escape(name) + r"_(sum|count|bucket)\{?([^}]*)\}? (\S+)$", line.strip())
+        if not m or not all(pair in m.group(2).split(",") for pair in labels.split(",") if pair):
+            continue
+        le = re.search(r'le="([^"]+)"', m.group(2))
+        out[m.group(1) + (":" + le.group(1) if le else "")] = float(m.group(3))
+    return out
+a, b = read(sys.argv[1], sys.argv[3]), read(sys.argv[2], sys.argv[3])
+d = {k: b[k] - a.get(k, 0) for k in b}
+n = int(d.get("count", 0))
+if n == 0:
+    print("none reported")
+    sys.exit()
+buckets = sorted((float(k.split(":")[1]), int(v)) for k, v in d.items()
+                 if k.startswith("bucket:") and k != "bucket:+Inf")
+within, last = [], 0
+for bound, c in buckets:
+    if c > last:
+        within.append(f"{c - last} within {bound * 1e3:g} ms")
+    last = c
+if n > last:
+    within.append(f"{n - last} longer")
+print(f"{n}, {1e3 * d['sum'] / n:.1f} ms on average ({', '.join(within)})")
+PY
 }
 peak_mib() { awk '/^VmHWM/ {printf "%.0f MiB", $2 / 1024}' "/proc/$1/status" 2>/dev/null || echo "?"; }
 json_field() { python3 -c 'import json, sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$1" "$2"; }
@@ -294,6 +332,7 @@ print(next((w["ips"][0] for w in ws if w["labels"]["app"] == "web"), ""))')
   result "idle minute: $idle_bytes bytes received in $idle_seconds s"
   local wait_flag=()
   [ -n "$KWOK" ] && wait_flag=(--wait-running)
+  metrics "$label-pods" "$ns"
   for ((r = first; r < first + 5; r++)); do
     py round "${API_ARGS[@]}" --out "$count" --node "$OTHER" --index "$r" --quiet 3 --floor "$IDLE_FLOOR" --netns "$ns" "${wait_flag[@]}"
     out
@@ -302,13 +341,19 @@ import json, sys
 o, idle_b, idle_s, r, node = json.loads(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5]
 net = o["bytes"] - idle_b / idle_s * o["seconds"]
 rules = "never seen" if o["in_rules_seconds"] is None else f"{o['in_rules_seconds'] * 1e3:.0f} ms"
+if o.get("listing_seconds") is not None:
+    rules += f" (the check lists the ruleset again and again: one listing took up to {o['listing_seconds'] * 1e3:.0f} ms)"
 print(f"pod {r} on {node} ({o['ip']}): {o['bytes']} bytes received from its status write until "
       f"quiet ({o['seconds']} s; above the floor until {o['active']} s), {net:.0f} less the idle rate; "
       f"in node-0's ruleset after {rules}; before, while the Pod was created and run by kwok "
       f"({o['pod_running_seconds']} s): {o['bytes_while_pod_started']} bytes")
 PY
   done
-  result "controller's WorkloadSlice reconciles: $(slice_reconciles)"
+  metrics "$label-end" "$ns"
+  local slices='weft_controller_reconcile_duration_seconds{kind="WorkloadSlice"}'
+  result "controller's WorkloadSlice reconciles before the pods: $(reconciles "" "$label-pods" ctl "$slices")"
+  result "controller's WorkloadSlice reconciles of the five pods: $(reconciles "$label-pods" "$label-end" ctl "$slices")"
+  result "agent's reconciles of the five pods: $(reconciles "$label-pods" "$label-end" agent weft_agent_reconcile_duration_seconds)"
   result "agent RSS at the end: $(mib "$AGENT_PID") (peak $(peak_mib "$AGENT_PID")); total received $(cut -d' ' -f1 "$count") bytes, sent $(cut -d' ' -f2 "$count") bytes over $(cut -d' ' -f3 "$count") connection(s); controller RSS $(mib "$CTL_PID")"
   if grep -qE " (ERROR|WARN) " "$TMP/agent-$label.log"; then
     echo "$label agent log (warnings and errors):" >&2

@@ -334,9 +334,12 @@ def cmd_idle(a):
 
 # ---------------------------------------------------------------- one pod on another node
 def nft_has(netns, ip):
+    """Whether the ruleset of netns holds address ip, and how long listing it took (s)."""
+    t = time.monotonic()
     r = subprocess.run(["ip", "netns", "exec", netns, "nft", "list", "ruleset"],
                        capture_output=True, text=True)
-    return re.search(r"(?<![\d.])" + re.escape(ip) + r"(?![\d])", r.stdout) is not None
+    found = re.search(r"(?<![\d.])" + re.escape(ip) + r"(?![\d])", r.stdout) is not None
+    return found, time.monotonic() - t
 
 
 def cmd_round(a):
@@ -365,7 +368,9 @@ def cmd_round(a):
 
     def watch_rules():
         while time.monotonic() - t0 < a.limit:
-            if nft_has(a.netns, ip):
+            found, listing = nft_has(a.netns, ip)
+            seen["listing"] = max(seen.get("listing", 0), listing)
+            if found:
                 seen["seconds"] = time.monotonic() - t0
                 return
             time.sleep(0.02)
@@ -382,7 +387,8 @@ def cmd_round(a):
     print(json.dumps({"pod": name, "ip": ip, "pod_running_seconds": round(pod_seconds, 2),
                       "bytes_while_pod_started": start - before_pod,
                       "bytes": got_bytes, "seconds": round(seconds, 2), "active": round(active, 2),
-                      "in_rules_seconds": round(seen["seconds"], 3) if "seconds" in seen else None}))
+                      "in_rules_seconds": round(seen["seconds"], 3) if "seconds" in seen else None,
+                      "listing_seconds": round(seen["listing"], 3) if "listing" in seen else None}))
 
 
 def cmd_watchsizes(a):
