@@ -1033,6 +1033,146 @@ async fn a_watch_event_wakes_the_agent_with_the_store_already_updated() {
     );
 }
 
+/// The source's change count once it has not moved for 100 ms (the store takes an event
+/// just before the count does).
+async fn settled(source: &mut KubeSource) -> u64 {
+    let mut last = source.fingerprint().unwrap();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = source.fingerprint().unwrap();
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+}
+
+/// The controller's status writes on weft's own kinds (a Network's counts and Ready condition,
+/// a policy's counts) change nothing the plan reads: they do not wake the agent, and its
+/// snapshot keeps of a Network's status its `Valid` condition alone. A spec change and a
+/// `Valid=False` verdict do wake it.
+#[tokio::test]
+async fn the_controllers_status_writes_do_not_wake_the_agent_but_a_spec_or_verdict_does() {
+    let (api, client, _writes) = FakeApi::start();
+    seed(&api);
+    let mut source = KubeSource::start(client, "node-a");
+    synced(&mut source).await;
+    let wake = source.changes().expect("the watches wake the agent");
+    let _ = tokio::time::timeout(Duration::from_millis(50), wake.notified()).await;
+    let blue = |rv: &str, subnet: &str, status: Value| {
+        let mut b = network("blue", subnet, None);
+        b["metadata"]["resourceVersion"] = json!(rv);
+        b["metadata"]["generation"] = json!(1);
+        b["status"] = status;
+        b
+    };
+    let ready = |in_use: i64| {
+        json!({"conditions": [{"type": "Ready", "status": "True", "reason": "Realized",
+                               "message": "every node", "lastTransitionTime": "2026-12-04T00:00:00Z"}],
+               "observedGeneration": 1, "nodes": 1, "addressesInUse": in_use})
+    };
+    // The Network as the controller has seen it once (generation 1).
+    api.push_watch(
+        NETWORKS,
+        &[("MODIFIED", blue("6", "10.10.0.0/16", ready(2)))],
+    );
+    until(
+        &mut source,
+        |r| r.networks.iter().any(|n| n.metadata.generation == Some(1)),
+        |_| {},
+    )
+    .await;
+    let before = settled(&mut source).await;
+    // Two status writes, then a spec change: one wake-up, for the spec change.
+    api.push_watch(
+        NETWORKS,
+        &[
+            ("MODIFIED", blue("7", "10.10.0.0/16", ready(3))),
+            ("MODIFIED", blue("8", "10.10.0.0/16", ready(4))),
+            ("MODIFIED", blue("9", "10.10.0.0/15", ready(4))),
+        ],
+    );
+    let res = until(
+        &mut source,
+        |r| {
+            r.networks
+                .iter()
+                .any(|n| n.spec.subnets.iter().any(|s| *s == "10.10.0.0/15"))
+        },
+        |_| {},
+    )
+    .await;
+    assert_eq!(
+        settled(&mut source).await,
+        before + 1,
+        "the status writes woke the agent"
+    );
+    let kept = res
+        .networks
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some("blue"))
+        .unwrap();
+    assert_eq!(kept.status, None, "no Valid condition: no status kept");
+    assert_eq!(kept.metadata.resource_version, None);
+
+    // A policy's status write alone: no wake-up either (a spec change of the same policy
+    // after it marks that the watch has delivered both).
+    let policy = |rv: &str, priority: i64, workloads: i64| {
+        json!({"apiVersion": "weft.dev/v1alpha1", "kind": "ClusterSegmentationPolicy",
+               "metadata": {"name": "quiet", "resourceVersion": rv, "generation": 1},
+               "spec": {"tier": "Admin", "priority": priority, "subject": {"pods": {"podSelector": {}}},
+                        "ingress": [{"name": "all", "action": "Accept", "from": [{"pods": {"podSelector": {}}}]}]},
+               "status": {"observedGeneration": 1, "workloads": workloads, "nodes": 1}})
+    };
+    api.push_watch(CLUSTER_POLICIES, &[("ADDED", policy("20", 10, 1))]);
+    until(&mut source, |r| r.cluster_policies.len() == 1, |_| {}).await;
+    let before = settled(&mut source).await;
+    api.push_watch(
+        CLUSTER_POLICIES,
+        &[
+            ("MODIFIED", policy("21", 10, 2)),
+            ("MODIFIED", policy("22", 11, 2)),
+        ],
+    );
+    let res = until(
+        &mut source,
+        |r| r.cluster_policies.iter().any(|p| p.spec.priority == 11),
+        |_| {},
+    )
+    .await;
+    assert_eq!(settled(&mut source).await, before + 1);
+    assert_eq!(res.cluster_policies[0].status, None);
+
+    // The controller rejects the Network: that wakes the agent, and the condition is kept.
+    let before = settled(&mut source).await;
+    let mut rejected = ready(4);
+    rejected["conditions"] = json!([
+        {"type": "Ready", "status": "False", "reason": "Invalid", "message": "see Valid",
+         "lastTransitionTime": "2026-12-04T00:00:00Z"},
+        {"type": "Valid", "status": "False", "reason": "Overlap",
+         "message": "spec.subnets[0] overlaps Network green", "observedGeneration": 1,
+         "lastTransitionTime": "2026-12-04T00:00:00Z"}]);
+    api.push_watch(
+        NETWORKS,
+        &[("MODIFIED", blue("10", "10.10.0.0/15", rejected))],
+    );
+    let res = until(
+        &mut source,
+        |r| {
+            r.networks
+                .iter()
+                .any(|n| n.status.as_ref().is_some_and(|s| !s.conditions.is_empty()))
+        },
+        |_| {},
+    )
+    .await;
+    assert_eq!(settled(&mut source).await, before + 1);
+    let status = res.networks.iter().find_map(|n| n.status.as_ref()).unwrap();
+    let kinds: Vec<&str> = status.conditions.iter().map(|c| c.type_.as_str()).collect();
+    assert_eq!(kinds, ["Valid"], "the Valid condition alone");
+    assert_eq!(status.addresses_in_use, None);
+}
+
 #[tokio::test]
 async fn a_bad_block_in_the_node_network_is_a_problem_and_the_network_has_none() {
     let (api, client, _writes) = FakeApi::start();

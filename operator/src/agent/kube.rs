@@ -140,22 +140,44 @@ impl KubeSource {
         };
         macro_rules! reflect {
             ($what:literal, $api:expr, $config:expr) => {{
-                let (store, flag, task) =
-                    reflect($what, $api, $config.clone(), changes.clone(), |_| {});
+                let (store, flag, task) = reflect(
+                    $what,
+                    $api,
+                    $config.clone(),
+                    changes.clone(),
+                    |_| {},
+                    |_, _| false,
+                );
+                spawn($what, task, flag);
+                store
+            }};
+            // weft's own kinds: what the plan reads of them is kept (see `trim_status`), and
+            // an event that leaves that unchanged (a status write of the controller's) does
+            // not wake the agent.
+            ($what:literal, $api:expr, $config:expr, weft) => {{
+                let (store, flag, task) = reflect(
+                    $what,
+                    $api,
+                    $config.clone(),
+                    changes.clone(),
+                    trim_status,
+                    |a, b| a == b,
+                );
                 spawn($what, task, flag);
                 store
             }};
         }
         let stores = Stores {
-            networks: reflect!("networks", Api::all(client.clone()), all),
-            port_forwards: reflect!("portforwards", Api::all(client.clone()), all),
+            networks: reflect!("networks", Api::all(client.clone()), all, weft),
+            port_forwards: reflect!("portforwards", Api::all(client.clone()), all, weft),
             cluster_policies: reflect!(
                 "clustersegmentationpolicies",
                 Api::all(client.clone()),
-                all
+                all,
+                weft
             ),
-            policies: reflect!("segmentationpolicies", Api::all(client.clone()), all),
-            mirrors: reflect!("trafficmirrors", Api::all(client.clone()), all),
+            policies: reflect!("segmentationpolicies", Api::all(client.clone()), all, weft),
+            mirrors: reflect!("trafficmirrors", Api::all(client.clone()), all, weft),
             namespaces: reflect!("namespaces", Api::all(client.clone()), all),
             nodes: reflect!("nodes", Api::all(client.clone()), this_node),
             // This node's, for its blocks (the other nodes' workloads come in WorkloadSlices).
@@ -364,6 +386,7 @@ impl SliceWatch {
                 config,
                 self.changes.clone(),
                 move |slice: &mut WorkloadSlice| label_sets.share_slice(slice),
+                |_, _| false,
             );
             Some(SliceReflector {
                 networks: networks.clone(),
@@ -411,39 +434,47 @@ impl SliceWatch {
             }
         };
         let mut slices = answering.store.state();
-        slices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-        let mut seen_workloads = std::collections::HashSet::new();
-        let mut seen_reservations = std::collections::HashSet::new();
-        let mut peers = Vec::new();
-        let mut reservations = Vec::new();
-        for slice in slices
+        Ok(slice_peers(&mut slices, &answering.networks, me))
+    }
+}
+
+/// The other nodes' workloads and VM reservations in `slices` (sorted by name here) of the
+/// Networks `networks`, as node `me` reads them: its own entries left out, an entry found in
+/// two slices (two writes that crossed) once.
+pub fn slice_peers(
+    slices: &mut [Arc<WorkloadSlice>],
+    networks: &BTreeSet<String>,
+    me: &str,
+) -> (Vec<Arc<Peer>>, Vec<PeerReservation>) {
+    slices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    let mut seen_workloads = std::collections::HashSet::new();
+    let mut seen_reservations = std::collections::HashSet::new();
+    let mut peers = Vec::new();
+    let mut reservations = Vec::new();
+    for slice in slices.iter().filter(|s| networks.contains(&s.spec.network)) {
+        let network = &slice.spec.network;
+        for w in slice
+            .spec
+            .workloads
             .iter()
-            .filter(|s| answering.networks.contains(&s.spec.network))
+            .filter(|w| w.node != me && &w.workload.network == network)
         {
-            let network = &slice.spec.network;
-            for w in slice
-                .spec
-                .workloads
-                .iter()
-                .filter(|w| w.node != me && &w.workload.network == network)
-            {
-                if seen_workloads.insert(w.key()) {
-                    peers.push(w.clone());
-                }
-            }
-            for r in slice
-                .spec
-                .reservations
-                .iter()
-                .filter(|r| r.node != me && &r.reservation.network == network)
-            {
-                if seen_reservations.insert(r.key()) {
-                    reservations.push(r.clone());
-                }
+            if seen_workloads.insert(w.key()) {
+                peers.push(w.clone());
             }
         }
-        Ok((peers, reservations))
+        for r in slice
+            .spec
+            .reservations
+            .iter()
+            .filter(|r| r.node != me && &r.reservation.network == network)
+        {
+            if seen_reservations.insert(r.key()) {
+                reservations.push(r.clone());
+            }
+        }
     }
+    (peers, reservations)
 }
 
 /// Publishes each Warning Event of `rx` on its pod (events.k8s.io), with the pod's uid from
@@ -725,15 +756,62 @@ impl Changes {
     }
 }
 
+/// What the agent keeps of one of weft's own kinds (Networks, PortForwards, policies,
+/// TrafficMirrors): everything but the resource version and the status the controller writes,
+/// except a Network's `Valid` condition (the plan leaves out a Network the controller
+/// rejected). So a status write alone leaves the stored object as it was.
+trait TrimStatus: Resource {
+    fn trim_status(&mut self);
+}
+
+macro_rules! without_status {
+    ($($kind:ty),*) => {$(
+        impl TrimStatus for $kind {
+            fn trim_status(&mut self) {
+                self.status = None;
+            }
+        }
+    )*};
+}
+without_status!(
+    weft_crds::PortForward,
+    weft_crds::ClusterSegmentationPolicy,
+    weft_crds::SegmentationPolicy,
+    weft_crds::TrafficMirror
+);
+
+impl TrimStatus for weft_crds::Network {
+    fn trim_status(&mut self) {
+        self.status = self.status.take().and_then(|s| {
+            let conditions: Vec<Condition> = s
+                .conditions
+                .into_iter()
+                .filter(|c| c.type_ == weft_crds::constants::CONDITION_VALID)
+                .collect();
+            (!conditions.is_empty()).then(|| weft_crds::NetworkStatus {
+                conditions,
+                ..Default::default()
+            })
+        });
+    }
+}
+
+fn trim_status<K: TrimStatus>(o: &mut K) {
+    o.meta_mut().resource_version = None;
+    o.trim_status();
+}
+
 /// A reflector for `api` into a new store, `keep` applied to each object before the store
-/// keeps it: its stream bumps `changes` on every event and sets the returned flag once the
-/// first list is complete; errors are logged and retried.
+/// keeps it: its stream bumps `changes` on every event, but for a changed object that `same`
+/// finds equal to the one stored, and sets the returned flag once the first list is
+/// complete; errors are logged and retried.
 fn reflect<K>(
     what: &'static str,
     api: Api<K>,
     config: watcher::Config,
     changes: Arc<Changes>,
     mut keep: impl FnMut(&mut K) + Send + 'static,
+    same: impl Fn(&K, &K) -> bool + Send + 'static,
 ) -> (Store<K>, Arc<AtomicBool>, BoxedTask)
 where
     K: Resource<DynamicType = ()>
@@ -747,6 +825,9 @@ where
     let (reader, writer) = reflector::store();
     let synced = Arc::new(AtomicBool::new(false));
     let flag = synced.clone();
+    // Whether the object of the last event, as kept, equals the one the store held.
+    let unchanged = Arc::new(AtomicBool::new(false));
+    let (stored, seen) = (reader.clone(), unchanged.clone());
     // The agent reads no managed fields and a few annotations (a pod's `weft.dev/networks` and
     // its limits): keep the rest out of the cache.
     let trimmed = watcher(api, config).modify(move |o: &mut K| {
@@ -763,6 +844,8 @@ where
         });
         o.meta_mut().annotations = kept.filter(|k| !k.is_empty());
         keep(o);
+        let before = stored.get(&reflector::ObjectRef::from_obj(o));
+        seen.store(before.is_some_and(|b| same(&b, o)), Ordering::Release);
     });
     let stream = reflector::reflector(writer, trimmed).default_backoff();
     let task = async move {
@@ -774,6 +857,10 @@ where
                         && !flag.swap(true, Ordering::AcqRel)
                     {
                         debug!(what, "first list complete");
+                    }
+                    let same = unchanged.swap(false, Ordering::AcqRel);
+                    if matches!(event, watcher::Event::Apply(_)) && same {
+                        continue;
                     }
                     changes.bump();
                 }
