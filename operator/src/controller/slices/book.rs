@@ -10,7 +10,7 @@
 //! slice written or deleted by someone else, a write that failed, another leader) the book is
 //! read again from the store and every node vouched for.
 
-use super::{ReservationKey, WorkloadKey, fill, place, reservation_key, workload_key};
+use super::{ReservationKey, WorkloadKey, fill, keyed, place, reservation_key, workload_key};
 use crate::controller::compact::CompactNodeNetwork;
 use crate::model::peers::{Publication, VmAddresses, Vouched, vouch};
 use ipnet::IpNet;
@@ -144,11 +144,7 @@ impl Book {
         self.nodes.clear();
         let mut all = Vouched::default();
         for (key, p) in publications {
-            let mut v = Vouched::default();
-            vouch(p, &vms, Some(network), &mut v);
-            all.peers.append(&mut v.peers);
-            all.reservations.append(&mut v.reservations);
-            self.remember(p.node, key.clone(), v.problems);
+            self.vouch_for(network, key, p, &vms, &mut all);
         }
         let desired = place(all.peers, all.reservations, &current, network);
         let changed = desired
@@ -206,27 +202,14 @@ impl Book {
             if !every && self.nodes.get(p.node).is_some_and(|n| n.key == *key) {
                 continue;
             }
-            let mut v = Vouched::default();
-            vouch(p, &vms, Some(network), &mut v);
-            fresh.peers.append(&mut v.peers);
-            fresh.reservations.append(&mut v.reservations);
-            self.remember(p.node, key.clone(), v.problems);
+            self.vouch_for(network, key, p, &vms, &mut fresh);
             nodes.insert(p.node.to_owned());
         }
         self.vms = Some(vms);
         if nodes.is_empty() {
             return Vec::new();
         }
-        let workloads: BTreeMap<WorkloadKey, SliceWorkload> = fresh
-            .peers
-            .into_iter()
-            .map(|w| (workload_key(&w), w))
-            .collect();
-        let reservations: BTreeMap<ReservationKey, SliceReservation> = fresh
-            .reservations
-            .into_iter()
-            .map(|r| (reservation_key(&r), r))
-            .collect();
+        let (workloads, reservations) = keyed(fresh.peers, fresh.reservations);
         let holding: BTreeSet<usize> = nodes
             .iter()
             .filter_map(|n| self.held.get(n))
@@ -265,8 +248,26 @@ impl Book {
             .collect()
     }
 
-    fn remember(&mut self, node: &str, key: NodeKey, problems: Vec<String>) {
-        self.nodes.insert(node.to_owned(), Node { key, problems });
+    /// Adds to `into` what the node of `p` may vouch for, and remembers its publication
+    /// (`key`) with what was left out of it.
+    fn vouch_for(
+        &mut self,
+        network: &str,
+        key: &NodeKey,
+        p: &Publication<'_>,
+        vms: &VmAddresses,
+        into: &mut Vouched,
+    ) {
+        let before = into.problems.len();
+        vouch(p, vms, Some(network), into);
+        let problems = into.problems.split_off(before);
+        self.nodes.insert(
+            p.node.to_owned(),
+            Node {
+                key: key.clone(),
+                problems,
+            },
+        );
     }
 }
 

@@ -58,6 +58,25 @@ fn reservation_key(r: &SliceReservation) -> ReservationKey {
     (node.into(), vm.into(), ifname.into())
 }
 
+/// Entries by what identifies them (the last of two with one key wins).
+type Keyed = (
+    BTreeMap<WorkloadKey, SliceWorkload>,
+    BTreeMap<ReservationKey, SliceReservation>,
+);
+
+fn keyed(workloads: Vec<SliceWorkload>, reservations: Vec<SliceReservation>) -> Keyed {
+    (
+        workloads
+            .into_iter()
+            .map(|w| (workload_key(&w), w))
+            .collect(),
+        reservations
+            .into_iter()
+            .map(|r| (reservation_key(&r), r))
+            .collect(),
+    )
+}
+
 /// The slices of a Network (by index) that hold `workloads` and `reservations`, starting from
 /// `current`: every entry still published stays in the slice that holds it (with what is
 /// published now), entries no longer published leave, and new ones fill the slices with room,
@@ -70,14 +89,7 @@ pub fn place(
     current: &BTreeMap<usize, WorkloadSliceSpec>,
     network: &str,
 ) -> BTreeMap<usize, WorkloadSliceSpec> {
-    let mut want_w: BTreeMap<WorkloadKey, SliceWorkload> = workloads
-        .into_iter()
-        .map(|w| (workload_key(&w), w))
-        .collect();
-    let mut want_r: BTreeMap<ReservationKey, SliceReservation> = reservations
-        .into_iter()
-        .map(|r| (reservation_key(&r), r))
-        .collect();
+    let (mut want_w, mut want_r) = keyed(workloads, reservations);
     let mut out = BTreeMap::new();
     for (&index, spec) in current {
         let mut kept = WorkloadSliceSpec {
