@@ -139,30 +139,18 @@ impl KubeSource {
             tasks.push(tokio::spawn(task));
         };
         macro_rules! reflect {
-            ($what:literal, $api:expr, $config:expr) => {{
-                let (store, flag, task) = reflect(
-                    $what,
-                    $api,
-                    $config.clone(),
-                    changes.clone(),
-                    |_| {},
-                    |_, _| false,
-                );
-                spawn($what, task, flag);
-                store
-            }};
+            ($what:literal, $api:expr, $config:expr) => {
+                reflect!($what, $api, $config, |_| {}, None)
+            };
             // weft's own kinds: what the plan reads of them is kept (see `trim_status`), and
             // an event that leaves that unchanged (a status write of the controller's) does
             // not wake the agent.
-            ($what:literal, $api:expr, $config:expr, weft) => {{
-                let (store, flag, task) = reflect(
-                    $what,
-                    $api,
-                    $config.clone(),
-                    changes.clone(),
-                    trim_status,
-                    |a, b| a == b,
-                );
+            ($what:literal, $api:expr, $config:expr, weft) => {
+                reflect!($what, $api, $config, trim_status, Some(|a, b| a == b))
+            };
+            ($what:literal, $api:expr, $config:expr, $keep:expr, $same:expr) => {{
+                let (store, flag, task) =
+                    reflect($what, $api, $config.clone(), changes.clone(), $keep, $same);
                 spawn($what, task, flag);
                 store
             }};
@@ -386,7 +374,7 @@ impl SliceWatch {
                 config,
                 self.changes.clone(),
                 move |slice: &mut WorkloadSlice| label_sets.share_slice(slice),
-                |_, _| false,
+                None,
             );
             Some(SliceReflector {
                 networks: networks.clone(),
@@ -802,16 +790,16 @@ fn trim_status<K: TrimStatus>(o: &mut K) {
 }
 
 /// A reflector for `api` into a new store, `keep` applied to each object before the store
-/// keeps it: its stream bumps `changes` on every event, but for a changed object that `same`
-/// finds equal to the one stored, and sets the returned flag once the first list is
-/// complete; errors are logged and retried.
+/// keeps it: its stream bumps `changes` on every event, but (with `same`) for a changed
+/// object that `same` finds equal to the one stored, and sets the returned flag once the
+/// first list is complete; errors are logged and retried.
 fn reflect<K>(
     what: &'static str,
     api: Api<K>,
     config: watcher::Config,
     changes: Arc<Changes>,
     mut keep: impl FnMut(&mut K) + Send + 'static,
-    same: impl Fn(&K, &K) -> bool + Send + 'static,
+    same: Option<fn(&K, &K) -> bool>,
 ) -> (Store<K>, Arc<AtomicBool>, BoxedTask)
 where
     K: Resource<DynamicType = ()>
@@ -844,8 +832,10 @@ where
         });
         o.meta_mut().annotations = kept.filter(|k| !k.is_empty());
         keep(o);
-        let before = stored.get(&reflector::ObjectRef::from_obj(o));
-        seen.store(before.is_some_and(|b| same(&b, o)), Ordering::Release);
+        if let Some(same) = same {
+            let before = stored.get(&reflector::ObjectRef::from_obj(o));
+            seen.store(before.is_some_and(|b| same(&b, o)), Ordering::Release);
+        }
     });
     let stream = reflector::reflector(writer, trimmed).default_backoff();
     let task = async move {
