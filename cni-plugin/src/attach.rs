@@ -19,6 +19,9 @@ use weft_dataplane::state::{NetworkState, StateError};
 use weft_dataplane::tap::{TapSpec, create_persistent_tap};
 use weft_dataplane::vlan::VlanRange;
 
+/// The loopback link's index in every network namespace (the kernel registers it first).
+const LOOPBACK_INDEX: u32 = 1;
+
 fn read_network(conf: &Conf, network: &str) -> Result<NetworkState, CniError> {
     NetworkState::read(&conf.state_dir, network).map_err(|e| match e {
         StateError::Read { .. } if e.is_not_found() => CniError::new(
@@ -218,7 +221,7 @@ impl Wired {
     /// Deletes the link (its peer in the workload goes with it) and a VM's tap.
     fn undo(&self, ns: &Netns) {
         if self.tap
-            && let Ok(mut inner) = Netlink::in_netns(ns)
+            && let Ok(mut inner) = Netlink::entering(ns)
         {
             unwire_tap(&mut inner, &self.ifname);
         }
@@ -410,33 +413,14 @@ fn wire(
             ),
         ));
     }
-    // A previous ADD of the same attachment that crashed half-way may have left its veth.
-    if let Some(stale) = host.link_by_name(&a.host_ifname)? {
-        debug!(link = %a.host_ifname, "removing a stale host veth of an interrupted ADD");
-        host.delete_link(stale.index)?;
-    }
-    let mut inner = Netlink::in_netns(ns)?;
-    if let Some(taken) = inner.link_by_name(ifname)? {
-        let Some(host_end) = detached_peer(&mut host, conf, &taken)? else {
-            return Err(CniError::new(
-                error::IFNAME_TAKEN,
-                format!("interface {ifname} already exists in the container"),
-                format!(
-                    "CNI_IFNAME {ifname} is taken in {}; choose another interface name",
-                    ns.path().display()
-                ),
-            ));
-        };
-        debug!(link = %taken.name, "removing the interface of a detached attachment the runtime's namespace kept");
-        host.delete_link(host_end)?;
-    }
+    let mut inner = Netlink::entering(ns)?;
     let tap = match &conf.attachment {
         AttachmentKind::Tap(t) => Some(t),
         AttachmentKind::Veth => None,
     };
     let trunk: &[VlanRange] = if own { &conf.vlan_trunk } else { &[] };
     let alias = names::host_veth_alias(network, container_id, ifname);
-    let host_index = host.create_veth_into_netns(&VethSpec {
+    let spec = VethSpec {
         host_name: &a.host_ifname,
         host_alias: Some(&alias),
         host_master: Some(bridge.index),
@@ -444,7 +428,16 @@ fn wire(
         peer_netns: ns.fd(),
         peer_mac: Some(mac),
         mtu: Some(net.mtu),
-    })?;
+    };
+    // A name taken: on either side, what `clear_names` may remove, then once more.
+    let created = match host.create_veth_pair_into_netns(&spec) {
+        Err(e) if e.is_exists() => {
+            clear_names(conf, ns, &mut host, &mut inner, &a.host_ifname, ifname)?;
+            host.create_veth_pair_into_netns(&spec)?
+        }
+        other => other?,
+    };
+    let host_index = created.host;
     let mut wired = Wired {
         result: CniResult {
             cni_version: conf.cni_version.clone(),
@@ -477,6 +470,7 @@ fn wire(
                 configure_pod_interface(
                     &mut inner,
                     ifname,
+                    created.peer,
                     &a.ips,
                     net,
                     conf.default_route && a.interface.default_route,
@@ -526,6 +520,39 @@ fn wire(
     Ok(wired)
 }
 
+/// Frees the names of an attachment's veth when they are left from before: the host end of
+/// an ADD that crashed half-way, or the workload's end of a detached attachment whose
+/// namespace the runtime kept (see [`detached_peer`]). Any other interface of that name in the
+/// workload is an error naming it.
+fn clear_names(
+    conf: &Conf,
+    ns: &Netns,
+    host: &mut Netlink,
+    inner: &mut Netlink,
+    host_ifname: &str,
+    ifname: &str,
+) -> Result<(), CniError> {
+    if let Some(stale) = host.link_by_name(host_ifname)? {
+        debug!(link = %host_ifname, "removing a stale host veth of an interrupted ADD");
+        host.delete_link(stale.index)?;
+    }
+    if let Some(taken) = inner.link_by_name(ifname)? {
+        let Some(host_end) = detached_peer(host, conf, &taken)? else {
+            return Err(CniError::new(
+                error::IFNAME_TAKEN,
+                format!("interface {ifname} already exists in the container"),
+                format!(
+                    "CNI_IFNAME {ifname} is taken in {}; choose another interface name",
+                    ns.path().display()
+                ),
+            ));
+        };
+        debug!(link = %taken.name, "removing the interface of a detached attachment the runtime's namespace kept");
+        host.delete_link(host_end)?;
+    }
+    Ok(())
+}
+
 /// The host end of `taken`, an interface in the workload's namespace, when it is the pod end of
 /// a weft veth whose attachment is gone: DEL leaves the veth to the namespace's teardown (see
 /// `del_one`), so a runtime that keeps the namespace and ADDs into it again finds it.
@@ -556,31 +583,39 @@ fn detached_peer(
     Ok((!owned).then_some(h.index))
 }
 
-/// A pod's interface `ifname` (the veth end): `lo` and it up, its addresses, and the default
-/// routes through the network's gateways when `default_route`; returns the routes.
+/// A pod's interface `ifname` (the veth end, of index `index` when the kernel said so): `lo`
+/// and it up, its addresses, and the default routes through the network's gateways when
+/// `default_route`; returns the routes.
 fn configure_pod_interface(
     inner: &mut Netlink,
     ifname: &str,
+    index: Option<u32>,
     ips: &[IpAddr],
     net: &NetworkState,
     default_route: bool,
 ) -> Result<Vec<Route>, CniError> {
-    let peer = inner.link_by_name(ifname)?.ok_or_else(|| {
-        CniError::new(
-            error::LINK_FAILED,
-            format!("interface {ifname} did not appear in the container"),
-            "the kernel accepted the veth but its peer is missing",
-        )
-    })?;
-    if let Some(lo) = inner.link_by_name("lo")?
-        && !lo.up
-    {
-        inner.set_up(lo.index)?;
-    }
+    let index = match index {
+        Some(i) => i,
+        None => {
+            inner
+                .link_by_name(ifname)?
+                .ok_or_else(|| {
+                    CniError::new(
+                        error::LINK_FAILED,
+                        format!("interface {ifname} did not appear in the container"),
+                        "the kernel accepted the veth but its peer is missing",
+                    )
+                })?
+                .index
+        }
+    };
+    // Loopback is the first link of every network namespace (index 1); setting it up again
+    // changes nothing.
+    inner.set_up(LOOPBACK_INDEX)?;
     for ip in ips {
-        inner.add_address(peer.index, prefixed(*ip, net), true)?;
+        inner.add_address(index, prefixed(*ip, net), true)?;
     }
-    inner.set_up(peer.index)?;
+    inner.set_up(index)?;
     let mut routes = Vec::new();
     if default_route {
         for ip in ips {
@@ -593,7 +628,7 @@ fn configure_pod_interface(
                 inner.replace_route(&RouteSpec {
                     dst,
                     gateway: Some(gw),
-                    oif: Some(peer.index),
+                    oif: Some(index),
                     src: None,
                 })?;
                 routes.push(Route {
@@ -804,7 +839,7 @@ fn del_one(conf: &Conf, env: &Env, network: &str, ifname: &str) -> Result<(), Cn
         && let Some(path) = env.netns.as_deref()
         && let Ok(ns) = Netns::open(Path::new(path))
         && matches!(ns.is_current(), Ok(false))
-        && let Ok(mut inner) = Netlink::in_netns(&ns)
+        && let Ok(mut inner) = Netlink::entering(&ns)
     {
         unwire_tap(&mut inner, ifname);
     }
@@ -936,7 +971,7 @@ pub fn check(conf: &Conf, env: &Env) -> Result<(), CniError> {
             )));
         }
     }
-    let mut inner = Netlink::in_netns(&ns)?;
+    let mut inner = Netlink::entering(&ns)?;
     if matches!(conf.attachment, AttachmentKind::Tap(_)) {
         // A VM's addresses live in the guest: check the wiring up to its tap.
         let tap = names::vm_tap_name(ifname);

@@ -864,3 +864,79 @@ fn add_for_a_pod_the_agent_does_not_know_yet_is_try_again_later() {
     let store = IpamStore::open(node.state_dir(), "test").unwrap();
     assert!(store.list().unwrap().is_empty());
 }
+
+#[test]
+fn names_left_from_before_are_cleared_and_a_foreign_interface_is_refused() {
+    let mut node = Node::new(Agent::Answers);
+    let conf = node.conf("1.1.0");
+    let store = IpamStore::open(node.state_dir(), "test").unwrap();
+    let held = |cid: &str| {
+        store
+            .get(&Attachment {
+                container_id: cid.into(),
+                ifname: "eth0".into(),
+            })
+            .unwrap()
+            .is_some()
+    };
+    let mut host = Netlink::new().unwrap();
+
+    // The workload already has an `eth0` that is not weft's: refused, nothing left behind.
+    let (_, foreign_path) = node.workload();
+    let foreign = foreign_path.to_str().unwrap();
+    let mut inner = Netlink::in_netns(&Netns::open(&foreign_path).unwrap()).unwrap();
+    inner.create_bridge("eth0", None, None, None).unwrap();
+    let add = weft("ADD", &conf, &env("taken", foreign, "eth0"));
+    assert!(!add.ok, "{}", add.json);
+    assert_eq!(add.json["code"], 107, "{}", add.json);
+    assert!(
+        add.json["details"].as_str().unwrap().contains("eth0"),
+        "{}",
+        add.json
+    );
+    assert!(!host_link_exists("taken", "eth0"));
+    assert!(!held("taken"), "the refused ADD released its address");
+    assert!(inner.link_by_name("eth0").unwrap().is_some(), "not weft's");
+
+    // A host end left by an ADD that died half-way: the retried ADD replaces it.
+    let (_, retried_path) = node.workload();
+    let retried = retried_path.to_str().unwrap();
+    let stale = names::host_veth_name("retried", "eth0");
+    host.create_veth_pair(&stale, "weft-stale0", None, None)
+        .unwrap();
+    let add = weft("ADD", &conf, &env("retried", retried, "eth0"));
+    assert!(add.ok, "{} {}", add.json, add.stderr);
+    let now = host.link_by_name(&stale).unwrap().unwrap();
+    assert_eq!(now.kind.as_deref(), Some("veth"));
+    assert!(
+        now.netns_id.is_some(),
+        "the new host end's peer is in the workload"
+    );
+    assert!(host.link_by_name("weft-stale0").unwrap().is_none());
+
+    // A runtime that keeps the namespace of a detached attachment (its address released, its
+    // veth left to the namespace's teardown) and ADDs into it again.
+    let (_, kept_path) = node.workload();
+    let kept = kept_path.to_str().unwrap();
+    let add = weft("ADD", &conf, &env("first", kept, "eth0"));
+    assert!(add.ok, "{} {}", add.json, add.stderr);
+    store
+        .release(&Attachment {
+            container_id: "first".into(),
+            ifname: "eth0".into(),
+        })
+        .unwrap();
+    let add = weft("ADD", &conf, &env("second", kept, "eth0"));
+    assert!(add.ok, "{} {}", add.json, add.stderr);
+    assert!(!host_link_exists("first", "eth0"));
+    assert!(host_link_exists("second", "eth0"));
+    assert!(held("second"));
+    let mut inner = Netlink::in_netns(&Netns::open(&kept_path).unwrap()).unwrap();
+    let eth0 = inner.link_by_name("eth0").unwrap().unwrap();
+    assert_eq!(
+        eth0.peer,
+        host.link_by_name(&names::host_veth_name("second", "eth0"))
+            .unwrap()
+            .map(|l| l.index)
+    );
+}

@@ -85,6 +85,16 @@ pub struct FdbEntry {
     pub local: bool,
 }
 
+/// The indexes of a veth pair made by [`Netlink::create_veth_pair_into_netns`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreatedVeth {
+    /// The host end's index.
+    pub host: u32,
+    /// The peer's index in its namespace, as the kernel's echo of the new link gives it
+    /// (`IFLA_LINK`); `None` if it did not.
+    pub peer: Option<u32>,
+}
+
 /// A veth pair whose peer is born inside another network namespace, see
 /// [`Netlink::create_veth_into_netns`].
 #[derive(Debug, Clone, Copy)]
@@ -358,6 +368,18 @@ impl Netlink {
         msg: LinkMessage,
         target: impl Fn() -> String,
     ) -> Result<u32, NetlinkError> {
+        Ok(self.create_link_info(op, name, msg, target)?.index)
+    }
+
+    /// [`Netlink::create_link`], returning the new link as the kernel's echo describes it
+    /// (looked up by name when there was no echo).
+    fn create_link_info(
+        &mut self,
+        op: &'static str,
+        name: &str,
+        msg: LinkMessage,
+        target: impl Fn() -> String,
+    ) -> Result<LinkInfo, NetlinkError> {
         let replies = self.call(
             op,
             &target,
@@ -365,16 +387,13 @@ impl Netlink {
             NLM_F_CREATE | NLM_F_EXCL | NLM_F_ECHO,
         )?;
         let echoed = replies.into_iter().find_map(|m| match m {
-            RouteNetlinkMessage::NewLink(l) => {
-                let l = link_info(l);
-                (l.name == name).then_some(l.index)
-            }
+            RouteNetlinkMessage::NewLink(l) => Some(link_info(l)).filter(|l| l.name == name),
             _ => None,
         });
         match echoed {
-            Some(index) => Ok(index),
+            Some(link) => Ok(link),
             None => match self.link_by_name(name)? {
-                Some(l) => Ok(l.index),
+                Some(l) => Ok(l),
                 None => Err(NetlinkError::Vanished {
                     op,
                     target: target(),
@@ -415,6 +434,15 @@ impl Netlink {
     ///
     /// Fails with [`NetlinkError::is_exists`] when a name is taken.
     pub fn create_veth_into_netns(&mut self, spec: &VethSpec<'_>) -> Result<u32, NetlinkError> {
+        Ok(self.create_veth_pair_into_netns(spec)?.host)
+    }
+
+    /// [`Netlink::create_veth_into_netns`], returning the peer's index too (from the
+    /// kernel's echo: no lookup inside the peer's namespace).
+    pub fn create_veth_pair_into_netns(
+        &mut self,
+        spec: &VethSpec<'_>,
+    ) -> Result<CreatedVeth, NetlinkError> {
         const OP: &str = "create veth";
         let target = || format!("{} (peer {})", spec.host_name, spec.peer_name);
         check_ifname(OP, &target(), spec.host_name)?;
@@ -438,10 +466,13 @@ impl Netlink {
         if let Some(master) = spec.host_master {
             host = host.controller(master);
         }
-        let index = self.create_link(OP, spec.host_name, host.build(), target)?;
-        self.alias_new_link(index, spec.host_alias)?;
-        debug!(host = %spec.host_name, peer = %spec.peer_name, index, "created veth");
-        Ok(index)
+        let link = self.create_link_info(OP, spec.host_name, host.build(), target)?;
+        self.alias_new_link(link.index, spec.host_alias)?;
+        debug!(host = %spec.host_name, peer = %spec.peer_name, index = link.index, "created veth");
+        Ok(CreatedVeth {
+            host: link.index,
+            peer: link.peer,
+        })
     }
 
     /// Creates a veth pair `a`/`b`, with `b` born inside `b_netns` when given (here

@@ -28,7 +28,7 @@ mod vxlan;
 
 pub use addr::AddrInfo;
 pub use link::{
-    FdbEntry, LinkInfo, LinkStats, VethSpec, bridge_no_link_local_learning_message,
+    CreatedVeth, FdbEntry, LinkInfo, LinkStats, VethSpec, bridge_no_link_local_learning_message,
     port_hairpin_message,
 };
 pub use route::{Family, RouteEntry, RouteInfo, RouteSpec, route_entry_message};
@@ -279,7 +279,14 @@ fn ext_ack_message(outer_flags: u16, payload: &[u8]) -> Option<String> {
 pub struct Netlink {
     socket: Socket,
     seq: u32,
+    /// Where answers are received: one buffer for the socket's life, so a request costs one
+    /// `recv` a datagram and no allocation (the kernel's dump datagrams stay under 32 KiB).
+    rx: Vec<u8>,
 }
+
+/// The receive buffer's first size; it grows to a datagram that did not fit (see
+/// [`Netlink::receive`]).
+const RX_BUFFER: usize = 64 * 1024;
 
 impl fmt::Debug for Netlink {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -300,7 +307,11 @@ impl Netlink {
         // Best effort: the kernel's reason text on errors, and no echo of our request in them.
         let _ = socket.set_ext_ack(true);
         let _ = socket.set_cap_ack(true);
-        Ok(Netlink { socket, seq: 0 })
+        Ok(Netlink {
+            socket,
+            seq: 0,
+            rx: Vec::new(),
+        })
     }
 
     /// Opens a socket inside `ns` (on a helper thread; the caller's thread is not switched).
@@ -310,6 +321,20 @@ impl Netlink {
             path: ns.path().to_path_buf(),
             source,
         })?
+    }
+
+    /// Opens a socket inside `ns` from the calling thread, which enters `ns` and comes back
+    /// (no helper thread to start): for a process that runs on one thread, as the CNI plugin
+    /// does. Never from a thread that runs async tasks: use [`Netlink::in_netns`] there. The
+    /// process aborts if the thread cannot come back (see [`netns::enter`]).
+    pub fn entering(ns: &Netns) -> Result<Netlink, NetlinkError> {
+        let guard = netns::enter(ns).map_err(|source| NetlinkError::OpenInNetns {
+            path: ns.path().to_path_buf(),
+            source,
+        })?;
+        let opened = Netlink::new();
+        drop(guard);
+        opened
     }
 
     /// Sends one request and collects the kernel's answer.
@@ -390,11 +415,8 @@ impl Netlink {
         let mut interrupted = false;
         let mut decode_error = None;
         loop {
-            let (data, _) = match self.socket.recv_from_full() {
-                Ok(r) => r,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(Failure::Io(e)),
-            };
+            self.receive(dump)?;
+            let data = self.rx.as_slice();
             let mut offset = 0;
             while offset < data.len() {
                 let bytes = &data[offset..];
@@ -448,6 +470,38 @@ impl Netlink {
                     }
                     _ => {}
                 }
+            }
+        }
+    }
+}
+
+impl Netlink {
+    /// Receives one datagram into the socket's buffer. A datagram larger than the buffer
+    /// (never seen: the kernel sizes dump datagrams to at most 32 KiB, and a single answer to
+    /// its message) is lost in part: the buffer grows to its size, and the request is retried
+    /// when it was a dump ([`Failure::Interrupted`]; the rest of the old dump is skipped by its
+    /// sequence number) or fails otherwise.
+    fn receive(&mut self, dump: bool) -> Result<(), Failure> {
+        if self.rx.capacity() < RX_BUFFER {
+            self.rx.reserve_exact(RX_BUFFER);
+        }
+        loop {
+            self.rx.clear();
+            let capacity = self.rx.capacity();
+            match self.socket.recv(&mut self.rx, libc::MSG_TRUNC) {
+                Ok(len) if len <= capacity => return Ok(()),
+                Ok(len) => {
+                    self.rx.reserve_exact(len);
+                    return Err(if dump {
+                        Failure::Interrupted
+                    } else {
+                        Failure::Io(io::Error::other(format!(
+                            "the kernel's answer ({len} bytes) was larger than the receive buffer ({capacity} bytes)"
+                        )))
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Failure::Io(e)),
             }
         }
     }
