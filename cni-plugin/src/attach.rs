@@ -420,9 +420,10 @@ fn wire(
     };
     let trunk: &[VlanRange] = if own { &conf.vlan_trunk } else { &[] };
     let alias = names::host_veth_alias(network, container_id, ifname);
+    // The alias goes on with the hairpin below, in one request.
     let spec = VethSpec {
         host_name: &a.host_ifname,
-        host_alias: Some(&alias),
+        host_alias: None,
         host_master: Some(bridge.index),
         peer_name: ifname,
         peer_netns: ns.fd(),
@@ -453,7 +454,7 @@ fn wire(
     let mut finish = || -> Result<(String, Vec<Route>), CniError> {
         // Hairpin: the workload reaches itself through the node's port forwards and host
         // ports (the bridge guard drops the broadcasts and multicasts it would reflect).
-        host.set_port_hairpin(host_index, true)?;
+        host.set_port_hairpin_and_alias(host_index, true, &alias)?;
         // A VLAN-filtering bridge: an access port on the network's own VLAN, plus the trunk.
         if let Some(f) = &net.vlan_filtering {
             host.set_port_vlans(host_index, &f.workload(trunk))?;

@@ -430,7 +430,7 @@ impl Netlink {
     /// Creates a veth pair with one `RTM_NEWLINK`: the host end here (attached to
     /// `host_master`, with `host_alias`, up) and the peer born directly inside `peer_netns`
     /// (`IFLA_NET_NS_FD` in the peer's info; much cheaper than moving it afterwards) with
-    /// `peer_mac`, down. Returns the host end's index.
+    /// `peer_mac`, down (the kernel cannot open a veth end before its peer exists). Returns the host end's index.
     ///
     /// Fails with [`NetlinkError::is_exists`] when a name is taken.
     pub fn create_veth_into_netns(&mut self, spec: &VethSpec<'_>) -> Result<u32, NetlinkError> {
@@ -688,6 +688,25 @@ impl Netlink {
             "set bridge port hairpin",
             || format!("link {index} hairpin {}", if on { "on" } else { "off" }),
             RouteNetlinkMessage::NewLink(port_hairpin_message(index, on)),
+            0,
+        )?;
+        Ok(())
+    }
+
+    /// Sets bridge port `index`'s hairpin mode and the link's alias (`IFLA_IFALIAS`) in one
+    /// request.
+    pub fn set_port_hairpin_and_alias(
+        &mut self,
+        index: u32,
+        on: bool,
+        alias: &str,
+    ) -> Result<(), NetlinkError> {
+        let mut msg = port_hairpin_message(index, on);
+        msg.attributes.push(LinkAttribute::IfAlias(alias.to_string()));
+        self.call(
+            "set bridge port hairpin and alias",
+            || format!("link {index} hairpin {} alias {alias}", if on { "on" } else { "off" }),
+            RouteNetlinkMessage::NewLink(msg),
             0,
         )?;
         Ok(())
