@@ -5,9 +5,10 @@
 //! - `lock`: every read-modify-write holds an exclusive `flock` on it for its whole duration,
 //!   so concurrent CNI processes (each with its own file descriptor) are serialized;
 //! - `allocations.json`: the allocations, the VM reservations and the last address handed out
-//!   per family, replaced atomically (written to `allocations.json.tmp`, renamed over), so a
-//!   process killed at any point leaves either the old or the new file, never a torn one. A
-//!   stale `allocations.json.tmp` left by a crash is ignored and overwritten by the next write.
+//!   per family, as compact JSON, replaced atomically (written to `allocations.json.tmp`,
+//!   renamed over), so a process killed at any point leaves either the old or the new file,
+//!   never a torn one. A stale `allocations.json.tmp` left by a crash is ignored and
+//!   overwritten by the next write.
 //!
 //! Durability: a workload's allocation never needs to outlive a boot, because a reboot ends
 //! every network namespace it describes. The file records the boot it was written in
@@ -860,8 +861,8 @@ impl IpamStore {
     fn write(&self, state: &StoreFile, durable: bool) -> Result<(), IpamError> {
         let tmp = self.dir.join(ALLOCATIONS_TMP_FILE);
         let path = self.path();
-        let bytes = serde_json::to_vec_pretty(state)
-            .map_err(|e| io("encode", &path)(std::io::Error::other(e)))?;
+        let bytes =
+            serde_json::to_vec(state).map_err(|e| io("encode", &path)(std::io::Error::other(e)))?;
         let mut file = File::create(&tmp).map_err(io("create", &tmp))?;
         file.write_all(&bytes).map_err(io("write", &tmp))?;
         // Reservations: on disk before the rename, so a power loss cannot tear them. Everything

@@ -702,10 +702,16 @@ impl Netlink {
         alias: &str,
     ) -> Result<(), NetlinkError> {
         let mut msg = port_hairpin_message(index, on);
-        msg.attributes.push(LinkAttribute::IfAlias(alias.to_string()));
+        msg.attributes
+            .push(LinkAttribute::IfAlias(alias.to_string()));
         self.call(
             "set bridge port hairpin and alias",
-            || format!("link {index} hairpin {} alias {alias}", if on { "on" } else { "off" }),
+            || {
+                format!(
+                    "link {index} hairpin {} alias {alias}",
+                    if on { "on" } else { "off" }
+                )
+            },
             RouteNetlinkMessage::NewLink(msg),
             0,
         )?;
