@@ -368,8 +368,15 @@ impl Trigger {
     }
 }
 
+/// The shortest time between two writes of `<state>/status.json`: while pods start by the
+/// hundred, every registration changes the status, and a write (a new file renamed over the
+/// old) costs the node more than the registration's own rules.
+const STATUS_WRITE_INTERVAL: Duration = Duration::from_millis(100);
+
 /// Writes `<state>/status.json` off the reconcile's path (a registration's reply does not wait
-/// for it): one task writes, the newest status wins, and writes never overlap.
+/// for it): one task writes, the newest status wins, writes never overlap, and at most one
+/// starts every [`STATUS_WRITE_INTERVAL`] (what changes meanwhile waits for the next, which
+/// writes the newest).
 #[derive(Debug)]
 struct StatusFile {
     tx: tokio::sync::watch::Sender<Option<AgentStatus>>,
@@ -386,12 +393,14 @@ impl StatusFile {
                     continue;
                 };
                 let path = path.clone();
+                let started = tokio::time::Instant::now();
                 let written =
                     tokio::task::spawn_blocking(move || state::write_json_unsynced(&path, &status))
                         .await;
                 if let Ok(Err(e)) = written {
                     warn!(error = %crate::error_chain(&e), "cannot write status");
                 }
+                tokio::time::sleep_until(started + STATUS_WRITE_INTERVAL).await;
             }
         });
         StatusFile { tx, writer }
@@ -1360,5 +1369,56 @@ mod reconcile_error_tests {
                 .starts_with("link wn-lan exists but was not created by weft"),
             "{foreign}"
         );
+    }
+}
+
+#[cfg(test)]
+mod status_file_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn generation(path: &std::path::Path) -> Option<u64> {
+        let bytes = std::fs::read(path).ok()?;
+        serde_json::from_slice::<serde_json::Value>(&bytes).ok()?["generation"].as_u64()
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_statuses_is_written_as_its_newest_and_flush_writes_the_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("status.json");
+        let file = StatusFile::spawn(path.clone());
+        let status = |generation| AgentStatus {
+            generation,
+            ..AgentStatus::default()
+        };
+        let first = Instant::now();
+        file.publish(&status(1));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while generation(&path) != Some(1) {
+            assert!(
+                Instant::now() < deadline,
+                "the first status was never written"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Within the interval after a write, a burst waits for the next write, which takes
+        // its newest status.
+        for g in 2..=50 {
+            file.publish(&status(g));
+        }
+        // The first write started after `first`: the next cannot start before `first` and
+        // the interval (checked while that holds; a machine too slow to get here in time
+        // skips the check).
+        tokio::time::sleep(STATUS_WRITE_INTERVAL / 4).await;
+        let seen = generation(&path);
+        if first.elapsed() < STATUS_WRITE_INTERVAL {
+            assert_eq!(seen, Some(1), "no write within the interval");
+        }
+        tokio::time::sleep(STATUS_WRITE_INTERVAL * 3).await;
+        assert_eq!(generation(&path), Some(50));
+        // Shutting down writes the last status at once, whatever the interval.
+        file.publish(&status(51));
+        file.flush().await;
+        assert_eq!(generation(&path), Some(51));
     }
 }
