@@ -169,8 +169,10 @@ pub const BAN_SETS: [&str; 2] = ["bans4", "bans6"];
 pub const BAN_LOG_PREFIX: &str = "weft bruteforce ban ";
 
 /// The brute-force guards' sets and rules: one class per distinct `(per minute, ban)`, with
-/// its ports (`bfp<i>`: protocol . node ports) and its rate meters (`bfm<i>_4`, `bfm<i>_6`,
-/// dynamic, an element per source and port that expires after a minute without connections).
+/// its ports (`bfp_<per minute>_<ban>`: protocol . node ports) and its rate meters
+/// (`bfm_<per minute>_<ban>_4`, `…_6`, dynamic, an element per source and port that expires
+/// after a minute without connections). Named by their values, so another guard coming or
+/// going never renames a class (which would restart its meters).
 fn brute_force(forwards: &[Forward], log: &str) -> (Vec<Set>, Vec<String>) {
     let mut classes: BTreeMap<(u32, u32), BTreeSet<String>> = BTreeMap::new();
     for f in forwards {
@@ -198,9 +200,10 @@ fn brute_force(forwards: &[Forward], log: &str) -> (Vec<Set>, Vec<String>) {
             BAN_SETS[1]
         ),
     ];
-    for (i, ((per_minute, ban), ports)) in classes.into_iter().enumerate() {
+    for ((per_minute, ban), ports) in classes {
+        let class = format!("{per_minute}_{ban}");
         sets.push(set(
-            &format!("bfp{i}"),
+            &format!("bfp_{class}"),
             "inet_proto . inet_service",
             true,
             ports,
@@ -209,9 +212,9 @@ fn brute_force(forwards: &[Forward], log: &str) -> (Vec<Set>, Vec<String>) {
             ("4", "ip", "ipv4_addr . inet_proto . inet_service"),
             ("6", "ip6", "ipv6_addr . inet_proto . inet_service"),
         ] {
-            sets.push(dynamic_set(&format!("bfm{i}_{v}"), key, true));
+            sets.push(dynamic_set(&format!("bfm_{class}_{v}"), key, true));
             rules.push(format!(
-                "{l4} meta l4proto . th dport @bfp{i} update @bfm{i}_{v} {{ {ip} saddr . meta l4proto . th dport timeout 60s limit rate over {per_minute}/minute burst {per_minute} packets }} add @bans{v} {{ {ip} saddr . meta l4proto . th dport timeout {ban}s }} {log} drop"
+                "{l4} meta l4proto . th dport @bfp_{class} update @bfm_{class}_{v} {{ {ip} saddr . meta l4proto . th dport timeout 60s limit rate over {per_minute}/minute burst {per_minute} packets }} add @bans{v} {{ {ip} saddr . meta l4proto . th dport timeout {ban}s }} {log} drop"
             ));
         }
     }
@@ -1166,7 +1169,15 @@ mod tests {
         assert_eq!(
             set_names(&guarded),
             [
-                "bridges", "bans4", "bans6", "bfp0", "bfm0_4", "bfm0_6", "bfp1", "bfm1_4", "bfm1_6"
+                "bridges",
+                "bans4",
+                "bans6",
+                "bfp_5_3600",
+                "bfm_5_3600_4",
+                "bfm_5_3600_6",
+                "bfp_10_600",
+                "bfm_10_600_4",
+                "bfm_10_600_6"
             ]
         );
         let ports = |name: &str| {
@@ -1179,11 +1190,11 @@ mod tests {
                 .clone()
         };
         assert_eq!(
-            ports("bfp0").into_iter().collect::<Vec<_>>(),
+            ports("bfp_5_3600").into_iter().collect::<Vec<_>>(),
             ["tcp . 3389"]
         );
         assert_eq!(
-            ports("bfp1").into_iter().collect::<Vec<_>>(),
+            ports("bfp_10_600").into_iter().collect::<Vec<_>>(),
             ["tcp . 2222", "tcp . 2223"]
         );
         let bans = guarded.sets.iter().find(|s| s.name == "bans4").unwrap();
@@ -1194,7 +1205,7 @@ mod tests {
             "{pre:?}"
         );
         assert!(
-            pre.iter().any(|r| r.contains("@bfp1 update @bfm1_6 { ip6 saddr . meta l4proto . th dport timeout 60s limit rate over 10/minute burst 10 packets } add @bans6 { ip6 saddr . meta l4proto . th dport timeout 600s }")),
+            pre.iter().any(|r| r.contains("@bfp_10_600 update @bfm_10_600_6 { ip6 saddr . meta l4proto . th dport timeout 60s limit rate over 10/minute burst 10 packets } add @bans6 { ip6 saddr . meta l4proto . th dport timeout 600s }")),
             "{pre:?}"
         );
         // The guards come before the forwards' DNAT.
@@ -1217,6 +1228,35 @@ mod tests {
             weft_dataplane::nft::structure_hash(&guarded),
             weft_dataplane::nft::structure_hash(&more)
         );
+        // A guard with a new limit, sorted before the others, renames none of them: their
+        // meters (the kernel's counts per source) stay.
+        let stricter = table(
+            &[],
+            &[
+                fwd(2222, Some((10, 600))),
+                fwd(2223, Some((10, 600))),
+                fwd(3389, Some((5, 3600))),
+                fwd(2200, Some((3, 60))),
+            ],
+            &[],
+            &[],
+            &policy,
+        );
+        let meter_rule = |t: &Table, name: &str| {
+            t.chains[0]
+                .rules
+                .iter()
+                .find(|r| r.contains(&format!("update @{name} ")))
+                .cloned()
+        };
+        for name in set_names(&guarded).iter().filter(|n| n.starts_with("bfm")) {
+            assert!(meter_rule(&guarded, name).is_some(), "{name}");
+            assert_eq!(
+                meter_rule(&guarded, name),
+                meter_rule(&stricter, name),
+                "{name} counts for another guard now"
+            );
+        }
     }
 
     #[test]
