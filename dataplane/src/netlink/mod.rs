@@ -279,13 +279,12 @@ fn ext_ack_message(outer_flags: u16, payload: &[u8]) -> Option<String> {
 pub struct Netlink {
     socket: Socket,
     seq: u32,
-    /// Where answers are received: one buffer for the socket's life, so a request costs one
-    /// `recv` a datagram and no allocation (the kernel's dump datagrams stay under 32 KiB).
-    rx: Vec<u8>,
+    /// Where answers are received.
+    rx: RxBuffer,
 }
 
-/// The receive buffer's first size; it grows to a datagram that did not fit (see
-/// [`Netlink::receive`]).
+/// A receive buffer's first size; it grows to a datagram that did not fit (see
+/// [`RxBuffer::receive`]).
 const RX_BUFFER: usize = 64 * 1024;
 
 impl fmt::Debug for Netlink {
@@ -310,7 +309,7 @@ impl Netlink {
         Ok(Netlink {
             socket,
             seq: 0,
-            rx: Vec::new(),
+            rx: RxBuffer::default(),
         })
     }
 
@@ -416,7 +415,7 @@ impl Netlink {
         let mut decode_error = None;
         loop {
             self.receive(dump)?;
-            let data = self.rx.as_slice();
+            let data = self.rx.data();
             let mut offset = 0;
             while offset < data.len() {
                 let bytes = &data[offset..];
@@ -476,34 +475,63 @@ impl Netlink {
 }
 
 impl Netlink {
-    /// Receives one datagram into the socket's buffer. A datagram larger than the buffer
-    /// (never seen: the kernel sizes dump datagrams to at most 32 KiB, and a single answer to
-    /// its message) is lost in part: the buffer grows to its size, and the request is retried
-    /// when it was a dump ([`Failure::Interrupted`]; the rest of the old dump is skipped by its
-    /// sequence number) or fails otherwise.
+    /// Receives one datagram into the socket's buffer ([`RxBuffer`]). A datagram larger than
+    /// the buffer is retried when it was a dump's ([`Failure::Interrupted`]; the rest of the
+    /// old dump is skipped by its sequence number) and fails otherwise.
     fn receive(&mut self, dump: bool) -> Result<(), Failure> {
-        if self.rx.capacity() < RX_BUFFER {
-            self.rx.reserve_exact(RX_BUFFER);
+        match self.rx.receive(&self.socket) {
+            Ok(Received::Whole) => Ok(()),
+            Ok(Received::Truncated { len, capacity }) if !dump => {
+                Err(Failure::Io(io::Error::other(format!(
+                    "the kernel's answer ({len} bytes) was larger than the receive buffer ({capacity} bytes)"
+                ))))
+            }
+            Ok(Received::Truncated { .. }) => Err(Failure::Interrupted),
+            Err(e) => Err(Failure::Io(e)),
+        }
+    }
+}
+
+/// Where a netlink socket receives: one buffer for the socket's life, so an answer costs one
+/// `recv` a datagram and no allocation (netlink-sys's `recv_from_full` peeks, then reads into
+/// a new buffer). The kernel sizes a dump's datagrams to at most 32 KiB, and a single answer
+/// to its message.
+#[derive(Debug, Default)]
+pub(crate) struct RxBuffer(Vec<u8>);
+
+/// What [`RxBuffer::receive`] got.
+pub(crate) enum Received {
+    /// The datagram, whole, in the buffer.
+    Whole,
+    /// A datagram of `len` bytes, lost in part (the buffer had `capacity`); the buffer has
+    /// grown to its size for the next one.
+    Truncated { len: usize, capacity: usize },
+}
+
+impl RxBuffer {
+    /// Receives one datagram from `socket` (retrying an interrupted call).
+    pub(crate) fn receive(&mut self, socket: &Socket) -> io::Result<Received> {
+        if self.0.capacity() < RX_BUFFER {
+            self.0.reserve_exact(RX_BUFFER);
         }
         loop {
-            self.rx.clear();
-            let capacity = self.rx.capacity();
-            match self.socket.recv(&mut self.rx, libc::MSG_TRUNC) {
-                Ok(len) if len <= capacity => return Ok(()),
+            self.0.clear();
+            let capacity = self.0.capacity();
+            match socket.recv(&mut self.0, libc::MSG_TRUNC) {
+                Ok(len) if len <= capacity => return Ok(Received::Whole),
                 Ok(len) => {
-                    self.rx.reserve_exact(len);
-                    return Err(if dump {
-                        Failure::Interrupted
-                    } else {
-                        Failure::Io(io::Error::other(format!(
-                            "the kernel's answer ({len} bytes) was larger than the receive buffer ({capacity} bytes)"
-                        )))
-                    });
+                    self.0.reserve_exact(len);
+                    return Ok(Received::Truncated { len, capacity });
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(Failure::Io(e)),
+                Err(e) => return Err(e),
             }
         }
+    }
+
+    /// The datagram received last.
+    pub(crate) fn data(&self) -> &[u8] {
+        &self.0
     }
 }
 

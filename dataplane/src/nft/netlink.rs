@@ -21,6 +21,7 @@
 //! padded to a multiple of 4 bytes (nft's register size), so `ifname . ether_addr` is 16 + 8.
 
 use super::{Change, Family, NftError, Transaction};
+use crate::netlink::{Received, RxBuffer};
 use netlink_packet_core::{
     DefaultNla, NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST, NetlinkBuffer, NetlinkMessage,
     NetlinkPayload,
@@ -443,6 +444,7 @@ pub(super) fn element_batch(tx: &Transaction, seq: u32) -> Option<ElementBatch> 
 /// A netfilter netlink socket in the calling thread's network namespace.
 pub(super) struct NfTablesSocket {
     socket: Socket,
+    rx: RxBuffer,
 }
 
 fn io_error(source: io::Error) -> NftError {
@@ -456,7 +458,21 @@ impl NfTablesSocket {
         socket.bind_auto().map_err(io_error)?;
         socket.connect(&SocketAddr::new(0, 0)).map_err(io_error)?;
         let _ = socket.set_cap_ack(true);
-        Ok(NfTablesSocket { socket })
+        Ok(NfTablesSocket {
+            socket,
+            rx: RxBuffer::default(),
+        })
+    }
+
+    /// Receives one datagram (see [`RxBuffer`]); one larger than the buffer is an error (the
+    /// kernel's acknowledgements and a set's or table's description are far smaller).
+    fn receive(&mut self) -> Result<&[u8], NftError> {
+        match self.rx.receive(&self.socket).map_err(io_error)? {
+            Received::Whole => Ok(self.rx.data()),
+            Received::Truncated { len, capacity } => Err(io_error(io::Error::other(format!(
+                "the kernel's answer ({len} bytes) was larger than the receive buffer ({capacity} bytes)"
+            )))),
+        }
     }
 
     /// Sends the batch and waits for the kernel's answer to each of its element messages.
@@ -475,11 +491,7 @@ impl NfTablesSocket {
         }
         let mut waiting: Vec<u32> = batch.messages.iter().map(|(seq, _)| *seq).collect();
         while !waiting.is_empty() {
-            let (data, _) = match self.socket.recv_from_full() {
-                Ok(r) => r,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(io_error(e)),
-            };
+            let data = self.receive()?;
             let mut offset = 0;
             while offset < data.len() {
                 let bytes = &data[offset..];
@@ -615,11 +627,7 @@ impl NfTablesSocket {
         }
         let mut found: Option<NfTablesMessage> = None;
         loop {
-            let (data, _) = match self.socket.recv_from_full() {
-                Ok(r) => r,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(io_error(e)),
-            };
+            let data = self.receive()?;
             let mut offset = 0;
             while offset < data.len() {
                 let bytes = &data[offset..];
