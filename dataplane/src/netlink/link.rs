@@ -430,7 +430,8 @@ impl Netlink {
     /// Creates a veth pair with one `RTM_NEWLINK`: the host end here (attached to
     /// `host_master`, with `host_alias`, up) and the peer born directly inside `peer_netns`
     /// (`IFLA_NET_NS_FD` in the peer's info; much cheaper than moving it afterwards) with
-    /// `peer_mac`, down (the kernel cannot open a veth end before its peer exists). Returns the host end's index.
+    /// `peer_mac`, down (the kernel cannot open a veth end before its peer exists). Returns
+    /// the host end's index.
     ///
     /// Fails with [`NetlinkError::is_exists`] when a name is taken.
     pub fn create_veth_into_netns(&mut self, spec: &VethSpec<'_>) -> Result<u32, NetlinkError> {
@@ -684,13 +685,7 @@ impl Netlink {
 
     /// Turns hairpin mode of bridge port `index` on or off (see [`port_hairpin_message`]).
     pub fn set_port_hairpin(&mut self, index: u32, on: bool) -> Result<(), NetlinkError> {
-        self.call(
-            "set bridge port hairpin",
-            || format!("link {index} hairpin {}", if on { "on" } else { "off" }),
-            RouteNetlinkMessage::NewLink(port_hairpin_message(index, on)),
-            0,
-        )?;
-        Ok(())
+        self.set_port_hairpin_with(index, on, None)
     }
 
     /// Sets bridge port `index`'s hairpin mode and the link's alias (`IFLA_IFALIAS`) in one
@@ -701,16 +696,30 @@ impl Netlink {
         on: bool,
         alias: &str,
     ) -> Result<(), NetlinkError> {
+        self.set_port_hairpin_with(index, on, Some(alias))
+    }
+
+    fn set_port_hairpin_with(
+        &mut self,
+        index: u32,
+        on: bool,
+        alias: Option<&str>,
+    ) -> Result<(), NetlinkError> {
         let mut msg = port_hairpin_message(index, on);
-        msg.attributes
-            .push(LinkAttribute::IfAlias(alias.to_string()));
+        let state = if on { "on" } else { "off" };
+        let op = match alias {
+            Some(alias) => {
+                msg.attributes
+                    .push(LinkAttribute::IfAlias(alias.to_string()));
+                "set bridge port hairpin and alias"
+            }
+            None => "set bridge port hairpin",
+        };
         self.call(
-            "set bridge port hairpin and alias",
-            || {
-                format!(
-                    "link {index} hairpin {} alias {alias}",
-                    if on { "on" } else { "off" }
-                )
+            op,
+            || match alias {
+                Some(alias) => format!("link {index} hairpin {state} alias {alias}"),
+                None => format!("link {index} hairpin {state}"),
             },
             RouteNetlinkMessage::NewLink(msg),
             0,

@@ -480,13 +480,8 @@ impl Netlink {
     /// old dump is skipped by its sequence number) and fails otherwise.
     fn receive(&mut self, dump: bool) -> Result<(), Failure> {
         match self.rx.receive(&self.socket) {
-            Ok(Received::Whole) => Ok(()),
-            Ok(Received::Truncated { len, capacity }) if !dump => {
-                Err(Failure::Io(io::Error::other(format!(
-                    "the kernel's answer ({len} bytes) was larger than the receive buffer ({capacity} bytes)"
-                ))))
-            }
-            Ok(Received::Truncated { .. }) => Err(Failure::Interrupted),
+            Ok(Received::Truncated { .. }) if dump => Err(Failure::Interrupted),
+            Ok(received) => received.whole().map_err(Failure::Io),
             Err(e) => Err(Failure::Io(e)),
         }
     }
@@ -506,6 +501,18 @@ pub(crate) enum Received {
     /// A datagram of `len` bytes, lost in part (the buffer had `capacity`); the buffer has
     /// grown to its size for the next one.
     Truncated { len: usize, capacity: usize },
+}
+
+impl Received {
+    /// `Ok` for a whole datagram; an error naming both sizes for one that did not fit.
+    pub(crate) fn whole(self) -> io::Result<()> {
+        match self {
+            Received::Whole => Ok(()),
+            Received::Truncated { len, capacity } => Err(io::Error::other(format!(
+                "the kernel's answer ({len} bytes) was larger than the receive buffer ({capacity} bytes)"
+            ))),
+        }
+    }
 }
 
 impl RxBuffer {

@@ -467,12 +467,11 @@ impl NfTablesSocket {
     /// Receives one datagram (see [`RxBuffer`]); one larger than the buffer is an error (the
     /// kernel's acknowledgements and a set's or table's description are far smaller).
     fn receive(&mut self) -> Result<&[u8], NftError> {
-        match self.rx.receive(&self.socket).map_err(io_error)? {
-            Received::Whole => Ok(self.rx.data()),
-            Received::Truncated { len, capacity } => Err(io_error(io::Error::other(format!(
-                "the kernel's answer ({len} bytes) was larger than the receive buffer ({capacity} bytes)"
-            )))),
-        }
+        self.rx
+            .receive(&self.socket)
+            .and_then(Received::whole)
+            .map_err(io_error)?;
+        Ok(self.rx.data())
     }
 
     /// Sends the batch and waits for the kernel's answer to each of its element messages.
