@@ -12,7 +12,7 @@ use tracing::{debug, info, warn};
 use weft_dataplane::attachment::{self, Ask, AskError, Attached, Identity};
 use weft_dataplane::ipam::{Allocation, Attachment, IpamStore};
 use weft_dataplane::names;
-use weft_dataplane::netlink::{LinkInfo, Netlink, RouteSpec, VethSpec};
+use weft_dataplane::netlink::{CreatedVeth, LinkInfo, Netlink, RouteSpec, VethSpec};
 use weft_dataplane::netns::Netns;
 use weft_dataplane::proto::{self, Endpoint, Request};
 use weft_dataplane::state::{NetworkState, StateError};
@@ -119,8 +119,9 @@ fn ask_of(conf: &Conf, env: &Env) -> Result<Ask, CniError> {
 ///
 /// One request to the agent ([`Request::Attach`]): it finds the pod's VM and Networks and
 /// allocates each interface's addresses, answers with them, and puts their rules in place while
-/// the links are wired here; ADD returns after its second answer. An agent that does not know
-/// the request (an older one) leaves the allocation and registration to the plugin
+/// the links are wired here; ADD returns after its second answer. While the agent allocates,
+/// the veth it will most likely answer for is made here ([`Ahead`]). An agent that does not
+/// know the request (an older one) leaves the allocation and registration to the plugin
 /// ([`add_here`]).
 pub fn add(conf: &Conf, env: &Env) -> Result<CniResult, CniError> {
     let ask = ask_of(conf, env)?;
@@ -130,17 +131,19 @@ pub fn add(conf: &Conf, env: &Env) -> Result<CniResult, CniError> {
         conf.agent_timeout,
     )
     .map_err(unreachable_agent)?;
+    let ns = open_workload_netns(&ask.netns);
+    let ahead = ns.as_ref().ok().and_then(|ns| Ahead::make(conf, ns, &ask));
     let first = pending.answer().map_err(unreachable_agent)?;
     if first.is_bad_request() {
         debug!("the agent does not attach (an older one): allocating here");
-        drop(pending);
+        drop((pending, ahead));
         return add_here(conf, env, &ask);
     }
     if !first.ok {
         return Err(agent_failure(first, error::TRY_AGAIN_LATER));
     }
     // The configuration and the pod first, then the environment (as without an agent).
-    let ns = match open_workload_netns(&ask.netns) {
+    let ns = match ns {
         Ok(ns) => ns,
         Err(e) => {
             let _ = pending.answer();
@@ -148,11 +151,16 @@ pub fn add(conf: &Conf, env: &Env) -> Result<CniResult, CniError> {
             return Err(e);
         }
     };
+    // A veth made ahead that no interface takes goes now, before its names are wired anew.
+    let mut ahead = ahead.filter(|h| first.attached.iter().any(|a| h.fits(a)));
     let mut wired: Vec<Wired> = Vec::new();
     for a in &first.attached {
-        match read_network(conf, &a.interface.network)
-            .and_then(|net| wire(conf, &ns, &net, &ask.container_id, a))
-        {
+        let done = match ahead.as_mut().and_then(|h| h.take(a)) {
+            Some((net, made)) => wire(conf, &ns, &net, &ask.container_id, a, Some(made)),
+            None => read_network(conf, &a.interface.network)
+                .and_then(|net| wire(conf, &ns, &net, &ask.container_id, a, None)),
+        };
+        match done {
             Ok(w) => wired.push(w),
             Err(mut e) => {
                 // After the agent's second answer, so the detach cannot overtake the
@@ -180,6 +188,70 @@ pub fn add(conf: &Conf, env: &Env) -> Result<CniResult, CniError> {
     }
     info!(container_id = %ask.container_id, interfaces = wired.len(), "attached");
     Ok(merged(conf, wired))
+}
+
+/// The veth of the interface an ADD most likely gets, `CNI_IFNAME` on the configuration's
+/// Network, made while the agent allocates: the two take about as long, and run side by side.
+/// The peer has the kernel's MAC until it goes up with the allocated one. The interface the
+/// agent answers for with that Network, name and host link takes it; if none does (the pod's
+/// annotation chose other Networks, the agent refused or is an older one, the ADD failed
+/// first) it is deleted when dropped. Made only where nothing is in the way: a taken name is
+/// left to the wiring after the answer, which clears what is stale ([`clear_names`]).
+struct Ahead {
+    network: String,
+    host_ifname: String,
+    ifname: String,
+    net: NetworkState,
+    made: Option<Made>,
+}
+
+impl Ahead {
+    fn make(conf: &Conf, ns: &Netns, ask: &Ask) -> Option<Ahead> {
+        let network = ask.network.clone()?;
+        let net = read_network(conf, &network).ok()?;
+        let host_ifname = names::host_veth_name(&ask.container_id, &ask.ifname);
+        let veth = VethNames {
+            network: &network,
+            host: &host_ifname,
+            peer: &ask.ifname,
+        };
+        match make_veth(conf, ns, &net, &veth, None, false) {
+            Ok(made) => Some(Ahead {
+                network,
+                host_ifname,
+                ifname: ask.ifname.clone(),
+                net,
+                made: Some(made),
+            }),
+            Err(e) => {
+                debug!(error = %e.details, "no veth made ahead: it is made after the agent's answer");
+                None
+            }
+        }
+    }
+
+    /// Whether it is the veth of interface `a`.
+    fn fits(&self, a: &Attached) -> bool {
+        a.interface.network == self.network
+            && a.interface.ifname == self.ifname
+            && a.host_ifname == self.host_ifname
+    }
+
+    /// The veth, with the network state it was made for, when it is `a`'s.
+    fn take(&mut self, a: &Attached) -> Option<(NetworkState, Made)> {
+        if !self.fits(a) {
+            return None;
+        }
+        Some((self.net.clone(), self.made.take()?))
+    }
+}
+
+impl Drop for Ahead {
+    fn drop(&mut self) {
+        if let Some(made) = self.made.take() {
+            made.discard();
+        }
+    }
 }
 
 /// The error the agent answered, with its code (`default` when it gave none).
@@ -319,7 +391,7 @@ fn add_one_here(
     // The agent puts the endpoint's rules in place while the link is wired here.
     let registration =
         Registration::start(conf, Endpoint::from_allocation(&iface.network, &alloc))?;
-    let wired = match wire(conf, ns, &net, &ask.container_id, &attached) {
+    let wired = match wire(conf, ns, &net, &ask.container_id, &attached, None) {
         Ok(w) => w,
         Err(e) => {
             registration.withdraw(conf);
@@ -358,86 +430,53 @@ impl Drop for Release<'_> {
 }
 
 /// Wires one allocated interface: the veth with its peer born in the workload's namespace,
-/// on the network's bridge, with hairpin and VLANs; in the workload, the addresses and routes
-/// of a pod or the tap of a VM. On failure nothing of it is left.
+/// on the network's bridge (`made` when it was made ahead, [`Ahead`]), with hairpin and VLANs;
+/// in the workload, the addresses and routes of a pod or the tap of a VM. On failure nothing
+/// of it is left.
 fn wire(
     conf: &Conf,
     ns: &Netns,
     net: &NetworkState,
     container_id: &str,
     a: &Attached,
+    made: Option<Made>,
 ) -> Result<Wired, CniError> {
     let network = &a.interface.network;
     let ifname = a.interface.ifname.as_str();
     let own = a.interface.parent.is_none();
-    let mac = names::parse_mac(&a.mac).ok_or_else(|| {
-        CniError::new(
+    let Some(mac) = names::parse_mac(&a.mac) else {
+        if let Some(made) = made {
+            made.discard();
+        }
+        return Err(CniError::new(
             error::INTERNAL,
             "the allocation's MAC does not parse",
             format!("MAC {:?} of interface {ifname}", a.mac),
-        )
-    })?;
-    let mut host = Netlink::new()?;
-    let bridge = host.link_by_name(&net.bridge)?.ok_or_else(|| {
-        CniError::new(
-            error::TRY_AGAIN_LATER,
-            format!("bridge {} of network {network} is missing", net.bridge),
-            "the weft agent creates it; check that the agent runs on this node",
-        )
-    })?;
-    // A MAC the runtime asked for must not be one the bridge already delivers elsewhere: a
-    // host on the LAN (the router's, on a Bridge network), another port, the node's own.
-    // (A migrating or restored VM brings its own MAC, which the LAN may still place on the
-    // node it ran on.)
-    if own
-        && conf.static_mac == Some(mac)
-        && !a.carried
-        && let Some(holder) = host
-            .bridge_fdb(bridge.index)?
-            .into_iter()
-            .find(|e| e.mac == mac)
-    {
-        let port = match host.link_by_index(holder.port)? {
-            Some(l) if l.index == bridge.index => format!("the bridge {} itself", l.name),
-            Some(l) if holder.local => format!("port {} (its own MAC)", l.name),
-            Some(l) => format!("a host behind port {}", l.name),
-            None => format!("port {}", holder.port),
-        };
-        return Err(CniError::new(
-            error::INVALID_CONFIG,
-            "MAC address already in use",
-            format!(
-                "MAC {} is already in use on bridge {} of network {network}: the bridge delivers it to {port}; ask for another MAC",
-                names::format_mac(mac),
-                net.bridge
-            ),
         ));
-    }
-    let mut inner = Netlink::entering(ns)?;
+    };
+    let veth = VethNames {
+        network,
+        host: &a.host_ifname,
+        peer: ifname,
+    };
+    let Made {
+        mut host,
+        mut inner,
+        bridge,
+        created,
+        peer_mac,
+    } = match made {
+        Some(made) => made,
+        None => make_veth(conf, ns, net, &veth, Some(mac), true)?,
+    };
     let tap = match &conf.attachment {
         AttachmentKind::Tap(t) => Some(t),
         AttachmentKind::Veth => None,
     };
     let trunk: &[VlanRange] = if own { &conf.vlan_trunk } else { &[] };
     let alias = names::host_veth_alias(network, container_id, ifname);
-    // The alias goes on with the hairpin below, in one request.
-    let spec = VethSpec {
-        host_name: &a.host_ifname,
-        host_alias: None,
-        host_master: Some(bridge.index),
-        peer_name: ifname,
-        peer_netns: ns.fd(),
-        peer_mac: Some(mac),
-        mtu: Some(net.mtu),
-    };
-    // A name taken: on either side, what `clear_names` may remove, then once more.
-    let created = match host.create_veth_pair_into_netns(&spec) {
-        Err(e) if e.is_exists() => {
-            clear_names(conf, ns, &mut host, &mut inner, &a.host_ifname, ifname)?;
-            host.create_veth_pair_into_netns(&spec)?
-        }
-        other => other?,
-    };
+    // The peer of a veth made ahead takes its MAC as it goes up.
+    let set_mac = (peer_mac != Some(mac)).then_some(mac);
     let host_index = created.host;
     let mut wired = Wired {
         result: CniResult {
@@ -452,6 +491,13 @@ fn wire(
         tap: tap.is_some(),
     };
     let mut finish = || -> Result<(String, Vec<Route>), CniError> {
+        // A MAC the runtime asked for must not be one the bridge already delivers elsewhere:
+        // a host on the LAN (the router's, on a Bridge network), another port, the node's own.
+        // (A migrating or restored VM brings its own MAC, which the LAN may still place on
+        // the node it ran on.) The new peer is down: the bridge has not learnt its MAC.
+        if own && conf.static_mac == Some(mac) && !a.carried {
+            check_mac_free(&mut host, &bridge, mac, &veth)?;
+        }
         // Hairpin: the workload reaches itself through the node's port forwards and host
         // ports (the bridge guard drops the broadcasts and multicasts it would reflect).
         host.set_port_hairpin_and_alias(host_index, true, &alias)?;
@@ -463,7 +509,7 @@ fn wire(
         // them).
         match tap {
             Some(t) => Ok((
-                wire_tap(ns, &mut inner, ifname, t, mac, net.mtu)?,
+                wire_tap(ns, &mut inner, ifname, t, mac, set_mac, net.mtu)?,
                 Vec::new(),
             )),
             None => Ok((
@@ -472,6 +518,7 @@ fn wire(
                     &mut inner,
                     ifname,
                     created.peer,
+                    set_mac,
                     &a.ips,
                     net,
                     conf.default_route && a.interface.default_route,
@@ -519,6 +566,115 @@ fn wire(
     wired.result.routes = routes;
     info!(%network, %ifname, ips = ?a.ips, "interface wired");
     Ok(wired)
+}
+
+/// The names of one interface's veth: its Network, its host end and its peer in the workload.
+struct VethNames<'a> {
+    network: &'a str,
+    host: &'a str,
+    peer: &'a str,
+}
+
+/// A veth made for one interface, with the sockets that made it (the node's and the
+/// workload's) and the network's bridge it is on.
+struct Made {
+    host: Netlink,
+    inner: Netlink,
+    bridge: LinkInfo,
+    created: CreatedVeth,
+    /// The MAC the peer was born with, if it was given one.
+    peer_mac: Option<[u8; 6]>,
+}
+
+impl Made {
+    /// Deletes the veth (its peer goes with it).
+    fn discard(mut self) {
+        if let Err(e) = self.host.delete_link(self.created.host) {
+            warn!(error = %e, "cannot delete a veth made for a failed ADD");
+        }
+    }
+}
+
+/// Makes the veth `veth` on `net`'s bridge, up on the node's side, its peer born down in `ns`
+/// (with `mac` when given). `clear`: names left from before are cleared ([`clear_names`]) and
+/// the veth made once more; otherwise a taken name is the error.
+fn make_veth(
+    conf: &Conf,
+    ns: &Netns,
+    net: &NetworkState,
+    veth: &VethNames<'_>,
+    mac: Option<[u8; 6]>,
+    clear: bool,
+) -> Result<Made, CniError> {
+    let mut host = Netlink::new()?;
+    let bridge = host.link_by_name(&net.bridge)?.ok_or_else(|| {
+        CniError::new(
+            error::TRY_AGAIN_LATER,
+            format!(
+                "bridge {} of network {} is missing",
+                net.bridge, veth.network
+            ),
+            "the weft agent creates it; check that the agent runs on this node",
+        )
+    })?;
+    let mut inner = Netlink::entering(ns)?;
+    // The alias goes on with the hairpin, in one request.
+    let spec = VethSpec {
+        host_name: veth.host,
+        host_alias: None,
+        host_master: Some(bridge.index),
+        peer_name: veth.peer,
+        peer_netns: ns.fd(),
+        peer_mac: mac,
+        mtu: Some(net.mtu),
+    };
+    // A name taken: on either side, what `clear_names` may remove, then once more.
+    let created = match host.create_veth_pair_into_netns(&spec) {
+        Err(e) if clear && e.is_exists() => {
+            clear_names(conf, ns, &mut host, &mut inner, veth.host, veth.peer)?;
+            host.create_veth_pair_into_netns(&spec)?
+        }
+        other => other?,
+    };
+    Ok(Made {
+        host,
+        inner,
+        bridge,
+        created,
+        peer_mac: mac,
+    })
+}
+
+/// Refuses MAC `mac` when `bridge`'s forwarding database places it on some port already.
+fn check_mac_free(
+    host: &mut Netlink,
+    bridge: &LinkInfo,
+    mac: [u8; 6],
+    veth: &VethNames<'_>,
+) -> Result<(), CniError> {
+    let Some(holder) = host
+        .bridge_fdb(bridge.index)?
+        .into_iter()
+        .find(|e| e.mac == mac)
+    else {
+        return Ok(());
+    };
+    let port = match host.link_by_index(holder.port)? {
+        Some(l) if l.index == bridge.index => format!("the bridge {} itself", l.name),
+        Some(l) if holder.local => format!("port {} (its own MAC)", l.name),
+        Some(l) => format!("a host behind port {}", l.name),
+        None => format!("port {}", holder.port),
+    };
+    Err(CniError::new(
+        error::INVALID_CONFIG,
+        "MAC address already in use",
+        format!(
+            "MAC {} is already in use on bridge {} of network {}: the bridge delivers it to {port}; ask for another MAC",
+            names::format_mac(mac),
+            bridge.name,
+            veth.network
+        ),
+    ))
 }
 
 /// Frees the names of an attachment's veth when they are left from before: the host end of
@@ -585,12 +741,13 @@ fn detached_peer(
 }
 
 /// A pod's interface `ifname` (the veth end, of index `index` when the kernel said so): `lo`
-/// and it up, its addresses, and the default routes through the network's gateways when
-/// `default_route`; returns the routes.
+/// and it up (with MAC `mac` when given), its addresses, and the default routes through the
+/// network's gateways when `default_route`; returns the routes.
 fn configure_pod_interface(
     inner: &mut Netlink,
     ifname: &str,
     index: Option<u32>,
+    mac: Option<[u8; 6]>,
     ips: &[IpAddr],
     net: &NetworkState,
     default_route: bool,
@@ -616,7 +773,7 @@ fn configure_pod_interface(
     for ip in ips {
         inner.add_address(index, prefixed(*ip, net), true)?;
     }
-    inner.set_up(index)?;
+    inner.set_address_and_up(index, mac)?;
     let mut routes = Vec::new();
     if default_route {
         for ip in ips {
@@ -646,13 +803,14 @@ fn configure_pod_interface(
 /// and the VM's MAC), joined to weft's veth end `ifname` by tc redirects both ways (no bridge:
 /// nothing learns MACs, and the VM's MAC may sit on both links, as KubeVirt copies the pod
 /// interface's MAC into the domain). The guest's NIC carries the addresses; the pod holds none.
-/// Returns the tap's name.
+/// The veth end goes up with `veth_mac` when given (a veth made ahead). Returns the tap's name.
 fn wire_tap(
     ns: &Netns,
     inner: &mut Netlink,
     ifname: &str,
     tap: &TapConf,
     mac: [u8; 6],
+    veth_mac: Option<[u8; 6]>,
     mtu: u32,
 ) -> Result<String, CniError> {
     let tap_name = names::vm_tap_name(ifname);
@@ -683,7 +841,7 @@ fn wire_tap(
             )
         })?;
     inner.join_links(port.index, index)?;
-    inner.set_up(port.index)?;
+    inner.set_address_and_up(port.index, veth_mac)?;
     inner.set_up(index)?;
     Ok(tap_name)
 }

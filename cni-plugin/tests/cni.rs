@@ -940,3 +940,149 @@ fn names_left_from_before_are_cleared_and_a_foreign_interface_is_refused() {
             .map(|l| l.index)
     );
 }
+
+#[test]
+fn the_veth_made_while_the_agent_allocates_becomes_the_interface_it_answers_for() {
+    use weft_dataplane::state::NetworkState;
+    let mut node = Node::new(Agent::Attaches);
+    let conf = node.conf("1.1.0");
+    let mut host = Netlink::new().unwrap();
+    let test_bridge = host.link_by_name("wn-test").unwrap().unwrap().index;
+    let mac_of = |ip: &str, cid: &str| names::workload_mac(&[ip.parse().unwrap()], cid, "eth0");
+    let ports_of = |host: &mut Netlink, bridge: u32| {
+        host.links()
+            .unwrap()
+            .iter()
+            .filter(|l| l.master == Some(bridge))
+            .count()
+    };
+
+    // On the configuration's Network: the veth made ahead is the interface; its peer comes up
+    // with the allocated MAC (and the IPv6 link-local address derived from it) and address.
+    let (_, pod_path) = node.workload();
+    let add = weft(
+        "ADD",
+        &conf,
+        &env("ahead", pod_path.to_str().unwrap(), "eth0"),
+    );
+    assert!(add.ok, "{} {}", add.json, add.stderr);
+    let mac = mac_of("10.77.0.9", "ahead");
+    assert_eq!(add.json["interfaces"][2]["mac"], names::format_mac(mac));
+    let end = host
+        .link_by_name(&names::host_veth_name("ahead", "eth0"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(end.master, Some(test_bridge));
+    assert!(
+        end.alias.as_deref().is_some_and(names::is_endpoint_alias),
+        "{end:?}"
+    );
+    let mut inner = Netlink::in_netns(&Netns::open(&pod_path).unwrap()).unwrap();
+    let eth0 = inner.link_by_name("eth0").unwrap().unwrap();
+    assert!(eth0.up);
+    assert_eq!(eth0.mac, Some(mac));
+    assert_eq!(eth0.peer, Some(end.index));
+    let link_local = std::net::IpAddr::V6(names::eui64_link_local(mac));
+    let mut addrs = Vec::new();
+    // The kernel adds the link-local address as the link's carrier comes up.
+    for _ in 0..100 {
+        addrs = inner
+            .addresses(Some(eth0.index))
+            .unwrap()
+            .iter()
+            .map(|a| a.addr)
+            .collect();
+        if addrs.iter().any(|a| a.addr() == link_local) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        addrs.contains(&"10.77.0.9/16".parse().unwrap()),
+        "{addrs:?}"
+    );
+    assert!(
+        addrs.iter().any(|a| a.addr() == link_local),
+        "link-local {link_local} of the allocated MAC: {addrs:?}"
+    );
+
+    // A VM's pod: the veth end goes up with the VM's MAC beside its tap.
+    let mut vm_conf = conf.clone();
+    vm_conf["attachment"] = json!("tap");
+    vm_conf["tap"] = json!({"queues": 1, "vnetHdr": false});
+    let (_, vm_path) = node.workload();
+    let add = weft(
+        "ADD",
+        &vm_conf,
+        &env("ahead-vm", vm_path.to_str().unwrap(), "eth0"),
+    );
+    assert!(add.ok, "{} {}", add.json, add.stderr);
+    let mut inner = Netlink::in_netns(&Netns::open(&vm_path).unwrap()).unwrap();
+    let port = inner.link_by_name("eth0").unwrap().unwrap();
+    let tap = inner
+        .link_by_name(&names::vm_tap_name("eth0"))
+        .unwrap()
+        .unwrap();
+    assert!(port.up && tap.up);
+    assert_eq!(port.mac, Some(mac_of("10.77.0.9", "ahead-vm")));
+    assert_eq!(tap.mac, port.mac);
+
+    // The agent attaches it on another Network (as when the pod's annotation picks one): the
+    // veth made ahead on the configuration's bridge gives way to one on that Network's.
+    let other_bridge = host
+        .create_bridge("wn-other", Some(1500), None, None)
+        .unwrap();
+    host.set_up(other_bridge).unwrap();
+    let mut other = NetworkState::read(node.state_dir(), "test").unwrap();
+    other.name = "other".into();
+    other.bridge = "wn-other".into();
+    other.subnet_v4 = Some("10.78.0.0/16".parse().unwrap());
+    other.gateway_v4 = Some("10.78.0.1".parse().unwrap());
+    other.block_v4 = Some("10.78.0.0/24".parse().unwrap());
+    other.exclude.clear();
+    other.write(node.state_dir()).unwrap();
+    let on_test = ports_of(&mut host, test_bridge);
+    let (_, other_path) = node.workload();
+    let add = weft(
+        "ADD",
+        &conf,
+        &env("on-other", other_path.to_str().unwrap(), "eth0"),
+    );
+    assert!(add.ok, "{} {}", add.json, add.stderr);
+    let end = host
+        .link_by_name(&names::host_veth_name("on-other", "eth0"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(end.master, Some(other_bridge));
+    assert_eq!(
+        ports_of(&mut host, test_bridge),
+        on_test,
+        "nothing left on wn-test"
+    );
+    let mut inner = Netlink::in_netns(&Netns::open(&other_path).unwrap()).unwrap();
+    let eth0 = inner.link_by_name("eth0").unwrap().unwrap();
+    assert_eq!(eth0.mac, Some(mac_of("10.78.0.9", "on-other")));
+    assert_eq!(eth0.peer, Some(end.index));
+    assert!(
+        inner
+            .addresses(Some(eth0.index))
+            .unwrap()
+            .iter()
+            .any(|a| a.addr == "10.78.0.9/16".parse().unwrap())
+    );
+
+    // Refused by the agent: the veth made ahead goes with the ADD, nothing is left.
+    let (_, refused_path) = node.workload();
+    let add = weft(
+        "ADD",
+        &conf,
+        &env("refused", refused_path.to_str().unwrap(), "eth0"),
+    );
+    assert!(!add.ok, "{}", add.json);
+    assert_eq!(add.json["code"], 11, "{}", add.json);
+    assert!(!host_link_exists("refused", "eth0"));
+    let mut inner = Netlink::in_netns(&Netns::open(&refused_path).unwrap()).unwrap();
+    let left: Vec<String> = inner.links().unwrap().into_iter().map(|l| l.name).collect();
+    assert_eq!(left, ["lo"], "only the namespace's own loopback");
+    assert_eq!(ports_of(&mut host, test_bridge), on_test);
+}

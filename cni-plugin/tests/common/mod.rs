@@ -79,6 +79,12 @@ pub enum Agent {
     /// Refuses registrations (as the agent refuses a host port another workload holds), the
     /// rest with ok.
     Refuses,
+    /// Attaches as the agent does (an `Attach` answered twice): the interface `CNI_IFNAME` on
+    /// the configuration's Network with address 10.77.0.9, or, for a container id that starts
+    /// with `on-other`, on Network `other` with 10.78.0.9 (as when the pod's annotation picks
+    /// it); the MAC derived from the address. Refuses (code 11) container id `refused`.
+    /// Declines detaching, as [`Agent::Answers`].
+    Attaches,
     /// No socket at all.
     None,
 }
@@ -125,8 +131,13 @@ impl Node {
         let socket = dir.path().join("agent.sock");
         let handle = match agent {
             Agent::None => None,
-            Agent::Answers | Agent::Silent | Agent::UnknownPods | Agent::Refuses => {
+            Agent::Answers
+            | Agent::Silent
+            | Agent::UnknownPods
+            | Agent::Refuses
+            | Agent::Attaches => {
                 let listener = UnixListener::bind(&socket).unwrap();
+                let attaches = matches!(agent, Agent::Attaches);
                 let silent = matches!(agent, Agent::Silent);
                 let unknown = matches!(agent, Agent::UnknownPods);
                 let refuses = matches!(agent, Agent::Refuses);
@@ -141,6 +152,10 @@ impl Node {
                             // stand-in does not know the request, as an older agent, and the
                             // CNI allocates and registers itself. (The agent's side of it is
                             // tested in e2e, with the real agent.)
+                            if line.contains("\"op\":\"attach\"") && attaches {
+                                let _ = (&s).write_all(attach_answers(&line).as_bytes());
+                                return;
+                            }
                             if line.contains("\"op\":\"attach\"") {
                                 let _ = (&s).write_all(b"{\"ok\":false,\"ready\":true,\"error\":\"bad request: unknown variant `attach`\"}\n");
                                 return;
@@ -174,7 +189,10 @@ impl Node {
         };
         set_node_env("WEFT_STATE_DIR", dir.path());
         set_node_env("WEFT_AGENT_SOCKET", &socket);
-        if matches!(agent, Agent::Answers | Agent::UnknownPods | Agent::Refuses) {
+        if matches!(
+            agent,
+            Agent::Answers | Agent::UnknownPods | Agent::Refuses | Agent::Attaches
+        ) {
             NodeState {
                 node: "n".into(),
                 agent_socket: socket,
@@ -216,6 +234,35 @@ impl Node {
             "agentTimeoutMs": 500,
         })
     }
+}
+
+/// The stand-in's answers to the attach request `line` (see [`Agent::Attaches`]).
+fn attach_answers(line: &str) -> String {
+    let request: Value = serde_json::from_str(line).unwrap();
+    let ask = &request["ask"];
+    let (cid, ifname) = (
+        ask["containerId"].as_str().unwrap(),
+        ask["ifname"].as_str().unwrap(),
+    );
+    if cid == "refused" {
+        return "{\"ok\":false,\"ready\":true,\"code\":11,\"msg\":\"the stand-in refuses\",\"error\":\"container id refused\"}\n".to_string();
+    }
+    let (network, ip) = if cid.starts_with("on-other") {
+        ("other", "10.78.0.9")
+    } else {
+        (ask["network"].as_str().unwrap(), "10.77.0.9")
+    };
+    let ip: std::net::IpAddr = ip.parse().unwrap();
+    let attached = json!({
+        "network": network,
+        "ifname": ifname,
+        "defaultRoute": true,
+        "ips": [ip],
+        "mac": names::format_mac(names::workload_mac(&[ip], cid, ifname)),
+        "hostIfname": names::host_veth_name(cid, ifname),
+    });
+    let first = json!({"ok": true, "ready": true, "attached": [attached]});
+    format!("{first}\n{{\"ok\":true,\"ready\":true}}\n")
 }
 
 pub struct Out {

@@ -528,6 +528,27 @@ impl Netlink {
         )
     }
 
+    /// Sets a link up, giving it MAC `mac` first when one is given, in one request (the kernel
+    /// applies the address before the flags, so the link comes up with it: an IPv6 link-local
+    /// address is derived from it).
+    pub fn set_address_and_up(
+        &mut self,
+        index: u32,
+        mac: Option<[u8; 6]>,
+    ) -> Result<(), NetlinkError> {
+        let Some(mac) = mac else {
+            return self.set_up(index);
+        };
+        self.set_link(
+            "set link address and up",
+            index,
+            LinkUnspec::new_with_index(index)
+                .address(mac.to_vec())
+                .up()
+                .build(),
+        )
+    }
+
     /// Sets a link administratively down.
     pub fn set_down(&mut self, index: u32) -> Result<(), NetlinkError> {
         self.set_link(
