@@ -500,7 +500,7 @@ fn wire(
         }
         // Hairpin: the workload reaches itself through the node's port forwards and host
         // ports (the bridge guard drops the broadcasts and multicasts it would reflect).
-        host.set_port_hairpin_and_alias(host_index, true, &alias)?;
+        host.set_workload_port(host_index, true, &alias)?;
         // A VLAN-filtering bridge: an access port on the network's own VLAN, plus the trunk.
         if let Some(f) = &net.vlan_filtering {
             host.set_port_vlans(host_index, &f.workload(trunk))?;

@@ -1005,6 +1005,10 @@ fn the_veth_made_while_the_agent_allocates_becomes_the_interface_it_answers_for(
         addrs.iter().any(|a| a.addr() == link_local),
         "link-local {link_local} of the allocated MAC: {addrs:?}"
     );
+    // The node's end carries no address of its own: none generated as its carrier came up
+    // with the workload's (the pod's link-local above is there by now).
+    let on_port = host.addresses(Some(end.index)).unwrap();
+    assert!(on_port.is_empty(), "{on_port:?}");
 
     // A VM's pod: the veth end goes up with the VM's MAC beside its tap.
     let mut vm_conf = conf.clone();

@@ -8,9 +8,9 @@ use crate::names;
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_DUMP, NLM_F_ECHO, NLM_F_EXCL};
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::link::{
-    BridgeBooleanOptionFlags, BridgeBooleanOptions, InfoBridge, InfoBridgePort, InfoData, InfoKind,
-    InfoPortData, InfoVeth, LinkAttribute, LinkExtentMask, LinkFlags, LinkInfo as NlLinkInfo,
-    LinkMessage,
+    AfSpecInet6, AfSpecUnspec, BridgeBooleanOptionFlags, BridgeBooleanOptions, In6AddrGenMode,
+    InfoBridge, InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoVeth, LinkAttribute,
+    LinkExtentMask, LinkFlags, LinkInfo as NlLinkInfo, LinkMessage,
 };
 use netlink_packet_route::neighbour::{NeighbourAttribute, NeighbourMessage, NeighbourState};
 use rtnetlink::{LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth};
@@ -706,18 +706,27 @@ impl Netlink {
 
     /// Turns hairpin mode of bridge port `index` on or off (see [`port_hairpin_message`]).
     pub fn set_port_hairpin(&mut self, index: u32, on: bool) -> Result<(), NetlinkError> {
-        self.set_port_hairpin_with(index, on, None)
+        self.set_port_hairpin_with(index, on, None, false)
     }
 
-    /// Sets bridge port `index`'s hairpin mode and the link's alias (`IFLA_IFALIAS`) in one
-    /// request.
-    pub fn set_port_hairpin_and_alias(
+    /// Prepares a workload's host port in one request: hairpin `on`, alias `alias`, and no
+    /// IPv6 address of the node's own on it (`addrgenmode none`). The port only carries the
+    /// workload's frames (the node's addresses are on the bridge), so the kernel neither gives
+    /// it a link-local address nor sends duplicate address detection, router solicitations and
+    /// MLD reports into the workload when its carrier comes up, and has none to remove when
+    /// it goes. A kernel without IPv6 (`ipv6.disable=1`) gets the request without that part.
+    pub fn set_workload_port(
         &mut self,
         index: u32,
         on: bool,
         alias: &str,
     ) -> Result<(), NetlinkError> {
-        self.set_port_hairpin_with(index, on, Some(alias))
+        match self.set_port_hairpin_with(index, on, Some(alias), true) {
+            Err(e) if e.errno() == Some(libc::EAFNOSUPPORT) => {
+                self.set_port_hairpin_with(index, on, Some(alias), false)
+            }
+            other => other,
+        }
     }
 
     fn set_port_hairpin_with(
@@ -725,6 +734,7 @@ impl Netlink {
         index: u32,
         on: bool,
         alias: Option<&str>,
+        no_v6_addresses: bool,
     ) -> Result<(), NetlinkError> {
         let mut msg = port_hairpin_message(index, on);
         let state = if on { "on" } else { "off" };
@@ -736,6 +746,12 @@ impl Netlink {
             }
             None => "set bridge port hairpin",
         };
+        if no_v6_addresses {
+            msg.attributes
+                .push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(
+                    vec![AfSpecInet6::AddrGenMode(In6AddrGenMode::None)],
+                )]));
+        }
         self.call(
             op,
             || match alias {
