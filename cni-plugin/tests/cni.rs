@@ -1009,6 +1009,13 @@ fn the_veth_made_while_the_agent_allocates_becomes_the_interface_it_answers_for(
     // with the workload's (the pod's link-local above is there by now).
     let on_port = host.addresses(Some(end.index)).unwrap();
     assert!(on_port.is_empty(), "{on_port:?}");
+    // One queue each way, as asked at creation (no per-CPU queues made and taken down).
+    let shown = Command::new("ip")
+        .args(["-d", "link", "show", "dev", &end.name])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains("numtxqueues 1 numrxqueues 1"), "{shown}");
 
     // A VM's pod: the veth end goes up with the VM's MAC beside its tap.
     let mut vm_conf = conf.clone();

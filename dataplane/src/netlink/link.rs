@@ -448,9 +448,13 @@ impl Netlink {
         let target = || format!("{} (peer {})", spec.host_name, spec.peer_name);
         check_ifname(OP, &target(), spec.host_name)?;
         check_ifname(OP, &target(), spec.peer_name)?;
+        // One queue each way on both ends, as the kernel uses by default: asked for at
+        // creation, no per-CPU queue is registered (in sysfs) and then taken down again.
         let mut peer = LinkMessageBuilder::<LinkUnspec>::new()
             .name(spec.peer_name)
-            .setns_by_fd(spec.peer_netns.as_raw_fd());
+            .setns_by_fd(spec.peer_netns.as_raw_fd())
+            .append_extra_attribute(LinkAttribute::NumTxQueues(1))
+            .append_extra_attribute(LinkAttribute::NumRxQueues(1));
         if let Some(mac) = spec.peer_mac {
             peer = peer.address(mac.to_vec());
         }
@@ -460,6 +464,8 @@ impl Netlink {
         let mut host = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
             .name(spec.host_name)
             .set_info_data(InfoData::Veth(InfoVeth::Peer(peer.build())))
+            .append_extra_attribute(LinkAttribute::NumTxQueues(1))
+            .append_extra_attribute(LinkAttribute::NumRxQueues(1))
             .up();
         if let Some(mtu) = spec.mtu {
             host = host.mtu(mtu);
