@@ -298,6 +298,17 @@ fn limit_problem(snapshot: &Snapshot, namespace: &str, name: &str) -> Option<Str
     weft_crds::Limits::from_annotations(&pod.limits).err()
 }
 
+/// Runs `f`, a few file operations that block (an allocation, a release), on this task's
+/// worker thread, which hands its other tasks to the runtime meanwhile
+/// ([`tokio::task::block_in_place`]): no hop to the blocking pool and back on the way to the
+/// CNI's answer. A single-threaded runtime (tests) runs it as it is.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// Writes one reply line.
 async fn answer(
     write: &mut tokio::net::unix::OwnedWriteHalf,
@@ -360,21 +371,10 @@ async fn attach(
         }
         _ => Identity::default(),
     };
-    let allocated = {
-        let (attachments, ask) = (server.attachments.clone(), ask.clone());
-        tokio::task::spawn_blocking(move || attachments.allocate(&ask, &identity)).await
-    };
-    let allocated = match allocated {
-        Ok(Ok(a)) => a,
-        Ok(Err(e)) => {
-            return answer(write, &Reply::failed(is_ready(), e.code, e.msg, e.details)).await;
-        }
+    let allocated = match blocking(|| server.attachments.allocate(&ask, &identity)) {
+        Ok(a) => a,
         Err(e) => {
-            return answer(
-                write,
-                &Reply::error(is_ready(), format!("attach task failed: {e}")),
-            )
-            .await;
+            return answer(write, &Reply::failed(is_ready(), e.code, e.msg, e.details)).await;
         }
     };
     let mut waiting = Vec::new();
@@ -495,13 +495,8 @@ async fn connection(stream: UnixStream, server: &Server) -> std::io::Result<()> 
             {
                 Reply::error(false, "the agent is shutting down")
             } else {
-                let attachments = server.attachments.clone();
-                tokio::task::spawn_blocking(move || {
-                    attachments.detach(&network, &container_id, &ifname)
-                })
-                .await
-                .unwrap_or_else(|e| Err(format!("detach task failed: {e}")))
-                .map_or_else(|e| Reply::error(ready, e), |()| Reply::ok(ready))
+                blocking(|| server.attachments.detach(&network, &container_id, &ifname))
+                    .map_or_else(|e| Reply::error(ready, e), |()| Reply::ok(ready))
             }
         }
         Ok(request) => {
@@ -634,7 +629,8 @@ mod tests {
 
     /// The two answers of an attach: the interfaces, then the reconciler's verdict; a refusal
     /// releases the addresses before it is answered.
-    #[tokio::test]
+    /// On a runtime of several workers, as the agent's: the allocation runs on the task's own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_attach_answers_twice_and_a_refusal_releases_the_addresses() {
         let dir = tempfile::tempdir().unwrap();
         network(dir.path(), "a", "10.9.1.0/24");
