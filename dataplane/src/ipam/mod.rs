@@ -4,22 +4,30 @@
 //! Layout: `<state_dir>/ipam/<network>/`
 //! - `lock`: every read-modify-write holds an exclusive `flock` on it for its whole duration,
 //!   so concurrent CNI processes (each with its own file descriptor) are serialized;
-//! - `allocations.json`: the allocations, the VM reservations and the last address handed out
-//!   per family, as compact JSON, replaced atomically (written to `allocations.json.tmp`,
-//!   renamed over), so a process killed at any point leaves either the old or the new file,
-//!   never a torn one. A stale `allocations.json.tmp` left by a crash is ignored and
-//!   overwritten by the next write.
+//! - `allocations.json`: the allocations and the last address handed out per family, as
+//!   compact JSON, replaced atomically (written to `allocations.json.tmp`, then exchanged with
+//!   it), so a process killed at any point leaves either the old or the new file, never a
+//!   torn one. A stale `allocations.json.tmp` left by a crash is ignored and overwritten by
+//!   the next write;
+//! - `reservations.json`: the VM reservations, replaced atomically the same way when they
+//!   change, and flushed to disk first.
 //!
 //! Durability: a workload's allocation never needs to outlive a boot, because a reboot ends
-//! every network namespace it describes. The file records the boot it was written in
-//! ([`boot_id`]); read in a later boot, its allocations are gone (its VM reservations and
-//! round-robin positions stay). So only a write that changes the VM reservations, which must
-//! survive a power loss, is fsynced before its rename; the others (every pod's ADD and DEL)
-//! cost no disk flush. A file torn by a power loss (possible only for an unsynced write, and
-//! only in a boot that has ended) is read as empty with a warning instead of failing every ADD.
+//! every network namespace it describes. `allocations.json` records the boot it was written in
+//! ([`boot_id`]); read in a later boot, its allocations are gone (its round-robin positions
+//! stay). Only the VM reservations must survive a power loss: they have their own file, which
+//! only a change of them rewrites, fsynced before its rename. Every pod's ADD and DEL writes
+//! `allocations.json` alone and costs no disk flush: the new file is exchanged with the old
+//! one (`renameat2(RENAME_EXCHANGE)`) rather than renamed over it, which on ext4 would start
+//! the new file's writeback at once (`auto_da_alloc`, a quarter of a millisecond here), a
+//! guarantee only a file that outlives a boot needs. A file torn by a power loss (possible
+//! only for `allocations.json`, and only in a boot that has ended) is read as empty with a
+//! warning instead of failing every ADD; the reservations are not in it. Files of older
+//! versions hold the reservations in `allocations.json`: they are read from there until the
+//! next change writes `reservations.json`.
 //!
-//! Reads ([`IpamStore::get`], [`IpamStore::list`]) take no lock: the rename makes every state
-//! they can see a complete one.
+//! Reads ([`IpamStore::get`], [`IpamStore::list`]) take no lock: the atomic replacement makes
+//! every state they can see a complete one.
 //!
 //! Allocation rules are in [`IpamStore::allocate`].
 
@@ -40,8 +48,12 @@ pub use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 pub const LOCK_FILE: &str = "lock";
 /// Name of the allocations file in a store's directory.
 pub const ALLOCATIONS_FILE: &str = "allocations.json";
-/// Name of the temporary file the allocations are written to before the rename.
+/// Name of the temporary file the allocations are written to before the exchange.
 pub const ALLOCATIONS_TMP_FILE: &str = "allocations.json.tmp";
+/// Name of the VM reservations' file in a store's directory.
+pub const RESERVATIONS_FILE: &str = "reservations.json";
+/// Name of the temporary file the reservations are written to before the rename.
+pub const RESERVATIONS_TMP_FILE: &str = "reservations.json.tmp";
 
 /// The addresses one network may hand out on this node.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -284,7 +296,7 @@ pub enum IpamError {
     /// A file operation failed.
     #[error("cannot {op} {path}")]
     Io {
-        /// What was being done (`create`, `read`, `write`, `rename to`, `sync`).
+        /// What was being done (`create`, `read`, `write`, `exchange with`, `rename to`, `sync`).
         op: &'static str,
         /// The file or directory.
         path: PathBuf,
@@ -427,7 +439,8 @@ fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> IpamError
     move |source| IpamError::Io { op, path, source }
 }
 
-/// The content of `allocations.json`.
+/// The store's state: the content of `allocations.json`, with the reservations of
+/// `reservations.json` (or, in files of older versions, its own).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 struct StoreFile {
     /// Format version (1).
@@ -442,13 +455,25 @@ struct StoreFile {
     /// The allocations.
     #[serde(default)]
     allocations: Vec<Allocation>,
-    /// VM reservations.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// VM reservations (written to `reservations.json`; read here from files of older
+    /// versions).
+    #[serde(default, skip_serializing)]
     reservations: Vec<Reservation>,
     /// The boot the allocations were made in (`/proc/sys/kernel/random/boot_id`); absent in
     /// files of older versions, whose allocations are kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     boot_id: Option<String>,
+}
+
+/// The content of `reservations.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+struct ReservationsFile {
+    /// Format version (1).
+    #[serde(default)]
+    version: u32,
+    /// VM reservations.
+    #[serde(default)]
+    reservations: Vec<Reservation>,
 }
 
 /// This boot's identity (`/proc/sys/kernel/random/boot_id`), read once; `None` where the
@@ -667,13 +692,13 @@ impl IpamStore {
 
     /// The VM reservations.
     pub fn reservations(&self) -> Result<Vec<Reservation>, IpamError> {
-        Ok(self.read()?.reservations)
+        Ok(self.read()?.0.reservations)
     }
 
     /// The reservations no allocation of this store uses (VMs stopped here, or running on
     /// another node now).
     pub fn idle_reservations(&self) -> Result<Vec<Reservation>, IpamError> {
-        let state = self.read()?;
+        let (state, _) = self.read()?;
         Ok(state
             .reservations
             .iter()
@@ -725,18 +750,22 @@ impl IpamStore {
 
     /// The allocations and the VM reservations, in one read.
     pub fn contents(&self) -> Result<(Vec<Allocation>, Vec<Reservation>), IpamError> {
-        let state = self.read()?;
+        let (state, _) = self.read()?;
         Ok((state.allocations, state.reservations))
     }
 
     /// The attachment's allocation.
     pub fn get(&self, att: &Attachment) -> Result<Option<Allocation>, IpamError> {
-        Ok(self.read()?.allocations.into_iter().find(|a| a.is(att)))
+        Ok(self
+            .read_allocations()?
+            .allocations
+            .into_iter()
+            .find(|a| a.is(att)))
     }
 
     /// Every allocation, in allocation order.
     pub fn list(&self) -> Result<Vec<Allocation>, IpamError> {
-        Ok(self.read()?.allocations)
+        Ok(self.read_allocations()?.allocations)
     }
 
     /// Releases every allocation whose attachment is not in `valid`; returns the released ones.
@@ -783,7 +812,30 @@ impl IpamStore {
         self.dir.join(ALLOCATIONS_FILE)
     }
 
-    fn read(&self) -> Result<StoreFile, IpamError> {
+    fn reservations_path(&self) -> PathBuf {
+        self.dir.join(RESERVATIONS_FILE)
+    }
+
+    /// The state, the reservations included; and whether they came from `reservations.json`
+    /// (not from the allocations file of an older version).
+    fn read(&self) -> Result<(StoreFile, bool), IpamError> {
+        let mut state = self.read_allocations()?;
+        let path = self.reservations_path();
+        let own_file = match fs::read(&path) {
+            Ok(bytes) => {
+                let file: ReservationsFile = serde_json::from_slice(&bytes)
+                    .map_err(|source| IpamError::Corrupt { path, source })?;
+                state.reservations = file.reservations;
+                true
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(io("read", &path)(e)),
+        };
+        Ok((state, own_file))
+    }
+
+    /// The content of `allocations.json`, without the allocations of an earlier boot.
+    fn read_allocations(&self) -> Result<StoreFile, IpamError> {
         let path = self.path();
         let bytes = match fs::read(&path) {
             Ok(bytes) => bytes,
@@ -843,37 +895,74 @@ impl IpamStore {
             path: lock_path,
             source,
         })?;
-        let mut state = self.read()?;
+        let (mut state, own_file) = self.read()?;
         let reservations = state.reservations.clone();
         let (out, changed) = f(&mut state)?;
         if changed {
             state.version = 1;
             state.boot_id = boot_id().map(str::to_string);
-            self.write(&state, state.reservations != reservations)?;
+            // The reservations first: the allocations file written next no longer holds
+            // those an older version put there.
+            if state.reservations != reservations || (!own_file && !state.reservations.is_empty()) {
+                self.write_reservations(&state.reservations)?;
+            }
+            self.write_allocations(&state)?;
         }
-        // Closing the descriptor releases the lock, after the rename.
+        // Closing the descriptor releases the lock, after the replacement.
         drop(lock);
         Ok(out)
     }
 
-    /// Replaces the file atomically; `durable`: flushed to disk before the rename (a change of
-    /// the VM reservations, which outlive a boot).
-    fn write(&self, state: &StoreFile, durable: bool) -> Result<(), IpamError> {
+    /// Replaces `allocations.json` atomically, without a flush to disk: the new file is
+    /// exchanged with the old one, which is then unlinked (a plain rename where the old one
+    /// does not exist or the file system cannot exchange).
+    fn write_allocations(&self, state: &StoreFile) -> Result<(), IpamError> {
         let tmp = self.dir.join(ALLOCATIONS_TMP_FILE);
         let path = self.path();
         let bytes =
             serde_json::to_vec(state).map_err(|e| io("encode", &path)(std::io::Error::other(e)))?;
         let mut file = File::create(&tmp).map_err(io("create", &tmp))?;
         file.write_all(&bytes).map_err(io("write", &tmp))?;
-        // Reservations: on disk before the rename, so a power loss cannot tear them. Everything
-        // else ends with the boot (see the module's documentation). The directory is never
-        // synced: after a power loss the store may miss the last changes of a boot that ended.
-        if durable {
-            file.sync_all().map_err(io("sync", &tmp))?;
-        }
         drop(file);
-        fs::rename(&tmp, &path).map_err(io("rename to", &path))?;
-        Ok(())
+        match rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            tmp.as_path(),
+            rustix::fs::CWD,
+            path.as_path(),
+            rustix::fs::RenameFlags::EXCHANGE,
+        ) {
+            // The old state, now under the temporary name: the next write overwrites what
+            // cannot be removed.
+            Ok(()) => {
+                if let Err(e) = fs::remove_file(&tmp) {
+                    debug!(path = %tmp.display(), error = %e, "cannot remove the replaced allocations");
+                }
+                Ok(())
+            }
+            Err(e) if e == rustix::io::Errno::NOENT || e == rustix::io::Errno::INVAL => {
+                fs::rename(&tmp, &path).map_err(io("rename to", &path))
+            }
+            Err(e) => Err(io("exchange with", &path)(e.into())),
+        }
+    }
+
+    /// Replaces `reservations.json` atomically, flushed to disk before the rename: the VM
+    /// reservations outlive a boot. (The directory is never synced: after a power loss the
+    /// store may miss the last change of a boot that ended.)
+    fn write_reservations(&self, reservations: &[Reservation]) -> Result<(), IpamError> {
+        let tmp = self.dir.join(RESERVATIONS_TMP_FILE);
+        let path = self.reservations_path();
+        let file = ReservationsFile {
+            version: 1,
+            reservations: reservations.to_vec(),
+        };
+        let bytes =
+            serde_json::to_vec(&file).map_err(|e| io("encode", &path)(std::io::Error::other(e)))?;
+        let mut out = File::create(&tmp).map_err(io("create", &tmp))?;
+        out.write_all(&bytes).map_err(io("write", &tmp))?;
+        out.sync_all().map_err(io("sync", &tmp))?;
+        drop(out);
+        fs::rename(&tmp, &path).map_err(io("rename to", &path))
     }
 }
 

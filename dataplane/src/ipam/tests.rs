@@ -897,3 +897,89 @@ fn a_file_torn_in_an_earlier_boot_reads_as_empty_and_one_torn_now_is_an_error() 
     let a = s.allocate(&v4_pool(), req("a")).unwrap();
     assert_eq!(s.list().unwrap(), vec![a]);
 }
+
+fn vm_req(id: &str) -> AllocRequest {
+    AllocRequest {
+        owner: Some("ns/vm".into()),
+        ..req(id)
+    }
+}
+
+#[test]
+fn the_reservations_have_their_own_file_which_a_pod_never_rewrites() {
+    let (_d, s) = store();
+    let vm = s.allocate(&v4_pool(), vm_req("vm")).unwrap();
+    let reservations = s.dir().join(RESERVATIONS_FILE);
+    let file: serde_json::Value =
+        serde_json::from_slice(&fs::read(&reservations).unwrap()).unwrap();
+    assert_eq!(file["version"], 1);
+    assert_eq!(file["reservations"][0]["owner"], "ns/vm");
+    let allocations: serde_json::Value =
+        serde_json::from_slice(&fs::read(s.dir().join(ALLOCATIONS_FILE)).unwrap()).unwrap();
+    assert!(allocations.get("reservations").is_none(), "{allocations}");
+    // A pod's ADD and DEL leave the reservations' file as it was (same inode: not rewritten).
+    let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&fs::metadata(p).unwrap());
+    let before = inode(&reservations);
+    let pod = s.allocate(&v4_pool(), req("pod")).unwrap();
+    s.release(&pod.attachment()).unwrap();
+    assert_eq!(inode(&reservations), before);
+    assert!(!s.dir().join(ALLOCATIONS_TMP_FILE).exists());
+    assert!(!s.dir().join(RESERVATIONS_TMP_FILE).exists());
+    assert_eq!(s.reservations().unwrap()[0].ips, vm.ips);
+}
+
+#[test]
+fn a_power_loss_that_tears_the_allocations_keeps_the_vm_reservations() {
+    let (_d, s) = store();
+    // The pod first: the VM's address is not the block's first, which an empty store hands
+    // out first.
+    s.allocate(&v4_pool(), req("pod")).unwrap();
+    let vm = s.allocate(&v4_pool(), vm_req("vm")).unwrap();
+    assert_ne!(vm.ips, vec![ip("10.0.1.1")]);
+    // The allocations file as an unsynced write left it after a power loss in an earlier boot.
+    let path = s.dir().join(ALLOCATIONS_FILE);
+    fs::write(&path, b"").unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000))
+        .unwrap();
+    assert_eq!(s.list().unwrap(), vec![]);
+    let again = s.allocate(&v4_pool(), vm_req("vm2")).unwrap();
+    assert_eq!(again.ips, vm.ips, "the VM gets its reserved addresses back");
+}
+
+#[test]
+fn reservations_in_the_allocations_file_of_an_older_version_move_to_their_own() {
+    let (_d, s) = store();
+    let older = br#"{"version":1,"last_v4":"10.0.1.2","allocations":[{"ips":["10.0.1.2"],"container_id":"vm","ifname":"eth0","owner":"ns/vm"}],"reservations":[{"owner":"ns/vm","ifname":"eth0","ips":["10.0.1.2"],"since":5}]}"#;
+    fs::write(s.dir().join(ALLOCATIONS_FILE), older).unwrap();
+    assert!(!s.dir().join(RESERVATIONS_FILE).exists());
+    assert_eq!(s.reservations().unwrap()[0].ips, vec![ip("10.0.1.2")]);
+    // The next change, a pod's, writes them to their own file before the allocations file
+    // drops them.
+    s.allocate(&v4_pool(), req("pod")).unwrap();
+    let own: serde_json::Value =
+        serde_json::from_slice(&fs::read(s.dir().join(RESERVATIONS_FILE)).unwrap()).unwrap();
+    assert_eq!(own["reservations"][0]["ips"][0], "10.0.1.2");
+    let allocations: serde_json::Value =
+        serde_json::from_slice(&fs::read(s.dir().join(ALLOCATIONS_FILE)).unwrap()).unwrap();
+    assert!(allocations.get("reservations").is_none(), "{allocations}");
+    assert_eq!(s.reservations().unwrap().len(), 1);
+    // Released, the VM's address stays reserved for it.
+    s.release(&att("vm")).unwrap();
+    let pod2 = s.allocate(&v4_pool(), req("pod2")).unwrap();
+    assert_ne!(pod2.ips, vec![ip("10.0.1.2")]);
+}
+
+#[test]
+fn a_corrupt_reservations_file_is_an_error_naming_it() {
+    let (_d, s) = store();
+    fs::write(s.dir().join(RESERVATIONS_FILE), b"{ not json").unwrap();
+    let e = s.allocate(&v4_pool(), req("a")).unwrap_err();
+    assert!(matches!(e, IpamError::Corrupt { .. }));
+    assert!(e.to_string().contains("reservations.json"), "{e}");
+    // Reading the allocations alone does not need it.
+    assert_eq!(s.list().unwrap(), vec![]);
+}
