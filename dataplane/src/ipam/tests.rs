@@ -983,3 +983,25 @@ fn a_corrupt_reservations_file_is_an_error_naming_it() {
     // Reading the allocations alone does not need it.
     assert_eq!(s.list().unwrap(), vec![]);
 }
+
+#[test]
+fn another_writers_change_is_read_even_right_after_this_process_wrote() {
+    let (d, s) = store();
+    let a = s.allocate(&v4_pool(), req("a")).unwrap();
+    // Another process (a CNI allocating without the agent) writes the store meanwhile: the
+    // same attachment released, another allocated.
+    let path = s.dir().join(ALLOCATIONS_FILE);
+    let mut file: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    file["allocations"][0]["container_id"] = "b".into();
+    fs::write(&path, serde_json::to_vec(&file).unwrap()).unwrap();
+    let other = IpamStore::open(d.path(), "net").unwrap();
+    for store in [&s, &other] {
+        assert_eq!(store.get(&att("a")).unwrap(), None);
+        assert_eq!(store.list().unwrap()[0].container_id, "b");
+    }
+    // The next allocation starts from the file, not from what this process wrote.
+    let c = s.allocate(&v4_pool(), req("c")).unwrap();
+    assert_ne!(c.ips, a.ips, "b holds a's address now");
+    assert_eq!(s.list().unwrap().len(), 2);
+    assert_eq!(s.release(&att("a")).unwrap(), None);
+}
