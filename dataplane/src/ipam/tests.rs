@@ -880,6 +880,16 @@ fn allocations_of_an_earlier_boot_are_gone_and_its_vm_reservations_stay() {
     assert_ne!(next.ips, pod.ips);
 }
 
+/// Gives the file at `path` a modification time long before this boot began.
+fn dated_before_this_boot(path: &Path) {
+    fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000))
+        .unwrap();
+}
+
 #[test]
 fn a_file_torn_in_an_earlier_boot_reads_as_empty_and_one_torn_now_is_an_error() {
     let (_d, s) = store();
@@ -887,12 +897,7 @@ fn a_file_torn_in_an_earlier_boot_reads_as_empty_and_one_torn_now_is_an_error() 
     fs::write(&path, b"{\"allocations\": [{\"ips\"").unwrap();
     assert!(matches!(s.list(), Err(IpamError::Corrupt { .. })));
     // Written before this boot began.
-    fs::File::options()
-        .write(true)
-        .open(&path)
-        .unwrap()
-        .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000))
-        .unwrap();
+    dated_before_this_boot(&path);
     assert_eq!(s.list().unwrap(), vec![]);
     let a = s.allocate(&v4_pool(), req("a")).unwrap();
     assert_eq!(s.list().unwrap(), vec![a]);
@@ -939,12 +944,7 @@ fn a_power_loss_that_tears_the_allocations_keeps_the_vm_reservations() {
     // The allocations file as an unsynced write left it after a power loss in an earlier boot.
     let path = s.dir().join(ALLOCATIONS_FILE);
     fs::write(&path, b"").unwrap();
-    fs::File::options()
-        .write(true)
-        .open(&path)
-        .unwrap()
-        .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000))
-        .unwrap();
+    dated_before_this_boot(&path);
     assert_eq!(s.list().unwrap(), vec![]);
     let again = s.allocate(&v4_pool(), vm_req("vm2")).unwrap();
     assert_eq!(again.ips, vm.ips, "the VM gets its reserved addresses back");
