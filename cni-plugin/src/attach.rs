@@ -618,7 +618,8 @@ fn make_veth(
         )
     })?;
     let mut inner = Netlink::entering(ns)?;
-    // The alias goes on with the hairpin, in one request.
+    // The alias goes on with the hairpin, in one request, after the agent's answer: the
+    // agent's sweep deletes a link with weft's alias that no recorded allocation owns.
     let spec = VethSpec {
         host_name: veth.host,
         host_alias: None,

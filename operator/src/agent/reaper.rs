@@ -122,8 +122,10 @@ impl Reaper {
     /// Deletes the workload host links (weft's endpoint alias) that neither a registered
     /// endpoint (`registered`: their host names) nor an attachment of any IPAM store under
     /// `state_dir` owns: a DEL whose agent stopped before deleting the link. The
-    /// links are listed before the stores are read, and an ADD records its allocation before it
-    /// creates its link: a link listed whose allocation is then not found is nobody's.
+    /// links are listed before the stores are read, and a link carries weft's alias only once
+    /// its allocation is recorded (an ADD's veth made while the agent allocates gets it as it
+    /// is wired, after the answer): a link listed whose allocation is then not found is
+    /// nobody's.
     /// Returns the names deleted.
     pub fn sweep(&self, state_dir: &Path, registered: &BTreeSet<String>) -> Vec<String> {
         let links: Vec<LinkInfo> = match Netlink::new().and_then(|mut nl| nl.links()) {
