@@ -35,6 +35,7 @@
 mod alloc;
 
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -490,6 +491,20 @@ struct Written {
     state: StoreFile,
 }
 
+/// Writes `value`, encoded as compact JSON, to `tmp`, the temporary file that replaces `path`;
+/// returns the file, still open, and the bytes written.
+fn write_temp(
+    tmp: &Path,
+    path: &Path,
+    value: &impl Serialize,
+) -> Result<(File, Vec<u8>), IpamError> {
+    let bytes =
+        serde_json::to_vec(value).map_err(|e| io("encode", path)(std::io::Error::other(e)))?;
+    let mut file = File::create(tmp).map_err(io("create", tmp))?;
+    file.write_all(&bytes).map_err(io("write", tmp))?;
+    Ok((file, bytes))
+}
+
 /// The file's content; `None` when it does not exist.
 fn read_file(path: &Path) -> Result<Option<Vec<u8>>, IpamError> {
     match fs::read(path) {
@@ -779,12 +794,14 @@ impl IpamStore {
 
     /// The attachment's allocation.
     pub fn get(&self, att: &Attachment) -> Result<Option<Allocation>, IpamError> {
-        self.with_allocations(|state| state.allocations.iter().find(|a| a.is(att)).cloned())
+        self.read_allocations(false, |state| {
+            state.allocations.iter().find(|a| a.is(att)).cloned()
+        })
     }
 
     /// Every allocation, in allocation order.
     pub fn list(&self) -> Result<Vec<Allocation>, IpamError> {
-        self.with_allocations(|state| state.allocations.clone())
+        self.read_allocations(false, |state| state.into_owned().allocations)
     }
 
     /// Releases every allocation whose attachment is not in `valid`; returns the released ones.
@@ -836,29 +853,10 @@ impl IpamStore {
     }
 
     /// The state, the reservations included; and whether they came from `reservations.json`
-    /// (not from the allocations file of an older version). `take`: the state this process
-    /// wrote last is taken out of [`WRITTEN`] rather than copied (a read-modify-write puts
-    /// back what it writes).
+    /// (not from the allocations file of an older version). `take`: see
+    /// [`IpamStore::read_allocations`].
     fn read(&self, take: bool) -> Result<(StoreFile, bool), IpamError> {
-        let path = self.path();
-        let mut state = match read_file(&path)? {
-            None => StoreFile::default(),
-            Some(bytes) => {
-                let mut written = WRITTEN.lock().unwrap_or_else(|e| e.into_inner());
-                let same = written.get(&path).is_some_and(|w| w.bytes == bytes);
-                match (same, take) {
-                    (true, true) => written.remove(&path).map(|w| w.state).unwrap_or_default(),
-                    (true, false) => written
-                        .get(&path)
-                        .map(|w| w.state.clone())
-                        .unwrap_or_default(),
-                    (false, _) => {
-                        drop(written);
-                        self.parse_allocations(&path, &bytes)?
-                    }
-                }
-            }
-        };
+        let mut state = self.read_allocations(take, |s| s.into_owned())?;
         let path = self.reservations_path();
         let own_file = match read_file(&path)? {
             Some(bytes) => {
@@ -873,19 +871,31 @@ impl IpamStore {
     }
 
     /// `f` of the content of `allocations.json` (without the allocations of an earlier boot):
-    /// the state this process wrote last when the file still holds it, parsed otherwise.
-    fn with_allocations<T>(&self, f: impl FnOnce(&StoreFile) -> T) -> Result<T, IpamError> {
+    /// the state this process wrote last when the file still holds its bytes ([`WRITTEN`];
+    /// with `take`, taken out rather than lent: a read-modify-write puts back what it
+    /// writes), parsed otherwise.
+    fn read_allocations<T>(
+        &self,
+        take: bool,
+        f: impl FnOnce(Cow<'_, StoreFile>) -> T,
+    ) -> Result<T, IpamError> {
         let path = self.path();
         let Some(bytes) = read_file(&path)? else {
-            return Ok(f(&StoreFile::default()));
+            return Ok(f(Cow::Owned(StoreFile::default())));
         };
         {
-            let written = WRITTEN.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(w) = written.get(&path).filter(|w| w.bytes == bytes) {
-                return Ok(f(&w.state));
+            let mut written = WRITTEN.lock().unwrap_or_else(|e| e.into_inner());
+            if take {
+                // An entry whose bytes the file no longer holds goes too: it is stale.
+                if let Some(w) = written.remove(&path).filter(|w| w.bytes == bytes) {
+                    drop(written);
+                    return Ok(f(Cow::Owned(w.state)));
+                }
+            } else if let Some(w) = written.get(&path).filter(|w| w.bytes == bytes) {
+                return Ok(f(Cow::Borrowed(&w.state)));
             }
         }
-        Ok(f(&self.parse_allocations(&path, &bytes)?))
+        Ok(f(Cow::Owned(self.parse_allocations(&path, &bytes)?)))
     }
 
     /// The content of `allocations.json`, `bytes`, without the allocations of an earlier boot.
@@ -978,10 +988,7 @@ impl IpamStore {
     fn write_allocations(&self, state: &StoreFile) -> Result<Vec<u8>, IpamError> {
         let tmp = self.dir.join(ALLOCATIONS_TMP_FILE);
         let path = self.path();
-        let bytes =
-            serde_json::to_vec(state).map_err(|e| io("encode", &path)(std::io::Error::other(e)))?;
-        let mut file = File::create(&tmp).map_err(io("create", &tmp))?;
-        file.write_all(&bytes).map_err(io("write", &tmp))?;
+        let (file, bytes) = write_temp(&tmp, &path, state)?;
         drop(file);
         match rustix::fs::renameat_with(
             rustix::fs::CWD,
@@ -1015,10 +1022,7 @@ impl IpamStore {
             version: 1,
             reservations: reservations.to_vec(),
         };
-        let bytes =
-            serde_json::to_vec(&file).map_err(|e| io("encode", &path)(std::io::Error::other(e)))?;
-        let mut out = File::create(&tmp).map_err(io("create", &tmp))?;
-        out.write_all(&bytes).map_err(io("write", &tmp))?;
+        let (out, _) = write_temp(&tmp, &path, &file)?;
         out.sync_all().map_err(io("sync", &tmp))?;
         drop(out);
         fs::rename(&tmp, &path).map_err(io("rename to", &path))
