@@ -419,14 +419,11 @@ async fn attach(
                 };
                 let _ = server.tx.send(Message { request, reply }).await;
             }
-            let attachments = server.attachments.clone();
-            let released = tokio::task::spawn_blocking(move || {
-                attachments.release_all(&ask.container_id, allocated.iter().map(|(a, _)| a));
-            })
-            .await;
-            if let Err(e) = released {
-                warn!(error = %e, "release task failed");
-            }
+            blocking(|| {
+                server
+                    .attachments
+                    .release_all(&ask.container_id, allocated.iter().map(|(a, _)| a));
+            });
             Reply::failed(
                 is_ready(),
                 AGENT_REFUSED,
