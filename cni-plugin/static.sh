@@ -2,8 +2,9 @@
 # Builds the `weft` CNI plugin as weft ships it: a static binary linked with musl libc, for this
 # machine's architecture. The container runtime starts the plugin once for every ADD, CHECK and
 # DEL of every pod; a static binary skips the dynamic loader, which here is most of what starting
-# a small process costs (docs/benchmarks.md, "Size and start time"). The agent and the controller
-# are long-running and stay ordinary builds.
+# a small process costs (docs/benchmarks.md, "Size and start time"); and position-dependent
+# (`.cargo/config.toml`: no relocations to apply at each start, as Debian's builds of the
+# reference plugins). The agent and the controller are long-running and stay ordinary builds.
 #
 #   cni-plugin/static.sh [CARGO_PROFILE]    # default: plugin (Cargo.toml); prints the binary's path
 #
