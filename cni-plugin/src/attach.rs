@@ -112,6 +112,11 @@ fn ask_of(conf: &Conf, env: &Env) -> Result<Ask, CniError> {
     })
 }
 
+/// The agent connection of an ADD or DEL that went through, kept open for the report that
+/// follows the result ([`proto::Pending::follow_with`]).
+#[derive(Debug, Default)]
+pub struct Kept(pub Option<proto::Pending>);
+
 /// ADD: one interface on the configuration's Network; or, when the pod's `weft.dev/networks`
 /// annotation lists Networks, one interface on each (`CNI_IFNAME` on the first; the annotation's
 /// interface names or `net1`, `net2`… on the others; the default route through the one marked
@@ -123,7 +128,7 @@ fn ask_of(conf: &Conf, env: &Env) -> Result<Ask, CniError> {
 /// the veth it will most likely answer for is made here ([`Ahead`]). An agent that does not
 /// know the request (an older one) leaves the allocation and registration to the plugin
 /// ([`add_here`]).
-pub fn add(conf: &Conf, env: &Env) -> Result<CniResult, CniError> {
+pub fn add(conf: &Conf, env: &Env, kept: &mut Kept) -> Result<CniResult, CniError> {
     let ask = ask_of(conf, env)?;
     let mut pending = proto::Pending::start(
         &conf.agent_socket,
@@ -173,7 +178,7 @@ pub fn add(conf: &Conf, env: &Env) -> Result<CniResult, CniError> {
         }
     }
     match pending.answer() {
-        Ok(second) if second.ok => {}
+        Ok(second) if second.ok => kept.0 = Some(pending),
         // Refused: the agent has released the addresses.
         Ok(second) => {
             for w in &wired {
@@ -275,7 +280,7 @@ fn undo_attach(conf: &Conf, env: &Env, ns: Option<&Netns>, attached: &[Attached]
     }
     for a in attached {
         let (network, ifname) = (&a.interface.network, &a.interface.ifname);
-        if let Err(e) = del_one(conf, env, network, ifname) {
+        if let Err(e) = del_one(conf, env, network, ifname, &mut Kept::default()) {
             warn!(%network, %ifname, error = %e.details, "cannot undo an interface of a failed ADD");
         }
     }
@@ -349,7 +354,9 @@ fn add_here(conf: &Conf, env: &Env, ask: &Ask) -> Result<CniResult, CniError> {
             Ok(w) => done.push((iface, w)),
             Err(mut e) => {
                 for (i, _) in done.iter().rev() {
-                    if let Err(undo) = del_one(conf, env, &i.network, &i.ifname) {
+                    if let Err(undo) =
+                        del_one(conf, env, &i.network, &i.ifname, &mut Kept::default())
+                    {
                         warn!(network = %i.network, ifname = %i.ifname, error = %undo.details, "cannot undo an interface of a failed ADD");
                     }
                 }
@@ -942,19 +949,19 @@ fn unreachable_agent(e: proto::ProtoError) -> CniError {
 }
 
 /// DEL: best effort and idempotent; a missing netns, link or allocation is success.
-pub fn del(conf: &Conf, env: &Env) -> Result<(), CniError> {
+pub fn del(conf: &Conf, env: &Env, kept: &mut Kept) -> Result<(), CniError> {
     let container_id = env.container_id()?;
     let ifname = env.ifname()?;
     let mut errors: Vec<String> = Vec::new();
     if let Some(network) = conf.network.as_deref()
-        && let Err(e) = del_one(conf, env, network, ifname)
+        && let Err(e) = del_one(conf, env, network, ifname, kept)
     {
         errors.push(e.details);
     }
     // The interfaces this ADD made from the pod's weft.dev/networks annotation, wherever they
     // are: the IPAM stores say (the pod may be gone from the API by now).
     for (network, extra) in extra_interfaces(conf, container_id, ifname) {
-        if let Err(e) = del_one(conf, env, &network, &extra) {
+        if let Err(e) = del_one(conf, env, &network, &extra, kept) {
             errors.push(e.details);
         }
     }
@@ -991,7 +998,13 @@ fn extra_interfaces(conf: &Conf, container_id: &str, ifname: &str) -> Vec<(Strin
 /// answers, and takes the rules out and sees to the host link after (see
 /// [`Request::Detach`]); without an agent that can, the DEL does it all itself and the agent
 /// catches up from the IPAM store at its resync.
-fn del_one(conf: &Conf, env: &Env, network: &str, ifname: &str) -> Result<(), CniError> {
+fn del_one(
+    conf: &Conf,
+    env: &Env,
+    network: &str,
+    ifname: &str,
+    kept: &mut Kept,
+) -> Result<(), CniError> {
     let container_id = env.container_id()?;
     // 1. A VM's tap, when the pod's namespace still exists.
     // Never inside the node's own namespace (a CNI_NETNS of /proc/self/ns/net).
@@ -1009,12 +1022,15 @@ fn del_one(conf: &Conf, env: &Env, network: &str, ifname: &str) -> Result<(), Cn
         container_id: container_id.to_string(),
         ifname: ifname.to_string(),
     };
-    match proto::call(&conf.agent_socket, &detach, conf.agent_timeout) {
-        Ok(reply) if reply.ok => {
+    let answered = proto::Pending::start(&conf.agent_socket, &detach, conf.agent_timeout)
+        .and_then(|mut p| Ok((p.answer()?, p)));
+    match answered {
+        Ok((reply, pending)) if reply.ok => {
             info!(%network, %container_id, %ifname, "detached");
+            kept.0 = Some(pending);
             return Ok(());
         }
-        Ok(reply) => {
+        Ok((reply, _)) => {
             debug!(error = ?reply.error, "the agent did not detach; removing the attachment here");
             // An agent that answers but cannot detach (an older one) still forgets the
             // endpoint before its addresses go.

@@ -121,11 +121,12 @@ pub fn run() -> i32 {
         netns = env.netns.as_deref().unwrap_or(""),
     );
     let _guard = span.enter();
+    let mut kept = attach::Kept::default();
     let outcome = match invocation.command {
-        Command::Add => attach::add(&conf, env).map(|r| {
+        Command::Add => attach::add(&conf, env, &mut kept).map(|r| {
             reply::print_json(&r.for_version(&conf.cni_version));
         }),
-        Command::Del => attach::del(&conf, env),
+        Command::Del => attach::del(&conf, env, &mut kept),
         Command::Check => attach::check(&conf, env),
         Command::Gc => gc::gc(&conf),
         Command::Status => gc::status(&conf),
@@ -142,6 +143,7 @@ pub fn run() -> i32 {
     if matches!(invocation.command, Command::Add | Command::Del) {
         report(
             &conf,
+            kept,
             invocation.command,
             outcome.is_ok(),
             started.elapsed(),
@@ -151,14 +153,26 @@ pub fn run() -> i32 {
 }
 
 /// Tells the agent how an ADD or DEL went, for its metrics (best effort, after the result is
-/// printed, without waiting for the agent's answer: an agent that is not there costs a failed
-/// connect).
-fn report(conf: &conf::Conf, command: Command, ok: bool, took: std::time::Duration) {
+/// printed, without waiting for the agent's answer): on the connection the operation `kept`,
+/// else on one of its own (an agent that is not there costs a failed connect).
+fn report(
+    conf: &conf::Conf,
+    kept: attach::Kept,
+    command: Command,
+    ok: bool,
+    took: std::time::Duration,
+) {
     let req = weft_dataplane::proto::Request::Report {
         command: format!("{command:?}").to_ascii_uppercase(),
         ok,
         micros: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
     };
+    // An older agent closes the connection after its answer: the report then goes on its own.
+    if let Some(pending) = kept.0
+        && pending.follow_with(&req).is_ok()
+    {
+        return;
+    }
     if let Err(e) = weft_dataplane::proto::notify(
         &conf.agent_socket,
         &req,

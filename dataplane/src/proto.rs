@@ -520,6 +520,23 @@ impl Pending {
             source,
         })
     }
+
+    /// Sends `req` on this connection after its answers, without waiting for a reply, and
+    /// closes it: a [`Request::Report`] on the connection of the request it reports spares a
+    /// connection of its own. The agent reads one such line on every connection it answered.
+    pub fn follow_with(self, req: &Request) -> Result<(), ProtoError> {
+        let ex = |source| ProtoError::Exchange {
+            path: self.path.clone(),
+            source,
+        };
+        let mut line = serde_json::to_vec(req).map_err(|source| ProtoError::Decode {
+            path: self.path.clone(),
+            source,
+        })?;
+        line.push(b'\n');
+        let mut stream = self.reader.get_ref();
+        stream.write_all(&line).map_err(ex)
+    }
 }
 
 #[cfg(test)]

@@ -437,17 +437,55 @@ async fn attach(
     write.shutdown().await
 }
 
+/// How long a connection's follow-up line is waited for after its answers: a CNI sends its
+/// report at once, or exits and so closes the connection.
+const FOLLOW_UP_WAIT: Duration = Duration::from_secs(5);
+
+/// One connection: a request, its answers, then at most one follow-up line ([`follow_up`]).
 async fn connection(stream: UnixStream, server: &Server) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
+    let mut read = BufReader::new(read);
     let mut line = String::new();
-    BufReader::new(read).read_line(&mut line).await?;
-    let reply = match serde_json::from_str::<Request>(&line) {
+    read.read_line(&mut line).await?;
+    respond(&line, &mut write, server).await?;
+    follow_up(read, server).await
+}
+
+/// The line a client may send after the answers
+/// ([`weft_dataplane::proto::Pending::follow_with`]): a CNI's report of the operation the
+/// connection served, for the metrics; anything else is ignored.
+async fn follow_up(
+    mut read: BufReader<tokio::net::unix::OwnedReadHalf>,
+    server: &Server,
+) -> std::io::Result<()> {
+    let mut line = String::new();
+    match tokio::time::timeout(FOLLOW_UP_WAIT, read.read_line(&mut line)).await {
+        Ok(Ok(n)) if n > 0 => {}
+        _ => return Ok(()),
+    }
+    match serde_json::from_str::<Request>(&line) {
+        Ok(request @ Request::Report { .. }) => {
+            let (reply, _) = oneshot::channel();
+            let _ = server.tx.send(Message { request, reply }).await;
+        }
+        _ => debug!("a line after the answers that is not a report: ignored"),
+    }
+    Ok(())
+}
+
+/// Answers request `line` on `write`, and shuts the writing side.
+async fn respond(
+    line: &str,
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    server: &Server,
+) -> std::io::Result<()> {
+    let reply = match serde_json::from_str::<Request>(line) {
         Err(e) => Reply::error(
             server.is_ready(),
             format!("{}{e}", weft_dataplane::proto::BAD_REQUEST),
         ),
         // Answered twice: written there.
-        Ok(Request::Attach { ask }) => return attach(ask, &mut write, server).await,
+        Ok(Request::Attach { ask }) => return attach(ask, write, server).await,
         Ok(Request::Identity {
             namespace,
             name,
@@ -515,7 +553,7 @@ async fn connection(stream: UnixStream, server: &Server) -> std::io::Result<()> 
             }
         }
     };
-    answer(&mut write, &reply).await?;
+    answer(write, &reply).await?;
     write.shutdown().await
 }
 
@@ -622,6 +660,75 @@ mod tests {
         attachments.detach("a", "c1", "eth0").unwrap();
         attachments.detach("b", "c1", "net1").unwrap();
         assert_eq!((held(dir.path(), "a"), held(dir.path(), "b")), (0, 0));
+    }
+
+    /// A CNI's report after the answers, on the connection it used (`Pending::follow_with`),
+    /// reaches the reconciler (its metrics) as one sent on its own does; a connection closed
+    /// after its answer reports nothing, and any other line after the answers is ignored.
+    #[tokio::test]
+    async fn a_report_after_the_answer_on_the_same_connection_reaches_the_reconciler() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("agent.sock");
+        let (tx, mut rx) = mpsc::channel::<Message>(8);
+        let server = Server {
+            tx,
+            ready: Arc::new(AtomicBool::new(true)),
+            snapshot: Snapshot::default(),
+            pod_wait: None,
+            attachments: Attachments {
+                state_dir: dir.path().to_path_buf(),
+                reaper: super::super::reaper::Reaper::spawn().unwrap(),
+            },
+        };
+        tokio::spawn(serve(UnixListener::bind(&socket).unwrap(), server));
+        let report = Request::Report {
+            command: "DEL".into(),
+            ok: true,
+            micros: 640,
+        };
+        let timeout = Duration::from_secs(5);
+        // A ping (answered by the reconciler), then the report on the same connection.
+        let client = {
+            let socket = socket.clone();
+            let report = report.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut pending =
+                    weft_dataplane::proto::Pending::start(&socket, &Request::Ping, timeout)
+                        .unwrap();
+                let reply = pending.answer().unwrap();
+                pending.follow_with(&report).unwrap();
+                reply
+            })
+        };
+        let ping = rx.recv().await.unwrap();
+        assert!(matches!(ping.request, Request::Ping));
+        let _ = ping.reply.send(Reply::ok(true));
+        assert!(client.await.unwrap().ok);
+        let reported = rx.recv().await.unwrap();
+        assert_eq!(reported.request, report);
+        // Closed after the answer, or followed by something else: nothing more arrives.
+        for follow in [None, Some(Request::Ping)] {
+            let socket = socket.clone();
+            let client = tokio::task::spawn_blocking(move || {
+                let mut pending =
+                    weft_dataplane::proto::Pending::start(&socket, &Request::Ping, timeout)
+                        .unwrap();
+                let reply = pending.answer().unwrap();
+                if let Some(req) = follow {
+                    pending.follow_with(&req).unwrap();
+                }
+                reply
+            });
+            let ping = rx.recv().await.unwrap();
+            let _ = ping.reply.send(Reply::ok(true));
+            assert!(client.await.unwrap().ok);
+        }
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), rx.recv())
+                .await
+                .is_err(),
+            "only the report goes to the reconciler after the answers"
+        );
     }
 
     /// The two answers of an attach: the interfaces, then the reconciler's verdict; a refusal
