@@ -462,6 +462,24 @@ struct Reconciler {
     /// The workload addresses of this node when the plan was last applied: one that is gone
     /// has its per-address state purged from the kernel's dynamic sets.
     addresses: BTreeSet<IpAddr>,
+    /// The registrations the reconcile under way serves: answered as soon as their rules are
+    /// in force ([`answer_applied`]), before the status and metrics are brought
+    /// up to date; whatever is left here is answered after the reconcile.
+    waiting: Vec<oneshot::Sender<Reply>>,
+}
+
+/// Answers the registrations a reconcile serves once its apply went through: their rules are
+/// in force. (An agent not ready yet answers them after the reconcile, which makes it ready.)
+/// What follows the apply never fails a reconcile whose apply went through, so the answer is the
+/// one the reconcile's end would give, only sooner: the CNI's ADD does not wait for the status
+/// and the metrics.
+fn answer_applied(ready: &AtomicBool, waiting: &mut Vec<oneshot::Sender<Reply>>) {
+    if !ready.load(Ordering::SeqCst) {
+        return;
+    }
+    for reply in waiting.drain(..) {
+        let _ = reply.send(Reply::ok(true));
+    }
 }
 
 /// Why a reconcile did not bring the node to its plan.
@@ -675,6 +693,9 @@ impl Reconciler {
             return result.map(|_| ()).map_err(ReconcileError::from);
         };
         applied.ok = result.is_ok();
+        if result.is_ok() {
+            answer_applied(&self.ready, &mut self.waiting);
+        }
         let out = &applied.out;
         let mut problems: Vec<String> = res.problems.clone();
         problems.extend(out.problems.iter().map(|p| p.to_string()));
@@ -1139,6 +1160,7 @@ pub async fn run(
         reaper,
         mirrors: mirror::Mirrors::spawn(),
         addresses: BTreeSet::new(),
+        waiting: Vec::new(),
     };
     let mirrors = rec.mirrors.clone();
     if let Some(sink) = audit_sink(&cfg) {
@@ -1186,15 +1208,15 @@ pub async fn run(
                     }
                 }
                 if !pending.is_empty() {
+                    rec.waiting = pending.into_iter().map(|m| m.reply).collect();
                     let result = rec.reconcile(Trigger::Endpoints).await;
                     retry.record(result.is_ok());
                     let ready = rec.ready.load(Ordering::SeqCst);
-                    for m in pending {
-                        let reply = match &result {
+                    for reply in std::mem::take(&mut rec.waiting) {
+                        let _ = reply.send(match &result {
                             Ok(()) => Reply::ok(ready),
                             Err(e) => Reply::error(ready, crate::error_chain(e)),
-                        };
-                        let _ = m.reply.send(reply);
+                        });
                     }
                 }
             }
@@ -1420,5 +1442,28 @@ mod status_file_tests {
         file.publish(&status(51));
         file.flush().await;
         assert_eq!(generation(&path), Some(51));
+    }
+}
+
+#[cfg(test)]
+mod answer_applied_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// Registrations are answered once their apply went through, by a ready agent only (one
+    /// not ready yet answers after the reconcile that makes it ready, with its `ready`).
+    #[test]
+    fn a_ready_agent_answers_the_waiting_registrations_once_applied() {
+        let ready = AtomicBool::new(false);
+        let (tx, mut rx) = oneshot::channel();
+        let mut waiting = vec![tx];
+        answer_applied(&ready, &mut waiting);
+        assert_eq!(waiting.len(), 1, "not ready: left for the reconcile's end");
+        assert!(rx.try_recv().is_err());
+        ready.store(true, Ordering::SeqCst);
+        answer_applied(&ready, &mut waiting);
+        assert!(waiting.is_empty());
+        let reply = rx.try_recv().unwrap();
+        assert!(reply.ok && reply.ready, "{reply:?}");
     }
 }
