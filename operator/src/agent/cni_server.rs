@@ -704,7 +704,10 @@ mod tests {
         assert!(matches!(ping.request, Request::Ping));
         let _ = ping.reply.send(Reply::ok(true));
         assert!(client.await.unwrap().ok);
-        let reported = rx.recv().await.unwrap();
+        let reported = tokio::time::timeout(timeout, rx.recv())
+            .await
+            .expect("the report reaches the reconciler")
+            .unwrap();
         assert_eq!(reported.request, report);
         // Closed after the answer, or followed by something else: nothing more arrives.
         for follow in [None, Some(Request::Ping)] {
