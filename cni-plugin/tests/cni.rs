@@ -356,9 +356,20 @@ fn a_killed_add_is_repaired_by_del_and_by_gc() {
         let ns = ns_path.to_str().unwrap().to_string();
         let conf = node.conf("1.1.0");
         let mut child = common::spawn_weft("ADD", &conf, &env(cid, &ns, "eth0"));
-        // Wait until the link exists (ADD is now waiting for the silent agent), then kill -9.
+        // Wait until the allocation is recorded and the link exists (ADD is now waiting for the
+        // silent agent), then kill -9. (The link alone is no sign: the veth the plugin makes
+        // ahead exists while it asks the agent, before any allocation.)
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while !host_link_exists(cid, "eth0") {
+        let attachment = Attachment {
+            container_id: cid.into(),
+            ifname: "eth0".into(),
+        };
+        let allocated = || {
+            IpamStore::open(node.state_dir(), "test")
+                .and_then(|s| s.get(&attachment))
+                .is_ok_and(|a| a.is_some())
+        };
+        while !(allocated() && host_link_exists(cid, "eth0")) {
             assert!(
                 std::time::Instant::now() < deadline,
                 "ADD never created its link"
