@@ -252,6 +252,11 @@ impl EndpointStore {
         self.endpoints.values().cloned().collect()
     }
 
+    /// Every endpoint, lent.
+    pub fn iter(&self) -> impl Iterator<Item = &Endpoint> {
+        self.endpoints.values()
+    }
+
     /// The live migration targets waiting for their VM.
     pub fn pending(&self) -> Vec<Endpoint> {
         self.endpoints

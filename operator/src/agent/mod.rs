@@ -525,9 +525,8 @@ impl Reconciler {
     async fn purge_gone_addresses(&mut self) {
         let now: BTreeSet<IpAddr> = self
             .endpoints
-            .list()
-            .into_iter()
-            .flat_map(|e| e.ips)
+            .iter()
+            .flat_map(|e| e.ips.iter().copied())
             .collect();
         let gone: Vec<IpAddr> = self.addresses.difference(&now).copied().collect();
         self.addresses = now;
@@ -733,7 +732,9 @@ impl Reconciler {
         }
         self.status.problems = problems;
         self.networks = out.plan.networks.iter().map(|n| n.name.clone()).collect();
-        // Mirrors change with the resources and the endpoints; their task applies them.
+        // Mirrors change with the resources and the endpoints; their task applies them. (One
+        // copy of the endpoints serves the mirrors, the shaping, the publication and the
+        // workload ports: the store does not change within a reconcile.)
         let endpoints = self.endpoints.list();
         let mut tc = if res.mirrors.is_empty() {
             mirror::MirrorPlan::default()
@@ -830,16 +831,14 @@ impl Reconciler {
         self.status.networks = realized;
         if self.source.publishes() {
             self.source.publish(&source::Published {
-                workloads: plan::published(&res, &self.endpoints.list()),
+                workloads: plan::published(&res, &endpoints),
                 reservations: self.endpoints.reservations(),
             });
         }
         self.source.report(&self.status);
         self.status_file.publish(&self.status);
         if let Ok(mut ports) = self.workload_ports.lock() {
-            *ports = self
-                .endpoints
-                .list()
+            *ports = endpoints
                 .into_iter()
                 .map(|e| metrics::WorkloadPort {
                     limits: limits::of(&res, &e).0,
@@ -1243,7 +1242,7 @@ pub async fn run(
             }
             _ = resync.tick() => {
                 rec.endpoints.resync(&cfg.state_dir);
-                let registered = rec.endpoints.list().into_iter().map(|e| e.host_ifname).collect();
+                let registered = rec.endpoints.iter().map(|e| e.host_ifname.clone()).collect();
                 rec.reaper.sweep(&cfg.state_dir, &registered);
                 if let Some(vms) = rec.resources.as_ref().and_then(|r| r.vms.as_ref()) {
                     let exists = |vm: &str| vms.contains(vm);
