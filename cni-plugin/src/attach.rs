@@ -206,8 +206,8 @@ struct Ahead {
     network: String,
     host_ifname: String,
     ifname: String,
-    net: NetworkState,
-    made: Option<Made>,
+    /// The veth and the network state it was made for, until an interface takes them.
+    made: Option<(NetworkState, Made)>,
 }
 
 impl Ahead {
@@ -225,8 +225,7 @@ impl Ahead {
                 network,
                 host_ifname,
                 ifname: ask.ifname.clone(),
-                net,
-                made: Some(made),
+                made: Some((net, made)),
             }),
             Err(e) => {
                 debug!(error = %e.details, "no veth made ahead: it is made after the agent's answer");
@@ -247,13 +246,13 @@ impl Ahead {
         if !self.fits(a) {
             return None;
         }
-        Some((self.net.clone(), self.made.take()?))
+        self.made.take()
     }
 }
 
 impl Drop for Ahead {
     fn drop(&mut self) {
-        if let Some(made) = self.made.take() {
+        if let Some((_, made)) = self.made.take() {
             made.discard();
         }
     }

@@ -467,15 +467,15 @@ struct StoreFile {
     boot_id: Option<String>,
 }
 
-/// The content of `reservations.json`.
+/// The content of `reservations.json` (lent to the encoder, owned once read).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-struct ReservationsFile {
+struct ReservationsFile<'a> {
     /// Format version (1).
     #[serde(default)]
     version: u32,
     /// VM reservations.
     #[serde(default)]
-    reservations: Vec<Reservation>,
+    reservations: Cow<'a, [Reservation]>,
 }
 
 /// The allocations file this process wrote last, per store: its exact bytes and the state
@@ -862,7 +862,7 @@ impl IpamStore {
             Some(bytes) => {
                 let file: ReservationsFile = serde_json::from_slice(&bytes)
                     .map_err(|source| IpamError::Corrupt { path, source })?;
-                state.reservations = file.reservations;
+                state.reservations = file.reservations.into_owned();
                 true
             }
             None => false,
@@ -1020,7 +1020,7 @@ impl IpamStore {
         let path = self.reservations_path();
         let file = ReservationsFile {
             version: 1,
-            reservations: reservations.to_vec(),
+            reservations: Cow::Borrowed(reservations),
         };
         let (out, _) = write_temp(&tmp, &path, &file)?;
         out.sync_all().map_err(io("sync", &tmp))?;
