@@ -459,13 +459,23 @@ fn send(socket: &Path, req: &Request, timeout: Duration) -> Result<UnixStream, P
     };
     stream.set_read_timeout(Some(timeout)).map_err(ex)?;
     stream.set_write_timeout(Some(timeout)).map_err(ex)?;
+    write_line(&stream, socket, req)?;
+    Ok(stream)
+}
+
+/// Writes `req` as one line of JSON on `stream`, a connection to the agent at `socket`.
+fn write_line(mut stream: &UnixStream, socket: &Path, req: &Request) -> Result<(), ProtoError> {
     let mut line = serde_json::to_vec(req).map_err(|source| ProtoError::Decode {
         path: socket.to_path_buf(),
         source,
     })?;
     line.push(b'\n');
-    (&stream).write_all(&line).map_err(ex)?;
-    Ok(stream)
+    stream
+        .write_all(&line)
+        .map_err(|source| ProtoError::Exchange {
+            path: socket.to_path_buf(),
+            source,
+        })
 }
 
 /// Sends `req` without waiting for the reply (the agent's answer goes nowhere): for reports whose
@@ -525,17 +535,7 @@ impl Pending {
     /// closes it: a [`Request::Report`] on the connection of the request it reports spares a
     /// connection of its own. The agent reads one such line on every connection it answered.
     pub fn follow_with(self, req: &Request) -> Result<(), ProtoError> {
-        let ex = |source| ProtoError::Exchange {
-            path: self.path.clone(),
-            source,
-        };
-        let mut line = serde_json::to_vec(req).map_err(|source| ProtoError::Decode {
-            path: self.path.clone(),
-            source,
-        })?;
-        line.push(b'\n');
-        let mut stream = self.reader.get_ref();
-        stream.write_all(&line).map_err(ex)
+        write_line(self.reader.get_ref(), &self.path, req)
     }
 }
 
