@@ -372,7 +372,7 @@ fn a_killed_add_is_repaired_by_del_and_by_gc() {
         while !(allocated() && host_link_exists(cid, "eth0")) {
             assert!(
                 std::time::Instant::now() < deadline,
-                "ADD never created its link"
+                "ADD never recorded its allocation and created its link"
             );
             std::thread::sleep(Duration::from_millis(5));
         }
