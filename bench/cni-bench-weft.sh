@@ -84,27 +84,32 @@ echo "weft agent up in $NODE_NS; plugin $PLUGIN, $(stat -c %s "$PLUGIN") bytes, 
 # A VM's pod namespace holds the tap, not the address (the guest has it): no address check.
 VERIFY=()
 if [ -n "${WEFT_BENCH_TAP:-}" ]; then VERIFY=(--no-verify); fi
-# WEFT_BENCH_LIMITS: were the limits in force? Every 0.2 s until both were seen (then it stops,
-# to cost the measured runs nothing more): pod addresses in the limit class sets (`lim_*`) and,
-# with a bandwidth limit, shaping links (ifb); the most of each is printed at the end.
+# WEFT_BENCH_LIMITS: were the limits in force? Every 0.2 s until each was seen (then it stops,
+# to cost the measured runs nothing more): pod addresses in the limit class sets (`lim_*`),
+# with an egress bandwidth limit shaping links (ifb) in use, with an ingress one `tbf`s at the
+# root of pods' host ports; the most of each is printed at the end.
 SAMPLER=""
 if [ -n "${WEFT_BENCH_LIMITS:-}" ]; then
-  echo "0 0" > "$TMP/limits-seen"
+  echo "0 0 0" > "$TMP/limits-seen"
   (
     set +e +o pipefail
-    me=0; mi=0
+    me=0; mi=0; mt=0
     while [ -d "$TMP" ] && sleep 0.2; do
       e=0
       for s in $(ip netns exec "$NODE_NS" nft list sets inet 2>/dev/null | sed -nE 's/^\s*set (lim_[a-z0-9_]+) \{.*/\1/p'); do
         e=$((e + $(ip netns exec "$NODE_NS" nft list set inet weft "$s" 2>/dev/null | grep -oE '10\.89\.[0-9]+\.[0-9]+' | wc -l)))
       done
       i=$(ip -n "$NODE_NS" -o link show type ifb 2>/dev/null | grep -c 'alias weft:shape:')
+      t=$(tc -n "$NODE_NS" qdisc show 2>/dev/null | grep -cE '^qdisc tbf [0-9a-f]+: dev wf[0-9a-f]+ root')
       [ "$e" -gt "$me" ] && me=$e
       [ "$i" -gt "$mi" ] && mi=$i
-      echo "$me $mi" > "$TMP/limits-seen"
-      # Set elements only with a connection limit, shaping links only with a bandwidth limit.
+      [ "$t" -gt "$mt" ] && mt=$t
+      echo "$me $mi $mt" > "$TMP/limits-seen"
+      # Set elements only with a connection limit, shaping links only with an egress bandwidth
+      # limit, port tbfs only with an ingress one.
       if { [ "$me" -gt 0 ] || [[ "$WEFT_BENCH_LIMITS" != *onn* ]]; } &&
-         { [ "$mi" -gt 0 ] || [[ "$WEFT_BENCH_LIMITS" != *andwidth* ]]; }; then break; fi
+         { [ "$mi" -gt 0 ] || [[ "$WEFT_BENCH_LIMITS" != *egressBandwidth* ]]; } &&
+         { [ "$mt" -gt 0 ] || [[ "$WEFT_BENCH_LIMITS" != *ingressBandwidth* ]]; }; then break; fi
     done
   ) &
   SAMPLER=$!
@@ -117,8 +122,8 @@ WEFT_STATE_DIR="$TMP/state" WEFT_AGENT_SOCKET="$TMP/agent.sock" \
   --ipam-dir "$TMP/ipam" --cni-path "$TMP/bin" "${VERIFY[@]}" "$@" "$TMP/bench.conflist" || RC=$?
 if [ -n "$SAMPLER" ]; then
   kill "$SAMPLER" 2>/dev/null || true; wait "$SAMPLER" 2>/dev/null || true
-  read -r me mi < "$TMP/limits-seen"
-  echo "limits ($WEFT_BENCH_LIMITS): in force: up to $me pod addresses in the limit class sets and $mi shaping links (ifb) in use seen (0: never)"
+  read -r me mi mt < "$TMP/limits-seen"
+  echo "limits ($WEFT_BENCH_LIMITS): in force: up to $me pod addresses in the limit class sets, $mi shaping links (ifb) in use and $mt host ports with a tbf seen (0: never)"
 fi
 # Where the time went on the agent's side: its reconciles (nearly all of them registrations
 # here) and the ADD/DEL durations the weft binary reported, as means.
