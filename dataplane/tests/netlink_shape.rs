@@ -757,3 +757,173 @@ fn bad_limits_foreign_qdiscs_and_missing_ports_are_refused_and_nothing_is_touche
     let err = n.nl.shaping_counters(999_999, &ifb).unwrap_err();
     assert!(err.is_not_found(), "{}", chain(&err));
 }
+
+#[test]
+fn shaping_the_links_the_caller_found_does_what_a_lookup_of_its_own_does() {
+    let mut n = node();
+    let (port, ifb) = (n.a.name.clone(), ifb_of(&n.a));
+    let egress = Rate {
+        bits_per_second: 4_000_000,
+        burst_bits: 16_000 * 8,
+    };
+    // Nothing found under the IFB name: the IFB is made, the port shaped both ways.
+    let a = n.nl.link_by_name(&port).unwrap().expect("A's port");
+    assert!(
+        n.nl.set_shaping_found(
+            &a,
+            &ifb,
+            None,
+            &both(LIMITED, egress),
+            &mut SpareIfbs::default()
+        )
+        .unwrap()
+    );
+    assert_tbf(&port, LIMITED);
+    assert_tbf(&ifb, egress);
+    assert_eq!(prefs(&ingress_filters(&port)), [u64::from(SHAPE_PREF)]);
+    // What the pass finds next time: the same again changes nothing.
+    let found = n.nl.link_by_name(&ifb).unwrap();
+    assert!(found.is_some(), "the IFB");
+    assert!(
+        !n.nl
+            .set_shaping_found(
+                &a,
+                &ifb,
+                found.clone(),
+                &both(LIMITED, egress),
+                &mut SpareIfbs::default()
+            )
+            .unwrap()
+    );
+    // The egress limit lifted with the IFB found: its link and the redirect go.
+    assert!(
+        n.nl.set_shaping_found(
+            &a,
+            &ifb,
+            found,
+            &Shaping {
+                ingress: Some(LIMITED),
+                egress: None
+            },
+            &mut SpareIfbs::default()
+        )
+        .unwrap()
+    );
+    assert!(
+        n.nl.link_by_name(&ifb).unwrap().is_none(),
+        "the IFB is gone"
+    );
+    assert!(ingress_filters(&port).is_empty());
+    assert_tbf(&port, LIMITED);
+    // A bad rate is refused before anything is touched, as with a lookup of its own.
+    let zero = Shaping {
+        ingress: Some(Rate {
+            bits_per_second: 0,
+            burst_bits: 80_000,
+        }),
+        egress: None,
+    };
+    let reason = invalid_reason(
+        n.nl.set_shaping_found(&a, &ifb, None, &zero, &mut SpareIfbs::default())
+            .unwrap_err(),
+    );
+    assert!(reason.contains("ingress.bits_per_second"), "{reason}");
+    assert_tbf(&port, LIMITED);
+    // The port gone since it was found: not found, and nothing made for it.
+    n.nl.delete_link(n.a.host).unwrap();
+    let e =
+        n.nl.set_shaping_found(
+            &a,
+            &ifb,
+            None,
+            &both(LIMITED, egress),
+            &mut SpareIfbs::default(),
+        )
+        .unwrap_err();
+    assert!(e.is_not_found(), "{e}");
+    assert!(
+        n.nl.link_by_name(&ifb).unwrap().is_none(),
+        "no IFB for a port that is gone"
+    );
+}
+
+#[test]
+fn a_departing_ports_redirect_goes_and_its_ifb_is_kept_or_deleted_its_tbf_left() {
+    let mut n = node();
+    let egress = Rate {
+        bits_per_second: 4_000_000,
+        burst_bits: 16_000 * 8,
+    };
+    // A and B shaped both ways; a mirror filter beside A's redirect.
+    for w in [&n.a, &n.b] {
+        assert!(
+            n.nl.set_shaping(w.host, &ifb_of(w), &both(LIMITED, egress))
+                .unwrap()
+        );
+    }
+    n.nl.set_mirrors(n.a.host, &[mirror_everything(n.b.host)])
+        .unwrap();
+    let (a_port, a_ifb) = (n.a.name.clone(), ifb_of(&n.a));
+    let a = n.nl.link_by_index(n.a.host).unwrap().expect("A's port");
+    let found = n.nl.link_by_name(&a_ifb).unwrap();
+    let a_ifb_index = found.as_ref().expect("A's IFB").index;
+
+    // Room for one spare: A's IFB is kept as one, its port's hooks are emptied (the clsact
+    // qdisc went), and its root tbf is left to go with the port.
+    let mut spares = SpareIfbs {
+        links: Vec::new(),
+        cap: 1,
+    };
+    assert!(
+        n.nl.unshape_departing(&a, found.as_ref(), &mut spares)
+            .unwrap()
+    );
+    assert_eq!(spares.links, [a_ifb_index]);
+    let kept = n.nl.link_by_index(a_ifb_index).unwrap().expect("kept");
+    assert_eq!(kept.alias.as_deref(), Some(names::SPARE_IFB_ALIAS));
+    assert!(ingress_filters(&a_port).is_empty());
+    assert!(
+        !qdisc_kinds(&a_port).contains(&"clsact".to_string()),
+        "{:?}",
+        qdiscs(&a_port)
+    );
+    assert_tbf(&a_port, LIMITED);
+    // Again: nothing left to take off.
+    let again = n.nl.link_by_name(&a_ifb).unwrap();
+    assert!(
+        !n.nl
+            .unshape_departing(&a, again.as_ref(), &mut spares)
+            .unwrap()
+    );
+    // B's shaping is untouched.
+    let b_ifb = ifb_of(&n.b);
+    assert_tbf(&n.b.name, LIMITED);
+    assert_tbf(&b_ifb, egress);
+    assert_eq!(prefs(&ingress_filters(&n.b.name)), [u64::from(SHAPE_PREF)]);
+
+    // An IFB found that is not this port's (B's, under A's name) is left alone.
+    let b = n.nl.link_by_index(n.b.host).unwrap().expect("B's port");
+    let b_found = n.nl.link_by_name(&b_ifb).unwrap();
+    n.nl.unshape_departing(&a, b_found.as_ref(), &mut SpareIfbs::default())
+        .unwrap();
+    assert!(
+        n.nl.link_by_name(&b_ifb).unwrap().is_some(),
+        "B's IFB stays"
+    );
+    // No room for a spare: B's IFB is deleted once B departs; then B's port goes too, and
+    // taking the shaping off it again is no error.
+    assert!(
+        n.nl.unshape_departing(&b, b_found.as_ref(), &mut SpareIfbs::default())
+            .unwrap()
+    );
+    assert!(
+        n.nl.link_by_name(&b_ifb).unwrap().is_none(),
+        "B's IFB is gone"
+    );
+    n.nl.delete_link(n.b.host).unwrap();
+    assert!(
+        !n.nl
+            .unshape_departing(&b, None, &mut SpareIfbs::default())
+            .unwrap()
+    );
+}

@@ -392,6 +392,36 @@ fn redirects_to(filters: &[&DumpedFilter], ifb: u32) -> bool {
     ) == Some(ifb))
 }
 
+/// The operation [`Netlink::set_shaping`] names in its errors.
+const SET_SHAPING: &str = "set shaping";
+
+/// The `tbf`s of `shaping` (ingress, egress), checked with IFB name `ifb` before anything is
+/// looked up or changed.
+fn shaping_tbfs(
+    port: u32,
+    ifb: &str,
+    shaping: &Shaping,
+) -> Result<(Option<Tbf>, Option<Tbf>), NetlinkError> {
+    let target = format!("link {port}");
+    check_ifname(SET_SHAPING, &target, ifb)?;
+    let invalid = |reason: String| NetlinkError::Invalid {
+        op: SET_SHAPING,
+        target: target.clone(),
+        reason,
+    };
+    let ingress = shaping
+        .ingress
+        .map(|r| Tbf::of(&r, "ingress"))
+        .transpose()
+        .map_err(invalid)?;
+    let egress = shaping
+        .egress
+        .map(|r| Tbf::of(&r, "egress"))
+        .transpose()
+        .map_err(invalid)?;
+    Ok((ingress, egress))
+}
+
 impl Netlink {
     /// Makes link `port`'s shaping exactly `shaping`.
     ///
@@ -449,28 +479,47 @@ impl Netlink {
         shaping: &Shaping,
         spares: &mut SpareIfbs,
     ) -> Result<bool, NetlinkError> {
-        const OP: &str = "set shaping";
+        let tbfs = shaping_tbfs(port, ifb, shaping)?;
+        let link = self.require_link(SET_SHAPING, port)?;
+        let existing_ifb = self.link_by_name(ifb)?;
+        self.shape(&link, ifb, existing_ifb, tbfs, spares)
+    }
+
+    /// [`Netlink::set_shaping_reusing`] for a port and an IFB name the caller has just looked
+    /// up: `port` as the kernel gave it, `ifb` what [`Netlink::link_by_name`] found for the IFB
+    /// name (a spare answers to it as its alternative name), so that neither is asked for
+    /// again. A port gone since is [`NetlinkError::is_not_found`] at the first change.
+    pub fn set_shaping_found(
+        &mut self,
+        port: &LinkInfo,
+        ifb: &str,
+        found_ifb: Option<LinkInfo>,
+        shaping: &Shaping,
+        spares: &mut SpareIfbs,
+    ) -> Result<bool, NetlinkError> {
+        let tbfs = shaping_tbfs(port.index, ifb, shaping)?;
+        self.shape(port, ifb, found_ifb, tbfs, spares)
+    }
+
+    /// The work of [`Netlink::set_shaping_reusing`], once the port and the link named `ifb`
+    /// are known.
+    fn shape(
+        &mut self,
+        link: &LinkInfo,
+        ifb: &str,
+        existing_ifb: Option<LinkInfo>,
+        (ingress, egress): (Option<Tbf>, Option<Tbf>),
+        spares: &mut SpareIfbs,
+    ) -> Result<bool, NetlinkError> {
+        const OP: &str = SET_SHAPING;
+        let port = link.index;
         let target = format!("link {port}");
-        check_ifname(OP, &target, ifb)?;
         let invalid = |reason: String| NetlinkError::Invalid {
             op: OP,
             target: target.clone(),
             reason,
         };
-        let ingress = shaping
-            .ingress
-            .map(|r| Tbf::of(&r, "ingress"))
-            .transpose()
-            .map_err(invalid)?;
-        let egress = shaping
-            .egress
-            .map(|r| Tbf::of(&r, "egress"))
-            .transpose()
-            .map_err(invalid)?;
-
-        let link = self.require_link(OP, port)?;
         let alias = names::shaping_ifb_alias(&link.name);
-        let existing_ifb = self.link_by_name(ifb)?;
         let ours = existing_ifb.as_ref().filter(|l| is_our_ifb(l, &alias));
         let mut links = vec![port];
         links.extend(ours.map(|l| l.index));
@@ -563,8 +612,52 @@ impl Netlink {
             }
         }
         if changed {
-            debug!(port, ifb, ?shaping, "set shaping");
+            debug!(port, ifb, ?ingress, ?egress, "set shaping");
         }
+        Ok(changed)
+    }
+
+    /// Takes the shaping off port `port`, whose workload is gone and which is about to be
+    /// deleted (with its namespace, or by the agent's reaper), at the least cost: its clsact
+    /// qdisc is deleted, and with it the redirect to its IFB link (and whatever else is on
+    /// the port's hooks: the port is weft's own and about to go); then `ifb`, the link found
+    /// under the port's IFB name, when it is weft's IFB of this port, is kept as a spare
+    /// ([`Netlink::retire_ifb`]) while `spares` has fewer than its cap, else deleted. The `tbf`
+    /// at the port's root is left to go with the port. A port gone already is no error: its
+    /// redirect went with it. Returns whether anything changed.
+    pub fn unshape_departing(
+        &mut self,
+        port: &LinkInfo,
+        ifb: Option<&LinkInfo>,
+        spares: &mut SpareIfbs,
+    ) -> Result<bool, NetlinkError> {
+        const OP: &str = "unshape a departing port";
+        let mut changed = match self.call(
+            OP,
+            || format!("link {}: delete clsact qdisc", port.index),
+            RouteNetlinkMessage::DelQueueDiscipline(clsact_qdisc_message(port.index)),
+            0,
+        ) {
+            Ok(_) => true,
+            // No clsact qdisc: "Invalid handle" while the port never had one.
+            Err(e) if e.is_not_found() || e.errno() == Some(libc::EINVAL) => false,
+            Err(e) => return Err(e),
+        };
+        let alias = names::shaping_ifb_alias(&port.name);
+        let Some(l) = ifb.filter(|l| is_our_ifb(l, &alias)) else {
+            return Ok(changed);
+        };
+        if spares.links.len() < spares.cap {
+            match self.retire_ifb(l) {
+                Ok(()) => {
+                    spares.links.push(l.index);
+                    return Ok(true);
+                }
+                Err(e) if e.is_not_found() => return Ok(changed),
+                Err(_) => {}
+            }
+        }
+        changed |= self.delete_link(l.index)?;
         Ok(changed)
     }
 

@@ -239,12 +239,18 @@ impl EndpointStore {
         })
     }
 
-    /// Removes an endpoint.
-    pub fn unregister(&mut self, network: &str, container_id: &str, ifname: &str) {
+    /// Removes an endpoint; returns it, if it was registered.
+    pub fn unregister(
+        &mut self,
+        network: &str,
+        container_id: &str,
+        ifname: &str,
+    ) -> Option<Endpoint> {
         let k = key(network, container_id, ifname);
         self.note(&k);
-        self.endpoints.remove(&k);
+        let gone = self.endpoints.remove(&k);
         self.gone.insert(k, Instant::now());
+        gone
     }
 
     /// All endpoints, in a stable order.

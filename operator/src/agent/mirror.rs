@@ -260,13 +260,27 @@ const SPARE_IFBS: usize = 64;
 const SPARE_IDLE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Brings the kernel to `plan`. `full`: also take stale filters off every weft port and delete
-/// stale tunnels (at the first pass and every resync). Returns each mirror's state here.
+/// stale tunnels (at the first pass and every resync). `departed`: host ports whose workload
+/// was detached ([`Mirrors::departed`]). Returns each mirror's state here.
 fn apply(
     nl: &mut Netlink,
     plan: &MirrorPlan,
     applied: &mut Applied,
     full: bool,
+    departed: &BTreeSet<String>,
 ) -> Result<BTreeMap<String, NodeMirror>, NetlinkError> {
+    // A detached workload's port goes with its namespace, or the reaper deletes it: its `tbf`
+    // goes along, and taking it off first would cost the node's routing lock for nothing. Its
+    // IFB link is another matter: it would become a spare while the port's redirect still
+    // points at it, so the redirect goes first (`shape`, `departing`). A full pass, which
+    // repairs, unshapes them in full.
+    let departing =
+        |port: &str| !full && departed.contains(port) && !plan.shaping.contains_key(port);
+    for port in departed {
+        if departing(port) && !applied.ifbs.contains(port) {
+            applied.shaping.remove(port);
+        }
+    }
     // Ports: those whose rules changed, those waiting, and at a full pass every weft port.
     let mut touch: BTreeSet<String> = plan
         .ports
@@ -306,6 +320,10 @@ fn apply(
     // The links this pass reads: at a full pass every link of the node (one dump); otherwise
     // only those it may change or read, each looked up by name, so that a pass for one new
     // workload costs the same with 10 ports on the node as with 500.
+    // In a pass that is not full: what each name looked up found (a spare IFB answers to the
+    // name of the port it serves as its alternative name, so not every link found is listed
+    // under its own name).
+    let mut found: Option<BTreeMap<String, Option<LinkInfo>>> = None;
     let links = if full {
         let links = nl.links()?;
         touch.extend(plan.ports.keys().cloned());
@@ -326,20 +344,24 @@ fn apply(
                     .flatten()
                     .map(|r| r.to.clone()),
             );
-            // An IFB link the port no longer wants may have to go (one it wants, set_shaping
-            // looks up itself).
-            if plan.shaping.get(port).is_none_or(|s| s.egress.is_none()) {
-                wanted.insert(names::shaping_ifb_name(port));
-            }
+            // Its IFB link: one it no longer wants may have to go, and the shaping below
+            // takes what was found here instead of asking again.
+            wanted.insert(names::shaping_ifb_name(port));
         }
         wanted.extend(plan.tunnels.keys().cloned());
         wanted.extend(applied.tunnels.keys().cloned());
         // Their counters are read below.
         wanted.extend(applied.ports.keys().cloned());
         let mut links = Vec::with_capacity(wanted.len());
+        let mut asked = BTreeMap::new();
         for name in &wanted {
-            links.extend(nl.link_by_name(name)?);
+            let link = nl.link_by_name(name)?;
+            if let Some(l) = &link {
+                links.push(l.clone());
+            }
+            asked.insert(name.clone(), link);
         }
+        found = Some(asked);
         links
     };
     applied.spares.cap = SPARE_IFBS;
@@ -457,6 +479,15 @@ fn apply(
             "kept the shaping links of ports no longer shaped as spares"
         );
     }
+    // The IFB links retired or deleted above are no longer what was found.
+    if let Some(found) = found.as_mut() {
+        let changed: BTreeSet<u32> = indexes
+            .iter()
+            .chain(&applied.spares.links)
+            .copied()
+            .collect();
+        found.retain(|_, l| l.as_ref().is_none_or(|l| !changed.contains(&l.index)));
+    }
     if !indexes.is_empty() {
         let deleted = nl.delete_links(&indexes)?;
         info!(
@@ -514,7 +545,16 @@ fn apply(
             }
         }
         let stale = full && shaped_before.contains(port.as_str());
-        shape(nl, port_index, &port, plan, applied, stale);
+        shape(
+            nl,
+            port_index,
+            &port,
+            plan,
+            applied,
+            stale,
+            found.as_ref(),
+            departing(&port),
+        );
         // A port that neither has nor wants copies: only a full pass looks for stale filters.
         if !full && wanted.is_empty() && !applied.ports.contains_key(&port) {
             continue;
@@ -599,7 +639,11 @@ fn apply(
 
 /// Brings port `port`'s bandwidth shaping to the plan's (none when the plan has none). A port
 /// this agent never shaped is left alone unless `stale` (it has a shaping link: an earlier
-/// agent shaped it).
+/// agent shaped it). `found`: the links the pass looked up by name, when it did; the port and
+/// its IFB name are then not asked for again. `departing`: the port's workload was detached
+/// and the port is about to go; its redirect and IFB link go, the rest goes with it
+/// ([`Netlink::unshape_departing`]).
+#[allow(clippy::too_many_arguments)]
 fn shape(
     nl: &mut Netlink,
     index: u32,
@@ -607,6 +651,8 @@ fn shape(
     plan: &MirrorPlan,
     applied: &mut Applied,
     stale: bool,
+    found: Option<&BTreeMap<String, Option<LinkInfo>>>,
+    departing: bool,
 ) {
     let wanted = plan.shaping.get(port).copied();
     if wanted.is_none()
@@ -620,12 +666,34 @@ fn shape(
     if wanted.egress.is_some() {
         applied.ifbs.insert(port.to_string());
     }
-    match nl.set_shaping_reusing(
-        index,
-        &names::shaping_ifb_name(port),
-        &wanted,
-        &mut applied.spares,
-    ) {
+    let ifb = names::shaping_ifb_name(port);
+    let known = found.and_then(|f| {
+        let link = f.get(port)?.as_ref().filter(|l| l.index == index)?;
+        Some((link, f.get(&ifb)?.clone()))
+    });
+    let done = match known {
+        Some((link, found_ifb)) if departing && wanted == Shaping::default() => {
+            match nl.unshape_departing(link, found_ifb.as_ref(), &mut applied.spares) {
+                Ok(changed) => {
+                    if changed {
+                        info!(%port, "bandwidth shaping taken off a departing port");
+                    }
+                    applied.shaping.remove(port);
+                    applied.ifbs.remove(port);
+                }
+                Err(e) => {
+                    applied.shaping.remove(port);
+                    warn!(%port, error = %e, "cannot take the shaping off a departing port");
+                }
+            }
+            return;
+        }
+        Some((link, found_ifb)) => {
+            nl.set_shaping_found(link, &ifb, found_ifb, &wanted, &mut applied.spares)
+        }
+        None => nl.set_shaping_reusing(index, &ifb, &wanted, &mut applied.spares),
+    };
+    match done {
         Ok(changed) => {
             if wanted.egress.is_none() {
                 applied.ifbs.remove(port);
@@ -668,6 +736,8 @@ pub struct Mirrors {
     full: Arc<std::sync::atomic::AtomicBool>,
     report: Arc<Mutex<Vec<NodeMirror>>>,
     changed: Arc<Notify>,
+    /// Shaped host ports whose workload was detached since the last pass.
+    departed: Arc<Mutex<BTreeSet<String>>>,
 }
 
 impl Mirrors {
@@ -680,6 +750,7 @@ impl Mirrors {
             full: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             report: Arc::new(Mutex::new(Vec::new())),
             changed: Arc::new(Notify::new()),
+            departed: Arc::new(Mutex::new(BTreeSet::new())),
         };
         let task = me.clone();
         tokio::spawn(async move {
@@ -715,12 +786,25 @@ impl Mirrors {
                 let plan = Arc::clone(&rx.borrow_and_update());
                 let full = task.full.swap(false, std::sync::atomic::Ordering::SeqCst);
                 let mut state = applied.take().unwrap_or_default();
+                let departed = task.departed.lock().map(|d| d.clone()).unwrap_or_default();
+                // Served by this pass: those the plan no longer shapes (one it still shapes is
+                // an older plan's, or the workload is back).
+                let served: Vec<String> = departed
+                    .iter()
+                    .filter(|p| !plan.shaping.contains_key(*p))
+                    .cloned()
+                    .collect();
                 let joined = tokio::task::spawn_blocking(move || {
-                    let result =
-                        Netlink::new().and_then(|mut nl| apply(&mut nl, &plan, &mut state, full));
+                    let result = Netlink::new()
+                        .and_then(|mut nl| apply(&mut nl, &plan, &mut state, full, &departed));
                     (state, result)
                 })
                 .await;
+                if let Ok(mut d) = task.departed.lock() {
+                    for p in &served {
+                        d.remove(p);
+                    }
+                }
                 let result = match joined {
                     Ok((state, result)) => {
                         applied = Some(state);
@@ -770,6 +854,23 @@ impl Mirrors {
                 true
             }
         });
+    }
+
+    /// The workload of host port `port` was detached (a DEL): its port is about to go, with
+    /// its namespace or by the reaper. Noted only when the plan shapes the port.
+    pub fn departed(&self, port: &str) {
+        if self.plan.borrow().shaping.contains_key(port)
+            && let Ok(mut d) = self.departed.lock()
+        {
+            d.insert(port.to_string());
+        }
+    }
+
+    /// A workload registered on host port `port` (which may be a departed one's name again).
+    pub fn arrived(&self, port: &str) {
+        if let Ok(mut d) = self.departed.lock() {
+            d.remove(port);
+        }
     }
 
     /// A link may have appeared (an ADD finished): retry the waiting ports.
@@ -959,5 +1060,132 @@ spec:
                 .unwrap()
                 .contains("spec.filter.ports[0].port")
         );
+    }
+}
+
+#[cfg(test)]
+mod departed_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[tokio::test]
+    async fn only_shaped_ports_are_noted_as_departed_until_a_workload_arrives_on_them() {
+        let m = Mirrors::spawn();
+        let rate = weft_dataplane::netlink::Rate {
+            bits_per_second: 8_000_000,
+            burst_bits: 80_000,
+        };
+        let mut plan = MirrorPlan::default();
+        plan.shaping.insert(
+            "wfshaped".into(),
+            Shaping {
+                ingress: Some(rate),
+                egress: None,
+            },
+        );
+        m.update(plan);
+        m.departed("wfshaped");
+        m.departed("wfplain");
+        let noted = || m.departed.lock().unwrap().clone();
+        assert_eq!(noted(), BTreeSet::from(["wfshaped".to_string()]));
+        m.arrived("wfshaped");
+        assert!(noted().is_empty());
+    }
+}
+
+/// The pass against the kernel, in a network namespace of the test thread's own.
+#[cfg(test)]
+mod kernel_tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use weft_dataplane::netlink::Rate;
+
+    const RATE: Rate = Rate {
+        bits_per_second: 8_000_000,
+        burst_bits: 32 * 1024 * 8,
+    };
+
+    /// A port with a veth peer beside it, in the thread's namespace.
+    fn port(nl: &mut Netlink, name: &str, peer: &str) -> u32 {
+        nl.create_veth_pair(name, peer, None, None).unwrap();
+        let index = nl.link_by_name(name).unwrap().expect("the port").index;
+        nl.set_up(index).unwrap();
+        index
+    }
+
+    fn plan(shaped: &[(&str, Shaping)]) -> MirrorPlan {
+        MirrorPlan {
+            shaping: shaped.iter().map(|(p, s)| (p.to_string(), *s)).collect(),
+            ..MirrorPlan::default()
+        }
+    }
+
+    #[test]
+    fn a_departed_port_keeps_its_tbf_and_gives_up_its_ifb_a_live_one_is_unshaped() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test needs root (CAP_NET_ADMIN) for a network namespace; run the tests as root"
+        );
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
+        let mut nl = Netlink::new().unwrap();
+        let both = Shaping {
+            ingress: Some(RATE),
+            egress: Some(RATE),
+        };
+        let ingress = Shaping {
+            ingress: Some(RATE),
+            egress: None,
+        };
+        // A shaped both ways, B and C ingress only.
+        let (a, b, c) = (
+            port(&mut nl, "wfa", "pa"),
+            port(&mut nl, "wfb", "pb"),
+            port(&mut nl, "wfc", "pc"),
+        );
+        let mut applied = Applied::default();
+        let none = BTreeSet::new();
+        let first = plan(&[("wfa", both), ("wfb", ingress), ("wfc", ingress)]);
+        apply(&mut nl, &first, &mut applied, true, &none).unwrap();
+        let ifb = |p: &str| names::shaping_ifb_name(p);
+        let counters = |nl: &mut Netlink, i: u32, p: &str| nl.shaping_counters(i, &ifb(p)).unwrap();
+        let s = counters(&mut nl, a, "wfa");
+        assert!(s.ingress.is_some() && s.egress.is_some(), "{s:?}");
+        assert!(counters(&mut nl, b, "wfb").ingress.is_some());
+        assert!(counters(&mut nl, c, "wfc").ingress.is_some());
+        let a_ifb = nl.link_by_name(&ifb("wfa")).unwrap().expect("A's IFB");
+
+        // A and B departed (their workloads detached, the ports not yet gone), C's limit
+        // lifted: B keeps its tbf (it goes with the port), A keeps its tbf but loses its
+        // redirect, and its IFB is a spare; C is unshaped.
+        let departed: BTreeSet<String> = ["wfa", "wfb"].map(String::from).into();
+        apply(&mut nl, &plan(&[]), &mut applied, false, &departed).unwrap();
+        let s = counters(&mut nl, a, "wfa");
+        assert!(s.ingress.is_some() && s.egress.is_none(), "{s:?}");
+        let kept = nl.link_by_index(a_ifb.index).unwrap().expect("kept");
+        assert_eq!(kept.alias.as_deref(), Some(names::SPARE_IFB_ALIAS));
+        assert_eq!(applied.spares.links, [a_ifb.index]);
+        assert!(counters(&mut nl, b, "wfb").ingress.is_some());
+        assert!(counters(&mut nl, c, "wfc").ingress.is_none());
+        assert!(applied.shaping.is_empty() && applied.ifbs.is_empty());
+
+        // A workload back on B's port name (departed no more) with both limits: shaped in
+        // full, taking the spare.
+        apply(&mut nl, &plan(&[("wfb", both)]), &mut applied, false, &none).unwrap();
+        let s = counters(&mut nl, b, "wfb");
+        assert!(s.ingress.is_some() && s.egress.is_some(), "{s:?}");
+        let taken = nl.link_by_name(&ifb("wfb")).unwrap().expect("B's IFB");
+        assert_eq!(taken.index, a_ifb.index, "the spare");
+        // A full pass keeps B as it is (A's tbf is left to go with its port).
+        apply(
+            &mut nl,
+            &plan(&[("wfb", both)]),
+            &mut applied,
+            true,
+            &departed,
+        )
+        .unwrap();
+        let s = counters(&mut nl, b, "wfb");
+        assert!(s.ingress.is_some() && s.egress.is_some(), "{s:?}");
+        assert!(counters(&mut nl, a, "wfa").ingress.is_some());
     }
 }

@@ -943,6 +943,7 @@ impl Reconciler {
                         ),
                     ));
                 }
+                self.mirrors.arrived(&endpoint.host_ifname);
                 self.endpoints.register(endpoint.clone());
                 None
             }
@@ -951,7 +952,9 @@ impl Reconciler {
                 container_id,
                 ifname,
             } => {
-                self.endpoints.unregister(network, container_id, ifname);
+                if let Some(ep) = self.endpoints.unregister(network, container_id, ifname) {
+                    self.mirrors.departed(&ep.host_ifname);
+                }
                 None
             }
             // The socket server attaches and detaches (see `cni_server::Attachments`) and queues
