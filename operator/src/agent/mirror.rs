@@ -260,24 +260,28 @@ const SPARE_IFBS: usize = 64;
 const SPARE_IDLE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Brings the kernel to `plan`. `full`: also take stale filters off every weft port and delete
-/// stale tunnels (at the first pass and every resync). `departed`: host ports whose workload
-/// was detached ([`Mirrors::departed`]). Returns each mirror's state here.
+/// stale tunnels (at the first pass and every resync). `departed`: shaped host ports whose
+/// workload was detached ([`Mirrors::departed`]), `true` for those a workload has registered on
+/// again since ([`Mirrors::arrived`]). Returns each mirror's state here.
 fn apply(
     nl: &mut Netlink,
     plan: &MirrorPlan,
     applied: &mut Applied,
     full: bool,
-    departed: &BTreeSet<String>,
+    departed: &BTreeMap<String, bool>,
 ) -> Result<BTreeMap<String, NodeMirror>, NetlinkError> {
     // A detached workload's port goes with its namespace, or the reaper deletes it: its `tbf`
     // goes along, and taking it off first would cost the node's routing lock for nothing. Its
     // IFB link is another matter: it would become a spare while the port's redirect still
     // points at it, so the redirect goes first (`shape`, `departing`). A full pass, which
     // repairs, unshapes them in full.
-    let departing =
-        |port: &str| !full && departed.contains(port) && !plan.shaping.contains_key(port);
-    for port in departed {
-        if departing(port) && !applied.ifbs.contains(port) {
+    // A port a workload came back to (the same attachment added again, on a new link under
+    // the same name) is shaped anew, whatever the old link had.
+    let departing = |port: &str| {
+        !full && departed.get(port) == Some(&false) && !plan.shaping.contains_key(port)
+    };
+    for (port, back) in departed {
+        if *back || (departing(port) && !applied.ifbs.contains(port)) {
             applied.shaping.remove(port);
         }
     }
@@ -736,8 +740,9 @@ pub struct Mirrors {
     full: Arc<std::sync::atomic::AtomicBool>,
     report: Arc<Mutex<Vec<NodeMirror>>>,
     changed: Arc<Notify>,
-    /// Shaped host ports whose workload was detached since the last pass.
-    departed: Arc<Mutex<BTreeSet<String>>>,
+    /// Shaped host ports whose workload was detached since the last pass; `true` once a
+    /// workload registered on the port's name again.
+    departed: Arc<Mutex<BTreeMap<String, bool>>>,
 }
 
 impl Mirrors {
@@ -750,7 +755,7 @@ impl Mirrors {
             full: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             report: Arc::new(Mutex::new(Vec::new())),
             changed: Arc::new(Notify::new()),
-            departed: Arc::new(Mutex::new(BTreeSet::new())),
+            departed: Arc::new(Mutex::new(BTreeMap::new())),
         };
         let task = me.clone();
         tokio::spawn(async move {
@@ -787,12 +792,12 @@ impl Mirrors {
                 let full = task.full.swap(false, std::sync::atomic::Ordering::SeqCst);
                 let mut state = applied.take().unwrap_or_default();
                 let departed = task.departed.lock().map(|d| d.clone()).unwrap_or_default();
-                // Served by this pass: those the plan no longer shapes (one it still shapes is
-                // an older plan's, or the workload is back).
-                let served: Vec<String> = departed
+                // Served by this pass: the ports a workload came back to, and those the plan no
+                // longer shapes (one it still shapes is an older plan's).
+                let served: Vec<(String, bool)> = departed
                     .iter()
-                    .filter(|p| !plan.shaping.contains_key(*p))
-                    .cloned()
+                    .filter(|(p, back)| **back || !plan.shaping.contains_key(*p))
+                    .map(|(p, back)| (p.clone(), *back))
                     .collect();
                 let joined = tokio::task::spawn_blocking(move || {
                     let result = Netlink::new()
@@ -801,8 +806,11 @@ impl Mirrors {
                 })
                 .await;
                 if let Ok(mut d) = task.departed.lock() {
-                    for p in &served {
-                        d.remove(p);
+                    // Unless it changed meanwhile (departed again, or back).
+                    for (p, back) in &served {
+                        if d.get(p) == Some(back) {
+                            d.remove(p);
+                        }
                     }
                 }
                 let result = match joined {
@@ -862,14 +870,18 @@ impl Mirrors {
         if self.plan.borrow().shaping.contains_key(port)
             && let Ok(mut d) = self.departed.lock()
         {
-            d.insert(port.to_string());
+            d.insert(port.to_string(), false);
         }
     }
 
-    /// A workload registered on host port `port` (which may be a departed one's name again).
+    /// A workload registered on host port `port`. When it is a departed one's name again (the
+    /// same attachment added anew, on a new link), the next pass shapes the port anew instead
+    /// of trusting what it applied to the old link.
     pub fn arrived(&self, port: &str) {
-        if let Ok(mut d) = self.departed.lock() {
-            d.remove(port);
+        if let Ok(mut d) = self.departed.lock()
+            && let Some(back) = d.get_mut(port)
+        {
+            *back = true;
         }
     }
 
@@ -1069,7 +1081,7 @@ mod departed_tests {
     use super::*;
 
     #[tokio::test]
-    async fn only_shaped_ports_are_noted_as_departed_until_a_workload_arrives_on_them() {
+    async fn only_shaped_ports_are_noted_as_departed_and_a_workload_back_on_one_is_noted() {
         let m = Mirrors::spawn();
         let rate = weft_dataplane::netlink::Rate {
             bits_per_second: 8_000_000,
@@ -1086,10 +1098,12 @@ mod departed_tests {
         m.update(plan);
         m.departed("wfshaped");
         m.departed("wfplain");
+        m.arrived("wfother");
         let noted = || m.departed.lock().unwrap().clone();
-        assert_eq!(noted(), BTreeSet::from(["wfshaped".to_string()]));
+        assert_eq!(noted(), BTreeMap::from([("wfshaped".to_string(), false)]));
+        // The same name registered again: the port is shaped anew at the next pass.
         m.arrived("wfshaped");
-        assert!(noted().is_empty());
+        assert_eq!(noted(), BTreeMap::from([("wfshaped".to_string(), true)]));
     }
 }
 
@@ -1121,7 +1135,8 @@ mod kernel_tests {
     }
 
     #[test]
-    fn a_departed_port_keeps_its_tbf_and_gives_up_its_ifb_a_live_one_is_unshaped() {
+    fn a_departed_port_keeps_its_tbf_and_gives_up_its_ifb_a_live_one_is_unshaped_a_new_one_shaped()
+    {
         assert!(
             nix::unistd::geteuid().is_root(),
             "this test needs root (CAP_NET_ADMIN) for a network namespace; run the tests as root"
@@ -1143,7 +1158,7 @@ mod kernel_tests {
             port(&mut nl, "wfc", "pc"),
         );
         let mut applied = Applied::default();
-        let none = BTreeSet::new();
+        let none = BTreeMap::new();
         let first = plan(&[("wfa", both), ("wfb", ingress), ("wfc", ingress)]);
         apply(&mut nl, &first, &mut applied, true, &none).unwrap();
         let ifb = |p: &str| names::shaping_ifb_name(p);
@@ -1157,7 +1172,8 @@ mod kernel_tests {
         // A and B departed (their workloads detached, the ports not yet gone), C's limit
         // lifted: B keeps its tbf (it goes with the port), A keeps its tbf but loses its
         // redirect, and its IFB is a spare; C is unshaped.
-        let departed: BTreeSet<String> = ["wfa", "wfb"].map(String::from).into();
+        let departed: BTreeMap<String, bool> =
+            ["wfa", "wfb"].map(|p| (p.to_string(), false)).into();
         apply(&mut nl, &plan(&[]), &mut applied, false, &departed).unwrap();
         let s = counters(&mut nl, a, "wfa");
         assert!(s.ingress.is_some() && s.egress.is_none(), "{s:?}");
@@ -1187,5 +1203,16 @@ mod kernel_tests {
         let s = counters(&mut nl, b, "wfb");
         assert!(s.ingress.is_some() && s.egress.is_some(), "{s:?}");
         assert!(counters(&mut nl, a, "wfa").ingress.is_some());
+
+        // B's attachment deleted and added again before any pass: a new link under the same
+        // name, the same plan. Told that a workload is back on it, the pass shapes the new link
+        // (what it applied was the old link's).
+        nl.delete_link(b).unwrap();
+        let b2 = port(&mut nl, "wfb", "pb");
+        assert!(counters(&mut nl, b2, "wfb").ingress.is_none());
+        let back: BTreeMap<String, bool> = [("wfb".to_string(), true)].into();
+        apply(&mut nl, &plan(&[("wfb", both)]), &mut applied, false, &back).unwrap();
+        let s = counters(&mut nl, b2, "wfb");
+        assert!(s.ingress.is_some() && s.egress.is_some(), "{s:?}");
     }
 }
