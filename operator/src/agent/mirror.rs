@@ -874,14 +874,20 @@ impl Mirrors {
         }
     }
 
-    /// A workload registered on host port `port`. When it is a departed one's name again (the
-    /// same attachment added anew, on a new link), the next pass shapes the port anew instead
-    /// of trusting what it applied to the old link.
+    /// A workload registered on host port `port`. When the port's name is a departed one's, or
+    /// one the plan shapes already (the same attachment added anew, on a new link: after a DEL,
+    /// or an ADD that was interrupted), the next pass shapes the port anew instead of trusting
+    /// what it applied to the old link.
     pub fn arrived(&self, port: &str) {
-        if let Ok(mut d) = self.departed.lock()
-            && let Some(back) = d.get_mut(port)
-        {
-            *back = true;
+        let shaped = self.plan.borrow().shaping.contains_key(port);
+        if let Ok(mut d) = self.departed.lock() {
+            match d.get_mut(port) {
+                Some(back) => *back = true,
+                None if shaped => {
+                    d.insert(port.to_string(), true);
+                }
+                None => {}
+            }
         }
     }
 
@@ -1081,7 +1087,8 @@ mod departed_tests {
     use super::*;
 
     #[tokio::test]
-    async fn only_shaped_ports_are_noted_as_departed_and_a_workload_back_on_one_is_noted() {
+    async fn only_shaped_ports_are_noted_as_departed_and_a_workload_back_on_a_shaped_name_is_noted()
+    {
         let m = Mirrors::spawn();
         let rate = weft_dataplane::netlink::Rate {
             bits_per_second: 8_000_000,
@@ -1095,15 +1102,31 @@ mod departed_tests {
                 egress: None,
             },
         );
+        plan.shaping.insert(
+            "wfagain".into(),
+            Shaping {
+                ingress: Some(rate),
+                egress: None,
+            },
+        );
         m.update(plan);
         m.departed("wfshaped");
         m.departed("wfplain");
-        m.arrived("wfother");
+        // A new workload on a port the plan does not shape yet: nothing to note.
+        m.arrived("wfnew");
         let noted = || m.departed.lock().unwrap().clone();
         assert_eq!(noted(), BTreeMap::from([("wfshaped".to_string(), false)]));
-        // The same name registered again: the port is shaped anew at the next pass.
+        // The same names registered again (after its DEL; without one, as after an
+        // interrupted ADD): both ports are shaped anew at the next pass.
         m.arrived("wfshaped");
-        assert_eq!(noted(), BTreeMap::from([("wfshaped".to_string(), true)]));
+        m.arrived("wfagain");
+        assert_eq!(
+            noted(),
+            BTreeMap::from([
+                ("wfagain".to_string(), true),
+                ("wfshaped".to_string(), true)
+            ])
+        );
     }
 }
 
