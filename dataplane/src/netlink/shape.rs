@@ -488,7 +488,9 @@ impl Netlink {
     /// [`Netlink::set_shaping_reusing`] for a port and an IFB name the caller has just looked
     /// up: `port` as the kernel gave it, `ifb` what [`Netlink::link_by_name`] found for the IFB
     /// name (a spare answers to it as its alternative name), so that neither is asked for
-    /// again. A port gone since is [`NetlinkError::is_not_found`] at the first change.
+    /// again. A port gone since it was looked up fails with [`NetlinkError::is_not_found`] at
+    /// the first change to it; an IFB link made for it just before is left with the port's
+    /// alias, as weft's IFB of a port that is gone (the caller's next pass retires it).
     pub fn set_shaping_found(
         &mut self,
         port: &LinkInfo,
