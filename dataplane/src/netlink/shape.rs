@@ -598,18 +598,7 @@ impl Netlink {
                     changed |= self.remove_redirect(OP, port)?;
                 }
                 if let Some(l) = ours {
-                    if spares.links.len() < spares.cap {
-                        match self.retire_ifb(l) {
-                            Ok(()) => {
-                                spares.links.push(l.index);
-                                changed = true;
-                            }
-                            Err(e) if e.is_not_found() => {}
-                            Err(_) => changed |= self.delete_link(l.index)?,
-                        }
-                    } else {
-                        changed |= self.delete_link(l.index)?;
-                    }
+                    changed |= self.keep_or_delete_ifb(l, spares)?;
                 }
             }
         }
@@ -633,34 +622,53 @@ impl Netlink {
         ifb: Option<&LinkInfo>,
         spares: &mut SpareIfbs,
     ) -> Result<bool, NetlinkError> {
-        const OP: &str = "unshape a departing port";
-        let mut changed = match self.call(
-            OP,
-            || format!("link {}: delete clsact qdisc", port.index),
-            RouteNetlinkMessage::DelQueueDiscipline(clsact_qdisc_message(port.index)),
-            0,
-        ) {
-            Ok(_) => true,
+        let mut changed = match self.delete_clsact("unshape a departing port", port.index) {
+            Ok(changed) => changed,
             // No clsact qdisc: "Invalid handle" while the port never had one.
-            Err(e) if e.is_not_found() || e.errno() == Some(libc::EINVAL) => false,
+            Err(e) if e.errno() == Some(libc::EINVAL) => false,
             Err(e) => return Err(e),
         };
         let alias = names::shaping_ifb_alias(&port.name);
-        let Some(l) = ifb.filter(|l| is_our_ifb(l, &alias)) else {
-            return Ok(changed);
-        };
+        if let Some(l) = ifb.filter(|l| is_our_ifb(l, &alias)) {
+            changed |= self.keep_or_delete_ifb(l, spares)?;
+        }
+        Ok(changed)
+    }
+
+    /// Keeps `ifb`, an IFB link weft's shaping no longer uses, as a spare
+    /// ([`Netlink::retire_ifb`]) while `spares` has fewer than its cap, else (or when it cannot
+    /// be retired) deletes it. Returns whether anything changed (a link gone already: nothing).
+    fn keep_or_delete_ifb(
+        &mut self,
+        ifb: &LinkInfo,
+        spares: &mut SpareIfbs,
+    ) -> Result<bool, NetlinkError> {
         if spares.links.len() < spares.cap {
-            match self.retire_ifb(l) {
+            match self.retire_ifb(ifb) {
                 Ok(()) => {
-                    spares.links.push(l.index);
+                    spares.links.push(ifb.index);
                     return Ok(true);
                 }
-                Err(e) if e.is_not_found() => return Ok(changed),
+                Err(e) if e.is_not_found() => return Ok(false),
                 Err(_) => {}
             }
         }
-        changed |= self.delete_link(l.index)?;
-        Ok(changed)
+        self.delete_link(ifb.index)
+    }
+
+    /// Deletes link `port`'s clsact qdisc, with every filter on its hooks; `Ok(false)` when the
+    /// kernel finds none (or no such link).
+    fn delete_clsact(&mut self, op: &'static str, port: u32) -> Result<bool, NetlinkError> {
+        match self.call(
+            op,
+            || format!("link {port}: delete clsact qdisc"),
+            RouteNetlinkMessage::DelQueueDiscipline(clsact_qdisc_message(port)),
+            0,
+        ) {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// The counters of link `port`'s shaping, per direction (from a qdisc dump: the `tbf`'s
@@ -1005,16 +1013,7 @@ impl Netlink {
             }
         }
         if !others_left {
-            match self.call(
-                op,
-                || format!("link {port}: delete clsact qdisc"),
-                RouteNetlinkMessage::DelQueueDiscipline(clsact_qdisc_message(port)),
-                0,
-            ) {
-                Ok(_) => changed = true,
-                Err(e) if e.is_not_found() => {}
-                Err(e) => return Err(e),
-            }
+            changed |= self.delete_clsact(op, port)?;
         }
         Ok(changed)
     }
