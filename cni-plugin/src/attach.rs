@@ -12,7 +12,7 @@ use tracing::{debug, info, warn};
 use weft_dataplane::attachment::{self, Ask, AskError, Attached, Identity};
 use weft_dataplane::ipam::{Allocation, Attachment, IpamStore};
 use weft_dataplane::names;
-use weft_dataplane::netlink::{CreatedVeth, LinkInfo, Netlink, RouteSpec, VethSpec};
+use weft_dataplane::netlink::{CreatedVeth, LinkIndex, LinkInfo, Netlink, RouteSpec, VethSpec};
 use weft_dataplane::netns::Netns;
 use weft_dataplane::proto::{self, Endpoint, Request};
 use weft_dataplane::state::{NetworkState, StateError};
@@ -586,7 +586,7 @@ struct VethNames<'a> {
 struct Made {
     host: Netlink,
     inner: Netlink,
-    bridge: LinkInfo,
+    bridge: LinkIndex,
     created: CreatedVeth,
     /// The MAC the peer was born with, if it was given one.
     peer_mac: Option<[u8; 6]>,
@@ -613,7 +613,8 @@ fn make_veth(
     clear: bool,
 ) -> Result<Made, CniError> {
     let mut host = Netlink::new()?;
-    let bridge = host.link_by_name(&net.bridge)?.ok_or_else(|| {
+    // Its index and MAC only, without the RTNL lock every ADD's link changes take.
+    let bridge = host.link_index_and_mac(&net.bridge)?.ok_or_else(|| {
         CniError::new(
             error::TRY_AGAIN_LATER,
             format!(
@@ -655,7 +656,7 @@ fn make_veth(
 /// Refuses MAC `mac` when `bridge`'s forwarding database places it on some port already.
 fn check_mac_free(
     host: &mut Netlink,
-    bridge: &LinkInfo,
+    bridge: &LinkIndex,
     mac: [u8; 6],
     veth: &VethNames<'_>,
 ) -> Result<(), CniError> {

@@ -33,6 +33,46 @@ fn bridge_is_created_up_with_mtu_mac_and_alias_and_found_by_name_and_index() {
 }
 
 #[test]
+fn index_and_mac_by_ioctl_agree_with_netlink_in_the_sockets_own_namespace() {
+    let _ns = isolate();
+    let mut nl = Netlink::new().unwrap();
+    let index = nl
+        .create_bridge("wbr0", None, Some(BRIDGE_MAC), None)
+        .unwrap();
+    let found = nl.link_index_and_mac("wbr0").unwrap().expect("bridge");
+    let full = nl.link_by_name("wbr0").unwrap().expect("bridge");
+    assert_eq!(
+        (found.index, found.name.as_str(), found.mac),
+        (index, "wbr0", full.mac)
+    );
+    assert_eq!(found.mac, Some(BRIDGE_MAC));
+    // Not Ethernet: no MAC.
+    let lo = nl.link_index_and_mac("lo").unwrap().expect("lo");
+    assert_eq!((lo.index, lo.mac), (1, None));
+    assert_eq!(nl.link_index_and_mac("nosuchlink").unwrap(), None);
+    assert_eq!(
+        nl.link_index_and_mac("a-name-longer-than-15").unwrap(),
+        None
+    );
+
+    // A socket opened in another namespace answers for that namespace, whatever namespace the
+    // calling thread is in.
+    let other = NamedNs::new("ifreq");
+    let mut there = Netlink::in_netns(&other.ns).unwrap();
+    assert_eq!(there.link_index_and_mac("wbr0").unwrap(), None);
+    let theirs = there
+        .create_bridge("wbr0", None, Some(PEER_MAC), None)
+        .unwrap();
+    let found = there
+        .link_index_and_mac("wbr0")
+        .unwrap()
+        .expect("their bridge");
+    assert_eq!((found.index, found.mac), (theirs, Some(PEER_MAC)));
+    let ours = nl.link_index_and_mac("wbr0").unwrap().expect("our bridge");
+    assert_eq!((ours.index, ours.mac), (index, Some(BRIDGE_MAC)));
+}
+
+#[test]
 fn creating_a_bridge_whose_name_is_taken_fails_with_exists() {
     let _ns = isolate();
     let mut nl = Netlink::new().unwrap();

@@ -19,6 +19,7 @@
 //! `vxlan`. Their public items are re-exported here.
 
 mod addr;
+mod ifreq;
 mod link;
 mod route;
 mod shape;
@@ -27,6 +28,7 @@ mod vlan;
 mod vxlan;
 
 pub use addr::AddrInfo;
+pub use ifreq::LinkIndex;
 pub use link::{
     CreatedVeth, FdbEntry, LinkInfo, LinkStats, VethSpec, bridge_no_link_local_learning_message,
     port_hairpin_message,
