@@ -637,10 +637,10 @@ fn make_veth(
         mtu: Some(net.mtu),
     };
     // A name taken: on either side, what `clear_names` may remove, then once more.
-    let created = match host.create_veth_pair_into_netns(&spec) {
+    let created = match host.create_veth_pair_into_netns(&spec, Some(&mut inner)) {
         Err(e) if clear && e.is_exists() => {
             clear_names(conf, ns, &mut host, &mut inner, veth.host, veth.peer)?;
-            host.create_veth_pair_into_netns(&spec)?
+            host.create_veth_pair_into_netns(&spec, Some(&mut inner))?
         }
         other => other?,
     };
@@ -775,9 +775,12 @@ fn configure_pod_interface(
                 .index
         }
     };
-    // Loopback is the first link of every network namespace (index 1); setting it up again
-    // changes nothing.
-    inner.set_up(LOOPBACK_INDEX)?;
+    // Loopback is the first link of every network namespace (index 1). Runtimes usually
+    // have set it up already (containerd and CRI-O with their loopback plugin): then it is
+    // left alone, which spares a request under the RTNL lock.
+    if inner.is_up("lo")? != Some(true) {
+        inner.set_up(LOOPBACK_INDEX)?;
+    }
     for ip in ips {
         inner.add_address(index, prefixed(*ip, net), true)?;
     }

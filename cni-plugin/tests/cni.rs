@@ -79,6 +79,11 @@ fn add_check_del_round_trip() {
     let (_, ns_path) = node.workload();
     let ns = ns_path.to_str().unwrap();
     let conf = node.conf("1.1.0");
+    // A MAC of its own, as the agent gives its bridges (else the bridge takes its ports').
+    let mut host = Netlink::new().unwrap();
+    let bridge_mac = [0x02, 0x77, 0x65, 0x66, 0x74, 0x09];
+    let br = host.link_by_name("wn-test").unwrap().unwrap();
+    host.set_mac(br.index, bridge_mac).unwrap();
     let add = weft("ADD", &conf, &env("c1", ns, "eth0"));
     assert!(add.ok, "{} {}", add.json, add.stderr);
     let r = &add.json;
@@ -115,13 +120,15 @@ fn add_check_del_round_trip() {
             .any(|r| r.dst.prefix_len() == 0 && r.gateway == Some("10.77.0.1".parse().unwrap()))
     );
     // The host side is on the bridge.
-    let mut host = Netlink::new().unwrap();
     let hl = host
         .link_by_name(&names::host_veth_name("c1", "eth0"))
         .unwrap()
         .unwrap();
-    let br = host.link_by_name("wn-test").unwrap().unwrap();
     assert_eq!(hl.master, Some(br.index));
+    assert_eq!(ifaces[0]["name"], "wn-test");
+    assert_eq!(ifaces[0]["mac"], names::format_mac(bridge_mac));
+    // The namespace's loopback, down in a new namespace, is up.
+    assert!(inner.link_by_name("lo").unwrap().unwrap().up);
 
     let mut check_conf = conf.clone();
     check_conf["prevResult"] = add.json.clone();

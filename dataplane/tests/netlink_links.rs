@@ -49,6 +49,15 @@ fn index_and_mac_by_ioctl_agree_with_netlink_in_the_sockets_own_namespace() {
     // Not Ethernet: no MAC.
     let lo = nl.link_index_and_mac("lo").unwrap().expect("lo");
     assert_eq!((lo.index, lo.mac), (1, None));
+    assert_eq!(nl.is_up("wbr0").unwrap(), Some(full.up));
+    assert_eq!(nl.is_up("lo").unwrap(), Some(true), "isolate sets lo up");
+    let down = nl.create_bridge("wbr1", None, None, None).unwrap();
+    let random = nl.link_by_name("wbr1").unwrap().unwrap().mac;
+    assert!(random.is_some_and(|m| m != [0; 6]), "{random:?}");
+    assert_eq!(nl.link_index_and_mac("wbr1").unwrap().unwrap().mac, random);
+    nl.set_down(down).unwrap();
+    assert_eq!(nl.is_up("wbr1").unwrap(), Some(false));
+    assert_eq!(nl.is_up("nosuchlink").unwrap(), None);
     assert_eq!(nl.link_index_and_mac("nosuchlink").unwrap(), None);
     assert_eq!(
         nl.link_index_and_mac("a-name-longer-than-15").unwrap(),
@@ -128,6 +137,29 @@ fn veth_peer_is_born_in_the_workload_netns_with_its_name_mac_and_mtu() {
     assert_eq!(peer.mac, Some(PEER_MAC), "{:?}", peer.mac.map(format_mac));
     assert_eq!(peer.mtu, 1400);
     assert!(!peer.up, "the peer starts down");
+
+    // With a socket on the peer's side, both indexes come back.
+    let pair = nl
+        .create_veth_pair_into_netns(
+            &VethSpec {
+                host_name: "wv-host1",
+                host_alias: None,
+                host_master: Some(bridge),
+                peer_name: "eth1",
+                peer_netns: workload.ns.fd(),
+                peer_mac: None,
+                mtu: None,
+            },
+            Some(&mut inner),
+        )
+        .unwrap();
+    let h = nl
+        .link_by_name("wv-host1")
+        .unwrap()
+        .expect("second host end");
+    let p = inner.link_by_name("eth1").unwrap().expect("second peer");
+    assert_eq!((pair.host, pair.peer), (h.index, Some(p.index)));
+    assert_eq!(h.peer, Some(p.index));
 }
 
 #[test]

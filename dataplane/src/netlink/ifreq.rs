@@ -1,5 +1,5 @@
-//! A link's index and MAC by name through the socket ioctls `SIOCGIFINDEX` and
-//! `SIOCGIFHWADDR`, asked on the [`Netlink`] socket itself (netlink hands interface ioctls down
+//! A link's index and MAC, and whether it is up, by name through the socket ioctls
+//! `SIOCGIFINDEX`, `SIOCGIFHWADDR` and `SIOCGIFFLAGS`, asked on the [`Netlink`] socket itself (netlink hands interface ioctls down
 //! to the namespace's devices).
 //!
 //! Why not a netlink `RTM_GETLINK`: the kernel serves that under the RTNL lock, which every
@@ -16,6 +16,7 @@ use std::os::fd::AsRawFd;
 mod ioctls {
     nix::ioctl_readwrite_bad!(get_index, libc::SIOCGIFINDEX, libc::ifreq);
     nix::ioctl_readwrite_bad!(get_hwaddr, libc::SIOCGIFHWADDR, libc::ifreq);
+    nix::ioctl_readwrite_bad!(get_flags, libc::SIOCGIFFLAGS, libc::ifreq);
 }
 
 /// An `ifreq` asking about interface `name` (valid: at most 15 bytes, no NUL).
@@ -84,5 +85,27 @@ impl Netlink {
             name: name.to_string(),
             mac,
         }))
+    }
+
+    /// Whether link `name` is administratively up (`IFF_UP`), without the RTNL lock; `None`
+    /// when there is no such link.
+    pub fn is_up(&mut self, name: &str) -> Result<Option<bool>, NetlinkError> {
+        if bad_ifname(name).is_some() {
+            return Ok(None);
+        }
+        let mut req = request(name);
+        // SAFETY: `fd` is this socket's open descriptor; SIOCGIFFLAGS reads the name from and
+        // writes the flags into the `ifreq`, which outlives the call.
+        match unsafe { ioctls::get_flags(self.socket.as_raw_fd(), &mut req) } {
+            Err(nix::errno::Errno::ENODEV) => return Ok(None),
+            other => other.map_err(|e| NetlinkError::Io {
+                op: "get link flags",
+                target: format!("link {name}"),
+                source: io::Error::from(e),
+            })?,
+        };
+        // SAFETY: SIOCGIFFLAGS answered: the union holds the flags.
+        let flags = unsafe { req.ifr_ifru.ifru_flags };
+        Ok(Some(flags & libc::IFF_UP as libc::c_short != 0))
     }
 }

@@ -90,8 +90,8 @@ pub struct FdbEntry {
 pub struct CreatedVeth {
     /// The host end's index.
     pub host: u32,
-    /// The peer's index in its namespace, as the kernel's echo of the new link gives it
-    /// (`IFLA_LINK`); `None` if it did not.
+    /// The peer's index in its namespace, when asked for (see
+    /// [`Netlink::create_veth_pair_into_netns`]).
     pub peer: Option<u32>,
 }
 
@@ -435,14 +435,17 @@ impl Netlink {
     ///
     /// Fails with [`NetlinkError::is_exists`] when a name is taken.
     pub fn create_veth_into_netns(&mut self, spec: &VethSpec<'_>) -> Result<u32, NetlinkError> {
-        Ok(self.create_veth_pair_into_netns(spec)?.host)
+        Ok(self.create_veth_pair_into_netns(spec, None)?.host)
     }
 
-    /// [`Netlink::create_veth_into_netns`], returning the peer's index too (from the
-    /// kernel's echo: no lookup inside the peer's namespace).
+    /// [`Netlink::create_veth_into_netns`], returning the peer's index too when `peer_side`, a
+    /// socket in the peer's namespace, is given. The kernel echoes nothing back: both indexes
+    /// are looked up by name ([`Netlink::link_index_and_mac`]), without the RTNL lock, where
+    /// an echo would be the new link's every attribute, built while the lock is held.
     pub fn create_veth_pair_into_netns(
         &mut self,
         spec: &VethSpec<'_>,
+        peer_side: Option<&mut Netlink>,
     ) -> Result<CreatedVeth, NetlinkError> {
         const OP: &str = "create veth";
         let target = || format!("{} (peer {})", spec.host_name, spec.peer_name);
@@ -473,13 +476,25 @@ impl Netlink {
         if let Some(master) = spec.host_master {
             host = host.controller(master);
         }
-        let link = self.create_link_info(OP, spec.host_name, host.build(), target)?;
-        self.alias_new_link(link.index, spec.host_alias)?;
-        debug!(host = %spec.host_name, peer = %spec.peer_name, index = link.index, "created veth");
-        Ok(CreatedVeth {
-            host: link.index,
-            peer: link.peer,
-        })
+        self.call(
+            OP,
+            target,
+            RouteNetlinkMessage::NewLink(host.build()),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )?;
+        let Some(index) = self.link_index_and_mac(spec.host_name)?.map(|l| l.index) else {
+            return Err(NetlinkError::Vanished {
+                op: OP,
+                target: target(),
+            });
+        };
+        self.alias_new_link(index, spec.host_alias)?;
+        let peer = match peer_side {
+            Some(nl) => nl.link_index_and_mac(spec.peer_name)?.map(|l| l.index),
+            None => None,
+        };
+        debug!(host = %spec.host_name, peer = %spec.peer_name, index, "created veth");
+        Ok(CreatedVeth { host: index, peer })
     }
 
     /// Creates a veth pair `a`/`b`, with `b` born inside `b_netns` when given (here
