@@ -220,17 +220,16 @@ impl Netns {
     /// `/proc/thread-self/ns/net`)? A path that names it, `/proc/self/ns/net` or a bind mount of
     /// it, is the node's own namespace when the caller runs in the node's.
     pub fn is_current(&self) -> Result<bool, NetnsError> {
-        let here = Netns::current()?;
-        let stat = |ns: &Netns| {
-            ns.file
-                .metadata()
-                .map(|m| (m.dev(), m.ino()))
-                .map_err(|source| NetnsError::Stat {
-                    path: ns.path.clone(),
-                    source,
-                })
-        };
-        Ok(stat(self)? == stat(&here)?)
+        // A `stat` through the thread's link: no file is opened for the comparison.
+        let here = nix::sys::stat::stat(THREAD_SELF_NET).map_err(|e| NetnsError::Stat {
+            path: PathBuf::from(THREAD_SELF_NET),
+            source: e.into(),
+        })?;
+        let this = self.file.metadata().map_err(|source| NetnsError::Stat {
+            path: self.path.clone(),
+            source,
+        })?;
+        Ok((this.dev(), this.ino()) == (here.st_dev, here.st_ino))
     }
 }
 
