@@ -632,6 +632,33 @@ fn a_refused_netlink_batch_commits_nothing() {
             NftCli::default().apply(&missing),
             Err(NftError::Kernel { .. })
         ));
+        // Only the batch's last message is acknowledged: a message before it that fails is
+        // still the error, and nothing of the batch is applied.
+        let first_fails = Transaction(vec![
+            Change::DeleteElements {
+                family: Family::Inet,
+                table: "weftel".into(),
+                set: "g4".into(),
+                key: key("ipv4_addr"),
+                elements: vec!["10.99.0.9".into()],
+            },
+            Change::AddElements {
+                family: Family::Inet,
+                table: "weftel".into(),
+                set: "ports".into(),
+                key: key("ifname"),
+                elements: vec!["\"wf8\"".into()],
+            },
+        ]);
+        match NftCli::new("/nonexistent/nft").apply(&first_fails) {
+            Err(NftError::Kernel { what, source }) => {
+                assert!(what.contains("from set inet weftel g4"), "{what}");
+                assert_eq!(source.raw_os_error(), Some(libc::ENOENT), "{source}");
+            }
+            other => panic!("expected Kernel, got {other:?}"),
+        }
+        let state = nft.list_table(Family::Inet, "weftel").unwrap().unwrap();
+        assert_eq!(state.elements_of("ports"), t.sets[0].elements);
     });
 }
 

@@ -58,6 +58,10 @@ pub(super) struct ElementBatch {
     messages: Vec<(u32, String)>,
     /// The sequence number of the batch begin message.
     begin: u32,
+    /// The sequence number of the last element message, the only one acknowledged: the
+    /// kernel reports a failing message whether or not it asked for an acknowledgement, and
+    /// in order, so its error comes before the last message's answer.
+    last: u32,
 }
 
 impl ElementBatch {
@@ -340,6 +344,7 @@ fn element_change(change: &Change) -> Option<ElementChange<'_>> {
 pub(super) fn element_batch(tx: &Transaction, seq: u32) -> Option<ElementBatch> {
     let mut bytes = Vec::new();
     let mut messages = Vec::new();
+    let mut encoded: Vec<(NetlinkMessage<NetfilterMessage>, u16)> = Vec::new();
     serialize(control(ControlMessage::BatchBegin), 0, seq, &mut bytes);
     let mut next = seq;
     let mut element_bytes = 0;
@@ -419,14 +424,16 @@ pub(super) fn element_batch(tx: &Transaction, seq: u32) -> Option<ElementBatch> 
             next = next.wrapping_add(1);
             // NLM_F_CREATE without NLM_F_EXCL: adding an element that exists is not an error,
             // as with nft's `add element`.
-            let flags = if add {
-                NLM_F_ACK | NLM_F_CREATE
-            } else {
-                NLM_F_ACK
-            };
-            serialize(msg, flags, next, &mut bytes);
+            encoded.push((msg, if add { NLM_F_CREATE } else { 0 }));
             messages.push((next, change.summary()));
         }
+    }
+    // Only the last is acknowledged (see `ElementBatch::last`): one answer to receive, not
+    // one per message.
+    let count = encoded.len();
+    for (i, ((msg, flags), (seq, _))) in encoded.into_iter().zip(&messages).enumerate() {
+        let ack = if i + 1 == count { NLM_F_ACK } else { 0 };
+        serialize(msg, flags | ack, *seq, &mut bytes);
     }
     serialize(
         control(ControlMessage::BatchEnd),
@@ -436,6 +443,7 @@ pub(super) fn element_batch(tx: &Transaction, seq: u32) -> Option<ElementBatch> 
     );
     Some(ElementBatch {
         bytes,
+        last: next,
         messages,
         begin: seq,
     })
@@ -474,9 +482,9 @@ impl NfTablesSocket {
         Ok(self.rx.data())
     }
 
-    /// Sends the batch and waits for the kernel's answer to each of its element messages.
-    /// The kernel processes a batch synchronously within the send, so every answer is queued
-    /// by the time `send` returns.
+    /// Sends the batch and waits for the kernel's answer to its last element message, after
+    /// any error of the messages before it. The kernel processes a batch synchronously within
+    /// the send, so every answer is queued by the time `send` returns.
     pub(super) fn apply(&mut self, batch: &ElementBatch) -> Result<(), NftError> {
         if batch.messages.is_empty() {
             return Ok(());
@@ -488,8 +496,8 @@ impl NfTablesSocket {
                 Err(e) => return Err(io_error(e)),
             }
         }
-        let mut waiting: Vec<u32> = batch.messages.iter().map(|(seq, _)| *seq).collect();
-        while !waiting.is_empty() {
+        let mut waiting = true;
+        while waiting {
             let data = self.receive()?;
             let mut offset = 0;
             while offset < data.len() {
@@ -524,7 +532,9 @@ impl NfTablesSocket {
                         source: io::Error::from_raw_os_error(code.get().abs()),
                     });
                 }
-                waiting.retain(|s| *s != seq);
+                if seq == batch.last {
+                    waiting = false;
+                }
             }
         }
         Ok(())
