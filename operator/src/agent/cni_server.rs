@@ -1,6 +1,6 @@
 //! The agent's Unix socket: one JSON request line in, one JSON reply line out.
 
-use super::Message;
+use super::{Message, blocking};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -296,17 +296,6 @@ fn limit_problem(snapshot: &Snapshot, namespace: &str, name: &str) -> Option<Str
         .iter()
         .find(|w| w.namespace == namespace && w.name == name)?;
     weft_crds::Limits::from_annotations(&pod.limits).err()
-}
-
-/// Runs `f`, a few file operations that block (an allocation, a release), on this task's
-/// worker thread, which hands its other tasks to the runtime meanwhile
-/// ([`tokio::task::block_in_place`]): no hop to the blocking pool and back on the way to the
-/// CNI's answer. A single-threaded runtime (tests) runs it as it is.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
-        _ => f(),
-    }
 }
 
 /// Writes one reply line.

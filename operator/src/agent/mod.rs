@@ -263,6 +263,17 @@ pub fn apply_blocking(
 }
 
 /// Runs `f` with this node's real links, nftables and sysctls.
+/// Runs `f`, a few system calls that block (an allocation, a release, a registration's set
+/// elements), on this task's worker thread, which hands its other tasks to the runtime
+/// meanwhile ([`tokio::task::block_in_place`]): no hop to the blocking pool and back on the way
+/// to the CNI's answer. A single-threaded runtime (tests) runs it as it is.
+pub(crate) fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 fn with_kernel<T>(
     f: impl FnOnce(&mut Netlink, &mut NftCli, &mut ProcSysctls) -> Result<T, ApplyError>,
 ) -> Result<T, ApplyError> {
@@ -622,12 +633,12 @@ impl Reconciler {
                 if tx.is_empty() {
                     Ok(report)
                 } else {
-                    tokio::task::spawn_blocking(move || {
+                    // A registration's elements: one small batch, applied on this thread.
+                    blocking(|| {
                         weft_dataplane::nft::Firewall::apply(&mut NftCli::default(), &tx)
                             .map(|()| report)
                             .map_err(ApplyError::Firewall)
                     })
-                    .await?
                 }
             }
             None => {
