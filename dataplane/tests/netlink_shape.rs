@@ -203,9 +203,17 @@ fn shaping_is_set_read_back_changed_and_removed_leaving_mirrors_alone() {
     assert!(link.up);
     let port_mtu = n.nl.link_by_index(n.a.host).unwrap().unwrap().mtu;
     assert_eq!(link.mtu, port_mtu);
-    // IPv6 went off before the IFB went up: no link-local address, no route of its own.
-    let ipv6 = weft_dataplane::sysctl::get(&format!("net/ipv6/conf/{ifb}/disable_ipv6")).unwrap();
-    assert_eq!(ipv6.trim(), "1");
+    // No IPv6 address generated before the IFB went up: no link-local address, no route of
+    // its own.
+    let mode = Command::new("ip")
+        .args(["-d", "link", "show", "dev", &ifb])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&mode.stdout).contains("addrgenmode none"),
+        "{}",
+        String::from_utf8_lossy(&mode.stdout)
+    );
     let addrs = Command::new("ip")
         .args(["-6", "-o", "addr", "show", "dev", &ifb])
         .output()

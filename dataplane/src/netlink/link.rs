@@ -5,7 +5,7 @@
 
 use super::{Netlink, NetlinkError, bad_ifname, check_ifname};
 use crate::names;
-use netlink_packet_core::{NLM_F_CREATE, NLM_F_DUMP, NLM_F_ECHO, NLM_F_EXCL};
+use netlink_packet_core::{NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL};
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::link::{
     AfSpecInet6, AfSpecUnspec, BridgeBooleanOptionFlags, BridgeBooleanOptions, In6AddrGenMode,
@@ -358,9 +358,10 @@ impl Netlink {
     }
 
     /// Sends `msg`, an `RTM_NEWLINK` that creates link `name` (failing with
-    /// [`NetlinkError::is_exists`] when the name is taken), and returns the new link's index:
-    /// from the kernel's echo of the new link (`NLM_F_ECHO`, answered since Linux 6.1), else by
-    /// looking the name up.
+    /// [`NetlinkError::is_exists`] when the name is taken), and returns the new link's index,
+    /// looked up by name ([`Netlink::link_index_and_mac`], without the RTNL lock) rather than
+    /// echoed by the kernel: an echo is the new link's every attribute, built while the lock,
+    /// which every other link change on the node waits for, is held.
     pub(super) fn create_link(
         &mut self,
         op: &'static str,
@@ -368,37 +369,18 @@ impl Netlink {
         msg: LinkMessage,
         target: impl Fn() -> String,
     ) -> Result<u32, NetlinkError> {
-        Ok(self.create_link_info(op, name, msg, target)?.index)
-    }
-
-    /// [`Netlink::create_link`], returning the new link as the kernel's echo describes it
-    /// (looked up by name when there was no echo).
-    fn create_link_info(
-        &mut self,
-        op: &'static str,
-        name: &str,
-        msg: LinkMessage,
-        target: impl Fn() -> String,
-    ) -> Result<LinkInfo, NetlinkError> {
-        let replies = self.call(
+        self.call(
             op,
             &target,
             RouteNetlinkMessage::NewLink(msg),
-            NLM_F_CREATE | NLM_F_EXCL | NLM_F_ECHO,
+            NLM_F_CREATE | NLM_F_EXCL,
         )?;
-        let echoed = replies.into_iter().find_map(|m| match m {
-            RouteNetlinkMessage::NewLink(l) => Some(link_info(l)).filter(|l| l.name == name),
-            _ => None,
-        });
-        match echoed {
-            Some(link) => Ok(link),
-            None => match self.link_by_name(name)? {
-                Some(l) => Ok(l),
-                None => Err(NetlinkError::Vanished {
-                    op,
-                    target: target(),
-                }),
-            },
+        match self.link_index_and_mac(name)? {
+            Some(l) => Ok(l.index),
+            None => Err(NetlinkError::Vanished {
+                op,
+                target: target(),
+            }),
         }
     }
 
@@ -476,18 +458,7 @@ impl Netlink {
         if let Some(master) = spec.host_master {
             host = host.controller(master);
         }
-        self.call(
-            OP,
-            target,
-            RouteNetlinkMessage::NewLink(host.build()),
-            NLM_F_CREATE | NLM_F_EXCL,
-        )?;
-        let Some(index) = self.link_index_and_mac(spec.host_name)?.map(|l| l.index) else {
-            return Err(NetlinkError::Vanished {
-                op: OP,
-                target: target(),
-            });
-        };
+        let index = self.create_link(OP, spec.host_name, host.build(), target)?;
         self.alias_new_link(index, spec.host_alias)?;
         let peer = match peer_side {
             Some(nl) => nl.link_index_and_mac(spec.peer_name)?.map(|l| l.index),
