@@ -586,22 +586,22 @@ fn a_refused_netlink_batch_commits_nothing() {
             key_type: key_type.into(),
             interval: false,
         };
-        let tx = Transaction(vec![
-            Change::AddElements {
-                family: Family::Inet,
-                table: "weftel".into(),
-                set: "ports".into(),
-                key: key("ifname"),
-                elements: vec!["\"wf9\"".into()],
-            },
-            Change::DeleteElements {
-                family: Family::Inet,
-                table: "weftel".into(),
-                set: "g4".into(),
-                key: key("ipv4_addr"),
-                elements: vec!["10.99.0.9".into()],
-            },
-        ]);
+        let add_port = |port: &str| Change::AddElements {
+            family: Family::Inet,
+            table: "weftel".into(),
+            set: "ports".into(),
+            key: key("ifname"),
+            elements: vec![format!("\"{port}\"")],
+        };
+        // An address the set does not hold: ENOENT.
+        let delete_absent = || Change::DeleteElements {
+            family: Family::Inet,
+            table: "weftel".into(),
+            set: "g4".into(),
+            key: key("ipv4_addr"),
+            elements: vec!["10.99.0.9".into()],
+        };
+        let tx = Transaction(vec![add_port("wf9"), delete_absent()]);
         let err = NftCli::new("/nonexistent/nft").apply(&tx).unwrap_err();
         match &err {
             NftError::Kernel { what, source } => {
@@ -634,22 +634,7 @@ fn a_refused_netlink_batch_commits_nothing() {
         ));
         // Only the batch's last message is acknowledged: a message before it that fails is
         // still the error, and nothing of the batch is applied.
-        let first_fails = Transaction(vec![
-            Change::DeleteElements {
-                family: Family::Inet,
-                table: "weftel".into(),
-                set: "g4".into(),
-                key: key("ipv4_addr"),
-                elements: vec!["10.99.0.9".into()],
-            },
-            Change::AddElements {
-                family: Family::Inet,
-                table: "weftel".into(),
-                set: "ports".into(),
-                key: key("ifname"),
-                elements: vec!["\"wf8\"".into()],
-            },
-        ]);
+        let first_fails = Transaction(vec![delete_absent(), add_port("wf8")]);
         match NftCli::new("/nonexistent/nft").apply(&first_fails) {
             Err(NftError::Kernel { what, source }) => {
                 assert!(what.contains("from set inet weftel g4"), "{what}");
