@@ -1,13 +1,14 @@
-//! A link's index and MAC, and whether it is up, by name through the socket ioctls
-//! `SIOCGIFINDEX`, `SIOCGIFHWADDR` and `SIOCGIFFLAGS`, asked on the [`Netlink`] socket itself (netlink hands interface ioctls down
-//! to the namespace's devices).
+//! A link's index and MAC, and whether it is up, by name: the socket ioctls `SIOCGIFINDEX`,
+//! `SIOCGIFHWADDR` and `SIOCGIFFLAGS`, asked on the [`Netlink`] socket itself (netlink hands
+//! interface ioctls down to the devices of the socket's namespace).
 //!
 //! Why not a netlink `RTM_GETLINK`: the kernel serves that under the RTNL lock, which every
 //! link, address and route change of every ADD on the node also takes, and answers with the
-//! link's every attribute (a bridge's run to a few kilobytes, decoded in full here). The two
-//! ioctls look the device up under RCU and copy out two fields. The CNI plugin asks for its
-//! network's bridge this way on every ADD (docs/benchmarks.md).
-#![allow(unsafe_code)] // two ioctls on a socket; each block has its SAFETY comment
+//! link's every attribute (a bridge's run to a few kilobytes, decoded in full here). An ioctl
+//! looks the device up under RCU and copies one field out. The CNI plugin asks for its
+//! network's bridge this way on every ADD, and every link made here is found by name this way
+//! after its creation instead of echoed back (docs/benchmarks.md).
+#![allow(unsafe_code)] // ioctls on a socket; each block has its SAFETY comment
 
 use super::{Netlink, NetlinkError, bad_ifname};
 use std::io;
