@@ -262,11 +262,10 @@ pub fn apply_blocking(
     })
 }
 
-/// Runs `f` with this node's real links, nftables and sysctls.
-/// Runs `f`, a few system calls that block (an allocation, a release, a registration's set
-/// elements), on this task's worker thread, which hands its other tasks to the runtime
-/// meanwhile ([`tokio::task::block_in_place`]): no hop to the blocking pool and back on the way
-/// to the CNI's answer. A single-threaded runtime (tests) runs it as it is.
+/// Runs `f`, system calls that block for a short while (an allocation, a release, a batch of
+/// set elements), on the calling task's thread ([`tokio::task::block_in_place`]: a worker
+/// hands its other tasks to the runtime meanwhile): no hop to the blocking pool and back on
+/// the way to the CNI's answer. A single-threaded runtime (tests) runs it as it is.
 pub(crate) fn blocking<T>(f: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
         Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
@@ -274,6 +273,7 @@ pub(crate) fn blocking<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
+/// Runs `f` with this node's real links, nftables and sysctls.
 fn with_kernel<T>(
     f: impl FnOnce(&mut Netlink, &mut NftCli, &mut ProcSysctls) -> Result<T, ApplyError>,
 ) -> Result<T, ApplyError> {
@@ -633,7 +633,8 @@ impl Reconciler {
                 if tx.is_empty() {
                     Ok(report)
                 } else {
-                    // A registration's elements: one small batch, applied on this thread.
+                    // The changed elements (a registration's, another node's workloads'):
+                    // one batch, applied on this thread.
                     blocking(|| {
                         weft_dataplane::nft::Firewall::apply(&mut NftCli::default(), &tx)
                             .map(|()| report)
