@@ -698,7 +698,14 @@ impl Netlink {
 
     /// Turns hairpin mode of bridge port `index` on or off (see [`port_hairpin_message`]).
     pub fn set_port_hairpin(&mut self, index: u32, on: bool) -> Result<(), NetlinkError> {
-        self.set_port_hairpin_with(index, on, None, false)
+        let state = if on { "on" } else { "off" };
+        self.call(
+            "set bridge port hairpin",
+            || format!("link {index} hairpin {state}"),
+            RouteNetlinkMessage::NewLink(port_hairpin_message(index, on)),
+            0,
+        )?;
+        Ok(())
     }
 
     /// Prepares a workload's host port in one request: hairpin `on`, alias `alias`, and no
@@ -713,47 +720,42 @@ impl Netlink {
         on: bool,
         alias: &str,
     ) -> Result<(), NetlinkError> {
-        match self.set_port_hairpin_with(index, on, Some(alias), true) {
-            Err(e) if e.errno() == Some(libc::EAFNOSUPPORT) => {
-                self.set_port_hairpin_with(index, on, Some(alias), false)
-            }
-            other => other,
-        }
+        let mut msg = port_hairpin_message(index, on);
+        msg.attributes
+            .push(LinkAttribute::IfAlias(alias.to_string()));
+        let state = if on { "on" } else { "off" };
+        self.call_without_v6_addresses(
+            "set bridge port hairpin and alias",
+            || format!("link {index} hairpin {state} alias {alias}"),
+            msg,
+            RouteNetlinkMessage::NewLink,
+        )
     }
 
-    fn set_port_hairpin_with(
+    /// Sends `msg`, a request about one link (`wrap` makes it the message type), with the
+    /// link told to generate no IPv6 address of its own (`addrgenmode none`: no link-local
+    /// address, duplicate address detection or MLD reports). A kernel without IPv6
+    /// (`ipv6.disable=1`) refuses that address family: it gets `msg` as it is.
+    pub(super) fn call_without_v6_addresses(
         &mut self,
-        index: u32,
-        on: bool,
-        alias: Option<&str>,
-        no_v6_addresses: bool,
+        op: &'static str,
+        target: impl Fn() -> String,
+        msg: LinkMessage,
+        wrap: fn(LinkMessage) -> RouteNetlinkMessage,
     ) -> Result<(), NetlinkError> {
-        let mut msg = port_hairpin_message(index, on);
-        let state = if on { "on" } else { "off" };
-        let op = match alias {
-            Some(alias) => {
-                msg.attributes
-                    .push(LinkAttribute::IfAlias(alias.to_string()));
-                "set bridge port hairpin and alias"
+        let mut without = msg.clone();
+        without
+            .attributes
+            .push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(
+                vec![AfSpecInet6::AddrGenMode(In6AddrGenMode::None)],
+            )]));
+        match self.call(op, &target, wrap(without), 0) {
+            Err(e) if e.errno() == Some(libc::EAFNOSUPPORT) => {
+                self.call(op, &target, wrap(msg), 0)?;
+                Ok(())
             }
-            None => "set bridge port hairpin",
-        };
-        if no_v6_addresses {
-            msg.attributes
-                .push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(
-                    vec![AfSpecInet6::AddrGenMode(In6AddrGenMode::None)],
-                )]));
+            other => other.map(drop),
         }
-        self.call(
-            op,
-            || match alias {
-                Some(alias) => format!("link {index} hairpin {state} alias {alias}"),
-                None => format!("link {index} hairpin {state}"),
-            },
-            RouteNetlinkMessage::NewLink(msg),
-            0,
-        )?;
-        Ok(())
     }
 
     /// Stops bridge `index` from learning MACs from link-local frames (see

@@ -16,9 +16,7 @@ use netlink_packet_core::{
     DefaultNla, NLA_TYPE_MASK, NLM_F_CREATE, NLM_F_EXCL, Nla, NlaBuffer, NlasIterator,
 };
 use netlink_packet_route::RouteNetlinkMessage;
-use netlink_packet_route::link::{
-    AfSpecInet6, AfSpecUnspec, In6AddrGenMode, LinkAttribute, LinkMessage, Prop,
-};
+use netlink_packet_route::link::{LinkAttribute, LinkMessage, Prop};
 use netlink_packet_route::tc::{
     TcActionType, TcAttribute, TcHandle, TcMessage, TcMirrorActionType, TcOption, TcStats2,
 };
@@ -949,28 +947,14 @@ impl Netlink {
     ) -> Result<u32, NetlinkError> {
         let target = || format!("{name} (ifb)");
         let index = self.create_link(op, name, LinkIfb::new(name).mtu(mtu).build(), target)?;
-        // Its alias, and no IPv6 address of its own (no link-local address, DAD or MLD), set
-        // while it is down: the kernel would give it a link-local address as it comes up. (A
-        // netlink request waits for the RTNL lock; a write of its `disable_ipv6` sysctl would
-        // retry the system call until it got the lock.) A kernel without IPv6 refuses the
-        // address family: the alias alone then.
-        let named = |no_v6: bool| {
-            let mut msg = LinkUnspec::new_with_index(index).alias(alias).build();
-            if no_v6 {
-                msg.attributes
-                    .push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(
-                        vec![AfSpecInet6::AddrGenMode(In6AddrGenMode::None)],
-                    )]));
-            }
-            RouteNetlinkMessage::SetLink(msg)
-        };
+        // Its alias, and no IPv6 address of its own, set while it is down: the kernel would
+        // give it a link-local address as it comes up. (A netlink request waits for the RTNL
+        // lock; a write of its `disable_ipv6` sysctl would retry the system call until it got
+        // the lock.)
+        let named = LinkUnspec::new_with_index(index).alias(alias).build();
         let up = LinkUnspec::new_with_index(index).up().build();
         if let Err(e) = self
-            .call(op, target, named(true), 0)
-            .or_else(|e| match e.errno() {
-                Some(libc::EAFNOSUPPORT) => self.call(op, target, named(false), 0),
-                _ => Err(e),
-            })
+            .call_without_v6_addresses(op, target, named, RouteNetlinkMessage::SetLink)
             .and_then(|_| self.set_root_tbf(op, index, None, Some(tbf)))
             .and_then(|_| self.call(op, target, RouteNetlinkMessage::SetLink(up), 0))
         {
