@@ -30,6 +30,12 @@ const LIMITED: Rate = Rate {
     burst_bits: 32 * 1024 * 8,
 };
 
+/// A second rate, for a workload's egress beside [`LIMITED`] ingress.
+const EGRESS: Rate = Rate {
+    bits_per_second: 4_000_000,
+    burst_bits: 16_000 * 8,
+};
+
 /// What a burst sends: 1500 datagrams of 1400 bytes, as fast as the socket goes.
 const DATAGRAMS: usize = 1500;
 const DATAGRAM: usize = 1400;
@@ -187,10 +193,7 @@ fn mirror_everything(to: u32) -> MirrorRule {
 fn shaping_is_set_read_back_changed_and_removed_leaving_mirrors_alone() {
     let mut n = node();
     let (port, ifb) = (n.a.name.clone(), ifb_of(&n.a));
-    let egress = Rate {
-        bits_per_second: 4_000_000,
-        burst_bits: 16_000 * 8,
-    };
+    let egress = EGRESS;
     let shaping = both(LIMITED, egress);
     assert!(n.nl.set_shaping(n.a.host, &ifb, &shaping).unwrap());
 
@@ -770,10 +773,7 @@ fn bad_limits_foreign_qdiscs_and_missing_ports_are_refused_and_nothing_is_touche
 fn shaping_the_links_the_caller_found_does_what_a_lookup_of_its_own_does() {
     let mut n = node();
     let (port, ifb) = (n.a.name.clone(), ifb_of(&n.a));
-    let egress = Rate {
-        bits_per_second: 4_000_000,
-        burst_bits: 16_000 * 8,
-    };
+    let egress = EGRESS;
     // Nothing found under the IFB name: the IFB is made, the port shaped both ways.
     let a = n.nl.link_by_name(&port).unwrap().expect("A's port");
     assert!(
@@ -858,10 +858,7 @@ fn shaping_the_links_the_caller_found_does_what_a_lookup_of_its_own_does() {
 #[test]
 fn a_departing_ports_redirect_goes_and_its_ifb_is_kept_or_deleted_its_tbf_left() {
     let mut n = node();
-    let egress = Rate {
-        bits_per_second: 4_000_000,
-        burst_bits: 16_000 * 8,
-    };
+    let egress = EGRESS;
     // A and B shaped both ways; a mirror filter beside A's redirect.
     for w in [&n.a, &n.b] {
         assert!(
