@@ -279,7 +279,7 @@ fn undo_attach(conf: &Conf, env: &Env, ns: Option<&Netns>, attached: &[Attached]
     }
     for a in attached {
         let (network, ifname) = (&a.interface.network, &a.interface.ifname);
-        if let Err(e) = del_one(conf, env, network, ifname, &mut Kept::default()) {
+        if let Err(e) = del_one(conf, env, network, ifname, false, &mut Kept::default()) {
             warn!(%network, %ifname, error = %e.details, "cannot undo an interface of a failed ADD");
         }
     }
@@ -353,9 +353,14 @@ fn add_here(conf: &Conf, env: &Env, ask: &Ask) -> Result<CniResult, CniError> {
             Ok(w) => done.push((iface, w)),
             Err(mut e) => {
                 for (i, _) in done.iter().rev() {
-                    if let Err(undo) =
-                        del_one(conf, env, &i.network, &i.ifname, &mut Kept::default())
-                    {
+                    if let Err(undo) = del_one(
+                        conf,
+                        env,
+                        &i.network,
+                        &i.ifname,
+                        false,
+                        &mut Kept::default(),
+                    ) {
                         warn!(network = %i.network, ifname = %i.ifname, error = %undo.details, "cannot undo an interface of a failed ADD");
                     }
                 }
@@ -956,16 +961,21 @@ pub fn del(conf: &Conf, env: &Env, kept: &mut Kept) -> Result<(), CniError> {
     let container_id = env.container_id()?;
     let ifname = env.ifname()?;
     let mut errors: Vec<String> = Vec::new();
-    if let Some(network) = conf.network.as_deref()
-        && let Err(e) = del_one(conf, env, network, ifname, kept)
-    {
-        errors.push(e.details);
+    // The agent detaches the interfaces this ADD made from the pod's weft.dev/networks
+    // annotation with the one named; without an agent that does, they are found here.
+    let mut extras_detached = false;
+    if let Some(network) = conf.network.as_deref() {
+        match del_one(conf, env, network, ifname, true, kept) {
+            Ok(detached) => extras_detached = detached.is_some(),
+            Err(e) => errors.push(e.details),
+        }
     }
-    // The interfaces this ADD made from the pod's weft.dev/networks annotation, wherever they
-    // are: the IPAM stores say (the pod may be gone from the API by now).
-    for (network, extra) in extra_interfaces(conf, container_id, ifname) {
-        if let Err(e) = del_one(conf, env, &network, &extra, kept) {
-            errors.push(e.details);
+    if !extras_detached {
+        // Wherever they are: the IPAM stores say (the pod may be gone from the API by now).
+        for (network, extra) in IpamStore::children(&conf.state_dir, container_id, ifname) {
+            if let Err(e) = del_one(conf, env, &network, &extra, false, kept) {
+                errors.push(e.details);
+            }
         }
     }
     if errors.is_empty() {
@@ -979,35 +989,21 @@ pub fn del(conf: &Conf, env: &Env, kept: &mut Kept) -> Result<(), CniError> {
     }
 }
 
-/// `(network, ifname)` of every allocation of `container_id` that the ADD of its interface
-/// `ifname` made from the pod's `weft.dev/networks` annotation.
-fn extra_interfaces(conf: &Conf, container_id: &str, ifname: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for network in IpamStore::networks(&conf.state_dir) {
-        let Ok(allocs) = IpamStore::open(&conf.state_dir, &network).and_then(|s| s.list()) else {
-            continue;
-        };
-        for a in allocs {
-            if a.container_id == container_id && a.parent.as_deref() == Some(ifname) {
-                out.push((network.clone(), a.ifname));
-            }
-        }
-    }
-    out
-}
-
 /// Removes one interface: best effort and idempotent; a missing netns, link or allocation is
 /// success. The agent unregisters the attachment and releases its addresses before it
 /// answers, and takes the rules out and sees to the host link after (see
 /// [`Request::Detach`]); without an agent that can, the DEL does it all itself and the agent
-/// catches up from the IPAM store at its resync.
+/// catches up from the IPAM store at its resync. `with_extras`: the agent is asked to detach
+/// the interfaces the ADD of this one made from the pod's annotation as well; returns them when
+/// it did (`None`: it was not asked, or did not).
 fn del_one(
     conf: &Conf,
     env: &Env,
     network: &str,
     ifname: &str,
+    with_extras: bool,
     kept: &mut Kept,
-) -> Result<(), CniError> {
+) -> Result<Option<Vec<proto::DetachedInterface>>, CniError> {
     let container_id = env.container_id()?;
     // 1. A VM's tap, when the pod's namespace still exists.
     // Never inside the node's own namespace (a CNI_NETNS of /proc/self/ns/net).
@@ -1024,14 +1020,15 @@ fn del_one(
         network: network.to_string(),
         container_id: container_id.to_string(),
         ifname: ifname.to_string(),
+        with_extras,
     };
     let answered = proto::Pending::start(&conf.agent_socket, &detach, conf.agent_timeout)
         .and_then(|mut p| Ok((p.answer()?, p)));
     match answered {
         Ok((reply, pending)) if reply.ok => {
-            info!(%network, %container_id, %ifname, "detached");
+            info!(%network, %container_id, %ifname, extras = ?reply.detached, "detached");
             kept.0 = Some(pending);
-            return Ok(());
+            return Ok(reply.detached);
         }
         Ok((reply, _)) => {
             debug!(error = ?reply.error, "the agent did not detach; removing the attachment here");
@@ -1074,7 +1071,7 @@ fn del_one(
     }
     if errors.is_empty() {
         info!(%network, %container_id, %ifname, "detached");
-        Ok(())
+        Ok(None)
     } else {
         Err(CniError::new(
             error::IO_FAILURE,
@@ -1223,51 +1220,4 @@ pub fn check(conf: &Conf, env: &Env) -> Result<(), CniError> {
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use weft_dataplane::ipam::{AllocRequest, Pool};
-
-    #[test]
-    fn del_finds_the_interfaces_its_add_made_from_the_annotation() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut env = crate::conf::Env::default();
-        env.node.state_dir = dir.path().to_path_buf();
-        let conf = crate::conf::parse_conf(
-            br#"{"cniVersion":"1.0.0","name":"n","type":"weft","network":"nat"}"#,
-            &env,
-        )
-        .unwrap();
-        let pool = Pool {
-            block_v4: Some("10.0.0.0/24".parse().unwrap()),
-            subnet_v4: Some("10.0.0.0/16".parse().unwrap()),
-            ..Pool::default()
-        };
-        let alloc = |network: &str, cid: &str, ifname: &str, parent: Option<&str>| {
-            IpamStore::open(dir.path(), network)
-                .unwrap()
-                .allocate(
-                    &pool,
-                    AllocRequest {
-                        attachment: Attachment {
-                            container_id: cid.into(),
-                            ifname: ifname.into(),
-                        },
-                        parent: parent.map(str::to_string),
-                        ..AllocRequest::default()
-                    },
-                )
-                .unwrap();
-        };
-        alloc("nat", "c1", "eth0", None);
-        alloc("lan", "c1", "net1", Some("eth0"));
-        alloc("lan", "c1", "net2", None); // a Multus delegate's own attachment
-        alloc("lan", "c2", "net1", Some("eth0"));
-        assert_eq!(
-            extra_interfaces(&conf, "c1", "eth0"),
-            [("lan".to_string(), "net1".to_string())]
-        );
-    }
 }

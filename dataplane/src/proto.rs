@@ -166,6 +166,13 @@ pub enum Request {
         container_id: String,
         /// `CNI_IFNAME`.
         ifname: String,
+        /// Also detach the interfaces the ADD of `ifname` made from the pod's
+        /// [`NETWORKS_ANNOTATION`] (the allocations of `container_id` whose parent is `ifname`,
+        /// on any network), and name them in [`Reply::detached`]. An agent that does not know
+        /// the field (an older one) answers without that list: the CNI then finds and detaches
+        /// them itself.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        with_extras: bool,
     },
     /// A CNI operation finished (for the agent's metrics; the reply is not waited for long).
     Report {
@@ -361,6 +368,19 @@ pub struct Reply {
     /// The short message that goes with `code`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub msg: Option<String>,
+    /// For [`Request::Detach`] with `with_extras`: the interfaces detached with the one asked
+    /// for (none is an empty list; `None` from an agent that does not detach them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detached: Option<Vec<DetachedInterface>>,
+}
+
+/// An interface the agent detached along with the one a DEL named ([`Reply::detached`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DetachedInterface {
+    /// Its network.
+    pub network: String,
+    /// Its name in the workload.
+    pub ifname: String,
 }
 
 /// How the agent's reply to a request it cannot decode begins.
@@ -380,6 +400,7 @@ impl Reply {
             attached: Vec::new(),
             code: None,
             msg: None,
+            detached: None,
         }
     }
     /// A failure reply.

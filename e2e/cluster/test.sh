@@ -446,7 +446,11 @@ EOF
       test "$(http_get h1 http://10.77.0.1:8081/cgi-bin/ip)" = "$lanip" &&
     expect "node1 -> h1's LAN address" node node1 ping -c1 -W2 "$lanip" &&
     eventually 30 "e2e-lan's addresses in use: h1's one LAN address (not the nodes' other workloads)" \
-      sh -c "[ \"\$('$C' kubectl get network e2e-lan -o jsonpath='{.status.addressesInUse}')\" = 1 ]"
+      sh -c "[ \"\$('$C' kubectl get network e2e-lan -o jsonpath='{.status.addressesInUse}')\" = 1 ]" &&
+    expect "node1's e2e-lan store holds h1's net1" node node1 grep -q '"ifname":"net1"' /var/lib/weft/ipam/e2e-lan/allocations.json &&
+    expect "h1 deleted (kubelet's DEL of eth0)" kn delete pod h1 --wait --timeout=60s &&
+    eventually 30 "node1's e2e-lan store is empty once h1 is gone (its net1 detached with eth0)" \
+      sh -c "'$C' node node1 grep -q '\"allocations\":\[\]' /var/lib/weft/ipam/e2e-lan/allocations.json"
 }
 
 t_status() {

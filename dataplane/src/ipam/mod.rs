@@ -575,6 +575,32 @@ impl IpamStore {
         out
     }
 
+    /// `(network, ifname)` of every allocation under `state_dir`, on any network, of container
+    /// `container_id` whose parent is `parent` (the interfaces the ADD of `parent` made from
+    /// the pod's networks annotation), by network. A store that cannot be read is skipped.
+    pub fn children(state_dir: &Path, container_id: &str, parent: &str) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for network in Self::networks(state_dir) {
+            let Ok(store) = Self::open(state_dir, &network) else {
+                continue;
+            };
+            let Ok(ifnames) = store.read_allocations(false, |state| {
+                state
+                    .allocations
+                    .iter()
+                    .filter(|a| {
+                        a.container_id == container_id && a.parent.as_deref() == Some(parent)
+                    })
+                    .map(|a| a.ifname.clone())
+                    .collect::<Vec<_>>()
+            }) else {
+                continue;
+            };
+            out.extend(ifnames.into_iter().map(|i| (network.clone(), i)));
+        }
+        out
+    }
+
     /// The store's directory.
     pub fn dir(&self) -> &Path {
         &self.dir

@@ -57,6 +57,62 @@ fn dual_pool() -> Pool {
 }
 
 #[test]
+fn children_are_the_annotations_interfaces_of_one_interface_on_every_network() {
+    let dir = tempfile::tempdir().unwrap();
+    let alloc = |network: &str, cid: &str, ifname: &str, parent: Option<&str>| {
+        IpamStore::open(dir.path(), network)
+            .unwrap()
+            .allocate(
+                &v4_pool(),
+                AllocRequest {
+                    attachment: Attachment {
+                        container_id: cid.into(),
+                        ifname: ifname.into(),
+                    },
+                    parent: parent.map(str::to_string),
+                    ..AllocRequest::default()
+                },
+            )
+            .unwrap();
+    };
+    alloc("nat", "c1", "eth0", None);
+    alloc("lan", "c1", "net1", Some("eth0"));
+    alloc("lan", "c1", "net2", None); // a Multus delegate's own attachment
+    alloc("lan", "c2", "net1", Some("eth0"));
+    alloc("lan", "c1", "net3", Some("net2"));
+    alloc("storage", "c1", "net4", Some("eth0"));
+    let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+        v.iter()
+            .map(|(n, i)| (n.to_string(), i.to_string()))
+            .collect()
+    };
+    assert_eq!(
+        IpamStore::children(dir.path(), "c1", "eth0"),
+        pairs(&[("lan", "net1"), ("storage", "net4")])
+    );
+    assert_eq!(
+        IpamStore::children(dir.path(), "c1", "net2"),
+        pairs(&[("lan", "net3")])
+    );
+    assert!(IpamStore::children(dir.path(), "c3", "eth0").is_empty());
+    // Released: no longer a child.
+    IpamStore::open(dir.path(), "storage")
+        .unwrap()
+        .release(&Attachment {
+            container_id: "c1".into(),
+            ifname: "net4".into(),
+        })
+        .unwrap();
+    assert_eq!(
+        IpamStore::children(dir.path(), "c1", "eth0"),
+        pairs(&[("lan", "net1")])
+    );
+    // No store at all.
+    let empty = tempfile::tempdir().unwrap();
+    assert!(IpamStore::children(empty.path(), "c1", "eth0").is_empty());
+}
+
+#[test]
 fn open_creates_the_store_directory() {
     let dir = tempfile::tempdir().unwrap();
     let s = IpamStore::open(dir.path(), "nat-demo").unwrap();

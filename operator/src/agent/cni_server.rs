@@ -14,7 +14,7 @@ use tracing::warn;
 use weft_dataplane::attachment::{self, Ask, AskError, Attached, Identity};
 use weft_dataplane::codes::{AGENT_REFUSED, INVALID_CONFIG, IO_FAILURE, TRY_AGAIN_LATER};
 use weft_dataplane::ipam::IpamStore;
-use weft_dataplane::proto::{Endpoint, Reply, Request};
+use weft_dataplane::proto::{DetachedInterface, Endpoint, Reply, Request};
 use weft_dataplane::state::NetworkState;
 
 /// Binds the socket (replacing a stale one), readable and writable by root only.
@@ -181,6 +181,12 @@ impl Attachments {
                 })
             })
             .map_err(|e| format!("cannot release the addresses: {}", crate::error_chain(&e)))
+    }
+
+    /// `(network, ifname)` of the interfaces the ADD of `container_id`'s interface `ifname`
+    /// made from the pod's annotation, still allocated ([`IpamStore::children`]).
+    fn children(&self, container_id: &str, ifname: &str) -> Vec<(String, String)> {
+        IpamStore::children(&self.state_dir, container_id, ifname)
     }
 
     /// Releases the addresses of the interfaces of an ADD that failed or was refused (best
@@ -462,6 +468,67 @@ async fn follow_up(
     Ok(())
 }
 
+/// A DEL's detach of interface `ifname` and, `with_extras`, of the interfaces its ADD made
+/// from the pod's annotation (named in the reply). The addresses are free and the links in the
+/// reaper's hands when the DEL returns; the rules follow in the reconciler's next batch
+/// (removing set elements waits for an RCU grace period, which the DEL need not), ahead of
+/// every request queued after this one.
+async fn detach(
+    server: &Server,
+    network: &str,
+    container_id: &str,
+    ifname: &str,
+    with_extras: bool,
+) -> Reply {
+    let ready = server.is_ready();
+    let extras = if with_extras {
+        blocking(|| server.attachments.children(container_id, ifname))
+    } else {
+        Vec::new()
+    };
+    let all: Vec<(&str, &str)> = std::iter::once((network, ifname))
+        .chain(extras.iter().map(|(n, i)| (n.as_str(), i.as_str())))
+        .collect();
+    // Unregistered first, so their rules go before those of any request that could follow the
+    // release (an ADD given the same address). The reconciler does not wait for the release: a
+    // resync meanwhile keeps the endpoints out (their tombstones).
+    for &(network, ifname) in &all {
+        let (reply, _) = oneshot::channel();
+        let unregister = Request::Unregister {
+            network: network.to_string(),
+            container_id: container_id.to_string(),
+            ifname: ifname.to_string(),
+        };
+        let message = Message {
+            request: unregister,
+            reply,
+        };
+        if server.tx.send(message).await.is_err() {
+            return Reply::error(false, "the agent is shutting down");
+        }
+    }
+    let errors: Vec<String> = blocking(|| {
+        all.iter()
+            .filter_map(|&(network, ifname)| {
+                let done = server.attachments.detach(network, container_id, ifname);
+                done.err().map(|e| format!("{network}/{ifname}: {e}"))
+            })
+            .collect()
+    });
+    if !errors.is_empty() {
+        return Reply::error(ready, errors.join("; "));
+    }
+    Reply {
+        detached: with_extras.then(|| {
+            extras
+                .into_iter()
+                .map(|(network, ifname)| DetachedInterface { network, ifname })
+                .collect()
+        }),
+        ..Reply::ok(ready)
+    }
+}
+
 /// Answers request `line` on `write`, and shuts the writing side.
 async fn respond(
     line: &str,
@@ -490,39 +557,12 @@ async fn respond(
             )
             .await
         }
-        // The addresses are free and the link in the reaper's hands when the DEL returns; the
-        // rules follow in the reconciler's next batch (removing set elements waits for an RCU
-        // grace period, which the DEL need not), ahead of every request queued after this one.
         Ok(Request::Detach {
             network,
             container_id,
             ifname,
-        }) => {
-            let ready = server.is_ready();
-            // Unregistered first, so its rules go before those of any request that could
-            // follow the release (an ADD given the same address). The reconciler does not wait
-            // for the release: a resync meanwhile keeps the endpoint out (its tombstone).
-            let (reply, _) = oneshot::channel();
-            let unregister = Request::Unregister {
-                network: network.clone(),
-                container_id: container_id.clone(),
-                ifname: ifname.clone(),
-            };
-            if server
-                .tx
-                .send(Message {
-                    request: unregister,
-                    reply,
-                })
-                .await
-                .is_err()
-            {
-                Reply::error(false, "the agent is shutting down")
-            } else {
-                blocking(|| server.attachments.detach(&network, &container_id, &ifname))
-                    .map_or_else(|e| Reply::error(ready, e), |()| Reply::ok(ready))
-            }
-        }
+            with_extras,
+        }) => detach(server, &network, &container_id, &ifname, with_extras).await,
         Ok(request) => {
             let (reply_tx, reply_rx) = oneshot::channel();
             if server
@@ -806,6 +846,75 @@ mod tests {
                 assert_eq!(held(dir.path(), "a"), 1);
             }
         }
+    }
+
+    /// A DEL's detach with `with_extras` also unregisters and releases the interfaces the ADD
+    /// made from the pod's annotation, and names them; without, it touches only the one named.
+    #[tokio::test]
+    async fn a_detach_with_extras_takes_the_annotations_interfaces_along_and_names_them() {
+        let dir = tempfile::tempdir().unwrap();
+        network(dir.path(), "a", "10.9.1.0/24");
+        network(dir.path(), "b", "10.9.2.0/24");
+        let (tx, mut rx) = mpsc::channel::<Message>(16);
+        let server = Server {
+            tx,
+            ready: Arc::new(AtomicBool::new(true)),
+            snapshot: Snapshot::default(),
+            pod_wait: None,
+            attachments: Attachments {
+                state_dir: dir.path().to_path_buf(),
+                reaper: super::super::reaper::Reaper::spawn().unwrap(),
+            },
+        };
+        let identity = Identity {
+            networks: Some("a,b".into()),
+            ..Identity::default()
+        };
+        for cid in ["c1", "c2"] {
+            let ask = Ask {
+                container_id: cid.into(),
+                ifname: "eth0".into(),
+                netns: format!("/run/netns/{cid}"),
+                network: Some("a".into()),
+                ..Ask::default()
+            };
+            assert_eq!(
+                server.attachments.allocate(&ask, &identity).unwrap().len(),
+                2
+            );
+        }
+        assert_eq!((held(dir.path(), "a"), held(dir.path(), "b")), (2, 2));
+
+        let reply = detach(&server, "a", "c1", "eth0", true).await;
+        assert!(reply.ok, "{reply:?}");
+        assert_eq!(
+            reply.detached,
+            Some(vec![DetachedInterface {
+                network: "b".into(),
+                ifname: "net1".into()
+            }])
+        );
+        let mut unregistered = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            match m.request {
+                Request::Unregister {
+                    network,
+                    container_id,
+                    ifname,
+                } => unregistered.push(format!("{network}/{container_id}/{ifname}")),
+                other => panic!("only unregistrations: {other:?}"),
+            }
+        }
+        assert_eq!(unregistered, ["a/c1/eth0", "b/c1/net1"]);
+        assert_eq!((held(dir.path(), "a"), held(dir.path(), "b")), (1, 1));
+
+        // Asked again: nothing left, nothing named.
+        let again = detach(&server, "a", "c1", "eth0", true).await;
+        assert_eq!(again.detached, Some(vec![]));
+        // Without: only the interface named; the reply names none (the CNI finds the others).
+        let plain = detach(&server, "a", "c2", "eth0", false).await;
+        assert!(plain.ok && plain.detached.is_none(), "{plain:?}");
+        assert_eq!((held(dir.path(), "a"), held(dir.path(), "b")), (0, 1));
     }
 
     #[tokio::test]
