@@ -344,12 +344,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         "the agent needs one source of resources: --kube (the Kubernetes API) or --manifests DIR (YAML files)"
                     ),
                 };
-                // One thread: a CNI request, its allocation, the reconciler's registration and
-                // the answers run on it without a hand-over between threads (each a wake-up of
-                // another thread, which on a small node lands on the CPU of the plugin that is
-                // waiting). What blocks for long (a full apply, a batch that removes set
-                // elements, tc, the status file) goes to the blocking pool.
-                let rt = tokio::runtime::Builder::new_current_thread()
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
                     .enable_all()
                     .build()?;
                 rt.block_on(async {

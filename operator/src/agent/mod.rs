@@ -263,10 +263,9 @@ pub fn apply_blocking(
 }
 
 /// Runs `f`, system calls that block for a short while (an allocation, a release, a batch of
-/// set elements added), on the calling task's thread: no hop to the blocking pool and back on
-/// the way to the CNI's answer. The agent's runtime has one thread, which runs it as it is; on
-/// a runtime of several workers (tests) it goes through [`tokio::task::block_in_place`] (the
-/// worker hands its other tasks to the runtime meanwhile).
+/// set elements), on the calling task's thread ([`tokio::task::block_in_place`]: a worker
+/// hands its other tasks to the runtime meanwhile): no hop to the blocking pool and back on
+/// the way to the CNI's answer. A single-threaded runtime (tests) runs it as it is.
 pub(crate) fn blocking<T>(f: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
         Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
@@ -631,25 +630,16 @@ impl Reconciler {
                     changes: tx.0.iter().map(|c| c.summary()).collect(),
                     failed,
                 };
-                let apply = |tx: &weft_dataplane::nft::Transaction| {
-                    weft_dataplane::nft::Firewall::apply(&mut NftCli::default(), tx)
-                        .map_err(ApplyError::Firewall)
-                };
-                let adds_only =
-                    tx.0.iter()
-                        .all(|c| matches!(c, weft_dataplane::nft::Change::AddElements { .. }));
                 if tx.is_empty() {
                     Ok(report)
-                } else if adds_only {
-                    // Elements added (a registration's, another node's workloads'): one
-                    // batch, applied on this thread.
-                    blocking(|| apply(&tx)).map(|()| report)
                 } else {
-                    // Elements removed: the kernel waits for an RCU grace period before it
-                    // answers (milliseconds), which would hold up every CNI request meanwhile.
-                    tokio::task::spawn_blocking(move || apply(&tx))
-                        .await?
-                        .map(|()| report)
+                    // The changed elements (a registration's, another node's workloads'):
+                    // one batch, applied on this thread.
+                    blocking(|| {
+                        weft_dataplane::nft::Firewall::apply(&mut NftCli::default(), &tx)
+                            .map(|()| report)
+                            .map_err(ApplyError::Firewall)
+                    })
                 }
             }
             None => {
