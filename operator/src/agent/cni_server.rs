@@ -624,6 +624,20 @@ mod tests {
         .unwrap();
     }
 
+    /// A ready server on the IPAM stores under `dir`, its reconciler's queue `tx`.
+    fn server_on(dir: &Path, tx: mpsc::Sender<Message>) -> Server {
+        Server {
+            tx,
+            ready: Arc::new(AtomicBool::new(true)),
+            snapshot: Snapshot::default(),
+            pod_wait: None,
+            attachments: Attachments {
+                state_dir: dir.to_path_buf(),
+                reaper: super::super::reaper::Reaper::spawn().unwrap(),
+            },
+        }
+    }
+
     fn held(dir: &Path, network: &str) -> usize {
         IpamStore::open(dir, network).unwrap().list().unwrap().len()
     }
@@ -699,16 +713,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("agent.sock");
         let (tx, mut rx) = mpsc::channel::<Message>(8);
-        let server = Server {
-            tx,
-            ready: Arc::new(AtomicBool::new(true)),
-            snapshot: Snapshot::default(),
-            pod_wait: None,
-            attachments: Attachments {
-                state_dir: dir.path().to_path_buf(),
-                reaper: super::super::reaper::Reaper::spawn().unwrap(),
-            },
-        };
+        let server = server_on(dir.path(), tx);
         tokio::spawn(serve(UnixListener::bind(&socket).unwrap(), server));
         let report = Request::Report {
             command: "DEL".into(),
@@ -856,16 +861,7 @@ mod tests {
         network(dir.path(), "a", "10.9.1.0/24");
         network(dir.path(), "b", "10.9.2.0/24");
         let (tx, mut rx) = mpsc::channel::<Message>(16);
-        let server = Server {
-            tx,
-            ready: Arc::new(AtomicBool::new(true)),
-            snapshot: Snapshot::default(),
-            pod_wait: None,
-            attachments: Attachments {
-                state_dir: dir.path().to_path_buf(),
-                reaper: super::super::reaper::Reaper::spawn().unwrap(),
-            },
-        };
+        let server = server_on(dir.path(), tx);
         let identity = Identity {
             networks: Some("a,b".into()),
             ..Identity::default()
