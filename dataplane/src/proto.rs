@@ -650,6 +650,49 @@ mod tests {
         assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
     }
 
+    /// A DEL's `withExtras` and the answer's `detached` are left out when unused, so an older
+    /// agent and an older CNI read what they always did; what an older CNI sends means "no".
+    #[test]
+    fn detach_with_extras_and_its_answer_on_the_wire() {
+        let d = |with_extras| Request::Detach {
+            network: "n".into(),
+            container_id: "c".into(),
+            ifname: "eth0".into(),
+            with_extras,
+        };
+        let plain = r#"{"op":"detach","network":"n","containerId":"c","ifname":"eth0"}"#;
+        assert_eq!(serde_json::to_string(&d(false)).unwrap(), plain);
+        assert_eq!(serde_json::from_str::<Request>(plain).unwrap(), d(false));
+        let with = serde_json::to_string(&d(true)).unwrap();
+        assert!(with.ends_with(r#","withExtras":true}"#), "{with}");
+        assert_eq!(serde_json::from_str::<Request>(&with).unwrap(), d(true));
+
+        let older: Reply = serde_json::from_str(r#"{"ok":true,"ready":true}"#).unwrap();
+        assert_eq!(older.detached, None);
+        let answer = Reply {
+            detached: Some(vec![DetachedInterface {
+                network: "lan".into(),
+                ifname: "net1".into(),
+            }]),
+            ..Reply::ok(true)
+        };
+        let text = serde_json::to_string(&answer).unwrap();
+        assert!(
+            text.contains(r#""detached":[{"network":"lan","ifname":"net1"}]"#),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<Reply>(&text).unwrap(), answer);
+        let none = serde_json::to_string(&Reply {
+            detached: Some(vec![]),
+            ..Reply::ok(true)
+        })
+        .unwrap();
+        assert!(
+            none.contains(r#""detached":[]"#),
+            "an empty list is still an answer: {none}"
+        );
+    }
+
     #[test]
     fn call_round_trips_and_times_out() {
         let dir = tempfile::tempdir().unwrap();
