@@ -547,7 +547,9 @@ fn wire(
     wired.result.interfaces = vec![
         Interface {
             name: net.bridge.clone(),
-            mac: bridge.mac.map(names::format_mac),
+            // A bridge without a MAC of its own takes its ports' lowest, and has none
+            // (00:00:00:00:00:00) while it has no port: nothing to report then.
+            mac: bridge.mac.filter(|m| *m != [0; 6]).map(names::format_mac),
             mtu: None,
             sandbox: None,
         },

@@ -153,6 +153,31 @@ fn add_check_del_round_trip() {
     assert!(again.ok, "DEL twice succeeds: {}", again.json);
 }
 
+/// A bridge without a MAC of its own has none (all zeros) once its last port has gone: the
+/// next ADD's result names the bridge without a MAC rather than with that one.
+#[test]
+fn a_bridge_without_a_mac_is_reported_without_one() {
+    let mut node = Node::new(Agent::Answers);
+    let conf = node.conf("1.1.0");
+    let (_, first) = node.workload();
+    let add = weft("ADD", &conf, &env("m1", first.to_str().unwrap(), "eth0"));
+    assert!(add.ok, "{} {}", add.json, add.stderr);
+    let del = weft("DEL", &conf, &env("m1", first.to_str().unwrap(), "eth0"));
+    assert!(del.ok, "{}", del.json);
+    let mut host = Netlink::new().unwrap();
+    let br = host.link_by_name("wn-test").unwrap().unwrap();
+    assert_eq!(br.mac, Some([0; 6]), "no port left, no MAC of its own");
+
+    let (_, second) = node.workload();
+    let add = weft("ADD", &conf, &env("m2", second.to_str().unwrap(), "eth0"));
+    assert!(add.ok, "{} {}", add.json, add.stderr);
+    let bridge = &add.json["interfaces"][0];
+    assert_eq!(bridge["name"], "wn-test");
+    assert!(bridge.get("mac").is_none(), "{bridge}");
+    let del = weft("DEL", &conf, &env("m2", second.to_str().unwrap(), "eth0"));
+    assert!(del.ok, "{}", del.json);
+}
+
 #[test]
 fn legacy_0_4_0_result_has_ip_versions() {
     let mut node = Node::new(Agent::Answers);
