@@ -264,6 +264,18 @@ impl Server {
     fn is_ready(&self) -> bool {
         self.ready.load(Ordering::SeqCst)
     }
+
+    /// Queues the unregistration of an attachment for the reconciler, without waiting for its
+    /// answer; `false` when the reconciler is gone (the agent is shutting down).
+    async fn unregister(&self, network: &str, container_id: &str, ifname: &str) -> bool {
+        let (reply, _) = oneshot::channel();
+        let request = Request::Unregister {
+            network: network.to_string(),
+            container_id: container_id.to_string(),
+            ifname: ifname.to_string(),
+        };
+        self.tx.send(Message { request, reply }).await.is_ok()
+    }
 }
 
 /// The answer to an identity question: from the snapshot that knows the pod; when the source
@@ -406,13 +418,8 @@ async fn attach(
         None => Reply::ok(is_ready()),
         Some(reason) => {
             for (a, _) in &allocated {
-                let (reply, _) = oneshot::channel();
-                let request = Request::Unregister {
-                    network: a.interface.network.clone(),
-                    container_id: ask.container_id.clone(),
-                    ifname: a.interface.ifname.clone(),
-                };
-                let _ = server.tx.send(Message { request, reply }).await;
+                let (network, ifname) = (&a.interface.network, &a.interface.ifname);
+                server.unregister(network, &ask.container_id, ifname).await;
             }
             blocking(|| {
                 server
@@ -493,17 +500,7 @@ async fn detach(
     // release (an ADD given the same address). The reconciler does not wait for the release: a
     // resync meanwhile keeps the endpoints out (their tombstones).
     for &(network, ifname) in &all {
-        let (reply, _) = oneshot::channel();
-        let unregister = Request::Unregister {
-            network: network.to_string(),
-            container_id: container_id.to_string(),
-            ifname: ifname.to_string(),
-        };
-        let message = Message {
-            request: unregister,
-            reply,
-        };
-        if server.tx.send(message).await.is_err() {
+        if !server.unregister(network, container_id, ifname).await {
             return Reply::error(false, "the agent is shutting down");
         }
     }
