@@ -873,8 +873,8 @@ fn a_departing_ports_redirect_goes_and_its_ifb_is_kept_or_deleted_its_tbf_left()
     let found = n.nl.link_by_name(&a_ifb).unwrap();
     let a_ifb_index = found.as_ref().expect("A's IFB").index;
 
-    // Room for one spare: A's IFB is kept as one, its port's hooks are emptied (the clsact
-    // qdisc went), and its root tbf is left to go with the port.
+    // Room for one spare: A's IFB is kept as one, its port's redirect goes, and the rest (the
+    // clsact qdisc with the mirror's filters, the root tbf) is left to go with the port.
     let mut spares = SpareIfbs {
         links: Vec::new(),
         cap: 1,
@@ -886,9 +886,11 @@ fn a_departing_ports_redirect_goes_and_its_ifb_is_kept_or_deleted_its_tbf_left()
     assert_eq!(spares.links, [a_ifb_index]);
     let kept = n.nl.link_by_index(a_ifb_index).unwrap().expect("kept");
     assert_eq!(kept.alias.as_deref(), Some(names::SPARE_IFB_ALIAS));
-    assert!(ingress_filters(&a_port).is_empty());
+    let left = prefs(&ingress_filters(&a_port));
+    assert!(!left.contains(&u64::from(SHAPE_PREF)), "{left:?}");
+    assert!(!left.is_empty(), "the mirror's filter stays on the port");
     assert!(
-        !qdisc_kinds(&a_port).contains(&"clsact".to_string()),
+        qdisc_kinds(&a_port).contains(&"clsact".to_string()),
         "{:?}",
         qdiscs(&a_port)
     );

@@ -609,22 +609,24 @@ impl Netlink {
     }
 
     /// Takes the shaping off port `port`, whose workload is gone and which is about to be
-    /// deleted (with its namespace, or by the agent's reaper), at the least cost: its clsact
-    /// qdisc is deleted, and with it the redirect to its IFB link (and whatever else is on
-    /// the port's hooks: the port is weft's own and about to go); then `ifb`, the link found
-    /// under the port's IFB name, when it is weft's IFB of this port, is kept as a spare
-    /// ([`Netlink::retire_ifb`]) while `spares` has fewer than its cap, else deleted. The `tbf`
-    /// at the port's root is left to go with the port. A port gone already is no error: its
-    /// redirect went with it. Returns whether anything changed.
+    /// deleted (with its namespace, or by the agent's reaper), at the least cost: the redirect
+    /// to its IFB link (the filter at [`SHAPE_PREF`] of its ingress hook) is deleted, and
+    /// nothing else: the clsact qdisc, its other filters and the `tbf` at the port's root go
+    /// with the port (deleting a qdisc of a link that is up stops the link's queues and waits
+    /// for an RCU grace period, holding the routing lock every ADD's link changes need). Then
+    /// `ifb`, the link found under the port's IFB name, when it is weft's IFB of this port, is
+    /// kept as a spare ([`Netlink::retire_ifb`]) while `spares` has fewer than its cap, else
+    /// deleted. A port gone already is no error: its redirect went with it. Returns whether
+    /// anything changed.
     pub fn unshape_departing(
         &mut self,
         port: &LinkInfo,
         ifb: Option<&LinkInfo>,
         spares: &mut SpareIfbs,
     ) -> Result<bool, NetlinkError> {
-        let mut changed = match self.delete_clsact("unshape a departing port", port.index) {
+        let mut changed = match self.delete_shape_pref("unshape a departing port", port.index) {
             Ok(changed) => changed,
-            // No clsact qdisc: "Invalid handle" while the port never had one.
+            // No clsact qdisc: the port never had one ("Parent Qdisc doesn't exists").
             Err(e) if e.errno() == Some(libc::EINVAL) => false,
             Err(e) => return Err(e),
         };
