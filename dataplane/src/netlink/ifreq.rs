@@ -21,6 +21,15 @@ mod ioctls {
 }
 
 /// An `ifreq` asking about interface `name` (valid: at most 15 bytes, no NUL).
+/// The error of ioctl `op` about link `name`.
+fn failed(op: &'static str, name: &str) -> impl Fn(nix::errno::Errno) -> NetlinkError {
+    move |e| NetlinkError::Io {
+        op,
+        target: format!("link {name}"),
+        source: io::Error::from(e),
+    }
+}
+
 fn request(name: &str) -> libc::ifreq {
     // SAFETY: `ifreq` is plain data (a byte array and a union of plain data); all zeros is a
     // valid value of it, and the name's terminating NUL.
@@ -49,20 +58,13 @@ impl Netlink {
         if bad_ifname(name).is_some() {
             return Ok(None);
         }
-        let failed = |op: &'static str| {
-            move |e: nix::errno::Errno| NetlinkError::Io {
-                op,
-                target: format!("link {name}"),
-                source: io::Error::from(e),
-            }
-        };
         let fd = self.socket.as_raw_fd();
         let mut req = request(name);
         // SAFETY: `fd` is this socket's open descriptor; SIOCGIFINDEX reads the name from and
         // writes the index into the `ifreq`, which outlives the call.
         match unsafe { ioctls::get_index(fd, &mut req) } {
             Err(nix::errno::Errno::ENODEV) => return Ok(None),
-            other => other.map_err(failed("get link index"))?,
+            other => other.map_err(failed("get link index", name))?,
         };
         // SAFETY: SIOCGIFINDEX answered: the union holds the index.
         let index = unsafe { req.ifr_ifru.ifru_ifindex };
@@ -70,7 +72,7 @@ impl Netlink {
         // SAFETY: as above; SIOCGIFHWADDR writes a `sockaddr` (family and address) into it.
         match unsafe { ioctls::get_hwaddr(fd, &mut req) } {
             Err(nix::errno::Errno::ENODEV) => return Ok(None),
-            other => other.map_err(failed("get link address"))?,
+            other => other.map_err(failed("get link address", name))?,
         };
         // SAFETY: SIOCGIFHWADDR answered: the union holds the `sockaddr`.
         let addr = unsafe { req.ifr_ifru.ifru_hwaddr };
@@ -99,11 +101,7 @@ impl Netlink {
         // writes the flags into the `ifreq`, which outlives the call.
         match unsafe { ioctls::get_flags(self.socket.as_raw_fd(), &mut req) } {
             Err(nix::errno::Errno::ENODEV) => return Ok(None),
-            other => other.map_err(|e| NetlinkError::Io {
-                op: "get link flags",
-                target: format!("link {name}"),
-                source: io::Error::from(e),
-            })?,
+            other => other.map_err(failed("get link flags", name))?,
         };
         // SAFETY: SIOCGIFFLAGS answered: the union holds the flags.
         let flags = unsafe { req.ifr_ifru.ifru_flags };

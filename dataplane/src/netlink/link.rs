@@ -218,6 +218,11 @@ pub fn bridge_no_link_local_learning_message(index: u32) -> LinkMessage {
         .build()
 }
 
+/// A switch's state as errors name it.
+fn on_off(on: bool) -> &'static str {
+    if on { "on" } else { "off" }
+}
+
 /// `RTM_NEWLINK` on bridge port `index`: hairpin mode on or off (`IFLA_INFO_SLAVE_DATA` →
 /// `IFLA_BRPORT_MODE`).
 ///
@@ -698,10 +703,9 @@ impl Netlink {
 
     /// Turns hairpin mode of bridge port `index` on or off (see [`port_hairpin_message`]).
     pub fn set_port_hairpin(&mut self, index: u32, on: bool) -> Result<(), NetlinkError> {
-        let state = if on { "on" } else { "off" };
         self.call(
             "set bridge port hairpin",
-            || format!("link {index} hairpin {state}"),
+            || format!("link {index} hairpin {}", on_off(on)),
             RouteNetlinkMessage::NewLink(port_hairpin_message(index, on)),
             0,
         )?;
@@ -723,10 +727,9 @@ impl Netlink {
         let mut msg = port_hairpin_message(index, on);
         msg.attributes
             .push(LinkAttribute::IfAlias(alias.to_string()));
-        let state = if on { "on" } else { "off" };
         self.call_without_v6_addresses(
             "set bridge port hairpin and alias",
-            || format!("link {index} hairpin {state} alias {alias}"),
+            || format!("link {index} hairpin {} alias {alias}", on_off(on)),
             msg,
             RouteNetlinkMessage::NewLink,
         )
