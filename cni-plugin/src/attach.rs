@@ -12,7 +12,9 @@ use tracing::{debug, info, warn};
 use weft_dataplane::attachment::{self, Ask, AskError, Attached, Identity};
 use weft_dataplane::ipam::{Allocation, Attachment, IpamStore};
 use weft_dataplane::names;
-use weft_dataplane::netlink::{CreatedVeth, LinkIndex, LinkInfo, Netlink, RouteSpec, VethSpec};
+use weft_dataplane::netlink::{
+    CreatedVeth, LinkIndex, LinkInfo, Netlink, NetlinkError, RouteSpec, VethSpec,
+};
 use weft_dataplane::netns::Netns;
 use weft_dataplane::proto::{self, Endpoint, Request};
 use weft_dataplane::state::{NetworkState, StateError};
@@ -608,6 +610,25 @@ impl Made {
     }
 }
 
+/// The error of a veth's creation on `bridge`, network `network`'s bridge. A Linux bridge
+/// takes at most 1023 ports (`BR_MAX_PORTS`); one more is refused with `EXFULL`, which says
+/// nothing by itself ("No error information" with musl), so that one is named.
+fn veth_failed(e: NetlinkError, bridge: &str, network: &str) -> CniError {
+    if e.errno() != Some(nix::errno::Errno::EXFULL as i32) {
+        return e.into();
+    }
+    CniError::new(
+        error::LINK_FAILED,
+        format!("bridge {bridge} of network {network} has no free port"),
+        format!(
+            "a Linux bridge takes at most 1023 ports, and {bridge} has them all: spread network \
+             {network}'s workloads over more nodes (a lower maxPods for kubelet) or more \
+             Networks ({})",
+            error::chain(&e)
+        ),
+    )
+}
+
 /// Makes the veth `veth` on `net`'s bridge, up on the node's side, its peer born down in `ns`
 /// (with `mac` when given). `clear`: names left from before are cleared ([`clear_names`]) and
 /// the veth made once more; otherwise a taken name is the error.
@@ -644,12 +665,14 @@ fn make_veth(
         mtu: Some(net.mtu),
     };
     // A name taken: on either side, what `clear_names` may remove, then once more.
+    let failed = |e| veth_failed(e, &net.bridge, veth.network);
     let created = match host.create_veth_pair_into_netns(&spec, Some(&mut inner)) {
         Err(e) if clear && e.is_exists() => {
             clear_names(conf, ns, &mut host, &mut inner, veth.host, veth.peer)?;
-            host.create_veth_pair_into_netns(&spec, Some(&mut inner))?
+            host.create_veth_pair_into_netns(&spec, Some(&mut inner))
+                .map_err(failed)?
         }
-        other => other?,
+        other => other.map_err(failed)?,
     };
     Ok(Made {
         host,
@@ -1222,4 +1245,35 @@ pub fn check(conf: &Conf, env: &Env) -> Result<(), CniError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(errno: nix::errno::Errno) -> NetlinkError {
+        NetlinkError::Kernel {
+            op: "create veth",
+            target: "wf0123456789a (peer eth0)".into(),
+            errno: errno as i32,
+            message: None,
+        }
+    }
+
+    #[test]
+    fn a_full_bridge_is_named_with_its_limit_and_the_way_out() {
+        let e = veth_failed(refused(nix::errno::Errno::EXFULL), "wn-lan", "lan");
+        assert_eq!(e.code, error::LINK_FAILED);
+        assert_eq!(e.msg, "bridge wn-lan of network lan has no free port");
+        assert!(e.details.contains("at most 1023 ports"), "{}", e.details);
+        assert!(e.details.contains("maxPods"), "{}", e.details);
+        assert!(
+            e.details.contains("create veth wf0123456789a"),
+            "{}",
+            e.details
+        );
+        // Any other refusal stays the kernel's own.
+        let other = veth_failed(refused(nix::errno::Errno::EPERM), "wn-lan", "lan");
+        assert_eq!(other.msg, "netlink operation failed");
+    }
 }

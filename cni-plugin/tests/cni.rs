@@ -178,6 +178,55 @@ fn a_bridge_without_a_mac_is_reported_without_one() {
     assert!(del.ok, "{}", del.json);
 }
 
+/// A Linux bridge takes at most 1023 ports; the kernel refuses one more with `EXFULL`, which
+/// says nothing by itself: the error names the bridge, the limit and the way out, and the
+/// refused ADD leaves neither a link nor an address.
+#[test]
+fn a_bridge_with_every_port_taken_is_named_and_the_add_leaves_nothing() {
+    let mut node = Node::new(Agent::Answers);
+    // 1023 ports, made by `ip` in this thread's node namespace.
+    let mut batch = String::new();
+    for i in 0..1023 {
+        batch.push_str(&format!(
+            "link add full{i} master wn-test type veth peer name fullp{i}\n"
+        ));
+    }
+    let mut ip = Command::new("ip")
+        .args(["-batch", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("ip");
+    ip.stdin
+        .take()
+        .unwrap()
+        .write_all(batch.as_bytes())
+        .unwrap();
+    assert!(ip.wait().unwrap().success(), "the bridge's 1023 ports");
+    let (_, ns_path) = node.workload();
+    let e = env("full", ns_path.to_str().unwrap(), "eth0");
+    let add = weft("ADD", &node.conf("1.1.0"), &e);
+    assert!(!add.ok, "{}", add.json);
+    assert_eq!(add.json["code"], 102, "{}", add.json);
+    assert_eq!(
+        add.json["msg"], "bridge wn-test of network test has no free port",
+        "{}",
+        add.json
+    );
+    let details = add.json["details"].as_str().unwrap();
+    assert!(
+        details.contains("at most 1023 ports") && details.contains("maxPods"),
+        "{details}"
+    );
+    assert!(!host_link_exists("full", "eth0"));
+    let store = IpamStore::open(node.state_dir(), "test").unwrap();
+    assert!(
+        store.list().unwrap().is_empty(),
+        "the refused ADD keeps no address"
+    );
+    let mut inner = Netlink::in_netns(&Netns::open(&ns_path).unwrap()).unwrap();
+    assert!(inner.link_by_name("eth0").unwrap().is_none());
+}
+
 #[test]
 fn legacy_0_4_0_result_has_ip_versions() {
     let mut node = Node::new(Agent::Answers);
