@@ -1066,6 +1066,18 @@ fn weft_in_node(
 }
 
 /// The elements of map `name` of the node's `inet weft` table, as `nft` lists them.
+/// The elements of both host-port maps of a family (`4` or `6`): ports on one node address,
+/// then on any.
+fn host_ports(lab: &str, family: &str) -> String {
+    format!(
+        "{} {}",
+        nft_map(lab, &format!("hport{family}")),
+        nft_map(lab, &format!("hportany{family}"))
+    )
+    .trim()
+    .to_string()
+}
+
 fn nft_map(lab: &str, name: &str) -> String {
     let out = Command::new("ip")
         .args(["netns", "exec", &format!("wl-{lab}-n-node-a")])
@@ -1115,7 +1127,7 @@ fn host_ports_reach_the_pod_a_second_claim_fails_and_del_removes_them() {
         let state_dir = node_dir.join("state");
         let web = format!("lab-{lab}-web");
         assert!(
-            nft_map(&lab, "hport4").contains("8080"),
+            host_ports(&lab, "4").contains("8080"),
             "web's host port is in force"
         );
 
@@ -1155,7 +1167,7 @@ fn host_ports_reach_the_pod_a_second_claim_fails_and_del_removes_them() {
             .unwrap();
         assert!(!links.status.success(), "the refused ADD keeps no link");
         assert!(
-            nft_map(&lab, "hport4").contains("8080"),
+            host_ports(&lab, "4").contains("8080"),
             "web keeps its host port"
         );
 
@@ -1172,10 +1184,10 @@ fn host_ports_reach_the_pod_a_second_claim_fails_and_del_removes_them() {
         assert!(ok, "{reply}");
         // The DEL returns once the addresses are free; the rules follow in the reconciler's
         // next batch, so the maps are read once that batch has had its chance.
-        let settled = |name: &str, gone: &dyn Fn(&str) -> bool| {
+        let settled = |family: &str, gone: &dyn Fn(&str) -> bool| {
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
             loop {
-                let elements = nft_map(&lab, name);
+                let elements = host_ports(&lab, family);
                 if gone(&elements) || std::time::Instant::now() > deadline {
                     return elements;
                 }
@@ -1183,11 +1195,11 @@ fn host_ports_reach_the_pod_a_second_claim_fails_and_del_removes_them() {
             }
         };
         assert_eq!(
-            settled("hport4", &|e| e.is_empty()),
+            settled("4", &|e| e.is_empty()),
             "",
             "DEL leaves no IPv4 host port"
         );
-        let v6 = settled("hport6", &|e| !e.contains("8080") && !e.contains("5353"));
+        let v6 = settled("6", &|e| !e.contains("8080") && !e.contains("5353"));
         assert!(
             !v6.contains("8080") && !v6.contains("5353") && v6.contains("8081"),
             "DEL removes web's IPv6 host ports only: {v6}"

@@ -5,8 +5,9 @@
 //! - `prerouting`/`output` (nat): traffic to one of the node's own addresses whose
 //!   source . protocol . port is in `fwd4`/`fwd6` (single ports, with target port) or
 //!   `fwdr4`/`fwdr6` (port ranges, port kept) is DNATed to the workload; then traffic whose
-//!   destination . protocol . port is in `hport4`/`hport6` (workloads' host ports, the node
-//!   address `0.0.0.0/0` or `::/0` when any) likewise;
+//!   destination . protocol . port is in `hport4`/`hport6` (workloads' host ports on one node
+//!   address), or whose protocol . port is in `hportany4`/`hportany6` (host ports on any of
+//!   the node's addresses), likewise;
 //! - `postrouting` (nat): a NAT network's traffic leaving through a non-weft interface is
 //!   masqueraded (never traffic that stays inside a network), and forwarded traffic a workload
 //!   sends to a port forward of its own network is masqueraded so the reply comes back the same
@@ -402,6 +403,14 @@ fn map(name: &str, key: &str, value: &str, elements: BTreeMap<String, String>) -
     }
 }
 
+/// A map whose keys are exact values (a hash map in the kernel).
+fn exact_map(name: &str, key: &str, value: &str, elements: BTreeMap<String, String>) -> Map {
+    Map {
+        flags: Vec::new(),
+        ..map(name, key, value, elements)
+    }
+}
+
 fn base(name: &str, kind: &str, hook: &str, priority: &str, rules: Vec<String>) -> Chain {
     Chain {
         name: name.into(),
@@ -528,18 +537,27 @@ pub fn purge_addresses(table: &Table, gone: &[IpAddr]) -> nft::Transaction {
     nft::Transaction(adds)
 }
 
-/// The names of the maps of host ports to workload addresses: IPv4, IPv6.
-pub const HOST_PORT_MAPS: [&str; 2] = ["hport4", "hport6"];
+/// The names of the maps of host ports to workload addresses: on one node address (IPv4,
+/// IPv6), then on any of them (IPv4, IPv6). Each is a hash map, its keys exact: an element
+/// comes and goes at the cost of one, however many host ports the node has (a key with the
+/// node address as a prefix, `0.0.0.0/0` for any, would make an interval map, which nftables
+/// keeps as a `pipapo` set and copies whole at every change).
+pub const HOST_PORT_MAPS: [&str; 4] = ["hport4", "hport6", "hportany4", "hportany6"];
 
-/// The elements of the host-port maps ([`HOST_PORT_MAPS`]): `node address . protocol . port`
-/// → `workload address . port`, IPv4 first.
-pub fn host_port_elements(host_ports: &[HostPort]) -> [BTreeMap<String, String>; 2] {
-    let mut hport = [BTreeMap::new(), BTreeMap::new()];
+/// The elements of the host-port maps ([`HOST_PORT_MAPS`], in its order): `node address .
+/// protocol . port` → `workload address . port` for a host port on one node address, and
+/// `protocol . port` → `workload address . port` for one on any (`0.0.0.0/0`, `::/0`).
+pub fn host_port_elements(host_ports: &[HostPort]) -> [BTreeMap<String, String>; 4] {
+    let mut hport: [BTreeMap<String, String>; 4] = Default::default();
     for h in host_ports {
-        hport[usize::from(h.target.is_ipv6())].insert(
-            format!("{} . {} . {}", cidr_text(&h.host), h.protocol, h.port),
-            format!("{} . {}", h.target, h.target_port),
-        );
+        let any = h.host.prefix_len() == 0;
+        let key = if any {
+            format!("{} . {}", h.protocol, h.port)
+        } else {
+            format!("{} . {} . {}", h.host.addr(), h.protocol, h.port)
+        };
+        hport[usize::from(h.target.is_ipv6()) + 2 * usize::from(any)]
+            .insert(key, format!("{} . {}", h.target, h.target_port));
     }
     hport
 }
@@ -645,7 +663,7 @@ pub fn table(
     } else {
         vec!["tcp flags == ack fib saddr type != local reset tcp option timestamp".into()]
     };
-    let [hport4, hport6] = host_port_elements(host_ports);
+    let [hport4, hport6, hportany4, hportany6] = host_port_elements(host_ports);
     let (limit_sets, limit_chains) = limits(limited);
     let l4 = "meta l4proto { tcp, udp, sctp }";
     let dnat_rules = |local4: &str, local6: &str| -> Vec<String> {
@@ -664,6 +682,8 @@ pub fn table(
             format!(
                 "{l4} {local6} dnat ip6 addr . port to ip6 daddr . meta l4proto . th dport map @hport6"
             ),
+            format!("{l4} {local4} dnat ip addr . port to meta l4proto . th dport map @hportany4"),
+            format!("{l4} {local6} dnat ip6 addr . port to meta l4proto . th dport map @hportany6"),
         ]
     };
     Table {
@@ -710,17 +730,29 @@ pub fn table(
                 "ipv6_addr",
                 fwdr6,
             ),
-            map(
+            exact_map(
                 HOST_PORT_MAPS[0],
                 "ipv4_addr . inet_proto . inet_service",
                 "ipv4_addr . inet_service",
                 hport4,
             ),
-            map(
+            exact_map(
                 HOST_PORT_MAPS[1],
                 "ipv6_addr . inet_proto . inet_service",
                 "ipv6_addr . inet_service",
                 hport6,
+            ),
+            exact_map(
+                HOST_PORT_MAPS[2],
+                "inet_proto . inet_service",
+                "ipv4_addr . inet_service",
+                hportany4,
+            ),
+            exact_map(
+                HOST_PORT_MAPS[3],
+                "inet_proto . inet_service",
+                "ipv6_addr . inet_service",
+                hportany6,
             ),
         ],
         chains: vec![
@@ -892,7 +924,7 @@ mod tests {
     }
 
     #[test]
-    fn host_ports_are_map_elements_keyed_by_node_address_protocol_and_port() {
+    fn host_ports_are_elements_of_exact_maps_keyed_by_node_address_or_by_protocol_and_port() {
         let hp = |host: &str, protocol: &str, port, target: &str, target_port| HostPort {
             host: host.parse().unwrap(),
             protocol: protocol.into(),
@@ -925,15 +957,22 @@ mod tests {
         };
         assert_eq!(
             elements("hport4"),
-            [
-                ("0.0.0.0/0 . tcp . 8080".into(), "10.40.0.2 . 80".into()),
-                ("192.0.2.10 . udp . 5353".into(), "10.40.0.2 . 53".into()),
-            ]
+            [("192.0.2.10 . udp . 5353".into(), "10.40.0.2 . 53".into())]
+        );
+        assert_eq!(elements("hport6"), []);
+        assert_eq!(
+            elements("hportany4"),
+            [("tcp . 8080".into(), "10.40.0.2 . 80".into())]
         );
         assert_eq!(
-            elements("hport6"),
-            [("::/0 . tcp . 8080".into(), "fd40::2 . 80".into())]
+            elements("hportany6"),
+            [("tcp . 8080".into(), "fd40::2 . 80".into())]
         );
+        // Exact keys: hash maps, whose elements come and go one at a time.
+        for name in HOST_PORT_MAPS {
+            let m = t.maps.iter().find(|m| m.name == name).unwrap();
+            assert!(m.flags.is_empty(), "{name}: {:?}", m.flags);
+        }
         assert_eq!(
             weft_dataplane::nft::structure_hash(&empty),
             weft_dataplane::nft::structure_hash(&t),
@@ -945,7 +984,19 @@ mod tests {
             at("map @fwdr6") < at("map @hport4"),
             "PortForwards come first: {pre:?}"
         );
-        assert!(t.chains[1].rules.iter().any(|r| r.ends_with("map @hport6")));
+        assert!(
+            at("map @hport4") < at("map @hportany4") && at("map @hport6") < at("map @hportany6"),
+            "a host port on one address before those on any: {pre:?}"
+        );
+        for name in HOST_PORT_MAPS {
+            assert!(
+                t.chains[1]
+                    .rules
+                    .iter()
+                    .any(|r| r.ends_with(&format!("map @{name}"))),
+                "{name} in output too"
+            );
+        }
     }
 
     #[test]

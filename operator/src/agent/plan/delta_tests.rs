@@ -373,7 +373,7 @@ fn host_ports_change_in_place_but_a_second_claim_or_the_last_one_takes_the_full_
     assert!(tx.0.iter().any(|c| matches!(
         c,
         weft_dataplane::nft::Change::AddMapElements { map, elements, .. }
-            if map == "hport4" && elements.len() == 2
+            if map == "hportany4" && elements.len() == 2
     )));
     // A second claim of port 30000: the full plan reports it and leaves it out.
     let mut refused = out.clone();
