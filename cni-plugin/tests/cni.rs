@@ -217,14 +217,22 @@ fn a_bridge_with_every_port_taken_is_named_and_the_add_leaves_nothing() {
         details.contains("at most 1023 ports") && details.contains("maxPods"),
         "{details}"
     );
-    assert!(!host_link_exists("full", "eth0"));
+    assert_refused_add_left_nothing(&node, "full");
+    let mut inner = Netlink::in_netns(&Netns::open(&ns_path).unwrap()).unwrap();
+    assert!(inner.link_by_name("eth0").unwrap().is_none());
+}
+
+/// A refused ADD of container `cid`'s `eth0` left no host link and no address on `node`.
+fn assert_refused_add_left_nothing(node: &Node, cid: &str) {
+    assert!(
+        !host_link_exists(cid, "eth0"),
+        "the refused ADD keeps no link"
+    );
     let store = IpamStore::open(node.state_dir(), "test").unwrap();
     assert!(
         store.list().unwrap().is_empty(),
         "the refused ADD keeps no address"
     );
-    let mut inner = Netlink::in_netns(&Netns::open(&ns_path).unwrap()).unwrap();
-    assert!(inner.link_by_name("eth0").unwrap().is_none());
 }
 
 #[test]
@@ -363,12 +371,7 @@ fn a_mac_the_bridge_places_behind_another_port_is_refused() {
         details.contains("MAC 02:00:00:00:00:77") && details.contains("behind port lanport"),
         "the error names the MAC and where the bridge has it: {details}"
     );
-    assert!(!host_link_exists("mimic", "eth0"));
-    let store = IpamStore::open(node.state_dir(), "test").unwrap();
-    assert!(
-        store.list().unwrap().is_empty(),
-        "the refused ADD keeps no address"
-    );
+    assert_refused_add_left_nothing(&node, "mimic");
     // The node's own MACs are refused too: the bridge's, and a port device's.
     nl.set_mac(bridge, [0x02, 0, 0, 0, 0, 0x42]).unwrap();
     let lanport_mac = names::format_mac(nl.link_by_index(port).unwrap().unwrap().mac.unwrap());
