@@ -20,7 +20,6 @@ mod ioctls {
     nix::ioctl_readwrite_bad!(get_flags, libc::SIOCGIFFLAGS, libc::ifreq);
 }
 
-/// An `ifreq` asking about interface `name` (valid: at most 15 bytes, no NUL).
 /// The error of ioctl `op` about link `name`.
 fn failed(op: &'static str, name: &str) -> impl Fn(nix::errno::Errno) -> NetlinkError {
     move |e| NetlinkError::Io {
@@ -30,6 +29,7 @@ fn failed(op: &'static str, name: &str) -> impl Fn(nix::errno::Errno) -> Netlink
     }
 }
 
+/// An `ifreq` asking about interface `name` (valid: at most 15 bytes, no NUL).
 fn request(name: &str) -> libc::ifreq {
     // SAFETY: `ifreq` is plain data (a byte array and a union of plain data); all zeros is a
     // valid value of it, and the name's terminating NUL.

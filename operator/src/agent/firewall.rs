@@ -547,8 +547,10 @@ pub const HOST_PORT_MAPS: [&str; 4] = ["hport4", "hport6", "hportany4", "hportan
 /// The elements of the host-port maps ([`HOST_PORT_MAPS`], in its order): `node address .
 /// protocol . port` → `workload address . port` for a host port on one node address, and
 /// `protocol . port` → `workload address . port` for one on any (`0.0.0.0/0`, `::/0`).
-pub fn host_port_elements(host_ports: &[HostPort]) -> [BTreeMap<String, String>; 4] {
-    let mut hport: [BTreeMap<String, String>; 4] = Default::default();
+pub fn host_port_elements(
+    host_ports: &[HostPort],
+) -> [BTreeMap<String, String>; HOST_PORT_MAPS.len()] {
+    let mut hport: [BTreeMap<String, String>; HOST_PORT_MAPS.len()] = Default::default();
     for h in host_ports {
         let any = h.host.prefix_len() == 0;
         let key = if any {

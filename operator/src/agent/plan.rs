@@ -917,7 +917,7 @@ fn host_port_changes(
     res: &Resources,
     removed: &[Endpoint],
     added: &[Endpoint],
-) -> Option<[HostPortChange; 4]> {
+) -> Option<[HostPortChange; firewall::HOST_PORT_MAPS.len()]> {
     let mapped = |eps: &[Endpoint]| eps.iter().any(|e| !e.port_mappings.is_empty());
     if !mapped(removed) && !mapped(added) {
         return Some(Default::default());
@@ -954,7 +954,7 @@ fn host_port_changes(
     if !problems.is_empty() {
         return None;
     }
-    let mut changes: [HostPortChange; 4] = Default::default();
+    let mut changes: [HostPortChange; firewall::HOST_PORT_MAPS.len()] = Default::default();
     for (i, name) in firewall::HOST_PORT_MAPS.iter().enumerate() {
         let map = out.plan.firewall.maps.iter().find(|m| m.name == *name)?;
         // What a removed endpoint had is in the map as its own.
