@@ -1061,3 +1061,152 @@ fn another_writers_change_is_read_even_right_after_this_process_wrote() {
     assert_eq!(s.list().unwrap().len(), 2);
     assert_eq!(s.release(&att("a")).unwrap(), None);
 }
+
+/// An allocation with every kind of field set, `n` making it distinct.
+fn allocation(n: u8) -> Arc<Allocation> {
+    Arc::new(Allocation {
+        ips: vec![ip(&format!("10.0.0.{n}")), ip(&format!("fd00::{n:x}"))],
+        container_id: format!("c\"{n}\\é"),
+        ifname: "eth0".into(),
+        mac: n
+            .is_multiple_of(2)
+            .then(|| format!("02:00:00:00:00:{n:02x}")),
+        host_ifname: Some(format!("wv{n}")),
+        pod_namespace: Some("ns".into()),
+        pod_name: Some(format!("pod-{n}")),
+        netns: Some(format!("/run/netns/p{n}")),
+        created: 1_700_000_000 + u64::from(n),
+        owner: n.is_multiple_of(3).then(|| format!("ns/vm{n}")),
+        pending: n.is_multiple_of(5),
+        port_mappings: if n.is_multiple_of(4) {
+            vec![crate::proto::PortMapping {
+                host_port: 20000 + u16::from(n),
+                container_port: 80,
+                protocol: "tcp".into(),
+                host_ip: None,
+            }]
+        } else {
+            vec![]
+        },
+        ..Allocation::default()
+    })
+}
+
+/// What `encode` made is what `serde_json` makes of the whole state, and each piece's range
+/// encodes its allocation.
+fn assert_encodes(state: &mut StoreFile, prev: Option<&Encoded>) -> Encoded {
+    let e = encode(state, prev).unwrap();
+    assert_eq!(
+        String::from_utf8(e.bytes.clone()).unwrap(),
+        String::from_utf8(serde_json::to_vec(&*state).unwrap()).unwrap()
+    );
+    assert_eq!(e.pieces.len(), state.allocations.len());
+    for ((a, range), b) in e.pieces.iter().zip(&state.allocations) {
+        assert!(Arc::ptr_eq(a, b));
+        let parsed: Allocation = serde_json::from_slice(&e.bytes[range.clone()]).unwrap();
+        assert_eq!(&parsed, &**b);
+    }
+    e
+}
+
+#[test]
+fn the_store_is_encoded_as_serde_json_encodes_it_whatever_changed_since_the_last_encoding() {
+    let mut state = StoreFile::default();
+    let mut prev = assert_encodes(&mut state, None);
+    state.version = 1;
+    state.last_v4 = Some("10.0.0.7".parse().unwrap());
+    state.boot_id = Some("b00t".into());
+    state.allocations.extend((1..=5).map(allocation));
+    prev = assert_encodes(&mut state, Some(&prev));
+    // One added at the end, one removed in the middle, one changed.
+    state.allocations.push(allocation(6));
+    state.allocations.remove(2);
+    Arc::make_mut(&mut state.allocations[0]).pending = true;
+    state.last_v6 = Some("fd00::6".parse().unwrap());
+    prev = assert_encodes(&mut state, Some(&prev));
+    // More removed at once than the encoder looks ahead, then the first and the last.
+    state
+        .allocations
+        .extend((7..=(7 + 2 * LOOKAHEAD as u8)).map(allocation));
+    prev = assert_encodes(&mut state, Some(&prev));
+    state.allocations.drain(3..3 + LOOKAHEAD + 5);
+    prev = assert_encodes(&mut state, Some(&prev));
+    state.allocations.remove(0);
+    state.allocations.pop();
+    state.boot_id = None;
+    prev = assert_encodes(&mut state, Some(&prev));
+    // Every allocation gone; then one again.
+    state.allocations.clear();
+    prev = assert_encodes(&mut state, Some(&prev));
+    state.allocations.push(allocation(1));
+    assert_encodes(&mut state, Some(&prev));
+}
+
+#[test]
+fn an_allocation_behind_the_same_arc_is_copied_from_the_last_encoding_not_encoded_again() {
+    let mut state = StoreFile {
+        allocations: vec![allocation(1), allocation(2)],
+        ..StoreFile::default()
+    };
+    let mut prev = encode(&mut state, None).unwrap();
+    // Mark the first allocation's encoding: only a copy carries the mark along.
+    let range = prev.pieces[0].1.clone();
+    let at = range.start
+        + prev.bytes[range]
+            .windows(4)
+            .position(|w| w == b"eth0")
+            .unwrap();
+    prev.bytes[at + 3] = b'9';
+    // The second changes (a new Arc, as `Arc::make_mut` makes while the encoding holds one).
+    Arc::make_mut(&mut state.allocations[1]).pending = true;
+    let next = encode(&mut state, Some(&prev)).unwrap();
+    let text = String::from_utf8(next.bytes).unwrap();
+    assert_eq!(text.matches("eth9").count(), 1, "{text}");
+    assert!(
+        text.contains(r#""ifname":"eth0","mac":"02:00:00:00:00:02""#),
+        "{text}"
+    );
+    assert!(text.contains(r#""pending":true"#), "{text}");
+}
+
+#[test]
+fn every_write_of_a_store_holds_what_serde_json_makes_of_its_state() {
+    let (_d, s) = store();
+    let pool = dual_pool();
+    let file = || fs::read(s.dir().join(ALLOCATIONS_FILE)).unwrap();
+    let reencoded = |bytes: &[u8]| {
+        let state: StoreFile = serde_json::from_slice(bytes).unwrap();
+        serde_json::to_vec(&state).unwrap()
+    };
+    for i in 0..20 {
+        s.allocate(&pool, req(&format!("c{i}"))).unwrap();
+        let bytes = file();
+        assert_eq!(bytes, reencoded(&bytes));
+    }
+    for i in (0..20).step_by(3) {
+        s.release(&att(&format!("c{i}"))).unwrap();
+        let bytes = file();
+        assert_eq!(bytes, reencoded(&bytes));
+    }
+    s.update(&att("c1"), |a| a.pod_name = Some("renamed".into()))
+        .unwrap()
+        .unwrap();
+    let bytes = file();
+    assert_eq!(bytes, reencoded(&bytes));
+    let keep: Vec<Attachment> = (0..20)
+        .filter(|i| i % 2 == 1)
+        .map(|i| att(&format!("c{i}")))
+        .collect();
+    s.gc(&keep).unwrap();
+    let bytes = file();
+    assert_eq!(bytes, reencoded(&bytes));
+    let listed = s.list().unwrap();
+    assert_eq!(
+        listed
+            .iter()
+            .map(|a| a.container_id.as_str())
+            .collect::<Vec<_>>(),
+        ["c1", "c5", "c7", "c11", "c13", "c17", "c19"]
+    );
+    assert_eq!(listed[0].pod_name.as_deref(), Some("renamed"));
+}
