@@ -623,7 +623,10 @@ impl IpamStore {
             });
         }
         let dir = state_dir.join("ipam").join(network);
-        fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+        // One look where it exists (every ADD and DEL opens its stores), two calls otherwise.
+        if !dir.is_dir() {
+            fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+        }
         Ok(IpamStore {
             dir,
             network: network.to_string(),

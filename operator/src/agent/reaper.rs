@@ -105,7 +105,8 @@ impl Reaper {
     /// namespace has taken it along; `Ok(false)` when there is none.
     pub fn reap(&self, name: &str) -> Result<bool, weft_dataplane::netlink::NetlinkError> {
         let mut nl = Netlink::new()?;
-        let Some(link) = nl.link_by_name(name)? else {
+        // By ioctl: no routing lock, which the ADDs' link changes hold (every DEL asks).
+        let Some(link) = nl.link_index_and_mac(name)? else {
             return Ok(false);
         };
         if self
