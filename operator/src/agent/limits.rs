@@ -53,7 +53,10 @@ pub fn of(res: &Resources, e: &Endpoint) -> (Limits, Option<String>) {
 pub const UNSET_RUNTIME_BURST_BITS: u64 = u32::MAX as u64;
 
 /// The shaping of every host port with a bandwidth limit, by port name.
-pub fn shaping(res: &Resources, endpoints: &[Endpoint]) -> BTreeMap<String, Shaping> {
+pub fn shaping<'a>(
+    res: &Resources,
+    endpoints: impl IntoIterator<Item = &'a Endpoint>,
+) -> BTreeMap<String, Shaping> {
     let mut out = BTreeMap::new();
     for e in endpoints {
         let (limits, _) = of(res, e);

@@ -744,16 +744,15 @@ impl Reconciler {
         }
         self.status.problems = problems;
         self.networks = out.plan.networks.iter().map(|n| n.name.clone()).collect();
-        // Mirrors change with the resources and the endpoints; their task applies them. (One
-        // copy of the endpoints serves the mirrors, the shaping, the publication and the
-        // workload ports: the store does not change within a reconcile.)
-        let endpoints = self.endpoints.list();
+        // Mirrors change with the resources and the endpoints; their task applies them. (The
+        // endpoints are lent, not copied, to the shaping, the publication and the workload
+        // ports: work after every registration, on every endpoint of the node.)
         let mut tc = if res.mirrors.is_empty() {
             mirror::MirrorPlan::default()
         } else {
-            mirror::plan(&res, &endpoints, &self.cfg.mirror_collectors)
+            mirror::plan(&res, &self.endpoints.list(), &self.cfg.mirror_collectors)
         };
-        tc.shaping = limits::shaping(&res, &endpoints);
+        tc.shaping = limits::shaping(&res, self.endpoints.iter());
         self.mirrors.update(tc);
         self.status.mirrors = self.mirrors.report();
         let outcome = match result {
@@ -843,23 +842,24 @@ impl Reconciler {
         self.status.networks = realized;
         if self.source.publishes() {
             self.source.publish(&source::Published {
-                workloads: plan::published(&res, &endpoints),
+                workloads: plan::published(&res, self.endpoints.iter()),
                 reservations: self.endpoints.reservations(),
             });
         }
         self.source.report(&self.status);
         self.status_file.publish(&self.status);
         if let Ok(mut ports) = self.workload_ports.lock() {
-            *ports = endpoints
-                .into_iter()
+            *ports = self
+                .endpoints
+                .iter()
                 .map(|e| metrics::WorkloadPort {
-                    limits: limits::of(&res, &e).0,
-                    host_ifname: e.host_ifname,
-                    namespace: e.pod_namespace.unwrap_or_else(|| "default".into()),
-                    pod: e.pod_name.unwrap_or_default(),
-                    network: e.network,
-                    interface: e.ifname,
-                    ips: e.ips,
+                    limits: limits::of(&res, e).0,
+                    host_ifname: e.host_ifname.clone(),
+                    namespace: e.pod_namespace.clone().unwrap_or_else(|| "default".into()),
+                    pod: e.pod_name.clone().unwrap_or_default(),
+                    network: e.network.clone(),
+                    interface: e.ifname.clone(),
+                    ips: e.ips.clone(),
                 })
                 .collect();
         }

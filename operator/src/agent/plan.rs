@@ -1067,10 +1067,13 @@ fn pod_of(
 
 /// This node's workload interfaces as the other nodes' agents need them (for their groups, and
 /// a migrating VM's addresses and MAC).
-pub fn published(res: &Resources, endpoints: &[Endpoint]) -> Vec<weft_crds::NodeWorkload> {
+pub fn published<'a>(
+    res: &Resources,
+    endpoints: impl IntoIterator<Item = &'a Endpoint>,
+) -> Vec<weft_crds::NodeWorkload> {
     let pods = Pods::of(res);
     let mut out: Vec<weft_crds::NodeWorkload> = endpoints
-        .iter()
+        .into_iter()
         .map(|e| {
             let (namespace, name, labels) = pod_of(res, Some(&pods), e);
             weft_crds::NodeWorkload {
