@@ -629,6 +629,66 @@ fn a_departed_ports_ifb_is_kept_as_a_spare_and_shapes_the_next_port_under_its_na
 }
 
 #[test]
+fn a_spare_takes_its_tbf_whatever_root_qdisc_it_was_left_with() {
+    let mut n = node();
+    let bridge = n.nl.link_by_name("wbr0").unwrap().unwrap().index;
+    let ifb = ifb_of(&n.a);
+    let limited = Shaping {
+        ingress: None,
+        egress: Some(LIMITED),
+    };
+    // A spare keeps its last port's tbf, and adopting it changes that tbf's rate in one
+    // request (see the test above); here its root qdisc was replaced by another kind, then
+    // deleted, behind weft's back.
+    let another_kind: &[&[&str]] = &[&["del", "root"], &["add", "root", "handle", "1:", "pfifo"]];
+    let none: &[&[&str]] = &[&["del", "root"]];
+    for (tag, k, changes) in [("sd", 5, another_kind), ("se", 6, none)] {
+        let w = workload(&mut n.nl, bridge, tag, k);
+        let w_ifb = ifb_of(&w);
+        let slow = Shaping {
+            ingress: None,
+            egress: Some(Rate {
+                bits_per_second: 4_000_000,
+                burst_bits: 32 * 1024 * 8,
+            }),
+        };
+        assert!(n.nl.set_shaping(w.host, &w_ifb, &slow).unwrap());
+        let spare = n.nl.link_by_name(&w_ifb).unwrap().expect("its IFB");
+        n.nl.delete_link(w.host).unwrap();
+        n.nl.retire_ifb(&spare).unwrap();
+        for change in changes {
+            let (verb, rest) = change.split_first().unwrap();
+            let mut args = vec!["qdisc", verb, "dev", w_ifb.as_str()];
+            args.extend(rest);
+            tc(&args);
+        }
+
+        let mut spares = SpareIfbs {
+            links: vec![spare.index],
+            cap: 1,
+        };
+        assert!(
+            n.nl.set_shaping_reusing(n.a.host, &ifb, &limited, &mut spares)
+                .unwrap()
+        );
+        assert!(spares.links.is_empty(), "{tag}: the spare is taken");
+        let taken = n.nl.link_by_name(&ifb).unwrap().expect("A's IFB");
+        assert_eq!(taken.index, spare.index, "{tag}: the spare, not a new link");
+        assert_tbf(&w_ifb, LIMITED);
+        // A's limit lifted with no room for a spare: the link goes, for the next round.
+        let mut none = SpareIfbs {
+            links: Vec::new(),
+            cap: 0,
+        };
+        assert!(
+            n.nl.set_shaping_reusing(n.a.host, &ifb, &Shaping::default(), &mut none)
+                .unwrap()
+        );
+        assert!(n.nl.link_by_index(spare.index).unwrap().is_none());
+    }
+}
+
+#[test]
 fn ingress_shaping_holds_back_what_the_workload_receives_and_nothing_else() {
     let mut n = node();
     let ifb = ifb_of(&n.a);

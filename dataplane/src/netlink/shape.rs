@@ -13,7 +13,8 @@ use super::{LinkInfo, Netlink, NetlinkError, check_ifname};
 use crate::mirror::{Insn, MirrorFilter, Side, program};
 use crate::names;
 use netlink_packet_core::{
-    DefaultNla, NLA_TYPE_MASK, NLM_F_CREATE, NLM_F_EXCL, Nla, NlaBuffer, NlasIterator,
+    DefaultNla, NLA_TYPE_MASK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, Nla, NlaBuffer,
+    NlasIterator,
 };
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::link::{LinkAttribute, LinkMessage, Prop};
@@ -869,9 +870,24 @@ impl Netlink {
             let _ = self.retire_or_delete(&spare, name);
             return Err(e);
         }
-        let raw = self.qdiscs_of(op, &[spare.index])?;
-        let qdiscs: Vec<DumpedQdisc> = raw.into_iter().map(dumped_qdisc).collect();
-        self.set_root_tbf(op, spare.index, root_of(&qdiscs, spare.index), Some(tbf))?;
+        // The spare kept the `tbf` of its last port (or has none): one request changes its
+        // rate in place, or adds it; only a root qdisc of another kind there (not weft's) needs
+        // the look at its qdiscs and the full change.
+        let replaced = self.call(
+            op,
+            || format!("link {}: replace root tbf with {tbf:?}", spare.index),
+            RouteNetlinkMessage::NewQueueDiscipline(tbf_qdisc_message(
+                spare.index,
+                TBF_HANDLE,
+                tbf,
+            )),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        );
+        if replaced.is_err() {
+            let raw = self.qdiscs_of(op, &[spare.index])?;
+            let qdiscs: Vec<DumpedQdisc> = raw.into_iter().map(dumped_qdisc).collect();
+            self.set_root_tbf(op, spare.index, root_of(&qdiscs, spare.index), Some(tbf))?;
+        }
         debug!(ifb = %name, spare = %spare.name, index = spare.index, "took a spare IFB link");
         Ok(Some(spare.index))
     }
