@@ -1065,7 +1065,6 @@ fn weft_in_node(
     (out.status.success(), value)
 }
 
-/// The elements of map `name` of the node's `inet weft` table, as `nft` lists them.
 /// The elements of both host-port maps of a family (`4` or `6`): ports on one node address,
 /// then on any.
 fn host_ports(lab: &str, family: &str) -> String {
@@ -1078,6 +1077,7 @@ fn host_ports(lab: &str, family: &str) -> String {
     .to_string()
 }
 
+/// The elements of map `name` of the node's `inet weft` table, as `nft` lists them.
 fn nft_map(lab: &str, name: &str) -> String {
     let out = Command::new("ip")
         .args(["netns", "exec", &format!("wl-{lab}-n-node-a")])
