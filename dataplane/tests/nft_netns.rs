@@ -577,6 +577,46 @@ fn element_changes_go_over_netlink_and_list_as_nft_wrote_them() {
 }
 
 #[test]
+fn additions_alone_are_applied_at_once_and_any_other_transaction_is_left_undone() {
+    in_netns(|| {
+        let mut nft = NftCli::default();
+        // No nft binary: what `apply_additions` takes goes over netlink.
+        let mut netlink_only = NftCli::new("/nonexistent/nft");
+        let before = element_table(Family::Inet);
+        nft.apply(&replace(&before)).unwrap();
+        let mut added = before.clone();
+        added.sets[4].elements.insert("10.77.0.2".into());
+        added.sets[0].elements.insert("\"wf1\"".into());
+        let tx = diff(&before, &added);
+        assert!(!tx.is_empty());
+        netlink_only.apply_additions(&tx).unwrap().unwrap();
+        let state = nft.list_table(Family::Inet, "weftel").unwrap().unwrap();
+        assert_eq!(state.to_table(&added), added);
+        // A removal (its commit waits for a grace period), a mix, a rule: not applied.
+        let mut removed = added.clone();
+        removed.sets[4].elements.remove("10.0.0.1");
+        let mut mixed = removed.clone();
+        mixed.sets[5].elements.insert("fd77::2".into());
+        for (what, after) in [("removal", &removed), ("mix", &mixed)] {
+            let tx = diff(&added, after);
+            assert!(netlink_only.apply_additions(&tx).is_none(), "{what}");
+        }
+        let mut ruled = added.clone();
+        ruled
+            .chains
+            .push(base("in", "filter", "input", "0", &["accept"]));
+        assert!(
+            netlink_only
+                .apply_additions(&diff(&added, &ruled))
+                .is_none()
+        );
+        assert!(netlink_only.apply_additions(&Transaction(vec![])).is_none());
+        let state = nft.list_table(Family::Inet, "weftel").unwrap().unwrap();
+        assert_eq!(state.to_table(&added), added, "nothing else applied");
+    });
+}
+
+#[test]
 fn a_refused_netlink_batch_commits_nothing() {
     in_netns(|| {
         let mut nft = NftCli::default();

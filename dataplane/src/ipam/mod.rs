@@ -286,7 +286,7 @@ impl fmt::Display for IpFamily {
 /// |---|---|
 /// | 5 (I/O) | [`IpamError::Io`], [`IpamError::Lock`], [`IpamError::Corrupt`] |
 /// | 7 (invalid config) | [`IpamError::InvalidNetwork`], [`IpamError::StaticOutOfBlock`], [`IpamError::StaticExcluded`], [`IpamError::StaticInUse`], [`IpamError::MacInUse`], [`IpamError::StaticFamilyTwice`] |
-/// | 11 (try again later) | [`IpamError::NoBlock`]: the controller has not given this node a block yet |
+/// | 11 (try again later) | [`IpamError::NoBlock`]: the controller has not given this node a block yet; [`IpamError::Busy`] |
 /// | 104 (weft: pool exhausted) | [`IpamError::Exhausted`] |
 #[derive(Debug, thiserror::Error)]
 pub enum IpamError {
@@ -317,6 +317,13 @@ pub enum IpamError {
         /// The cause.
         #[source]
         source: std::io::Error,
+    },
+    /// The store's lock is held by another operation, and the store was opened
+    /// [`IpamStore::without_waiting`]: nothing was read or changed.
+    #[error("the lock {path} is held by another operation on the store: try again")]
+    Busy {
+        /// The lock file.
+        path: PathBuf,
     },
     /// The allocations file does not parse.
     #[error(
@@ -416,6 +423,12 @@ impl IpamError {
         }
     }
 
+    /// Whether the store's lock was held by another operation ([`IpamStore::without_waiting`]):
+    /// nothing was read or changed.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, IpamError::Busy { .. })
+    }
+
     /// The CNI error code (see the table on [`IpamError`]).
     pub fn cni_code(&self) -> u32 {
         use crate::codes::{INVALID_CONFIG, IO_FAILURE, POOL_EXHAUSTED, TRY_AGAIN_LATER};
@@ -427,7 +440,7 @@ impl IpamError {
             | IpamError::StaticInUse { .. }
             | IpamError::MacInUse { .. }
             | IpamError::StaticFamilyTwice { .. } => INVALID_CONFIG,
-            IpamError::NoBlock { .. } => TRY_AGAIN_LATER,
+            IpamError::NoBlock { .. } | IpamError::Busy { .. } => TRY_AGAIN_LATER,
             IpamError::Exhausted { .. } => POOL_EXHAUSTED,
         }
     }
@@ -612,6 +625,9 @@ fn boot_time() -> Option<u64> {
 pub struct IpamStore {
     dir: PathBuf,
     network: String,
+    /// Whether a read-modify-write waits for the store's lock (else it fails with
+    /// [`IpamError::Busy`]).
+    wait: bool,
 }
 
 impl IpamStore {
@@ -630,7 +646,18 @@ impl IpamStore {
         Ok(IpamStore {
             dir,
             network: network.to_string(),
+            wait: true,
         })
+    }
+
+    /// The store with read-modify-writes that do not wait for its lock: one that finds it held
+    /// (another process's or thread's operation on the store) fails at once with
+    /// [`IpamError::Busy`], before anything is read or changed. For a caller that must not
+    /// block for longer than its own operation takes (an async runtime's worker), and then
+    /// waits elsewhere.
+    pub fn without_waiting(mut self) -> Self {
+        self.wait = false;
+        self
     }
 
     /// The networks that have a store under `state_dir`, sorted.
@@ -1072,10 +1099,25 @@ impl IpamStore {
                 path: lock_path.clone(),
                 source,
             })?;
-        lock.lock().map_err(|source| IpamError::Lock {
-            path: lock_path,
-            source,
-        })?;
+        if self.wait {
+            lock.lock().map_err(|source| IpamError::Lock {
+                path: lock_path,
+                source,
+            })?;
+        } else {
+            match lock.try_lock() {
+                Ok(()) => {}
+                Err(fs::TryLockError::WouldBlock) => {
+                    return Err(IpamError::Busy { path: lock_path });
+                }
+                Err(fs::TryLockError::Error(source)) => {
+                    return Err(IpamError::Lock {
+                        path: lock_path,
+                        source,
+                    });
+                }
+            }
+        }
         let (mut state, own_file, prev) = self.take()?;
         let reservations = state.reservations.clone();
         let (out, changed) = f(&mut state)?;

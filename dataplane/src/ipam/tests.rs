@@ -113,6 +113,34 @@ fn children_are_the_annotations_interfaces_of_one_interface_on_every_network() {
 }
 
 #[test]
+fn a_store_that_does_not_wait_fails_busy_while_another_holds_its_lock_and_changes_nothing() {
+    let (dir, s) = store();
+    s.allocate(&v4_pool(), req("a")).unwrap();
+    let before = fs::read(s.path()).unwrap();
+    // Another process's operation: an exclusive lock on its own open file description.
+    let held = File::options()
+        .read(true)
+        .write(true)
+        .open(dir.path().join("ipam/net").join(LOCK_FILE))
+        .unwrap();
+    held.lock().unwrap();
+    let quick = s.clone().without_waiting();
+    let e = quick.allocate(&v4_pool(), req("b")).unwrap_err();
+    assert!(e.is_busy(), "{e}");
+    assert_eq!(e.cni_code(), crate::codes::TRY_AGAIN_LATER);
+    assert!(e.to_string().contains("held by another operation"), "{e}");
+    let e = quick.release(&att("a")).unwrap_err();
+    assert!(e.is_busy(), "{e}");
+    assert_eq!(fs::read(s.path()).unwrap(), before, "nothing changed");
+    // Reads take no lock.
+    assert_eq!(quick.list().unwrap().len(), 1);
+    held.unlock().unwrap();
+    let b = quick.allocate(&v4_pool(), req("b")).unwrap();
+    assert_eq!(quick.get(&att("b")).unwrap(), Some(b));
+    assert!(quick.release(&att("a")).unwrap().is_some());
+}
+
+#[test]
 fn open_creates_the_store_directory() {
     let dir = tempfile::tempdir().unwrap();
     let s = IpamStore::open(dir.path(), "nat-demo").unwrap();

@@ -1,7 +1,7 @@
 //! The real [`Firewall`]: the `nft` binary.
 
 use super::netlink::{self, NfTablesSocket};
-use super::{Family, Firewall, NftError, TableState, Transaction};
+use super::{Change, Family, Firewall, NftError, TableState, Transaction};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
@@ -185,6 +185,27 @@ fn blamed_line(stderr: &str, batch: &str) -> Option<String> {
         shown.push('…');
     }
     Some(format!("{n}: {shown}"))
+}
+
+impl NftCli {
+    /// Applies `tx` when it only adds set or map elements that netlink encodes: one nfnetlink
+    /// batch, no `nft` process, and a commit that waits for no RCU grace period (removing
+    /// elements does); `None`, with nothing done, for any other transaction. For a caller that
+    /// must not block longer than that (an async runtime's worker), and hands the others to a
+    /// thread that may.
+    pub fn apply_additions(&mut self, tx: &Transaction) -> Option<Result<(), NftError>> {
+        let additions = tx.0.iter().all(|c| {
+            matches!(
+                c,
+                Change::AddElements { .. } | Change::AddMapElements { .. }
+            )
+        });
+        if tx.is_empty() || !additions {
+            return None;
+        }
+        let batch = netlink::element_batch(tx, 1)?;
+        Some(NfTablesSocket::open().and_then(|mut socket| socket.apply(&batch)))
+    }
 }
 
 impl Firewall for NftCli {

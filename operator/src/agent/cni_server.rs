@@ -1,6 +1,6 @@
 //! The agent's Unix socket: one JSON request line in, one JSON reply line out.
 
-use super::{Message, blocking};
+use super::{Busy, Message, at_once, blocking};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -91,26 +91,73 @@ pub struct Attachments {
     pub reaper: super::reaper::Reaper,
 }
 
+/// Why an allocation failed: a store's lock held (`wait` false), or the error to answer.
+enum AllocFailure {
+    Busy,
+    Refused(AskError),
+}
+
+impl From<AskError> for AllocFailure {
+    fn from(e: AskError) -> Self {
+        AllocFailure::Refused(e)
+    }
+}
+
 impl Attachments {
+    /// The IPAM store of `network`, waiting for its lock or not.
+    fn store(
+        &self,
+        network: &str,
+        wait: bool,
+    ) -> Result<IpamStore, weft_dataplane::ipam::IpamError> {
+        let store = IpamStore::open(&self.state_dir, network)?;
+        Ok(if wait { store } else { store.without_waiting() })
+    }
+
     /// Allocates every interface of `ask`, each with the endpoint it registers: all or nothing
-    /// (on failure, what was allocated is released).
+    /// (on failure, what was allocated is released). Without `wait`, a store's lock held is
+    /// [`Busy`], and so is any failure after an interface was allocated: what was allocated
+    /// is kept for the same call with `wait`, which finds those allocations (an attachment's
+    /// allocation is idempotent) and releases them if it fails.
     pub fn allocate(
         &self,
         ask: &Ask,
         identity: &Identity,
-    ) -> Result<Vec<(Attached, Endpoint)>, AskError> {
+        wait: bool,
+    ) -> Result<Result<Vec<(Attached, Endpoint)>, AskError>, Busy> {
+        match self.allocate_all(ask, identity, wait) {
+            Ok(done) => Ok(Ok(done)),
+            Err(AllocFailure::Refused(e)) => Ok(Err(e)),
+            Err(AllocFailure::Busy) => Err(Busy),
+        }
+    }
+
+    fn allocate_all(
+        &self,
+        ask: &Ask,
+        identity: &Identity,
+        wait: bool,
+    ) -> Result<Vec<(Attached, Endpoint)>, AllocFailure> {
         let list = attachment::interfaces(ask, identity)?;
         if let Some(network) = attachment::marked_default_route(identity) {
             attachment::check_default_route(&self.network(&network)?)?;
         }
         let mut done: Vec<(Attached, Endpoint)> = Vec::new();
         for iface in &list {
-            match self.allocate_one(ask, identity, iface) {
+            match self.allocate_one(ask, identity, iface, wait) {
                 Ok(a) => done.push(a),
-                Err(mut e) => {
+                // What was allocated before is undone by the call that waits, which fails
+                // the same way: the releases wait for their stores' locks.
+                Err(AllocFailure::Busy) | Err(AllocFailure::Refused(_))
+                    if !wait && !done.is_empty() =>
+                {
+                    return Err(AllocFailure::Busy);
+                }
+                Err(AllocFailure::Busy) => return Err(AllocFailure::Busy),
+                Err(AllocFailure::Refused(mut e)) => {
                     self.release_all(&ask.container_id, done.iter().map(|(a, _)| a));
                     e.details = iface.annotate(&e.details);
-                    return Err(e);
+                    return Err(AllocFailure::Refused(e));
                 }
             }
         }
@@ -122,16 +169,23 @@ impl Attachments {
         ask: &Ask,
         identity: &Identity,
         iface: &attachment::Interface,
-    ) -> Result<(Attached, Endpoint), AskError> {
+        wait: bool,
+    ) -> Result<(Attached, Endpoint), AllocFailure> {
         let net = self.network(&iface.network)?;
         let (req, carried) = attachment::alloc_request(ask, identity, iface);
         attachment::check_trunk(&req.vlan_trunk, &net)?;
-        let alloc = IpamStore::open(&self.state_dir, &iface.network)
+        let alloc = self
+            .store(&iface.network, wait)
             .and_then(|s| s.allocate(&net.pool(), req))
-            .map_err(|e| AskError {
-                code: e.cni_code(),
-                msg: e.summary().to_string(),
-                details: crate::error_chain(&e),
+            .map_err(|e| {
+                if e.is_busy() {
+                    return AllocFailure::Busy;
+                }
+                AllocFailure::Refused(AskError {
+                    code: e.cni_code(),
+                    msg: e.summary().to_string(),
+                    details: crate::error_chain(&e),
+                })
             })?;
         Ok((
             Attached {
@@ -172,15 +226,19 @@ impl Attachments {
         network: &str,
         container_id: &str,
         ifname: &str,
-    ) -> Result<Option<weft_dataplane::ipam::Allocation>, String> {
-        IpamStore::open(&self.state_dir, network)
-            .and_then(|s| {
-                s.release(&weft_dataplane::ipam::Attachment {
-                    container_id: container_id.to_string(),
-                    ifname: ifname.to_string(),
-                })
+        wait: bool,
+    ) -> Result<Result<Option<weft_dataplane::ipam::Allocation>, String>, Busy> {
+        let released = self.store(network, wait).and_then(|s| {
+            s.release(&weft_dataplane::ipam::Attachment {
+                container_id: container_id.to_string(),
+                ifname: ifname.to_string(),
             })
-            .map_err(|e| format!("cannot release the addresses: {}", crate::error_chain(&e)))
+        });
+        match released {
+            Err(e) if e.is_busy() => Err(Busy),
+            other => Ok(other
+                .map_err(|e| format!("cannot release the addresses: {}", crate::error_chain(&e)))),
+        }
     }
 
     /// `(network, ifname)` of the interfaces the ADD of `container_id`'s interface `ifname`
@@ -193,16 +251,42 @@ impl Attachments {
     /// effort: what cannot be released is logged, and GC or a resync finds it).
     fn release_all<'a>(&self, container_id: &str, interfaces: impl Iterator<Item = &'a Attached>) {
         for a in interfaces {
-            if let Err(e) = self.release(&a.interface.network, container_id, &a.interface.ifname) {
+            let released = self.release(
+                &a.interface.network,
+                container_id,
+                &a.interface.ifname,
+                true,
+            );
+            if let Ok(Err(e)) = released {
                 warn!(error = %e, network = %a.interface.network, ifname = %a.interface.ifname, "cannot release an interface of a failed ADD");
             }
         }
     }
 
     /// Releases the attachment's addresses and hands its host link to the reaper: what must be
-    /// done before its DEL returns. Its rules are taken out by the reconciler.
-    pub fn detach(&self, network: &str, container_id: &str, ifname: &str) -> Result<(), String> {
-        let released = self.release(network, container_id, ifname)?;
+    /// done before its DEL returns. Its rules are taken out by the reconciler. Without `wait`,
+    /// the store's lock held is [`Busy`] (nothing done).
+    pub fn detach(
+        &self,
+        network: &str,
+        container_id: &str,
+        ifname: &str,
+        wait: bool,
+    ) -> Result<Result<(), String>, Busy> {
+        Ok(match self.release(network, container_id, ifname, wait)? {
+            Ok(released) => self.reap(container_id, ifname, released),
+            Err(e) => Err(e),
+        })
+    }
+
+    /// Hands the host link of `container_id`'s interface `ifname` (`released`'s when its
+    /// allocation was found) to the reaper.
+    fn reap(
+        &self,
+        container_id: &str,
+        ifname: &str,
+        released: Option<weft_dataplane::ipam::Allocation>,
+    ) -> Result<(), String> {
         let host = released.map_or_else(
             || weft_dataplane::names::host_veth_name(container_id, ifname),
             |a| a.host_link_name(),
@@ -378,7 +462,7 @@ async fn attach(
         }
         _ => Identity::default(),
     };
-    let allocated = match blocking(|| server.attachments.allocate(&ask, &identity)) {
+    let allocated = match at_once(|wait| server.attachments.allocate(&ask, &identity, wait)) {
         Ok(a) => a,
         Err(e) => {
             return answer(write, &Reply::failed(is_ready(), e.code, e.msg, e.details)).await;
@@ -488,8 +572,9 @@ async fn detach(
     with_extras: bool,
 ) -> Reply {
     let ready = server.is_ready();
+    // Reads of the stores, which take no lock: on this thread.
     let extras = if with_extras {
-        blocking(|| server.attachments.children(container_id, ifname))
+        server.attachments.children(container_id, ifname)
     } else {
         Vec::new()
     };
@@ -504,14 +589,17 @@ async fn detach(
             return Reply::error(false, "the agent is shutting down");
         }
     }
-    let errors: Vec<String> = blocking(|| {
-        all.iter()
-            .filter_map(|&(network, ifname)| {
-                let done = server.attachments.detach(network, container_id, ifname);
-                done.err().map(|e| format!("{network}/{ifname}: {e}"))
-            })
-            .collect()
-    });
+    let errors: Vec<String> = all
+        .iter()
+        .filter_map(|&(network, ifname)| {
+            let done = at_once(|wait| {
+                server
+                    .attachments
+                    .detach(network, container_id, ifname, wait)
+            });
+            done.err().map(|e| format!("{network}/{ifname}: {e}"))
+        })
+        .collect();
     if !errors.is_empty() {
         return Reply::error(ready, errors.join("; "));
     }
@@ -667,7 +755,10 @@ mod tests {
             networks: Some("a,b".into()),
             ..Identity::default()
         };
-        let done = attachments.allocate(&ask, &identity).unwrap();
+        let done = attachments
+            .allocate(&ask, &identity, true)
+            .unwrap()
+            .unwrap();
         let names: Vec<(&str, &str)> = done
             .iter()
             .map(|(a, _)| (a.interface.network.as_str(), a.interface.ifname.as_str()))
@@ -691,15 +782,101 @@ mod tests {
             container_id: "c2".into(),
             ..ask.clone()
         };
-        let e = attachments.allocate(&other, &missing).unwrap_err();
+        let e = attachments
+            .allocate(&other, &missing, true)
+            .unwrap()
+            .unwrap_err();
         assert_eq!(e.code, TRY_AGAIN_LATER, "{e:?}");
         assert!(e.msg.contains("network c"), "{e:?}");
         assert!(e.details.contains("weft.dev/networks"), "{e:?}");
         assert_eq!(held(dir.path(), "a"), 1, "c2's interface on a was released");
         // Its DEL: the addresses go.
-        attachments.detach("a", "c1", "eth0").unwrap();
-        attachments.detach("b", "c1", "net1").unwrap();
+        attachments
+            .detach("a", "c1", "eth0", true)
+            .unwrap()
+            .unwrap();
+        attachments
+            .detach("b", "c1", "net1", true)
+            .unwrap()
+            .unwrap();
         assert_eq!((held(dir.path(), "a"), held(dir.path(), "b")), (0, 0));
+    }
+
+    /// Without waiting, a store whose lock another operation holds makes the whole attach
+    /// [`Busy`], keeping what it allocated before for the call that waits, which finds the
+    /// same allocations; so does any failure after an allocation; a detach is busy before it
+    /// releases anything.
+    #[test]
+    fn a_store_locked_elsewhere_makes_the_attach_busy_and_the_waiting_one_finds_its_allocations() {
+        let dir = tempfile::tempdir().unwrap();
+        network(dir.path(), "a", "10.9.1.0/24");
+        network(dir.path(), "b", "10.9.2.0/24");
+        let attachments = Attachments {
+            state_dir: dir.path().to_path_buf(),
+            reaper: super::super::reaper::Reaper::spawn().unwrap(),
+        };
+        let ask = Ask {
+            container_id: "c1".into(),
+            ifname: "eth0".into(),
+            netns: "/run/netns/p1".into(),
+            pod_namespace: Some("default".into()),
+            pod_name: Some("p1".into()),
+            network: Some("a".into()),
+            ..Ask::default()
+        };
+        let identity = Identity {
+            networks: Some("a,b".into()),
+            ..Identity::default()
+        };
+        // Another process's operation on b's store.
+        let lock = IpamStore::open(dir.path(), "b")
+            .unwrap()
+            .dir()
+            .join(weft_dataplane::ipam::LOCK_FILE);
+        let other = std::fs::File::create(&lock).unwrap();
+        other.lock().unwrap();
+        assert!(attachments.allocate(&ask, &identity, false).is_err());
+        assert_eq!((held(dir.path(), "a"), held(dir.path(), "b")), (1, 0));
+        let kept = IpamStore::open(dir.path(), "a").unwrap().list().unwrap();
+        other.unlock().unwrap();
+        let done = attachments
+            .allocate(&ask, &identity, false)
+            .unwrap()
+            .unwrap();
+        assert_eq!(done.len(), 2);
+        assert_eq!(done[0].0.ips, kept[0].ips, "the same allocation on a");
+        assert_eq!((held(dir.path(), "a"), held(dir.path(), "b")), (1, 1));
+        other.lock().unwrap();
+        assert!(attachments.detach("b", "c1", "net1", false).is_err());
+        assert_eq!(held(dir.path(), "b"), 1, "nothing released");
+        other.unlock().unwrap();
+        attachments
+            .detach("b", "c1", "net1", false)
+            .unwrap()
+            .unwrap();
+        assert_eq!(held(dir.path(), "b"), 0);
+        // A failure after an interface was allocated: busy too, and undone by the call that
+        // waits, which fails the same way.
+        let missing = Identity {
+            networks: Some("a,c".into()),
+            ..Identity::default()
+        };
+        let c2 = Ask {
+            container_id: "c2".into(),
+            ..ask.clone()
+        };
+        assert!(attachments.allocate(&c2, &missing, false).is_err());
+        assert_eq!(
+            held(dir.path(), "a"),
+            2,
+            "c2's interface on a kept for the call that waits"
+        );
+        let e = attachments
+            .allocate(&c2, &missing, true)
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(e.code, TRY_AGAIN_LATER, "{e:?}");
+        assert_eq!(held(dir.path(), "a"), 1, "c2's interface on a released");
     }
 
     /// A CNI's report after the answers, on the connection it used (`Pending::follow_with`),
@@ -872,7 +1049,12 @@ mod tests {
                 ..Ask::default()
             };
             assert_eq!(
-                server.attachments.allocate(&ask, &identity).unwrap().len(),
+                server
+                    .attachments
+                    .allocate(&ask, &identity, true)
+                    .unwrap()
+                    .unwrap()
+                    .len(),
                 2
             );
         }

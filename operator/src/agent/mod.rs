@@ -273,6 +273,32 @@ pub(crate) fn blocking<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
+/// An IPAM store's lock found held by another operation ([`IpamStore::without_waiting`]):
+/// nothing was done, and the operation runs again waiting ([`at_once`]).
+///
+/// [`IpamStore::without_waiting`]: weft_dataplane::ipam::IpamStore::without_waiting
+#[derive(Debug)]
+pub struct Busy;
+
+/// Runs `f`, operations on IPAM stores, at once on the calling task's thread with stores that
+/// do not wait for their lock (`f(false)`): each is then a few system calls on small files in
+/// the page cache, shorter than handing the worker over ([`blocking`]) on the way to the CNI's
+/// answer. Where `f` found a store's lock held (another process's operation on it, which can
+/// last), it runs again through [`blocking`], waiting for the lock (`f(true)`).
+pub(crate) fn at_once<T>(f: impl Fn(bool) -> Result<T, Busy>) -> T {
+    match f(false) {
+        Ok(t) => t,
+        Err(Busy) => blocking(|| {
+            loop {
+                // A store that waits for its lock is never busy.
+                if let Ok(t) = f(true) {
+                    break t;
+                }
+            }
+        }),
+    }
+}
+
 /// Runs `f` with this node's real links, nftables and sysctls.
 fn with_kernel<T>(
     f: impl FnOnce(&mut Netlink, &mut NftCli, &mut ProcSysctls) -> Result<T, ApplyError>,
@@ -634,12 +660,17 @@ impl Reconciler {
                     Ok(report)
                 } else {
                     // The changed elements (a registration's, another node's workloads'):
-                    // one batch, applied on this thread.
-                    blocking(|| {
-                        weft_dataplane::nft::Firewall::apply(&mut NftCli::default(), &tx)
-                            .map(|()| report)
-                            .map_err(ApplyError::Firewall)
-                    })
+                    // one batch, applied on this thread. Additions alone, at once: their
+                    // commit is a few microseconds of the kernel's, shorter than handing the
+                    // worker over; any other batch (a removal's commit waits for an RCU grace
+                    // period) hands the worker over first ([`blocking`]).
+                    let mut nft = NftCli::default();
+                    match nft.apply_additions(&tx) {
+                        Some(applied) => applied,
+                        None => blocking(|| weft_dataplane::nft::Firewall::apply(&mut nft, &tx)),
+                    }
+                    .map(|()| report)
+                    .map_err(ApplyError::Firewall)
                 }
             }
             None => {
