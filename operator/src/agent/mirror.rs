@@ -763,6 +763,8 @@ impl Mirrors {
             let mut seen_plan = false;
             // When a changed plan is applied at the latest (see `PLAN_DELAY`).
             let mut due: Option<tokio::time::Instant> = None;
+            // The plan changed since the last pass.
+            let mut changed = false;
             loop {
                 let deadline = async {
                     match due {
@@ -777,6 +779,7 @@ impl Mirrors {
                         }
                         if seen_plan {
                             due.get_or_insert_with(|| tokio::time::Instant::now() + PLAN_DELAY);
+                            changed = true;
                             continue;
                         }
                         seen_plan = true;
@@ -788,10 +791,20 @@ impl Mirrors {
                 if !seen_plan {
                     continue;
                 }
-                let plan = Arc::clone(&rx.borrow_and_update());
                 let full = task.full.swap(false, std::sync::atomic::Ordering::SeqCst);
-                let mut state = applied.take().unwrap_or_default();
                 let departed = task.departed.lock().map(|d| d.clone()).unwrap_or_default();
+                // A kick (every ADD's report) that leaves the pass nothing to do: the plan
+                // unchanged since the last pass, no port waiting for its link, none departed,
+                // no mirror's counters to read. No thread, no netlink socket.
+                let idle = applied
+                    .as_ref()
+                    .is_some_and(|a| a.waiting.is_empty() && a.ports.is_empty());
+                if !full && !changed && departed.is_empty() && idle {
+                    continue;
+                }
+                changed = false;
+                let plan = Arc::clone(&rx.borrow_and_update());
+                let mut state = applied.take().unwrap_or_default();
                 // Served by this pass: the ports a workload came back to, and those the plan no
                 // longer shapes (one it still shapes is an older plan's).
                 let served: Vec<(String, bool)> = departed
