@@ -727,8 +727,9 @@ mod tests {
         IpamStore::open(dir, network).unwrap().list().unwrap().len()
     }
 
-    #[test]
-    fn an_attach_allocates_every_interface_or_none() {
+    /// Networks `a` and `b` in a fresh state directory, the attachments over it, pod p1's ADD
+    /// on `a`, and its identity, whose annotation asks for both.
+    fn two_networks() -> (tempfile::TempDir, Attachments, Ask, Identity) {
         let dir = tempfile::tempdir().unwrap();
         network(dir.path(), "a", "10.9.1.0/24");
         network(dir.path(), "b", "10.9.2.0/24");
@@ -743,17 +744,26 @@ mod tests {
             pod_namespace: Some("default".into()),
             pod_name: Some("p1".into()),
             network: Some("a".into()),
+            ..Ask::default()
+        };
+        let identity = Identity {
+            networks: Some("a,b".into()),
+            ..Identity::default()
+        };
+        (dir, attachments, ask, identity)
+    }
+
+    #[test]
+    fn an_attach_allocates_every_interface_or_none() {
+        let (dir, attachments, ask, identity) = two_networks();
+        let ask = Ask {
             port_mappings: vec![weft_dataplane::proto::PortMapping {
                 host_port: 8080,
                 container_port: 80,
                 protocol: "tcp".into(),
                 host_ip: None,
             }],
-            ..Ask::default()
-        };
-        let identity = Identity {
-            networks: Some("a,b".into()),
-            ..Identity::default()
+            ..ask
         };
         let done = attachments
             .allocate(&ask, &identity, true)
@@ -808,26 +818,7 @@ mod tests {
     /// releases anything.
     #[test]
     fn a_store_locked_elsewhere_makes_the_attach_busy_and_the_waiting_one_finds_its_allocations() {
-        let dir = tempfile::tempdir().unwrap();
-        network(dir.path(), "a", "10.9.1.0/24");
-        network(dir.path(), "b", "10.9.2.0/24");
-        let attachments = Attachments {
-            state_dir: dir.path().to_path_buf(),
-            reaper: super::super::reaper::Reaper::spawn().unwrap(),
-        };
-        let ask = Ask {
-            container_id: "c1".into(),
-            ifname: "eth0".into(),
-            netns: "/run/netns/p1".into(),
-            pod_namespace: Some("default".into()),
-            pod_name: Some("p1".into()),
-            network: Some("a".into()),
-            ..Ask::default()
-        };
-        let identity = Identity {
-            networks: Some("a,b".into()),
-            ..Identity::default()
-        };
+        let (dir, attachments, ask, identity) = two_networks();
         // Another process's operation on b's store.
         let lock = IpamStore::open(dir.path(), "b")
             .unwrap()
