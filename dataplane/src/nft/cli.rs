@@ -189,10 +189,10 @@ fn blamed_line(stderr: &str, batch: &str) -> Option<String> {
 
 impl NftCli {
     /// Applies `tx` when it only adds set or map elements that netlink encodes: one nfnetlink
-    /// batch, no `nft` process, and a commit that waits for no RCU grace period (removing
-    /// elements does); `None`, with nothing done, for any other transaction. For a caller that
-    /// must not block longer than that (an async runtime's worker), and hands the others to a
-    /// thread that may.
+    /// batch, no `nft` process, and nothing left for an RCU grace period (a commit that removes
+    /// elements leaves their freeing to one, and the release of its socket waits for it);
+    /// `None`, with nothing done, for any other transaction. For a caller that must not block
+    /// longer than that (an async runtime's worker), and hands the others to a thread that may.
     pub fn apply_additions(&mut self, tx: &Transaction) -> Option<Result<(), NftError>> {
         let additions = tx.0.iter().all(|c| {
             matches!(

@@ -662,8 +662,8 @@ impl Reconciler {
                     // The changed elements (a registration's, another node's workloads'):
                     // one batch, applied on this thread. Additions alone, at once: their
                     // commit is a few microseconds of the kernel's, shorter than handing the
-                    // worker over; any other batch (a removal's commit waits for an RCU grace
-                    // period) hands the worker over first ([`blocking`]).
+                    // worker over; any other batch hands the worker over first ([`blocking`]):
+                    // the release of a socket that removed elements waits for a grace period.
                     let mut nft = NftCli::default();
                     match nft.apply_additions(&tx) {
                         Some(applied) => applied,
