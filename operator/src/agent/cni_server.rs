@@ -146,19 +146,14 @@ impl Attachments {
         for iface in &list {
             match self.allocate_one(ask, identity, iface, wait) {
                 Ok(a) => done.push(a),
-                // What was allocated before is undone by the call that waits, which fails
-                // the same way: the releases wait for their stores' locks.
-                Err(AllocFailure::Busy) | Err(AllocFailure::Refused(_))
-                    if !wait && !done.is_empty() =>
-                {
-                    return Err(AllocFailure::Busy);
-                }
-                Err(AllocFailure::Busy) => return Err(AllocFailure::Busy),
-                Err(AllocFailure::Refused(mut e)) => {
+                Err(AllocFailure::Refused(mut e)) if wait || done.is_empty() => {
                     self.release_all(&ask.container_id, done.iter().map(|(a, _)| a));
                     e.details = iface.annotate(&e.details);
                     return Err(AllocFailure::Refused(e));
                 }
+                // A lock held; or a failure with allocations to undo, which the call that
+                // waits undoes (it fails the same way, and its releases wait for the locks).
+                Err(_) => return Err(AllocFailure::Busy),
             }
         }
         Ok(done)
@@ -273,28 +268,19 @@ impl Attachments {
         ifname: &str,
         wait: bool,
     ) -> Result<Result<(), String>, Busy> {
-        Ok(match self.release(network, container_id, ifname, wait)? {
-            Ok(released) => self.reap(container_id, ifname, released),
-            Err(e) => Err(e),
-        })
-    }
-
-    /// Hands the host link of `container_id`'s interface `ifname` (`released`'s when its
-    /// allocation was found) to the reaper.
-    fn reap(
-        &self,
-        container_id: &str,
-        ifname: &str,
-        released: Option<weft_dataplane::ipam::Allocation>,
-    ) -> Result<(), String> {
+        let released = match self.release(network, container_id, ifname, wait)? {
+            Ok(released) => released,
+            Err(e) => return Ok(Err(e)),
+        };
         let host = released.map_or_else(
             || weft_dataplane::names::host_veth_name(container_id, ifname),
             |a| a.host_link_name(),
         );
-        self.reaper
+        Ok(self
+            .reaper
             .reap(&host)
-            .map_err(|e| format!("cannot find host link {host}: {e}"))?;
-        Ok(())
+            .map(|_| ())
+            .map_err(|e| format!("cannot find host link {host}: {e}")))
     }
 }
 
