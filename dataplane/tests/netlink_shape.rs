@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use weft_dataplane::mirror::{MirrorFilter, Side, program};
 use weft_dataplane::names;
 use weft_dataplane::netlink::{
-    MIRROR_PREF, MirrorRule, Netlink, NetlinkError, Rate, SHAPE_PREF, Shaping, SpareIfbs, VethSpec,
+    IFB_MTU, MIRROR_PREF, MirrorRule, Netlink, NetlinkError, Rate, SHAPE_PREF, Shaping, SpareIfbs,
+    VethSpec,
 };
 use weft_dataplane::netns::{self, Netns};
 
@@ -204,18 +205,22 @@ fn shaping_is_set_read_back_changed_and_removed_leaving_mirrors_alone() {
     assert_eq!(link.kind.as_deref(), Some("ifb"));
     assert_eq!(link.alias, Some(names::shaping_ifb_alias(&port)));
     assert!(link.up);
-    let port_mtu = n.nl.link_by_index(n.a.host).unwrap().unwrap().mtu;
-    assert_eq!(link.mtu, port_mtu);
-    // No IPv6 address generated before the IFB went up: no link-local address, no route of
-    // its own.
+    // Under IPv6's minimum MTU: no IPv6 state at all (no addrgenmode to show, no per-device
+    // IPv6 sysctls), so no link-local address, no route of its own.
+    assert_eq!(link.mtu, IFB_MTU);
+    assert!(IFB_MTU < 1280);
     let mode = Command::new("ip")
         .args(["-d", "link", "show", "dev", &ifb])
         .output()
         .unwrap();
     assert!(
-        String::from_utf8_lossy(&mode.stdout).contains("addrgenmode none"),
+        !String::from_utf8_lossy(&mode.stdout).contains("addrgenmode"),
         "{}",
         String::from_utf8_lossy(&mode.stdout)
+    );
+    assert!(
+        !std::path::Path::new(&format!("/proc/thread-self/net/dev_snmp6/{ifb}")).exists(),
+        "no IPv6 device state"
     );
     let addrs = Command::new("ip")
         .args(["-6", "-o", "addr", "show", "dev", &ifb])

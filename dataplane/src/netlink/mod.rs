@@ -35,7 +35,7 @@ pub use link::{
 };
 pub use route::{Family, RouteEntry, RouteInfo, RouteSpec, route_entry_message};
 pub use shape::{
-    QueueCounters, Rate, SHAPE_PREF, Shaping, ShapingCounters, SpareIfbs, is_spare_ifb,
+    IFB_MTU, QueueCounters, Rate, SHAPE_PREF, Shaping, ShapingCounters, SpareIfbs, is_spare_ifb,
 };
 pub use tc::{
     MAX_MIRRORS_PER_SIDE, MIRROR_PREF, MirrorCounter, MirrorRule, clsact_qdisc_message,

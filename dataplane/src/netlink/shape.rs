@@ -36,6 +36,14 @@ pub const SHAPE_PREF: u16 = 0x7000;
 /// frame longer than the burst never passes: give at least the port's MTU plus 14 bytes.
 pub use crate::proto::Rate;
 
+/// The MTU of weft's IFB links: under IPv6's minimum (1280), so that the kernel gives them no
+/// IPv6 state at all (no `inet6_dev` with its per-device sysctls and `/proc` entries at
+/// creation, nothing of it to tear down at deletion): with the per-device IPv4 state and the
+/// link itself, most of what creating and deleting one costs. An IFB link carries no address,
+/// and its MTU limits nothing: a frame redirected to it is queued and handed back whatever its
+/// length.
+pub const IFB_MTU: u32 = 1279;
+
 /// Spare IFB links ([`Netlink::retire_ifb`]) for [`Netlink::set_shaping_reusing`]: the links
 /// kept, by index, and how many may be kept.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -571,8 +579,8 @@ impl Netlink {
             Some(tbf) => {
                 let index = match ours {
                     Some(l) => {
-                        if l.mtu != link.mtu {
-                            self.set_mtu(l.index, link.mtu)?;
+                        if l.mtu != IFB_MTU {
+                            self.set_mtu(l.index, IFB_MTU)?;
                             changed = true;
                         }
                         changed |=
@@ -586,9 +594,9 @@ impl Netlink {
                     None => {
                         changed = true;
                         let named = existing_ifb.as_ref().filter(|l| is_spare_ifb(l));
-                        match self.adopt_spare(OP, ifb, link.mtu, &alias, &tbf, named, spares)? {
+                        match self.adopt_spare(OP, ifb, &alias, &tbf, named, spares)? {
                             Some(index) => index,
-                            None => self.create_ifb(OP, ifb, link.mtu, &alias, &tbf)?,
+                            None => self.create_ifb(OP, ifb, &alias, &tbf)?,
                         }
                     }
                 };
@@ -828,12 +836,10 @@ impl Netlink {
     /// `spares` that still is one) the IFB link `name` of the port with alias `alias`: `name`
     /// as its alternative name, the alias and the MTU, `tbf` at its root, up. `None` when no
     /// spare is left.
-    #[allow(clippy::too_many_arguments)]
     fn adopt_spare(
         &mut self,
         op: &'static str,
         name: &str,
-        mtu: u32,
         alias: &str,
         tbf: &Tbf,
         named: Option<&LinkInfo>,
@@ -858,7 +864,7 @@ impl Netlink {
         }
         let set = LinkUnspec::new_with_index(spare.index)
             .alias(alias)
-            .mtu(mtu)
+            .mtu(IFB_MTU)
             .up()
             .build();
         if let Err(e) = self.call(
@@ -946,35 +952,23 @@ impl Netlink {
         Ok(())
     }
 
-    /// Creates IFB link `name` with MTU `mtu`, alias `alias` and `tbf` at its root, IPv6 off,
-    /// up; returns its index. The `tbf` goes on while the link is down: a root qdisc grafted on
-    /// a link that is up first stops its queues and waits for an RCU grace period, with the
-    /// routing lock held. IPv6 goes off before the link goes up: an IFB link carries no address, and with
-    /// IPv6 on it would get a link-local address with its route, multicast joins and a
-    /// duplicate-address probe, and the kernel would walk every IPv6 route of the namespace as
-    /// it went up (most of what creating the link costs on a node of many workloads). Turning
-    /// it off is best effort (no IPv6 in the kernel, or `/proc/sys` not writable, only costs
-    /// that time).
+    /// Creates IFB link `name` with MTU [`IFB_MTU`] (so without IPv6), alias `alias` and `tbf`
+    /// at its root, up; returns its index. The `tbf` goes on while the link is down: a root
+    /// qdisc grafted on a link that is up first stops its queues and waits for an RCU grace
+    /// period, with the routing lock held.
     fn create_ifb(
         &mut self,
         op: &'static str,
         name: &str,
-        mtu: u32,
         alias: &str,
         tbf: &Tbf,
     ) -> Result<u32, NetlinkError> {
         let target = || format!("{name} (ifb)");
-        let index = self.create_link(op, name, LinkIfb::new(name).mtu(mtu).build(), target)?;
-        // Its alias, and no IPv6 address of its own, set while it is down: the kernel would
-        // give it a link-local address as it comes up. (A netlink request waits for the RTNL
-        // lock; a write of its `disable_ipv6` sysctl would retry the system call until it got
-        // the lock.)
-        let named = LinkUnspec::new_with_index(index).alias(alias).build();
-        let up = LinkUnspec::new_with_index(index).up().build();
+        let index = self.create_link(op, name, LinkIfb::new(name).mtu(IFB_MTU).build(), target)?;
+        let named_up = LinkUnspec::new_with_index(index).alias(alias).up().build();
         if let Err(e) = self
-            .call_without_v6_addresses(op, target, named, RouteNetlinkMessage::SetLink)
-            .and_then(|_| self.set_root_tbf(op, index, None, Some(tbf)))
-            .and_then(|_| self.call(op, target, RouteNetlinkMessage::SetLink(up), 0))
+            .set_root_tbf(op, index, None, Some(tbf))
+            .and_then(|_| self.call(op, target, RouteNetlinkMessage::SetLink(named_up), 0))
         {
             let _ = self.delete_link(index);
             return Err(e);
