@@ -965,10 +965,14 @@ impl Netlink {
     ) -> Result<u32, NetlinkError> {
         let target = || format!("{name} (ifb)");
         let index = self.create_link(op, name, LinkIfb::new(name).mtu(IFB_MTU).build(), target)?;
-        let named_up = LinkUnspec::new_with_index(index).alias(alias).up().build();
+        // Its alias at once (the kernel takes none in the creating request): a link with the
+        // IFB name but not weft's alias would be refused as someone else's.
+        let named = LinkUnspec::new_with_index(index).alias(alias).build();
+        let up = LinkUnspec::new_with_index(index).up().build();
         if let Err(e) = self
-            .set_root_tbf(op, index, None, Some(tbf))
-            .and_then(|_| self.call(op, target, RouteNetlinkMessage::SetLink(named_up), 0))
+            .call(op, target, RouteNetlinkMessage::SetLink(named), 0)
+            .and_then(|_| self.set_root_tbf(op, index, None, Some(tbf)))
+            .and_then(|_| self.call(op, target, RouteNetlinkMessage::SetLink(up), 0))
         {
             let _ = self.delete_link(index);
             return Err(e);
