@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::debug;
 use tracing::warn;
 use weft_dataplane::attachment::{self, Ask, AskError, Attached, Identity};
@@ -328,9 +328,6 @@ pub struct Server {
     pub pod_wait: Option<Duration>,
     /// The IPAM stores and the reaper.
     pub attachments: Attachments,
-    /// Told of every ADD a CNI reports as done ([`wired`]): the mirror and shaping task,
-    /// whose ports wait for their links (`Mirrors::kicker`).
-    pub wired: Arc<Notify>,
 }
 
 impl Server {
@@ -512,21 +509,6 @@ async fn attach(
     write.shutdown().await
 }
 
-/// A CNI's report (`request`): an ADD that went through has wired its links, and the mirror
-/// and shaping task is told at once rather than behind the reconciler's queue (where the
-/// report waits for the metrics while the reconciler finishes earlier work). Its pass then
-/// runs while the runtime reaps this plugin and starts the next pod, before that pod's veth
-/// needs the routing lock the pass's link and qdisc changes hold.
-fn wired(server: &Server, request: &Request) {
-    if let Request::Report {
-        command, ok: true, ..
-    } = request
-        && command == "ADD"
-    {
-        server.wired.notify_one();
-    }
-}
-
 /// How long a connection's follow-up line is waited for after its answers: a CNI sends its
 /// report at once, or exits and so closes the connection.
 const FOLLOW_UP_WAIT: Duration = Duration::from_secs(5);
@@ -555,7 +537,6 @@ async fn follow_up(
     }
     match serde_json::from_str::<Request>(&line) {
         Ok(request @ Request::Report { .. }) => {
-            wired(server, &request);
             let (reply, _) = oneshot::channel();
             let _ = server.tx.send(Message { request, reply }).await;
         }
@@ -654,7 +635,6 @@ async fn respond(
             with_extras,
         }) => detach(server, &network, &container_id, &ifname, with_extras).await,
         Ok(request) => {
-            wired(server, &request);
             let (reply_tx, reply_rx) = oneshot::channel();
             if server
                 .tx
@@ -726,7 +706,6 @@ mod tests {
                 state_dir: dir.to_path_buf(),
                 reaper: super::super::reaper::Reaper::spawn().unwrap(),
             },
-            wired: Arc::default(),
         }
     }
 
@@ -940,77 +919,6 @@ mod tests {
         );
     }
 
-    /// An ADD's report that it went through tells the mirror and shaping task at once, while
-    /// the reconciler has not read it yet (its queue still holds earlier work); a failed ADD's
-    /// report, or a DEL's, does not; nor does a report sent on its own connection that is not
-    /// an ADD's, while one that is tells it as well.
-    #[tokio::test]
-    async fn an_add_reported_done_tells_the_shaping_before_the_reconciler_reads_the_report() {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("agent.sock");
-        let (tx, mut rx) = mpsc::channel::<Message>(8);
-        let mut server = server_on(dir.path(), tx);
-        let wired = Arc::new(Notify::new());
-        server.wired = Arc::clone(&wired);
-        tokio::spawn(serve(UnixListener::bind(&socket).unwrap(), server));
-        let timeout = Duration::from_secs(5);
-        let report = |command: &str, ok: bool| Request::Report {
-            command: command.into(),
-            ok,
-            micros: 900,
-        };
-        let told = |wired: &Arc<Notify>| {
-            let wired = Arc::clone(wired);
-            async move {
-                tokio::time::timeout(Duration::from_millis(300), wired.notified())
-                    .await
-                    .is_ok()
-            }
-        };
-        for (follow, tells) in [
-            (report("DEL", true), false),
-            (report("ADD", false), false),
-            (report("ADD", true), true),
-        ] {
-            let socket = socket.clone();
-            let sent = follow.clone();
-            let client = tokio::task::spawn_blocking(move || {
-                let mut pending =
-                    weft_dataplane::proto::Pending::start(&socket, &Request::Ping, timeout)
-                        .unwrap();
-                let reply = pending.answer().unwrap();
-                pending.follow_with(&sent).unwrap();
-                reply
-            });
-            let ping = rx.recv().await.unwrap();
-            let _ = ping.reply.send(Reply::ok(true));
-            assert!(client.await.unwrap().ok);
-            // The report is in the reconciler's queue, unread, when the task is told.
-            assert_eq!(told(&wired).await, tells, "{follow:?}");
-            let reported = tokio::time::timeout(timeout, rx.recv())
-                .await
-                .expect("the report reaches the reconciler too")
-                .unwrap();
-            assert_eq!(reported.request, follow);
-        }
-        // On a connection of its own (a plugin whose agent closed the first one).
-        for (sent, tells) in [(report("DEL", true), false), (report("ADD", true), true)] {
-            let socket = socket.clone();
-            let request = sent.clone();
-            let client = tokio::task::spawn_blocking(move || {
-                weft_dataplane::proto::Pending::start(&socket, &request, timeout)
-                    .unwrap()
-                    .answer()
-                    .unwrap()
-            });
-            let got = rx.recv().await.unwrap();
-            assert_eq!(got.request, sent);
-            assert_eq!(told(&wired).await, tells, "{sent:?}");
-            let _ = got.reply.send(Reply::ok(true));
-            assert!(client.await.unwrap().ok);
-        }
-    }
-
     /// The two answers of an attach: the interfaces, then the reconciler's verdict; a refusal
     /// releases the addresses before it is answered.
     /// On a runtime of several workers, as the agent's: the allocation runs on the task's own.
@@ -1053,7 +961,6 @@ mod tests {
                 snapshot: Snapshot::default(),
                 pod_wait: None,
                 attachments: attachments.clone(),
-                wired: Arc::default(),
             };
             attach(ask, &mut write, &server).await.unwrap();
             drop(server);

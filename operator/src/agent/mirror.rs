@@ -904,10 +904,9 @@ impl Mirrors {
         }
     }
 
-    /// What tells the task that a link may have appeared (an ADD finished): a pass then
-    /// retries the waiting ports and shapes the new ones.
-    pub fn kicker(&self) -> Arc<Notify> {
-        Arc::clone(&self.kick)
+    /// A link may have appeared (an ADD finished): retry the waiting ports.
+    pub fn links_changed(&self) {
+        self.kick.notify_one();
     }
 
     /// The periodic resync: a full pass (stale filters and tunnels removed, counters read).

@@ -906,10 +906,12 @@ impl Reconciler {
                 ok,
                 micros,
             } => {
-                // An ADD's report has told the mirror and shaping task already
-                // (`cni_server::Server::wired`).
                 self.metrics
                     .cni(command, *ok, Duration::from_micros(*micros));
+                // An ADD wired its links: a mirror waiting for them can be installed.
+                if *ok && command == "ADD" {
+                    self.mirrors.links_changed();
+                }
                 Some(Reply::ok(ready))
             }
             Request::Identity {
@@ -1166,7 +1168,6 @@ pub async fn run(
     let listener = cni_server::bind(&cfg.socket)?;
     let shared = cni_server::Snapshot::default();
     let reaper = reaper::Reaper::spawn()?;
-    let mirrors = mirror::Mirrors::spawn();
     let server = tokio::spawn(cni_server::serve(
         listener,
         cni_server::Server {
@@ -1180,7 +1181,6 @@ pub async fn run(
                 state_dir: cfg.state_dir.clone(),
                 reaper: reaper.clone(),
             },
-            wired: mirrors.kicker(),
         },
     ));
     let mut rec = Reconciler {
@@ -1203,10 +1203,11 @@ pub async fn run(
         installed: None,
         resyncs: 0,
         reaper,
-        mirrors: mirrors.clone(),
+        mirrors: mirror::Mirrors::spawn(),
         addresses: BTreeSet::new(),
         waiting: Vec::new(),
     };
+    let mirrors = rec.mirrors.clone();
     if let Some(sink) = audit_sink(&cfg) {
         start_audit(
             &cfg,
