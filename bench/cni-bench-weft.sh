@@ -60,7 +60,7 @@ YAML
   PEERS_ARGS=(--peers-dir "$TMP/peers")
 fi
 METRICS_PORT=$((20000 + $$ % 20000))
-WEFT_LOG=warn "$BIN/weft-operator" agent "${PEERS_ARGS[@]}" --metrics-addr "127.0.0.1:$METRICS_PORT" --netns "/run/netns/$NODE_NS" --node-name bench \
+WEFT_LOG=warn,weft_operator::agent::mirror=info "$BIN/weft-operator" agent "${PEERS_ARGS[@]}" --metrics-addr "127.0.0.1:$METRICS_PORT" --netns "/run/netns/$NODE_NS" --node-name bench \
   --manifests "$TMP/manifests" --state-dir "$TMP/state" --socket "$TMP/agent.sock" \
   --cni-bin-dir "$TMP/bin" --cni-conf-dir "$TMP/conf" --cni-binary "$PLUGIN" \
   >"$TMP/agent.log" 2>&1 &
@@ -124,10 +124,15 @@ if [ -n "$SAMPLER" ]; then
   kill "$SAMPLER" 2>/dev/null || true; wait "$SAMPLER" 2>/dev/null || true
   read -r me mi mt < "$TMP/limits-seen"
   echo "limits ($WEFT_BENCH_LIMITS): in force: up to $me pod addresses in the limit class sets, $mi shaping links (ifb) in use and $mt host ports with a tbf seen (0: never)"
+  # Every pod's port, not only the first: how many ports the agent shaped while their pod
+  # was there (a port whose pod went before its shaping was never shaped), against the ADDs.
+  if [[ "$WEFT_BENCH_LIMITS" == *Bandwidth* ]]; then
+    SHAPED=$(grep 'bandwidth shaping changed' "$TMP/agent.log" | grep -c 'Some(' || true)
+  fi
 fi
 # Where the time went on the agent's side: its reconciles (nearly all of them registrations
 # here) and the ADD/DEL durations the weft binary reported, as means.
-ip netns exec "$NODE_NS" python3 - "http://127.0.0.1:$METRICS_PORT/metrics" <<'PY' || true
+ip netns exec "$NODE_NS" python3 - "http://127.0.0.1:$METRICS_PORT/metrics" "${SHAPED:-}" <<'PY' || true
 import re, sys, urllib.request
 text = urllib.request.urlopen(sys.argv[1], timeout=5).read().decode()
 def mean(prefix, labels=""):
@@ -140,5 +145,11 @@ print("agent: reconcile mean %s; weft ADD mean %s, DEL mean %s" % (
     mean("weft_agent_reconcile_duration_seconds"),
     mean("weft_agent_cni_duration_seconds", '{command="ADD"}'),
     mean("weft_agent_cni_duration_seconds", '{command="DEL"}')))
+if sys.argv[2]:
+    adds = re.search(r'^weft_agent_cni_duration_seconds_count\{command="ADD"\} (\S+)', text, re.M)
+    print("limits: %s ports shaped while their pod was there, of %s ADDs" % (
+        sys.argv[2], int(float(adds.group(1))) if adds else "n/a"))
 PY
+# WEFT_BENCH_AGENT_LOG=FILE keeps the agent's log (its mirror and shaping task at info).
+if [ -n "${WEFT_BENCH_AGENT_LOG:-}" ]; then cp "$TMP/agent.log" "$WEFT_BENCH_AGENT_LOG"; fi
 exit "$RC"

@@ -944,11 +944,16 @@ fn a_departing_ports_redirect_goes_and_its_ifb_is_kept_or_deleted_its_tbf_left()
         links: Vec::new(),
         cap: 1,
     };
+    let mut surplus = Vec::new();
     assert!(
-        n.nl.unshape_departing(&a, found.as_ref(), &mut spares)
+        n.nl.unshape_departing(&a, found.as_ref(), &mut spares, &mut surplus)
             .unwrap()
     );
     assert_eq!(spares.links, [a_ifb_index]);
+    assert!(
+        surplus.is_empty(),
+        "a spare is kept, not left to delete: {surplus:?}"
+    );
     let kept = n.nl.link_by_index(a_ifb_index).unwrap().expect("kept");
     assert_eq!(kept.alias.as_deref(), Some(names::SPARE_IFB_ALIAS));
     let left = prefs(&ingress_filters(&a_port));
@@ -964,9 +969,10 @@ fn a_departing_ports_redirect_goes_and_its_ifb_is_kept_or_deleted_its_tbf_left()
     let again = n.nl.link_by_name(&a_ifb).unwrap();
     assert!(
         !n.nl
-            .unshape_departing(&a, again.as_ref(), &mut spares)
+            .unshape_departing(&a, again.as_ref(), &mut spares, &mut surplus)
             .unwrap()
     );
+    assert!(surplus.is_empty(), "{surplus:?}");
     // B's shaping is untouched.
     let b_ifb = ifb_of(&n.b);
     assert_tbf(&n.b.name, LIMITED);
@@ -976,26 +982,51 @@ fn a_departing_ports_redirect_goes_and_its_ifb_is_kept_or_deleted_its_tbf_left()
     // An IFB found that is not this port's (B's, under A's name) is left alone.
     let b = n.nl.link_by_index(n.b.host).unwrap().expect("B's port");
     let b_found = n.nl.link_by_name(&b_ifb).unwrap();
-    n.nl.unshape_departing(&a, b_found.as_ref(), &mut SpareIfbs::default())
-        .unwrap();
+    n.nl.unshape_departing(
+        &a,
+        b_found.as_ref(),
+        &mut SpareIfbs::default(),
+        &mut surplus,
+    )
+    .unwrap();
+    assert!(surplus.is_empty(), "{surplus:?}");
     assert!(
         n.nl.link_by_name(&b_ifb).unwrap().is_some(),
         "B's IFB stays"
     );
-    // No room for a spare: B's IFB is deleted once B departs; then B's port goes too, and
-    // taking the shaping off it again is no error.
+    // No room for a spare: B's IFB is left to the caller, who deletes it (with any others)
+    // once B departs; its redirect is gone already. Then B's port goes too, and taking the
+    // shaping off it again is no error.
+    let b_ifb_index = b_found.as_ref().expect("B's IFB").index;
     assert!(
-        n.nl.unshape_departing(&b, b_found.as_ref(), &mut SpareIfbs::default())
-            .unwrap()
+        n.nl.unshape_departing(
+            &b,
+            b_found.as_ref(),
+            &mut SpareIfbs::default(),
+            &mut surplus
+        )
+        .unwrap()
     );
+    assert_eq!(surplus, [b_ifb_index]);
+    assert!(
+        n.nl.link_by_name(&b_ifb).unwrap().is_some(),
+        "B's IFB is left to the caller"
+    );
+    assert!(
+        !prefs(&ingress_filters(&n.b.name)).contains(&u64::from(SHAPE_PREF)),
+        "B's redirect is gone"
+    );
+    assert_eq!(n.nl.delete_links(&surplus).unwrap(), 1);
     assert!(
         n.nl.link_by_name(&b_ifb).unwrap().is_none(),
         "B's IFB is gone"
     );
     n.nl.delete_link(n.b.host).unwrap();
+    surplus.clear();
     assert!(
         !n.nl
-            .unshape_departing(&b, None, &mut SpareIfbs::default())
+            .unshape_departing(&b, None, &mut SpareIfbs::default(), &mut surplus)
             .unwrap()
     );
+    assert!(surplus.is_empty(), "{surplus:?}");
 }

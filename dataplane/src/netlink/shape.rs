@@ -624,14 +624,20 @@ impl Netlink {
     /// with the port (deleting a qdisc of a link that is up stops the link's queues and waits
     /// for an RCU grace period, holding the routing lock every ADD's link changes need). Then
     /// `ifb`, the link found under the port's IFB name, when it is weft's IFB of this port, is
-    /// kept as a spare ([`Netlink::retire_ifb`]) while `spares` has fewer than its cap, else
-    /// deleted. A port gone already is no error: its redirect went with it. Returns whether
-    /// anything changed.
+    /// kept as a spare ([`Netlink::retire_ifb`]) while `spares` has fewer than its cap; else
+    /// its index goes into `surplus`, for the caller to delete with the other departed ports'
+    /// in one request ([`Netlink::delete_links`]): each deletion alone holds the routing lock
+    /// for a grace period (about 25 ms here), and a burst of DELs departs many ports at once,
+    /// whose deletions one by one kept the next ADDs' ports waiting for their shaping for as
+    /// long. The IFB's redirect is gone by then, so nothing sends to it. A port gone already
+    /// is no error: its redirect went with it. Returns whether anything changed (or is left
+    /// in `surplus` to change).
     pub fn unshape_departing(
         &mut self,
         port: &LinkInfo,
         ifb: Option<&LinkInfo>,
         spares: &mut SpareIfbs,
+        surplus: &mut Vec<u32>,
     ) -> Result<bool, NetlinkError> {
         let mut changed = match self.delete_shape_pref("unshape a departing port", port.index) {
             Ok(changed) => changed,
@@ -641,7 +647,18 @@ impl Netlink {
         };
         let alias = names::shaping_ifb_alias(&port.name);
         if let Some(l) = ifb.filter(|l| is_our_ifb(l, &alias)) {
-            changed |= self.keep_or_delete_ifb(l, spares)?;
+            if spares.links.len() < spares.cap {
+                match self.retire_ifb(l) {
+                    Ok(()) => {
+                        spares.links.push(l.index);
+                        return Ok(true);
+                    }
+                    Err(e) if e.is_not_found() => return Ok(changed),
+                    Err(_) => {}
+                }
+            }
+            surplus.push(l.index);
+            changed = true;
         }
         Ok(changed)
     }

@@ -270,6 +270,18 @@ fn apply(
     full: bool,
     departed: &BTreeMap<String, bool>,
 ) -> Result<BTreeMap<String, NodeMirror>, NetlinkError> {
+    apply_capped(nl, plan, applied, full, departed, SPARE_IFBS)
+}
+
+/// [`apply`], keeping at most `cap` spare IFB links.
+fn apply_capped(
+    nl: &mut Netlink,
+    plan: &MirrorPlan,
+    applied: &mut Applied,
+    full: bool,
+    departed: &BTreeMap<String, bool>,
+    cap: usize,
+) -> Result<BTreeMap<String, NodeMirror>, NetlinkError> {
     // A detached workload's port goes with its namespace, or the reaper deletes it: its `tbf`
     // goes along, and taking it off first would cost the node's routing lock for nothing. Its
     // IFB link is another matter: it would become a spare while the port's redirect still
@@ -368,7 +380,7 @@ fn apply(
         found = Some(asked);
         links
     };
-    applied.spares.cap = SPARE_IFBS;
+    applied.spares.cap = cap;
     if full {
         applied.spares.links = links
             .iter()
@@ -501,6 +513,9 @@ fn apply(
         );
     }
     applied.waiting.clear();
+    // The IFB links of the ports departing in this pass that are not kept as spares: deleted
+    // together after the loop.
+    let mut surplus: Vec<u32> = Vec::new();
     // Ports with a shaping link: shaped by this agent or an earlier one.
     let shaped_before: BTreeSet<&str> = links
         .iter()
@@ -557,7 +572,7 @@ fn apply(
             applied,
             stale,
             found.as_ref(),
-            departing(&port),
+            departing(&port).then_some(&mut surplus),
         );
         // A port that neither has nor wants copies: only a full pass looks for stale filters.
         if !full && wanted.is_empty() && !applied.ports.contains_key(&port) {
@@ -589,6 +604,20 @@ fn apply(
                         .push(format!("cannot install the copy on port {port}: {e}"));
                 }
             }
+        }
+    }
+    // The IFB links of departed ports past the spares' cap, together: one deletion each
+    // would hold every link change of the node (the next ADDs', this pass's shaping of new
+    // ports) for a grace period apiece. A link left by a failure here carries its port's
+    // alias with the port gone, and a later pass deletes it with the stale ones.
+    if !surplus.is_empty() {
+        match nl.delete_links(&surplus) {
+            Ok(deleted) => info!(
+                deleted,
+                spares = applied.spares.links.len(),
+                "deleted the shaping links of departed ports past the spares"
+            ),
+            Err(e) => warn!(error = %e, "cannot delete the shaping links of departed ports"),
         }
     }
     // Each mirror's state: its planned sources, what it copied, its problems.
@@ -645,8 +674,9 @@ fn apply(
 /// this agent never shaped is left alone unless `stale` (it has a shaping link: an earlier
 /// agent shaped it). `found`: the links the pass looked up by name, when it did; the port and
 /// its IFB name are then not asked for again. `departing`: the port's workload was detached
-/// and the port is about to go; its redirect and IFB link go, the rest goes with it
-/// ([`Netlink::unshape_departing`]).
+/// and the port is about to go; its redirect goes, its IFB link becomes a spare or is left in
+/// the vector given, for the caller to delete with the others, and the rest goes with the
+/// port ([`Netlink::unshape_departing`]).
 #[allow(clippy::too_many_arguments)]
 fn shape(
     nl: &mut Netlink,
@@ -656,7 +686,7 @@ fn shape(
     applied: &mut Applied,
     stale: bool,
     found: Option<&BTreeMap<String, Option<LinkInfo>>>,
-    departing: bool,
+    departing: Option<&mut Vec<u32>>,
 ) {
     let wanted = plan.shaping.get(port).copied();
     if wanted.is_none()
@@ -675,9 +705,9 @@ fn shape(
         let link = f.get(port)?.as_ref().filter(|l| l.index == index)?;
         Some((link, f.get(&ifb)?.clone()))
     });
-    let done = match known {
-        Some((link, found_ifb)) if departing && wanted == Shaping::default() => {
-            match nl.unshape_departing(link, found_ifb.as_ref(), &mut applied.spares) {
+    let done = match (known, departing) {
+        (Some((link, found_ifb)), Some(surplus)) if wanted == Shaping::default() => {
+            match nl.unshape_departing(link, found_ifb.as_ref(), &mut applied.spares, surplus) {
                 Ok(changed) => {
                     if changed {
                         info!(%port, "bandwidth shaping taken off a departing port");
@@ -692,10 +722,10 @@ fn shape(
             }
             return;
         }
-        Some((link, found_ifb)) => {
+        (Some((link, found_ifb)), _) => {
             nl.set_shaping_found(link, &ifb, found_ifb, &wanted, &mut applied.spares)
         }
-        None => nl.set_shaping_reusing(index, &ifb, &wanted, &mut applied.spares),
+        (None, _) => nl.set_shaping_reusing(index, &ifb, &wanted, &mut applied.spares),
     };
     match done {
         Ok(changed) => {
@@ -1250,5 +1280,82 @@ mod kernel_tests {
         apply(&mut nl, &plan(&[("wfb", both)]), &mut applied, false, &back).unwrap();
         let s = counters(&mut nl, b2, "wfb");
         assert!(s.ingress.is_some() && s.egress.is_some(), "{s:?}");
+    }
+
+    /// A burst of departures past the spares' cap, in the same pass as a new port: the cap's
+    /// worth of IFB links are kept as spares, every other one is gone when the pass ends (all
+    /// deleted together after the ports), their redirects first; the new port is shaped in
+    /// that pass, on a spare; the departing ports themselves stay (they go with their pods).
+    #[test]
+    fn departures_past_the_spares_cap_lose_their_ifbs_in_the_pass_that_shapes_a_new_port() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test needs root (CAP_NET_ADMIN) for a network namespace; run the tests as root"
+        );
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
+        let mut nl = Netlink::new().unwrap();
+        let egress = Shaping {
+            ingress: None,
+            egress: Some(RATE),
+        };
+        let names: Vec<String> = (0..6).map(|i| format!("wfd{i}")).collect();
+        let ports: Vec<u32> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| port(&mut nl, n, &format!("pd{i}")))
+            .collect();
+        let shaped: Vec<(&str, Shaping)> = names.iter().map(|n| (n.as_str(), egress)).collect();
+        let mut applied = Applied::default();
+        apply(
+            &mut nl,
+            &plan(&shaped),
+            &mut applied,
+            true,
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        let ifbs: Vec<u32> = names
+            .iter()
+            .map(|n| {
+                nl.link_by_name(&names::shaping_ifb_name(n))
+                    .unwrap()
+                    .expect("an IFB")
+                    .index
+            })
+            .collect();
+        // Room for two spares; all six depart while a new port, wfn, wants a limit.
+        let new = port(&mut nl, "wfn", "pn");
+        let departed: BTreeMap<String, bool> = names.iter().map(|n| (n.clone(), false)).collect();
+        apply_capped(
+            &mut nl,
+            &plan(&[("wfn", egress)]),
+            &mut applied,
+            false,
+            &departed,
+            2,
+        )
+        .unwrap();
+        let left: Vec<u32> = ifbs
+            .iter()
+            .copied()
+            .filter(|&i| nl.link_by_index(i).unwrap().is_some())
+            .collect();
+        // Two were kept as spares, and wfn took one of them.
+        assert_eq!(left.len(), 2, "{left:?} of {ifbs:?}");
+        let taken = nl
+            .link_by_name(&names::shaping_ifb_name("wfn"))
+            .unwrap()
+            .expect("wfn's IFB");
+        assert!(left.contains(&taken.index), "wfn took a spare");
+        assert_eq!(applied.spares.links.len(), 1);
+        let s = nl
+            .shaping_counters(new, &names::shaping_ifb_name("wfn"))
+            .unwrap();
+        assert!(s.egress.is_some(), "{s:?}");
+        for (n, &p) in names.iter().zip(&ports) {
+            assert!(nl.link_by_index(p).unwrap().is_some(), "{n} stays");
+            let s = nl.shaping_counters(p, &names::shaping_ifb_name(n)).unwrap();
+            assert!(s.egress.is_none(), "{n}: {s:?}");
+        }
     }
 }
