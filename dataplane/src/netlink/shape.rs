@@ -647,41 +647,47 @@ impl Netlink {
         };
         let alias = names::shaping_ifb_alias(&port.name);
         if let Some(l) = ifb.filter(|l| is_our_ifb(l, &alias)) {
-            if spares.links.len() < spares.cap {
-                match self.retire_ifb(l) {
-                    Ok(()) => {
-                        spares.links.push(l.index);
-                        return Ok(true);
-                    }
-                    Err(e) if e.is_not_found() => return Ok(changed),
-                    Err(_) => {}
+            match self.keep_as_spare(l, spares) {
+                Some(kept) => changed |= kept,
+                None => {
+                    surplus.push(l.index);
+                    changed = true;
                 }
             }
-            surplus.push(l.index);
-            changed = true;
         }
         Ok(changed)
     }
 
     /// Keeps `ifb`, an IFB link weft's shaping no longer uses, as a spare
-    /// ([`Netlink::retire_ifb`]) while `spares` has fewer than its cap, else (or when it cannot
-    /// be retired) deletes it. Returns whether anything changed (a link gone already: nothing).
+    /// ([`Netlink::retire_ifb`]) while `spares` has fewer than its cap: `Some(true)` when kept,
+    /// `Some(false)` when the link is gone already, `None` when there is no room or it cannot
+    /// be retired (the caller deletes it).
+    fn keep_as_spare(&mut self, ifb: &LinkInfo, spares: &mut SpareIfbs) -> Option<bool> {
+        if spares.links.len() >= spares.cap {
+            return None;
+        }
+        match self.retire_ifb(ifb) {
+            Ok(()) => {
+                spares.links.push(ifb.index);
+                Some(true)
+            }
+            Err(e) if e.is_not_found() => Some(false),
+            Err(_) => None,
+        }
+    }
+
+    /// Keeps `ifb`, an IFB link weft's shaping no longer uses, as a spare while `spares` has
+    /// fewer than its cap ([`Netlink::keep_as_spare`]), else (or when it cannot be retired)
+    /// deletes it. Returns whether anything changed (a link gone already: nothing).
     fn keep_or_delete_ifb(
         &mut self,
         ifb: &LinkInfo,
         spares: &mut SpareIfbs,
     ) -> Result<bool, NetlinkError> {
-        if spares.links.len() < spares.cap {
-            match self.retire_ifb(ifb) {
-                Ok(()) => {
-                    spares.links.push(ifb.index);
-                    return Ok(true);
-                }
-                Err(e) if e.is_not_found() => return Ok(false),
-                Err(_) => {}
-            }
+        match self.keep_as_spare(ifb, spares) {
+            Some(kept) => Ok(kept),
+            None => self.delete_link(ifb.index),
         }
-        self.delete_link(ifb.index)
     }
 
     /// Deletes link `port`'s clsact qdisc, with every filter on its hooks; `Ok(false)` when the
