@@ -127,7 +127,7 @@ if [ -n "$SAMPLER" ]; then
   # Every pod's port, not only the first: how many ports the agent shaped while their pod
   # was there (a port whose pod went before its shaping was never shaped), against the ADDs.
   if [[ "$WEFT_BENCH_LIMITS" == *Bandwidth* ]]; then
-    SHAPED=$(grep 'bandwidth shaping changed' "$TMP/agent.log" | grep -c 'Some(' || true)
+    SHAPED=$(grep 'bandwidth shaping changed' "$TMP/agent.log" | grep 'Some(' | grep -o 'port=[^ ]*' | sort -u | wc -l)
   fi
 fi
 # Where the time went on the agent's side: its reconciles (nearly all of them registrations

@@ -648,8 +648,8 @@ impl Netlink {
         let alias = names::shaping_ifb_alias(&port.name);
         if let Some(l) = ifb.filter(|l| is_our_ifb(l, &alias)) {
             match self.keep_as_spare(l, spares) {
-                Some(kept) => changed |= kept,
-                None => {
+                Some(Ok(kept)) => changed |= kept,
+                None | Some(Err(_)) => {
                     surplus.push(l.index);
                     changed = true;
                 }
@@ -659,21 +659,26 @@ impl Netlink {
     }
 
     /// Keeps `ifb`, an IFB link weft's shaping no longer uses, as a spare
-    /// ([`Netlink::retire_ifb`]) while `spares` has fewer than its cap: `Some(true)` when kept,
-    /// `Some(false)` when the link is gone already, `None` when there is no room or it cannot
-    /// be retired (the caller deletes it).
-    fn keep_as_spare(&mut self, ifb: &LinkInfo, spares: &mut SpareIfbs) -> Option<bool> {
+    /// ([`Netlink::retire_ifb`]; its index added to `spares`) while `spares` has fewer than its
+    /// cap: `Some(Ok(true))` when kept, `Some(Ok(false))` when the link is gone already,
+    /// `Some(Err(_))` when it cannot be retired, `None` when there is no room. In the last two
+    /// cases the caller deletes it.
+    pub fn keep_as_spare(
+        &mut self,
+        ifb: &LinkInfo,
+        spares: &mut SpareIfbs,
+    ) -> Option<Result<bool, NetlinkError>> {
         if spares.links.len() >= spares.cap {
             return None;
         }
-        match self.retire_ifb(ifb) {
+        Some(match self.retire_ifb(ifb) {
             Ok(()) => {
                 spares.links.push(ifb.index);
-                Some(true)
+                Ok(true)
             }
-            Err(e) if e.is_not_found() => Some(false),
-            Err(_) => None,
-        }
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
+        })
     }
 
     /// Keeps `ifb`, an IFB link weft's shaping no longer uses, as a spare while `spares` has
@@ -685,8 +690,8 @@ impl Netlink {
         spares: &mut SpareIfbs,
     ) -> Result<bool, NetlinkError> {
         match self.keep_as_spare(ifb, spares) {
-            Some(kept) => Ok(kept),
-            None => self.delete_link(ifb.index),
+            Some(Ok(kept)) => Ok(kept),
+            None | Some(Err(_)) => self.delete_link(ifb.index),
         }
     }
 

@@ -463,20 +463,18 @@ fn apply_capped(
     let mut doomed: Vec<&LinkInfo> = Vec::new();
     let mut kept = 0;
     for l in stale_ifbs {
-        if applied.spares.links.len() >= applied.spares.cap || (full && idle) {
+        if full && idle {
             doomed.push(l);
             continue;
         }
-        match nl.retire_ifb(l) {
-            Ok(()) => {
-                applied.spares.links.push(l.index);
-                kept += 1;
-            }
-            Err(e) if e.is_not_found() => {}
-            Err(e) => {
+        match nl.keep_as_spare(l, &mut applied.spares) {
+            Some(Ok(true)) => kept += 1,
+            Some(Ok(false)) => {}
+            Some(Err(e)) => {
                 warn!(ifb = %l.name, error = %e, "cannot keep the shaping link as a spare; deleting it");
                 doomed.push(l);
             }
+            None => doomed.push(l),
         }
     }
     let mut indexes: Vec<u32> = doomed.iter().map(|l| l.index).collect();
@@ -1193,6 +1191,16 @@ mod kernel_tests {
         index
     }
 
+    /// Moves this test's thread into a network namespace of its own; a socket there.
+    fn own_netns() -> Netlink {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test needs root (CAP_NET_ADMIN) for a network namespace; run the tests as root"
+        );
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
+        Netlink::new().unwrap()
+    }
+
     fn plan(shaped: &[(&str, Shaping)]) -> MirrorPlan {
         MirrorPlan {
             shaping: shaped.iter().map(|(p, s)| (p.to_string(), *s)).collect(),
@@ -1203,12 +1211,7 @@ mod kernel_tests {
     #[test]
     fn a_departed_port_keeps_its_tbf_and_gives_up_its_ifb_a_live_one_is_unshaped_a_new_one_shaped()
     {
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "this test needs root (CAP_NET_ADMIN) for a network namespace; run the tests as root"
-        );
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
-        let mut nl = Netlink::new().unwrap();
+        let mut nl = own_netns();
         let both = Shaping {
             ingress: Some(RATE),
             egress: Some(RATE),
@@ -1288,12 +1291,7 @@ mod kernel_tests {
     /// that pass, on a spare; the departing ports themselves stay (they go with their pods).
     #[test]
     fn departures_past_the_spares_cap_lose_their_ifbs_in_the_pass_that_shapes_a_new_port() {
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "this test needs root (CAP_NET_ADMIN) for a network namespace; run the tests as root"
-        );
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
-        let mut nl = Netlink::new().unwrap();
+        let mut nl = own_netns();
         let egress = Shaping {
             ingress: None,
             egress: Some(RATE),
