@@ -519,6 +519,10 @@ fn apply_capped(
         .iter()
         .filter_map(|l| names::shaped_port(l.alias.as_deref()?))
         .collect();
+    // Departing ports first: a new port shaped in the same pass takes a departing one's IFB
+    // link as a spare instead of creating one, whatever their names.
+    let mut touch: Vec<String> = touch.into_iter().collect();
+    touch.sort_by_key(|p| !departing(p));
     for port in touch {
         let Some(&port_index) = index.get(&port) else {
             applied.ports.remove(&port);
@@ -1355,5 +1359,56 @@ mod kernel_tests {
             let s = nl.shaping_counters(p, &names::shaping_ifb_name(n)).unwrap();
             assert!(s.egress.is_none(), "{n}: {s:?}");
         }
+    }
+
+    /// A port departing in the same pass as a new one whose name sorts before it: the new port
+    /// takes the departing one's IFB link as a spare, no link is created.
+    #[test]
+    fn a_new_port_takes_the_ifb_of_a_port_departing_in_the_same_pass_whatever_their_names() {
+        let mut nl = own_netns();
+        let egress = Shaping {
+            ingress: None,
+            egress: Some(RATE),
+        };
+        port(&mut nl, "wfz", "pz");
+        let mut applied = Applied::default();
+        apply(
+            &mut nl,
+            &plan(&[("wfz", egress)]),
+            &mut applied,
+            true,
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        let old = nl
+            .link_by_name(&names::shaping_ifb_name("wfz"))
+            .unwrap()
+            .expect("wfz's IFB");
+        let new = port(&mut nl, "wfa", "pa");
+        let departed = BTreeMap::from([("wfz".to_string(), false)]);
+        apply(
+            &mut nl,
+            &plan(&[("wfa", egress)]),
+            &mut applied,
+            false,
+            &departed,
+        )
+        .unwrap();
+        let taken = nl
+            .link_by_name(&names::shaping_ifb_name("wfa"))
+            .unwrap()
+            .expect("wfa's IFB");
+        assert_eq!(taken.index, old.index, "wfa took wfz's IFB link");
+        let ifbs = nl
+            .links()
+            .unwrap()
+            .into_iter()
+            .filter(|l| l.kind.as_deref() == Some("ifb"))
+            .count();
+        assert_eq!(ifbs, 1, "no IFB link created");
+        let s = nl
+            .shaping_counters(new, &names::shaping_ifb_name("wfa"))
+            .unwrap();
+        assert!(s.egress.is_some(), "{s:?}");
     }
 }
