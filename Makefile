@@ -11,6 +11,7 @@ lab: deps build
 ## test: unit, privileged (network namespaces) and end-to-end tests, then the real CNI clients' and the real cluster's
 test: deps build
 	$(CARGO) test --workspace --locked
+	python3 -m doctest bench/lib/ab_report.py
 	e2e/clients/test.sh
 	e2e/cluster/test.sh
 

@@ -13,7 +13,8 @@
 #            after it ends, partly while the next one starts)
 #   --json   keep the per-run JSON lines there (default: a temporary file, removed)
 #   --ratio  A/B: also report, round by round, A's figures over B's (sequential ADD p50, 8-way
-#            pods/s), with their median and mean; given several times, several pairs
+#            pods/s), with their median, the median's 95 % interval (from six rounds on) and
+#            their mean; given several times, several pairs
 #
 # One machine's rounds scatter (one build's sequential ADD p50 over 1.4–2.2 ms within a batch
 # on the two-CPU machines of docs/benchmarks.md): compare builds by the ratios of the same

@@ -9,6 +9,7 @@ round; a round where either failed is left out of that pair.
 """
 import collections
 import json
+import math
 import statistics
 import sys
 
@@ -21,6 +22,35 @@ def runs(path):
                 r = json.loads(line)
                 by[r["label"]]["seq" if r["c"] == 1 else "conc"].append(r)
     return by
+
+
+def median_interval(values, level=0.95):
+    """The median's confidence interval at `level`, free of any assumption on the
+    distribution: the k-th smallest and the k-th largest value, for the largest k that leaves
+    at least `level` between them (the median lies below the k-th smallest value only when at
+    most k - 1 values fall under it: a binomial tail of n draws at one half). None with too few
+    values (fewer than 6 at 95 %).
+
+    >>> median_interval([5, 1, 4, 2, 3])
+    >>> median_interval([6, 1, 5, 2, 4, 3])
+    (1, 6)
+    >>> median_interval(list(range(1, 31)))
+    (10, 21)
+    >>> median_interval(list(range(1, 17)))
+    (4, 13)
+    >>> median_interval(list(range(1, 31)), 0.99)
+    (8, 23)
+    """
+    n = len(values)
+    xs = sorted(values)
+    below = 0.0  # P(B <= k - 1), B ~ Binomial(n, 1/2)
+    best = None
+    for k in range(1, n // 2 + 1):
+        below += math.comb(n, k - 1) / 2 ** n
+        if 1 - 2 * below < level:
+            break
+        best = k
+    return None if best is None else (xs[best - 1], xs[n - best])
 
 
 def spread(values, fmt, unit):
@@ -53,7 +83,9 @@ def main():
         conc = paired("conc", "add_pods_s")
         for name, v in (("sequential ADD p50", seq), ("8-way pods/s", conc)):
             if v:
-                print(f"{a} / {b}, {name}: median {statistics.median(v):.3f}, mean "
+                ci = median_interval(v)
+                ci = "" if ci is None else " (95 %% interval %.3f–%.3f)" % ci
+                print(f"{a} / {b}, {name}: median {statistics.median(v):.3f}{ci}, mean "
                       f"{statistics.mean(v):.3f}, per round "
                       + " ".join("%.3f" % x for x in v))
 
