@@ -1187,6 +1187,12 @@ mod kernel_tests {
         burst_bits: 32 * 1024 * 8,
     };
 
+    /// An egress limit alone.
+    const EGRESS: Shaping = Shaping {
+        ingress: None,
+        egress: Some(RATE),
+    };
+
     /// A port with a veth peer beside it, in the thread's namespace.
     fn port(nl: &mut Netlink, name: &str, peer: &str) -> u32 {
         nl.create_veth_pair(name, peer, None, None).unwrap();
@@ -1296,10 +1302,7 @@ mod kernel_tests {
     #[test]
     fn departures_past_the_spares_cap_lose_their_ifbs_in_the_pass_that_shapes_a_new_port() {
         let mut nl = own_netns();
-        let egress = Shaping {
-            ingress: None,
-            egress: Some(RATE),
-        };
+        let egress = EGRESS;
         let names: Vec<String> = (0..6).map(|i| format!("wfd{i}")).collect();
         let ports: Vec<u32> = names
             .iter()
@@ -1366,10 +1369,7 @@ mod kernel_tests {
     #[test]
     fn a_new_port_takes_the_ifb_of_a_port_departing_in_the_same_pass_whatever_their_names() {
         let mut nl = own_netns();
-        let egress = Shaping {
-            ingress: None,
-            egress: Some(RATE),
-        };
+        let egress = EGRESS;
         port(&mut nl, "wfz", "pz");
         let mut applied = Applied::default();
         apply(
