@@ -1302,14 +1302,13 @@ mod kernel_tests {
     #[test]
     fn departures_past_the_spares_cap_lose_their_ifbs_in_the_pass_that_shapes_a_new_port() {
         let mut nl = own_netns();
-        let egress = EGRESS;
         let names: Vec<String> = (0..6).map(|i| format!("wfd{i}")).collect();
         let ports: Vec<u32> = names
             .iter()
             .enumerate()
             .map(|(i, n)| port(&mut nl, n, &format!("pd{i}")))
             .collect();
-        let shaped: Vec<(&str, Shaping)> = names.iter().map(|n| (n.as_str(), egress)).collect();
+        let shaped: Vec<(&str, Shaping)> = names.iter().map(|n| (n.as_str(), EGRESS)).collect();
         let mut applied = Applied::default();
         apply(
             &mut nl,
@@ -1333,7 +1332,7 @@ mod kernel_tests {
         let departed: BTreeMap<String, bool> = names.iter().map(|n| (n.clone(), false)).collect();
         apply_capped(
             &mut nl,
-            &plan(&[("wfn", egress)]),
+            &plan(&[("wfn", EGRESS)]),
             &mut applied,
             false,
             &departed,
@@ -1369,12 +1368,11 @@ mod kernel_tests {
     #[test]
     fn a_new_port_takes_the_ifb_of_a_port_departing_in_the_same_pass_whatever_their_names() {
         let mut nl = own_netns();
-        let egress = EGRESS;
         port(&mut nl, "wfz", "pz");
         let mut applied = Applied::default();
         apply(
             &mut nl,
-            &plan(&[("wfz", egress)]),
+            &plan(&[("wfz", EGRESS)]),
             &mut applied,
             true,
             &BTreeMap::new(),
@@ -1388,7 +1386,7 @@ mod kernel_tests {
         let departed = BTreeMap::from([("wfz".to_string(), false)]);
         apply(
             &mut nl,
-            &plan(&[("wfa", egress)]),
+            &plan(&[("wfa", EGRESS)]),
             &mut applied,
             false,
             &departed,
