@@ -122,9 +122,10 @@ pub fn run() -> i32 {
     );
     let _guard = span.enter();
     let mut kept = attach::Kept::default();
+    let mut result = None;
     let outcome = match invocation.command {
         Command::Add => attach::add(&conf, env, &mut kept).map(|r| {
-            reply::print_json(&r.for_version(&conf.cni_version));
+            result = Some(r.for_version(&conf.cni_version));
         }),
         Command::Del => attach::del(&conf, env, &mut kept),
         Command::Check => attach::check(&conf, env),
@@ -132,14 +133,9 @@ pub fn run() -> i32 {
         Command::Status => gc::status(&conf),
         Command::Version => Ok(()),
     };
-    let status = match &outcome {
-        Ok(()) => 0,
-        Err(e) => {
-            error!(code = e.code, msg = %e.msg, details = %e.details, "failed");
-            reply::print_raw(&reply::error_json(&conf.cni_version, e));
-            1
-        }
-    };
+    if let Err(e) = &outcome {
+        error!(code = e.code, msg = %e.msg, details = %e.details, "failed");
+    }
     if matches!(invocation.command, Command::Add | Command::Del) {
         report(
             &conf,
@@ -149,10 +145,24 @@ pub fn run() -> i32 {
             started.elapsed(),
         );
     }
-    status
+    // What the runtime reads comes last, just before the exit: its reader then finds the
+    // output and the end of the stream together, rather than waking for the one and again for
+    // the other while the report is sent (the runtime waits for the exit either way).
+    match &outcome {
+        Ok(()) => {
+            if let Some(r) = result {
+                reply::print_json(&r);
+            }
+            0
+        }
+        Err(e) => {
+            reply::print_raw(&reply::error_json(&conf.cni_version, e));
+            1
+        }
+    }
 }
 
-/// Tells the agent how an ADD or DEL went, for its metrics (best effort, after the result is
+/// Tells the agent how an ADD or DEL went, for its metrics (best effort, before the result is
 /// printed, without waiting for the agent's answer): on the connection the operation `kept`,
 /// else on one of its own (an agent that is not there costs a failed connect).
 fn report(
