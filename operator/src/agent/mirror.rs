@@ -250,13 +250,12 @@ struct Applied {
 }
 
 /// How many IFB links of departed ports the agent keeps for the next ports with an egress
-/// limit, instead of deleting them: creating and deleting the link are the dearest of a shaped
-/// port's requests (its registration, sysfs entries and sysctl tables; a grace period when it
-/// goes), and on a node where pods come and go (a rollout replaces them a
-/// batch at a time) the next pod takes a spare. Each idle spare holds about 50 KiB of kernel
-/// memory (200 IFB links up with a `tbf`: 10 MB), its sysfs entries and sysctl tables; kubelet's
-/// default of 110 pods per node gives the scale. More room measured no faster
-/// (docs/benchmarks.md: 128 links made ahead, then 256 spares).
+/// limit, instead of deleting them: creating and deleting the link are the dearest of a
+/// shaped port's requests (its registration, sysfs entries and sysctl tables; a grace period
+/// when it goes), and on a node where pods come and go (a rollout replaces them a batch at a
+/// time) the next pod takes a spare. Each idle spare holds about 50 KiB of kernel memory (200
+/// IFB links up with a `tbf`: 10 MB); kubelet's default of 110 pods per node gives the scale.
+/// More room measured no faster (docs/benchmarks.md: 128 links made ahead, then 256 spares).
 const SPARE_IFBS: usize = 64;
 
 /// Spares are deleted at a full pass when no port has had an egress limit for this long.
