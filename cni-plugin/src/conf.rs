@@ -29,10 +29,24 @@ fn version_key(v: &str) -> Option<(u32, u32, u32)> {
 
 /// The version to answer in for a request whose input is `stdin`: its `cniVersion` when weft
 /// supports it (even if the rest of the input is bad), else [`CURRENT_VERSION`].
+///
+/// Only `cniVersion` is decoded: the other keys are skipped, not built into a tree of values
+/// (the configuration is decoded once, into its own types, by [`parse_conf`]). An input of
+/// nothing but white space (a VERSION without input) is not parsed at all: a parse error
+/// computes its position with a byte search whose first use asks the CPU for its features, and
+/// under a hypervisor each `cpuid` traps to it.
 pub fn reply_version(stdin: &[u8]) -> String {
-    serde_json::from_slice::<serde_json::Value>(stdin)
+    #[derive(Deserialize)]
+    struct Asked {
+        #[serde(rename = "cniVersion")]
+        cni_version: Option<String>,
+    }
+    if stdin.iter().all(u8::is_ascii_whitespace) {
+        return CURRENT_VERSION.to_string();
+    }
+    serde_json::from_slice::<Asked>(stdin)
         .ok()
-        .and_then(|v| v.get("cniVersion")?.as_str().map(str::to_string))
+        .and_then(|a| a.cni_version)
         .filter(|v| SUPPORTED_VERSIONS.contains(&v.as_str()))
         .unwrap_or_else(|| CURRENT_VERSION.to_string())
 }
@@ -970,6 +984,16 @@ mod tests {
         );
         assert_eq!(reply_version(br#"{"cniVersion":"9.9.9"}"#), CURRENT_VERSION);
         assert_eq!(reply_version(b""), CURRENT_VERSION);
+        assert_eq!(reply_version(b" \n\t"), CURRENT_VERSION);
+        assert_eq!(
+            reply_version(
+                br#"{"name":"n","plugins":[{"type":"weft","x":{"y":[1,2]}}],"cniVersion":"0.3.1"}"#
+            ),
+            "0.3.1",
+            "the version is found wherever it is, past nested values"
+        );
+        assert_eq!(reply_version(br#"{"cniVersion":7}"#), CURRENT_VERSION);
+        assert_eq!(reply_version(br#"["cniVersion","1.0.0"]"#), CURRENT_VERSION);
     }
 
     #[test]

@@ -24,7 +24,9 @@ pub fn read_invocation() -> Result<Invocation, (String, CniError)> {
     let current = || conf::CURRENT_VERSION.to_string();
     let command = conf::command_from_env(&get).map_err(|e| (current(), e))?;
     let env = conf::env_from(&get).map_err(|e| (current(), e))?;
-    let mut stdin = Vec::new();
+    // Room for a whole configuration at once: read into a vector without it, stdin takes
+    // a system call for every doubling of the vector.
+    let mut stdin = Vec::with_capacity(16 * 1024);
     if command == Command::Version {
         // The runtime sends `{"cniVersion": …}`; a person at a terminal sends nothing.
         if !std::io::stdin().is_terminal() {
@@ -45,10 +47,11 @@ pub fn read_invocation() -> Result<Invocation, (String, CniError)> {
         );
         (current(), e)
     })?;
-    let version = conf::reply_version(&stdin);
-    let conf = conf::parse_conf(&stdin, &env).map_err(|e| (version.clone(), e))?;
+    // The version to answer an error in is looked for only when there is an error: a
+    // configuration that parses names a supported one.
+    let conf = conf::parse_conf(&stdin, &env).map_err(|e| (conf::reply_version(&stdin), e))?;
     conf::require_command_in_version(command, &conf.cni_version)
-        .map_err(|e| (version.clone(), e))?;
+        .map_err(|e| (conf.cni_version.clone(), e))?;
     Ok(Invocation {
         command,
         cni_version: conf.cni_version.clone(),
