@@ -4,6 +4,11 @@
 //! redirects every frame to an IFB link whose root `tbf` limits it, and the IFB hands the
 //! frames back to the port's receive path (the bridge, nftables and the rest see them as
 //! before, only later or not at all).
+//!
+//! Of the redirects this kernel offers, tc's is the cheapest to set up and take down: an eBPF
+//! program attached with tcx waits a whole RCU grace period under the routing lock at every
+//! attach and detach, and a per-port nftables `netdev` chain that `fwd`s to the IFB halves the
+//! throughput of concurrent ADDs (docs/benchmarks.md, "Two redirects without a `clsact`").
 
 use super::tc::{
     DumpedFilter, SIDES, basic_counters, bpf_filter_message, clsact_qdisc_message,
