@@ -432,9 +432,9 @@ fn apply_capped(
         info!(tunnel = %name, "deleted a mirror tunnel no mirror uses");
     }
     // IFB links of ports no longer shaped (their port gone with its namespace, or its egress
-    // limit lifted while the port was away): at a full pass every one of weft's. Before the
-    // ports are shaped, so that a pod replacing another in the same pass takes its link. A spare
-    // answers to the IFB name of the port it serves as an alternative name, so they are told
+    // limit lifted while the port was away): at a full pass every one of weft's. Kept as spares
+    // before the ports are shaped, so that a pod replacing another in the same pass takes its
+    // link; the others deleted after them, with the departing ports' (below). A spare answers to the IFB name of the port it serves as an alternative name, so they are told
     // by the port their alias names, not by their own name.
     let egress_ports: BTreeSet<&str> = plan
         .shaping
@@ -504,18 +504,16 @@ fn apply_capped(
             .collect();
         found.retain(|_, l| l.as_ref().is_none_or(|l| !changed.contains(&l.index)));
     }
-    if !indexes.is_empty() {
-        let deleted = nl.delete_links(&indexes)?;
+    if !doomed.is_empty() {
         info!(
             ifbs = ?doomed.iter().map(|l| &l.name).collect::<Vec<_>>(),
-            deleted,
-            "deleted the shaping links of ports no longer shaped"
+            "deleting the shaping links of ports no longer shaped"
         );
     }
     applied.waiting.clear();
-    // The IFB links of the ports departing in this pass that are not kept as spares: deleted
-    // together after the loop.
-    let mut surplus: Vec<u32> = Vec::new();
+    // The IFB links deleted in this pass, together after the loop: those above, and those of
+    // the ports departing in this pass that are not kept as spares.
+    let mut surplus: Vec<u32> = indexes;
     // Ports with a shaping link: shaped by this agent or an earlier one.
     let shaped_before: BTreeSet<&str> = links
         .iter()
@@ -610,18 +608,19 @@ fn apply_capped(
             }
         }
     }
-    // The IFB links of departed ports past the spares' cap, together: one deletion each
-    // would hold every link change of the node (the next ADDs', this pass's shaping of new
-    // ports) for a grace period apiece. A link left by a failure here carries its port's
-    // alias with the port gone, and a later pass deletes it with the stale ones.
+    // The IFB links no longer needed, together and after this pass's ports are shaped: one
+    // deletion each would hold every link change of the node (the next ADDs', this pass's
+    // shaping of new ports) for a grace period apiece. A link left by a failure here still
+    // carries its port's alias, and a later pass deletes it with the stale ones (a full pass,
+    // if its port is still there unshaped).
     if !surplus.is_empty() {
         match nl.delete_links(&surplus) {
             Ok(deleted) => info!(
                 deleted,
                 spares = applied.spares.links.len(),
-                "deleted the shaping links of departed ports past the spares"
+                "deleted the shaping links no longer needed"
             ),
-            Err(e) => warn!(error = %e, "cannot delete the shaping links of departed ports"),
+            Err(e) => warn!(error = %e, "cannot delete the shaping links no longer needed"),
         }
     }
     // Each mirror's state: its planned sources, what it copied, its problems.
@@ -1363,6 +1362,50 @@ mod kernel_tests {
             let s = nl.shaping_counters(p, &names::shaping_ifb_name(n)).unwrap();
             assert!(s.egress.is_none(), "{n}: {s:?}");
         }
+    }
+
+    /// With no room for spares, the IFB link of a port gone without a departure (stale) and
+    /// that of a departing port both go in the pass that finds them, deleted together after a
+    /// new port is shaped.
+    #[test]
+    fn a_stale_ifb_and_a_departing_ports_ifb_go_in_the_same_pass() {
+        let mut nl = own_netns();
+        let gone = port(&mut nl, "wfs", "ps");
+        port(&mut nl, "wfe", "pe");
+        let mut applied = Applied::default();
+        let both = plan(&[("wfs", EGRESS), ("wfe", EGRESS)]);
+        apply_capped(&mut nl, &both, &mut applied, true, &BTreeMap::new(), 0).unwrap();
+        let ifb = |nl: &mut Netlink, port: &str| {
+            nl.link_by_name(&names::shaping_ifb_name(port))
+                .unwrap()
+                .map(|l| l.index)
+        };
+        let stale = ifb(&mut nl, "wfs").expect("wfs's IFB");
+        let departing = ifb(&mut nl, "wfe").expect("wfe's IFB");
+        // wfs's port goes with no DEL seen; wfe's workload departs; wfn is new.
+        nl.delete_link(gone).unwrap();
+        let new = port(&mut nl, "wfn", "pn");
+        let departed = BTreeMap::from([("wfe".to_string(), false)]);
+        apply_capped(
+            &mut nl,
+            &plan(&[("wfn", EGRESS)]),
+            &mut applied,
+            false,
+            &departed,
+            0,
+        )
+        .unwrap();
+        for (what, index) in [("stale", stale), ("departing", departing)] {
+            assert!(
+                nl.link_by_index(index).unwrap().is_none(),
+                "the {what} IFB link {index} is gone"
+            );
+        }
+        assert!(applied.spares.links.is_empty());
+        let s = nl
+            .shaping_counters(new, &names::shaping_ifb_name("wfn"))
+            .unwrap();
+        assert!(s.egress.is_some(), "{s:?}");
     }
 
     /// A port departing in the same pass as a new one whose name sorts before it: the new port
