@@ -1219,6 +1219,29 @@ mod kernel_tests {
         }
     }
 
+    /// The index of the link under port `port`'s IFB name, if any.
+    fn ifb_index(nl: &mut Netlink, port: &str) -> Option<u32> {
+        nl.link_by_name(&names::shaping_ifb_name(port))
+            .unwrap()
+            .map(|l| l.index)
+    }
+
+    /// Makes port wfn and runs a pass that gives it an egress limit while the ports of
+    /// `departed` depart, keeping at most `cap` spare IFB links; checks that wfn is shaped.
+    fn pass_shaping_a_new_port(
+        nl: &mut Netlink,
+        applied: &mut Applied,
+        departed: &BTreeMap<String, bool>,
+        cap: usize,
+    ) {
+        let new = port(nl, "wfn", "pn");
+        apply_capped(nl, &plan(&[("wfn", EGRESS)]), applied, false, departed, cap).unwrap();
+        let s = nl
+            .shaping_counters(new, &names::shaping_ifb_name("wfn"))
+            .unwrap();
+        assert!(s.egress.is_some(), "wfn: {s:?}");
+    }
+
     #[test]
     fn a_departed_port_keeps_its_tbf_and_gives_up_its_ifb_a_live_one_is_unshaped_a_new_one_shaped()
     {
@@ -1321,25 +1344,11 @@ mod kernel_tests {
         .unwrap();
         let ifbs: Vec<u32> = names
             .iter()
-            .map(|n| {
-                nl.link_by_name(&names::shaping_ifb_name(n))
-                    .unwrap()
-                    .expect("an IFB")
-                    .index
-            })
+            .map(|n| ifb_index(&mut nl, n).expect("an IFB"))
             .collect();
         // Room for two spares; all six depart while a new port, wfn, wants a limit.
-        let new = port(&mut nl, "wfn", "pn");
         let departed: BTreeMap<String, bool> = names.iter().map(|n| (n.clone(), false)).collect();
-        apply_capped(
-            &mut nl,
-            &plan(&[("wfn", EGRESS)]),
-            &mut applied,
-            false,
-            &departed,
-            2,
-        )
-        .unwrap();
+        pass_shaping_a_new_port(&mut nl, &mut applied, &departed, 2);
         let left: Vec<u32> = ifbs
             .iter()
             .copied()
@@ -1347,16 +1356,9 @@ mod kernel_tests {
             .collect();
         // Two were kept as spares, and wfn took one of them.
         assert_eq!(left.len(), 2, "{left:?} of {ifbs:?}");
-        let taken = nl
-            .link_by_name(&names::shaping_ifb_name("wfn"))
-            .unwrap()
-            .expect("wfn's IFB");
-        assert!(left.contains(&taken.index), "wfn took a spare");
+        let taken = ifb_index(&mut nl, "wfn").expect("wfn's IFB");
+        assert!(left.contains(&taken), "wfn took a spare");
         assert_eq!(applied.spares.links.len(), 1);
-        let s = nl
-            .shaping_counters(new, &names::shaping_ifb_name("wfn"))
-            .unwrap();
-        assert!(s.egress.is_some(), "{s:?}");
         for (n, &p) in names.iter().zip(&ports) {
             assert!(nl.link_by_index(p).unwrap().is_some(), "{n} stays");
             let s = nl.shaping_counters(p, &names::shaping_ifb_name(n)).unwrap();
@@ -1375,26 +1377,12 @@ mod kernel_tests {
         let mut applied = Applied::default();
         let both = plan(&[("wfs", EGRESS), ("wfe", EGRESS)]);
         apply_capped(&mut nl, &both, &mut applied, true, &BTreeMap::new(), 0).unwrap();
-        let ifb = |nl: &mut Netlink, port: &str| {
-            nl.link_by_name(&names::shaping_ifb_name(port))
-                .unwrap()
-                .map(|l| l.index)
-        };
-        let stale = ifb(&mut nl, "wfs").expect("wfs's IFB");
-        let departing = ifb(&mut nl, "wfe").expect("wfe's IFB");
+        let stale = ifb_index(&mut nl, "wfs").expect("wfs's IFB");
+        let departing = ifb_index(&mut nl, "wfe").expect("wfe's IFB");
         // wfs's port goes with no DEL seen; wfe's workload departs; wfn is new.
         nl.delete_link(gone).unwrap();
-        let new = port(&mut nl, "wfn", "pn");
         let departed = BTreeMap::from([("wfe".to_string(), false)]);
-        apply_capped(
-            &mut nl,
-            &plan(&[("wfn", EGRESS)]),
-            &mut applied,
-            false,
-            &departed,
-            0,
-        )
-        .unwrap();
+        pass_shaping_a_new_port(&mut nl, &mut applied, &departed, 0);
         for (what, index) in [("stale", stale), ("departing", departing)] {
             assert!(
                 nl.link_by_index(index).unwrap().is_none(),
@@ -1402,10 +1390,6 @@ mod kernel_tests {
             );
         }
         assert!(applied.spares.links.is_empty());
-        let s = nl
-            .shaping_counters(new, &names::shaping_ifb_name("wfn"))
-            .unwrap();
-        assert!(s.egress.is_some(), "{s:?}");
     }
 
     /// A port departing in the same pass as a new one whose name sorts before it: the new port
