@@ -434,8 +434,9 @@ fn apply_capped(
     // IFB links of ports no longer shaped (their port gone with its namespace, or its egress
     // limit lifted while the port was away): at a full pass every one of weft's. Kept as spares
     // before the ports are shaped, so that a pod replacing another in the same pass takes its
-    // link; the others deleted after them, with the departing ports' (below). A spare answers to the IFB name of the port it serves as an alternative name, so they are told
-    // by the port their alias names, not by their own name.
+    // link; the others deleted after them, with the departing ports' (below). A spare answers
+    // to the IFB name of the port it serves as an alternative name, so they are told by the
+    // port their alias names, not by their own name.
     let egress_ports: BTreeSet<&str> = plan
         .shaping
         .iter()
@@ -510,10 +511,28 @@ fn apply_capped(
             "deleting the shaping links of ports no longer shaped"
         );
     }
+    // One of them under the IFB name a port of this pass is to be shaped with (the port's name
+    // back while the link it once made serves as another port's): deleted now, so that the
+    // name is free when that port's link is made.
+    let wanted: BTreeSet<String> = egress_ports
+        .iter()
+        .map(|p| names::shaping_ifb_name(p))
+        .collect();
+    let in_the_way: Vec<u32> = doomed
+        .iter()
+        .filter(|l| wanted.contains(&l.name))
+        .map(|l| l.index)
+        .collect();
+    if !in_the_way.is_empty() {
+        nl.delete_links(&in_the_way)?;
+    }
     applied.waiting.clear();
-    // The IFB links deleted in this pass, together after the loop: those above, and those of
-    // the ports departing in this pass that are not kept as spares.
-    let mut surplus: Vec<u32> = indexes;
+    // The IFB links deleted in this pass, together after the loop: the others above, and those
+    // of the ports departing in this pass that are not kept as spares.
+    let mut surplus: Vec<u32> = indexes
+        .into_iter()
+        .filter(|i| !in_the_way.contains(i))
+        .collect();
     // Ports with a shaping link: shaped by this agent or an earlier one.
     let shaped_before: BTreeSet<&str> = links
         .iter()
@@ -1390,6 +1409,62 @@ mod kernel_tests {
             );
         }
         assert!(applied.spares.links.is_empty());
+    }
+
+    /// A port name back (the same attachment added anew) while the IFB link it once made
+    /// serves another port, under its old name, and that port is gone: the link, past the
+    /// spares' cap, is deleted before the port is shaped, and the port gets a link of its own.
+    #[test]
+    fn a_port_back_gets_its_ifb_name_from_the_stale_link_that_held_it() {
+        let mut nl = own_netns();
+        let first = port(&mut nl, "wfr", "pr");
+        let mut applied = Applied::default();
+        let none = BTreeMap::new();
+        apply_capped(
+            &mut nl,
+            &plan(&[("wfr", EGRESS)]),
+            &mut applied,
+            true,
+            &none,
+            1,
+        )
+        .unwrap();
+        let made = ifb_index(&mut nl, "wfr").expect("wfr's IFB");
+        // wfr departs and goes; its link becomes a spare, which wfp takes.
+        let departed = BTreeMap::from([("wfr".to_string(), false)]);
+        apply_capped(&mut nl, &plan(&[]), &mut applied, false, &departed, 1).unwrap();
+        nl.delete_link(first).unwrap();
+        let other = port(&mut nl, "wfp", "pp");
+        apply_capped(
+            &mut nl,
+            &plan(&[("wfp", EGRESS)]),
+            &mut applied,
+            false,
+            &none,
+            1,
+        )
+        .unwrap();
+        assert_eq!(ifb_index(&mut nl, "wfp"), Some(made), "wfp took the spare");
+        // wfp goes with no DEL seen, and wfr is back wanting a limit, with no room for spares.
+        nl.delete_link(other).unwrap();
+        let back = port(&mut nl, "wfr", "pr");
+        apply_capped(
+            &mut nl,
+            &plan(&[("wfr", EGRESS)]),
+            &mut applied,
+            false,
+            &none,
+            0,
+        )
+        .unwrap();
+        assert!(
+            nl.link_by_index(made).unwrap().is_none(),
+            "the stale link is gone"
+        );
+        let s = nl
+            .shaping_counters(back, &names::shaping_ifb_name("wfr"))
+            .unwrap();
+        assert!(s.egress.is_some(), "wfr is shaped again: {s:?}");
     }
 
     /// A port departing in the same pass as a new one whose name sorts before it: the new port
