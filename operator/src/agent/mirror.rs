@@ -511,9 +511,9 @@ fn apply_capped(
             "deleting the shaping links of ports no longer shaped"
         );
     }
-    // One of them under the IFB name a port of this pass is to be shaped with (the port's name
-    // back while the link it once made serves as another port's): deleted now, so that the
-    // name is free when that port's link is made.
+    // A doomed link under the IFB name a port of this pass is to be shaped with (that port's
+    // name back while the link it once made served another port, now gone): deleted now, so
+    // that the name is free when the port's own link is made.
     let wanted: BTreeSet<String> = egress_ports
         .iter()
         .map(|p| names::shaping_ifb_name(p))
