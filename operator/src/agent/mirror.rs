@@ -275,6 +275,39 @@ fn apply(
     apply_capped(nl, plan, applied, full, departed, SPARE_IFBS)
 }
 
+/// Deletes at once those of `doomed` (IFB links to go after the pass's ports are shaped) that
+/// `links` names with one of `ifb_names`, the IFB names of this pass's ports with an egress
+/// limit, and takes them out of `doomed` and `found`. Such a link was made for a port whose
+/// name is back (the same attachment added anew) and served another port since, now gone or
+/// departing: left until after the pass, it would hold the returning port's IFB name, and that
+/// port would stay unshaped.
+fn delete_in_the_way(
+    nl: &mut Netlink,
+    links: &[LinkInfo],
+    ifb_names: &BTreeSet<String>,
+    doomed: &mut Vec<u32>,
+    found: &mut Option<BTreeMap<String, Option<LinkInfo>>>,
+) -> Result<(), NetlinkError> {
+    let in_the_way: Vec<u32> = links
+        .iter()
+        .filter(|l| doomed.contains(&l.index) && ifb_names.contains(&l.name))
+        .map(|l| l.index)
+        .collect();
+    if in_the_way.is_empty() {
+        return Ok(());
+    }
+    doomed.retain(|i| !in_the_way.contains(i));
+    if let Some(found) = found.as_mut() {
+        found.retain(|_, l| l.as_ref().is_none_or(|l| !in_the_way.contains(&l.index)));
+    }
+    let deleted = nl.delete_links(&in_the_way)?;
+    info!(
+        deleted,
+        "deleted shaping links under the IFB name of a port to shape"
+    );
+    Ok(())
+}
+
 /// [`apply`], keeping at most `cap` spare IFB links.
 fn apply_capped(
     nl: &mut Netlink,
@@ -511,28 +544,15 @@ fn apply_capped(
             "deleting the shaping links of ports no longer shaped"
         );
     }
-    // A doomed link under the IFB name a port of this pass is to be shaped with (that port's
-    // name back while the link it once made served another port, now gone): deleted now, so
-    // that the name is free when the port's own link is made.
-    let wanted: BTreeSet<String> = egress_ports
+    applied.waiting.clear();
+    // The IFB links deleted in this pass, together after the loop: those above, and those of
+    // the ports departing in this pass that are not kept as spares.
+    let mut surplus: Vec<u32> = indexes;
+    let ifb_names: BTreeSet<String> = egress_ports
         .iter()
         .map(|p| names::shaping_ifb_name(p))
         .collect();
-    let in_the_way: Vec<u32> = doomed
-        .iter()
-        .filter(|l| wanted.contains(&l.name))
-        .map(|l| l.index)
-        .collect();
-    if !in_the_way.is_empty() {
-        nl.delete_links(&in_the_way)?;
-    }
-    applied.waiting.clear();
-    // The IFB links deleted in this pass, together after the loop: the others above, and those
-    // of the ports departing in this pass that are not kept as spares.
-    let mut surplus: Vec<u32> = indexes
-        .into_iter()
-        .filter(|i| !in_the_way.contains(i))
-        .collect();
+    delete_in_the_way(nl, &links, &ifb_names, &mut surplus, &mut found)?;
     // Ports with a shaping link: shaped by this agent or an earlier one.
     let shaped_before: BTreeSet<&str> = links
         .iter()
@@ -542,7 +562,14 @@ fn apply_capped(
     // link as a spare instead of creating one, whatever their names.
     let mut touch: Vec<String> = touch.into_iter().collect();
     touch.sort_by_key(|p| !departing(p));
+    let mut departures_done = false;
     for port in touch {
+        if !departures_done && !departing(&port) {
+            departures_done = true;
+            if let Err(e) = delete_in_the_way(nl, &links, &ifb_names, &mut surplus, &mut found) {
+                warn!(error = %e, "cannot delete the departed ports' shaping links in the way");
+            }
+        }
         let Some(&port_index) = index.get(&port) else {
             applied.ports.remove(&port);
             applied.shaping.remove(&port);
@@ -1465,6 +1492,59 @@ mod kernel_tests {
             .shaping_counters(back, &names::shaping_ifb_name("wfr"))
             .unwrap();
         assert!(s.egress.is_some(), "wfr is shaped again: {s:?}");
+    }
+
+    /// The same with the other port departing in the pass where the name comes back.
+    #[test]
+    fn a_port_back_gets_its_ifb_name_from_a_departing_ports_link_that_held_it() {
+        let mut nl = own_netns();
+        let first = port(&mut nl, "wfq", "pq");
+        let mut applied = Applied::default();
+        let none = BTreeMap::new();
+        apply_capped(
+            &mut nl,
+            &plan(&[("wfq", EGRESS)]),
+            &mut applied,
+            true,
+            &none,
+            1,
+        )
+        .unwrap();
+        let made = ifb_index(&mut nl, "wfq").expect("wfq's IFB");
+        let departed = BTreeMap::from([("wfq".to_string(), false)]);
+        apply_capped(&mut nl, &plan(&[]), &mut applied, false, &departed, 1).unwrap();
+        nl.delete_link(first).unwrap();
+        port(&mut nl, "wfo", "po");
+        apply_capped(
+            &mut nl,
+            &plan(&[("wfo", EGRESS)]),
+            &mut applied,
+            false,
+            &none,
+            1,
+        )
+        .unwrap();
+        assert_eq!(ifb_index(&mut nl, "wfo"), Some(made), "wfo took the spare");
+        // wfo departs in the pass where wfq is back wanting a limit, with no room for spares.
+        let back = port(&mut nl, "wfq", "pq");
+        let departed = BTreeMap::from([("wfo".to_string(), false)]);
+        apply_capped(
+            &mut nl,
+            &plan(&[("wfq", EGRESS)]),
+            &mut applied,
+            false,
+            &departed,
+            0,
+        )
+        .unwrap();
+        assert!(
+            nl.link_by_index(made).unwrap().is_none(),
+            "wfo's link is gone"
+        );
+        let s = nl
+            .shaping_counters(back, &names::shaping_ifb_name("wfq"))
+            .unwrap();
+        assert!(s.egress.is_some(), "wfq is shaped again: {s:?}");
     }
 
     /// A port departing in the same pass as a new one whose name sorts before it: the new port
