@@ -1438,113 +1438,70 @@ mod kernel_tests {
         assert!(applied.spares.links.is_empty());
     }
 
+    /// Port `name` (peer `peer`) gets an IFB link for an egress limit, departs and goes; its
+    /// link becomes a spare, which port `other` (peer `other_peer`) takes. Returns the link's
+    /// index and `other`'s.
+    fn ifb_passed_on(
+        nl: &mut Netlink,
+        applied: &mut Applied,
+        (name, peer): (&str, &str),
+        (other, other_peer): (&str, &str),
+    ) -> (u32, u32) {
+        let first = port(nl, name, peer);
+        let none = BTreeMap::new();
+        apply_capped(nl, &plan(&[(name, EGRESS)]), applied, true, &none, 1).unwrap();
+        let made = ifb_index(nl, name).expect("an IFB");
+        let departed = BTreeMap::from([(name.to_string(), false)]);
+        apply_capped(nl, &plan(&[]), applied, false, &departed, 1).unwrap();
+        nl.delete_link(first).unwrap();
+        let taker = port(nl, other, other_peer);
+        apply_capped(nl, &plan(&[(other, EGRESS)]), applied, false, &none, 1).unwrap();
+        assert_eq!(ifb_index(nl, other), Some(made), "{other} took the spare");
+        (made, taker)
+    }
+
+    /// Port `name` back (peer `peer`) and shaped in a pass with no room for spares, where the
+    /// ports of `departed` depart: IFB link `made` is gone and `name` is shaped.
+    fn back_and_shaped(
+        nl: &mut Netlink,
+        applied: &mut Applied,
+        (name, peer): (&str, &str),
+        departed: &BTreeMap<String, bool>,
+        made: u32,
+    ) {
+        let back = port(nl, name, peer);
+        apply_capped(nl, &plan(&[(name, EGRESS)]), applied, false, departed, 0).unwrap();
+        assert!(
+            nl.link_by_index(made).unwrap().is_none(),
+            "link {made} is gone"
+        );
+        let s = nl
+            .shaping_counters(back, &names::shaping_ifb_name(name))
+            .unwrap();
+        assert!(s.egress.is_some(), "{name} is shaped again: {s:?}");
+    }
+
     /// A port name back (the same attachment added anew) while the IFB link it once made
     /// serves another port, under its old name, and that port is gone: the link, past the
     /// spares' cap, is deleted before the port is shaped, and the port gets a link of its own.
     #[test]
     fn a_port_back_gets_its_ifb_name_from_the_stale_link_that_held_it() {
         let mut nl = own_netns();
-        let first = port(&mut nl, "wfr", "pr");
         let mut applied = Applied::default();
-        let none = BTreeMap::new();
-        apply_capped(
-            &mut nl,
-            &plan(&[("wfr", EGRESS)]),
-            &mut applied,
-            true,
-            &none,
-            1,
-        )
-        .unwrap();
-        let made = ifb_index(&mut nl, "wfr").expect("wfr's IFB");
-        // wfr departs and goes; its link becomes a spare, which wfp takes.
-        let departed = BTreeMap::from([("wfr".to_string(), false)]);
-        apply_capped(&mut nl, &plan(&[]), &mut applied, false, &departed, 1).unwrap();
-        nl.delete_link(first).unwrap();
-        let other = port(&mut nl, "wfp", "pp");
-        apply_capped(
-            &mut nl,
-            &plan(&[("wfp", EGRESS)]),
-            &mut applied,
-            false,
-            &none,
-            1,
-        )
-        .unwrap();
-        assert_eq!(ifb_index(&mut nl, "wfp"), Some(made), "wfp took the spare");
-        // wfp goes with no DEL seen, and wfr is back wanting a limit, with no room for spares.
+        let (made, other) = ifb_passed_on(&mut nl, &mut applied, ("wfr", "pr"), ("wfp", "pp"));
+        // wfp goes with no DEL seen.
         nl.delete_link(other).unwrap();
-        let back = port(&mut nl, "wfr", "pr");
-        apply_capped(
-            &mut nl,
-            &plan(&[("wfr", EGRESS)]),
-            &mut applied,
-            false,
-            &none,
-            0,
-        )
-        .unwrap();
-        assert!(
-            nl.link_by_index(made).unwrap().is_none(),
-            "the stale link is gone"
-        );
-        let s = nl
-            .shaping_counters(back, &names::shaping_ifb_name("wfr"))
-            .unwrap();
-        assert!(s.egress.is_some(), "wfr is shaped again: {s:?}");
+        back_and_shaped(&mut nl, &mut applied, ("wfr", "pr"), &BTreeMap::new(), made);
     }
 
     /// The same with the other port departing in the pass where the name comes back.
     #[test]
     fn a_port_back_gets_its_ifb_name_from_a_departing_ports_link_that_held_it() {
         let mut nl = own_netns();
-        let first = port(&mut nl, "wfq", "pq");
         let mut applied = Applied::default();
-        let none = BTreeMap::new();
-        apply_capped(
-            &mut nl,
-            &plan(&[("wfq", EGRESS)]),
-            &mut applied,
-            true,
-            &none,
-            1,
-        )
-        .unwrap();
-        let made = ifb_index(&mut nl, "wfq").expect("wfq's IFB");
-        let departed = BTreeMap::from([("wfq".to_string(), false)]);
-        apply_capped(&mut nl, &plan(&[]), &mut applied, false, &departed, 1).unwrap();
-        nl.delete_link(first).unwrap();
-        port(&mut nl, "wfo", "po");
-        apply_capped(
-            &mut nl,
-            &plan(&[("wfo", EGRESS)]),
-            &mut applied,
-            false,
-            &none,
-            1,
-        )
-        .unwrap();
-        assert_eq!(ifb_index(&mut nl, "wfo"), Some(made), "wfo took the spare");
-        // wfo departs in the pass where wfq is back wanting a limit, with no room for spares.
-        let back = port(&mut nl, "wfq", "pq");
+        let (made, _) = ifb_passed_on(&mut nl, &mut applied, ("wfq", "pq"), ("wfo", "po"));
         let departed = BTreeMap::from([("wfo".to_string(), false)]);
-        apply_capped(
-            &mut nl,
-            &plan(&[("wfq", EGRESS)]),
-            &mut applied,
-            false,
-            &departed,
-            0,
-        )
-        .unwrap();
-        assert!(
-            nl.link_by_index(made).unwrap().is_none(),
-            "wfo's link is gone"
-        );
-        let s = nl
-            .shaping_counters(back, &names::shaping_ifb_name("wfq"))
-            .unwrap();
-        assert!(s.egress.is_some(), "wfq is shaped again: {s:?}");
+        back_and_shaped(&mut nl, &mut applied, ("wfq", "pq"), &departed, made);
     }
 
     /// A port departing in the same pass as a new one whose name sorts before it: the new port
