@@ -484,9 +484,10 @@ impl Netlink {
     /// Creating and deleting a link are the dearest of a shaped port's requests (per-device
     /// sysctl tables, sysfs entries, a grace period when it goes), though not most of what
     /// shaping costs: the port's `clsact` and redirect weigh more (docs/benchmarks.md); a
-    /// spare costs an alternative name, an alias and a `tbf` change. The spare keeps its own name and answers
-    /// to `ifb` as its alternative name, so `ifb` finds it wherever a name is looked up. A
-    /// spare named `ifb` (the same port name again) is taken whether or not it is listed.
+    /// spare costs an alternative name, an alias and a `tbf` change. The spare keeps its own
+    /// name and answers to `ifb` as its alternative name, so `ifb` finds it wherever a name is
+    /// looked up. A spare named `ifb` (the same port name again) is taken whether or not it is
+    /// listed.
     pub fn set_shaping_reusing(
         &mut self,
         port: u32,

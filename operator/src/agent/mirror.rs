@@ -288,10 +288,14 @@ fn delete_in_the_way(
     doomed: &mut Vec<u32>,
     found: &mut Option<BTreeMap<String, Option<LinkInfo>>>,
 ) -> Result<(), NetlinkError> {
+    // A link looked up under two names (its own, and a port's as its alternative name) is in
+    // `links` twice: each index once.
     let in_the_way: Vec<u32> = links
         .iter()
         .filter(|l| doomed.contains(&l.index) && ifb_names.contains(&l.name))
         .map(|l| l.index)
+        .collect::<BTreeSet<u32>>()
+        .into_iter()
         .collect();
     if in_the_way.is_empty() {
         return Ok(());
