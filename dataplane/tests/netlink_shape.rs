@@ -633,6 +633,91 @@ fn a_departed_ports_ifb_is_kept_as_a_spare_and_shapes_the_next_port_under_its_na
     assert!(n.nl.link_by_index(made.index).unwrap().is_none(), "deleted");
 }
 
+/// The link `dev`'s ingress redirect sends to, as `tc` shows it.
+fn redirect_of(dev: &str) -> String {
+    let text = tc(&["filter", "show", "dev", dev, "ingress"]);
+    let (_, after) = text
+        .split_once("Redirect to device ")
+        .unwrap_or_else(|| panic!("no redirect on {dev}: {text}"));
+    after
+        .split(|c: char| c == ')' || c.is_whitespace())
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn a_port_moves_off_the_link_under_a_returning_ports_ifb_name_and_stays_shaped() {
+    let mut n = node();
+    let bridge = n.nl.link_by_name("wbr0").unwrap().unwrap().index;
+    let egress = Shaping {
+        ingress: None,
+        egress: Some(LIMITED),
+    };
+    // C shaped, then gone: its IFB link, a spare, is taken by A.
+    let gone = workload(&mut n.nl, bridge, "sm", 3);
+    let c_ifb = ifb_of(&gone);
+    n.nl.set_shaping(gone.host, &c_ifb, &egress).unwrap();
+    let held = n.nl.link_by_name(&c_ifb).unwrap().unwrap();
+    n.nl.delete_link(gone.host).unwrap();
+    n.nl.retire_ifb(&held).unwrap();
+    let a_ifb = ifb_of(&n.a);
+    let mut spares = SpareIfbs {
+        links: vec![held.index],
+        cap: 1,
+    };
+    n.nl.set_shaping_reusing(n.a.host, &a_ifb, &egress, &mut spares)
+        .unwrap();
+    assert_eq!(redirect_of(&n.a.name), c_ifb, "A is shaped on C's old link");
+
+    // Refused, nothing changed: a link under its own port's IFB name, a link that is not an
+    // IFB of weft's, a port without an egress limit.
+    let back = workload(&mut n.nl, bridge, "sm", 4);
+    assert_eq!(ifb_of(&back), c_ifb, "C's name is back");
+    let held = n.nl.link_by_name(&c_ifb).unwrap().unwrap();
+    let wbr0 = n.nl.link_by_index(bridge).unwrap().unwrap();
+    for (link, shaping) in [(&wbr0, egress), (&held, Shaping::default())] {
+        let e = n.nl.move_shaping(link, &shaping, &mut spares).unwrap_err();
+        assert!(matches!(e, NetlinkError::Invalid { .. }), "{e}");
+    }
+    n.nl.set_shaping(n.b.host, &ifb_of(&n.b), &egress).unwrap();
+    let b_own = n.nl.link_by_name(&ifb_of(&n.b)).unwrap().unwrap();
+    let e = n.nl.move_shaping(&b_own, &egress, &mut spares).unwrap_err();
+    assert!(matches!(e, NetlinkError::Invalid { .. }), "{e}");
+    n.nl.set_shaping(n.b.host, &ifb_of(&n.b), &Shaping::default())
+        .unwrap();
+    assert_eq!(n.nl.link_by_name(&c_ifb).unwrap(), Some(held.clone()));
+    assert_eq!(redirect_of(&n.a.name), c_ifb);
+
+    // Moved: A on a link of its own, under its own IFB name; C's old link a spare, which C
+    // takes by its name.
+    assert!(n.nl.move_shaping(&held, &egress, &mut spares).unwrap());
+    let moved = n.nl.link_by_name(&a_ifb).unwrap().expect("A's IFB");
+    assert_ne!(moved.index, held.index);
+    assert_eq!(moved.name, a_ifb);
+    assert_eq!(redirect_of(&n.a.name), a_ifb);
+    assert_tbf(&a_ifb, LIMITED);
+    let spare = n.nl.link_by_index(held.index).unwrap().unwrap();
+    assert_eq!(spare.alias.as_deref(), Some(names::SPARE_IFB_ALIAS));
+    n.nl.set_shaping(back.host, &c_ifb, &egress).unwrap();
+    let taken = n.nl.link_by_name(&c_ifb).unwrap().unwrap();
+    assert_eq!(taken.index, held.index, "C takes its old link back");
+    assert_eq!(redirect_of(&back.name), c_ifb);
+
+    // A is still shaped, through its new link.
+    let (a_to_b, b_to_a) = bursts_both_ways(&n);
+    assert_shaped(a_to_b, "A to B, on its new link");
+    assert_unshaped(b_to_a, "B to A");
+    assert!(
+        n.nl.shaping_counters(n.a.host, &a_ifb)
+            .unwrap()
+            .egress
+            .unwrap()
+            .drops
+            > 0
+    );
+}
+
 #[test]
 fn a_spare_takes_its_tbf_whatever_root_qdisc_it_was_left_with() {
     let mut n = node();

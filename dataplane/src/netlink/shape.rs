@@ -867,6 +867,69 @@ impl Netlink {
         Ok(())
     }
 
+    /// Frees the name of `held`, weft's IFB link of another port that serves it under that
+    /// port's IFB name as its alternative name (a spare made for a first port and taken by
+    /// the other, whose own name is the first port's IFB name), for that first port, whose
+    /// name has come back (the same attachment added anew). The other port is shaped to
+    /// `shaping`, its wanted limits, on another IFB link (a spare, else a new one under its own
+    /// IFB name), its redirect moved there; then `held` is a spare, which the first port takes
+    /// by its name ([`Netlink::set_shaping_reusing`]). A port gone already leaves nothing to
+    /// move: `held` becomes a spare at once. Returns whether the other port was moved.
+    ///
+    /// Errors: `held` is not such a link, or `shaping` has no egress limit →
+    /// [`NetlinkError::Invalid`], before anything is changed; a failure to shape the other
+    /// port leaves `held` as it was.
+    pub fn move_shaping(
+        &mut self,
+        held: &LinkInfo,
+        shaping: &Shaping,
+        spares: &mut SpareIfbs,
+    ) -> Result<bool, NetlinkError> {
+        const OP: &str = "move a port's shaping link";
+        let other = held
+            .alias
+            .as_deref()
+            .and_then(names::shaped_port)
+            .filter(|_| held.kind.as_deref() == Some("ifb"));
+        let own = other.map(names::shaping_ifb_name);
+        let (Some(other), Some(own)) = (other, own.filter(|own| *own != held.name)) else {
+            return Err(NetlinkError::Invalid {
+                op: OP,
+                target: format!("link {} ({})", held.name, held.index),
+                reason: format!(
+                    "it is not weft's shaping link of a port under another name (kind {}, alias \
+                     {:?})",
+                    held.kind.as_deref().unwrap_or("none"),
+                    held.alias.as_deref().unwrap_or("")
+                ),
+            });
+        };
+        if shaping.egress.is_none() {
+            return Err(NetlinkError::Invalid {
+                op: OP,
+                target: format!("port {other}"),
+                reason: "its shaping has no egress limit, so it needs no shaping link".into(),
+            });
+        }
+        let Some(port) = self.link_by_name(other)? else {
+            self.retire_ifb(held)?;
+            return Ok(false);
+        };
+        // The name first, for the other port's new link; its redirect still sends to `held`.
+        match self.alt_name(OP, held.index, &own, false) {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e),
+        }
+        if let Err(e) = self.set_shaping_reusing(port.index, &own, shaping, spares) {
+            let _ = self.alt_name(OP, held.index, &own, true);
+            return Err(e);
+        }
+        self.set_alias(held.index, names::SPARE_IFB_ALIAS)?;
+        debug!(ifb = %held.name, port = other, "moved a port's shaping off the link under another port's IFB name");
+        Ok(true)
+    }
+
     /// Makes a spare IFB link (`named`, the spare already called `name`, else the first of
     /// `spares` that still is one) the IFB link `name` of the port with alias `alias`: `name`
     /// as its alternative name, the alias and the MTU, `tbf` at its root, up. `None` when no

@@ -312,6 +312,60 @@ fn delete_in_the_way(
     Ok(())
 }
 
+/// Moves the shaping of a port with an egress limit off its IFB link when `links` names that
+/// link with one of `ifb_names` (the IFB names of this pass's ports with an egress limit) and
+/// it is not the port's own IFB name: a spare made for a port whose name is back (the same
+/// attachment added anew), which the other port took. The other port gets another link
+/// ([`Netlink::move_shaping`]) and the returning one takes this one by its name; the links
+/// moved are taken out of `found`, for the ports' shaping to look them up again. Without the
+/// move the returning port would stay unshaped for as long as the other port lives.
+fn move_out_of_the_way(
+    nl: &mut Netlink,
+    links: &[LinkInfo],
+    ifb_names: &BTreeSet<String>,
+    plan: &MirrorPlan,
+    spares: &mut SpareIfbs,
+    found: &mut Option<BTreeMap<String, Option<LinkInfo>>>,
+) {
+    let mut seen = BTreeSet::new();
+    for held in links {
+        if !ifb_names.contains(&held.name) || !seen.insert(held.index) {
+            continue;
+        }
+        let Some(other) = held.alias.as_deref().and_then(names::shaped_port) else {
+            continue;
+        };
+        let own = names::shaping_ifb_name(other);
+        let Some(shaping) = plan.shaping.get(other).filter(|s| s.egress.is_some()) else {
+            continue;
+        };
+        if own == held.name {
+            continue;
+        }
+        match nl.move_shaping(held, shaping, spares) {
+            Ok(moved) => info!(
+                ifb = %held.name,
+                port = other,
+                moved,
+                "freed a port's IFB name held by another port's shaping link"
+            ),
+            Err(e) => warn!(
+                ifb = %held.name,
+                port = other,
+                error = %e,
+                "cannot free a port's IFB name held by another port's shaping link"
+            ),
+        }
+        if let Some(found) = found.as_mut() {
+            found.retain(|name, l| {
+                *name != held.name
+                    && *name != own
+                    && l.as_ref().is_none_or(|l| l.index != held.index)
+            });
+        }
+    }
+}
+
 /// [`apply`], keeping at most `cap` spare IFB links.
 fn apply_capped(
     nl: &mut Netlink,
@@ -557,6 +611,23 @@ fn apply_capped(
         .map(|p| names::shaping_ifb_name(p))
         .collect();
     delete_in_the_way(nl, &links, &ifb_names, &mut surplus, &mut found)?;
+    // A link under the IFB name of a port shaped in this pass (made for that port, whose name
+    // is back), once a spare, is that port's, which takes it by its name: no other port takes
+    // it first. Those kept as spares in the loop (departing ports') are taken out again after.
+    let reserved: BTreeSet<u32> = links
+        .iter()
+        .filter(|l| ifb_names.contains(&l.name))
+        .map(|l| l.index)
+        .collect();
+    applied.spares.links.retain(|i| !reserved.contains(i));
+    move_out_of_the_way(
+        nl,
+        &links,
+        &ifb_names,
+        plan,
+        &mut applied.spares,
+        &mut found,
+    );
     // Ports with a shaping link: shaped by this agent or an earlier one.
     let shaped_before: BTreeSet<&str> = links
         .iter()
@@ -570,6 +641,7 @@ fn apply_capped(
     for port in touch {
         if !departures_done && !departing(&port) {
             departures_done = true;
+            applied.spares.links.retain(|i| !reserved.contains(i));
             if let Err(e) = delete_in_the_way(nl, &links, &ifb_names, &mut surplus, &mut found) {
                 warn!(error = %e, "cannot delete the departed ports' shaping links in the way");
             }
@@ -1506,6 +1578,91 @@ mod kernel_tests {
         let (made, _) = ifb_passed_on(&mut nl, &mut applied, ("wfq", "pq"), ("wfo", "po"));
         let departed = BTreeMap::from([("wfo".to_string(), false)]);
         back_and_shaped(&mut nl, &mut applied, ("wfq", "pq"), &departed, made);
+    }
+
+    /// The name of the link port `port`'s redirect sends to, as `tc` shows it.
+    fn redirected_to(port: &str) -> String {
+        let out = std::process::Command::new("tc")
+            .args(["filter", "show", "dev", port, "ingress"])
+            .output()
+            .expect("tc");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let (_, after) = text
+            .split_once("Redirect to device ")
+            .unwrap_or_else(|| panic!("no redirect on {port}: {text}"));
+        after
+            .split(|c: char| c == ')' || c.is_whitespace())
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// Port `port` (index `index`) is shaped on IFB link `ifb`, found under its IFB name.
+    fn shaped_on(nl: &mut Netlink, port: &str, index: u32, ifb: u32) {
+        assert_eq!(ifb_index(nl, port), Some(ifb), "{port}'s IFB link");
+        let s = nl
+            .shaping_counters(index, &names::shaping_ifb_name(port))
+            .unwrap();
+        assert!(s.egress.is_some(), "{port}: {s:?}");
+        let name = nl.link_by_index(ifb).unwrap().expect("the IFB link").name;
+        assert_eq!(redirected_to(port), name, "{port}'s redirect");
+    }
+
+    /// A port name back (the same attachment added anew) while the IFB link it once made
+    /// serves another port, under its old name, and that port keeps its egress limit: the
+    /// other port moves to a link of its own, and the returning port takes its name back,
+    /// in a pass that is not full and in a full one.
+    #[test]
+    fn a_port_back_gets_its_ifb_name_from_a_live_ports_link_that_held_it() {
+        for full in [false, true] {
+            let mut nl = own_netns();
+            let mut applied = Applied::default();
+            let (made, other) = ifb_passed_on(&mut nl, &mut applied, ("wfl", "pl"), ("wfk", "pk"));
+            let back = port(&mut nl, "wfl", "pl");
+            let both = plan(&[("wfk", EGRESS), ("wfl", EGRESS)]);
+            apply_capped(&mut nl, &both, &mut applied, full, &BTreeMap::new(), 1).unwrap();
+            shaped_on(&mut nl, "wfl", back, made);
+            let moved = ifb_index(&mut nl, "wfk").expect("wfk's IFB link");
+            assert_ne!(moved, made, "full: {full}");
+            shaped_on(&mut nl, "wfk", other, moved);
+            // The next pass changes nothing.
+            apply_capped(&mut nl, &both, &mut applied, full, &BTreeMap::new(), 1).unwrap();
+            shaped_on(&mut nl, "wfl", back, made);
+            shaped_on(&mut nl, "wfk", other, moved);
+        }
+    }
+
+    /// A port name back while the IFB link it once made is a spare, in the same pass as a new
+    /// port whose name sorts before it: the spare is kept for the returning port, which takes
+    /// it by its name, and the new port gets a link of its own.
+    #[test]
+    fn a_spare_under_a_returning_ports_ifb_name_is_kept_for_that_port() {
+        let mut nl = own_netns();
+        let mut applied = Applied::default();
+        let first = port(&mut nl, "wfv", "pv");
+        let none = BTreeMap::new();
+        apply_capped(
+            &mut nl,
+            &plan(&[("wfv", EGRESS)]),
+            &mut applied,
+            true,
+            &none,
+            1,
+        )
+        .unwrap();
+        let made = ifb_index(&mut nl, "wfv").expect("an IFB");
+        let departed = BTreeMap::from([("wfv".to_string(), false)]);
+        apply_capped(&mut nl, &plan(&[]), &mut applied, false, &departed, 1).unwrap();
+        assert_eq!(applied.spares.links, [made], "kept as a spare");
+        nl.delete_link(first).unwrap();
+        let back = port(&mut nl, "wfv", "pv");
+        let new = port(&mut nl, "wfa", "pa");
+        let both = plan(&[("wfa", EGRESS), ("wfv", EGRESS)]);
+        apply_capped(&mut nl, &both, &mut applied, false, &none, 1).unwrap();
+        shaped_on(&mut nl, "wfv", back, made);
+        let own = ifb_index(&mut nl, "wfa").expect("wfa's IFB link");
+        assert_ne!(own, made);
+        shaped_on(&mut nl, "wfa", new, own);
     }
 
     /// A port departing in the same pass as a new one whose name sorts before it: the new port
