@@ -633,19 +633,6 @@ fn a_departed_ports_ifb_is_kept_as_a_spare_and_shapes_the_next_port_under_its_na
     assert!(n.nl.link_by_index(made.index).unwrap().is_none(), "deleted");
 }
 
-/// The link `dev`'s ingress redirect sends to, as `tc` shows it.
-fn redirect_of(dev: &str) -> String {
-    let text = tc(&["filter", "show", "dev", dev, "ingress"]);
-    let (_, after) = text
-        .split_once("Redirect to device ")
-        .unwrap_or_else(|| panic!("no redirect on {dev}: {text}"));
-    after
-        .split(|c: char| c == ')' || c.is_whitespace())
-        .next()
-        .unwrap()
-        .to_string()
-}
-
 #[test]
 fn a_port_moves_off_the_link_under_a_returning_ports_ifb_name_and_stays_shaped() {
     let mut n = node();
@@ -668,7 +655,11 @@ fn a_port_moves_off_the_link_under_a_returning_ports_ifb_name_and_stays_shaped()
     };
     n.nl.set_shaping_reusing(n.a.host, &a_ifb, &egress, &mut spares)
         .unwrap();
-    assert_eq!(redirect_of(&n.a.name), c_ifb, "A is shaped on C's old link");
+    assert_eq!(
+        n.nl.shaping_redirect(n.a.host).unwrap(),
+        Some(held.index),
+        "A is shaped on C's old link"
+    );
 
     // Refused, nothing changed: a link under its own port's IFB name, a link that is not an
     // IFB of weft's, a port without an egress limit.
@@ -687,7 +678,7 @@ fn a_port_moves_off_the_link_under_a_returning_ports_ifb_name_and_stays_shaped()
     n.nl.set_shaping(n.b.host, &ifb_of(&n.b), &Shaping::default())
         .unwrap();
     assert_eq!(n.nl.link_by_name(&c_ifb).unwrap(), Some(held.clone()));
-    assert_eq!(redirect_of(&n.a.name), c_ifb);
+    assert_eq!(n.nl.shaping_redirect(n.a.host).unwrap(), Some(held.index));
 
     // Moved: A on a link of its own, under its own IFB name; C's old link a spare, which C
     // takes by its name.
@@ -695,14 +686,19 @@ fn a_port_moves_off_the_link_under_a_returning_ports_ifb_name_and_stays_shaped()
     let moved = n.nl.link_by_name(&a_ifb).unwrap().expect("A's IFB");
     assert_ne!(moved.index, held.index);
     assert_eq!(moved.name, a_ifb);
-    assert_eq!(redirect_of(&n.a.name), a_ifb);
+    assert_eq!(n.nl.shaping_redirect(n.a.host).unwrap(), Some(moved.index));
     assert_tbf(&a_ifb, LIMITED);
     let spare = n.nl.link_by_index(held.index).unwrap().unwrap();
     assert_eq!(spare.alias.as_deref(), Some(names::SPARE_IFB_ALIAS));
     n.nl.set_shaping(back.host, &c_ifb, &egress).unwrap();
     let taken = n.nl.link_by_name(&c_ifb).unwrap().unwrap();
     assert_eq!(taken.index, held.index, "C takes its old link back");
-    assert_eq!(redirect_of(&back.name), c_ifb);
+    assert_eq!(n.nl.shaping_redirect(back.host).unwrap(), Some(held.index));
+    assert_eq!(
+        n.nl.shaping_redirect(n.b.host).unwrap(),
+        None,
+        "B's limit lifted"
+    );
 
     // A is still shaped, through its new link.
     let (a_to_b, b_to_a) = bursts_both_ways(&n);

@@ -867,6 +867,25 @@ impl Netlink {
         Ok(())
     }
 
+    /// The index of the link weft's redirect on port `port`'s ingress hook sends every frame
+    /// to (the port's IFB link), read back from the kernel; `None` when the port has no such
+    /// redirect.
+    pub fn shaping_redirect(&mut self, port: u32) -> Result<Option<u32>, NetlinkError> {
+        let filters = self.hook_filters("read shaping redirect", port, Side::FromWorkload)?;
+        let ours: Vec<&DumpedFilter> = filters
+            .iter()
+            .filter(|f| f.pref == SHAPE_PREF && !f.head)
+            .collect();
+        Ok(match ours.as_slice() {
+            [f] => f.mirred_target(
+                &program_bytes(&every_frame()),
+                TcMirrorActionType::EgressRedir,
+                TcActionType::Stolen,
+            ),
+            _ => None,
+        })
+    }
+
     /// Frees the name of `held`, weft's IFB link of another port that serves it under that
     /// port's IFB name as its alternative name (a spare made for a first port and taken by
     /// the other, whose own name is the first port's IFB name), for that first port, whose

@@ -1580,23 +1580,6 @@ mod kernel_tests {
         back_and_shaped(&mut nl, &mut applied, ("wfq", "pq"), &departed, made);
     }
 
-    /// The name of the link port `port`'s redirect sends to, as `tc` shows it.
-    fn redirected_to(port: &str) -> String {
-        let out = std::process::Command::new("tc")
-            .args(["filter", "show", "dev", port, "ingress"])
-            .output()
-            .expect("tc");
-        let text = String::from_utf8_lossy(&out.stdout);
-        let (_, after) = text
-            .split_once("Redirect to device ")
-            .unwrap_or_else(|| panic!("no redirect on {port}: {text}"));
-        after
-            .split(|c: char| c == ')' || c.is_whitespace())
-            .next()
-            .unwrap_or_default()
-            .to_string()
-    }
-
     /// Port `port` (index `index`) is shaped on IFB link `ifb`, found under its IFB name.
     fn shaped_on(nl: &mut Netlink, port: &str, index: u32, ifb: u32) {
         assert_eq!(ifb_index(nl, port), Some(ifb), "{port}'s IFB link");
@@ -1604,8 +1587,11 @@ mod kernel_tests {
             .shaping_counters(index, &names::shaping_ifb_name(port))
             .unwrap();
         assert!(s.egress.is_some(), "{port}: {s:?}");
-        let name = nl.link_by_index(ifb).unwrap().expect("the IFB link").name;
-        assert_eq!(redirected_to(port), name, "{port}'s redirect");
+        assert_eq!(
+            nl.shaping_redirect(index).unwrap(),
+            Some(ifb),
+            "{port}'s redirect"
+        );
     }
 
     /// A port name back (the same attachment added anew) while the IFB link it once made
