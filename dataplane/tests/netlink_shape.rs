@@ -446,6 +446,19 @@ fn assert_unshaped(got: usize, what: &str) {
     );
 }
 
+/// Bursts both ways: what A sends is held back (`how`: on which link), what it receives not,
+/// and the `tbf` of A's IFB link, found by `ifb`, counted drops.
+fn a_egress_held_back(n: &mut Node, ifb: &str, how: &str) {
+    let (a_to_b, b_to_a) = bursts_both_ways(n);
+    assert_shaped(a_to_b, &format!("A to B, {how}"));
+    assert_unshaped(b_to_a, "B to A");
+    let egress = n.nl.shaping_counters(n.a.host, ifb).unwrap().egress;
+    assert!(
+        egress.expect("egress counters by A's IFB name").drops > 0,
+        "{egress:?}"
+    );
+}
+
 #[test]
 fn egress_shaping_holds_back_what_the_workload_sends_and_nothing_else() {
     let mut n = node();
@@ -579,17 +592,7 @@ fn a_departed_ports_ifb_is_kept_as_a_spare_and_shapes_the_next_port_under_its_na
             )
             .unwrap()
     );
-    let (a_to_b, b_to_a) = bursts_both_ways(&n);
-    assert_shaped(a_to_b, "A to B, through the spare");
-    assert_unshaped(b_to_a, "B to A");
-    assert!(
-        n.nl.shaping_counters(n.a.host, &ifb)
-            .unwrap()
-            .egress
-            .expect("egress counters by A's IFB name")
-            .drops
-            > 0
-    );
+    a_egress_held_back(&mut n, &ifb, "through the spare");
 
     // Retired again: A's name goes with it, and a port that comes back under the spare's own
     // name takes it although no list names it.
@@ -701,17 +704,7 @@ fn a_port_moves_off_the_link_under_a_returning_ports_ifb_name_and_stays_shaped()
     );
 
     // A is still shaped, through its new link.
-    let (a_to_b, b_to_a) = bursts_both_ways(&n);
-    assert_shaped(a_to_b, "A to B, on its new link");
-    assert_unshaped(b_to_a, "B to A");
-    assert!(
-        n.nl.shaping_counters(n.a.host, &a_ifb)
-            .unwrap()
-            .egress
-            .unwrap()
-            .drops
-            > 0
-    );
+    a_egress_held_back(&mut n, &a_ifb, "on its new link");
 }
 
 #[test]
