@@ -641,6 +641,12 @@ fn apply_capped(
     for port in touch {
         if !departures_done && !departing(&port) {
             departures_done = true;
+            // The departed ports' IFB links, kept as spares or left to delete, are no longer
+            // what was found (a port back under one's name takes it by looking again).
+            if let Some(found) = found.as_mut() {
+                let changed = |i: u32| applied.spares.links.contains(&i) || surplus.contains(&i);
+                found.retain(|_, l| l.as_ref().is_none_or(|l| !changed(l.index)));
+            }
             applied.spares.links.retain(|i| !reserved.contains(i));
             if let Err(e) = delete_in_the_way(nl, &links, &ifb_names, &mut surplus, &mut found) {
                 warn!(error = %e, "cannot delete the departed ports' shaping links in the way");
@@ -1649,6 +1655,27 @@ mod kernel_tests {
         let own = ifb_index(&mut nl, "wfa").expect("wfa's IFB link");
         assert_ne!(own, made);
         shaped_on(&mut nl, "wfa", new, own);
+    }
+
+    /// The same with room for a spare: the departing port's link, kept as a spare, is taken
+    /// by the returning port in that pass.
+    #[test]
+    fn a_port_back_takes_a_departing_ports_link_kept_as_a_spare_under_its_name() {
+        let mut nl = own_netns();
+        let mut applied = Applied::default();
+        let (made, _) = ifb_passed_on(&mut nl, &mut applied, ("wfj", "pj"), ("wfi", "pi"));
+        let departed = BTreeMap::from([("wfi".to_string(), false)]);
+        let back = port(&mut nl, "wfj", "pj");
+        apply_capped(
+            &mut nl,
+            &plan(&[("wfj", EGRESS)]),
+            &mut applied,
+            false,
+            &departed,
+            1,
+        )
+        .unwrap();
+        shaped_on(&mut nl, "wfj", back, made);
     }
 
     /// A port departing in the same pass as a new one whose name sorts before it: the new port
