@@ -1657,8 +1657,9 @@ mod kernel_tests {
         shaped_on(&mut nl, "wfa", new, own);
     }
 
-    /// The same with room for a spare: the departing port's link, kept as a spare, is taken
-    /// by the returning port in that pass.
+    /// A port name back while the IFB link it once made serves another port, which departs in
+    /// the same pass, with room for a spare: that link, kept as a spare, is taken by the
+    /// returning port in that pass.
     #[test]
     fn a_port_back_takes_a_departing_ports_link_kept_as_a_spare_under_its_name() {
         let mut nl = own_netns();
