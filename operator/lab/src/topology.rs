@@ -13,7 +13,7 @@ use std::io::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
 use std::time::{Duration, Instant};
 use weft_dataplane::names;
 use weft_dataplane::netlink::{Netlink, RouteSpec};
@@ -29,19 +29,26 @@ pub type Addresses = BTreeMap<String, Vec<(String, Vec<IpAddr>)>>;
 /// interface and the VM's MAC on it.
 type Switch = (Arc<super::vmm::Relay>, usize, std::fs::File, String, String);
 
-/// Held while the lab creates a namespace or starts an agent; an interrupt takes it for good, so
-/// nothing is created after the interrupt's removal has listed what there is.
-static BUILDING: Mutex<()> = Mutex::new(());
+/// Held (shared) while the lab creates a namespace, starts an agent or runs the CNI plugin;
+/// an interrupt takes it (exclusive) for good, so nothing is created after the interrupt's
+/// removal has listed what there is. A plugin whose ADD fails undoes it, and without an agent
+/// to answer, it releases the addresses itself, making the store's directory again under the
+/// lab's: the removal waits for it.
+static BUILDING: RwLock<()> = RwLock::new(());
 /// Set once the lab is interrupted: creating anything more fails.
 static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// How long an interrupt waits for what is being created before it removes the lab anyway
+/// (a plugin waits for its agent for less).
+const STOP_WAIT: Duration = Duration::from_secs(30);
 
-/// Leave to create something (a namespace, an agent), unless the lab was interrupted.
-fn building() -> anyhow::Result<std::sync::MutexGuard<'static, ()>> {
+/// Leave to create something (a namespace, an agent, a CNI call), unless the lab was
+/// interrupted. Several may be created at once.
+fn building() -> anyhow::Result<RwLockReadGuard<'static, ()>> {
     let interrupted = || INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst);
     if interrupted() {
         anyhow::bail!("the lab was interrupted");
     }
-    let guard = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
+    let guard = BUILDING.read().unwrap_or_else(|e| e.into_inner());
     if interrupted() {
         anyhow::bail!("the lab was interrupted");
     }
@@ -59,10 +66,22 @@ pub fn abandon(name: &str, status: i32) -> ! {
     std::process::exit(status)
 }
 
-/// Makes every later [`building`] fail and waits for the one in progress, if any.
-fn stop_building() -> std::sync::MutexGuard<'static, ()> {
+/// Makes every later [`building`] fail and waits for those in progress, if any, for at most
+/// [`STOP_WAIT`] (a panic while something is created must not wait for itself); `None` when
+/// they did not end in time.
+fn stop_building() -> Option<RwLockWriteGuard<'static, ()>> {
     INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
-    BUILDING.lock().unwrap_or_else(|e| e.into_inner())
+    let deadline = Instant::now() + STOP_WAIT;
+    loop {
+        match BUILDING.try_write() {
+            Ok(guard) => return Some(guard),
+            Err(TryLockError::Poisoned(e)) => return Some(e.into_inner()),
+            Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(TryLockError::WouldBlock) => return None,
+        }
+    }
 }
 
 /// Root of the lab's files.
@@ -691,6 +710,8 @@ impl Lab {
         let ns = self.node_ns(node)?;
         let command = command.to_string();
         let ifname = ifname.to_string();
+        // Until the plugin has exited: an interrupt waits for it before removing the lab.
+        let _building = building()?;
         let output = netns::run_in(&ns, move || -> std::io::Result<std::process::Output> {
             let mut child = Command::new(bin_dir.join(names::CNI_TYPE))
                 .env_clear()
@@ -1305,15 +1326,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_interrupt_waits_for_the_creation_in_progress_and_refuses_the_next() {
+    fn an_interrupt_waits_for_the_creations_in_progress_and_refuses_the_next() {
+        // Two at once (a namespace, a CNI call)...
         let creating = building().unwrap();
+        let also = std::thread::spawn(|| building().map(|_| ()).map_err(|e| e.to_string()))
+            .join()
+            .unwrap();
+        assert_eq!(also, Ok(()));
+        let another = std::thread::spawn(|| {
+            let guard = building().unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+            drop(guard);
+        });
+        std::thread::sleep(Duration::from_millis(50));
         let stopper = std::thread::spawn(|| {
             let guard = stop_building();
+            assert!(guard.is_some(), "the creations ended in time");
             std::mem::forget(guard);
         });
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(300));
         // The interrupt waits while something is being created...
         assert!(!stopper.is_finished());
+        another.join().unwrap();
         drop(creating);
         stopper.join().unwrap();
         // ...and nothing is created after it.
