@@ -1542,17 +1542,22 @@ mod kernel_tests {
         (made, taker)
     }
 
-    /// Port `name` back (peer `peer`) and shaped in a pass with no room for spares, where the
-    /// ports of `departed` depart: IFB link `made` is gone and `name` is shaped.
+    /// Port `name` back (peer `peer`) and shaped in a pass keeping at most `cap` spares, where
+    /// the ports of `departed` depart: with room for a spare, `name` is shaped on IFB link
+    /// `made`; without, `made` is gone and `name` is shaped on another.
     fn back_and_shaped(
         nl: &mut Netlink,
         applied: &mut Applied,
         (name, peer): (&str, &str),
         departed: &BTreeMap<String, bool>,
-        made: u32,
+        (made, cap): (u32, usize),
     ) {
         let back = port(nl, name, peer);
-        apply_capped(nl, &plan(&[(name, EGRESS)]), applied, false, departed, 0).unwrap();
+        apply_capped(nl, &plan(&[(name, EGRESS)]), applied, false, departed, cap).unwrap();
+        if cap > 0 {
+            shaped_on(nl, name, back, made);
+            return;
+        }
         assert!(
             nl.link_by_index(made).unwrap().is_none(),
             "link {made} is gone"
@@ -1573,17 +1578,27 @@ mod kernel_tests {
         let (made, other) = ifb_passed_on(&mut nl, &mut applied, ("wfr", "pr"), ("wfp", "pp"));
         // wfp goes with no DEL seen.
         nl.delete_link(other).unwrap();
-        back_and_shaped(&mut nl, &mut applied, ("wfr", "pr"), &BTreeMap::new(), made);
+        back_and_shaped(
+            &mut nl,
+            &mut applied,
+            ("wfr", "pr"),
+            &BTreeMap::new(),
+            (made, 0),
+        );
     }
 
-    /// The same with the other port departing in the pass where the name comes back.
+    /// The same with the other port departing in the pass where the name comes back; and with
+    /// room for a spare, where that link, kept as a spare, is taken by the returning port in
+    /// that pass.
     #[test]
     fn a_port_back_gets_its_ifb_name_from_a_departing_ports_link_that_held_it() {
-        let mut nl = own_netns();
-        let mut applied = Applied::default();
-        let (made, _) = ifb_passed_on(&mut nl, &mut applied, ("wfq", "pq"), ("wfo", "po"));
-        let departed = BTreeMap::from([("wfo".to_string(), false)]);
-        back_and_shaped(&mut nl, &mut applied, ("wfq", "pq"), &departed, made);
+        for cap in [0, 1] {
+            let mut nl = own_netns();
+            let mut applied = Applied::default();
+            let (made, _) = ifb_passed_on(&mut nl, &mut applied, ("wfq", "pq"), ("wfo", "po"));
+            let departed = BTreeMap::from([("wfo".to_string(), false)]);
+            back_and_shaped(&mut nl, &mut applied, ("wfq", "pq"), &departed, (made, cap));
+        }
     }
 
     /// Port `port` (index `index`) is shaped on IFB link `ifb`, found under its IFB name.
@@ -1655,28 +1670,6 @@ mod kernel_tests {
         let own = ifb_index(&mut nl, "wfa").expect("wfa's IFB link");
         assert_ne!(own, made);
         shaped_on(&mut nl, "wfa", new, own);
-    }
-
-    /// A port name back while the IFB link it once made serves another port, which departs in
-    /// the same pass, with room for a spare: that link, kept as a spare, is taken by the
-    /// returning port in that pass.
-    #[test]
-    fn a_port_back_takes_a_departing_ports_link_kept_as_a_spare_under_its_name() {
-        let mut nl = own_netns();
-        let mut applied = Applied::default();
-        let (made, _) = ifb_passed_on(&mut nl, &mut applied, ("wfj", "pj"), ("wfi", "pi"));
-        let departed = BTreeMap::from([("wfi".to_string(), false)]);
-        let back = port(&mut nl, "wfj", "pj");
-        apply_capped(
-            &mut nl,
-            &plan(&[("wfj", EGRESS)]),
-            &mut applied,
-            false,
-            &departed,
-            1,
-        )
-        .unwrap();
-        shaped_on(&mut nl, "wfj", back, made);
     }
 
     /// A port departing in the same pass as a new one whose name sorts before it: the new port
