@@ -399,11 +399,20 @@ fn redirect_to_ifb_message(port: u32, ifb: u32) -> TcMessage {
 
 /// Is `filters` (those at [`SHAPE_PREF`]) exactly weft's redirect to link `ifb`?
 fn redirects_to(filters: &[&DumpedFilter], ifb: u32) -> bool {
-    matches!(filters, [f] if f.mirred_target(
-        &program_bytes(&every_frame()),
-        TcMirrorActionType::EgressRedir,
-        TcActionType::Stolen,
-    ) == Some(ifb))
+    redirect_target(filters) == Some(ifb)
+}
+
+/// The link `filters` (those at [`SHAPE_PREF`]) redirect every frame to, when they are
+/// exactly weft's redirect ([`redirect_to_ifb_message`]).
+fn redirect_target(filters: &[&DumpedFilter]) -> Option<u32> {
+    match filters {
+        [f] => f.mirred_target(
+            &program_bytes(&every_frame()),
+            TcMirrorActionType::EgressRedir,
+            TcActionType::Stolen,
+        ),
+        _ => None,
+    }
 }
 
 /// The operation [`Netlink::set_shaping`] names in its errors.
@@ -876,14 +885,7 @@ impl Netlink {
             .iter()
             .filter(|f| f.pref == SHAPE_PREF && !f.head)
             .collect();
-        Ok(match ours.as_slice() {
-            [f] => f.mirred_target(
-                &program_bytes(&every_frame()),
-                TcMirrorActionType::EgressRedir,
-                TcActionType::Stolen,
-            ),
-            _ => None,
-        })
+        Ok(redirect_target(&ours))
     }
 
     /// Frees the name of `held`, weft's IFB link of another port that serves it under that
@@ -909,9 +911,10 @@ impl Netlink {
             .alias
             .as_deref()
             .and_then(names::shaped_port)
-            .filter(|_| held.kind.as_deref() == Some("ifb"));
-        let own = other.map(names::shaping_ifb_name);
-        let (Some(other), Some(own)) = (other, own.filter(|own| *own != held.name)) else {
+            .filter(|p| {
+                held.kind.as_deref() == Some("ifb") && names::shaping_ifb_name(p) != held.name
+            });
+        let Some(other) = other else {
             return Err(NetlinkError::Invalid {
                 op: OP,
                 target: format!("link {} ({})", held.name, held.index),
@@ -923,6 +926,7 @@ impl Netlink {
                 ),
             });
         };
+        let own = names::shaping_ifb_name(other);
         if shaping.egress.is_none() {
             return Err(NetlinkError::Invalid {
                 op: OP,

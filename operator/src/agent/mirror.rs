@@ -275,6 +275,17 @@ fn apply(
     apply_capped(nl, plan, applied, full, departed, SPARE_IFBS)
 }
 
+/// What a pass that is not full looked up by name: the link each name found.
+type Found = Option<BTreeMap<String, Option<LinkInfo>>>;
+
+/// Takes the links `changed` says the pass has changed (retired, deleted, moved) out of
+/// `found`, so that a port's shaping looks its names up again.
+fn forget_changed(found: &mut Found, changed: impl Fn(u32) -> bool) {
+    if let Some(found) = found.as_mut() {
+        found.retain(|_, l| l.as_ref().is_none_or(|l| !changed(l.index)));
+    }
+}
+
 /// Deletes at once those of `doomed` (IFB links to go after the pass's ports are shaped) that
 /// `links` names with one of `ifb_names`, the IFB names of this pass's ports with an egress
 /// limit, and takes them out of `doomed` and `found`. Such a link was made for a port whose
@@ -286,7 +297,7 @@ fn delete_in_the_way(
     links: &[LinkInfo],
     ifb_names: &BTreeSet<String>,
     doomed: &mut Vec<u32>,
-    found: &mut Option<BTreeMap<String, Option<LinkInfo>>>,
+    found: &mut Found,
 ) -> Result<(), NetlinkError> {
     // A link looked up under two names (its own, and a port's as its alternative name) is in
     // `links` twice: each index once.
@@ -301,9 +312,7 @@ fn delete_in_the_way(
         return Ok(());
     }
     doomed.retain(|i| !in_the_way.contains(i));
-    if let Some(found) = found.as_mut() {
-        found.retain(|_, l| l.as_ref().is_none_or(|l| !in_the_way.contains(&l.index)));
-    }
+    forget_changed(found, |i| in_the_way.contains(&i));
     let deleted = nl.delete_links(&in_the_way)?;
     info!(
         deleted,
@@ -325,7 +334,7 @@ fn move_out_of_the_way(
     ifb_names: &BTreeSet<String>,
     plan: &MirrorPlan,
     spares: &mut SpareIfbs,
-    found: &mut Option<BTreeMap<String, Option<LinkInfo>>>,
+    found: &mut Found,
 ) {
     let mut seen = BTreeSet::new();
     for held in links {
@@ -356,13 +365,8 @@ fn move_out_of_the_way(
                 "cannot free a port's IFB name held by another port's shaping link"
             ),
         }
-        if let Some(found) = found.as_mut() {
-            found.retain(|name, l| {
-                *name != held.name
-                    && *name != own
-                    && l.as_ref().is_none_or(|l| l.index != held.index)
-            });
-        }
+        // Found under its own name and under the other port's (its alternative name until now).
+        forget_changed(found, |i| i == held.index);
     }
 }
 
@@ -432,7 +436,7 @@ fn apply_capped(
     // In a pass that is not full: what each name looked up found (a spare IFB answers to the
     // name of the port it serves as its alternative name, so not every link found is listed
     // under its own name).
-    let mut found: Option<BTreeMap<String, Option<LinkInfo>>> = None;
+    let mut found: Found = None;
     let links = if full {
         let links = nl.links()?;
         touch.extend(plan.ports.keys().cloned());
@@ -588,14 +592,9 @@ fn apply_capped(
         );
     }
     // The IFB links retired or deleted above are no longer what was found.
-    if let Some(found) = found.as_mut() {
-        let changed: BTreeSet<u32> = indexes
-            .iter()
-            .chain(&applied.spares.links)
-            .copied()
-            .collect();
-        found.retain(|_, l| l.as_ref().is_none_or(|l| !changed.contains(&l.index)));
-    }
+    forget_changed(&mut found, |i| {
+        indexes.contains(&i) || applied.spares.links.contains(&i)
+    });
     if !doomed.is_empty() {
         info!(
             ifbs = ?doomed.iter().map(|l| &l.name).collect::<Vec<_>>(),
@@ -643,10 +642,9 @@ fn apply_capped(
             departures_done = true;
             // The departed ports' IFB links, kept as spares or left to delete, are no longer
             // what was found (a port back under one's name takes it by looking again).
-            if let Some(found) = found.as_mut() {
-                let changed = |i: u32| applied.spares.links.contains(&i) || surplus.contains(&i);
-                found.retain(|_, l| l.as_ref().is_none_or(|l| !changed(l.index)));
-            }
+            forget_changed(&mut found, |i| {
+                applied.spares.links.contains(&i) || surplus.contains(&i)
+            });
             applied.spares.links.retain(|i| !reserved.contains(i));
             if let Err(e) = delete_in_the_way(nl, &links, &ifb_names, &mut surplus, &mut found) {
                 warn!(error = %e, "cannot delete the departed ports' shaping links in the way");
