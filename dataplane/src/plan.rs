@@ -1893,6 +1893,8 @@ mod tests {
                 scope: 0,
                 metric: Some(100),
                 prefsrc: None,
+                onlink: false,
+                metrics: Vec::new(),
             }],
         );
         2

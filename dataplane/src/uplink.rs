@@ -48,6 +48,16 @@ pub struct UplinkRecord {
     pub addresses: Vec<IpNet>,
     /// The port's routes (kernel-made ones excepted), moved to the bridge.
     pub routes: Vec<RouteEntry>,
+    /// Whether the move was done and the gateway answered. A record without it is that of an
+    /// attach the agent did not live to finish or check: the next pass does both again (and
+    /// rolls back if the gateway does not answer), even with the port already on the bridge.
+    /// Records written before the flag existed are of finished attaches.
+    #[serde(default = "finished")]
+    pub verified: bool,
+}
+
+fn finished() -> bool {
+    true
 }
 
 /// Why an attachment was rolled back (persisted, so the same plan is not retried).
@@ -228,8 +238,14 @@ pub fn attach(
             links.set_mac(bridge_index, mac)?;
         }
     }
+    let earlier = read_record(state_dir, &bridge.name);
+    let unverified = earlier
+        .as_ref()
+        .is_some_and(|r| r.port == port.name && !r.verified);
     match port.master {
-        Some(m) if m == bridge_index => return Ok(()),
+        // Attached, and checked unless an interrupted attach left its record unverified.
+        Some(m) if m == bridge_index && !unverified => return Ok(()),
+        Some(m) if m == bridge_index => {}
         Some(m) => {
             let other = existing
                 .iter()
@@ -249,7 +265,7 @@ pub fn attach(
     // A record of this port is an earlier interrupted attach's (it holds the original state);
     // one of another port means the Network moved to another interface or VLAN: give that one
     // back first.
-    let earlier = match read_record(state_dir, &bridge.name) {
+    let earlier = match earlier {
         Some(r) if r.port == port.name => Some(r),
         Some(old) => {
             detach(&old, links, state_dir, report)?;
@@ -261,6 +277,13 @@ pub fn attach(
     let text = plan_text(bridge, up);
     if let Ok(prev) = state::read_json::<RollbackRecord>(&failed) {
         if prev.plan == text {
+            // A record left beside the marker is a rollback that did not finish (a route the
+            // kernel refused, a link busy): it is tried again at every pass until it does.
+            if let Some(record) = &earlier
+                && let Err(e) = detach(record, links, state_dir, report)
+            {
+                warn!(network = net, port = %port.name, error = %e, "the uplink's rollback is still not complete");
+            }
             return Err(uplink_err(
                 net,
                 format!(
@@ -292,6 +315,7 @@ pub fn attach(
                 created_port,
                 addresses,
                 routes,
+                verified: false,
             };
             state::write_json(&record_path(state_dir, &bridge.name), &r)
                 .map_err(ApplyError::State)?;
@@ -321,6 +345,14 @@ pub fn attach(
     };
     match verdict {
         Ok(how) => {
+            if !record.verified {
+                let done = UplinkRecord {
+                    verified: true,
+                    ..record.clone()
+                };
+                state::write_json(&record_path(state_dir, &bridge.name), &done)
+                    .map_err(ApplyError::State)?;
+            }
             info!(network = net, port = %port.name, bridge = %bridge.name, %how, "uplink attached");
             report.changes.push(format!(
                 "uplink {} attached to bridge {} ({} addresses, {} routes moved; {how})",
@@ -370,7 +402,7 @@ fn move_to_bridge(
             links.add_address(bridge, *a)?;
         }
     }
-    for r in &record.routes {
+    for r in RouteEntry::in_order(&record.routes) {
         links.replace_route(r, bridge)?;
         links.del_route(r, port)?;
     }
@@ -401,7 +433,7 @@ pub fn detach(
         }
     };
     if let Some(b) = bridge {
-        for r in &record.routes {
+        for r in RouteEntry::in_order(&record.routes).into_iter().rev() {
             note(links.del_route(r, b));
         }
         let have = links.addresses(b).unwrap_or_default();
@@ -418,7 +450,15 @@ pub fn detach(
             for a in record.addresses.iter().filter(|a| !have.contains(a)) {
                 note(links.add_address(p, *a));
             }
-            for r in &record.routes {
+            // In the order the kernel takes them; one refused (its next hop not reachable
+            // yet through routes restored after it) is tried once more after the others.
+            let mut refused = Vec::new();
+            for r in RouteEntry::in_order(&record.routes) {
+                if links.replace_route(r, p).is_err() {
+                    refused.push(r);
+                }
+            }
+            for r in refused {
                 note(links.replace_route(r, p));
             }
         }
@@ -488,6 +528,8 @@ mod tests {
             scope: 0,
             metric: None,
             prefsrc: None,
+            onlink: false,
+            metrics: Vec::new(),
         };
         let mut r = UplinkRecord {
             network: "lan".into(),
@@ -503,6 +545,7 @@ mod tests {
                 route("10.0.0.0/8", Some("10.9.0.1"), 254),
                 route("0.0.0.0/0", Some("192.168.1.9"), 100),
             ],
+            verified: true,
         };
         let mac = [0x02, 0, 0, 0, 0, 1];
         assert_eq!(

@@ -51,6 +51,8 @@ fn default_route() -> RouteEntry {
         scope: 0,
         metric: Some(100),
         prefsrc: None,
+        onlink: false,
+        metrics: Vec::new(),
     }
 }
 
@@ -476,4 +478,120 @@ fn an_ipv6_only_uplink_is_checked_by_neighbour_discovery_and_rolled_back_without
         nl.delete_link(eth0.index).unwrap();
         drop(lan);
     }
+}
+
+/// The node's uplink `eth0` with a /32 address and its gateway outside it, as cloud DHCP and
+/// netplan's `on-link` make them: a host route to the gateway and the default route through
+/// it (`onlink: false`), or the default route alone with the `onlink` flag. The default route
+/// has an MTU of its own. The LAN namespace answers on the gateway address.
+fn wire_host_route(onlink: bool) -> (NamedNs, Netlink) {
+    let lan = NamedNs::new("lan32");
+    let mut nl = Netlink::new().unwrap();
+    nl.create_veth_pair("eth0", "lan0", Some(lan.ns.fd()), None)
+        .unwrap();
+    ip(None, &["addr", "add", "192.168.77.11/32", "dev", "eth0"]);
+    ip(None, &["link", "set", "eth0", "up"]);
+    ip(
+        Some(&lan),
+        &["addr", "add", &format!("{GATEWAY}/24"), "dev", "lan0"],
+    );
+    ip(Some(&lan), &["link", "set", "lan0", "up"]);
+    let default = [
+        "route", "add", "default", "via", GATEWAY, "dev", "eth0", "proto", "dhcp", "metric", "100",
+        "mtu", "1400",
+    ];
+    if onlink {
+        let mut args = default.to_vec();
+        args.push("onlink");
+        ip(None, &args);
+    } else {
+        ip(
+            None,
+            &[
+                "route", "add", GATEWAY, "dev", "eth0", "proto", "dhcp", "scope", "link", "metric",
+                "100",
+            ],
+        );
+        ip(None, &default);
+    }
+    (lan, nl)
+}
+
+/// The routes of `state_of`, ordered so that two dumps compare whatever order the kernel
+/// listed them in.
+fn sorted(mut s: (Vec<IpNet>, Vec<RouteEntry>, Option<u32>)) -> (Vec<IpNet>, Vec<String>) {
+    s.1.sort_by_key(|r| r.dst);
+    (s.0, s.1.iter().map(|r| format!("{r:?}")).collect())
+}
+
+#[test]
+fn a_gateway_outside_the_node_s_subnet_keeps_its_default_route_through_takeover_and_removal() {
+    for onlink in [false, true] {
+        let _ns = isolate();
+        let (_lan, mut nl) = wire_host_route(onlink);
+        let dir = tempfile::tempdir().unwrap();
+        let before = sorted(state_of(&mut nl, "eth0"));
+        assert!(
+            before.1.iter().any(|r| r.contains("0.0.0.0/0")),
+            "onlink {onlink}: the default route is among the uplink's: {before:?}"
+        );
+        assert!(ping(GATEWAY), "onlink {onlink}: the gateway answers before");
+
+        let report = apply(&node_plan(true), dir.path());
+        assert!(report.failed.is_empty(), "onlink {onlink}: {report:?}");
+        // Every route on the bridge as it was on the uplink: flag, MTU, metric and protocol.
+        assert_eq!(
+            sorted(state_of(&mut nl, "wn-lan")),
+            before,
+            "onlink {onlink}"
+        );
+        assert!(
+            ping(GATEWAY),
+            "onlink {onlink}: the node reaches its gateway"
+        );
+
+        let report = apply(&node_plan(false), dir.path());
+        assert!(report.failed.is_empty(), "onlink {onlink}: {report:?}");
+        assert_eq!(sorted(state_of(&mut nl, "eth0")), before, "onlink {onlink}");
+        assert!(ping(GATEWAY), "onlink {onlink}: and after removal");
+        assert!(uplink::records(dir.path()).is_empty());
+    }
+}
+
+#[test]
+fn an_attach_the_agent_did_not_live_to_check_is_checked_at_the_next_pass_and_rolled_back() {
+    let _ns = isolate();
+    let (lan, mut nl) = wire(true);
+    let dir = tempfile::tempdir().unwrap();
+    let before = state_of(&mut nl, "eth0");
+    assert!(apply(&node_plan(true), dir.path()).failed.is_empty());
+    assert!(uplink::read_record(dir.path(), "wn-lan").unwrap().verified);
+    // As an agent killed during the gateway check leaves it: the port on the bridge, the
+    // record not verified. And the gateway no longer answers.
+    let mut record = uplink::read_record(dir.path(), "wn-lan").unwrap();
+    record.verified = false;
+    weft_dataplane::state::write_json(&uplink::record_path(dir.path(), "wn-lan"), &record).unwrap();
+    ip(
+        Some(&lan),
+        &["addr", "del", &format!("{GATEWAY}/24"), "dev", "lan0"],
+    );
+    let report = apply(&node_plan(true), dir.path());
+    assert!(
+        report.failed.len() == 1 && report.failed[0].1.contains("rolled back"),
+        "{report:?}"
+    );
+    assert_eq!(state_of(&mut nl, "eth0"), before, "the uplink as it was");
+    // A verified record with the port on the bridge is left alone (the idempotent case is
+    // in the takeover test): the gateway answers again, the attach is retried once the
+    // rollback's marker goes, and verified.
+    ip(
+        Some(&lan),
+        &["addr", "add", &format!("{GATEWAY}/24"), "dev", "lan0"],
+    );
+    uplink::forget_rollbacks(dir.path());
+    assert!(apply(&node_plan(true), dir.path()).failed.is_empty());
+    assert!(uplink::read_record(dir.path(), "wn-lan").unwrap().verified);
+    assert!(apply(&node_plan(true), dir.path()).is_noop());
+    cleanup(dir.path());
+    assert_eq!(state_of(&mut nl, "eth0"), before);
 }

@@ -4,11 +4,12 @@
 
 use super::{Netlink, NetlinkError};
 use ipnet::IpNet;
+use netlink_packet_core::{DefaultNla, Nla};
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE};
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
-    RouteVia,
+    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteMetric,
+    RouteProtocol, RouteScope, RouteType, RouteVia,
 };
 use rtnetlink::RouteMessageBuilder;
 use serde::{Deserialize, Serialize};
@@ -93,6 +94,26 @@ pub struct RouteEntry {
     /// Preferred source address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefsrc: Option<IpAddr>,
+    /// `onlink`: the next hop is on the link whatever the link's addresses say (a node with a
+    /// /32 address and its gateway outside it, as cloud DHCP and netplan's `on-link` make).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub onlink: bool,
+    /// The route's metrics (`RTA_METRICS`: `mtu`, `advmss`, `initcwnd`…) as `(RTAX_*, value)`;
+    /// the congestion control algorithm, a name, is not kept.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics: Vec<(u16, u32)>,
+}
+
+impl RouteEntry {
+    /// `routes` in an order the kernel takes them in: routes straight out of the link first,
+    /// then those through a next hop, which the kernel refuses while no route reaches the next
+    /// hop (a default route via a gateway outside the link's subnets needs the host route to the
+    /// gateway in first).
+    pub fn in_order(routes: &[RouteEntry]) -> Vec<&RouteEntry> {
+        let mut out: Vec<&RouteEntry> = routes.iter().collect();
+        out.sort_by_key(|r| r.gateway.is_some());
+        out
+    }
 }
 
 impl fmt::Display for RouteEntry {
@@ -100,6 +121,9 @@ impl fmt::Display for RouteEntry {
         write!(f, "{}", self.dst)?;
         if let Some(g) = self.gateway {
             write!(f, " via {g}")?;
+        }
+        if self.onlink {
+            write!(f, " onlink")?;
         }
         if let Some(m) = self.metric {
             write!(f, " metric {m}")?;
@@ -138,6 +162,7 @@ fn route_entry(msg: &RouteMessage, family: Family) -> Option<(RouteEntry, Option
     let mut oif = None;
     let mut metric = None;
     let mut prefsrc = None;
+    let mut metrics = Vec::new();
     let mut table = u32::from(msg.header.table);
     for attr in &msg.attributes {
         match attr {
@@ -149,6 +174,9 @@ fn route_entry(msg: &RouteMessage, family: Family) -> Option<(RouteEntry, Option
             RouteAttribute::Table(t) => table = *t,
             RouteAttribute::Priority(p) => metric = Some(*p),
             RouteAttribute::PrefSource(a) => prefsrc = route_addr(a),
+            RouteAttribute::Metrics(ms) => {
+                metrics = ms.iter().filter_map(metric_value).collect();
+            }
             _ => {}
         }
     }
@@ -165,9 +193,22 @@ fn route_entry(msg: &RouteMessage, family: Family) -> Option<(RouteEntry, Option
             scope: u8::from(msg.header.scope),
             metric,
             prefsrc,
+            onlink: msg.header.flags.contains(RouteFlags::Onlink),
+            metrics,
         },
         oif,
     ))
+}
+
+/// A metric as `(RTAX_*, value)`; `None` for one whose value is not a number (the congestion
+/// control algorithm's name).
+fn metric_value(m: &RouteMetric) -> Option<(u16, u32)> {
+    if matches!(m, RouteMetric::CcAlgo(_)) || m.value_len() != 4 {
+        return None;
+    }
+    let mut v = [0u8; 4];
+    m.emit_value(&mut v);
+    Some((m.kind(), u32::from_ne_bytes(v)))
 }
 
 /// The `RTM_NEWROUTE` / `RTM_DELROUTE` message of `entry` out of `oif`.
@@ -194,7 +235,22 @@ pub fn route_entry_message(entry: &RouteEntry, oif: u32) -> Result<RouteMessage,
     if let Some(m) = entry.metric {
         b = b.priority(m);
     }
-    Ok(b.build())
+    let mut msg = b.build();
+    if entry.onlink {
+        msg.header.flags |= RouteFlags::Onlink;
+    }
+    if !entry.metrics.is_empty() {
+        msg.attributes.push(RouteAttribute::Metrics(
+            entry
+                .metrics
+                .iter()
+                .map(|&(kind, value)| {
+                    RouteMetric::Other(DefaultNla::new(kind, value.to_ne_bytes().to_vec()))
+                })
+                .collect(),
+        ));
+    }
+    Ok(msg)
 }
 
 fn describe_route(spec: &RouteSpec) -> String {
@@ -397,12 +453,18 @@ mod tests {
             scope: 0,
             metric: Some(100),
             prefsrc: Some("192.168.50.11".parse().unwrap()),
+            onlink: true,
+            // RTAX_MTU, RTAX_INITCWND.
+            metrics: vec![(2, 1400), (11, 20)],
         };
         let msg = route_entry_message(&entry, 7).unwrap();
         let (back, oif) = route_entry(&msg, Family::V4).unwrap();
         assert_eq!(back, entry);
         assert_eq!(oif, Some(7));
-        assert_eq!(entry.to_string(), "0.0.0.0/0 via 192.168.50.1 metric 100");
+        assert_eq!(
+            entry.to_string(),
+            "0.0.0.0/0 via 192.168.50.1 onlink metric 100"
+        );
         let v6 = RouteEntry {
             dst: "fd00:1::/64".parse().unwrap(),
             gateway: Some("fd00::1".parse().unwrap()),
@@ -411,6 +473,8 @@ mod tests {
             scope: 0,
             metric: None,
             prefsrc: None,
+            onlink: false,
+            metrics: Vec::new(),
         };
         let (back, _) = route_entry(&route_entry_message(&v6, 3).unwrap(), Family::V6).unwrap();
         assert_eq!(back, v6);
