@@ -440,6 +440,29 @@ fn invalid(field: &str, msg: impl std::fmt::Display) -> CniError {
 
 /// Decodes and validates the network configuration.
 pub fn parse_conf(stdin: &[u8], env: &Env) -> Result<Conf, CniError> {
+    parse(stdin, env, false)
+}
+
+/// [`parse_conf`] for a DEL: what only an ADD uses (static addresses and MAC, a tap's queues,
+/// `vlanTrunk`, port mappings, bandwidth), a workload's or an attachment author's to write, is
+/// ignored when it is wrong rather than failing the DEL: the ADD refused it already, and a DEL
+/// that fails on it would leave the runtime unable to tear the sandbox down.
+pub fn parse_conf_for_del(stdin: &[u8], env: &Env) -> Result<Conf, CniError> {
+    parse(stdin, env, true)
+}
+
+/// `r`, or with `lenient` (a DEL) its default when it is an error.
+fn only_for_add<T: Default>(lenient: bool, r: Result<T, CniError>) -> Result<T, CniError> {
+    match r {
+        Err(e) if lenient => {
+            tracing::debug!(error = %e.details, "ignored in a DEL: only an ADD uses it");
+            Ok(T::default())
+        }
+        other => other,
+    }
+}
+
+fn parse(stdin: &[u8], env: &Env, lenient: bool) -> Result<Conf, CniError> {
     let raw: RawConf = serde_json::from_slice(stdin).map_err(|e| {
         CniError::new(
             error::DECODE,
@@ -492,70 +515,10 @@ pub fn parse_conf(stdin: &[u8], env: &Env) -> Result<Conf, CniError> {
             )
         })?,
     };
-    let mut static_ips = Vec::new();
-    let mut static_mac = None;
-    let mut take = |field: &str, rc: &RuntimeConfig| -> Result<(), CniError> {
-        for ip in &rc.ips {
-            let parsed = parse_ip_or_cidr(ip).ok_or_else(|| {
-                invalid(
-                    &format!("{field}.ips"),
-                    format!("{ip:?} is not an IP address"),
-                )
-            })?;
-            if !static_ips.contains(&parsed) {
-                static_ips.push(parsed);
-            }
-        }
-        if let Some(mac) = &rc.mac {
-            static_mac = Some(names::parse_mac(mac).ok_or_else(|| {
-                invalid(
-                    &format!("{field}.mac"),
-                    format!("{mac:?} is not a MAC address"),
-                )
-            })?);
-        }
-        Ok(())
-    };
-    if let Some(rc) = &raw.runtime_config {
-        take("runtimeConfig", rc)?;
-    }
-    if let Some(rc) = raw.args.as_ref().and_then(|a| a.cni.as_ref()) {
-        take("args.cni", rc)?;
-    }
-    if let Some(ips) = env.args.get("IP") {
-        for ip in ips.split(',').filter(|s| !s.is_empty()) {
-            let parsed = parse_ip_or_cidr(ip).ok_or_else(|| {
-                CniError::new(
-                    error::INVALID_ENV,
-                    "invalid CNI_ARGS",
-                    format!("CNI_ARGS IP={ip:?} is not an IP address"),
-                )
-            })?;
-            if !static_ips.contains(&parsed) {
-                static_ips.push(parsed);
-            }
-        }
-    }
-    if let Some(mac) = env.args.get("MAC") {
-        static_mac = Some(names::parse_mac(mac).ok_or_else(|| {
-            CniError::new(
-                error::INVALID_ENV,
-                "invalid CNI_ARGS",
-                format!("CNI_ARGS MAC={mac:?} is not a MAC address"),
-            )
-        })?);
-    }
-    if let Some(mac) = static_mac
-        && mac[0] & 1 == 1
-    {
-        return Err(invalid(
-            "mac",
-            format!(
-                "{} is a multicast address; use a unicast MAC",
-                names::format_mac(mac)
-            ),
-        ));
-    }
+    let (static_ips, static_mac) = only_for_add(
+        lenient,
+        static_addresses(raw.runtime_config.as_ref(), raw.args.as_ref(), env),
+    )?;
     let attachment = match (raw.attachment.as_deref(), raw.tap) {
         (None | Some("veth"), None) => AttachmentKind::Veth,
         (None | Some("veth"), Some(_)) => {
@@ -578,15 +541,20 @@ pub fn parse_conf(stdin: &[u8], env: &Env) -> Result<Conf, CniError> {
                         "invalid CNI_ARGS",
                         format!("CNI_ARGS TAP_QUEUES={q:?} is not a number"),
                     )
-                })?,
-                None => tap.queues.unwrap_or(1),
-            };
-            if !(1..=256).contains(&queues) {
-                return Err(invalid(
-                    "tap.queues",
-                    format!("{queues} is out of range; use 1 to 256 (one per vCPU)"),
-                ));
+                }),
+                None => Ok(tap.queues.unwrap_or(1)),
             }
+            .and_then(|queues| {
+                if (1..=256).contains(&queues) {
+                    Ok(queues)
+                } else {
+                    Err(invalid(
+                        "tap.queues",
+                        format!("{queues} is out of range; use 1 to 256 (one per vCPU)"),
+                    ))
+                }
+            });
+            let queues = only_for_add(lenient, queues.map(Some))?.unwrap_or(1);
             AttachmentKind::Tap(TapConf {
                 queues,
                 owner: tap.owner,
@@ -611,25 +579,31 @@ pub fn parse_conf(stdin: &[u8], env: &Env) -> Result<Conf, CniError> {
                 .map_or("default", String::as_str)
         )),
     };
-    let vlan_trunk = raw
-        .vlan_trunk
-        .as_deref()
-        .map(parse_vlan_trunk)
-        .transpose()?
-        .unwrap_or_default();
-    let port_mappings = raw
-        .runtime_config
-        .as_ref()
-        .map(|rc| parse_port_mappings(&rc.port_mappings))
-        .transpose()?
-        .unwrap_or_default();
-    let bandwidth = raw
-        .runtime_config
-        .as_ref()
-        .and_then(|rc| rc.bandwidth.as_ref())
-        .map(parse_bandwidth)
-        .transpose()?
-        .flatten();
+    let vlan_trunk = only_for_add(
+        lenient,
+        raw.vlan_trunk
+            .as_deref()
+            .map(parse_vlan_trunk)
+            .transpose()
+            .map(Option::unwrap_or_default),
+    )?;
+    let port_mappings = only_for_add(
+        lenient,
+        raw.runtime_config
+            .as_ref()
+            .map(|rc| parse_port_mappings(&rc.port_mappings))
+            .transpose()
+            .map(Option::unwrap_or_default),
+    )?;
+    let bandwidth = only_for_add(
+        lenient,
+        raw.runtime_config
+            .as_ref()
+            .and_then(|rc| rc.bandwidth.as_ref())
+            .map(parse_bandwidth)
+            .transpose()
+            .map(Option::flatten),
+    )?;
     // The node's locations; the configuration may only repeat them (conflists written by older
     // agents do).
     for (field, given, node, what) in [
@@ -692,6 +666,83 @@ pub fn parse_conf(stdin: &[u8], env: &Env) -> Result<Conf, CniError> {
         port_mappings,
         bandwidth,
     })
+}
+
+/// The static addresses and MAC asked for (`runtimeConfig`, `args.cni`, `CNI_ARGS`), checked.
+fn static_addresses(
+    runtime_config: Option<&RuntimeConfig>,
+    args: Option<&Args>,
+    env: &Env,
+) -> Result<(Vec<IpAddr>, Option<[u8; 6]>), CniError> {
+    let mut static_ips = Vec::new();
+    let mut static_mac = None;
+    let mut take = |field: &str, rc: &RuntimeConfig| -> Result<(), CniError> {
+        for ip in &rc.ips {
+            let parsed = parse_ip_or_cidr(ip).ok_or_else(|| {
+                invalid(
+                    &format!("{field}.ips"),
+                    format!("{ip:?} is not an IP address"),
+                )
+            })?;
+            if !static_ips.contains(&parsed) {
+                static_ips.push(parsed);
+            }
+        }
+        if let Some(mac) = &rc.mac {
+            static_mac = Some(names::parse_mac(mac).ok_or_else(|| {
+                invalid(
+                    &format!("{field}.mac"),
+                    format!("{mac:?} is not a MAC address"),
+                )
+            })?);
+        }
+        Ok(())
+    };
+    if let Some(rc) = runtime_config {
+        take("runtimeConfig", rc)?;
+    }
+    if let Some(rc) = args.and_then(|a| a.cni.as_ref()) {
+        take("args.cni", rc)?;
+    }
+    if let Some(ips) = env.args.get("IP") {
+        for ip in ips.split(',').filter(|s| !s.is_empty()) {
+            let parsed = parse_ip_or_cidr(ip).ok_or_else(|| {
+                CniError::new(
+                    error::INVALID_ENV,
+                    "invalid CNI_ARGS",
+                    format!("CNI_ARGS IP={ip:?} is not an IP address"),
+                )
+            })?;
+            if !static_ips.contains(&parsed) {
+                static_ips.push(parsed);
+            }
+        }
+    }
+    if let Some(mac) = env.args.get("MAC") {
+        static_mac = Some(names::parse_mac(mac).ok_or_else(|| {
+            CniError::new(
+                error::INVALID_ENV,
+                "invalid CNI_ARGS",
+                format!("CNI_ARGS MAC={mac:?} is not a MAC address"),
+            )
+        })?);
+    }
+    if let Some(mac) = static_mac {
+        let problem = if mac[0] & 1 == 1 {
+            Some("a multicast (or the broadcast) address")
+        } else if mac == [0; 6] {
+            Some("the all-zero address, which no interface may have")
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            return Err(invalid(
+                "mac",
+                format!("{} is {problem}; use a unicast MAC", names::format_mac(mac)),
+            ));
+        }
+    }
+    Ok((static_ips, static_mac))
 }
 
 /// `runtimeConfig.bandwidth`, checked: each rate 1000 to 10^15 bits per second (0 or absent:

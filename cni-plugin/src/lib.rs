@@ -49,7 +49,12 @@ pub fn read_invocation() -> Result<Invocation, (String, CniError)> {
     })?;
     // The version to answer an error in is looked for only when there is an error: a
     // configuration that parses names a supported one.
-    let conf = conf::parse_conf(&stdin, &env).map_err(|e| (conf::reply_version(&stdin), e))?;
+    let parsed = if command == Command::Del {
+        conf::parse_conf_for_del(&stdin, &env)
+    } else {
+        conf::parse_conf(&stdin, &env)
+    };
+    let conf = parsed.map_err(|e| (conf::reply_version(&stdin), e))?;
     conf::require_command_in_version(command, &conf.cni_version)
         .map_err(|e| (conf.cni_version.clone(), e))?;
     Ok(Invocation {

@@ -262,6 +262,52 @@ fn del_succeeds_when_the_netns_is_gone() {
     assert!(store.list().unwrap().is_empty());
 }
 
+/// What only an ADD uses (static addresses and MAC, port mappings, a tap's queues), written
+/// wrong by a workload's or an attachment's author, is refused by the ADD naming the field; a
+/// DEL ignores it, so that the runtime can always tear the sandbox down.
+#[test]
+fn a_del_ignores_what_only_an_add_uses_when_it_is_wrong() {
+    let mut node = Node::new(Agent::Answers);
+    let (_, ns_path) = node.workload();
+    let ns = ns_path.to_str().unwrap();
+    let e = env("lenient", ns, "eth0");
+    assert!(weft("ADD", &node.conf("1.1.0"), &e).ok);
+    let mut bad = node.conf("1.1.0");
+    bad["runtimeConfig"] = json!({"mac": "00:00:00:00:00:00"});
+    let refused = weft("ADD", &bad, &env("lenient2", ns, "eth0"));
+    assert_eq!(refused.json["code"], 7, "{}", refused.json);
+    assert!(
+        refused.json["details"]
+            .as_str()
+            .unwrap()
+            .contains("all-zero"),
+        "{}",
+        refused.json
+    );
+    for wrong in [
+        json!({"mac": "00:00:00:00:00:00"}),
+        json!({"mac": "not-a-mac", "ips": ["nope"]}),
+        json!({"portMappings": [{"hostPort": 0, "containerPort": 80, "protocol": "tcp"}]}),
+    ] {
+        let mut conf = node.conf("1.1.0");
+        conf["runtimeConfig"] = wrong.clone();
+        assert_eq!(
+            weft("ADD", &conf, &env("lenient3", ns, "eth0")).json["code"],
+            7,
+            "{wrong}"
+        );
+    }
+    let mut conf = node.conf("1.1.0");
+    conf["runtimeConfig"] = json!({"mac": "not-a-mac", "ips": ["nope"], "portMappings": [{"hostPort": 0, "containerPort": 80, "protocol": "tcp"}]});
+    let mut e_bad = e.clone();
+    e_bad[4] = ("CNI_ARGS", "IgnoreUnknown=1;MAC=zz;IP=x;TAP_QUEUES=many");
+    let del = weft("DEL", &conf, &e_bad);
+    assert!(del.ok, "{}", del.json);
+    assert!(!host_link_exists("lenient", "eth0"));
+    let store = IpamStore::open(node.state_dir(), "test").unwrap();
+    assert!(store.list().unwrap().is_empty());
+}
+
 #[test]
 fn static_ip_and_mac_from_cni_args_are_honoured_and_checked() {
     let mut node = Node::new(Agent::Answers);
