@@ -989,11 +989,13 @@ pub fn del(conf: &Conf, env: &Env, kept: &mut Kept) -> Result<(), CniError> {
     // The agent detaches the interfaces this ADD made from the pod's weft.dev/networks
     // annotation with the one named; without an agent that does, they are found here.
     let mut extras_detached = false;
-    if let Some(network) = conf.network.as_deref() {
-        match del_one(conf, env, network, ifname, true, kept) {
-            Ok(detached) => extras_detached = detached.is_some(),
-            Err(e) => errors.push(e.details),
-        }
+    // The interface itself goes from the network that holds it, which the annotation may have
+    // chosen instead of the conflist's (or without one): found in the stores, by the agent or
+    // below.
+    let network = conf.network.as_deref().unwrap_or_default();
+    match del_one(conf, env, network, ifname, true, kept) {
+        Ok(detached) => extras_detached = detached.is_some(),
+        Err(e) => errors.push(e.details),
     }
     if !extras_detached {
         // Wherever they are: the IPAM stores say (the pod may be gone from the API by now).
@@ -1012,6 +1014,12 @@ pub fn del(conf: &Conf, env: &Env, kept: &mut Kept) -> Result<(), CniError> {
             errors.join("; "),
         ))
     }
+}
+
+/// The networks that hold `container_id`'s interface `ifname` (the IPAM stores say), or
+/// `asked` when none does.
+fn networks(conf: &Conf, container_id: &str, ifname: &str, asked: &str) -> Vec<String> {
+    IpamStore::related(&conf.state_dir, container_id, ifname).owners_or(asked)
 }
 
 /// Removes one interface: best effort and idempotent; a missing netns, link or allocation is
@@ -1059,13 +1067,15 @@ fn del_one(
             debug!(error = ?reply.error, "the agent did not detach; removing the attachment here");
             // An agent that answers but cannot detach (an older one) still forgets the
             // endpoint before its addresses go.
-            let unregister = Request::Unregister {
-                network: network.to_string(),
-                container_id: container_id.to_string(),
-                ifname: ifname.to_string(),
-            };
-            if let Err(e) = proto::call(&conf.agent_socket, &unregister, conf.agent_timeout) {
-                debug!(error = %error::chain(&e), "agent not reachable for unregister; it resyncs from the IPAM store");
+            for network in &networks(conf, container_id, ifname, network) {
+                let unregister = Request::Unregister {
+                    network: network.clone(),
+                    container_id: container_id.to_string(),
+                    ifname: ifname.to_string(),
+                };
+                if let Err(e) = proto::call(&conf.agent_socket, &unregister, conf.agent_timeout) {
+                    debug!(error = %error::chain(&e), "agent not reachable for unregister; it resyncs from the IPAM store");
+                }
             }
         }
         Err(e) => {
@@ -1085,14 +1095,16 @@ fn del_one(
         Err(e) => errors.push(format!("delete {host_name}: {}", error::chain(&e))),
     }
     // 4. The addresses.
-    match IpamStore::open(&conf.state_dir, network).and_then(|s| {
-        s.release(&Attachment {
-            container_id: container_id.to_string(),
-            ifname: ifname.to_string(),
-        })
-    }) {
-        Ok(_) => {}
-        Err(e) => errors.push(format!("release addresses: {}", error::chain(&e))),
+    for network in networks(conf, container_id, ifname, network) {
+        match IpamStore::open(&conf.state_dir, &network).and_then(|s| {
+            s.release(&Attachment {
+                container_id: container_id.to_string(),
+                ifname: ifname.to_string(),
+            })
+        }) {
+            Ok(_) => {}
+            Err(e) => errors.push(format!("release addresses: {}", error::chain(&e))),
+        }
     }
     if errors.is_empty() {
         info!(%network, %container_id, %ifname, "detached");
@@ -1106,11 +1118,43 @@ fn del_one(
     }
 }
 
+/// What of ADD's result `prev` belongs to the pod's interface `ifname`: its entry (the
+/// sandbox's interface of that name, else the first in a sandbox) and its addresses. The
+/// result of an ADD that made interfaces from the pod's annotation lists them and their
+/// addresses too, which are not on `ifname`; a result that names no interface `ifname` has
+/// all its addresses taken as `ifname`'s.
+fn own_part<'a>(prev: &'a CniResult, ifname: &str) -> (Option<&'a Interface>, Vec<&'a IpConfig>) {
+    let own = prev
+        .interfaces
+        .iter()
+        .position(|i| i.sandbox.is_some() && i.name == ifname);
+    let iface = own
+        .and_then(|i| prev.interfaces.get(i))
+        .or_else(|| prev.interfaces.iter().find(|i| i.sandbox.is_some()));
+    let ips = prev
+        .ips
+        .iter()
+        .filter(|ip| own.is_none() || ip.interface.is_none() || ip.interface == own)
+        .collect();
+    (iface, ips)
+}
+
 /// CHECK: the attachment is still as ADD left it.
 pub fn check(conf: &Conf, env: &Env) -> Result<(), CniError> {
-    let network = conf.require_network()?;
     let container_id = env.container_id()?;
     let ifname = env.ifname()?;
+    // The network that holds the interface: the conflist's, unless the pod's annotation put it
+    // on another.
+    let owners = networks(
+        conf,
+        container_id,
+        ifname,
+        conf.network.as_deref().unwrap_or_default(),
+    );
+    let network = match owners.first() {
+        Some(n) => n.as_str(),
+        None => conf.require_network()?,
+    };
     let netns_path = env.netns()?;
     let ns = open_workload_netns(netns_path)?;
     let mismatch = |what: String| {
@@ -1192,7 +1236,8 @@ pub fn check(conf: &Conf, env: &Env) -> Result<(), CniError> {
     if !link.up {
         return Err(mismatch(format!("interface {ifname} is down")));
     }
-    if let Some(iface) = prev.interfaces.iter().find(|i| i.sandbox.is_some())
+    let (iface, ips) = own_part(&prev, ifname);
+    if let Some(iface) = iface
         && let Some(mac) = &iface.mac
         && link.mac.map(names::format_mac).as_deref() != Some(mac.as_str())
     {
@@ -1203,7 +1248,7 @@ pub fn check(conf: &Conf, env: &Env) -> Result<(), CniError> {
         .into_iter()
         .map(|a| a.addr)
         .collect();
-    for ip in &prev.ips {
+    for ip in ips {
         let want: IpNet = ip.address.parse().map_err(|_| {
             CniError::new(
                 error::DECODE,
@@ -1275,5 +1320,46 @@ mod tests {
         // Any other refusal stays the kernel's own.
         let other = veth_failed(refused(nix::errno::Errno::EPERM), "wn-lan", "lan");
         assert_eq!(other.msg, "netlink operation failed");
+    }
+
+    #[test]
+    fn check_looks_at_its_own_interface_s_part_of_a_result_with_the_annotation_s_too() {
+        let result: CniResult = serde_json::from_value(serde_json::json!({
+            "cniVersion": "1.1.0",
+            "interfaces": [
+                {"name": "wf0123456789a", "mac": "0a:58:00:00:00:01"},
+                {"name": "eth0", "mac": "0a:58:0a:4d:00:02", "sandbox": "/run/netns/p"},
+                {"name": "wf0123456789b", "mac": "0a:58:00:00:00:02"},
+                {"name": "net1", "mac": "0a:58:0a:4e:00:02", "sandbox": "/run/netns/p"}
+            ],
+            "ips": [
+                {"address": "10.77.0.2/16", "interface": 1},
+                {"address": "10.78.0.2/16", "interface": 3}
+            ]
+        }))
+        .unwrap();
+        let part = |ifname: &str| {
+            let (iface, ips) = own_part(&result, ifname);
+            (
+                iface.and_then(|i| i.mac.clone()),
+                ips.iter().map(|i| i.address.clone()).collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(
+            part("eth0"),
+            (
+                Some("0a:58:0a:4d:00:02".into()),
+                vec!["10.77.0.2/16".into()]
+            )
+        );
+        assert_eq!(
+            part("net1"),
+            (
+                Some("0a:58:0a:4e:00:02".into()),
+                vec!["10.78.0.2/16".into()]
+            )
+        );
+        // A result that names no such interface: the first in a sandbox, every address.
+        assert_eq!(part("eth9").1.len(), 2);
     }
 }

@@ -29,10 +29,13 @@ pub fn gc(conf: &Conf) -> Result<(), CniError> {
     let mut errors = Vec::new();
     let store = IpamStore::open(&conf.state_dir, network)?;
     let released = store.gc(&valid)?;
-    let valid_hosts: Vec<String> = valid
+    // The host links of the attachments kept: the valid ones, and the interfaces their ADDs
+    // made from the pods' annotation.
+    let mut valid_hosts: Vec<String> = valid
         .iter()
         .map(|a| names::host_veth_name(&a.container_id, &a.ifname))
         .collect();
+    valid_hosts.extend(store.list()?.iter().map(|a| a.host_link_name()));
     // The ports of the released allocations, by name too: an ADD killed between creating its
     // veth and giving it its alias (a second netlink step) left a link without the alias.
     let released_hosts: Vec<String> = released.iter().map(|a| a.host_link_name()).collect();

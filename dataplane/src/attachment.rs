@@ -169,6 +169,23 @@ pub fn interfaces(ask: &Ask, identity: &Identity) -> Result<Vec<Interface>, AskE
             annotated: false,
         }]);
     }
+    // The runtime's interface is the first Network's: another that names it would make a
+    // second link under the same names, and wiring it would undo the first.
+    if let Some(clash) = list
+        .iter()
+        .skip(1)
+        .find(|n| n.interface.as_deref() == Some(ask.ifname.as_str()))
+    {
+        return Err(AskError::invalid(
+            "invalid pod annotation",
+            format!(
+                "{}: interface {} of Network {} is the runtime's interface (CNI_IFNAME), which the first Network gets; name another interface or leave it out (net1, net2… are chosen then)",
+                proto::NETWORKS_ANNOTATION,
+                ask.ifname,
+                clash.name
+            ),
+        ));
+    }
     let via = list.iter().position(|n| n.default_route).unwrap_or(0);
     let mut taken: Vec<&str> = vec![ask.ifname.as_str()];
     taken.extend(list.iter().filter_map(|n| n.interface.as_deref()));
@@ -477,6 +494,12 @@ mod tests {
             "a,b,a",
             "lan@net1",
             r#"[{"name": "a", "mac": "x"}]"#,
+            // Not DNS-1123 names, which a Network's name must be.
+            "lan-",
+            "-lan",
+            "a..b",
+            // Another interface named as the runtime's (CNI_IFNAME), which the first gets.
+            r#"[{"name": "a"}, {"name": "b", "interface": "eth0"}]"#,
         ] {
             let identity = Identity {
                 networks: Some(bad.into()),

@@ -275,15 +275,9 @@ pub fn parse_networks_annotation(value: &str) -> Result<Vec<NetworkSelection>, S
     let mut names: Vec<&str> = Vec::new();
     let mut interfaces: Vec<&str> = Vec::new();
     for (i, n) in list.iter().enumerate() {
-        let valid = !n.name.is_empty()
-            && n.name.len() <= 253
-            && n.name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
-        if !valid {
+        if let Some(problem) = crate::names::network_name_problem(&n.name) {
             return Err(format!(
-                "{a}: {:?} is not a Network name; list Network names separated by commas, e.g. \"nat-demo,lan\"",
-                n.name
+                "{a}: {problem}; list Network names separated by commas, e.g. \"nat-demo,lan\""
             ));
         }
         if names.contains(&n.name.as_str()) {

@@ -618,6 +618,30 @@ fn boot_time() -> Option<u64> {
         .ok()
 }
 
+/// What [`IpamStore::related`] finds of one interface of a container.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Related {
+    /// The networks whose store holds the interface itself.
+    pub owners: Vec<String>,
+    /// `(network, ifname)` of the interfaces whose parent it is.
+    pub children: Vec<(String, String)>,
+}
+
+impl Related {
+    /// The networks to detach the interface from: those that hold it, or `asked` (the
+    /// conflist's network; empty for none) when none does.
+    pub fn owners_or(&self, asked: &str) -> Vec<String> {
+        if self.owners.is_empty() {
+            (!asked.is_empty())
+                .then(|| asked.to_string())
+                .into_iter()
+                .collect()
+        } else {
+            self.owners.clone()
+        }
+    }
+}
+
 /// The IPAM store of one network on this node. Cheap to open; every operation opens its own
 /// file descriptors, so one handle may be shared by threads and many processes may open the
 /// same store.
@@ -672,30 +696,49 @@ impl IpamStore {
         out
     }
 
-    /// `(network, ifname)` of every allocation under `state_dir`, on any network, of container
-    /// `container_id` whose parent is `parent` (the interfaces the ADD of `parent` made from
-    /// the pod's networks annotation), by network. A store that cannot be read is skipped.
-    pub fn children(state_dir: &Path, container_id: &str, parent: &str) -> Vec<(String, String)> {
-        let mut out = Vec::new();
+    /// Container `container_id`'s allocations related to its interface `ifname`, on every
+    /// network under `state_dir`: the networks holding `ifname` itself (no parent: the
+    /// conflist's network, or the one the pod's `weft.dev/networks` annotation put it on), and
+    /// `(network, ifname)` of those whose parent it is (the interfaces its ADD made from the
+    /// annotation). A store that cannot be read is skipped.
+    pub fn related(state_dir: &Path, container_id: &str, ifname: &str) -> Related {
+        let mut out = Related::default();
         for network in Self::networks(state_dir) {
             let Ok(store) = Self::open(state_dir, &network) else {
                 continue;
             };
-            let Ok(ifnames) = store.read_allocations(|state| {
-                state
+            let Ok((own, children)) = store.read_allocations(|state| {
+                let mut own = false;
+                let mut children = Vec::new();
+                for a in state
                     .allocations
                     .iter()
-                    .filter(|a| {
-                        a.container_id == container_id && a.parent.as_deref() == Some(parent)
-                    })
-                    .map(|a| a.ifname.clone())
-                    .collect::<Vec<_>>()
+                    .filter(|a| a.container_id == container_id)
+                {
+                    match a.parent.as_deref() {
+                        None if a.ifname == ifname => own = true,
+                        Some(p) if p == ifname => children.push(a.ifname.clone()),
+                        _ => {}
+                    }
+                }
+                (own, children)
             }) else {
                 continue;
             };
-            out.extend(ifnames.into_iter().map(|i| (network.clone(), i)));
+            if own {
+                out.owners.push(network.clone());
+            }
+            out.children
+                .extend(children.into_iter().map(|i| (network.clone(), i)));
         }
         out
+    }
+
+    /// `(network, ifname)` of every allocation under `state_dir`, on any network, of container
+    /// `container_id` whose parent is `parent` (the interfaces the ADD of `parent` made from
+    /// the pod's networks annotation), by network. A store that cannot be read is skipped.
+    pub fn children(state_dir: &Path, container_id: &str, parent: &str) -> Vec<(String, String)> {
+        Self::related(state_dir, container_id, parent).children
     }
 
     /// The store's directory.
@@ -932,12 +975,23 @@ impl IpamStore {
     }
 
     /// Releases every allocation whose attachment is not in `valid`; returns the released ones.
+    /// An interface made from the pod's annotation by the ADD of another (its `parent`) is
+    /// valid with that one: the runtime knows only the interfaces it asked for.
     pub fn gc(&self, valid: &[Attachment]) -> Result<Vec<Allocation>, IpamError> {
         let valid: std::collections::BTreeSet<&Attachment> = valid.iter().collect();
+        let is_valid = |a: &Allocation| {
+            valid.contains(&a.attachment())
+                || a.parent.as_ref().is_some_and(|parent| {
+                    valid.contains(&Attachment {
+                        container_id: a.container_id.clone(),
+                        ifname: parent.clone(),
+                    })
+                })
+        };
         self.modify(|state| {
             let (keep, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut state.allocations)
                 .into_iter()
-                .partition(|a| valid.contains(&a.attachment()));
+                .partition(|a| is_valid(a));
             state.allocations = keep;
             let gone = owned(gone);
             for a in &gone {

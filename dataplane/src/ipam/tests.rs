@@ -95,6 +95,22 @@ fn children_are_the_annotations_interfaces_of_one_interface_on_every_network() {
         pairs(&[("lan", "net3")])
     );
     assert!(IpamStore::children(dir.path(), "c3", "eth0").is_empty());
+    // Where an interface itself is: eth0 on nat, the delegate's net2 on lan (a child of
+    // eth0, net1, is not an owner of net1's name); none for an unknown one, which is then
+    // detached from the network asked for, if any.
+    let owners = |cid: &str, ifname: &str| IpamStore::related(dir.path(), cid, ifname).owners;
+    assert_eq!(owners("c1", "eth0"), ["nat"]);
+    assert_eq!(owners("c1", "net2"), ["lan"]);
+    assert!(owners("c1", "net1").is_empty());
+    let unknown = IpamStore::related(dir.path(), "c9", "eth0");
+    assert_eq!(unknown, Related::default());
+    assert_eq!(unknown.owners_or("nat"), ["nat"]);
+    assert!(unknown.owners_or("").is_empty());
+    assert_eq!(
+        IpamStore::related(dir.path(), "c1", "eth0").owners_or("lan"),
+        ["nat"],
+        "the network that holds it, not the one asked for"
+    );
     // Released: no longer a child.
     IpamStore::open(dir.path(), "storage")
         .unwrap()
@@ -532,6 +548,43 @@ fn gc_releases_everything_not_in_the_valid_list() {
     assert!(s.gc(&[att("b"), att("d")]).unwrap().is_empty());
     assert_eq!(s.gc(&[]).unwrap().len(), 2);
     assert!(s.list().unwrap().is_empty());
+}
+
+#[test]
+fn gc_keeps_the_annotations_interfaces_of_a_valid_attachment() {
+    let (_d, s) = store();
+    // eth0 of a and b on this network; net1 on this network made by the ADD of a's and b's
+    // eth0 (on another network, as the pod's annotation may put it).
+    for id in ["a", "b"] {
+        s.allocate(&v4_pool(), req(id)).unwrap();
+        s.allocate(
+            &v4_pool(),
+            AllocRequest {
+                attachment: Attachment {
+                    container_id: id.into(),
+                    ifname: "net1".into(),
+                },
+                parent: Some("eth0".into()),
+                ..AllocRequest::default()
+            },
+        )
+        .unwrap();
+    }
+    // The runtime knows only the interfaces it asked for: a's eth0.
+    let released = s.gc(&[att("a")]).unwrap();
+    let mut gone: Vec<String> = released
+        .into_iter()
+        .map(|a| format!("{}/{}", a.container_id, a.ifname))
+        .collect();
+    gone.sort();
+    assert_eq!(gone, ["b/eth0", "b/net1"]);
+    let kept: Vec<String> = s
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|a| format!("{}/{}", a.container_id, a.ifname))
+        .collect();
+    assert_eq!(kept, ["a/eth0", "a/net1"]);
 }
 
 #[test]

@@ -236,10 +236,10 @@ impl Attachments {
         }
     }
 
-    /// `(network, ifname)` of the interfaces the ADD of `container_id`'s interface `ifname`
-    /// made from the pod's annotation, still allocated ([`IpamStore::children`]).
-    fn children(&self, container_id: &str, ifname: &str) -> Vec<(String, String)> {
-        IpamStore::children(&self.state_dir, container_id, ifname)
+    /// Where `container_id`'s interface `ifname` is allocated, and the interfaces its ADD made
+    /// from the pod's annotation, still allocated ([`IpamStore::related`]).
+    fn related(&self, container_id: &str, ifname: &str) -> weft_dataplane::ipam::Related {
+        IpamStore::related(&self.state_dir, container_id, ifname)
     }
 
     /// Releases the addresses of the interfaces of an ADD that failed or was refused (best
@@ -255,6 +255,15 @@ impl Attachments {
             if let Ok(Err(e)) = released {
                 warn!(error = %e, network = %a.interface.network, ifname = %a.interface.ifname, "cannot release an interface of a failed ADD");
             }
+        }
+    }
+
+    /// Hands the host link of `container_id`'s interface `ifname` to the reaper, if there is
+    /// one (an interface with no addresses left to release).
+    fn reap_host_link(&self, container_id: &str, ifname: &str) {
+        let host = weft_dataplane::names::host_veth_name(container_id, ifname);
+        if let Err(e) = self.reaper.reap(&host) {
+            debug!(%host, error = %e, "no host link to reap");
         }
     }
 
@@ -558,15 +567,25 @@ async fn detach(
     with_extras: bool,
 ) -> Reply {
     let ready = server.is_ready();
-    // Reads of the stores, which take no lock: on this thread.
+    // Reads of the stores, which take no lock: on this thread. The interface is detached from
+    // the network that holds it: the conflist's, unless the pod's annotation put it on another
+    // (its first entry), which the DEL does not name.
+    let related = server.attachments.related(container_id, ifname);
+    let own = related.owners_or(network);
     let extras = if with_extras {
-        server.attachments.children(container_id, ifname)
+        related.children
     } else {
         Vec::new()
     };
-    let all: Vec<(&str, &str)> = std::iter::once((network, ifname))
+    let all: Vec<(&str, &str)> = own
+        .iter()
+        .map(|n| (n.as_str(), ifname))
         .chain(extras.iter().map(|(n, i)| (n.as_str(), i.as_str())))
         .collect();
+    if own.is_empty() {
+        // Allocated nowhere, and no network named: only its link may be left.
+        server.attachments.reap_host_link(container_id, ifname);
+    }
     // Unregistered first, so their rules go before those of any request that could follow the
     // release (an ADD given the same address). The reconciler does not wait for the release: a
     // resync meanwhile keeps the endpoints out (their tombstones).
@@ -1067,6 +1086,70 @@ mod tests {
         let plain = detach(&server, "a", "c2", "eth0", false).await;
         assert!(plain.ok && plain.detached.is_none(), "{plain:?}");
         assert_eq!((held(dir.path(), "a"), held(dir.path(), "b")), (0, 1));
+    }
+
+    /// The pod's annotation may put the runtime's interface on another Network than the
+    /// conflist's (its first entry): a DEL, which names the conflist's (or none), detaches it
+    /// from the one that holds it, with the annotation's other interfaces.
+    #[tokio::test]
+    async fn a_detach_finds_the_interface_on_the_network_the_annotation_put_it_on() {
+        let dir = tempfile::tempdir().unwrap();
+        network(dir.path(), "a", "10.9.1.0/24");
+        network(dir.path(), "b", "10.9.2.0/24");
+        let (tx, mut rx) = mpsc::channel::<Message>(16);
+        let server = server_on(dir.path(), tx);
+        let identity = Identity {
+            networks: Some("b,a".into()),
+            ..Identity::default()
+        };
+        for (cid, asked) in [("c1", "a"), ("c2", "")] {
+            let ask = Ask {
+                container_id: cid.into(),
+                ifname: "eth0".into(),
+                netns: format!("/run/netns/{cid}"),
+                network: (!asked.is_empty()).then(|| asked.to_string()),
+                ..Ask::default()
+            };
+            let made = server
+                .attachments
+                .allocate(&ask, &identity, true)
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                made[0].0.interface.network, "b",
+                "eth0 on the annotation's first"
+            );
+            let reply = detach(&server, asked, cid, "eth0", true).await;
+            assert!(reply.ok, "{reply:?}");
+            assert_eq!(
+                reply.detached,
+                Some(vec![DetachedInterface {
+                    network: "a".into(),
+                    ifname: "net1".into()
+                }])
+            );
+            let mut unregistered = Vec::new();
+            while let Ok(m) = rx.try_recv() {
+                if let Request::Unregister {
+                    network,
+                    container_id,
+                    ifname,
+                } = m.request
+                {
+                    unregistered.push(format!("{network}/{container_id}/{ifname}"));
+                }
+            }
+            assert_eq!(
+                unregistered,
+                [format!("b/{cid}/eth0"), format!("a/{cid}/net1")],
+                "asked {asked:?}"
+            );
+            assert_eq!(
+                (held(dir.path(), "a"), held(dir.path(), "b")),
+                (0, 0),
+                "asked {asked:?}: nothing left allocated"
+            );
+        }
     }
 
     #[tokio::test]
