@@ -1307,9 +1307,13 @@ fn plan_forwards(
 ) -> (Vec<Forward>, BTreeMap<String, Vec<IpAddr>>) {
     let mut out: Vec<Forward> = Vec::new();
     let mut realized = BTreeMap::new();
+    // Oldest first, as the controller judges them: of two PortForwards that claim the same
+    // node port, the older one is forwarded on every node (a later one, whatever its name,
+    // never takes a port over), and the controller's PortConflict names the other.
     let mut pfs: Vec<&PortForward> = res.port_forwards.iter().collect();
     pfs.sort_by_key(|p| {
         (
+            p.metadata.creation_timestamp.as_ref().map(|t| t.0),
             p.metadata.namespace.clone().unwrap_or_default(),
             p.metadata.name.clone().unwrap_or_default(),
         )
@@ -2008,6 +2012,41 @@ spec: {network: nat-demo, target: {workload: web-1}, ports: [{port: 8080}]}
             out.problems[0]
                 .message
                 .contains("already forwarded by PortForward default/web")
+        );
+    }
+
+    #[test]
+    fn of_clashing_node_ports_the_older_port_forward_wins_whatever_its_name() {
+        let mut res = resources(NETS);
+        let extra = resources(
+            r#"
+apiVersion: weft.dev/v1alpha1
+kind: PortForward
+metadata: {name: aa-late, namespace: aa, creationTimestamp: "2026-12-01T10:00:00Z"}
+spec: {network: nat-demo, target: {workload: aa-web}, ports: [{port: 8080}]}
+"#,
+        );
+        for pf in &mut res.port_forwards {
+            pf.metadata.creation_timestamp =
+                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    "2026-11-01T10:00:00Z".parse().unwrap(),
+                ));
+        }
+        res.port_forwards.extend(extra.port_forwards);
+        let theirs = Endpoint {
+            pod_namespace: Some("aa".into()),
+            ..endpoint("nat-demo", "aa-web", &["10.10.0.3"])
+        };
+        let eps = [endpoint("nat-demo", "web-1", &["10.10.0.2"]), theirs];
+        let out = plan(&node(&[]), &res, &all_blocks(&res, &["node-a"]), &eps);
+        assert_eq!(out.problems.len(), 1, "{:?}", out.problems);
+        assert_eq!(out.problems[0].object, "aa/aa-late");
+        assert!(
+            out.problems[0]
+                .message
+                .contains("already forwarded by PortForward default/web"),
+            "{:?}",
+            out.problems
         );
     }
 

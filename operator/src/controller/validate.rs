@@ -275,24 +275,30 @@ pub fn port_forwards<'a>(
         }
         let ports = pf.spec.forward_ports();
         let srcs = sources(pf);
-        let owners = taken.entry(network).or_default();
         let mut clashes = Vec::new();
+        // Node ports are the node's, whatever the Network: one on another Network claims the
+        // same node addresses.
         for (i, p) in ports.iter().enumerate() {
-            for (other, their_ports, their_srcs) in owners.iter() {
-                if !sources_overlap(&srcs, their_srcs) {
-                    continue;
-                }
-                if let Some(t) = their_ports.iter().find(|t| ports_overlap(p, t)) {
-                    clashes.push(format!(
-                        "spec.ports[{i}]: node port {} is already forwarded on Network {network} by PortForward {other} ({}), which is older; use another node port or disjoint allowFrom sources",
-                        describe(p),
-                        describe(t)
-                    ));
+            for (their_network, owners) in &taken {
+                for (other, their_ports, their_srcs) in owners {
+                    if !sources_overlap(&srcs, their_srcs) {
+                        continue;
+                    }
+                    if let Some(t) = their_ports.iter().find(|t| ports_overlap(p, t)) {
+                        clashes.push(format!(
+                            "spec.ports[{i}]: node port {} is already forwarded on Network {their_network} by PortForward {other} ({}), which is older; use another node port or disjoint allowFrom sources",
+                            describe(p),
+                            describe(t)
+                        ));
+                    }
                 }
             }
         }
         if clashes.is_empty() {
-            owners.push((key.clone(), ports, srcs));
+            taken
+                .entry(network)
+                .or_default()
+                .push((key.clone(), ports, srcs));
             out.insert(key, None);
         } else {
             out.insert(
@@ -534,8 +540,14 @@ mod tests {
             uplink: "eth1".into(),
             ..BridgeSpec::default()
         });
-        let nets: BTreeMap<String, &Network> =
-            [("blue".to_owned(), &blue), ("br".to_owned(), &br)].into();
+        let mut green = net("green", &["10.40.0.0/16"], 1);
+        green.spec.mode = NetworkMode::Nat;
+        let nets: BTreeMap<String, &Network> = [
+            ("blue".to_owned(), &blue),
+            ("br".to_owned(), &br),
+            ("green".to_owned(), &green),
+        ]
+        .into();
         use Protocol::*;
         let first = pf("a", "ssh", "blue", &[(Tcp, 2222, 2222)], &[], 10);
         let range = pf("b", "rtp", "blue", &[(Udp, 2000, 2999)], &[], 11);
@@ -564,6 +576,7 @@ mod tests {
             &["192.168.2.0/24"],
             15,
         );
+        let elsewhere = pf("f", "ssh", "green", &[(Tcp, 2222, 2222)], &[], 18);
         let missing = pf("e", "gone", "nope", &[(Tcp, 1, 1)], &[], 16);
         let bridge = pf("e", "bridged", "br", &[(Tcp, 1, 1)], &[], 17);
         let v = port_forwards(
@@ -576,8 +589,18 @@ mod tests {
                 &disjoint_b,
                 &missing,
                 &bridge,
+                &elsewhere,
             ],
             &nets,
+        );
+        // A node port is the node's on every Network: the later one on another is refused.
+        let r = v["f/ssh"].clone().unwrap();
+        assert_eq!(r.reason, REASON_PORT_CONFLICT);
+        assert!(
+            r.message
+                .contains("already forwarded on Network blue by PortForward a/ssh"),
+            "{}",
+            r.message
         );
         assert_eq!(v["a/ssh"], None);
         assert_eq!(v["b/rtp"], None);
