@@ -451,17 +451,59 @@ fn apply_bridges(
     report: &mut ApplyReport,
 ) -> Result<(), ApplyError> {
     let mut existing = links.list()?;
+    let planned: BTreeSet<String> = plan
+        .bridges
+        .iter()
+        .map(|b| names::bridge_alias(&b.network))
+        .collect();
     for bridge in &plan.bridges {
         let alias = names::bridge_alias(&bridge.network);
+        // The bridge of a Network no longer planned, under the name this one takes (a Network
+        // re-created under another name, both seen in one pass): it goes first, its uplink
+        // given back.
+        if let Some(stale) = existing.iter().find(|l| {
+            l.name == bridge.name
+                && l.kind.as_deref() == Some("bridge")
+                && l.alias.as_deref().is_some_and(|a| {
+                    a != alias
+                        && a.starts_with(&format!("{}net:", names::ALIAS_PREFIX))
+                        && !planned.contains(a)
+                })
+        }) {
+            if let Some(record) = uplink::read_record(state_dir, &stale.name) {
+                uplink::detach(&record, links, state_dir, report)?;
+            }
+            links.delete_link(stale.index)?;
+            report.changes.push(format!(
+                "deleted bridge {} (its network removed; the name is network {}'s now)",
+                stale.name, bridge.network
+            ));
+            existing = links.list()?;
+        }
+        // A bridge that carried an uplink while the plan has none for it now (the Network
+        // re-created in another mode under the same bridge name): the node's addresses go
+        // back to the uplink before anything on the bridge is changed.
+        if bridge.uplink.is_none()
+            && let Some(record) = uplink::read_record(state_dir, &bridge.name)
+        {
+            uplink::detach(&record, links, state_dir, report)?;
+            existing = links.list()?;
+        }
         let index = match existing.iter().find(|l| l.name == bridge.name) {
             Some(link) => {
                 if link.alias.as_deref() != Some(alias.as_str())
                     || link.kind.as_deref() != Some("bridge")
                 {
-                    return Err(ApplyError::ForeignLink {
+                    // Someone else's link under the name: this Network fails here, the
+                    // others are applied.
+                    let e = ApplyError::ForeignLink {
                         name: link.name.clone(),
                         alias: link.alias.clone(),
-                    });
+                    };
+                    report
+                        .failed
+                        .push((bridge.network.clone(), crate::error_chain(&e)));
+                    continue;
                 }
                 if link.mtu != bridge.mtu {
                     links.set_mtu(link.index, bridge.mtu)?;
@@ -1634,19 +1676,59 @@ mod tests {
             "{r:?}"
         );
         assert_eq!(node.links.links.len(), 1);
-        // A link named like weft's bridge but without weft's alias is never adopted.
+        // A link named like weft's bridge but without weft's alias is never adopted: that
+        // Network fails, the others are applied.
         node.links
             .links
             .push(foreign(7, "wn-c", Some("bridge"), None));
-        let err = apply(
-            &plan(&[], "accept", &["c"]),
+        let r = apply(
+            &plan(&[], "accept", &["a", "c", "d"]),
             &mut node.links,
             &mut node.fw,
             &mut node.sysctls,
             node.dir.path(),
         )
-        .unwrap_err();
-        assert!(matches!(err, ApplyError::ForeignLink { .. }), "{err}");
+        .unwrap();
+        assert_eq!(r.failed.len(), 1, "{r:?}");
+        assert_eq!(r.failed[0].0, "c");
+        assert!(
+            r.failed[0]
+                .1
+                .contains("wn-c exists but was not created by weft"),
+            "{r:?}"
+        );
+        assert!(node.links.links.iter().any(|l| l.name == "wn-d"), "{r:?}");
+        let c = node.links.links.iter().find(|l| l.name == "wn-c").unwrap();
+        assert_eq!((c.index, c.alias.as_deref()), (7, None), "left as it was");
+    }
+
+    #[test]
+    fn a_removed_network_s_bridge_under_a_new_network_s_name_goes_first() {
+        let mut node = Node::new();
+        node.apply(&plan(&[], "accept", &["a"]));
+        // Network a removed and b created with a's bridge name, seen in one pass.
+        let mut renamed = plan(&[], "accept", &["b"]);
+        renamed.bridges[0].name = "wn-a".into();
+        let r = node.apply(&renamed);
+        assert!(r.failed.is_empty(), "{r:?}");
+        assert!(
+            r.changes
+                .iter()
+                .any(|c| c.starts_with("deleted bridge wn-a")),
+            "{r:?}"
+        );
+        assert!(
+            r.changes.iter().any(|c| c == "created bridge wn-a"),
+            "{r:?}"
+        );
+        let bridges: Vec<(&str, Option<&str>)> = node
+            .links
+            .links
+            .iter()
+            .map(|l| (l.name.as_str(), l.alias.as_deref()))
+            .collect();
+        assert_eq!(bridges, [("wn-a", Some(names::bridge_alias("b").as_str()))]);
+        assert!(node.apply(&renamed).is_noop());
     }
 
     #[test]

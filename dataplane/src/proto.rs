@@ -593,7 +593,8 @@ mod annotation_tests {
     #[test]
     fn bad_annotations_name_the_annotation_and_the_fix() {
         for (value, says) in [
-            ("nat-demo,Lan", "\"Lan\" is not a Network name"),
+            ("nat-demo,Lan", "\"Lan\" is not a valid Network name"),
+            ("lan-", "DNS-1123"),
             ("lan,lan", "listed twice"),
             (
                 r#"[{"name": "lan"}, {"name": "x", "ips": ["10.0.0.1"]}]"#,

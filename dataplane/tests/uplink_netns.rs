@@ -595,3 +595,31 @@ fn an_attach_the_agent_did_not_live_to_check_is_checked_at_the_next_pass_and_rol
     cleanup(dir.path());
     assert_eq!(state_of(&mut nl, "eth0"), before);
 }
+
+#[test]
+fn a_bridge_planned_again_without_its_uplink_gives_the_node_s_addresses_back_first() {
+    let _ns = isolate();
+    let (_lan, mut nl) = wire(true);
+    let dir = tempfile::tempdir().unwrap();
+    let before = state_of(&mut nl, "eth0");
+    assert!(apply(&node_plan(true), dir.path()).failed.is_empty());
+    // The same bridge, now planned without an uplink (the Network re-created in NAT mode
+    // under the same name, or its manifest edited): the node's addresses and routes return to
+    // eth0 before the bridge's addresses are made what the plan says.
+    let mut nat = node_plan(true);
+    nat.bridges[0].uplink = None;
+    nat.bridges[0].addresses = vec!["10.99.0.1/24".parse().unwrap()];
+    let report = apply(&nat, dir.path());
+    assert!(report.failed.is_empty(), "{report:?}");
+    let (addrs, routes, master) = state_of(&mut nl, "eth0");
+    assert_eq!(
+        (addrs, routes, master),
+        (before.0.clone(), before.1.clone(), None)
+    );
+    let (addrs, _, _) = state_of(&mut nl, "wn-lan");
+    assert_eq!(addrs, ["10.99.0.1/24".parse::<IpNet>().unwrap()]);
+    assert!(uplink::records(dir.path()).is_empty());
+    assert!(ping(GATEWAY), "the node reaches its gateway through eth0");
+    cleanup(dir.path());
+    assert_eq!(state_of(&mut nl, "eth0"), before);
+}

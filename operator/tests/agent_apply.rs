@@ -230,9 +230,16 @@ fn a_foreign_link_with_weft_s_bridge_name_is_never_touched() {
         &BTreeMap::new(),
     )
     .plan;
-    let err = apply_blocking(&plan, None, state.path()).unwrap_err();
-    assert!(err.to_string().contains("not created by weft"), "{err}");
+    // That Network fails, named with the link; the other is applied.
+    let report = apply_blocking(&plan, None, state.path()).unwrap();
+    assert_eq!(report.failed.len(), 1, "{report:?}");
+    assert_eq!(report.failed[0].0, "alpha");
+    assert!(
+        report.failed[0].1.contains("not created by weft"),
+        "{report:?}"
+    );
     assert_eq!(nl.link_by_name("wn-alpha").unwrap().unwrap().index, foreign);
+    assert!(nl.link_by_name("wn-beta").unwrap().is_some(), "{report:?}");
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
