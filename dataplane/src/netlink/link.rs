@@ -665,13 +665,14 @@ impl Netlink {
         }
         let mut moved = Vec::with_capacity(indexes.len());
         for &index in indexes {
-            let mut msg = LinkUnspec::new_with_index(index).build();
-            msg.attributes
-                .push(LinkAttribute::Group(names::DELETE_GROUP));
-            match self.set_link(OP, index, msg) {
+            match self.set_group(OP, index, names::DELETE_GROUP) {
                 Ok(()) => moved.push(index),
                 Err(e) if e.is_not_found() => {}
-                Err(e) => return Err(e),
+                Err(e) => {
+                    // None is left where a later deletion of the group would take it along.
+                    self.regroup(OP, &moved);
+                    return Err(e);
+                }
             }
         }
         if moved.is_empty() {
@@ -693,10 +694,36 @@ impl Netlink {
             Err(e) if e.is_not_found() => Ok(0),
             Err(_) => {
                 let mut deleted = 0;
-                for index in moved {
-                    deleted += usize::from(self.delete_link(index)?);
+                for (i, &index) in moved.iter().enumerate() {
+                    match self.delete_link(index) {
+                        Ok(gone) => deleted += usize::from(gone),
+                        Err(e) => {
+                            self.regroup(OP, &moved[i..]);
+                            return Err(e);
+                        }
+                    }
                 }
                 Ok(deleted)
+            }
+        }
+    }
+
+    /// Puts link `index` into link group `group`.
+    fn set_group(&mut self, op: &'static str, index: u32, group: u32) -> Result<(), NetlinkError> {
+        let mut msg = LinkUnspec::new_with_index(index).build();
+        msg.attributes.push(LinkAttribute::Group(group));
+        self.set_link(op, index, msg)
+    }
+
+    /// Links `indexes`, moved into [`names::DELETE_GROUP`] and not deleted, back into the
+    /// default group (best effort: one that cannot be moved is logged; weft resets the group of
+    /// an IFB link whenever it keeps one as a spare or adopts one).
+    fn regroup(&mut self, op: &'static str, indexes: &[u32]) {
+        for &index in indexes {
+            if let Err(e) = self.set_group(op, index, 0)
+                && !e.is_not_found()
+            {
+                tracing::warn!(index, error = %e, "a link left in weft's deletion group");
             }
         }
     }

@@ -864,7 +864,18 @@ impl Netlink {
                 ),
             })?;
         let port_name = names::shaping_ifb_name(port);
-        self.set_alias(ifb.index, names::SPARE_IFB_ALIAS)?;
+        // In the default link group too: a link left in weft's deletion group by a deletion cut
+        // short is not deleted with a later one's.
+        let mut spare = LinkUnspec::new_with_index(ifb.index)
+            .alias(names::SPARE_IFB_ALIAS)
+            .build();
+        spare.attributes.push(LinkAttribute::Group(0));
+        self.call(
+            OP,
+            || format!("link {} ({})", ifb.name, ifb.index),
+            RouteNetlinkMessage::SetLink(spare),
+            0,
+        )?;
         if port_name != ifb.name {
             match self.alt_name(OP, ifb.index, &port_name, false) {
                 Ok(()) => {}
@@ -983,11 +994,13 @@ impl Netlink {
         if spare.name != name {
             self.alt_name(op, spare.index, name, true)?;
         }
-        let set = LinkUnspec::new_with_index(spare.index)
+        let mut set = LinkUnspec::new_with_index(spare.index)
             .alias(alias)
             .mtu(IFB_MTU)
             .up()
             .build();
+        // Out of weft's deletion group, should a deletion cut short have left it there.
+        set.attributes.push(LinkAttribute::Group(0));
         if let Err(e) = self.call(
             op,
             || format!("{name} (spare ifb {})", spare.index),
