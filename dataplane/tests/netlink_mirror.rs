@@ -595,4 +595,12 @@ fn copies_reach_a_remote_collector_through_a_vxlan_link() {
 
     let err = n.nl.ensure_vxlan("wbr0", 42, B.into(), 4789).unwrap_err();
     assert!(err.to_string().contains("not a VXLAN link"), "{err}");
+    // Someone else's VXLAN link under the name (its alias not weft's) is not made again.
+    n.nl.set_alias(vxlan43, "someone's tunnel").unwrap();
+    let err = n.nl.ensure_vxlan("wmir0", 44, B.into(), 4789).unwrap_err();
+    assert!(
+        err.to_string().contains("not weft's mirror tunnel"),
+        "{err}"
+    );
+    assert!(n.nl.link_by_index(vxlan43).unwrap().is_some(), "left alone");
 }

@@ -22,6 +22,7 @@ struct Found {
     remote: Option<IpAddr>,
     port: Option<u16>,
     learning: Option<bool>,
+    alias: Option<String>,
 }
 
 fn found(msg: LinkMessage) -> Found {
@@ -31,8 +32,13 @@ fn found(msg: LinkMessage) -> Found {
         ..Found::default()
     };
     for attr in msg.attributes {
-        let LinkAttribute::LinkInfo(infos) = attr else {
-            continue;
+        let infos = match attr {
+            LinkAttribute::LinkInfo(infos) => infos,
+            LinkAttribute::IfAlias(a) => {
+                f.alias = Some(a);
+                continue;
+            }
+            _ => continue,
         };
         for info in infos {
             match info {
@@ -121,6 +127,17 @@ impl Netlink {
                     "link {name} exists and is {}, not a VXLAN link: delete it or choose another \
                      name",
                     link.kind.as_deref().unwrap_or("a device of no kind")
+                )));
+            }
+            // Another's VXLAN link under the name (one with no alias yet is weft's, made by
+            // an agent stopped before it named it).
+            if let Some(alias) = link
+                .alias
+                .as_deref()
+                .filter(|a| !crate::names::is_mirror_tunnel_alias(a))
+            {
+                return Err(invalid(format!(
+                    "link {name} exists and is not weft's mirror tunnel (alias {alias:?}): delete it or rename the TrafficMirror"
                 )));
             }
             let same = link.vni == Some(vni)

@@ -422,6 +422,20 @@ fn apply_capped(
             .filter(|p| !plan.shaping.contains_key(*p))
             .cloned(),
     );
+    // Ports that copy into a tunnel about to be made again (a collector's VNI, address or port
+    // changed: a new link, a new index), whose filters would copy to the old one's.
+    let remade: BTreeSet<&String> = plan
+        .tunnels
+        .iter()
+        .filter(|(name, t)| applied.tunnels.get(*name).is_some_and(|old| old != *t))
+        .map(|(name, _)| name)
+        .collect();
+    touch.extend(
+        plan.ports
+            .iter()
+            .filter(|(_, rules)| rules.iter().any(|r| remade.contains(&r.to)))
+            .map(|(p, _)| p.clone()),
+    );
     // Ports that may still have an IFB link they no longer want.
     touch.extend(
         applied
@@ -1443,6 +1457,62 @@ mod kernel_tests {
         apply(&mut nl, &plan(&[("wfb", both)]), &mut applied, false, &back).unwrap();
         let s = counters(&mut nl, b2, "wfb");
         assert!(s.ingress.is_some() && s.egress.is_some(), "{s:?}");
+    }
+
+    /// A remote collector's VNI changed: its tunnel is made again (a new link, a new index),
+    /// and a pass that is not full moves the copies of the ports that copy into it to the new
+    /// link in the same pass (they named the tunnel, not its index, so their rules did not
+    /// change).
+    #[test]
+    fn the_ports_copying_into_a_tunnel_made_again_copy_into_the_new_link() {
+        let mut nl = own_netns();
+        let source = port(&mut nl, "wfs", "ps");
+        let program = weft_dataplane::mirror::program(
+            &weft_dataplane::mirror::MirrorFilter::default(),
+            Side::FromWorkload,
+        );
+        let tunnel = |vni| Tunnel {
+            mirror: "default/m".into(),
+            vni,
+            remote: "10.99.0.2".parse().unwrap(),
+            port: 4789,
+        };
+        let with = |vni| MirrorPlan {
+            tunnels: [("wxm".to_string(), tunnel(vni))].into(),
+            ports: [(
+                "wfs".to_string(),
+                vec![PortRule {
+                    mirror: "default/m".into(),
+                    side: Side::FromWorkload,
+                    program: program.clone(),
+                    to: "wxm".into(),
+                }],
+            )]
+            .into(),
+            ..MirrorPlan::default()
+        };
+        let mut applied = Applied::default();
+        let none = BTreeMap::new();
+        let copies_to = |nl: &mut Netlink| {
+            let to = nl.link_by_name("wxm").unwrap().expect("the tunnel").index;
+            let rules = [MirrorRule {
+                side: Side::FromWorkload,
+                program: program.clone(),
+                to,
+            }];
+            // Nothing to change: the port's filter copies to this link already.
+            !nl.set_mirrors(source, &rules).unwrap()
+        };
+        apply(&mut nl, &with(7), &mut applied, true, &none).unwrap();
+        let first = nl.link_by_name("wxm").unwrap().unwrap().index;
+        assert!(copies_to(&mut nl));
+        apply(&mut nl, &with(8), &mut applied, false, &none).unwrap();
+        assert_ne!(
+            nl.link_by_name("wxm").unwrap().unwrap().index,
+            first,
+            "made again"
+        );
+        assert!(copies_to(&mut nl), "the copies follow the new link");
     }
 
     /// A burst of departures past the spares' cap, in the same pass as a new port: the cap's
