@@ -170,16 +170,23 @@ pub const BAN_SETS: [&str; 2] = ["bans4", "bans6"];
 pub const BAN_LOG_PREFIX: &str = "weft bruteforce ban ";
 
 /// The brute-force guards' sets and rules: one class per distinct `(per minute, ban)`, with
-/// its ports (`bfp_<per minute>_<ban>`: protocol . node ports) and its rate meters
-/// (`bfm_<per minute>_<ban>_4`, `…_6`, dynamic, an element per source and port that expires
-/// after a minute without connections). Named by their values, so another guard coming or
-/// going never renames a class (which would restart its meters).
+/// its forwards per address family (`bfp_<per minute>_<ban>_4`, `…_6`: source . protocol .
+/// node ports, as in the forwards' maps) and its rate meters (`bfm_<per minute>_<ban>_4`,
+/// `…_6`, dynamic, an element per source address and port that expires after a minute without
+/// connections). The sources are part of the key: the forwards of one class may share node
+/// ports from disjoint sources (one port from one host, a range around it from a subnet), and
+/// an interval set of their ports alone would hold overlapping elements, which the kernel
+/// refuses when the table is written whole; elements with their sources overlap no more than
+/// the forwards do, and [`Forward::overlaps`] keeps those apart. Both families' sets stay with
+/// the class, filled or not, and are named by its values, so another guard coming or going
+/// never renames a class (which would restart its meters).
 fn brute_force(forwards: &[Forward], log: &str) -> (Vec<Set>, Vec<String>) {
-    let mut classes: BTreeMap<(u32, u32), BTreeSet<String>> = BTreeMap::new();
+    let mut classes: BTreeMap<(u32, u32), [BTreeSet<String>; 2]> = BTreeMap::new();
     for f in forwards {
         if let Some(g) = f.guard {
-            classes.entry(g).or_default().insert(format!(
-                "{} . {}",
+            classes.entry(g).or_default()[usize::from(f.source.addr().is_ipv6())].insert(format!(
+                "{} . {} . {}",
+                cidr_text(&f.source),
                 f.protocol,
                 port_text(f.node_ports)
             ));
@@ -201,21 +208,16 @@ fn brute_force(forwards: &[Forward], log: &str) -> (Vec<Set>, Vec<String>) {
             BAN_SETS[1]
         ),
     ];
-    for ((per_minute, ban), ports) in classes {
+    for ((per_minute, ban), [v4, v6]) in classes {
         let class = format!("{per_minute}_{ban}");
-        sets.push(set(
-            &format!("bfp_{class}"),
-            "inet_proto . inet_service",
-            true,
-            ports,
-        ));
-        for (v, ip, key) in [
-            ("4", "ip", "ipv4_addr . inet_proto . inet_service"),
-            ("6", "ip6", "ipv6_addr . inet_proto . inet_service"),
+        for (v, ip, key, guarded) in [
+            ("4", "ip", "ipv4_addr . inet_proto . inet_service", v4),
+            ("6", "ip6", "ipv6_addr . inet_proto . inet_service", v6),
         ] {
+            sets.push(set(&format!("bfp_{class}_{v}"), key, true, guarded));
             sets.push(dynamic_set(&format!("bfm_{class}_{v}"), key, true));
             rules.push(format!(
-                "{l4} meta l4proto . th dport @bfp_{class} update @bfm_{class}_{v} {{ {ip} saddr . meta l4proto . th dport timeout 60s limit rate over {per_minute}/minute burst {per_minute} packets }} add @bans{v} {{ {ip} saddr . meta l4proto . th dport timeout {ban}s }} {log} drop"
+                "{l4} {ip} saddr . meta l4proto . th dport @bfp_{class}_{v} update @bfm_{class}_{v} {{ {ip} saddr . meta l4proto . th dport timeout 60s limit rate over {per_minute}/minute burst {per_minute} packets }} add @bans{v} {{ {ip} saddr . meta l4proto . th dport timeout {ban}s }} {log} drop"
             ));
         }
     }
@@ -1225,11 +1227,13 @@ mod tests {
                 "bridges",
                 "bans4",
                 "bans6",
-                "bfp_5_3600",
+                "bfp_5_3600_4",
                 "bfm_5_3600_4",
+                "bfp_5_3600_6",
                 "bfm_5_3600_6",
-                "bfp_10_600",
+                "bfp_10_600_4",
                 "bfm_10_600_4",
+                "bfp_10_600_6",
                 "bfm_10_600_6"
             ]
         );
@@ -1243,13 +1247,14 @@ mod tests {
                 .clone()
         };
         assert_eq!(
-            ports("bfp_5_3600").into_iter().collect::<Vec<_>>(),
-            ["tcp . 3389"]
+            ports("bfp_5_3600_4").into_iter().collect::<Vec<_>>(),
+            ["0.0.0.0/0 . tcp . 3389"]
         );
         assert_eq!(
-            ports("bfp_10_600").into_iter().collect::<Vec<_>>(),
-            ["tcp . 2222", "tcp . 2223"]
+            ports("bfp_10_600_4").into_iter().collect::<Vec<_>>(),
+            ["0.0.0.0/0 . tcp . 2222", "0.0.0.0/0 . tcp . 2223"]
         );
+        assert!(ports("bfp_10_600_6").is_empty());
         let bans = guarded.sets.iter().find(|s| s.name == "bans4").unwrap();
         assert!(bans.flags.contains(&nft::DYNAMIC_FLAG.to_string()));
         let pre = &guarded.chains[0].rules;
@@ -1258,7 +1263,7 @@ mod tests {
             "{pre:?}"
         );
         assert!(
-            pre.iter().any(|r| r.contains("@bfp_10_600 update @bfm_10_600_6 { ip6 saddr . meta l4proto . th dport timeout 60s limit rate over 10/minute burst 10 packets } add @bans6 { ip6 saddr . meta l4proto . th dport timeout 600s }")),
+            pre.iter().any(|r| r.contains("ip6 saddr . meta l4proto . th dport @bfp_10_600_6 update @bfm_10_600_6 { ip6 saddr . meta l4proto . th dport timeout 60s limit rate over 10/minute burst 10 packets } add @bans6 { ip6 saddr . meta l4proto . th dport timeout 600s }")),
             "{pre:?}"
         );
         // The guards come before the forwards' DNAT.
@@ -1310,6 +1315,88 @@ mod tests {
                 "{name} counts for another guard now"
             );
         }
+    }
+
+    #[test]
+    fn a_guard_class_keys_its_ports_by_source_so_forwards_with_disjoint_sources_never_overlap() {
+        let fwd = |source: &str, ports: (u16, u16), target: &str| Forward {
+            source: source.parse().unwrap(),
+            protocol: "tcp",
+            node_ports: ports,
+            target: target.parse().unwrap(),
+            target_port: (ports.0 == ports.1).then_some(22),
+            owner: "x".into(),
+            guard: Some((10, 600)),
+            syn_proxy: None,
+        };
+        // One port from one host and a range around it from a subnet: both valid, neither
+        // overlaps the other (their sources are disjoint). An IPv6-only forward in the same
+        // class.
+        let forwards = [
+            fwd("10.99.0.0/16", (2200, 2300), "10.0.0.3"),
+            fwd("192.168.50.1/32", (2222, 2222), "10.0.0.2"),
+            fwd("fd00:50::/64", (2222, 2222), "fd00::2"),
+        ];
+        for (i, a) in forwards.iter().enumerate() {
+            for b in &forwards[i + 1..] {
+                assert!(!a.overlaps(b), "{a:?} {b:?}");
+            }
+        }
+        let t = table(
+            &[],
+            &forwards,
+            &[],
+            &[],
+            &crate::policy::Compiled::default(),
+        );
+        let chain = |name: &str| -> Vec<String> {
+            t.chains
+                .iter()
+                .find(|c| c.name == name)
+                .unwrap()
+                .rules
+                .clone()
+        };
+        let set = |name: &str| t.sets.iter().find(|s| s.name == name);
+        assert!(set("bfp_10_600").is_none(), "no set without sources");
+        let v4 = set("bfp_10_600_4").unwrap();
+        assert_eq!(v4.key_type, "ipv4_addr . inet_proto . inet_service");
+        assert_eq!(v4.flags, ["interval"]);
+        assert_eq!(
+            v4.elements.iter().collect::<Vec<_>>(),
+            [
+                "10.99.0.0/16 . tcp . 2200-2300",
+                "192.168.50.1 . tcp . 2222"
+            ]
+        );
+        let v6 = set("bfp_10_600_6").unwrap();
+        assert_eq!(v6.key_type, "ipv6_addr . inet_proto . inet_service");
+        assert_eq!(
+            v6.elements.iter().collect::<Vec<_>>(),
+            ["fd00:50::/64 . tcp . 2222"]
+        );
+        // Each family's rule looks its own set up by source, protocol and port; the meters and
+        // bans stay per source address and node port.
+        let pre = chain("prerouting");
+        for (v, ip) in [("4", "ip"), ("6", "ip6")] {
+            let want = format!(
+                "meta l4proto {{ tcp, udp, sctp }} fib daddr type local {ip} saddr . meta l4proto . th dport @bfp_10_600_{v} update @bfm_10_600_{v} {{ {ip} saddr . meta l4proto . th dport timeout 60s limit rate over 10/minute burst 10 packets }} add @bans{v} {{ {ip} saddr . meta l4proto . th dport timeout 600s }}"
+            );
+            assert!(pre.iter().any(|r| r.starts_with(&want)), "{want}\n{pre:?}");
+        }
+        assert_eq!(chain("output")[..4], pre[..4], "the same guards");
+        // The class's sets stay when its last forward of a family goes: elements change only.
+        let fewer = table(
+            &[],
+            &forwards[..2],
+            &[],
+            &[],
+            &crate::policy::Compiled::default(),
+        );
+        assert_eq!(
+            weft_dataplane::nft::structure_hash(&t),
+            weft_dataplane::nft::structure_hash(&fewer)
+        );
     }
 
     #[test]
