@@ -207,10 +207,17 @@ fn send(
     Ok(())
 }
 
-/// Binds NFLOG group [`LOG_GROUP`] in the current network namespace.
+/// The receive buffer the reader asks for (the kernel doubles it): room for a burst of logged
+/// packets (each message up to 256 bytes of the packet and its attributes, batched by the
+/// kernel) while the reader writes records.
+pub const RECEIVE_BUFFER: usize = 4 << 20;
+
+/// Binds NFLOG group [`LOG_GROUP`] in the current network namespace, with a receive buffer of
+/// [`RECEIVE_BUFFER`].
 pub fn bind() -> std::io::Result<netlink_sys::Socket> {
     let mut socket = netlink_sys::Socket::new(netlink_sys::constants::NETLINK_NETFILTER)?;
     socket.bind_auto()?;
+    enlarge_receive_buffer(&socket);
     let timeout: Timeout = Duration::from_millis(100).into();
     send(
         &socket,
@@ -228,26 +235,138 @@ pub fn bind() -> std::io::Result<netlink_sys::Socket> {
     Ok(socket)
 }
 
-/// Reads the group forever (a dedicated thread), writing records to `out`. A pending port's
-/// logged announcement ([`super::guard::ACTIVATE_PREFIX`]) goes to `on_activate` with the
-/// index of the port it arrived on.
-pub fn run(
-    socket: netlink_sys::Socket,
-    node: String,
-    compiled: SharedPolicy,
-    out: super::anomaly::Sink,
-    counters: Counters,
-    on_activate: Box<dyn Fn(u32) + Send>,
-) {
-    let mut buf = vec![0; 65536];
-    loop {
-        let n = match socket.recv(&mut &mut buf[..], 0) {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::warn!(error = %e, "reading audit records failed; audit stopped");
-                return;
+/// Raises the socket's receive buffer to [`RECEIVE_BUFFER`]: past `net.core.rmem_max` with
+/// `SO_RCVBUFFORCE` (the agent runs with `CAP_NET_ADMIN`), else up to it with `SO_RCVBUF`.
+/// The default (`net.core.rmem_default`, a few hundred kilobytes) overruns in a burst of drops
+/// logged by policy.
+fn enlarge_receive_buffer(socket: &netlink_sys::Socket) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    if let Err(forced) = setsockopt(socket, sockopt::RcvBufForce, &RECEIVE_BUFFER) {
+        match setsockopt(socket, sockopt::RcvBuf, &RECEIVE_BUFFER) {
+            Ok(()) => tracing::info!(
+                error = %forced,
+                "the audit socket's receive buffer is capped by net.core.rmem_max (SO_RCVBUFFORCE refused)"
+            ),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "cannot raise the audit socket's receive buffer; a burst of logged packets may lose records"
+            ),
+        }
+    }
+}
+
+/// How long the reader waits after a failed read before the next: at first, and at most
+/// (doubling in between, back to the first after a read that worked).
+const BACK_OFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
+
+/// At most one warning about overruns in this long (the metric counts every one).
+const OVERRUN_WARNINGS: Duration = Duration::from_secs(60);
+
+/// What a failed read means to the reader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// `ENOBUFS`: the socket overran, the kernel dropped messages; the socket reads on.
+    Overrun,
+    /// `EINTR`: read again.
+    Interrupted,
+    /// The socket is gone (`EBADF`, `ENOTSOCK`): nothing more to read.
+    Gone,
+    /// Anything else: read again after a back-off.
+    Other,
+}
+
+impl Failure {
+    fn of(e: &std::io::Error) -> Failure {
+        use nix::errno::Errno;
+        match e.raw_os_error().map(Errno::from_raw) {
+            Some(Errno::ENOBUFS) => Failure::Overrun,
+            Some(Errno::EINTR) => Failure::Interrupted,
+            Some(Errno::EBADF | Errno::ENOTSOCK) => Failure::Gone,
+            _ => Failure::Other,
+        }
+    }
+}
+
+/// Where the reader takes the group's messages from: the bound socket, or a test's stand-in.
+pub trait Receive {
+    /// Receives one datagram (one or more netlink messages) into `buf`; its length.
+    fn receive(&mut self, buf: &mut [u8]) -> std::io::Result<usize>;
+}
+
+impl Receive for netlink_sys::Socket {
+    fn receive(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.recv(&mut &mut buf[..], 0)
+    }
+}
+
+/// The audit reader: what it makes of the group's messages.
+pub struct Reader {
+    /// The node, named in every record.
+    pub node: String,
+    /// The policy it names rules from.
+    pub compiled: SharedPolicy,
+    /// Where the records go.
+    pub out: super::anomaly::Sink,
+    /// The records written, by verdict.
+    pub counters: Counters,
+    /// A pending port's logged announcement ([`super::guard::ACTIVATE_PREFIX`]) goes here,
+    /// with the index of the port it arrived on.
+    pub on_activate: Box<dyn Fn(u32) + Send>,
+    /// Times the socket overran (`ENOBUFS`): the kernel dropped messages the reader had no
+    /// room for, records and announcements lost.
+    pub overruns: prometheus_client::metrics::counter::Counter,
+}
+
+impl Reader {
+    /// Reads the group (a dedicated thread) until its socket is gone. An overrun (a burst
+    /// faster than the reader: the kernel dropped what the socket had no room for) is counted,
+    /// warned about at most once a minute, and reading goes on; another failed read is tried
+    /// again after a back-off.
+    pub fn run(self, mut source: impl Receive) {
+        let mut buf = vec![0; 65536];
+        let mut back_off = BACK_OFF.0;
+        // Overruns since the last warning, and when that was.
+        let mut unwarned = 0u64;
+        let mut warned: Option<std::time::Instant> = None;
+        loop {
+            let e = match source.receive(&mut buf) {
+                Ok(n) => {
+                    back_off = BACK_OFF.0;
+                    self.messages(buf.get(..n).unwrap_or_default());
+                    continue;
+                }
+                Err(e) => e,
+            };
+            match Failure::of(&e) {
+                Failure::Overrun => {
+                    self.overruns.inc();
+                    unwarned += 1;
+                    if warned.is_none_or(|w| w.elapsed() >= OVERRUN_WARNINGS) {
+                        tracing::warn!(
+                            overruns = unwarned,
+                            "the audit socket overran: logged packets were lost without records (weft_agent_audit_overruns_total counts them); reading on"
+                        );
+                        unwarned = 0;
+                        warned = Some(std::time::Instant::now());
+                    }
+                }
+                Failure::Interrupted => {}
+                Failure::Gone => {
+                    tracing::warn!(error = %e, "the audit socket is gone; audit stopped");
+                    return;
+                }
+                Failure::Other => {
+                    tracing::warn!(error = %e, retry_in = ?back_off, "reading audit records failed; trying again");
+                    std::thread::sleep(back_off);
+                    back_off = (back_off * 2).min(BACK_OFF.1);
+                }
             }
-        };
+        }
+    }
+
+    /// Handles one datagram's messages.
+    fn messages(&self, buf: &[u8]) {
+        let n = buf.len();
         let mut offset = 0;
         while offset < n {
             let Ok(msg) = <NetlinkMessage<NetfilterMessage>>::deserialize(&buf[offset..n]) else {
@@ -259,55 +378,56 @@ pub fn run(
                 ..
             }) = &msg.payload
             {
-                let prefix = nlas.iter().find_map(|n| match n {
-                    PacketNla::Prefix(p) => Some(p.to_string_lossy().into_owned()),
-                    _ => None,
-                });
-                let payload = nlas.iter().find_map(|n| match n {
-                    PacketNla::Payload(p) => Some(p.as_slice()),
-                    _ => None,
-                });
-                if prefix.as_deref().map(str::trim) == Some(super::guard::ACTIVATE_PREFIX.trim()) {
-                    // Logged in the bridge family, the port is the physical input device
-                    // (the input device is the bridge) when br_netfilter is loaded.
-                    let physical = nlas.iter().find_map(|n| match n {
-                        PacketNla::IfIndexPhysInDev(i) => Some(*i),
-                        _ => None,
-                    });
-                    let input = nlas.iter().find_map(|n| match n {
-                        PacketNla::IfIndexInDev(i) => Some(*i),
-                        _ => None,
-                    });
-                    if let Some(port) = physical.or(input) {
-                        on_activate(port);
-                    }
-                    if len == 0 {
-                        break;
-                    }
-                    offset += len;
-                    continue;
-                }
-                if let (Some(prefix), Some(payload)) = (prefix, payload) {
-                    let time = jiff::Timestamp::now().to_string();
-                    let current = compiled.lock().map(|c| Arc::clone(&c)).ok();
-                    let rec = current.and_then(|c| record(&c, &node, time, &prefix, payload));
-                    if let Some(rec) = rec {
-                        if let Ok(mut c) = counters.lock() {
-                            *c.entry(rec.verdict.clone()).or_default() += 1;
-                        }
-                        if let (Ok(mut line), Ok(mut out)) = (serde_json::to_vec(&rec), out.lock())
-                        {
-                            line.push(b'\n');
-                            let _ = out.write_all(&line);
-                            let _ = out.flush();
-                        }
-                    }
-                }
+                self.packet(nlas);
             }
             if len == 0 {
                 break;
             }
             offset += len;
+        }
+    }
+
+    /// Handles one logged packet: an announcement, or a record.
+    fn packet(&self, nlas: &[PacketNla]) {
+        let prefix = nlas.iter().find_map(|n| match n {
+            PacketNla::Prefix(p) => Some(p.to_string_lossy().into_owned()),
+            _ => None,
+        });
+        let payload = nlas.iter().find_map(|n| match n {
+            PacketNla::Payload(p) => Some(p.as_slice()),
+            _ => None,
+        });
+        if prefix.as_deref().map(str::trim) == Some(super::guard::ACTIVATE_PREFIX.trim()) {
+            // Logged in the bridge family, the port is the physical input device (the input
+            // device is the bridge) when br_netfilter is loaded.
+            let physical = nlas.iter().find_map(|n| match n {
+                PacketNla::IfIndexPhysInDev(i) => Some(*i),
+                _ => None,
+            });
+            let input = nlas.iter().find_map(|n| match n {
+                PacketNla::IfIndexInDev(i) => Some(*i),
+                _ => None,
+            });
+            if let Some(port) = physical.or(input) {
+                (self.on_activate)(port);
+            }
+            return;
+        }
+        let (Some(prefix), Some(payload)) = (prefix, payload) else {
+            return;
+        };
+        let time = jiff::Timestamp::now().to_string();
+        let current = self.compiled.lock().map(|c| Arc::clone(&c)).ok();
+        let Some(rec) = current.and_then(|c| record(&c, &self.node, time, &prefix, payload)) else {
+            return;
+        };
+        if let Ok(mut c) = self.counters.lock() {
+            *c.entry(rec.verdict.clone()).or_default() += 1;
+        }
+        if let (Ok(mut line), Ok(mut out)) = (serde_json::to_vec(&rec), self.out.lock()) {
+            line.push(b'\n');
+            let _ = out.write_all(&line);
+            let _ = out.flush();
         }
     }
 }
@@ -333,6 +453,109 @@ mod tests {
             })
         );
         assert_eq!(parse_prefix("other r1 deny"), None);
+    }
+
+    /// A test's writer whose lines stay readable.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Lines {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Hands out its datagrams and errors in order, then fails as a closed socket does.
+    struct Script(std::collections::VecDeque<std::io::Result<Vec<u8>>>);
+
+    impl Receive for Script {
+        fn receive(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            match self.0.pop_front() {
+                Some(Ok(d)) => {
+                    buf[..d.len()].copy_from_slice(&d);
+                    Ok(d.len())
+                }
+                Some(Err(e)) => Err(e),
+                None => Err(std::io::Error::from_raw_os_error(nix::libc::EBADF)),
+            }
+        }
+    }
+
+    /// One NFLOG packet message as the kernel sends it.
+    fn logged(nlas: Vec<PacketNla>) -> Vec<u8> {
+        let mut msg = NetlinkMessage::new(
+            Default::default(),
+            NetlinkPayload::from(NetfilterMessage::new(
+                netlink_packet_netfilter::NetfilterHeader::new(
+                    NetfilterProtoFamily::Inet,
+                    0,
+                    LOG_GROUP,
+                ),
+                ULogMessage::Packet(nlas),
+            )),
+        );
+        msg.finalize();
+        let mut buf = vec![0; msg.header.length as usize];
+        msg.serialize(&mut buf);
+        buf
+    }
+
+    #[test]
+    fn the_reader_goes_on_after_an_overrun_and_a_failed_read() {
+        let mut payload = Vec::new();
+        etherparse::PacketBuilder::ipv4([192, 168, 50, 1], [10, 0, 0, 2], 64)
+            .tcp(40000, 22, 1, 1000)
+            .syn()
+            .write(&mut payload, &[])
+            .unwrap();
+        let denied = logged(vec![
+            PacketNla::Prefix(std::ffi::CString::new("weft default-in deny ").unwrap()),
+            PacketNla::Payload(payload),
+        ]);
+        let announced = logged(vec![
+            PacketNla::Prefix(
+                std::ffi::CString::new(super::super::guard::ACTIVATE_PREFIX).unwrap(),
+            ),
+            PacketNla::IfIndexInDev(7),
+        ]);
+        let os = std::io::Error::from_raw_os_error;
+        let lines = Lines::default();
+        let activated = Arc::new(Mutex::new(Vec::new()));
+        let reader = Reader {
+            node: "node-a".into(),
+            compiled: SharedPolicy::default(),
+            out: Arc::new(Mutex::new(Box::new(lines.clone()))),
+            counters: Counters::default(),
+            on_activate: Box::new({
+                let activated = Arc::clone(&activated);
+                move |port| activated.lock().unwrap().push(port)
+            }),
+            overruns: Default::default(),
+        };
+        let (counters, overruns) = (Arc::clone(&reader.counters), reader.overruns.clone());
+        // A burst overran the socket, then a record; a read that failed otherwise, then an
+        // announcement and another overrun and record; then the socket is gone.
+        reader.run(Script(
+            [
+                Err(os(nix::libc::ENOBUFS)),
+                Ok(denied.clone()),
+                Err(os(nix::libc::ENOMEM)),
+                Ok(announced),
+                Err(os(nix::libc::ENOBUFS)),
+                Ok(denied),
+            ]
+            .into(),
+        ));
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert!(text.contains(r#""verdict":"deny""#), "{text}");
+        assert_eq!(counters.lock().unwrap().get("deny"), Some(&2));
+        assert_eq!(*activated.lock().unwrap(), [7]);
+        assert_eq!(overruns.get(), 2);
     }
 
     #[test]

@@ -14,6 +14,9 @@
 //! - `networks`: networks realized on the node;
 //! - `audit_records_total{verdict}`: audit records written, read from the audit reader's
 //!   counters at each scrape;
+//! - `audit_overruns_total`: times the audit reader's socket overran (`ENOBUFS`, a burst of
+//!   logged packets faster than the reader): the kernel dropped what did not fit, so some
+//!   logged packets have no record (and a live migration's announcement may wait for the next);
 //! - `cni_operations_total{command,result}` and `cni_duration_seconds{command}`: CNI ADD and
 //!   DEL as the `weft` binary reports them over the agent's socket when it finishes;
 //! - `banned_sources`: sources PortForwards' brute-force guards have banned on the node now;
@@ -55,6 +58,7 @@ pub struct AgentMetrics {
     networks: Gauge,
     cni_ops: Family<Labels, Counter>,
     cni_duration: Family<Labels, Histogram, fn() -> Histogram>,
+    audit_overruns: Counter,
 }
 
 fn cni_histogram() -> Histogram {
@@ -72,6 +76,7 @@ impl Default for AgentMetrics {
             networks: Gauge::default(),
             cni_ops: Family::default(),
             cni_duration: Family::new_with_constructor(cni_histogram),
+            audit_overruns: Counter::default(),
         }
     }
 }
@@ -135,6 +140,11 @@ impl AgentMetrics {
             "Duration of CNI operations as the weft binary measured them, by command",
             m.cni_duration.clone(),
         );
+        r.register(
+            "audit_overruns",
+            "Times the audit reader's socket overran (ENOBUFS): logged packets were lost without a record",
+            m.audit_overruns.clone(),
+        );
         r.register_collector(Box::new(Counts {
             name: "audit_records",
             help: "Audit records written, by verdict",
@@ -144,6 +154,11 @@ impl AgentMetrics {
         r.register_collector(Box::new(Conntrack(conntrack_dir.to_path_buf())));
         r.register_collector(Box::new(Bans));
         m
+    }
+
+    /// The audit reader's overrun counter (`audit_overruns_total`), counted by the reader.
+    pub fn audit_overruns(&self) -> Counter {
+        self.audit_overruns.clone()
     }
 
     /// The agent has reconciled the node: ready.
@@ -525,6 +540,7 @@ mod tests {
         m.reconciled("start", Duration::from_millis(20), true, &status);
         m.reconciled("retry", Duration::from_millis(20), false, &status);
         audit.lock().unwrap().insert("deny".into(), 7);
+        m.audit_overruns().inc();
         let text = render(&registry).unwrap();
         for want in [
             r#"weft_agent_reconciliations_total{trigger="start"} 1"#,
@@ -536,6 +552,8 @@ mod tests {
             "weft_agent_networks 1",
             "# TYPE weft_agent_audit_records counter",
             r#"weft_agent_audit_records_total{verdict="deny"} 7"#,
+            "# TYPE weft_agent_audit_overruns counter",
+            "weft_agent_audit_overruns_total 1",
         ] {
             assert!(text.contains(want), "missing {want} in\n{text}");
         }

@@ -1214,6 +1214,7 @@ pub async fn run(
             sink.clone(),
             rec.policy.clone(),
             rec.audit.clone(),
+            rec.metrics.audit_overruns(),
             tx.clone(),
         );
         let detector = anomaly::Detector {
@@ -1359,6 +1360,7 @@ fn start_audit(
     out: anomaly::Sink,
     policy: audit::SharedPolicy,
     counters: audit::Counters,
+    overruns: prometheus_client::metrics::counter::Counter,
     queue: mpsc::Sender<Message>,
 ) {
     match audit::bind() {
@@ -1376,9 +1378,15 @@ fn start_audit(
                 };
                 let _ = queue.blocking_send(Message { request, reply });
             });
-            std::thread::spawn(move || {
-                audit::run(socket, node, policy, out, counters, on_activate)
-            });
+            let reader = audit::Reader {
+                node,
+                compiled: policy,
+                out,
+                counters,
+                on_activate,
+                overruns,
+            };
+            std::thread::spawn(move || reader.run(socket));
         }
         Err(e) => {
             warn!(error = %e, "cannot bind NFLOG group {}; audit records are off", audit::LOG_GROUP)
