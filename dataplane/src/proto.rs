@@ -13,8 +13,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// One host port of a workload (the runtime's `runtimeConfig.portMappings`, a pod's
-/// `hostPort`): connections to the node's `host_ip` (any of the node's addresses when `None`)
-/// on `host_port` go to the workload's `container_port`.
+/// `hostPort`): connections to the node's `host_ip` (any of the node's addresses when `None`
+/// or unspecified, see [`PortMapping::host_address`]) on `host_port` go to the workload's
+/// `container_port`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PortMapping {
@@ -56,12 +57,19 @@ pub struct Bandwidth {
 }
 
 impl PortMapping {
+    /// The one node address it is limited to; `None` for any address of the node: no
+    /// `hostIP`, or an unspecified one (`0.0.0.0`, `::`), which the portmap plugin and
+    /// kube-scheduler take for any address too.
+    pub fn host_address(&self) -> Option<IpAddr> {
+        self.host_ip.filter(|h| !h.is_unspecified())
+    }
+
     /// Would both claim the same connections on a node: same protocol and port, and host
-    /// addresses that overlap (equal, or either one any address of the other's family).
+    /// addresses that overlap (equal, or either one any address).
     pub fn clashes(&self, other: &PortMapping) -> bool {
         self.protocol == other.protocol
             && self.host_port == other.host_port
-            && match (self.host_ip, other.host_ip) {
+            && match (self.host_address(), other.host_address()) {
                 (Some(a), Some(b)) => a == b,
                 _ => true,
             }

@@ -1174,9 +1174,9 @@ pub fn restore_sources(
 
 /// The host ports of the endpoints on networks realized here (pending migration targets
 /// excepted: their VM still runs elsewhere), one per workload address of the mapping's family
-/// (all of them when it names no host address). Two endpoints claiming one host port: the
-/// agent refuses the second at registration; one found anyway (in the IPAM store) is reported
-/// and left out. A host port that is also a PortForward's node port is reported: the
+/// (all of them when it names no host address, or an unspecified one). Two endpoints claiming
+/// one host port: the agent refuses the second at registration; one found anyway (in the IPAM
+/// store) is reported and left out. A host port that is also a PortForward's node port is reported: the
 /// PortForward's rules come first and take the connections from its sources.
 fn plan_host_ports(
     realized: &dyn Fn(&str) -> bool,
@@ -1219,7 +1219,8 @@ fn plan_host_ports(
             if let Some(f) = forwards.iter().find(|f| {
                 f.protocol == m.protocol
                     && (f.node_ports.0..=f.node_ports.1).contains(&m.host_port)
-                    && m.host_ip.is_none_or(|h| h.is_ipv4() == f.target.is_ipv4())
+                    && m.host_address()
+                        .is_none_or(|h| h.is_ipv4() == f.target.is_ipv4())
             }) {
                 problems.push(endpoint_problem(
                     e,
@@ -1231,7 +1232,9 @@ fn plan_host_ports(
                 ));
             }
             for ip in &e.ips {
-                let host = match m.host_ip {
+                // An unspecified host address (`0.0.0.0`, `::`) is any: a key of `0.0.0.0`
+                // would match no connection.
+                let host = match m.host_address() {
                     Some(h) if h.is_ipv4() != ip.is_ipv4() => continue,
                     Some(h) => IpNet::from(h),
                     None if ip.is_ipv4() => IpNet::V4(Ipv4Net::default()),
@@ -1842,6 +1845,59 @@ metadata:
             "{:?}",
             forwarded.problems
         );
+    }
+
+    #[test]
+    fn an_unspecified_host_ip_is_any_address_of_the_node() {
+        let res = resources(NETS);
+        let blocks = all_blocks(&res, &["node-a"]);
+        let m = |port, host_ip: Option<&str>| weft_dataplane::proto::PortMapping {
+            host_port: port,
+            container_port: 80,
+            protocol: "tcp".into(),
+            host_ip: host_ip.map(|h| h.parse().unwrap()),
+        };
+        let mut web = endpoint("nat-demo", "host-1", &["10.10.0.5", "fd10::5"]);
+        web.port_mappings = vec![m(8080, Some("0.0.0.0")), m(8081, Some("::"))];
+        // Unset, and on one address: both claim what the unspecified ones hold.
+        let mut unset = endpoint("nat-demo", "host-2", &["10.10.0.6"]);
+        unset.port_mappings = vec![m(8080, None)];
+        let mut one = endpoint("nat-demo", "host-3", &["10.10.0.7"]);
+        one.port_mappings = vec![m(8081, Some("192.168.50.11"))];
+        let out = plan(&node(&[]), &res, &blocks, &[web, unset, one]);
+        let elements = |name: &str| -> Vec<String> {
+            out.plan
+                .firewall
+                .maps
+                .iter()
+                .find(|m| m.name == name)
+                .unwrap()
+                .elements
+                .iter()
+                .map(|(k, v)| format!("{k} : {v}"))
+                .collect()
+        };
+        assert_eq!(
+            elements("hportany4"),
+            ["tcp . 8080 : 10.10.0.5 . 80", "tcp . 8081 : 10.10.0.5 . 80"]
+        );
+        assert_eq!(
+            elements("hportany6"),
+            ["tcp . 8080 : fd10::5 . 80", "tcp . 8081 : fd10::5 . 80"]
+        );
+        assert!(elements("hport4").is_empty(), "{:?}", elements("hport4"));
+        assert!(elements("hport6").is_empty(), "{:?}", elements("hport6"));
+        for (pod, port) in [("default/host-2", "8080"), ("default/host-3", "8081")] {
+            assert!(
+                out.problems.iter().any(|p| p.object == pod
+                    && p.reason == Some(WorkloadReason::HostPortConflict)
+                    && p.message.contains(&format!("host port {port}/tcp"))
+                    && p.message.contains("pod default/host-1")),
+                "{pod}: {:?}",
+                out.problems
+            );
+        }
+        assert_eq!(out.problems.len(), 2, "{:?}", out.problems);
     }
 
     #[test]
