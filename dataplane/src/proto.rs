@@ -57,21 +57,30 @@ pub struct Bandwidth {
 }
 
 impl PortMapping {
-    /// The one node address it is limited to; `None` for any address of the node: no
-    /// `hostIP`, or an unspecified one (`0.0.0.0`, `::`), which the portmap plugin and
-    /// kube-scheduler take for any address too.
+    /// The one node address it is limited to; `None` for any address of the node (no
+    /// `hostIP`) or of one family (an unspecified one, `0.0.0.0` or `::`, which the portmap
+    /// plugin takes for any address of its family: see [`PortMapping::family`]).
     pub fn host_address(&self) -> Option<IpAddr> {
         self.host_ip.filter(|h| !h.is_unspecified())
     }
 
+    /// The address family it is limited to: that of its `hostIP`, unspecified or not; `None`
+    /// (both) without one. `Some(true)` for IPv4.
+    pub fn family(&self) -> Option<bool> {
+        self.host_ip.map(|h| h.is_ipv4())
+    }
+
     /// Would both claim the same connections on a node: same protocol and port, and host
-    /// addresses that overlap (equal, or either one any address).
+    /// addresses that overlap (equal, or either one any address of the other's family).
     pub fn clashes(&self, other: &PortMapping) -> bool {
         self.protocol == other.protocol
             && self.host_port == other.host_port
-            && match (self.host_address(), other.host_address()) {
-                (Some(a), Some(b)) => a == b,
-                _ => true,
+            && match (self.family(), other.family()) {
+                (Some(a), Some(b)) if a != b => false,
+                _ => match (self.host_address(), other.host_address()) {
+                    (Some(a), Some(b)) => a == b,
+                    _ => true,
+                },
             }
     }
 }

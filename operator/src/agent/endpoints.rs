@@ -535,14 +535,17 @@ mod tests {
         let mut two = ep("two", "10.0.0.5", false);
         two.port_mappings = vec![mapping(9000, "tcp", Some("192.0.2.2"))];
         assert!(eps.host_port_clash(&two).is_none());
-        // An unspecified host address is any address, as an unset one.
+        // An unspecified host address is any address of its family (as the portmap plugin
+        // takes it): 0.0.0.0 clashes with one's IPv4 address, :: does not.
+        two.port_mappings = vec![mapping(9000, "tcp", Some("0.0.0.0"))];
+        assert_eq!(eps.host_port_clash(&two).unwrap().1.container_id, "one");
+        two.port_mappings = vec![mapping(9000, "tcp", Some("::"))];
+        assert!(eps.host_port_clash(&two).is_none());
+        // Both clash with web's port on every address.
         for any in ["0.0.0.0", "::"] {
-            two.port_mappings = vec![mapping(9000, "tcp", Some(any))];
-            let (_, holder) = eps.host_port_clash(&two).expect(any);
-            assert_eq!(holder.container_id, "one");
+            two.port_mappings = vec![mapping(8080, "tcp", Some(any))];
+            assert_eq!(eps.host_port_clash(&two).expect(any).1.container_id, "web");
         }
-        two.port_mappings = vec![mapping(8080, "tcp", Some("0.0.0.0"))];
-        assert_eq!(eps.host_port_clash(&two).unwrap().1.container_id, "web");
     }
 
     #[test]

@@ -1174,7 +1174,8 @@ pub fn restore_sources(
 
 /// The host ports of the endpoints on networks realized here (pending migration targets
 /// excepted: their VM still runs elsewhere), one per workload address of the mapping's family
-/// (all of them when it names no host address, or an unspecified one). Two endpoints claiming
+/// (all of them when it names no host address; an unspecified one, `0.0.0.0` or `::`, is any
+/// address of its family, as the portmap plugin takes it). Two endpoints claiming
 /// one host port: the agent refuses the second at registration; one found anyway (in the IPAM
 /// store) is reported and left out. A host port that is also a PortForward's node port is reported: the
 /// PortForward's rules come first and take the connections from its sources.
@@ -1219,8 +1220,7 @@ fn plan_host_ports(
             if let Some(f) = forwards.iter().find(|f| {
                 f.protocol == m.protocol
                     && (f.node_ports.0..=f.node_ports.1).contains(&m.host_port)
-                    && m.host_address()
-                        .is_none_or(|h| h.is_ipv4() == f.target.is_ipv4())
+                    && m.family().is_none_or(|v4| v4 == f.target.is_ipv4())
             }) {
                 problems.push(endpoint_problem(
                     e,
@@ -1232,10 +1232,12 @@ fn plan_host_ports(
                 ));
             }
             for ip in &e.ips {
-                // An unspecified host address (`0.0.0.0`, `::`) is any: a key of `0.0.0.0`
-                // would match no connection.
+                // An unspecified host address (`0.0.0.0`, `::`) is any of its family: a key of
+                // `0.0.0.0` would match no connection.
+                if m.family().is_some_and(|v4| v4 != ip.is_ipv4()) {
+                    continue;
+                }
                 let host = match m.host_address() {
-                    Some(h) if h.is_ipv4() != ip.is_ipv4() => continue,
                     Some(h) => IpNet::from(h),
                     None if ip.is_ipv4() => IpNet::V4(Ipv4Net::default()),
                     None => IpNet::V6(Ipv6Net::default()),
@@ -1859,12 +1861,15 @@ metadata:
         };
         let mut web = endpoint("nat-demo", "host-1", &["10.10.0.5", "fd10::5"]);
         web.port_mappings = vec![m(8080, Some("0.0.0.0")), m(8081, Some("::"))];
-        // Unset, and on one address: both claim what the unspecified ones hold.
+        // Unset, and on one address of the family: both claim what 0.0.0.0 holds; an IPv6
+        // address does not (0.0.0.0 is any IPv4 address, as the portmap plugin takes it).
         let mut unset = endpoint("nat-demo", "host-2", &["10.10.0.6"]);
         unset.port_mappings = vec![m(8080, None)];
         let mut one = endpoint("nat-demo", "host-3", &["10.10.0.7"]);
-        one.port_mappings = vec![m(8081, Some("192.168.50.11"))];
-        let out = plan(&node(&[]), &res, &blocks, &[web, unset, one]);
+        one.port_mappings = vec![m(8080, Some("192.168.50.11"))];
+        let mut v6 = endpoint("nat-demo", "host-4", &["fd10::8"]);
+        v6.port_mappings = vec![m(8080, Some("fd00::11"))];
+        let out = plan(&node(&[]), &res, &blocks, &[web, unset, one, v6]);
         let elements = |name: &str| -> Vec<String> {
             out.plan
                 .firewall
@@ -1877,17 +1882,11 @@ metadata:
                 .map(|(k, v)| format!("{k} : {v}"))
                 .collect()
         };
-        assert_eq!(
-            elements("hportany4"),
-            ["tcp . 8080 : 10.10.0.5 . 80", "tcp . 8081 : 10.10.0.5 . 80"]
-        );
-        assert_eq!(
-            elements("hportany6"),
-            ["tcp . 8080 : fd10::5 . 80", "tcp . 8081 : fd10::5 . 80"]
-        );
+        assert_eq!(elements("hportany4"), ["tcp . 8080 : 10.10.0.5 . 80"]);
+        assert_eq!(elements("hportany6"), ["tcp . 8081 : fd10::5 . 80"]);
         assert!(elements("hport4").is_empty(), "{:?}", elements("hport4"));
-        assert!(elements("hport6").is_empty(), "{:?}", elements("hport6"));
-        for (pod, port) in [("default/host-2", "8080"), ("default/host-3", "8081")] {
+        assert_eq!(elements("hport6").len(), 1, "{:?}", elements("hport6"));
+        for (pod, port) in [("default/host-2", "8080"), ("default/host-3", "8080")] {
             assert!(
                 out.problems.iter().any(|p| p.object == pod
                     && p.reason == Some(WorkloadReason::HostPortConflict)
