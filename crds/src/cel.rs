@@ -300,7 +300,7 @@ pub const VLAN_RANGE_ORDERED: CelRule = CelRule {
     field_path: None,
 };
 
-// ---- label selectors (attached to every `matchExpressions[]` item) ----
+// ---- label selectors (attached to every `matchExpressions[]` item and `matchLabels`) ----
 
 /// A selector expression: In and NotIn need values, Exists and DoesNotExist take none.
 pub const SELECTOR_EXPRESSION_VALUES: CelRule = CelRule {
@@ -312,6 +312,18 @@ pub const SELECTOR_EXPRESSION_VALUES: CelRule = CelRule {
 /// The rules on the item of every label selector's `matchExpressions` (added to the schema
 /// with the selector bounds, see `validate::bound_label_selectors`), wherever a selector is.
 pub const EVERY_SELECTOR_EXPRESSION: &[&CelRule] = &[&SELECTOR_EXPRESSION_VALUES];
+
+/// A selector's `matchLabels` has no empty key. (A schema bounds a map's values, not its keys;
+/// an expression's empty key is refused by its `minLength`.)
+pub const SELECTOR_LABEL_KEYS_NOT_EMPTY: CelRule = CelRule {
+    rule: "self.all(k, size(k) > 0)",
+    message: "a label key must not be empty; name a label key",
+    field_path: None,
+};
+
+/// The rules on every label selector's `matchLabels` (added with the selector bounds, see
+/// `validate::bound_label_selectors`), wherever a selector is.
+pub const EVERY_SELECTOR_LABELS: &[&CelRule] = &[&SELECTOR_LABEL_KEYS_NOT_EMPTY];
 
 // ---- PortForward ----
 

@@ -115,7 +115,8 @@ pub fn is_valid_port_name(name: &str) -> bool {
 }
 
 /// Checks the structure of a label selector the way Kubernetes does when it turns one into a
-/// selector: known operators, values for `In`/`NotIn` only, and non-empty keys.
+/// selector: known operators, values for `In`/`NotIn` only, and non-empty keys. Lengths are
+/// counted in characters, as the API server counts a schema's `maxLength`.
 pub(crate) fn check_selector(selector: &LabelSelector, field: &str, errors: &mut Errors) {
     if let Some(labels) = &selector.match_labels {
         if labels.len() > MAX_SELECTOR_LABELS {
@@ -134,7 +135,7 @@ pub(crate) fn check_selector(selector: &LabelSelector, field: &str, errors: &mut
                     "a label key must not be empty",
                 );
             }
-            if value.len() > MAX_LABEL_VALUE_LEN {
+            if value.chars().count() > MAX_LABEL_VALUE_LEN {
                 errors.push(
                     format!("{field}.matchLabels.{key}"),
                     format!("a label value has at most {MAX_LABEL_VALUE_LEN} characters"),
@@ -157,7 +158,7 @@ pub(crate) fn check_selector(selector: &LabelSelector, field: &str, errors: &mut
         if expr.key.is_empty() {
             errors.push(format!("{at}.key"), "must not be empty; name a label key");
         }
-        if expr.key.len() > MAX_LABEL_KEY_LEN {
+        if expr.key.chars().count() > MAX_LABEL_KEY_LEN {
             errors.push(
                 format!("{at}.key"),
                 format!("a label key has at most {MAX_LABEL_KEY_LEN} characters"),
@@ -174,7 +175,7 @@ pub(crate) fn check_selector(selector: &LabelSelector, field: &str, errors: &mut
             );
         }
         for (j, v) in values.iter().enumerate() {
-            if v.len() > MAX_LABEL_VALUE_LEN {
+            if v.chars().count() > MAX_LABEL_VALUE_LEN {
                 errors.push(
                     format!("{at}.values[{j}]"),
                     format!("a label value has at most {MAX_LABEL_VALUE_LEN} characters"),
@@ -209,7 +210,10 @@ pub(crate) fn check_selector(selector: &LabelSelector, field: &str, errors: &mut
 /// Puts bounds on every label selector below `schema` (a JSON schema node): k8s-openapi's
 /// `LabelSelector` schema has none, and the apiserver's CEL cost estimate multiplies by them.
 /// The bounds are the ones [`check_selector`] enforces, and so are the rules
-/// [`EVERY_SELECTOR_EXPRESSION`](crate::cel::EVERY_SELECTOR_EXPRESSION) each expression gets.
+/// [`EVERY_SELECTOR_EXPRESSION`](crate::cel::EVERY_SELECTOR_EXPRESSION) each expression gets,
+/// [`EVERY_SELECTOR_LABELS`](crate::cel::EVERY_SELECTOR_LABELS) each `matchLabels` gets, and an
+/// expression's key's `minLength`: the API server refuses every selector `check_selector`
+/// refuses, so no live object carries one the controller and the agents would then drop.
 pub(crate) fn bound_label_selectors(schema: &mut serde_json::Value) {
     use serde_json::{Value, json};
     let Some(obj) = schema.as_object_mut() else {
@@ -222,6 +226,11 @@ pub(crate) fn bound_label_selectors(schema: &mut serde_json::Value) {
     if is_selector && let Some(props) = obj.get_mut("properties").and_then(Value::as_object_mut) {
         if let Some(labels) = props.get_mut("matchLabels").and_then(Value::as_object_mut) {
             labels.insert("maxProperties".into(), json!(MAX_SELECTOR_LABELS));
+            let rules: Vec<Value> = crate::cel::EVERY_SELECTOR_LABELS
+                .iter()
+                .map(|r| r.to_json())
+                .collect();
+            labels.insert("x-kubernetes-validations".into(), Value::Array(rules));
             if let Some(v) = labels
                 .get_mut("additionalProperties")
                 .and_then(Value::as_object_mut)
@@ -247,6 +256,7 @@ pub(crate) fn bound_label_selectors(schema: &mut serde_json::Value) {
                 .and_then(Value::as_object_mut)
             {
                 if let Some(key) = item.get_mut("key").and_then(Value::as_object_mut) {
+                    key.insert("minLength".into(), json!(1));
                     key.insert("maxLength".into(), json!(MAX_LABEL_KEY_LEN));
                 }
                 if let Some(op) = item.get_mut("operator").and_then(Value::as_object_mut) {
@@ -330,6 +340,36 @@ mod tests {
         assert!(!is_valid_port_name("HTTP"));
         assert!(!is_valid_port_name("a.b"));
         assert!(!is_valid_port_name("sixteen-chars-xx"));
+    }
+
+    #[test]
+    fn selector_lengths_are_counted_in_characters() {
+        // The API server's maxLength counts characters: a value of 63 two-byte characters
+        // passes it, so it must pass here too; 64 do not.
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+        let selector = |value: String, key: String| LabelSelector {
+            match_labels: Some([("zone".into(), value.clone())].into()),
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key,
+                operator: "In".into(),
+                values: Some(vec![value]),
+            }]),
+        };
+        let errors_of = |sel: &LabelSelector| {
+            let mut errors = Errors::default();
+            check_selector(sel, "spec.nodeSelector", &mut errors);
+            errors.0.len()
+        };
+        let most = selector(
+            "é".repeat(MAX_LABEL_VALUE_LEN),
+            "é".repeat(MAX_LABEL_KEY_LEN),
+        );
+        assert_eq!(errors_of(&most), 0);
+        let past = selector(
+            "é".repeat(MAX_LABEL_VALUE_LEN + 1),
+            "é".repeat(MAX_LABEL_KEY_LEN + 1),
+        );
+        assert_eq!(errors_of(&past), 3);
     }
 
     #[test]

@@ -231,7 +231,11 @@ fn no_cel_rule_is_left_unlisted() {
             let on_every_selector = location.ends_with(".matchExpressions[]")
                 && weft_crds::cel::EVERY_SELECTOR_EXPRESSION
                     .iter()
-                    .any(|r| r.to_json() == rule);
+                    .any(|r| r.to_json() == rule)
+                || location.ends_with(".matchLabels")
+                    && weft_crds::cel::EVERY_SELECTOR_LABELS
+                        .iter()
+                        .any(|r| r.to_json() == rule);
             assert!(
                 on_every_selector
                     || weft_crds::cel::ATTACHED
@@ -244,15 +248,16 @@ fn no_cel_rule_is_left_unlisted() {
 }
 
 #[test]
-fn every_selector_expression_carries_the_selector_rules() {
+fn every_selector_carries_the_selector_rules() {
+    // What `check_selector` refuses, the API server refuses too: an In without values, an
+    // empty key of an expression or of matchLabels. Otherwise a selector the API server takes
+    // makes the controller and the agents drop the whole object (a Network leaves every node).
     fn walk(path: &str, node: &Value, found: &mut Vec<(String, Value)>) {
         if let Some(props) = node.get("properties").and_then(Value::as_object) {
+            if props.contains_key("matchExpressions") && props.contains_key("matchLabels") {
+                found.push((path.to_owned(), node.clone()));
+            }
             for (k, v) in props {
-                if k == "matchExpressions"
-                    && let Some(item) = v.get("items")
-                {
-                    found.push((format!("{path}.{k}[]"), item.clone()));
-                }
                 walk(&format!("{path}.{k}"), v, found);
             }
         }
@@ -260,17 +265,30 @@ fn every_selector_expression_carries_the_selector_rules() {
             walk(&format!("{path}[]"), items, found);
         }
     }
+    let rules_of = |path: &str, node: &Value| -> Vec<Value> {
+        node.get("x-kubernetes-validations")
+            .and_then(Value::as_array)
+            .unwrap_or_else(|| panic!("{path}: no x-kubernetes-validations"))
+            .clone()
+    };
     let mut count = 0;
     for (name, schema) in schemas() {
         let mut found = Vec::new();
         walk(&name, &schema, &mut found);
-        for (path, item) in found {
+        for (path, selector) in found {
             count += 1;
-            let rules = item
-                .get("x-kubernetes-validations")
-                .and_then(Value::as_array)
-                .unwrap_or_else(|| panic!("{path}: no x-kubernetes-validations"));
+            let item = &selector["properties"]["matchExpressions"]["items"];
+            let rules = rules_of(&format!("{path}.matchExpressions[]"), item);
             for r in weft_crds::cel::EVERY_SELECTOR_EXPRESSION {
+                assert!(rules.contains(&r.to_json()), "{path}: {:?} missing", r.rule);
+            }
+            assert_eq!(
+                item["properties"]["key"]["minLength"], 1,
+                "{path}.matchExpressions[].key: an empty key is not refused"
+            );
+            let labels = &selector["properties"]["matchLabels"];
+            let rules = rules_of(&format!("{path}.matchLabels"), labels);
+            for r in weft_crds::cel::EVERY_SELECTOR_LABELS {
                 assert!(rules.contains(&r.to_json()), "{path}: {:?} missing", r.rule);
             }
         }
