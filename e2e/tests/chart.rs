@@ -226,3 +226,65 @@ fn the_api_server_address_can_be_given_for_clusters_without_kube_proxy() {
         readme.contains("`kubernetesServiceHost`") && readme.contains("`kubernetesServicePort`")
     );
 }
+
+#[test]
+fn every_pod_pulls_its_image_as_the_values_say() {
+    // With a private registry, a pod without imagePullSecrets hangs in ImagePullBackOff: the
+    // uninstall hooks' too, and `helm uninstall` with them.
+    let mut pods = Vec::new();
+    for entry in std::fs::read_dir(chart().join("templates")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        let text = read(&path);
+        for doc in text.split("\n---\n") {
+            let Some(kind) = doc
+                .lines()
+                .find_map(|l| l.strip_prefix("kind: "))
+                .map(str::trim)
+            else {
+                continue;
+            };
+            if !doc.contains("\n      containers:\n") {
+                continue;
+            }
+            let name = doc
+                .lines()
+                .find_map(|l| l.strip_prefix("  name: "))
+                .unwrap_or("?");
+            let what = format!("{} {kind} {name}", path.display());
+            assert!(
+                doc.contains(
+                    "      {{- with .Values.imagePullSecrets }}\n      imagePullSecrets:\n        {{- toYaml . | nindent 8 }}\n      {{- end }}\n"
+                ),
+                "{what}: no imagePullSecrets from .Values.imagePullSecrets"
+            );
+            let images = doc
+                .matches("image: {{ include \"weft.image\" . }}\n")
+                .count();
+            let policies = doc
+                .matches(
+                    "image: {{ include \"weft.image\" . }}\n          imagePullPolicy: {{ .Values.image.pullPolicy }}\n",
+                )
+                .count();
+            assert!(images > 0, "{what}: no weft image");
+            assert_eq!(
+                policies, images,
+                "{what}: a container without imagePullPolicy from .Values.image.pullPolicy"
+            );
+            pods.push(what);
+        }
+    }
+    for name in [
+        "weft-agent",
+        "weft-controller",
+        "weft-cleanup",
+        "weft-uninstall",
+    ] {
+        assert!(
+            pods.iter().any(|p| p.ends_with(&format!(" {name}"))),
+            "{name} not checked: {pods:?}"
+        );
+    }
+}
