@@ -288,3 +288,17 @@ fn every_pod_pulls_its_image_as_the_values_say() {
         );
     }
 }
+
+#[test]
+fn the_crd_upgrade_step_is_documented() {
+    // `helm upgrade` never touches crds/: the README's upgrade section and the notes of an
+    // upgrade give the step, with --force-conflicts (Helm's field manager owns the CRDs).
+    let step = "kubectl apply --server-side --force-conflicts -f charts/weft/crds/";
+    let readme = read(&chart().join("README.md"));
+    let upgrading = &readme[readme.find("\n## Upgrading\n").unwrap()..];
+    assert!(upgrading.contains(step), "README: {step}");
+    assert!(upgrading.find(step) < upgrading.find("helm upgrade weft"));
+    let notes = read(&chart().join("templates/NOTES.txt"));
+    let on_upgrade = &notes[notes.find("{{- if .Release.IsUpgrade }}").unwrap()..];
+    assert!(on_upgrade.contains(step), "NOTES.txt: {step}");
+}
