@@ -741,6 +741,8 @@ impl NetworkSpec {
     }
 
     fn validate_gateway(&self, subnets: &[IpNet], errors: &mut Errors) {
+        // The API server refuses an edit of spec.gateway: the fix is a new Network.
+        const GATEWAY_FIX: &str = "spec.gateway cannot change on a live Network: delete the Network and create it again with a host address as its gateway, such as the first usable one (the default)";
         let Some(gateways) = &self.gateway else {
             return;
         };
@@ -782,12 +784,12 @@ impl NetworkSpec {
             if addr == subnet.network() {
                 errors.push(
                     field,
-                    format!("{addr} is the network address of {subnet}; use a host address such as the first usable one (the default)"),
+                    format!("{addr} is the network address of {subnet}; {GATEWAY_FIX}"),
                 );
             } else if subnet.addr().is_ipv4() && addr == subnet.broadcast() {
                 errors.push(
                     field,
-                    format!("{addr} is the broadcast address of {subnet}; use a host address such as the first usable one (the default)"),
+                    format!("{addr} is the broadcast address of {subnet}; {GATEWAY_FIX}"),
                 );
             }
         }
@@ -1164,6 +1166,14 @@ mod tests {
             "spec.gateway[0]",
             "network address",
         );
+        // spec.gateway cannot change on a live Network: the fix is a new Network, not an edit.
+        for gateway in ["10.0.0.0", "10.0.255.255"] {
+            assert_invalid(
+                &with_gateway(nat(&["10.0.0.0/16"]), &[gateway]),
+                "spec.gateway[0]",
+                "delete the Network and create it again with a host address as its gateway",
+            );
+        }
         // IPv6 has no broadcast address.
         let last_v6 = with_gateway(nat(&["fd00::/120"]), &["fd00::ff"]);
         assert_eq!(last_v6.validate(), Ok(()));

@@ -30,6 +30,9 @@ pub const REASON_INVALID: &str = "Invalid";
 pub const REASON_IMMUTABLE: &str = "ImmutableFieldChanged";
 /// Reason: a subnet overlaps an older Network's.
 pub const REASON_SUBNET_OVERLAP: &str = "SubnetOverlap";
+/// The fix a `SubnetOverlap` message ends with: `spec.subnets` cannot change on a live Network
+/// (the API server refuses the edit), so the Network is made again, or the older one removed.
+const OVERLAP_FIX: &str = "spec.subnets cannot change on a live Network: delete this Network and create it again with subnets that overlap no other Network's (or delete the older Network)";
 /// Reason: the PortForward's Network does not exist.
 pub const REASON_NETWORK_NOT_FOUND: &str = "NetworkNotFound";
 /// Reason: the PortForward's Network is not a NAT network.
@@ -169,7 +172,7 @@ pub fn networks<'a>(
                 let (other, theirs) = &accepted.networks[n];
                 let t = &theirs[k];
                 clashes.push(format!(
-                    "spec.subnets[{i}]: {mine} overlaps {t} of Network {other}, which is older; choose a subnet that does not overlap it"
+                    "spec.subnets[{i}]: {mine} overlaps {t} of Network {other}, which is older"
                 ));
             }
         }
@@ -181,7 +184,7 @@ pub fn networks<'a>(
                 name,
                 Some(Rejection {
                     reason: REASON_SUBNET_OVERLAP,
-                    message: clashes.join("; "),
+                    message: format!("{}; {OVERLAP_FIX}", clashes.join("; ")),
                 }),
             );
         }
@@ -380,15 +383,17 @@ mod tests {
         assert_eq!(v["c"], None);
         assert_eq!(
             v["big"].as_ref().unwrap().message,
-            "spec.subnets[0]: fd00::/16 overlaps fd00:1::/64 of Network a, which is older; choose a subnet that does not overlap it; \
-             spec.subnets[1]: 10.0.0.0/8 overlaps 10.3.4.0/24 of Network c, which is older; choose a subnet that does not overlap it; \
-             spec.subnets[1]: 10.0.0.0/8 overlaps 10.1.0.0/16 of Network a, which is older; choose a subnet that does not overlap it; \
-             spec.subnets[1]: 10.0.0.0/8 overlaps 10.2.0.0/16 of Network b, which is older; choose a subnet that does not overlap it"
+            "spec.subnets[0]: fd00::/16 overlaps fd00:1::/64 of Network a, which is older; \
+             spec.subnets[1]: 10.0.0.0/8 overlaps 10.3.4.0/24 of Network c, which is older; \
+             spec.subnets[1]: 10.0.0.0/8 overlaps 10.1.0.0/16 of Network a, which is older; \
+             spec.subnets[1]: 10.0.0.0/8 overlaps 10.2.0.0/16 of Network b, which is older; \
+             spec.subnets cannot change on a live Network: delete this Network and create it again with subnets that overlap no other Network's (or delete the older Network)"
         );
         // Held by an older one (a supernet that starts before it).
         assert_eq!(
             v["inner"].as_ref().unwrap().message,
-            "spec.subnets[0]: 10.1.2.0/24 overlaps 10.1.0.0/16 of Network a, which is older; choose a subnet that does not overlap it"
+            "spec.subnets[0]: 10.1.2.0/24 overlaps 10.1.0.0/16 of Network a, which is older; \
+             spec.subnets cannot change on a live Network: delete this Network and create it again with subnets that overlap no other Network's (or delete the older Network)"
         );
     }
 
@@ -418,7 +423,7 @@ mod tests {
                 for (other, theirs) in &accepted {
                     for t in theirs.iter().filter(|t| overlaps(mine, t)) {
                         clashes.push(format!(
-                            "spec.subnets[{i}]: {mine} overlaps {t} of Network {other}, which is older; choose a subnet that does not overlap it"
+                            "spec.subnets[{i}]: {mine} overlaps {t} of Network {other}, which is older"
                         ));
                     }
                 }
@@ -431,7 +436,7 @@ mod tests {
                     name,
                     Some(Rejection {
                         reason: REASON_SUBNET_OVERLAP,
-                        message: clashes.join("; "),
+                        message: format!("{}; {OVERLAP_FIX}", clashes.join("; ")),
                     }),
                 );
             }
