@@ -13,6 +13,7 @@
 //! ([`Allocation::spec`]), so the specs of all nodes are never held at once.
 
 use super::compact::{Blocks, Current, Entry};
+use super::status;
 use ipnet::IpNet;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
@@ -465,6 +466,7 @@ pub fn allocate<'a, S: Current>(
             // Every block below the last one given is used or excluded: the next search
             // starts after it, not at the start of the subnet again.
             let mut from = 0;
+            let mut without = Vec::new();
             for (k, node) in missing {
                 match family
                     .next_free(from, &used, &excludes)
@@ -475,13 +477,22 @@ pub fn allocate<'a, S: Current>(
                         chosen[k] = Some(i);
                         from = i.saturating_add(1);
                     }
-                    None => out.problems.entry(name.to_owned()).or_default().push(format!(
-                        "subnet {} has no free /{} block left for node {node} ({} blocks, all assigned or excluded); use a larger subnet or a longer block prefix",
-                        family.subnet,
-                        family.prefix,
-                        family.count()
-                    )),
+                    None => without.push(node),
                 }
+            }
+            if !without.is_empty() {
+                // One problem per family, naming a few of the nodes: the message stays short
+                // with a thousand nodes without a block.
+                let nodes = match without.as_slice() {
+                    [node] => format!("node {node}"),
+                    many => format!("{} nodes: {}", many.len(), status::some_of(many)),
+                };
+                out.problems.entry(name.to_owned()).or_default().push(format!(
+                    "subnet {} has no free /{} block left for {nodes} ({} blocks, all assigned or excluded); select fewer nodes (spec.nodeSelector) or exclude fewer addresses (spec.ipam.exclude), or, as spec.subnets and the block prefix cannot change on a live Network, create a new Network with a larger subnet or a longer block prefix",
+                    family.subnet,
+                    family.prefix,
+                    family.count()
+                ));
             }
             let mut fb = FamilyBlocks {
                 family,
@@ -692,6 +703,56 @@ mod tests {
         let problems = &a.problems["tiny"];
         assert_eq!(problems.len(), 1);
         assert!(problems[0].contains("node c"), "{problems:?}");
+    }
+
+    #[test]
+    fn exhaustion_names_a_few_of_the_nodes_without_a_block() {
+        // One problem per family however many nodes go without a block, naming ten of them:
+        // the Ready message stays short at a thousand nodes (it took ~170 characters a node).
+        let n = net("tiny", &["10.10.0.0/25"], Some(26));
+        let names: Vec<String> = (0..1000).map(|k| format!("node-{k:04}")).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let a = allocate(
+            [&n],
+            &nodes(&refs),
+            &BTreeMap::<String, NodeNetworkSpec>::new(),
+        );
+        assert_eq!(a.blocks_of("tiny").len(), 2);
+        let fix = "select fewer nodes (spec.nodeSelector) or exclude fewer addresses \
+                   (spec.ipam.exclude), or, as spec.subnets and the block prefix cannot change on \
+                   a live Network, create a new Network with a larger subnet or a longer block prefix";
+        assert_eq!(
+            a.problems["tiny"],
+            [format!(
+                "subnet 10.10.0.0/25 has no free /26 block left for 998 nodes: node-0002, \
+                 node-0003, node-0004, node-0005, node-0006, node-0007, node-0008, node-0009, \
+                 node-0010, node-0011 and 988 more (2 blocks, all assigned or excluded); {fix}"
+            )]
+        );
+        // One node without a block is named as such (here an IPv6 /124 of four /126 blocks).
+        let v6 = Network {
+            spec: NetworkSpec {
+                subnets: vec![Cidr::from("fd10::/124")],
+                ipam: Some(IpamSpec {
+                    node_block_prefix_v6: Some(126),
+                    ..IpamSpec::default()
+                }),
+                ..NetworkSpec::default()
+            },
+            ..net("v6", &[], None)
+        };
+        let a = allocate(
+            [&v6],
+            &nodes(&refs[..5]),
+            &BTreeMap::<String, NodeNetworkSpec>::new(),
+        );
+        assert_eq!(
+            a.problems["v6"],
+            [format!(
+                "subnet fd10::/124 has no free /126 block left for node node-0004 (4 blocks, all \
+                 assigned or excluded); {fix}"
+            )]
+        );
     }
 
     #[test]

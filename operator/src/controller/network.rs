@@ -415,7 +415,7 @@ pub fn desired_status(
                         "realized on {} of {} selected nodes; waiting for {}",
                         realized.len(),
                         selected.len(),
-                        some_of(&waiting)
+                        status::some_of(&waiting)
                     ),
                     generation,
                     previous,
@@ -432,23 +432,6 @@ pub fn desired_status(
         nodes: Some(i64::try_from(nodes).unwrap_or(i64::MAX)),
         addresses_in_use: verdict.is_none().then_some(in_use),
         addresses_total: verdict.is_none().then(|| addresses_total(net)),
-    }
-}
-
-/// How many node names a condition's message lists at the most.
-const NAMES_IN_MESSAGE: usize = 10;
-
-/// `names` for a message: all of them, or the first [`NAMES_IN_MESSAGE`] and how many more
-/// (a condition's message stays short at a thousand nodes).
-fn some_of(names: &[&str]) -> String {
-    if names.len() <= NAMES_IN_MESSAGE {
-        names.join(", ")
-    } else {
-        format!(
-            "{} and {} more",
-            names[..NAMES_IN_MESSAGE].join(", "),
-            names.len() - NAMES_IN_MESSAGE
-        )
     }
 }
 
@@ -815,6 +798,35 @@ mod tests {
         assert_eq!(status.node_blocks[0].node, "node-000");
         assert_eq!(status.node_blocks[0].blocks, ["10.50.0.0/26"]);
         assert_eq!(status.nodes, Some(100));
+    }
+
+    #[test]
+    fn the_exhausted_ready_message_names_only_a_few_nodes() {
+        // A /24 holds four /26 blocks: 996 of a thousand nodes go without. The message, written
+        // again at every node that joins, names ten of them, not each.
+        let blue = net("10.50.0.0/24", None);
+        let mut observed = observed(blue.clone(), None);
+        observed.nodes = (0..1000)
+            .map(|k| (NodeInfo::new(format!("node-{k:04}"), &[]), None))
+            .collect();
+        let decision = desired(&observed);
+        assert_eq!(block_of(&decision).len(), 4);
+        let status = desired_status(&blue, &observed, &decision, jiff::Timestamp::UNIX_EPOCH);
+        let ready = status::find(&status.conditions, READY).expect("Ready");
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", REASON_EXHAUSTED)
+        );
+        assert!(
+            ready.message.starts_with(
+                "subnet 10.50.0.0/24 has no free /26 block left for 996 nodes: node-0004, \
+                 node-0005, node-0006, node-0007, node-0008, node-0009, node-0010, node-0011, \
+                 node-0012, node-0013 and 986 more (4 blocks, all assigned or excluded); "
+            ),
+            "{}",
+            ready.message
+        );
+        assert!(ready.message.len() < 600, "{}", ready.message.len());
     }
 
     #[test]

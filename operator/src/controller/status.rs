@@ -32,6 +32,23 @@ pub fn condition(
     }
 }
 
+/// How many node names a condition's message lists at the most.
+pub const NAMES_IN_MESSAGE: usize = 10;
+
+/// `names` for a message: all of them, or the first [`NAMES_IN_MESSAGE`] and how many more
+/// (a condition's message stays short at a thousand nodes).
+pub fn some_of(names: &[&str]) -> String {
+    if names.len() <= NAMES_IN_MESSAGE {
+        names.join(", ")
+    } else {
+        format!(
+            "{} and {} more",
+            names[..NAMES_IN_MESSAGE].join(", "),
+            names.len() - NAMES_IN_MESSAGE
+        )
+    }
+}
+
 /// The condition of `type_` in `conditions`.
 pub fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
     conditions.iter().find(|c| c.type_ == type_)
