@@ -363,6 +363,14 @@ pub const PORT_FORWARD_PORT_OR_RANGE: CelRule = CelRule {
     field_path: None,
 };
 
+/// `spec.ports[]`: a TCP node port of the node's own services is not forwarded (see
+/// [`crate::portforward::RESERVED_NODE_PORTS`], which a unit test holds this rule to).
+pub const PORT_FORWARD_NOT_RESERVED: CelRule = CelRule {
+    rule: "(has(self.protocol) && self.protocol != 'TCP') || (has(self.port) ? !(self.port == 22 || (self.port >= 2379 && self.port <= 2380) || self.port == 6443 || (self.port >= 10248 && self.port <= 10260)) : (!has(self.portRange) || !((self.portRange.start <= 22 && self.portRange.end >= 22) || (self.portRange.start <= 2380 && self.portRange.end >= 2379) || (self.portRange.start <= 6443 && self.portRange.end >= 6443) || (self.portRange.start <= 10260 && self.portRange.end >= 10248))))",
+    message: "TCP node ports 22 (SSH), 2379-2380 (etcd), 6443 (kube-apiserver) and 10248-10260 (kubelet, kube-proxy, controller-manager, scheduler) belong to the node's own services, whose connections a PortForward would take: choose another node port",
+    field_path: None,
+};
+
 /// `spec.ports[]`: targetPort only with port.
 pub const PORT_FORWARD_TARGET_PORT_NEEDS_PORT: CelRule = CelRule {
     rule: "!has(self.targetPort) || has(self.port)",
@@ -596,6 +604,11 @@ pub const ATTACHED: &[(&str, &str, &CelRule)] = &[
         "portforwards.weft.dev",
         "spec.ports[]",
         &PORT_FORWARD_TARGET_PORT_NEEDS_PORT,
+    ),
+    (
+        "portforwards.weft.dev",
+        "spec.ports[]",
+        &PORT_FORWARD_NOT_RESERVED,
     ),
     (
         "portforwards.weft.dev",

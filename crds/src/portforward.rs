@@ -114,6 +114,21 @@ pub struct SynProxy {
     pub window_scale: Option<i32>,
 }
 
+/// The TCP node ports of the node's own services, first to last, with what uses them: a
+/// PortForward on one would take their connections (from its `allowFrom` sources) to a
+/// workload — an SSH login to the node, the kubelet's API — so none is forwarded. The API
+/// server refuses them ([`cel::PORT_FORWARD_NOT_RESERVED`]) and so does `validate()`.
+pub const RESERVED_NODE_PORTS: &[(u16, u16, &str)] = &[
+    (22, 22, "SSH"),
+    (2379, 2380, "etcd"),
+    (6443, 6443, "kube-apiserver"),
+    (
+        10248,
+        10260,
+        "kubelet, kube-proxy, controller-manager, scheduler",
+    ),
+];
+
 /// Most `maxNewConnectionsPerMinute` of a brute-force guard.
 pub const MAX_CONNECTIONS_PER_MINUTE: i32 = 100_000;
 /// Longest ban of a brute-force guard: a week.
@@ -169,7 +184,8 @@ pub struct PortForwardTarget {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 #[x_kube(
     validation = &cel::PORT_FORWARD_PORT_OR_RANGE,
-    validation = &cel::PORT_FORWARD_TARGET_PORT_NEEDS_PORT
+    validation = &cel::PORT_FORWARD_TARGET_PORT_NEEDS_PORT,
+    validation = &cel::PORT_FORWARD_NOT_RESERVED
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ForwardedPort {
@@ -358,6 +374,22 @@ impl ForwardedPort {
                 );
             }
         }
+        if self.takes_a_reserved_port() {
+            errors.push(at.to_owned(), cel::PORT_FORWARD_NOT_RESERVED.message);
+        }
+    }
+
+    /// Whether it is TCP and its node ports hold one of [`RESERVED_NODE_PORTS`].
+    fn takes_a_reserved_port(&self) -> bool {
+        let (first, last) = match (self.port, &self.port_range) {
+            (Some(p), _) => (p, p),
+            (None, Some(r)) => (r.start, r.end),
+            (None, None) => return false,
+        };
+        self.protocol == Protocol::Tcp
+            && RESERVED_NODE_PORTS
+                .iter()
+                .any(|&(s, e, _)| first <= i32::from(e) && last >= i32::from(s))
     }
 }
 
@@ -532,6 +564,73 @@ impl PortForwardSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The API server's rule and `validate()` refuse the same ports: the rule's text is the
+    /// one [`RESERVED_NODE_PORTS`] makes.
+    #[test]
+    fn the_reserved_ports_rule_is_the_constant_s() {
+        let ports: Vec<String> = RESERVED_NODE_PORTS
+            .iter()
+            .map(|&(s, e, _)| {
+                if s == e {
+                    format!("self.port == {s}")
+                } else {
+                    format!("(self.port >= {s} && self.port <= {e})")
+                }
+            })
+            .collect();
+        let ranges: Vec<String> = RESERVED_NODE_PORTS
+            .iter()
+            .map(|&(s, e, _)| format!("(self.portRange.start <= {e} && self.portRange.end >= {s})"))
+            .collect();
+        let rule = format!(
+            "(has(self.protocol) && self.protocol != 'TCP') || (has(self.port) ? !({}) : (!has(self.portRange) || !({})))",
+            ports.join(" || "),
+            ranges.join(" || ")
+        );
+        assert_eq!(cel::PORT_FORWARD_NOT_RESERVED.rule, rule);
+        for (s, e, what) in RESERVED_NODE_PORTS {
+            let text = if s == e {
+                format!("{s} ({what})")
+            } else {
+                format!("{s}-{e} ({what})")
+            };
+            assert!(
+                cel::PORT_FORWARD_NOT_RESERVED.message.contains(&text),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn tcp_node_ports_of_the_node_s_own_services_are_refused() {
+        let refused = |p: ForwardedPort| {
+            spec(vec![p]).validate().err().is_some_and(|errors| {
+                errors.iter().any(|e| {
+                    e.field == "spec.ports[0]"
+                        && e.message == cel::PORT_FORWARD_NOT_RESERVED.message
+                })
+            })
+        };
+        let port = |protocol, port| ForwardedPort {
+            protocol,
+            port: Some(port),
+            ..ForwardedPort::default()
+        };
+        let range = |start, end| range(Protocol::Tcp, start, end);
+        for p in [22, 2379, 2380, 6443, 10248, 10250, 10260] {
+            assert!(refused(port(Protocol::Tcp, p)), "{p}");
+            assert!(!refused(port(Protocol::Udp, p)), "udp {p}");
+        }
+        for p in [21, 23, 2222, 2378, 2381, 6442, 6444, 10247, 10261] {
+            assert!(!refused(port(Protocol::Tcp, p)), "{p}");
+        }
+        assert!(refused(range(20, 30)));
+        assert!(refused(range(10200, 10248)));
+        assert!(refused(range(10260, 10300)));
+        assert!(!refused(range(23, 2378)));
+        assert!(!refused(range(10261, 11000)));
+    }
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
 
     fn single(port: i32, target: Option<i32>) -> ForwardedPort {
