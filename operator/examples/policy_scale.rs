@@ -235,6 +235,7 @@ fn agent_path(res: &Resources, workloads: usize) -> anyhow::Result<()> {
         name: "bench".into(),
         labels: BTreeMap::new(),
         syn_proxy: false,
+        own_tcp_ports: Vec::new(),
     };
     let blocks = BTreeMap::from([(
         "net".to_string(),

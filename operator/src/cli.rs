@@ -264,6 +264,9 @@ impl AgentOpts {
                 name: self.node_name.clone(),
                 labels: parse_labels(&self.node_labels)?,
                 syn_proxy: self.syn_proxy,
+                // The agent's own listening port on the node's addresses (it runs in the
+                // node's network namespace): kubelet's probes of the agent go there.
+                own_tcp_ports: self.metrics_addr.map(|a| a.port()).into_iter().collect(),
             },
             nodes: self.nodes.clone(),
             state_dir: self.state_dir.clone(),

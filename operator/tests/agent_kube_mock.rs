@@ -453,6 +453,7 @@ fn config() -> weft_operator::agent::AgentConfig {
             name: "node-a".into(),
             labels: BTreeMap::new(),
             syn_proxy: false,
+            own_tcp_ports: Vec::new(),
         },
         nodes: vec![],
         state_dir: dir.clone(),

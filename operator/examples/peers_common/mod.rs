@@ -67,6 +67,7 @@ pub fn node_zero() -> anyhow::Result<(NodeContext, BTreeMap<String, NodeBlocks>)
         name: "node-0".into(),
         labels: BTreeMap::new(),
         syn_proxy: false,
+        own_tcp_ports: Vec::new(),
     };
     let blocks = BTreeMap::from([(
         "pods".to_string(),

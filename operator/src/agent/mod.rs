@@ -168,6 +168,7 @@ pub fn compute(
             name: cfg.node.name.clone(),
             labels: labels.clone(),
             syn_proxy: cfg.node.syn_proxy,
+            own_tcp_ports: cfg.node.own_tcp_ports.clone(),
         },
         None => cfg.node.clone(),
     };

@@ -26,6 +26,9 @@ pub struct NodeContext {
     /// SYN proxies allowed (the agent's `--syn-proxy`): PortForwards' `spec.synProxy` is
     /// realized, and the node's loose TCP tracking is off.
     pub syn_proxy: bool,
+    /// TCP ports the agent itself listens on, on the node's addresses (its metrics and health
+    /// endpoint, which kubelet probes): no PortForward takes them on this node.
+    pub own_tcp_ports: Vec<u16>,
 }
 
 /// The plan and what was wrong on the way.
@@ -330,8 +333,7 @@ pub fn plan(
         accepted.insert(name, net);
     }
 
-    let (forwards, realized) =
-        plan_forwards(res, &accepted, endpoints, node.syn_proxy, &mut problems);
+    let (forwards, realized) = plan_forwards(res, &accepted, endpoints, node, &mut problems);
     // The workloads whose TCP host ports ask for a SYN proxy (the Network's
     // `spec.limits.synProxy`, the pod's `weft.dev/syn-proxy`), by host port name: they get one
     // when the agent allows them, else each says why.
@@ -1307,9 +1309,10 @@ fn plan_forwards(
     res: &Resources,
     networks: &BTreeMap<String, &Network>,
     endpoints: &[Endpoint],
-    syn_proxy_allowed: bool,
+    node: &NodeContext,
     problems: &mut Vec<Problem>,
 ) -> (Vec<Forward>, BTreeMap<String, Vec<IpAddr>>) {
+    let syn_proxy_allowed = node.syn_proxy;
     let mut out: Vec<Forward> = Vec::new();
     let mut realized = BTreeMap::new();
     // Oldest first, as the controller judges them: of two PortForwards that claim the same
@@ -1437,6 +1440,17 @@ fn plan_forwards(
                             None
                         },
                     };
+                    if fwd.protocol == "tcp"
+                        && let Some(own) = node
+                            .own_tcp_ports
+                            .iter()
+                            .find(|p| (fwd.node_ports.0..=fwd.node_ports.1).contains(*p))
+                    {
+                        problems.push(problem(format!(
+                            "spec.ports: TCP node port {own} is the weft agent's own on this node (its metrics and health endpoint, which kubelet probes); choose another node port"
+                        )));
+                        continue;
+                    }
                     if let Some(clash) = out.iter().find(|o| o.overlaps(&fwd)) {
                         problems.push(problem(format!(
                             "spec.ports: {} port {} is already forwarded by PortForward {}; choose another node port",
@@ -1522,6 +1536,7 @@ metadata: {name: web-1, namespace: default, labels: {app: web}}
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             syn_proxy: false,
+            own_tcp_ports: Vec::new(),
         }
     }
 
@@ -2103,6 +2118,37 @@ spec: {network: nat-demo, target: {workload: aa-web}, ports: [{port: 8080}]}
             "{:?}",
             out.problems
         );
+    }
+
+    #[test]
+    fn the_agent_s_own_port_is_not_forwarded_on_its_node() {
+        let res = resources(NETS);
+        let eps = [endpoint("nat-demo", "web-1", &["10.10.0.2"])];
+        let blocks = all_blocks(&res, &["node-a"]);
+        let forwarded = |out: &PlanOutput| {
+            out.plan
+                .firewall
+                .maps
+                .iter()
+                .any(|m| m.name == "fwd4" && m.elements.keys().any(|k| k.contains("8080")))
+        };
+        let free = plan(&node(&[]), &res, &blocks, &eps);
+        assert!(free.problems.is_empty(), "{:?}", free.problems);
+        assert!(forwarded(&free));
+        // The fixture's PortForward forwards TCP 8080: the agent listening there refuses it.
+        let agent_on_8080 = NodeContext {
+            own_tcp_ports: vec![8080],
+            ..node(&[])
+        };
+        let out = plan(&agent_on_8080, &res, &blocks, &eps);
+        assert!(
+            out.problems.iter().any(|p| p.object == "default/web"
+                && p.message
+                    .contains("TCP node port 8080 is the weft agent's own")),
+            "{:?}",
+            out.problems
+        );
+        assert!(!forwarded(&out), "not forwarded");
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub fn config(state: &std::path::Path) -> AgentConfig {
             name: "node-a".into(),
             labels: BTreeMap::new(),
             syn_proxy: false,
+            own_tcp_ports: Vec::new(),
         },
         nodes: vec!["node-a".into()],
         state_dir: state.to_path_buf(),

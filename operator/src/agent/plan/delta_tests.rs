@@ -127,6 +127,7 @@ fn node() -> NodeContext {
         name: "n1".into(),
         labels: BTreeMap::new(),
         syn_proxy: false,
+        own_tcp_ports: Vec::new(),
     }
 }
 
