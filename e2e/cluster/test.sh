@@ -727,7 +727,19 @@ t_teardown() {
   k delete -n "$ns" portforward --all --wait --timeout=30s >/dev/null
   k delete -n "$ns" segmentationpolicy --all --wait --timeout=30s >/dev/null
   expect "deleting the Networks finishes" k delete network --all --wait --timeout=60s || return 1
+  # A Network left behind at uninstall (it selects no node): with the controller gone, the
+  # uninstall hook takes the controller's finalizer off, so that it can still be deleted.
+  k apply -f - >/dev/null <<'EOF' || return 1
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: e2e-left-behind}
+spec: {mode: NAT, subnets: [10.97.0.0/16], nodeSelector: {matchLabels: {weft-e2e: none}}}
+EOF
+  eventually 30 "the controller puts its finalizer on a new Network" \
+    sh -c "'$C' kubectl get network e2e-left-behind -o jsonpath='{.metadata.finalizers}' | grep -q weft.dev/cleanup" || return 1
   expect "helm uninstall" "$C" helm uninstall weft -n weft-system --wait --timeout 120s || return 1
+  expect "a Network left behind is deleted without a controller" \
+    k delete network e2e-left-behind --wait --timeout=30s || return 1
   eventually 60 "node1 is left as it was" node_clean node1 &&
     eventually 60 "node2 is left as it was" node_clean node2
 }

@@ -390,16 +390,28 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let progress = rt.block_on(async {
+            let (progress, released) = rt.block_on(async {
                 let client = kube::Client::try_default().await?;
-                crate::uninstall::wait_and_delete(
-                    client,
+                let progress = crate::uninstall::wait_and_delete(
+                    client.clone(),
                     &args.namespace,
                     &args.daemonset,
                     std::time::Duration::from_secs(args.timeout_seconds),
                 )
-                .await
+                .await?;
+                // Without a controller nothing else would ever take the finalizer off.
+                let released = crate::uninstall::release_networks(client).await;
+                Ok::<_, kube::Error>((progress, released))
             })?;
+            match released {
+                Ok(0) => {}
+                Ok(n) => eprintln!(
+                    "took the weft.dev/cleanup finalizer off {n} Network(s): they can be deleted without a controller"
+                ),
+                Err(e) => eprintln!(
+                    "cannot take the weft.dev/cleanup finalizer off the Networks ({e}); remove it by hand before deleting them: kubectl patch network NAME --type=merge -p '{{\"metadata\":{{\"finalizers\":null}}}}'"
+                ),
+            }
             match progress {
                 Some(p) if p.complete() => {
                     eprintln!("weft cleaned up on {} node(s)", p.done)

@@ -3,11 +3,18 @@
 //!
 //! Helm waits for a hook Job, not for a hook DaemonSet, so the Job is what makes `helm
 //! uninstall` return only once the nodes are clean.
+//!
+//! Then it takes the controller's `weft.dev/cleanup` finalizer off every Network
+//! ([`release_networks`]): with the controller and the agents gone, nothing would ever remove
+//! it, and a later `kubectl delete network` (or of weft's CRDs) would wait forever. The nodes'
+//! state the finalizer waits for is what the cleanup has just removed.
 
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
-use kube::api::{Api, DeleteParams};
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use weft_crds::Network;
 
 /// How far the cleanup DaemonSet got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +75,54 @@ pub async fn wait_and_delete(
         Err(e) => return Err(e),
     }
     Ok(last)
+}
+
+/// Takes the controller's finalizer off every Network that carries it (no other finalizer
+/// is touched; a Network changed meanwhile is read again); returns how many were released.
+pub async fn release_networks(client: kube::Client) -> Result<usize, kube::Error> {
+    let api: Api<Network> = Api::all(client);
+    let mut released = 0;
+    for net in api.list(&ListParams::default()).await? {
+        let mut net = net;
+        for _ in 0..5 {
+            let finalizers = net.finalizers().to_vec();
+            if !finalizers.iter().any(|f| f == crate::controller::FINALIZER) {
+                break;
+            }
+            let kept: Vec<&String> = finalizers
+                .iter()
+                .filter(|f| *f != crate::controller::FINALIZER)
+                .collect();
+            // Only if the Network is still what was read (its resourceVersion): a finalizer
+            // added meanwhile is kept.
+            let patch = serde_json::json!({
+                "metadata": {"finalizers": kept, "resourceVersion": net.resource_version()},
+            });
+            match api
+                .patch(
+                    &net.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await
+            {
+                Ok(_) => {
+                    released += 1;
+                    break;
+                }
+                Err(kube::Error::Api(e)) if e.code == 404 => break,
+                // Changed meanwhile: read it again.
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    match api.get_opt(&net.name_any()).await? {
+                        Some(n) => net = n,
+                        None => break,
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(released)
 }
 
 #[cfg(test)]
