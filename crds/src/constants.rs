@@ -12,6 +12,10 @@ pub const NETWORK_KIND: &str = "Network";
 /// Kind of [`crate::PortForward`].
 pub const PORT_FORWARD_KIND: &str = "PortForward";
 
+/// The finalizer the controller keeps on a Network until no agent realizes it any more (and the
+/// uninstall hook takes off once the controller is gone).
+pub const NETWORK_FINALIZER: &str = "weft.dev/cleanup";
+
 /// The condition type that says whether a resource is realized.
 pub const CONDITION_READY: &str = "Ready";
 

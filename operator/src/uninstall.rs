@@ -86,12 +86,15 @@ pub async fn release_networks(client: kube::Client) -> Result<usize, kube::Error
         let mut net = net;
         for _ in 0..5 {
             let finalizers = net.finalizers().to_vec();
-            if !finalizers.iter().any(|f| f == crate::controller::FINALIZER) {
+            if !finalizers
+                .iter()
+                .any(|f| f == weft_crds::constants::NETWORK_FINALIZER)
+            {
                 break;
             }
             let kept: Vec<&String> = finalizers
                 .iter()
-                .filter(|f| *f != crate::controller::FINALIZER)
+                .filter(|f| *f != weft_crds::constants::NETWORK_FINALIZER)
                 .collect();
             // Only if the Network is still what was read (its resourceVersion): a finalizer
             // added meanwhile is kept.

@@ -57,7 +57,7 @@ use weft_crds::{
 /// The field manager of every server-side apply of the controller.
 pub const FIELD_MANAGER: &str = "weft-controller";
 /// The finalizer the controller puts on Networks.
-pub const FINALIZER: &str = "weft.dev/cleanup";
+pub const FINALIZER: &str = weft_crds::constants::NETWORK_FINALIZER;
 /// Longest requeue delay after transient errors.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
