@@ -329,6 +329,32 @@ fn restore_sysctls(
 }
 
 /// Is an address one the kernel manages by itself (IPv6 link-local)?
+/// The addresses of the node's own interfaces (every link but loopback and weft's, weft's
+/// bridges that carry the node's uplink included), by interface name; IPv6 link-local ones
+/// left out.
+fn node_addresses_of(
+    existing: &[LinkInfo],
+    links: &mut dyn Links,
+    state_dir: &Path,
+) -> Result<Vec<(String, IpNet)>, ApplyError> {
+    let mut out = Vec::new();
+    for l in existing.iter().filter(|l| {
+        l.name != "lo"
+            && (!l
+                .alias
+                .as_deref()
+                .is_some_and(|a| a.starts_with(names::ALIAS_PREFIX))
+                || uplink::read_record(state_dir, &l.name).is_some())
+    }) {
+        for a in links.addresses(l.index)? {
+            if !kernel_managed(&a) {
+                out.push((l.name.clone(), a));
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn kernel_managed(addr: &IpNet) -> bool {
     match addr {
         IpNet::V6(n) => (n.addr().segments()[0] & 0xffc0) == 0xfe80,
@@ -451,6 +477,8 @@ fn apply_bridges(
     report: &mut ApplyReport,
 ) -> Result<(), ApplyError> {
     let mut existing = links.list()?;
+    // The node's own addresses, read once, when a NAT bridge is to get an address.
+    let mut node_addresses: Option<Vec<(String, IpNet)>> = None;
     let planned: BTreeSet<String> = plan
         .bridges
         .iter()
@@ -488,6 +516,40 @@ fn apply_bridges(
         {
             uplink::detach(&record, links, state_dir, report)?;
             existing = links.list()?;
+        }
+        // A NAT bridge about to get an address: never one whose subnet holds an address of
+        // the node's own interfaces (its LAN, its gateway's subnet, another runtime's bridge),
+        // whose traffic the bridge's route would take.
+        if bridge.uplink.is_none() {
+            let have: BTreeSet<IpNet> = match existing.iter().find(|l| l.name == bridge.name) {
+                Some(l) => links.addresses(l.index)?.into_iter().collect(),
+                None => BTreeSet::new(),
+            };
+            let new: Vec<&IpNet> = bridge
+                .addresses
+                .iter()
+                .filter(|a| !have.contains(a))
+                .collect();
+            if !new.is_empty() {
+                if node_addresses.is_none() {
+                    node_addresses = Some(node_addresses_of(&existing, links, state_dir)?);
+                }
+                let clash = node_addresses.iter().flatten().find_map(|(dev, n)| {
+                    new.iter()
+                        .find(|w| w.trunc().contains(&n.addr()) || n.contains(&w.addr()))
+                        .map(|w| (dev, n, w))
+                });
+                if let Some((dev, n, w)) = clash {
+                    report.failed.push((
+                        bridge.network.clone(),
+                        format!(
+                            "spec.subnets: {} overlaps this node's address {n} on {dev}: the bridge's route would take the node's own traffic; give the Network a subnet no node uses (delete it and create it again) or leave this node out with spec.nodeSelector",
+                            w.trunc()
+                        ),
+                    ));
+                    continue;
+                }
+            }
         }
         let index = match existing.iter().find(|l| l.name == bridge.name) {
             Some(link) => {
@@ -1700,6 +1762,41 @@ mod tests {
         assert!(node.links.links.iter().any(|l| l.name == "wn-d"), "{r:?}");
         let c = node.links.links.iter().find(|l| l.name == "wn-c").unwrap();
         assert_eq!((c.index, c.alias.as_deref()), (7, None), "left as it was");
+    }
+
+    #[test]
+    fn a_nat_subnet_holding_an_address_of_the_node_is_refused_and_the_others_applied() {
+        let mut node = Node::new();
+        // The node's LAN: 10.0.0.5/24 on eth0 (the fixture's bridges ask for 10.0.0.1/24).
+        node.links
+            .links
+            .push(foreign(2, "eth0", Some("veth"), None));
+        node.links
+            .addrs
+            .entry(2)
+            .or_default()
+            .insert("10.0.0.5/24".parse().unwrap());
+        let mut p = plan(&[], "accept", &["a", "b"]);
+        p.bridges[1].addresses = vec!["10.1.0.1/24".parse().unwrap()];
+        let r = node.apply(&p);
+        assert_eq!(r.failed.len(), 1, "{r:?}");
+        assert_eq!(r.failed[0].0, "a");
+        assert!(
+            r.failed[0].1.starts_with(
+                "spec.subnets: 10.0.0.0/24 overlaps this node's address 10.0.0.5/24 on eth0"
+            ),
+            "{r:?}"
+        );
+        assert!(!node.links.links.iter().any(|l| l.name == "wn-a"), "{r:?}");
+        assert!(node.links.links.iter().any(|l| l.name == "wn-b"), "{r:?}");
+        // A subnet inside the node's prefix (its gateway's) is refused the same way.
+        p.bridges[0].addresses = vec!["10.0.0.129/25".parse().unwrap()];
+        assert_eq!(node.apply(&p).failed.len(), 1);
+        // Elsewhere: applied, and applied again as it is (the check only before an address
+        // is added).
+        p.bridges[0].addresses = vec!["10.2.0.1/24".parse().unwrap()];
+        assert!(node.apply(&p).failed.is_empty());
+        assert!(node.apply(&p).is_noop());
     }
 
     #[test]
