@@ -745,6 +745,23 @@ fn static_addresses(
     Ok((static_ips, static_mac))
 }
 
+/// The result of the plugins before weft in a chain (`prevResult`), decoded; `None` when weft
+/// comes first.
+pub fn prev_result(conf: &Conf) -> Result<Option<crate::reply::CniResult>, CniError> {
+    conf.prev_result
+        .clone()
+        .map(|v| {
+            serde_json::from_value(v).map_err(|e| {
+                CniError::new(
+                    error::DECODE,
+                    "cannot decode prevResult",
+                    format!("prevResult: {e}"),
+                )
+            })
+        })
+        .transpose()
+}
+
 /// `runtimeConfig.bandwidth`, checked: each rate 1000 to 10^15 bits per second (0 or absent:
 /// no limit that way), a burst only with its rate, at most 4 GiB (the kernel counts it in 32
 /// bits of bytes); a rate without a burst gets the agent's default burst. `None` when nothing

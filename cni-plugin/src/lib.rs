@@ -132,8 +132,15 @@ pub fn run() -> i32 {
     let mut kept = attach::Kept::default();
     let mut result = None;
     let outcome = match invocation.command {
-        Command::Add => attach::add(&conf, env, &mut kept).map(|r| {
-            result = Some(r.for_version(&conf.cni_version));
+        // In a chain after other plugins: their result goes on, with weft's after it.
+        Command::Add => conf::prev_result(&conf).and_then(|prev| {
+            attach::add(&conf, env, &mut kept).map(|r| {
+                let r = match prev {
+                    Some(prev) => r.after(prev),
+                    None => r,
+                };
+                result = Some(r.for_version(&conf.cni_version));
+            })
         }),
         Command::Del => attach::del(&conf, env, &mut kept),
         Command::Check => attach::check(&conf, env),

@@ -77,6 +77,34 @@ pub struct CniResult {
 }
 
 impl CniResult {
+    /// This result after `prev`, the result of the plugins before weft in a chain: theirs
+    /// first, then weft's, whose address entries point at weft's interfaces where they now
+    /// are (the spec has a chained plugin pass the previous result on, changed or not).
+    pub fn after(mut self, prev: CniResult) -> Self {
+        let shift = prev.interfaces.len();
+        for ip in &mut self.ips {
+            ip.interface = ip.interface.map(|i| i + shift);
+        }
+        let mut interfaces = prev.interfaces;
+        interfaces.append(&mut self.interfaces);
+        let mut ips = prev.ips;
+        ips.append(&mut self.ips);
+        let mut routes = prev.routes;
+        routes.append(&mut self.routes);
+        let dns = if self.dns.nameservers.is_empty() {
+            prev.dns
+        } else {
+            self.dns
+        };
+        CniResult {
+            cni_version: self.cni_version,
+            interfaces,
+            ips,
+            routes,
+            dns,
+        }
+    }
+
     /// Adapts the result to the spec version the runtime asked for: results before 1.0.0 carry
     /// an IP `version` field; an interface's `mtu` exists since 1.1.0.
     pub fn for_version(mut self, version: &str) -> Self {

@@ -262,6 +262,43 @@ fn del_succeeds_when_the_netns_is_gone() {
     assert!(store.list().unwrap().is_empty());
 }
 
+/// weft after another plugin in a chain: the previous result goes on, weft's after it, its
+/// addresses pointing at its own interfaces.
+#[test]
+fn a_chained_add_passes_the_previous_result_on_with_its_own_after_it() {
+    let mut node = Node::new(Agent::Answers);
+    let (_, ns_path) = node.workload();
+    let ns = ns_path.to_str().unwrap();
+    let mut conf = node.conf("1.1.0");
+    conf["prevResult"] = json!({
+        "cniVersion": "1.1.0",
+        "interfaces": [{"name": "other0", "sandbox": ns}],
+        "ips": [{"address": "192.0.2.7/24", "interface": 0}],
+        "routes": [{"dst": "198.51.100.0/24", "gw": "192.0.2.1"}],
+        "dns": {"nameservers": ["192.0.2.53"]}
+    });
+    let add = weft("ADD", &conf, &env("chained", ns, "eth0"));
+    assert!(add.ok, "{} {}", add.json, add.stderr);
+    let r = &add.json;
+    assert_eq!(r["interfaces"][0]["name"], "other0", "{r}");
+    assert_eq!(r["interfaces"][3]["name"], "eth0", "{r}");
+    assert_eq!(r["ips"][0]["address"], "192.0.2.7/24", "{r}");
+    assert_eq!(r["ips"][0]["interface"], 0, "{r}");
+    assert_eq!(
+        r["ips"][1]["interface"], 3,
+        "weft's address on weft's eth0: {r}"
+    );
+    assert_eq!(r["routes"][0]["dst"], "198.51.100.0/24", "{r}");
+    assert_eq!(r["dns"]["nameservers"][0], "192.0.2.53", "{r}");
+    // An undecodable previous result: code 6, and nothing made.
+    let mut bad = node.conf("1.1.0");
+    bad["prevResult"] = json!({"interfaces": "no"});
+    let out = weft("ADD", &bad, &env("chained2", ns, "eth1"));
+    assert_eq!(out.json["code"], 6, "{}", out.json);
+    assert!(!host_link_exists("chained2", "eth1"));
+    assert!(weft("DEL", &conf, &env("chained", ns, "eth0")).ok);
+}
+
 /// What only an ADD uses (static addresses and MAC, port mappings, a tap's queues), written
 /// wrong by a workload's or an attachment's author, is refused by the ADD naming the field; a
 /// DEL ignores it, so that the runtime can always tear the sandbox down.
