@@ -466,11 +466,24 @@ async fn the_finalizer_waits_for_agents_and_is_removed_once_none_realizes_the_ne
         .node_network("b", &[("blue", "10.10.0.64/26")], &[])
         // The node of "gone" no longer exists: its stale status does not hold the finalizer.
         .node_network("gone", &[], &["blue"]);
-    // First pass: the blocks leave every spec; agent a still realizes blue.
+    // First pass: the blocks leave every spec; agent a still realizes blue, which a Warning
+    // Event on the Network says, naming the node and what to do for one that is gone.
     let verifier = tokio::spawn(async move {
         for node in ["a", "b"] {
             expect_blocks_emptied(&mut handle, node).await;
         }
+        let seen = expect_event(&mut handle, "default").await;
+        assert_eq!(seen.body["reason"], "WaitingForAgents", "{}", seen.body);
+        assert_eq!(seen.body["type"], "Warning");
+        let note = seen.body["note"].as_str().unwrap();
+        assert!(
+            note.contains("node(s) a ") && note.contains("kubectl delete nodenetwork NODE"),
+            "{note}"
+        );
+        assert!(
+            !note.contains("gone"),
+            "a node that no longer exists is not named: {note}"
+        );
         no_more_requests(&mut handle).await;
         handle
     });

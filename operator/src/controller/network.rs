@@ -684,6 +684,21 @@ async fn cleanup(net: &Network, ctx: &Context) -> Result<Action, Error> {
         .map(|nn| nn.name_any())
         .collect();
     if !nodes.is_empty() {
+        // Said on the Network, which otherwise only stays Terminating: a node whose agent is
+        // gone for good (the node powered off, weft removed from it) holds it until its
+        // NodeNetwork goes.
+        publish(
+            ctx,
+            net,
+            EventType::Warning,
+            "WaitingForAgents",
+            format!(
+                "deleting: the weft agents of node(s) {} still realize this Network; the Network goes once they have removed it. For a node whose agent will not come back, delete its NodeNetwork: kubectl delete nodenetwork NODE",
+                nodes.join(", ")
+            ),
+            "Delete",
+        )
+        .await;
         return Err(Error::AgentsStillRealize {
             network: name,
             nodes,
