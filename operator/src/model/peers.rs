@@ -113,6 +113,28 @@ impl Publication<'_> {
     }
 }
 
+/// Why a workload's published MAC is not taken, if it is not: one that is not a unicast MAC,
+/// or weft's MAC of an IPv4 address (`0a:58` and the address) that is not one of the
+/// workload's own: other nodes would refuse the workload of that address a port on a Bridge
+/// network (its MAC already in use).
+fn mac_refused(mac: &str, ips: &[String]) -> Option<String> {
+    let Some(m) = weft_dataplane::names::parse_mac(mac) else {
+        return Some(format!("MAC {mac:?} is not a MAC address"));
+    };
+    if m[0] & 1 == 1 || m == [0; 6] {
+        return Some(format!("MAC {mac} is not a unicast address"));
+    }
+    if m[..2] == [0x0a, 0x58] {
+        let ip = IpAddr::from([m[2], m[3], m[4], m[5]]);
+        if !ips.iter().any(|i| i.parse::<IpAddr>().ok() == Some(ip)) {
+            return Some(format!(
+                "MAC {mac} is weft's MAC of {ip}, which is not one of the workload's addresses"
+            ));
+        }
+    }
+    None
+}
+
 /// What the node of `p` may vouch for ([module docs](self)), added to `out`, given the VM
 /// addresses that all nodes reserve ([`VmAddresses::of`]); with `network`, only that network's
 /// workloads and reservations.
@@ -139,6 +161,7 @@ pub fn vouch(p: &Publication<'_>, vms: &VmAddresses, network: Option<&str>, out:
             .ips
             .iter()
             .find_map(|ip| refuse(&w.network, w.vm.as_deref(), ip))
+            .or_else(|| w.mac.as_deref().and_then(|mac| mac_refused(mac, &w.ips)))
         {
             None => out.peers.push(Peer {
                 node: node.to_owned(),
@@ -292,6 +315,47 @@ mod tests {
         assert!(
             problems[5].contains("status.reservations: VM default/vm3"),
             "{problems:#?}"
+        );
+    }
+
+    #[test]
+    fn a_published_mac_must_be_unicast_and_weft_s_only_for_the_workload_s_own_address() {
+        let mut b = published(
+            "node-b",
+            &[("nat", Some("10.10.1.0/24"), None)],
+            &[
+                ("own", "nat", None, &["10.10.1.7"]),
+                ("chosen", "nat", None, &["10.10.1.8"]),
+                ("theirs", "nat", None, &["10.10.1.9"]),
+                ("multicast", "nat", None, &["10.10.1.10"]),
+            ],
+            &[],
+        );
+        let macs = [
+            "0a:58:0a:0a:01:07",
+            "02:00:00:00:00:08",
+            // weft's MAC of node-a's 10.10.0.5: a Bridge network there would refuse its port.
+            "0a:58:0a:0a:00:05",
+            "01:00:5e:00:00:01",
+        ];
+        let status = b.status.as_mut().unwrap();
+        for (w, mac) in status.workloads.iter_mut().zip(macs) {
+            w.mac = Some(mac.into());
+        }
+        let v = vouched(&[Publication::of(&b)], None);
+        let names: Vec<&str> = v.peers.iter().map(|p| p.workload.name.as_str()).collect();
+        assert_eq!(names, ["own", "chosen"]);
+        assert_eq!(v.problems.len(), 2, "{:#?}", v.problems);
+        assert!(
+            v.problems[0].contains("default/theirs")
+                && v.problems[0].contains("weft's MAC of 10.10.0.5"),
+            "{:#?}",
+            v.problems
+        );
+        assert!(
+            v.problems[1].contains("not a unicast address"),
+            "{:#?}",
+            v.problems
         );
     }
 
