@@ -11,7 +11,9 @@ use std::time::Duration;
 use tokio::sync::watch;
 use weft_operator::controller::leader::{Elector, Timing};
 
-type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+mod api_mock;
+
+use api_mock::{Handle, next, respond};
 
 const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/weft/leases/weft-controller";
 
@@ -27,39 +29,6 @@ fn lease(holder: Option<&str>, duration: i32, version: &str) -> Value {
             "renewTime": "2026-12-01T10:00:00.000000Z",
         },
     })
-}
-
-fn respond(send: tower_test::mock::SendResponse<Response<Body>>, status: u16, body: &Value) {
-    send.send_response(
-        Response::builder()
-            .status(status)
-            .body(Body::from(serde_json::to_vec(body).unwrap()))
-            .unwrap(),
-    );
-}
-
-/// The next request: method, path and body.
-async fn next(
-    handle: &mut Handle,
-) -> (
-    Method,
-    String,
-    Value,
-    tower_test::mock::SendResponse<Response<Body>>,
-) {
-    let (request, send) = tokio::time::timeout(Duration::from_secs(2), handle.next_request())
-        .await
-        .expect("timed out waiting for a request")
-        .expect("service not called");
-    let method = request.method().clone();
-    let path = request.uri().path().to_owned();
-    let bytes = request.into_body().collect_bytes().await.unwrap();
-    let body = if bytes.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes).unwrap()
-    };
-    (method, path, body, send)
 }
 
 fn elector(timing: Timing) -> (Elector, Handle) {

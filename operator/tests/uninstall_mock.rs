@@ -9,7 +9,9 @@ use kube::client::Body;
 use serde_json::{Value, json};
 use std::time::Duration;
 
-type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+mod api_mock;
+
+use api_mock::{next, respond};
 
 const NETWORKS: &str = "/apis/weft.dev/v1alpha1/networks";
 
@@ -20,39 +22,6 @@ fn network(name: &str, finalizers: &[&str], version: &str) -> Value {
         "metadata": {"name": name, "resourceVersion": version, "finalizers": finalizers},
         "spec": {"mode": "NAT", "subnets": ["10.10.0.0/16"]},
     })
-}
-
-fn respond(send: tower_test::mock::SendResponse<Response<Body>>, status: u16, body: &Value) {
-    send.send_response(
-        Response::builder()
-            .status(status)
-            .body(Body::from(serde_json::to_vec(body).unwrap()))
-            .unwrap(),
-    );
-}
-
-/// The next request: method, path and body.
-async fn next(
-    handle: &mut Handle,
-) -> (
-    Method,
-    String,
-    Value,
-    tower_test::mock::SendResponse<Response<Body>>,
-) {
-    let (request, send) = tokio::time::timeout(Duration::from_secs(2), handle.next_request())
-        .await
-        .expect("timed out waiting for a request")
-        .expect("service not called");
-    let method = request.method().clone();
-    let path = request.uri().path().to_owned();
-    let bytes = request.into_body().collect_bytes().await.unwrap();
-    let body = if bytes.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes).unwrap()
-    };
-    (method, path, body, send)
 }
 
 #[tokio::test]

@@ -436,6 +436,17 @@ impl Reader {
 mod tests {
     use super::*;
 
+    /// A TCP SYN from 192.168.50.1 to 10.0.0.2 port 22.
+    fn ssh_syn() -> Vec<u8> {
+        let mut payload = Vec::new();
+        etherparse::PacketBuilder::ipv4([192, 168, 50, 1], [10, 0, 0, 2], 64)
+            .tcp(40000, 22, 1, 1000)
+            .syn()
+            .write(&mut payload, &[])
+            .unwrap();
+        payload
+    }
+
     #[test]
     fn prefixes_parse() {
         assert_eq!(
@@ -506,12 +517,7 @@ mod tests {
 
     #[test]
     fn the_reader_goes_on_after_an_overrun_and_a_failed_read() {
-        let mut payload = Vec::new();
-        etherparse::PacketBuilder::ipv4([192, 168, 50, 1], [10, 0, 0, 2], 64)
-            .tcp(40000, 22, 1, 1000)
-            .syn()
-            .write(&mut payload, &[])
-            .unwrap();
+        let payload = ssh_syn();
         let denied = logged(vec![
             PacketNla::Prefix(std::ffi::CString::new("weft default-in deny ").unwrap()),
             PacketNla::Payload(payload),
@@ -591,12 +597,7 @@ spec:
         }];
         let c = crate::policy::compile_resources(&res, &members);
         let id = c.ingress.admin[0].id;
-        let mut payload = Vec::new();
-        etherparse::PacketBuilder::ipv4([192, 168, 50, 1], [10, 0, 0, 2], 64)
-            .tcp(40000, 22, 1, 1000)
-            .syn()
-            .write(&mut payload, &[])
-            .unwrap();
+        let payload = ssh_syn();
         let rec = record(
             &c,
             "node-a",

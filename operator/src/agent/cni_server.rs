@@ -1023,6 +1023,23 @@ mod tests {
         }
     }
 
+    /// The unregistrations sent to the reconciler so far, `network/container/ifname`; any
+    /// other request fails the test.
+    fn unregistered(rx: &mut mpsc::Receiver<Message>) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            match m.request {
+                Request::Unregister {
+                    network,
+                    container_id,
+                    ifname,
+                } => out.push(format!("{network}/{container_id}/{ifname}")),
+                other => panic!("only unregistrations: {other:?}"),
+            }
+        }
+        out
+    }
+
     /// A DEL's detach with `with_extras` also unregisters and releases the interfaces the ADD
     /// made from the pod's annotation, and names them; without, it touches only the one named.
     #[tokio::test]
@@ -1065,18 +1082,7 @@ mod tests {
                 ifname: "net1".into()
             }])
         );
-        let mut unregistered = Vec::new();
-        while let Ok(m) = rx.try_recv() {
-            match m.request {
-                Request::Unregister {
-                    network,
-                    container_id,
-                    ifname,
-                } => unregistered.push(format!("{network}/{container_id}/{ifname}")),
-                other => panic!("only unregistrations: {other:?}"),
-            }
-        }
-        assert_eq!(unregistered, ["a/c1/eth0", "b/c1/net1"]);
+        assert_eq!(unregistered(&mut rx), ["a/c1/eth0", "b/c1/net1"]);
         assert_eq!((held(dir.path(), "a"), held(dir.path(), "b")), (1, 1));
 
         // Asked again: nothing left, nothing named.
@@ -1128,19 +1134,8 @@ mod tests {
                     ifname: "net1".into()
                 }])
             );
-            let mut unregistered = Vec::new();
-            while let Ok(m) = rx.try_recv() {
-                if let Request::Unregister {
-                    network,
-                    container_id,
-                    ifname,
-                } = m.request
-                {
-                    unregistered.push(format!("{network}/{container_id}/{ifname}"));
-                }
-            }
             assert_eq!(
-                unregistered,
+                unregistered(&mut rx),
                 [format!("b/{cid}/eth0"), format!("a/{cid}/net1")],
                 "asked {asked:?}"
             );

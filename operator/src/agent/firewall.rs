@@ -901,6 +901,16 @@ pub(crate) fn set_elements(t: &Table, name: &str) -> Vec<String> {
 mod tests {
     use super::*;
 
+    /// The rules of chain `name` of table `t`.
+    fn chain(t: &Table, name: &str) -> Vec<String> {
+        t.chains
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap()
+            .rules
+            .clone()
+    }
+
     #[test]
     fn only_nat_networks_are_hairpin_sources() {
         let net = |bridge: &str, v4: &str, v6: &str, sealed| NetRules {
@@ -1073,14 +1083,6 @@ mod tests {
             &[],
             &policy,
         );
-        let chain = |t: &Table, name: &str| -> Vec<String> {
-            t.chains
-                .iter()
-                .find(|c| c.name == name)
-                .unwrap()
-                .rules
-                .clone()
-        };
         assert!(chain(&plain, "raw_prerouting").is_empty());
         assert_eq!(chain(&plain, "input")[0], "iifname != @bridges accept");
         let default = SynOptions {
@@ -1349,14 +1351,7 @@ mod tests {
             &[],
             &crate::policy::Compiled::default(),
         );
-        let chain = |name: &str| -> Vec<String> {
-            t.chains
-                .iter()
-                .find(|c| c.name == name)
-                .unwrap()
-                .rules
-                .clone()
-        };
+        let chain = |name: &str| chain(&t, name);
         let set = |name: &str| t.sets.iter().find(|s| s.name == name);
         assert!(set("bfp_10_600").is_none(), "no set without sources");
         let v4 = set("bfp_10_600_4").unwrap();

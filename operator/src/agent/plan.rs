@@ -1503,6 +1503,20 @@ mod tests {
         }
     }
 
+    /// The elements of map `name` of the plan's table, `key : value`.
+    fn map_elements(out: &PlanOutput, name: &str) -> Vec<String> {
+        out.plan
+            .firewall
+            .maps
+            .iter()
+            .find(|m| m.name == name)
+            .unwrap()
+            .elements
+            .iter()
+            .map(|(k, v)| format!("{k} : {v}"))
+            .collect()
+    }
+
     const NETS: &str = r#"
 apiVersion: weft.dev/v1alpha1
 kind: Network
@@ -1813,18 +1827,7 @@ metadata:
         pending.pending = true;
         pending.port_mappings = vec![m(9090, "tcp", None)];
         let out = plan(&node(&[]), &res, &blocks, &[web, late, pending]);
-        let elements = |name: &str| -> Vec<String> {
-            out.plan
-                .firewall
-                .maps
-                .iter()
-                .find(|m| m.name == name)
-                .unwrap()
-                .elements
-                .iter()
-                .map(|(k, v)| format!("{k} : {v}"))
-                .collect()
-        };
+        let elements = |name: &str| map_elements(&out, name);
         assert_eq!(
             elements("hport4"),
             ["192.168.50.11 . udp . 5353 : 10.10.0.5 . 80"],
@@ -1885,18 +1888,7 @@ metadata:
         let mut v6 = endpoint("nat-demo", "host-4", &["fd10::8"]);
         v6.port_mappings = vec![m(8080, Some("fd00::11"))];
         let out = plan(&node(&[]), &res, &blocks, &[web, unset, one, v6]);
-        let elements = |name: &str| -> Vec<String> {
-            out.plan
-                .firewall
-                .maps
-                .iter()
-                .find(|m| m.name == name)
-                .unwrap()
-                .elements
-                .iter()
-                .map(|(k, v)| format!("{k} : {v}"))
-                .collect()
-        };
+        let elements = |name: &str| map_elements(&out, name);
         assert_eq!(elements("hportany4"), ["tcp . 8080 : 10.10.0.5 . 80"]);
         assert_eq!(elements("hportany6"), ["tcp . 8081 : fd10::5 . 80"]);
         assert!(elements("hport4").is_empty(), "{:?}", elements("hport4"));
