@@ -7,7 +7,7 @@ mod netlink_common;
 use ipnet::IpNet;
 use netlink_common::isolate;
 use std::net::IpAddr;
-use weft_dataplane::netlink::{Family, Netlink, RouteSpec};
+use weft_dataplane::netlink::{Family, Netlink, RouteEntry, RouteSpec};
 
 fn net(s: &str) -> IpNet {
     s.parse().unwrap()
@@ -223,4 +223,34 @@ fn deleting_an_address_of_a_missing_link_is_false() {
     let _ns = isolate();
     let mut nl = Netlink::new().unwrap();
     assert!(!nl.del_address(999_999, net("10.0.0.1/24")).unwrap());
+}
+
+#[test]
+fn a_recorded_route_is_deleted_though_its_metrics_changed_since() {
+    let _ns = isolate();
+    let mut nl = Netlink::new().unwrap();
+    let a = up_veth(&mut nl);
+    nl.add_address(a, net("10.9.0.2/24"), true).unwrap();
+    let recorded = RouteEntry {
+        dst: net("0.0.0.0/0"),
+        gateway: Some(ip("10.9.0.1")),
+        table: 254,
+        protocol: 4,
+        scope: 0,
+        metric: Some(100),
+        prefsrc: None,
+        onlink: false,
+        // RTAX_MTU.
+        metrics: vec![(2, 1400)],
+    };
+    nl.replace_route_entry(&recorded, a).unwrap();
+    // Something else (a DHCP client) changes its MTU after weft recorded it.
+    let changed = RouteEntry {
+        metrics: vec![(2, 1300)],
+        ..recorded.clone()
+    };
+    nl.replace_route_entry(&changed, a).unwrap();
+    assert_eq!(nl.routes_via(a).unwrap(), [changed]);
+    assert!(nl.del_route_entry(&recorded, a).unwrap(), "deleted");
+    assert!(nl.routes_via(a).unwrap().is_empty());
 }

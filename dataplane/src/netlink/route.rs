@@ -404,9 +404,13 @@ impl Netlink {
         Ok(())
     }
 
-    /// Deletes `entry` out of `oif`; `Ok(false)` when there was none.
+    /// Deletes `entry` out of `oif`; `Ok(false)` when there was none. Its metrics are not
+    /// part of what the kernel matches here: one changed since it was recorded (a DHCP client's
+    /// new MTU) would make the kernel find no such route and leave it.
     pub fn del_route_entry(&mut self, entry: &RouteEntry, oif: u32) -> Result<bool, NetlinkError> {
-        let msg = route_entry_message(entry, oif)?;
+        let mut msg = route_entry_message(entry, oif)?;
+        msg.attributes
+            .retain(|a| !matches!(a, RouteAttribute::Metrics(_)));
         match self.call(
             "delete route",
             || format!("{entry} dev {oif}"),
