@@ -745,19 +745,22 @@ fn static_addresses(
     Ok((static_ips, static_mac))
 }
 
-/// The result of the plugins before weft in a chain (`prevResult`), decoded; `None` when weft
-/// comes first.
-pub fn prev_result(conf: &Conf) -> Result<Option<crate::reply::CniResult>, CniError> {
+/// The result of the plugins before weft in a chain (`prevResult`), checked to be a CNI
+/// result and kept whole (fields weft does not model, e.g. a route's `mtu` or DNS `search`,
+/// go on as they are); `None` when weft comes first.
+pub fn prev_result(conf: &Conf) -> Result<Option<serde_json::Value>, CniError> {
     conf.prev_result
         .clone()
         .map(|v| {
-            serde_json::from_value(v).map_err(|e| {
-                CniError::new(
-                    error::DECODE,
-                    "cannot decode prevResult",
-                    format!("prevResult: {e}"),
-                )
-            })
+            serde_json::from_value::<crate::reply::CniResult>(v.clone())
+                .map(|_| v)
+                .map_err(|e| {
+                    CniError::new(
+                        error::DECODE,
+                        "cannot decode prevResult",
+                        format!("prevResult: {e}"),
+                    )
+                })
         })
         .transpose()
 }

@@ -135,11 +135,11 @@ pub fn run() -> i32 {
         // In a chain after other plugins: their result goes on, with weft's after it.
         Command::Add => conf::prev_result(&conf).and_then(|prev| {
             attach::add(&conf, env, &mut kept).map(|r| {
-                let r = match prev {
+                let r = r.for_version(&conf.cni_version);
+                result = Some(match prev {
                     Some(prev) => r.after(prev),
-                    None => r,
-                };
-                result = Some(r.for_version(&conf.cni_version));
+                    None => serde_json::to_value(&r).unwrap_or_default(),
+                });
             })
         }),
         Command::Del => attach::del(&conf, env, &mut kept),

@@ -77,32 +77,37 @@ pub struct CniResult {
 }
 
 impl CniResult {
-    /// This result after `prev`, the result of the plugins before weft in a chain: theirs
-    /// first, then weft's, whose address entries point at weft's interfaces where they now
-    /// are (the spec has a chained plugin pass the previous result on, changed or not).
-    pub fn after(mut self, prev: CniResult) -> Self {
-        let shift = prev.interfaces.len();
-        for ip in &mut self.ips {
-            ip.interface = ip.interface.map(|i| i + shift);
+    /// This result after `prev`, the result of the plugins before weft in a chain, whole:
+    /// their interfaces, addresses and routes first, then weft's, whose address entries point
+    /// at weft's interfaces where they now are; their DNS unless weft has its own (the spec has
+    /// a chained plugin pass the previous result on, changed or not). Every field of `prev`
+    /// weft does not model goes on as it is.
+    pub fn after(&self, prev: serde_json::Value) -> serde_json::Value {
+        use serde_json::Value;
+        let mut out = prev;
+        let ours = serde_json::to_value(self).unwrap_or_default();
+        let list = |v: &Value, key: &str| v.get(key).and_then(Value::as_array).cloned();
+        let shift = list(&out, "interfaces").map_or(0, |i| i.len());
+        if !out.is_object() {
+            out = Value::Object(serde_json::Map::new());
         }
-        let mut interfaces = prev.interfaces;
-        interfaces.append(&mut self.interfaces);
-        let mut ips = prev.ips;
-        ips.append(&mut self.ips);
-        let mut routes = prev.routes;
-        routes.append(&mut self.routes);
-        let dns = if self.dns.nameservers.is_empty() {
-            prev.dns
-        } else {
-            self.dns
-        };
-        CniResult {
-            cni_version: self.cni_version,
-            interfaces,
-            ips,
-            routes,
-            dns,
+        for key in ["interfaces", "ips", "routes"] {
+            let mut merged = list(&out, key).unwrap_or_default();
+            for mut item in list(&ours, key).unwrap_or_default() {
+                if key == "ips"
+                    && let Some(i) = item.get("interface").and_then(Value::as_u64)
+                {
+                    item["interface"] = Value::from(i + shift as u64);
+                }
+                merged.push(item);
+            }
+            out[key] = Value::Array(merged);
         }
+        if !self.dns.nameservers.is_empty() || out.get("dns").is_none() {
+            out["dns"] = ours["dns"].clone();
+        }
+        out["cniVersion"] = ours["cniVersion"].clone();
+        out
     }
 
     /// Adapts the result to the spec version the runtime asked for: results before 1.0.0 carry

@@ -274,8 +274,8 @@ fn a_chained_add_passes_the_previous_result_on_with_its_own_after_it() {
         "cniVersion": "1.1.0",
         "interfaces": [{"name": "other0", "sandbox": ns}],
         "ips": [{"address": "192.0.2.7/24", "interface": 0}],
-        "routes": [{"dst": "198.51.100.0/24", "gw": "192.0.2.1"}],
-        "dns": {"nameservers": ["192.0.2.53"]}
+        "routes": [{"dst": "198.51.100.0/24", "gw": "192.0.2.1", "mtu": 1400}],
+        "dns": {"nameservers": ["192.0.2.53"], "search": ["example.com"]}
     });
     let add = weft("ADD", &conf, &env("chained", ns, "eth0"));
     assert!(add.ok, "{} {}", add.json, add.stderr);
@@ -290,6 +290,9 @@ fn a_chained_add_passes_the_previous_result_on_with_its_own_after_it() {
     );
     assert_eq!(r["routes"][0]["dst"], "198.51.100.0/24", "{r}");
     assert_eq!(r["dns"]["nameservers"][0], "192.0.2.53", "{r}");
+    // What weft does not model goes on as it was.
+    assert_eq!(r["routes"][0]["mtu"], 1400, "{r}");
+    assert_eq!(r["dns"]["search"][0], "example.com", "{r}");
     // An undecodable previous result: code 6, and nothing made.
     let mut bad = node.conf("1.1.0");
     bad["prevResult"] = json!({"interfaces": "no"});
