@@ -113,26 +113,14 @@ impl Publication<'_> {
     }
 }
 
-/// Why a workload's published MAC is not taken, if it is not: one that is not a unicast MAC,
-/// or weft's MAC of an IPv4 address (`0a:58` and the address) that is not one of the
-/// workload's own: other nodes would refuse the workload of that address a port on a Bridge
-/// network (its MAC already in use).
-fn mac_refused(mac: &str, ips: &[String]) -> Option<String> {
+/// Why a workload's published MAC is not taken, if it is not: one that is not a unicast MAC
+/// (a multicast or the all-zero MAC would be refused by every kernel it reached, and a peer's
+/// MAC stands in other nodes' anti-spoofing and collision checks).
+fn mac_refused(mac: &str) -> Option<String> {
     let Some(m) = weft_dataplane::names::parse_mac(mac) else {
         return Some(format!("MAC {mac:?} is not a MAC address"));
     };
-    if m[0] & 1 == 1 || m == [0; 6] {
-        return Some(format!("MAC {mac} is not a unicast address"));
-    }
-    if m[..2] == [0x0a, 0x58] {
-        let ip = IpAddr::from([m[2], m[3], m[4], m[5]]);
-        if !ips.iter().any(|i| i.parse::<IpAddr>().ok() == Some(ip)) {
-            return Some(format!(
-                "MAC {mac} is weft's MAC of {ip}, which is not one of the workload's addresses"
-            ));
-        }
-    }
-    None
+    (m[0] & 1 == 1 || m == [0; 6]).then(|| format!("MAC {mac} is not a unicast address"))
 }
 
 /// What the node of `p` may vouch for ([module docs](self)), added to `out`, given the VM
@@ -161,7 +149,7 @@ pub fn vouch(p: &Publication<'_>, vms: &VmAddresses, network: Option<&str>, out:
             .ips
             .iter()
             .find_map(|ip| refuse(&w.network, w.vm.as_deref(), ip))
-            .or_else(|| w.mac.as_deref().and_then(|mac| mac_refused(mac, &w.ips)))
+            .or_else(|| w.mac.as_deref().and_then(mac_refused))
         {
             None => out.peers.push(Peer {
                 node: node.to_owned(),
@@ -319,24 +307,26 @@ mod tests {
     }
 
     #[test]
-    fn a_published_mac_must_be_unicast_and_weft_s_only_for_the_workload_s_own_address() {
+    fn a_published_mac_must_be_a_unicast_mac() {
         let mut b = published(
             "node-b",
             &[("nat", Some("10.10.1.0/24"), None)],
             &[
-                ("own", "nat", None, &["10.10.1.7"]),
-                ("chosen", "nat", None, &["10.10.1.8"]),
-                ("theirs", "nat", None, &["10.10.1.9"]),
-                ("multicast", "nat", None, &["10.10.1.10"]),
+                ("derived", "nat", None, &["10.10.1.7"]),
+                // A VM's hashed MAC may begin like weft's derived ones: taken as it is.
+                ("hashed", "nat", None, &["10.10.1.8"]),
+                ("multicast", "nat", None, &["10.10.1.9"]),
+                ("zero", "nat", None, &["10.10.1.10"]),
+                ("junk", "nat", None, &["10.10.1.11"]),
             ],
             &[],
         );
         let macs = [
             "0a:58:0a:0a:01:07",
-            "02:00:00:00:00:08",
-            // weft's MAC of node-a's 10.10.0.5: a Bridge network there would refuse its port.
             "0a:58:0a:0a:00:05",
             "01:00:5e:00:00:01",
+            "00:00:00:00:00:00",
+            "not-a-mac",
         ];
         let status = b.status.as_mut().unwrap();
         for (w, mac) in status.workloads.iter_mut().zip(macs) {
@@ -344,16 +334,16 @@ mod tests {
         }
         let v = vouched(&[Publication::of(&b)], None);
         let names: Vec<&str> = v.peers.iter().map(|p| p.workload.name.as_str()).collect();
-        assert_eq!(names, ["own", "chosen"]);
-        assert_eq!(v.problems.len(), 2, "{:#?}", v.problems);
+        assert_eq!(names, ["derived", "hashed"]);
+        assert_eq!(v.problems.len(), 3, "{:#?}", v.problems);
         assert!(
-            v.problems[0].contains("default/theirs")
-                && v.problems[0].contains("weft's MAC of 10.10.0.5"),
+            v.problems[0].contains("default/multicast")
+                && v.problems[0].contains("not a unicast address"),
             "{:#?}",
             v.problems
         );
         assert!(
-            v.problems[1].contains("not a unicast address"),
+            v.problems[2].contains("is not a MAC address"),
             "{:#?}",
             v.problems
         );
