@@ -1315,6 +1315,16 @@ fn plan_forwards(
     let syn_proxy_allowed = node.syn_proxy;
     let mut out: Vec<Forward> = Vec::new();
     let mut realized = BTreeMap::new();
+    // The controller's verdict on every PortForward, computed here by the same function (the
+    // agent does not read their status): of two that claim one node port for overlapping
+    // sources the older is valid, judged whole and on every Network, whether or not its target
+    // runs on this node; the other is forwarded nowhere.
+    let all: BTreeMap<String, &Network> = res
+        .networks
+        .iter()
+        .filter_map(|n| Some((n.metadata.name.clone()?, n)))
+        .collect();
+    let verdicts = crate::controller::validate::port_forwards(res.port_forwards.iter(), &all);
     // Oldest first, as the controller judges them: of two PortForwards that claim the same
     // node port, the older one is forwarded on every node (a later one, whatever its name,
     // never takes a port over), and the controller's PortConflict names the other.
@@ -1346,6 +1356,12 @@ fn plan_forwards(
             for e in errs {
                 problems.push(problem(e.to_string()));
             }
+            continue;
+        }
+        if let Some(Some(r)) = verdicts.get(&crate::controller::validate::port_forward_key(pf))
+            && r.reason == crate::controller::validate::REASON_PORT_CONFLICT
+        {
+            problems.push(problem(r.message.clone()));
             continue;
         }
         let Some(net) = networks.get(&pf.spec.network) else {
@@ -2073,7 +2089,7 @@ spec: {network: nat-demo, target: {workload: web-1}, ports: [{port: 8080}]}
         assert!(
             out.problems[0]
                 .message
-                .contains("already forwarded by PortForward default/web")
+                .contains("already forwarded on Network nat-demo by PortForward default/web")
         );
     }
 
@@ -2106,9 +2122,82 @@ spec: {network: nat-demo, target: {workload: aa-web}, ports: [{port: 8080}]}
         assert!(
             out.problems[0]
                 .message
-                .contains("already forwarded by PortForward default/web"),
+                .contains("already forwarded on Network nat-demo by PortForward default/web"),
             "{:?}",
             out.problems
+        );
+    }
+
+    /// As the controller judges them: a PortForward is refused whole when one of its ports
+    /// clashes with an older one's (so a newer one on its other port is forwarded), and an
+    /// older PortForward holds its ports on every node, whether or not its target runs there.
+    #[test]
+    fn port_forwards_are_judged_whole_and_hold_their_ports_where_their_target_is_not() {
+        let pfs = r#"
+apiVersion: weft.dev/v1alpha1
+kind: PortForward
+metadata: {name: a, namespace: t, creationTimestamp: "2026-12-01T10:00:00Z"}
+spec: {network: nat-demo, target: {workload: pod-a}, ports: [{port: 2222}]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: PortForward
+metadata: {name: b, namespace: t, creationTimestamp: "2026-12-01T11:00:00Z"}
+spec: {network: nat-demo, target: {workload: pod-b}, ports: [{port: 2222}, {port: 3333}]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: PortForward
+metadata: {name: c, namespace: t, creationTimestamp: "2026-12-01T12:00:00Z"}
+spec: {network: nat-demo, target: {workload: pod-c}, ports: [{port: 3333}]}
+"#;
+        let mut res = resources(NETS);
+        res.port_forwards = resources(pfs).port_forwards;
+        let ep = |pod: &str, ip: &str| Endpoint {
+            pod_namespace: Some("t".into()),
+            ..endpoint("nat-demo", pod, &[ip])
+        };
+        let blocks = all_blocks(&res, &["node-a"]);
+        let forwarded = |out: &PlanOutput| -> Vec<String> {
+            map_elements(out, "fwd4")
+                .into_iter()
+                .filter(|e| e.contains("2222") || e.contains("3333"))
+                .collect()
+        };
+        // All three targets here: a on 2222, c on 3333; b nowhere.
+        let out = plan(
+            &node(&[]),
+            &res,
+            &blocks,
+            &[
+                ep("pod-a", "10.10.0.2"),
+                ep("pod-b", "10.10.0.3"),
+                ep("pod-c", "10.10.0.4"),
+            ],
+        );
+        let f = forwarded(&out);
+        assert_eq!(f.len(), 2, "{f:?}");
+        assert!(
+            f.iter()
+                .any(|e| e.contains("2222") && e.contains("10.10.0.2")),
+            "{f:?}"
+        );
+        assert!(
+            f.iter()
+                .any(|e| e.contains("3333") && e.contains("10.10.0.4")),
+            "{f:?}"
+        );
+        let refused: Vec<&str> = out.problems.iter().map(|p| p.object.as_str()).collect();
+        assert_eq!(refused, ["t/b"], "{:?}", out.problems);
+        // a's target elsewhere: b is still not forwarded here.
+        let out = plan(
+            &node(&[]),
+            &res,
+            &blocks,
+            &[ep("pod-b", "10.10.0.3"), ep("pod-c", "10.10.0.4")],
+        );
+        assert!(
+            !forwarded(&out).iter().any(|e| e.contains("10.10.0.3")),
+            "{:?}",
+            forwarded(&out)
         );
     }
 
