@@ -15,6 +15,7 @@ use crate::uplink;
 use crate::vlan::PortVlan;
 use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 use std::path::Path;
 
 /// A workload's host-side port (the veth end the CNI made and attached, `wf…`) and what weft
@@ -330,13 +331,14 @@ fn restore_sysctls(
 
 /// Is an address one the kernel manages by itself (IPv6 link-local)?
 /// The addresses of the node's own interfaces (every link but loopback and weft's, weft's
-/// bridges that carry the node's uplink included), by interface name; IPv6 link-local ones
-/// left out.
+/// bridges that carry the node's uplink included) and the next hops of their routes, each with
+/// its interface's name and what it is (`address 10.0.0.5/24`, `gateway 10.0.0.1`); IPv6
+/// link-local ones left out.
 fn node_addresses_of(
     existing: &[LinkInfo],
     links: &mut dyn Links,
     state_dir: &Path,
-) -> Result<Vec<(String, IpNet)>, ApplyError> {
+) -> Result<Vec<(String, IpAddr, String)>, ApplyError> {
     let mut out = Vec::new();
     for l in existing.iter().filter(|l| {
         l.name != "lo"
@@ -348,7 +350,12 @@ fn node_addresses_of(
     }) {
         for a in links.addresses(l.index)? {
             if !kernel_managed(&a) {
-                out.push((l.name.clone(), a));
+                out.push((l.name.clone(), a.addr(), format!("address {a}")));
+            }
+        }
+        for r in links.routes_via(l.index)? {
+            if let Some(g) = r.gateway.filter(|g| !kernel_managed(&IpNet::from(*g))) {
+                out.push((l.name.clone(), g, format!("gateway {g}")));
             }
         }
     }
@@ -478,7 +485,7 @@ fn apply_bridges(
 ) -> Result<(), ApplyError> {
     let mut existing = links.list()?;
     // The node's own addresses, read once, when a NAT bridge is to get an address.
-    let mut node_addresses: Option<Vec<(String, IpNet)>> = None;
+    let mut node_addresses: Option<Vec<(String, IpAddr, String)>> = None;
     let planned: BTreeSet<String> = plan
         .bridges
         .iter()
@@ -534,16 +541,19 @@ fn apply_bridges(
                 if node_addresses.is_none() {
                     node_addresses = Some(node_addresses_of(&existing, links, state_dir)?);
                 }
-                let clash = node_addresses.iter().flatten().find_map(|(dev, n)| {
-                    new.iter()
-                        .find(|w| w.trunc().contains(&n.addr()) || n.contains(&w.addr()))
-                        .map(|w| (dev, n, w))
-                });
-                if let Some((dev, n, w)) = clash {
+                let clash = node_addresses
+                    .iter()
+                    .flatten()
+                    .find_map(|(dev, addr, what)| {
+                        new.iter()
+                            .find(|w| w.trunc().contains(addr))
+                            .map(|w| (dev, what, w))
+                    });
+                if let Some((dev, what, w)) = clash {
                     report.failed.push((
                         bridge.network.clone(),
                         format!(
-                            "spec.subnets: {} overlaps this node's address {n} on {dev}: the bridge's route would take the node's own traffic; give the Network a subnet no node uses (delete it and create it again) or leave this node out with spec.nodeSelector",
+                            "spec.subnets: {} holds this node's {what} on {dev}: the bridge's route would take the node's own traffic; give the Network a subnet no node uses (delete it and create it again) or leave this node out with spec.nodeSelector",
                             w.trunc()
                         ),
                     ));
@@ -1783,15 +1793,37 @@ mod tests {
         assert_eq!(r.failed[0].0, "a");
         assert!(
             r.failed[0].1.starts_with(
-                "spec.subnets: 10.0.0.0/24 overlaps this node's address 10.0.0.5/24 on eth0"
+                "spec.subnets: 10.0.0.0/24 holds this node's address 10.0.0.5/24 on eth0"
             ),
             "{r:?}"
         );
         assert!(!node.links.links.iter().any(|l| l.name == "wn-a"), "{r:?}");
         assert!(node.links.links.iter().any(|l| l.name == "wn-b"), "{r:?}");
-        // A subnet inside the node's prefix (its gateway's) is refused the same way.
+        // One holding the node's gateway (of its default route) is refused the same way.
+        node.links.routes.entry(2).or_default().push(RouteEntry {
+            dst: "0.0.0.0/0".parse().unwrap(),
+            gateway: Some("10.0.0.130".parse().unwrap()),
+            table: 254,
+            protocol: 4,
+            scope: 0,
+            metric: None,
+            prefsrc: None,
+            onlink: false,
+            metrics: Vec::new(),
+        });
         p.bridges[0].addresses = vec!["10.0.0.129/25".parse().unwrap()];
-        assert_eq!(node.apply(&p).failed.len(), 1);
+        let r = node.apply(&p);
+        assert!(
+            r.failed.len() == 1
+                && r.failed[0]
+                    .1
+                    .contains("holds this node's gateway 10.0.0.130 on eth0"),
+            "{r:?}"
+        );
+        // Inside the node's prefix but holding neither: taken (as it was before; whether the
+        // node reaches others of its LAN there is the operator's choice).
+        p.bridges[0].addresses = vec!["10.0.0.65/26".parse().unwrap()];
+        assert!(node.apply(&p).failed.is_empty());
         // Elsewhere: applied, and applied again as it is (the check only before an address
         // is added).
         p.bridges[0].addresses = vec!["10.2.0.1/24".parse().unwrap()];

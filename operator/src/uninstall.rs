@@ -6,8 +6,10 @@
 //!
 //! Then it takes the controller's `weft.dev/cleanup` finalizer off every Network
 //! ([`release_networks`]): with the controller and the agents gone, nothing would ever remove
-//! it, and a later `kubectl delete network` (or of weft's CRDs) would wait forever. The nodes'
-//! state the finalizer waits for is what the cleanup has just removed.
+//! it, and a later `kubectl delete network` (or of weft's CRDs) would wait forever. With the
+//! agents gone the finalizer waits for nothing that can still happen: the nodes' state it
+//! stood for is what the cleanup removes, and a node the cleanup did not reach (named in the
+//! Job's log) keeps its state either way.
 
 use std::time::Duration;
 
