@@ -1057,17 +1057,22 @@ fn del_one(
     };
     let answered = proto::Pending::start(&conf.agent_socket, &detach, conf.agent_timeout)
         .and_then(|mut p| Ok((p.answer()?, p)));
-    match answered {
+    let answered = match answered {
         Ok((reply, pending)) if reply.ok => {
             info!(%network, %container_id, %ifname, extras = ?reply.detached, "detached");
             kept.0 = Some(pending);
             return Ok(reply.detached);
         }
+        other => other,
+    };
+    // Without the agent's detach: the networks that hold the interface, read once.
+    let held = networks(conf, container_id, ifname, network);
+    match answered {
         Ok((reply, _)) => {
             debug!(error = ?reply.error, "the agent did not detach; removing the attachment here");
             // An agent that answers but cannot detach (an older one) still forgets the
             // endpoint before its addresses go.
-            for network in &networks(conf, container_id, ifname, network) {
+            for network in &held {
                 let unregister = Request::Unregister {
                     network: network.clone(),
                     container_id: container_id.to_string(),
@@ -1095,8 +1100,8 @@ fn del_one(
         Err(e) => errors.push(format!("delete {host_name}: {}", error::chain(&e))),
     }
     // 4. The addresses.
-    for network in networks(conf, container_id, ifname, network) {
-        match IpamStore::open(&conf.state_dir, &network).and_then(|s| {
+    for network in &held {
+        match IpamStore::open(&conf.state_dir, network).and_then(|s| {
             s.release(&Attachment {
                 container_id: container_id.to_string(),
                 ifname: ifname.to_string(),

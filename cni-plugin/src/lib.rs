@@ -136,9 +136,11 @@ pub fn run() -> i32 {
         Command::Add => conf::prev_result(&conf).and_then(|prev| {
             attach::add(&conf, env, &mut kept).map(|r| {
                 let r = r.for_version(&conf.cni_version);
+                // Serialized as it is when weft comes first (the ADD's path), merged as JSON
+                // only after other plugins.
                 result = Some(match prev {
-                    Some(prev) => r.after(prev),
-                    None => serde_json::to_value(&r).unwrap_or_default(),
+                    Some(prev) => serde_json::to_string(&r.after(prev)),
+                    None => serde_json::to_string(&r),
                 });
             })
         }),
@@ -166,7 +168,7 @@ pub fn run() -> i32 {
     match &outcome {
         Ok(()) => {
             if let Some(r) = result {
-                reply::print_json(&r);
+                reply::print_raw(&r.unwrap_or_else(|_| "{}".to_string()));
             }
             0
         }

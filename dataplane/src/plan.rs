@@ -329,7 +329,6 @@ fn restore_sysctls(
     Ok(())
 }
 
-/// Is an address one the kernel manages by itself (IPv6 link-local)?
 /// The addresses of the node's own interfaces (every link but loopback and weft's, weft's
 /// bridges that carry the node's uplink included) and the next hops of their routes, each with
 /// its interface's name and what it is (`address 10.0.0.5/24`, `gateway 10.0.0.1`); IPv6
@@ -362,6 +361,7 @@ fn node_addresses_of(
     Ok(out)
 }
 
+/// Is an address one the kernel manages by itself (IPv6 link-local)?
 fn kernel_managed(addr: &IpNet) -> bool {
     match addr {
         IpNet::V6(n) => (n.addr().segments()[0] & 0xffc0) == 0xfe80,
@@ -524,14 +524,16 @@ fn apply_bridges(
             uplink::detach(&record, links, state_dir, report)?;
             existing = links.list()?;
         }
+        // The bridge's addresses now (none when it is still to be made): nothing below
+        // changes them before they are made what the plan says.
+        let have: BTreeSet<IpNet> = match existing.iter().find(|l| l.name == bridge.name) {
+            Some(l) => links.addresses(l.index)?.into_iter().collect(),
+            None => BTreeSet::new(),
+        };
         // A NAT bridge about to get an address: never one whose subnet holds an address of
-        // the node's own interfaces (its LAN, its gateway's subnet, another runtime's bridge),
-        // whose traffic the bridge's route would take.
+        // the node's own interfaces or the next hop of their routes, whose traffic the
+        // bridge's route would take.
         if bridge.uplink.is_none() {
-            let have: BTreeSet<IpNet> = match existing.iter().find(|l| l.name == bridge.name) {
-                Some(l) => links.addresses(l.index)?.into_iter().collect(),
-                None => BTreeSet::new(),
-            };
             let new: Vec<&IpNet> = bridge
                 .addresses
                 .iter()
@@ -643,7 +645,6 @@ fn apply_bridges(
                 Err(e) => return Err(e),
             }
         }
-        let have: BTreeSet<IpNet> = links.addresses(index)?.into_iter().collect();
         let want: BTreeSet<IpNet> = bridge.addresses.iter().copied().collect();
         for addr in want.difference(&have) {
             links.add_address(index, *addr)?;

@@ -1436,6 +1436,17 @@ fn plan_forwards(
         };
         let mut used = Vec::new();
         for port in pf.spec.forward_ports() {
+            if port.protocol == weft_crds::Protocol::Tcp
+                && let Some(own) = node
+                    .own_tcp_ports
+                    .iter()
+                    .find(|p| (port.node_ports.0..=port.node_ports.1).contains(*p))
+            {
+                problems.push(problem(format!(
+                    "spec.ports: TCP node port {own} is the weft agent's own on this node (its metrics and health endpoint, which kubelet probes); choose another node port"
+                )));
+                continue;
+            }
             for ip in &target.ips {
                 for src in allow.iter().filter(|s| s.addr().is_ipv4() == ip.is_ipv4()) {
                     let fwd = Forward {
@@ -1456,17 +1467,6 @@ fn plan_forwards(
                             None
                         },
                     };
-                    if fwd.protocol == "tcp"
-                        && let Some(own) = node
-                            .own_tcp_ports
-                            .iter()
-                            .find(|p| (fwd.node_ports.0..=fwd.node_ports.1).contains(*p))
-                    {
-                        problems.push(problem(format!(
-                            "spec.ports: TCP node port {own} is the weft agent's own on this node (its metrics and health endpoint, which kubelet probes); choose another node port"
-                        )));
-                        continue;
-                    }
                     if let Some(clash) = out.iter().find(|o| o.overlaps(&fwd)) {
                         problems.push(problem(format!(
                             "spec.ports: {} port {} is already forwarded by PortForward {}; choose another node port",
