@@ -340,7 +340,8 @@ fn add_here(conf: &Conf, env: &Env, ask: &Ask) -> Result<CniResult, CniError> {
         (Some(namespace), Some(name)) => identity(conf, namespace, name)?,
         _ => Identity::default(),
     };
-    let list = attachment::interfaces(ask, &identity).map_err(ask_error)?;
+    let held = IpamStore::held(&conf.state_dir, &ask.container_id);
+    let list = attachment::interfaces(ask, &identity, &held).map_err(ask_error)?;
     if let Some(network) = attachment::marked_default_route(&identity) {
         attachment::check_default_route(&read_network(conf, &network)?).map_err(ask_error)?;
     }
@@ -1066,7 +1067,8 @@ fn del_one(
         other => other,
     };
     // Without the agent's detach: the networks that hold the interface, read once.
-    let held = networks(conf, container_id, ifname, network);
+    let related = IpamStore::related(&conf.state_dir, container_id, ifname);
+    let held = related.owners_or(network);
     match answered {
         Ok((reply, _)) => {
             debug!(error = ?reply.error, "the agent did not detach; removing the attachment here");
@@ -1089,8 +1091,12 @@ fn del_one(
     }
     let mut errors: Vec<String> = Vec::new();
     // 3. The link (deleting the host end removes the peer in the container too).
+    // A name that is another interface's child is that one's, its link too.
     let host_name = names::host_veth_name(container_id, ifname);
     match Netlink::new().and_then(|mut nl| {
+        if related.is_anothers() {
+            return Ok(());
+        }
         if let Some(l) = nl.link_by_name(&host_name)? {
             nl.delete_link(l.index)?;
         }

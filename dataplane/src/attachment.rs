@@ -4,8 +4,8 @@
 //! ([`alloc_request`]). The agent allocates with them when the CNI sends an `Attach`; the CNI
 //! itself only when its agent cannot (an older agent, the stand-in of the CNI's tests).
 
-use crate::codes::INVALID_CONFIG;
-use crate::ipam::{AllocRequest, Allocation, Attachment};
+use crate::codes::{IFNAME_TAKEN, INVALID_CONFIG};
+use crate::ipam::{AllocRequest, Allocation, Attachment, Held};
 use crate::names;
 use crate::proto::{self, Endpoint, MigrationSource, PortMapping, Reply, Restore};
 use crate::state::NetworkState;
@@ -145,7 +145,47 @@ impl Interface {
 /// (`CNI_IFNAME` on the first; the annotation's interface names or `net1`, `net2`… on the
 /// others; the default route through the one marked `defaultRoute`, else the first);
 /// otherwise one on the configuration's Network.
-pub fn interfaces(ask: &Ask, identity: &Identity) -> Result<Vec<Interface>, AskError> {
+///
+/// `held`: the interfaces the container holds already ([`crate::ipam::IpamStore::held`]).
+/// Those of other ADDs (the interfaces another `CNI_IFNAME`'s ADD made from the annotation, or
+/// another runtime attachment, as Multus adds them as `net1`, `net2`…) keep their names: `net1`,
+/// `net2`… skip them, and a `CNI_IFNAME` or an annotation's interface name that is one of them
+/// is refused (code 107), for the two would share one host link. This ADD's own, from an
+/// earlier attempt, are found again.
+pub fn interfaces(
+    ask: &Ask,
+    identity: &Identity,
+    held: &[Held],
+) -> Result<Vec<Interface>, AskError> {
+    // Names of the container's interfaces that another ADD made.
+    let others: Vec<&Held> = held
+        .iter()
+        .filter(|h| match h.parent.as_deref() {
+            None => h.ifname != ask.ifname,
+            Some(p) => p != ask.ifname,
+        })
+        .collect();
+    let taken_by_other = |ifname: &str, field: &str| -> Result<(), AskError> {
+        match others.iter().find(|h| h.ifname == ifname) {
+            None => Ok(()),
+            Some(h) => Err(AskError {
+                code: IFNAME_TAKEN,
+                msg: format!("interface {ifname} already exists in the container"),
+                details: format!(
+                    "{field}: interface {ifname} of container {} is already attached to Network {} by {}; choose another interface name{}",
+                    ask.container_id,
+                    h.network,
+                    crate::ipam::made_by(h.parent.as_deref()),
+                    if h.parent.is_some() {
+                        " (with Multus, the network selection's interface), or name the annotation's interfaces yourself"
+                    } else {
+                        ""
+                    }
+                ),
+            }),
+        }
+    };
+    taken_by_other(&ask.ifname, "CNI_IFNAME")?;
     let list = identity
         .networks
         .as_deref()
@@ -187,8 +227,21 @@ pub fn interfaces(ask: &Ask, identity: &Identity) -> Result<Vec<Interface>, AskE
         ));
     }
     let via = list.iter().position(|n| n.default_route).unwrap_or(0);
+    for n in list.iter().skip(1) {
+        if let Some(name) = &n.interface {
+            taken_by_other(
+                name,
+                &format!(
+                    "{}: Network {}'s interface",
+                    proto::NETWORKS_ANNOTATION,
+                    n.name
+                ),
+            )?;
+        }
+    }
     let mut taken: Vec<&str> = vec![ask.ifname.as_str()];
     taken.extend(list.iter().filter_map(|n| n.interface.as_deref()));
+    taken.extend(others.iter().map(|h| h.ifname.as_str()));
     let mut n = 1;
     let mut out = Vec::new();
     for (i, selection) in list.iter().enumerate() {
@@ -397,7 +450,7 @@ mod tests {
 
     #[test]
     fn without_an_annotation_the_configuration_s_network_alone() {
-        let list = interfaces(&ask(), &Identity::default()).unwrap();
+        let list = interfaces(&ask(), &Identity::default(), &[]).unwrap();
         assert_eq!(list.len(), 1);
         assert_eq!(
             (list[0].network.as_str(), list[0].ifname.as_str()),
@@ -408,7 +461,7 @@ mod tests {
             network: None,
             ..ask()
         };
-        let e = interfaces(&none, &Identity::default()).unwrap_err();
+        let e = interfaces(&none, &Identity::default(), &[]).unwrap_err();
         assert_eq!(e.code, INVALID_CONFIG);
         assert!(e.details.starts_with("network:"), "{e:?}");
     }
@@ -422,7 +475,7 @@ mod tests {
             ),
             ..Identity::default()
         };
-        let list = interfaces(&ask(), &identity).unwrap();
+        let list = interfaces(&ask(), &identity, &[]).unwrap();
         let names: Vec<(&str, &str, Option<&str>, bool)> = list
             .iter()
             .map(|i| {
@@ -451,7 +504,10 @@ mod tests {
             networks: Some("A_B".into()),
             ..Identity::default()
         };
-        assert_eq!(interfaces(&ask(), &bad).unwrap_err().code, INVALID_CONFIG);
+        assert_eq!(
+            interfaces(&ask(), &bad, &[]).unwrap_err().code,
+            INVALID_CONFIG
+        );
     }
 
     fn ifnames(cni_ifname: &str, annotation: &str) -> Vec<String> {
@@ -463,11 +519,94 @@ mod tests {
             networks: Some(annotation.into()),
             ..Identity::default()
         };
-        interfaces(&ask, &identity)
+        interfaces(&ask, &identity, &[])
             .unwrap()
             .into_iter()
             .map(|i| i.ifname)
             .collect()
+    }
+
+    fn held(network: &str, ifname: &str, parent: Option<&str>) -> Held {
+        Held {
+            network: network.into(),
+            ifname: ifname.into(),
+            parent: parent.map(Into::into),
+        }
+    }
+
+    /// A second runtime attachment of the pod (Multus's `net1`) next to the interfaces the ADD
+    /// of `eth0` made from the annotation (`net1`, `net2` on b and c): its own name or an
+    /// annotation's name that another ADD holds is code 107 naming it, `net1`, `net2`… skip
+    /// them, and an attempt again of the same ADD finds its own interfaces by their names.
+    #[test]
+    fn names_another_add_holds_are_refused_or_skipped_and_an_add_again_finds_its_own() {
+        let first = [
+            held("a", "eth0", None),
+            held("b", "net1", Some("eth0")),
+            held("c", "net2", Some("eth0")),
+        ];
+        let annotated = Identity {
+            networks: Some("a,b,c".into()),
+            ..Identity::default()
+        };
+        let multus = Ask {
+            ifname: "net1".into(),
+            network: Some("d".into()),
+            ..ask()
+        };
+        let e = interfaces(&multus, &annotated, &first).unwrap_err();
+        assert_eq!(e.code, IFNAME_TAKEN, "{e:?}");
+        assert!(e.details.starts_with("CNI_IFNAME: interface net1"), "{e:?}");
+        assert!(
+            e.details.contains("Network b by the ADD of interface eth0"),
+            "{e:?}"
+        );
+        // Without an annotation it is refused the same way.
+        let e = interfaces(&multus, &Identity::default(), &first).unwrap_err();
+        assert_eq!(e.code, IFNAME_TAKEN, "{e:?}");
+        // A free name: its own extras skip the names held (net1, net2) and eth0.
+        let free = Ask {
+            ifname: "net9".into(),
+            ..multus.clone()
+        };
+        let names: Vec<String> = interfaces(&free, &annotated, &first)
+            .unwrap()
+            .into_iter()
+            .map(|i| i.ifname)
+            .collect();
+        assert_eq!(names, ["net9", "net3", "net4"]);
+        // An annotation that names a held interface for one of its extras: refused.
+        let named = Identity {
+            networks: Some(r#"[{"name": "a"}, {"name": "b", "interface": "net2"}]"#.into()),
+            ..Identity::default()
+        };
+        let e = interfaces(&free, &named, &first).unwrap_err();
+        assert_eq!(e.code, IFNAME_TAKEN, "{e:?}");
+        assert!(e.details.contains("Network b's interface"), "{e:?}");
+        // The same ADD again (eth0 after a crash): its own names, as before.
+        let again: Vec<(String, String)> = interfaces(&ask(), &annotated, &first)
+            .unwrap()
+            .into_iter()
+            .map(|i| (i.network, i.ifname))
+            .collect();
+        assert_eq!(
+            again,
+            [
+                ("a".to_string(), "eth0".to_string()),
+                ("b".into(), "net1".into()),
+                ("c".into(), "net2".into())
+            ]
+        );
+        // Another runtime interface (net9, attached before) keeps its name from eth0's extras.
+        let mut with_net9 = first.to_vec();
+        with_net9.push(held("d", "net9", None));
+        with_net9.push(held("b", "net3", Some("net9")));
+        let names: Vec<String> = interfaces(&ask(), &annotated, &with_net9)
+            .unwrap()
+            .into_iter()
+            .map(|i| i.ifname)
+            .collect();
+        assert_eq!(names, ["eth0", "net1", "net2"]);
     }
 
     #[test]
@@ -505,7 +644,7 @@ mod tests {
                 networks: Some(bad.into()),
                 ..Identity::default()
             };
-            let e = interfaces(&ask(), &identity).unwrap_err();
+            let e = interfaces(&ask(), &identity, &[]).unwrap_err();
             assert_eq!(e.code, INVALID_CONFIG, "{bad}");
             assert!(e.details.contains("weft.dev/networks"), "{bad}: {e:?}");
         }
@@ -542,7 +681,7 @@ mod tests {
             )]),
             ..Identity::default()
         };
-        let own = &interfaces(&vm, &identity).unwrap()[0];
+        let own = &interfaces(&vm, &identity, &[]).unwrap()[0];
         let (req, carried) = alloc_request(&vm, &identity, own);
         assert!(carried && req.adopt && req.pending);
         assert_eq!(req.static_ips, ["10.0.1.5".parse::<IpAddr>().unwrap()]);

@@ -288,6 +288,7 @@ impl fmt::Display for IpFamily {
 /// | 7 (invalid config) | [`IpamError::InvalidNetwork`], [`IpamError::StaticOutOfBlock`], [`IpamError::StaticExcluded`], [`IpamError::StaticInUse`], [`IpamError::MacInUse`], [`IpamError::StaticFamilyTwice`] |
 /// | 11 (try again later) | [`IpamError::NoBlock`]: the controller has not given this node a block yet; [`IpamError::Busy`] |
 /// | 104 (weft: pool exhausted) | [`IpamError::Exhausted`] |
+/// | 107 (weft: interface name taken) | [`IpamError::InterfaceTaken`] |
 #[derive(Debug, thiserror::Error)]
 pub enum IpamError {
     /// The network name is not a DNS-1123 subdomain (so it cannot name a store directory).
@@ -400,6 +401,22 @@ pub enum IpamError {
         /// container and interface alone.
         holder: String,
     },
+    /// The attachment's interface is held on the network by another ADD's interface of the same
+    /// container (made from the pod's annotation with another parent, or by the runtime
+    /// itself): the two would share one host link.
+    #[error(
+        "interface {ifname} of container {container_id} is already attached to network {network} by {holder}: choose another interface name"
+    )]
+    InterfaceTaken {
+        /// The network.
+        network: String,
+        /// The container.
+        container_id: String,
+        /// The interface.
+        ifname: String,
+        /// Who made it: the runtime's ADD, or the ADD of its parent interface.
+        holder: String,
+    },
     /// Two static addresses of one family.
     #[error(
         "static addresses {first} and {second} are both {family}: ask for at most one address per family"
@@ -419,6 +436,7 @@ impl IpamError {
     pub fn summary(&self) -> &'static str {
         match self {
             IpamError::MacInUse { .. } => "MAC address already in use",
+            IpamError::InterfaceTaken { .. } => "interface name already in use",
             _ => "address allocation failed",
         }
     }
@@ -431,7 +449,9 @@ impl IpamError {
 
     /// The CNI error code (see the table on [`IpamError`]).
     pub fn cni_code(&self) -> u32 {
-        use crate::codes::{INVALID_CONFIG, IO_FAILURE, POOL_EXHAUSTED, TRY_AGAIN_LATER};
+        use crate::codes::{
+            IFNAME_TAKEN, INVALID_CONFIG, IO_FAILURE, POOL_EXHAUSTED, TRY_AGAIN_LATER,
+        };
         match self {
             IpamError::Io { .. } | IpamError::Lock { .. } | IpamError::Corrupt { .. } => IO_FAILURE,
             IpamError::InvalidNetwork { .. }
@@ -442,6 +462,7 @@ impl IpamError {
             | IpamError::StaticFamilyTwice { .. } => INVALID_CONFIG,
             IpamError::NoBlock { .. } | IpamError::Busy { .. } => TRY_AGAIN_LATER,
             IpamError::Exhausted { .. } => POOL_EXHAUSTED,
+            IpamError::InterfaceTaken { .. } => IFNAME_TAKEN,
         }
     }
 }
@@ -618,6 +639,31 @@ fn boot_time() -> Option<u64> {
         .ok()
 }
 
+/// Who made an interface of a container: the runtime's ADD (no parent), or the ADD of its
+/// parent interface, from the pod's annotation. For messages.
+pub fn made_by(parent: Option<&str>) -> String {
+    match parent {
+        None => "the runtime's ADD of it".to_string(),
+        Some(p) => format!(
+            "the ADD of interface {p}, from the pod's {} annotation",
+            crate::proto::NETWORKS_ANNOTATION
+        ),
+    }
+}
+
+/// An interface a container holds on a network (its allocation there), as
+/// [`IpamStore::held`] finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    /// The network.
+    pub network: String,
+    /// The interface.
+    pub ifname: String,
+    /// The interface whose ADD made it from the pod's annotation; `None` for one the runtime
+    /// asked for (`CNI_IFNAME`).
+    pub parent: Option<String>,
+}
+
 /// What [`IpamStore::related`] finds of one interface of a container.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Related {
@@ -625,19 +671,45 @@ pub struct Related {
     pub owners: Vec<String>,
     /// `(network, ifname)` of the interfaces whose parent it is.
     pub children: Vec<(String, String)>,
+    /// `(network, parent)` where the name is another interface's child: an interface the ADD
+    /// of `parent` made from the pod's annotation, which only that interface's DEL removes.
+    pub child_of: Vec<(String, String)>,
 }
 
 impl Related {
+    /// Of `held` (a container's interfaces), what is related to its interface `ifname`.
+    pub fn of(held: &[Held], ifname: &str) -> Related {
+        let mut out = Related::default();
+        for h in held {
+            match h.parent.as_deref() {
+                None if h.ifname == ifname => out.owners.push(h.network.clone()),
+                Some(p) if p == ifname => out.children.push((h.network.clone(), h.ifname.clone())),
+                Some(p) if h.ifname == ifname => {
+                    out.child_of.push((h.network.clone(), p.to_string()));
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// Whether the name is only another interface's child ([`Related::child_of`]): a DEL of it
+    /// (the runtime's, after an ADD of that name was refused) removes nothing, neither the
+    /// child's addresses nor its link, which shares the name's host link.
+    pub fn is_anothers(&self) -> bool {
+        self.owners.is_empty() && !self.child_of.is_empty()
+    }
+
     /// The networks to detach the interface from: those that hold it, or `asked` (the
-    /// conflist's network; empty for none) when none does.
+    /// conflist's network; empty for none) when none does and the name is not another
+    /// interface's child ([`Related::is_anothers`]).
     pub fn owners_or(&self, asked: &str) -> Vec<String> {
-        if self.owners.is_empty() {
-            (!asked.is_empty())
-                .then(|| asked.to_string())
-                .into_iter()
-                .collect()
-        } else {
+        if !self.owners.is_empty() {
             self.owners.clone()
+        } else if asked.is_empty() || self.is_anothers() {
+            Vec::new()
+        } else {
+            vec![asked.to_string()]
         }
     }
 }
@@ -696,42 +768,39 @@ impl IpamStore {
         out
     }
 
-    /// Container `container_id`'s allocations related to its interface `ifname`, on every
-    /// network under `state_dir`: the networks holding `ifname` itself (no parent: the
-    /// conflist's network, or the one the pod's `weft.dev/networks` annotation put it on), and
-    /// `(network, ifname)` of those whose parent it is (the interfaces its ADD made from the
-    /// annotation). A store that cannot be read is skipped.
-    pub fn related(state_dir: &Path, container_id: &str, ifname: &str) -> Related {
-        let mut out = Related::default();
+    /// Every interface container `container_id` holds, on every network under `state_dir`, by
+    /// network. A store that cannot be read is skipped.
+    pub fn held(state_dir: &Path, container_id: &str) -> Vec<Held> {
+        let mut out = Vec::new();
         for network in Self::networks(state_dir) {
             let Ok(store) = Self::open(state_dir, &network) else {
                 continue;
             };
-            let Ok((own, children)) = store.read_allocations(|state| {
-                let mut own = false;
-                let mut children = Vec::new();
-                for a in state
-                    .allocations
-                    .iter()
-                    .filter(|a| a.container_id == container_id)
-                {
-                    match a.parent.as_deref() {
-                        None if a.ifname == ifname => own = true,
-                        Some(p) if p == ifname => children.push(a.ifname.clone()),
-                        _ => {}
-                    }
-                }
-                (own, children)
-            }) else {
-                continue;
-            };
-            if own {
-                out.owners.push(network.clone());
-            }
-            out.children
-                .extend(children.into_iter().map(|i| (network.clone(), i)));
+            let _ = store.read_allocations(|state| {
+                out.extend(
+                    state
+                        .allocations
+                        .iter()
+                        .filter(|a| a.container_id == container_id)
+                        .map(|a| Held {
+                            network: network.clone(),
+                            ifname: a.ifname.clone(),
+                            parent: a.parent.clone(),
+                        }),
+                );
+            });
         }
         out
+    }
+
+    /// Container `container_id`'s allocations related to its interface `ifname`, on every
+    /// network under `state_dir`: the networks holding `ifname` itself (no parent: the
+    /// conflist's network, or the one the pod's `weft.dev/networks` annotation put it on),
+    /// `(network, ifname)` of those whose parent it is (the interfaces its ADD made from the
+    /// annotation), and where the name is another interface's child. A store that cannot be
+    /// read is skipped.
+    pub fn related(state_dir: &Path, container_id: &str, ifname: &str) -> Related {
+        Related::of(&Self::held(state_dir, container_id), ifname)
     }
 
     /// `(network, ifname)` of every allocation under `state_dir`, on any network, of container
@@ -766,6 +835,15 @@ impl IpamStore {
         self.modify(|state| {
             let mut req = req;
             if let Some(existing) = state.allocations.iter().find(|a| a.is(&req.attachment)) {
+                // Another ADD's interface of that name: not this attachment's to take.
+                if existing.parent != req.parent {
+                    return Err(IpamError::InterfaceTaken {
+                        network: self.network.clone(),
+                        container_id: existing.container_id.clone(),
+                        ifname: existing.ifname.clone(),
+                        holder: made_by(existing.parent.as_deref()),
+                    });
+                }
                 debug!(network = %self.network, container_id = %req.attachment.container_id, ifname = %req.attachment.ifname, "attachment already has addresses");
                 return Ok((Allocation::clone(existing), false));
             }

@@ -102,6 +102,34 @@ fn children_are_the_annotations_interfaces_of_one_interface_on_every_network() {
     assert_eq!(owners("c1", "eth0"), ["nat"]);
     assert_eq!(owners("c1", "net2"), ["lan"]);
     assert!(owners("c1", "net1").is_empty());
+    // net1 is eth0's child: a DEL of net1 (the runtime's, after its ADD of net1 was refused)
+    // detaches nothing, not even from the network it names, which holds the child.
+    let net1 = IpamStore::related(dir.path(), "c1", "net1");
+    assert_eq!(net1.child_of, pairs(&[("lan", "eth0")]));
+    assert!(net1.is_anothers());
+    assert!(net1.owners_or("lan").is_empty());
+    assert!(net1.owners_or("nat").is_empty());
+    assert!(!IpamStore::related(dir.path(), "c1", "net2").is_anothers());
+    // Its name is not another ADD's to take on its network: the same interface asked for
+    // with another parent (or none) is refused, with eth0's parentage it is found again.
+    let taken = IpamStore::open(dir.path(), "lan").unwrap().allocate(
+        &v4_pool(),
+        AllocRequest {
+            attachment: Attachment {
+                container_id: "c1".into(),
+                ifname: "net1".into(),
+            },
+            ..AllocRequest::default()
+        },
+    );
+    let e = taken.unwrap_err();
+    assert!(matches!(e, IpamError::InterfaceTaken { .. }), "{e:?}");
+    assert_eq!(e.cni_code(), crate::codes::IFNAME_TAKEN);
+    assert!(
+        e.to_string().contains("by the ADD of interface eth0"),
+        "{e}"
+    );
+    alloc("lan", "c1", "net1", Some("eth0"));
     let unknown = IpamStore::related(dir.path(), "c9", "eth0");
     assert_eq!(unknown, Related::default());
     assert_eq!(unknown.owners_or("nat"), ["nat"]);

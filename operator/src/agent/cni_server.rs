@@ -138,7 +138,8 @@ impl Attachments {
         identity: &Identity,
         wait: bool,
     ) -> Result<Vec<(Attached, Endpoint)>, AllocFailure> {
-        let list = attachment::interfaces(ask, identity)?;
+        let held = IpamStore::held(&self.state_dir, &ask.container_id);
+        let list = attachment::interfaces(ask, identity, &held)?;
         if let Some(network) = attachment::marked_default_route(identity) {
             attachment::check_default_route(&self.network(&network)?)?;
         }
@@ -572,6 +573,7 @@ async fn detach(
     // (its first entry), which the DEL does not name.
     let related = server.attachments.related(container_id, ifname);
     let own = related.owners_or(network);
+    let anothers = related.is_anothers();
     let extras = if with_extras {
         related.children
     } else {
@@ -582,8 +584,9 @@ async fn detach(
         .map(|n| (n.as_str(), ifname))
         .chain(extras.iter().map(|(n, i)| (n.as_str(), i.as_str())))
         .collect();
-    if own.is_empty() {
-        // Allocated nowhere, and no network named: only its link may be left.
+    if own.is_empty() && !anothers {
+        // Allocated nowhere, and no network named: only its link may be left. (A name that is
+        // another interface's child is that one's: its link too.)
         server.attachments.reap_host_link(container_id, ifname);
     }
     // Unregistered first, so their rules go before those of any request that could follow the
@@ -1145,6 +1148,66 @@ mod tests {
                 "asked {asked:?}: nothing left allocated"
             );
         }
+    }
+
+    /// A second runtime attachment of a pod (Multus's `net1`) whose name the ADD of `eth0` gave
+    /// an interface of the pod's annotation: refused (code 107) before anything is allocated,
+    /// and the runtime's DEL of it that follows touches nothing of eth0's `net1`, whichever
+    /// network it names; eth0's DEL takes it along.
+    #[tokio::test]
+    async fn a_runtime_interface_under_a_name_the_annotation_gave_is_refused_and_its_del_leaves_it()
+    {
+        let (dir, attachments, ask, identity) = two_networks();
+        network(dir.path(), "c", "10.9.3.0/24");
+        let (tx, mut rx) = mpsc::channel::<Message>(16);
+        let server = Server {
+            attachments,
+            ..server_on(dir.path(), tx)
+        };
+        let made = server
+            .attachments
+            .allocate(&ask, &identity, true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(made[1].0.interface.ifname, "net1");
+        let b_net1 = made[1].0.ips.clone();
+        for network in ["b", "c"] {
+            let multus = Ask {
+                ifname: "net1".into(),
+                network: Some(network.into()),
+                ..ask.clone()
+            };
+            let e = server
+                .attachments
+                .allocate(&multus, &Identity::default(), true)
+                .unwrap()
+                .unwrap_err();
+            assert_eq!(e.code, weft_dataplane::codes::IFNAME_TAKEN, "{e:?}");
+            assert!(e.details.contains("Network b"), "{e:?}");
+            assert_eq!(
+                (
+                    held(dir.path(), "a"),
+                    held(dir.path(), "b"),
+                    held(dir.path(), "c")
+                ),
+                (1, 1, 0),
+                "nothing allocated"
+            );
+            let reply = detach(&server, network, "c1", "net1", true).await;
+            assert!(reply.ok, "{reply:?}");
+            assert_eq!(reply.detached, Some(vec![]));
+            assert!(
+                unregistered(&mut rx).is_empty(),
+                "eth0's net1 stays registered"
+            );
+            let kept = IpamStore::open(dir.path(), "b").unwrap().list().unwrap();
+            assert_eq!(kept.len(), 1);
+            assert_eq!(kept[0].ips, b_net1, "eth0's net1 keeps its addresses");
+        }
+        let reply = detach(&server, "a", "c1", "eth0", true).await;
+        assert!(reply.ok, "{reply:?}");
+        assert_eq!(unregistered(&mut rx), ["a/c1/eth0", "b/c1/net1"]);
+        assert_eq!((held(dir.path(), "a"), held(dir.path(), "b")), (0, 0));
     }
 
     #[tokio::test]
