@@ -18,6 +18,7 @@ use ipnet::IpNet;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use weft_crds::nodenetwork::MAX_NODE_BLOCKS;
 use weft_crds::{Network, NetworkSpec, NodeNetworkSpec, selector_matches};
 
 /// A node as the allocator sees it.
@@ -392,10 +393,25 @@ impl<'a> Claims<'a> {
 /// Computes every node's blocks. `networks` are the Networks that may hold blocks (the caller
 /// leaves out invalid ones; Networks being deleted are skipped here), `nodes` the Nodes that
 /// exist, `existing` the current NodeNetwork specs by node name (compact or not).
+///
+/// A node takes the blocks of at most [`MAX_NODE_BLOCKS`] Networks (its NodeNetwork's
+/// `spec.blocks` holds no more): the Networks that have a block there keep it, the others get
+/// one while there is room, by Network name, and a Network that finds a node full has a
+/// problem naming it (no NodeNetwork write that the API server would refuse).
 pub fn allocate<'a, S: Current>(
     networks: impl IntoIterator<Item = &'a Network>,
     nodes: &[NodeInfo],
     existing: &BTreeMap<String, S>,
+) -> Allocation {
+    allocate_at_most(networks, nodes, existing, MAX_NODE_BLOCKS)
+}
+
+/// [`allocate`], with at most `per_node` Networks' blocks on one node.
+fn allocate_at_most<'a, S: Current>(
+    networks: impl IntoIterator<Item = &'a Network>,
+    nodes: &[NodeInfo],
+    existing: &BTreeMap<String, S>,
+    per_node: usize,
 ) -> Allocation {
     let mut networks: Vec<&Network> = networks
         .into_iter()
@@ -424,12 +440,61 @@ pub fn allocate<'a, S: Current>(
         networks: Vec::new(),
         problems: BTreeMap::new(),
     };
-    for net in networks {
+    let has_block = |k: usize, network: &str| {
+        nodes
+            .get(k)
+            .and_then(|(_, _, c)| c.as_ref())
+            .is_some_and(|c| c.find(network).is_some())
+    };
+    // The nodes each Network selects (indexes into `nodes`), and per node the Networks that
+    // keep the block they have there.
+    let selections: Vec<Vec<u32>> = networks
+        .iter()
+        .map(|net| {
+            nodes
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, n, _))| selects(&net.spec, n))
+                .filter_map(|(k, _)| u32::try_from(k).ok())
+                .collect()
+        })
+        .collect();
+    let mut taken = vec![0usize; nodes.len()];
+    for (net, selection) in networks.iter().zip(&selections) {
+        for &k in selection {
+            let k = k as usize;
+            if has_block(k, name_of(net))
+                && let Some(t) = taken.get_mut(k)
+            {
+                *t += 1;
+            }
+        }
+    }
+    for (net, selection) in networks.into_iter().zip(selections) {
         let name = name_of(net);
-        let selected: Vec<&(u32, &NodeInfo, Option<Claims>)> = nodes
-            .iter()
-            .filter(|(_, n, _)| selects(&net.spec, n))
-            .collect();
+        let mut selected: Vec<&(u32, &NodeInfo, Option<Claims>)> = Vec::new();
+        let mut full = Vec::new();
+        for k in selection {
+            let k = k as usize;
+            let Some(node) = nodes.get(k) else { continue };
+            if has_block(k, name) {
+                selected.push(node);
+            } else if let Some(t) = taken.get_mut(k).filter(|t| **t < per_node) {
+                *t += 1;
+                selected.push(node);
+            } else {
+                full.push(node.1.name.as_str());
+            }
+        }
+        if !full.is_empty() {
+            let nodes = match full.as_slice() {
+                [node] => format!("node {node}"),
+                many => format!("{} nodes: {}", many.len(), status::some_of(many)),
+            };
+            out.problems.entry(name.to_owned()).or_default().push(format!(
+                "no block for {nodes}: a node takes the blocks of at most {per_node} Networks (its NodeNetwork's spec.blocks), and other Networks hold them all; select fewer Networks for the node (spec.nodeSelector of this Network or of others)"
+            ));
+        }
         let families = [
             net.spec.subnet_v4().map(|s| Family {
                 subnet: IpNet::V4(s),
@@ -636,6 +701,72 @@ mod tests {
         assert!(second.blocks_of("red").is_empty());
         assert_eq!(second.specs()["b"].blocks, []);
         assert_eq!(second.specs()["a"].blocks.len(), 1);
+    }
+
+    /// A node takes the blocks of at most so many Networks (a NodeNetwork's `spec.blocks` holds
+    /// no more, and the API server refuses a longer one, which stalled every Network's
+    /// reconcile): the Networks that have a block there keep it, the others get one while there
+    /// is room, by name, and the rest have a problem naming the node.
+    #[test]
+    fn a_node_takes_so_many_networks_blocks_and_those_it_has_keep_theirs() {
+        let (a, b, c) = (
+            net("a", &["10.1.0.0/24"], None),
+            net("b", &["10.2.0.0/24"], None),
+            net("c", &["10.3.0.0/24"], None),
+        );
+        let existing = BTreeMap::from([(
+            "n1".to_owned(),
+            NodeNetworkSpec {
+                blocks: vec![NodeNetworkBlock {
+                    network: "c".into(),
+                    ipv4: Some("10.3.0.64/26".into()),
+                    ipv6: None,
+                }],
+            },
+        )]);
+        let got = allocate_at_most([&a, &b, &c], &nodes(&["n1", "n2"]), &existing, 2);
+        let on = |node: &str| -> Vec<String> {
+            got.specs()[node]
+                .blocks
+                .iter()
+                .map(|b| b.network.clone())
+                .collect()
+        };
+        assert_eq!(
+            on("n1"),
+            ["a", "c"],
+            "c keeps its block, a gets the room left"
+        );
+        assert_eq!(on("n2"), ["a", "b"]);
+        assert_eq!(
+            got.blocks_of("c"),
+            [("n1".into(), vec!["10.3.0.64/26".into()])]
+        );
+        let problems: Vec<(&str, &str)> = got
+            .problems
+            .iter()
+            .flat_map(|(n, p)| p.iter().map(move |p| (n.as_str(), p.as_str())))
+            .collect();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems[0].0 == "b"
+                && problems[0].1.starts_with(
+                    "no block for node n1: a node takes the blocks of at most 2 Networks"
+                ),
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].0 == "c" && problems[1].1.starts_with("no block for node n2:"),
+            "{problems:?}"
+        );
+        // The cluster's limit is the one the NodeNetwork schema gives.
+        use kube::CustomResourceExt;
+        let crd = serde_json::to_value(weft_crds::NodeNetwork::crd()).unwrap();
+        assert_eq!(
+            crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+                ["blocks"]["maxItems"],
+            serde_json::json!(MAX_NODE_BLOCKS)
+        );
     }
 
     /// A NodeNetwork spec claiming IPv4 block `cidr` of Network `blue`.
