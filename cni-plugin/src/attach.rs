@@ -1017,12 +1017,6 @@ pub fn del(conf: &Conf, env: &Env, kept: &mut Kept) -> Result<(), CniError> {
     }
 }
 
-/// The networks that hold `container_id`'s interface `ifname` (the IPAM stores say), or
-/// `asked` when none does.
-fn networks(conf: &Conf, container_id: &str, ifname: &str, asked: &str) -> Vec<String> {
-    IpamStore::related(&conf.state_dir, container_id, ifname).owners_or(asked)
-}
-
 /// Removes one interface: best effort and idempotent; a missing netns, link or allocation is
 /// success. The agent unregisters the attachment and releases its addresses before it
 /// answers, and takes the rules out and sees to the host link after (see
@@ -1068,7 +1062,7 @@ fn del_one(
     };
     // Without the agent's detach: the networks that hold the interface, read once.
     let related = IpamStore::related(&conf.state_dir, container_id, ifname);
-    let held = related.owners_or(network);
+    let held = related.owners_or(network, with_extras);
     match answered {
         Ok((reply, _)) => {
             debug!(error = ?reply.error, "the agent did not detach; removing the attachment here");
@@ -1091,10 +1085,10 @@ fn del_one(
     }
     let mut errors: Vec<String> = Vec::new();
     // 3. The link (deleting the host end removes the peer in the container too).
-    // A name that is another interface's child is that one's, its link too.
+    // The runtime's DEL of a name that is another interface's child: that one's, its link too.
     let host_name = names::host_veth_name(container_id, ifname);
     match Netlink::new().and_then(|mut nl| {
-        if related.is_anothers() {
+        if with_extras && related.is_anothers() {
             return Ok(());
         }
         if let Some(l) = nl.link_by_name(&host_name)? {
@@ -1150,31 +1144,40 @@ fn own_part<'a>(prev: &'a CniResult, ifname: &str) -> (Option<&'a Interface>, Ve
     (iface, ips)
 }
 
-/// CHECK: the attachment is still as ADD left it.
+/// What of ADD's result `prev` belongs to the sandbox interface named `ifname` (an interface
+/// of the pod's annotation): its entry and the addresses on it; none when `prev` does not name
+/// it.
+fn named_part<'a>(prev: &'a CniResult, ifname: &str) -> (Option<&'a Interface>, Vec<&'a IpConfig>) {
+    let Some(k) = prev
+        .interfaces
+        .iter()
+        .position(|i| i.sandbox.is_some() && i.name == ifname)
+    else {
+        return (None, Vec::new());
+    };
+    let ips = prev
+        .ips
+        .iter()
+        .filter(|ip| ip.interface == Some(k))
+        .collect();
+    (prev.interfaces.get(k), ips)
+}
+
+/// CHECK: the attachment is still as ADD left it, the interfaces its ADD made from the pod's
+/// annotation too.
 pub fn check(conf: &Conf, env: &Env) -> Result<(), CniError> {
     let container_id = env.container_id()?;
     let ifname = env.ifname()?;
     // The network that holds the interface: the conflist's, unless the pod's annotation put it
-    // on another.
-    let owners = networks(
-        conf,
-        container_id,
-        ifname,
-        conf.network.as_deref().unwrap_or_default(),
-    );
+    // on another; and the interfaces its ADD made from the annotation.
+    let related = IpamStore::related(&conf.state_dir, container_id, ifname);
+    let owners = related.owners_or(conf.network.as_deref().unwrap_or_default(), true);
     let network = match owners.first() {
         Some(n) => n.as_str(),
         None => conf.require_network()?,
     };
     let netns_path = env.netns()?;
     let ns = open_workload_netns(netns_path)?;
-    let mismatch = |what: String| {
-        CniError::new(
-            error::CHECK_MISMATCH,
-            "the attachment differs from what ADD created",
-            what,
-        )
-    };
     let prev: CniResult = match &conf.prev_result {
         Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
             CniError::new(
@@ -1191,90 +1194,29 @@ pub fn check(conf: &Conf, env: &Env) -> Result<(), CniError> {
             ));
         }
     };
-    let net = read_network(conf, network)?;
-    let store = IpamStore::open(&conf.state_dir, network)?;
-    let alloc: Allocation = store
-        .get(&Attachment {
-            container_id: container_id.to_string(),
-            ifname: ifname.to_string(),
-        })?
-        .ok_or_else(|| {
-            mismatch(format!(
-                "no address is allocated to {container_id}/{ifname}"
-            ))
-        })?;
     let mut host = Netlink::new()?;
-    let host_name = names::host_veth_name(container_id, ifname);
-    let host_link = host
-        .link_by_name(&host_name)?
-        .ok_or_else(|| mismatch(format!("host veth {host_name} is missing")))?;
-    let bridge = host
-        .link_by_name(&net.bridge)?
-        .ok_or_else(|| mismatch(format!("bridge {} is missing", net.bridge)))?;
-    if host_link.master != Some(bridge.index) {
-        return Err(mismatch(format!(
-            "host veth {host_name} is not attached to bridge {}",
-            net.bridge
-        )));
-    }
-    if let Some(f) = &net.vlan_filtering {
-        let want = f.workload(&alloc.vlan_trunk).entries();
-        let mut have = host.port_vlans(host_link.index)?;
-        have.sort();
-        if have != want {
-            return Err(mismatch(format!(
-                "host veth {host_name} carries VLANs {have:?}, not {want:?} (the network's own VLAN untagged and vlanTrunk tagged)"
-            )));
-        }
-    }
     let mut inner = Netlink::entering(&ns)?;
-    if matches!(conf.attachment, AttachmentKind::Tap(_)) {
-        // A VM's addresses live in the guest: check the wiring up to its tap.
-        let tap = names::vm_tap_name(ifname);
-        for name in [ifname, tap.as_str()] {
-            let l = inner
-                .link_by_name(name)?
-                .ok_or_else(|| mismatch(format!("interface {name} is missing in the pod")))?;
-            if !l.up {
-                return Err(mismatch(format!("interface {name} is down")));
-            }
-        }
-        return Ok(());
-    }
-    let link = inner
-        .link_by_name(ifname)?
-        .ok_or_else(|| mismatch(format!("interface {ifname} is missing in the container")))?;
-    if !link.up {
-        return Err(mismatch(format!("interface {ifname} is down")));
-    }
-    let (iface, ips) = own_part(&prev, ifname);
-    if let Some(iface) = iface
-        && let Some(mac) = &iface.mac
-        && link.mac.map(names::format_mac).as_deref() != Some(mac.as_str())
-    {
-        return Err(mismatch(format!("interface {ifname} MAC is not {mac}")));
-    }
-    let have: Vec<IpNet> = inner
-        .addresses(Some(link.index))?
-        .into_iter()
-        .map(|a| a.addr)
-        .collect();
-    for ip in ips {
-        let want: IpNet = ip.address.parse().map_err(|_| {
-            CniError::new(
-                error::DECODE,
-                "cannot decode prevResult",
-                format!("prevResult.ips: {:?} is not a CIDR", ip.address),
-            )
+    let mut checked = Checked {
+        conf,
+        container_id,
+        prev: &prev,
+        host: &mut host,
+        inner: &mut inner,
+    };
+    checked.interface(network, ifname, true)?;
+    for (network, extra) in &related.children {
+        checked.interface(network, extra, false).map_err(|mut e| {
+            e.details = format!(
+                "{} (interface {extra} on Network {network}, which the ADD of {ifname} made from the pod's {} annotation)",
+                e.details,
+                proto::NETWORKS_ANNOTATION
+            );
+            e
         })?;
-        if !have.contains(&want) {
-            return Err(mismatch(format!("address {want} is missing on {ifname}")));
-        }
-        if !alloc.ips.contains(&want.addr()) {
-            return Err(mismatch(format!(
-                "address {want} is not allocated to this attachment"
-            )));
-        }
+    }
+    if matches!(conf.attachment, AttachmentKind::Tap(_)) {
+        // A VM's routes live in the guest.
+        return Ok(());
     }
     for route in &prev.routes {
         let dst: IpNet = route.dst.parse().map_err(|_| {
@@ -1301,6 +1243,124 @@ pub fn check(conf: &Conf, env: &Env) -> Result<(), CniError> {
         }
     }
     Ok(())
+}
+
+fn mismatch(what: String) -> CniError {
+    CniError::new(
+        error::CHECK_MISMATCH,
+        "the attachment differs from what ADD created",
+        what,
+    )
+}
+
+/// What a CHECK compares each of its interfaces with.
+struct Checked<'a> {
+    conf: &'a Conf,
+    container_id: &'a str,
+    prev: &'a CniResult,
+    host: &'a mut Netlink,
+    inner: &'a mut Netlink,
+}
+
+impl Checked<'_> {
+    /// Interface `ifname` on `network` as ADD left it: its allocation, its host veth on the
+    /// bridge (with its VLANs), and in the workload the link up (and a VM's tap), with the MAC
+    /// and addresses `prevResult` gives it. `own`: `CNI_IFNAME` itself, whose entry in
+    /// `prevResult` may be found without its name ([`own_part`]); an interface of the pod's
+    /// annotation is found by name, and without an entry only its wiring is checked.
+    fn interface(&mut self, network: &str, ifname: &str, own: bool) -> Result<(), CniError> {
+        let (conf, container_id) = (self.conf, self.container_id);
+        let net = read_network(conf, network)?;
+        let store = IpamStore::open(&conf.state_dir, network)?;
+        let alloc: Allocation = store
+            .get(&Attachment {
+                container_id: container_id.to_string(),
+                ifname: ifname.to_string(),
+            })?
+            .ok_or_else(|| {
+                mismatch(format!(
+                    "no address is allocated to {container_id}/{ifname}"
+                ))
+            })?;
+        let host = &mut *self.host;
+        let host_name = alloc.host_link_name();
+        let host_link = host
+            .link_by_name(&host_name)?
+            .ok_or_else(|| mismatch(format!("host veth {host_name} is missing")))?;
+        let bridge = host
+            .link_by_name(&net.bridge)?
+            .ok_or_else(|| mismatch(format!("bridge {} is missing", net.bridge)))?;
+        if host_link.master != Some(bridge.index) {
+            return Err(mismatch(format!(
+                "host veth {host_name} is not attached to bridge {}",
+                net.bridge
+            )));
+        }
+        if let Some(f) = &net.vlan_filtering {
+            let want = f.workload(&alloc.vlan_trunk).entries();
+            let mut have = host.port_vlans(host_link.index)?;
+            have.sort();
+            if have != want {
+                return Err(mismatch(format!(
+                    "host veth {host_name} carries VLANs {have:?}, not {want:?} (the network's own VLAN untagged and vlanTrunk tagged)"
+                )));
+            }
+        }
+        let inner = &mut *self.inner;
+        if matches!(conf.attachment, AttachmentKind::Tap(_)) {
+            // A VM's addresses live in the guest: check the wiring up to its tap.
+            let tap = names::vm_tap_name(ifname);
+            for name in [ifname, tap.as_str()] {
+                let l = inner
+                    .link_by_name(name)?
+                    .ok_or_else(|| mismatch(format!("interface {name} is missing in the pod")))?;
+                if !l.up {
+                    return Err(mismatch(format!("interface {name} is down")));
+                }
+            }
+            return Ok(());
+        }
+        let link = inner
+            .link_by_name(ifname)?
+            .ok_or_else(|| mismatch(format!("interface {ifname} is missing in the container")))?;
+        if !link.up {
+            return Err(mismatch(format!("interface {ifname} is down")));
+        }
+        let (iface, ips) = if own {
+            own_part(self.prev, ifname)
+        } else {
+            named_part(self.prev, ifname)
+        };
+        if let Some(iface) = iface
+            && let Some(mac) = &iface.mac
+            && link.mac.map(names::format_mac).as_deref() != Some(mac.as_str())
+        {
+            return Err(mismatch(format!("interface {ifname} MAC is not {mac}")));
+        }
+        let have: Vec<IpNet> = inner
+            .addresses(Some(link.index))?
+            .into_iter()
+            .map(|a| a.addr)
+            .collect();
+        for ip in ips {
+            let want: IpNet = ip.address.parse().map_err(|_| {
+                CniError::new(
+                    error::DECODE,
+                    "cannot decode prevResult",
+                    format!("prevResult.ips: {:?} is not a CIDR", ip.address),
+                )
+            })?;
+            if !have.contains(&want) {
+                return Err(mismatch(format!("address {want} is missing on {ifname}")));
+            }
+            if !alloc.ips.contains(&want.addr()) {
+                return Err(mismatch(format!(
+                    "address {want} is not allocated to this attachment"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -1278,3 +1278,78 @@ fn the_veth_made_while_the_agent_allocates_becomes_the_interface_it_answers_for(
     assert_eq!(left, ["lo"], "only the namespace's own loopback");
     assert_eq!(ports_of(&mut host, test_bridge), on_test);
 }
+
+/// CHECK of an ADD that made interfaces from the pod's `weft.dev/networks` annotation checks
+/// them too: an address gone from `net1` is a mismatch naming it and its Network.
+#[test]
+fn check_checks_the_interfaces_the_pod_s_annotation_made_too() {
+    let mut node = Node::new(Agent::Answers);
+    let mut host = Netlink::new().unwrap();
+    let other_bridge = host
+        .create_bridge("wn-other", Some(1500), None, None)
+        .unwrap();
+    host.set_up(other_bridge).unwrap();
+    let mut other = weft_dataplane::state::NetworkState::read(node.state_dir(), "test").unwrap();
+    other.name = "other".into();
+    other.bridge = "wn-other".into();
+    other.subnet_v4 = Some("10.78.0.0/16".parse().unwrap());
+    other.gateway_v4 = Some("10.78.0.1".parse().unwrap());
+    other.block_v4 = Some("10.78.0.0/24".parse().unwrap());
+    (other.subnet_v6, other.gateway_v6, other.block_v6) = (None, None, None);
+    other.exclude.clear();
+    other.write(node.state_dir()).unwrap();
+    let (_, ns_path) = node.workload();
+    let ns = ns_path.to_str().unwrap();
+    let mut env = env("two", ns, "eth0");
+    for (k, v) in env.iter_mut() {
+        if *k == "CNI_ARGS" {
+            *v = "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=two-nets";
+        }
+    }
+    let conf = node.conf("1.0.0");
+    let add = weft("ADD", &conf, &env);
+    assert!(add.ok, "{} {}", add.json, add.stderr);
+    let sandboxes: Vec<&str> = add.json["interfaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i.get("sandbox").is_some())
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(sandboxes, ["eth0", "net1"]);
+    let mut check_conf = conf.clone();
+    check_conf["prevResult"] = add.json.clone();
+    let check = weft("CHECK", &check_conf, &env);
+    assert!(check.ok, "{}", check.json);
+
+    let mut inner = Netlink::in_netns(&Netns::open(&ns_path).unwrap()).unwrap();
+    let net1 = inner.link_by_name("net1").unwrap().unwrap();
+    let on_net1 = inner.addresses(Some(net1.index)).unwrap();
+    let v4 = on_net1
+        .iter()
+        .find(|a| a.addr.addr().is_ipv4())
+        .expect("net1 has an IPv4 address")
+        .addr;
+    inner.del_address(net1.index, v4).unwrap();
+    let check = weft("CHECK", &check_conf, &env);
+    assert!(!check.ok, "{}", check.json);
+    assert_eq!(check.json["code"], 106, "{}", check.json);
+    let details = check.json["details"].as_str().unwrap();
+    assert!(
+        details.contains(&format!("address {v4} is missing on net1"))
+            && details.contains("interface net1 on Network other"),
+        "{details}"
+    );
+
+    let del = weft("DEL", &conf, &env);
+    assert!(del.ok, "{} {}", del.json, del.stderr);
+    assert!(!host_link_exists("two", "eth0"), "{}", del.stderr);
+    assert!(!host_link_exists("two", "net1"), "{}", del.stderr);
+    assert!(
+        IpamStore::open(node.state_dir(), "other")
+            .unwrap()
+            .list()
+            .unwrap()
+            .is_empty()
+    );
+}

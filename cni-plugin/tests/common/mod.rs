@@ -169,6 +169,8 @@ impl Node {
                             let reply = match line.split("\"name\":\"vm-launcher-").nth(1) {
                                 _ if refuses && line.contains("\"op\":\"register\"") => "{\"ok\":false,\"ready\":true,\"error\":\"host port 8080/tcp is already used on node n\"}\n".to_string(),
                                 _ if unknown && identity => "{\"ok\":false,\"ready\":true,\"error\":\"pod default/pod is not in the agent's cache yet\"}\n".to_string(),
+                                // Pod two-nets asks for Networks test and other (its annotation).
+                                _ if identity && line.contains("\"name\":\"two-nets\"") => "{\"ok\":true,\"ready\":true,\"networks\":\"test,other\"}\n".to_string(),
                                 // Detaching takes a real agent (rules, addresses, then the
                                 // link): the stand-in declines, as an older agent does, and the
                                 // CNI removes the attachment itself.

@@ -693,20 +693,21 @@ impl Related {
         out
     }
 
-    /// Whether the name is only another interface's child ([`Related::child_of`]): a DEL of it
-    /// (the runtime's, after an ADD of that name was refused) removes nothing, neither the
-    /// child's addresses nor its link, which shares the name's host link.
+    /// Whether the name is only another interface's child ([`Related::child_of`]): the
+    /// runtime's DEL of it (after its ADD of that name was refused) removes nothing, neither
+    /// the child's addresses nor its link, which shares the name's host link.
     pub fn is_anothers(&self) -> bool {
         self.owners.is_empty() && !self.child_of.is_empty()
     }
 
     /// The networks to detach the interface from: those that hold it, or `asked` (the
-    /// conflist's network; empty for none) when none does and the name is not another
-    /// interface's child ([`Related::is_anothers`]).
-    pub fn owners_or(&self, asked: &str) -> Vec<String> {
+    /// conflist's network, or the child's; empty for none) when none does. `runtimes`: the
+    /// runtime's DEL of this name (not the undo of an ADD, nor a parent's DEL of its child),
+    /// which leaves a name that is another interface's child alone ([`Related::is_anothers`]).
+    pub fn owners_or(&self, asked: &str, runtimes: bool) -> Vec<String> {
         if !self.owners.is_empty() {
             self.owners.clone()
-        } else if asked.is_empty() || self.is_anothers() {
+        } else if asked.is_empty() || (runtimes && self.is_anothers()) {
             Vec::new()
         } else {
             vec![asked.to_string()]

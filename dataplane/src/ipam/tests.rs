@@ -107,8 +107,10 @@ fn children_are_the_annotations_interfaces_of_one_interface_on_every_network() {
     let net1 = IpamStore::related(dir.path(), "c1", "net1");
     assert_eq!(net1.child_of, pairs(&[("lan", "eth0")]));
     assert!(net1.is_anothers());
-    assert!(net1.owners_or("lan").is_empty());
-    assert!(net1.owners_or("nat").is_empty());
+    assert!(net1.owners_or("lan", true).is_empty());
+    assert!(net1.owners_or("nat", true).is_empty());
+    // eth0's DEL (or the undo of its ADD) detaches its child from the child's network.
+    assert_eq!(net1.owners_or("lan", false), ["lan"]);
     assert!(!IpamStore::related(dir.path(), "c1", "net2").is_anothers());
     // Its name is not another ADD's to take on its network: the same interface asked for
     // with another parent (or none) is refused, with eth0's parentage it is found again.
@@ -132,10 +134,10 @@ fn children_are_the_annotations_interfaces_of_one_interface_on_every_network() {
     alloc("lan", "c1", "net1", Some("eth0"));
     let unknown = IpamStore::related(dir.path(), "c9", "eth0");
     assert_eq!(unknown, Related::default());
-    assert_eq!(unknown.owners_or("nat"), ["nat"]);
-    assert!(unknown.owners_or("").is_empty());
+    assert_eq!(unknown.owners_or("nat", true), ["nat"]);
+    assert!(unknown.owners_or("", true).is_empty());
     assert_eq!(
-        IpamStore::related(dir.path(), "c1", "eth0").owners_or("lan"),
+        IpamStore::related(dir.path(), "c1", "eth0").owners_or("lan", true),
         ["nat"],
         "the network that holds it, not the one asked for"
     );

@@ -572,8 +572,9 @@ async fn detach(
     // the network that holds it: the conflist's, unless the pod's annotation put it on another
     // (its first entry), which the DEL does not name.
     let related = server.attachments.related(container_id, ifname);
-    let own = related.owners_or(network);
-    let anothers = related.is_anothers();
+    // The runtime's DEL (with extras) of a name that is another interface's child leaves it.
+    let own = related.owners_or(network, with_extras);
+    let anothers = with_extras && related.is_anothers();
     let extras = if with_extras {
         related.children
     } else {
@@ -1153,7 +1154,7 @@ mod tests {
     /// A second runtime attachment of a pod (Multus's `net1`) whose name the ADD of `eth0` gave
     /// an interface of the pod's annotation: refused (code 107) before anything is allocated,
     /// and the runtime's DEL of it that follows touches nothing of eth0's `net1`, whichever
-    /// network it names; eth0's DEL takes it along.
+    /// network it names; the undo of eth0's ADD (not the runtime's DEL) takes it.
     #[tokio::test]
     async fn a_runtime_interface_under_a_name_the_annotation_gave_is_refused_and_its_del_leaves_it()
     {
@@ -1204,9 +1205,15 @@ mod tests {
             assert_eq!(kept.len(), 1);
             assert_eq!(kept[0].ips, b_net1, "eth0's net1 keeps its addresses");
         }
+        // Not the runtime's DEL (the undo of eth0's ADD, which names the child's network):
+        // the child goes.
+        let reply = detach(&server, "b", "c1", "net1", false).await;
+        assert!(reply.ok, "{reply:?}");
+        assert_eq!(unregistered(&mut rx), ["b/c1/net1"]);
+        assert_eq!(held(dir.path(), "b"), 0);
         let reply = detach(&server, "a", "c1", "eth0", true).await;
         assert!(reply.ok, "{reply:?}");
-        assert_eq!(unregistered(&mut rx), ["a/c1/eth0", "b/c1/net1"]);
+        assert_eq!(unregistered(&mut rx), ["a/c1/eth0"]);
         assert_eq!((held(dir.path(), "a"), held(dir.path(), "b")), (0, 0));
     }
 
