@@ -32,6 +32,8 @@ pub const REASON_IMMUTABLE: &str = "ImmutableFieldChanged";
 pub const REASON_SUBNET_OVERLAP: &str = "SubnetOverlap";
 /// The fix a `SubnetOverlap` message ends with: `spec.subnets` cannot change on a live Network
 /// (the API server refuses the edit), so the Network is made again, or the older one removed.
+/// How many overlaps a `SubnetOverlap` message names.
+const OVERLAPS_IN_MESSAGE: usize = 5;
 const OVERLAP_FIX: &str = "spec.subnets cannot change on a live Network: delete this Network and create it again with subnets that overlap no other Network's (or delete the older Network)";
 /// Reason: the PortForward's Network does not exist.
 pub const REASON_NETWORK_NOT_FOUND: &str = "NetworkNotFound";
@@ -184,12 +186,24 @@ pub fn networks<'a>(
                 name,
                 Some(Rejection {
                     reason: REASON_SUBNET_OVERLAP,
-                    message: format!("{}; {OVERLAP_FIX}", clashes.join("; ")),
+                    message: overlap_message(clashes),
                 }),
             );
         }
     }
     out
+}
+
+/// The message of a `SubnetOverlap` of `clashes` (one per overlap): a few of them and how many
+/// more, then the fix. A subnet over thousands of Networks' would otherwise make a message
+/// longer than a condition holds.
+fn overlap_message(mut clashes: Vec<String>) -> String {
+    let more = clashes.len().saturating_sub(OVERLAPS_IN_MESSAGE);
+    clashes.truncate(OVERLAPS_IN_MESSAGE);
+    if more > 0 {
+        clashes.push(format!("and {more} more overlaps with older Networks"));
+    }
+    format!("{}; {OVERLAP_FIX}", clashes.join("; "))
 }
 
 /// `namespace/name` of a PortForward.
@@ -397,6 +411,37 @@ mod tests {
         );
     }
 
+    /// A subnet over thousands of older Networks' names a few, and how many more: the message
+    /// stays within what a condition holds (32,768 characters).
+    #[test]
+    fn an_overlap_with_thousands_of_networks_names_a_few() {
+        let small: Vec<Network> = (0..5000)
+            .map(|i| {
+                net(
+                    &format!("n{i:04}"),
+                    &[&format!("10.{}.{}.0/24", i / 256, i % 256)],
+                    i,
+                )
+            })
+            .collect();
+        let big = net("big", &["10.0.0.0/8"], 10_000);
+        let v = networks(small.iter().chain([&big]));
+        let message = &v["big"].as_ref().unwrap().message;
+        assert!(message.len() < 1024, "{} characters", message.len());
+        assert!(
+            message.starts_with(
+                "spec.subnets[0]: 10.0.0.0/8 overlaps 10.0.0.0/24 of Network n0000, which is older; "
+            ),
+            "{message}"
+        );
+        assert!(
+            message.contains(
+                "; and 4995 more overlaps with older Networks; spec.subnets cannot change"
+            ),
+            "{message}"
+        );
+    }
+
     /// The verdicts as every subnet against every older accepted one would give them.
     fn networks_pairwise<'a>(
         networks: impl IntoIterator<Item = &'a Network>,
@@ -436,7 +481,7 @@ mod tests {
                     name,
                     Some(Rejection {
                         reason: REASON_SUBNET_OVERLAP,
-                        message: format!("{}; {OVERLAP_FIX}", clashes.join("; ")),
+                        message: overlap_message(clashes),
                     }),
                 );
             }
