@@ -340,7 +340,11 @@ fn add_here(conf: &Conf, env: &Env, ask: &Ask) -> Result<CniResult, CniError> {
         (Some(namespace), Some(name)) => identity(conf, namespace, name)?,
         _ => Identity::default(),
     };
-    let held = IpamStore::held(&conf.state_dir, &ask.container_id);
+    let held = if identity.networks.as_deref().is_some_and(|n| !n.is_empty()) {
+        IpamStore::held(&conf.state_dir, &ask.container_id)
+    } else {
+        Vec::new()
+    };
     let list = attachment::interfaces(ask, &identity, &held).map_err(ask_error)?;
     if let Some(network) = attachment::marked_default_route(&identity) {
         attachment::check_default_route(&read_network(conf, &network)?).map_err(ask_error)?;
@@ -1033,9 +1037,11 @@ fn del_one(
     kept: &mut Kept,
 ) -> Result<Option<Vec<proto::DetachedInterface>>, CniError> {
     let container_id = env.container_id()?;
-    // 1. A VM's tap, when the pod's namespace still exists.
+    // 1. A VM's tap, when the pod's namespace still exists (and the name is not another
+    // interface's child, whose tap it is: see step 3).
     // Never inside the node's own namespace (a CNI_NETNS of /proc/self/ns/net).
     if matches!(conf.attachment, AttachmentKind::Tap(_))
+        && !(with_extras && IpamStore::related(&conf.state_dir, container_id, ifname).is_anothers())
         && let Some(path) = env.netns.as_deref()
         && let Ok(ns) = Netns::open(Path::new(path))
         && matches!(ns.is_current(), Ok(false))

@@ -1279,11 +1279,8 @@ fn the_veth_made_while_the_agent_allocates_becomes_the_interface_it_answers_for(
     assert_eq!(ports_of(&mut host, test_bridge), on_test);
 }
 
-/// CHECK of an ADD that made interfaces from the pod's `weft.dev/networks` annotation checks
-/// them too: an address gone from `net1` is a mismatch naming it and its Network.
-#[test]
-fn check_checks_the_interfaces_the_pod_s_annotation_made_too() {
-    let mut node = Node::new(Agent::Answers);
+/// Network `other` beside the node's `test` (its bridge `wn-other`, IPv4 only).
+fn add_other_network(node: &Node) {
     let mut host = Netlink::new().unwrap();
     let other_bridge = host
         .create_bridge("wn-other", Some(1500), None, None)
@@ -1298,14 +1295,29 @@ fn check_checks_the_interfaces_the_pod_s_annotation_made_too() {
     (other.subnet_v6, other.gateway_v6, other.block_v6) = (None, None, None);
     other.exclude.clear();
     other.write(node.state_dir()).unwrap();
-    let (_, ns_path) = node.workload();
-    let ns = ns_path.to_str().unwrap();
-    let mut env = env("two", ns, "eth0");
+}
+
+/// The environment of pod `two-nets` (whose annotation, as the stand-in agent answers, asks
+/// for Networks `test` and `other`), container `cid`, interface `ifname`.
+fn two_nets_env<'a>(cid: &'a str, ns: &'a str, ifname: &'a str) -> Vec<(&'a str, &'a str)> {
+    let mut env = env(cid, ns, ifname);
     for (k, v) in env.iter_mut() {
         if *k == "CNI_ARGS" {
             *v = "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=two-nets";
         }
     }
+    env
+}
+
+/// CHECK of an ADD that made interfaces from the pod's `weft.dev/networks` annotation checks
+/// them too: an address gone from `net1` is a mismatch naming it and its Network.
+#[test]
+fn check_checks_the_interfaces_the_pod_s_annotation_made_too() {
+    let mut node = Node::new(Agent::Answers);
+    add_other_network(&node);
+    let (_, ns_path) = node.workload();
+    let ns = ns_path.to_str().unwrap();
+    let env = two_nets_env("two", ns, "eth0");
     let conf = node.conf("1.0.0");
     let add = weft("ADD", &conf, &env);
     assert!(add.ok, "{} {}", add.json, add.stderr);
@@ -1352,4 +1364,73 @@ fn check_checks_the_interfaces_the_pod_s_annotation_made_too() {
             .unwrap()
             .is_empty()
     );
+}
+
+/// A second runtime attachment of the pod (as Multus adds `net1`) under the name the pod's
+/// annotation gave eth0's interface on `other`: refused with code 107 before anything is made,
+/// and the runtime's DEL of it that follows leaves that interface whole (its link in the pod,
+/// its host veth, its addresses); eth0's DEL then removes it.
+#[test]
+fn a_second_attachment_under_a_name_the_annotation_gave_is_refused_and_its_del_leaves_it() {
+    let mut node = Node::new(Agent::Answers);
+    add_other_network(&node);
+    let (_, ns_path) = node.workload();
+    let ns = ns_path.to_str().unwrap();
+    let conf = node.conf("1.0.0");
+    let add = weft("ADD", &conf, &two_nets_env("multi", ns, "eth0"));
+    assert!(add.ok, "{} {}", add.json, add.stderr);
+    let held = |network: &str| {
+        IpamStore::open(node.state_dir(), network)
+            .unwrap()
+            .list()
+            .unwrap()
+    };
+    let child = held("other");
+    assert_eq!(child.len(), 1);
+    let mut inner = Netlink::in_netns(&Netns::open(&ns_path).unwrap()).unwrap();
+    let pod_net1 = inner.link_by_name("net1").unwrap().unwrap();
+    let host_net1 = Netlink::new()
+        .unwrap()
+        .link_by_name(&names::host_veth_name("multi", "net1"))
+        .unwrap()
+        .unwrap();
+
+    for network in ["other", "test"] {
+        let mut second = conf.clone();
+        second["network"] = json!(network);
+        let env = two_nets_env("multi", ns, "net1");
+        let refused = weft("ADD", &second, &env);
+        assert!(!refused.ok, "{}", refused.json);
+        assert_eq!(refused.json["code"], 107, "{}", refused.json);
+        assert!(
+            refused.json["details"]
+                .as_str()
+                .unwrap()
+                .contains("interface net1 of container multi is already attached to Network other"),
+            "{}",
+            refused.json
+        );
+        let del = weft("DEL", &second, &env);
+        assert!(del.ok, "{} {}", del.json, del.stderr);
+        assert_eq!(held("other"), child, "net1 keeps its addresses");
+        assert_eq!(held("test").len(), 1, "eth0 keeps its addresses");
+        assert_eq!(
+            inner.link_by_name("net1").unwrap().map(|l| l.index),
+            Some(pod_net1.index),
+            "net1 stays in the pod"
+        );
+        assert_eq!(
+            Netlink::new()
+                .unwrap()
+                .link_by_name(&names::host_veth_name("multi", "net1"))
+                .unwrap()
+                .map(|l| l.index),
+            Some(host_net1.index),
+            "its host veth stays"
+        );
+    }
+    let del = weft("DEL", &conf, &two_nets_env("multi", ns, "eth0"));
+    assert!(del.ok, "{} {}", del.json, del.stderr);
+    assert!(!host_link_exists("multi", "net1"));
+    assert!(held("other").is_empty() && held("test").is_empty());
 }

@@ -597,16 +597,15 @@ mod tests {
                 ("c".into(), "net2".into())
             ]
         );
-        // Another runtime interface (net9, attached before) keeps its name from eth0's extras.
-        let mut with_net9 = first.to_vec();
-        with_net9.push(held("d", "net9", None));
-        with_net9.push(held("b", "net3", Some("net9")));
-        let names: Vec<String> = interfaces(&ask(), &annotated, &with_net9)
+        // Another runtime interface (net1, attached first) and its child (net3) keep their
+        // names: eth0's extras skip them.
+        let before = [held("d", "net1", None), held("b", "net3", Some("net1"))];
+        let names: Vec<String> = interfaces(&ask(), &annotated, &before)
             .unwrap()
             .into_iter()
             .map(|i| i.ifname)
             .collect();
-        assert_eq!(names, ["eth0", "net1", "net2"]);
+        assert_eq!(names, ["eth0", "net2", "net4"]);
     }
 
     #[test]

@@ -138,7 +138,13 @@ impl Attachments {
         identity: &Identity,
         wait: bool,
     ) -> Result<Vec<(Attached, Endpoint)>, AllocFailure> {
-        let held = IpamStore::held(&self.state_dir, &ask.container_id);
+        // Only an annotation makes several interfaces of one ADD, whose names may meet those of
+        // the pod's other attachments: without one, no store is read for them.
+        let held = if identity.networks.as_deref().is_some_and(|n| !n.is_empty()) {
+            IpamStore::held(&self.state_dir, &ask.container_id)
+        } else {
+            Vec::new()
+        };
         let list = attachment::interfaces(ask, identity, &held)?;
         if let Some(network) = attachment::marked_default_route(identity) {
             attachment::check_default_route(&self.network(&network)?)?;

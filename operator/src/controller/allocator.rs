@@ -440,48 +440,48 @@ fn allocate_at_most<'a, S: Current>(
         networks: Vec::new(),
         problems: BTreeMap::new(),
     };
-    let has_block = |k: usize, network: &str| {
-        nodes
-            .get(k)
-            .and_then(|(_, _, c)| c.as_ref())
-            .is_some_and(|c| c.find(network).is_some())
+    let has_block = |claims: &Option<Claims>, network: &str| {
+        claims.as_ref().is_some_and(|c| c.find(network).is_some())
     };
-    // The nodes each Network selects (indexes into `nodes`), and per node the Networks that
-    // keep the block they have there.
-    let selections: Vec<Vec<u32>> = networks
+    // Per node, the Networks that keep the block they have there: its entries of Networks that
+    // still select it.
+    let mut taken: Vec<usize> = nodes
         .iter()
-        .map(|net| {
-            nodes
-                .iter()
-                .enumerate()
-                .filter(|(_, (_, n, _))| selects(&net.spec, n))
-                .filter_map(|(k, _)| u32::try_from(k).ok())
-                .collect()
+        .map(|(_, node, claims)| {
+            let Some(c) = claims else { return 0 };
+            let mut names: Vec<&str> = c.blocks.entries().iter().map(|e| &*e.network).collect();
+            names.sort_unstable();
+            names.dedup();
+            names
+                .into_iter()
+                .filter(|n| {
+                    networks
+                        .binary_search_by(|net| name_of(net).cmp(n))
+                        .ok()
+                        .and_then(|i| networks.get(i))
+                        .is_some_and(|net| selects(&net.spec, node))
+                })
+                .count()
         })
         .collect();
-    let mut taken = vec![0usize; nodes.len()];
-    for (net, selection) in networks.iter().zip(&selections) {
-        for &k in selection {
-            let k = k as usize;
-            if has_block(k, name_of(net))
-                && let Some(t) = taken.get_mut(k)
-            {
-                *t += 1;
-            }
-        }
-    }
-    for (net, selection) in networks.into_iter().zip(selections) {
+    for net in networks {
         let name = name_of(net);
+        // The selected nodes, each with whether it takes a new place among its node's
+        // Networks (given back below if it gets no block).
         let mut selected: Vec<&(u32, &NodeInfo, Option<Claims>)> = Vec::new();
+        let mut new_place: Vec<Option<usize>> = Vec::new();
         let mut full = Vec::new();
-        for k in selection {
-            let k = k as usize;
-            let Some(node) = nodes.get(k) else { continue };
-            if has_block(k, name) {
+        for (k, node) in nodes.iter().enumerate() {
+            if !selects(&net.spec, node.1) {
+                continue;
+            }
+            if has_block(&node.2, name) {
                 selected.push(node);
+                new_place.push(None);
             } else if let Some(t) = taken.get_mut(k).filter(|t| **t < per_node) {
                 *t += 1;
                 selected.push(node);
+                new_place.push(Some(k));
             } else {
                 full.push(node.1.name.as_str());
             }
@@ -509,6 +509,8 @@ fn allocate_at_most<'a, S: Current>(
             name: Arc::from(name),
             families: [None, None],
         };
+        // Per selected node: whether it got a block of either family.
+        let mut got = vec![false; selected.len()];
         for (fi, family) in families.into_iter().enumerate() {
             let Some(family) = family else { continue };
             let mut used = BTreeSet::new();
@@ -564,15 +566,23 @@ fn allocate_at_most<'a, S: Current>(
                 nodes: Vec::new(),
                 indexes: Indexes::Small(Vec::new()),
             };
-            for ((position, _, _), index) in selected.iter().zip(chosen) {
+            for (k, ((position, _, _), index)) in selected.iter().zip(chosen).enumerate() {
                 if let Some(i) = index {
                     fb.nodes.push(*position);
                     fb.indexes.push(i);
+                    got[k] = true;
                 }
             }
             fb.nodes.shrink_to_fit();
             fb.indexes.shrink_to_fit();
             blocks.families[fi] = Some(fb);
+        }
+        // A place taken for a block the Network could not give (its subnet is exhausted) goes
+        // back to the node, for the Networks after it.
+        for (place, got) in new_place.into_iter().zip(got) {
+            if let Some(t) = place.filter(|_| !got).and_then(|k| taken.get_mut(k)) {
+                *t = t.saturating_sub(1);
+            }
         }
         if blocks
             .families
@@ -767,6 +777,32 @@ mod tests {
                 ["blocks"]["maxItems"],
             serde_json::json!(MAX_NODE_BLOCKS)
         );
+    }
+
+    /// A Network whose subnet has no block left for a node gives its place on the node back:
+    /// the Networks after it get it.
+    #[test]
+    fn a_network_without_a_block_for_a_node_leaves_its_place_to_the_next() {
+        let aa = net("aa", &["10.9.0.0/26"], Some(26)); // one block: n1's
+        let bb = net("bb", &["10.2.0.0/24"], None);
+        let got = allocate_at_most(
+            [&aa, &bb],
+            &nodes(&["n1", "n2"]),
+            &BTreeMap::<String, NodeNetworkSpec>::new(),
+            1,
+        );
+        assert_eq!(
+            got.blocks_of("aa"),
+            [("n1".into(), vec!["10.9.0.0/26".into()])]
+        );
+        assert_eq!(got.blocks_of("bb").len(), 1);
+        assert_eq!(got.blocks_of("bb")[0].0, "n2");
+        assert!(
+            got.problems["aa"][0]
+                .starts_with("subnet 10.9.0.0/26 has no free /26 block left for node n2")
+        );
+        assert_eq!(got.problems["bb"].len(), 1);
+        assert!(got.problems["bb"][0].starts_with("no block for node n1:"));
     }
 
     /// A NodeNetwork spec claiming IPv4 block `cidr` of Network `blue`.

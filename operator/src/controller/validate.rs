@@ -30,10 +30,10 @@ pub const REASON_INVALID: &str = "Invalid";
 pub const REASON_IMMUTABLE: &str = "ImmutableFieldChanged";
 /// Reason: a subnet overlaps an older Network's.
 pub const REASON_SUBNET_OVERLAP: &str = "SubnetOverlap";
-/// The fix a `SubnetOverlap` message ends with: `spec.subnets` cannot change on a live Network
-/// (the API server refuses the edit), so the Network is made again, or the older one removed.
 /// How many overlaps a `SubnetOverlap` message names.
 const OVERLAPS_IN_MESSAGE: usize = 5;
+/// The fix a `SubnetOverlap` message ends with: `spec.subnets` cannot change on a live Network
+/// (the API server refuses the edit), so the Network is made again, or the older one removed.
 const OVERLAP_FIX: &str = "spec.subnets cannot change on a live Network: delete this Network and create it again with subnets that overlap no other Network's (or delete the older Network)";
 /// Reason: the PortForward's Network does not exist.
 pub const REASON_NETWORK_NOT_FOUND: &str = "NetworkNotFound";
