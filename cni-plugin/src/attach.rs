@@ -340,11 +340,11 @@ fn add_here(conf: &Conf, env: &Env, ask: &Ask) -> Result<CniResult, CniError> {
         (Some(namespace), Some(name)) => identity(conf, namespace, name)?,
         _ => Identity::default(),
     };
-    let held = if identity.networks.as_deref().is_some_and(|n| !n.is_empty()) {
-        IpamStore::held(&conf.state_dir, &ask.container_id)
-    } else {
-        Vec::new()
-    };
+    let held = IpamStore::held(
+        &conf.state_dir,
+        &ask.container_id,
+        attachment::store_not_to_read(ask, &identity),
+    );
     let list = attachment::interfaces(ask, &identity, &held).map_err(ask_error)?;
     if let Some(network) = attachment::marked_default_route(&identity) {
         attachment::check_default_route(&read_network(conf, &network)?).map_err(ask_error)?;

@@ -269,6 +269,19 @@ pub fn interfaces(
     Ok(out)
 }
 
+/// The store of the ADD's Network that [`interfaces`] needs no look at (`held` may leave it
+/// out, [`crate::ipam::IpamStore::held`]): without an annotation the ADD makes one interface,
+/// on the configuration's Network, whose store refuses the name itself when another ADD's
+/// interface holds it there ([`crate::ipam::IpamError::InterfaceTaken`]). A node with one
+/// Network then reads no store for it.
+pub fn store_not_to_read<'a>(ask: &'a Ask, identity: &Identity) -> Option<&'a str> {
+    let annotated = identity
+        .networks
+        .as_deref()
+        .is_some_and(|n| !n.trim().is_empty());
+    ask.network.as_deref().filter(|_| !annotated)
+}
+
 /// The Network the pod's annotation marks `defaultRoute`, if it marks one.
 pub fn marked_default_route(identity: &Identity) -> Option<String> {
     let list = proto::parse_networks_annotation(identity.networks.as_deref()?).ok()?;

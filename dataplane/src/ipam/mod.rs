@@ -769,11 +769,14 @@ impl IpamStore {
         out
     }
 
-    /// Every interface container `container_id` holds, on every network under `state_dir`, by
-    /// network. A store that cannot be read is skipped.
-    pub fn held(state_dir: &Path, container_id: &str) -> Vec<Held> {
+    /// Every interface container `container_id` holds, on every network under `state_dir` but
+    /// `skip`, by network. A store that cannot be read is skipped.
+    pub fn held(state_dir: &Path, container_id: &str, skip: Option<&str>) -> Vec<Held> {
         let mut out = Vec::new();
         for network in Self::networks(state_dir) {
+            if skip == Some(network.as_str()) {
+                continue;
+            }
             let Ok(store) = Self::open(state_dir, &network) else {
                 continue;
             };
@@ -801,7 +804,7 @@ impl IpamStore {
     /// annotation), and where the name is another interface's child. A store that cannot be
     /// read is skipped.
     pub fn related(state_dir: &Path, container_id: &str, ifname: &str) -> Related {
-        Related::of(&Self::held(state_dir, container_id), ifname)
+        Related::of(&Self::held(state_dir, container_id, None), ifname)
     }
 
     /// `(network, ifname)` of every allocation under `state_dir`, on any network, of container

@@ -138,13 +138,11 @@ impl Attachments {
         identity: &Identity,
         wait: bool,
     ) -> Result<Vec<(Attached, Endpoint)>, AllocFailure> {
-        // Only an annotation makes several interfaces of one ADD, whose names may meet those of
-        // the pod's other attachments: without one, no store is read for them.
-        let held = if identity.networks.as_deref().is_some_and(|n| !n.is_empty()) {
-            IpamStore::held(&self.state_dir, &ask.container_id)
-        } else {
-            Vec::new()
-        };
+        let held = IpamStore::held(
+            &self.state_dir,
+            &ask.container_id,
+            attachment::store_not_to_read(ask, identity),
+        );
         let list = attachment::interfaces(ask, identity, &held)?;
         if let Some(network) = attachment::marked_default_route(identity) {
             attachment::check_default_route(&self.network(&network)?)?;
@@ -1190,7 +1188,12 @@ mod tests {
                 .unwrap()
                 .unwrap_err();
             assert_eq!(e.code, weft_dataplane::codes::IFNAME_TAKEN, "{e:?}");
-            assert!(e.details.contains("Network b"), "{e:?}");
+            assert!(
+                e.details
+                    .to_lowercase()
+                    .contains("network b by the add of interface eth0"),
+                "{e:?}"
+            );
             assert_eq!(
                 (
                     held(dir.path(), "a"),
