@@ -47,6 +47,10 @@ pub struct SysctlPlan {
     /// TCP tracking off for a SYN proxy); forwarding, which other software on a node relies on
     /// once on, stays.
     pub restore: bool,
+    /// A kernel without the parameter (the module that has it is not loaded) is no apply
+    /// error: it is left unset, and whoever needs it checks and says so (the agent's
+    /// br_netfilter check).
+    pub absent_ok: bool,
 }
 
 /// The folder of the state directory that holds, per sysctl set with
@@ -282,8 +286,11 @@ fn apply_sysctls(
                 state::write_atomic(&record, before.as_bytes()).map_err(ApplyError::State)?;
             }
         }
-        if sysctls.set(&s.key, &s.value)? {
-            report.changes.push(format!("sysctl {}={}", s.key, s.value));
+        match sysctls.set(&s.key, &s.value) {
+            Ok(true) => report.changes.push(format!("sysctl {}={}", s.key, s.value)),
+            Ok(false) => {}
+            Err(ApplyError::Sysctl { source, .. }) if s.absent_ok && source.is_not_found() => {}
+            Err(e) => return Err(e),
         }
     }
     restore_sysctls(
@@ -1372,11 +1379,24 @@ impl Links for FakeLinks {
 pub struct FakeSysctls {
     /// Current values.
     pub values: std::collections::BTreeMap<String, String>,
+    /// Keys the kernel does not have (their module is not loaded): setting one fails.
+    pub absent: std::collections::BTreeSet<String>,
 }
 
 #[cfg(any(test, feature = "testing"))]
 impl Sysctls for FakeSysctls {
     fn set(&mut self, key: &str, value: &str) -> Result<bool, ApplyError> {
+        if self.absent.contains(key) {
+            return Err(ApplyError::Sysctl {
+                key: key.to_string(),
+                source: crate::sysctl::SysctlError::Write {
+                    key: key.to_string(),
+                    path: key.into(),
+                    value: value.to_string(),
+                    source: std::io::ErrorKind::NotFound.into(),
+                },
+            });
+        }
         let old = self.values.insert(key.to_string(), value.to_string());
         Ok(old.as_deref() != Some(value))
     }
@@ -1440,6 +1460,7 @@ mod tests {
                 key: "net.ipv4.ip_forward".into(),
                 value: "1".into(),
                 restore: false,
+                absent_ok: false,
             }],
             firewall: table(elements, rule),
             guard: None,
@@ -1495,6 +1516,37 @@ mod tests {
         }
     }
 
+    /// A sysctl the kernel lacks (br_netfilter not loaded) is no apply error when the plan says
+    /// so: the rest of the plan is applied; any other missing sysctl fails the apply.
+    #[test]
+    fn a_sysctl_the_kernel_lacks_is_skipped_when_absent_is_fine() {
+        const BRNF: &str = "net.bridge.bridge-nf-call-iptables";
+        let with = |absent_ok: bool| {
+            let mut p = plan(&[], "accept", &[]);
+            p.sysctls.push(SysctlPlan {
+                key: BRNF.into(),
+                value: "1".into(),
+                restore: false,
+                absent_ok,
+            });
+            p
+        };
+        let mut node = Node::new();
+        node.sysctls.absent.insert(BRNF.into());
+        node.apply(&with(true));
+        assert_eq!(node.sysctls.values["net.ipv4.ip_forward"], "1");
+        assert!(!node.sysctls.values.contains_key(BRNF));
+        let e = apply(
+            &with(false),
+            &mut node.links,
+            &mut node.fw,
+            &mut node.sysctls,
+            node.dir.path(),
+        )
+        .unwrap_err();
+        assert!(matches!(e, ApplyError::Sysctl { .. }), "{e:?}");
+    }
+
     #[test]
     fn a_sysctl_to_restore_goes_back_to_its_value_before_weft_when_no_plan_names_it() {
         const LOOSE: &str = "net.netfilter.nf_conntrack_tcp_loose";
@@ -1504,6 +1556,7 @@ mod tests {
                 key: LOOSE.into(),
                 value: "0".into(),
                 restore,
+                absent_ok: false,
             });
             p
         };

@@ -15,7 +15,9 @@ use weft_dataplane::proto::Endpoint;
 use weft_operator::agent::endpoints::EndpointStore;
 use weft_operator::agent::install::CniInstall;
 use weft_operator::agent::plan::NodeContext;
-use weft_operator::agent::{AgentConfig, apply_blocking, check_blocking, compute, realized_blocks};
+use weft_operator::agent::{
+    AgentConfig, apply_blocking, bridge_netfilter_problem, check_blocking, compute, realized_blocks,
+};
 use weft_operator::model::{NodeBlocks, Resources, parse_manifests};
 
 fn isolate() {
@@ -81,6 +83,50 @@ fn nft_list() -> String {
         .output()
         .expect("nft (install nftables)");
     String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// br_netfilter's switches (traffic between two ports of a bridge meets the policies only
+/// through it): while one is off the agent's check names it, and a full apply of a plan with a
+/// bridge turns it on.
+#[test]
+fn a_full_apply_turns_br_netfilter_on_and_the_check_names_a_switch_that_is_off() {
+    isolate();
+    let state = tempfile::tempdir().unwrap();
+    let cfg = config(state.path());
+    const V6: &str = "net.bridge.bridge-nf-call-ip6tables";
+    weft_dataplane::sysctl::set(V6, "0").unwrap();
+    let problem = bridge_netfilter_problem("node-a").expect("a switch is off");
+    assert!(
+        problem.contains(
+            "br_netfilter is off on node node-a (net.bridge.bridge-nf-call-ip6tables is 0)"
+        ),
+        "{problem}"
+    );
+    let plan = compute(
+        &cfg,
+        &resources(TWO),
+        &EndpointStore::default(),
+        &BTreeMap::new(),
+    )
+    .plan;
+    let report = apply_blocking(&plan, None, state.path()).unwrap();
+    assert!(
+        report
+            .changes
+            .iter()
+            .any(|c| c == &format!("sysctl {V6}=1")),
+        "{:?}",
+        report.changes
+    );
+    assert_eq!(weft_dataplane::sysctl::get(V6).unwrap().trim(), "1");
+    assert_eq!(bridge_netfilter_problem("node-a"), None);
+    cleanup(
+        &mut Netlink::new().unwrap(),
+        &mut NftCli::default(),
+        &mut ProcSysctls,
+        state.path(),
+    )
+    .unwrap();
 }
 
 #[test]

@@ -300,6 +300,32 @@ pub(crate) fn at_once<T>(f: impl Fn(bool) -> Result<T, Busy>) -> T {
     }
 }
 
+/// What keeps the policies from the traffic between two ports of a bridge on this node (node
+/// `node`), if anything: such traffic meets the `inet` policy chains through br_netfilter
+/// only, which must be loaded with its IPv4 and IPv6 switches on
+/// ([`plan::BRIDGE_NETFILTER_SYSCTLS`], which the plan sets).
+pub fn bridge_netfilter_problem(node: &str) -> Option<String> {
+    let mut off = Vec::new();
+    for key in plan::BRIDGE_NETFILTER_SYSCTLS {
+        match weft_dataplane::sysctl::get(key) {
+            Ok(v) if v.trim() == "1" => {}
+            Ok(v) => off.push(format!("{key} is {}", v.trim())),
+            Err(e) if e.is_not_found() => {
+                return Some(format!(
+                    "the br_netfilter module is not loaded on node {node} (there is no {key}): traffic between workloads on the same bridge passes no policy; load it (modprobe br_netfilter, and name it in /etc/modules-load.d/ for the next boot), and weft turns it on at its next full pass"
+                ));
+            }
+            Err(e) => off.push(format!("{key} cannot be read ({e})")),
+        }
+    }
+    (!off.is_empty()).then(|| {
+        format!(
+            "br_netfilter is off on node {node} ({}): traffic between workloads on the same bridge passes no policy of that family; weft turns it on at its next full pass, unless something on the node keeps turning it off",
+            off.join(", ")
+        )
+    })
+}
+
 /// Runs `f` with this node's real links, nftables and sysctls.
 fn with_kernel<T>(
     f: impl FnOnce(&mut Netlink, &mut NftCli, &mut ProcSysctls) -> Result<T, ApplyError>,
@@ -470,6 +496,9 @@ struct Reconciler {
     ready: Arc<AtomicBool>,
     status: AgentStatus,
     last_problems: Vec<String>,
+    /// What keeps the policies from the traffic between two ports of a bridge here (see
+    /// [`bridge_netfilter_problem`]), as the last pass that was not a registration's found.
+    bridge_netfilter: Option<String>,
     networks: Vec<String>,
     /// The plan last applied, what it was computed from, and whether it was applied: a
     /// registration changes it in place, or needs no kernel work when it does not change it
@@ -775,6 +804,35 @@ impl Reconciler {
             self.status.audit = a.clone();
         }
         self.status.problems = problems;
+        // Without br_netfilter no policy sees the traffic between two ports of a bridge: every
+        // policy enforced here says so, and the node. Looked at again by every pass but a
+        // registration's.
+        if reason != Trigger::Endpoints {
+            let now = (!out.plan.bridges.is_empty())
+                .then(|| bridge_netfilter_problem(&self.cfg.node.name))
+                .flatten();
+            if let Some(p) = now
+                .as_ref()
+                .filter(|p| self.bridge_netfilter.as_ref() != Some(*p))
+            {
+                warn!(problem = %p, "policies not enforced on the bridges");
+            }
+            self.bridge_netfilter = now;
+        }
+        if let Some(p) = &self.bridge_netfilter {
+            self.status.problems.push(p.clone());
+            for (policy, _) in out.policy.applies_to.iter().filter(|(_, n)| **n > 0) {
+                let e = self
+                    .status
+                    .policy_problems
+                    .entry(policy.clone())
+                    .or_default();
+                if !e.is_empty() {
+                    e.push_str("; ");
+                }
+                e.push_str(p);
+            }
+        }
         self.networks = out.plan.networks.iter().map(|n| n.name.clone()).collect();
         // Mirrors change with the resources and the endpoints; their task applies them. (The
         // endpoints are lent, not copied, to the shaping, the publication and the workload
@@ -1193,6 +1251,7 @@ pub async fn run(
         ready,
         status: AgentStatus::default(),
         last_problems: Vec::new(),
+        bridge_netfilter: None,
         networks: Vec::new(),
         applied: None,
         resources: None,
