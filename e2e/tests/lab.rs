@@ -451,6 +451,7 @@ workloads:
   - {name: web, node: node-a, labels: {app: web}, networks: [lan], listen: [80/tcp]}
   - {name: db, node: node-a, labels: {app: db}, networks: [lan], listen: [5432/tcp]}
   - {name: other, node: node-b, labels: {app: other}, networks: [lan], listen: [80/tcp]}
+  - {name: stranger, node: node-a, labels: {app: stranger}, networks: [lan]}
 expect:
   - {from: web, to: outside, port: 80, family: ipv6, result: allow, sourceSeenAs: self}
   - {from: node-a, to: outside, port: 80, family: ipv6, result: allow}
@@ -459,6 +460,12 @@ expect:
   - {from: other, to: db, port: 5432, result: deny}
   - {from: outside, to: db, port: 5432, result: deny}
   - {from: other, to: web, port: 80, family: ipv6, result: allow}
+  # Link-local addresses are the workloads' too: the policy judges them alike, on the node and
+  # across the LAN.
+  - {from: web, to: db, port: 5432, family: ipv6, linkLocal: true, result: allow}
+  - {from: other, to: db, port: 5432, family: ipv6, linkLocal: true, result: deny}
+  - {from: stranger, to: db, port: 5432, family: ipv6, linkLocal: true, result: deny}
+  - {from: other, to: web, port: 80, family: ipv6, linkLocal: true, result: allow}
 "#;
 
 #[test]

@@ -184,6 +184,11 @@ pub struct Expectation {
     /// source's node), `self` (the source's own address) or a literal address.
     #[serde(default)]
     pub source_seen_as: Option<String>,
+    /// Between two pods: to `to`'s IPv6 link-local address on a network both are attached to,
+    /// through `from`'s interface there (with `family: ipv6`, TCP or UDP). Policies judge
+    /// link-local traffic by the workloads' identity, as their other addresses'.
+    #[serde(default)]
+    pub link_local: bool,
     /// Send with a forged identity (anti-spoofing): exactly one of `ip`, `mac`, `arp`.
     #[serde(default)]
     pub spoof: Option<Spoof>,
@@ -718,6 +723,28 @@ impl LabFile {
                 errors.push(format!(
                     "expect[{i}].atStart: only between workloads and outside, not nodes"
                 ));
+            }
+            if e.link_local {
+                let pod = |n: &str| self.workloads.iter().any(|w| w.name == n && w.kind != "VM");
+                if e.family != Family::Ipv6 || e.is_icmp() {
+                    errors.push(format!(
+                        "expect[{i}].linkLocal: needs family: ipv6 and protocol tcp or udp"
+                    ));
+                }
+                if !pod(&e.from) || !pod(&e.to) {
+                    errors.push(format!(
+                        "expect[{i}].linkLocal: from and to must be pods (a VM's guest interface is not the lab's to read)"
+                    ));
+                }
+                if e.at_start
+                    || e.spoof.is_some()
+                    || e.flood.is_some()
+                    || e.source_seen_as.is_some()
+                {
+                    errors.push(format!(
+                        "expect[{i}].linkLocal: does not combine with atStart, spoof, flood or sourceSeenAs"
+                    ));
+                }
             }
             if e.family == Family::Ipv6 && self.lan.gateway6.is_none() {
                 errors.push(format!(

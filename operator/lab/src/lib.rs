@@ -425,7 +425,11 @@ fn check_expectations(
     }
     println!("\nexpectations:");
     for (i, e) in lab.spec.expect.iter().enumerate() {
-        let fam = if e.family == Family::Ipv6 { "v6" } else { "v4" };
+        let fam = match (e.family, e.link_local) {
+            (Family::Ipv6, true) => "v6 link-local",
+            (Family::Ipv6, false) => "v6",
+            _ => "v4",
+        };
         let label = format!(
             "{} -> {} {} {}{}{}{}{}",
             e.from,
@@ -457,14 +461,28 @@ fn check_expectations(
                 .map(|s| format!(" {}", s.describe()))
                 .unwrap_or_default()
         );
-        let Some(target) = address_of(
-            &view.spec,
-            view.res,
-            &view.members,
-            &e.to,
-            Some(&e.from),
-            e.family,
-        ) else {
+        let link_local = if e.link_local {
+            match lab.link_local_target(&e.from, &e.to) {
+                Ok(a) => Some(a),
+                Err(err) => {
+                    println!("  FAIL  {label}: {err:#}");
+                    all_ok = false;
+                    continue;
+                }
+            }
+        } else {
+            None
+        };
+        let Some(target) = link_local.map(|a| IpAddr::V6(*a.ip())).or_else(|| {
+            address_of(
+                &view.spec,
+                view.res,
+                &view.members,
+                &e.to,
+                Some(&e.from),
+                e.family,
+            )
+        }) else {
             println!("  FAIL  {label}: {} has no {fam} address", e.to);
             all_ok = false;
             continue;
@@ -525,10 +543,23 @@ fn check_expectations(
                 flood_started = Some(started);
             }
             // Repeated probes: the earlier ones only count against a brute-force guard.
+            let probe = || match link_local {
+                Some(mut a) => {
+                    a.set_port(e.port);
+                    Ok(probe::probe_addr(
+                        &lab.ns_of(&e.from)?,
+                        None,
+                        a.into(),
+                        e.protocol == "udp",
+                        Duration::from_millis(1500),
+                    ))
+                }
+                None => probe_for(lab, e, target),
+            };
             for _ in 1..e.repeat {
-                probe_for(lab, e, target)?;
+                probe()?;
             }
-            probe_for(lab, e, target)?
+            probe()?
         };
         let copies: Vec<(String, usize)> = captures
             .into_iter()
@@ -671,10 +702,12 @@ fn check_expectations(
             }
             counted_line = Some(format!("          counted: {counted} policy drop(s)"));
         }
+        // (An audit record names the link-local addresses, which the trace does not know.)
         if let Some(t) = &traced
             && !t.decision.allowed
             && !got.allowed()
             && e.spoof.is_none()
+            && !e.link_local
             && note.is_none()
             && let Some(found) = audit_record_for(lab, view, t)
         {

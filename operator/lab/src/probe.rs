@@ -156,11 +156,22 @@ pub fn probe_from(
     udp: bool,
     timeout: Duration,
 ) -> ProbeResult {
-    let addr = SocketAddr::new(target, port);
+    probe_addr(ns, source, SocketAddr::new(target, port), udp, timeout)
+}
+
+/// Probes `addr` (with its scope, for a link-local address) from inside `ns`, from the address
+/// `source` if given.
+pub fn probe_addr(
+    ns: &Netns,
+    source: Option<IpAddr>,
+    addr: SocketAddr,
+    udp: bool,
+    timeout: Duration,
+) -> ProbeResult {
     if udp {
         let bind: SocketAddr = match source {
             Some(s) => (s, 0).into(),
-            None if target.is_ipv4() => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+            None if addr.is_ipv4() => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
             None => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
         };
         let sock = match netns::run_in(ns, move || UdpSocket::bind(bind)) {

@@ -1277,6 +1277,47 @@ impl Lab {
         )
     }
 
+    /// Pod `to`'s IPv6 link-local address on a network that pod `from` is attached to as well,
+    /// with the index of `from`'s interface there (the address's scope): read from their
+    /// namespaces, as the kernel made the address (from the interface's MAC).
+    pub fn link_local_target(
+        &self,
+        from: &str,
+        to: &str,
+    ) -> anyhow::Result<std::net::SocketAddrV6> {
+        let attachments = self
+            .attachments
+            .lock()
+            .map_err(|_| anyhow::anyhow!("lab attachments poisoned"))?
+            .clone();
+        let of = |w: &str| attachments.get(w).cloned().unwrap_or_default();
+        let (theirs, mine) = of(to)
+            .into_iter()
+            .find_map(|(network, ifname)| {
+                let mine = of(from).into_iter().find(|(n, _)| *n == network)?;
+                Some((ifname, mine.1))
+            })
+            .with_context(|| format!("{from} and {to} share no network"))?;
+        let mut source = Netlink::entering(&self.workload_ns(from)?)?;
+        let scope = source
+            .link_by_name(&mine)?
+            .with_context(|| format!("{from} has no {mine}"))?
+            .index;
+        let mut target = Netlink::entering(&self.workload_ns(to)?)?;
+        let link = target
+            .link_by_name(&theirs)?
+            .with_context(|| format!("{to} has no {theirs}"))?;
+        let address = target
+            .addresses(Some(link.index))?
+            .into_iter()
+            .find_map(|a| match a.addr.addr() {
+                IpAddr::V6(v6) if v6.is_unicast_link_local() => Some(v6),
+                _ => None,
+            })
+            .with_context(|| format!("{to}'s {theirs} has no link-local address"))?;
+        Ok(std::net::SocketAddrV6::new(address, 0, 0, scope))
+    }
+
     /// Each workload's addresses per network.
     pub fn addresses(&self) -> Addresses {
         self.addresses.lock().map(|a| a.clone()).unwrap_or_default()

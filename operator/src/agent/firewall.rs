@@ -236,6 +236,16 @@ pub struct Limited {
     pub limits: ConnectionLimits,
 }
 
+/// The ICMPv6 messages of the link itself (neighbour and router discovery, redirects, multicast
+/// listener discovery), which workloads send from their link-local addresses and no policy
+/// judges: the guard table vets those of a workload's port.
+pub const LINK_ICMPV6: &str = "{ mld-listener-query, mld-listener-report, mld-listener-done, nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect, mld2-listener-report }";
+/// A DHCPv6 client's messages to its servers and relays (from its link-local address).
+pub const DHCPV6_CLIENT: &str = "ip6 daddr ff02::1:2 udp dport 547";
+/// A DHCPv6 server's (or relay's) messages to a client's link-local address; a workload's port
+/// sends none (the guard drops them).
+pub const DHCPV6_SERVER: &str = "ip6 daddr fe80::/10 udp sport 547 udp dport 546";
+
 /// The set of the addresses of one limit class and family:
 /// `lim_r<per second>_c<concurrent>_t<conntrack>_<4|6>`, 0 for no limit. Named by its values,
 /// so a workload's registration finds its class without the rest of the plan.
@@ -818,9 +828,16 @@ pub fn table(
                     "ct state established,related accept".into(),
                     "iifname @bridges ct state invalid drop".into(),
                     "oifname @bridges ct state invalid drop".into(),
-                    // Neighbour discovery between two ports of a bridge (seen here through
-                    // br_netfilter) uses link-local addresses; the guard table vets them.
-                    "iifname @bridges icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept".into(),
+                    // The link's own business between two ports of a bridge (seen here
+                    // through br_netfilter), from link-local addresses, which are the
+                    // workloads' too: neighbour and router discovery, multicast listeners, and
+                    // DHCPv6 between a client and a server (the guard table vets a workload's
+                    // messages, and drops a workload's DHCPv6 server messages). Everything else
+                    // from or to a link-local address meets the policies like the workloads'
+                    // other addresses.
+                    format!("iifname @bridges icmpv6 type {LINK_ICMPV6} accept"),
+                    format!("iifname @bridges {DHCPV6_CLIENT} accept"),
+                    format!("iifname @bridges {DHCPV6_SERVER} accept"),
                     // Fail closed: from a NAT network's bridge, only registered workload
                     // addresses (a Bridge network's ports are held to theirs by the guard table).
                     "iifname @sealed ip saddr != @local4 drop".into(),
@@ -843,7 +860,8 @@ pub fn table(
                 syn_input.into_iter().chain([
                     "iifname != @bridges accept".into(),
                     "ct state established,related accept".into(),
-                    "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit } accept".into(),
+                    format!("icmpv6 type {LINK_ICMPV6} accept"),
+                    format!("{DHCPV6_CLIENT} accept"),
                     "iifname @sealed ct state invalid drop".into(),
                     "iifname @sealed ip saddr != @local4 drop".into(),
                     "iifname @sealed ip6 saddr != @local6 drop".into(),

@@ -593,8 +593,13 @@ fn port_plans(
 
 /// The policy members of this node: its endpoints, with their workloads' labels.
 pub fn members(res: &Resources, endpoints: &[Endpoint]) -> Vec<crate::policy::Member> {
-    // Other nodes' workloads are members of the groups too (their policy is enforced there).
-    let peers = res.peers.iter().map(|p| peer_member(p));
+    // Other nodes' workloads are members of the groups too (their policy is enforced there);
+    // on a Bridge network their link-local addresses reach this node's over the LAN.
+    let bridged = bridged_networks(res);
+    let peers = res
+        .peers
+        .iter()
+        .map(|p| peer_member(p, bridged.contains(p.workload.network.as_str())));
     let pods = Pods::of(res);
     endpoints
         .iter()
@@ -603,21 +608,48 @@ pub fn members(res: &Resources, endpoints: &[Endpoint]) -> Vec<crate::policy::Me
         .collect()
 }
 
-/// A workload of another node as a policy member (addresses that do not parse are left out).
-fn peer_member(p: &Peer) -> crate::policy::Member {
+/// The names of `res`'s Bridge networks.
+fn bridged_networks(res: &Resources) -> BTreeSet<&str> {
+    res.networks
+        .iter()
+        .filter(|n| n.spec.mode == NetworkMode::Bridge)
+        .filter_map(|n| n.metadata.name.as_deref())
+        .collect()
+}
+
+/// A workload of another node as a policy member (addresses that do not parse are left out),
+/// with its link-local address when `bridged` (see [`with_link_local`]).
+fn peer_member(p: &Peer, bridged: bool) -> crate::policy::Member {
+    let ips = p
+        .workload
+        .ips
+        .iter()
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
+    let mac = p.workload.mac.as_deref().filter(|_| bridged);
     crate::policy::Member {
         namespace: p.workload.namespace.clone(),
         name: p.workload.name.clone(),
         labels: p.workload.labels.clone(),
         network: p.workload.network.clone(),
-        ips: p
-            .workload
-            .ips
-            .iter()
-            .filter_map(|ip| ip.parse().ok())
-            .collect(),
+        ips: with_link_local(ips, mac),
         local: false,
     }
+}
+
+/// A workload interface's addresses for the policies: `ips`, and the IPv6 link-local address
+/// of MAC `mac` (EUI-64), the only other source the guard lets the interface send from (see
+/// [`super::guard`]). Every interface has one, on IPv4-only networks too: without it in the
+/// groups and the sets of local addresses, a workload's link-local traffic (to another on its
+/// bridge, from the node) would meet no policy.
+pub fn with_link_local(mut ips: Vec<IpAddr>, mac: Option<&str>) -> Vec<IpAddr> {
+    if let Some(mac) = mac.and_then(names::parse_mac) {
+        let ll = IpAddr::V6(names::eui64_link_local(mac));
+        if !ips.contains(&ll) {
+            ips.push(ll);
+        }
+    }
+    ips
 }
 
 /// The workloads (pods) of a snapshot by namespace and name, for lookups of many endpoints.
@@ -657,7 +689,7 @@ fn endpoint_member(res: &Resources, pods: Option<&Pods>, e: &Endpoint) -> crate:
         namespace,
         name,
         network: e.network.clone(),
-        ips: e.ips.clone(),
+        ips: with_link_local(e.ips.clone(), Some(&e.mac)),
         local: true,
     }
 }
@@ -918,8 +950,11 @@ pub fn apply_peer_changes(
     if removed.len() + added.len() > PEER_DELTA_MAX {
         return None;
     }
-    let gone: Vec<_> = removed.iter().map(|p| peer_member(p)).collect();
-    let came: Vec<_> = added.iter().map(|p| peer_member(p)).collect();
+    let bridged = bridged_networks(res);
+    let member =
+        |p: &std::sync::Arc<Peer>| peer_member(p, bridged.contains(p.workload.network.as_str()));
+    let gone: Vec<_> = removed.iter().map(member).collect();
+    let came: Vec<_> = added.iter().map(member).collect();
     if !members_fit(&out.policy, &gone, &came) {
         return None;
     }
@@ -2625,6 +2660,46 @@ spec: {mode: Bridge, subnets: [10.72.0.0/24], bridge: {uplink: eth1, vlan: 20}}
                 active,
             },
         }
+    }
+
+    /// A workload interface's policy addresses include its link-local address (the EUI-64 one
+    /// of its MAC): here, and on another node on a Bridge network (reached over the LAN), not
+    /// on another node's NAT network (not on this link).
+    #[test]
+    fn policy_members_carry_their_link_local_address() {
+        let res = resources(
+            r#"
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: lan}
+spec: {mode: Bridge, subnets: [10.61.0.0/24], bridge: {uplink: eth0}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: nat}
+spec: {mode: NAT, subnets: [10.62.0.0/16]}
+"#,
+        );
+        let mut res = res;
+        let mut on_nat = running("node-b", "default/v2", "10.62.0.9", true);
+        on_nat.workload.network = "nat".into();
+        res.peers = vec![
+            std::sync::Arc::new(running("node-b", "default/v1", "10.61.0.9", true)),
+            std::sync::Arc::new(on_nat),
+        ];
+        let members = members(&res, &[endpoint("nat", "p", &["10.62.0.2"])]);
+        let ips: Vec<Vec<String>> = members
+            .iter()
+            .map(|m| m.ips.iter().map(ToString::to_string).collect())
+            .collect();
+        assert_eq!(
+            ips,
+            [
+                vec!["10.62.0.2", "fe80::858:aff:fe0a:2"],
+                vec!["10.61.0.9", "fe80::ff:fe00:1"],
+                vec!["10.62.0.9"],
+            ]
+        );
     }
 
     #[test]
