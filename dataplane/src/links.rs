@@ -151,9 +151,10 @@ pub trait Links {
     /// Turns VLAN filtering of bridge `index` on or off (a kernel without it answers
     /// `EOPNOTSUPP`).
     fn set_vlan_filtering(&mut self, index: u32, on: bool) -> Result<(), ApplyError>;
-    /// Stops bridge `index` from learning MACs from link-local frames (bridges are created
-    /// that way; this corrects older ones).
-    fn set_no_link_local_learning(&mut self, index: u32) -> Result<(), ApplyError>;
+    /// Gives bridge `index` weft's safeguards: no MAC learning from link-local frames, and
+    /// br_netfilter's calls on (bridges are created that way; this corrects older ones; see
+    /// `netlink::bridge_safeguards_message`).
+    fn set_bridge_safeguards(&mut self, index: u32) -> Result<(), ApplyError>;
     /// Turns hairpin mode of bridge port `index` on or off (the CNI makes workload ports with
     /// it on; this corrects older ones).
     fn set_port_hairpin(&mut self, index: u32, on: bool) -> Result<(), ApplyError>;

@@ -47,10 +47,6 @@ pub struct SysctlPlan {
     /// TCP tracking off for a SYN proxy); forwarding, which other software on a node relies on
     /// once on, stays.
     pub restore: bool,
-    /// A kernel without the parameter (the module that has it is not loaded) is no apply
-    /// error: it is left unset, and whoever needs it checks and says so (the agent's
-    /// br_netfilter check).
-    pub absent_ok: bool,
 }
 
 /// The folder of the state directory that holds, per sysctl set with
@@ -173,9 +169,9 @@ impl Links for Netlink {
             u8::from(on)
         )))
     }
-    fn set_no_link_local_learning(&mut self, index: u32) -> Result<(), ApplyError> {
-        Netlink::set_no_link_local_learning(self, index).map_err(link_err(format!(
-            "set no_linklocal_learn on bridge {index}"
+    fn set_bridge_safeguards(&mut self, index: u32) -> Result<(), ApplyError> {
+        Netlink::set_bridge_safeguards(self, index).map_err(link_err(format!(
+            "set the safeguards (no_linklocal_learn, nf_call_iptables, nf_call_ip6tables) of bridge {index}"
         )))
     }
     fn set_port_hairpin(&mut self, index: u32, on: bool) -> Result<(), ApplyError> {
@@ -286,11 +282,8 @@ fn apply_sysctls(
                 state::write_atomic(&record, before.as_bytes()).map_err(ApplyError::State)?;
             }
         }
-        match sysctls.set(&s.key, &s.value) {
-            Ok(true) => report.changes.push(format!("sysctl {}={}", s.key, s.value)),
-            Ok(false) => {}
-            Err(ApplyError::Sysctl { source, .. }) if s.absent_ok && source.is_not_found() => {}
-            Err(e) => return Err(e),
+        if sysctls.set(&s.key, &s.value)? {
+            report.changes.push(format!("sysctl {}={}", s.key, s.value));
         }
     }
     restore_sysctls(
@@ -605,12 +598,13 @@ fn apply_bridges(
                     links.set_up(link.index)?;
                     report.changes.push(format!("bridge {} up", bridge.name));
                 }
-                // A bridge made before weft created them without it.
-                if link.link_local_learning == Some(true) {
-                    links.set_no_link_local_learning(link.index)?;
-                    report
-                        .changes
-                        .push(format!("bridge {} no_linklocal_learn 1", bridge.name));
+                // A bridge made before weft created them with its safeguards.
+                if link.link_local_learning == Some(true) || link.netfilter_calls == Some(false) {
+                    links.set_bridge_safeguards(link.index)?;
+                    report.changes.push(format!(
+                        "bridge {} no_linklocal_learn 1 nf_call_iptables 1 nf_call_ip6tables 1",
+                        bridge.name
+                    ));
                 }
                 link.index
             }
@@ -1152,6 +1146,7 @@ impl Links for FakeLinks {
             peer: None,
             vlan_filtering: Some(false),
             link_local_learning: Some(false),
+            netfilter_calls: Some(true),
             hairpin: None,
         });
         self.calls.push(format!("create_bridge {name}"));
@@ -1294,6 +1289,7 @@ impl Links for FakeLinks {
             peer: None,
             vlan_filtering: None,
             link_local_learning: None,
+            netfilter_calls: None,
             hairpin: None,
         });
         self.calls.push(format!("create_vlan {name} {id}"));
@@ -1320,14 +1316,14 @@ impl Links for FakeLinks {
             .push(format!("set_vlan_filtering {index} {}", u8::from(on)));
         Ok(())
     }
-    fn set_no_link_local_learning(&mut self, index: u32) -> Result<(), ApplyError> {
+    fn set_bridge_safeguards(&mut self, index: u32) -> Result<(), ApplyError> {
         for l in &mut self.links {
             if l.index == index {
                 l.link_local_learning = Some(false);
+                l.netfilter_calls = Some(true);
             }
         }
-        self.calls
-            .push(format!("set_no_link_local_learning {index}"));
+        self.calls.push(format!("set_bridge_safeguards {index}"));
         Ok(())
     }
     fn set_port_hairpin(&mut self, index: u32, on: bool) -> Result<(), ApplyError> {
@@ -1379,24 +1375,11 @@ impl Links for FakeLinks {
 pub struct FakeSysctls {
     /// Current values.
     pub values: std::collections::BTreeMap<String, String>,
-    /// Keys the kernel does not have (their module is not loaded): setting one fails.
-    pub absent: std::collections::BTreeSet<String>,
 }
 
 #[cfg(any(test, feature = "testing"))]
 impl Sysctls for FakeSysctls {
     fn set(&mut self, key: &str, value: &str) -> Result<bool, ApplyError> {
-        if self.absent.contains(key) {
-            return Err(ApplyError::Sysctl {
-                key: key.to_string(),
-                source: crate::sysctl::SysctlError::Write {
-                    key: key.to_string(),
-                    path: key.into(),
-                    value: value.to_string(),
-                    source: std::io::ErrorKind::NotFound.into(),
-                },
-            });
-        }
         let old = self.values.insert(key.to_string(), value.to_string());
         Ok(old.as_deref() != Some(value))
     }
@@ -1460,7 +1443,6 @@ mod tests {
                 key: "net.ipv4.ip_forward".into(),
                 value: "1".into(),
                 restore: false,
-                absent_ok: false,
             }],
             firewall: table(elements, rule),
             guard: None,
@@ -1484,6 +1466,7 @@ mod tests {
             peer: None,
             vlan_filtering: None,
             link_local_learning: None,
+            netfilter_calls: None,
             hairpin: None,
         }
     }
@@ -1516,37 +1499,6 @@ mod tests {
         }
     }
 
-    /// A sysctl the kernel lacks (br_netfilter not loaded) is no apply error when the plan says
-    /// so: the rest of the plan is applied; any other missing sysctl fails the apply.
-    #[test]
-    fn a_sysctl_the_kernel_lacks_is_skipped_when_absent_is_fine() {
-        const BRNF: &str = "net.bridge.bridge-nf-call-iptables";
-        let with = |absent_ok: bool| {
-            let mut p = plan(&[], "accept", &[]);
-            p.sysctls.push(SysctlPlan {
-                key: BRNF.into(),
-                value: "1".into(),
-                restore: false,
-                absent_ok,
-            });
-            p
-        };
-        let mut node = Node::new();
-        node.sysctls.absent.insert(BRNF.into());
-        node.apply(&with(true));
-        assert_eq!(node.sysctls.values["net.ipv4.ip_forward"], "1");
-        assert!(!node.sysctls.values.contains_key(BRNF));
-        let e = apply(
-            &with(false),
-            &mut node.links,
-            &mut node.fw,
-            &mut node.sysctls,
-            node.dir.path(),
-        )
-        .unwrap_err();
-        assert!(matches!(e, ApplyError::Sysctl { .. }), "{e:?}");
-    }
-
     #[test]
     fn a_sysctl_to_restore_goes_back_to_its_value_before_weft_when_no_plan_names_it() {
         const LOOSE: &str = "net.netfilter.nf_conntrack_tcp_loose";
@@ -1556,7 +1508,6 @@ mod tests {
                 key: LOOSE.into(),
                 value: "0".into(),
                 restore,
-                absent_ok: false,
             });
             p
         };
@@ -1914,28 +1865,35 @@ mod tests {
         assert!(node.apply(&renamed).is_noop());
     }
 
+    /// A bridge made by an older weft (the kernel reports link-local learning on), or whose
+    /// br_netfilter calls someone turned off, gets weft's safeguards back, once.
     #[test]
-    fn a_bridge_that_learns_from_link_local_frames_is_corrected_once() {
-        let mut node = Node::new();
-        node.apply(&plan(&[], "accept", &["a"]));
-        // A bridge made by an older weft: the kernel reports link-local learning on.
-        node.links.links[0].link_local_learning = Some(true);
-        let r = node.apply(&plan(&[], "accept", &["a"]));
-        assert!(
-            r.changes
-                .iter()
-                .any(|c| c == "bridge wn-a no_linklocal_learn 1"),
-            "{r:?}"
-        );
-        assert_eq!(node.links.links[0].link_local_learning, Some(false));
-        let again = node.apply(&plan(&[], "accept", &["a"]));
-        assert!(
-            !again
-                .changes
-                .iter()
-                .any(|c| c.contains("no_linklocal_learn")),
-            "{again:?}"
-        );
+    fn a_bridge_without_the_safeguards_is_corrected_once() {
+        for older in [true, false] {
+            let mut node = Node::new();
+            node.apply(&plan(&[], "accept", &["a"]));
+            if older {
+                node.links.links[0].link_local_learning = Some(true);
+            } else {
+                node.links.links[0].netfilter_calls = Some(false);
+            }
+            let r = node.apply(&plan(&[], "accept", &["a"]));
+            assert!(
+                r.changes.iter().any(|c| c
+                    == "bridge wn-a no_linklocal_learn 1 nf_call_iptables 1 nf_call_ip6tables 1"),
+                "{r:?}"
+            );
+            assert_eq!(node.links.links[0].link_local_learning, Some(false));
+            assert_eq!(node.links.links[0].netfilter_calls, Some(true));
+            let again = node.apply(&plan(&[], "accept", &["a"]));
+            assert!(
+                !again
+                    .changes
+                    .iter()
+                    .any(|c| c.contains("no_linklocal_learn")),
+                "{again:?}"
+            );
+        }
     }
 
     #[test]

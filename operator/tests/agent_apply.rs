@@ -85,23 +85,17 @@ fn nft_list() -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
-/// br_netfilter's switches (traffic between two ports of a bridge meets the policies only
-/// through it): while one is off the agent's check names it, and a full apply of a plan with a
-/// bridge turns it on.
+/// br_netfilter's calls (traffic between two ports of a bridge meets the policies only
+/// through them): weft's bridges have their own on, whatever the node's switches say, which
+/// weft leaves alone; a bridge whose calls someone turned off gets them back at the next full
+/// apply. With the module loaded, the agent's check finds nothing wrong.
 #[test]
-fn a_full_apply_turns_br_netfilter_on_and_the_check_names_a_switch_that_is_off() {
+fn weft_bridges_have_br_netfilter_calls_on_whatever_the_node_s_switches_say() {
     isolate();
     let state = tempfile::tempdir().unwrap();
     let cfg = config(state.path());
     const V6: &str = "net.bridge.bridge-nf-call-ip6tables";
     weft_dataplane::sysctl::set(V6, "0").unwrap();
-    let problem = bridge_netfilter_problem("node-a").expect("a switch is off");
-    assert!(
-        problem.contains(
-            "br_netfilter is off on node node-a (net.bridge.bridge-nf-call-ip6tables is 0)"
-        ),
-        "{problem}"
-    );
     let plan = compute(
         &cfg,
         &resources(TWO),
@@ -109,17 +103,47 @@ fn a_full_apply_turns_br_netfilter_on_and_the_check_names_a_switch_that_is_off()
         &BTreeMap::new(),
     )
     .plan;
+    apply_blocking(&plan, None, state.path()).unwrap();
+    let calls = |name: &str| {
+        Netlink::new()
+            .unwrap()
+            .link_by_name(name)
+            .unwrap()
+            .unwrap()
+            .netfilter_calls
+    };
+    assert_eq!(calls("wn-alpha"), Some(true));
+    assert_eq!(calls("wn-beta"), Some(true));
+    assert_eq!(
+        weft_dataplane::sysctl::get(V6).unwrap().trim(),
+        "0",
+        "the node's switch is not weft's"
+    );
+    assert_eq!(bridge_netfilter_problem(), None);
+    let off = Command::new("ip")
+        .args([
+            "link",
+            "set",
+            "wn-alpha",
+            "type",
+            "bridge",
+            "nf_call_ip6tables",
+            "0",
+        ])
+        .status()
+        .unwrap();
+    assert!(off.success());
+    assert_eq!(calls("wn-alpha"), Some(false));
     let report = apply_blocking(&plan, None, state.path()).unwrap();
     assert!(
         report
             .changes
             .iter()
-            .any(|c| c == &format!("sysctl {V6}=1")),
+            .any(|c| c.starts_with("bridge wn-alpha no_linklocal_learn 1 nf_call_iptables 1")),
         "{:?}",
         report.changes
     );
-    assert_eq!(weft_dataplane::sysctl::get(V6).unwrap().trim(), "1");
-    assert_eq!(bridge_netfilter_problem("node-a"), None);
+    assert_eq!(calls("wn-alpha"), Some(true));
     cleanup(
         &mut Netlink::new().unwrap(),
         &mut NftCli::default(),

@@ -50,6 +50,11 @@ pub struct LinkInfo {
     /// (`01:80:c2:00:00:0x`; `BR_BOOLOPT_NO_LL_LEARN` off); `None` for other links and
     /// kernels that do not report it.
     pub link_local_learning: Option<bool>,
+    /// For a bridge, whether br_netfilter passes its bridged IPv4 and IPv6 to the `inet` hooks
+    /// whatever the node's `net.bridge.bridge-nf-call-*` switches say
+    /// (`IFLA_BR_NF_CALL_IPTABLES` and `IFLA_BR_NF_CALL_IP6TABLES` both on); `None` for other
+    /// links and kernels without br_netfilter support.
+    pub netfilter_calls: Option<bool>,
     /// For a bridge port, whether hairpin mode is on (`IFLA_BRPORT_MODE`: the bridge may send
     /// a frame back out of the port it came in on); `None` for other links.
     pub hairpin: Option<bool>,
@@ -152,6 +157,7 @@ pub(super) fn link_info(msg: LinkMessage) -> LinkInfo {
         peer: None,
         vlan_filtering: None,
         link_local_learning: None,
+        netfilter_calls: None,
         hairpin: None,
     };
     for attr in msg.attributes {
@@ -180,6 +186,11 @@ pub(super) fn link_info(msg: LinkMessage) -> LinkInfo {
                                     InfoBridge::VlanFiltering(on) => {
                                         info.vlan_filtering = Some(on);
                                     }
+                                    InfoBridge::NfCallIpTables(on)
+                                    | InfoBridge::NfCallIp6Tables(on) => {
+                                        info.netfilter_calls =
+                                            Some(info.netfilter_calls.unwrap_or(true) && on);
+                                    }
                                     InfoBridge::MultiBoolOpt(o)
                                         if o.mask.contains(
                                             BridgeBooleanOptionFlags::NoLinkLocalLearn,
@@ -204,17 +215,24 @@ pub(super) fn link_info(msg: LinkMessage) -> LinkInfo {
     info
 }
 
-/// `RTM_NEWLINK` on the existing bridge `index`: no MAC learning from link-local frames
-/// (`IFLA_BR_MULTI_BOOLOPT` → `BR_BOOLOPT_NO_LL_LEARN`).
+/// `RTM_NEWLINK` on the existing bridge `index`: the safeguards every weft bridge has.
 ///
-/// The bridge learns the source MAC of a frame to `01:80:c2:00:00:0x` (LLDP, 802.1X, …)
-/// before any bridge-family netfilter hook sees it (LLDP with no hook at all), so without
-/// this a port could teach the bridge another workload's MAC, or the LAN router's, past the
-/// `bridge weft` guard, which checks source MACs in `prerouting`.
-pub fn bridge_no_link_local_learning_message(index: u32) -> LinkMessage {
+/// - No MAC learning from link-local frames (`IFLA_BR_MULTI_BOOLOPT` →
+///   `BR_BOOLOPT_NO_LL_LEARN`): the bridge learns the source MAC of a frame to
+///   `01:80:c2:00:00:0x` (LLDP, 802.1X, …) before any bridge-family netfilter hook sees it
+///   (LLDP with no hook at all), so without this a port could teach the bridge another
+///   workload's MAC, or the LAN router's, past the `bridge weft` guard, which checks source
+///   MACs in `prerouting`.
+/// - br_netfilter's calls on for this bridge (`IFLA_BR_NF_CALL_IPTABLES`,
+///   `IFLA_BR_NF_CALL_IP6TABLES`): traffic between two of its ports meets the policies of the
+///   `inet weft` table only through them. The bridge's own switches, not the node's
+///   `net.bridge.bridge-nf-call-*`, on which other bridges of the node depend.
+pub fn bridge_safeguards_message(index: u32) -> LinkMessage {
     LinkMessageBuilder::<LinkBridge>::new_with_info_kind(InfoKind::Bridge)
         .index(index)
         .append_info_data(InfoBridge::MultiBoolOpt(no_link_local_learning()))
+        .append_info_data(InfoBridge::NfCallIpTables(true))
+        .append_info_data(InfoBridge::NfCallIp6Tables(true))
         .build()
 }
 
@@ -400,8 +418,11 @@ impl Netlink {
     ) -> Result<u32, NetlinkError> {
         const OP: &str = "create bridge";
         check_ifname(OP, name, name)?;
-        // See `bridge_no_link_local_learning_message`.
-        let mut b = LinkBridge::new(name).no_linklocal_learn(true);
+        // See `bridge_safeguards_message`.
+        let mut b = LinkBridge::new(name)
+            .no_linklocal_learn(true)
+            .nf_call_iptables(true)
+            .nf_call_ip6tables(true);
         if let Some(mtu) = mtu {
             b = b.mtu(mtu);
         }
@@ -788,13 +809,12 @@ impl Netlink {
         }
     }
 
-    /// Stops bridge `index` from learning MACs from link-local frames (see
-    /// [`bridge_no_link_local_learning_message`]).
-    pub fn set_no_link_local_learning(&mut self, index: u32) -> Result<(), NetlinkError> {
+    /// Gives bridge `index` weft's safeguards (see [`bridge_safeguards_message`]).
+    pub fn set_bridge_safeguards(&mut self, index: u32) -> Result<(), NetlinkError> {
         self.call(
-            "set bridge no_linklocal_learn",
-            || format!("link {index} no_linklocal_learn 1"),
-            RouteNetlinkMessage::NewLink(bridge_no_link_local_learning_message(index)),
+            "set bridge safeguards",
+            || format!("link {index} no_linklocal_learn 1 nf_call_iptables 1 nf_call_ip6tables 1"),
+            RouteNetlinkMessage::NewLink(bridge_safeguards_message(index)),
             0,
         )?;
         Ok(())
@@ -877,10 +897,10 @@ mod tests {
     }
 
     #[test]
-    fn the_no_link_local_learning_message_sets_the_boolopt_and_a_dump_reads_it_back() {
-        let RouteNetlinkMessage::NewLink(msg) = round_trip(RouteNetlinkMessage::NewLink(
-            bridge_no_link_local_learning_message(7),
-        )) else {
+    fn the_safeguards_message_sets_the_boolopt_and_netfilter_calls_and_a_dump_reads_them_back() {
+        let RouteNetlinkMessage::NewLink(msg) =
+            round_trip(RouteNetlinkMessage::NewLink(bridge_safeguards_message(7)))
+        else {
             panic!("not RTM_NEWLINK");
         };
         assert_eq!(msg.header.index, 7);
@@ -888,11 +908,15 @@ mod tests {
             msg.attributes,
             [LinkAttribute::LinkInfo(vec![
                 NlLinkInfo::Kind(InfoKind::Bridge),
-                NlLinkInfo::Data(InfoData::Bridge(vec![InfoBridge::MultiBoolOpt(
-                    no_link_local_learning()
-                )])),
+                NlLinkInfo::Data(InfoData::Bridge(vec![
+                    InfoBridge::MultiBoolOpt(no_link_local_learning()),
+                    InfoBridge::NfCallIpTables(true),
+                    InfoBridge::NfCallIp6Tables(true),
+                ])),
             ])]
         );
-        assert_eq!(link_info(msg).link_local_learning, Some(false));
+        let info = link_info(msg);
+        assert_eq!(info.link_local_learning, Some(false));
+        assert_eq!(info.netfilter_calls, Some(true));
     }
 }

@@ -30,7 +30,7 @@ mod vxlan;
 pub use addr::AddrInfo;
 pub use ifreq::LinkIndex;
 pub use link::{
-    CreatedVeth, FdbEntry, LinkInfo, LinkStats, VethSpec, bridge_no_link_local_learning_message,
+    CreatedVeth, FdbEntry, LinkInfo, LinkStats, VethSpec, bridge_safeguards_message,
     port_hairpin_message,
 };
 pub use route::{Family, RouteEntry, RouteInfo, RouteSpec, route_entry_message};

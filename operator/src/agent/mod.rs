@@ -301,30 +301,22 @@ pub(crate) fn at_once<T>(f: impl Fn(bool) -> Result<T, Busy>) -> T {
 }
 
 /// What keeps the policies from the traffic between two ports of a bridge on this node (node
-/// `node`), if anything: such traffic meets the `inet` policy chains through br_netfilter
-/// only, which must be loaded with its IPv4 and IPv6 switches on
-/// ([`plan::BRIDGE_NETFILTER_SYSCTLS`], which the plan sets).
-pub fn bridge_netfilter_problem(node: &str) -> Option<String> {
-    let mut off = Vec::new();
-    for key in plan::BRIDGE_NETFILTER_SYSCTLS {
-        match weft_dataplane::sysctl::get(key) {
-            Ok(v) if v.trim() == "1" => {}
-            Ok(v) => off.push(format!("{key} is {}", v.trim())),
-            Err(e) if e.is_not_found() => {
-                return Some(format!(
-                    "the br_netfilter module is not loaded on node {node} (there is no {key}): traffic between workloads on the same bridge passes no policy; load it (modprobe br_netfilter, and name it in /etc/modules-load.d/ for the next boot), and weft turns it on at its next full pass"
-                ));
-            }
-            Err(e) => off.push(format!("{key} cannot be read ({e})")),
-        }
+/// `node`), if anything: such traffic meets the `inet` policy chains only through br_netfilter,
+/// whose calls weft turns on for its own bridges (see
+/// `weft_dataplane::netlink::bridge_safeguards_message`); the module must be loaded, which its
+/// sysctls tell.
+pub fn bridge_netfilter_problem() -> Option<String> {
+    match weft_dataplane::sysctl::get(BRIDGE_NETFILTER_SYSCTL) {
+        Err(e) if e.is_not_found() => Some(
+            "the br_netfilter module is not loaded on this node: traffic between workloads on the same bridge passes no policy; load it (modprobe br_netfilter, and name it in /etc/modules-load.d/ for the next boot)"
+                .to_string(),
+        ),
+        _ => None,
     }
-    (!off.is_empty()).then(|| {
-        format!(
-            "br_netfilter is off on node {node} ({}): traffic between workloads on the same bridge passes no policy of that family; weft turns it on at its next full pass, unless something on the node keeps turning it off",
-            off.join(", ")
-        )
-    })
 }
+
+/// A sysctl that exists when br_netfilter is loaded.
+const BRIDGE_NETFILTER_SYSCTL: &str = "net.bridge.bridge-nf-call-iptables";
 
 /// Runs `f` with this node's real links, nftables and sysctls.
 fn with_kernel<T>(
@@ -809,7 +801,7 @@ impl Reconciler {
         // registration's.
         if reason != Trigger::Endpoints {
             let now = (!out.plan.bridges.is_empty())
-                .then(|| bridge_netfilter_problem(&self.cfg.node.name))
+                .then(bridge_netfilter_problem)
                 .flatten();
             if let Some(p) = now
                 .as_ref()

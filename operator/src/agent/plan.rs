@@ -148,13 +148,6 @@ fn workload_labels<'a>(
         .map(|w| &w.labels)
 }
 
-/// The sysctls that make br_netfilter pass bridged IPv4 and IPv6 to the `inet` hooks, where the
-/// policy chains see traffic between two ports of one bridge.
-pub const BRIDGE_NETFILTER_SYSCTLS: [&str; 2] = [
-    "net.bridge.bridge-nf-call-iptables",
-    "net.bridge.bridge-nf-call-ip6tables",
-];
-
 /// The sysctl a SYN proxy needs (set to 0 with `--syn-proxy`).
 pub const SYN_PROXY_SYSCTL: &str = "net.netfilter.nf_conntrack_tcp_loose";
 
@@ -406,7 +399,6 @@ pub fn plan(
             key: "net.ipv4.ip_forward".into(),
             value: "1".into(),
             restore: false,
-            absent_ok: false,
         });
     }
     if (nat && any_v6)
@@ -417,7 +409,6 @@ pub fn plan(
             key: "net.ipv6.conf.all.forwarding".into(),
             value: "1".into(),
             restore: false,
-            absent_ok: false,
         });
     }
     if node.syn_proxy {
@@ -427,21 +418,7 @@ pub fn plan(
             key: SYN_PROXY_SYSCTL.into(),
             value: "0".into(),
             restore: true,
-            absent_ok: false,
         });
-    }
-    if !bridges.is_empty() {
-        // Traffic between two ports of a bridge meets the policy chains only through
-        // br_netfilter. On, as Kubernetes nodes have it (kubeadm requires it); a kernel without
-        // the module is reported by the agent's check ([`BRIDGE_NETFILTER_SYSCTLS`]).
-        for key in BRIDGE_NETFILTER_SYSCTLS {
-            sysctls.push(SysctlPlan {
-                key: key.into(),
-                value: "1".into(),
-                restore: false,
-                absent_ok: true,
-            });
-        }
     }
     let guard = guard_table(&bridges, &states, endpoints);
     let ports = port_plans(&bridges, &states, endpoints);
@@ -2612,24 +2589,7 @@ spec: {mode: Bridge, subnets: [10.72.0.0/24], bridge: {uplink: eth1, vlan: 20}}
         let res = resources(LAN);
         let out = plan(&node(&[]), &res, &all_blocks(&res, &["node-a"]), &[]);
         assert_eq!(out.plan.bridges.len(), 2);
-        let keys: Vec<&str> = out.plan.sysctls.iter().map(|s| s.key.as_str()).collect();
-        assert!(
-            !keys.iter().any(|k| k.contains("forward")),
-            "{:?}",
-            out.plan.sysctls
-        );
-        // br_netfilter on (policies see the traffic between two ports of a bridge), and a
-        // kernel without it no apply error.
-        assert_eq!(keys, BRIDGE_NETFILTER_SYSCTLS);
-        assert!(
-            out.plan
-                .sysctls
-                .iter()
-                .all(|s| s.value == "1" && s.absent_ok && !s.restore)
-        );
-        // No bridge, no br_netfilter.
-        let none = plan(&node(&[]), &Resources::default(), &BTreeMap::new(), &[]);
-        assert!(none.plan.sysctls.is_empty(), "{:?}", none.plan.sysctls);
+        assert!(out.plan.sysctls.is_empty(), "{:?}", out.plan.sysctls);
     }
 
     fn reservation(node: &str, vm: &str, ip: &str, since: i64) -> PeerReservation {
