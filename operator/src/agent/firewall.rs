@@ -236,10 +236,11 @@ pub struct Limited {
     pub limits: ConnectionLimits,
 }
 
-/// The ICMPv6 messages of the link itself (neighbour and router discovery, redirects, multicast
-/// listener discovery), which workloads send from their link-local addresses and no policy
-/// judges: the guard table vets those of a workload's port.
-pub const LINK_ICMPV6: &str = "{ mld-listener-query, mld-listener-report, mld-listener-done, nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect, mld2-listener-report }";
+/// The ICMPv6 messages of the link itself (neighbour and router discovery, multicast listener
+/// discovery), which workloads send from their link-local addresses and no policy judges: the
+/// guard table vets those of a workload's port. (Redirects, which connection tracking takes
+/// for invalid, are dropped before.)
+pub const LINK_ICMPV6: &str = "{ mld-listener-query, mld-listener-report, mld-listener-done, nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, mld2-listener-report }";
 /// A DHCPv6 client's messages to its servers and relays (from its link-local address).
 pub const DHCPV6_CLIENT: &str = "ip6 daddr ff02::1:2 udp dport 547";
 /// A DHCPv6 server's (or relay's) messages to a client's link-local address; a workload's port
@@ -828,20 +829,24 @@ pub fn table(
                     "ct state established,related accept".into(),
                     "iifname @bridges ct state invalid drop".into(),
                     "oifname @bridges ct state invalid drop".into(),
-                    // The link's own business between two ports of a bridge (seen here
-                    // through br_netfilter), from link-local addresses, which are the
-                    // workloads' too: neighbour and router discovery, multicast listeners, and
-                    // DHCPv6 between a client and a server (the guard table vets a workload's
-                    // messages, and drops a workload's DHCPv6 server messages). Everything else
-                    // from or to a link-local address meets the policies like the workloads'
-                    // other addresses.
+                    // Neighbour discovery between two ports of a bridge (seen here through
+                    // br_netfilter) uses link-local addresses; the guard table vets them.
+                    "iifname @bridges icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept".into(),
+                    // Fail closed: from a NAT network's bridge, only registered workload
+                    // addresses (a Bridge network's ports are held to theirs by the guard
+                    // table), and link-local ones for neighbour discovery alone.
+                    "iifname @sealed ip saddr != @local4 drop".into(),
+                    "iifname @sealed ip6 saddr fe80::/10 drop".into(),
+                    "iifname @sealed ip6 saddr != @local6 drop".into(),
+                    // The rest of the link's own business on a Bridge network, from link-local
+                    // addresses, which are the workloads' too: router discovery, multicast
+                    // listeners, and DHCPv6 between a client and a server (the guard table
+                    // vets a workload's messages, and drops its router advertisements and
+                    // DHCPv6 server messages). Everything else from or to a link-local address
+                    // meets the policies as the workloads' other addresses do.
                     format!("iifname @bridges icmpv6 type {LINK_ICMPV6} accept"),
                     format!("iifname @bridges {DHCPV6_CLIENT} accept"),
                     format!("iifname @bridges {DHCPV6_SERVER} accept"),
-                    // Fail closed: from a NAT network's bridge, only registered workload
-                    // addresses (a Bridge network's ports are held to theirs by the guard table).
-                    "iifname @sealed ip saddr != @local4 drop".into(),
-                    "iifname @sealed ip6 saddr != @local6 drop".into(),
                     "ct state new jump limits".into(),
                     "jump egress".into(),
                     "jump ingress".into(),
@@ -860,11 +865,14 @@ pub fn table(
                 syn_input.into_iter().chain([
                     "iifname != @bridges accept".into(),
                     "ct state established,related accept".into(),
-                    format!("icmpv6 type {LINK_ICMPV6} accept"),
-                    format!("{DHCPV6_CLIENT} accept"),
+                    "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit } accept".into(),
                     "iifname @sealed ct state invalid drop".into(),
                     "iifname @sealed ip saddr != @local4 drop".into(),
+                    "iifname @sealed ip6 saddr fe80::/10 drop".into(),
                     "iifname @sealed ip6 saddr != @local6 drop".into(),
+                    // A Bridge network's workloads: the link's own messages, unjudged.
+                    format!("icmpv6 type {LINK_ICMPV6} accept"),
+                    format!("{DHCPV6_CLIENT} accept"),
                     // On a Bridge network's bridge, other sources are the LAN reaching the node.
                     "ip saddr != @local4 accept".into(),
                     "ip6 saddr != @local6 accept".into(),
@@ -889,6 +897,8 @@ pub fn table(
                     "oifname != @bridges accept".into(),
                     "ct state established,related accept".into(),
                     "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-advert } accept".into(),
+                    // A DHCPv6 server on the node answering a workload's link-local address.
+                    format!("{DHCPV6_SERVER} accept"),
                     "ct state new jump limits".into(),
                     "jump ingress".into(),
                 ])

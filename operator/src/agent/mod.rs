@@ -582,11 +582,7 @@ impl Reconciler {
     /// since the last apply ([`firewall::purge_addresses`]); a failure is logged and the
     /// elements stay (they are counts, not permissions).
     async fn purge_gone_addresses(&mut self) {
-        let now: BTreeSet<IpAddr> = self
-            .endpoints
-            .iter()
-            .flat_map(|e| e.ips.iter().copied())
-            .collect();
+        let now: BTreeSet<IpAddr> = self.endpoints.iter().flat_map(plan::addresses_of).collect();
         let gone: Vec<IpAddr> = self.addresses.difference(&now).copied().collect();
         self.addresses = now;
         let Some(applied) = self.applied.as_ref().filter(|_| !gone.is_empty()) else {
@@ -941,7 +937,7 @@ impl Reconciler {
                     pod: e.pod_name.clone().unwrap_or_default(),
                     network: e.network.clone(),
                     interface: e.ifname.clone(),
-                    ips: e.ips.clone(),
+                    ips: plan::addresses_of(e),
                 })
                 .collect();
         }

@@ -384,8 +384,11 @@ pub fn plan(
         &mut problems,
     );
     let limited = plan_limits(res, &|n| accepted.contains_key(n), endpoints, &mut problems);
-    let members = members(res, endpoints);
-    let policy = crate::policy::compile_resources(res, &members);
+    let mut members = members(res, endpoints);
+    let unshared = unshare_link_local(&mut members, &mut problems);
+    let mut policy = crate::policy::compile_resources(res, &members);
+    // Held twice: a registration that brings or takes one of them takes the full plan.
+    policy.shared.extend(unshared);
     problems.extend(policy.problems.iter().cloned());
     let mut sysctls = Vec::new();
     // Only NAT networks and port forwards route: a node with Bridge networks alone stays a
@@ -457,7 +460,7 @@ fn plan_limits(
         }
         let limits = limits.connections();
         if !limits.is_none() {
-            out.extend(e.ips.iter().map(|&ip| firewall::Limited {
+            out.extend(addresses_of(e).into_iter().map(|ip| firewall::Limited {
                 ip: Some(ip),
                 limits,
             }));
@@ -585,6 +588,60 @@ pub fn members(res: &Resources, endpoints: &[Endpoint]) -> Vec<crate::policy::Me
         .collect()
 }
 
+/// Takes out of `members` the link-local addresses that members of two Networks hold (one MAC
+/// on two Networks of the node: cloned VMs), which would put the one's link-local traffic in
+/// the other's groups and under its Network's default, and reports them (kind `Network`, the
+/// first of the Networks). Returns them.
+fn unshare_link_local(
+    members: &mut [crate::policy::Member],
+    problems: &mut Vec<Problem>,
+) -> BTreeSet<IpAddr> {
+    let mut holders: BTreeMap<IpAddr, Vec<(String, String)>> = BTreeMap::new();
+    for m in members.iter() {
+        for ip in &m.ips {
+            if let IpAddr::V6(v6) = ip
+                && v6.is_unicast_link_local()
+            {
+                holders
+                    .entry(*ip)
+                    .or_default()
+                    .push((m.network.clone(), format!("{}/{}", m.namespace, m.name)));
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    for (ip, mut by) in holders {
+        by.sort();
+        by.dedup();
+        if by.iter().all(|(n, _)| *n == by[0].0) {
+            continue;
+        }
+        let named: Vec<String> = by
+            .iter()
+            .map(|(network, w)| format!("{w} on Network {network}"))
+            .collect();
+        let problem = Problem {
+            kind: "Network",
+            object: by[0].0.clone(),
+            message: format!(
+                "{} have one MAC, so one IPv6 link-local address {ip}: no policy judges their link-local traffic; give one of them another MAC",
+                named.join(" and ")
+            ),
+            reason: None,
+        };
+        if !problems.contains(&problem) {
+            problems.push(problem);
+        }
+        out.insert(ip);
+    }
+    if !out.is_empty() {
+        for m in members.iter_mut() {
+            m.ips.retain(|ip| !out.contains(ip));
+        }
+    }
+    out
+}
+
 /// The names of `res`'s Bridge networks.
 fn bridged_networks(res: &Resources) -> BTreeSet<&str> {
     res.networks
@@ -595,7 +652,7 @@ fn bridged_networks(res: &Resources) -> BTreeSet<&str> {
 }
 
 /// A workload of another node as a policy member (addresses that do not parse are left out),
-/// with its link-local address when `bridged` (see [`with_link_local`]).
+/// with its link-local address when `bridged` (see [`crate::policy::with_link_local`]).
 fn peer_member(p: &Peer, bridged: bool) -> crate::policy::Member {
     let ips = p
         .workload
@@ -609,24 +666,15 @@ fn peer_member(p: &Peer, bridged: bool) -> crate::policy::Member {
         name: p.workload.name.clone(),
         labels: p.workload.labels.clone(),
         network: p.workload.network.clone(),
-        ips: with_link_local(ips, mac),
+        ips: crate::policy::with_link_local(ips, mac),
         local: false,
     }
 }
 
-/// A workload interface's addresses for the policies: `ips`, and the IPv6 link-local address
-/// of MAC `mac` (EUI-64), the only other source the guard lets the interface send from (see
-/// [`super::guard`]). Every interface has one, on IPv4-only networks too: without it in the
-/// groups and the sets of local addresses, a workload's link-local traffic (to another on its
-/// bridge, from the node) would meet no policy.
-pub fn with_link_local(mut ips: Vec<IpAddr>, mac: Option<&str>) -> Vec<IpAddr> {
-    if let Some(mac) = mac.and_then(names::parse_mac) {
-        let ll = IpAddr::V6(names::eui64_link_local(mac));
-        if !ips.contains(&ll) {
-            ips.push(ll);
-        }
-    }
-    ips
+/// Every address endpoint `e` sends from: its own and its link-local one (see
+/// [`crate::policy::with_link_local`]); its connection limits, counters and policies hold them all.
+pub fn addresses_of(e: &Endpoint) -> Vec<IpAddr> {
+    crate::policy::with_link_local(e.ips.clone(), Some(&e.mac))
 }
 
 /// The workloads (pods) of a snapshot by namespace and name, for lookups of many endpoints.
@@ -666,7 +714,7 @@ fn endpoint_member(res: &Resources, pods: Option<&Pods>, e: &Endpoint) -> crate:
         namespace,
         name,
         network: e.network.clone(),
-        ips: with_link_local(e.ips.clone(), Some(&e.mac)),
+        ips: addresses_of(e),
         local: true,
     }
 }
@@ -1051,7 +1099,7 @@ fn limit_changes(
             if limits.is_none() {
                 continue;
             }
-            for ip in &e.ips {
+            for ip in &addresses_of(e) {
                 let set = firewall::limit_class_set(&limits, ip.is_ipv6());
                 let entry = changes.entry(set).or_default();
                 if add { &mut entry.1 } else { &mut entry.0 }.insert(ip.to_string());
@@ -2620,6 +2668,57 @@ spec: {mode: Bridge, subnets: [10.72.0.0/24], bridge: {uplink: eth1, vlan: 20}}
                 active,
             },
         }
+    }
+
+    /// Two workloads with one MAC on two Networks (cloned VMs) share a link-local address: it
+    /// is in neither's identity, held as shared (a registration touching it takes the full
+    /// plan), and a problem names both; on one Network (a live migration's two ends) it stays.
+    #[test]
+    fn a_link_local_address_on_two_networks_is_no_one_s() {
+        let res = resources(
+            r#"
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: a}
+spec: {mode: NAT, subnets: [10.61.0.0/16]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Network
+metadata: {name: b}
+spec: {mode: NAT, subnets: [10.62.0.0/16]}
+"#,
+        );
+        let ll: IpAddr = "fe80::858:aff:fe0a:2".parse().unwrap();
+        let blocks = all_blocks(&res, &["node-a"]);
+        let two = [
+            endpoint("a", "p1", &["10.61.0.2"]),
+            endpoint("b", "p2", &["10.62.0.2"]),
+        ];
+        let out = plan(&node(&[]), &res, &blocks, &two);
+        assert!(out.policy.shared.contains(&ll));
+        assert!(!out.policy.local.contains(&ll));
+        let problem = out
+            .problems
+            .iter()
+            .find(|p| p.message.contains("have one MAC"))
+            .expect("a problem names them");
+        assert_eq!(
+            problem.message,
+            format!(
+                "default/p1 on Network a and default/p2 on Network b have one MAC, so one IPv6 link-local address {ll}: no policy judges their link-local traffic; give one of them another MAC"
+            )
+        );
+        let one = [
+            endpoint("a", "p1", &["10.61.0.2"]),
+            endpoint("a", "p2", &["10.61.0.3"]),
+        ];
+        let out = plan(&node(&[]), &res, &blocks, &one);
+        assert!(out.policy.local.contains(&ll));
+        assert!(
+            !out.problems
+                .iter()
+                .any(|p| p.message.contains("have one MAC"))
+        );
     }
 
     /// A workload interface's policy addresses include its link-local address (the EUI-64 one

@@ -63,6 +63,18 @@ pub fn enforcement(key: &str, node_networks: &[Arc<CompactNodeNetwork>]) -> Enfo
     out
 }
 
+/// The nodes' problems with a policy (`node: message`) for its condition: a few of them and how
+/// many more, so that a thousand nodes without br_netfilter make no message the status cannot
+/// hold.
+fn some_errors(errors: &[String]) -> String {
+    let shown = errors.len().min(status::NAMES_IN_MESSAGE);
+    let mut out = errors[..shown].join("; ");
+    if errors.len() > shown {
+        out.push_str(&format!("; and {} more", errors.len() - shown));
+    }
+    out
+}
+
 /// Decide (pure): the status of a policy with `generation`, the problems of its spec, and what
 /// the nodes report.
 pub fn desired_status(
@@ -87,7 +99,7 @@ pub fn desired_status(
             VALID,
             false,
             REASON_NOT_ENFORCEABLE,
-            e.errors.join("; "),
+            some_errors(&e.errors),
             generation,
             previous,
             now,
@@ -288,6 +300,34 @@ mod tests {
             interfaces,
             error: error.map(Into::into),
         }
+    }
+
+    /// A problem on a thousand nodes (br_netfilter not loaded) names a few of them.
+    #[test]
+    fn the_nodes_problems_with_a_policy_are_named_a_few() {
+        let key = "SegmentationPolicy shop/db";
+        let nodes: Vec<_> = (0..1000)
+            .map(|i| {
+                node(
+                    &format!("n{i:04}"),
+                    vec![p(key, 1, Some("br_netfilter is not loaded"))],
+                )
+            })
+            .collect();
+        let e = enforcement(key, &nodes);
+        let t = jiff::Timestamp::from_second(100).unwrap();
+        let st = desired_status(Some(1), &[], &[], &e, t);
+        let valid = status::find(&st.conditions, VALID).unwrap();
+        assert_eq!(valid.reason, REASON_NOT_ENFORCEABLE);
+        assert!(valid.message.len() < 1024, "{}", valid.message.len());
+        assert!(
+            valid
+                .message
+                .starts_with("n0000: br_netfilter is not loaded; n0001: ")
+                && valid.message.ends_with("; and 990 more"),
+            "{}",
+            valid.message
+        );
     }
 
     #[test]

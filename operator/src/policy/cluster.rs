@@ -56,7 +56,10 @@ pub async fn snapshot(client: &Client) -> anyhow::Result<(Resources, Vec<Member>
                 name: w.name,
                 labels: w.labels,
                 network: w.network,
-                ips: w.ips.iter().filter_map(|ip| ip.parse().ok()).collect(),
+                ips: super::with_link_local(
+                    w.ips.iter().filter_map(|ip| ip.parse().ok()).collect(),
+                    w.mac.as_deref(),
+                ),
                 local: true,
             });
         }
@@ -87,7 +90,12 @@ pub fn address(members: &[Member], spec: &str, v6: bool) -> Result<IpAddr, Strin
         .filter(|m| network.is_none_or(|n| n == m.network))
     {
         found = true;
-        if let Some(ip) = m.ips.iter().find(|ip| ip.is_ipv6() == v6) {
+        // Its own address, not its link-local one (which only its link reaches).
+        if let Some(ip) = m
+            .ips
+            .iter()
+            .find(|ip| ip.is_ipv6() == v6 && !is_link_local(ip))
+        {
             return Ok(*ip);
         }
     }
@@ -98,6 +106,10 @@ pub fn address(members: &[Member], spec: &str, v6: bool) -> Result<IpAddr, Strin
             "{spec}: no such workload in any NodeNetwork status (is it running on a weft network?)"
         )
     })
+}
+
+fn is_link_local(ip: &IpAddr) -> bool {
+    matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local())
 }
 
 /// Decides `from -> to:port/protocol` against the cluster and prints it like the lab's trace;

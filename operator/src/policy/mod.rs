@@ -524,6 +524,21 @@ fn object_name(meta: &kube::api::ObjectMeta, namespaced: bool) -> String {
     }
 }
 
+/// A workload interface's addresses for the policies: `ips`, and the IPv6 link-local address
+/// of MAC `mac` (EUI-64), the only other source the guard lets the interface send from (see
+/// `agent::guard`). Every interface has one, on IPv4-only networks too: without it in the
+/// groups and the sets of local addresses, a workload's link-local traffic (to another on its
+/// bridge, from the node) would meet no policy.
+pub fn with_link_local(mut ips: Vec<IpAddr>, mac: Option<&str>) -> Vec<IpAddr> {
+    if let Some(mac) = mac.and_then(weft_dataplane::names::parse_mac) {
+        let ll = IpAddr::V6(weft_dataplane::names::eui64_link_local(mac));
+        if !ips.contains(&ll) {
+            ips.push(ll);
+        }
+    }
+    ips
+}
+
 /// Compiles the policies.
 pub fn compile(inputs: Inputs<'_>) -> Compiled {
     let mut b = Builder {
