@@ -253,7 +253,7 @@ rules() { # namespace table -> rule count (lines inside chains that are not the 
 NA=$(ns n-node-a)
 echo "# weft datapath throughput: iperf3 1 TCP stream, -t $T, median of $REPS (all runs in brackets)"
 echo "# kernel $(uname -r), $(nproc) CPUs, load average before $LOAD0, after $LOAD1; MTU 1500 everywhere"
-echo "# policies: $(grep -cE '^\s*kind: (Cluster)?SegmentationPolicy' "$LABFILE" || true) in the lab; node-a: inet weft $(rules "$NA" inet) rules, bridge weft $(rules "$NA" bridge) rules, net.bridge.bridge-nf-call-iptables=$(ip netns exec "$NA" sysctl -n net.bridge.bridge-nf-call-iptables 2>/dev/null || echo n/a)"
+echo "# policies: $(grep -cE '^\s*kind: (Cluster)?SegmentationPolicy' "$LABFILE" || true) in the lab; node-a: inet weft $(rules "$NA" inet) rules, bridge weft $(rules "$NA" bridge) rules, br_netfilter calls on weft's bridges (their own, whatever the node-wide switch): $(ip -n "$NA" -d link show type bridge 2>/dev/null | grep -oE 'nf_call_iptables [01]' | sort | uniq -c | tr -s ' ' | paste -sd, - || echo n/a)"
 printf '%-12s %8s  %s\n' scenario Gbit/s runs
 for k in "${ORDER[@]}"; do printf '%-12s %8s  [%s ]\n' "$k" "${M[$k]}" "${V[$k]}"; done
 echo

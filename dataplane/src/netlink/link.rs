@@ -160,6 +160,8 @@ pub(super) fn link_info(msg: LinkMessage) -> LinkInfo {
         netfilter_calls: None,
         hairpin: None,
     };
+    // br_netfilter's calls for IPv4 and IPv6, as the bridge reports them.
+    let mut calls: (Option<bool>, Option<bool>) = (None, None);
     for attr in msg.attributes {
         match attr {
             LinkAttribute::IfName(n) => info.name = n,
@@ -186,11 +188,8 @@ pub(super) fn link_info(msg: LinkMessage) -> LinkInfo {
                                     InfoBridge::VlanFiltering(on) => {
                                         info.vlan_filtering = Some(on);
                                     }
-                                    InfoBridge::NfCallIpTables(on)
-                                    | InfoBridge::NfCallIp6Tables(on) => {
-                                        info.netfilter_calls =
-                                            Some(info.netfilter_calls.unwrap_or(true) && on);
-                                    }
+                                    InfoBridge::NfCallIpTables(on) => calls.0 = Some(on),
+                                    InfoBridge::NfCallIp6Tables(on) => calls.1 = Some(on),
                                     InfoBridge::MultiBoolOpt(o)
                                         if o.mask.contains(
                                             BridgeBooleanOptionFlags::NoLinkLocalLearn,
@@ -212,6 +211,11 @@ pub(super) fn link_info(msg: LinkMessage) -> LinkInfo {
             _ => {}
         }
     }
+    info.netfilter_calls = match calls {
+        (Some(v4), Some(v6)) => Some(v4 && v6),
+        (Some(false), None) | (None, Some(false)) => Some(false),
+        _ => None,
+    };
     info
 }
 

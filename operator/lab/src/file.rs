@@ -185,8 +185,9 @@ pub struct Expectation {
     #[serde(default)]
     pub source_seen_as: Option<String>,
     /// Between two pods: to `to`'s IPv6 link-local address on a network both are attached to,
-    /// through `from`'s interface there (with `family: ipv6`, TCP or UDP). Policies judge
-    /// link-local traffic by the workloads' identity, as their other addresses'.
+    /// through `from`'s interface there (with `family: ipv6`, TCP or UDP). On a Bridge network
+    /// policies judge link-local traffic by the workloads' identity, as their other addresses';
+    /// a NAT network's bridge passes it for neighbour discovery alone.
     #[serde(default)]
     pub link_local: bool,
     /// Send with a forged identity (anti-spoofing): exactly one of `ip`, `mac`, `arp`.

@@ -300,15 +300,15 @@ pub(crate) fn at_once<T>(f: impl Fn(bool) -> Result<T, Busy>) -> T {
     }
 }
 
-/// What keeps the policies from the traffic between two ports of a bridge on this node (node
-/// `node`), if anything: such traffic meets the `inet` policy chains only through br_netfilter,
+/// What keeps the policies from the traffic between two ports of a bridge on this node, if
+/// anything: such traffic meets the `inet` policy chains only through br_netfilter,
 /// whose calls weft turns on for its own bridges (see
 /// `weft_dataplane::netlink::bridge_safeguards_message`); the module must be loaded, which its
 /// sysctls tell.
 pub fn bridge_netfilter_problem() -> Option<String> {
     match weft_dataplane::sysctl::get(BRIDGE_NETFILTER_SYSCTL) {
         Err(e) if e.is_not_found() => Some(
-            "the br_netfilter module is not loaded on this node: traffic between workloads on the same bridge passes no policy; load it (modprobe br_netfilter, and name it in /etc/modules-load.d/ for the next boot)"
+            "the br_netfilter module is not loaded on this node: traffic between workloads on the same bridge passes no policy; load it (modprobe br_netfilter, and name it in /etc/modules-load.d/ for the next boot; a kernel built without CONFIG_BRIDGE_NETFILTER cannot enforce them)"
                 .to_string(),
         ),
         _ => None,

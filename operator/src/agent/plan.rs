@@ -384,11 +384,8 @@ pub fn plan(
         &mut problems,
     );
     let limited = plan_limits(res, &|n| accepted.contains_key(n), endpoints, &mut problems);
-    let mut members = members(res, endpoints);
-    let unshared = unshare_link_local(&mut members, &mut problems);
-    let mut policy = crate::policy::compile_resources(res, &members);
-    // Held twice: a registration that brings or takes one of them takes the full plan.
-    policy.shared.extend(unshared);
+    let (policy, unshared) = crate::policy::compile_members(res, members(res, endpoints));
+    problems.extend(unshared);
     problems.extend(policy.problems.iter().cloned());
     let mut sysctls = Vec::new();
     // Only NAT networks and port forwards route: a node with Bridge networks alone stays a
@@ -586,60 +583,6 @@ pub fn members(res: &Resources, endpoints: &[Endpoint]) -> Vec<crate::policy::Me
         .map(|e| endpoint_member(res, Some(&pods), e))
         .chain(peers)
         .collect()
-}
-
-/// Takes out of `members` the link-local addresses that members of two Networks hold (one MAC
-/// on two Networks of the node: cloned VMs), which would put the one's link-local traffic in
-/// the other's groups and under its Network's default, and reports them (kind `Network`, the
-/// first of the Networks). Returns them.
-fn unshare_link_local(
-    members: &mut [crate::policy::Member],
-    problems: &mut Vec<Problem>,
-) -> BTreeSet<IpAddr> {
-    let mut holders: BTreeMap<IpAddr, Vec<(String, String)>> = BTreeMap::new();
-    for m in members.iter() {
-        for ip in &m.ips {
-            if let IpAddr::V6(v6) = ip
-                && v6.is_unicast_link_local()
-            {
-                holders
-                    .entry(*ip)
-                    .or_default()
-                    .push((m.network.clone(), format!("{}/{}", m.namespace, m.name)));
-            }
-        }
-    }
-    let mut out = BTreeSet::new();
-    for (ip, mut by) in holders {
-        by.sort();
-        by.dedup();
-        if by.iter().all(|(n, _)| *n == by[0].0) {
-            continue;
-        }
-        let named: Vec<String> = by
-            .iter()
-            .map(|(network, w)| format!("{w} on Network {network}"))
-            .collect();
-        let problem = Problem {
-            kind: "Network",
-            object: by[0].0.clone(),
-            message: format!(
-                "{} have one MAC, so one IPv6 link-local address {ip}: no policy judges their link-local traffic; give one of them another MAC",
-                named.join(" and ")
-            ),
-            reason: None,
-        };
-        if !problems.contains(&problem) {
-            problems.push(problem);
-        }
-        out.insert(ip);
-    }
-    if !out.is_empty() {
-        for m in members.iter_mut() {
-            m.ips.retain(|ip| !out.contains(ip));
-        }
-    }
-    out
 }
 
 /// The names of `res`'s Bridge networks.
@@ -2671,8 +2614,9 @@ spec: {mode: Bridge, subnets: [10.72.0.0/24], bridge: {uplink: eth1, vlan: 20}}
     }
 
     /// Two workloads with one MAC on two Networks (cloned VMs) share a link-local address: it
-    /// is in neither's identity, held as shared (a registration touching it takes the full
-    /// plan), and a problem names both; on one Network (a live migration's two ends) it stays.
+    /// is in neither's identity but denied by default (local, in the default-deny set), held as
+    /// shared (a registration touching it takes the full plan), and a problem names both; on
+    /// one Network (a live migration's two ends) it stays theirs.
     #[test]
     fn a_link_local_address_on_two_networks_is_no_one_s() {
         let res = resources(
@@ -2696,7 +2640,8 @@ spec: {mode: NAT, subnets: [10.62.0.0/16]}
         ];
         let out = plan(&node(&[]), &res, &blocks, &two);
         assert!(out.policy.shared.contains(&ll));
-        assert!(!out.policy.local.contains(&ll));
+        assert!(out.policy.local.contains(&ll) && out.policy.default_deny.contains(&ll));
+        assert!(!out.policy.owners.contains_key(&ll), "no one's identity");
         let problem = out
             .problems
             .iter()
@@ -2705,7 +2650,7 @@ spec: {mode: NAT, subnets: [10.62.0.0/16]}
         assert_eq!(
             problem.message,
             format!(
-                "default/p1 on Network a and default/p2 on Network b have one MAC, so one IPv6 link-local address {ll}: no policy judges their link-local traffic; give one of them another MAC"
+                "default/p1 on Network a and default/p2 on Network b have one MAC, so one IPv6 link-local address {ll}: no policy names it, and its traffic is denied unless a rule allows it by address (cidrs); give one of them another MAC"
             )
         );
         let one = [
@@ -2713,7 +2658,7 @@ spec: {mode: NAT, subnets: [10.62.0.0/16]}
             endpoint("a", "p2", &["10.61.0.3"]),
         ];
         let out = plan(&node(&[]), &res, &blocks, &one);
-        assert!(out.policy.local.contains(&ll));
+        assert!(out.policy.local.contains(&ll) && !out.policy.default_deny.contains(&ll));
         assert!(
             !out.problems
                 .iter()

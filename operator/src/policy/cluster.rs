@@ -141,7 +141,7 @@ pub fn decide(
     protocol: weft_crds::L4Protocol,
     v6: bool,
 ) -> anyhow::Result<super::Decision> {
-    let compiled = super::compile_resources(res, members);
+    let (compiled, _) = super::compile_members(res, members.to_vec());
     for p in &compiled.problems {
         eprintln!("warning: {p}");
     }

@@ -717,6 +717,81 @@ pub fn compile_resources(res: &Resources, members: &[Member]) -> Compiled {
     })
 }
 
+/// [`compile_resources`], with the IPv6 link-local addresses that members of two Networks hold
+/// (one MAC on two Networks: cloned VMs) taken out of their identities: no policy names them,
+/// and they are denied by default (in the default-deny set, and local when a local member holds
+/// one), held as shared (a change that touches one takes the full compilation). Returns the
+/// problems that name the members (kind `Network`, the first of their Networks).
+pub fn compile_members(res: &Resources, mut members: Vec<Member>) -> (Compiled, Vec<Problem>) {
+    let mut problems = Vec::new();
+    let unshared = unshare_link_local(&mut members, &mut problems);
+    let mut c = compile_resources(res, &members);
+    for (ip, local) in unshared {
+        c.shared.insert(ip);
+        c.default_deny.insert(ip);
+        if local {
+            c.local.insert(ip);
+        }
+    }
+    (c, problems)
+}
+
+/// Takes out of `members` the link-local addresses that members of two Networks hold, reporting
+/// each in `problems`; returns them, each with whether a local member held it.
+fn unshare_link_local(
+    members: &mut [Member],
+    problems: &mut Vec<Problem>,
+) -> BTreeMap<IpAddr, bool> {
+    let mut holders: BTreeMap<IpAddr, Vec<(String, String, bool)>> = BTreeMap::new();
+    for m in members.iter() {
+        for ip in &m.ips {
+            if let IpAddr::V6(v6) = ip
+                && v6.is_unicast_link_local()
+            {
+                holders.entry(*ip).or_default().push((
+                    m.network.clone(),
+                    format!("{}/{}", m.namespace, m.name),
+                    m.local,
+                ));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    for (ip, mut by) in holders {
+        by.sort();
+        by.dedup();
+        let Some(first) = by.first().map(|(n, _, _)| n.clone()) else {
+            continue;
+        };
+        if by.iter().all(|(n, _, _)| *n == first) {
+            continue;
+        }
+        let named: Vec<String> = by
+            .iter()
+            .map(|(network, w, _)| format!("{w} on Network {network}"))
+            .collect();
+        let problem = Problem {
+            kind: "Network",
+            object: first,
+            message: format!(
+                "{} have one MAC, so one IPv6 link-local address {ip}: no policy names it, and its traffic is denied unless a rule allows it by address (cidrs); give one of them another MAC",
+                named.join(" and ")
+            ),
+            reason: None,
+        };
+        if !problems.contains(&problem) {
+            problems.push(problem);
+        }
+        out.insert(ip, by.iter().any(|(_, _, local)| *local));
+    }
+    if !out.is_empty() {
+        for m in members.iter_mut() {
+            m.ips.retain(|ip| !out.contains_key(ip));
+        }
+    }
+    out
+}
+
 /// A packet (the first of a connection) as `trace` asks about it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Packet {
