@@ -157,7 +157,13 @@ fn endpoint(slot: usize, pod: usize, v: u8, pending: bool) -> Endpoint {
         container_id: cid.clone(),
         ifname: "eth0".into(),
         host_ifname: names::host_veth_name(&cid, "eth0"),
-        mac: format!("0a:58:0a:0a:{v:02x}:{host:02x}"),
+        // A red endpoint has the MAC of the blue slot before it (version 0), so the two share
+        // a link-local address on two Networks (cloned VMs) while both are registered.
+        mac: if red {
+            format!("0a:58:0a:0a:00:{:02x}", host - 1)
+        } else {
+            format!("0a:58:0a:0a:{v:02x}:{host:02x}")
+        },
         ips,
         pod_namespace: Some(NAMESPACES[pod % 3].into()),
         pod_name: Some(format!("p{pod}")),
