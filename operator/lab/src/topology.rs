@@ -1303,18 +1303,15 @@ impl Lab {
             .link_by_name(&mine)?
             .with_context(|| format!("{from} has no {mine}"))?
             .index;
+        // Its own link-local address is the probe's source: usable once DAD is done.
+        settled_link_local(&mut source, scope)
+            .with_context(|| format!("{from}'s {mine} has no usable link-local address"))?;
         let mut target = Netlink::entering(&self.workload_ns(to)?)?;
         let link = target
             .link_by_name(&theirs)?
             .with_context(|| format!("{to} has no {theirs}"))?;
-        let address = target
-            .addresses(Some(link.index))?
-            .into_iter()
-            .find_map(|a| match a.addr.addr() {
-                IpAddr::V6(v6) if v6.is_unicast_link_local() => Some(v6),
-                _ => None,
-            })
-            .with_context(|| format!("{to}'s {theirs} has no link-local address"))?;
+        let address = settled_link_local(&mut target, link.index)
+            .with_context(|| format!("{to}'s {theirs} has no usable link-local address"))?;
         Ok(std::net::SocketAddrV6::new(address, 0, 0, scope))
     }
 
@@ -1358,6 +1355,30 @@ impl Lab {
         }
         if let Err(e) = down_by_name(&self.name) {
             eprintln!("warning: removing lab {}: {e:#}", self.name);
+        }
+    }
+}
+
+/// The IPv6 link-local address of link `index` (in `nl`'s namespace) once duplicate address
+/// detection is done with it (a second or so after the link came up); `None` when it has none
+/// within 5 s.
+fn settled_link_local(nl: &mut Netlink, index: u32) -> Option<std::net::Ipv6Addr> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let found = nl
+            .addresses(Some(index))
+            .ok()?
+            .into_iter()
+            .find_map(|a| match a.addr.addr() {
+                IpAddr::V6(v6) if v6.is_unicast_link_local() && !a.dad_failed => {
+                    Some((v6, a.tentative))
+                }
+                _ => None,
+            });
+        match found {
+            Some((v6, false)) => return Some(v6),
+            _ if Instant::now() >= deadline => return None,
+            _ => std::thread::sleep(Duration::from_millis(100)),
         }
     }
 }
