@@ -409,6 +409,41 @@ spec:
     assert!(c.egress.admin.is_empty());
 }
 
+/// A namespace policy that fails its checks (only one an older, looser schema admitted) fails
+/// closed: none of its rules is enforced, and its subject stays isolated where it has rules
+/// (dropping it would open the subject to everyone); one whose subject itself is wrong is not
+/// enforced at all.
+#[test]
+fn an_invalid_namespace_policy_keeps_its_subject_isolated() {
+    let res = resources(&format!(
+        "{BASE}\n---\n{}",
+        r#"
+apiVersion: weft.dev/v1alpha1
+kind: SegmentationPolicy
+metadata: {name: locked, namespace: shop}
+spec:
+  subject: {podSelector: {matchLabels: {tier: db}}}
+  ingress: [{name: a, action: Accept, from: [{pods: {podSelector: {}}}]}]
+"#
+    ));
+    let c = compile_resources(&res, &members());
+    let text: Vec<String> = c.problems.iter().map(|p| p.to_string()).collect();
+    assert!(
+        text.iter().any(|t| t.contains("shop/locked")
+            && t.contains("spec.ingress[0].action")
+            && t.contains("its subject stays isolated where it has rules (fail closed)")),
+        "{text:?}"
+    );
+    let subject = c.subjects["SegmentationPolicy shop/locked"];
+    assert!(c.ingress.isolated.contains(&subject));
+    assert!(!c.egress.isolated.contains(&subject));
+    assert!(c.ingress.ns_allow.is_empty() && c.ingress.ns_deny.is_empty());
+    assert_eq!(c.applies_to["SegmentationPolicy shop/locked"], 1);
+    // The packets: db takes nothing now (its rule would have allowed app), the others are open.
+    assert!(!decide(&c, tcp(APP, DB, 5432)).allowed);
+    assert!(decide(&c, tcp(DB, APP, 80)).allowed);
+}
+
 #[test]
 fn an_empty_cidrs_list_is_reported_not_compiled_into_a_rule_matching_nothing() {
     // The CRD schema wants at least one CIDR; without the check, this Deny compiled into a rule
