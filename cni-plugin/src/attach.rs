@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use tracing::{debug, info, warn};
 use weft_dataplane::attachment::{self, Ask, AskError, Attached, Identity};
-use weft_dataplane::ipam::{Allocation, Attachment, IpamStore};
+use weft_dataplane::ipam::{Allocation, Attachment, IpamStore, Related};
 use weft_dataplane::names;
 use weft_dataplane::netlink::{
     CreatedVeth, LinkIndex, LinkInfo, Netlink, NetlinkError, RouteSpec, VethSpec,
@@ -340,11 +340,7 @@ fn add_here(conf: &Conf, env: &Env, ask: &Ask) -> Result<CniResult, CniError> {
         (Some(namespace), Some(name)) => identity(conf, namespace, name)?,
         _ => Identity::default(),
     };
-    let held = IpamStore::held(
-        &conf.state_dir,
-        &ask.container_id,
-        attachment::store_not_to_read(ask, &identity),
-    );
+    let held = attachment::held(&conf.state_dir, ask, &identity);
     let list = attachment::interfaces(ask, &identity, &held).map_err(ask_error)?;
     if let Some(network) = attachment::marked_default_route(&identity) {
         attachment::check_default_route(&read_network(conf, &network)?).map_err(ask_error)?;
@@ -1037,11 +1033,15 @@ fn del_one(
     kept: &mut Kept,
 ) -> Result<Option<Vec<proto::DetachedInterface>>, CniError> {
     let container_id = env.container_id()?;
+    let related = || IpamStore::related(&conf.state_dir, container_id, ifname);
+    let tap = matches!(conf.attachment, AttachmentKind::Tap(_));
+    // A VM's DEL reads the stores before its tap goes; the others only without the agent.
+    let mut known = tap.then(related);
     // 1. A VM's tap, when the pod's namespace still exists (and the name is not another
     // interface's child, whose tap it is: see step 3).
     // Never inside the node's own namespace (a CNI_NETNS of /proc/self/ns/net).
-    if matches!(conf.attachment, AttachmentKind::Tap(_))
-        && !(with_extras && IpamStore::related(&conf.state_dir, container_id, ifname).is_anothers())
+    if tap
+        && !(with_extras && known.as_ref().is_some_and(Related::is_anothers))
         && let Some(path) = env.netns.as_deref()
         && let Ok(ns) = Netns::open(Path::new(path))
         && matches!(ns.is_current(), Ok(false))
@@ -1067,7 +1067,7 @@ fn del_one(
         other => other,
     };
     // Without the agent's detach: the networks that hold the interface, read once.
-    let related = IpamStore::related(&conf.state_dir, container_id, ifname);
+    let related = known.take().unwrap_or_else(related);
     let held = related.owners_or(network, with_extras);
     match answered {
         Ok((reply, _)) => {
@@ -1090,20 +1090,18 @@ fn del_one(
         }
     }
     let mut errors: Vec<String> = Vec::new();
-    // 3. The link (deleting the host end removes the peer in the container too).
-    // The runtime's DEL of a name that is another interface's child: that one's, its link too.
+    // 3. The link (deleting the host end removes the peer in the container too), unless this
+    // is the runtime's DEL of a name that is another interface's child: that one's link.
     let host_name = names::host_veth_name(container_id, ifname);
-    match Netlink::new().and_then(|mut nl| {
-        if with_extras && related.is_anothers() {
-            return Ok(());
-        }
-        if let Some(l) = nl.link_by_name(&host_name)? {
-            nl.delete_link(l.index)?;
-        }
-        Ok(())
-    }) {
-        Ok(()) => {}
-        Err(e) => errors.push(format!("delete {host_name}: {}", error::chain(&e))),
+    if !(with_extras && related.is_anothers())
+        && let Err(e) = Netlink::new().and_then(|mut nl| {
+            if let Some(l) = nl.link_by_name(&host_name)? {
+                nl.delete_link(l.index)?;
+            }
+            Ok(())
+        })
+    {
+        errors.push(format!("delete {host_name}: {}", error::chain(&e)));
     }
     // 4. The addresses.
     for network in &held {

@@ -5,7 +5,7 @@
 //! itself only when its agent cannot (an older agent, the stand-in of the CNI's tests).
 
 use crate::codes::{IFNAME_TAKEN, INVALID_CONFIG};
-use crate::ipam::{AllocRequest, Allocation, Attachment, Held};
+use crate::ipam::{AllocRequest, Allocation, Attachment, Held, IpamStore};
 use crate::names;
 use crate::proto::{self, Endpoint, MigrationSource, PortMapping, Reply, Restore};
 use crate::state::NetworkState;
@@ -146,7 +146,7 @@ impl Interface {
 /// others; the default route through the one marked `defaultRoute`, else the first);
 /// otherwise one on the configuration's Network.
 ///
-/// `held`: the interfaces the container holds already ([`crate::ipam::IpamStore::held`]).
+/// `held`: the interfaces the container holds already ([`held`]).
 /// Those of other ADDs (the interfaces another `CNI_IFNAME`'s ADD made from the annotation, or
 /// another runtime attachment, as Multus adds them as `net1`, `net2`…) keep their names: `net1`,
 /// `net2`… skip them, and a `CNI_IFNAME` or an annotation's interface name that is one of them
@@ -269,17 +269,18 @@ pub fn interfaces(
     Ok(out)
 }
 
-/// The store of the ADD's Network that [`interfaces`] needs no look at (`held` may leave it
-/// out, [`crate::ipam::IpamStore::held`]): without an annotation the ADD makes one interface,
+/// The interfaces container `ask.container_id` holds already, as [`interfaces`] needs them
+/// ([`IpamStore::held`] under `state_dir`). Without an annotation the ADD makes one interface,
 /// on the configuration's Network, whose store refuses the name itself when another ADD's
-/// interface holds it there ([`crate::ipam::IpamError::InterfaceTaken`]). A node with one
-/// Network then reads no store for it.
-pub fn store_not_to_read<'a>(ask: &'a Ask, identity: &Identity) -> Option<&'a str> {
+/// interface holds it there ([`crate::ipam::IpamError::InterfaceTaken`]): that store is not
+/// read, so a node with one Network reads none.
+pub fn held(state_dir: &std::path::Path, ask: &Ask, identity: &Identity) -> Vec<Held> {
     let annotated = identity
         .networks
         .as_deref()
         .is_some_and(|n| !n.trim().is_empty());
-    ask.network.as_deref().filter(|_| !annotated)
+    let skip = ask.network.as_deref().filter(|_| !annotated);
+    IpamStore::held(state_dir, &ask.container_id, skip)
 }
 
 /// The Network the pod's annotation marks `defaultRoute`, if it marks one.

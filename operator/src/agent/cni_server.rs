@@ -138,11 +138,7 @@ impl Attachments {
         identity: &Identity,
         wait: bool,
     ) -> Result<Vec<(Attached, Endpoint)>, AllocFailure> {
-        let held = IpamStore::held(
-            &self.state_dir,
-            &ask.container_id,
-            attachment::store_not_to_read(ask, identity),
-        );
+        let held = attachment::held(&self.state_dir, ask, identity);
         let list = attachment::interfaces(ask, identity, &held)?;
         if let Some(network) = attachment::marked_default_route(identity) {
             attachment::check_default_route(&self.network(&network)?)?;

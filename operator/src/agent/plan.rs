@@ -2666,13 +2666,8 @@ spec: {mode: NAT, subnets: [10.62.0.0/16]}
         );
     }
 
-    /// A workload interface's policy addresses include its link-local address (the EUI-64 one
-    /// of its MAC): here, and on another node on a Bridge network (reached over the LAN), not
-    /// on another node's NAT network (not on this link).
-    #[test]
-    fn policy_members_carry_their_link_local_address() {
-        let res = resources(
-            r#"
+    /// A Bridge network and a NAT network.
+    const LAN_AND_NAT: &str = r#"
 apiVersion: weft.dev/v1alpha1
 kind: Network
 metadata: {name: lan}
@@ -2682,9 +2677,14 @@ apiVersion: weft.dev/v1alpha1
 kind: Network
 metadata: {name: nat}
 spec: {mode: NAT, subnets: [10.62.0.0/16]}
-"#,
-        );
-        let mut res = res;
+"#;
+
+    /// A workload interface's policy addresses include its link-local address (the EUI-64 one
+    /// of its MAC): here, and on another node on a Bridge network (reached over the LAN), not
+    /// on another node's NAT network (not on this link).
+    #[test]
+    fn policy_members_carry_their_link_local_address() {
+        let mut res = resources(LAN_AND_NAT);
         let mut on_nat = running("node-b", "default/v2", "10.62.0.9", true);
         on_nat.workload.network = "nat".into();
         res.peers = vec![
@@ -2708,19 +2708,7 @@ spec: {mode: NAT, subnets: [10.62.0.0/16]}
 
     #[test]
     fn a_mac_a_workload_on_another_node_uses_is_found_on_bridge_networks_only() {
-        let mut res = resources(
-            r#"
-apiVersion: weft.dev/v1alpha1
-kind: Network
-metadata: {name: lan}
-spec: {mode: Bridge, subnets: [10.61.0.0/24], bridge: {uplink: eth0}}
----
-apiVersion: weft.dev/v1alpha1
-kind: Network
-metadata: {name: nat}
-spec: {mode: NAT, subnets: [10.62.0.0/24]}
-"#,
-        );
+        let mut res = resources(LAN_AND_NAT);
         res.peers = vec![running("node-b", "default/db", "10.61.0.40", true).into()];
         let mut ep = endpoint("lan", "thief", &["10.61.0.41"]);
         ep.mac = "02:00:00:00:00:01".into();
