@@ -182,6 +182,7 @@ t_trust() {
     can "$sa:weft-controller" patch networks && can "$sa:weft-controller" create nodenetworks &&
     can "$sa:weft-controller" patch workloadslices || return 1
   expect "the agent may watch WorkloadSlices" can "$sa:weft-agent" watch workloadslices || return 1
+  expect "the controller may watch pods (a node speaks only for its own)" can "$sa:weft-controller" watch pods || return 1
   # What it does not use is refused.
   local denied=("weft-agent patch nodenetworks" "weft-agent patch workloadslices" "weft-controller delete workloadslices"
     "weft-agent delete pods" "weft-agent get secrets"
@@ -480,6 +481,65 @@ EOF
       sh -c "! '$C' kubectl get nodenetwork node3 >/dev/null 2>&1"
 }
 
+# A node speaks only for the pods bound to it, with their own labels: node4, a Node without a
+# kubelet (so no agent writes its NodeNetwork status but this test), publishes a pod bound to
+# it under a label group of its choosing, and b1, node2's pod. The WorkloadSlices carry the
+# first with the labels the API server gives it (and follow a relabelling), and not the second.
+t_vouch() {
+  k apply -f - >/dev/null <<'EOF' || return 1
+apiVersion: v1
+kind: Node
+metadata: {name: node4}
+EOF
+  local block
+  eventually 30 "node4 gets a block of e2e-nat" \
+    sh -c "'$C' kubectl get nodenetwork node4 -o jsonpath='{.spec.blocks[?(@.network==\"e2e-nat\")].ipv4}' | grep -q ." ||
+    return 1
+  block=$(k get nodenetwork node4 -o jsonpath='{.spec.blocks[?(@.network=="e2e-nat")].ipv4}')
+  local base=${block%.*} own other
+  own=$base.5 other=$base.6
+  log "node4's block: $block"
+  # Bound to node4, never started (no kubelet there).
+  kn apply -f - >/dev/null <<'EOF' || return 1
+{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "forged", "labels": {"app": "web"}},
+ "spec": {"nodeName": "node4", "containers": [{"name": "c", "image": "weft.test/testbox:1"}]}}
+EOF
+  k patch nodenetwork node4 --subresource=status --type=merge -p "$(
+    cat <<EOF
+{"status": {"workloads": [
+  {"network": "e2e-nat", "namespace": "$ns", "name": "forged", "labels": {"app": "db"}, "ips": ["$own"]},
+  {"network": "e2e-nat", "namespace": "$ns", "name": "b1", "labels": {"app": "web"}, "ips": ["$other"]}]}}
+EOF
+  )" >/dev/null || return 1
+  eventually 30 "the slices carry node4's pod with the pod's label app=web, not the published app=db" \
+    slice_label e2e-nat node4 "$own" web &&
+    eventually 30 "the controller refuses node4's claim of node2's b1 (Warning Event on e2e-nat)" \
+      refusal_says "$ns/b1 on network e2e-nat left out of policy groups: pod $ns/b1 runs on node node2, not on node4" &&
+    expect "no slice carries node4's claim of b1" not in_slice e2e-nat node4 "$other" || return 1
+  kn label pod forged app=api --overwrite >/dev/null || return 1
+  eventually 30 "the pod relabelled app=api: its slice entry follows (node4 published nothing new)" \
+    slice_label e2e-nat node4 "$own" api || return 1
+  kn delete pod forged --grace-period=0 --force >/dev/null 2>&1
+  eventually 30 "the pod deleted: node4's entry leaves the slices" not in_slice e2e-nat node4 "$own" &&
+    expect "delete Node node4" k delete node node4 --timeout=30s &&
+    eventually 30 "node4's NodeNetwork is freed" sh -c "! '$C' kubectl get nodenetwork node4 >/dev/null 2>&1"
+}
+
+# slice_label NETWORK NODE IP APP: a WorkloadSlice of NETWORK names IP on NODE with label app=APP.
+slice_label() {
+  k get workloadslices -l "weft.dev/network=$1" -o json | python3 -c '
+import json, sys
+net, node, ip, app = sys.argv[1:5]
+ws = [w for s in json.load(sys.stdin)["items"] if s["spec"]["network"] == net for w in s["spec"].get("workloads", [])]
+sys.exit(0 if any(w["node"] == node and ip in w["ips"] and w.get("labels", {}).get("app") == app for w in ws) else 1)' "$@"
+}
+
+# refusal_says TEXT: a PublishedAddressRefused Event says TEXT.
+refusal_says() {
+  k get events -A --field-selector reason=PublishedAddressRefused -o jsonpath='{range .items[*]}{.message}{"\n"}{end}' |
+    grep -qF -- "$1"
+}
+
 # Seconds until the Lease is renewed again by a live controller after the leader's process gets
 # SIGNAL: by the standby, or (after kill -9) by the leader's restarted container, whichever first.
 failover() { # signal
@@ -759,7 +819,7 @@ if [ "${REUSE:-0}" = 1 ]; then
   "$C" load-images 2>/dev/null
   k delete namespace "$ns" weft-validation --ignore-not-found --wait --timeout=120s >/dev/null 2>&1
   k delete network --all --timeout=60s >/dev/null 2>&1
-  k delete node node3 --timeout=20s >/dev/null 2>&1
+  k delete node node3 node4 --timeout=20s >/dev/null 2>&1
   "$C" helm uninstall weft -n weft-system --wait --timeout 120s >/dev/null 2>&1
 elif ! "$C" up; then
   echo "FAIL cluster-up"
@@ -781,6 +841,7 @@ if [ "$failed" = 0 ]; then
   run peers t_peers
   run bridge t_bridge_hybrid
   run status t_status
+  run vouch t_vouch
   run monitoring t_monitoring
   run trust t_trust
   run failover t_failover

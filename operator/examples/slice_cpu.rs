@@ -15,7 +15,9 @@ use weft_crds::{
     WorkloadSlice,
 };
 use weft_operator::controller::compact::{CompactNodeNetwork, Names, keep_node_network};
+use weft_operator::controller::pods::PodDirectory;
 use weft_operator::controller::slices::{Book, Stored};
+use weft_operator::model::peers::{PodFacts, Pods};
 use weft_operator::model::shared::LabelSets;
 
 const PER_NODE: usize = 110;
@@ -68,6 +70,18 @@ fn main() -> anyhow::Result<()> {
         .and_then(|a| a.parse().ok())
         .unwrap_or(200);
     let (mut names, mut labels) = (Names::default(), LabelSets::default());
+    // The API server's pods: every node's, the one more too.
+    let mut pods = Pods::default();
+    for nn in (0..nodes).map(|n| node_network(n, PER_NODE + 1)) {
+        for w in nn.status.iter().flat_map(|s| &s.workloads) {
+            let mut set = w.labels.clone();
+            labels.share(&mut set);
+            let node = nn.metadata.name.clone().unwrap_or_default();
+            pods.insert(&w.namespace, &w.name, PodFacts { node, labels: set });
+        }
+    }
+    let mut directory = PodDirectory::default();
+    directory.relist(pods);
     let mut keep = |nn| Arc::new(keep_node_network(nn, &mut names, &mut labels));
     let mut all: Vec<Arc<CompactNodeNetwork>> = (0..nodes)
         .map(|n| keep(node_network(n, PER_NODE)))
@@ -88,14 +102,14 @@ fn main() -> anyhow::Result<()> {
         // Every node read: a book of its own, from the store as the last round left it.
         let mut book = Book::default();
         let t = Instant::now();
-        let changed = book.update("pods", &all, &store, 0);
+        let changed = book.update("pods", &all, &directory, &store, 0);
         read.push(t.elapsed());
         write(&mut book, &mut store, changed);
         // One pod more, or one fewer, on one node, taken in by the book.
         let n = (round * 7) % nodes;
         all[n] = keep(node_network(n, PER_NODE + 1 - 2 * (round % 2)));
         let t = Instant::now();
-        let changed = book.update("pods", &all, &store, 0);
+        let changed = book.update("pods", &all, &directory, &store, 0);
         change.push(t.elapsed());
         anyhow::ensure!(changed.len() == 1, "one slice changes: {}", changed.len());
         write(&mut book, &mut store, changed);

@@ -65,7 +65,7 @@ pub struct UninstallWaitArgs {
 #[derive(Debug, Args)]
 pub struct TraceArgs {
     /// Trace against the cluster (kubeconfig, or the pod's service account): its Networks,
-    /// policies and Namespaces, and the workloads the agents publish in NodeNetwork status. The
+    /// policies and Namespaces, and the workloads of the Networks' WorkloadSlices. The
     /// only mode; the flag may be left out.
     #[arg(long)]
     pub kube: bool,

@@ -21,13 +21,16 @@ use weft_crds::{
 };
 use weft_operator::controller::compact::CompactNodeNetwork;
 use weft_operator::controller::leader::Fixed;
+use weft_operator::controller::pods::PodDirectory;
 use weft_operator::controller::{
     Context, FINALIZER, Metrics, Stores, network, portforward, slices,
 };
+use weft_operator::model::peers::{PodFacts, Pods};
 
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
 struct World {
+    pods: Arc<std::sync::RwLock<PodDirectory>>,
     networks: Writer<Network>,
     nodes: Writer<Node>,
     node_networks: Writer<CompactNodeNetwork>,
@@ -97,6 +100,10 @@ fn setup(leader: bool) -> (Arc<Context>, Handle, World) {
     let (node_networks, nnw) = reflector::store();
     let (port_forwards, pfw) = reflector::store();
     let (slices, sw) = reflector::store();
+    // Every pod is listed (none yet): see `World::bound`.
+    let mut directory = PodDirectory::default();
+    directory.relist(Pods::default());
+    let pods = Arc::new(std::sync::RwLock::new(directory));
     let stores = Stores {
         networks,
         nodes,
@@ -104,12 +111,14 @@ fn setup(leader: bool) -> (Arc<Context>, Handle, World) {
         port_forwards,
         slices,
         slice_deletions: Default::default(),
+        pods: pods.clone(),
     };
     let ctx = Context::new(client, stores, Arc::new(Fixed(leader)), Metrics::default());
     (
         Arc::new(ctx),
         handle,
         World {
+            pods,
             networks: nw,
             nodes: ndw,
             node_networks: nnw,
@@ -793,7 +802,32 @@ fn workload(name: &str, ip: &str) -> NodeWorkload {
 }
 
 impl World {
+    /// Binds the pod `namespace/name` to `node` with the label `app` (`None`: no such pod).
+    fn bound(&mut self, namespace: &str, name: &str, node: &str, app: Option<&str>) -> &mut Self {
+        let facts = app.map(|app| PodFacts {
+            node: node.into(),
+            labels: Arc::new([("app".to_owned(), app.to_owned())].into()),
+        });
+        self.pods.write().unwrap().apply(namespace, name, facts);
+        self
+    }
+
+    /// `node` publishes `workloads` on network blue from its `block`; the pods of those not
+    /// bound yet are bound to it, with their published labels.
     fn publishing(&mut self, node: &str, block: &str, workloads: Vec<NodeWorkload>) -> &mut Self {
+        for w in &workloads {
+            let known = self
+                .pods
+                .read()
+                .unwrap()
+                .pods()
+                .get(&w.namespace, &w.name)
+                .is_some();
+            if !known {
+                let app = w.labels.get("app").cloned().unwrap_or_default();
+                self.bound(&w.namespace, &w.name, node, Some(&app));
+            }
+        }
         let mut nn = NodeNetwork::new(
             node,
             NodeNetworkSpec {
@@ -923,6 +957,67 @@ async fn the_vouched_workloads_of_a_network_are_applied_as_its_slice_owned_by_it
     let verifier = tokio::spawn(async move {
         let seen = expect_slice(&mut handle, "blue.0").await;
         assert_eq!(seen.body["spec"]["workloads"][0]["name"], "web-2");
+        no_more_requests(&mut handle).await;
+    });
+    slices::reconcile(Arc::new(blue), ctx).await.unwrap();
+    verifier.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_slice_carries_the_pods_own_labels_and_no_pod_of_another_node() {
+    let (ctx, mut handle, mut world) = setup(true);
+    let blue = network("blue", "10.10.0.0/24", 1);
+    let mut forged = workload("db", "10.10.0.66");
+    forged.labels = Arc::new([("app".to_owned(), "db".to_owned())].into());
+    world
+        .net(&blue)
+        // The API server says: db is labelled app=web, a-pod runs on node a.
+        .bound("shop", "db", "b", Some("web"))
+        .bound("shop", "a-pod", "a", Some("web"))
+        .publishing("a", "10.10.0.0/26", vec![])
+        .publishing(
+            "b",
+            "10.10.0.64/26",
+            vec![forged, workload("a-pod", "10.10.0.67")],
+        );
+    let verifier = tokio::spawn(async move {
+        let seen = expect_slice(&mut handle, "blue.0").await;
+        let workloads = seen.body["spec"]["workloads"].as_array().unwrap().clone();
+        assert_eq!(workloads.len(), 1, "{workloads:?}");
+        assert_eq!(workloads[0]["name"], "db");
+        // The pod's label, not the one node b published.
+        assert_eq!(workloads[0]["labels"]["app"], "web");
+        let seen = expect_event(&mut handle, "default").await;
+        assert!(
+            seen.body["note"]
+                .as_str()
+                .unwrap()
+                .contains("shop/a-pod on network blue left out of policy groups: pod shop/a-pod runs on node a, not on b"),
+            "{}",
+            seen.body
+        );
+        (handle, seen.body)
+    });
+    slices::reconcile(Arc::new(blue.clone()), ctx.clone())
+        .await
+        .unwrap();
+    let (mut handle, _) = verifier.await.unwrap();
+    // The pod is relabelled: the slice follows, though node b published nothing new.
+    world.bound("shop", "db", "b", Some("api"));
+    let verifier = tokio::spawn(async move {
+        let seen = expect_slice(&mut handle, "blue.0").await;
+        assert_eq!(seen.body["spec"]["workloads"][0]["labels"]["app"], "api");
+        no_more_requests(&mut handle).await;
+        handle
+    });
+    slices::reconcile(Arc::new(blue.clone()), ctx.clone())
+        .await
+        .unwrap();
+    let mut handle = verifier.await.unwrap();
+    // Until every pod is listed again (a new replica, a relist), nothing is written.
+    *world.pods.write().unwrap() = PodDirectory::default();
+    world.publishing("a", "10.10.0.0/26", vec![workload("web-1", "10.10.0.2")]);
+    let verifier = tokio::spawn(async move {
         no_more_requests(&mut handle).await;
     });
     slices::reconcile(Arc::new(blue), ctx).await.unwrap();

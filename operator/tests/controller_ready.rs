@@ -35,6 +35,13 @@ async fn api_server(
         if !query.split('&').any(|p| p == "watch=true") {
             lists.lock().unwrap().push(path.clone());
         }
+        if path == "/api/v1/pods" {
+            // Only the pods bound to a node.
+            assert!(
+                query.contains("fieldSelector=spec.nodeName%21%3D"),
+                "{query}"
+            );
+        }
         if query.split('&').any(|p| p == "watch=true")
             || held.is_some_and(|h| path.ends_with(&format!("/{h}")))
         {
@@ -43,6 +50,7 @@ async fn api_server(
         }
         let (api_version, kind) = match path.rsplit('/').next().unwrap_or_default() {
             "nodes" => ("v1", "NodeList"),
+            "pods" => ("v1", "PodList"),
             "networks" => ("weft.dev/v1alpha1", "NetworkList"),
             "nodenetworks" => ("weft.dev/v1alpha1", "NodeNetworkList"),
             "portforwards" => ("weft.dev/v1alpha1", "PortForwardList"),
@@ -123,6 +131,7 @@ async fn the_controller_is_ready_once_the_initial_lists_are_in_while_its_control
         lists,
         [
             "/api/v1/nodes",
+            "/api/v1/pods",
             "/apis/weft.dev/v1alpha1/networks",
             "/apis/weft.dev/v1alpha1/nodenetworks",
             "/apis/weft.dev/v1alpha1/portforwards",
@@ -143,8 +152,14 @@ fn reported() -> ReportedRefs {
 
 #[tokio::test]
 async fn the_controller_is_not_ready_while_a_list_is_outstanding() {
+    not_ready_while_outstanding("portforwards").await;
+    // Until every pod is known, no node's workloads can be vouched for.
+    not_ready_while_outstanding("pods").await;
+}
+
+async fn not_ready_while_outstanding(held: &'static str) {
     let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    tokio::spawn(api_server(handle, Some("portforwards"), Arc::default()));
+    tokio::spawn(api_server(handle, Some(held), Arc::default()));
     let client = Client::new(svc, "default");
     let (tx, _rx) = mpsc::unbounded();
     let (network_refs, _r) = mpsc::unbounded();
@@ -166,7 +181,7 @@ async fn the_controller_is_not_ready_while_a_list_is_outstanding() {
         tokio::time::timeout(Duration::from_millis(500), caches_synced(&observation))
             .await
             .is_err(),
-        "ready before the PortForwards were listed"
+        "ready before the {held} were listed"
     );
     assert!(*observation.networks_listed.borrow());
 }

@@ -88,20 +88,20 @@ fn cluster_lists() -> BTreeMap<&'static str, Vec<Value>> {
             ],
         ),
         (
-            "/apis/weft.dev/v1alpha1/nodenetworks",
+            "/apis/weft.dev/v1alpha1/workloadslices",
             vec![
-                json!({"apiVersion": "weft.dev/v1alpha1", "kind": "NodeNetwork", "metadata": meta("node-a", None, &[]),
-                       "spec": {"blocks": []},
-                       "status": {"workloads": [
-                           {"network": "blue", "namespace": "shop", "name": "db-1", "labels": {"tier": "db"}, "ips": ["10.10.0.2"]},
+                json!({"apiVersion": "weft.dev/v1alpha1", "kind": "WorkloadSlice", "metadata": meta("blue.0", None, &[]),
+                       "spec": {"network": "blue", "workloads": [
+                           {"node": "node-a", "network": "blue", "namespace": "shop", "name": "db-1", "labels": {"tier": "db"}, "ips": ["10.10.0.2"]},
                            // A live migration's waiting target: its VM still runs on node-b.
-                           {"network": "blue", "namespace": "shop", "name": "app-1-target", "labels": {"tier": "app"},
-                            "ips": ["10.10.0.66"], "active": false}]}}),
-                json!({"apiVersion": "weft.dev/v1alpha1", "kind": "NodeNetwork", "metadata": meta("node-b", None, &[]),
-                       "spec": {"blocks": []},
-                       "status": {"workloads": [
-                           {"network": "blue", "namespace": "shop", "name": "app-1", "labels": {"tier": "app"}, "ips": ["10.10.0.66"]},
-                           {"network": "blue", "namespace": "shop", "name": "web-1", "labels": {"tier": "web"}, "ips": ["10.10.0.67"]}]}}),
+                           {"node": "node-a", "network": "blue", "namespace": "shop", "name": "app-1-target", "labels": {"tier": "app"},
+                            "ips": ["10.10.0.66"], "active": false},
+                           {"node": "node-b", "network": "blue", "namespace": "shop", "name": "app-1", "labels": {"tier": "app"}, "ips": ["10.10.0.66"]}]}}),
+                json!({"apiVersion": "weft.dev/v1alpha1", "kind": "WorkloadSlice", "metadata": meta("blue.1", None, &[]),
+                       "spec": {"network": "blue", "workloads": [
+                           // Also in blue.0 (two writes that crossed): one member.
+                           {"node": "node-b", "network": "blue", "namespace": "shop", "name": "app-1", "labels": {"tier": "app"}, "ips": ["10.10.0.66"]},
+                           {"node": "node-b", "network": "blue", "namespace": "shop", "name": "web-1", "labels": {"tier": "web"}, "ips": ["10.10.0.67"]}]}}),
             ],
         ),
     ])
@@ -122,7 +122,10 @@ async fn trace_answers_from_the_clusters_resources_and_published_workloads() {
         "the waiting target is not a member"
     );
     let asked = asked.lock().unwrap().clone();
-    for path in ["/api/v1/namespaces", "/apis/weft.dev/v1alpha1/nodenetworks"] {
+    for path in [
+        "/api/v1/namespaces",
+        "/apis/weft.dev/v1alpha1/workloadslices",
+    ] {
         assert!(asked.iter().any(|p| p == path), "{asked:?}");
     }
 

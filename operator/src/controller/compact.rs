@@ -269,6 +269,11 @@ impl Published {
             .map(|i| self.0[i].1)
     }
 
+    /// The Networks the node publishes entries of.
+    pub fn networks(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|(n, _)| &**n)
+    }
+
     /// The Networks whose entries differ between `self` and `other`.
     pub fn changed<'a>(&'a self, other: &'a Published) -> impl Iterator<Item = &'a str> {
         self.0

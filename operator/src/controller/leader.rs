@@ -48,6 +48,24 @@ impl Leadership for Fixed {
     }
 }
 
+/// A replica's leadership that waits for its caches too: until every watch has listed its
+/// kind (`synced`), its stores may hold a part of the cluster or nothing, and what a leader
+/// wrote from them (a Network's blocks for the nodes seen so far, WorkloadSlices emptied of the
+/// workloads of NodeNetworks not yet listed) would undo what the cluster holds. A replica that
+/// wins the Lease before its caches are synced writes nothing until they are.
+pub struct Synced<L> {
+    /// The replica's leadership.
+    pub leader: L,
+    /// True once the replica's watches have listed everything (its readiness).
+    pub synced: std::sync::Arc<AtomicBool>,
+}
+
+impl<L: Leadership> Leadership for Synced<L> {
+    fn is_leader(&self) -> bool {
+        self.synced.load(Ordering::Acquire) && self.leader.is_leader()
+    }
+}
+
 /// The timing of the election.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timing {
@@ -321,6 +339,23 @@ pub fn elect(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_leader_writes_only_once_its_caches_are_synced() {
+        let synced = std::sync::Arc::new(AtomicBool::new(false));
+        let leader = Synced {
+            leader: Fixed(true),
+            synced: synced.clone(),
+        };
+        let standby = Synced {
+            leader: Fixed(false),
+            synced: synced.clone(),
+        };
+        assert!(!leader.is_leader());
+        synced.store(true, Ordering::Release);
+        assert!(leader.is_leader());
+        assert!(!standby.is_leader());
+    }
 
     fn held_by(holder: Option<&str>, seconds: Option<i32>) -> LeaseSpec {
         LeaseSpec {

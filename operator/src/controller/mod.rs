@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod mirror;
 pub mod network;
 pub mod opts;
+pub mod pods;
 pub mod policy;
 pub mod portforward;
 pub mod slices;
@@ -36,7 +37,7 @@ use compact::{
     Blocks, CompactNodeNetwork, Entry, InUse, Names, Published, Realized, keep_node_network,
 };
 use futures::{FutureExt, StreamExt, TryStreamExt, channel::mpsc};
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, controller::Action, watcher};
@@ -77,6 +78,8 @@ pub struct Stores {
     /// How many WorkloadSlice deletions the watch has seen (a [`slices::Book`] read before
     /// one is read again: the store alone cannot tell a slice deleted from one not yet seen).
     pub slice_deletions: Arc<AtomicU64>,
+    /// The pods bound to nodes, which the nodes' publications are checked against.
+    pub pods: Arc<std::sync::RwLock<pods::PodDirectory>>,
 }
 
 /// Shared state of the reconcilers.
@@ -743,6 +746,10 @@ pub struct Observation {
     pub slices: Store<WorkloadSlice>,
     /// How many WorkloadSlice deletions the watch has seen.
     pub slice_deletions: Arc<AtomicU64>,
+    /// The pods bound to nodes ([`pods`]).
+    pub pods: Arc<std::sync::RwLock<pods::PodDirectory>>,
+    /// True once the pod watch has listed every pod bound to a node.
+    pub pods_listed: watch::Receiver<bool>,
     /// True once the Network watch has listed every Network.
     pub networks_listed: watch::Receiver<bool>,
     /// True once the PortForward watch has listed every PortForward.
@@ -818,6 +825,7 @@ pub fn observe_cluster(
     let (slices, slices_fut) = {
         let (refs, all) = (triggers.slice_refs.clone(), triggers.slices.clone());
         let deletions = slice_deletions.clone();
+        let label_sets = label_sets.clone();
         reflect_with(
             Api::<WorkloadSlice>::all(client.clone()),
             move |slice| {
@@ -841,18 +849,113 @@ pub fn observe_cluster(
             },
         )
     };
+    // A pod bound, relabelled, moved or deleted changes what its node may vouch for.
+    let pod_directory = Arc::new(std::sync::RwLock::new(pods::PodDirectory::default()));
+    let (pods_tx, pods_listed) = watch::channel(false);
+    let pods_fut = watch_pods(
+        Api::<Pod>::all(client.clone()),
+        pod_directory.clone(),
+        node_networks.clone(),
+        (triggers.slice_refs.clone(), triggers.slices.clone()),
+        label_sets,
+        pods_tx,
+    );
     let observation = Observation {
         nodes,
         node_networks,
         slices,
         slice_deletions,
+        pods: pod_directory,
+        pods_listed,
         networks_listed,
         port_forwards_listed,
     };
     let run = async move {
-        futures::future::join5(nodes_fut, nn_fut, net_fut, pf_fut, slices_fut).await;
+        futures::future::join(
+            futures::future::join5(nodes_fut, nn_fut, net_fut, pf_fut, slices_fut),
+            pods_fut,
+        )
+        .await;
     };
     (observation, networks, port_forwards, run)
+}
+
+/// Watches the pods bound to nodes into `directory` (as [`pods::facts_of`] keeps them, the
+/// label sets shared through `label_sets`). A pod whose node or labels change, or that is
+/// bound or deleted, wakes the WorkloadSlice controller (`slices.0`) for the Networks its
+/// nodes publish entries of (in `node_networks`); a full list wakes it for every Network
+/// (`slices.1`) and turns `listed` true. Status updates, most of a pod's events, wake nothing.
+async fn watch_pods(
+    api: Api<Pod>,
+    directory: Arc<std::sync::RwLock<pods::PodDirectory>>,
+    node_networks: Store<CompactNodeNetwork>,
+    slices: (
+        mpsc::UnboundedSender<ObjectRef<Network>>,
+        mpsc::UnboundedSender<()>,
+    ),
+    label_sets: Arc<std::sync::Mutex<LabelSets>>,
+    listed: watch::Sender<bool>,
+) {
+    // Pods not yet scheduled are no node's.
+    let config = watcher::Config::default().fields("spec.nodeName!=");
+    let stream = watcher(api, config).default_backoff();
+    futures::pin_mut!(stream);
+    let mut building: Option<crate::model::peers::Pods> = None;
+    let wake = |nodes: BTreeSet<String>| {
+        for node in nodes {
+            if let Some(nn) = node_networks.get(&ObjectRef::new(&node)) {
+                for network in nn.published.networks() {
+                    let _ = slices.0.unbounded_send(ObjectRef::new(network));
+                }
+            }
+        }
+    };
+    let facts = |pod: &Pod| {
+        let mut labels = label_sets.lock().unwrap_or_else(|e| e.into_inner());
+        pods::facts_of(pod, &mut labels)
+    };
+    let id = |pod: &Pod| {
+        (
+            pod.metadata.namespace.clone().unwrap_or_default(),
+            pod.metadata.name.clone().unwrap_or_default(),
+        )
+    };
+    while let Some(event) = stream.next().await {
+        let event = match event {
+            Ok(event) => event,
+            Err(e) => {
+                warn!(error = %crate::error_chain(&e), "pod watch failed; retrying");
+                continue;
+            }
+        };
+        let mut dir = directory.write().unwrap_or_else(|e| e.into_inner());
+        match event {
+            watcher::Event::Init => building = Some(Default::default()),
+            watcher::Event::InitApply(pod) => {
+                if let (Some(all), Some((ns, name, f))) = (building.as_mut(), facts(&pod)) {
+                    all.insert(&ns, &name, f);
+                }
+            }
+            watcher::Event::InitDone => {
+                dir.relist(building.take().unwrap_or_default());
+                drop(dir);
+                listed.send_replace(true);
+                let _ = slices.1.unbounded_send(());
+            }
+            watcher::Event::Apply(pod) => {
+                let (ns, name) = id(&pod);
+                let changed = dir.apply(&ns, &name, facts(&pod).map(|(_, _, f)| f));
+                drop(dir);
+                wake(changed);
+            }
+            watcher::Event::Delete(pod) => {
+                let (ns, name) = id(&pod);
+                let changed = dir.apply(&ns, &name, None);
+                drop(dir);
+                wake(changed);
+            }
+        }
+    }
 }
 
 /// A watch of [`observe_cluster`] stopped before its first full list.
@@ -882,6 +985,12 @@ pub async fn caches_synced(observation: &Observation) -> Result<(), WatchStopped
         .wait_until_ready()
         .await
         .map_err(|_| stopped("WorkloadSlice"))?;
+    observation
+        .pods_listed
+        .clone()
+        .wait_for(|l| *l)
+        .await
+        .map_err(|_| stopped("Pod"))?;
     observation
         .networks_listed
         .clone()
@@ -956,6 +1065,7 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
             }
         })
     };
+    let ws_all_tx = ws_tx.clone();
     let triggers = Triggers {
         networks: net_tx.clone(),
         network_refs: net_ref_tx,
@@ -1007,16 +1117,27 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
         port_forwards: pf_controller.store(),
         slices: observation.slices.clone(),
         slice_deletions: observation.slice_deletions.clone(),
+        pods: observation.pods.clone(),
     };
-    let ctx = Arc::new(Context::new(client, stores, Arc::new(leader_rx), metrics));
+    // The replica writes once it leads and its caches are synced (`ready`): then everything
+    // is reconciled once more.
+    let leadership = leader::Synced {
+        leader: leader_rx,
+        synced: ready.clone(),
+    };
+    let ctx = Arc::new(Context::new(client, stores, Arc::new(leadership), metrics));
 
     {
         let ready = ready.clone();
+        let all = [&net_tx, &ws_all_tx, &pf_tx, &csp_tx, &sp_tx, &tm_tx].map(|t| t.clone());
         tokio::spawn(async move {
             match caches_synced(&observation).await {
                 Ok(()) => {
-                    ready.store(true, Ordering::Relaxed);
+                    ready.store(true, Ordering::Release);
                     info!("caches synced; ready");
+                    for t in all {
+                        let _ = t.unbounded_send(());
+                    }
                 }
                 Err(e) => warn!(error = %e, "not ready"),
             }

@@ -5,14 +5,77 @@
 //! of the same network, or, for a VM interface that kept its address when it moved from another
 //! node, when the node whose block holds the address reserves it for that VM. Anything else is
 //! left out and named in a problem, so that a compromised node cannot put an address of its
-//! choosing into the other nodes' policy groups or hand a VM another workload's address. The
-//! controller applies this before it copies the workloads into the Networks' WorkloadSlices.
+//! choosing into the other nodes' policy groups or hand a VM another workload's address.
+//!
+//! Nor is the node believed on who a workload is: a workload interface is taken only for a pod
+//! the API server binds to that node ([`Pods`]), with that pod's labels (whatever labels the
+//! node publishes), and a VM identity only of the pod's namespace and, for a KubeVirt
+//! virt-launcher pod, its own VM's. A compromised node therefore cannot put its addresses into
+//! a label group its pods do not belong to, nor speak for another node's pod. The controller
+//! applies this before it copies the workloads into the Networks' WorkloadSlices.
 
 use super::{Peer, PeerReservation};
 use ipnet::IpNet;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
+use weft_crds::nodenetwork::Labels;
 use weft_crds::{NodeNetwork, NodeReservation, NodeWorkload};
+
+/// What the API server says of a pod: the node it is bound to (`spec.nodeName`) and its labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodFacts {
+    /// The node the pod is bound to.
+    pub node: String,
+    /// The pod's labels.
+    pub labels: Labels,
+}
+
+/// The pods bound to a node, by namespace and name ([`PodFacts`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pods(HashMap<String, HashMap<String, PodFacts>>);
+
+impl Pods {
+    /// What is known of the pod `namespace/name`.
+    pub fn get(&self, namespace: &str, name: &str) -> Option<&PodFacts> {
+        self.0.get(namespace)?.get(name)
+    }
+
+    /// Records `facts` for the pod `namespace/name`; returns what was known before.
+    pub fn insert(&mut self, namespace: &str, name: &str, facts: PodFacts) -> Option<PodFacts> {
+        self.0
+            .entry(namespace.to_owned())
+            .or_default()
+            .insert(name.to_owned(), facts)
+    }
+
+    /// Forgets the pod `namespace/name`; returns what was known of it.
+    pub fn remove(&mut self, namespace: &str, name: &str) -> Option<PodFacts> {
+        let pods = self.0.get_mut(namespace)?;
+        let was = pods.remove(name);
+        if pods.is_empty() {
+            self.0.remove(namespace);
+        }
+        was
+    }
+
+    /// Every pod: `(namespace, name, facts)`.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str, &PodFacts)> {
+        self.0.iter().flat_map(|(namespace, pods)| {
+            pods.iter()
+                .map(move |(name, facts)| (namespace.as_str(), name.as_str(), facts))
+        })
+    }
+
+    /// How many pods are known.
+    pub fn len(&self) -> usize {
+        self.0.values().map(HashMap::len).sum()
+    }
+
+    /// Whether no pod is known.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
 
 /// What one node publishes, with the blocks the controller gave it.
 #[derive(Debug, Clone, Default)]
@@ -123,10 +186,51 @@ fn mac_refused(mac: &str) -> Option<String> {
     (m[0] & 1 == 1 || m == [0; 6]).then(|| format!("MAC {mac} is not a unicast address"))
 }
 
+/// Why the node `node` may not speak for the pod of the workload `w`, if it may not: the pod
+/// (`pod`, what the API server says of it) must exist and be bound to `node`, and a VM identity
+/// the node gives the workload must be of the pod's namespace and, when the pod names the VM
+/// it runs (KubeVirt's `vm.kubevirt.io/name` label), that VM.
+fn pod_refused(node: &str, w: &NodeWorkload, pod: Option<&PodFacts>) -> Option<String> {
+    let Some(pod) = pod else {
+        return Some(format!(
+            "no pod {}/{} is bound to a node (the API server has none)",
+            w.namespace, w.name
+        ));
+    };
+    if pod.node != node {
+        return Some(format!(
+            "pod {}/{} runs on node {}, not on {node}",
+            w.namespace, w.name, pod.node
+        ));
+    }
+    let vm = w.vm.as_deref()?;
+    let runs = pod
+        .labels
+        .get(weft_dataplane::proto::VM_NAME_LABEL)
+        .map(|name| format!("{}/{name}", w.namespace));
+    match vm.split_once('/') {
+        Some((namespace, _)) if namespace != w.namespace => Some(format!(
+            "VM {vm} is not of the pod's namespace {}",
+            w.namespace
+        )),
+        None => Some(format!("VM {vm:?} is not namespace/name")),
+        _ => runs
+            .filter(|runs| runs != vm)
+            .map(|runs| format!("the pod runs VM {runs}, not {vm}")),
+    }
+}
+
 /// What the node of `p` may vouch for ([module docs](self)), added to `out`, given the VM
-/// addresses that all nodes reserve ([`VmAddresses::of`]); with `network`, only that network's
-/// workloads and reservations.
-pub fn vouch(p: &Publication<'_>, vms: &VmAddresses, network: Option<&str>, out: &mut Vouched) {
+/// addresses that all nodes reserve ([`VmAddresses::of`]) and the cluster's pods; with
+/// `network`, only that network's workloads and reservations. A workload taken carries its
+/// pod's labels.
+pub fn vouch(
+    p: &Publication<'_>,
+    vms: &VmAddresses,
+    pods: &Pods,
+    network: Option<&str>,
+    out: &mut Vouched,
+) {
     let node = p.node;
     // Why an address published by the node is not taken, if it is not.
     let refuse = |network: &str, vm: Option<&str>, ip: &str| -> Option<String> {
@@ -145,15 +249,20 @@ pub fn vouch(p: &Publication<'_>, vms: &VmAddresses, network: Option<&str>, out:
         .iter()
         .filter(|w| of_network(network, &w.network))
     {
+        let pod = pods.get(&w.namespace, &w.name);
         match w
             .ips
             .iter()
             .find_map(|ip| refuse(&w.network, w.vm.as_deref(), ip))
             .or_else(|| w.mac.as_deref().and_then(mac_refused))
+            .or_else(|| pod_refused(node, w, pod))
         {
             None => out.peers.push(Peer {
                 node: node.to_owned(),
-                workload: w.clone(),
+                workload: NodeWorkload {
+                    labels: pod.map(|p| p.labels.clone()).unwrap_or_default(),
+                    ..w.clone()
+                },
             }),
             Some(why) => out.problems.push(format!(
                 "NodeNetwork {node}: status.workloads: {}/{} on network {} left out of policy groups: {why}",
@@ -183,13 +292,13 @@ pub fn vouch(p: &Publication<'_>, vms: &VmAddresses, network: Option<&str>, out:
     }
 }
 
-/// What each of `publications` may vouch for ([module docs](self)); with `network`, only that
-/// network's workloads and reservations.
-pub fn vouched(publications: &[Publication<'_>], network: Option<&str>) -> Vouched {
+/// What each of `publications` may vouch for ([module docs](self)), given the cluster's pods;
+/// with `network`, only that network's workloads and reservations.
+pub fn vouched(publications: &[Publication<'_>], pods: &Pods, network: Option<&str>) -> Vouched {
     let vms = VmAddresses::of(publications, network);
     let mut out = Vouched::default();
     for p in publications {
-        vouch(p, &vms, network, &mut out);
+        vouch(p, &vms, pods, network, &mut out);
     }
     out
 }
@@ -237,6 +346,24 @@ mod tests {
         nn
     }
 
+    /// Every pod `nodes` publish, bound to its node, with label `app=real`.
+    fn bound(nodes: &[&NodeNetwork]) -> Pods {
+        let mut pods = Pods::default();
+        for nn in nodes {
+            for w in nn.status.iter().flat_map(|s| &s.workloads) {
+                pods.insert(
+                    &w.namespace,
+                    &w.name,
+                    PodFacts {
+                        node: nn.metadata.name.clone().unwrap(),
+                        labels: std::sync::Arc::new([("app".into(), "real".into())].into()),
+                    },
+                );
+            }
+        }
+        pods
+    }
+
     #[test]
     fn a_node_vouches_only_for_addresses_of_its_own_blocks_or_reserved_for_a_moved_vm() {
         let a = published(
@@ -268,7 +395,8 @@ mod tests {
                 ("default/vm4", "nat", &["10.10.1.20"]),
             ],
         );
-        let v = vouched(&[Publication::of(&a), Publication::of(&b)], None);
+        let pods = bound(&[&a, &b]);
+        let v = vouched(&[Publication::of(&a), Publication::of(&b)], &pods, None);
         let (peers, reservations, problems) = (v.peers, v.reservations, v.problems);
         let names: Vec<(&str, &str)> = peers
             .iter()
@@ -332,7 +460,7 @@ mod tests {
         for (w, mac) in status.workloads.iter_mut().zip(macs) {
             w.mac = Some(mac.into());
         }
-        let v = vouched(&[Publication::of(&b)], None);
+        let v = vouched(&[Publication::of(&b)], &bound(&[&b]), None);
         let names: Vec<&str> = v.peers.iter().map(|p| p.workload.name.as_str()).collect();
         assert_eq!(names, ["derived", "hashed"]);
         assert_eq!(v.problems.len(), 3, "{:#?}", v.problems);
@@ -363,10 +491,78 @@ mod tests {
             ],
             &[("default/vm1", "lan", &["10.30.0.9"])],
         );
-        let v = vouched(&[Publication::of(&a)], Some("lan"));
+        let v = vouched(&[Publication::of(&a)], &bound(&[&a]), Some("lan"));
         let names: Vec<&str> = v.peers.iter().map(|p| p.workload.name.as_str()).collect();
         assert_eq!(names, ["db"]);
         assert_eq!(v.reservations.len(), 1);
         assert!(v.problems.is_empty(), "{:?}", v.problems);
+    }
+
+    #[test]
+    fn a_node_speaks_only_for_pods_bound_to_it_and_with_their_own_labels() {
+        let mut a = published(
+            "node-a",
+            &[("nat", Some("10.10.0.0/24"), None)],
+            &[
+                ("web", "nat", None, &["10.10.0.5"]),
+                // The API server binds it to node-b.
+                ("elsewhere", "nat", None, &["10.10.0.6"]),
+                // No such pod.
+                ("ghost", "nat", None, &["10.10.0.7"]),
+                // virt-launcher pods: of VM default/db (its label), or naming none.
+                ("launcher-db", "nat", Some("default/db"), &["10.10.0.8"]),
+                ("launcher-db2", "nat", Some("default/other"), &["10.10.0.9"]),
+                ("launcher-x", "nat", Some("prod/x"), &["10.10.0.10"]),
+                ("launcher-y", "nat", Some("default/y"), &["10.10.0.11"]),
+            ],
+            &[],
+        );
+        // The node claims a label group of its choosing for web.
+        a.status.as_mut().unwrap().workloads[0].labels =
+            std::sync::Arc::new([("app".into(), "db".into())].into());
+        let mut pods = bound(&[&a]);
+        pods.remove("default", "ghost");
+        let facts = |node: &str, labels: &[(&str, &str)]| PodFacts {
+            node: node.into(),
+            labels: std::sync::Arc::new(
+                labels
+                    .iter()
+                    .map(|(k, v)| ((*k).into(), (*v).into()))
+                    .collect(),
+            ),
+        };
+        pods.insert("default", "elsewhere", facts("node-b", &[]));
+        let vm = weft_dataplane::proto::VM_NAME_LABEL;
+        pods.insert("default", "launcher-db", facts("node-a", &[(vm, "db")]));
+        pods.insert("default", "launcher-db2", facts("node-a", &[(vm, "db")]));
+        let v = vouched(&[Publication::of(&a)], &pods, None);
+        let taken: Vec<(&str, Option<&String>)> = v
+            .peers
+            .iter()
+            .map(|p| (p.workload.name.as_str(), p.workload.labels.get("app")))
+            .collect();
+        let real = "real".to_string();
+        assert_eq!(
+            taken,
+            [
+                ("web", Some(&real)),
+                ("launcher-db", None),
+                ("launcher-y", Some(&real))
+            ]
+        );
+        let why: Vec<&str> = v
+            .problems
+            .iter()
+            .map(|p| p.split_once("left out of policy groups: ").unwrap().1)
+            .collect();
+        assert_eq!(
+            why,
+            [
+                "pod default/elsewhere runs on node node-b, not on node-a",
+                "no pod default/ghost is bound to a node (the API server has none)",
+                "the pod runs VM default/db, not default/other",
+                "VM prod/x is not of the pod's namespace default",
+            ]
+        );
     }
 }

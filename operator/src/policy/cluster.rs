@@ -1,5 +1,6 @@
 //! `trace` against a cluster: the resources the compiler reads, listed from the Kubernetes API,
-//! and every workload interface the agents publish in their NodeNetwork status — the same
+//! and every workload interface in the Networks' WorkloadSlices (what the agents publish, as
+//! far as the controller lets each node vouch for it, with the pods' own labels) — the same
 //! inputs the agents compile, so the answer is what the nodes enforce.
 
 use super::Member;
@@ -10,7 +11,7 @@ use kube::core::PartialObjectMeta;
 use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
 use std::net::IpAddr;
-use weft_crds::{ClusterSegmentationPolicy, Network, NodeNetwork, SegmentationPolicy};
+use weft_crds::{ClusterSegmentationPolicy, Network, SegmentationPolicy, WorkloadSlice};
 
 async fn list<K>(client: &Client) -> anyhow::Result<Vec<K>>
 where
@@ -24,9 +25,9 @@ where
     Ok(list.items)
 }
 
-/// Lists Networks, both policy kinds, Namespaces (labels) and NodeNetworks; the members are
-/// the workload interfaces in the NodeNetworks' status (a live migration's waiting target is
-/// left out: its VM still runs on the source).
+/// Lists Networks, both policy kinds, Namespaces (labels) and WorkloadSlices; the members are
+/// the workload interfaces in the slices, each once (a live migration's waiting target is left
+/// out: its VM still runs on the source).
 pub async fn snapshot(client: &Client) -> anyhow::Result<(Resources, Vec<Member>)> {
     let mut res = Resources {
         networks: list::<Network>(client).await?,
@@ -46,11 +47,21 @@ pub async fn snapshot(client: &Client) -> anyhow::Result<(Resources, Vec<Member>
         }
     }
     let mut members = Vec::new();
-    for nn in list::<NodeNetwork>(client).await? {
-        for w in nn.status.map(|s| s.workloads).unwrap_or_default() {
-            if !w.active {
+    let mut seen = std::collections::HashSet::new();
+    for slice in list::<WorkloadSlice>(client).await? {
+        for entry in slice.spec.workloads {
+            // An entry two crossed writes left in two slices counts once.
+            let (node, namespace, name, ips) = entry.key();
+            let key = (
+                node.to_owned(),
+                namespace.to_owned(),
+                name.to_owned(),
+                ips.to_vec(),
+            );
+            if !entry.workload.active || !seen.insert(key) {
                 continue;
             }
+            let w = std::sync::Arc::unwrap_or_clone(entry).workload;
             members.push(Member {
                 namespace: w.namespace,
                 name: w.name,
@@ -102,9 +113,7 @@ pub fn address(members: &[Member], spec: &str, v6: bool) -> Result<IpAddr, Strin
     Err(if found {
         format!("{spec} has no {family} address")
     } else {
-        format!(
-            "{spec}: no such workload in any NodeNetwork status (is it running on a weft network?)"
-        )
+        format!("{spec}: no such workload in any WorkloadSlice (is it running on a weft network?)")
     })
 }
 

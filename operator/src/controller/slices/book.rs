@@ -12,15 +12,17 @@
 
 use super::{ReservationKey, WorkloadKey, fill, keyed, place, reservation_key, workload_key};
 use crate::controller::compact::CompactNodeNetwork;
-use crate::model::peers::{Publication, VmAddresses, Vouched, vouch};
+use crate::controller::pods::PodDirectory;
+use crate::model::peers::{Pods, Publication, VmAddresses, Vouched, vouch};
 use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use weft_crds::{SliceReservation, SliceWorkload, WorkloadSlice, WorkloadSliceSpec};
 
-/// What identifies a node's publication for one Network: the fingerprint of its entries and
-/// its blocks of the Network.
-type NodeKey = (Option<u64>, Vec<IpNet>);
+/// What identifies a node's publication for one Network: the fingerprint of its entries, its
+/// blocks of the Network, and the generation of what is known of its pods
+/// ([`PodDirectory::generation`]).
+type NodeKey = (Option<u64>, Vec<IpNet>, u64);
 
 /// What the book remembers of one node.
 #[derive(Debug)]
@@ -54,13 +56,15 @@ pub struct Book {
 }
 
 impl Book {
-    /// Brings the book of `network` up to date with the NodeNetworks `nodes` and the store's
-    /// slices of the Network (`stored`, after `deletions` slice deletions seen by the watch),
-    /// and returns the slices to write: those whose spec changed, by index.
+    /// Brings the book of `network` up to date with the NodeNetworks `nodes`, the pods bound to
+    /// nodes (`pods`) and the store's slices of the Network (`stored`, after `deletions` slice
+    /// deletions seen by the watch), and returns the slices to write: those whose spec changed,
+    /// by index.
     pub fn update(
         &mut self,
         network: &str,
         nodes: &[Arc<CompactNodeNetwork>],
+        pods: &PodDirectory,
         stored: &Stored,
         deletions: u64,
     ) -> Vec<(usize, WorkloadSliceSpec)> {
@@ -71,15 +75,16 @@ impl Book {
                 let key = (
                     nn.published.of(network),
                     p.blocks.iter().map(|(_, b)| *b).collect(),
+                    pods.generation(p.node),
                 );
                 Some((key, p))
             })
             .collect();
         let vms = VmAddresses::of(publications.iter().map(|(_, p)| p), Some(network));
         if self.in_step(stored, deletions) {
-            self.changes(network, &publications, vms)
+            self.changes(network, &publications, vms, pods.pods())
         } else {
-            self.read(network, &publications, vms, stored, deletions)
+            self.read(network, &publications, vms, pods.pods(), stored, deletions)
         }
     }
 
@@ -136,6 +141,7 @@ impl Book {
         network: &str,
         publications: &[(NodeKey, Publication<'_>)],
         vms: VmAddresses,
+        pods: &Pods,
         stored: &Stored,
         deletions: u64,
     ) -> Vec<(usize, WorkloadSliceSpec)> {
@@ -144,7 +150,7 @@ impl Book {
         self.nodes.clear();
         let mut all = Vouched::default();
         for (key, p) in publications {
-            self.vouch_for(network, key, p, &vms, &mut all);
+            self.vouch_for(network, key, p, &vms, pods, &mut all);
         }
         let desired = place(all.peers, all.reservations, &current, network);
         let changed = desired
@@ -183,6 +189,7 @@ impl Book {
         network: &str,
         publications: &[(NodeKey, Publication<'_>)],
         vms: VmAddresses,
+        pods: &Pods,
     ) -> Vec<(usize, WorkloadSliceSpec)> {
         let every = self.vms.as_ref() != Some(&vms);
         let mut fresh = Vouched::default();
@@ -202,7 +209,7 @@ impl Book {
             if !every && self.nodes.get(p.node).is_some_and(|n| n.key == *key) {
                 continue;
             }
-            self.vouch_for(network, key, p, &vms, &mut fresh);
+            self.vouch_for(network, key, p, &vms, pods, &mut fresh);
             nodes.insert(p.node.to_owned());
         }
         self.vms = Some(vms);
@@ -256,10 +263,11 @@ impl Book {
         key: &NodeKey,
         p: &Publication<'_>,
         vms: &VmAddresses,
+        pods: &Pods,
         into: &mut Vouched,
     ) {
         let before = into.problems.len();
-        vouch(p, vms, Some(network), into);
+        vouch(p, vms, pods, Some(network), into);
         let problems = into.problems.split_off(before);
         self.nodes.insert(
             p.node.to_owned(),
@@ -338,7 +346,7 @@ fn move_entries(
 mod tests {
     use super::*;
     use crate::controller::compact::{Names, keep_node_network};
-    use crate::model::peers::{Publication, vouched};
+    use crate::model::peers::{PodFacts, Publication, vouched};
     use crate::model::shared::LabelSets;
     use proptest::prelude::*;
     use weft_crds::{
@@ -423,22 +431,58 @@ mod tests {
             })
     }
 
-    /// A step: node `.0` publishes `.1` (or goes, `None`); `.2`: the store catches up with the
-    /// writes before the next step.
-    fn step() -> impl Strategy<Value = (usize, Option<Pub>, bool)> {
+    /// A step: node `.0` publishes `.1` (`Some(None)`: it goes; `None`: what it published
+    /// before); `.2`: the store catches up with the writes before the next step; `.3`: the
+    /// labels its pods have now.
+    fn step() -> impl Strategy<Value = (usize, Option<Option<Pub>>, bool, u8)> {
         (
             0usize..4,
-            prop::option::weighted(0.9, publication()),
+            prop::option::weighted(0.8, prop::option::weighted(0.9, publication())),
             any::<bool>(),
+            0u8..3,
         )
+    }
+
+    /// Binds the pods `p` publishes for node `node` in `pods` (their labels from `relabel`, not
+    /// those published; some bound to the next node, some not at all), and forgets the pods
+    /// `bound` says it published before and no longer does.
+    fn bind(
+        pods: &mut PodDirectory,
+        bound: &mut BTreeMap<usize, BTreeSet<String>>,
+        node: usize,
+        p: Option<&Pub>,
+        relabel: u8,
+    ) {
+        let now: BTreeSet<String> = p
+            .iter()
+            .flat_map(|p| &p.workloads)
+            .map(|w| format!("p{node}-{}", w.0))
+            .collect();
+        for gone in bound.get(&node).into_iter().flatten() {
+            if !now.contains(gone) {
+                pods.apply("default", gone, None);
+            }
+        }
+        for &(pod, _, _, label) in p.iter().flat_map(|p| &p.workloads) {
+            let on = if pod % 11 == 0 { (node + 1) % 4 } else { node };
+            let facts = (pod % 13 != 0).then(|| PodFacts {
+                node: format!("n{on}"),
+                labels: Arc::new(BTreeMap::from([(
+                    "app".into(),
+                    format!("b{}", (label + relabel) % 3),
+                )])),
+            });
+            pods.apply("default", &format!("p{node}-{pod}"), facts);
+        }
+        bound.insert(node, now);
     }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
 
-        /// However the nodes' publications change, and whether the store keeps up or lags, the
-        /// book's slices are [`place`] of everything vouched for, from the slices before, and the
-        /// slices it says to write are exactly those that changed.
+        /// However the nodes' publications and their pods change, and whether the store keeps
+        /// up or lags, the book's slices are [`place`] of everything vouched for, from the
+        /// slices before, and the slices it says to write are exactly those that changed.
         #[test]
         fn the_book_places_what_place_places_from_all_entries(
             steps in prop::collection::vec(step(), 1..24),
@@ -450,21 +494,28 @@ mod tests {
             let mut server: Stored = BTreeMap::new();
             let mut store: Stored = BTreeMap::new();
             let mut version = 0u64;
-            for (node, publication, catch_up) in steps {
+            let (mut pods, mut bound) = (PodDirectory::default(), BTreeMap::new());
+            for (node, publication, catch_up, relabel) in steps {
                 match publication {
-                    Some(p) => published.insert(node, p),
-                    None => published.remove(&node),
-                };
+                    Some(Some(p)) => {
+                        published.insert(node, p);
+                    }
+                    Some(None) => {
+                        published.remove(&node);
+                    }
+                    None => {}
+                }
+                bind(&mut pods, &mut bound, node, published.get(&node), relabel);
                 let nodes: Vec<Arc<CompactNodeNetwork>> = published
                     .iter()
                     .map(|(n, p)| Arc::new(keep_node_network(node_network(*n, p), &mut names, &mut labels)))
                     .collect();
                 let before = book.slices.clone();
-                let changed = book.update("blue", &nodes, &store, 0);
+                let changed = book.update("blue", &nodes, &pods, &store, 0);
 
                 let pubs: Vec<Publication<'_>> =
                     nodes.iter().filter_map(|nn| nn.publication_of("blue")).collect();
-                let all = vouched(&pubs, Some("blue"));
+                let all = vouched(&pubs, pods.pods(), Some("blue"));
                 let want = place(all.peers, all.reservations, &before, "blue");
                 prop_assert_eq!(&book.slices, &want);
                 let differ: Vec<usize> = want
@@ -507,14 +558,19 @@ mod tests {
             &mut names,
             &mut labels,
         ))];
+        let mut pods = PodDirectory::default();
+        bind(&mut pods, &mut BTreeMap::new(), 1, Some(&p), 0);
         let mut book = Book::default();
-        let changed = book.update("blue", &nodes, &BTreeMap::new(), 0);
+        let changed = book.update("blue", &nodes, &pods, &BTreeMap::new(), 0);
         assert_eq!(changed.len(), 1);
         book.written(0, Some("1".into()));
         // The store has not seen the slice's creation yet: nothing to write again.
-        assert!(book.update("blue", &nodes, &BTreeMap::new(), 0).is_empty());
+        assert!(
+            book.update("blue", &nodes, &pods, &BTreeMap::new(), 0)
+                .is_empty()
+        );
         // The same store after the watch saw a deletion: the slice is written again.
-        let changed = book.update("blue", &nodes, &BTreeMap::new(), 1);
+        let changed = book.update("blue", &nodes, &pods, &BTreeMap::new(), 1);
         assert_eq!(changed.len(), 1);
         assert_eq!(changed[0].1.workloads.len(), 2);
         let mut slice = WorkloadSlice::new("blue.0", changed[0].1.clone());
@@ -522,12 +578,12 @@ mod tests {
         book.written(0, Some("2".into()));
         let mut store: Stored = BTreeMap::from([(0, Arc::new(slice.clone()))]);
         // In step, nothing changed: nothing to write.
-        assert!(book.update("blue", &nodes, &store, 1).is_empty());
+        assert!(book.update("blue", &nodes, &pods, &store, 1).is_empty());
         // Emptied by hand: written again.
         slice.spec.workloads.clear();
         slice.metadata.resource_version = Some("3".into());
         store.insert(0, Arc::new(slice));
-        let changed = book.update("blue", &nodes, &store, 1);
+        let changed = book.update("blue", &nodes, &pods, &store, 1);
         assert_eq!(changed.len(), 1);
         assert_eq!(changed[0].1.workloads.len(), 2);
     }

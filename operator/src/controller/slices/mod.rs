@@ -198,9 +198,15 @@ async fn publish(net: &Network, ctx: &Context) -> Result<Action, Error> {
     let nodes = ctx.stores.node_networks.state();
     let deletions = ctx.stores.slice_deletions.load(Ordering::Relaxed);
     let (changed, problems) = {
+        let pods = ctx.stores.pods.read().unwrap_or_else(|e| e.into_inner());
+        if !pods.listed() {
+            // Until every pod is known, no node can be vouched for: the full list wakes every
+            // Network again.
+            return Ok(Action::await_change());
+        }
         let mut books = ctx.slice_books.lock().unwrap_or_else(|e| e.into_inner());
         let book = books.entry(name.clone()).or_default();
-        let changed = book.update(&name, &nodes, &stored, deletions);
+        let changed = book.update(&name, &nodes, &pods, &stored, deletions);
         (changed, book.problems())
     };
     let written = write(net, ctx, &name, changed).await;
