@@ -76,8 +76,13 @@ fn main() -> anyhow::Result<()> {
         for w in nn.status.iter().flat_map(|s| &s.workloads) {
             let mut set = w.labels.clone();
             labels.share(&mut set);
-            let node = nn.metadata.name.clone().unwrap_or_default();
-            pods.insert(&w.namespace, &w.name, PodFacts { node, labels: set });
+            let node = nn.metadata.name.as_deref().unwrap_or_default().into();
+            let facts = PodFacts {
+                node,
+                labels: set,
+                mirror: false,
+            };
+            pods.insert(&w.namespace, &w.name, facts);
         }
     }
     let mut directory = PodDirectory::default();

@@ -30,7 +30,7 @@ use weft_operator::model::peers::{PodFacts, Pods};
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
 struct World {
-    pods: Arc<std::sync::RwLock<PodDirectory>>,
+    pods: Arc<tokio::sync::RwLock<PodDirectory>>,
     networks: Writer<Network>,
     nodes: Writer<Node>,
     node_networks: Writer<CompactNodeNetwork>,
@@ -103,7 +103,7 @@ fn setup(leader: bool) -> (Arc<Context>, Handle, World) {
     // Every pod is listed (none yet): see `World::bound`.
     let mut directory = PodDirectory::default();
     directory.relist(Pods::default());
-    let pods = Arc::new(std::sync::RwLock::new(directory));
+    let pods = Arc::new(tokio::sync::RwLock::new(directory));
     let stores = Stores {
         networks,
         nodes,
@@ -807,8 +807,9 @@ impl World {
         let facts = app.map(|app| PodFacts {
             node: node.into(),
             labels: Arc::new([("app".to_owned(), app.to_owned())].into()),
+            mirror: false,
         });
-        self.pods.write().unwrap().apply(namespace, name, facts);
+        self.pods.try_write().unwrap().apply(namespace, name, facts);
         self
     }
 
@@ -818,7 +819,7 @@ impl World {
         for w in &workloads {
             let known = self
                 .pods
-                .read()
+                .try_read()
                 .unwrap()
                 .pods()
                 .get(&w.namespace, &w.name)
@@ -1015,7 +1016,7 @@ async fn a_slice_carries_the_pods_own_labels_and_no_pod_of_another_node() {
         .unwrap();
     let mut handle = verifier.await.unwrap();
     // Until every pod is listed again (a new replica, a relist), nothing is written.
-    *world.pods.write().unwrap() = PodDirectory::default();
+    *world.pods.try_write().unwrap() = PodDirectory::default();
     world.publishing("a", "10.10.0.0/26", vec![workload("web-1", "10.10.0.2")]);
     let verifier = tokio::spawn(async move {
         no_more_requests(&mut handle).await;

@@ -45,7 +45,7 @@ async fn the_holder_releases_the_lease_at_shutdown_and_stops_writing_first() {
     let (elector, mut handle) = elector(Timing::DEFAULT);
     let (tx, mut rx) = watch::channel(false);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(elector.run(tx, async move {
+    let task = tokio::spawn(elector.run(tx, std::future::ready(()), async move {
         let _ = stop_rx.await;
     }));
 
@@ -92,7 +92,7 @@ async fn the_holder_releases_the_lease_at_shutdown_and_stops_writing_first() {
 async fn the_lease_is_released_when_the_controllers_drop_their_receivers() {
     let (elector, mut handle) = elector(Timing::DEFAULT);
     let (tx, rx) = watch::channel(false);
-    let task = tokio::spawn(elector.run(tx, std::future::pending()));
+    let task = tokio::spawn(elector.run(tx, std::future::ready(()), std::future::pending()));
     let (_, _, _, send) = next(&mut handle).await;
     respond(send, 200, &lease(Some("replica-a"), 15, "4"));
     let (method, _, _, send) = next(&mut handle).await;
@@ -119,7 +119,7 @@ async fn a_standby_takes_a_released_lease_at_its_next_read() {
     };
     let (elector, mut handle) = elector(timing);
     let (tx, mut rx) = watch::channel(false);
-    let _task = tokio::spawn(elector.run(tx, std::future::pending()));
+    let _task = tokio::spawn(elector.run(tx, std::future::ready(()), std::future::pending()));
 
     // Held by another replica: wait.
     let (_, _, _, send) = next(&mut handle).await;
@@ -196,4 +196,38 @@ fn the_chart_grants_the_verbs_the_elector_uses_on_leases() {
             file.display()
         );
     }
+}
+
+#[tokio::test]
+async fn a_replica_stands_for_the_lease_only_once_its_caches_are_synced() {
+    let (elector, mut handle) = elector(Timing::DEFAULT);
+    let (tx, rx) = watch::channel(false);
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(elector.run(
+        tx,
+        async move {
+            let _ = ready_rx.await;
+        },
+        std::future::pending(),
+    ));
+    // Not synced: the Lease is not even read, and the replica does not lead.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), handle.next_request())
+            .await
+            .is_err(),
+        "the Lease was asked for before the caches were synced"
+    );
+    assert!(!*rx.borrow());
+    ready_tx.send(()).unwrap();
+    let (method, path, _, send) = next(&mut handle).await;
+    assert_eq!((method, path.as_str()), (Method::GET, LEASE));
+    respond(send, 200, &lease(Some("replica-a"), 15, "7"));
+    let (method, _, _, send) = next(&mut handle).await;
+    assert_eq!(method, Method::PUT);
+    respond(send, 200, &lease(Some("replica-a"), 15, "8"));
+    tokio::time::timeout(Duration::from_secs(1), rx.clone().wait_for(|l| *l))
+        .await
+        .expect("leads once synced")
+        .unwrap();
+    task.abort();
 }

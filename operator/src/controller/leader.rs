@@ -48,24 +48,6 @@ impl Leadership for Fixed {
     }
 }
 
-/// A replica's leadership that waits for its caches too: until every watch has listed its
-/// kind (`synced`), its stores may hold a part of the cluster or nothing, and what a leader
-/// wrote from them (a Network's blocks for the nodes seen so far, WorkloadSlices emptied of the
-/// workloads of NodeNetworks not yet listed) would undo what the cluster holds. A replica that
-/// wins the Lease before its caches are synced writes nothing until they are.
-pub struct Synced<L> {
-    /// The replica's leadership.
-    pub leader: L,
-    /// True once the replica's watches have listed everything (its readiness).
-    pub synced: std::sync::Arc<AtomicBool>,
-}
-
-impl<L: Leadership> Leadership for Synced<L> {
-    fn is_leader(&self) -> bool {
-        self.synced.load(Ordering::Acquire) && self.leader.is_leader()
-    }
-}
-
 /// The timing of the election.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timing {
@@ -282,8 +264,24 @@ impl Elector {
 
     /// Runs the election until `stop` resolves or every receiver of `tx` is gone, then says
     /// "not leading" on `tx` and releases the Lease. `tx` carries whether this replica leads.
-    pub async fn run(mut self, tx: watch::Sender<bool>, stop: impl Future<Output = ()>) {
+    /// Runs the election once `ready` resolves (a replica joins only once its watches have
+    /// listed everything: a holder writing from stores that hold part of the cluster would undo
+    /// what the cluster holds, and one whose watches never list would hold the Lease while
+    /// writing nothing, keeping the replica that could out) until `stop` resolves or every
+    /// receiver of `tx` is gone.
+    pub async fn run(
+        mut self,
+        tx: watch::Sender<bool>,
+        ready: impl Future<Output = ()>,
+        stop: impl Future<Output = ()>,
+    ) {
         let mut stop = std::pin::pin!(stop);
+        tokio::select! {
+            biased;
+            () = &mut stop => return,
+            () = tx.closed() => return,
+            () = ready => info!(lease = %self.name, "caches synced; joining the election"),
+        }
         let mut last_renewal: Option<Instant> = None;
         loop {
             match self.try_acquire_or_renew().await {
@@ -320,42 +318,26 @@ impl Elector {
     }
 }
 
-/// Joins the election for the Lease `namespace/name` as `identity` with [`Timing::DEFAULT`].
-/// The receiver says whether this replica leads; the task keeps renewing (or trying to
-/// acquire) the Lease until `stop` resolves (SIGTERM: the Lease goes at once, while the
-/// controllers still drain) or every receiver is dropped, then releases it.
+/// Joins the election for the Lease `namespace/name` as `identity` with [`Timing::DEFAULT`]
+/// once `ready` resolves. The receiver says whether this replica leads; the task keeps renewing
+/// (or trying to acquire) the Lease until `stop` resolves (SIGTERM: the Lease goes at once,
+/// while the controllers still drain) or every receiver is dropped, then releases it.
 pub fn elect(
     client: Client,
     namespace: &str,
     name: &str,
     identity: &str,
+    ready: impl Future<Output = ()> + Send + 'static,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> (watch::Receiver<bool>, tokio::task::JoinHandle<()>) {
     let elector = Elector::new(client, namespace, name, identity, Timing::DEFAULT);
     let (tx, rx) = watch::channel(false);
-    (rx, tokio::spawn(elector.run(tx, stop)))
+    (rx, tokio::spawn(elector.run(tx, ready, stop)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_leader_writes_only_once_its_caches_are_synced() {
-        let synced = std::sync::Arc::new(AtomicBool::new(false));
-        let leader = Synced {
-            leader: Fixed(true),
-            synced: synced.clone(),
-        };
-        let standby = Synced {
-            leader: Fixed(false),
-            synced: synced.clone(),
-        };
-        assert!(!leader.is_leader());
-        synced.store(true, Ordering::Release);
-        assert!(leader.is_leader());
-        assert!(!standby.is_leader());
-    }
 
     fn held_by(holder: Option<&str>, seconds: Option<i32>) -> LeaseSpec {
         LeaseSpec {

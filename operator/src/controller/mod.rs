@@ -79,7 +79,7 @@ pub struct Stores {
     /// one is read again: the store alone cannot tell a slice deleted from one not yet seen).
     pub slice_deletions: Arc<AtomicU64>,
     /// The pods bound to nodes, which the nodes' publications are checked against.
-    pub pods: Arc<std::sync::RwLock<pods::PodDirectory>>,
+    pub pods: Arc<tokio::sync::RwLock<pods::PodDirectory>>,
 }
 
 /// Shared state of the reconcilers.
@@ -747,7 +747,7 @@ pub struct Observation {
     /// How many WorkloadSlice deletions the watch has seen.
     pub slice_deletions: Arc<AtomicU64>,
     /// The pods bound to nodes ([`pods`]).
-    pub pods: Arc<std::sync::RwLock<pods::PodDirectory>>,
+    pub pods: Arc<tokio::sync::RwLock<pods::PodDirectory>>,
     /// True once the pod watch has listed every pod bound to a node.
     pub pods_listed: watch::Receiver<bool>,
     /// True once the Network watch has listed every Network.
@@ -850,7 +850,7 @@ pub fn observe_cluster(
         )
     };
     // A pod bound, relabelled, moved or deleted changes what its node may vouch for.
-    let pod_directory = Arc::new(std::sync::RwLock::new(pods::PodDirectory::default()));
+    let pod_directory = Arc::new(tokio::sync::RwLock::new(pods::PodDirectory::default()));
     let (pods_tx, pods_listed) = watch::channel(false);
     let pods_fut = watch_pods(
         Api::<Pod>::all(client.clone()),
@@ -887,7 +887,7 @@ pub fn observe_cluster(
 /// (`slices.1`) and turns `listed` true. Status updates, most of a pod's events, wake nothing.
 async fn watch_pods(
     api: Api<Pod>,
-    directory: Arc<std::sync::RwLock<pods::PodDirectory>>,
+    directory: Arc<tokio::sync::RwLock<pods::PodDirectory>>,
     node_networks: Store<CompactNodeNetwork>,
     slices: (
         mpsc::UnboundedSender<ObjectRef<Network>>,
@@ -910,9 +910,10 @@ async fn watch_pods(
             }
         }
     };
-    let facts = |pod: &Pod| {
+    let mut nodes = crate::model::shared::Names::default();
+    let mut facts = |pod: &Pod| {
         let mut labels = label_sets.lock().unwrap_or_else(|e| e.into_inner());
-        pods::facts_of(pod, &mut labels)
+        pods::facts_of(pod, &mut nodes, &mut labels)
     };
     let id = |pod: &Pod| {
         (
@@ -928,7 +929,7 @@ async fn watch_pods(
                 continue;
             }
         };
-        let mut dir = directory.write().unwrap_or_else(|e| e.into_inner());
+        let mut dir = directory.write().await;
         match event {
             watcher::Event::Init => building = Some(Default::default()),
             watcher::Event::InitApply(pod) => {
@@ -1021,16 +1022,21 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
         ready.clone(),
     ));
 
+    // The replica joins the election once its caches are synced (`leader::Elector::run`).
     // SIGTERM or SIGINT: the Lease is released at once (the standby takes over within about a
     // second), while the controllers below finish what they are doing without writing.
+    let (synced_tx, mut synced_rx) = watch::channel(false);
     let (leader_rx, lease_task) = leader::elect(
         client.clone(),
         &opts.lease_namespace,
         &opts.lease_name,
         &opts.identity,
+        async move {
+            let _ = synced_rx.wait_for(|s| *s).await;
+        },
         shutdown_signal(),
     );
-    info!(identity = %opts.identity, lease = %format!("{}/{}", opts.lease_namespace, opts.lease_name), leader = *leader_rx.borrow(), "joined leader election");
+    info!(identity = %opts.identity, lease = %format!("{}/{}", opts.lease_namespace, opts.lease_name), "standing for the leader election once the caches are synced");
 
     let (net_tx, net_rx) = mpsc::unbounded();
     let (net_ref_tx, net_ref_rx) = mpsc::unbounded();
@@ -1065,7 +1071,6 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
             }
         })
     };
-    let ws_all_tx = ws_tx.clone();
     let triggers = Triggers {
         networks: net_tx.clone(),
         network_refs: net_ref_tx,
@@ -1119,25 +1124,16 @@ pub async fn run(opts: ControllerOpts) -> anyhow::Result<()> {
         slice_deletions: observation.slice_deletions.clone(),
         pods: observation.pods.clone(),
     };
-    // The replica writes once it leads and its caches are synced (`ready`): then everything
-    // is reconciled once more.
-    let leadership = leader::Synced {
-        leader: leader_rx,
-        synced: ready.clone(),
-    };
-    let ctx = Arc::new(Context::new(client, stores, Arc::new(leadership), metrics));
+    let ctx = Arc::new(Context::new(client, stores, Arc::new(leader_rx), metrics));
 
     {
         let ready = ready.clone();
-        let all = [&net_tx, &ws_all_tx, &pf_tx, &csp_tx, &sp_tx, &tm_tx].map(|t| t.clone());
         tokio::spawn(async move {
             match caches_synced(&observation).await {
                 Ok(()) => {
-                    ready.store(true, Ordering::Release);
+                    ready.store(true, Ordering::Relaxed);
                     info!("caches synced; ready");
-                    for t in all {
-                        let _ = t.unbounded_send(());
-                    }
+                    synced_tx.send_replace(true);
                 }
                 Err(e) => warn!(error = %e, "not ready"),
             }

@@ -8,7 +8,7 @@
 //! counts nothing), and a [`super::slices::Book`] vouches again for a node whose count moved.
 
 use crate::model::peers::{PodFacts, Pods};
-use crate::model::shared::LabelSets;
+use crate::model::shared::{LabelSets, Names};
 use k8s_openapi::api::core::v1::Pod;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -60,7 +60,7 @@ impl PodDirectory {
             }
             None => self.pods.remove(namespace, name),
         };
-        for node in before.iter().chain(&facts).map(|f| f.node.as_str()) {
+        for node in before.iter().chain(&facts).map(|f| &*f.node) {
             if !changed.contains(node) {
                 self.bump(node, &mut changed);
             }
@@ -79,7 +79,7 @@ impl PodDirectory {
                 pods.iter()
                     .filter(|(ns, name, f)| self.pods.get(ns, name) != Some(*f)),
             )
-            .map(|(_, _, f)| f.node.clone())
+            .map(|(_, _, f)| f.node.to_string())
             .collect();
         for node in nodes {
             if !changed.contains(&node) {
@@ -92,16 +92,32 @@ impl PodDirectory {
     }
 }
 
-/// What the controller keeps of `pod`: `(namespace, name, facts)`, the labels shared through
-/// `labels`; `None` for a pod bound to no node.
-pub fn facts_of(pod: &Pod, labels: &mut LabelSets) -> Option<(String, String, PodFacts)> {
-    let node = pod.spec.as_ref()?.node_name.clone()?;
+/// The annotation the kubelet puts on the mirror pod of a static pod.
+const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
+/// What the controller keeps of `pod`: `(namespace, name, facts)`, the node names shared
+/// through `nodes` and the labels through `labels`; `None` for a pod bound to no node.
+pub fn facts_of(
+    pod: &Pod,
+    nodes: &mut Names,
+    labels: &mut LabelSets,
+) -> Option<(String, String, PodFacts)> {
+    let node = nodes.get(pod.spec.as_ref()?.node_name.as_deref()?);
     let mut set = Arc::new(pod.metadata.labels.clone().unwrap_or_default());
     labels.share(&mut set);
+    let mirror = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(MIRROR_ANNOTATION));
     Some((
         pod.metadata.namespace.clone().unwrap_or_default(),
         pod.metadata.name.clone().unwrap_or_default(),
-        PodFacts { node, labels: set },
+        PodFacts {
+            node,
+            labels: set,
+            mirror,
+        },
     ))
 }
 
@@ -113,6 +129,7 @@ mod tests {
         Some(PodFacts {
             node: node.into(),
             labels: Arc::new([("app".into(), app.into())].into()),
+            mirror: false,
         })
     }
 
@@ -152,23 +169,31 @@ mod tests {
 
     #[test]
     fn a_pod_is_kept_by_its_node_and_labels_and_an_unbound_one_not_at_all() {
-        let mut labels = LabelSets::default();
+        let (mut names, mut labels) = (Names::default(), LabelSets::default());
         let pod: Pod = serde_json::from_value(serde_json::json!({
             "metadata": {"namespace": "ns", "name": "web", "labels": {"app": "web"}},
             "spec": {"nodeName": "n1", "containers": []},
         }))
         .unwrap();
-        let (ns, name, f) = facts_of(&pod, &mut labels).unwrap();
+        let (ns, name, f) = facts_of(&pod, &mut names, &mut labels).unwrap();
         assert_eq!((ns.as_str(), name.as_str()), ("ns", "web"));
         assert_eq!(f, facts("n1", "web").unwrap());
         // A second pod of the same labels shares them.
-        let (_, _, g) = facts_of(&pod, &mut labels).unwrap();
+        let (_, _, g) = facts_of(&pod, &mut names, &mut labels).unwrap();
         assert!(Arc::ptr_eq(&f.labels, &g.labels));
         let pending: Pod = serde_json::from_value(serde_json::json!({
             "metadata": {"namespace": "ns", "name": "new"},
             "spec": {"containers": []},
         }))
         .unwrap();
-        assert!(facts_of(&pending, &mut labels).is_none());
+        assert!(facts_of(&pending, &mut names, &mut labels).is_none());
+        let mirror: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": "kube-system", "name": "etcd-n1",
+                         "annotations": {"kubernetes.io/config.mirror": "0123abcd"}},
+            "spec": {"nodeName": "n1", "containers": []},
+        }))
+        .unwrap();
+        assert!(facts_of(&mirror, &mut names, &mut labels).unwrap().2.mirror);
+        assert!(!f.mirror);
     }
 }

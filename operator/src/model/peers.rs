@@ -21,13 +21,17 @@ use std::net::IpAddr;
 use weft_crds::nodenetwork::Labels;
 use weft_crds::{NodeNetwork, NodeReservation, NodeWorkload};
 
-/// What the API server says of a pod: the node it is bound to (`spec.nodeName`) and its labels.
+/// What the API server says of a pod: the node it is bound to (`spec.nodeName`), its labels,
+/// and whether it is a static pod's mirror.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodFacts {
-    /// The node the pod is bound to.
-    pub node: String,
+    /// The node the pod is bound to (one copy of each name).
+    pub node: std::sync::Arc<str>,
     /// The pod's labels.
     pub labels: Labels,
+    /// A mirror pod (annotation `kubernetes.io/config.mirror`): the kubelet made it from a
+    /// static pod of its node, in the namespace and with the labels the node chose.
+    pub mirror: bool,
 }
 
 /// The pods bound to a node, by namespace and name ([`PodFacts`]).
@@ -197,10 +201,18 @@ fn pod_refused(node: &str, w: &NodeWorkload, pod: Option<&PodFacts>) -> Option<S
             w.namespace, w.name
         ));
     };
-    if pod.node != node {
+    if *pod.node != *node {
         return Some(format!(
             "pod {}/{} runs on node {}, not on {node}",
             w.namespace, w.name, pod.node
+        ));
+    }
+    if pod.mirror {
+        // A node makes the mirror pods of its static pods itself: their namespace and labels
+        // say nothing the node could not choose.
+        return Some(format!(
+            "pod {}/{} is the mirror of a static pod, whose namespace and labels its node chooses",
+            w.namespace, w.name
         ));
     }
     let vm = w.vm.as_deref()?;
@@ -355,8 +367,9 @@ mod tests {
                     &w.namespace,
                     &w.name,
                     PodFacts {
-                        node: nn.metadata.name.clone().unwrap(),
+                        node: nn.metadata.name.as_deref().unwrap().into(),
                         labels: std::sync::Arc::new([("app".into(), "real".into())].into()),
+                        mirror: false,
                     },
                 );
             }
@@ -514,6 +527,8 @@ mod tests {
                 ("launcher-db2", "nat", Some("default/other"), &["10.10.0.9"]),
                 ("launcher-x", "nat", Some("prod/x"), &["10.10.0.10"]),
                 ("launcher-y", "nat", Some("default/y"), &["10.10.0.11"]),
+                // A static pod's mirror, which node-a made itself.
+                ("static", "nat", None, &["10.10.0.12"]),
             ],
             &[],
         );
@@ -530,11 +545,20 @@ mod tests {
                     .map(|(k, v)| ((*k).into(), (*v).into()))
                     .collect(),
             ),
+            mirror: false,
         };
         pods.insert("default", "elsewhere", facts("node-b", &[]));
         let vm = weft_dataplane::proto::VM_NAME_LABEL;
         pods.insert("default", "launcher-db", facts("node-a", &[(vm, "db")]));
         pods.insert("default", "launcher-db2", facts("node-a", &[(vm, "db")]));
+        pods.insert(
+            "default",
+            "static",
+            PodFacts {
+                mirror: true,
+                ..facts("node-a", &[("app", "db")])
+            },
+        );
         let v = vouched(&[Publication::of(&a)], &pods, None);
         let taken: Vec<(&str, Option<&String>)> = v
             .peers
@@ -562,6 +586,7 @@ mod tests {
                 "no pod default/ghost is bound to a node (the API server has none)",
                 "the pod runs VM default/db, not default/other",
                 "VM prod/x is not of the pod's namespace default",
+                "pod default/static is the mirror of a static pod, whose namespace and labels its node chooses",
             ]
         );
     }

@@ -466,7 +466,9 @@ mod tests {
         for &(pod, _, _, label) in p.iter().flat_map(|p| &p.workloads) {
             let on = if pod % 11 == 0 { (node + 1) % 4 } else { node };
             let facts = (pod % 13 != 0).then(|| PodFacts {
-                node: format!("n{on}"),
+                node: format!("n{on}").into(),
+                // Now and then a static pod's mirror, which its node may not speak for.
+                mirror: pod % 17 == 0,
                 labels: Arc::new(BTreeMap::from([(
                     "app".into(),
                     format!("b{}", (label + relabel) % 3),

@@ -198,7 +198,7 @@ async fn publish(net: &Network, ctx: &Context) -> Result<Action, Error> {
     let nodes = ctx.stores.node_networks.state();
     let deletions = ctx.stores.slice_deletions.load(Ordering::Relaxed);
     let (changed, problems) = {
-        let pods = ctx.stores.pods.read().unwrap_or_else(|e| e.into_inner());
+        let pods = ctx.stores.pods.read().await;
         if !pods.listed() {
             // Until every pod is known, no node can be vouched for: the full list wakes every
             // Network again.
