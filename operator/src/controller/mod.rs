@@ -896,11 +896,8 @@ async fn watch_pods(
     label_sets: Arc<std::sync::Mutex<LabelSets>>,
     listed: watch::Sender<bool>,
 ) {
-    // Pods not yet scheduled are no node's. The first list from the API server's watch cache
-    // (a cluster's pods are its largest list; the watch catches up from there).
-    let config = watcher::Config::default()
-        .fields("spec.nodeName!=")
-        .any_semantic();
+    // Pods not yet scheduled are no node's.
+    let config = watcher::Config::default().fields("spec.nodeName!=");
     let stream = watcher(api, config).default_backoff();
     futures::pin_mut!(stream);
     let mut building: Option<crate::model::peers::Pods> = None;
