@@ -7,6 +7,8 @@
 //!
 //! Figures: docs/benchmarks.md ("Peers at scale").
 
+// Only the pods' shapes of the module are used here.
+#[allow(dead_code)]
 mod peers_common;
 
 use k8s_openapi::api::core::v1::Pod;
