@@ -24,8 +24,11 @@ static ALLOC: dhat::Alloc = dhat::Alloc;
 fn pod(k: usize) -> String {
     let node = 1 + k / PER_NODE;
     let app = APPS[k % APPS.len()];
-    let version = if k % 3 == 0 { "v2" } else { "v1" };
-    let hash = format!("{:010x}", (k % APPS.len()) * 3 + usize::from(k % 3 == 0));
+    let version = if k.is_multiple_of(3) { "v2" } else { "v1" };
+    let hash = format!(
+        "{:010x}",
+        (k % APPS.len()) * 3 + usize::from(k.is_multiple_of(3))
+    );
     serde_json::json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": format!("{app}-{hash}-{k:05}"), "namespace": "bench",
