@@ -929,7 +929,8 @@ async fn watch_pods(
                 continue;
             }
         };
-        let mut dir = directory.write().await;
+        // The directory is locked only to change it (a full list is built beside it), and only
+        // for the change itself.
         match event {
             watcher::Event::Init => building = Some(Default::default()),
             watcher::Event::InitApply(pod) => {
@@ -938,21 +939,20 @@ async fn watch_pods(
                 }
             }
             watcher::Event::InitDone => {
-                dir.relist(building.take().unwrap_or_default());
-                drop(dir);
+                let all = building.take().unwrap_or_default();
+                directory.write().await.relist(all);
                 listed.send_replace(true);
                 let _ = slices.1.unbounded_send(());
             }
             watcher::Event::Apply(pod) => {
                 let (ns, name) = id(&pod);
-                let changed = dir.apply(&ns, &name, facts(&pod).map(|(_, _, f)| f));
-                drop(dir);
+                let now = facts(&pod).map(|(_, _, f)| f);
+                let changed = directory.write().await.apply(&ns, &name, now);
                 wake(changed);
             }
             watcher::Event::Delete(pod) => {
                 let (ns, name) = id(&pod);
-                let changed = dir.apply(&ns, &name, None);
-                drop(dir);
+                let changed = directory.write().await.apply(&ns, &name, None);
                 wake(changed);
             }
         }
