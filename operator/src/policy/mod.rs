@@ -651,52 +651,41 @@ pub fn compile(inputs: Inputs<'_>) -> Compiled {
             .namespace
             .clone()
             .unwrap_or_else(|| "default".into());
-        if let Err(errs) = p.spec.validate() {
-            // (Only an object an older, looser schema admitted.) Its rules are not enforced,
-            // but its subject stays isolated where it has rules, allowed nothing by them: fail
-            // closed, as dropping the policy would open the subject to everyone. Without a
-            // usable subject there is nothing to isolate.
-            let subject_ok = errs.iter().all(|e| !e.field.starts_with("spec.subject"));
-            let outcome = if subject_ok {
-                "the policy's rules are not enforced until it is fixed, and its subject stays isolated where it has rules (fail closed)"
-            } else {
-                "the policy is not enforced until it is fixed"
-            };
-            for e in errs {
-                b.out.problems.push(Problem {
-                    kind: NAMESPACED,
-                    object: object.clone(),
-                    message: format!("{e}; {outcome}"),
-                    reason: None,
-                });
-            }
-            if subject_ok {
-                let subject = b.group(GroupSpec {
-                    namespace: Some(ns.clone()),
-                    namespace_selector: None,
-                    pod_selector: Some(p.spec.subject.pod_selector.clone()),
-                    networks: p.spec.subject.networks.clone(),
-                });
-                let key = format!("{NAMESPACED} {object}");
-                b.out
-                    .applies_to
-                    .insert(key.clone(), b.out.group_members[subject]);
-                b.out.subjects.insert(key, subject);
-                if !p.spec.ingress.is_empty() {
-                    b.out.ingress.isolated.insert(subject);
+        // A policy that fails its checks (only one an older, looser schema admitted) has none
+        // of its rules enforced, but its subject stays isolated where it has rules, allowed
+        // nothing by them: fail closed, as dropping the policy would open the subject to
+        // everyone. Without a usable subject there is nothing to isolate.
+        let valid = match p.spec.validate() {
+            Ok(()) => true,
+            Err(errs) => {
+                let subject_ok = errs.iter().all(|e| !e.field.starts_with("spec.subject"));
+                let outcome = if subject_ok {
+                    "the policy's rules are not enforced until it is fixed, and its subject stays isolated where it has rules (fail closed)"
+                } else {
+                    "the policy is not enforced until it is fixed"
+                };
+                for e in errs {
+                    b.out.problems.push(Problem {
+                        kind: NAMESPACED,
+                        object: object.clone(),
+                        message: format!("{e}; {outcome}"),
+                        reason: None,
+                    });
                 }
-                if !p.spec.egress.is_empty() {
-                    b.out.egress.isolated.insert(subject);
+                if !subject_ok {
+                    continue;
                 }
+                false
             }
-            continue;
+        };
+        if valid {
+            b.check_networks(
+                NAMESPACED,
+                &object,
+                "spec.subject.networks",
+                &p.spec.subject.networks,
+            );
         }
-        b.check_networks(
-            NAMESPACED,
-            &object,
-            "spec.subject.networks",
-            &p.spec.subject.networks,
-        );
         let subject = b.group(GroupSpec {
             namespace: Some(ns.clone()),
             namespace_selector: None,
@@ -717,7 +706,11 @@ pub fn compile(inputs: Inputs<'_>) -> Compiled {
             if rules.is_empty() {
                 continue;
             }
-            let compiled = b.rules(NAMESPACED, &object, subject, rules, dir, Some(&ns));
+            let compiled = if valid {
+                b.rules(NAMESPACED, &object, subject, rules, dir, Some(&ns))
+            } else {
+                Vec::new()
+            };
             let target = match dir {
                 Direction::Ingress => &mut b.out.ingress,
                 Direction::Egress => &mut b.out.egress,
