@@ -46,34 +46,26 @@ pub async fn snapshot(client: &Client) -> anyhow::Result<(Resources, Vec<Member>
                 .insert(name, ns.metadata.labels.unwrap_or_default());
         }
     }
+    let slices = list::<WorkloadSlice>(client).await?;
     let mut members = Vec::new();
+    // An entry two crossed writes left in two slices counts once.
     let mut seen = std::collections::HashSet::new();
-    for slice in list::<WorkloadSlice>(client).await? {
-        for entry in slice.spec.workloads {
-            // An entry two crossed writes left in two slices counts once.
-            let (node, namespace, name, ips) = entry.key();
-            let key = (
-                node.to_owned(),
-                namespace.to_owned(),
-                name.to_owned(),
-                ips.to_vec(),
-            );
-            if !entry.workload.active || !seen.insert(key) {
-                continue;
-            }
-            let w = std::sync::Arc::unwrap_or_clone(entry).workload;
-            members.push(Member {
-                namespace: w.namespace,
-                name: w.name,
-                labels: w.labels,
-                network: w.network,
-                ips: super::with_link_local(
-                    w.ips.iter().filter_map(|ip| ip.parse().ok()).collect(),
-                    w.mac.as_deref(),
-                ),
-                local: true,
-            });
+    for entry in slices.iter().flat_map(|s| &s.spec.workloads) {
+        if !entry.workload.active || !seen.insert(entry.key()) {
+            continue;
         }
+        let w = &entry.workload;
+        members.push(Member {
+            namespace: w.namespace.clone(),
+            name: w.name.clone(),
+            labels: w.labels.clone(),
+            network: w.network.clone(),
+            ips: super::with_link_local(
+                w.ips.iter().filter_map(|ip| ip.parse().ok()).collect(),
+                w.mac.as_deref(),
+            ),
+            local: true,
+        });
     }
     Ok((res, members))
 }
