@@ -37,9 +37,11 @@ impl PodDirectory {
         self.listed
     }
 
-    fn bump(&mut self, node: &str, changed: &mut BTreeSet<String>) {
-        *self.generations.entry(node.to_owned()).or_default() += 1;
-        changed.insert(node.to_owned());
+    /// Moves the count of each of `nodes` on by one.
+    fn bump(&mut self, nodes: &BTreeSet<String>) {
+        for node in nodes {
+            *self.generations.entry(node.clone()).or_default() += 1;
+        }
     }
 
     /// Records the pod `namespace/name` as `facts` (`None`: deleted, or bound to no node);
@@ -50,28 +52,23 @@ impl PodDirectory {
         name: &str,
         facts: Option<PodFacts>,
     ) -> BTreeSet<String> {
-        let mut changed = BTreeSet::new();
         let before = match &facts {
-            Some(f) => {
-                if self.pods.get(namespace, name) == Some(f) {
-                    return changed;
-                }
-                self.pods.insert(namespace, name, f.clone())
-            }
+            Some(f) if self.pods.get(namespace, name) == Some(f) => return BTreeSet::new(),
+            Some(f) => self.pods.insert(namespace, name, f.clone()),
             None => self.pods.remove(namespace, name),
         };
-        for node in before.iter().chain(&facts).map(|f| &*f.node) {
-            if !changed.contains(node) {
-                self.bump(node, &mut changed);
-            }
-        }
+        let changed = before
+            .iter()
+            .chain(&facts)
+            .map(|f| f.node.to_string())
+            .collect();
+        self.bump(&changed);
         changed
     }
 
     /// Replaces every pod with `pods` (a full list); returns the nodes whose pods changed.
     pub fn relist(&mut self, pods: Pods) -> BTreeSet<String> {
-        let mut changed = BTreeSet::new();
-        let nodes: Vec<String> = self
+        let changed: BTreeSet<String> = self
             .pods
             .iter()
             .filter(|(ns, name, f)| pods.get(ns, name) != Some(*f))
@@ -81,11 +78,7 @@ impl PodDirectory {
             )
             .map(|(_, _, f)| f.node.to_string())
             .collect();
-        for node in nodes {
-            if !changed.contains(&node) {
-                self.bump(&node, &mut changed);
-            }
-        }
+        self.bump(&changed);
         self.pods = pods;
         self.listed = true;
         changed

@@ -190,19 +190,23 @@ fn mac_refused(mac: &str) -> Option<String> {
     (m[0] & 1 == 1 || m == [0; 6]).then(|| format!("MAC {mac} is not a unicast address"))
 }
 
-/// Why the node `node` may not speak for the pod of the workload `w`, if it may not: the pod
-/// (`pod`, what the API server says of it) must exist and be bound to `node`, and a VM identity
-/// the node gives the workload must be of the pod's namespace and, when the pod names the VM
-/// it runs (KubeVirt's `vm.kubevirt.io/name` label), that VM.
-fn pod_refused(node: &str, w: &NodeWorkload, pod: Option<&PodFacts>) -> Option<String> {
+/// The pod of the workload `w` (`pod`, what the API server says of it) if the node `node` may
+/// speak for it, else why not: the pod must exist and be bound to `node`, not be a static pod's
+/// mirror, and a VM identity the node gives the workload must be of the pod's namespace and,
+/// when the pod names the VM it runs (KubeVirt's `vm.kubevirt.io/name` label), that VM.
+fn pod_taken<'a>(
+    node: &str,
+    w: &NodeWorkload,
+    pod: Option<&'a PodFacts>,
+) -> Result<&'a PodFacts, String> {
     let Some(pod) = pod else {
-        return Some(format!(
+        return Err(format!(
             "no pod {}/{} is bound to a node (the API server has none)",
             w.namespace, w.name
         ));
     };
     if *pod.node != *node {
-        return Some(format!(
+        return Err(format!(
             "pod {}/{} runs on node {}, not on {node}",
             w.namespace, w.name, pod.node
         ));
@@ -210,25 +214,28 @@ fn pod_refused(node: &str, w: &NodeWorkload, pod: Option<&PodFacts>) -> Option<S
     if pod.mirror {
         // A node makes the mirror pods of its static pods itself: their namespace and labels
         // say nothing the node could not choose.
-        return Some(format!(
+        return Err(format!(
             "pod {}/{} is the mirror of a static pod, whose namespace and labels its node chooses",
             w.namespace, w.name
         ));
     }
-    let vm = w.vm.as_deref()?;
+    let Some(vm) = w.vm.as_deref() else {
+        return Ok(pod);
+    };
     let runs = pod
         .labels
         .get(weft_dataplane::proto::VM_NAME_LABEL)
         .map(|name| format!("{}/{name}", w.namespace));
     match vm.split_once('/') {
-        Some((namespace, _)) if namespace != w.namespace => Some(format!(
+        Some((namespace, _)) if namespace != w.namespace => Err(format!(
             "VM {vm} is not of the pod's namespace {}",
             w.namespace
         )),
-        None => Some(format!("VM {vm:?} is not namespace/name")),
-        _ => runs
-            .filter(|runs| runs != vm)
-            .map(|runs| format!("the pod runs VM {runs}, not {vm}")),
+        None => Err(format!("VM {vm:?} is not namespace/name")),
+        _ => match runs {
+            Some(runs) if runs != vm => Err(format!("the pod runs VM {runs}, not {vm}")),
+            _ => Ok(pod),
+        },
     }
 }
 
@@ -261,22 +268,21 @@ pub fn vouch(
         .iter()
         .filter(|w| of_network(network, &w.network))
     {
-        let pod = pods.get(&w.namespace, &w.name);
-        match w
+        let taken = w
             .ips
             .iter()
             .find_map(|ip| refuse(&w.network, w.vm.as_deref(), ip))
             .or_else(|| w.mac.as_deref().and_then(mac_refused))
-            .or_else(|| pod_refused(node, w, pod))
-        {
-            None => out.peers.push(Peer {
+            .map_or_else(|| pod_taken(node, w, pods.get(&w.namespace, &w.name)), Err);
+        match taken {
+            Ok(pod) => out.peers.push(Peer {
                 node: node.to_owned(),
                 workload: NodeWorkload {
-                    labels: pod.map(|p| p.labels.clone()).unwrap_or_default(),
+                    labels: pod.labels.clone(),
                     ..w.clone()
                 },
             }),
-            Some(why) => out.problems.push(format!(
+            Err(why) => out.problems.push(format!(
                 "NodeNetwork {node}: status.workloads: {}/{} on network {} left out of policy groups: {why}",
                 w.namespace, w.name, w.network
             )),
