@@ -505,31 +505,44 @@ EOF
     sh -c "'$C' kubectl get nodenetwork node4 -o jsonpath='{.spec.blocks[?(@.network==\"e2e-nat\")].ipv4}' | grep -q ." ||
     return 1
   block=$(k get nodenetwork node4 -o jsonpath='{.spec.blocks[?(@.network=="e2e-nat")].ipv4}')
-  local base=${block%.*} own other
-  own=$base.5 other=$base.6
+  local base=${block%.*} own other kept claimed
+  own=$base.5 other=$base.6 kept=$base.7 claimed=$base.8
   log "node4's block: $block"
-  # Bound to node4, never started (no kubelet there).
+  # Bound to node4, never started (no kubelet there); the launcher pod of a VM, fvm.
   kn apply -f - >/dev/null <<'EOF' || return 1
-{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "forged", "labels": {"app": "web"}},
+{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "forged", "labels": {"app": "web", "vm.kubevirt.io/name": "fvm"}},
  "spec": {"nodeName": "node4", "containers": [{"name": "c", "image": "weft.test/testbox:1"}]}}
 EOF
+  # Its reservation of fvm, and one of a VM that never ran on node4 (which that VM, started
+  # on another node, would adopt: an address of node4's block, and its traffic).
   k patch nodenetwork node4 --subresource=status --type=merge -p "$(
     cat <<EOF
 {"status": {"workloads": [
-  {"network": "e2e-nat", "namespace": "$ns", "name": "forged", "labels": {"app": "db"}, "ips": ["$own"]},
-  {"network": "e2e-nat", "namespace": "$ns", "name": "b1", "labels": {"app": "web"}, "ips": ["$other"]}]}}
+  {"network": "e2e-nat", "namespace": "$ns", "name": "forged", "labels": {"app": "db"}, "ips": ["$own"], "vm": "$ns/fvm"},
+  {"network": "e2e-nat", "namespace": "$ns", "name": "b1", "labels": {"app": "web"}, "ips": ["$other"]}],
+ "reservations": [
+  {"vm": "$ns/fvm", "network": "e2e-nat", "ifname": "eth0", "ips": ["$kept"], "since": 1},
+  {"vm": "$ns/victim", "network": "e2e-nat", "ifname": "eth0", "ips": ["$claimed"], "since": 2000000000}]}}
 EOF
   )" >/dev/null || return 1
   eventually 30 "the slices carry node4's pod with the pod's label app=web, not the published app=db" \
     slice_label e2e-nat node4 "$own" web &&
     eventually 30 "the controller refuses node4's claim of node2's b1 (and logs why)" \
       refusal_says "$ns/b1 on network e2e-nat left out of policy groups: pod $ns/b1 runs on node node2, not on node4" &&
-    expect "no slice carries node4's claim of b1" not in_slice e2e-nat node4 "$other" || return 1
+    expect "no slice carries node4's claim of b1" not in_slice e2e-nat node4 "$other" &&
+    eventually 30 "the slices carry node4's reservation of fvm, whose launcher pod is bound there" \
+      reserved_in_slice e2e-nat node4 "$ns/fvm" &&
+    eventually 30 "the controller refuses node4's reservation of a VM that never ran there (and logs why)" \
+      refusal_says "VM $ns/victim on network e2e-nat ignored: VM $ns/victim runs in no pod bound to node node4" &&
+    expect "no slice carries node4's reservation of victim" not reserved_in_slice e2e-nat node4 "$ns/victim" ||
+    return 1
   kn label pod forged app=api --overwrite >/dev/null || return 1
   eventually 30 "the pod relabelled app=api: its slice entry follows (node4 published nothing new)" \
     slice_label e2e-nat node4 "$own" api || return 1
   kn delete pod forged --grace-period=0 --force >/dev/null 2>&1
   eventually 30 "the pod deleted: node4's entry leaves the slices" not in_slice e2e-nat node4 "$own" &&
+    expect "fvm gone from node4: the reservation taken while it ran there stays" \
+      reserved_in_slice e2e-nat node4 "$ns/fvm" &&
     expect "delete Node node4" k delete node node4 --timeout=30s &&
     eventually 30 "node4's NodeNetwork is freed" sh -c "! '$C' kubectl get nodenetwork node4 >/dev/null 2>&1"
 }
@@ -541,6 +554,15 @@ import json, sys
 net, node, ip, app = sys.argv[1:5]
 ws = [w for s in json.load(sys.stdin)["items"] if s["spec"]["network"] == net for w in s["spec"].get("workloads", [])]
 sys.exit(0 if any(w["node"] == node and ip in w["ips"] and w.get("labels", {}).get("app") == app for w in ws) else 1)' "$@"
+}
+
+# reserved_in_slice NETWORK NODE VM: a WorkloadSlice of NETWORK holds NODE's reservation of VM.
+reserved_in_slice() {
+  k get workloadslices -l "weft.dev/network=$1" -o json | python3 -c '
+import json, sys
+net, node, vm = sys.argv[1:4]
+rs = [r for s in json.load(sys.stdin)["items"] if s["spec"]["network"] == net for r in s["spec"].get("reservations", [])]
+sys.exit(0 if any(r["node"] == node and r["vm"] == vm for r in rs) else 1)' "$@"
 }
 
 # refusal_says TEXT: the controllers' log (one line per entry left out, by the replica that

@@ -13,10 +13,18 @@
 //! virt-launcher pod, its own VM's. A compromised node therefore cannot put its addresses into
 //! a label group its pods do not belong to, nor speak for another node's pod. The controller
 //! applies this before it copies the workloads into the Networks' WorkloadSlices.
+//!
+//! A VM reservation (`status.reservations`: the addresses and MAC a node keeps for a VM, which
+//! the VM adopts when it starts on another node) is taken only from a node the VM ran on: one
+//! that publishes an interface of that VM which it may speak for (above), or one whose
+//! reservation of it the slices already hold ([`Held`]: taken while the VM ran there, kept
+//! after it left). Otherwise a compromised node could publish a newer reservation for any VM
+//! of any namespace, and the VM, started elsewhere, would adopt addresses of that node's block
+//! (and their traffic) and a MAC of its choosing.
 
 use super::{Peer, PeerReservation};
 use ipnet::IpNet;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use weft_crds::nodenetwork::Labels;
 use weft_crds::{NodeNetwork, NodeReservation, NodeWorkload};
@@ -140,17 +148,23 @@ pub struct Vouched {
 pub struct VmAddresses(BTreeSet<(String, String, IpAddr)>);
 
 impl VmAddresses {
-    /// What `publications` reserve in their own blocks; with `network`, of that network only.
+    /// What `publications` reserve in their own blocks, of the reservations they may vouch for
+    /// ([`reservation_refused`], given the cluster's `pods` and the reservations the slices
+    /// `held`); with `network`, of that network only.
     pub fn of<'p, 'a: 'p>(
         publications: impl IntoIterator<Item = &'p Publication<'a>>,
+        pods: &Pods,
+        held: &Held,
         network: Option<&str>,
     ) -> Self {
         let mut out = BTreeSet::new();
         for p in publications {
+            let ran = p.vms_running(pods);
             for r in p
                 .reservations
                 .iter()
                 .filter(|r| of_network(network, &r.network))
+                .filter(|r| reservation_refused(p.node, r, &ran, held).is_none())
             {
                 for ip in r.ips.iter().filter_map(|ip| ip.parse::<IpAddr>().ok()) {
                     if p.holds(&r.network, &ip) {
@@ -167,11 +181,68 @@ impl VmAddresses {
     }
 }
 
+/// The VM reservations a Network's WorkloadSlices hold: `(node, vm, interface)`. A node keeps
+/// vouching for a reservation taken once, after its VM left it (a restart or a migration
+/// elsewhere), for as long as it publishes it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Held(HashSet<(String, String, String)>);
+
+impl Held {
+    /// The reservations among `entries` (a Network's slice entries).
+    pub fn of<'e>(entries: impl IntoIterator<Item = &'e PeerReservation>) -> Self {
+        Held(
+            entries
+                .into_iter()
+                .map(|r| {
+                    let (node, vm, ifname) = r.key();
+                    (node.to_owned(), vm.to_owned(), ifname.to_owned())
+                })
+                .collect(),
+        )
+    }
+
+    fn holds(&self, node: &str, r: &NodeReservation) -> bool {
+        self.0
+            .contains(&(node.to_owned(), r.vm.clone(), r.ifname.clone()))
+    }
+}
+
+/// Why the reservation `r` published by `node` is not taken, if it is not: unless the slices
+/// already hold it (`held`), the VM must run on the node, in a pod the node may speak for
+/// (`ran`: `(vm, network)` of the node's interfaces that [`pod_taken`] accepts).
+fn reservation_refused(
+    node: &str,
+    r: &NodeReservation,
+    ran: &HashSet<(&str, &str)>,
+    held: &Held,
+) -> Option<String> {
+    if ran.contains(&(r.vm.as_str(), r.network.as_str())) || held.holds(node, r) {
+        return None;
+    }
+    Some(format!(
+        "VM {} runs in no pod bound to node {node}, and no reservation of it by {node} was taken while it did",
+        r.vm
+    ))
+}
+
 fn of_network(want: Option<&str>, network: &str) -> bool {
     want.is_none_or(|want| want == network)
 }
 
 impl Publication<'_> {
+    /// `(vm, network)` of each VM interface the node publishes for a pod it may speak for
+    /// ([`pod_taken`]).
+    fn vms_running(&self, pods: &Pods) -> HashSet<(&str, &str)> {
+        self.workloads
+            .iter()
+            .filter_map(|w| {
+                let vm = w.vm.as_deref()?;
+                pod_taken(self.node, w, pods.get(&w.namespace, &w.name)).ok()?;
+                Some((vm, w.network.as_str()))
+            })
+            .collect()
+    }
+
     /// Whether one of the node's blocks of `network` holds `ip`.
     fn holds(&self, network: &str, ip: &IpAddr) -> bool {
         self.blocks
@@ -240,13 +311,14 @@ fn pod_taken<'a>(
 }
 
 /// What the node of `p` may vouch for ([module docs](self)), added to `out`, given the VM
-/// addresses that all nodes reserve ([`VmAddresses::of`]) and the cluster's pods; with
-/// `network`, only that network's workloads and reservations. A workload taken carries its
-/// pod's labels.
+/// addresses that all nodes reserve ([`VmAddresses::of`]), the cluster's pods and the
+/// reservations the slices hold; with `network`, only that network's workloads and
+/// reservations. A workload taken carries its pod's labels.
 pub fn vouch(
     p: &Publication<'_>,
     vms: &VmAddresses,
     pods: &Pods,
+    held: &Held,
     network: Option<&str>,
     out: &mut Vouched,
 ) {
@@ -288,6 +360,7 @@ pub fn vouch(
             )),
         }
     }
+    let ran = p.vms_running(pods);
     for r in p
         .reservations
         .iter()
@@ -297,6 +370,7 @@ pub fn vouch(
             .ips
             .iter()
             .find_map(|ip| refuse(&r.network, Some(&r.vm), ip))
+            .or_else(|| reservation_refused(node, r, &ran, held))
         {
             None => out.reservations.push(PeerReservation {
                 node: node.to_owned(),
@@ -310,13 +384,19 @@ pub fn vouch(
     }
 }
 
-/// What each of `publications` may vouch for ([module docs](self)), given the cluster's pods;
-/// with `network`, only that network's workloads and reservations.
-pub fn vouched(publications: &[Publication<'_>], pods: &Pods, network: Option<&str>) -> Vouched {
-    let vms = VmAddresses::of(publications, network);
+/// What each of `publications` may vouch for ([module docs](self)), given the cluster's pods
+/// and the reservations the slices hold; with `network`, only that network's workloads and
+/// reservations.
+pub fn vouched(
+    publications: &[Publication<'_>],
+    pods: &Pods,
+    held: &Held,
+    network: Option<&str>,
+) -> Vouched {
+    let vms = VmAddresses::of(publications, pods, held, network);
     let mut out = Vouched::default();
     for p in publications {
-        vouch(p, &vms, pods, network, &mut out);
+        vouch(p, &vms, pods, held, network, &mut out);
     }
     out
 }
@@ -362,6 +442,100 @@ mod tests {
             ..Default::default()
         });
         nn
+    }
+
+    /// The slices' reservations `(node, vm)` (interface `eth0`).
+    fn held(entries: &[(&str, &str)]) -> Held {
+        let entries: Vec<PeerReservation> = entries
+            .iter()
+            .map(|(node, vm)| PeerReservation {
+                node: (*node).into(),
+                reservation: NodeReservation {
+                    vm: (*vm).into(),
+                    ifname: "eth0".into(),
+                    ..Default::default()
+                },
+            })
+            .collect();
+        Held::of(&entries)
+    }
+
+    #[test]
+    fn a_reservation_is_taken_only_from_a_node_the_vm_ran_on() {
+        let x = published(
+            "node-x",
+            &[("nat", Some("10.10.0.0/24"), None)],
+            &[(
+                "virt-launcher-mine",
+                "nat",
+                Some("default/mine"),
+                &["10.10.0.5"],
+            )],
+            &[
+                // Runs here, in a pod bound to node-x.
+                ("default/mine", "nat", &["10.10.0.5"]),
+                // Ran here once: the slices hold node-x's reservation of it.
+                ("default/left", "nat", &["10.10.0.6"]),
+                // Never ran here: claimed with an address of node-x's block.
+                ("default/victim", "nat", &["10.10.0.7"]),
+            ],
+        );
+        // The victim starts on node-b, which adopts what node-x claims.
+        let b = published(
+            "node-b",
+            &[("nat", Some("10.10.1.0/24"), None)],
+            &[(
+                "virt-launcher-victim",
+                "nat",
+                Some("default/victim"),
+                &["10.10.0.7"],
+            )],
+            &[],
+        );
+        let mut pods = bound(&[&x]);
+        let launcher = |node: &str, vm: &str| PodFacts {
+            node: node.into(),
+            labels: std::sync::Arc::new(
+                [(weft_dataplane::proto::VM_NAME_LABEL.into(), vm.into())].into(),
+            ),
+            mirror: false,
+        };
+        pods.insert("default", "virt-launcher-mine", launcher("node-x", "mine"));
+        pods.insert(
+            "default",
+            "virt-launcher-victim",
+            launcher("node-b", "victim"),
+        );
+        let v = vouched(
+            &[Publication::of(&x), Publication::of(&b)],
+            &pods,
+            &held(&[("node-x", "default/left")]),
+            None,
+        );
+        let kept: Vec<&str> = v
+            .reservations
+            .iter()
+            .map(|r| r.reservation.vm.as_str())
+            .collect();
+        assert_eq!(kept, ["default/mine", "default/left"]);
+        let names: Vec<&str> = v.peers.iter().map(|p| p.workload.name.as_str()).collect();
+        assert_eq!(names, ["virt-launcher-mine"], "{:#?}", v.problems);
+        assert!(
+            v.problems.iter().any(|p| p.contains(
+                "status.reservations: VM default/victim on network nat ignored: VM default/victim runs in no pod bound to node node-x"
+            )),
+            "{:#?}",
+            v.problems
+        );
+        // The victim's launcher on node-b: node-x's claim reserves nothing for it.
+        assert!(
+            v.problems
+                .iter()
+                .any(|p| p.contains("default/virt-launcher-victim")
+                    && p.contains("10.10.0.7 is outside the node's blocks of network nat")),
+            "{:#?}",
+            v.problems
+        );
     }
 
     /// Every pod `nodes` publish, bound to its node, with label `app=real`.
@@ -415,7 +589,14 @@ mod tests {
             ],
         );
         let pods = bound(&[&a, &b]);
-        let v = vouched(&[Publication::of(&a), Publication::of(&b)], &pods, None);
+        // Reservations of VMs that no longer run on their node: taken while they did.
+        let held = held(&[("node-a", "default/vm1"), ("node-b", "default/vm4")]);
+        let v = vouched(
+            &[Publication::of(&a), Publication::of(&b)],
+            &pods,
+            &held,
+            None,
+        );
         let (peers, reservations, problems) = (v.peers, v.reservations, v.problems);
         let names: Vec<(&str, &str)> = peers
             .iter()
@@ -479,7 +660,12 @@ mod tests {
         for (w, mac) in status.workloads.iter_mut().zip(macs) {
             w.mac = Some(mac.into());
         }
-        let v = vouched(&[Publication::of(&b)], &bound(&[&b]), None);
+        let v = vouched(
+            &[Publication::of(&b)],
+            &bound(&[&b]),
+            &Held::default(),
+            None,
+        );
         let names: Vec<&str> = v.peers.iter().map(|p| p.workload.name.as_str()).collect();
         assert_eq!(names, ["derived", "hashed"]);
         assert_eq!(v.problems.len(), 3, "{:#?}", v.problems);
@@ -510,7 +696,12 @@ mod tests {
             ],
             &[("default/vm1", "lan", &["10.30.0.9"])],
         );
-        let v = vouched(&[Publication::of(&a)], &bound(&[&a]), Some("lan"));
+        let v = vouched(
+            &[Publication::of(&a)],
+            &bound(&[&a]),
+            &held(&[("node-a", "default/vm1")]),
+            Some("lan"),
+        );
         let names: Vec<&str> = v.peers.iter().map(|p| p.workload.name.as_str()).collect();
         assert_eq!(names, ["db"]);
         assert_eq!(v.reservations.len(), 1);
@@ -565,7 +756,7 @@ mod tests {
                 ..facts("node-a", &[("app", "db")])
             },
         );
-        let v = vouched(&[Publication::of(&a)], &pods, None);
+        let v = vouched(&[Publication::of(&a)], &pods, &Held::default(), None);
         let taken: Vec<(&str, Option<&String>)> = v
             .peers
             .iter()

@@ -13,7 +13,7 @@
 use super::{ReservationKey, WorkloadKey, fill, keyed, place, reservation_key, workload_key};
 use crate::controller::compact::CompactNodeNetwork;
 use crate::controller::pods::PodDirectory;
-use crate::model::peers::{Pods, Publication, VmAddresses, Vouched, vouch};
+use crate::model::peers::{Held, Pods, Publication, VmAddresses, Vouched, vouch};
 use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -35,6 +35,15 @@ struct Node {
 
 /// A Network's slices in the store, by index.
 pub type Stored = BTreeMap<usize, Arc<WorkloadSlice>>;
+
+/// What a node's publication is vouched for with: the Network, the VM addresses all nodes
+/// reserve, the cluster's pods and the reservations the slices hold.
+struct Vouching<'a> {
+    network: &'a str,
+    vms: &'a VmAddresses,
+    pods: &'a Pods,
+    held: &'a Held,
+}
 
 /// What the controller keeps of one Network's WorkloadSlices ([module docs](self)).
 #[derive(Debug, Default)]
@@ -80,11 +89,30 @@ impl Book {
                 Some((key, p))
             })
             .collect();
-        let vms = VmAddresses::of(publications.iter().map(|(_, p)| p), Some(network));
-        if self.in_step(stored, deletions) {
-            self.changes(network, &publications, vms, pods.pods())
+        let in_step = self.in_step(stored, deletions);
+        // The reservations the slices hold: the book's, or the store's when it is read again.
+        let held = if in_step {
+            Held::of(self.slices.values().flat_map(|s| &s.reservations))
         } else {
-            self.read(network, &publications, vms, pods.pods(), stored, deletions)
+            Held::of(stored.values().flat_map(|s| &s.spec.reservations))
+        };
+        let pods = pods.pods();
+        let vms = VmAddresses::of(
+            publications.iter().map(|(_, p)| p),
+            pods,
+            &held,
+            Some(network),
+        );
+        let vouching = Vouching {
+            network,
+            vms: &vms,
+            pods,
+            held: &held,
+        };
+        if in_step {
+            self.changes(&publications, vouching)
+        } else {
+            self.read(&publications, vouching, stored, deletions)
         }
     }
 
@@ -138,19 +166,18 @@ impl Book {
     /// entries from the store's slices.
     fn read(
         &mut self,
-        network: &str,
         publications: &[(NodeKey, Publication<'_>)],
-        vms: VmAddresses,
-        pods: &Pods,
+        with: Vouching<'_>,
         stored: &Stored,
         deletions: u64,
     ) -> Vec<(usize, WorkloadSliceSpec)> {
+        let network = with.network;
         let current: BTreeMap<usize, WorkloadSliceSpec> =
             stored.iter().map(|(i, s)| (*i, s.spec.clone())).collect();
         self.nodes.clear();
         let mut all = Vouched::default();
         for (key, p) in publications {
-            self.vouch_for(network, key, p, &vms, pods, &mut all);
+            self.vouch_for(key, p, &with, &mut all);
         }
         let desired = place(all.peers, all.reservations, &current, network);
         let changed = desired
@@ -177,7 +204,7 @@ impl Book {
             }
         }
         self.slices = desired;
-        self.vms = Some(vms);
+        self.vms = Some(with.vms.clone());
         self.deletions = deletions;
         changed
     }
@@ -186,12 +213,11 @@ impl Book {
     /// them when the VM addresses changed) and moves their entries in or out of the slices.
     fn changes(
         &mut self,
-        network: &str,
         publications: &[(NodeKey, Publication<'_>)],
-        vms: VmAddresses,
-        pods: &Pods,
+        with: Vouching<'_>,
     ) -> Vec<(usize, WorkloadSliceSpec)> {
-        let every = self.vms.as_ref() != Some(&vms);
+        let network = with.network;
+        let every = self.vms.as_ref() != Some(with.vms);
         let mut fresh = Vouched::default();
         let mut nodes: HashSet<String> = HashSet::new();
         let present: HashSet<&str> = publications.iter().map(|(_, p)| p.node).collect();
@@ -209,10 +235,12 @@ impl Book {
             if !every && self.nodes.get(p.node).is_some_and(|n| n.key == *key) {
                 continue;
             }
-            self.vouch_for(network, key, p, &vms, pods, &mut fresh);
+            self.vouch_for(key, p, &with, &mut fresh);
             nodes.insert(p.node.to_owned());
         }
-        self.vms = Some(vms);
+        if every {
+            self.vms = Some(with.vms.clone());
+        }
         if nodes.is_empty() {
             return Vec::new();
         }
@@ -259,15 +287,13 @@ impl Book {
     /// (`key`) with what was left out of it.
     fn vouch_for(
         &mut self,
-        network: &str,
         key: &NodeKey,
         p: &Publication<'_>,
-        vms: &VmAddresses,
-        pods: &Pods,
+        with: &Vouching<'_>,
         into: &mut Vouched,
     ) {
         let before = into.problems.len();
-        vouch(p, vms, pods, Some(network), into);
+        vouch(p, with.vms, with.pods, with.held, Some(with.network), into);
         let problems = into.problems.split_off(before);
         self.nodes.insert(
             p.node.to_owned(),
@@ -517,7 +543,9 @@ mod tests {
 
                 let pubs: Vec<Publication<'_>> =
                     nodes.iter().filter_map(|nn| nn.publication_of("blue")).collect();
-                let all = vouched(&pubs, pods.pods(), Some("blue"));
+                // What the slices held before: a reservation taken once stays vouched for.
+                let held = Held::of(before.values().flat_map(|s| &s.reservations));
+                let all = vouched(&pubs, pods.pods(), &held, Some("blue"));
                 let want = place(all.peers, all.reservations, &before, "blue");
                 prop_assert_eq!(&book.slices, &want);
                 let differ: Vec<usize> = want
