@@ -59,7 +59,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let mut directory = PodDirectory::default();
-    directory.relist(all);
+    directory.relist(all, std::time::Instant::now());
     let stats = dhat::HeapStats::get();
     let held = stats.curr_bytes.saturating_sub(before);
     let peak = stats.max_bytes.saturating_sub(before);

@@ -81,12 +81,13 @@ fn main() -> anyhow::Result<()> {
                 node,
                 labels: set,
                 mirror: false,
+                departed: false,
             };
             pods.insert(&w.namespace, &w.name, facts);
         }
     }
     let mut directory = PodDirectory::default();
-    directory.relist(pods);
+    directory.relist(pods, std::time::Instant::now());
     let mut keep = |nn| Arc::new(keep_node_network(nn, &mut names, &mut labels));
     let mut all: Vec<Arc<CompactNodeNetwork>> = (0..nodes)
         .map(|n| keep(node_network(n, PER_NODE)))

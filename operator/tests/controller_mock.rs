@@ -102,7 +102,7 @@ fn setup(leader: bool) -> (Arc<Context>, Handle, World) {
     let (slices, sw) = reflector::store();
     // Every pod is listed (none yet): see `World::bound`.
     let mut directory = PodDirectory::default();
-    directory.relist(Pods::default());
+    directory.relist(Pods::default(), std::time::Instant::now());
     let pods = Arc::new(tokio::sync::RwLock::new(directory));
     let stores = Stores {
         networks,
@@ -802,14 +802,20 @@ fn workload(name: &str, ip: &str) -> NodeWorkload {
 }
 
 impl World {
-    /// Binds the pod `namespace/name` to `node` with the label `app` (`None`: no such pod).
+    /// Binds the pod `namespace/name` to `node` with the label `app` (`None`: no such pod, not
+    /// even one deleted moments ago).
     fn bound(&mut self, namespace: &str, name: &str, node: &str, app: Option<&str>) -> &mut Self {
         let facts = app.map(|app| PodFacts {
             node: node.into(),
             labels: Arc::new([("app".to_owned(), app.to_owned())].into()),
             mirror: false,
+            departed: false,
         });
-        self.pods.try_write().unwrap().apply(namespace, name, facts);
+        let now = std::time::Instant::now();
+        let mut pods = self.pods.try_write().unwrap();
+        pods.apply(namespace, name, facts, now);
+        pods.expire(now + weft_operator::controller::pods::DEPARTED_GRACE);
+        drop(pods);
         self
     }
 

@@ -921,7 +921,21 @@ async fn watch_pods(
             pod.metadata.name.clone().unwrap_or_default(),
         )
     };
-    while let Some(event) = stream.next().await {
+    // Departed pods are forgotten once their grace is over (see [`pods::DEPARTED_GRACE`]).
+    let mut expiry = tokio::time::interval(pods::DEPARTED_GRACE / 6);
+    expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let event = tokio::select! {
+            event = stream.next() => match event {
+                Some(event) => event,
+                None => break,
+            },
+            _ = expiry.tick() => {
+                let changed = directory.write().await.expire(std::time::Instant::now());
+                wake(changed);
+                continue;
+            }
+        };
         let event = match event {
             Ok(event) => event,
             Err(e) => {
@@ -940,19 +954,31 @@ async fn watch_pods(
             }
             watcher::Event::InitDone => {
                 let all = building.take().unwrap_or_default();
-                directory.write().await.relist(all);
+                // Every Network is woken below.
+                let _ = directory
+                    .write()
+                    .await
+                    .relist(all, std::time::Instant::now());
                 listed.send_replace(true);
                 let _ = slices.1.unbounded_send(());
             }
             watcher::Event::Apply(pod) => {
                 let (ns, name) = id(&pod);
                 let now = facts(&pod).map(|(_, _, f)| f);
-                let changed = directory.write().await.apply(&ns, &name, now);
+                let changed =
+                    directory
+                        .write()
+                        .await
+                        .apply(&ns, &name, now, std::time::Instant::now());
                 wake(changed);
             }
             watcher::Event::Delete(pod) => {
                 let (ns, name) = id(&pod);
-                let changed = directory.write().await.apply(&ns, &name, None);
+                let changed =
+                    directory
+                        .write()
+                        .await
+                        .apply(&ns, &name, None, std::time::Instant::now());
                 wake(changed);
             }
         }

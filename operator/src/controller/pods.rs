@@ -6,12 +6,21 @@
 //! pod bound, relabelled, moved or deleted therefore changes what its node may vouch for:
 //! [`PodDirectory`] counts such changes per node (a pod's status, written far more often,
 //! counts nothing), and a [`super::slices::Book`] vouches again for a node whose count moved.
+//!
+//! A deleted pod stays [`DEPARTED_GRACE`] as departed: its node's agent publishes the DEL
+//! after the pod's deletion (at once for a force-deleted pod, whose object goes before its
+//! sandbox), and a workload of a departed pod is left out of the slices without a problem.
+//! Past the grace, a node still publishing it gets one ("no pod ... is bound").
 
 use crate::model::peers::{PodFacts, Pods};
 use crate::model::shared::{LabelSets, Names};
 use k8s_openapi::api::core::v1::Pod;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long a deleted pod's node may still publish its workloads without a problem.
+pub const DEPARTED_GRACE: Duration = Duration::from_secs(30);
 
 /// The pods bound to nodes, and per node how often what is known of its pods changed.
 #[derive(Debug, Default)]
@@ -19,6 +28,11 @@ pub struct PodDirectory {
     pods: Pods,
     generations: HashMap<String, u64>,
     listed: bool,
+    /// The departed pods, oldest first: when each departed, its namespace and name.
+    departures: VecDeque<(Instant, String, String)>,
+    /// When each departed pod departed (an entry of `departures` for a pod that came back, or
+    /// departed again since, is stale).
+    departed_at: HashMap<(String, String), Instant>,
 }
 
 impl PodDirectory {
@@ -44,30 +58,102 @@ impl PodDirectory {
         }
     }
 
-    /// Records the pod `namespace/name` as `facts` (`None`: deleted, or bound to no node);
-    /// returns the nodes whose pods changed (the node it was bound to and the one it is).
+    /// Records the pod `namespace/name` as `facts` (`None`: deleted, or bound to no node: it
+    /// departs, at `now`); returns the nodes whose pods changed (the node it was bound to and
+    /// the one it is).
     pub fn apply(
         &mut self,
         namespace: &str,
         name: &str,
         facts: Option<PodFacts>,
+        now: Instant,
     ) -> BTreeSet<String> {
-        let before = match &facts {
-            Some(f) if self.pods.get(namespace, name) == Some(f) => return BTreeSet::new(),
-            Some(f) => self.pods.insert(namespace, name, f.clone()),
-            None => self.pods.remove(namespace, name),
+        let facts = match facts {
+            Some(f) => {
+                self.departed_at
+                    .remove(&(namespace.to_owned(), name.to_owned()));
+                f
+            }
+            None => match self.pods.get(namespace, name) {
+                Some(f) if !f.departed => {
+                    let f = PodFacts {
+                        departed: true,
+                        ..f.clone()
+                    };
+                    self.depart(namespace, name, now);
+                    f
+                }
+                _ => return BTreeSet::new(),
+            },
         };
+        if self.pods.get(namespace, name) == Some(&facts) {
+            return BTreeSet::new();
+        }
+        let before = self.pods.insert(namespace, name, facts.clone());
         let changed = before
             .iter()
-            .chain(&facts)
+            .chain([&facts])
             .map(|f| f.node.to_string())
             .collect();
         self.bump(&changed);
         changed
     }
 
-    /// Replaces every pod with `pods` (a full list); returns the nodes whose pods changed.
-    pub fn relist(&mut self, pods: Pods) -> BTreeSet<String> {
+    fn depart(&mut self, namespace: &str, name: &str, now: Instant) {
+        self.departures
+            .push_back((now, namespace.to_owned(), name.to_owned()));
+        self.departed_at
+            .insert((namespace.to_owned(), name.to_owned()), now);
+    }
+
+    /// Forgets the pods departed [`DEPARTED_GRACE`] or longer before `now`; returns the nodes
+    /// they were bound to.
+    pub fn expire(&mut self, now: Instant) -> BTreeSet<String> {
+        let mut changed = BTreeSet::new();
+        while let Some((at, ..)) = self.departures.front() {
+            if now.saturating_duration_since(*at) < DEPARTED_GRACE {
+                break;
+            }
+            let Some((at, namespace, name)) = self.departures.pop_front() else {
+                break;
+            };
+            let key = (namespace, name);
+            if self.departed_at.get(&key) != Some(&at) {
+                continue;
+            }
+            self.departed_at.remove(&key);
+            if let Some(f) = self.pods.remove(&key.0, &key.1) {
+                changed.insert(f.node.to_string());
+            }
+        }
+        self.bump(&changed);
+        changed
+    }
+
+    /// Replaces every pod with `pods` (a full list, at `now`): a pod known before and not
+    /// listed departs; returns the nodes whose pods changed.
+    pub fn relist(&mut self, mut pods: Pods, now: Instant) -> BTreeSet<String> {
+        let before: Vec<(String, String, PodFacts)> = self
+            .pods
+            .iter()
+            .filter(|(ns, name, _)| pods.get(ns, name).is_none())
+            .map(|(ns, name, f)| (ns.to_owned(), name.to_owned(), f.clone()))
+            .collect();
+        for (ns, name, f) in before {
+            if !f.departed {
+                self.depart(&ns, &name, now);
+            }
+            pods.insert(
+                &ns,
+                &name,
+                PodFacts {
+                    departed: true,
+                    ..f
+                },
+            );
+        }
+        self.departed_at
+            .retain(|(ns, name), _| pods.get(ns, name).is_some_and(|f| f.departed));
         let changed: BTreeSet<String> = self
             .pods
             .iter()
@@ -110,6 +196,7 @@ pub fn facts_of(
             node,
             labels: set,
             mirror,
+            departed: false,
         },
     ))
 }
@@ -123,6 +210,7 @@ mod tests {
             node: node.into(),
             labels: Arc::new([("app".into(), app.into())].into()),
             mirror: false,
+            departed: false,
         })
     }
 
@@ -130,34 +218,82 @@ mod tests {
         nodes.iter().map(|n| (*n).to_owned()).collect()
     }
 
+    fn departed(f: Option<PodFacts>) -> PodFacts {
+        PodFacts {
+            departed: true,
+            ..f.unwrap()
+        }
+    }
+
     #[test]
     fn a_node_s_count_moves_when_its_pods_do_and_only_then() {
         let mut d = PodDirectory::default();
-        assert_eq!(d.apply("ns", "web", facts("n1", "web")), set(&["n1"]));
+        let t0 = Instant::now();
+        assert_eq!(d.apply("ns", "web", facts("n1", "web"), t0), set(&["n1"]));
         // The same facts again (a status update): nothing changed.
-        assert!(d.apply("ns", "web", facts("n1", "web")).is_empty());
+        assert!(d.apply("ns", "web", facts("n1", "web"), t0).is_empty());
         assert_eq!(d.generation("n1"), 1);
         // Relabelled.
-        assert_eq!(d.apply("ns", "web", facts("n1", "db")), set(&["n1"]));
+        assert_eq!(d.apply("ns", "web", facts("n1", "db"), t0), set(&["n1"]));
         // Bound to another node (deleted and made again under its name): both nodes.
-        assert_eq!(d.apply("ns", "web", facts("n2", "db")), set(&["n1", "n2"]));
+        assert_eq!(
+            d.apply("ns", "web", facts("n2", "db"), t0),
+            set(&["n1", "n2"])
+        );
         assert_eq!((d.generation("n1"), d.generation("n2")), (3, 1));
-        assert_eq!(d.apply("ns", "web", None), set(&["n2"]));
-        assert!(d.apply("ns", "web", None).is_empty());
+        // Deleted: departed, then forgotten once the grace is over.
+        assert_eq!(d.apply("ns", "web", None, t0), set(&["n2"]));
+        assert!(d.apply("ns", "web", None, t0).is_empty());
+        assert_eq!(
+            d.pods().get("ns", "web"),
+            Some(&departed(facts("n2", "db")))
+        );
+        assert!(d.expire(t0 + DEPARTED_GRACE / 2).is_empty());
+        assert_eq!(d.expire(t0 + DEPARTED_GRACE), set(&["n2"]));
         assert!(d.pods().is_empty());
-        // A full list: the nodes of the pods that appeared, went or changed.
-        d.apply("ns", "a", facts("n1", "a"));
-        d.apply("ns", "b", facts("n2", "b"));
-        d.apply("ns", "c", facts("n3", "c"));
+        assert_eq!(d.generation("n2"), 3);
+        // A full list: the nodes of the pods that appeared, went or changed; a pod not listed
+        // departs.
+        d.apply("ns", "a", facts("n1", "a"), t0);
+        d.apply("ns", "b", facts("n2", "b"), t0);
+        d.apply("ns", "c", facts("n3", "c"), t0);
         let mut all = Pods::default();
         all.insert("ns", "a", facts("n1", "a").unwrap());
         all.insert("ns", "b", facts("n2", "x").unwrap());
         all.insert("ns", "d", facts("n4", "d").unwrap());
         assert!(!d.listed());
-        assert_eq!(d.relist(all.clone()), set(&["n2", "n3", "n4"]));
+        let t1 = t0 + DEPARTED_GRACE;
+        assert_eq!(d.relist(all.clone(), t1), set(&["n2", "n3", "n4"]));
         assert!(d.listed());
+        all.insert("ns", "c", departed(facts("n3", "c")));
         assert_eq!(d.pods(), &all);
         assert_eq!(d.generation("n1"), 4);
+        assert_eq!(d.expire(t1 + DEPARTED_GRACE), set(&["n3"]));
+        assert!(d.pods().get("ns", "c").is_none());
+    }
+
+    #[test]
+    fn a_pod_that_comes_back_is_not_forgotten_by_its_earlier_departure() {
+        let mut d = PodDirectory::default();
+        let t0 = Instant::now();
+        d.apply("ns", "web", facts("n1", "web"), t0);
+        d.apply("ns", "web", None, t0);
+        // Made again under its name, on another node; then deleted again, later.
+        let t1 = t0 + DEPARTED_GRACE / 2;
+        assert_eq!(
+            d.apply("ns", "web", facts("n2", "web"), t1),
+            set(&["n1", "n2"])
+        );
+        assert!(d.expire(t0 + DEPARTED_GRACE).is_empty());
+        assert_eq!(d.pods().get("ns", "web"), facts("n2", "web").as_ref());
+        d.apply("ns", "web", None, t1);
+        assert!(d.expire(t0 + DEPARTED_GRACE).is_empty());
+        assert_eq!(
+            d.pods().get("ns", "web"),
+            Some(&departed(facts("n2", "web")))
+        );
+        assert_eq!(d.expire(t1 + DEPARTED_GRACE), set(&["n2"]));
+        assert!(d.pods().is_empty());
     }
 
     #[test]

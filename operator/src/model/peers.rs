@@ -40,6 +40,9 @@ pub struct PodFacts {
     /// A mirror pod (annotation `kubernetes.io/config.mirror`): the kubelet made it from a
     /// static pod of its node, in the namespace and with the labels the node chose.
     pub mirror: bool,
+    /// Deleted from the API moments ago: its node may still publish its workloads (the agent
+    /// publishes the DEL after it), which are left out without a problem.
+    pub departed: bool,
 }
 
 /// The pods bound to a node, by namespace and name ([`PodFacts`]).
@@ -262,33 +265,38 @@ fn mac_refused(mac: &str) -> Option<String> {
 }
 
 /// The pod of the workload `w` (`pod`, what the API server says of it) if the node `node` may
-/// speak for it, else why not: the pod must exist and be bound to `node`, not be a static pod's
-/// mirror, and a VM identity the node gives the workload must be of the pod's namespace and,
-/// when the pod names the VM it runs (KubeVirt's `vm.kubevirt.io/name` label), that VM.
+/// speak for it, else why not (`None`: its pod was just deleted, and the node's publication of
+/// the DEL may be on its way, no problem): the pod must exist and be bound to `node`, not be a
+/// static pod's mirror, and a VM identity the node gives the workload must be of the pod's
+/// namespace and, when the pod names the VM it runs (KubeVirt's `vm.kubevirt.io/name` label),
+/// that VM.
 fn pod_taken<'a>(
     node: &str,
     w: &NodeWorkload,
     pod: Option<&'a PodFacts>,
-) -> Result<&'a PodFacts, String> {
+) -> Result<&'a PodFacts, Option<String>> {
     let Some(pod) = pod else {
-        return Err(format!(
+        return Err(Some(format!(
             "no pod {}/{} is bound to a node (the API server has none)",
             w.namespace, w.name
-        ));
+        )));
     };
     if *pod.node != *node {
-        return Err(format!(
+        return Err(Some(format!(
             "pod {}/{} runs on node {}, not on {node}",
             w.namespace, w.name, pod.node
-        ));
+        )));
+    }
+    if pod.departed {
+        return Err(None);
     }
     if pod.mirror {
         // A node makes the mirror pods of its static pods itself: their namespace and labels
         // say nothing the node could not choose.
-        return Err(format!(
+        return Err(Some(format!(
             "pod {}/{} is the mirror of a static pod, whose namespace and labels its node chooses",
             w.namespace, w.name
-        ));
+        )));
     }
     let Some(vm) = w.vm.as_deref() else {
         return Ok(pod);
@@ -298,13 +306,13 @@ fn pod_taken<'a>(
         .get(weft_dataplane::proto::VM_NAME_LABEL)
         .map(|name| format!("{}/{name}", w.namespace));
     match vm.split_once('/') {
-        Some((namespace, _)) if namespace != w.namespace => Err(format!(
+        Some((namespace, _)) if namespace != w.namespace => Err(Some(format!(
             "VM {vm} is not of the pod's namespace {}",
             w.namespace
-        )),
-        None => Err(format!("VM {vm:?} is not namespace/name")),
+        ))),
+        None => Err(Some(format!("VM {vm:?} is not namespace/name"))),
         _ => match runs {
-            Some(runs) if runs != vm => Err(format!("the pod runs VM {runs}, not {vm}")),
+            Some(runs) if runs != vm => Err(Some(format!("the pod runs VM {runs}, not {vm}"))),
             _ => Ok(pod),
         },
     }
@@ -345,7 +353,10 @@ pub fn vouch(
             .iter()
             .find_map(|ip| refuse(&w.network, w.vm.as_deref(), ip))
             .or_else(|| w.mac.as_deref().and_then(mac_refused))
-            .map_or_else(|| pod_taken(node, w, pods.get(&w.namespace, &w.name)), Err);
+            .map_or_else(
+                || pod_taken(node, w, pods.get(&w.namespace, &w.name)),
+                |why| Err(Some(why)),
+            );
         match taken {
             Ok(pod) => out.peers.push(Peer {
                 node: node.to_owned(),
@@ -354,7 +365,9 @@ pub fn vouch(
                     ..w.clone()
                 },
             }),
-            Err(why) => out.problems.push(format!(
+            // Its pod just deleted: the node's DEL is on its way.
+            Err(None) => {}
+            Err(Some(why)) => out.problems.push(format!(
                 "NodeNetwork {node}: status.workloads: {}/{} on network {} left out of policy groups: {why}",
                 w.namespace, w.name, w.network
             )),
@@ -461,6 +474,36 @@ mod tests {
     }
 
     #[test]
+    fn a_workload_of_a_pod_just_deleted_is_left_out_without_a_problem() {
+        let a = published(
+            "node-a",
+            &[("nat", Some("10.10.0.0/24"), None)],
+            &[
+                ("web", "nat", None, &["10.10.0.5"]),
+                ("gone", "nat", None, &["10.10.0.6"]),
+            ],
+            &[],
+        );
+        let mut pods = bound(&[&a]);
+        let mut gone = pods.get("default", "gone").cloned().unwrap();
+        gone.departed = true;
+        pods.insert("default", "gone", gone);
+        let v = vouched(&[Publication::of(&a)], &pods, &Held::default(), None);
+        let names: Vec<&str> = v.peers.iter().map(|p| p.workload.name.as_str()).collect();
+        assert_eq!(names, ["web"]);
+        assert!(v.problems.is_empty(), "{:#?}", v.problems);
+        // Once forgotten (its grace over), the node still publishing it has a problem.
+        pods.remove("default", "gone");
+        let v = vouched(&[Publication::of(&a)], &pods, &Held::default(), None);
+        assert_eq!(v.peers.len(), 1);
+        assert!(
+            v.problems[0].contains("no pod default/gone is bound to a node"),
+            "{:#?}",
+            v.problems
+        );
+    }
+
+    #[test]
     fn a_reservation_is_taken_only_from_a_node_the_vm_ran_on() {
         let x = published(
             "node-x",
@@ -499,6 +542,7 @@ mod tests {
                 [(weft_dataplane::proto::VM_NAME_LABEL.into(), vm.into())].into(),
             ),
             mirror: false,
+            departed: false,
         };
         pods.insert("default", "virt-launcher-mine", launcher("node-x", "mine"));
         pods.insert(
@@ -550,6 +594,7 @@ mod tests {
                         node: nn.metadata.name.as_deref().unwrap().into(),
                         labels: std::sync::Arc::new([("app".into(), "real".into())].into()),
                         mirror: false,
+                        departed: false,
                     },
                 );
             }
@@ -743,6 +788,7 @@ mod tests {
                     .collect(),
             ),
             mirror: false,
+            departed: false,
         };
         pods.insert("default", "elsewhere", facts("node-b", &[]));
         let vm = weft_dataplane::proto::VM_NAME_LABEL;
@@ -753,6 +799,7 @@ mod tests {
             "static",
             PodFacts {
                 mirror: true,
+                departed: false,
                 ..facts("node-a", &[("app", "db")])
             },
         );

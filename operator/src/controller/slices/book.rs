@@ -375,6 +375,7 @@ mod tests {
     use crate::model::peers::{PodFacts, Publication, vouched};
     use crate::model::shared::LabelSets;
     use proptest::prelude::*;
+    use std::time::Instant;
     use weft_crds::{
         Cidr, NodeNetwork, NodeNetworkBlock, NodeNetworkSpec, NodeNetworkStatus, NodeReservation,
         NodeWorkload,
@@ -486,7 +487,7 @@ mod tests {
             .collect();
         for gone in bound.get(&node).into_iter().flatten() {
             if !now.contains(gone) {
-                pods.apply("default", gone, None);
+                pods.apply("default", gone, None, Instant::now());
             }
         }
         for &(pod, _, _, label) in p.iter().flat_map(|p| &p.workloads) {
@@ -495,14 +496,19 @@ mod tests {
                 node: format!("n{on}").into(),
                 // Now and then a static pod's mirror, which its node may not speak for.
                 mirror: pod % 17 == 0,
+                departed: false,
                 labels: Arc::new(BTreeMap::from([(
                     "app".into(),
                     format!("b{}", (label + relabel) % 3),
                 )])),
             });
-            pods.apply("default", &format!("p{node}-{pod}"), facts);
+            pods.apply("default", &format!("p{node}-{pod}"), facts, Instant::now());
         }
         bound.insert(node, now);
+        // Now and then the departed pods' grace is over.
+        if relabel == 0 {
+            pods.expire(Instant::now() + crate::controller::pods::DEPARTED_GRACE);
+        }
     }
 
     proptest! {
