@@ -543,6 +543,10 @@ EOF
   eventually 30 "the pod deleted: node4's entry leaves the slices" not in_slice e2e-nat node4 "$own" &&
     expect "fvm gone from node4: the reservation taken while it ran there stays" \
       reserved_in_slice e2e-nat node4 "$ns/fvm" &&
+    expect "within the deleted pod's grace, node4 still publishing it is no problem" \
+      not refusal_says "no pod $ns/forged is bound to a node" &&
+    eventually 60 "past the grace (30 s), node4 still publishing the deleted pod is refused (and logged)" \
+      refusal_says "$ns/forged on network e2e-nat left out of policy groups: no pod $ns/forged is bound to a node" &&
     expect "delete Node node4" k delete node node4 --timeout=30s &&
     eventually 30 "node4's NodeNetwork is freed" sh -c "! '$C' kubectl get nodenetwork node4 >/dev/null 2>&1"
 }
