@@ -15,7 +15,7 @@
 use crate::model::peers::{PodFacts, Pods};
 use crate::model::shared::{LabelSets, Names};
 use k8s_openapi::api::core::v1::Pod;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,10 +28,7 @@ pub struct PodDirectory {
     pods: Pods,
     generations: HashMap<String, u64>,
     listed: bool,
-    /// The departed pods, oldest first: when each departed, its namespace and name.
-    departures: VecDeque<(Instant, String, String)>,
-    /// When each departed pod departed (an entry of `departures` for a pod that came back, or
-    /// departed again since, is stale).
+    /// When each departed pod (namespace, name) departed.
     departed_at: HashMap<(String, String), Instant>,
 }
 
@@ -100,8 +97,6 @@ impl PodDirectory {
     }
 
     fn depart(&mut self, namespace: &str, name: &str, now: Instant) {
-        self.departures
-            .push_back((now, namespace.to_owned(), name.to_owned()));
         self.departed_at
             .insert((namespace.to_owned(), name.to_owned()), now);
     }
@@ -109,23 +104,16 @@ impl PodDirectory {
     /// Forgets the pods departed [`DEPARTED_GRACE`] or longer before `now`; returns the nodes
     /// they were bound to.
     pub fn expire(&mut self, now: Instant) -> BTreeSet<String> {
-        let mut changed = BTreeSet::new();
-        while let Some((at, ..)) = self.departures.front() {
-            if now.saturating_duration_since(*at) < DEPARTED_GRACE {
-                break;
-            }
-            let Some((at, namespace, name)) = self.departures.pop_front() else {
-                break;
-            };
-            let key = (namespace, name);
-            if self.departed_at.get(&key) != Some(&at) {
-                continue;
-            }
-            self.departed_at.remove(&key);
-            if let Some(f) = self.pods.remove(&key.0, &key.1) {
-                changed.insert(f.node.to_string());
-            }
-        }
+        let over: Vec<(String, String)> = self
+            .departed_at
+            .extract_if(|_, at| now.saturating_duration_since(*at) >= DEPARTED_GRACE)
+            .map(|(key, _)| key)
+            .collect();
+        let changed: BTreeSet<String> = over
+            .iter()
+            .filter_map(|(namespace, name)| self.pods.remove(namespace, name))
+            .map(|f| f.node.to_string())
+            .collect();
         self.bump(&changed);
         changed
     }
