@@ -386,6 +386,25 @@ impl Builder<'_> {
         i
     }
 
+    /// Reports each of a policy's validation errors `errs`, followed by what becomes of the
+    /// policy (`outcome`).
+    fn invalid(
+        &mut self,
+        kind: &'static str,
+        object: &str,
+        errs: Vec<weft_crds::validate::FieldError>,
+        outcome: &str,
+    ) {
+        for e in errs {
+            self.out.problems.push(Problem {
+                kind,
+                object: object.to_owned(),
+                message: format!("{e}; {outcome}"),
+                reason: None,
+            });
+        }
+    }
+
     fn check_networks(
         &mut self,
         kind: &'static str,
@@ -582,14 +601,12 @@ pub fn compile(inputs: Inputs<'_>) -> Compiled {
     for p in cluster {
         let object = object_name(&p.metadata, false);
         if let Err(errs) = p.spec.validate() {
-            for e in errs {
-                b.out.problems.push(Problem {
-                    kind: CLUSTER,
-                    object: object.clone(),
-                    message: format!("{e}; the policy is not enforced until it is fixed"),
-                    reason: None,
-                });
-            }
+            b.invalid(
+                CLUSTER,
+                &object,
+                errs,
+                "the policy is not enforced until it is fixed",
+            );
             continue;
         }
         let s = &p.spec.subject;
@@ -664,14 +681,7 @@ pub fn compile(inputs: Inputs<'_>) -> Compiled {
                 } else {
                     "the policy is not enforced until it is fixed"
                 };
-                for e in errs {
-                    b.out.problems.push(Problem {
-                        kind: NAMESPACED,
-                        object: object.clone(),
-                        message: format!("{e}; {outcome}"),
-                        reason: None,
-                    });
-                }
+                b.invalid(NAMESPACED, &object, errs, outcome);
                 if !subject_ok {
                     continue;
                 }
