@@ -883,6 +883,14 @@ fn wire_tap(
             )
         })?;
     inner.join_links(port.index, index)?;
+    // The pod's own IPv6 stack stays off both links: they wear the VM's MAC, so a link-local
+    // address of theirs would be the guest's, and its duplicate address detection, MLD
+    // reports and router solicitations would reach the guest (through the tap) and the
+    // network (through the veth) as if the guest sent them; an NS for the guest's own
+    // tentative address fails the guest's DAD. Told before each link comes up: the veth's
+    // host end is up already, so its carrier comes on with it.
+    inner.set_no_v6_addresses(port.index)?;
+    inner.set_no_v6_addresses(index)?;
     inner.set_address_and_up(port.index, veth_mac)?;
     inner.set_up(index)?;
     Ok(tap_name)

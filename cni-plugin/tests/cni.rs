@@ -756,6 +756,39 @@ fn a_vm_gets_a_tap_joined_by_tc_and_keeps_its_address_and_mac_across_restart() {
         .expect("tun info");
     assert!(info.multi_queue, "{info:?}");
     assert_eq!(info.owner, Some(107));
+    // No address of the pod's own on either link, IPv6 link-local included: the pod's stack
+    // would speak with the guest's MAC and link-local address. The kernel gives a link-local
+    // address when the carrier comes on (the veth's: its host end is up; the tap's: when the
+    // VMM opens it), so each link is told to generate none, and the veth end is looked at
+    // once the kernel has seen its carrier.
+    for link in [ifname, "tap16477688c0e"] {
+        let shown = Command::new("ip")
+            .args(["-n", ns_name, "-d", "link", "show", "dev", link])
+            .output()
+            .unwrap();
+        let shown = String::from_utf8_lossy(&shown.stdout);
+        assert!(shown.contains("addrgenmode none"), "{link}: {shown}");
+    }
+    let mut operstate_up = false;
+    for _ in 0..300 {
+        let shown = Command::new("ip")
+            .args(["-n", ns_name, "link", "show", "dev", ifname])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&shown.stdout).contains("state UP") {
+            operstate_up = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(operstate_up, "the veth end's carrier never came on");
+    let own: Vec<_> = inner
+        .addresses(None)
+        .unwrap()
+        .into_iter()
+        .filter(|a| a.index == port.index || a.index == t.index)
+        .collect();
+    assert!(own.is_empty(), "addresses on the veth end or tap: {own:?}");
     assert!(
         inner
             .addresses(None)

@@ -787,6 +787,28 @@ impl Netlink {
         )
     }
 
+    /// Tells link `index` to generate no IPv6 address of its own (`addrgenmode none`): no
+    /// link-local address, so no duplicate address detection, router solicitations or MLD
+    /// reports from it. It removes no address the link has: send it before the link's carrier
+    /// comes on. A kernel without IPv6 (`ipv6.disable=1`) has nothing to tell: nothing is sent
+    /// a second time.
+    pub fn set_no_v6_addresses(&mut self, index: u32) -> Result<(), NetlinkError> {
+        let mut msg = LinkUnspec::new_with_index(index).build();
+        msg.attributes
+            .push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(
+                vec![AfSpecInet6::AddrGenMode(In6AddrGenMode::None)],
+            )]));
+        match self.call(
+            "set link addrgenmode none",
+            || format!("link {index} addrgenmode none"),
+            RouteNetlinkMessage::SetLink(msg),
+            0,
+        ) {
+            Err(e) if e.errno() == Some(libc::EAFNOSUPPORT) => Ok(()),
+            other => other.map(drop),
+        }
+    }
+
     /// Sends `msg`, a request about one link (`wrap` makes it the message type), with the
     /// link told to generate no IPv6 address of its own (`addrgenmode none`: no link-local
     /// address, duplicate address detection or MLD reports). A kernel without IPv6
