@@ -115,7 +115,18 @@ pub fn desired_status(
             now,
         )
     };
-    let ready = if e.workloads > 0 && spec_errors.is_empty() {
+    let ready = if !spec_errors.is_empty() {
+        // Not ready as written, but not open either: what the nodes enforce until it is fixed.
+        status::condition(
+            READY,
+            false,
+            REASON_INVALID_SPEC,
+            "not enforced as written (see Valid); until it is fixed it fails closed: a namespace policy's subject stays isolated where it has rules, allowed nothing by them; a cluster policy's valid rules hold, each invalid Deny or Pass rule denies all of the subject's traffic its way and each invalid Accept rule is left out; with an invalid subject, nothing is enforced",
+            generation,
+            previous,
+            now,
+        )
+    } else if e.workloads > 0 {
         status::condition(
             READY,
             true,
@@ -401,14 +412,12 @@ mod tests {
         let valid = s.conditions.iter().find(|c| c.type_ == VALID).unwrap();
         assert_eq!(valid.reason, REASON_INVALID_SPEC);
         assert!(valid.message.contains("spec.priority"));
+        let ready = s.conditions.iter().find(|c| c.type_ == READY).unwrap();
         assert_eq!(
-            s.conditions
-                .iter()
-                .find(|c| c.type_ == READY)
-                .unwrap()
-                .status,
-            "False"
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", REASON_INVALID_SPEC)
         );
+        assert!(ready.message.contains("fails closed"), "{}", ready.message);
         let s = desired_status(Some(1), &[], &[], &Enforcement::default(), t);
         let ready = s.conditions.iter().find(|c| c.type_ == READY).unwrap();
         assert_eq!(

@@ -531,6 +531,43 @@ impl Builder<'_> {
     }
 }
 
+/// A cluster policy's rules `rules` (at `field`, `spec.ingress` or `spec.egress`) as they are
+/// enforced when `errors` (the fields of its validation errors) name some of them: a rule no
+/// error names as it is; an invalid Accept rule left out (without it the traffic goes on to
+/// the next rules and tiers, which allow no more than it did); an invalid Deny or Pass rule,
+/// or one whose action is wrong, as a Deny of everything that way (what it was meant to match
+/// is unknown, and a Pass left out could let a later Accept allow what the namespace policies
+/// would deny). An error on the list itself (too many rules) names no rule.
+fn fail_closed(rules: &[PolicyRule], field: &str, errors: &[String]) -> Vec<PolicyRule> {
+    let names = |i: usize| {
+        let at = format!("{field}[{i}]");
+        errors.iter().any(|e| {
+            e.strip_prefix(&at)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+        })
+    };
+    rules
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            if !names(i) {
+                return Some(r.clone());
+            }
+            match r.action {
+                RuleAction::Accept => None,
+                RuleAction::Deny | RuleAction::Pass | RuleAction::Allow => Some(PolicyRule {
+                    name: r.name.clone(),
+                    action: RuleAction::Deny,
+                    from: None,
+                    to: None,
+                    protocols: None,
+                    log: r.log,
+                }),
+            }
+        })
+        .collect()
+}
+
 fn object_name(meta: &kube::api::ObjectMeta, namespaced: bool) -> String {
     let name = meta.name.clone().unwrap_or_default();
     if namespaced {
@@ -600,15 +637,37 @@ pub fn compile(inputs: Inputs<'_>) -> Compiled {
     const NAMESPACED: &str = "SegmentationPolicy";
     for p in cluster {
         let object = object_name(&p.metadata, false);
-        if let Err(errs) = p.spec.validate() {
-            b.invalid(
-                CLUSTER,
-                &object,
-                errs,
-                "the policy is not enforced until it is fixed",
-            );
-            continue;
-        }
+        // A policy that fails its checks (only one an older, looser schema admitted, or a
+        // manifest of the standalone agent) fails closed rule by rule, where its subject is
+        // usable: dropping it would drop its Deny rules, opening what it closes.
+        let (ingress_rules, egress_rules) = match p.spec.validate() {
+            Ok(()) => (
+                std::borrow::Cow::Borrowed(p.spec.ingress.as_slice()),
+                std::borrow::Cow::Borrowed(p.spec.egress.as_slice()),
+            ),
+            Err(errs) => {
+                if errs.iter().any(|e| e.field.starts_with("spec.subject")) {
+                    b.invalid(
+                        CLUSTER,
+                        &object,
+                        errs,
+                        "the policy is not enforced until it is fixed",
+                    );
+                    continue;
+                }
+                let fields: Vec<String> = errs.iter().map(|e| e.field.clone()).collect();
+                b.invalid(
+                    CLUSTER,
+                    &object,
+                    errs,
+                    "until it is fixed, its valid rules are enforced, each invalid Deny or Pass rule denies all of its subject's traffic that way and each invalid Accept rule is left out (fail closed)",
+                );
+                (
+                    std::borrow::Cow::Owned(fail_closed(&p.spec.ingress, "spec.ingress", &fields)),
+                    std::borrow::Cow::Owned(fail_closed(&p.spec.egress, "spec.egress", &fields)),
+                )
+            }
+        };
         let s = &p.spec.subject;
         b.check_networks(CLUSTER, &object, "spec.subject.networks", &s.networks);
         let spec = match (&s.namespaces, &s.pods) {
@@ -637,7 +696,7 @@ pub fn compile(inputs: Inputs<'_>) -> Compiled {
             CLUSTER,
             &object,
             subject,
-            &p.spec.ingress,
+            &ingress_rules,
             Direction::Ingress,
             None,
         );
@@ -645,7 +704,7 @@ pub fn compile(inputs: Inputs<'_>) -> Compiled {
             CLUSTER,
             &object,
             subject,
-            &p.spec.egress,
+            &egress_rules,
             Direction::Egress,
             None,
         );

@@ -405,8 +405,94 @@ spec:
             .any(|t| t.contains("bad") && t.contains("spec.egress[0].action")),
         "{text:?}"
     );
-    // The invalid policy is not enforced at all.
-    assert!(c.egress.admin.is_empty());
+    // Its invalid rule (a namespace policy's action) denies all of its subject's egress.
+    assert!(!c.egress.admin.is_empty());
+    assert!(!decide(&c, tcp(WEB, APP, 80)).allowed);
+}
+
+/// A cluster policy that fails its checks (only one an older, looser schema admitted, or a
+/// standalone agent's manifest) fails closed rule by rule: its valid rules hold, an invalid
+/// Accept is left out, an invalid Deny or Pass denies all of the subject's traffic its way.
+/// Dropping the policy, as before, dropped its Deny rules with it.
+#[test]
+fn an_invalid_cluster_policy_fails_closed_rule_by_rule() {
+    let res = resources(&format!(
+        "{BASE}\n---\n{}",
+        r#"
+apiVersion: weft.dev/v1alpha1
+kind: ClusterSegmentationPolicy
+metadata: {name: guard}
+spec:
+  tier: Admin
+  priority: 1
+  subject: {pods: {namespaceSelector: {matchLabels: {env: prod}}, podSelector: {matchLabels: {tier: db}}}}
+  ingress:
+    - {name: ops-ok, action: Accept, from: [{namespaces: {matchLabels: {team: ops}}}]}
+    - {name: broken-accept, action: Accept, from: [{cidrs: ["10.0.0.300/32"]}]}
+    - {name: broken-deny, action: Deny, from: [{cidrs: ["not-a-cidr"]}]}
+  egress:
+    - {name: broken-pass, action: Pass, protocols: [{protocol: ICMP, port: 80}]}
+"#
+    ));
+    let c = compile_resources(&res, &members());
+    let text: Vec<String> = c.problems.iter().map(|p| p.to_string()).collect();
+    for field in [
+        "spec.ingress[1].from[0].cidrs[0]",
+        "spec.ingress[2].from[0].cidrs[0]",
+        "spec.egress[0].protocols[0]",
+    ] {
+        assert!(
+            text.iter()
+                .any(|t| t.contains("guard") && t.contains(field) && t.contains("(fail closed)")),
+            "{field}: {text:?}"
+        );
+    }
+    assert_eq!(c.applies_to["ClusterSegmentationPolicy guard"], 1);
+    // ops still reaches db (the valid Accept comes first); app no longer does (the broken
+    // Deny denies everything), nor does db reach anyone (the broken Pass); the rest is open.
+    assert!(decide(&c, tcp(OPS, DB, 5432)).allowed);
+    assert!(!decide(&c, tcp(APP, DB, 5432)).allowed);
+    assert!(!decide(&c, tcp(DB, APP, 80)).allowed);
+    assert!(decide(&c, tcp(WEB, APP, 80)).allowed);
+    let rules: Vec<&str> = c
+        .ingress
+        .admin
+        .iter()
+        .map(|r| r.origin.rule.as_str())
+        .collect();
+    assert_eq!(
+        rules,
+        ["ops-ok", "broken-deny"],
+        "the broken Accept is left out"
+    );
+}
+
+/// A cluster policy whose subject fails its checks is not enforced at all: whom it would hold
+/// is unknown.
+#[test]
+fn a_cluster_policy_with_an_invalid_subject_is_not_enforced() {
+    let res = resources(&format!(
+        "{BASE}\n---\n{}",
+        r#"
+apiVersion: weft.dev/v1alpha1
+kind: ClusterSegmentationPolicy
+metadata: {name: both}
+spec:
+  tier: Admin
+  priority: 1
+  subject: {namespaces: {}, pods: {podSelector: {}}}
+  ingress: [{name: d, action: Deny}]
+"#
+    ));
+    let c = compile_resources(&res, &members());
+    let text: Vec<String> = c.problems.iter().map(|p| p.to_string()).collect();
+    assert!(
+        text.iter().any(|t| t.contains("both")
+            && t.contains("spec.subject")
+            && t.contains("not enforced until it is fixed")),
+        "{text:?}"
+    );
+    assert!(c.ingress.admin.is_empty());
 }
 
 /// A namespace policy that fails its checks (only one an older, looser schema admitted) fails
@@ -468,5 +554,6 @@ spec:
             .any(|t| t.contains("empty") && t.contains("spec.ingress[0].from[0].cidrs")),
         "{text:?}"
     );
-    assert!(c.ingress.admin.is_empty());
+    // Reported, and denying everything (fail closed), not a rule matching nothing.
+    assert!(!decide(&c, tcp(WEB, APP, 80)).allowed);
 }
