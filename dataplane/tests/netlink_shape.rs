@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use weft_dataplane::mirror::{MirrorFilter, Side, program};
 use weft_dataplane::names;
 use weft_dataplane::netlink::{
-    IFB_MTU, MIRROR_PREF, MirrorRule, Netlink, NetlinkError, Rate, SHAPE_PREF, Shaping, SpareIfbs,
-    VethSpec,
+    IFB_MTU, MIRROR_PREF, MirrorRule, Netlink, NetlinkError, Rate, SHAPE_PREF, Shaping,
+    ShapingCounters, SpareIfbs, VethSpec,
 };
 use weft_dataplane::netns::{self, Netns};
 
@@ -457,6 +457,39 @@ fn a_egress_held_back(n: &mut Node, ifb: &str, how: &str) {
         egress.expect("egress counters by A's IFB name").drops > 0,
         "{egress:?}"
     );
+}
+
+/// The sampler's read of many ports at once (two dumps) gives what the read of each port gives:
+/// both directions of a port shaped both ways, the ingress of a port shaped into it, nothing
+/// for a port without shaping, and no entry for a port that does not exist.
+#[test]
+fn the_counters_of_many_ports_read_at_once_are_each_port_s() {
+    let mut n = node();
+    let ifb = ifb_of(&n.a);
+    assert!(
+        n.nl.set_shaping(n.a.host, &ifb, &both(LIMITED, EGRESS))
+            .unwrap()
+    );
+    let (a_to_b, _) = bursts_both_ways(&n);
+    assert_shaped(a_to_b, "A to B, egress shaped");
+    let one = n.nl.shaping_counters(n.a.host, &ifb).unwrap();
+    let (a, b) = (n.a.name.clone(), n.b.name.clone());
+    let all = n.nl.shaping_counters_of(&[&a, &b, "nosuch-host"]).unwrap();
+    assert_eq!(all.len(), 2, "{all:?}");
+    let got = all[&a];
+    let (i1, e1) = (one.ingress.unwrap(), one.egress.unwrap());
+    let (i2, e2) = (
+        got.ingress.expect("A's ingress"),
+        got.egress.expect("A's egress"),
+    );
+    assert!(e1.drops > 0, "{e1:?}");
+    // Read after: the same counters, or grown by a frame or two of the link's own.
+    for (before, after) in [(i1, i2), (e1, e2)] {
+        assert!(after.packets >= before.packets && after.drops >= before.drops);
+        assert!(after.packets - before.packets < 10, "{before:?} {after:?}");
+        assert_eq!(after.drops, before.drops, "{before:?} {after:?}");
+    }
+    assert_eq!(all[&b], ShapingCounters::default(), "B is not shaped");
 }
 
 #[test]

@@ -775,6 +775,58 @@ impl Netlink {
         Ok(ShapingCounters { ingress, egress })
     }
 
+    /// [`Netlink::shaping_counters`] of many host ports at once, by name, for a sampler: one
+    /// dump of the links and one of every qdisc of the namespace, whatever the number of ports
+    /// (one port alone takes seven requests). A port that does not exist is left out. The
+    /// egress counters are those of the `tbf` at the root of the port's IFB link (weft's, by
+    /// its alias) while the port has a `clsact`; the redirect filter between them is not read
+    /// (the reconciler keeps it: without it the IFB's counters stand still).
+    pub fn shaping_counters_of(
+        &mut self,
+        ports: &[&str],
+    ) -> Result<std::collections::HashMap<String, ShapingCounters>, NetlinkError> {
+        const OP: &str = "read shaping counters";
+        let links = self.links()?;
+        let by_name: std::collections::HashMap<&str, &LinkInfo> =
+            links.iter().map(|l| (l.name.as_str(), l)).collect();
+        let raw = self.all_qdiscs(OP)?;
+        let clsact: std::collections::HashSet<u32> = raw
+            .iter()
+            .filter(|q| q.header.parent == TcHandle::CLSACT)
+            .filter(|q| {
+                q.attributes
+                    .iter()
+                    .any(|a| matches!(a, TcAttribute::Kind(k) if k == "clsact"))
+            })
+            .filter_map(|q| u32::try_from(q.header.index).ok())
+            .collect();
+        let qdiscs: Vec<DumpedQdisc> = raw.into_iter().map(dumped_qdisc).collect();
+        let counters = |index| {
+            root_of(&qdiscs, index)
+                .filter(|q| q.is_tbf())
+                .map(|q| q.counters)
+        };
+        let mut out = std::collections::HashMap::new();
+        for &name in ports {
+            let Some(port) = by_name.get(name) else {
+                continue;
+            };
+            let alias = names::shaping_ifb_alias(name);
+            let egress = by_name
+                .get(names::shaping_ifb_name(name).as_str())
+                .filter(|l| is_our_ifb(l, &alias) && clsact.contains(&port.index))
+                .and_then(|l| counters(l.index));
+            out.insert(
+                name.to_string(),
+                ShapingCounters {
+                    ingress: counters(port.index),
+                    egress,
+                },
+            );
+        }
+        Ok(out)
+    }
+
     /// Makes the root qdisc of link `index` (`current` as dumped) the `tbf` `want`, or for
     /// `None` no `tbf`. A root qdisc that is neither the kernel's default nor a `tbf` is
     /// deleted first (callers refuse that on a host port before).

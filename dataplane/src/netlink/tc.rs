@@ -482,6 +482,24 @@ impl Netlink {
             })
     }
 
+    /// Every qdisc of the namespace (roots, their children and the ingress or clsact ones), in
+    /// one dump.
+    pub(super) fn all_qdiscs(&mut self, op: &'static str) -> Result<Vec<TcMessage>, NetlinkError> {
+        Ok(self
+            .call(
+                op,
+                || "dump qdiscs".to_string(),
+                RouteNetlinkMessage::GetQueueDiscipline(TcMessage::default()),
+                netlink_packet_core::NLM_F_DUMP,
+            )?
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewQueueDiscipline(q) => Some(q),
+                _ => None,
+            })
+            .collect())
+    }
+
     /// The root qdisc and the ingress-slot qdisc (`clsact`, `ingress`) of each of links
     /// `links`, asked for link by link: a dump would list every qdisc of the namespace, which
     /// grows with its shaped ports, on every change of one port. A link without one of them

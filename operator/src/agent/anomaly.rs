@@ -311,21 +311,26 @@ fn sample(ports: &[WorkloadPort], thresholds: &Thresholds) -> Sample {
             }
         }
     }
-    for p in ports
+    // The shapers of every port with a bandwidth limit, in two requests for all of them.
+    let shaped: Vec<&str> = ports
         .iter()
         .filter(|p| p.limits.ingress_bps.is_some() || p.limits.egress_bps.is_some())
+        .map(|p| p.host_ifname.as_str())
+        .collect();
+    if !shaped.is_empty()
+        && let Ok(counters) = nl.shaping_counters_of(&shaped)
     {
-        let Ok(Some(link)) = nl.link_by_name(&p.host_ifname) else {
-            continue;
-        };
-        if let Ok(c) = nl.shaping_counters(link.index, &names::shaping_ifb_name(&p.host_ifname)) {
-            let n = [c.ingress, c.egress]
-                .into_iter()
-                .flatten()
-                .map(|q| q.overlimits.saturating_add(q.drops))
-                .sum();
-            s.shaped.insert(p.host_ifname.clone(), n);
-        }
+        s.shaped = counters
+            .into_iter()
+            .map(|(port, c)| {
+                let n = [c.ingress, c.egress]
+                    .into_iter()
+                    .flatten()
+                    .map(|q| q.overlimits.saturating_add(q.drops))
+                    .sum();
+                (port, n)
+            })
+            .collect();
     }
     s
 }
