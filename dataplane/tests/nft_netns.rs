@@ -491,8 +491,9 @@ fn element_table(family: Family) -> Table {
             set("svc", "ipv4_addr . inet_proto . inet_service", false, &[]),
             set("targets6", "typeof iifname . @th,64,128", false, &[]),
             set("lladdrs", "typeof iifname . @th,208,48", false, &[]),
+            set("ids", "classid", false, &["0:5"]),
         ],
-        maps: vec![],
+        maps: vec![map("port_ids", "ifname", "classid", false, &[])],
         chains: vec![],
     }
 }
@@ -538,6 +539,12 @@ fn element_changes_go_over_netlink_and_list_as_nft_wrote_them() {
                 &["\"wf1\" . 0xfd770000000000000000000000000002"],
             );
             add(&mut after, 9, &["\"wf1\" . 0x0a580a4d0002"]);
+            // Packet priorities (`meta priority`), as the bridge tags a port's copies.
+            add(&mut after, 10, &["1a2b:3c4d", "7fff:ffff"]);
+            after.maps[0].elements.extend([
+                ("\"wf1\"".to_string(), "1a2b:3c4d".to_string()),
+                ("\"eth1.10\"".to_string(), "0:7".to_string()),
+            ]);
             after.sets[4].elements.remove("10.0.0.1");
             let tx = diff(&before, &after);
             netlink_only
@@ -556,6 +563,11 @@ fn element_changes_go_over_netlink_and_list_as_nft_wrote_them() {
                     s.name
                 );
             }
+            assert_eq!(
+                state.map_elements_of("port_ids"),
+                after.maps[0].elements,
+                "{family} map port_ids as listed by nft"
+            );
             // nft lists raw payload integers in its own spelling; they compare by value.
             assert_eq!(state.elements_of("targets6").len(), 1, "{family}");
             assert_eq!(state.elements_of("lladdrs").len(), 1);

@@ -1462,3 +1462,106 @@ fn a_syn_proxy_completes_the_workloads_handshake_at_once_for_a_server_that_speak
         assert!(valid >= 4, "cookies validated: {valid}\n{stats}");
     });
 }
+
+const COPIES: &str = r#"
+lan:
+  gateway: 192.168.57.1/24
+nodes:
+  - {name: node-a, address: 192.168.57.11/24}
+resources:
+  - apiVersion: weft.dev/v1alpha1
+    kind: Network
+    metadata: {name: flat}
+    spec: {mode: NAT, subnets: [10.47.0.0/24], ipam: {nodeBlockPrefix: 24}}
+  - apiVersion: weft.dev/v1alpha1
+    kind: SegmentationPolicy
+    metadata: {name: guarded-in, namespace: default}
+    spec:
+      subject: {podSelector: {matchLabels: {role: guarded}}}
+      ingress:
+        - {name: talker, action: Allow, from: [{pods: {podSelector: {matchLabels: {role: talker}}}}], protocols: [{protocol: UDP, port: 5355}, {protocol: TCP, port: 80}]}
+workloads:
+  - {name: talker, node: node-a, labels: {role: talker}, networks: [flat]}
+  - {name: stranger, node: node-a, labels: {role: stranger}, networks: [flat]}
+  - {name: guarded, node: node-a, labels: {role: guarded}, networks: [flat], listen: [80/tcp]}
+  - {name: open, node: node-a, labels: {role: open}, networks: [flat], listen: [80/tcp]}
+expect:
+  - {from: talker, to: guarded, port: 80, result: allow}
+  - {from: stranger, to: guarded, port: 80, result: deny}
+  - {from: stranger, to: open, port: 80, result: allow}
+"#;
+
+/// Broadcasts and multicasts meet each receiver's ingress policy, not only the sender's
+/// egress: the bridge floods a copy to every port, and each copy is judged as its receiver's
+/// ingress. `guarded` takes UDP 5355 from `talker` only: it gets talker's broadcasts and
+/// multicasts, never stranger's, which `open` (no policy) still gets.
+#[test]
+fn broadcasts_and_multicasts_meet_each_receiver_s_ingress_policy() {
+    use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+    use std::time::Duration;
+    use weft_dataplane::netns::{Netns, named_path, run_in};
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "copies.yaml", COPIES);
+    let lab = format!("bc-{}", std::process::id() % 10000);
+    let name = lab.clone();
+    with_kept_lab(&lab, &file, &[], move || {
+        let ns = |w: &str| Netns::open(named_path(&format!("wl-{name}-w-{w}"))).unwrap();
+        let group = Ipv4Addr::new(224, 0, 0, 251);
+        let receiver = |w: &str| {
+            run_in(&ns(w), || {
+                let s = UdpSocket::bind("0.0.0.0:5355").unwrap();
+                s.join_multicast_v4(&group, &Ipv4Addr::UNSPECIFIED).unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(300)))
+                    .unwrap();
+                s
+            })
+            .unwrap()
+        };
+        let (guarded, open) = (receiver("guarded"), receiver("open"));
+        // Drains what a receiver got, by sender's tag.
+        let got = |s: &UdpSocket| {
+            let mut tags = std::collections::BTreeSet::new();
+            let mut buf = [0u8; 64];
+            while let Ok((n, _)) = s.recv_from(&mut buf) {
+                tags.insert(String::from_utf8_lossy(&buf[..n]).to_string());
+            }
+            tags
+        };
+        for (sender, to, kind) in [
+            ("talker", Ipv4Addr::BROADCAST, "broadcast"),
+            ("stranger", Ipv4Addr::BROADCAST, "broadcast"),
+            ("talker", group, "multicast"),
+            ("stranger", group, "multicast"),
+        ] {
+            run_in(&ns(sender), || {
+                let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+                s.set_broadcast(true).unwrap();
+                for _ in 0..5 {
+                    s.send_to(
+                        format!("{sender} {kind}").as_bytes(),
+                        SocketAddr::from((to, 5355)),
+                    )
+                    .unwrap();
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+            .unwrap();
+        }
+        let (g, o) = (got(&guarded), got(&open));
+        let all = |s: &str| {
+            ["broadcast", "multicast"]
+                .iter()
+                .map(|k| format!("{s} {k}"))
+                .collect::<Vec<_>>()
+        };
+        for tag in all("talker") {
+            assert!(g.contains(&tag), "guarded missed {tag}: {g:?}");
+            assert!(o.contains(&tag), "open missed {tag}: {o:?}");
+        }
+        for tag in all("stranger") {
+            assert!(!g.contains(&tag), "guarded got {tag}: {g:?}");
+            assert!(o.contains(&tag), "open missed {tag}: {o:?}");
+        }
+    });
+}

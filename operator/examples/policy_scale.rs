@@ -69,6 +69,7 @@ fn main() -> anyhow::Result<()> {
         network: "net".into(),
         ips: vec![IpAddr::V4(Ipv4Addr::from(0x0a00_0000u32 + 2 + i as u32))],
         local: true,
+        port: None,
     };
     let mut members: Vec<Member> = (0..workloads).map(member).collect();
     let compile = |members: &[Member]| policy::compile_resources(&res, members);

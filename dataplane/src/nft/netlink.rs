@@ -119,6 +119,18 @@ fn encode_field(key_type: &str, text: &str) -> Option<Vec<u8>> {
             n => n.parse().ok()?,
         }],
         "inet_service" => text.parse::<u16>().ok()?.to_be_bytes().to_vec(),
+        // A packet's priority, `major:minor` in hex, in host byte order (as the kernel holds
+        // `skb->priority` and nft's `classid` type declares).
+        "classid" => {
+            let (major, minor) = text.split_once(':')?;
+            let major = u32::from_str_radix(major, 16)
+                .ok()
+                .filter(|m| *m <= 0xffff)?;
+            let minor = u32::from_str_radix(minor, 16)
+                .ok()
+                .filter(|m| *m <= 0xffff)?;
+            ((major << 16) | minor).to_ne_bytes().to_vec()
+        }
         t => encode_integer(t.strip_prefix("int:")?, text)?,
     })
 }
@@ -139,6 +151,7 @@ fn typeof_field(expr: &str) -> Option<String> {
             "ip saddr" | "ip daddr" => "ipv4_addr",
             "ip6 saddr" | "ip6 daddr" => "ipv6_addr",
             "ether saddr" | "ether daddr" => "ether_addr",
+            "meta priority" => "classid",
             // 12 bits, loaded as two bytes in network byte order.
             "vlan id" => "int:16",
             _ => return None,
@@ -742,6 +755,21 @@ mod tests {
             ),
             Some(vec![10, 0, 0, 1, 6, 0, 0, 0, 0x1f, 0x90, 0, 0])
         );
+        // A packet priority: host byte order, as the kernel holds it.
+        assert_eq!(
+            encode_key("classid", "1a2b:3c4d"),
+            Some(0x1a2b_3c4d_u32.to_ne_bytes().to_vec())
+        );
+        assert_eq!(
+            encode_key("typeof meta priority", "0:5"),
+            Some(5_u32.to_ne_bytes().to_vec())
+        );
+        assert_eq!(
+            encode_key("classid", "1:10000"),
+            None,
+            "a minor past 16 bits"
+        );
+        assert_eq!(encode_key("classid", "root"), None, "left to nft");
         // A dotted interface name is one field.
         let mut vlan = wf("eth1.10");
         vlan.extend([10, 0, 0, 1]);

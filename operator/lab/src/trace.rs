@@ -35,6 +35,7 @@ pub fn members(
                 network: network.clone(),
                 ips,
                 local: true,
+                port: None,
             });
         }
     }

@@ -594,6 +594,7 @@ spec:
             network: "net".into(),
             ips: vec!["10.0.0.2".parse().unwrap()],
             local: true,
+            port: None,
         }];
         let c = crate::policy::compile_resources(&res, &members);
         let id = c.ingress.admin[0].id;

@@ -850,6 +850,13 @@ pub fn table(
                     "ct state new jump limits".into(),
                     "jump egress".into(),
                     "jump ingress".into(),
+                    // A broadcast's or multicast's copy to a workload's port, tagged with the
+                    // port's id by the guard table: the receiver's ingress too.
+                    "meta pkttype { broadcast, multicast } meta priority @clash_p drop".into(),
+                    format!(
+                        "meta pkttype {{ broadcast, multicast }} meta priority @local_p jump {}",
+                        crate::policy::render::COPY_INGRESS
+                    ),
                     "ct status dnat accept".into(),
                     "iifname @sealed oifname @sealed iifname . oifname != @intra drop".into(),
                 ],

@@ -51,7 +51,10 @@
 //! multicasts a port would get back from itself: workload ports are in hairpin mode, so that
 //! a workload reaches itself through the node's port forwards (the DNATed packet leaves
 //! through the port it came in on), and the bridge would otherwise flood a port's own ARP
-//! requests and neighbour solicitations (a duplicate address probe included) back to it.
+//! requests and neighbour solicitations (a duplicate address probe included) back to it. It
+//! then tags every other broadcast's or multicast's copy leaving a workload's port with the
+//! port's id from the map `port_ids` ([`COPY_TAG_RULE`]), so that the `inet` table judges the
+//! copy as that receiver's ingress.
 //!
 //! So a workload can neither announce another workload's IPv6 address as its own (the IPv6
 //! counterpart of an ARP reply with a foreign sender IP) nor point its own address at another
@@ -59,10 +62,10 @@
 //! questions, not claims, and pass. A workload that answers for addresses not its own (proxy
 //! NDP, like any foreign source) needs a network with anti-spoofing off.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv6Addr};
 use weft_dataplane::names;
-use weft_dataplane::nft::{self, BaseChain, Chain, Family, Set, Table};
+use weft_dataplane::nft::{self, BaseChain, Chain, Family, Map, Set, Table};
 
 /// One guarded bridge port.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,6 +160,18 @@ pub const ND_RULES: [&str; 7] = [
     "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } ip6 length 32 @th,192,8 { 1, 2 } iifname . @th,208,48 != @lladdrs drop",
     "icmpv6 type nd-router-solicit ip6 length 16 @th,64,8 1 iifname . @th,80,48 != @lladdrs drop",
 ];
+
+/// The map of every workload port's id ([`names::port_id`], as a `classid`), by port name.
+pub const PORT_IDS_MAP: &str = "port_ids";
+
+/// Tags a broadcast's or multicast's copy leaving a workload's port with the port's id, in the
+/// packet's priority: the copies of one frame are judged in the `inet` table (which
+/// br_netfilter hands each of them, but with the bridge's name for output interface) as the
+/// receiver's ingress by that id, since their destination names no workload. Not the mark:
+/// kube-proxy masquerades packets carrying its mark bit, and every copy crosses the `inet`
+/// postrouting hook too. A copy out of any other port (the uplink) is left as it is.
+pub const COPY_TAG_RULE: &str =
+    "meta pkttype { broadcast, multicast } meta priority set oifname map @port_ids";
 
 /// The `forward` rule that keeps a hairpin port's own broadcasts and multicasts from coming
 /// back to it.
@@ -268,6 +283,12 @@ pub fn table(bridges: &[String], guarded: &[PortGuard], open: &[OpenPort]) -> Ta
         .chain(&open)
         .map(|p| format!("{p} . {p}"))
         .collect();
+    let port_ids: BTreeMap<String, String> = guarded
+        .iter()
+        .map(|(name, p)| (name, &p.ifname))
+        .chain(open_ports.iter().map(|(name, p)| (name, &p.ifname)))
+        .map(|(name, ifname)| (name.clone(), names::classid_text(names::port_id(ifname))))
+        .collect();
     let mut macs = BTreeSet::new();
     let mut ips4 = BTreeSet::new();
     let mut ips6 = BTreeSet::new();
@@ -319,7 +340,13 @@ pub fn table(bridges: &[String], guarded: &[PortGuard], open: &[OpenPort]) -> Ta
                 elements: BTreeSet::new(),
             },
         ],
-        maps: vec![],
+        maps: vec![Map {
+            name: PORT_IDS_MAP.into(),
+            key_type: "ifname".into(),
+            value_type: "classid".into(),
+            flags: vec![],
+            elements: port_ids,
+        }],
         chains: vec![
             Chain {
                 name: "prerouting".into(),
@@ -333,7 +360,9 @@ pub fn table(bridges: &[String], guarded: &[PortGuard], open: &[OpenPort]) -> Ta
             },
             // Nothing reaches a pending port: the LAN keeps delivering the VM's MAC to the
             // node the VM still runs on. A port in hairpin mode gets its own unicast back (a
-            // port forward to itself), never its own broadcasts and multicasts.
+            // port forward to itself), never its own broadcasts and multicasts. Every other
+            // copy of a broadcast or multicast leaving a workload's port is tagged with the
+            // port's id, for the receiver's ingress policy (see [`COPY_TAG_RULE`]).
             Chain {
                 name: "forward".into(),
                 base: Some(BaseChain {
@@ -342,7 +371,11 @@ pub fn table(bridges: &[String], guarded: &[PortGuard], open: &[OpenPort]) -> Ta
                     priority: "filter".into(),
                     policy: Some("accept".into()),
                 }),
-                rules: vec!["oifname @pending drop".into(), HAIRPIN_FLOOD_RULE.into()],
+                rules: vec![
+                    "oifname @pending drop".into(),
+                    HAIRPIN_FLOOD_RULE.into(),
+                    COPY_TAG_RULE.into(),
+                ],
             },
             Chain {
                 name: DROP_CHAIN.into(),
@@ -431,9 +464,21 @@ mod tests {
         assert_eq!(empty.chains, many.chains, "rules must not depend on ports");
         let tx = diff(&empty, &many);
         assert!(
-            tx.0.iter().all(|c| matches!(c, Change::AddElements { .. })),
+            tx.0.iter().all(|c| matches!(
+                c,
+                Change::AddElements { .. } | Change::AddMapElements { .. }
+            )),
             "adding ports must be an element diff, got {tx:?}"
         );
+        // Every port, guarded or open, has its id for the copies of broadcasts and multicasts.
+        let ids = &many.maps[0];
+        assert_eq!(ids.name, PORT_IDS_MAP);
+        assert_eq!(ids.elements.len(), 3);
+        assert_eq!(
+            ids.elements["\"wfo\""],
+            names::classid_text(names::port_id("wfo"))
+        );
+        assert!(many.chains[1].rules.iter().any(|r| r == COPY_TAG_RULE));
         assert_eq!(empty.family, Family::Bridge);
         assert_eq!(empty.name, "weft");
     }
@@ -516,7 +561,10 @@ mod tests {
         assert_eq!(structure_hash(&access), structure_hash(&trunked));
         let tx = diff(&access, &trunked);
         assert!(
-            tx.0.iter().all(|c| matches!(c, Change::AddElements { .. })),
+            tx.0.iter().all(|c| matches!(
+                c,
+                Change::AddElements { .. } | Change::AddMapElements { .. }
+            )),
             "a trunk port is an element diff, got {tx:?}"
         );
         let rules = &trunked.chains[0].rules;

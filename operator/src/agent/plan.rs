@@ -611,6 +611,7 @@ fn peer_member(p: &Peer, bridged: bool) -> crate::policy::Member {
         network: p.workload.network.clone(),
         ips: crate::policy::with_link_local(ips, mac),
         local: false,
+        port: None,
     }
 }
 
@@ -659,6 +660,7 @@ fn endpoint_member(res: &Resources, pods: Option<&Pods>, e: &Endpoint) -> crate:
         network: e.network.clone(),
         ips: addresses_of(e),
         local: true,
+        port: Some(weft_dataplane::names::port_id(&e.host_ifname)),
     }
 }
 
@@ -732,12 +734,23 @@ pub fn apply_endpoint_changes(
     }
 
     let mut changes = ElementChanges::new();
+    // The guard's maps (the ports' ids): keys gone, elements come.
+    let mut guard_maps: BTreeMap<String, (BTreeSet<String>, BTreeMap<String, String>)> =
+        BTreeMap::new();
     for (eps, add) in [(removed, false), (added, true)] {
         let part = guard_table(&out.plan.bridges, &out.plan.networks, eps);
         for set in part.sets.iter().filter(|s| s.name != "bridges") {
             let entry = changes.entry((true, set.name.clone())).or_default();
             let side = if add { &mut entry.1 } else { &mut entry.0 };
             side.extend(set.elements.iter().cloned());
+        }
+        for map in &part.maps {
+            let entry = guard_maps.entry(map.name.clone()).or_default();
+            if add {
+                entry.1.extend(map.elements.clone());
+            } else {
+                entry.0.extend(map.elements.keys().cloned());
+            }
         }
     }
     for (set, (del, add)) in limit_changes {
@@ -775,6 +788,46 @@ pub fn apply_endpoint_changes(
             });
         }
     }
+    if let Some(table) = out.plan.guard.as_mut() {
+        for (name, (gone, came)) in guard_maps {
+            let Some(map) = table.maps.iter_mut().find(|m| m.name == name) else {
+                continue;
+            };
+            // A key both gone and come (a changed endpoint) keeps its element when its value
+            // stays.
+            let gone: Vec<String> = gone
+                .into_iter()
+                .filter(|k| came.get(k).is_none_or(|v| map.elements.get(k) != Some(v)))
+                .collect();
+            let came: Vec<(String, String)> = came
+                .into_iter()
+                .filter(|(k, v)| map.elements.get(k) != Some(v) || gone.contains(k))
+                .collect();
+            for k in &gone {
+                map.elements.remove(k);
+            }
+            map.elements.extend(came.iter().cloned());
+            if !gone.is_empty() {
+                deletes.push(Change::DeleteMapElements {
+                    family: table.family,
+                    table: table.name.clone(),
+                    map: map.name.clone(),
+                    key: SetKey::of_map(map),
+                    keys: gone,
+                });
+            }
+            if !came.is_empty() {
+                adds.push(Change::AddMapElements {
+                    family: table.family,
+                    table: table.name.clone(),
+                    map: map.name.clone(),
+                    key: SetKey::of_map(map),
+                    value_type: map.value_type.clone(),
+                    elements: came,
+                });
+            }
+        }
+    }
     deletes.extend(adds);
     // The ports: no kernel work (the CNI attaches a new port, and DEL deletes a removed one).
     let ports = &mut out.plan.ports;
@@ -799,6 +852,20 @@ fn members_fit(
     gone: &[crate::policy::Member],
     came: &[crate::policy::Member],
 ) -> bool {
+    // A port id two members share is the full plan's to sort out (see `Compiled::clash_ports`).
+    let gone_ports: BTreeSet<u32> = gone.iter().filter_map(|m| m.port).collect();
+    let mut came_ports = BTreeSet::new();
+    if came.iter().filter_map(|m| m.port).any(|p| {
+        (policy.local_ports.contains(&p) && !gone_ports.contains(&p))
+            || policy.clash_ports.contains(&p)
+            || !came_ports.insert(p)
+    }) || gone
+        .iter()
+        .filter_map(|m| m.port)
+        .any(|p| policy.clash_ports.contains(&p))
+    {
+        return false;
+    }
     let gone_ips: BTreeSet<IpAddr> = gone.iter().flat_map(|m| m.ips.iter().copied()).collect();
     if gone
         .iter()

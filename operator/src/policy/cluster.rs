@@ -65,6 +65,7 @@ pub async fn snapshot(client: &Client) -> anyhow::Result<(Resources, Vec<Member>
                 w.mac.as_deref(),
             ),
             local: true,
+            port: None,
         });
     }
     Ok((res, members))
@@ -164,6 +165,7 @@ mod tests {
             network: network.into(),
             ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
             local: true,
+            port: None,
         }
     }
 

@@ -53,6 +53,12 @@ pub struct Member {
     pub ips: Vec<IpAddr>,
     /// Does the interface live on this node (its policy is enforced here)?
     pub local: bool,
+    /// Its host port's id ([`weft_dataplane::names::port_id`]), for a local interface: the
+    /// bridge tags the broadcast and multicast copies it sends the interface with it, and
+    /// the policies judge them as its ingress by it. `None` for another node's interface, or
+    /// a local one whose id another local port shares (its copies are dropped: see the agent's
+    /// `clash_p` set).
+    pub port: Option<u32>,
 }
 
 /// Which way traffic flows relative to the subject.
@@ -240,6 +246,16 @@ pub struct Compiled {
     pub subjects: BTreeMap<String, usize>,
     /// Addresses more than one member holds (a migrating VM's, on its source and target).
     pub shared: BTreeSet<IpAddr>,
+    /// The port ids ([`Member::port`]) of the interfaces enforced here.
+    pub local_ports: BTreeSet<u32>,
+    /// The port ids of the interfaces enforced here whose network's default action is Deny.
+    pub deny_ports: BTreeSet<u32>,
+    /// Each group's port ids (its local members').
+    pub group_ports: Vec<BTreeSet<u32>>,
+    /// Port ids two local members share (a chance of about n² / 2³²): neither member's id is
+    /// in the sets above, and the copies of broadcasts and multicasts to either port are
+    /// dropped (fail closed) until one of them goes.
+    pub clash_ports: BTreeSet<u32>,
 }
 
 /// Where one member's interface sits in a [`Compiled`]: the groups that hold it, and whether
@@ -310,18 +326,31 @@ impl Compiled {
                 self.owners.remove(ip);
             }
         }
+        let port = m.port.filter(|p| m.local && !self.clash_ports.contains(p));
+        let change_port = |set: &mut BTreeSet<u32>| {
+            if let Some(p) = port {
+                if add {
+                    set.insert(p);
+                } else {
+                    set.remove(&p);
+                }
+            }
+        };
         if m.local {
             change(&mut self.local);
+            change_port(&mut self.local_ports);
         }
         let deny = network_denies(networks, &m.network);
         if deny {
             change(&mut self.default_deny);
+            change_port(&mut self.deny_ports);
         }
         let groups: Vec<usize> = (0..self.groups.len())
             .filter(|i| self.groups[*i].matches(m, namespaces))
             .collect();
         for i in &groups {
             change(&mut self.group_ips[*i]);
+            change_port(&mut self.group_ports[*i]);
             if m.local {
                 let count = &mut self.group_members[*i];
                 *count = if add {
@@ -378,6 +407,14 @@ impl Builder<'_> {
         self.out
             .group_members
             .push(members.iter().filter(|m| m.local).count());
+        self.out.group_ports.push(
+            members
+                .iter()
+                .filter(|m| m.local)
+                .filter_map(|m| m.port)
+                .filter(|p| !self.out.clash_ports.contains(p))
+                .collect(),
+        );
         self.out
             .group_ips
             .push(members.iter().flat_map(|m| m.ips.iter().copied()).collect());
@@ -603,6 +640,17 @@ pub fn compile(inputs: Inputs<'_>) -> Compiled {
         keys: BTreeMap::new(),
         next_id: 0,
     };
+    let mut ports = BTreeSet::new();
+    for p in inputs
+        .members
+        .iter()
+        .filter(|m| m.local)
+        .filter_map(|m| m.port)
+    {
+        if !ports.insert(p) {
+            b.out.clash_ports.insert(p);
+        }
+    }
     for m in inputs.members {
         for ip in &m.ips {
             if b.out
@@ -619,8 +667,11 @@ pub fn compile(inputs: Inputs<'_>) -> Compiled {
                 b.out.local.insert(*ip);
             }
         }
+        let port = m.port.filter(|p| m.local && !b.out.clash_ports.contains(p));
+        b.out.local_ports.extend(port);
         if network_denies(inputs.networks, &m.network) {
             b.out.default_deny.extend(m.ips.iter().copied());
+            b.out.deny_ports.extend(port);
         }
     }
 

@@ -71,7 +71,34 @@ pub fn sets(c: &Compiled) -> Vec<Set> {
             out.push(drops);
         }
     }
+    // The port ids, for the broadcasts' and multicasts' copies (one family for both).
+    out.push(port_set("local_p", &c.local_ports));
+    out.push(port_set("clash_p", &c.clash_ports));
+    out.push(port_set("deny_p", &c.deny_ports));
+    let iso: BTreeSet<u32> = c
+        .ingress
+        .isolated
+        .iter()
+        .flat_map(|g| c.group_ports[*g].iter().copied())
+        .collect();
+    out.push(port_set("iso_in_p", &iso));
+    for (i, ports) in c.group_ports.iter().enumerate() {
+        out.push(port_set(&format!("g{i}_p"), ports));
+    }
     out
+}
+
+/// A set of port ids ([`crate::policy::Member::port`]), as nft lists a `classid`.
+fn port_set(name: &str, ports: &BTreeSet<u32>) -> Set {
+    Set {
+        name: name.into(),
+        key_type: "classid".into(),
+        flags: vec![],
+        elements: ports
+            .iter()
+            .map(|p| weft_dataplane::names::classid_text(*p))
+            .collect(),
+    }
 }
 
 /// The dynamic set that counts the policy's drops in one direction (`eg`, `in`) and family,
@@ -107,6 +134,20 @@ pub fn member_elements(c: &Compiled, m: &Member, place: &Placement) -> Vec<(Stri
         }
         for g in &place.groups {
             push(format!("g{g}_{f}"));
+        }
+    }
+    if let Some(port) = m.port.filter(|p| m.local && !c.clash_ports.contains(p)) {
+        let element = weft_dataplane::names::classid_text(port);
+        let mut push = |set: String| out.push((set, element.clone()));
+        push("local_p".into());
+        if place.deny {
+            push("deny_p".into());
+        }
+        if place.groups.iter().any(|g| c.ingress.isolated.contains(g)) {
+            push("iso_in_p".into());
+        }
+        for g in &place.groups {
+            push(format!("g{g}_p"));
         }
     }
     out
@@ -207,6 +248,78 @@ fn rule_lines(r: &Rule, dir: Direction, verdict: &str) -> Vec<String> {
     out
 }
 
+/// The nft rules of one compiled ingress rule for the copies of a broadcast or multicast
+/// (see [`chains`]): the subject is the copy's port id (`meta priority`), not its destination
+/// address, which names no workload; the peer and protocols as in [`rule_lines`].
+fn copy_rule_lines(r: &Rule, verdict: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for v6 in [false, true] {
+        let f = if v6 { "6" } else { "4" };
+        let family = if v6 { "ipv6" } else { "ipv4" };
+        let mut head = format!("meta nfproto {family} meta priority @g{}_p", r.subject);
+        match &r.peer {
+            PeerMatch::Any => {}
+            PeerMatch::Group(g) => head.push_str(&format!(" {} @g{g}_{f}", addr(v6, true))),
+            PeerMatch::Cidrs(cidrs) => {
+                let list: Vec<String> = cidrs
+                    .iter()
+                    .filter(|c| c.addr().is_ipv6() == v6)
+                    .map(cidr_text)
+                    .collect();
+                if list.is_empty() {
+                    continue;
+                }
+                head.push_str(&format!(" {} {{ {} }}", addr(v6, true), list.join(", ")));
+            }
+        }
+        let protos: Vec<Option<String>> = if r.protocols.is_empty() {
+            vec![None]
+        } else {
+            r.protocols
+                .iter()
+                .filter_map(|p| proto_text(p, v6))
+                .map(Some)
+                .collect()
+        };
+        for p in protos {
+            let mut line = head.clone();
+            if let Some(p) = p {
+                line.push(' ');
+                line.push_str(&p);
+            }
+            if r.log {
+                line.push(' ');
+                line.push_str(&log(&format!("r{} {}", r.id, verdict_word(r.action))));
+            }
+            line.push(' ');
+            line.push_str(verdict);
+            out.push(line);
+        }
+    }
+    out
+}
+
+/// A tier's rules for broadcast and multicast copies (see [`tier`]).
+fn copy_tier(rules: &[Rule], next: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for r in rules {
+        let verdict = match r.action {
+            RuleAction::Deny => format!("goto {COPY_DROP}"),
+            RuleAction::Pass => format!("goto {next}"),
+            _ => "return".to_string(),
+        };
+        out.extend(copy_rule_lines(r, &verdict));
+    }
+    out.push(format!("goto {next}"));
+    out
+}
+
+/// The chain that judges a broadcast's or multicast's copy to a workload port as the
+/// receiver's ingress (see [`chains`]).
+pub const COPY_INGRESS: &str = "ingress_copy";
+/// Where such a copy denied goes: counted, dropped.
+const COPY_DROP: &str = "ingress_copy_drop";
+
 fn verdict_word(a: RuleAction) -> &'static str {
     match a {
         RuleAction::Accept | RuleAction::Allow => "accept",
@@ -290,6 +403,9 @@ pub fn chains(c: &Compiled) -> Vec<Chain> {
                 ),
             ],
         ));
+        if dir == Direction::Ingress {
+            out.extend(copy_chains(rules));
+        }
         // The drops, counted per local workload address.
         out.push(chain(
             drop_chain(dir),
@@ -306,6 +422,38 @@ pub fn chains(c: &Compiled) -> Vec<Chain> {
         ));
     }
     out
+}
+
+/// The ingress stages again for the copies of a broadcast or multicast that the bridge sends
+/// out of a workload's port: their destination names no workload, so the bridge tags each copy
+/// with its port's id (`meta priority`, see the guard table), and these chains match the
+/// subject by that id where the others match its addresses. The caller jumps here only with
+/// a local port's id. Same tiers, verdicts and default action as `ingress`; what an isolation or
+/// the default action denies is counted in `ingress_copy_drop`, not audited.
+fn copy_chains(rules: &super::DirectionRules) -> Vec<Chain> {
+    let (ns_stage, base, default) = (
+        format!("{COPY_INGRESS}_ns"),
+        format!("{COPY_INGRESS}_base"),
+        format!("{COPY_INGRESS}_default"),
+    );
+    let drop = format!("goto {COPY_DROP}");
+    let mut ns = vec![format!("meta priority != @iso_in_p goto {base}")];
+    for r in &rules.ns_deny {
+        ns.extend(copy_rule_lines(r, &drop));
+    }
+    for r in &rules.ns_allow {
+        ns.extend(copy_rule_lines(r, "return"));
+    }
+    // A copy an isolation or the default action denies is counted, not audited: it is no
+    // connection, and a LAN's chatter would flood the audit log (a rule with `log` audits).
+    ns.push(drop.clone());
+    vec![
+        chain(COPY_INGRESS.to_string(), copy_tier(&rules.admin, &ns_stage)),
+        chain(ns_stage, ns),
+        chain(base, copy_tier(&rules.baseline, &default)),
+        chain(default, vec![format!("meta priority @deny_p {drop}")]),
+        chain(COPY_DROP.to_string(), vec!["counter drop".to_string()]),
+    ]
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ fn member(ns: &str, name: &str, labels: &[(&str, &str)], network: &str, ip: &str
         network: network.into(),
         ips: vec![ip.parse().unwrap()],
         local: true,
+        port: None,
     }
 }
 
@@ -556,4 +557,137 @@ spec:
     );
     // Reported, and denying everything (fail closed), not a rule matching nothing.
     assert!(!decide(&c, tcp(WEB, APP, 80)).allowed);
+}
+
+/// The copies of a broadcast or multicast to a workload's port meet the ingress chains again,
+/// with the subject matched by the port's id (`meta priority`, which the bridge tags each copy
+/// with) where the ingress chains match its addresses: same tiers, rules, verdicts and
+/// default action (its drops counted, not audited, unless a rule asks). Checked by rewriting
+/// the ingress chains.
+#[test]
+fn broadcast_copies_meet_the_ingress_chains_with_the_subject_matched_by_port() {
+    let mut ms = members();
+    for (i, m) in ms.iter_mut().enumerate() {
+        m.port = Some(100 + u32::try_from(i).unwrap());
+    }
+    let c = compiled(
+        r#"
+apiVersion: weft.dev/v1alpha1
+kind: ClusterSegmentationPolicy
+metadata: {name: admin}
+spec:
+  tier: Admin
+  priority: 1
+  subject: {pods: {podSelector: {matchLabels: {tier: db}}}}
+  ingress:
+    - {name: ops-out, action: Deny, from: [{namespaces: {matchLabels: {team: ops}}}], log: true}
+    - {name: lan, action: Accept, from: [{cidrs: [192.168.50.0/24, "fd50::/64"]}], protocols: [{protocol: UDP, port: 5353}]}
+    - {name: rest, action: Pass}
+---
+apiVersion: weft.dev/v1alpha1
+kind: SegmentationPolicy
+metadata: {name: db, namespace: shop}
+spec:
+  subject: {podSelector: {matchLabels: {tier: db}}}
+  ingress:
+    - {name: app, action: Allow, from: [{pods: {podSelector: {matchLabels: {tier: app}}}}], protocols: [{protocol: ICMP}, {protocol: TCP, port: 5432}]}
+    - {name: no-web, action: Deny, from: [{pods: {podSelector: {matchLabels: {tier: web}}}}]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: ClusterSegmentationPolicy
+metadata: {name: base}
+spec:
+  tier: Baseline
+  priority: 1
+  subject: {namespaces: {}}
+  ingress: [{name: none, action: Deny}]
+"#,
+        &ms,
+    );
+    let chains = render::chains(&c);
+    let rules = |name: &str| -> Vec<String> {
+        chains
+            .iter()
+            .find(|x| x.name == name)
+            .unwrap_or_else(|| panic!("chain {name}"))
+            .rules
+            .clone()
+    };
+    let copy = |rule: &str| -> Option<String> {
+        if rule.contains(" != @local4 return") || rule.contains(" != @local6 return") {
+            return None;
+        }
+        let mut r = rule
+            .replace(" log prefix \"weft isolated-in deny \" group 2727", "")
+            .replace(" log prefix \"weft default-in deny \" group 2727", "")
+            .replace("log prefix \"weft isolated-in deny \" group 2727 ", "")
+            .replace("ip daddr != @iso_in4 ", "meta priority != @iso_in_p ")
+            .replace("ip6 daddr != @iso_in6 ", "meta priority != @iso_in_p ")
+            .replace("ip daddr @deny4 ", "meta priority @deny_p ")
+            .replace("ip6 daddr @deny6 ", "meta priority @deny_p ");
+        for (family, v) in [("ipv4", "ip"), ("ipv6", "ip6")] {
+            if let Some(rest) = r.strip_prefix(&format!("{v} daddr @g")) {
+                let (group, rest) = rest.split_once('_').unwrap();
+                let rest = &rest[1..];
+                r = format!("meta nfproto {family} meta priority @g{group}_p{rest}");
+            }
+        }
+        for stage in ["drop", "ns", "base", "default"] {
+            r = r.replace(
+                &format!("goto ingress_{stage}"),
+                &format!("goto ingress_copy_{stage}"),
+            );
+        }
+        Some(r)
+    };
+    for stage in ["", "_ns", "_base", "_default"] {
+        let mut want: Vec<String> = rules(&format!("ingress{stage}"))
+            .iter()
+            .filter_map(|r| copy(r))
+            .collect();
+        // Both families' gates are one for ports.
+        want.dedup();
+        assert_eq!(
+            rules(&format!("ingress_copy{stage}")),
+            want,
+            "ingress{stage}"
+        );
+    }
+    assert_eq!(rules("ingress_copy_drop"), ["counter drop"]);
+    // The port sets: every local member's id, and each group's.
+    let sets = render::sets(&c);
+    let set = |name: &str| {
+        sets.iter()
+            .find(|s| s.name == name)
+            .unwrap()
+            .elements
+            .clone()
+    };
+    assert_eq!(set("local_p").len(), ms.iter().filter(|m| m.local).count());
+    let db = c.subjects["SegmentationPolicy shop/db"];
+    assert_eq!(
+        set(&format!("g{db}_p")),
+        [weft_dataplane::names::classid_text(102)].into()
+    );
+    assert_eq!(set("iso_in_p"), set(&format!("g{db}_p")));
+    assert_eq!(
+        set("deny_p"),
+        [weft_dataplane::names::classid_text(104)].into()
+    );
+    assert!(set("clash_p").is_empty());
+}
+
+/// Two local ports with one id (a chance of about n² / 2³²): neither id judges copies as a
+/// member's, and the copies to both are dropped (`clash_p`).
+#[test]
+fn two_ports_with_one_id_are_left_out_of_the_port_sets_and_their_copies_dropped() {
+    let mut ms = members();
+    for m in &mut ms {
+        m.port = Some(7);
+    }
+    ms[0].port = Some(8);
+    let c = compiled("", &ms);
+    assert_eq!(c.clash_ports, [7].into());
+    assert_eq!(c.local_ports, [8].into());
+    assert!(c.group_ports.iter().all(|g| !g.contains(&7)));
 }
