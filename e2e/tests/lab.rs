@@ -1563,5 +1563,24 @@ fn broadcasts_and_multicasts_meet_each_receiver_s_ingress_policy() {
             assert!(!g.contains(&tag), "guarded got {tag}: {g:?}");
             assert!(o.contains(&tag), "open missed {tag}: {o:?}");
         }
+        // The copies kept from guarded are counted under its port's id: stranger's ten.
+        let out = Command::new("ip")
+            .args(["netns", "exec", &format!("wl-{name}-n-node-a")])
+            .args(["nft", "-j", "list", "set", "inet", "weft", "drops_inp"])
+            .output()
+            .unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let counted: Vec<u64> = json["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|o| o["set"]["elem"].as_array())
+            .flatten()
+            .filter_map(|e| e["elem"]["counter"]["packets"].as_u64())
+            .collect();
+        assert!(
+            counted.len() == 1 && counted[0] >= 10,
+            "copies dropped per port: {json}"
+        );
     });
 }

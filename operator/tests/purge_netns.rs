@@ -93,11 +93,23 @@ fn departed_addresses_leave_the_dynamic_sets_and_others_stay() {
             );
         }
     }
+    // The copies' drops, per port id: ports 5 and 6.
+    for id in ["0:5", "0:6"] {
+        nft(
+            &node,
+            &format!("add element inet weft drops_inp {{ {id} counter }}"),
+        );
+    }
     let held = |set: &str| -> String { nft(&node, &format!("list set inet weft {set}")) };
     assert!(held("conns_out4").contains("10.0.0.5"));
+    assert!(held("drops_inp").contains("0:5"));
 
     // 10.0.0.5 and fd00::5 left; 10.0.0.9 was never learned.
-    let tx = firewall::purge_addresses(&table, &[ip("10.0.0.5"), ip("fd00::5"), ip("10.0.0.9")]);
+    let tx = firewall::purge_addresses(
+        &table,
+        &[ip("10.0.0.5"), ip("fd00::5"), ip("10.0.0.9")],
+        &[5, 9],
+    );
     assert!(!tx.is_empty());
     netns::run_in(&node.ns, || NftCli::default().apply(&tx))
         .unwrap()
@@ -111,6 +123,8 @@ fn departed_addresses_leave_the_dynamic_sets_and_others_stay() {
             assert!(text.contains("10.0.0.6"), "{set} keeps the others: {text}");
         }
     }
+    let ports = held("drops_inp");
+    assert!(!ports.contains("0:5") && ports.contains("0:6"), "{ports}");
     // Purging again (nothing left of them) is no error either.
     netns::run_in(&node.ns, || NftCli::default().apply(&tx))
         .unwrap()

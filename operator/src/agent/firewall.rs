@@ -508,7 +508,9 @@ pub fn count_new_connections(table: &mut Table) {
 /// never drops most of them on its own, so a workload that later gets the same address would
 /// inherit the old one's counts. Each element is added, then deleted, in one batch: adding an
 /// element a set already holds changes nothing, and the delete then always finds it.
-pub fn purge_addresses(table: &Table, gone: &[IpAddr]) -> nft::Transaction {
+/// The same for the per-port-id sets (the copies' drop counters): the ids of `gone_ports`, the
+/// ports no workload of this node has any more.
+pub fn purge_addresses(table: &Table, gone: &[IpAddr], gone_ports: &[u32]) -> nft::Transaction {
     use nft::{Change, SetKey};
     let mut adds = Vec::new();
     let mut deletes = Vec::new();
@@ -517,16 +519,17 @@ pub fn purge_addresses(table: &Table, gone: &[IpAddr]) -> nft::Transaction {
         .iter()
         .filter(|s| s.flags.iter().any(|f| f == nft::DYNAMIC_FLAG))
     {
-        let v6 = match set.key_type.as_str() {
-            "ipv4_addr" => false,
-            "ipv6_addr" => true,
+        let elements: Vec<String> = match set.key_type.as_str() {
+            "ipv4_addr" | "ipv6_addr" => {
+                let v6 = set.key_type == "ipv6_addr";
+                gone.iter()
+                    .filter(|ip| ip.is_ipv6() == v6)
+                    .map(IpAddr::to_string)
+                    .collect()
+            }
+            "classid" => gone_ports.iter().map(|p| names::classid_text(*p)).collect(),
             _ => continue,
         };
-        let elements: Vec<String> = gone
-            .iter()
-            .filter(|ip| ip.is_ipv6() == v6)
-            .map(IpAddr::to_string)
-            .collect();
         if elements.is_empty() {
             continue;
         }

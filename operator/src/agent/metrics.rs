@@ -24,7 +24,8 @@
 //!   `{namespace,pod,network,interface,direction}`: each workload interface's traffic, `in` to
 //!   the workload and `out` of it, read from its host link's counters at each scrape; the
 //!   drops also by `reason`: `link` (the host link's: a full queue, a peer gone), `policy` (the
-//!   segmentation policy's, counted by the kernel per workload address), `guard`
+//!   segmentation policy's, counted by the kernel per workload address, and `in` also the
+//!   copies of broadcasts and multicasts it dropped at the workload's port), `guard`
 //!   (anti-spoofing's, per port) and `limit` (new connections over the workload's connection
 //!   limits or conntrack budget, per workload address); `workload_connections_total` the new
 //!   connections it opened (`out`) and received (`in`); all only with `--workload-metrics` (one
@@ -246,6 +247,9 @@ struct RuleDrops {
     policy_out: std::collections::HashMap<String, u64>,
     /// Address → packets the policy dropped to it (ingress).
     policy_in: std::collections::HashMap<String, u64>,
+    /// Port id (as nft lists it) → copies of broadcasts and multicasts the receiver's ingress
+    /// policy dropped at the port.
+    policy_in_copies: std::collections::HashMap<String, u64>,
     /// Host port → forged frames the guard dropped from it.
     guard: std::collections::HashMap<String, u64>,
     /// Address → new connections from it its limits dropped.
@@ -285,6 +289,7 @@ impl RuleDrops {
                 &crate::policy::render::drops_set("in", v6),
             ));
         }
+        out.policy_in_copies = read(Family::Inet, crate::policy::render::COPY_DROPS_SET);
         out.guard = read(Family::Bridge, super::guard::DROPS_SET);
         let [lo, li] = super::firewall::LIMIT_DROP_SETS;
         for set in lo {
@@ -313,7 +318,18 @@ impl RuleDrops {
     fn of(&self, p: &WorkloadPort) -> [(&'static str, &'static str, u64); 5] {
         let sum = |m| sum_of_addresses(m, p);
         [
-            ("policy", "in", sum(&self.policy_in)),
+            (
+                "policy",
+                "in",
+                sum(&self.policy_in).saturating_add(
+                    self.policy_in_copies
+                        .get(&weft_dataplane::names::classid_text(
+                            weft_dataplane::names::port_id(&p.host_ifname),
+                        ))
+                        .copied()
+                        .unwrap_or(0),
+                ),
+            ),
             ("policy", "out", sum(&self.policy_out)),
             (
                 "guard",
@@ -417,7 +433,7 @@ impl Collector for WorkloadTraffic {
         let rules = RuleDrops::read();
         let mut metric = encoder.encode_descriptor(
             "workload_drops",
-            "Packets dropped into and out of each workload interface, by reason: link (its host link dropped them), policy (the segmentation policy), guard (anti-spoofing: forged addresses, MACs, ARP, neighbour discovery), limit (new connections over the workload's connection limits, counted per connection's first packet)",
+            "Packets dropped into and out of each workload interface, by reason: link (its host link dropped them), policy (the segmentation policy; in: the copies of broadcasts and multicasts it kept from the workload too), guard (anti-spoofing: forged addresses, MACs, ARP, neighbour discovery), limit (new connections over the workload's connection limits, counted per connection's first packet)",
             None,
             ConstCounter::new(0u64).metric_type(),
         )?;

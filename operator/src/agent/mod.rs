@@ -521,6 +521,9 @@ struct Reconciler {
     /// The workload addresses of this node when the plan was last applied: one that is gone
     /// has its per-address state purged from the kernel's dynamic sets.
     addresses: BTreeSet<IpAddr>,
+    /// The ids of this node's workload ports then ([`weft_dataplane::names::port_id`]), the
+    /// same way for the per-port counters.
+    ports: BTreeSet<u32>,
     /// The registrations the reconcile under way serves: answered as soon as their rules are
     /// in force ([`answer_applied`]), before the status and metrics are brought
     /// up to date; whatever is left here is answered after the reconcile.
@@ -585,10 +588,21 @@ impl Reconciler {
         let now: BTreeSet<IpAddr> = self.endpoints.iter().flat_map(plan::addresses_of).collect();
         let gone: Vec<IpAddr> = self.addresses.difference(&now).copied().collect();
         self.addresses = now;
-        let Some(applied) = self.applied.as_ref().filter(|_| !gone.is_empty()) else {
+        let now_ports: BTreeSet<u32> = self
+            .endpoints
+            .iter()
+            .map(|e| weft_dataplane::names::port_id(&e.host_ifname))
+            .collect();
+        let gone_ports: Vec<u32> = self.ports.difference(&now_ports).copied().collect();
+        self.ports = now_ports;
+        let Some(applied) = self
+            .applied
+            .as_ref()
+            .filter(|_| !gone.is_empty() || !gone_ports.is_empty())
+        else {
             return;
         };
-        let tx = firewall::purge_addresses(&applied.out.plan.firewall, &gone);
+        let tx = firewall::purge_addresses(&applied.out.plan.firewall, &gone, &gone_ports);
         if tx.is_empty() {
             return;
         }
@@ -1253,6 +1267,7 @@ pub async fn run(
         reaper,
         mirrors: mirror::Mirrors::spawn(),
         addresses: BTreeSet::new(),
+        ports: BTreeSet::new(),
         waiting: Vec::new(),
     };
     let mirrors = rec.mirrors.clone();

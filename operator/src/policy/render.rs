@@ -82,6 +82,9 @@ pub fn sets(c: &Compiled) -> Vec<Set> {
         .flat_map(|g| c.group_ports[*g].iter().copied())
         .collect();
     out.push(port_set("iso_in_p", &iso));
+    let mut drops = port_set(COPY_DROPS_SET, &BTreeSet::new());
+    drops.flags = vec![weft_dataplane::nft::DYNAMIC_FLAG.into()];
+    out.push(drops);
     for (i, ports) in c.group_ports.iter().enumerate() {
         out.push(port_set(&format!("g{i}_p"), ports));
     }
@@ -317,8 +320,11 @@ fn copy_tier(rules: &[Rule], next: &str) -> Vec<String> {
 /// The chain that judges a broadcast's or multicast's copy to a workload port as the
 /// receiver's ingress (see [`chains`]).
 pub const COPY_INGRESS: &str = "ingress_copy";
-/// Where such a copy denied goes: counted, dropped.
+/// Where such a copy denied goes: counted per port id in [`COPY_DROPS_SET`], dropped.
 const COPY_DROP: &str = "ingress_copy_drop";
+/// The dynamic set that counts the copies the receivers' ingress denied, per port id (the
+/// agent adds them to the port's workload's policy drops).
+pub const COPY_DROPS_SET: &str = "drops_inp";
 
 fn verdict_word(a: RuleAction) -> &'static str {
     match a {
@@ -428,8 +434,8 @@ pub fn chains(c: &Compiled) -> Vec<Chain> {
 /// out of a workload's port: their destination names no workload, so the bridge tags each copy
 /// with its port's id (`meta priority`, see the guard table), and these chains match the
 /// subject by that id where the others match its addresses. The caller jumps here only with
-/// a local port's id. Same tiers, verdicts and default action as `ingress`; what an isolation or
-/// the default action denies is counted in `ingress_copy_drop`, not audited.
+/// a local port's id. Same tiers, verdicts and default action as `ingress`; a copy denied is
+/// counted per port id ([`COPY_DROPS_SET`]), and audited only by a rule with `log`.
 fn copy_chains(rules: &super::DirectionRules) -> Vec<Chain> {
     let (ns_stage, base, default) = (
         format!("{COPY_INGRESS}_ns"),
@@ -452,7 +458,12 @@ fn copy_chains(rules: &super::DirectionRules) -> Vec<Chain> {
         chain(ns_stage, ns),
         chain(base, copy_tier(&rules.baseline, &default)),
         chain(default, vec![format!("meta priority @deny_p {drop}")]),
-        chain(COPY_DROP.to_string(), vec!["counter drop".to_string()]),
+        chain(
+            COPY_DROP.to_string(),
+            vec![format!(
+                "update @{COPY_DROPS_SET} {{ meta priority counter }} drop"
+            )],
+        ),
     ]
 }
 

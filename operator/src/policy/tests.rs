@@ -653,7 +653,10 @@ spec:
             "ingress{stage}"
         );
     }
-    assert_eq!(rules("ingress_copy_drop"), ["counter drop"]);
+    assert_eq!(
+        rules("ingress_copy_drop"),
+        ["update @drops_inp { meta priority counter } drop"]
+    );
     // The port sets: every local member's id, and each group's.
     let sets = render::sets(&c);
     let set = |name: &str| {
