@@ -685,7 +685,7 @@ pub fn apply_endpoint_changes(
     removed: &[Endpoint],
     added: &[Endpoint],
 ) -> Option<weft_dataplane::nft::Transaction> {
-    use weft_dataplane::nft::{Change, SetKey, Transaction};
+    use weft_dataplane::nft::Transaction;
     if removed.is_empty() && added.is_empty() {
         return Some(Transaction::default());
     }
@@ -760,72 +760,30 @@ pub fn apply_endpoint_changes(
     }
     let (mut deletes, mut adds) = change_members(out, res, &gone, &came, changes);
     for (name, (gone, came)) in firewall::HOST_PORT_MAPS.iter().zip(host_ports) {
-        let table = &mut out.plan.firewall;
-        let Some(map) = table.maps.iter_mut().find(|m| m.name == *name) else {
-            continue;
-        };
-        for k in &gone {
-            map.elements.remove(k);
-        }
-        map.elements.extend(came.iter().cloned());
-        if !gone.is_empty() {
-            deletes.push(Change::DeleteMapElements {
-                family: table.family,
-                table: table.name.clone(),
-                map: map.name.clone(),
-                key: SetKey::of_map(map),
-                keys: gone,
-            });
-        }
-        if !came.is_empty() {
-            adds.push(Change::AddMapElements {
-                family: table.family,
-                table: table.name.clone(),
-                map: map.name.clone(),
-                key: SetKey::of_map(map),
-                value_type: map.value_type.clone(),
-                elements: came,
-            });
-        }
+        change_map(
+            &mut out.plan.firewall,
+            name,
+            gone,
+            came,
+            &mut deletes,
+            &mut adds,
+        );
     }
     if let Some(table) = out.plan.guard.as_mut() {
         for (name, (gone, came)) in guard_maps {
-            let Some(map) = table.maps.iter_mut().find(|m| m.name == name) else {
-                continue;
-            };
             // A key both gone and come (a changed endpoint) keeps its element when its value
             // stays.
+            let current = table.maps.iter().find(|m| m.name == name);
+            let held = |k: &String| current.and_then(|m| m.elements.get(k));
             let gone: Vec<String> = gone
                 .into_iter()
-                .filter(|k| came.get(k).is_none_or(|v| map.elements.get(k) != Some(v)))
+                .filter(|k| came.get(k).is_none_or(|v| held(k) != Some(v)))
                 .collect();
             let came: Vec<(String, String)> = came
                 .into_iter()
-                .filter(|(k, v)| map.elements.get(k) != Some(v) || gone.contains(k))
+                .filter(|(k, v)| held(k) != Some(v) || gone.contains(k))
                 .collect();
-            for k in &gone {
-                map.elements.remove(k);
-            }
-            map.elements.extend(came.iter().cloned());
-            if !gone.is_empty() {
-                deletes.push(Change::DeleteMapElements {
-                    family: table.family,
-                    table: table.name.clone(),
-                    map: map.name.clone(),
-                    key: SetKey::of_map(map),
-                    keys: gone,
-                });
-            }
-            if !came.is_empty() {
-                adds.push(Change::AddMapElements {
-                    family: table.family,
-                    table: table.name.clone(),
-                    map: map.name.clone(),
-                    key: SetKey::of_map(map),
-                    value_type: map.value_type.clone(),
-                    elements: came,
-                });
-            }
+            change_map(table, &name, gone, came, &mut deletes, &mut adds);
         }
     }
     deletes.extend(adds);
@@ -839,6 +797,45 @@ pub fn apply_endpoint_changes(
     ports.extend(port_plans(&out.plan.bridges, &out.plan.networks, added));
     ports.sort();
     Some(Transaction(deletes))
+}
+
+/// Takes keys `gone` out of map `name` of `table` and puts elements `came` in, adding the
+/// kernel's changes to `deletes` and `adds` (nothing for a map the table lacks).
+fn change_map(
+    table: &mut weft_dataplane::nft::Table,
+    name: &str,
+    gone: Vec<String>,
+    came: Vec<(String, String)>,
+    deletes: &mut Vec<weft_dataplane::nft::Change>,
+    adds: &mut Vec<weft_dataplane::nft::Change>,
+) {
+    use weft_dataplane::nft::{Change, SetKey};
+    let Some(map) = table.maps.iter_mut().find(|m| m.name == name) else {
+        return;
+    };
+    for k in &gone {
+        map.elements.remove(k);
+    }
+    map.elements.extend(came.iter().cloned());
+    if !gone.is_empty() {
+        deletes.push(Change::DeleteMapElements {
+            family: table.family,
+            table: table.name.clone(),
+            map: map.name.clone(),
+            key: SetKey::of_map(map),
+            keys: gone,
+        });
+    }
+    if !came.is_empty() {
+        adds.push(Change::AddMapElements {
+            family: table.family,
+            table: table.name.clone(),
+            map: map.name.clone(),
+            key: SetKey::of_map(map),
+            value_type: map.value_type.clone(),
+            elements: came,
+        });
+    }
 }
 
 /// Set elements an in-place change deletes and adds: (guard table?, set) → (deleted, added).

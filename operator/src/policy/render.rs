@@ -199,14 +199,38 @@ fn log(prefix: &str) -> String {
 /// The nft rules of one compiled rule (one per family and protocol that can match).
 fn rule_lines(r: &Rule, dir: Direction, verdict: &str) -> Vec<String> {
     let subject_is_src = dir == Direction::Egress;
+    lines(r, !subject_is_src, verdict, |v6, f| {
+        format!("{} @g{}_{f}", addr(v6, subject_is_src), r.subject)
+    })
+}
+
+/// The nft rules of one compiled ingress rule for the copies of a broadcast or multicast
+/// (see [`chains`]): the subject is the copy's port id (`meta priority`), not its destination
+/// address, which names no workload; the peer (the source) and protocols as in [`rule_lines`].
+fn copy_rule_lines(r: &Rule, verdict: &str) -> Vec<String> {
+    lines(r, true, verdict, |v6, _| {
+        let family = if v6 { "ipv6" } else { "ipv4" };
+        format!("meta nfproto {family} meta priority @g{}_p", r.subject)
+    })
+}
+
+/// The lines of rule `r` per family (`subject` gives each family's match of the subject, from
+/// whether it is IPv6 and the set suffix `4`/`6`): the peer on the source or destination
+/// address (`peer_is_src`), then each protocol that can match, the audit log, the verdict.
+fn lines(
+    r: &Rule,
+    peer_is_src: bool,
+    verdict: &str,
+    subject: impl Fn(bool, &str) -> String,
+) -> Vec<String> {
     let mut out = Vec::new();
     for v6 in [false, true] {
         let f = if v6 { "6" } else { "4" };
-        let mut head = format!("{} @g{}_{f}", addr(v6, subject_is_src), r.subject);
+        let mut head = subject(v6, f);
         match &r.peer {
             PeerMatch::Any => {}
             PeerMatch::Group(g) => {
-                head.push_str(&format!(" {} @g{g}_{f}", addr(v6, !subject_is_src)));
+                head.push_str(&format!(" {} @g{g}_{f}", addr(v6, peer_is_src)));
             }
             PeerMatch::Cidrs(cidrs) => {
                 let list: Vec<String> = cidrs
@@ -219,60 +243,9 @@ fn rule_lines(r: &Rule, dir: Direction, verdict: &str) -> Vec<String> {
                 }
                 head.push_str(&format!(
                     " {} {{ {} }}",
-                    addr(v6, !subject_is_src),
+                    addr(v6, peer_is_src),
                     list.join(", ")
                 ));
-            }
-        }
-        let protos: Vec<Option<String>> = if r.protocols.is_empty() {
-            vec![None]
-        } else {
-            r.protocols
-                .iter()
-                .filter_map(|p| proto_text(p, v6))
-                .map(Some)
-                .collect()
-        };
-        for p in protos {
-            let mut line = head.clone();
-            if let Some(p) = p {
-                line.push(' ');
-                line.push_str(&p);
-            }
-            if r.log {
-                line.push(' ');
-                line.push_str(&log(&format!("r{} {}", r.id, verdict_word(r.action))));
-            }
-            line.push(' ');
-            line.push_str(verdict);
-            out.push(line);
-        }
-    }
-    out
-}
-
-/// The nft rules of one compiled ingress rule for the copies of a broadcast or multicast
-/// (see [`chains`]): the subject is the copy's port id (`meta priority`), not its destination
-/// address, which names no workload; the peer and protocols as in [`rule_lines`].
-fn copy_rule_lines(r: &Rule, verdict: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    for v6 in [false, true] {
-        let f = if v6 { "6" } else { "4" };
-        let family = if v6 { "ipv6" } else { "ipv4" };
-        let mut head = format!("meta nfproto {family} meta priority @g{}_p", r.subject);
-        match &r.peer {
-            PeerMatch::Any => {}
-            PeerMatch::Group(g) => head.push_str(&format!(" {} @g{g}_{f}", addr(v6, true))),
-            PeerMatch::Cidrs(cidrs) => {
-                let list: Vec<String> = cidrs
-                    .iter()
-                    .filter(|c| c.addr().is_ipv6() == v6)
-                    .map(cidr_text)
-                    .collect();
-                if list.is_empty() {
-                    continue;
-                }
-                head.push_str(&format!(" {} {{ {} }}", addr(v6, true), list.join(", ")));
             }
         }
         let protos: Vec<Option<String>> = if r.protocols.is_empty() {
