@@ -9,6 +9,12 @@
 //! in the dynamic set `drops_<eg|in><4|6>`, then drops), Pass is a `goto` to the next stage. The base chains jump to
 //! `egress` then `ingress` for every new connection; replies pass by conntrack.
 //!
+//! The copies of a broadcast or multicast that the bridge sends out of a workload's port carry
+//! the port's id (`meta priority`, tagged by the guard table) and meet the ingress stages again
+//! in `ingress_copy`, `ingress_copy_ns`, `ingress_copy_base` and `ingress_copy_default`, the
+//! subject matched by port id: sets `local_p`, `g<N>_p`, `iso_in_p`, `deny_p` (type `classid`),
+//! `clash_p` (ids two local ports share), and the dynamic `drops_inp` counting their drops.
+//!
 //! Only the policies shape the rules; workloads change set elements only.
 
 use super::{Compiled, Direction, Member, PeerMatch, Placement, ProtoMatch, Rule};
