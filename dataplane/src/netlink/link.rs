@@ -241,6 +241,13 @@ pub fn bridge_safeguards_message(index: u32) -> LinkMessage {
 }
 
 /// A switch's state as errors name it.
+/// The attribute that tells a link to generate no IPv6 address of its own (`addrgenmode none`).
+fn no_v6_addresses() -> LinkAttribute {
+    LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(vec![AfSpecInet6::AddrGenMode(
+        In6AddrGenMode::None,
+    )])])
+}
+
 fn on_off(on: bool) -> &'static str {
     if on { "on" } else { "off" }
 }
@@ -794,10 +801,7 @@ impl Netlink {
     /// a second time.
     pub fn set_no_v6_addresses(&mut self, index: u32) -> Result<(), NetlinkError> {
         let mut msg = LinkUnspec::new_with_index(index).build();
-        msg.attributes
-            .push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(
-                vec![AfSpecInet6::AddrGenMode(In6AddrGenMode::None)],
-            )]));
+        msg.attributes.push(no_v6_addresses());
         match self.call(
             "set link addrgenmode none",
             || format!("link {index} addrgenmode none"),
@@ -821,11 +825,7 @@ impl Netlink {
         wrap: fn(LinkMessage) -> RouteNetlinkMessage,
     ) -> Result<(), NetlinkError> {
         let mut without = msg.clone();
-        without
-            .attributes
-            .push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(
-                vec![AfSpecInet6::AddrGenMode(In6AddrGenMode::None)],
-            )]));
+        without.attributes.push(no_v6_addresses());
         match self.call(op, &target, wrap(without), 0) {
             Err(e) if e.errno() == Some(libc::EAFNOSUPPORT) => {
                 self.call(op, &target, wrap(msg), 0)?;

@@ -790,15 +790,12 @@ impl Netlink {
         let by_name: std::collections::HashMap<&str, &LinkInfo> =
             links.iter().map(|l| (l.name.as_str(), l)).collect();
         let raw = self.all_qdiscs(OP)?;
-        let clsact: std::collections::HashSet<u32> = raw
+        // The ports whose ingress slot holds a `clsact` (read before the dump is taken apart).
+        let clsact: std::collections::HashSet<u32> = ports
             .iter()
-            .filter(|q| q.header.parent == TcHandle::CLSACT)
-            .filter(|q| {
-                q.attributes
-                    .iter()
-                    .any(|a| matches!(a, TcAttribute::Kind(k) if k == "clsact"))
-            })
-            .filter_map(|q| u32::try_from(q.header.index).ok())
+            .filter_map(|name| by_name.get(name))
+            .map(|l| l.index)
+            .filter(|i| ingress_slot_kind(&raw, *i).as_deref() == Some("clsact"))
             .collect();
         let qdiscs: Vec<DumpedQdisc> = raw.into_iter().map(dumped_qdisc).collect();
         let counters = |index| {

@@ -276,6 +276,12 @@ fn network_denies(networks: &[Network], network: &str) -> bool {
 }
 
 impl Compiled {
+    /// Member `m`'s port id as the port sets hold it: a local member's, unless another local
+    /// member shares it ([`Compiled::clash_ports`]).
+    pub fn port_of(&self, m: &Member) -> Option<u32> {
+        m.port.filter(|p| m.local && !self.clash_ports.contains(p))
+    }
+
     /// Adds one member's interface, exactly as compiling with it would have — for a member
     /// whose addresses no other member holds (see [`Compiled::shared`] and
     /// [`Compiled::owners`]): groups depend on the policies only, so a member only changes
@@ -326,7 +332,7 @@ impl Compiled {
                 self.owners.remove(ip);
             }
         }
-        let port = m.port.filter(|p| m.local && !self.clash_ports.contains(p));
+        let port = self.port_of(m);
         let change_port = |set: &mut BTreeSet<u32>| {
             if let Some(p) = port {
                 if add {
@@ -407,14 +413,9 @@ impl Builder<'_> {
         self.out
             .group_members
             .push(members.iter().filter(|m| m.local).count());
-        self.out.group_ports.push(
-            members
-                .iter()
-                .filter(|m| m.local)
-                .filter_map(|m| m.port)
-                .filter(|p| !self.out.clash_ports.contains(p))
-                .collect(),
-        );
+        self.out
+            .group_ports
+            .push(members.iter().filter_map(|m| self.out.port_of(m)).collect());
         self.out
             .group_ips
             .push(members.iter().flat_map(|m| m.ips.iter().copied()).collect());
@@ -667,7 +668,7 @@ pub fn compile(inputs: Inputs<'_>) -> Compiled {
                 b.out.local.insert(*ip);
             }
         }
-        let port = m.port.filter(|p| m.local && !b.out.clash_ports.contains(p));
+        let port = b.out.port_of(m);
         b.out.local_ports.extend(port);
         if network_denies(inputs.networks, &m.network) {
             b.out.default_deny.extend(m.ips.iter().copied());

@@ -145,7 +145,7 @@ pub fn member_elements(c: &Compiled, m: &Member, place: &Placement) -> Vec<(Stri
             push(format!("g{g}_{f}"));
         }
     }
-    if let Some(port) = m.port.filter(|p| m.local && !c.clash_ports.contains(p)) {
+    if let Some(port) = c.port_of(m) {
         let element = weft_dataplane::names::classid_text(port);
         let mut push = |set: String| out.push((set, element.clone()));
         push("local_p".into());
