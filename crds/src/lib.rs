@@ -39,7 +39,7 @@ pub mod workloadslice;
 
 pub use cidr::{AddressError, Cidr, IpAddress, IpOrCidr};
 pub use constants::{GROUP, VERSION};
-pub use limits::{ConnectionLimits, Limits, WorkloadLimits};
+pub use limits::{ConnectionLimits, EgressBandwidthMode, Limits, WorkloadLimits};
 pub use mirror::{
     MirrorAnalyzer, MirrorDestination, MirrorDirection, MirrorFilter, MirrorPort, MirrorProtocol,
     MirrorRemote, MirrorSources, TRAFFIC_MIRROR_KIND, TrafficMirror, TrafficMirrorSpec,

@@ -13,6 +13,7 @@
 use crate::cel;
 use crate::validate::Errors;
 use kube::KubeSchema;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -79,6 +80,11 @@ pub struct WorkloadLimits {
     #[x_kube(validation = &cel::BANDWIDTH_RANGE)]
     pub egress_bandwidth: Option<String>,
 
+    /// How the egress limit is enforced: `Shape` (default) or `Police` (see
+    /// [`EgressBandwidthMode`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_bandwidth_mode: Option<EgressBandwidthMode>,
+
     /// New connections (TCP, UDP, SCTP, ICMP flows) a workload address may open per second,
     /// in bursts of as many, 1 to 1000000; the ones above are dropped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -107,6 +113,22 @@ pub struct WorkloadLimits {
     pub syn_proxy: Option<bool>,
 }
 
+/// How the egress limit (egressBandwidth, a pod's `kubernetes.io/egress-bandwidth`, the
+/// runtime's egress rate) is enforced. `Shape` (the default): a token bucket on the node
+/// queues the workload's traffic to the rate (the host port's frames are redirected through
+/// a link of their own). `Police`: frames over the rate are dropped at the host port (an
+/// nftables meter per port), as OVS ingress policing does; a workload's start costs one set
+/// element instead of a link and its qdiscs, and TCP finds the rate by its losses. The meter
+/// holds one second of traffic at the rate plus the burst.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default, JsonSchema)]
+pub enum EgressBandwidthMode {
+    /// Queued to the rate by a token bucket on the node.
+    #[default]
+    Shape,
+    /// Dropped over the rate at the host port.
+    Police,
+}
+
 /// Effective limits of one workload interface, every value in range; `None` is no limit.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Limits {
@@ -126,6 +148,8 @@ pub struct Limits {
     pub syn_mss: Option<u16>,
     /// The window scale that proxy announces, when not the default.
     pub syn_window_scale: Option<u8>,
+    /// The egress limit is policed, not shaped (the Network's `egressBandwidthMode`).
+    pub egress_policed: bool,
 }
 
 /// The connection limits of [`Limits`] (what nftables enforces), without the bandwidth.
@@ -147,9 +171,12 @@ impl ConnectionLimits {
 }
 
 impl Limits {
-    /// Nothing limited.
+    /// Nothing limited (how an egress limit would be enforced is no limit).
     pub fn is_none(&self) -> bool {
-        *self == Limits::default()
+        Limits {
+            egress_policed: false,
+            ..*self
+        } == Limits::default()
     }
 
     /// The connection limits.
@@ -182,6 +209,8 @@ impl Limits {
             // Set by the pod alone (what its own TCP stack announces).
             syn_mss: other.syn_mss.or(self.syn_mss),
             syn_window_scale: other.syn_window_scale.or(self.syn_window_scale),
+            // Set by the Network alone.
+            egress_policed: self.egress_policed || other.egress_policed,
         }
     }
 
@@ -258,6 +287,7 @@ impl Limits {
                 "7",
             )?
             .and_then(|v| u8::try_from(v).ok()),
+            egress_policed: false,
         })
     }
 }
@@ -321,6 +351,7 @@ impl WorkloadLimits {
             max_connections: count(self.max_connections, MAX_CONNECTIONS)?,
             conntrack_entries: count(self.conntrack_entries, MAX_CONNECTIONS)?,
             syn_proxy: self.syn_proxy.unwrap_or(false),
+            egress_policed: self.egress_bandwidth_mode == Some(EgressBandwidthMode::Police),
             ..Limits::default()
         })
     }

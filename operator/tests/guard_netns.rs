@@ -18,7 +18,7 @@ use weft_dataplane::frame;
 use weft_dataplane::netlink::{Netlink, VethSpec};
 use weft_dataplane::netns::{self, Netns};
 use weft_dataplane::nft::{Change, Firewall, NftCli, Table, Transaction};
-use weft_operator::agent::guard::{self, OpenPort, PortGuard};
+use weft_operator::agent::guard::{self, OpenPort, Policing, PortGuard};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -181,7 +181,7 @@ impl Lab {
                 pending: false,
             })
             .collect();
-        guard::table(&[BRIDGE.to_string()], &g, &o)
+        guard::table(&[BRIDGE.to_string()], &g, &o, &Policing::default())
     }
 }
 
@@ -671,7 +671,12 @@ fn a_trunk_port_passes_its_own_vlans_from_its_own_mac_only() {
     lab.apply(&lab.table(&[a, m], &[]));
     let mut trunk = lab.w(m).guard();
     trunk.vlans = vec![20, 100];
-    let with_trunk = guard::table(&[BRIDGE.to_string()], &[lab.w(a).guard(), trunk], &[]);
+    let with_trunk = guard::table(
+        &[BRIDGE.to_string()],
+        &[lab.w(a).guard(), trunk],
+        &[],
+        &Policing::default(),
+    );
     let tx = weft_dataplane::nft::diff(&lab.table(&[a, m], &[]), &with_trunk);
     assert!(
         tx.0.iter().all(|c| matches!(c, Change::AddElements { .. })),
@@ -762,7 +767,7 @@ fn a_pending_migration_target_passes_nothing_either_way_until_activated() {
     held_pending_until_activated(|lab, a, t, pending| {
         let mut g: Vec<PortGuard> = vec![lab.w(a).guard(), lab.w(t).guard()];
         g[1].pending = pending;
-        guard::table(&[BRIDGE.to_string()], &g, &[])
+        guard::table(&[BRIDGE.to_string()], &g, &[], &Policing::default())
     });
 }
 
@@ -776,6 +781,7 @@ fn a_pending_target_on_a_network_without_anti_spoofing_waits_too() {
                 ifname: lab.w(t).port.clone(),
                 pending,
             }],
+            &Policing::default(),
         )
     });
 }
@@ -1224,4 +1230,95 @@ fn a_hairpin_port_never_gets_its_own_broadcasts_and_multicasts_back() {
         );
     }
     assert!(ping(wa, None, &wb.v4), "a reaches b with hairpin on");
+}
+
+/// Bytes `w`'s `eth0` has received.
+fn rx_bytes(w: &Workload) -> u64 {
+    Netlink::in_netns(&w.ns)
+        .unwrap()
+        .link_stats()
+        .unwrap()
+        .into_iter()
+        .find(|(name, _)| name == "eth0")
+        .map(|(_, s)| s.rx_bytes)
+        .unwrap()
+}
+
+/// Sends 1,000-byte UDP datagrams from `from` to `to` as fast as it can for `secs` seconds;
+/// returns how long it sent, in seconds.
+fn udp_flood(from: &Workload, to: &Workload, secs: f64) -> f64 {
+    let dst: std::net::SocketAddr = format!("{}:9", to.v4).parse().unwrap();
+    netns::run_in(&from.ns, move || {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        let payload = [0x5au8; 1000];
+        let start = std::time::Instant::now();
+        while start.elapsed().as_secs_f64() < secs {
+            // A full socket buffer is no error here.
+            let _ = socket.send_to(&payload, dst);
+        }
+        start.elapsed().as_secs_f64()
+    })
+    .unwrap()
+}
+
+#[test]
+fn a_policed_port_sends_no_more_than_its_rate_and_its_drops_are_counted() {
+    let mut lab = Lab::new();
+    let a = lab.add("a", 2);
+    let b = lab.add("b", 3);
+    let c = lab.add("c", 4);
+    // 4 Mbit/s (500,000 bytes a second), a burst of 32 KiB, for a alone.
+    let rate = weft_dataplane::proto::Rate {
+        bits_per_second: 4_000_000,
+        burst_bits: 32 * 1024 * 8,
+    };
+    let g: Vec<PortGuard> = [a, b, c].iter().map(|&i| lab.w(i).guard()).collect();
+    let policing = Policing {
+        ports: [(lab.w(a).port.clone(), rate)].into(),
+        standing: Default::default(),
+    };
+    lab.apply(&guard::table(&[BRIDGE.to_string()], &g, &[], &policing));
+    for from in [a, c] {
+        static_neigh(lab.w(from), &lab.w(b).v4, lab.w(b).mac);
+    }
+    let received = |from: usize| {
+        let before = rx_bytes(lab.w(b));
+        let secs = udp_flood(lab.w(from), lab.w(b), 1.5);
+        // What is still in flight arrives.
+        std::thread::sleep(Duration::from_millis(200));
+        (rx_bytes(lab.w(b)) - before, secs)
+    };
+    let (policed, secs) = received(a);
+    // The meter passes the rate, one second's worth more (its bucket) and the burst; each
+    // frame counts 14 bytes of Ethernet header more at the receiver than at the meter.
+    let bound = (500_000.0 * (secs + 0.2 + 1.0) + 32_768.0) * 1.02;
+    let (free, _) = received(c);
+    eprintln!(
+        "policed port: {policed} bytes in {secs:.2} s (bound {bound:.0}); unpoliced: {free} bytes"
+    );
+    assert!(
+        (policed as f64) <= bound,
+        "a policed port got {policed} bytes through in {secs:.2} s, more than {bound:.0}"
+    );
+    assert!(
+        free as f64 > 2.0 * bound,
+        "the unpoliced sender must outrun the bound for the comparison to mean anything: {free}"
+    );
+    let drops = exec(
+        &lab.node_name,
+        &[
+            "nft",
+            "list",
+            "set",
+            "bridge",
+            "weft",
+            guard::POLICE_DROPS_SET,
+        ],
+    );
+    let listed = String::from_utf8_lossy(&drops.stdout);
+    assert!(
+        listed.contains(&format!("\"{}\" counter packets", lab.w(a).port)),
+        "{listed}"
+    );
+    assert!(!listed.contains(&lab.w(c).port), "{listed}");
 }

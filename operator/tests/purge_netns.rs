@@ -11,9 +11,11 @@
 use std::net::IpAddr;
 use std::process::Command;
 use weft_crds::ConnectionLimits;
-use weft_dataplane::netns;
 use weft_dataplane::nft::{Change, Firewall, NftCli, Transaction};
+use weft_dataplane::proto::Rate;
+use weft_dataplane::{names, netns};
 use weft_operator::agent::firewall::{self, Limited};
+use weft_operator::agent::guard;
 
 #[path = "common/named_netns.rs"]
 mod named_netns;
@@ -93,8 +95,9 @@ fn departed_addresses_leave_the_dynamic_sets_and_others_stay() {
             );
         }
     }
-    // The copies' drops, per port id: ports 5 and 6.
-    for id in ["0:5", "0:6"] {
+    // The copies' drops, per port id: ports `wfgone` and `wfstay`.
+    let id = |port: &str| names::classid_text(names::port_id(port));
+    for id in [id("wfgone"), id("wfstay")] {
         nft(
             &node,
             &format!("add element inet weft drops_inp {{ {id} counter }}"),
@@ -102,13 +105,13 @@ fn departed_addresses_leave_the_dynamic_sets_and_others_stay() {
     }
     let held = |set: &str| -> String { nft(&node, &format!("list set inet weft {set}")) };
     assert!(held("conns_out4").contains("10.0.0.5"));
-    assert!(held("drops_inp").contains("0:5"));
+    assert!(held("drops_inp").contains(&id("wfgone")));
 
     // 10.0.0.5 and fd00::5 left; 10.0.0.9 was never learned.
     let tx = firewall::purge_addresses(
         &table,
         &[ip("10.0.0.5"), ip("fd00::5"), ip("10.0.0.9")],
-        &[5, 9],
+        &["wfgone".to_string(), "wfnever".to_string()],
     );
     assert!(!tx.is_empty());
     netns::run_in(&node.ns, || NftCli::default().apply(&tx))
@@ -124,11 +127,76 @@ fn departed_addresses_leave_the_dynamic_sets_and_others_stay() {
         }
     }
     let ports = held("drops_inp");
-    assert!(!ports.contains("0:5") && ports.contains("0:6"), "{ports}");
+    assert!(
+        !ports.contains(&id("wfgone")) && ports.contains(&id("wfstay")),
+        "{ports}"
+    );
     // Purging again (nothing left of them) is no error either.
     netns::run_in(&node.ns, || NftCli::default().apply(&tx))
         .unwrap()
         .unwrap();
     // The static member sets are not the purge's: their elements are the plan's.
     assert!(held(&firewall::limit_class_set(&limits, false)).contains("10.0.0.5"));
+}
+
+#[test]
+fn a_departed_port_leaves_the_guard_s_counters_and_meters_and_others_stay() {
+    let node = named_netns::create("wpurgeg-", "");
+    let rate = Rate {
+        bits_per_second: 8_000_000,
+        burst_bits: 800_000,
+    };
+    let policing = guard::Policing {
+        ports: ["wfgone", "wfstay"]
+            .iter()
+            .map(|p| ((*p).to_string(), rate))
+            .collect(),
+        standing: Default::default(),
+    };
+    let open: Vec<guard::OpenPort> = ["wfgone", "wfstay"]
+        .iter()
+        .map(|p| guard::OpenPort {
+            ifname: (*p).to_string(),
+            pending: false,
+        })
+        .collect();
+    let table = guard::table(&[], &[], &open, &policing);
+    netns::run_in(&node.ns, || {
+        NftCli::default().apply(&Transaction(vec![Change::ReplaceTable(table.clone())]))
+    })
+    .unwrap()
+    .unwrap();
+    let class = guard::police_class(&rate).unwrap();
+    // What the kernel would have learned from the ports' frames.
+    for port in ["wfgone", "wfstay"] {
+        for (set, expr) in [
+            (guard::DROPS_SET.to_string(), "counter"),
+            (guard::POLICE_DROPS_SET.to_string(), "counter"),
+            (
+                format!("bwm_{class}"),
+                "limit rate over 1000 bytes/second burst 100 bytes",
+            ),
+        ] {
+            nft(
+                &node,
+                &format!("add element bridge weft {set} {{ \"{port}\" {expr} }}"),
+            );
+        }
+    }
+    let tx = firewall::purge_addresses(&table, &[], &["wfgone".to_string()]);
+    netns::run_in(&node.ns, || NftCli::default().apply(&tx))
+        .unwrap()
+        .unwrap();
+    for set in [
+        guard::DROPS_SET.to_string(),
+        guard::POLICE_DROPS_SET.to_string(),
+        format!("bwm_{class}"),
+    ] {
+        let text = nft(&node, &format!("list set bridge weft {set}"));
+        assert!(!text.contains("wfgone"), "{set}: {text}");
+        assert!(text.contains("wfstay"), "{set} keeps the others: {text}");
+    }
+    // The class's member set is the plan's, not the purge's.
+    let members = nft(&node, &format!("list set bridge weft bw_{class}"));
+    assert!(members.contains("wfgone"), "{members}");
 }

@@ -37,7 +37,8 @@ pub enum Kind {
     ConnectionLimit,
     /// Connections to it were dropped by its conntrack budget (an inbound flood).
     ConntrackBudget,
-    /// Its traffic reached its bandwidth limit (the shaper queued or dropped it).
+    /// Its traffic reached its bandwidth limit (the shaper queued or dropped it, or the
+    /// egress meter dropped it).
     Bandwidth,
     /// Its packets per second, in and out, crossed the administrator's rate.
     PacketRate,
@@ -93,7 +94,8 @@ pub struct Sample {
     pub limit_out: HashMap<IpAddr, u64>,
     /// Address → connections to it its conntrack budget dropped.
     pub limit_in: HashMap<IpAddr, u64>,
-    /// Host link → its shapers' overlimits and drops, both directions.
+    /// Host link → its shapers' overlimits and drops, both directions, and the frames its
+    /// egress meter dropped.
     pub shaped: HashMap<String, u64>,
 }
 
@@ -314,7 +316,10 @@ fn sample(ports: &[WorkloadPort], thresholds: &Thresholds) -> Sample {
     // The shapers of every port with a bandwidth limit, in two requests for all of them.
     let shaped: Vec<&str> = ports
         .iter()
-        .filter(|p| p.limits.ingress_bps.is_some() || p.limits.egress_bps.is_some())
+        .filter(|p| {
+            p.limits.ingress_bps.is_some()
+                || (p.limits.egress_bps.is_some() && !p.limits.egress_policed)
+        })
         .map(|p| p.host_ifname.as_str())
         .collect();
     if !shaped.is_empty()
@@ -331,6 +336,30 @@ fn sample(ports: &[WorkloadPort], thresholds: &Thresholds) -> Sample {
                 (port, n)
             })
             .collect();
+    }
+    // The frames the meters of policed egress limits dropped, per port. The kernel adds a
+    // port's counter at its first drop: until then the port's count is 0 (read), so that the
+    // first drops are a crossing.
+    let policed: Vec<&str> = ports
+        .iter()
+        .filter(|p| p.limits.egress_bps.is_some() && p.limits.egress_policed)
+        .map(|p| p.host_ifname.as_str())
+        .collect();
+    if !policed.is_empty()
+        && let Ok(counters) = nft.set_counters(
+            Family::Bridge,
+            names::NFT_TABLE,
+            super::guard::POLICE_DROPS_SET,
+        )
+    {
+        let counters: HashMap<String, u64> = counters
+            .into_iter()
+            .map(|(port, packets, _)| (port, packets))
+            .collect();
+        for port in policed {
+            let n = s.shaped.entry(port.to_string()).or_default();
+            *n = n.saturating_add(counters.get(port).copied().unwrap_or(0));
+        }
     }
     s
 }

@@ -508,9 +508,10 @@ pub fn count_new_connections(table: &mut Table) {
 /// never drops most of them on its own, so a workload that later gets the same address would
 /// inherit the old one's counts. Each element is added, then deleted, in one batch: adding an
 /// element a set already holds changes nothing, and the delete then always finds it.
-/// The same for the per-port-id sets (the copies' drop counters): the ids of `gone_ports`, the
-/// ports no workload of this node has any more.
-pub fn purge_addresses(table: &Table, gone: &[IpAddr], gone_ports: &[u32]) -> nft::Transaction {
+/// The same for the per-port sets (the copies' drop counters by port id; in the guard table the
+/// forged frames' and the egress meters' counters by port name) and `gone_ports`, the ports no
+/// workload of this node has any more.
+pub fn purge_addresses(table: &Table, gone: &[IpAddr], gone_ports: &[String]) -> nft::Transaction {
     use nft::{Change, SetKey};
     let mut adds = Vec::new();
     let mut deletes = Vec::new();
@@ -527,7 +528,14 @@ pub fn purge_addresses(table: &Table, gone: &[IpAddr], gone_ports: &[u32]) -> nf
                     .map(IpAddr::to_string)
                     .collect()
             }
-            "classid" => gone_ports.iter().map(|p| names::classid_text(*p)).collect(),
+            "classid" => gone_ports
+                .iter()
+                .map(|p| names::classid_text(names::port_id(p)))
+                .collect(),
+            "ifname" => gone_ports
+                .iter()
+                .filter_map(|p| nft::ifname_literal(p))
+                .collect(),
             _ => continue,
         };
         if elements.is_empty() {

@@ -66,6 +66,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv6Addr};
 use weft_dataplane::names;
 use weft_dataplane::nft::{self, BaseChain, Chain, Family, Map, Set, Table};
+use weft_dataplane::proto::Rate;
 
 /// One guarded bridge port.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -185,10 +186,58 @@ pub const DROP_CHAIN: &str = "guard_drop";
 /// The dynamic set of the drops of [`DROP_CHAIN`]: `iifname` → packets and bytes dropped.
 pub const DROPS_SET: &str = "drops";
 
-/// The fixed rules of `prerouting`. The checks of a registered port's frames (from its VLANs
-/// on) drop through [`DROP_CHAIN`], which counts them per port; frames of pending, open or
-/// unknown ports are no workload's forgery and are dropped uncounted.
-fn rules() -> Vec<String> {
+/// The chain the frames over a port's egress rate go to: it counts them in the port's element
+/// of the dynamic set [`POLICE_DROPS_SET`], then drops them.
+pub const POLICE_DROP_CHAIN: &str = "police_drop";
+/// The dynamic set of the drops of [`POLICE_DROP_CHAIN`]: `iifname` → packets and bytes.
+pub const POLICE_DROPS_SET: &str = "police_drops";
+
+/// The egress limits this table polices (the ports of Networks with `egressBandwidthMode:
+/// Police`).
+///
+/// Ports of one rate and burst form a class: a set of their names (`bw_<bytes per second>_<burst
+/// bytes>`) and a meter (`bwm_…`, a token bucket per port, which expires after a minute
+/// without traffic). Frames a port receives, i.e. its workload's egress, over its class's rate
+/// go to [`POLICE_DROP_CHAIN`]. nftables's byte meter holds one second of traffic at the rate
+/// plus the burst.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Policing {
+    /// Port name → its egress rate.
+    pub ports: BTreeMap<String, Rate>,
+    /// Rates whose class stays in the table without ports: the Networks' own, so that their
+    /// workloads coming and going change set elements only.
+    pub standing: BTreeSet<Rate>,
+}
+
+/// The most bytes per second (rate plus burst) a meter can hold: nftables computes its bucket
+/// in nanoseconds, one second times rate plus burst, in 64 bits (about 147 Gbit/s).
+const MAX_POLICED_BYTES_PER_SECOND: u64 = u64::MAX / 1_000_000_000;
+
+/// A rate's class name (`<bytes per second>_<burst bytes>`), or `None` for a rate too high
+/// for a meter (above 147 Gbit/s, more than a host port carries: not policed).
+pub fn police_class(rate: &Rate) -> Option<String> {
+    let bytes = (rate.bits_per_second / 8).max(1);
+    let burst = (rate.burst_bits / 8).clamp(1, u64::from(u32::MAX));
+    (bytes.checked_add(burst)? <= MAX_POLICED_BYTES_PER_SECOND).then(|| format!("{bytes}_{burst}"))
+}
+
+/// The set of class `class`'s ports.
+pub fn police_set(class: &str) -> String {
+    format!("bw_{class}")
+}
+
+/// The meter rule of class `class` (see [`police_class`]).
+fn police_rule(class: &str) -> String {
+    let (bytes, burst) = class.split_once('_').unwrap_or((class, "1"));
+    format!(
+        "iifname @bw_{class} update @bwm_{class} {{ iifname timeout 60s limit rate over {bytes} bytes/second burst {burst} bytes }} goto {POLICE_DROP_CHAIN}"
+    )
+}
+
+/// The rules of `prerouting`, with the meters of `classes`. The checks of a registered port's
+/// frames (from its VLANs on) drop through [`DROP_CHAIN`], which counts them per port; frames
+/// of pending, open or unknown ports are no workload's forgery and are dropped uncounted.
+fn rules(classes: &BTreeSet<String>) -> Vec<String> {
     let counted = |rule: &str| match rule.strip_suffix(" drop") {
         Some(matched) => format!("{matched} goto {DROP_CHAIN}"),
         None => rule.to_string(),
@@ -199,12 +248,20 @@ fn rules() -> Vec<String> {
         // nothing else passes.
         "iifname @pending ether type 0x8035 log prefix \"weft activate \" group 2727 drop",
         "iifname @pending drop",
-        "iifname @open accept",
-        // A weft port the agent has not registered (yet): fail closed.
-        "iifname != @ports drop",
     ]
     .into_iter()
     .map(String::from)
+    // Egress limits, guarded and open ports alike.
+    .chain(classes.iter().map(|c| police_rule(c)))
+    .chain(
+        [
+            "iifname @open accept",
+            // A weft port the agent has not registered (yet): fail closed.
+            "iifname != @ports drop",
+        ]
+        .into_iter()
+        .map(String::from),
+    )
     .chain(checks().iter().map(|r| counted(r)))
     .collect()
 }
@@ -252,9 +309,14 @@ pub struct OpenPort {
 /// Builds weft's `bridge weft` table.
 ///
 /// `bridges`: weft's bridge names; `guarded`: ports with anti-spoofing on; `open`: ports of
-/// networks with `spec.security.antiSpoofing: false`. A port listed both guarded and open is
-/// guarded (the safe choice).
-pub fn table(bridges: &[String], guarded: &[PortGuard], open: &[OpenPort]) -> Table {
+/// networks with `spec.security.antiSpoofing: false`; `policing`: their egress limits policed
+/// here. A port listed both guarded and open is guarded (the safe choice).
+pub fn table(
+    bridges: &[String],
+    guarded: &[PortGuard],
+    open: &[OpenPort],
+    policing: &Policing,
+) -> Table {
     // Every port name once, as an nft string; a port whose name cannot be one is left out.
     let guarded: Vec<(String, &PortGuard)> = guarded
         .iter()
@@ -313,6 +375,33 @@ pub fn table(bridges: &[String], guarded: &[PortGuard], open: &[OpenPort]) -> Ta
             }
         }
     }
+    // The meters' classes: the standing ones, and those of the ports written here.
+    let mut classes: BTreeMap<String, BTreeSet<String>> = policing
+        .standing
+        .iter()
+        .filter_map(police_class)
+        .map(|c| (c, BTreeSet::new()))
+        .collect();
+    // A port this table does not hold (its name cannot be written) has no meter either.
+    for (port, rate) in &policing.ports {
+        if let (Some(name), Some(class)) = (nft::ifname_literal(port), police_class(rate))
+            && (guarded_names.contains(&name) || open.contains(&name))
+        {
+            classes.entry(class).or_default().insert(name);
+        }
+    }
+    let police_sets = classes.iter().flat_map(|(class, ports)| {
+        [
+            set(&police_set(class), "ifname", ports.clone()),
+            Set {
+                name: format!("bwm_{class}"),
+                key_type: "ifname".into(),
+                flags: vec![nft::DYNAMIC_FLAG.into(), "timeout".into()],
+                elements: BTreeSet::new(),
+            },
+        ]
+    });
+    let class_names: BTreeSet<String> = classes.keys().cloned().collect();
     Table {
         family: Family::Bridge,
         name: names::NFT_TABLE.into(),
@@ -339,7 +428,16 @@ pub fn table(bridges: &[String], guarded: &[PortGuard], open: &[OpenPort]) -> Ta
                 flags: vec![nft::DYNAMIC_FLAG.into()],
                 elements: BTreeSet::new(),
             },
-        ],
+            Set {
+                name: POLICE_DROPS_SET.into(),
+                key_type: "ifname".into(),
+                flags: vec![nft::DYNAMIC_FLAG.into()],
+                elements: BTreeSet::new(),
+            },
+        ]
+        .into_iter()
+        .chain(police_sets)
+        .collect(),
         maps: vec![Map {
             name: PORT_IDS_MAP.into(),
             key_type: "ifname".into(),
@@ -356,7 +454,7 @@ pub fn table(bridges: &[String], guarded: &[PortGuard], open: &[OpenPort]) -> Ta
                     priority: "filter".into(),
                     policy: Some("accept".into()),
                 }),
-                rules: rules(),
+                rules: rules(&class_names),
             },
             // Nothing reaches a pending port: the LAN keeps delivering the VM's MAC to the
             // node the VM still runs on. A port in hairpin mode gets its own unicast back (a
@@ -381,6 +479,13 @@ pub fn table(bridges: &[String], guarded: &[PortGuard], open: &[OpenPort]) -> Ta
                 name: DROP_CHAIN.into(),
                 base: None,
                 rules: vec![format!("update @{DROPS_SET} {{ iifname counter }} drop")],
+            },
+            Chain {
+                name: POLICE_DROP_CHAIN.into(),
+                base: None,
+                rules: vec![format!(
+                    "update @{POLICE_DROPS_SET} {{ iifname counter }} drop"
+                )],
             },
         ],
     }
@@ -418,8 +523,66 @@ mod tests {
     }
 
     #[test]
+    fn policed_ports_share_a_meter_per_rate_before_any_port_is_accepted() {
+        let rate = |mbit: u64| Rate {
+            bits_per_second: mbit * 1_000_000,
+            burst_bits: 400_000,
+        };
+        let policing = Policing {
+            ports: BTreeMap::from([
+                ("wfa".to_string(), rate(8)),
+                ("wfo".to_string(), rate(8)),
+                ("wfb".to_string(), rate(16)),
+                // Not a port of the table: no meter.
+                ("wfx".to_string(), rate(8)),
+                // Beyond what a meter holds: not policed.
+                ("wfc".to_string(), rate(1_000_000)),
+            ]),
+            standing: BTreeSet::from([rate(8), rate(32)]),
+        };
+        let mac = [0x0a, 0x58, 10, 77, 0, 2];
+        let t = table(
+            &[],
+            &[
+                port("wfa", mac, &["10.77.0.2"]),
+                port("wfb", mac, &["10.77.0.3"]),
+                port("wfc", mac, &["10.77.0.4"]),
+            ],
+            &[open("wfo", false)],
+            &policing,
+        );
+        assert_eq!(set_elements(&t, "bw_1000000_50000"), ["\"wfa\"", "\"wfo\""]);
+        assert_eq!(set_elements(&t, "bw_2000000_50000"), ["\"wfb\""]);
+        // A Network's own rate, without ports yet.
+        assert!(set_elements(&t, "bw_4000000_50000").is_empty());
+        assert!(t.sets.iter().any(|s| s.name == "bwm_4000000_50000"));
+        assert_eq!(
+            t.sets.iter().filter(|s| s.name.starts_with("bw_")).count(),
+            3
+        );
+        let rules = &t.chains[0].rules;
+        let at = |r: &str| rules.iter().position(|x| x == r).unwrap();
+        let meter = at(
+            "iifname @bw_1000000_50000 update @bwm_1000000_50000 { iifname timeout 60s limit rate over 1000000 bytes/second burst 50000 bytes } goto police_drop",
+        );
+        // After the pending ports (which pass nothing), before the open ports' accept.
+        assert!(at("iifname @pending drop") < meter && meter < at("iifname @open accept"));
+        assert_eq!(police_class(&rate(200_000)), None);
+        let text = render_table(&t);
+        assert!(
+            text.contains("update @police_drops { iifname counter } drop"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn an_open_port_can_wait_for_its_vm_too() {
-        let t = table(&[], &[], &[open("wfo", true), open("wfp", false)]);
+        let t = table(
+            &[],
+            &[],
+            &[open("wfo", true), open("wfp", false)],
+            &Policing::default(),
+        );
         assert_eq!(set_elements(&t, "open"), ["\"wfo\"", "\"wfp\""]);
         assert_eq!(set_elements(&t, "pending"), ["\"wfo\""]);
         let rules = &t.chains[0].rules;
@@ -445,11 +608,12 @@ mod tests {
     #[test]
     fn ports_change_elements_never_the_structure() {
         let bridges = vec!["wn-blue".to_string()];
-        let empty = table(&bridges, &[], &[]);
+        let empty = table(&bridges, &[], &[], &Policing::default());
         let one = table(
             &bridges,
             &[port("wfa", [0x0a, 0x58, 10, 77, 0, 2], &["10.77.0.2"])],
             &[],
+            &Policing::default(),
         );
         let many = table(
             &["wn-blue".into(), "wn-red".into()],
@@ -458,6 +622,7 @@ mod tests {
                 port("wfb", [0x0a, 0x58, 10, 77, 0, 3], &["10.77.0.3"]),
             ],
             &[open("wfo", false)],
+            &Policing::default(),
         );
         assert_eq!(structure_hash(&empty), structure_hash(&one));
         assert_eq!(structure_hash(&empty), structure_hash(&many));
@@ -493,6 +658,7 @@ mod tests {
                 &["10.77.0.2", "fd77::2"],
             )],
             &[open("wfo", false), open("wfa", false)],
+            &Policing::default(),
         );
         assert_eq!(set_elements(&t, "bridges"), ["\"wn-blue\""]);
         assert_eq!(set_elements(&t, "ports"), ["\"wfa\""]);
@@ -521,7 +687,7 @@ mod tests {
 
     #[test]
     fn nd_targets_and_link_layer_addresses_are_typeof_sets_the_rules_read() {
-        let t = table(&[], &[], &[]);
+        let t = table(&[], &[], &[], &Policing::default());
         let key = |name: &str| {
             t.sets
                 .iter()
@@ -549,10 +715,20 @@ mod tests {
     #[test]
     fn trunk_ports_admit_their_tagged_vlans_as_elements_and_others_stay_dropped() {
         let mac = [0x0a, 0x58, 10, 77, 0, 2];
-        let access = table(&[], &[port("wfa", mac, &["10.77.0.2"])], &[]);
+        let access = table(
+            &[],
+            &[port("wfa", mac, &["10.77.0.2"])],
+            &[],
+            &Policing::default(),
+        );
         let mut vm = port("wfv", [0x0a, 0x58, 10, 77, 0, 3], &["10.77.0.3"]);
         vm.vlans = vec![20, 100, 101];
-        let trunked = table(&[], &[port("wfa", mac, &["10.77.0.2"]), vm], &[]);
+        let trunked = table(
+            &[],
+            &[port("wfa", mac, &["10.77.0.2"]), vm],
+            &[],
+            &Policing::default(),
+        );
         assert_eq!(
             set_elements(&trunked, "trunks"),
             ["\"wfv\" . 100", "\"wfv\" . 101", "\"wfv\" . 20"]
@@ -600,12 +776,16 @@ mod tests {
             &[],
             &[port("wfa", [0x0a, 0x58, 10, 77, 0, 2], &["10.77.0.2"])],
             &[open("wfo", false)],
+            &Policing::default(),
         );
         assert_eq!(
             set_elements(&t, "hairpin"),
             ["\"wfa\" . \"wfa\"", "\"wfo\" . \"wfo\""]
         );
-        assert_eq!(structure_hash(&t), structure_hash(&table(&[], &[], &[])));
+        assert_eq!(
+            structure_hash(&t),
+            structure_hash(&table(&[], &[], &[], &Policing::default()))
+        );
         assert!(t.chains[1].rules.iter().any(|r| r == HAIRPIN_FLOOD_RULE));
     }
 
@@ -619,6 +799,7 @@ mod tests {
                 port(bad, [0x0a, 0x58, 10, 77, 0, 3], &["10.77.0.3"]),
             ],
             &[open(bad, true)],
+            &Policing::default(),
         );
         let text = render_table(&t);
         assert!(!text.contains("eth0"), "{text}");
@@ -639,7 +820,7 @@ mod tests {
 
     #[test]
     fn renders_one_prerouting_filter_chain() {
-        let text = render_table(&table(&[], &[], &[]));
+        let text = render_table(&table(&[], &[], &[], &Policing::default()));
         assert!(text.starts_with("table bridge weft {"), "{text}");
         assert!(
             text.contains("type filter hook prerouting priority filter; policy accept;"),

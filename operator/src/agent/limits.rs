@@ -52,37 +52,84 @@ pub fn of(res: &Resources, e: &Endpoint) -> (Limits, Option<String>) {
 /// at full speed before its limit applies: weft takes it as no burst given.
 pub const UNSET_RUNTIME_BURST_BITS: u64 = u32::MAX as u64;
 
-/// The shaping of every host port with a bandwidth limit, by port name.
+/// Endpoint `e`'s bandwidth limits, into and out of the workload, with their bursts: the
+/// runtime's burst for the runtime's rate; a default one for a lower rate, and for the
+/// runtimes' placeholder. And whether its egress limit is policed, not shaped.
+fn rates(res: &Resources, e: &Endpoint) -> (Option<Rate>, Option<Rate>, bool) {
+    let (limits, _) = of(res, e);
+    let rate = |bps: Option<u64>, asked: Option<Rate>| {
+        bps.map(|bits_per_second| Rate {
+            bits_per_second,
+            burst_bits: asked
+                .filter(|r| {
+                    r.bits_per_second == bits_per_second
+                        && r.burst_bits > 0
+                        && r.burst_bits != UNSET_RUNTIME_BURST_BITS
+                })
+                .map_or_else(|| default_burst_bits(bits_per_second), |r| r.burst_bits),
+        })
+    };
+    (
+        rate(limits.ingress_bps, e.bandwidth.and_then(|b| b.ingress)),
+        rate(limits.egress_bps, e.bandwidth.and_then(|b| b.egress)),
+        limits.egress_policed,
+    )
+}
+
+/// The shaping of every host port with a bandwidth limit, by port name (an egress limit its
+/// Network polices is not shaped: see [`policing`]).
 pub fn shaping<'a>(
     res: &Resources,
     endpoints: impl IntoIterator<Item = &'a Endpoint>,
 ) -> BTreeMap<String, Shaping> {
     let mut out = BTreeMap::new();
     for e in endpoints {
-        let (limits, _) = of(res, e);
-        // The runtime's burst for the runtime's rate; a default one for a lower rate, and for
-        // the runtimes' placeholder.
-        let rate = |bps: Option<u64>, asked: Option<Rate>| {
-            bps.map(|bits_per_second| Rate {
-                bits_per_second,
-                burst_bits: asked
-                    .filter(|r| {
-                        r.bits_per_second == bits_per_second
-                            && r.burst_bits > 0
-                            && r.burst_bits != UNSET_RUNTIME_BURST_BITS
-                    })
-                    .map_or_else(|| default_burst_bits(bits_per_second), |r| r.burst_bits),
-            })
-        };
+        let (ingress, egress, policed) = rates(res, e);
         let shaping = Shaping {
-            ingress: rate(limits.ingress_bps, e.bandwidth.and_then(|b| b.ingress)),
-            egress: rate(limits.egress_bps, e.bandwidth.and_then(|b| b.egress)),
+            ingress,
+            egress: egress.filter(|_| !policed),
         };
         if shaping != Shaping::default() {
             out.insert(e.host_ifname.clone(), shaping);
         }
     }
     out
+}
+
+/// The egress rate of every host port whose Network polices egress limits, by port name
+/// (the guard table's meters, `guard::Policing`).
+pub fn policing<'a>(
+    res: &Resources,
+    endpoints: impl IntoIterator<Item = &'a Endpoint>,
+) -> BTreeMap<String, Rate> {
+    endpoints
+        .into_iter()
+        .filter_map(|e| match rates(res, e) {
+            (_, Some(egress), true) => Some((e.host_ifname.clone(), egress)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The egress rates of the Networks that police them, with the default burst: their meters
+/// stay in the guard table while the Network does, so that its workloads coming and going
+/// change set elements only (see [`super::guard::Policing::standing`]).
+pub fn standing_police_rates(
+    res: &Resources,
+    realized: &dyn Fn(&str) -> bool,
+) -> std::collections::BTreeSet<Rate> {
+    res.networks
+        .iter()
+        .filter(|n| n.metadata.name.as_deref().is_some_and(realized))
+        .filter_map(|n| n.spec.limits.as_ref())
+        .filter_map(weft_crds::WorkloadLimits::limits)
+        .filter(|l| l.egress_policed)
+        .filter_map(|l| l.egress_bps)
+        .map(|bits_per_second| Rate {
+            bits_per_second,
+            burst_bits: default_burst_bits(bits_per_second),
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -27,7 +27,8 @@
 //!   segmentation policy's, counted by the kernel per workload address, and `in` also the
 //!   copies of broadcasts and multicasts it dropped at the workload's port), `guard`
 //!   (anti-spoofing's, per port) and `limit` (new connections over the workload's connection
-//!   limits or conntrack budget, per workload address); `workload_connections_total` the new
+//!   limits or conntrack budget, per workload address) and `bandwidth` (`out`: frames over its
+//!   egress limit, where its Network polices egress limits); `workload_connections_total` the new
 //!   connections it opened (`out`) and received (`in`); all only with `--workload-metrics` (one
 //!   series per workload interface and direction: the cardinality grows with the workloads);
 //! - `conntrack_entries` and `conntrack_limit`: the node's connection tracking table
@@ -252,6 +253,8 @@ struct RuleDrops {
     policy_in_copies: std::collections::HashMap<String, u64>,
     /// Host port → forged frames the guard dropped from it.
     guard: std::collections::HashMap<String, u64>,
+    /// Host port → frames over its policed egress limit.
+    police: std::collections::HashMap<String, u64>,
     /// Address → new connections from it its limits dropped.
     limit_out: std::collections::HashMap<String, u64>,
     /// Address → new connections to it its conntrack budget dropped.
@@ -291,6 +294,7 @@ impl RuleDrops {
         }
         out.policy_in_copies = read(Family::Inet, crate::policy::render::COPY_DROPS_SET);
         out.guard = read(Family::Bridge, super::guard::DROPS_SET);
+        out.police = read(Family::Bridge, super::guard::POLICE_DROPS_SET);
         let [lo, li] = super::firewall::LIMIT_DROP_SETS;
         for set in lo {
             out.limit_out.extend(read(Family::Inet, set));
@@ -315,7 +319,7 @@ impl RuleDrops {
     }
 
     /// `(reason, direction, packets)` of one workload interface.
-    fn of(&self, p: &WorkloadPort) -> [(&'static str, &'static str, u64); 5] {
+    fn of(&self, p: &WorkloadPort) -> [(&'static str, &'static str, u64); 6] {
         let sum = |m| sum_of_addresses(m, p);
         [
             (
@@ -338,6 +342,11 @@ impl RuleDrops {
             ),
             ("limit", "in", sum(&self.limit_in)),
             ("limit", "out", sum(&self.limit_out)),
+            (
+                "bandwidth",
+                "out",
+                self.police.get(&p.host_ifname).copied().unwrap_or(0),
+            ),
         ]
     }
 }
@@ -433,7 +442,7 @@ impl Collector for WorkloadTraffic {
         let rules = RuleDrops::read();
         let mut metric = encoder.encode_descriptor(
             "workload_drops",
-            "Packets dropped into and out of each workload interface, by reason: link (its host link dropped them), policy (the segmentation policy; in: the copies of broadcasts and multicasts it kept from the workload too), guard (anti-spoofing: forged addresses, MACs, ARP, neighbour discovery), limit (new connections over the workload's connection limits, counted per connection's first packet)",
+            "Packets dropped into and out of each workload interface, by reason: link (its host link dropped them), policy (the segmentation policy; in: the copies of broadcasts and multicasts it kept from the workload too), guard (anti-spoofing: forged addresses, MACs, ARP, neighbour discovery), limit (new connections over the workload's connection limits, counted per connection's first packet), bandwidth (out: frames over its egress limit where its Network polices it)",
             None,
             ConstCounter::new(0u64).metric_type(),
         )?;

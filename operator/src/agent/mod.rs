@@ -521,9 +521,8 @@ struct Reconciler {
     /// The workload addresses of this node when the plan was last applied: one that is gone
     /// has its per-address state purged from the kernel's dynamic sets.
     addresses: BTreeSet<IpAddr>,
-    /// The ids of this node's workload ports then ([`weft_dataplane::names::port_id`]), the
-    /// same way for the per-port counters.
-    ports: BTreeSet<u32>,
+    /// The names of this node's workload ports then, the same way for the per-port counters.
+    ports: BTreeSet<String>,
     /// The registrations the reconcile under way serves: answered as soon as their rules are
     /// in force ([`answer_applied`]), before the status and metrics are brought
     /// up to date; whatever is left here is answered after the reconcile.
@@ -588,12 +587,12 @@ impl Reconciler {
         let now: BTreeSet<IpAddr> = self.endpoints.iter().flat_map(plan::addresses_of).collect();
         let gone: Vec<IpAddr> = self.addresses.difference(&now).copied().collect();
         self.addresses = now;
-        let now_ports: BTreeSet<u32> = self
+        let now_ports: BTreeSet<String> = self
             .endpoints
             .iter()
-            .map(|e| weft_dataplane::names::port_id(&e.host_ifname))
+            .map(|e| e.host_ifname.clone())
             .collect();
-        let gone_ports: Vec<u32> = self.ports.difference(&now_ports).copied().collect();
+        let gone_ports: Vec<String> = self.ports.difference(&now_ports).cloned().collect();
         self.ports = now_ports;
         let Some(applied) = self
             .applied
@@ -602,7 +601,11 @@ impl Reconciler {
         else {
             return;
         };
-        let tx = firewall::purge_addresses(&applied.out.plan.firewall, &gone, &gone_ports);
+        let plan = &applied.out.plan;
+        let mut tx = firewall::purge_addresses(&plan.firewall, &gone, &gone_ports);
+        if let Some(guard) = &plan.guard {
+            tx.0.extend(firewall::purge_addresses(guard, &[], &gone_ports).0);
+        }
         if tx.is_empty() {
             return;
         }

@@ -420,7 +420,11 @@ pub fn plan(
             restore: true,
         });
     }
-    let guard = guard_table(&bridges, &states, endpoints);
+    let policing = super::guard::Policing {
+        ports: super::limits::policing(res, endpoints),
+        standing: super::limits::standing_police_rates(res, &|n| accepted.contains_key(n)),
+    };
+    let guard = guard_table(&bridges, &states, endpoints, &policing);
     let ports = port_plans(&bridges, &states, endpoints);
     PlanOutput {
         plan: NodePlan {
@@ -497,11 +501,13 @@ fn vlan_ids(up: &UplinkPlan) -> Vec<u16> {
 }
 
 /// The anti-spoofing table: every endpoint of a realized network is a port, guarded unless its
-/// network turned `security.antiSpoofing` off.
+/// network turned `security.antiSpoofing` off; with the meters of `policing` (the ports it
+/// names that are not among them have none).
 fn guard_table(
     bridges: &[BridgePlan],
     networks: &[NetworkState],
     endpoints: &[Endpoint],
+    policing: &super::guard::Policing,
 ) -> weft_dataplane::nft::Table {
     let names: Vec<String> = bridges.iter().map(|b| b.name.clone()).collect();
     let mut guarded = Vec::new();
@@ -527,7 +533,7 @@ fn guard_table(
             }),
         }
     }
-    super::guard::table(&names, &guarded, &open)
+    super::guard::table(&names, &guarded, &open, policing)
 }
 
 /// The VLANs of an endpoint's `vlanTrunk` that its network allows (none on a network whose
@@ -721,6 +727,9 @@ pub fn apply_endpoint_changes(
     }
     let host_ports = host_port_changes(out, res, removed, added)?;
     let limit_changes = limit_changes(out, res, removed, added)?;
+    if !police_changes_fit(out, res, removed, added) {
+        return None;
+    }
     let gone: Vec<_> = removed
         .iter()
         .map(|e| endpoint_member(res, None, e))
@@ -738,7 +747,11 @@ pub fn apply_endpoint_changes(
     let mut guard_maps: BTreeMap<String, (BTreeSet<String>, BTreeMap<String, String>)> =
         BTreeMap::new();
     for (eps, add) in [(removed, false), (added, true)] {
-        let part = guard_table(&out.plan.bridges, &out.plan.networks, eps);
+        let policing = super::guard::Policing {
+            ports: super::limits::policing(res, eps),
+            standing: BTreeSet::new(),
+        };
+        let part = guard_table(&out.plan.bridges, &out.plan.networks, eps, &policing);
         for set in part.sets.iter().filter(|s| s.name != "bridges") {
             let entry = changes.entry((true, set.name.clone())).or_default();
             let side = if add { &mut entry.1 } else { &mut entry.0 };
@@ -1080,6 +1093,45 @@ fn host_port_changes(
         }
     }
     Some(changes)
+}
+
+/// Whether the egress meters' classes can take an in-place endpoint change
+/// ([`apply_endpoint_changes`]) as element changes: every class a port joins is in the guard
+/// table already, and every class a port leaves keeps a port or is a Network's own (the full
+/// plan adds and drops the others).
+fn police_changes_fit(
+    out: &PlanOutput,
+    res: &Resources,
+    removed: &[Endpoint],
+    added: &[Endpoint],
+) -> bool {
+    let Some(guard) = out.plan.guard.as_ref() else {
+        return false;
+    };
+    let class_of = |rate: &weft_dataplane::proto::Rate| {
+        super::guard::police_class(rate).map(|c| super::guard::police_set(&c))
+    };
+    let mut left: BTreeMap<String, usize> = BTreeMap::new();
+    for (eps, add) in [(removed, false), (added, true)] {
+        for rate in super::limits::policing(res, eps).into_values() {
+            let Some(name) = class_of(&rate) else {
+                continue;
+            };
+            let Some(set) = guard.sets.iter().find(|s| s.name == name) else {
+                return false;
+            };
+            let n = left.entry(name).or_insert(set.elements.len());
+            *n = if add { *n + 1 } else { n.saturating_sub(1) };
+        }
+    }
+    let realized: BTreeSet<&str> = out.plan.networks.iter().map(|n| n.name.as_str()).collect();
+    let standing: BTreeSet<String> =
+        super::limits::standing_police_rates(res, &|n| realized.contains(n))
+            .iter()
+            .filter_map(class_of)
+            .collect();
+    left.iter()
+        .all(|(name, n)| *n > 0 || standing.contains(name))
 }
 
 /// A set's elements to delete and to add.

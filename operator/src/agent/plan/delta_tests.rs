@@ -17,7 +17,7 @@ spec: {mode: NAT, subnets: [10.10.0.0/16, "fd10::/64"], ipam: {nodeBlockPrefix: 
 apiVersion: weft.dev/v1alpha1
 kind: Network
 metadata: {name: red}
-spec: {mode: NAT, subnets: [10.20.0.0/16], ipam: {nodeBlockPrefix: 24}, security: {defaultAction: Deny}, limits: {conntrackEntries: 100, maxConnections: 10}}
+spec: {mode: NAT, subnets: [10.20.0.0/16], ipam: {nodeBlockPrefix: 24}, security: {defaultAction: Deny}, limits: {conntrackEntries: 100, maxConnections: 10, egressBandwidth: 10M, egressBandwidthMode: Police}}
 ---
 apiVersion: v1
 kind: Namespace
@@ -74,11 +74,15 @@ fn world() -> Resources {
     for i in 0..24 {
         let ns = NAMESPACES[i % 3];
         let app = APPS[i % 4];
-        // Some pods lower their limits (a limit class of their own, on either network).
-        let annotations = if i % 5 == 0 {
-            ", annotations: {weft.dev/new-connections-per-second: \"7\"}"
-        } else {
-            ""
+        // Some pods lower their limits (a limit class of their own, on either network; a
+        // police class of their own on red, which polices egress).
+        let annotations = match (i % 5, i % 7) {
+            (0, 0) => {
+                ", annotations: {weft.dev/new-connections-per-second: \"7\", kubernetes.io/egress-bandwidth: 5M}"
+            }
+            (0, _) => ", annotations: {weft.dev/new-connections-per-second: \"7\"}",
+            (_, 0) => ", annotations: {kubernetes.io/egress-bandwidth: 5M}",
+            _ => "",
         };
         let pod = format!(
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}, namespace: {ns}, labels: {{app: {app}}}{annotations}}}\n"
@@ -428,6 +432,53 @@ fn a_networks_own_limit_class_stays_so_its_first_and_last_workload_change_elemen
     assert!(tx.as_ref().is_some_and(only_elements), "{tx:?}");
     assert_eq!(members(&out), Some(0));
     assert_eq!(out.plan, plan(&node(), &res, &blocks(), &[]).plan);
+}
+
+#[test]
+fn a_networks_own_police_class_stays_so_its_first_and_last_workload_change_elements_only() {
+    let res = world();
+    let mut out = plan(&node(), &res, &blocks(), &[]);
+    let rate = weft_dataplane::proto::Rate {
+        bits_per_second: 10_000_000,
+        burst_bits: super::super::limits::default_burst_bits(10_000_000),
+    };
+    let class = super::super::guard::police_set(&super::super::guard::police_class(&rate).unwrap());
+    let members = |out: &PlanOutput| -> Option<usize> {
+        out.plan
+            .guard
+            .as_ref()?
+            .sets
+            .iter()
+            .find(|s| s.name == class)
+            .map(|s| s.elements.len())
+    };
+    // Red's class is in the guard table before any workload and after the last one.
+    assert_eq!(members(&out), Some(0));
+    let red = endpoint(4, 1, 0, false);
+    assert_eq!(red.network, "red");
+    let only_elements = |tx: &weft_dataplane::nft::Transaction| {
+        !tx.is_empty()
+            && tx
+                .0
+                .iter()
+                .all(|c| !matches!(c, weft_dataplane::nft::Change::ReplaceTable(_)))
+    };
+    let tx = apply_endpoint_changes(&mut out, &res, &[], std::slice::from_ref(&red));
+    assert!(tx.as_ref().is_some_and(only_elements), "{tx:?}");
+    assert_eq!(members(&out), Some(1));
+    // Its egress is policed, not shaped.
+    let limits = super::super::limits::shaping(&res, std::slice::from_ref(&red));
+    assert!(limits.values().all(|s| s.egress.is_none()), "{limits:?}");
+    let tx = apply_endpoint_changes(&mut out, &res, std::slice::from_ref(&red), &[]);
+    assert!(tx.as_ref().is_some_and(only_elements), "{tx:?}");
+    assert_eq!(members(&out), Some(0));
+    assert_eq!(out.plan, plan(&node(), &res, &blocks(), &[]).plan);
+    // A pod's lower rate is a class of its own: its first workload takes the full plan.
+    let own = (0..24)
+        .map(|slot| endpoint(slot, 7, 0, false))
+        .find(|e| e.network == "red")
+        .unwrap();
+    assert!(apply_endpoint_changes(&mut out, &res, &[], std::slice::from_ref(&own)).is_none());
 }
 
 /// Workload `slot` of another node, version `v` (another version: other labels, and for some
