@@ -86,14 +86,15 @@ VERIFY=()
 if [ -n "${WEFT_BENCH_TAP:-}" ]; then VERIFY=(--no-verify); fi
 # WEFT_BENCH_LIMITS: were the limits in force? Every 0.2 s until each was seen (then it stops,
 # to cost the measured runs nothing more): pod addresses in the limit class sets (`lim_*`),
-# with an egress bandwidth limit shaping links (ifb) in use, with an ingress one `tbf`s at the
-# root of pods' host ports; the most of each is printed at the end.
+# with an egress bandwidth limit shaping links (ifb) in use (with `egressBandwidthMode: Police`
+# instead: host ports in the guard table's meter classes, `bw_*`), with an ingress one `tbf`s at
+# the root of pods' host ports; the most of each is printed at the end.
 SAMPLER=""
 if [ -n "${WEFT_BENCH_LIMITS:-}" ]; then
-  echo "0 0 0" > "$TMP/limits-seen"
+  echo "0 0 0 0" > "$TMP/limits-seen"
   (
     set +e +o pipefail
-    me=0; mi=0; mt=0
+    me=0; mi=0; mt=0; mp=0
     while [ -d "$TMP" ] && sleep 0.2; do
       e=0
       for s in $(ip netns exec "$NODE_NS" nft list sets inet 2>/dev/null | sed -nE 's/^\s*set (lim_[a-z0-9_]+) \{.*/\1/p'); do
@@ -101,14 +102,20 @@ if [ -n "${WEFT_BENCH_LIMITS:-}" ]; then
       done
       i=$(ip -n "$NODE_NS" -o link show type ifb 2>/dev/null | grep -c 'alias weft:shape:')
       t=$(tc -n "$NODE_NS" qdisc show 2>/dev/null | grep -cE '^qdisc tbf [0-9a-f]+: dev wf[0-9a-f]+ root')
+      p=0
+      for s in $(ip netns exec "$NODE_NS" nft list sets bridge 2>/dev/null | sed -nE 's/^\s*set (bw_[0-9_]+) \{.*/\1/p'); do
+        p=$((p + $(ip netns exec "$NODE_NS" nft list set bridge weft "$s" 2>/dev/null | grep -oE '"wf[0-9a-f]+"' | wc -l)))
+      done
       [ "$e" -gt "$me" ] && me=$e
       [ "$i" -gt "$mi" ] && mi=$i
       [ "$t" -gt "$mt" ] && mt=$t
-      echo "$me $mi $mt" > "$TMP/limits-seen"
+      [ "$p" -gt "$mp" ] && mp=$p
+      echo "$me $mi $mt $mp" > "$TMP/limits-seen"
       # Set elements only with a connection limit, shaping links only with an egress bandwidth
       # limit, port tbfs only with an ingress one.
       if { [ "$me" -gt 0 ] || [[ "$WEFT_BENCH_LIMITS" != *onn* ]]; } &&
-         { [ "$mi" -gt 0 ] || [[ "$WEFT_BENCH_LIMITS" != *egressBandwidth* ]]; } &&
+         { [ "$mi" -gt 0 ] || [[ "$WEFT_BENCH_LIMITS" != *egressBandwidth* ]] || [[ "$WEFT_BENCH_LIMITS" == *Police* ]]; } &&
+         { [ "$mp" -gt 0 ] || [[ "$WEFT_BENCH_LIMITS" != *Police* ]]; } &&
          { [ "$mt" -gt 0 ] || [[ "$WEFT_BENCH_LIMITS" != *ingressBandwidth* ]]; }; then break; fi
     done
   ) &
@@ -122,12 +129,13 @@ WEFT_STATE_DIR="$TMP/state" WEFT_AGENT_SOCKET="$TMP/agent.sock" \
   --ipam-dir "$TMP/ipam" --cni-path "$TMP/bin" "${VERIFY[@]}" "$@" "$TMP/bench.conflist" || RC=$?
 if [ -n "$SAMPLER" ]; then
   kill "$SAMPLER" 2>/dev/null || true; wait "$SAMPLER" 2>/dev/null || true
-  read -r me mi mt < "$TMP/limits-seen"
-  echo "limits ($WEFT_BENCH_LIMITS): in force: up to $me pod addresses in the limit class sets, $mi shaping links (ifb) in use and $mt host ports with a tbf seen (0: never)"
+  read -r me mi mt mp < "$TMP/limits-seen"
+  echo "limits ($WEFT_BENCH_LIMITS): in force: up to $me pod addresses in the limit class sets, $mi shaping links (ifb) in use, $mt host ports with a tbf and $mp host ports in egress meter classes seen (0: never)"
   # Every pod's port, not only the first: how many ports the agent shaped while their pod
   # was there (a port whose pod went before its shaping was never shaped), against the ADDs.
   if [[ "$WEFT_BENCH_LIMITS" == *Bandwidth* ]]; then
-    SHAPED=$(grep 'bandwidth shaping changed' "$TMP/agent.log" | grep 'Some(' | grep -o 'port=[^ ]*' | sort -u | wc -l)
+    # (None with every egress limit policed and no ingress limit: nothing shaped.)
+    SHAPED=$({ grep 'bandwidth shaping changed' "$TMP/agent.log" || true; } | { grep 'Some(' || true; } | { grep -o 'port=[^ ]*' || true; } | sort -u | wc -l)
   fi
 fi
 # Where the time went on the agent's side: its reconciles (nearly all of them registrations

@@ -21,13 +21,16 @@
 //!   attachment's `vlanTrunk`, on a network with `spec.bridge.vlanFiltering`), one element per
 //!   VLAN (`"wfa" . 20`);
 //! - `hairpin` (`ifname . ifname`): each port paired with itself (`"wfa" . "wfa"`), guarded and
-//!   open alike.
+//!   open alike;
+//! - `bw_<bytes per second>_<burst bytes>` (`ifname`): the ports of one egress meter class, and
+//!   `bwm_…` its meter (see [`Policing`]).
 //!
 //! One base chain, `prerouting` (`type filter hook prerouting priority filter`, -200 in the
 //! bridge family, before br_netfilter's hooks at 0), sees every frame a bridge port receives,
 //! in this order:
 //! 1. frames of ports that are not weft's pass untouched;
-//! 2. ports in `open` pass unchecked;
+//! 2. a port in a meter class: a frame over its egress rate is counted and dropped
+//!    ([`POLICE_DROP_CHAIN`]); then ports in `open` pass unchecked;
 //! 3. a weft port in neither `ports` nor `open` (not registered yet) is dropped: fail closed;
 //! 4. guarded ports: an 802.1Q tagged frame passes only on a trunk port, for one of that port's
 //!    `trunks` VLANs, from the port's own MAC (a tagged frame of the network's own VLAN, or

@@ -2,7 +2,9 @@
 //! its pod's annotations (see [`weft_crds::limits`]) and by the bandwidth the runtime asked
 //! for (the CNI `bandwidth` capability). The connection limits become elements of the
 //! firewall's limit classes (`firewall::limits`), the bandwidth a token bucket on the host port
-//! (the mirror task keeps the port's tc, `mirror::MirrorPlan::shaping`).
+//! (the mirror task keeps the port's tc, `mirror::MirrorPlan::shaping`), or, for the egress
+//! limits of a Network with `egressBandwidthMode: Police`, a meter in the guard table
+//! (`guard::Policing`).
 
 use crate::model::Resources;
 use std::collections::BTreeMap;
