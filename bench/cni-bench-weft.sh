@@ -88,35 +88,45 @@ if [ -n "${WEFT_BENCH_TAP:-}" ]; then VERIFY=(--no-verify); fi
 # to cost the measured runs nothing more): pod addresses in the limit class sets (`lim_*`),
 # with an egress bandwidth limit shaping links (ifb) in use (with `egressBandwidthMode: Police`
 # instead: host ports in the guard table's meter classes, `bw_*`), with an ingress one `tbf`s at
-# the root of pods' host ports; the most of each is printed at the end.
+# the root of pods' host ports; what each was when first seen is printed at the end.
 SAMPLER=""
 if [ -n "${WEFT_BENCH_LIMITS:-}" ]; then
   echo "0 0 0 0" > "$TMP/limits-seen"
+  # What to look for: set elements only with a connection limit, shaping links only with an
+  # egress bandwidth limit shaped, meter classes only with one policed, port tbfs only with an
+  # ingress one. Each is looked for only until seen, so that the sampler's processes (which
+  # share the two CPUs with the ADDs of the run's start) cost no variant more than it needs.
+  want_e=0; want_i=0; want_t=0; want_p=0
+  [[ "$WEFT_BENCH_LIMITS" == *onn* ]] && want_e=1
+  if [[ "$WEFT_BENCH_LIMITS" == *egressBandwidth* ]]; then
+    if [[ "$WEFT_BENCH_LIMITS" == *Police* ]]; then want_p=1; else want_i=1; fi
+  fi
+  [[ "$WEFT_BENCH_LIMITS" == *ingressBandwidth* ]] && want_t=1
   (
     set +e +o pipefail
     me=0; mi=0; mt=0; mp=0
     while [ -d "$TMP" ] && sleep 0.2; do
-      e=0
-      for s in $(ip netns exec "$NODE_NS" nft list sets inet 2>/dev/null | sed -nE 's/^\s*set (lim_[a-z0-9_]+) \{.*/\1/p'); do
-        e=$((e + $(ip netns exec "$NODE_NS" nft list set inet weft "$s" 2>/dev/null | grep -oE '10\.89\.[0-9]+\.[0-9]+' | wc -l)))
-      done
-      i=$(ip -n "$NODE_NS" -o link show type ifb 2>/dev/null | grep -c 'alias weft:shape:')
-      t=$(tc -n "$NODE_NS" qdisc show 2>/dev/null | grep -cE '^qdisc tbf [0-9a-f]+: dev wf[0-9a-f]+ root')
-      p=0
-      for s in $(ip netns exec "$NODE_NS" nft list sets bridge 2>/dev/null | sed -nE 's/^\s*set (bw_[0-9_]+) \{.*/\1/p'); do
-        p=$((p + $(ip netns exec "$NODE_NS" nft list set bridge weft "$s" 2>/dev/null | grep -oE '"wf[0-9a-f]+"' | wc -l)))
-      done
-      [ "$e" -gt "$me" ] && me=$e
-      [ "$i" -gt "$mi" ] && mi=$i
-      [ "$t" -gt "$mt" ] && mt=$t
-      [ "$p" -gt "$mp" ] && mp=$p
+      if [ "$want_e" = 1 ] && [ "$me" = 0 ]; then
+        for s in $(ip netns exec "$NODE_NS" nft list sets inet 2>/dev/null | sed -nE 's/^\s*set (lim_[a-z0-9_]+) \{.*/\1/p'); do
+          me=$((me + $(ip netns exec "$NODE_NS" nft list set inet weft "$s" 2>/dev/null | grep -oE '10\.89\.[0-9]+\.[0-9]+' | wc -l)))
+        done
+      fi
+      if [ "$want_i" = 1 ] && [ "$mi" = 0 ]; then
+        mi=$(ip -n "$NODE_NS" -o link show type ifb 2>/dev/null | grep -c 'alias weft:shape:')
+      fi
+      if [ "$want_t" = 1 ] && [ "$mt" = 0 ]; then
+        mt=$(tc -n "$NODE_NS" qdisc show 2>/dev/null | grep -cE '^qdisc tbf [0-9a-f]+: dev wf[0-9a-f]+ root')
+      fi
+      if [ "$want_p" = 1 ] && [ "$mp" = 0 ]; then
+        for s in $(ip netns exec "$NODE_NS" nft list sets bridge 2>/dev/null | sed -nE 's/^\s*set (bw_[0-9_]+) \{.*/\1/p'); do
+          mp=$((mp + $(ip netns exec "$NODE_NS" nft list set bridge weft "$s" 2>/dev/null | grep -oE '"wf[0-9a-f]+"' | wc -l)))
+        done
+      fi
       echo "$me $mi $mt $mp" > "$TMP/limits-seen"
-      # Set elements only with a connection limit, shaping links only with an egress bandwidth
-      # limit, port tbfs only with an ingress one.
-      if { [ "$me" -gt 0 ] || [[ "$WEFT_BENCH_LIMITS" != *onn* ]]; } &&
-         { [ "$mi" -gt 0 ] || [[ "$WEFT_BENCH_LIMITS" != *egressBandwidth* ]] || [[ "$WEFT_BENCH_LIMITS" == *Police* ]]; } &&
-         { [ "$mp" -gt 0 ] || [[ "$WEFT_BENCH_LIMITS" != *Police* ]]; } &&
-         { [ "$mt" -gt 0 ] || [[ "$WEFT_BENCH_LIMITS" != *ingressBandwidth* ]]; }; then break; fi
+      if { [ "$want_e" = 0 ] || [ "$me" -gt 0 ]; } && { [ "$want_i" = 0 ] || [ "$mi" -gt 0 ]; } &&
+         { [ "$want_t" = 0 ] || [ "$mt" -gt 0 ]; } && { [ "$want_p" = 0 ] || [ "$mp" -gt 0 ]; }; then
+        break
+      fi
     done
   ) &
   SAMPLER=$!
@@ -130,7 +140,7 @@ WEFT_STATE_DIR="$TMP/state" WEFT_AGENT_SOCKET="$TMP/agent.sock" \
 if [ -n "$SAMPLER" ]; then
   kill "$SAMPLER" 2>/dev/null || true; wait "$SAMPLER" 2>/dev/null || true
   read -r me mi mt mp < "$TMP/limits-seen"
-  echo "limits ($WEFT_BENCH_LIMITS): in force: up to $me pod addresses in the limit class sets, $mi shaping links (ifb) in use, $mt host ports with a tbf and $mp host ports in egress meter classes seen (0: never)"
+  echo "limits ($WEFT_BENCH_LIMITS): in force: $me pod addresses in the limit class sets, $mi shaping links (ifb) in use, $mt host ports with a tbf and $mp host ports in egress meter classes when first seen (0: never, or not looked for)"
   # Every pod's port, not only the first: how many ports the agent shaped while their pod
   # was there (a port whose pod went before its shaping was never shaped), against the ADDs.
   if [[ "$WEFT_BENCH_LIMITS" == *Bandwidth* ]]; then

@@ -318,9 +318,11 @@ impl RuleDrops {
         [("in", sum(&self.conns_in)), ("out", sum(&self.conns_out))]
     }
 
-    /// `(reason, direction, packets)` of one workload interface.
-    fn of(&self, p: &WorkloadPort) -> [(&'static str, &'static str, u64); 6] {
+    /// `(reason, direction, packets)` of one workload interface; `bandwidth` only where its
+    /// egress limit is policed (a port without a meter has no such drops).
+    fn of(&self, p: &WorkloadPort) -> Vec<(&'static str, &'static str, u64)> {
         let sum = |m| sum_of_addresses(m, p);
+        let policed = p.limits.egress_policed && p.limits.egress_bps.is_some();
         [
             (
                 "policy",
@@ -348,6 +350,9 @@ impl RuleDrops {
                 self.police.get(&p.host_ifname).copied().unwrap_or(0),
             ),
         ]
+        .into_iter()
+        .filter(|(reason, _, _)| *reason != "bandwidth" || policed)
+        .collect()
     }
 }
 
@@ -551,6 +556,39 @@ impl Collector for Conntrack {
 mod tests {
     use super::*;
     use crate::controller::metrics::render;
+
+    #[test]
+    fn a_policed_port_s_meter_drops_are_its_bandwidth_drops_and_others_have_none() {
+        let port = |name: &str, policed: bool| WorkloadPort {
+            host_ifname: name.into(),
+            namespace: "prod".into(),
+            pod: name.into(),
+            network: "nat".into(),
+            interface: "eth0".into(),
+            ips: vec![],
+            limits: weft_crds::Limits {
+                egress_bps: Some(1_000_000),
+                egress_policed: policed,
+                ..Default::default()
+            },
+        };
+        let drops = RuleDrops {
+            police: [("wfa".to_string(), 7), ("wfb".to_string(), 9)].into(),
+            ..Default::default()
+        };
+        let bandwidth = |p: &WorkloadPort| -> Vec<(&str, u64)> {
+            drops
+                .of(p)
+                .into_iter()
+                .filter(|(reason, _, _)| *reason == "bandwidth")
+                .map(|(_, direction, n)| (direction, n))
+                .collect()
+        };
+        assert_eq!(bandwidth(&port("wfa", true)), [("out", 7)]);
+        // Shaped: its drops are the shaper's, and no series of a meter it does not have.
+        assert_eq!(bandwidth(&port("wfb", false)), []);
+        assert_eq!(bandwidth(&port("wfc", true)), [("out", 0)]);
+    }
 
     #[test]
     fn metrics_render_with_their_names_and_labels() {
