@@ -1480,6 +1480,15 @@ resources:
       subject: {podSelector: {matchLabels: {role: guarded}}}
       ingress:
         - {name: talker, action: Allow, from: [{pods: {podSelector: {matchLabels: {role: talker}}}}], protocols: [{protocol: UDP, port: 5355}, {protocol: TCP, port: 80}]}
+  - apiVersion: weft.dev/v1alpha1
+    kind: ClusterSegmentationPolicy
+    metadata: {name: no-stranger-chatter}
+    spec:
+      tier: Admin
+      priority: 10
+      subject: {pods: {podSelector: {matchLabels: {role: guarded}}}}
+      ingress:
+        - {name: no-llmnr, action: Deny, from: [{pods: {podSelector: {matchLabels: {role: stranger}}}}], protocols: [{protocol: UDP, port: 5355}], log: true}
 workloads:
   - {name: talker, node: node-a, labels: {role: talker}, networks: [flat]}
   - {name: stranger, node: node-a, labels: {role: stranger}, networks: [flat]}
@@ -1494,7 +1503,8 @@ expect:
 /// Broadcasts and multicasts meet each receiver's ingress policy, not only the sender's
 /// egress: the bridge floods a copy to every port, and each copy is judged as its receiver's
 /// ingress. `guarded` takes UDP 5355 from `talker` only: it gets talker's broadcasts and
-/// multicasts, never stranger's, which `open` (no policy) still gets.
+/// multicasts, never stranger's, which `open` (no policy) still gets; an Admin rule with `log`
+/// denies stranger's to it, and its audit records name `guarded` as each copy's receiver.
 #[test]
 fn broadcasts_and_multicasts_meet_each_receiver_s_ingress_policy() {
     use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
@@ -1581,6 +1591,36 @@ fn broadcasts_and_multicasts_meet_each_receiver_s_ingress_policy() {
         assert!(
             counted.len() == 1 && counted[0] >= 10,
             "copies dropped per port: {json}"
+        );
+        // The logging rule's records name the receiver of each copy it denied: its
+        // destination is the broadcast or the group, its receiver the workload.
+        let audit = format!("/run/weft-lab/{name}/node-a/audit.jsonl");
+        let records = || -> Vec<serde_json::Value> {
+            std::fs::read_to_string(&audit)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .filter(|v: &serde_json::Value| v["rule"] == "no-llmnr")
+                .collect()
+        };
+        let mut seen = records();
+        for _ in 0..20 {
+            if seen.len() >= 10 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            seen = records();
+        }
+        for dst in ["255.255.255.255", "224.0.0.251"] {
+            assert!(
+                seen.iter()
+                    .any(|v| v["dst"] == dst && v["dstWorkload"] == "default/guarded"),
+                "no record of a copy to {dst} naming its receiver: {seen:?}"
+            );
+        }
+        assert!(
+            seen.iter().all(|v| v["dstWorkload"] == "default/guarded"),
+            "{seen:?}"
         );
     });
 }

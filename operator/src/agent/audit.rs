@@ -315,6 +315,9 @@ pub struct Reader {
     /// Times the socket overran (`ENOBUFS`): the kernel dropped messages the reader had no
     /// room for, records and announcements lost.
     pub overruns: prometheus_client::metrics::counter::Counter,
+    /// The workload (`namespace/name`) whose host port has this index, if any: a logged copy
+    /// of a broadcast or multicast names its receiver by the bridge port it was leaving by.
+    pub receiver: Box<dyn Fn(u32) -> Option<String> + Send>,
 }
 
 impl Reader {
@@ -418,9 +421,22 @@ impl Reader {
         };
         let time = jiff::Timestamp::now().to_string();
         let current = self.compiled.lock().map(|c| Arc::clone(&c)).ok();
-        let Some(rec) = current.and_then(|c| record(&c, &self.node, time, &prefix, payload)) else {
+        let Some(mut rec) = current.and_then(|c| record(&c, &self.node, time, &prefix, payload))
+        else {
             return;
         };
+        // A destination that names no workload (a copy of a broadcast or multicast, judged as
+        // the ingress of the workload whose bridge port it was leaving by): the workload of
+        // that port (br_netfilter's physical output device) is the receiver.
+        if rec.dst_workload.is_none() {
+            rec.dst_workload = nlas
+                .iter()
+                .find_map(|n| match n {
+                    PacketNla::IfIndexPhysOutDev(i) => Some(*i),
+                    _ => None,
+                })
+                .and_then(|port| (self.receiver)(port));
+        }
         if let Ok(mut c) = self.counters.lock() {
             *c.entry(rec.verdict.clone()).or_default() += 1;
         }
@@ -541,6 +557,7 @@ mod tests {
                 move |port| activated.lock().unwrap().push(port)
             }),
             overruns: Default::default(),
+            receiver: Box::new(|port| (port == 7).then(|| "default/guarded".to_string())),
         };
         let (counters, overruns) = (Arc::clone(&reader.counters), reader.overruns.clone());
         // A burst overran the socket, then a record; a read that failed otherwise, then an
@@ -562,6 +579,44 @@ mod tests {
         assert_eq!(counters.lock().unwrap().get("deny"), Some(&2));
         assert_eq!(*activated.lock().unwrap(), [7]);
         assert_eq!(overruns.get(), 2);
+    }
+
+    #[test]
+    fn a_logged_copy_names_the_workload_of_the_port_it_was_leaving_by() {
+        // A UDP broadcast from 10.0.0.9 to port 5355 (checksums are not read).
+        let mut broadcast = vec![
+            0x45, 0, 0, 29, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 9, 255, 255, 255, 255,
+        ];
+        broadcast.extend([0x30, 0x39, 0x14, 0xeb, 0, 9, 0, 0, b'x']);
+        let copy = |port: u32| {
+            logged(vec![
+                PacketNla::Prefix(std::ffi::CString::new("weft default-in deny ").unwrap()),
+                PacketNla::IfIndexPhysOutDev(port),
+                PacketNla::Payload(broadcast.clone()),
+            ])
+        };
+        let lines = Lines::default();
+        let reader = Reader {
+            node: "node-a".into(),
+            compiled: SharedPolicy::default(),
+            out: Arc::new(Mutex::new(Box::new(lines.clone()))),
+            counters: Counters::default(),
+            on_activate: Box::new(|_| {}),
+            overruns: Default::default(),
+            receiver: Box::new(|port| (port == 7).then(|| "default/guarded".to_string())),
+        };
+        // The copy out of workload port 7, then one out of a port that is no workload's.
+        reader.run(Script([Ok(copy(7)), Ok(copy(8))].into()));
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        let records: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(records.len(), 2, "{text}");
+        assert_eq!(records[0]["dst"], "255.255.255.255");
+        assert_eq!(records[0]["dstWorkload"], "default/guarded");
+        assert_eq!(records[0]["port"], 5355);
+        assert!(records[1].get("dstWorkload").is_none(), "{text}");
     }
 
     #[test]

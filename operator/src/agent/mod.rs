@@ -1282,6 +1282,7 @@ pub async fn run(
             rec.audit.clone(),
             rec.metrics.audit_overruns(),
             tx.clone(),
+            rec.workload_ports.clone(),
         );
         let detector = anomaly::Detector {
             node: cfg.node.name.clone(),
@@ -1428,6 +1429,7 @@ fn start_audit(
     counters: audit::Counters,
     overruns: prometheus_client::metrics::counter::Counter,
     queue: mpsc::Sender<Message>,
+    ports: metrics::WorkloadPorts,
 ) {
     match audit::bind() {
         Ok(socket) => {
@@ -1444,6 +1446,17 @@ fn start_audit(
                 };
                 let _ = queue.blocking_send(Message { request, reply });
             });
+            // A logged copy's receiver: the workload of the port it was leaving by.
+            let receiver = Box::new(move |index: u32| {
+                let link = Netlink::new()
+                    .and_then(|mut nl| nl.link_by_index(index))
+                    .ok()??;
+                let ports = ports.lock().ok()?;
+                ports
+                    .iter()
+                    .find(|p| p.host_ifname == link.name)
+                    .map(|p| format!("{}/{}", p.namespace, p.pod))
+            });
             let reader = audit::Reader {
                 node,
                 compiled: policy,
@@ -1451,6 +1464,7 @@ fn start_audit(
                 counters,
                 on_activate,
                 overruns,
+                receiver,
             };
             std::thread::spawn(move || reader.run(socket));
         }
