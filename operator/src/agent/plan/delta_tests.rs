@@ -397,8 +397,6 @@ fn host_ports_change_in_place_but_a_second_claim_or_the_last_one_takes_the_full_
 
 #[test]
 fn a_networks_own_limit_class_stays_so_its_first_and_last_workload_change_elements_only() {
-    let res = world();
-    let mut out = plan(&node(), &res, &blocks(), &[]);
     let class = firewall::limit_class_set(
         &weft_crds::ConnectionLimits {
             new_per_second: None,
@@ -407,17 +405,24 @@ fn a_networks_own_limit_class_stays_so_its_first_and_last_workload_change_elemen
         },
         false,
     );
-    let members = |out: &PlanOutput| -> Option<usize> {
+    standing_class_takes_elements_only(&|out: &PlanOutput| {
         out.plan
             .firewall
             .sets
             .iter()
             .find(|s| s.name == class)
             .map(|s| s.elements.len())
-    };
-    // Red's class is in the table before any workload and after the last one.
+    });
+}
+
+/// A class of red's own limits (its members counted by `members`) is in the tables before any
+/// workload and after the last one, and red's first and last workload change its elements only.
+fn standing_class_takes_elements_only(members: &dyn Fn(&PlanOutput) -> Option<usize>) {
+    let res = world();
+    let mut out = plan(&node(), &res, &blocks(), &[]);
     assert_eq!(members(&out), Some(0));
     let red = endpoint(4, 1, 0, false);
+    assert_eq!(red.network, "red");
     let only_elements = |tx: &weft_dataplane::nft::Transaction| {
         !tx.is_empty()
             && tx
@@ -436,14 +441,12 @@ fn a_networks_own_limit_class_stays_so_its_first_and_last_workload_change_elemen
 
 #[test]
 fn a_networks_own_police_class_stays_so_its_first_and_last_workload_change_elements_only() {
-    let res = world();
-    let mut out = plan(&node(), &res, &blocks(), &[]);
     let rate = weft_dataplane::proto::Rate {
         bits_per_second: 10_000_000,
         burst_bits: super::super::limits::default_burst_bits(10_000_000),
     };
     let class = super::super::guard::police_set(&super::super::guard::police_class(&rate).unwrap());
-    let members = |out: &PlanOutput| -> Option<usize> {
+    standing_class_takes_elements_only(&|out: &PlanOutput| {
         out.plan
             .guard
             .as_ref()?
@@ -451,33 +454,15 @@ fn a_networks_own_police_class_stays_so_its_first_and_last_workload_change_eleme
             .iter()
             .find(|s| s.name == class)
             .map(|s| s.elements.len())
-    };
-    // Red's class is in the guard table before any workload and after the last one.
-    assert_eq!(members(&out), Some(0));
+    });
+    // Red's egress is policed, not shaped.
+    let res = world();
     let red = endpoint(4, 1, 0, false);
-    assert_eq!(red.network, "red");
-    let only_elements = |tx: &weft_dataplane::nft::Transaction| {
-        !tx.is_empty()
-            && tx
-                .0
-                .iter()
-                .all(|c| !matches!(c, weft_dataplane::nft::Change::ReplaceTable(_)))
-    };
-    let tx = apply_endpoint_changes(&mut out, &res, &[], std::slice::from_ref(&red));
-    assert!(tx.as_ref().is_some_and(only_elements), "{tx:?}");
-    assert_eq!(members(&out), Some(1));
-    // Its egress is policed, not shaped.
     let limits = super::super::limits::shaping(&res, std::slice::from_ref(&red));
     assert!(limits.values().all(|s| s.egress.is_none()), "{limits:?}");
-    let tx = apply_endpoint_changes(&mut out, &res, std::slice::from_ref(&red), &[]);
-    assert!(tx.as_ref().is_some_and(only_elements), "{tx:?}");
-    assert_eq!(members(&out), Some(0));
-    assert_eq!(out.plan, plan(&node(), &res, &blocks(), &[]).plan);
     // A pod's lower rate is a class of its own: its first workload takes the full plan.
-    let own = (0..24)
-        .map(|slot| endpoint(slot, 7, 0, false))
-        .find(|e| e.network == "red")
-        .unwrap();
+    let mut out = plan(&node(), &res, &blocks(), &[]);
+    let own = endpoint(4, 7, 0, false);
     assert!(apply_endpoint_changes(&mut out, &res, &[], std::slice::from_ref(&own)).is_none());
 }
 
