@@ -1500,6 +1500,102 @@ expect:
   - {from: stranger, to: open, port: 80, result: allow}
 "#;
 
+const LAN_COPIES: &str = r#"
+lan:
+  gateway: 192.168.58.1/24
+nodes:
+  - {name: node-a, address: 192.168.58.11/24}
+resources:
+  - apiVersion: weft.dev/v1alpha1
+    kind: Network
+    metadata: {name: lan}
+    spec:
+      mode: Bridge
+      subnets: [192.168.58.0/24]
+      gateway: [192.168.58.1]
+      ipam: {nodeBlockPrefix: 27, exclude: [192.168.58.0/26]}
+      bridge: {uplink: eth0}
+  - apiVersion: weft.dev/v1alpha1
+    kind: SegmentationPolicy
+    metadata: {name: web-only, namespace: default}
+    spec:
+      subject: {podSelector: {matchLabels: {role: isolated}}}
+      ingress:
+        - {name: web, action: Allow, protocols: [{protocol: TCP, port: 80}]}
+workloads:
+  - {name: isolated, node: node-a, labels: {role: isolated}, networks: [lan], listen: [80/tcp]}
+  - {name: open, node: node-a, labels: {role: open}, networks: [lan], listen: [80/tcp]}
+expect:
+  - {from: outside, to: isolated, port: 80, result: allow}
+  - {from: outside, to: open, port: 80, result: allow}
+"#;
+
+/// A DHCPv4 server's broadcast on the LAN (UDP 67 to 68) reaches a workload isolated for
+/// ingress, as DHCPv6 does: the link's own business. Another broadcast from the LAN meets its
+/// ingress policy and stops at its port; a workload without a policy gets both.
+#[test]
+fn a_dhcp_server_s_broadcast_reaches_an_isolated_workload_and_other_broadcasts_do_not() {
+    use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+    use std::time::Duration;
+    use weft_dataplane::netns::{Netns, named_path, run_in};
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "lan-copies.yaml", LAN_COPIES);
+    let lab = format!("dh-{}", std::process::id() % 10000);
+    let name = lab.clone();
+    with_kept_lab(&lab, &file, &[], move || {
+        let ns = |n: &str| Netns::open(named_path(&format!("wl-{name}-{n}"))).unwrap();
+        let listen = |w: &str, port: u16| {
+            run_in(&ns(&format!("w-{w}")), || {
+                let s = UdpSocket::bind(("0.0.0.0", port)).unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(300)))
+                    .unwrap();
+                s
+            })
+            .unwrap()
+        };
+        let got = |s: &UdpSocket| {
+            let mut buf = [0u8; 64];
+            let mut n = 0;
+            while s.recv_from(&mut buf).is_ok() {
+                n += 1;
+            }
+            n
+        };
+        let sockets = [
+            (listen("isolated", 68), listen("isolated", 5355)),
+            (listen("open", 68), listen("open", 5355)),
+        ];
+        // The LAN's router sends an offer-like broadcast from the DHCP server port, and an
+        // LLMNR-like one.
+        run_in(&ns("lan-0"), || {
+            for (from, to) in [(67, 68), (40000, 5355)] {
+                let s = UdpSocket::bind(("0.0.0.0", from)).unwrap();
+                s.set_broadcast(true).unwrap();
+                for _ in 0..5 {
+                    // The LAN's broadcast address: the router has no route for the
+                    // limited broadcast (it is the LAN's default route).
+                    s.send_to(
+                        b"hello",
+                        SocketAddr::from((Ipv4Addr::new(192, 168, 58, 255), to)),
+                    )
+                    .unwrap();
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        })
+        .unwrap();
+        let [(iso_dhcp, iso_other), (open_dhcp, open_other)] =
+            sockets.map(|(d, o)| (got(&d), got(&o)));
+        assert!(iso_dhcp >= 1, "the isolated workload got no DHCP broadcast");
+        assert_eq!(iso_other, 0, "the isolated workload got another broadcast");
+        assert!(
+            open_dhcp >= 1 && open_other >= 1,
+            "open got {open_dhcp}, {open_other}"
+        );
+    });
+}
+
 /// Broadcasts and multicasts meet each receiver's ingress policy, not only the sender's
 /// egress: the bridge floods a copy to every port, and each copy is judged as its receiver's
 /// ingress. `guarded` takes UDP 5355 from `talker` only: it gets talker's broadcasts and

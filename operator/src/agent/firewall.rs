@@ -246,6 +246,9 @@ pub const DHCPV6_CLIENT: &str = "ip6 daddr ff02::1:2 udp dport 547";
 /// A DHCPv6 server's (or relay's) messages to a client's link-local address; a workload's port
 /// sends none (the guard drops them).
 pub const DHCPV6_SERVER: &str = "ip6 daddr fe80::/10 udp sport 547 udp dport 546";
+/// A DHCPv4 server's (or relay's) messages to its clients' port, by broadcast to a client
+/// without an address yet; a workload's port sends none (the guard drops them).
+pub const DHCPV4_SERVER_BROADCAST: &str = "udp sport 67 udp dport 68";
 
 /// The set of the addresses of one limit class and family:
 /// `lim_r<per second>_c<concurrent>_t<conntrack>_<4|6>`, 0 for no limit. Named by its values,
@@ -862,7 +865,10 @@ pub fn table(
                     "jump egress".into(),
                     "jump ingress".into(),
                     // A broadcast's or multicast's copy to a workload's port, tagged with the
-                    // port's id by the guard table: the receiver's ingress too.
+                    // port's id by the guard table: the receiver's ingress too. Except a DHCPv4
+                    // server's broadcast to clients, the link's own business as DHCPv6's is
+                    // (above): no workload's port sends one (the guard drops them).
+                    format!("meta pkttype broadcast {DHCPV4_SERVER_BROADCAST} accept"),
                     "meta pkttype { broadcast, multicast } meta priority @clash_p drop".into(),
                     format!(
                         "meta pkttype {{ broadcast, multicast }} meta priority @local_p jump {}",
@@ -955,6 +961,22 @@ mod tests {
             .unwrap()
             .rules
             .clone()
+    }
+
+    #[test]
+    fn a_dhcp_server_s_broadcast_passes_before_the_receivers_ingress_judges_copies() {
+        let t = table(&[], &[], &[], &[], &crate::policy::Compiled::default());
+        let forward = chain(&t, "forward");
+        let at = |r: &str| forward.iter().position(|x| x == r);
+        let dhcp = at("meta pkttype broadcast udp sport 67 udp dport 68 accept").unwrap();
+        let copies = forward
+            .iter()
+            .position(|r| r.contains("jump ingress_copy"))
+            .unwrap();
+        assert!(dhcp < copies, "{forward:#?}");
+        assert!(
+            dhcp < at("meta pkttype { broadcast, multicast } meta priority @clash_p drop").unwrap()
+        );
     }
 
     #[test]
