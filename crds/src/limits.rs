@@ -179,6 +179,16 @@ impl Limits {
         } == Limits::default()
     }
 
+    /// An egress limit enforced by a meter (its Network polices egress limits).
+    pub fn polices_egress(&self) -> bool {
+        self.egress_bps.is_some() && self.egress_policed
+    }
+
+    /// An egress limit enforced by a shaper (its Network shapes egress limits, the default).
+    pub fn shapes_egress(&self) -> bool {
+        self.egress_bps.is_some() && !self.egress_policed
+    }
+
     /// The connection limits.
     pub fn connections(&self) -> ConnectionLimits {
         ConnectionLimits {

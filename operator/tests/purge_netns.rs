@@ -166,14 +166,18 @@ fn a_departed_port_leaves_the_guard_s_counters_and_meters_and_others_stay() {
     })
     .unwrap()
     .unwrap();
-    let class = guard::police_class(&rate).unwrap();
+    let (bytes, burst) = guard::police_class(&rate).unwrap();
+    let (members, meter) = (
+        format!("bw_{bytes}_{burst}"),
+        format!("bwm_{bytes}_{burst}"),
+    );
     // What the kernel would have learned from the ports' frames.
     for port in ["wfgone", "wfstay"] {
         for (set, expr) in [
             (guard::DROPS_SET.to_string(), "counter"),
             (guard::POLICE_DROPS_SET.to_string(), "counter"),
             (
-                format!("bwm_{class}"),
+                meter.clone(),
                 "limit rate over 1000 bytes/second burst 100 bytes",
             ),
         ] {
@@ -190,13 +194,13 @@ fn a_departed_port_leaves_the_guard_s_counters_and_meters_and_others_stay() {
     for set in [
         guard::DROPS_SET.to_string(),
         guard::POLICE_DROPS_SET.to_string(),
-        format!("bwm_{class}"),
+        meter.clone(),
     ] {
         let text = nft(&node, &format!("list set bridge weft {set}"));
         assert!(!text.contains("wfgone"), "{set}: {text}");
         assert!(text.contains("wfstay"), "{set} keeps the others: {text}");
     }
     // The class's member set is the plan's, not the purge's.
-    let members = nft(&node, &format!("list set bridge weft bw_{class}"));
+    let members = nft(&node, &format!("list set bridge weft {members}"));
     assert!(members.contains("wfgone"), "{members}");
 }

@@ -316,10 +316,7 @@ fn sample(ports: &[WorkloadPort], thresholds: &Thresholds) -> Sample {
     // The shapers of every port with a bandwidth limit, in two requests for all of them.
     let shaped: Vec<&str> = ports
         .iter()
-        .filter(|p| {
-            p.limits.ingress_bps.is_some()
-                || (p.limits.egress_bps.is_some() && !p.limits.egress_policed)
-        })
+        .filter(|p| p.limits.ingress_bps.is_some() || p.limits.shapes_egress())
         .map(|p| p.host_ifname.as_str())
         .collect();
     if !shaped.is_empty()
@@ -342,7 +339,7 @@ fn sample(ports: &[WorkloadPort], thresholds: &Thresholds) -> Sample {
     // first drops are a crossing.
     let policed: Vec<&str> = ports
         .iter()
-        .filter(|p| p.limits.egress_bps.is_some() && p.limits.egress_policed)
+        .filter(|p| p.limits.polices_egress())
         .map(|p| p.host_ifname.as_str())
         .collect();
     if !policed.is_empty()

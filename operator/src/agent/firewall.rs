@@ -383,7 +383,7 @@ pub fn port_text(ports: (u16, u16)) -> String {
 
 /// A set the kernel fills (`dynamic`, with per-element timeouts when `timeout`): declared
 /// empty, its elements are never compared or rewritten by weft.
-fn dynamic_set(name: &str, key_type: &str, timeout: bool) -> Set {
+pub(crate) fn dynamic_set(name: &str, key_type: &str, timeout: bool) -> Set {
     let mut flags = vec![nft::DYNAMIC_FLAG.into()];
     if timeout {
         flags.push("timeout".into());

@@ -65,6 +65,7 @@
 //! questions, not claims, and pass. A workload that answers for addresses not its own (proxy
 //! NDP, like any foreign source) needs a network with anti-spoofing off.
 
+use super::firewall::dynamic_set;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv6Addr};
 use weft_dataplane::names;
@@ -216,31 +217,41 @@ pub struct Policing {
 /// in nanoseconds, one second times rate plus burst, in 64 bits (about 147 Gbit/s).
 const MAX_POLICED_BYTES_PER_SECOND: u64 = u64::MAX / 1_000_000_000;
 
-/// A rate's class name (`<bytes per second>_<burst bytes>`), or `None` for a rate too high
-/// for a meter (above 147 Gbit/s, more than a host port carries: not policed).
-pub fn police_class(rate: &Rate) -> Option<String> {
+/// A meter class: bytes per second and burst bytes.
+pub type PoliceClass = (u64, u64);
+
+/// A rate's class, or `None` for a rate too high for a meter (above 147 Gbit/s, more than a
+/// host port carries: not policed).
+pub fn police_class(rate: &Rate) -> Option<PoliceClass> {
     let bytes = (rate.bits_per_second / 8).max(1);
     let burst = (rate.burst_bits / 8).clamp(1, u64::from(u32::MAX));
-    (bytes.checked_add(burst)? <= MAX_POLICED_BYTES_PER_SECOND).then(|| format!("{bytes}_{burst}"))
+    (bytes.checked_add(burst)? <= MAX_POLICED_BYTES_PER_SECOND).then_some((bytes, burst))
 }
 
-/// The set of class `class`'s ports.
-pub fn police_set(class: &str) -> String {
-    format!("bw_{class}")
+/// The set of class `class`'s ports: `bw_<bytes per second>_<burst bytes>`.
+pub fn police_set((bytes, burst): &PoliceClass) -> String {
+    format!("bw_{bytes}_{burst}")
+}
+
+/// The meter of class `class`: `bwm_<bytes per second>_<burst bytes>`.
+fn police_meter((bytes, burst): &PoliceClass) -> String {
+    format!("bwm_{bytes}_{burst}")
 }
 
 /// The meter rule of class `class` (see [`police_class`]).
-fn police_rule(class: &str) -> String {
-    let (bytes, burst) = class.split_once('_').unwrap_or((class, "1"));
+fn police_rule(class: &PoliceClass) -> String {
+    let (bytes, burst) = class;
     format!(
-        "iifname @bw_{class} update @bwm_{class} {{ iifname timeout 60s limit rate over {bytes} bytes/second burst {burst} bytes }} goto {POLICE_DROP_CHAIN}"
+        "iifname @{} update @{} {{ iifname timeout 60s limit rate over {bytes} bytes/second burst {burst} bytes }} goto {POLICE_DROP_CHAIN}",
+        police_set(class),
+        police_meter(class),
     )
 }
 
 /// The rules of `prerouting`, with the meters of `classes`. The checks of a registered port's
 /// frames (from its VLANs on) drop through [`DROP_CHAIN`], which counts them per port; frames
 /// of pending, open or unknown ports are no workload's forgery and are dropped uncounted.
-fn rules(classes: &BTreeSet<String>) -> Vec<String> {
+fn rules(classes: &BTreeSet<PoliceClass>) -> Vec<String> {
     let counted = |rule: &str| match rule.strip_suffix(" drop") {
         Some(matched) => format!("{matched} goto {DROP_CHAIN}"),
         None => rule.to_string(),
@@ -255,7 +266,7 @@ fn rules(classes: &BTreeSet<String>) -> Vec<String> {
     .into_iter()
     .map(String::from)
     // Egress limits, guarded and open ports alike.
-    .chain(classes.iter().map(|c| police_rule(c)))
+    .chain(classes.iter().map(police_rule))
     .chain(
         [
             "iifname @open accept",
@@ -379,7 +390,7 @@ pub fn table(
         }
     }
     // The meters' classes: the standing ones, and those of the ports written here.
-    let mut classes: BTreeMap<String, BTreeSet<String>> = policing
+    let mut classes: BTreeMap<PoliceClass, BTreeSet<String>> = policing
         .standing
         .iter()
         .filter_map(police_class)
@@ -396,15 +407,10 @@ pub fn table(
     let police_sets = classes.iter().flat_map(|(class, ports)| {
         [
             set(&police_set(class), "ifname", ports.clone()),
-            Set {
-                name: format!("bwm_{class}"),
-                key_type: "ifname".into(),
-                flags: vec![nft::DYNAMIC_FLAG.into(), "timeout".into()],
-                elements: BTreeSet::new(),
-            },
+            dynamic_set(&police_meter(class), "ifname", true),
         ]
     });
-    let class_names: BTreeSet<String> = classes.keys().cloned().collect();
+    let class_names: BTreeSet<PoliceClass> = classes.keys().copied().collect();
     Table {
         family: Family::Bridge,
         name: names::NFT_TABLE.into(),
@@ -425,18 +431,8 @@ pub fn table(
             set("pending", "ifname", pending),
             set("trunks", "typeof iifname . vlan id", trunks),
             set("hairpin", "ifname . ifname", hairpin),
-            Set {
-                name: DROPS_SET.into(),
-                key_type: "ifname".into(),
-                flags: vec![nft::DYNAMIC_FLAG.into()],
-                elements: BTreeSet::new(),
-            },
-            Set {
-                name: POLICE_DROPS_SET.into(),
-                key_type: "ifname".into(),
-                flags: vec![nft::DYNAMIC_FLAG.into()],
-                elements: BTreeSet::new(),
-            },
+            dynamic_set(DROPS_SET, "ifname", false),
+            dynamic_set(POLICE_DROPS_SET, "ifname", false),
         ]
         .into_iter()
         .chain(police_sets)

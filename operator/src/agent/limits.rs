@@ -113,6 +113,18 @@ pub fn policing<'a>(
         .collect()
 }
 
+/// The limits of the realized Networks themselves (`spec.limits`, where valid).
+pub fn of_networks<'a>(
+    res: &'a Resources,
+    realized: &'a dyn Fn(&str) -> bool,
+) -> impl Iterator<Item = Limits> + 'a {
+    res.networks
+        .iter()
+        .filter(move |n| n.metadata.name.as_deref().is_some_and(realized))
+        .filter_map(|n| n.spec.limits.as_ref())
+        .filter_map(weft_crds::WorkloadLimits::limits)
+}
+
 /// The egress rates of the Networks that police them, with the default burst: their meters
 /// stay in the guard table while the Network does, so that its workloads coming and going
 /// change set elements only (see [`super::guard::Policing::standing`]).
@@ -120,11 +132,7 @@ pub fn standing_police_rates(
     res: &Resources,
     realized: &dyn Fn(&str) -> bool,
 ) -> std::collections::BTreeSet<Rate> {
-    res.networks
-        .iter()
-        .filter(|n| n.metadata.name.as_deref().is_some_and(realized))
-        .filter_map(|n| n.spec.limits.as_ref())
-        .filter_map(weft_crds::WorkloadLimits::limits)
+    of_networks(res, realized)
         .filter(|l| l.egress_policed)
         .filter_map(|l| l.egress_bps)
         .map(|bits_per_second| Rate {

@@ -322,7 +322,6 @@ impl RuleDrops {
     /// egress limit is policed (a port without a meter has no such drops).
     fn of(&self, p: &WorkloadPort) -> Vec<(&'static str, &'static str, u64)> {
         let sum = |m| sum_of_addresses(m, p);
-        let policed = p.limits.egress_policed && p.limits.egress_bps.is_some();
         [
             (
                 "policy",
@@ -351,7 +350,7 @@ impl RuleDrops {
             ),
         ]
         .into_iter()
-        .filter(|(reason, _, _)| *reason != "bandwidth" || policed)
+        .filter(|(reason, _, _)| *reason != "bandwidth" || p.limits.polices_egress())
         .collect()
     }
 }

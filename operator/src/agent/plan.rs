@@ -481,11 +481,7 @@ fn standing_limit_classes(
     res: &Resources,
     realized: &dyn Fn(&str) -> bool,
 ) -> BTreeSet<weft_crds::ConnectionLimits> {
-    res.networks
-        .iter()
-        .filter(|n| n.metadata.name.as_deref().is_some_and(realized))
-        .filter_map(|n| n.spec.limits.as_ref())
-        .filter_map(weft_crds::WorkloadLimits::limits)
+    super::limits::of_networks(res, realized)
         .map(|l| l.connections())
         .filter(|c| !c.is_none())
         .collect()
@@ -727,7 +723,12 @@ pub fn apply_endpoint_changes(
     }
     let host_ports = host_port_changes(out, res, removed, added)?;
     let limit_changes = limit_changes(out, res, removed, added)?;
-    if !police_changes_fit(out, res, removed, added) {
+    // The ports' egress meters, of the endpoints removed and added.
+    let policed = [
+        super::limits::policing(res, removed),
+        super::limits::policing(res, added),
+    ];
+    if !police_changes_fit(out, res, &policed) {
         return None;
     }
     let gone: Vec<_> = removed
@@ -746,9 +747,9 @@ pub fn apply_endpoint_changes(
     // The guard's maps (the ports' ids): keys gone, elements come.
     let mut guard_maps: BTreeMap<String, (BTreeSet<String>, BTreeMap<String, String>)> =
         BTreeMap::new();
-    for (eps, add) in [(removed, false), (added, true)] {
+    for ((eps, add), ports) in [(removed, false), (added, true)].into_iter().zip(policed) {
         let policing = super::guard::Policing {
-            ports: super::limits::policing(res, eps),
+            ports,
             standing: BTreeSet::new(),
         };
         let part = guard_table(&out.plan.bridges, &out.plan.networks, eps, &policing);
@@ -1098,12 +1099,12 @@ fn host_port_changes(
 /// Whether the egress meters' classes can take an in-place endpoint change
 /// ([`apply_endpoint_changes`]) as element changes: every class a port joins is in the guard
 /// table already, and every class a port leaves keeps a port or is a Network's own (the full
-/// plan adds and drops the others).
+/// plan adds and drops the others). `policed`: the egress rates of the ports removed, and of
+/// those added ([`super::limits::policing`]).
 fn police_changes_fit(
     out: &PlanOutput,
     res: &Resources,
-    removed: &[Endpoint],
-    added: &[Endpoint],
+    policed: &[BTreeMap<String, weft_dataplane::proto::Rate>; 2],
 ) -> bool {
     let Some(guard) = out.plan.guard.as_ref() else {
         return false;
@@ -1112,9 +1113,9 @@ fn police_changes_fit(
         super::guard::police_class(rate).map(|c| super::guard::police_set(&c))
     };
     let mut left: BTreeMap<String, usize> = BTreeMap::new();
-    for (eps, add) in [(removed, false), (added, true)] {
-        for rate in super::limits::policing(res, eps).into_values() {
-            let Some(name) = class_of(&rate) else {
+    for (ports, add) in policed.iter().zip([false, true]) {
+        for rate in ports.values() {
+            let Some(name) = class_of(rate) else {
                 continue;
             };
             let Some(set) = guard.sets.iter().find(|s| s.name == name) else {
