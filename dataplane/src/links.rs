@@ -155,6 +155,9 @@ pub trait Links {
     /// br_netfilter's calls on (bridges are created that way; this corrects older ones; see
     /// `netlink::bridge_safeguards_message`).
     fn set_bridge_safeguards(&mut self, index: u32) -> Result<(), ApplyError>;
+    /// Turns IGMP and MLD snooping of bridge `index` on or off (see
+    /// `netlink::bridge_multicast_snooping_message`).
+    fn set_multicast_snooping(&mut self, index: u32, on: bool) -> Result<(), ApplyError>;
     /// Turns hairpin mode of bridge port `index` on or off (the CNI makes workload ports with
     /// it on; this corrects older ones).
     fn set_port_hairpin(&mut self, index: u32, on: bool) -> Result<(), ApplyError>;

@@ -174,6 +174,12 @@ impl Links for Netlink {
             "set the safeguards (no_linklocal_learn, nf_call_iptables, nf_call_ip6tables) of bridge {index}"
         )))
     }
+    fn set_multicast_snooping(&mut self, index: u32, on: bool) -> Result<(), ApplyError> {
+        Netlink::set_multicast_snooping(self, index, on).map_err(link_err(format!(
+            "set mcast_snooping {} on bridge {index}",
+            u8::from(on)
+        )))
+    }
     fn set_port_hairpin(&mut self, index: u32, on: bool) -> Result<(), ApplyError> {
         Netlink::set_port_hairpin(self, index, on).map_err(link_err(format!(
             "set hairpin {} on port {index}",
@@ -618,6 +624,24 @@ fn apply_bridges(
                 index
             }
         };
+        // IGMP and MLD snooping only on a bridge with an uplink, whose LAN has a querier for
+        // it. weft's own segment has none: there the bridge floods every group whatever it
+        // learnt, and snooping costs each port's change a pass over every port's multicast
+        // state (with its query timers restarted), a cost of every pod's ADD that grows with
+        // the pods on the node.
+        let snooping = bridge.uplink.is_some();
+        let snoops = existing
+            .iter()
+            .find(|l| l.index == index)
+            .and_then(|l| l.multicast_snooping);
+        if snoops.is_some_and(|on| on != snooping) {
+            links.set_multicast_snooping(index, snooping)?;
+            report.changes.push(format!(
+                "bridge {} mcast_snooping {}",
+                bridge.name,
+                u8::from(snooping)
+            ));
+        }
         let filtering = bridge.uplink.as_ref().and_then(|u| u.filtering.as_ref());
         let filters = existing
             .iter()
@@ -1147,6 +1171,7 @@ impl Links for FakeLinks {
             vlan_filtering: Some(false),
             link_local_learning: Some(false),
             netfilter_calls: Some(true),
+            multicast_snooping: Some(true),
             hairpin: None,
         });
         self.calls.push(format!("create_bridge {name}"));
@@ -1290,6 +1315,7 @@ impl Links for FakeLinks {
             vlan_filtering: None,
             link_local_learning: None,
             netfilter_calls: None,
+            multicast_snooping: None,
             hairpin: None,
         });
         self.calls.push(format!("create_vlan {name} {id}"));
@@ -1324,6 +1350,16 @@ impl Links for FakeLinks {
             }
         }
         self.calls.push(format!("set_bridge_safeguards {index}"));
+        Ok(())
+    }
+    fn set_multicast_snooping(&mut self, index: u32, on: bool) -> Result<(), ApplyError> {
+        for l in &mut self.links {
+            if l.index == index {
+                l.multicast_snooping = Some(on);
+            }
+        }
+        self.calls
+            .push(format!("set_multicast_snooping {index} {}", u8::from(on)));
         Ok(())
     }
     fn set_port_hairpin(&mut self, index: u32, on: bool) -> Result<(), ApplyError> {
@@ -1467,6 +1503,7 @@ mod tests {
             vlan_filtering: None,
             link_local_learning: None,
             netfilter_calls: None,
+            multicast_snooping: None,
             hairpin: None,
         }
     }
@@ -1894,6 +1931,43 @@ mod tests {
                 "{again:?}"
             );
         }
+    }
+
+    /// A bridge without an uplink snoops no IGMP or MLD: it is made so and an older one is
+    /// switched over, once; a bridge with an uplink keeps the kernel's default, on.
+    #[test]
+    fn only_a_bridge_with_an_uplink_snoops_multicast() {
+        let mut node = Node::new();
+        let r = node.apply(&plan(&[], "accept", &["a"]));
+        assert!(
+            r.changes
+                .iter()
+                .any(|c| c == "bridge wn-a mcast_snooping 0"),
+            "{r:?}"
+        );
+        assert_eq!(node.links.links[0].multicast_snooping, Some(false));
+        assert!(node.apply(&plan(&[], "accept", &["a"])).is_noop());
+        // An older weft's bridge (the kernel's default) is switched over once.
+        node.links.links[0].multicast_snooping = Some(true);
+        let r = node.apply(&plan(&[], "accept", &["a"]));
+        assert_eq!(r.changes, ["bridge wn-a mcast_snooping 0"]);
+        assert!(node.apply(&plan(&[], "accept", &["a"])).is_noop());
+        // A kernel that does not say is left alone.
+        node.links.links[0].multicast_snooping = None;
+        assert!(node.apply(&plan(&[], "accept", &["a"])).is_noop());
+
+        let mut node = Node::new();
+        node.links.gateway_answers = true;
+        add_eth0(&mut node);
+        let r = node.apply(&lan_plan(None));
+        assert!(r.failed.is_empty(), "{r:?}");
+        let br = bridge_index(&node, "wn-lan");
+        let lan = node.links.links.iter().find(|l| l.index == br).unwrap();
+        assert_eq!(lan.multicast_snooping, Some(true));
+        assert!(
+            !r.changes.iter().any(|c| c.contains("mcast_snooping")),
+            "{r:?}"
+        );
     }
 
     #[test]

@@ -33,6 +33,20 @@ fn bridge_is_created_up_with_mtu_mac_and_alias_and_found_by_name_and_index() {
 }
 
 #[test]
+fn multicast_snooping_is_switched_and_read_back() {
+    let _ns = isolate();
+    let mut nl = Netlink::new().unwrap();
+    let index = nl.create_bridge("wbr0", None, None, None).unwrap();
+    let snooping = |nl: &mut Netlink| nl.link_by_index(index).unwrap().unwrap().multicast_snooping;
+    // The kernel's default.
+    assert_eq!(snooping(&mut nl), Some(true));
+    nl.set_multicast_snooping(index, false).unwrap();
+    assert_eq!(snooping(&mut nl), Some(false));
+    nl.set_multicast_snooping(index, true).unwrap();
+    assert_eq!(snooping(&mut nl), Some(true));
+}
+
+#[test]
 fn index_and_mac_by_ioctl_agree_with_netlink_in_the_sockets_own_namespace() {
     let _ns = isolate();
     let mut nl = Netlink::new().unwrap();

@@ -55,6 +55,9 @@ pub struct LinkInfo {
     /// (`IFLA_BR_NF_CALL_IPTABLES` and `IFLA_BR_NF_CALL_IP6TABLES` both on); `None` for other
     /// links and kernels without br_netfilter support.
     pub netfilter_calls: Option<bool>,
+    /// For a bridge, whether it snoops IGMP and MLD (`IFLA_BR_MCAST_SNOOPING`); `None` for
+    /// other links and kernels built without it.
+    pub multicast_snooping: Option<bool>,
     /// For a bridge port, whether hairpin mode is on (`IFLA_BRPORT_MODE`: the bridge may send
     /// a frame back out of the port it came in on); `None` for other links.
     pub hairpin: Option<bool>,
@@ -158,6 +161,7 @@ pub(super) fn link_info(msg: LinkMessage) -> LinkInfo {
         vlan_filtering: None,
         link_local_learning: None,
         netfilter_calls: None,
+        multicast_snooping: None,
         hairpin: None,
     };
     // br_netfilter's calls for IPv4 and IPv6, as the bridge reports them.
@@ -190,6 +194,9 @@ pub(super) fn link_info(msg: LinkMessage) -> LinkInfo {
                                     }
                                     InfoBridge::NfCallIpTables(on) => calls.0 = Some(on),
                                     InfoBridge::NfCallIp6Tables(on) => calls.1 = Some(on),
+                                    InfoBridge::MulticastSnooping(on) => {
+                                        info.multicast_snooping = Some(on);
+                                    }
                                     InfoBridge::MultiBoolOpt(o)
                                         if o.mask.contains(
                                             BridgeBooleanOptionFlags::NoLinkLocalLearn,
@@ -237,6 +244,15 @@ pub fn bridge_safeguards_message(index: u32) -> LinkMessage {
         .append_info_data(InfoBridge::MultiBoolOpt(no_link_local_learning()))
         .append_info_data(InfoBridge::NfCallIpTables(true))
         .append_info_data(InfoBridge::NfCallIp6Tables(true))
+        .build()
+}
+
+/// `RTM_NEWLINK` on the existing bridge `index`: IGMP and MLD snooping on or off
+/// (`IFLA_BR_MCAST_SNOOPING`).
+pub fn bridge_multicast_snooping_message(index: u32, on: bool) -> LinkMessage {
+    LinkMessageBuilder::<LinkBridge>::new_with_info_kind(InfoKind::Bridge)
+        .index(index)
+        .append_info_data(InfoBridge::MulticastSnooping(on))
         .build()
 }
 
@@ -835,6 +851,18 @@ impl Netlink {
         }
     }
 
+    /// Turns IGMP and MLD snooping of bridge `index` on or off (see
+    /// [`bridge_multicast_snooping_message`]). A kernel built without snooping ignores it.
+    pub fn set_multicast_snooping(&mut self, index: u32, on: bool) -> Result<(), NetlinkError> {
+        self.call(
+            "set bridge multicast snooping",
+            || format!("link {index} mcast_snooping {}", u8::from(on)),
+            RouteNetlinkMessage::NewLink(bridge_multicast_snooping_message(index, on)),
+            0,
+        )?;
+        Ok(())
+    }
+
     /// Gives bridge `index` weft's safeguards (see [`bridge_safeguards_message`]).
     pub fn set_bridge_safeguards(&mut self, index: u32) -> Result<(), NetlinkError> {
         self.call(
@@ -944,5 +972,19 @@ mod tests {
         let info = link_info(msg);
         assert_eq!(info.link_local_learning, Some(false));
         assert_eq!(info.netfilter_calls, Some(true));
+        assert_eq!(info.multicast_snooping, None);
+    }
+
+    #[test]
+    fn the_snooping_message_sets_the_switch_and_a_dump_reads_it_back() {
+        for on in [false, true] {
+            let RouteNetlinkMessage::NewLink(msg) = round_trip(RouteNetlinkMessage::NewLink(
+                bridge_multicast_snooping_message(9, on),
+            )) else {
+                panic!("not RTM_NEWLINK");
+            };
+            assert_eq!(msg.header.index, 9);
+            assert_eq!(link_info(msg).multicast_snooping, Some(on));
+        }
     }
 }
