@@ -130,6 +130,15 @@ pub fn router_solicit(mac: [u8; 6], src: Ipv6Addr, options: &[u8]) -> Vec<u8> {
     icmpv6_multicast(mac, src, Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 2), icmp)
 }
 
+/// A general MLD query (RFC 2710 3, the form every MLD version answers) from `mac` and
+/// `src` to all nodes: what a multicast router sends.
+pub fn mld_query(mac: [u8; 6], src: Ipv6Addr) -> Vec<u8> {
+    // Query, checksum later, maximum response delay 1 s, reserved, the unspecified group.
+    let mut icmp = vec![130, 0, 0, 0, 0x03, 0xe8, 0, 0];
+    icmp.extend(Ipv6Addr::UNSPECIFIED.octets());
+    icmpv6_multicast(mac, src, Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1), icmp)
+}
+
 /// The frame of ICMPv6 message `icmp` (its checksum field is filled in) from `mac` and `src`
 /// to the multicast address `dst`, hop limit 255 as neighbour discovery requires.
 fn icmpv6_multicast(mac: [u8; 6], src: Ipv6Addr, dst: Ipv6Addr, mut icmp: Vec<u8>) -> Vec<u8> {

@@ -252,14 +252,14 @@ fn send_frame(w: &Workload, frame: &[u8]) {
         .unwrap()
         .index;
     let frame = frame.to_vec();
-    netns::run_in(&w.ns, move || weft_dataplane::frame::send(ifindex, &frame))
+    netns::run_in(&w.ns, move || frame::send(ifindex, &frame))
         .unwrap()
         .unwrap_or_else(|e| panic!("sending a raw frame: {e}"));
 }
 
 /// A broadcast ARP request from `mac`/`sender_ip` asking for `target_ip`.
 fn arp_request(mac: [u8; 6], sender_ip: &str, target_ip: &str) -> Vec<u8> {
-    weft_dataplane::frame::arp_request(mac, sender_ip.parse().unwrap(), target_ip.parse().unwrap())
+    frame::arp_request(mac, sender_ip.parse().unwrap(), target_ip.parse().unwrap())
 }
 
 /// An unsolicited router advertisement from `mac`'s EUI-64 link-local address to ff02::1,
@@ -942,8 +942,11 @@ fn solicitations_claiming_what_is_not_the_workloads_own_are_dropped() {
     let a = lab.add("a", 2);
     let b = lab.add("b", 3);
     let m = lab.add("m", 4);
-    lab.apply(&lab.table(&[a, b, m], &[]));
-    let (wa, wb, wm) = (lab.w(a), lab.w(b), lab.w(m));
+    // An open port gets every copy that passes the guard (a guarded one only the questions it
+    // could answer): what passes m's port is watched there.
+    let o = lab.add("o", 5);
+    lab.apply(&lab.table(&[a, b, m], &[o]));
+    let (wa, wb, wm, wo) = (lab.w(a), lab.w(b), lab.w(m), lab.w(o));
     // Duplicate address detection as Linux sends it: from ::, with a nonce option.
     let nonce = [14, 1, 1, 2, 3, 4, 5, 6];
     let probe =
@@ -951,22 +954,25 @@ fn solicitations_claiming_what_is_not_the_workloads_own_are_dropped() {
     let solicit =
         |mac: [u8; 6]| frame::router_solicit(wm.mac, v6(&wm.v6), &frame::lladdr_option(1, mac));
     // The ICMPv6 message (after the 54 bytes of Ethernet and IPv6 header) is the marker.
-    let sees = |f: Vec<u8>| sniff(wa, &f[54..], || send_frame(wm, &f));
+    let sees = |w: &Workload, f: Vec<u8>| sniff(w, &f[54..], || send_frame(wm, &f));
+    for w in [wa, wo] {
+        assert!(
+            !sees(w, probe(&wb.v6)),
+            "{} must NOT see m's duplicate address probe for b's address",
+            w.port
+        );
+    }
     assert!(
-        !sees(probe(&wb.v6)),
-        "a must NOT see m's duplicate address probe for b's address"
+        sees(wo, probe(&wm.v6)),
+        "o must see m's probe for its own address (control)"
     );
     assert!(
-        sees(probe(&wm.v6)),
-        "a must see m's probe for its own address (control)"
+        !sees(wo, solicit(wb.mac)),
+        "o must NOT see m's router solicitation with b's MAC"
     );
     assert!(
-        !sees(solicit(wb.mac)),
-        "a must NOT see m's router solicitation with b's MAC"
-    );
-    assert!(
-        sees(solicit(wm.mac)),
-        "a must see m's router solicitation with its own MAC (control)"
+        sees(wo, solicit(wm.mac)),
+        "o must see m's router solicitation with its own MAC (control)"
     );
 }
 
@@ -1182,8 +1188,10 @@ fn an_attacker_port_teaches_the_bridge_neither_a_workloads_mac_nor_the_routers()
 fn a_hairpin_port_never_gets_its_own_broadcasts_and_multicasts_back() {
     let mut lab = Lab::new();
     let a = lab.add("a", 2);
+    // b open: it gets every other copy of a's questions (a guarded port only those it could
+    // answer).
     let b = lab.add("b", 3);
-    lab.apply(&lab.table(&[a, b], &[]));
+    lab.apply(&lab.table(&[a], &[b]));
     let mut nl = Netlink::in_netns(&lab.node).unwrap();
     for w in [a, b] {
         let port = nl.link_by_name(&lab.w(w).port).unwrap().unwrap().index;
@@ -1192,9 +1200,11 @@ fn a_hairpin_port_never_gets_its_own_broadcasts_and_multicasts_back() {
         assert_eq!(back.hairpin, Some(true), "a dump reads hairpin mode back");
     }
     let (wa, wb) = (lab.w(a), lab.w(b));
-    // a's own ARP request (broadcast) and duplicate address probe (multicast, as Linux sends
-    // it: from ::, with a nonce); the bytes after the Ethernet and IP headers are the marker.
-    let arp = arp_request(wa.mac, &wa.v4, &wb.v4);
+    // a's own gratuitous ARP (broadcast) and duplicate address probe (multicast, as Linux sends
+    // it: from ::, with a nonce), both of a's own address, which a guarded a could answer (so
+    // that no other rule keeps them from it); the bytes after the Ethernet and IP headers are
+    // the marker.
+    let arp = arp_request(wa.mac, &wa.v4, &wa.v4);
     let probe = frame::neighbour_solicit(
         wa.mac,
         Ipv6Addr::UNSPECIFIED,
@@ -1202,7 +1212,7 @@ fn a_hairpin_port_never_gets_its_own_broadcasts_and_multicasts_back() {
         &[14, 1, 1, 2, 3, 4, 5, 6],
     );
     let frames = [
-        ("a's ARP request (broadcast)", &arp, &arp[14..]),
+        ("a's gratuitous ARP (broadcast)", &arp, &arp[14..]),
         (
             "a's duplicate address probe (multicast)",
             &probe,
@@ -1220,7 +1230,7 @@ fn a_hairpin_port_never_gets_its_own_broadcasts_and_multicasts_back() {
         );
     }
     // Control: without the rule the bridge floods a's broadcast back to it.
-    let mut t = lab.table(&[a, b], &[]);
+    let mut t = lab.table(&[a], &[b]);
     t.chains[1].rules.retain(|r| r != guard::HAIRPIN_FLOOD_RULE);
     lab.apply(&t);
     for (what, f, marker) in frames {
@@ -1321,4 +1331,152 @@ fn a_policed_port_sends_no_more_than_its_rate_and_its_drops_are_counted() {
         "{listed}"
     );
     assert!(!listed.contains(&lab.w(c).port), "{listed}");
+}
+
+/// Joins IPv6 group `group` (and IPv4 group `group4` when given) on `w`'s `eth0`: its kernel
+/// sends the membership reports, as a workload's does. The sockets hold the memberships.
+fn join(w: &Workload, group: &str, group4: Option<&str>) -> Vec<std::net::UdpSocket> {
+    let ifindex = Netlink::in_netns(&w.ns)
+        .unwrap()
+        .link_by_name("eth0")
+        .unwrap()
+        .unwrap()
+        .index;
+    let group: Ipv6Addr = group.parse().unwrap();
+    let group4: Option<std::net::Ipv4Addr> = group4.map(|g| g.parse().unwrap());
+    let local4: std::net::Ipv4Addr = w.v4.parse().unwrap();
+    netns::run_in(&w.ns, move || {
+        let v6 = std::net::UdpSocket::bind("[::]:0").unwrap();
+        v6.join_multicast_v6(&group, ifindex).unwrap();
+        let mut held = vec![v6];
+        if let Some(g) = group4 {
+            let v4 = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            v4.join_multicast_v4(&g, &local4).unwrap();
+            held.push(v4);
+        }
+        held
+    })
+    .unwrap()
+}
+
+/// Which of `receivers` see a frame holding `marker` while `during` runs.
+fn seen_by(lab: &Lab, receivers: &[usize], marker: &[u8], during: impl FnOnce()) -> Vec<bool> {
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let go_rx = std::sync::Mutex::new(go_rx);
+    std::thread::scope(|scope| {
+        let sniffers: Vec<_> = receivers
+            .iter()
+            .map(|&i| {
+                let go_rx = &go_rx;
+                scope.spawn(move || {
+                    sniff_incoming(lab.w(i), marker, || {
+                        go_rx.lock().unwrap().recv().unwrap();
+                    })
+                })
+            })
+            .collect();
+        // Every sniffer waits in its `during` for one go; the last to get it has started too.
+        std::thread::sleep(Duration::from_millis(200));
+        during();
+        for _ in receivers {
+            go_tx.send(()).unwrap();
+        }
+        sniffers.into_iter().map(|s| s.join().unwrap()).collect()
+    })
+}
+
+#[test]
+fn a_guarded_port_gets_only_the_questions_it_can_answer_and_reports_only_as_a_router() {
+    let mut lab = Lab::new();
+    let a = lab.add("a", 2);
+    let b = lab.add("b", 3);
+    let c = lab.add("c", 4);
+    let o = lab.add("o", 5);
+    lab.apply(&lab.table(&[a, b, c], &[o]));
+    let (wa, wb) = (lab.w(a), lab.w(b));
+    let a_ll = guard::eui64_link_local(wa.mac);
+
+    // An ARP request for b's address: b, which may answer it, and the open port; not c.
+    let mut asked = wa
+        .v4
+        .parse::<std::net::Ipv4Addr>()
+        .unwrap()
+        .octets()
+        .to_vec();
+    asked.extend([0; 6]);
+    asked.extend(wb.v4.parse::<std::net::Ipv4Addr>().unwrap().octets());
+    let arp = arp_request(wa.mac, &wa.v4, &wb.v4);
+    assert_eq!(
+        seen_by(&lab, &[b, c, o], &asked, || send_frame(wa, &arp)),
+        [true, false, true],
+        "the ARP request for b's address reaches b, c, o"
+    );
+    // A neighbour solicitation for b's address likewise; a's duplicate address probe of its
+    // own address only the open port (no guarded one holds it).
+    let target = v6(&wb.v6);
+    let ns = frame::neighbour_solicit(wa.mac, a_ll, target, &[]);
+    assert_eq!(
+        seen_by(&lab, &[b, c, o], &target.octets(), || send_frame(wa, &ns)),
+        [true, false, true],
+        "the solicitation for b's address reaches b, c, o"
+    );
+    let own = v6(&wa.v6);
+    let probe = frame::neighbour_solicit(wa.mac, Ipv6Addr::UNSPECIFIED, own, &[]);
+    assert_eq!(
+        seen_by(&lab, &[b, c, o], &own.octets(), || send_frame(wa, &probe)),
+        [false, false, true],
+        "a's duplicate address probe reaches b, c, o"
+    );
+    // A router solicitation: only the open port could answer it.
+    let option = frame::lladdr_option(1, wa.mac);
+    let rs = frame::router_solicit(wa.mac, a_ll, &option);
+    assert_eq!(
+        seen_by(&lab, &[b, c, o], &option, || send_frame(wa, &rs)),
+        [false, false, true],
+        "a router solicitation reaches b, c, o"
+    );
+    // Membership reports (a's kernel's, as it joins): the open port, no guarded one…
+    let group = v6("ff15::77:1");
+    let mut held = Vec::new();
+    assert_eq!(
+        seen_by(&lab, &[b, c, o], &group.octets(), || held =
+            join(wa, "ff15::77:1", None)),
+        [false, false, true],
+        "a's MLD report reaches b, c, o"
+    );
+    // …until c acts as a multicast router: its query makes it one (IGMP's reports too).
+    let wc = lab.w(c);
+    send_frame(
+        wc,
+        &frame::mld_query(wc.mac, guard::eui64_link_local(wc.mac)),
+    );
+    let group = v6("ff15::77:2");
+    assert_eq!(
+        seen_by(&lab, &[b, c, o], &group.octets(), || {
+            held.extend(join(wa, "ff15::77:2", None));
+        }),
+        [false, true, true],
+        "after c's query, a's MLD report reaches b, c, o"
+    );
+    let group4 = [239, 77, 0, 2];
+    assert_eq!(
+        seen_by(&lab, &[b, c, o], &group4, || {
+            held.extend(join(wa, "ff15::77:3", Some("239.77.0.2")));
+        }),
+        [false, true, true],
+        "a's IGMP report reaches b, c, o"
+    );
+
+    // Without the rules every guarded port gets every copy (and this test would fail).
+    let mut t = lab.table(&[a, b, c], &[o]);
+    t.chains[1]
+        .rules
+        .retain(|r| !guard::QUESTION_RULES.contains(&r.as_str()));
+    lab.apply(&t);
+    assert_eq!(
+        seen_by(&lab, &[b, c], &asked, || send_frame(wa, &arp)),
+        [true, true],
+        "without the rules the ARP request reaches b, c"
+    );
+    drop(held);
 }

@@ -183,6 +183,54 @@ pub const COPY_TAG_RULE: &str =
 pub const HAIRPIN_FLOOD_RULE: &str =
     "meta pkttype { broadcast, multicast } iifname . oifname @hairpin drop";
 
+/// The `forward` rules that keep from a guarded port the copies of questions it cannot answer
+/// and of reports meant for multicast routers, before the copies are tagged and judged (every
+/// copy the bridge floods otherwise crosses br_netfilter's `inet` hooks and the workload's
+/// stack): a cost of every pod's start (its duplicate address detection, MLD reports and router
+/// solicitations) that grows with the ports on the bridge, and neighbour questions that tell
+/// every workload who talks to whom. Lossless, because the guard's `prerouting` checks decide
+/// what a guarded port may answer:
+/// - an ARP request goes only to the port that holds the address asked for (a guarded port's
+///   ARP carries its own sender address). A gratuitous ARP (the sender's own address asked
+///   for) goes to no guarded port: a guarded workload's address keeps its MAC while it holds
+///   the address (the checks see to it), and an entry left from an address's earlier holder
+///   is corrected by the kernel's reachability probes, which reach the new holder;
+/// - a neighbour solicitation likewise (a guarded port's advertisements name its own
+///   addresses as target), a duplicate address probe included;
+/// - a router solicitation to no guarded port (its router advertisements are dropped);
+/// - MLD and IGMP membership reports and leaves only to the ports that have sent a query or a
+///   PIM message in the last [`MROUTER_TIMEOUT`] (set [`MROUTERS_SET`]), as a snooping switch
+///   sends them only to its multicast router ports (RFC 4541, 2.1.1).
+///
+/// Open ports (anti-spoofing off) and the uplink get every copy, as before.
+pub const QUESTION_RULES: [&str; 5] = [
+    "oifname @ports arp operation request oifname . arp daddr ip != @ips4 drop",
+    "oifname @ports icmpv6 type nd-neighbor-solicit oifname . @th,64,128 != @targets6 drop",
+    "oifname @ports icmpv6 type nd-router-solicit drop",
+    "oifname @ports icmpv6 type { mld-listener-report, mld-listener-done, mld2-listener-report } oifname != @mrouters drop",
+    "oifname @ports igmp type { membership-report-v1, membership-report-v2, membership-report-v3, leave-group } oifname != @mrouters drop",
+];
+
+/// The dynamic set of the ports that act as multicast routers (see [`QUESTION_RULES`]).
+pub const MROUTERS_SET: &str = "mrouters";
+
+/// How long a port stays a multicast router after its last query or PIM message: the other
+/// querier present interval of MLDv2 and IGMPv3 with their defaults (RFC 3810 9.5, RFC 3376
+/// 8.5: robustness 2 × query interval 125 s + half the response interval).
+pub const MROUTER_TIMEOUT: &str = "255s";
+
+/// The last rules of `prerouting`, for a registered port's frames that passed every check:
+/// a query or a PIM message makes its port a multicast router ([`MROUTERS_SET`]). 103 is PIM,
+/// a number, as 58 for ICMPv6 in [`ND_RULES`].
+fn mrouter_rules() -> [String; 3] {
+    let update = format!("update @{MROUTERS_SET} {{ iifname timeout {MROUTER_TIMEOUT} }}");
+    [
+        format!("icmpv6 type mld-listener-query {update}"),
+        format!("igmp type membership-query {update}"),
+        format!("meta l4proto 103 {update}"),
+    ]
+}
+
 /// The chain every forged frame of a registered port goes to: it counts the frame in the
 /// port's element of the dynamic set [`DROPS_SET`] (the kernel adds the element at the first
 /// drop), then drops it.
@@ -277,6 +325,7 @@ fn rules(classes: &BTreeSet<PoliceClass>) -> Vec<String> {
         .map(String::from),
     )
     .chain(checks().iter().map(|r| counted(r)))
+    .chain(mrouter_rules())
     .collect()
 }
 
@@ -433,6 +482,7 @@ pub fn table(
             set("hairpin", "ifname . ifname", hairpin),
             dynamic_set(DROPS_SET, "ifname", false),
             dynamic_set(POLICE_DROPS_SET, "ifname", false),
+            dynamic_set(MROUTERS_SET, "ifname", true),
         ]
         .into_iter()
         .chain(police_sets)
@@ -457,9 +507,10 @@ pub fn table(
             },
             // Nothing reaches a pending port: the LAN keeps delivering the VM's MAC to the
             // node the VM still runs on. A port in hairpin mode gets its own unicast back (a
-            // port forward to itself), never its own broadcasts and multicasts. Every other
-            // copy of a broadcast or multicast leaving a workload's port is tagged with the
-            // port's id, for the receiver's ingress policy (see [`COPY_TAG_RULE`]).
+            // port forward to itself), never its own broadcasts and multicasts. A guarded
+            // port gets no question it cannot answer ([`QUESTION_RULES`]). Every other copy
+            // of a broadcast or multicast leaving a workload's port is tagged with the port's
+            // id, for the receiver's ingress policy (see [`COPY_TAG_RULE`]).
             Chain {
                 name: "forward".into(),
                 base: Some(BaseChain {
@@ -468,11 +519,12 @@ pub fn table(
                     priority: "filter".into(),
                     policy: Some("accept".into()),
                 }),
-                rules: vec![
-                    "oifname @pending drop".into(),
-                    HAIRPIN_FLOOD_RULE.into(),
-                    COPY_TAG_RULE.into(),
-                ],
+                rules: ["oifname @pending drop", HAIRPIN_FLOOD_RULE]
+                    .into_iter()
+                    .chain(QUESTION_RULES)
+                    .chain([COPY_TAG_RULE])
+                    .map(String::from)
+                    .collect(),
             },
             Chain {
                 name: DROP_CHAIN.into(),
@@ -570,6 +622,46 @@ mod tests {
         let text = render_table(&t);
         assert!(
             text.contains("update @police_drops { iifname counter } drop"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn questions_are_kept_from_guarded_ports_before_copies_are_tagged_and_queries_mark_routers() {
+        let t = table(
+            &[],
+            &[port("wfa", [0x0a, 0x58, 10, 77, 0, 2], &["10.77.0.2"])],
+            &[],
+            &Policing::default(),
+        );
+        let forward = &t.chains[1].rules;
+        let at = |r: &str| forward.iter().position(|x| x == r).unwrap();
+        for rule in QUESTION_RULES {
+            assert!(
+                at(HAIRPIN_FLOOD_RULE) < at(rule) && at(rule) < at(COPY_TAG_RULE),
+                "{rule} must come after the hairpin rule and before the tag: {forward:?}"
+            );
+            assert!(
+                rule.starts_with("oifname @ports "),
+                "{rule}: guarded ports only"
+            );
+        }
+        // Routers are learnt from frames that passed every check: the last rules.
+        let prerouting = &t.chains[0].rules;
+        let learnt = mrouter_rules();
+        assert_eq!(prerouting[prerouting.len() - learnt.len()..], learnt);
+        assert!(
+            prerouting
+                .iter()
+                .any(|r| r == "iifname . ip6 saddr != @ips6 goto guard_drop")
+        );
+        let routers = t.sets.iter().find(|s| s.name == MROUTERS_SET).unwrap();
+        assert!(routers.flags.iter().any(|f| f == "timeout"), "{routers:?}");
+        let text = render_table(&t);
+        assert!(
+            text.contains(
+                "icmpv6 type mld-listener-query update @mrouters { iifname timeout 255s }"
+            ),
             "{text}"
         );
     }
