@@ -629,11 +629,9 @@ fn apply_bridges(
         // learnt, and snooping costs each port's change a pass over every port's multicast
         // state (with its query timers restarted), a cost of every pod's ADD that grows with
         // the pods on the node.
+        let current = existing.iter().find(|l| l.index == index);
         let snooping = bridge.uplink.is_some();
-        let snoops = existing
-            .iter()
-            .find(|l| l.index == index)
-            .and_then(|l| l.multicast_snooping);
+        let snoops = current.and_then(|l| l.multicast_snooping);
         if snoops.is_some_and(|on| on != snooping) {
             links.set_multicast_snooping(index, snooping)?;
             report.changes.push(format!(
@@ -643,11 +641,7 @@ fn apply_bridges(
             ));
         }
         let filtering = bridge.uplink.as_ref().and_then(|u| u.filtering.as_ref());
-        let filters = existing
-            .iter()
-            .find(|l| l.index == index)
-            .and_then(|l| l.vlan_filtering)
-            .unwrap_or(false);
+        let filters = current.and_then(|l| l.vlan_filtering).unwrap_or(false);
         if filtering.is_some() != filters {
             match links.set_vlan_filtering(index, filtering.is_some()) {
                 Ok(()) => report.changes.push(format!(

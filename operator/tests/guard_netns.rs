@@ -243,14 +243,19 @@ fn neigh_entry(w: &Workload, addr: &str) -> String {
         .to_string()
 }
 
-/// Sends one raw Ethernet frame out of `eth0` in `w`'s namespace.
-fn send_frame(w: &Workload, frame: &[u8]) {
-    let ifindex = Netlink::in_netns(&w.ns)
+/// The index of `eth0` in `w`'s namespace.
+fn eth0_index(w: &Workload) -> u32 {
+    Netlink::in_netns(&w.ns)
         .unwrap()
         .link_by_name("eth0")
         .unwrap()
         .unwrap()
-        .index;
+        .index
+}
+
+/// Sends one raw Ethernet frame out of `eth0` in `w`'s namespace.
+fn send_frame(w: &Workload, frame: &[u8]) {
+    let ifindex = eth0_index(w);
     let frame = frame.to_vec();
     netns::run_in(&w.ns, move || frame::send(ifindex, &frame))
         .unwrap()
@@ -389,12 +394,7 @@ fn a_foreign_mac_does_not_reach_the_victim() {
         "m must reach a with its own MAC (control)"
     );
     let foreign = [0x02, 0, 0, 0, 0, 0x99];
-    let eth = Netlink::in_netns(&wm.ns)
-        .unwrap()
-        .link_by_name("eth0")
-        .unwrap()
-        .unwrap()
-        .index;
+    let eth = eth0_index(wm);
     Netlink::in_netns(&wm.ns)
         .unwrap()
         .set_mac(eth, foreign)
@@ -524,12 +524,7 @@ fn sniff_incoming(w: &Workload, marker: &[u8], during: impl FnOnce()) -> bool {
 fn sniff_frames(w: &Workload, marker: &[u8], incoming_only: bool, during: impl FnOnce()) -> bool {
     use nix::libc;
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    let ifindex = Netlink::in_netns(&w.ns)
-        .unwrap()
-        .link_by_name("eth0")
-        .unwrap()
-        .unwrap()
-        .index;
+    let ifindex = eth0_index(w);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     std::thread::scope(|scope| {
         let sniffer = scope.spawn(|| {
@@ -1336,12 +1331,7 @@ fn a_policed_port_sends_no_more_than_its_rate_and_its_drops_are_counted() {
 /// Joins IPv6 group `group` (and IPv4 group `group4` when given) on `w`'s `eth0`: its kernel
 /// sends the membership reports, as a workload's does. The sockets hold the memberships.
 fn join(w: &Workload, group: &str, group4: Option<&str>) -> Vec<std::net::UdpSocket> {
-    let ifindex = Netlink::in_netns(&w.ns)
-        .unwrap()
-        .link_by_name("eth0")
-        .unwrap()
-        .unwrap()
-        .index;
+    let ifindex = eth0_index(w);
     let group: Ipv6Addr = group.parse().unwrap();
     let group4: Option<std::net::Ipv4Addr> = group4.map(|g| g.parse().unwrap());
     let local4: std::net::Ipv4Addr = w.v4.parse().unwrap();

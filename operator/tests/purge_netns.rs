@@ -166,11 +166,8 @@ fn a_departed_port_leaves_the_guard_s_counters_and_meters_and_others_stay() {
     })
     .unwrap()
     .unwrap();
-    let (bytes, burst) = guard::police_class(&rate).unwrap();
-    let (members, meter) = (
-        format!("bw_{bytes}_{burst}"),
-        format!("bwm_{bytes}_{burst}"),
-    );
+    let class = guard::police_class(&rate).unwrap();
+    let (members, meter) = (guard::police_set(&class), guard::police_meter(&class));
     // What the kernel would have learned from the ports' frames.
     for port in ["wfgone", "wfstay"] {
         for (set, expr) in [

@@ -256,7 +256,6 @@ pub fn bridge_multicast_snooping_message(index: u32, on: bool) -> LinkMessage {
         .build()
 }
 
-/// A switch's state as errors name it.
 /// The attribute that tells a link to generate no IPv6 address of its own (`addrgenmode none`).
 fn no_v6_addresses() -> LinkAttribute {
     LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(vec![AfSpecInet6::AddrGenMode(
@@ -264,6 +263,7 @@ fn no_v6_addresses() -> LinkAttribute {
     )])])
 }
 
+/// A switch's state as errors name it.
 fn on_off(on: bool) -> &'static str {
     if on { "on" } else { "off" }
 }

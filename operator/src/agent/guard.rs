@@ -282,7 +282,7 @@ pub fn police_set((bytes, burst): &PoliceClass) -> String {
 }
 
 /// The meter of class `class`: `bwm_<bytes per second>_<burst bytes>`.
-fn police_meter((bytes, burst): &PoliceClass) -> String {
+pub fn police_meter((bytes, burst): &PoliceClass) -> String {
     format!("bwm_{bytes}_{burst}")
 }
 
