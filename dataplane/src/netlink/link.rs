@@ -564,6 +564,19 @@ impl Netlink {
         Ok(())
     }
 
+    /// Sends `msg`, a change to an existing link that the kernel takes only as `RTM_NEWLINK`:
+    /// a bridge's or a bridge port's options are link info, which `RTM_SETLINK` does not
+    /// read. `target` names the change in an error.
+    pub(super) fn change_link(
+        &mut self,
+        op: &'static str,
+        target: impl Fn() -> String,
+        msg: LinkMessage,
+    ) -> Result<(), NetlinkError> {
+        self.call(op, target, RouteNetlinkMessage::NewLink(msg), 0)?;
+        Ok(())
+    }
+
     /// Sets a link administratively up.
     pub fn set_up(&mut self, index: u32) -> Result<(), NetlinkError> {
         self.set_link(
@@ -778,13 +791,11 @@ impl Netlink {
 
     /// Turns hairpin mode of bridge port `index` on or off (see [`port_hairpin_message`]).
     pub fn set_port_hairpin(&mut self, index: u32, on: bool) -> Result<(), NetlinkError> {
-        self.call(
+        self.change_link(
             "set bridge port hairpin",
             || format!("link {index} hairpin {}", on_off(on)),
-            RouteNetlinkMessage::NewLink(port_hairpin_message(index, on)),
-            0,
-        )?;
-        Ok(())
+            port_hairpin_message(index, on),
+        )
     }
 
     /// Prepares a workload's host port in one request: hairpin `on`, alias `alias`, and no
@@ -854,24 +865,20 @@ impl Netlink {
     /// Turns IGMP and MLD snooping of bridge `index` on or off (see
     /// [`bridge_multicast_snooping_message`]). A kernel built without snooping ignores it.
     pub fn set_multicast_snooping(&mut self, index: u32, on: bool) -> Result<(), NetlinkError> {
-        self.call(
+        self.change_link(
             "set bridge multicast snooping",
             || format!("link {index} mcast_snooping {}", u8::from(on)),
-            RouteNetlinkMessage::NewLink(bridge_multicast_snooping_message(index, on)),
-            0,
-        )?;
-        Ok(())
+            bridge_multicast_snooping_message(index, on),
+        )
     }
 
     /// Gives bridge `index` weft's safeguards (see [`bridge_safeguards_message`]).
     pub fn set_bridge_safeguards(&mut self, index: u32) -> Result<(), NetlinkError> {
-        self.call(
+        self.change_link(
             "set bridge safeguards",
             || format!("link {index} no_linklocal_learn 1 nf_call_iptables 1 nf_call_ip6tables 1"),
-            RouteNetlinkMessage::NewLink(bridge_safeguards_message(index)),
-            0,
-        )?;
-        Ok(())
+            bridge_safeguards_message(index),
+        )
     }
 }
 

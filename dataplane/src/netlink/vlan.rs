@@ -158,13 +158,11 @@ impl Netlink {
     /// (`CONFIG_BRIDGE_VLAN_FILTERING` unset) answers `EOPNOTSUPP`
     /// ([`NetlinkError::is_not_supported`]).
     pub fn set_vlan_filtering(&mut self, index: u32, on: bool) -> Result<(), NetlinkError> {
-        self.call(
+        self.change_link(
             "set bridge vlan filtering",
             || format!("link {index} vlan_filtering {}", u8::from(on)),
-            RouteNetlinkMessage::NewLink(bridge_vlan_filtering_message(index, on)),
-            0,
-        )?;
-        Ok(())
+            bridge_vlan_filtering_message(index, on),
+        )
     }
 
     /// The VLANs of every port of every VLAN-filtering bridge, by port index (the bridges
