@@ -18,7 +18,6 @@ use weft_dataplane::netlink::{
 use weft_dataplane::netns::Netns;
 use weft_dataplane::proto::{self, Endpoint, Request};
 use weft_dataplane::state::{NetworkState, StateError};
-use weft_dataplane::sysctl;
 use weft_dataplane::tap::{TapSpec, create_persistent_tap};
 use weft_dataplane::vlan::VlanRange;
 
@@ -676,11 +675,6 @@ fn make_veth(
         }
         other => other.map_err(failed)?,
     };
-    // Before the peer's carrier comes on (see `sysctl::disable_port_ipv6`). Without it the
-    // port still works, with a route of its own in the node's IPv6 table.
-    if let Err(e) = sysctl::disable_port_ipv6(veth.host) {
-        warn!(error = %error::chain(&e), port = %veth.host, "IPv6 stays on on a workload's host port");
-    }
     Ok(Made {
         host,
         inner,

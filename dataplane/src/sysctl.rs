@@ -148,23 +148,6 @@ pub fn set_if_different(key: &str, value: &str) -> Result<bool, SysctlError> {
     Ok(true)
 }
 
-/// Switches IPv6 off on link `ifname` of the calling thread's namespace
-/// (`net/ipv6/conf/IFNAME/disable_ipv6` = 1), for a bridge port that only carries its
-/// workload's frames. The link gets no `ff00::/8` route of its own when its carrier comes on,
-/// so the node's IPv6 routing table does not grow with the ports, and the kernel's passes over
-/// that table (on every link's carrier change and deletion, under its routing lock) stay short;
-/// the link's own changes skip IPv6's handling altogether. Bridging and br_netfilter do not use
-/// a port's own IPv6. Returns whether it wrote: `false` on a kernel without IPv6
-/// (`ipv6.disable=1`), which has nothing to switch off. Set it before the carrier comes on:
-/// it removes the route again otherwise, with one more pass.
-pub fn disable_port_ipv6(ifname: &str) -> Result<bool, SysctlError> {
-    let key = format!("net/ipv6/conf/{ifname}/disable_ipv6");
-    match set(&key, "1") {
-        Err(e) if e.is_not_found() && !root().join("net/ipv6").exists() => Ok(false),
-        other => other.map(|()| true),
-    }
-}
-
 /// Multi-value sysctls (`net.ipv4.ip_local_port_range`) read back tab-separated.
 fn normalize(v: &str) -> String {
     v.split_whitespace().collect::<Vec<_>>().join(" ")
