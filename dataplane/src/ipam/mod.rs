@@ -3,12 +3,17 @@
 //!
 //! Layout: `<state_dir>/ipam/<network>/`
 //! - `lock`: every read-modify-write holds an exclusive `flock` on it for its whole duration,
-//!   so concurrent CNI processes (each with its own file descriptor) are serialized;
+//!   so concurrent CNI processes (each with its own file descriptor) are serialized; a read
+//!   holds it shared while it opens and reads the file;
 //! - `allocations.json`: the allocations and the last address handed out per family, as
 //!   compact JSON, replaced atomically (written to `allocations.json.tmp`, then exchanged with
 //!   it), so a process killed at any point leaves either the old or the new file, never a
-//!   torn one. A stale `allocations.json.tmp` left by a crash is ignored and overwritten by
-//!   the next write;
+//!   torn one. The exchange leaves the old state under the temporary name, and the next write
+//!   overwrites that file in place: a pod's ADD and DEL neither create nor unlink an inode
+//!   (on ext4 the inode's allocation and freeing cost more than the write). No reader can
+//!   have that file open then: it was `allocations.json` only before the last write, and
+//!   readers hold the lock shared until they have read it. A torn `allocations.json.tmp` left
+//!   by a crash is ignored and overwritten by the next write;
 //! - `reservations.json`: the VM reservations, replaced atomically the same way when they
 //!   change, and flushed to disk first.
 //!
@@ -26,8 +31,10 @@
 //! versions hold the reservations in `allocations.json`: they are read from there until the
 //! next change writes `reservations.json`.
 //!
-//! Reads ([`IpamStore::get`], [`IpamStore::list`]) take no lock: the atomic replacement makes
-//! every state they can see a complete one. Every operation reads the file; a process does not
+//! Reads ([`IpamStore::get`], [`IpamStore::list`]) hold the lock shared, so they wait only for
+//! a write under way (microseconds; a VM reservation's flush to disk at most), never for other
+//! reads; without waiting ([`IpamStore::without_waiting`]) a write under way makes them
+//! [`IpamError::Busy`] as it does a read-modify-write. Every operation reads the file; a process does not
 //! parse again a file that holds exactly the bytes it wrote last (it keeps their state), and
 //! its next write encodes only the allocations that changed, copying the others' bytes.
 //!
@@ -600,6 +607,23 @@ fn write_temp(tmp: &Path, bytes: &[u8]) -> Result<File, IpamError> {
     Ok(file)
 }
 
+/// Writes `bytes` over `tmp`, a temporary file kept from an earlier write (made when there is
+/// none), and cuts what the earlier content had beyond them; returns the file, still open.
+/// Never cut to nothing first: on ext4, a file truncated to zero and written again has its
+/// writeback started when it is closed (`auto_da_alloc`), a flush this file does not need.
+fn overwrite_temp(tmp: &Path, bytes: &[u8]) -> Result<File, IpamError> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(tmp)
+        .map_err(io("open", tmp))?;
+    file.write_all(bytes).map_err(io("write", tmp))?;
+    file.set_len(bytes.len() as u64)
+        .map_err(io("truncate", tmp))?;
+    Ok(file)
+}
+
 /// The error of a file that cannot be encoded.
 fn encode_failed(path: &Path) -> impl FnOnce(serde_json::Error) -> IpamError {
     let path = path.to_path_buf();
@@ -1141,7 +1165,11 @@ impl IpamStore {
     /// parsed otherwise.
     fn read_allocations<T>(&self, f: impl FnOnce(Cow<'_, StoreFile>) -> T) -> Result<T, IpamError> {
         let path = self.path();
-        let Some(bytes) = read_file(&path)? else {
+        let shared = self.lock_shared()?;
+        let read = read_file(&path);
+        // Read: a write may now overwrite the file this one replaced.
+        drop(shared);
+        let Some(bytes) = read? else {
             return Ok(f(Cow::Owned(StoreFile::default())));
         };
         if let Some(w) = WRITTEN
@@ -1218,6 +1246,47 @@ impl IpamStore {
         Ok(state)
     }
 
+    /// The store's lock held shared, for a read: `None` where no writer ever made the lock file
+    /// (no writer has then written the store's files either).
+    fn lock_shared(&self) -> Result<Option<File>, IpamError> {
+        let lock_path = self.dir.join(LOCK_FILE);
+        let lock = match File::open(&lock_path) {
+            Ok(lock) => lock,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(IpamError::Lock {
+                    path: lock_path,
+                    source,
+                });
+            }
+        };
+        self.hold(&lock, lock_path, File::lock_shared, File::try_lock_shared)?;
+        Ok(Some(lock))
+    }
+
+    /// Takes `lock` (the file at `lock_path`) with `wait_for`, or with `try_now` for a store
+    /// that does not wait: held by another operation, that is [`IpamError::Busy`].
+    fn hold(
+        &self,
+        lock: &File,
+        lock_path: PathBuf,
+        wait_for: fn(&File) -> std::io::Result<()>,
+        try_now: fn(&File) -> Result<(), fs::TryLockError>,
+    ) -> Result<(), IpamError> {
+        let failed = |source| IpamError::Lock {
+            path: lock_path.clone(),
+            source,
+        };
+        if self.wait {
+            return wait_for(lock).map_err(failed);
+        }
+        match try_now(lock) {
+            Ok(()) => Ok(()),
+            Err(fs::TryLockError::WouldBlock) => Err(IpamError::Busy { path: lock_path }),
+            Err(fs::TryLockError::Error(source)) => Err(failed(source)),
+        }
+    }
+
     /// Read-modify-write under the exclusive lock; `f` returns its result and whether it
     /// changed the state (nothing is written otherwise).
     fn modify<T>(
@@ -1235,25 +1304,7 @@ impl IpamStore {
                 path: lock_path.clone(),
                 source,
             })?;
-        if self.wait {
-            lock.lock().map_err(|source| IpamError::Lock {
-                path: lock_path,
-                source,
-            })?;
-        } else {
-            match lock.try_lock() {
-                Ok(()) => {}
-                Err(fs::TryLockError::WouldBlock) => {
-                    return Err(IpamError::Busy { path: lock_path });
-                }
-                Err(fs::TryLockError::Error(source)) => {
-                    return Err(IpamError::Lock {
-                        path: lock_path,
-                        source,
-                    });
-                }
-            }
-        }
+        self.hold(&lock, lock_path, File::lock, File::try_lock)?;
         let (mut state, own_file, prev) = self.take()?;
         let reservations = state.reservations.clone();
         let (out, changed) = f(&mut state)?;
@@ -1289,13 +1340,16 @@ impl IpamStore {
         Ok(out)
     }
 
-    /// Replaces `allocations.json` atomically, without a flush to disk: the new file is
-    /// exchanged with the old one, which is then unlinked (a plain rename where the old one
-    /// does not exist or the file system cannot exchange).
+    /// Replaces `allocations.json` atomically, without a flush to disk: the new state is
+    /// written over the temporary file (the state before the last write, or a crash's torn
+    /// write), which is then exchanged with `allocations.json`, and keeps the old state for the
+    /// next write to overwrite; a plain rename where the old file does not exist or the file
+    /// system cannot exchange. Called with the exclusive lock held: no reader has the
+    /// temporary file open (see the module's documentation).
     fn write_allocations(&self, bytes: &[u8]) -> Result<(), IpamError> {
         let tmp = self.dir.join(ALLOCATIONS_TMP_FILE);
         let path = self.path();
-        drop(write_temp(&tmp, bytes)?);
+        drop(overwrite_temp(&tmp, bytes)?);
         match rustix::fs::renameat_with(
             rustix::fs::CWD,
             tmp.as_path(),
@@ -1303,13 +1357,7 @@ impl IpamStore {
             path.as_path(),
             rustix::fs::RenameFlags::EXCHANGE,
         ) {
-            // The old state, now under the temporary name: the next write overwrites what
-            // cannot be removed.
-            Ok(()) => {
-                if let Err(e) = fs::remove_file(&tmp) {
-                    debug!(path = %tmp.display(), error = %e, "cannot remove the replaced allocations");
-                }
-            }
+            Ok(()) => {}
             Err(e) if e == rustix::io::Errno::NOENT || e == rustix::io::Errno::INVAL => {
                 fs::rename(&tmp, &path).map_err(io("rename to", &path))?;
             }

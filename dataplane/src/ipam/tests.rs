@@ -178,12 +178,79 @@ fn a_store_that_does_not_wait_fails_busy_while_another_holds_its_lock_and_change
     let e = quick.release(&att("a")).unwrap_err();
     assert!(e.is_busy(), "{e}");
     assert_eq!(fs::read(s.path()).unwrap(), before, "nothing changed");
-    // Reads take no lock.
-    assert_eq!(quick.list().unwrap().len(), 1);
+    // A read holds the lock shared: busy too without waiting, and a waiting one waits.
+    assert!(quick.list().unwrap_err().is_busy());
+    assert!(quick.get(&att("a")).unwrap_err().is_busy());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = {
+        let s = s.clone();
+        std::thread::spawn(move || tx.send(s.list().map(|l| l.len())).unwrap())
+    };
+    assert!(
+        rx.recv_timeout(std::time::Duration::from_millis(200))
+            .is_err(),
+        "a read waits while a write holds the lock"
+    );
     held.unlock().unwrap();
+    assert_eq!(rx.recv().unwrap().unwrap(), 1);
+    reader.join().unwrap();
     let b = quick.allocate(&v4_pool(), req("b")).unwrap();
     assert_eq!(quick.get(&att("b")).unwrap(), Some(b));
     assert!(quick.release(&att("a")).unwrap().is_some());
+}
+
+#[test]
+fn reads_share_the_lock_with_each_other_but_not_with_a_write() {
+    let (dir, s) = store();
+    s.allocate(&v4_pool(), req("a")).unwrap();
+    // Another process's read: a shared lock on its own open file description.
+    let reading = File::open(dir.path().join("ipam/net").join(LOCK_FILE)).unwrap();
+    reading.lock_shared().unwrap();
+    let quick = s.clone().without_waiting();
+    assert_eq!(quick.list().unwrap().len(), 1, "reads go on beside a read");
+    assert!(quick.allocate(&v4_pool(), req("b")).unwrap_err().is_busy());
+    reading.unlock().unwrap();
+    quick.allocate(&v4_pool(), req("b")).unwrap();
+}
+
+#[test]
+fn a_write_overwrites_the_file_the_last_one_replaced_and_makes_no_new_one() {
+    let (_d, s) = store();
+    let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&fs::metadata(p).unwrap());
+    let tmp = s.dir().join(ALLOCATIONS_TMP_FILE);
+    s.allocate(&v4_pool(), req("a")).unwrap();
+    let first = inode(&s.path());
+    let after_first = fs::read(s.path()).unwrap();
+    s.allocate(&v4_pool(), req("b")).unwrap();
+    let second = inode(&s.path());
+    assert_ne!(first, second);
+    // The state before, kept under the temporary name, whole.
+    assert_eq!(inode(&tmp), first);
+    assert_eq!(fs::read(&tmp).unwrap(), after_first);
+    // Two files from now on, taking turns; shorter states cut what the longer ones left.
+    for (i, id) in ["c", "d", "e"].into_iter().enumerate() {
+        s.allocate(&v4_pool(), req(id)).unwrap();
+        let (now, kept) = if i % 2 == 0 {
+            (first, second)
+        } else {
+            (second, first)
+        };
+        assert_eq!((inode(&s.path()), inode(&tmp)), (now, kept), "write {i}");
+    }
+    for id in ["a", "b", "c", "d"] {
+        s.release(&att(id)).unwrap();
+        let file: serde_json::Value = serde_json::from_slice(&fs::read(s.path()).unwrap()).unwrap();
+        assert!([first, second].contains(&inode(&s.path())));
+        assert!(
+            file["allocations"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|a| a["container_id"] != id),
+            "{file}"
+        );
+    }
+    assert_eq!(s.list().unwrap().len(), 1);
 }
 
 #[test]
@@ -648,7 +715,14 @@ fn a_stale_temp_file_from_a_crash_is_ignored() {
     assert_eq!(s.list().unwrap(), vec![a.clone()]);
     let b = s.allocate(&v4_pool(), req("b")).unwrap();
     assert_eq!(s.list().unwrap(), vec![a, b]);
-    assert!(!s.dir().join(ALLOCATIONS_TMP_FILE).exists());
+    // Overwritten: it holds the state before, whole.
+    let kept: serde_json::Value =
+        serde_json::from_slice(&fs::read(s.dir().join(ALLOCATIONS_TMP_FILE)).unwrap()).unwrap();
+    assert_eq!(
+        kept["allocations"].as_array().map(Vec::len),
+        Some(1),
+        "{kept}"
+    );
 }
 
 #[test]
@@ -1095,7 +1169,6 @@ fn the_reservations_have_their_own_file_which_a_pod_never_rewrites() {
     let pod = s.allocate(&v4_pool(), req("pod")).unwrap();
     s.release(&pod.attachment()).unwrap();
     assert_eq!(inode(&reservations), before);
-    assert!(!s.dir().join(ALLOCATIONS_TMP_FILE).exists());
     assert!(!s.dir().join(RESERVATIONS_TMP_FILE).exists());
     assert_eq!(s.reservations().unwrap()[0].ips, vm.ips);
 }

@@ -568,9 +568,10 @@ async fn detach(
     with_extras: bool,
 ) -> Reply {
     let ready = server.is_ready();
-    // Reads of the stores, which take no lock: on this thread. The interface is detached from
-    // the network that holds it: the conflist's, unless the pod's annotation put it on another
-    // (its first entry), which the DEL does not name.
+    // Reads of the stores, which hold their locks shared and wait only for a write under way:
+    // on this thread. The interface is detached from the network that holds it: the
+    // conflist's, unless the pod's annotation put it on another (its first entry), which the
+    // DEL does not name.
     let related = server.attachments.related(container_id, ifname);
     // The runtime's DEL (with extras) of a name that is another interface's child leaves it.
     let own = related.owners_or(network, with_extras);
