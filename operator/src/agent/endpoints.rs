@@ -1,7 +1,8 @@
 //! The endpoints on this node: registered by the CNI, and rebuilt from the IPAM store (which
 //! survives agent restarts) at start and on every resync.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tracing::warn;
@@ -288,6 +289,102 @@ impl EndpointStore {
     }
 }
 
+/// The workload addresses (link-local ones included) and host ports the node's endpoints hold,
+/// each counted by the endpoints holding it (two do during a live migration), kept up to date
+/// by the endpoints' changes; and those no endpoint holds any more since they were last taken
+/// ([`Departures::take_gone`]), whose per-address state the kernel's dynamic sets may still
+/// hold.
+#[derive(Debug, Default)]
+pub struct Departures {
+    addresses: BTreeMap<IpAddr, usize>,
+    ports: BTreeMap<String, usize>,
+    gone_addresses: BTreeSet<IpAddr>,
+    gone_ports: BTreeSet<String>,
+}
+
+impl Departures {
+    /// Follows the endpoints' changes since the last call: `Some` when they are known (the old
+    /// versions removed, the new ones added), `None` otherwise, when every endpoint of
+    /// `endpoints` is counted anew.
+    pub fn follow<'a>(
+        &mut self,
+        changes: Option<&Changes>,
+        endpoints: impl Iterator<Item = &'a Endpoint>,
+    ) {
+        let Some(changes) = changes else {
+            let before = std::mem::take(self);
+            for e in endpoints {
+                self.add(e);
+            }
+            self.gone_addresses = before.gone_addresses;
+            self.gone_ports = before.gone_ports;
+            for ip in before.addresses.keys() {
+                if !self.addresses.contains_key(ip) {
+                    self.gone_addresses.insert(*ip);
+                }
+            }
+            for port in before.ports.keys() {
+                if !self.ports.contains_key(port) {
+                    self.gone_ports.insert(port.clone());
+                }
+            }
+            self.gone_addresses
+                .retain(|ip| !self.addresses.contains_key(ip));
+            self.gone_ports.retain(|p| !self.ports.contains_key(p));
+            return;
+        };
+        for e in &changes.removed {
+            self.remove(e);
+        }
+        for e in &changes.added {
+            self.add(e);
+        }
+    }
+
+    fn add(&mut self, e: &Endpoint) {
+        for ip in crate::agent::plan::addresses_of(e) {
+            *self.addresses.entry(ip).or_default() += 1;
+            self.gone_addresses.remove(&ip);
+        }
+        *self.ports.entry(e.host_ifname.clone()).or_default() += 1;
+        self.gone_ports.remove(&e.host_ifname);
+    }
+
+    fn remove(&mut self, e: &Endpoint) {
+        for ip in crate::agent::plan::addresses_of(e) {
+            if let Some(n) = self.addresses.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    self.addresses.remove(&ip);
+                    self.gone_addresses.insert(ip);
+                }
+            }
+        }
+        if let Some(n) = self.ports.get_mut(&e.host_ifname) {
+            *n -= 1;
+            if *n == 0 {
+                self.ports.remove(&e.host_ifname);
+                self.gone_ports.insert(e.host_ifname.clone());
+            }
+        }
+    }
+
+    /// Whether any address or port left since the last take.
+    pub fn any_gone(&self) -> bool {
+        !self.gone_addresses.is_empty() || !self.gone_ports.is_empty()
+    }
+
+    /// The addresses and ports that left since the last take, forgotten.
+    pub fn take_gone(&mut self) -> (Vec<IpAddr>, Vec<String>) {
+        (
+            std::mem::take(&mut self.gone_addresses)
+                .into_iter()
+                .collect(),
+            std::mem::take(&mut self.gone_ports).into_iter().collect(),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,6 +408,102 @@ mod tests {
             port_mappings: vec![],
             bandwidth: None,
         }
+    }
+
+    fn with_mac(mut e: Endpoint, mac: &str) -> Endpoint {
+        e.mac = mac.into();
+        e
+    }
+
+    fn ips(list: &[&str]) -> Vec<IpAddr> {
+        let mut v: Vec<IpAddr> = list.iter().map(|s| s.parse().unwrap()).collect();
+        v.sort();
+        v
+    }
+
+    /// The store's changes since the last take, followed.
+    fn follow(d: &mut Departures, eps: &mut EndpointStore) {
+        let changes = eps.take_changes();
+        d.follow(changes.as_ref(), eps.iter());
+    }
+
+    #[test]
+    fn departures_are_the_addresses_and_ports_no_endpoint_holds_any_more() {
+        let mut eps = EndpointStore::default();
+        let mut d = Departures::default();
+        eps.register(with_mac(ep("a", "10.0.0.2", false), "0a:58:0a:00:00:02"));
+        eps.register(with_mac(ep("b", "10.0.0.3", false), "0a:58:0a:00:00:03"));
+        follow(&mut d, &mut eps);
+        assert!(!d.any_gone());
+        eps.unregister("n", "a", "eth0");
+        follow(&mut d, &mut eps);
+        assert!(d.any_gone());
+        let (gone, ports) = d.take_gone();
+        // Its link-local address too, from its MAC.
+        assert_eq!(gone, ips(&["10.0.0.2", "fe80::858:aff:fe00:2"]));
+        assert_eq!(ports, ["wfa"]);
+        assert_eq!(d.take_gone(), (vec![], vec![]), "taken once");
+        // Back before the take: not gone.
+        eps.unregister("n", "b", "eth0");
+        follow(&mut d, &mut eps);
+        eps.register(with_mac(ep("b", "10.0.0.3", false), "0a:58:0a:00:00:03"));
+        follow(&mut d, &mut eps);
+        assert!(!d.any_gone());
+    }
+
+    #[test]
+    fn an_address_two_endpoints_hold_stays_while_one_of_them_does() {
+        let mut eps = EndpointStore::default();
+        let mut d = Departures::default();
+        // A live migration: the VM's address on its source port and its pending target's.
+        eps.register(ep("src", "10.0.0.9", false));
+        eps.register(ep("dst", "10.0.0.9", true));
+        follow(&mut d, &mut eps);
+        eps.unregister("n", "src", "eth0");
+        follow(&mut d, &mut eps);
+        assert_eq!(d.take_gone(), (vec![], vec!["wfsrc".to_string()]));
+        eps.unregister("n", "dst", "eth0");
+        follow(&mut d, &mut eps);
+        assert_eq!(
+            d.take_gone(),
+            (
+                ips(&["10.0.0.9", "fe80::858:aff:fe0a:2"]),
+                vec!["wfdst".to_string()]
+            )
+        );
+    }
+
+    #[test]
+    fn unknown_changes_count_every_endpoint_anew_and_keep_what_left_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut eps = EndpointStore::default();
+        let mut d = Departures::default();
+        eps.register(with_mac(ep("a", "10.0.0.2", false), "0a:58:0a:00:00:02"));
+        eps.register(with_mac(ep("b", "10.0.0.3", false), "0a:58:0a:00:00:03"));
+        eps.register(with_mac(ep("c", "10.0.0.4", false), "0a:58:0a:00:00:04"));
+        follow(&mut d, &mut eps);
+        eps.unregister("n", "c", "eth0");
+        follow(&mut d, &mut eps);
+        // A resync (here of an empty store, which keeps none) makes the changes unknown.
+        eps.resync(dir.path());
+        eps.register(with_mac(ep("b", "10.0.0.3", false), "0a:58:0a:00:00:03"));
+        let changes = eps.take_changes();
+        assert_eq!(changes, None);
+        d.follow(changes.as_ref(), eps.iter());
+        let (gone, ports) = d.take_gone();
+        assert_eq!(
+            gone,
+            ips(&[
+                "10.0.0.2",
+                "10.0.0.4",
+                "fe80::858:aff:fe00:2",
+                "fe80::858:aff:fe00:4"
+            ])
+        );
+        assert_eq!(ports, ["wfa", "wfc"]);
+        eps.unregister("n", "b", "eth0");
+        follow(&mut d, &mut eps);
+        assert_eq!(d.take_gone().1, ["wfb"], "counted anew, then followed");
     }
 
     #[test]

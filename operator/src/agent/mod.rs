@@ -24,7 +24,7 @@ use install::CniInstall;
 use plan::{NodeContext, PlanOutput};
 use serde::Serialize;
 use source::ResourceSource;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -518,11 +518,10 @@ struct Reconciler {
     reaper: reaper::Reaper,
     /// Keeps the kernel's traffic mirrors to the plan.
     mirrors: mirror::Mirrors,
-    /// The workload addresses of this node when the plan was last applied: one that is gone
-    /// has its per-address state purged from the kernel's dynamic sets.
-    addresses: BTreeSet<IpAddr>,
-    /// The names of this node's workload ports then, the same way for the per-port counters.
-    ports: BTreeSet<String>,
+    /// The workload addresses and ports of this node's endpoints, and those that left since
+    /// the last successful apply: a gone address has its per-address state purged from the
+    /// kernel's dynamic sets, a gone port its counters.
+    departures: endpoints::Departures,
     /// The registrations the reconcile under way serves: answered as soon as their rules are
     /// in force ([`answer_applied`]), before the status and metrics are brought
     /// up to date; whatever is left here is answered after the reconcile.
@@ -584,21 +583,11 @@ impl Reconciler {
     /// since the last apply ([`firewall::purge_addresses`]); a failure is logged and the
     /// elements stay (they are counts, not permissions).
     async fn purge_gone_addresses(&mut self) {
-        let now: BTreeSet<IpAddr> = self.endpoints.iter().flat_map(plan::addresses_of).collect();
-        let gone: Vec<IpAddr> = self.addresses.difference(&now).copied().collect();
-        self.addresses = now;
-        let now_ports: BTreeSet<String> = self
-            .endpoints
-            .iter()
-            .map(|e| e.host_ifname.clone())
-            .collect();
-        let gone_ports: Vec<String> = self.ports.difference(&now_ports).cloned().collect();
-        self.ports = now_ports;
-        let Some(applied) = self
-            .applied
-            .as_ref()
-            .filter(|_| !gone.is_empty() || !gone_ports.is_empty())
-        else {
+        if !self.departures.any_gone() {
+            return;
+        }
+        let (gone, gone_ports) = self.departures.take_gone();
+        let Some(applied) = self.applied.as_ref() else {
             return;
         };
         let plan = &applied.out.plan;
@@ -653,6 +642,9 @@ impl Reconciler {
         // A registration changes the plan applied last in place when it can: its elements
         // only, no recompile (see `plan::apply_endpoint_changes`).
         let changes = self.endpoints.take_changes();
+        // Counted at each change rather than over every endpoint after each registration.
+        self.departures
+            .follow(changes.as_ref(), self.endpoints.iter());
         let in_place = match (self.applied.as_mut(), changes) {
             (Some(a), Some(c))
                 if reason == Trigger::Endpoints && a.ok && Arc::ptr_eq(&a.resources, &res) =>
@@ -1269,8 +1261,7 @@ pub async fn run(
         resyncs: 0,
         reaper,
         mirrors: mirror::Mirrors::spawn(),
-        addresses: BTreeSet::new(),
-        ports: BTreeSet::new(),
+        departures: endpoints::Departures::default(),
         waiting: Vec::new(),
     };
     let mirrors = rec.mirrors.clone();
