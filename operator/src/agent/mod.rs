@@ -19,7 +19,7 @@ pub mod source;
 
 use crate::model::{NodeBlocks, Problem, Resources};
 use backon::BackoffBuilder as _;
-use endpoints::EndpointStore;
+use endpoints::{Changes, EndpointStore};
 use install::CniInstall;
 use plan::{NodeContext, PlanOutput};
 use serde::Serialize;
@@ -478,10 +478,50 @@ impl StatusFile {
     }
 }
 
+/// Brings `ports`, the workload ports of the metrics, up to date: by the endpoints' `changes`
+/// when given (`ports` was last brought up to date with these resources, `res`: a port's
+/// limits depend on them), else anew from every endpoint of `endpoints`. The order of the
+/// ports is not kept.
+fn follow_workload_ports<'a>(
+    ports: &mut Vec<metrics::WorkloadPort>,
+    res: &Resources,
+    changes: Option<&Changes>,
+    endpoints: impl Iterator<Item = &'a Endpoint>,
+) {
+    let port = |e: &Endpoint| metrics::WorkloadPort {
+        limits: limits::of(res, e).0,
+        host_ifname: e.host_ifname.clone(),
+        namespace: e.pod_namespace.clone().unwrap_or_else(|| "default".into()),
+        pod: e.pod_name.clone().unwrap_or_default(),
+        network: e.network.clone(),
+        interface: e.ifname.clone(),
+        ips: plan::addresses_of(e),
+    };
+    let Some(c) = changes else {
+        *ports = endpoints.map(port).collect();
+        return;
+    };
+    for e in &c.removed {
+        let of = |p: &metrics::WorkloadPort| {
+            p.host_ifname == e.host_ifname && p.network == e.network && p.interface == e.ifname
+        };
+        if let Some(i) = ports.iter().position(of) {
+            ports.swap_remove(i);
+        }
+    }
+    ports.extend(c.added.iter().map(port));
+}
+
 struct Reconciler {
     status_file: StatusFile,
     /// The workload interfaces the `workload_*` metrics report (`--workload-metrics`).
     workload_ports: metrics::WorkloadPorts,
+    /// The resources `workload_ports` was last brought up to date with, which the endpoints'
+    /// changes since can update; `None`: it is built anew from every endpoint.
+    ports_of: Option<Arc<Resources>>,
+    /// Whether `<state>/node.json` says this agent is ready, as the last look at it found or
+    /// its write made it: a registration then does not read it again.
+    node_state_ready: bool,
     cfg: AgentConfig,
     source: Box<dyn ResourceSource>,
     endpoints: EndpointStore,
@@ -645,7 +685,9 @@ impl Reconciler {
         // Counted at each change rather than over every endpoint after each registration.
         self.departures
             .follow(changes.as_ref(), self.endpoints.iter());
-        let in_place = match (self.applied.as_mut(), changes) {
+        // Until they follow these changes (a return on the way leaves them to a full build).
+        let ports_of = self.ports_of.take();
+        let in_place = match (self.applied.as_mut(), changes.as_ref()) {
             (Some(a), Some(c))
                 if reason == Trigger::Endpoints && a.ok && Arc::ptr_eq(&a.resources, &res) =>
             {
@@ -897,12 +939,20 @@ impl Reconciler {
                     reconciled_at: now(),
                     version: env!("CARGO_PKG_VERSION").to_string(),
                 };
-                if NodeState::read(&self.cfg.state_dir)
-                    .ok()
-                    .is_none_or(|s| !s.ready || s.agent_socket != node_state.agent_socket)
-                    && let Err(e) = node_state.write(&self.cfg.state_dir)
-                {
-                    warn!(error = %crate::error_chain(&e), "cannot write node state");
+                // A registration trusts what the last look found or the last write made;
+                // every other reconcile looks (someone may have removed the file).
+                if reason != Trigger::Endpoints || !self.node_state_ready {
+                    self.node_state_ready = NodeState::read(&self.cfg.state_dir)
+                        .ok()
+                        .is_some_and(|s| s.ready && s.agent_socket == node_state.agent_socket);
+                }
+                if !self.node_state_ready {
+                    match node_state.write(&self.cfg.state_dir) {
+                        Ok(()) => self.node_state_ready = true,
+                        Err(e) => {
+                            warn!(error = %crate::error_chain(&e), "cannot write node state");
+                        }
+                    }
                 }
                 Ok(())
             }
@@ -935,22 +985,18 @@ impl Reconciler {
         }
         self.source.report(&self.status);
         self.status_file.publish(&self.status);
-        if let Ok(mut ports) = self.workload_ports.lock() {
-            *ports = self
-                .endpoints
-                .iter()
-                .map(|e| metrics::WorkloadPort {
-                    limits: limits::of(&res, e).0,
-                    host_ifname: e.host_ifname.clone(),
-                    namespace: e.pod_namespace.clone().unwrap_or_else(|| "default".into()),
-                    pod: e.pod_name.clone().unwrap_or_default(),
-                    network: e.network.clone(),
-                    interface: e.ifname.clone(),
-                    ips: plan::addresses_of(e),
-                })
-                .collect();
-        }
+        let same = ports_of.is_some_and(|r| Arc::ptr_eq(&r, &res));
+        self.update_workload_ports(&res, changes.as_ref().filter(|_| same));
         outcome
+    }
+
+    /// Brings the workload ports of the metrics up to date ([`follow_workload_ports`]).
+    fn update_workload_ports(&mut self, res: &Arc<Resources>, changes: Option<&Changes>) {
+        let Ok(mut ports) = self.workload_ports.lock() else {
+            return;
+        };
+        follow_workload_ports(&mut ports, res, changes, self.endpoints.iter());
+        self.ports_of = Some(Arc::clone(res));
     }
 
     fn handle(&mut self, req: &Request) -> Option<Reply> {
@@ -1262,6 +1308,8 @@ pub async fn run(
         reaper,
         mirrors: mirror::Mirrors::spawn(),
         departures: endpoints::Departures::default(),
+        ports_of: None,
+        node_state_ready: false,
         waiting: Vec::new(),
     };
     let mirrors = rec.mirrors.clone();
@@ -1485,6 +1533,75 @@ pub fn cleanup(cfg: &AgentConfig) -> anyhow::Result<Vec<String>> {
         }
     }
     Ok(report.changes)
+}
+
+#[cfg(test)]
+mod workload_ports_tests {
+    use super::*;
+
+    fn ep(cid: &str, ip: &str, pod: &str) -> Endpoint {
+        Endpoint {
+            network: "n".into(),
+            container_id: cid.into(),
+            ifname: "eth0".into(),
+            host_ifname: format!("wf{cid}"),
+            mac: "0a:58:0a:00:00:02".into(),
+            ips: vec![ip.parse().unwrap()],
+            pod_namespace: Some("ns".into()),
+            pod_name: Some(pod.into()),
+            netns: None,
+            vm: None,
+            pending: false,
+            vlan_trunk: vec![],
+            port_mappings: vec![],
+            bandwidth: None,
+        }
+    }
+
+    fn sorted(ports: &[metrics::WorkloadPort]) -> Vec<(String, String, Vec<IpAddr>)> {
+        let mut v: Vec<_> = ports
+            .iter()
+            .map(|p| (p.host_ifname.clone(), p.pod.clone(), p.ips.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn the_ports_followed_change_by_change_are_those_built_from_every_endpoint() {
+        let res = Resources::default();
+        let mut eps = EndpointStore::default();
+        let mut ports = Vec::new();
+        let follow = |eps: &mut EndpointStore, ports: &mut Vec<metrics::WorkloadPort>| {
+            let changes = eps.take_changes();
+            follow_workload_ports(ports, &res, changes.as_ref(), eps.iter());
+            let mut all = Vec::new();
+            follow_workload_ports(&mut all, &res, None, eps.iter());
+            assert_eq!(sorted(ports), sorted(&all));
+        };
+        for (cid, ip) in [("a", "10.0.0.2"), ("b", "10.0.0.3"), ("c", "10.0.0.4")] {
+            eps.register(ep(cid, ip, cid));
+        }
+        follow(&mut eps, &mut ports);
+        assert_eq!(ports.len(), 3);
+        eps.unregister("n", "b", "eth0");
+        eps.register(ep("d", "10.0.0.5", "d"));
+        // A changed endpoint: its old port goes, the new one comes.
+        eps.register(ep("c", "10.0.0.4", "c-renamed"));
+        follow(&mut eps, &mut ports);
+        assert_eq!(
+            sorted(&ports)
+                .iter()
+                .map(|p| p.1.as_str())
+                .collect::<Vec<_>>(),
+            ["a", "c-renamed", "d"]
+        );
+        eps.unregister("n", "a", "eth0");
+        eps.unregister("n", "c", "eth0");
+        eps.unregister("n", "d", "eth0");
+        follow(&mut eps, &mut ports);
+        assert!(ports.is_empty());
+    }
 }
 
 #[cfg(test)]
