@@ -34,9 +34,10 @@
 //! Reads ([`IpamStore::get`], [`IpamStore::list`]) hold the lock shared, so they wait only for
 //! a write under way (microseconds; a VM reservation's flush to disk at most), never for other
 //! reads; without waiting ([`IpamStore::without_waiting`]) a write under way makes them
-//! [`IpamError::Busy`] as it does a read-modify-write. Every operation reads the file; a process does not
-//! parse again a file that holds exactly the bytes it wrote last (it keeps their state), and
-//! its next write encodes only the allocations that changed, copying the others' bytes.
+//! [`IpamError::Busy`] as it does a read-modify-write. Every operation reads the file; a
+//! process does not parse again a file that holds exactly the bytes it wrote last (it keeps
+//! their state), and its next write encodes only the allocations that changed, copying the
+//! others' bytes.
 //!
 //! Allocation rules are in [`IpamStore::allocate`].
 
@@ -1167,7 +1168,8 @@ impl IpamStore {
         let path = self.path();
         let shared = self.lock_shared()?;
         let read = read_file(&path);
-        // Read: a write may now overwrite the file this one replaced.
+        // Read whole and closed: the next write may overwrite this file once a write after
+        // this one has exchanged it out.
         drop(shared);
         let Some(bytes) = read? else {
             return Ok(f(Cow::Owned(StoreFile::default())));
