@@ -386,12 +386,13 @@ impl Departures {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use weft_dataplane::ipam::{AllocRequest, Attachment, Pool};
     use weft_dataplane::proto::PortMapping;
 
-    fn ep(cid: &str, ip: &str, pending: bool) -> Endpoint {
+    /// Endpoint `eth0` of container `cid` on network `n`, with address `ip`.
+    pub(crate) fn ep(cid: &str, ip: &str, pending: bool) -> Endpoint {
         Endpoint {
             network: "n".into(),
             container_id: cid.into(),

@@ -1541,20 +1541,9 @@ mod workload_ports_tests {
 
     fn ep(cid: &str, ip: &str, pod: &str) -> Endpoint {
         Endpoint {
-            network: "n".into(),
-            container_id: cid.into(),
-            ifname: "eth0".into(),
-            host_ifname: format!("wf{cid}"),
-            mac: "0a:58:0a:00:00:02".into(),
-            ips: vec![ip.parse().unwrap()],
             pod_namespace: Some("ns".into()),
             pod_name: Some(pod.into()),
-            netns: None,
-            vm: None,
-            pending: false,
-            vlan_trunk: vec![],
-            port_mappings: vec![],
-            bandwidth: None,
+            ..endpoints::tests::ep(cid, ip, false)
         }
     }
 
