@@ -340,7 +340,7 @@ fn add_here(conf: &Conf, env: &Env, ask: &Ask) -> Result<CniResult, CniError> {
         (Some(namespace), Some(name)) => identity(conf, namespace, name)?,
         _ => Identity::default(),
     };
-    let held = attachment::held(&conf.state_dir, ask, &identity);
+    let held = attachment::held(&conf.state_dir, ask, &identity, true)?;
     let list = attachment::interfaces(ask, &identity, &held).map_err(ask_error)?;
     if let Some(network) = attachment::marked_default_route(&identity) {
         attachment::check_default_route(&read_network(conf, &network)?).map_err(ask_error)?;

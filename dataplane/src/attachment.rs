@@ -274,13 +274,20 @@ pub fn interfaces(
 /// on the configuration's Network, whose store refuses the name itself when another ADD's
 /// interface holds it there ([`crate::ipam::IpamError::InterfaceTaken`]): that store is not
 /// read, so a node with one Network reads none.
-pub fn held(state_dir: &std::path::Path, ask: &Ask, identity: &Identity) -> Vec<Held> {
+/// With stores that wait for their lock or not (`wait`): without waiting, a store whose lock a
+/// write holds makes it [`crate::ipam::IpamError::Busy`].
+pub fn held(
+    state_dir: &std::path::Path,
+    ask: &Ask,
+    identity: &Identity,
+    wait: bool,
+) -> Result<Vec<Held>, crate::ipam::IpamError> {
     let annotated = identity
         .networks
         .as_deref()
         .is_some_and(|n| !n.trim().is_empty());
     let skip = ask.network.as_deref().filter(|_| !annotated);
-    IpamStore::held(state_dir, &ask.container_id, skip)
+    IpamStore::held_or_busy(state_dir, &ask.container_id, skip, wait)
 }
 
 /// The Network the pod's annotation marks `defaultRoute`, if it marks one.

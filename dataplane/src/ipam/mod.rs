@@ -797,15 +797,29 @@ impl IpamStore {
     /// Every interface container `container_id` holds, on every network under `state_dir` but
     /// `skip`, by network. A store that cannot be read is skipped.
     pub fn held(state_dir: &Path, container_id: &str, skip: Option<&str>) -> Vec<Held> {
+        // A store that waits for its lock is never busy.
+        Self::held_or_busy(state_dir, container_id, skip, true).unwrap_or_default()
+    }
+
+    /// [`IpamStore::held`], with stores that wait for their lock or not (`wait`): without
+    /// waiting, a store whose lock a write holds makes it [`IpamError::Busy`] (the others that
+    /// cannot be read are skipped).
+    pub fn held_or_busy(
+        state_dir: &Path,
+        container_id: &str,
+        skip: Option<&str>,
+        wait: bool,
+    ) -> Result<Vec<Held>, IpamError> {
         let mut out = Vec::new();
         for network in Self::networks(state_dir) {
             if skip == Some(network.as_str()) {
                 continue;
             }
-            let Ok(store) = Self::open(state_dir, &network) else {
+            let Ok(mut store) = Self::open(state_dir, &network) else {
                 continue;
             };
-            let _ = store.read_allocations(|state| {
+            store.wait = wait;
+            let read = store.read_allocations(|state| {
                 out.extend(
                     state
                         .allocations
@@ -818,8 +832,13 @@ impl IpamStore {
                         }),
                 );
             });
+            if let Err(e) = read
+                && e.is_busy()
+            {
+                return Err(e);
+            }
         }
-        out
+        Ok(out)
     }
 
     /// Container `container_id`'s allocations related to its interface `ifname`, on every
@@ -830,6 +849,18 @@ impl IpamStore {
     /// read is skipped.
     pub fn related(state_dir: &Path, container_id: &str, ifname: &str) -> Related {
         Related::of(&Self::held(state_dir, container_id, None), ifname)
+    }
+
+    /// [`IpamStore::related`], with stores that wait for their lock or not (`wait`): see
+    /// [`IpamStore::held_or_busy`].
+    pub fn related_or_busy(
+        state_dir: &Path,
+        container_id: &str,
+        ifname: &str,
+        wait: bool,
+    ) -> Result<Related, IpamError> {
+        let held = Self::held_or_busy(state_dir, container_id, None, wait)?;
+        Ok(Related::of(&held, ifname))
     }
 
     /// `(network, ifname)` of every allocation under `state_dir`, on any network, of container

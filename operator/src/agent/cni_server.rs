@@ -138,7 +138,17 @@ impl Attachments {
         identity: &Identity,
         wait: bool,
     ) -> Result<Vec<(Attached, Endpoint)>, AllocFailure> {
-        let held = attachment::held(&self.state_dir, ask, identity);
+        let held = attachment::held(&self.state_dir, ask, identity, wait).map_err(|e| {
+            if e.is_busy() {
+                AllocFailure::Busy
+            } else {
+                AllocFailure::Refused(AskError {
+                    code: e.cni_code(),
+                    msg: e.summary().to_string(),
+                    details: crate::error_chain(&e),
+                })
+            }
+        })?;
         let list = attachment::interfaces(ask, identity, &held)?;
         if let Some(network) = attachment::marked_default_route(identity) {
             attachment::check_default_route(&self.network(&network)?)?;
@@ -238,9 +248,15 @@ impl Attachments {
     }
 
     /// Where `container_id`'s interface `ifname` is allocated, and the interfaces its ADD made
-    /// from the pod's annotation, still allocated ([`IpamStore::related`]).
-    fn related(&self, container_id: &str, ifname: &str) -> weft_dataplane::ipam::Related {
-        IpamStore::related(&self.state_dir, container_id, ifname)
+    /// from the pod's annotation, still allocated ([`IpamStore::related_or_busy`]). Without
+    /// `wait`, a store whose lock a write holds is [`Busy`].
+    fn related(
+        &self,
+        container_id: &str,
+        ifname: &str,
+        wait: bool,
+    ) -> Result<weft_dataplane::ipam::Related, Busy> {
+        IpamStore::related_or_busy(&self.state_dir, container_id, ifname, wait).map_err(|_| Busy)
     }
 
     /// Releases the addresses of the interfaces of an ADD that failed or was refused (best
@@ -568,11 +584,10 @@ async fn detach(
     with_extras: bool,
 ) -> Reply {
     let ready = server.is_ready();
-    // Reads of the stores, which hold their locks shared and wait only for a write under way:
-    // on this thread. The interface is detached from the network that holds it: the
-    // conflist's, unless the pod's annotation put it on another (its first entry), which the
-    // DEL does not name.
-    let related = server.attachments.related(container_id, ifname);
+    // Reads of the stores, which hold their locks shared: on this thread, unless a write holds
+    // one. The interface is detached from the network that holds it: the conflist's, unless
+    // the pod's annotation put it on another (its first entry), which the DEL does not name.
+    let related = at_once(|wait| server.attachments.related(container_id, ifname, wait));
     // The runtime's DEL (with extras) of a name that is another interface's child leaves it.
     let own = related.owners_or(network, with_extras);
     let anothers = with_extras && related.is_anothers();
@@ -733,8 +748,18 @@ mod tests {
         }
     }
 
+    /// How many allocations `network`'s store holds, read from its file (without the store's
+    /// lock, which some tests hold).
     fn held(dir: &Path, network: &str) -> usize {
-        IpamStore::open(dir, network).unwrap().list().unwrap().len()
+        let path = IpamStore::open(dir, network)
+            .unwrap()
+            .dir()
+            .join(weft_dataplane::ipam::ALLOCATIONS_FILE);
+        let Ok(bytes) = std::fs::read(path) else {
+            return 0;
+        };
+        let file: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        file["allocations"].as_array().map_or(0, Vec::len)
     }
 
     /// Networks `a` and `b` in a fresh state directory, the attachments over it, pod p1's ADD
@@ -836,16 +861,16 @@ mod tests {
             .join(weft_dataplane::ipam::LOCK_FILE);
         let other = std::fs::File::create(&lock).unwrap();
         other.lock().unwrap();
+        // Busy at the read of the stores the annotation's interfaces may be on, before any
+        // allocation (a read holds a store's lock shared).
         assert!(attachments.allocate(&ask, &identity, false).is_err());
-        assert_eq!((held(dir.path(), "a"), held(dir.path(), "b")), (1, 0));
-        let kept = IpamStore::open(dir.path(), "a").unwrap().list().unwrap();
+        assert_eq!((held(dir.path(), "a"), held(dir.path(), "b")), (0, 0));
         other.unlock().unwrap();
         let done = attachments
             .allocate(&ask, &identity, false)
             .unwrap()
             .unwrap();
         assert_eq!(done.len(), 2);
-        assert_eq!(done[0].0.ips, kept[0].ips, "the same allocation on a");
         assert_eq!((held(dir.path(), "a"), held(dir.path(), "b")), (1, 1));
         other.lock().unwrap();
         assert!(attachments.detach("b", "c1", "net1", false).is_err());
