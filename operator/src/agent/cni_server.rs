@@ -138,17 +138,9 @@ impl Attachments {
         identity: &Identity,
         wait: bool,
     ) -> Result<Vec<(Attached, Endpoint)>, AllocFailure> {
-        let held = attachment::held(&self.state_dir, ask, identity, wait).map_err(|e| {
-            if e.is_busy() {
-                AllocFailure::Busy
-            } else {
-                AllocFailure::Refused(AskError {
-                    code: e.cni_code(),
-                    msg: e.summary().to_string(),
-                    details: crate::error_chain(&e),
-                })
-            }
-        })?;
+        // Its only error is a busy store (one that cannot be read is skipped).
+        let held = attachment::held(&self.state_dir, ask, identity, wait)
+            .map_err(|_| AllocFailure::Busy)?;
         let list = attachment::interfaces(ask, identity, &held)?;
         if let Some(network) = attachment::marked_default_route(identity) {
             attachment::check_default_route(&self.network(&network)?)?;

@@ -312,25 +312,24 @@ impl Departures {
         endpoints: impl Iterator<Item = &'a Endpoint>,
     ) {
         let Some(changes) = changes else {
-            let before = std::mem::take(self);
+            // Counted anew; what left before and is held again leaves the gone sets as it is
+            // counted, and what was held and is not any more joins them.
+            let mut now = Departures {
+                gone_addresses: std::mem::take(&mut self.gone_addresses),
+                gone_ports: std::mem::take(&mut self.gone_ports),
+                ..Departures::default()
+            };
             for e in endpoints {
-                self.add(e);
+                now.add(e);
             }
-            self.gone_addresses = before.gone_addresses;
-            self.gone_ports = before.gone_ports;
-            for ip in before.addresses.keys() {
-                if !self.addresses.contains_key(ip) {
-                    self.gone_addresses.insert(*ip);
-                }
-            }
-            for port in before.ports.keys() {
-                if !self.ports.contains_key(port) {
-                    self.gone_ports.insert(port.clone());
-                }
-            }
-            self.gone_addresses
-                .retain(|ip| !self.addresses.contains_key(ip));
-            self.gone_ports.retain(|p| !self.ports.contains_key(p));
+            let left = self
+                .addresses
+                .keys()
+                .filter(|ip| !now.addresses.contains_key(ip));
+            now.gone_addresses.extend(left);
+            let left = self.ports.keys().filter(|p| !now.ports.contains_key(*p));
+            now.gone_ports.extend(left.cloned());
+            *self = now;
             return;
         };
         for e in &changes.removed {
