@@ -8,7 +8,7 @@
 
 mod netlink_common;
 
-use netlink_common::{NamedNs, chain, isolate};
+use netlink_common::{NamedNs, chain, isolate, wait_running};
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL};
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::tc::{TcAttribute, TcHandle, TcMessage};
@@ -58,6 +58,11 @@ fn node() -> Node {
         .unwrap();
     let a = workload(&mut nl, bridge, "wa", MAC_A, 1);
     let b = workload(&mut nl, bridge, "wb", MAC_B, 2);
+    // Frames flow once the bridge forwards on both ports, and the node's own once the
+    // bridge has its carrier (from its first forwarding port).
+    for link in [a.host, b.host, bridge] {
+        wait_running(&mut nl, link);
+    }
     Node { _ns: ns, nl, a, b }
 }
 
@@ -86,6 +91,7 @@ fn workload(nl: &mut Netlink, bridge: u32, tag: &str, mac: [u8; 6], n: u8) -> Wo
     inner
         .add_address(eth0, format!("fd77::{n}/64").parse().unwrap(), true)
         .unwrap();
+    wait_running(&mut inner, eth0);
     Workload { ns, host, ip }
 }
 
@@ -105,6 +111,9 @@ fn analyzer(nl: &mut Netlink, tag: &str) -> Analyzer {
     let mut inner = Netlink::in_netns(&ns.ns).unwrap();
     let eth0 = inner.link_by_name("eth0").unwrap().unwrap().index;
     inner.set_up(eth0).unwrap();
+    // A copy redirected to the host end before it runs is dropped.
+    wait_running(nl, host);
+    wait_running(&mut inner, eth0);
     Analyzer {
         ns,
         host,

@@ -103,3 +103,52 @@ pub fn thread_netns_inode() -> u64 {
         .expect("stat /proc/thread-self/ns/net")
         .ino()
 }
+
+/// Waits until link `index` (of `nl`'s namespace) is running: the kernel's link watch has seen
+/// its carrier (operational state up, its transmit queue activated) and, for a bridge port, the
+/// bridge forwards on it. The link watch runs deferred, and on a loaded machine late: a frame
+/// sent over a veth whose peer just went up can be dropped until then.
+pub fn wait_running(nl: &mut Netlink, index: u32) {
+    use netlink_packet_route::RouteNetlinkMessage;
+    use netlink_packet_route::link::{
+        BridgePortState, InfoBridgePort, InfoPortData, LinkAttribute, LinkInfo, LinkMessage, State,
+    };
+    use std::time::{Duration, Instant};
+
+    fn running(link: &LinkMessage) -> bool {
+        let oper_up = link
+            .attributes
+            .iter()
+            .any(|a| matches!(a, LinkAttribute::OperState(State::Up)));
+        let port = link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+                LinkInfo::PortData(InfoPortData::BridgePort(p)) => Some(p),
+                _ => None,
+            }),
+            _ => None,
+        });
+        let forwarding = port.is_none_or(|p| {
+            p.iter()
+                .any(|a| matches!(a, InfoBridgePort::State(BridgePortState::Forwarding)))
+        });
+        oper_up && forwarding
+    }
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut get = LinkMessage::default();
+        get.header.index = index;
+        let answers = nl.request(RouteNetlinkMessage::GetLink(get), 0).unwrap();
+        if answers
+            .iter()
+            .any(|m| matches!(m, RouteNetlinkMessage::NewLink(l) if running(l)))
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "link {index} is not running 10 s after it went up"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
