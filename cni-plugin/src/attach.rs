@@ -198,7 +198,8 @@ pub fn add(conf: &Conf, env: &Env, kept: &mut Kept) -> Result<CniResult, CniErro
 }
 
 /// The veth of the interface an ADD most likely gets, `CNI_IFNAME` on the configuration's
-/// Network, made while the agent allocates: the two take about as long, and run side by side.
+/// Network, made while the agent allocates: the two take about as long, and run side by side
+/// (a pod's loopback goes up then too).
 /// The peer has the kernel's MAC until it goes up with the allocated one. The interface the
 /// agent answers for with that Network, name and host link takes it; if none does (the pod's
 /// annotation chose other Networks, the agent refused or is an older one, the ADD failed
@@ -223,12 +224,21 @@ impl Ahead {
             peer: &ask.ifname,
         };
         match make_veth(conf, ns, &net, &veth, None, false) {
-            Ok(made) => Some(Ahead {
-                network,
-                host_ifname,
-                ifname: ask.ifname.clone(),
-                made: Some((net, made)),
-            }),
+            Ok(mut made) => {
+                // A pod's loopback too, which needs no answer either (a VM's pod keeps its
+                // own; `configure_pod_interface` sets it up when this could not).
+                if matches!(conf.attachment, AttachmentKind::Veth) {
+                    loopback_up(&mut made.inner).unwrap_or_else(|e| {
+                        debug!(error = %e.details, "loopback not set up ahead");
+                    });
+                }
+                Some(Ahead {
+                    network,
+                    host_ifname,
+                    ifname: ask.ifname.clone(),
+                    made: Some((net, made)),
+                })
+            }
             Err(e) => {
                 debug!(error = %e.details, "no veth made ahead: it is made after the agent's answer");
                 None
@@ -806,12 +816,7 @@ fn configure_pod_interface(
                 .index
         }
     };
-    // Loopback is the first link of every network namespace (index 1). Runtimes usually
-    // have set it up already (containerd and CRI-O with their loopback plugin): then it is
-    // left alone, which spares a request under the RTNL lock.
-    if inner.is_up("lo")? != Some(true) {
-        inner.set_up(LOOPBACK_INDEX)?;
-    }
+    loopback_up(inner)?;
     for ip in ips {
         inner.add_address(index, prefixed(*ip, net), true)?;
     }
@@ -839,6 +844,16 @@ fn configure_pod_interface(
         }
     }
     Ok(routes)
+}
+
+/// Sets up the loopback of the namespace `inner` talks to, the first link of every network
+/// namespace (index 1). Runtimes usually have set it up already (containerd and CRI-O with their
+/// loopback plugin): then it is left alone, which spares a request under the RTNL lock.
+fn loopback_up(inner: &mut Netlink) -> Result<(), CniError> {
+    if inner.is_up("lo")? != Some(true) {
+        inner.set_up(LOOPBACK_INDEX)?;
+    }
+    Ok(())
 }
 
 /// Inside the VM's pod: a persistent tap the VMM opens (owner, group, queues, vnet header, MTU

@@ -1196,6 +1196,8 @@ fn the_veth_made_while_the_agent_allocates_becomes_the_interface_it_answers_for(
     assert!(eth0.up);
     assert_eq!(eth0.mac, Some(mac));
     assert_eq!(eth0.peer, Some(end.index));
+    // The loopback, down in a new namespace, is up (set while the agent allocated).
+    assert!(inner.link_by_name("lo").unwrap().unwrap().up);
     let link_local = std::net::IpAddr::V6(names::eui64_link_local(mac));
     let mut addrs = Vec::new();
     // The kernel adds the link-local address as the link's carrier comes up.
