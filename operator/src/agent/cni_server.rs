@@ -346,6 +346,47 @@ pub struct Server {
     pub pod_wait: Option<Duration>,
     /// The IPAM stores and the reaper.
     pub attachments: Attachments,
+    /// Where the CNI's reports of its operations go.
+    pub reports: Reports,
+}
+
+/// Where a CNI's report of an ADD or DEL ([`Request::Report`]) goes, on the connection's own
+/// thread (the reconciler is not woken for it): the metrics, and the mirrors, which an ADD's
+/// new links may concern.
+#[derive(Clone)]
+pub struct Reports {
+    /// The agent's metrics.
+    pub metrics: super::metrics::AgentMetrics,
+    /// The mirrors' task.
+    pub mirrors: super::mirror::Mirrors,
+}
+
+impl std::fmt::Debug for Reports {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reports").finish_non_exhaustive()
+    }
+}
+
+impl Reports {
+    /// Records an operation's report.
+    pub fn record(&self, command: &str, ok: bool, micros: u64) {
+        record_report(&self.metrics, &self.mirrors, command, ok, micros);
+    }
+}
+
+/// Records a CNI's report of an operation in `metrics`, and tells `mirrors` of an ADD's links.
+pub fn record_report(
+    metrics: &super::metrics::AgentMetrics,
+    mirrors: &super::mirror::Mirrors,
+    command: &str,
+    ok: bool,
+    micros: u64,
+) {
+    metrics.cni(command, ok, Duration::from_micros(micros));
+    // An ADD wired its links: a mirror waiting for them can be installed.
+    if ok && command == "ADD" {
+        mirrors.links_changed();
+    }
 }
 
 impl Server {
@@ -554,10 +595,11 @@ async fn follow_up(
         _ => return Ok(()),
     }
     match serde_json::from_str::<Request>(&line) {
-        Ok(request @ Request::Report { .. }) => {
-            let (reply, _) = oneshot::channel();
-            let _ = server.tx.send(Message { request, reply }).await;
-        }
+        Ok(Request::Report {
+            command,
+            ok,
+            micros,
+        }) => server.reports.record(&command, ok, micros),
         _ => debug!("a line after the answers that is not a report: ignored"),
     }
     Ok(())
@@ -665,6 +707,14 @@ async fn respond(
             ifname,
             with_extras,
         }) => detach(server, &network, &container_id, &ifname, with_extras).await,
+        Ok(Request::Report {
+            command,
+            ok,
+            micros,
+        }) => {
+            server.reports.record(&command, ok, micros);
+            Reply::ok(server.is_ready())
+        }
         Ok(request) => {
             let (reply_tx, reply_rx) = oneshot::channel();
             if server
@@ -737,6 +787,15 @@ mod tests {
                 state_dir: dir.to_path_buf(),
                 reaper: super::super::reaper::Reaper::spawn().unwrap(),
             },
+            reports: reports(),
+        }
+    }
+
+    /// Fresh metrics and a mirrors' task without a plan (inside a runtime).
+    fn reports() -> Reports {
+        Reports {
+            metrics: super::super::metrics::AgentMetrics::default(),
+            mirrors: super::super::mirror::Mirrors::spawn(),
         }
     }
 
@@ -898,14 +957,16 @@ mod tests {
     }
 
     /// A CNI's report after the answers, on the connection it used (`Pending::follow_with`),
-    /// reaches the reconciler (its metrics) as one sent on its own does; a connection closed
-    /// after its answer reports nothing, and any other line after the answers is ignored.
+    /// is recorded in the metrics by the server, as one sent on its own is, and never queued
+    /// for the reconciler; a connection closed after its answer reports nothing, and any other
+    /// line after the answers is ignored.
     #[tokio::test]
-    async fn a_report_after_the_answer_on_the_same_connection_reaches_the_reconciler() {
+    async fn a_report_after_the_answer_on_the_same_connection_is_recorded_without_the_reconciler() {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("agent.sock");
         let (tx, mut rx) = mpsc::channel::<Message>(8);
         let server = server_on(dir.path(), tx);
+        let metrics = server.reports.metrics.clone();
         tokio::spawn(serve(UnixListener::bind(&socket).unwrap(), server));
         let report = Request::Report {
             command: "DEL".into(),
@@ -930,12 +991,23 @@ mod tests {
         assert!(matches!(ping.request, Request::Ping));
         let _ = ping.reply.send(Reply::ok(true));
         assert!(client.await.unwrap().ok);
-        let reported = tokio::time::timeout(timeout, rx.recv())
-            .await
-            .expect("the report reaches the reconciler")
-            .unwrap();
-        assert_eq!(reported.request, report);
-        // Closed after the answer, or followed by something else: nothing more arrives.
+        let recorded = || metrics.cni_operations("DEL", true);
+        let deadline = tokio::time::Instant::now() + timeout;
+        while recorded() == 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(recorded(), 1, "the report is in the metrics");
+        // One on a connection of its own is answered by the server.
+        let alone = {
+            let socket = socket.clone();
+            let report = report.clone();
+            tokio::task::spawn_blocking(move || {
+                weft_dataplane::proto::call(&socket, &report, timeout).unwrap()
+            })
+        };
+        assert!(alone.await.unwrap().ok);
+        assert_eq!(recorded(), 2);
+        // Closed after the answer, or followed by something else: nothing more is recorded.
         for follow in [None, Some(Request::Ping)] {
             let socket = socket.clone();
             let client = tokio::task::spawn_blocking(move || {
@@ -956,8 +1028,10 @@ mod tests {
             tokio::time::timeout(Duration::from_millis(300), rx.recv())
                 .await
                 .is_err(),
-            "only the report goes to the reconciler after the answers"
+            "nothing goes to the reconciler after the answers"
         );
+        assert_eq!(recorded(), 2);
+        assert_eq!(metrics.cni_operations("DEL", false), 0);
     }
 
     /// The two answers of an attach: the interfaces, then the reconciler's verdict; a refusal
@@ -1002,6 +1076,7 @@ mod tests {
                 snapshot: Snapshot::default(),
                 pod_wait: None,
                 attachments: attachments.clone(),
+                reports: reports(),
             };
             attach(ask, &mut write, &server).await.unwrap();
             drop(server);

@@ -182,6 +182,17 @@ impl AgentMetrics {
             .observe(took.as_secs_f64());
     }
 
+    /// How many `command` operations the `weft` binary reported, succeeded (`ok`) or failed.
+    #[cfg(test)]
+    pub fn cni_operations(&self, command: &str, ok: bool) -> u64 {
+        self.cni_ops
+            .get_or_create(&vec![
+                ("command", command.to_string()),
+                ("result", if ok { "success" } else { "error" }.to_string()),
+            ])
+            .get()
+    }
+
     /// Records one reconcile started by `trigger`, its outcome and the status it left.
     pub fn reconciled(&self, trigger: &str, took: Duration, ok: bool, status: &AgentStatus) {
         let labels = vec![("trigger", trigger.to_owned())];

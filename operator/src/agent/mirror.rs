@@ -916,7 +916,18 @@ pub struct Mirrors {
     /// Shaped host ports whose workload was detached since the last pass; `true` once a
     /// workload registered on the port's name again.
     departed: Arc<Mutex<BTreeMap<String, bool>>>,
+    /// Whether a link that appears can need a pass ([`Mirrors::links_changed`]): [`NO_PLAN`],
+    /// [`IDLE`] or [`BUSY`].
+    stance: Arc<std::sync::atomic::AtomicU8>,
 }
+
+/// No plan yet: the task makes no pass.
+const NO_PLAN: u8 = 0;
+/// The last pass left nothing to follow (no port waiting for its link, none mirrored or
+/// shaped), and no pass runs or is due.
+const IDLE: u8 = 1;
+/// A pass runs or is due, or the last one left something to follow.
+const BUSY: u8 = 2;
 
 impl Mirrors {
     /// Starts the task (on the current tokio runtime). Its first pass is a full one.
@@ -929,6 +940,7 @@ impl Mirrors {
             report: Arc::new(Mutex::new(Vec::new())),
             changed: Arc::new(Notify::new()),
             departed: Arc::new(Mutex::new(BTreeMap::new())),
+            stance: Arc::new(std::sync::atomic::AtomicU8::new(NO_PLAN)),
         };
         let task = me.clone();
         tokio::spawn(async move {
@@ -953,6 +965,8 @@ impl Mirrors {
                         if seen_plan {
                             due.get_or_insert_with(|| tokio::time::Instant::now() + PLAN_DELAY);
                             changed = true;
+                            // A link that appears meanwhile still brings the pass forward.
+                            task.stance.store(BUSY, std::sync::atomic::Ordering::SeqCst);
                             continue;
                         }
                         seen_plan = true;
@@ -975,6 +989,9 @@ impl Mirrors {
                 if !full && !changed && departed.is_empty() && idle {
                     continue;
                 }
+                // Busy while the pass runs: a link that appears meanwhile, after the pass read
+                // the links, kicks another.
+                task.stance.store(BUSY, std::sync::atomic::Ordering::SeqCst);
                 changed = false;
                 let plan = Arc::clone(&rx.borrow_and_update());
                 let mut state = applied.take().unwrap_or_default();
@@ -1001,6 +1018,11 @@ impl Mirrors {
                 }
                 let result = match joined {
                     Ok((state, result)) => {
+                        let idle = state.waiting.is_empty() && state.ports.is_empty();
+                        task.stance.store(
+                            if idle { IDLE } else { BUSY },
+                            std::sync::atomic::Ordering::SeqCst,
+                        );
                         applied = Some(state);
                         Ok(result)
                     }
@@ -1077,9 +1099,24 @@ impl Mirrors {
         }
     }
 
-    /// A link may have appeared (an ADD finished): retry the waiting ports.
+    /// A link may have appeared (an ADD finished): retry the waiting ports. The task is not
+    /// woken (at every ADD) when that pass would have nothing to do: before the first plan, or
+    /// when the last pass left the mirrors idle, no pass is asked for in full and no shaped
+    /// port departed.
     pub fn links_changed(&self) {
-        self.kick.notify_one();
+        if self.needs_pass() {
+            self.kick.notify_one();
+        }
+    }
+
+    /// Whether a link that appears now may need a pass (see [`Mirrors::links_changed`]).
+    fn needs_pass(&self) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        match self.stance.load(SeqCst) {
+            NO_PLAN => false,
+            IDLE => self.full.load(SeqCst) || self.departed.lock().map_or(true, |d| !d.is_empty()),
+            _ => true,
+        }
     }
 
     /// The periodic resync: a full pass (stale filters and tunnels removed, counters read).
@@ -1271,6 +1308,52 @@ spec:
 mod departed_tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// Waits (up to 5 s) until `m`'s task is idle and wants no pass for a new link.
+    async fn settles(m: &Mirrors) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        let idle = || m.stance.load(std::sync::atomic::Ordering::SeqCst) == IDLE;
+        let settled = || idle() && !m.needs_pass();
+        while !settled() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert!(settled());
+    }
+
+    /// Every ADD's report says links appeared: the task is woken only when a pass may have
+    /// something to do then.
+    #[tokio::test]
+    async fn a_new_link_wakes_the_task_only_when_a_pass_may_have_something_to_do() {
+        let m = Mirrors::spawn();
+        assert!(!m.needs_pass(), "no plan yet: no pass");
+        // A port shaped whose link is not there (it waits for it), then none.
+        let mut plan = MirrorPlan::default();
+        plan.shaping.insert(
+            "wfnolink0".into(),
+            Shaping {
+                ingress: Some(weft_dataplane::netlink::Rate {
+                    bits_per_second: 8_000_000,
+                    burst_bits: 80_000,
+                }),
+                egress: None,
+            },
+        );
+        m.update(plan);
+        // Nothing left to follow: idle once the changed plan's pass ran.
+        m.update(MirrorPlan::default());
+        settles(&m).await;
+        // A full pass asked for (after a failed pass), until the kick's pass ran.
+        m.full.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(m.needs_pass());
+        m.links_changed();
+        settles(&m).await;
+        // A shaped port departed, or a pass that left ports to follow.
+        m.departed.lock().unwrap().insert("wfgone0".into(), false);
+        assert!(m.needs_pass());
+        m.departed.lock().unwrap().clear();
+        m.stance.store(BUSY, std::sync::atomic::Ordering::SeqCst);
+        assert!(m.needs_pass());
+    }
 
     #[tokio::test]
     async fn only_shaped_ports_are_noted_as_departed_and_a_workload_back_on_a_shaped_name_is_noted()

@@ -1008,12 +1008,9 @@ impl Reconciler {
                 ok,
                 micros,
             } => {
-                self.metrics
-                    .cni(command, *ok, Duration::from_micros(*micros));
-                // An ADD wired its links: a mirror waiting for them can be installed.
-                if *ok && command == "ADD" {
-                    self.mirrors.links_changed();
-                }
+                // The socket server records the reports it reads; one queued here is recorded
+                // the same way.
+                cni_server::record_report(&self.metrics, &self.mirrors, command, *ok, *micros);
                 Some(Reply::ok(ready))
             }
             Request::Identity {
@@ -1270,6 +1267,7 @@ pub async fn run(
     let listener = cni_server::bind(&cfg.socket)?;
     let shared = cni_server::Snapshot::default();
     let reaper = reaper::Reaper::spawn()?;
+    let mirrors = mirror::Mirrors::spawn();
     let server = tokio::spawn(cni_server::serve(
         listener,
         cni_server::Server {
@@ -1282,6 +1280,10 @@ pub async fn run(
             attachments: cni_server::Attachments {
                 state_dir: cfg.state_dir.clone(),
                 reaper: reaper.clone(),
+            },
+            reports: cni_server::Reports {
+                metrics: agent_metrics.clone(),
+                mirrors: mirrors.clone(),
             },
         },
     ));
@@ -1306,7 +1308,7 @@ pub async fn run(
         installed: None,
         resyncs: 0,
         reaper,
-        mirrors: mirror::Mirrors::spawn(),
+        mirrors,
         departures: endpoints::Departures::default(),
         ports_of: None,
         node_state_ready: false,
