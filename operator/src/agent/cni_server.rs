@@ -1,13 +1,14 @@
 //! The agent's Unix socket: one JSON request line in, one JSON reply line out.
 
+use super::conn::{self, Conn};
 use super::{Busy, Message, at_once, blocking};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::io::{AsyncBufReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::debug;
 use tracing::warn;
@@ -315,12 +316,29 @@ pub const IDENTITY_WAIT: Duration = Duration::from_secs(3);
 /// waits that long for it, then fails (the CNI answers "try again later"); never a silent
 /// answer without the pod's networks and VM.
 pub async fn serve(listener: UnixListener, server: Server) {
+    // Shared by the connections, not copied for each.
+    let server = Arc::new(server);
+    // Its connections are registered for reading only (see [`Conn`]), and so is it.
+    let listener = match listener.into_std().and_then(conn::reading) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(error = %e, "the CNI socket cannot be served");
+            return;
+        }
+    };
     loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let server = server.clone();
+        let accepted = match listener.readable().await {
+            Ok(mut ready) => match ready.try_io(|l| l.get_ref().accept()) {
+                Ok(accepted) => accepted.and_then(|(stream, _)| Conn::new(stream)),
+                Err(_would_block) => continue,
+            },
+            Err(e) => Err(e),
+        };
+        match accepted {
+            Ok(conn) => {
+                let server = Arc::clone(&server);
                 tokio::spawn(async move {
-                    if let Err(e) = connection(stream, &server).await {
+                    if let Err(e) = connection(conn, &server).await {
                         debug!(error = %e, "cni connection ended");
                     }
                 });
@@ -446,10 +464,7 @@ fn limit_problem(snapshot: &Snapshot, namespace: &str, name: &str) -> Option<Str
 }
 
 /// Writes one reply line.
-async fn answer(
-    write: &mut tokio::net::unix::OwnedWriteHalf,
-    reply: &Reply,
-) -> std::io::Result<()> {
+async fn answer(write: &mut (impl AsyncWrite + Unpin), reply: &Reply) -> std::io::Result<()> {
     let mut out = serde_json::to_vec(reply).unwrap_or_default();
     out.push(b'\n');
     write.write_all(&out).await
@@ -461,7 +476,7 @@ async fn answer(
 /// releases every address before it is answered.
 async fn attach(
     ask: Ask,
-    write: &mut tokio::net::unix::OwnedWriteHalf,
+    write: &mut (impl AsyncWrite + Unpin),
     server: &Server,
 ) -> std::io::Result<()> {
     let is_ready = || server.is_ready();
@@ -573,22 +588,18 @@ async fn attach(
 const FOLLOW_UP_WAIT: Duration = Duration::from_secs(5);
 
 /// One connection: a request, its answers, then at most one follow-up line ([`follow_up`]).
-async fn connection(stream: UnixStream, server: &Server) -> std::io::Result<()> {
-    let (read, mut write) = stream.into_split();
-    let mut read = BufReader::new(read);
+async fn connection(conn: Conn, server: &Server) -> std::io::Result<()> {
+    let mut read = BufReader::new(conn);
     let mut line = String::new();
     read.read_line(&mut line).await?;
-    respond(&line, &mut write, server).await?;
+    respond(&line, read.get_mut(), server).await?;
     follow_up(read, server).await
 }
 
 /// The line a client may send after the answers
 /// ([`weft_dataplane::proto::Pending::follow_with`]): a CNI's report of the operation the
 /// connection served, for the metrics; anything else is ignored.
-async fn follow_up(
-    mut read: BufReader<tokio::net::unix::OwnedReadHalf>,
-    server: &Server,
-) -> std::io::Result<()> {
+async fn follow_up(mut read: BufReader<Conn>, server: &Server) -> std::io::Result<()> {
     let mut line = String::new();
     match tokio::time::timeout(FOLLOW_UP_WAIT, read.read_line(&mut line)).await {
         Ok(Ok(n)) if n > 0 => {}
@@ -676,7 +687,7 @@ async fn detach(
 /// Answers request `line` on `write`, and shuts the writing side.
 async fn respond(
     line: &str,
-    write: &mut tokio::net::unix::OwnedWriteHalf,
+    write: &mut (impl AsyncWrite + Unpin),
     server: &Server,
 ) -> std::io::Result<()> {
     let reply = match serde_json::from_str::<Request>(line) {
@@ -1061,7 +1072,7 @@ mod tests {
                 }
                 seen
             });
-            let (client, server) = UnixStream::pair().unwrap();
+            let (client, server) = tokio::net::UnixStream::pair().unwrap();
             let (_, mut write) = server.into_split();
             let ask = Ask {
                 container_id: format!("c-{refuse}"),

@@ -4,6 +4,7 @@
 pub mod anomaly;
 pub mod audit;
 pub mod cni_server;
+mod conn;
 pub mod endpoints;
 pub mod firewall;
 pub mod guard;
