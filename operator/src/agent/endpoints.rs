@@ -28,6 +28,10 @@ pub struct EndpointStore {
     /// The VM reservations of the IPAM stores, by (network, VM, interface): read at every
     /// resync, and brought up to date by each registration of a VM's interface.
     reservations: BTreeMap<Key, Reservation>,
+    /// The endpoints mapping each host port (protocol, port), for
+    /// [`EndpointStore::host_port_clash`]: a registration looks at those alone, not at every
+    /// endpoint.
+    host_ports: BTreeMap<(String, u16), BTreeSet<Key>>,
 }
 
 /// The endpoints that changed: the old versions (removed or replaced) and the new ones.
@@ -37,6 +41,26 @@ pub struct Changes {
     pub removed: Vec<Endpoint>,
     /// Endpoints new, or the changed versions.
     pub added: Vec<Endpoint>,
+}
+
+/// Adds (`add`) or removes endpoint `ep`'s host ports, under its key `k`, in `index`.
+fn index_host_ports(
+    index: &mut BTreeMap<(String, u16), BTreeSet<Key>>,
+    k: &Key,
+    ep: &Endpoint,
+    add: bool,
+) {
+    for m in &ep.port_mappings {
+        let port = (m.protocol.clone(), m.host_port);
+        if add {
+            index.entry(port).or_default().insert(k.clone());
+        } else if let Some(holders) = index.get_mut(&port) {
+            holders.remove(k);
+            if holders.is_empty() {
+                index.remove(&port);
+            }
+        }
+    }
 }
 
 fn key(network: &str, container_id: &str, ifname: &str) -> Key {
@@ -94,6 +118,10 @@ impl EndpointStore {
         self.endpoints = fresh;
         self.reservations = reservations;
         self.journal = None;
+        self.host_ports.clear();
+        for (k, ep) in &self.endpoints {
+            index_host_ports(&mut self.host_ports, k, ep, true);
+        }
     }
 
     /// Remembers `k`'s endpoint before its first change since the last take.
@@ -221,7 +249,24 @@ impl EndpointStore {
         let k = key(&ep.network, &ep.container_id, &ep.ifname);
         self.gone.remove(&k);
         self.note(&k);
-        self.endpoints.insert(k, ep);
+        index_host_ports(&mut self.host_ports, &k, &ep, true);
+        if let Some(old) = self.endpoints.insert(k.clone(), ep) {
+            // Its mappings that the new version keeps stay indexed.
+            let kept = &self.endpoints[&k].port_mappings;
+            let dropped = Endpoint {
+                port_mappings: old
+                    .port_mappings
+                    .into_iter()
+                    .filter(|m| {
+                        !kept
+                            .iter()
+                            .any(|n| (&n.protocol, n.host_port) == (&m.protocol, m.host_port))
+                    })
+                    .collect(),
+                ..old
+            };
+            index_host_ports(&mut self.host_ports, &k, &dropped, false);
+        }
     }
 
     /// The first host port of `ep` that another endpoint already holds, with that endpoint
@@ -232,11 +277,14 @@ impl EndpointStore {
     ) -> Option<(&'a weft_dataplane::proto::PortMapping, &'a Endpoint)> {
         let k = key(&ep.network, &ep.container_id, &ep.ifname);
         ep.port_mappings.iter().find_map(|m| {
-            self.endpoints
+            self.host_ports
+                .get(&(m.protocol.clone(), m.host_port))?
                 .iter()
-                .filter(|(other, e)| **other != k && !e.pending)
-                .find(|(_, e)| e.port_mappings.iter().any(|o| o.clashes(m)))
-                .map(|(_, e)| (m, e))
+                .filter(|other| **other != k)
+                .filter_map(|other| self.endpoints.get(other))
+                .filter(|e| !e.pending)
+                .find(|e| e.port_mappings.iter().any(|o| o.clashes(m)))
+                .map(|e| (m, e))
         })
     }
 
@@ -250,6 +298,9 @@ impl EndpointStore {
         let k = key(network, container_id, ifname);
         self.note(&k);
         let gone = self.endpoints.remove(&k);
+        if let Some(ep) = &gone {
+            index_host_ports(&mut self.host_ports, &k, ep, false);
+        }
         self.gone.insert(k, Instant::now());
         gone
     }
@@ -739,6 +790,22 @@ pub(crate) mod tests {
             two.port_mappings = vec![mapping(8080, "tcp", Some(any))];
             assert_eq!(eps.host_port_clash(&two).expect(any).1.container_id, "web");
         }
+        // Web registered again on another port gives 8080 up; unregistered, 8081 too.
+        web.port_mappings = vec![mapping(8081, "tcp", None)];
+        eps.register(web.clone());
+        assert!(eps.host_port_clash(&two).is_none(), "8080 is free");
+        two.port_mappings = vec![mapping(8081, "tcp", None)];
+        assert_eq!(eps.host_port_clash(&two).unwrap().1.container_id, "web");
+        eps.unregister(&web.network, &web.container_id, &web.ifname);
+        assert!(eps.host_port_clash(&two).is_none(), "8081 is free");
+        // A port both versions map stays held.
+        web.port_mappings = vec![mapping(8081, "tcp", None), mapping(53, "udp", None)];
+        eps.register(web.clone());
+        web.port_mappings = vec![mapping(8081, "tcp", Some("192.0.2.1"))];
+        eps.register(web);
+        assert_eq!(eps.host_port_clash(&two).unwrap().1.container_id, "web");
+        two.port_mappings = vec![mapping(53, "udp", None)];
+        assert!(eps.host_port_clash(&two).is_none(), "53/udp is free");
     }
 
     #[test]
@@ -764,14 +831,20 @@ pub(crate) mod tests {
                 },
             )
             .unwrap();
-        // An agent started after the ADD (or resyncing) still forwards the host port.
+        // An agent started after the ADD (or resyncing) still forwards the host port, and
+        // knows it held.
         let mut eps = EndpointStore::load(dir.path());
         assert_eq!(eps.list()[0].port_mappings, [mapping(8080, "tcp", None)]);
+        let mut other = ep("other", "10.10.0.9", false);
+        other.port_mappings = vec![mapping(8080, "tcp", None)];
+        assert_eq!(eps.host_port_clash(&other).unwrap().1.container_id, "web");
         eps.resync(dir.path());
         assert_eq!(eps.list()[0].port_mappings.len(), 1);
+        assert!(eps.host_port_clash(&other).is_some());
         // GC (or a DEL the agent missed) releases the allocation: the host port goes with it.
         store.release(&att).unwrap();
         eps.resync(dir.path());
         assert!(eps.is_empty());
+        assert!(eps.host_port_clash(&other).is_none());
     }
 }

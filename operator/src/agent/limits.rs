@@ -7,7 +7,7 @@
 //! (`guard::Policing`).
 
 use crate::model::Resources;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use weft_crds::limits::Limits;
 use weft_dataplane::netlink::Shaping;
 use weft_dataplane::proto::{Endpoint, Rate};
@@ -28,11 +28,6 @@ pub fn of(res: &Resources, e: &Endpoint) -> (Limits, Option<String>) {
         .and_then(|n| n.spec.limits.as_ref())
         .and_then(weft_crds::WorkloadLimits::limits)
         .unwrap_or_default();
-    let runtime = e.bandwidth.map_or_else(Limits::default, |b| Limits {
-        ingress_bps: b.ingress.map(|r| r.bits_per_second),
-        egress_bps: b.egress.map(|r| r.bits_per_second),
-        ..Limits::default()
-    });
     let pod = match (&e.pod_namespace, &e.pod_name) {
         (Some(ns), Some(name)) => res
             .workloads
@@ -41,6 +36,70 @@ pub fn of(res: &Resources, e: &Endpoint) -> (Limits, Option<String>) {
             .map(|w| &w.limits),
         _ => None,
     };
+    combined(network, pod, e)
+}
+
+/// From how many endpoints a pass looks their limits up in a [`Lookup`] rather than searching
+/// the lists for each.
+const LOOKUP_FROM: usize = 4;
+
+/// The Networks' limits and the pods' annotations by name, for a pass over many endpoints
+/// (which [`of`] would search the lists for, endpoint by endpoint).
+struct Lookup<'a> {
+    networks: HashMap<&'a str, Limits>,
+    pods: HashMap<(&'a str, &'a str), &'a BTreeMap<String, String>>,
+}
+
+impl<'a> Lookup<'a> {
+    fn new(res: &'a Resources) -> Self {
+        let mut networks = HashMap::new();
+        for n in &res.networks {
+            if let Some(name) = n.metadata.name.as_deref() {
+                // The first of a name, as `of` finds it.
+                networks.entry(name).or_insert_with(|| {
+                    n.spec
+                        .limits
+                        .as_ref()
+                        .and_then(weft_crds::WorkloadLimits::limits)
+                        .unwrap_or_default()
+                });
+            }
+        }
+        let mut pods = HashMap::new();
+        for w in &res.workloads {
+            pods.entry((w.namespace.as_str(), w.name.as_str()))
+                .or_insert(&w.limits);
+        }
+        Lookup { networks, pods }
+    }
+
+    /// [`of`], looked up.
+    fn of(&self, e: &Endpoint) -> (Limits, Option<String>) {
+        let network = self
+            .networks
+            .get(e.network.as_str())
+            .copied()
+            .unwrap_or_default();
+        let pod = match (&e.pod_namespace, &e.pod_name) {
+            (Some(ns), Some(name)) => self.pods.get(&(ns.as_str(), name.as_str())).copied(),
+            _ => None,
+        };
+        combined(network, pod, e)
+    }
+}
+
+/// The tightest of the Network's limits, the runtime's (endpoint `e`'s bandwidth) and the
+/// pod's annotations (`pod`).
+fn combined(
+    network: Limits,
+    pod: Option<&BTreeMap<String, String>>,
+    e: &Endpoint,
+) -> (Limits, Option<String>) {
+    let runtime = e.bandwidth.map_or_else(Limits::default, |b| Limits {
+        ingress_bps: b.ingress.map(|r| r.bits_per_second),
+        egress_bps: b.egress.map(|r| r.bits_per_second),
+        ..Limits::default()
+    });
     match pod.map(Limits::from_annotations) {
         Some(Ok(annotated)) => (network.tightest(runtime).tightest(annotated), None),
         Some(Err(problem)) => (network.tightest(runtime), Some(problem)),
@@ -57,8 +116,8 @@ pub const UNSET_RUNTIME_BURST_BITS: u64 = u32::MAX as u64;
 /// Endpoint `e`'s bandwidth limits, into and out of the workload, with their bursts: the
 /// runtime's burst for the runtime's rate; a default one for a lower rate, and for the
 /// runtimes' placeholder. And whether its egress limit is policed, not shaped.
-fn rates(res: &Resources, e: &Endpoint) -> (Option<Rate>, Option<Rate>, bool) {
-    let (limits, _) = of(res, e);
+fn rates(limits: (Limits, Option<String>), e: &Endpoint) -> (Option<Rate>, Option<Rate>, bool) {
+    let (limits, _) = limits;
     let rate = |bps: Option<u64>, asked: Option<Rate>| {
         bps.map(|bits_per_second| Rate {
             bits_per_second,
@@ -84,9 +143,10 @@ pub fn shaping<'a>(
     res: &Resources,
     endpoints: impl IntoIterator<Item = &'a Endpoint>,
 ) -> BTreeMap<String, Shaping> {
+    let lookup = Lookup::new(res);
     let mut out = BTreeMap::new();
     for e in endpoints {
-        let (ingress, egress, policed) = rates(res, e);
+        let (ingress, egress, policed) = rates(lookup.of(e), e);
         let shaping = Shaping {
             ingress,
             egress: egress.filter(|_| !policed),
@@ -104,12 +164,17 @@ pub fn policing<'a>(
     res: &Resources,
     endpoints: impl IntoIterator<Item = &'a Endpoint>,
 ) -> BTreeMap<String, Rate> {
+    let endpoints: Vec<&Endpoint> = endpoints.into_iter().collect();
+    // A registration's few endpoints are found in the lists; a whole node's, looked up.
+    let lookup = (endpoints.len() > LOOKUP_FROM).then(|| Lookup::new(res));
     endpoints
         .into_iter()
-        .filter_map(|e| match rates(res, e) {
-            (_, Some(egress), true) => Some((e.host_ifname.clone(), egress)),
-            _ => None,
-        })
+        .filter_map(
+            |e| match rates(lookup.as_ref().map_or_else(|| of(res, e), |l| l.of(e)), e) {
+                (_, Some(egress), true) => Some((e.host_ifname.clone(), egress)),
+                _ => None,
+            },
+        )
         .collect()
 }
 
