@@ -338,6 +338,48 @@ mod tests {
         );
     }
 
+    /// The pass over many endpoints finds the limits `of` finds, endpoint by endpoint: the
+    /// Network's (the first of its name), the pod's annotations, a bad annotation's problem,
+    /// an unknown pod or Network.
+    #[test]
+    fn the_lookup_finds_what_the_search_finds() {
+        let mut res = resources("{ingressBandwidth: 100M}", &[(CONNTRACK_ANNOTATION, "50")]);
+        let mut shadow = res.networks[0].clone();
+        shadow.spec.limits = None;
+        res.networks.push(shadow);
+        let mut bad = res.workloads[0].clone();
+        bad.name = "bad".into();
+        bad.limits = BTreeMap::from([(INGRESS_BANDWIDTH_ANNOTATION.to_string(), "fast".into())]);
+        res.workloads.push(bad);
+        let lookup = Lookup::new(&res);
+        let mut endpoints = Vec::new();
+        for (pod, network) in [
+            ("web", "nat"),
+            ("bad", "nat"),
+            ("gone", "nat"),
+            ("web", "other"),
+        ] {
+            let mut e = endpoint();
+            e.pod_name = Some(pod.into());
+            e.network = network.into();
+            endpoints.push(e);
+        }
+        let mut e = endpoint();
+        e.pod_namespace = None;
+        endpoints.push(e);
+        for e in &endpoints {
+            assert_eq!(
+                lookup.of(e),
+                of(&res, e),
+                "{:?} on {}",
+                e.pod_name,
+                e.network
+            );
+        }
+        assert_eq!(lookup.of(&endpoints[0]).0.ingress_bps, Some(100_000_000));
+        assert!(lookup.of(&endpoints[1]).1.is_some());
+    }
+
     #[test]
     fn ports_without_bandwidth_limits_are_not_shaped() {
         let res = resources("{maxConnections: 10}", &[]);
