@@ -249,24 +249,11 @@ impl EndpointStore {
         let k = key(&ep.network, &ep.container_id, &ep.ifname);
         self.gone.remove(&k);
         self.note(&k);
-        index_host_ports(&mut self.host_ports, &k, &ep, true);
-        if let Some(old) = self.endpoints.insert(k.clone(), ep) {
-            // Its mappings that the new version keeps stay indexed.
-            let kept = &self.endpoints[&k].port_mappings;
-            let dropped = Endpoint {
-                port_mappings: old
-                    .port_mappings
-                    .into_iter()
-                    .filter(|m| {
-                        !kept
-                            .iter()
-                            .any(|n| (&n.protocol, n.host_port) == (&m.protocol, m.host_port))
-                    })
-                    .collect(),
-                ..old
-            };
-            index_host_ports(&mut self.host_ports, &k, &dropped, false);
+        if let Some(old) = self.endpoints.get(&k) {
+            index_host_ports(&mut self.host_ports, &k, old, false);
         }
+        index_host_ports(&mut self.host_ports, &k, &ep, true);
+        self.endpoints.insert(k, ep);
     }
 
     /// The first host port of `ep` that another endpoint already holds, with that endpoint

@@ -249,6 +249,13 @@ struct Applied {
     last_egress: Option<std::time::Instant>,
 }
 
+impl Applied {
+    /// Nothing to follow: no port waiting for its link, none mirrored.
+    fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.ports.is_empty()
+    }
+}
+
 /// How many IFB links of departed ports the agent keeps for the next ports with an egress
 /// limit, instead of deleting them: creating and deleting the link are the dearest of a
 /// shaped port's requests (its registration, sysfs entries and sysctl tables; a grace period
@@ -983,9 +990,7 @@ impl Mirrors {
                 // A kick (every ADD's report) that leaves the pass nothing to do: the plan
                 // unchanged since the last pass, no port waiting for its link, none departed,
                 // no mirror's counters to read. No thread, no netlink socket.
-                let idle = applied
-                    .as_ref()
-                    .is_some_and(|a| a.waiting.is_empty() && a.ports.is_empty());
+                let idle = applied.as_ref().is_some_and(Applied::is_idle);
                 if !full && !changed && departed.is_empty() && idle {
                     continue;
                 }
@@ -1018,9 +1023,8 @@ impl Mirrors {
                 }
                 let result = match joined {
                     Ok((state, result)) => {
-                        let idle = state.waiting.is_empty() && state.ports.is_empty();
                         task.stance.store(
-                            if idle { IDLE } else { BUSY },
+                            if state.is_idle() { IDLE } else { BUSY },
                             std::sync::atomic::Ordering::SeqCst,
                         );
                         applied = Some(state);
