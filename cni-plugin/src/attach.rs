@@ -17,7 +17,7 @@ use weft_dataplane::netlink::{
 };
 use weft_dataplane::netns::Netns;
 use weft_dataplane::proto::{self, Endpoint, Request};
-use weft_dataplane::state::{NetworkState, StateError};
+use weft_dataplane::state::{NetworkMode, NetworkState, StateError};
 use weft_dataplane::tap::{TapSpec, create_persistent_tap};
 use weft_dataplane::vlan::VlanRange;
 
@@ -60,6 +60,18 @@ fn gateway_for(ip: &IpAddr, net: &NetworkState) -> Option<IpAddr> {
 
 /// Opens `CNI_NETNS`, refusing the node's own network namespace (`/proc/self/ns/net` or a bind
 /// mount of it): ADD would replace the node's default route, DEL remove it.
+/// Whether a pod's interface on `net` goes without IPv6 addresses of its own (`addrgenmode
+/// none`: no link-local address, so no duplicate address probe, MLD reports or router
+/// solicitations as it comes up). So on a NAT network without an IPv6 subnet: its bridge drops
+/// every workload's link-local traffic but neighbour discovery, and with no other IPv6
+/// address to discover, the link-local address could reach nothing, while the multicasts it
+/// sends as it comes up are copied to every port of the bridge. A Bridge network's pods keep
+/// theirs (the LAN's IPv6 hosts and the policies judge it), as does every pod of a network
+/// with IPv6. The pod's IPv6 stack stays on: `::1`, and addresses the pod adds itself.
+fn pod_without_v6(net: &NetworkState) -> bool {
+    net.mode == NetworkMode::Nat && net.subnet_v6.is_none()
+}
+
 fn open_workload_netns(netns_path: &str) -> Result<Netns, CniError> {
     let ns = Netns::open(Path::new(netns_path)).map_err(|e| {
         CniError::from_chain(
@@ -226,11 +238,19 @@ impl Ahead {
         match make_veth(conf, ns, &net, &veth, None, false) {
             Ok(mut made) => {
                 // A pod's loopback too, which needs no answer either (a VM's pod keeps its
-                // own; `configure_pod_interface` sets it up when this could not).
+                // own; `configure_pod_interface` sets it up when this could not), and the
+                // peer's IPv6 addresses off where it has no use for them (before it comes up).
                 if matches!(conf.attachment, AttachmentKind::Veth) {
-                    loopback_up(&mut made.inner).unwrap_or_else(|e| {
-                        debug!(error = %e.details, "loopback not set up ahead");
-                    });
+                    match loopback_up(&mut made.inner) {
+                        Ok(()) => made.lo_up = true,
+                        Err(e) => debug!(error = %e.details, "loopback not set up ahead"),
+                    }
+                    if let Some(peer) = made.created.peer.filter(|_| pod_without_v6(&net)) {
+                        match made.inner.set_no_v6_addresses(peer) {
+                            Ok(()) => made.without_v6 = true,
+                            Err(e) => debug!(error = %e, "IPv6 addresses not turned off ahead"),
+                        }
+                    }
                 }
                 Some(Ahead {
                     network,
@@ -489,6 +509,8 @@ fn wire(
         bridge,
         created,
         peer_mac,
+        lo_up,
+        without_v6,
     } = match made {
         Some(made) => made,
         None => make_veth(conf, ns, net, &veth, Some(mac), true)?,
@@ -540,9 +562,13 @@ fn wire(
                 ifname.to_string(),
                 configure_pod_interface(
                     &mut inner,
-                    ifname,
-                    created.peer,
-                    set_mac,
+                    &PodInterface {
+                        name: ifname,
+                        index: created.peer,
+                        mac: set_mac,
+                        set_lo_up: !lo_up,
+                        without_v6: pod_without_v6(net) && !without_v6,
+                    },
                     &a.ips,
                     net,
                     conf.default_route && a.interface.default_route,
@@ -610,6 +636,10 @@ struct Made {
     created: CreatedVeth,
     /// The MAC the peer was born with, if it was given one.
     peer_mac: Option<[u8; 6]>,
+    /// The workload's loopback was found or set up (made ahead, see [`Ahead`]).
+    lo_up: bool,
+    /// The peer was told to generate no IPv6 address of its own (see [`pod_without_v6`]).
+    without_v6: bool,
 }
 
 impl Made {
@@ -691,6 +721,8 @@ fn make_veth(
         bridge,
         created,
         peer_mac: mac,
+        lo_up: false,
+        without_v6: false,
     })
 }
 
@@ -789,19 +821,31 @@ fn detached_peer(
     Ok((!owned).then_some(h.index))
 }
 
-/// A pod's interface `ifname` (the veth end, of index `index` when the kernel said so): `lo`
-/// and it up (with MAC `mac` when given), its addresses, and the default routes through the
-/// network's gateways when `default_route`; returns the routes.
+/// A pod's interface, the veth end in its namespace, as [`configure_pod_interface`] brings
+/// it up.
+struct PodInterface<'a> {
+    name: &'a str,
+    /// Its index, when the kernel said so.
+    index: Option<u32>,
+    /// The MAC it goes up with, when it has another.
+    mac: Option<[u8; 6]>,
+    /// The namespace's loopback is to be found or set up too (not done ahead).
+    set_lo_up: bool,
+    /// Told to generate no IPv6 address of its own before it goes up (see [`pod_without_v6`]).
+    without_v6: bool,
+}
+
+/// A pod's interface `pod`: `lo` (when `pod.set_lo_up`) and it up, its addresses, and the default
+/// routes through the network's gateways when `default_route`; returns the routes.
 fn configure_pod_interface(
     inner: &mut Netlink,
-    ifname: &str,
-    index: Option<u32>,
-    mac: Option<[u8; 6]>,
+    pod: &PodInterface<'_>,
     ips: &[IpAddr],
     net: &NetworkState,
     default_route: bool,
 ) -> Result<Vec<Route>, CniError> {
-    let index = match index {
+    let ifname = pod.name;
+    let index = match pod.index {
         Some(i) => i,
         None => {
             inner
@@ -816,11 +860,16 @@ fn configure_pod_interface(
                 .index
         }
     };
-    loopback_up(inner)?;
+    if pod.set_lo_up {
+        loopback_up(inner)?;
+    }
     for ip in ips {
         inner.add_address(index, prefixed(*ip, net), true)?;
     }
-    inner.set_address_and_up(index, mac)?;
+    if pod.without_v6 {
+        inner.set_no_v6_addresses(index)?;
+    }
+    inner.set_address_and_up(index, pod.mac)?;
     let mut routes = Vec::new();
     if default_route {
         for ip in ips {

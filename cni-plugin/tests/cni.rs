@@ -1314,6 +1314,84 @@ fn the_veth_made_while_the_agent_allocates_becomes_the_interface_it_answers_for(
     assert_eq!(ports_of(&mut host, test_bridge), on_test);
 }
 
+/// A pod on a NAT network without IPv6 goes up without an IPv6 address of its own: its
+/// bridge passes no link-local traffic but neighbour discovery, so the address could reach
+/// nothing, while its duplicate address probe and MLD reports would be copied to every port.
+/// Whether its veth was made while the agent allocated (on the configuration's Network) or
+/// after the answer (on another one). A Bridge network's pod keeps its link-local address.
+#[test]
+fn a_pod_on_a_nat_network_without_ipv6_comes_up_without_an_ipv6_address() {
+    use weft_dataplane::state::{NetworkMode, NetworkState};
+    let mut node = Node::new(Agent::Attaches);
+    let conf = node.conf("1.1.0");
+    let mut test = NetworkState::read(node.state_dir(), "test").unwrap();
+    (test.subnet_v6, test.gateway_v6, test.block_v6) = (None, None, None);
+    test.write(node.state_dir()).unwrap();
+    add_other_network(&node);
+    // The pod's `eth0` once the kernel has seen its carrier (when a link-local address would
+    // be added), with its addresses and `ip -d link` line.
+    let settled = |ns: &str, path: &std::path::Path| {
+        let mut shown = String::new();
+        for _ in 0..300 {
+            let out = Command::new("ip")
+                .args(["-n", ns, "-d", "link", "show", "dev", "eth0"])
+                .output()
+                .unwrap();
+            shown = String::from_utf8_lossy(&out.stdout).into_owned();
+            if shown.contains("state UP") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(
+            shown.contains("state UP"),
+            "the carrier never came on: {shown}"
+        );
+        let mut inner = Netlink::in_netns(&Netns::open(path).unwrap()).unwrap();
+        let eth0 = inner.link_by_name("eth0").unwrap().unwrap();
+        let addrs: Vec<_> = inner
+            .addresses(Some(eth0.index))
+            .unwrap()
+            .into_iter()
+            .map(|a| a.addr)
+            .collect();
+        (addrs, shown)
+    };
+    for (cid, v4) in [("v4-only", "10.77.0.9/16"), ("on-other-v4", "10.78.0.9/16")] {
+        let (ns, path) = node.workload();
+        let add = weft("ADD", &conf, &env(cid, path.to_str().unwrap(), "eth0"));
+        assert!(add.ok, "{cid}: {} {}", add.json, add.stderr);
+        let (addrs, shown) = settled(&ns, &path);
+        assert!(shown.contains("addrgenmode none"), "{cid}: {shown}");
+        assert_eq!(addrs, [v4.parse().unwrap()], "{cid}: only its IPv4 address");
+        // Its IPv6 stack is on: the loopback keeps ::1.
+        let lo = Command::new("ip")
+            .args(["-n", &ns, "-6", "addr", "show", "dev", "lo"])
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&lo.stdout).contains("::1/128"));
+    }
+
+    // The same Network in Bridge mode: the pod keeps the link-local address of its MAC.
+    test.mode = NetworkMode::Bridge;
+    test.write(node.state_dir()).unwrap();
+    let (ns, path) = node.workload();
+    let add = weft(
+        "ADD",
+        &conf,
+        &env("bridged", path.to_str().unwrap(), "eth0"),
+    );
+    assert!(add.ok, "{} {}", add.json, add.stderr);
+    let mac = names::workload_mac(&["10.77.0.9".parse().unwrap()], "bridged", "eth0");
+    let link_local = std::net::IpAddr::V6(names::eui64_link_local(mac));
+    let (addrs, shown) = settled(&ns, &path);
+    assert!(!shown.contains("addrgenmode none"), "{shown}");
+    assert!(
+        addrs.iter().any(|a| a.addr() == link_local),
+        "link-local {link_local}: {addrs:?}"
+    );
+}
+
 /// Network `other` beside the node's `test` (its bridge `wn-other`, IPv4 only).
 fn add_other_network(node: &Node) {
     let mut host = Netlink::new().unwrap();
