@@ -453,6 +453,43 @@ impl LabFile {
             }
         }
         errors.extend(self.static_address_errors(res));
+        errors.extend(self.link_local_errors(res));
+        errors
+    }
+
+    /// `linkLocal` expectations between pods that meet on a NAT network without an IPv6
+    /// subnet (the first of `to`'s networks that `from` is on, as the probe picks it): the CNI
+    /// gives such a network's pods no IPv6 address of their own, link-local included (its
+    /// bridge passes their link-local traffic for neighbour discovery alone), so there is no
+    /// address to probe.
+    fn link_local_errors(&self, res: &Resources) -> Vec<String> {
+        let networks_of = |name: &str| {
+            self.workloads
+                .iter()
+                .find(|w| w.name == name)
+                .map(|w| w.networks.clone())
+                .unwrap_or_default()
+        };
+        let mut errors = Vec::new();
+        for (i, e) in self.expect.iter().enumerate().filter(|(_, e)| e.link_local) {
+            let mine = networks_of(&e.from);
+            let Some(shared) = networks_of(&e.to).into_iter().find(|n| mine.contains(n)) else {
+                continue;
+            };
+            let Some(net) = res
+                .networks
+                .iter()
+                .find(|n| n.metadata.name.as_deref() == Some(shared.as_str()))
+            else {
+                continue;
+            };
+            if net.spec.mode == weft_crds::NetworkMode::Nat && net.spec.subnet_v6().is_none() {
+                errors.push(format!(
+                    "expect[{i}].linkLocal: {} and {} meet on NAT network {shared}, which has no IPv6 subnet: its pods have no IPv6 address, link-local included, so there is nothing to probe; probe them on a Bridge network or on one with an IPv6 subnet",
+                    e.from, e.to
+                ));
+            }
+        }
         errors
     }
 
@@ -942,6 +979,41 @@ workloads:
             e.contains("workloads[1].annotations.weft.dev/networks[0]: no Network \"lan\""),
             "{e}"
         );
+    }
+
+    #[test]
+    fn link_local_probes_on_a_nat_network_without_ipv6_are_errors() {
+        let text = |subnets: &str, mode: &str| {
+            format!(
+                r#"
+lan: {{gateway: 192.168.50.1/24, gateway6: "fd00:50::1/64"}}
+nodes: [{{name: node-a, address: 192.168.50.11/24, address6: "fd00:50::11/64"}}]
+resources:
+  - {{apiVersion: weft.dev/v1alpha1, kind: Network, metadata: {{name: net}}, spec: {{mode: {mode}, subnets: {subnets}}}}}
+workloads:
+  - {{name: a, node: node-a, networks: [net], listen: [80/tcp]}}
+  - {{name: b, node: node-a, networks: [net], listen: [80/tcp]}}
+expect:
+  - {{from: a, to: b, port: 80, family: ipv6, linkLocal: true, result: deny}}
+"#
+            )
+        };
+        let e = load_text(&text("[10.10.0.0/16]", "NAT"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(
+                "expect[0].linkLocal: a and b meet on NAT network net, which has no IPv6 subnet"
+            ),
+            "{e}"
+        );
+        // With an IPv6 subnet, or on a Bridge network, the pods have their link-local addresses.
+        load_text(&text("[10.10.0.0/16, \"fd10::/64\"]", "NAT")).unwrap();
+        let bridged = text("[192.168.50.0/24]", "Bridge").replace(
+            "subnets: [192.168.50.0/24]",
+            "subnets: [192.168.50.0/24], gateway: [192.168.50.1], bridge: {uplink: eth0}",
+        );
+        load_text(&bridged).unwrap();
     }
 
     #[test]
