@@ -58,8 +58,6 @@ fn gateway_for(ip: &IpAddr, net: &NetworkState) -> Option<IpAddr> {
     }
 }
 
-/// Opens `CNI_NETNS`, refusing the node's own network namespace (`/proc/self/ns/net` or a bind
-/// mount of it): ADD would replace the node's default route, DEL remove it.
 /// Whether a pod's interface on `net` goes without IPv6 addresses of its own (`addrgenmode
 /// none`: no link-local address, so no duplicate address probe, MLD reports or router
 /// solicitations as it comes up). So on a NAT network without an IPv6 subnet: its bridge drops
@@ -72,6 +70,8 @@ fn pod_without_v6(net: &NetworkState) -> bool {
     net.mode == NetworkMode::Nat && net.subnet_v6.is_none()
 }
 
+/// Opens `CNI_NETNS`, refusing the node's own network namespace (`/proc/self/ns/net` or a bind
+/// mount of it): ADD would replace the node's default route, DEL remove it.
 fn open_workload_netns(netns_path: &str) -> Result<Netns, CniError> {
     let ns = Netns::open(Path::new(netns_path)).map_err(|e| {
         CniError::from_chain(

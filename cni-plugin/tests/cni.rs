@@ -769,19 +769,7 @@ fn a_vm_gets_a_tap_joined_by_tc_and_keeps_its_address_and_mac_across_restart() {
         let shown = String::from_utf8_lossy(&shown.stdout);
         assert!(shown.contains("addrgenmode none"), "{link}: {shown}");
     }
-    let mut operstate_up = false;
-    for _ in 0..300 {
-        let shown = Command::new("ip")
-            .args(["-n", ns_name, "link", "show", "dev", ifname])
-            .output()
-            .unwrap();
-        if String::from_utf8_lossy(&shown.stdout).contains("state UP") {
-            operstate_up = true;
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    assert!(operstate_up, "the veth end's carrier never came on");
+    carrier_on(ns_name, ifname);
     let own: Vec<_> = inner
         .addresses(None)
         .unwrap()
@@ -1331,22 +1319,7 @@ fn a_pod_on_a_nat_network_without_ipv6_comes_up_without_an_ipv6_address() {
     // The pod's `eth0` once the kernel has seen its carrier (when a link-local address would
     // be added), with its addresses and `ip -d link` line.
     let settled = |ns: &str, path: &std::path::Path| {
-        let mut shown = String::new();
-        for _ in 0..300 {
-            let out = Command::new("ip")
-                .args(["-n", ns, "-d", "link", "show", "dev", "eth0"])
-                .output()
-                .unwrap();
-            shown = String::from_utf8_lossy(&out.stdout).into_owned();
-            if shown.contains("state UP") {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert!(
-            shown.contains("state UP"),
-            "the carrier never came on: {shown}"
-        );
+        let shown = carrier_on(ns, "eth0");
         let mut inner = Netlink::in_netns(&Netns::open(path).unwrap()).unwrap();
         let eth0 = inner.link_by_name("eth0").unwrap().unwrap();
         let addrs: Vec<_> = inner
@@ -1390,6 +1363,25 @@ fn a_pod_on_a_nat_network_without_ipv6_comes_up_without_an_ipv6_address() {
         addrs.iter().any(|a| a.addr() == link_local),
         "link-local {link_local}: {addrs:?}"
     );
+}
+
+/// Waits until the kernel has seen link `ifname`'s carrier in namespace `ns` (operational state
+/// up: a link-local address, if the link gets one, is there by then); returns its
+/// `ip -d link show` line.
+fn carrier_on(ns: &str, ifname: &str) -> String {
+    let mut shown = String::new();
+    for _ in 0..300 {
+        let out = Command::new("ip")
+            .args(["-n", ns, "-d", "link", "show", "dev", ifname])
+            .output()
+            .unwrap();
+        shown = String::from_utf8_lossy(&out.stdout).into_owned();
+        if shown.contains("state UP") {
+            return shown;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("the carrier of {ifname} in {ns} never came on: {shown}");
 }
 
 /// Network `other` beside the node's `test` (its bridge `wn-other`, IPv4 only).
